@@ -1,0 +1,96 @@
+"""The artifact directory every stage reads and writes: manifest.json with sha256 of every file, atomic writes.
+
+Layout (DESIGN.md §2): manifest.json, decode.onnx / prefill.onnx sharing one external-data file, tokenizer files,
+later calibration.json, report.json, engine/*.plan. Same inputs ⇒ byte-identical files: JSON is written with sorted
+keys, no timestamps, and the manifest lists files in sorted order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import Llama4ExportError
+
+MANIFEST = "manifest.json"
+FORMAT = "llama4-export/1"
+
+
+class ArtifactError(Llama4ExportError):
+    """An artifact directory is missing files, has a mismatching hash, or was written by something else."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Deterministic JSON: sorted keys, fixed indentation, trailing newline."""
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Hash every file in the directory (except the manifest itself) into manifest['files'] and write it."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {**manifest, "format": FORMAT, "files": {p.relative_to(directory).as_posix(): sha256_file(p) for p in files}}
+    write_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Read manifest.json; with verify, check every listed file exists and matches its sha256."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory}: artifact directory not found; create one with `llama4-export --out {directory}`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing; this is not a complete llama4-export artifact (re-run the export)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc}); re-run the export") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise ArtifactError(f"{path}: not a {FORMAT} manifest; re-run the export with this version")
+    if verify:
+        for name, expected in sorted(manifest["files"].items()):
+            file = directory / name
+            if not file.is_file():
+                raise ArtifactError(f"{file}: listed in {MANIFEST} but missing; the artifact is incomplete, re-run the export")
+            if sha256_file(file) != expected:
+                raise ArtifactError(f"{file}: sha256 does not match {MANIFEST}; the file was modified or damaged, re-run the export")
+    return manifest
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temp directory beside `target`; on success replace `target` with it, on failure remove it.
+
+    Nothing half-written ever sits at `target` looking complete.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    os.chmod(target, 0o755)  # mkdtemp creates 0700

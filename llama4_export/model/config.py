@@ -1,0 +1,293 @@
+"""Llama4Config: the text model's shape and semantics, from a Hugging Face config.json or a named preset."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError, ConfigError
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """llama3 frequency scaling (DESIGN.md §3)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class Llama4Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # width of each routed expert and of the shared expert
+    intermediate_size_mlp: int  # width of the dense MLP on non-MoE layers
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_local_experts: int
+    moe_layers: tuple[int, ...]
+    no_rope_layers: tuple[int, ...]  # 1 = RoPE (chunked attention), 0 = NoPE (global attention)
+    attention_chunk_size: int | None
+    use_qk_norm: bool
+    attn_temperature_tuning: bool
+    floor_scale: float
+    attn_scale: float
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    num_experts_per_tok: int = 1
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        n = self.num_hidden_layers
+        problems = []
+        if len(self.no_rope_layers) < n:
+            problems.append(f"no_rope_layers has {len(self.no_rope_layers)} entries for {n} layers")
+        if any(i < 0 or i >= n for i in self.moe_layers):
+            problems.append(f"moe_layers {list(self.moe_layers)} names layers outside 0..{n - 1}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.head_dim % 2:
+            problems.append("head_dim must be even for RoPE")
+        if self.num_experts_per_tok != 1:
+            problems.append(f"num_experts_per_tok={self.num_experts_per_tok}: Llama 4 routes top-1 only")
+        if problems:
+            raise ConfigError(f"invalid Llama 4 config ({self.name}): " + "; ".join(problems))
+
+    # --- per-layer structure -------------------------------------------------------------------------------
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in self.moe_layers
+
+    def uses_rope(self, layer: int) -> bool:
+        """RoPE layers attend within chunks; NoPE layers attend globally (DESIGN.md §3)."""
+        return bool(self.no_rope_layers[layer])
+
+    def layer_kind(self, layer: int) -> str:
+        ffn = "moe" if self.is_moe_layer(layer) else "dense"
+        attn = "chunked" if self.uses_rope(layer) else "global"
+        return f"{ffn}/{attn}"
+
+    @property
+    def num_kv_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def replace(self, **changes: Any) -> "Llama4Config":
+        return dataclasses.replace(self, **changes)
+
+    # --- Hugging Face round trip ---------------------------------------------------------------------------
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A transformers-5 style `llama4_text` config.json dict (what `save_pretrained` writes)."""
+        if self.rope_scaling is None:
+            rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        else:
+            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta, **dataclasses.asdict(self.rope_scaling)}
+        return {
+            "architectures": ["Llama4ForCausalLM"],
+            "model_type": "llama4_text",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "intermediate_size_mlp": self.intermediate_size_mlp,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "num_local_experts": self.num_local_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "moe_layers": list(self.moe_layers),
+            "no_rope_layers": list(self.no_rope_layers),
+            "layer_types": ["chunked_attention" if r else "full_attention" for r in self.no_rope_layers],
+            "attention_chunk_size": self.attention_chunk_size,
+            "use_qk_norm": self.use_qk_norm,
+            "attn_temperature_tuning": self.attn_temperature_tuning,
+            "floor_scale": self.floor_scale,
+            "attn_scale": self.attn_scale,
+            "rope_parameters": rope,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0],
+            "pad_token_id": self.pad_token_id,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "dtype": "bfloat16",
+        }
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "Llama4Config":
+        """Parse a `llama4_text` or multimodal `llama4` config, from older or newer transformers or Meta's release."""
+        cfg = raw.get("text_config", raw) if raw.get("model_type") == "llama4" or "text_config" in raw else raw
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{source}: 'text_config' is not an object; is this a Llama 4 checkpoint?")
+        model_type = cfg.get("model_type", "llama4_text")
+        if model_type not in ("llama4_text", "llama4"):
+            raise CheckpointError(f"{source}: model_type {model_type!r} is not Llama 4 (expected 'llama4_text' or 'llama4')")
+
+        def need(key: str) -> Any:
+            if cfg.get(key) is None:
+                raise CheckpointError(f"{source}: required field {key!r} is missing; the config is not a complete Llama 4 text config")
+            return cfg[key]
+
+        try:
+            n_layers = int(need("num_hidden_layers"))
+            hidden = int(need("hidden_size"))
+            heads = int(need("num_attention_heads"))
+            head_dim = int(cfg.get("head_dim") or hidden // heads)
+            if cfg.get("hidden_act", "silu") != "silu":
+                raise CheckpointError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (Llama 4 uses 'silu')")
+            if cfg.get("attention_bias"):
+                raise CheckpointError(f"{source}: attention_bias=true is not supported (Llama 4 has no attention biases)")
+
+            interval = int(cfg.get("no_rope_layer_interval", 4))
+            no_rope = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)]
+            step = int(cfg.get("interleave_moe_layer_step", 1))
+            moe_layers = cfg.get("moe_layers")
+            if moe_layers is None:
+                moe_layers = list(range(step - 1, n_layers, step))
+
+            rope_theta, rope_scaling = _parse_rope(cfg, source)
+            eos = cfg.get("eos_token_id")
+            eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+            return cls(
+                vocab_size=int(need("vocab_size")),
+                hidden_size=hidden,
+                intermediate_size=int(need("intermediate_size")),
+                intermediate_size_mlp=int(cfg.get("intermediate_size_mlp") or need("intermediate_size")),
+                num_hidden_layers=n_layers,
+                num_attention_heads=heads,
+                num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=head_dim,
+                num_local_experts=int(need("num_local_experts")),
+                num_experts_per_tok=int(cfg.get("num_experts_per_tok", 1)),
+                moe_layers=tuple(int(i) for i in moe_layers),
+                no_rope_layers=tuple(int(x) for x in no_rope),
+                attention_chunk_size=None if cfg.get("attention_chunk_size") is None else int(cfg["attention_chunk_size"]),
+                use_qk_norm=bool(cfg.get("use_qk_norm", True)),
+                # Meta's release writes an int here (e.g. 4); any truthy value switches tuning on.
+                attn_temperature_tuning=bool(cfg.get("attn_temperature_tuning", True)),
+                floor_scale=float(cfg.get("floor_scale", 8192)),
+                attn_scale=float(cfg.get("attn_scale", 0.1)),
+                rope_theta=rope_theta,
+                rope_scaling=rope_scaling,
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", raw.get("tie_word_embeddings", False))),
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_id=eos_ids,
+                pad_token_id=cfg.get("pad_token_id"),
+                name=source,
+            )
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: malformed field ({exc}); fix the value or re-save the config") from None
+
+    @classmethod
+    def from_json_file(cls, path: Path) -> "Llama4Config":
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: config.json not found; a Hugging Face checkpoint directory needs one") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc}); re-save the config") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path}: expected a JSON object")
+        return cls.from_hf_dict(raw, source=str(path))
+
+
+def _parse_rope(cfg: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
+    """transformers < 5 writes `rope_theta` + `rope_scaling`; transformers 5 writes `rope_parameters`."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or None
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 500000.0)))
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default" and scaling:
+        params, rope_type = scaling, scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type in ("default", None):
+        return theta, None
+    if rope_type != "llama3":
+        raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported (Llama 4 uses 'llama3' or none)")
+    try:
+        return theta, RopeScaling(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"{source}: llama3 rope scaling lacks {exc.args[0]!r}") from None
+
+
+# --- presets ------------------------------------------------------------------------------------------------
+def _every(n_layers: int, interval: int) -> tuple[int, ...]:
+    """no_rope_layers with a NoPE layer every `interval` layers (3, 7, 11, ... for interval 4)."""
+    return tuple(int((i + 1) % interval != 0) for i in range(n_layers))
+
+
+def _moe_layers(n_layers: int, step: int) -> tuple[int, ...]:
+    return tuple(range(step - 1, n_layers, step))
+
+
+_SCOUT_ROPE = RopeScaling(factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0, original_max_position_embeddings=8192)
+_LLAMA4_TOKENS = dict(bos_token_id=200000, eos_token_id=(200001, 200007, 200008), pad_token_id=200018)
+_FULL = dict(
+    vocab_size=202048, hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384, num_hidden_layers=48,
+    num_attention_heads=40, num_key_value_heads=8, head_dim=128, attention_chunk_size=8192, attn_temperature_tuning=True,
+    floor_scale=8192.0, attn_scale=0.1, rope_theta=500000.0, no_rope_layers=_every(48, 4), **_LLAMA4_TOKENS,
+)
+# Tiny presets keep every feature of their big sibling at a few MB: MoE + shared expert, interleave, NoPE every
+# 4th layer with temperature tuning that actually changes values (small floor_scale), chunked attention with a
+# chunk small enough to cross in a short test, QK norm as in the big model, and Scout's llama3 rope scaling.
+_TINY = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=96, intermediate_size_mlp=160, num_hidden_layers=8,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_chunk_size=16, attn_temperature_tuning=True,
+    floor_scale=8.0, attn_scale=0.1, rope_theta=500000.0, no_rope_layers=_every(8, 4), max_position_embeddings=4096,
+    bos_token_id=256, eos_token_id=(257,), pad_token_id=258,
+)
+
+PRESETS: dict[str, Llama4Config] = {
+    "scout": Llama4Config(
+        **_FULL, num_local_experts=16, moe_layers=_moe_layers(48, 1), use_qk_norm=True, rope_scaling=_SCOUT_ROPE,
+        max_position_embeddings=10485760, name="scout",
+    ),
+    "maverick": Llama4Config(
+        **_FULL, num_local_experts=128, moe_layers=_moe_layers(48, 2), use_qk_norm=False, rope_scaling=None,
+        max_position_embeddings=1048576, name="maverick",
+    ),
+    # Behemoth's weights are unreleased and its exact shapes unpublished: this shape preset is chosen to match the
+    # announced 16 experts, ~288B active and ~2T total parameters (see README).
+    "behemoth": Llama4Config(
+        **{**_FULL, "hidden_size": 16384, "intermediate_size": 38912, "intermediate_size_mlp": 77824,
+           "num_hidden_layers": 64, "num_attention_heads": 128, "no_rope_layers": _every(64, 4)},
+        num_local_experts=16, moe_layers=_moe_layers(64, 1), use_qk_norm=True, rope_scaling=_SCOUT_ROPE,
+        max_position_embeddings=10485760, name="behemoth",
+    ),
+    "scout-tiny": Llama4Config(
+        **_TINY, num_local_experts=4, moe_layers=_moe_layers(8, 1), use_qk_norm=True,
+        rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64),
+        name="scout-tiny",
+    ),
+    "maverick-tiny": Llama4Config(
+        **_TINY, num_local_experts=8, moe_layers=_moe_layers(8, 2), use_qk_norm=False, rope_scaling=None,
+        name="maverick-tiny",
+    ),
+}
+
+
+def get_preset(name: str) -> Llama4Config:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}") from None
+

@@ -1,0 +1,164 @@
+"""Build a model from a Hugging Face checkpoint directory (safetensors only) or from a preset with seeded weights."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError, ConfigError
+from .config import Llama4Config, get_preset
+from .modeling import Llama4ForCausalLM, rope_inverse_frequencies
+from .summary import parameter_counts
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Multimodal Llama4ForConditionalGeneration checkpoints keep the text model under this prefix.
+MULTIMODAL_PREFIX = "language_model."
+_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+# Refuse to materialise more than this fraction of physical RAM as random weights (full-size presets).
+_MAX_RAM_FRACTION = 0.6
+
+
+def load(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> Llama4ForCausalLM:
+    """Load a Llama 4 text model from a HF checkpoint directory, checking every tensor name and shape."""
+    ckpt = Path(checkpoint_dir)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: checkpoint directory not found; pass a directory holding config.json and *.safetensors")
+    _check_dtype(dtype)
+    config = Llama4Config.from_json_file(ckpt / "config.json")
+    config = config.replace(name=ckpt.name)
+    tensor_files = _tensor_locations(ckpt)
+
+    model = _empty_model(config)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    prefix = MULTIMODAL_PREFIX if any(k.startswith(MULTIMODAL_PREFIX) for k in tensor_files) else ""
+    found = {k[len(prefix):]: (k, f) for k, f in tensor_files.items() if k.startswith(prefix)}
+
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{ckpt}: tensor {prefix + missing[0]!r}{more} is missing from the checkpoint; it does not match its config.json")
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        key, path = found[unexpected[0]]
+        raise CheckpointError(f"{path}: unexpected tensor {key!r}; the checkpoint holds weights its config.json does not describe")
+
+    model.to_empty(device="cpu")
+    by_file: dict[Path, list[str]] = {}
+    for name in sorted(expected):
+        by_file.setdefault(found[name][1], []).append(name)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for path in sorted(by_file):
+            with _open(path) as f:
+                for name in by_file[path]:
+                    key = found[name][0]
+                    try:
+                        tensor_slice = f.get_slice(key)
+                        shape = tuple(tensor_slice.get_shape())
+                        if shape != expected[name]:
+                            raise CheckpointError(
+                                f"{path}: tensor {key!r} has shape {list(shape)}, config.json implies {list(expected[name])}; "
+                                "the weights and config do not belong together"
+                            )
+                        # get_tensor copies from the memory map: one tensor at a time, never the whole file.
+                        params[name].copy_(f.get_tensor(key).to(dtype))
+                    except CheckpointError:
+                        raise
+                    except Exception as exc:  # safetensors raises its own types for truncated/corrupt data
+                        raise CheckpointError(f"{path}: cannot read tensor {key!r} ({exc}); the shard is damaged, re-download it") from None
+    return _finish(model, config)
+
+
+def from_preset(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Llama4ForCausalLM:
+    """A preset's architecture with deterministic random weights (same seed ⇒ identical weights)."""
+    return from_config(get_preset(name), seed=seed, dtype=dtype)
+
+
+def from_config(config: Llama4Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> Llama4ForCausalLM:
+    _check_dtype(dtype)
+    _check_fits_in_ram(config, dtype)
+    model = _empty_model(config)
+    model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        # Sorted names make the draw order, and so the weights, independent of module construction order.
+        for name, param in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:  # HF's initializer: normal(0, initializer_range=0.02)
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    return _finish(model.to(dtype), config)
+
+
+def _empty_model(config: Llama4Config) -> Llama4ForCausalLM:
+    with torch.device("meta"):
+        return Llama4ForCausalLM(config)
+
+
+def _finish(model: Llama4ForCausalLM, config: Llama4Config) -> Llama4ForCausalLM:
+    model.rope_inv_freq = rope_inverse_frequencies(config)  # buffers are not in the checkpoint
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval().requires_grad_(False)
+
+
+def _tensor_locations(ckpt: Path) -> dict[str, Path]:
+    """Map every tensor name to the shard holding it, reading only safetensors headers."""
+    index = ckpt / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc!r}); re-save the checkpoint") from None
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not (ckpt / shard).is_file():
+                raise CheckpointError(f"{ckpt / shard}: shard listed in {INDEX_FILE} is missing; download it again")
+        locations: dict[str, Path] = {}
+        for shard in shards:
+            with _open(ckpt / shard) as f:
+                locations.update({k: ckpt / shard for k in f.keys()})
+        listed_elsewhere = sorted(k for k, s in weight_map.items() if locations.get(k) != ckpt / s)
+        if listed_elsewhere:
+            k = listed_elsewhere[0]
+            raise CheckpointError(f"{ckpt / weight_map[k]}: tensor {k!r} listed in {INDEX_FILE} is not in this shard; the shard is stale or wrong")
+        return locations
+    single = ckpt / SINGLE_FILE
+    if single.exists():
+        with _open(single) as f:
+            return {k: single for k in f.keys()}
+    others = sorted(p.name for p in ckpt.iterdir() if p.suffix in (".bin", ".pth", ".pt"))
+    hint = f" (found {others[0]}: pickled weights are never loaded; convert them to safetensors)" if others else ""
+    raise CheckpointError(f"{ckpt}: no {INDEX_FILE} or {SINGLE_FILE}{hint}")
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); the shard is truncated or corrupt, re-download it") from None
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+
+
+def _check_fits_in_ram(config: Llama4Config, dtype: torch.dtype) -> None:
+    need = parameter_counts(config).total * torch.empty(0, dtype=dtype).element_size()
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > _MAX_RAM_FRACTION * ram:
+        raise ConfigError(
+            f"{config.name}: random weights need {need / 2**30:.0f} GiB but this machine has {ram / 2**30:.0f} GiB of RAM; "
+            "use `llama4-export inspect` for shapes, or a -tiny preset"
+        )

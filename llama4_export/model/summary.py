@@ -1,0 +1,103 @@
+"""Architecture arithmetic from a config alone (no weights): parameter counts, weight bytes, KV-cache bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Llama4Config
+
+KV_BYTES = {"bf16": 2, "fp8": 1}
+_SCALE_BYTES = 2  # fp16/bf16 per-block INT4 scale
+_FP8_SCALE_BYTES = 4  # fp32 per-tensor FP8 scale
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    total: int
+    active: int  # read for one token: everything but the routed experts, plus ONE routed expert per MoE layer
+    quantizable: int  # linear weights INT4/FP8 apply to (attention, dense MLP, shared and routed experts)
+    quantizable_tensors: int  # how many weight matrices those are (per-tensor FP8 scales; each expert counts)
+    embedding: int
+    lm_head: int
+
+
+def _layer_counts(config: Llama4Config, layer: int) -> dict[str, int]:
+    h, d = config.hidden_size, config.head_dim
+    attn = h * config.num_attention_heads * d * 2 + h * config.num_key_value_heads * d * 2
+    counts = {"attention": attn, "norms": 2 * h, "router": 0, "shared": 0, "experts": 0, "one_expert": 0, "dense": 0}
+    if config.is_moe_layer(layer):
+        one = 3 * h * config.intermediate_size
+        counts.update(router=h * config.num_local_experts, shared=one, experts=one * config.num_local_experts, one_expert=one)
+    else:
+        counts["dense"] = 3 * h * config.intermediate_size_mlp
+    return counts
+
+
+def parameter_counts(config: Llama4Config) -> ParameterCounts:
+    embedding = config.vocab_size * config.hidden_size
+    lm_head = 0 if config.tie_word_embeddings else embedding
+    total = active = embedding + lm_head + config.hidden_size  # + final norm
+    quantizable = tensors = 0
+    for layer in range(config.num_hidden_layers):
+        c = _layer_counts(config, layer)
+        common = c["attention"] + c["norms"] + c["router"] + c["shared"] + c["dense"]
+        total += common + c["experts"]
+        active += common + c["one_expert"]
+        quantizable += c["attention"] + c["shared"] + c["dense"] + c["experts"]
+        tensors += 4 + 3 * (c["shared"] > 0) + 3 * (c["dense"] > 0) + 2 * config.num_local_experts * (c["experts"] > 0)
+    return ParameterCounts(total, active, quantizable, tensors, embedding, lm_head)
+
+
+def weight_bytes(config: Llama4Config, block_size: int = 128) -> dict[str, int]:
+    """Bytes of weights per precision. Router, embeddings, norms and lm_head stay bf16 in fp8/int4 (DESIGN.md §5)."""
+    p = parameter_counts(config)
+    unquantized = (p.total - p.quantizable) * 2
+    return {
+        "bf16": p.total * 2,
+        "fp8": unquantized + p.quantizable + p.quantizable_tensors * _FP8_SCALE_BYTES,
+        "int4": unquantized + p.quantizable // 2 + (p.quantizable // block_size) * _SCALE_BYTES,
+    }
+
+
+def kv_bytes_per_token(config: Llama4Config, dtype: str = "bf16") -> dict[str, Any]:
+    per_layer = 2 * config.num_key_value_heads * config.head_dim * KV_BYTES[dtype]  # K and V
+    chunked = sum(config.uses_rope(i) for i in range(config.num_hidden_layers))
+    global_ = config.num_hidden_layers - chunked
+    return {
+        "dtype": dtype,
+        "per_layer": per_layer,
+        # Chunked layers never hold more than one chunk, so past the chunk they cost nothing more per token.
+        "chunked": {"layers": chunked, "bytes_per_token": chunked * per_layer, "capped_at_tokens": config.attention_chunk_size},
+        "global": {"layers": global_, "bytes_per_token": global_ * per_layer, "capped_at_tokens": None},
+        "total": config.num_hidden_layers * per_layer,
+    }
+
+
+def summarize(config: Llama4Config) -> dict[str, Any]:
+    """The `inspect` report as one JSON-ready dict."""
+    p = parameter_counts(config)
+    layers = [
+        {"index": i, "ffn": "moe" if config.is_moe_layer(i) else "dense", "attention": "chunked" if config.uses_rope(i) else "global"}
+        for i in range(config.num_hidden_layers)
+    ]
+    kinds: dict[str, int] = {}
+    for layer in layers:
+        kind = f"{layer['ffn']}/{layer['attention']}"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return {
+        "name": config.name,
+        "total_params": p.total,
+        "active_params": p.active,
+        "embedding_params": p.embedding + p.lm_head,
+        "layers": layers,
+        "layer_kinds": dict(sorted(kinds.items())),
+        "num_experts": config.num_local_experts,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "attention_chunk_size": config.attention_chunk_size,
+        "use_qk_norm": config.use_qk_norm,
+        "rope_scaling": None if config.rope_scaling is None else "llama3",
+        "weight_bytes": weight_bytes(config),
+        "kv_bytes_per_token": kv_bytes_per_token(config),
+    }
