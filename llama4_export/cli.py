@@ -29,16 +29,14 @@ def _fail(exc: Exception) -> None:
 
 
 def _config_for(model: Optional[str], checkpoint: Optional[Path]):
-    from .model import Llama4Config, get_preset
+    """The preset's config, or a checkpoint's config after checking every tensor's name and shape (headers only)."""
+    from .model import get_preset
+    from .model.loader import check_checkpoint
 
     if (model is None) == (checkpoint is None):
         raise typer.BadParameter("give exactly one of --model PRESET or --checkpoint DIR")
     if checkpoint is not None:
-        if not checkpoint.is_dir():
-            from .errors import CheckpointError
-
-            raise CheckpointError(f"{checkpoint}: checkpoint directory not found; pass a directory holding config.json")
-        return Llama4Config.from_json_file(checkpoint / "config.json").replace(name=checkpoint.name)
+        return check_checkpoint(checkpoint).config
     return get_preset(model)
 
 

@@ -37,7 +37,7 @@ class Llama4Config:
     attention_chunk_size: int | None
     use_qk_norm: bool
     attn_temperature_tuning: bool
-    floor_scale: float
+    floor_scale: int
     attn_scale: float
     rope_theta: float
     rope_scaling: RopeScaling | None
@@ -178,7 +178,7 @@ class Llama4Config:
                 use_qk_norm=bool(cfg.get("use_qk_norm", True)),
                 # Meta's release writes an int here (e.g. 4); any truthy value switches tuning on.
                 attn_temperature_tuning=bool(cfg.get("attn_temperature_tuning", True)),
-                floor_scale=float(cfg.get("floor_scale", 8192)),
+                floor_scale=int(cfg.get("floor_scale", 8192)),
                 attn_scale=float(cfg.get("attn_scale", 0.1)),
                 rope_theta=rope_theta,
                 rope_scaling=rope_scaling,
@@ -244,7 +244,7 @@ _LLAMA4_TOKENS = dict(bos_token_id=200000, eos_token_id=(200001, 200007, 200008)
 _FULL = dict(
     vocab_size=202048, hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384, num_hidden_layers=48,
     num_attention_heads=40, num_key_value_heads=8, head_dim=128, attention_chunk_size=8192, attn_temperature_tuning=True,
-    floor_scale=8192.0, attn_scale=0.1, rope_theta=500000.0, no_rope_layers=_every(48, 4), **_LLAMA4_TOKENS,
+    floor_scale=8192, attn_scale=0.1, rope_theta=500000.0, no_rope_layers=_every(48, 4), **_LLAMA4_TOKENS,
 )
 # Tiny presets keep every feature of their big sibling at a few MB: MoE + shared expert, interleave, NoPE every
 # 4th layer with temperature tuning that actually changes values (small floor_scale), chunked attention with a
@@ -252,7 +252,7 @@ _FULL = dict(
 _TINY = dict(
     vocab_size=512, hidden_size=64, intermediate_size=96, intermediate_size_mlp=160, num_hidden_layers=8,
     num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_chunk_size=16, attn_temperature_tuning=True,
-    floor_scale=8.0, attn_scale=0.1, rope_theta=500000.0, no_rope_layers=_every(8, 4), max_position_embeddings=4096,
+    floor_scale=8, attn_scale=0.1, rope_theta=500000.0, no_rope_layers=_every(8, 4), max_position_embeddings=4096,
     bos_token_id=256, eos_token_id=(257,), pad_token_id=258,
 )
 

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
 from safetensors import safe_open
 
@@ -19,26 +21,36 @@ SINGLE_FILE = "model.safetensors"
 # Multimodal Llama4ForConditionalGeneration checkpoints keep the text model under this prefix.
 MULTIMODAL_PREFIX = "language_model."
 _DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+_STORED_DTYPES = {"F32", "F16", "BF16"}
 # Refuse to materialise more than this fraction of physical RAM as random weights (full-size presets).
 _MAX_RAM_FRACTION = 0.6
 
 
-def load(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> Llama4ForCausalLM:
-    """Load a Llama 4 text model from a HF checkpoint directory, checking every tensor name and shape."""
+@dataclass(frozen=True)
+class CheckpointIndex:
+    """What a checkpoint holds, validated against its config from the safetensors headers alone (no tensor data read)."""
+
+    directory: Path
+    config: Llama4Config
+    files: dict[str, tuple[str, Path]]  # our parameter name -> (key in the file, shard path)
+    stored_dtypes: dict[str, int]  # safetensors dtype -> number of tensors
+    weight_file_bytes: int
+
+
+def check_checkpoint(checkpoint_dir: str | Path) -> CheckpointIndex:
+    """Validate names and shapes of every tensor against config.json; raise CheckpointError naming the first problem."""
     ckpt = Path(checkpoint_dir)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: checkpoint directory not found; pass a directory holding config.json and *.safetensors")
-    _check_dtype(dtype)
-    config = Llama4Config.from_json_file(ckpt / "config.json")
-    config = config.replace(name=ckpt.name)
-    tensor_files = _tensor_locations(ckpt)
+    config = Llama4Config.from_json_file(ckpt / "config.json").replace(name=ckpt.name)
+    locations = _tensor_locations(ckpt)
 
-    model = _empty_model(config)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    with torch.device("meta"):
+        expected = {name: tuple(p.shape) for name, p in Llama4ForCausalLM(config).named_parameters()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    prefix = MULTIMODAL_PREFIX if any(k.startswith(MULTIMODAL_PREFIX) for k in tensor_files) else ""
-    found = {k[len(prefix):]: (k, f) for k, f in tensor_files.items() if k.startswith(prefix)}
+    prefix = MULTIMODAL_PREFIX if any(k.startswith(MULTIMODAL_PREFIX) for k in locations) else ""
+    found = {k[len(prefix):]: (k, f) for k, f in locations.items() if k.startswith(prefix)}
 
     missing = sorted(set(expected) - set(found))
     if missing:
@@ -49,31 +61,50 @@ def load(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> Llam
         key, path = found[unexpected[0]]
         raise CheckpointError(f"{path}: unexpected tensor {key!r}; the checkpoint holds weights its config.json does not describe")
 
+    dtypes: dict[str, int] = {}
+    for path, names in _group_by_file(found, expected).items():
+        with _open(path) as f:
+            for name in names:
+                key = found[name][0]
+                tensor_slice = f.get_slice(key)
+                shape, dtype = tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()
+                if shape != expected[name]:
+                    raise CheckpointError(
+                        f"{path}: tensor {key!r} has shape {list(shape)}, config.json implies {list(expected[name])}; "
+                        "the weights and config do not belong together"
+                    )
+                if dtype not in _STORED_DTYPES:
+                    raise CheckpointError(f"{path}: tensor {key!r} is stored as {dtype}; supported: {', '.join(sorted(_STORED_DTYPES))}")
+                dtypes[dtype] = dtypes.get(dtype, 0) + 1
+    nbytes = sum(p.stat().st_size for p in set(locations.values()))
+    return CheckpointIndex(ckpt, config, {n: found[n] for n in sorted(expected)}, dict(sorted(dtypes.items())), nbytes)
+
+
+def load(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> Llama4ForCausalLM:
+    """Load a Llama 4 text model from a HF checkpoint directory, checking every tensor name and shape first."""
+    _check_dtype(dtype)
+    index = check_checkpoint(checkpoint_dir)
+    model = _empty_model(index.config).to(dtype)
     model.to_empty(device="cpu")
-    by_file: dict[Path, list[str]] = {}
-    for name in sorted(expected):
-        by_file.setdefault(found[name][1], []).append(name)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for path in sorted(by_file):
+        for path, names in _group_by_file(index.files, index.files).items():
             with _open(path) as f:
-                for name in by_file[path]:
-                    key = found[name][0]
+                for name in names:
+                    key = index.files[name][0]
                     try:
-                        tensor_slice = f.get_slice(key)
-                        shape = tuple(tensor_slice.get_shape())
-                        if shape != expected[name]:
-                            raise CheckpointError(
-                                f"{path}: tensor {key!r} has shape {list(shape)}, config.json implies {list(expected[name])}; "
-                                "the weights and config do not belong together"
-                            )
                         # get_tensor copies from the memory map: one tensor at a time, never the whole file.
                         params[name].copy_(f.get_tensor(key).to(dtype))
-                    except CheckpointError:
-                        raise
-                    except Exception as exc:  # safetensors raises its own types for truncated/corrupt data
+                    except Exception as exc:  # safetensors raises its own types for corrupt data
                         raise CheckpointError(f"{path}: cannot read tensor {key!r} ({exc}); the shard is damaged, re-download it") from None
-    return _finish(model, config)
+    return _finish(model, index.config)
+
+
+def _group_by_file(found: dict[str, tuple[str, Path]], wanted) -> dict[Path, list[str]]:
+    by_file: dict[Path, list[str]] = {}
+    for name in sorted(wanted):
+        by_file.setdefault(found[name][1], []).append(name)
+    return dict(sorted(by_file.items()))
 
 
 def from_preset(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Llama4ForCausalLM:

@@ -1,0 +1,58 @@
+"""Shared fixtures: the trained checkpoints in ../shared (skip when absent) and random HF checkpoints made by transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CHECKPOINTS = REPO.parent / "shared" / "checkpoints"
+SCOUTLIKE = SHARED_CHECKPOINTS / "l4-scoutlike"
+
+requires_shared = pytest.mark.skipif(
+    not (SCOUTLIKE / "config.json").is_file(),
+    reason=f"trained test checkpoints not found at {SCOUTLIKE} (CI has ../shared; a plain clone does not)",
+)
+
+
+@pytest.fixture(scope="session")
+def scoutlike_dir() -> Path:
+    if not (SCOUTLIKE / "config.json").is_file():
+        pytest.skip(f"trained test checkpoints not found at {SCOUTLIKE} (CI has ../shared; a plain clone does not)")
+    return SCOUTLIKE
+
+
+@pytest.fixture(scope="session")
+def heldout_text() -> str:
+    path = SHARED_CHECKPOINTS / "corpus_heldout.txt"
+    if not path.is_file():
+        pytest.skip(f"held-out corpus not found at {path} (CI has ../shared; a plain clone does not)")
+    return path.read_text(encoding="utf-8")
+
+
+def small_hf_config(**overrides):
+    """A transformers Llama4TextConfig small enough for a test, every Llama 4 feature on by default."""
+    from transformers import Llama4TextConfig
+
+    base = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=48, intermediate_size_mlp=80, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+        interleave_moe_layer_step=1, attention_chunk_size=8, use_qk_norm=True, attn_temperature_tuning=True,
+        floor_scale=4, attn_scale=0.1, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    base.update(overrides)
+    return Llama4TextConfig(**base)
+
+
+def make_hf_checkpoint(directory: Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16, max_shard_size=None, **overrides) -> Path:
+    """Random-weight Llama4ForCausalLM saved by transformers' own save_pretrained (the format users have)."""
+    from transformers import Llama4ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Llama4ForCausalLM(small_hf_config(**overrides)).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    return Path(directory)

@@ -1,0 +1,69 @@
+"""`llama4-export inspect`: architecture arithmetic against published sizes and against instantiated models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from llama4_export.cli import export_app
+from llama4_export.model import from_preset, get_preset, parameter_counts
+
+
+def inspect_json(*args: str) -> dict:
+    result = CliRunner().invoke(export_app, ["inspect", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize(
+    "preset, total_b, active_b", [("scout", 109, 17), ("maverick", 400, 17), ("behemoth", 2000, 288)]
+)
+def test_full_presets_match_published_sizes(preset, total_b, active_b):
+    s = inspect_json("--model", preset)
+    # Meta's names round: Scout's 107.8B prints as 109B (vision tower included), Behemoth's as "~2T".
+    assert s["total_params"] / 1e9 == pytest.approx(total_b, rel=0.07)
+    assert s["active_params"] / 1e9 == pytest.approx(active_b, rel=0.03)
+    assert s["weight_bytes"]["bf16"] == 2 * s["total_params"]
+    assert s["weight_bytes"]["int4"] < s["weight_bytes"]["fp8"] < s["weight_bytes"]["bf16"]
+
+
+def test_scout_kv_bytes_per_token_by_hand():
+    kv = inspect_json("--model", "scout")["kv_bytes_per_token"]
+    per_layer = 8 * 128 * 2 * 2  # kv heads × head_dim × (K, V) × bf16 bytes
+    assert kv["total"] == 48 * per_layer == 196608  # DESIGN.md §4: 196 KB / token
+    assert kv["global"]["layers"] == 12 and kv["global"]["bytes_per_token"] == 12 * per_layer
+    assert kv["chunked"]["capped_at_tokens"] == 8192
+
+
+def test_maverick_layers_interleave_dense_and_moe():
+    s = inspect_json("--model", "maverick")
+    ffn = [layer["ffn"] for layer in s["layers"]]
+    assert ffn[:4] == ["dense", "moe", "dense", "moe"] and ffn.count("moe") == 24
+    assert [layer["index"] for layer in s["layers"] if layer["attention"] == "global"] == list(range(3, 48, 4))
+    assert s["layer_kinds"] == {"dense/chunked": 24, "moe/chunked": 12, "moe/global": 12}
+
+
+@pytest.mark.parametrize("preset", ["scout-tiny", "maverick-tiny"])
+def test_counts_equal_an_instantiated_model(preset):
+    model = from_preset(preset)
+    counts = parameter_counts(get_preset(preset))
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    moe_layers = len(model.config.moe_layers)
+    assert counts.active == counts.total - experts + experts // model.config.num_local_experts
+    assert moe_layers > 0 and counts.total > counts.active
+
+
+def test_checkpoint_summary(scoutlike_dir):
+    s = inspect_json("--checkpoint", str(scoutlike_dir))
+    assert s["layer_kinds"] == {"moe/chunked": 5, "moe/global": 1}
+    assert s["attention_chunk_size"] == 64 and s["use_qk_norm"] is True
+
+
+def test_table_output_mentions_every_section():
+    result = CliRunner().invoke(export_app, ["inspect", "--model", "scout-tiny"])
+    assert result.exit_code == 0
+    for heading in ("parameters", "layers by kind", "weight bytes", "KV cache per token"):
+        assert heading in result.stdout
