@@ -46,14 +46,32 @@ def export(
     ctx: typer.Context,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="preset: scout, maverick, behemoth, scout-tiny, maverick-tiny"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Hugging Face checkpoint directory"),
-    precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 (more in later stages)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="artifact directory to write"),
+    precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 or fp16 (weights, activations and KV cache; logits stay fp32)"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o",
+        help="artifact directory to write; an existing one is replaced atomically if it is empty or a previous artifact",
+    ),
     seed: int = typer.Option(0, help="seed of a preset's random weights"),
+    max_prefill: Optional[int] = typer.Option(
+        None, "--max-prefill", help="most tokens one prefill call takes, recorded in the manifest (default 512)",
+    ),
 ) -> None:
     """Export a model (a preset with seeded weights, or --checkpoint) to an artifact directory."""
     if ctx.invoked_subcommand is not None:
         return
-    raise typer.BadParameter("the export pipeline lands with the export stage; use `llama4-export inspect` for now")
+    from .errors import ConfigError
+    from .export import ModelSource, export_artifact
+
+    try:
+        if out is None:
+            raise ConfigError("--out DIR is required: the artifact directory to write")
+        source = ModelSource(preset=model, seed=seed, checkpoint=checkpoint)
+        limits = {} if max_prefill is None else {"max_prefill": max_prefill}
+        manifest = export_artifact(out, source, precision=precision, **limits)
+    except Llama4ExportError as exc:
+        _fail(exc)
+    size = sum((out / name).stat().st_size for name in manifest["files"])
+    console.print(f"wrote {out}: {len(manifest['files'])} files, {size / 1e6:,.1f} MB ({manifest['precision']}, {manifest['target']})")
 
 
 @export_app.command()
@@ -118,11 +136,137 @@ def _print_summary(s: dict) -> None:
     console.print(t)
 
 
+@export_app.command()
+def passes(
+    directory: Path = typer.Argument(..., help="artifact directory written by `llama4-export --out`"),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="onnxruntime | tensorrt (default: tensorrt if installed, else onnxruntime)"),
+    verify: bool = typer.Option(False, "--verify", help="run ONNX Runtime after every pass; fail if an output moves by more than --tolerance × its max"),
+    tolerance: float = typer.Option(1e-4, "--tolerance", help="verify bound, relative to each output's max magnitude"),
+    trt_fallback: bool = typer.Option(False, "--trt-fallback", help="tensorrt target: standard-op MoE instead of the plugin node"),
+    report_only: bool = typer.Option(False, "--report", help="print the stored pass report of an optimized artifact; change nothing"),
+) -> None:
+    """Optimize an artifact's graphs in place (fuse the MoE routing, RMSNorm, RoPE; lower for the target) and print the report."""
+    from .artifact import read_manifest
+    from .graph_passes import PASSES_FILE, optimize_artifact
+    from .graph_passes.errors import GraphPassError
+    from .graph_passes.manager import report_tables
+
+    try:
+        if report_only:
+            manifest = read_manifest(directory)
+            if "graph_passes" not in manifest:
+                raise GraphPassError(f"{directory}: not optimized yet; run `llama4-export passes {directory}`")
+            reports = json.loads((directory / PASSES_FILE).read_text(encoding="utf-8"))
+        else:
+            _, results = optimize_artifact(directory, target, verify=verify, tolerance=tolerance, trt_plugin=not trt_fallback)
+            reports = {name: report.to_json(measured=True) for name, report in results.items()}
+    except Llama4ExportError as exc:
+        _fail(exc)
+    for name, report in reports.items():
+        for table in report_tables(name, report):
+            console.print(table)
+        for note in report.get("notes", []):
+            console.print(f"note: {note}", highlight=False)
+
+
 def export_main() -> None:
     export_app()
 
 
 # ------------------------------------------------------------------------------------------------ llama4-run
+@run_app.command()
+def run(
+    directory: Path = typer.Argument(..., help="artifact directory (or, with --backend torch, a HF checkpoint)"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="text prompt (needs tokenizer.json in DIR)"),
+    ids: Optional[str] = typer.Option(None, "--ids", help='prompt as token ids, e.g. "1,2,3"'),
+    chat: bool = typer.Option(False, "--chat", help="interactive chat: one user message per stdin line, until EOF"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_k: int = typer.Option(0, "--top-k", help="0 = off"),
+    top_p: float = typer.Option(1.0, "--top-p", help="1 = off"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="1 = off"),
+    seed: int = typer.Option(0, help="seed of the sampler"),
+    stream: bool = typer.Option(False, "--stream", help="print tokens as they are generated"),
+    window: Optional[int] = typer.Option(None, help="global-layer KV window W in tokens (default: the context, RAM-capped)"),
+    sinks: int = typer.Option(4, help="sink tokens S kept forever once the sequence outgrows W"),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime | torch"),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (prompt_ids, token_ids, text, stop_reason)"),
+) -> None:
+    """Generate a continuation of a prompt (greedy unless --temperature) with the sliding KV cache."""
+    from .runtime import GenerationError, Generator
+
+    options = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, seed=seed,
+    )
+    try:
+        if (prompt is not None) + (ids is not None) + chat != 1:
+            raise GenerationError("give exactly one of --prompt TEXT, --ids 1,2,3 or --chat")
+        with err_console.status(f"loading {directory}"):
+            generator = Generator.load(directory, backend=backend, window=window, sinks=sinks, threads=threads)
+        if chat:
+            _chat_loop(generator, stream, options)
+            return
+        tokens = _parse_ids(ids) if ids is not None else prompt
+        on_token = _piece_printer() if stream and not as_json else None
+        result = generator.generate(tokens, stream=on_token, **options)
+    except Llama4ExportError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps({"prompt_ids": result.prompt_ids, "token_ids": result.token_ids, "text": result.text,
+                          "stop_reason": result.stop_reason}))
+    elif stream:
+        print(flush=True)
+    else:
+        print(result.text if result.text is not None else ",".join(map(str, result.token_ids)))
+
+
+def _parse_ids(text: str) -> list[int]:
+    from .runtime import GenerationError
+
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise GenerationError(f"--ids {text!r}: expected comma-separated integers, e.g. \"1,2,3\"") from None
+
+
+def _piece_printer():
+    """Stream callback: each token's text, or comma-separated ids when the artifact has no tokenizer."""
+    printed = 0
+
+    def print_piece(event) -> None:
+        nonlocal printed
+        if event.stop:
+            return
+        sys.stdout.write(event.text if event.text is not None else f"{',' if printed else ''}{event.token_id}")
+        sys.stdout.flush()
+        printed += 1
+
+    return print_piece
+
+
+def _chat_loop(generator, stream: bool, options: dict) -> None:
+    """Each stdin line is a user turn; the whole conversation is re-rendered and re-fed every turn."""
+    messages: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            err_console.print("[bold]>[/] ", end="")
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        result = generator.generate(generator.chat_prompt(messages), stream=_piece_printer() if stream else None, **options)
+        if stream:
+            print(flush=True)
+        else:
+            print(result.text, flush=True)
+        messages.append({"role": "assistant", "content": result.text})
+
+
 def run_main() -> None:
     run_app()
 

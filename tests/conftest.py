@@ -32,6 +32,16 @@ def heldout_text() -> str:
     return path.read_text(encoding="utf-8")
 
 
+@pytest.fixture(scope="session")
+def scoutlike_artifact(tmp_path_factory, scoutlike_dir) -> Path:
+    """l4-scoutlike exported at fp32 once per test session (an export costs ~30 s): treat it as read-only."""
+    from llama4_export.export import ModelSource, export_artifact
+
+    out = tmp_path_factory.mktemp("export") / "scoutlike"
+    export_artifact(out, ModelSource(checkpoint=scoutlike_dir), show_progress=False)
+    return out
+
+
 def small_hf_config(**overrides):
     """A transformers Llama4TextConfig small enough for a test, every Llama 4 feature on by default."""
     from transformers import Llama4TextConfig

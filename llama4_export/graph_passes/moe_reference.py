@@ -39,3 +39,27 @@ def llama4_moe(
     routed = np.einsum("ni,nih->nh", _silu(gu[:, :inter]) * gu[:, inter:], down[index])
     shared = (_silu(x @ shared_gate.T) * (x @ shared_up.T)) @ shared_down.T
     return shared + routed
+
+
+def llama4_moe_node(
+    x: np.ndarray,
+    router: np.ndarray,
+    gate_up: np.ndarray,
+    down: np.ndarray,
+    shared_gate: np.ndarray,
+    shared_up: np.ndarray,
+    shared_down: np.ndarray,
+    *,
+    num_experts: int,
+    top_k: int = 1,
+    activation: str = "swiglu",
+) -> np.ndarray:
+    """The `Llama4MoE` node (ops.py) and the TensorRT plugin node: attributes checked, output in x's dtype."""
+    from .errors import GraphPassError
+
+    if (num_experts, top_k, activation) != (router.shape[0], 1, "swiglu"):
+        raise GraphPassError(
+            f"Llama4MoE node: num_experts={num_experts}, top_k={top_k}, activation={activation!r} but the router has "
+            f"{router.shape[0]} experts; only top_k=1 and 'swiglu' exist in Llama 4 (re-run the graph passes)"
+        )
+    return llama4_moe(x, router, gate_up, down, shared_gate, shared_up, shared_down).astype(x.dtype)

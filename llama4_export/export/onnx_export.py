@@ -1,0 +1,231 @@
+"""PyTorch → ONNX: the decode and prefill graphs with the explicit KV-cache interface of io_spec, one shared weights file.
+
+Each graph goes through `torch.onnx.export(dynamo=True)` without its optimizer, then through onnxscript's optimizer
+with the model's weights hidden from it (turned into graph inputs for the duration). Left visible, the optimizer would
+replace small weights by transposed copies named `val_N` (large ones it leaves alone, so the graph's structure would
+depend on model size) and merge weights that happen to be equal (a preset's all-ones norms). Hidden, every weight
+keeps its checkpoint name and layout in both graphs, which is what lets decode.onnx and prefill.onnx point into one
+external-data file and lets later passes (quantization, calibration) find weights by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import onnx_ir as ir
+import torch
+from onnxscript.optimizer import optimize_ir
+from torch import Tensor, nn
+from torch.export import Dim
+
+from ..model.config import Llama4Config
+from ..model.modeling import KVCache, Llama4ForCausalLM, MoE, MoEImpl
+from . import io_spec
+
+OPSET = 21  # opset 21 has DequantizeLinear with block_size (INT4 weight-only) for the quantization passes
+DATA_FILE = "model.data"
+# Tensors smaller than this stay inside the .onnx file (shape constants, scalars): onnx's own default threshold.
+EXTERNAL_MIN_BYTES = 1024
+# Offsets in the data file are aligned so runtimes can memory-map tensors: 64 KiB (the largest allocation
+# granularity, Windows') for big tensors, 64 bytes (a cache line) for the rest; onnx's external-data helper does the same.
+LARGE_TENSOR_BYTES = 1 << 20
+LARGE_ALIGNMENT = 1 << 16
+SMALL_ALIGNMENT = 64
+# Node metadata worth keeping: module scopes let passes find e.g. every MoE block. Stack traces (absolute source
+# paths) and FX node dumps are dropped so the bytes do not depend on where the code lives.
+KEPT_NODE_METADATA = ("pkg.torch.onnx.class_hierarchy", "pkg.torch.onnx.name_scopes")
+_WRAPPER_PREFIX = "model."
+
+# Example sizes used while tracing: distinct and > 1 so torch.export neither specializes nor unifies the dimensions.
+_EXAMPLE = {"batch": 2, "new_tokens": 3, "chunk_slots": 5, "global_slots": 7}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph: how many new tokens it takes and which MoE implementation it traces."""
+
+    name: str
+    moe_impl: MoEImpl
+    new_tokens: int | None  # fixed count, or None for a dynamic `new_tokens` dimension
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.onnx"
+
+
+# decode reads only the selected expert's weights (Gather); prefill traces the dense MoE until the fused MoE op
+# replaces it, which computes every expert but has no data-dependent shapes.
+DECODE = GraphSpec("decode", moe_impl="gather", new_tokens=1)
+PREFILL = GraphSpec("prefill", moe_impl="dense", new_tokens=None)
+GRAPHS = (DECODE, PREFILL)
+
+
+class GraphIO(nn.Module):
+    """Maps io_spec's flat inputs/outputs onto `Llama4ForCausalLM.forward(input_ids, positions, KVCache)`."""
+
+    def __init__(self, model: Llama4ForCausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: Tensor, positions: Tensor, past_positions_chunked: Tensor, past_positions_global: Tensor, *past_kv: Tensor
+    ) -> tuple[Tensor, ...]:
+        config = self.model.config
+        past_positions = {"chunked": past_positions_chunked, "global": past_positions_global}
+        cache = KVCache(
+            keys=list(past_kv[0::2]),
+            values=list(past_kv[1::2]),
+            positions=[past_positions[io_spec.attention_kind(config, i)] for i in range(config.num_hidden_layers)],
+        )
+        logits, new = self.model(input_ids, positions, cache)
+        outputs = [logits.float()]
+        for key, value in zip(new.keys, new.values):
+            outputs += [key, value]
+        return tuple(outputs)
+
+
+def example_inputs(config: Llama4Config, spec: GraphSpec, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """Zero-filled inputs in io_spec order with the tracing sizes of `_EXAMPLE`."""
+    batch = _EXAMPLE["batch"]
+    tokens = spec.new_tokens or _EXAMPLE["new_tokens"]
+    slots = {"chunked": _EXAMPLE["chunk_slots"], "global": _EXAMPLE["global_slots"]}
+    inputs = [
+        torch.zeros(batch, tokens, dtype=torch.int64),
+        torch.zeros(batch, tokens, dtype=torch.int64),
+        torch.zeros(batch, slots["chunked"], dtype=torch.int64),
+        torch.zeros(batch, slots["global"], dtype=torch.int64),
+    ]
+    for layer in range(config.num_hidden_layers):
+        shape = (batch, config.num_key_value_heads, slots[io_spec.attention_kind(config, layer)], config.head_dim)
+        inputs += [torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)]
+    return tuple(inputs)
+
+
+def _dynamic_shapes(config: Llama4Config, spec: GraphSpec) -> tuple:
+    """Named dynamic dimensions (they keep their names in the ONNX graph). No upper bounds: ONNX keeps none, and the
+    prefill limit is the runtime's business (recorded in the manifest)."""
+    batch = Dim("batch")
+    slots = {"chunked": Dim("chunk_slots"), "global": Dim("global_slots")}
+    tokens = {0: batch} if spec.new_tokens else {0: batch, 1: Dim("new_tokens", min=1)}
+    past = []
+    for layer in range(config.num_hidden_layers):
+        cache_dims = {0: batch, 2: slots[io_spec.attention_kind(config, layer)]}
+        past += [cache_dims, cache_dims]
+    # The *past_kv varargs form one entry of their own.
+    return (tokens, tokens, {0: batch, 1: slots["chunked"]}, {0: batch, 1: slots["global"]}, tuple(past))
+
+
+def export_graph(model: Llama4ForCausalLM, spec: GraphSpec) -> ir.Model:
+    """Trace one graph and return it in memory (weights still attached), canonicalized and deterministic."""
+    config = model.config
+    dtype = model.lm_head.weight.dtype
+    previous_impls = {m: m.impl for m in model.modules() if isinstance(m, MoE)}
+    model.set_moe_impl(spec.moe_impl)
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                GraphIO(model),
+                example_inputs(config, spec, dtype),
+                dynamic_shapes=_dynamic_shapes(config, spec),
+                input_names=io_spec.input_names(config),
+                output_names=io_spec.output_names(config),
+                opset_version=OPSET,
+                dynamo=True,
+                optimize=False,
+                verbose=False,
+            )
+    finally:
+        for module, impl in previous_impls.items():
+            module.impl = impl
+    onnx_model = program.model
+    _optimize_keeping_weights(onnx_model)
+    _canonicalize(onnx_model)
+    return onnx_model
+
+
+def _optimize_keeping_weights(model: ir.Model) -> None:
+    """Run onnxscript's optimizer (folding, no-op removal, CSE) with the model's parameters and buffers as graph
+    inputs, so it can neither fold nor merge them; then restore them as initializers under their checkpoint names
+    (GraphIO stores the model as `model`, hence the prefix)."""
+    graph = model.graph
+    weights = {}
+    for name in [n for n in graph.initializers if n.startswith(_WRAPPER_PREFIX)]:
+        value = graph.initializers.pop(name)
+        weights[name] = (value, value.const_value)
+        value.const_value = None
+        graph.inputs.append(value)
+    optimize_ir(model)
+    for name, (value, tensor) in weights.items():
+        graph.inputs.remove(value)
+        value.const_value = tensor
+        value.name = name[len(_WRAPPER_PREFIX):]
+        if value.uses():
+            graph.register_initializer(value)
+
+
+def _canonicalize(model: ir.Model) -> None:
+    """Drop path-dependent metadata and sort initializers by name, so the bytes depend only on the model."""
+    model.doc_string = None
+    model.metadata_props.clear()
+    graph = model.graph
+    graph.doc_string = None
+    graph.metadata_props.clear()
+    for node in graph:
+        node.doc_string = None
+        kept = {k: v for k, v in node.metadata_props.items() if k in KEPT_NODE_METADATA}
+        node.metadata_props.clear()
+        node.metadata_props.update(kept)
+    for value in graph.initializers.values():
+        value.metadata_props.clear()
+    initializers = [graph.initializers.pop(name) for name in list(graph.initializers)]
+    for value in sorted(initializers, key=lambda v: v.name):
+        graph.register_initializer(value)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch.onnx logs optional-dependency notes (torchvision) and shape-naming warnings that are not ours to fix."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def save_graphs(graphs: dict[str, ir.Model], directory: Path, data_file: str = DATA_FILE) -> None:
+    """Write `{name}.onnx` for every graph, all pointing into one external-data file where each tensor is stored once.
+
+    Tensors are identified by content (dtype, shape, bytes), so a weight both graphs use is written once and both
+    graphs reference the same offset. File order: graphs in the given order, initializers by name.
+    """
+    directory = Path(directory)
+    stored: dict[tuple, tuple[int, int]] = {}  # content key -> (offset, length)
+    with open(directory / data_file, "wb") as data:
+        for graph_model in graphs.values():
+            for value in graph_model.graph.initializers.values():
+                tensor = value.const_value
+                if tensor is None or tensor.nbytes < EXTERNAL_MIN_BYTES:
+                    continue
+                raw = tensor.tobytes()
+                key = (tensor.dtype, tuple(tensor.shape), hashlib.sha256(raw).digest())
+                if key not in stored:
+                    alignment = LARGE_ALIGNMENT if len(raw) >= LARGE_TENSOR_BYTES else SMALL_ALIGNMENT
+                    data.write(b"\0" * (-data.tell() % alignment))
+                    stored[key] = (data.tell(), len(raw))
+                    data.write(raw)
+                offset, length = stored[key]
+                value.const_value = ir.ExternalTensor(
+                    data_file, offset, length, tensor.dtype, shape=tensor.shape, name=value.name, base_dir=directory
+                )
+    for name, graph_model in graphs.items():
+        ir.save(graph_model, directory / f"{name}.onnx")

@@ -1,0 +1,183 @@
+"""Lowering of the canonical Llama4MoE node for a target (the canonical op is not executable by itself).
+
+onnxruntime
+  `com.microsoft.MoE` — used only when it matches moe_reference on the installed onnxruntime (`ort_moe_problem`
+  builds a one-node graph with this very lowering and compares). The k=1 mapping (DESIGN.md §5): the MoE op takes
+  x·sigmoid(max logit) as its input and the raw logits as router_probs; with k=1 and normalize_routing_weights=1 the
+  softmax weight of the one selected expert is exactly 1, so the op computes expert_e(x·s) — Llama 4's input
+  scaling — and selects e = argmax(logits). Its CPU kernel (onnxruntime 1.32) accepts only the interleaved fused
+  SwiGLU layout (swiglu_fusion=1: fc1 rows g0,u0,g1,u1,…, [E, 2I, H]) and computes gate·sigmoid(α·gate)·(up + β):
+  α=1, β=0 and no swiglu_limit give silu(gate)·up exactly (gpt-oss uses α=1.702, β=1 and a clamp: we set ours).
+  The expert weights are re-laid out into new initializers (`<name>.ort_moe_fc1` / `.ort_moe_fc2`).
+  Otherwise the standard-op lowering below.
+standard ops (ONNX Runtime fallback; TensorRT behind --trt-fallback)
+  gather — Gather(gate_up, e) / Gather(down, e): each token reads only its expert's weights (decode graphs);
+  dense  — every expert on one-hot-scaled inputs (prefill graphs: no per-token weight copies; E× the arithmetic).
+tensorrt
+  a `Llama4MoEPlugin` node (trt_plugin_spec.py) with the Llama4MoE inputs: TensorRT runs it through our plugin.
+The shared expert is always three plain Gemms (a dense MLP every target runs well).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from . import ops, trt_plugin_spec
+from .manager import GraphPass, PassContext
+
+MOE_LOWERED = "moe_lowered"
+ORT_DOMAIN = "com.microsoft"
+
+
+def _moe_node(op, x, router, gate_up, down, shared_gate, shared_up, shared_down):
+    return getattr(op, ops.MOE_OP)(x, router, gate_up, down, shared_gate, shared_up, shared_down, _domain=ops.DOMAIN)
+
+
+def _any_moe(context, **_) -> bool:
+    return True
+
+
+def _ort_moe_applies(context, x, gate_up, down, **_) -> bool:
+    """float32 (what the probe checked) and the expert weights are initializers (this lowering re-lays them out)."""
+    return x.dtype == ir.DataType.FLOAT and gate_up.const_value is not None and down.const_value is not None
+
+
+def _swiglu(op, gate, up):
+    return op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)
+
+
+def _routing(op, x, router):
+    """(logits [N, E], x · sigmoid(max logit) [N, H])."""
+    logits = op.Gemm(x, router, transB=1)
+    score = op.Sigmoid(op.ReduceMax(logits, op.Constant(value_ints=[-1]), keepdims=1))
+    return logits, op.Mul(x, score)
+
+
+def _shared_expert(op, x, shared_gate, shared_up, shared_down):
+    return op.Gemm(_swiglu(op, op.Gemm(x, shared_gate, transB=1), op.Gemm(x, shared_up, transB=1)), shared_down, transB=1)
+
+
+def ort_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_down, **_):
+    """Llama4MoE → com.microsoft.MoE(x·s, logits, k=1, interleaved SwiGLU) + shared expert"""
+    logits, routed_in = _routing(op, x, router)
+    experts, _, two_inter = gate_up.shape
+    fc1 = gate_up.const_value.numpy().transpose(0, 2, 1)  # [E, 2I, H]: gate rows, then up rows
+    fc1 = np.stack([fc1[:, : two_inter // 2], fc1[:, two_inter // 2 :]], axis=2).reshape(fc1.shape)  # g0,u0,g1,u1,…
+    fc2 = down.const_value.numpy().transpose(0, 2, 1)  # [E, H, I]
+    routed = op.op(
+        "MoE", routed_in, logits,
+        op.initializer(ir.tensor(np.ascontiguousarray(fc1)), name=f"{gate_up.name}.ort_moe_fc1"), None,
+        op.initializer(ir.tensor(np.ascontiguousarray(fc2)), name=f"{down.name}.ort_moe_fc2"),
+        _domain=ORT_DOMAIN, _version=1, k=1, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+        activation_beta=0.0, normalize_routing_weights=1,
+    )
+    return op.Add(_shared_expert(op, x, shared_gate, shared_up, shared_down), routed)
+
+
+def gather_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_down, **_):
+    """Llama4MoE → ArgMax; Gather(gate_up, e), Gather(down, e) per token; SwiGLU; + shared expert"""
+    logits, routed_in = _routing(op, x, router)
+    expert = op.ArgMax(logits, axis=-1, keepdims=0)  # [N]; first index on ties, as the reference
+    gate, up = op.Split(op.MatMul(op.Unsqueeze(routed_in, op.Constant(value_ints=[1])), op.Gather(gate_up, expert, axis=0)),
+                        axis=-1, num_outputs=2, _outputs=2)
+    routed = op.MatMul(_swiglu(op, gate, up), op.Gather(down, expert, axis=0))  # [N, 1, H]
+    return op.Add(_shared_expert(op, x, shared_gate, shared_up, shared_down), op.Squeeze(routed, op.Constant(value_ints=[1])))
+
+
+def dense_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_down, **_):
+    """Llama4MoE → every expert on one-hot(e)-masked x·s, summed over experts; + shared expert"""
+    logits, routed_in = _routing(op, x, router)
+    expert = op.ArgMax(logits, axis=-1, keepdims=1)  # [N, 1]
+    experts = gate_up.shape[0]
+    onehot = op.Cast(op.Equal(expert, op.Constant(value_ints=list(range(experts)))), to=x.dtype or ir.DataType.FLOAT)  # [N, E]
+    mask = op.Unsqueeze(op.Transpose(onehot, perm=[1, 0]), op.Constant(value_ints=[2]))  # [E, N, 1]
+    expert_in = op.Mul(mask, op.Unsqueeze(routed_in, op.Constant(value_ints=[0])))  # [E, N, H]
+    gate, up = op.Split(op.MatMul(expert_in, gate_up), axis=-1, num_outputs=2, _outputs=2)
+    routed = op.ReduceSum(op.MatMul(_swiglu(op, gate, up), down), op.Constant(value_ints=[0]), keepdims=0)
+    return op.Add(_shared_expert(op, x, shared_gate, shared_up, shared_down), routed)
+
+
+def trt_plugin_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_down, **_):
+    """Llama4MoE → Llama4MoEPlugin (same inputs, plugin_version / plugin_namespace attributes for TensorRT)"""
+    return op.op(
+        trt_plugin_spec.PLUGIN_NAME, x, router, gate_up, down, shared_gate, shared_up, shared_down,
+        _domain=trt_plugin_spec.PLUGIN_DOMAIN, _version=1, num_experts=gate_up.shape[0], top_k=ops.MOE_TOP_K,
+        activation=ops.MOE_ACTIVATION, plugin_version=trt_plugin_spec.PLUGIN_VERSION,
+        plugin_namespace=trt_plugin_spec.PLUGIN_NAMESPACE,
+    )
+
+
+LOWERINGS = {"ort_moe": ort_moe, "gather": gather_moe, "dense": dense_moe, "trt_plugin": trt_plugin_moe}
+
+
+def _lower(model: ir.Model, lowering: str) -> int:
+    check = _ort_moe_applies if lowering == "ort_moe" else _any_moe
+    rule = pattern.RewriteRule(_moe_node, LOWERINGS[lowering], check, name=f"Llama4MoE → {lowering}")
+    return pattern.RewriteRuleSet([rule]).apply_to_model(model)
+
+
+def lower_moe_standard(model: ir.Model, form: str) -> int:
+    """Llama4MoE → standard ONNX ops in `form` ("gather" or "dense")."""
+    return _lower(model, form)
+
+
+@functools.lru_cache(maxsize=None)
+def ort_moe_problem() -> str | None:
+    """None when com.microsoft.MoE, lowered as above, matches moe_reference on this onnxruntime; else why not.
+
+    The probe's gate and up pre-activations reach ±22 and ±26 (a third of the gates beyond ±7), so a clamp (gpt-oss'
+    swiglu_limit 7), α=1.702 or an `up + 1` shows."""
+    import onnxruntime as ort
+
+    from .moe_reference import llama4_moe
+    from .verify import run_onnxruntime
+
+    rng = np.random.default_rng(0)
+    experts, hidden, inter, tokens = 4, 16, 24, 9
+    weights = {
+        "router": rng.standard_normal((experts, hidden)), "gate_up": rng.standard_normal((experts, hidden, 2 * inter)) * 2,
+        "down": rng.standard_normal((experts, inter, hidden)) * 0.3, "shared_gate": rng.standard_normal((inter, hidden)) * 0.3,
+        "shared_up": rng.standard_normal((inter, hidden)) * 0.3, "shared_down": rng.standard_normal((hidden, inter)) * 0.3,
+    }
+    weights = {k: v.astype(np.float32) for k, v in weights.items()}
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    model = ops.moe_node_model(weights, tokens)
+    _lower(model, "ort_moe")
+    try:
+        out = run_onnxruntime(model, {"x": x})["y"]
+    except Exception as exc:  # ORT raises its own types; any failure means "not usable here"
+        return f"onnxruntime {ort.__version__} cannot run com.microsoft.MoE as lowered ({str(exc).splitlines()[0][:160]})"
+    ref = llama4_moe(x, **weights)
+    error = float(np.abs(out - ref).max() / np.abs(ref).max())
+    if not error <= 1e-5:
+        return f"onnxruntime {ort.__version__}'s com.microsoft.MoE differs from the reference by {error:.2g} × max|out|"
+    return None
+
+
+def lower_moe(model: ir.Model, context: PassContext) -> int:
+    """Llama4MoE → com.microsoft.MoE | standard ops (gather/dense) | Llama4MoEPlugin, by target"""
+    standard = f"standard ops ({context.moe_form})"
+    counts: dict[str, int] = {}
+    if context.target == "tensorrt" and context.use_trt_plugin:
+        counts[trt_plugin_spec.PLUGIN_NAME] = _lower(model, "trt_plugin")
+    elif context.target == "tensorrt":
+        context.notes.append(f"MoE: TensorRT plugin disabled; {standard}")
+    else:
+        problem = ort_moe_problem()
+        if problem is None:
+            counts[f"{ORT_DOMAIN}.MoE"] = _lower(model, "ort_moe")
+        else:
+            context.notes.append(f"MoE: {problem}; {standard} instead")
+    counts[standard] = _lower(model, context.moe_form)  # what is left: all of it, or what the ORT op was not checked for
+    context.moe_lowering = " + ".join(name for name, count in counts.items() if count) or None
+    return sum(counts.values())
+
+
+def moe_lowering_pass() -> GraphPass:
+    from .fuse_moe import MOE_FUSED
+
+    return GraphPass("lower_moe", lower_moe, requires=(MOE_FUSED,), produces=(MOE_LOWERED,))

@@ -1,0 +1,164 @@
+"""Verify mode: run ONNX Runtime on sample inputs after every pass and compare with the graph before any pass.
+
+Deviation of a graph = max over its outputs of max|out − ref| / max|ref| (ref = the unoptimized graph's outputs),
+so the issue's bound "≤ 1e-4 × max|logit|" is `tolerance=1e-4`.
+
+Nodes no stock runtime executes are made executable in a copy before running it:
+- ai.llama4export::Llama4MoE (the canonical fused op) and the TensorRT plugin node run through their numpy reference
+  (moe_reference.llama4_moe_node) registered as ONNX Runtime Python custom ops, when onnxruntime-extensions is
+  installed (a test/dev dependency);
+- without it, Llama4MoE is lowered to standard ops in the copy (the same lowering the fallback target uses), and a
+  graph holding the plugin node cannot be verified (GraphPassError says so).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from ..export import io_spec
+from . import ops, trt_plugin_spec
+from .errors import GraphPassError
+
+DEFAULT_TOLERANCE = 1e-4
+# Sizes of the symbolic dimensions in sample inputs: several tokens, two rows, caches that cross a chunk boundary.
+SAMPLE_DIMS = {"batch": 2, "new_tokens": 5, "chunk_slots": 6, "global_slots": 14}
+REFERENCE_OP_DOMAIN = "ai.onnx.contrib"  # the domain onnxruntime-extensions registers Python ops in
+
+
+def sample_feeds(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs following io_spec: token ids, consecutive positions after a partly filled cache, random K/V."""
+    rng = np.random.default_rng(seed)
+    shapes = {v.name: [d if isinstance(d, int) else SAMPLE_DIMS.get(str(d), 3) for d in v.shape] for v in model.graph.inputs}
+    batch, tokens = shapes[io_spec.INPUT_IDS]
+    vocab = next(v.shape[-1] for v in model.graph.outputs if v.name == io_spec.LOGITS)
+    global_slots = shapes[io_spec.PAST_POSITIONS["global"]][1]
+    chunk_slots = shapes[io_spec.PAST_POSITIONS["chunked"]][1]
+    past = np.tile(np.arange(global_slots, dtype=np.int64), (batch, 1))
+    past[1:, -2:] = -1  # row 1 has two empty slots
+    feeds = {
+        io_spec.INPUT_IDS: rng.integers(0, vocab, (batch, tokens), dtype=np.int64),
+        io_spec.POSITIONS: global_slots + np.tile(np.arange(tokens, dtype=np.int64), (batch, 1)),
+        io_spec.PAST_POSITIONS["global"]: past,
+        io_spec.PAST_POSITIONS["chunked"]: past[:, -chunk_slots:].copy(),
+    }
+    for value in model.graph.inputs:
+        if value.name not in feeds:
+            dtype = value.dtype.numpy()
+            feeds[value.name] = rng.standard_normal(shapes[value.name]).astype(dtype)
+    return feeds
+
+
+def reference_ops_available() -> bool:
+    try:
+        import onnxruntime_extensions  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_registered = False
+
+
+def register_reference_ops() -> str:
+    """Register Llama4MoE and the TensorRT plugin op as ORT Python custom ops running the numpy reference.
+
+    Returns the path of the onnxruntime-extensions library to load into a session."""
+    global _registered
+    from onnxruntime_extensions import PyOp, get_library_path, onnx_op
+
+    from .moe_reference import llama4_moe_node
+
+    if not _registered:
+        floats = [PyOp.dt_float] * len(ops.MOE_INPUTS)
+        attrs = {"num_experts": PyOp.dt_int64, "top_k": PyOp.dt_int64, "activation": PyOp.dt_string}
+        plugin_attrs = {**attrs, "plugin_version": PyOp.dt_string, "plugin_namespace": PyOp.dt_string}
+
+        def reference(*inputs, num_experts, top_k, activation, **_):
+            return llama4_moe_node(*inputs, num_experts=num_experts, top_k=top_k, activation=activation)
+
+        onnx_op(op_type=ops.MOE_OP, inputs=floats, outputs=[PyOp.dt_float], attrs=attrs)(reference)
+        onnx_op(op_type=trt_plugin_spec.PLUGIN_NAME, inputs=floats, outputs=[PyOp.dt_float], attrs=plugin_attrs)(reference)
+        _registered = True
+    return get_library_path()
+
+
+def _own_nodes(model: ir.Model) -> list[ir.Node]:
+    ours = {(ops.DOMAIN, ops.MOE_OP), (trt_plugin_spec.PLUGIN_DOMAIN, trt_plugin_spec.PLUGIN_NAME)}
+    return [n for n in model.graph.all_nodes() if (n.domain, n.op_type) in ours]
+
+
+def executable_copy(model: ir.Model) -> tuple[ir.Model, str | None]:
+    """A copy ONNX Runtime can run, and the custom-op library it needs (None when it needs none)."""
+    own = _own_nodes(model)
+    if not own:
+        return model, None
+    copy = model.clone()
+    if reference_ops_available():
+        library = register_reference_ops()
+        for node in _own_nodes(copy):
+            node.domain = REFERENCE_OP_DOMAIN
+        copy.opset_imports[REFERENCE_OP_DOMAIN] = 1
+        return copy, library
+    if any(n.op_type == trt_plugin_spec.PLUGIN_NAME for n in own):
+        raise GraphPassError(
+            f"cannot verify a graph holding the {trt_plugin_spec.PLUGIN_NAME} node without its reference op: "
+            "pip install onnxruntime-extensions (or verify the --trt-fallback lowering)"
+        )
+    from .lower import lower_moe_standard
+
+    lower_moe_standard(copy, "gather")
+    return copy, None
+
+
+def run_onnxruntime(model: ir.Model, feeds: dict[str, np.ndarray], custom_op_library: str | None = None) -> dict[str, np.ndarray]:
+    """Run `model` on ONNX Runtime's CPU EP (saved to a temp dir so external weights resolve); outputs by name."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    if custom_op_library:
+        options.register_custom_ops_library(custom_op_library)
+    with tempfile.TemporaryDirectory(prefix="llama4-passes-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        ir.save(model, path, external_data="model.data")
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feeds)))
+
+
+def deviation(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> tuple[float, str]:
+    """(max over outputs of max|out − ref| / max|ref|, the output where it is largest)."""
+    worst, where = 0.0, ""
+    for name, ref in reference.items():
+        if name not in outputs or outputs[name].shape != ref.shape:
+            raise GraphPassError(f"output {name!r} changed shape or disappeared: a pass broke the graph interface")
+        scale = max(float(np.abs(ref).max(initial=0.0)), np.finfo(np.float32).tiny)
+        value = float(np.abs(outputs[name].astype(np.float64) - ref).max(initial=0.0)) / scale
+        if not np.isfinite(value) or value > worst:
+            worst, where = (float("inf") if not np.isfinite(value) else value), name
+    return worst, where
+
+
+class Verifier:
+    """Holds the unoptimized graph's outputs on fixed sample inputs; `check` compares a later graph with them."""
+
+    def __init__(self, reference_model: ir.Model, tolerance: float = DEFAULT_TOLERANCE, seed: int = 0):
+        self.tolerance = tolerance
+        self.feeds = sample_feeds(reference_model, seed)
+        runnable, library = executable_copy(reference_model)
+        self.reference = run_onnxruntime(runnable, self.feeds, library)
+
+    def check(self, model: ir.Model, after: str) -> tuple[float, str]:
+        runnable, library = executable_copy(model)
+        value, output = deviation(run_onnxruntime(runnable, self.feeds, library), self.reference)
+        if value > self.tolerance:
+            raise GraphPassError(
+                f"after pass {after!r} output {output!r} moved by {value:.3g} × its max magnitude "
+                f"(tolerance {self.tolerance:g}); the pass is wrong for this graph — run without it and report a bug"
+            )
+        return value, output

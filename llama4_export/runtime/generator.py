@@ -1,0 +1,290 @@
+"""Generator: a backend + the sliding KV cache + sampling + the tokenizer.
+
+    gen = Generator.load("out/scout-fp32")                 # verifies manifest.json, loads tokenizer.json if present
+    result = gen.generate("The cat", max_new_tokens=32)     # greedy by default
+    for event in gen.stream("The cat", temperature=0.8):   # token by token
+        print(event.text, end="")
+
+Prompts longer than the prefill graph's limit (manifest graphs.prefill.max_new_tokens) are fed in pieces of at most
+that many tokens; one-token steps go to the decode graph. Batches (generate_batch) put every prompt in its own row;
+rows are padded on the right within a step with position −1, which the graph masks and the cache never stores, so
+rows of any lengths run together and each gets exactly the tokens it would get alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Sequence
+
+import numpy as np
+
+from ..artifact import MANIFEST, read_manifest
+from ..model.config import Llama4Config
+from .backends import DEFAULT_PREFILL_TOKENS, Backend, OrtBackend, TorchBackend
+from .errors import GenerationError
+from .kv_cache import DEFAULT_SINKS, SlidingKVCache
+from .sampling import Sampler, SamplingParams
+from .tokenizer import StreamDecoder, Tokenizer
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+BACKENDS = ("onnxruntime", "torch")
+Prompt = str | Sequence[int]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    row: int  # index of the prompt in the batch (0 for generate/stream)
+    token_id: int
+    text: str | None  # the new text this token completes ("" while a UTF-8 character is incomplete); None without a tokenizer
+    stop: bool  # this token is a stop token (it ends the row and adds no text)
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    token_ids: list[int]  # the new tokens; a stop token that ended generation is the last one
+    stop_reason: Literal["stop", "length"]
+    text: str | None = None  # the new tokens decoded (stop token excluded) when a tokenizer exists
+
+
+class Generator:
+    """One generation at a time: the cache is allocated once per batch size and reused by the next call."""
+
+    def __init__(
+        self, backend: Backend, tokenizer: Tokenizer | None = None, window: int | None = None,
+        sinks: int = DEFAULT_SINKS, eos_token_ids: Sequence[int] | None = None,
+    ):
+        """eos_token_ids: the default stop tokens (None = the config's eos_token_id)."""
+        self.backend, self.tokenizer, self.sinks = backend, tokenizer, sinks
+        self.config: Llama4Config = backend.config
+        self.eos_token_ids = tuple(self.config.eos_token_id if eos_token_ids is None else eos_token_ids)
+        self.window = _window_for(backend, window)
+        self._cache: SlidingKVCache | None = None
+        # Fail at load, not at the first prompt, on a window the cache cannot hold or a graph it does not fit.
+        cache = self._cache_for(1)
+        self.window = cache.window  # the resolved W (the default when None was given)
+        for kind, slots in backend.required_slots.items():
+            if cache.slots(kind) != slots:
+                raise GenerationError(
+                    f"the graphs expect {slots} {kind} cache slots but this config needs {cache.slots(kind)}; re-run the export"
+                )
+
+    @classmethod
+    def load(
+        cls, directory: str | Path, backend: str = "onnxruntime", window: int | None = None, sinks: int = DEFAULT_SINKS,
+        threads: int | None = None, providers: list[str] | None = None, verify: bool = True,
+        max_prefill_tokens: int | None = None,
+    ) -> "Generator":
+        """An exported artifact (manifest.json; hashes verified), or for backend='torch' also a HF checkpoint dir.
+
+        max_prefill_tokens lowers the prefill piece size below the graph's limit (bounds prefill activation memory).
+        """
+        directory = Path(directory)
+        if backend not in BACKENDS:
+            raise GenerationError(f"backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
+        if backend == "torch" and not (directory / MANIFEST).is_file() and (directory / "config.json").is_file():
+            runner: Backend = TorchBackend.from_checkpoint(directory)
+        else:
+            manifest = read_manifest(directory, verify=verify)
+            runner = _artifact_backend(directory, manifest, backend, threads, providers)
+        if max_prefill_tokens is not None:
+            if max_prefill_tokens < 1:
+                raise GenerationError(f"max_prefill_tokens={max_prefill_tokens}: must be >= 1")
+            runner.max_prefill_tokens = min(runner.max_prefill_tokens, max_prefill_tokens)
+        eos = list(runner.config.eos_token_id) + _generation_config_eos(directory)
+        return cls(runner, Tokenizer.load(directory), window, sinks, eos_token_ids=sorted(set(eos)))
+
+    # --- prompts -------------------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Text through the tokenizer (with its special tokens, e.g. BOS), or token ids checked against the vocabulary."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise GenerationError("the prompt is text but the artifact has no tokenizer.json; pass token ids instead (--ids)")
+            if not prompt:
+                raise GenerationError("the prompt is empty; give at least one token")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise GenerationError("the prompt is empty; give at least one token")
+        vocab = self.config.vocab_size
+        bad = [(i, t) for i, t in enumerate(ids) if not 0 <= t < vocab]
+        if bad:
+            i, t = bad[0]
+            raise GenerationError(f"prompt token {i} is id {t}, outside the vocabulary 0..{vocab - 1}; check the ids")
+        return ids
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.tokenizer is None:
+            raise GenerationError("chat needs a tokenizer but the artifact has no tokenizer.json")
+        return self.encode(self.tokenizer.chat_prompt(messages))
+
+    # --- generation ----------------------------------------------------------------------------------------
+    def generate(
+        self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        repetition_penalty: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
+        stream: Callable[[TokenEvent], None] | None = None,
+    ) -> GenerationResult:
+        """Continue one prompt; `stream` is called with every new token as it is chosen."""
+        return self.generate_batch(
+            [prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_tokens, stream
+        )[0]
+
+    def stream(self, prompt: Prompt, max_new_tokens: int = 64, **options) -> Iterator[TokenEvent]:
+        """The same as generate, as an iterator of TokenEvents (bad input raises here, not at the first next())."""
+        ids = self.encode(prompt)
+        params, stops = self._options(max_new_tokens, options)
+        return self._events([ids], max_new_tokens, params, stops)
+
+    def generate_batch(
+        self, prompts: Sequence[Prompt], max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+        top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
+        stream: Callable[[TokenEvent], None] | None = None,
+    ) -> list[GenerationResult]:
+        """Several prompts of any lengths at once; sampled rows draw from one seeded generator, in row order."""
+        batch = [self.encode(p) for p in prompts]
+        if not batch:
+            raise GenerationError("no prompts given")
+        params, stops = self._options(max_new_tokens, dict(
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+            stop_tokens=stop_tokens,
+        ))
+        new: list[list[int]] = [[] for _ in batch]
+        stopped = [False] * len(batch)
+        for event in self._events(batch, max_new_tokens, params, stops):
+            new[event.row].append(event.token_id)
+            stopped[event.row] = event.stop
+            if stream is not None:
+                stream(event)
+        results = []
+        for ids, tokens, stop in zip(batch, new, stopped):
+            text = self.tokenizer.decode(tokens[:-1] if stop else tokens) if self.tokenizer else None
+            results.append(GenerationResult(ids, tokens, "stop" if stop else "length", text))
+        return results
+
+    def _options(self, max_new_tokens: int, options: dict) -> tuple[SamplingParams, frozenset[int]]:
+        if max_new_tokens < 0:
+            raise GenerationError(f"max_new_tokens={max_new_tokens}: must be >= 0")
+        stop_tokens = options.pop("stop_tokens", None)
+        unknown = sorted(set(options) - {"temperature", "top_k", "top_p", "repetition_penalty", "seed"})
+        if unknown:
+            raise GenerationError(f"unknown generation option {unknown[0]!r}")
+        stops = frozenset(self.eos_token_ids if stop_tokens is None else (int(t) for t in stop_tokens))
+        return SamplingParams(**options), stops
+
+    def _cache_for(self, batch: int) -> SlidingKVCache:
+        if self._cache is None or self._cache.batch != batch:
+            self._cache = None  # free the old buffers before allocating new ones
+            self._cache = SlidingKVCache(self.config, batch, self.window, self.sinks, self.backend.cache_dtype)
+        else:
+            self._cache.reset()
+        return self._cache
+
+    def _events(
+        self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stops: frozenset[int]
+    ) -> Iterator[TokenEvent]:
+        if max_new_tokens == 0:
+            return
+        rows = len(prompts)
+        cache = self._cache_for(rows)
+        pad = self.config.pad_token_id
+        pad = pad if pad is not None and 0 <= pad < self.config.vocab_size else 0  # any id works: padding is masked
+        sampler = Sampler(params)
+        # prompt + new tokens per row, for the repetition penalty
+        history = [np.concatenate([p, np.zeros(max_new_tokens, np.int64)]).astype(np.int64) for p in prompts]
+        decoders = [StreamDecoder(self.tokenizer) if self.tokenizer else None for _ in prompts]
+
+        last_logits = self._prefill(prompts, cache, pad)
+        produced = [0] * rows
+        active = [True] * rows
+        while True:
+            ids = np.full((rows, 1), pad, np.int64)
+            positions = np.full((rows, 1), -1, np.int64)
+            for b in range(rows):
+                if not active[b]:
+                    continue
+                seen = len(prompts[b]) + produced[b]
+                token = sampler(last_logits[b], history[b][:seen])
+                history[b][seen] = token
+                produced[b] += 1
+                stop = token in stops
+                text = None if decoders[b] is None else ("" if stop else decoders[b].push(token))
+                yield TokenEvent(b, token, text, stop)
+                if stop or produced[b] == max_new_tokens:
+                    active[b] = False
+                else:
+                    ids[b, 0], positions[b, 0] = token, cache.lengths[b]
+            if not any(active):
+                return
+            out = self.backend.forward(ids, positions, cache)
+            cache.update(positions, out.new_keys, out.new_values)
+            last_logits = out.logits[:, -1]
+
+    def _prefill(self, prompts: list[list[int]], cache: SlidingKVCache, pad: int) -> np.ndarray:
+        """Feed every prompt in pieces of at most max_prefill_tokens; return each row's last-token logits [B, V]."""
+        piece = self.backend.max_prefill_tokens
+        rows, longest = len(prompts), max(len(p) for p in prompts)
+        last = np.empty((rows, self.config.vocab_size), np.float32)
+        for start in range(0, longest, piece):
+            width = min(piece, longest - start)
+            ids = np.full((rows, width), pad, np.int64)
+            positions = np.full((rows, width), -1, np.int64)
+            for b, prompt in enumerate(prompts):
+                part = prompt[start : start + width]
+                ids[b, : len(part)] = part
+                positions[b, : len(part)] = np.arange(start, start + len(part))
+            out = self.backend.forward(ids, positions, cache)
+            cache.update(positions, out.new_keys, out.new_values)
+            for b, prompt in enumerate(prompts):
+                if start < len(prompt) <= start + width:
+                    last[b] = out.logits[b, len(prompt) - 1 - start]
+        return last
+
+
+def _window_for(backend: Backend, window: int | None) -> int | None:
+    """A graph with a static global-window dimension fixes W; otherwise the caller's W (None = the default)."""
+    required = backend.required_slots.get("global")
+    if required is None or window is None:
+        return window if required is None else required
+    if window != required:
+        raise GenerationError(
+            f"window={window}: this artifact's graphs were exported with a fixed global window of {required} slots; "
+            f"use --window {required} or re-export with dynamic cache shapes"
+        )
+    return window
+
+
+def _artifact_backend(directory: Path, manifest: dict, backend: str, threads: int | None, providers: list[str] | None) -> Backend:
+    config = _manifest_config(directory, manifest)
+    graphs = manifest.get("graphs") or {}
+    prefill = graphs.get("prefill") or {}
+    max_prefill = int(prefill.get("max_new_tokens", DEFAULT_PREFILL_TOKENS))
+    decode = graphs.get("decode")
+    if not decode:
+        raise GenerationError(f"{directory / MANIFEST}: lists no decode graph; re-run the export")
+    if backend == "torch":
+        return TorchBackend.from_onnx_weights(directory / decode["file"], config, max_prefill)
+    prefill_path = directory / prefill["file"] if prefill else None
+    return OrtBackend(directory / decode["file"], prefill_path, config, max_prefill, threads, providers)
+
+
+def _manifest_config(directory: Path, manifest: dict) -> Llama4Config:
+    raw = manifest.get("model")
+    if not isinstance(raw, dict):
+        raise GenerationError(f"{directory / MANIFEST}: has no 'model' config object; re-run the export")
+    return Llama4Config.from_hf_dict(raw, source=str(directory / MANIFEST))
+
+
+def _generation_config_eos(directory: Path) -> list[int]:
+    path = directory / GENERATION_CONFIG_FILE
+    if not path.is_file():
+        return []
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise GenerationError(f"{path}: not a valid generation config ({exc}); re-copy it from the checkpoint") from None
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]

@@ -1,0 +1,136 @@
+"""The sliding KV cache: preallocated numpy buffers of constant size, written where the sliding policy says.
+
+The graphs return only the new tokens' keys/values (export/io_spec.py); this cache owns every past one:
+
+- chunked (RoPE) layers: one chunk of `attention_chunk_size` slots, slot = position mod chunk. When a sequence's
+  last token enters a new chunk, the slots of the old chunk are emptied — chunked attention never looks back past a
+  chunk boundary, so this is exact at any length.
+- global (NoPE) layers: a window of W slots. The first S positions ("sinks") keep slots 0..S-1 forever; every later
+  position p goes to ring slot S + (p − S) mod (W − S), overwriting the oldest non-sink token. Exact while a
+  sequence has at most W tokens; after that global layers see the S sinks plus the most recent W − S tokens.
+
+Slot order does not matter to the graph: it masks by the absolute position stored for every slot (−1 = empty).
+Batches: every sequence (row) has its own positions and slot bookkeeping, so rows of different lengths share the
+buffers. A row's padding tokens carry position −1 in the graph inputs; they are never written here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..export.io_spec import attention_kind
+from ..model.config import Llama4Config
+from .errors import GenerationError
+
+DEFAULT_SINKS = 4
+# The default window is the model's whole context, capped so one sequence's global-layer cache stays under this.
+DEFAULT_GLOBAL_CACHE_BYTES = 1 << 30
+
+
+class ChunkSlots:
+    """One chunk of slots; a step keeps only the new tokens inside the chunk of its last token."""
+
+    def __init__(self, chunk: int):
+        self.slots = chunk
+
+    def place(self, row: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Empty stale slots of `row` (slot positions, edited in place); return (indices into `new` kept, their slots)."""
+        chunk = new[-1] // self.slots
+        row[(row >= 0) & (row // self.slots != chunk)] = -1
+        keep = np.flatnonzero(new // self.slots == chunk)
+        return keep, new[keep] % self.slots
+
+
+class SinkRingSlots:
+    """S sink slots for positions 0..S-1, then a ring of W − S slots for the most recent positions."""
+
+    def __init__(self, window: int, sinks: int):
+        self.slots, self.sinks = window, sinks
+
+    def place(self, row: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ring = self.slots - self.sinks
+        sink_tokens = np.flatnonzero(new < self.sinks)
+        ring_tokens = np.flatnonzero(new >= self.sinks)[-ring:]  # of a long step, only the last W − S survive
+        keep = np.concatenate([sink_tokens, ring_tokens])
+        p = new[keep]
+        return keep, np.where(p < self.sinks, p, self.sinks + (p - self.sinks) % ring)
+
+
+def default_window(config: Llama4Config, itemsize: int = 4, budget_bytes: int = DEFAULT_GLOBAL_CACHE_BYTES) -> int:
+    """The whole context (max_position_embeddings), capped so the global layers' K/V of one sequence fit the budget."""
+    global_layers = sum(attention_kind(config, i) == "global" for i in range(config.num_hidden_layers))
+    per_token = 2 * global_layers * config.num_key_value_heads * config.head_dim * itemsize
+    cap = budget_bytes // per_token if per_token else config.max_position_embeddings
+    return int(max(DEFAULT_SINKS + 1, min(config.max_position_embeddings, cap)))
+
+
+class SlidingKVCache:
+    """Per-layer K/V buffers [batch, kv_heads, slots, head_dim] plus slot positions per attention kind per row."""
+
+    def __init__(
+        self, config: Llama4Config, batch: int = 1, window: int | None = None, sinks: int = DEFAULT_SINKS,
+        dtype: np.dtype | type = np.float32,
+    ):
+        dtype = np.dtype(dtype)
+        window = default_window(config, dtype.itemsize) if window is None else int(window)
+        if sinks < 0:
+            raise GenerationError(f"sinks={sinks}: the number of sink tokens cannot be negative")
+        if window < sinks + 1:
+            raise GenerationError(
+                f"window={window} with sinks={sinks}: the global window needs at least sinks + 1 = {sinks + 1} slots "
+                "(S sinks plus a ring of at least one recent token); raise --window or lower --sinks"
+            )
+        if batch < 1:
+            raise GenerationError(f"batch={batch}: need at least one sequence")
+        self.config, self.batch, self.window, self.sinks, self.dtype = config, batch, window, sinks, dtype
+        chunk = config.attention_chunk_size
+        # Without a chunk size RoPE layers attend globally too, so they slide like the global layers.
+        self.policies = {
+            "chunked": ChunkSlots(chunk) if chunk else SinkRingSlots(window, sinks),
+            "global": SinkRingSlots(window, sinks),
+        }
+        self.kinds = [attention_kind(config, i) for i in range(config.num_hidden_layers)]
+        self._layers_of = {kind: [i for i, k in enumerate(self.kinds) if k == kind] for kind in self.policies}
+        kvh, d = config.num_key_value_heads, config.head_dim
+        self.keys = [np.zeros((batch, kvh, self.policies[k].slots, d), dtype) for k in self.kinds]
+        self.values = [np.zeros_like(k) for k in self.keys]
+        self.positions = {k: np.full((batch, p.slots), -1, np.int64) for k, p in self.policies.items()}
+        self.lengths = np.zeros(batch, np.int64)  # tokens cached so far per row = the next token's position
+
+    def slots(self, kind: str) -> int:
+        return self.policies[kind].slots
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.keys + self.values) + sum(p.nbytes for p in self.positions.values())
+
+    def reset(self) -> None:
+        """Empty every row without reallocating (the buffers' stale contents are masked by position −1)."""
+        for p in self.positions.values():
+            p.fill(-1)
+        self.lengths.fill(0)
+
+    def update(self, positions: np.ndarray, new_keys: list[np.ndarray], new_values: list[np.ndarray]) -> None:
+        """Write a step's new K/V ([batch, kv_heads, T, head_dim] per layer) for the tokens with position >= 0.
+
+        Each row's valid positions must continue that row exactly (lengths[b], lengths[b] + 1, ...).
+        """
+        if positions.shape[0] != self.batch:
+            raise ValueError(f"positions has batch {positions.shape[0]}, the cache holds {self.batch} rows")
+        for b in range(self.batch):
+            columns = np.flatnonzero(positions[b] >= 0)
+            if columns.size == 0:
+                continue
+            new = positions[b, columns]
+            expected = np.arange(self.lengths[b], self.lengths[b] + new.size)
+            if not np.array_equal(new, expected):
+                raise ValueError(f"row {b}: positions {new.tolist()} do not continue the cached {self.lengths[b]} tokens")
+            for kind, policy in self.policies.items():
+                row = self.positions[kind][b]
+                keep, slots = policy.place(row, new)
+                row[slots] = new[keep]
+                src = columns[keep]
+                for i in self._layers_of[kind]:
+                    self.keys[i][b][:, slots] = new_keys[i][b][:, src]
+                    self.values[i][b][:, slots] = new_values[i][b][:, src]
+            self.lengths[b] += new.size

@@ -1,0 +1,105 @@
+"""tokenizer.json through `tokenizers`, the chat template, and incremental detokenization for streaming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import GenerationError
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+def llama4_chat_format(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """Llama 4's header format, used when the tokenizer config carries no chat template (or jinja2 is missing)."""
+    text = "<|begin_of_text|>"
+    for m in messages:
+        text += f"<|header_start|>{m['role']}<|header_end|>\n\n{m['content'].strip()}<|eot|>"
+    if add_generation_prompt:
+        text += "<|header_start|>assistant<|header_end|>\n\n"
+    return text
+
+
+class Tokenizer:
+    def __init__(self, directory: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = directory / TOKENIZER_FILE
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+            raise GenerationError(f"{path}: cannot load the tokenizer ({exc}); re-copy it from the checkpoint") from None
+        self.config: dict[str, Any] = {}
+        config_path = directory / TOKENIZER_CONFIG_FILE
+        if config_path.is_file():
+            try:
+                self.config = json.loads(config_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise GenerationError(f"{config_path}: not valid JSON ({exc}); re-copy it from the checkpoint") from None
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Tokenizer | None":
+        """The directory's tokenizer, or None when it has no tokenizer.json (then prompts must be token ids)."""
+        directory = Path(directory)
+        return cls(directory) if (directory / TOKENIZER_FILE).is_file() else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """add_special_tokens applies the tokenizer's post-processor (e.g. a leading <|begin_of_text|>)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation followed by the assistant header, ready to generate the reply."""
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        template = self._chat_template()
+        if template is None:
+            return llama4_chat_format(messages)
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            return llama4_chat_format(messages)
+
+        def raise_exception(message: str) -> None:
+            raise GenerationError(f"{TOKENIZER_CONFIG_FILE}: chat template refused the conversation: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        special = {k: v for k, v in self.config.items() if k.endswith("_token") and isinstance(v, str)}
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
+
+    def _chat_template(self) -> str | None:
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        return template if isinstance(template, str) else None
+
+
+class StreamDecoder:
+    """Turns tokens into text pieces as they arrive; holds back an incomplete UTF-8 character (byte-level BPE)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece

@@ -1,0 +1,353 @@
+"""The ONNX export stage: exported graphs on ONNX Runtime against our PyTorch model, deterministic bytes, one shared
+weights file, decode reading one expert, the artifact directory, tokenizer files and CLI errors.
+
+Exports are slow (~15 s per graph on 2 cores), so each model is exported once per session: scout-tiny through the CLI,
+l4-scoutlike through the Python API, and a 2-layer checkpoint twice for the reproducibility check.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import llama4_export
+from llama4_export.cli import export_app
+from llama4_export.export import ModelSource, export_artifact, io_spec
+from llama4_export.model import KVCache
+
+from .conftest import make_hf_checkpoint
+
+GRAPH_FILES = ("decode.onnx", "prefill.onnx")
+MAX_PREFILL = 64
+
+
+# ----------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "scout-tiny-fp32"
+    result = CliRunner().invoke(
+        export_app, ["--model", "scout-tiny", "--precision", "fp32", "--max-prefill", str(MAX_PREFILL), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def two_layer_checkpoint(tmp_path_factory) -> Path:
+    """Saved by transformers: one chunked layer, one NoPE layer, every layer MoE."""
+    directory = tmp_path_factory.mktemp("ckpt") / "two-layer"
+    return make_hf_checkpoint(directory, seed=3, dtype=torch.float32, num_hidden_layers=2, no_rope_layers=[1, 0])
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def feeds(config, ids, positions, chunked_positions, global_positions, keys, values) -> dict[str, np.ndarray]:
+    inputs = {
+        io_spec.INPUT_IDS: ids.numpy(),
+        io_spec.POSITIONS: positions.numpy(),
+        io_spec.PAST_POSITIONS["chunked"]: chunked_positions.numpy(),
+        io_spec.PAST_POSITIONS["global"]: global_positions.numpy(),
+    }
+    for i in range(config.num_hidden_layers):
+        inputs[io_spec.past_key(i)] = keys[i].numpy()
+        inputs[io_spec.past_value(i)] = values[i].numpy()
+    return inputs
+
+
+def assert_close(name: str, ours: np.ndarray, ref: torch.Tensor, rel: float) -> None:
+    ref = ref.float().numpy()
+    assert ours.shape == ref.shape, f"{name}: shape {ours.shape} != {ref.shape}"
+    err, bound = np.abs(ours.astype(np.float32) - ref).max(), rel * np.abs(ref).max()
+    assert err <= bound, f"{name}: max-abs diff {err:.3g} > {bound:.3g} (= {rel} × max|ref|)"
+
+
+def assert_outputs_close(config, outputs: list[np.ndarray], logits: torch.Tensor, new, rel: float) -> None:
+    names = io_spec.output_names(config)
+    got = dict(zip(names, outputs))
+    assert got[io_spec.LOGITS].dtype == np.float32
+    assert_close("logits", got[io_spec.LOGITS], logits, rel)
+    for i in range(config.num_hidden_layers):
+        assert_close(io_spec.new_key(i), got[io_spec.new_key(i)], new.keys[i], rel)
+        assert_close(io_spec.new_value(i), got[io_spec.new_value(i)], new.values[i], rel)
+
+
+def check_against_pytorch(artifact: Path, model, rel: float = 1e-4, kv_dtype=torch.float32) -> None:
+    """Prefill from an empty cache, prefill continuing a cache, and one decode step, each crossing a chunk boundary.
+
+    The reference is the eager model with the unbounded cache (every past token, in order). The graphs get the cache
+    the way the runtime lays it out: chunked layers hold only the current chunk plus empty slots (-1) with garbage in
+    them, global layers hold every past token in a rotated slot order.
+    """
+    config = model.config
+    chunk = config.attention_chunk_size
+    batch, first, second = 2, chunk - 3, 6  # first piece ends just before the boundary, the second crosses it
+    total = first + second + 1
+    ids = torch.randint(0, config.vocab_size, (batch, total), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(total).expand(batch, total)
+    heads, dim = config.num_key_value_heads, config.head_dim
+    empty_kv = [torch.zeros(batch, heads, 0, dim, dtype=kv_dtype)] * config.num_hidden_layers
+    no_slots = torch.zeros(batch, 0, dtype=torch.int64)
+    prefill, decode = session(artifact / "prefill.onnx"), session(artifact / "decode.onnx")
+
+    def runtime_layout(cache: KVCache, upto: int):
+        """Cache of positions < upto as the runtime holds it."""
+        start = upto // chunk * chunk  # the chunk buffer holds only the current chunk
+        junk = torch.randn(batch, heads, 3, dim, generator=torch.Generator().manual_seed(1)).to(kv_dtype)
+        chunked_pos = torch.cat([positions[:, start:upto], torch.full((batch, 3), -1)], dim=1)
+        order = torch.roll(torch.arange(upto), 5)
+        keys, values = [], []
+        for i in range(config.num_hidden_layers):
+            k, v = cache.keys[i].to(kv_dtype), cache.values[i].to(kv_dtype)
+            if config.uses_rope(i):
+                keys.append(torch.cat([k[:, :, start:upto], junk], dim=2))
+                values.append(torch.cat([v[:, :, start:upto], junk], dim=2))
+            else:
+                keys.append(k[:, :, order])
+                values.append(v[:, :, order])
+        return chunked_pos, positions[:, :upto][:, order], keys, values
+
+    with torch.no_grad():
+        cache = KVCache.empty(config, batch, model.lm_head.weight.dtype)
+        steps = [(prefill, 0, first), (prefill, first, first + second), (decode, first + second, total)]
+        for graph, begin, end in steps:
+            step_ids, step_pos = ids[:, begin:end], positions[:, begin:end]
+            logits, new = model(step_ids, step_pos, cache)
+            if begin == 0:
+                inputs = feeds(config, step_ids, step_pos, no_slots, no_slots, empty_kv, empty_kv)
+            else:
+                inputs = feeds(config, step_ids, step_pos, *runtime_layout(cache, begin))
+            assert_outputs_close(config, graph.run(None, inputs), logits, new, rel)
+            cache = cache.append(new, step_pos)
+
+
+# ----------------------------------------------------------------------------------------------------- numerics
+def test_scout_tiny_graphs_match_pytorch(tiny_artifact):
+    check_against_pytorch(tiny_artifact, llama4_export.from_preset("scout-tiny", seed=0))
+
+
+def test_scoutlike_graphs_match_pytorch(scoutlike_artifact, scoutlike_dir):
+    check_against_pytorch(scoutlike_artifact, llama4_export.load(scoutlike_dir))
+
+
+def test_prefill_graph_takes_one_token_and_batch_one(tiny_artifact):
+    model = llama4_export.from_preset("scout-tiny", seed=0)
+    config = model.config
+    ids, positions = torch.tensor([[17]]), torch.tensor([[0]])
+    empty = [torch.zeros(1, config.num_key_value_heads, 0, config.head_dim)] * config.num_hidden_layers
+    no_slots = torch.zeros(1, 0, dtype=torch.int64)
+    outputs = session(tiny_artifact / "prefill.onnx").run(None, feeds(config, ids, positions, no_slots, no_slots, empty, empty))
+    with torch.no_grad():
+        logits, new = model(ids, positions, KVCache.empty(config, 1, torch.float32))
+    assert_outputs_close(config, outputs, logits, new, 1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------- graph structure
+def test_decode_graph_reads_expert_weights_only_through_gather(tiny_artifact):
+    graph = onnx.load(str(tiny_artifact / "decode.onnx"), load_external_data=False).graph
+    experts = {t.name for t in graph.initializer if ".feed_forward.experts." in t.name}
+    config = llama4_export.model.get_preset("scout-tiny")
+    assert len(experts) == 2 * len(config.moe_layers)  # gate_up_proj and down_proj per MoE layer
+    consumers = {name: [n.op_type for n in graph.node if name in n.input] for name in experts}
+    assert all(consumers.values()), f"unused expert weights: {[n for n, ops in consumers.items() if not ops]}"
+    not_gather = {name: ops for name, ops in consumers.items() if set(ops) - {"Gather", "GatherND"}}
+    assert not not_gather, f"expert weights consumed by other ops than Gather: {not_gather}"
+
+
+def test_decode_graph_never_reads_unselected_experts(tiny_artifact, tmp_path):
+    """Poison every expert the router does not pick with NaN: decode must not notice, prefill (dense) must."""
+    model = llama4_export.from_preset("scout-tiny", seed=0)
+    config = model.config
+    selected: dict[int, int] = {}
+    for i, layer in enumerate(model.model.layers):
+        if config.is_moe_layer(i):
+            router = layer.feed_forward.router
+            router.register_forward_hook(lambda module, args, out, i=i: selected.__setitem__(i, int(out.argmax(-1))))
+    ids, positions = torch.tensor([[42]]), torch.tensor([[0]])
+    with torch.no_grad():
+        logits, new = model(ids, positions, KVCache.empty(config, 1, torch.float32))
+    assert len(set(selected.values())) > 1  # different layers pick different experts
+
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(tiny_artifact, poisoned)
+    data = np.memmap(poisoned / "model.data", dtype=np.uint8, mode="r+")
+    graph = onnx.load(str(poisoned / "decode.onnx"), load_external_data=False).graph
+    for tensor in graph.initializer:
+        if ".feed_forward.experts." in tensor.name:
+            info = {entry.key: int(entry.value) for entry in tensor.external_data if entry.key in ("offset", "length")}
+            weights = data[info["offset"]:info["offset"] + info["length"]].view(np.float32).reshape(tensor.dims)
+            layer = int(tensor.name.split(".")[2])
+            weights[[e for e in range(config.num_local_experts) if e != selected[layer]]] = np.nan
+    data.flush()
+    del data
+
+    empty = [torch.zeros(1, config.num_key_value_heads, 0, config.head_dim)] * config.num_hidden_layers
+    no_slots = torch.zeros(1, 0, dtype=torch.int64)
+    inputs = feeds(config, ids, positions, no_slots, no_slots, empty, empty)
+    assert_outputs_close(config, session(poisoned / "decode.onnx").run(None, inputs), logits, new, 1e-4)
+    assert np.isnan(session(poisoned / "prefill.onnx").run(None, inputs)[0]).all()
+
+
+def test_both_graphs_share_one_weights_file_storing_each_weight_once(tiny_artifact):
+    locations = {}
+    for graph_file in GRAPH_FILES:
+        graph = onnx.load(str(tiny_artifact / graph_file), load_external_data=False).graph
+        for tensor in graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                info = {entry.key: entry.value for entry in tensor.external_data}
+                locations.setdefault(tensor.name, set()).add((info["location"], int(info["offset"]), int(info["length"])))
+    assert {loc[0] for locs in locations.values() for loc in locs} == {"model.data"}
+    shared = [name for name in locations if "self_attn.q_proj" in name or "experts" in name or name == "lm_head.weight"]
+    assert shared and all(len(locations[name]) == 1 for name in shared), "a weight points to two places"
+    model = llama4_export.from_preset("scout-tiny", seed=0)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    data_bytes = (tiny_artifact / "model.data").stat().st_size
+    assert param_bytes * 0.95 <= data_bytes <= param_bytes * 1.05, (data_bytes, param_bytes)
+
+
+@pytest.mark.parametrize("graph_file", GRAPH_FILES)
+def test_onnx_checker_passes(tiny_artifact, graph_file):
+    onnx.checker.check_model(str(tiny_artifact / graph_file), full_check=True)
+
+
+def test_graph_interface_follows_io_spec(tiny_artifact):
+    config = llama4_export.model.get_preset("scout-tiny")
+    for graph_file in GRAPH_FILES:
+        sess = session(tiny_artifact / graph_file)
+        assert [i.name for i in sess.get_inputs()] == io_spec.input_names(config)
+        assert [o.name for o in sess.get_outputs()] == io_spec.output_names(config)
+        dims = {i.name: i.shape for i in sess.get_inputs()}
+        assert dims[io_spec.past_key(0)][0] == "batch" and dims[io_spec.past_key(0)][2] == "chunk_slots"
+        assert dims[io_spec.past_key(3)][2] == "global_slots"  # layer 3 is the NoPE layer
+        assert dims[io_spec.INPUT_IDS][1] == (1 if graph_file == "decode.onnx" else "new_tokens")
+
+
+# ----------------------------------------------------------------------------------------------------- reproducibility
+def test_re_export_replaces_the_artifact_with_identical_bytes_and_fp16_matches(tmp_path, two_layer_checkpoint):
+    """Two exports of the same model, the second over the first: every file comes back byte-identical, and the
+    directory is replaced as a whole. fp16 here, so this also covers the fp16 path (checked against the fp32 model)."""
+    out = tmp_path / "two-layer-fp16"
+    source = ModelSource(checkpoint=two_layer_checkpoint)
+    export_artifact(out, source, precision="fp16", show_progress=False)
+    first = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
+    assert set(first) == {*GRAPH_FILES, "model.data", "manifest.json", "generation_config.json"}  # no tokenizer to copy
+    (out / "model.data").unlink()
+    (out / "stale.txt").write_text("from an older export")
+    export_artifact(out, source, precision="fp16", show_progress=False)
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} == first
+    check_against_pytorch(out, llama4_export.load(two_layer_checkpoint), rel=1e-2, kv_dtype=torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------------- artifact
+def test_manifest_lists_every_file_with_its_sha256(tiny_artifact):
+    manifest = json.loads((tiny_artifact / "manifest.json").read_text())
+    on_disk = {p.name for p in tiny_artifact.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((tiny_artifact / name).read_bytes()).hexdigest() == digest, name
+    assert manifest["source"] == {"preset": "scout-tiny", "seed": 0}
+    assert manifest["precision"] == "fp32" and manifest["target"] == "onnxruntime"
+    assert manifest["graphs"]["decode"]["file"] == "decode.onnx"
+    assert manifest["graphs"]["prefill"] == {"file": "prefill.onnx", "moe_impl": "dense", "new_tokens": None, "max_new_tokens": MAX_PREFILL}
+    assert manifest["model"] == llama4_export.model.get_preset("scout-tiny").to_hf_dict()
+    assert set(manifest["tools"]) >= {"llama4_export", "torch", "onnx", "onnxruntime"}
+
+
+def test_checkpoint_manifest_records_file_hashes_and_copies_tokenizer(scoutlike_artifact, scoutlike_dir):
+    manifest = json.loads((scoutlike_artifact / "manifest.json").read_text())
+    source = manifest["source"]
+    assert source["checkpoint"] == "l4-scoutlike"
+    weights = sorted(p.name for p in scoutlike_dir.glob("*.safetensors"))
+    assert set(source["files"]) == {"config.json", "model.safetensors.index.json", *weights}
+    assert source["files"]["config.json"] == hashlib.sha256((scoutlike_dir / "config.json").read_bytes()).hexdigest()
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert filecmp.cmp(scoutlike_artifact / name, scoutlike_dir / name, shallow=False), name
+        assert name in manifest["files"]
+
+
+TEXTS = ["Hello, world!", "  leading spaces, tabs\tand\nnewlines\r\n", "naïve café — 東京 🌍🚀", ""]
+
+
+def test_preset_byte_level_tokenizer_round_trips_utf8(tiny_artifact):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tiny_artifact / "tokenizer.json"))
+    for text in TEXTS:
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        assert ids == list(text.encode("utf-8"))
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.encode("hi").ids == [256, *b"hi"]  # bos from the post-processor
+
+
+def test_preset_tokenizer_files_work_in_transformers_with_the_chat_template(tiny_artifact):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    config = llama4_export.model.get_preset("scout-tiny")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_artifact)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (256, 257, 258)
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (256, (257,), 258)
+    for token in ("<|header_start|>", "<|header_end|>", "<|end_of_text|>"):
+        assert 258 < tokenizer.convert_tokens_to_ids(token) < config.vocab_size
+    for text in TEXTS:
+        assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi ☕"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == (
+        "<|begin_of_text|><|header_start|>system<|header_end|>\n\nBe brief.<|eot|>"
+        "<|header_start|>user<|header_end|>\n\nHi ☕<|eot|><|header_start|>assistant<|header_end|>\n\n"
+    )
+    ids = tokenizer(rendered, add_special_tokens=False).input_ids
+    assert ids[:2] == [256, 259] and ids[-2:] == [*b"\n\n"] and ids.count(257) == 2
+    generation = GenerationConfig.from_pretrained(tiny_artifact)
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (256, 257, 258)
+
+
+# ----------------------------------------------------------------------------------------------------- CLI errors
+def _file(tmp: Path) -> Path:
+    (tmp / "a-file").write_text("x")
+    return tmp / "a-file"
+
+
+def _foreign_dir(tmp: Path) -> Path:
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "notes.txt").write_text("keep me")
+    return tmp / "mine"
+
+
+CLI_ERRORS = {
+    "unknown preset": (lambda t: ["--model", "llama-99", "--out", str(t / "o")], "unknown preset"),
+    "missing checkpoint": (lambda t: ["--checkpoint", str(t / "nope"), "--out", str(t / "o")], "not found"),
+    "unsupported precision": (lambda t: ["--model", "scout-tiny", "--precision", "int3", "--out", str(t / "o")], "precision"),
+    "both sources": (lambda t: ["--model", "scout-tiny", "--checkpoint", str(t), "--out", str(t / "o")], "exactly one"),
+    "no source": (lambda t: ["--out", str(t / "o")], "exactly one"),
+    "no --out": (lambda t: ["--model", "scout-tiny"], "--out"),
+    "--out is a file": (lambda t: ["--model", "scout-tiny", "--out", str(_file(t))], "not a directory"),
+    "--out holds other files": (lambda t: ["--model", "scout-tiny", "--out", str(_foreign_dir(t))], "not a llama4-export artifact"),
+    "--max-prefill 0": (lambda t: ["--model", "scout-tiny", "--max-prefill", "0", "--out", str(t / "o")], "at least 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLI_ERRORS))
+def test_cli_bad_input_prints_one_line_and_exits_2(tmp_path, case):
+    make_args, expected = CLI_ERRORS[case]
+    args = make_args(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = CliRunner().invoke(export_app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.output
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or removed

@@ -1,0 +1,282 @@
+"""Each graph-pass rule on small graphs: op counts change as the rule says, outputs do not (ONNX Runtime vs numpy).
+
+The MoE rules run on the real traced forms: one `MoE` module of scout-tiny exported with torch.onnx (dynamo) in its
+gather (decode) and dense (prefill) implementations. Every lowering of the fused node is checked against the numpy
+reference (moe_reference.llama4_moe), and against the unfused graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+from llama4_export.graph_passes import GraphPassError, canonicalize, fuse_moe, lower, ops, trt_plugin_spec
+from llama4_export.graph_passes.manager import PassContext, op_histogram, run_passes
+from llama4_export.graph_passes.moe_reference import llama4_moe
+from llama4_export.graph_passes.verify import executable_copy, reference_ops_available
+from llama4_export.model import get_preset
+from llama4_export.model.modeling import MoE
+
+CONTEXT = PassContext("onnxruntime", "gather")
+
+
+def run(model: ir.Model, feeds: dict, custom_op_library: str | None = None) -> list[np.ndarray]:
+    """ONNX Runtime CPU on an in-memory model (weights inline)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    if custom_op_library:
+        options.register_custom_ops_library(custom_op_library)
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def parse(text: str, **initializers: np.ndarray) -> ir.Model:
+    """A model from ONNX text, with shapes inferred (the exporter's graphs carry them too)."""
+    proto = onnx.parser.parse_model(text)
+    proto.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in initializers.items())
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto, data_prop=True))
+
+
+# ------------------------------------------------------------------------------------------ canonicalization
+def test_fold_constants_folds_constant_arithmetic_but_never_a_weight():
+    weight = np.arange(32, dtype=np.float32).reshape(4, 8)
+    model = parse(
+        """<ir_version: 10, opset_import: ["" : 21]>
+        g (float[2, 8] x) => (float[2, 4] y) {
+            two = Constant <value = float[1] {2.0}> ()
+            three = Constant <value = float[1] {3.0}> ()
+            five = Add(two, three)
+            wt = Transpose <perm = [1, 0]> (w)
+            xw = MatMul(x, wt)
+            y = Mul(xw, five)
+        }""",
+        w=weight,
+    )
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    assert canonicalize.fold_constants(model, CONTEXT) > 0
+    ops_after = op_histogram(model)
+    assert ops_after["Add"] == 0 and ops_after["Transpose"] == 1  # the weight keeps its name and layout
+    assert "w" in model.graph.initializers
+    np.testing.assert_allclose(run(model, {"x": x})[0], (x @ weight.T) * 5.0, rtol=1e-6)
+
+
+def test_remove_no_ops_drops_exactly_the_identities():
+    model = parse(
+        """<ir_version: 10, opset_import: ["" : 21]>
+        g (float[2, 3] x) => (float[3, 2] y, int64[2, 3] z) {
+            a = Cast <to = 1> (x)
+            b = Transpose <perm = [0, 1]> (a)
+            c = Reshape(b, shape23)
+            d = Transpose <perm = [1, 0]> (c)
+            e = Transpose <perm = [1, 0]> (d)
+            f = Identity(e)
+            y = Transpose <perm = [1, 0]> (f)
+            z = Cast <to = 7> (f)
+        }""",
+        shape23=np.array([2, -1], dtype=np.int64),
+    )
+    before = op_histogram(model)
+    rewrites = canonicalize.remove_no_ops(model, CONTEXT)
+    after = op_histogram(model)
+    assert rewrites >= 5
+    # Left: the real transpose to y and the real float→int64 cast to z.
+    assert dict(after) == {"Transpose": 1, "Cast": 1}, (before, after)
+    x = np.array([[1.5, -2.0, 3.25], [4.0, 5.5, -6.75]], np.float32)
+    y, z = run(model, {"x": x})
+    np.testing.assert_array_equal(y, x.T)
+    np.testing.assert_array_equal(z, x.astype(np.int64))
+
+
+def test_reshape_that_changes_the_shape_stays():
+    model = parse(
+        """<ir_version: 10, opset_import: ["" : 21]>
+        g (float[2, 3] x) => (float[3, 2] y) { y = Reshape(x, shape32) }""",
+        shape32=np.array([3, -1], dtype=np.int64),
+    )
+    assert canonicalize.remove_no_ops(model, CONTEXT) == 0 and op_histogram(model)["Reshape"] == 1
+
+
+def test_cse_and_dce():
+    model = parse(
+        """<ir_version: 10, opset_import: ["" : 21]>
+        g (float[2, 3] x) => (float[2, 3] y) {
+            a = Mul(x, x)
+            b = Mul(x, x)
+            y = Add(a, b)
+            dead = Sigmoid(x)
+            unused_too = Add(w, w)
+        }""",
+        w=np.ones(3, np.float32),
+    )
+    assert canonicalize.eliminate_common_subexpressions(model, CONTEXT) == 1
+    assert canonicalize.eliminate_dead_code(model, CONTEXT) == 3  # Sigmoid, the Add of w, the initializer w
+    assert dict(op_histogram(model)) == {"Mul": 1, "Add": 1} and not model.graph.initializers
+    x = np.random.default_rng(1).standard_normal((2, 3)).astype(np.float32)
+    np.testing.assert_allclose(run(model, {"x": x})[0], 2 * x * x, rtol=1e-6)
+
+
+def test_pass_manager_refuses_a_pass_before_the_passes_it_needs():
+    model = parse("""<ir_version: 10, opset_import: ["" : 21]>
+        g (float[2, 3] x) => (float[2, 3] y) { y = Relu(x) }""")
+    with pytest.raises(GraphPassError, match="'fuse_moe_gather' needs canonical"):
+        run_passes(model, fuse_moe.moe_fusion_passes(), CONTEXT)
+    report = run_passes(model, [*canonicalize.canonicalization_passes(), *fuse_moe.moe_fusion_passes()], CONTEXT)
+    assert [r.name for r in report.records][-2:] == ["fuse_moe_gather", "fuse_moe_dense"]
+    assert report.records[-1].doc.startswith("router Gemm")
+
+
+# ---------------------------------------------------------------------------------------------- MoE fusion
+def _quiet_export(module, args):
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ir.from_proto(ir.to_proto(torch.onnx.export(module, args, dynamo=True, opset_version=21, verbose=False).model))
+
+
+@pytest.fixture(scope="module")
+def moe_layer():
+    config = get_preset("scout-tiny")
+    torch.manual_seed(0)
+    layer = MoE(config).eval()
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.normal_(0, 0.2)
+    return layer
+
+
+@pytest.fixture(scope="module", params=["gather", "dense"])
+def traced_moe(request, moe_layer):
+    """(form, exported graph of the MoE layer in that form, x, the layer's weights in checkpoint layout)."""
+    moe_layer.impl = request.param
+    tokens = 1 if request.param == "gather" else 7
+    x = torch.randn(3, tokens, moe_layer.router.in_features, generator=torch.Generator().manual_seed(2))
+    model = _quiet_export(moe_layer, (x,))
+    weights = {
+        "router": moe_layer.router.weight, "gate_up": moe_layer.experts.gate_up_proj, "down": moe_layer.experts.down_proj,
+        "shared_gate": moe_layer.shared_expert.gate_proj.weight, "shared_up": moe_layer.shared_expert.up_proj.weight,
+        "shared_down": moe_layer.shared_expert.down_proj.weight,
+    }
+    return request.param, model, x.numpy(), {k: v.detach().numpy() for k, v in weights.items()}
+
+
+def _fuse(model: ir.Model):
+    return run_passes(model, [*canonicalize.canonicalization_passes(), *fuse_moe.moe_fusion_passes()], CONTEXT)
+
+
+def test_moe_fusion_turns_each_traced_form_into_one_node(traced_moe):
+    form, model, x, weights = traced_moe
+    fused = model.clone()
+    report = _fuse(fused)
+    by_pass = {r.name: r for r in report.records}
+    assert by_pass[f"fuse_moe_{form}"].rewrites == 1
+    assert by_pass[f"fuse_moe_{'dense' if form == 'gather' else 'gather'}"].rewrites == 0
+    ops_after = op_histogram(fused)
+    assert ops_after[f"{ops.DOMAIN}::{ops.MOE_OP}"] == 1
+    assert sum(ops_after.values()) <= 4  # Reshape in, the node, Reshape out: the routing and experts are gone
+    (node,) = [n for n in fused.graph if n.op_type == ops.MOE_OP]
+    assert [v.const_value.numpy().shape for v in node.inputs[1:]] == [w.shape for w in weights.values()]
+    assert node.attributes["num_experts"].value == weights["router"].shape[0] and node.attributes["top_k"].value == 1
+
+    # The fused graph, its node run through the numpy reference, equals the unfused graph and the reference itself.
+    if not reference_ops_available():
+        pytest.skip("onnxruntime-extensions (dev dependency) is needed to run Llama4MoE through its reference")
+    runnable, library = executable_copy(fused)
+    out = run(runnable, {model.graph.inputs[0].name: x}, library)[0]
+    unfused = run(model, {model.graph.inputs[0].name: x})[0]
+    reference = llama4_moe(x.reshape(-1, x.shape[-1]), **weights).reshape(x.shape)
+    np.testing.assert_allclose(out, unfused, rtol=0, atol=1e-5 * np.abs(unfused).max())
+    np.testing.assert_allclose(out, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+
+
+def test_moe_fusion_leaves_a_different_routing_alone(traced_moe):
+    """Top-1 by the *last* maximum is not Llama 4's routing: the rule must not fire."""
+    form, model, _, _ = traced_moe
+    changed = model.clone()
+    (argmax,) = [n for n in changed.graph if n.op_type == "ArgMax"]
+    argmax.attributes["select_last_index"] = ir.AttrInt64("select_last_index", 1)
+    report = _fuse(changed)
+    assert op_histogram(changed)[f"{ops.DOMAIN}::{ops.MOE_OP}"] == 0
+    assert all(r.rewrites == 0 for r in report.records if r.name.startswith("fuse_moe"))
+
+
+# ------------------------------------------------------------------------------------------------ lowerings
+@pytest.fixture(scope="module")
+def moe_weights():
+    """Gate pre-activations reach ±23 (over a third beyond ±7): a clamp or gpt-oss SwiGLU constants would show."""
+    rng = np.random.default_rng(5)
+    e, h, i = 8, 32, 48
+    weights = {
+        "router": rng.standard_normal((e, h)), "gate_up": rng.standard_normal((e, h, 2 * i)) * 1.5,
+        "down": rng.standard_normal((e, i, h)) * 0.2, "shared_gate": rng.standard_normal((i, h)) * 0.2,
+        "shared_up": rng.standard_normal((i, h)) * 0.2, "shared_down": rng.standard_normal((h, i)) * 0.2,
+    }
+    return {k: v.astype(np.float32) for k, v in weights.items()}
+
+
+@pytest.mark.parametrize("lowering", ["ort_moe", "gather", "dense"])
+def test_each_lowering_matches_the_numpy_reference(moe_weights, lowering):
+    x = np.random.default_rng(6).standard_normal((11, 32)).astype(np.float32)
+    model = ops.moe_node_model(moe_weights)
+    assert lower._lower(model, lowering) == 1
+    assert op_histogram(model)[f"{ops.DOMAIN}::{ops.MOE_OP}"] == 0
+    out = run(model, {"x": x})[0]
+    reference = llama4_moe(x, **moe_weights)
+    assert np.abs(reference).max() > 10
+    np.testing.assert_allclose(out, reference, rtol=0, atol=2e-6 * np.abs(reference).max())
+
+
+def test_gather_lowering_reads_expert_weights_only_through_the_argmax_index(moe_weights):
+    model = ops.moe_node_model(moe_weights)
+    lower._lower(model, "gather")
+    for name in ("gate_up", "down"):
+        uses = model.graph.initializers[name].uses()
+        assert [(u.node.op_type, u.idx) for u in uses] == [("Gather", 0)]
+        assert uses[0].node.inputs[1].producer().op_type == "ArgMax"
+
+
+def test_trt_plugin_node_follows_the_plugin_spec(moe_weights):
+    model = ops.moe_node_model(moe_weights)
+    lower._lower(model, "trt_plugin")
+    (node,) = list(model.graph)
+    assert (node.domain, node.op_type) == (trt_plugin_spec.PLUGIN_DOMAIN, trt_plugin_spec.PLUGIN_NAME)
+    assert [v.name for v in node.inputs] == ["x", *ops.MOE_INPUTS[1:]]
+    assert node.attributes["plugin_version"].value == trt_plugin_spec.PLUGIN_VERSION
+    assert node.attributes["plugin_namespace"].value == trt_plugin_spec.PLUGIN_NAMESPACE
+    assert {k: type(node.attributes[k].value) for k in trt_plugin_spec.PLUGIN_FIELDS} == trt_plugin_spec.PLUGIN_FIELDS
+
+
+def test_ort_moe_probe_rejects_gpt_oss_swiglu_constants(monkeypatch):
+    """A com.microsoft.MoE with gpt-oss' SwiGLU (α=1.702, up + 1) is caught by the probe; lowering falls back."""
+
+    def gpt_oss_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_down, **_):
+        logits, routed_in = lower._routing(op, x, router)
+        fc1 = gate_up.const_value.numpy().transpose(0, 2, 1)
+        inter = fc1.shape[1] // 2
+        fc1 = np.stack([fc1[:, :inter], fc1[:, inter:]], axis=2).reshape(fc1.shape)
+        routed = op.op("MoE", routed_in, logits, op.Constant(value=ir.tensor(np.ascontiguousarray(fc1))), None,
+                       op.Constant(value=ir.tensor(np.ascontiguousarray(down.const_value.numpy().transpose(0, 2, 1)))),
+                       _domain="com.microsoft", _version=1, k=1, activation_type="swiglu", swiglu_fusion=1,
+                       activation_alpha=1.702, activation_beta=1.0, normalize_routing_weights=1)
+        return op.Add(lower._shared_expert(op, x, shared_gate, shared_up, shared_down), routed)
+
+    monkeypatch.setitem(lower.LOWERINGS, "ort_moe", gpt_oss_moe)
+    lower.ort_moe_problem.cache_clear()
+    try:
+        problem = lower.ort_moe_problem()
+        assert problem is not None and "differs from the reference" in problem
+        model = ops.moe_node_model({k: v.astype(np.float32) for k, v in {
+            "router": np.eye(4, 8), "gate_up": np.ones((4, 8, 6)), "down": np.ones((4, 3, 8)),
+            "shared_gate": np.ones((3, 8)), "shared_up": np.ones((3, 8)), "shared_down": np.ones((8, 3))}.items()})
+        context = PassContext("onnxruntime", "gather")
+        lower.lower_moe(model, context)
+        assert context.moe_lowering == "standard ops (gather)" and "differs" in context.notes[0]
+        assert op_histogram(model)["com.microsoft::MoE"] == 0
+    finally:
+        lower.ort_moe_problem.cache_clear()

@@ -1,0 +1,163 @@
+"""SlidingKVCache bookkeeping against set arithmetic: which positions each layer kind must still hold after n tokens.
+
+The reference never computes a slot: it states what must be visible (the chunk of the last token; all tokens while
+n <= W, else the S sinks + the W − S most recent) and checks every stored slot holds the K/V given for its position.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llama4_export.model import get_preset
+from llama4_export.runtime import GenerationError, SlidingKVCache
+
+CONFIG = get_preset("scout-tiny").replace(attention_chunk_size=8)  # layers 3 and 7 global, the rest chunked
+
+
+def expected_positions(kind: str, n: int, chunk: int, window: int, sinks: int) -> set[int]:
+    if n == 0:
+        return set()
+    if kind == "chunked":
+        start = (n - 1) // chunk * chunk
+        return set(range(start, n))
+    if n <= window:
+        return set(range(n))
+    return set(range(sinks)) | set(range(n - (window - sinks), n))
+
+
+def marker(layer: int, position: int, value: bool) -> float:
+    """A value identifying (layer, position, K or V), written as the token's whole K/V vector."""
+    return layer * 10000 + position + (0.5 if value else 0.0)
+
+
+def step_kv(positions: np.ndarray, layers: int, kvh: int, d: int):
+    """New K/V for a step: each token's vectors hold its marker; padding (position −1) holds garbage."""
+    b, t = positions.shape
+    keys, values = [], []
+    for i in range(layers):
+        k = np.full((b, kvh, t, d), -7.0, np.float32)
+        v = np.full((b, kvh, t, d), -7.0, np.float32)
+        for r in range(b):
+            for j in range(t):
+                if positions[r, j] >= 0:
+                    k[r, :, j] = marker(i, positions[r, j], False)
+                    v[r, :, j] = marker(i, positions[r, j], True)
+        keys.append(k)
+        values.append(v)
+    return keys, values
+
+
+def check_cache(cache: SlidingKVCache, lengths: list[int]) -> None:
+    cfg = cache.config
+    for r, n in enumerate(lengths):
+        for kind in ("chunked", "global"):
+            row = cache.positions[kind][r]
+            held = row[row >= 0]
+            assert len(set(held.tolist())) == len(held), f"row {r} {kind}: a position is stored twice: {sorted(held)}"
+            want = expected_positions(kind, n, cfg.attention_chunk_size, cache.window, cache.sinks)
+            assert set(held.tolist()) == want, f"row {r} {kind} after {n} tokens"
+        for i in range(cfg.num_hidden_layers):
+            kind = "global" if not cfg.uses_rope(i) else "chunked"
+            row = cache.positions[kind][r]
+            for slot in np.flatnonzero(row >= 0):
+                assert np.all(cache.keys[i][r, :, slot] == marker(i, row[slot], False))
+                assert np.all(cache.values[i][r, :, slot] == marker(i, row[slot], True))
+
+
+def feed(cache: SlidingKVCache, steps: list[list[int]]) -> list[int]:
+    """steps[k][r] = tokens row r adds at step k (0 = padding only); returns the lengths after all steps."""
+    cfg = cache.config
+    lengths = [0] * cache.batch
+    for counts in steps:
+        t = max(max(counts), 1)
+        positions = np.full((cache.batch, t), -1, np.int64)
+        for r, c in enumerate(counts):
+            positions[r, :c] = np.arange(lengths[r], lengths[r] + c)
+        keys, values = step_kv(positions, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+        cache.update(positions, keys, values)
+        lengths = [n + c for n, c in zip(lengths, counts)]
+        check_cache(cache, lengths)
+    return lengths
+
+
+def test_token_by_token_within_and_past_the_window():
+    cache = SlidingKVCache(CONFIG, batch=1, window=12, sinks=3)
+    feed(cache, [[1]] * 40)  # crosses 5 chunk boundaries and the window by 28 tokens
+
+
+def test_prefill_pieces_of_mixed_sizes_cross_chunks_and_window():
+    cache = SlidingKVCache(CONFIG, batch=1, window=12, sinks=2)
+    # a 5-token piece crossing chunk 0→1, a 20-token piece longer than W and than W − S, then decode.
+    feed(cache, [[5], [20], [1], [1], [7], [1]])
+
+
+def test_batch_rows_of_different_lengths_are_independent():
+    cache = SlidingKVCache(CONFIG, batch=3, window=10, sinks=4)
+    lengths = feed(cache, [[3, 11, 0], [1, 0, 9], [0, 1, 1], [6, 6, 6]] + [[1, 1, 1]] * 9 + [[0, 1, 0]])
+    assert cache.lengths.tolist() == lengths == [19, 28, 25]
+
+
+def test_sink_slots_never_move_and_ring_evicts_oldest_first():
+    window, sinks = 7, 2
+    cache = SlidingKVCache(CONFIG, batch=1, window=window, sinks=sinks)
+    feed(cache, [[window]])
+    sink_slots = {int(p): s for s, p in enumerate(cache.positions["global"][0]) if p < sinks}
+    for n in range(window, window + 3 * (window - sinks)):
+        before = set(cache.positions["global"][0].tolist())
+        feed_one(cache, n)
+        after = set(cache.positions["global"][0].tolist())
+        assert before - after == {n - (window - sinks)}  # the oldest non-sink token, and only it
+        assert after - before == {n}
+        assert {int(p): s for s, p in enumerate(cache.positions["global"][0]) if p < sinks} == sink_slots
+
+
+def feed_one(cache: SlidingKVCache, position: int) -> None:
+    cfg = cache.config
+    positions = np.array([[position]], np.int64)
+    keys, values = step_kv(positions, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    cache.update(positions, keys, values)
+
+
+def test_chunk_buffer_is_emptied_when_a_new_chunk_starts():
+    cache = SlidingKVCache(CONFIG, batch=1, window=64, sinks=4)
+    feed(cache, [[8]])  # exactly one full chunk
+    assert sorted(cache.positions["chunked"][0].tolist()) == list(range(8))
+    feed_one(cache, 8)
+    assert sorted(cache.positions["chunked"][0].tolist()) == [-1] * 7 + [8]
+
+
+def test_memory_is_preallocated_and_constant():
+    cache = SlidingKVCache(CONFIG, batch=2, window=16, sinks=4)
+    kvh, d = CONFIG.num_key_value_heads, CONFIG.head_dim
+    per_slot = 2 * kvh * d * 4  # K and V, fp32
+    assert cache.nbytes == 2 * (6 * 8 * per_slot + 2 * 16 * per_slot) + 2 * (8 + 16) * 8
+    buffers = [a.ctypes.data for a in cache.keys + cache.values]
+    feed(cache, [[1, 1]] * 50)
+    assert [a.ctypes.data for a in cache.keys + cache.values] == buffers
+
+
+def test_update_rejects_positions_that_skip_tokens():
+    cache = SlidingKVCache(CONFIG, batch=1, window=16, sinks=4)
+    feed(cache, [[3]])
+    positions = np.array([[4]], np.int64)  # token 3 never given
+    keys, values = step_kv(positions, CONFIG.num_hidden_layers, CONFIG.num_key_value_heads, CONFIG.head_dim)
+    with pytest.raises(ValueError, match="do not continue"):
+        cache.update(positions, keys, values)
+
+
+@pytest.mark.parametrize("window, sinks", [(4, 4), (0, 0), (3, 5)])
+def test_window_must_exceed_sinks(window, sinks):
+    with pytest.raises(GenerationError, match=rf"window={window} with sinks={sinks}.*at least sinks \+ 1") as err:
+        SlidingKVCache(CONFIG, window=window, sinks=sinks)
+    assert "\n" not in str(err.value)
+
+
+def test_without_chunk_size_rope_layers_slide_like_global_ones():
+    config = CONFIG.replace(attention_chunk_size=None)
+    cache = SlidingKVCache(config, batch=1, window=9, sinks=2)
+    positions = np.arange(20)[None]
+    keys, values = step_kv(positions, config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+    cache.update(positions, keys, values)
+    want = set(range(2)) | set(range(20 - 7, 20))
+    assert set(cache.positions["chunked"][0].tolist()) == set(cache.positions["global"][0].tolist()) == want

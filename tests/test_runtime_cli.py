@@ -1,0 +1,142 @@
+"""`llama4-run`: output against the model's own greedy argmax, and every bad input as one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import llama4_export
+from llama4_export.artifact import write_manifest
+from llama4_export.cli import run_app
+from llama4_export.model import from_preset
+from llama4_export.model.save import save_checkpoint
+from llama4_export.runtime import Generator
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A checkpoint without tokenizer.json (prompts must be ids)."""
+    return save_checkpoint(from_preset("scout-tiny", seed=2), tmp_path_factory.mktemp("tiny") / "ckpt", dtype=torch.float32)
+
+
+def run(*args: str, stdin: str | None = None):
+    return CliRunner().invoke(run_app, [str(a) for a in args], input=stdin)
+
+
+def full_forward_argmax(model, prompt: list[int], tokens: list[int]) -> list[int]:
+    """Entry k: the greedy pick after prompt + tokens[:k], from one full forward without cache."""
+    with torch.no_grad():
+        return model(torch.tensor([prompt + tokens[:-1]]))[0, len(prompt) - 1 :].argmax(-1).tolist()
+
+
+def test_ids_prompt_prints_the_greedy_continuation(tiny_checkpoint):
+    result = run(tiny_checkpoint, "--backend", "torch", "--ids", "5, 6,7,8", "-n", "20", "--window", "12", "--sinks", "2")
+    assert result.exit_code == 0, result.output
+    printed = [int(t) for t in result.stdout.strip().split(",")]
+    exact = printed[: 12 - 4 + 1]  # new tokens at positions <= W saw every past token
+    assert len(printed) == 20 and exact == full_forward_argmax(llama4_export.load(tiny_checkpoint), [5, 6, 7, 8], exact)
+    streamed = run(tiny_checkpoint, "--backend", "torch", "--ids", "5,6,7,8", "-n", "20", "--window", "12", "--sinks", "2", "--stream")
+    assert streamed.exit_code == 0 and streamed.stdout == result.stdout
+
+
+def test_text_prompt_json_and_stream_agree(scoutlike_dir):
+    args = [scoutlike_dir, "--backend", "torch", "--prompt", "The river", "-n", "16"]
+    as_json = run(*args, "--json")
+    assert as_json.exit_code == 0, as_json.output
+    out = json.loads(as_json.stdout)
+    model = llama4_export.load(scoutlike_dir)
+    tokens = out["token_ids"]
+    assert out["prompt_ids"][0] == 1021  # the tokenizer's <|begin_of_text|>
+    assert tokens == full_forward_argmax(model, out["prompt_ids"], tokens)
+    # Greedy until eos 1022 (generation_config) or 16 tokens.
+    assert (len(tokens), out["stop_reason"]) == (16, "length") or (tokens[-1], out["stop_reason"]) == (1022, "stop")
+    assert 1022 not in tokens[:-1]
+    streamed = run(*args, "--stream")
+    plain = run(*args)
+    assert streamed.exit_code == plain.exit_code == 0
+    assert streamed.stdout == plain.stdout == out["text"] + "\n"
+
+
+def test_chat_answers_every_stdin_line_with_the_conversation_so_far(scoutlike_dir):
+    result = run(scoutlike_dir, "--backend", "torch", "--chat", "-n", "6", stdin="Hello there\n\nWhat is a river?\n")
+    assert result.exit_code == 0, result.output
+    gen = Generator.load(scoutlike_dir, backend="torch")
+    first = gen.generate(gen.chat_prompt([{"role": "user", "content": "Hello there"}]), max_new_tokens=6).text
+    history = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "What is a river?"}]
+    second = gen.generate(gen.chat_prompt(history), max_new_tokens=6).text
+    assert result.stdout == f"{first}\n{second}\n"
+
+
+def break_missing_dir(tmp_path, ckpt):
+    return [tmp_path / "nope", "--ids", "1"], "artifact directory not found"
+
+
+def break_hash_mismatch(tmp_path, ckpt):
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "decode.onnx").write_bytes(b"graph")
+    write_manifest(art, {"graphs": {}})
+    (art / "decode.onnx").write_bytes(b"tampered")
+    return [art, "--ids", "1"], "sha256 does not match"
+
+
+def break_incomplete_artifact(tmp_path, ckpt):
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "decode.onnx").write_bytes(b"graph")
+    write_manifest(art, {"graphs": {}})
+    (art / "decode.onnx").unlink()
+    return [art, "--ids", "1"], "listed in manifest.json but missing"
+
+
+def break_id_outside_vocab(tmp_path, ckpt):
+    return [ckpt, "--backend", "torch", "--ids", "3,512"], "prompt token 1 is id 512, outside the vocabulary 0..511"
+
+
+def break_negative_id(tmp_path, ckpt):
+    return [ckpt, "--backend", "torch", "--ids", "-4"], "id -4, outside the vocabulary"
+
+
+def break_unparsable_ids(tmp_path, ckpt):
+    return [ckpt, "--backend", "torch", "--ids", "1,x"], "expected comma-separated integers"
+
+
+def break_empty_ids(tmp_path, ckpt):
+    return [ckpt, "--backend", "torch", "--ids", ""], "the prompt is empty"
+
+
+def break_text_without_tokenizer(tmp_path, ckpt):
+    return [ckpt, "--backend", "torch", "--prompt", "hi"], "has no tokenizer.json; pass token ids"
+
+
+def break_window_below_sinks(tmp_path, ckpt):
+    return [ckpt, "--backend", "torch", "--ids", "1", "--window", "4", "--sinks", "4"], "window=4 with sinks=4"
+
+
+def break_no_prompt(tmp_path, ckpt):
+    return [ckpt, "--backend", "torch"], "give exactly one of --prompt TEXT, --ids 1,2,3 or --chat"
+
+
+def break_unknown_backend(tmp_path, ckpt):
+    return [ckpt, "--backend", "tensorflow", "--ids", "1"], "backend 'tensorflow' is unknown"
+
+
+def break_bad_temperature(tmp_path, ckpt):
+    return [ckpt, "--backend", "torch", "--ids", "1", "--temperature", "-1"], "temperature=-1.0: must be >= 0"
+
+
+BREAKERS = [v for k, v in sorted(globals().items()) if k.startswith("break_")]
+
+
+@pytest.mark.parametrize("breaker", BREAKERS, ids=lambda f: f.__name__.removeprefix("break_"))
+def test_errors_print_one_line_and_exit_2(tmp_path, tiny_checkpoint, breaker):
+    args, expected = breaker(tmp_path, tiny_checkpoint)
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.output

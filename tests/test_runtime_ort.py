@@ -1,0 +1,78 @@
+"""The acceptance check: l4-scoutlike exported at fp32, generated on ONNX Runtime through the sliding cache, equals
+transformers' own `generate` token for token; plus prefill pieces, batches and a window smaller than the sequence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llama4_export.runtime import Generator, OrtBackend, TorchBackend
+
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def artifact(scoutlike_artifact):
+    manifest = json.loads((scoutlike_artifact / "manifest.json").read_text())
+    assert manifest["precision"] == "fp32"
+    return scoutlike_artifact
+
+
+@pytest.fixture(scope="module")
+def ort_generator(artifact):
+    return Generator.load(artifact, backend="onnxruntime", threads=2)
+
+
+@pytest.fixture(scope="module")
+def prompt(ort_generator, heldout_text):
+    """~100 tokens of held-out prose: with 64 new tokens the sequence crosses the 64-token chunk boundary twice."""
+    ids = ort_generator.encode(heldout_text[:3000])[:100]
+    assert len(ids) == 100 and ids[0] == 1021
+    return ids
+
+
+@pytest.fixture(scope="module")
+def hf_tokens(scoutlike_dir, prompt):
+    from transformers import Llama4ForCausalLM
+
+    model = Llama4ForCausalLM.from_pretrained(scoutlike_dir, dtype=torch.float32).eval()
+    assert model.generation_config.eos_token_id == 1022 and not model.generation_config.do_sample
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
+    return out[0, len(prompt):].tolist()  # stops after eos 1022 like ours, if it comes
+
+
+def test_ort_greedy_equals_transformers_generate(ort_generator, prompt, hf_tokens):
+    result = ort_generator.generate(prompt, max_new_tokens=NEW_TOKENS)  # default stop tokens: eos 1022, as HF
+    assert result.token_ids == hf_tokens
+    assert len(hf_tokens) == NEW_TOKENS and result.stop_reason == "length"  # no early eos: all 64 compared
+    assert 100 + NEW_TOKENS > 2 * 64
+
+
+def test_ort_prompt_fed_in_prefill_pieces(artifact, prompt, hf_tokens):
+    """A prefill limit of 24 feeds the 100-token prompt as 24+24+24+24+4, crossing a chunk boundary mid-prompt."""
+    gen = Generator.load(artifact, threads=2, max_prefill_tokens=24)
+    assert isinstance(gen.backend, OrtBackend) and gen.backend.max_prefill_tokens == 24
+    assert gen.generate(prompt, max_new_tokens=NEW_TOKENS).token_ids == hf_tokens
+
+
+def test_ort_batch_of_different_lengths_equals_single_runs(ort_generator, prompt):
+    prompts = [prompt[:7], prompt, prompt[:40]]
+    alone = [ort_generator.generate(p, max_new_tokens=20, stop_tokens=[]).token_ids for p in prompts]
+    together = ort_generator.generate_batch(prompts, max_new_tokens=20, stop_tokens=[])
+    assert [r.token_ids for r in together] == alone
+
+
+def test_ort_window_smaller_than_sequence(artifact, prompt, hf_tokens):
+    """W = 120: tokens at positions <= W equal transformers; past W generation goes on, as the torch reference does."""
+    window, sinks = 120, 4
+    ort = Generator.load(artifact, window=window, sinks=sinks, threads=2)
+    tokens = ort.generate(prompt, max_new_tokens=NEW_TOKENS).token_ids
+    assert len(tokens) == NEW_TOKENS
+    exact = window - len(prompt) + 1
+    assert tokens[:exact] == hf_tokens[:exact]
+    reference = Generator(TorchBackend.from_onnx_weights(artifact / "decode.onnx", ort.config), window=window, sinks=sinks)
+    assert tokens == reference.generate(prompt, max_new_tokens=NEW_TOKENS).token_ids
+    assert tokens != hf_tokens  # the window really dropped tokens

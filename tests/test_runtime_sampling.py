@@ -1,0 +1,118 @@
+"""Sampling against transformers' logits processors and plain numpy, and the Generator's stop/length rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers.generation import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
+from llama4_export.model import from_preset
+from llama4_export.runtime import GenerationError, Generator, Sampler, SamplingParams, TorchBackend
+from llama4_export.runtime.sampling import apply_repetition_penalty, filter_top_k, filter_top_p
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return Generator(TorchBackend(from_preset("scout-tiny", seed=5)), window=128)
+
+
+def logits_row(vocab: int = 64, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(vocab) * 3).astype(np.float32)
+
+
+def test_repetition_penalty_matches_the_formula_and_transformers():
+    logits = logits_row()
+    previous = np.array([3, 7, 7, 11, 40, 3, 63])
+    ours = apply_repetition_penalty(logits, previous, 1.3)
+    by_hand = logits.copy()
+    for t in set(previous.tolist()):
+        by_hand[t] = logits[t] / 1.3 if logits[t] > 0 else logits[t] * 1.3
+    np.testing.assert_array_equal(ours, by_hand)
+    hf = RepetitionPenaltyLogitsProcessor(1.3)(torch.from_numpy(previous)[None], torch.from_numpy(logits)[None])
+    np.testing.assert_allclose(ours, hf[0].numpy(), rtol=1e-6)
+    assert np.any(ours != logits)
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_top_k_keeps_what_transformers_keeps(k):
+    logits = logits_row(seed=k)
+    hf = TopKLogitsWarper(k)(None, torch.from_numpy(logits)[None])[0].numpy()
+    np.testing.assert_array_equal(np.isfinite(filter_top_k(logits, k)), np.isfinite(hf))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_keeps_what_transformers_keeps(p):
+    logits = logits_row(seed=int(p * 1000))
+    hf = TopPLogitsWarper(p)(None, torch.from_numpy(logits)[None])[0].numpy()
+    np.testing.assert_array_equal(np.isfinite(filter_top_p(logits, p)), np.isfinite(hf))
+
+
+def test_draws_follow_the_tempered_top_k_distribution():
+    logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], np.float32)
+    sampler = Sampler(SamplingParams(temperature=0.7, top_k=4, seed=11))
+    draws = np.array([sampler(logits, np.array([], np.int64)) for _ in range(20000)])
+    expected = np.exp(logits[:4] / 0.7) / np.exp(logits[:4] / 0.7).sum()
+    observed = np.bincount(draws, minlength=6) / draws.size
+    assert observed[4:].sum() == 0
+    np.testing.assert_allclose(observed[:4], expected, atol=0.015)
+
+
+def test_seeded_sampling_is_reproducible(gen):
+    prompt = [1, 2, 3, 4, 5]
+    opts = dict(max_new_tokens=20, temperature=1.0, top_p=0.95, stop_tokens=[])
+    a = gen.generate(prompt, seed=7, **opts).token_ids
+    assert gen.generate(prompt, seed=7, **opts).token_ids == a
+    assert gen.generate(prompt, seed=8, **opts).token_ids != a
+
+
+def test_top_k_1_equals_greedy(gen):
+    prompt = [9, 8, 7]
+    greedy = gen.generate(prompt, max_new_tokens=20, stop_tokens=[]).token_ids
+    assert gen.generate(prompt, max_new_tokens=20, temperature=1.5, top_k=1, seed=3, stop_tokens=[]).token_ids == greedy
+
+
+def test_repetition_penalty_steers_greedy_as_the_formula_says(gen):
+    """Reference: full forward of the model, penalty applied by hand to every id seen so far, argmax."""
+    model, prompt, penalty = gen.backend.model, [5, 6, 7, 5, 6], 1.8
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(15):
+            logits = model(torch.tensor([seq]))[0, -1].numpy()
+            for t in set(seq):
+                logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
+            seq.append(int(np.argmax(logits)))
+    ours = gen.generate(prompt, max_new_tokens=15, repetition_penalty=penalty, stop_tokens=[]).token_ids
+    assert ours == seq[len(prompt):]
+    assert ours != gen.generate(prompt, max_new_tokens=15, stop_tokens=[]).token_ids
+
+
+def test_stop_tokens_stop_and_max_new_tokens_bounds(gen):
+    prompt = [11, 12, 13]
+    free = gen.generate(prompt, max_new_tokens=12, stop_tokens=[])
+    assert len(free.token_ids) == 12 and free.stop_reason == "length"
+    stop = free.token_ids[5]
+    first = free.token_ids.index(stop)
+    stopped = gen.generate(prompt, max_new_tokens=12, stop_tokens=[stop])
+    assert stopped.token_ids == free.token_ids[: first + 1] and stopped.stop_reason == "stop"
+    assert gen.generate(prompt, max_new_tokens=0).token_ids == []
+
+
+def test_default_stop_tokens_are_the_config_eos(gen):
+    assert gen.eos_token_ids == gen.config.eos_token_id == (257,)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(temperature=-1.0), "temperature=-1.0"),
+        (dict(top_k=-2), "top_k=-2"),
+        (dict(top_p=0.0), "top_p=0.0"),
+        (dict(repetition_penalty=0.0), "repetition_penalty=0.0"),
+        (dict(max_new_tokens=-1), "max_new_tokens=-1"),
+    ],
+)
+def test_bad_sampling_options_raise_one_line(gen, options, message):
+    with pytest.raises(GenerationError, match=message) as err:
+        gen.generate([1, 2], **options)
+    assert "\n" not in str(err.value)
