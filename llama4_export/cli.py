@@ -55,19 +55,32 @@ def export(
     max_prefill: Optional[int] = typer.Option(
         None, "--max-prefill", help="most tokens one prefill call takes, recorded in the manifest (default 512)",
     ),
+    target: Optional[str] = typer.Option(
+        None, "--target", "-t", help="onnxruntime | tensorrt: the lowering (default: tensorrt if installed, else onnxruntime)",
+    ),
+    trt_fallback: bool = typer.Option(False, "--trt-fallback", help="tensorrt target: standard-op MoE instead of the plugin node"),
+    no_optimize: bool = typer.Option(False, "--no-optimize", help="keep the traced graphs: no fusion, no lowering"),
+    passes_report: bool = typer.Option(False, "--passes-report", help="print the per-pass op-count table"),
 ) -> None:
-    """Export a model (a preset with seeded weights, or --checkpoint) to an artifact directory."""
+    """Export a model (a preset with seeded weights, or --checkpoint) to an artifact directory, then optimize it."""
     if ctx.invoked_subcommand is not None:
         return
     from .errors import ConfigError
     from .export import ModelSource, export_artifact
+    from .graph_passes import optimize_artifact, passes_for
 
     try:
         if out is None:
             raise ConfigError("--out DIR is required: the artifact directory to write")
+        if target is not None:
+            passes_for(target)  # an unknown target fails before the export
         source = ModelSource(preset=model, seed=seed, checkpoint=checkpoint)
         limits = {} if max_prefill is None else {"max_prefill": max_prefill}
         manifest = export_artifact(out, source, precision=precision, **limits)
+        if not no_optimize:
+            manifest, reports = optimize_artifact(out, target, trt_plugin=not trt_fallback)
+            if passes_report:
+                _print_pass_reports({name: r.to_json(measured=True) for name, r in reports.items()})
     except Llama4ExportError as exc:
         _fail(exc)
     size = sum((out / name).stat().st_size for name in manifest["files"])
@@ -149,7 +162,6 @@ def passes(
     from .artifact import read_manifest
     from .graph_passes import PASSES_FILE, optimize_artifact
     from .graph_passes.errors import GraphPassError
-    from .graph_passes.manager import report_tables
 
     try:
         if report_only:
@@ -162,6 +174,12 @@ def passes(
             reports = {name: report.to_json(measured=True) for name, report in results.items()}
     except Llama4ExportError as exc:
         _fail(exc)
+    _print_pass_reports(reports)
+
+
+def _print_pass_reports(reports: dict[str, dict]) -> None:
+    from .graph_passes.manager import report_tables
+
     for name, report in reports.items():
         for table in report_tables(name, report):
             console.print(table)
