@@ -46,7 +46,10 @@ def export(
     ctx: typer.Context,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="preset: scout, maverick, behemoth, scout-tiny, maverick-tiny"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Hugging Face checkpoint directory"),
-    precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 or fp16 (weights, activations and KV cache; logits stay fp32)"),
+    precision: str = typer.Option(
+        "fp32", "--precision", "-p",
+        help="fp32 | fp16 (weights, activations, KV cache) | int4 (weight-only, blockwise) | fp8 (E4M3 W8A8); logits stay fp32",
+    ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o",
         help="artifact directory to write; an existing one is replaced atomically if it is empty or a previous artifact",
@@ -61,13 +64,30 @@ def export(
     trt_fallback: bool = typer.Option(False, "--trt-fallback", help="tensorrt target: standard-op MoE instead of the plugin node"),
     no_optimize: bool = typer.Option(False, "--no-optimize", help="keep the traced graphs: no fusion, no lowering"),
     passes_report: bool = typer.Option(False, "--passes-report", help="print the per-pass op-count table"),
+    int4_algo: str = typer.Option("awq", "--int4-algo", help="int4: rtn | awq (activation-aware scales, calibrated)"),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="int4: 32 | 64 | 128 (default) values per scale along K"),
+    calib_data: Optional[Path] = typer.Option(
+        None, "--calib-data", help="calibration text: .txt, .jsonl (field 'text') or a directory of them (default: embedded corpus)",
+    ),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="calibration sequences (default 128, fewer for tiny models)"),
+    calib_seq_len: Optional[int] = typer.Option(None, "--calib-seq-len", help="tokens per calibration sequence (default 512, fewer for tiny models)"),
+    calib_cache: Optional[Path] = typer.Option(
+        None, "--calib-cache", help="calibration cache file to reuse/write (default: the previous artifact's, if it matches)",
+    ),
+    eval_data: Optional[Path] = typer.Option(
+        None, "--eval-data", help="held-out text for the accuracy report (default: the embedded corpus's held-out slice)",
+    ),
+    no_report: bool = typer.Option(False, "--no-report", help="int4/fp8: skip the accuracy report"),
+    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="int4/fp8: quantize lm_head too (router, embeddings, norms never)"),
 ) -> None:
     """Export a model (a preset with seeded weights, or --checkpoint) to an artifact directory, then optimize it."""
     if ctx.invoked_subcommand is not None:
         return
     from .errors import ConfigError
     from .export import ModelSource, export_artifact
+    from .export.pipeline import QUANTIZED_PRECISIONS, QuantOptions, export_quantized
     from .graph_passes import optimize_artifact, passes_for
+    from .graph_passes.pipeline import default_target
 
     try:
         if out is None:
@@ -76,8 +96,24 @@ def export(
             passes_for(target)  # an unknown target fails before the export
         source = ModelSource(preset=model, seed=seed, checkpoint=checkpoint)
         limits = {} if max_prefill is None else {"max_prefill": max_prefill}
-        manifest = export_artifact(out, source, precision=precision, **limits)
-        if not no_optimize:
+        if precision in QUANTIZED_PRECISIONS:
+            if no_optimize:
+                raise ConfigError(f"--precision {precision} quantizes in the graph passes; drop --no-optimize")
+            options = QuantOptions(int4_algo, block_size, calib_data, calib_samples, calib_seq_len, calib_cache,
+                                   eval_data, not no_report, quantize_lm_head)
+            manifest, report, calibration = export_quantized(out, source, precision, options, target or default_target(),
+                                                             not trt_fallback, **limits)
+            if calibration is not None:
+                how = "reused from the cache" if calibration.reused else "computed"
+                console.print(f"calibration {how} in {calibration.seconds:.2f} s "
+                              f"({calibration.settings['samples']} × {calibration.settings['seq_len']} tokens)")
+            if report is not None:
+                _print_report(report)
+        elif block_size is not None or int4_algo != "awq":
+            raise ConfigError(f"--int4-algo / --block-size apply to --precision int4 only (got --precision {precision})")
+        else:
+            manifest = export_artifact(out, source, precision=precision, **limits)
+        if not no_optimize and precision not in QUANTIZED_PRECISIONS:
             manifest, reports = optimize_artifact(out, target, trt_plugin=not trt_fallback)
             if passes_report:
                 _print_pass_reports({name: r.to_json(measured=True) for name, r in reports.items()})
@@ -85,6 +121,16 @@ def export(
         _fail(exc)
     size = sum((out / name).stat().st_size for name in manifest["files"])
     console.print(f"wrote {out}: {len(manifest['files'])} files, {size / 1e6:,.1f} MB ({manifest['precision']}, {manifest['target']})")
+
+
+def _print_report(report: dict) -> None:
+    table = Table(title=f"accuracy vs the fp32 model ({report['tokens']} held-out tokens, {report['eval_data']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("perplexity_reference", "perplexity_quantized", "perplexity_ratio", "kl_mean", "top1_agreement",
+                "greedy_agreement_tokens"):
+        table.add_row(key, f"{report[key]:.4f}")
+    console.print(table)
 
 
 @export_app.command()
@@ -187,6 +233,137 @@ def _print_pass_reports(reports: dict[str, dict]) -> None:
             console.print(f"note: {note}", highlight=False)
 
 
+@export_app.command()
+def bench(
+    directory: Path = typer.Argument(..., help="artifact directory written by `llama4-export --out`"),
+    prompt: list[int] = typer.Option([128, 512], "--prompt", help="prefill prompt length(s) in tokens (repeat the option)"),
+    decode_prompt: int = typer.Option(512, "--decode-prompt", help="prompt length before the timed decode"),
+    new_tokens: int = typer.Option(128, "--new-tokens", "-n", help="tokens decoded after --decode-prompt"),
+    repeats: int = typer.Option(3, "--repeats", "-r", help="repetitions of every measurement (median and range reported)"),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice)"),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime | torch | tensorrt"),
+    window: Optional[int] = typer.Option(None, help="global-layer KV window W (default: the context, RAM-capped)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results to this JSON file"),
+) -> None:
+    """Prefill and decode tokens/s, time to first token, peak RSS and decode as a fraction of the memory-bandwidth bound."""
+    from .artifact import write_json
+    from .bench import bench_artifact, result_table
+
+    try:
+        with err_console.status(f"benchmarking {directory}"):
+            result = bench_artifact(directory, prompt, decode_prompt, new_tokens, repeats, threads, backend, window=window)
+    except Llama4ExportError as exc:
+        _fail(exc)
+    Console(width=max(console.width, 150)).print(result_table([result]))  # unreadable when wrapped into 80 columns
+    roof, machine = result["roofline"], result["machine"]
+    console.print(
+        f"roofline: {roof['bandwidth_gb_s']:.1f} GB/s copy bandwidth / {roof['decode_bytes_per_token'] / 1e6:,.1f} MB read "
+        f"per decode step = {roof['bound_tok_s']:,.1f} tok/s bound; {machine['cpu']}, {machine['cores']} cores, "
+        f"load {machine.get('load_avg_1m', '?')}", highlight=False,
+    )
+    if json_out is not None:
+        write_json(json_out, result)
+
+
+# ------------------------------------------------------------------------------ TensorRT: lint, build, compare, rebuild
+@export_app.command()
+def lint(directory: Path = typer.Argument(..., help="tensorrt-lowered artifact directory")) -> None:
+    """TensorRT conformance lint (no TensorRT needed): ops/dtypes, INT4/FP8 Q/DQ form, strong typing, plugin nodes."""
+    from .build import trt_onnx_support
+    from .build.lint import lint_artifact
+
+    try:
+        results = lint_artifact(directory)
+    except Llama4ExportError as exc:
+        _fail(exc)
+    total = sum(len(v) for v in results.values())
+    for file, violations in results.items():
+        for violation in violations:
+            console.print(violation.format(str(directory / file)), markup=False, highlight=False, soft_wrap=True)
+    checked = f"against TensorRT {trt_onnx_support.TENSORRT_VERSION} ({trt_onnx_support.SOURCE})"
+    if total:
+        err_console.print(f"[bold red]{total} violation(s)[/] in {', '.join(f for f, v in results.items() if v)} {checked}",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"{', '.join(results)}: no violations {checked}", highlight=False, soft_wrap=True)
+
+
+@export_app.command()
+def build(
+    directory: Path = typer.Argument(..., help="tensorrt-lowered artifact directory"),
+    max_batch: int = typer.Option(1, "--max-batch", help="largest batch the engines take"),
+    max_prefill: Optional[int] = typer.Option(None, "--max-prefill", help="most new tokens per prefill call (default: the exported limit)"),
+    window: Optional[int] = typer.Option(None, "--window", help="global-layer KV window W the engines are built for (default: the runtime's)"),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="timing cache to load and save (default DIR/engine/timing.cache)"),
+    reproducible: bool = typer.Option(False, "--reproducible", help="fail on a timing-cache miss instead of timing tactics"),
+    workspace_gib: Optional[float] = typer.Option(None, "--workspace-gib", help="builder workspace memory limit"),
+    version_compatible: bool = typer.Option(False, "--version-compatible", help="version-compatible engine, lean runtime excluded"),
+) -> None:
+    """Build TensorRT engines (engine/*.plan) for a tensorrt-lowered artifact; needs TensorRT and a GPU."""
+    from .build import build_engines
+
+    try:
+        manifest = build_engines(directory, max_batch=max_batch, max_prefill=max_prefill, window=window,
+                                 timing_cache=timing_cache, reproducible=reproducible, workspace_gib=workspace_gib,
+                                 version_compatible=version_compatible)
+    except Llama4ExportError as exc:
+        _fail(exc)
+    info = manifest["tensorrt"]
+    console.print(f"built {', '.join(e['file'] for e in info['engines'].values())} with TensorRT {info['version']} "
+                  f"on {info['gpu']['name']}", highlight=False, soft_wrap=True)
+
+
+@export_app.command()
+def compare(
+    directory: Path = typer.Argument(..., help="artifact directory"),
+    tolerance: float = typer.Option(1e-2, "--tolerance", help="fail when an output deviates by more than this × its max"),
+) -> None:
+    """ONNX Runtime vs TensorRT on the same inputs (Polygraphy); ORT vs PyTorch when TensorRT or engines are absent."""
+    from .build.compare import compare_artifact
+
+    try:
+        comparisons, notes = compare_artifact(directory)
+    except Llama4ExportError as exc:
+        _fail(exc)
+    for note in notes:
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    failed = False
+    for c in comparisons:
+        if c.reference == "none":
+            console.print(f"{c.graph}: ran on ONNX Runtime (no reference to compare with)", highlight=False, soft_wrap=True)
+            continue
+        output, value = c.worst
+        failed |= not value <= tolerance
+        console.print(f"{c.graph}: onnxruntime vs {c.reference}: max deviation {value:.3g} × max|ref| ({output}); "
+                      f"logits {c.deviations.get('logits', float('nan')):.3g}", highlight=False, soft_wrap=True)
+    if failed:
+        err_console.print(f"[bold red]deviation above --tolerance {tolerance:g}[/]", soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@export_app.command()
+def rebuild(
+    directory: Path = typer.Argument(..., help="artifact directory to reproduce"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="the checkpoint it was exported from (when not a preset)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="keep the rebuilt artifact here (default: a temp dir)"),
+) -> None:
+    """Re-run the pipeline the manifest records and compare every file hash; print the first difference."""
+    from .build.rebuild import rebuild as rebuild_artifact
+
+    try:
+        result = rebuild_artifact(directory, checkpoint=checkpoint, out=out)
+    except Llama4ExportError as exc:
+        _fail(exc)
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    if result.differences:
+        err_console.print(f"not reproducible: {result.differences[0]} "
+                          f"({len(result.differences)} of {len(result.compared)} files differ)", markup=False,
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"reproducible: {len(result.compared)} files byte-identical", highlight=False, soft_wrap=True)
+
+
 def export_main() -> None:
     export_app()
 
@@ -207,7 +384,7 @@ def run(
     stream: bool = typer.Option(False, "--stream", help="print tokens as they are generated"),
     window: Optional[int] = typer.Option(None, help="global-layer KV window W in tokens (default: the context, RAM-capped)"),
     sinks: int = typer.Option(4, help="sink tokens S kept forever once the sequence outgrows W"),
-    backend: str = typer.Option("onnxruntime", help="onnxruntime | torch"),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime | torch | tensorrt"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (prompt_ids, token_ids, text, stop_reason)"),
 ) -> None:

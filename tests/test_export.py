@@ -36,7 +36,7 @@ MAX_PREFILL = 64
 def tiny_artifact(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "scout-tiny-fp32"
     result = CliRunner().invoke(
-        export_app, ["--model", "scout-tiny", "--precision", "fp32", "--max-prefill", str(MAX_PREFILL), "--out", str(out)]
+        export_app, ["--model", "scout-tiny", "--precision", "fp32", "--max-prefill", str(MAX_PREFILL), "--out", str(out), "--no-optimize"]
     )
     assert result.exit_code == 0, result.output
     return out

@@ -33,9 +33,10 @@ from .tokenizer_files import copy_tokenizer_files, special_token_ids, write_byte
 
 TARGET = "onnxruntime"
 DEFAULT_MAX_PREFILL = 512
-# The dtype the PyTorch model is exported in. Quantized precisions (int4, fp8) will start from one of these and add
-# graph passes (DESIGN.md §1).
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
+# The dtype the PyTorch model is exported in. Quantized precisions (int4, fp8) export fp32 graphs and quantize their
+# weights in the graph passes (export_quantized, graph_passes/quantize.py).
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "int4": torch.float32, "fp8": torch.float32}
+QUANTIZED_PRECISIONS = ("int4", "fp8")
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,19 @@ def export_artifact(
     precision: str = "fp32",
     max_prefill: int = DEFAULT_MAX_PREFILL,
     show_progress: bool = True,
+    model: Llama4ForCausalLM | None = None,
 ) -> dict[str, Any]:
-    """Export decode + prefill graphs, weights, tokenizer and manifest to `out`; return the manifest."""
+    """Export decode + prefill graphs, weights, tokenizer and manifest to `out`; return the manifest.
+
+    model: export this (already loaded, e.g. AWQ-scaled) model instead of loading `source`."""
     out = Path(out)
     dtype = _check_arguments(out, source, precision, max_prefill)
+    if precision in QUANTIZED_PRECISIONS and model is None:
+        raise ConfigError(f"precision {precision} needs calibration and the graph passes: use export_quantized")
     with _Steps(show_progress) as step:
-        with step(f"load {source.describe()} ({precision})"):
-            model = source.load(dtype)
+        if model is None:
+            with step(f"load {source.describe()} ({precision})"):
+                model = source.load(dtype)
         graphs = {}
         for spec in onnx_export.GRAPHS:
             with step(f"export {spec.name} graph (MoE: {spec.moe_impl})"):
@@ -120,7 +127,7 @@ def _check_arguments(out: Path, source: ModelSource, precision: str, max_prefill
 
 
 def _manifest(model: Llama4ForCausalLM, source: ModelSource, precision: str, max_prefill: int, tokenizer: dict) -> dict[str, Any]:
-    kv_dtype = str(PRECISIONS[precision]).removeprefix("torch.")
+    kv_dtype = str(PRECISIONS[precision]).removeprefix("torch.")  # quantized precisions keep an fp32 cache
     return {
         "model": model.config.to_hf_dict(),
         "source": source.manifest_entry(),
@@ -177,3 +184,120 @@ class _Steps:
             self._progress.remove_task(task)  # the error message says what failed; no spinner left behind
             raise
         self._progress.update(task, completed=1)
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """How to quantize (precision int4 / fp8) and what to calibrate and evaluate on."""
+
+    int4_algo: str = "awq"  # rtn | awq
+    block_size: int | None = None  # INT4 only; None = 128
+    calib_data: Path | None = None  # None: the embedded corpus (calib/corpus.py)
+    calib_samples: int | None = None
+    calib_seq_len: int | None = None
+    calib_cache: Path | None = None  # None: calib.calibrate.default_cache_path (under ~/.cache)
+    eval_data: Path | None = None  # None: the embedded corpus's held-out slice
+    report: bool = True
+    quantize_lm_head: bool = False
+
+    def check(self, precision: str) -> int:
+        """The block size to use; raises on an unsupported combination."""
+        from ..calib.corpus import CalibrationError
+        from ..graph_passes.quantize import BLOCK_SIZES
+
+        if self.int4_algo not in ("rtn", "awq"):
+            raise CalibrationError(f"--int4-algo {self.int4_algo!r} is unknown; choose rtn or awq")
+        if precision == "int4":
+            block = self.block_size or 128
+            if block not in BLOCK_SIZES:
+                raise CalibrationError(f"--block-size {block} is not supported for int4; choose one of: "
+                                       f"{', '.join(map(str, BLOCK_SIZES))}")
+            return block
+        if self.block_size is not None:
+            raise CalibrationError(f"--block-size {self.block_size} applies to --precision int4 only ({precision} "
+                                   "uses per-tensor scales); drop it")
+        return 0
+
+    def needs_calibration(self, precision: str) -> bool:
+        return precision == "fp8" or self.int4_algo == "awq"
+
+
+def export_quantized(
+    out: str | Path,
+    source: ModelSource,
+    precision: str,
+    options: QuantOptions = QuantOptions(),
+    target: str = TARGET,
+    trt_plugin: bool = True,
+    max_prefill: int = DEFAULT_MAX_PREFILL,
+    show_progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any] | None, Any]:
+    """int4 / fp8: calibrate (cache-aware) → AWQ-scale (int4 awq) → export fp32 graphs → graph passes with the
+    quantization passes → accuracy report vs the unquantized PyTorch model.
+    Returns (manifest, report or None, calib.calibrate.Calibration or None (RTN needs none))."""
+    from ..artifact import write_json
+    from ..calib.calibrate import activation_amax, calibrate, calibration_samples, tokenizer_for
+    from ..calib.corpus import load_corpus
+    from ..graph_passes import optimize_artifact
+    from ..graph_passes.quantize import QuantSpec
+
+    out = Path(out)
+    if precision not in QUANTIZED_PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not a quantized precision; choose int4 or fp8")
+    block = options.check(precision)
+    _check_arguments(out, source, precision, max_prefill)
+    algo = options.int4_algo if precision == "int4" else "max"
+    # Bad calibration / evaluation text fails here, before any slow step.
+    config = get_preset(source.preset) if source.preset is not None else check_checkpoint(source.checkpoint).config
+    tokenizer = tokenizer_for(source, config)
+    if options.needs_calibration(precision):
+        samples, calib_text = calibration_samples(source, config, tokenizer, options.calib_data, options.calib_samples,
+                                                  options.calib_seq_len)
+    if options.report:
+        load_corpus(options.eval_data, "heldout")
+    with _Steps(show_progress) as step:
+        with step(f"load {source.describe()} (fp32, to quantize to {precision})"):
+            model = source.load(torch.float32)
+        calibration, awq_records = None, None
+        if options.needs_calibration(precision):
+            with step(f"calibrate on {samples.shape[0]} × {samples.shape[1]} tokens (statistics for AWQ / FP8 scales)"):
+                calibration = calibrate(model, source, samples, calib_text, options.calib_cache)
+        if precision == "int4" and options.int4_algo == "awq":
+            with step(f"AWQ scale search (block {block})"):
+                from ..calib.awq import apply_awq
+
+                awq_records = apply_awq(model, calibration.stats, block)
+    export_artifact(out, source, precision, max_prefill, show_progress, model=model)
+    del model
+    spec = QuantSpec(precision, block or 128, options.quantize_lm_head)
+    if precision == "fp8":
+        weight_names = _linear_weight_names(out)
+        spec.activation_amax = activation_amax(calibration.stats, weight_names)
+    quant_entry = {
+        "precision": precision, "algorithm": algo, "block_size": block or None,
+        "quantize_lm_head": options.quantize_lm_head,
+        "calibration": None if calibration is None else {
+            "key": calibration.key, **calibration.settings},
+        "awq": awq_records,
+    }
+    manifest, _ = optimize_artifact(out, target, trt_plugin=trt_plugin, show_progress=show_progress,
+                                    quantization=spec, manifest_update={"precision": precision, "quantization": quant_entry})
+    report = None
+    if options.report:
+        from ..calib.report import REPORT_FILE, accuracy_report
+
+        with _Steps(show_progress) as step:
+            with step("accuracy report (quantized artifact on ONNX Runtime vs the fp32 PyTorch model)"):
+                report = accuracy_report(out, source.load(torch.float32), tokenizer, options.eval_data)
+        write_json(out / REPORT_FILE, report)
+        manifest = write_manifest(out, {k: v for k, v in manifest.items() if k != "files"})
+    return manifest, report, calibration
+
+
+def _linear_weight_names(directory: Path) -> list[str]:
+    """Initializer names of the exported graphs (FP8 looks their activation amax up by name)."""
+    names = set()
+    for spec in onnx_export.GRAPHS:
+        proto = onnx.load(str(directory / spec.file), load_external_data=False)
+        names.update(init.name for init in proto.graph.initializer)
+    return sorted(names)

@@ -19,6 +19,7 @@ from ..artifact import MANIFEST, atomic_directory, read_manifest, write_json, wr
 from .errors import GraphPassError
 from .manager import PassReport
 from .pipeline import default_target, optimize, passes_for
+from .quantize import QuantSpec
 from .verify import DEFAULT_TOLERANCE
 
 PASSES_FILE = "passes.json"
@@ -31,8 +32,12 @@ def optimize_artifact(
     tolerance: float = DEFAULT_TOLERANCE,
     trt_plugin: bool = True,
     show_progress: bool = True,
+    quantization: QuantSpec | None = None,
+    manifest_update: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, PassReport]]:
-    """Optimize decode.onnx / prefill.onnx (every graph the manifest lists) for `target`; returns (manifest, reports)."""
+    """Optimize decode.onnx / prefill.onnx (every graph the manifest lists) for `target`; returns (manifest, reports).
+
+    quantization: also quantize the weights (quantize.py); manifest_update: entries to set in the manifest."""
     from ..export.onnx_export import DATA_FILE, save_graphs
 
     directory = Path(directory)
@@ -52,7 +57,7 @@ def optimize_artifact(
         for name in sorted(graphs):
             with step(f"optimize {graphs[name]['file']} for {target}" + (" (verifying every pass)" if verify else "")):
                 models[name], reports[name] = optimize(directory / graphs[name]["file"], target, verify, tolerance,
-                                                        trt_plugin=trt_plugin)
+                                                        trt_plugin=trt_plugin, quantization=quantization)
         with atomic_directory(directory) as tmp:
             with step(f"write graphs and {data_file}"):
                 save_graphs(models, tmp, data_file)
@@ -63,7 +68,8 @@ def optimize_artifact(
                         shutil.copyfile(directory / name, tmp / name)
                 write_json(tmp / PASSES_FILE, {name: report.to_json() for name, report in reports.items()})
             with step("hash files and write manifest"):
-                manifest = write_manifest(tmp, _updated_manifest(manifest, target, models, reports, verify, tolerance))
+                manifest = _updated_manifest(manifest, target, models, reports, verify, tolerance)
+                manifest = write_manifest(tmp, {**manifest, **(manifest_update or {})})
     return manifest, reports
 
 

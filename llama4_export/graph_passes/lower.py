@@ -78,14 +78,42 @@ def ort_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_down, *
     return op.Add(_shared_expert(op, x, shared_gate, shared_up, shared_down), routed)
 
 
-def gather_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_down, **_):
+def _int4_experts(weight: ir.Value) -> ir.Node | None:
+    """The DequantizeLinear of quantize.quantize_experts' INT4 form (Transpose ∘ DQ(int4 [E, N, K], axis 2)), or None."""
+    transpose = weight.producer()
+    if transpose is None or transpose.op_type != "Transpose":
+        return None
+    dequantize = transpose.inputs[0].producer()
+    if dequantize is None or dequantize.op_type != "DequantizeLinear" or dequantize.inputs[0].const_value is None:
+        return None
+    return dequantize if dequantize.inputs[0].dtype == ir.DataType.INT4 else None
+
+
+def _gather_expert(op, weight, expert, block_quantized: bool):
+    """weight[expert] [N, K, N_out]; an INT4 expert weight via com.microsoft.GatherBlockQuantized (4-bit reads)."""
+    dequantize = _int4_experts(weight) if block_quantized else None
+    if dequantize is None:
+        return op.Gather(weight, expert, axis=0)
+    packed, scale = dequantize.inputs[0], dequantize.inputs[1]
+    rows = op.op("GatherBlockQuantized", packed, expert, scale, _domain=ORT_DOMAIN, _version=1, gather_axis=0,
+                 quantize_axis=2, block_size=dequantize.attributes.get_int("block_size"))
+    return op.Transpose(rows, perm=[0, 2, 1])
+
+
+def gather_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_down, block_quantized=False, **_):
     """Llama4MoE → ArgMax; Gather(gate_up, e), Gather(down, e) per token; SwiGLU; + shared expert"""
     logits, routed_in = _routing(op, x, router)
     expert = op.ArgMax(logits, axis=-1, keepdims=0)  # [N]; first index on ties, as the reference
-    gate, up = op.Split(op.MatMul(op.Unsqueeze(routed_in, op.Constant(value_ints=[1])), op.Gather(gate_up, expert, axis=0)),
+    gate, up = op.Split(op.MatMul(op.Unsqueeze(routed_in, op.Constant(value_ints=[1])),
+                                  _gather_expert(op, gate_up, expert, block_quantized)),
                         axis=-1, num_outputs=2, _outputs=2)
-    routed = op.MatMul(_swiglu(op, gate, up), op.Gather(down, expert, axis=0))  # [N, 1, H]
+    routed = op.MatMul(_swiglu(op, gate, up), _gather_expert(op, down, expert, block_quantized))  # [N, 1, H]
     return op.Add(_shared_expert(op, x, shared_gate, shared_up, shared_down), op.Squeeze(routed, op.Constant(value_ints=[1])))
+
+
+def ort_gather_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_down, **_):
+    """Llama4MoE → gather form; INT4 experts read with com.microsoft.GatherBlockQuantized (ONNX Runtime only)"""
+    return gather_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_down, block_quantized=True)
 
 
 def dense_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_down, **_):
@@ -111,7 +139,7 @@ def trt_plugin_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_
     )
 
 
-LOWERINGS = {"ort_moe": ort_moe, "gather": gather_moe, "dense": dense_moe, "trt_plugin": trt_plugin_moe}
+LOWERINGS = {"ort_moe": ort_moe, "gather": gather_moe, "ort_gather": ort_gather_moe, "dense": dense_moe, "trt_plugin": trt_plugin_moe}
 
 
 def _lower(model: ir.Model, lowering: str) -> int:
@@ -172,7 +200,8 @@ def lower_moe(model: ir.Model, context: PassContext) -> int:
             counts[f"{ORT_DOMAIN}.MoE"] = _lower(model, "ort_moe")
         else:
             context.notes.append(f"MoE: {problem}; {standard} instead")
-    counts[standard] = _lower(model, context.moe_form)  # what is left: all of it, or what the ORT op was not checked for
+    form = "ort_gather" if context.target == "onnxruntime" and context.moe_form == "gather" else context.moe_form
+    counts[standard] = _lower(model, form)  # what is left: all of it, or what the ORT op was not checked for
     context.moe_lowering = " + ".join(name for name, count in counts.items() if count) or None
     return sum(counts.values())
 

@@ -27,6 +27,7 @@ class PassContext:
     use_trt_plugin: bool = True
     moe_lowering: str | None = None  # what the MoE became (set by the lowering pass)
     notes: list[str] = field(default_factory=list)  # decisions worth reporting (e.g. why ORT's MoE op was not used)
+    quantization: object | None = None  # quantize.QuantSpec when quantizing (the quantize passes read it)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from .errors import GraphPassError
 from .fuse_moe import moe_fusion_passes
 from .fuse_transformer import transformer_fusion_passes
 from .lower import moe_lowering_pass
+from .quantize import QuantSpec, quantization_passes
 from .manager import GraphPass, PassContext, PassReport, run_passes
 from .verify import DEFAULT_TOLERANCE, Verifier
 
@@ -54,14 +55,18 @@ def _sort_initializers(graph: ir.Graph) -> None:
         graph.register_initializer(value)
 
 
-def passes_for(target: str) -> list[GraphPass]:
+def passes_for(target: str, quantize: bool = False) -> list[GraphPass]:
+    """quantize: add the quantization passes (quantize.py): experts before the MoE lowering, linears after it."""
     if target not in TARGETS:
         raise GraphPassError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    quantize_experts, quantize_linears = quantization_passes() if quantize else ((), ())
     return [
         *canonicalization_passes(),
         *moe_fusion_passes(),
         *transformer_fusion_passes(target),
+        *([quantize_experts] if quantize else []),
         moe_lowering_pass(),
+        *([quantize_linears] if quantize else []),
         GraphPass("cse[final]", eliminate_common_subexpressions),
         GraphPass("tidy", tidy),
     ]
@@ -74,12 +79,14 @@ def optimize(
     tolerance: float = DEFAULT_TOLERANCE,
     moe_form: str = "auto",
     trt_plugin: bool = True,
+    quantization: QuantSpec | None = None,
 ) -> tuple[ir.Model, PassReport]:
     """Optimize a graph for `target` (default: default_target()). An ir.Model is rewritten in place.
 
     verify: run ONNX Runtime after every pass and raise GraphPassError when an output moves by more than
     `tolerance` × its max magnitude. moe_form: the standard-op MoE lowering when one is used ("auto": gather for
-    decode graphs, dense for prefill). trt_plugin=False lowers the MoE to standard ops on the tensorrt target too."""
+    decode graphs, dense for prefill). trt_plugin=False lowers the MoE to standard ops on the tensorrt target too.
+    quantization: quantize the weights as it says (quantize.py), in the same run."""
     target = target or default_target()
     if moe_form not in MOE_FORMS:
         raise GraphPassError(f"unknown MoE form {moe_form!r}; choose one of: {', '.join(MOE_FORMS)}")
@@ -87,7 +94,8 @@ def optimize(
         model = ir.from_proto(model)
     elif isinstance(model, (str, Path)):
         model = ir.load(model)
-    passes = passes_for(target)
-    context = PassContext(target, moe_form_for(model) if moe_form == "auto" else moe_form, use_trt_plugin=trt_plugin)
+    passes = passes_for(target, quantize=quantization is not None)
+    context = PassContext(target, moe_form_for(model) if moe_form == "auto" else moe_form, use_trt_plugin=trt_plugin,
+                          quantization=quantization)
     verifier = Verifier(model, tolerance) if verify else None
     return model, run_passes(model, passes, context, verifier)

@@ -29,7 +29,7 @@ from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
 GENERATION_CONFIG_FILE = "generation_config.json"
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
 Prompt = str | Sequence[int]
 
 
@@ -177,7 +177,8 @@ class Generator:
     def _cache_for(self, batch: int) -> SlidingKVCache:
         if self._cache is None or self._cache.batch != batch:
             self._cache = None  # free the old buffers before allocating new ones
-            self._cache = SlidingKVCache(self.config, batch, self.window, self.sinks, self.backend.cache_dtype)
+            make_cache = getattr(self.backend, "make_cache", SlidingKVCache)  # the TensorRT backend's cache is on the GPU
+            self._cache = make_cache(self.config, batch, self.window, self.sinks, self.backend.cache_dtype)
         else:
             self._cache.reset()
         return self._cache
@@ -266,6 +267,10 @@ def _artifact_backend(directory: Path, manifest: dict, backend: str, threads: in
         raise GenerationError(f"{directory / MANIFEST}: lists no decode graph; re-run the export")
     if backend == "torch":
         return TorchBackend.from_onnx_weights(directory / decode["file"], config, max_prefill)
+    if backend == "tensorrt":
+        from .trt_backend import TrtBackend
+
+        return TrtBackend.from_artifact(directory, manifest, config, max_prefill)
     prefill_path = directory / prefill["file"] if prefill else None
     return OrtBackend(directory / decode["file"], prefill_path, config, max_prefill, threads, providers)
 

@@ -1,0 +1,260 @@
+"""llama.cpp as a benchmark peer: fetch, build, convert a HF checkpoint to GGUF (F32, Q8_0, Q4_0), measure with llama-bench.
+
+    python benchmarks/llamacpp.py ../bench/rand200m --types F32,Q8_0,Q4_0 --threads 2     # everything, prints JSON
+
+Nothing of llama.cpp is committed here: the llama-cpp-python source distribution (which vendors llama.cpp, its
+convert_hf_to_gguf.py and gguf-py) is fetched with pip into --cache (default ~/.cache/llama4-export-bench), and only
+`llama-bench` and `llama-quantize` are built there (CPU only, -DGGML_NATIVE=ON; ~6 min on 2 cores). Every step is
+skipped when its output already exists, so a second run only measures.
+
+Conversion quirks handled here (see ../shared/checkpoints/README.md):
+- the converter pins a torch we cannot install, and reads transformers-5 checkpoints only with transformers 4.x: it
+  runs in its own venv (<cache>/convert-venv) holding transformers 4.57.6 and reusing this interpreter's packages
+  (torch, numpy) through a .pth file;
+- it rejects BPE pre-tokenizers it has no hash for: a wrapper makes that lookup fall back to 'llama4' (no edit of
+  its file);
+- a checkpoint without a tokenizer (the random benchmark model) gets l4-scoutlike's tokenizer.json (1024 tokens):
+  the converter pads the vocabulary up to vocab_size with [PAD] tokens, which changes nothing for speed.
+- llama.cpp hard-codes Scout's chunk size / floor scale / NoPE interval, so on small configs its outputs differ
+  from the model's after the first chunk: compare its speed, never its text.
+
+Decode is measured as llama-bench's tg test at depth --decode-prompt (`-d`: the tokens decoded after that many
+tokens of context), prefill as its pp tests at depth 0; each repetition's tokens/s is kept (median, min, max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+SDIST_VERSION = "0.3.36"
+CONVERTER_TRANSFORMERS = "transformers==4.57.6"
+DEFAULT_CACHE = Path(os.environ.get("LLAMA4_BENCH_CACHE", Path.home() / ".cache" / "llama4-export-bench"))
+FALLBACK_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / "l4-scoutlike"
+BUILD_TARGETS = ("llama-bench", "llama-quantize")
+
+# Runs inside the converter venv: the vendored convert_hf_to_gguf.py with the pre-tokenizer lookup falling back to llama4.
+CONVERT_WRAPPER = """
+import sys
+from pathlib import Path
+root = Path(sys.argv.pop(1))
+sys.path[:0] = [str(root), str(root / "gguf-py")]
+from conversion.base import TextModel
+original = TextModel.get_vocab_base_pre
+def get_vocab_base_pre(self, tokenizer):
+    try:
+        return original(self, tokenizer)
+    except NotImplementedError:
+        return "llama4"
+TextModel.get_vocab_base_pre = get_vocab_base_pre
+sys.argv[0] = str(root / "convert_hf_to_gguf.py")
+import convert_hf_to_gguf
+convert_hf_to_gguf.main()
+"""
+
+# Runs inside the converter venv: every tensor's name, shape and byte size in a GGUF file, as JSON.
+GGUF_TENSORS = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, str(Path(sys.argv[1]) / "gguf-py"))
+from gguf import GGUFReader
+r = GGUFReader(sys.argv[2])
+print(json.dumps([[t.name, [int(d) for d in t.shape], int(t.n_bytes)] for t in r.tensors]))
+"""
+
+
+def log(message: str) -> None:
+    print(f"[llamacpp] {message}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], **kwargs) -> None:
+    log(" ".join(map(str, cmd)))
+    subprocess.run(cmd, check=True, **kwargs)
+
+
+def source_dir(cache: Path, version: str = SDIST_VERSION) -> Path:
+    """The llama.cpp tree vendored by the llama-cpp-python sdist (downloaded with pip, extracted once)."""
+    root = cache / f"llama_cpp_python-{version}"
+    vendored = root / "vendor" / "llama.cpp"
+    if (vendored / "CMakeLists.txt").is_file():
+        return vendored
+    cache.mkdir(parents=True, exist_ok=True)
+    sdist = cache / f"llama_cpp_python-{version}.tar.gz"
+    if not sdist.is_file():
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             f"llama-cpp-python=={version}", "-d", str(cache)])
+    with tarfile.open(sdist) as tar:
+        tar.extractall(cache, filter="data")
+    return vendored
+
+
+def build(cache: Path, source: Path, jobs: int = 2) -> Path:
+    """CPU-only build of llama-bench and llama-quantize; returns the bin directory."""
+    build_dir = cache / "build"
+    bin_dir = build_dir / "bin"
+    if all((bin_dir / t).is_file() for t in BUILD_TARGETS):
+        return bin_dir
+    run(["cmake", "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+         "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+         "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"], stdout=subprocess.DEVNULL)
+    run(["cmake", "--build", str(build_dir), "--target", *BUILD_TARGETS, f"-j{jobs}"], stdout=subprocess.DEVNULL)
+    return bin_dir
+
+
+def converter_python(cache: Path) -> Path:
+    """A venv with transformers 4.x that sees this interpreter's packages (torch, numpy, safetensors) too."""
+    venv = cache / "convert-venv"
+    python = venv / "bin" / "python"
+    marker = venv / ".ready"
+    if marker.is_file():
+        return python
+    run([sys.executable, "-m", "venv", "--clear", str(venv)])
+    site = Path(subprocess.check_output([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    # Appended after the venv's own site-packages, so the venv's transformers 4.x wins over ours.
+    (site / "zz_llama4_export_host.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    run([str(python), "-m", "pip", "install", "-q", CONVERTER_TRANSFORMERS, "pyyaml", "tqdm", "sentencepiece"])
+    marker.write_text("ok\n")
+    return python
+
+
+def staged_checkpoint(checkpoint: Path, work: Path, tokenizer_dir: Path) -> Path:
+    """The checkpoint's files (symlinked) plus a tokenizer when it has none."""
+    if (checkpoint / "tokenizer.json").is_file():
+        return checkpoint
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise SystemExit(f"{checkpoint} has no tokenizer.json and the fallback {tokenizer_dir} has none either; pass --tokenizer DIR")
+    staged = work / "hf"
+    staged.mkdir(parents=True, exist_ok=True)
+    for path in checkpoint.iterdir():
+        (staged / path.name).unlink(missing_ok=True)
+        (staged / path.name).symlink_to(path.resolve())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, staged / name)
+    return staged
+
+
+def convert(checkpoint: Path, cache: Path, types: list[str], tokenizer_dir: Path = FALLBACK_TOKENIZER, jobs: int = 2) -> dict[str, Path]:
+    """GGUF files of the checkpoint for each type (F32 from the converter; the rest from llama-quantize)."""
+    source = source_dir(cache)
+    bin_dir = build(cache, source, jobs)
+    out_dir = cache / "gguf" / checkpoint.resolve().name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f32 = out_dir / "model-F32.gguf"
+    if not f32.is_file():
+        python = converter_python(cache)
+        staged = staged_checkpoint(checkpoint, out_dir, tokenizer_dir)
+        tmp = out_dir / "model-F32.gguf.partial"
+        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
+            script.write(CONVERT_WRAPPER)
+        try:
+            run([str(python), script.name, str(source), str(staged), "--outtype", "f32", "--outfile", str(tmp)])
+        finally:
+            os.unlink(script.name)
+        tmp.rename(f32)
+    files = {"F32": f32}
+    for kind in types:
+        if kind == "F32":
+            continue
+        path = out_dir / f"model-{kind}.gguf"
+        if not path.is_file():
+            tmp = path.with_suffix(".gguf.partial")
+            run([str(bin_dir / "llama-quantize"), str(f32), str(tmp), kind], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            tmp.rename(path)
+        files[kind] = path
+    return {k: files[k] for k in types}
+
+
+def decode_bytes(gguf: Path, cache: Path, num_experts: int) -> int:
+    """Bytes of one token's weights in a GGUF file: stacked expert tensors (*_exps) count one expert, the token
+    embedding one row, everything else in full."""
+    out = subprocess.check_output([str(converter_python(cache)), "-c", GGUF_TENSORS, str(source_dir(cache)), str(gguf)], text=True)
+    total = 0
+    for name, shape, size in json.loads(out):
+        if "_exps" in name:
+            size //= num_experts
+        elif name == "token_embd.weight":
+            size //= shape[-1]  # GGUF shapes are innermost first: [hidden, vocab]
+        total += size
+    return total
+
+
+def _stats(values: list[float]) -> dict:
+    import statistics
+
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def llama_bench(bin_dir: Path, gguf: Path, args: list[str]) -> tuple[list[dict], float]:
+    """llama-bench's JSON records and its peak RSS in MB (VmHWM, polled while it runs: it only ever grows)."""
+    from llama4_export.bench import peak_rss_mb
+
+    with tempfile.TemporaryFile("w+") as out:
+        cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-o", "json", *args]
+        log(" ".join(cmd))
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL)
+        peak = 0.0
+        while proc.poll() is None:
+            if _is_llama_bench(proc.pid):  # not the forked copy of this (big) process before its exec
+                peak = max(peak, peak_rss_mb(proc.pid) or 0.0)
+            time.sleep(0.02)
+        if proc.returncode:
+            raise SystemExit(f"llama-bench failed ({proc.returncode}) on {gguf}")
+        out.seek(0)
+        return json.load(out), peak
+
+
+def _is_llama_bench(pid: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/exe").endswith("llama-bench")
+    except OSError:
+        return False
+
+
+def measure(bin_dir: Path, gguf: Path, threads: int, prompts: list[int], decode_prompt: int, new_tokens: int, repeats: int) -> dict:
+    common = ["-t", str(threads), "-r", str(repeats)]
+    pp, rss_pp = llama_bench(bin_dir, gguf, [*common, "-p", ",".join(map(str, prompts)), "-n", "0"])
+    tg, rss_tg = llama_bench(bin_dir, gguf, [*common, "-p", "0", "-n", str(new_tokens), "-d", str(decode_prompt)])
+    prefill = {str(r["n_prompt"]): _stats(r["samples_ts"]) for r in pp if r["n_prompt"]}
+    decode = _stats([r for rec in tg for r in rec["samples_ts"]])
+    ttft = None
+    if str(decode_prompt) in prefill:  # time to first token ≈ the prompt's prefill time (llama-bench has no TTFT)
+        ttft = _stats(sorted(1e3 * decode_prompt / v for v in prefill[str(decode_prompt)]["runs"]))
+    return {"prefill_tok_s": prefill, "decode_tok_s": decode, "ttft_ms": ttft, "peak_rss_mb": round(max(rss_pp, rss_tg), 1),
+            "build": {"commit": pp[0].get("build_commit"), "cpu": pp[0].get("cpu_info")}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path, help="HF Llama4ForCausalLM checkpoint directory")
+    parser.add_argument("--types", default="F32,Q8_0,Q4_0")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--tokenizer", type=Path, default=FALLBACK_TOKENIZER, help="tokenizer.json source when the checkpoint has none")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt", type=int, action="append", help="prefill prompt lengths (default 128 and 512)")
+    parser.add_argument("--decode-prompt", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prepare-only", action="store_true", help="fetch, build and convert; measure nothing")
+    args = parser.parse_args()
+    files = convert(args.checkpoint, args.cache, args.types.split(","), args.tokenizer, args.threads)
+    if args.prepare_only:
+        print(json.dumps({k: str(v) for k, v in files.items()}, indent=2))
+        return
+    bin_dir = build(args.cache, source_dir(args.cache))
+    results = {k: measure(bin_dir, v, args.threads, args.prompt or [128, 512], args.decode_prompt, args.new_tokens, args.repeats)
+               for k, v in files.items()}
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

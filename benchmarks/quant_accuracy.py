@@ -1,0 +1,54 @@
+"""Accuracy of INT4 (RTN vs AWQ, block 32/64/128) and FP8 on l4-scoutlike vs its fp32 model, on held-out text.
+
+    python benchmarks/quant_accuracy.py [--checkpoint ../shared/checkpoints/l4-scoutlike] [--out-dir /tmp/quant_acc]
+
+Calibration: corpus_train.txt beside the checkpoint (cached: the first run calibrates, the others reuse the cache);
+evaluation: corpus_heldout.txt. Prints one table and writes quant_accuracy.json in --out-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from llama4_export.export import ModelSource
+from llama4_export.export.pipeline import QuantOptions, export_quantized
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "checkpoints"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=SHARED / "l4-scoutlike")
+    parser.add_argument("--out-dir", type=Path, default=Path("/tmp/quant_accuracy"))
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--calib-seq-len", type=int, default=256)
+    parser.add_argument("--only", nargs="*", help="run names to run (fp8, int4-rtn-b32, int4-awq-b128, …); default all")
+    args = parser.parse_args()
+    corpus = args.checkpoint.parent
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    source = ModelSource(checkpoint=args.checkpoint)
+    runs = [("fp8", None, None)] + [("int4", algo, block) for block in (32, 64, 128) for algo in ("rtn", "awq")]
+    rows = []
+    for precision, algo, block in runs:
+        options = QuantOptions(int4_algo=algo or "awq", block_size=block, calib_data=corpus / "corpus_train.txt",
+                               calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                               calib_cache=args.out_dir / "calibration.safetensors",
+                               eval_data=corpus / "corpus_heldout.txt")
+        name = precision if algo is None else f"{precision}-{algo}-b{block}"
+        if args.only and name not in args.only:
+            continue
+        start = time.perf_counter()
+        _, report, _ = export_quantized(args.out_dir / name, source, precision, options, show_progress=False)
+        rows.append({"run": name, **report, "seconds": round(time.perf_counter() - start, 1)})
+        print(f"{name:16s} ppl {report['perplexity_reference']:.4f} → {report['perplexity_quantized']:.4f} "
+              f"ratio {report['perplexity_ratio']:.5f}  KL {report['kl_mean']:.5f}  top1 {report['top1_agreement']:.4f}  "
+              f"greedy {report['greedy_agreement_tokens']:.2f}/{report['greedy_tokens']}", flush=True)
+    (args.out_dir / "quant_accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

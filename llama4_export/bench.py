@@ -1,0 +1,250 @@
+"""`llama4-export bench ARTIFACT`: prefill/decode speed, time to first token, peak RSS and the memory-bandwidth roofline.
+
+    result = bench_artifact("out/scout-fp32", repeats=3)   # JSON-ready dict; print_results(result) prints the table
+
+What is measured (greedy, random prompt ids, no stop tokens, one warm-up run first):
+- prefill tokens/s for each prompt length: prompt tokens / time to the first new token;
+- decode tokens/s: batch 1, `new_tokens` after a `decode_prompt`-token prompt, counting the tokens after the first
+  (whose time is the prefill);
+- time to first token (ms) of that decode run's prompt;
+- peak RSS of this process (VmHWM), so run one artifact per process to compare artifacts;
+- the roofline: this machine's memory bandwidth (a large multi-threaded copy) divided by the bytes one decode step
+  must read (weights touched by one token: attention, dense/shared MLPs, ONE routed expert per MoE layer, the
+  lm_head, one embedding row, plus the valid KV entries) = the bandwidth-bound decode tokens/s.
+Every timed metric is repeated; the median and the spread (min..max) are reported, since a shared machine adds noise.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import Llama4ExportError
+
+# ONNX ops whose expert-weight inputs are stacked [num_experts, ...]: a top-1 token reads one slice of them
+# (the unoptimized graph picks the slice with GatherND instead).
+MOE_OPS = frozenset({"MoE", "QMoE", "Llama4MoE"})
+
+
+class BenchError(Llama4ExportError):
+    """A benchmark was asked for something the artifact or the options cannot give."""
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Median and range of repeated measurements."""
+    values = [float(v) for v in values]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def memory_bandwidth_gb_s(threads: int = 2, megabytes: int = 512, repeats: int = 5) -> float:
+    """Copy bandwidth (bytes read + written per second, GB/s): best of `repeats` copies of a buffer far beyond cache.
+
+    The copy is split over `threads` Python threads (numpy releases the GIL while copying), since one core alone
+    often cannot saturate the memory bus.
+    """
+    n = megabytes * (1 << 20) // 8
+    src = np.ones(n, np.float64)
+    dst = np.empty_like(src)
+    parts = np.array_split(np.arange(n), max(1, threads))
+    bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts if len(p)]
+    best = float("inf")
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in bounds]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best / 1e9
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def peak_rss_mb(pid: int | str = "self") -> float | None:
+    """Peak resident set size (MB) of a process: VmHWM on Linux (None once the process is gone), else ru_maxrss.
+
+    VmHWM belongs to the process's current address space, so unlike ru_maxrss it does not inherit the RSS of the
+    parent that forked it (Linux carries ru_maxrss across exec: a child of a big benchmark driver would look big).
+    """
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        if pid != "self":
+            return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if platform.system() == "Darwin" else peak / 1024
+
+
+def decode_weight_bytes(graph_path: Path, num_experts: int) -> int:
+    """Bytes of the decode graph's initializers one token reads: stacked expert weights count one expert's slice,
+    a Gather table (the embedding) one row; everything else in full."""
+    import onnx
+
+    model = onnx.load(str(graph_path), load_external_data=False)
+    uses: dict[str, list[tuple[str, int]]] = {}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            uses.setdefault(name, []).append((node.op_type, index))
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            size = int({e.key: e.value for e in tensor.external_data}["length"])
+        else:
+            size = len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
+        consumers = uses.get(tensor.name, [])
+        dims = list(tensor.dims)
+        if dims and dims[0] == num_experts and consumers and all(
+            op in MOE_OPS or (op == "GatherND" and i == 0) for op, i in consumers  # fused MoE, or the traced top-1 gather
+        ):
+            size //= num_experts
+        elif dims and consumers and all(op == "Gather" and i == 0 for op, i in consumers):
+            size //= dims[0]
+        total += size
+    return total
+
+
+def kv_bytes_read(config, positions: Sequence[int], dtype_bytes: int, window: int | None) -> float:
+    """Mean bytes of valid K and V entries a decode step attends to over the given positions."""
+    per_token = 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
+    chunk = config.attention_chunk_size
+    total = 0
+    for p in positions:
+        for layer in range(config.num_hidden_layers):
+            if config.uses_rope(layer) and chunk:
+                tokens = p % chunk + 1
+            else:
+                tokens = p + 1 if window is None else min(p + 1, window)
+            total += tokens * per_token
+    return total / max(1, len(positions))
+
+
+def bench_artifact(
+    directory: str | Path, prompt_lengths: Sequence[int] = (128, 512), decode_prompt: int = 512, new_tokens: int = 128,
+    repeats: int = 3, threads: int | None = None, backend: str = "onnxruntime", bandwidth: float | None = None,
+    seed: int = 0, window: int | None = None,
+) -> dict[str, Any]:
+    """Measure one artifact (see the module docstring). bandwidth: a GB/s figure measured elsewhere (None = measure);
+    window: the global layers' KV slots (None = the runtime default, the whole context; llama-bench instead sizes its
+    context to each test, which --window decode_prompt + new_tokens mirrors)."""
+    from .artifact import read_manifest
+    from .runtime import Generator
+
+    directory = Path(directory)
+    if repeats < 1 or new_tokens < 2 or decode_prompt < 1 or any(p < 1 for p in prompt_lengths):
+        raise BenchError(
+            f"repeats={repeats}, new_tokens={new_tokens}, prompts={list(prompt_lengths)}, decode prompt={decode_prompt}: "
+            "need repeats >= 1, new tokens >= 2 and prompts >= 1 token"
+        )
+    manifest = read_manifest(directory)
+    gen = Generator.load(directory, backend=backend, threads=threads, window=window)
+    config = gen.config
+    longest = max([*prompt_lengths, decode_prompt]) + new_tokens
+    if longest > config.max_position_embeddings:
+        raise BenchError(
+            f"{directory}: prompt + new tokens = {longest} exceed the model's {config.max_position_embeddings} positions; "
+            "pass shorter --prompt/--new-tokens"
+        )
+    rng = np.random.default_rng(seed)
+    vocab = config.vocab_size
+
+    def prompt(n: int) -> list[int]:
+        return rng.integers(0, vocab, n).tolist()
+
+    def timed(ids: list[int], count: int) -> list[float]:
+        stamps: list[float] = []
+        start = time.perf_counter()
+        gen.generate(ids, max_new_tokens=count, stop_tokens=[], stream=lambda e: stamps.append(time.perf_counter()))
+        return [start, *stamps]
+
+    timed(prompt(min(prompt_lengths)), 2)  # warm-up: ORT's first run allocates and pre-packs
+    prefill = {n: [] for n in prompt_lengths}
+    decode, ttft = [], []
+    for _ in range(repeats):  # interleaved, so a load change on the machine hits every metric alike
+        for n in prompt_lengths:
+            start, first = timed(prompt(n), 1)
+            prefill[n].append(n / (first - start))
+        start, first, *rest = timed(prompt(decode_prompt), new_tokens)
+        ttft.append(1e3 * (first - start))
+        decode.append((new_tokens - 1) / (rest[-1] - first))
+
+    peak_rss = peak_rss_mb()  # before the bandwidth copy, whose buffers are not the engine's
+    graph = directory / manifest["graphs"]["decode"]["file"]
+    weight_bytes = decode_weight_bytes(graph, config.num_local_experts)
+    positions = range(decode_prompt, decode_prompt + new_tokens - 1)
+    kv = kv_bytes_read(config, positions, np.dtype(gen.backend.cache_dtype).itemsize, gen.window)
+    bandwidth = memory_bandwidth_gb_s(threads or os.cpu_count() or 1) if bandwidth is None else bandwidth
+    decode_stats = spread(decode)
+    bound = bandwidth * 1e9 / (weight_bytes + kv)
+    return {
+        "engine": f"llama4-export ({backend})",
+        "artifact": str(directory),
+        "precision": manifest.get("precision"),
+        "target": manifest.get("target"),
+        "threads": threads,
+        "machine": machine_info(),
+        "settings": {"prompt_lengths": list(prompt_lengths), "decode_prompt": decode_prompt, "new_tokens": new_tokens,
+                     "repeats": repeats, "window": gen.window},
+        "prefill_tok_s": {str(n): spread(v) for n, v in prefill.items()},
+        "decode_tok_s": decode_stats,
+        "ttft_ms": spread(ttft),
+        "peak_rss_mb": round(peak_rss, 1),
+        "roofline": {
+            "bandwidth_gb_s": round(bandwidth, 2),
+            "decode_bytes_per_token": int(weight_bytes + kv),
+            "weight_bytes_per_token": weight_bytes,
+            "kv_bytes_per_token": int(kv),
+            "bound_tok_s": round(bound, 2),
+            "fraction_of_bound": round(decode_stats["median"] / bound, 4),
+        },
+    }
+
+
+def _cell(stats: dict[str, Any], digits: int = 1) -> str:
+    return f"{stats['median']:,.{digits}f} ({stats['min']:,.{digits}f}–{stats['max']:,.{digits}f})"
+
+
+def result_table(results: Sequence[dict[str, Any]], title: str = "benchmark (median, min–max over repeats)"):
+    """One rich Table row per result dict (bench_artifact's format; peers use the same keys)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    lengths = sorted({n for r in results for n in r["prefill_tok_s"]}, key=int)
+    table.add_column("engine")
+    for n in lengths:
+        table.add_column(f"prefill {n} tok/s", justify="right")
+    for name in ("decode tok/s", "TTFT ms", "peak RSS MB", "% of BW bound"):
+        table.add_column(name, justify="right")
+    for r in results:
+        name = r["engine"] + (f" {r['precision']}" if r.get("precision") else "")
+        roof = r.get("roofline") or {}
+        fraction = f"{100 * roof['fraction_of_bound']:.0f} %" if roof.get("fraction_of_bound") is not None else "–"
+        row = [name]
+        row += [_cell(r["prefill_tok_s"][n], 0) if n in r["prefill_tok_s"] else "–" for n in lengths]
+        row += [_cell(r["decode_tok_s"]), _cell(r["ttft_ms"], 0) if r.get("ttft_ms") else "–",
+                f"{r['peak_rss_mb']:,.0f}" if r.get("peak_rss_mb") else "–", fraction]
+        table.add_row(*row)
+    return table

@@ -1,0 +1,155 @@
+"""`compare`: the artifact's graphs on ONNX Runtime against TensorRT (Polygraphy) — or against PyTorch without TensorRT.
+
+ONNX Runtime runs each graph with the MoE plugin node served by its numpy reference (graph_passes.verify's
+onnxruntime-extensions Python op). With TensorRT, a GPU and built engines (manifest `tensorrt` entry) the same inputs
+go through the engine with Polygraphy's TrtRunner and the two runs are compared with Polygraphy's Comparator.
+Without them it is ORT-only: ONNX Runtime against our PyTorch model rebuilt from the graph's own weights (exact for
+fp32/fp16 graphs; quantized graphs have no float weights to rebuild from, so they are only run), with a note saying
+TensorRT was not compared.
+
+Deviation = max|out − ref| / max|ref| per output (the verification ladder's metric, DESIGN.md §6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifact import read_manifest
+from ..export import io_spec
+from ..model.config import Llama4Config
+from .errors import BuildError
+from .profiles import manifest_config
+
+
+@dataclass
+class Comparison:
+    graph: str
+    reference: str  # "tensorrt" | "pytorch" | "none"
+    deviations: dict[str, float] = field(default_factory=dict)  # output -> max|out - ref| / max|ref|
+
+    @property
+    def worst(self) -> tuple[str, float]:
+        return max(self.deviations.items(), key=lambda kv: kv[1]) if self.deviations else ("", 0.0)
+
+
+def graph_feeds(config: Llama4Config, batch: int, new_tokens: int, chunk_slots: int, global_slots: int,
+                dtype: np.dtype, seed: int = 0) -> dict[str, np.ndarray]:
+    """io_spec inputs: random tokens continuing a partly filled cache (row 1 has two empty global slots), random K/V."""
+    rng = np.random.default_rng(seed)
+    past = np.tile(np.arange(global_slots, dtype=np.int64), (batch, 1))
+    past[1:, -2:] = -1
+    chunk_start = (global_slots // chunk_slots) * chunk_slots  # the chunk the new tokens fall in
+    chunked = np.full((batch, chunk_slots), -1, np.int64)
+    filled = global_slots - chunk_start
+    chunked[:, :filled] = np.arange(chunk_start, global_slots)
+    feeds = {
+        io_spec.INPUT_IDS: rng.integers(0, config.vocab_size, (batch, new_tokens), dtype=np.int64),
+        io_spec.POSITIONS: global_slots + np.tile(np.arange(new_tokens, dtype=np.int64), (batch, 1)),
+        io_spec.PAST_POSITIONS["global"]: past, io_spec.PAST_POSITIONS["chunked"]: chunked,
+    }
+    slots = {"chunked": chunk_slots, "global": global_slots}
+    for layer in range(config.num_hidden_layers):
+        shape = (batch, config.num_key_value_heads, slots[io_spec.attention_kind(config, layer)], config.head_dim)
+        feeds[io_spec.past_key(layer)] = rng.standard_normal(shape).astype(dtype)
+        feeds[io_spec.past_value(layer)] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def run_ort(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The graph on ONNX Runtime CPU, with its plugin / fused MoE nodes served by the numpy reference."""
+    import onnx_ir as ir
+
+    from ..graph_passes.verify import executable_copy, run_onnxruntime
+
+    runnable, library = executable_copy(ir.load(path))
+    return run_onnxruntime(runnable, feeds, library)
+
+
+def run_pytorch(path: Path, config: Llama4Config, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Our PyTorch model with the graph's weights, on the same inputs (the torch runtime backend's model)."""
+    import torch
+
+    from ..model.modeling import KVCache
+    from ..runtime.backends import TorchBackend
+
+    model = TorchBackend.from_onnx_weights(path, config).model
+    kinds = [io_spec.attention_kind(config, i) for i in range(config.num_hidden_layers)]
+    dtype = model.lm_head.weight.dtype
+    cache = KVCache(
+        keys=[torch.from_numpy(feeds[io_spec.past_key(i)]).to(dtype) for i in range(config.num_hidden_layers)],
+        values=[torch.from_numpy(feeds[io_spec.past_value(i)]).to(dtype) for i in range(config.num_hidden_layers)],
+        positions=[torch.from_numpy(feeds[io_spec.PAST_POSITIONS[k]]) for k in kinds],
+    )
+    with torch.inference_mode():
+        logits, new = model(torch.from_numpy(feeds[io_spec.INPUT_IDS]), torch.from_numpy(feeds[io_spec.POSITIONS]), cache)
+    out = {io_spec.LOGITS: logits.float().numpy()}
+    for i in range(config.num_hidden_layers):
+        out[io_spec.new_key(i)], out[io_spec.new_value(i)] = new.keys[i].float().numpy(), new.values[i].float().numpy()
+    return out
+
+
+def deviations(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:
+    result = {}
+    for name, ref in reference.items():
+        if name not in outputs or outputs[name].shape != ref.shape:
+            raise BuildError(f"output {name!r}: shape {getattr(outputs.get(name), 'shape', None)} vs reference {ref.shape}")
+        ref64 = ref.astype(np.float64)
+        scale = max(float(np.abs(ref64).max(initial=0.0)), np.finfo(np.float32).tiny)
+        value = float(np.abs(outputs[name].astype(np.float64) - ref64).max(initial=0.0)) / scale
+        result[name] = value if np.isfinite(value) else float("inf")
+    return result
+
+
+def _run_tensorrt(directory: Path, engine: dict[str, Any], feeds: dict[str, np.ndarray], ort_out: dict[str, np.ndarray]):
+    """The engine through Polygraphy's TrtRunner on `feeds`; Polygraphy's Comparator against the ORT outputs."""
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.comparator import CompareFunc, Comparator, IterationResult, RunResults
+
+    from . import moe_plugin
+
+    moe_plugin.register()
+    with TrtRunner(EngineFromBytes((directory / engine["file"]).read_bytes())) as runner:
+        trt_out = {k: np.asarray(v) for k, v in runner.infer(feeds).items()}
+    results = RunResults([("onnxruntime", [IterationResult(ort_out, runner_name="onnxruntime")]),
+                          ("tensorrt", [IterationResult(trt_out, runner_name="tensorrt")])])
+    Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(rtol=1e-2, atol=1e-2))
+    return trt_out
+
+
+def compare_artifact(directory: str | Path, batch: int = 2, prefill_tokens: int = 5, seed: int = 0
+                     ) -> tuple[list[Comparison], list[str]]:
+    """Compare every graph; returns (comparisons, notes)."""
+    from .engine import tensorrt_problem
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    config = manifest_config(manifest)
+    graphs = manifest.get("graphs") or {}
+    engines = (manifest.get("tensorrt") or {}).get("engines") or {}
+    problem = tensorrt_problem() if engines else "the artifact has no TensorRT engines (llama4-export build)"
+    notes = [] if problem is None else [f"ORT-only comparison (against PyTorch): {problem}"]
+    kv_dtype = np.dtype(manifest.get("dtypes", {}).get("kv_cache", "float32"))
+    chunk = config.attention_chunk_size or 8
+    limits = (manifest.get("tensorrt") or {}).get("builder", {}).get("limits")
+    chunk_slots, global_slots = (limits["chunk_slots"], limits["global_slots"]) if limits else (chunk, chunk + 6)
+    quantized = manifest.get("precision") not in ("fp32", "fp16")
+    comparisons = []
+    for name in sorted(graphs):
+        tokens = graphs[name].get("new_tokens") or prefill_tokens
+        rows = min(batch, limits["max_batch"]) if limits else batch
+        feeds = graph_feeds(config, rows, tokens, chunk_slots, global_slots, kv_dtype, seed)
+        path = directory / graphs[name]["file"]
+        ort_out = run_ort(path, feeds)
+        if problem is None and name in engines:
+            comparisons.append(Comparison(name, "tensorrt", deviations(_run_tensorrt(directory, engines[name], feeds, ort_out), ort_out)))
+        elif quantized:
+            notes.append(f"{graphs[name]['file']}: quantized ({manifest.get('precision')}), no float weights to rebuild "
+                         "a PyTorch reference from; ran on ONNX Runtime only")
+            comparisons.append(Comparison(name, "none", {}))
+        else:
+            comparisons.append(Comparison(name, "pytorch", deviations(ort_out, run_pytorch(path, config, feeds))))
+    return comparisons, notes

@@ -1,0 +1,106 @@
+"""TensorRT optimization profiles for the decode and prefill graphs, from the manifest and the build limits.
+
+One engine per graph, one profile each (the two graphs are separate ONNX files with their own fixed/dynamic dims):
+  prefill  batch 1…B, new tokens 1…T   (T = --max-prefill, at most the manifest's graphs.prefill.max_new_tokens)
+  decode   batch 1…B, one new token
+The cache dimensions are not ranges: the runtime always hands the whole preallocated buffers over (SlidingKVCache),
+so chunk slots = attention_chunk_size (the global window when the model has no chunking) and global slots = the
+window W (--window, default runtime.kv_cache.default_window for the KV dtype). An engine therefore serves exactly one
+W; `llama4-run --backend tensorrt` uses the W recorded in the manifest.
+opt = max: TensorRT tunes kernels at opt, and the largest batch/prompt is what the limits are chosen for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..export import io_spec
+from ..model.config import Llama4Config
+from ..runtime.kv_cache import DEFAULT_SINKS, default_window
+from .errors import BuildError
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    min: Shape
+    opt: Shape
+    max: Shape
+
+    def to_json(self) -> dict[str, list[int]]:
+        return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
+
+
+@dataclass(frozen=True)
+class BuildLimits:
+    max_batch: int
+    max_prefill: int
+    chunk_slots: int
+    global_slots: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"max_batch": self.max_batch, "max_prefill": self.max_prefill, "chunk_slots": self.chunk_slots,
+                "global_slots": self.global_slots}
+
+
+def manifest_config(manifest: dict[str, Any]) -> Llama4Config:
+    raw = manifest.get("model")
+    if not isinstance(raw, dict):
+        raise BuildError("manifest.json has no 'model' config object; re-run the export")
+    return Llama4Config.from_hf_dict(raw, source="manifest.json")
+
+
+def build_limits(manifest: dict[str, Any], max_batch: int = 1, max_prefill: int | None = None,
+                 window: int | None = None) -> BuildLimits:
+    """Check the limits against the artifact; defaults: the exported prefill limit, the runtime's default window."""
+    config = manifest_config(manifest)
+    graphs = manifest.get("graphs") or {}
+    exported = int((graphs.get("prefill") or {}).get("max_new_tokens", 1))
+    if max_batch < 1:
+        raise BuildError(f"--max-batch {max_batch}: must be at least 1")
+    max_prefill = exported if max_prefill is None else max_prefill
+    if not 1 <= max_prefill <= exported:
+        raise BuildError(f"--max-prefill {max_prefill}: must be between 1 and the exported prefill limit {exported} "
+                         "(re-export with a larger --max-prefill to go beyond it)")
+    itemsize = np.dtype(manifest.get("dtypes", {}).get("kv_cache", "float32")).itemsize
+    window = default_window(config, itemsize) if window is None else window
+    if window < DEFAULT_SINKS + 1:
+        raise BuildError(f"--window {window}: the global KV window needs at least {DEFAULT_SINKS + 1} slots")
+    chunk = config.attention_chunk_size or window
+    return BuildLimits(max_batch, max_prefill, chunk, window)
+
+
+def graph_profile(config: Llama4Config, limits: BuildLimits, new_tokens: int | None) -> dict[str, ShapeRange]:
+    """Shape ranges of every input of one graph; new_tokens None = dynamic (prefill: 1…max_prefill)."""
+    b = limits.max_batch
+    t_min, t_max = (1, limits.max_prefill) if new_tokens is None else (new_tokens, new_tokens)
+    slots = {"chunked": limits.chunk_slots, "global": limits.global_slots}
+
+    def rng(*dims_of_batch_and_tokens: tuple[int, int]) -> ShapeRange:
+        low = tuple(lo for lo, _ in dims_of_batch_and_tokens)
+        high = tuple(hi for _, hi in dims_of_batch_and_tokens)
+        return ShapeRange(low, high, high)
+
+    profile = {
+        io_spec.INPUT_IDS: rng((1, b), (t_min, t_max)),
+        io_spec.POSITIONS: rng((1, b), (t_min, t_max)),
+    }
+    for kind, name in io_spec.PAST_POSITIONS.items():
+        profile[name] = rng((1, b), (slots[kind], slots[kind]))
+    kvh, d = config.num_key_value_heads, config.head_dim
+    for layer in range(config.num_hidden_layers):
+        n = slots[io_spec.attention_kind(config, layer)]
+        for name in (io_spec.past_key(layer), io_spec.past_value(layer)):
+            profile[name] = rng((1, b), (kvh, kvh), (n, n), (d, d))
+    return profile
+
+
+def engine_profiles(manifest: dict[str, Any], limits: BuildLimits) -> dict[str, dict[str, ShapeRange]]:
+    """{graph name: {input: ShapeRange}} for every graph the manifest lists."""
+    config = manifest_config(manifest)
+    graphs = manifest.get("graphs") or {}
+    return {name: graph_profile(config, limits, graphs[name].get("new_tokens")) for name in sorted(graphs)}

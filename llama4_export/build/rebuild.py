@@ -1,0 +1,168 @@
+"""`rebuild`: re-run the pipeline an artifact's manifest records and compare every file hash with the original.
+
+What is re-run: the export (source: preset + seed, or the checkpoint — whose files must hash as recorded; precision;
+the prefill limit), the graph passes for the recorded target (and MoE lowering), and — when the manifest has a
+`tensorrt` entry and TensorRT + a GPU are here — the engine build with the recorded builder settings from the
+recorded timing cache in error-on-miss mode. Everything up to the ONNX must be byte-identical on any machine (the
+exporter and passes are deterministic); engines only given the same timing cache, GPU model and TensorRT version
+(engine.py says what TensorRT does and does not guarantee). The result is compared file by file: the first
+difference (missing, extra, or different sha256) is reported.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..artifact import read_manifest, sha256_file
+from .errors import BuildError
+
+
+@dataclass
+class RebuildResult:
+    compared: list[str]  # files compared
+    differences: list[str]  # one line per differing file, sorted by file name
+    notes: list[str] = field(default_factory=list)  # what was not compared and why, tool-version differences
+
+    @property
+    def identical(self) -> bool:
+        return not self.differences
+
+
+def compare_hashes(expected: dict[str, str], actual: dict[str, str], only: set[str] | None = None) -> list[str]:
+    """Differences between two {file: sha256} maps, sorted by file name (restricted to `only` when given)."""
+    names = sorted(set(expected) | set(actual))
+    if only is not None:
+        names = [n for n in names if n in only]
+    out = []
+    for name in names:
+        if name not in actual:
+            out.append(f"{name}: in the original artifact, not produced by the rebuild")
+        elif name not in expected:
+            out.append(f"{name}: produced by the rebuild, not in the original artifact")
+        elif expected[name] != actual[name]:
+            out.append(f"{name}: sha256 {expected[name][:16]}… in the original, {actual[name][:16]}… rebuilt")
+    return out
+
+
+def tool_differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    a, b = expected.get("tools", {}), actual.get("tools", {})
+    return [f"{tool} {a.get(tool)} originally, {b.get(tool)} now" for tool in sorted(set(a) | set(b)) if a.get(tool) != b.get(tool)]
+
+
+def _source(manifest: dict[str, Any], checkpoint: Path | None):
+    from ..export import ModelSource
+
+    source = manifest.get("source") or {}
+    if "preset" in source:
+        return ModelSource(preset=source["preset"], seed=int(source.get("seed", 0)))
+    if checkpoint is None:
+        raise BuildError(f"the artifact was exported from checkpoint {source.get('checkpoint')!r}; pass its directory "
+                         "with --checkpoint to rebuild")
+    for name, expected in sorted((source.get("files") or {}).items()):
+        path = Path(checkpoint) / name
+        if not path.is_file() or sha256_file(path) != expected:
+            raise BuildError(f"{path}: missing or not the file the artifact was exported from (sha256 differs); "
+                             "pass the original checkpoint")
+    return ModelSource(checkpoint=Path(checkpoint))
+
+
+def _uses_trt_plugin(manifest: dict[str, Any]) -> bool:
+    """The tensorrt lowering used the plugin unless a graph records the standard-op MoE (--trt-fallback)."""
+    return not any("standard ops" in (g.get("moe_lowering") or "") for g in (manifest.get("graphs") or {}).values())
+
+
+def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out: str | Path | None = None,
+            show_progress: bool = True) -> RebuildResult:
+    """Re-run the recorded pipeline into `out` (default: a temp dir, removed after) and compare with the artifact."""
+    from ..export import export_artifact
+    from ..graph_passes import optimize_artifact
+    from .engine import ENGINE_DIR, build_engines, missing_tensorrt_message
+
+    directory = Path(artifact_dir)
+    original = read_manifest(directory)
+    source = _source(original, Path(checkpoint) if checkpoint else None)
+    graphs = original.get("graphs") or {}
+    max_prefill = int((graphs.get("prefill") or {}).get("max_new_tokens", 512))
+    scratch = None
+    if out is None:
+        scratch = Path(tempfile.mkdtemp(prefix="llama4-rebuild-"))
+        out = scratch / "artifact"
+    out = Path(out)
+    try:
+        notes: list[str] = []
+        if "quantization" in original:
+            rebuilt = _rebuild_quantized(directory, out, original, source, max_prefill, show_progress, notes)
+        else:
+            rebuilt = export_artifact(out, source, precision=original.get("precision", "fp32"), max_prefill=max_prefill,
+                                      show_progress=show_progress)
+            if "graph_passes" in original:
+                rebuilt, _ = optimize_artifact(out, original["graph_passes"]["target"],
+                                               trt_plugin=_uses_trt_plugin(original), show_progress=show_progress)
+        notes += tool_differences(original, rebuilt)
+        engine_files = {n for n in original["files"] if n.startswith(f"{ENGINE_DIR}/")}
+        if "tensorrt" in original:
+            problem = missing_tensorrt_message()
+            if problem is not None:
+                notes.append(f"engines not rebuilt ({problem}); compared everything up to the ONNX")
+            else:
+                rebuilt = _rebuild_engines(directory, out, original, show_progress, build_engines)
+                engine_files = set()
+        only = None if not engine_files else set(original["files"]) - engine_files
+        differences = compare_hashes(original["files"], rebuilt["files"], only)
+        compared = sorted(set(original["files"]) if only is None else only)
+        return RebuildResult(compared, differences, notes)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _rebuild_quantized(directory: Path, out: Path, original: dict[str, Any], source, max_prefill: int,
+                       show_progress: bool, notes: list[str]) -> dict[str, Any]:
+    """int4 / fp8: export_quantized with the recorded options, from the artifact's own calibration cache (so the
+    statistics are the recorded ones even where calibration data is not at hand)."""
+    from ..export.pipeline import QuantOptions, export_quantized
+
+    quant = original["quantization"]
+    precision = quant["precision"]
+    calibration = quant.get("calibration") or {}
+    cache = None
+    if calibration.get("file") and (directory / calibration["file"]).is_file():
+        cache = out.parent / f".{out.name}.{calibration['file']}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(directory / calibration["file"], cache)
+    elif calibration:
+        notes.append("the artifact has no calibration file: calibrating again, which must reproduce the same statistics")
+    options = QuantOptions(
+        int4_algo=quant.get("algorithm", "awq") if precision == "int4" else "awq",
+        block_size=quant.get("block_size") if precision == "int4" else None,
+        calib_samples=calibration.get("samples"), calib_seq_len=calibration.get("seq_len"), calib_cache=cache,
+        report="report.json" in original["files"], quantize_lm_head=bool(quant.get("quantize_lm_head")),
+    )
+    try:
+        manifest, _, _ = export_quantized(out, source, precision, options, target=original.get("target", "onnxruntime"),
+                                          trt_plugin=_uses_trt_plugin(original), max_prefill=max_prefill,
+                                          show_progress=show_progress)
+    finally:
+        if cache is not None:
+            cache.unlink(missing_ok=True)
+    return manifest
+
+
+def _rebuild_engines(directory: Path, out: Path, original: dict[str, Any], show_progress: bool, build_engines):
+    info = original["tensorrt"]
+    cache = info["timing_cache"]
+    if not cache.get("inside_artifact"):
+        raise BuildError(f"the original timing cache {cache['path']!r} is outside the artifact; copy it into "
+                         f"{directory}/engine/ to rebuild the engines reproducibly")
+    (out / cache["path"]).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(directory / cache["path"], out / cache["path"])
+    builder, limits = info["builder"], info["builder"]["limits"]
+    workspace = builder.get("workspace_bytes")
+    return build_engines(out, max_batch=limits["max_batch"], max_prefill=limits["max_prefill"],
+                         window=limits["global_slots"], timing_cache=out / cache["path"], reproducible=True,
+                         workspace_gib=None if workspace is None else workspace / (1 << 30),
+                         version_compatible=builder.get("version_compatible", False), show_progress=show_progress)

@@ -1,0 +1,217 @@
+"""Quantization graph passes: INT4 weight-only (blockwise) and FP8 E4M3 W8A8, as standard ONNX Q/DQ.
+
+Graph conventions (what the ONNX Runtime and TensorRT stages read):
+
+INT4 (weight-only, symmetric, zero point 0, blocks of `block_size` consecutive k along the input dimension K)
+  dense linears   x ─ MatMul ─ y  with the weight  W_int4 [K, N] (INT4 initializer `<weight>.int4`)
+                  → DequantizeLinear(W_int4, scale [ceil(K/B), N] fp32 `<weight>.int4_scale`, axis=0, block_size=B)
+                  The nn.Linear weight [N, K] is transposed once at quantization; Gemm(transB=1) / Transpose→MatMul
+                  become MatMul. ONNX Runtime fuses DQ→MatMul into com.microsoft.MatMulNBits (4-bit in memory);
+                  TensorRT reads it as weight-only INT4.
+  routed experts  the fused Llama4MoE node's gate_up [E, H, 2I] / down [E, I, H] inputs (checkpoint layout x @ W, K = axis 1)
+                  → Transpose(perm 0,2,1) ∘ DequantizeLinear(W_int4 [E, N, K] `<weight>.int4`, scale [E, N, ceil(K/B)]
+                  `<weight>.int4_scale`, axis=2, block_size=B): K contiguous per output row, as kernels/formats.py and
+                  MatMulNBits. The MoE lowering then sees non-constant expert weights: on ONNX Runtime the decode
+                  (gather) form reads the selected expert with com.microsoft.GatherBlockQuantized straight from the
+                  4-bit initializer (ORT's Gather has no int4 kernel); the prefill (dense) form dequantizes every
+                  expert at run time. The TensorRT plugin node gets the Transpose outputs as its gate_up/down inputs
+                  (the plugin may read the DQ inputs for the packed layout).
+  Values: q = clip(round_half_even(w / s), -7, 7), s = amax(block) / 7 (0-blocks: s = 1). The same values as
+  kernels/formats.py (nibble = q + 8, low nibble = even k) and ORT MatMulNBits with zero point 8.
+FP8 E4M3 (W8A8, per-tensor scales, amax / 448)
+  dense linears   x → QuantizeLinear(x, a_scale, float8e4m3fn zero point) → DequantizeLinear(…, a_scale) → MatMul
+                  with weight DequantizeLinear(W_fp8 [K, N] `<weight>.fp8`, w_scale scalar `<weight>.fp8_scale`):
+                  the placement TensorRT's strongly typed mode turns into an FP8 GEMM. a_scale = calibrated amax / 448.
+  routed experts  weight-only FP8: DequantizeLinear(W_fp8 [E, K, N], scale [E] (axis 0)) — the MoE kernels'
+                  FP8 format (kernels/formats.py) widens weights in registers and keeps activations in 16/32 bit.
+Never quantized unless asked: router, embeddings, norms, lm_head (quantize_lm_head=True makes lm_head like any linear).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from . import ops
+from .manager import GraphPass, PassContext
+
+INT4_MAX = 7
+FP8_E4M3_MAX = 448.0
+BLOCK_SIZES = (32, 64, 128)
+PRECISIONS = ("int4", "fp8")
+QUANTIZED = "quantized"
+_LINEAR = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+
+
+@dataclass
+class QuantSpec:
+    precision: str
+    block_size: int = 128
+    quantize_lm_head: bool = False
+    # FP8: calibrated amax of each dense linear's input, by weight name (calib.quant.activation_amax)
+    activation_amax: dict[str, float] = field(default_factory=dict)
+
+    def wants(self, name: str) -> bool:
+        return bool(_LINEAR.search(name)) or (self.quantize_lm_head and name == "lm_head.weight")
+
+
+# ------------------------------------------------------------------------------------------------ numerics
+def int4_blockwise(w: np.ndarray, block: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT4 along `axis` in blocks of `block`: (q int8 in [-7, 7], same shape; scales fp32 with that axis
+    of size ceil(K / block)). A last partial block has its own scale."""
+    w = np.moveaxis(np.asarray(w, dtype=np.float32), axis, -1)
+    k = w.shape[-1]
+    blocks = -(-k // block)
+    padded = np.zeros(w.shape[:-1] + (blocks * block,), np.float32)
+    padded[..., :k] = w
+    grouped = padded.reshape(w.shape[:-1] + (blocks, block))
+    scale = np.abs(grouped).max(-1) / INT4_MAX
+    scale = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
+    q = np.clip(np.round(grouped / scale[..., None]), -INT4_MAX, INT4_MAX).astype(np.int8)
+    q = q.reshape(padded.shape)[..., :k]
+    return np.moveaxis(q, -1, axis), np.moveaxis(scale, -1, axis)
+
+
+def int4_dequantize(q: np.ndarray, scale: np.ndarray, block: int, axis: int) -> np.ndarray:
+    k = q.shape[axis]
+    return q.astype(np.float32) * np.repeat(scale, block, axis=axis).take(np.arange(k), axis=axis)
+
+
+def fp8_quantize(w: np.ndarray, axes: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """E4M3 with scale amax / 448 over `axes` (None: the whole tensor): (float8_e4m3fn array, fp32 scale)."""
+    w = np.asarray(w, dtype=np.float32)
+    amax = np.abs(w).max(axis=axes, keepdims=axes is not None)
+    scale = np.where(amax == 0, np.float32(1), amax / FP8_E4M3_MAX).astype(np.float32)
+    return (w / scale).astype(ml_dtypes.float8_e4m3fn), scale
+
+
+# ------------------------------------------------------------------------------------------------ graph helpers
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    if name in graph.initializers:
+        return graph.initializers[name]
+    tensor = ir.Tensor(array, dtype=dtype, name=name) if dtype is not None else ir.tensor(array, name=name)
+    value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _dequantized_weight(graph: ir.Graph, name: str, w_kn: np.ndarray, spec: QuantSpec, axis: int,
+                        anchor: ir.Node) -> ir.Value:
+    """DequantizeLinear of `w_kn` (K along `axis`) quantized per spec, inserted before `anchor`; returns its output."""
+    if spec.precision == "int4":
+        q, scale = int4_blockwise(w_kn, spec.block_size, axis)
+        inputs = [_initializer(graph, f"{name}.int4", q.astype(ml_dtypes.int4), ir.DataType.INT4),
+                  _initializer(graph, f"{name}.int4_scale", scale)]
+        attributes = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", spec.block_size)]
+    else:
+        per_expert = w_kn.ndim == 3
+        q, scale = fp8_quantize(w_kn, (1, 2) if per_expert else None)
+        scale = scale.reshape(-1) if per_expert else scale.reshape(())
+        inputs = [_initializer(graph, f"{name}.fp8", q, ir.DataType.FLOAT8E4M3FN),
+                  _initializer(graph, f"{name}.fp8_scale", scale)]
+        attributes = [ir.AttrInt64("axis", 0)] if per_expert else []
+    node = ir.Node("", "DequantizeLinear", inputs, attributes=attributes, num_outputs=1, name=f"{name}.dequantize")
+    node.outputs[0].name = f"{name}.dequantized"
+    node.outputs[0].type, node.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(w_kn.shape)
+    graph.insert_before(anchor, node)
+    return node.outputs[0]
+
+
+def _fp8_activation(graph: ir.Graph, x: ir.Value, amax: float, name: str, anchor: ir.Node) -> ir.Value:
+    scale = _initializer(graph, f"{name}.input_fp8_scale", np.asarray(max(amax, 1e-12) / FP8_E4M3_MAX, np.float32))
+    zero = _initializer(graph, "fp8_zero_point", np.zeros((), ml_dtypes.float8_e4m3fn), ir.DataType.FLOAT8E4M3FN)
+    quant = ir.Node("", "QuantizeLinear", [x, scale, zero], num_outputs=1, name=f"{name}.input_quantize")
+    dequant = ir.Node("", "DequantizeLinear", [quant.outputs[0], scale], num_outputs=1, name=f"{name}.input_dequantize")
+    quant.outputs[0].name, dequant.outputs[0].name = f"{name}.input_fp8", f"{name}.input_qdq"
+    dequant.outputs[0].type, dequant.outputs[0].shape = x.type, x.shape
+    graph.insert_before(anchor, [quant, dequant])
+    return dequant.outputs[0]
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None or not value.is_initializer():
+        return None
+    return value.const_value.numpy()
+
+
+# ------------------------------------------------------------------------------------------------ passes
+def quantize_experts(model: ir.Model, context: PassContext) -> int:
+    """Llama4MoE gate_up / down initializers → Transpose(DequantizeLinear(INT4 [E, N, K], axis 2)) | DequantizeLinear(FP8 [E, K, N])"""
+    spec: QuantSpec = context.quantization
+    graph, count = model.graph, 0
+    for node in list(graph):
+        if node.domain != ops.DOMAIN or node.op_type != ops.MOE_OP:
+            continue
+        for index in (2, 3):  # gate_up, down: [E, K, N]
+            value = node.inputs[index]
+            w = _const(value)
+            if w is None or not _EXPERTS.search(value.name):
+                continue
+            if spec.precision == "int4":
+                # K-contiguous [E, N, K] (kernels/formats.py's layout): ORT's GatherBlockQuantized reads one expert of it
+                dequantized = _dequantized_weight(graph, value.name, np.ascontiguousarray(w.transpose(0, 2, 1)), spec, 2, node)
+                transpose = ir.Node("", "Transpose", [dequantized], attributes=[ir.AttrInt64s("perm", [0, 2, 1])],
+                                    num_outputs=1, name=f"{value.name}.to_kn")
+                transpose.outputs[0].name = f"{value.name}.dequantized_kn"
+                transpose.outputs[0].type, transpose.outputs[0].shape = value.type, value.shape
+                graph.insert_before(node, transpose)
+                node.replace_input_with(index, transpose.outputs[0])
+            else:
+                node.replace_input_with(index, _dequantized_weight(graph, value.name, w, spec, 1, node))
+            count += 1
+    return count
+
+
+def quantize_linears(model: ir.Model, context: PassContext) -> int:
+    """MatMul/Gemm(transB)/Transpose→MatMul on a quantizable weight → MatMul(x, DequantizeLinear(W [K, N])) (+ FP8 input Q/DQ)"""
+    spec: QuantSpec = context.quantization
+    graph, count = model.graph, 0
+    for node in list(graph):
+        weight = None
+        if node.op_type == "Transpose" and node.domain == "":
+            w = _const(node.inputs[0])
+            perm = node.attributes.get_ints("perm", None)
+            if w is not None and w.ndim == 2 and perm in (None, (1, 0), [1, 0]) and spec.wants(node.inputs[0].name):
+                weight, w_kn = node.inputs[0], w.T
+        elif node.op_type == "Gemm" and node.domain == "" and len(node.inputs) == 2:
+            w = _const(node.inputs[1])
+            plain = (node.attributes.get_int("transA", 0) == 0 and node.attributes.get_float("alpha", 1.0) == 1.0)
+            if w is not None and plain and spec.wants(node.inputs[1].name):
+                weight, w_kn = node.inputs[1], (w.T if node.attributes.get_int("transB", 0) else w)
+        if weight is None:
+            continue
+        dequantized = _dequantized_weight(graph, weight.name, np.ascontiguousarray(w_kn), spec, 0, node)
+        if node.op_type == "Transpose":
+            consumers = [use.node for use in node.outputs[0].uses()]
+            node.outputs[0].replace_all_uses_with(dequantized)
+        else:
+            # A 2-D MatMul feeding an Add is turned back into Gemm by ONNX Runtime's MatMulAddFusion, which then keeps
+            # the DequantizeLinear at run time instead of fusing MatMulNBits: a leading unit axis prevents that.
+            axis0 = _initializer(graph, "quantize.axis0", np.asarray([0], np.int64))
+            unsqueeze = ir.Node("", "Unsqueeze", [node.inputs[0], axis0], num_outputs=1, name=f"{weight.name}.unsqueeze")
+            matmul = ir.Node("", "MatMul", [unsqueeze.outputs[0], dequantized], num_outputs=1, name=f"{weight.name}.matmul")
+            squeeze = ir.Node("", "Squeeze", [matmul.outputs[0], axis0], num_outputs=1, name=f"{weight.name}.squeeze")
+            graph.insert_before(node, [unsqueeze, matmul, squeeze])
+            squeeze.outputs[0].type, squeeze.outputs[0].shape = node.outputs[0].type, node.outputs[0].shape
+            node.outputs[0].replace_all_uses_with(squeeze.outputs[0], replace_graph_outputs=True)
+            consumers = [matmul]
+        graph.remove(node, safe=True)
+        if spec.precision == "fp8":
+            amax = spec.activation_amax.get(weight.name)
+            for consumer in consumers:
+                if consumer.op_type == "MatMul" and amax is not None:
+                    slot = 0 if consumer.inputs[1] is dequantized else 1
+                    consumer.replace_input_with(slot, _fp8_activation(graph, consumer.inputs[slot], amax, weight.name, consumer))
+        count += 1
+    return count
+
+
+def quantization_passes() -> tuple[GraphPass, GraphPass]:
+    """(before the MoE lowering, after it): experts while still in the fused node's layout, then the dense linears."""
+    return (GraphPass("quantize_experts", quantize_experts),
+            GraphPass("quantize_linears", quantize_linears, produces=(QUANTIZED,)))

@@ -1,0 +1,71 @@
+"""`llama4-export bench`: a smoke test of the CLI on the shared l4-scoutlike artifact, and the roofline byte count
+checked against the checkpoint's own tensors. Speed targets live in benchmarks/, never here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from llama4_export.bench import decode_weight_bytes, kv_bytes_read, spread
+from llama4_export.cli import export_app
+from llama4_export.model.config import Llama4Config
+
+
+def test_bench_cli_prints_table_and_writes_json(scoutlike_artifact, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(export_app, [
+        "bench", str(scoutlike_artifact), "--prompt", "8", "--prompt", "24", "--decode-prompt", "70",
+        "--new-tokens", "5", "--repeats", "2", "--threads", "1", "--json", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "benchmark (median" in result.output and "roofline:" in result.output  # the table title, the bound line
+    data = json.loads(out.read_text())
+    assert sorted(data["prefill_tok_s"]) == ["24", "8"]
+    for stats in [*data["prefill_tok_s"].values(), data["decode_tok_s"], data["ttft_ms"]]:
+        assert len(stats["runs"]) == 2 and stats["min"] <= stats["median"] <= stats["max"] and stats["min"] > 0
+    assert data["peak_rss_mb"] > 50  # python + ORT + 53 MB of mapped weights
+    roof = data["roofline"]
+    assert roof["bandwidth_gb_s"] > 0.1
+    assert np.isclose(roof["bound_tok_s"], roof["bandwidth_gb_s"] * 1e9 / roof["decode_bytes_per_token"], rtol=1e-3)
+
+
+def test_decode_bytes_count_one_expert_and_one_embedding_row(scoutlike_dir, scoutlike_artifact):
+    """Reference: the checkpoint's tensors at fp32, routed experts divided by their count, the embedding one row."""
+    config = json.loads((scoutlike_dir / "config.json").read_text())
+    experts, vocab = config["num_local_experts"], config["vocab_size"]
+    expected = 0
+    for shard in sorted(scoutlike_dir.glob("*.safetensors")):
+        with safe_open(shard, "np") as f:
+            for name in f.keys():
+                numel = int(np.prod(f.get_slice(name).get_shape()))
+                if ".experts." in name:
+                    numel //= experts
+                elif "embed_tokens" in name:
+                    numel //= vocab
+                expected += 4 * numel
+    measured = decode_weight_bytes(scoutlike_artifact / "decode.onnx", experts)
+    # The exported graph adds only small constants (RoPE tables, masks) to the weights.
+    assert expected <= measured <= expected * 1.05, (measured, expected)
+
+
+def test_kv_bytes_follow_chunk_and_global_layers(scoutlike_dir):
+    config = Llama4Config.from_hf_dict(json.loads((scoutlike_dir / "config.json").read_text()))
+    per_token = 2 * config.num_key_value_heads * config.head_dim * 4
+    # position 70 with chunk 64: RoPE layers see 7 tokens of their chunk, the NoPE layer all 71
+    rope_layers = sum(config.uses_rope(i) for i in range(config.num_hidden_layers))
+    expected = per_token * (7 * rope_layers + 71 * (config.num_hidden_layers - rope_layers))
+    assert kv_bytes_read(config, [70], 4, None) == expected
+    assert kv_bytes_read(config, [70], 4, window=20) == per_token * (7 * rope_layers + 20 * (config.num_hidden_layers - rope_layers))
+
+
+def test_bench_rejects_prompt_beyond_positions(scoutlike_artifact):
+    result = CliRunner().invoke(export_app, ["bench", str(scoutlike_artifact), "--decode-prompt", "5000", "--repeats", "1"])
+    assert result.exit_code == 2
+    assert "exceed the model's 2048 positions" in result.output
+
+
+def test_spread_reports_median_and_range():
+    assert spread([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "runs": [3.0, 1.0, 2.0, 10.0]}

@@ -1,0 +1,99 @@
+"""Calibration data, statistics and cache: bad input gives one clear line, statistics match a direct computation,
+the cache is deterministic and keyed."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import torch
+
+from llama4_export.calib.corpus import CalibrationError, cut_samples, embedded_corpus, load_corpus
+from llama4_export.calib.stats import cache_key, collect_statistics, load_cache, save_cache
+from llama4_export.export.pipeline import QuantOptions
+from llama4_export.model.loader import from_preset
+
+
+def test_embedded_corpus_is_prose_deterministic_and_heldout_is_disjoint():
+    calibration, heldout = embedded_corpus("calibration"), embedded_corpus("heldout")
+    assert sum(map(len, calibration.texts)) > 100_000 and sum(map(len, heldout.texts)) > 20_000
+    assert not set(calibration.texts) & set(heldout.texts)
+    assert embedded_corpus("calibration").sha256 == calibration.sha256
+    words = " ".join(calibration.texts).split()
+    assert sum(w.isalpha() for w in words) / len(words) > 0.6  # mostly words, not code or random tokens
+
+
+@pytest.mark.parametrize("content, suffix, message", [
+    (b"", ".txt", "contains no text"),
+    (b"caf\xe9 latin-1", ".txt", "not UTF-8"),
+    (b'{"body": "no text field"}\n', ".jsonl", "no string field 'text'"),
+    (b'{"text": "ok"}\nnot json\n', ".jsonl", ":2: not valid JSON"),
+])
+def test_bad_calibration_files_raise_one_line(tmp_path, content, suffix, message):
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(CalibrationError, match=message) as info:
+        load_corpus(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_missing_file_and_jsonl_directory(tmp_path):
+    with pytest.raises(CalibrationError, match="no such file"):
+        load_corpus(tmp_path / "absent.txt")
+    (tmp_path / "b.jsonl").write_text('{"text": "second"}\n', encoding="utf-8")
+    (tmp_path / "a.txt").write_text("first", encoding="utf-8")
+    assert load_corpus(tmp_path).texts == ("first", "second")  # name order
+
+
+def test_too_few_tokens_says_how_many_are_needed():
+    with pytest.raises(CalibrationError, match="30 tokens, fewer than one sample of --calib-seq-len 64; give at least 64"):
+        cut_samples(np.arange(30), 4, 64, "small.txt")
+    windows = cut_samples(np.arange(1000), 4, 100, "x")
+    assert windows.shape == (4, 100) and windows[0, 0] == 0 and windows[-1, -1] == 999
+
+
+@pytest.mark.parametrize("precision, options, message", [
+    ("int4", QuantOptions(block_size=48), "--block-size 48 is not supported for int4"),
+    ("fp8", QuantOptions(block_size=64), "applies to --precision int4 only"),
+    ("int4", QuantOptions(int4_algo="gptq"), "--int4-algo 'gptq' is unknown"),
+])
+def test_unsupported_combinations(precision, options, message):
+    with pytest.raises(CalibrationError, match=message):
+        options.check(precision)
+
+
+def test_cli_bad_calibration_file_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00")
+    from typer.testing import CliRunner
+
+    from llama4_export.cli import export_app
+
+    result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--precision", "int4", "--calib-data", str(bad),
+                                             "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "not UTF-8" in lines[0] and "bad.txt" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_statistics_match_a_direct_computation_and_cache_is_deterministic(tmp_path):
+    model = from_preset("scout-tiny", seed=0, dtype=torch.float32).eval()
+    tokenizer_text = embedded_corpus("calibration")
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 16))
+    stats = collect_statistics(model, ids)
+    # layer 0's q/k/v input is input_layernorm(embeddings): computed here without hooks
+    x = model.model.embed_tokens(torch.from_numpy(ids)).reshape(-1, model.config.hidden_size).double()
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps) * model.model.layers[0].input_layernorm.weight.double()
+    np.testing.assert_allclose(stats["layers.0.attn_in.gram"], (normed.T @ normed / len(normed)).numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stats["layers.0.attn_in.mean_abs"], normed.abs().mean(0).numpy(), rtol=1e-4)
+    assert float(stats["layers.0.attn_in.amax"]) == pytest.approx(float(normed.abs().max()), rel=1e-5)
+    # routed-expert token counts add up to all tokens
+    assert stats["layers.0.expert_in.tokens"].sum() == ids.size
+
+    key = cache_key({"preset": "scout-tiny", "seed": 0}, tokenizer_text.sha256, 2, 16)
+    save_cache(tmp_path / "a.safetensors", stats, key, {"samples": 2})
+    save_cache(tmp_path / "b.safetensors", collect_statistics(model, ids), key, {"samples": 2})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert load_cache(tmp_path / "a.safetensors", key)["layers.0.attn_in.gram"].shape == stats["layers.0.attn_in.gram"].shape
+    assert load_cache(tmp_path / "a.safetensors", cache_key({"preset": "other"}, "x", 2, 16)) is None
