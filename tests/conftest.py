@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,6 +41,16 @@ def scoutlike_artifact(tmp_path_factory, scoutlike_dir) -> Path:
     out = tmp_path_factory.mktemp("export") / "scoutlike"
     export_artifact(out, ModelSource(checkpoint=scoutlike_dir), show_progress=False)
     return out
+
+
+def random_moe_weights(rng: np.random.Generator, experts: int, hidden: int, inter: int, gate_up_scale: float, scale: float) -> dict:
+    """fp32 weights of one fused MoE layer in checkpoint layout, keyed as graph_passes.moe_reference.llama4_moe takes them."""
+    weights = {
+        "router": rng.standard_normal((experts, hidden)), "gate_up": rng.standard_normal((experts, hidden, 2 * inter)) * gate_up_scale,
+        "down": rng.standard_normal((experts, inter, hidden)) * scale, "shared_gate": rng.standard_normal((inter, hidden)) * scale,
+        "shared_up": rng.standard_normal((inter, hidden)) * scale, "shared_down": rng.standard_normal((hidden, inter)) * scale,
+    }
+    return {k: v.astype(np.float32) for k, v in weights.items()}
 
 
 def small_hf_config(**overrides):

@@ -24,6 +24,8 @@ from llama4_export.graph_passes.verify import executable_copy, reference_ops_ava
 from llama4_export.model import get_preset
 from llama4_export.model.modeling import MoE
 
+from .conftest import random_moe_weights
+
 CONTEXT = PassContext("onnxruntime", "gather")
 
 
@@ -210,14 +212,7 @@ def test_moe_fusion_leaves_a_different_routing_alone(traced_moe):
 @pytest.fixture(scope="module")
 def moe_weights():
     """Gate pre-activations reach ±23 (over a third beyond ±7): a clamp or gpt-oss SwiGLU constants would show."""
-    rng = np.random.default_rng(5)
-    e, h, i = 8, 32, 48
-    weights = {
-        "router": rng.standard_normal((e, h)), "gate_up": rng.standard_normal((e, h, 2 * i)) * 1.5,
-        "down": rng.standard_normal((e, i, h)) * 0.2, "shared_gate": rng.standard_normal((i, h)) * 0.2,
-        "shared_up": rng.standard_normal((i, h)) * 0.2, "shared_down": rng.standard_normal((h, i)) * 0.2,
-    }
-    return {k: v.astype(np.float32) for k, v in weights.items()}
+    return random_moe_weights(np.random.default_rng(5), experts=8, hidden=32, inter=48, gate_up_scale=1.5, scale=0.2)
 
 
 @pytest.mark.parametrize("lowering", ["ort_moe", "gather", "dense"])

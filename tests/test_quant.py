@@ -17,9 +17,11 @@ from llama4_export.graph_passes.canonicalize import eliminate_dead_code
 from llama4_export.graph_passes.lower import lower_moe
 from llama4_export.graph_passes.manager import PassContext
 from llama4_export.graph_passes.moe_reference import llama4_moe
-from llama4_export.graph_passes.quantize import (QuantSpec, fp8_quantize, int4_blockwise, int4_dequantize,
+from llama4_export.graph_passes.quantize import (QuantSpec, int4_blockwise, int4_dequantize,
                                                  quantize_experts, quantize_linears)
 from llama4_export.kernels.formats import quantize_int4
+
+from .conftest import random_moe_weights
 
 
 @pytest.mark.parametrize("block", [32, 64, 128])
@@ -94,13 +96,7 @@ def test_fp8_linear_quantizes_weights_and_inputs(tmp_path):
 @pytest.mark.parametrize("form", ["gather", "dense"])
 def test_int4_moe_experts_match_the_reference_with_dequantized_weights(tmp_path, form):
     rng = np.random.default_rng(2)
-    e, h, i = 4, 64, 96
-    weights = {
-        "router": rng.standard_normal((e, h)), "gate_up": rng.standard_normal((e, h, 2 * i)) * 0.3,
-        "down": rng.standard_normal((e, i, h)) * 0.3, "shared_gate": rng.standard_normal((i, h)) * 0.3,
-        "shared_up": rng.standard_normal((i, h)) * 0.3, "shared_down": rng.standard_normal((h, i)) * 0.3,
-    }
-    weights = {k: v.astype(np.float32) for k, v in weights.items()}
+    weights = random_moe_weights(rng, experts=4, hidden=64, inter=96, gate_up_scale=0.3, scale=0.3)
     model = ops.moe_node_model(weights, None)
     for name in ("gate_up", "down"):  # the names the fused graph gives expert weights
         model.graph.initializers[name].name = f"model.layers.0.feed_forward.experts.{name}_proj"
@@ -108,7 +104,7 @@ def test_int4_moe_experts_match_the_reference_with_dequantized_weights(tmp_path,
     assert quantize_experts(model, context) == 2
     lower_moe(model, context)
     eliminate_dead_code(model, context)  # the pipeline's tidy pass: the gather form leaves the experts' DQ unused
-    x = rng.standard_normal((7, h)).astype(np.float32)
+    x = rng.standard_normal((7, 64)).astype(np.float32)
     got = _session(model, tmp_path / "opt.onnx").run(None, {"x": x})[0]
     dequantized = dict(weights)
     for name in ("gate_up", "down"):

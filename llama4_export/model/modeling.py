@@ -175,10 +175,6 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, i, h))
 
 
-class Router(nn.Linear):
-    pass
-
-
 class MoE(nn.Module):
     """Top-1 routing with sigmoid score that scales the routed expert's *input*, plus a shared expert.
 
@@ -194,7 +190,7 @@ class MoE(nn.Module):
     def __init__(self, config: Llama4Config):
         super().__init__()
         self.experts = Experts(config)
-        self.router = Router(config.hidden_size, config.num_local_experts, bias=False)
+        self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
         self.shared_expert = MLP(config.hidden_size, config.intermediate_size)
         self.impl: MoEImpl = "auto"
 
