@@ -3,18 +3,23 @@
     python benchmarks/int4_speed.py [--work-dir /tmp/int4_speed] [--steps 64] [--threads 2]
 
 Saves the random model as a checkpoint, exports it at fp32 and at int4 (RTN, block 128: the speed does not depend on
-the algorithm), then times the decode graph for --steps tokens after a 32-token prefill, with the runtime's cache.
-Prints both times per token and the ratio. The INT4 session holds the weights as MatMulNBits / GatherBlockQuantized.
+the algorithm), then times the decode graph for --steps tokens after a 32-token prefill, with the runtime's cache, the two
+artifacts' steps interleaved. Prints the op counts of ONNX Runtime's optimized INT4 decode graph (the weights stay
+4-bit: MatMulNBits, experts in per-expert If branches), both median times per token and the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 
 from llama4_export.export import ModelSource, export_artifact
@@ -36,23 +41,44 @@ def config_100m():
     )
 
 
-def decode_seconds_per_token(artifact: Path, steps: int, threads: int) -> float:
-    generator = Generator.load(artifact, threads=threads, verify=False)
-    backend = generator.backend
-    cache = generator._cache_for(1)
-    prompt = np.arange(300, 332, dtype=np.int64)[None]
-    out = backend.forward(prompt, np.arange(32, dtype=np.int64)[None], cache)
-    cache.update(np.arange(32, dtype=np.int64)[None], out.new_keys, out.new_values)
-    token = np.array([[int(out.logits[0, -1].argmax())]], dtype=np.int64)
-    times = []
-    for step in range(steps):
-        position = np.array([[32 + step]], dtype=np.int64)
+class Decoder:
+    """One artifact's decode loop through the runtime's cache: prefill 32 tokens, then one timed step per call."""
+
+    def __init__(self, artifact: Path, threads: int):
+        generator = Generator.load(artifact, threads=threads, verify=False)
+        self.backend, self.cache = generator.backend, generator._cache_for(1)
+        prompt = np.arange(300, 332, dtype=np.int64)[None]
+        self._advance(prompt, np.arange(32, dtype=np.int64)[None])
+        self.times: list[float] = []
+
+    def _advance(self, ids: np.ndarray, positions: np.ndarray) -> float:
         start = time.perf_counter()
-        out = backend.forward(token, position, cache)
-        times.append(time.perf_counter() - start)
-        cache.update(position, out.new_keys, out.new_values)
-        token = np.array([[int(out.logits[0, -1].argmax())]], dtype=np.int64)
-    return float(np.median(times))
+        out = self.backend.forward(ids, positions, self.cache)
+        elapsed = time.perf_counter() - start
+        self.cache.update(positions, out.new_keys, out.new_values)
+        self.token, self.position = np.array([[int(out.logits[0, -1].argmax())]], dtype=np.int64), int(positions[0, -1]) + 1
+        return elapsed
+
+    def step(self) -> None:
+        self.times.append(self._advance(self.token, np.array([[self.position]], dtype=np.int64)))
+
+
+def session_op_counts(graph: Path, threads: int) -> collections.Counter:
+    """Op types of ONNX Runtime's optimized graph for `graph` (what the session executes), subgraphs included."""
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        model = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    counts: collections.Counter = collections.Counter()
+    pending = [model.graph]
+    while pending:
+        graph_proto = pending.pop()
+        for node in graph_proto.node:
+            counts[node.op_type] += 1
+            pending.extend(attr.g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH)
+    return counts
 
 
 def main() -> None:
@@ -75,8 +101,14 @@ def main() -> None:
         optimize_artifact(fp32, "onnxruntime")
     if not (int4 / "manifest.json").is_file():
         export_quantized(int4, source, "int4", QuantOptions(int4_algo="rtn", report=False), "onnxruntime")
-    t_fp32 = decode_seconds_per_token(fp32, args.steps, args.threads)
-    t_int4 = decode_seconds_per_token(int4, args.steps, args.threads)
+    counts = session_op_counts(int4 / "decode.onnx", args.threads)
+    print("int4 decode, ONNX Runtime session graph:", ", ".join(f"{op} {n}" for op, n in sorted(counts.items())
+                                                              if op in ("MatMulNBits", "If", "DequantizeLinear", "MatMul", "Gemm")))
+    decoders = {"fp32": Decoder(fp32, args.threads), "int4": Decoder(int4, args.threads)}
+    for _ in range(args.steps):  # interleaved, so a change in machine load hits both alike
+        for decoder in decoders.values():
+            decoder.step()
+    t_fp32, t_int4 = (float(np.median(decoders[name].times)) for name in ("fp32", "int4"))
     size = {p.name: sum(f.stat().st_size for f in p.iterdir()) / 1e6 for p in (fp32, int4)}
     print(f"decode, median of {args.steps} steps, {args.threads} threads: fp32 {t_fp32 * 1e3:.2f} ms/token "
           f"({size['fp32']:.0f} MB artifact), int4 {t_int4 * 1e3:.2f} ms/token ({size['int4']:.0f} MB); "

@@ -101,14 +101,22 @@ def peak_rss_mb(pid: int | str = "self") -> float | None:
 
 def decode_weight_bytes(graph_path: Path, num_experts: int) -> int:
     """Bytes of the decode graph's initializers one token reads: stacked expert weights count one expert's slice,
-    a Gather table (the embedding) one row; everything else in full."""
+    per-expert weights inside `If` branches (INT4 experts on ONNX Runtime, graph_passes/lower.py: one branch taken
+    per token) one expert's share, a Gather table (the embedding) one row; everything else in full."""
     import onnx
 
     model = onnx.load(str(graph_path), load_external_data=False)
     uses: dict[str, list[tuple[str, int]]] = {}
-    for node in model.graph.node:
-        for index, name in enumerate(node.input):
-            uses.setdefault(name, []).append((node.op_type, index))
+
+    def collect(graph, branch_of: str | None) -> None:
+        for node in graph.node:
+            for index, name in enumerate(node.input):
+                uses.setdefault(name, []).append((branch_of or node.op_type, index))
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    collect(attribute.g, branch_of or node.op_type)
+
+    collect(model.graph, None)
     total = 0
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -117,14 +125,16 @@ def decode_weight_bytes(graph_path: Path, num_experts: int) -> int:
             size = len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
         consumers = uses.get(tensor.name, [])
         dims = list(tensor.dims)
-        if dims and dims[0] == num_experts and consumers and all(
+        if consumers and all(op == "If" for op, _ in consumers):
+            size /= num_experts
+        elif dims and dims[0] == num_experts and consumers and all(
             op in MOE_OPS or (op == "GatherND" and i == 0) for op, i in consumers  # fused MoE, or the traced top-1 gather
         ):
             size //= num_experts
         elif dims and consumers and all(op == "Gather" and i == 0 for op, i in consumers):
             size //= dims[0]
         total += size
-    return total
+    return int(total)
 
 
 def kv_bytes_read(config, positions: Sequence[int], dtype_bytes: int, window: int | None) -> float:

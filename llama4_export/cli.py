@@ -48,7 +48,8 @@ def export(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Hugging Face checkpoint directory"),
     precision: str = typer.Option(
         "fp32", "--precision", "-p",
-        help="fp32 | fp16 (weights, activations, KV cache) | int4 (weight-only, blockwise) | fp8 (E4M3 W8A8); logits stay fp32",
+        help="fp32 | fp16 | bf16 (weights, activations, KV cache; bf16 for TensorRT / CUDA) | int4 (weight-only, blockwise) | "
+             "fp8 (E4M3 W8A8); logits stay fp32",
     ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o",
@@ -79,28 +80,84 @@ def export(
     ),
     no_report: bool = typer.Option(False, "--no-report", help="int4/fp8: skip the accuracy report"),
     quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="int4/fp8: quantize lm_head too (router, embeddings, norms never)"),
+    calib_percentile: Optional[float] = typer.Option(
+        None, "--calib-percentile", help="fp8: activation scales from this percentile of |x| (e.g. 99.99) instead of the max",
+    ),
+    kv_cache_dtype: Optional[str] = typer.Option(
+        None, "--kv-cache-dtype", help="fp8 (with --precision fp8 / int4): E4M3 KV cache, calibrated per-layer K/V scales; "
+                                       "default: the activations' float type",
+    ),
+    require_engine: bool = typer.Option(False, "--require-engine", help="tensorrt target: fail (exit 2) unless TensorRT and a GPU are here to build the engines"),
+    max_batch: int = typer.Option(1, "--max-batch", help="tensorrt target: largest batch the engines take"),
+    window: Optional[int] = typer.Option(None, "--window", help="tensorrt target: global-layer KV window W the engines are built for"),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="tensorrt target: timing cache to load and save (default OUT/engine/timing.cache)"),
+    reproducible: bool = typer.Option(False, "--reproducible", help="tensorrt target: fail on a timing-cache miss instead of timing tactics"),
+    stream: bool = typer.Option(
+        False, "--stream", help="layer-streaming export: weights read one tensor at a time, RAM independent of model size",
+    ),
+    random_weights: bool = typer.Option(
+        False, "--random-weights", help="with --model: shape-faithful random weights generated per tensor (streams)",
+    ),
+    layers: Optional[int] = typer.Option(
+        None, "--layers", help="with --random-weights, or --model scout|maverick + --checkpoint: the preset's first N layers",
+    ),
+    partitions: int = typer.Option(
+        1, "--partitions", help="split the decoder layers into N contiguous ranges, each its own graphs (part k on cuda:k)",
+    ),
 ) -> None:
-    """Export a model (a preset with seeded weights, or --checkpoint) to an artifact directory, then optimize it."""
+    """Export a model (a preset with seeded weights, or --checkpoint) to an artifact directory, then optimize it.
+
+    With --target tensorrt the TensorRT engines are built too when TensorRT and a GPU are here; otherwise the last line
+    says what to install (exit 0; --require-engine makes it an error)."""
     if ctx.invoked_subcommand is not None:
         return
     from .errors import ConfigError
     from .export import ModelSource, export_artifact
-    from .export.pipeline import QUANTIZED_PRECISIONS, QuantOptions, export_quantized
+    from .export.pipeline import QUANTIZED_PRECISIONS, QuantOptions, check_precision_for_target, export_quantized
     from .graph_passes import optimize_artifact, passes_for
     from .graph_passes.pipeline import default_target
+    from .build import maybe_build_engines, require_tensorrt
 
     try:
         if out is None:
             raise ConfigError("--out DIR is required: the artifact directory to write")
         if target is not None:
             passes_for(target)  # an unknown target fails before the export
-        source = ModelSource(preset=model, seed=seed, checkpoint=checkpoint)
+        check_precision_for_target(precision, target or default_target())
+        engines = (target or default_target()) == "tensorrt" and not no_optimize
+        engine_options = {"--require-engine": require_engine, "--max-batch": max_batch != 1, "--window": window is not None,
+                          "--timing-cache": timing_cache is not None, "--reproducible": reproducible}
+        if not engines and any(engine_options.values()):
+            given = ", ".join(name for name, set_ in engine_options.items() if set_)
+            raise ConfigError(f"{given}: engine options apply to --target tensorrt without --no-optimize")
+        require_tensorrt(require_engine)
+        streamed = _streamed_source(model, checkpoint, seed, stream, random_weights, layers)
+        source = None if streamed is not None else ModelSource(preset=model, seed=seed, checkpoint=checkpoint)
         limits = {} if max_prefill is None else {"max_prefill": max_prefill}
-        if precision in QUANTIZED_PRECISIONS:
+        if partitions != 1:
+            from .export.partitions import export_partitioned
+
+            if streamed is not None or precision in QUANTIZED_PRECISIONS:
+                raise ConfigError("--partitions N supports fp32 / fp16 in-memory exports for now (no --stream, "
+                                  "--random-weights, int4 or fp8)")
+            manifest = export_partitioned(out, source, partitions, precision, target=target, optimize=not no_optimize,
+                                          trt_plugin=not trt_fallback, **limits)
+            engines = False  # TensorRT engines per part are not built yet
+        elif streamed is not None:
+            from .export.streaming import export_streamed_artifact
+
+            if kv_cache_dtype is not None:
+                raise ConfigError("--kv-cache-dtype needs calibration, which does not stream yet: drop --stream / --random-weights")
+            manifest, reports = export_streamed_artifact(out, streamed, precision, not no_optimize, target, not trt_fallback,
+                                                         block_size, int4_algo, quantize_lm_head, calib_data=calib_data,
+                                                         calib_samples=calib_samples, calib_seq_len=calib_seq_len, **limits)
+            if passes_report and reports:
+                _print_pass_reports({name: r.to_json(measured=True) for name, r in reports.items()})
+        elif precision in QUANTIZED_PRECISIONS:
             if no_optimize:
                 raise ConfigError(f"--precision {precision} quantizes in the graph passes; drop --no-optimize")
             options = QuantOptions(int4_algo, block_size, calib_data, calib_samples, calib_seq_len, calib_cache,
-                                   eval_data, not no_report, quantize_lm_head)
+                                   eval_data, not no_report, quantize_lm_head, calib_percentile, kv_cache_dtype)
             manifest, report, calibration = export_quantized(out, source, precision, options, target or default_target(),
                                                              not trt_fallback, **limits)
             if calibration is not None:
@@ -111,9 +168,13 @@ def export(
                 _print_report(report)
         elif block_size is not None or int4_algo != "awq":
             raise ConfigError(f"--int4-algo / --block-size apply to --precision int4 only (got --precision {precision})")
+        elif calib_percentile is not None:
+            raise ConfigError(f"--calib-percentile applies to --precision fp8 only (got --precision {precision})")
+        elif kv_cache_dtype is not None:
+            raise ConfigError(f"--kv-cache-dtype applies to --precision fp8 / int4 (calibrated scales; got --precision {precision})")
         else:
             manifest = export_artifact(out, source, precision=precision, **limits)
-        if not no_optimize and precision not in QUANTIZED_PRECISIONS:
+        if not no_optimize and precision not in QUANTIZED_PRECISIONS and streamed is None and partitions == 1:
             manifest, reports = optimize_artifact(out, target, trt_plugin=not trt_fallback)
             if passes_report:
                 _print_pass_reports({name: r.to_json(measured=True) for name, r in reports.items()})
@@ -121,6 +182,34 @@ def export(
         _fail(exc)
     size = sum((out / name).stat().st_size for name in manifest["files"])
     console.print(f"wrote {out}: {len(manifest['files'])} files, {size / 1e6:,.1f} MB ({manifest['precision']}, {manifest['target']})")
+    if engines:
+        try:
+            line = maybe_build_engines(out, require_engine, max_batch=max_batch, window=window, timing_cache=timing_cache,
+                                       reproducible=reproducible)
+        except Llama4ExportError as exc:
+            _fail(exc)
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _streamed_source(model: Optional[str], checkpoint: Optional[Path], seed: int, stream: bool, random_weights: bool,
+                     layers: Optional[int]):
+    """The weight source of a layer-streaming export (export/streaming.py), or None for the in-memory path."""
+    from .errors import ConfigError
+    from .export.streaming import FULL_SIZE_SOURCES, CheckpointWeights, RandomWeights, full_size_weights_hint
+
+    if random_weights:
+        if model is None or checkpoint is not None:
+            raise ConfigError("--random-weights needs --model PRESET and no --checkpoint")
+        return RandomWeights(model, seed, layers)
+    if model in FULL_SIZE_SOURCES and checkpoint is not None:
+        return CheckpointWeights(checkpoint, preset=model, layers=layers)  # checked against the preset's shapes
+    if layers is not None:
+        raise ConfigError("--layers N applies to --random-weights, or to --model scout|maverick with --checkpoint DIR")
+    if model in FULL_SIZE_SOURCES:
+        raise ConfigError(full_size_weights_hint(model))
+    if stream and (model or checkpoint):
+        return CheckpointWeights(checkpoint) if checkpoint is not None else RandomWeights(model, seed)
+    return None
 
 
 def _print_report(report: dict) -> None:
@@ -196,6 +285,73 @@ def _print_summary(s: dict) -> None:
 
 
 @export_app.command()
+def plan(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="preset: scout, maverick, behemoth, scout-tiny, maverick-tiny"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Hugging Face checkpoint directory"),
+    precision: str = typer.Option("bf16", "--precision", "-p", help="weights: fp32 | fp16 | bf16 | fp8 | int4"),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="h100-80gb | h200-141gb | l40s-48gb | a100-40gb | rtx4090-24gb | jetson-orin-64gb"),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="memory of one GPU instead of --gpu, e.g. 24GB or 80GiB"),
+    gpus: int = typer.Option(1, "--gpus", help="GPUs the decoder layers are split over (contiguous ranges, as --partitions)"),
+    max_batch: int = typer.Option(1, "--max-batch", help="sequences decoded together (the KV cache and workspace scale with it)"),
+    max_prefill: int = typer.Option(512, "--max-prefill", help="tokens per prefill call (the attention workspace scales with it)"),
+    kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="KV cache: bf16 | fp16 | fp32 | fp8"),
+    window: Optional[int] = typer.Option(None, "--window", help="check this global window W instead of finding the largest"),
+    block_size: int = typer.Option(128, "--block-size", help="int4: values per scale"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
+) -> None:
+    """GPU memory plan: weights, KV cache per layer kind, workspace, the largest global window W; exit 1 if it does not fit."""
+    from .plan import gpu_spec, plan_memory
+
+    try:
+        result = plan_memory(_config_for(model, checkpoint), precision, gpu_spec(gpu, gpu_memory), gpus=gpus,
+                             max_batch=max_batch, max_prefill=max_prefill, kv_dtype=kv_dtype, window=window,
+                             block_size=block_size)
+    except Llama4ExportError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        _print_plan(result)
+    if not result.fits:
+        raise typer.Exit(1)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def _print_plan(p) -> None:
+    console.print(f"[bold]{p.model}[/] {p.precision} weights, {p.kv_dtype} KV cache, batch {p.max_batch}, prefill "
+                  f"{p.max_prefill} tokens on {p.gpus} × {p.gpu} ({_gib(p.gpu_memory_bytes)} each)", highlight=False)
+    kv = p.kv_bytes_per_token
+    t = Table(title=f"KV cache per token ({kv['per_layer']:,} B per layer)")
+    for name in ("attention", "layers", "bytes / token", "slots held", "bytes at W"):
+        t.add_column(name, justify="left" if name == "attention" else "right")
+    for kind in ("chunked", "global"):
+        k = kv[kind]
+        t.add_row(kind, str(k["layers"]), f"{k['bytes_per_token']:,}", f"{k['slots']:,}",
+                  _gib(k["bytes_per_token"] * k["slots"] * p.max_batch))
+    console.print(t)
+    t = Table(title="per GPU (workspace = hidden + max(attention, ffn) + new K/V + logits, one prefill call)")
+    for name in ("GPU", "layers", "weights", "KV chunked", "KV global", "workspace", "reserve", "total", "free"):
+        t.add_column(name, justify="right")
+    for g in p.per_gpu:
+        t.add_row(str(g.index), f"{g.layers[0]}–{g.layers[1] - 1}", _gib(g.weight_bytes), _gib(g.kv_chunked_bytes),
+                  _gib(g.kv_global_bytes), _gib(g.workspace_bytes), _gib(g.reserve_bytes), _gib(g.total_bytes),
+                  _gib(g.free_bytes))
+    Console(width=max(console.width, 120)).print(t)
+    bound = {"memory": "the most that fits", "context": "the whole context fits", "requested": "as requested"}[p.window_limit]
+    if p.fits:
+        console.print(f"[bold green]fits[/]: global window W = {p.window:,} tokens ({bound}); weights {_gib(p.weight_bytes)} in all",
+                      highlight=False)
+    else:
+        console.print(f"[bold red]does not fit[/]: {_gib(p.missing_bytes)} missing on the fullest GPU at W = "
+                      f"{max(p.window, p.min_window):,} (one attention chunk); largest W that fits: {p.window:,} — "
+                      "try more --gpus, a lower --precision, a smaller --max-prefill / --max-batch, or a bigger GPU",
+                      highlight=False)
+
+
+@export_app.command()
 def passes(
     directory: Path = typer.Argument(..., help="artifact directory written by `llama4-export --out`"),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="onnxruntime | tensorrt (default: tensorrt if installed, else onnxruntime)"),
@@ -242,7 +398,7 @@ def bench(
     repeats: int = typer.Option(3, "--repeats", "-r", help="repetitions of every measurement (median and range reported)"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice)"),
     backend: str = typer.Option("onnxruntime", help="onnxruntime | torch | tensorrt"),
-    window: Optional[int] = typer.Option(None, help="global-layer KV window W (default: the context, RAM-capped)"),
+    window: Optional[int] = typer.Option(None, help="global-layer KV window W (default: the context, RAM-capped; on a GPU: `plan`'s W)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results to this JSON file"),
 ) -> None:
     """Prefill and decode tokens/s, time to first token, peak RSS and decode as a fraction of the memory-bandwidth bound."""
@@ -293,7 +449,7 @@ def build(
     directory: Path = typer.Argument(..., help="tensorrt-lowered artifact directory"),
     max_batch: int = typer.Option(1, "--max-batch", help="largest batch the engines take"),
     max_prefill: Optional[int] = typer.Option(None, "--max-prefill", help="most new tokens per prefill call (default: the exported limit)"),
-    window: Optional[int] = typer.Option(None, "--window", help="global-layer KV window W the engines are built for (default: the runtime's)"),
+    window: Optional[int] = typer.Option(None, "--window", help="global-layer KV window W the engines are built for (default: `plan`'s W for this GPU)"),
     timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="timing cache to load and save (default DIR/engine/timing.cache)"),
     reproducible: bool = typer.Option(False, "--reproducible", help="fail on a timing-cache miss instead of timing tactics"),
     workspace_gib: Optional[float] = typer.Option(None, "--workspace-gib", help="builder workspace memory limit"),
@@ -382,7 +538,7 @@ def run(
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="1 = off"),
     seed: int = typer.Option(0, help="seed of the sampler"),
     stream: bool = typer.Option(False, "--stream", help="print tokens as they are generated"),
-    window: Optional[int] = typer.Option(None, help="global-layer KV window W in tokens (default: the context, RAM-capped)"),
+    window: Optional[int] = typer.Option(None, help="global-layer KV window W in tokens (default: the context, RAM-capped; on a GPU: `plan`'s W)"),
     sinks: int = typer.Option(4, help="sink tokens S kept forever once the sequence outgrows W"),
     backend: str = typer.Option("onnxruntime", help="onnxruntime | torch | tensorrt"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice)"),

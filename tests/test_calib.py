@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llama4_export.calib.corpus import CalibrationError, cut_samples, embedded_corpus, load_corpus
-from llama4_export.calib.stats import cache_key, collect_statistics, load_cache, save_cache
+from llama4_export.calib.stats import cache_key, collect_statistics, load_cache, percentile_abs, save_cache
 from llama4_export.export.pipeline import QuantOptions
 from llama4_export.model.loader import from_preset
 
@@ -56,6 +56,8 @@ def test_too_few_tokens_says_how_many_are_needed():
     ("int4", QuantOptions(block_size=48), "--block-size 48 is not supported for int4"),
     ("fp8", QuantOptions(block_size=64), "applies to --precision int4 only"),
     ("int4", QuantOptions(int4_algo="gptq"), "--int4-algo 'gptq' is unknown"),
+    ("fp8", QuantOptions(amax_percentile=30.0), "give a percentile in \\(50, 100\\]"),
+    ("int4", QuantOptions(amax_percentile=99.9), "int4 is weight-only"),
 ])
 def test_unsupported_combinations(precision, options, message):
     with pytest.raises(CalibrationError, match=message):
@@ -90,6 +92,13 @@ def test_statistics_match_a_direct_computation_and_cache_is_deterministic(tmp_pa
     assert float(stats["layers.0.attn_in.amax"]) == pytest.approx(float(normed.abs().max()), rel=1e-5)
     # routed-expert token counts add up to all tokens
     assert stats["layers.0.expert_in.tokens"].sum() == ids.size
+    # percentiles of |x| from the histogram: within one bin (2^(1/32)) above numpy's exact value, capped at the amax
+    values = normed.abs().flatten().numpy()
+    assert stats["layers.0.attn_in.abs_hist"].sum() == values.size
+    for q in (50.0, 90.0, 99.0, 99.9):
+        exact = float(np.percentile(values, q, method="inverted_cdf"))
+        assert exact <= percentile_abs(stats, "layers.0.attn_in", q) <= exact * 2 ** (1 / 32) * (1 + 1e-6), q
+    assert percentile_abs(stats, "layers.0.attn_in", 100.0) == pytest.approx(float(values.max()), rel=1e-5)
 
     key = cache_key({"preset": "scout-tiny", "seed": 0}, tokenizer_text.sha256, 2, 16)
     save_cache(tmp_path / "a.safetensors", stats, key, {"samples": 2})
@@ -97,3 +106,23 @@ def test_statistics_match_a_direct_computation_and_cache_is_deterministic(tmp_pa
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     assert load_cache(tmp_path / "a.safetensors", key)["layers.0.attn_in.gram"].shape == stats["layers.0.attn_in.gram"].shape
     assert load_cache(tmp_path / "a.safetensors", cache_key({"preset": "other"}, "x", 2, 16)) is None
+
+
+def test_checkpoint_without_tokenizer_needs_one_for_calibration_but_not_for_rtn(tmp_path):
+    """A random transformers checkpoint (vocab 128, bos 1: no room for a byte-level tokenizer) and no tokenizer.json."""
+    from typer.testing import CliRunner
+
+    from llama4_export.cli import export_app
+
+    from .conftest import make_hf_checkpoint
+
+    checkpoint = make_hf_checkpoint(tmp_path / "ckpt")
+    base = ["--checkpoint", str(checkpoint), "--precision", "int4", "--block-size", "32"]
+    result = CliRunner().invoke(export_app, [*base, "--out", str(tmp_path / "awq")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "no tokenizer.json" in lines[0] and "--int4-algo rtn --no-report" in lines[0]
+    assert not (tmp_path / "awq").exists()
+    result = CliRunner().invoke(export_app, [*base, "--int4-algo", "rtn", "--no-report", "--out", str(tmp_path / "rtn")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "rtn" / "manifest.json").is_file()

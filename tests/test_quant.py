@@ -1,5 +1,5 @@
 """Quantization passes on ONNX Runtime vs numpy references: INT4 blockwise numerics (vs kernels/formats.py), the
-DQ→MatMul form ORT fuses into MatMulNBits, INT4 experts through GatherBlockQuantized vs moe_reference, FP8 Q/DQ."""
+DQ→MatMul form ORT fuses into MatMulNBits, INT4 experts as per-expert MatMulNBits vs moe_reference, FP8 Q/DQ."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from llama4_export.graph_passes import ops
 from llama4_export.graph_passes.canonicalize import eliminate_dead_code
-from llama4_export.graph_passes.lower import lower_moe
+from llama4_export.graph_passes.lower import lower_int4_experts, lower_moe
 from llama4_export.graph_passes.manager import PassContext
 from llama4_export.graph_passes.moe_reference import llama4_moe
 from llama4_export.graph_passes.quantize import (QuantSpec, int4_blockwise, int4_dequantize,
@@ -93,24 +93,63 @@ def test_fp8_linear_quantizes_weights_and_inputs(tmp_path):
     assert np.abs(got - x @ w.T).max() / np.abs(x @ w.T).max() < 0.1
 
 
-@pytest.mark.parametrize("form", ["gather", "dense"])
-def test_int4_moe_experts_match_the_reference_with_dequantized_weights(tmp_path, form):
-    rng = np.random.default_rng(2)
+def _int4_expert_model(rng, block: int):
     weights = random_moe_weights(rng, experts=4, hidden=64, inter=96, gate_up_scale=0.3, scale=0.3)
     model = ops.moe_node_model(weights, None)
     for name in ("gate_up", "down"):  # the names the fused graph gives expert weights
         model.graph.initializers[name].name = f"model.layers.0.feed_forward.experts.{name}_proj"
-    context = PassContext("onnxruntime", form, quantization=QuantSpec("int4", 32))
-    assert quantize_experts(model, context) == 2
-    lower_moe(model, context)
-    eliminate_dead_code(model, context)  # the pipeline's tidy pass: the gather form leaves the experts' DQ unused
-    x = rng.standard_normal((7, 64)).astype(np.float32)
-    got = _session(model, tmp_path / "opt.onnx").run(None, {"x": x})[0]
+    assert quantize_experts(model, PassContext("onnxruntime", "gather", quantization=QuantSpec("int4", block))) == 2
     dequantized = dict(weights)
     for name in ("gate_up", "down"):
-        q, scale = int4_blockwise(weights[name], 32, axis=1)
-        dequantized[name] = int4_dequantize(q, scale, 32, axis=1)
+        q, scale = int4_blockwise(weights[name], block, axis=1)
+        dequantized[name] = int4_dequantize(q, scale, block, axis=1)
+    return model, dequantized
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_int4_experts_on_onnxruntime_are_matmul_nbits_per_expert_and_match_the_reference(tmp_path, tokens):
+    """Exact with fp32 compute (accuracy level 0): the 4-bit layout, the gate/up split, the routing and the scatter."""
+    rng = np.random.default_rng(2)
+    model, dequantized = _int4_expert_model(rng, 32)
+    assert lower_int4_experts(model, accuracy_level=0) == 1
+    eliminate_dead_code(model, PassContext("onnxruntime", "gather"))
+    x = rng.standard_normal((tokens, 64)).astype(np.float32)
+    got = _session(model, tmp_path / "opt.onnx").run(None, {"x": x})[0]
     np.testing.assert_allclose(got, llama4_moe(x, **dequantized), rtol=1e-4, atol=1e-4)
-    optimized = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
-    if form == "gather":  # decode: only the selected expert's 4-bit rows are read and dequantized
-        assert optimized["GatherBlockQuantized"] == 2 and optimized["DequantizeLinear"] == 0
+    top = collections.Counter(n.op_type for n in model.graph)
+    inner = collections.Counter(n.op_type for n in model.graph.all_nodes())
+    assert top["If"] == 4 and inner["MatMulNBits"] == 8 and inner["DequantizeLinear"] == 0
+    # only 4-bit expert weights are left: no fp32 [E, ...] tensor, no INT4 DQ input
+    assert all(v.const_value.dtype != ir.DataType.FLOAT or len(v.shape) < 3 for v in model.graph.initializers.values())
+    assert all(v.const_value.dtype != ir.DataType.INT4 for v in model.graph.initializers.values())
+
+
+@pytest.mark.parametrize("form", ["gather", "dense"])
+def test_int4_experts_lowered_for_onnxruntime_use_int8_activations_within_their_error(tmp_path, form):
+    """lower_moe's default (accuracy level 4, as ONNX Runtime's own DQ→MatMul fusion): int8 activations per block."""
+    rng = np.random.default_rng(3)
+    model, dequantized = _int4_expert_model(rng, 32)
+    context = PassContext("onnxruntime", form, quantization=QuantSpec("int4", 32))
+    lower_moe(model, context)
+    assert context.moe_lowering == "MatMulNBits experts"
+    x = rng.standard_normal((1 if form == "gather" else 9, 64)).astype(np.float32)
+    got = _session(model, tmp_path / "opt.onnx").run(None, {"x": x})[0]
+    expected = llama4_moe(x, **dequantized)
+    assert np.abs(got - expected).max() <= 0.03 * np.abs(expected).max()
+
+
+def test_same_inputs_give_byte_identical_int4_artifacts_and_the_second_build_reuses_the_calibration(tmp_path):
+    from llama4_export.export import ModelSource
+    from llama4_export.export.pipeline import QuantOptions, export_quantized
+
+    source = ModelSource(preset="scout-tiny", seed=0)
+    options = QuantOptions("awq", 32, None, 4, 32, tmp_path / "calib.safetensors", report=False)
+    _, _, first = export_quantized(tmp_path / "a", source, "int4", options, show_progress=False)
+    cache_bytes = (tmp_path / "calib.safetensors").read_bytes()
+    _, _, second = export_quantized(tmp_path / "b", source, "int4", options, show_progress=False)
+    assert not first.reused and second.reused and second.seconds < first.seconds
+    assert (tmp_path / "calib.safetensors").read_bytes() == cache_bytes
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and "model.data" in names
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

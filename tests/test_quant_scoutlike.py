@@ -127,14 +127,19 @@ def test_int4_artifact_report_runtime_and_reproducibility(int4_artifacts):
     assert no_report is None and not (out / "b" / "report.json").exists()
     for name in ("decode.onnx", "prefill.onnx", "model.data"):
         assert (out / "a" / name).read_bytes() == (out / "b" / name).read_bytes(), name
-    # 4-bit in the session: every quantized linear is MatMulNBits, decode reads experts with GatherBlockQuantized
+    # 4-bit in the session: every quantized linear is MatMulNBits, each routed expert two MatMulNBits in its own If
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(out / "decode.opt.onnx")
     ort.InferenceSession(str(out / "a" / "decode.onnx"), options, providers=["CPUExecutionProvider"])
     optimized = onnx.load(str(out / "decode.opt.onnx"), load_external_data=False)
-    counts = collections.Counter(n.op_type for n in optimized.graph.node)
-    layers = len(manifest["model"]["layer_types"])
-    assert counts["MatMulNBits"] == 7 * layers and counts["GatherBlockQuantized"] == 2 * layers
+    counts, pending = collections.Counter(), [optimized.graph]
+    while pending:
+        graph = pending.pop()
+        counts.update(n.op_type for n in graph.node)
+        pending.extend(a.g for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+    model = manifest["model"]
+    layers, routed = len(model["layer_types"]), len(model["moe_layers"]) * model["num_local_experts"]
+    assert counts["MatMulNBits"] == 7 * layers + 2 * routed and counts["If"] == routed
     assert counts["DequantizeLinear"] == 0
     float_bytes = sum(np.prod(t.dims) * 4 for t in optimized.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
     embeddings_and_lm_head = 2 * manifest["model"]["vocab_size"] * manifest["model"]["hidden_size"] * 4

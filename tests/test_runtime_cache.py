@@ -161,3 +161,23 @@ def test_without_chunk_size_rope_layers_slide_like_global_ones():
     cache.update(positions, keys, values)
     want = set(range(2)) | set(range(20 - 7, 20))
     assert set(cache.positions["chunked"][0].tolist()) == set(cache.positions["global"][0].tolist()) == want
+
+
+@pytest.mark.parametrize("steps, batch", [
+    ([[1]] * 40, 1),
+    ([[5], [20], [1], [1], [7], [1]], 1),
+    ([[3, 11, 0], [1, 0, 9], [0, 1, 1], [6, 6, 6]] + [[1, 1, 1]] * 9, 3),
+])
+def test_growing_cache_holds_the_same_tokens_and_grows_to_the_full_size(monkeypatch, steps, batch):
+    """grow=True starts at 2 slots per kind (patched) and doubles on demand: after every step it holds exactly what
+    the full-size cache must hold (check_cache), its buffers never exceed the chunk / W, and a sequence longer than W
+    fills the whole global window."""
+    import llama4_export.runtime.kv_cache as kv_cache
+
+    monkeypatch.setattr(kv_cache, "INITIAL_SLOTS", 2)
+    cache = SlidingKVCache(CONFIG, batch=batch, window=12, sinks=3, grow=True)
+    assert cache.positions["global"].shape[1] == 2 and cache.keys[0].shape[2] == 2
+    feed(cache, steps)
+    assert cache.reallocations > 0
+    assert cache.positions["chunked"].shape[1] <= 8 and cache.positions["global"].shape[1] == 12
+    assert all(k.shape[2] == cache.positions[kind].shape[1] for k, kind in zip(cache.keys, cache.kinds))

@@ -8,7 +8,8 @@ See engine.py (builder settings, reproducibility), moe_plugin.py (the Hopper MoE
 trt_onnx_support.py (what is checked, against which TensorRT), profiles.py, compare.py, rebuild.py.
 """
 
-from .engine import INSTALL_HINT, build_engines, maybe_build_engines, missing_tensorrt_message, tensorrt_problem
+from .engine import (INSTALL_HINT, build_engines, maybe_build_engines, missing_tensorrt_message, require_tensorrt,
+                     tensorrt_problem)
 from .errors import BuildError
 from .lint import Violation, lint_artifact, lint_model
 from .profiles import BuildLimits, ShapeRange, build_limits, engine_profiles
@@ -16,5 +17,5 @@ from .profiles import BuildLimits, ShapeRange, build_limits, engine_profiles
 __all__ = [
     "INSTALL_HINT", "BuildError", "BuildLimits", "ShapeRange", "Violation", "build_engines", "build_limits",
     "engine_profiles", "lint_artifact", "lint_model", "maybe_build_engines", "missing_tensorrt_message",
-    "tensorrt_problem",
+    "require_tensorrt", "tensorrt_problem",
 ]

@@ -15,8 +15,10 @@ loaded) and output (plans, the timing cache as saved).
 Reproducible builds: with `reproducible=True` the build loads the timing cache and sets ERROR_ON_TIMING_CACHE_MISS,
 so no tactic is timed on this run — every choice comes from the cache and a cache that lacks one fails the build
 instead of silently timing (which is what makes plans differ between runs). TensorRT's documented guarantees are
-narrower than "same bytes": a timing cache (and an engine) is valid only for the TensorRT version and GPU model it was
-made with, and the builder is not documented to be bit-deterministic. So `llama4-export rebuild` compares plan hashes
+narrower than "same bytes": a timing cache (and an engine) is valid only for the TensorRT version, CUDA version, GPU
+model and builder settings it was made with, and the builder is not documented to be bit-deterministic (ITimingCache's
+documentation: rebuilding with the same cache always gives a correct engine, but tactics and formats may vary between
+builds "if weak typing is used" — our networks are strongly typed). So `llama4-export rebuild` compares plan hashes
 and reports a difference as such; for same-GPU, same-TensorRT rebuilds from the same cache we expect equality.
 
 TensorRT and a GPU are optional: `maybe_build_engines` returns one line saying what to install when they are missing.
@@ -31,6 +33,7 @@ from typing import Any
 
 from ..artifact import MANIFEST, read_manifest, sha256_file, write_json
 from ..graph_passes import trt_plugin_spec
+from ..plan import cuda_memory_bytes
 from .errors import BuildError
 from .lint import lint_artifact
 from .profiles import BuildLimits, build_limits, engine_profiles
@@ -73,7 +76,7 @@ def _gpu() -> dict[str, Any]:
     return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
 
 
-def _has_plugin_nodes(path: Path) -> bool:
+def has_plugin_nodes(path: Path) -> bool:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -93,13 +96,9 @@ def build_engines(
     the lean runtime (deploy with the matching lean runtime)."""
     directory = Path(artifact_dir)
     manifest = read_manifest(directory)  # every hash checked before anything is built from the files
-    limits = build_limits(manifest, max_batch, max_prefill, window)  # bad limits fail before the slow steps
-    violations = {f: v for f, v in lint_artifact(directory).items() if v}
-    if violations:
-        file, found = next(iter(violations.items()))
-        total = sum(len(v) for v in violations.values())
-        raise BuildError(f"{directory / file}: {total} TensorRT conformance violation(s), first: {found[0].format()}; "
-                         f"see `llama4-export lint {directory}`")
+    # bad limits fail before the slow steps; the default window is planned for this GPU (engines are per device)
+    limits = build_limits(manifest, max_batch, max_prefill, window, cuda_memory_bytes() if window is None else None)
+    _require_conformance(directory)
     problem = missing_tensorrt_message()
     if problem is not None:
         raise BuildError(problem)
@@ -107,6 +106,16 @@ def build_engines(
     if reproducible and not cache_path.is_file():
         raise BuildError(f"{cache_path}: no timing cache to reproduce from; build once without --reproducible to create it")
     return _build(directory, manifest, limits, cache_path, reproducible, workspace_gib, version_compatible, show_progress)
+
+
+def _require_conformance(directory: Path) -> None:
+    """BuildError naming the first TensorRT conformance violation of the artifact's graphs, if any."""
+    violations = {f: v for f, v in lint_artifact(directory).items() if v}
+    if violations:
+        file, found = next(iter(violations.items()))
+        total = sum(len(v) for v in violations.values())
+        raise BuildError(f"{directory / file}: {total} TensorRT conformance violation(s), first: {found[0].format()}; "
+                         f"see `llama4-export lint {directory}`")
 
 
 def _build(directory: Path, manifest: dict[str, Any], limits: BuildLimits, cache_path: Path, reproducible: bool,
@@ -129,7 +138,7 @@ def _build(directory: Path, manifest: dict[str, Any], limits: BuildLimits, cache
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     engines = {}
     with _steps(show_progress) as step:
-        if any(_has_plugin_nodes(directory / graphs[name]["file"]) for name in graphs):
+        if any(has_plugin_nodes(directory / graphs[name]["file"]) for name in graphs):
             with step(f"register TensorRT plugin {moe_plugin.PLUGIN_ID}"):
                 moe_plugin.register()
         for name in sorted(graphs):
@@ -187,16 +196,39 @@ def write_engine_manifest(directory: Path, manifest: dict[str, Any], engines: di
     return manifest
 
 
-def maybe_build_engines(out: str | Path, require_engine: bool, **options) -> str:
+def require_tensorrt(require_engine: bool) -> None:
+    """--require-engine: a BuildError saying what to install when TensorRT or a GPU is missing (checked before the
+    export too, so a long export is not wasted)."""
+    problem = missing_tensorrt_message() if require_engine else None
+    if problem is not None:
+        raise BuildError(f"--require-engine: {problem}")
+
+
+def maybe_build_engines(
+    out: str | Path, require_engine: bool = False, max_batch: int = 1, max_prefill: int | None = None,
+    window: int | None = None, timing_cache: str | Path | None = None, reproducible: bool = False,
+    show_progress: bool = True,
+) -> str:
     """After a --target tensorrt export: build the engines when TensorRT and a GPU are here, else say what to install.
 
-    Returns the line to print. require_engine=True turns a missing TensorRT/GPU into a BuildError (exit 2)."""
+    Without them the artifact is still checked as build_engines would check it (limits, conformance lint), so
+    "TensorRT-ready" is a checked claim and bad options fail alike on every machine. Returns the one line to print;
+    require_engine=True turns a missing TensorRT/GPU into a BuildError (exit 2)."""
+    directory = Path(out)
+    options = {"max_batch": max_batch, "max_prefill": max_prefill, "window": window}
     problem = missing_tensorrt_message()
-    if problem is not None:
-        if require_engine:
-            raise BuildError(f"--require-engine: {problem}")
-        return f"wrote the TensorRT-ready ONNX artifact {out}; {problem}, then run `llama4-export build {out}`"
-    manifest = build_engines(out, **options)
-    info = manifest["tensorrt"]
-    plans = ", ".join(e["file"] for e in info["engines"].values())
-    return f"built {plans} with TensorRT {info['version']} on {info['gpu']['name']} (sm {info['gpu']['compute_capability']})"
+    if problem is None:
+        manifest = build_engines(directory, **options, timing_cache=timing_cache, reproducible=reproducible,
+                                 show_progress=show_progress)
+        info = manifest["tensorrt"]
+        plans = ", ".join(e["file"] for e in info["engines"].values())
+        return (f"built {plans} with TensorRT {info['version']} on {info['gpu']['name']} "
+                f"(sm {info['gpu']['compute_capability']})")
+    require_tensorrt(require_engine)
+    build_limits(read_manifest(directory), **options)
+    _require_conformance(directory)
+    flags = "".join(f" --{name.replace('_', '-')} {value}" for name, value in options.items()
+                    if value is not None and (name, value) != ("max_batch", 1))
+    flags += "" if timing_cache is None else f" --timing-cache {timing_cache}"
+    flags += " --reproducible" if reproducible else ""
+    return f"wrote the TensorRT-ready ONNX artifact {out}; {problem}, then run `llama4-export build {out}{flags}`"

@@ -11,11 +11,12 @@ TensorRT's own IMoELayer is Blackwell-only (DESIGN.md §5); on Hopper and smalle
               runs the Triton decode/prefill path on TensorRT's stream.
 
 No aot_impl: tensorrt.plugin.aot_impl describes exactly one kernel launch (kernel name, PTX, launch parameters as
-symbolic expressions of the input shapes), but this MoE is a router kernel, a host-side grouping of tokens by expert
-(torch sort), and four grouped-GEMM launches whose grids depend on that grouping. An AOT form needs a single fused,
-persistent kernel that does the grouping on the GPU; until then engines with this plugin need Python (and torch,
-triton) in the process that runs them. C++ deployment: use --trt-fallback (standard-op MoE), or TensorRT's IMoELayer
-on Blackwell.
+symbolic expressions of the input shapes), but this MoE is a router kernel, a grouping of tokens by expert in torch
+(scatter_add histogram + stable argsort on the device, no host round trip), and four
+grouped-GEMM launches driven by that grouping. An AOT form needs a single fused, persistent kernel that does the
+grouping itself; until then engines with this plugin need Python (and torch, triton) in the process that runs them,
+and their decode step is not CUDA-graph captured (runtime/trt_backend.py). C++ deployment: use --trt-fallback
+(standard-op MoE), or TensorRT's IMoELayer on Blackwell.
 
 Everything here except `register()` imports without TensorRT, so the lint and the tests can read the plugin's
 declared attributes (`plugin_attribute_types`) from the very descriptor function TensorRT is given.

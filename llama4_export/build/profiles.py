@@ -19,6 +19,7 @@ import numpy as np
 
 from ..export import io_spec
 from ..model.config import Llama4Config
+from ..plan import planned_window
 from ..runtime.kv_cache import DEFAULT_SINKS, default_window
 from .errors import BuildError
 
@@ -55,8 +56,9 @@ def manifest_config(manifest: dict[str, Any]) -> Llama4Config:
 
 
 def build_limits(manifest: dict[str, Any], max_batch: int = 1, max_prefill: int | None = None,
-                 window: int | None = None) -> BuildLimits:
-    """Check the limits against the artifact; defaults: the exported prefill limit, the runtime's default window."""
+                 window: int | None = None, gpu_memory_bytes: int | None = None) -> BuildLimits:
+    """Check the limits against the artifact; defaults: the exported prefill limit, and the window the memory planner
+    fits on a GPU of gpu_memory_bytes (plan.planned_window) or, without one, the runtime's CPU default window."""
     config = manifest_config(manifest)
     graphs = manifest.get("graphs") or {}
     exported = int((graphs.get("prefill") or {}).get("max_new_tokens", 1))
@@ -67,7 +69,9 @@ def build_limits(manifest: dict[str, Any], max_batch: int = 1, max_prefill: int 
         raise BuildError(f"--max-prefill {max_prefill}: must be between 1 and the exported prefill limit {exported} "
                          "(re-export with a larger --max-prefill to go beyond it)")
     itemsize = np.dtype(manifest.get("dtypes", {}).get("kv_cache", "float32")).itemsize
-    window = default_window(config, itemsize) if window is None else window
+    if window is None:
+        window = default_window(config, itemsize) if gpu_memory_bytes is None else planned_window(
+            config, manifest.get("precision", "fp32"), gpu_memory_bytes, itemsize, max_batch, max_prefill)
     if window < DEFAULT_SINKS + 1:
         raise BuildError(f"--window {window}: the global KV window needs at least {DEFAULT_SINKS + 1} slots")
     chunk = config.attention_chunk_size or window

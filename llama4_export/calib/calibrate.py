@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import corpus as corpus_mod
+from .corpus import CalibrationError
 from .stats import cache_key, collect_statistics, load_cache, save_cache
 
 
@@ -25,14 +26,22 @@ class Calibration:
 
 
 def tokenizer_for(source, config):
-    """The checkpoint's tokenizer.json, or the byte-level tokenizer a preset's artifact gets."""
+    """The checkpoint's tokenizer.json, or the byte-level tokenizer a preset's artifact gets (also for a checkpoint
+    without one, when its special token ids leave room for it)."""
     from tokenizers import Tokenizer
+
+    from ..errors import ConfigError
+    from ..export.tokenizer_files import byte_level_tokenizer
 
     if source.checkpoint is not None and (Path(source.checkpoint) / "tokenizer.json").is_file():
         return Tokenizer.from_file(str(Path(source.checkpoint) / "tokenizer.json"))
-    from ..export.tokenizer_files import byte_level_tokenizer
-
-    return byte_level_tokenizer(config)
+    try:
+        return byte_level_tokenizer(config)
+    except ConfigError as exc:
+        raise CalibrationError(
+            f"{source.checkpoint}: no tokenizer.json, and {exc}: calibration (awq, fp8) and the accuracy report need "
+            "to tokenize text; add the checkpoint's tokenizer.json, or use --precision int4 --int4-algo rtn --no-report"
+        ) from None
 
 
 def calibration_samples(source, config, tokenizer, data: str | Path | None, samples: int | None,
@@ -93,11 +102,14 @@ def activation_site(weight_name: str) -> str | None:
     return None
 
 
-def activation_amax(stats: dict[str, np.ndarray], weight_names: list[str]) -> dict[str, float]:
-    """FP8 input amax per linear weight name, from the calibration statistics."""
+def activation_amax(stats: dict[str, np.ndarray], weight_names: list[str], percentile: float | None = None) -> dict[str, float]:
+    """FP8 input range per linear weight name, from the calibration statistics: the max |x| seen, or with
+    `percentile` that percentile of |x| (clips rare outliers for a finer step on the rest)."""
+    from .stats import percentile_abs
+
     out = {}
     for name in weight_names:
         site = activation_site(name)
         if site is not None and f"{site}.amax" in stats:
-            out[name] = float(np.max(stats[f"{site}.amax"]))
+            out[name] = float(np.max(stats[f"{site}.amax"])) if percentile is None else percentile_abs(stats, site, percentile)
     return out

@@ -8,9 +8,14 @@ Sites (one per distinct linear input; `L` = layer index):
   layers.L.expert_in       routed expert e's input x·sigmoid(logit), tokens routed to e   [E, H]
   layers.L.expert_down_in  routed expert e's down_proj input                       [E, I]
   final_in                 lm_head input
+  layers.L.new_key         the keys the graph emits as new_key.L (after RoPE / QK norm)   [head_dim]
+  layers.L.new_value       the values it emits as new_value.L (FP8 KV cache scales)        [head_dim]
 For each site: `.amax` (max |x|, per tensor; per expert for expert sites), `.mean_abs` (mean |x| per input channel,
-AWQ's activation salience) and `.gram` (Σ x xᵀ / tokens, so the output MSE of any weight perturbation ΔW is
-tr(ΔW Σ ΔWᵀ) exactly: AWQ's scale search needs no stored activations). Accumulated in float64, stored float32.
+AWQ's activation salience), `.gram` (Σ x xᵀ / tokens, so the output MSE of any weight perturbation ΔW is
+tr(ΔW Σ ΔWᵀ) exactly: AWQ's scale search needs no stored activations) and, for the non-expert sites (FP8 activation
+scales), `.abs_hist`: counts of |x| on a fixed log2 grid (HIST_BINS_PER_OCTAVE bins per octave from 2^HIST_MIN_EXP;
+zeros and smaller values in bin 0, larger in the last), so a percentile of |x| is known to 2^(1/32) ≈ 2 % without
+storing activations. Accumulated in float64, stored float32.
 
 Cache file: safetensors, tensors above by name, one metadata entry holding json {"key": sha256 of (format, model id,
 data hash, samples, seq_len), "settings": ...}. Same inputs ⇒ byte-identical file.
@@ -28,7 +33,10 @@ import torch.nn.functional as F
 
 from .corpus import CalibrationError
 
-CACHE_FORMAT = "llama4-export-calib-1"
+CACHE_FORMAT = "llama4-export-calib-3"  # 3: + new_key / new_value sites
+HIST_BINS_PER_OCTAVE = 32
+HIST_MIN_EXP, HIST_MAX_EXP = -24, 24
+HIST_BINS = (HIST_MAX_EXP - HIST_MIN_EXP) * HIST_BINS_PER_OCTAVE
 METADATA = "llama4_export_calibration"
 
 
@@ -59,6 +67,10 @@ class _Accumulator:
             return
         self.sums[site + ".mean_abs"][index] += x.abs().sum(0)
         self.sums[site + ".gram"][index] += x.T @ x
+        if slot is None:
+            bins = ((torch.log2(x.abs().clamp(min=2.0 ** HIST_MIN_EXP)) - HIST_MIN_EXP) * HIST_BINS_PER_OCTAVE).floor()
+            counts = torch.bincount(bins.clamp(0, HIST_BINS - 1).long().flatten(), minlength=HIST_BINS)
+            self.sums[site + ".abs_hist"] = self.sums.get(site + ".abs_hist", 0) + counts.double()
         self.counts[site][index] += x.shape[0]
         self.amax[site][index] = torch.maximum(self.amax[site][index], x.abs().max())
 
@@ -70,7 +82,30 @@ class _Accumulator:
             out[site + ".gram"] = (self.sums[site + ".gram"] / denom[..., None, None]).float().numpy()
             out[site + ".amax"] = self.amax[site].float().numpy().reshape(count.shape)
             out[site + ".tokens"] = count.float().numpy()
+            if site + ".abs_hist" in self.sums:
+                out[site + ".abs_hist"] = self.sums[site + ".abs_hist"].float().numpy()
         return out
+
+
+def percentile_abs(stats: dict[str, np.ndarray], site: str, percentile: float) -> float:
+    """The `percentile` of |x| at `site` from its histogram: the upper edge of the bin where the cumulative count
+    reaches it (≤ 2^(1/32) above the exact value), never above the site's amax."""
+    hist = stats[site + ".abs_hist"].astype(np.float64)
+    cumulative = np.cumsum(hist)
+    k = int(np.searchsorted(cumulative, percentile / 100 * cumulative[-1]))
+    upper = 2.0 ** (HIST_MIN_EXP + (min(k, HIST_BINS - 1) + 1) / HIST_BINS_PER_OCTAVE)
+    return float(min(upper, np.max(stats[site + ".amax"])))
+
+
+def kv_cache_amax(stats: dict[str, np.ndarray], layers: int) -> dict[int, tuple[float, float]]:
+    """Per layer (max |new_key|, max |new_value|) seen in calibration: the FP8 KV cache's scales are these / 448."""
+    missing = [f"layers.{i}.new_key.amax" for i in range(layers) if f"layers.{i}.new_key.amax" not in stats]
+    if missing:
+        raise CalibrationError(f"calibration statistics have no {missing[0]!r} (made by an older version); delete the "
+                               "calibration cache or give another --calib-cache to recalibrate")
+    # np.max: a 0-d amax comes back from the cache file as shape [1]
+    return {i: (float(np.max(stats[f"layers.{i}.new_key.amax"])), float(np.max(stats[f"layers.{i}.new_value.amax"])))
+            for i in range(layers)}
 
 
 @torch.no_grad()
@@ -99,8 +134,16 @@ def collect_statistics(model, samples: np.ndarray, progress=None) -> dict[str, n
                 acc.add(f"layers.{layer}.expert_down_in", F.silu(gate) * up, slot=e, slots=experts)
         return hook
 
+    def kv_hook(layer):
+        def hook(module, args, output):
+            _, new_key, new_value = output  # [B, kv_heads, T, head_dim], as the graph's new_key / new_value outputs
+            acc.add(f"layers.{layer}.new_key", new_key)
+            acc.add(f"layers.{layer}.new_value", new_value)
+        return hook
+
     for layer, block in enumerate(model.model.layers):
         attn, ff = block.self_attn, block.feed_forward
+        handles.append(attn.register_forward_hook(kv_hook(layer)))
         handles.append(attn.q_proj.register_forward_pre_hook(pre_hook(f"layers.{layer}.attn_in")))
         handles.append(attn.o_proj.register_forward_pre_hook(pre_hook(f"layers.{layer}.o_in")))
         handles.append(ff.register_forward_pre_hook(pre_hook(f"layers.{layer}.mlp_in")))

@@ -35,8 +35,11 @@ TARGET = "onnxruntime"
 DEFAULT_MAX_PREFILL = 512
 # The dtype the PyTorch model is exported in. Quantized precisions (int4, fp8) export fp32 graphs and quantize their
 # weights in the graph passes (export_quantized, graph_passes/quantize.py).
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "int4": torch.float32, "fp8": torch.float32}
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                                      "int4": torch.float32, "fp8": torch.float32}
 QUANTIZED_PRECISIONS = ("int4", "fp8")
+# ONNX Runtime's CPU EP has no bf16 kernels (MatMul, Add, Mul: NOT_IMPLEMENTED on 1.32); its CUDA EP and TensorRT have.
+GPU_ONLY_PRECISIONS = ("bf16",)
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,28 @@ def export_artifact(
     return manifest
 
 
+def check_precision_for_target(precision: str, target: str) -> None:
+    """bf16 artifacts for onnxruntime only where this onnxruntime build has the CUDA EP (onnxruntime-gpu)."""
+    if precision in GPU_ONLY_PRECISIONS and target == TARGET and \
+            "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise ConfigError(f"--precision {precision} does not run on ONNX Runtime's CPU EP (no {precision} kernels) and this "
+                          "onnxruntime has no CUDA EP: use --precision fp32, fp16, int4 or fp8 here, or --target tensorrt")
+
+
 def _check_arguments(out: Path, source: ModelSource, precision: str, max_prefill: int) -> torch.dtype:
     """Fail on bad input before any slow step."""
+    _check_output(out, precision, max_prefill)
+    # An unknown preset, special token ids a byte-level tokenizer cannot hold, or a checkpoint that does not match
+    # its config fail here, in milliseconds.
+    if source.preset is not None:
+        special_token_ids(get_preset(source.preset))
+    else:
+        check_checkpoint(source.checkpoint)
+    return PRECISIONS[precision]
+
+
+def _check_output(out: Path, precision: str, max_prefill: int) -> None:
+    """The checks that do not depend on the model source (export/streaming.py shares them)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not supported; choose one of: {', '.join(PRECISIONS)}")
     if max_prefill < 1:
@@ -117,13 +140,6 @@ def _check_arguments(out: Path, source: ModelSource, precision: str, max_prefill
         raise ArtifactError(f"{out}: exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise ArtifactError(f"{out}: directory is not empty and is not a llama4-export artifact; choose another --out or empty it")
-    # An unknown preset, special token ids a byte-level tokenizer cannot hold, or a checkpoint that does not match
-    # its config fail here, in milliseconds.
-    if source.preset is not None:
-        special_token_ids(get_preset(source.preset))
-    else:
-        check_checkpoint(source.checkpoint)
-    return PRECISIONS[precision]
 
 
 def _manifest(model: Llama4ForCausalLM, source: ModelSource, precision: str, max_prefill: int, tokenizer: dict) -> dict[str, Any]:
@@ -199,6 +215,8 @@ class QuantOptions:
     eval_data: Path | None = None  # None: the embedded corpus's held-out slice
     report: bool = True
     quantize_lm_head: bool = False
+    amax_percentile: float | None = None  # FP8 activation scales: this percentile of |x| instead of the max
+    kv_cache_dtype: str | None = None  # "fp8": FP8 E4M3 KV cache with calibrated per-layer scales; None: the graph's float type
 
     def check(self, precision: str) -> int:
         """The block size to use; raises on an unsupported combination."""
@@ -207,8 +225,13 @@ class QuantOptions:
 
         if self.int4_algo not in ("rtn", "awq"):
             raise CalibrationError(f"--int4-algo {self.int4_algo!r} is unknown; choose rtn or awq")
+        if self.kv_cache_dtype not in (None, "fp8"):
+            raise CalibrationError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is unknown; choose fp8 (or drop it: the cache "
+                                   "then has the activations' float type)")
         if precision == "int4":
             block = self.block_size or 128
+            if self.amax_percentile is not None:
+                raise CalibrationError("--calib-percentile sets FP8 activation scales; int4 is weight-only: drop it")
             if block not in BLOCK_SIZES:
                 raise CalibrationError(f"--block-size {block} is not supported for int4; choose one of: "
                                        f"{', '.join(map(str, BLOCK_SIZES))}")
@@ -216,10 +239,12 @@ class QuantOptions:
         if self.block_size is not None:
             raise CalibrationError(f"--block-size {self.block_size} applies to --precision int4 only ({precision} "
                                    "uses per-tensor scales); drop it")
+        if self.amax_percentile is not None and not 50 < self.amax_percentile <= 100:
+            raise CalibrationError(f"--calib-percentile {self.amax_percentile}: give a percentile in (50, 100], e.g. 99.99")
         return 0
 
     def needs_calibration(self, precision: str) -> bool:
-        return precision == "fp8" or self.int4_algo == "awq"
+        return precision == "fp8" or self.int4_algo == "awq" or self.kv_cache_dtype == "fp8"
 
 
 def export_quantized(
@@ -249,7 +274,7 @@ def export_quantized(
     algo = options.int4_algo if precision == "int4" else "max"
     # Bad calibration / evaluation text fails here, before any slow step.
     config = get_preset(source.preset) if source.preset is not None else check_checkpoint(source.checkpoint).config
-    tokenizer = tokenizer_for(source, config)
+    tokenizer = tokenizer_for(source, config) if options.needs_calibration(precision) or options.report else None
     if options.needs_calibration(precision):
         samples, calib_text = calibration_samples(source, config, tokenizer, options.calib_data, options.calib_samples,
                                                   options.calib_seq_len)
@@ -272,7 +297,13 @@ def export_quantized(
     spec = QuantSpec(precision, block or 128, options.quantize_lm_head)
     if precision == "fp8":
         weight_names = _linear_weight_names(out)
-        spec.activation_amax = activation_amax(calibration.stats, weight_names)
+        spec.activation_amax = activation_amax(calibration.stats, weight_names, options.amax_percentile)
+    manifest_update = {"precision": precision}
+    if options.kv_cache_dtype == "fp8":
+        from ..calib.stats import kv_cache_amax
+
+        spec.kv_cache_amax = kv_cache_amax(calibration.stats, config.num_hidden_layers)
+        manifest_update["dtypes"] = {"logits": "float32", "kv_cache": "float8_e4m3fn"}
     quant_entry = {
         "precision": precision, "algorithm": algo, "block_size": block or None,
         "quantize_lm_head": options.quantize_lm_head,
@@ -280,8 +311,16 @@ def export_quantized(
             "key": calibration.key, **calibration.settings},
         "awq": awq_records,
     }
+    if precision == "fp8":
+        quant_entry["activation_range"] = "amax" if options.amax_percentile is None else f"percentile {options.amax_percentile}"
+    if spec.kv_cache_amax:
+        quant_entry["kv_cache"] = {
+            "dtype": "float8e4m3fn",
+            "scales": "per layer, one for K and one for V: the max |new_key.L| / |new_value.L| over the calibration "
+                      "samples (PyTorch model, calibration key above) / 448, graph initializers kv_cache.L.{key,value}_scale",
+        }
     manifest, _ = optimize_artifact(out, target, trt_plugin=trt_plugin, show_progress=show_progress,
-                                    quantization=spec, manifest_update={"precision": precision, "quantization": quant_entry})
+                                    quantization=spec, manifest_update={**manifest_update, "quantization": quant_entry})
     report = None
     if options.report:
         from ..calib.report import REPORT_FILE, accuracy_report

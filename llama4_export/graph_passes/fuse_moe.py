@@ -6,13 +6,17 @@ The exporter traces the layer in one of two forms (model/modeling.py MoE), and e
                    routed = SwiGLU(xs @ GatherND(gate_up, e)) @ GatherND(down, e)
   dense (prefill)  the same routing; onehot = Cast(Equal(e, arange(E))); xe = onehot.T[:, :, None] * xs[None]
                    routed = ReduceSum(SwiGLU(xe @ gate_up) @ down, axis 0)      — every expert on every token
+                   (fp16/bf16 traces: Cast(ReduceSum(Cast(…, to=FLOAT)), to=x.dtype), torch's fp32 accumulation)
   both             out = SwiGLU-MLP(x; shared_gate, shared_up, shared_down) + routed
+  score, either    s = Sigmoid(top)                                   (fp32 traces)
+                   s = Cast(Sigmoid(Cast(top, to=FLOAT)), to=x.dtype) (fp16/bf16 traces: the sigmoid runs in fp32)
 
 → Llama4MoE(x, router, gate_up, down, shared_gate, shared_up, shared_down; num_experts=E, top_k=1, activation=swiglu)
 
 The checks verify the math, not names: the linear layers are exact x @ W.T Gemms, ArgMax/ReduceMax run over the
 expert axis with first-index ties, the Split halves gate_up into [gate | up], every weight has the shape its role
-implies, and the dense form's one-hot compares against exactly arange(E).
+implies, and the dense form's one-hot compares against exactly arange(E). The fused op computes the score in at
+least fp32 whatever x's type (moe_reference, the plugin's kernels), so both score forms map to it.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ def _routing(op, x, router):
     logits = op.Gemm(x, router, _outputs=["logits"])
     index = op.ArgMax(logits, _outputs=["index"])
     top = op.ReduceMax(logits, _allow_other_inputs=True, _outputs=["top"])
-    routed_in = op.Mul(x, op.Unsqueeze(op.Sigmoid(top), _allow_other_inputs=True, _outputs=["score"]))
+    in_fp32 = op.Cast(op.Sigmoid(op.Cast(top, _outputs=["upcast"])), _outputs=["downcast"])
+    sigmoid = pattern.OrValue([op.Sigmoid(top), in_fp32])
+    routed_in = op.Mul(x, op.Unsqueeze(sigmoid, _allow_other_inputs=True, _outputs=["score"]))
     return index, routed_in
 
 
@@ -62,14 +68,21 @@ def dense_form(op, x, router, gate_up, down, shared_gate, shared_up, shared_down
     expert_mask = op.Unsqueeze(op.Transpose(onehot, perm=[1, 0]), _allow_other_inputs=True)
     expert_in = op.Mul(expert_mask, op.Unsqueeze(routed_in, _allow_other_inputs=True))
     gate, up = op.Split(op.MatMul(expert_in, gate_up), _outputs=["gate", "up"])
-    summed = op.ReduceSum(op.MatMul(_swiglu(op, gate, up), down), _allow_other_inputs=True, _outputs=["routed"])
+    per_expert = op.MatMul(_swiglu(op, gate, up), down)
+    summed = pattern.OrValue([
+        op.ReduceSum(per_expert, _allow_other_inputs=True, _outputs=["routed"]),
+        op.Cast(op.ReduceSum(op.Cast(per_expert, _outputs=["sum_upcast"]), _allow_other_inputs=True, _outputs=["routed"]),
+                _outputs=["sum_downcast"]),
+    ])
     return op.Add(_shared_expert(op, x, shared_gate, shared_up, shared_down), summed)
 
 
 def _check_common(x, router, gate_up, down, shared_gate, shared_up, shared_down, logits, index, top, gate,
-                  shared_gate_out, shared_up_out, shared_out, **_) -> bool:
+                  shared_gate_out, shared_up_out, shared_out, upcast=None, downcast=None, **_) -> bool:
     x_dims, e_dims = dims(x), dims(gate_up)
     if x_dims is None or len(x_dims) != 2 or e_dims is None or None in e_dims:
+        return False
+    if upcast is not None and not (attr(upcast, "to") == ir.DataType.FLOAT and attr(downcast, "to") == x.dtype):
         return False
     experts, hidden, two_inter = e_dims
     shared_inter = shared_gate.shape[0] if is_weight(shared_gate, 2) else None
@@ -105,11 +118,14 @@ def check_gather(context, select_a, select_b, score, expert, **bindings) -> bool
     )
 
 
-def check_dense(context, expert_ids, onehot, score, routed, **bindings) -> bool:
-    """The one-hot compares the expert index against arange(E), in x's float type; the sum runs over experts."""
+def check_dense(context, expert_ids, onehot, score, routed, sum_upcast=None, sum_downcast=None, **bindings) -> bool:
+    """The one-hot compares the expert index against arange(E), in x's float type; the sum runs over experts (in fp32
+    when the trace upcasts it: exact either way, as one term per token is non-zero)."""
     experts = bindings["gate_up"].shape[0] if is_weight(bindings["gate_up"], 3) else None
+    upcast_ok = sum_upcast is None or (attr(sum_upcast, "to") == ir.DataType.FLOAT
+                                       and attr(sum_downcast, "to") == bindings["x"].dtype)
     return (
-        _check_common(**bindings) and experts is not None
+        _check_common(**bindings) and experts is not None and upcast_ok
         and const_equals(expert_ids, list(range(experts)))
         and onehot.dtype == bindings["x"].dtype
         and _unsqueezes(score, [1])

@@ -10,6 +10,12 @@ onnxruntime
   α=1, β=0 and no swiglu_limit give silu(gate)·up exactly (gpt-oss uses α=1.702, β=1 and a clamp: we set ours).
   The expert weights are re-laid out into new initializers (`<name>.ort_moe_fc1` / `.ort_moe_fc2`).
   Otherwise the standard-op lowering below.
+onnxruntime, INT4 experts (quantize.quantize_experts' Transpose ∘ DequantizeLinear form)
+  one `If` per expert, taken only when some token chose that expert: its branch gathers those tokens, runs the
+  expert as two com.microsoft.MatMulNBits (the expert's own 4-bit initializers, accuracy_level 4 as ONNX Runtime's
+  DQ→MatMul fusion) and scatter-adds the result into the shared expert's output. Decode reads one expert's 4-bit
+  weights per token, prefill runs each expert once on its tokens, and no expert is ever dequantized to fp32.
+  (com.microsoft.QMoE computes the same but dequantizes the whole expert per call: 5× slower at one token on 1.32.)
 standard ops (ONNX Runtime fallback; TensorRT behind --trt-fallback)
   gather — Gather(gate_up, e) / Gather(down, e): each token reads only its expert's weights (decode graphs);
   dense  — every expert on one-hot-scaled inputs (prefill graphs: no per-token weight copies; E× the arithmetic).
@@ -31,6 +37,10 @@ from .manager import GraphPass, PassContext
 
 MOE_LOWERED = "moe_lowered"
 ORT_DOMAIN = "com.microsoft"
+INT4_ZERO_POINT = 8  # MatMulNBits' implicit zero point: nibble = q + 8
+# MatMulNBits compute: 4 = int8 activations per block (ONNX Runtime's default for the DQ→MatMul fusion of the dense
+# linears, ~6× faster than fp32 compute at one token); 0 = fp32 compute, exact up to rounding.
+INT4_ACCURACY_LEVEL = 4
 
 
 def _moe_node(op, x, router, gate_up, down, shared_gate, shared_up, shared_down):
@@ -89,31 +99,14 @@ def _int4_experts(weight: ir.Value) -> ir.Node | None:
     return dequantize if dequantize.inputs[0].dtype == ir.DataType.INT4 else None
 
 
-def _gather_expert(op, weight, expert, block_quantized: bool):
-    """weight[expert] [N, K, N_out]; an INT4 expert weight via com.microsoft.GatherBlockQuantized (4-bit reads)."""
-    dequantize = _int4_experts(weight) if block_quantized else None
-    if dequantize is None:
-        return op.Gather(weight, expert, axis=0)
-    packed, scale = dequantize.inputs[0], dequantize.inputs[1]
-    rows = op.op("GatherBlockQuantized", packed, expert, scale, _domain=ORT_DOMAIN, _version=1, gather_axis=0,
-                 quantize_axis=2, block_size=dequantize.attributes.get_int("block_size"))
-    return op.Transpose(rows, perm=[0, 2, 1])
-
-
-def gather_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_down, block_quantized=False, **_):
+def gather_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_down, **_):
     """Llama4MoE → ArgMax; Gather(gate_up, e), Gather(down, e) per token; SwiGLU; + shared expert"""
     logits, routed_in = _routing(op, x, router)
     expert = op.ArgMax(logits, axis=-1, keepdims=0)  # [N]; first index on ties, as the reference
-    gate, up = op.Split(op.MatMul(op.Unsqueeze(routed_in, op.Constant(value_ints=[1])),
-                                  _gather_expert(op, gate_up, expert, block_quantized)),
+    gate, up = op.Split(op.MatMul(op.Unsqueeze(routed_in, op.Constant(value_ints=[1])), op.Gather(gate_up, expert, axis=0)),
                         axis=-1, num_outputs=2, _outputs=2)
-    routed = op.MatMul(_swiglu(op, gate, up), _gather_expert(op, down, expert, block_quantized))  # [N, 1, H]
+    routed = op.MatMul(_swiglu(op, gate, up), op.Gather(down, expert, axis=0))  # [N, 1, H]
     return op.Add(_shared_expert(op, x, shared_gate, shared_up, shared_down), op.Squeeze(routed, op.Constant(value_ints=[1])))
-
-
-def ort_gather_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_down, **_):
-    """Llama4MoE → gather form; INT4 experts read with com.microsoft.GatherBlockQuantized (ONNX Runtime only)"""
-    return gather_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_down, block_quantized=True)
 
 
 def dense_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_down, **_):
@@ -139,7 +132,7 @@ def trt_plugin_moe(op, x, router, gate_up, down, shared_gate, shared_up, shared_
     )
 
 
-LOWERINGS = {"ort_moe": ort_moe, "gather": gather_moe, "ort_gather": ort_gather_moe, "dense": dense_moe, "trt_plugin": trt_plugin_moe}
+LOWERINGS = {"ort_moe": ort_moe, "gather": gather_moe, "dense": dense_moe, "trt_plugin": trt_plugin_moe}
 
 
 def _lower(model: ir.Model, lowering: str) -> int:
@@ -186,6 +179,119 @@ def ort_moe_problem() -> str | None:
     return None
 
 
+# ------------------------------------------------------------------------------ INT4 experts on ONNX Runtime
+def matmul_nbits_weight(q: np.ndarray, scale: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """INT4 q [N, K] (int8 in [-7, 7]) and its block scales [N, ceil(K/B)] → MatMulNBits' B [N, ceil(K/B), B/2] uint8
+    (nibble = q + 8, even k in the low nibble; the padding past K holds 8, i.e. 0) and scales [N · ceil(K/B)]."""
+    rows, k = q.shape
+    blocks = scale.shape[1]
+    nibbles = np.full((rows, blocks * block), INT4_ZERO_POINT, np.uint8)
+    nibbles[:, :k] = q.astype(np.int16) + INT4_ZERO_POINT
+    packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    return np.ascontiguousarray(packed.reshape(rows, blocks, block // 2)), np.ascontiguousarray(scale.reshape(-1), np.float32)
+
+
+def _int4_parts(weight: ir.Value) -> tuple[str, np.ndarray, np.ndarray, int] | None:
+    """(base name, q int8 [E, N, K], scales [E, N, K/B], B) of an INT4 expert weight, or None."""
+    dequantize = _int4_experts(weight)
+    if dequantize is None or dequantize.inputs[1].const_value is None:
+        return None
+    packed, scale = dequantize.inputs[0], dequantize.inputs[1]
+    return (packed.name.removesuffix(".int4"), packed.const_value.numpy().astype(np.int8), scale.const_value.numpy(),
+            dequantize.attributes.get_int("block_size"))
+
+
+class _Builder:
+    """ir.tape with named outputs (serialized models need unique value names)."""
+
+    def __init__(self, prefix: str):
+        self.tape, self.prefix = ir.tape.Tape(), prefix
+
+    def __call__(self, name: str, op_type: str, inputs, domain: str = "", **attributes) -> ir.Value:
+        value = self.tape.op(op_type, inputs, attributes or None, domain=domain, name=f"{self.prefix}.{name}")
+        value.name = f"{self.prefix}.{name}"
+        return value
+
+    def constant(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+        name = f"{self.prefix}.{name}"
+        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
+                         const_value=ir.tensor(array, name=name))
+        graph.register_initializer(value)
+        return value
+
+
+def _nbits_initializers(graph: ir.Graph, base: str, q: np.ndarray, scale: np.ndarray, block: int) -> tuple[ir.Value, ir.Value]:
+    packed, scales = matmul_nbits_weight(q, scale, block)
+    values = []
+    for name, array in ((f"{base}.nbits", packed), (f"{base}.nbits_scale", scales)):
+        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
+                         const_value=ir.tensor(array, name=name))
+        graph.register_initializer(value)
+        values.append(value)
+    return values[0], values[1]
+
+
+def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int) -> bool:
+    x, router, gate_up, down, shared_gate, shared_up, shared_down = node.inputs
+    fc1, fc2 = _int4_parts(gate_up), _int4_parts(down)
+    if fc1 is None or fc2 is None or x.dtype != ir.DataType.FLOAT:
+        return False
+    (fc1_name, fc1_q, fc1_scale, block), (fc2_name, fc2_q, fc2_scale, block2) = fc1, fc2
+    experts, two_inter, hidden = fc1_q.shape
+    prefix = node.name or fc1_name.removesuffix(".experts.gate_up_proj") + ".moe"
+    op = _Builder(prefix)
+    logits = op("router_logits", "Gemm", [x, router], transB=1)
+    axis_last = op.constant(graph, "axis_last", np.asarray([-1], np.int64))
+    score = op("router_score", "Sigmoid", [op("router_max", "ReduceMax", [logits, axis_last], keepdims=1)])
+    routed_in = op("routed_in", "Mul", [x, score])
+    expert = op("expert", "ArgMax", [logits], axis=-1, keepdims=0)  # [N]; first index on ties, as the reference
+    gate = op("shared.gate", "Gemm", [x, shared_gate], transB=1)
+    shared = op("shared.down", "Gemm", [
+        op("shared.act", "Mul", [op("shared.silu", "Mul", [gate, op("shared.sigmoid", "Sigmoid", [gate])]),
+                                 op("shared.up", "Gemm", [x, shared_up], transB=1)]),
+        shared_down], transB=1)
+    total = shared
+    for e in range(experts):
+        chosen = op(f"e{e}.chosen", "Equal", [expert, op.constant(graph, f"e{e}.index", np.asarray(e, np.int64))])
+        taken = op(f"e{e}.taken", "Cast", [op(f"e{e}.count", "ReduceMax", [op(f"e{e}.chosen_i32", "Cast", [chosen], to=ir.DataType.INT32)], keepdims=0)],
+                   to=ir.DataType.BOOL)
+        w1, s1 = _nbits_initializers(graph, f"{fc1_name}.e{e}", fc1_q[e], fc1_scale[e], block)
+        w2, s2 = _nbits_initializers(graph, f"{fc2_name}.e{e}", fc2_q[e], fc2_scale[e], block2)
+        branch = _Builder(f"{prefix}.e{e}")
+        rows = branch("rows", "Transpose", [branch("nonzero", "NonZero", [chosen])], perm=[1, 0])  # [n, 1]
+        tokens = branch("tokens", "GatherND", [routed_in, rows])
+        hidden_up = branch("gate_up", "MatMulNBits", [tokens, w1, s1], domain=ORT_DOMAIN, K=hidden, N=two_inter, bits=4,
+                           block_size=block, accuracy_level=accuracy_level)
+        g, u = branch.tape.op_multi_out("Split", [hidden_up], {"axis": -1, "num_outputs": 2}, num_outputs=2,
+                                        name=f"{branch.prefix}.split")
+        g.name, u.name = f"{branch.prefix}.gate", f"{branch.prefix}.up"
+        act = branch("act", "Mul", [branch("silu", "Mul", [g, branch("sigmoid", "Sigmoid", [g])]), u])
+        out = branch("down", "MatMulNBits", [act, w2, s2], domain=ORT_DOMAIN, K=two_inter // 2, N=hidden, bits=4,
+                     block_size=block2, accuracy_level=accuracy_level)
+        added = branch("sum", "ScatterND", [total, rows, out], reduction="add")
+        skip = _Builder(f"{prefix}.e{e}.skip")
+        kept = skip("sum", "Identity", [total])
+        then_branch = ir.Graph([], [added], nodes=branch.tape.nodes, name=f"{prefix}.e{e}.then")
+        else_branch = ir.Graph([], [kept], nodes=skip.tape.nodes, name=f"{prefix}.e{e}.else")
+        total = op(f"e{e}.total", "If", [taken], then_branch=then_branch, else_branch=else_branch)
+    graph.insert_before(node, op.tape.nodes)
+    total.type, total.shape = node.outputs[0].type, node.outputs[0].shape
+    node.outputs[0].replace_all_uses_with(total, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    return True
+
+
+def lower_int4_experts(model: ir.Model, accuracy_level: int = INT4_ACCURACY_LEVEL) -> int:
+    """Llama4MoE with INT4 experts → per-expert If { GatherND → MatMulNBits → SwiGLU → MatMulNBits → ScatterND(add) }
+    over the shared expert's output (ONNX Runtime)."""
+    graph = model.graph
+    moe_nodes = [n for n in graph if n.domain == ops.DOMAIN and n.op_type == ops.MOE_OP]
+    count = sum(_lower_int4_moe(graph, n, accuracy_level) for n in moe_nodes)
+    if count:
+        model.opset_imports.setdefault(ORT_DOMAIN, 1)
+    return count
+
+
 def lower_moe(model: ir.Model, context: PassContext) -> int:
     """Llama4MoE → com.microsoft.MoE | standard ops (gather/dense) | Llama4MoEPlugin, by target"""
     standard = f"standard ops ({context.moe_form})"
@@ -200,8 +306,9 @@ def lower_moe(model: ir.Model, context: PassContext) -> int:
             counts[f"{ORT_DOMAIN}.MoE"] = _lower(model, "ort_moe")
         else:
             context.notes.append(f"MoE: {problem}; {standard} instead")
-    form = "ort_gather" if context.target == "onnxruntime" and context.moe_form == "gather" else context.moe_form
-    counts[standard] = _lower(model, form)  # what is left: all of it, or what the ORT op was not checked for
+    if context.target == "onnxruntime":
+        counts["MatMulNBits experts"] = lower_int4_experts(model)
+    counts[standard] = _lower(model, context.moe_form)  # what is left: all of it, or what the ORT op was not checked for
     context.moe_lowering = " + ".join(name for name, count in counts.items() if count) or None
     return sum(counts.values())
 

@@ -59,14 +59,14 @@ def passes_for(target: str, quantize: bool = False) -> list[GraphPass]:
     """quantize: add the quantization passes (quantize.py): experts before the MoE lowering, linears after it."""
     if target not in TARGETS:
         raise GraphPassError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
-    quantize_experts, quantize_linears = quantization_passes() if quantize else ((), ())
+    quantize_experts, quantize_linears, quantize_kv_cache = quantization_passes() if quantize else ((), (), ())
     return [
         *canonicalization_passes(),
         *moe_fusion_passes(),
         *transformer_fusion_passes(target),
         *([quantize_experts] if quantize else []),
         moe_lowering_pass(),
-        *([quantize_linears] if quantize else []),
+        *([quantize_linears, quantize_kv_cache] if quantize else []),
         GraphPass("cse[final]", eliminate_common_subexpressions),
         GraphPass("tidy", tidy),
     ]

@@ -11,10 +11,9 @@ INT4 (weight-only, symmetric, zero point 0, blocks of `block_size` consecutive k
   routed experts  the fused Llama4MoE node's gate_up [E, H, 2I] / down [E, I, H] inputs (checkpoint layout x @ W, K = axis 1)
                   → Transpose(perm 0,2,1) ∘ DequantizeLinear(W_int4 [E, N, K] `<weight>.int4`, scale [E, N, ceil(K/B)]
                   `<weight>.int4_scale`, axis=2, block_size=B): K contiguous per output row, as kernels/formats.py and
-                  MatMulNBits. The MoE lowering then sees non-constant expert weights: on ONNX Runtime the decode
-                  (gather) form reads the selected expert with com.microsoft.GatherBlockQuantized straight from the
-                  4-bit initializer (ORT's Gather has no int4 kernel); the prefill (dense) form dequantizes every
-                  expert at run time. The TensorRT plugin node gets the Transpose outputs as its gate_up/down inputs
+                  MatMulNBits. On ONNX Runtime the MoE lowering turns each expert's slice into
+                  MatMulNBits initializers (graph_passes/lower.py, one If per expert); the standard-op forms dequantize
+                  at run time. The TensorRT plugin node gets the Transpose outputs as its gate_up/down inputs
                   (the plugin may read the DQ inputs for the packed layout).
   Values: q = clip(round_half_even(w / s), -7, 7), s = amax(block) / 7 (0-blocks: s = 1). The same values as
   kernels/formats.py (nibble = q + 8, low nibble = even k) and ORT MatMulNBits with zero point 8.
@@ -25,6 +24,12 @@ FP8 E4M3 (W8A8, per-tensor scales, amax / 448)
   routed experts  weight-only FP8: DequantizeLinear(W_fp8 [E, K, N], scale [E] (axis 0)) — the MoE kernels'
                   FP8 format (kernels/formats.py) widens weights in registers and keeps activations in 16/32 bit.
 Never quantized unless asked: router, embeddings, norms, lm_head (quantize_lm_head=True makes lm_head like any linear).
+FP8 E4M3 KV cache (QuantSpec.kv_cache_amax; per layer, one scale for K and one for V, s = calibrated amax / 448)
+  past_key.L  graph input float8e4m3fn → DequantizeLinear(·, s `kv_cache.L.key_scale`) → what attention read before
+  new_key.L   what the graph returned before → QuantizeLinear(·, s, float8e4m3fn zero point) → graph output float8e4m3fn
+  (the same for value): the runtime stores the output bytes as they are and feeds them back, so every cached token
+  is quantized once with the scale it is read back with; TensorRT's strongly typed mode reads the Q/DQ pair as an
+  FP8 cache. The scale has the cache's float type (DequantizeLinear's output type is its scale's).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from ..export import io_spec
 from . import ops
 from .manager import GraphPass, PassContext
 
@@ -55,6 +61,8 @@ class QuantSpec:
     quantize_lm_head: bool = False
     # FP8: calibrated amax of each dense linear's input, by weight name (calib.quant.activation_amax)
     activation_amax: dict[str, float] = field(default_factory=dict)
+    # FP8 KV cache: layer -> calibrated (amax of new_key.L, amax of new_value.L); empty: the cache keeps the float type
+    kv_cache_amax: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def wants(self, name: str) -> bool:
         return bool(_LINEAR.search(name)) or (self.quantize_lm_head and name == "lm_head.weight")
@@ -100,24 +108,49 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataTy
     return value
 
 
-def _dequantized_weight(graph: ir.Graph, name: str, w_kn: np.ndarray, spec: QuantSpec, axis: int,
+def _experts_int4(w_ekn: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Experts [E, K, N] → INT4 [E, N, K] (K contiguous) and scales [E, N, ceil(K/B)], one expert at a time so the fp32
+    temporaries stay one expert's size (a Scout layer's stacked experts are 5.4 GB in fp32)."""
+    experts, k, n = w_ekn.shape
+    q = np.empty((experts, n, k), ml_dtypes.int4)
+    scale = np.empty((experts, n, -(-k // block)), np.float32)
+    for e in range(experts):
+        q_e, scale[e] = int4_blockwise(np.asarray(w_ekn[e]).T, block, axis=1)
+        q[e] = q_e.astype(ml_dtypes.int4)
+    return q, scale
+
+
+def _experts_fp8(w_ekn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Experts [E, K, N] → FP8 [E, K, N] and one scale per expert [E], one expert at a time."""
+    q = np.empty(w_ekn.shape, ml_dtypes.float8_e4m3fn)
+    scale = np.empty(w_ekn.shape[0], np.float32)
+    for e in range(w_ekn.shape[0]):
+        q[e], scale[e] = fp8_quantize(w_ekn[e])
+    return q, scale
+
+
+def _dequantized_weight(graph: ir.Graph, name: str, w: np.ndarray, spec: QuantSpec, axis: int,
                         anchor: ir.Node) -> ir.Value:
-    """DequantizeLinear of `w_kn` (K along `axis`) quantized per spec, inserted before `anchor`; returns its output."""
+    """DequantizeLinear of `w` quantized per spec, inserted before `anchor`; returns its output (fp32).
+
+    2-D `w` is a dense linear's [K, N] (K along `axis`, 0); 3-D `w` are stacked experts [E, K, N] in checkpoint layout:
+    INT4 stores them transposed, [E, N, K] with `axis` 2 (see the module docstring), FP8 as they are."""
+    experts = w.ndim == 3
     if spec.precision == "int4":
-        q, scale = int4_blockwise(w_kn, spec.block_size, axis)
-        inputs = [_initializer(graph, f"{name}.int4", q.astype(ml_dtypes.int4), ir.DataType.INT4),
+        q, scale = _experts_int4(w, spec.block_size) if experts else int4_blockwise(w, spec.block_size, axis)
+        inputs = [_initializer(graph, f"{name}.int4", q if experts else q.astype(ml_dtypes.int4), ir.DataType.INT4),
                   _initializer(graph, f"{name}.int4_scale", scale)]
         attributes = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", spec.block_size)]
+        shape = q.shape
     else:
-        per_expert = w_kn.ndim == 3
-        q, scale = fp8_quantize(w_kn, (1, 2) if per_expert else None)
-        scale = scale.reshape(-1) if per_expert else scale.reshape(())
+        q, scale = _experts_fp8(w) if experts else fp8_quantize(w)
         inputs = [_initializer(graph, f"{name}.fp8", q, ir.DataType.FLOAT8E4M3FN),
-                  _initializer(graph, f"{name}.fp8_scale", scale)]
-        attributes = [ir.AttrInt64("axis", 0)] if per_expert else []
+                  _initializer(graph, f"{name}.fp8_scale", scale if experts else scale.reshape(()))]
+        attributes = [ir.AttrInt64("axis", 0)] if experts else []
+        shape = w.shape
     node = ir.Node("", "DequantizeLinear", inputs, attributes=attributes, num_outputs=1, name=f"{name}.dequantize")
     node.outputs[0].name = f"{name}.dequantized"
-    node.outputs[0].type, node.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(w_kn.shape)
+    node.outputs[0].type, node.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(shape)
     graph.insert_before(anchor, node)
     return node.outputs[0]
 
@@ -153,8 +186,8 @@ def quantize_experts(model: ir.Model, context: PassContext) -> int:
             if w is None or not _EXPERTS.search(value.name):
                 continue
             if spec.precision == "int4":
-                # K-contiguous [E, N, K] (kernels/formats.py's layout): ORT's GatherBlockQuantized reads one expert of it
-                dequantized = _dequantized_weight(graph, value.name, np.ascontiguousarray(w.transpose(0, 2, 1)), spec, 2, node)
+                # K-contiguous [E, N, K]: kernels/formats.py's and MatMulNBits' layout (the ORT lowering slices experts)
+                dequantized = _dequantized_weight(graph, value.name, w, spec, 2, node)
                 transpose = ir.Node("", "Transpose", [dequantized], attributes=[ir.AttrInt64s("perm", [0, 2, 1])],
                                     num_outputs=1, name=f"{value.name}.to_kn")
                 transpose.outputs[0].name = f"{value.name}.dequantized_kn"
@@ -211,7 +244,44 @@ def quantize_linears(model: ir.Model, context: PassContext) -> int:
     return count
 
 
-def quantization_passes() -> tuple[GraphPass, GraphPass]:
-    """(before the MoE lowering, after it): experts while still in the fused node's layout, then the dense linears."""
+def quantize_kv_cache(model: ir.Model, context: PassContext) -> int:
+    """past_key/value.L input → float8e4m3fn → DequantizeLinear(s);  new_key/value.L output ← QuantizeLinear(s) → float8e4m3fn"""
+    spec: QuantSpec = context.quantization
+    if not spec.kv_cache_amax:
+        return 0
+    graph, count = model.graph, 0
+    inputs = {value.name: value for value in graph.inputs}
+    outputs = {value.name: index for index, value in enumerate(graph.outputs)}
+    zero = _initializer(graph, "fp8_zero_point", np.zeros((), ml_dtypes.float8_e4m3fn), ir.DataType.FLOAT8E4M3FN)
+    first = next(iter(graph))
+    for layer, amaxes in sorted(spec.kv_cache_amax.items()):
+        for kind, past, new, amax in (("key", io_spec.past_key(layer), io_spec.new_key(layer), amaxes[0]),
+                                      ("value", io_spec.past_value(layer), io_spec.new_value(layer), amaxes[1])):
+            cache_in, cache_out = inputs[past], graph.outputs[outputs[new]]
+            float_type = cache_in.dtype
+            scale = _initializer(graph, f"kv_cache.{layer}.{kind}_scale",
+                                 np.asarray(max(amax, 1e-12) / FP8_E4M3_MAX, float_type.numpy()))
+            uses = list(cache_in.uses())
+            dequant = ir.Node("", "DequantizeLinear", [cache_in, scale], num_outputs=1, name=f"{past}.dequantize")
+            dequant.outputs[0].name = f"{past}.dequantized"
+            dequant.outputs[0].type, dequant.outputs[0].shape = ir.TensorType(float_type), cache_in.shape
+            graph.insert_before(first, dequant)
+            for node, index in uses:
+                node.replace_input_with(index, dequant.outputs[0])
+            cache_in.type = ir.TensorType(ir.DataType.FLOAT8E4M3FN)
+            cache_out.name = f"{new}.unquantized"
+            quant = ir.Node("", "QuantizeLinear", [cache_out, scale, zero], num_outputs=1, name=f"{new}.quantize")
+            quant.outputs[0].name = new
+            quant.outputs[0].type, quant.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT8E4M3FN), cache_out.shape
+            graph.append(quant)
+            graph.outputs[outputs[new]] = quant.outputs[0]
+            count += 1
+    return count
+
+
+def quantization_passes() -> tuple[GraphPass, GraphPass, GraphPass]:
+    """(before the MoE lowering, after it, after it): experts while still in the fused node's layout, then the dense
+    linears, then the KV cache (a no-op unless QuantSpec.kv_cache_amax is set)."""
     return (GraphPass("quantize_experts", quantize_experts),
-            GraphPass("quantize_linears", quantize_linears, produces=(QUANTIZED,)))
+            GraphPass("quantize_linears", quantize_linears, produces=(QUANTIZED,)),
+            GraphPass("quantize_kv_cache", quantize_kv_cache))

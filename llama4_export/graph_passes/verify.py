@@ -16,6 +16,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -47,8 +48,11 @@ def sample_feeds(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
     }
     for value in model.graph.inputs:
         if value.name not in feeds:
-            dtype = value.dtype.numpy()
-            feeds[value.name] = rng.standard_normal(shapes[value.name]).astype(dtype)
+            sample = rng.standard_normal(shapes[value.name])
+            if value.dtype == ir.DataType.BFLOAT16:  # bf16 graphs run widened to fp32 (executable_copy)
+                feeds[value.name] = sample.astype(ml_dtypes.bfloat16).astype(np.float32)
+            else:
+                feeds[value.name] = sample.astype(value.dtype.numpy())
     return feeds
 
 
@@ -93,6 +97,8 @@ def _own_nodes(model: ir.Model) -> list[ir.Node]:
 
 def executable_copy(model: ir.Model) -> tuple[ir.Model, str | None]:
     """A copy ONNX Runtime can run, and the custom-op library it needs (None when it needs none)."""
+    if any(v.dtype == ir.DataType.BFLOAT16 for v in _all_values(model.graph)):
+        model = widened_bfloat16(model)
     own = _own_nodes(model)
     if not own:
         return model, None
@@ -101,6 +107,8 @@ def executable_copy(model: ir.Model) -> tuple[ir.Model, str | None]:
         library = register_reference_ops()
         for node in _own_nodes(copy):
             node.domain = REFERENCE_OP_DOMAIN
+            if node.inputs[0].dtype == ir.DataType.FLOAT16:
+                _run_in_fp32(copy.graph, node)
         copy.opset_imports[REFERENCE_OP_DOMAIN] = 1
         return copy, library
     if any(n.op_type == trt_plugin_spec.PLUGIN_NAME for n in own):
@@ -112,6 +120,43 @@ def executable_copy(model: ir.Model) -> tuple[ir.Model, str | None]:
 
     lower_moe_standard(copy, "gather")
     return copy, None
+
+
+def _all_values(graph: ir.Graph):
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph.all_nodes():
+        yield from node.outputs
+
+
+def widened_bfloat16(model: ir.Model) -> ir.Model:
+    """A copy of a bf16 graph computing in fp32: bf16 tensors, weights (exactly: bf16 ⊂ fp32), Casts and constants become
+    fp32. ONNX Runtime's CPU EP has no bf16 kernels, so this is how a bf16 graph's structure is checked on it — the
+    passes' rewrites are verified, bf16 rounding of activations is not (that needs TensorRT or the CUDA EP)."""
+    copy = model.clone()
+    for value in list(_all_values(copy.graph)):
+        if value.dtype == ir.DataType.BFLOAT16:
+            value.type = ir.TensorType(ir.DataType.FLOAT)  # a new type: clone() shares type objects with `model`
+            if value.const_value is not None:
+                value.const_value = ir.tensor(value.const_value.numpy().astype(np.float32), name=value.name)
+    for node in copy.graph.all_nodes():
+        for attr in node.attributes.values():
+            if attr.name == "to" and attr.value == ir.DataType.BFLOAT16:
+                node.attributes["to"] = ir.AttrInt64("to", ir.DataType.FLOAT)
+            elif attr.type == ir.AttributeType.TENSOR and attr.value.dtype == ir.DataType.BFLOAT16:
+                node.attributes[attr.name] = ir.AttrTensor(attr.name, ir.tensor(attr.value.numpy().astype(np.float32)))
+    return copy
+
+
+def _run_in_fp32(graph: ir.Graph, node: ir.Node) -> None:
+    """Replace an fp16 reference node by Cast(fp32) → the node in fp32 → Cast(fp16): Python ops take fp32 only (the
+    reference computes in float64 either way)."""
+    casts = [ir.node("Cast", [value], attributes={"to": ir.DataType.FLOAT}) for value in node.inputs]
+    wide = ir.Node(node.domain, node.op_type, [c.outputs[0] for c in casts], list(node.attributes.values()),
+                   version=node.version, num_outputs=1)
+    wide.outputs[0].dtype = ir.DataType.FLOAT
+    back = ir.node("Cast", [wide.outputs[0]], attributes={"to": ir.DataType.FLOAT16})
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [*casts, wide, back], node.outputs, back.outputs)
 
 
 def run_onnxruntime(model: ir.Model, feeds: dict[str, np.ndarray], custom_op_library: str | None = None) -> dict[str, np.ndarray]:

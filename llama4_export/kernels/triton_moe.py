@@ -247,7 +247,8 @@ class Groups:
 
 def _sort_by_expert(expert: torch.Tensor, num_experts: int):
     expert = expert.long()
-    counts = torch.bincount(expert, minlength=num_experts)
+    # scatter_add, not bincount: CUDA bincount reads the input's range back to the host (a sync; breaks graph capture)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert.device).scatter_add_(0, expert.long(), torch.ones_like(expert, dtype=torch.int64))
     tokens = torch.argsort(expert, stable=True)  # stable: tokens keep their order inside an expert
     offsets = torch.cumsum(counts, 0) - counts
     return counts, tokens.to(torch.int32), offsets

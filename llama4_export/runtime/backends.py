@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import ml_dtypes
 import numpy as np
 
 from ..export import io_spec
@@ -110,7 +111,10 @@ class TorchBackend:
         return StepOutput(logits.float().numpy(), [k.numpy() for k in new.keys], [v.numpy() for v in new.values])
 
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(float8e4m3fn)": ml_dtypes.float8_e4m3fn}
+# ONNX element types of the ml_dtypes arrays ORT's numpy conversion does not know ("Numpy_type 260 can't be converted
+# to MLDataType" on onnxruntime 1.32): they are handed over as raw bytes with their ONNX type.
+_ONNX_ELEMENT_TYPES = {np.dtype(ml_dtypes.float8_e4m3fn): 17}  # TensorProto.FLOAT8E4M3FN
 
 
 class OrtBackend:
@@ -140,7 +144,8 @@ class OrtBackend:
         inputs = {i.name: i for i in self.decode.get_inputs()}
         key_type = inputs[io_spec.past_key(0)].type
         if key_type not in _ORT_TYPES:
-            raise GenerationError(f"{decode_path}: cache type {key_type} is not supported by the numpy runtime (float32, float16)")
+            raise GenerationError(f"{decode_path}: cache type {key_type} is not supported by the numpy runtime "
+                                  "(float32, float16, float8e4m3fn)")
         self.cache_dtype = np.dtype(_ORT_TYPES[key_type])
         self.required_slots = {}
         for kind, name in io_spec.PAST_POSITIONS.items():
@@ -148,7 +153,8 @@ class OrtBackend:
             if isinstance(dim, int):
                 self.required_slots[kind] = dim
         self.output_names = io_spec.output_names(config)
-        self._bound: tuple[SlidingKVCache, Any, StepOutput] | None = None  # (the cache bound, IOBinding, its output arrays)
+        # (the cache bound, its reallocation count then, IOBinding, its output arrays)
+        self._bound: tuple[SlidingKVCache, int, Any, StepOutput] | None = None
 
     def _session(self, ort, path: Path, options):
         try:
@@ -159,11 +165,33 @@ class OrtBackend:
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> StepOutput:
         if input_ids.shape[1] == 1:
             return self._decode(input_ids, positions, cache)
+        if cache.dtype in _ONNX_ELEMENT_TYPES:  # session.run takes numpy arrays ORT knows only
+            return self._prefill_bound(input_ids, positions, cache)
         feeds = self._cache_feeds(cache)
         feeds[io_spec.INPUT_IDS], feeds[io_spec.POSITIONS] = input_ids, positions
         out = self.prefill.run(self.output_names, feeds)
         n = self.config.num_hidden_layers
         return StepOutput(out[0], out[1 : 2 * n + 1 : 2], out[2 : 2 * n + 1 : 2])
+
+    def _prefill_bound(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> StepOutput:
+        import onnxruntime as ort
+
+        binding = self.prefill.io_binding()
+        for name, array in self._cache_feeds(cache).items():
+            binding.bind_ortvalue_input(name, _ortvalue(ort, array))
+        binding.bind_cpu_input(io_spec.INPUT_IDS, input_ids)
+        binding.bind_cpu_input(io_spec.POSITIONS, positions)
+        out = self._output_arrays(cache.batch, input_ids.shape[1], cache.dtype)
+        _bind_outputs(binding, self.output_names, out)
+        self.prefill.run_with_iobinding(binding)
+        return out
+
+    def _output_arrays(self, batch: int, tokens: int, dtype: np.dtype) -> StepOutput:
+        cfg = self.config
+        kv_shape = (batch, cfg.num_key_value_heads, tokens, cfg.head_dim)
+        return StepOutput(np.empty((batch, tokens, cfg.vocab_size), np.float32),
+                          [np.empty(kv_shape, dtype) for _ in range(cfg.num_hidden_layers)],
+                          [np.empty(kv_shape, dtype) for _ in range(cfg.num_hidden_layers)])
 
     def _cache_feeds(self, cache: SlidingKVCache) -> dict[str, np.ndarray]:
         feeds = {io_spec.PAST_POSITIONS[k]: p for k, p in cache.positions.items()}
@@ -174,26 +202,36 @@ class OrtBackend:
     def _decode(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> StepOutput:
         import onnxruntime as ort
 
-        if self._bound is None or self._bound[0] is not cache:
+        if self._bound is None or self._bound[0] is not cache or self._bound[1] != cache.reallocations:
             binding = self.decode.io_binding()
             # OrtValues over the cache's numpy memory (zero-copy on CPU; copied to the device by a GPU EP).
             for name, array in self._cache_feeds(cache).items():
-                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
-            cfg, b = self.config, cache.batch
-            out = StepOutput(
-                np.empty((b, 1, cfg.vocab_size), np.float32),
-                [np.empty((b, cfg.num_key_value_heads, 1, cfg.head_dim), cache.dtype) for _ in range(cfg.num_hidden_layers)],
-                [np.empty((b, cfg.num_key_value_heads, 1, cfg.head_dim), cache.dtype) for _ in range(cfg.num_hidden_layers)],
-            )
-            arrays = [out.logits] + [a for kv in zip(out.new_keys, out.new_values) for a in kv]
-            for name, array in zip(self.output_names, arrays):
-                binding.bind_output(name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)
-            self._bound = (cache, binding, out)
-        _, binding, out = self._bound
+                binding.bind_ortvalue_input(name, _ortvalue(ort, array))
+            out = self._output_arrays(cache.batch, 1, cache.dtype)
+            _bind_outputs(binding, self.output_names, out)
+            self._bound = (cache, cache.reallocations, binding, out)
+        _, _, binding, out = self._bound
         binding.bind_cpu_input(io_spec.INPUT_IDS, input_ids)
         binding.bind_cpu_input(io_spec.POSITIONS, positions)
         self.decode.run_with_iobinding(binding)
         return out
+
+
+def _ortvalue(ort, array: np.ndarray):
+    """An OrtValue over `array`'s memory (no copy on CPU), float8 arrays included."""
+    if array.dtype in _ONNX_ELEMENT_TYPES:
+        if not array.flags.c_contiguous:  # ORT reads the bytes in C order (the cache's buffers always are)
+            raise GenerationError(f"a {array.dtype} input of shape {list(array.shape)} is not C-contiguous")
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint8), _ONNX_ELEMENT_TYPES[array.dtype])
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
+def _bind_outputs(binding, names: list[str], out: StepOutput) -> None:
+    """ORT writes the step's outputs straight into `out`'s arrays."""
+    arrays = [out.logits] + [a for kv in zip(out.new_keys, out.new_values) for a in kv]
+    for name, array in zip(names, arrays):
+        element_type = _ONNX_ELEMENT_TYPES.get(array.dtype, array.dtype.type)
+        binding.bind_output(name, "cpu", 0, element_type, list(array.shape), array.ctypes.data)
 
 
 def onnx_initializers(graph_path: Path) -> dict[str, np.ndarray]:

@@ -21,7 +21,9 @@ from typing import Callable, Iterator, Literal, Sequence
 import numpy as np
 
 from ..artifact import MANIFEST, read_manifest
+from ..errors import ConfigError
 from ..model.config import Llama4Config
+from ..plan import FLOAT_DTYPES, cuda_memory_bytes, planned_window
 from .backends import DEFAULT_PREFILL_TOKENS, Backend, OrtBackend, TorchBackend
 from .errors import GenerationError
 from .kv_cache import DEFAULT_SINKS, SlidingKVCache
@@ -54,13 +56,14 @@ class Generator:
 
     def __init__(
         self, backend: Backend, tokenizer: Tokenizer | None = None, window: int | None = None,
-        sinks: int = DEFAULT_SINKS, eos_token_ids: Sequence[int] | None = None,
+        sinks: int = DEFAULT_SINKS, eos_token_ids: Sequence[int] | None = None, precision: str | None = None,
     ):
-        """eos_token_ids: the default stop tokens (None = the config's eos_token_id)."""
+        """eos_token_ids: the default stop tokens (None = the config's eos_token_id). precision: the artifact's
+        weights (manifest), for the memory planner's default window on a GPU (None = the cache's float dtype)."""
         self.backend, self.tokenizer, self.sinks = backend, tokenizer, sinks
         self.config: Llama4Config = backend.config
         self.eos_token_ids = tuple(self.config.eos_token_id if eos_token_ids is None else eos_token_ids)
-        self.window = _window_for(backend, window)
+        self.window = _window_for(backend, window, precision, sinks)
         self._cache: SlidingKVCache | None = None
         # Fail at load, not at the first prompt, on a window the cache cannot hold or a graph it does not fit.
         cache = self._cache_for(1)
@@ -86,15 +89,17 @@ class Generator:
             raise GenerationError(f"backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
         if backend == "torch" and not (directory / MANIFEST).is_file() and (directory / "config.json").is_file():
             runner: Backend = TorchBackend.from_checkpoint(directory)
+            precision = None
         else:
             manifest = read_manifest(directory, verify=verify)
             runner = _artifact_backend(directory, manifest, backend, threads, providers)
+            precision = manifest.get("precision")
         if max_prefill_tokens is not None:
             if max_prefill_tokens < 1:
                 raise GenerationError(f"max_prefill_tokens={max_prefill_tokens}: must be >= 1")
             runner.max_prefill_tokens = min(runner.max_prefill_tokens, max_prefill_tokens)
         eos = list(runner.config.eos_token_id) + _generation_config_eos(directory)
-        return cls(runner, Tokenizer.load(directory), window, sinks, eos_token_ids=sorted(set(eos)))
+        return cls(runner, Tokenizer.load(directory), window, sinks, eos_token_ids=sorted(set(eos)), precision=precision)
 
     # --- prompts -------------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -177,8 +182,11 @@ class Generator:
     def _cache_for(self, batch: int) -> SlidingKVCache:
         if self._cache is None or self._cache.batch != batch:
             self._cache = None  # free the old buffers before allocating new ones
-            make_cache = getattr(self.backend, "make_cache", SlidingKVCache)  # the TensorRT backend's cache is on the GPU
-            self._cache = make_cache(self.config, batch, self.window, self.sinks, self.backend.cache_dtype)
+            if hasattr(self.backend, "make_cache"):  # the TensorRT backend's cache: on the GPU, sized for its engines
+                self._cache = self.backend.make_cache(self.config, batch, self.window, self.sinks, self.backend.cache_dtype)
+            else:  # graphs with dynamic slot dimensions attend over the slots used so far
+                self._cache = SlidingKVCache(self.config, batch, self.window, self.sinks, self.backend.cache_dtype,
+                                             grow=not self.backend.required_slots)
         else:
             self._cache.reset()
         return self._cache
@@ -244,9 +252,21 @@ class Generator:
         return last
 
 
-def _window_for(backend: Backend, window: int | None) -> int | None:
-    """A graph with a static global-window dimension fixes W; otherwise the caller's W (None = the default)."""
+def _window_for(backend: Backend, window: int | None, precision: str | None, sinks: int) -> int | None:
+    """A graph with a static global-window dimension fixes W; otherwise the caller's W. By default: on a GPU of known
+    memory the memory planner's largest W for one sequence (plan.planned_window, what `llama4-export plan` prints
+    for this GPU, precision, prefill size and the cache's dtype); on the CPU None (kv_cache.default_window)."""
     required = backend.required_slots.get("global")
+    if required is None and window is None:
+        memory = _gpu_memory_bytes(backend)
+        if memory is None:
+            return None
+        precision = precision or FLOAT_DTYPES.get(backend.cache_dtype.itemsize, "fp32")
+        try:
+            return planned_window(backend.config, precision, memory, backend.cache_dtype.itemsize,
+                                  max_prefill=backend.max_prefill_tokens, sinks=sinks)
+        except ConfigError as exc:
+            raise GenerationError(f"{exc}; or pass --window W to choose the global KV window yourself") from None
     if required is None or window is None:
         return window if required is None else required
     if window != required:
@@ -257,8 +277,26 @@ def _window_for(backend: Backend, window: int | None) -> int | None:
     return window
 
 
+def _gpu_memory_bytes(backend: Backend) -> int | None:
+    """Memory of the GPU the backend computes on; None on the CPU. A backend may state it (device_memory_bytes);
+    ONNX Runtime's CUDA execution provider is asked for its device (the cache is copied there every step)."""
+    stated = getattr(backend, "device_memory_bytes", None)
+    if stated is not None:
+        return int(stated)
+    if isinstance(backend, OrtBackend) and backend.decode.get_providers()[0] == "CUDAExecutionProvider":
+        options = backend.decode.get_provider_options().get("CUDAExecutionProvider", {})
+        return cuda_memory_bytes(int(options.get("device_id", 0)))
+    return None
+
+
 def _artifact_backend(directory: Path, manifest: dict, backend: str, threads: int | None, providers: list[str] | None) -> Backend:
     config = _manifest_config(directory, manifest)
+    if manifest.get("partitions"):  # --partitions N: one graph pair per layer range (runtime/partitioned.py)
+        from .partitioned import PartitionedOrtBackend
+
+        if backend != "onnxruntime":
+            raise GenerationError(f"{directory}: a partitioned artifact runs on the onnxruntime backend only (got {backend!r})")
+        return PartitionedOrtBackend(directory, manifest, config, threads, providers)
     graphs = manifest.get("graphs") or {}
     prefill = graphs.get("prefill") or {}
     max_prefill = int(prefill.get("max_new_tokens", DEFAULT_PREFILL_TOKENS))

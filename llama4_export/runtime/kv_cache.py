@@ -10,6 +10,10 @@ The graphs return only the new tokens' keys/values (export/io_spec.py); this cac
   sequence has at most W tokens; after that global layers see the S sinks plus the most recent W − S tokens.
 
 Slot order does not matter to the graph: it masks by the absolute position stored for every slot (−1 = empty).
+Both policies fill slots from 0 upwards until they wrap, so a growing cache (grow=True) starts with a few slots per
+kind and doubles them when a step needs more, up to the chunk / W: the graph then attends over the slots a short
+sequence has used, not over the whole window (graphs with dynamic slot dimensions only; TensorRT engines and CUDA
+graphs keep the full size).
 Batches: every sequence (row) has its own positions and slot bookkeeping, so rows of different lengths share the
 buffers. A row's padding tokens carry position −1 in the graph inputs; they are never written here.
 """
@@ -23,6 +27,7 @@ from ..model.config import Llama4Config
 from .errors import GenerationError
 
 DEFAULT_SINKS = 4
+INITIAL_SLOTS = 64  # a growing cache's first size per kind; doubled on demand
 # The default window is the model's whole context, capped so one sequence's global-layer cache stays under this.
 DEFAULT_GLOBAL_CACHE_BYTES = 1 << 30
 
@@ -69,7 +74,7 @@ class SlidingKVCache:
 
     def __init__(
         self, config: Llama4Config, batch: int = 1, window: int | None = None, sinks: int = DEFAULT_SINKS,
-        dtype: np.dtype | type = np.float32,
+        dtype: np.dtype | type = np.float32, grow: bool = False,
     ):
         dtype = np.dtype(dtype)
         window = default_window(config, dtype.itemsize) if window is None else int(window)
@@ -92,13 +97,31 @@ class SlidingKVCache:
         self.kinds = [attention_kind(config, i) for i in range(config.num_hidden_layers)]
         self._layers_of = {kind: [i for i, k in enumerate(self.kinds) if k == kind] for kind in self.policies}
         kvh, d = config.num_key_value_heads, config.head_dim
-        self.keys = [np.zeros((batch, kvh, self.policies[k].slots, d), dtype) for k in self.kinds]
+        size = {k: min(p.slots, INITIAL_SLOTS) if grow else p.slots for k, p in self.policies.items()}
+        self.keys = [np.zeros((batch, kvh, size[k], d), dtype) for k in self.kinds]
         self.values = [np.zeros_like(k) for k in self.keys]
-        self.positions = {k: np.full((batch, p.slots), -1, np.int64) for k, p in self.policies.items()}
+        self.positions = {k: np.full((batch, size[k]), -1, np.int64) for k in self.policies}
         self.lengths = np.zeros(batch, np.int64)  # tokens cached so far per row = the next token's position
+        self.reallocations = 0  # bumped whenever the buffers are replaced (a backend holding views rebinds)
 
     def slots(self, kind: str) -> int:
         return self.policies[kind].slots
+
+    def _reserve(self, kind: str, needed: int) -> None:
+        """Grow `kind`'s buffers to hold slot indices below `needed` (doubling, capped at the policy's slots)."""
+        size = self.positions[kind].shape[1]
+        if needed <= size:
+            return
+        new_size = min(self.policies[kind].slots, max(needed, 2 * size))
+        grown = np.full((self.batch, new_size), -1, np.int64)
+        grown[:, :size] = self.positions[kind]
+        self.positions[kind] = grown
+        for i in self._layers_of[kind]:
+            for buffers in (self.keys, self.values):
+                old = buffers[i]
+                buffers[i] = np.zeros(old.shape[:2] + (new_size,) + old.shape[3:], old.dtype)
+                buffers[i][:, :, :size] = old
+        self.reallocations += 1
 
     @property
     def nbytes(self) -> int:
@@ -126,9 +149,10 @@ class SlidingKVCache:
             if not np.array_equal(new, expected):
                 raise ValueError(f"row {b}: positions {new.tolist()} do not continue the cached {self.lengths[b]} tokens")
             for kind, policy in self.policies.items():
-                row = self.positions[kind][b]
-                keep, slots = policy.place(row, new)
-                row[slots] = new[keep]
+                keep, slots = policy.place(self.positions[kind][b], new)
+                if slots.size:
+                    self._reserve(kind, int(slots.max()) + 1)
+                self.positions[kind][b][slots] = new[keep]
                 src = columns[keep]
                 for i in self._layers_of[kind]:
                     self.keys[i][b][:, slots] = new_keys[i][b][:, src]

@@ -10,6 +10,9 @@
 - Decode is CUDA-graph captured per (cache, batch): its shapes never change (one token, fixed cache buffers), so the
   inputs are copied into static device buffers and the captured graph is replayed. TensorRT needs one ordinary
   enqueue before capture (lazy initialisation), which the first decode step is. Prefill shapes vary: never captured.
+  Nor is a decode engine holding the MoE plugin: its Python impl allocates its grouping tensors from torch's caching
+  allocator on TensorRT's stream, outside any capture pool (capture untested: no GPU run yet). Engines of the --trt-fallback lowering
+  (standard ops only) are captured.
 - The engines must have been built for this cache: the manifest's `tensorrt.builder.limits` (chunk/global slots, max
   batch, max prefill) become the backend's required_slots and limits.
 
@@ -24,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..build.engine import missing_tensorrt_message
+from ..build.engine import has_plugin_nodes, missing_tensorrt_message
 from ..export import io_spec
 from ..model.config import Llama4Config
 from .backends import StepOutput
@@ -89,7 +92,8 @@ class TrtBackend:
         self.required_slots = {"chunked": int(limits["chunk_slots"]), "global": int(limits["global_slots"])}
         self.cache_dtype = np.dtype(manifest.get("dtypes", {}).get("kv_cache", "float32"))
         self.stream = torch.cuda.Stream(device=self.device)
-        self.cuda_graphs = cuda_graphs
+        # see the module docstring
+        self.cuda_graphs = cuda_graphs and not has_plugin_nodes(directory / engines["decode"]["graph"])
         self._decode_graph: tuple | None = None  # (cache, batch, CUDAGraph, static inputs, outputs)
 
     def make_cache(self, config: Llama4Config, batch: int, window: int | None, sinks: int, dtype) -> SlidingKVCache:

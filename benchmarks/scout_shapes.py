@@ -1,0 +1,127 @@
+"""Peak RSS of the layer-streaming export on a checkpoint with the REAL Scout layer shapes, 1 layer vs 3 layers.
+
+    python benchmarks/scout_shapes.py                         # layers 1 and 3, fp16, in a temp dir under /tmp
+    python benchmarks/scout_shapes.py --layers 2 --precision fp16 --workdir /big/disk
+
+For each layer count it writes a synthetic Hugging Face checkpoint (hidden 5120, 16 experts of width 8192 + shared
+expert, 40/8 heads, head_dim 128, vocab 202048; ≈ 4.4 GB of bf16 per MoE layer + 4.1 GB of embeddings and lm_head),
+one safetensors shard per layer streamed to disk slice by slice, then runs
+
+    llama4-export --model scout --layers N --checkpoint CKPT --precision P --target onnxruntime --out OUT
+
+under /usr/bin/time -v and reports its peak RSS ("Maximum resident set size"), then deletes both directories
+(nothing is left behind; ~60 GB free disk covers 3 layers at fp16: checkpoint + export + optimized copy).
+Acceptance (issue 9): peak RSS flat in the number of layers, below the checkpoint's size and below
+2 GB + 2 × one layer's bf16 size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llama4_export.artifact import write_json
+from llama4_export.export.streaming import RandomWeights, _parameter_shapes
+from llama4_export.model.loader import INDEX_FILE
+
+_SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def write_streamed_shard(path: Path, source: RandomWeights, names: list[str], dtype: torch.dtype) -> int:
+    """A safetensors file written tensor by tensor, slice by slice (save_file needs every tensor in memory at once)."""
+    shapes = _parameter_shapes(source.config)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name in names:
+        nbytes = int(np.prod(shapes[name])) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            for piece in source.chunks(name, dtype):
+                f.write(piece.contiguous().view(torch.uint8).numpy())
+    return path.stat().st_size
+
+
+def write_checkpoint(directory: Path, layers: int, preset: str = "scout", seed: int = 0) -> tuple[int, int]:
+    """A preset-shaped checkpoint with `layers` layers; returns (total bytes, bytes of one layer)."""
+    source = RandomWeights(preset, seed, layers)
+    directory.mkdir(parents=True)
+    config = source.config.to_hf_dict()
+    write_json(directory / "config.json", config)
+    names = sorted(_parameter_shapes(source.config))
+    shards = {f"model-layer{i:02d}.safetensors": [n for n in names if n.startswith(f"model.layers.{i}.")] for i in range(layers)}
+    shards["model-rest.safetensors"] = [n for n in names if not n.startswith("model.layers.")]
+    sizes = {}
+    for file, shard_names in shards.items():
+        print(f"  writing {file} ({len(shard_names)} tensors)", flush=True)
+        sizes[file] = write_streamed_shard(directory / file, source, shard_names, torch.bfloat16)
+    weight_map = {name: file for file, shard_names in shards.items() for name in shard_names}
+    write_json(directory / INDEX_FILE, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))})
+    return sum(sizes.values()), sizes["model-layer00.safetensors"]
+
+
+def measure(layers: int, precision: str, workdir: Path, preset: str = "scout") -> dict:
+    root = Path(tempfile.mkdtemp(prefix=f"scout-shapes-{layers}-", dir=workdir))
+    try:
+        checkpoint, out = root / "checkpoint", root / "artifact"
+        start = time.perf_counter()
+        total, layer_bytes = write_checkpoint(checkpoint, layers, preset)
+        written = time.perf_counter() - start
+        command = ["/usr/bin/time", "-v", str(Path(sys.executable).parent / "llama4-export"), "--model", preset, "--layers", str(layers),
+                   "--checkpoint", str(checkpoint), "--precision", precision, "--target", "onnxruntime", "--out", str(out)]
+        if precision == "int4":
+            command += ["--int4-algo", "rtn"]  # AWQ needs calibration, which does not stream yet
+        print("  " + " ".join(command[2:]), flush=True)
+        start = time.perf_counter()
+        run = subprocess.run(command, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if run.returncode != 0:
+            raise SystemExit(f"export failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+        peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))
+        artifact = sum(p.stat().st_size for p in out.iterdir())
+        return {"layers": layers, "precision": precision, "checkpoint_bytes": total, "layer_bf16_bytes": layer_bytes,
+                "artifact_bytes": artifact, "peak_rss_bytes": peak_kb * 1024, "export_seconds": round(seconds, 1),
+                "checkpoint_write_seconds": round(written, 1)}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int4"])
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--preset", default="scout", help="scout-tiny: a seconds-long check of this script itself")
+    args = parser.parse_args()
+    rows = []
+    for layers in args.layers:
+        print(f"{layers} layer(s):", flush=True)
+        rows.append(measure(layers, args.precision, args.workdir, args.preset))
+        print("  " + json.dumps(rows[-1]), flush=True)
+    gb = 1e9
+    print(f"\n{'layers':>6} {'checkpoint':>11} {'artifact':>10} {'peak RSS':>9} {'bound':>7} {'export s':>9}")
+    for r in rows:
+        bound = 2 * gb + 2 * r["layer_bf16_bytes"]
+        print(f"{r['layers']:>6} {r['checkpoint_bytes'] / gb:>9.2f}GB {r['artifact_bytes'] / gb:>8.2f}GB "
+              f"{r['peak_rss_bytes'] / gb:>7.2f}GB {bound / gb:>5.1f}GB {r['export_seconds']:>9.1f}")
+        ok = r["peak_rss_bytes"] < min(r["checkpoint_bytes"], bound)
+        print(f"       peak RSS below the checkpoint size and 2 GB + 2 × one layer: {'yes' if ok else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Memory planner (`llama4-export plan`, llama4_export/plan.py) against a hand computation from config fields.
+
+The hand model below restates the planner's documented formulas (plan.py docstring) from the config alone: weight
+bytes from parameter counts, KV bytes per token, the prefill workspace, the 2 GiB runtime reserve. For a GPU that
+holds a global layer and W ≥ one chunk, everything is linear in W, so the largest W is a floor division.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from llama4_export.build.profiles import build_limits
+from llama4_export.cli import export_app
+from llama4_export.errors import ConfigError
+from llama4_export.model import from_preset, get_preset
+from llama4_export.plan import partition_layers, plan_memory
+from llama4_export.runtime import Generator, TorchBackend, default_window
+
+MIB, GIB = 2**20, 2**30
+H100 = 81559 * MIB  # nvidia-smi's memory.total for an H100 80GB HBM3
+RESERVE = 2 * GIB
+
+
+def hand_layer(cfg, i: int) -> tuple[int, int, int]:
+    """(quantizable parameters, unquantized parameters, weight matrices) of layer i."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    attention = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)  # q, o; k, v
+    if i in cfg.moe_layers:
+        expert = 3 * h * cfg.intermediate_size
+        return attention + expert * (1 + cfg.num_local_experts), 2 * h + h * cfg.num_local_experts, 4 + 3 + 2 * cfg.num_local_experts
+    return attention + 3 * h * cfg.intermediate_size_mlp, 2 * h, 4 + 3
+
+
+def hand_weights(cfg, layers, precision: str, first: bool, last: bool, wide: int = 2) -> int:
+    q = sum(hand_layer(cfg, i)[0] for i in layers)
+    u = sum(hand_layer(cfg, i)[1] for i in layers)
+    m = sum(hand_layer(cfg, i)[2] for i in layers)
+    u += cfg.vocab_size * cfg.hidden_size * first + (cfg.vocab_size * cfg.hidden_size + cfg.hidden_size) * last
+    return {"fp32": 4 * (q + u), "fp16": 2 * (q + u), "bf16": 2 * (q + u),
+            "int4": wide * u + q // 2 + (q // 128) * wide, "fp8": wide * u + q + 4 * m}[precision]
+
+
+def hand_gpu(cfg, layers, window: int, weights: int, last: bool, act: int = 2, kv: int = 2, tokens: int = 512,
+             batch: int = 1) -> int:
+    """Bytes one GPU needs at global window `window` (≥ the chunk; the GPU holds a global layer)."""
+    h, d, kvh, heads, t, b = cfg.hidden_size, cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads, tokens, batch
+    per_token_layer = 2 * kvh * d * kv * b
+    n_global = sum(cfg.no_rope_layers[i] == 0 for i in layers)
+    assert n_global and window >= cfg.attention_chunk_size
+    cache = (len(layers) - n_global) * per_token_layer * cfg.attention_chunk_size + n_global * per_token_layer * window
+    attention = b * t * (heads + 2 * kvh) * d * act + 2 * b * heads * t * (window + t) * 4 + 3 * b * kvh * (window + t) * d * kv
+    assert attention > 2 * b * t * 3 * max(cfg.intermediate_size, cfg.intermediate_size_mlp) * act  # attention is the peak
+    workspace = 4 * b * t * h * act + attention + len(layers) * 2 * b * kvh * t * d * kv + b * t * cfg.vocab_size * 4 * last
+    return weights + cache + workspace + RESERVE
+
+
+def hand_window(cfg, layers, memory: int, weights: int, last: bool, **kw) -> int:
+    slope = hand_gpu(cfg, layers, cfg.attention_chunk_size + 1, weights, last, **kw) - hand_gpu(
+        cfg, layers, cfg.attention_chunk_size, weights, last, **kw)
+    return (memory - hand_gpu(cfg, layers, cfg.attention_chunk_size, weights, last, **kw)) // slope + cfg.attention_chunk_size
+
+
+def plan_cli(*args: str):
+    return CliRunner().invoke(export_app, ["plan", *args])
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+def test_scout_int4_on_h100_matches_the_hand_computation():
+    cfg = get_preset("scout")
+    weights = hand_weights(cfg, range(48), "int4", True, True)
+    assert weights == 58_646_538_240
+    window = hand_window(cfg, range(48), H100, weights, True)
+    plan = plan_memory(cfg, "int4", H100)
+    assert plan.weight_bytes == weights
+    assert plan.kv_bytes_per_token["total"] == 196_608  # DESIGN.md §4
+    assert plan.kv_bytes_per_token["global"]["bytes_per_token"] == 12 * 4096
+    assert (plan.window, plan.window_limit, plan.fits, plan.missing_bytes) == (window, "memory", True, 0)
+    assert plan.per_gpu[0].total_bytes == hand_gpu(cfg, range(48), window, weights, True) <= H100
+
+
+def test_maverick_fp8_on_8_h100_matches_the_hand_computation():
+    cfg = get_preset("maverick")
+    result = plan_cli("--model", "maverick", "--precision", "fp8", "--gpu", "h100-80gb", "--gpus", "8", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    ranges = [range(*g["layers"]) for g in plan["per_gpu"]]
+    assert [r.start for r in ranges] == [0] + [r.stop for r in ranges[:-1]] and ranges[-1].stop == 48
+    weights = [hand_weights(cfg, r, "fp8", k == 0, k == 7) for k, r in enumerate(ranges)]
+    assert [g["weight_bytes"] for g in plan["per_gpu"]] == weights
+    assert plan["weight_bytes"] == sum(weights) == hand_weights(cfg, range(48), "fp8", True, True)
+    window = min(hand_window(cfg, r, H100, w, k == 7) for k, (r, w) in enumerate(zip(ranges, weights)))
+    assert plan["window"] == window and plan["fits"]
+    for k, (r, w, g) in enumerate(zip(ranges, weights, plan["per_gpu"])):
+        assert g["total_bytes"] == hand_gpu(cfg, r, window, w, k == 7) <= H100
+
+
+def test_window_boundary_w_fits_and_w_plus_one_does_not():
+    cfg = get_preset("scout")
+    weights = hand_weights(cfg, range(48), "int4", True, True)
+    memory = hand_gpu(cfg, range(48), 300_000, weights, True, tokens=128)  # exactly W = 300,000 tokens' worth
+    plan = plan_memory(cfg, "int4", memory, max_prefill=128)
+    assert plan.window == 300_000 and plan.per_gpu[0].free_bytes == 0
+    assert plan_memory(cfg, "int4", memory, max_prefill=128, window=300_000).fits
+    assert not plan_memory(cfg, "int4", memory, max_prefill=128, window=300_001).fits
+    assert plan_memory(cfg, "int4", memory - 1, max_prefill=128).window == 299_999
+
+
+def test_whole_context_fits_when_memory_allows():
+    plan = plan_memory(get_preset("scout-tiny"), "fp16", 24 * 10**9)
+    assert (plan.window, plan.window_limit, plan.fits) == (4096, "context", True)
+
+
+def test_not_fitting_reports_what_is_missing_and_exits_1():
+    cfg = get_preset("maverick")
+    weights = hand_weights(cfg, range(48), "int4", True, True)
+    plan = plan_memory(cfg, "int4", H100)
+    assert not plan.fits and plan.window == 0
+    assert plan.missing_bytes == hand_gpu(cfg, range(48), 8192, weights, True) - H100  # at W = one chunk
+    result = plan_cli("--model", "maverick", "--precision", "int4", "--gpu", "h100-80gb")
+    assert result.exit_code == 1 and "does not fit" in result.stdout and f"{plan.missing_bytes / GIB:,.2f} GiB missing" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------ partitions
+def brute_force_best(cfg, n: int, precision: str) -> int:
+    """The smallest possible largest part over every contiguous split into n parts."""
+    best = None
+    for cuts in itertools.combinations(range(1, cfg.num_hidden_layers), n - 1):
+        bounds = (0, *cuts, cfg.num_hidden_layers)
+        largest = max(hand_weights(cfg, range(a, b), precision, k == 0, k == n - 1) for k, (a, b) in enumerate(zip(bounds, bounds[1:])))
+        best = largest if best is None else min(best, largest)
+    return best
+
+
+@pytest.mark.parametrize("preset, n, precision", [("maverick", 3, "fp8"), ("scout", 2, "int4"), ("maverick-tiny", 3, "bf16"),
+                                                  ("scout-tiny", 4, "fp32")])
+def test_partitions_are_contiguous_and_optimally_balanced(preset, n, precision):
+    cfg = get_preset(preset)
+    parts = partition_layers(cfg, n, precision)
+    assert len(parts) == n and all(len(p) > 0 for p in parts)
+    assert [p.start for p in parts] == [0] + [p.stop for p in parts[:-1]] and parts[-1].stop == cfg.num_hidden_layers
+    largest = max(hand_weights(cfg, p, precision, k == 0, k == n - 1) for k, p in enumerate(parts))
+    assert largest == brute_force_best(cfg, n, precision)
+
+
+def test_constants_shared_with_the_runtime_agree():
+    from llama4_export import plan
+    from llama4_export.runtime import backends, kv_cache
+
+    assert plan.DEFAULT_SINKS == kv_cache.DEFAULT_SINKS and plan.DEFAULT_MAX_PREFILL == backends.DEFAULT_PREFILL_TOKENS
+
+
+def test_partition_count_out_of_range_is_refused():
+    with pytest.raises(ConfigError, match="9 partitions for 8 layers: need between 1 and 8"):
+        partition_layers(get_preset("scout-tiny"), 9)
+    assert partition_layers(get_preset("scout-tiny"), 1) == [range(0, 8)]
+
+
+# ------------------------------------------------------------------------------------------------ runtime default W
+def test_generator_on_a_gpu_sizes_its_window_with_the_planner():
+    cfg = get_preset("scout-tiny")
+    backend = TorchBackend(from_preset("scout-tiny"))  # fp32 cache and activations, prefill pieces of 512
+    assert Generator(backend).window == default_window(cfg, 4)  # CPU: unchanged
+    weights = hand_weights(cfg, range(8), "fp32", True, True)
+    backend.device_memory_bytes = hand_gpu(cfg, range(8), 1000, weights, True, act=4, kv=4)  # a GPU of exactly that size
+    gen = Generator(backend)
+    assert gen.window == 1000
+    assert gen.generate([1, 2, 3], max_new_tokens=2).token_ids  # the planned cache runs
+
+
+def test_tensorrt_build_window_comes_from_the_planner_for_the_gpu():
+    cfg = get_preset("maverick-tiny")
+    manifest = {"model": cfg.to_hf_dict(), "precision": "fp16", "dtypes": {"kv_cache": "float16"},
+                "graphs": {"decode": {"new_tokens": 1}, "prefill": {"new_tokens": None, "max_new_tokens": 32}}}
+    weights = hand_weights(cfg, range(8), "fp16", True, True)
+    memory = hand_gpu(cfg, range(8), 777, weights, True, tokens=32, batch=2)
+    assert build_limits(manifest, max_batch=2, gpu_memory_bytes=memory).global_slots == 777
+    assert build_limits(manifest, max_batch=2).global_slots == default_window(cfg, 2)  # no GPU: as before
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.mark.parametrize("args, message", [
+    (["--model", "scout", "--gpu", "h100-81gb"], "--gpu 'h100-81gb' is unknown; choose one of: h100-80gb, h200-141gb"),
+    (["--model", "scout", "--gpu-memory", "24XB"], "--gpu-memory '24XB': expected a number with a unit, e.g. 24GB"),
+    (["--model", "scout", "--gpu-memory", "24"], "--gpu-memory '24': expected a number with a unit"),
+    (["--model", "scout", "--precision", "int3", "--gpu", "h100-80gb"], "precision 'int3' is unknown; choose one of"),
+    (["--model", "scout", "--gpu", "h100-80gb", "--gpu-memory", "80GB"], "give exactly one of --gpu NAME or --gpu-memory"),
+    (["--model", "scout", "--gpu", "h100-80gb", "--kv-dtype", "int8"], "--kv-dtype 'int8' is unknown"),
+    (["--model", "scout", "--gpu", "h100-80gb", "--gpus", "49"], "49 partitions for 48 layers"),
+    (["--model", "scout", "--gpu", "h100-80gb", "--max-batch", "0"], "--max-batch 0: must be at least 1"),
+    (["--model", "llama5", "--gpu", "h100-80gb"], "unknown preset 'llama5'"),
+])
+def test_bad_input_prints_one_line_and_exits_2(args, message):
+    result = plan_cli(*args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_gpu_memory_size_and_json_output():
+    cfg = get_preset("scout")
+    result = plan_cli("--model", "scout", "--precision", "int4", "--gpu-memory", "80GiB", "--kv-dtype", "fp8", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    weights = hand_weights(cfg, range(48), "int4", True, True)
+    assert plan["gpu_memory_bytes"] == 80 * GIB and plan["kv_dtype"] == "fp8" and plan["kv_bytes_per_token"]["total"] == 98_304
+    assert plan["window"] == hand_window(cfg, range(48), 80 * GIB, weights, True, kv=1)
+    g = plan["per_gpu"][0]
+    assert g["total_bytes"] == g["weight_bytes"] + g["kv_chunked_bytes"] + g["kv_global_bytes"] + g["workspace_bytes"] + g["reserve_bytes"]
+    table = plan_cli("--model", "scout", "--precision", "int4", "--gpu", "h100-80gb")
+    assert table.exit_code == 0 and f"W = {hand_window(cfg, range(48), H100, weights, True):,} tokens" in table.stdout
