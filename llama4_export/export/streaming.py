@@ -38,7 +38,7 @@ import torch
 from onnx_ir import _graph_containers
 from safetensors import safe_open
 
-from ..artifact import MANIFEST, ArtifactError, atomic_directory, read_manifest, write_json, write_manifest
+from ..artifact import MANIFEST, ArtifactError, atomic_directory, read_manifest, write_manifest
 from ..errors import CheckpointError, ConfigError
 from ..model.config import Llama4Config, get_preset
 from ..model.loader import check_checkpoint
@@ -474,7 +474,7 @@ def optimize_streamed(
     show_progress: bool = True,
 ):
     """`optimize_artifact` (same passes, same files) with the weights left on disk; returns (manifest, reports)."""
-    from ..graph_passes.artifact_passes import PASSES_FILE, _updated_manifest
+    from ..graph_passes.artifact_passes import _updated_manifest, copy_other_files
     from ..graph_passes.errors import GraphPassError
     from ..graph_passes.pipeline import default_target, optimize, passes_for
 
@@ -500,12 +500,7 @@ def optimize_streamed(
             with atomic_directory(directory) as tmp:
                 with step(f"write graphs and {data_file}"):
                     save_streamed(models, tmp, _file_content, data_file)
-                    rewritten = {graphs[name]["file"] for name in graphs} | {data_file, MANIFEST, PASSES_FILE}
-                    for name in sorted(manifest["files"]):
-                        if name not in rewritten:
-                            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                            shutil.copyfile(directory / name, tmp / name)
-                    write_json(tmp / PASSES_FILE, {name: report.to_json() for name, report in reports.items()})
+                    copy_other_files(directory, tmp, manifest, data_file, reports)
                 with step("hash files and write manifest"):
                     manifest = _updated_manifest(manifest, target, models, reports, False, None)
                     manifest = write_manifest(tmp, {**manifest, **(manifest_update or {})})

@@ -61,16 +61,22 @@ def optimize_artifact(
         with atomic_directory(directory) as tmp:
             with step(f"write graphs and {data_file}"):
                 save_graphs(models, tmp, data_file)
-                rewritten = {graphs[name]["file"] for name in graphs} | {data_file, MANIFEST, PASSES_FILE}
-                for name in sorted(manifest["files"]):
-                    if name not in rewritten:
-                        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                        shutil.copyfile(directory / name, tmp / name)
-                write_json(tmp / PASSES_FILE, {name: report.to_json() for name, report in reports.items()})
+                copy_other_files(directory, tmp, manifest, data_file, reports)
             with step("hash files and write manifest"):
                 manifest = _updated_manifest(manifest, target, models, reports, verify, tolerance)
                 manifest = write_manifest(tmp, {**manifest, **(manifest_update or {})})
     return manifest, reports
+
+
+def copy_other_files(directory: Path, tmp: Path, manifest: dict, data_file: str, reports: dict[str, PassReport]) -> None:
+    """Into the rewritten artifact `tmp`: every file of `directory` the rewrite does not produce (tokenizer files,
+    report.json, …), and the pass reports."""
+    rewritten = {entry["file"] for entry in (manifest.get("graphs") or {}).values()} | {data_file, MANIFEST, PASSES_FILE}
+    for name in sorted(manifest["files"]):
+        if name not in rewritten:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(directory / name, tmp / name)
+    write_json(tmp / PASSES_FILE, {name: report.to_json() for name, report in reports.items()})
 
 
 def _updated_manifest(manifest: dict, target: str, models: dict[str, ir.Model], reports: dict[str, PassReport],
