@@ -28,7 +28,7 @@ demo: $(BIN)/.installed
 	$(BIN)/llama4-run $(DEMO_OUT) --prompt "The history of" --max-new-tokens 32 --json
 
 test: $(BIN)/.installed-$(EXTRAS)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

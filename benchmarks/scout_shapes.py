@@ -2,6 +2,7 @@
 
     python benchmarks/scout_shapes.py                         # layers 1 and 3, fp16, in a temp dir under /tmp
     python benchmarks/scout_shapes.py --layers 2 --precision fp16 --workdir /big/disk
+    python benchmarks/scout_shapes.py --layers 1 3 --precision int4 fp8 --calib-samples 16 --calib-seq-len 256
 
 For each layer count it writes a synthetic Hugging Face checkpoint (hidden 5120, 16 experts of width 8192 + shared
 expert, 40/8 heads, head_dim 128, vocab 202048; ≈ 4.4 GB of bf16 per MoE layer + 4.1 GB of embeddings and lm_head),
@@ -10,7 +11,8 @@ one safetensors shard per layer streamed to disk slice by slice, then runs
     llama4-export --model scout --layers N --checkpoint CKPT --precision P --target onnxruntime --out OUT
 
 under /usr/bin/time -v and reports its peak RSS ("Maximum resident set size"), then deletes both directories
-(nothing is left behind; ~60 GB free disk covers 3 layers at fp16: checkpoint + export + optimized copy).
+(nothing is left behind; ~60 GB free disk covers 3 layers: checkpoint + export + optimized copy; int4 / fp8 leave
+the routed experts out of their fp32 intermediate).
 Acceptance (issue 9): peak RSS flat in the number of layers, below the checkpoint's size and below
 2 GB + 2 × one layer's bf16 size.
 """
@@ -75,52 +77,74 @@ def write_checkpoint(directory: Path, layers: int, preset: str = "scout", seed: 
     return sum(sizes.values()), sizes["model-layer00.safetensors"]
 
 
-def measure(layers: int, precision: str, workdir: Path, preset: str = "scout") -> dict:
+def measure(layers: int, precisions: list[str], workdir: Path, preset: str = "scout", extra: tuple[str, ...] = ()) -> list[dict]:
+    """One checkpoint of `layers` layers, exported once per precision (each export deleted before the next)."""
     root = Path(tempfile.mkdtemp(prefix=f"scout-shapes-{layers}-", dir=workdir))
     try:
-        checkpoint, out = root / "checkpoint", root / "artifact"
+        checkpoint = root / "checkpoint"
         start = time.perf_counter()
         total, layer_bytes = write_checkpoint(checkpoint, layers, preset)
         written = time.perf_counter() - start
-        command = ["/usr/bin/time", "-v", str(Path(sys.executable).parent / "llama4-export"), "--model", preset, "--layers", str(layers),
-                   "--checkpoint", str(checkpoint), "--precision", precision, "--target", "onnxruntime", "--out", str(out)]
-        if precision == "int4":
-            command += ["--int4-algo", "rtn"]  # AWQ needs calibration, which does not stream yet
-        print("  " + " ".join(command[2:]), flush=True)
-        start = time.perf_counter()
-        run = subprocess.run(command, capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-        if run.returncode != 0:
-            raise SystemExit(f"export failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
-        peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))
-        artifact = sum(p.stat().st_size for p in out.iterdir())
-        return {"layers": layers, "precision": precision, "checkpoint_bytes": total, "layer_bf16_bytes": layer_bytes,
-                "artifact_bytes": artifact, "peak_rss_bytes": peak_kb * 1024, "export_seconds": round(seconds, 1),
-                "checkpoint_write_seconds": round(written, 1)}
+        rows = []
+        for precision in precisions:
+            rows.append({"layers": layers, "precision": precision, "checkpoint_bytes": total, "layer_bf16_bytes": layer_bytes,
+                         "checkpoint_write_seconds": round(written, 1),
+                         **export_once(checkpoint, root / "artifact", layers, precision, preset, extra)})
+            print("  " + json.dumps(rows[-1]), flush=True)
+        return rows
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def export_once(checkpoint: Path, out: Path, layers: int, precision: str, preset: str, extra: tuple[str, ...]) -> dict:
+    # A full-size preset validates the checkpoint's shapes (cut to N layers); a tiny one just streams.
+    model = ["--model", preset, "--layers", str(layers)] if preset in ("scout", "maverick") else ["--stream"]
+    command = ["/usr/bin/time", "-v", str(Path(sys.executable).parent / "llama4-export"), *model,
+               "--checkpoint", str(checkpoint), "--precision", precision, "--target", "onnxruntime", "--out", str(out)]
+    if precision == "int4":
+        command += ["--int4-algo", "rtn"]  # AWQ's statistics of a Scout layer need ≈ 28 GB (check_awq_memory)
+    if precision in ("fp8", "int4"):
+        command += list(extra)
+    print("  " + " ".join(command[2:]), flush=True)
+    start = time.perf_counter()
+    run = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if run.returncode != 0:
+        raise SystemExit(f"export failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))
+    artifact = sum(p.stat().st_size for p in out.iterdir())
+    shutil.rmtree(out)
+    return {"options": list(extra) if precision in ("fp8", "int4") else [], "artifact_bytes": artifact,
+            "peak_rss_bytes": peak_kb * 1024, "export_seconds": round(seconds, 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 3])
-    parser.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int4"])
+    parser.add_argument("--precision", nargs="+", default=["fp16"], choices=["fp16", "fp32", "int4", "fp8"])
+    parser.add_argument("--calib-samples", type=int, help="fp8: calibration samples (layer-wise calibration runs every "
+                        "sample through every layer: on 2 CPU cores the default plan takes ~10 min per Scout layer)")
+    parser.add_argument("--calib-seq-len", type=int)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--preset", default="scout", help="scout-tiny: a seconds-long check of this script itself")
     args = parser.parse_args()
+    extra = []
+    if args.calib_samples is not None:
+        extra += ["--calib-samples", str(args.calib_samples)]
+    if args.calib_seq_len is not None:
+        extra += ["--calib-seq-len", str(args.calib_seq_len)]
     rows = []
     for layers in args.layers:
         print(f"{layers} layer(s):", flush=True)
-        rows.append(measure(layers, args.precision, args.workdir, args.preset))
-        print("  " + json.dumps(rows[-1]), flush=True)
+        rows += measure(layers, args.precision, args.workdir, args.preset, tuple(extra))
     gb = 1e9
-    print(f"\n{'layers':>6} {'checkpoint':>11} {'artifact':>10} {'peak RSS':>9} {'bound':>7} {'export s':>9}")
-    for r in rows:
+    print(f"\n{'precision':>9} {'layers':>6} {'checkpoint':>11} {'artifact':>10} {'peak RSS':>9} {'bound':>7} {'export s':>9}")
+    for r in sorted(rows, key=lambda r: (r["precision"], r["layers"])):
         bound = 2 * gb + 2 * r["layer_bf16_bytes"]
-        print(f"{r['layers']:>6} {r['checkpoint_bytes'] / gb:>9.2f}GB {r['artifact_bytes'] / gb:>8.2f}GB "
-              f"{r['peak_rss_bytes'] / gb:>7.2f}GB {bound / gb:>5.1f}GB {r['export_seconds']:>9.1f}")
         ok = r["peak_rss_bytes"] < min(r["checkpoint_bytes"], bound)
-        print(f"       peak RSS below the checkpoint size and 2 GB + 2 × one layer: {'yes' if ok else 'NO'}")
+        print(f"{r['precision']:>9} {r['layers']:>6} {r['checkpoint_bytes'] / gb:>9.2f}GB {r['artifact_bytes'] / gb:>8.2f}GB "
+              f"{r['peak_rss_bytes'] / gb:>7.2f}GB {bound / gb:>5.1f}GB {r['export_seconds']:>9.1f}  "
+              f"{'below checkpoint and bound' if ok else 'NOT below checkpoint and bound'}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ export_app = typer.Typer(
 run_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Run an exported Llama 4 artifact.")
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception | str) -> None:
     err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
@@ -65,7 +66,7 @@ def export(
     trt_fallback: bool = typer.Option(False, "--trt-fallback", help="tensorrt target: standard-op MoE instead of the plugin node"),
     no_optimize: bool = typer.Option(False, "--no-optimize", help="keep the traced graphs: no fusion, no lowering"),
     passes_report: bool = typer.Option(False, "--passes-report", help="print the per-pass op-count table"),
-    int4_algo: str = typer.Option("awq", "--int4-algo", help="int4: rtn | awq (activation-aware scales, calibrated)"),
+    int4_algo: str = typer.Option("awq", "--int4-algo", help="int4: rtn | awq (activation-aware scales and clipping, calibrated; streams layer by layer)"),
     block_size: Optional[int] = typer.Option(None, "--block-size", help="int4: 32 | 64 | 128 (default) values per scale along K"),
     calib_data: Optional[Path] = typer.Option(
         None, "--calib-data", help="calibration text: .txt, .jsonl (field 'text') or a directory of them (default: embedded corpus)",
@@ -112,104 +113,40 @@ def export(
     if ctx.invoked_subcommand is not None:
         return
     from .errors import ConfigError
-    from .export import ModelSource, export_artifact
-    from .export.pipeline import QUANTIZED_PRECISIONS, QuantOptions, check_precision_for_target, export_quantized
-    from .graph_passes import optimize_artifact, passes_for
-    from .graph_passes.pipeline import default_target
-    from .build import maybe_build_engines, require_tensorrt
+    from .export.api import EngineOptions, export_model
+    from .export.pipeline import QuantOptions
 
     try:
         if out is None:
             raise ConfigError("--out DIR is required: the artifact directory to write")
-        if target is not None:
-            passes_for(target)  # an unknown target fails before the export
-        check_precision_for_target(precision, target or default_target())
-        engines = (target or default_target()) == "tensorrt" and not no_optimize
-        engine_options = {"--require-engine": require_engine, "--max-batch": max_batch != 1, "--window": window is not None,
-                          "--timing-cache": timing_cache is not None, "--reproducible": reproducible}
-        if not engines and any(engine_options.values()):
-            given = ", ".join(name for name, set_ in engine_options.items() if set_)
-            raise ConfigError(f"{given}: engine options apply to --target tensorrt without --no-optimize")
-        require_tensorrt(require_engine)
-        streamed = _streamed_source(model, checkpoint, seed, stream, random_weights, layers)
-        source = None if streamed is not None else ModelSource(preset=model, seed=seed, checkpoint=checkpoint)
-        limits = {} if max_prefill is None else {"max_prefill": max_prefill}
-        if partitions != 1:
-            from .export.partitions import export_partitioned
-
-            if streamed is not None or precision in QUANTIZED_PRECISIONS:
-                raise ConfigError("--partitions N supports fp32 / fp16 in-memory exports for now (no --stream, "
-                                  "--random-weights, int4 or fp8)")
-            manifest = export_partitioned(out, source, partitions, precision, target=target, optimize=not no_optimize,
-                                          trt_plugin=not trt_fallback, **limits)
-            engines = False  # TensorRT engines per part are not built yet
-        elif streamed is not None:
-            from .export.streaming import export_streamed_artifact
-
-            if kv_cache_dtype is not None:
-                raise ConfigError("--kv-cache-dtype needs calibration, which does not stream yet: drop --stream / --random-weights")
-            manifest, reports = export_streamed_artifact(out, streamed, precision, not no_optimize, target, not trt_fallback,
-                                                         block_size, int4_algo, quantize_lm_head, calib_data=calib_data,
-                                                         calib_samples=calib_samples, calib_seq_len=calib_seq_len, **limits)
-            if passes_report and reports:
-                _print_pass_reports({name: r.to_json(measured=True) for name, r in reports.items()})
-        elif precision in QUANTIZED_PRECISIONS:
-            if no_optimize:
-                raise ConfigError(f"--precision {precision} quantizes in the graph passes; drop --no-optimize")
-            options = QuantOptions(int4_algo, block_size, calib_data, calib_samples, calib_seq_len, calib_cache,
-                                   eval_data, not no_report, quantize_lm_head, calib_percentile, kv_cache_dtype)
-            manifest, report, calibration = export_quantized(out, source, precision, options, target or default_target(),
-                                                             not trt_fallback, **limits)
-            if calibration is not None:
-                how = "reused from the cache" if calibration.reused else "computed"
-                console.print(f"calibration {how} in {calibration.seconds:.2f} s "
-                              f"({calibration.settings['samples']} × {calibration.settings['seq_len']} tokens)")
-            if report is not None:
-                _print_report(report)
-        elif block_size is not None or int4_algo != "awq":
-            raise ConfigError(f"--int4-algo / --block-size apply to --precision int4 only (got --precision {precision})")
-        elif calib_percentile is not None:
-            raise ConfigError(f"--calib-percentile applies to --precision fp8 only (got --precision {precision})")
-        elif kv_cache_dtype is not None:
-            raise ConfigError(f"--kv-cache-dtype applies to --precision fp8 / int4 (calibrated scales; got --precision {precision})")
-        else:
-            manifest = export_artifact(out, source, precision=precision, **limits)
-        if not no_optimize and precision not in QUANTIZED_PRECISIONS and streamed is None and partitions == 1:
-            manifest, reports = optimize_artifact(out, target, trt_plugin=not trt_fallback)
-            if passes_report:
-                _print_pass_reports({name: r.to_json(measured=True) for name, r in reports.items()})
+        quant = QuantOptions(int4_algo, block_size, calib_data, calib_samples, calib_seq_len, calib_cache, eval_data,
+                             not no_report, quantize_lm_head, calib_percentile, kv_cache_dtype)
+        result = export_model(
+            out, model, checkpoint, seed, precision, target, optimize=not no_optimize, trt_plugin=not trt_fallback,
+            quant=quant, max_prefill=max_prefill, stream=stream, random_weights=random_weights, layers=layers,
+            partitions=partitions, engines=EngineOptions(require_engine, max_batch, window, timing_cache, reproducible),
+        )
     except Llama4ExportError as exc:
         _fail(exc)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        _fail(f"{out}: the disk filled up while writing {exc.filename or 'the artifact'} (other files grew during the "
+              "export?); nothing was left behind: free space and run again")
+    if result.calibration is not None:
+        calibration = result.calibration
+        how = "reused from the cache" if calibration.reused else "computed"
+        console.print(f"calibration {how} in {calibration.seconds:.2f} s "
+                      f"({calibration.settings['samples']} × {calibration.settings['seq_len']} tokens)")
+    if result.accuracy_report is not None:
+        _print_report(result.accuracy_report)
+    if passes_report and result.pass_reports:
+        _print_pass_reports({name: r.to_json(measured=True) for name, r in result.pass_reports.items()})
+    manifest = result.manifest
     size = sum((out / name).stat().st_size for name in manifest["files"])
     console.print(f"wrote {out}: {len(manifest['files'])} files, {size / 1e6:,.1f} MB ({manifest['precision']}, {manifest['target']})")
-    if engines:
-        try:
-            line = maybe_build_engines(out, require_engine, max_batch=max_batch, window=window, timing_cache=timing_cache,
-                                       reproducible=reproducible)
-        except Llama4ExportError as exc:
-            _fail(exc)
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
-
-
-def _streamed_source(model: Optional[str], checkpoint: Optional[Path], seed: int, stream: bool, random_weights: bool,
-                     layers: Optional[int]):
-    """The weight source of a layer-streaming export (export/streaming.py), or None for the in-memory path."""
-    from .errors import ConfigError
-    from .export.streaming import FULL_SIZE_SOURCES, CheckpointWeights, RandomWeights, full_size_weights_hint
-
-    if random_weights:
-        if model is None or checkpoint is not None:
-            raise ConfigError("--random-weights needs --model PRESET and no --checkpoint")
-        return RandomWeights(model, seed, layers)
-    if model in FULL_SIZE_SOURCES and checkpoint is not None:
-        return CheckpointWeights(checkpoint, preset=model, layers=layers)  # checked against the preset's shapes
-    if layers is not None:
-        raise ConfigError("--layers N applies to --random-weights, or to --model scout|maverick with --checkpoint DIR")
-    if model in FULL_SIZE_SOURCES:
-        raise ConfigError(full_size_weights_hint(model))
-    if stream and (model or checkpoint):
-        return CheckpointWeights(checkpoint) if checkpoint is not None else RandomWeights(model, seed)
-    return None
+    if result.engine_line is not None:
+        console.print(result.engine_line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_report(report: dict) -> None:

@@ -17,13 +17,14 @@ from typer.testing import CliRunner
 from llama4_export.calib.calibrate import activation_amax
 from llama4_export.calib.stats import collect_statistics
 from llama4_export.calib.streamed import streamed_statistics
+from llama4_export.artifact import read_manifest
 from llama4_export.cli import export_app
 from llama4_export.errors import CheckpointError, ConfigError
 from llama4_export.export import io_spec
 from llama4_export.export.pipeline import _linear_weight_names
 from llama4_export.export.streaming import (
-    CHUNK_BYTES, SPILL_MIN_ELEMENTS, CheckpointWeights, DiskSpaceError, RandomWeights, _load_streaming, check_disk_space,
-    export_streamed, export_streamed_artifact, optimize_streamed, required_disk_bytes,
+    CHUNK_BYTES, SPILL_MIN_ELEMENTS, CheckpointWeights, DiskSpaceError, RandomWeights, SpillFile, _load_streaming,
+    check_disk_space, export_streamed, export_streamed_artifact, optimize_streamed, required_disk_bytes,
 )
 from llama4_export.graph_passes import optimize_artifact
 from llama4_export.graph_passes.pipeline import optimize
@@ -66,7 +67,7 @@ def test_streamed_int4_passes_are_byte_identical_to_in_memory(streamed_scoutlike
 def test_passes_leave_weights_on_disk(streamed_scoutlike, tmp_path):
     """After the passes (quantization + the ONNX Runtime MoE re-layout), no large tensor sits in memory and no weight
     file stays mapped: every created tensor was spilled, every read unmapped again."""
-    model = _load_streaming(streamed_scoutlike / "prefill.onnx", tmp_path / "prefill.spill")
+    model = _load_streaming(streamed_scoutlike / "prefill.onnx", SpillFile(tmp_path / "prefill.spill"))
     optimize(model, "onnxruntime", quantization=QuantSpec("int4", 32))
     initializers = list(model.graph.initializers.values())
     external = [v for v in initializers if isinstance(v.const_value, ir.ExternalTensor)]
@@ -84,6 +85,12 @@ def test_layerwise_calibration_equals_in_memory_statistics_and_fp8_artifact(scou
     reference = collect_statistics(load(scoutlike_dir), samples)
     assert sorted(streamed) == sorted(reference)
     assert [k for k in reference if not np.array_equal(streamed[k], reference[k])] == []
+    # FP8's statistics (no Gram matrices, no routed-expert sites): the same values, and only those
+    fp8_stats = streamed_statistics(CheckpointWeights(scoutlike_dir), samples, for_awq=False)
+    assert [k for k in fp8_stats if k.endswith(".gram") or ".expert_" in k] == []
+    assert {k.rsplit(".", 1)[0] for k in fp8_stats} >= {"layers.0.attn_in", "layers.5.down_in", "layers.3.new_key", "final_in"}
+    assert [k for k in fp8_stats if not np.array_equal(fp8_stats[k], reference[k])] == []
+    streamed = fp8_stats
     memory, streaming = tmp_path / "memory", tmp_path / "streamed"
     shutil.copytree(streamed_scoutlike, memory)
     shutil.copytree(streamed_scoutlike, streaming)
@@ -177,8 +184,75 @@ def test_not_enough_disk_is_refused_up_front(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_streaming_refuses_awq_and_bad_layer_counts(tmp_path):
-    with pytest.raises(ConfigError, match="does not stream yet"):
+def test_a_disk_that_fills_up_during_the_passes_gives_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from llama4_export.export import streaming
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "scratch"))
+
+    monkeypatch.setattr(streaming, "optimize_streamed", full)
+    result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--random-weights", "--layers", "1", "--precision",
+                                             "int4", "--int4-algo", "rtn", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "the disk filled up while writing" in result.output and "free space and run again" in result.output
+    assert list(tmp_path.iterdir()) == []  # neither the fp32 intermediate nor a temp directory is left
+
+
+def test_streamed_int4_awq_artifact_is_the_in_memory_one(tmp_path):
+    """`--stream --precision int4` (AWQ: layer-wise statistics, per-layer plans replayed as the weights are written)
+    gives the in-memory AWQ export's graphs and weights byte for byte (bf16 checkpoint, a dense and an MoE layer)."""
+    from .conftest import make_hf_checkpoint
+
+    # vocabulary and special ids that leave room for the byte-level tokenizer (the checkpoint has no tokenizer.json)
+    checkpoint = make_hf_checkpoint(tmp_path / "ckpt", seed=5, num_hidden_layers=2, interleave_moe_layer_step=2, vocab_size=320,
+                                    bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    common = ["--checkpoint", str(checkpoint), "--precision", "int4", "--block-size", "32", "--calib-samples", "2",
+              "--calib-seq-len", "16", "--no-report", "--target", "onnxruntime"]
+    memory = CliRunner().invoke(export_app, [*common, "--calib-cache", str(tmp_path / "calib"), "--out", str(tmp_path / "memory")])
+    assert memory.exit_code == 0, memory.output
+    streamed = CliRunner().invoke(export_app, [*common, "--stream", "--out", str(tmp_path / "streamed")])
+    assert streamed.exit_code == 0, streamed.output
+    for name in ("decode.onnx", "prefill.onnx", "model.data"):
+        assert filecmp.cmp(tmp_path / "memory" / name, tmp_path / "streamed" / name, shallow=False), name
+    quantization = read_manifest(tmp_path / "streamed")["quantization"]
+    assert quantization["algorithm"] == "awq" and quantization["awq"] == read_manifest(tmp_path / "memory")["quantization"]["awq"]
+    assert not list(tmp_path.glob(".*awq*"))  # the plans are gone
+
+
+def test_streaming_refuses_awq_without_the_memory_and_bad_layer_counts(tmp_path, monkeypatch):
+    from llama4_export.export import streaming
+
+    monkeypatch.setattr(streaming, "_available_memory", lambda: 10**6)
+    with pytest.raises(ConfigError, match=r"--int4-algo awq: the scale search needs about 0\.0 GB .* use --int4-algo rtn"):
         export_streamed_artifact(tmp_path / "o", RandomWeights("scout-tiny"), "int4", int4_algo="awq")
+    assert not (tmp_path / "o").exists()
+    assert streaming.awq_statistics_bytes(get_preset("scout")) > 24e9  # Scout's Gram matrices: not on this machine
     with pytest.raises(ConfigError, match="--layers 9: preset scout-tiny has 8 layers"):
         RandomWeights("scout-tiny", layers=9)
+
+
+def test_streamed_fp8_with_fp8_kv_cache_takes_its_scales_from_layerwise_calibration(tmp_path):
+    """--random-weights --precision fp8 --kv-cache-dtype fp8 through the CLI: the cache inputs are float8 and each
+    layer's K/V scale is the max |new_key| / |new_value| of the whole PyTorch model (calib.stats hooks) / 448."""
+    from llama4_export.calib.calibrate import calibration_samples, tokenizer_for
+    from llama4_export.calib.stats import kv_cache_amax
+    from llama4_export.runtime import Generator
+
+    out = tmp_path / "fp8kv"
+    result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--random-weights", "--layers", "2", "--precision", "fp8",
+                                             "--kv-cache-dtype", "fp8", "--calib-samples", "2", "--calib-seq-len", "16",
+                                             "--target", "onnxruntime", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    source = RandomWeights("scout-tiny", layers=2)
+    samples, _ = calibration_samples(source, source.config, tokenizer_for(source, source.config), None, 2, 16)
+    expected = kv_cache_amax(collect_statistics(_model_from(source), samples), 2)
+    decode = ir.load(out / "decode.onnx")
+    inputs = {v.name: v for v in decode.graph.inputs}
+    for layer, (key_amax, value_amax) in expected.items():
+        assert inputs[io_spec.past_key(layer)].dtype == ir.DataType.FLOAT8E4M3FN
+        scales = decode.graph.initializers
+        assert scales[f"kv_cache.{layer}.key_scale"].const_value.numpy() == np.float32(key_amax / 448)
+        assert scales[f"kv_cache.{layer}.value_scale"].const_value.numpy() == np.float32(value_amax / 448)
+    assert len(Generator.load(out).generate("hello", max_new_tokens=4).token_ids) == 4

@@ -21,9 +21,17 @@ Where s is folded (exact in float arithmetic up to rounding), per layer type:
   o_proj            skipped: its input is attention output; folding into v_proj would have to respect GQA grouping
                     (one v head serves several o_proj column groups) — left to RTN.
   lm_head           unquantized by default; when quantized, RTN.
+
+The search for one decoder layer yields a plan (`plan_layer`): per weight (per expert for the routed experts), the
+ordered elementwise fp32 operations that fold the scales and clip — multiply / divide by a broadcast vector, clip to
+±limit per (row, block). `apply_plan` replays them; replaying the same fp32 ops on the same operands gives the same
+bits, so a plan computed once can be applied to the in-memory model (apply_awq) or to weights streamed one tensor
+(one expert) at a time (calib/awq_streamed.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,19 +55,20 @@ def fake_quant_int4(w_nk: torch.Tensor, block: int) -> torch.Tensor:
 def _error(weights: list[torch.Tensor], grams: list[torch.Tensor], s: torch.Tensor, block: int) -> float:
     total = 0.0
     for w, gram in zip(weights, grams):
-        scaled = w * s
+        scaled = w.float() * s  # widened here, one weight at a time: a bf16 expert never exists whole in fp32
         delta = (fake_quant_int4(scaled, block) - scaled) / s
         total += float(((delta @ gram) * delta).sum())
     return total
 
 
-def clip_weights(w_nk: torch.Tensor, gram: torch.Tensor, block: int) -> torch.Tensor:
+def clip_limits(w_nk: torch.Tensor, gram: torch.Tensor, block: int) -> torch.Tensor | None:
     """AWQ's clipping search: per output row and block, the clip ratio c of the block's amax minimizing that block's
-    output MSE Δ Σ_bb Δᵀ (Σ_bb: the block's diagonal block of the Gram matrix); returns W clipped to ±c·amax, so the
-    plain blockwise quantizer (scale = amax / 7) then quantizes it with the searched range."""
+    output MSE Δ Σ_bb Δᵀ (Σ_bb: the block's diagonal block of the Gram matrix); returns the limits c·amax [N, blocks]
+    (the plain blockwise quantizer, scale = amax / 7, then quantizes W clipped to ±limit with the searched range), or
+    None for a partial last block (left to RTN)."""
     n, k = w_nk.shape
     if k % block:
-        return w_nk  # a partial block: left to RTN
+        return None
     groups = k // block
     wb = w_nk.reshape(n, groups, block)
     amax = wb.abs().amax(-1)  # [N, G]
@@ -73,8 +82,7 @@ def clip_weights(w_nk: torch.Tensor, gram: torch.Tensor, block: int) -> torch.Te
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
-    limit = (best_ratio * amax)[..., None]
-    return torch.maximum(torch.minimum(wb, limit), -limit).reshape(n, k)
+    return best_ratio * amax
 
 
 def search_scale(weights: list[torch.Tensor], grams: list[torch.Tensor], mean_abs: torch.Tensor, block: int
@@ -94,79 +102,169 @@ def search_scale(weights: list[torch.Tensor], grams: list[torch.Tensor], mean_ab
     return best[0], best[1], best[2], rtn_error
 
 
-def _clip(weight: torch.Tensor, gram: torch.Tensor, s: torch.Tensor, block: int, transposed: bool = False) -> None:
-    """Clip `weight` in place (nn.Linear layout [N, K], or [K, N] when transposed) for inputs with Gram `gram` that
-    were divided by s: the scaled inputs' Gram is Σ / (s sᵀ)."""
-    w = weight.T if transposed else weight
-    w.copy_(clip_weights(w.float(), gram / (s[:, None] * s[None, :]), block))
+# ------------------------------------------------------------------------------------------------ plans
+@dataclass(frozen=True)
+class Op:
+    """One elementwise fp32 operation on a weight (a 2-D or 1-D tensor, or one expert's [K, N] slice).
+    mul / div: by the vector operand broadcast along `axis`, on indices start … start + len(vector) of that axis.
+    clip: to ±limit per (row, block), blocks of `axis` (K); the operand holds the limits [N, G] for axis 1
+    (nn.Linear layout [N, K]) or [G, N] for axis 0 (expert layout [K, N])."""
+
+    kind: str
+    operand: str
+    axis: int
+    start: int = 0
+
+
+@dataclass
+class LayerPlan:
+    """ops: (full parameter name, expert index or None) → its operations in order; operands: name → fp32 tensor."""
+
+    ops: dict[tuple[str, int | None], list[Op]] = field(default_factory=dict)
+    operands: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, name: str, expert: int | None, op: Op) -> None:
+        self.ops.setdefault((name, expert), []).append(op)
+
+
+def replay(tensor: torch.Tensor, ops: list[Op], operands: dict[str, torch.Tensor]) -> None:
+    """Apply `ops` to the fp32 `tensor` in place, with the same fp32 operations the search applied."""
+    for op in ops:
+        operand = operands[op.operand]
+        if op.kind == "clip":
+            if op.axis == 1:
+                limit = operand[..., None]  # [N, G, 1] against [N, G, block]
+                blocked = tensor.reshape(tensor.shape[0], operand.shape[1], -1)
+            else:
+                limit = operand[:, None, :]  # [G, 1, N] against [G, block, N]
+                blocked = tensor.reshape(operand.shape[0], -1, tensor.shape[1])
+            tensor.copy_(torch.maximum(torch.minimum(blocked, limit), -limit).reshape(tensor.shape))
+            continue
+        region = tensor.narrow(op.axis, op.start, operand.shape[0])
+        vector = operand if op.axis == tensor.dim() - 1 else operand[:, None]
+        if op.kind == "mul":
+            region.mul_(vector)
+        else:
+            region.div_(vector)
+
+
+@torch.no_grad()
+def apply_plan(model, plan: LayerPlan) -> None:
+    """Replay `plan` on the fp32 model's parameters in place."""
+    params = dict(model.named_parameters())
+    for (name, expert), ops in plan.ops.items():
+        replay(params[name] if expert is None else params[name][expert], ops, plan.operands)
+
+
+@torch.no_grad()
+def plan_layer(block_module, layer: int, stats: dict[str, np.ndarray], block: int) -> tuple[LayerPlan, list[dict]]:
+    """The AWQ plan of decoder layer `layer` (module `block_module`, left unchanged: the routed experts may be kept in
+    bf16) from its statistics, and its records {"group", "alpha", "mse", "rtn_mse"} (mse before clipping).
+    Searches read the unmodified weights; each clip search reads the weight as its earlier ops leave it, rebuilt in
+    fp32 copies (one expert at a time)."""
+    from ..model.modeling import MoE
+
+    def stat(site):
+        return torch.from_numpy(np.asarray(stats[f"layers.{layer}.{site}"])).to(torch.float32)
+
+    prefix = f"model.layers.{layer}."
+    plan, records = LayerPlan(), []
+
+    def scale(name, expert, operand, axis, start=0, divide=False):
+        plan.add(prefix + name, expert, Op("div" if divide else "mul", operand, axis, start))
+
+    def clip(name, expert, w_nk, gram, s):
+        """Clip search on `w_nk` [N, K] whose inputs were divided by s: the scaled inputs' Gram is Σ / (s sᵀ)."""
+        limit = clip_limits(w_nk.float(), gram / (s[:, None] * s[None, :]), block)
+        if limit is None:
+            return
+        axis = 1 if expert is None else 0  # experts are stored [K, N]
+        operand = f"{prefix}{name}" + ("" if expert is None else f".{expert}") + ".clip_limit"
+        plan.operands[operand] = limit if expert is None else limit.T.contiguous()
+        plan.add(prefix + name, expert, Op("clip", operand, axis))
+
+    def record(group, alpha, err, rtn):
+        records.append({"group": f"layers.{layer}.{group}", "alpha": alpha, "mse": err, "rtn_mse": rtn})
+
+    attn, ff = block_module.self_attn, block_module.feed_forward
+    # q/k/v share input_layernorm's output
+    projections = ["q_proj", "k_proj", "v_proj"]
+    gram = stat("attn_in.gram")
+    s, alpha, err, rtn = search_scale([getattr(attn, p).weight.float() for p in projections], [gram] * 3,
+                                      stat("attn_in.mean_abs"), block)
+    plan.operands[prefix + "qkv.scale"] = s
+    for p in projections:
+        scale(f"self_attn.{p}.weight", None, prefix + "qkv.scale", 1)
+        clip(f"self_attn.{p}.weight", None, getattr(attn, p).weight.float() * s, gram, s)
+    scale("input_layernorm.weight", None, prefix + "qkv.scale", 0, divide=True)
+    record("qkv", alpha, err, rtn)
+    o_gram = stat("o_in.gram")  # o_proj: no scale (see the module docstring), clipping only
+    clip("self_attn.o_proj.weight", None, attn.o_proj.weight, o_gram, torch.ones(o_gram.shape[0]))
+
+    # gate/up consumers of post_attention_layernorm
+    moe = isinstance(ff, MoE)
+    mlp, mlp_name = (ff.shared_expert, "feed_forward.shared_expert") if moe else (ff, "feed_forward")
+    mlp_gram = stat("mlp_in.gram")
+    weights, grams = [mlp.gate_proj.weight.float(), mlp.up_proj.weight.float()], [mlp_gram] * 2
+    if moe:
+        expert_grams = stat("expert_in.gram")
+        experts = ff.experts.gate_up_proj.shape[0]
+        for e in range(experts):
+            weights.append(ff.experts.gate_up_proj[e].T)  # [2I, H]; _error widens it to fp32
+            grams.append(expert_grams[e])
+    s, alpha, err, rtn = search_scale(weights, grams, stat("mlp_in.mean_abs"), block)
+    del weights
+    gate_up = prefix + "gate_up.scale"
+    plan.operands[gate_up] = s
+    scale(f"{mlp_name}.gate_proj.weight", None, gate_up, 1)
+    scale(f"{mlp_name}.up_proj.weight", None, gate_up, 1)
+    scale("post_attention_layernorm.weight", None, gate_up, 0, divide=True)
+    if moe:
+        for e in range(experts):
+            scale("feed_forward.experts.gate_up_proj", e, gate_up, 0)
+        scale("feed_forward.router.weight", None, gate_up, 1)  # the router reads the same (now divided) norm output
+    record("gate_up", alpha, err, rtn)
+
+    # down_proj: fold into up_proj rows (row scaling leaves up_proj's own blockwise quantization unchanged)
+    down_gram = stat("down_in.gram")
+    s_down, alpha, err, rtn = search_scale([mlp.down_proj.weight.float()], [down_gram], stat("down_in.mean_abs"), block)
+    down = prefix + "down.scale"
+    plan.operands[down] = s_down
+    scale(f"{mlp_name}.down_proj.weight", None, down, 1)
+    scale(f"{mlp_name}.up_proj.weight", None, down, 0, divide=True)
+    record("down", alpha, err, rtn)
+    clip(f"{mlp_name}.gate_proj.weight", None, mlp.gate_proj.weight.float() * s, mlp_gram, s)
+    clip(f"{mlp_name}.up_proj.weight", None, mlp.up_proj.weight.float() * s / s_down[:, None], mlp_gram, s)
+    clip(f"{mlp_name}.down_proj.weight", None, mlp.down_proj.weight.float() * s_down, down_gram, s_down)
+    if moe:
+        inter = ff.experts.down_proj.shape[1]
+        down_grams, means = stat("expert_down_in.gram"), stat("expert_down_in.mean_abs")
+        for e in range(experts):
+            s_e, alpha, err, rtn = search_scale([ff.experts.down_proj[e].T], [down_grams[e]], means[e], block)
+            expert_down = f"{prefix}expert{e}.down.scale"
+            plan.operands[expert_down] = s_e
+            scale("feed_forward.experts.down_proj", e, expert_down, 0)
+            scale("feed_forward.experts.gate_up_proj", e, expert_down, 1, start=inter, divide=True)
+            record(f"expert{e}.down", alpha, err, rtn)
+            # fp32 copies of expert e as its ops so far leave it, laid out as the in-memory expert slice [K, N]
+            gate_up_e = ff.experts.gate_up_proj[e].to(torch.float32, copy=True)
+            replay(gate_up_e, plan.ops[(prefix + "feed_forward.experts.gate_up_proj", e)], plan.operands)
+            clip("feed_forward.experts.gate_up_proj", e, gate_up_e.T, expert_grams[e], s)
+            down_e = ff.experts.down_proj[e].to(torch.float32, copy=True)
+            replay(down_e, plan.ops[(prefix + "feed_forward.experts.down_proj", e)], plan.operands)
+            clip("feed_forward.experts.down_proj", e, down_e.T, down_grams[e], s_e)
+            del gate_up_e, down_e
+    return plan, records
 
 
 @torch.no_grad()
 def apply_awq(model, stats: dict[str, np.ndarray], block: int) -> list[dict]:
     """Search and fold AWQ scales, then search clipping ranges, in the fp32 model in place (see the module
-    docstring); returns one record per scaled group: {"group", "alpha", "mse", "rtn_mse"} (mse before clipping)."""
-    from ..model.modeling import MoE
-
-    def stat(name):
-        return torch.from_numpy(np.asarray(stats[name])).to(torch.float32)
-
+    docstring), one layer's plan at a time; returns one record per scaled group: {"group", "alpha", "mse",
+    "rtn_mse"} (mse before clipping)."""
     records = []
-
-    def record(group, alpha, err, rtn):
-        records.append({"group": group, "alpha": alpha, "mse": err, "rtn_mse": rtn})
-
     for layer, block_module in enumerate(model.model.layers):
-        prefix = f"layers.{layer}"
-        attn, ff = block_module.self_attn, block_module.feed_forward
-        # q/k/v share input_layernorm's output
-        projections = [attn.q_proj, attn.k_proj, attn.v_proj]
-        gram = stat(f"{prefix}.attn_in.gram")
-        s, alpha, err, rtn = search_scale([p.weight.float() for p in projections], [gram] * 3,
-                                          stat(f"{prefix}.attn_in.mean_abs"), block)
-        for p in projections:
-            p.weight.mul_(s)
-            _clip(p.weight, gram, s, block)
-        block_module.input_layernorm.weight.div_(s)
-        record(f"{prefix}.qkv", alpha, err, rtn)
-        o_gram = stat(f"{prefix}.o_in.gram")  # o_proj: no scale (see the module docstring), clipping only
-        _clip(attn.o_proj.weight, o_gram, torch.ones(o_gram.shape[0]), block)
-
-        # gate/up consumers of post_attention_layernorm
-        mlp = ff.shared_expert if isinstance(ff, MoE) else ff
-        mlp_gram = stat(f"{prefix}.mlp_in.gram")
-        weights, grams = [mlp.gate_proj.weight.float(), mlp.up_proj.weight.float()], [mlp_gram] * 2
-        if isinstance(ff, MoE):
-            expert_grams = stat(f"{prefix}.expert_in.gram")
-            for e in range(ff.experts.gate_up_proj.shape[0]):
-                weights.append(ff.experts.gate_up_proj[e].float().T)  # [2I, H]
-                grams.append(expert_grams[e])
-        s, alpha, err, rtn = search_scale(weights, grams, stat(f"{prefix}.mlp_in.mean_abs"), block)
-        mlp.gate_proj.weight.mul_(s)
-        mlp.up_proj.weight.mul_(s)
-        block_module.post_attention_layernorm.weight.div_(s)
-        if isinstance(ff, MoE):
-            ff.experts.gate_up_proj.mul_(s[None, :, None])
-            ff.router.weight.mul_(s)  # the router reads the same (now divided) norm output and stays unquantized
-        record(f"{prefix}.gate_up", alpha, err, rtn)
-
-        # down_proj: fold into up_proj rows (row scaling leaves up_proj's own blockwise quantization unchanged)
-        down_gram = stat(f"{prefix}.down_in.gram")
-        s_down, alpha, err, rtn = search_scale([mlp.down_proj.weight.float()], [down_gram],
-                                               stat(f"{prefix}.down_in.mean_abs"), block)
-        mlp.down_proj.weight.mul_(s_down)
-        mlp.up_proj.weight.div_(s_down[:, None])
-        record(f"{prefix}.down", alpha, err, rtn)
-        _clip(mlp.gate_proj.weight, mlp_gram, s, block)
-        _clip(mlp.up_proj.weight, mlp_gram, s, block)
-        _clip(mlp.down_proj.weight, down_gram, s_down, block)
-        if isinstance(ff, MoE):
-            inter = ff.experts.down_proj.shape[1]
-            down_grams, means = stat(f"{prefix}.expert_down_in.gram"), stat(f"{prefix}.expert_down_in.mean_abs")
-            for e in range(ff.experts.down_proj.shape[0]):
-                s_e, alpha, err, rtn = search_scale([ff.experts.down_proj[e].float().T], [down_grams[e]], means[e], block)
-                ff.experts.down_proj[e].mul_(s_e[:, None])
-                ff.experts.gate_up_proj[e, :, inter:].div_(s_e[None, :])
-                record(f"{prefix}.expert{e}.down", alpha, err, rtn)
-                _clip(ff.experts.gate_up_proj[e], expert_grams[e], s, block, transposed=True)
-                _clip(ff.experts.down_proj[e], down_grams[e], s_e, block, transposed=True)
+        plan, layer_records = plan_layer(block_module, layer, stats, block)
+        apply_plan(model, plan)
+        records += layer_records
     return records

@@ -47,7 +47,8 @@ def cache_key(model_id: dict, data_sha256: str, samples: int, seq_len: int) -> s
 
 
 class _Accumulator:
-    def __init__(self):
+    def __init__(self, grams: bool = True):
+        self.grams = grams
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}
         self.amax: dict[str, torch.Tensor] = {}
@@ -59,14 +60,16 @@ class _Accumulator:
         if site not in self.counts:
             lead = (slots,) if slot is not None else ()
             self.sums[site + ".mean_abs"] = torch.zeros(*lead, channels, dtype=torch.float64)
-            self.sums[site + ".gram"] = torch.zeros(*lead, channels, channels, dtype=torch.float64)
+            if self.grams:
+                self.sums[site + ".gram"] = torch.zeros(*lead, channels, channels, dtype=torch.float64)
             self.counts[site] = torch.zeros(lead, dtype=torch.float64)
             self.amax[site] = torch.zeros(lead, dtype=torch.float64)
         index = (slot,) if slot is not None else ()
         if x.shape[0] == 0:
             return
         self.sums[site + ".mean_abs"][index] += x.abs().sum(0)
-        self.sums[site + ".gram"][index] += x.T @ x
+        if self.grams:
+            self.sums[site + ".gram"][index] += x.T @ x
         if slot is None:
             bins = ((torch.log2(x.abs().clamp(min=2.0 ** HIST_MIN_EXP)) - HIST_MIN_EXP) * HIST_BINS_PER_OCTAVE).floor()
             counts = torch.bincount(bins.clamp(0, HIST_BINS - 1).long().flatten(), minlength=HIST_BINS)
@@ -79,7 +82,8 @@ class _Accumulator:
         for site, count in self.counts.items():
             denom = count.clamp(min=1)
             out[site + ".mean_abs"] = (self.sums[site + ".mean_abs"] / denom[..., None]).float().numpy()
-            out[site + ".gram"] = (self.sums[site + ".gram"] / denom[..., None, None]).float().numpy()
+            if self.grams:
+                out[site + ".gram"] = (self.sums[site + ".gram"] / denom[..., None, None]).float().numpy()
             out[site + ".amax"] = self.amax[site].float().numpy().reshape(count.shape)
             out[site + ".tokens"] = count.float().numpy()
             if site + ".abs_hist" in self.sums:
@@ -109,11 +113,13 @@ def kv_cache_amax(stats: dict[str, np.ndarray], layers: int) -> dict[int, tuple[
 
 
 @torch.no_grad()
-def collect_statistics(model, samples: np.ndarray, progress=None) -> dict[str, np.ndarray]:
-    """Run the fp32 PyTorch model on [samples, seq_len] token ids with hooks; return the site statistics."""
+def collect_statistics(model, samples: np.ndarray, progress=None, for_awq: bool = True) -> dict[str, np.ndarray]:
+    """Run the fp32 PyTorch model on [samples, seq_len] token ids with hooks; return the site statistics.
+    for_awq=False leaves out what only AWQ reads: the Gram matrices and the routed-expert sites (FP8 quantizes the
+    experts weight-only). At Scout's shapes those are ≈ 12 GB per MoE layer in float64."""
     from ..model.modeling import MLP, MoE
 
-    acc = _Accumulator()
+    acc = _Accumulator(grams=for_awq)
     handles = []
 
     def pre_hook(site):
@@ -130,7 +136,7 @@ def collect_statistics(model, samples: np.ndarray, progress=None) -> dict[str, n
             for e in range(experts):
                 rows = routed[index == e]
                 acc.add(f"layers.{layer}.expert_in", rows, slot=e, slots=experts)
-                gate, up = (rows @ module.experts.gate_up_proj[e]).chunk(2, dim=-1)
+                gate, up = (rows @ module.experts.gate_up_proj[e].to(rows.dtype)).chunk(2, dim=-1)
                 acc.add(f"layers.{layer}.expert_down_in", F.silu(gate) * up, slot=e, slots=experts)
         return hook
 
@@ -150,7 +156,7 @@ def collect_statistics(model, samples: np.ndarray, progress=None) -> dict[str, n
         mlp = ff.shared_expert if isinstance(ff, MoE) else ff
         assert isinstance(mlp, MLP)
         handles.append(mlp.down_proj.register_forward_pre_hook(pre_hook(f"layers.{layer}.down_in")))
-        if isinstance(ff, MoE):
+        if isinstance(ff, MoE) and for_awq:
             handles.append(ff.register_forward_pre_hook(moe_hook(layer)))
     handles.append(model.lm_head.register_forward_pre_hook(pre_hook("final_in")))
     try:

@@ -124,21 +124,21 @@ def _dynamic_shapes(config: Llama4Config, spec: GraphSpec) -> tuple:
 def export_graph(model: Llama4ForCausalLM, spec: GraphSpec) -> ir.Model:
     """Trace one graph and return it in memory (weights still attached), canonicalized and deterministic."""
     config = model.config
-    dtype = model.lm_head.weight.dtype
+    return trace_wrapper(model, spec, GraphIO(model), example_inputs(config, spec, model.lm_head.weight.dtype),
+                         _dynamic_shapes(config, spec), io_spec.input_names(config), io_spec.output_names(config))
+
+
+def trace_wrapper(model: Llama4ForCausalLM, spec: GraphSpec, wrapper: torch.nn.Module, inputs: tuple, dynamic_shapes,
+                  input_names: list[str], output_names: list[str]) -> ir.Model:
+    """torch.onnx.export of `wrapper` (a flat-I/O module holding `model` as its attribute `model`) with the MoE
+    implementation `spec` asks for, then the weight-preserving optimizer and canonical (deterministic) names."""
     previous_impls = {m: m.impl for m in model.modules() if isinstance(m, MoE)}
     model.set_moe_impl(spec.moe_impl)
     try:
         with _quiet_exporter():
             program = torch.onnx.export(
-                GraphIO(model),
-                example_inputs(config, spec, dtype),
-                dynamic_shapes=_dynamic_shapes(config, spec),
-                input_names=io_spec.input_names(config),
-                output_names=io_spec.output_names(config),
-                opset_version=OPSET,
-                dynamo=True,
-                optimize=False,
-                verbose=False,
+                wrapper, inputs, dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
+                opset_version=OPSET, dynamo=True, optimize=False, verbose=False,
             )
     finally:
         for module, impl in previous_impls.items():

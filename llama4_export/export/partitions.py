@@ -26,9 +26,9 @@ from torch.export import Dim
 from ..artifact import atomic_directory, write_manifest
 from ..errors import ConfigError
 from ..model.config import Llama4Config
-from ..model.modeling import Llama4ForCausalLM, MoE
+from ..model.modeling import Llama4ForCausalLM
 from . import io_spec, onnx_export
-from .onnx_export import GRAPHS, OPSET, GraphSpec, _canonicalize, _optimize_keeping_weights, _quiet_exporter, save_graphs
+from .onnx_export import GRAPHS, GraphSpec, save_graphs, trace_wrapper
 from .pipeline import DEFAULT_MAX_PREFILL, ModelSource, _check_arguments, _manifest, _Steps
 from .tokenizer_files import copy_tokenizer_files, write_byte_level_tokenizer
 
@@ -58,10 +58,11 @@ def part_output_names(config: Llama4Config, layers: range) -> list[str]:
 class PartIO(nn.Module):
     """Layers `layers` of the model behind the part interface. The layer loop is Llama4ForCausalLM.forward's."""
 
-    def __init__(self, model: Llama4ForCausalLM, layers: range):
+    def __init__(self, model: Llama4ForCausalLM, layers: range, embed: bool = True):
         super().__init__()
         self.model = model
         self.layers = layers
+        self.embed = embed and layers.start == 0  # False: the first part is given hidden states already
 
     def forward(self, x: Tensor, positions: Tensor, past_positions_chunked: Tensor, past_positions_global: Tensor,
                 *past_kv: Tensor) -> tuple[Tensor, ...]:
@@ -69,7 +70,7 @@ class PartIO(nn.Module):
         past_positions = {"chunked": past_positions_chunked, "global": past_positions_global}
         freqs = positions.float()[..., None] * model.rope_inv_freq
         cos, sin = torch.cos(freqs), torch.sin(freqs)
-        if self.layers.start == 0:
+        if self.embed:
             x = model.model.embed_tokens(x)
         outputs = []
         for j, i in enumerate(self.layers):
@@ -102,26 +103,11 @@ def _dynamic_shapes(config: Llama4Config, spec: GraphSpec, layers: range) -> tup
 
 
 def export_part_graph(model: Llama4ForCausalLM, spec: GraphSpec, layers: range):
-    """One part's graph, traced like onnx_export.export_graph (same MoE implementation per graph, same clean-up)."""
+    """One part's graph, traced as onnx_export.export_graph traces the whole model."""
     config = model.config
-    dtype = model.lm_head.weight.dtype
-    previous = {m: m.impl for m in model.modules() if isinstance(m, MoE)}
-    model.set_moe_impl(spec.moe_impl)
-    try:
-        with _quiet_exporter():
-            program = torch.onnx.export(
-                PartIO(model, layers), _example_inputs(config, spec, layers, dtype),
-                dynamic_shapes=_dynamic_shapes(config, spec, layers),
-                input_names=part_input_names(config, layers), output_names=part_output_names(config, layers),
-                opset_version=OPSET, dynamo=True, optimize=False, verbose=False,
-            )
-    finally:
-        for module, impl in previous.items():
-            module.impl = impl
-    onnx_model = program.model
-    _optimize_keeping_weights(onnx_model)
-    _canonicalize(onnx_model)
-    return onnx_model
+    return trace_wrapper(model, spec, PartIO(model, layers), _example_inputs(config, spec, layers, model.lm_head.weight.dtype),
+                         _dynamic_shapes(config, spec, layers), part_input_names(config, layers),
+                         part_output_names(config, layers))
 
 
 def export_partitioned(

@@ -202,6 +202,14 @@ class _Steps:
         self._progress.update(task, completed=1)
 
 
+# The manifest's quantization.kv_cache entry of an FP8 KV cache (both the in-memory and the streamed export).
+FP8_KV_CACHE_ENTRY = {
+    "dtype": "float8e4m3fn",
+    "scales": "per layer, one for K and one for V: the max |new_key.L| / |new_value.L| over the calibration "
+              "samples (PyTorch model, calibration key above) / 448, graph initializers kv_cache.L.{key,value}_scale",
+}
+
+
 @dataclass(frozen=True)
 class QuantOptions:
     """How to quantize (precision int4 / fp8) and what to calibrate and evaluate on."""
@@ -314,11 +322,7 @@ def export_quantized(
     if precision == "fp8":
         quant_entry["activation_range"] = "amax" if options.amax_percentile is None else f"percentile {options.amax_percentile}"
     if spec.kv_cache_amax:
-        quant_entry["kv_cache"] = {
-            "dtype": "float8e4m3fn",
-            "scales": "per layer, one for K and one for V: the max |new_key.L| / |new_value.L| over the calibration "
-                      "samples (PyTorch model, calibration key above) / 448, graph initializers kv_cache.L.{key,value}_scale",
-        }
+        quant_entry["kv_cache"] = FP8_KV_CACHE_ENTRY
     manifest, _ = optimize_artifact(out, target, trt_plugin=trt_plugin, show_progress=show_progress,
                                     quantization=spec, manifest_update={**manifest_update, "quantization": quant_entry})
     report = None

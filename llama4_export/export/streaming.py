@@ -14,8 +14,11 @@ How memory stays bounded
              (quantization, the ONNX Runtime MoE re-layout) reads the tensor into fresh memory without mapping the
              file, and each large tensor a pass creates is spilled to a scratch file the moment it joins the graph.
              Peak RSS is the largest single weight and what one pass computes from it, plus the graphs' structure.
-  calibrate  fp8 activation scales come from calib/streamed.py (sequential layer-wise: one layer's weights and the
-             calibration hidden states in memory). int4 streams with RTN; AWQ's scale search does not stream yet.
+  calibrate  fp8 activation scales and FP8 KV-cache scales come from calib/streamed.py (sequential layer-wise: one
+             layer's weights and the calibration hidden states in memory); int4 AWQ searches each layer's scales and
+             clipping while that layer is in memory and replays them as the weights are written
+             (calib/awq_streamed.py). AWQ's Gram statistics of one layer must fit in RAM (≈ 28 GB at Scout's
+             shapes: check_awq_memory refuses up front when they do not; --int4-algo rtn needs none).
 
 Random weights (`RandomWeights`) are drawn per tensor from a generator seeded by (seed, tensor name), so any one
 tensor is reproducible alone; they are not the in-memory presets' weights (one generator over every tensor in order).
@@ -82,6 +85,10 @@ class WeightSource(ABC):
     def chunks(self, name: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
         """Tensor `name` (our parameter name) converted to `dtype`, as consecutive slices along its first axis."""
 
+    def lossless_dtype(self, name: str) -> torch.dtype:
+        """The narrowest float type that holds tensor `name` exactly (what calibration may keep it in)."""
+        return torch.float32
+
     @abstractmethod
     def describe(self) -> str: ...
 
@@ -135,6 +142,12 @@ class CheckpointWeights(WeightSource):
             # The shard is mapped only while one slice is copied out: pages read stay resident (and count in RSS)
             # for as long as the file is mapped.
             yield self._read(key, path, index).to(dtype)
+
+    def lossless_dtype(self, name: str) -> torch.dtype:
+        key, path = self._location(name)
+        with safe_open(str(path), framework="pt") as f:
+            stored = f.get_slice(key).get_dtype()
+        return {"BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
 
     @staticmethod
     def _read(key: str, path: Path, index: tuple | None):
@@ -233,16 +246,58 @@ def full_size_weights_hint(preset: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ disk space
-def required_disk_bytes(config: Llama4Config, precision: str, optimize: bool) -> int:
-    """Free disk the export needs at its peak: the traced graphs' weights plus, while optimizing, the optimized
-    copy beside them (fp32 on ONNX Runtime also keeps the MoE op's re-laid-out experts: count the weights twice)."""
+def required_disk_bytes(config: Llama4Config, precision: str, optimize: bool, awq_block: int | None = None) -> int:
+    """Free disk the export needs at its peak: the traced graphs' weights (for int4 / fp8 without the routed experts,
+    which the quantization passes read from the checkpoint) plus, while optimizing, the optimized copy beside them (fp32 on ONNX Runtime also keeps the MoE op's re-laid-out experts: count the weights twice);
+    streamed AWQ (awq_block) keeps its per-layer plans until the weights are written (a clip limit per block: 4 bytes
+    per awq_block weights)."""
     params = parameter_counts(config).total
     exported = params * torch.empty(0, dtype=PRECISIONS[precision]).element_size()
+    if precision in QUANTIZED_PRECISIONS:  # the fp32 intermediate leaves the routed experts out (defer_experts)
+        experts = len(config.moe_layers) * config.num_local_experts * 3 * config.hidden_size * config.intermediate_size
+        exported -= experts * 4
+    plans = 0 if awq_block is None else params * 4 // awq_block
     if not optimize:
-        return exported
-    optimized = {"int4": weight_bytes(config)["int4"] * 2, "fp8": weight_bytes(config)["fp8"] * 2,
-                 "fp32": exported * 2}.get(precision, exported)
-    return exported + optimized
+        return exported + plans
+    # While the optimized artifact is written: the exported one, the passes' scratch file (the quantized weights;
+    # INT4 experts twice: DequantizeLinear form, then the per-expert MatMulNBits form) and the new artifact, whose
+    # embedding and lm_head stay in the graphs' float type.
+    unquantized = 2 * config.vocab_size * config.hidden_size * PRECISIONS[precision].itemsize
+    created = {"int4": 2 * weight_bytes(config)["int4"], "fp8": weight_bytes(config)["fp8"], "fp32": exported}.get(precision, 0)
+    written = {"int4": weight_bytes(config)["int4"] + unquantized, "fp8": weight_bytes(config)["fp8"] + unquantized}.get(precision, exported)
+    return exported + max(created + written, plans)
+
+
+def awq_statistics_bytes(config: Llama4Config) -> int:
+    """Memory the streamed AWQ needs for its largest layer: that layer's Gram matrices (one per linear input, one per
+    routed expert and input: float64 while accumulated + float32 result, calib/stats.py) and its weights in fp32."""
+    def gram(channels: int) -> int:
+        return channels * channels * (8 + 4)
+
+    attention = gram(config.hidden_size) + gram(config.num_attention_heads * config.head_dim) + 2 * gram(config.head_dim)
+    dense = attention + gram(config.hidden_size) + gram(config.intermediate_size_mlp)
+    moe = (attention + gram(config.hidden_size) + gram(config.intermediate_size)
+           + config.num_local_experts * (gram(config.hidden_size) + gram(config.intermediate_size)))
+    layer_params = max(parameter_counts(config.replace(num_hidden_layers=1, moe_layers=moe_layer)).total
+                       for moe_layer in ((), (0,))) - (1 if config.tie_word_embeddings else 2) * config.vocab_size * config.hidden_size
+    return max(dense, moe if config.moe_layers else 0) + 4 * layer_params
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_awq_memory(config: Llama4Config) -> None:
+    """Fail before any slow step when one layer's AWQ statistics cannot fit in the memory available now."""
+    need, have = awq_statistics_bytes(config), _available_memory()
+    if need > have:
+        raise ConfigError(f"--int4-algo awq: the scale search needs about {need / 1e9:,.1f} GB for one layer's statistics "
+                          f"(Gram matrices of every linear and routed expert input) and weights, but {have / 1e9:,.1f} GB "
+                          "are available; use --int4-algo rtn, or a machine with more memory")
 
 
 def check_disk_space(out: Path, need: int) -> None:
@@ -284,7 +339,9 @@ def save_streamed(graphs: dict[str, ir.Model], directory: Path, content: Content
                   progress: Callable[[str], None] | None = None) -> None:
     """`save_graphs` with each tensor's bytes produced slice by slice by `content(value)` → (identity, slices):
     same file order, alignment and content de-duplication, so the same bytes; a tensor whose identity was already
-    written is not read again. Small tensors (< EXTERNAL_MIN_BYTES) go inline, as save_graphs leaves them."""
+    written is not read again. Small tensors (< EXTERNAL_MIN_BYTES) go inline, as save_graphs leaves them.
+    slices None defers a (large) tensor: its place in the file is left as a hole that is never read — the caller
+    gives the loaded graph the tensor from elsewhere (`attach_deferred`)."""
     directory = Path(directory)
     stored: dict[tuple, tuple[int, int]] = {}  # content key -> (offset, length)
     keys: dict[Any, tuple] = {}  # identity -> content key
@@ -309,19 +366,25 @@ def save_streamed(graphs: dict[str, ir.Model], directory: Path, content: Content
                     alignment = LARGE_ALIGNMENT if tensor.nbytes >= LARGE_TENSOR_BYTES else SMALL_ALIGNMENT
                     data.write(b"\0" * (-start % alignment))
                     offset = data.tell()
-                    digest = hashlib.sha256()
-                    for piece in slices():
-                        digest.update(piece)
-                        data.write(piece)
-                    length = data.tell() - offset
-                    if length != tensor.nbytes:
-                        raise ArtifactError(f"tensor {value.name!r}: got {length} bytes, its shape and dtype need {tensor.nbytes}")
-                    key = (tensor.dtype, tuple(tensor.shape), digest.digest())
-                    if key in stored:  # equal content already written: drop this copy, as save_graphs never writes it
-                        data.seek(start)
+                    if slices is None:  # deferred: a hole (no disk blocks on sparse-file systems), never read
+                        data.seek(offset + tensor.nbytes)
                         data.truncate()
+                        key = ("deferred", identity)
+                        stored[key] = (offset, tensor.nbytes)
                     else:
-                        stored[key] = (offset, length)
+                        digest = hashlib.sha256()
+                        for piece in slices():
+                            digest.update(piece)
+                            data.write(piece)
+                        length = data.tell() - offset
+                        if length != tensor.nbytes:
+                            raise ArtifactError(f"tensor {value.name!r}: got {length} bytes, its shape and dtype need {tensor.nbytes}")
+                        key = (tensor.dtype, tuple(tensor.shape), digest.digest())
+                        if key in stored:  # equal content already written: drop this copy, as save_graphs never writes it
+                            data.seek(start)
+                            data.truncate()
+                        else:
+                            stored[key] = (offset, length)
                     if identity is not None:
                         keys[identity] = key
                 offset, length = stored[key]
@@ -335,8 +398,10 @@ def _byte_view(tensor: torch.Tensor) -> np.ndarray:
     return tensor.contiguous().view(torch.uint8).numpy()
 
 
-def _weight_content(source: WeightSource, dtype: torch.dtype) -> Content:
-    """Meta weights come from `source` (identity: the name); anything the trace computed is written as it is."""
+def _weight_content(source: WeightSource, dtype: torch.dtype, defer_experts: bool = False) -> Content:
+    """Meta weights come from `source` (identity: the name); anything the trace computed is written as it is.
+    defer_experts: the routed experts are not written (see save_streamed) — the quantization passes read them from
+    the source one expert at a time and replace them, so an fp32 copy on disk would only cost 4 bytes per parameter."""
     def content(value: ir.Value):
         tensor = value.const_value
         if not _is_meta(tensor):
@@ -344,14 +409,78 @@ def _weight_content(source: WeightSource, dtype: torch.dtype) -> Content:
         name = value.name
         if name == "rope_inv_freq":  # a buffer computed from the config, never stored in checkpoints
             return ("weight", name), lambda: iter([_byte_view(rope_inverse_frequencies(source.config).to(tensor.raw.dtype))])
+        if defer_experts and is_routed_experts(name) and tensor.nbytes >= EXTERNAL_MIN_BYTES:
+            return ("weight", name), None
         return ("weight", name), lambda: (_byte_view(piece) for piece in source.chunks(name, tensor.raw.dtype))
 
     return content
 
 
+def is_routed_experts(name: str) -> bool:
+    return name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+
+
+_TORCH_DTYPES = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16}  # quantized exports are fp32
+
+
+class SourceTensor(ir.LazyTensor):
+    """A weight read from a WeightSource when a pass asks for it, never kept: `numpy()` reads it whole, and
+    `read_leading(e)` (quantize.leading_slice) one expert of a stacked [E, K, N] tensor — in order e = 0, 1, … it
+    continues one pass over the source's slices."""
+
+    def __init__(self, source: WeightSource, name: str, dtype: ir.DataType, shape: tuple[int, ...]):
+        self.source, self.torch_dtype = source, _TORCH_DTYPES[dtype]
+        super().__init__(self._whole, dtype, ir.Shape(shape), name=name)
+        self._experts: Iterator[torch.Tensor] | None = None
+        self._next = 0
+
+    def _whole(self) -> ir.TensorProtocol:
+        from ..calib.streamed import _read
+
+        return ir.Tensor(_read(self.source, self.name, torch.Size(tuple(self.shape)), self.torch_dtype).numpy())
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        return self.source.chunks(self.name, self.torch_dtype)
+
+    def read_leading(self, index: int) -> np.ndarray:
+        if self._experts is None or index != self._next:
+            self._experts, self._next = expert_by_expert(self.chunks(), tuple(self.shape), self.torch_dtype), 0
+        for _ in range(index - self._next):
+            next(self._experts)
+        self._next = index + 1
+        return next(self._experts).numpy()
+
+
+def expert_by_expert(pieces: Iterator[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+                     ) -> Iterator[torch.Tensor]:
+    """tensor[0], tensor[1], … of a tensor given as row-major slices of any size, each in a fresh buffer."""
+    size = int(np.prod(shape[1:]))
+    buffer, filled = torch.empty(size, dtype=dtype), 0
+    for piece in pieces:
+        flat, used = piece.reshape(-1), 0
+        while used < flat.numel():
+            take = min(size - filled, flat.numel() - used)
+            buffer[filled:filled + take] = flat[used:used + take]
+            filled, used = filled + take, used + take
+            if filled == size:
+                yield buffer.view(shape[1:])
+                buffer, filled = torch.empty(size, dtype=dtype), 0
+
+
+def attach_deferred(model: ir.Model, source: WeightSource) -> None:
+    """Give a loaded graph the routed-expert weights `defer_experts` left out of its data file, read from `source`."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if is_routed_experts(value.name) and tensor is not None and tensor.nbytes >= EXTERNAL_MIN_BYTES:
+            value.const_value = SourceTensor(source, value.name, tensor.dtype, tuple(tensor.shape))
+
+
 def _file_content(value: ir.Value):
-    """An external tensor's stored bytes read in CHUNK_BYTES pieces (4-bit data stays packed, as tobytes gives it)."""
+    """An external tensor's stored bytes read in CHUNK_BYTES pieces (4-bit data stays packed, as tobytes gives it);
+    a deferred weight no pass replaced, from its source."""
     tensor = value.const_value
+    if isinstance(tensor, SourceTensor):
+        return ("source", tensor.name), lambda: (_byte_view(piece) for piece in tensor.chunks())
     if not isinstance(tensor, ir.ExternalTensor):
         return None, lambda: iter([np.frombuffer(tensor.tobytes(), np.uint8)])
     path, offset, length = os.fspath(tensor.path), tensor.offset or 0, tensor.length or tensor.nbytes
@@ -372,9 +501,11 @@ def export_streamed(
     precision: str = "fp32",
     max_prefill: int = DEFAULT_MAX_PREFILL,
     show_progress: bool = True,
+    defer_experts: bool = False,
 ) -> dict[str, Any]:
     """`export_artifact` in bounded RAM: decode + prefill graphs, weights, tokenizer and manifest; returns the manifest.
-    Quantized precisions export fp32 graphs (quantize them with `optimize_streamed`)."""
+    Quantized precisions export fp32 graphs (quantize them with `optimize_streamed`); defer_experts leaves the
+    routed experts out of the data file (holes: `optimize_streamed(source=…)` reads them from the source)."""
     out = Path(out)
     _check_output(out, precision, max_prefill)
     dtype = PRECISIONS[precision]
@@ -384,7 +515,7 @@ def export_streamed(
             graphs = trace_graphs(config, dtype)
         with atomic_directory(out) as tmp:
             with step(f"stream weights from {source.describe()} into {DATA_FILE}"):
-                save_streamed(graphs, tmp, _weight_content(source, dtype))
+                save_streamed(graphs, tmp, _weight_content(source, dtype, defer_experts))
                 for spec in onnx_export.GRAPHS:
                     onnx.checker.check_model(str(tmp / spec.file))
             with step("write tokenizer files"):
@@ -436,32 +567,48 @@ def _uncached(tensor: ir.ExternalTensor) -> _UncachedExternalTensor:
                                    name=tensor.name, base_dir=tensor.base_dir)
 
 
+class SpillFile:
+    """A scratch file that created tensors are moved to, shared by the graphs of one optimization: equal bytes are
+    stored once (decode and prefill quantize the same weights to the same tensors)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._stored: dict[bytes, int] = {}  # sha256 of the bytes -> offset
+
+    def store(self, tensor: ir.TensorProtocol) -> _UncachedExternalTensor:
+        raw = tensor.tobytes()
+        digest = hashlib.sha256(raw).digest()
+        offset = self._stored.get(digest)
+        if offset is None:
+            with open(self.path, "ab") as f:
+                offset = self._stored[digest] = f.tell()
+                f.write(raw)
+        return _UncachedExternalTensor(self.path.name, offset, len(raw), tensor.dtype, shape=tensor.shape,
+                                       name=tensor.name, base_dir=self.path.parent)
+
+
 class _SpillingInitializers(_graph_containers.GraphInitializers):
     """Graph initializers that move a large in-memory tensor to a scratch file as it is added (what passes create:
     quantized weights, re-laid-out experts), so created tensors never pile up in memory."""
 
-    def __init__(self, graph: ir.Graph, data: dict, scratch: Path):
-        self._scratch = scratch
+    def __init__(self, graph: ir.Graph, data: dict, spill: SpillFile):
+        self._spill = spill
         super().__init__(graph, data)
 
     def __setitem__(self, key: str, value: ir.Value) -> None:
         tensor = value.const_value
         if tensor is not None and not isinstance(tensor, ir.ExternalTensor) and tensor.size > SPILL_MIN_ELEMENTS:
-            with open(self._scratch, "ab") as f:
-                offset = f.tell()
-                f.write(tensor.tobytes())
-            value.const_value = _UncachedExternalTensor(self._scratch.name, offset, tensor.nbytes, tensor.dtype,
-                                                        shape=tensor.shape, name=tensor.name, base_dir=self._scratch.parent)
+            value.const_value = self._spill.store(tensor)
         super().__setitem__(key, value)
 
 
-def _load_streaming(path: Path, scratch: Path) -> ir.Model:
+def _load_streaming(path: Path, spill: SpillFile) -> ir.Model:
     model = ir.load(path)
     graph = model.graph
     for value in graph.initializers.values():
         if isinstance(value.const_value, ir.ExternalTensor):
             value.const_value = _uncached(value.const_value)
-    graph._initializers = _SpillingInitializers(graph, dict(graph._initializers.data), scratch)  # onnx_ir has no hook for this
+    graph._initializers = _SpillingInitializers(graph, dict(graph._initializers.data), spill)  # onnx_ir has no hook for this
     return model
 
 
@@ -472,14 +619,17 @@ def optimize_streamed(
     quantization=None,
     manifest_update: dict[str, Any] | None = None,
     show_progress: bool = True,
+    source: WeightSource | None = None,
 ):
-    """`optimize_artifact` (same passes, same files) with the weights left on disk; returns (manifest, reports)."""
+    """`optimize_artifact` (same passes, same files) with the weights left on disk; returns (manifest, reports).
+    source: where the routed experts an `export_streamed(defer_experts=True)` left out come from (the files are then
+    not re-hashed on reading: holes in the data file would not match the manifest's hash anyway)."""
     from ..graph_passes.artifact_passes import _updated_manifest, copy_other_files
     from ..graph_passes.errors import GraphPassError
     from ..graph_passes.pipeline import default_target, optimize, passes_for
 
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = read_manifest(directory, verify=source is None)
     target = target or default_target()
     passes_for(target)
     if "graph_passes" in manifest:
@@ -491,11 +641,14 @@ def optimize_streamed(
     scratch_dir = Path(tempfile.mkdtemp(prefix=f".{directory.name}.spill-", dir=directory.parent))
     try:
         models, reports = {}, {}
+        spill = SpillFile(scratch_dir / "passes.spill")
         with _Steps(show_progress) as step:
             for name in sorted(graphs):
                 file = graphs[name]["file"]
                 with step(f"optimize {file} for {target} (weights stay on disk)"):
-                    model = _load_streaming(directory / file, scratch_dir / f"{name}.spill")
+                    model = _load_streaming(directory / file, spill)
+                    if source is not None:
+                        attach_deferred(model, source)
                     models[name], reports[name] = optimize(model, target, trt_plugin=trt_plugin, quantization=quantization)
             with atomic_directory(directory) as tmp:
                 with step(f"write graphs and {data_file}"):
@@ -525,49 +678,91 @@ def export_streamed_artifact(
     calib_data: Path | None = None,
     calib_samples: int | None = None,
     calib_seq_len: int | None = None,
+    kv_cache_dtype: str | None = None,
+    calib_percentile: float | None = None,
 ):
     """Check free disk, export in bounded RAM, then optimize in bounded RAM: int4 RTN-quantized, fp8 with activation
-    scales from sequential layer-wise calibration (calib/streamed.py). Returns (manifest, pass reports or None)."""
-    from ..calib.calibrate import activation_amax, calibration_samples, tokenizer_for
-    from ..calib.stats import cache_key
+    scales (and an FP8 KV cache with its scales) from sequential layer-wise calibration (calib/streamed.py).
+    Returns (manifest, pass reports or None)."""
+    from ..calib.calibrate import calibration_samples, tokenizer_for
     from ..graph_passes.quantize import QuantSpec
-    from .pipeline import QuantOptions, _linear_weight_names
+    from .pipeline import QuantOptions
 
     out = Path(out)
     _check_output(out, precision, max_prefill)
     spec = None
+    options = QuantOptions(int4_algo=int4_algo, block_size=block_size, amax_percentile=calib_percentile,
+                           kv_cache_dtype=kv_cache_dtype)
     if precision in QUANTIZED_PRECISIONS:
-        if precision == "int4" and int4_algo != "rtn":
-            raise ConfigError("--precision int4 --int4-algo awq needs AWQ's scale search, which does not stream yet: use "
-                              "--int4-algo rtn, or drop --stream (in-memory export) for a model that fits in RAM")
         if not optimize:
             raise ConfigError(f"--precision {precision} quantizes in the graph passes; drop --no-optimize")
-        block = QuantOptions(int4_algo="rtn", block_size=block_size).check(precision)
+        block = options.check(precision)
         spec = QuantSpec(precision, block or 128, quantize_lm_head)
-    elif block_size is not None:
-        raise ConfigError(f"--block-size applies to --precision int4 only (got --precision {precision})")
-    if precision == "fp8":  # bad calibration text fails here, before any slow step
+    elif block_size is not None or calib_percentile is not None or kv_cache_dtype is not None:
+        raise ConfigError(f"--block-size / --calib-percentile / --kv-cache-dtype apply to quantized precisions only "
+                          f"(got --precision {precision})")
+    awq = precision == "int4" and int4_algo == "awq"
+    calibrated = precision == "fp8" or kv_cache_dtype == "fp8" or awq
+    if awq:
+        check_awq_memory(source.config)
+    if calibrated:  # bad calibration text fails here, before any slow step
         tokenizer = tokenizer_for(source, source.config)
         samples, text = calibration_samples(source, source.config, tokenizer, calib_data, calib_samples, calib_seq_len)
-    check_disk_space(out, required_disk_bytes(source.config, precision, optimize))
-    calibration = None
-    if precision == "fp8":
+    check_disk_space(out, required_disk_bytes(source.config, precision, optimize, spec.block_size if awq else None))
+    plans_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.awq-", dir=out.parent)) if awq else None
+    try:  # the AWQ plans are read until the quantized weights are written
+        return _export_and_quantize(out, source, precision, optimize, target, trt_plugin, spec, max_prefill, show_progress,
+                                    samples if calibrated else None, text if calibrated else None, plans_dir, int4_algo,
+                                    quantize_lm_head, kv_cache_dtype, calib_percentile)
+    finally:
+        if plans_dir is not None:
+            shutil.rmtree(plans_dir, ignore_errors=True)
+
+
+def _export_and_quantize(out, source, precision, optimize, target, trt_plugin, spec, max_prefill, show_progress, samples,
+                         text, plans_dir, int4_algo, quantize_lm_head, kv_cache_dtype, calib_percentile):
+    from ..calib.calibrate import activation_amax
+    from ..calib.stats import cache_key, kv_cache_amax
+    from .pipeline import FP8_KV_CACHE_ENTRY, _linear_weight_names
+
+    calibration, awq_records, stats, weights = None, None, None, source
+    if samples is not None:
         from ..calib.streamed import streamed_statistics
 
         with _Steps(show_progress) as step:
-            with step(f"calibrate layer by layer on {samples.shape[0]} × {samples.shape[1]} tokens (FP8 activation scales)"):
-                stats = streamed_statistics(source, samples)
+            tokens = f"{samples.shape[0]} × {samples.shape[1]} tokens"
+            if plans_dir is not None:
+                from ..calib.awq_streamed import AwqWeights, awq_plans_streamed
+
+                with step(f"calibrate layer by layer on {tokens} + AWQ scale search (block {spec.block_size})"):
+                    plans, awq_records, stats = awq_plans_streamed(source, samples, spec.block_size, plans_dir)
+                weights = AwqWeights(source, plans)
+            else:
+                with step(f"calibrate layer by layer on {tokens} (FP8 scales)"):
+                    stats = streamed_statistics(source, samples, for_awq=False)
         calibration = {"key": cache_key(source.manifest_entry(), text.sha256, *samples.shape),
                        "samples": int(samples.shape[0]), "seq_len": int(samples.shape[1]), "data_sha256": text.sha256}
-    manifest = export_streamed(out, source, precision, max_prefill, show_progress)
+    # Quantized: the passes replace the routed experts, reading them from the source one expert at a time, so the
+    # fp32 intermediate leaves them out (Scout: 431 GB of fp32 never written).
+    manifest = export_streamed(out, weights, precision, max_prefill, show_progress, defer_experts=spec is not None)
     if not optimize:
         return manifest, None
     update = None
     if spec is not None:
+        entry = {"precision": precision, "algorithm": {"int4": int4_algo, "fp8": "max"}[precision],
+                 "block_size": spec.block_size if precision == "int4" else None, "quantize_lm_head": quantize_lm_head,
+                 "calibration": calibration, "awq": awq_records, "streamed": True}
+        update = {"precision": precision, "quantization": entry}
         if precision == "fp8":
-            spec.activation_amax = activation_amax(stats, _linear_weight_names(out))
-        update = {"precision": precision, "quantization": {
-            "precision": precision, "algorithm": "rtn" if precision == "int4" else "max",
-            "block_size": spec.block_size if precision == "int4" else None, "quantize_lm_head": quantize_lm_head,
-            "calibration": calibration, "awq": None, "streamed": True}}
-    return optimize_streamed(out, target, trt_plugin, spec, update, show_progress)
+            spec.activation_amax = activation_amax(stats, _linear_weight_names(out), calib_percentile)
+            entry["activation_range"] = "amax" if calib_percentile is None else f"percentile {calib_percentile}"
+        if kv_cache_dtype == "fp8":
+            spec.kv_cache_amax = kv_cache_amax(stats, source.config.num_hidden_layers)
+            update["dtypes"] = {"logits": "float32", "kv_cache": "float8_e4m3fn"}
+            entry["kv_cache"] = FP8_KV_CACHE_ENTRY
+    try:
+        return optimize_streamed(out, target, trt_plugin, spec, update, show_progress,
+                                 source=weights if spec is not None else None)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # the unquantized intermediate is not what was asked for
+        raise

@@ -34,6 +34,7 @@ from onnxscript.rewriter import pattern
 
 from . import ops, trt_plugin_spec
 from .manager import GraphPass, PassContext
+from .quantize import leading_slice
 
 MOE_LOWERED = "moe_lowered"
 ORT_DOMAIN = "com.microsoft"
@@ -191,13 +192,13 @@ def matmul_nbits_weight(q: np.ndarray, scale: np.ndarray, block: int) -> tuple[n
     return np.ascontiguousarray(packed.reshape(rows, blocks, block // 2)), np.ascontiguousarray(scale.reshape(-1), np.float32)
 
 
-def _int4_parts(weight: ir.Value) -> tuple[str, np.ndarray, np.ndarray, int] | None:
-    """(base name, q int8 [E, N, K], scales [E, N, K/B], B) of an INT4 expert weight, or None."""
+def _int4_parts(weight: ir.Value) -> tuple[str, ir.TensorProtocol, np.ndarray, int] | None:
+    """(base name, INT4 tensor [E, N, K], scales [E, N, K/B], B) of an INT4 expert weight, or None."""
     dequantize = _int4_experts(weight)
     if dequantize is None or dequantize.inputs[1].const_value is None:
         return None
     packed, scale = dequantize.inputs[0], dequantize.inputs[1]
-    return (packed.name.removesuffix(".int4"), packed.const_value.numpy().astype(np.int8), scale.const_value.numpy(),
+    return (packed.name.removesuffix(".int4"), packed.const_value, scale.const_value.numpy(),
             dequantize.attributes.get_int("block_size"))
 
 
@@ -237,7 +238,7 @@ def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int) -> bool
     if fc1 is None or fc2 is None or x.dtype != ir.DataType.FLOAT:
         return False
     (fc1_name, fc1_q, fc1_scale, block), (fc2_name, fc2_q, fc2_scale, block2) = fc1, fc2
-    experts, two_inter, hidden = fc1_q.shape
+    experts, two_inter, hidden = tuple(fc1_q.shape)
     prefix = node.name or fc1_name.removesuffix(".experts.gate_up_proj") + ".moe"
     op = _Builder(prefix)
     logits = op("router_logits", "Gemm", [x, router], transB=1)
@@ -255,8 +256,9 @@ def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int) -> bool
         chosen = op(f"e{e}.chosen", "Equal", [expert, op.constant(graph, f"e{e}.index", np.asarray(e, np.int64))])
         taken = op(f"e{e}.taken", "Cast", [op(f"e{e}.count", "ReduceMax", [op(f"e{e}.chosen_i32", "Cast", [chosen], to=ir.DataType.INT32)], keepdims=0)],
                    to=ir.DataType.BOOL)
-        w1, s1 = _nbits_initializers(graph, f"{fc1_name}.e{e}", fc1_q[e], fc1_scale[e], block)
-        w2, s2 = _nbits_initializers(graph, f"{fc2_name}.e{e}", fc2_q[e], fc2_scale[e], block2)
+        # one expert's INT4 data at a time (read alone from an external file: see quantize.leading_slice)
+        w1, s1 = _nbits_initializers(graph, f"{fc1_name}.e{e}", leading_slice(fc1_q, e), fc1_scale[e], block)
+        w2, s2 = _nbits_initializers(graph, f"{fc2_name}.e{e}", leading_slice(fc2_q, e), fc2_scale[e], block2)
         branch = _Builder(f"{prefix}.e{e}")
         rows = branch("rows", "Transpose", [branch("nonzero", "NonZero", [chosen])], perm=[1, 0])  # [n, 1]
         tokens = branch("tokens", "GatherND", [routed_in, rows])

@@ -99,55 +99,81 @@ def fp8_quantize(w: np.ndarray, axes: tuple[int, ...] | None = None) -> tuple[np
 
 
 # ------------------------------------------------------------------------------------------------ graph helpers
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol, dtype: ir.DataType | None = None) -> ir.Value:
     if name in graph.initializers:
         return graph.initializers[name]
-    tensor = ir.Tensor(array, dtype=dtype, name=name) if dtype is not None else ir.tensor(array, name=name)
-    value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor)
+    if isinstance(array, ir.TensorProtocol):
+        tensor = array
+        tensor.name = name
+    else:
+        tensor = ir.Tensor(array, dtype=dtype, name=name) if dtype is not None else ir.tensor(array, name=name)
+    value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tuple(tensor.shape)), const_value=tensor)
     graph.register_initializer(value)
     return value
 
 
-def _experts_int4(w_ekn: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Experts [E, K, N] → INT4 [E, N, K] (K contiguous) and scales [E, N, ceil(K/B)], one expert at a time so the fp32
-    temporaries stay one expert's size (a Scout layer's stacked experts are 5.4 GB in fp32)."""
-    experts, k, n = w_ekn.shape
-    q = np.empty((experts, n, k), ml_dtypes.int4)
+def leading_slice(tensor: ir.TensorProtocol, index: int) -> np.ndarray:
+    """tensor[index] (signed INT4 data as int8). A tensor in an external file is read one slice at a time, without
+    mapping the file: a pass reading a Scout layer's stacked experts [16, 5120, 16384] so holds one expert, not 5.4 GB."""
+    shape = tuple(tensor.shape.numpy())
+    if hasattr(tensor, "read_leading"):  # a weight read from the checkpoint on demand (export/streaming.SourceTensor)
+        return tensor.read_leading(index)
+    if not isinstance(tensor, ir.ExternalTensor):
+        array = np.asarray(tensor.numpy()[index])
+        return array.astype(np.int8) if tensor.dtype == ir.DataType.INT4 else array
+    elements = int(np.prod(shape[1:], dtype=np.int64))
+    nbytes = elements * tensor.dtype.bitwidth // 8
+    with open(tensor.path, "rb") as f:
+        f.seek((tensor.offset or 0) + index * nbytes)
+        raw = np.fromfile(f, dtype=np.uint8, count=nbytes)
+    if tensor.dtype == ir.DataType.INT4:  # two per byte, the even element in the low nibble; sign-extend
+        nibbles = np.stack([raw & 0xF, raw >> 4], axis=-1).reshape(-1).astype(np.int8)
+        return ((nibbles ^ 8) - 8).reshape(shape[1:])
+    return raw.view(tensor.dtype.numpy()).reshape(shape[1:])
+
+
+def _experts_int4(weights: ir.TensorProtocol, block: int) -> tuple[ir.PackedTensor, np.ndarray]:
+    """Experts [E, K, N] → INT4 [E, N, K] (K contiguous, packed two per byte) and scales [E, N, ceil(K/B)], one expert
+    at a time: the temporaries stay one expert's size (a Scout layer's stacked experts are 5.4 GB in fp32)."""
+    experts, k, n = weights.shape
+    packed = np.empty((experts, n * k // 2), np.uint8)
     scale = np.empty((experts, n, -(-k // block)), np.float32)
     for e in range(experts):
-        q_e, scale[e] = int4_blockwise(np.asarray(w_ekn[e]).T, block, axis=1)
-        q[e] = q_e.astype(ml_dtypes.int4)
-    return q, scale
+        q_e, scale[e] = int4_blockwise(leading_slice(weights, e).T, block, axis=1)
+        nibbles = (q_e.reshape(-1) & 0xF).astype(np.uint8)
+        packed[e] = nibbles[0::2] | (nibbles[1::2] << 4)
+    return ir.PackedTensor(packed.reshape(-1), ir.DataType.INT4, shape=(experts, n, k)), scale
 
 
-def _experts_fp8(w_ekn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _experts_fp8(weights: ir.TensorProtocol) -> tuple[np.ndarray, np.ndarray]:
     """Experts [E, K, N] → FP8 [E, K, N] and one scale per expert [E], one expert at a time."""
-    q = np.empty(w_ekn.shape, ml_dtypes.float8_e4m3fn)
-    scale = np.empty(w_ekn.shape[0], np.float32)
-    for e in range(w_ekn.shape[0]):
-        q[e], scale[e] = fp8_quantize(w_ekn[e])
+    q = np.empty(tuple(weights.shape), ml_dtypes.float8_e4m3fn)
+    scale = np.empty(weights.shape[0], np.float32)
+    for e in range(weights.shape[0]):
+        q[e], scale[e] = fp8_quantize(leading_slice(weights, e))
     return q, scale
 
 
-def _dequantized_weight(graph: ir.Graph, name: str, w: np.ndarray, spec: QuantSpec, axis: int,
+def _dequantized_weight(graph: ir.Graph, name: str, w: np.ndarray | ir.TensorProtocol, spec: QuantSpec, axis: int,
                         anchor: ir.Node) -> ir.Value:
     """DequantizeLinear of `w` quantized per spec, inserted before `anchor`; returns its output (fp32).
 
-    2-D `w` is a dense linear's [K, N] (K along `axis`, 0); 3-D `w` are stacked experts [E, K, N] in checkpoint layout:
-    INT4 stores them transposed, [E, N, K] with `axis` 2 (see the module docstring), FP8 as they are."""
-    experts = w.ndim == 3
+    2-D `w` (numpy) is a dense linear's [K, N] (K along `axis`, 0); 3-D `w` (the initializer's tensor, read one expert
+    at a time) are stacked experts [E, K, N] in checkpoint layout: INT4 stores them transposed, [E, N, K] with `axis`
+    2 (see the module docstring), FP8 as they are."""
+    experts = len(w.shape) == 3
     if spec.precision == "int4":
         q, scale = _experts_int4(w, spec.block_size) if experts else int4_blockwise(w, spec.block_size, axis)
         inputs = [_initializer(graph, f"{name}.int4", q if experts else q.astype(ml_dtypes.int4), ir.DataType.INT4),
                   _initializer(graph, f"{name}.int4_scale", scale)]
         attributes = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", spec.block_size)]
-        shape = q.shape
+        shape = tuple(q.shape)
     else:
         q, scale = _experts_fp8(w) if experts else fp8_quantize(w)
         inputs = [_initializer(graph, f"{name}.fp8", q, ir.DataType.FLOAT8E4M3FN),
                   _initializer(graph, f"{name}.fp8_scale", scale if experts else scale.reshape(()))]
         attributes = [ir.AttrInt64("axis", 0)] if experts else []
-        shape = w.shape
+        shape = tuple(w.shape)
     node = ir.Node("", "DequantizeLinear", inputs, attributes=attributes, num_outputs=1, name=f"{name}.dequantize")
     node.outputs[0].name = f"{name}.dequantized"
     node.outputs[0].type, node.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(shape)
@@ -182,9 +208,9 @@ def quantize_experts(model: ir.Model, context: PassContext) -> int:
             continue
         for index in (2, 3):  # gate_up, down: [E, K, N]
             value = node.inputs[index]
-            w = _const(value)
-            if w is None or not _EXPERTS.search(value.name):
+            if not value.is_initializer() or value.const_value is None or not _EXPERTS.search(value.name):
                 continue
+            w = value.const_value
             if spec.precision == "int4":
                 # K-contiguous [E, N, K]: kernels/formats.py's and MatMulNBits' layout (the ORT lowering slices experts)
                 dequantized = _dequantized_weight(graph, value.name, w, spec, 2, node)
@@ -207,14 +233,14 @@ def quantize_linears(model: ir.Model, context: PassContext) -> int:
     for node in list(graph):
         weight = None
         if node.op_type == "Transpose" and node.domain == "":
-            w = _const(node.inputs[0])
             perm = node.attributes.get_ints("perm", None)
-            if w is not None and w.ndim == 2 and perm in (None, (1, 0), [1, 0]) and spec.wants(node.inputs[0].name):
+            w = _const(node.inputs[0]) if spec.wants(node.inputs[0].name) else None  # read only what is quantized
+            if w is not None and w.ndim == 2 and perm in (None, (1, 0), [1, 0]):
                 weight, w_kn = node.inputs[0], w.T
         elif node.op_type == "Gemm" and node.domain == "" and len(node.inputs) == 2:
-            w = _const(node.inputs[1])
+            w = _const(node.inputs[1]) if spec.wants(node.inputs[1].name) else None
             plain = (node.attributes.get_int("transA", 0) == 0 and node.attributes.get_float("alpha", 1.0) == 1.0)
-            if w is not None and plain and spec.wants(node.inputs[1].name):
+            if w is not None and plain:
                 weight, w_kn = node.inputs[1], (w.T if node.attributes.get_int("transB", 0) else w)
         if weight is None:
             continue

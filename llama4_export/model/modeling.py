@@ -219,8 +219,9 @@ class MoE(nn.Module):
         out = torch.zeros_like(x)
         for e in torch.unique(index).tolist():
             rows = (index == e).nonzero(as_tuple=True)[0]
-            gate, up = (x[rows] @ self.experts.gate_up_proj[e]).chunk(2, dim=-1)
-            out[rows] = (F.silu(gate) * up) @ self.experts.down_proj[e]
+            # .to: layer-wise calibration keeps bf16 experts and widens one at a time (exact; a no-op for fp32)
+            gate, up = (x[rows] @ self.experts.gate_up_proj[e].to(x.dtype)).chunk(2, dim=-1)
+            out[rows] = (F.silu(gate) * up) @ self.experts.down_proj[e].to(x.dtype)
         return out
 
     def _dense(self, x: Tensor, index: Tensor) -> Tensor:
