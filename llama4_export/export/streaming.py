@@ -448,7 +448,10 @@ class SourceTensor(ir.LazyTensor):
         for _ in range(index - self._next):
             next(self._experts)
         self._next = index + 1
-        return next(self._experts).numpy()
+        expert = next(self._experts).numpy()
+        if self._next == self.shape[0]:
+            self._experts = None  # done: drop the reader (and its slice) instead of keeping it with the graph
+        return expert
 
 
 def expert_by_expert(pieces: Iterator[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype = torch.float32
