@@ -23,8 +23,8 @@ from llama4_export.errors import CheckpointError, ConfigError
 from llama4_export.export import io_spec
 from llama4_export.export.pipeline import _linear_weight_names
 from llama4_export.export.streaming import (
-    CHUNK_BYTES, SPILL_MIN_ELEMENTS, CheckpointWeights, DiskSpaceError, RandomWeights, SpillFile, _load_streaming,
-    check_disk_space, export_streamed, export_streamed_artifact, optimize_streamed, required_disk_bytes,
+    CHUNK_BYTES, SPILL_MIN_ELEMENTS, CheckpointWeights, DiskSpaceError, RandomWeights, SourceTensor, SpillFile,
+    _load_streaming, attach_deferred, check_disk_space, export_streamed, export_streamed_artifact, optimize_streamed, required_disk_bytes,
 )
 from llama4_export.graph_passes import optimize_artifact
 from llama4_export.graph_passes.pipeline import optimize
@@ -75,6 +75,18 @@ def test_passes_leave_weights_on_disk(streamed_scoutlike, tmp_path):
     assert in_memory == []
     assert any(v.name.endswith(".int4") for v in external) and (tmp_path / "prefill.spill").stat().st_size > 0
     assert [v.name for v in external if v.const_value.raw is not None] == []
+
+
+def test_experts_read_from_the_checkpoint_hold_no_buffer_after_the_passes(streamed_scoutlike, scoutlike_dir, tmp_path):
+    """The quantization passes read checkpoint experts one at a time; once a tensor's last expert is read its reader
+    (with that expert's buffer) is dropped, or every layer's would stay in memory for the life of the graphs."""
+    model = _load_streaming(streamed_scoutlike / "prefill.onnx", SpillFile(tmp_path / "prefill.spill"))
+    checkpoint = CheckpointWeights(scoutlike_dir)
+    attach_deferred(model, checkpoint)
+    sources = [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, SourceTensor)]
+    assert len(sources) == 2 * len(checkpoint.config.moe_layers) > 0  # gate_up and down of every MoE layer
+    optimize(model, "onnxruntime", quantization=QuantSpec("int4", 32))
+    assert [t.name for t in sources if t._experts is not None] == []
 
 
 def test_layerwise_calibration_equals_in_memory_statistics_and_fp8_artifact(scoutlike_dir, streamed_scoutlike, tmp_path):
