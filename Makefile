@@ -2,12 +2,14 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-# Test extras: dev (pytest, transformers as the oracle, onnxruntime-extensions) and kernels (Triton's CPU interpreter).
+# Test extras: dev (pytest + pytest-xdist, transformers as the oracle, onnxruntime-extensions) and kernels (Triton's CPU interpreter).
 EXTRAS ?= dev,kernels
 # CPU torch from the pinned release (an unpinned torch pulls gigabytes of CUDA packages).
 TORCH_PIN ?= torch==2.13.0
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 DEMO_OUT ?= out/scout-tiny
+# pytest workers (pytest-xdist); one module per worker keeps each module's fixtures built once.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test clean
 
@@ -28,7 +30,7 @@ demo: $(BIN)/.installed
 	$(BIN)/llama4-run $(DEMO_OUT) --prompt "The history of" --max-new-tokens 32 --json
 
 test: $(BIN)/.installed-$(EXTRAS)
-	$(BIN)/python -m pytest -q -ra --durations=15
+	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
