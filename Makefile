@@ -2,7 +2,8 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-# Test extras: dev (pytest + pytest-xdist, transformers as the oracle, onnxruntime-extensions) and kernels (Triton's CPU interpreter).
+# Test extras: dev (pytest + pytest-xdist, transformers as the oracle, onnxruntime-extensions) and kernels (Triton's
+# CPU interpreter).
 EXTRAS ?= dev,kernels
 # CPU torch from the pinned release (an unpinned torch pulls gigabytes of CUDA packages).
 TORCH_PIN ?= torch==2.13.0

@@ -24,7 +24,8 @@ from llama4_export.export import io_spec
 from llama4_export.export.pipeline import _linear_weight_names
 from llama4_export.export.streaming import (
     CHUNK_BYTES, SPILL_MIN_ELEMENTS, CheckpointWeights, DiskSpaceError, RandomWeights, SourceTensor, SpillFile,
-    _load_streaming, attach_deferred, check_disk_space, export_streamed, export_streamed_artifact, optimize_streamed, required_disk_bytes,
+    _load_streaming, attach_deferred, check_disk_space, export_streamed, export_streamed_artifact, optimize_streamed,
+    required_disk_bytes,
 )
 from llama4_export.graph_passes import optimize_artifact
 from llama4_export.graph_passes.pipeline import optimize

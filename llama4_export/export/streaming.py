@@ -450,7 +450,7 @@ class SourceTensor(ir.LazyTensor):
         self._next = index + 1
         expert = next(self._experts).numpy()
         if self._next == self.shape[0]:
-            self._experts = None  # done: drop the reader (and its slice) instead of keeping it with the graph
+            self._experts = None  # done: drop the reader, which holds this expert's buffer, not keep it with the graph
         return expert
 
 
