@@ -32,7 +32,7 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402  (benchmarks/ is a script folder, not a package)
 
-from llama4_export.bench import kv_bytes_read, machine_info, memory_bandwidth_gb_s, result_table, spread  # noqa: E402
+from llama4_export.evaluation.bench import kv_bytes_read, machine_info, memory_bandwidth_gb_s, result_table, spread  # noqa: E402
 from llama4_export.model.config import Llama4Config  # noqa: E402
 
 console = Console(width=160)
@@ -46,7 +46,7 @@ def transformers_worker(checkpoint: Path, threads: int, prompts: list[int], deco
     from transformers import Llama4ForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
-    from llama4_export.bench import peak_rss_mb
+    from llama4_export.evaluation.bench import peak_rss_mb
 
     torch.set_num_threads(threads)
     model = Llama4ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager").eval()

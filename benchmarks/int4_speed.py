@@ -22,11 +22,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from llama4_export.export import ModelSource, export_artifact
-from llama4_export.export.pipeline import QuantOptions, export_quantized
-from llama4_export.graph_passes import optimize_artifact
+from llama4_export import api
 from llama4_export.model.config import _every, _moe_layers, get_preset
-from llama4_export.model.loader import from_config
+from llama4_export.weights import from_config
 from llama4_export.model.save import save_checkpoint
 from llama4_export.runtime.generator import Generator
 
@@ -94,13 +92,12 @@ def main() -> None:
         print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M")
         save_checkpoint(model, checkpoint, dtype=torch.float32)
         del model
-    source = ModelSource(checkpoint=checkpoint)
     fp32, int4 = args.work_dir / "fp32", args.work_dir / "int4"
     if not (fp32 / "manifest.json").is_file():
-        export_artifact(fp32, source)
-        optimize_artifact(fp32, "onnxruntime")
+        api.export_model(fp32, checkpoint=checkpoint, target="onnxruntime", quant=api.QuantOptions(report=False))
     if not (int4 / "manifest.json").is_file():
-        export_quantized(int4, source, "int4", QuantOptions(int4_algo="rtn", report=False), "onnxruntime")
+        api.export_model(int4, checkpoint=checkpoint, precision="int4", target="onnxruntime",
+                         quant=api.QuantOptions(int4_algo="rtn", report=False))
     counts = session_op_counts(int4 / "decode.onnx", args.threads)
     print("int4 decode, ONNX Runtime session graph:", ", ".join(f"{op} {n}" for op, n in sorted(counts.items())
                                                               if op in ("MatMulNBits", "If", "DequantizeLinear", "MatMul", "Gemm")))

@@ -28,14 +28,15 @@ def wide_kv_config():
 
 
 def child(tokens: int, window: int, sinks: int, artifact: str | None) -> dict:
-    from llama4_export.runtime import Generator, TorchBackend
+    from llama4_export.evaluation.torch_backend import TorchBackend
+    from llama4_export.runtime import Generator
 
     if artifact:
         gen = Generator.load(artifact, window=window, sinks=sinks, threads=2)
     else:
         import torch
 
-        from llama4_export.model import from_config
+        from llama4_export.weights import from_config
 
         torch.set_num_threads(1)  # matrices this small only lose from threading (and fight parallel jobs)
         gen = Generator(TorchBackend(from_config(wide_kv_config())), window=window, sinks=sinks)

@@ -196,7 +196,7 @@ def _stats(values: list[float]) -> dict:
 
 def llama_bench(bin_dir: Path, gguf: Path, args: list[str]) -> tuple[list[dict], float]:
     """llama-bench's JSON records and its peak RSS in MB (VmHWM, polled while it runs: it only ever grows)."""
-    from llama4_export.bench import peak_rss_mb
+    from llama4_export.evaluation.bench import peak_rss_mb
 
     with tempfile.TemporaryFile("w+") as out:
         cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-o", "json", *args]

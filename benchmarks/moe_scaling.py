@@ -41,8 +41,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=100)
     args = parser.parse_args()
 
-    from llama4_export.export import DECODE, GraphSpec
-    from llama4_export.model import from_config, summarize
+    from llama4_export.export.onnx_export import DECODE, GraphSpec
+    from llama4_export.weights import from_config
+    from llama4_export.model import summarize
 
     dense_decode = GraphSpec("decode_dense", moe_impl="dense", new_tokens=1)
     rows = []

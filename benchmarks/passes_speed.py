@@ -32,7 +32,8 @@ def config_50m():
 
 def export_graphs(model, specs, directory: Path) -> dict[str, Path]:
     """Export `specs` (export.GraphSpec) of `model` into `directory` (one shared data file); paths by name."""
-    from llama4_export.export import export_graph, save_graphs
+    from llama4_export.export.onnx_export import export_graph
+    from llama4_export.export.writer import write_graphs as save_graphs
 
     directory.mkdir(parents=True, exist_ok=True)
     save_graphs({spec.name: export_graph(model, spec) for spec in specs}, directory)
@@ -40,8 +41,8 @@ def export_graphs(model, specs, directory: Path) -> dict[str, Path]:
 
 
 def optimize_graphs(paths: dict[str, Path], directory: Path, target: str = "onnxruntime") -> dict[str, Path]:
-    from llama4_export.export import save_graphs
-    from llama4_export.graph_passes import optimize
+    from llama4_export.export.writer import write_graphs as save_graphs
+    from llama4_export.graph_passes.pipeline import optimize
 
     directory.mkdir(parents=True, exist_ok=True)
     save_graphs({name: optimize(path, target)[0] for name, path in paths.items()}, directory)
@@ -50,7 +51,7 @@ def optimize_graphs(paths: dict[str, Path], directory: Path, target: str = "onnx
 
 def feeds(config, tokens: int, slots: int) -> dict[str, np.ndarray]:
     """One row: `slots` cached tokens at positions 0..slots-1 (every layer), `tokens` new ones after them."""
-    from llama4_export.export import io_spec
+    from llama4_export.model import io_spec
 
     rng = np.random.default_rng(0)
     past = np.arange(slots, dtype=np.int64)[None]
@@ -94,8 +95,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     args = parser.parse_args()
 
-    from llama4_export.export import GRAPHS
-    from llama4_export.model import from_config, summarize
+    from llama4_export.export.onnx_export import GRAPHS
+    from llama4_export.weights import from_config
+    from llama4_export.model import summarize
 
     config = config_50m()
     params = summarize(config)["total_params"]

@@ -13,8 +13,8 @@ import json
 import time
 from pathlib import Path
 
-from llama4_export.export import ModelSource
-from llama4_export.export.pipeline import QuantOptions, export_quantized
+from llama4_export import api
+from llama4_export.pipeline import QuantOptions
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "checkpoints"
@@ -30,7 +30,6 @@ def main() -> None:
     args = parser.parse_args()
     corpus = args.checkpoint.parent
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    source = ModelSource(checkpoint=args.checkpoint)
     runs = [("fp8", None, None)] + [("int4", algo, block) for block in (32, 64, 128) for algo in ("rtn", "awq")]
     rows = []
     for precision, algo, block in runs:
@@ -42,7 +41,8 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         start = time.perf_counter()
-        _, report, _ = export_quantized(args.out_dir / name, source, precision, options, show_progress=False)
+        report = api.export_model(args.out_dir / name, checkpoint=args.checkpoint, precision=precision, quant=options,
+                                  target="onnxruntime", show_progress=False).accuracy_report
         rows.append({"run": name, **report, "seconds": round(time.perf_counter() - start, 1)})
         print(f"{name:16s} ppl {report['perplexity_reference']:.4f} → {report['perplexity_quantized']:.4f} "
               f"ratio {report['perplexity_ratio']:.5f}  KL {report['kl_mean']:.5f}  top1 {report['top1_agreement']:.4f}  "

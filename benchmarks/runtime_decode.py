@@ -49,10 +49,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         artifact = args.artifact
         if artifact is None:
-            from llama4_export.export import ModelSource, export_artifact
+            from llama4_export import api
 
             artifact = Path(tmp) / "artifact"
-            export_artifact(artifact, ModelSource(checkpoint=args.checkpoint), "fp32")
+            api.export_model(artifact, checkpoint=args.checkpoint, optimize=False)
         r = measure(artifact, args.backend, args.threads, args.prompt_tokens, args.new_tokens, args.window, args.repeats)
     print(f"{r['backend']}, {r['threads']} threads, W={r['window']}: prefill {r['prompt_tokens']} tokens "
           f"{r['prefill_tok_s']:.0f} tok/s, decode {r['new_tokens']} tokens {r['decode_tok_s']:.1f} tok/s")

@@ -34,15 +34,15 @@ import numpy as np
 import torch
 
 from llama4_export.artifact import write_json
-from llama4_export.export.streaming import RandomWeights, _parameter_shapes
 from llama4_export.model.loader import INDEX_FILE
+from llama4_export.weights import RandomWeights
 
 _SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
 def write_streamed_shard(path: Path, source: RandomWeights, names: list[str], dtype: torch.dtype) -> int:
     """A safetensors file written tensor by tensor, slice by slice (save_file needs every tensor in memory at once)."""
-    shapes = _parameter_shapes(source.config)
+    shapes = source.shapes
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name in names:
         nbytes = int(np.prod(shapes[name])) * torch.empty(0, dtype=dtype).element_size()
@@ -65,7 +65,7 @@ def write_checkpoint(directory: Path, layers: int, preset: str = "scout", seed: 
     directory.mkdir(parents=True)
     config = source.config.to_hf_dict()
     write_json(directory / "config.json", config)
-    names = sorted(_parameter_shapes(source.config))
+    names = sorted(source.shapes)
     shards = {f"model-layer{i:02d}.safetensors": [n for n in names if n.startswith(f"model.layers.{i}.")] for i in range(layers)}
     shards["model-rest.safetensors"] = [n for n in names if not n.startswith("model.layers.")]
     sizes = {}

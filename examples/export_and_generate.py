@@ -7,15 +7,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from llama4_export.export import ModelSource, export_artifact
-from llama4_export.graph_passes import optimize_artifact
+from llama4_export import api
 from llama4_export.runtime import Generator
 
-source = ModelSource(checkpoint=Path(sys.argv[1])) if len(sys.argv) > 1 else ModelSource(preset="scout-tiny", seed=0)
+source = dict(checkpoint=Path(sys.argv[1])) if len(sys.argv) > 1 else dict(model="scout-tiny", seed=0)
 with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp) / "artifact"
-    export_artifact(out, source)
-    optimize_artifact(out, "onnxruntime")
+    result = api.export_model(out, target="onnxruntime", **source)
+    print(result.accuracy_report)
     generator = Generator.load(out)
     result = generator.generate("The history of the city", max_new_tokens=32)
     print(result.token_ids)

@@ -19,7 +19,10 @@ from typing import Any, Iterator
 from .errors import Llama4ExportError
 
 MANIFEST = "manifest.json"
-FORMAT = "llama4-export/1"
+FORMAT = "llama4-export"
+# The artifact format: the graphs' input/output contract (model/io_spec.py) and the manifest's layout. A runtime reads
+# exactly this version and refuses others; bump it whenever either changes incompatibly.
+FORMAT_VERSION = 1
 
 
 class ArtifactError(Llama4ExportError):
@@ -43,7 +46,8 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Hash every file in the directory (except the manifest itself) into manifest['files'] and write it."""
     directory = Path(directory)
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {**manifest, "format": FORMAT, "files": {p.relative_to(directory).as_posix(): sha256_file(p) for p in files}}
+    manifest = {**manifest, "format": FORMAT, "format_version": FORMAT_VERSION,
+                "files": {p.relative_to(directory).as_posix(): sha256_file(p) for p in files}}
     write_json(directory / MANIFEST, manifest)
     return manifest
 
@@ -60,8 +64,14 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
         raise ArtifactError(f"{path}: missing; this is not a complete llama4-export artifact (re-run the export)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: not valid JSON ({exc}); re-run the export") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-        raise ArtifactError(f"{path}: not a {FORMAT} manifest; re-run the export with this version")
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith(FORMAT) \
+            or not isinstance(manifest.get("files"), dict):
+        raise ArtifactError(f"{path}: not a {FORMAT} manifest; re-run the export")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: artifact format version {version if version is not None else '0 (unversioned)'}, "
+                            f"but this llama4-export reads version {FORMAT_VERSION}; re-export with this version (or "
+                            "run it with the llama4-export that wrote it)")
     if verify:
         for name, expected in sorted(manifest["files"].items()):
             file = directory / name

@@ -43,6 +43,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .model.config import Llama4Config
+from .model.io_spec import DEFAULT_MAX_PREFILL, DEFAULT_SINKS, attention_kind
 from .model.summary import _layer_counts
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -50,8 +51,6 @@ RUNTIME_RESERVE = 2 * GIB
 HIDDEN_COPIES = 4
 SCORE_BUFFERS = 2  # an elementwise op's fp32 input and output are alive together (mask → softmax)
 KV_COPIES = 3  # concatenated keys and values, and the keys transposed for Q·Kᵀ
-DEFAULT_MAX_PREFILL = 512  # runtime/backends.py DEFAULT_PREFILL_TOKENS: the exported prefill graph's default limit
-DEFAULT_SINKS = 4  # runtime/kv_cache.py DEFAULT_SINKS (not imported: the runtime imports this module)
 DEFAULT_BLOCK_SIZE = 128
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int4")
@@ -374,17 +373,23 @@ def planned_window(config: Llama4Config, precision: str, gpu_memory_bytes: int, 
 
 
 def cuda_memory_bytes(device: int = 0) -> int | None:
-    """Total memory of CUDA device `device`: from torch when it has CUDA, else nvidia-smi; None without a GPU."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return int(torch.cuda.get_device_properties(device).total_memory)
-    except ImportError:
-        pass
+    """Total memory of CUDA device `device` as nvidia-smi reports it (the driver ships it); None without a GPU."""
     try:
         out = subprocess.run(["nvidia-smi", f"--id={device}", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=10, check=True).stdout
         return int(out.split()[0]) * MIB
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
+
+
+# The runtime's default window on the CPU is the model's whole context, capped so one sequence's global-layer cache
+# stays under this.
+DEFAULT_GLOBAL_CACHE_BYTES = 1 << 30
+
+
+def default_window(config: Llama4Config, itemsize: int = 4, budget_bytes: int = DEFAULT_GLOBAL_CACHE_BYTES) -> int:
+    """The whole context (max_position_embeddings), capped so the global layers' K/V of one sequence fit the budget."""
+    global_layers = sum(attention_kind(config, i) == "global" for i in range(config.num_hidden_layers))
+    per_token = 2 * global_layers * config.num_key_value_heads * config.head_dim * itemsize
+    cap = budget_bytes // per_token if per_token else config.max_position_embeddings
+    return int(max(DEFAULT_SINKS + 1, min(config.max_position_embeddings, cap)))

@@ -35,11 +35,12 @@ def heldout_text() -> str:
 
 @pytest.fixture(scope="session")
 def scoutlike_artifact(tmp_path_factory, scoutlike_dir) -> Path:
-    """l4-scoutlike exported at fp32 once per test session (an export costs ~30 s): treat it as read-only."""
-    from llama4_export.export import ModelSource, export_artifact
+    """l4-scoutlike exported at fp32 (traced graphs, no passes) once per test session (an export costs ~30 s): treat it
+    as read-only."""
+    from llama4_export import api
 
     out = tmp_path_factory.mktemp("export") / "scoutlike"
-    export_artifact(out, ModelSource(checkpoint=scoutlike_dir), show_progress=False)
+    api.export_model(out, checkpoint=scoutlike_dir, optimize=False, show_progress=False)
     return out
 
 

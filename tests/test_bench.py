@@ -9,8 +9,8 @@ import numpy as np
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from llama4_export.bench import decode_weight_bytes, kv_bytes_read, spread
-from llama4_export.cli import export_app
+from llama4_export.evaluation.bench import decode_weight_bytes, kv_bytes_read, spread
+from llama4_export.cli.export import export_app
 from llama4_export.model.config import Llama4Config
 
 

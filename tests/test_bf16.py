@@ -11,13 +11,13 @@ import onnxruntime
 import pytest
 import torch
 
-from llama4_export.build.lint import lint_artifact
-from llama4_export.export import ModelSource, export_artifact
-from llama4_export.graph_passes import optimize_artifact
+from llama4_export.tensorrt.lint import lint_artifact
+from llama4_export import api
+from llama4_export.graph_passes.artifact_passes import optimize_artifact
 from llama4_export.graph_passes.verify import run_onnxruntime, widened_bfloat16
-from llama4_export.model.loader import from_preset
+from llama4_export.weights import from_preset
 from llama4_export.model.modeling import KVCache
-from llama4_export.runtime.backends import onnx_initializers
+from llama4_export.evaluation.torch_backend import onnx_initializers
 
 PRESET = "scout-tiny"
 
@@ -26,7 +26,7 @@ PRESET = "scout-tiny"
 def bf16_artifacts(tmp_path_factory):
     """One bf16 export, optimized for tensorrt twice: with the MoE plugin node and with the standard-op fallback."""
     base = tmp_path_factory.mktemp("bf16")
-    export_artifact(base / "traced", ModelSource(preset=PRESET), precision="bf16", show_progress=False)
+    api.export_model(base / "traced", model=PRESET, precision="bf16", target="tensorrt", optimize=False, show_progress=False)
     out = {}
     for name, plugin in (("plugin", True), ("fallback", False)):
         shutil.copytree(base / "traced", base / name)
@@ -88,7 +88,7 @@ def test_decode_logits_match_pytorch_with_bf16_weights(bf16_artifacts):
 def test_bf16_for_onnxruntime_cpu_is_one_line_exit_2(tmp_path):
     from typer.testing import CliRunner
 
-    from llama4_export.cli import export_app
+    from llama4_export.cli.export import export_app
 
     out = tmp_path / "bf16-ort"
     result = CliRunner().invoke(export_app, ["--model", PRESET, "--precision", "bf16", "--target", "onnxruntime", "--out", str(out)])
@@ -101,7 +101,7 @@ def test_bf16_for_onnxruntime_cpu_is_one_line_exit_2(tmp_path):
 def test_fp8_kv_cache_pass_on_a_tensorrt_graph_lints_clean(bf16_artifacts):
     """The FP8 KV-cache Q/DQ (graph_passes/quantize.py) on a tensorrt-lowered graph: float8 cache I/O, scales in the
     graph's float type (bf16 here), no lint violation."""
-    from llama4_export.build.lint import lint_model
+    from llama4_export.tensorrt.lint import lint_model
     from llama4_export.graph_passes.manager import PassContext
     from llama4_export.graph_passes.quantize import QuantSpec, quantize_kv_cache
 

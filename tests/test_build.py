@@ -7,8 +7,10 @@ import json
 import pytest
 
 from llama4_export.artifact import read_manifest, sha256_file, write_manifest
-from llama4_export.build import BuildError, build_limits, engine_profiles, tensorrt_problem
-from llama4_export.build.engine import INSTALL_HINT, write_engine_manifest
+from llama4_export.tensorrt.engine import tensorrt_problem
+from llama4_export.tensorrt.errors import BuildError
+from llama4_export.tensorrt.profiles import build_limits, engine_profiles
+from llama4_export.tensorrt.engine import INSTALL_HINT, write_engine_manifest
 from llama4_export.model import get_preset
 
 TRT_MISSING = tensorrt_problem()
@@ -93,7 +95,7 @@ def test_engine_manifest_records_versions_settings_and_hashes(tmp_path):
 
 @pytest.mark.skipif(TRT_MISSING is None, reason="TensorRT and a GPU are here: the no-TensorRT path does not apply")
 def test_without_tensorrt_plugin_registration_and_backend_fail_clearly(tmp_path):
-    from llama4_export.build import moe_plugin
+    from llama4_export.tensorrt import moe_plugin
     from llama4_export.runtime import GenerationError
     from llama4_export.runtime.trt_backend import TrtBackend
 
@@ -111,7 +113,7 @@ def test_plugin_body_matches_the_moe_reference(dtype):
     import numpy as np
     import torch
 
-    from llama4_export.build.moe_plugin import moe_compute
+    from llama4_export.tensorrt.moe_plugin import moe_compute
     from llama4_export.graph_passes.moe_reference import llama4_moe
 
     rng = np.random.default_rng(0)
@@ -132,7 +134,7 @@ def test_plugin_body_matches_the_moe_reference(dtype):
 def test_lint_refuses_an_artifact_lowered_for_onnxruntime(tmp_path):
     from typer.testing import CliRunner
 
-    from llama4_export.cli import export_app
+    from llama4_export.cli.export import export_app
 
     (tmp_path / "decode.onnx").write_bytes(b"")
     write_manifest(tmp_path, {**manifest_for("scout-tiny"), "target": "onnxruntime"})

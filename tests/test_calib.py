@@ -3,15 +3,18 @@ the cache is deterministic and keyed."""
 
 from __future__ import annotations
 
+import json
+
 
 import numpy as np
 import pytest
 import torch
 
 from llama4_export.calib.corpus import CalibrationError, cut_samples, embedded_corpus, load_corpus
-from llama4_export.calib.stats import cache_key, collect_statistics, load_cache, percentile_abs, save_cache
-from llama4_export.export.pipeline import QuantOptions
-from llama4_export.model.loader import from_preset
+from llama4_export.calib.layerwise import layerwise_statistics
+from llama4_export.calib.stats import cache_key, load_cache, percentile_abs, save_cache
+from llama4_export.pipeline import QuantOptions
+from llama4_export.weights import RandomWeights, from_preset
 
 
 def test_embedded_corpus_is_prose_deterministic_and_heldout_is_disjoint():
@@ -69,7 +72,7 @@ def test_cli_bad_calibration_file_exits_2_with_one_line(tmp_path):
     bad.write_bytes(b"\xff\xfe\x00")
     from typer.testing import CliRunner
 
-    from llama4_export.cli import export_app
+    from llama4_export.cli.export import export_app
 
     result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--precision", "int4", "--calib-data", str(bad),
                                              "--out", str(tmp_path / "out")])
@@ -83,7 +86,7 @@ def test_statistics_match_a_direct_computation_and_cache_is_deterministic(tmp_pa
     model = from_preset("scout-tiny", seed=0, dtype=torch.float32).eval()
     tokenizer_text = embedded_corpus("calibration")
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 16))
-    stats = collect_statistics(model, ids)
+    stats = layerwise_statistics(RandomWeights("scout-tiny", seed=0), ids)
     # layer 0's q/k/v input is input_layernorm(embeddings): computed here without hooks
     x = model.model.embed_tokens(torch.from_numpy(ids)).reshape(-1, model.config.hidden_size).double()
     normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps) * model.model.layers[0].input_layernorm.weight.double()
@@ -101,18 +104,20 @@ def test_statistics_match_a_direct_computation_and_cache_is_deterministic(tmp_pa
     assert percentile_abs(stats, "layers.0.attn_in", 100.0) == pytest.approx(float(values.max()), rel=1e-5)
 
     key = cache_key({"preset": "scout-tiny", "seed": 0}, tokenizer_text.sha256, 2, 16)
-    save_cache(tmp_path / "a.safetensors", stats, key, {"samples": 2})
-    save_cache(tmp_path / "b.safetensors", collect_statistics(model, ids), key, {"samples": 2})
+    small = layerwise_statistics(RandomWeights("scout-tiny", seed=0), ids, for_awq=False)  # what the cache holds
+    save_cache(tmp_path / "a.safetensors", small, key, {"samples": 2})
+    save_cache(tmp_path / "b.safetensors", layerwise_statistics(RandomWeights("scout-tiny", seed=0), ids, for_awq=False),
+               key, {"samples": 2})
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
-    assert load_cache(tmp_path / "a.safetensors", key)["layers.0.attn_in.gram"].shape == stats["layers.0.attn_in.gram"].shape
+    assert load_cache(tmp_path / "a.safetensors", key)["layers.0.attn_in.amax"] == small["layers.0.attn_in.amax"]
     assert load_cache(tmp_path / "a.safetensors", cache_key({"preset": "other"}, "x", 2, 16)) is None
 
 
-def test_checkpoint_without_tokenizer_needs_one_for_calibration_but_not_for_rtn(tmp_path):
+def test_checkpoint_without_tokenizer_needs_one_for_calibration_but_not_for_rtn_or_the_report(tmp_path):
     """A random transformers checkpoint (vocab 128, bos 1: no room for a byte-level tokenizer) and no tokenizer.json."""
     from typer.testing import CliRunner
 
-    from llama4_export.cli import export_app
+    from llama4_export.cli.export import export_app
 
     from .conftest import make_hf_checkpoint
 
@@ -121,8 +126,9 @@ def test_checkpoint_without_tokenizer_needs_one_for_calibration_but_not_for_rtn(
     result = CliRunner().invoke(export_app, [*base, "--out", str(tmp_path / "awq")])
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1, result.output
-    assert "no tokenizer.json" in lines[0] and "--int4-algo rtn --no-report" in lines[0]
+    assert "no tokenizer.json" in lines[0] and "--int4-algo rtn" in lines[0]
     assert not (tmp_path / "awq").exists()
-    result = CliRunner().invoke(export_app, [*base, "--int4-algo", "rtn", "--no-report", "--out", str(tmp_path / "rtn")])
+    result = CliRunner().invoke(export_app, [*base, "--int4-algo", "rtn", "--out", str(tmp_path / "rtn")])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "rtn" / "manifest.json").is_file()
+    report = json.loads((tmp_path / "rtn" / "report.json").read_text())  # evaluated on random ids: no tokenizer
+    assert report["eval_data"] == "random token ids (no tokenizer)" and report["top1_agreement"] > 0.5

@@ -11,6 +11,7 @@ import filecmp
 import hashlib
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import llama4_export
-from llama4_export.cli import export_app
-from llama4_export.export import ModelSource, export_artifact, io_spec
-from llama4_export.model import KVCache
+from llama4_export import api
+from llama4_export.cli.export import export_app
+from llama4_export.model import get_preset, io_spec
+from llama4_export.model.modeling import KVCache
+from llama4_export.weights import from_preset, load
 
 from .conftest import make_hf_checkpoint
 
@@ -137,15 +139,15 @@ def check_against_pytorch(artifact: Path, model, rel: float = 1e-4, kv_dtype=tor
 
 # ----------------------------------------------------------------------------------------------------- numerics
 def test_scout_tiny_graphs_match_pytorch(tiny_artifact):
-    check_against_pytorch(tiny_artifact, llama4_export.from_preset("scout-tiny", seed=0))
+    check_against_pytorch(tiny_artifact, from_preset("scout-tiny", seed=0))
 
 
 def test_scoutlike_graphs_match_pytorch(scoutlike_artifact, scoutlike_dir):
-    check_against_pytorch(scoutlike_artifact, llama4_export.load(scoutlike_dir))
+    check_against_pytorch(scoutlike_artifact, load(scoutlike_dir))
 
 
 def test_prefill_graph_takes_one_token_and_batch_one(tiny_artifact):
-    model = llama4_export.from_preset("scout-tiny", seed=0)
+    model = from_preset("scout-tiny", seed=0)
     config = model.config
     ids, positions = torch.tensor([[17]]), torch.tensor([[0]])
     empty = [torch.zeros(1, config.num_key_value_heads, 0, config.head_dim)] * config.num_hidden_layers
@@ -160,7 +162,7 @@ def test_prefill_graph_takes_one_token_and_batch_one(tiny_artifact):
 def test_decode_graph_reads_expert_weights_only_through_gather(tiny_artifact):
     graph = onnx.load(str(tiny_artifact / "decode.onnx"), load_external_data=False).graph
     experts = {t.name for t in graph.initializer if ".feed_forward.experts." in t.name}
-    config = llama4_export.model.get_preset("scout-tiny")
+    config = get_preset("scout-tiny")
     assert len(experts) == 2 * len(config.moe_layers)  # gate_up_proj and down_proj per MoE layer
     consumers = {name: [n.op_type for n in graph.node if name in n.input] for name in experts}
     assert all(consumers.values()), f"unused expert weights: {[n for n, ops in consumers.items() if not ops]}"
@@ -170,7 +172,7 @@ def test_decode_graph_reads_expert_weights_only_through_gather(tiny_artifact):
 
 def test_decode_graph_never_reads_unselected_experts(tiny_artifact, tmp_path):
     """Poison every expert the router does not pick with NaN: decode must not notice, prefill (dense) must."""
-    model = llama4_export.from_preset("scout-tiny", seed=0)
+    model = from_preset("scout-tiny", seed=0)
     config = model.config
     selected: dict[int, int] = {}
     for i, layer in enumerate(model.model.layers):
@@ -213,7 +215,7 @@ def test_both_graphs_share_one_weights_file_storing_each_weight_once(tiny_artifa
     assert {loc[0] for locs in locations.values() for loc in locs} == {"model.data"}
     shared = [name for name in locations if "self_attn.q_proj" in name or "experts" in name or name == "lm_head.weight"]
     assert shared and all(len(locations[name]) == 1 for name in shared), "a weight points to two places"
-    model = llama4_export.from_preset("scout-tiny", seed=0)
+    model = from_preset("scout-tiny", seed=0)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     data_bytes = (tiny_artifact / "model.data").stat().st_size
     assert param_bytes * 0.95 <= data_bytes <= param_bytes * 1.05, (data_bytes, param_bytes)
@@ -225,7 +227,7 @@ def test_onnx_checker_passes(tiny_artifact, graph_file):
 
 
 def test_graph_interface_follows_io_spec(tiny_artifact):
-    config = llama4_export.model.get_preset("scout-tiny")
+    config = get_preset("scout-tiny")
     for graph_file in GRAPH_FILES:
         sess = session(tiny_artifact / graph_file)
         assert [i.name for i in sess.get_inputs()] == io_spec.input_names(config)
@@ -241,15 +243,15 @@ def test_re_export_replaces_the_artifact_with_identical_bytes_and_fp16_matches(t
     """Two exports of the same model, the second over the first: every file comes back byte-identical, and the
     directory is replaced as a whole. fp16 here, so this also covers the fp16 path (checked against the fp32 model)."""
     out = tmp_path / "two-layer-fp16"
-    source = ModelSource(checkpoint=two_layer_checkpoint)
-    export_artifact(out, source, precision="fp16", show_progress=False)
+    options = dict(checkpoint=two_layer_checkpoint, precision="fp16", optimize=False, show_progress=False)
+    api.export_model(out, **options)
     first = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
     assert set(first) == {*GRAPH_FILES, "model.data", "manifest.json", "generation_config.json"}  # no tokenizer to copy
     (out / "model.data").unlink()
     (out / "stale.txt").write_text("from an older export")
-    export_artifact(out, source, precision="fp16", show_progress=False)
+    api.export_model(out, **options)
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} == first
-    check_against_pytorch(out, llama4_export.load(two_layer_checkpoint), rel=1e-2, kv_dtype=torch.float16)
+    check_against_pytorch(out, load(two_layer_checkpoint), rel=1e-2, kv_dtype=torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------------- artifact
@@ -263,7 +265,7 @@ def test_manifest_lists_every_file_with_its_sha256(tiny_artifact):
     assert manifest["precision"] == "fp32" and manifest["target"] == "onnxruntime"
     assert manifest["graphs"]["decode"]["file"] == "decode.onnx"
     assert manifest["graphs"]["prefill"] == {"file": "prefill.onnx", "moe_impl": "dense", "new_tokens": None, "max_new_tokens": MAX_PREFILL}
-    assert manifest["model"] == llama4_export.model.get_preset("scout-tiny").to_hf_dict()
+    assert manifest["model"] == get_preset("scout-tiny").to_hf_dict()
     assert set(manifest["tools"]) >= {"llama4_export", "torch", "onnx", "onnxruntime"}
 
 
@@ -296,7 +298,7 @@ def test_preset_byte_level_tokenizer_round_trips_utf8(tiny_artifact):
 def test_preset_tokenizer_files_work_in_transformers_with_the_chat_template(tiny_artifact):
     from transformers import AutoTokenizer, GenerationConfig
 
-    config = llama4_export.model.get_preset("scout-tiny")
+    config = get_preset("scout-tiny")
     tokenizer = AutoTokenizer.from_pretrained(tiny_artifact)
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (256, 257, 258)
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (256, (257,), 258)
@@ -332,8 +334,8 @@ CLI_ERRORS = {
     "unknown preset": (lambda t: ["--model", "llama-99", "--out", str(t / "o")], "unknown preset"),
     "missing checkpoint": (lambda t: ["--checkpoint", str(t / "nope"), "--out", str(t / "o")], "not found"),
     "unsupported precision": (lambda t: ["--model", "scout-tiny", "--precision", "int3", "--out", str(t / "o")], "precision"),
-    "both sources": (lambda t: ["--model", "scout-tiny", "--checkpoint", str(t), "--out", str(t / "o")], "exactly one"),
-    "no source": (lambda t: ["--out", str(t / "o")], "exactly one"),
+    "checkpoint not of the preset": (lambda t: ["--model", "scout-tiny", "--checkpoint", str(t), "--out", str(t / "o")], "config.json"),
+    "no source": (lambda t: ["--out", str(t / "o")], "--model PRESET or --checkpoint DIR"),
     "no --out": (lambda t: ["--model", "scout-tiny"], "--out"),
     "--out is a file": (lambda t: ["--model", "scout-tiny", "--out", str(_file(t))], "not a directory"),
     "--out holds other files": (lambda t: ["--model", "scout-tiny", "--out", str(_foreign_dir(t))], "not a llama4-export artifact"),
@@ -351,3 +353,42 @@ def test_cli_bad_input_prints_one_line_and_exits_2(tmp_path, case):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.output
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or removed
+
+
+def test_a_corrupt_tokenizer_file_is_refused_before_the_export(tmp_path, two_layer_checkpoint):
+    """Every file the export copies is checked on the way in: a damaged tokenizer.json would otherwise export with exit
+    0 and fail only later, in llama4-run."""
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(two_layer_checkpoint, checkpoint)
+    (checkpoint / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": ')  # truncated
+    result = CliRunner().invoke(export_app, ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "tokenizer.json: not a valid tokenizer.json" in " ".join(result.output.split())
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 5 MB tmpfs: scout-tiny's weights (4.1 MB) fit once, not the pass stage's copy beside them."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'not root'}); CI runs as root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_disk_filling_up_during_the_passes_leaves_nothing_behind(small_disk, monkeypatch):
+    """The free-space check up front is disabled so the export really runs into ENOSPC, in the graph-pass stage: one
+    line, exit 2, and neither the pre-pass artifact (manifest included) nor any temp directory stays."""
+    from llama4_export import pipeline
+
+    monkeypatch.setattr(pipeline, "check_disk_space", lambda out, need: None)
+    result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--target", "onnxruntime", "--no-report",
+                                             "--out", str(small_disk / "o")])
+    assert result.exit_code == 2, result.output
+    line = " ".join(result.output.split())
+    assert "the disk filled up" in line and "nothing was left behind" in line
+    assert list(small_disk.iterdir()) == []

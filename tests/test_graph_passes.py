@@ -24,12 +24,15 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from llama4_export.artifact import read_manifest
-from llama4_export.cli import export_app
-from llama4_export.export import DECODE, export_graph
-from llama4_export.graph_passes import GraphPassError, op_histogram, optimize, optimize_artifact
+from llama4_export.cli.export import export_app
+from llama4_export.export.onnx_export import DECODE, export_graph
+from llama4_export.graph_passes.artifact_passes import optimize_artifact
+from llama4_export.graph_passes.errors import GraphPassError
+from llama4_export.graph_passes.manager import op_histogram
+from llama4_export.graph_passes.pipeline import optimize
 from llama4_export.graph_passes.manager import report_tables
 from llama4_export.graph_passes.verify import executable_copy, reference_ops_available, sample_feeds
-from llama4_export.model.loader import from_preset
+from llama4_export.weights import from_preset
 from llama4_export.runtime import Generator
 
 TOLERANCE = 1e-4  # × max |output|, the bound for logits

@@ -17,7 +17,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from llama4_export.graph_passes import GraphPassError, canonicalize, fuse_moe, lower, ops, trt_plugin_spec
+from llama4_export.graph_passes import canonicalize, fuse_moe, lower, ops, trt_plugin_spec
+from llama4_export.graph_passes.errors import GraphPassError
 from llama4_export.graph_passes.manager import PassContext, op_histogram, run_passes
 from llama4_export.graph_passes.moe_reference import llama4_moe
 from llama4_export.graph_passes.verify import executable_copy, reference_ops_available

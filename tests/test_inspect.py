@@ -7,8 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from llama4_export.cli import export_app
-from llama4_export.model import from_preset, get_preset, parameter_counts
+from llama4_export.cli.export import export_app
+from llama4_export.weights import from_preset
+from llama4_export.model import get_preset, parameter_counts
 
 
 def inspect_json(*args: str) -> dict:

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from llama4_export.artifact import read_manifest
-from llama4_export.export.pipeline import ModelSource, QuantOptions, export_quantized
+from llama4_export import api
+from llama4_export.pipeline import QuantOptions
 from llama4_export.graph_passes.verify import run_onnxruntime
-from llama4_export.model.loader import from_preset
+from llama4_export.weights import RandomWeights, from_preset
 from llama4_export.model.modeling import KVCache
-from llama4_export.runtime.backends import OrtBackend
+from llama4_export.runtime.ort_backend import OrtBackend
 from llama4_export.runtime.generator import Generator
 from llama4_export.runtime.kv_cache import SlidingKVCache
 
@@ -25,7 +26,7 @@ FP8 = ir.DataType.FLOAT8E4M3FN
 def artifact(tmp_path_factory):
     base = tmp_path_factory.mktemp("kvfp8")
     options = QuantOptions(report=False, kv_cache_dtype="fp8", calib_cache=base / "calib.safetensors")
-    export_quantized(base / "fp8-kv", ModelSource(preset=PRESET), "fp8", options, target="onnxruntime", show_progress=False)
+    api.export_model(base / "fp8-kv", model=PRESET, precision="fp8", quant=options, target="onnxruntime", show_progress=False)
     return base / "fp8-kv"
 
 
@@ -70,7 +71,7 @@ def test_scales_are_calibrated_kv_amax_over_448(artifact):
     """Independent of the calibration hooks: the K/V our PyTorch model returns on the same calibration samples."""
     from llama4_export.calib.calibrate import calibration_samples, tokenizer_for
 
-    source = ModelSource(preset=PRESET)
+    source = RandomWeights(PRESET)
     model = from_preset(PRESET)
     config = model.config
     samples, _ = calibration_samples(source, config, tokenizer_for(source, config), None, None, None)
@@ -97,14 +98,14 @@ def _bound_run(model: ir.Model, feeds: dict[str, np.ndarray], tmp_path) -> dict[
     """Run through OrtBackend's IOBinding helpers: onnxruntime's numpy conversion does not take float8 arrays."""
     import onnxruntime as ort
 
-    from llama4_export.runtime.backends import _ortvalue
+    from llama4_export.runtime.ort_backend import _ortvalue
 
     path = tmp_path / "model.onnx"
     ir.save(model, path, external_data="model.data")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     binding = session.io_binding()
     for name, array in feeds.items():
-        binding.bind_ortvalue_input(name, _ortvalue(ort, array))
+        binding.bind_ortvalue_input(name, _ortvalue(array))
     outputs = {}
     for value in model.graph.outputs:
         shape = [d if isinstance(d, int) else 1 for d in value.shape]  # batch 1, one new token
@@ -173,7 +174,7 @@ def test_generates_on_onnxruntime_with_a_quarter_of_the_cache_memory(artifact):
 def test_bad_kv_cache_options_are_one_line_exit_2(tmp_path, args, expected):
     from typer.testing import CliRunner
 
-    from llama4_export.cli import export_app
+    from llama4_export.cli.export import export_app
 
     out = tmp_path / "never"
     result = CliRunner().invoke(export_app, ["--model", PRESET, *args, "--out", str(out)])

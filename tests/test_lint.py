@@ -7,8 +7,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from llama4_export.build import lint_model, trt_onnx_support
-from llama4_export.build.moe_plugin import plugin_attribute_types
+from llama4_export.tensorrt import trt_onnx_support
+from llama4_export.tensorrt.lint import lint_model
+from llama4_export.tensorrt.moe_plugin import plugin_attribute_types
 from llama4_export.graph_passes import trt_plugin_spec
 
 K, N, BLOCK = 64, 8, 32

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 import llama4_export
 from llama4_export import CheckpointError
-from llama4_export.cli import export_app
+from llama4_export.cli.export import export_app
+from llama4_export.weights import load
 
 from .conftest import make_hf_checkpoint
 
@@ -113,7 +114,7 @@ BREAKERS = [
 def test_load_raises_one_clear_error(ckpt, breaker):
     path, expected = breaker(ckpt)
     with pytest.raises(CheckpointError) as info:
-        llama4_export.load(path)
+        load(path)
     message = str(info.value)
     assert expected in message and "\n" not in message
 
@@ -130,7 +131,7 @@ def test_cli_prints_one_line_and_exits_2(ckpt, breaker):
 
 def test_unknown_preset_from_the_console_script():
     proc = subprocess.run(
-        [sys.executable, "-m", "llama4_export.cli", "inspect", "--model", "llama5"], capture_output=True, text=True
+        [str(Path(sys.executable).parent / "llama4-export"), "inspect", "--model", "llama5"], capture_output=True, text=True
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "unknown preset 'llama5'" in proc.stderr
@@ -138,5 +139,5 @@ def test_unknown_preset_from_the_console_script():
 
 
 def test_good_checkpoint_still_loads(good_checkpoint):
-    model = llama4_export.load(good_checkpoint)
+    model = load(good_checkpoint)
     assert model.config.num_hidden_layers == 4

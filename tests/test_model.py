@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import Llama4ForCausalLM as HFLlama4
 
-import llama4_export
-from llama4_export.model import KVCache, Llama4Config, from_preset
+from llama4_export.model import Llama4Config
+from llama4_export.model.modeling import KVCache
+from llama4_export.weights import from_preset, load
 from llama4_export.model.save import save_checkpoint
 
 from .conftest import make_hf_checkpoint
@@ -30,7 +31,7 @@ def random_ids(vocab: int, batch: int, length: int, seed: int = 0) -> torch.Tens
 
 
 def test_trained_checkpoint_matches_transformers(scoutlike_dir):
-    model = llama4_export.load(scoutlike_dir)
+    model = load(scoutlike_dir)
     ids = random_ids(model.config.vocab_size, batch=2, length=150)  # chunk 64: crosses twice
     assert_logits_close(model(ids), hf_logits(scoutlike_dir, ids))
 
@@ -55,15 +56,15 @@ CONFIGS = {
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_random_configs_match_transformers(tmp_path, name):
     ckpt = make_hf_checkpoint(tmp_path / "ckpt", dtype=torch.float32, **CONFIGS[name])
-    model = llama4_export.load(ckpt)
+    model = load(ckpt)
     ids = random_ids(model.config.vocab_size, batch=2, length=21, seed=1)
     assert_logits_close(model(ids), hf_logits(ckpt, ids))
 
 
 def test_temperature_tuning_changes_logits_as_in_transformers(tmp_path):
     # floor_scale 4: positions ≥ 3 get a query scale > 1 on the NoPE layer; a wrong position origin would show.
-    on = llama4_export.load(make_hf_checkpoint(tmp_path / "on", dtype=torch.float32))
-    off = llama4_export.load(make_hf_checkpoint(tmp_path / "off", dtype=torch.float32, attn_temperature_tuning=False))
+    on = load(make_hf_checkpoint(tmp_path / "on", dtype=torch.float32))
+    off = load(make_hf_checkpoint(tmp_path / "off", dtype=torch.float32, attn_temperature_tuning=False))
     ids = random_ids(on.config.vocab_size, 1, 12)
     diff = (on(ids) - off(ids)).abs().amax(dim=-1)[0]
     assert diff[:3].max() == 0 and diff[3:].min() > 0
@@ -76,15 +77,15 @@ def test_presets_round_trip_through_transformers(tmp_path, preset):
     assert (ckpt / "model.safetensors.index.json").is_file()
     ids = random_ids(model.config.vocab_size, 2, 40)  # chunk 16: crosses twice
     assert_logits_close(model(ids), hf_logits(ckpt, ids))
-    assert_logits_close(llama4_export.load(ckpt)(ids), model(ids), rel=0)
+    assert_logits_close(load(ckpt)(ids), model(ids), rel=0)
 
 
 def test_bf16_checkpoint_loads_as_each_dtype(tmp_path):
     ckpt = make_hf_checkpoint(tmp_path / "bf16", dtype=torch.bfloat16)
-    ref = llama4_export.load(ckpt)
+    ref = load(ckpt)
     ids = random_ids(ref.config.vocab_size, 1, 10)
     for dtype in (torch.bfloat16, torch.float16):
-        low = llama4_export.load(ckpt, dtype=dtype)
+        low = load(ckpt, dtype=dtype)
         assert low.lm_head.weight.dtype == dtype
         assert_logits_close(low(ids).float(), ref(ids), rel=5e-2)
 
@@ -111,7 +112,7 @@ def decode_incrementally(model, ids: torch.Tensor, prefill: int) -> torch.Tensor
 
 
 def test_incremental_decoding_equals_full_forward_on_trained_checkpoint(scoutlike_dir):
-    model = llama4_export.load(scoutlike_dir)
+    model = load(scoutlike_dir)
     ids = random_ids(model.config.vocab_size, 2, 140, seed=4)  # decode steps cross 64 and 128
     assert_logits_close(decode_incrementally(model, ids, prefill=50), model(ids))
 
@@ -213,4 +214,4 @@ def test_multimodal_checkpoint_layout_loads(tmp_path):
     weights["vision_model.patch_embedding.weight"] = torch.zeros(2, 2)
     save_file(weights, mm / "model.safetensors")
     ids = random_ids(cfg["vocab_size"], 1, 9)
-    assert_logits_close(llama4_export.load(mm)(ids), llama4_export.load(text)(ids), rel=0)
+    assert_logits_close(load(mm)(ids), load(text)(ids), rel=0)

@@ -1,5 +1,6 @@
-"""--partitions N (export/partitions.py + runtime/partitioned.py): contiguous layer ranges, each its own graphs and
-KV-cache inputs, chained through hidden states by the runtime; same greedy tokens as the PyTorch reference."""
+"""--partitions N: contiguous layer ranges, each its own graphs and KV-cache inputs, chained through hidden states by
+the one ONNX Runtime backend; same greedy tokens as the PyTorch reference, and at every precision the same tokens as
+the unpartitioned export."""
 
 from __future__ import annotations
 
@@ -8,30 +9,32 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from llama4_export.cli import export_app
-from llama4_export.export import ModelSource, io_spec
-from llama4_export.export.partitions import HIDDEN_IN, HIDDEN_OUT, export_partitioned
-from llama4_export.export.streaming import preset_config
-from llama4_export.model.loader import from_config
-from llama4_export.runtime import Generator, TorchBackend
+from llama4_export import api
+from llama4_export.evaluation.torch_backend import TorchBackend
+from llama4_export.model import get_preset, io_spec
+from llama4_export.model.io_spec import HIDDEN_IN, HIDDEN_OUT
+from llama4_export.runtime import Generator
+from llama4_export.weights import from_config
+
+# maverick-tiny's first 4 layers: dense and MoE layers, chunked and global (NoPE layer 3) attention
+SOURCE = dict(model="maverick-tiny", random_weights=True, layers=4, seed=5, target="onnxruntime", show_progress=False)
 
 
 @pytest.fixture(scope="module")
 def model():
-    # maverick-tiny's first 4 layers: dense and MoE layers, chunked and global (NoPE layer 3) attention
-    return from_config(preset_config("maverick-tiny", 4), seed=5)
+    return from_config(get_preset("maverick-tiny", 4), seed=5)
 
 
 @pytest.fixture(scope="module")
-def partitioned(tmp_path_factory, model):
+def partitioned(tmp_path_factory):
     out = tmp_path_factory.mktemp("partitions") / "p2"
-    export_partitioned(out, ModelSource(preset="maverick-tiny", seed=5), 2, target="onnxruntime", show_progress=False, model=model)
+    api.export_model(out, partitions=2, **SOURCE)
     return out
 
 
 def test_parts_hold_their_own_layers_and_chain_hidden_states(partitioned):
-    manifest = Generator.load(partitioned).backend.parts
-    assert [list(layers) for layers, _, _ in manifest] == [[0, 1], [2, 3]]
+    parts = Generator.load(partitioned).backend.parts
+    assert [list(part.layers) for part in parts] == [[0, 1], [2, 3]]
     first = onnx.load(str(partitioned / "part0" / "decode.onnx"), load_external_data=False).graph
     second = onnx.load(str(partitioned / "part1" / "decode.onnx"), load_external_data=False).graph
     assert [i.name for i in first.input][:1] == [io_spec.INPUT_IDS] and [o.name for o in first.output][0] == HIDDEN_OUT
@@ -49,7 +52,18 @@ def test_partitioned_greedy_tokens_equal_the_pytorch_model(partitioned, model):
     assert got == reference.generate(prompt, max_new_tokens=24, stop_tokens=[]).token_ids
 
 
-def test_partitions_refuse_quantized_precisions(tmp_path):
-    result = CliRunner().invoke(export_app, ["--model", "maverick-tiny", "--partitions", "2", "--precision", "int4",
-                                             "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "--partitions N supports fp32 / fp16" in result.output
+def test_int4_partitions_generate_what_the_unpartitioned_int4_export_does(tmp_path):
+    """Quantization is an option of the one pipeline: int4 (RTN) partitioned, report included, same greedy tokens."""
+    quant = api.QuantOptions(int4_algo="rtn")
+    whole = api.export_model(tmp_path / "whole", precision="int4", quant=quant, **SOURCE)
+    parts = api.export_model(tmp_path / "parts", precision="int4", quant=quant, partitions=2, **SOURCE)
+    assert parts.manifest["quantization"]["algorithm"] == "rtn"
+    # the report of the parts chained is the one of the whole graph (random weights: agreement is modest either way)
+    assert parts.accuracy_report["top1_agreement"] == whole.accuracy_report["top1_agreement"]
+    assert parts.accuracy_report["kl_mean"] == pytest.approx(whole.accuracy_report["kl_mean"], rel=1e-3)
+    part1 = onnx.load(str(tmp_path / "parts" / "part1" / "decode.onnx"), load_external_data=False).graph
+    assert any(t.data_type == onnx.TensorProto.INT4 for t in part1.initializer)  # 4-bit weights in the part
+    prompt = [int(t) for t in np.random.default_rng(2).integers(0, 256, 19)]
+    tokens = [Generator.load(tmp_path / name, window=64).generate(prompt, max_new_tokens=16, stop_tokens=[]).token_ids
+              for name in ("whole", "parts")]
+    assert tokens[0] == tokens[1]

@@ -13,12 +13,14 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from llama4_export.build.profiles import build_limits
-from llama4_export.cli import export_app
+from llama4_export.tensorrt.profiles import build_limits
+from llama4_export.cli.export import export_app
 from llama4_export.errors import ConfigError
-from llama4_export.model import from_preset, get_preset
+from llama4_export.weights import from_preset
+from llama4_export.model import get_preset
 from llama4_export.plan import partition_layers, plan_memory
-from llama4_export.runtime import Generator, TorchBackend, default_window
+from llama4_export.runtime import Generator, default_window
+from llama4_export.evaluation.torch_backend import TorchBackend
 
 MIB, GIB = 2**20, 2**30
 H100 = 81559 * MIB  # nvidia-smi's memory.total for an H100 80GB HBM3
@@ -144,13 +146,6 @@ def test_partitions_are_contiguous_and_optimally_balanced(preset, n, precision):
     assert [p.start for p in parts] == [0] + [p.stop for p in parts[:-1]] and parts[-1].stop == cfg.num_hidden_layers
     largest = max(hand_weights(cfg, p, precision, k == 0, k == n - 1) for k, p in enumerate(parts))
     assert largest == brute_force_best(cfg, n, precision)
-
-
-def test_constants_shared_with_the_runtime_agree():
-    from llama4_export import plan
-    from llama4_export.runtime import backends, kv_cache
-
-    assert plan.DEFAULT_SINKS == kv_cache.DEFAULT_SINKS and plan.DEFAULT_MAX_PREFILL == backends.DEFAULT_PREFILL_TOKENS
 
 
 def test_partition_count_out_of_range_is_refused():

@@ -139,14 +139,13 @@ def test_int4_experts_lowered_for_onnxruntime_use_int8_activations_within_their_
 
 
 def test_same_inputs_give_byte_identical_int4_artifacts_and_the_second_build_reuses_the_calibration(tmp_path):
-    from llama4_export.export import ModelSource
-    from llama4_export.export.pipeline import QuantOptions, export_quantized
+    from llama4_export import api
 
-    source = ModelSource(preset="scout-tiny", seed=0)
-    options = QuantOptions("awq", 32, None, 4, 32, tmp_path / "calib.safetensors", report=False)
-    _, _, first = export_quantized(tmp_path / "a", source, "int4", options, show_progress=False)
+    options = api.QuantOptions("awq", 32, None, 4, 32, tmp_path / "calib.safetensors", report=False)
+    export = dict(model="scout-tiny", precision="int4", target="onnxruntime", quant=options, show_progress=False)
+    first = api.export_model(tmp_path / "a", **export).calibration
     cache_bytes = (tmp_path / "calib.safetensors").read_bytes()
-    _, _, second = export_quantized(tmp_path / "b", source, "int4", options, show_progress=False)
+    second = api.export_model(tmp_path / "b", **export).calibration
     assert not first.reused and second.reused and second.seconds < first.seconds
     assert (tmp_path / "calib.safetensors").read_bytes() == cache_bytes
     names = sorted(p.name for p in (tmp_path / "a").iterdir())

@@ -13,13 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama4_export.calib.awq import apply_awq, fake_quant_int4
+from llama4_export import api
+from llama4_export.calib.awq import fake_quant_int4
+from llama4_export.calib.awq_plans import AwqWeights
 from llama4_export.calib.calibrate import calibrate, calibration_samples, tokenizer_for
 from llama4_export.calib.corpus import cut_samples, load_corpus, token_stream
-from llama4_export.export import ModelSource
-from llama4_export.export.pipeline import QuantOptions, export_quantized
-from llama4_export.model.loader import load
 from llama4_export.model.modeling import MoE
+from llama4_export.pipeline import QuantOptions
+from llama4_export.weights import CheckpointWeights, load, materialize
 
 from .conftest import SHARED_CHECKPOINTS
 
@@ -28,12 +29,11 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def setup(scoutlike_dir, tmp_path_factory):
-    source = ModelSource(checkpoint=scoutlike_dir)
-    model = load(scoutlike_dir, dtype=torch.float32).eval()
-    tokenizer = tokenizer_for(source, model.config)
-    ids, text = calibration_samples(source, model.config, tokenizer, SHARED_CHECKPOINTS / "corpus_train.txt", 32, 256)
+    source = CheckpointWeights(scoutlike_dir)
+    tokenizer = tokenizer_for(source, source.config)
+    ids, text = calibration_samples(source, source.config, tokenizer, SHARED_CHECKPOINTS / "corpus_train.txt", 32, 256)
     cache = tmp_path_factory.mktemp("calib") / "calib.safetensors"
-    calibration = calibrate(model, source, ids, text, cache)
+    calibration = calibrate(source, ids, text, cache, awq_block=128)
     heldout = token_stream(load_corpus(SHARED_CHECKPOINTS / "corpus_heldout.txt"), tokenizer)
     return source, tokenizer, calibration, cache, cut_samples(heldout, 6, 128, "heldout")
 
@@ -66,13 +66,11 @@ def _metrics(reference, candidate, windows):
 
 
 def test_awq_beats_rtn_at_block_128(setup, scoutlike_dir):
-    _, _, calibration, _, windows = setup
+    source, _, calibration, _, windows = setup
     reference = load(scoutlike_dir, dtype=torch.float32).eval()
     rtn = _fake_int4(load(scoutlike_dir, dtype=torch.float32).eval(), 128)
-    awq_model = load(scoutlike_dir, dtype=torch.float32).eval()
-    records = apply_awq(awq_model, calibration.stats, 128)
-    assert all(r["mse"] <= r["rtn_mse"] for r in records)
-    awq = _fake_int4(awq_model, 128)
+    assert all(r["mse"] <= r["rtn_mse"] for r in calibration.awq_records)
+    awq = _fake_int4(materialize(AwqWeights(source, calibration.awq_plans)), 128)
     rtn_ratio, rtn_kl = _metrics(reference, rtn, windows)
     awq_ratio, awq_kl = _metrics(reference, awq, windows)
     assert awq_ratio < rtn_ratio and awq_kl < rtn_kl, (awq_ratio, rtn_ratio, awq_kl, rtn_kl)
@@ -111,16 +109,18 @@ def int4_artifacts(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("int4")
     options = QuantOptions("awq", 128, SHARED_CHECKPOINTS / "corpus_train.txt", 32, 256, cache,
                            SHARED_CHECKPOINTS / "corpus_heldout.txt")
-    first = export_quantized(out / "a", source, "int4", options, show_progress=False)
-    second = export_quantized(out / "b", source, "int4", QuantOptions(**{**options.__dict__, "report": False}),
-                              show_progress=False)
+    common = dict(checkpoint=source.checkpoint, precision="int4", target="onnxruntime", show_progress=False)
+    first = api.export_model(out / "a", quant=options, **common)
+    second = api.export_model(out / "b", quant=QuantOptions(**{**options.__dict__, "report": False}), **common)
     return out, first, second
 
 
 @pytest.mark.skipif(not os.environ.get("LLAMA4_SLOW_TESTS"),
                     reason="two l4-scoutlike INT4 exports (~2-3 min idle): set LLAMA4_SLOW_TESTS=1 to run")
 def test_int4_artifact_report_runtime_and_reproducibility(int4_artifacts):
-    out, (manifest, report, calibration), (_, no_report, again) = int4_artifacts
+    out, first, second = int4_artifacts
+    manifest, report, calibration = first.manifest, first.accuracy_report, first.calibration
+    no_report, again = second.accuracy_report, second.calibration
     assert calibration.reused and again.reused  # the fixture's calibration wrote the cache both exports read
     assert manifest["precision"] == "int4" and manifest["quantization"]["algorithm"] == "awq"
     assert 1.0 <= report["perplexity_ratio"] < 1.05 and report["kl_mean"] < 0.05 and report["top1_agreement"] > 0.85

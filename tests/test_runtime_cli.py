@@ -8,10 +8,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import llama4_export
+from llama4_export.evaluation.torch_backend import torch_generator
 from llama4_export.artifact import write_manifest
-from llama4_export.cli import run_app
-from llama4_export.model import from_preset
+from llama4_export.cli.run import run_app
+from llama4_export.weights import from_preset, load
 from llama4_export.model.save import save_checkpoint
 from llama4_export.runtime import Generator
 
@@ -37,7 +37,7 @@ def test_ids_prompt_prints_the_greedy_continuation(tiny_checkpoint):
     assert result.exit_code == 0, result.output
     printed = [int(t) for t in result.stdout.strip().split(",")]
     exact = printed[: 12 - 4 + 1]  # new tokens at positions <= W saw every past token
-    assert len(printed) == 20 and exact == full_forward_argmax(llama4_export.load(tiny_checkpoint), [5, 6, 7, 8], exact)
+    assert len(printed) == 20 and exact == full_forward_argmax(load(tiny_checkpoint), [5, 6, 7, 8], exact)
     streamed = run(tiny_checkpoint, "--backend", "torch", "--ids", "5,6,7,8", "-n", "20", "--window", "12", "--sinks", "2", "--stream")
     assert streamed.exit_code == 0 and streamed.stdout == result.stdout
 
@@ -47,7 +47,7 @@ def test_text_prompt_json_and_stream_agree(scoutlike_dir):
     as_json = run(*args, "--json")
     assert as_json.exit_code == 0, as_json.output
     out = json.loads(as_json.stdout)
-    model = llama4_export.load(scoutlike_dir)
+    model = load(scoutlike_dir)
     tokens = out["token_ids"]
     assert out["prompt_ids"][0] == 1021  # the tokenizer's <|begin_of_text|>
     assert tokens == full_forward_argmax(model, out["prompt_ids"], tokens)
@@ -63,7 +63,7 @@ def test_text_prompt_json_and_stream_agree(scoutlike_dir):
 def test_chat_answers_every_stdin_line_with_the_conversation_so_far(scoutlike_dir):
     result = run(scoutlike_dir, "--backend", "torch", "--chat", "-n", "6", stdin="Hello there\n\nWhat is a river?\n")
     assert result.exit_code == 0, result.output
-    gen = Generator.load(scoutlike_dir, backend="torch")
+    gen = torch_generator(scoutlike_dir)
     first = gen.generate(gen.chat_prompt([{"role": "user", "content": "Hello there"}]), max_new_tokens=6).text
     history = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first},
                {"role": "user", "content": "What is a river?"}]

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from llama4_export.runtime import Generator, OrtBackend, TorchBackend
+from llama4_export.runtime import Generator, OrtBackend
+from llama4_export.evaluation.torch_backend import TorchBackend
 
 NEW_TOKENS = 64
 

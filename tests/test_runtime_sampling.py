@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers.generation import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
-from llama4_export.model import from_preset
-from llama4_export.runtime import GenerationError, Generator, Sampler, SamplingParams, TorchBackend
+from llama4_export.weights import from_preset
+from llama4_export.runtime import GenerationError, Generator, Sampler, SamplingParams
+from llama4_export.evaluation.torch_backend import TorchBackend
 from llama4_export.runtime.sampling import apply_repetition_penalty, filter_top_k, filter_top_p
 
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import llama4_export
-from llama4_export.model import KVCache, from_preset
-from llama4_export.runtime import Generator, TorchBackend
+from llama4_export.model.modeling import KVCache
+from llama4_export.weights import from_preset, load
+from llama4_export.runtime import Generator
+from llama4_export.evaluation.torch_backend import TorchBackend, torch_generator
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def scoutlike(scoutlike_dir):
-    return llama4_export.load(scoutlike_dir)
+    return load(scoutlike_dir)
 
 
 def full_forward_argmax(model, prompt: list[int], tokens: list[int]) -> list[int]:
@@ -71,7 +72,7 @@ def test_tiny_greedy_equals_full_forward_across_chunks_and_prefill_pieces(tiny):
 
 
 def test_scoutlike_greedy_equals_full_forward(scoutlike, heldout_text, scoutlike_dir):
-    gen = Generator.load(scoutlike_dir, backend="torch")  # a plain HF checkpoint dir: tokenizer + eos from it
+    gen = torch_generator(scoutlike_dir)  # a plain HF checkpoint dir: tokenizer + eos from it
     prompt = gen.encode(heldout_text[:2000])[:100]
     result = gen.generate(prompt, max_new_tokens=70, stop_tokens=[])  # 100 + 70 crosses chunk 64 twice
     assert result.token_ids == full_forward_argmax(scoutlike, prompt, result.token_ids)
@@ -103,7 +104,7 @@ def test_batch_rows_of_different_lengths_equal_single_runs(tiny):
 
 
 def test_stream_yields_the_generated_tokens_and_text(scoutlike_dir):
-    gen = Generator.load(scoutlike_dir, backend="torch")
+    gen = torch_generator(scoutlike_dir)
     events = list(gen.stream("The history of the city", max_new_tokens=12, stop_tokens=[]))
     result = gen.generate("The history of the city", max_new_tokens=12, stop_tokens=[])
     assert [e.token_id for e in events] == result.token_ids

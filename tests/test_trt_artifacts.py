@@ -18,11 +18,14 @@ import pytest
 from typer.testing import CliRunner
 
 from llama4_export.artifact import read_manifest, write_manifest
-from llama4_export.build import BuildError, build_engines, lint_artifact, lint_model, maybe_build_engines, tensorrt_problem
-from llama4_export.build.compare import compare_artifact
-from llama4_export.build.rebuild import rebuild
-from llama4_export.cli import export_app
-from llama4_export.graph_passes import optimize_artifact, trt_plugin_spec
+from llama4_export.tensorrt.engine import build_engines, maybe_build_engines, tensorrt_problem
+from llama4_export.tensorrt.errors import BuildError
+from llama4_export.tensorrt.lint import lint_artifact, lint_model
+from llama4_export.evaluation.compare import compare_artifact
+from llama4_export.rebuild import rebuild
+from llama4_export.cli.export import export_app
+from llama4_export.graph_passes import trt_plugin_spec
+from llama4_export.graph_passes.artifact_passes import optimize_artifact
 from llama4_export.model import get_preset
 
 TRT_MISSING = tensorrt_problem()
@@ -254,7 +257,7 @@ def test_rebuild_reproduces_every_file(scout_fp16):
 
 def test_rebuild_reports_the_first_difference(scout_fp16):
     """Hashes that differ, or files only one side has: one line each, by file name."""
-    from llama4_export.build.rebuild import compare_hashes
+    from llama4_export.rebuild import compare_hashes
 
     original = read_manifest(scout_fp16)["files"]
     changed = {**original, "prefill.onnx": "0" * 64}

@@ -16,11 +16,12 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from llama4_export.export import DECODE, PREFILL, export_graph
-from llama4_export.graph_passes import op_histogram, optimize
+from llama4_export.export.onnx_export import DECODE, PREFILL, export_graph
+from llama4_export.graph_passes.manager import op_histogram
+from llama4_export.graph_passes.pipeline import optimize
 from llama4_export.graph_passes.verify import executable_copy, reference_ops_available, sample_feeds
 from llama4_export.model import get_preset
-from llama4_export.model.loader import from_config
+from llama4_export.weights import from_config
 
 # × max|output|, the fp16 bound (the fused op rounds to fp16 once, where the trace rounds after every op)
 TOLERANCE = 1e-3

@@ -24,17 +24,21 @@ Where s is folded (exact in float arithmetic up to rounding), per layer type:
 
 The search for one decoder layer yields a plan (`plan_layer`): per weight (per expert for the routed experts), the
 ordered elementwise fp32 operations that fold the scales and clip — multiply / divide by a broadcast vector, clip to
-±limit per (row, block). `apply_plan` replays them; replaying the same fp32 ops on the same operands gives the same
-bits, so a plan computed once can be applied to the in-memory model (apply_awq) or to weights streamed one tensor
-(one expert) at a time (calib/awq_streamed.py).
+±limit per (row, block). `replay` applies them; replaying the same fp32 ops on the same operands gives the same
+bits however a weight is sliced, so the plans are applied to the weights as the export streams them, one tensor
+(one expert) at a time (calib/awq_plans.py).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 import torch
+
+from ..model.modeling import MoE
 
 ALPHAS = tuple(i / 20 for i in range(21))
 CLIP_RATIOS = tuple(1 - i / 20 for i in range(11))  # 1.0 … 0.5 of each block's amax
@@ -52,13 +56,11 @@ def fake_quant_int4(w_nk: torch.Tensor, block: int) -> torch.Tensor:
     return (torch.clamp(torch.round(grouped / scale), -7, 7) * scale).reshape(*lead, blocks * block)[..., :k]
 
 
-def _error(weights: list[torch.Tensor], grams: list[torch.Tensor], s: torch.Tensor, block: int) -> float:
-    total = 0.0
-    for w, gram in zip(weights, grams):
-        scaled = w.float() * s  # widened here, one weight at a time: a bf16 expert never exists whole in fp32
-        delta = (fake_quant_int4(scaled, block) - scaled) / s
-        total += float(((delta @ gram) * delta).sum())
-    return total
+def _term(w: torch.Tensor, gram: torch.Tensor, s: torch.Tensor, block: int) -> float:
+    """Output MSE of quantizing `w` [N, K] after scaling its input channels by s: tr(Δ Σ Δᵀ)."""
+    scaled = w.float() * s  # widened here, one weight at a time: a bf16 expert never exists whole in fp32
+    delta = (fake_quant_int4(scaled, block) - scaled) / s
+    return float(((delta @ gram) * delta).sum())
 
 
 def clip_limits(w_nk: torch.Tensor, gram: torch.Tensor, block: int) -> torch.Tensor | None:
@@ -85,16 +87,26 @@ def clip_limits(w_nk: torch.Tensor, gram: torch.Tensor, block: int) -> torch.Ten
     return best_ratio * amax
 
 
-def search_scale(weights: list[torch.Tensor], grams: list[torch.Tensor], mean_abs: torch.Tensor, block: int
+def search_scale(terms: Iterable[tuple[torch.Tensor, torch.Tensor]], mean_abs: torch.Tensor, block: int
                  ) -> tuple[torch.Tensor, float, float, float]:
-    """(s, alpha, error at alpha, RTN error) for weights [N_j, K] sharing an input with Gram Σ_j and mean |x|."""
+    """(s, alpha, error at alpha, RTN error) for weights [N_j, K] sharing one input with mean |x| `mean_abs`, given
+    as (weight, its input's Gram Σ_j) pairs one at a time: each pair is scored at every α while it is at hand (a
+    routed expert's Gram may be read from disk just for this), then the errors are summed term by term per α."""
     base = mean_abs.clamp(min=1e-8)
-    best = None
-    rtn_error = None
+    candidates = []
     for alpha in ALPHAS:
         s = base ** alpha
-        s = s / torch.sqrt(s.max() * s.min())
-        err = _error(weights, grams, s, block)
+        candidates.append((alpha, s / torch.sqrt(s.max() * s.min())))
+    errors: list[list[float]] = [[] for _ in candidates]
+    for w, gram in terms:
+        for row, (_, s) in zip(errors, candidates):
+            row.append(_term(w, gram, s, block))
+    best = None
+    rtn_error = None
+    for (alpha, s), row in zip(candidates, errors):
+        err = 0.0
+        for term in row:  # plain left-to-right sum: the search's result must not depend on the Python version
+            err += term
         if alpha == 0:
             rtn_error = err
         if best is None or err < best[2]:
@@ -149,23 +161,19 @@ def replay(tensor: torch.Tensor, ops: list[Op], operands: dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def apply_plan(model, plan: LayerPlan) -> None:
-    """Replay `plan` on the fp32 model's parameters in place."""
-    params = dict(model.named_parameters())
-    for (name, expert), ops in plan.ops.items():
-        replay(params[name] if expert is None else params[name][expert], ops, plan.operands)
-
-
-@torch.no_grad()
-def plan_layer(block_module, layer: int, stats: dict[str, np.ndarray], block: int) -> tuple[LayerPlan, list[dict]]:
-    """The AWQ plan of decoder layer `layer` (module `block_module`, left unchanged: the routed experts may be kept in
-    bf16) from its statistics, and its records {"group", "alpha", "mse", "rtn_mse"} (mse before clipping).
-    Searches read the unmodified weights; each clip search reads the weight as its earlier ops leave it, rebuilt in
-    fp32 copies (one expert at a time)."""
-    from ..model.modeling import MoE
-
+def plan_layer(block_module, layer: int, stats: dict[str, np.ndarray], block: int, experts=None
+               ) -> tuple[LayerPlan, list[dict]]:
+    """The AWQ plan of decoder layer `layer` (module `block_module`, left unchanged) from its statistics, and its
+    records {"group", "alpha", "mse", "rtn_mse"} (mse before clipping). experts (MoE layers): `experts.each(kind)`
+    iterates the routed experts' fp32 weights [K, N] one expert at a time, kind "gate_up_proj" or "down_proj" (the
+    module's own routed experts are never materialized: a Scout layer's are 8 GB in fp32).
+    Searches read the unmodified weights; each clip search reads the weight as its earlier ops leave it (fp32 copies,
+    one expert at a time)."""
     def stat(site):
         return torch.from_numpy(np.asarray(stats[f"layers.{layer}.{site}"])).to(torch.float32)
+
+    def expert_gram(site, expert):  # one expert's Gram at a time (calib/stats.py ExpertGrams)
+        return torch.from_numpy(np.asarray(stats[f"layers.{layer}.{site}.gram"][expert])).to(torch.float32)
 
     prefix = f"model.layers.{layer}."
     plan, records = LayerPlan(), []
@@ -190,8 +198,8 @@ def plan_layer(block_module, layer: int, stats: dict[str, np.ndarray], block: in
     # q/k/v share input_layernorm's output
     projections = ["q_proj", "k_proj", "v_proj"]
     gram = stat("attn_in.gram")
-    s, alpha, err, rtn = search_scale([getattr(attn, p).weight.float() for p in projections], [gram] * 3,
-                                      stat("attn_in.mean_abs"), block)
+    s, alpha, err, rtn = search_scale([(getattr(attn, p).weight, gram) for p in projections], stat("attn_in.mean_abs"),
+                                      block)
     plan.operands[prefix + "qkv.scale"] = s
     for p in projections:
         scale(f"self_attn.{p}.weight", None, prefix + "qkv.scale", 1)
@@ -205,29 +213,24 @@ def plan_layer(block_module, layer: int, stats: dict[str, np.ndarray], block: in
     moe = isinstance(ff, MoE)
     mlp, mlp_name = (ff.shared_expert, "feed_forward.shared_expert") if moe else (ff, "feed_forward")
     mlp_gram = stat("mlp_in.gram")
-    weights, grams = [mlp.gate_proj.weight.float(), mlp.up_proj.weight.float()], [mlp_gram] * 2
-    if moe:
-        expert_grams = stat("expert_in.gram")
-        experts = ff.experts.gate_up_proj.shape[0]
-        for e in range(experts):
-            weights.append(ff.experts.gate_up_proj[e].T)  # [2I, H]; _error widens it to fp32
-            grams.append(expert_grams[e])
-    s, alpha, err, rtn = search_scale(weights, grams, stat("mlp_in.mean_abs"), block)
-    del weights
+    terms = [(mlp.gate_proj.weight, mlp_gram), (mlp.up_proj.weight, mlp_gram)]
+    count = ff.experts.gate_up_proj.shape[0] if moe else 0
+    expert_terms = ((w.T, expert_gram("expert_in", e)) for e, w in enumerate(experts.each("gate_up_proj") if moe else ()))
+    s, alpha, err, rtn = search_scale(itertools.chain(terms, expert_terms), stat("mlp_in.mean_abs"), block)
     gate_up = prefix + "gate_up.scale"
     plan.operands[gate_up] = s
     scale(f"{mlp_name}.gate_proj.weight", None, gate_up, 1)
     scale(f"{mlp_name}.up_proj.weight", None, gate_up, 1)
     scale("post_attention_layernorm.weight", None, gate_up, 0, divide=True)
     if moe:
-        for e in range(experts):
+        for e in range(count):
             scale("feed_forward.experts.gate_up_proj", e, gate_up, 0)
         scale("feed_forward.router.weight", None, gate_up, 1)  # the router reads the same (now divided) norm output
     record("gate_up", alpha, err, rtn)
 
     # down_proj: fold into up_proj rows (row scaling leaves up_proj's own blockwise quantization unchanged)
     down_gram = stat("down_in.gram")
-    s_down, alpha, err, rtn = search_scale([mlp.down_proj.weight.float()], [down_gram], stat("down_in.mean_abs"), block)
+    s_down, alpha, err, rtn = search_scale([(mlp.down_proj.weight, down_gram)], stat("down_in.mean_abs"), block)
     down = prefix + "down.scale"
     plan.operands[down] = s_down
     scale(f"{mlp_name}.down_proj.weight", None, down, 1)
@@ -238,33 +241,20 @@ def plan_layer(block_module, layer: int, stats: dict[str, np.ndarray], block: in
     clip(f"{mlp_name}.down_proj.weight", None, mlp.down_proj.weight.float() * s_down, down_gram, s_down)
     if moe:
         inter = ff.experts.down_proj.shape[1]
-        down_grams, means = stat("expert_down_in.gram"), stat("expert_down_in.mean_abs")
-        for e in range(experts):
-            s_e, alpha, err, rtn = search_scale([ff.experts.down_proj[e].T], [down_grams[e]], means[e], block)
+        means = stat("expert_down_in.mean_abs")
+        # expert e's fp32 weights, fresh buffers edited in place below: [K, N] as stored
+        for e, (gate_up_e, down_e) in enumerate(zip(experts.each("gate_up_proj"), experts.each("down_proj"))):
+            down_gram_e = expert_gram("expert_down_in", e)
+            s_e, alpha, err, rtn = search_scale([(down_e.T, down_gram_e)], means[e], block)
             expert_down = f"{prefix}expert{e}.down.scale"
             plan.operands[expert_down] = s_e
             scale("feed_forward.experts.down_proj", e, expert_down, 0)
             scale("feed_forward.experts.gate_up_proj", e, expert_down, 1, start=inter, divide=True)
             record(f"expert{e}.down", alpha, err, rtn)
-            # fp32 copies of expert e as its ops so far leave it, laid out as the in-memory expert slice [K, N]
-            gate_up_e = ff.experts.gate_up_proj[e].to(torch.float32, copy=True)
+            # expert e as its ops so far leave it
             replay(gate_up_e, plan.ops[(prefix + "feed_forward.experts.gate_up_proj", e)], plan.operands)
-            clip("feed_forward.experts.gate_up_proj", e, gate_up_e.T, expert_grams[e], s)
-            down_e = ff.experts.down_proj[e].to(torch.float32, copy=True)
+            clip("feed_forward.experts.gate_up_proj", e, gate_up_e.T, expert_gram("expert_in", e), s)
             replay(down_e, plan.ops[(prefix + "feed_forward.experts.down_proj", e)], plan.operands)
-            clip("feed_forward.experts.down_proj", e, down_e.T, down_grams[e], s_e)
-            del gate_up_e, down_e
+            clip("feed_forward.experts.down_proj", e, down_e.T, down_gram_e, s_e)
+            del gate_up_e, down_e, down_gram_e
     return plan, records
-
-
-@torch.no_grad()
-def apply_awq(model, stats: dict[str, np.ndarray], block: int) -> list[dict]:
-    """Search and fold AWQ scales, then search clipping ranges, in the fp32 model in place (see the module
-    docstring), one layer's plan at a time; returns one record per scaled group: {"group", "alpha", "mse",
-    "rtn_mse"} (mse before clipping)."""
-    records = []
-    for layer, block_module in enumerate(model.model.layers):
-        plan, layer_records = plan_layer(block_module, layer, stats, block)
-        apply_plan(model, plan)
-        records += layer_records
-    return records

@@ -1,46 +1,54 @@
-"""Calibration end to end: corpus → token samples → statistics, through the cache file when it matches."""
+"""Calibration end to end: corpus → token samples → layer-wise statistics (+ AWQ plans), through the cache when it
+matches."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
+from ..errors import ConfigError
+from ..export.tokenizer_files import byte_level_tokenizer
 from . import corpus as corpus_mod
+from .awq_plans import awq_plans, cached_plans
 from .corpus import CalibrationError
-from .stats import cache_key, collect_statistics, load_cache, save_cache
+from .layerwise import layerwise_statistics
+from .stats import cache_key, load_cache, percentile_abs, save_cache
 
 
 @dataclass
 class Calibration:
-    stats: dict[str, np.ndarray]
+    stats: dict[str, np.ndarray]  # site statistics without the Gram matrices (stats.py)
     key: str
     settings: dict
-    reused: bool  # taken from the cache file
+    reused: bool  # everything taken from the cache
     seconds: float
     cache_path: Path
+    awq_plans: Path | None = None  # directory of the per-layer AWQ plans (awq_plans.py), when int4 AWQ
+    awq_records: list[dict] | None = None
+
+    def manifest_entry(self) -> dict:
+        return {"key": self.key, **self.settings}
 
 
 def tokenizer_for(source, config):
     """The checkpoint's tokenizer.json, or the byte-level tokenizer a preset's artifact gets (also for a checkpoint
     without one, when its special token ids leave room for it)."""
-    from tokenizers import Tokenizer
-
-    from ..errors import ConfigError
-    from ..export.tokenizer_files import byte_level_tokenizer
-
     if source.checkpoint is not None and (Path(source.checkpoint) / "tokenizer.json").is_file():
         return Tokenizer.from_file(str(Path(source.checkpoint) / "tokenizer.json"))
     try:
         return byte_level_tokenizer(config)
     except ConfigError as exc:
         raise CalibrationError(
-            f"{source.checkpoint}: no tokenizer.json, and {exc}: calibration (awq, fp8) and the accuracy report need "
-            "to tokenize text; add the checkpoint's tokenizer.json, or use --precision int4 --int4-algo rtn --no-report"
+            f"{source.checkpoint}: no tokenizer.json, and {exc}: calibration (awq, fp8, an FP8 KV cache) tokenizes text; "
+            "add the checkpoint's tokenizer.json, or use --precision int4 --int4-algo rtn"
         ) from None
 
 
@@ -67,21 +75,43 @@ def default_cache_path(key: str) -> Path:
     return base / "llama4-export" / "calib" / f"{key}.safetensors"
 
 
-def calibrate(model, source, ids: np.ndarray, text: corpus_mod.Corpus, cache_path: str | Path | None,
-              progress=None) -> Calibration:
-    """Statistics for `model` on the calibration samples `ids` (from calibration_samples), reused from `cache_path`
-    (None: default_cache_path) when it holds this very key, else computed and written there."""
+def plans_directory(cache_path: Path, block: int) -> Path:
+    """Where the AWQ plans for block size `block` live beside a statistics cache file."""
+    return cache_path.with_name(f"{cache_path.stem}.awq{block}")
+
+
+def calibrate(source, ids: np.ndarray, text: corpus_mod.Corpus, cache_path: str | Path | None,
+              awq_block: int | None = None, progress=None, scratch: Path | None = None) -> Calibration:
+    """Statistics of the fp32 model `source` on the calibration samples `ids` (from calibration_samples) and, with
+    awq_block, its AWQ plans — computed layer by layer, or reused from the cache at `cache_path` (None:
+    default_cache_path) when it holds this very key. scratch: where the routed experts' Gram matrices go meanwhile."""
     key = cache_key(source.manifest_entry(), text.sha256, *ids.shape)
     cache_path = Path(cache_path) if cache_path is not None else default_cache_path(key)
-    settings = {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "data": text.source if text.source.startswith("embedded:") else Path(text.source).name,
-                "data_sha256": text.sha256}
+    data = text.source if text.source.startswith("embedded:") else Path(text.source).name
+    settings = {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "data": data, "data_sha256": text.sha256}
     start = time.perf_counter()
-    cached = load_cache(cache_path, key)
-    if cached is not None:
-        return Calibration(cached, key, settings, True, time.perf_counter() - start, cache_path)
-    stats = collect_statistics(model, ids, progress)
-    save_cache(cache_path, stats, key, settings)
-    return Calibration(stats, key, settings, False, time.perf_counter() - start, cache_path)
+    stats = load_cache(cache_path, key)
+    plans, records = None, None
+    reused = stats is not None
+    if awq_block is not None:
+        plans = plans_directory(cache_path, awq_block)
+        records = cached_plans(plans, source.config.num_hidden_layers, key) if plans.is_dir() else None
+        if records is None:
+            reused = False
+            plans.parent.mkdir(parents=True, exist_ok=True)
+            fresh = Path(tempfile.mkdtemp(prefix=f".{plans.name}.tmp-", dir=plans.parent))
+            try:
+                records, computed = awq_plans(source, ids, awq_block, fresh, key, progress, scratch)
+                shutil.rmtree(plans, ignore_errors=True)
+                os.replace(fresh, plans)
+            finally:
+                shutil.rmtree(fresh, ignore_errors=True)
+            stats = computed if stats is None else stats
+    if stats is None:
+        stats = layerwise_statistics(source, ids, progress, for_awq=False)
+    if not reused:
+        save_cache(cache_path, stats, key, settings)
+    return Calibration(stats, key, settings, reused, time.perf_counter() - start, cache_path, plans, records)
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
@@ -105,8 +135,6 @@ def activation_site(weight_name: str) -> str | None:
 def activation_amax(stats: dict[str, np.ndarray], weight_names: list[str], percentile: float | None = None) -> dict[str, float]:
     """FP8 input range per linear weight name, from the calibration statistics: the max |x| seen, or with
     `percentile` that percentile of |x| (clips rare outliers for a finer step on the rest)."""
-    from .stats import percentile_abs
-
     out = {}
     for name in weight_names:
         site = activation_site(name)

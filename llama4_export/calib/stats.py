@@ -1,4 +1,5 @@
-"""Activation statistics from the PyTorch model on calibration samples, and their cache file.
+"""Activation statistics of the PyTorch model on calibration samples (accumulated by calib/layerwise.py), and their
+cache file.
 
 Sites (one per distinct linear input; `L` = layer index):
   layers.L.attn_in         input of q/k/v_proj (input_layernorm output)            [H]
@@ -15,10 +16,12 @@ AWQ's activation salience), `.gram` (Σ x xᵀ / tokens, so the output MSE of an
 tr(ΔW Σ ΔWᵀ) exactly: AWQ's scale search needs no stored activations) and, for the non-expert sites (FP8 activation
 scales), `.abs_hist`: counts of |x| on a fixed log2 grid (HIST_BINS_PER_OCTAVE bins per octave from 2^HIST_MIN_EXP;
 zeros and smaller values in bin 0, larger in the last), so a percentile of |x| is known to 2^(1/32) ≈ 2 % without
-storing activations. Accumulated in float64, stored float32.
+storing activations. Accumulated in float64, stored float32. The routed experts' Gram matrices are kept per expert
+(`ExpertGrams`), in memory or on disk.
 
-Cache file: safetensors, tensors above by name, one metadata entry holding json {"key": sha256 of (format, model id,
-data hash, samples, seq_len), "settings": ...}. Same inputs ⇒ byte-identical file.
+Cache file: safetensors, the statistics above by name except the Gram matrices (only AWQ's search reads them, and
+its plans are cached beside this file), one metadata entry holding json {"key": sha256 of (format, model id, data
+hash, samples, seq_len), "settings": ...}. Same inputs ⇒ byte-identical file.
 """
 
 from __future__ import annotations
@@ -29,11 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .corpus import CalibrationError
 
-CACHE_FORMAT = "llama4-export-calib-3"  # 3: + new_key / new_value sites
+CACHE_FORMAT = "llama4-export-calib-4"  # 4: no Gram matrices (AWQ plans are cached beside the statistics)
 HIST_BINS_PER_OCTAVE = 32
 HIST_MIN_EXP, HIST_MAX_EXP = -24, 24
 HIST_BINS = (HIST_MAX_EXP - HIST_MIN_EXP) * HIST_BINS_PER_OCTAVE
@@ -46,7 +48,7 @@ def cache_key(model_id: dict, data_sha256: str, samples: int, seq_len: int) -> s
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-class _Accumulator:
+class Accumulator:
     def __init__(self, grams: bool = True):
         self.grams = grams
         self.sums: dict[str, torch.Tensor] = {}
@@ -112,62 +114,34 @@ def kv_cache_amax(stats: dict[str, np.ndarray], layers: int) -> dict[int, tuple[
             for i in range(layers)}
 
 
-@torch.no_grad()
-def collect_statistics(model, samples: np.ndarray, progress=None, for_awq: bool = True) -> dict[str, np.ndarray]:
-    """Run the fp32 PyTorch model on [samples, seq_len] token ids with hooks; return the site statistics.
-    for_awq=False leaves out what only AWQ reads: the Gram matrices and the routed-expert sites (FP8 quantizes the
-    experts weight-only). At Scout's shapes those are ≈ 12 GB per MoE layer in float64."""
-    from ..model.modeling import MLP, MoE
+class ExpertGrams:
+    """The Gram matrices of one routed-expert site, expert by expert ([E, K, K] would be GBs at Scout's shapes): held
+    in memory, or written to `directory` as each expert's is finished and read back one expert at a time."""
 
-    acc = _Accumulator(grams=for_awq)
-    handles = []
+    def __init__(self, site: str, experts: int, directory: Path | None = None):
+        self.site, self.directory = site, None if directory is None else Path(directory)
+        self._held: list[np.ndarray | None] = [None] * experts
 
-    def pre_hook(site):
-        def hook(module, args):
-            acc.add(site, args[0])
-        return hook
+    def __len__(self) -> int:
+        return len(self._held)
 
-    def moe_hook(layer):
-        def hook(module: MoE, args):
-            flat = args[0].reshape(-1, args[0].shape[-1])
-            index, score = module.route(flat)
-            routed = flat * score[:, None]
-            experts = module.experts.gate_up_proj.shape[0]
-            for e in range(experts):
-                rows = routed[index == e]
-                acc.add(f"layers.{layer}.expert_in", rows, slot=e, slots=experts)
-                gate, up = (rows @ module.experts.gate_up_proj[e].to(rows.dtype)).chunk(2, dim=-1)
-                acc.add(f"layers.{layer}.expert_down_in", F.silu(gate) * up, slot=e, slots=experts)
-        return hook
+    def _path(self, expert: int) -> Path:
+        return self.directory / f"{self.site}.{expert}.npy"
 
-    def kv_hook(layer):
-        def hook(module, args, output):
-            _, new_key, new_value = output  # [B, kv_heads, T, head_dim], as the graph's new_key / new_value outputs
-            acc.add(f"layers.{layer}.new_key", new_key)
-            acc.add(f"layers.{layer}.new_value", new_value)
-        return hook
+    def put(self, expert: int, gram: np.ndarray) -> None:
+        if self.directory is None:
+            self._held[expert] = gram
+        else:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            np.save(self._path(expert), gram)
 
-    for layer, block in enumerate(model.model.layers):
-        attn, ff = block.self_attn, block.feed_forward
-        handles.append(attn.register_forward_hook(kv_hook(layer)))
-        handles.append(attn.q_proj.register_forward_pre_hook(pre_hook(f"layers.{layer}.attn_in")))
-        handles.append(attn.o_proj.register_forward_pre_hook(pre_hook(f"layers.{layer}.o_in")))
-        handles.append(ff.register_forward_pre_hook(pre_hook(f"layers.{layer}.mlp_in")))
-        mlp = ff.shared_expert if isinstance(ff, MoE) else ff
-        assert isinstance(mlp, MLP)
-        handles.append(mlp.down_proj.register_forward_pre_hook(pre_hook(f"layers.{layer}.down_in")))
-        if isinstance(ff, MoE) and for_awq:
-            handles.append(ff.register_forward_pre_hook(moe_hook(layer)))
-    handles.append(model.lm_head.register_forward_pre_hook(pre_hook("final_in")))
-    try:
-        for i, row in enumerate(samples):
-            model(torch.from_numpy(row[None]))
-            if progress is not None:
-                progress(i + 1, len(samples))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return acc.result()
+    def __getitem__(self, expert: int) -> np.ndarray:
+        held = self._held[expert]
+        return held if held is not None else np.load(self._path(expert))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        stacked = np.stack([self[e] for e in range(len(self))])
+        return stacked if dtype is None else stacked.astype(dtype)
 
 
 def save_cache(path: Path, stats: dict[str, np.ndarray], key: str, settings: dict) -> None:

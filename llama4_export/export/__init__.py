@@ -1,11 +1,4 @@
-"""Stage 2: torch.export → ONNX graphs with an explicit KV cache (see io_spec for the interface)."""
-
-from .onnx_export import DATA_FILE, DECODE, GRAPHS, OPSET, PREFILL, GraphIO, GraphSpec, export_graph, save_graphs
-from .pipeline import DEFAULT_MAX_PREFILL, PRECISIONS, TARGET, ModelSource, export_artifact
-from .tokenizer_files import byte_level_tokenizer, copy_tokenizer_files, write_byte_level_tokenizer
-
-__all__ = [
-    "DATA_FILE", "DECODE", "DEFAULT_MAX_PREFILL", "GRAPHS", "OPSET", "PRECISIONS", "PREFILL", "TARGET", "GraphIO",
-    "GraphSpec", "ModelSource", "byte_level_tokenizer", "copy_tokenizer_files", "export_artifact", "export_graph",
-    "save_graphs", "write_byte_level_tokenizer",
-]
+"""Stage 3: a weight source → ONNX graphs with an explicit KV cache (model/io_spec.py): onnx_export.py traces decode and
+prefill over a range of decoder layers on the meta device; writer.py writes them with their weights read from the
+source, one tensor at a time, into one shared external-data file; tokenizer_files.py writes or copies (and checks)
+the tokenizer files. The pipeline that strings the stages together is llama4_export/pipeline.py."""

@@ -1,6 +1,9 @@
-"""PyTorch → ONNX: the decode and prefill graphs with the explicit KV-cache interface of io_spec, one shared weights file.
+"""PyTorch → ONNX: the decode and prefill graphs of a range of decoder layers (the whole model, or one part of a
+partitioned export) with the explicit KV-cache interface of model/io_spec.py.
 
-Each graph goes through `torch.onnx.export(dynamo=True)` without its optimizer, then through onnxscript's optimizer
+Graphs are traced from a model on PyTorch's meta device (`trace_graphs`): shapes only, no data, so tracing costs the
+same memory for Scout as for a tiny preset; the writer (writer.py) fills the weights in from a weight source. Each
+graph goes through `torch.onnx.export(dynamo=True)` without its optimizer, then through onnxscript's optimizer
 with the model's weights hidden from it (turned into graph inputs for the duration). Left visible, the optimizer would
 replace small weights by transposed copies named `val_N` (large ones it leaves alone, so the graph's structure would
 depend on model size) and merge weights that happen to be equal (a preset's all-ones norms). Hidden, every weight
@@ -11,11 +14,9 @@ external-data file and lets later passes (quantization, calibration) find weight
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import onnx_ir as ir
@@ -24,19 +25,11 @@ from onnxscript.optimizer import optimize_ir
 from torch import Tensor, nn
 from torch.export import Dim
 
+from ..model import io_spec
 from ..model.config import Llama4Config
 from ..model.modeling import KVCache, Llama4ForCausalLM, MoE, MoEImpl
-from . import io_spec
 
 OPSET = 21  # opset 21 has DequantizeLinear with block_size (INT4 weight-only) for the quantization passes
-DATA_FILE = "model.data"
-# Tensors smaller than this stay inside the .onnx file (shape constants, scalars): onnx's own default threshold.
-EXTERNAL_MIN_BYTES = 1024
-# Offsets in the data file are aligned so runtimes can memory-map tensors: 64 KiB (the largest allocation
-# granularity, Windows') for big tensors, 64 bytes (a cache line) for the rest; onnx's external-data helper does the same.
-LARGE_TENSOR_BYTES = 1 << 20
-LARGE_ALIGNMENT = 1 << 16
-SMALL_ALIGNMENT = 64
 # Node metadata worth keeping: module scopes let passes find e.g. every MoE block. Stack traces (absolute source
 # paths) and FX node dumps are dropped so the bytes do not depend on where the code lives.
 KEPT_NODE_METADATA = ("pkg.torch.onnx.class_hierarchy", "pkg.torch.onnx.name_scopes")
@@ -67,13 +60,13 @@ GRAPHS = (DECODE, PREFILL)
 
 
 class GraphIO(nn.Module):
-    """Maps io_spec's flat inputs/outputs onto `Llama4ForCausalLM.forward(input_ids, positions, KVCache)`."""
+    """Maps io_spec's flat inputs/outputs onto `Llama4ForCausalLM.forward` over a range of decoder layers."""
 
-    def __init__(self, model: Llama4ForCausalLM):
+    def __init__(self, model: Llama4ForCausalLM, layers: range):
         super().__init__()
-        self.model = model
+        self.model, self.layers = model, layers
 
-    def forward(
+    def forward(  # input_ids: token ids, or hidden states entering a part (the name is recorded in the graph's metadata)
         self, input_ids: Tensor, positions: Tensor, past_positions_chunked: Tensor, past_positions_global: Tensor, *past_kv: Tensor
     ) -> tuple[Tensor, ...]:
         config = self.model.config
@@ -81,64 +74,61 @@ class GraphIO(nn.Module):
         cache = KVCache(
             keys=list(past_kv[0::2]),
             values=list(past_kv[1::2]),
-            positions=[past_positions[io_spec.attention_kind(config, i)] for i in range(config.num_hidden_layers)],
+            positions=[past_positions[io_spec.attention_kind(config, i)] for i in self.layers],
         )
-        logits, new = self.model(input_ids, positions, cache)
-        outputs = [logits.float()]
+        out, new = self.model(input_ids, positions, cache, layers=self.layers)
+        outputs = [out.float() if self.layers.stop == config.num_hidden_layers else out]
         for key, value in zip(new.keys, new.values):
             outputs += [key, value]
         return tuple(outputs)
 
 
-def example_inputs(config: Llama4Config, spec: GraphSpec, dtype: torch.dtype) -> tuple[Tensor, ...]:
+def example_inputs(config: Llama4Config, spec: GraphSpec, dtype: torch.dtype, layers: range) -> tuple[Tensor, ...]:
     """Zero-filled inputs in io_spec order with the tracing sizes of `_EXAMPLE`."""
     batch = _EXAMPLE["batch"]
     tokens = spec.new_tokens or _EXAMPLE["new_tokens"]
     slots = {"chunked": _EXAMPLE["chunk_slots"], "global": _EXAMPLE["global_slots"]}
+    first = torch.zeros(batch, tokens, dtype=torch.int64) if layers.start == 0 else torch.zeros(batch, tokens, config.hidden_size, dtype=dtype)
     inputs = [
-        torch.zeros(batch, tokens, dtype=torch.int64),
+        first,
         torch.zeros(batch, tokens, dtype=torch.int64),
         torch.zeros(batch, slots["chunked"], dtype=torch.int64),
         torch.zeros(batch, slots["global"], dtype=torch.int64),
     ]
-    for layer in range(config.num_hidden_layers):
+    for layer in layers:
         shape = (batch, config.num_key_value_heads, slots[io_spec.attention_kind(config, layer)], config.head_dim)
         inputs += [torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)]
     return tuple(inputs)
 
 
-def _dynamic_shapes(config: Llama4Config, spec: GraphSpec) -> tuple:
+def _dynamic_shapes(config: Llama4Config, spec: GraphSpec, layers: range) -> tuple:
     """Named dynamic dimensions (they keep their names in the ONNX graph). No upper bounds: ONNX keeps none, and the
     prefill limit is the runtime's business (recorded in the manifest)."""
     batch = Dim("batch")
     slots = {"chunked": Dim("chunk_slots"), "global": Dim("global_slots")}
     tokens = {0: batch} if spec.new_tokens else {0: batch, 1: Dim("new_tokens", min=1)}
     past = []
-    for layer in range(config.num_hidden_layers):
+    for layer in layers:
         cache_dims = {0: batch, 2: slots[io_spec.attention_kind(config, layer)]}
         past += [cache_dims, cache_dims]
     # The *past_kv varargs form one entry of their own.
     return (tokens, tokens, {0: batch, 1: slots["chunked"]}, {0: batch, 1: slots["global"]}, tuple(past))
 
 
-def export_graph(model: Llama4ForCausalLM, spec: GraphSpec) -> ir.Model:
-    """Trace one graph and return it in memory (weights still attached), canonicalized and deterministic."""
+def export_graph(model: Llama4ForCausalLM, spec: GraphSpec, layers: range | None = None) -> ir.Model:
+    """Trace one graph of `layers` (default: all) with the MoE implementation `spec` asks for and return it in memory
+    (weights still attached), canonicalized and deterministic."""
     config = model.config
-    return trace_wrapper(model, spec, GraphIO(model), example_inputs(config, spec, model.lm_head.weight.dtype),
-                         _dynamic_shapes(config, spec), io_spec.input_names(config), io_spec.output_names(config))
-
-
-def trace_wrapper(model: Llama4ForCausalLM, spec: GraphSpec, wrapper: torch.nn.Module, inputs: tuple, dynamic_shapes,
-                  input_names: list[str], output_names: list[str]) -> ir.Model:
-    """torch.onnx.export of `wrapper` (a flat-I/O module holding `model` as its attribute `model`) with the MoE
-    implementation `spec` asks for, then the weight-preserving optimizer and canonical (deterministic) names."""
+    layers = range(config.num_hidden_layers) if layers is None else layers
     previous_impls = {m: m.impl for m in model.modules() if isinstance(m, MoE)}
     model.set_moe_impl(spec.moe_impl)
     try:
         with _quiet_exporter():
             program = torch.onnx.export(
-                wrapper, inputs, dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
-                opset_version=OPSET, dynamo=True, optimize=False, verbose=False,
+                GraphIO(model, layers), example_inputs(config, spec, model.lm_head.weight.dtype, layers),
+                dynamic_shapes=_dynamic_shapes(config, spec, layers), input_names=io_spec.input_names(config, layers),
+                output_names=io_spec.output_names(config, layers), opset_version=OPSET, dynamo=True, optimize=False,
+                verbose=False,
             )
     finally:
         for module, impl in previous_impls.items():
@@ -147,6 +137,37 @@ def trace_wrapper(model: Llama4ForCausalLM, spec: GraphSpec, wrapper: torch.nn.M
     _optimize_keeping_weights(onnx_model)
     _canonicalize(onnx_model)
     return onnx_model
+
+
+def trace_graphs(config: Llama4Config, dtype: torch.dtype, layers: range | None = None) -> dict[str, ir.Model]:
+    """decode + prefill of `layers` traced from a meta-device model: graphs with data-less weights (each
+    const_value is a meta torch tensor named by its parameter; the writer fills them in from a weight source).
+
+    A trace depends on nothing but (config, dtype, layers) and costs seconds per layer, so the last few are kept in
+    this process and handed out as copies (the writer and the passes edit the graphs they get)."""
+    key = (config, dtype, layers)
+    if key not in _TRACES:
+        while len(_TRACES) >= TRACE_CACHE_SIZE:
+            _TRACES.pop(next(iter(_TRACES)))
+        _TRACES[key] = _trace_graphs(config, dtype, layers)
+    return {name: model.clone() for name, model in _TRACES[key].items()}
+
+
+# Traces kept per process (each holds graph structure only: ~11 MB per layer at Scout's shapes).
+TRACE_CACHE_SIZE = 4
+_TRACES: dict[tuple, dict[str, ir.Model]] = {}
+
+
+def _trace_graphs(config: Llama4Config, dtype: torch.dtype, layers: range | None) -> dict[str, ir.Model]:
+    with torch.device("meta"):
+        model = Llama4ForCausalLM(config).to(dtype)
+        # The RoPE frequencies stay fp32 whatever the weights' dtype (weights.source.finish_model).
+        model.rope_inv_freq = torch.empty(config.head_dim // 2, dtype=torch.float32)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.eval().requires_grad_(False)
+        # Inputs are created under the same default device, so the whole trace is data-free.
+        return {spec.name: export_graph(model, spec, layers) for spec in GRAPHS}
 
 
 def _optimize_keeping_weights(model: ir.Model) -> None:
@@ -200,32 +221,3 @@ def _quiet_exporter() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
-
-
-def save_graphs(graphs: dict[str, ir.Model], directory: Path, data_file: str = DATA_FILE) -> None:
-    """Write `{name}.onnx` for every graph, all pointing into one external-data file where each tensor is stored once.
-
-    Tensors are identified by content (dtype, shape, bytes), so a weight both graphs use is written once and both
-    graphs reference the same offset. File order: graphs in the given order, initializers by name.
-    """
-    directory = Path(directory)
-    stored: dict[tuple, tuple[int, int]] = {}  # content key -> (offset, length)
-    with open(directory / data_file, "wb") as data:
-        for graph_model in graphs.values():
-            for value in graph_model.graph.initializers.values():
-                tensor = value.const_value
-                if tensor is None or tensor.nbytes < EXTERNAL_MIN_BYTES:
-                    continue
-                raw = tensor.tobytes()
-                key = (tensor.dtype, tuple(tensor.shape), hashlib.sha256(raw).digest())
-                if key not in stored:
-                    alignment = LARGE_ALIGNMENT if len(raw) >= LARGE_TENSOR_BYTES else SMALL_ALIGNMENT
-                    data.write(b"\0" * (-data.tell() % alignment))
-                    stored[key] = (data.tell(), len(raw))
-                    data.write(raw)
-                offset, length = stored[key]
-                value.const_value = ir.ExternalTensor(
-                    data_file, offset, length, tensor.dtype, shape=tensor.shape, name=value.name, base_dir=directory
-                )
-    for name, graph_model in graphs.items():
-        ir.save(graph_model, directory / f"{name}.onnx")

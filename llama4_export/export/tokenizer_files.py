@@ -7,13 +7,16 @@ special tokens at the config's bos/eos/pad ids, followed by the chat-format mark
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from ..artifact import write_json
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..model.config import Llama4Config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -32,6 +35,36 @@ CHAT_TEMPLATE = (
     "{{- '<|header_start|>assistant<|header_end|>\\n\\n' }}"
     "{%- endif %}"
 )
+
+
+def check_tokenizer_files(checkpoint_dir: Path) -> None:
+    """Raise naming the first file the export would copy that the runtime could not read: tokenizer.json must load as
+    a tokenizer, the JSON files must hold JSON objects (and a chat template must compile)."""
+    for name in TOKENIZER_FILES:
+        path = Path(checkpoint_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            if name == "tokenizer.json":
+                Tokenizer.from_file(str(path))
+                continue
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses for a malformed file
+            raise CheckpointError(f"{path}: not a valid {name} ({_first_line(exc)}); re-download it from the model's "
+                                  "repository, or remove it to export without it") from None
+        if not isinstance(content, dict):
+            raise CheckpointError(f"{path}: holds a JSON {type(content).__name__}, not an object; re-download it")
+        template = content.get("chat_template") if name == "tokenizer_config.json" else None
+        if isinstance(template, str):
+            try:
+                ImmutableSandboxedEnvironment().from_string(template)
+            except TemplateError as exc:
+                raise CheckpointError(f"{path}: its chat_template does not compile ({_first_line(exc)}); fix or remove "
+                                      "it") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def copy_tokenizer_files(checkpoint_dir: Path, directory: Path) -> list[str]:

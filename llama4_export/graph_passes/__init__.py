@@ -1,18 +1,8 @@
-"""Stage 3: ONNX graph passes — canonicalize, fuse (MoE routing → Llama4MoE, RMSNorm, RoPE), lower for a target.
+"""Stage 4: ONNX graph passes — canonicalize, fuse (MoE routing → Llama4MoE, RMSNorm, RoPE), quantize, lower for a
+target. pipeline.py runs them on one graph (`optimize`); artifact_passes.py on every graph of an artifact with the
+weights left on disk (`optimize_graphs`, `optimize_artifact`). moe_reference.py defines the fused MoE op's semantics
+(numpy); ops.py its ONNX signature; trt_plugin_spec.py the TensorRT plugin node the tensorrt lowering writes.
 
-    model, report = optimize("decode.onnx", target="onnxruntime", verify=True)
-    manifest, reports = optimize_artifact("out/scout-tiny-fp32", target="onnxruntime")
-
-moe_reference.py defines the fused MoE op's semantics (numpy); ops.py its ONNX signature; trt_plugin_spec.py the
-TensorRT plugin node the tensorrt lowering writes.
+Import what you need from the submodules: this package file imports nothing, so the runtime and the TensorRT
+tooling can read trt_plugin_spec without loading the exporter.
 """
-
-from .artifact_passes import PASSES_FILE, optimize_artifact
-from .errors import GraphPassError
-from .manager import GraphPass, PassContext, PassRecord, PassReport, op_histogram, run_passes
-from .pipeline import TARGETS, default_target, optimize, passes_for
-
-__all__ = [
-    "PASSES_FILE", "TARGETS", "GraphPass", "GraphPassError", "PassContext", "PassRecord", "PassReport",
-    "default_target", "op_histogram", "optimize", "optimize_artifact", "passes_for", "run_passes",
-]

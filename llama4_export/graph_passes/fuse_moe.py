@@ -25,6 +25,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from . import ops
+from .canonicalize import CANONICAL
 from ._match import attr, const_equals, dims, is_linear, is_weight, last_axis
 from .manager import GraphPass, PassContext
 
@@ -160,8 +161,6 @@ def fuse_moe_dense(model: ir.Model, context: PassContext) -> int:
 
 
 def moe_fusion_passes() -> list[GraphPass]:
-    from .canonicalize import CANONICAL
-
     return [
         GraphPass("fuse_moe_gather", fuse_moe_gather, requires=(CANONICAL,), produces=(MOE_FUSED,)),
         GraphPass("fuse_moe_dense", fuse_moe_dense, requires=(CANONICAL,), produces=(MOE_FUSED,)),

@@ -31,6 +31,7 @@ import onnxscript.version_converter
 from onnxscript.rewriter import pattern
 
 from ._match import attr, const, const_equals, dims, last_axis
+from .canonicalize import CANONICAL
 from .manager import GraphPass, PassContext
 
 ORT_DOMAIN = "com.microsoft"
@@ -203,8 +204,6 @@ def rope_onnx(op, x, c, s, out_shape, pairs, **_):
 
 
 def transformer_fusion_passes(target: str) -> list[GraphPass]:
-    from .canonicalize import CANONICAL
-
     weighted, weightless = _norm_rules(target)
     rope_rule = pattern.RewriteRule(rope_pattern, rope_onnx if target == "tensorrt" else rope_ort, _check_rope, name="rope")
 

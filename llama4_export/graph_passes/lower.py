@@ -34,6 +34,9 @@ from onnxscript.rewriter import pattern
 
 from . import ops, trt_plugin_spec
 from .manager import GraphPass, PassContext
+from .fuse_moe import MOE_FUSED
+from .moe_reference import llama4_moe
+from .ort_run import run_onnxruntime
 from .quantize import leading_slice
 
 MOE_LOWERED = "moe_lowered"
@@ -154,9 +157,6 @@ def ort_moe_problem() -> str | None:
     The probe's gate and up pre-activations reach ±22 and ±26 (a third of the gates beyond ±7), so a clamp (gpt-oss'
     swiglu_limit 7), α=1.702 or an `up + 1` shows."""
     import onnxruntime as ort
-
-    from .moe_reference import llama4_moe
-    from .verify import run_onnxruntime
 
     rng = np.random.default_rng(0)
     experts, hidden, inter, tokens = 4, 16, 24, 9
@@ -316,6 +316,4 @@ def lower_moe(model: ir.Model, context: PassContext) -> int:
 
 
 def moe_lowering_pass() -> GraphPass:
-    from .fuse_moe import MOE_FUSED
-
     return GraphPass("lower_moe", lower_moe, requires=(MOE_FUSED,), produces=(MOE_LOWERED,))

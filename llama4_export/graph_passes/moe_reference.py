@@ -7,6 +7,7 @@ shared expert gate/up [I, H] and down [H, I] in nn.Linear layout (y = x @ W.T).
 from __future__ import annotations
 
 import numpy as np
+from .errors import GraphPassError
 
 
 def _silu(x: np.ndarray) -> np.ndarray:
@@ -55,8 +56,6 @@ def llama4_moe_node(
     activation: str = "swiglu",
 ) -> np.ndarray:
     """The `Llama4MoE` node (ops.py) and the TensorRT plugin node: attributes checked, output in x's dtype."""
-    from .errors import GraphPassError
-
     if (num_experts, top_k, activation) != (router.shape[0], 1, "swiglu"):
         raise GraphPassError(
             f"Llama4MoE node: num_experts={num_experts}, top_k={top_k}, activation={activation!r} but the router has "

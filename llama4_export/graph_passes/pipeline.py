@@ -9,7 +9,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from ..export import io_spec
+from ..model import io_spec
 from .canonicalize import canonicalization_passes, eliminate_common_subexpressions, eliminate_dead_code
 from .errors import GraphPassError
 from .fuse_moe import moe_fusion_passes

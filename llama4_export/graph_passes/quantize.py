@@ -41,7 +41,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from ..export import io_spec
+from ..model import io_spec
 from . import ops
 from .manager import GraphPass, PassContext
 
@@ -116,7 +116,7 @@ def leading_slice(tensor: ir.TensorProtocol, index: int) -> np.ndarray:
     """tensor[index] (signed INT4 data as int8). A tensor in an external file is read one slice at a time, without
     mapping the file: a pass reading a Scout layer's stacked experts [16, 5120, 16384] so holds one expert, not 5.4 GB."""
     shape = tuple(tensor.shape.numpy())
-    if hasattr(tensor, "read_leading"):  # a weight read from the checkpoint on demand (export/streaming.SourceTensor)
+    if hasattr(tensor, "read_leading"):  # a weight read from the checkpoint on demand (export/writer.SourceTensor)
         return tensor.read_leading(index)
     if not isinstance(tensor, ir.ExternalTensor):
         array = np.asarray(tensor.numpy()[index])

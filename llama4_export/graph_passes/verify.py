@@ -13,16 +13,16 @@ Nodes no stock runtime executes are made executable in a copy before running it:
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from ..export import io_spec
+from ..model import io_spec
 from . import ops, trt_plugin_spec
 from .errors import GraphPassError
+from .lower import lower_moe_standard
+from .moe_reference import llama4_moe_node
+from .ort_run import run_onnxruntime
 
 DEFAULT_TOLERANCE = 1e-4
 # Sizes of the symbolic dimensions in sample inputs: several tokens, two rows, caches that cross a chunk boundary.
@@ -74,8 +74,6 @@ def register_reference_ops() -> str:
     global _registered
     from onnxruntime_extensions import PyOp, get_library_path, onnx_op
 
-    from .moe_reference import llama4_moe_node
-
     if not _registered:
         floats = [PyOp.dt_float] * len(ops.MOE_INPUTS)
         attrs = {"num_experts": PyOp.dt_int64, "top_k": PyOp.dt_int64, "activation": PyOp.dt_string}
@@ -116,8 +114,6 @@ def executable_copy(model: ir.Model) -> tuple[ir.Model, str | None]:
             f"cannot verify a graph holding the {trt_plugin_spec.PLUGIN_NAME} node without its reference op: "
             "pip install onnxruntime-extensions (or verify the --trt-fallback lowering)"
         )
-    from .lower import lower_moe_standard
-
     lower_moe_standard(copy, "gather")
     return copy, None
 
@@ -157,23 +153,6 @@ def _run_in_fp32(graph: ir.Graph, node: ir.Node) -> None:
     wide.outputs[0].dtype = ir.DataType.FLOAT
     back = ir.node("Cast", [wide.outputs[0]], attributes={"to": ir.DataType.FLOAT16})
     ir.convenience.replace_nodes_and_values(graph, node, [node], [*casts, wide, back], node.outputs, back.outputs)
-
-
-def run_onnxruntime(model: ir.Model, feeds: dict[str, np.ndarray], custom_op_library: str | None = None) -> dict[str, np.ndarray]:
-    """Run `model` on ONNX Runtime's CPU EP (saved to a temp dir so external weights resolve); outputs by name."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    if custom_op_library:
-        options.register_custom_ops_library(custom_op_library)
-    with tempfile.TemporaryDirectory(prefix="llama4-passes-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        ir.save(model, path, external_data="model.data")
-        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, feeds)))
 
 
 def deviation(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> tuple[float, str]:

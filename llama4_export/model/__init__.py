@@ -1,11 +1,11 @@
-"""Stage 1: the Llama 4 text model (config, PyTorch module, checkpoint loading, architecture arithmetic)."""
+"""Stage 1: the Llama 4 model — config and architecture arithmetic (torch-free, what the runtime reads), the graph
+I/O spec, and the PyTorch modules and checkpoint loader (`model.modeling`, `model.loader`: import them by name,
+they need torch)."""
 
 from .config import PRESETS, Llama4Config, RopeScaling, get_preset
-from .loader import from_config, from_preset, load
-from .modeling import KVCache, Llama4ForCausalLM, NewKV
 from .summary import kv_bytes_per_token, parameter_counts, summarize, weight_bytes
 
 __all__ = [
-    "PRESETS", "KVCache", "Llama4Config", "Llama4ForCausalLM", "NewKV", "RopeScaling", "from_config", "from_preset",
-    "get_preset", "kv_bytes_per_token", "load", "parameter_counts", "summarize", "weight_bytes",
+    "PRESETS", "Llama4Config", "RopeScaling", "get_preset", "kv_bytes_per_token", "parameter_counts", "summarize",
+    "weight_bytes",
 ]

@@ -87,6 +87,13 @@ class Llama4Config:
         return dataclasses.replace(self, **changes)
 
     # --- Hugging Face round trip ---------------------------------------------------------------------------
+    def first_layers(self, layers: int, what: str = "the model") -> "Llama4Config":
+        """This model cut to its first `layers` decoder layers (same layer kinds in the same places)."""
+        if not 1 <= layers <= self.num_hidden_layers:
+            raise ConfigError(f"--layers {layers}: {what} has {self.num_hidden_layers} layers; choose 1..{self.num_hidden_layers}")
+        return self.replace(num_hidden_layers=layers, moe_layers=tuple(i for i in self.moe_layers if i < layers),
+                            no_rope_layers=self.no_rope_layers[:layers])
+
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers-5 style `llama4_text` config.json dict (what `save_pretrained` writes)."""
         if self.rope_scaling is None:
@@ -285,9 +292,13 @@ PRESETS: dict[str, Llama4Config] = {
 }
 
 
-def get_preset(name: str) -> Llama4Config:
+def get_preset(name: str, layers: int | None = None) -> Llama4Config:
+    """The preset, or its first `layers` decoder layers (same layer kinds in the same places)."""
     try:
-        return PRESETS[name]
+        config = PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}") from None
+    if layers is None:
+        return config
+    return config.first_layers(layers, f"preset {name}")
 

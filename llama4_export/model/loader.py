@@ -1,29 +1,24 @@
-"""Build a model from a Hugging Face checkpoint directory (safetensors only) or from a preset with seeded weights."""
+"""A Hugging Face checkpoint directory (safetensors only) checked against its config from the headers alone; the
+weights are read through weights.CheckpointWeights."""
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from ..errors import CheckpointError, ConfigError
-from .config import Llama4Config, get_preset
-from .modeling import Llama4ForCausalLM, rope_inverse_frequencies
-from .summary import parameter_counts
+from ..errors import CheckpointError
+from .config import Llama4Config
+from .modeling import Llama4ForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Multimodal Llama4ForConditionalGeneration checkpoints keep the text model under this prefix.
 MULTIMODAL_PREFIX = "language_model."
-_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 _STORED_DTYPES = {"F32", "F16", "BF16"}
-# Refuse to materialise more than this fraction of physical RAM as random weights (full-size presets).
-_MAX_RAM_FRACTION = 0.6
 
 
 @dataclass(frozen=True)
@@ -80,64 +75,11 @@ def check_checkpoint(checkpoint_dir: str | Path) -> CheckpointIndex:
     return CheckpointIndex(ckpt, config, {n: found[n] for n in sorted(expected)}, dict(sorted(dtypes.items())), nbytes)
 
 
-def load(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> Llama4ForCausalLM:
-    """Load a Llama 4 text model from a HF checkpoint directory, checking every tensor name and shape first."""
-    _check_dtype(dtype)
-    index = check_checkpoint(checkpoint_dir)
-    model = _empty_model(index.config).to(dtype)
-    model.to_empty(device="cpu")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for path, names in _group_by_file(index.files, index.files).items():
-            with _open(path) as f:
-                for name in names:
-                    key = index.files[name][0]
-                    try:
-                        # get_tensor copies from the memory map: one tensor at a time, never the whole file.
-                        params[name].copy_(f.get_tensor(key).to(dtype))
-                    except Exception as exc:  # safetensors raises its own types for corrupt data
-                        raise CheckpointError(f"{path}: cannot read tensor {key!r} ({exc}); the shard is damaged, re-download it") from None
-    return _finish(model, index.config)
-
-
 def _group_by_file(found: dict[str, tuple[str, Path]], wanted) -> dict[Path, list[str]]:
     by_file: dict[Path, list[str]] = {}
     for name in sorted(wanted):
         by_file.setdefault(found[name][1], []).append(name)
     return dict(sorted(by_file.items()))
-
-
-def from_preset(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Llama4ForCausalLM:
-    """A preset's architecture with deterministic random weights (same seed ⇒ identical weights)."""
-    return from_config(get_preset(name), seed=seed, dtype=dtype)
-
-
-def from_config(config: Llama4Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> Llama4ForCausalLM:
-    _check_dtype(dtype)
-    _check_fits_in_ram(config, dtype)
-    model = _empty_model(config)
-    model.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        # Sorted names make the draw order, and so the weights, independent of module construction order.
-        for name, param in sorted(model.named_parameters()):
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:  # HF's initializer: normal(0, initializer_range=0.02)
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    return _finish(model.to(dtype), config)
-
-
-def _empty_model(config: Llama4Config) -> Llama4ForCausalLM:
-    with torch.device("meta"):
-        return Llama4ForCausalLM(config)
-
-
-def _finish(model: Llama4ForCausalLM, config: Llama4Config) -> Llama4ForCausalLM:
-    model.rope_inv_freq = rope_inverse_frequencies(config)  # buffers are not in the checkpoint
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval().requires_grad_(False)
 
 
 def _tensor_locations(ckpt: Path) -> dict[str, Path]:
@@ -175,21 +117,3 @@ def _open(path: Path):
         return safe_open(str(path), framework="pt")
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); the shard is truncated or corrupt, re-download it") from None
-
-
-def _check_dtype(dtype: torch.dtype) -> None:
-    if dtype not in _DTYPES:
-        raise ConfigError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
-
-
-def _check_fits_in_ram(config: Llama4Config, dtype: torch.dtype) -> None:
-    need = parameter_counts(config).total * torch.empty(0, dtype=dtype).element_size()
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if need > _MAX_RAM_FRACTION * ram:
-        raise ConfigError(
-            f"{config.name}: random weights need {need / 2**30:.0f} GiB but this machine has {ram / 2**30:.0f} GiB of RAM; "
-            "use `llama4-export inspect` for shapes, or a -tiny preset"
-        )

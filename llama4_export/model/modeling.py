@@ -32,9 +32,10 @@ class KVCache(NamedTuple):
     positions: list[Tensor]
 
     @classmethod
-    def empty(cls, config: Llama4Config, batch: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> "KVCache":
+    def empty(cls, config: Llama4Config, batch: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+              layers: int | None = None) -> "KVCache":
         shape = (batch, config.num_key_value_heads, 0, config.head_dim)
-        n = config.num_hidden_layers
+        n = config.num_hidden_layers if layers is None else layers
         return cls(
             keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
             values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
@@ -268,26 +269,32 @@ class Llama4ForCausalLM(nn.Module):
                 module.impl = impl
 
     def forward(
-        self, input_ids: Tensor, positions: Tensor | None = None, kv_cache: KVCache | None = None
+        self, inputs: Tensor, positions: Tensor | None = None, kv_cache: KVCache | None = None, layers: range | None = None,
     ) -> Tensor | tuple[Tensor, NewKV]:
-        bsz, t = input_ids.shape
-        cache = kv_cache if kv_cache is not None else KVCache.empty(self.config, bsz, self.lm_head.weight.dtype, input_ids.device)
+        """inputs: token ids [B, T], or hidden states [B, T, hidden] entering `layers` (a contiguous range of decoder
+        layers, default all; kv_cache then holds those layers only). After the last layer: logits; before it: the
+        hidden states leaving the range."""
+        layers = range(self.config.num_hidden_layers) if layers is None else layers
+        bsz, t = inputs.shape[:2]
+        dtype = self.lm_head.weight.dtype
+        cache = kv_cache if kv_cache is not None else KVCache.empty(self.config, bsz, dtype, inputs.device, len(layers))
         if positions is None:
-            positions = torch.arange(t, device=input_ids.device).expand(bsz, t)
+            positions = torch.arange(t, device=inputs.device).expand(bsz, t)
         freqs = positions.float()[..., None] * self.rope_inv_freq  # [B, T, D/2], fp32 as in HF
         cos, sin = torch.cos(freqs), torch.sin(freqs)
 
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(inputs) if not inputs.is_floating_point() else inputs
         new_keys, new_values = [], []
-        for i, layer in enumerate(self.model.layers):
+        for j, i in enumerate(layers):
+            layer = self.model.layers[i]
             attn, k, v = layer.self_attn(
-                layer.input_layernorm(x), positions, cos, sin, cache.keys[i], cache.values[i], cache.positions[i]
+                layer.input_layernorm(x), positions, cos, sin, cache.keys[j], cache.values[j], cache.positions[j]
             )
             x = x + attn
             x = x + layer.feed_forward(layer.post_attention_layernorm(x))
             new_keys.append(k)
             new_values.append(v)
-        logits = self.lm_head(self.model.norm(x))
+        out = self.lm_head(self.model.norm(x)) if layers.stop == self.config.num_hidden_layers else x
         if kv_cache is None:
-            return logits
-        return logits, NewKV(new_keys, new_values)
+            return out
+        return out, NewKV(new_keys, new_values)

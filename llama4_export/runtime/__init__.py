@@ -1,13 +1,17 @@
-"""Stage 6: the Generator — a backend (ONNX Runtime, PyTorch reference), the sliding KV cache, sampling and the tokenizer."""
+"""Stage 7: the runtime — a Generator over a backend (ONNX Runtime, TensorRT), the sliding KV cache, sampling and the
+tokenizer. It imports neither torch nor the exporter: an application that only runs artifacts needs neither."""
 
-from .backends import Backend, OrtBackend, StepOutput, TorchBackend
+from ..model.io_spec import DEFAULT_SINKS
+from ..plan import default_window
+from .backends import Backend, StepOutput
 from .errors import GenerationError
 from .generator import GenerationResult, Generator, TokenEvent
-from .kv_cache import DEFAULT_SINKS, SlidingKVCache, default_window
+from .kv_cache import SlidingKVCache
+from .ort_backend import OrtBackend
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
 
 __all__ = [
     "DEFAULT_SINKS", "Backend", "GenerationError", "GenerationResult", "Generator", "OrtBackend", "Sampler",
-    "SamplingParams", "SlidingKVCache", "StepOutput", "TokenEvent", "Tokenizer", "TorchBackend", "default_window",
+    "SamplingParams", "SlidingKVCache", "StepOutput", "TokenEvent", "Tokenizer", "default_window",
 ]

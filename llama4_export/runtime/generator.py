@@ -23,15 +23,18 @@ import numpy as np
 from ..artifact import MANIFEST, read_manifest
 from ..errors import ConfigError
 from ..model.config import Llama4Config
+from ..model.io_spec import DEFAULT_SINKS
 from ..plan import FLOAT_DTYPES, cuda_memory_bytes, planned_window
-from .backends import DEFAULT_PREFILL_TOKENS, Backend, OrtBackend, TorchBackend
+from .backends import Backend
 from .errors import GenerationError
-from .kv_cache import DEFAULT_SINKS, SlidingKVCache
+from .kv_cache import SlidingKVCache
+from .ort_backend import OrtBackend
+from .trt_backend import TrtBackend
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
 GENERATION_CONFIG_FILE = "generation_config.json"
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt")
 Prompt = str | Sequence[int]
 
 
@@ -80,20 +83,25 @@ class Generator:
         threads: int | None = None, providers: list[str] | None = None, verify: bool = True,
         max_prefill_tokens: int | None = None,
     ) -> "Generator":
-        """An exported artifact (manifest.json; hashes verified), or for backend='torch' also a HF checkpoint dir.
+        """An exported artifact (manifest.json; hashes verified) on ONNX Runtime or TensorRT.
 
         max_prefill_tokens lowers the prefill piece size below the graph's limit (bounds prefill activation memory).
         """
         directory = Path(directory)
         if backend not in BACKENDS:
             raise GenerationError(f"backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
-        if backend == "torch" and not (directory / MANIFEST).is_file() and (directory / "config.json").is_file():
-            runner: Backend = TorchBackend.from_checkpoint(directory)
-            precision = None
+        manifest = read_manifest(directory, verify=verify)
+        config = manifest_config(directory, manifest)
+        if backend == "tensorrt":
+            runner: Backend = TrtBackend.from_artifact(directory, manifest, config)
         else:
-            manifest = read_manifest(directory, verify=verify)
-            runner = _artifact_backend(directory, manifest, backend, threads, providers)
-            precision = manifest.get("precision")
+            runner = OrtBackend.from_artifact(directory, manifest, config, threads, providers)
+        return cls.for_backend(runner, directory, window, sinks, manifest.get("precision"), max_prefill_tokens)
+
+    @classmethod
+    def for_backend(cls, runner: Backend, directory: Path, window: int | None = None, sinks: int = DEFAULT_SINKS,
+                    precision: str | None = None, max_prefill_tokens: int | None = None) -> "Generator":
+        """A generator over `runner` with the tokenizer and stop tokens of `directory` (an artifact or a checkpoint)."""
         if max_prefill_tokens is not None:
             if max_prefill_tokens < 1:
                 raise GenerationError(f"max_prefill_tokens={max_prefill_tokens}: must be >= 1")
@@ -289,31 +297,7 @@ def _gpu_memory_bytes(backend: Backend) -> int | None:
     return None
 
 
-def _artifact_backend(directory: Path, manifest: dict, backend: str, threads: int | None, providers: list[str] | None) -> Backend:
-    config = _manifest_config(directory, manifest)
-    if manifest.get("partitions"):  # --partitions N: one graph pair per layer range (runtime/partitioned.py)
-        from .partitioned import PartitionedOrtBackend
-
-        if backend != "onnxruntime":
-            raise GenerationError(f"{directory}: a partitioned artifact runs on the onnxruntime backend only (got {backend!r})")
-        return PartitionedOrtBackend(directory, manifest, config, threads, providers)
-    graphs = manifest.get("graphs") or {}
-    prefill = graphs.get("prefill") or {}
-    max_prefill = int(prefill.get("max_new_tokens", DEFAULT_PREFILL_TOKENS))
-    decode = graphs.get("decode")
-    if not decode:
-        raise GenerationError(f"{directory / MANIFEST}: lists no decode graph; re-run the export")
-    if backend == "torch":
-        return TorchBackend.from_onnx_weights(directory / decode["file"], config, max_prefill)
-    if backend == "tensorrt":
-        from .trt_backend import TrtBackend
-
-        return TrtBackend.from_artifact(directory, manifest, config, max_prefill)
-    prefill_path = directory / prefill["file"] if prefill else None
-    return OrtBackend(directory / decode["file"], prefill_path, config, max_prefill, threads, providers)
-
-
-def _manifest_config(directory: Path, manifest: dict) -> Llama4Config:
+def manifest_config(directory: Path, manifest: dict) -> Llama4Config:
     raw = manifest.get("model")
     if not isinstance(raw, dict):
         raise GenerationError(f"{directory / MANIFEST}: has no 'model' config object; re-run the export")

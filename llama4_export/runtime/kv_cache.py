@@ -1,6 +1,6 @@
 """The sliding KV cache: preallocated numpy buffers of constant size, written where the sliding policy says.
 
-The graphs return only the new tokens' keys/values (export/io_spec.py); this cache owns every past one:
+The graphs return only the new tokens' keys/values (model/io_spec.py); this cache owns every past one:
 
 - chunked (RoPE) layers: one chunk of `attention_chunk_size` slots, slot = position mod chunk. When a sequence's
   last token enters a new chunk, the slots of the old chunk are emptied — chunked attention never looks back past a
@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..export.io_spec import attention_kind
+from ..model.io_spec import DEFAULT_SINKS, attention_kind
+from ..plan import default_window
 from ..model.config import Llama4Config
 from .errors import GenerationError
 
-DEFAULT_SINKS = 4
 INITIAL_SLOTS = 64  # a growing cache's first size per kind; doubled on demand
-# The default window is the model's whole context, capped so one sequence's global-layer cache stays under this.
-DEFAULT_GLOBAL_CACHE_BYTES = 1 << 30
 
 
 class ChunkSlots:
@@ -59,14 +57,6 @@ class SinkRingSlots:
         keep = np.concatenate([sink_tokens, ring_tokens])
         p = new[keep]
         return keep, np.where(p < self.sinks, p, self.sinks + (p - self.sinks) % ring)
-
-
-def default_window(config: Llama4Config, itemsize: int = 4, budget_bytes: int = DEFAULT_GLOBAL_CACHE_BYTES) -> int:
-    """The whole context (max_position_embeddings), capped so the global layers' K/V of one sequence fit the budget."""
-    global_layers = sum(attention_kind(config, i) == "global" for i in range(config.num_hidden_layers))
-    per_token = 2 * global_layers * config.num_key_value_heads * config.head_dim * itemsize
-    cap = budget_bytes // per_token if per_token else config.max_position_embeddings
-    return int(max(DEFAULT_SINKS + 1, min(config.max_position_embeddings, cap)))
 
 
 class SlidingKVCache:

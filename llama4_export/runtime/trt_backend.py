@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from ..build.engine import has_plugin_nodes, missing_tensorrt_message
-from ..export import io_spec
+from ..model import io_spec
 from ..model.config import Llama4Config
+from ..tensorrt import moe_plugin
+from ..tensorrt.engine import has_plugin_nodes, missing_tensorrt_message
 from .backends import StepOutput
 from .errors import GenerationError
 from .kv_cache import SlidingKVCache
@@ -71,8 +72,6 @@ class TrtBackend:
             raise GenerationError(f"{directory}: has no TensorRT engines; build them with `llama4-export build {directory}`")
         import tensorrt as trt
         import torch
-
-        from ..build import moe_plugin
 
         self.config, self.torch, self.trt = config, torch, trt
         self.device = torch.device("cuda", torch.cuda.current_device())
@@ -180,5 +179,6 @@ class TrtBackend:
         return self._step_output(outputs)
 
     @classmethod
-    def from_artifact(cls, directory: Path, manifest: dict[str, Any], config: Llama4Config, max_prefill_tokens: int):
-        return cls(Path(directory), manifest, config, max_prefill_tokens)
+    def from_artifact(cls, directory: Path, manifest: dict[str, Any], config: Llama4Config) -> "TrtBackend":
+        prefill = (manifest.get("graphs") or {}).get("prefill") or {}
+        return cls(Path(directory), manifest, config, int(prefill.get("max_new_tokens", io_spec.DEFAULT_MAX_PREFILL)))

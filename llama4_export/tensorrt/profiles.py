@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ..export import io_spec
+from ..model import io_spec
 from ..model.config import Llama4Config
-from ..plan import planned_window
-from ..runtime.kv_cache import DEFAULT_SINKS, default_window
+from ..model.io_spec import DEFAULT_SINKS
+from ..plan import default_window, planned_window
 from .errors import BuildError
 
 Shape = tuple[int, ...]

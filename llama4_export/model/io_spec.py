@@ -15,16 +15,27 @@ outputs
 
 The graph never writes the cache: the runtime owns the buffers and writes the new K/V where its sliding policy says.
 Slot order is free because the attention mask is computed from the positions inputs (DESIGN.md §4).
+
+A partitioned artifact (--partitions N) cuts this interface at layer boundaries: part k takes the past K/V of its
+own layers only; every part but the first takes `hidden_states` [batch, new_tokens, hidden] instead of input_ids,
+and every part but the last returns `hidden_states_out` instead of logits.
 """
 
 from __future__ import annotations
 
 from ..model.config import Llama4Config
 
+# The most new tokens one prefill call takes unless the export says otherwise (manifest graphs.prefill.max_new_tokens).
+DEFAULT_MAX_PREFILL = 512
+# Sink tokens a global layer's window keeps forever once the sequence outgrows it (runtime/kv_cache.py).
+DEFAULT_SINKS = 4
+
 INPUT_IDS = "input_ids"
 POSITIONS = "positions"
 PAST_POSITIONS = {"chunked": "past_positions_chunked", "global": "past_positions_global"}
 LOGITS = "logits"
+HIDDEN_IN = "hidden_states"
+HIDDEN_OUT = "hidden_states_out"
 
 
 def attention_kind(config: Llama4Config, layer: int) -> str:
@@ -47,15 +58,17 @@ def new_value(layer: int) -> str:
     return f"new_value.{layer}"
 
 
-def input_names(config: Llama4Config) -> list[str]:
-    names = [INPUT_IDS, POSITIONS, PAST_POSITIONS["chunked"], PAST_POSITIONS["global"]]
-    for i in range(config.num_hidden_layers):
+def input_names(config: Llama4Config, layers: range | None = None) -> list[str]:
+    layers = range(config.num_hidden_layers) if layers is None else layers
+    names = [INPUT_IDS if layers.start == 0 else HIDDEN_IN, POSITIONS, PAST_POSITIONS["chunked"], PAST_POSITIONS["global"]]
+    for i in layers:
         names += [past_key(i), past_value(i)]
     return names
 
 
-def output_names(config: Llama4Config) -> list[str]:
-    names = [LOGITS]
-    for i in range(config.num_hidden_layers):
+def output_names(config: Llama4Config, layers: range | None = None) -> list[str]:
+    layers = range(config.num_hidden_layers) if layers is None else layers
+    names = [LOGITS if layers.stop == config.num_hidden_layers else HIDDEN_OUT]
+    for i in layers:
         names += [new_key(i), new_value(i)]
     return names

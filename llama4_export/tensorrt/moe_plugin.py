@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 
 from ..graph_passes import trt_plugin_spec as spec
+from .errors import BuildError
 
 PLUGIN_ID = f"{spec.PLUGIN_NAMESPACE}::{spec.PLUGIN_NAME}"
 
@@ -77,8 +78,6 @@ def register() -> str:
     """Register the plugin with TensorRT (idempotent); returns its id. Needs tensorrt >= 10.7, torch and triton."""
     global _registered
     import tensorrt.plugin as trtp
-
-    from .errors import BuildError
 
     if not _registered:
         if plugin_attribute_types() != spec.PLUGIN_FIELDS:

@@ -17,12 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
+import torch
 
 from ..artifact import read_manifest
-from ..export import io_spec
+from ..graph_passes.ort_run import run_onnxruntime
+from ..graph_passes.verify import executable_copy
+from ..model import io_spec
 from ..model.config import Llama4Config
-from .errors import BuildError
-from .profiles import manifest_config
+from ..model.modeling import KVCache
+from ..tensorrt import moe_plugin
+from ..tensorrt.engine import tensorrt_problem
+from ..tensorrt.errors import BuildError
+from ..tensorrt.profiles import manifest_config
+from .torch_backend import TorchBackend
 
 
 @dataclass
@@ -61,21 +69,12 @@ def graph_feeds(config: Llama4Config, batch: int, new_tokens: int, chunk_slots: 
 
 def run_ort(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The graph on ONNX Runtime CPU, with its plugin / fused MoE nodes served by the numpy reference."""
-    import onnx_ir as ir
-
-    from ..graph_passes.verify import executable_copy, run_onnxruntime
-
     runnable, library = executable_copy(ir.load(path))
     return run_onnxruntime(runnable, feeds, library)
 
 
 def run_pytorch(path: Path, config: Llama4Config, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Our PyTorch model with the graph's weights, on the same inputs (the torch runtime backend's model)."""
-    import torch
-
-    from ..model.modeling import KVCache
-    from ..runtime.backends import TorchBackend
-
     model = TorchBackend.from_onnx_weights(path, config).model
     kinds = [io_spec.attention_kind(config, i) for i in range(config.num_hidden_layers)]
     dtype = model.lm_head.weight.dtype
@@ -109,8 +108,6 @@ def _run_tensorrt(directory: Path, engine: dict[str, Any], feeds: dict[str, np.n
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
     from polygraphy.comparator import CompareFunc, Comparator, IterationResult, RunResults
 
-    from . import moe_plugin
-
     moe_plugin.register()
     with TrtRunner(EngineFromBytes((directory / engine["file"]).read_bytes())) as runner:
         trt_out = {k: np.asarray(v) for k, v in runner.infer(feeds).items()}
@@ -123,8 +120,6 @@ def _run_tensorrt(directory: Path, engine: dict[str, Any], feeds: dict[str, np.n
 def compare_artifact(directory: str | Path, batch: int = 2, prefill_tokens: int = 5, seed: int = 0
                      ) -> tuple[list[Comparison], list[str]]:
     """Compare every graph; returns (comparisons, notes)."""
-    from .engine import tensorrt_problem
-
     directory = Path(directory)
     manifest = read_manifest(directory)
     config = manifest_config(manifest)

@@ -27,7 +27,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import Llama4ExportError
+import onnx
+
+from ..artifact import read_manifest
+from ..errors import Llama4ExportError
+from ..runtime import Generator
+from .torch_backend import torch_generator
 
 # ONNX ops whose expert-weight inputs are stacked [num_experts, ...]: a top-1 token reads one slice of them
 # (the unoptimized graph picks the slice with GatherND instead).
@@ -103,8 +108,6 @@ def decode_weight_bytes(graph_path: Path, num_experts: int) -> int:
     """Bytes of the decode graph's initializers one token reads: stacked expert weights count one expert's slice,
     per-expert weights inside `If` branches (INT4 experts on ONNX Runtime, graph_passes/lower.py: one branch taken
     per token) one expert's share, a Gather table (the embedding) one row; everything else in full."""
-    import onnx
-
     model = onnx.load(str(graph_path), load_external_data=False)
     uses: dict[str, list[tuple[str, int]]] = {}
 
@@ -160,9 +163,6 @@ def bench_artifact(
     """Measure one artifact (see the module docstring). bandwidth: a GB/s figure measured elsewhere (None = measure);
     window: the global layers' KV slots (None = the runtime default, the whole context; llama-bench instead sizes its
     context to each test, which --window decode_prompt + new_tokens mirrors)."""
-    from .artifact import read_manifest
-    from .runtime import Generator
-
     directory = Path(directory)
     if repeats < 1 or new_tokens < 2 or decode_prompt < 1 or any(p < 1 for p in prompt_lengths):
         raise BenchError(
@@ -170,7 +170,10 @@ def bench_artifact(
             "need repeats >= 1, new tokens >= 2 and prompts >= 1 token"
         )
     manifest = read_manifest(directory)
-    gen = Generator.load(directory, backend=backend, threads=threads, window=window)
+    if backend == "torch":
+        gen = torch_generator(directory, window)
+    else:
+        gen = Generator.load(directory, backend=backend, threads=threads, window=window)
     config = gen.config
     longest = max([*prompt_lengths, decode_prompt]) + new_tokens
     if longest > config.max_position_embeddings:

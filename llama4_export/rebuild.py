@@ -1,7 +1,8 @@
 """`rebuild`: re-run the pipeline an artifact's manifest records and compare every file hash with the original.
 
-What is re-run: the export (source: preset + seed, or the checkpoint — whose files must hash as recorded; precision;
-the prefill limit), the graph passes for the recorded target (and MoE lowering), and — when the manifest has a
+What is re-run: the export (source: preset + seed, or the checkpoint — whose files must hash as recorded; precision,
+quantization and calibration settings, partitions, the prefill limit), the graph passes for the recorded target (and
+MoE lowering), the accuracy report when there was one, and — when the manifest has a
 `tensorrt` entry and TensorRT + a GPU are here — the engine build with the recorded builder settings from the
 recorded timing cache in error-on-miss mode. Everything up to the ONNX must be byte-identical on any machine (the
 exporter and passes are deterministic); engines only given the same timing cache, GPU model and TensorRT version
@@ -17,8 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..artifact import read_manifest, sha256_file
-from .errors import BuildError
+from .artifact import read_manifest, sha256_file
+from .model.io_spec import DEFAULT_MAX_PREFILL
+from .pipeline import QuantOptions, export
+from .tensorrt.engine import ENGINE_DIR, build_engines, missing_tensorrt_message
+from .tensorrt.errors import BuildError
+from .weights import CheckpointWeights, RandomWeights, WeightSource
 
 
 @dataclass
@@ -53,12 +58,10 @@ def tool_differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[s
     return [f"{tool} {a.get(tool)} originally, {b.get(tool)} now" for tool in sorted(set(a) | set(b)) if a.get(tool) != b.get(tool)]
 
 
-def _source(manifest: dict[str, Any], checkpoint: Path | None):
-    from ..export import ModelSource
-
+def _source(manifest: dict[str, Any], checkpoint: Path | None) -> WeightSource:
     source = manifest.get("source") or {}
     if "preset" in source:
-        return ModelSource(preset=source["preset"], seed=int(source.get("seed", 0)))
+        return RandomWeights(source["preset"], int(source.get("seed", 0)), source.get("layers"))
     if checkpoint is None:
         raise BuildError(f"the artifact was exported from checkpoint {source.get('checkpoint')!r}; pass its directory "
                          "with --checkpoint to rebuild")
@@ -67,7 +70,7 @@ def _source(manifest: dict[str, Any], checkpoint: Path | None):
         if not path.is_file() or sha256_file(path) != expected:
             raise BuildError(f"{path}: missing or not the file the artifact was exported from (sha256 differs); "
                              "pass the original checkpoint")
-    return ModelSource(checkpoint=Path(checkpoint))
+    return CheckpointWeights(checkpoint)
 
 
 def _uses_trt_plugin(manifest: dict[str, Any]) -> bool:
@@ -75,33 +78,47 @@ def _uses_trt_plugin(manifest: dict[str, Any]) -> bool:
     return not any("standard ops" in (g.get("moe_lowering") or "") for g in (manifest.get("graphs") or {}).values())
 
 
-def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out: str | Path | None = None,
-            show_progress: bool = True) -> RebuildResult:
-    """Re-run the recorded pipeline into `out` (default: a temp dir, removed after) and compare with the artifact."""
-    from ..export import export_artifact
-    from ..graph_passes import optimize_artifact
-    from .engine import ENGINE_DIR, build_engines, missing_tensorrt_message
+def _quant_options(manifest: dict[str, Any], calib_data: Path | None) -> QuantOptions:
+    """The recorded quantization settings; calibration text other than the embedded corpus must be given again."""
+    quant = manifest.get("quantization") or {}
+    calibration = quant.get("calibration") or {}
+    if calibration and not str(calibration.get("data", "")).startswith("embedded:") and calib_data is None:
+        raise BuildError(f"the artifact was calibrated on {calibration.get('data')!r} (sha256 "
+                         f"{str(calibration.get('data_sha256'))[:16]}…); pass it again with --calib-data")
+    precision = quant.get("precision")
+    percentile = quant.get("activation_range", "amax")
+    return QuantOptions(
+        int4_algo=quant.get("algorithm", "awq") if precision == "int4" else "awq",
+        block_size=quant.get("block_size") if precision == "int4" else None,
+        calib_data=calib_data, calib_samples=calibration.get("samples"), calib_seq_len=calibration.get("seq_len"),
+        report="report.json" in manifest["files"], quantize_lm_head=bool(quant.get("quantize_lm_head")),
+        amax_percentile=float(percentile.split()[1]) if percentile.startswith("percentile") else None,
+        kv_cache_dtype="fp8" if "kv_cache" in quant else None,
+    )
 
+
+def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out: str | Path | None = None,
+            calib_data: str | Path | None = None, show_progress: bool = True) -> RebuildResult:
+    """Re-run the recorded pipeline into `out` (default: a temp dir, removed after) and compare with the artifact."""
     directory = Path(artifact_dir)
     original = read_manifest(directory)
     source = _source(original, Path(checkpoint) if checkpoint else None)
+    notes: list[str] = []
+    quant = _quant_options(original, None if calib_data is None else Path(calib_data))
     graphs = original.get("graphs") or {}
-    max_prefill = int((graphs.get("prefill") or {}).get("max_new_tokens", 512))
+    parts = original.get("partitions") or []
+    first = read_manifest(directory / parts[0]["directory"], verify=False) if parts else original
+    max_prefill = int(((first.get("graphs") or {}).get("prefill") or {}).get("max_new_tokens", DEFAULT_MAX_PREFILL))
+    optimized = "graph_passes" in first
     scratch = None
     if out is None:
         scratch = Path(tempfile.mkdtemp(prefix="llama4-rebuild-"))
         out = scratch / "artifact"
     out = Path(out)
     try:
-        notes: list[str] = []
-        if "quantization" in original:
-            rebuilt = _rebuild_quantized(directory, out, original, source, max_prefill, show_progress, notes)
-        else:
-            rebuilt = export_artifact(out, source, precision=original.get("precision", "fp32"), max_prefill=max_prefill,
-                                      show_progress=show_progress)
-            if "graph_passes" in original:
-                rebuilt, _ = optimize_artifact(out, original["graph_passes"]["target"],
-                                               trt_plugin=_uses_trt_plugin(original), show_progress=show_progress)
+        rebuilt = export(out, source, original.get("precision", "fp32"), original.get("target", "onnxruntime"), quant,
+                         max(1, len(parts)), max_prefill, optimized, _uses_trt_plugin(first),
+                         show_progress=show_progress).manifest
         notes += tool_differences(original, rebuilt)
         engine_files = {n for n in original["files"] if n.startswith(f"{ENGINE_DIR}/")}
         if "tensorrt" in original:
@@ -109,7 +126,7 @@ def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out:
             if problem is not None:
                 notes.append(f"engines not rebuilt ({problem}); compared everything up to the ONNX")
             else:
-                rebuilt = _rebuild_engines(directory, out, original, show_progress, build_engines)
+                rebuilt = _rebuild_engines(directory, out, original, show_progress)
                 engine_files = set()
         only = None if not engine_files else set(original["files"]) - engine_files
         differences = compare_hashes(original["files"], rebuilt["files"], only)
@@ -120,39 +137,7 @@ def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _rebuild_quantized(directory: Path, out: Path, original: dict[str, Any], source, max_prefill: int,
-                       show_progress: bool, notes: list[str]) -> dict[str, Any]:
-    """int4 / fp8: export_quantized with the recorded options, from the artifact's own calibration cache (so the
-    statistics are the recorded ones even where calibration data is not at hand)."""
-    from ..export.pipeline import QuantOptions, export_quantized
-
-    quant = original["quantization"]
-    precision = quant["precision"]
-    calibration = quant.get("calibration") or {}
-    cache = None
-    if calibration.get("file") and (directory / calibration["file"]).is_file():
-        cache = out.parent / f".{out.name}.{calibration['file']}"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(directory / calibration["file"], cache)
-    elif calibration:
-        notes.append("the artifact has no calibration file: calibrating again, which must reproduce the same statistics")
-    options = QuantOptions(
-        int4_algo=quant.get("algorithm", "awq") if precision == "int4" else "awq",
-        block_size=quant.get("block_size") if precision == "int4" else None,
-        calib_samples=calibration.get("samples"), calib_seq_len=calibration.get("seq_len"), calib_cache=cache,
-        report="report.json" in original["files"], quantize_lm_head=bool(quant.get("quantize_lm_head")),
-    )
-    try:
-        manifest, _, _ = export_quantized(out, source, precision, options, target=original.get("target", "onnxruntime"),
-                                          trt_plugin=_uses_trt_plugin(original), max_prefill=max_prefill,
-                                          show_progress=show_progress)
-    finally:
-        if cache is not None:
-            cache.unlink(missing_ok=True)
-    return manifest
-
-
-def _rebuild_engines(directory: Path, out: Path, original: dict[str, Any], show_progress: bool, build_engines):
+def _rebuild_engines(directory: Path, out: Path, original: dict[str, Any], show_progress: bool):
     info = original["tensorrt"]
     cache = info["timing_cache"]
     if not cache.get("inside_artifact"):

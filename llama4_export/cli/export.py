@@ -1,10 +1,9 @@
-"""Command line: a thin typer layer over the Python API. Errors of ours print as one line and exit 2."""
+"""`llama4-export`: a thin typer layer over the Python API (api.py). Errors of ours print as one line and exit 2."""
 
 from __future__ import annotations
 
 import errno
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -12,33 +11,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import Llama4ExportError
-
-console = Console()
-err_console = Console(stderr=True)
+from .. import api
+from ..artifact import write_json
+from ..errors import ConfigError, Llama4ExportError
+from ..evaluation.bench import result_table
+from ..graph_passes.manager import report_tables
+from ..tensorrt import trt_onnx_support
+from .common import console, err_console, fail
 
 export_app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Export Llama 4 to ONNX / TensorRT artifacts, and inspect them.",
 )
-run_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Run an exported Llama 4 artifact.")
-
-
-def _fail(exc: Exception | str) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def _config_for(model: Optional[str], checkpoint: Optional[Path]):
-    """The preset's config, or a checkpoint's config after checking every tensor's name and shape (headers only)."""
-    from .model import get_preset
-    from .model.loader import check_checkpoint
-
-    if (model is None) == (checkpoint is None):
-        raise typer.BadParameter("give exactly one of --model PRESET or --checkpoint DIR")
-    if checkpoint is not None:
-        return check_checkpoint(checkpoint).config
-    return get_preset(model)
 
 
 # --------------------------------------------------------------------------------------------- llama4-export
@@ -112,26 +96,22 @@ def export(
     says what to install (exit 0; --require-engine makes it an error)."""
     if ctx.invoked_subcommand is not None:
         return
-    from .errors import ConfigError
-    from .export.api import EngineOptions, export_model
-    from .export.pipeline import QuantOptions
-
     try:
         if out is None:
             raise ConfigError("--out DIR is required: the artifact directory to write")
-        quant = QuantOptions(int4_algo, block_size, calib_data, calib_samples, calib_seq_len, calib_cache, eval_data,
+        quant = api.QuantOptions(int4_algo, block_size, calib_data, calib_samples, calib_seq_len, calib_cache, eval_data,
                              not no_report, quantize_lm_head, calib_percentile, kv_cache_dtype)
-        result = export_model(
+        result = api.export_model(
             out, model, checkpoint, seed, precision, target, optimize=not no_optimize, trt_plugin=not trt_fallback,
             quant=quant, max_prefill=max_prefill, stream=stream, random_weights=random_weights, layers=layers,
-            partitions=partitions, engines=EngineOptions(require_engine, max_batch, window, timing_cache, reproducible),
+            partitions=partitions, engines=api.EngineOptions(require_engine, max_batch, window, timing_cache, reproducible),
         )
     except Llama4ExportError as exc:
-        _fail(exc)
+        fail(exc)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        _fail(f"{out}: the disk filled up while writing {exc.filename or 'the artifact'} (other files grew during the "
+        fail(f"{out}: the disk filled up while writing {exc.filename or 'the artifact'} (other files grew during the "
               "export?); nothing was left behind: free space and run again")
     if result.calibration is not None:
         calibration = result.calibration
@@ -166,12 +146,10 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
 ) -> None:
     """Architecture summary: layers by kind, total/active parameters, weight bytes per precision, KV bytes per token."""
-    from .model import summarize
-
     try:
-        summary = summarize(_config_for(model, checkpoint))
+        summary = api.inspect_model(model, checkpoint)
     except Llama4ExportError as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -237,14 +215,12 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
 ) -> None:
     """GPU memory plan: weights, KV cache per layer kind, workspace, the largest global window W; exit 1 if it does not fit."""
-    from .plan import gpu_spec, plan_memory
-
     try:
-        result = plan_memory(_config_for(model, checkpoint), precision, gpu_spec(gpu, gpu_memory), gpus=gpus,
+        result = api.plan_gpu_memory(model, checkpoint, precision, gpu, gpu_memory, gpus=gpus,
                              max_batch=max_batch, max_prefill=max_prefill, kv_dtype=kv_dtype, window=window,
                              block_size=block_size)
     except Llama4ExportError as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -298,27 +274,19 @@ def passes(
     report_only: bool = typer.Option(False, "--report", help="print the stored pass report of an optimized artifact; change nothing"),
 ) -> None:
     """Optimize an artifact's graphs in place (fuse the MoE routing, RMSNorm, RoPE; lower for the target) and print the report."""
-    from .artifact import read_manifest
-    from .graph_passes import PASSES_FILE, optimize_artifact
-    from .graph_passes.errors import GraphPassError
-
     try:
         if report_only:
-            manifest = read_manifest(directory)
-            if "graph_passes" not in manifest:
-                raise GraphPassError(f"{directory}: not optimized yet; run `llama4-export passes {directory}`")
-            reports = json.loads((directory / PASSES_FILE).read_text(encoding="utf-8"))
+            reports = api.stored_pass_reports(directory)
         else:
-            _, results = optimize_artifact(directory, target, verify=verify, tolerance=tolerance, trt_plugin=not trt_fallback)
+            _, results = api.optimize_artifact(directory, target or api.default_target(), verify=verify,
+                                               tolerance=tolerance, trt_plugin=not trt_fallback)
             reports = {name: report.to_json(measured=True) for name, report in results.items()}
     except Llama4ExportError as exc:
-        _fail(exc)
+        fail(exc)
     _print_pass_reports(reports)
 
 
 def _print_pass_reports(reports: dict[str, dict]) -> None:
-    from .graph_passes.manager import report_tables
-
     for name, report in reports.items():
         for table in report_tables(name, report):
             console.print(table)
@@ -339,14 +307,11 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results to this JSON file"),
 ) -> None:
     """Prefill and decode tokens/s, time to first token, peak RSS and decode as a fraction of the memory-bandwidth bound."""
-    from .artifact import write_json
-    from .bench import bench_artifact, result_table
-
     try:
         with err_console.status(f"benchmarking {directory}"):
-            result = bench_artifact(directory, prompt, decode_prompt, new_tokens, repeats, threads, backend, window=window)
+            result = api.bench_artifact(directory, prompt, decode_prompt, new_tokens, repeats, threads, backend, window=window)
     except Llama4ExportError as exc:
-        _fail(exc)
+        fail(exc)
     Console(width=max(console.width, 150)).print(result_table([result]))  # unreadable when wrapped into 80 columns
     roof, machine = result["roofline"], result["machine"]
     console.print(
@@ -362,13 +327,10 @@ def bench(
 @export_app.command()
 def lint(directory: Path = typer.Argument(..., help="tensorrt-lowered artifact directory")) -> None:
     """TensorRT conformance lint (no TensorRT needed): ops/dtypes, INT4/FP8 Q/DQ form, strong typing, plugin nodes."""
-    from .build import trt_onnx_support
-    from .build.lint import lint_artifact
-
     try:
-        results = lint_artifact(directory)
+        results = api.lint_artifact(directory)
     except Llama4ExportError as exc:
-        _fail(exc)
+        fail(exc)
     total = sum(len(v) for v in results.values())
     for file, violations in results.items():
         for violation in violations:
@@ -393,14 +355,12 @@ def build(
     version_compatible: bool = typer.Option(False, "--version-compatible", help="version-compatible engine, lean runtime excluded"),
 ) -> None:
     """Build TensorRT engines (engine/*.plan) for a tensorrt-lowered artifact; needs TensorRT and a GPU."""
-    from .build import build_engines
-
     try:
-        manifest = build_engines(directory, max_batch=max_batch, max_prefill=max_prefill, window=window,
+        manifest = api.build_engines(directory, max_batch=max_batch, max_prefill=max_prefill, window=window,
                                  timing_cache=timing_cache, reproducible=reproducible, workspace_gib=workspace_gib,
                                  version_compatible=version_compatible)
     except Llama4ExportError as exc:
-        _fail(exc)
+        fail(exc)
     info = manifest["tensorrt"]
     console.print(f"built {', '.join(e['file'] for e in info['engines'].values())} with TensorRT {info['version']} "
                   f"on {info['gpu']['name']}", highlight=False, soft_wrap=True)
@@ -412,12 +372,10 @@ def compare(
     tolerance: float = typer.Option(1e-2, "--tolerance", help="fail when an output deviates by more than this × its max"),
 ) -> None:
     """ONNX Runtime vs TensorRT on the same inputs (Polygraphy); ORT vs PyTorch when TensorRT or engines are absent."""
-    from .build.compare import compare_artifact
-
     try:
-        comparisons, notes = compare_artifact(directory)
+        comparisons, notes = api.compare_artifact(directory)
     except Llama4ExportError as exc:
-        _fail(exc)
+        fail(exc)
     for note in notes:
         console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     failed = False
@@ -439,14 +397,13 @@ def rebuild(
     directory: Path = typer.Argument(..., help="artifact directory to reproduce"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="the checkpoint it was exported from (when not a preset)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="keep the rebuilt artifact here (default: a temp dir)"),
+    calib_data: Optional[Path] = typer.Option(None, "--calib-data", help="the calibration text it was exported with (when not the embedded corpus)"),
 ) -> None:
     """Re-run the pipeline the manifest records and compare every file hash; print the first difference."""
-    from .build.rebuild import rebuild as rebuild_artifact
-
     try:
-        result = rebuild_artifact(directory, checkpoint=checkpoint, out=out)
+        result = api.rebuild(directory, checkpoint=checkpoint, out=out, calib_data=calib_data)
     except Llama4ExportError as exc:
-        _fail(exc)
+        fail(exc)
     for note in result.notes:
         console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     if result.differences:
@@ -457,107 +414,5 @@ def rebuild(
     console.print(f"reproducible: {len(result.compared)} files byte-identical", highlight=False, soft_wrap=True)
 
 
-def export_main() -> None:
+def main() -> None:
     export_app()
-
-
-# ------------------------------------------------------------------------------------------------ llama4-run
-@run_app.command()
-def run(
-    directory: Path = typer.Argument(..., help="artifact directory (or, with --backend torch, a HF checkpoint)"),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="text prompt (needs tokenizer.json in DIR)"),
-    ids: Optional[str] = typer.Option(None, "--ids", help='prompt as token ids, e.g. "1,2,3"'),
-    chat: bool = typer.Option(False, "--chat", help="interactive chat: one user message per stdin line, until EOF"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
-    temperature: float = typer.Option(0.0, help="0 = greedy"),
-    top_k: int = typer.Option(0, "--top-k", help="0 = off"),
-    top_p: float = typer.Option(1.0, "--top-p", help="1 = off"),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="1 = off"),
-    seed: int = typer.Option(0, help="seed of the sampler"),
-    stream: bool = typer.Option(False, "--stream", help="print tokens as they are generated"),
-    window: Optional[int] = typer.Option(None, help="global-layer KV window W in tokens (default: the context, RAM-capped; on a GPU: `plan`'s W)"),
-    sinks: int = typer.Option(4, help="sink tokens S kept forever once the sequence outgrows W"),
-    backend: str = typer.Option("onnxruntime", help="onnxruntime | torch | tensorrt"),
-    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice)"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object (prompt_ids, token_ids, text, stop_reason)"),
-) -> None:
-    """Generate a continuation of a prompt (greedy unless --temperature) with the sliding KV cache."""
-    from .runtime import GenerationError, Generator
-
-    options = dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, seed=seed,
-    )
-    try:
-        if (prompt is not None) + (ids is not None) + chat != 1:
-            raise GenerationError("give exactly one of --prompt TEXT, --ids 1,2,3 or --chat")
-        with err_console.status(f"loading {directory}"):
-            generator = Generator.load(directory, backend=backend, window=window, sinks=sinks, threads=threads)
-        if chat:
-            _chat_loop(generator, stream, options)
-            return
-        tokens = _parse_ids(ids) if ids is not None else prompt
-        on_token = _piece_printer() if stream and not as_json else None
-        result = generator.generate(tokens, stream=on_token, **options)
-    except Llama4ExportError as exc:
-        _fail(exc)
-    if as_json:
-        print(json.dumps({"prompt_ids": result.prompt_ids, "token_ids": result.token_ids, "text": result.text,
-                          "stop_reason": result.stop_reason}))
-    elif stream:
-        print(flush=True)
-    else:
-        print(result.text if result.text is not None else ",".join(map(str, result.token_ids)))
-
-
-def _parse_ids(text: str) -> list[int]:
-    from .runtime import GenerationError
-
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise GenerationError(f"--ids {text!r}: expected comma-separated integers, e.g. \"1,2,3\"") from None
-
-
-def _piece_printer():
-    """Stream callback: each token's text, or comma-separated ids when the artifact has no tokenizer."""
-    printed = 0
-
-    def print_piece(event) -> None:
-        nonlocal printed
-        if event.stop:
-            return
-        sys.stdout.write(event.text if event.text is not None else f"{',' if printed else ''}{event.token_id}")
-        sys.stdout.flush()
-        printed += 1
-
-    return print_piece
-
-
-def _chat_loop(generator, stream: bool, options: dict) -> None:
-    """Each stdin line is a user turn; the whole conversation is re-rendered and re-fed every turn."""
-    messages: list[dict[str, str]] = []
-    interactive = sys.stdin.isatty()
-    while True:
-        if interactive:
-            err_console.print("[bold]>[/] ", end="")
-        line = sys.stdin.readline()
-        if not line:  # EOF
-            return
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line.strip()})
-        result = generator.generate(generator.chat_prompt(messages), stream=_piece_printer() if stream else None, **options)
-        if stream:
-            print(flush=True)
-        else:
-            print(result.text, flush=True)
-        messages.append({"role": "assistant", "content": result.text})
-
-
-def run_main() -> None:
-    run_app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(export_app())

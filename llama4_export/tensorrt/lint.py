@@ -27,6 +27,7 @@ from ..artifact import read_manifest
 from ..graph_passes import trt_plugin_spec
 from . import trt_onnx_support as support
 from .errors import BuildError
+from .moe_plugin import plugin_attribute_types
 
 DT = ir.DataType
 TYPE_TAGS = {
@@ -56,8 +57,6 @@ class Violation:
 
 def plugin_attributes() -> dict[str, type]:
     """The attributes the registered plugin declares (moe_plugin's descriptor signature), besides version/namespace."""
-    from .moe_plugin import plugin_attribute_types
-
     return plugin_attribute_types()
 
 

@@ -34,6 +34,8 @@ from typing import Any
 from ..artifact import MANIFEST, read_manifest, sha256_file, write_json
 from ..graph_passes import trt_plugin_spec
 from ..plan import cuda_memory_bytes
+from ..progress import Steps
+from . import moe_plugin
 from .errors import BuildError
 from .lint import lint_artifact
 from .profiles import BuildLimits, build_limits, engine_profiles
@@ -123,9 +125,6 @@ def _build(directory: Path, manifest: dict[str, Any], limits: BuildLimits, cache
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
-    from ..graph_passes.artifact_passes import _steps
-    from . import moe_plugin
-
     graphs = manifest["graphs"]
     profiles = engine_profiles(manifest, limits)
     settings = {
@@ -137,7 +136,7 @@ def _build(directory: Path, manifest: dict[str, Any], limits: BuildLimits, cache
     (directory / ENGINE_DIR).mkdir(exist_ok=True)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     engines = {}
-    with _steps(show_progress) as step:
+    with Steps(show_progress) as step:
         if any(has_plugin_nodes(directory / graphs[name]["file"]) for name in graphs):
             with step(f"register TensorRT plugin {moe_plugin.PLUGIN_ID}"):
                 moe_plugin.register()

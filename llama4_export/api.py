@@ -1,0 +1,150 @@
+"""The Python API behind both CLIs and the server: one function per job, owning validation and defaults.
+
+    from llama4_export import api
+    result = api.export_model("out/scout-int4", model="scout", checkpoint="Llama-4-Scout-17B-16E-Instruct",
+                              precision="int4")
+    print(result.manifest["files"], result.accuracy_report)
+
+Jobs: export_model (any preset / checkpoint / random weights, any precision, target and partitioning, streamed or in
+memory, + TensorRT engines), optimize_artifact (the graph passes on an unoptimized artifact), inspect_model,
+plan_gpu_memory, bench_artifact, lint_artifact, build_engines, compare_artifact, rebuild (rebuild.py). Running an
+artifact is the runtime's (runtime.Generator.load); the PyTorch reference backend is evaluation.torch_backend.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .artifact import read_manifest
+from .errors import ConfigError
+from .evaluation.bench import bench_artifact
+from .evaluation.compare import compare_artifact
+from .graph_passes.artifact_passes import PASSES_FILE, optimize_artifact
+from .graph_passes.errors import GraphPassError
+from .graph_passes.pipeline import default_target
+from .model.config import Llama4Config, get_preset
+from .model.io_spec import DEFAULT_MAX_PREFILL
+from .model.loader import check_checkpoint
+from .model.summary import summarize
+from .pipeline import ExportResult, QuantOptions, available_memory, export
+from .plan import MemoryPlan, gpu_spec, plan_memory
+from .rebuild import rebuild
+from .tensorrt.engine import build_engines, maybe_build_engines, require_tensorrt
+from .tensorrt.lint import lint_artifact
+from .weights import FULL_SIZE_SOURCES, CheckpointWeights, RandomWeights, WeightSource, full_size_weights_hint, in_memory
+
+__all__ = [
+    "EngineOptions", "ExportResult", "QuantOptions", "bench_artifact", "build_engines", "compare_artifact",
+    "default_target", "export_model", "inspect_model", "lint_artifact", "optimize_artifact", "plan_gpu_memory", "rebuild",
+    "stored_pass_reports", "weight_source",
+]
+# In-memory exports (faster: the source is read once) while the fp32 model stays under this share of free memory.
+IN_MEMORY_FRACTION = 0.4
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """TensorRT engine build after a --target tensorrt export (tensorrt/engine.py maybe_build_engines)."""
+
+    require_engine: bool = False
+    max_batch: int = 1
+    window: int | None = None
+    timing_cache: Path | None = None
+    reproducible: bool = False
+
+    def given(self) -> list[str]:
+        flags = {"--require-engine": self.require_engine, "--max-batch": self.max_batch != 1,
+                 "--window": self.window is not None, "--timing-cache": self.timing_cache is not None,
+                 "--reproducible": self.reproducible}
+        return [name for name, set_ in flags.items() if set_]
+
+
+def weight_source(model: str | None = None, checkpoint: str | Path | None = None, seed: int = 0,
+                  random_weights: bool = False, layers: int | None = None) -> WeightSource:
+    """Where the weights come from: a checkpoint (checked against --model PRESET's shapes when both are given), a
+    preset's seeded random weights (full-size presets only with --random-weights: they are 100+ B parameters)."""
+    if random_weights:
+        if model is None or checkpoint is not None:
+            raise ConfigError("--random-weights needs --model PRESET and no --checkpoint")
+        return RandomWeights(model, seed, layers)
+    if checkpoint is not None:
+        if layers is not None and model is None:
+            raise ConfigError("--layers N with --checkpoint needs --model PRESET (the shapes the checkpoint is checked against)")
+        return CheckpointWeights(checkpoint, preset=model, layers=layers)
+    if model is None:
+        raise ConfigError("give --model PRESET or --checkpoint DIR (or --model PRESET --random-weights)")
+    if layers is not None:
+        raise ConfigError("--layers N applies to --random-weights, or to --model PRESET with --checkpoint DIR")
+    if model in FULL_SIZE_SOURCES:
+        raise ConfigError(full_size_weights_hint(model))
+    return RandomWeights(model, seed)
+
+
+def export_model(
+    out: str | Path,
+    model: str | None = None,
+    checkpoint: str | Path | None = None,
+    seed: int = 0,
+    precision: str = "fp32",
+    target: str | None = None,
+    optimize: bool = True,
+    trt_plugin: bool = True,
+    quant: QuantOptions | None = None,
+    max_prefill: int | None = None,
+    stream: bool = False,
+    random_weights: bool = False,
+    layers: int | None = None,
+    partitions: int = 1,
+    engines: EngineOptions = EngineOptions(),
+    show_progress: bool = True,
+) -> ExportResult:
+    """`llama4-export`: the weight source, the one pipeline (pipeline.export), then the TensorRT engines.
+
+    stream: read the source layer by layer (RAM independent of the model's size) instead of loading it first; a model
+    whose fp32 weights exceed IN_MEMORY_FRACTION of the free memory always streams. Both give the same bytes.
+    target None: tensorrt when TensorRT is installed here, else onnxruntime."""
+    target = target or default_target()
+    build = target == "tensorrt" and optimize
+    if not build and engines.given():
+        raise ConfigError(f"{', '.join(engines.given())}: engine options apply to --target tensorrt without --no-optimize")
+    require_tensorrt(engines.require_engine)
+    source = weight_source(model, checkpoint, seed, random_weights, layers)
+    if not stream and source.fp32_bytes() < IN_MEMORY_FRACTION * available_memory():
+        source = in_memory(source)
+    result = export(Path(out), source, precision, target, quant or QuantOptions(), partitions,
+                    DEFAULT_MAX_PREFILL if max_prefill is None else max_prefill, optimize, trt_plugin, show_progress)
+    if build and partitions == 1:  # engines per part are not built yet (ROADMAP: one engine pair per GPU)
+        result.engine_line = maybe_build_engines(out, engines.require_engine, max_batch=engines.max_batch,
+                                                 window=engines.window, timing_cache=engines.timing_cache,
+                                                 reproducible=engines.reproducible, show_progress=show_progress)
+    return result
+
+
+def model_config(model: str | None, checkpoint: str | Path | None) -> Llama4Config:
+    """A preset's config, or a checkpoint's after checking every tensor's name and shape (headers only)."""
+    if (model is None) == (checkpoint is None):
+        raise ConfigError("give exactly one of --model PRESET or --checkpoint DIR")
+    return check_checkpoint(checkpoint).config if checkpoint is not None else get_preset(model)
+
+
+def inspect_model(model: str | None = None, checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """`llama4-export inspect`: layers by kind, total/active parameters, weight bytes per precision, KV bytes/token."""
+    return summarize(model_config(model, checkpoint))
+
+
+def plan_gpu_memory(model: str | None = None, checkpoint: str | Path | None = None, precision: str = "bf16",
+                    gpu: str | None = None, gpu_memory: str | None = None, **options) -> MemoryPlan:
+    """`llama4-export plan`: the memory plan of the model on `gpu` (or one GPU of `gpu_memory`); options: gpus,
+    max_batch, max_prefill, kv_dtype, window, block_size (plan.plan_memory)."""
+    return plan_memory(model_config(model, checkpoint), precision, gpu_spec(gpu, gpu_memory), **options)
+
+
+def stored_pass_reports(directory: str | Path) -> dict[str, Any]:
+    """`llama4-export passes DIR --report`: the pass report an optimized artifact stores."""
+    directory = Path(directory)
+    if "graph_passes" not in read_manifest(directory):
+        raise GraphPassError(f"{directory}: not optimized yet; run `llama4-export passes {directory}`")
+    return json.loads((directory / PASSES_FILE).read_text(encoding="utf-8"))

@@ -1,0 +1,31 @@
+"""What both command lines share: the consoles and the one-line failure (exit 2)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(exc: Exception | str) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def piece_printer():
+    """Stream callback: each token's text, or comma-separated ids when the artifact has no tokenizer."""
+    printed = 0
+
+    def print_piece(event) -> None:
+        nonlocal printed
+        if event.stop:
+            return
+        sys.stdout.write(event.text if event.text is not None else f"{',' if printed else ''}{event.token_id}")
+        sys.stdout.flush()
+        printed += 1
+
+    return print_piece

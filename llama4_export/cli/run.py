@@ -1,0 +1,106 @@
+"""`llama4-run`: generate from an exported artifact (ONNX Runtime or TensorRT), or with --backend torch from a
+checkpoint through the PyTorch reference. Imports neither torch nor the exporter unless --backend torch asks for it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import Llama4ExportError
+from ..runtime import GenerationError, Generator
+from .common import console, err_console, fail, piece_printer
+
+run_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Run an exported Llama 4 artifact.")
+
+
+@run_app.command()
+def run(
+    directory: Path = typer.Argument(..., help="artifact directory (or, with --backend torch, a HF checkpoint)"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="text prompt (needs tokenizer.json in DIR)"),
+    ids: Optional[str] = typer.Option(None, "--ids", help='prompt as token ids, e.g. "1,2,3"'),
+    chat: bool = typer.Option(False, "--chat", help="interactive chat: one user message per stdin line, until EOF"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_k: int = typer.Option(0, "--top-k", help="0 = off"),
+    top_p: float = typer.Option(1.0, "--top-p", help="1 = off"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="1 = off"),
+    seed: int = typer.Option(0, help="seed of the sampler"),
+    stream: bool = typer.Option(False, "--stream", help="print tokens as they are generated"),
+    window: Optional[int] = typer.Option(None, help="global-layer KV window W in tokens (default: the context, RAM-capped; on a GPU: `plan`'s W)"),
+    sinks: int = typer.Option(4, help="sink tokens S kept forever once the sequence outgrows W"),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime | torch | tensorrt"),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (prompt_ids, token_ids, text, stop_reason)"),
+) -> None:
+    """Generate a continuation of a prompt (greedy unless --temperature) with the sliding KV cache."""
+
+    options = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, seed=seed,
+    )
+    try:
+        if (prompt is not None) + (ids is not None) + chat != 1:
+            raise GenerationError("give exactly one of --prompt TEXT, --ids 1,2,3 or --chat")
+        with err_console.status(f"loading {directory}"):
+            generator = _generator(directory, backend, window, sinks, threads)
+        if chat:
+            _chat_loop(generator, stream, options)
+            return
+        tokens = _parse_ids(ids) if ids is not None else prompt
+        on_token = piece_printer() if stream and not as_json else None
+        result = generator.generate(tokens, stream=on_token, **options)
+    except Llama4ExportError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps({"prompt_ids": result.prompt_ids, "token_ids": result.token_ids, "text": result.text,
+                          "stop_reason": result.stop_reason}))
+    elif stream:
+        print(flush=True)
+    else:
+        print(result.text if result.text is not None else ",".join(map(str, result.token_ids)))
+
+
+def _generator(directory: Path, backend: str, window: int | None, sinks: int, threads: int | None) -> Generator:
+    """An artifact on ONNX Runtime / TensorRT; with --backend torch, the PyTorch reference on a checkpoint or on an
+    unquantized artifact's weights (imported only then: it needs torch)."""
+    if backend != "torch":
+        return Generator.load(directory, backend=backend, window=window, sinks=sinks, threads=threads)
+    from ..evaluation.torch_backend import torch_generator
+
+    return torch_generator(directory, window, sinks)
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise GenerationError(f"--ids {text!r}: expected comma-separated integers, e.g. \"1,2,3\"") from None
+
+
+def _chat_loop(generator, stream: bool, options: dict) -> None:
+    """Each stdin line is a user turn; the whole conversation is re-rendered and re-fed every turn."""
+    messages: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            err_console.print("[bold]>[/] ", end="")
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        result = generator.generate(generator.chat_prompt(messages), stream=piece_printer() if stream else None, **options)
+        if stream:
+            print(flush=True)
+        else:
+            print(result.text, flush=True)
+        messages.append({"role": "assistant", "content": result.text})
+
+
+def main() -> None:
+    run_app()

@@ -1,0 +1,147 @@
+"""Accuracy report: an artifact on ONNX Runtime vs the fp32 PyTorch model of its weight source, on held-out text.
+
+Windows of the held-out token stream go through the artifact's prefill graph(s) (logits for every position; a graph
+lowered for TensorRT runs with its plugin nodes served by the numpy reference, a bf16 graph widened to fp32) and
+through the source's fp32 model, run one decoder layer at a time (calib/layerwise.py: one layer's weights in memory,
+one routed expert at a time, lm_head applied slice by slice — the reference of a full-size model fits where the
+artifact does). Reported: perplexity of both and their ratio, mean KL(reference ‖ artifact) of the next-token
+distributions, top-1 agreement, and the greedy-continuation agreement length (tokens generated greedily from a
+prompt until the two first differ, averaged over prompts, capped at `greedy_tokens`). Where no tokenizer can be had,
+the windows are seeded random token ids: the perplexities then mean nothing, the agreement figures still do.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from ..artifact import read_manifest
+from ..calib.calibrate import tokenizer_for
+from ..calib.corpus import CalibrationError, cut_samples, load_corpus, token_stream
+from ..calib.layerwise import LayerRunner, embed
+from ..graph_passes.verify import executable_copy
+from ..runtime.generator import manifest_config
+from ..runtime.kv_cache import SlidingKVCache
+from ..runtime.ort_backend import OrtBackend, PartGraphs, artifact_parts
+from ..weights import WeightSource
+
+REPORT_FILE = "report.json"
+RANDOM_TOKENS = "random token ids (no tokenizer)"
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def evaluation_tokens(source: WeightSource, eval_data: str | Path | None) -> tuple[np.ndarray, str]:
+    """The held-out token stream and what it is: `eval_data` (default: the embedded corpus's held-out slice) through the
+    source's tokenizer — or, when there is no tokenizer and no text was asked for, seeded random ids."""
+    try:
+        tokenizer = tokenizer_for(source, source.config)
+    except CalibrationError:
+        if eval_data is not None:
+            raise
+        return np.random.default_rng(0).integers(0, source.config.vocab_size, 8 * 256), RANDOM_TOKENS
+    text = load_corpus(eval_data, "heldout")
+    return token_stream(text, tokenizer), text.source
+
+
+class ReferenceLogits:
+    """The source's fp32 model, one layer in memory at a time; lm_head read slice by slice."""
+
+    def __init__(self, source: WeightSource):
+        self.source = source
+
+    @torch.no_grad()
+    def __call__(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
+        """Logits [rows, T, V] (or [rows, V] with last_only) of every row of ids [rows, T] from position 0."""
+        runner = LayerRunner(self.source, ids.shape[1])
+        states = embed(self.source, ids)
+        for i in range(self.source.config.num_hidden_layers):
+            runner.run(i, states).to("meta")
+        hidden = torch.cat(runner.final_norm(states))  # [rows, T, H]
+        if last_only:
+            hidden = hidden[:, -1]
+        logits = torch.empty(*hidden.shape[:-1], self.source.config.vocab_size)
+        first = 0
+        for piece in self.source.chunks("lm_head.weight", torch.float32):
+            logits[..., first:first + piece.shape[0]] = hidden @ piece.T
+            first += piece.shape[0]
+        return logits.numpy()
+
+
+class ArtifactLogits:
+    """An artifact's prefill graph(s) on ONNX Runtime, all positions' logits for a row of token ids."""
+
+    def __init__(self, artifact: Path, scratch: Path):
+        manifest = read_manifest(artifact, verify=False)
+        config = manifest_config(artifact, manifest)
+        parts, max_prefill = artifact_parts(artifact, manifest, config)
+        runnable, library = [], None
+        for k, part in enumerate(parts):
+            original = ir.load(part.prefill)
+            model, needs = executable_copy(original)
+            path = part.prefill
+            if model is not original:  # plugin nodes served by the reference, or bf16 widened: run a copy
+                path = scratch / f"part{k}.onnx"
+                ir.save(model, path, external_data=f"part{k}.data")
+                library = needs or library
+            runnable.append(PartGraphs(part.layers, path, path))
+        self.backend = OrtBackend(runnable, config, max_prefill, custom_op_library=library)
+        self.cache = SlidingKVCache(config, 1, dtype=self.backend.cache_dtype, grow=True)
+        self.max_prefill = max_prefill
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        positions = np.arange(len(ids), dtype=np.int64)[None]
+        return self.backend.forward(ids[None].astype(np.int64), positions, self.cache).logits[0].copy()
+
+
+def accuracy_report(artifact: str | Path, source: WeightSource, tokens: np.ndarray, data: str, windows: int = 8,
+                    seq_len: int = 256, greedy_prompts: int = 4, greedy_tokens: int = 16) -> dict:
+    """The report dict (see the module docstring) on held-out `tokens` (evaluation_tokens)."""
+    seq_len = min(seq_len, len(tokens))
+    with tempfile.TemporaryDirectory(prefix=".report-", dir=Path(artifact).parent) as scratch:
+        artifact_logits = ArtifactLogits(Path(artifact), Path(scratch))
+        seq_len = min(seq_len, artifact_logits.max_prefill)
+        ids = cut_samples(tokens, windows, seq_len, data)[:, :seq_len]
+        reference = ReferenceLogits(source)
+        nll_ref, nll_q, kl, agree, count = 0.0, 0.0, 0.0, 0, 0
+        for row, ref_logits in zip(ids, reference(ids)):
+            lp_ref, lp_q = _log_softmax(ref_logits[:-1]), _log_softmax(artifact_logits(row)[:-1])
+            target = row[1:]
+            nll_ref -= lp_ref[np.arange(len(target)), target].sum()
+            nll_q -= lp_q[np.arange(len(target)), target].sum()
+            kl += (np.exp(lp_ref) * (lp_ref - lp_q)).sum()
+            agree += int((lp_ref.argmax(-1) == lp_q.argmax(-1)).sum())
+            count += len(target)
+        prompts = ids[:greedy_prompts, : min(32, seq_len // 2)]
+        ref_tokens = prompts.copy()
+        for _ in range(greedy_tokens):  # the prompts side by side: one pass over the weights per new token
+            ref_tokens = np.concatenate([ref_tokens, reference(ref_tokens, last_only=True).argmax(-1)[:, None]], axis=1)
+        lengths = []
+        for prompt, ref_row in zip(prompts, ref_tokens[:, prompts.shape[1]:]):
+            sequence = list(prompt)
+            for _ in range(greedy_tokens):
+                sequence.append(int(artifact_logits(np.asarray(sequence))[-1].argmax()))
+            mine = sequence[len(prompt):]
+            lengths.append(next((i for i, (a, b) in enumerate(zip(ref_row, mine)) if a != b), greedy_tokens))
+    ppl_ref, ppl_q = float(np.exp(nll_ref / count)), float(np.exp(nll_q / count))
+    return {
+        "eval_data": data,
+        "tokens": count,
+        "windows": int(ids.shape[0]),
+        "seq_len": int(seq_len),
+        "perplexity_reference": ppl_ref,
+        "perplexity_quantized": ppl_q,
+        "perplexity_ratio": ppl_q / ppl_ref,
+        "kl_mean": float(kl / count),
+        "top1_agreement": agree / count,
+        "greedy_agreement_tokens": float(np.mean(lengths)),
+        "greedy_tokens": greedy_tokens,
+    }

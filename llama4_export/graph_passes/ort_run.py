@@ -1,0 +1,25 @@
+"""Run an in-memory graph on ONNX Runtime's CPU EP: what the passes use to check a lowering and to verify a rewrite."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+
+def run_onnxruntime(model: ir.Model, feeds: dict[str, np.ndarray], custom_op_library: str | None = None) -> dict[str, np.ndarray]:
+    """Run `model` on ONNX Runtime's CPU EP (saved to a temp dir so external weights resolve); outputs by name."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    if custom_op_library:
+        options.register_custom_ops_library(custom_op_library)
+    with tempfile.TemporaryDirectory(prefix="llama4-passes-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        ir.save(model, path, external_data="model.data")
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feeds)))

@@ -1,0 +1,396 @@
+"""The one export pipeline: a weight source → an artifact directory (DESIGN.md §2), for every precision, target and
+partitioning, streamed or in memory.
+
+    export(out, source, precision="int4", target="onnxruntime", quant=QuantOptions(), parts=1)
+
+  1. checks      everything that can fail fast fails before any slow step: output directory, precision × target,
+                 quantization options, the files the artifact copies, calibration / evaluation text, free disk, the
+                 memory AWQ's search needs;
+  2. calibrate   (int4 AWQ, fp8, FP8 KV cache) layer by layer from the source, through the calibration cache
+                 (calib/calibrate.py); AWQ's plans are replayed on the weights as they are read (AwqWeights);
+  3. per part    (one part, or `parts` contiguous layer ranges balanced by the memory planner): trace decode +
+                 prefill on the meta device, write them with their weights read from the source (export/), then the
+                 graph passes for the target with the weights left on disk, quantizing (graph_passes/);
+  4. finish      tokenizer files, the manifest (sha256 of every file), the accuracy report of the artifact on ONNX
+                 Runtime against the source's fp32 model (evaluation/report.py), the manifest again.
+Everything is written into a temp directory beside `out` and renamed into place at the end: an export that fails at
+any stage (a full disk included) leaves nothing behind. TensorRT engines are built from the finished artifact
+(tensorrt/engine.py). Same inputs ⇒ byte-identical files, whichever source kind or memory mode produced them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime
+import onnxscript
+import torch
+
+from . import __version__
+from .artifact import MANIFEST, ArtifactError, atomic_directory, write_json, write_manifest
+from .calib.awq_plans import AwqWeights
+from .calib.calibrate import Calibration, activation_amax, calibrate, calibration_samples, tokenizer_for
+from .calib.corpus import CalibrationError
+from .calib.stats import kv_cache_amax
+from .errors import ConfigError
+from .evaluation.report import REPORT_FILE, accuracy_report, evaluation_tokens
+from .export.tokenizer_files import check_tokenizer_files, copy_tokenizer_files, write_byte_level_tokenizer
+from .export.onnx_export import GRAPHS, OPSET, trace_graphs
+from .export.writer import DATA_FILE, weight_content, write_graphs
+from .graph_passes.artifact_passes import PASSES_FILE, optimize_graphs, optimized_manifest
+from .graph_passes.manager import PassReport
+from .graph_passes.pipeline import TARGETS
+from .graph_passes.quantize import BLOCK_SIZES, QuantSpec
+from .model.config import Llama4Config
+from .model.io_spec import DEFAULT_MAX_PREFILL
+from .model.summary import parameter_counts, weight_bytes
+from .plan import partition_layers
+from .progress import Steps
+from .weights import WeightSource
+
+# The dtype the graphs are traced in. Quantized precisions trace fp32 graphs and quantize their weights in the passes.
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                                      "int4": torch.float32, "fp8": torch.float32}
+QUANTIZED_PRECISIONS = ("int4", "fp8")
+# ONNX Runtime's CPU EP has no bf16 kernels (MatMul, Add, Mul: NOT_IMPLEMENTED on 1.32); its CUDA EP and TensorRT have.
+GPU_ONLY_PRECISIONS = ("bf16",)
+DEFAULT_BLOCK_SIZE = 128
+# The manifest's quantization.kv_cache entry of an FP8 KV cache.
+FP8_KV_CACHE_ENTRY = {
+    "dtype": "float8e4m3fn",
+    "scales": "per layer, one for K and one for V: the max |new_key.L| / |new_value.L| over the calibration "
+              "samples (PyTorch model, calibration key above) / 448, graph initializers kv_cache.L.{key,value}_scale",
+}
+
+
+class DiskSpaceError(ConfigError):
+    """Not enough free disk for the artifact."""
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """How to quantize (precision int4 / fp8), what to calibrate on, and what to evaluate on."""
+
+    int4_algo: str = "awq"  # rtn | awq
+    block_size: int | None = None  # INT4 only; None = 128
+    calib_data: Path | None = None  # None: the embedded corpus (calib/corpus.py)
+    calib_samples: int | None = None
+    calib_seq_len: int | None = None
+    calib_cache: Path | None = None  # None: calib.calibrate.default_cache_path (under ~/.cache)
+    eval_data: Path | None = None  # None: the embedded corpus's held-out slice
+    report: bool = True
+    quantize_lm_head: bool = False
+    amax_percentile: float | None = None  # FP8 activation scales: this percentile of |x| instead of the max
+    kv_cache_dtype: str | None = None  # "fp8": FP8 E4M3 KV cache with calibrated per-layer scales
+
+    def check(self, precision: str) -> None:
+        """Raise on an option that does not apply to `precision` or is unsupported."""
+        if self.int4_algo not in ("rtn", "awq"):
+            raise CalibrationError(f"--int4-algo {self.int4_algo!r} is unknown; choose rtn or awq")
+        if self.kv_cache_dtype not in (None, "fp8"):
+            raise CalibrationError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is unknown; choose fp8 (or drop it: the "
+                                   "cache then has the activations' float type)")
+        if precision not in QUANTIZED_PRECISIONS:
+            for flag, given, applies in (
+                ("--int4-algo / --block-size", self.int4_algo != QuantOptions.int4_algo or self.block_size is not None,
+                 "int4 only"),
+                ("--calib-percentile", self.amax_percentile is not None, "fp8 only"),
+                ("--kv-cache-dtype", self.kv_cache_dtype is not None, "fp8 / int4 (calibrated scales)"),
+                ("--quantize-lm-head", self.quantize_lm_head, "int4 / fp8"),
+            ):
+                if given:
+                    raise ConfigError(f"{flag} applies to --precision {applies} (got --precision {precision})")
+            return
+        if precision == "int4":
+            if self.amax_percentile is not None:
+                raise CalibrationError("--calib-percentile sets FP8 activation scales; int4 is weight-only: drop it")
+            if self.block not in BLOCK_SIZES:
+                raise CalibrationError(f"--block-size {self.block} is not supported for int4; choose one of: "
+                                       f"{', '.join(map(str, BLOCK_SIZES))}")
+            return
+        if self.block_size is not None:
+            raise CalibrationError(f"--block-size {self.block_size} applies to --precision int4 only ({precision} uses "
+                                   "per-tensor scales); drop it")
+        if self.amax_percentile is not None and not 50 < self.amax_percentile <= 100:
+            raise CalibrationError(f"--calib-percentile {self.amax_percentile}: give a percentile in (50, 100], e.g. 99.99")
+
+    @property
+    def block(self) -> int:
+        return self.block_size or DEFAULT_BLOCK_SIZE
+
+    def awq(self, precision: str) -> bool:
+        return precision == "int4" and self.int4_algo == "awq"
+
+    def needs_calibration(self, precision: str) -> bool:
+        return precision == "fp8" or self.awq(precision) or (precision in QUANTIZED_PRECISIONS and self.kv_cache_dtype == "fp8")
+
+
+@dataclass
+class ExportResult:
+    manifest: dict[str, Any]
+    pass_reports: dict[str, PassReport] = field(default_factory=dict)  # graph (part/graph when partitioned) → report
+    accuracy_report: dict[str, Any] | None = None
+    calibration: Calibration | None = None
+    engine_line: str | None = None  # the TensorRT engine build's last line (api.export_model, tensorrt target)
+
+
+def export(
+    out: str | Path,
+    source: WeightSource,
+    precision: str = "fp32",
+    target: str = "onnxruntime",
+    quant: QuantOptions = QuantOptions(),
+    parts: int = 1,
+    max_prefill: int = DEFAULT_MAX_PREFILL,
+    optimize: bool = True,
+    trt_plugin: bool = True,
+    show_progress: bool = True,
+) -> ExportResult:
+    """Export `source` to the artifact directory `out` (see the module docstring); returns what was written."""
+    out = Path(out)
+    config = source.config
+    check_output(out)
+    check_precision(precision, target)
+    quant.check(precision)
+    if max_prefill < 1:
+        raise ConfigError(f"--max-prefill {max_prefill}: must be at least 1")
+    if parts < 1 or parts > config.num_hidden_layers:
+        raise ConfigError(f"--partitions {parts}: choose 1..{config.num_hidden_layers} (the model has "
+                          f"{config.num_hidden_layers} decoder layers)")
+    quantized = precision in QUANTIZED_PRECISIONS
+    if quantized and not optimize:
+        raise ConfigError(f"--precision {precision} quantizes in the graph passes; drop --no-optimize")
+    report = quant.report and optimize
+    if source.checkpoint is not None:
+        check_tokenizer_files(source.checkpoint)
+    samples = text = None
+    if quant.needs_calibration(precision):
+        samples, text = calibration_samples(source, config, tokenizer_for(source, config), quant.calib_data,
+                                            quant.calib_samples, quant.calib_seq_len)
+        if quant.awq(precision):
+            check_awq_memory(config, *samples.shape)
+    if report:
+        held_out = evaluation_tokens(source, quant.eval_data)
+    check_disk_space(out, required_disk_bytes(config, precision, optimize))
+    ranges = [range(config.num_hidden_layers)] if parts == 1 else partition_layers(config, parts, precision)
+    spec = QuantSpec(precision, quant.block, quant.quantize_lm_head) if quantized else None
+
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=_parent(out)))
+    try:
+        with Steps(show_progress) as step, atomic_directory(out) as tmp:
+            calibration = None
+            weights = source
+            if samples is not None:
+                what = f"{samples.shape[0]} × {samples.shape[1]} tokens" + (f", AWQ block {quant.block}" if quant.awq(precision) else "")
+                with step(f"calibrate layer by layer on {what}"):
+                    calibration = calibrate(source, samples, text, quant.calib_cache,
+                                            quant.block if quant.awq(precision) else None, scratch=work / "grams")
+                if quant.awq(precision):
+                    weights = AwqWeights(source, calibration.awq_plans)
+                if precision == "fp8":
+                    spec.activation_amax = activation_amax(calibration.stats, sorted(source.shapes), quant.amax_percentile)
+                if quant.kv_cache_dtype == "fp8":
+                    spec.kv_cache_amax = kv_cache_amax(calibration.stats, config.num_hidden_layers)
+            result = ExportResult({}, calibration=calibration)
+            entries = []
+            for k, layers in enumerate(ranges):
+                part_dir = tmp if parts == 1 else tmp / part_directory(k)
+                part_dir.mkdir(exist_ok=True)
+                what = "" if parts == 1 else f"part {k} (layers {layers.start}–{layers.stop - 1}): "
+                traced = work / f"traced{k}" if optimize else part_dir
+                traced.mkdir(exist_ok=True)
+                with step(f"{what}trace decode + prefill ({len(layers)} layers, weights on the meta device)"):
+                    graphs = trace_graphs(config, PRECISIONS[precision], layers)
+                with step(f"{what}write graphs with weights from {weights.describe()}"):
+                    write_graphs(graphs, traced, weight_content(weights, defer_experts=quantized))
+                    del graphs
+                    for graph in GRAPHS:
+                        onnx.checker.check_model(str(traced / graph.file))  # the path form checks the external data too
+                graph_entries = graphs_manifest(max_prefill)
+                entry = _base_manifest(config, source, precision, max_prefill, graph_entries)
+                if optimize:
+                    reports, opset = optimize_graphs(traced, graph_entries, part_dir, target, step, trt_plugin, spec,
+                                                     weights=weights)
+                    shutil.rmtree(traced)
+                    entry = optimized_manifest(entry, target, reports, opset)
+                    result.pass_reports.update({(name if parts == 1 else f"part{k}/{name}"): r for name, r in reports.items()})
+                if parts > 1:
+                    write_manifest(part_dir, {**entry, "layers": [layers.start, layers.stop],
+                                              "tokenizer": {"source": "none", "files": []}})
+                    entries.append({"layers": [layers.start, layers.stop], "directory": part_directory(k)})
+            if parts > 1:  # the graphs live in the parts
+                manifest = {**_base_manifest(config, source, precision, max_prefill, {}), "partitions": entries,
+                            "target": target if optimize else "onnxruntime"}
+            else:
+                manifest = entry
+            with step("write tokenizer files"):
+                manifest["tokenizer"] = _tokenizer_files(source, config, tmp)
+            manifest.update(_quantization_entries(precision, quant, calibration, spec))
+            result.manifest = write_manifest(tmp, manifest)
+            if report:
+                with step(f"accuracy report (the artifact on ONNX Runtime vs the source's fp32 PyTorch model)"):
+                    result.accuracy_report = accuracy_report(tmp, source, *held_out)
+                write_json(tmp / REPORT_FILE, result.accuracy_report)
+                result.manifest = write_manifest(tmp, {k: v for k, v in result.manifest.items() if k != "files"})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def part_directory(index: int) -> str:
+    return f"part{index}"
+
+
+def graphs_manifest(max_prefill: int) -> dict[str, dict[str, Any]]:
+    return {spec.name: {"file": spec.file, "moe_impl": spec.moe_impl, "new_tokens": spec.new_tokens,  # null: dynamic
+                        "max_new_tokens": spec.new_tokens or max_prefill} for spec in GRAPHS}
+
+
+def _base_manifest(config: Llama4Config, source: WeightSource, precision: str, max_prefill: int,
+                   graphs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    kv_dtype = str(PRECISIONS[precision]).removeprefix("torch.")  # quantized precisions keep an fp32 cache
+    return {
+        "model": config.to_hf_dict(),
+        "source": source.manifest_entry(),
+        "precision": precision,
+        "target": "onnxruntime",
+        "opset": OPSET,
+        "external_data": DATA_FILE,
+        "graphs": graphs,
+        "dtypes": {"logits": "float32", "kv_cache": kv_dtype},
+        "tools": {"llama4_export": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                  "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__},
+    }
+
+
+def _quantization_entries(precision: str, quant: QuantOptions, calibration: Calibration | None,
+                          spec: QuantSpec | None) -> dict[str, Any]:
+    if precision not in QUANTIZED_PRECISIONS:
+        return {}
+    entry: dict[str, Any] = {
+        "precision": precision, "algorithm": quant.int4_algo if precision == "int4" else "max",
+        "block_size": quant.block if precision == "int4" else None, "quantize_lm_head": quant.quantize_lm_head,
+        "calibration": None if calibration is None else calibration.manifest_entry(),
+        "awq": None if calibration is None else calibration.awq_records,
+    }
+    update: dict[str, Any] = {"quantization": entry}
+    if precision == "fp8":
+        entry["activation_range"] = "amax" if quant.amax_percentile is None else f"percentile {quant.amax_percentile}"
+    if spec.kv_cache_amax:
+        entry["kv_cache"] = FP8_KV_CACHE_ENTRY
+        update["dtypes"] = {"logits": "float32", "kv_cache": "float8_e4m3fn"}
+    return update
+
+
+def _tokenizer_files(source: WeightSource, config: Llama4Config, directory: Path) -> dict[str, Any]:
+    if source.checkpoint is not None:
+        return {"source": "checkpoint", "files": copy_tokenizer_files(source.checkpoint, directory)}
+    return {"source": "byte-level", "files": write_byte_level_tokenizer(config, directory)}
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def check_output(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out}: exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ArtifactError(f"{out}: directory is not empty and is not a llama4-export artifact; choose another --out or empty it")
+
+
+def check_precision(precision: str, target: str) -> None:
+    """bf16 artifacts for onnxruntime only where this onnxruntime build has the CUDA EP (onnxruntime-gpu)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not supported; choose one of: {', '.join(PRECISIONS)}")
+    if target not in TARGETS:
+        raise ConfigError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    if precision in GPU_ONLY_PRECISIONS and target == "onnxruntime" and \
+            "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise ConfigError(f"--precision {precision} does not run on ONNX Runtime's CPU EP (no {precision} kernels) and this "
+                          "onnxruntime has no CUDA EP: use --precision fp32, fp16, int4 or fp8 here, or --target tensorrt")
+
+
+def _parent(out: Path) -> Path:
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return parent
+
+
+def required_disk_bytes(config: Llama4Config, precision: str, optimize: bool) -> int:
+    """Free disk the export needs at its peak: the traced graphs' weights (for int4 / fp8 without the routed experts,
+    which the quantization passes read from the source) plus, while optimizing, the optimized copy beside them (fp32
+    on ONNX Runtime also keeps the MoE op's re-laid-out experts: count the weights twice); AWQ keeps its plans in the
+    calibration cache (a clip limit per block: 4 bytes per 128 weights)."""
+    params = parameter_counts(config).total
+    exported = params * PRECISIONS[precision].itemsize
+    if precision in QUANTIZED_PRECISIONS:  # the fp32 intermediate leaves the routed experts out (defer_experts)
+        experts = len(config.moe_layers) * config.num_local_experts * 3 * config.hidden_size * config.intermediate_size
+        exported -= experts * 4
+    plans = params * 4 // DEFAULT_BLOCK_SIZE if precision == "int4" else 0
+    if not optimize:
+        return exported
+    # While the optimized artifact is written: the exported one, the passes' scratch file (the quantized weights;
+    # INT4 experts twice: DequantizeLinear form, then the per-expert MatMulNBits form) and the new artifact, whose
+    # embedding and lm_head stay in the graphs' float type.
+    unquantized = 2 * config.vocab_size * config.hidden_size * PRECISIONS[precision].itemsize
+    created = {"int4": 2 * weight_bytes(config)["int4"], "fp8": weight_bytes(config)["fp8"], "fp32": exported}.get(precision, 0)
+    written = {"int4": weight_bytes(config)["int4"] + unquantized,
+               "fp8": weight_bytes(config)["fp8"] + unquantized}.get(precision, exported)
+    return exported + created + written + plans
+
+
+def check_disk_space(out: Path, need: int) -> None:
+    """Fail before any slow step when the file system holding `out` has less than `need` bytes free."""
+    probe = Path(out).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise DiskSpaceError(f"{out}: the export needs about {need / 1e9:,.1f} GB free but {probe} has "
+                             f"{free / 1e9:,.1f} GB; free space or choose another --out")
+
+
+def awq_memory_bytes(config: Llama4Config, samples: int, seq_len: int) -> int:
+    """Memory AWQ's layer-wise search needs at its largest layer (calib/layerwise.py, awq_plans.py): the layer's
+    weights but the routed experts (fp32), one routed expert twice (fp32: the one being run or searched, and the copy
+    its clip search edits), the calibration hidden states three times (the residual, the shared expert's output, the
+    routed experts' input), the layer's Gram matrices (float64 while accumulated + float32 result) with one routed
+    expert's, and the search's temporaries (four fp32 copies of the largest weight)."""
+    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q = config.num_attention_heads * d
+    attention = h * (q + 2 * config.num_key_value_heads * d) + q * h
+
+    def gram(channels: int) -> int:
+        return channels * channels * (8 + 4)
+
+    def layer(moe: bool) -> int:
+        width = i if moe else config.intermediate_size_mlp
+        params = attention + 3 * h * width + (config.num_local_experts * h if moe else 0)
+        grams = gram(h) * 2 + gram(q) + gram(width) + (gram(h) + gram(i) if moe else 0)
+        expert = 2 * 3 * h * i * 4 if moe else 0
+        largest = max(2 * i * h, width * h, q * h)
+        return 4 * params + grams + expert + 4 * 4 * largest
+
+    states = 3 * samples * seq_len * h * 4
+    return states + max(layer(j in config.moe_layers) for j in range(config.num_hidden_layers))
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_awq_memory(config: Llama4Config, samples: int, seq_len: int) -> None:
+    """Fail before any slow step when AWQ's search of one layer cannot fit in the memory available now."""
+    need, have = awq_memory_bytes(config, samples, seq_len), available_memory()
+    if need > have:
+        raise ConfigError(f"--int4-algo awq: the scale search needs about {need / 1e9:,.1f} GB for one layer "
+                          f"({samples} × {seq_len} calibration tokens) but {have / 1e9:,.1f} GB are available; lower "
+                          "--calib-samples, use --int4-algo rtn, or a machine with more memory")

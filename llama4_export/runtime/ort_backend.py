@@ -1,0 +1,195 @@
+"""ONNX Runtime backend: an artifact's decode.onnx (one new token) and prefill.onnx (more) — or, for a partitioned
+artifact, one such pair per layer range, run in order with the hidden states handed from each part to the next.
+
+Sessions: CPU EP, or the CUDA EP with onnxruntime-gpu (part k on device k). Every run goes through an IOBinding: the
+cache buffers are handed to ORT without copies (OrtValues over the numpy memory, float8 ones as raw bytes with their
+ONNX type), and outputs are written into preallocated numpy arrays — for decode, allocated once per cache and
+reused every step, each part's hidden-state output bound as the next part's input. On CPU, ORT memory-maps the
+shared external-data file, so both sessions of a part use the same pages. With the CUDA EP the cache still lives in
+host memory and crosses PCIe every step: correct, not fast (a device-resident cache is future work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnxruntime as ort
+
+from ..artifact import MANIFEST, read_manifest
+from ..model import io_spec
+from ..model.config import Llama4Config
+from .backends import StepOutput
+from .errors import GenerationError
+from .kv_cache import SlidingKVCache
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(float8e4m3fn)": ml_dtypes.float8_e4m3fn}
+# ONNX element types of the ml_dtypes arrays ORT's numpy conversion does not know ("Numpy_type 260 can't be converted
+# to MLDataType" on onnxruntime 1.32): they are handed over as raw bytes with their ONNX type.
+_ONNX_ELEMENT_TYPES = {np.dtype(ml_dtypes.float8_e4m3fn): 17}  # TensorProto.FLOAT8E4M3FN
+
+
+@dataclass(frozen=True)
+class PartGraphs:
+    """One layer range's graphs (the whole model for an unpartitioned artifact)."""
+
+    layers: range
+    decode: Path
+    prefill: Path | None
+
+
+def artifact_parts(directory: Path, manifest: dict[str, Any], config: Llama4Config) -> tuple[list[PartGraphs], int]:
+    """The graphs of an artifact's parts, in order, and the prefill limit."""
+    directory = Path(directory)
+    listed = [(Path(e["directory"]), range(*e["layers"])) for e in manifest.get("partitions") or []]
+    if not listed:
+        listed = [(Path("."), range(config.num_hidden_layers))]
+    parts, max_prefill = [], io_spec.DEFAULT_MAX_PREFILL
+    for sub, layers in listed:
+        graphs = (manifest if sub == Path(".") else read_manifest(directory / sub, verify=False)).get("graphs") or {}
+        if not graphs.get("decode"):
+            raise GenerationError(f"{directory / sub / MANIFEST}: lists no decode graph; re-run the export")
+        prefill = graphs.get("prefill")
+        if prefill:
+            max_prefill = int(prefill.get("max_new_tokens", max_prefill))
+        parts.append(PartGraphs(layers, directory / sub / graphs["decode"]["file"],
+                                directory / sub / prefill["file"] if prefill else None))
+    covered = [i for part in parts for i in part.layers]
+    if covered != list(range(config.num_hidden_layers)):
+        raise GenerationError(f"{directory}: the partitions cover layers {covered[:3]}…, not 0..{config.num_hidden_layers - 1} "
+                              "in order; re-run the export")
+    return parts, max_prefill
+
+
+class _Part:
+    def __init__(self, graphs: PartGraphs, config: Llama4Config, decode, prefill):
+        self.layers, self.decode, self.prefill = graphs.layers, decode, prefill
+        self.inputs = io_spec.input_names(config, graphs.layers)
+        self.outputs = io_spec.output_names(config, graphs.layers)
+        self.out_type = np.dtype(_ORT_TYPES[decode.get_outputs()[0].type])
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(
+        self, parts: list[PartGraphs], config: Llama4Config, max_prefill_tokens: int, threads: int | None = None,
+        providers: list[str] | None = None, session_config: dict[str, str] | None = None,
+        custom_op_library: str | None = None,
+    ):
+        """custom_op_library: a library of custom ops to register (the accuracy report's reference MoE ops)."""
+        self.config = config
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
+        for key, value in sorted((session_config or {}).items()):
+            options.add_session_config_entry(key, value)
+        if custom_op_library:
+            options.register_custom_ops_library(custom_op_library)
+        base = providers or default_providers()
+        self.providers = base
+        self.parts: list[_Part] = []
+        for k, graphs in enumerate(parts):
+            placed = [("CUDAExecutionProvider", {"device_id": k}) if p == "CUDAExecutionProvider" and len(parts) > 1 else p
+                      for p in base]
+            decode = _session(graphs.decode, options, placed)
+            prefill = None if graphs.prefill is None else \
+                decode if graphs.prefill == graphs.decode else _session(graphs.prefill, options, placed)
+            self.parts.append(_Part(graphs, config, decode, prefill))
+        self.decode = self.parts[0].decode  # its provider and options say where the model runs
+        self.max_prefill_tokens = max_prefill_tokens if all(p.prefill is not None for p in self.parts) else 1
+        inputs = {i.name: i for i in self.decode.get_inputs()}
+        key_type = inputs[io_spec.past_key(self.parts[0].layers.start)].type
+        if key_type not in _ORT_TYPES:
+            raise GenerationError(f"{parts[0].decode}: cache type {key_type} is not supported by the numpy runtime "
+                                  "(float32, float16, float8e4m3fn)")
+        self.cache_dtype = np.dtype(_ORT_TYPES[key_type])
+        self.required_slots = {kind: inputs[name].shape[1] for kind, name in io_spec.PAST_POSITIONS.items()
+                               if isinstance(inputs[name].shape[1], int)}
+        # decode: (the cache bound, its reallocation count then, per part (IOBinding, outputs), the step's output)
+        self._bound: tuple[SlidingKVCache, int, list, StepOutput] | None = None
+
+    @classmethod
+    def from_artifact(cls, directory: Path, manifest: dict[str, Any], config: Llama4Config, threads: int | None = None,
+                      providers: list[str] | None = None) -> "OrtBackend":
+        parts, max_prefill = artifact_parts(directory, manifest, config)
+        return cls(parts, config, max_prefill, threads, providers)
+
+    def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> StepOutput:
+        if input_ids.shape[1] == 1:
+            return self._decode(input_ids, positions, cache)
+        bindings, out = self._bind(cache, input_ids.shape[1], "prefill")
+        self._run(bindings, input_ids, positions, "prefill")
+        return out
+
+    def _decode(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> StepOutput:
+        if self._bound is None or self._bound[0] is not cache or self._bound[1] != cache.reallocations:
+            self._bound = (cache, cache.reallocations, *self._bind(cache, 1, "decode"))
+        _, _, bindings, out = self._bound
+        self._run(bindings, input_ids, positions, "decode")
+        return out
+
+    def _bind(self, cache: SlidingKVCache, tokens: int, graph: str) -> tuple[list, StepOutput]:
+        """IOBindings of every part with the cache bound as inputs and freshly allocated outputs; each part's hidden
+        states output is bound as the next part's input."""
+        cfg, batch = self.config, cache.batch
+        kv_shape = (batch, cfg.num_key_value_heads, tokens, cfg.head_dim)
+        keys = [np.empty(kv_shape, cache.dtype) for _ in range(cfg.num_hidden_layers)]
+        values = [np.empty(kv_shape, cache.dtype) for _ in range(cfg.num_hidden_layers)]
+        bindings, previous = [], None
+        for part in self.parts:
+            binding = getattr(part, graph).io_binding()
+            if previous is not None:
+                binding.bind_ortvalue_input(io_spec.HIDDEN_IN, _ortvalue(previous))
+            for kind, name in io_spec.PAST_POSITIONS.items():
+                binding.bind_ortvalue_input(name, _ortvalue(cache.positions[kind]))
+            for i in part.layers:
+                binding.bind_ortvalue_input(io_spec.past_key(i), _ortvalue(cache.keys[i]))
+                binding.bind_ortvalue_input(io_spec.past_value(i), _ortvalue(cache.values[i]))
+            last = part.layers.stop == cfg.num_hidden_layers
+            first_out = np.empty((batch, tokens, cfg.vocab_size if last else cfg.hidden_size),
+                                 np.float32 if last else part.out_type)
+            arrays = [first_out] + [a for i in part.layers for a in (keys[i], values[i])]
+            for name, array in zip(part.outputs, arrays):
+                element_type = _ONNX_ELEMENT_TYPES.get(array.dtype, array.dtype.type)
+                binding.bind_output(name, "cpu", 0, element_type, list(array.shape), array.ctypes.data)
+            bindings.append((binding, part))
+            previous = first_out
+        return bindings, StepOutput(previous, keys, values)
+
+    @staticmethod
+    def _run(bindings: list, input_ids: np.ndarray, positions: np.ndarray, graph: str) -> None:
+        for k, (binding, part) in enumerate(bindings):
+            if k == 0:
+                binding.bind_cpu_input(io_spec.INPUT_IDS, input_ids)
+            binding.bind_cpu_input(io_spec.POSITIONS, positions)
+            getattr(part, graph).run_with_iobinding(binding)
+
+
+def _session(path: Path, options, providers):
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # ORT raises its own exception types for unreadable models
+        raise GenerationError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]}); re-run the export") from None
+
+
+def _ortvalue(array: np.ndarray):
+    """An OrtValue over `array`'s memory (no copy on CPU), float8 arrays included."""
+    if array.dtype in _ONNX_ELEMENT_TYPES:
+        if not array.flags.c_contiguous:  # ORT reads the bytes in C order (the cache's buffers always are)
+            raise GenerationError(f"a {array.dtype} input of shape {list(array.shape)} is not C-contiguous")
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint8), _ONNX_ELEMENT_TYPES[array.dtype])
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
+def default_providers() -> list[str]:
+    """CUDA EP first when this onnxruntime build has it (onnxruntime-gpu), CPU EP always as the fallback."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]

@@ -1,0 +1,24 @@
+"""Weight sources (stage 2): where an export, a calibration or a reference model reads its weights from — a model in
+memory, a Hugging Face checkpoint read slice by slice, or a preset's seeded random weights. The source decides
+laziness; everything downstream reads through `WeightSource.chunks`."""
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointWeights, check_matches_preset
+from .memory import ModelWeights, in_memory
+from .random import FULL_SIZE_SOURCES, RandomWeights, from_config, from_preset, full_size_weights_hint
+from .source import CHUNK_BYTES, WeightSource, expert_by_expert, materialize, read_tensor, slices
+
+
+def load(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """A Llama 4 text model from a HF checkpoint directory, every tensor's name and shape checked first."""
+    return materialize(CheckpointWeights(checkpoint_dir), dtype)
+
+
+__all__ = [
+    "CHUNK_BYTES", "FULL_SIZE_SOURCES", "CheckpointWeights", "ModelWeights", "RandomWeights", "WeightSource",
+    "check_matches_preset", "expert_by_expert", "from_config", "from_preset", "full_size_weights_hint", "in_memory",
+    "load", "materialize", "read_tensor", "slices",
+]
