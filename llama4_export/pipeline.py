@@ -43,7 +43,7 @@ from .evaluation.report import REPORT_FILE, accuracy_report, evaluation_tokens
 from .export.tokenizer_files import check_tokenizer_files, copy_tokenizer_files, write_byte_level_tokenizer
 from .export.onnx_export import GRAPHS, OPSET, trace_graphs
 from .export.writer import DATA_FILE, weight_content, write_graphs
-from .graph_passes.artifact_passes import PASSES_FILE, optimize_graphs, optimized_manifest
+from .graph_passes.artifact_passes import optimize_graphs, optimized_manifest
 from .graph_passes.manager import PassReport
 from .graph_passes.pipeline import TARGETS
 from .graph_passes.quantize import BLOCK_SIZES, QuantSpec
@@ -216,7 +216,7 @@ def export(
                 entry = _base_manifest(config, source, precision, max_prefill, graph_entries)
                 if optimize:
                     reports, opset = optimize_graphs(traced, graph_entries, part_dir, target, step, trt_plugin, spec,
-                                                     weights=weights)
+                                                     weights=weights if quantized else None)  # the deferred experts
                     shutil.rmtree(traced)
                     entry = optimized_manifest(entry, target, reports, opset)
                     result.pass_reports.update({(name if parts == 1 else f"part{k}/{name}"): r for name, r in reports.items()})
@@ -234,7 +234,7 @@ def export(
             manifest.update(_quantization_entries(precision, quant, calibration, spec))
             result.manifest = write_manifest(tmp, manifest)
             if report:
-                with step(f"accuracy report (the artifact on ONNX Runtime vs the source's fp32 PyTorch model)"):
+                with step("accuracy report (the artifact on ONNX Runtime vs the source's fp32 PyTorch model)"):
                     result.accuracy_report = accuracy_report(tmp, source, *held_out)
                 write_json(tmp / REPORT_FILE, result.accuracy_report)
                 result.manifest = write_manifest(tmp, {k: v for k, v in result.manifest.items() if k != "files"})

@@ -105,7 +105,6 @@ def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out:
     source = _source(original, Path(checkpoint) if checkpoint else None)
     notes: list[str] = []
     quant = _quant_options(original, None if calib_data is None else Path(calib_data))
-    graphs = original.get("graphs") or {}
     parts = original.get("partitions") or []
     first = read_manifest(directory / parts[0]["directory"], verify=False) if parts else original
     max_prefill = int(((first.get("graphs") or {}).get("prefill") or {}).get("max_new_tokens", DEFAULT_MAX_PREFILL))

@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import llama4_export
 from llama4_export import CheckpointError
 from llama4_export.cli.export import export_app
 from llama4_export.weights import load

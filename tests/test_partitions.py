@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from typer.testing import CliRunner
 
 from llama4_export import api
 from llama4_export.evaluation.torch_backend import TorchBackend

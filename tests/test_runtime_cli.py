@@ -13,7 +13,6 @@ from llama4_export.artifact import write_manifest
 from llama4_export.cli.run import run_app
 from llama4_export.weights import from_preset, load
 from llama4_export.model.save import save_checkpoint
-from llama4_export.runtime import Generator
 
 
 @pytest.fixture(scope="module")

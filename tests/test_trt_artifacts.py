@@ -22,10 +22,11 @@ from llama4_export.tensorrt.engine import build_engines, maybe_build_engines, te
 from llama4_export.tensorrt.errors import BuildError
 from llama4_export.tensorrt.lint import lint_artifact, lint_model
 from llama4_export.evaluation.compare import compare_artifact
+from llama4_export import api
+from llama4_export.pipeline import QuantOptions
 from llama4_export.rebuild import rebuild
 from llama4_export.cli.export import export_app
 from llama4_export.graph_passes import trt_plugin_spec
-from llama4_export.graph_passes.artifact_passes import optimize_artifact
 from llama4_export.model import get_preset
 
 TRT_MISSING = tensorrt_problem()
@@ -64,30 +65,23 @@ def maverick_fp16(trt_export):
     return trt_export("maverick-tiny", "fp16")[0]
 
 
-def _lowered(tmp_path_factory, raw, precision: str):
-    """A copy of an unoptimized fp32 export, lowered for tensorrt (and quantized when precision is int4/fp8)."""
-    from llama4_export.graph_passes.quantize import QuantSpec
-
-    out = tmp_path_factory.mktemp("trt") / f"{raw.name}-{precision}"
-    shutil.copytree(raw, out)
-    spec = None
-    if precision == "int4":
-        spec = QuantSpec("int4", block_size=32)
-    elif precision == "fp8":
-        names = {i.name for i in onnx.load(str(out / "decode.onnx"), load_external_data=False).graph.initializer}
-        spec = QuantSpec("fp8", activation_amax={name: 4.0 for name in names})
-    optimize_artifact(out, "tensorrt", show_progress=False, quantization=spec)
+def _lowered(tmp_path_factory, checkpoint, precision: str):
+    """l4-scoutlike exported for tensorrt (int4: RTN, block 32; fp8: calibrated on a few samples), no report."""
+    out = tmp_path_factory.mktemp("trt") / f"scoutlike-{precision}"
+    quant = QuantOptions(int4_algo="rtn", block_size=32) if precision == "int4" else QuantOptions()
+    quant = QuantOptions(**{**quant.__dict__, "report": False, "calib_samples": 2, "calib_seq_len": 32})
+    api.export_model(out, checkpoint=checkpoint, precision=precision, target="tensorrt", quant=quant, show_progress=False)
     return out
 
 
 @pytest.fixture(scope="module")
-def scoutlike_trt(tmp_path_factory, scoutlike_artifact):
-    return _lowered(tmp_path_factory, scoutlike_artifact, "fp32")
+def scoutlike_trt(tmp_path_factory, scoutlike_dir):
+    return _lowered(tmp_path_factory, scoutlike_dir, "fp32")
 
 
 @pytest.fixture(scope="module", params=["int4", "fp8"])
-def scoutlike_quantized_trt(request, tmp_path_factory, scoutlike_artifact):
-    return _lowered(tmp_path_factory, scoutlike_artifact, request.param)
+def scoutlike_quantized_trt(request, tmp_path_factory, scoutlike_dir):
+    return _lowered(tmp_path_factory, scoutlike_dir, request.param)
 
 
 def _plugin_nodes(path):

@@ -12,7 +12,7 @@ import typer
 
 from ..errors import Llama4ExportError
 from ..runtime import GenerationError, Generator
-from .common import console, err_console, fail, piece_printer
+from .common import err_console, fail, piece_printer
 
 run_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Run an exported Llama 4 artifact.")
 
