@@ -77,8 +77,10 @@ def write_checkpoint(directory: Path, layers: int, preset: str = "scout", seed: 
     return sum(sizes.values()), sizes["model-layer00.safetensors"]
 
 
-def measure(layers: int, precisions: list[str], workdir: Path, preset: str = "scout", extra: tuple[str, ...] = ()) -> list[dict]:
-    """One checkpoint of `layers` layers, exported once per precision (each export deleted before the next)."""
+def measure(layers: int, precisions: list[str], workdir: Path, preset: str = "scout", extra: tuple[str, ...] = (),
+            repeats: int = 1, int4_algo: str = "rtn") -> list[dict]:
+    """One checkpoint of `layers` layers, exported `repeats` times per precision (each export deleted before the next);
+    the row holds every run's peak RSS and their median."""
     root = Path(tempfile.mkdtemp(prefix=f"scout-shapes-{layers}-", dir=workdir))
     try:
         checkpoint = root / "checkpoint"
@@ -87,24 +89,28 @@ def measure(layers: int, precisions: list[str], workdir: Path, preset: str = "sc
         written = time.perf_counter() - start
         rows = []
         for precision in precisions:
+            runs = [export_once(checkpoint, root / "artifact", layers, precision, preset, extra, int4_algo)
+                    for _ in range(repeats)]
+            peaks = sorted(run["peak_rss_bytes"] for run in runs)
             rows.append({"layers": layers, "precision": precision, "checkpoint_bytes": total, "layer_bf16_bytes": layer_bytes,
-                         "checkpoint_write_seconds": round(written, 1),
-                         **export_once(checkpoint, root / "artifact", layers, precision, preset, extra)})
+                         "checkpoint_write_seconds": round(written, 1), **runs[0],
+                         "peak_rss_bytes": peaks[len(peaks) // 2], "peak_rss_runs": peaks,
+                         "export_seconds": sorted(run["export_seconds"] for run in runs)[len(runs) // 2]})
             print("  " + json.dumps(rows[-1]), flush=True)
         return rows
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def export_once(checkpoint: Path, out: Path, layers: int, precision: str, preset: str, extra: tuple[str, ...]) -> dict:
+def export_once(checkpoint: Path, out: Path, layers: int, precision: str, preset: str, extra: tuple[str, ...],
+                int4_algo: str) -> dict:
     # A full-size preset validates the checkpoint's shapes (cut to N layers); a tiny one just streams.
     model = ["--model", preset, "--layers", str(layers)] if preset in ("scout", "maverick") else ["--stream"]
     command = ["/usr/bin/time", "-v", str(Path(sys.executable).parent / "llama4-export"), *model,
                "--checkpoint", str(checkpoint), "--precision", precision, "--target", "onnxruntime", "--out", str(out)]
     if precision == "int4":
-        command += ["--int4-algo", "rtn"]  # AWQ's statistics of a Scout layer need ≈ 28 GB (check_awq_memory)
-    if precision in ("fp8", "int4"):
-        command += list(extra)
+        command += ["--int4-algo", int4_algo]
+    command += list(extra)
     print("  " + " ".join(command[2:]), flush=True)
     start = time.perf_counter()
     run = subprocess.run(command, capture_output=True, text=True)
@@ -114,7 +120,7 @@ def export_once(checkpoint: Path, out: Path, layers: int, precision: str, preset
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))
     artifact = sum(p.stat().st_size for p in out.iterdir())
     shutil.rmtree(out)
-    return {"options": list(extra) if precision in ("fp8", "int4") else [], "artifact_bytes": artifact,
+    return {"options": command[command.index("--out") + 2:], "artifact_bytes": artifact,
             "peak_rss_bytes": peak_kb * 1024, "export_seconds": round(seconds, 1)}
 
 
@@ -127,8 +133,12 @@ def main() -> None:
     parser.add_argument("--calib-seq-len", type=int)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--preset", default="scout", help="scout-tiny: a seconds-long check of this script itself")
+    parser.add_argument("--int4-algo", default="rtn", choices=["rtn", "awq"],
+                        help="int4: rtn (default, as the figures in BENCHMARKS.md) or awq (hours of CPU per Scout layer)")
+    parser.add_argument("--repeats", type=int, default=1, help="exports per row; the median peak RSS is reported")
+    parser.add_argument("--report", action="store_true", help="keep the accuracy report (default: --no-report, as measured before)")
     args = parser.parse_args()
-    extra = []
+    extra = [] if args.report else ["--no-report"]
     if args.calib_samples is not None:
         extra += ["--calib-samples", str(args.calib_samples)]
     if args.calib_seq_len is not None:
@@ -136,7 +146,7 @@ def main() -> None:
     rows = []
     for layers in args.layers:
         print(f"{layers} layer(s):", flush=True)
-        rows += measure(layers, args.precision, args.workdir, args.preset, tuple(extra))
+        rows += measure(layers, args.precision, args.workdir, args.preset, tuple(extra), args.repeats, args.int4_algo)
     gb = 1e9
     print(f"\n{'precision':>9} {'layers':>6} {'checkpoint':>11} {'artifact':>10} {'peak RSS':>9} {'bound':>7} {'export s':>9}")
     for r in sorted(rows, key=lambda r: (r["precision"], r["layers"])):

@@ -60,14 +60,18 @@ def test_random_weights_streamed_in_slices_are_from_presets_weights(monkeypatch)
 
 
 def test_random_weights_at_full_scout_shapes_come_in_bounded_slices():
-    scout = RandomWeights("scout", seed=1, layers=1)
-    name = "model.layers.0.self_attn.k_proj.weight"
-    first = scout.tensor(name)
-    assert tuple(first.shape) == (8 * 128, 5120) and abs(float(first.std()) - 0.02) < 1e-3
-    assert torch.equal(first, RandomWeights("scout", seed=1, layers=1).tensor(name))
-    assert not torch.equal(first, RandomWeights("scout", seed=2, layers=1).tensor(name))
-    piece = next(scout.chunks("model.layers.0.feed_forward.experts.gate_up_proj", torch.float32))
-    assert piece.shape[2:] == (16384,) and piece.numel() * 4 <= source_module.CHUNK_BYTES
+    """Scout's lm_head (the first tensor drawn, 4 GB in fp32) is drawn slice by slice: the first slice alone costs one
+    slice; an expert tensor's slices split its rows (a Scout expert row is 5120 × 16384)."""
+    pieces = RandomWeights("scout", seed=1, layers=1).chunks("lm_head.weight", torch.float32)
+    first = next(pieces)
+    assert first.shape[1] == 5120 and first.numel() * 4 <= source_module.CHUNK_BYTES
+    assert abs(float(first.std()) - 0.02) < 1e-3
+    assert torch.equal(first, next(RandomWeights("scout", seed=1, layers=1).chunks("lm_head.weight", torch.float32)))
+    assert not torch.equal(first, next(RandomWeights("scout", seed=2, layers=1).chunks("lm_head.weight", torch.float32)))
+    expert = RandomWeights("scout", layers=1).shapes["model.layers.0.feed_forward.experts.gate_up_proj"]
+    index = source_module.slices(expert)[0]
+    assert source_module.slice_shape(index, expert)[2:] == (16384,)
+    assert int(np.prod(source_module.slice_shape(index, expert))) * 4 <= source_module.CHUNK_BYTES
 
 
 def test_random_weights_layers_cut_the_preset():
