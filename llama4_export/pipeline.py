@@ -20,6 +20,8 @@ any stage (a full disk included) leaves nothing behind. TensorRT engines are bui
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import shutil
 import tempfile
@@ -155,6 +157,7 @@ def export(
     """Export `source` to the artifact directory `out` (see the module docstring); returns what was written."""
     out = Path(out)
     config = source.config
+    return_large_frees_to_the_os()
     check_output(out)
     check_precision(precision, target)
     quant.check(precision)
@@ -377,6 +380,21 @@ def awq_memory_bytes(config: Llama4Config, samples: int, seq_len: int) -> int:
 
     states = 3 * samples * seq_len * h * 4
     return states + max(layer(j in config.moe_layers) for j in range(config.num_hidden_layers))
+
+
+def return_large_frees_to_the_os() -> None:
+    """Layer-wise work allocates and frees the same large temporaries (a sample's activations, an expert) thousands of
+    times. glibc's malloc raises its mmap threshold every time it frees a large block, so those temporaries end up in
+    its heap and peak RSS measures fragmentation rather than live data; pinning the threshold at 1 MiB keeps large
+    blocks in their own mappings, returned to the OS when freed. A no-op where libc is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
 
 
 def available_memory() -> int:

@@ -54,8 +54,8 @@ def materialize_module(module: nn.Module, prefix: str, source: WeightSource) -> 
             setattr(owner, leaf, nn.Parameter(read_tensor(source, prefix + name, torch.float32), requires_grad=False))
 
 
-def embed(source: WeightSource, samples: np.ndarray) -> list[torch.Tensor]:
-    """Each sample's embedding rows [1, seq_len, hidden] fp32, read from the table one slice at a time."""
+def embed(source: WeightSource, samples: np.ndarray) -> torch.Tensor:
+    """The samples' embedding rows [samples, seq_len, hidden] fp32, read from the table one slice at a time."""
     ids = torch.from_numpy(np.asarray(samples, dtype=np.int64))
     states = torch.empty(*ids.shape, source.config.hidden_size)
     first = 0
@@ -63,7 +63,7 @@ def embed(source: WeightSource, samples: np.ndarray) -> list[torch.Tensor]:
         inside = (ids >= first) & (ids < first + piece.shape[0])
         states[inside] = piece[ids[inside] - first]
         first += piece.shape[0]
-    return [row[None] for row in states]
+    return states
 
 
 def skeleton_model(source: WeightSource) -> Llama4ForCausalLM:
@@ -74,19 +74,20 @@ def skeleton_model(source: WeightSource) -> Llama4ForCausalLM:
     return skeleton.eval().requires_grad_(False)
 
 
-def _routed_experts(experts: LayerExperts, routed: list[torch.Tensor], index: list[torch.Tensor], site: str,
-                    expert_stats: dict[str, list] | None, grams: dict[str, ExpertGrams] | None) -> list[torch.Tensor]:
-    """MoE._grouped's output for every sample, expert-major; with `expert_stats`, the routed-expert sites of `site`
-    (Gram matrices into `grams`, the rest into expert_stats[key][e])."""
-    outputs = [torch.zeros_like(x) for x in routed]
+def _routed_experts(experts: LayerExperts, routed: torch.Tensor, index: torch.Tensor, mix: torch.Tensor, site: str,
+                    expert_stats: dict[str, list] | None, grams: dict[str, ExpertGrams] | None) -> None:
+    """Add MoE._grouped's output of every sample [samples, tokens, hidden] to `mix` (the shared expert's output),
+    expert-major; every token has exactly one routed expert, so each element gets exactly the one sum the model's
+    `shared + routed` makes. With `expert_stats`, the routed-expert sites of `site` (Gram matrices into `grams`, the
+    rest into expert_stats[key][e])."""
     for e, (gate_up, down) in enumerate(zip(experts.each("gate_up_proj"), experts.each("down_proj"))):
         one = Accumulator(grams=True) if expert_stats is not None else None
-        for x, chosen, out in zip(routed, index, outputs):
+        for x, chosen, out in zip(routed, index, mix):
             rows = (chosen == e).nonzero(as_tuple=True)[0]
             gate, up = (x[rows] @ gate_up).chunk(2, dim=-1)
             hidden = F.silu(gate) * up
             if rows.numel():
-                out[rows] = hidden @ down
+                out[rows] += hidden @ down
             if one is not None:
                 one.add(f"{site}.expert_in", x[rows], slot=0, slots=1)
                 one.add(f"{site}.expert_down_in", hidden, slot=0, slots=1)
@@ -97,7 +98,6 @@ def _routed_experts(experts: LayerExperts, routed: list[torch.Tensor], index: li
                     grams[name].put(e, value[0])
                 else:
                     expert_stats.setdefault(key, []).append(value[0])
-    return outputs
 
 
 class LayerRunner:
@@ -112,11 +112,12 @@ class LayerRunner:
         self.empty = KVCache.empty(self.config, 1, torch.float32, layers=1)
 
     @torch.no_grad()
-    def run(self, i: int, states: list[torch.Tensor], acc: Accumulator | None = None,
+    def run(self, i: int, states: torch.Tensor, acc: Accumulator | None = None,
             expert_stats: dict[str, list] | None = None, grams: dict[str, ExpertGrams] | None = None) -> nn.Module:
-        """Layer i over every sample's states [1, seq_len, hidden], in place, its weights materialized (returned: the
-        layer, for on_layer; the caller frees it with .to("meta")). With `acc`, the layer's sites are accumulated;
-        with `expert_stats` too, its routed-expert sites (Gram matrices into `grams`)."""
+        """Layer i over every sample's states [samples, seq_len, hidden], in place, its weights materialized (returned:
+        the layer, for on_layer; the caller frees it with .to("meta")). With `acc`, the layer's sites are accumulated;
+        with `expert_stats` too, its routed-expert sites (Gram matrices into `grams`). An MoE layer holds two more
+        buffers of the states' size: the routed experts' input and the FFN output."""
         layer, site = self.skeleton.model.layers[i], f"layers.{i}"
         materialize_module(layer, f"model.layers.{i}.", self.source)
         ff = layer.feed_forward
@@ -129,9 +130,12 @@ class LayerRunner:
 
         hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args: add("o_in", args[0])),
                  mlp.down_proj.register_forward_pre_hook(lambda m, args: add("down_in", args[0]))]
-        shared, routed, index = [], [], []
+        if moe:
+            routed, mix = torch.empty_like(states), torch.empty_like(states)
+            index = torch.empty(states.shape[:2], dtype=torch.int64)
         try:
-            for k, x in enumerate(states):
+            for k in range(len(states)):
+                x = states[k:k + 1]
                 normed = layer.input_layernorm(x)
                 add("attn_in", normed)
                 attn, new_key, new_value = layer.self_attn(normed, self.positions, self.cos, self.sin, self.empty.keys[0],
@@ -142,28 +146,27 @@ class LayerRunner:
                 m = layer.post_attention_layernorm(x)
                 add("mlp_in", m)
                 if not moe:
-                    states[k] = x + ff(m)
+                    states[k] = (x + ff(m))[0]
                     continue
                 flat = m.reshape(-1, m.shape[-1])
                 chosen, score = ff.route(flat)
-                states[k] = x  # the residual; the FFN output is added once every expert has run
-                shared.append(ff.shared_expert(flat))
-                routed.append(flat * score[:, None])
-                index.append(chosen)
+                states[k], index[k] = x[0], chosen  # the residual; the FFN output is added once every expert has run
+                mix[k] = ff.shared_expert(flat)
+                routed[k] = flat * score[:, None]
         finally:
             for hook in hooks:
                 hook.remove()
         if moe:
-            outputs = _routed_experts(LayerExperts(self.source, i), routed, index, site, expert_stats, grams)
-            for k, (residual, out_shared, out) in enumerate(zip(states, shared, outputs)):
-                states[k] = residual + (out_shared + out).view(residual.shape)
+            _routed_experts(LayerExperts(self.source, i), routed, index, mix, site, expert_stats, grams)
+            del routed
+            states += mix
         return layer
 
     @torch.no_grad()
-    def final_norm(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The final norm's output for every sample: lm_head's input."""
+    def final_norm(self, states: torch.Tensor) -> list[torch.Tensor]:
+        """The final norm's output for every sample [1, seq_len, hidden]: lm_head's input."""
         materialize_module(self.skeleton.model.norm, "model.norm.", self.source)
-        return [self.skeleton.model.norm(x) for x in states]
+        return [self.skeleton.model.norm(states[k:k + 1]) for k in range(len(states))]
 
 
 def layerwise_statistics(source: WeightSource, samples: np.ndarray, progress=None, for_awq: bool = True,
