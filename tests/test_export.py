@@ -58,6 +58,14 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def run(graph: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The graph's outputs; a prefill graph is asked for every token's logits (logits_index = all columns)."""
+    if io_spec.LOGITS_INDEX in {i.name for i in graph.get_inputs()}:
+        batch, tokens = inputs[io_spec.INPUT_IDS].shape
+        inputs = {**inputs, io_spec.LOGITS_INDEX: np.tile(np.arange(tokens, dtype=np.int64), (batch, 1))}
+    return graph.run(None, inputs)
+
+
 def feeds(config, ids, positions, chunked_positions, global_positions, keys, values) -> dict[str, np.ndarray]:
     inputs = {
         io_spec.INPUT_IDS: ids.numpy(),
@@ -133,7 +141,7 @@ def check_against_pytorch(artifact: Path, model, rel: float = 1e-4, kv_dtype=tor
                 inputs = feeds(config, step_ids, step_pos, no_slots, no_slots, empty_kv, empty_kv)
             else:
                 inputs = feeds(config, step_ids, step_pos, *runtime_layout(cache, begin))
-            assert_outputs_close(config, graph.run(None, inputs), logits, new, rel)
+            assert_outputs_close(config, run(graph, inputs), logits, new, rel)
             cache = cache.append(new, step_pos)
 
 
@@ -152,7 +160,7 @@ def test_prefill_graph_takes_one_token_and_batch_one(tiny_artifact):
     ids, positions = torch.tensor([[17]]), torch.tensor([[0]])
     empty = [torch.zeros(1, config.num_key_value_heads, 0, config.head_dim)] * config.num_hidden_layers
     no_slots = torch.zeros(1, 0, dtype=torch.int64)
-    outputs = session(tiny_artifact / "prefill.onnx").run(None, feeds(config, ids, positions, no_slots, no_slots, empty, empty))
+    outputs = run(session(tiny_artifact / "prefill.onnx"), feeds(config, ids, positions, no_slots, no_slots, empty, empty))
     with torch.no_grad():
         logits, new = model(ids, positions, KVCache.empty(config, 1, torch.float32))
     assert_outputs_close(config, outputs, logits, new, 1e-4)
@@ -200,8 +208,8 @@ def test_decode_graph_never_reads_unselected_experts(tiny_artifact, tmp_path):
     empty = [torch.zeros(1, config.num_key_value_heads, 0, config.head_dim)] * config.num_hidden_layers
     no_slots = torch.zeros(1, 0, dtype=torch.int64)
     inputs = feeds(config, ids, positions, no_slots, no_slots, empty, empty)
-    assert_outputs_close(config, session(poisoned / "decode.onnx").run(None, inputs), logits, new, 1e-4)
-    assert np.isnan(session(poisoned / "prefill.onnx").run(None, inputs)[0]).all()
+    assert_outputs_close(config, run(session(poisoned / "decode.onnx"), inputs), logits, new, 1e-4)
+    assert np.isnan(run(session(poisoned / "prefill.onnx"), inputs)[0]).all()
 
 
 def test_both_graphs_share_one_weights_file_storing_each_weight_once(tiny_artifact):
@@ -230,7 +238,8 @@ def test_graph_interface_follows_io_spec(tiny_artifact):
     config = get_preset("scout-tiny")
     for graph_file in GRAPH_FILES:
         sess = session(tiny_artifact / graph_file)
-        assert [i.name for i in sess.get_inputs()] == io_spec.input_names(config)
+        new_tokens = 1 if graph_file == "decode.onnx" else None
+        assert [i.name for i in sess.get_inputs()] == io_spec.input_names(config, new_tokens=new_tokens)
         assert [o.name for o in sess.get_outputs()] == io_spec.output_names(config)
         dims = {i.name: i.shape for i in sess.get_inputs()}
         assert dims[io_spec.past_key(0)][0] == "batch" and dims[io_spec.past_key(0)][2] == "chunk_slots"

@@ -137,6 +137,8 @@ def compare_artifact(directory: str | Path, batch: int = 2, prefill_tokens: int 
         tokens = graphs[name].get("new_tokens") or prefill_tokens
         rows = min(batch, limits["max_batch"]) if limits else batch
         feeds = graph_feeds(config, rows, tokens, chunk_slots, global_slots, kv_dtype, seed)
+        if io_spec.takes_logits_index(config, range(config.num_hidden_layers), graphs[name].get("new_tokens")):
+            feeds[io_spec.LOGITS_INDEX] = np.tile(np.arange(tokens, dtype=np.int64), (rows, 1))  # every token's logits
         path = directory / graphs[name]["file"]
         ort_out = run_ort(path, feeds)
         if problem is None and name in engines:

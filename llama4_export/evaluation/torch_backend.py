@@ -47,7 +47,8 @@ class TorchBackend:
         """Our PyTorch model with the weights an exported (unquantized) graph carries under their checkpoint names."""
         return cls(materialize(GraphWeights(graph_path, config)), max_prefill_tokens)
 
-    def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> StepOutput:
+    def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache,
+                logits_index: np.ndarray | None = None) -> StepOutput:
         # torch.from_numpy shares memory: the model reads the cache buffers in place.
         kv = KVCache(
             keys=[torch.from_numpy(k) for k in cache.keys],
@@ -55,7 +56,8 @@ class TorchBackend:
             positions=[torch.from_numpy(cache.positions[kind]) for kind in cache.kinds],
         )
         with torch.inference_mode():
-            logits, new = self.model(torch.from_numpy(input_ids), torch.from_numpy(positions), kv)
+            index = None if logits_index is None else torch.from_numpy(np.asarray(logits_index, np.int64))
+            logits, new = self.model(torch.from_numpy(input_ids), torch.from_numpy(positions), kv, logits_index=index)
         return StepOutput(logits.float().numpy(), [k.numpy() for k in new.keys], [v.numpy() for v in new.values])
 
 

@@ -36,7 +36,7 @@ KEPT_NODE_METADATA = ("pkg.torch.onnx.class_hierarchy", "pkg.torch.onnx.name_sco
 _WRAPPER_PREFIX = "model."
 
 # Example sizes used while tracing: distinct and > 1 so torch.export neither specializes nor unifies the dimensions.
-_EXAMPLE = {"batch": 2, "new_tokens": 3, "chunk_slots": 5, "global_slots": 7}
+_EXAMPLE = {"batch": 2, "new_tokens": 3, "chunk_slots": 5, "global_slots": 7, "logits": 2}
 
 
 @dataclass(frozen=True)
@@ -62,21 +62,23 @@ GRAPHS = (DECODE, PREFILL)
 class GraphIO(nn.Module):
     """Maps io_spec's flat inputs/outputs onto `Llama4ForCausalLM.forward` over a range of decoder layers."""
 
-    def __init__(self, model: Llama4ForCausalLM, layers: range):
+    def __init__(self, model: Llama4ForCausalLM, layers: range, logits_index: bool):
         super().__init__()
-        self.model, self.layers = model, layers
+        self.model, self.layers, self.logits_index = model, layers, logits_index
 
     def forward(  # input_ids: token ids, or hidden states entering a part (the name is recorded in the graph's metadata)
-        self, input_ids: Tensor, positions: Tensor, past_positions_chunked: Tensor, past_positions_global: Tensor, *past_kv: Tensor
+        self, input_ids: Tensor, positions: Tensor, past_positions_chunked: Tensor, past_positions_global: Tensor, *rest: Tensor
     ) -> tuple[Tensor, ...]:
+        """rest: the past K/V of every layer, then logits_index when the graph takes it."""
         config = self.model.config
+        past_kv, logits_index = (rest[:-1], rest[-1]) if self.logits_index else (rest, None)
         past_positions = {"chunked": past_positions_chunked, "global": past_positions_global}
         cache = KVCache(
             keys=list(past_kv[0::2]),
             values=list(past_kv[1::2]),
             positions=[past_positions[io_spec.attention_kind(config, i)] for i in self.layers],
         )
-        out, new = self.model(input_ids, positions, cache, layers=self.layers)
+        out, new = self.model(input_ids, positions, cache, layers=self.layers, logits_index=logits_index)
         outputs = [out.float() if self.layers.stop == config.num_hidden_layers else out]
         for key, value in zip(new.keys, new.values):
             outputs += [key, value]
@@ -98,6 +100,8 @@ def example_inputs(config: Llama4Config, spec: GraphSpec, dtype: torch.dtype, la
     for layer in layers:
         shape = (batch, config.num_key_value_heads, slots[io_spec.attention_kind(config, layer)], config.head_dim)
         inputs += [torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)]
+    if io_spec.takes_logits_index(config, layers, spec.new_tokens):
+        inputs.append(torch.zeros(batch, _EXAMPLE["logits"], dtype=torch.int64))
     return tuple(inputs)
 
 
@@ -107,12 +111,14 @@ def _dynamic_shapes(config: Llama4Config, spec: GraphSpec, layers: range) -> tup
     batch = Dim("batch")
     slots = {"chunked": Dim("chunk_slots"), "global": Dim("global_slots")}
     tokens = {0: batch} if spec.new_tokens else {0: batch, 1: Dim("new_tokens", min=1)}
-    past = []
+    rest = []
     for layer in layers:
         cache_dims = {0: batch, 2: slots[io_spec.attention_kind(config, layer)]}
-        past += [cache_dims, cache_dims]
-    # The *past_kv varargs form one entry of their own.
-    return (tokens, tokens, {0: batch, 1: slots["chunked"]}, {0: batch, 1: slots["global"]}, tuple(past))
+        rest += [cache_dims, cache_dims]
+    if io_spec.takes_logits_index(config, layers, spec.new_tokens):
+        rest.append({0: batch, 1: Dim("logits", min=1)})
+    # The *rest varargs form one entry of their own.
+    return (tokens, tokens, {0: batch, 1: slots["chunked"]}, {0: batch, 1: slots["global"]}, tuple(rest))
 
 
 def export_graph(model: Llama4ForCausalLM, spec: GraphSpec, layers: range | None = None) -> ir.Model:
@@ -125,8 +131,10 @@ def export_graph(model: Llama4ForCausalLM, spec: GraphSpec, layers: range | None
     try:
         with _quiet_exporter():
             program = torch.onnx.export(
-                GraphIO(model, layers), example_inputs(config, spec, model.lm_head.weight.dtype, layers),
-                dynamic_shapes=_dynamic_shapes(config, spec, layers), input_names=io_spec.input_names(config, layers),
+                GraphIO(model, layers, io_spec.takes_logits_index(config, layers, spec.new_tokens)),
+                example_inputs(config, spec, model.lm_head.weight.dtype, layers),
+                dynamic_shapes=_dynamic_shapes(config, spec, layers),
+                input_names=io_spec.input_names(config, layers, spec.new_tokens),
                 output_names=io_spec.output_names(config, layers), opset_version=OPSET, dynamo=True, optimize=False,
                 verbose=False,
             )

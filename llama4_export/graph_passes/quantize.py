@@ -46,41 +46,52 @@ from . import ops
 from .manager import GraphPass, PassContext
 
 INT4_MAX = 7
+INT_MAX = {4: INT4_MAX, 8: 127}
 FP8_E4M3_MAX = 448.0
 BLOCK_SIZES = (32, 64, 128)
 PRECISIONS = ("int4", "fp8")
 QUANTIZED = "quantized"
 _LINEAR = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
 _EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+LM_HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
 
 @dataclass
 class QuantSpec:
     precision: str
     block_size: int = 128
-    quantize_lm_head: bool = False
+    quantize_lm_head: bool = False  # lm_head like every linear (INT4 / FP8)
+    # INT4 on ONNX Runtime by default (the nearest equal of llama.cpp's Q4_0 preset: 6-bit output, 4-bit embedding):
+    # lm_head 8-bit blockwise (MatMulNBits bits 8) unless quantize_lm_head, the token embedding 4-bit blockwise
+    # (GatherBlockQuantized); None keeps them in the graphs' float type
+    lm_head_bits: int | None = None
+    embedding_bits: int | None = None
     # FP8: calibrated amax of each dense linear's input, by weight name (calib.quant.activation_amax)
     activation_amax: dict[str, float] = field(default_factory=dict)
     # FP8 KV cache: layer -> calibrated (amax of new_key.L, amax of new_value.L); empty: the cache keeps the float type
     kv_cache_amax: dict[int, tuple[float, float]] = field(default_factory=dict)
 
-    def wants(self, name: str) -> bool:
-        return bool(_LINEAR.search(name)) or (self.quantize_lm_head and name == "lm_head.weight")
+    def bits(self, name: str) -> int | None:
+        """The integer width an INT4-precision linear weight gets (None: not quantized), FP8: 8 for what it quantizes."""
+        if _LINEAR.search(name) or (self.quantize_lm_head and name == LM_HEAD):
+            return 4 if self.precision == "int4" else 8
+        return self.lm_head_bits if name == LM_HEAD and self.precision == "int4" else None
 
 
 # ------------------------------------------------------------------------------------------------ numerics
-def int4_blockwise(w: np.ndarray, block: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric INT4 along `axis` in blocks of `block`: (q int8 in [-7, 7], same shape; scales fp32 with that axis
-    of size ceil(K / block)). A last partial block has its own scale."""
+def int4_blockwise(w: np.ndarray, block: int, axis: int, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric `bits`-bit integers (4: in [-7, 7]; 8: in [-127, 127]) along `axis` in blocks of `block`: (q int8, same
+    shape; scales fp32 with that axis of size ceil(K / block)). A last partial block has its own scale."""
     w = np.moveaxis(np.asarray(w, dtype=np.float32), axis, -1)
     k = w.shape[-1]
     blocks = -(-k // block)
     padded = np.zeros(w.shape[:-1] + (blocks * block,), np.float32)
     padded[..., :k] = w
     grouped = padded.reshape(w.shape[:-1] + (blocks, block))
-    scale = np.abs(grouped).max(-1) / INT4_MAX
+    qmax = INT_MAX[bits]
+    scale = np.abs(grouped).max(-1) / qmax
     scale = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
-    q = np.clip(np.round(grouped / scale[..., None]), -INT4_MAX, INT4_MAX).astype(np.int8)
+    q = np.clip(np.round(grouped / scale[..., None]), -qmax, qmax).astype(np.int8)
     q = q.reshape(padded.shape)[..., :k]
     return np.moveaxis(q, -1, axis), np.moveaxis(scale, -1, axis)
 
@@ -112,9 +123,11 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtoc
     return value
 
 
-def leading_slice(tensor: ir.TensorProtocol, index: int) -> np.ndarray:
+def leading_slice(tensor: ir.TensorProtocol | np.ndarray, index: int) -> np.ndarray:
     """tensor[index] (signed INT4 data as int8). A tensor in an external file is read one slice at a time, without
     mapping the file: a pass reading a Scout layer's stacked experts [16, 5120, 16384] so holds one expert, not 5.4 GB."""
+    if isinstance(tensor, np.ndarray):
+        return tensor[index]
     shape = tuple(tensor.shape.numpy())
     if hasattr(tensor, "read_leading"):  # a weight read from the checkpoint on demand (export/writer.SourceTensor)
         return tensor.read_leading(index)
@@ -155,14 +168,19 @@ def _experts_fp8(weights: ir.TensorProtocol) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _dequantized_weight(graph: ir.Graph, name: str, w: np.ndarray | ir.TensorProtocol, spec: QuantSpec, axis: int,
-                        anchor: ir.Node) -> ir.Value:
+                        anchor: ir.Node, bits: int = 4) -> ir.Value:
     """DequantizeLinear of `w` quantized per spec, inserted before `anchor`; returns its output (fp32).
 
     2-D `w` (numpy) is a dense linear's [K, N] (K along `axis`, 0); 3-D `w` (the initializer's tensor, read one expert
     at a time) are stacked experts [E, K, N] in checkpoint layout: INT4 stores them transposed, [E, N, K] with `axis`
     2 (see the module docstring), FP8 as they are."""
     experts = len(w.shape) == 3
-    if spec.precision == "int4":
+    if spec.precision == "int4" and bits == 8:  # lm_head's default on ONNX Runtime
+        q, scale = int4_blockwise(w, spec.block_size, axis, bits=8)
+        inputs = [_initializer(graph, f"{name}.int8", q, ir.DataType.INT8), _initializer(graph, f"{name}.int8_scale", scale)]
+        attributes = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", spec.block_size)]
+        shape = tuple(q.shape)
+    elif spec.precision == "int4":
         q, scale = _experts_int4(w, spec.block_size) if experts else int4_blockwise(w, spec.block_size, axis)
         inputs = [_initializer(graph, f"{name}.int4", q if experts else q.astype(ml_dtypes.int4), ir.DataType.INT4),
                   _initializer(graph, f"{name}.int4_scale", scale)]
@@ -234,17 +252,18 @@ def quantize_linears(model: ir.Model, context: PassContext) -> int:
         weight = None
         if node.op_type == "Transpose" and node.domain == "":
             perm = node.attributes.get_ints("perm", None)
-            w = _const(node.inputs[0]) if spec.wants(node.inputs[0].name) else None  # read only what is quantized
+            w = _const(node.inputs[0]) if spec.bits(node.inputs[0].name) else None  # read only what is quantized
             if w is not None and w.ndim == 2 and perm in (None, (1, 0), [1, 0]):
                 weight, w_kn = node.inputs[0], w.T
         elif node.op_type == "Gemm" and node.domain == "" and len(node.inputs) == 2:
-            w = _const(node.inputs[1]) if spec.wants(node.inputs[1].name) else None
+            w = _const(node.inputs[1]) if spec.bits(node.inputs[1].name) else None
             plain = (node.attributes.get_int("transA", 0) == 0 and node.attributes.get_float("alpha", 1.0) == 1.0)
             if w is not None and plain:
                 weight, w_kn = node.inputs[1], (w.T if node.attributes.get_int("transB", 0) else w)
         if weight is None:
             continue
-        dequantized = _dequantized_weight(graph, weight.name, np.ascontiguousarray(w_kn), spec, 0, node)
+        dequantized = _dequantized_weight(graph, weight.name, np.ascontiguousarray(w_kn), spec, 0, node,
+                                          spec.bits(weight.name))
         if node.op_type == "Transpose":
             consumers = [use.node for use in node.outputs[0].uses()]
             node.outputs[0].replace_all_uses_with(dequantized)

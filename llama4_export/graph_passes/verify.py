@@ -46,6 +46,8 @@ def sample_feeds(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
         io_spec.PAST_POSITIONS["global"]: past,
         io_spec.PAST_POSITIONS["chunked"]: past[:, -chunk_slots:].copy(),
     }
+    if io_spec.LOGITS_INDEX in shapes:  # every token's logits
+        feeds[io_spec.LOGITS_INDEX] = np.tile(np.arange(tokens, dtype=np.int64), (batch, 1))
     for value in model.graph.inputs:
         if value.name not in feeds:
             sample = rng.standard_normal(shapes[value.name])

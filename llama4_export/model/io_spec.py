@@ -9,8 +9,11 @@ inputs
                                                            buffers, -1 = empty; shared by every chunked (RoPE) layer
   past_positions_global     int64  [batch, global_slots]   the same for the global (NoPE) layers' window
   past_key.{i}, past_value.{i}  float [batch, kv_heads, slots_of_layer_i, head_dim]
+  logits_index              int64  [batch, logits]         prefill only: the token columns whose logits are wanted in
+                                                           each row (generation: each row's last token; the accuracy
+                                                           report: every column). Decode returns its one token's.
 outputs
-  logits                    float32 [batch, new_tokens, vocab]
+  logits                    float32 [batch, logits, vocab]   (decode: [batch, 1, vocab])
   new_key.{i}, new_value.{i}    float [batch, kv_heads, new_tokens, head_dim]  (keys after RoPE and QK norm)
 
 The graph never writes the cache: the runtime owns the buffers and writes the new K/V where its sliding policy says.
@@ -34,6 +37,7 @@ INPUT_IDS = "input_ids"
 POSITIONS = "positions"
 PAST_POSITIONS = {"chunked": "past_positions_chunked", "global": "past_positions_global"}
 LOGITS = "logits"
+LOGITS_INDEX = "logits_index"
 HIDDEN_IN = "hidden_states"
 HIDDEN_OUT = "hidden_states_out"
 
@@ -58,12 +62,17 @@ def new_value(layer: int) -> str:
     return f"new_value.{layer}"
 
 
-def input_names(config: Llama4Config, layers: range | None = None) -> list[str]:
+def takes_logits_index(config: Llama4Config, layers: range, new_tokens: int | None) -> bool:
+    """A prefill graph (dynamic new tokens) that ends with the lm_head."""
+    return new_tokens is None and layers.stop == config.num_hidden_layers
+
+
+def input_names(config: Llama4Config, layers: range | None = None, new_tokens: int | None = 1) -> list[str]:
     layers = range(config.num_hidden_layers) if layers is None else layers
     names = [INPUT_IDS if layers.start == 0 else HIDDEN_IN, POSITIONS, PAST_POSITIONS["chunked"], PAST_POSITIONS["global"]]
     for i in layers:
         names += [past_key(i), past_value(i)]
-    return names
+    return names + ([LOGITS_INDEX] if takes_logits_index(config, layers, new_tokens) else [])
 
 
 def output_names(config: Llama4Config, layers: range | None = None) -> list[str]:

@@ -270,10 +270,11 @@ class Llama4ForCausalLM(nn.Module):
 
     def forward(
         self, inputs: Tensor, positions: Tensor | None = None, kv_cache: KVCache | None = None, layers: range | None = None,
+        logits_index: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, NewKV]:
         """inputs: token ids [B, T], or hidden states [B, T, hidden] entering `layers` (a contiguous range of decoder
-        layers, default all; kv_cache then holds those layers only). After the last layer: logits; before it: the
-        hidden states leaving the range."""
+        layers, default all; kv_cache then holds those layers only). After the last layer: logits — of the tokens
+        logits_index [B, L] picks in each row, default all; before it: the hidden states leaving the range."""
         layers = range(self.config.num_hidden_layers) if layers is None else layers
         bsz, t = inputs.shape[:2]
         dtype = self.lm_head.weight.dtype
@@ -294,7 +295,12 @@ class Llama4ForCausalLM(nn.Module):
             x = x + layer.feed_forward(layer.post_attention_layernorm(x))
             new_keys.append(k)
             new_values.append(v)
-        out = self.lm_head(self.model.norm(x)) if layers.stop == self.config.num_hidden_layers else x
+        if layers.stop == self.config.num_hidden_layers:
+            if logits_index is not None:  # only the positions whose logits are wanted reach the norm and lm_head
+                x = torch.gather(x, 1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
+            out = self.lm_head(self.model.norm(x))
+        else:
+            out = x
         if kv_cache is None:
             return out
         return out, NewKV(new_keys, new_values)

@@ -1,7 +1,8 @@
 """The step contract every backend implements (model/io_spec.py): one forward over new tokens of every row, reading
 a SlidingKVCache it never writes.
 
-forward(input_ids [B, T], positions [B, T], cache) → StepOutput(logits [B, T, V], new K/V per layer [B, kvh, T, D]).
+forward(input_ids [B, T], positions [B, T], cache, logits_index [B, L] | None) → StepOutput(logits [B, L, V] — the
+tokens logits_index picks in each row, all T when None —, new K/V per layer [B, kvh, T, D]).
 The Generator writes the new K/V into the cache. Backends: OrtBackend (ort_backend.py: ONNX Runtime over one or
 more partitions), TrtBackend (trt_backend.py: TensorRT engines), and the PyTorch reference
 (evaluation/torch_backend.py).
@@ -32,4 +33,5 @@ class Backend(Protocol):
     max_prefill_tokens: int  # the most new tokens one forward call takes per row
     required_slots: dict[str, int]  # kind -> slot count a graph with static cache shapes insists on
 
-    def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> StepOutput: ...
+    def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache,
+                logits_index: np.ndarray | None = None) -> StepOutput: ...

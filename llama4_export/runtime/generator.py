@@ -240,7 +240,8 @@ class Generator:
             last_logits = out.logits[:, -1]
 
     def _prefill(self, prompts: list[list[int]], cache: SlidingKVCache, pad: int) -> np.ndarray:
-        """Feed every prompt in pieces of at most max_prefill_tokens; return each row's last-token logits [B, V]."""
+        """Feed every prompt in pieces of at most max_prefill_tokens; return each row's last-token logits [B, V]. Each
+        piece asks for one column of logits per row — the row's last prompt token when it is in the piece."""
         piece = self.backend.max_prefill_tokens
         rows, longest = len(prompts), max(len(p) for p in prompts)
         last = np.empty((rows, self.config.vocab_size), np.float32)
@@ -248,15 +249,17 @@ class Generator:
             width = min(piece, longest - start)
             ids = np.full((rows, width), pad, np.int64)
             positions = np.full((rows, width), -1, np.int64)
+            wanted = np.zeros((rows, 1), np.int64)
             for b, prompt in enumerate(prompts):
                 part = prompt[start : start + width]
                 ids[b, : len(part)] = part
                 positions[b, : len(part)] = np.arange(start, start + len(part))
-            out = self.backend.forward(ids, positions, cache)
+                wanted[b, 0] = max(len(part) - 1, 0)
+            out = self.backend.forward(ids, positions, cache, wanted)
             cache.update(positions, out.new_keys, out.new_values)
             for b, prompt in enumerate(prompts):
                 if start < len(prompt) <= start + width:
-                    last[b] = out.logits[b, len(prompt) - 1 - start]
+                    last[b] = out.logits[b, 0]
         return last
 
 

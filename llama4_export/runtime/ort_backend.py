@@ -55,13 +55,21 @@ def artifact_parts(directory: Path, manifest: dict[str, Any], config: Llama4Conf
         prefill = graphs.get("prefill")
         if prefill:
             max_prefill = int(prefill.get("max_new_tokens", max_prefill))
-        parts.append(PartGraphs(layers, directory / sub / graphs["decode"]["file"],
-                                directory / sub / prefill["file"] if prefill else None))
+        decode = prefill if prefill and _one_graph_serves_both(graphs) else graphs["decode"]
+        parts.append(PartGraphs(layers, directory / sub / decode["file"], directory / sub / prefill["file"] if prefill else None))
     covered = [i for part in parts for i in part.layers]
     if covered != list(range(config.num_hidden_layers)):
         raise GenerationError(f"{directory}: the partitions cover layers {covered[:3]}…, not 0..{config.num_hidden_layers - 1} "
                               "in order; re-run the export")
     return parts, max_prefill
+
+
+def _one_graph_serves_both(graphs: dict[str, Any]) -> bool:
+    """With the MoE lowered to an ONNX Runtime op that routes each token to its expert (QMoE, MoE) in both graphs, the
+    prefill graph computes a one-token step exactly as the decode graph does: one session then serves both, and the
+    weights ORT prepacks for it are prepacked once."""
+    lowerings = {(graphs.get(name) or {}).get("moe_lowering") for name in ("decode", "prefill")}
+    return len(lowerings) == 1 and any(op in (next(iter(lowerings)) or "") for op in ("QMoE", "com.microsoft.MoE"))
 
 
 class _Part:
@@ -70,6 +78,8 @@ class _Part:
         self.inputs = io_spec.input_names(config, graphs.layers)
         self.outputs = io_spec.output_names(config, graphs.layers)
         self.out_type = np.dtype(_ORT_TYPES[decode.get_outputs()[0].type])
+        # a decode step through the prefill graph asks for its one token's logits
+        self.decode_logits_index = io_spec.LOGITS_INDEX in {i.name for i in decode.get_inputs()}
 
 
 class OrtBackend:
@@ -122,10 +132,15 @@ class OrtBackend:
         parts, max_prefill = artifact_parts(directory, manifest, config)
         return cls(parts, config, max_prefill, threads, providers)
 
-    def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> StepOutput:
-        if input_ids.shape[1] == 1:
+    def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache,
+                logits_index: np.ndarray | None = None) -> StepOutput:
+        if input_ids.shape[1] == 1 and logits_index is None:
             return self._decode(input_ids, positions, cache)
-        bindings, out = self._bind(cache, input_ids.shape[1], "prefill")
+        batch, tokens = input_ids.shape
+        if logits_index is None:  # every token's logits
+            logits_index = np.tile(np.arange(tokens, dtype=np.int64), (batch, 1))
+        bindings, out = self._bind(cache, tokens, "prefill", logits_index.shape[1])
+        bindings[-1][0].bind_cpu_input(io_spec.LOGITS_INDEX, np.ascontiguousarray(logits_index, dtype=np.int64))
         self._run(bindings, input_ids, positions, "prefill")
         return out
 
@@ -136,9 +151,9 @@ class OrtBackend:
         self._run(bindings, input_ids, positions, "decode")
         return out
 
-    def _bind(self, cache: SlidingKVCache, tokens: int, graph: str) -> tuple[list, StepOutput]:
-        """IOBindings of every part with the cache bound as inputs and freshly allocated outputs; each part's hidden
-        states output is bound as the next part's input."""
+    def _bind(self, cache: SlidingKVCache, tokens: int, graph: str, logits: int = 1) -> tuple[list, StepOutput]:
+        """IOBindings of every part with the cache bound as inputs and freshly allocated outputs (`logits` token
+        columns of logits); each part's hidden states output is bound as the next part's input."""
         cfg, batch = self.config, cache.batch
         kv_shape = (batch, cfg.num_key_value_heads, tokens, cfg.head_dim)
         keys = [np.empty(kv_shape, cache.dtype) for _ in range(cfg.num_hidden_layers)]
@@ -154,12 +169,14 @@ class OrtBackend:
                 binding.bind_ortvalue_input(io_spec.past_key(i), _ortvalue(cache.keys[i]))
                 binding.bind_ortvalue_input(io_spec.past_value(i), _ortvalue(cache.values[i]))
             last = part.layers.stop == cfg.num_hidden_layers
-            first_out = np.empty((batch, tokens, cfg.vocab_size if last else cfg.hidden_size),
+            first_out = np.empty((batch, logits, cfg.vocab_size) if last else (batch, tokens, cfg.hidden_size),
                                  np.float32 if last else part.out_type)
             arrays = [first_out] + [a for i in part.layers for a in (keys[i], values[i])]
             for name, array in zip(part.outputs, arrays):
                 element_type = _ONNX_ELEMENT_TYPES.get(array.dtype, array.dtype.type)
                 binding.bind_output(name, "cpu", 0, element_type, list(array.shape), array.ctypes.data)
+            if graph == "decode" and part.decode_logits_index:
+                binding.bind_cpu_input(io_spec.LOGITS_INDEX, np.zeros((batch, 1), np.int64))
             bindings.append((binding, part))
             previous = first_out
         return bindings, StepOutput(previous, keys, values)

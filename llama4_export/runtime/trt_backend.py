@@ -124,10 +124,13 @@ class TrtBackend:
             outputs[name] = out
         return outputs
 
-    def _inputs(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> dict[str, Any]:
+    def _inputs(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache,
+                logits_index: np.ndarray | None = None) -> dict[str, Any]:
         torch = self.torch
         inputs = {io_spec.INPUT_IDS: torch.from_numpy(input_ids).to(self.device),
                   io_spec.POSITIONS: torch.from_numpy(positions).to(self.device)}
+        if logits_index is not None:
+            inputs[io_spec.LOGITS_INDEX] = torch.from_numpy(np.ascontiguousarray(logits_index, np.int64)).to(self.device)
         for kind, name in io_spec.PAST_POSITIONS.items():
             inputs[name] = torch.from_numpy(cache.positions[kind]).to(self.device)
         for i in range(self.config.num_hidden_layers):
@@ -139,14 +142,18 @@ class TrtBackend:
         return StepOutput(outputs[io_spec.LOGITS].float().cpu().numpy(),
                           [outputs[io_spec.new_key(i)] for i in range(n)], [outputs[io_spec.new_value(i)] for i in range(n)])
 
-    def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> StepOutput:
+    def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache,
+                logits_index: np.ndarray | None = None) -> StepOutput:
         if not isinstance(cache, DeviceSlidingKVCache):
             raise GenerationError("the TensorRT backend needs its GPU cache (Generator creates it via make_cache)")
-        if input_ids.shape[1] == 1 and self.cuda_graphs:
+        decode = input_ids.shape[1] == 1 and logits_index is None
+        if decode and self.cuda_graphs:
             return self._decode_captured(input_ids, positions, cache)
-        graph = "decode" if input_ids.shape[1] == 1 else "prefill"
+        graph = "decode" if decode else "prefill"
+        if not decode and logits_index is None:  # every token's logits
+            logits_index = np.tile(np.arange(input_ids.shape[1], dtype=np.int64), (input_ids.shape[0], 1))
         with self.torch.cuda.stream(self.stream):
-            inputs = self._inputs(input_ids, positions, cache)
+            inputs = self._inputs(input_ids, positions, cache, logits_index)
             outputs = self._bind(graph, inputs)
             if not self.contexts[graph].execute_async_v3(self.stream.cuda_stream):
                 raise GenerationError(f"TensorRT failed to run the {graph} engine (see its log)")
