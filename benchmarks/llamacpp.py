@@ -4,8 +4,11 @@
 
 Nothing of llama.cpp is committed here: the llama-cpp-python source distribution (which vendors llama.cpp, its
 convert_hf_to_gguf.py and gguf-py) is fetched with pip into --cache (default ~/.cache/llama4-export-bench), and only
-`llama-bench` and `llama-quantize` are built there (CPU only, -DGGML_NATIVE=ON; ~6 min on 2 cores). Every step is
-skipped when its output already exists, so a second run only measures.
+`llama-bench`, `llama-quantize` and `llama-server` are built there (CPU only; ~8 min on 2 cores). The build names the
+instruction sets this CPU has (from /proc/cpuinfo: AVX2, FMA, F16C, AVX-512 F/BW/VL/DQ, VNNI, BF16) instead of
+-DGGML_NATIVE=ON, and leaves AMX off: a native build on an AMX Xeon died with SIGILL/SIGSEGV on Q4_0/Q8_0 here. The
+flags are part of the build directory's name, so a cache shared between machines never runs a build for another CPU.
+Every step is skipped when its output already exists, so a second run only measures.
 
 Conversion quirks handled here (see ../shared/checkpoints/README.md):
 - the converter pins a torch we cannot install, and reads transformers-5 checkpoints only with transformers 4.x: it
@@ -40,7 +43,13 @@ SDIST_VERSION = "0.3.36"
 CONVERTER_TRANSFORMERS = "transformers==4.57.6"
 DEFAULT_CACHE = Path(os.environ.get("LLAMA4_BENCH_CACHE", Path.home() / ".cache" / "llama4-export-bench"))
 FALLBACK_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / "l4-scoutlike"
-BUILD_TARGETS = ("llama-bench", "llama-quantize")
+BUILD_TARGETS = ("llama-bench", "llama-quantize", "llama-server")
+# CPU features /proc/cpuinfo names → the GGML CMake option that turns them on (all of a row must be present).
+CPU_OPTIONS = (
+    (("avx",), "GGML_AVX"), (("avx2",), "GGML_AVX2"), (("fma",), "GGML_FMA"), (("f16c",), "GGML_F16C"),
+    (("avx512f", "avx512bw", "avx512vl", "avx512dq"), "GGML_AVX512"), (("avx512_vnni",), "GGML_AVX512_VNNI"),
+    (("avx512_bf16",), "GGML_AVX512_BF16"), (("avx_vnni",), "GGML_AVX_VNNI"), (("bmi2",), "GGML_BMI2"),
+)
 
 # Runs inside the converter venv: the vendored convert_hf_to_gguf.py with the pre-tokenizer lookup falling back to llama4.
 CONVERT_WRAPPER = """
@@ -97,15 +106,29 @@ def source_dir(cache: Path, version: str = SDIST_VERSION) -> Path:
     return vendored
 
 
+def cpu_build_options() -> list[str]:
+    """-DGGML_…=ON for every instruction set this CPU has (see the module docstring), AMX off."""
+    flags: set[str] = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return [f"-D{option}={'ON' if all(n in flags for n in needs) else 'OFF'}" for needs, option in CPU_OPTIONS] + \
+        ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+
+
 def build(cache: Path, source: Path, jobs: int = 2) -> Path:
-    """CPU-only build of llama-bench and llama-quantize; returns the bin directory."""
-    build_dir = cache / "build"
+    """CPU-only build of llama-bench, llama-quantize and llama-server for this CPU; returns the bin directory."""
+    options = cpu_build_options()
+    label = "".join(o.split("=")[1][:1] for o in options)  # e.g. YYYYYYYYY-NNN as ON/OFF letters per option
+    build_dir = cache / f"build-{label}"
     bin_dir = build_dir / "bin"
     if all((bin_dir / t).is_file() for t in BUILD_TARGETS):
         return bin_dir
-    run(["cmake", "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+    run(["cmake", "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", *options,
          "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-         "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"], stdout=subprocess.DEVNULL)
+         "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_USE_PREBUILT_UI=OFF"], stdout=subprocess.DEVNULL)
     run(["cmake", "--build", str(build_dir), "--target", *BUILD_TARGETS, f"-j{jobs}"], stdout=subprocess.DEVNULL)
     return bin_dir
 

@@ -13,6 +13,7 @@ import torch
 from onnx import numpy_helper
 
 from ..artifact import MANIFEST, read_manifest
+from ..graph_passes.weight_layout import TRANSPOSED_SUFFIX
 from ..model.config import Llama4Config
 from ..model.io_spec import DEFAULT_MAX_PREFILL, DEFAULT_SINKS
 from ..model.modeling import KVCache, Llama4ForCausalLM
@@ -68,6 +69,9 @@ class GraphWeights(WeightSource):
     def __init__(self, graph_path: Path, config: Llama4Config):
         self.path, self.config = Path(graph_path), config
         self.arrays = onnx_initializers(self.path)
+        for name in self.shapes:  # a weight the passes stored transposed for its MatMul (graph_passes/weight_layout.py)
+            if name not in self.arrays and name + TRANSPOSED_SUFFIX in self.arrays:
+                self.arrays[name] = self.arrays[name + TRANSPOSED_SUFFIX].T
         missing = sorted(set(self.shapes) - set(self.arrays))
         if missing:
             raise GenerationError(
