@@ -197,6 +197,7 @@ def export(
     check_disk_space(out, required_disk_bytes(config, precision, optimize))
     ranges = [range(config.num_hidden_layers)] if parts == 1 else partition_layers(config, parts, precision)
     spec = quant.spec_for(precision, target) if quantized else None
+    layout = kv_layout_for(target, quant)
 
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=_parent(out)))
     try:
@@ -223,14 +224,14 @@ def export(
                 traced = work / f"traced{k}" if optimize else part_dir
                 traced.mkdir(exist_ok=True)
                 with step(f"{what}trace decode + prefill ({len(layers)} layers, weights on the meta device)"):
-                    graphs = trace_graphs(config, PRECISIONS[precision], layers)
+                    graphs = trace_graphs(config, PRECISIONS[precision], layers, layout)
                 with step(f"{what}write graphs with weights from {weights.describe()}"):
                     write_graphs(graphs, traced, weight_content(weights, defer_experts=quantized))
                     del graphs
                     for graph in GRAPHS:
                         onnx.checker.check_model(str(traced / graph.file))  # the path form checks the external data too
                 graph_entries = graphs_manifest(max_prefill)
-                entry = _base_manifest(config, source, precision, max_prefill, graph_entries)
+                entry = _base_manifest(config, source, precision, max_prefill, graph_entries, layout)
                 if optimize:
                     reports, opset = optimize_graphs(traced, graph_entries, part_dir, target, step, trt_plugin, spec,
                                                      weights=weights if quantized else None)  # the deferred experts
@@ -242,7 +243,7 @@ def export(
                                               "tokenizer": {"source": "none", "files": []}})
                     entries.append({"layers": [layers.start, layers.stop], "directory": part_directory(k)})
             if parts > 1:  # the graphs live in the parts
-                manifest = {**_base_manifest(config, source, precision, max_prefill, {}), "partitions": entries,
+                manifest = {**_base_manifest(config, source, precision, max_prefill, {}, layout), "partitions": entries,
                             "target": target if optimize else "onnxruntime"}
             else:
                 manifest = entry
@@ -269,6 +270,13 @@ def default_block_size(config: Llama4Config) -> int:
     return next((b for b in sorted(BLOCK_SIZES, reverse=True) if all(k % b == 0 for k in inputs)), DEFAULT_BLOCK_SIZE)
 
 
+def kv_layout_for(target: str, quant: QuantOptions) -> str:
+    """How the graphs hand over the KV cache (model/io_spec.py): in place through ONNX Runtime's GroupQueryAttention,
+    which appends to the cache buffers itself — except for TensorRT, whose lowering keeps its own attention, and for
+    an FP8 cache, which the op cannot read."""
+    return "positions" if target == "tensorrt" or quant.kv_cache_dtype == "fp8" else "in_place"
+
+
 def part_directory(index: int) -> str:
     return f"part{index}"
 
@@ -279,7 +287,7 @@ def graphs_manifest(max_prefill: int) -> dict[str, dict[str, Any]]:
 
 
 def _base_manifest(config: Llama4Config, source: WeightSource, precision: str, max_prefill: int,
-                   graphs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+                   graphs: dict[str, dict[str, Any]], kv_layout: str) -> dict[str, Any]:
     kv_dtype = str(PRECISIONS[precision]).removeprefix("torch.")  # quantized precisions keep an fp32 cache
     return {
         "model": config.to_hf_dict(),
@@ -290,6 +298,7 @@ def _base_manifest(config: Llama4Config, source: WeightSource, precision: str, m
         "external_data": DATA_FILE,
         "graphs": graphs,
         "dtypes": {"logits": "float32", "kv_cache": kv_dtype},
+        "kv_layout": kv_layout,
         "tools": {"llama4_export": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                   "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__},
     }

@@ -304,6 +304,7 @@ def bench(
     prompt: list[int] = typer.Option([128, 512], "--prompt", help="prefill prompt length(s) in tokens (repeat the option)"),
     decode_prompt: int = typer.Option(512, "--decode-prompt", help="prompt length before the timed decode"),
     new_tokens: int = typer.Option(128, "--new-tokens", "-n", help="tokens decoded after --decode-prompt"),
+    depth: list[int] = typer.Option([], "--depth", help="also decode after this many tokens of context (repeat; llama-bench -d)"),
     repeats: int = typer.Option(3, "--repeats", "-r", help="repetitions of every measurement (median and range reported)"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice)"),
     backend: str = typer.Option("onnxruntime", help="onnxruntime | torch | tensorrt"),
@@ -313,7 +314,8 @@ def bench(
     """Prefill and decode tokens/s, time to first token, peak RSS and decode as a fraction of the memory-bandwidth bound."""
     try:
         with err_console.status(f"benchmarking {directory}"):
-            result = api.bench_artifact(directory, prompt, decode_prompt, new_tokens, repeats, threads, backend, window=window)
+            result = api.bench_artifact(directory, prompt, decode_prompt, new_tokens, repeats, threads, backend, window=window,
+                                          depths=depth)
     except Llama4ExportError as exc:
         fail(exc)
     Console(width=max(console.width, 150)).print(result_table([result]))  # unreadable when wrapped into 80 columns

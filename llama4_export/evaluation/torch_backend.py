@@ -17,7 +17,6 @@ from ..graph_passes.weight_layout import TRANSPOSED_SUFFIX
 from ..model.config import Llama4Config
 from ..model.io_spec import DEFAULT_MAX_PREFILL, DEFAULT_SINKS
 from ..model.modeling import KVCache, Llama4ForCausalLM
-from ..runtime.backends import StepOutput
 from ..runtime.errors import GenerationError
 from ..runtime.generator import Generator, manifest_config
 from ..runtime.kv_cache import SlidingKVCache
@@ -48,8 +47,11 @@ class TorchBackend:
         """Our PyTorch model with the weights an exported (unquantized) graph carries under their checkpoint names."""
         return cls(materialize(GraphWeights(graph_path, config)), max_prefill_tokens)
 
+    def make_cache(self, batch: int, window: int | None, sinks: int) -> SlidingKVCache:
+        return SlidingKVCache(self.config, batch, window, sinks, self.cache_dtype, grow=True)
+
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache,
-                logits_index: np.ndarray | None = None) -> StepOutput:
+                logits_index: np.ndarray | None = None) -> np.ndarray:
         # torch.from_numpy shares memory: the model reads the cache buffers in place.
         kv = KVCache(
             keys=[torch.from_numpy(k) for k in cache.keys],
@@ -59,7 +61,8 @@ class TorchBackend:
         with torch.inference_mode():
             index = None if logits_index is None else torch.from_numpy(np.asarray(logits_index, np.int64))
             logits, new = self.model(torch.from_numpy(input_ids), torch.from_numpy(positions), kv, logits_index=index)
-        return StepOutput(logits.float().numpy(), [k.numpy() for k in new.keys], [v.numpy() for v in new.values])
+        cache.update(positions, [k.numpy() for k in new.keys], [v.numpy() for v in new.values])
+        return logits.float().numpy()
 
 
 class GraphWeights(WeightSource):
