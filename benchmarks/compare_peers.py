@@ -106,7 +106,7 @@ def context(args) -> int:
 
 
 def ours_once(artifact: Path, args) -> dict:
-    cmd = [sys.executable, "-m", "llama4_export.cli", "bench", str(artifact), "--repeats", "1", "--threads", str(args.threads),
+    cmd = [sys.executable, "-c", "from llama4_export.cli.export import main; main()", "bench", str(artifact), "--repeats", "1", "--threads", str(args.threads),
            "--decode-prompt", str(args.decode_prompt), "--new-tokens", str(args.new_tokens), "--window", str(context(args))]
     for n in args.prompt:
         cmd += ["--prompt", str(n)]
