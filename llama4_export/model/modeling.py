@@ -151,7 +151,7 @@ class Attention(nn.Module):
             # Absolute positions (cache length + index), as HF computes them; exactly 1 below floor_scale - 1.
             scale = torch.log1p(torch.floor((positions.float() + 1.0) / cfg.floor_scale)) * cfg.attn_scale + 1.0
             q = (q * scale[:, :, None, None]).to(q.dtype)
-        if in_place and torch.onnx.is_in_onnx_export():
+        if in_place and _tracing():  # torch.export under torch.onnx.export (the only exporter of this layout)
             out, keys, values = _group_query_attention(q, k, v, past_k, past_v, past_index, kvh)
             return self.o_proj(out), keys, values
         new_k, new_v = k.transpose(1, 2), v.transpose(1, 2)  # [B, kvh, T, D]
@@ -196,7 +196,8 @@ def _group_query_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past
         attrs={"num_heads": heads, "kv_num_heads": kv_heads, "scale": d**-0.5},
         dtypes=[q.dtype, past_k.dtype, past_v.dtype], shapes=[(bsz, t, heads * d), past_k.shape, past_v.shape], version=1,
     )
-    return out, keys, values
+    # The op's fake implementation makes CPU tensors; the graph is traced on the meta device (an Identity in ONNX).
+    return out.to(q.device), keys.to(q.device), values.to(q.device)
 
 
 class MLP(nn.Module):
