@@ -49,7 +49,8 @@ def test_export_in_memory_and_streamed_then_run_or_lint(tmp_path, target, precis
     if target == "onnxruntime":
         result = Generator.load(memory).generate([256, 72, 105], max_new_tokens=6, stop_tokens=[])
         assert len(result.token_ids) == 6
-        assert_weights_load_without_private_copies(memory, tmp_path / "ort-optimized")
+        if precision != "fp16":  # the CPU EP has no fp16 MatMul: ORT keeps fp32 casts of fp16 weights (a GPU format)
+            assert_weights_load_without_private_copies(memory, tmp_path / "ort-optimized")
         assert_prefill_projects_only_the_asked_positions(memory / "prefill.onnx")
     else:
         assert {file: [v.format() for v in found] for file, found in lint_artifact(memory).items() if found} == {}
@@ -65,8 +66,9 @@ def assert_weights_load_without_private_copies(artifact: Path, scratch: Path):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(scratch / graph)
+        options.log_severity_level = 3  # the warning that a saved optimized graph is machine-specific
         ort.InferenceSession(str(artifact / graph), options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(scratch / graph)
+        optimized = onnx.load(scratch / graph, load_external_data=False)  # weights still point into model.data
         copies = [(t.name, list(t.dims)) for t in optimized.graph.initializer
                   if t.name not in stored and int(np.prod(t.dims)) >= 4096]
         assert copies == [], f"{graph}: ONNX Runtime made private copies {copies}"

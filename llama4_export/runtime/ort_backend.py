@@ -89,9 +89,10 @@ class OrtBackend:
     def __init__(
         self, parts: list[PartGraphs], config: Llama4Config, max_prefill_tokens: int, threads: int | None = None,
         providers: list[str] | None = None, session_config: dict[str, str] | None = None,
-        custom_op_library: str | None = None,
+        custom_op_library: str | None = None, profile_prefix: str | None = None,
     ):
-        """custom_op_library: a library of custom ops to register (the accuracy report's reference MoE ops)."""
+        """custom_op_library: a library of custom ops to register (the accuracy report's reference MoE ops);
+        profile_prefix: write ONNX Runtime's per-node profile (JSON) under this path prefix (see end_profiling)."""
         self.config = config
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -104,6 +105,8 @@ class OrtBackend:
             options.add_session_config_entry(key, value)
         if custom_op_library:
             options.register_custom_ops_library(custom_op_library)
+        if profile_prefix:
+            options.enable_profiling, options.profile_file_prefix = True, profile_prefix
         base = providers or default_providers()
         self.providers = base
         self.parts: list[_Part] = []
@@ -137,6 +140,11 @@ class OrtBackend:
                       providers: list[str] | None = None) -> "OrtBackend":
         parts, max_prefill = artifact_parts(directory, manifest, config)
         return cls(parts, config, max_prefill, threads, providers)
+
+    def end_profiling(self) -> list[Path]:
+        """Stop profiling; the profile files written, one per session (decode and prefill may share one)."""
+        sessions = {id(s): s for part in self.parts for s in (part.decode, part.prefill) if s is not None}
+        return [Path(session.end_profiling()) for session in sessions.values()]
 
     def make_cache(self, batch: int, window: int | None, sinks: int) -> KVCacheState:
         if self.kv_layout == "in_place":
