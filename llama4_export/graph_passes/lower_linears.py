@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .manager import GraphPass, PassContext
-from .quantize import EMBEDDING, QUANTIZED, int4_blockwise
+from .quantize import EMBEDDING, QUANTIZED, SLICE_BYTES, blockwise_rows
 
 ORT_DOMAIN = "com.microsoft"
 ZERO_POINT = {4: 8, 8: 128}  # the ops' implicit zero points: stored = q + zero point
@@ -30,17 +30,25 @@ ZERO_POINT = {4: 8, 8: 128}  # the ops' implicit zero points: stored = q + zero 
 ACCURACY_LEVEL = 4
 
 
+def _stored(q: np.ndarray, bits: int, width: int) -> np.ndarray:
+    """q rows (values of `bits` bits, any integer type) + the zero point as uint8, padded to `width` with the zero
+    point, two 4-bit values per byte (the even element in the low nibble)."""
+    stored = np.full((q.shape[0], width), ZERO_POINT[bits], np.uint8)
+    stored[:, :q.shape[1]] = q.astype(np.int16) + ZERO_POINT[bits]
+    return stored[:, 0::2] | (stored[:, 1::2] << 4) if bits == 4 else stored
+
+
 def nbits_weight(q: np.ndarray, scale: np.ndarray, block: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """q [N, K] (int8 values of `bits` bits) and its block scales [N, ceil(K/B)] → MatMulNBits' B [N, ceil(K/B),
-    B·bits/8] uint8 (padding past K holds the zero point) and scales [N · ceil(K/B)]."""
+    B·bits/8] uint8 (padding past K holds the zero point) and scales [N · ceil(K/B)]. Packed in row slices: an
+    lm_head of 202048 × 5120 needs no int16 copy of itself."""
     rows, k = q.shape
     blocks = scale.shape[1]
-    stored = np.full((rows, blocks * block), ZERO_POINT[bits], np.uint8)
-    stored[:, :k] = q.astype(np.int16) + ZERO_POINT[bits]
-    if bits == 4:
-        stored = stored[:, 0::2] | (stored[:, 1::2] << 4)
-    return (np.ascontiguousarray(stored.reshape(rows, blocks, -1)),
-            np.ascontiguousarray(scale.reshape(-1), np.float32))
+    packed = np.empty((rows, blocks * block * bits // 8), np.uint8)
+    step = max(1, SLICE_BYTES // (2 * blocks * block))
+    for start in range(0, rows, step):
+        packed[start:start + step] = _stored(q[start:start + step], bits, blocks * block)
+    return packed.reshape(rows, blocks, -1), np.ascontiguousarray(scale.reshape(-1), np.float32)
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
@@ -80,7 +88,7 @@ def lower_quantized_linears(model: ir.Model, context: PassContext) -> int:
         data, scale = dequantize.inputs
         block = dequantize.attributes.get_int("block_size")
         k, n = data.shape
-        q = data.const_value.numpy().astype(np.int8).T  # [N, K]
+        q = data.const_value.numpy().T  # [N, K]
         packed, scales = nbits_weight(q, scale.const_value.numpy().T, block, bits)
         base = data.name.rsplit(".", 1)[0]
         x, output = node.inputs[0], node.outputs[0]
@@ -114,9 +122,11 @@ def quantize_embedding(model: ir.Model, context: PassContext) -> int:
         table = node.inputs[0] if node.op_type == "Gather" and node.domain == "" and node.inputs else None
         if table is None or table.name != EMBEDDING or table.const_value is None or node.attributes.get_int("axis", 0) != 0:
             continue
-        q, scale = int4_blockwise(table.const_value.numpy(), spec.block_size, axis=1)
-        stored = (q.astype(np.int16) + ZERO_POINT[4]).astype(np.uint8)
-        packed = np.ascontiguousarray(stored[:, 0::2] | (stored[:, 1::2] << 4))
+        q, scale = blockwise_rows(table.const_value, spec.block_size, bits=4)
+        packed = np.empty((q.shape[0], q.shape[1] // 2), np.uint8)
+        step = max(1, SLICE_BYTES // (2 * q.shape[1]))
+        for start in range(0, len(q), step):
+            packed[start:start + step] = _stored(q[start:start + step], 4, q.shape[1])
         inputs = [_initializer(graph, f"{EMBEDDING}.int4_packed", packed), node.inputs[1],
                   _initializer(graph, f"{EMBEDDING}.int4_scale", scale)]
         gather = ir.Node(ORT_DOMAIN, "GatherBlockQuantized", inputs, num_outputs=1, name=f"{EMBEDDING}.gather_quantized",

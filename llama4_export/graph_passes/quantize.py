@@ -35,6 +35,7 @@ FP8 E4M3 KV cache (QuantSpec.kv_cache_amax; per layer, one scale for K and one f
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -145,6 +146,39 @@ def leading_slice(tensor: ir.TensorProtocol | np.ndarray, index: int) -> np.ndar
     return raw.view(tensor.dtype.numpy()).reshape(shape[1:])
 
 
+# The slice a 2-D weight is read and quantized in: temporaries stay this size, not the tensor's (Scout's lm_head and
+# token embedding are 4.1 GB each in fp32).
+SLICE_BYTES = 64 << 20
+
+
+def row_slices(tensor: ir.TensorProtocol | np.ndarray, rows: int) -> Iterator[np.ndarray]:
+    """tensor[0:rows], tensor[rows:2·rows], … of a 2-D float weight; from an external file one slice per read,
+    without mapping it."""
+    if isinstance(tensor, np.ndarray) or not isinstance(tensor, ir.ExternalTensor):
+        array = tensor if isinstance(tensor, np.ndarray) else tensor.numpy()
+        for start in range(0, array.shape[0], rows):
+            yield array[start:start + rows]
+        return
+    n, k = tuple(tensor.shape.numpy())
+    dtype = tensor.dtype.numpy()
+    with open(tensor.path, "rb") as f:
+        f.seek(tensor.offset or 0)
+        for start in range(0, n, rows):
+            count = min(rows, n - start)
+            yield np.fromfile(f, dtype=dtype, count=count * k).reshape(count, k)
+
+
+def blockwise_rows(tensor: ir.TensorProtocol | np.ndarray, block: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """A [N, K] weight quantized along K (int4_blockwise, axis 1) slice by slice: (q int8 [N, K], scales [N, K/B])."""
+    n, k = tuple(tensor.shape) if isinstance(tensor, np.ndarray) else tuple(tensor.shape.numpy())
+    q, scale = np.empty((n, k), np.int8), np.empty((n, -(-k // block)), np.float32)
+    start = 0
+    for piece in row_slices(tensor, max(1, SLICE_BYTES // (4 * k))):
+        q[start:start + len(piece)], scale[start:start + len(piece)] = int4_blockwise(piece, block, axis=1, bits=bits)
+        start += len(piece)
+    return q, scale
+
+
 def _experts_int4(weights: ir.TensorProtocol, block: int) -> tuple[ir.PackedTensor, np.ndarray]:
     """Experts [E, K, N] → INT4 [E, N, K] (K contiguous, packed two per byte) and scales [E, N, ceil(K/B)], one expert
     at a time: the temporaries stay one expert's size (a Scout layer's stacked experts are 5.4 GB in fp32)."""
@@ -171,27 +205,28 @@ def _dequantized_weight(graph: ir.Graph, name: str, w: np.ndarray | ir.TensorPro
                         anchor: ir.Node, bits: int = 4) -> ir.Value:
     """DequantizeLinear of `w` quantized per spec, inserted before `anchor`; returns its output (fp32).
 
-    2-D `w` (numpy) is a dense linear's [K, N] (K along `axis`, 0); 3-D `w` (the initializer's tensor, read one expert
-    at a time) are stacked experts [E, K, N] in checkpoint layout: INT4 stores them transposed, [E, N, K] with `axis`
-    2 (see the module docstring), FP8 as they are."""
+    2-D `w` is a dense linear's [N, K] as nn.Linear stores it (an initializer's tensor, read in row slices, or numpy):
+    the DequantizeLinear yields its transpose [K, N] (K along `axis`, 0); 3-D `w` (the initializer's tensor, read one
+    expert at a time) are stacked experts [E, K, N] in checkpoint layout: INT4 stores them transposed, [E, N, K] with
+    `axis` 2 (see the module docstring), FP8 as they are."""
     experts = len(w.shape) == 3
     if spec.precision == "int4" and bits == 8:  # lm_head's default on ONNX Runtime
-        q, scale = int4_blockwise(w, spec.block_size, axis, bits=8)
+        q, scale = (a.T for a in blockwise_rows(w, spec.block_size, bits=8))
         inputs = [_initializer(graph, f"{name}.int8", q, ir.DataType.INT8), _initializer(graph, f"{name}.int8_scale", scale)]
         attributes = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", spec.block_size)]
         shape = tuple(q.shape)
     elif spec.precision == "int4":
-        q, scale = _experts_int4(w, spec.block_size) if experts else int4_blockwise(w, spec.block_size, axis)
+        q, scale = _experts_int4(w, spec.block_size) if experts else (a.T for a in blockwise_rows(w, spec.block_size, 4))
         inputs = [_initializer(graph, f"{name}.int4", q if experts else q.astype(ml_dtypes.int4), ir.DataType.INT4),
                   _initializer(graph, f"{name}.int4_scale", scale)]
         attributes = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", spec.block_size)]
         shape = tuple(q.shape)
     else:
-        q, scale = _experts_fp8(w) if experts else fp8_quantize(w)
+        q, scale = _experts_fp8(w) if experts else fp8_quantize(np.asarray(w).T)
         inputs = [_initializer(graph, f"{name}.fp8", q, ir.DataType.FLOAT8E4M3FN),
                   _initializer(graph, f"{name}.fp8_scale", scale if experts else scale.reshape(()))]
         attributes = [ir.AttrInt64("axis", 0)] if experts else []
-        shape = tuple(w.shape)
+        shape = tuple(q.shape)
     node = ir.Node("", "DequantizeLinear", inputs, attributes=attributes, num_outputs=1, name=f"{name}.dequantize")
     node.outputs[0].name = f"{name}.dequantized"
     node.outputs[0].type, node.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(shape)
@@ -210,10 +245,10 @@ def _fp8_activation(graph: ir.Graph, x: ir.Value, amax: float, name: str, anchor
     return dequant.outputs[0]
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
+def _const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
     if value is None or value.const_value is None or not value.is_initializer():
         return None
-    return value.const_value.numpy()
+    return value.const_value
 
 
 # ------------------------------------------------------------------------------------------------ passes
@@ -250,20 +285,20 @@ def quantize_linears(model: ir.Model, context: PassContext) -> int:
     graph, count = model.graph, 0
     for node in list(graph):
         weight = None
+        # w_nk: the weight as [N, K], the tensor itself where the graph reads its transpose (read in slices later)
         if node.op_type == "Transpose" and node.domain == "":
             perm = node.attributes.get_ints("perm", None)
-            w = _const(node.inputs[0]) if spec.bits(node.inputs[0].name) else None  # read only what is quantized
-            if w is not None and w.ndim == 2 and perm in (None, (1, 0), [1, 0]):
-                weight, w_kn = node.inputs[0], w.T
+            w = _const_tensor(node.inputs[0]) if spec.bits(node.inputs[0].name) else None  # only what is quantized
+            if w is not None and len(w.shape) == 2 and perm in (None, (1, 0), [1, 0]):
+                weight, w_nk = node.inputs[0], w
         elif node.op_type == "Gemm" and node.domain == "" and len(node.inputs) == 2:
-            w = _const(node.inputs[1]) if spec.bits(node.inputs[1].name) else None
+            w = _const_tensor(node.inputs[1]) if spec.bits(node.inputs[1].name) else None
             plain = (node.attributes.get_int("transA", 0) == 0 and node.attributes.get_float("alpha", 1.0) == 1.0)
             if w is not None and plain:
-                weight, w_kn = node.inputs[1], (w.T if node.attributes.get_int("transB", 0) else w)
+                weight, w_nk = node.inputs[1], (w if node.attributes.get_int("transB", 0) else w.numpy().T)
         if weight is None:
             continue
-        dequantized = _dequantized_weight(graph, weight.name, np.ascontiguousarray(w_kn), spec, 0, node,
-                                          spec.bits(weight.name))
+        dequantized = _dequantized_weight(graph, weight.name, w_nk, spec, 0, node, spec.bits(weight.name))
         if node.op_type == "Transpose":
             consumers = [use.node for use in node.outputs[0].uses()]
             node.outputs[0].replace_all_uses_with(dequantized)
