@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .manager import GraphPass, PassContext
-from .quantize import EMBEDDING, QUANTIZED, SLICE_BYTES, blockwise_rows
+from .quantize import EMBEDDING, QUANTIZED, SLICE_BYTES, int4_blockwise, row_slices
 
 ORT_DOMAIN = "com.microsoft"
 ZERO_POINT = {4: 8, 8: 128}  # the ops' implicit zero points: stored = q + zero point
@@ -106,6 +106,11 @@ def lower_quantized_linears(model: ir.Model, context: PassContext) -> int:
         replaced.replace_all_uses_with(matmul.outputs[0], replace_graph_outputs=True)
         for dead in ([squeeze, node, unsqueeze] if wrapped else [node]):
             graph.remove(dead, safe=True)
+        if not dequantize.outputs[0].uses():  # free the int8/int4 copy now, not at the next dead-code pass
+            graph.remove(dequantize, safe=True)
+            for value in (data, scale):
+                if not value.uses():
+                    graph.initializers.pop(value.name)
         count += 1
     if count:
         model.opset_imports.setdefault(ORT_DOMAIN, 1)
@@ -122,11 +127,14 @@ def quantize_embedding(model: ir.Model, context: PassContext) -> int:
         table = node.inputs[0] if node.op_type == "Gather" and node.domain == "" and node.inputs else None
         if table is None or table.name != EMBEDDING or table.const_value is None or node.attributes.get_int("axis", 0) != 0:
             continue
-        q, scale = blockwise_rows(table.const_value, spec.block_size, bits=4)
-        packed = np.empty((q.shape[0], q.shape[1] // 2), np.uint8)
-        step = max(1, SLICE_BYTES // (2 * q.shape[1]))
-        for start in range(0, len(q), step):
-            packed[start:start + step] = _stored(q[start:start + step], 4, q.shape[1])
+        vocab, hidden = tuple(table.shape)
+        packed = np.empty((vocab, hidden // 2), np.uint8)
+        scale = np.empty((vocab, -(-hidden // spec.block_size)), np.float32)
+        start = 0
+        for rows in row_slices(table.const_value, max(1, SLICE_BYTES // (4 * hidden))):  # no whole int8 copy
+            q, scale[start:start + len(rows)] = int4_blockwise(rows, spec.block_size, axis=1)
+            packed[start:start + len(rows)] = _stored(q, 4, hidden)
+            start += len(rows)
         inputs = [_initializer(graph, f"{EMBEDDING}.int4_packed", packed), node.inputs[1],
                   _initializer(graph, f"{EMBEDDING}.int4_scale", scale)]
         gather = ir.Node(ORT_DOMAIN, "GatherBlockQuantized", inputs, num_outputs=1, name=f"{EMBEDDING}.gather_quantized",
