@@ -14,8 +14,23 @@ import numpy as np
 import onnx_ir as ir
 
 from .manager import GraphPass, PassContext
+from .quantize import SLICE_BYTES, row_slices
 
 TRANSPOSED_SUFFIX = ".T"
+
+
+def _transposed(tensor: ir.TensorProtocol) -> np.ndarray:
+    """tensor.T as a new C-order array, the original read in row slices: one copy of the weight in memory, not two
+    (Scout's fp32 lm_head is 4.1 GB)."""
+    if tensor.dtype.bitwidth < 8:
+        return np.ascontiguousarray(tensor.numpy().T)
+    n, k = tuple(tensor.shape.numpy())
+    out = np.empty((k, n), tensor.dtype.numpy())
+    start = 0
+    for rows in row_slices(tensor, max(1, SLICE_BYTES // (out.itemsize * k))):
+        out[:, start:start + len(rows)] = rows.T
+        start += len(rows)
+    return out
 
 
 def store_weights_transposed(model: ir.Model, context: PassContext) -> int:
@@ -30,7 +45,7 @@ def store_weights_transposed(model: ir.Model, context: PassContext) -> int:
             continue
         name = weight.name + TRANSPOSED_SUFFIX
         if name not in graph.initializers:
-            data = np.ascontiguousarray(weight.const_value.numpy().T)
+            data = _transposed(weight.const_value)
             value = ir.Value(name=name, type=weight.type, shape=ir.Shape(data.shape),
                              const_value=ir.Tensor(data, dtype=weight.dtype, name=name))
             graph.register_initializer(value)
