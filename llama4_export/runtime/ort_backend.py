@@ -160,14 +160,14 @@ class OrtBackend:
         batch, tokens = input_ids.shape
         if tokens == 1 and logits_index is None:
             logits, new_keys, new_values = self._decode(input_ids, positions, cache)
-        elif cache.layout == "positions":
+        else:
             if logits_index is None:  # every token's logits
                 logits_index = np.tile(np.arange(tokens, dtype=np.int64), (batch, 1))
+            if cache.layout == "in_place":
+                return self._prefill_in_place(input_ids, positions, cache, logits_index)
             bindings, logits, new_keys, new_values = self._bind(cache, slice(None), tokens, "prefill",
                                                                 logits_index.shape[1])
             self._run(bindings, input_ids, positions, "prefill", logits_index)
-        else:
-            return self._prefill_in_place(input_ids, positions, cache, logits_index)
         if cache.layout == "positions":
             cache.update(positions, new_keys, new_values)
         else:
@@ -184,13 +184,11 @@ class OrtBackend:
         return logits, new_keys, new_values
 
     def _prefill_in_place(self, input_ids: np.ndarray, positions: np.ndarray, cache: InPlaceKVCache,
-                          logits_index: np.ndarray | None) -> np.ndarray:
+                          logits_index: np.ndarray) -> np.ndarray:
         """A step of several tokens on in-place graphs. GroupQueryAttention takes one row at a time when rows have
         past tokens, and a step's tokens must stay in one chunk: rows that all start empty run together in one
         piece when they can; otherwise each row runs alone, in pieces cut at chunk boundaries."""
         batch, tokens = input_ids.shape
-        if logits_index is None:
-            logits_index = np.tile(np.arange(tokens, dtype=np.int64), (batch, 1))
         valid = positions >= 0
         counts = valid.sum(axis=1)
         right_padded = all(valid[b, : counts[b]].all() for b in range(batch))
