@@ -8,6 +8,7 @@ import filecmp
 import shutil
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -21,7 +22,7 @@ from llama4_export.calib.layerwise import layerwise_statistics
 from llama4_export.calib.stats import Accumulator, kv_cache_amax
 from llama4_export.cli.export import export_app
 from llama4_export.errors import CheckpointError, ConfigError
-from llama4_export.export.writer import SPILL_MIN_ELEMENTS, SourceTensor, SpillFile, load_lazily
+from llama4_export.export.writer import SPILL_MIN_ELEMENTS, SourceTensor, SpillFile, load_lazily, _stored_bytes
 from llama4_export.graph_passes.pipeline import optimize
 from llama4_export.graph_passes.quantize import QuantSpec
 from llama4_export.model import get_preset, io_spec
@@ -212,6 +213,17 @@ def test_passes_leave_weights_on_disk_and_drop_expert_readers(traced_scoutlike, 
     assert any(v.name.endswith(".qmoe") for v in external) and (tmp_path / "prefill.spill").stat().st_size > 0
     assert [v.name for v in external if v.const_value.raw is not None] == []
     assert [t.name for t in readers if t._experts is not None] == []
+
+
+def test_spilled_tensors_are_written_from_their_arrays_without_a_copy(tmp_path):
+    """Spilling writes an array's own memory (tobytes() would hold a second copy: 4.1 GB for Scout's transposed
+    lm_head) and stores the bytes ONNX expects, sub-byte types packed."""
+    weight = ir.Tensor(np.arange(24, dtype=np.float32).reshape(4, 6), name="w")
+    assert np.shares_memory(np.frombuffer(_stored_bytes(weight), np.uint8), weight.raw)
+    packed = ir.Tensor(np.arange(-6, 6, dtype=np.int8).astype(ml_dtypes.int4), dtype=ir.DataType.INT4, name="q")
+    spill = SpillFile(tmp_path / "spill")
+    for tensor in (weight, packed, ir.Tensor(np.arange(24, dtype=np.float32).reshape(4, 6).T, name="t")):
+        assert spill.store(tensor).tobytes() == tensor.tobytes()
 
 
 # ------------------------------------------------------------------------------------------------ one-line errors

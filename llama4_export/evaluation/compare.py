@@ -147,19 +147,20 @@ def compare_artifact(directory: str | Path, batch: int = 2, prefill_tokens: int 
     limits = (manifest.get("tensorrt") or {}).get("builder", {}).get("limits")
     chunk_slots, global_slots = (limits["chunk_slots"], limits["global_slots"]) if limits else (chunk, chunk + 6)
     quantized = manifest.get("precision") not in ("fp32", "fp16")
+    in_place = manifest.get("kv_layout") == "in_place"
     comparisons = []
     for name in sorted(graphs):
         tokens = graphs[name].get("new_tokens") or prefill_tokens
         rows = min(batch, limits["max_batch"]) if limits else batch
         path = directory / graphs[name]["file"]
-        if manifest.get("kv_layout") == "in_place":
+        if in_place:
             feeds = sample_feeds(ir.load(path), seed)
         else:
             feeds = graph_feeds(config, rows, tokens, chunk_slots, global_slots, kv_dtype, seed)
             if io_spec.takes_logits_index(config, range(config.num_hidden_layers), graphs[name].get("new_tokens")):
                 feeds[io_spec.LOGITS_INDEX] = np.tile(np.arange(tokens, dtype=np.int64), (rows, 1))  # every token's logits
         ort_out = run_ort(path, feeds)
-        if manifest.get("kv_layout") == "in_place":
+        if in_place:
             ort_out = written_slots(config, feeds, ort_out)
         if problem is None and name in engines:
             comparisons.append(Comparison(name, "tensorrt", deviations(_run_tensorrt(directory, engines[name], feeds, ort_out), ort_out)))

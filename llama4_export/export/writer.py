@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -247,7 +248,7 @@ class SpillFile:
         self._stored: dict[bytes, int] = {}  # sha256 of the bytes -> offset
 
     def store(self, tensor: ir.TensorProtocol) -> _UncachedExternalTensor:
-        raw = tensor.tobytes()
+        raw = _stored_bytes(tensor)
         digest = hashlib.sha256(raw).digest()
         offset = self._stored.get(digest)
         if offset is None:
@@ -256,6 +257,21 @@ class SpillFile:
                 f.write(raw)
         return _UncachedExternalTensor(self.path.name, offset, len(raw), tensor.dtype, shape=tensor.shape,
                                        name=tensor.name, base_dir=self.path.parent)
+
+
+def _stored_bytes(tensor: ir.TensorProtocol) -> memoryview | bytes:
+    """The bytes ONNX stores for `tensor`: a view of its array where that array already is those bytes (tobytes()
+    would copy it: a second 4.1 GB in memory for Scout's transposed fp32 lm_head), else tobytes() (sub-byte types
+    are packed, so that copy is the smaller one)."""
+    if isinstance(tensor, ir.PackedTensor):
+        array = tensor.numpy_packed()
+    elif isinstance(tensor, ir.Tensor) and isinstance(tensor.raw, np.ndarray) and tensor.dtype.bitwidth >= 8:
+        array = tensor.raw
+    else:
+        return tensor.tobytes()
+    if sys.byteorder != "little" or not array.flags.c_contiguous:
+        return tensor.tobytes()
+    return memoryview(array.reshape(-1).view(np.uint8))
 
 
 class _SpillingInitializers(_graph_containers.GraphInitializers):

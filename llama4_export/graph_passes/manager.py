@@ -10,6 +10,7 @@ the graph's outputs did not move beyond the stated tolerance (verify.py).
 from __future__ import annotations
 
 import collections
+import gc
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -124,6 +125,11 @@ def run_passes(model: ir.Model, passes: list[GraphPass], context: PassContext, v
             raise GraphPassError(f"pass {graph_pass.name!r} needs {', '.join(missing)} from an earlier pass; fix the pass order")
         before = op_histogram(model)
         rewrites = graph_pass.apply(model, context)
+        # What a pass removes (nodes, initializers and the tensors they hold) stays reachable through the ir objects'
+        # references to each other (a value lists the nodes that use it), so only the cyclic collector frees it, and
+        # with a graph's many live objects its full collections almost never run: a streamed Scout-shape int4 export
+        # piled up dead weights to 6.6 GB peak RSS without this, 3.2 GB with it (~2 % of the export's time).
+        gc.collect()
         record = PassRecord(graph_pass.name, graph_pass.doc, rewrites, before, op_histogram(model))
         if verifier is not None:
             record.deviation, record.worst_output = verifier.check(model, graph_pass.name)

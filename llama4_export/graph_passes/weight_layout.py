@@ -33,6 +33,14 @@ def _transposed(tensor: ir.TensorProtocol) -> np.ndarray:
     return out
 
 
+def _transposed_initializer(weight: ir.Value, name: str) -> ir.Value:
+    """A new initializer holding weight.T; built in its own frame so that no local keeps the array alive once the graph
+    has spilled it to disk."""
+    data = _transposed(weight.const_value)
+    return ir.Value(name=name, type=weight.type, shape=ir.Shape(data.shape),
+                    const_value=ir.Tensor(data, dtype=weight.dtype, name=name))
+
+
 def store_weights_transposed(model: ir.Model, context: PassContext) -> int:
     """Transpose(W initializer, perm [1, 0]) → initializer W.T (the transposed data)"""
     graph, count = model.graph, 0
@@ -45,10 +53,7 @@ def store_weights_transposed(model: ir.Model, context: PassContext) -> int:
             continue
         name = weight.name + TRANSPOSED_SUFFIX
         if name not in graph.initializers:
-            data = _transposed(weight.const_value)
-            value = ir.Value(name=name, type=weight.type, shape=ir.Shape(data.shape),
-                             const_value=ir.Tensor(data, dtype=weight.dtype, name=name))
-            graph.register_initializer(value)
+            graph.register_initializer(_transposed_initializer(weight, name))
         node.outputs[0].replace_all_uses_with(graph.initializers[name], replace_graph_outputs=True)
         graph.remove(node, safe=True)
         count += 1
