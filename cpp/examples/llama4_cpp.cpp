@@ -1,0 +1,219 @@
+// llama4-cpp: generate from a llama4-export artifact with the C++ runtime; `--json` prints the object
+// `llama4-run --json` prints. Bad input: one line on stderr and exit status 2 (as llama4-run).
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "llama4rt.hpp"
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: llama4-cpp ARTIFACT (--ids 1,2,3 | --prompt TEXT) [-n N] [--window W] [--sinks S]\n"
+    "                  [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S]\n"
+    "                  [--threads N] [--stream] [--json] [--rss-steps 200,2000]\n"
+    "Generates a continuation (greedy unless --temperature) with the sliding KV cache, as llama4-run does.\n"
+    "  --json        print {\"prompt_ids\", \"token_ids\", \"text\", \"stop_reason\"} as llama4-run --json does\n"
+    "  --stream      print each token as it is chosen\n"
+    "  --rss-steps   after each listed step, print `rss step=N kb=K` (resident memory) on stderr\n";
+
+struct Usage {
+  std::string message;
+};
+
+int64_t parse_int(const std::string& flag, const std::string& text) {
+  try {
+    size_t used = 0;
+    const long long value = std::stoll(text, &used);
+    if (used == text.size()) return value;
+  } catch (const std::exception&) {
+  }
+  throw Usage{flag + " " + text + ": expected an integer"};
+}
+
+double parse_float(const std::string& flag, const std::string& text) {
+  try {
+    size_t used = 0;
+    const double value = std::stod(text, &used);
+    if (used == text.size()) return value;
+  } catch (const std::exception&) {
+  }
+  throw Usage{flag + " " + text + ": expected a number"};
+}
+
+// llama4-run's --ids: comma-separated integers, spaces ignored, empty items skipped.
+std::vector<int64_t> parse_ids(const std::string& flag, const std::string& text) {
+  std::string compact;
+  for (char ch : text)
+    if (ch != ' ') compact += ch;
+  std::vector<int64_t> ids;
+  std::stringstream items(compact);
+  for (std::string item; std::getline(items, item, ',');) {
+    if (item.empty()) continue;
+    try {
+      ids.push_back(parse_int(flag, item));
+    } catch (const Usage&) {
+      throw Usage{flag + " '" + text + "': expected comma-separated integers, e.g. \"1,2,3\""};
+    }
+  }
+  return ids;
+}
+
+std::string join(const std::vector<int64_t>& ids, const char* separator) {
+  std::string out;
+  for (size_t i = 0; i < ids.size(); ++i) out += (i ? separator : "") + std::to_string(ids[i]);
+  return out;
+}
+
+// A JSON string as Python's json.dumps writes it (ensure_ascii: every character outside ' '..'~' as \uXXXX).
+std::string json_string(const std::string& utf8) {
+  std::string out = "\"";
+  char buffer[16];
+  auto escape = [&](uint32_t unit) {
+    std::snprintf(buffer, sizeof buffer, "\\u%04x", unit);
+    out += buffer;
+  };
+  for (size_t i = 0; i < utf8.size();) {
+    const auto byte = static_cast<unsigned char>(utf8[i]);
+    const int length = byte < 0x80 ? 1 : byte >= 0xF0 ? 4 : byte >= 0xE0 ? 3 : 2;
+    uint32_t cp = length == 1 ? byte : byte & (0x3F >> (length - 1));
+    for (int k = 1; k < length && i + k < utf8.size(); ++k) cp = cp << 6 | (static_cast<unsigned char>(utf8[i + k]) & 0x3F);
+    i += length;
+    switch (cp) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      default:
+        if (cp >= 0x20 && cp <= 0x7E) {
+          out += static_cast<char>(cp);
+        } else if (cp > 0xFFFF) {  // a UTF-16 surrogate pair
+          escape(0xD800 + ((cp - 0x10000) >> 10));
+          escape(0xDC00 + ((cp - 0x10000) & 0x3FF));
+        } else {
+          escape(cp);
+        }
+    }
+  }
+  return out + "\"";
+}
+
+long resident_kb() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);)
+    if (line.rfind("VmRSS:", 0) == 0) return std::strtol(line.c_str() + 6, nullptr, 10);
+  return -1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  std::string artifact;
+  std::optional<std::vector<int64_t>> ids;
+  std::optional<std::string> prompt;
+  std::vector<int64_t> rss_steps;
+  bool as_json = false, stream = false;
+  llama4rt::OpenOptions open_options;
+  llama4rt::GenerateOptions options;
+  try {
+    for (size_t i = 0; i < args.size(); ++i) {
+      const std::string& flag = args[i];
+      auto value = [&]() -> const std::string& {
+        if (i + 1 >= args.size()) throw Usage{flag + ": needs a value"};
+        return args[++i];
+      };
+      if (flag == "-h" || flag == "--help") {
+        std::cout << kUsage;
+        return 0;
+      } else if (flag == "--ids") {
+        ids = parse_ids(flag, value());
+      } else if (flag == "--prompt") {
+        prompt = value();
+      } else if (flag == "-n" || flag == "--max-new-tokens") {
+        options.max_new_tokens = parse_int(flag, value());
+      } else if (flag == "--window") {
+        open_options.window = parse_int(flag, value());
+      } else if (flag == "--sinks") {
+        open_options.sinks = parse_int(flag, value());
+      } else if (flag == "--threads") {
+        open_options.threads = static_cast<int>(parse_int(flag, value()));
+      } else if (flag == "--temperature") {
+        options.temperature = parse_float(flag, value());
+      } else if (flag == "--top-k") {
+        options.top_k = parse_int(flag, value());
+      } else if (flag == "--top-p") {
+        options.top_p = parse_float(flag, value());
+      } else if (flag == "--repetition-penalty") {
+        options.repetition_penalty = parse_float(flag, value());
+      } else if (flag == "--seed") {
+        const int64_t seed = parse_int(flag, value());
+        if (seed < 0) throw Usage{"--seed " + std::to_string(seed) + ": must be >= 0"};
+        options.seed = static_cast<uint64_t>(seed);
+      } else if (flag == "--json") {
+        as_json = true;
+      } else if (flag == "--stream") {
+        stream = true;
+      } else if (flag == "--rss-steps") {
+        rss_steps = parse_ids(flag, value());
+      } else if (!flag.empty() && flag[0] == '-') {
+        throw Usage{"unknown option " + flag + " (see --help)"};
+      } else if (artifact.empty()) {
+        artifact = flag;
+      } else {
+        throw Usage{"unexpected argument " + flag + " (one ARTIFACT directory; see --help)"};
+      }
+    }
+    if (artifact.empty()) throw Usage{"give the ARTIFACT directory (see --help)"};
+    if (ids.has_value() == prompt.has_value()) throw Usage{"give exactly one of --prompt TEXT or --ids 1,2,3"};
+
+    llama4rt::Model model = llama4rt::Model::open(artifact, open_options);
+    const std::vector<int64_t> prompt_ids = ids ? *ids : model.encode(*prompt);
+    int64_t step = 0;
+    bool printed = false;
+    const bool text_stream = stream && !as_json && model.has_tokenizer();
+    std::vector<int64_t> streamed;
+    std::string streamed_text;
+    auto on_token = [&](int64_t token, bool stop) {
+      ++step;
+      for (int64_t s : rss_steps)
+        if (s == step) std::cerr << "rss step=" << step << " kb=" << resident_kb() << std::endl;
+      if (!stream || as_json || stop) return;
+      if (text_stream) {  // print the text the new token completes (decode of all so far, minus what was printed)
+        streamed.push_back(token);
+        const std::string text = model.decode(streamed);
+        if (text.size() >= 3 && text.compare(text.size() - 3, 3, "\xEF\xBF\xBD") == 0) return;  // incomplete UTF-8
+        std::cout << text.substr(streamed_text.size()) << std::flush;
+        streamed_text = text;
+      } else {
+        std::cout << (printed ? "," : "") << token << std::flush;
+        printed = true;
+      }
+    };
+    const llama4rt::Result result = model.generate(prompt_ids, options, on_token);
+    if (as_json) {
+      std::cout << "{\"prompt_ids\": [" << join(result.prompt_ids, ", ") << "], \"token_ids\": ["
+                << join(result.token_ids, ", ") << "], \"text\": " << (result.text ? json_string(*result.text) : "null")
+                << ", \"stop_reason\": \"" << result.stop_reason << "\"}" << std::endl;
+    } else if (stream) {
+      std::cout << std::endl;
+    } else {
+      std::cout << (result.text ? *result.text : join(result.token_ids, ",")) << std::endl;
+    }
+    return 0;
+  } catch (const Usage& usage) {
+    std::cerr << "error: " << usage.message << std::endl;
+  } catch (const llama4rt::Error& error) {
+    std::cerr << "error: " << error.what() << std::endl;
+  }
+  return 2;
+}
