@@ -17,9 +17,10 @@ namespace {
 constexpr const char* kUsage =
     "usage: llama4-cpp ARTIFACT (--ids 1,2,3 | --prompt TEXT) [-n N] [--window W] [--sinks S]\n"
     "                  [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S]\n"
-    "                  [--threads N] [--stream] [--json] [--rss-steps 200,2000]\n"
+    "                  [--threads N] [--no-stop] [--stream] [--json] [--rss-steps 200,2000]\n"
     "Generates a continuation (greedy unless --temperature) with the sliding KV cache, as llama4-run does.\n"
     "  --json        print {\"prompt_ids\", \"token_ids\", \"text\", \"stop_reason\"} as llama4-run --json does\n"
+    "  --no-stop     generate exactly N tokens: no stop tokens (as the benchmarks run)\n"
     "  --stream      print each token as it is chosen\n"
     "  --rss-steps   after each listed step, print `rss step=N kb=K` (resident memory) on stderr\n";
 
@@ -159,6 +160,8 @@ int main(int argc, char** argv) {
         const int64_t seed = parse_int(flag, value());
         if (seed < 0) throw Usage{"--seed " + std::to_string(seed) + ": must be >= 0"};
         options.seed = static_cast<uint64_t>(seed);
+      } else if (flag == "--no-stop") {
+        options.stop_tokens = std::vector<int64_t>{};
       } else if (flag == "--json") {
         as_json = true;
       } else if (flag == "--stream") {
