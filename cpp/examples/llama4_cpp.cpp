@@ -1,5 +1,6 @@
 // llama4-cpp: generate from a llama4-export artifact with the C++ runtime; `--json` prints the object
 // `llama4-run --json` prints. Bad input: one line on stderr and exit status 2 (as llama4-run).
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -17,11 +18,13 @@ namespace {
 constexpr const char* kUsage =
     "usage: llama4-cpp ARTIFACT (--ids 1,2,3 | --prompt TEXT) [-n N] [--window W] [--sinks S]\n"
     "                  [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S]\n"
-    "                  [--threads N] [--no-stop] [--stream] [--json] [--rss-steps 200,2000]\n"
+    "                  [--threads N] [--no-stop] [--stream] [--json] [--stats] [--rss-steps 200,2000]\n"
     "Generates a continuation (greedy unless --temperature) with the sliding KV cache, as llama4-run does.\n"
     "  --json        print {\"prompt_ids\", \"token_ids\", \"text\", \"stop_reason\"} as llama4-run --json does\n"
     "  --no-stop     generate exactly N tokens: no stop tokens (as the benchmarks run)\n"
     "  --stream      print each token as it is chosen\n"
+    "  --stats       print prefill and decode tokens/s as one JSON line on stderr (decode: the tokens after the\n"
+    "                first, over the time since it was chosen)\n"
     "  --rss-steps   after each listed step, print `rss step=N kb=K` (resident memory) on stderr\n";
 
 struct Usage {
@@ -123,7 +126,7 @@ int main(int argc, char** argv) {
   std::optional<std::vector<int64_t>> ids;
   std::optional<std::string> prompt;
   std::vector<int64_t> rss_steps;
-  bool as_json = false, stream = false;
+  bool as_json = false, stream = false, stats = false;
   llama4rt::OpenOptions open_options;
   llama4rt::GenerateOptions options;
   try {
@@ -164,6 +167,8 @@ int main(int argc, char** argv) {
         options.stop_tokens = std::vector<int64_t>{};
       } else if (flag == "--json") {
         as_json = true;
+      } else if (flag == "--stats") {
+        stats = true;
       } else if (flag == "--stream") {
         stream = true;
       } else if (flag == "--rss-steps") {
@@ -186,8 +191,11 @@ int main(int argc, char** argv) {
     const bool text_stream = stream && !as_json && model.has_tokenizer();
     std::vector<int64_t> streamed;
     std::string streamed_text;
+    using Clock = std::chrono::steady_clock;
+    Clock::time_point first_token, last_token;
     auto on_token = [&](int64_t token, bool stop) {
-      ++step;
+      last_token = Clock::now();
+      if (++step == 1) first_token = last_token;
       for (int64_t s : rss_steps)
         if (s == step) std::cerr << "rss step=" << step << " kb=" << resident_kb() << std::endl;
       if (!stream || as_json || stop) return;
@@ -202,7 +210,15 @@ int main(int argc, char** argv) {
         printed = true;
       }
     };
+    const Clock::time_point start = Clock::now();
     const llama4rt::Result result = model.generate(prompt_ids, options, on_token);
+    if (stats && step > 0) {
+      const double prefill_s = std::chrono::duration<double>(first_token - start).count();
+      const double decode_s = std::chrono::duration<double>(last_token - first_token).count();
+      std::cerr << "{\"prompt_tokens\": " << prompt_ids.size() << ", \"prefill_tok_s\": " << prompt_ids.size() / prefill_s
+                << ", \"new_tokens\": " << step << ", \"decode_tok_s\": " << (step > 1 ? (step - 1) / decode_s : 0.0)
+                << "}" << std::endl;
+    }
     if (as_json) {
       std::cout << "{\"prompt_ids\": [" << join(result.prompt_ids, ", ") << "], \"token_ids\": ["
                 << join(result.token_ids, ", ") << "], \"text\": " << (result.text ? json_string(*result.text) : "null")
