@@ -175,8 +175,8 @@ def broken_manifest(tmp_path, tiny):
 
 def other_format_version(tmp_path, tiny):
     art = copy_artifact(tiny["fp32"], tmp_path / "art")
-    edit_manifest(art, lambda m: m.update(format_version=2))
-    return art, ["--ids", "1"], "artifact format version 2"
+    edit_manifest(art, lambda m: m.update(format_version=1))
+    return art, ["--ids", "1"], "artifact format version 1, but this llama4rt reads version 2"
 
 
 def missing_graph(tmp_path, tiny):

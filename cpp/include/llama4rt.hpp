@@ -24,7 +24,7 @@
 namespace llama4rt {
 
 // The artifact format version (manifest.json "format_version") this library reads; others are refused.
-constexpr int kFormatVersion = 1;
+constexpr int kFormatVersion = 2;
 
 class Error : public std::runtime_error {
  public:

@@ -113,6 +113,20 @@ ModelConfig parse_config(const json& manifest, const std::string& source) {
   return c;
 }
 
+// ort_backend._one_graph_serves_both: with the MoE lowered to an ONNX Runtime op that routes each token to its expert
+// in both graphs, the prefill graph computes a one-token step exactly as the decode graph does, so it serves both
+// (and ONNX Runtime prepacks its weights once).
+bool one_graph_serves_both(const json& graphs) {
+  auto lowering = [&](const char* name) {
+    const json& g = graphs[name];
+    return g.contains("moe_lowering") && g["moe_lowering"].is_string() ? g["moe_lowering"].get<std::string>()
+                                                                       : std::string();
+  };
+  const std::string decode = lowering("decode");
+  return decode == lowering("prefill") &&
+         (decode.find("QMoE") != std::string::npos || decode.find("com.microsoft.MoE") != std::string::npos);
+}
+
 // runtime/ort_backend.py artifact_parts: each part's graphs, in layer order, and the prefill limit.
 void read_parts(const json& manifest, const fs::path& directory, Artifact& artifact) {
   std::vector<std::pair<fs::path, std::pair<int64_t, int64_t>>> listed;
@@ -145,6 +159,7 @@ void read_parts(const json& manifest, const fs::path& directory, Artifact& artif
       part.prefill = (part_dir / graphs["prefill"]["file"].get<std::string>()).string();
       if (graphs["prefill"].contains("max_new_tokens") && graphs["prefill"]["max_new_tokens"].is_number_integer())
         artifact.max_prefill_tokens = graphs["prefill"]["max_new_tokens"].get<int64_t>();
+      if (one_graph_serves_both(graphs)) part.decode = part.prefill;
     }
     if (part.first_layer != expected_first || part.end_layer <= part.first_layer)
       throw Error(directory.string() + ": the partitions do not cover layers 0.." +
@@ -187,6 +202,8 @@ Artifact read_artifact(const std::string& directory_name) {
     const json dtypes = manifest.value("dtypes", json::object());
     if (dtypes.is_object() && dtypes.contains("kv_cache") && dtypes["kv_cache"].is_string())
       artifact.kv_cache_dtype = dtypes["kv_cache"].get<std::string>();
+    if (manifest.contains("kv_layout") && manifest["kv_layout"].is_string())
+      artifact.kv_layout = manifest["kv_layout"].get<std::string>();
   } catch (const json::exception& e) {  // a field of the wrong JSON type
     throw Error(artifact.manifest_path + ": malformed field (" + first_line(e.what()) + "); re-run the export");
   }

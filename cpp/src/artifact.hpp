@@ -37,6 +37,7 @@ struct Artifact {
   std::vector<PartGraphs> parts;
   int64_t max_prefill_tokens = 512;
   std::optional<std::string> kv_cache_dtype;  // manifest dtypes.kv_cache, when it says
+  std::optional<std::string> kv_layout;       // manifest kv_layout ("in_place" or "positions"), when it says
   std::vector<int64_t> stop_tokens;           // config eos ∪ generation_config.json eos, sorted
 };
 

@@ -15,9 +15,10 @@ constexpr int64_t kInitialSlots = 64;  // runtime/kv_cache.py INITIAL_SLOTS
 
 void SlidingKVCache::FreeDeleter::operator()(uint8_t* p) const { std::free(p); }
 
-SlidingKVCache::SlidingKVCache(const ModelConfig& config, int64_t window, int64_t sinks, size_t itemsize, bool grow,
-                               int64_t max_step_tokens)
-    : window_(window), kv_heads_(config.num_key_value_heads), head_dim_(config.head_dim), itemsize_(itemsize) {
+SlidingKVCache::SlidingKVCache(const ModelConfig& config, KVLayout layout, int64_t window, int64_t sinks,
+                               size_t itemsize, bool grow, int64_t max_step_tokens)
+    : layout_(layout), window_(window), max_step_(std::max<int64_t>(max_step_tokens, 1)),
+      kv_heads_(config.num_key_value_heads), head_dim_(config.head_dim), itemsize_(itemsize) {
   if (sinks < 0)
     throw Error("sinks=" + std::to_string(sinks) + ": the number of sink tokens cannot be negative");
   if (window < sinks + 1)
@@ -27,14 +28,16 @@ SlidingKVCache::SlidingKVCache(const ModelConfig& config, int64_t window, int64_
   // Without a chunk size RoPE layers attend globally too, so they slide like the global layers.
   Kind& chunked = kind_[index(AttentionKind::kChunked)];
   chunked.chunk_policy = config.attention_chunk_size.has_value();
-  chunked.capacity = chunked.chunk_policy ? *config.attention_chunk_size : window;
+  chunked.slots = chunked.chunk_policy ? *config.attention_chunk_size : window;
   chunked.sinks = chunked.chunk_policy ? 0 : sinks;
   Kind& global = kind_[index(AttentionKind::kGlobal)];
-  global.capacity = window;
+  global.slots = window;
   global.sinks = sinks;
   for (Kind& kind : kind_) {
+    // In place, a step's tokens land behind a full window before they move into the ring (SinkRingSlots.capacity).
+    kind.capacity = kind.slots + (layout == KVLayout::kInPlace && !kind.chunk_policy ? max_step_ : 0);
     kind.size = grow ? std::min(kind.capacity, kInitialSlots) : kind.capacity;
-    kind.positions.assign(kind.capacity, -1);
+    if (layout == KVLayout::kPositions) kind.positions.assign(kind.capacity, -1);
   }
   for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
     Kind& kind = kind_[index(config.kinds[layer])];
@@ -48,32 +51,24 @@ SlidingKVCache::SlidingKVCache(const ModelConfig& config, int64_t window, int64_
       buffers->emplace_back(memory);
     }
   }
-  keep_.reserve(std::max<int64_t>(max_step_tokens, 1));
-  slot_.reserve(std::max<int64_t>(max_step_tokens, 1));
+  keep_.reserve(max_step_);
+  slot_.reserve(max_step_);
+  step_.reserve(max_step_);
 }
 
 void SlidingKVCache::reset() {
-  for (Kind& kind : kind_) std::fill(kind.positions.begin(), kind.positions.end(), -1);
+  for (Kind& kind : kind_) {
+    std::fill(kind.positions.begin(), kind.positions.end(), -1);
+    kind.filled = 0;
+  }
   length_ = 0;
 }
 
-void SlidingKVCache::place(Kind& kind, const int64_t* positions, int64_t tokens) {
+// SinkRingSlots.place: sink positions keep their own slot; of the rest only the last W - S survive a long step.
+void SlidingKVCache::place_ring(const Kind& kind, const int64_t* positions, int64_t tokens) {
   keep_.clear();
   slot_.clear();
-  int64_t* row = kind.positions.data();
-  if (kind.chunk_policy) {  // ChunkSlots.place: keep the tokens in the chunk of the step's last token
-    const int64_t chunk = positions[tokens - 1] / kind.capacity;
-    for (int64_t s = 0; s < kind.size; ++s)
-      if (row[s] >= 0 && row[s] / kind.capacity != chunk) row[s] = -1;
-    for (int64_t t = 0; t < tokens; ++t) {
-      if (positions[t] / kind.capacity != chunk) continue;
-      keep_.push_back(t);
-      slot_.push_back(positions[t] % kind.capacity);
-    }
-    return;
-  }
-  // SinkRingSlots.place: sink positions keep their own slot; of the rest only the last W - S survive a long step.
-  const int64_t ring = kind.capacity - kind.sinks;
+  const int64_t ring = kind.slots - kind.sinks;
   int64_t ring_tokens = 0;
   for (int64_t t = 0; t < tokens; ++t) {
     if (positions[t] < kind.sinks) {
@@ -91,8 +86,12 @@ void SlidingKVCache::place(Kind& kind, const int64_t* positions, int64_t tokens)
   }
 }
 
-void SlidingKVCache::reserve(Kind& kind, int64_t needed) {
+// _Buffers._new_size + _grow_buffers: double (at least to `needed`), capped at the capacity.
+void SlidingKVCache::grow(Kind& kind, int64_t needed) {
   if (needed <= kind.size) return;
+  if (needed > kind.capacity)
+    throw Error("internal: " + std::to_string(needed) + " cache slots needed, " + std::to_string(kind.capacity) +
+                " allocated at most");
   const int64_t old_size = kind.size;
   const int64_t new_size = std::min(kind.capacity, std::max(needed, 2 * old_size));
   // Re-lay [kv_heads, old_size, head_dim] out as [kv_heads, new_size, head_dim] in place: the last head moves first,
@@ -111,6 +110,18 @@ void SlidingKVCache::reserve(Kind& kind, int64_t needed) {
   ++reallocations_;
 }
 
+void SlidingKVCache::copy_slots(const Kind& kind, int64_t from, int64_t to) {
+  const size_t row = static_cast<size_t>(head_dim_) * itemsize_;
+  for (int64_t layer : kind.layers) {
+    for (uint8_t* base : {keys(layer), values(layer)}) {
+      for (int64_t h = 0; h < kv_heads_; ++h) {
+        uint8_t* head = base + static_cast<size_t>(h * kind.size) * row;
+        std::memcpy(head + static_cast<size_t>(to) * row, head + static_cast<size_t>(from) * row, row);
+      }
+    }
+  }
+}
+
 void SlidingKVCache::update(const int64_t* positions, int64_t tokens, const std::vector<const uint8_t*>& new_keys,
                             const std::vector<const uint8_t*>& new_values) {
   for (int64_t t = 0; t < tokens; ++t) {
@@ -120,9 +131,23 @@ void SlidingKVCache::update(const int64_t* positions, int64_t tokens, const std:
   if (tokens == 0) return;
   const size_t row = static_cast<size_t>(head_dim_) * itemsize_;
   for (Kind& kind : kind_) {
-    place(kind, positions, tokens);
-    if (!slot_.empty()) reserve(kind, *std::max_element(slot_.begin(), slot_.end()) + 1);
-    for (size_t k = 0; k < keep_.size(); ++k) kind.positions[slot_[k]] = positions[keep_[k]];
+    int64_t* held = kind.positions.data();
+    if (kind.chunk_policy) {  // ChunkSlots.place: keep the tokens in the chunk of the step's last token
+      keep_.clear();
+      slot_.clear();
+      const int64_t chunk = positions[tokens - 1] / kind.slots;
+      for (int64_t s = 0; s < kind.size; ++s)
+        if (held[s] >= 0 && held[s] / kind.slots != chunk) held[s] = -1;
+      for (int64_t t = 0; t < tokens; ++t) {
+        if (positions[t] / kind.slots != chunk) continue;
+        keep_.push_back(t);
+        slot_.push_back(positions[t] % kind.slots);
+      }
+    } else {
+      place_ring(kind, positions, tokens);
+    }
+    if (!slot_.empty()) grow(kind, *std::max_element(slot_.begin(), slot_.end()) + 1);
+    for (size_t k = 0; k < keep_.size(); ++k) held[slot_[k]] = positions[keep_[k]];
     for (int64_t layer : kind.layers) {
       for (int which = 0; which < 2; ++which) {
         uint8_t* cache = which == 0 ? keys(layer) : values(layer);
@@ -135,6 +160,47 @@ void SlidingKVCache::update(const int64_t* positions, int64_t tokens, const std:
         }
       }
     }
+  }
+  length_ += tokens;
+}
+
+// InPlaceKVCache.piece_limit: at most max_step tokens, and up to the end of the current chunk.
+int64_t SlidingKVCache::piece_limit() const {
+  int64_t limit = max_step_;
+  for (const Kind& kind : kind_)
+    if (kind.chunk_policy) limit = std::min(limit, kind.slots - length_ % kind.slots);
+  return limit;
+}
+
+void SlidingKVCache::reserve(int64_t tokens) {
+  for (Kind& kind : kind_) grow(kind, kind.filled + tokens);
+}
+
+// InPlaceKVCache.advance, ChunkSlots.appended and SinkRingSlots.appended for one row.
+void SlidingKVCache::advance(int64_t tokens) {
+  if (tokens == 0) return;
+  const int64_t first = length_;
+  for (Kind& kind : kind_) {
+    if (kind.chunk_policy) {
+      if (kind.filled != first % kind.slots || (first + tokens - 1) / kind.slots != first / kind.slots)
+        throw Error("internal: positions " + std::to_string(first) + ".." + std::to_string(first + tokens - 1) +
+                    " do not continue a chunk holding " + std::to_string(kind.filled) + " slots");
+      kind.filled = (first + tokens) % kind.slots;
+      continue;
+    }
+    if (kind.filled != std::min(first, kind.slots))
+      throw Error("internal: positions from " + std::to_string(first) + " do not continue a window holding " +
+                  std::to_string(kind.filled) + " slots");
+    step_.clear();
+    for (int64_t t = 0; t < tokens; ++t) step_.push_back(first + t);
+    place_ring(kind, step_.data(), tokens);
+    // The graphs wrote token t at slot filled + t; the ones whose ring slot differs move there. Sources past the
+    // window are never a destination (those are below W), so moving in order reads every source intact.
+    for (size_t k = 0; k < keep_.size(); ++k) {
+      const int64_t source = kind.filled + keep_[k];
+      if (source != slot_[k]) copy_slots(kind, source, slot_[k]);
+    }
+    kind.filled = std::min(kind.filled + tokens, kind.slots);
   }
   length_ += tokens;
 }

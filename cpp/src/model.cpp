@@ -25,27 +25,38 @@ constexpr const char* kPositions = "positions";
 constexpr const char* kHiddenIn = "hidden_states";
 constexpr const char* kLogits = "logits";
 constexpr const char* kHiddenOut = "hidden_states_out";
-const char* past_positions_name(AttentionKind kind) {
-  return kind == AttentionKind::kChunked ? "past_positions_chunked" : "past_positions_global";
+constexpr const char* kLogitsIndex = "logits_index";
+constexpr AttentionKind kKinds[] = {AttentionKind::kChunked, AttentionKind::kGlobal};
+// The per-kind cache index: slot positions [batch, slots] (positions layout) or valid lengths [batch] (in_place).
+const char* cache_index_name(KVLayout layout, AttentionKind kind) {
+  const bool chunked = kind == AttentionKind::kChunked;
+  if (layout == KVLayout::kInPlace) return chunked ? "past_lengths_chunked" : "past_lengths_global";
+  return chunked ? "past_positions_chunked" : "past_positions_global";
 }
 std::string layer_name(const char* prefix, int64_t layer) { return prefix + std::to_string(layer); }
+// The K/V outputs: the new tokens' (positions) or the past buffers with them appended (in_place).
+const char* out_key_prefix(KVLayout layout) { return layout == KVLayout::kInPlace ? "present_key." : "new_key."; }
+const char* out_value_prefix(KVLayout layout) { return layout == KVLayout::kInPlace ? "present_value." : "new_value."; }
 
-std::vector<std::string> input_names(const PartGraphs& part) {
-  std::vector<std::string> names = {part.first_layer == 0 ? kInputIds : kHiddenIn, kPositions,
-                                    past_positions_name(AttentionKind::kChunked),
-                                    past_positions_name(AttentionKind::kGlobal)};
+bool is_last(const ModelConfig& c, const PartGraphs& part) { return part.end_layer == c.num_hidden_layers; }
+
+std::vector<std::string> input_names(const ModelConfig& c, const PartGraphs& part, KVLayout layout,
+                                     bool logits_index) {
+  std::vector<std::string> names = {part.first_layer == 0 ? kInputIds : kHiddenIn, kPositions};
+  for (AttentionKind kind : kKinds) names.push_back(cache_index_name(layout, kind));
   for (int64_t i = part.first_layer; i < part.end_layer; ++i) {
     names.push_back(layer_name("past_key.", i));
     names.push_back(layer_name("past_value.", i));
   }
+  if (logits_index && is_last(c, part)) names.push_back(kLogitsIndex);
   return names;
 }
 
-std::vector<std::string> output_names(const ModelConfig& c, const PartGraphs& part) {
-  std::vector<std::string> names = {part.end_layer == c.num_hidden_layers ? kLogits : kHiddenOut};
+std::vector<std::string> output_names(const ModelConfig& c, const PartGraphs& part, KVLayout layout) {
+  std::vector<std::string> names = {is_last(c, part) ? kLogits : kHiddenOut};
   for (int64_t i = part.first_layer; i < part.end_layer; ++i) {
-    names.push_back(layer_name("new_key.", i));
-    names.push_back(layer_name("new_value.", i));
+    names.push_back(layer_name(out_key_prefix(layout), i));
+    names.push_back(layer_name(out_value_prefix(layout), i));
   }
   return names;
 }
@@ -105,11 +116,14 @@ struct Graph {
   std::string path;
   std::unique_ptr<Ort::Session> session;
   std::map<std::string, TensorSpec> inputs, outputs;
+  bool takes_logits_index = false;  // a prefill graph ending with the lm_head
 };
 
-void check_graph(const Graph& g, const ModelConfig& c, const PartGraphs& part, const std::string& manifest) {
+void check_graph(const Graph& g, const ModelConfig& c, const PartGraphs& part, KVLayout layout,
+                 const std::string& manifest) {
   const std::string fix = "; the graph does not match " + manifest + " — re-run the export";
-  const std::vector<std::string> expected_in = input_names(part), expected_out = output_names(c, part);
+  const std::vector<std::string> expected_in = input_names(c, part, layout, g.takes_logits_index);
+  const std::vector<std::string> expected_out = output_names(c, part, layout);
   for (const std::string& name : expected_in)
     if (!g.inputs.count(name)) throw Error(g.path + ": has no input '" + name + "'" + fix);
   for (const auto& [name, spec] : g.inputs)
@@ -123,15 +137,18 @@ void check_graph(const Graph& g, const ModelConfig& c, const PartGraphs& part, c
     if (spec.type != type || spec.shape.size() != rank)
       throw Error(g.path + ": '" + name + "' is not " + what + fix);
   };
-  for (const char* name : {kInputIds, kPositions})
+  for (const char* name : {kInputIds, kPositions, kLogitsIndex})
     if (g.inputs.count(name)) expect(name, g.inputs.at(name), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, 2, "int64 [batch, tokens]");
-  for (AttentionKind kind : {AttentionKind::kChunked, AttentionKind::kGlobal})
-    expect(past_positions_name(kind), g.inputs.at(past_positions_name(kind)), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, 2,
-           "int64 [batch, slots]");
-  const std::string& logits = expected_out[0];
-  if (logits == kLogits) {
-    const TensorSpec& spec = g.outputs.at(logits);
-    expect(logits, spec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 3, "float32 [batch, tokens, vocab]");
+  for (AttentionKind kind : kKinds) {
+    const char* name = cache_index_name(layout, kind);
+    if (layout == KVLayout::kInPlace)
+      expect(name, g.inputs.at(name), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, 1, "int64 [batch]");
+    else
+      expect(name, g.inputs.at(name), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, 2, "int64 [batch, slots]");
+  }
+  if (is_last(c, part)) {
+    const TensorSpec& spec = g.outputs.at(kLogits);
+    expect(kLogits, spec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 3, "float32 [batch, tokens, vocab]");
     if (spec.shape[2] >= 0 && spec.shape[2] != c.vocab_size)
       throw Error(g.path + ": logits have " + std::to_string(spec.shape[2]) + " entries per token, the config's "
                   "vocab_size is " + std::to_string(c.vocab_size) + fix);
@@ -142,14 +159,12 @@ void check_graph(const Graph& g, const ModelConfig& c, const PartGraphs& part, c
       throw Error(g.path + ": '" + name + "' is not [batch, " + std::to_string(c.num_key_value_heads) + " kv heads, " +
                   "slots, " + std::to_string(c.head_dim) + "] as the config says" + fix);
   };
-  for (size_t k = 4; k < expected_in.size(); ++k) check_kv(expected_in[k], g.inputs.at(expected_in[k]));
-  for (size_t k = 1; k < expected_out.size(); ++k) check_kv(expected_out[k], g.outputs.at(expected_out[k]));
-}
-
-std::vector<const char*> c_names(const std::vector<std::string>& names) {
-  std::vector<const char*> out;
-  for (const std::string& n : names) out.push_back(n.c_str());
-  return out;
+  for (int64_t i = part.first_layer; i < part.end_layer; ++i) {
+    for (const std::string& name : {layer_name("past_key.", i), layer_name("past_value.", i)})
+      check_kv(name, g.inputs.at(name));
+    for (const std::string& name : {layer_name(out_key_prefix(layout), i), layer_name(out_value_prefix(layout), i)})
+      check_kv(name, g.outputs.at(name));
+  }
 }
 
 }  // namespace
@@ -160,16 +175,16 @@ struct Model::Impl {
     Graph decode;
     std::unique_ptr<Graph> prefill_own;  // null when the part has no prefill graph or it is the decode file
     Graph* prefill = nullptr;
-    std::vector<std::string> in_names, out_names;
-    std::vector<const char*> in_ptrs, out_ptrs;
     ONNXTensorElementDataType out_type;  // logits (fp32) or the hidden states handed to the next part
-    std::vector<uint8_t> out;            // logits / hidden states of the step, [tokens, vocab or hidden]
+    std::vector<uint8_t> out;            // the step's logits [1, vocab] or hidden states [tokens, hidden]
   };
 
   Artifact artifact;
   Ort::Env env{ORT_LOGGING_LEVEL_ERROR, "llama4rt"};
   Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+  Ort::RunOptions run_options;
   std::vector<Part> parts;
+  KVLayout layout = KVLayout::kInPlace;
   ONNXTensorElementDataType cache_type;
   size_t cache_itemsize = 0;
   int64_t max_prefill_tokens = 1;
@@ -177,20 +192,25 @@ struct Model::Impl {
   std::unique_ptr<Sampler> sampler;
   std::unique_ptr<Tokenizer> tokenizer;
 
-  // Step buffers, sized once for the largest step: ids, positions, every layer's new K/V [1, kv_heads, T, head_dim].
+  // Step buffers, sized once for the largest step: ids, positions, the logits column wanted, and (positions layout)
+  // every layer's new K/V [1, kv_heads, T, head_dim].
   int64_t step_capacity = 0;
   std::vector<int64_t> ids, positions;
+  int64_t logits_index = 0;
   std::vector<std::vector<uint8_t>> new_keys, new_values;
   std::vector<const uint8_t*> new_key_ptrs, new_value_ptrs;
-  std::vector<float> last_logits;
-  // The decode step's tensors over those buffers, rebuilt only when the cache grows (Python's IOBinding reuse).
-  std::vector<std::vector<Ort::Value>> decode_in, decode_out;
+  // The decode step's bindings over those buffers and the cache, rebuilt only when the cache grows (OrtBackend's
+  // IOBinding reuse): a step then copies nothing but the ids and positions it writes into the bound buffers.
+  std::vector<Ort::IoBinding> decode_bindings;
   uint64_t decode_bound_at = ~uint64_t{0};
 
   void open(const std::string& directory, const OpenOptions& options);
   void reserve_steps(int64_t tokens);
-  void bind(int64_t tokens, std::vector<std::vector<Ort::Value>>& in, std::vector<std::vector<Ort::Value>>& out);
-  void forward(int64_t tokens);
+  std::vector<Ort::IoBinding> bind(bool prefill, int64_t tokens);
+  void run(std::vector<Ort::IoBinding>& bindings, bool prefill);
+  void decode(int64_t token);
+  void prefill(const int64_t* tokens, int64_t start, int64_t width);
+  Graph& graph(Part& p, bool prefill) { return prefill && p.prefill ? *p.prefill : p.decode; }
   Result generate(const std::vector<int64_t>& prompt, const GenerateOptions& options, const TokenCallback& on_token);
 };
 
@@ -214,7 +234,7 @@ void Model::Impl::open(const std::string& directory, const OpenOptions& options)
     }
     g.inputs = tensor_specs(*g.session, true);
     g.outputs = tensor_specs(*g.session, false);
-    check_graph(g, c, part, artifact.manifest_path);
+    g.takes_logits_index = is_last(c, part) && path == part.prefill;
     return g;
   };
   parts.resize(artifact.parts.size());
@@ -231,21 +251,27 @@ void Model::Impl::open(const std::string& directory, const OpenOptions& options)
       p.prefill_own = std::make_unique<Graph>(load(p.graphs.prefill, p.graphs));
       p.prefill = p.prefill_own.get();
     }
-    p.in_names = input_names(p.graphs);
-    p.out_names = output_names(c, p.graphs);
-    p.in_ptrs = c_names(p.in_names);
-    p.out_ptrs = c_names(p.out_names);
-    p.out_type = p.decode.outputs.at(p.out_names[0]).type;
+  }
+  // io_spec.kv_layout_of: the graphs' inputs say the layout; every graph and the manifest must agree.
+  layout = parts[0].decode.inputs.count(cache_index_name(KVLayout::kInPlace, AttentionKind::kGlobal))
+               ? KVLayout::kInPlace : KVLayout::kPositions;
+  const char* layout_name = layout == KVLayout::kInPlace ? "in_place" : "positions";
+  if (artifact.kv_layout && *artifact.kv_layout != layout_name)
+    throw Error(parts[0].graphs.decode + ": its KV cache inputs are of the " + layout_name + " layout but " +
+                artifact.manifest_path + " says kv_layout is " + *artifact.kv_layout + "; re-run the export");
+  for (Part& p : parts) {
+    for (const Graph* g : {static_cast<const Graph*>(&p.decode), static_cast<const Graph*>(p.prefill)})
+      if (g != nullptr) check_graph(*g, c, p.graphs, layout, artifact.manifest_path);
+    p.out_type = p.decode.outputs.at(output_names(c, p.graphs, layout)[0]).type;
     if (element_size(p.out_type) == 0)
-      throw Error(p.graphs.decode + ": output '" + p.out_names[0] + "' has an unsupported element type; re-run the export");
+      throw Error(p.graphs.decode + ": its first output has an unsupported element type; re-run the export");
   }
   if (parts.size() > 1 && parts.back().decode.inputs.at(kHiddenIn).type != parts.front().out_type)
     throw Error(parts.back().graphs.decode + ": its hidden_states input type differs from the previous part's output; "
                 "re-run the export");
 
   // The cache type is the first layer's past key type; every graph must agree, and the manifest too when it says.
-  const std::string first_key = layer_name("past_key.", 0);
-  cache_type = parts[0].decode.inputs.at(first_key).type;
+  cache_type = parts[0].decode.inputs.at(layer_name("past_key.", 0)).type;
   auto known = kCacheTypes.find(cache_type);
   if (known == kCacheTypes.end())
     throw Error(parts[0].graphs.decode + ": cache type " + std::to_string(cache_type) +
@@ -254,10 +280,10 @@ void Model::Impl::open(const std::string& directory, const OpenOptions& options)
   for (const Part& p : parts) {
     for (const Graph* g : {static_cast<const Graph*>(&p.decode), static_cast<const Graph*>(p.prefill)}) {
       if (g == nullptr) continue;
-      for (size_t k = 4; k < p.in_names.size(); ++k)
-        if (g->inputs.at(p.in_names[k]).type != cache_type || g->outputs.at(p.out_names[k - 3]).type != cache_type)
-          throw Error(g->path + ": '" + p.in_names[k] + "' or its new K/V output is not " + known->second.first +
-                      " like past_key.0; re-run the export");
+      for (int64_t i = p.graphs.first_layer; i < p.graphs.end_layer; ++i)
+        for (const std::string& name : {layer_name("past_key.", i), layer_name("past_value.", i)})
+          if (g->inputs.at(name).type != cache_type)
+            throw Error(g->path + ": '" + name + "' is not " + known->second.first + " like past_key.0; re-run the export");
     }
   }
   if (artifact.kv_cache_dtype && *artifact.kv_cache_dtype != known->second.first)
@@ -271,11 +297,14 @@ void Model::Impl::open(const std::string& directory, const OpenOptions& options)
     max_prefill_tokens = std::min(max_prefill_tokens, *options.max_prefill_tokens);
   }
 
-  // Static slot dimensions fix the cache (Generator._window_for / required_slots); otherwise it grows.
+  // Static slot dimensions (positions layout) fix the cache (Generator._window_for / required_slots); otherwise it
+  // grows.
   std::map<AttentionKind, int64_t> required;
-  for (AttentionKind kind : {AttentionKind::kChunked, AttentionKind::kGlobal}) {
-    const int64_t dim = parts[0].decode.inputs.at(past_positions_name(kind)).shape[1];
-    if (dim >= 0) required[kind] = dim;
+  if (layout == KVLayout::kPositions) {
+    for (AttentionKind kind : kKinds) {
+      const int64_t dim = parts[0].decode.inputs.at(cache_index_name(layout, kind)).shape[1];
+      if (dim >= 0) required[kind] = dim;
+    }
   }
   std::optional<int64_t> window = options.window;
   if (required.count(AttentionKind::kGlobal)) {
@@ -286,19 +315,20 @@ void Model::Impl::open(const std::string& directory, const OpenOptions& options)
                   " or re-export with dynamic cache shapes");
     window = fixed;
   }
-  cache = std::make_unique<SlidingKVCache>(c, window ? *window : default_window(c, cache_itemsize), options.sinks,
-                                           cache_itemsize, required.empty(), max_prefill_tokens);
+  cache = std::make_unique<SlidingKVCache>(c, layout, window ? *window : default_window(c, cache_itemsize),
+                                           options.sinks, cache_itemsize, required.empty(), max_prefill_tokens);
   for (const auto& [kind, slots] : required)
     if (cache->slots(kind) != slots)
       throw Error("the graphs expect " + std::to_string(slots) + " " +
                   (kind == AttentionKind::kChunked ? "chunked" : "global") + " cache slots but this config needs " +
                   std::to_string(cache->slots(kind)) + "; re-run the export");
   sampler = std::make_unique<Sampler>(SamplingParams{}, c.vocab_size);
-  last_logits.resize(c.vocab_size);
-  new_keys.resize(c.num_hidden_layers);
-  new_values.resize(c.num_hidden_layers);
-  new_key_ptrs.resize(c.num_hidden_layers);
-  new_value_ptrs.resize(c.num_hidden_layers);
+  if (layout == KVLayout::kPositions) {
+    new_keys.resize(c.num_hidden_layers);
+    new_values.resize(c.num_hidden_layers);
+    new_key_ptrs.resize(c.num_hidden_layers);
+    new_value_ptrs.resize(c.num_hidden_layers);
+  }
   reserve_steps(1);
   tokenizer = Tokenizer::load(artifact.directory, env);
 }
@@ -310,83 +340,125 @@ void Model::Impl::reserve_steps(int64_t tokens) {
   ids.resize(tokens);
   positions.resize(tokens);
   const size_t kv_bytes = static_cast<size_t>(c.num_key_value_heads * tokens * c.head_dim) * cache_itemsize;
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+  for (size_t i = 0; i < new_keys.size(); ++i) {
     new_keys[i].resize(kv_bytes);
     new_values[i].resize(kv_bytes);
     new_key_ptrs[i] = new_keys[i].data();
     new_value_ptrs[i] = new_values[i].data();
   }
-  for (Part& p : parts) {
-    const bool last = p.graphs.end_layer == c.num_hidden_layers;
-    p.out.resize(static_cast<size_t>(tokens * (last ? c.vocab_size : c.hidden_size)) * element_size(p.out_type));
-  }
+  for (Part& p : parts)  // one column of logits per step (logits_index), or every token's hidden states
+    p.out.resize(static_cast<size_t>(is_last(c, p.graphs) ? c.vocab_size : tokens * c.hidden_size) *
+                 element_size(p.out_type));
   decode_bound_at = ~uint64_t{0};  // the buffers moved
 }
 
-// Tensors over the cache and the step buffers for a step of `tokens` new tokens; part k's hidden-state output is
-// part k+1's input.
-void Model::Impl::bind(int64_t tokens, std::vector<std::vector<Ort::Value>>& in,
-                       std::vector<std::vector<Ort::Value>>& out) {
+// OrtBackend._bind: every part's IOBinding for a step of `tokens` new tokens over the step buffers and the cache;
+// part k's hidden-state output is part k+1's input. In place, each layer's past and present are the same memory.
+std::vector<Ort::IoBinding> Model::Impl::bind(bool prefill, int64_t tokens) {
   const ModelConfig& c = artifact.config;
   const int64_t kvh = c.num_key_value_heads, d = c.head_dim;
-  in.clear();
-  out.clear();
+  std::vector<Ort::IoBinding> bindings;
   for (size_t k = 0; k < parts.size(); ++k) {
     Part& p = parts[k];
-    std::vector<Ort::Value> values;
-    if (k == 0) {
-      values.push_back(make_tensor(cpu, ids.data(), {1, tokens}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
+    Graph& g = graph(p, prefill);
+    Ort::IoBinding binding(*g.session);
+    if (k == 0)
+      binding.BindInput(kInputIds, make_tensor(cpu, ids.data(), {1, tokens}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
+    else
+      binding.BindInput(kHiddenIn, make_tensor(cpu, parts[k - 1].out.data(), {1, tokens, c.hidden_size},
+                                               parts[k - 1].out_type));
+    binding.BindInput(kPositions, make_tensor(cpu, positions.data(), {1, tokens}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
+    for (AttentionKind kind : kKinds) {
+      const char* name = cache_index_name(layout, kind);
+      if (layout == KVLayout::kInPlace)
+        binding.BindInput(name, make_tensor(cpu, cache->filled(kind), {1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
+      else
+        binding.BindInput(name, make_tensor(cpu, cache->positions(kind), {1, cache->size(kind)},
+                                            ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
+    }
+    for (int64_t i = p.graphs.first_layer; i < p.graphs.end_layer; ++i) {
+      const std::vector<int64_t> shape = {1, kvh, cache->size(c.kinds[i]), d};
+      Ort::Value key = make_tensor(cpu, cache->keys(i), shape, cache_type);
+      Ort::Value value = make_tensor(cpu, cache->values(i), shape, cache_type);
+      binding.BindInput(layer_name("past_key.", i).c_str(), key);
+      binding.BindInput(layer_name("past_value.", i).c_str(), value);
+      if (layout == KVLayout::kInPlace) {
+        binding.BindOutput(layer_name(out_key_prefix(layout), i).c_str(), key);
+        binding.BindOutput(layer_name(out_value_prefix(layout), i).c_str(), value);
+      } else {
+        binding.BindOutput(layer_name(out_key_prefix(layout), i).c_str(),
+                           make_tensor(cpu, new_keys[i].data(), {1, kvh, tokens, d}, cache_type));
+        binding.BindOutput(layer_name(out_value_prefix(layout), i).c_str(),
+                           make_tensor(cpu, new_values[i].data(), {1, kvh, tokens, d}, cache_type));
+      }
+    }
+    if (is_last(c, p.graphs)) {
+      binding.BindOutput(kLogits, make_tensor(cpu, p.out.data(), {1, 1, c.vocab_size}, p.out_type));
     } else {
-      values.push_back(make_tensor(cpu, parts[k - 1].out.data(), {1, tokens, c.hidden_size}, parts[k - 1].out_type));
+      binding.BindOutput(kHiddenOut, make_tensor(cpu, p.out.data(), {1, tokens, c.hidden_size}, p.out_type));
     }
-    values.push_back(make_tensor(cpu, positions.data(), {1, tokens}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
-    for (AttentionKind kind : {AttentionKind::kChunked, AttentionKind::kGlobal})
-      values.push_back(
-          make_tensor(cpu, cache->positions(kind), {1, cache->size(kind)}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
-    for (int64_t i = p.graphs.first_layer; i < p.graphs.end_layer; ++i) {
-      const int64_t slots = cache->size(c.kinds[i]);
-      values.push_back(make_tensor(cpu, cache->keys(i), {1, kvh, slots, d}, cache_type));
-      values.push_back(make_tensor(cpu, cache->values(i), {1, kvh, slots, d}, cache_type));
+    if (g.takes_logits_index)
+      binding.BindInput(kLogitsIndex, make_tensor(cpu, &logits_index, {1, 1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
+    bindings.push_back(std::move(binding));
+  }
+  return bindings;
+}
+
+void Model::Impl::run(std::vector<Ort::IoBinding>& bindings, bool prefill) {
+  for (size_t k = 0; k < parts.size(); ++k) {
+    Graph& g = graph(parts[k], prefill);
+    try {
+      g.session->Run(run_options, bindings[k]);
+    } catch (const Ort::Exception& e) {
+      throw Error(g.path + ": ONNX Runtime failed to run it (" + first_line(e.what()) + ")");
     }
-    in.push_back(std::move(values));
-    std::vector<Ort::Value> outputs;
-    const bool last = p.graphs.end_layer == c.num_hidden_layers;
-    outputs.push_back(make_tensor(cpu, p.out.data(), {1, tokens, last ? c.vocab_size : c.hidden_size}, p.out_type));
-    for (int64_t i = p.graphs.first_layer; i < p.graphs.end_layer; ++i) {
-      outputs.push_back(make_tensor(cpu, new_keys[i].data(), {1, kvh, tokens, d}, cache_type));
-      outputs.push_back(make_tensor(cpu, new_values[i].data(), {1, kvh, tokens, d}, cache_type));
-    }
-    out.push_back(std::move(outputs));
   }
 }
 
-// OrtBackend.forward: one new token through the decode graphs (tensors bound once per cache layout), more through
-// the prefill graphs; the new K/V land in the step buffers and the cache takes them.
-void Model::Impl::forward(int64_t tokens) {
-  std::vector<std::vector<Ort::Value>> prefill_in, prefill_out;
-  auto* in = &prefill_in;
-  auto* out = &prefill_out;
-  if (tokens == 1) {
-    if (decode_bound_at != cache->reallocations()) {
-      bind(1, decode_in, decode_out);
-      decode_bound_at = cache->reallocations();
-    }
-    in = &decode_in;
-    out = &decode_out;
-  } else {
-    bind(tokens, prefill_in, prefill_out);
+// OrtBackend._decode: one new token through the decode graphs, bound once per cache layout.
+void Model::Impl::decode(int64_t token) {
+  ids[0] = token;
+  positions[0] = cache->length();
+  logits_index = 0;
+  if (layout == KVLayout::kInPlace) cache->reserve(1);
+  if (decode_bound_at != cache->reallocations()) {
+    decode_bindings = bind(false, 1);
+    decode_bound_at = cache->reallocations();
   }
-  for (size_t k = 0; k < parts.size(); ++k) {
-    Part& p = parts[k];
-    Graph& graph = tokens == 1 ? p.decode : *p.prefill;
-    try {
-      graph.session->Run(Ort::RunOptions{nullptr}, p.in_ptrs.data(), (*in)[k].data(), p.in_ptrs.size(),
-                         p.out_ptrs.data(), (*out)[k].data(), p.out_ptrs.size());
-    } catch (const Ort::Exception& e) {
-      throw Error(graph.path + ": ONNX Runtime failed to run it (" + first_line(e.what()) + ")");
+  run(decode_bindings, false);
+  if (layout == KVLayout::kInPlace)
+    cache->advance(1);
+  else
+    cache->update(positions.data(), 1, new_key_ptrs, new_value_ptrs);
+}
+
+// One piece of Generator._prefill (`width` prompt tokens from position `start`) through the prefill graphs, asking
+// for the logits of its last token. In place (OrtBackend._prefill_in_place) it runs as one step when the cache is
+// empty and the piece fits; otherwise in steps cut at chunk boundaries, the last of which holds the wanted token.
+void Model::Impl::prefill(const int64_t* tokens, int64_t start, int64_t width) {
+  auto step = [&](int64_t from, int64_t count) {
+    for (int64_t t = 0; t < count; ++t) {
+      ids[t] = tokens[from + t];
+      positions[t] = start + from + t;
     }
+    logits_index = from + count == width ? count - 1 : 0;
+    if (layout == KVLayout::kInPlace) cache->reserve(count);
+    std::vector<Ort::IoBinding> bindings = bind(true, count);
+    run(bindings, true);
+    if (layout == KVLayout::kInPlace)
+      cache->advance(count);
+    else
+      cache->update(positions.data(), count, new_key_ptrs, new_value_ptrs);
+  };
+  if (layout == KVLayout::kPositions || (cache->length() == 0 && width <= cache->piece_limit())) {
+    step(0, width);
+    return;
   }
-  cache->update(positions.data(), tokens, new_key_ptrs, new_value_ptrs);
+  for (int64_t done = 0; done < width;) {
+    const int64_t count = std::min(cache->piece_limit(), width - done);
+    step(done, count);
+    done += count;
+  }
 }
 
 Result Model::Impl::generate(const std::vector<int64_t>& prompt, const GenerateOptions& options,
@@ -417,24 +489,15 @@ Result Model::Impl::generate(const std::vector<int64_t>& prompt, const GenerateO
   sampler->start(params);
   for (int64_t id : prompt) sampler->saw(id);
 
-  // Generator._prefill: pieces of at most max_prefill_tokens; keep the logits of the prompt's last token.
+  // Generator._prefill: pieces of at most max_prefill_tokens; the last one leaves the prompt's last logits.
   const int64_t length = static_cast<int64_t>(prompt.size());
   reserve_steps(std::min(max_prefill_tokens, length));
-  for (int64_t start = 0; start < length; start += max_prefill_tokens) {
-    const int64_t width = std::min(max_prefill_tokens, length - start);
-    for (int64_t t = 0; t < width; ++t) {
-      ids[t] = prompt[start + t];
-      positions[t] = start + t;
-    }
-    forward(width);
-    if (length <= start + width) {
-      const float* logits = reinterpret_cast<const float*>(parts.back().out.data()) + (length - 1 - start) * c.vocab_size;
-      std::copy(logits, logits + c.vocab_size, last_logits.begin());
-    }
-  }
+  for (int64_t start = 0; start < length; start += max_prefill_tokens)
+    prefill(prompt.data() + start, start, std::min(max_prefill_tokens, length - start));
   // Generator._events: sample, stop at a stop token or max_new_tokens, otherwise decode the token.
+  const float* logits = reinterpret_cast<const float*>(parts.back().out.data());
   while (true) {
-    const int64_t token = (*sampler)(last_logits.data());
+    const int64_t token = (*sampler)(logits);
     sampler->saw(token);
     result.token_ids.push_back(token);
     const bool stop = stops.count(token) > 0;
@@ -444,11 +507,7 @@ Result Model::Impl::generate(const std::vector<int64_t>& prompt, const GenerateO
       break;
     }
     if (static_cast<int64_t>(result.token_ids.size()) == options.max_new_tokens) break;
-    ids[0] = token;
-    positions[0] = cache->length();
-    forward(1);
-    const float* logits = reinterpret_cast<const float*>(parts.back().out.data());
-    std::copy(logits, logits + c.vocab_size, last_logits.begin());
+    decode(token);
   }
   if (tokenizer) {
     std::vector<int64_t> text_ids = result.token_ids;
