@@ -1,8 +1,8 @@
 """The C++ runtime (cpp/: llama4rt + llama4-cpp) against the Python runtime (`llama4-run`), token for token.
 
 `make cpp` builds it (the test target does too); llama4-run runs in-process through its Typer app. The artifacts:
-scout-tiny fp32 with a 16-token prefill limit (prompts go in pieces, one of width 1 through the decode graph), int4,
-fp8 with an fp8 KV cache, and the trained l4-scoutlike (conftest's export). Prompts cross a chunk boundary
+scout-tiny fp32 with a 16-token prefill limit (prompts go in pieces), int4, fp8 with an fp8 KV cache (the positions KV
+layout; the others are in_place), and the trained l4-scoutlike (conftest's export). Prompts cross a chunk boundary
 (scout-tiny's chunk is 16, l4-scoutlike's 64) and generations run past a small global window.
 """
 
@@ -44,13 +44,16 @@ def llama4_cpp() -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    """scout-tiny exports sharing one traced model: fp32 (prefill limit 16), int4 (RTN) and fp8 with an fp8 KV cache."""
+    """scout-tiny exports sharing one traced model (the in_place KV layout): fp32 (prefill limit 16) and int4 (RTN);
+    and, for the positions layout, fp8 with an fp8 KV cache on the first 4 layers (one global layer), which halves
+    its separate trace."""
     base = tmp_path_factory.mktemp("cpp")
     calib = base / "calib"
     exports = {
         "fp32": dict(max_prefill=16, quant=QuantOptions(report=False)),
         "int4": dict(precision="int4", quant=QuantOptions(int4_algo="rtn", report=False, calib_cache=calib)),
-        "fp8-kv": dict(precision="fp8", quant=QuantOptions(report=False, kv_cache_dtype="fp8", calib_cache=calib)),
+        "fp8-kv": dict(precision="fp8", layers=4, random_weights=True,
+                       quant=QuantOptions(report=False, kv_cache_dtype="fp8", calib_cache=calib)),
     }
     for name, options in exports.items():
         api.export_model(base / name, model=PRESET, show_progress=False, **options)
@@ -78,12 +81,15 @@ def ids(n: int, vocab: int, seed: int) -> str:
 
 
 # (artifact, prompt length, generation options): prompts across chunk boundaries, generations past the window.
+# scout-tiny's chunk is 16: in place, int4's one 512-token prefill piece runs in steps cut at every 16th token.
 TINY_CASES = {
-    # 33 tokens: prefill pieces 16 + 16 + 1 (the last through the decode graph); W = 24 < 33 + 40
+    # 33 tokens: prefill pieces 16 + 16 + 1; W = 24 < 33 + 40
     "fp32-pieces": ("fp32", 33, ["-n", 40, "--window", 24, "--sinks", 3]),
     "fp32-sampled": ("fp32", 40, ["-n", 48, "--window", 20, "--sinks", 2, "--temperature", 0.9, "--top-k", 50,
                                   "--top-p", 0.9, "--seed", 7, "--repetition-penalty", 1.2]),
     "int4": ("int4", 40, ["-n", 40, "--window", 24, "--sinks", 2]),
+    # a ring of 9 slots: a 16-token prefill step keeps only its last 9 ring tokens
+    "int4-short-ring": ("int4", 45, ["-n", 30, "--window", 10, "--sinks", 1]),
     "int4-sampled": ("int4", 20, ["-n", 40, "--window", 30, "--temperature", 1.1, "--seed", 3]),
     "fp8-kv": ("fp8-kv", 35, ["-n", 40, "--window", 24, "--sinks", 4]),
 }
@@ -142,9 +148,10 @@ def test_sanitizer_build_runs_clean(llama4_cpp, tiny):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     args = ["--ids", ids(40, 256, 1), "-n", 40, "--window", 20, "--sinks", 2, "--temperature", 0.9, "--top-k", 40,
             "--seed", 5]
-    sanitized = run_cpp(SANITIZER_BUILD / "llama4-cpp", tiny["fp32"], *args, "--json")
-    assert sanitized.returncode == 0 and "Sanitizer" not in sanitized.stderr, sanitized.stderr
-    assert json.loads(sanitized.stdout) == cpp_json(llama4_cpp, tiny["fp32"], *args)
+    for layout in ("fp32", "fp8-kv"):  # in_place, positions
+        sanitized = run_cpp(SANITIZER_BUILD / "llama4-cpp", tiny[layout], *args, "--json")
+        assert sanitized.returncode == 0 and "Sanitizer" not in sanitized.stderr, sanitized.stderr
+        assert json.loads(sanitized.stdout) == cpp_json(llama4_cpp, tiny[layout], *args)
     refused = run_cpp(SANITIZER_BUILD / "llama4-cpp", tiny["fp32"], "--ids", "1,99999")
     assert refused.returncode == 2 and "Sanitizer" not in refused.stderr, refused.stderr
 
@@ -191,6 +198,12 @@ def graph_not_matching_manifest(tmp_path, tiny):
     return art, ["--ids", "1"], "input 'past_key.7' is not part of the graph contract"
 
 
+def layout_not_matching_manifest(tmp_path, tiny):
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    edit_manifest(art, lambda m: m.update(kv_layout="positions"))
+    return art, ["--ids", "1"], "of the in_place layout but"
+
+
 def kv_heads_not_matching_manifest(tmp_path, tiny):
     art = copy_artifact(tiny["fp32"], tmp_path / "art")
     edit_manifest(art, lambda m: m["model"].update(num_key_value_heads=4))
@@ -210,7 +223,8 @@ def bad_ids(tmp_path, tiny):
 
 
 @pytest.mark.parametrize("breaker", [missing_dir, broken_manifest, other_format_version, missing_graph,
-                                     graph_not_matching_manifest, kv_heads_not_matching_manifest,
+                                     graph_not_matching_manifest, layout_not_matching_manifest,
+                                     kv_heads_not_matching_manifest,
                                      id_outside_vocabulary, window_without_ring, bad_ids],
                          ids=lambda f: f.__name__)
 def test_bad_input_is_one_line_and_exit_2(llama4_cpp, tiny, tmp_path, breaker):
