@@ -1,8 +1,8 @@
 // llama4-cpp: generate from a llama4-export artifact with the C++ runtime; `--json` prints the object
-// `llama4-run --json` prints. Bad input: one line on stderr and exit status 2 (as llama4-run).
+// `llama4-run --json` prints, with "text": null (token ids in and out: llama4rt has no tokenizer).
+// Bad input: one line on stderr and exit status 2 (as llama4-run).
 #include <chrono>
 #include <cstdint>
-#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
@@ -16,13 +16,13 @@
 namespace {
 
 constexpr const char* kUsage =
-    "usage: llama4-cpp ARTIFACT (--ids 1,2,3 | --prompt TEXT) [-n N] [--window W] [--sinks S]\n"
+    "usage: llama4-cpp ARTIFACT --ids 1,2,3 [-n N] [--window W] [--sinks S]\n"
     "                  [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S]\n"
     "                  [--threads N] [--no-stop] [--stream] [--json] [--stats] [--rss-steps 200,2000]\n"
     "Generates a continuation (greedy unless --temperature) with the sliding KV cache, as llama4-run does.\n"
-    "  --json        print {\"prompt_ids\", \"token_ids\", \"text\", \"stop_reason\"} as llama4-run --json does\n"
+    "  --json        print {\"prompt_ids\", \"token_ids\", \"text\": null, \"stop_reason\"} as llama4-run --json does\n"
     "  --no-stop     generate exactly N tokens: no stop tokens (as the benchmarks run)\n"
-    "  --stream      print each token as it is chosen\n"
+    "  --stream      print each token id as it is chosen\n"
     "  --stats       print prefill and decode tokens/s as one JSON line on stderr (decode: the tokens after the\n"
     "                first, over the time since it was chosen)\n"
     "  --rss-steps   after each listed step, print `rss step=N kb=K` (resident memory) on stderr\n";
@@ -75,42 +75,6 @@ std::string join(const std::vector<int64_t>& ids, const char* separator) {
   return out;
 }
 
-// A JSON string as Python's json.dumps writes it (ensure_ascii: every character outside ' '..'~' as \uXXXX).
-std::string json_string(const std::string& utf8) {
-  std::string out = "\"";
-  char buffer[16];
-  auto escape = [&](uint32_t unit) {
-    std::snprintf(buffer, sizeof buffer, "\\u%04x", unit);
-    out += buffer;
-  };
-  for (size_t i = 0; i < utf8.size();) {
-    const auto byte = static_cast<unsigned char>(utf8[i]);
-    const int length = byte < 0x80 ? 1 : byte >= 0xF0 ? 4 : byte >= 0xE0 ? 3 : 2;
-    uint32_t cp = length == 1 ? byte : byte & (0x3F >> (length - 1));
-    for (int k = 1; k < length && i + k < utf8.size(); ++k) cp = cp << 6 | (static_cast<unsigned char>(utf8[i + k]) & 0x3F);
-    i += length;
-    switch (cp) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
-      default:
-        if (cp >= 0x20 && cp <= 0x7E) {
-          out += static_cast<char>(cp);
-        } else if (cp > 0xFFFF) {  // a UTF-16 surrogate pair
-          escape(0xD800 + ((cp - 0x10000) >> 10));
-          escape(0xDC00 + ((cp - 0x10000) & 0x3FF));
-        } else {
-          escape(cp);
-        }
-    }
-  }
-  return out + "\"";
-}
-
 long resident_kb() {
   std::ifstream status("/proc/self/status");
   for (std::string line; std::getline(status, line);)
@@ -124,7 +88,6 @@ int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   std::string artifact;
   std::optional<std::vector<int64_t>> ids;
-  std::optional<std::string> prompt;
   std::vector<int64_t> rss_steps;
   bool as_json = false, stream = false, stats = false;
   llama4rt::OpenOptions open_options;
@@ -141,8 +104,6 @@ int main(int argc, char** argv) {
         return 0;
       } else if (flag == "--ids") {
         ids = parse_ids(flag, value());
-      } else if (flag == "--prompt") {
-        prompt = value();
       } else if (flag == "-n" || flag == "--max-new-tokens") {
         options.max_new_tokens = parse_int(flag, value());
       } else if (flag == "--window") {
@@ -182,15 +143,11 @@ int main(int argc, char** argv) {
       }
     }
     if (artifact.empty()) throw Usage{"give the ARTIFACT directory (see --help)"};
-    if (ids.has_value() == prompt.has_value()) throw Usage{"give exactly one of --prompt TEXT or --ids 1,2,3"};
+    if (!ids) throw Usage{"give the prompt's token ids: --ids 1,2,3"};
 
     llama4rt::Model model = llama4rt::Model::open(artifact, open_options);
-    const std::vector<int64_t> prompt_ids = ids ? *ids : model.encode(*prompt);
+    const std::vector<int64_t>& prompt_ids = *ids;
     int64_t step = 0;
-    bool printed = false;
-    const bool text_stream = stream && !as_json && model.has_tokenizer();
-    std::vector<int64_t> streamed;
-    std::string streamed_text;
     using Clock = std::chrono::steady_clock;
     Clock::time_point first_token, last_token;
     auto on_token = [&](int64_t token, bool stop) {
@@ -198,17 +155,7 @@ int main(int argc, char** argv) {
       if (++step == 1) first_token = last_token;
       for (int64_t s : rss_steps)
         if (s == step) std::cerr << "rss step=" << step << " kb=" << resident_kb() << std::endl;
-      if (!stream || as_json || stop) return;
-      if (text_stream) {  // print the text the new token completes (decode of all so far, minus what was printed)
-        streamed.push_back(token);
-        const std::string text = model.decode(streamed);
-        if (text.size() >= 3 && text.compare(text.size() - 3, 3, "\xEF\xBF\xBD") == 0) return;  // incomplete UTF-8
-        std::cout << text.substr(streamed_text.size()) << std::flush;
-        streamed_text = text;
-      } else {
-        std::cout << (printed ? "," : "") << token << std::flush;
-        printed = true;
-      }
+      if (stream && !as_json && !stop) std::cout << (step > 1 ? "," : "") << token << std::flush;
     };
     const Clock::time_point start = Clock::now();
     const llama4rt::Result result = model.generate(prompt_ids, options, on_token);
@@ -221,12 +168,12 @@ int main(int argc, char** argv) {
     }
     if (as_json) {
       std::cout << "{\"prompt_ids\": [" << join(result.prompt_ids, ", ") << "], \"token_ids\": ["
-                << join(result.token_ids, ", ") << "], \"text\": " << (result.text ? json_string(*result.text) : "null")
-                << ", \"stop_reason\": \"" << result.stop_reason << "\"}" << std::endl;
+                << join(result.token_ids, ", ") << "], \"text\": null, \"stop_reason\": \"" << result.stop_reason << "\"}"
+                << std::endl;
     } else if (stream) {
       std::cout << std::endl;
     } else {
-      std::cout << (result.text ? *result.text : join(result.token_ids, ",")) << std::endl;
+      std::cout << join(result.token_ids, ",") << std::endl;
     }
     return 0;
   } catch (const Usage& usage) {

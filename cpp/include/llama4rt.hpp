@@ -53,7 +53,6 @@ struct Result {
   std::vector<int64_t> prompt_ids;
   std::vector<int64_t> token_ids;  // the new tokens; a stop token that ended generation is the last one
   std::string stop_reason;         // "stop" or "length"
-  std::optional<std::string> text; // the new tokens decoded (stop token excluded) when the model has a tokenizer
 };
 
 // Called with every new token as it is chosen; `stop` = it is a stop token (it ends the generation).
@@ -66,11 +65,6 @@ class Model {
 
   Result generate(const std::vector<int64_t>& prompt_ids, const GenerateOptions& options = {},
                   const TokenCallback& on_token = {});
-
-  // Text through the artifact's tokenizer (needs onnxruntime-extensions' custom-op library, see README).
-  bool has_tokenizer() const;
-  std::vector<int64_t> encode(const std::string& text);
-  std::string decode(const std::vector<int64_t>& ids);
 
   int64_t vocab_size() const;
   int64_t window() const;  // the resolved global window W

@@ -14,7 +14,6 @@
 #include "kv_cache.hpp"
 #include "llama4rt.hpp"
 #include "sampler.hpp"
-#include "tokenizer.hpp"
 
 namespace llama4rt {
 namespace {
@@ -190,7 +189,6 @@ struct Model::Impl {
   int64_t max_prefill_tokens = 1;
   std::unique_ptr<SlidingKVCache> cache;
   std::unique_ptr<Sampler> sampler;
-  std::unique_ptr<Tokenizer> tokenizer;
 
   // Step buffers, sized once for the largest step: ids, positions, the logits column wanted, and (positions layout)
   // every layer's new K/V [1, kv_heads, T, head_dim].
@@ -330,7 +328,6 @@ void Model::Impl::open(const std::string& directory, const OpenOptions& options)
     new_value_ptrs.resize(c.num_hidden_layers);
   }
   reserve_steps(1);
-  tokenizer = Tokenizer::load(artifact.directory, env);
 }
 
 void Model::Impl::reserve_steps(int64_t tokens) {
@@ -480,10 +477,7 @@ Result Model::Impl::generate(const std::vector<int64_t>& prompt, const GenerateO
   Result result;
   result.prompt_ids = prompt;
   result.stop_reason = "length";
-  if (options.max_new_tokens == 0) {
-    if (tokenizer) result.text = tokenizer->decode({});
-    return result;
-  }
+  if (options.max_new_tokens == 0) return result;
   result.token_ids.reserve(options.max_new_tokens);
   cache->reset();
   sampler->start(params);
@@ -508,11 +502,6 @@ Result Model::Impl::generate(const std::vector<int64_t>& prompt, const GenerateO
     }
     if (static_cast<int64_t>(result.token_ids.size()) == options.max_new_tokens) break;
     decode(token);
-  }
-  if (tokenizer) {
-    std::vector<int64_t> text_ids = result.token_ids;
-    if (result.stop_reason == "stop") text_ids.pop_back();
-    result.text = tokenizer->decode(text_ids);
   }
   return result;
 }
@@ -552,24 +541,6 @@ Model Model::open(const std::string& artifact_dir, const OpenOptions& options) {
 Result Model::generate(const std::vector<int64_t>& prompt_ids, const GenerateOptions& options,
                        const TokenCallback& on_token) {
   return guarded([&] { return impl_->generate(prompt_ids, options, on_token); });
-}
-
-bool Model::has_tokenizer() const { return impl_->tokenizer != nullptr; }
-
-std::vector<int64_t> Model::encode(const std::string& text) {
-  return guarded([&] {
-    if (!impl_->tokenizer)
-      throw Error("the prompt is text but " + impl_->artifact.directory + " has no usable tokenizer; pass token ids");
-    if (text.empty()) throw Error("the prompt is empty; give at least one token");
-    return impl_->tokenizer->encode(text);
-  });
-}
-
-std::string Model::decode(const std::vector<int64_t>& ids) {
-  return guarded([&] {
-    if (!impl_->tokenizer) throw Error(impl_->artifact.directory + " has no usable tokenizer");
-    return impl_->tokenizer->decode(ids);
-  });
 }
 
 int64_t Model::vocab_size() const { return impl_->artifact.config.vocab_size; }
