@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llama4_export.runtime import Generator
+
 REPO = Path(__file__).resolve().parents[1]
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
 
@@ -55,8 +57,6 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-
-    from llama4_export.runtime import Generator
 
     gen = Generator.load(args.artifact, threads=args.threads, window=args.window)
     prompt = np.random.default_rng(0).integers(0, gen.config.vocab_size, args.prompt_tokens).tolist()
