@@ -46,4 +46,4 @@ test: $(BIN)/.installed-$(EXTRAS) cpp
 	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 clean:
-	rm -rf $(VENV) out .pytest_cache $(CPP_BUILD)
+	rm -rf $(VENV) out .pytest_cache $(CPP_BUILD) cpp/build-sanitize

@@ -1,7 +1,6 @@
 // Model: the artifact's graphs on ONNX Runtime + the sliding KV cache + the sampler, generating exactly as
 // llama4_export/runtime/generator.py (Generator) over ort_backend.py (OrtBackend) does for one sequence.
 #include <algorithm>
-#include <cstring>
 #include <map>
 #include <set>
 #include <string>
