@@ -11,8 +11,12 @@ PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 DEMO_OUT ?= out/scout-tiny
 # pytest workers (pytest-xdist); one module per worker keeps each module's fixtures built once.
 TEST_WORKERS ?= 2
+# The C++ runtime (cpp/): its build directory, and the ONNX Runtime release layout it builds against (default: one
+# assembled from registry packages into ~/.cache/llama4-export by cpp/provision_onnxruntime.sh).
+CPP_BUILD ?= cpp/build
+ONNXRUNTIME_ROOT ?=
 
-.PHONY: demo test clean
+.PHONY: demo test cpp clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +34,16 @@ demo: $(BIN)/.installed
 	@echo "scout-tiny has seeded random weights, so its text is noise: the point is the pipeline. Try --checkpoint DIR."
 	$(BIN)/llama4-run $(DEMO_OUT) --prompt "The history of" --max-new-tokens 32 --json
 
-test: $(BIN)/.installed-$(EXTRAS)
+# g++, CMake and nlohmann-json from Debian where missing, ONNX Runtime provisioned, then llama4rt and llama4-cpp.
+cpp: $(BIN)/.installed
+	@command -v g++ >/dev/null && command -v cmake >/dev/null && [ -f /usr/include/nlohmann/json.hpp ] || \
+		{ apt-get update -qq && apt-get install -y -qq g++ cmake nlohmann-json3-dev >/dev/null; }
+	cmake -S cpp -B $(CPP_BUILD) -DCMAKE_BUILD_TYPE=Release \
+		-DONNXRUNTIME_ROOT="$$(if [ -n '$(ONNXRUNTIME_ROOT)' ]; then echo '$(ONNXRUNTIME_ROOT)'; else cpp/provision_onnxruntime.sh $(BIN)/python; fi)" >/dev/null
+	cmake --build $(CPP_BUILD) -j2
+
+test: $(BIN)/.installed-$(EXTRAS) cpp
 	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache $(CPP_BUILD) cpp/build-sanitize

@@ -1,0 +1,81 @@
+"""Decode tokens/s of the C++ runtime (llama4-cpp) against the Python runtime (Generator) on one artifact, interleaved.
+
+    make cpp
+    python benchmarks/cpp_decode.py /tmp/bench/r200-int4 --threads 2 --window 640 --rounds 5
+
+Both: greedy, no stop tokens, the same random prompt (512 ids), 128 new tokens; decode tokens/s = the tokens after the
+first over the time since the first was chosen (benchmarks/runtime_decode.py's convention; llama4-cpp --stats
+measures it the same way around its own generate call). Every round runs Python then C++, so load hits both alike;
+the ratio of the medians is the number to quote, with the load average and CPU flags printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llama4_export.runtime import Generator
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+
+
+def cpu_flags() -> str:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    return f"{model}; {os.cpu_count()} CPUs; " + " ".join(f for f in CPU_FLAGS if f in flags)
+
+
+def python_round(gen, prompt: list[int], new_tokens: int) -> float:
+    stamps: list[float] = []
+    gen.generate(prompt, max_new_tokens=new_tokens, stop_tokens=[], stream=lambda e: stamps.append(time.perf_counter()))
+    return (new_tokens - 1) / (stamps[-1] - stamps[0])
+
+
+def cpp_round(binary: Path, artifact: Path, prompt: list[int], new_tokens: int, threads: int, window: int) -> float:
+    done = subprocess.run([str(binary), str(artifact), "--ids", ",".join(map(str, prompt)), "-n", str(new_tokens),
+                           "--no-stop", "--stats", "--threads", str(threads), "--window", str(window)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stderr.strip().splitlines()[-1])["decode_tok_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--binary", type=Path, default=REPO / "cpp" / "build" / "llama4-cpp")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--window", type=int, default=640)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    gen = Generator.load(args.artifact, threads=args.threads, window=args.window)
+    prompt = np.random.default_rng(0).integers(0, gen.config.vocab_size, args.prompt_tokens).tolist()
+    load_before = os.getloadavg()
+    python, cpp = [], []
+    for _ in range(args.rounds):
+        python.append(python_round(gen, prompt, args.new_tokens))
+        cpp.append(cpp_round(args.binary, args.artifact, prompt, args.new_tokens, args.threads, args.window))
+    load_after = os.getloadavg()
+    result = {
+        "artifact": str(args.artifact), "threads": args.threads, "window": args.window,
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rounds": args.rounds,
+        "python_decode_tok_s": python, "cpp_decode_tok_s": cpp,
+        "python_median": statistics.median(python), "cpp_median": statistics.median(cpp),
+        "cpp_over_python": statistics.median(cpp) / statistics.median(python),
+        "load_average_1m": [round(load_before[0], 2), round(load_after[0], 2)], "cpu": cpu_flags(),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+// llama4-cpp: generate from a llama4-export artifact with the C++ runtime; `--json` prints the object
+// `llama4-run --json` prints, with "text": null (token ids in and out: llama4rt has no tokenizer).
+// Bad input: one line on stderr and exit status 2 (as llama4-run).
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "llama4rt.hpp"
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: llama4-cpp ARTIFACT --ids 1,2,3 [-n N] [--window W] [--sinks S]\n"
+    "                  [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S]\n"
+    "                  [--threads N] [--no-stop] [--stream] [--json] [--stats] [--rss-steps 200,2000]\n"
+    "Generates a continuation (greedy unless --temperature) with the sliding KV cache, as llama4-run does.\n"
+    "  --json        print {\"prompt_ids\", \"token_ids\", \"text\": null, \"stop_reason\"} as llama4-run --json does\n"
+    "  --no-stop     generate exactly N tokens: no stop tokens (as the benchmarks run)\n"
+    "  --stream      print each token id as it is chosen\n"
+    "  --stats       print prefill and decode tokens/s as one JSON line on stderr (decode: the tokens after the\n"
+    "                first, over the time since it was chosen)\n"
+    "  --rss-steps   after each listed step, print `rss step=N kb=K` (resident memory) on stderr\n";
+
+struct Usage {
+  std::string message;
+};
+
+int64_t parse_int(const std::string& flag, const std::string& text) {
+  try {
+    size_t used = 0;
+    const long long value = std::stoll(text, &used);
+    if (used == text.size()) return value;
+  } catch (const std::exception&) {
+  }
+  throw Usage{flag + " " + text + ": expected an integer"};
+}
+
+double parse_float(const std::string& flag, const std::string& text) {
+  try {
+    size_t used = 0;
+    const double value = std::stod(text, &used);
+    if (used == text.size()) return value;
+  } catch (const std::exception&) {
+  }
+  throw Usage{flag + " " + text + ": expected a number"};
+}
+
+// llama4-run's --ids: comma-separated integers, spaces ignored, empty items skipped.
+std::vector<int64_t> parse_ids(const std::string& flag, const std::string& text) {
+  std::string compact;
+  for (char ch : text)
+    if (ch != ' ') compact += ch;
+  std::vector<int64_t> ids;
+  std::stringstream items(compact);
+  for (std::string item; std::getline(items, item, ',');) {
+    if (item.empty()) continue;
+    try {
+      ids.push_back(parse_int(flag, item));
+    } catch (const Usage&) {
+      throw Usage{flag + " '" + text + "': expected comma-separated integers, e.g. \"1,2,3\""};
+    }
+  }
+  return ids;
+}
+
+std::string join(const std::vector<int64_t>& ids, const char* separator) {
+  std::string out;
+  for (size_t i = 0; i < ids.size(); ++i) out += (i ? separator : "") + std::to_string(ids[i]);
+  return out;
+}
+
+long resident_kb() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);)
+    if (line.rfind("VmRSS:", 0) == 0) return std::strtol(line.c_str() + 6, nullptr, 10);
+  return -1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  std::string artifact;
+  std::optional<std::vector<int64_t>> ids;
+  std::vector<int64_t> rss_steps;
+  bool as_json = false, stream = false, stats = false;
+  llama4rt::OpenOptions open_options;
+  llama4rt::GenerateOptions options;
+  try {
+    for (size_t i = 0; i < args.size(); ++i) {
+      const std::string& flag = args[i];
+      auto value = [&]() -> const std::string& {
+        if (i + 1 >= args.size()) throw Usage{flag + ": needs a value"};
+        return args[++i];
+      };
+      if (flag == "-h" || flag == "--help") {
+        std::cout << kUsage;
+        return 0;
+      } else if (flag == "--ids") {
+        ids = parse_ids(flag, value());
+      } else if (flag == "-n" || flag == "--max-new-tokens") {
+        options.max_new_tokens = parse_int(flag, value());
+      } else if (flag == "--window") {
+        open_options.window = parse_int(flag, value());
+      } else if (flag == "--sinks") {
+        open_options.sinks = parse_int(flag, value());
+      } else if (flag == "--threads") {
+        open_options.threads = static_cast<int>(parse_int(flag, value()));
+      } else if (flag == "--temperature") {
+        options.temperature = parse_float(flag, value());
+      } else if (flag == "--top-k") {
+        options.top_k = parse_int(flag, value());
+      } else if (flag == "--top-p") {
+        options.top_p = parse_float(flag, value());
+      } else if (flag == "--repetition-penalty") {
+        options.repetition_penalty = parse_float(flag, value());
+      } else if (flag == "--seed") {
+        const int64_t seed = parse_int(flag, value());
+        if (seed < 0) throw Usage{"--seed " + std::to_string(seed) + ": must be >= 0"};
+        options.seed = static_cast<uint64_t>(seed);
+      } else if (flag == "--no-stop") {
+        options.stop_tokens = std::vector<int64_t>{};
+      } else if (flag == "--json") {
+        as_json = true;
+      } else if (flag == "--stats") {
+        stats = true;
+      } else if (flag == "--stream") {
+        stream = true;
+      } else if (flag == "--rss-steps") {
+        rss_steps = parse_ids(flag, value());
+      } else if (!flag.empty() && flag[0] == '-') {
+        throw Usage{"unknown option " + flag + " (see --help)"};
+      } else if (artifact.empty()) {
+        artifact = flag;
+      } else {
+        throw Usage{"unexpected argument " + flag + " (one ARTIFACT directory; see --help)"};
+      }
+    }
+    if (artifact.empty()) throw Usage{"give the ARTIFACT directory (see --help)"};
+    if (!ids) throw Usage{"give the prompt's token ids: --ids 1,2,3"};
+
+    llama4rt::Model model = llama4rt::Model::open(artifact, open_options);
+    const std::vector<int64_t>& prompt_ids = *ids;
+    int64_t step = 0;
+    using Clock = std::chrono::steady_clock;
+    Clock::time_point first_token, last_token;
+    auto on_token = [&](int64_t token, bool stop) {
+      last_token = Clock::now();
+      if (++step == 1) first_token = last_token;
+      for (int64_t s : rss_steps)
+        if (s == step) std::cerr << "rss step=" << step << " kb=" << resident_kb() << std::endl;
+      if (stream && !as_json && !stop) std::cout << (step > 1 ? "," : "") << token << std::flush;
+    };
+    const Clock::time_point start = Clock::now();
+    const llama4rt::Result result = model.generate(prompt_ids, options, on_token);
+    if (stats && step > 0) {
+      const double prefill_s = std::chrono::duration<double>(first_token - start).count();
+      const double decode_s = std::chrono::duration<double>(last_token - first_token).count();
+      std::cerr << "{\"prompt_tokens\": " << prompt_ids.size() << ", \"prefill_tok_s\": " << prompt_ids.size() / prefill_s
+                << ", \"new_tokens\": " << step << ", \"decode_tok_s\": " << (step > 1 ? (step - 1) / decode_s : 0.0)
+                << "}" << std::endl;
+    }
+    if (as_json) {
+      std::cout << "{\"prompt_ids\": [" << join(result.prompt_ids, ", ") << "], \"token_ids\": ["
+                << join(result.token_ids, ", ") << "], \"text\": null, \"stop_reason\": \"" << result.stop_reason << "\"}"
+                << std::endl;
+    } else if (stream) {
+      std::cout << std::endl;
+    } else {
+      std::cout << join(result.token_ids, ",") << std::endl;
+    }
+    return 0;
+  } catch (const Usage& usage) {
+    std::cerr << "error: " << usage.message << std::endl;
+  } catch (const llama4rt::Error& error) {
+    std::cerr << "error: " << error.what() << std::endl;
+  }
+  return 2;
+}

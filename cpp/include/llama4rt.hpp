@@ -1,0 +1,84 @@
+// llama4rt: run a llama4-export artifact (manifest.json + decode/prefill ONNX graphs) from C++ through ONNX Runtime,
+// with the same sliding KV cache, prompt feeding and sampler as the Python runtime (llama4_export/runtime/), token
+// for token.
+//
+//   llama4rt::Model model = llama4rt::Model::open("out/scout-int4", {/*window=*/4096, /*sinks=*/4});
+//   llama4rt::GenerateOptions options;
+//   options.max_new_tokens = 32;
+//   llama4rt::Result result = model.generate({1021, 39, 447}, options,
+//                                            [](int64_t token, bool stop) { /* each new token as it is chosen */ });
+//
+// Every failure (bad artifact, a graph that does not match its manifest, bad ids or options, an ONNX Runtime error)
+// throws llama4rt::Error with one line naming the file or value and what to do; nothing aborts the host process.
+// A Model runs one generation at a time: its KV cache is allocated once and reused by every call.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace llama4rt {
+
+// The artifact format version (manifest.json "format_version") this library reads; others are refused.
+constexpr int kFormatVersion = 2;
+
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct OpenOptions {
+  // Global-layer KV window W in tokens; empty = the model's context, capped so those layers' cache stays under 1 GiB.
+  std::optional<int64_t> window;
+  int64_t sinks = 4;            // tokens S kept forever once a sequence outgrows W
+  int threads = 0;              // ONNX Runtime intra-op threads; 0 = its default
+  std::optional<int64_t> max_prefill_tokens;  // lower the prefill piece size below the graph's limit
+};
+
+struct GenerateOptions {
+  int64_t max_new_tokens = 64;
+  double temperature = 0.0;  // 0 = greedy
+  int64_t top_k = 0;         // 0 = off
+  double top_p = 1.0;        // 1 = off
+  double repetition_penalty = 1.0;  // 1 = off
+  uint64_t seed = 0;
+  std::optional<std::vector<int64_t>> stop_tokens;  // empty = the config's and generation_config.json's eos ids
+};
+
+struct Result {
+  std::vector<int64_t> prompt_ids;
+  std::vector<int64_t> token_ids;  // the new tokens; a stop token that ended generation is the last one
+  std::string stop_reason;         // "stop" or "length"
+};
+
+// Called with every new token as it is chosen; `stop` = it is a stop token (it ends the generation).
+using TokenCallback = std::function<void(int64_t token, bool stop)>;
+
+class Model {
+ public:
+  // Reads and checks manifest.json (format version, config, the graphs' inputs/outputs) and loads the graphs.
+  static Model open(const std::string& artifact_dir, const OpenOptions& options = {});
+
+  Result generate(const std::vector<int64_t>& prompt_ids, const GenerateOptions& options = {},
+                  const TokenCallback& on_token = {});
+
+  int64_t vocab_size() const;
+  int64_t window() const;  // the resolved global window W
+  int64_t sinks() const;
+  std::vector<int64_t> stop_tokens() const;
+
+  Model(Model&&) noexcept;
+  Model& operator=(Model&&) noexcept;
+  ~Model();
+
+ private:
+  struct Impl;
+  explicit Model(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace llama4rt

@@ -1,0 +1,223 @@
+#include "artifact.hpp"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "llama4rt.hpp"
+
+namespace llama4rt {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+constexpr const char* kManifest = "manifest.json";
+constexpr const char* kFormat = "llama4-export";
+constexpr const char* kGenerationConfig = "generation_config.json";
+
+std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+json read_json(const fs::path& path, const std::string& what_to_do) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path.string() + ": cannot be read; " + what_to_do);
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  try {
+    return json::parse(buffer.str());
+  } catch (const json::exception& e) {
+    throw Error(path.string() + ": not valid JSON (" + first_line(e.what()) + "); " + what_to_do);
+  }
+}
+
+// A manifest and the checks every manifest passes (artifact.read_manifest without the sha256 verification).
+json read_manifest(const fs::path& directory) {
+  if (!fs::is_directory(directory))
+    throw Error(directory.string() + ": artifact directory not found; create one with `llama4-export --out " +
+                directory.string() + "`");
+  const fs::path path = directory / kManifest;
+  if (!fs::is_regular_file(path))
+    throw Error(path.string() + ": missing; this is not a complete llama4-export artifact (re-run the export)");
+  json manifest = read_json(path, "re-run the export");
+  if (!manifest.is_object() || !manifest.contains("format") || !manifest["format"].is_string() ||
+      manifest["format"].get<std::string>().rfind(kFormat, 0) != 0 || !manifest.contains("files") ||
+      !manifest["files"].is_object())
+    throw Error(path.string() + ": not a " + std::string(kFormat) + " manifest; re-run the export");
+  const json& version = manifest.contains("format_version") ? manifest["format_version"] : json();
+  if (!(version.is_number_integer() && version.get<int64_t>() == kFormatVersion))
+    throw Error(path.string() + ": artifact format version " +
+                (version.is_null() ? std::string("0 (unversioned)") : version.dump()) +
+                ", but this llama4rt reads version " + std::to_string(kFormatVersion) +
+                "; re-export with a matching llama4-export (or use the llama4rt built for that version)");
+  for (const auto& [name, digest] : manifest["files"].items()) {
+    if (!fs::is_regular_file(directory / name))
+      throw Error((directory / name).string() + ": listed in " + kManifest +
+                  " but missing; the artifact is incomplete, re-run the export");
+  }
+  return manifest;
+}
+
+// The config section Python reads with Llama4Config.from_hf_dict (a multimodal config nests it in text_config).
+ModelConfig parse_config(const json& manifest, const std::string& source) {
+  if (!manifest.contains("model") || !manifest["model"].is_object())
+    throw Error(source + ": has no 'model' config object; re-run the export");
+  const json& raw = manifest["model"];
+  const json& cfg = raw.contains("text_config") && raw["text_config"].is_object() ? raw["text_config"] : raw;
+  auto need = [&](const char* key) -> int64_t {
+    if (!cfg.contains(key) || cfg[key].is_null())
+      throw Error(source + ": required field '" + key + "' is missing; the config is not a complete Llama 4 text config");
+    if (!cfg[key].is_number_integer()) throw Error(source + ": field '" + key + "' is not an integer; re-run the export");
+    return cfg[key].get<int64_t>();
+  };
+  auto optional_int = [&](const char* key) -> std::optional<int64_t> {
+    if (!cfg.contains(key) || cfg[key].is_null()) return std::nullopt;
+    if (!cfg[key].is_number_integer()) throw Error(source + ": field '" + key + "' is not an integer; re-run the export");
+    return cfg[key].get<int64_t>();
+  };
+  ModelConfig c;
+  c.vocab_size = need("vocab_size");
+  c.hidden_size = need("hidden_size");
+  c.num_hidden_layers = need("num_hidden_layers");
+  const int64_t heads = need("num_attention_heads");
+  c.num_key_value_heads = optional_int("num_key_value_heads").value_or(heads);
+  c.head_dim = optional_int("head_dim").value_or(c.hidden_size / std::max<int64_t>(heads, 1));
+  if (c.head_dim == 0) c.head_dim = c.hidden_size / std::max<int64_t>(heads, 1);  // `head_dim or hidden // heads`
+  c.attention_chunk_size = optional_int("attention_chunk_size");
+  c.max_position_embeddings = optional_int("max_position_embeddings").value_or(4096);
+  c.pad_token_id = optional_int("pad_token_id");
+  if (cfg.contains("eos_token_id") && !cfg["eos_token_id"].is_null()) {
+    const json& eos = cfg["eos_token_id"];
+    for (const json& e : eos.is_array() ? eos : json::array({eos})) {
+      if (!e.is_number_integer()) throw Error(source + ": eos_token_id holds a non-integer; re-run the export");
+      c.eos_token_ids.push_back(e.get<int64_t>());
+    }
+  }
+  std::vector<int64_t> no_rope;
+  if (cfg.contains("no_rope_layers") && cfg["no_rope_layers"].is_array() && !cfg["no_rope_layers"].empty()) {
+    for (const json& x : cfg["no_rope_layers"]) no_rope.push_back(x.get<int64_t>());
+  } else {
+    const int64_t interval = optional_int("no_rope_layer_interval").value_or(4);
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) no_rope.push_back((i + 1) % interval != 0);
+  }
+  if (static_cast<int64_t>(no_rope.size()) < c.num_hidden_layers)
+    throw Error(source + ": no_rope_layers has " + std::to_string(no_rope.size()) + " entries for " +
+                std::to_string(c.num_hidden_layers) + " layers; re-run the export");
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i)
+    c.kinds.push_back(no_rope[i] ? AttentionKind::kChunked : AttentionKind::kGlobal);
+  if (c.vocab_size < 1 || c.num_hidden_layers < 1 || c.num_key_value_heads < 1 || c.head_dim < 1)
+    throw Error(source + ": the model config has a non-positive size; re-run the export");
+  return c;
+}
+
+// ort_backend._one_graph_serves_both: with the MoE lowered to an ONNX Runtime op that routes each token to its expert
+// in both graphs, the prefill graph computes a one-token step exactly as the decode graph does, so it serves both
+// (and ONNX Runtime prepacks its weights once).
+bool one_graph_serves_both(const json& graphs) {
+  auto lowering = [&](const char* name) {
+    const json& g = graphs[name];
+    return g.contains("moe_lowering") && g["moe_lowering"].is_string() ? g["moe_lowering"].get<std::string>()
+                                                                       : std::string();
+  };
+  const std::string decode = lowering("decode");
+  return decode == lowering("prefill") &&
+         (decode.find("QMoE") != std::string::npos || decode.find("com.microsoft.MoE") != std::string::npos);
+}
+
+// runtime/ort_backend.py artifact_parts: each part's graphs, in layer order, and the prefill limit.
+void read_parts(const json& manifest, const fs::path& directory, Artifact& artifact) {
+  std::vector<std::pair<fs::path, std::pair<int64_t, int64_t>>> listed;
+  if (manifest.contains("partitions") && manifest["partitions"].is_array() && !manifest["partitions"].empty()) {
+    for (const json& entry : manifest["partitions"]) {
+      if (!entry.is_object() || !entry.contains("directory") || !entry.contains("layers") ||
+          !entry["layers"].is_array() || entry["layers"].size() != 2)
+        throw Error(artifact.manifest_path + ": a 'partitions' entry lacks its directory or layer range; re-run the export");
+      listed.push_back({entry["directory"].get<std::string>(),
+                        {entry["layers"][0].get<int64_t>(), entry["layers"][1].get<int64_t>()}});
+    }
+  } else {
+    listed.push_back({".", {0, artifact.config.num_hidden_layers}});
+  }
+  artifact.max_prefill_tokens = kDefaultMaxPrefill;
+  int64_t expected_first = 0;
+  for (const auto& [sub, layers] : listed) {
+    const fs::path part_dir = sub == "." ? directory : directory / sub;
+    const json part_manifest = sub == "." ? manifest : read_manifest(part_dir);
+    const std::string part_manifest_path = (part_dir / kManifest).string();
+    const json graphs = part_manifest.value("graphs", json::object());
+    if (!graphs.is_object() || !graphs.contains("decode") || !graphs["decode"].is_object() ||
+        !graphs["decode"].contains("file"))
+      throw Error(part_manifest_path + ": lists no decode graph; re-run the export");
+    PartGraphs part;
+    part.first_layer = layers.first;
+    part.end_layer = layers.second;
+    part.decode = (part_dir / graphs["decode"]["file"].get<std::string>()).string();
+    if (graphs.contains("prefill") && graphs["prefill"].is_object() && graphs["prefill"].contains("file")) {
+      part.prefill = (part_dir / graphs["prefill"]["file"].get<std::string>()).string();
+      if (graphs["prefill"].contains("max_new_tokens") && graphs["prefill"]["max_new_tokens"].is_number_integer())
+        artifact.max_prefill_tokens = graphs["prefill"]["max_new_tokens"].get<int64_t>();
+      if (one_graph_serves_both(graphs)) part.decode = part.prefill;
+    }
+    if (part.first_layer != expected_first || part.end_layer <= part.first_layer)
+      throw Error(directory.string() + ": the partitions do not cover layers 0.." +
+                  std::to_string(artifact.config.num_hidden_layers - 1) + " in order; re-run the export");
+    expected_first = part.end_layer;
+    artifact.parts.push_back(part);
+  }
+  if (expected_first != artifact.config.num_hidden_layers)
+    throw Error(directory.string() + ": the partitions do not cover layers 0.." +
+                std::to_string(artifact.config.num_hidden_layers - 1) + " in order; re-run the export");
+}
+
+std::vector<int64_t> generation_config_eos(const fs::path& directory) {
+  const fs::path path = directory / kGenerationConfig;
+  if (!fs::is_regular_file(path)) return {};
+  const json config = read_json(path, "re-copy it from the checkpoint");
+  const json eos = config.is_object() && config.contains("eos_token_id") ? config["eos_token_id"] : json();
+  std::vector<int64_t> ids;
+  if (eos.is_null()) return ids;
+  for (const json& e : eos.is_array() ? eos : json::array({eos})) {
+    if (!e.is_number_integer())
+      throw Error(path.string() + ": not a valid generation config (eos_token_id is not an integer); re-copy it "
+                  "from the checkpoint");
+    ids.push_back(e.get<int64_t>());
+  }
+  return ids;
+}
+
+}  // namespace
+
+Artifact read_artifact(const std::string& directory_name) {
+  const fs::path directory(directory_name);
+  Artifact artifact;
+  artifact.directory = directory_name;
+  artifact.manifest_path = (directory / kManifest).string();
+  const json manifest = read_manifest(directory);
+  try {
+    artifact.config = parse_config(manifest, artifact.manifest_path);
+    read_parts(manifest, directory, artifact);
+    const json dtypes = manifest.value("dtypes", json::object());
+    if (dtypes.is_object() && dtypes.contains("kv_cache") && dtypes["kv_cache"].is_string())
+      artifact.kv_cache_dtype = dtypes["kv_cache"].get<std::string>();
+    if (manifest.contains("kv_layout") && manifest["kv_layout"].is_string())
+      artifact.kv_layout = manifest["kv_layout"].get<std::string>();
+  } catch (const json::exception& e) {  // a field of the wrong JSON type
+    throw Error(artifact.manifest_path + ": malformed field (" + first_line(e.what()) + "); re-run the export");
+  }
+  std::set<int64_t> stops(artifact.config.eos_token_ids.begin(), artifact.config.eos_token_ids.end());
+  for (int64_t e : generation_config_eos(directory)) stops.insert(e);
+  artifact.stop_tokens.assign(stops.begin(), stops.end());
+  return artifact;
+}
+
+int64_t default_window(const ModelConfig& config, int64_t itemsize) {
+  const int64_t global_layers = std::count(config.kinds.begin(), config.kinds.end(), AttentionKind::kGlobal);
+  const int64_t per_token = 2 * global_layers * config.num_key_value_heads * config.head_dim * itemsize;
+  const int64_t cap = per_token ? kDefaultGlobalCacheBytes / per_token : config.max_position_embeddings;
+  return std::max(kDefaultSinks + 1, std::min(config.max_position_embeddings, cap));
+}
+
+}  // namespace llama4rt

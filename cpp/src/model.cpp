@@ -1,0 +1,550 @@
+// Model: the artifact's graphs on ONNX Runtime + the sliding KV cache + the sampler, generating exactly as
+// llama4_export/runtime/generator.py (Generator) over ort_backend.py (OrtBackend) does for one sequence.
+#include <algorithm>
+#include <map>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <onnxruntime_cxx_api.h>
+
+#include "artifact.hpp"
+#include "kv_cache.hpp"
+#include "llama4rt.hpp"
+#include "sampler.hpp"
+
+namespace llama4rt {
+namespace {
+
+// model/io_spec.py names.
+constexpr const char* kInputIds = "input_ids";
+constexpr const char* kPositions = "positions";
+constexpr const char* kHiddenIn = "hidden_states";
+constexpr const char* kLogits = "logits";
+constexpr const char* kHiddenOut = "hidden_states_out";
+constexpr const char* kLogitsIndex = "logits_index";
+constexpr AttentionKind kKinds[] = {AttentionKind::kChunked, AttentionKind::kGlobal};
+// The per-kind cache index: slot positions [batch, slots] (positions layout) or valid lengths [batch] (in_place).
+const char* cache_index_name(KVLayout layout, AttentionKind kind) {
+  const bool chunked = kind == AttentionKind::kChunked;
+  if (layout == KVLayout::kInPlace) return chunked ? "past_lengths_chunked" : "past_lengths_global";
+  return chunked ? "past_positions_chunked" : "past_positions_global";
+}
+std::string layer_name(const char* prefix, int64_t layer) { return prefix + std::to_string(layer); }
+// The K/V outputs: the new tokens' (positions) or the past buffers with them appended (in_place).
+const char* out_key_prefix(KVLayout layout) { return layout == KVLayout::kInPlace ? "present_key." : "new_key."; }
+const char* out_value_prefix(KVLayout layout) { return layout == KVLayout::kInPlace ? "present_value." : "new_value."; }
+
+bool is_last(const ModelConfig& c, const PartGraphs& part) { return part.end_layer == c.num_hidden_layers; }
+
+std::vector<std::string> input_names(const ModelConfig& c, const PartGraphs& part, KVLayout layout,
+                                     bool logits_index) {
+  std::vector<std::string> names = {part.first_layer == 0 ? kInputIds : kHiddenIn, kPositions};
+  for (AttentionKind kind : kKinds) names.push_back(cache_index_name(layout, kind));
+  for (int64_t i = part.first_layer; i < part.end_layer; ++i) {
+    names.push_back(layer_name("past_key.", i));
+    names.push_back(layer_name("past_value.", i));
+  }
+  if (logits_index && is_last(c, part)) names.push_back(kLogitsIndex);
+  return names;
+}
+
+std::vector<std::string> output_names(const ModelConfig& c, const PartGraphs& part, KVLayout layout) {
+  std::vector<std::string> names = {is_last(c, part) ? kLogits : kHiddenOut};
+  for (int64_t i = part.first_layer; i < part.end_layer; ++i) {
+    names.push_back(layer_name(out_key_prefix(layout), i));
+    names.push_back(layer_name(out_value_prefix(layout), i));
+  }
+  return names;
+}
+
+// The cache types the runtime supports, as ONNX names them and as the manifest's dtypes.kv_cache does.
+const std::map<ONNXTensorElementDataType, std::pair<const char*, size_t>> kCacheTypes = {
+    {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {"float32", 4}},
+    {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, {"float16", 2}},
+    {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT8E4M3FN, {"float8_e4m3fn", 1}},
+};
+
+size_t element_size(ONNXTensorElementDataType type) {
+  switch (type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return 8;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return 4;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return 2;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT8E4M3FN: return 1;
+    default: return 0;
+  }
+}
+
+// A tensor over memory the caller owns (no copy): ONNX Runtime reads inputs from it and writes outputs into it.
+Ort::Value make_tensor(const Ort::MemoryInfo& cpu, void* data, const std::vector<int64_t>& shape,
+                       ONNXTensorElementDataType type) {
+  size_t count = 1;
+  for (int64_t d : shape) count *= static_cast<size_t>(d);
+  return Ort::Value::CreateTensor(cpu, data, count * element_size(type), shape.data(), shape.size(), type);
+}
+
+std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+struct TensorSpec {
+  ONNXTensorElementDataType type;
+  std::vector<int64_t> shape;  // -1 = dynamic
+};
+
+std::map<std::string, TensorSpec> tensor_specs(const Ort::Session& session, bool inputs) {
+  Ort::AllocatorWithDefaultOptions allocator;
+  std::map<std::string, TensorSpec> specs;
+  const size_t count = inputs ? session.GetInputCount() : session.GetOutputCount();
+  for (size_t i = 0; i < count; ++i) {
+    auto name = inputs ? session.GetInputNameAllocated(i, allocator) : session.GetOutputNameAllocated(i, allocator);
+    Ort::TypeInfo info = inputs ? session.GetInputTypeInfo(i) : session.GetOutputTypeInfo(i);
+    if (info.GetONNXType() != ONNX_TYPE_TENSOR) {
+      specs[name.get()] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, {}};
+      continue;
+    }
+    auto tensor = info.GetTensorTypeAndShapeInfo();
+    specs[name.get()] = {tensor.GetElementType(), tensor.GetShape()};
+  }
+  return specs;
+}
+
+// One ONNX Runtime session of a graph, its inputs/outputs checked against the manifest's config (model/io_spec.py).
+struct Graph {
+  std::string path;
+  std::unique_ptr<Ort::Session> session;
+  std::map<std::string, TensorSpec> inputs, outputs;
+  bool takes_logits_index = false;  // a prefill graph ending with the lm_head
+};
+
+void check_graph(const Graph& g, const ModelConfig& c, const PartGraphs& part, KVLayout layout,
+                 const std::string& manifest) {
+  const std::string fix = "; the graph does not match " + manifest + " — re-run the export";
+  const std::vector<std::string> expected_in = input_names(c, part, layout, g.takes_logits_index);
+  const std::vector<std::string> expected_out = output_names(c, part, layout);
+  for (const std::string& name : expected_in)
+    if (!g.inputs.count(name)) throw Error(g.path + ": has no input '" + name + "'" + fix);
+  for (const auto& [name, spec] : g.inputs)
+    if (std::find(expected_in.begin(), expected_in.end(), name) == expected_in.end())
+      throw Error(g.path + ": input '" + name + "' is not part of the graph contract for " +
+                  std::to_string(part.end_layer - part.first_layer) + " layers" + fix);
+  for (const std::string& name : expected_out)
+    if (!g.outputs.count(name)) throw Error(g.path + ": has no output '" + name + "'" + fix);
+  auto expect = [&](const std::string& name, const TensorSpec& spec, ONNXTensorElementDataType type, size_t rank,
+                    const char* what) {
+    if (spec.type != type || spec.shape.size() != rank)
+      throw Error(g.path + ": '" + name + "' is not " + what + fix);
+  };
+  for (const char* name : {kInputIds, kPositions, kLogitsIndex})
+    if (g.inputs.count(name)) expect(name, g.inputs.at(name), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, 2, "int64 [batch, tokens]");
+  for (AttentionKind kind : kKinds) {
+    const char* name = cache_index_name(layout, kind);
+    if (layout == KVLayout::kInPlace)
+      expect(name, g.inputs.at(name), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, 1, "int64 [batch]");
+    else
+      expect(name, g.inputs.at(name), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, 2, "int64 [batch, slots]");
+  }
+  if (is_last(c, part)) {
+    const TensorSpec& spec = g.outputs.at(kLogits);
+    expect(kLogits, spec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 3, "float32 [batch, tokens, vocab]");
+    if (spec.shape[2] >= 0 && spec.shape[2] != c.vocab_size)
+      throw Error(g.path + ": logits have " + std::to_string(spec.shape[2]) + " entries per token, the config's "
+                  "vocab_size is " + std::to_string(c.vocab_size) + fix);
+  }
+  auto check_kv = [&](const std::string& name, const TensorSpec& spec) {
+    if (spec.shape.size() != 4 || (spec.shape[1] >= 0 && spec.shape[1] != c.num_key_value_heads) ||
+        (spec.shape[3] >= 0 && spec.shape[3] != c.head_dim))
+      throw Error(g.path + ": '" + name + "' is not [batch, " + std::to_string(c.num_key_value_heads) + " kv heads, " +
+                  "slots, " + std::to_string(c.head_dim) + "] as the config says" + fix);
+  };
+  for (int64_t i = part.first_layer; i < part.end_layer; ++i) {
+    for (const std::string& name : {layer_name("past_key.", i), layer_name("past_value.", i)})
+      check_kv(name, g.inputs.at(name));
+    for (const std::string& name : {layer_name(out_key_prefix(layout), i), layer_name(out_value_prefix(layout), i)})
+      check_kv(name, g.outputs.at(name));
+  }
+}
+
+}  // namespace
+
+struct Model::Impl {
+  struct Part {
+    PartGraphs graphs;
+    Graph decode;
+    std::unique_ptr<Graph> prefill_own;  // null when the part has no prefill graph or it is the decode file
+    Graph* prefill = nullptr;
+    ONNXTensorElementDataType out_type;  // logits (fp32) or the hidden states handed to the next part
+    std::vector<uint8_t> out;            // the step's logits [1, vocab] or hidden states [tokens, hidden]
+  };
+
+  Artifact artifact;
+  Ort::Env env{ORT_LOGGING_LEVEL_ERROR, "llama4rt"};
+  Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+  Ort::RunOptions run_options;
+  std::vector<Part> parts;
+  KVLayout layout = KVLayout::kInPlace;
+  ONNXTensorElementDataType cache_type;
+  size_t cache_itemsize = 0;
+  int64_t max_prefill_tokens = 1;
+  std::unique_ptr<SlidingKVCache> cache;
+  std::unique_ptr<Sampler> sampler;
+
+  // Step buffers, sized once for the largest step: ids, positions, the logits column wanted, and (positions layout)
+  // every layer's new K/V [1, kv_heads, T, head_dim].
+  int64_t step_capacity = 0;
+  std::vector<int64_t> ids, positions;
+  int64_t logits_index = 0;
+  std::vector<std::vector<uint8_t>> new_keys, new_values;
+  std::vector<const uint8_t*> new_key_ptrs, new_value_ptrs;
+  // The decode step's bindings over those buffers and the cache, rebuilt only when the cache grows (OrtBackend's
+  // IOBinding reuse): a step then copies nothing but the ids and positions it writes into the bound buffers.
+  std::vector<Ort::IoBinding> decode_bindings;
+  uint64_t decode_bound_at = ~uint64_t{0};
+
+  void open(const std::string& directory, const OpenOptions& options);
+  void reserve_steps(int64_t tokens);
+  std::vector<Ort::IoBinding> bind(bool prefill, int64_t tokens);
+  void run(std::vector<Ort::IoBinding>& bindings, bool prefill);
+  void decode(int64_t token);
+  void prefill(const int64_t* tokens, int64_t start, int64_t width);
+  Graph& graph(Part& p, bool prefill) { return prefill && p.prefill ? *p.prefill : p.decode; }
+  Result generate(const std::vector<int64_t>& prompt, const GenerateOptions& options, const TokenCallback& on_token);
+};
+
+void Model::Impl::open(const std::string& directory, const OpenOptions& options) {
+  artifact = read_artifact(directory);
+  const ModelConfig& c = artifact.config;
+  // OrtBackend's session options.
+  Ort::SessionOptions session_options;
+  session_options.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
+  session_options.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);
+  session_options.SetInterOpNumThreads(1);
+  if (options.threads > 0) session_options.SetIntraOpNumThreads(options.threads);
+  session_options.SetLogSeverityLevel(3);
+  auto load = [&](const std::string& path, const PartGraphs& part) {
+    Graph g;
+    g.path = path;
+    try {
+      g.session = std::make_unique<Ort::Session>(env, path.c_str(), session_options);
+    } catch (const Ort::Exception& e) {
+      throw Error(path + ": ONNX Runtime cannot load it (" + first_line(e.what()) + "); re-run the export");
+    }
+    g.inputs = tensor_specs(*g.session, true);
+    g.outputs = tensor_specs(*g.session, false);
+    g.takes_logits_index = is_last(c, part) && path == part.prefill;
+    return g;
+  };
+  parts.resize(artifact.parts.size());
+  bool all_prefill = true;
+  for (size_t k = 0; k < artifact.parts.size(); ++k) {
+    Part& p = parts[k];
+    p.graphs = artifact.parts[k];
+    p.decode = load(p.graphs.decode, p.graphs);
+    if (p.graphs.prefill.empty()) {
+      all_prefill = false;
+    } else if (p.graphs.prefill == p.graphs.decode) {
+      p.prefill = &p.decode;
+    } else {
+      p.prefill_own = std::make_unique<Graph>(load(p.graphs.prefill, p.graphs));
+      p.prefill = p.prefill_own.get();
+    }
+  }
+  // io_spec.kv_layout_of: the graphs' inputs say the layout; every graph and the manifest must agree.
+  layout = parts[0].decode.inputs.count(cache_index_name(KVLayout::kInPlace, AttentionKind::kGlobal))
+               ? KVLayout::kInPlace : KVLayout::kPositions;
+  const char* layout_name = layout == KVLayout::kInPlace ? "in_place" : "positions";
+  if (artifact.kv_layout && *artifact.kv_layout != layout_name)
+    throw Error(parts[0].graphs.decode + ": its KV cache inputs are of the " + layout_name + " layout but " +
+                artifact.manifest_path + " says kv_layout is " + *artifact.kv_layout + "; re-run the export");
+  for (Part& p : parts) {
+    for (const Graph* g : {static_cast<const Graph*>(&p.decode), static_cast<const Graph*>(p.prefill)})
+      if (g != nullptr) check_graph(*g, c, p.graphs, layout, artifact.manifest_path);
+    p.out_type = p.decode.outputs.at(output_names(c, p.graphs, layout)[0]).type;
+    if (element_size(p.out_type) == 0)
+      throw Error(p.graphs.decode + ": its first output has an unsupported element type; re-run the export");
+  }
+  if (parts.size() > 1 && parts.back().decode.inputs.at(kHiddenIn).type != parts.front().out_type)
+    throw Error(parts.back().graphs.decode + ": its hidden_states input type differs from the previous part's output; "
+                "re-run the export");
+
+  // The cache type is the first layer's past key type; every graph must agree, and the manifest too when it says.
+  cache_type = parts[0].decode.inputs.at(layer_name("past_key.", 0)).type;
+  auto known = kCacheTypes.find(cache_type);
+  if (known == kCacheTypes.end())
+    throw Error(parts[0].graphs.decode + ": cache type " + std::to_string(cache_type) +
+                " is not supported (float32, float16, float8e4m3fn)");
+  cache_itemsize = known->second.second;
+  for (const Part& p : parts) {
+    for (const Graph* g : {static_cast<const Graph*>(&p.decode), static_cast<const Graph*>(p.prefill)}) {
+      if (g == nullptr) continue;
+      for (int64_t i = p.graphs.first_layer; i < p.graphs.end_layer; ++i)
+        for (const std::string& name : {layer_name("past_key.", i), layer_name("past_value.", i)})
+          if (g->inputs.at(name).type != cache_type)
+            throw Error(g->path + ": '" + name + "' is not " + known->second.first + " like past_key.0; re-run the export");
+    }
+  }
+  if (artifact.kv_cache_dtype && *artifact.kv_cache_dtype != known->second.first)
+    throw Error(parts[0].graphs.decode + ": the cache inputs are " + known->second.first + " but " +
+                artifact.manifest_path + " says dtypes.kv_cache is " + *artifact.kv_cache_dtype + "; re-run the export");
+
+  max_prefill_tokens = all_prefill ? artifact.max_prefill_tokens : 1;
+  if (options.max_prefill_tokens) {
+    if (*options.max_prefill_tokens < 1)
+      throw Error("max_prefill_tokens=" + std::to_string(*options.max_prefill_tokens) + ": must be >= 1");
+    max_prefill_tokens = std::min(max_prefill_tokens, *options.max_prefill_tokens);
+  }
+
+  // Static slot dimensions (positions layout) fix the cache (Generator._window_for / required_slots); otherwise it
+  // grows.
+  std::map<AttentionKind, int64_t> required;
+  if (layout == KVLayout::kPositions) {
+    for (AttentionKind kind : kKinds) {
+      const int64_t dim = parts[0].decode.inputs.at(cache_index_name(layout, kind)).shape[1];
+      if (dim >= 0) required[kind] = dim;
+    }
+  }
+  std::optional<int64_t> window = options.window;
+  if (required.count(AttentionKind::kGlobal)) {
+    const int64_t fixed = required[AttentionKind::kGlobal];
+    if (window && *window != fixed)
+      throw Error("window=" + std::to_string(*window) + ": this artifact's graphs were exported with a fixed global "
+                  "window of " + std::to_string(fixed) + " slots; use --window " + std::to_string(fixed) +
+                  " or re-export with dynamic cache shapes");
+    window = fixed;
+  }
+  cache = std::make_unique<SlidingKVCache>(c, layout, window ? *window : default_window(c, cache_itemsize),
+                                           options.sinks, cache_itemsize, required.empty(), max_prefill_tokens);
+  for (const auto& [kind, slots] : required)
+    if (cache->slots(kind) != slots)
+      throw Error("the graphs expect " + std::to_string(slots) + " " +
+                  (kind == AttentionKind::kChunked ? "chunked" : "global") + " cache slots but this config needs " +
+                  std::to_string(cache->slots(kind)) + "; re-run the export");
+  sampler = std::make_unique<Sampler>(SamplingParams{}, c.vocab_size);
+  if (layout == KVLayout::kPositions) {
+    new_keys.resize(c.num_hidden_layers);
+    new_values.resize(c.num_hidden_layers);
+    new_key_ptrs.resize(c.num_hidden_layers);
+    new_value_ptrs.resize(c.num_hidden_layers);
+  }
+  reserve_steps(1);
+}
+
+void Model::Impl::reserve_steps(int64_t tokens) {
+  if (tokens <= step_capacity) return;
+  const ModelConfig& c = artifact.config;
+  step_capacity = tokens;
+  ids.resize(tokens);
+  positions.resize(tokens);
+  const size_t kv_bytes = static_cast<size_t>(c.num_key_value_heads * tokens * c.head_dim) * cache_itemsize;
+  for (size_t i = 0; i < new_keys.size(); ++i) {
+    new_keys[i].resize(kv_bytes);
+    new_values[i].resize(kv_bytes);
+    new_key_ptrs[i] = new_keys[i].data();
+    new_value_ptrs[i] = new_values[i].data();
+  }
+  for (Part& p : parts)  // one column of logits per step (logits_index), or every token's hidden states
+    p.out.resize(static_cast<size_t>(is_last(c, p.graphs) ? c.vocab_size : tokens * c.hidden_size) *
+                 element_size(p.out_type));
+  decode_bound_at = ~uint64_t{0};  // the buffers moved
+}
+
+// OrtBackend._bind: every part's IOBinding for a step of `tokens` new tokens over the step buffers and the cache;
+// part k's hidden-state output is part k+1's input. In place, each layer's past and present are the same memory.
+std::vector<Ort::IoBinding> Model::Impl::bind(bool prefill, int64_t tokens) {
+  const ModelConfig& c = artifact.config;
+  const int64_t kvh = c.num_key_value_heads, d = c.head_dim;
+  std::vector<Ort::IoBinding> bindings;
+  for (size_t k = 0; k < parts.size(); ++k) {
+    Part& p = parts[k];
+    Graph& g = graph(p, prefill);
+    Ort::IoBinding binding(*g.session);
+    if (k == 0)
+      binding.BindInput(kInputIds, make_tensor(cpu, ids.data(), {1, tokens}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
+    else
+      binding.BindInput(kHiddenIn, make_tensor(cpu, parts[k - 1].out.data(), {1, tokens, c.hidden_size},
+                                               parts[k - 1].out_type));
+    binding.BindInput(kPositions, make_tensor(cpu, positions.data(), {1, tokens}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
+    for (AttentionKind kind : kKinds) {
+      const char* name = cache_index_name(layout, kind);
+      if (layout == KVLayout::kInPlace)
+        binding.BindInput(name, make_tensor(cpu, cache->filled(kind), {1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
+      else
+        binding.BindInput(name, make_tensor(cpu, cache->positions(kind), {1, cache->size(kind)},
+                                            ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
+    }
+    for (int64_t i = p.graphs.first_layer; i < p.graphs.end_layer; ++i) {
+      const std::vector<int64_t> shape = {1, kvh, cache->size(c.kinds[i]), d};
+      Ort::Value key = make_tensor(cpu, cache->keys(i), shape, cache_type);
+      Ort::Value value = make_tensor(cpu, cache->values(i), shape, cache_type);
+      binding.BindInput(layer_name("past_key.", i).c_str(), key);
+      binding.BindInput(layer_name("past_value.", i).c_str(), value);
+      if (layout == KVLayout::kInPlace) {
+        binding.BindOutput(layer_name(out_key_prefix(layout), i).c_str(), key);
+        binding.BindOutput(layer_name(out_value_prefix(layout), i).c_str(), value);
+      } else {
+        binding.BindOutput(layer_name(out_key_prefix(layout), i).c_str(),
+                           make_tensor(cpu, new_keys[i].data(), {1, kvh, tokens, d}, cache_type));
+        binding.BindOutput(layer_name(out_value_prefix(layout), i).c_str(),
+                           make_tensor(cpu, new_values[i].data(), {1, kvh, tokens, d}, cache_type));
+      }
+    }
+    if (is_last(c, p.graphs)) {
+      binding.BindOutput(kLogits, make_tensor(cpu, p.out.data(), {1, 1, c.vocab_size}, p.out_type));
+    } else {
+      binding.BindOutput(kHiddenOut, make_tensor(cpu, p.out.data(), {1, tokens, c.hidden_size}, p.out_type));
+    }
+    if (g.takes_logits_index)
+      binding.BindInput(kLogitsIndex, make_tensor(cpu, &logits_index, {1, 1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
+    bindings.push_back(std::move(binding));
+  }
+  return bindings;
+}
+
+void Model::Impl::run(std::vector<Ort::IoBinding>& bindings, bool prefill) {
+  for (size_t k = 0; k < parts.size(); ++k) {
+    Graph& g = graph(parts[k], prefill);
+    try {
+      g.session->Run(run_options, bindings[k]);
+    } catch (const Ort::Exception& e) {
+      throw Error(g.path + ": ONNX Runtime failed to run it (" + first_line(e.what()) + ")");
+    }
+  }
+}
+
+// OrtBackend._decode: one new token through the decode graphs, bound once per cache layout.
+void Model::Impl::decode(int64_t token) {
+  ids[0] = token;
+  positions[0] = cache->length();
+  logits_index = 0;
+  if (layout == KVLayout::kInPlace) cache->reserve(1);
+  if (decode_bound_at != cache->reallocations()) {
+    decode_bindings = bind(false, 1);
+    decode_bound_at = cache->reallocations();
+  }
+  run(decode_bindings, false);
+  if (layout == KVLayout::kInPlace)
+    cache->advance(1);
+  else
+    cache->update(positions.data(), 1, new_key_ptrs, new_value_ptrs);
+}
+
+// One piece of Generator._prefill (`width` prompt tokens from position `start`) through the prefill graphs, asking
+// for the logits of its last token. In place (OrtBackend._prefill_in_place) it runs as one step when the cache is
+// empty and the piece fits; otherwise in steps cut at chunk boundaries, the last of which holds the wanted token.
+void Model::Impl::prefill(const int64_t* tokens, int64_t start, int64_t width) {
+  auto step = [&](int64_t from, int64_t count) {
+    for (int64_t t = 0; t < count; ++t) {
+      ids[t] = tokens[from + t];
+      positions[t] = start + from + t;
+    }
+    logits_index = from + count == width ? count - 1 : 0;
+    if (layout == KVLayout::kInPlace) cache->reserve(count);
+    std::vector<Ort::IoBinding> bindings = bind(true, count);
+    run(bindings, true);
+    if (layout == KVLayout::kInPlace)
+      cache->advance(count);
+    else
+      cache->update(positions.data(), count, new_key_ptrs, new_value_ptrs);
+  };
+  if (layout == KVLayout::kPositions || (cache->length() == 0 && width <= cache->piece_limit())) {
+    step(0, width);
+    return;
+  }
+  for (int64_t done = 0; done < width;) {
+    const int64_t count = std::min(cache->piece_limit(), width - done);
+    step(done, count);
+    done += count;
+  }
+}
+
+Result Model::Impl::generate(const std::vector<int64_t>& prompt, const GenerateOptions& options,
+                             const TokenCallback& on_token) {
+  const ModelConfig& c = artifact.config;
+  if (prompt.empty()) throw Error("the prompt is empty; give at least one token");
+  for (size_t i = 0; i < prompt.size(); ++i)
+    if (prompt[i] < 0 || prompt[i] >= c.vocab_size)
+      throw Error("prompt token " + std::to_string(i) + " is id " + std::to_string(prompt[i]) +
+                  ", outside the vocabulary 0.." + std::to_string(c.vocab_size - 1) + "; check the ids");
+  if (options.max_new_tokens < 0)
+    throw Error("max_new_tokens=" + std::to_string(options.max_new_tokens) + ": must be >= 0");
+  const SamplingParams params{options.temperature, options.top_k, options.top_p, options.repetition_penalty,
+                              options.seed};
+  check_sampling(params);
+  const std::vector<int64_t>& stop_list = options.stop_tokens ? *options.stop_tokens : artifact.stop_tokens;
+  const std::set<int64_t> stops(stop_list.begin(), stop_list.end());
+
+  Result result;
+  result.prompt_ids = prompt;
+  result.stop_reason = "length";
+  if (options.max_new_tokens == 0) return result;
+  result.token_ids.reserve(options.max_new_tokens);
+  cache->reset();
+  sampler->start(params);
+  for (int64_t id : prompt) sampler->saw(id);
+
+  // Generator._prefill: pieces of at most max_prefill_tokens; the last one leaves the prompt's last logits.
+  const int64_t length = static_cast<int64_t>(prompt.size());
+  reserve_steps(std::min(max_prefill_tokens, length));
+  for (int64_t start = 0; start < length; start += max_prefill_tokens)
+    prefill(prompt.data() + start, start, std::min(max_prefill_tokens, length - start));
+  // Generator._events: sample, stop at a stop token or max_new_tokens, otherwise decode the token.
+  const float* logits = reinterpret_cast<const float*>(parts.back().out.data());
+  while (true) {
+    const int64_t token = (*sampler)(logits);
+    sampler->saw(token);
+    result.token_ids.push_back(token);
+    const bool stop = stops.count(token) > 0;
+    if (on_token) on_token(token, stop);
+    if (stop) {
+      result.stop_reason = "stop";
+      break;
+    }
+    if (static_cast<int64_t>(result.token_ids.size()) == options.max_new_tokens) break;
+    decode(token);
+  }
+  return result;
+}
+
+// --- the public class: every failure leaves as llama4rt::Error ----------------------------------------------------
+
+namespace {
+template <typename F>
+auto guarded(F&& body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const Error&) {
+    throw;
+  } catch (const Ort::Exception& e) {
+    throw Error(std::string("ONNX Runtime: ") + first_line(e.what()));
+  } catch (const std::bad_alloc&) {
+    throw Error("out of memory; lower --window or use a smaller artifact");
+  } catch (const std::exception& e) {
+    throw Error(first_line(e.what()));
+  }
+}
+}  // namespace
+
+Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Model::Model(Model&&) noexcept = default;
+Model& Model::operator=(Model&&) noexcept = default;
+Model::~Model() = default;
+
+Model Model::open(const std::string& artifact_dir, const OpenOptions& options) {
+  return guarded([&] {
+    auto impl = std::make_unique<Impl>();
+    impl->open(artifact_dir, options);
+    return Model(std::move(impl));
+  });
+}
+
+Result Model::generate(const std::vector<int64_t>& prompt_ids, const GenerateOptions& options,
+                       const TokenCallback& on_token) {
+  return guarded([&] { return impl_->generate(prompt_ids, options, on_token); });
+}
+
+int64_t Model::vocab_size() const { return impl_->artifact.config.vocab_size; }
+int64_t Model::window() const { return impl_->cache->window(); }
+int64_t Model::sinks() const { return impl_->cache->sinks(); }
+std::vector<int64_t> Model::stop_tokens() const { return impl_->artifact.stop_tokens; }
+
+}  // namespace llama4rt

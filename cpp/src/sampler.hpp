@@ -1,0 +1,62 @@
+// Next-token choice as llama4_export/runtime/sampling.py makes it: repetition penalty → greedy argmax at temperature 0
+// → temperature → top-k → top-p → one draw from numpy's default_rng(seed) (PCG64 seeded through SeedSequence,
+// Generator.choice with p: cumulative sum, one random() double, searchsorted right).
+// The arithmetic is numpy's: float32 logits, float64 softmax with numpy's pairwise summation, sequential cumsum.
+// One difference remains: exp is the C library's, while numpy may use its own SIMD exp (AVX-512 CPUs), which differs
+// in the last bit for some inputs — so a draw can differ only when it lands within a few ulps (~1e-16) of a boundary
+// of the cumulative distribution.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace llama4rt {
+
+// numpy.random.PCG64 (XSL-RR 128/64) seeded as numpy.random.default_rng(seed) seeds it.
+class Pcg64 {
+ public:
+  explicit Pcg64(uint64_t seed);
+  uint64_t next_uint64();
+  double random();  // Generator.random(): 53 random bits in [0, 1)
+
+ private:
+  unsigned __int128 state_ = 0, increment_ = 0;
+  void step();
+};
+
+// numpy.random.SeedSequence(seed).generate_state(words, np.uint32).
+std::vector<uint32_t> seed_sequence_state(uint64_t seed, int words);
+
+struct SamplingParams {
+  double temperature = 0.0;
+  int64_t top_k = 0;
+  double top_p = 1.0;
+  double repetition_penalty = 1.0;
+  uint64_t seed = 0;
+};
+
+// Checks the options as SamplingParams.__post_init__ does (throws Error).
+void check_sampling(const SamplingParams& params);
+
+class Sampler {
+ public:
+  Sampler(const SamplingParams& params, int64_t vocab_size);
+  // Forget the ids seen so far and re-seed (one Sampler serves every generation of a Model).
+  void start(const SamplingParams& params);
+  void saw(int64_t token);  // a prompt or generated id, for the repetition penalty
+  int64_t operator()(const float* logits);
+
+ private:
+  SamplingParams params_;
+  Pcg64 rng_;
+  std::vector<uint8_t> seen_;
+  std::vector<int64_t> seen_ids_;
+  std::vector<float> scores_, partition_;
+  std::vector<int64_t> order_;
+  std::vector<double> probs_;
+};
+
+// numpy's pairwise summation of a contiguous float64 array (what ndarray.sum computes).
+double pairwise_sum(const double* values, int64_t n);
+
+}  // namespace llama4rt

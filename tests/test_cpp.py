@@ -1,0 +1,234 @@
+"""The C++ runtime (cpp/: llama4rt + llama4-cpp) against the Python runtime (`llama4-run`), token for token.
+
+`make cpp` builds it (the test target does too); llama4-run runs in-process through its Typer app. The artifacts:
+scout-tiny fp32 with a 16-token prefill limit (prompts go in pieces), int4, fp8 with an fp8 KV cache (the positions KV
+layout; the others are in_place), and the trained l4-scoutlike (conftest's export). Prompts cross a chunk boundary
+(scout-tiny's chunk is 16, l4-scoutlike's 64) and generations run past a small global window.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from llama4_export import api
+from llama4_export.cli.run import run_app
+from llama4_export.pipeline import QuantOptions
+
+REPO = Path(__file__).resolve().parents[1]
+BUILD = REPO / "cpp" / "build"
+SANITIZER_BUILD = REPO / "cpp" / "build-sanitize"
+PRESET = "scout-tiny"
+
+
+def make_cpp() -> Path:
+    """`make cpp` (a no-op when up to date); skip only where no compiler can be had."""
+    if shutil.which("make") is None or (shutil.which("cmake") is None and shutil.which("apt-get") is None):
+        pytest.skip("no make/cmake and no apt-get to install them: the C++ runtime cannot be built here")
+    done = subprocess.run(["make", "cpp", f"CPP_BUILD={BUILD}"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, f"make cpp failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return BUILD / "llama4-cpp"
+
+
+@pytest.fixture(scope="module")
+def llama4_cpp() -> Path:
+    return make_cpp()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """scout-tiny exports sharing one traced model (the in_place KV layout): fp32 (prefill limit 16) and int4 (RTN);
+    and, for the positions layout, fp8 with an fp8 KV cache on the first 4 layers (one global layer), which halves
+    its separate trace."""
+    base = tmp_path_factory.mktemp("cpp")
+    calib = base / "calib"
+    exports = {
+        "fp32": dict(max_prefill=16, quant=QuantOptions(report=False)),
+        "int4": dict(precision="int4", quant=QuantOptions(int4_algo="rtn", report=False, calib_cache=calib)),
+        "fp8-kv": dict(precision="fp8", layers=4, random_weights=True,
+                       quant=QuantOptions(report=False, kv_cache_dtype="fp8", calib_cache=calib)),
+    }
+    for name, options in exports.items():
+        api.export_model(base / name, model=PRESET, show_progress=False, **options)
+    return {name: base / name for name in exports}
+
+
+def run_cpp(binary: Path, artifact: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(binary), str(artifact), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def cpp_json(binary: Path, artifact: Path, *args: str) -> dict:
+    done = run_cpp(binary, artifact, *args, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def python_json(artifact: Path, *args: str) -> dict:
+    result = CliRunner().invoke(run_app, [str(artifact), *map(str, args), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def ids(n: int, vocab: int, seed: int) -> str:
+    return ",".join(map(str, np.random.default_rng(seed).integers(0, vocab, n).tolist()))
+
+
+# (artifact, prompt length, generation options): prompts across chunk boundaries, generations past the window.
+# scout-tiny's chunk is 16: in place, int4's one 512-token prefill piece runs in steps cut at every 16th token.
+TINY_CASES = {
+    # 33 tokens: prefill pieces 16 + 16 + 1; W = 24 < 33 + 40
+    "fp32-pieces": ("fp32", 33, ["-n", 40, "--window", 24, "--sinks", 3]),
+    "fp32-sampled": ("fp32", 40, ["-n", 48, "--window", 20, "--sinks", 2, "--temperature", 0.9, "--top-k", 50,
+                                  "--top-p", 0.9, "--seed", 7, "--repetition-penalty", 1.2]),
+    "int4": ("int4", 40, ["-n", 40, "--window", 24, "--sinks", 2]),
+    # a ring of 9 slots: a 16-token prefill step keeps only its last 9 ring tokens
+    "int4-short-ring": ("int4", 45, ["-n", 30, "--window", 10, "--sinks", 1]),
+    "int4-sampled": ("int4", 20, ["-n", 40, "--window", 30, "--temperature", 1.1, "--seed", 3]),
+    "fp8-kv": ("fp8-kv", 35, ["-n", 40, "--window", 24, "--sinks", 4]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_scout_tiny_tokens_match_llama4_run(llama4_cpp, tiny, case):
+    name, length, options = TINY_CASES[case]
+    args = ["--ids", ids(length, 256, seed=length), *options]
+    expected = python_json(tiny[name], *args)
+    got = cpp_json(llama4_cpp, tiny[name], *args)
+    assert got["token_ids"] == expected["token_ids"]
+    assert (got["prompt_ids"], got["stop_reason"]) == (expected["prompt_ids"], expected["stop_reason"])
+
+
+SCOUTLIKE_CASES = {
+    # 100 held-out tokens cross the 64-token chunk; W = 96 is outgrown by the prompt, the ring wraps while decoding
+    "greedy-window": ["-n", 48, "--window", 96, "--sinks", 4],
+    "default-window": ["-n", 24],
+    "sampled": ["-n", 40, "--window", 80, "--temperature", 0.8, "--top-p", 0.95, "--seed", 1],
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCOUTLIKE_CASES))
+def test_trained_checkpoint_tokens_match_llama4_run(llama4_cpp, scoutlike_artifact, heldout_text, case):
+    from tokenizers import Tokenizer
+
+    prompt = Tokenizer.from_file(str(scoutlike_artifact / "tokenizer.json")).encode(heldout_text[:2000]).ids[:100]
+    args = ["--ids", ",".join(map(str, prompt)), *SCOUTLIKE_CASES[case]]
+    expected = python_json(scoutlike_artifact, *args)
+    got = cpp_json(llama4_cpp, scoutlike_artifact, *args)
+    assert got["token_ids"] == expected["token_ids"]
+    assert (got["prompt_ids"], got["stop_reason"]) == (expected["prompt_ids"], expected["stop_reason"])
+
+
+def test_resident_memory_is_flat_over_a_long_generation(llama4_cpp, tiny):
+    """2,000 decode steps with W = 64: the cache is full long before step 200, so nothing may grow after it.
+    llama4-cpp reads its own VmRSS (/proc/self/status) right after the listed steps: only it knows when a step ends."""
+    done = run_cpp(llama4_cpp, tiny["fp32"], "--ids", ids(10, 256, 0), "-n", 2000, "--no-stop", "--window", 64,
+                   "--temperature", 1.0, "--seed", 0, "--rss-steps", "200,2000")
+    assert done.returncode == 0, done.stderr
+    rss = {int(step): int(kb) for step, kb in re.findall(r"^rss step=(\d+) kb=(\d+)$", done.stderr, re.MULTILINE)}
+    assert set(rss) == {200, 2000}, done.stderr
+    assert abs(rss[2000] - rss[200]) <= 0.05 * rss[200], rss
+
+
+def test_sanitizer_build_runs_clean(llama4_cpp, tiny):
+    """ASan + UBSan build of the library and example (any report aborts it), on a sampled run past the window and
+    on an error path; the tokens equal the normal build's."""
+    root = subprocess.run(["cmake", "-N", "-L", str(BUILD)], capture_output=True, text=True).stdout
+    onnxruntime_root = next(line.split("=", 1)[1] for line in root.splitlines() if line.startswith("ONNXRUNTIME_ROOT:"))
+    for step in (["cmake", "-S", REPO / "cpp", "-B", SANITIZER_BUILD, "-DLLAMA4RT_SANITIZE=ON",
+                  "-DCMAKE_BUILD_TYPE=Debug", f"-DONNXRUNTIME_ROOT={onnxruntime_root}"],
+                 ["cmake", "--build", SANITIZER_BUILD, "-j2"]):
+        done = subprocess.run(list(map(str, step)), capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    args = ["--ids", ids(40, 256, 1), "-n", 40, "--window", 20, "--sinks", 2, "--temperature", 0.9, "--top-k", 40,
+            "--seed", 5]
+    for layout in ("fp32", "fp8-kv"):  # in_place, positions
+        sanitized = run_cpp(SANITIZER_BUILD / "llama4-cpp", tiny[layout], *args, "--json")
+        assert sanitized.returncode == 0 and "Sanitizer" not in sanitized.stderr, sanitized.stderr
+        assert json.loads(sanitized.stdout) == cpp_json(llama4_cpp, tiny[layout], *args)
+    refused = run_cpp(SANITIZER_BUILD / "llama4-cpp", tiny["fp32"], "--ids", "1,99999")
+    assert refused.returncode == 2 and "Sanitizer" not in refused.stderr, refused.stderr
+
+
+# --- bad input: one line on stderr, exit status 2 -------------------------------------------------------------------
+
+def copy_artifact(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def edit_manifest(artifact: Path, edit) -> None:
+    path = artifact / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def missing_dir(tmp_path, tiny):
+    return tmp_path / "nope", ["--ids", "1"], "artifact directory not found"
+
+
+def broken_manifest(tmp_path, tiny):
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    (art / "manifest.json").write_text("{ not json")
+    return art, ["--ids", "1"], "not valid JSON"
+
+
+def other_format_version(tmp_path, tiny):
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    edit_manifest(art, lambda m: m.update(format_version=1))
+    return art, ["--ids", "1"], "artifact format version 1, but this llama4rt reads version 2"
+
+
+def missing_graph(tmp_path, tiny):
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    (art / "decode.onnx").unlink()
+    return art, ["--ids", "1"], "decode.onnx: listed in manifest.json but missing"
+
+
+def graph_not_matching_manifest(tmp_path, tiny):
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    edit_manifest(art, lambda m: m["model"].update(num_hidden_layers=7))  # the graphs take 8 layers' cache
+    return art, ["--ids", "1"], "input 'past_key.7' is not part of the graph contract"
+
+
+def layout_not_matching_manifest(tmp_path, tiny):
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    edit_manifest(art, lambda m: m.update(kv_layout="positions"))
+    return art, ["--ids", "1"], "of the in_place layout but"
+
+
+def kv_heads_not_matching_manifest(tmp_path, tiny):
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    edit_manifest(art, lambda m: m["model"].update(num_key_value_heads=4))
+    return art, ["--ids", "1"], "as the config says"
+
+
+def id_outside_vocabulary(tmp_path, tiny):
+    return tiny["fp32"], ["--ids", "1,2,512"], "prompt token 2 is id 512, outside the vocabulary 0..511"
+
+
+def window_without_ring(tmp_path, tiny):
+    return tiny["fp32"], ["--ids", "1", "--window", "4", "--sinks", "4"], "needs at least sinks + 1 = 5 slots"
+
+
+def bad_ids(tmp_path, tiny):
+    return tiny["fp32"], ["--ids", "1,x"], "expected comma-separated integers"
+
+
+@pytest.mark.parametrize("breaker", [missing_dir, broken_manifest, other_format_version, missing_graph,
+                                     graph_not_matching_manifest, layout_not_matching_manifest,
+                                     kv_heads_not_matching_manifest,
+                                     id_outside_vocabulary, window_without_ring, bad_ids],
+                         ids=lambda f: f.__name__)
+def test_bad_input_is_one_line_and_exit_2(llama4_cpp, tiny, tmp_path, breaker):
+    artifact, args, message = breaker(tmp_path, tiny)
+    done = run_cpp(llama4_cpp, artifact, *args)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
