@@ -315,7 +315,7 @@ class Llama4VisionConfig:
 
         def need(cfg: dict[str, Any], key: str, where: str) -> Any:
             if cfg.get(key) is None:
-                raise CheckpointError(f"{source}: required field {where}{key!r} is missing; the config is not a complete "
+                raise CheckpointError(f"{source}: required field '{where}{key}' is missing; the config is not a complete "
                                       "Llama 4 multimodal config")
             return cfg[key]
 
