@@ -51,12 +51,11 @@ PREPROCESSOR_FILE = "preprocessor_config.json"  # Meta's published checkpoints
 PROCESSOR_FILE = "processor_config.json"  # the processor; newer transformers nest the image processor in it
 BILINEAR = 2  # PILImageResampling.BILINEAR: the only resampling Llama 4's processor uses
 _BF16 = ml_dtypes.bfloat16
-# Llama4Processor's own defaults for the prompt tokens (its processor_config.json may override them).
-_TOKEN_DEFAULTS = {
-    "image_token": "<|image|>", "start_of_image_token": "<|image_start|>", "end_of_image_token": "<|image_end|>",
-    "patch_token": "<|patch|>", "tile_x_separator_token": "<|tile_x_separator|>",
-    "tile_y_separator_token": "<|tile_y_separator|>",
-}
+# The placeholder a prompt marks each image with: processor_config.json's `image_token`, Llama4Processor's default.
+# The expansion itself is written with these fixed tokens whatever the processor file says, as Llama4Processor does.
+IMAGE_TOKEN = "<|image|>"
+IMAGE_START, IMAGE_END, PATCH = "<|image_start|>", "<|image_end|>", "<|patch|>"
+TILE_X_SEPARATOR, TILE_Y_SEPARATOR = "<|tile_x_separator|>", "<|tile_y_separator|>"
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ class ImageProcessorConfig:
     image_std: tuple[float, float, float]
     do_convert_rgb: bool
     tokens_per_tile: int  # `<|patch|>` tokens per tile: (size / patch_size)² / round(1 / pixel_shuffle_ratio²)
-    tokens: dict[str, str]  # _TOKEN_DEFAULTS' keys
+    placeholder: str  # what marks an image in a prompt
 
     @classmethod
     def from_directory(cls, directory: str | Path, vision: Llama4VisionConfig) -> "ImageProcessorConfig":
@@ -130,7 +129,7 @@ class ImageProcessorConfig:
                 rescale_factor=float(fields.get("rescale_factor", 1 / 255)), do_normalize=do_normalize,
                 image_mean=mean, image_std=std, do_convert_rgb=bool(fields.get("do_convert_rgb", True)),
                 tokens_per_tile=tokens_per_tile,
-                tokens={key: str(processor.get(key, default)) for key, default in _TOKEN_DEFAULTS.items()},
+                placeholder=str(processor.get("image_token", IMAGE_TOKEN)),
             )
         except (TypeError, ValueError, ZeroDivisionError) as exc:
             raise ImageError(f"{source}: malformed image processor field ({exc}); re-save the processor") from None
@@ -185,17 +184,16 @@ class ImageProcessor:
 
     def image_prompt(self, grid: tuple[int, int]) -> str:
         """The placeholder text of one image with this tile grid."""
-        t, rows, cols = self.config.tokens, *grid
-        patches = t["patch_token"] * self.config.tokens_per_tile
-        text = t["start_of_image_token"]
+        rows, cols = grid
+        patches = PATCH * self.config.tokens_per_tile
+        text = IMAGE_START
         if rows * cols > 1:
-            row = t["tile_x_separator_token"].join([patches] * cols)
-            text += (row + t["tile_y_separator_token"]) * rows
-        return text + t["image_token"] + patches + t["end_of_image_token"]
+            text += (TILE_X_SEPARATOR.join([patches] * cols) + TILE_Y_SEPARATOR) * rows
+        return text + IMAGE_TOKEN + patches + IMAGE_END
 
     def expand_prompt(self, text: str, grids: list[tuple[int, int]]) -> str:
         """`text` with its k-th `<|image|>` placeholder replaced by the k-th image's placeholder text."""
-        placeholder = self.config.tokens["image_token"]
+        placeholder = self.config.placeholder
         pieces = text.split(placeholder)
         if len(pieces) - 1 != len(grids):
             raise ImageError(f"the prompt has {len(pieces) - 1} {placeholder} placeholder(s) but {len(grids)} image(s) "
