@@ -101,17 +101,20 @@ def run_json(cmd: list[str]) -> dict:
 
 
 def context(args) -> int:
-    """The KV window we give our runtime: what llama-bench sizes its context to for the decode test."""
-    return args.decode_prompt + args.new_tokens
+    """The KV window we give our runtime: what llama-bench sizes its context to for its longest decode test."""
+    return max(args.decode_prompt, *args.depth) + args.new_tokens
 
 
 def ours_once(artifact: Path, args) -> dict:
-    cmd = [sys.executable, "-m", "llama4_export.cli", "bench", str(artifact), "--repeats", "1", "--threads", str(args.threads),
+    cmd = [sys.executable, "-c", "from llama4_export.cli.export import main; main()", "bench", str(artifact), "--repeats", "1", "--threads", str(args.threads),
            "--decode-prompt", str(args.decode_prompt), "--new-tokens", str(args.new_tokens), "--window", str(context(args))]
     for n in args.prompt:
         cmd += ["--prompt", str(n)]
+    for d in args.depth:
+        cmd += ["--depth", str(d)]
     r = run_json(cmd)
     return {"prefill_tok_s": {n: s["median"] for n, s in r["prefill_tok_s"].items()}, "decode_tok_s": r["decode_tok_s"]["median"],
+            "decode_depth_tok_s": {d: s["median"] for d, s in r["decode_depth_tok_s"].items()},
             "ttft_ms": r["ttft_ms"]["median"], "peak_rss_mb": r["peak_rss_mb"],
             "weight_bytes": r["roofline"]["weight_bytes_per_token"]}
 
@@ -125,8 +128,10 @@ def transformers_once(checkpoint: Path, args) -> dict:
 
 
 def llamacpp_once(bin_dir: Path, gguf: Path, weight_bytes: int, args) -> dict:
-    r = llamacpp.measure(bin_dir, gguf, args.threads, args.prompt, args.decode_prompt, args.new_tokens, repeats=1)
+    r = llamacpp.measure(bin_dir, gguf, args.threads, args.prompt, args.decode_prompt, args.new_tokens, repeats=1,
+                         depths=args.depth)
     return {"prefill_tok_s": {n: s["median"] for n, s in r["prefill_tok_s"].items()}, "decode_tok_s": r["decode_tok_s"]["median"],
+            "decode_depth_tok_s": {d: s["median"] for d, s in r["decode_depth_tok_s"].items()},
             "ttft_ms": r["ttft_ms"]["median"] if r["ttft_ms"] else None, "peak_rss_mb": r["peak_rss_mb"], "weight_bytes": weight_bytes}
 
 
@@ -139,37 +144,78 @@ def aggregate(engine: str, precision: str, samples: list[dict], bandwidth: float
         "engine": engine, "precision": precision,
         "prefill_tok_s": {n: spread([s["prefill_tok_s"][n] for s in samples]) for n in samples[0]["prefill_tok_s"]},
         "decode_tok_s": decode, "ttft_ms": spread(ttft) if ttft else None,
+        "decode_depth_tok_s": {d: spread([s["decode_depth_tok_s"][d] for s in samples])
+                               for d in samples[0].get("decode_depth_tok_s", {})},
         "peak_rss_mb": max(s["peak_rss_mb"] for s in samples),
         "roofline": {"decode_bytes_per_token": int(step_bytes), "bound_tok_s": round(bound, 2),
                      "fraction_of_bound": round(decode["median"] / bound, 4)},
     }
 
 
-def ratio(results: list[dict], a: tuple[str, str], b: tuple[str, str], metric: str) -> float | None:
-    def find(key):
-        return next((r for r in results if (r["engine"], r["precision"]) == key), None)
+def find(results: list[dict], key: tuple[str, str]) -> dict | None:
+    return next((r for r in results if (r["engine"], r["precision"]) == key), None)
 
-    ra, rb = find(a), find(b)
-    if ra is None or rb is None:
+
+def metric(result: dict | None, name: str) -> float | None:
+    """decode | prefill N | decode@D | rss, the median over rounds (RSS: the peak)."""
+    if result is None:
         return None
-    pick = (lambda r: r["decode_tok_s"]["median"]) if metric == "decode" else (lambda r: r["prefill_tok_s"][metric]["median"])
-    return pick(ra) / pick(rb)
+    if name == "decode":
+        return result["decode_tok_s"]["median"]
+    if name == "rss":
+        return result["peak_rss_mb"]
+    kind, _, size = name.partition(" ") if name.startswith("prefill") else name.partition("@")
+    table = result["prefill_tok_s"] if kind == "prefill" else result.get("decode_depth_tok_s", {})
+    return table[size]["median"] if size in table else None
 
 
-def targets(results: list[dict], prompts: list[int]) -> list[tuple[str, float | None, float]]:
+def ratio(results: list[dict], a: tuple[str, str], b: tuple[str, str], name: str, name_b: str | None = None) -> float | None:
+    va, vb = metric(find(results, a), name), metric(find(results, b), name_b or name)
+    return None if va is None or vb is None else va / vb
+
+
+def targets(results: list[dict], prompts: list[int], depths: list[int], decode_prompt: int) -> list[tuple[str, float | None, float | None, str]]:
+    """(what, value, goal, kind): kind "x" (a ratio that must reach the goal), "max" (must stay at or below), "%" (a fraction)."""
     ours = "llama4-export (onnxruntime)"
-    rows = [("INT4 decode / llama.cpp Q4_0 decode", ratio(results, (ours, "int4"), ("llama.cpp", "Q4_0"), "decode"), 1.0)]
-    for n in map(str, prompts):
-        for mine, theirs in (("fp32", "F32"), ("int4", "Q4_0")):
-            rows.append((f"{mine.upper()} prefill {n} / llama.cpp {theirs} prefill {n}",
-                         ratio(results, (ours, mine), ("llama.cpp", theirs), n), 1.0))
-    rows.append(("INT4 decode / transformers eager fp32 decode", ratio(results, (ours, "int4"), ("transformers eager", "fp32"), "decode"), 5.0))
-    rows.append(("FP32 decode / transformers eager fp32 decode", ratio(results, (ours, "fp32"), ("transformers eager", "fp32"), "decode"), None))
-    rows.append(("FP32 decode / llama.cpp F32 decode", ratio(results, (ours, "fp32"), ("llama.cpp", "F32"), "decode"), None))
+    precisions = sorted({r["precision"] for r in results if r["engine"] == ours})
+    peers = {"fp32": "F32", "int4": "Q4_0"}
+    rows = []
+    for mine in precisions:
+        theirs = peers.get(mine.split("-")[0])
+        if theirs is None:
+            continue
+        q = (ours, mine), ("llama.cpp", theirs)
+        for n in map(str, prompts):
+            rows.append((f"{mine} prefill {n} / llama.cpp {theirs}", ratio(results, *q, f"prefill {n}"), 1.2, "x"))
+        decode_goal = 1.5 if theirs == "Q4_0" else None
+        for d in sorted({0, decode_prompt} & set(depths)) or [decode_prompt]:
+            name = f"decode@{d}" if d in depths else "decode"
+            rows.append((f"{mine} decode at depth {d} / llama.cpp {theirs}", ratio(results, *q, name), decode_goal, "x"))
+        rows.append((f"{mine} peak RSS / llama.cpp {theirs}", ratio(results, *q, "rss"), 1.2, "max"))
+    if depths and 0 in depths:
+        deepest = max(depths)
+        for r in results:
+            if r["engine"] in (ours, "llama.cpp"):
+                key = (r["engine"], r["precision"])
+                goal = 0.8 if r["engine"] == ours else None
+                rows.append((f"{r['engine']} {r['precision']} decode at depth {deepest} / at depth 0",
+                             ratio(results, key, key, f"decode@{deepest}", "decode@0"), goal, "x"))
+    rows.append(("int4 decode / transformers eager fp32", ratio(results, (ours, "int4"), ("transformers eager", "fp32"), "decode"), None, "x"))
     for r in results:
         if r["engine"] == ours:
-            rows.append((f"{r['precision'].upper()} decode / bandwidth bound", r["roofline"]["fraction_of_bound"], 0.6))
+            rows.append((f"{r['precision']} decode / bandwidth bound", r["roofline"]["fraction_of_bound"], 0.6, "%"))
     return rows
+
+
+def target_line(name: str, value: float | None, goal: float | None, kind: str) -> str:
+    if value is None:
+        return f"  {name}: not measured"
+    shown = f"{100 * value:.0f} %" if kind == "%" else f"{value:.2f}×"
+    if goal is None:
+        return f"  {name}: {shown}"
+    met = value <= goal if kind == "max" else value >= goal
+    goal_text = f"{100 * goal:.0f} %" if kind == "%" else f"{goal:.1f}×"
+    return f"  {name}: {shown}  (target {'≤' if kind == 'max' else '≥'} {goal_text}: {'met' if met else 'MISSED'})"
 
 
 def main() -> None:
@@ -182,12 +228,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", type=int, action="append", help="prefill prompt lengths (default 128 and 512)")
     parser.add_argument("--decode-prompt", type=int, default=512)
+    parser.add_argument("--depth", type=int, action="append", help="decode after this many tokens of context too "
+                        "(repeat; default 0, 512, 4096, 16384 — llama-bench -d; '--depth -1' for none)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every engine")
     parser.add_argument("--json", type=Path, help="write every result here")
     parser.add_argument("--worker", choices=["transformers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.prompt = args.prompt or [128, 512]
+    args.depth = [d for d in (args.depth or [0, 512, 4096, 16384]) if d >= 0]
 
     if args.worker == "transformers":
         result = transformers_worker(args.checkpoint, args.threads, args.prompt, args.decode_prompt, args.new_tokens)
@@ -227,19 +276,18 @@ def main() -> None:
 
     machine = machine_info()
     console.print(result_table(results, title=f"{args.checkpoint.name}: {args.threads} threads, median (min–max) over {args.rounds} interleaved rounds"))
-    console.print(f"machine: {machine['cpu']}, {machine['cores']} cores; copy bandwidth {bandwidth:.1f} GB/s "
+    console.print(f"machine: {machine['cpu']}, {machine['cores']} cores, flags {' '.join(machine['cpu_flags'])}; "
+                  f"copy bandwidth {bandwidth:.1f} GB/s "
                   f"(rounds: {', '.join(f'{b:.1f}' for b in bandwidths)}); 1-min load average during the run: "
                   f"{', '.join(f'{v:.2f}' for v in loads)}", highlight=False)
-    target_rows = targets(results, args.prompt)
-    for name, value, goal in target_rows:
-        shown = "not measured" if value is None else f"{value:.2f}×" if "bound" not in name else f"{100 * value:.0f} %"
-        goal_text = "" if goal is None else f"  (target ≥ {goal:.1f}×)" if "bound" not in name else f"  (target ≥ {100 * goal:.0f} %)"
-        console.print(f"  {name}: {shown}{goal_text}", highlight=False)
+    target_rows = targets(results, args.prompt, args.depth, args.decode_prompt)
+    for row in target_rows:
+        console.print(target_line(*row), highlight=False)
     if args.json:
         args.json.write_text(json.dumps({
             "checkpoint": str(args.checkpoint), "threads": args.threads, "rounds": args.rounds, "machine": machine,
             "bandwidth_gb_s": bandwidths, "load_avg_1m": loads, "results": results,
-            "targets": [{"name": n, "value": v, "target": g} for n, v, g in target_rows],
+            "targets": [{"name": n, "value": v, "target": g, "kind": k} for n, v, g, k in target_rows],
         }, indent=2, sort_keys=True) + "\n")
 
 

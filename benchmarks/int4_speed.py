@@ -51,10 +51,9 @@ class Decoder:
 
     def _advance(self, ids: np.ndarray, positions: np.ndarray) -> float:
         start = time.perf_counter()
-        out = self.backend.forward(ids, positions, self.cache)
+        logits = self.backend.forward(ids, positions, self.cache)  # advances the cache
         elapsed = time.perf_counter() - start
-        self.cache.update(positions, out.new_keys, out.new_values)
-        self.token, self.position = np.array([[int(out.logits[0, -1].argmax())]], dtype=np.int64), int(positions[0, -1]) + 1
+        self.token, self.position = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64), int(positions[0, -1]) + 1
         return elapsed
 
     def step(self) -> None:

@@ -4,8 +4,12 @@
 
 Nothing of llama.cpp is committed here: the llama-cpp-python source distribution (which vendors llama.cpp, its
 convert_hf_to_gguf.py and gguf-py) is fetched with pip into --cache (default ~/.cache/llama4-export-bench), and only
-`llama-bench` and `llama-quantize` are built there (CPU only, -DGGML_NATIVE=ON; ~6 min on 2 cores). Every step is
-skipped when its output already exists, so a second run only measures.
+`llama-bench`, `llama-quantize` and `llama-server` (no web UI) are built there, CPU only, for the instruction sets
+/proc/cpuinfo lists (GGML_NATIVE=OFF with explicit AVX2/AVX-512/VNNI/BF16 switches, AMX off: a native build died
+with SIGILL/SIGSEGV on Q4_0/Q8_0 on an AMX Xeon), one build directory per set of switches (~15 min on 2 cores).
+Every step is skipped when its output already exists, so a second run only measures.
+
+    python benchmarks/llamacpp.py --build-only       # prints the bin directory (llama-server for a load test)
 
 Conversion quirks handled here (see ../shared/checkpoints/README.md):
 - the converter pins a torch we cannot install, and reads transformers-5 checkpoints only with transformers 4.x: it
@@ -18,13 +22,15 @@ Conversion quirks handled here (see ../shared/checkpoints/README.md):
 - llama.cpp hard-codes Scout's chunk size / floor scale / NoPE interval, so on small configs its outputs differ
   from the model's after the first chunk: compare its speed, never its text.
 
-Decode is measured as llama-bench's tg test at depth --decode-prompt (`-d`: the tokens decoded after that many
-tokens of context), prefill as its pp tests at depth 0; each repetition's tokens/s is kept (median, min, max).
+Decode is measured as llama-bench's tg test at depth --decode-prompt and at every --depth (`-d`: the tokens decoded
+after that many tokens of context), prefill as its pp tests at depth 0; each repetition's tokens/s is kept (median,
+min, max). Peak RSS is VmHWM polled every 10 ms, read together with the process name in one read of its status.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -40,7 +46,7 @@ SDIST_VERSION = "0.3.36"
 CONVERTER_TRANSFORMERS = "transformers==4.57.6"
 DEFAULT_CACHE = Path(os.environ.get("LLAMA4_BENCH_CACHE", Path.home() / ".cache" / "llama4-export-bench"))
 FALLBACK_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / "l4-scoutlike"
-BUILD_TARGETS = ("llama-bench", "llama-quantize")
+BUILD_TARGETS = ("llama-bench", "llama-quantize", "llama-server")
 
 # Runs inside the converter venv: the vendored convert_hf_to_gguf.py with the pre-tokenizer lookup falling back to llama4.
 CONVERT_WRAPPER = """
@@ -97,16 +103,49 @@ def source_dir(cache: Path, version: str = SDIST_VERSION) -> Path:
     return vendored
 
 
+# x86 instruction sets ggml can compile for, by the /proc/cpuinfo flag(s) that must all be present. AMX stays off:
+# llama.cpp's AMX path crashed (SIGILL/SIGSEGV) on Q4_0/Q8_0 on an AMX Xeon, and the native build (-march=native)
+# turns it on by itself there, so builds are never native.
+GGML_CPU_FEATURES = {
+    "GGML_SSE42": ("sse4_2",), "GGML_AVX": ("avx",), "GGML_AVX2": ("avx2",), "GGML_FMA": ("fma",),
+    "GGML_F16C": ("f16c",), "GGML_BMI2": ("bmi2",), "GGML_AVX_VNNI": ("avx_vnni",),
+    "GGML_AVX512": ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"), "GGML_AVX512_VBMI": ("avx512vbmi",),
+    "GGML_AVX512_VNNI": ("avx512_vnni",), "GGML_AVX512_BF16": ("avx512_bf16",),
+}
+GGML_ALWAYS_OFF = ("GGML_NATIVE", "GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16", "GGML_CUDA", "GGML_METAL")
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    raise SystemExit(f"{cpuinfo} lists no CPU flags; this script builds llama.cpp for x86 Linux only")
+
+
+def ggml_options(flags: set[str]) -> dict[str, str]:
+    """The CMake switches of a build for this CPU: every instruction set it has on, AMX and -march=native off."""
+    options = {name: "ON" if all(f in flags for f in needed) else "OFF" for name, needed in GGML_CPU_FEATURES.items()}
+    options.update({name: "OFF" for name in GGML_ALWAYS_OFF})
+    return options
+
+
 def build(cache: Path, source: Path, jobs: int = 2) -> Path:
-    """CPU-only build of llama-bench and llama-quantize; returns the bin directory."""
-    build_dir = cache / "build"
+    """CPU-only build of llama-bench, llama-quantize and llama-server (no web UI) for the instruction sets this machine
+    has; returns the bin directory. One build directory per set of switches, so a cache shared by machines of
+    different CPUs keeps a build for each."""
+    options = ggml_options(cpu_flags())
+    tag = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:10]
+    build_dir = cache / f"build-{tag}"
     bin_dir = build_dir / "bin"
     if all((bin_dir / t).is_file() for t in BUILD_TARGETS):
         return bin_dir
-    run(["cmake", "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
-         "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-         "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"], stdout=subprocess.DEVNULL)
+    log("llama.cpp for this CPU: " + " ".join(k.removeprefix("GGML_") for k, v in options.items() if v == "ON"))
+    run(["cmake", "-S", str(source), "-B", str(build_dir), "-G", "Ninja" if shutil.which("ninja") else "Unix Makefiles",
+         "-DCMAKE_BUILD_TYPE=Release", *(f"-D{k}={v}" for k, v in sorted(options.items())), "-DLLAMA_CURL=OFF",
+         "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
+         "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"], stdout=subprocess.DEVNULL)
     run(["cmake", "--build", str(build_dir), "--target", *BUILD_TARGETS, f"-j{jobs}"], stdout=subprocess.DEVNULL)
+    (build_dir / "ggml-options.json").write_text(json.dumps(options, indent=2, sort_keys=True) + "\n")
     return bin_dir
 
 
@@ -204,54 +243,59 @@ def llama_bench(bin_dir: Path, gguf: Path, args: list[str]) -> tuple[list[dict],
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL)
         peak = 0.0
         while proc.poll() is None:
-            if _is_llama_bench(proc.pid):  # not the forked copy of this (big) process before its exec
-                peak = max(peak, peak_rss_mb(proc.pid) or 0.0)
-            time.sleep(0.02)
+            # None before the exec (a forked copy of this big driver) and after the exit
+            peak = max(peak, peak_rss_mb(proc.pid, name="llama-bench") or 0.0)
+            time.sleep(0.01)
         if proc.returncode:
             raise SystemExit(f"llama-bench failed ({proc.returncode}) on {gguf}")
         out.seek(0)
         return json.load(out), peak
 
 
-def _is_llama_bench(pid: int) -> bool:
-    try:
-        return os.readlink(f"/proc/{pid}/exe").endswith("llama-bench")
-    except OSError:
-        return False
-
-
-def measure(bin_dir: Path, gguf: Path, threads: int, prompts: list[int], decode_prompt: int, new_tokens: int, repeats: int) -> dict:
+def measure(bin_dir: Path, gguf: Path, threads: int, prompts: list[int], decode_prompt: int, new_tokens: int, repeats: int,
+            depths: list[int] = ()) -> dict:
+    """Prefill (pp at depth 0) and decode (tg of new_tokens at decode_prompt and at each of `depths`)."""
     common = ["-t", str(threads), "-r", str(repeats)]
     pp, rss_pp = llama_bench(bin_dir, gguf, [*common, "-p", ",".join(map(str, prompts)), "-n", "0"])
-    tg, rss_tg = llama_bench(bin_dir, gguf, [*common, "-p", "0", "-n", str(new_tokens), "-d", str(decode_prompt)])
+    all_depths = sorted({decode_prompt, *depths})
+    tg, rss_tg = llama_bench(bin_dir, gguf, [*common, "-p", "0", "-n", str(new_tokens), "-d", ",".join(map(str, all_depths))])
     prefill = {str(r["n_prompt"]): _stats(r["samples_ts"]) for r in pp if r["n_prompt"]}
-    decode = _stats([r for rec in tg for r in rec["samples_ts"]])
+    by_depth = {d: _stats([v for rec in tg if rec["n_depth"] == d for v in rec["samples_ts"]]) for d in all_depths}
     ttft = None
     if str(decode_prompt) in prefill:  # time to first token ≈ the prompt's prefill time (llama-bench has no TTFT)
         ttft = _stats(sorted(1e3 * decode_prompt / v for v in prefill[str(decode_prompt)]["runs"]))
-    return {"prefill_tok_s": prefill, "decode_tok_s": decode, "ttft_ms": ttft, "peak_rss_mb": round(max(rss_pp, rss_tg), 1),
-            "build": {"commit": pp[0].get("build_commit"), "cpu": pp[0].get("cpu_info")}}
+    return {"prefill_tok_s": prefill, "decode_tok_s": by_depth[decode_prompt],
+            "decode_depth_tok_s": {str(d): by_depth[d] for d in depths}, "ttft_ms": ttft,
+            "peak_rss_mb": round(max(rss_pp, rss_tg), 1), "build": {"commit": pp[0].get("build_commit"), "cpu": pp[0].get("cpu_info")}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path, help="HF Llama4ForCausalLM checkpoint directory")
+    parser.add_argument("checkpoint", type=Path, nargs="?", help="HF Llama4ForCausalLM checkpoint directory")
     parser.add_argument("--types", default="F32,Q8_0,Q4_0")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--tokenizer", type=Path, default=FALLBACK_TOKENIZER, help="tokenizer.json source when the checkpoint has none")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", type=int, action="append", help="prefill prompt lengths (default 128 and 512)")
     parser.add_argument("--decode-prompt", type=int, default=512)
+    parser.add_argument("--depth", type=int, action="append", default=[], help="also decode after this many tokens (repeat)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prepare-only", action="store_true", help="fetch, build and convert; measure nothing")
+    parser.add_argument("--build-only", action="store_true", help="fetch and build; print the bin directory")
     args = parser.parse_args()
+    if args.build_only:
+        print(build(args.cache, source_dir(args.cache), args.threads))
+        return
+    if args.checkpoint is None:
+        parser.error("give a checkpoint directory (or --build-only)")
     files = convert(args.checkpoint, args.cache, args.types.split(","), args.tokenizer, args.threads)
     if args.prepare_only:
         print(json.dumps({k: str(v) for k, v in files.items()}, indent=2))
         return
     bin_dir = build(args.cache, source_dir(args.cache))
-    results = {k: measure(bin_dir, v, args.threads, args.prompt or [128, 512], args.decode_prompt, args.new_tokens, args.repeats)
+    results = {k: measure(bin_dir, v, args.threads, args.prompt or [128, 512], args.decode_prompt, args.new_tokens, args.repeats,
+                           args.depth)
                for k, v in files.items()}
     print(json.dumps(results, indent=2))
 

@@ -1,5 +1,8 @@
 """Accuracy of INT4 (RTN vs AWQ, block 32/64/128) and FP8 on l4-scoutlike vs its fp32 model, on held-out text.
 
+INT4 runs use the default of `--precision int4` on ONNX Runtime: lm_head 8-bit and the token embedding 4-bit
+blockwise; the `…-float-embeddings` run keeps both in float (`--float-embeddings`), which prices that default.
+
     python benchmarks/quant_accuracy.py [--checkpoint ../shared/checkpoints/l4-scoutlike] [--out-dir /tmp/quant_acc]
 
 Calibration: corpus_train.txt beside the checkpoint (cached: the first run calibrates, the others reuse the cache);
@@ -30,14 +33,15 @@ def main() -> None:
     args = parser.parse_args()
     corpus = args.checkpoint.parent
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    runs = [("fp8", None, None)] + [("int4", algo, block) for block in (32, 64, 128) for algo in ("rtn", "awq")]
+    runs = [("fp8", None, None, False)] + [("int4", algo, block, False) for block in (32, 64, 128) for algo in ("rtn", "awq")]
+    runs.append(("int4", "awq", 128, True))
     rows = []
-    for precision, algo, block in runs:
+    for precision, algo, block, float_embeddings in runs:
         options = QuantOptions(int4_algo=algo or "awq", block_size=block, calib_data=corpus / "corpus_train.txt",
                                calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                                calib_cache=args.out_dir / "calibration.safetensors",
-                               eval_data=corpus / "corpus_heldout.txt")
-        name = precision if algo is None else f"{precision}-{algo}-b{block}"
+                               eval_data=corpus / "corpus_heldout.txt", float_embeddings=float_embeddings)
+        name = precision if algo is None else f"{precision}-{algo}-b{block}" + ("-float-embeddings" if float_embeddings else "")
         if args.only and name not in args.only:
             continue
         start = time.perf_counter()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -87,7 +88,8 @@ class QuantOptions:
     calib_cache: Path | None = None  # None: calib.calibrate.default_cache_path (under ~/.cache)
     eval_data: Path | None = None  # None: the embedded corpus's held-out slice
     report: bool = True
-    quantize_lm_head: bool = False
+    quantize_lm_head: bool = False  # lm_head like every linear (INT4 / FP8)
+    float_embeddings: bool = False  # INT4 on ONNX Runtime: keep the token embedding and lm_head in float (spec_for)
     amax_percentile: float | None = None  # FP8 activation scales: this percentile of |x| instead of the max
     kv_cache_dtype: str | None = None  # "fp8": FP8 E4M3 KV cache with calibrated per-layer scales
 
@@ -105,6 +107,7 @@ class QuantOptions:
                 ("--calib-percentile", self.amax_percentile is not None, "fp8 only"),
                 ("--kv-cache-dtype", self.kv_cache_dtype is not None, "fp8 / int4 (calibrated scales)"),
                 ("--quantize-lm-head", self.quantize_lm_head, "int4 / fp8"),
+                ("--float-embeddings", self.float_embeddings, "int4"),
             ):
                 if given:
                     raise ConfigError(f"{flag} applies to --precision {applies} (got --precision {precision})")
@@ -128,6 +131,15 @@ class QuantOptions:
 
     def awq(self, precision: str) -> bool:
         return precision == "int4" and self.int4_algo == "awq"
+
+    def spec_for(self, precision: str, target: str) -> QuantSpec:
+        """The passes' QuantSpec. INT4 on ONNX Runtime quantizes lm_head to 8-bit blockwise and the token embedding to
+        4-bit blockwise unless float_embeddings (TensorRT has no blockwise 8-bit GEMM or quantized gather in these
+        graphs: both stay float there unless --quantize-lm-head)."""
+        lowered = precision == "int4" and target == "onnxruntime" and not self.float_embeddings
+        return QuantSpec(precision, self.block, self.quantize_lm_head,
+                         lm_head_bits=8 if lowered and not self.quantize_lm_head else None,
+                         embedding_bits=4 if lowered else None)
 
     def needs_calibration(self, precision: str) -> bool:
         return precision == "fp8" or self.awq(precision) or (precision in QUANTIZED_PRECISIONS and self.kv_cache_dtype == "fp8")
@@ -161,6 +173,8 @@ def export(
     check_output(out)
     check_precision(precision, target)
     quant.check(precision)
+    if precision == "int4" and quant.block_size is None:
+        quant = dataclasses.replace(quant, block_size=default_block_size(config))
     if max_prefill < 1:
         raise ConfigError(f"--max-prefill {max_prefill}: must be at least 1")
     if parts < 1 or parts > config.num_hidden_layers:
@@ -182,7 +196,8 @@ def export(
         held_out = evaluation_tokens(source, quant.eval_data)
     check_disk_space(out, required_disk_bytes(config, precision, optimize))
     ranges = [range(config.num_hidden_layers)] if parts == 1 else partition_layers(config, parts, precision)
-    spec = QuantSpec(precision, quant.block, quant.quantize_lm_head) if quantized else None
+    spec = quant.spec_for(precision, target) if quantized else None
+    layout = kv_layout_for(target, quant)
 
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=_parent(out)))
     try:
@@ -209,14 +224,14 @@ def export(
                 traced = work / f"traced{k}" if optimize else part_dir
                 traced.mkdir(exist_ok=True)
                 with step(f"{what}trace decode + prefill ({len(layers)} layers, weights on the meta device)"):
-                    graphs = trace_graphs(config, PRECISIONS[precision], layers)
+                    graphs = trace_graphs(config, PRECISIONS[precision], layers, layout)
                 with step(f"{what}write graphs with weights from {weights.describe()}"):
                     write_graphs(graphs, traced, weight_content(weights, defer_experts=quantized))
                     del graphs
                     for graph in GRAPHS:
                         onnx.checker.check_model(str(traced / graph.file))  # the path form checks the external data too
                 graph_entries = graphs_manifest(max_prefill)
-                entry = _base_manifest(config, source, precision, max_prefill, graph_entries)
+                entry = _base_manifest(config, source, precision, max_prefill, graph_entries, layout)
                 if optimize:
                     reports, opset = optimize_graphs(traced, graph_entries, part_dir, target, step, trt_plugin, spec,
                                                      weights=weights if quantized else None)  # the deferred experts
@@ -228,7 +243,7 @@ def export(
                                               "tokenizer": {"source": "none", "files": []}})
                     entries.append({"layers": [layers.start, layers.stop], "directory": part_directory(k)})
             if parts > 1:  # the graphs live in the parts
-                manifest = {**_base_manifest(config, source, precision, max_prefill, {}), "partitions": entries,
+                manifest = {**_base_manifest(config, source, precision, max_prefill, {}, layout), "partitions": entries,
                             "target": target if optimize else "onnxruntime"}
             else:
                 manifest = entry
@@ -246,6 +261,22 @@ def export(
     return result
 
 
+def default_block_size(config: Llama4Config) -> int:
+    """INT4's default block: 128 values along K (ModelOpt's and llama.cpp's convention), or the largest smaller supported
+    size that divides every quantized K when 128 does not (a tiny model), so every block is whole — what the fused
+    ONNX Runtime kernels (QMoE) require."""
+    inputs = (config.hidden_size, config.intermediate_size, config.intermediate_size_mlp,
+              config.num_attention_heads * config.head_dim)
+    return next((b for b in sorted(BLOCK_SIZES, reverse=True) if all(k % b == 0 for k in inputs)), DEFAULT_BLOCK_SIZE)
+
+
+def kv_layout_for(target: str, quant: QuantOptions) -> str:
+    """How the graphs hand over the KV cache (model/io_spec.py): in place through ONNX Runtime's GroupQueryAttention,
+    which appends to the cache buffers itself — except for TensorRT, whose lowering keeps its own attention, and for
+    an FP8 cache, which the op cannot read."""
+    return "positions" if target == "tensorrt" or quant.kv_cache_dtype == "fp8" else "in_place"
+
+
 def part_directory(index: int) -> str:
     return f"part{index}"
 
@@ -256,7 +287,7 @@ def graphs_manifest(max_prefill: int) -> dict[str, dict[str, Any]]:
 
 
 def _base_manifest(config: Llama4Config, source: WeightSource, precision: str, max_prefill: int,
-                   graphs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+                   graphs: dict[str, dict[str, Any]], kv_layout: str) -> dict[str, Any]:
     kv_dtype = str(PRECISIONS[precision]).removeprefix("torch.")  # quantized precisions keep an fp32 cache
     return {
         "model": config.to_hf_dict(),
@@ -267,6 +298,7 @@ def _base_manifest(config: Llama4Config, source: WeightSource, precision: str, m
         "external_data": DATA_FILE,
         "graphs": graphs,
         "dtypes": {"logits": "float32", "kv_cache": kv_dtype},
+        "kv_layout": kv_layout,
         "tools": {"llama4_export": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                   "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__},
     }
@@ -279,6 +311,10 @@ def _quantization_entries(precision: str, quant: QuantOptions, calibration: Cali
     entry: dict[str, Any] = {
         "precision": precision, "algorithm": quant.int4_algo if precision == "int4" else "max",
         "block_size": quant.block if precision == "int4" else None, "quantize_lm_head": quant.quantize_lm_head,
+        "float_embeddings": quant.float_embeddings,
+        "lm_head": "int4" if quant.quantize_lm_head and precision == "int4" else
+                   "fp8" if quant.quantize_lm_head else f"int{spec.lm_head_bits}" if spec.lm_head_bits else "float",
+        "embedding": f"int{spec.embedding_bits}" if spec.embedding_bits else "float",
         "calibration": None if calibration is None else calibration.manifest_entry(),
         "awq": None if calibration is None else calibration.awq_records,
     }

@@ -92,6 +92,7 @@ def _quant_options(manifest: dict[str, Any], calib_data: Path | None) -> QuantOp
         block_size=quant.get("block_size") if precision == "int4" else None,
         calib_data=calib_data, calib_samples=calibration.get("samples"), calib_seq_len=calibration.get("seq_len"),
         report="report.json" in manifest["files"], quantize_lm_head=bool(quant.get("quantize_lm_head")),
+        float_embeddings=bool(quant.get("float_embeddings")),
         amax_percentile=float(percentile.split()[1]) if percentile.startswith("percentile") else None,
         kv_cache_dtype="fp8" if "kv_cache" in quant else None,
     )

@@ -18,13 +18,14 @@ def test_bench_cli_prints_table_and_writes_json(scoutlike_artifact, tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(export_app, [
         "bench", str(scoutlike_artifact), "--prompt", "8", "--prompt", "24", "--decode-prompt", "70",
-        "--new-tokens", "5", "--repeats", "2", "--threads", "1", "--json", str(out),
+        "--new-tokens", "5", "--depth", "0", "--depth", "100", "--repeats", "2", "--threads", "1", "--json", str(out),
     ])
     assert result.exit_code == 0, result.output
     assert "benchmark (median" in result.output and "roofline:" in result.output  # the table title, the bound line
     data = json.loads(out.read_text())
     assert sorted(data["prefill_tok_s"]) == ["24", "8"]
-    for stats in [*data["prefill_tok_s"].values(), data["decode_tok_s"], data["ttft_ms"]]:
+    assert sorted(data["decode_depth_tok_s"]) == ["0", "100"] and data["settings"]["depths"] == [0, 100]
+    for stats in [*data["prefill_tok_s"].values(), *data["decode_depth_tok_s"].values(), data["decode_tok_s"], data["ttft_ms"]]:
         assert len(stats["runs"]) == 2 and stats["min"] <= stats["median"] <= stats["max"] and stats["min"] > 0
     assert data["peak_rss_mb"] > 50  # python + ORT + 53 MB of mapped weights
     roof = data["roofline"]

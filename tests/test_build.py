@@ -46,7 +46,8 @@ def test_profiles_follow_batch_prefill_and_kv_windows():
         assert prefill[f"past_key.{layer}"].min == (1, kvh, slots, d)
         assert prefill[f"past_value.{layer}"].max == (4, kvh, slots, d)
     expected_inputs = 4 + 2 * config.num_hidden_layers
-    assert len(prefill) == len(decode) == expected_inputs
+    assert len(decode) == expected_inputs and len(prefill) == expected_inputs + 1  # prefill takes logits_index
+    assert prefill["logits_index"].to_json() == {"min": [1, 1], "opt": [4, 24], "max": [4, 24]}
 
 
 def test_default_limits_come_from_the_export_and_the_runtime_window():

@@ -58,6 +58,14 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def run(graph: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The graph's outputs; a prefill graph is asked for every token's logits (logits_index = all columns)."""
+    if io_spec.LOGITS_INDEX in {i.name for i in graph.get_inputs()}:
+        batch, tokens = inputs[io_spec.INPUT_IDS].shape
+        inputs = {**inputs, io_spec.LOGITS_INDEX: np.tile(np.arange(tokens, dtype=np.int64), (batch, 1))}
+    return graph.run(None, inputs)
+
+
 def feeds(config, ids, positions, chunked_positions, global_positions, keys, values) -> dict[str, np.ndarray]:
     inputs = {
         io_spec.INPUT_IDS: ids.numpy(),
@@ -69,6 +77,27 @@ def feeds(config, ids, positions, chunked_positions, global_positions, keys, val
         inputs[io_spec.past_key(i)] = keys[i].numpy()
         inputs[io_spec.past_value(i)] = values[i].numpy()
     return inputs
+
+
+def empty_in_place_feeds(config, ids, positions) -> dict[str, np.ndarray]:
+    """In-place inputs for a first step: empty buffers with room for the step's tokens."""
+    batch, tokens = ids.shape
+    inputs = {io_spec.INPUT_IDS: ids.numpy(), io_spec.POSITIONS: positions.numpy()}
+    for name in io_spec.PAST_LENGTHS.values():
+        inputs[name] = np.zeros(batch, np.int64)
+    for i in range(config.num_hidden_layers):
+        for name in (io_spec.past_key(i), io_spec.past_value(i)):
+            inputs[name] = np.zeros((batch, config.num_key_value_heads, tokens, config.head_dim), np.float32)
+    return inputs
+
+
+def assert_in_place_close(config, graph: ort.InferenceSession, outputs: list[np.ndarray], logits, new, rel: float) -> None:
+    """A first step's outputs: the logits, and the buffers holding exactly the new K/V."""
+    got = dict(zip([o.name for o in graph.get_outputs()], outputs))
+    assert_close("logits", got[io_spec.LOGITS], logits, rel)
+    for i in range(config.num_hidden_layers):
+        assert_close(io_spec.present_key(i), got[io_spec.present_key(i)], new.keys[i], rel)
+        assert_close(io_spec.present_value(i), got[io_spec.present_value(i)], new.values[i], rel)
 
 
 def assert_close(name: str, ours: np.ndarray, ref: torch.Tensor, rel: float) -> None:
@@ -89,6 +118,56 @@ def assert_outputs_close(config, outputs: list[np.ndarray], logits: torch.Tensor
 
 
 def check_against_pytorch(artifact: Path, model, rel: float = 1e-4, kv_dtype=torch.float32) -> None:
+    """The artifact's graphs against the eager model, in the KV layout they were exported with."""
+    prefill = session(artifact / "prefill.onnx")
+    if io_spec.kv_layout_of({i.name for i in prefill.get_inputs()}) == "in_place":
+        check_in_place_against_pytorch(artifact, model, rel, kv_dtype)
+    else:
+        check_positions_against_pytorch(artifact, model, rel, kv_dtype)
+
+
+def check_in_place_against_pytorch(artifact: Path, model, rel: float, kv_dtype) -> None:
+    """Steps as the runtime feeds in-place graphs — a batch of two from empty buffers, then one row at a time up to
+    the chunk boundary and past it, then a batched decode step — against one eager forward over the whole sequences
+    (the reference). Before each step the buffers hold each row's valid slots first (chunked layers: the current
+    chunk in order; global layers: every past token in a rotated order) and garbage after them; the step's logits
+    and the K/V the graph writes at slots filled.. must match."""
+    config = model.config
+    chunk = config.attention_chunk_size
+    batch, first, second = 2, chunk - 3, 6
+    total = first + second + 1
+    ids = torch.randint(0, config.vocab_size, (batch, total), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(total).expand(batch, total)
+    with torch.no_grad():
+        logits, new = model(ids, positions, KVCache.empty(config, batch, model.lm_head.weight.dtype))
+    heads, dim, capacity = config.num_key_value_heads, config.head_dim, chunk + 8
+    order = np.roll(np.arange(total), 5)
+    graphs = {"prefill": session(artifact / "prefill.onnx"), "decode": session(artifact / "decode.onnx")}
+    steps = [("prefill", [0, 1], 0, first)] + [("prefill", [b], first, chunk) for b in range(batch)] + \
+        [("prefill", [b], chunk, first + second) for b in range(batch)] + [("decode", [0, 1], first + second, total)]
+    for graph, rows, begin, end in steps:
+        start = begin // chunk * chunk
+        held = {"chunked": np.arange(start, begin), "global": order[order < begin]}
+        garbage = np.random.default_rng(begin).standard_normal((len(rows), heads, capacity, dim))
+        inputs = {io_spec.INPUT_IDS: ids[rows, begin:end].numpy(), io_spec.POSITIONS: positions[rows, begin:end].numpy()}
+        for kind, slots in held.items():
+            inputs[io_spec.PAST_LENGTHS[kind]] = np.full(len(rows), slots.size, np.int64)
+        for i in range(config.num_hidden_layers):
+            slots = held[io_spec.attention_kind(config, i)]
+            for name, reference in ((io_spec.past_key(i), new.keys[i]), (io_spec.past_value(i), new.values[i])):
+                buffer = garbage.copy()
+                buffer[:, :, :slots.size] = reference[rows][:, :, slots].numpy()
+                inputs[name] = buffer.astype(torch.empty(0, dtype=kv_dtype).numpy().dtype)
+        got = dict(zip([o.name for o in graphs[graph].get_outputs()], run(graphs[graph], inputs)))
+        assert_close(f"{graph} {begin}..{end} logits", got[io_spec.LOGITS], logits[rows, begin:end], rel)
+        for i in range(config.num_hidden_layers):
+            filled = held[io_spec.attention_kind(config, i)].size
+            for name, reference in ((io_spec.present_key(i), new.keys[i]), (io_spec.present_value(i), new.values[i])):
+                assert_close(f"{name} {begin}..{end}", got[name][:, :, filled:filled + end - begin],
+                             reference[rows, :, begin:end], rel)
+
+
+def check_positions_against_pytorch(artifact: Path, model, rel: float, kv_dtype) -> None:
     """Prefill from an empty cache, prefill continuing a cache, and one decode step, each crossing a chunk boundary.
 
     The reference is the eager model with the unbounded cache (every past token, in order). The graphs get the cache
@@ -133,13 +212,21 @@ def check_against_pytorch(artifact: Path, model, rel: float = 1e-4, kv_dtype=tor
                 inputs = feeds(config, step_ids, step_pos, no_slots, no_slots, empty_kv, empty_kv)
             else:
                 inputs = feeds(config, step_ids, step_pos, *runtime_layout(cache, begin))
-            assert_outputs_close(config, graph.run(None, inputs), logits, new, rel)
+            assert_outputs_close(config, run(graph, inputs), logits, new, rel)
             cache = cache.append(new, step_pos)
 
 
 # ----------------------------------------------------------------------------------------------------- numerics
 def test_scout_tiny_graphs_match_pytorch(tiny_artifact):
     check_against_pytorch(tiny_artifact, from_preset("scout-tiny", seed=0))
+
+
+def test_positions_layout_graphs_match_pytorch(tmp_path):
+    """The graphs TensorRT gets (the positions KV layout), unoptimized so ONNX Runtime can run them."""
+    out = tmp_path / "scout-tiny-positions"
+    api.export_model(out, model="scout-tiny", target="tensorrt", optimize=False, show_progress=False)
+    assert json.loads((out / "manifest.json").read_text())["kv_layout"] == "positions"
+    check_against_pytorch(out, from_preset("scout-tiny", seed=0))
 
 
 def test_scoutlike_graphs_match_pytorch(scoutlike_artifact, scoutlike_dir):
@@ -150,12 +237,11 @@ def test_prefill_graph_takes_one_token_and_batch_one(tiny_artifact):
     model = from_preset("scout-tiny", seed=0)
     config = model.config
     ids, positions = torch.tensor([[17]]), torch.tensor([[0]])
-    empty = [torch.zeros(1, config.num_key_value_heads, 0, config.head_dim)] * config.num_hidden_layers
-    no_slots = torch.zeros(1, 0, dtype=torch.int64)
-    outputs = session(tiny_artifact / "prefill.onnx").run(None, feeds(config, ids, positions, no_slots, no_slots, empty, empty))
+    prefill = session(tiny_artifact / "prefill.onnx")
+    outputs = run(prefill, empty_in_place_feeds(config, ids, positions))
     with torch.no_grad():
         logits, new = model(ids, positions, KVCache.empty(config, 1, torch.float32))
-    assert_outputs_close(config, outputs, logits, new, 1e-4)
+    assert_in_place_close(config, prefill, outputs, logits, new, 1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------- graph structure
@@ -197,11 +283,10 @@ def test_decode_graph_never_reads_unselected_experts(tiny_artifact, tmp_path):
     data.flush()
     del data
 
-    empty = [torch.zeros(1, config.num_key_value_heads, 0, config.head_dim)] * config.num_hidden_layers
-    no_slots = torch.zeros(1, 0, dtype=torch.int64)
-    inputs = feeds(config, ids, positions, no_slots, no_slots, empty, empty)
-    assert_outputs_close(config, session(poisoned / "decode.onnx").run(None, inputs), logits, new, 1e-4)
-    assert np.isnan(session(poisoned / "prefill.onnx").run(None, inputs)[0]).all()
+    inputs = empty_in_place_feeds(config, ids, positions)
+    decode = session(poisoned / "decode.onnx")
+    assert_in_place_close(config, decode, run(decode, inputs), logits, new, 1e-4)
+    assert np.isnan(run(session(poisoned / "prefill.onnx"), inputs)[0]).all()
 
 
 def test_both_graphs_share_one_weights_file_storing_each_weight_once(tiny_artifact):
@@ -230,9 +315,13 @@ def test_graph_interface_follows_io_spec(tiny_artifact):
     config = get_preset("scout-tiny")
     for graph_file in GRAPH_FILES:
         sess = session(tiny_artifact / graph_file)
-        assert [i.name for i in sess.get_inputs()] == io_spec.input_names(config)
-        assert [o.name for o in sess.get_outputs()] == io_spec.output_names(config)
+        new_tokens = 1 if graph_file == "decode.onnx" else None
+        assert [i.name for i in sess.get_inputs()] == io_spec.input_names(config, new_tokens=new_tokens, layout="in_place")
+        assert [o.name for o in sess.get_outputs()] == io_spec.output_names(config, layout="in_place")
         dims = {i.name: i.shape for i in sess.get_inputs()}
+        assert dims[io_spec.PAST_LENGTHS["chunked"]] == dims[io_spec.PAST_LENGTHS["global"]] == ["batch"]
+        present = {o.name: o.shape for o in sess.get_outputs()}
+        assert present[io_spec.present_key(3)] == dims[io_spec.past_key(3)]  # the buffer comes back whole
         assert dims[io_spec.past_key(0)][0] == "batch" and dims[io_spec.past_key(0)][2] == "chunk_slots"
         assert dims[io_spec.past_key(3)][2] == "global_slots"  # layer 3 is the NoPE layer
         assert dims[io_spec.INPUT_IDS][1] == (1 if graph_file == "decode.onnx" else "new_tokens")

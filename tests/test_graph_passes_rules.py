@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from llama4_export.graph_passes import canonicalize, fuse_moe, lower, ops, trt_plugin_spec
+from llama4_export.graph_passes import canonicalize, fuse_moe, lower, ops, trt_plugin_spec, weight_layout
 from llama4_export.graph_passes.errors import GraphPassError
 from llama4_export.graph_passes.manager import PassContext, op_histogram, run_passes
 from llama4_export.graph_passes.moe_reference import llama4_moe
@@ -68,6 +68,32 @@ def test_fold_constants_folds_constant_arithmetic_but_never_a_weight():
     assert ops_after["Add"] == 0 and ops_after["Transpose"] == 1  # the weight keeps its name and layout
     assert "w" in model.graph.initializers
     np.testing.assert_allclose(run(model, {"x": x})[0], (x @ weight.T) * 5.0, rtol=1e-6)
+
+
+def test_weights_are_stored_in_the_layout_matmul_reads():
+    """Transpose(W) → W.T for a weight read by two MatMuls (stored once); an activation's Transpose stays."""
+    weight = np.arange(32, dtype=np.float32).reshape(4, 8)
+    model = parse(
+        """<ir_version: 10, opset_import: ["" : 21]>
+        g (float[2, 8] x) => (float[2, 4] y, float[8, 2] z) {
+            wt = Transpose <perm = [1, 0]> (w)
+            a = MatMul(x, wt)
+            wt2 = Transpose <perm = [1, 0]> (w)
+            b = MatMul(x, wt2)
+            y = Add(a, b)
+            z = Transpose <perm = [1, 0]> (x)
+        }""",
+        w=weight,
+    )
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    before = op_histogram(model)
+    assert weight_layout.store_weights_transposed(model, CONTEXT) == 2
+    after = op_histogram(model)
+    assert before["Transpose"] == 3 and after["Transpose"] == 1 and after["MatMul"] == 2
+    np.testing.assert_array_equal(model.graph.initializers["w.T"].const_value.numpy(), weight.T)
+    y, z = run(model, {"x": x})
+    np.testing.assert_allclose(y, 2 * x @ weight.T, rtol=1e-6)
+    np.testing.assert_array_equal(z, x.T)
 
 
 def test_remove_no_ops_drops_exactly_the_identities():

@@ -11,6 +11,9 @@ import filecmp
 import json
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
@@ -46,8 +49,50 @@ def test_export_in_memory_and_streamed_then_run_or_lint(tmp_path, target, precis
     if target == "onnxruntime":
         result = Generator.load(memory).generate([256, 72, 105], max_new_tokens=6, stop_tokens=[])
         assert len(result.token_ids) == 6
+        if precision != "fp16":  # the CPU EP has no fp16 MatMul: ORT keeps fp32 casts of fp16 weights (a GPU format)
+            assert_weights_load_without_private_copies(memory, tmp_path / "ort-optimized")
+        assert_prefill_projects_only_the_asked_positions(memory / "prefill.onnx")
     else:
         assert {file: [v.format() for v in found] for file, found in lint_artifact(memory).items() if found} == {}
+
+
+def assert_weights_load_without_private_copies(artifact: Path, scratch: Path):
+    """The graph ONNX Runtime optimizes at session start (what the runtime's ORT_ENABLE_ALL session runs) holds no
+    weight-sized initializer the artifact lacks: no Transpose or Cast was folded into a private copy of a weight, so
+    MatMul reads the memory-mapped bytes of model.data as stored."""
+    scratch.mkdir()
+    for graph in ("decode.onnx", "prefill.onnx"):
+        stored = {t.name for t in onnx.load(artifact / graph, load_external_data=False).graph.initializer}
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(scratch / graph)
+        options.log_severity_level = 3  # the warning that a saved optimized graph is machine-specific
+        ort.InferenceSession(str(artifact / graph), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(scratch / graph, load_external_data=False)  # weights still point into model.data
+        copies = [(t.name, list(t.dims)) for t in optimized.graph.initializer
+                  if t.name not in stored and int(np.prod(t.dims)) >= 4096]
+        assert copies == [], f"{graph}: ONNX Runtime made private copies {copies}"
+
+
+def assert_prefill_projects_only_the_asked_positions(prefill: Path):
+    """The lm_head projection of the prefill graph reads hidden states selected by the logits_index input: a graph
+    that projected every prompt position and picked the logits afterwards would fail this."""
+    graph = onnx.load(prefill, load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def ancestors(name: str, seen: set[str]) -> set[str]:
+        stack = [name]
+        while stack:
+            node = producer.get(stack.pop())
+            if node is not None and node.name not in seen:
+                seen.add(node.name)
+                stack.extend(node.input)
+        return {i for n in graph.node if n.name in seen for i in n.input}
+
+    logits_node = producer["logits"]
+    while logits_node.op_type not in ("MatMul", "MatMulNBits", "Gemm"):  # a Cast or Reshape may follow lm_head
+        logits_node = producer[logits_node.input[0]]
+    assert "logits_index" in ancestors(logits_node.input[0], set()), logits_node
 
 
 def test_bf16_on_the_cpu_target_is_refused_with_one_line(tmp_path):

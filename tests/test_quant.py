@@ -14,7 +14,7 @@ import torch
 
 from llama4_export.graph_passes import ops
 from llama4_export.graph_passes.canonicalize import eliminate_dead_code
-from llama4_export.graph_passes.lower import lower_int4_experts, lower_moe
+from llama4_export.graph_passes.lower import lower_moe
 from llama4_export.graph_passes.manager import PassContext
 from llama4_export.graph_passes.moe_reference import llama4_moe
 from llama4_export.graph_passes.quantize import (QuantSpec, int4_blockwise, int4_dequantize,
@@ -107,35 +107,26 @@ def _int4_expert_model(rng, block: int):
 
 
 @pytest.mark.parametrize("tokens", [1, 9])
-def test_int4_experts_on_onnxruntime_are_matmul_nbits_per_expert_and_match_the_reference(tmp_path, tokens):
-    """Exact with fp32 compute (accuracy level 0): the 4-bit layout, the gate/up split, the routing and the scatter."""
-    rng = np.random.default_rng(2)
-    model, dequantized = _int4_expert_model(rng, 32)
-    assert lower_int4_experts(model, accuracy_level=0) == 1
-    eliminate_dead_code(model, PassContext("onnxruntime", "gather"))
-    x = rng.standard_normal((tokens, 64)).astype(np.float32)
-    got = _session(model, tmp_path / "opt.onnx").run(None, {"x": x})[0]
-    np.testing.assert_allclose(got, llama4_moe(x, **dequantized), rtol=1e-4, atol=1e-4)
-    top = collections.Counter(n.op_type for n in model.graph)
-    inner = collections.Counter(n.op_type for n in model.graph.all_nodes())
-    assert top["If"] == 4 and inner["MatMulNBits"] == 8 and inner["DequantizeLinear"] == 0
-    # only 4-bit expert weights are left: no fp32 [E, ...] tensor, no INT4 DQ input
-    assert all(v.const_value.dtype != ir.DataType.FLOAT or len(v.shape) < 3 for v in model.graph.initializers.values())
-    assert all(v.const_value.dtype != ir.DataType.INT4 for v in model.graph.initializers.values())
-
-
 @pytest.mark.parametrize("form", ["gather", "dense"])
-def test_int4_experts_lowered_for_onnxruntime_use_int8_activations_within_their_error(tmp_path, form):
-    """lower_moe's default (accuracy level 4, as ONNX Runtime's own DQ→MatMul fusion): int8 activations per block."""
-    rng = np.random.default_rng(3)
+def test_int4_experts_on_onnxruntime_are_one_qmoe_node_and_match_the_reference(tmp_path, tokens, form):
+    """lower_moe on ONNX Runtime: the INT4 experts become one com.microsoft.QMoE node (4-bit in memory, only the selected
+    expert computed), exact against the numpy reference on the dequantized weights: the layout, the gate/up
+    interleaving, the routing."""
+    rng = np.random.default_rng(2)
     model, dequantized = _int4_expert_model(rng, 32)
     context = PassContext("onnxruntime", form, quantization=QuantSpec("int4", 32))
     lower_moe(model, context)
-    assert context.moe_lowering == "MatMulNBits experts"
-    x = rng.standard_normal((1 if form == "gather" else 9, 64)).astype(np.float32)
+    assert context.moe_lowering == "QMoE (INT4 experts)"
+    eliminate_dead_code(model, PassContext("onnxruntime", form))
+    x = rng.standard_normal((tokens, 64)).astype(np.float32)
     got = _session(model, tmp_path / "opt.onnx").run(None, {"x": x})[0]
-    expected = llama4_moe(x, **dequantized)
-    assert np.abs(got - expected).max() <= 0.03 * np.abs(expected).max()
+    np.testing.assert_allclose(got, llama4_moe(x, **dequantized), rtol=1e-4, atol=1e-4)
+    counts = collections.Counter(n.op_type for n in model.graph.all_nodes())
+    assert counts["QMoE"] == 1 and counts["If"] == 0 and counts["DequantizeLinear"] == 0
+    # only 4-bit expert weights are left (fp32 [E, ...] tensors are their block scales), no INT4 DQ input
+    initializers = model.graph.initializers.values()
+    assert all(v.const_value.dtype != ir.DataType.FLOAT or len(v.shape) < 3 or v.name.endswith("_scale") for v in initializers)
+    assert all(v.const_value.dtype != ir.DataType.INT4 for v in initializers)
 
 
 def test_same_inputs_give_byte_identical_int4_artifacts_and_the_second_build_reuses_the_calibration(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 from llama4_export.model import get_preset
 from llama4_export.runtime import GenerationError, SlidingKVCache
+from llama4_export.runtime.kv_cache import InPlaceKVCache
 
 CONFIG = get_preset("scout-tiny").replace(attention_chunk_size=8)  # layers 3 and 7 global, the rest chunked
 
@@ -181,3 +182,95 @@ def test_growing_cache_holds_the_same_tokens_and_grows_to_the_full_size(monkeypa
     assert cache.reallocations > 0
     assert cache.positions["chunked"].shape[1] <= 8 and cache.positions["global"].shape[1] == 12
     assert all(k.shape[2] == cache.positions[kind].shape[1] for k, kind in zip(cache.keys, cache.kinds))
+
+
+# --- the in_place layout: the graph appends at each row's filled slots, the cache then applies the policy ---------
+
+def graph_writes(cache: InPlaceKVCache, rows: range, positions: np.ndarray) -> None:
+    """What GroupQueryAttention does to the buffers: every row of the step gets its T tokens written at slots
+    filled.. — markers for real tokens, garbage for padding (a row without tokens gets only garbage)."""
+    cfg = cache.config
+    cache.reserve(slice(rows.start, rows.stop), positions.shape[1])
+    keys, values = step_kv(positions, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    for i, kind in enumerate(cache.kinds):
+        for r, row in enumerate(rows):
+            start = cache.filled[kind][row]
+            cache.keys[i][row][:, start:start + positions.shape[1]] = keys[i][r]
+            cache.values[i][row][:, start:start + positions.shape[1]] = values[i][r]
+
+
+def visible_next(kind: str, n: int, chunk: int, window: int, sinks: int) -> set[int]:
+    """What the next token (position n) sees of the past: its own chunk's earlier tokens, or the global window."""
+    if kind == "chunked":
+        return set(range(n - n % chunk, n))
+    return expected_positions("global", n, chunk, window, sinks)
+
+
+def feed_in_place(cache: InPlaceKVCache, steps: list[list[int]]) -> list[int]:
+    """As the ORT backend feeds a step: one-token steps batched, longer ones row by row in pieces of at most
+    piece_limit; after every step each row's valid slots hold exactly what its next token must see."""
+    cfg = cache.config
+    lengths = [0] * cache.batch
+    for counts in steps:
+        if max(counts) <= 1:
+            positions = np.array([[lengths[r] if c else -1] for r, c in enumerate(counts)], np.int64)
+            graph_writes(cache, range(cache.batch), positions)
+            cache.advance(positions)
+        for r, c in enumerate(counts if max(counts) > 1 else []):
+            done = 0
+            while done < c:
+                piece = min(c - done, cache.piece_limit(r))
+                positions = np.full((cache.batch, piece), -1, np.int64)
+                positions[r] = np.arange(lengths[r] + done, lengths[r] + done + piece)
+                graph_writes(cache, range(r, r + 1), positions[r:r + 1])
+                cache.advance(positions)
+                done += piece
+        lengths = [n + c for n, c in zip(lengths, counts)]
+        for r, n in enumerate(lengths):
+            for i, kind in enumerate(cache.kinds):
+                filled = cache.filled[kind][r]
+                held = cache.keys[i][r, :, :filled, 0][0] - i * 10000
+                want = visible_next(kind, n, cfg.attention_chunk_size, cache.window, cache.sinks)
+                assert sorted(held.tolist()) == sorted(want), f"row {r} layer {i} ({kind}) after {n} tokens"
+                assert np.array_equal(cache.values[i][r, :, :filled, 0][0] - i * 10000, held + 0.5)
+    assert cache.lengths.tolist() == lengths
+    return lengths
+
+
+@pytest.mark.parametrize("steps, batch", [
+    ([[1]] * 40, 1),
+    ([[5], [20], [1], [1], [7], [1]], 1),
+    ([[3, 11, 0], [1, 0, 9], [0, 1, 1], [6, 6, 6]] + [[1, 1, 1]] * 9 + [[0, 1, 0]], 3),
+])
+def test_in_place_cache_keeps_what_the_sliding_policy_keeps(monkeypatch, steps, batch):
+    """Against the set arithmetic of the positions layout's tests: chunks start over, the window keeps its sinks and
+    the most recent tokens, other rows' garbage writes never land in valid slots, and buffers grow on demand."""
+    import llama4_export.runtime.kv_cache as kv_cache
+
+    monkeypatch.setattr(kv_cache, "INITIAL_SLOTS", 2)
+    cache = InPlaceKVCache(CONFIG, batch=batch, window=12, sinks=3, max_step=20)
+    feed_in_place(cache, steps)
+    assert cache.reallocations > 0
+    assert cache.sizes["chunked"] <= 8 and cache.sizes["global"] <= 12 + 20
+
+
+def test_in_place_slots_match_the_positions_layout():
+    """Position p sits in the same global slot in both layouts (what a graph reads does not depend on the layout)."""
+    sliding = SlidingKVCache(CONFIG, batch=1, window=9, sinks=2)
+    in_place = InPlaceKVCache(CONFIG, batch=1, window=9, sinks=2, max_step=4)
+    feed(sliding, [[1]] * 30)
+    feed_in_place(in_place, [[1]] * 30)
+    layer = CONFIG.num_hidden_layers - 1  # a global layer
+    assert np.array_equal(in_place.keys[layer][0, :, :9], sliding.keys[layer][0])
+
+
+def test_in_place_steps_stay_in_one_chunk():
+    cache = InPlaceKVCache(CONFIG, batch=1, window=64, sinks=4, max_step=16)
+    assert cache.piece_limit(0) == 8
+    feed_in_place(cache, [[5]])
+    assert cache.piece_limit(0) == 3
+    positions = np.arange(5, 10)[None]  # crosses the chunk boundary at 8
+    with pytest.raises(GenerationError, match="10 chunked cache slots needed, 8 allocated at most"):
+        cache.reserve(0, 5)
+    with pytest.raises(ValueError, match="do not continue a chunk"):
+        cache.advance(positions)

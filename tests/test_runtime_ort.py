@@ -77,3 +77,30 @@ def test_ort_window_smaller_than_sequence(artifact, prompt, hf_tokens):
     reference = Generator(TorchBackend.from_onnx_weights(artifact / "decode.onnx", ort.config), window=window, sinks=sinks)
     assert tokens == reference.generate(prompt, max_new_tokens=NEW_TOKENS).token_ids
     assert tokens != hf_tokens  # the window really dropped tokens
+
+
+class _Recorded:
+    """The artifact's real backend, with the shape of every step's logits written down."""
+
+    def __init__(self, backend):
+        self.backend, self.logits = backend, []
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def forward(self, input_ids, positions, cache, logits_index=None):
+        out = self.backend.forward(input_ids, positions, cache, logits_index)
+        self.logits.append((input_ids.shape, out.shape))
+        return out
+
+
+def test_generation_prefill_computes_only_the_logits_it_needs(artifact, prompt):
+    """Prompt pieces of 32 tokens in a batch of two rows: each prefill step returns one column of logits per row (each
+    row's last token in the piece), not 32; the tokens are those of the unsplit generation."""
+    expected = Generator.load(artifact).generate_batch([prompt, prompt[:41]], max_new_tokens=4, stop_tokens=[])
+    generator = Generator.load(artifact, max_prefill_tokens=32)
+    generator.backend = recorded = _Recorded(generator.backend)
+    got = generator.generate_batch([prompt, prompt[:41]], max_new_tokens=4, stop_tokens=[])
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    prefill = [(ids, logits) for ids, logits in recorded.logits if ids[1] > 1]
+    assert len(prefill) == 4 and all(logits[:2] == (2, 1) for _, logits in prefill), recorded.logits

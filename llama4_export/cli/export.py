@@ -64,7 +64,11 @@ def export(
         None, "--eval-data", help="held-out text for the accuracy report (default: the embedded corpus's held-out slice)",
     ),
     no_report: bool = typer.Option(False, "--no-report", help="int4/fp8: skip the accuracy report"),
-    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="int4/fp8: quantize lm_head too (router, embeddings, norms never)"),
+    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="int4/fp8: lm_head like every linear (4-bit / fp8)"),
+    float_embeddings: bool = typer.Option(
+        False, "--float-embeddings", help="int4 on onnxruntime: keep the token embedding and lm_head in float (default: "
+                                          "lm_head 8-bit, embedding 4-bit blockwise, as llama.cpp's Q4_0 preset)",
+    ),
     calib_percentile: Optional[float] = typer.Option(
         None, "--calib-percentile", help="fp8: activation scales from this percentile of |x| (e.g. 99.99) instead of the max",
     ),
@@ -100,7 +104,7 @@ def export(
         if out is None:
             raise ConfigError("--out DIR is required: the artifact directory to write")
         quant = api.QuantOptions(int4_algo, block_size, calib_data, calib_samples, calib_seq_len, calib_cache, eval_data,
-                             not no_report, quantize_lm_head, calib_percentile, kv_cache_dtype)
+                             not no_report, quantize_lm_head, float_embeddings, calib_percentile, kv_cache_dtype)
         result = api.export_model(
             out, model, checkpoint, seed, precision, target, optimize=not no_optimize, trt_plugin=not trt_fallback,
             quant=quant, max_prefill=max_prefill, stream=stream, random_weights=random_weights, layers=layers,
@@ -308,6 +312,7 @@ def bench(
     prompt: list[int] = typer.Option([128, 512], "--prompt", help="prefill prompt length(s) in tokens (repeat the option)"),
     decode_prompt: int = typer.Option(512, "--decode-prompt", help="prompt length before the timed decode"),
     new_tokens: int = typer.Option(128, "--new-tokens", "-n", help="tokens decoded after --decode-prompt"),
+    depth: list[int] = typer.Option([], "--depth", help="also decode after this many tokens of context (repeat; llama-bench -d)"),
     repeats: int = typer.Option(3, "--repeats", "-r", help="repetitions of every measurement (median and range reported)"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice)"),
     backend: str = typer.Option("onnxruntime", help="onnxruntime | torch | tensorrt"),
@@ -317,7 +322,8 @@ def bench(
     """Prefill and decode tokens/s, time to first token, peak RSS and decode as a fraction of the memory-bandwidth bound."""
     try:
         with err_console.status(f"benchmarking {directory}"):
-            result = api.bench_artifact(directory, prompt, decode_prompt, new_tokens, repeats, threads, backend, window=window)
+            result = api.bench_artifact(directory, prompt, decode_prompt, new_tokens, repeats, threads, backend, window=window,
+                                          depths=depth)
     except Llama4ExportError as exc:
         fail(exc)
     Console(width=max(console.width, 150)).print(result_table([result]))  # unreadable when wrapped into 80 columns

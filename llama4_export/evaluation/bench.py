@@ -72,34 +72,50 @@ def memory_bandwidth_gb_s(threads: int = 2, megabytes: int = 512, repeats: int =
     return 2 * src.nbytes / best / 1e9
 
 
+# The CPU flags that decide which kernels ONNX Runtime and llama.cpp can use (reported with every measurement).
+KERNEL_CPU_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                    "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+
+
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                present = set(line.split(":", 1)[1].split())
+                flags = [f for f in KERNEL_CPU_FLAGS if f in present]
     except OSError:
         pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+    info: dict[str, Any] = {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "platform": platform.platform()}
     if hasattr(os, "getloadavg"):
         info["load_avg_1m"] = round(os.getloadavg()[0], 2)
     return info
 
 
-def peak_rss_mb(pid: int | str = "self") -> float | None:
-    """Peak resident set size (MB) of a process: VmHWM on Linux (None once the process is gone), else ru_maxrss.
+def peak_rss_mb(pid: int | str = "self", name: str | None = None) -> float | None:
+    """Peak resident set size (MB) of a process: VmHWM on Linux, else ru_maxrss (this process only).
 
     VmHWM belongs to the process's current address space, so unlike ru_maxrss it does not inherit the RSS of the
     parent that forked it (Linux carries ru_maxrss across exec: a child of a big benchmark driver would look big).
+    For another process: None once it has exited (its status then has no VmHWM) and, given `name`, while its
+    command name is another one (a forked copy of the driver before its exec). Name and VmHWM come from one read
+    of /proc/PID/status, so they describe the same address space.
     """
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+        status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
-        if pid != "self":
+        status = None
+    if status is not None:
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if name is not None and fields.get("Name", "").strip() != name[:15]:  # the kernel keeps 15 characters
             return None
+        if "VmHWM" in fields:
+            return int(fields["VmHWM"].split()[0]) / 1024
+    if pid != "self":
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if platform.system() == "Darwin" else peak / 1024
 
@@ -158,13 +174,14 @@ def kv_bytes_read(config, positions: Sequence[int], dtype_bytes: int, window: in
 def bench_artifact(
     directory: str | Path, prompt_lengths: Sequence[int] = (128, 512), decode_prompt: int = 512, new_tokens: int = 128,
     repeats: int = 3, threads: int | None = None, backend: str = "onnxruntime", bandwidth: float | None = None,
-    seed: int = 0, window: int | None = None,
+    seed: int = 0, window: int | None = None, depths: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Measure one artifact (see the module docstring). bandwidth: a GB/s figure measured elsewhere (None = measure);
     window: the global layers' KV slots (None = the runtime default, the whole context; llama-bench instead sizes its
-    context to each test, which --window decode_prompt + new_tokens mirrors)."""
+    context to each test, which --window decode_prompt + new_tokens mirrors); depths: also decode `new_tokens`
+    after each of these context lengths (llama-bench's -d; depth 0 = a one-token prompt)."""
     directory = Path(directory)
-    if repeats < 1 or new_tokens < 2 or decode_prompt < 1 or any(p < 1 for p in prompt_lengths):
+    if repeats < 1 or new_tokens < 2 or decode_prompt < 1 or any(p < 1 for p in prompt_lengths) or any(d < 0 for d in depths):
         raise BenchError(
             f"repeats={repeats}, new_tokens={new_tokens}, prompts={list(prompt_lengths)}, decode prompt={decode_prompt}: "
             "need repeats >= 1, new tokens >= 2 and prompts >= 1 token"
@@ -175,7 +192,7 @@ def bench_artifact(
     else:
         gen = Generator.load(directory, backend=backend, threads=threads, window=window)
     config = gen.config
-    longest = max([*prompt_lengths, decode_prompt]) + new_tokens
+    longest = max([*prompt_lengths, decode_prompt, *depths]) + new_tokens
     if longest > config.max_position_embeddings:
         raise BenchError(
             f"{directory}: prompt + new tokens = {longest} exceed the model's {config.max_position_embeddings} positions; "
@@ -196,6 +213,7 @@ def bench_artifact(
     timed(prompt(min(prompt_lengths)), 2)  # warm-up: ORT's first run allocates and pre-packs
     prefill = {n: [] for n in prompt_lengths}
     decode, ttft = [], []
+    at_depth: dict[int, list[float]] = {d: [] for d in depths}
     for _ in range(repeats):  # interleaved, so a load change on the machine hits every metric alike
         for n in prompt_lengths:
             start, first = timed(prompt(n), 1)
@@ -203,6 +221,9 @@ def bench_artifact(
         start, first, *rest = timed(prompt(decode_prompt), new_tokens)
         ttft.append(1e3 * (first - start))
         decode.append((new_tokens - 1) / (rest[-1] - first))
+        for depth in depths:
+            _, first, *rest = timed(prompt(max(depth, 1)), new_tokens)
+            at_depth[depth].append((new_tokens - 1) / (rest[-1] - first))
 
     peak_rss = peak_rss_mb()  # before the bandwidth copy, whose buffers are not the engine's
     graph = directory / manifest["graphs"]["decode"]["file"]
@@ -220,9 +241,10 @@ def bench_artifact(
         "threads": threads,
         "machine": machine_info(),
         "settings": {"prompt_lengths": list(prompt_lengths), "decode_prompt": decode_prompt, "new_tokens": new_tokens,
-                     "repeats": repeats, "window": gen.window},
+                     "repeats": repeats, "window": gen.window, "depths": list(depths)},
         "prefill_tok_s": {str(n): spread(v) for n, v in prefill.items()},
         "decode_tok_s": decode_stats,
+        "decode_depth_tok_s": {str(d): spread(v) for d, v in at_depth.items()},
         "ttft_ms": spread(ttft),
         "peak_rss_mb": round(peak_rss, 1),
         "roofline": {
@@ -249,7 +271,8 @@ def result_table(results: Sequence[dict[str, Any]], title: str = "benchmark (med
     table.add_column("engine")
     for n in lengths:
         table.add_column(f"prefill {n} tok/s", justify="right")
-    for name in ("decode tok/s", "TTFT ms", "peak RSS MB", "% of BW bound"):
+    depths = sorted({d for r in results for d in r.get("decode_depth_tok_s", {})}, key=int)
+    for name in ("decode tok/s", *(f"decode @{d}" for d in depths), "TTFT ms", "peak RSS MB", "% of BW bound"):
         table.add_column(name, justify="right")
     for r in results:
         name = r["engine"] + (f" {r['precision']}" if r.get("precision") else "")
@@ -257,7 +280,9 @@ def result_table(results: Sequence[dict[str, Any]], title: str = "benchmark (med
         fraction = f"{100 * roof['fraction_of_bound']:.0f} %" if roof.get("fraction_of_bound") is not None else "–"
         row = [name]
         row += [_cell(r["prefill_tok_s"][n], 0) if n in r["prefill_tok_s"] else "–" for n in lengths]
-        row += [_cell(r["decode_tok_s"]), _cell(r["ttft_ms"], 0) if r.get("ttft_ms") else "–",
+        row += [_cell(r["decode_tok_s"])]
+        row += [_cell(r["decode_depth_tok_s"][d]) if d in r.get("decode_depth_tok_s", {}) else "–" for d in depths]
+        row += [_cell(r["ttft_ms"], 0) if r.get("ttft_ms") else "–",
                 f"{r['peak_rss_mb']:,.0f}" if r.get("peak_rss_mb") else "–", fraction]
         table.add_row(*row)
     return table

@@ -22,10 +22,10 @@ import torch
 
 from ..artifact import read_manifest
 from ..graph_passes.ort_run import run_onnxruntime
-from ..graph_passes.verify import executable_copy
+from ..graph_passes.verify import executable_copy, sample_feeds
 from ..model import io_spec
 from ..model.config import Llama4Config
-from ..model.modeling import KVCache
+from ..model.modeling import InPlaceKV, KVCache
 from ..tensorrt import moe_plugin
 from ..tensorrt.engine import tensorrt_problem
 from ..tensorrt.errors import BuildError
@@ -78,17 +78,32 @@ def run_pytorch(path: Path, config: Llama4Config, feeds: dict[str, np.ndarray]) 
     model = TorchBackend.from_onnx_weights(path, config).model
     kinds = [io_spec.attention_kind(config, i) for i in range(config.num_hidden_layers)]
     dtype = model.lm_head.weight.dtype
-    cache = KVCache(
-        keys=[torch.from_numpy(feeds[io_spec.past_key(i)]).to(dtype) for i in range(config.num_hidden_layers)],
-        values=[torch.from_numpy(feeds[io_spec.past_value(i)]).to(dtype) for i in range(config.num_hidden_layers)],
-        positions=[torch.from_numpy(feeds[io_spec.PAST_POSITIONS[k]]) for k in kinds],
-    )
+    keys = [torch.from_numpy(feeds[io_spec.past_key(i)]).to(dtype) for i in range(config.num_hidden_layers)]
+    values = [torch.from_numpy(feeds[io_spec.past_value(i)]).to(dtype) for i in range(config.num_hidden_layers)]
+    in_place = io_spec.kv_layout_of(feeds) == "in_place"
+    if in_place:
+        cache = InPlaceKV(keys, values, [torch.from_numpy(feeds[io_spec.PAST_LENGTHS[k]]) for k in kinds])
+    else:
+        cache = KVCache(keys, values, [torch.from_numpy(feeds[io_spec.PAST_POSITIONS[k]]) for k in kinds])
     with torch.inference_mode():
         logits, new = model(torch.from_numpy(feeds[io_spec.INPUT_IDS]), torch.from_numpy(feeds[io_spec.POSITIONS]), cache)
     out = {io_spec.LOGITS: logits.float().numpy()}
+    key, value = (io_spec.present_key, io_spec.present_value) if in_place else (io_spec.new_key, io_spec.new_value)
     for i in range(config.num_hidden_layers):
-        out[io_spec.new_key(i)], out[io_spec.new_value(i)] = new.keys[i].float().numpy(), new.values[i].float().numpy()
-    return out
+        out[key(i)], out[value(i)] = new.keys[i].float().numpy(), new.values[i].float().numpy()
+    return written_slots(config, feeds, out) if in_place else out
+
+
+def written_slots(config: Llama4Config, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """In-place outputs cut to what a step wrote: the logits and, per layer, each row's new slots (named new_key.i /
+    new_value.i) — the rest of a returned buffer is whatever the caller's memory held."""
+    tokens = feeds[io_spec.INPUT_IDS].shape[1]
+    cut = {io_spec.LOGITS: outputs[io_spec.LOGITS]}
+    for i in range(config.num_hidden_layers):
+        lengths = feeds[io_spec.PAST_LENGTHS[io_spec.attention_kind(config, i)]]
+        for present, new in ((io_spec.present_key(i), io_spec.new_key(i)), (io_spec.present_value(i), io_spec.new_value(i))):
+            cut[new] = np.stack([outputs[present][b, :, n:n + tokens] for b, n in enumerate(lengths)])
+    return cut
 
 
 def deviations(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:
@@ -136,9 +151,16 @@ def compare_artifact(directory: str | Path, batch: int = 2, prefill_tokens: int 
     for name in sorted(graphs):
         tokens = graphs[name].get("new_tokens") or prefill_tokens
         rows = min(batch, limits["max_batch"]) if limits else batch
-        feeds = graph_feeds(config, rows, tokens, chunk_slots, global_slots, kv_dtype, seed)
         path = directory / graphs[name]["file"]
+        if manifest.get("kv_layout") == "in_place":
+            feeds = sample_feeds(ir.load(path), seed)
+        else:
+            feeds = graph_feeds(config, rows, tokens, chunk_slots, global_slots, kv_dtype, seed)
+            if io_spec.takes_logits_index(config, range(config.num_hidden_layers), graphs[name].get("new_tokens")):
+                feeds[io_spec.LOGITS_INDEX] = np.tile(np.arange(tokens, dtype=np.int64), (rows, 1))  # every token's logits
         ort_out = run_ort(path, feeds)
+        if manifest.get("kv_layout") == "in_place":
+            ort_out = written_slots(config, feeds, ort_out)
         if problem is None and name in engines:
             comparisons.append(Comparison(name, "tensorrt", deviations(_run_tensorrt(directory, engines[name], feeds, ort_out), ort_out)))
         elif quantized:

@@ -25,7 +25,7 @@ from ..calib.corpus import CalibrationError, cut_samples, load_corpus, token_str
 from ..calib.layerwise import LayerRunner, embed
 from ..graph_passes.verify import executable_copy
 from ..runtime.generator import manifest_config
-from ..runtime.kv_cache import SlidingKVCache
+from ..model.io_spec import DEFAULT_SINKS
 from ..runtime.ort_backend import OrtBackend, PartGraphs, artifact_parts
 from ..weights import WeightSource
 
@@ -94,12 +94,13 @@ class ArtifactLogits:
                 library = needs or library
             runnable.append(PartGraphs(part.layers, path, path))
         self.backend = OrtBackend(runnable, config, max_prefill, custom_op_library=library)
-        self.cache = SlidingKVCache(config, 1, dtype=self.backend.cache_dtype, grow=True)
+        self.cache = self.backend.make_cache(1, None, DEFAULT_SINKS)
         self.max_prefill = max_prefill
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         positions = np.arange(len(ids), dtype=np.int64)[None]
-        return self.backend.forward(ids[None].astype(np.int64), positions, self.cache).logits[0].copy()
+        self.cache.reset()
+        return self.backend.forward(ids[None].astype(np.int64), positions, self.cache)[0]
 
 
 def accuracy_report(artifact: str | Path, source: WeightSource, tokens: np.ndarray, data: str, windows: int = 8,

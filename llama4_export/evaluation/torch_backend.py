@@ -13,10 +13,10 @@ import torch
 from onnx import numpy_helper
 
 from ..artifact import MANIFEST, read_manifest
+from ..graph_passes.weight_layout import TRANSPOSED_SUFFIX
 from ..model.config import Llama4Config
 from ..model.io_spec import DEFAULT_MAX_PREFILL, DEFAULT_SINKS
 from ..model.modeling import KVCache, Llama4ForCausalLM
-from ..runtime.backends import StepOutput
 from ..runtime.errors import GenerationError
 from ..runtime.generator import Generator, manifest_config
 from ..runtime.kv_cache import SlidingKVCache
@@ -47,7 +47,11 @@ class TorchBackend:
         """Our PyTorch model with the weights an exported (unquantized) graph carries under their checkpoint names."""
         return cls(materialize(GraphWeights(graph_path, config)), max_prefill_tokens)
 
-    def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> StepOutput:
+    def make_cache(self, batch: int, window: int | None, sinks: int) -> SlidingKVCache:
+        return SlidingKVCache(self.config, batch, window, sinks, self.cache_dtype, grow=True)
+
+    def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache,
+                logits_index: np.ndarray | None = None) -> np.ndarray:
         # torch.from_numpy shares memory: the model reads the cache buffers in place.
         kv = KVCache(
             keys=[torch.from_numpy(k) for k in cache.keys],
@@ -55,8 +59,10 @@ class TorchBackend:
             positions=[torch.from_numpy(cache.positions[kind]) for kind in cache.kinds],
         )
         with torch.inference_mode():
-            logits, new = self.model(torch.from_numpy(input_ids), torch.from_numpy(positions), kv)
-        return StepOutput(logits.float().numpy(), [k.numpy() for k in new.keys], [v.numpy() for v in new.values])
+            index = None if logits_index is None else torch.from_numpy(np.asarray(logits_index, np.int64))
+            logits, new = self.model(torch.from_numpy(input_ids), torch.from_numpy(positions), kv, logits_index=index)
+        cache.update(positions, [k.numpy() for k in new.keys], [v.numpy() for v in new.values])
+        return logits.float().numpy()
 
 
 class GraphWeights(WeightSource):
@@ -66,6 +72,9 @@ class GraphWeights(WeightSource):
     def __init__(self, graph_path: Path, config: Llama4Config):
         self.path, self.config = Path(graph_path), config
         self.arrays = onnx_initializers(self.path)
+        for name in self.shapes:  # a weight the passes stored transposed for its MatMul (graph_passes/weight_layout.py)
+            if name not in self.arrays and name + TRANSPOSED_SUFFIX in self.arrays:
+                self.arrays[name] = self.arrays[name + TRANSPOSED_SUFFIX].T
         missing = sorted(set(self.shapes) - set(self.arrays))
         if missing:
             raise GenerationError(

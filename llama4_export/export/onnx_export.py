@@ -27,7 +27,7 @@ from torch.export import Dim
 
 from ..model import io_spec
 from ..model.config import Llama4Config
-from ..model.modeling import KVCache, Llama4ForCausalLM, MoE, MoEImpl
+from ..model.modeling import InPlaceKV, KVCache, Llama4ForCausalLM, MoE, MoEImpl
 
 OPSET = 21  # opset 21 has DequantizeLinear with block_size (INT4 weight-only) for the quantization passes
 # Node metadata worth keeping: module scopes let passes find e.g. every MoE block. Stack traces (absolute source
@@ -36,7 +36,7 @@ KEPT_NODE_METADATA = ("pkg.torch.onnx.class_hierarchy", "pkg.torch.onnx.name_sco
 _WRAPPER_PREFIX = "model."
 
 # Example sizes used while tracing: distinct and > 1 so torch.export neither specializes nor unifies the dimensions.
-_EXAMPLE = {"batch": 2, "new_tokens": 3, "chunk_slots": 5, "global_slots": 7}
+_EXAMPLE = {"batch": 2, "new_tokens": 3, "chunk_slots": 5, "global_slots": 7, "logits": 2}
 
 
 @dataclass(frozen=True)
@@ -62,62 +62,69 @@ GRAPHS = (DECODE, PREFILL)
 class GraphIO(nn.Module):
     """Maps io_spec's flat inputs/outputs onto `Llama4ForCausalLM.forward` over a range of decoder layers."""
 
-    def __init__(self, model: Llama4ForCausalLM, layers: range):
+    def __init__(self, model: Llama4ForCausalLM, layers: range, logits_index: bool, kv_layout: str):
         super().__init__()
-        self.model, self.layers = model, layers
+        self.model, self.layers, self.logits_index, self.kv_layout = model, layers, logits_index, kv_layout
 
     def forward(  # input_ids: token ids, or hidden states entering a part (the name is recorded in the graph's metadata)
-        self, input_ids: Tensor, positions: Tensor, past_positions_chunked: Tensor, past_positions_global: Tensor, *past_kv: Tensor
+        self, input_ids: Tensor, positions: Tensor, past_chunked: Tensor, past_global: Tensor, *rest: Tensor
     ) -> tuple[Tensor, ...]:
+        """past_chunked/past_global: the slots' positions, or the valid lengths (in_place layout); rest: the past K/V
+        of every layer, then logits_index when the graph takes it."""
         config = self.model.config
-        past_positions = {"chunked": past_positions_chunked, "global": past_positions_global}
-        cache = KVCache(
-            keys=list(past_kv[0::2]),
-            values=list(past_kv[1::2]),
-            positions=[past_positions[io_spec.attention_kind(config, i)] for i in self.layers],
-        )
-        out, new = self.model(input_ids, positions, cache, layers=self.layers)
+        past_kv, logits_index = (rest[:-1], rest[-1]) if self.logits_index else (rest, None)
+        index = {"chunked": past_chunked, "global": past_global}
+        per_layer = [index[io_spec.attention_kind(config, i)] for i in self.layers]
+        keys, values = list(past_kv[0::2]), list(past_kv[1::2])
+        cache = InPlaceKV(keys, values, per_layer) if self.kv_layout == "in_place" else KVCache(keys, values, per_layer)
+        out, new = self.model(input_ids, positions, cache, layers=self.layers, logits_index=logits_index)
         outputs = [out.float() if self.layers.stop == config.num_hidden_layers else out]
         for key, value in zip(new.keys, new.values):
             outputs += [key, value]
         return tuple(outputs)
 
 
-def example_inputs(config: Llama4Config, spec: GraphSpec, dtype: torch.dtype, layers: range) -> tuple[Tensor, ...]:
+def example_inputs(config: Llama4Config, spec: GraphSpec, dtype: torch.dtype, layers: range,
+                   kv_layout: str) -> tuple[Tensor, ...]:
     """Zero-filled inputs in io_spec order with the tracing sizes of `_EXAMPLE`."""
     batch = _EXAMPLE["batch"]
     tokens = spec.new_tokens or _EXAMPLE["new_tokens"]
     slots = {"chunked": _EXAMPLE["chunk_slots"], "global": _EXAMPLE["global_slots"]}
     first = torch.zeros(batch, tokens, dtype=torch.int64) if layers.start == 0 else torch.zeros(batch, tokens, config.hidden_size, dtype=dtype)
-    inputs = [
-        first,
-        torch.zeros(batch, tokens, dtype=torch.int64),
-        torch.zeros(batch, slots["chunked"], dtype=torch.int64),
-        torch.zeros(batch, slots["global"], dtype=torch.int64),
-    ]
+    inputs = [first, torch.zeros(batch, tokens, dtype=torch.int64)]
+    for kind in ("chunked", "global"):
+        inputs.append(torch.zeros(batch, dtype=torch.int64) if kv_layout == "in_place"
+                      else torch.zeros(batch, slots[kind], dtype=torch.int64))
     for layer in layers:
         shape = (batch, config.num_key_value_heads, slots[io_spec.attention_kind(config, layer)], config.head_dim)
         inputs += [torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)]
+    if io_spec.takes_logits_index(config, layers, spec.new_tokens):
+        inputs.append(torch.zeros(batch, _EXAMPLE["logits"], dtype=torch.int64))
     return tuple(inputs)
 
 
-def _dynamic_shapes(config: Llama4Config, spec: GraphSpec, layers: range) -> tuple:
+def _dynamic_shapes(config: Llama4Config, spec: GraphSpec, layers: range, kv_layout: str) -> tuple:
     """Named dynamic dimensions (they keep their names in the ONNX graph). No upper bounds: ONNX keeps none, and the
     prefill limit is the runtime's business (recorded in the manifest)."""
     batch = Dim("batch")
     slots = {"chunked": Dim("chunk_slots"), "global": Dim("global_slots")}
     tokens = {0: batch} if spec.new_tokens else {0: batch, 1: Dim("new_tokens", min=1)}
-    past = []
+    rest = []
     for layer in layers:
         cache_dims = {0: batch, 2: slots[io_spec.attention_kind(config, layer)]}
-        past += [cache_dims, cache_dims]
-    # The *past_kv varargs form one entry of their own.
-    return (tokens, tokens, {0: batch, 1: slots["chunked"]}, {0: batch, 1: slots["global"]}, tuple(past))
+        rest += [cache_dims, cache_dims]
+    if io_spec.takes_logits_index(config, layers, spec.new_tokens):
+        rest.append({0: batch, 1: Dim("logits", min=1)})
+    cache_index = [{0: batch} if kv_layout == "in_place" else {0: batch, 1: slots[kind]} for kind in ("chunked", "global")]
+    # The *rest varargs form one entry of their own.
+    return (tokens, tokens, *cache_index, tuple(rest))
 
 
-def export_graph(model: Llama4ForCausalLM, spec: GraphSpec, layers: range | None = None) -> ir.Model:
-    """Trace one graph of `layers` (default: all) with the MoE implementation `spec` asks for and return it in memory
-    (weights still attached), canonicalized and deterministic."""
+def export_graph(model: Llama4ForCausalLM, spec: GraphSpec, layers: range | None = None,
+                 kv_layout: str = "positions") -> ir.Model:
+    """Trace one graph of `layers` (default: all) with the MoE implementation `spec` asks for and the KV-cache layout
+    `kv_layout` (io_spec.KV_LAYOUTS), and return it in memory (weights still attached), canonicalized and
+    deterministic."""
     config = model.config
     layers = range(config.num_hidden_layers) if layers is None else layers
     previous_impls = {m: m.impl for m in model.modules() if isinstance(m, MoE)}
@@ -125,9 +132,12 @@ def export_graph(model: Llama4ForCausalLM, spec: GraphSpec, layers: range | None
     try:
         with _quiet_exporter():
             program = torch.onnx.export(
-                GraphIO(model, layers), example_inputs(config, spec, model.lm_head.weight.dtype, layers),
-                dynamic_shapes=_dynamic_shapes(config, spec, layers), input_names=io_spec.input_names(config, layers),
-                output_names=io_spec.output_names(config, layers), opset_version=OPSET, dynamo=True, optimize=False,
+                GraphIO(model, layers, io_spec.takes_logits_index(config, layers, spec.new_tokens), kv_layout),
+                example_inputs(config, spec, model.lm_head.weight.dtype, layers, kv_layout),
+                dynamic_shapes=_dynamic_shapes(config, spec, layers, kv_layout),
+                input_names=io_spec.input_names(config, layers, spec.new_tokens, kv_layout),
+                output_names=io_spec.output_names(config, layers, kv_layout), opset_version=OPSET, dynamo=True,
+                optimize=False,
                 verbose=False,
             )
     finally:
@@ -139,17 +149,18 @@ def export_graph(model: Llama4ForCausalLM, spec: GraphSpec, layers: range | None
     return onnx_model
 
 
-def trace_graphs(config: Llama4Config, dtype: torch.dtype, layers: range | None = None) -> dict[str, ir.Model]:
+def trace_graphs(config: Llama4Config, dtype: torch.dtype, layers: range | None = None,
+                 kv_layout: str = "positions") -> dict[str, ir.Model]:
     """decode + prefill of `layers` traced from a meta-device model: graphs with data-less weights (each
     const_value is a meta torch tensor named by its parameter; the writer fills them in from a weight source).
 
-    A trace depends on nothing but (config, dtype, layers) and costs seconds per layer, so the last few are kept in
-    this process and handed out as copies (the writer and the passes edit the graphs they get)."""
-    key = (config, dtype, layers)
+    A trace depends on nothing but (config, dtype, layers, kv_layout) and costs seconds per layer, so the last few
+    are kept in this process and handed out as copies (the writer and the passes edit the graphs they get)."""
+    key = (config, dtype, layers, kv_layout)
     if key not in _TRACES:
         while len(_TRACES) >= TRACE_CACHE_SIZE:
             _TRACES.pop(next(iter(_TRACES)))
-        _TRACES[key] = _trace_graphs(config, dtype, layers)
+        _TRACES[key] = _trace_graphs(config, dtype, layers, kv_layout)
     return {name: model.clone() for name, model in _TRACES[key].items()}
 
 
@@ -158,7 +169,7 @@ TRACE_CACHE_SIZE = 4
 _TRACES: dict[tuple, dict[str, ir.Model]] = {}
 
 
-def _trace_graphs(config: Llama4Config, dtype: torch.dtype, layers: range | None) -> dict[str, ir.Model]:
+def _trace_graphs(config: Llama4Config, dtype: torch.dtype, layers: range | None, kv_layout: str) -> dict[str, ir.Model]:
     with torch.device("meta"):
         model = Llama4ForCausalLM(config).to(dtype)
         # The RoPE frequencies stay fp32 whatever the weights' dtype (weights.source.finish_model).
@@ -167,7 +178,7 @@ def _trace_graphs(config: Llama4Config, dtype: torch.dtype, layers: range | None
             model.lm_head.weight = model.model.embed_tokens.weight
         model.eval().requires_grad_(False)
         # Inputs are created under the same default device, so the whole trace is data-free.
-        return {spec.name: export_graph(model, spec, layers) for spec in GRAPHS}
+        return {spec.name: export_graph(model, spec, layers, kv_layout) for spec in GRAPHS}
 
 
 def _optimize_keeping_weights(model: ir.Model) -> None:

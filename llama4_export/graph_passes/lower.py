@@ -30,6 +30,7 @@ import functools
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 from onnxscript.rewriter import pattern
 
 from . import ops, trt_plugin_spec
@@ -37,14 +38,11 @@ from .manager import GraphPass, PassContext
 from .fuse_moe import MOE_FUSED
 from .moe_reference import llama4_moe
 from .ort_run import run_onnxruntime
-from .quantize import leading_slice
+from .quantize import int4_blockwise, int4_dequantize, leading_slice
 
 MOE_LOWERED = "moe_lowered"
 ORT_DOMAIN = "com.microsoft"
-INT4_ZERO_POINT = 8  # MatMulNBits' implicit zero point: nibble = q + 8
-# MatMulNBits compute: 4 = int8 activations per block (ONNX Runtime's default for the DQ→MatMul fusion of the dense
-# linears, ~6× faster than fp32 compute at one token); 0 = fp32 compute, exact up to rounding.
-INT4_ACCURACY_LEVEL = 4
+INT4_ZERO_POINT = 8  # QMoE's and MatMulNBits' implicit zero point: nibble = q + 8
 
 
 def _moe_node(op, x, router, gate_up, down, shared_gate, shared_up, shared_down):
@@ -156,8 +154,6 @@ def ort_moe_problem() -> str | None:
 
     The probe's gate and up pre-activations reach ±22 and ±26 (a third of the gates beyond ±7), so a clamp (gpt-oss'
     swiglu_limit 7), α=1.702 or an `up + 1` shows."""
-    import onnxruntime as ort
-
     rng = np.random.default_rng(0)
     experts, hidden, inter, tokens = 4, 16, 24, 9
     weights = {
@@ -181,17 +177,6 @@ def ort_moe_problem() -> str | None:
 
 
 # ------------------------------------------------------------------------------ INT4 experts on ONNX Runtime
-def matmul_nbits_weight(q: np.ndarray, scale: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """INT4 q [N, K] (int8 in [-7, 7]) and its block scales [N, ceil(K/B)] → MatMulNBits' B [N, ceil(K/B), B/2] uint8
-    (nibble = q + 8, even k in the low nibble; the padding past K holds 8, i.e. 0) and scales [N · ceil(K/B)]."""
-    rows, k = q.shape
-    blocks = scale.shape[1]
-    nibbles = np.full((rows, blocks * block), INT4_ZERO_POINT, np.uint8)
-    nibbles[:, :k] = q.astype(np.int16) + INT4_ZERO_POINT
-    packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
-    return np.ascontiguousarray(packed.reshape(rows, blocks, block // 2)), np.ascontiguousarray(scale.reshape(-1), np.float32)
-
-
 def _int4_parts(weight: ir.Value) -> tuple[str, ir.TensorProtocol, np.ndarray, int] | None:
     """(base name, INT4 tensor [E, N, K], scales [E, N, K/B], B) of an INT4 expert weight, or None."""
     dequantize = _int4_experts(weight)
@@ -200,6 +185,46 @@ def _int4_parts(weight: ir.Value) -> tuple[str, ir.TensorProtocol, np.ndarray, i
     packed, scale = dequantize.inputs[0], dequantize.inputs[1]
     return (packed.name.removesuffix(".int4"), packed.const_value, scale.const_value.numpy(),
             dequantize.attributes.get_int("block_size"))
+
+
+def _qmoe_blocks(parts: tuple | None) -> tuple | None:
+    """QMoE takes whole blocks along K: a row shorter than one block (a tiny model) is one block of K values, which
+    quantizes to the same numbers; otherwise K must be a multiple of the block (None: not for QMoE)."""
+    if parts is None:
+        return None
+    name, q, scale, block = parts
+    k = int(q.shape[2])
+    if k % block == 0:
+        return parts
+    return (name, q, scale, k) if k < block and k % 16 == 0 and k & (k - 1) == 0 else None
+
+
+def qmoe_weight(q: ir.TensorProtocol | np.ndarray, scale: np.ndarray, block: int, interleave: bool
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """INT4 experts q [E, N, K] (values in [-7, 7]) and scales [E, N, K/B] → QMoE's weights [E, N, K/2] uint8 (nibble
+    = q + 8, even k in the low nibble) and scales [E, N, K/B]; interleave: gate rows then up rows → g0, u0, g1, u1, …
+    (QMoE's fused SwiGLU layout). One expert read at a time (quantize.leading_slice)."""
+    experts, rows, k = (int(d) for d in q.shape)
+    order = np.arange(rows).reshape(2, rows // 2).T.reshape(-1) if interleave else np.arange(rows)
+    packed = np.empty((experts, rows, k // 2), np.uint8)
+    for e in range(experts):
+        nibbles = (leading_slice(q, e)[order].astype(np.int16) + INT4_ZERO_POINT).astype(np.uint8)
+        packed[e] = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    return packed, np.ascontiguousarray(scale[:, order], np.float32)
+
+
+def _qmoe(op: "_Builder", graph: ir.Graph, routed_in: ir.Value, logits: ir.Value, fc1: tuple, fc2: tuple) -> ir.Value:
+    """com.microsoft.QMoE over INT4 experts: k = 1 and raw logits as router_probs (the one selected expert's softmax
+    weight is exactly 1; the input is pre-scaled by sigmoid(max logit)), interleaved SwiGLU. fc1 / fc2: (name, q, scales,
+    block) as _int4_parts gives them."""
+    (fc1_name, fc1_q, fc1_scale, block), (fc2_name, fc2_q, fc2_scale, _) = fc1, fc2
+    w1, s1 = qmoe_weight(fc1_q, fc1_scale, block, interleave=True)
+    w2, s2 = qmoe_weight(fc2_q, fc2_scale, block, interleave=False)
+    inputs = [routed_in, logits, op.constant(graph, "fc1", w1, f"{fc1_name}.qmoe"),
+              op.constant(graph, "fc1_scale", s1, f"{fc1_name}.qmoe_scale"), None,
+              op.constant(graph, "fc2", w2, f"{fc2_name}.qmoe"), op.constant(graph, "fc2_scale", s2, f"{fc2_name}.qmoe_scale")]
+    return op("routed", "QMoE", inputs, domain=ORT_DOMAIN, k=1, activation_type="swiglu", swiglu_fusion=1,
+              normalize_routing_weights=1, expert_weight_bits=4, block_size=block)
 
 
 class _Builder:
@@ -213,69 +238,31 @@ class _Builder:
         value.name = f"{self.prefix}.{name}"
         return value
 
-    def constant(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-        name = f"{self.prefix}.{name}"
+    def constant(self, graph: ir.Graph, name: str, array: np.ndarray, full_name: str | None = None) -> ir.Value:
+        name = full_name or f"{self.prefix}.{name}"
         value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
                          const_value=ir.tensor(array, name=name))
         graph.register_initializer(value)
         return value
 
 
-def _nbits_initializers(graph: ir.Graph, base: str, q: np.ndarray, scale: np.ndarray, block: int) -> tuple[ir.Value, ir.Value]:
-    packed, scales = matmul_nbits_weight(q, scale, block)
-    values = []
-    for name, array in ((f"{base}.nbits", packed), (f"{base}.nbits_scale", scales)):
-        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
-                         const_value=ir.tensor(array, name=name))
-        graph.register_initializer(value)
-        values.append(value)
-    return values[0], values[1]
-
-
-def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int) -> bool:
+def _lower_int4_moe(graph: ir.Graph, node: ir.Node) -> bool:
+    """Llama4MoE with INT4 experts → routing + com.microsoft.QMoE + shared expert (its linears are quantized later)."""
     x, router, gate_up, down, shared_gate, shared_up, shared_down = node.inputs
-    fc1, fc2 = _int4_parts(gate_up), _int4_parts(down)
-    if fc1 is None or fc2 is None or x.dtype != ir.DataType.FLOAT:
+    fc1, fc2 = _qmoe_blocks(_int4_parts(gate_up)), _qmoe_blocks(_int4_parts(down))
+    if fc1 is None or fc2 is None or x.dtype != ir.DataType.FLOAT or fc1[3] != fc2[3]:
         return False
-    (fc1_name, fc1_q, fc1_scale, block), (fc2_name, fc2_q, fc2_scale, block2) = fc1, fc2
-    experts, two_inter, hidden = tuple(fc1_q.shape)
-    prefix = node.name or fc1_name.removesuffix(".experts.gate_up_proj") + ".moe"
-    op = _Builder(prefix)
+    op = _Builder(node.name or fc1[0].removesuffix(".experts.gate_up_proj") + ".moe")
     logits = op("router_logits", "Gemm", [x, router], transB=1)
     axis_last = op.constant(graph, "axis_last", np.asarray([-1], np.int64))
     score = op("router_score", "Sigmoid", [op("router_max", "ReduceMax", [logits, axis_last], keepdims=1)])
-    routed_in = op("routed_in", "Mul", [x, score])
-    expert = op("expert", "ArgMax", [logits], axis=-1, keepdims=0)  # [N]; first index on ties, as the reference
+    routed = _qmoe(op, graph, op("routed_in", "Mul", [x, score]), logits, fc1, fc2)
     gate = op("shared.gate", "Gemm", [x, shared_gate], transB=1)
     shared = op("shared.down", "Gemm", [
         op("shared.act", "Mul", [op("shared.silu", "Mul", [gate, op("shared.sigmoid", "Sigmoid", [gate])]),
                                  op("shared.up", "Gemm", [x, shared_up], transB=1)]),
         shared_down], transB=1)
-    total = shared
-    for e in range(experts):
-        chosen = op(f"e{e}.chosen", "Equal", [expert, op.constant(graph, f"e{e}.index", np.asarray(e, np.int64))])
-        taken = op(f"e{e}.taken", "Cast", [op(f"e{e}.count", "ReduceMax", [op(f"e{e}.chosen_i32", "Cast", [chosen], to=ir.DataType.INT32)], keepdims=0)],
-                   to=ir.DataType.BOOL)
-        # one expert's INT4 data at a time (read alone from an external file: see quantize.leading_slice)
-        w1, s1 = _nbits_initializers(graph, f"{fc1_name}.e{e}", leading_slice(fc1_q, e), fc1_scale[e], block)
-        w2, s2 = _nbits_initializers(graph, f"{fc2_name}.e{e}", leading_slice(fc2_q, e), fc2_scale[e], block2)
-        branch = _Builder(f"{prefix}.e{e}")
-        rows = branch("rows", "Transpose", [branch("nonzero", "NonZero", [chosen])], perm=[1, 0])  # [n, 1]
-        tokens = branch("tokens", "GatherND", [routed_in, rows])
-        hidden_up = branch("gate_up", "MatMulNBits", [tokens, w1, s1], domain=ORT_DOMAIN, K=hidden, N=two_inter, bits=4,
-                           block_size=block, accuracy_level=accuracy_level)
-        g, u = branch.tape.op_multi_out("Split", [hidden_up], {"axis": -1, "num_outputs": 2}, num_outputs=2,
-                                        name=f"{branch.prefix}.split")
-        g.name, u.name = f"{branch.prefix}.gate", f"{branch.prefix}.up"
-        act = branch("act", "Mul", [branch("silu", "Mul", [g, branch("sigmoid", "Sigmoid", [g])]), u])
-        out = branch("down", "MatMulNBits", [act, w2, s2], domain=ORT_DOMAIN, K=two_inter // 2, N=hidden, bits=4,
-                     block_size=block2, accuracy_level=accuracy_level)
-        added = branch("sum", "ScatterND", [total, rows, out], reduction="add")
-        skip = _Builder(f"{prefix}.e{e}.skip")
-        kept = skip("sum", "Identity", [total])
-        then_branch = ir.Graph([], [added], nodes=branch.tape.nodes, name=f"{prefix}.e{e}.then")
-        else_branch = ir.Graph([], [kept], nodes=skip.tape.nodes, name=f"{prefix}.e{e}.else")
-        total = op(f"e{e}.total", "If", [taken], then_branch=then_branch, else_branch=else_branch)
+    total = op("sum", "Add", [shared, routed])
     graph.insert_before(node, op.tape.nodes)
     total.type, total.shape = node.outputs[0].type, node.outputs[0].shape
     node.outputs[0].replace_all_uses_with(total, replace_graph_outputs=True)
@@ -283,15 +270,52 @@ def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int) -> bool
     return True
 
 
-def lower_int4_experts(model: ir.Model, accuracy_level: int = INT4_ACCURACY_LEVEL) -> int:
-    """Llama4MoE with INT4 experts → per-expert If { GatherND → MatMulNBits → SwiGLU → MatMulNBits → ScatterND(add) }
-    over the shared expert's output (ONNX Runtime)."""
+def lower_int4_experts(model: ir.Model) -> int:
+    """Llama4MoE with INT4 experts → routing + QMoE (4-bit experts, only the selected one computed per token) + shared
+    expert (ONNX Runtime, where its QMoE matches the reference: ort_qmoe_problem)."""
+    if ort_qmoe_problem() is not None:
+        return 0
     graph = model.graph
     moe_nodes = [n for n in graph if n.domain == ops.DOMAIN and n.op_type == ops.MOE_OP]
-    count = sum(_lower_int4_moe(graph, n, accuracy_level) for n in moe_nodes)
+    count = sum(_lower_int4_moe(graph, n) for n in moe_nodes)
     if count:
         model.opset_imports.setdefault(ORT_DOMAIN, 1)
     return count
+
+
+@functools.lru_cache(maxsize=None)
+def ort_qmoe_problem() -> str | None:
+    """None when com.microsoft.QMoE, as lowered above, matches moe_reference on this onnxruntime; else why not (older
+    builds have no 4-bit CPU QMoE). Pre-activations reach ±60, so a clamp, α or `up + 1` would show."""
+    rng = np.random.default_rng(0)
+    experts, hidden, inter, tokens, block = 4, 64, 96, 9, 32
+    gate_up = (rng.standard_normal((experts, hidden, 2 * inter)) * 2).astype(np.float32)
+    down = (rng.standard_normal((experts, inter, hidden)) * 0.3).astype(np.float32)
+    router = rng.standard_normal((experts, hidden)).astype(np.float32)
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    parts, dequantized = [], []
+    for name, w in (("fc1", gate_up), ("fc2", down)):
+        q, scale = int4_blockwise(w.transpose(0, 2, 1), block, axis=2)  # [E, N, K], blocks along K
+        parts.append((name, q, scale, block))
+        dequantized.append(int4_dequantize(q, scale, block, axis=2).transpose(0, 2, 1))
+    graph = ir.Graph([ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([tokens, hidden]))], [],
+                     nodes=[], opset_imports={"": 21, ORT_DOMAIN: 1})
+    op = _Builder("probe")
+    logits = op("logits", "Gemm", [graph.inputs[0], op.constant(graph, "router", router)], transB=1)
+    score = op("score", "Sigmoid", [op("max", "ReduceMax", [logits, op.constant(graph, "axis", np.asarray([-1]))], keepdims=1)])
+    out = _qmoe(op, graph, op("routed_in", "Mul", [graph.inputs[0], score]), logits, *parts)
+    graph.extend(op.tape.nodes)
+    out.name, out.type, out.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape([tokens, hidden])
+    graph.outputs.append(out)
+    zeros = {k: np.zeros(s, np.float32) for k, s in (("shared_gate", (1, hidden)), ("shared_up", (1, hidden)),
+                                                    ("shared_down", (hidden, 1)))}
+    try:
+        got = run_onnxruntime(ir.Model(graph, ir_version=10), {"x": x})["y"]
+    except Exception as exc:  # ORT raises its own types; any failure means "not usable here"
+        return f"onnxruntime {ort.__version__} cannot run com.microsoft.QMoE as lowered ({str(exc).splitlines()[0][:160]})"
+    ref = llama4_moe(x, router, *dequantized, **zeros)
+    error = float(np.abs(got - ref).max() / np.abs(ref).max())
+    return None if error <= 1e-5 else f"com.microsoft.QMoE differs from the reference by {error:.2g} × max|out|"
 
 
 def lower_moe(model: ir.Model, context: PassContext) -> int:
@@ -309,7 +333,7 @@ def lower_moe(model: ir.Model, context: PassContext) -> int:
         else:
             context.notes.append(f"MoE: {problem}; {standard} instead")
     if context.target == "onnxruntime":
-        counts["MatMulNBits experts"] = lower_int4_experts(model)
+        counts["QMoE (INT4 experts)"] = lower_int4_experts(model)
     counts[standard] = _lower(model, context.moe_form)  # what is left: all of it, or what the ORT op was not checked for
     context.moe_lowering = " + ".join(name for name, count in counts.items() if count) or None
     return sum(counts.values())

@@ -15,6 +15,8 @@ from .errors import GraphPassError
 from .fuse_moe import moe_fusion_passes
 from .fuse_transformer import transformer_fusion_passes
 from .lower import moe_lowering_pass
+from .lower_linears import ort_linear_passes
+from .weight_layout import weight_layout_pass
 from .quantize import QuantSpec, quantization_passes
 from .manager import GraphPass, PassContext, PassReport, run_passes
 from .verify import DEFAULT_TOLERANCE, Verifier
@@ -67,6 +69,8 @@ def passes_for(target: str, quantize: bool = False) -> list[GraphPass]:
         *([quantize_experts] if quantize else []),
         moe_lowering_pass(),
         *([quantize_linears, quantize_kv_cache] if quantize else []),
+        *(ort_linear_passes() if quantize and target == "onnxruntime" else ()),
+        weight_layout_pass(),
         GraphPass("cse[final]", eliminate_common_subexpressions),
         GraphPass("tidy", tidy),
     ]

@@ -35,6 +35,7 @@ FP8 E4M3 KV cache (QuantSpec.kv_cache_amax; per layer, one scale for K and one f
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -46,41 +47,52 @@ from . import ops
 from .manager import GraphPass, PassContext
 
 INT4_MAX = 7
+INT_MAX = {4: INT4_MAX, 8: 127}
 FP8_E4M3_MAX = 448.0
 BLOCK_SIZES = (32, 64, 128)
 PRECISIONS = ("int4", "fp8")
 QUANTIZED = "quantized"
 _LINEAR = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
 _EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+LM_HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
 
 @dataclass
 class QuantSpec:
     precision: str
     block_size: int = 128
-    quantize_lm_head: bool = False
+    quantize_lm_head: bool = False  # lm_head like every linear (INT4 / FP8)
+    # INT4 on ONNX Runtime by default (the nearest equal of llama.cpp's Q4_0 preset: 6-bit output, 4-bit embedding):
+    # lm_head 8-bit blockwise (MatMulNBits bits 8) unless quantize_lm_head, the token embedding 4-bit blockwise
+    # (GatherBlockQuantized); None keeps them in the graphs' float type
+    lm_head_bits: int | None = None
+    embedding_bits: int | None = None
     # FP8: calibrated amax of each dense linear's input, by weight name (calib.quant.activation_amax)
     activation_amax: dict[str, float] = field(default_factory=dict)
     # FP8 KV cache: layer -> calibrated (amax of new_key.L, amax of new_value.L); empty: the cache keeps the float type
     kv_cache_amax: dict[int, tuple[float, float]] = field(default_factory=dict)
 
-    def wants(self, name: str) -> bool:
-        return bool(_LINEAR.search(name)) or (self.quantize_lm_head and name == "lm_head.weight")
+    def bits(self, name: str) -> int | None:
+        """The integer width an INT4-precision linear weight gets (None: not quantized), FP8: 8 for what it quantizes."""
+        if _LINEAR.search(name) or (self.quantize_lm_head and name == LM_HEAD):
+            return 4 if self.precision == "int4" else 8
+        return self.lm_head_bits if name == LM_HEAD and self.precision == "int4" else None
 
 
 # ------------------------------------------------------------------------------------------------ numerics
-def int4_blockwise(w: np.ndarray, block: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric INT4 along `axis` in blocks of `block`: (q int8 in [-7, 7], same shape; scales fp32 with that axis
-    of size ceil(K / block)). A last partial block has its own scale."""
+def int4_blockwise(w: np.ndarray, block: int, axis: int, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric `bits`-bit integers (4: in [-7, 7]; 8: in [-127, 127]) along `axis` in blocks of `block`: (q int8, same
+    shape; scales fp32 with that axis of size ceil(K / block)). A last partial block has its own scale."""
     w = np.moveaxis(np.asarray(w, dtype=np.float32), axis, -1)
     k = w.shape[-1]
     blocks = -(-k // block)
     padded = np.zeros(w.shape[:-1] + (blocks * block,), np.float32)
     padded[..., :k] = w
     grouped = padded.reshape(w.shape[:-1] + (blocks, block))
-    scale = np.abs(grouped).max(-1) / INT4_MAX
+    qmax = INT_MAX[bits]
+    scale = np.abs(grouped).max(-1) / qmax
     scale = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
-    q = np.clip(np.round(grouped / scale[..., None]), -INT4_MAX, INT4_MAX).astype(np.int8)
+    q = np.clip(np.round(grouped / scale[..., None]), -qmax, qmax).astype(np.int8)
     q = q.reshape(padded.shape)[..., :k]
     return np.moveaxis(q, -1, axis), np.moveaxis(scale, -1, axis)
 
@@ -112,9 +124,11 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtoc
     return value
 
 
-def leading_slice(tensor: ir.TensorProtocol, index: int) -> np.ndarray:
+def leading_slice(tensor: ir.TensorProtocol | np.ndarray, index: int) -> np.ndarray:
     """tensor[index] (signed INT4 data as int8). A tensor in an external file is read one slice at a time, without
     mapping the file: a pass reading a Scout layer's stacked experts [16, 5120, 16384] so holds one expert, not 5.4 GB."""
+    if isinstance(tensor, np.ndarray):
+        return tensor[index]
     shape = tuple(tensor.shape.numpy())
     if hasattr(tensor, "read_leading"):  # a weight read from the checkpoint on demand (export/writer.SourceTensor)
         return tensor.read_leading(index)
@@ -130,6 +144,39 @@ def leading_slice(tensor: ir.TensorProtocol, index: int) -> np.ndarray:
         nibbles = np.stack([raw & 0xF, raw >> 4], axis=-1).reshape(-1).astype(np.int8)
         return ((nibbles ^ 8) - 8).reshape(shape[1:])
     return raw.view(tensor.dtype.numpy()).reshape(shape[1:])
+
+
+# The slice a 2-D weight is read and quantized in: temporaries stay this size, not the tensor's (Scout's lm_head and
+# token embedding are 4.1 GB each in fp32).
+SLICE_BYTES = 64 << 20
+
+
+def row_slices(tensor: ir.TensorProtocol | np.ndarray, rows: int) -> Iterator[np.ndarray]:
+    """tensor[0:rows], tensor[rows:2·rows], … of a 2-D float weight; from an external file one slice per read,
+    without mapping it."""
+    if isinstance(tensor, np.ndarray) or not isinstance(tensor, ir.ExternalTensor):
+        array = tensor if isinstance(tensor, np.ndarray) else tensor.numpy()
+        for start in range(0, array.shape[0], rows):
+            yield array[start:start + rows]
+        return
+    n, k = tuple(tensor.shape.numpy())
+    dtype = tensor.dtype.numpy()
+    with open(tensor.path, "rb") as f:
+        f.seek(tensor.offset or 0)
+        for start in range(0, n, rows):
+            count = min(rows, n - start)
+            yield np.fromfile(f, dtype=dtype, count=count * k).reshape(count, k)
+
+
+def blockwise_rows(tensor: ir.TensorProtocol | np.ndarray, block: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """A [N, K] weight quantized along K (int4_blockwise, axis 1) slice by slice: (q int8 [N, K], scales [N, K/B])."""
+    n, k = tuple(tensor.shape) if isinstance(tensor, np.ndarray) else tuple(tensor.shape.numpy())
+    q, scale = np.empty((n, k), np.int8), np.empty((n, -(-k // block)), np.float32)
+    start = 0
+    for piece in row_slices(tensor, max(1, SLICE_BYTES // (4 * k))):
+        q[start:start + len(piece)], scale[start:start + len(piece)] = int4_blockwise(piece, block, axis=1, bits=bits)
+        start += len(piece)
+    return q, scale
 
 
 def _experts_int4(weights: ir.TensorProtocol, block: int) -> tuple[ir.PackedTensor, np.ndarray]:
@@ -155,25 +202,31 @@ def _experts_fp8(weights: ir.TensorProtocol) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _dequantized_weight(graph: ir.Graph, name: str, w: np.ndarray | ir.TensorProtocol, spec: QuantSpec, axis: int,
-                        anchor: ir.Node) -> ir.Value:
+                        anchor: ir.Node, bits: int = 4) -> ir.Value:
     """DequantizeLinear of `w` quantized per spec, inserted before `anchor`; returns its output (fp32).
 
-    2-D `w` (numpy) is a dense linear's [K, N] (K along `axis`, 0); 3-D `w` (the initializer's tensor, read one expert
-    at a time) are stacked experts [E, K, N] in checkpoint layout: INT4 stores them transposed, [E, N, K] with `axis`
-    2 (see the module docstring), FP8 as they are."""
+    2-D `w` is a dense linear's [N, K] as nn.Linear stores it (an initializer's tensor, read in row slices, or numpy):
+    the DequantizeLinear yields its transpose [K, N] (K along `axis`, 0); 3-D `w` (the initializer's tensor, read one
+    expert at a time) are stacked experts [E, K, N] in checkpoint layout: INT4 stores them transposed, [E, N, K] with
+    `axis` 2 (see the module docstring), FP8 as they are."""
     experts = len(w.shape) == 3
-    if spec.precision == "int4":
-        q, scale = _experts_int4(w, spec.block_size) if experts else int4_blockwise(w, spec.block_size, axis)
+    if spec.precision == "int4" and bits == 8:  # lm_head's default on ONNX Runtime
+        q, scale = (a.T for a in blockwise_rows(w, spec.block_size, bits=8))
+        inputs = [_initializer(graph, f"{name}.int8", q, ir.DataType.INT8), _initializer(graph, f"{name}.int8_scale", scale)]
+        attributes = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", spec.block_size)]
+        shape = tuple(q.shape)
+    elif spec.precision == "int4":
+        q, scale = _experts_int4(w, spec.block_size) if experts else (a.T for a in blockwise_rows(w, spec.block_size, 4))
         inputs = [_initializer(graph, f"{name}.int4", q if experts else q.astype(ml_dtypes.int4), ir.DataType.INT4),
                   _initializer(graph, f"{name}.int4_scale", scale)]
         attributes = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", spec.block_size)]
         shape = tuple(q.shape)
     else:
-        q, scale = _experts_fp8(w) if experts else fp8_quantize(w)
+        q, scale = _experts_fp8(w) if experts else fp8_quantize(np.asarray(w).T)
         inputs = [_initializer(graph, f"{name}.fp8", q, ir.DataType.FLOAT8E4M3FN),
                   _initializer(graph, f"{name}.fp8_scale", scale if experts else scale.reshape(()))]
         attributes = [ir.AttrInt64("axis", 0)] if experts else []
-        shape = tuple(w.shape)
+        shape = tuple(q.shape)
     node = ir.Node("", "DequantizeLinear", inputs, attributes=attributes, num_outputs=1, name=f"{name}.dequantize")
     node.outputs[0].name = f"{name}.dequantized"
     node.outputs[0].type, node.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(shape)
@@ -192,10 +245,10 @@ def _fp8_activation(graph: ir.Graph, x: ir.Value, amax: float, name: str, anchor
     return dequant.outputs[0]
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
+def _const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
     if value is None or value.const_value is None or not value.is_initializer():
         return None
-    return value.const_value.numpy()
+    return value.const_value
 
 
 # ------------------------------------------------------------------------------------------------ passes
@@ -232,19 +285,20 @@ def quantize_linears(model: ir.Model, context: PassContext) -> int:
     graph, count = model.graph, 0
     for node in list(graph):
         weight = None
+        # w_nk: the weight as [N, K], the tensor itself where the graph reads its transpose (read in slices later)
         if node.op_type == "Transpose" and node.domain == "":
             perm = node.attributes.get_ints("perm", None)
-            w = _const(node.inputs[0]) if spec.wants(node.inputs[0].name) else None  # read only what is quantized
-            if w is not None and w.ndim == 2 and perm in (None, (1, 0), [1, 0]):
-                weight, w_kn = node.inputs[0], w.T
+            w = _const_tensor(node.inputs[0]) if spec.bits(node.inputs[0].name) else None  # only what is quantized
+            if w is not None and len(w.shape) == 2 and perm in (None, (1, 0), [1, 0]):
+                weight, w_nk = node.inputs[0], w
         elif node.op_type == "Gemm" and node.domain == "" and len(node.inputs) == 2:
-            w = _const(node.inputs[1]) if spec.wants(node.inputs[1].name) else None
+            w = _const_tensor(node.inputs[1]) if spec.bits(node.inputs[1].name) else None
             plain = (node.attributes.get_int("transA", 0) == 0 and node.attributes.get_float("alpha", 1.0) == 1.0)
             if w is not None and plain:
-                weight, w_kn = node.inputs[1], (w.T if node.attributes.get_int("transB", 0) else w)
+                weight, w_nk = node.inputs[1], (w if node.attributes.get_int("transB", 0) else w.numpy().T)
         if weight is None:
             continue
-        dequantized = _dequantized_weight(graph, weight.name, np.ascontiguousarray(w_kn), spec, 0, node)
+        dequantized = _dequantized_weight(graph, weight.name, w_nk, spec, 0, node, spec.bits(weight.name))
         if node.op_type == "Transpose":
             consumers = [use.node for use in node.outputs[0].uses()]
             node.outputs[0].replace_all_uses_with(dequantized)

@@ -33,19 +33,29 @@ REFERENCE_OP_DOMAIN = "ai.onnx.contrib"  # the domain onnxruntime-extensions reg
 def sample_feeds(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs following io_spec: token ids, consecutive positions after a partly filled cache, random K/V."""
     rng = np.random.default_rng(seed)
-    shapes = {v.name: [d if isinstance(d, int) else SAMPLE_DIMS.get(str(d), 3) for d in v.shape] for v in model.graph.inputs}
+    names = {v.name for v in model.graph.inputs}
+    dims = dict(SAMPLE_DIMS)
+    in_place = io_spec.kv_layout_of(names) == "in_place"
+    if in_place and not isinstance(model.graph.inputs[0].shape[1], int):
+        dims["batch"] = 1  # GroupQueryAttention takes several new tokens after past ones one row at a time
+    shapes = {v.name: [d if isinstance(d, int) else dims.get(str(d), 3) for d in v.shape] for v in model.graph.inputs}
     batch, tokens = shapes[io_spec.INPUT_IDS]
     vocab = next(v.shape[-1] for v in model.graph.outputs if v.name == io_spec.LOGITS)
-    global_slots = shapes[io_spec.PAST_POSITIONS["global"]][1]
-    chunk_slots = shapes[io_spec.PAST_POSITIONS["chunked"]][1]
-    past = np.tile(np.arange(global_slots, dtype=np.int64), (batch, 1))
-    past[1:, -2:] = -1  # row 1 has two empty slots
-    feeds = {
-        io_spec.INPUT_IDS: rng.integers(0, vocab, (batch, tokens), dtype=np.int64),
-        io_spec.POSITIONS: global_slots + np.tile(np.arange(tokens, dtype=np.int64), (batch, 1)),
-        io_spec.PAST_POSITIONS["global"]: past,
-        io_spec.PAST_POSITIONS["chunked"]: past[:, -chunk_slots:].copy(),
-    }
+    feeds = {io_spec.INPUT_IDS: rng.integers(0, vocab, (batch, tokens), dtype=np.int64)}
+    if in_place:  # row 1 holds fewer tokens; every row leaves room for the new ones
+        for kind, slots in (("chunked", dims["chunk_slots"]), ("global", dims["global_slots"])):
+            feeds[io_spec.PAST_LENGTHS[kind]] = np.maximum(slots - tokens - 2 * np.arange(batch), 0).astype(np.int64)
+        feeds[io_spec.POSITIONS] = feeds[io_spec.PAST_LENGTHS["global"]][:, None] + np.arange(tokens, dtype=np.int64)
+    else:
+        global_slots = shapes[io_spec.PAST_POSITIONS["global"]][1]
+        chunk_slots = shapes[io_spec.PAST_POSITIONS["chunked"]][1]
+        past = np.tile(np.arange(global_slots, dtype=np.int64), (batch, 1))
+        past[1:, -2:] = -1  # row 1 has two empty slots
+        feeds[io_spec.POSITIONS] = global_slots + np.tile(np.arange(tokens, dtype=np.int64), (batch, 1))
+        feeds[io_spec.PAST_POSITIONS["global"]] = past
+        feeds[io_spec.PAST_POSITIONS["chunked"]] = past[:, -chunk_slots:].copy()
+    if io_spec.LOGITS_INDEX in shapes:  # every token's logits
+        feeds[io_spec.LOGITS_INDEX] = np.tile(np.arange(tokens, dtype=np.int64), (batch, 1))
     for value in model.graph.inputs:
         if value.name not in feeds:
             sample = rng.standard_normal(shapes[value.name])

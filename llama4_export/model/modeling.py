@@ -51,8 +51,23 @@ class KVCache(NamedTuple):
         )
 
 
+class InPlaceKV(NamedTuple):
+    """Cache buffers the model appends to (the in_place layout of model/io_spec.py), one entry per layer.
+
+    keys/values: [batch, kv_heads, capacity, head_dim]; the first lengths[b] slots of row b are valid, in any order
+                 (the NoPE global layers' slots need none; a chunked layer's hold its chunk in position order).
+    lengths:     [batch] int64 per layer. A step's tokens go to slots lengths[b] .. lengths[b] + T − 1 and attend to
+                 every slot before their own.
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    lengths: list[Tensor]
+
+
 class NewKV(NamedTuple):
-    """Keys/values of the tokens just processed, per layer: [batch, kv_heads, new_tokens, head_dim]."""
+    """Keys/values of the tokens just processed, per layer: [batch, kv_heads, new_tokens, head_dim] — or, from an
+    InPlaceKV cache, the whole buffers with them written."""
 
     keys: list[Tensor]
     values: list[Tensor]
@@ -117,8 +132,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * d, h, bias=False)
 
     def forward(
-        self, x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor, past_pos: Tensor
+        self, x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor, past_index: Tensor,
+        in_place: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        """past_index: the past slots' positions [B, S] (KVCache), or with in_place the valid lengths [B] (InPlaceKV).
+        Returns (output, new K, new V) — or with in_place (output, K buffer, V buffer) with the new tokens written."""
         cfg = self.config
         bsz, t, _ = x.shape
         d, kvh, groups = cfg.head_dim, cfg.num_key_value_heads, cfg.num_kv_groups
@@ -133,24 +151,53 @@ class Attention(nn.Module):
             # Absolute positions (cache length + index), as HF computes them; exactly 1 below floor_scale - 1.
             scale = torch.log1p(torch.floor((positions.float() + 1.0) / cfg.floor_scale)) * cfg.attn_scale + 1.0
             q = (q * scale[:, :, None, None]).to(q.dtype)
+        if in_place and _tracing():  # torch.export under torch.onnx.export (the only exporter of this layout)
+            out, keys, values = _group_query_attention(q, k, v, past_k, past_v, past_index, kvh)
+            return self.o_proj(out), keys, values
         new_k, new_v = k.transpose(1, 2), v.transpose(1, 2)  # [B, kvh, T, D]
-
-        keys = torch.cat([past_k, new_k], dim=2)
-        values = torch.cat([past_v, new_v], dim=2)
-        key_pos = torch.cat([past_pos, positions], dim=1)  # [B, S]
+        if in_place:  # what GroupQueryAttention computes: write at lengths.., attend to every slot up to one's own
+            slots = past_index[:, None] + torch.arange(t, device=x.device)  # [B, T]
+            index = slots[:, None, :, None].expand(-1, kvh, -1, d)
+            keys, values = past_k.scatter(2, index, new_k), past_v.scatter(2, index, new_v)
+            visible = torch.arange(keys.shape[2], device=x.device)[None, None, :] <= slots[:, :, None]  # [B, T, S]
+        else:
+            keys = torch.cat([past_k, new_k], dim=2)
+            values = torch.cat([past_v, new_v], dim=2)
+            key_pos = torch.cat([past_index, positions], dim=1)  # [B, S]
+            qp, kp = positions[:, :, None], key_pos[:, None, :]  # [B, T, 1], [B, 1, S]
+            visible = (kp >= 0) & (kp <= qp)
+            if self.chunk is not None:
+                visible = visible & (torch.div(kp, self.chunk, rounding_mode="floor") == torch.div(qp, self.chunk, rounding_mode="floor"))
         # Query heads grouped under their KV head: [B, kvh, groups, T, D] — GQA without repeating K/V.
         qg = q.view(bsz, t, kvh, groups, d).permute(0, 2, 3, 1, 4)
         scores = torch.matmul(qg, keys[:, :, None].transpose(-1, -2)) * (d**-0.5)  # [B, kvh, groups, T, S]
-        qp, kp = positions[:, :, None], key_pos[:, None, :]  # [B, T, 1], [B, 1, S]
-        visible = (kp >= 0) & (kp <= qp)
-        if self.chunk is not None:
-            visible = visible & (torch.div(kp, self.chunk, rounding_mode="floor") == torch.div(qp, self.chunk, rounding_mode="floor"))
         # A finite fill keeps a fully masked row (padding) from producing NaN.
         scores = scores.float().masked_fill(~visible[:, None, None], torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         out = torch.matmul(probs, values[:, :, None])  # [B, kvh, groups, T, D]
         out = out.permute(0, 3, 1, 2, 4).reshape(bsz, t, cfg.num_attention_heads * d)
+        if in_place:
+            return self.o_proj(out), keys, values
         return self.o_proj(out), new_k, new_v
+
+
+def _group_query_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, lengths: Tensor,
+                           kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """ONNX Runtime's com.microsoft.GroupQueryAttention, emitted as one node while exporting: q [B, T, H, D] and
+    k/v [B, T, kvh, D] after RoPE, QK norm and temperature tuning; the buffers [B, kvh, capacity, D] come back with
+    the new K/V written at lengths.. (in place when the caller binds each output to its input's memory)."""
+    bsz, t, heads, d = q.shape
+    seqlens = (lengths + t - 1).to(torch.int32)  # per row: the index of its last new token
+    total = (lengths.max() + t).to(torch.int32)
+    out, keys, values = torch.onnx.ops.symbolic_multi_out(
+        "com.microsoft::GroupQueryAttention",
+        [q.reshape(bsz, t, heads * d), k.reshape(bsz, t, kv_heads * d), v.reshape(bsz, t, kv_heads * d), past_k, past_v,
+         seqlens, total],
+        attrs={"num_heads": heads, "kv_num_heads": kv_heads, "scale": d**-0.5},
+        dtypes=[q.dtype, past_k.dtype, past_v.dtype], shapes=[(bsz, t, heads * d), past_k.shape, past_v.shape], version=1,
+    )
+    # The op's fake implementation makes CPU tensors; the graph is traced on the meta device (an Identity in ONNX).
+    return out.to(q.device), keys.to(q.device), values.to(q.device)
 
 
 class MLP(nn.Module):
@@ -269,15 +316,19 @@ class Llama4ForCausalLM(nn.Module):
                 module.impl = impl
 
     def forward(
-        self, inputs: Tensor, positions: Tensor | None = None, kv_cache: KVCache | None = None, layers: range | None = None,
+        self, inputs: Tensor, positions: Tensor | None = None, kv_cache: KVCache | InPlaceKV | None = None,
+        layers: range | None = None,
+        logits_index: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, NewKV]:
         """inputs: token ids [B, T], or hidden states [B, T, hidden] entering `layers` (a contiguous range of decoder
-        layers, default all; kv_cache then holds those layers only). After the last layer: logits; before it: the
-        hidden states leaving the range."""
+        layers, default all; kv_cache then holds those layers only). After the last layer: logits — of the tokens
+        logits_index [B, L] picks in each row, default all; before it: the hidden states leaving the range."""
         layers = range(self.config.num_hidden_layers) if layers is None else layers
         bsz, t = inputs.shape[:2]
         dtype = self.lm_head.weight.dtype
         cache = kv_cache if kv_cache is not None else KVCache.empty(self.config, bsz, dtype, inputs.device, len(layers))
+        in_place = isinstance(cache, InPlaceKV)
+        past_index = cache.lengths if in_place else cache.positions
         if positions is None:
             positions = torch.arange(t, device=inputs.device).expand(bsz, t)
         freqs = positions.float()[..., None] * self.rope_inv_freq  # [B, T, D/2], fp32 as in HF
@@ -288,13 +339,18 @@ class Llama4ForCausalLM(nn.Module):
         for j, i in enumerate(layers):
             layer = self.model.layers[i]
             attn, k, v = layer.self_attn(
-                layer.input_layernorm(x), positions, cos, sin, cache.keys[j], cache.values[j], cache.positions[j]
+                layer.input_layernorm(x), positions, cos, sin, cache.keys[j], cache.values[j], past_index[j], in_place
             )
             x = x + attn
             x = x + layer.feed_forward(layer.post_attention_layernorm(x))
             new_keys.append(k)
             new_values.append(v)
-        out = self.lm_head(self.model.norm(x)) if layers.stop == self.config.num_hidden_layers else x
+        if layers.stop == self.config.num_hidden_layers:
+            if logits_index is not None:  # only the positions whose logits are wanted reach the norm and lm_head
+                x = torch.gather(x, 1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
+            out = self.lm_head(self.model.norm(x))
+        else:
+            out = x
         if kv_cache is None:
             return out
         return out, NewKV(new_keys, new_values)

@@ -1,28 +1,23 @@
-"""The step contract every backend implements (model/io_spec.py): one forward over new tokens of every row, reading
-a SlidingKVCache it never writes.
+"""The step contract every backend implements (model/io_spec.py): one forward over new tokens of every row, which
+advances the backend's own KV cache.
 
-forward(input_ids [B, T], positions [B, T], cache) → StepOutput(logits [B, T, V], new K/V per layer [B, kvh, T, D]).
-The Generator writes the new K/V into the cache. Backends: OrtBackend (ort_backend.py: ONNX Runtime over one or
-more partitions), TrtBackend (trt_backend.py: TensorRT engines), and the PyTorch reference
-(evaluation/torch_backend.py).
+make_cache(batch, window, sinks) → the cache its graphs read (SlidingKVCache or InPlaceKVCache, kv_cache.py);
+forward(input_ids [B, T], positions [B, T], cache, logits_index [B, L] | None) → logits [B, L, V] — the tokens
+logits_index picks in each row, all T when None; afterwards the cache holds the step's tokens.
+Backends: OrtBackend (ort_backend.py: ONNX Runtime over one or more partitions), TrtBackend (trt_backend.py:
+TensorRT engines), and the PyTorch reference (evaluation/torch_backend.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from ..model.config import Llama4Config
-from .kv_cache import SlidingKVCache
+from .kv_cache import InPlaceKVCache, SlidingKVCache
 
-
-@dataclass
-class StepOutput:
-    logits: np.ndarray
-    new_keys: list[np.ndarray]
-    new_values: list[np.ndarray]
+KVCacheState = SlidingKVCache | InPlaceKVCache
 
 
 class Backend(Protocol):
@@ -32,4 +27,7 @@ class Backend(Protocol):
     max_prefill_tokens: int  # the most new tokens one forward call takes per row
     required_slots: dict[str, int]  # kind -> slot count a graph with static cache shapes insists on
 
-    def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> StepOutput: ...
+    def make_cache(self, batch: int, window: int | None, sinks: int) -> KVCacheState: ...
+
+    def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: KVCacheState,
+                logits_index: np.ndarray | None = None) -> np.ndarray: ...

@@ -25,9 +25,8 @@ from ..errors import ConfigError
 from ..model.config import Llama4Config
 from ..model.io_spec import DEFAULT_SINKS
 from ..plan import FLOAT_DTYPES, cuda_memory_bytes, planned_window
-from .backends import Backend
+from .backends import Backend, KVCacheState
 from .errors import GenerationError
-from .kv_cache import SlidingKVCache
 from .ort_backend import OrtBackend
 from .trt_backend import TrtBackend
 from .sampling import Sampler, SamplingParams
@@ -67,7 +66,7 @@ class Generator:
         self.config: Llama4Config = backend.config
         self.eos_token_ids = tuple(self.config.eos_token_id if eos_token_ids is None else eos_token_ids)
         self.window = _window_for(backend, window, precision, sinks)
-        self._cache: SlidingKVCache | None = None
+        self._cache: KVCacheState | None = None
         # Fail at load, not at the first prompt, on a window the cache cannot hold or a graph it does not fit.
         cache = self._cache_for(1)
         self.window = cache.window  # the resolved W (the default when None was given)
@@ -187,14 +186,10 @@ class Generator:
         stops = frozenset(self.eos_token_ids if stop_tokens is None else (int(t) for t in stop_tokens))
         return SamplingParams(**options), stops
 
-    def _cache_for(self, batch: int) -> SlidingKVCache:
+    def _cache_for(self, batch: int) -> KVCacheState:
         if self._cache is None or self._cache.batch != batch:
             self._cache = None  # free the old buffers before allocating new ones
-            if hasattr(self.backend, "make_cache"):  # the TensorRT backend's cache: on the GPU, sized for its engines
-                self._cache = self.backend.make_cache(self.config, batch, self.window, self.sinks, self.backend.cache_dtype)
-            else:  # graphs with dynamic slot dimensions attend over the slots used so far
-                self._cache = SlidingKVCache(self.config, batch, self.window, self.sinks, self.backend.cache_dtype,
-                                             grow=not self.backend.required_slots)
+            self._cache = self.backend.make_cache(batch, self.window, self.sinks)
         else:
             self._cache.reset()
         return self._cache
@@ -235,12 +230,11 @@ class Generator:
                     ids[b, 0], positions[b, 0] = token, cache.lengths[b]
             if not any(active):
                 return
-            out = self.backend.forward(ids, positions, cache)
-            cache.update(positions, out.new_keys, out.new_values)
-            last_logits = out.logits[:, -1]
+            last_logits = self.backend.forward(ids, positions, cache)[:, -1]
 
-    def _prefill(self, prompts: list[list[int]], cache: SlidingKVCache, pad: int) -> np.ndarray:
-        """Feed every prompt in pieces of at most max_prefill_tokens; return each row's last-token logits [B, V]."""
+    def _prefill(self, prompts: list[list[int]], cache: KVCacheState, pad: int) -> np.ndarray:
+        """Feed every prompt in pieces of at most max_prefill_tokens; return each row's last-token logits [B, V]. Each
+        piece asks for one column of logits per row — the row's last prompt token when it is in the piece."""
         piece = self.backend.max_prefill_tokens
         rows, longest = len(prompts), max(len(p) for p in prompts)
         last = np.empty((rows, self.config.vocab_size), np.float32)
@@ -248,15 +242,16 @@ class Generator:
             width = min(piece, longest - start)
             ids = np.full((rows, width), pad, np.int64)
             positions = np.full((rows, width), -1, np.int64)
+            wanted = np.zeros((rows, 1), np.int64)
             for b, prompt in enumerate(prompts):
                 part = prompt[start : start + width]
                 ids[b, : len(part)] = part
                 positions[b, : len(part)] = np.arange(start, start + len(part))
-            out = self.backend.forward(ids, positions, cache)
-            cache.update(positions, out.new_keys, out.new_values)
+                wanted[b, 0] = max(len(part) - 1, 0)
+            logits = self.backend.forward(ids, positions, cache, wanted)
             for b, prompt in enumerate(prompts):
                 if start < len(prompt) <= start + width:
-                    last[b] = out.logits[b, len(prompt) - 1 - start]
+                    last[b] = logits[b, 0]
         return last
 
 

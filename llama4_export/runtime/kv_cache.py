@@ -1,6 +1,9 @@
-"""The sliding KV cache: preallocated numpy buffers of constant size, written where the sliding policy says.
+"""The sliding KV caches: numpy buffers per layer, kept by the sliding policy below, in the two layouts of
+model/io_spec.py — SlidingKVCache (positions: the graphs return the new tokens' K/V and the cache writes them) and
+InPlaceKVCache (in_place: the graphs append to the buffers themselves; the cache keeps the lengths and moves a few
+slots after a step). Both hold the same tokens in the same slots, so a graph sees the same context in either.
 
-The graphs return only the new tokens' keys/values (model/io_spec.py); this cache owns every past one:
+The policy, per attention kind:
 
 - chunked (RoPE) layers: one chunk of `attention_chunk_size` slots, slot = position mod chunk. When a sequence's
   last token enters a new chunk, the slots of the old chunk are emptied — chunked attention never looks back past a
@@ -9,13 +12,15 @@ The graphs return only the new tokens' keys/values (model/io_spec.py); this cach
   position p goes to ring slot S + (p − S) mod (W − S), overwriting the oldest non-sink token. Exact while a
   sequence has at most W tokens; after that global layers see the S sinks plus the most recent W − S tokens.
 
-Slot order does not matter to the graph: it masks by the absolute position stored for every slot (−1 = empty).
+A step's tokens all see every token the cache holds before the step (and each other causally); the policy is applied
+after the step.
+
 Both policies fill slots from 0 upwards until they wrap, so a growing cache (grow=True) starts with a few slots per
 kind and doubles them when a step needs more, up to the chunk / W: the graph then attends over the slots a short
 sequence has used, not over the whole window (graphs with dynamic slot dimensions only; TensorRT engines and CUDA
 graphs keep the full size).
-Batches: every sequence (row) has its own positions and slot bookkeeping, so rows of different lengths share the
-buffers. A row's padding tokens carry position −1 in the graph inputs; they are never written here.
+Batches: every sequence (row) has its own bookkeeping, so rows of different lengths share the buffers. A row's
+padding tokens carry position −1 in the graph inputs; they are never kept.
 """
 
 from __future__ import annotations
@@ -36,6 +41,22 @@ class ChunkSlots:
     def __init__(self, chunk: int):
         self.slots = chunk
 
+    def capacity(self, max_step: int) -> int:
+        """Slots a buffer needs; in place, a step's tokens stay in one chunk (piece_limit), so the chunk is enough."""
+        return self.slots
+
+    def piece_limit(self, first: int) -> int:
+        """The most tokens a step starting at position `first` may have in place: up to the chunk's end."""
+        return self.slots - first % self.slots
+
+    def appended(self, filled: int, first: int, count: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """In place: the graph wrote positions first.. at slots filled..; return (slot moves (from, to), new filled).
+        A chunk's slots hold its positions in order; the row starts over (0 valid slots) when its chunk is complete."""
+        if filled != first % self.slots or (first + count - 1) // self.slots != first // self.slots:
+            raise ValueError(f"positions {first}..{first + count - 1} do not continue a chunk holding {filled} slots")
+        end = (first + count) % self.slots
+        return _NO_MOVES, _NO_MOVES, end
+
     def place(self, row: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Empty stale slots of `row` (slot positions, edited in place); return (indices into `new` kept, their slots)."""
         chunk = new[-1] // self.slots
@@ -50,6 +71,25 @@ class SinkRingSlots:
     def __init__(self, window: int, sinks: int):
         self.slots, self.sinks = window, sinks
 
+    def capacity(self, max_step: int) -> int:
+        """Slots a buffer needs: W, plus room behind a full window for an in-place step's tokens before they move into
+        the ring."""
+        return self.slots + max_step
+
+    def piece_limit(self, first: int) -> int:
+        return np.iinfo(np.int64).max
+
+    def appended(self, filled: int, first: int, count: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """In place: the graph wrote positions first.. at slots filled..; the ones past the window move to their ring
+        slots (the slots SlidingKVCache gives them), the last W − S of them surviving."""
+        if filled != min(first, self.slots):
+            raise ValueError(f"positions from {first} do not continue a window holding {filled} slots")
+        positions = first + np.arange(count)
+        keep, slots = self.place(np.empty(0, np.int64), positions)
+        sources = filled + keep
+        moved = sources != slots
+        return sources[moved], slots[moved], min(filled + count, self.slots)
+
     def place(self, row: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ring = self.slots - self.sinks
         sink_tokens = np.flatnonzero(new < self.sinks)
@@ -59,13 +99,17 @@ class SinkRingSlots:
         return keep, np.where(p < self.sinks, p, self.sinks + (p - self.sinks) % ring)
 
 
-class SlidingKVCache:
-    """Per-layer K/V buffers [batch, kv_heads, slots, head_dim] plus slot positions per attention kind per row."""
+_NO_MOVES = np.empty(0, np.int64)
 
-    def __init__(
-        self, config: Llama4Config, batch: int = 1, window: int | None = None, sinks: int = DEFAULT_SINKS,
-        dtype: np.dtype | type = np.float32, grow: bool = False,
-    ):
+
+class _Buffers:
+    """What both layouts share: the policies, per-layer buffers of a kind-dependent size, per-row lengths."""
+
+    layout: str
+
+    def __init__(self, config: Llama4Config, batch: int, window: int | None, sinks: int, dtype, max_step: int,
+                 grow: bool):
+        """max_step: the most tokens an in-place step appends (0: the graphs never write the buffers)."""
         dtype = np.dtype(dtype)
         window = default_window(config, dtype.itemsize) if window is None else int(window)
         if sinks < 0:
@@ -84,38 +128,75 @@ class SlidingKVCache:
             "chunked": ChunkSlots(chunk) if chunk else SinkRingSlots(window, sinks),
             "global": SinkRingSlots(window, sinks),
         }
+        self.capacity = {kind: policy.capacity(max_step) for kind, policy in self.policies.items()}
         self.kinds = [attention_kind(config, i) for i in range(config.num_hidden_layers)]
         self._layers_of = {kind: [i for i, k in enumerate(self.kinds) if k == kind] for kind in self.policies}
         kvh, d = config.num_key_value_heads, config.head_dim
-        size = {k: min(p.slots, INITIAL_SLOTS) if grow else p.slots for k, p in self.policies.items()}
-        self.keys = [np.zeros((batch, kvh, size[k], d), dtype) for k in self.kinds]
+        self.sizes = {k: min(c, INITIAL_SLOTS) if grow else c for k, c in self.capacity.items()}  # slots allocated
+        self.keys = [np.zeros((batch, kvh, self.sizes[k], d), dtype) for k in self.kinds]
         self.values = [np.zeros_like(k) for k in self.keys]
-        self.positions = {k: np.full((batch, size[k]), -1, np.int64) for k in self.policies}
         self.lengths = np.zeros(batch, np.int64)  # tokens cached so far per row = the next token's position
         self.reallocations = 0  # bumped whenever the buffers are replaced (a backend holding views rebinds)
 
     def slots(self, kind: str) -> int:
+        """The slots the sliding policy keeps for `kind` (the chunk, or W)."""
         return self.policies[kind].slots
 
-    def _reserve(self, kind: str, needed: int) -> None:
-        """Grow `kind`'s buffers to hold slot indices below `needed` (doubling, capped at the policy's slots)."""
-        size = self.positions[kind].shape[1]
-        if needed <= size:
-            return
-        new_size = min(self.policies[kind].slots, max(needed, 2 * size))
-        grown = np.full((self.batch, new_size), -1, np.int64)
-        grown[:, :size] = self.positions[kind]
-        self.positions[kind] = grown
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.keys + self.values)
+
+    def _grow_buffers(self, kind: str, new_size: int) -> None:
         for i in self._layers_of[kind]:
             for buffers in (self.keys, self.values):
                 old = buffers[i]
                 buffers[i] = np.zeros(old.shape[:2] + (new_size,) + old.shape[3:], old.dtype)
-                buffers[i][:, :, :size] = old
+                buffers[i][:, :, : old.shape[2]] = old
+        self.sizes[kind] = new_size
         self.reallocations += 1
+
+    def _new_size(self, kind: str, needed: int) -> int | None:
+        """The size to grow `kind` to for slot indices below `needed` (doubling, capped), None when it fits."""
+        size = self.sizes[kind]
+        if needed <= size:
+            return None
+        if needed > self.capacity[kind]:
+            raise GenerationError(f"{needed} {kind} cache slots needed, {self.capacity[kind]} allocated at most; "
+                                  "feed fewer tokens per step")
+        return min(self.capacity[kind], max(needed, 2 * size))
+
+    def _check_continues(self, b: int, new: np.ndarray) -> None:
+        expected = np.arange(self.lengths[b], self.lengths[b] + new.size)
+        if not np.array_equal(new, expected):
+            raise ValueError(f"row {b}: positions {new.tolist()} do not continue the cached {self.lengths[b]} tokens")
+
+
+class SlidingKVCache(_Buffers):
+    """positions layout: per-layer K/V buffers [batch, kv_heads, slots, head_dim] plus the position each slot holds,
+    per attention kind per row; update() writes a step's new K/V."""
+
+    layout = "positions"
+
+    def __init__(
+        self, config: Llama4Config, batch: int = 1, window: int | None = None, sinks: int = DEFAULT_SINKS,
+        dtype: np.dtype | type = np.float32, grow: bool = False,
+    ):
+        super().__init__(config, batch, window, sinks, dtype, 0, grow)
+        self.positions = {k: np.full((batch, size), -1, np.int64) for k, size in self.sizes.items()}
+
+    def _reserve(self, kind: str, needed: int) -> None:
+        """Grow `kind`'s buffers to hold slot indices below `needed`."""
+        new_size = self._new_size(kind, needed)
+        if new_size is None:
+            return
+        grown = np.full((self.batch, new_size), -1, np.int64)
+        grown[:, : self.sizes[kind]] = self.positions[kind]
+        self.positions[kind] = grown
+        self._grow_buffers(kind, new_size)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.keys + self.values) + sum(p.nbytes for p in self.positions.values())
+        return super().nbytes + sum(p.nbytes for p in self.positions.values())
 
     def reset(self) -> None:
         """Empty every row without reallocating (the buffers' stale contents are masked by position −1)."""
@@ -135,9 +216,7 @@ class SlidingKVCache:
             if columns.size == 0:
                 continue
             new = positions[b, columns]
-            expected = np.arange(self.lengths[b], self.lengths[b] + new.size)
-            if not np.array_equal(new, expected):
-                raise ValueError(f"row {b}: positions {new.tolist()} do not continue the cached {self.lengths[b]} tokens")
+            self._check_continues(b, new)
             for kind, policy in self.policies.items():
                 keep, slots = policy.place(self.positions[kind][b], new)
                 if slots.size:
@@ -148,3 +227,56 @@ class SlidingKVCache:
                     self.keys[i][b][:, slots] = new_keys[i][b][:, src]
                     self.values[i][b][:, slots] = new_values[i][b][:, src]
             self.lengths[b] += new.size
+
+
+class InPlaceKVCache(_Buffers):
+    """in_place layout: per-layer buffers [batch, kv_heads, capacity, head_dim] whose first filled[kind][b] slots are
+    row b's valid ones. A step's graph writes its tokens at slots filled.. itself; advance() then applies the
+    policy: a chunked row starts over when its chunk is complete, a full global window moves the step's tokens into
+    their ring slots. A step's tokens must stay in one chunk (piece_limit) and number at most max_step."""
+
+    layout = "in_place"
+
+    def __init__(
+        self, config: Llama4Config, batch: int = 1, window: int | None = None, sinks: int = DEFAULT_SINKS,
+        dtype: np.dtype | type = np.float32, max_step: int = 1, grow: bool = True,
+    ):
+        super().__init__(config, batch, window, sinks, dtype, max_step, grow)
+        self.max_step = max_step
+        self.filled = {kind: np.zeros(batch, np.int64) for kind in self.policies}  # bound as the graphs' past_lengths
+
+    def reset(self) -> None:
+        for filled in self.filled.values():
+            filled.fill(0)
+        self.lengths.fill(0)
+
+    def piece_limit(self, b: int) -> int:
+        """The most tokens row b's next step may have."""
+        first = int(self.lengths[b])
+        return min([self.max_step] + [policy.piece_limit(first) for policy in self.policies.values()])
+
+    def reserve(self, rows: slice | int, tokens: int) -> None:
+        """Room for a step of `tokens` new tokens in `rows` (the others' garbage writes included: rows without new
+        tokens still get them written at their filled slots)."""
+        for kind, filled in self.filled.items():
+            new_size = self._new_size(kind, int(np.max(filled[rows])) + tokens)
+            if new_size is not None:
+                self._grow_buffers(kind, new_size)
+
+    def advance(self, positions: np.ndarray) -> None:
+        """After a step that wrote positions [batch, T] (−1 = padding, after each row's tokens) in place."""
+        if positions.shape[0] != self.batch:
+            raise ValueError(f"positions has batch {positions.shape[0]}, the cache holds {self.batch} rows")
+        for b in range(self.batch):
+            count = int((positions[b] >= 0).sum())
+            if count == 0:
+                continue
+            self._check_continues(b, positions[b, :count])
+            first = int(self.lengths[b])
+            for kind, policy in self.policies.items():
+                sources, slots, self.filled[kind][b] = policy.appended(int(self.filled[kind][b]), first, count)
+                if sources.size:
+                    for i in self._layers_of[kind]:
+                        self.keys[i][b][:, slots] = self.keys[i][b][:, sources]
+                        self.values[i][b][:, slots] = self.values[i][b][:, sources]
+            self.lengths[b] += count

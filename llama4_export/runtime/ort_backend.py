@@ -3,8 +3,9 @@ artifact, one such pair per layer range, run in order with the hidden states han
 
 Sessions: CPU EP, or the CUDA EP with onnxruntime-gpu (part k on device k). Every run goes through an IOBinding: the
 cache buffers are handed to ORT without copies (OrtValues over the numpy memory, float8 ones as raw bytes with their
-ONNX type), and outputs are written into preallocated numpy arrays — for decode, allocated once per cache and
-reused every step, each part's hidden-state output bound as the next part's input. On CPU, ORT memory-maps the
+ONNX type) — graphs of the in_place layout (model/io_spec.py) append to them through the same OrtValues bound as
+their present outputs —, and outputs are written into preallocated numpy arrays — for decode, allocated once per
+cache and reused every step, each part's hidden-state output bound as the next part's input. On CPU, ORT memory-maps the
 shared external-data file, so both sessions of a part use the same pages. With the CUDA EP the cache still lives in
 host memory and crosses PCIe every step: correct, not fast (a device-resident cache is future work).
 """
@@ -22,9 +23,9 @@ import onnxruntime as ort
 from ..artifact import MANIFEST, read_manifest
 from ..model import io_spec
 from ..model.config import Llama4Config
-from .backends import StepOutput
+from .backends import KVCacheState
 from .errors import GenerationError
-from .kv_cache import SlidingKVCache
+from .kv_cache import InPlaceKVCache, SlidingKVCache
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(float8e4m3fn)": ml_dtypes.float8_e4m3fn}
 # ONNX element types of the ml_dtypes arrays ORT's numpy conversion does not know ("Numpy_type 260 can't be converted
@@ -55,8 +56,8 @@ def artifact_parts(directory: Path, manifest: dict[str, Any], config: Llama4Conf
         prefill = graphs.get("prefill")
         if prefill:
             max_prefill = int(prefill.get("max_new_tokens", max_prefill))
-        parts.append(PartGraphs(layers, directory / sub / graphs["decode"]["file"],
-                                directory / sub / prefill["file"] if prefill else None))
+        decode = prefill if prefill and _one_graph_serves_both(graphs) else graphs["decode"]
+        parts.append(PartGraphs(layers, directory / sub / decode["file"], directory / sub / prefill["file"] if prefill else None))
     covered = [i for part in parts for i in part.layers]
     if covered != list(range(config.num_hidden_layers)):
         raise GenerationError(f"{directory}: the partitions cover layers {covered[:3]}…, not 0..{config.num_hidden_layers - 1} "
@@ -64,12 +65,22 @@ def artifact_parts(directory: Path, manifest: dict[str, Any], config: Llama4Conf
     return parts, max_prefill
 
 
+def _one_graph_serves_both(graphs: dict[str, Any]) -> bool:
+    """With the MoE lowered to an ONNX Runtime op that routes each token to its expert (QMoE, MoE) in both graphs, the
+    prefill graph computes a one-token step exactly as the decode graph does: one session then serves both, and the
+    weights ORT prepacks for it are prepacked once."""
+    lowerings = {(graphs.get(name) or {}).get("moe_lowering") for name in ("decode", "prefill")}
+    return len(lowerings) == 1 and any(op in (next(iter(lowerings)) or "") for op in ("QMoE", "com.microsoft.MoE"))
+
+
 class _Part:
     def __init__(self, graphs: PartGraphs, config: Llama4Config, decode, prefill):
         self.layers, self.decode, self.prefill = graphs.layers, decode, prefill
-        self.inputs = io_spec.input_names(config, graphs.layers)
-        self.outputs = io_spec.output_names(config, graphs.layers)
+        self.layout = io_spec.kv_layout_of({i.name for i in decode.get_inputs()})
+        self.outputs = io_spec.output_names(config, graphs.layers, self.layout)
         self.out_type = np.dtype(_ORT_TYPES[decode.get_outputs()[0].type])
+        # a decode step through the prefill graph asks for its one token's logits
+        self.decode_logits_index = io_spec.LOGITS_INDEX in {i.name for i in decode.get_inputs()}
 
 
 class OrtBackend:
@@ -78,9 +89,10 @@ class OrtBackend:
     def __init__(
         self, parts: list[PartGraphs], config: Llama4Config, max_prefill_tokens: int, threads: int | None = None,
         providers: list[str] | None = None, session_config: dict[str, str] | None = None,
-        custom_op_library: str | None = None,
+        custom_op_library: str | None = None, profile_prefix: str | None = None,
     ):
-        """custom_op_library: a library of custom ops to register (the accuracy report's reference MoE ops)."""
+        """custom_op_library: a library of custom ops to register (the accuracy report's reference MoE ops);
+        profile_prefix: write ONNX Runtime's per-node profile (JSON) under this path prefix (see end_profiling)."""
         self.config = config
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -93,6 +105,8 @@ class OrtBackend:
             options.add_session_config_entry(key, value)
         if custom_op_library:
             options.register_custom_ops_library(custom_op_library)
+        if profile_prefix:
+            options.enable_profiling, options.profile_file_prefix = True, profile_prefix
         base = providers or default_providers()
         self.providers = base
         self.parts: list[_Part] = []
@@ -104,6 +118,11 @@ class OrtBackend:
                 decode if graphs.prefill == graphs.decode else _session(graphs.prefill, options, placed)
             self.parts.append(_Part(graphs, config, decode, prefill))
         self.decode = self.parts[0].decode  # its provider and options say where the model runs
+        layouts = {part.layout for part in self.parts}
+        if len(layouts) > 1:
+            raise GenerationError(f"{parts[0].decode.parent}: the parts' graphs hand over the KV cache in different "
+                                  "layouts; re-run the export")
+        self.kv_layout = layouts.pop()
         self.max_prefill_tokens = max_prefill_tokens if all(p.prefill is not None for p in self.parts) else 1
         inputs = {i.name: i for i in self.decode.get_inputs()}
         key_type = inputs[io_spec.past_key(self.parts[0].layers.start)].type
@@ -112,9 +131,9 @@ class OrtBackend:
                                   "(float32, float16, float8e4m3fn)")
         self.cache_dtype = np.dtype(_ORT_TYPES[key_type])
         self.required_slots = {kind: inputs[name].shape[1] for kind, name in io_spec.PAST_POSITIONS.items()
-                               if isinstance(inputs[name].shape[1], int)}
-        # decode: (the cache bound, its reallocation count then, per part (IOBinding, outputs), the step's output)
-        self._bound: tuple[SlidingKVCache, int, list, StepOutput] | None = None
+                               if name in inputs and isinstance(inputs[name].shape[1], int)}
+        # decode: (the cache bound, its reallocation count then, per part (IOBinding, part), the logits output)
+        self._bound: tuple[KVCacheState, int, list, np.ndarray, list, list] | None = None
 
     @classmethod
     def from_artifact(cls, directory: Path, manifest: dict[str, Any], config: Llama4Config, threads: int | None = None,
@@ -122,54 +141,134 @@ class OrtBackend:
         parts, max_prefill = artifact_parts(directory, manifest, config)
         return cls(parts, config, max_prefill, threads, providers)
 
-    def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> StepOutput:
-        if input_ids.shape[1] == 1:
-            return self._decode(input_ids, positions, cache)
-        bindings, out = self._bind(cache, input_ids.shape[1], "prefill")
-        self._run(bindings, input_ids, positions, "prefill")
-        return out
+    def end_profiling(self) -> list[Path]:
+        """Stop profiling; the profile files written, one per session (decode and prefill may share one)."""
+        sessions = {id(s): s for part in self.parts for s in (part.decode, part.prefill) if s is not None}
+        return [Path(session.end_profiling()) for session in sessions.values()]
 
-    def _decode(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> StepOutput:
+    def make_cache(self, batch: int, window: int | None, sinks: int) -> KVCacheState:
+        if self.kv_layout == "in_place":
+            return InPlaceKVCache(self.config, batch, window, sinks, self.cache_dtype, max_step=self.max_prefill_tokens)
+        # graphs with dynamic slot dimensions attend over the slots used so far
+        return SlidingKVCache(self.config, batch, window, sinks, self.cache_dtype, grow=not self.required_slots)
+
+    def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: KVCacheState,
+                logits_index: np.ndarray | None = None) -> np.ndarray:
+        if cache.layout != self.kv_layout:
+            raise GenerationError(f"a {cache.layout} cache for graphs of the {self.kv_layout} layout; "
+                                  "create it with make_cache")
+        batch, tokens = input_ids.shape
+        if tokens == 1 and logits_index is None:
+            logits, new_keys, new_values = self._decode(input_ids, positions, cache)
+        else:
+            if logits_index is None:  # every token's logits
+                logits_index = np.tile(np.arange(tokens, dtype=np.int64), (batch, 1))
+            if cache.layout == "in_place":
+                return self._prefill_in_place(input_ids, positions, cache, logits_index)
+            bindings, logits, new_keys, new_values = self._bind(cache, slice(None), tokens, "prefill",
+                                                                logits_index.shape[1])
+            self._run(bindings, input_ids, positions, "prefill", logits_index)
+        if cache.layout == "positions":
+            cache.update(positions, new_keys, new_values)
+        else:
+            cache.advance(positions)
+        return logits
+
+    def _decode(self, input_ids: np.ndarray, positions: np.ndarray, cache: KVCacheState):
+        if cache.layout == "in_place":
+            cache.reserve(slice(None), 1)
         if self._bound is None or self._bound[0] is not cache or self._bound[1] != cache.reallocations:
-            self._bound = (cache, cache.reallocations, *self._bind(cache, 1, "decode"))
-        _, _, bindings, out = self._bound
+            self._bound = (cache, cache.reallocations, *self._bind(cache, slice(None), 1, "decode"))
+        _, _, bindings, logits, new_keys, new_values = self._bound
         self._run(bindings, input_ids, positions, "decode")
-        return out
+        return logits, new_keys, new_values
 
-    def _bind(self, cache: SlidingKVCache, tokens: int, graph: str) -> tuple[list, StepOutput]:
-        """IOBindings of every part with the cache bound as inputs and freshly allocated outputs; each part's hidden
-        states output is bound as the next part's input."""
-        cfg, batch = self.config, cache.batch
+    def _prefill_in_place(self, input_ids: np.ndarray, positions: np.ndarray, cache: InPlaceKVCache,
+                          logits_index: np.ndarray) -> np.ndarray:
+        """A step of several tokens on in-place graphs. GroupQueryAttention takes one row at a time when rows have
+        past tokens, and a step's tokens must stay in one chunk: rows that all start empty run together in one
+        piece when they can; otherwise each row runs alone, in pieces cut at chunk boundaries."""
+        batch, tokens = input_ids.shape
+        valid = positions >= 0
+        counts = valid.sum(axis=1)
+        right_padded = all(valid[b, : counts[b]].all() for b in range(batch))
+        if right_padded and not cache.lengths.any() and tokens <= min(cache.piece_limit(b) for b in range(batch)):
+            cache.reserve(slice(None), tokens)
+            bindings, logits, _, _ = self._bind(cache, slice(None), tokens, "prefill", logits_index.shape[1])
+            self._run(bindings, input_ids, positions, "prefill", logits_index)
+            cache.advance(positions)
+            return logits
+        logits = np.zeros((batch, logits_index.shape[1], self.config.vocab_size), np.float32)
+        for b in range(batch):
+            columns = np.flatnonzero(valid[b])
+            done = 0
+            while done < columns.size:
+                piece = columns[done: done + cache.piece_limit(b)]
+                wanted = [(j, int(np.searchsorted(piece, c))) for j, c in enumerate(logits_index[b]) if c in piece]
+                index = np.array([[k for _, k in wanted] or [0]], np.int64)
+                cache.reserve(b, piece.size)
+                bindings, out, _, _ = self._bind(cache, slice(b, b + 1), piece.size, "prefill", index.shape[1])
+                self._run(bindings, input_ids[b:b + 1, piece], positions[b:b + 1, piece], "prefill", index)
+                for k, (j, _) in enumerate(wanted):
+                    logits[b, j] = out[0, k]
+                step = np.full((batch, piece.size), -1, np.int64)
+                step[b] = positions[b, piece]
+                cache.advance(step)
+                done += piece.size
+        return logits
+
+    def _bind(self, cache: KVCacheState, rows: slice, tokens: int, graph: str, logits: int = 1):
+        """IOBindings of every part for the cache's `rows`, and the outputs (logits with `logits` token columns, new
+        K/V per layer — the positions layout only) as freshly allocated arrays. In place, each layer's past and
+        present buffers are bound to the same memory; each part's hidden states output is the next part's input."""
+        cfg = self.config
+        batch = len(range(*rows.indices(cache.batch)))
+        in_place = cache.layout == "in_place"
         kv_shape = (batch, cfg.num_key_value_heads, tokens, cfg.head_dim)
-        keys = [np.empty(kv_shape, cache.dtype) for _ in range(cfg.num_hidden_layers)]
-        values = [np.empty(kv_shape, cache.dtype) for _ in range(cfg.num_hidden_layers)]
+        keys = [] if in_place else [np.empty(kv_shape, cache.dtype) for _ in range(cfg.num_hidden_layers)]
+        values = [] if in_place else [np.empty(kv_shape, cache.dtype) for _ in range(cfg.num_hidden_layers)]
         bindings, previous = [], None
         for part in self.parts:
             binding = getattr(part, graph).io_binding()
             if previous is not None:
                 binding.bind_ortvalue_input(io_spec.HIDDEN_IN, _ortvalue(previous))
-            for kind, name in io_spec.PAST_POSITIONS.items():
-                binding.bind_ortvalue_input(name, _ortvalue(cache.positions[kind]))
-            for i in part.layers:
-                binding.bind_ortvalue_input(io_spec.past_key(i), _ortvalue(cache.keys[i]))
-                binding.bind_ortvalue_input(io_spec.past_value(i), _ortvalue(cache.values[i]))
+            if in_place:
+                for kind, name in io_spec.PAST_LENGTHS.items():
+                    binding.bind_ortvalue_input(name, _ortvalue(cache.filled[kind][rows]))
+                for i in part.layers:
+                    for buffers, past, present in ((cache.keys, io_spec.past_key, io_spec.present_key),
+                                                   (cache.values, io_spec.past_value, io_spec.present_value)):
+                        buffer = _ortvalue(buffers[i][rows])
+                        binding.bind_ortvalue_input(past(i), buffer)
+                        binding.bind_ortvalue_output(present(i), buffer)
+            else:
+                for kind, name in io_spec.PAST_POSITIONS.items():
+                    binding.bind_ortvalue_input(name, _ortvalue(cache.positions[kind]))
+                for i in part.layers:
+                    binding.bind_ortvalue_input(io_spec.past_key(i), _ortvalue(cache.keys[i]))
+                    binding.bind_ortvalue_input(io_spec.past_value(i), _ortvalue(cache.values[i]))
             last = part.layers.stop == cfg.num_hidden_layers
-            first_out = np.empty((batch, tokens, cfg.vocab_size if last else cfg.hidden_size),
+            first_out = np.empty((batch, logits, cfg.vocab_size) if last else (batch, tokens, cfg.hidden_size),
                                  np.float32 if last else part.out_type)
-            arrays = [first_out] + [a for i in part.layers for a in (keys[i], values[i])]
+            arrays = [first_out] + [a for i in part.layers for a in ((keys[i], values[i]) if keys else ())]
             for name, array in zip(part.outputs, arrays):
                 element_type = _ONNX_ELEMENT_TYPES.get(array.dtype, array.dtype.type)
                 binding.bind_output(name, "cpu", 0, element_type, list(array.shape), array.ctypes.data)
+            if graph == "decode" and part.decode_logits_index:
+                binding.bind_cpu_input(io_spec.LOGITS_INDEX, np.zeros((batch, 1), np.int64))
             bindings.append((binding, part))
             previous = first_out
-        return bindings, StepOutput(previous, keys, values)
+        return bindings, previous, keys, values
 
     @staticmethod
-    def _run(bindings: list, input_ids: np.ndarray, positions: np.ndarray, graph: str) -> None:
+    def _run(bindings: list, input_ids: np.ndarray, positions: np.ndarray, graph: str,
+             logits_index: np.ndarray | None = None) -> None:
         for k, (binding, part) in enumerate(bindings):
             if k == 0:
-                binding.bind_cpu_input(io_spec.INPUT_IDS, input_ids)
-            binding.bind_cpu_input(io_spec.POSITIONS, positions)
+                binding.bind_cpu_input(io_spec.INPUT_IDS, np.ascontiguousarray(input_ids))
+            binding.bind_cpu_input(io_spec.POSITIONS, np.ascontiguousarray(positions))
+            if logits_index is not None and k == len(bindings) - 1:
+                binding.bind_cpu_input(io_spec.LOGITS_INDEX, np.ascontiguousarray(logits_index, dtype=np.int64))
             getattr(part, graph).run_with_iobinding(binding)
 
 

@@ -31,7 +31,6 @@ from ..model import io_spec
 from ..model.config import Llama4Config
 from ..tensorrt import moe_plugin
 from ..tensorrt.engine import has_plugin_nodes, missing_tensorrt_message
-from .backends import StepOutput
 from .errors import GenerationError
 from .kv_cache import SlidingKVCache
 
@@ -95,11 +94,11 @@ class TrtBackend:
         self.cuda_graphs = cuda_graphs and not has_plugin_nodes(directory / engines["decode"]["graph"])
         self._decode_graph: tuple | None = None  # (cache, batch, CUDAGraph, static inputs, outputs)
 
-    def make_cache(self, config: Llama4Config, batch: int, window: int | None, sinks: int, dtype) -> SlidingKVCache:
+    def make_cache(self, batch: int, window: int | None, sinks: int) -> SlidingKVCache:
         if batch > self.max_batch:
             raise GenerationError(f"batch {batch}: the engines were built for at most {self.max_batch} rows; rebuild "
                                   "with a larger --max-batch")
-        return DeviceSlidingKVCache(config, batch, window, sinks, dtype, self.device)
+        return DeviceSlidingKVCache(self.config, batch, window, sinks, self.cache_dtype, self.device)
 
     # --- one step ----------------------------------------------------------------------------------------------
     def _torch_dtype(self, trt_dtype):
@@ -124,36 +123,45 @@ class TrtBackend:
             outputs[name] = out
         return outputs
 
-    def _inputs(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> dict[str, Any]:
+    def _inputs(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache,
+                logits_index: np.ndarray | None = None) -> dict[str, Any]:
         torch = self.torch
         inputs = {io_spec.INPUT_IDS: torch.from_numpy(input_ids).to(self.device),
                   io_spec.POSITIONS: torch.from_numpy(positions).to(self.device)}
+        if logits_index is not None:
+            inputs[io_spec.LOGITS_INDEX] = torch.from_numpy(np.ascontiguousarray(logits_index, np.int64)).to(self.device)
         for kind, name in io_spec.PAST_POSITIONS.items():
             inputs[name] = torch.from_numpy(cache.positions[kind]).to(self.device)
         for i in range(self.config.num_hidden_layers):
             inputs[io_spec.past_key(i)], inputs[io_spec.past_value(i)] = cache.keys[i], cache.values[i]
         return inputs
 
-    def _step_output(self, outputs: dict[str, Any]) -> StepOutput:
+    def _advance(self, positions: np.ndarray, cache: SlidingKVCache, outputs: dict[str, Any]) -> np.ndarray:
+        """Write the step's new K/V into the cache (on the GPU); return the logits."""
         n = self.config.num_hidden_layers
-        return StepOutput(outputs[io_spec.LOGITS].float().cpu().numpy(),
-                          [outputs[io_spec.new_key(i)] for i in range(n)], [outputs[io_spec.new_value(i)] for i in range(n)])
+        cache.update(positions, [outputs[io_spec.new_key(i)] for i in range(n)],
+                     [outputs[io_spec.new_value(i)] for i in range(n)])
+        return outputs[io_spec.LOGITS].float().cpu().numpy()
 
-    def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> StepOutput:
+    def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache,
+                logits_index: np.ndarray | None = None) -> np.ndarray:
         if not isinstance(cache, DeviceSlidingKVCache):
             raise GenerationError("the TensorRT backend needs its GPU cache (Generator creates it via make_cache)")
-        if input_ids.shape[1] == 1 and self.cuda_graphs:
+        decode = input_ids.shape[1] == 1 and logits_index is None
+        if decode and self.cuda_graphs:
             return self._decode_captured(input_ids, positions, cache)
-        graph = "decode" if input_ids.shape[1] == 1 else "prefill"
+        graph = "decode" if decode else "prefill"
+        if not decode and logits_index is None:  # every token's logits
+            logits_index = np.tile(np.arange(input_ids.shape[1], dtype=np.int64), (input_ids.shape[0], 1))
         with self.torch.cuda.stream(self.stream):
-            inputs = self._inputs(input_ids, positions, cache)
+            inputs = self._inputs(input_ids, positions, cache, logits_index)
             outputs = self._bind(graph, inputs)
             if not self.contexts[graph].execute_async_v3(self.stream.cuda_stream):
                 raise GenerationError(f"TensorRT failed to run the {graph} engine (see its log)")
         self.stream.synchronize()
-        return self._step_output(outputs)
+        return self._advance(positions, cache, outputs)
 
-    def _decode_captured(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> StepOutput:
+    def _decode_captured(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache) -> np.ndarray:
         torch = self.torch
         state = self._decode_graph
         if state is None or state[0] is not cache:
@@ -167,7 +175,7 @@ class TrtBackend:
             with torch.cuda.graph(graph, stream=self.stream):
                 self.contexts["decode"].execute_async_v3(self.stream.cuda_stream)
             self._decode_graph = (cache, static, outputs, graph)
-            return self._step_output(outputs)
+            return self._advance(positions, cache, outputs)
         _, static, outputs, graph = state
         with torch.cuda.stream(self.stream):
             static[io_spec.INPUT_IDS].copy_(torch.from_numpy(input_ids), non_blocking=False)
@@ -176,7 +184,7 @@ class TrtBackend:
                 static[name].copy_(torch.from_numpy(cache.positions[kind]), non_blocking=False)
             graph.replay()
         self.stream.synchronize()
-        return self._step_output(outputs)
+        return self._advance(positions, cache, outputs)
 
     @classmethod
     def from_artifact(cls, directory: Path, manifest: dict[str, Any], config: Llama4Config) -> "TrtBackend":

@@ -100,6 +100,8 @@ def graph_profile(config: Llama4Config, limits: BuildLimits, new_tokens: int | N
         n = slots[io_spec.attention_kind(config, layer)]
         for name in (io_spec.past_key(layer), io_spec.past_value(layer)):
             profile[name] = rng((1, b), (kvh, kvh), (n, n), (d, d))
+    if io_spec.takes_logits_index(config, range(config.num_hidden_layers), new_tokens):
+        profile[io_spec.LOGITS_INDEX] = rng((1, b), (1, t_max))  # one column per row to every column
     return profile
 
 

@@ -16,7 +16,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..errors import ConfigError
 from ..model.config import Llama4Config, get_preset
 from ..model.summary import parameter_counts, weight_bytes
 from ..model.modeling import Llama4ForCausalLM
@@ -111,8 +110,3 @@ def full_size_weights_hint(preset: str) -> str:
     return (f"preset {preset} has {parameter_counts(config).total / 1e9:.0f} B parameters ({size / 1e9:.0f} GB in bf16): "
             f"pass --checkpoint DIR with {FULL_SIZE_SOURCES[preset]} downloaded from Hugging Face (license-gated: "
             "accept Meta's license on the model page first), or --random-weights [--layers N] for a shape-faithful dry run")
-
-
-def require_weights_for(preset: str) -> None:
-    if preset in FULL_SIZE_SOURCES:
-        raise ConfigError(full_size_weights_hint(preset))

@@ -1,0 +1,98 @@
+"""Where a decode step and a prefill spend their time, per ONNX Runtime op type, and how many nodes a decode step runs.
+
+    python benchmarks/op_profile.py ARTIFACT [--prompt 512] [--steps 64] [--threads 2] [--json out.json]
+
+One warm-up generation, then one profiled generation of --steps tokens after a --prompt-token prompt (random ids,
+greedy), with ONNX Runtime's profiler on (SessionOptions.enable_profiling). The profile's kernel events are
+assigned to the model runs they fall in; of each generation's runs the last --steps − 1 are decode steps, the ones
+before them prefill pieces (the runtime splits a prompt at chunk boundaries). Reported: per op type, its share of decode and of prefill kernel time, and the nodes executed per decode step
+(after ONNX Runtime's own fusions: what actually runs). Single-part artifacts only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from llama4_export.artifact import read_manifest
+from llama4_export.runtime import Generator, OrtBackend
+from llama4_export.runtime.generator import manifest_config
+from llama4_export.runtime.ort_backend import artifact_parts
+
+
+def kernel_time_by_run(profile: Path) -> list[Counter]:
+    """Per model run, in order: microseconds of kernel time per op type (and the node count under "#nodes")."""
+    events = json.loads(profile.read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    per_run = [Counter() for _ in runs]
+    starts = np.array([start for start, _ in runs])
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        i = int(np.searchsorted(starts, e["ts"], side="right")) - 1
+        if i >= 0 and e["ts"] <= runs[i][1]:
+            per_run[i][e["args"]["op_name"]] += e["dur"]
+            per_run[i]["#nodes"] += 1
+    return per_run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    manifest = read_manifest(args.artifact)
+    config = manifest_config(args.artifact, manifest)
+    parts, max_prefill = artifact_parts(args.artifact, manifest, config)
+    if len(parts) != 1:
+        raise SystemExit(f"{args.artifact}: {len(parts)} parts; profile a single-part artifact")
+    with tempfile.TemporaryDirectory() as scratch:
+        backend = OrtBackend(parts, config, max_prefill, args.threads, profile_prefix=str(Path(scratch) / "ort"))
+        generator = Generator.for_backend(backend, args.artifact)
+        rng = np.random.default_rng(0)
+        for _ in range(2):  # warm-up (ORT's first runs allocate and pre-pack), then the profiled generation
+            ids = rng.integers(0, config.vocab_size, args.prompt).tolist()
+            generator.generate(ids, max_new_tokens=args.steps, stop_tokens=[])
+        runs = [r for profile in backend.end_profiling() for r in kernel_time_by_run(profile)]
+    profiled = runs[len(runs) // 2:]  # the second generation
+    decode, prefill = profiled[-(args.steps - 1):], profiled[:-(args.steps - 1)]
+    if len(runs) % 2 or not prefill:
+        raise SystemExit(f"the profile holds {len(runs)} runs; expected two generations of prefill + {args.steps - 1} steps")
+    result = {"artifact": str(args.artifact), "prompt": args.prompt, "steps": args.steps, "threads": args.threads,
+              "decode_nodes_per_step": sorted(Counter(r["#nodes"] for r in decode).items()),
+              "decode_nodes_per_layer": round(float(np.median([r["#nodes"] for r in decode])) / config.num_hidden_layers, 1)}
+    table = Table(title=f"{args.artifact.name}: kernel time per op type ({args.threads} threads)")
+    table.add_column("op")
+    for phase, phase_runs in (("decode", decode), ("prefill", prefill)):
+        total = sum((r for r in phase_runs), Counter())
+        nodes = total.pop("#nodes", 0)
+        time_us = sum(total.values())
+        result[phase] = {"runs": len(phase_runs), "kernel_ms_per_run": round(time_us / 1e3 / max(len(phase_runs), 1), 3),
+                         "nodes": nodes, "share": {op: round(us / time_us, 4) for op, us in total.most_common()}}
+        table.add_column(f"{phase} share", justify="right")
+    ops = sorted(set(result["decode"]["share"]) | set(result["prefill"]["share"]),
+                 key=lambda op: -result["decode"]["share"].get(op, 0))
+    for op in ops:
+        table.add_row(op, *(f"{100 * result[p]['share'].get(op, 0):.1f} %" for p in ("decode", "prefill")))
+    console = Console(width=120)
+    console.print(table)
+    console.print(f"decode: {result['decode']['kernel_ms_per_run']} ms of kernels per step, nodes per step "
+                  f"{result['decode_nodes_per_step']} ({result['decode_nodes_per_layer']} per layer); prefill: "
+                  f"{result['prefill']['runs']} runs, {result['prefill']['kernel_ms_per_run']} ms each", highlight=False)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()
