@@ -302,6 +302,17 @@ class Llama4VisionConfig:
         """Text positions one image tile fills: the patches left after the pixel shuffle (Scout: (336/14 · 0.5)² = 144)."""
         return self.shuffled_side**2
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields (an artifact manifest's `vision.config`); `from_dict` reads them back."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
+
+    @classmethod
+    def from_dict(cls, fields: Any, source: str) -> "Llama4VisionConfig":
+        try:
+            return cls(**fields, name=source)
+        except TypeError as exc:
+            raise ConfigError(f"{source}: not a vision config ({exc}); re-run the export") from None
+
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "Llama4VisionConfig | None":
         """The vision half of a multimodal `llama4` config (older or newer transformers spellings); None when the config

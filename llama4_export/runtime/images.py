@@ -34,6 +34,7 @@ then `<|image_end|>`. The model replaces the `<|patch|>` rows with the image fea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -95,6 +96,17 @@ class ImageProcessorConfig:
             raise ImageError(f"{directory}: no {PREPROCESSOR_FILE} and no image_processor section in {PROCESSOR_FILE}; "
                              "copy the processor files from the model's checkpoint")
         return cls._parse(fields, processor, vision, source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields (an artifact manifest's `vision.processor`); `from_dict` reads them back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: Any, source: str) -> "ImageProcessorConfig":
+        try:
+            return cls(**{**fields, "image_mean": tuple(fields["image_mean"]), "image_std": tuple(fields["image_std"])})
+        except (TypeError, KeyError) as exc:
+            raise ImageError(f"{source}: not an image processor config ({exc}); re-run the export") from None
 
     @classmethod
     def _parse(cls, fields: dict[str, Any], processor: dict[str, Any], vision: Llama4VisionConfig, source: Path
