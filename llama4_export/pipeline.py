@@ -58,7 +58,7 @@ from .model.summary import parameter_counts, vision_parameter_count, weight_byte
 from .plan import partition_layers
 from .progress import Steps
 from .runtime.images import ImageProcessorConfig
-from .weights import VisionWeights, WeightSource, vision_weights
+from .weights import VisionWeights, WeightSource
 
 # The dtype the graphs are traced in. Quantized precisions trace fp32 graphs and quantize their weights in the passes.
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -191,7 +191,7 @@ def export(
     if source.checkpoint is not None:
         check_tokenizer_files(source.checkpoint)
     # The vision graph goes to ONNX Runtime artifacts; TensorRT ones stay text-only (README, "Images").
-    vision = vision_weights(source) if target == "onnxruntime" else None
+    vision = source.vision if target == "onnxruntime" else None
     processor = None if vision is None else ImageProcessorConfig.from_directory(source.checkpoint, vision.config)
     image_token_id = None if vision is None else vision.config.image_token_id
     samples = text = None

@@ -1,11 +1,9 @@
-"""The vision encoder + projector of a multimodal checkpoint: read slice by slice for the export (`VisionWeights`), or
-as a PyTorch module (`load_vision`; `vision_from_config` gives seeded random weights for tests)."""
+"""The vision encoder + projector of a multimodal checkpoint as a PyTorch module (`load_vision`; `vision_from_config`
+gives seeded random weights for tests). The export reads them slice by slice instead (checkpoint.VisionWeights)."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -13,44 +11,10 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..model.config import Llama4VisionConfig
 from ..model.loader import check_checkpoint
-from ..model.loader import CheckpointIndex
-from ..model.vision import Llama4VisionEncoder, finish_vision_encoder, vision_rope_tables
+from ..model.vision import Llama4VisionEncoder, finish_vision_encoder
 from .checkpoint import CheckpointWeights
 from .random import INIT_STD
-from .source import DTYPES, WeightSource, slices
-
-
-class VisionWeights:
-    """The tensors of a checkpoint's vision graph by parameter name, as row-major slices (what the writer reads from
-    a WeightSource), and the RoPE tables the graph holds, computed from the config."""
-
-    def __init__(self, index: CheckpointIndex):
-        self.index = index
-        self.config: Llama4VisionConfig = index.vision
-
-    @functools.cached_property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        with torch.device("meta"):
-            return {name: tuple(p.shape) for name, p in Llama4VisionEncoder(self.config).named_parameters()}
-
-    def chunks(self, name: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        if name in ROPE_TABLES:
-            yield vision_rope_tables(self.config)[ROPE_TABLES.index(name)].to(dtype)
-            return
-        key, path = self.index.vision_files[name]
-        for index in slices(self.shapes[name]):
-            yield CheckpointWeights._read(key, path, index).to(dtype)
-
-
-ROPE_TABLES = ("vision_model.rope_cos", "vision_model.rope_sin")  # vision_rope_tables' order
-
-
-def vision_weights(source: WeightSource) -> VisionWeights | None:
-    """The vision half of a multimodal checkpoint source; None for a text-only one (and for presets and models in
-    memory, which have no vision tower)."""
-    if isinstance(source, CheckpointWeights) and source.index.vision is not None:
-        return VisionWeights(source.index)
-    return None
+from .source import DTYPES
 
 
 def load_vision(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> Llama4VisionEncoder:
