@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -88,37 +87,6 @@ def test_merge_is_masked_scatter():
     assert torch.equal(merge_image_features(embeddings, torch.zeros(2, 7, dtype=torch.bool), features[:0]), embeddings)
     with pytest.raises(ValueError, match="image placeholder tokens but features for"):
         merge_image_features(embeddings, mask, features[1:])
-
-
-def test_encoder_and_merge_export_with_dynamic_sizes(tmp_path):
-    """Export-friendly as written: torch.onnx (dynamo) traces the encoder with a dynamic tile count and the merge with
-    any number of image rows (none included); ONNX Runtime agrees."""
-    encoder = load_vision(VISION_FIXTURES / "tiny-b")
-    tiles = torch.export.Dim("tiles", min=1, max=64)
-    torch.onnx.export(encoder, (torch.randn(2, 3, 56, 56),), tmp_path / "vision.onnx", dynamic_shapes=({0: tiles},),
-                      input_names=["pixel_values"], output_names=["image_features"], dynamo=True, verbose=False)
-    session = ort.InferenceSession(tmp_path / "vision.onnx")
-    pixels = torch.randn(3, 3, 56, 56)
-    with torch.no_grad():
-        expected = encoder(pixels).numpy()
-    np.testing.assert_allclose(session.run(None, {"pixel_values": pixels.numpy()})[0], expected, atol=1e-4, rtol=0)
-
-    class Merge(torch.nn.Module):
-        def forward(self, embeddings, image_mask, features):
-            return merge_image_features(embeddings, image_mask, features)
-
-    rows = torch.export.Dim("rows", min=0, max=4096)
-    tokens = torch.export.Dim("tokens", min=1, max=512)
-    example = (torch.randn(1, 4, 3), torch.tensor([[False, True, True, False]]), torch.randn(2, 3))
-    torch.onnx.export(Merge().eval(), example, tmp_path / "merge.onnx", dynamic_shapes=({1: tokens}, {1: tokens}, {0: rows}),
-                      dynamo=True, verbose=False)
-    session = ort.InferenceSession(tmp_path / "merge.onnx")
-    names = [i.name for i in session.get_inputs()]
-    for mask in ([[True, False, True, True, False]], [[False, False, False]]):
-        mask = torch.tensor(mask)
-        embeddings, features = torch.randn(1, mask.shape[1], 3), torch.randn(int(mask.sum()), 3)
-        got = session.run(None, dict(zip(names, (embeddings.numpy(), mask.numpy(), features.numpy()))))[0]
-        np.testing.assert_array_equal(got, merge_image_features(embeddings, mask, features).numpy())
 
 
 def test_seeded_encoder_matches_transformers_and_is_deterministic():
