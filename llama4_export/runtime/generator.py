@@ -146,7 +146,8 @@ class Generator:
             return self.encode(prompt), None
         if self.image_encoder is None:
             raise ImageError("this artifact has no vision graph (exported from a text-only checkpoint, or for "
-                             "TensorRT); export a multimodal checkpoint for onnxruntime to give it images")
+                             "TensorRT; --backend torch runs text only); export a multimodal checkpoint for "
+                             "onnxruntime to give it images")
         if isinstance(images, (str, Path)):
             images = [images]
         if not isinstance(prompt, str):
