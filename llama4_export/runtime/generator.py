@@ -140,7 +140,7 @@ class Generator:
             raise GenerationError(f"prompt token {i} is id {t}, outside the vocabulary 0..{vocab - 1}; check the ids")
         return ids
 
-    def _with_images(self, prompt: Prompt, images: Sequence[ImageInput]) -> tuple[list[int], "np.ndarray | None"]:
+    def _with_images(self, prompt: Prompt, images: Sequence[ImageInput]) -> tuple[list[int], np.ndarray | None]:
         """The prompt's ids with each `<|image|>` expanded for its image's tile grid, and the images' features."""
         if not images:
             return self.encode(prompt), None
@@ -236,7 +236,7 @@ class Generator:
 
     def _events(
         self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stops: frozenset[int],
-        features: "list[np.ndarray | None] | None" = None,
+        features: list[np.ndarray | None] | None = None,
     ) -> Iterator[TokenEvent]:
         if max_new_tokens == 0:
             return
@@ -274,7 +274,7 @@ class Generator:
             last_logits = self.backend.forward(ids, positions, cache)[:, -1]
 
     def _prefill(self, prompts: list[list[int]], cache: KVCacheState, pad: int,
-                 features: "list[np.ndarray | None]") -> np.ndarray:
+                 features: list[np.ndarray | None]) -> np.ndarray:
         """Feed every prompt in pieces of at most max_prefill_tokens; return each row's last-token logits [B, V]. Each
         piece asks for one column of logits per row — the row's last prompt token when it is in the piece — and
         takes the image feature rows of its placeholder tokens (row by row: model/io_spec.py)."""

@@ -16,8 +16,8 @@ from PIL import Image
 
 from ..artifact import MANIFEST
 from ..model import io_spec
-from ..model.config import Llama4VisionConfig
 from ..errors import ConfigError
+from ..model.config import Llama4VisionConfig
 from .errors import ImageError
 from .images import ImageProcessor, ImageProcessorConfig, ProcessedImage
 from .ort_backend import default_providers, load_session, session_options
@@ -26,6 +26,8 @@ ImageInput = str | Path | Image.Image
 
 
 class ImageEncoder:
+    """vision.onnx in its own session, with the image processor the manifest records."""
+
     def __init__(self, graph: Path, config: Llama4VisionConfig, processor: ImageProcessorConfig,
                  threads: int | None = None, providers: list[str] | None = None):
         self.config, self.processor = config, ImageProcessor(processor)
