@@ -9,6 +9,9 @@ EXTRAS ?= dev,kernels
 TORCH_PIN ?= torch==2.13.0
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 DEMO_OUT ?= out/scout-tiny
+# A tiny multimodal checkpoint (random weights; the test fixture made by scripts/make_vision_fixtures.py).
+DEMO_VISION_CHECKPOINT ?= tests/fixtures/vision/tiny-a
+DEMO_VISION_OUT ?= out/vision-tiny
 # pytest workers (pytest-xdist); one module per worker keeps each module's fixtures built once.
 TEST_WORKERS ?= 2
 # The C++ runtime (cpp/): its build directory, and the ONNX Runtime release layout it builds against (default: one
@@ -33,6 +36,10 @@ demo: $(BIN)/.installed
 	$(BIN)/llama4-export --model scout-tiny --out $(DEMO_OUT)
 	@echo "scout-tiny has seeded random weights, so its text is noise: the point is the pipeline. Try --checkpoint DIR."
 	$(BIN)/llama4-run $(DEMO_OUT) --prompt "The history of" --max-new-tokens 32 --json
+	@echo "Images: a tiny multimodal checkpoint exported with its vision graph, then a generated picture as input."
+	$(BIN)/llama4-export --checkpoint $(DEMO_VISION_CHECKPOINT) --out $(DEMO_VISION_OUT)
+	$(BIN)/python examples/demo_picture.py out/demo-picture.png
+	$(BIN)/llama4-run $(DEMO_VISION_OUT) --prompt "<|image|>What is in this picture?" --image out/demo-picture.png --max-new-tokens 16 --json
 
 # g++, CMake and nlohmann-json from Debian where missing, ONNX Runtime provisioned, then llama4rt and llama4-cpp.
 cpp: $(BIN)/.installed

@@ -25,7 +25,7 @@ from .evaluation.compare import compare_artifact
 from .graph_passes.artifact_passes import PASSES_FILE, optimize_artifact
 from .graph_passes.errors import GraphPassError
 from .graph_passes.pipeline import default_target
-from .model.config import Llama4Config, get_preset
+from .model.config import Llama4Config, get_preset, get_vision_preset
 from .model.io_spec import DEFAULT_MAX_PREFILL
 from .model.loader import check_checkpoint
 from .model.summary import summarize
@@ -131,8 +131,12 @@ def model_config(model: str | None, checkpoint: str | Path | None) -> Llama4Conf
 
 
 def inspect_model(model: str | None = None, checkpoint: str | Path | None = None) -> dict[str, Any]:
-    """`llama4-export inspect`: layers by kind, total/active parameters, weight bytes per precision, KV bytes/token."""
-    return summarize(model_config(model, checkpoint))
+    """`llama4-export inspect`: layers by kind, total/active parameters, weight bytes per precision, KV bytes/token,
+    and the vision encoder's parameters and tokens per image tile when the model has one."""
+    if checkpoint is not None and model is None:
+        index = check_checkpoint(checkpoint)
+        return summarize(index.config, index.vision)
+    return summarize(model_config(model, checkpoint), get_vision_preset(model))
 
 
 def plan_gpu_memory(model: str | None = None, checkpoint: str | Path | None = None, precision: str = "bf16",

@@ -10,7 +10,9 @@ partitioning, streamed or in memory.
                  (calib/calibrate.py); AWQ's plans are replayed on the weights as they are read (AwqWeights);
   3. per part    (one part, or `parts` contiguous layer ranges balanced by the memory planner): trace decode +
                  prefill on the meta device, write them with their weights read from the source (export/), then the
-                 graph passes for the target with the weights left on disk, quantizing (graph_passes/);
+                 graph passes for the target with the weights left on disk, quantizing (graph_passes/); a multimodal
+                 checkpoint's vision encoder becomes vision.onnx (own data file, never quantized) and the first
+                 prefill graph fuses its features in (model/io_spec.py);
   4. finish      tokenizer files, the manifest (sha256 of every file), the accuracy report of the artifact on ONNX
                  Runtime against the source's fp32 model (evaluation/report.py), the manifest again.
 Everything is written into a temp directory beside `out` and renamed into place at the end: an export that fails at
@@ -44,7 +46,7 @@ from .calib.stats import kv_cache_amax
 from .errors import ConfigError
 from .evaluation.report import REPORT_FILE, accuracy_report, evaluation_tokens
 from .export.tokenizer_files import check_tokenizer_files, copy_tokenizer_files, write_byte_level_tokenizer
-from .export.onnx_export import GRAPHS, OPSET, trace_graphs
+from .export.onnx_export import GRAPHS, OPSET, VISION_FILE, trace_graphs, trace_vision
 from .export.writer import DATA_FILE, weight_content, write_graphs
 from .graph_passes.artifact_passes import optimize_graphs, optimized_manifest
 from .graph_passes.manager import PassReport
@@ -52,15 +54,17 @@ from .graph_passes.pipeline import TARGETS
 from .graph_passes.quantize import BLOCK_SIZES, QuantSpec
 from .model.config import Llama4Config
 from .model.io_spec import DEFAULT_MAX_PREFILL
-from .model.summary import parameter_counts, weight_bytes
+from .model.summary import parameter_counts, vision_parameter_count, weight_bytes
 from .plan import partition_layers
 from .progress import Steps
-from .weights import WeightSource
+from .runtime.images import ImageProcessorConfig
+from .weights import VisionWeights, WeightSource
 
 # The dtype the graphs are traced in. Quantized precisions trace fp32 graphs and quantize their weights in the passes.
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                                       "int4": torch.float32, "fp8": torch.float32}
 QUANTIZED_PRECISIONS = ("int4", "fp8")
+VISION_DATA_FILE = "vision.data"
 # ONNX Runtime's CPU EP has no bf16 kernels (MatMul, Add, Mul: NOT_IMPLEMENTED on 1.32); its CUDA EP and TensorRT have.
 GPU_ONLY_PRECISIONS = ("bf16",)
 DEFAULT_BLOCK_SIZE = 128
@@ -186,6 +190,10 @@ def export(
     report = quant.report and optimize
     if source.checkpoint is not None:
         check_tokenizer_files(source.checkpoint)
+    # The vision graph goes to ONNX Runtime artifacts; TensorRT ones stay text-only (README, "Images").
+    vision = source.vision if target == "onnxruntime" else None
+    processor = None if vision is None else ImageProcessorConfig.from_directory(source.checkpoint, vision.config)
+    image_token_id = None if vision is None else vision.config.image_token_id
     samples = text = None
     if quant.needs_calibration(precision):
         samples, text = calibration_samples(source, config, tokenizer_for(source, config), quant.calib_data,
@@ -194,7 +202,8 @@ def export(
             check_awq_memory(config, *samples.shape)
     if report:
         held_out = evaluation_tokens(source, quant.eval_data)
-    check_disk_space(out, required_disk_bytes(config, precision, optimize))
+    check_disk_space(out, required_disk_bytes(config, precision, optimize) +
+                     (0 if vision is None else vision_parameter_count(vision.config) * PRECISIONS[precision].itemsize))
     ranges = [range(config.num_hidden_layers)] if parts == 1 else partition_layers(config, parts, precision)
     spec = quant.spec_for(precision, target) if quantized else None
     layout = kv_layout_for(target, quant)
@@ -224,7 +233,7 @@ def export(
                 traced = work / f"traced{k}" if optimize else part_dir
                 traced.mkdir(exist_ok=True)
                 with step(f"{what}trace decode + prefill ({len(layers)} layers, weights on the meta device)"):
-                    graphs = trace_graphs(config, PRECISIONS[precision], layers, layout)
+                    graphs = trace_graphs(config, PRECISIONS[precision], layers, layout, image_token_id)
                 with step(f"{what}write graphs with weights from {weights.describe()}"):
                     write_graphs(graphs, traced, weight_content(weights, defer_experts=quantized))
                     del graphs
@@ -247,6 +256,10 @@ def export(
                             "target": target if optimize else "onnxruntime"}
             else:
                 manifest = entry
+            if vision is not None:
+                with step(f"trace + write the vision encoder ({vision.config.num_hidden_layers} layers, "
+                          f"{str(PRECISIONS[precision]).removeprefix('torch.')})"):
+                    manifest["vision"] = write_vision_graph(vision, processor, PRECISIONS[precision], tmp)
             with step("write tokenizer files"):
                 manifest["tokenizer"] = _tokenizer_files(source, config, tmp)
             manifest.update(_quantization_entries(precision, quant, calibration, spec))
@@ -259,6 +272,17 @@ def export(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def write_vision_graph(vision: VisionWeights, processor: ImageProcessorConfig, dtype: torch.dtype,
+                       directory: Path) -> dict[str, Any]:
+    """vision.onnx + its data file in `directory`; returns the manifest's `vision` entry: what the runtime needs to
+    turn images into the prefill's image_features. Quantized exports keep it fp32 (PRECISIONS): 0.87 B parameters
+    beside Scout's 109 B, run once per image, and the graph passes' quantization is written for the text graphs."""
+    write_graphs({"vision": trace_vision(vision.config, dtype)}, directory, weight_content(vision), VISION_DATA_FILE)
+    onnx.checker.check_model(str(directory / VISION_FILE))
+    return {"file": VISION_FILE, "external_data": VISION_DATA_FILE, "dtype": str(dtype).removeprefix("torch."),
+            "config": vision.config.to_dict(), "processor": processor.to_dict()}
 
 
 def default_block_size(config: Llama4Config) -> int:

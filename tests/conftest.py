@@ -11,6 +11,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CHECKPOINTS = REPO.parent / "shared" / "checkpoints"
 SCOUTLIKE = SHARED_CHECKPOINTS / "l4-scoutlike"
+# Reference outputs of transformers' Llama 4 image processor, processor and model, with the two tiny multimodal
+# checkpoints and the images they were made from (scripts/make_vision_fixtures.py says how to regenerate them).
+VISION_FIXTURES = REPO / "tests" / "fixtures" / "vision"
 
 requires_shared = pytest.mark.skipif(
     not (SCOUTLIKE / "config.json").is_file(),

@@ -201,6 +201,14 @@ def _print_summary(s: dict) -> None:
         cap = kv[kind]["capped_at_tokens"]
         t.add_row(kind, str(kv[kind]["layers"]), f"{kv[kind]['bytes_per_token']:,}", f"{cap:,} tokens" if cap else "window W (sliding)")
     console.print(t)
+    if "vision" in s:
+        v = s["vision"]
+        t = Table(title="vision encoder (with its pixel-shuffle adapter and the projector)")
+        for name in ("parameters", "bf16", "layers × hidden", "tile / patch px", "tokens / tile"):
+            t.add_column(name, justify="right")
+        t.add_row(_params(v["params"]), _gb(v["weight_bytes_bf16"]), f"{v['num_hidden_layers']} × {v['hidden_size']}",
+                  f"{v['image_size']} / {v['patch_size']}", str(v["tokens_per_tile"]))
+        console.print(t)
 
 
 @export_app.command()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -23,6 +23,12 @@ def run(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="text prompt (needs tokenizer.json in DIR)"),
     ids: Optional[str] = typer.Option(None, "--ids", help='prompt as token ids, e.g. "1,2,3"'),
     chat: bool = typer.Option(False, "--chat", help="interactive chat: one user message per stdin line, until EOF"),
+    images: Optional[List[Path]] = typer.Option(
+        None, "--image", help="an image for the next <|image|> placeholder of --prompt (repeat for several, in order; "
+                              "PNG/JPEG/WebP). As Llama4Processor: the prompt needs exactly one <|image|> per --image, "
+                              "a prompt without placeholders is refused. Needs an artifact exported from a multimodal "
+                              "checkpoint",
+    ),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_k: int = typer.Option(0, "--top-k", help="0 = off"),
@@ -45,6 +51,8 @@ def run(
     try:
         if (prompt is not None) + (ids is not None) + chat != 1:
             raise GenerationError("give exactly one of --prompt TEXT, --ids 1,2,3 or --chat")
+        if images and prompt is None:
+            raise GenerationError("--image goes with --prompt TEXT (its <|image|> placeholders place the images)")
         with err_console.status(f"loading {directory}"):
             generator = _generator(directory, backend, window, sinks, threads)
         if chat:
@@ -52,7 +60,7 @@ def run(
             return
         tokens = _parse_ids(ids) if ids is not None else prompt
         on_token = piece_printer() if stream and not as_json else None
-        result = generator.generate(tokens, stream=on_token, **options)
+        result = generator.generate(tokens, stream=on_token, images=images or (), **options)
     except Llama4ExportError as exc:
         fail(exc)
     if as_json:

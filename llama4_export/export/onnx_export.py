@@ -27,7 +27,10 @@ from torch.export import Dim
 
 from ..model import io_spec
 from ..model.config import Llama4Config
+from ..model.config import Llama4VisionConfig
 from ..model.modeling import InPlaceKV, KVCache, Llama4ForCausalLM, MoE, MoEImpl
+from ..model.multimodal import merge_image_features
+from ..model.vision import Llama4VisionEncoder
 
 OPSET = 21  # opset 21 has DequantizeLinear with block_size (INT4 weight-only) for the quantization passes
 # Node metadata worth keeping: module scopes let passes find e.g. every MoE block. Stack traces (absolute source
@@ -36,7 +39,7 @@ KEPT_NODE_METADATA = ("pkg.torch.onnx.class_hierarchy", "pkg.torch.onnx.name_sco
 _WRAPPER_PREFIX = "model."
 
 # Example sizes used while tracing: distinct and > 1 so torch.export neither specializes nor unifies the dimensions.
-_EXAMPLE = {"batch": 2, "new_tokens": 3, "chunk_slots": 5, "global_slots": 7, "logits": 2}
+_EXAMPLE = {"batch": 2, "new_tokens": 3, "chunk_slots": 5, "global_slots": 7, "logits": 2, "image_tokens": 4, "tiles": 2}
 
 
 @dataclass(frozen=True)
@@ -57,22 +60,34 @@ class GraphSpec:
 DECODE = GraphSpec("decode", moe_impl="gather", new_tokens=1)
 PREFILL = GraphSpec("prefill", moe_impl="dense", new_tokens=None)
 GRAPHS = (DECODE, PREFILL)
+VISION_FILE = "vision.onnx"
 
 
 class GraphIO(nn.Module):
     """Maps io_spec's flat inputs/outputs onto `Llama4ForCausalLM.forward` over a range of decoder layers."""
 
-    def __init__(self, model: Llama4ForCausalLM, layers: range, logits_index: bool, kv_layout: str):
+    def __init__(self, model: Llama4ForCausalLM, layers: range, logits_index: bool, kv_layout: str,
+                 image_token_id: int | None = None):
+        """image_token_id: the graph fuses image features in at this token's rows (io_spec.takes_image_features)."""
         super().__init__()
         self.model, self.layers, self.logits_index, self.kv_layout = model, layers, logits_index, kv_layout
+        self.image_token_id = image_token_id
 
     def forward(  # input_ids: token ids, or hidden states entering a part (the name is recorded in the graph's metadata)
         self, input_ids: Tensor, positions: Tensor, past_chunked: Tensor, past_global: Tensor, *rest: Tensor
     ) -> tuple[Tensor, ...]:
         """past_chunked/past_global: the slots' positions, or the valid lengths (in_place layout); rest: the past K/V
-        of every layer, then logits_index when the graph takes it."""
+        of every layer, then logits_index and image_features when the graph takes them."""
         config = self.model.config
-        past_kv, logits_index = (rest[:-1], rest[-1]) if self.logits_index else (rest, None)
+        past_kv, extra = rest[:2 * len(self.layers)], list(rest[2 * len(self.layers):])
+        logits_index = extra.pop(0) if self.logits_index else None
+        if self.image_token_id is not None:
+            features = extra.pop(0)
+            is_image = input_ids == self.image_token_id
+            # Placeholders past the features given keep their embeddings, as transformers does without pixel values:
+            # a text-only step (zero rows) and a sampled `<|patch|>` fed back through this graph stay plain tokens.
+            is_image = is_image & (torch.cumsum(is_image.reshape(-1), 0).view_as(is_image) <= features.shape[0])
+            input_ids = merge_image_features(self.model.model.embed_tokens(input_ids), is_image, features)
         index = {"chunked": past_chunked, "global": past_global}
         per_layer = [index[io_spec.attention_kind(config, i)] for i in self.layers]
         keys, values = list(past_kv[0::2]), list(past_kv[1::2])
@@ -85,7 +100,7 @@ class GraphIO(nn.Module):
 
 
 def example_inputs(config: Llama4Config, spec: GraphSpec, dtype: torch.dtype, layers: range,
-                   kv_layout: str) -> tuple[Tensor, ...]:
+                   kv_layout: str, vision: bool = False) -> tuple[Tensor, ...]:
     """Zero-filled inputs in io_spec order with the tracing sizes of `_EXAMPLE`."""
     batch = _EXAMPLE["batch"]
     tokens = spec.new_tokens or _EXAMPLE["new_tokens"]
@@ -100,10 +115,12 @@ def example_inputs(config: Llama4Config, spec: GraphSpec, dtype: torch.dtype, la
         inputs += [torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)]
     if io_spec.takes_logits_index(config, layers, spec.new_tokens):
         inputs.append(torch.zeros(batch, _EXAMPLE["logits"], dtype=torch.int64))
+    if io_spec.takes_image_features(layers, spec.new_tokens, vision):
+        inputs.append(torch.zeros(_EXAMPLE["image_tokens"], config.hidden_size, dtype=dtype))
     return tuple(inputs)
 
 
-def _dynamic_shapes(config: Llama4Config, spec: GraphSpec, layers: range, kv_layout: str) -> tuple:
+def _dynamic_shapes(config: Llama4Config, spec: GraphSpec, layers: range, kv_layout: str, vision: bool) -> tuple:
     """Named dynamic dimensions (they keep their names in the ONNX graph). No upper bounds: ONNX keeps none, and the
     prefill limit is the runtime's business (recorded in the manifest)."""
     batch = Dim("batch")
@@ -115,27 +132,32 @@ def _dynamic_shapes(config: Llama4Config, spec: GraphSpec, layers: range, kv_lay
         rest += [cache_dims, cache_dims]
     if io_spec.takes_logits_index(config, layers, spec.new_tokens):
         rest.append({0: batch, 1: Dim("logits", min=1)})
+    if io_spec.takes_image_features(layers, spec.new_tokens, vision):
+        rest.append({0: Dim("image_tokens", min=0)})
     cache_index = [{0: batch} if kv_layout == "in_place" else {0: batch, 1: slots[kind]} for kind in ("chunked", "global")]
     # The *rest varargs form one entry of their own.
     return (tokens, tokens, *cache_index, tuple(rest))
 
 
 def export_graph(model: Llama4ForCausalLM, spec: GraphSpec, layers: range | None = None,
-                 kv_layout: str = "positions") -> ir.Model:
+                 kv_layout: str = "positions", image_token_id: int | None = None) -> ir.Model:
     """Trace one graph of `layers` (default: all) with the MoE implementation `spec` asks for and the KV-cache layout
     `kv_layout` (io_spec.KV_LAYOUTS), and return it in memory (weights still attached), canonicalized and
-    deterministic."""
+    deterministic. image_token_id: the model has a vision graph; its prefill fuses image features in at this token."""
     config = model.config
     layers = range(config.num_hidden_layers) if layers is None else layers
+    vision = image_token_id is not None
+    fuses = io_spec.takes_image_features(layers, spec.new_tokens, vision)
     previous_impls = {m: m.impl for m in model.modules() if isinstance(m, MoE)}
     model.set_moe_impl(spec.moe_impl)
     try:
         with _quiet_exporter():
             program = torch.onnx.export(
-                GraphIO(model, layers, io_spec.takes_logits_index(config, layers, spec.new_tokens), kv_layout),
-                example_inputs(config, spec, model.lm_head.weight.dtype, layers, kv_layout),
-                dynamic_shapes=_dynamic_shapes(config, spec, layers, kv_layout),
-                input_names=io_spec.input_names(config, layers, spec.new_tokens, kv_layout),
+                GraphIO(model, layers, io_spec.takes_logits_index(config, layers, spec.new_tokens), kv_layout,
+                        image_token_id if fuses else None),
+                example_inputs(config, spec, model.lm_head.weight.dtype, layers, kv_layout, vision),
+                dynamic_shapes=_dynamic_shapes(config, spec, layers, kv_layout, vision),
+                input_names=io_spec.input_names(config, layers, spec.new_tokens, kv_layout, vision),
                 output_names=io_spec.output_names(config, layers, kv_layout), opset_version=OPSET, dynamo=True,
                 optimize=False,
                 verbose=False,
@@ -150,17 +172,18 @@ def export_graph(model: Llama4ForCausalLM, spec: GraphSpec, layers: range | None
 
 
 def trace_graphs(config: Llama4Config, dtype: torch.dtype, layers: range | None = None,
-                 kv_layout: str = "positions") -> dict[str, ir.Model]:
+                 kv_layout: str = "positions", image_token_id: int | None = None) -> dict[str, ir.Model]:
     """decode + prefill of `layers` traced from a meta-device model: graphs with data-less weights (each
     const_value is a meta torch tensor named by its parameter; the writer fills them in from a weight source).
+    image_token_id: the artifact has a vision graph (export_graph).
 
-    A trace depends on nothing but (config, dtype, layers, kv_layout) and costs seconds per layer, so the last few
-    are kept in this process and handed out as copies (the writer and the passes edit the graphs they get)."""
-    key = (config, dtype, layers, kv_layout)
+    A trace depends on nothing but its arguments and costs seconds per layer, so the last few are kept in this
+    process and handed out as copies (the writer and the passes edit the graphs they get)."""
+    key = (config, dtype, layers, kv_layout, image_token_id)
     if key not in _TRACES:
         while len(_TRACES) >= TRACE_CACHE_SIZE:
             _TRACES.pop(next(iter(_TRACES)))
-        _TRACES[key] = _trace_graphs(config, dtype, layers, kv_layout)
+        _TRACES[key] = _trace_graphs(config, dtype, layers, kv_layout, image_token_id)
     return {name: model.clone() for name, model in _TRACES[key].items()}
 
 
@@ -169,7 +192,8 @@ TRACE_CACHE_SIZE = 4
 _TRACES: dict[tuple, dict[str, ir.Model]] = {}
 
 
-def _trace_graphs(config: Llama4Config, dtype: torch.dtype, layers: range | None, kv_layout: str) -> dict[str, ir.Model]:
+def _trace_graphs(config: Llama4Config, dtype: torch.dtype, layers: range | None, kv_layout: str,
+                  image_token_id: int | None) -> dict[str, ir.Model]:
     with torch.device("meta"):
         model = Llama4ForCausalLM(config).to(dtype)
         # The RoPE frequencies stay fp32 whatever the weights' dtype (weights.source.finish_model).
@@ -178,7 +202,42 @@ def _trace_graphs(config: Llama4Config, dtype: torch.dtype, layers: range | None
             model.lm_head.weight = model.model.embed_tokens.weight
         model.eval().requires_grad_(False)
         # Inputs are created under the same default device, so the whole trace is data-free.
-        return {spec.name: export_graph(model, spec, layers, kv_layout) for spec in GRAPHS}
+        return {spec.name: export_graph(model, spec, layers, kv_layout, image_token_id) for spec in GRAPHS}
+
+
+class VisionIO(nn.Module):
+    """pixel_values [tiles, 3, S, S] → image_features [tiles · tokens_per_tile, text hidden] (io_spec: the rows the
+    prefill's image_features input takes, in order)."""
+
+    def __init__(self, encoder: Llama4VisionEncoder):
+        super().__init__()
+        self.model = encoder
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        features = self.model(pixel_values)
+        return features.reshape(-1, features.shape[-1])
+
+
+def trace_vision(config: Llama4VisionConfig, dtype: torch.dtype) -> ir.Model:
+    """The vision encoder + projector traced from a meta-device model with a dynamic tile count: data-less weights
+    named as in the checkpoint, the RoPE tables (fp32 whatever the weights) included (weights.VisionWeights computes
+    them)."""
+    with torch.device("meta"):
+        encoder = Llama4VisionEncoder(config).to(dtype).eval().requires_grad_(False)
+        tables = (config.patches_per_side**2 + 1, config.head_dim // 2)
+        encoder.vision_model.rope_cos = torch.empty(tables, dtype=torch.float32)
+        encoder.vision_model.rope_sin = torch.empty(tables, dtype=torch.float32)
+        pixels = torch.zeros(_EXAMPLE["tiles"], config.num_channels, config.image_size, config.image_size, dtype=dtype)
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                VisionIO(encoder), (pixels,), dynamic_shapes=({0: Dim("tiles", min=1)},),
+                input_names=[io_spec.PIXEL_VALUES], output_names=[io_spec.IMAGE_FEATURES], opset_version=OPSET,
+                dynamo=True, optimize=False, verbose=False,
+            )
+    onnx_model = program.model
+    _optimize_keeping_weights(onnx_model)
+    _canonicalize(onnx_model)
+    return onnx_model
 
 
 def _optimize_keeping_weights(model: ir.Model) -> None:

@@ -200,17 +200,18 @@ class Llama4Config:
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{source}: malformed field ({exc}); fix the value or re-save the config") from None
 
-    @classmethod
-    def from_json_file(cls, path: Path) -> "Llama4Config":
-        try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: config.json not found; a Hugging Face checkpoint directory needs one") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({exc}); re-save the config") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path}: expected a JSON object")
-        return cls.from_hf_dict(raw, source=str(path))
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's config.json as a dict; CheckpointError naming the file when it is missing or not a JSON object."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: config.json not found; a Hugging Face checkpoint directory needs one") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); re-save the config") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return raw
 
 
 def _parse_rope(cfg: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
@@ -234,6 +235,137 @@ def _parse_rope(cfg: dict[str, Any], source: str) -> tuple[float, RopeScaling | 
         )
     except KeyError as exc:
         raise CheckpointError(f"{source}: llama3 rope scaling lacks {exc.args[0]!r}") from None
+
+
+@dataclass(frozen=True)
+class Llama4VisionConfig:
+    """The vision half of a multimodal (`Llama4ForConditionalGeneration`) config: the encoder over image tiles, its
+    pixel-shuffle adapter, and the projector into the text model, whose `<|patch|>` rows the features replace."""
+
+    image_size: int  # side of one square tile, pixels
+    patch_size: int  # side of one square patch, pixels
+    num_channels: int
+    hidden_size: int
+    intermediate_size: int  # encoder MLP width, and the width of the pixel-shuffled patches the adapter takes
+    num_hidden_layers: int
+    num_attention_heads: int
+    pixel_shuffle_ratio: float
+    projector_input_dim: int
+    projector_output_dim: int
+    vision_output_dim: int
+    rope_theta: float
+    text_hidden_size: int
+    image_token_id: int  # the placeholder token (`<|patch|>`) whose embeddings become image features
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.image_size % self.patch_size:
+            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_size % self.num_attention_heads:
+            problems.append("hidden_size must be a multiple of num_attention_heads")
+        elif self.head_dim % 4:
+            problems.append(f"head_dim {self.head_dim} must be a multiple of 4 (2D RoPE gives half its pairs to x, half to y)")
+        side, ratio = self.image_size // self.patch_size, self.pixel_shuffle_ratio
+        if not (0 < ratio <= 1 and (side * ratio).is_integer() and (self.hidden_size / ratio**2).is_integer()):
+            problems.append(f"pixel_shuffle_ratio {ratio} does not divide {side} patches per side and hidden_size {self.hidden_size}")
+        elif self.intermediate_size != self.shuffled_size:
+            problems.append(f"intermediate_size {self.intermediate_size} must equal hidden_size / pixel_shuffle_ratio² = "
+                            f"{self.shuffled_size} (the adapter's first layer takes the pixel-shuffled patches)")
+        if self.projector_input_dim != self.projector_output_dim:
+            problems.append("projector_input_dim must equal projector_output_dim (the adapter's second layer is square)")
+        if self.vision_output_dim != self.projector_output_dim:
+            problems.append("vision_output_dim must equal projector_output_dim (the projector takes the adapter's output)")
+        if problems:
+            raise ConfigError(f"invalid Llama 4 vision config ({self.name}): " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def shuffled_side(self) -> int:
+        """Patches per side after the pixel shuffle."""
+        return int(self.patches_per_side * self.pixel_shuffle_ratio)
+
+    @property
+    def shuffled_size(self) -> int:
+        """Channels of one patch after the pixel shuffle (ratio² of them merged)."""
+        return int(self.hidden_size / self.pixel_shuffle_ratio**2)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Text positions one image tile fills: the patches left after the pixel shuffle (Scout: (336/14 · 0.5)² = 144)."""
+        return self.shuffled_side**2
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields (an artifact manifest's `vision.config`); `from_dict` reads them back."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
+
+    @classmethod
+    def from_dict(cls, fields: Any, source: str) -> "Llama4VisionConfig":
+        try:
+            return cls(**fields, name=source)
+        except TypeError as exc:
+            raise ConfigError(f"{source}: not a vision config ({exc}); re-run the export") from None
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "Llama4VisionConfig | None":
+        """The vision half of a multimodal `llama4` config (older or newer transformers spellings); None when the config
+        has no `vision_config` (a text-only checkpoint)."""
+        vision = raw.get("vision_config")
+        if vision is None:
+            return None
+        text = raw.get("text_config")
+        if not isinstance(vision, dict) or not isinstance(text, dict):
+            raise CheckpointError(f"{source}: 'vision_config' and 'text_config' must both be objects in a multimodal Llama 4 config")
+
+        def need(cfg: dict[str, Any], key: str, where: str) -> Any:
+            if cfg.get(key) is None:
+                raise CheckpointError(f"{source}: required field '{where}{key}' is missing; the config is not a complete "
+                                      "Llama 4 multimodal config")
+            return cfg[key]
+
+        def square(key: str) -> int:
+            value = need(vision, key, "vision_config.")
+            if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
+                value = value[0]
+            if isinstance(value, list):
+                raise CheckpointError(f"{source}: vision_config.{key} {value} is not square; Llama 4 tiles are square")
+            return int(value)
+
+        if vision.get("hidden_act", "gelu") != "gelu":
+            raise CheckpointError(f"{source}: vision_config.hidden_act {vision['hidden_act']!r} is not supported (Llama 4 uses 'gelu')")
+        # transformers 5 nests the theta in rope_parameters; older releases and Meta's files write rope_theta.
+        rope = vision.get("rope_parameters") or {}
+        token = raw.get("image_token_index", raw.get("image_token_id"))
+        if token is None:
+            raise CheckpointError(f"{source}: required field 'image_token_index' is missing; a multimodal config names "
+                                  "the token whose embeddings the image features replace")
+        try:
+            return cls(
+                image_size=square("image_size"),
+                patch_size=square("patch_size"),
+                num_channels=int(vision.get("num_channels", 3)),
+                hidden_size=int(need(vision, "hidden_size", "vision_config.")),
+                intermediate_size=int(need(vision, "intermediate_size", "vision_config.")),
+                num_hidden_layers=int(need(vision, "num_hidden_layers", "vision_config.")),
+                num_attention_heads=int(need(vision, "num_attention_heads", "vision_config.")),
+                pixel_shuffle_ratio=float(need(vision, "pixel_shuffle_ratio", "vision_config.")),
+                projector_input_dim=int(need(vision, "projector_input_dim", "vision_config.")),
+                projector_output_dim=int(need(vision, "projector_output_dim", "vision_config.")),
+                vision_output_dim=int(need(vision, "vision_output_dim", "vision_config.")),
+                rope_theta=float(rope.get("rope_theta", vision.get("rope_theta", 10000.0))),  # transformers' default
+                text_hidden_size=int(need(text, "hidden_size", "text_config.")),
+                image_token_id=int(token),
+                name=source,
+            )
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: malformed vision_config field ({exc}); fix the value or re-save the config") from None
 
 
 # --- presets ------------------------------------------------------------------------------------------------
@@ -290,6 +422,23 @@ PRESETS: dict[str, Llama4Config] = {
         name="maverick-tiny",
     ),
 }
+
+
+# Scout's and Maverick's published vision towers are the same (config.json `vision_config`; image_token_index 200092).
+_FULL_VISION = dict(
+    image_size=336, patch_size=14, num_channels=3, hidden_size=1408, intermediate_size=5632, num_hidden_layers=34,
+    num_attention_heads=16, pixel_shuffle_ratio=0.5, projector_input_dim=4096, projector_output_dim=4096,
+    vision_output_dim=4096, rope_theta=10000.0, text_hidden_size=5120, image_token_id=200092,
+)
+VISION_PRESETS: dict[str, Llama4VisionConfig] = {
+    name: Llama4VisionConfig(**_FULL_VISION, name=name) for name in ("scout", "maverick")
+}
+
+
+def get_vision_preset(name: str) -> Llama4VisionConfig | None:
+    """The preset's vision tower, or None for a text-only preset (the tiny ones, Behemoth's unpublished one)."""
+    get_preset(name)  # an unknown name fails as it does for the text config
+    return VISION_PRESETS.get(name)
 
 
 def get_preset(name: str, layers: int | None = None) -> Llama4Config:

@@ -34,6 +34,20 @@ outputs
   logits                    float32 [batch, logits, vocab]   (decode: [batch, 1, vocab])
   new_key.{i}, new_value.{i}    float [batch, kv_heads, new_tokens, head_dim]  (keys after RoPE and QK norm)
 
+Images (an artifact exported from a multimodal checkpoint; manifest `vision`):
+  vision.onnx               pixel_values float [tiles, 3, size, size] → image_features float [tiles · tokens_per_tile,
+                            text hidden]: every tile's projected features, tile by tile (runtime/images.py's order)
+  prefill                   one more input, last: image_features [image_tokens, text hidden] — the features of the
+                            step's `<|patch|>` tokens (the vision config's image_token_id) in order, row-major over
+                            the batch; zero rows for a step without image tokens. The graph embeds input_ids, puts
+                            the k-th feature row in place of the k-th placeholder embedding (early fusion, as
+                            transformers' masked_scatter) and goes on as for text. Decode is unchanged.
+  Early fusion lives in the prefill because image tokens only ever come in a prompt, never in decode: a separate graph that returns embeddings for the runtime to patch would cost a [tokens, hidden] round trip
+  through host memory per step, and `inputs_embeds` instead of input_ids would move the embedding gather (4-bit on
+  ONNX Runtime) out of the graph. A text-only step binds zero rows: the merge costs a CumSum over the step's ids and
+  a Gather + Where over its embeddings, nothing beside one layer. Artifacts of text-only checkpoints have no such
+  input at all, and their graphs are byte for byte what they were.
+
 A partitioned artifact (--partitions N) cuts this interface at layer boundaries: part k takes the past K/V of its
 own layers only; every part but the first takes `hidden_states` [batch, new_tokens, hidden] instead of input_ids,
 and every part but the last returns `hidden_states_out` instead of logits.
@@ -59,6 +73,8 @@ LOGITS = "logits"
 LOGITS_INDEX = "logits_index"
 HIDDEN_IN = "hidden_states"
 HIDDEN_OUT = "hidden_states_out"
+IMAGE_FEATURES = "image_features"
+PIXEL_VALUES = "pixel_values"
 
 
 def attention_kind(config: Llama4Config, layer: int) -> str:
@@ -99,14 +115,20 @@ def takes_logits_index(config: Llama4Config, layers: range, new_tokens: int | No
     return new_tokens is None and layers.stop == config.num_hidden_layers
 
 
+def takes_image_features(layers: range, new_tokens: int | None, vision: bool) -> bool:
+    """The prefill graph (of the first part) of an artifact with a vision graph."""
+    return vision and new_tokens is None and layers.start == 0
+
+
 def input_names(config: Llama4Config, layers: range | None = None, new_tokens: int | None = 1,
-                layout: str = "positions") -> list[str]:
+                layout: str = "positions", vision: bool = False) -> list[str]:
     layers = range(config.num_hidden_layers) if layers is None else layers
     cache_index = PAST_LENGTHS if layout == "in_place" else PAST_POSITIONS
     names = [INPUT_IDS if layers.start == 0 else HIDDEN_IN, POSITIONS, cache_index["chunked"], cache_index["global"]]
     for i in layers:
         names += [past_key(i), past_value(i)]
-    return names + ([LOGITS_INDEX] if takes_logits_index(config, layers, new_tokens) else [])
+    names += [LOGITS_INDEX] if takes_logits_index(config, layers, new_tokens) else []
+    return names + ([IMAGE_FEATURES] if takes_image_features(layers, new_tokens, vision) else [])
 
 
 def output_names(config: Llama4Config, layers: range | None = None, layout: str = "positions") -> list[str]:

@@ -4,19 +4,21 @@ weights are read through weights.CheckpointWeights."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
-from .config import Llama4Config
+from .config import Llama4Config, Llama4VisionConfig, read_config_json
 from .modeling import Llama4ForCausalLM
+from .vision import Llama4VisionEncoder
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# Multimodal Llama4ForConditionalGeneration checkpoints keep the text model under this prefix.
+# Multimodal Llama4ForConditionalGeneration checkpoints keep the text model under this prefix, the vision encoder and
+# projector under Llama4VisionEncoder's own parameter names (vision_model.*, multi_modal_projector.*).
 MULTIMODAL_PREFIX = "language_model."
 _STORED_DTYPES = {"F32", "F16", "BF16"}
 
@@ -30,14 +32,19 @@ class CheckpointIndex:
     files: dict[str, tuple[str, Path]]  # our parameter name -> (key in the file, shard path)
     stored_dtypes: dict[str, int]  # safetensors dtype -> number of tensors
     weight_file_bytes: int
+    vision: Llama4VisionConfig | None = None  # None: a text-only checkpoint
+    vision_files: dict[str, tuple[str, Path]] = field(default_factory=dict)  # Llama4VisionEncoder parameter -> location
 
 
 def check_checkpoint(checkpoint_dir: str | Path) -> CheckpointIndex:
-    """Validate names and shapes of every tensor against config.json; raise CheckpointError naming the first problem."""
+    """Validate names and shapes of every tensor against config.json (the text model's, and the vision encoder's when
+    config.json has a vision_config); raise CheckpointError naming the first problem."""
     ckpt = Path(checkpoint_dir)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: checkpoint directory not found; pass a directory holding config.json and *.safetensors")
-    config = Llama4Config.from_json_file(ckpt / "config.json").replace(name=ckpt.name)
+    raw = read_config_json(ckpt / "config.json")
+    config = Llama4Config.from_hf_dict(raw, source=str(ckpt / "config.json")).replace(name=ckpt.name)
+    vision = Llama4VisionConfig.from_hf_dict(raw, source=str(ckpt / "config.json"))
     locations = _tensor_locations(ckpt)
 
     with torch.device("meta"):
@@ -46,7 +53,26 @@ def check_checkpoint(checkpoint_dir: str | Path) -> CheckpointIndex:
         expected.pop("lm_head.weight")
     prefix = MULTIMODAL_PREFIX if any(k.startswith(MULTIMODAL_PREFIX) for k in locations) else ""
     found = {k[len(prefix):]: (k, f) for k, f in locations.items() if k.startswith(prefix)}
+    _check_names(ckpt, found, expected, prefix)
+    dtypes = _check_shapes(found, expected, {})
 
+    vision_files: dict[str, tuple[str, Path]] = {}
+    if vision is not None:  # a config without vision_config leaves any vision tensors unread, as before
+        if not prefix:
+            raise CheckpointError(f"{ckpt / 'config.json'}: has a vision_config but the text weights are not under "
+                                  f"{MULTIMODAL_PREFIX!r}; this is not a Llama4ForConditionalGeneration checkpoint")
+        with torch.device("meta"):
+            expected_vision = {name: tuple(p.shape) for name, p in Llama4VisionEncoder(vision).named_parameters()}
+        vision_files = {k: (k, f) for k, f in locations.items() if not k.startswith(prefix)}
+        _check_names(ckpt, vision_files, expected_vision, "")
+        dtypes = _check_shapes(vision_files, expected_vision, dtypes)
+        vision_files = {n: vision_files[n] for n in sorted(expected_vision)}
+    nbytes = sum(p.stat().st_size for p in set(locations.values()))
+    return CheckpointIndex(ckpt, config, {n: found[n] for n in sorted(expected)}, dict(sorted(dtypes.items())), nbytes,
+                           vision, vision_files)
+
+
+def _check_names(ckpt: Path, found: dict[str, tuple[str, Path]], expected: dict[str, tuple[int, ...]], prefix: str) -> None:
     missing = sorted(set(expected) - set(found))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -56,7 +82,11 @@ def check_checkpoint(checkpoint_dir: str | Path) -> CheckpointIndex:
         key, path = found[unexpected[0]]
         raise CheckpointError(f"{path}: unexpected tensor {key!r}; the checkpoint holds weights its config.json does not describe")
 
-    dtypes: dict[str, int] = {}
+
+def _check_shapes(found: dict[str, tuple[str, Path]], expected: dict[str, tuple[int, ...]], dtypes: dict[str, int]
+                  ) -> dict[str, int]:
+    """Every expected tensor's shape and stored dtype from the headers; returns `dtypes` counted on."""
+    dtypes = dict(dtypes)
     for path, names in _group_by_file(found, expected).items():
         with _open(path) as f:
             for name in names:
@@ -71,8 +101,7 @@ def check_checkpoint(checkpoint_dir: str | Path) -> CheckpointIndex:
                 if dtype not in _STORED_DTYPES:
                     raise CheckpointError(f"{path}: tensor {key!r} is stored as {dtype}; supported: {', '.join(sorted(_STORED_DTYPES))}")
                 dtypes[dtype] = dtypes.get(dtype, 0) + 1
-    nbytes = sum(p.stat().st_size for p in set(locations.values()))
-    return CheckpointIndex(ckpt, config, {n: found[n] for n in sorted(expected)}, dict(sorted(dtypes.items())), nbytes)
+    return dtypes
 
 
 def _group_by_file(found: dict[str, tuple[str, Path]], wanted) -> dict[Path, list[str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Llama4Config
+from .config import Llama4Config, Llama4VisionConfig
 
 KV_BYTES = {"bf16": 2, "fp8": 1}
 _SCALE_BYTES = 2  # fp16/bf16 per-block INT4 scale
@@ -74,8 +74,32 @@ def kv_bytes_per_token(config: Llama4Config, dtype: str = "bf16") -> dict[str, A
     }
 
 
-def summarize(config: Llama4Config) -> dict[str, Any]:
-    """The `inspect` report as one JSON-ready dict."""
+def vision_parameter_count(vision: Llama4VisionConfig) -> int:
+    """Parameters of the vision encoder, its adapter and the projector (what a multimodal checkpoint adds)."""
+    h, i = vision.hidden_size, vision.intermediate_size
+    embeddings = vision.num_channels * vision.patch_size**2 * h + h + (vision.patches_per_side**2 + 1) * h
+    layer = 4 * (h * h + h) + 2 * h * i + i + h + 4 * h  # attention, MLP, two LayerNorms (weights and biases)
+    adapter = i * vision.projector_input_dim + vision.projector_output_dim**2
+    projector = vision.vision_output_dim * vision.text_hidden_size
+    return embeddings + 4 * h + vision.num_hidden_layers * layer + adapter + projector
+
+
+def summarize_vision(vision: Llama4VisionConfig) -> dict[str, Any]:
+    params = vision_parameter_count(vision)
+    return {
+        "params": params,
+        "weight_bytes_bf16": params * 2,
+        "num_hidden_layers": vision.num_hidden_layers,
+        "hidden_size": vision.hidden_size,
+        "image_size": vision.image_size,
+        "patch_size": vision.patch_size,
+        "pixel_shuffle_ratio": vision.pixel_shuffle_ratio,
+        "tokens_per_tile": vision.tokens_per_tile,
+    }
+
+
+def summarize(config: Llama4Config, vision: Llama4VisionConfig | None = None) -> dict[str, Any]:
+    """The `inspect` report as one JSON-ready dict (a "vision" entry when the model has a vision encoder)."""
     p = parameter_counts(config)
     layers = [
         {"index": i, "ffn": "moe" if config.is_moe_layer(i) else "dense", "attention": "chunked" if config.uses_rope(i) else "global"}
@@ -100,4 +124,5 @@ def summarize(config: Llama4Config) -> dict[str, Any]:
         "rope_scaling": None if config.rope_scaling is None else "llama3",
         "weight_bytes": weight_bytes(config),
         "kv_bytes_per_token": kv_bytes_per_token(config),
+        **({"vision": summarize_vision(vision)} if vision is not None else {}),
     }

@@ -4,11 +4,17 @@
     result = gen.generate("The cat", max_new_tokens=32)     # greedy by default
     for event in gen.stream("The cat", temperature=0.8):   # token by token
         print(event.text, end="")
+    gen.generate("<|image|>Describe it.", images=["cat.png"])  # an artifact exported from a multimodal checkpoint
 
 Prompts longer than the prefill graph's limit (manifest graphs.prefill.max_new_tokens) are fed in pieces of at most
 that many tokens; one-token steps go to the decode graph. Batches (generate_batch) put every prompt in its own row;
 rows are padded on the right within a step with position −1, which the graph masks and the cache never stores, so
 rows of any lengths run together and each gets exactly the tokens it would get alone.
+
+Images: each `<|image|>` of a text prompt is expanded as Llama4Processor expands it (runtime/images.py), the images'
+tiles go through the vision graph once, and every prefill piece hands the graph the feature rows of its own
+`<|patch|>` tokens (early fusion, model/io_spec.py); decoding is as for text. Every image is read and checked, and
+every prompt's length, before anything runs.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from ..model.config import Llama4Config
 from ..model.io_spec import DEFAULT_SINKS
 from ..plan import FLOAT_DTYPES, cuda_memory_bytes, planned_window
 from .backends import Backend, KVCacheState
-from .errors import GenerationError
+from .errors import GenerationError, ImageError
+from .image_encoder import ImageEncoder, ImageInput
 from .ort_backend import OrtBackend
 from .trt_backend import TrtBackend
 from .sampling import Sampler, SamplingParams
@@ -59,10 +66,12 @@ class Generator:
     def __init__(
         self, backend: Backend, tokenizer: Tokenizer | None = None, window: int | None = None,
         sinks: int = DEFAULT_SINKS, eos_token_ids: Sequence[int] | None = None, precision: str | None = None,
+        image_encoder: ImageEncoder | None = None,
     ):
         """eos_token_ids: the default stop tokens (None = the config's eos_token_id). precision: the artifact's
-        weights (manifest), for the memory planner's default window on a GPU (None = the cache's float dtype)."""
-        self.backend, self.tokenizer, self.sinks = backend, tokenizer, sinks
+        weights (manifest), for the memory planner's default window on a GPU (None = the cache's float dtype).
+        image_encoder: the artifact's vision graph (None: text only)."""
+        self.backend, self.tokenizer, self.sinks, self.image_encoder = backend, tokenizer, sinks, image_encoder
         self.config: Llama4Config = backend.config
         self.eos_token_ids = tuple(self.config.eos_token_id if eos_token_ids is None else eos_token_ids)
         self.window = _window_for(backend, window, precision, sinks)
@@ -95,18 +104,21 @@ class Generator:
             runner: Backend = TrtBackend.from_artifact(directory, manifest, config)
         else:
             runner = OrtBackend.from_artifact(directory, manifest, config, threads, providers)
-        return cls.for_backend(runner, directory, window, sinks, manifest.get("precision"), max_prefill_tokens)
+        images = ImageEncoder.from_artifact(directory, manifest, threads, providers) if backend == "onnxruntime" else None
+        return cls.for_backend(runner, directory, window, sinks, manifest.get("precision"), max_prefill_tokens, images)
 
     @classmethod
     def for_backend(cls, runner: Backend, directory: Path, window: int | None = None, sinks: int = DEFAULT_SINKS,
-                    precision: str | None = None, max_prefill_tokens: int | None = None) -> "Generator":
+                    precision: str | None = None, max_prefill_tokens: int | None = None,
+                    image_encoder: ImageEncoder | None = None) -> "Generator":
         """A generator over `runner` with the tokenizer and stop tokens of `directory` (an artifact or a checkpoint)."""
         if max_prefill_tokens is not None:
             if max_prefill_tokens < 1:
                 raise GenerationError(f"max_prefill_tokens={max_prefill_tokens}: must be >= 1")
             runner.max_prefill_tokens = min(runner.max_prefill_tokens, max_prefill_tokens)
         eos = list(runner.config.eos_token_id) + _generation_config_eos(directory)
-        return cls(runner, Tokenizer.load(directory), window, sinks, eos_token_ids=sorted(set(eos)), precision=precision)
+        return cls(runner, Tokenizer.load(directory), window, sinks, eos_token_ids=sorted(set(eos)), precision=precision,
+                   image_encoder=image_encoder)
 
     # --- prompts -------------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -128,6 +140,28 @@ class Generator:
             raise GenerationError(f"prompt token {i} is id {t}, outside the vocabulary 0..{vocab - 1}; check the ids")
         return ids
 
+    def _with_images(self, prompt: Prompt, images: Sequence[ImageInput]) -> tuple[list[int], np.ndarray | None]:
+        """The prompt's ids with each `<|image|>` expanded for its image's tile grid, and the images' features."""
+        if not images:
+            return self.encode(prompt), None
+        if self.image_encoder is None:
+            raise ImageError("this artifact has no vision graph (exported from a text-only checkpoint, or for "
+                             "TensorRT; --backend torch runs text only); export a multimodal checkpoint for "
+                             "onnxruntime to give it images")
+        if isinstance(images, (str, Path)):
+            images = [images]
+        if not isinstance(prompt, str):
+            raise ImageError("images need a text prompt: its <|image|> placeholders say where each image goes")
+        processed = self.image_encoder.preprocess(images)
+        ids = self.encode(self.image_encoder.processor.expand_prompt(prompt, [image.grid for image in processed]))
+        context = self.config.max_position_embeddings
+        if len(ids) > context:
+            tiles = sum(image.pixel_values.shape[0] for image in processed)
+            raise ImageError(f"the prompt is {len(ids):,} tokens with its images ({tiles} tiles × "
+                             f"{self.image_encoder.processor.config.tokens_per_tile} tokens) but the model's context is "
+                             f"{context:,}; give fewer or smaller images")
+        return ids, self.image_encoder.encode(processed)
+
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         if self.tokenizer is None:
             raise GenerationError("chat needs a tokenizer but the artifact has no tokenizer.json")
@@ -137,35 +171,41 @@ class Generator:
     def generate(
         self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
         repetition_penalty: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
-        stream: Callable[[TokenEvent], None] | None = None,
+        stream: Callable[[TokenEvent], None] | None = None, images: Sequence[ImageInput] = (),
     ) -> GenerationResult:
-        """Continue one prompt; `stream` is called with every new token as it is chosen."""
+        """Continue one prompt; `stream` is called with every new token as it is chosen. images: files (or PIL
+        images) for the prompt's `<|image|>` placeholders, in order."""
         return self.generate_batch(
-            [prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_tokens, stream
+            [prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_tokens, stream, [images]
         )[0]
 
-    def stream(self, prompt: Prompt, max_new_tokens: int = 64, **options) -> Iterator[TokenEvent]:
+    def stream(self, prompt: Prompt, max_new_tokens: int = 64, images: Sequence[ImageInput] = (),
+               **options) -> Iterator[TokenEvent]:
         """The same as generate, as an iterator of TokenEvents (bad input raises here, not at the first next())."""
-        ids = self.encode(prompt)
+        ids, features = self._with_images(prompt, images)
         params, stops = self._options(max_new_tokens, options)
-        return self._events([ids], max_new_tokens, params, stops)
+        return self._events([ids], max_new_tokens, params, stops, [features])
 
     def generate_batch(
         self, prompts: Sequence[Prompt], max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
-        stream: Callable[[TokenEvent], None] | None = None,
+        stream: Callable[[TokenEvent], None] | None = None, images: Sequence[Sequence[ImageInput]] | None = None,
     ) -> list[GenerationResult]:
-        """Several prompts of any lengths at once; sampled rows draw from one seeded generator, in row order."""
-        batch = [self.encode(p) for p in prompts]
-        if not batch:
+        """Several prompts of any lengths at once; sampled rows draw from one seeded generator, in row order.
+        images: one sequence of images per prompt (None: text only)."""
+        if images is not None and len(images) != len(prompts):
+            raise ImageError(f"{len(prompts)} prompt(s) but {len(images)} image list(s); give one list per prompt")
+        prepared = [self._with_images(p, images[k] if images is not None else ()) for k, p in enumerate(prompts)]
+        if not prepared:
             raise GenerationError("no prompts given")
+        batch, features = [ids for ids, _ in prepared], [f for _, f in prepared]
         params, stops = self._options(max_new_tokens, dict(
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
             stop_tokens=stop_tokens,
         ))
         new: list[list[int]] = [[] for _ in batch]
         stopped = [False] * len(batch)
-        for event in self._events(batch, max_new_tokens, params, stops):
+        for event in self._events(batch, max_new_tokens, params, stops, features):
             new[event.row].append(event.token_id)
             stopped[event.row] = event.stop
             if stream is not None:
@@ -195,7 +235,8 @@ class Generator:
         return self._cache
 
     def _events(
-        self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stops: frozenset[int]
+        self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stops: frozenset[int],
+        features: list[np.ndarray | None] | None = None,
     ) -> Iterator[TokenEvent]:
         if max_new_tokens == 0:
             return
@@ -208,7 +249,7 @@ class Generator:
         history = [np.concatenate([p, np.zeros(max_new_tokens, np.int64)]).astype(np.int64) for p in prompts]
         decoders = [StreamDecoder(self.tokenizer) if self.tokenizer else None for _ in prompts]
 
-        last_logits = self._prefill(prompts, cache, pad)
+        last_logits = self._prefill(prompts, cache, pad, features or [None] * rows)
         produced = [0] * rows
         active = [True] * rows
         while True:
@@ -232,9 +273,11 @@ class Generator:
                 return
             last_logits = self.backend.forward(ids, positions, cache)[:, -1]
 
-    def _prefill(self, prompts: list[list[int]], cache: KVCacheState, pad: int) -> np.ndarray:
+    def _prefill(self, prompts: list[list[int]], cache: KVCacheState, pad: int,
+                 features: list[np.ndarray | None]) -> np.ndarray:
         """Feed every prompt in pieces of at most max_prefill_tokens; return each row's last-token logits [B, V]. Each
-        piece asks for one column of logits per row — the row's last prompt token when it is in the piece."""
+        piece asks for one column of logits per row — the row's last prompt token when it is in the piece — and
+        takes the image feature rows of its placeholder tokens (row by row: model/io_spec.py)."""
         piece = self.backend.max_prefill_tokens
         rows, longest = len(prompts), max(len(p) for p in prompts)
         last = np.empty((rows, self.config.vocab_size), np.float32)
@@ -243,12 +286,20 @@ class Generator:
             ids = np.full((rows, width), pad, np.int64)
             positions = np.full((rows, width), -1, np.int64)
             wanted = np.zeros((rows, 1), np.int64)
+            piece_features = []
             for b, prompt in enumerate(prompts):
                 part = prompt[start : start + width]
                 ids[b, : len(part)] = part
                 positions[b, : len(part)] = np.arange(start, start + len(part))
                 wanted[b, 0] = max(len(part) - 1, 0)
-            logits = self.backend.forward(ids, positions, cache, wanted)
+                if features[b] is not None:
+                    token = self.image_encoder.config.image_token_id
+                    before = sum(t == token for t in prompt[:start])
+                    piece_features.append(features[b][before: before + sum(t == token for t in part)])
+            if piece_features:
+                logits = self.backend.forward(ids, positions, cache, wanted, image_features=np.concatenate(piece_features))
+            else:
+                logits = self.backend.forward(ids, positions, cache, wanted)
             for b, prompt in enumerate(prompts):
                 if start < len(prompt) <= start + width:
                     last[b] = logits[b, 0]

@@ -81,6 +81,9 @@ class _Part:
         self.out_type = np.dtype(_ORT_TYPES[decode.get_outputs()[0].type])
         # a decode step through the prefill graph asks for its one token's logits
         self.decode_logits_index = io_spec.LOGITS_INDEX in {i.name for i in decode.get_inputs()}
+        # the graphs that fuse image features in (the first part's prefill of a vision artifact): their dtype
+        self.image_features = {name: np.dtype(_ORT_TYPES[i.type]) for name, session in (("decode", decode), ("prefill", prefill))
+                               if session is not None for i in session.get_inputs() if i.name == io_spec.IMAGE_FEATURES}
 
 
 class OrtBackend:
@@ -89,18 +92,13 @@ class OrtBackend:
     def __init__(
         self, parts: list[PartGraphs], config: Llama4Config, max_prefill_tokens: int, threads: int | None = None,
         providers: list[str] | None = None, session_config: dict[str, str] | None = None,
-        custom_op_library: str | None = None, profile_prefix: str | None = None,
+        custom_op_library: str | None = None, profile_prefix: str | None = None, image_token_id: int | None = None,
     ):
         """custom_op_library: a library of custom ops to register (the accuracy report's reference MoE ops);
-        profile_prefix: write ONNX Runtime's per-node profile (JSON) under this path prefix (see end_profiling)."""
-        self.config = config
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.inter_op_num_threads = 1
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
+        profile_prefix: write ONNX Runtime's per-node profile (JSON) under this path prefix (see end_profiling);
+        image_token_id: the placeholder token whose rows take image features (an artifact with a vision graph)."""
+        self.config, self.image_token_id = config, image_token_id
+        options = session_options(threads)
         for key, value in sorted((session_config or {}).items()):
             options.add_session_config_entry(key, value)
         if custom_op_library:
@@ -113,9 +111,9 @@ class OrtBackend:
         for k, graphs in enumerate(parts):
             placed = [("CUDAExecutionProvider", {"device_id": k}) if p == "CUDAExecutionProvider" and len(parts) > 1 else p
                       for p in base]
-            decode = _session(graphs.decode, options, placed)
+            decode = load_session(graphs.decode, options, placed)
             prefill = None if graphs.prefill is None else \
-                decode if graphs.prefill == graphs.decode else _session(graphs.prefill, options, placed)
+                decode if graphs.prefill == graphs.decode else load_session(graphs.prefill, options, placed)
             self.parts.append(_Part(graphs, config, decode, prefill))
         self.decode = self.parts[0].decode  # its provider and options say where the model runs
         layouts = {part.layout for part in self.parts}
@@ -139,7 +137,9 @@ class OrtBackend:
     def from_artifact(cls, directory: Path, manifest: dict[str, Any], config: Llama4Config, threads: int | None = None,
                       providers: list[str] | None = None) -> "OrtBackend":
         parts, max_prefill = artifact_parts(directory, manifest, config)
-        return cls(parts, config, max_prefill, threads, providers)
+        vision = manifest.get("vision") or {}
+        return cls(parts, config, max_prefill, threads, providers,
+                   image_token_id=(vision.get("config") or {}).get("image_token_id"))
 
     def end_profiling(self) -> list[Path]:
         """Stop profiling; the profile files written, one per session (decode and prefill may share one)."""
@@ -153,21 +153,30 @@ class OrtBackend:
         return SlidingKVCache(self.config, batch, window, sinks, self.cache_dtype, grow=not self.required_slots)
 
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: KVCacheState,
-                logits_index: np.ndarray | None = None) -> np.ndarray:
+                logits_index: np.ndarray | None = None, image_features: np.ndarray | None = None) -> np.ndarray:
+        """image_features: the rows of the step's image placeholder tokens, in order, row-major (model/io_spec.py)."""
         if cache.layout != self.kv_layout:
             raise GenerationError(f"a {cache.layout} cache for graphs of the {self.kv_layout} layout; "
                                   "create it with make_cache")
         batch, tokens = input_ids.shape
-        if tokens == 1 and logits_index is None:
+        placeholders = 0 if self.image_token_id is None else int((input_ids == self.image_token_id).sum())
+        given = 0 if image_features is None else image_features.shape[0]
+        if given and self.image_token_id is None:
+            raise GenerationError("image features given but this artifact has no vision graph; export a multimodal "
+                                  "checkpoint for images")
+        if given and given != placeholders:  # without features, placeholders keep their embeddings (the graph's merge)
+            raise GenerationError(f"the step has {placeholders} image placeholder token(s) but {given} image feature "
+                                  "row(s); expand the prompt with its images' tile grids (runtime.images)")
+        if tokens == 1 and logits_index is None and not given:
             logits, new_keys, new_values = self._decode(input_ids, positions, cache)
         else:
             if logits_index is None:  # every token's logits
                 logits_index = np.tile(np.arange(tokens, dtype=np.int64), (batch, 1))
             if cache.layout == "in_place":
-                return self._prefill_in_place(input_ids, positions, cache, logits_index)
+                return self._prefill_in_place(input_ids, positions, cache, logits_index, image_features)
             bindings, logits, new_keys, new_values = self._bind(cache, slice(None), tokens, "prefill",
                                                                 logits_index.shape[1])
-            self._run(bindings, input_ids, positions, "prefill", logits_index)
+            self._run(bindings, input_ids, positions, "prefill", logits_index, image_features)
         if cache.layout == "positions":
             cache.update(positions, new_keys, new_values)
         else:
@@ -184,10 +193,11 @@ class OrtBackend:
         return logits, new_keys, new_values
 
     def _prefill_in_place(self, input_ids: np.ndarray, positions: np.ndarray, cache: InPlaceKVCache,
-                          logits_index: np.ndarray) -> np.ndarray:
+                          logits_index: np.ndarray, image_features: np.ndarray | None) -> np.ndarray:
         """A step of several tokens on in-place graphs. GroupQueryAttention takes one row at a time when rows have
         past tokens, and a step's tokens must stay in one chunk: rows that all start empty run together in one
-        piece when they can; otherwise each row runs alone, in pieces cut at chunk boundaries."""
+        piece when they can; otherwise each row runs alone, in pieces cut at chunk boundaries, each with the image
+        feature rows of its own placeholders."""
         batch, tokens = input_ids.shape
         valid = positions >= 0
         counts = valid.sum(axis=1)
@@ -195,10 +205,13 @@ class OrtBackend:
         if right_padded and not cache.lengths.any() and tokens <= min(cache.piece_limit(b) for b in range(batch)):
             cache.reserve(slice(None), tokens)
             bindings, logits, _, _ = self._bind(cache, slice(None), tokens, "prefill", logits_index.shape[1])
-            self._run(bindings, input_ids, positions, "prefill", logits_index)
+            self._run(bindings, input_ids, positions, "prefill", logits_index, image_features)
             cache.advance(positions)
             return logits
         logits = np.zeros((batch, logits_index.shape[1], self.config.vocab_size), np.float32)
+        # the first feature row of each token's placeholder (features are consumed row-major)
+        is_image = np.zeros(input_ids.shape, bool) if self.image_token_id is None else input_ids == self.image_token_id
+        feature_start = (np.cumsum(is_image.reshape(-1)) - is_image.reshape(-1)).reshape(input_ids.shape)
         for b in range(batch):
             columns = np.flatnonzero(valid[b])
             done = 0
@@ -208,7 +221,11 @@ class OrtBackend:
                 index = np.array([[k for _, k in wanted] or [0]], np.int64)
                 cache.reserve(b, piece.size)
                 bindings, out, _, _ = self._bind(cache, slice(b, b + 1), piece.size, "prefill", index.shape[1])
-                self._run(bindings, input_ids[b:b + 1, piece], positions[b:b + 1, piece], "prefill", index)
+                features = None
+                if image_features is not None:
+                    first = feature_start[b, piece[0]]
+                    features = image_features[first: first + int(is_image[b, piece].sum())]
+                self._run(bindings, input_ids[b:b + 1, piece], positions[b:b + 1, piece], "prefill", index, features)
                 for k, (j, _) in enumerate(wanted):
                     logits[b, j] = out[0, k]
                 step = np.full((batch, piece.size), -1, np.int64)
@@ -260,19 +277,34 @@ class OrtBackend:
             previous = first_out
         return bindings, previous, keys, values
 
-    @staticmethod
-    def _run(bindings: list, input_ids: np.ndarray, positions: np.ndarray, graph: str,
-             logits_index: np.ndarray | None = None) -> None:
+    def _run(self, bindings: list, input_ids: np.ndarray, positions: np.ndarray, graph: str,
+             logits_index: np.ndarray | None = None, image_features: np.ndarray | None = None) -> None:
         for k, (binding, part) in enumerate(bindings):
             if k == 0:
                 binding.bind_cpu_input(io_spec.INPUT_IDS, np.ascontiguousarray(input_ids))
+            if graph in part.image_features:  # zero rows for a step without image tokens
+                dtype = part.image_features[graph]
+                features = np.zeros((0, self.config.hidden_size), dtype) if image_features is None else image_features
+                binding.bind_cpu_input(io_spec.IMAGE_FEATURES, np.ascontiguousarray(features, dtype=dtype))
             binding.bind_cpu_input(io_spec.POSITIONS, np.ascontiguousarray(positions))
             if logits_index is not None and k == len(bindings) - 1:
                 binding.bind_cpu_input(io_spec.LOGITS_INDEX, np.ascontiguousarray(logits_index, dtype=np.int64))
             getattr(part, graph).run_with_iobinding(binding)
 
 
-def _session(path: Path, options, providers):
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """Every graph's session: all of ONNX Runtime's graph optimizations, one stream, quiet."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
+    return options
+
+
+def load_session(path: Path, options, providers):
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types for unreadable models

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointWeights, check_matches_preset
+from .checkpoint import CheckpointWeights, VisionWeights, check_matches_preset
 from .memory import ModelWeights, in_memory
 from .random import FULL_SIZE_SOURCES, RandomWeights, from_config, from_preset, full_size_weights_hint
 from .source import CHUNK_BYTES, WeightSource, expert_by_expert, materialize, read_tensor, slices
+from .vision import load_vision, vision_from_config
 
 
 def load(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32):
@@ -20,5 +21,5 @@ def load(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32):
 __all__ = [
     "CHUNK_BYTES", "FULL_SIZE_SOURCES", "CheckpointWeights", "ModelWeights", "RandomWeights", "WeightSource",
     "check_matches_preset", "expert_by_expert", "from_config", "from_preset", "full_size_weights_hint", "in_memory",
-    "load", "materialize", "read_tensor", "slices",
+    "load", "load_vision", "materialize", "read_tensor", "slices", "VisionWeights", "vision_from_config",
 ]

@@ -1,6 +1,6 @@
 """A Hugging Face checkpoint as a weight source: validated from its safetensors headers first, then each tensor read
 from its memory-mapped shard one slice at a time (the shard mapped only while a slice is copied, so pages read do not
-stay resident)."""
+stay resident). A multimodal checkpoint's vision tensors are read the same way (`VisionWeights`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from safetensors import safe_open
 
 from ..artifact import sha256_file
 from ..errors import CheckpointError
-from ..model.config import Llama4Config, get_preset
-from ..model.loader import INDEX_FILE, check_checkpoint
+from ..model.config import Llama4Config, Llama4VisionConfig, get_preset
+from ..model.loader import INDEX_FILE, CheckpointIndex, check_checkpoint
+from ..model.vision import Llama4VisionEncoder, vision_rope_tables
 from .source import WeightSource, slices
 
 # Fields that decide tensor shapes and layer kinds: a checkpoint given with --model PRESET must match them.
@@ -32,6 +33,7 @@ class CheckpointWeights(WeightSource):
         self.index = check_checkpoint(directory)
         self.config = self.index.config
         self.checkpoint = self.index.directory
+        self.vision = VisionWeights(self.index) if self.index.vision is not None else None
         if preset is not None:
             check_matches_preset(self.config, preset, layers, self.index.directory / "config.json")
 
@@ -76,6 +78,31 @@ class CheckpointWeights(WeightSource):
         index = [ckpt / INDEX_FILE] if (ckpt / INDEX_FILE).is_file() else []
         files = [ckpt / "config.json", *index, *sorted(ckpt.glob("*.safetensors"))]
         return {"checkpoint": ckpt.name, "files": {f.name: sha256_file(f) for f in files}}
+
+
+class VisionWeights:
+    """The tensors of a checkpoint's vision graph by parameter name, as row-major slices (what the writer reads from
+    a WeightSource), and the RoPE tables the graph holds, computed from the config."""
+
+    def __init__(self, index: CheckpointIndex):
+        self.index = index
+        self.config: Llama4VisionConfig = index.vision
+
+    @functools.cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):
+            return {name: tuple(p.shape) for name, p in Llama4VisionEncoder(self.config).named_parameters()}
+
+    def chunks(self, name: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        if name in ROPE_TABLES:
+            yield vision_rope_tables(self.config)[ROPE_TABLES.index(name)].to(dtype)
+            return
+        key, path = self.index.vision_files[name]
+        for index in slices(self.shapes[name]):
+            yield CheckpointWeights._read(key, path, index).to(dtype)
+
+
+ROPE_TABLES = ("vision_model.rope_cos", "vision_model.rope_sin")  # vision_rope_tables' order
 
 
 def check_matches_preset(config: Llama4Config, preset: str, layers: int | None, config_path: Path) -> None:

@@ -17,8 +17,8 @@ class ModelWeights(WeightSource):
     sha256 of every parameter's bytes, so a manifest still says which weights it holds."""
 
     def __init__(self, model: Llama4ForCausalLM, identity: dict[str, Any] | None = None, described: str | None = None,
-                 checkpoint=None):
-        self.model, self.config, self.checkpoint = model, model.config, checkpoint
+                 checkpoint=None, vision=None):
+        self.model, self.config, self.checkpoint, self.vision = model, model.config, checkpoint, vision
         self._given_identity, self._described = identity, described
         self._params = dict(model.named_parameters())
 
@@ -49,6 +49,7 @@ class ModelWeights(WeightSource):
 
 
 def in_memory(source: WeightSource, dtype: torch.dtype = torch.float32) -> ModelWeights:
-    """`source` read into memory once (faster for repeated reads; needs the whole model in RAM), same identity."""
+    """`source`'s text model read into memory once (faster for repeated reads; needs the whole model in RAM), same
+    identity; a vision tower stays where it is (read once by the export anyway)."""
     return ModelWeights(materialize(source, dtype), source.manifest_entry(), f"{source.describe()}, in memory",
-                        source.checkpoint)
+                        source.checkpoint, source.vision)

@@ -34,6 +34,7 @@ class WeightSource(ABC):
 
     config: Llama4Config
     checkpoint: Path | None = None  # the checkpoint directory whose tokenizer files the artifact copies, if any
+    vision: Any = None  # a multimodal checkpoint's vision tensors (checkpoint.VisionWeights): the artifact gets vision.onnx
 
     @abstractmethod
     def chunks(self, name: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:

@@ -1,0 +1,57 @@
+"""An artifact's vision graph on ONNX Runtime: images → the prefill's image_features (model/io_spec.py).
+
+    encoder = ImageEncoder.from_artifact(directory, manifest)   # None for an artifact without a vision graph
+    images = encoder.preprocess(["a.png", "b.jpg"])              # every file read and tiled before anything runs
+    prompt = encoder.processor.expand_prompt("<|image|> vs <|image|>", [i.grid for i in images])
+    features = encoder.encode(images)                            # [tiles · tokens_per_tile, text hidden]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..artifact import MANIFEST
+from ..model import io_spec
+from ..errors import ConfigError
+from ..model.config import Llama4VisionConfig
+from .errors import ImageError
+from .images import ImageProcessor, ImageProcessorConfig, ProcessedImage
+from .ort_backend import default_providers, load_session, session_options
+
+ImageInput = str | Path | Image.Image
+
+
+class ImageEncoder:
+    """vision.onnx in its own session, with the image processor the manifest records."""
+
+    def __init__(self, graph: Path, config: Llama4VisionConfig, processor: ImageProcessorConfig,
+                 threads: int | None = None, providers: list[str] | None = None):
+        self.config, self.processor = config, ImageProcessor(processor)
+        self.session = load_session(graph, session_options(threads), providers or default_providers())
+
+    @classmethod
+    def from_artifact(cls, directory: Path, manifest: dict[str, Any], threads: int | None = None,
+                      providers: list[str] | None = None) -> "ImageEncoder | None":
+        entry = manifest.get("vision")
+        if not entry:
+            return None
+        source = str(Path(directory) / MANIFEST)
+        try:
+            config = Llama4VisionConfig.from_dict(entry["config"], source)
+        except (KeyError, ConfigError) as exc:
+            raise ImageError(f"{source}: the vision entry is incomplete ({exc}); re-run the export") from None
+        processor = ImageProcessorConfig.from_dict(entry.get("processor"), source)
+        return cls(Path(directory) / entry.get("file", ""), config, processor, threads, providers)
+
+    def preprocess(self, images: Sequence[ImageInput]) -> list[ProcessedImage]:
+        return [self.processor.preprocess(image) for image in images]
+
+    def encode(self, images: Sequence[ProcessedImage]) -> np.ndarray:
+        """The projected features of every tile of `images`, in prompt order."""
+        pixels = np.concatenate([image.pixel_values for image in images])
+        dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
+        return self.session.run([io_spec.IMAGE_FEATURES], {io_spec.PIXEL_VALUES: pixels.astype(dtype)})[0]

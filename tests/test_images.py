@@ -1,0 +1,197 @@
+"""Image preprocessing and prompt expansion (runtime/images.py) against transformers' Llama4ImageProcessor and
+Llama4Processor, whose outputs are fixtures (scripts/make_vision_fixtures.py: the reference needs torchvision), and
+the resize against torch's own uint8 antialiased bilinear interpolation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.numpy import load_file
+
+from llama4_export.model.loader import check_checkpoint
+from llama4_export.runtime.errors import ImageError
+from llama4_export.runtime.images import (
+    ImageProcessor, ImageProcessorConfig, best_grid, fit_without_distortion, load_image, resize, supported_grids,
+)
+from llama4_export.runtime.tokenizer import Tokenizer
+
+from .conftest import VISION_FIXTURES
+
+REFERENCE = json.loads((VISION_FIXTURES / "reference.json").read_text())
+IMAGES = VISION_FIXTURES / "images"
+
+
+@pytest.fixture(scope="module")
+def processors() -> dict[str, ImageProcessor]:
+    """The two checkpoints' processors as read from their files, and Meta's published Scout processor (336-px tiles,
+    at most 16) on tiny-a's normalization (the same 0.5 mean / std)."""
+    found = {key: ImageProcessor.from_directory(VISION_FIXTURES / f"tiny-{key}", check_checkpoint(VISION_FIXTURES / f"tiny-{key}").vision)
+             for key in ("a", "b")}
+    scout = dataclasses.replace(found["a"].config, size=336, max_patches=16, tokens_per_tile=144)
+    return {**found, "scout": ImageProcessor(scout)}
+
+
+@pytest.fixture(scope="module")
+def reference_pixels() -> dict[str, np.ndarray]:
+    return load_file(VISION_FIXTURES / "pixels.safetensors")
+
+
+def reference_values(pixels: dict[str, np.ndarray], processor: str, image: str) -> np.ndarray:
+    """The reference pixel values from their lossless uint8 codes into the processor's table of 256 values."""
+    codes, table = pixels[f"{processor}/{image}"].astype(np.int64), pixels[f"{processor}/table"]
+    return table[np.arange(3)[:, None, None], codes]
+
+
+def test_fixtures_cover_the_issue_cases():
+    grids = REFERENCE["grids"]["scout"]
+    assert len(grids) >= 10
+    assert grids["one_tile.png"] == [1, 1] and grids["grid_2x3.png"] == [2, 3]
+    assert grids["over_budget.png"] == [1, 8]  # 24:1 needs 24 tiles; 16 allowed
+    modes = {name: Image.open(IMAGES / name).mode for name in grids}
+    assert {"RGB", "RGBA", "L", "P", "LA"} <= set(modes.values())
+    assert {name.rsplit(".", 1)[1] for name in grids} == {"png", "jpg", "webp"}
+
+
+@pytest.mark.parametrize("key", ["scout", "a", "b"])
+def test_tiles_match_the_reference_processor(processors, reference_pixels, key):
+    stride = REFERENCE["scout_stride"] if key == "scout" else 1
+    compared = 0
+    for name, grid in REFERENCE["grids"][key].items():
+        ours = processors[key].preprocess(IMAGES / name)
+        assert list(ours.grid) == grid, name
+        if f"{key}/{name}" not in reference_pixels:
+            continue
+        ref = reference_values(reference_pixels, key, name)
+        got = ours.pixel_values[..., ::stride, ::stride]
+        assert got.shape == ref.shape, name
+        # The acceptance bound is 2e-2; on this CPU the resize is the reference's own arithmetic, so 0 is measured.
+        assert np.abs(got - ref).max() <= 2e-2, name
+        compared += 1
+    assert compared >= (4 if key == "b" else 10)
+
+
+@pytest.mark.parametrize("key", ["scout", "a", "b"])
+def test_canvas_and_resized_size_match_the_reference(processors, key):
+    """160 image sizes per processor (1×1 to 5000×90): the grid, and the content size read back from the reference's
+    padding."""
+    config = processors[key].config
+    grids = supported_grids(config.max_patches)
+    for h, w, rows, cols, content_h, content_w in REFERENCE["grid_table"][key]:
+        grid = best_grid((h, w), grids, config.size, config.resize_to_max_canvas)
+        assert grid == (rows, cols), (h, w)
+        canvas = (rows * config.size, cols * config.size)
+        assert fit_without_distortion((h, w), canvas, config.size, config.resize_to_max_canvas) == (content_h, content_w), (h, w)
+
+
+@pytest.mark.parametrize("key", ["a", "b"])
+@pytest.mark.parametrize("prompt", ["one", "two"])
+def test_prompt_ids_match_llama4_processor(processors, key, prompt):
+    case = REFERENCE["prompts"][f"tiny-{key}"][prompt]
+    grids = [processors[key].preprocess(IMAGES / name).grid for name in case["images"]]
+    text = processors[key].expand_prompt(case["text"], grids)
+    assert Tokenizer(VISION_FIXTURES / f"tiny-{key}").encode(text) == case["input_ids"]
+
+
+def test_image_prompt_layout(processors):
+    p = processors["a"]  # 4 tokens per tile
+    patches = "<|patch|>" * 4
+    assert p.image_prompt((1, 1)) == f"<|image_start|><|image|>{patches}<|image_end|>"
+    row = f"{patches}<|tile_x_separator|>{patches}<|tile_x_separator|>{patches}<|tile_y_separator|>"
+    assert p.image_prompt((2, 3)) == f"<|image_start|>{row}{row}<|image|>{patches}<|image_end|>"
+
+
+def test_resize_is_torch_uint8_antialiased_bilinear():
+    """torch's uint8 interpolate is the reference's resize (torchvision calls it natively for uint8 on CPUs with AVX2
+    or arm64); shrinking, growing and mixed, with sizes that leave odd taps at the edges."""
+    rng = np.random.default_rng(0)
+    for (h, w), (new_h, new_w) in [((37, 211), (336, 56)), ((400, 300), (56, 112)), ((9, 13), (56, 56)),
+                                   ((120, 1200), (44, 336)), ((333, 333), (336, 336)), ((50, 70), (50, 23))]:
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        expected = torch.nn.functional.interpolate(torch.from_numpy(pixels).permute(2, 0, 1)[None], size=(new_h, new_w),
+                                                   mode="bilinear", align_corners=False, antialias=True)
+        np.testing.assert_array_equal(resize(pixels, (new_h, new_w)), expected[0].permute(1, 2, 0).numpy())
+
+
+def test_several_images_go_to_their_placeholders_in_order(processors):
+    p = processors["a"]
+    text = p.expand_prompt("A <|image|> B <|image|> C", [(1, 1), (1, 2)])
+    assert text == f"A {p.image_prompt((1, 1))} B {p.image_prompt((1, 2))} C"
+
+
+@pytest.mark.parametrize("text, images", [("no placeholder", 1), ("<|image|> and <|image|>", 1), ("<|image|>", 2)])
+def test_placeholder_count_mismatch_is_one_clear_error(processors, text, images):
+    with pytest.raises(ImageError, match=r"placeholder\(s\) but \d image\(s\) were given") as info:
+        processors["a"].expand_prompt(text, [(1, 1)] * images)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_image_files_are_one_clear_error(tmp_path):
+    truncated = tmp_path / "truncated.png"
+    data = (IMAGES / "one_tile.png").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    for path, message in [(truncated, "not a readable image"), (not_image, "not a readable image"),
+                          (tmp_path / "missing.jpg", "image file not found")]:
+        with pytest.raises(ImageError, match=message) as info:
+            load_image(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_exif_orientation_is_applied():
+    assert Image.open(IMAGES / "exif_rotated.jpg").size == (240, 100)
+    assert load_image(IMAGES / "exif_rotated.jpg").size == (100, 240)
+
+
+def copy_checkpoint(tmp_path: Path, key: str) -> Path:
+    return Path(shutil.copytree(VISION_FIXTURES / f"tiny-{key}", tmp_path / f"tiny-{key}"))
+
+
+def edit_json(path: Path, edit) -> None:
+    content = json.loads(path.read_text())
+    edit(content)
+    path.write_text(json.dumps(content))
+
+
+def drop_max_patches(ckpt: Path) -> str:
+    edit_json(ckpt / "preprocessor_config.json", lambda c: c.pop("max_patches"))
+    return "required field 'max_patches' is missing"
+
+
+def other_model_tiles(ckpt: Path) -> str:
+    edit_json(ckpt / "preprocessor_config.json", lambda c: c.update(size={"height": 112, "width": 112}))
+    return "the processor makes 112-px tiles of 16 tokens but the model's vision encoder takes 56-px tiles of 4"
+
+
+def bicubic(ckpt: Path) -> str:
+    edit_json(ckpt / "preprocessor_config.json", lambda c: c.update(resample=3))
+    return "resample 3 is not supported"
+
+
+def no_processor_files(ckpt: Path) -> str:
+    (ckpt / "preprocessor_config.json").unlink()
+    return "no preprocessor_config.json and no image_processor section in processor_config.json"
+
+
+@pytest.mark.parametrize("breaker", [drop_max_patches, other_model_tiles, bicubic, no_processor_files])
+def test_bad_processor_files_are_one_clear_error(tmp_path, breaker):
+    ckpt = copy_checkpoint(tmp_path, "a")
+    vision = check_checkpoint(ckpt).vision
+    message = breaker(ckpt)
+    with pytest.raises(ImageError, match=message) as info:
+        ImageProcessorConfig.from_directory(ckpt, vision)
+    assert "\n" not in str(info.value)
+
+
+def test_newer_layout_takes_the_processor_section_and_the_ratio_from_it(processors):
+    """tiny-b's processor_config.json (transformers 5) nests the image processor and names pixel shuffle 0.25."""
+    config = processors["b"].config
+    assert (config.size, config.max_patches, config.resize_to_max_canvas, config.tokens_per_tile) == (56, 4, True, 4)
+    assert config.image_std == pytest.approx((0.26862954, 0.26130258, 0.27577711))

@@ -1,0 +1,159 @@
+"""Images through an exported artifact: the two fixture checkpoints exported once each by the one pipeline (fp32, and
+tiny-a at int4), their vision graphs on ONNX Runtime against the reference features, greedy generation with images
+against transformers' `generate` tokens (tests/fixtures/vision/reference.json, made by scripts/make_vision_fixtures.py),
+and every bad input as one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from safetensors.numpy import load_file
+from typer.testing import CliRunner
+
+from llama4_export.artifact import MANIFEST, write_manifest
+from llama4_export.cli.run import run_app
+from llama4_export.model import io_spec
+from llama4_export.pipeline import QuantOptions, export
+from llama4_export.runtime import Generator
+from llama4_export.runtime.errors import ImageError
+from llama4_export.weights import CheckpointWeights
+
+from .conftest import VISION_FIXTURES
+
+CHECKPOINTS = ("tiny-a", "tiny-b")
+REFERENCE = json.loads((VISION_FIXTURES / "reference.json").read_text())
+IMAGES = VISION_FIXTURES / "images"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vision")
+    out = {}
+    for name in CHECKPOINTS:
+        out[name] = root / name
+        export(out[name], CheckpointWeights(VISION_FIXTURES / name), "fp32", quant=QuantOptions(report=False),
+               show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def generators(artifacts) -> dict[str, Generator]:
+    return {name: Generator.load(path) for name, path in artifacts.items()}
+
+
+def case_images(case: dict) -> list[Path]:
+    return [IMAGES / image for image in case["images"]]
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_vision_graph_matches_reference_features(name, generators):
+    encoder = generators[name].image_encoder
+    stored = load_file(VISION_FIXTURES / "features.safetensors")
+    images = sorted({image for case in REFERENCE["prompts"][name].values() for image in case["images"]})
+    for image in images:
+        features = encoder.encode(encoder.preprocess([IMAGES / image]))
+        expected = stored[f"{name}/{image}"]
+        assert features.shape == (expected.shape[0] * expected.shape[1], expected.shape[2])
+        assert np.abs(features - expected.reshape(features.shape)).max() <= 1e-4, image
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+@pytest.mark.parametrize("prompt", ["one", "two"])
+def test_greedy_generation_with_images_matches_transformers(name, prompt, generators):
+    """16 greedy tokens through vision.onnx, the fused prefill (in pieces cut at tiny-a's 16-token chunks) and decode."""
+    case = REFERENCE["prompts"][name][prompt]
+    result = generators[name].generate(case["text"], max_new_tokens=len(case["generated"]), stop_tokens=[],
+                                       images=case_images(case))
+    assert result.prompt_ids == case["input_ids"]  # Llama4Processor's expansion
+    assert result.token_ids == case["generated"]
+
+
+def test_manifest_and_graph_inputs(artifacts):
+    manifest = json.loads((artifacts["tiny-b"] / MANIFEST).read_text())
+    vision = manifest["vision"]
+    assert (vision["file"], vision["dtype"], vision["config"]["image_token_id"]) == ("vision.onnx", "float32", 265)
+    assert vision["processor"]["resize_to_max_canvas"] and vision["processor"]["max_patches"] == 4
+    inputs = {graph: [i.name for i in onnx.load(artifacts["tiny-b"] / f"{graph}.onnx", load_external_data=False).graph.input]
+              for graph in ("decode", "prefill", "vision")}
+    assert inputs["prefill"][-1] == io_spec.IMAGE_FEATURES and io_spec.IMAGE_FEATURES not in inputs["decode"]
+    assert inputs["vision"] == [io_spec.PIXEL_VALUES]
+
+
+def test_text_prompts_run_unchanged_on_a_vision_artifact(generators):
+    """No images: zero feature rows; a `<|patch|>` typed into the prompt keeps its embedding, as in transformers."""
+    generator = generators["tiny-a"]
+    plain = generator.generate("Hello there <|patch|>", max_new_tokens=4, stop_tokens=[])
+    assert len(plain.token_ids) == 4
+
+
+def test_int4_export_keeps_the_vision_graph_fp32(tmp_path, artifacts):
+    out = tmp_path / "int4"
+    export(out, CheckpointWeights(VISION_FIXTURES / "tiny-a"), "int4", quant=QuantOptions(int4_algo="rtn", report=False),
+           show_progress=False)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["vision"]["dtype"] == "float32"
+    assert (out / "vision.onnx").read_bytes() == (artifacts["tiny-a"] / "vision.onnx").read_bytes()
+    assert (out / "vision.data").read_bytes() == (artifacts["tiny-a"] / "vision.data").read_bytes()
+    case = REFERENCE["prompts"]["tiny-a"]["one"]
+    result = Generator.load(out).generate(case["text"], max_new_tokens=16, stop_tokens=[], images=case_images(case))
+    assert len(result.token_ids) == 16
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def run(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(run_app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def text_only(artifacts, tmp_path_factory) -> Path:
+    """tiny-b's artifact without its vision graph: what a text-only checkpoint's export lists."""
+    out = Path(shutil.copytree(artifacts["tiny-b"], tmp_path_factory.mktemp("text") / "artifact"))
+    manifest = json.loads((out / MANIFEST).read_text())
+    for file in ("vision.onnx", "vision.data"):
+        (out / file).unlink()
+    write_manifest(out, {k: v for k, v in manifest.items() if k not in ("vision", "files")})
+    return out
+
+
+@pytest.fixture(scope="module")
+def short_context(artifacts, tmp_path_factory) -> Path:
+    """tiny-a's artifact with a 32-token context: a panorama (7 tiles of 4 tokens, plus markers) does not fit."""
+    out = Path(shutil.copytree(artifacts["tiny-a"], tmp_path_factory.mktemp("short") / "artifact"))
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["model"]["max_position_embeddings"] = 32
+    write_manifest(out, {k: v for k, v in manifest.items() if k != "files"})
+    return out
+
+
+def test_bad_images_are_one_line_and_exit_2(artifacts, text_only, short_context, tmp_path):
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes((IMAGES / "grid_2x3.png").read_bytes()[:2000])
+    tiny, panorama = IMAGES / "tiny.png", IMAGES / "panorama.jpg"
+    cases = [
+        ((artifacts["tiny-a"], "--prompt", "<|image|>hi", "--image", truncated), "truncated.png: not a readable image"),
+        ((artifacts["tiny-a"], "--prompt", "<|image|>hi", "--image", tmp_path / "none.png"), "none.png: image file not found"),
+        ((text_only, "--prompt", "<|image|>hi", "--image", tiny), "this artifact has no vision graph"),
+        ((artifacts["tiny-a"], "--prompt", "<|image|>hi", "--image", tiny, "--image", tiny),
+         "the prompt has 1 <|image|> placeholder(s) but 2 image(s)"),
+        ((artifacts["tiny-a"], "--prompt", "no placeholder", "--image", tiny), "the prompt has 0 <|image|> placeholder(s)"),
+        ((artifacts["tiny-a"], "--ids", "1,2", "--image", tiny), "--image goes with --prompt"),
+        ((short_context, "--prompt", "<|image|>hi", "--image", panorama), "tiles × 4 tokens) but the model's context is 32"),
+    ]
+    for args, message in cases:
+        code, output = run(*args)
+        assert code == 2 and message in output and len(output.strip().splitlines()) == 1, (args, output)
+
+
+def test_a_bad_image_stops_a_batch_before_it_runs(generators, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    with pytest.raises(ImageError, match="broken.jpg: not a readable image"):
+        generators["tiny-a"].generate_batch(["<|image|>a", "<|image|>b"], images=[[IMAGES / "tiny.png"], [broken]])
+    with pytest.raises(ImageError, match="images need a text prompt"):
+        generators["tiny-a"].generate([1, 2, 3], images=[IMAGES / "tiny.png"])
