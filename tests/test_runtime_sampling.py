@@ -52,7 +52,7 @@ def test_top_p_keeps_what_transformers_keeps(p):
 def test_draws_follow_the_tempered_top_k_distribution():
     logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], np.float32)
     sampler = Sampler(SamplingParams(temperature=0.7, top_k=4, seed=11))
-    draws = np.array([sampler(logits, np.array([], np.int64)) for _ in range(20000)])
+    draws = np.array([sampler(logits, np.array([], np.int64), np.array([], np.int64)) for _ in range(20000)])
     expected = np.exp(logits[:4] / 0.7) / np.exp(logits[:4] / 0.7).sum()
     observed = np.bincount(draws, minlength=6) / draws.size
     assert observed[4:].sum() == 0

@@ -180,7 +180,8 @@ class Generator:
         if max_new_tokens < 0:
             raise GenerationError(f"max_new_tokens={max_new_tokens}: must be >= 0")
         stop_tokens = options.pop("stop_tokens", None)
-        unknown = sorted(set(options) - {"temperature", "top_k", "top_p", "repetition_penalty", "seed"})
+        unknown = sorted(set(options) - {"temperature", "top_k", "top_p", "repetition_penalty", "seed",
+                                         "frequency_penalty", "presence_penalty"})
         if unknown:
             raise GenerationError(f"unknown generation option {unknown[0]!r}")
         stops = frozenset(self.eos_token_ids if stop_tokens is None else (int(t) for t in stop_tokens))
@@ -218,7 +219,7 @@ class Generator:
                 if not active[b]:
                     continue
                 seen = len(prompts[b]) + produced[b]
-                token = sampler(last_logits[b], history[b][:seen])
+                token = sampler(last_logits[b], history[b][:seen], history[b][len(prompts[b]):seen])
                 history[b][seen] = token
                 produced[b] += 1
                 stop = token in stops

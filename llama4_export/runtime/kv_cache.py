@@ -204,6 +204,12 @@ class SlidingKVCache(_Buffers):
             p.fill(-1)
         self.lengths.fill(0)
 
+    def reset_row(self, row: int) -> None:
+        """Empty one row (a finished sequence's) for the next one, leaving the others untouched."""
+        for p in self.positions.values():
+            p[row] = -1
+        self.lengths[row] = 0
+
     def update(self, positions: np.ndarray, new_keys: list[np.ndarray], new_values: list[np.ndarray]) -> None:
         """Write a step's new K/V ([batch, kv_heads, T, head_dim] per layer) for the tokens with position >= 0.
 
@@ -249,6 +255,12 @@ class InPlaceKVCache(_Buffers):
         for filled in self.filled.values():
             filled.fill(0)
         self.lengths.fill(0)
+
+    def reset_row(self, row: int) -> None:
+        """Empty one row (a finished sequence's) for the next one, leaving the others untouched."""
+        for filled in self.filled.values():
+            filled[row] = 0
+        self.lengths[row] = 0
 
     def piece_limit(self, b: int) -> int:
         """The most tokens row b's next step may have."""
