@@ -129,6 +129,11 @@ class BatchEngine:
         return len(self._waiting)
 
     @property
+    def closed(self) -> bool:
+        """No new requests are accepted (draining or stopped)."""
+        return self._closed
+
+    @property
     def running(self) -> int:
         return sum(seq is not None for seq in self._rows)
 

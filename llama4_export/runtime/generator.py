@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -128,10 +128,10 @@ class Generator:
             raise GenerationError(f"prompt token {i} is id {t}, outside the vocabulary 0..{vocab - 1}; check the ids")
         return ids
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         if self.tokenizer is None:
             raise GenerationError("chat needs a tokenizer but the artifact has no tokenizer.json")
-        return self.encode(self.tokenizer.chat_prompt(messages))
+        return self.encode(self.tokenizer.chat_prompt(messages, tools))
 
     # --- generation ----------------------------------------------------------------------------------------
     def generate(
