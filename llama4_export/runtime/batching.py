@@ -269,15 +269,15 @@ class BatchEngine:
         token = seq.sampler(logits, np.concatenate([np.asarray(request.prompt_ids, np.int64), output]), output)
         logprobs = None if request.logprobs is None else token_logprobs(logits, token, request.logprobs)
         seq.token_ids.append(token)
-        finish: FinishReason | None = None
-        if token in seq.stop_tokens:
-            text, finish = seq.stops.flush(), "stop"
-        else:
-            text, hit = seq.stops.push(seq.decoder.push(token) if seq.decoder else "")
-            if hit:
-                finish = "stop"
-            elif len(seq.token_ids) == request.max_new_tokens:
-                text, finish = text + seq.stops.flush(), "length"
+        stop_token = token in seq.stop_tokens
+        last = stop_token or len(seq.token_ids) == request.max_new_tokens
+        piece = ""
+        if seq.decoder is not None:  # a stop token adds no text; the last token releases what the decoder held back
+            piece = ("" if stop_token else seq.decoder.push(token)) + (seq.decoder.flush() if last else "")
+        text, hit = seq.stops.push(piece)
+        finish: FinishReason | None = "stop" if hit or stop_token else "length" if last else None
+        if finish is not None and not hit:
+            text += seq.stops.flush()
         self._emit(seq, SequenceEvent(token, text if seq.decoder else None, logprobs, finish))
         if finish is None:
             seq.pending = token

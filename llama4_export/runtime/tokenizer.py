@@ -115,3 +115,10 @@ class StreamDecoder:
             return ""
         piece, self.emitted = text[self.emitted:], len(text)
         return piece
+
+    def flush(self) -> str:
+        """At the end of the text: what is held back (an incomplete character decodes as U+FFFD, as a full decode
+        of the tokens gives it)."""
+        text = self.tokenizer.decode(self.ids)
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece

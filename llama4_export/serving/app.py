@@ -49,9 +49,11 @@ class _Run:
         self.last_token: float | None = None
         self.sequence: Sequence | None = None
         self.finished = False
+        self.completion_tokens = 0
 
     def listener(self, event: SequenceEvent) -> None:  # on the engine's thread
         if event.token_id is not None:
+            self.completion_tokens += 1
             self.last_token = self.metrics.token(self.arrival, self.last_token)
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
@@ -183,15 +185,14 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                         yield {**head, "choices": [{"index": 0, "text": event.text or "", "logprobs": logprobs,
                                                     "finish_reason": event.finish_reason}]}
                 if body.include_usage:
-                    yield {**head, "choices": [], "usage": _usage(run, tokens)}
+                    yield {**head, "choices": [], "usage": _usage(run)}
             return _sse(chunks(), run, metrics, "/v1/completions")
         events = await collect(request, run)
-        tokens.count(events)
         metrics.requests.labels("/v1/completions", "200").inc()
         return JSONResponse({**head, "choices": [{
             "index": 0, "text": "".join(e.text or "" for e in events),
             "logprobs": tokens.completion_logprobs(events) if body.logprobs is not None else None,
-            "finish_reason": events[-1].finish_reason}], "usage": _usage(run, tokens)})
+            "finish_reason": events[-1].finish_reason}], "usage": _usage(run)})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -238,10 +239,9 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                     if event.finish_reason:
                         yield chunk({}, event.finish_reason)
                 if body.include_usage:
-                    yield {**head, "choices": [], "usage": _usage(run, tokens)}
+                    yield {**head, "choices": [], "usage": _usage(run)}
             return _sse(chunks(), run, metrics, "/v1/chat/completions")
         events = await collect(request, run)
-        tokens.count(events)
         metrics.requests.labels("/v1/chat/completions", "200").inc()
         text = "".join(e.text or "" for e in events)
         calls = parse_tool_calls(text, tool_names) if tool_names else None
@@ -250,7 +250,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
             message["tool_calls"] = [c.openai() for c in calls]
         return JSONResponse({**head, "object": "chat.completion", "choices": [{
             "index": 0, "message": message, "logprobs": tokens.chat_logprobs(events) if top is not None else None,
-            "finish_reason": "tool_calls" if calls else events[-1].finish_reason}], "usage": _usage(run, tokens)})
+            "finish_reason": "tool_calls" if calls else events[-1].finish_reason}], "usage": _usage(run)})
 
     return app
 
@@ -270,14 +270,10 @@ class _Durations:
 
 
 class _TokenText:
-    """Token strings for log-probabilities, and the count of generated tokens for usage."""
+    """Token strings for log-probabilities."""
 
     def __init__(self, generator):
         self.tokenizer = generator.tokenizer
-        self.completion_tokens = 0
-
-    def count(self, events: list[SequenceEvent]) -> None:
-        self.completion_tokens += sum(e.token_id is not None for e in events)
 
     def piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else str(token_id)
@@ -305,9 +301,9 @@ def _merge(events: list[SequenceEvent]) -> SequenceEvent:
     return SequenceEvent(last.token_id, "".join(e.text or "" for e in events), last.logprobs, last.finish_reason)
 
 
-def _usage(run: _Run, tokens: _TokenText) -> dict[str, int]:
-    return {"prompt_tokens": run.prompt_tokens, "completion_tokens": tokens.completion_tokens,
-            "total_tokens": run.prompt_tokens + tokens.completion_tokens}
+def _usage(run: _Run) -> dict[str, int]:
+    return {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
+            "total_tokens": run.prompt_tokens + run.completion_tokens}
 
 
 def _raise_unfinished(event: SequenceEvent | None, settings: ServeSettings) -> None:

@@ -2,11 +2,12 @@
 
 uvicorn handles SIGTERM / SIGINT: it stops accepting connections, lets running requests (streams included) finish
 for up to `graceful_s` seconds, then the app's lifespan stops the engine (cancelling what still runs) and the
-process exits 0.
+process exits 0 (SIGINT: uvicorn's own exit status).
 """
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import uvicorn
@@ -26,5 +27,7 @@ def load_engine(artifact: str | Path, max_batch: int, max_queue: int, threads: i
 def serve(engine: BatchEngine, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
           graceful_s: float = 30.0) -> None:
     """Serve `engine` until SIGTERM / SIGINT."""
+    # uvicorn raises the signal again once it has shut down; SIGTERM's handler then lets the process end normally
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning",
                 timeout_graceful_shutdown=graceful_s)
