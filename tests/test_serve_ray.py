@@ -1,0 +1,72 @@
+"""llama4-serve --ray --replicas 2: a local Ray instance on this machine (loopback only), the same openai client as
+the single-process server; both replicas answer, each with the tokens Generator gives alone."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("ray.serve", reason="Ray Serve is not installed here (pip install .[ray])")
+httpx = pytest.importorskip("httpx", reason="the serve extra is not installed (pip install .[serve])")
+openai = pytest.importorskip("openai", reason="the serve extra is not installed (pip install .[serve])")
+
+from llama4_export import api  # noqa: E402
+from llama4_export.runtime import Generator  # noqa: E402
+
+MODEL = "tiny"
+
+
+def test_two_ray_replicas_answer_the_openai_client(tmp_path):
+    artifact = tmp_path / MODEL
+    api.export_model(artifact, model="scout-tiny", precision="fp32", target="onnxruntime", layers=2, random_weights=True,
+                     show_progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-c", "from llama4_export.cli.serve import main; main()", str(artifact), "--port",
+               str(port), "--max-batch", "2", "--threads", "1", "--ray", "--replicas", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+            time.sleep(0.5)
+
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        generator = Generator.load(artifact, threads=1)
+        prompts = ["The history of", "A", "Once upon a time", "xyz"] * 2
+        expected = [generator.generate(p, max_new_tokens=40).text for p in prompts]
+
+        def complete(prompt):
+            return client.completions.create(model=MODEL, prompt=prompt, max_tokens=40).choices[0].text
+
+        pids = set()
+        with ThreadPoolExecutor(4) as pool:
+            health = [pool.submit(lambda: httpx.get(f"{base}/health", timeout=30).json()["pid"]) for _ in range(8)]
+            assert list(pool.map(complete, prompts)) == expected
+            pids |= {h.result() for h in health}
+        for _ in range(40):  # Ray routes each request to one replica: both are seen within a few requests
+            if len(pids) == 2:
+                break
+            pids.add(httpx.get(f"{base}/health", timeout=30).json()["pid"])
+        assert len(pids) == 2
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert code == 0
