@@ -64,7 +64,7 @@ def test_staggered_requests_equal_single_runs(generator, sampling):
     assert engine.running == 0 and engine.queue_depth == 0
 
 
-def test_engine_thread_stop_strings_queue_and_cancel(generator):
+def test_engine_thread_stop_strings_queue_cancel_and_timeout(generator):
     prompts = _prompts(generator.config.vocab_size)
     engine = BatchEngine(generator, max_batch=2, max_queue=1)
     with pytest.raises(GenerationError, match="max_new_tokens=0"):
@@ -86,5 +86,7 @@ def test_engine_thread_stop_strings_queue_and_cancel(generator):
     result = seq.result(timeout=60)
     assert result.finish_reason == "stop" and result.text == expected
     assert result.token_ids == full.token_ids[: len(result.token_ids)]
+    expired = engine.submit(SequenceRequest(prompts[2], 50, timeout=1e-6))  # the per-request timeout
+    assert expired.result(timeout=60).finish_reason == "timeout"
     engine.stop()
     assert engine.running == 0

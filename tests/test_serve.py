@@ -174,7 +174,8 @@ MALFORMED = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),  # not implemented
     ("/v1/completions", {"model": MODEL, "prompt": "x", "mirostat": 1}, 400, "mirostat"),  # unknown
     ("/v1/completions", {"model": MODEL, "prompt": [999999]}, 400, "prompt"),  # outside the vocabulary
-    ("/v1/completions", {"model": MODEL, "prompt": "x " * 5000}, 400, "max_tokens"),  # longer than the context
+    ("/v1/completions", {"model": MODEL, "prompt": "x " * 5000}, 400, "prompt"),  # longer than the context
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 5000}, 400, "max_tokens"),  # beyond it
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400,

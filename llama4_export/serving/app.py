@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..runtime.batching import BatchEngine, EngineClosed, QueueFull, Sequence, SequenceEvent
 from ..runtime.errors import GenerationError
 from .metrics import ServerMetrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse, sequence_request
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from .tools import may_be_tool_call, parse_tool_calls
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
@@ -106,8 +106,9 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{settings.model_name}'",
                            "model", type="not_found_error", code="model_not_found")
 
-    async def start(body, prompt_ids: list[int], max_new_tokens: int, logprobs: int | None) -> _Run:
-        request = sequence_request(body, prompt_ids, max_new_tokens, logprobs, settings.request_timeout)
+    async def start(body: CompletionRequest | ChatCompletionRequest) -> _Run:
+        request = body.engine_request(generator, settings.request_timeout)
+        prompt_ids = request.prompt_ids
         run = _Run(engine, metrics, len(prompt_ids))
         try:
             run.sequence = engine.submit(request, run.listener)
@@ -118,7 +119,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         except EngineClosed as exc:
             raise APIError(503, str(exc), type="server_error", code="shutting_down") from None
         except GenerationError as exc:
-            raise APIError(400, str(exc), "max_tokens" if "max_new_tokens" in str(exc) else None) from None
+            raise APIError(400, str(exc)) from None
         metrics.prompt_tokens.inc(len(prompt_ids))
         return run
 
@@ -141,15 +142,6 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         durations.add(time.monotonic() - run.arrival)
         return events
 
-    def encode(prompt: str | list[int], param: str) -> list[int]:
-        try:
-            return generator.encode(prompt)
-        except GenerationError as exc:
-            raise APIError(400, f"{param}: {exc}", param) from None
-
-    def default_limit(prompt_ids: list[int]) -> int:
-        return max(1, generator.config.max_position_embeddings - len(prompt_ids))
-
     # --- routes --------------------------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -171,8 +163,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
     async def completions(request: Request) -> Response:
         body: CompletionRequest = parse(CompletionRequest, await request.body())
         check_model(body.model)
-        prompt_ids = encode(body.prompt, "prompt")
-        run = await start(body, prompt_ids, body.max_tokens, body.logprobs)
+        run = await start(body)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": settings.model_name}
         tokens = _TokenText(generator)
@@ -198,15 +189,9 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         body: ChatCompletionRequest = parse(ChatCompletionRequest, await request.body())
         check_model(body.model)
-        tools = body.template_tools()
-        try:
-            prompt_ids = generator.chat_prompt(body.template_messages(), tools)
-        except GenerationError as exc:
-            raise APIError(400, str(exc), "tools" if tools else "messages") from None
-        limit = body.completion_limit() or default_limit(prompt_ids)
+        run = await start(body)
         top = body.top
-        run = await start(body, prompt_ids, limit, top)
-        tool_names = {t["function"]["name"] for t in tools or []}
+        tool_names = {t["function"]["name"] for t in body.template_tools() or []}
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": settings.model_name}
         tokens = _TokenText(generator)

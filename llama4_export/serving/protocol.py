@@ -3,6 +3,7 @@ mistyped, out of range or not implemented gets a 400 naming it), OpenAI-style er
 a body becomes.
 
 Sampling defaults differ from OpenAI's in one way: temperature defaults to 0 (greedy, deterministic) rather than 1.
+max_tokens defaults to 16 for completions (as OpenAI's) and to the rest of the context for chat.
 Extensions beyond OpenAI's fields: top_k and repetition_penalty (as vLLM and llama-server accept them).
 """
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..runtime.batching import SequenceRequest
 from ..runtime.errors import GenerationError
+from ..runtime.generator import Generator
 from ..runtime.sampling import SamplingParams
 
 MAX_TOP_LOGPROBS = 20
@@ -88,6 +90,13 @@ class CompletionRequest(_Generation):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    def engine_request(self, generator: Generator, timeout: float | None) -> SequenceRequest:
+        try:
+            prompt_ids = generator.encode(self.prompt)
+        except GenerationError as exc:
+            raise APIError(400, f"prompt: {exc}", "prompt") from None
+        return _sequence_request(self, generator, prompt_ids, "prompt", self.max_tokens, self.logprobs, timeout)
 
 
 class TextPart(_Body):
@@ -177,8 +186,15 @@ class ChatCompletionRequest(_Generation):
             return None
         return [t.model_dump(exclude_none=True) for t in self.tools]
 
-    def completion_limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def engine_request(self, generator: Generator, timeout: float | None) -> SequenceRequest:
+        """The conversation through the checkpoint's chat template (with the tools, if any)."""
+        tools = self.template_tools()
+        try:
+            prompt_ids = generator.chat_prompt(self.template_messages(), tools)
+        except GenerationError as exc:
+            raise APIError(400, str(exc), "tools" if tools else "messages") from None
+        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return _sequence_request(self, generator, prompt_ids, "messages", limit, self.top, timeout)
 
     @property
     def top(self) -> int | None:
@@ -228,8 +244,18 @@ def _first_problem(exc: ValidationError) -> APIError:
     return APIError(400, f"{param}: {error['msg']}", param)
 
 
-def sequence_request(body: _Generation, prompt_ids: list[int], max_new_tokens: int, logprobs: int | None,
-                     timeout: float | None) -> SequenceRequest:
+def _sequence_request(body: _Generation, generator: Generator, prompt_ids: list[int], prompt_param: str,
+                      max_tokens: int | None, logprobs: int | None, timeout: float | None) -> SequenceRequest:
+    """The engine's request: max_tokens defaults to the rest of the context; prompt + max_tokens must fit it."""
+    context = generator.config.max_position_embeddings
+    if len(prompt_ids) >= context:
+        raise APIError(400, f"{prompt_param}: {len(prompt_ids)} tokens, the model's context is {context} tokens; "
+                            "shorten it", prompt_param, code="context_length_exceeded")
+    max_new_tokens = context - len(prompt_ids) if max_tokens is None else max_tokens
+    if len(prompt_ids) + max_new_tokens > context:
+        raise APIError(400, f"max_tokens={max_new_tokens}: with the prompt's {len(prompt_ids)} tokens it exceeds the "
+                            f"model's context of {context} tokens; lower it", "max_tokens",
+                       code="context_length_exceeded")
     try:
         sampling = body.sampling()
     except GenerationError as exc:
