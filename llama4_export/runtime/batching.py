@@ -12,7 +12,7 @@ backend's max_prefill_tokens, from position 0), so a long prompt is spread over 
 everyone's tokens; then one decode call advances every decoding row by one token, each at its own position (the
 others are padding, position −1). Prefill runs one row per call — GroupQueryAttention takes a step of several tokens
 with past tokens for one row only, and the backend cuts it at chunk boundaries — while decode (one token) runs over
-all rows. A sequence that ends (stop token, stop string, max_new_tokens, timeout, cancel) frees its row for the
+rows 0..the highest decoding row (rows are taken lowest first; an in-place cache's first rows are a view). A sequence that ends (stop token, stop string, max_new_tokens, timeout, cancel) frees its row for the
 next request at once. Every sequence has its own sampler and seed, so its tokens do not depend on what else runs:
 greedy tokens equal the same request run alone through Generator.
 """
@@ -27,6 +27,7 @@ from typing import Callable, Literal
 
 import numpy as np
 
+from .backends import KVCacheState
 from .errors import GenerationError
 from .generator import Generator
 from .sampling import Sampler, SamplingParams, StopStrings, TokenLogprobs, token_logprobs
@@ -116,6 +117,8 @@ class BatchEngine:
         pad = self.config.pad_token_id
         self._pad = pad if pad is not None and 0 <= pad < self.config.vocab_size else 0  # masked: any id works
         self.cache = self.backend.make_cache(max_batch, generator.window, generator.sinks)
+        self._views: dict[int, KVCacheState] = {}  # first_rows views of the cache, by row count
+        self._views_of = self.cache.reallocations  # the buffers those views are of
         self._rows: list[Sequence | None] = [None] * max_batch
         self._waiting: deque[Sequence] = deque()
         self._lock = threading.Condition()
@@ -253,14 +256,29 @@ class BatchEngine:
             self._sampled(seq, logits[seq.row, 0])
 
     def _decode(self, decoding: list[Sequence]) -> None:
-        ids = np.full((self.max_batch, 1), self._pad, np.int64)
-        positions = np.full((self.max_batch, 1), -1, np.int64)
+        """One token for every decoding row, over rows 0..the highest decoding one (rows are taken lowest first, so
+        with few sequences the idle rows above are not computed)."""
+        cache = self._rows_up_to(max(seq.row for seq in decoding) + 1)
+        ids = np.full((cache.batch, 1), self._pad, np.int64)
+        positions = np.full((cache.batch, 1), -1, np.int64)
         for seq in decoding:
             ids[seq.row, 0], positions[seq.row, 0] = seq.pending, self.cache.lengths[seq.row]
             seq.pending = None
-        logits = self.backend.forward(ids, positions, self.cache)
+        logits = self.backend.forward(ids, positions, cache)
         for seq in decoding:
             self._sampled(seq, logits[seq.row, 0])
+
+    def _rows_up_to(self, count: int) -> KVCacheState:
+        """The cache's first `count` rows with room for one more token: a view of an in-place cache (kept per count
+        until the buffers grow, so the backend's bindings stay valid), the whole cache otherwise."""
+        if self.cache.layout != "in_place" or count == self.max_batch:
+            return self.cache
+        self.cache.reserve(slice(0, count), 1)
+        if self._views_of != self.cache.reallocations:
+            self._views, self._views_of = {}, self.cache.reallocations
+        if count not in self._views:
+            self._views[count] = self.cache.first_rows(count)
+        return self._views[count]
 
     def _sampled(self, seq: Sequence, logits: np.ndarray) -> None:
         """Choose the next token from its logits, emit it, and end the sequence or queue the token for decode."""

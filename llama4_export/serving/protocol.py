@@ -4,7 +4,7 @@ a body becomes.
 
 Sampling defaults differ from OpenAI's in one way: temperature defaults to 0 (greedy, deterministic) rather than 1.
 max_tokens defaults to 16 for completions (as OpenAI's) and to the rest of the context for chat.
-Extensions beyond OpenAI's fields: top_k and repetition_penalty (as vLLM and llama-server accept them).
+Extensions beyond OpenAI's fields: top_k, repetition_penalty and ignore_eos (as vLLM and llama-server accept them).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class _Generation(_Body):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1)  # 0 or -1: off
     repetition_penalty: float = Field(1.0, gt=0)
+    ignore_eos: bool = False  # extension (vLLM, llama-server): generate max_tokens whatever the model says
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     seed: int | None = None
@@ -260,5 +261,5 @@ def _sequence_request(body: _Generation, generator: Generator, prompt_ids: list[
         sampling = body.sampling()
     except GenerationError as exc:
         raise APIError(400, str(exc)) from None
-    return SequenceRequest(prompt_ids, max_new_tokens, sampling, stop_strings=body.stop_strings(), logprobs=logprobs,
-                           timeout=timeout)
+    return SequenceRequest(prompt_ids, max_new_tokens, sampling, frozenset() if body.ignore_eos else None,
+                           body.stop_strings(), logprobs, timeout)
