@@ -71,25 +71,27 @@ def prompt_text(i: int, words: int) -> str:
 def one_request(base: str, model: str, prompt: str, max_tokens: int) -> dict:
     """One streamed completion: send time, chunk arrival times, status."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0,
-            "ignore_eos": True}
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
-    stamps: list[float] = []
+    stamps: list[float] = []  # arrival of every chunk with a choice (both servers send one per token)
+    tokens = 0
     try:
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as response:
             if response.status_code != 200:
                 response.read()
-                return {"status": response.status_code, "stamps": [], "sent": sent}
+                return {"status": response.status_code, "stamps": [], "sent": sent, "tokens": 0}
             done = False
             for line in response.iter_lines():
                 if line == "data: [DONE]":
                     done = True
                 elif line.startswith("data: "):
-                    choices = json.loads(line[6:]).get("choices") or []
-                    if choices and choices[0].get("text"):
+                    chunk = json.loads(line[6:])
+                    if chunk.get("choices"):
                         stamps.append(time.perf_counter())
-        return {"status": 200 if done else "broken", "stamps": stamps, "sent": sent}
+                    tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+        return {"status": 200 if done else "broken", "stamps": stamps, "sent": sent, "tokens": tokens}
     except httpx.HTTPError as exc:
-        return {"status": type(exc).__name__, "stamps": stamps, "sent": sent}
+        return {"status": type(exc).__name__, "stamps": stamps, "sent": sent, "tokens": 0}
 
 
 def phase(base: str, model: str, clients: int, requests: int, max_tokens: int, words: int, pid: int | None,
@@ -113,7 +115,7 @@ def phase(base: str, model: str, clients: int, requests: int, max_tokens: int, w
     ok = [r for r in results if r["status"] == 200]
     ttft = sorted(r["stamps"][0] - r["sent"] for r in ok if r["stamps"])
     itl = sorted(b - a for r in ok for a, b in zip(r["stamps"], r["stamps"][1:]))
-    tokens = sum(len(r["stamps"]) for r in ok)  # streamed chunks with text: one per token on both servers
+    tokens = sum(r["tokens"] for r in ok)  # the usage both servers report
     return {
         "clients": clients, "requests": len(results), "wall_s": round(wall, 2),
         "tokens_per_s": round(tokens / wall, 1), "tokens": tokens,

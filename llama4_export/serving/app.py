@@ -172,7 +172,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                 async for event in run.events():
                     _raise_unfinished(event, settings)
                     logprobs = tokens.completion_logprobs([event]) if body.logprobs is not None else None
-                    if event.text or event.finish_reason:
+                    if event.token_id is not None or event.finish_reason:  # a chunk per token, as llama-server
                         yield {**head, "choices": [{"index": 0, "text": event.text or "", "logprobs": logprobs,
                                                     "finish_reason": event.finish_reason}]}
                 if body.include_usage:
