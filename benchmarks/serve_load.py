@@ -9,7 +9,8 @@ count is reached; every request asks for exactly --max-tokens tokens (ignore_eos
 Reported per server and client count: aggregate output tokens/s (tokens / the phase's wall time), time to first token
 p50/p99 (request sent → first streamed token), inter-token latency p50/p99 (between streamed chunks of a request),
 errors (non-200 answers or broken streams; 429s counted apart), and the server's RSS after the first 100 requests and
-at the end (ours; --rss-requests). Servers run one at a time, each in its own process with --threads threads.
+at the end (ours; --rss-requests). Servers run one at a time, each in its own process with --threads threads. Last,
+the profile: one decode step of our engine at each client count's batch, in this process.
 llama-server comes from benchmarks/llamacpp.py's build (`--build-only` prints its bin directory).
 """
 
@@ -32,6 +33,9 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402  (benchmarks/ is a script folder, not a package)
+
+from llama4_export.runtime import Generator  # noqa: E402
+from llama4_export.runtime.batching import BatchEngine, SequenceRequest  # noqa: E402
 
 console = Console(width=160)
 WORDS = "the history of science is a long story of small steps and patient work by many people over centuries".split()
@@ -133,6 +137,29 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
+def decode_step_ms(artifact: Path, batches: list[int], threads: int, steps: int = 24, rounds: int = 3) -> dict:
+    """The profile behind the throughput ratio, in this process: the median time of one engine decode step with
+    `batch` sequences decoding, per batch size (rounds interleaved, so load changes hit every size alike)."""
+    generator = Generator.load(artifact, threads=threads)
+    engines = {b: BatchEngine(generator, max_batch=b) for b in batches}
+    times: dict[int, list[float]] = {b: [] for b in batches}
+    prompt = generator.encode(prompt_text(0, 32))
+    for _ in range(rounds):
+        for batch, engine in engines.items():
+            sequences = [engine.submit(SequenceRequest(prompt, steps + batch + 1, stop_tokens=frozenset()))
+                         for _ in range(batch)]
+            while any(s.fed < len(prompt) for s in sequences):  # prefill every row first
+                engine.step()
+            for _ in range(steps):
+                start = time.perf_counter()
+                engine.step()
+                times[batch].append(time.perf_counter() - start)
+            for seq in sequences:
+                engine.cancel(seq)
+            engine.step()
+    return {b: round(1000 * statistics.median(t), 2) for b, t in times.items()}
+
+
 def run_server(name: str, command: list[str], health: str, base: str, model: str, args, env=None) -> list[dict]:
     console.print(f"[bold]{name}[/]: {' '.join(command)}")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -194,9 +221,11 @@ def main() -> None:
                       f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}", f"{r['itl_p50_ms']:.1f}",
                       f"{r['itl_p99_ms']:.1f}", str(r["errors"]), str(r["rejected_429"]))
     console.print(table)
+    steps = decode_step_ms(args.artifact, sorted({1, *args.clients}), args.threads)
+    console.print(f"llama4-serve's engine, one decode step (ms) by sequences decoding: {steps}")
     console.print(f"load average (1 min) at start / between servers / end: {load}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "load_avg_1m": load, "args": {
+        args.json.write_text(json.dumps({"rows": rows, "decode_step_ms": steps, "load_avg_1m": load, "args": {
             k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}, indent=1))
 
 
