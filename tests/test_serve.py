@@ -8,9 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +18,8 @@ openai = pytest.importorskip("openai", reason="the serve extra is not installed 
 
 from llama4_export import api  # noqa: E402
 from llama4_export.runtime import Generator  # noqa: E402
+
+from .conftest import start_llama4_serve  # noqa: E402
 
 MODEL = "tiny"
 MAX_BATCH, MAX_QUEUE = 2, 2
@@ -44,25 +43,8 @@ def generator(artifact):
 @pytest.fixture(scope="module")
 def server(artifact):
     """(base URL, process): `llama4-serve` on a free loopback port, until the module ends (or SIGTERM's test)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-c", "from llama4_export.cli.serve import main; main()", str(artifact), "--port",
-               str(port), "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--threads", "1",
-               "--model-name", MODEL]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"llama4-serve did not come up: {process.communicate()[0]}")
-        time.sleep(0.3)
+    base, process = start_llama4_serve(artifact, "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE),
+                                       "--threads", "1", "--model-name", MODEL)
     yield base, process
     if process.poll() is None:
         process.kill()

@@ -4,10 +4,7 @@ the single-process server; both replicas answer, each with the tokens Generator 
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -19,6 +16,8 @@ openai = pytest.importorskip("openai", reason="the serve extra is not installed 
 from llama4_export import api  # noqa: E402
 from llama4_export.runtime import Generator  # noqa: E402
 
+from .conftest import start_llama4_serve  # noqa: E402
+
 MODEL = "tiny"
 
 
@@ -26,24 +25,9 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
     artifact = tmp_path / MODEL
     api.export_model(artifact, model="scout-tiny", precision="fp32", target="onnxruntime", layers=2, random_weights=True,
                      show_progress=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-c", "from llama4_export.cli.serve import main; main()", str(artifact), "--port",
-               str(port), "--max-batch", "2", "--threads", "1", "--ray", "--replicas", "2"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
+    base, process = start_llama4_serve(artifact, "--max-batch", "2", "--threads", "1", "--ray", "--replicas", "2",
+                                       seconds=240)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
-            time.sleep(0.5)
-
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
         generator = Generator.load(artifact, threads=1)
         prompts = ["The history of", "A", "Once upon a time", "xyz"] * 2
