@@ -51,7 +51,7 @@ def parse_tool_calls(text: str, tool_names: set[str]) -> list[ParsedCall] | None
 def _python_calls(body: str) -> list[ParsedCall] | None:
     try:
         tree = ast.parse(body, mode="eval").body
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # what a model may write: anything
         return None
     if not isinstance(tree, ast.List):
         return None
@@ -61,7 +61,7 @@ def _python_calls(body: str) -> list[ParsedCall] | None:
             return None
         try:
             arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg is not None}
-        except ValueError:
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
             return None
         if len(arguments) != len(node.keywords):
             return None
@@ -72,7 +72,7 @@ def _python_calls(body: str) -> list[ParsedCall] | None:
 def _json_calls(body: str) -> list[ParsedCall] | None:
     try:
         value = json.loads(body)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
     items = value if isinstance(value, list) else [value]
     calls = []
