@@ -71,13 +71,14 @@ def test_engine_thread_stop_strings_queue_cancel_and_timeout(generator):
         engine.submit(SequenceRequest(prompts[0], 0))
     with pytest.raises(GenerationError, match="outside the vocabulary"):
         engine.submit(SequenceRequest([generator.config.vocab_size], 4))
-    # not started: the first request waits in the queue of one, the second is refused
-    first = engine.submit(SequenceRequest(prompts[0], 12, stop_tokens=frozenset()))
+    # not started: 2 rows + a queue of one hold 3 requests, the 4th is refused
+    held = [engine.submit(SequenceRequest(prompts[0], 12, stop_tokens=frozenset())) for _ in range(3)]
     with pytest.raises(QueueFull):
         engine.submit(SequenceRequest(prompts[1], 4))
-    engine.cancel(first)
+    for seq in held:
+        engine.cancel(seq)
     engine.start()
-    assert first.result(timeout=60).finish_reason == "cancelled" and first.token_ids == []
+    assert all(s.result(timeout=60).finish_reason == "cancelled" and s.token_ids == [] for s in held)
 
     full = generator.generate(prompts[1], 20, stop_tokens=[])
     stop = full.text[5:8]

@@ -107,8 +107,8 @@ class Sequence:
 
 class BatchEngine:
     def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64):
-        """max_batch: sequences in the cache at once (its rows); max_queue: requests waiting for a row before
-        submit() raises QueueFull."""
+        """max_batch: sequences in the cache at once (its rows); max_queue: requests waiting for a row while every
+        row is taken, beyond which submit() raises QueueFull (so at most max_batch + max_queue requests are held)."""
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
             if value < 1:
                 raise GenerationError(f"{name}={value}: must be >= 1")
@@ -165,7 +165,8 @@ class BatchEngine:
         with self._lock:
             if self._closed:
                 raise EngineClosed("the server is shutting down and accepts no new requests")
-            if len(self._waiting) >= self.max_queue:
+            # rows freed since the last step are taken by the waiting requests at the next one: count them as taken
+            if len(self._waiting) + self.running >= self.max_batch + self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting for one of {self.max_batch} rows")
             self._waiting.append(seq)
             self._lock.notify()

@@ -13,6 +13,7 @@ import asyncio
 import json
 import math
 import os
+import socket
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -82,6 +83,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         engine.stop()
 
     app = FastAPI(title="llama4-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_ServedBy, value=f"{socket.gethostname()}/{os.getpid()}")
 
     def answer(endpoint: str, error: APIError) -> JSONResponse:
         metrics.requests.labels(endpoint, str(error.status)).inc()
@@ -238,6 +240,25 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
             "finish_reason": "tool_calls" if calls else events[-1].finish_reason}], "usage": _usage(run)})
 
     return app
+
+
+class _ServedBy:
+    """ASGI middleware: every response says which process answered (X-Served-By: host/pid) — behind a load balancer
+    or Ray Serve's proxy, which replica served the request."""
+
+    def __init__(self, app, value: str):
+        self.app, self.header = app, (b"x-served-by", value.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
 
 
 class _Durations:
