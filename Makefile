@@ -2,9 +2,9 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-# Test extras: dev (pytest + pytest-xdist, transformers as the oracle, onnxruntime-extensions) and kernels (Triton's
-# CPU interpreter).
-EXTRAS ?= dev,kernels
+# Test extras: dev (pytest + pytest-xdist, transformers as the oracle, onnxruntime-extensions), kernels (Triton's
+# CPU interpreter), serve (FastAPI + uvicorn, the openai client the server tests drive it with) and ray (Ray Serve).
+EXTRAS ?= dev,kernels,serve,ray
 # CPU torch from the pinned release (an unpinned torch pulls gigabytes of CUDA packages).
 TORCH_PIN ?= torch==2.13.0
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check

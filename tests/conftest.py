@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +85,27 @@ def make_hf_checkpoint(directory: Path, seed: int = 0, dtype: torch.dtype = torc
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
     return Path(directory)
+
+
+def start_llama4_serve(artifact: Path, *options: str, seconds: float = 240):
+    """(base URL, process): `llama4-serve ARTIFACT OPTIONS` on a free loopback port, once /health answers 200."""
+    import httpx  # the serve extra: only the server tests (which skip without it) call this
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-c", "from llama4_export.cli.serve import main; main()", str(artifact), "--port",
+               str(port), *options]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return base, process
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"llama4-serve did not come up: {process.communicate()[0][-3000:]}")
+        time.sleep(0.3)

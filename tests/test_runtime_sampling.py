@@ -10,7 +10,8 @@ from transformers.generation import RepetitionPenaltyLogitsProcessor, TopKLogits
 from llama4_export.weights import from_preset
 from llama4_export.runtime import GenerationError, Generator, Sampler, SamplingParams
 from llama4_export.evaluation.torch_backend import TorchBackend
-from llama4_export.runtime.sampling import apply_repetition_penalty, filter_top_k, filter_top_p
+from llama4_export.runtime.sampling import (StopStrings, apply_frequency_presence_penalties, apply_repetition_penalty,
+                                             filter_top_k, filter_top_p, token_logprobs)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_top_p_keeps_what_transformers_keeps(p):
 def test_draws_follow_the_tempered_top_k_distribution():
     logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], np.float32)
     sampler = Sampler(SamplingParams(temperature=0.7, top_k=4, seed=11))
-    draws = np.array([sampler(logits, np.array([], np.int64)) for _ in range(20000)])
+    draws = np.array([sampler(logits, np.array([], np.int64), np.array([], np.int64)) for _ in range(20000)])
     expected = np.exp(logits[:4] / 0.7) / np.exp(logits[:4] / 0.7).sum()
     observed = np.bincount(draws, minlength=6) / draws.size
     assert observed[4:].sum() == 0
@@ -117,3 +118,30 @@ def test_bad_sampling_options_raise_one_line(gen, options, message):
     with pytest.raises(GenerationError, match=message) as err:
         gen.generate([1, 2], **options)
     assert "\n" not in str(err.value)
+
+
+def test_frequency_and_presence_penalties_count_the_generated_tokens_only():
+    logits = np.zeros(5, np.float32)
+    out = apply_frequency_presence_penalties(logits, np.array([1, 1, 2]), frequency=0.5, presence=0.3)
+    np.testing.assert_allclose(out, [0, -(2 * 0.5 + 0.3), -(0.5 + 0.3), 0, 0])
+    with pytest.raises(GenerationError, match="frequency_penalty"):
+        SamplingParams(frequency_penalty=2.5)
+
+
+def test_stop_strings_hold_back_a_possible_prefix_and_cut_before_the_stop():
+    stops = StopStrings(("STOP", "\n\n"))
+    assert stops.push("ab") == ("ab", False)
+    assert stops.push("cS") == ("c", False)  # "S" may begin "STOP": held back
+    assert stops.push("Tx") == ("STx", False)  # it did not
+    assert stops.push("yST") == ("y", False)
+    assert stops.push("OP and more") == ("", True)
+    tail = StopStrings(("STOP",))
+    assert tail.push("abST") == ("ab", False) and tail.flush() == "ST"
+
+
+def test_token_logprobs_are_the_log_softmax_of_the_raw_logits():
+    logits = np.array([2.0, 0.5, -1.0, 3.0], np.float32)
+    expected = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
+    got = token_logprobs(logits, 1, top=2)
+    assert got.logprob == pytest.approx(expected[1])
+    assert [t for t, _ in got.top] == [3, 0] and got.top[0][1] == pytest.approx(expected[3])

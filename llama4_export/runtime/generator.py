@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -162,10 +162,10 @@ class Generator:
                              f"{context:,}; give fewer or smaller images")
         return ids, self.image_encoder.encode(processed)
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         if self.tokenizer is None:
             raise GenerationError("chat needs a tokenizer but the artifact has no tokenizer.json")
-        return self.encode(self.tokenizer.chat_prompt(messages))
+        return self.encode(self.tokenizer.chat_prompt(messages, tools))
 
     # --- generation ----------------------------------------------------------------------------------------
     def generate(
@@ -220,7 +220,8 @@ class Generator:
         if max_new_tokens < 0:
             raise GenerationError(f"max_new_tokens={max_new_tokens}: must be >= 0")
         stop_tokens = options.pop("stop_tokens", None)
-        unknown = sorted(set(options) - {"temperature", "top_k", "top_p", "repetition_penalty", "seed"})
+        unknown = sorted(set(options) - {"temperature", "top_k", "top_p", "repetition_penalty", "seed",
+                                         "frequency_penalty", "presence_penalty"})
         if unknown:
             raise GenerationError(f"unknown generation option {unknown[0]!r}")
         stops = frozenset(self.eos_token_ids if stop_tokens is None else (int(t) for t in stop_tokens))
@@ -259,7 +260,7 @@ class Generator:
                 if not active[b]:
                     continue
                 seen = len(prompts[b]) + produced[b]
-                token = sampler(last_logits[b], history[b][:seen])
+                token = sampler(last_logits[b], history[b][:seen], history[b][len(prompts[b]):seen])
                 history[b][seen] = token
                 produced[b] += 1
                 stop = token in stops

@@ -25,6 +25,8 @@ padding tokens carry position −1 in the graph inputs; they are never kept.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from ..model.io_spec import DEFAULT_SINKS, attention_kind
@@ -137,6 +139,7 @@ class _Buffers:
         self.values = [np.zeros_like(k) for k in self.keys]
         self.lengths = np.zeros(batch, np.int64)  # tokens cached so far per row = the next token's position
         self.reallocations = 0  # bumped whenever the buffers are replaced (a backend holding views rebinds)
+        self.view_of: _Buffers | None = None  # the whole cache, for a view of its first rows (first_rows)
 
     def slots(self, kind: str) -> int:
         """The slots the sliding policy keeps for `kind` (the chunk, or W)."""
@@ -147,6 +150,8 @@ class _Buffers:
         return sum(a.nbytes for a in self.keys + self.values)
 
     def _grow_buffers(self, kind: str, new_size: int) -> None:
+        if self.view_of is not None:
+            raise GenerationError("a view of a cache's first rows cannot grow the buffers; reserve on the whole cache")
         for i in self._layers_of[kind]:
             for buffers in (self.keys, self.values):
                 old = buffers[i]
@@ -204,6 +209,12 @@ class SlidingKVCache(_Buffers):
             p.fill(-1)
         self.lengths.fill(0)
 
+    def reset_row(self, row: int) -> None:
+        """Empty one row (a finished sequence's) for the next one, leaving the others untouched."""
+        for p in self.positions.values():
+            p[row] = -1
+        self.lengths[row] = 0
+
     def update(self, positions: np.ndarray, new_keys: list[np.ndarray], new_values: list[np.ndarray]) -> None:
         """Write a step's new K/V ([batch, kv_heads, T, head_dim] per layer) for the tokens with position >= 0.
 
@@ -249,6 +260,25 @@ class InPlaceKVCache(_Buffers):
         for filled in self.filled.values():
             filled.fill(0)
         self.lengths.fill(0)
+
+    def reset_row(self, row: int) -> None:
+        """Empty one row (a finished sequence's) for the next one, leaving the others untouched."""
+        for filled in self.filled.values():
+            filled[row] = 0
+        self.lengths[row] = 0
+
+    def first_rows(self, count: int) -> "InPlaceKVCache":
+        """Rows 0..count − 1 as a cache over the same memory (batch is every buffer's leading axis, so these are
+        contiguous views): a step over them alone skips the idle rows above (a continuous batch's decode). Steps
+        through the view advance this cache; reserve room on this cache first (a view cannot grow the buffers) and
+        take a new view once `reallocations` changes."""
+        view = copy.copy(self)
+        view.batch, view.view_of = count, self
+        view.keys = [k[:count] for k in self.keys]
+        view.values = [v[:count] for v in self.values]
+        view.lengths = self.lengths[:count]
+        view.filled = {kind: filled[:count] for kind, filled in self.filled.items()}
+        return view
 
     def piece_limit(self, b: int) -> int:
         """The most tokens row b's next step may have."""

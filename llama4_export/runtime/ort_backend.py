@@ -195,14 +195,15 @@ class OrtBackend:
     def _prefill_in_place(self, input_ids: np.ndarray, positions: np.ndarray, cache: InPlaceKVCache,
                           logits_index: np.ndarray, image_features: np.ndarray | None) -> np.ndarray:
         """A step of several tokens on in-place graphs. GroupQueryAttention takes one row at a time when rows have
-        past tokens, and a step's tokens must stay in one chunk: rows that all start empty run together in one
-        piece when they can; otherwise each row runs alone, in pieces cut at chunk boundaries, each with the image
-        feature rows of its own placeholders."""
+        past tokens, and a step's tokens must stay in one chunk: rows that all start empty and all have tokens run
+        together in one piece when they can; otherwise each row with tokens runs alone (a continuous batch's
+        newcomer among idle rows too), in pieces cut at chunk boundaries, each with the image feature rows of its own
+        placeholders."""
         batch, tokens = input_ids.shape
         valid = positions >= 0
         counts = valid.sum(axis=1)
         right_padded = all(valid[b, : counts[b]].all() for b in range(batch))
-        if right_padded and not cache.lengths.any() and tokens <= min(cache.piece_limit(b) for b in range(batch)):
+        if right_padded and counts.all() and not cache.lengths.any() and tokens <= min(cache.piece_limit(b) for b in range(batch)):
             cache.reserve(slice(None), tokens)
             bindings, logits, _, _ = self._bind(cache, slice(None), tokens, "prefill", logits_index.shape[1])
             self._run(bindings, input_ids, positions, "prefill", logits_index, image_features)

@@ -1,7 +1,9 @@
-"""Next-token choice from one row of logits: greedy, or seeded sampling with temperature, top-k and top-p.
+"""Next-token choice from one row of logits: greedy, or seeded sampling with temperature, top-k and top-p; the
+log-probabilities a server reports; stop strings.
 
-Order (as transformers applies them): repetition penalty → greedy argmax when temperature is 0 → temperature →
-top-k → top-p → draw from a seeded numpy Generator, so the same seed gives the same tokens.
+Order (as transformers applies them): repetition penalty → frequency / presence penalties (OpenAI's, over the
+generated tokens only) → greedy argmax when temperature is 0 → temperature → top-k → top-p → draw from a seeded
+numpy Generator, so the same seed gives the same tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     repetition_penalty: float = 1.0  # 1 = off
     seed: int = 0
+    frequency_penalty: float = 0.0  # 0 = off; subtracted once per earlier occurrence in the generated tokens
+    presence_penalty: float = 0.0  # 0 = off; subtracted once from every token generated before
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -30,6 +34,9 @@ class SamplingParams:
             raise GenerationError(f"top_p={self.top_p}: must be in (0, 1] (1 = off)")
         if not self.repetition_penalty > 0:
             raise GenerationError(f"repetition_penalty={self.repetition_penalty}: must be > 0 (1 = off)")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise GenerationError(f"{name}={getattr(self, name)}: must be in [-2, 2] (0 = off)")
 
 
 def apply_repetition_penalty(logits: np.ndarray, previous_ids: np.ndarray, penalty: float) -> np.ndarray:
@@ -40,6 +47,17 @@ def apply_repetition_penalty(logits: np.ndarray, previous_ids: np.ndarray, penal
     seen = np.unique(previous_ids)
     picked = out[seen]
     out[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+    return out
+
+
+def apply_frequency_presence_penalties(logits: np.ndarray, output_ids: np.ndarray, frequency: float,
+                                       presence: float) -> np.ndarray:
+    """OpenAI's penalties: logit[j] − count[j] × frequency − (count[j] > 0) × presence, count over the generated tokens."""
+    if (frequency == 0 and presence == 0) or output_ids.size == 0:
+        return logits
+    ids, counts = np.unique(output_ids, return_counts=True)
+    out = logits.copy()
+    out[ids] -= (counts * frequency + presence).astype(out.dtype)
     return out
 
 
@@ -78,10 +96,56 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray, previous_ids: np.ndarray) -> int:
+    def __call__(self, logits: np.ndarray, previous_ids: np.ndarray, output_ids: np.ndarray) -> int:
+        """previous_ids: prompt + generated tokens (repetition penalty); output_ids: the generated ones alone
+        (frequency / presence penalties)."""
         p = self.params
         scores = apply_repetition_penalty(logits, previous_ids, p.repetition_penalty)
+        scores = apply_frequency_presence_penalties(scores, output_ids, p.frequency_penalty, p.presence_penalty)
         if p.temperature == 0:
             return int(np.argmax(scores))
         scores = filter_top_p(filter_top_k(scores / p.temperature, p.top_k), p.top_p)
         return int(self.rng.choice(scores.size, p=softmax(scores)))
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # the most likely tokens with their log-probabilities, most likely first
+
+
+def token_logprobs(logits: np.ndarray, token_id: int, top: int = 0) -> TokenLogprobs:
+    """The model's log-probability of `token_id` and of the `top` most likely tokens, from the raw logits (before
+    penalties, temperature and filtering: what the model itself assigns)."""
+    x = logits.astype(np.float64)
+    log_probs = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+    best = np.argsort(-log_probs, kind="stable")[:top] if top > 0 else np.empty(0, np.int64)
+    return TokenLogprobs(int(token_id), float(log_probs[token_id]), tuple((int(i), float(log_probs[i])) for i in best))
+
+
+class StopStrings:
+    """Cuts generated text at the first stop string (which is left out), holding back any tail that could still
+    become one, so streamed text never shows part of a stop string."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        if any(not s for s in stops):
+            raise GenerationError("a stop string is empty; give non-empty strings")
+        self.stops, self.held = stops, ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """(text safe to emit now, whether a stop string ended the text)."""
+        text = self.held + piece
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.held = ""
+            return text[:min(found)], True
+        keep = max((k for s in self.stops for k in range(1, min(len(s), len(text) + 1))
+                    if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep], False
+
+    def flush(self) -> str:
+        """What was held back, once generation ended for another reason."""
+        text, self.held = self.held, ""
+        return text

@@ -59,12 +59,23 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a conversation followed by the assistant header, ready to generate the reply."""
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, tools), add_special_tokens=False)
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template renders tool definitions (it refers to `tools`)."""
         template = self._chat_template()
+        return template is not None and "tools" in template
+
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        """tools (OpenAI's function definitions) go to the template as `tools`; only a template that supports_tools
+        can take them."""
+        template = self._chat_template()
+        if tools and not self.supports_tools:
+            raise GenerationError(f"{TOKENIZER_CONFIG_FILE}: the chat template does not render tools; use a "
+                                  "checkpoint whose template does, or call without tools")
         if template is None:
             return llama4_chat_format(messages)
         try:
@@ -78,7 +89,8 @@ class Tokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         special = {k: v for k, v in self.config.items() if k.endswith("_token") and isinstance(v, str)}
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
+        extra = {"tools": tools} if tools else {}
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True, **extra, **special)
 
     def _chat_template(self) -> str | None:
         template = self.config.get("chat_template")
@@ -101,5 +113,12 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
+    def flush(self) -> str:
+        """At the end of the text: what is held back (an incomplete character decodes as U+FFFD, as a full decode
+        of the tokens gives it)."""
+        text = self.tokenizer.decode(self.ids)
         piece, self.emitted = text[self.emitted:], len(text)
         return piece

@@ -1,0 +1,233 @@
+"""Load test: N concurrent streaming clients against `llama4-serve` and, in the same run on the same weights,
+llama.cpp's `llama-server -np N` (continuous batching), both on /v1/completions with stream: true.
+
+    python benchmarks/serve_load.py /tmp/bench/r200l-int4 --gguf ~/.cache/llama4-export-bench/gguf/rand200m-long/model-Q4_0.gguf \\
+        --clients 1,8 --requests 48 --max-tokens 64 --prompt-words 48 --threads 2 --json serve-load.json
+
+Each client sends its requests one after another (a new one as soon as the previous ends) until the phase's request
+count is reached; every request asks for exactly --max-tokens tokens (ignore_eos) after the same kind of prompt.
+Reported per server and client count: aggregate output tokens/s (tokens / the phase's wall time), time to first token
+p50/p99 (request sent → first streamed token), inter-token latency p50/p99 (between streamed chunks of a request),
+errors (non-200 answers or broken streams; 429s counted apart), and the server's RSS after the first 100 requests and
+at the end (ours; --rss-requests). Servers run one at a time, each in its own process with --threads threads. Last,
+the profile: one decode step of our engine at each client count's batch, in this process.
+llama-server comes from benchmarks/llamacpp.py's build (`--build-only` prints its bin directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llamacpp  # noqa: E402  (benchmarks/ is a script folder, not a package)
+
+from llama4_export.runtime import Generator  # noqa: E402
+from llama4_export.runtime.batching import BatchEngine, SequenceRequest  # noqa: E402
+
+console = Console(width=160)
+WORDS = "the history of science is a long story of small steps and patient work by many people over centuries".split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{process.args[0]} exited with {process.returncode} before it was ready")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} not ready after {seconds} s")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def prompt_text(i: int, words: int) -> str:
+    return " ".join(WORDS[(i + k) % len(WORDS)] for k in range(words))
+
+
+def one_request(base: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed completion: send time, chunk arrival times, status."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    sent = time.perf_counter()
+    stamps: list[float] = []  # arrival of every chunk with a choice (both servers send one per token)
+    tokens = 0
+    try:
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as response:
+            if response.status_code != 200:
+                response.read()
+                return {"status": response.status_code, "stamps": [], "sent": sent, "tokens": 0}
+            done = False
+            for line in response.iter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    chunk = json.loads(line[6:])
+                    if chunk.get("choices"):
+                        stamps.append(time.perf_counter())
+                    tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+        return {"status": 200 if done else "broken", "stamps": stamps, "sent": sent, "tokens": tokens}
+    except httpx.HTTPError as exc:
+        return {"status": type(exc).__name__, "stamps": stamps, "sent": sent, "tokens": 0}
+
+
+def phase(base: str, model: str, clients: int, requests: int, max_tokens: int, words: int, pid: int | None,
+          rss_after: int) -> dict:
+    """`requests` streamed completions from `clients` concurrent clients; latency percentiles and throughput."""
+    counter = iter(range(requests))
+    results: list[dict] = []
+    rss_first: list[float] = []
+
+    def client() -> None:
+        for i in counter:
+            results.append(one_request(base, model, prompt_text(i, words), max_tokens))
+            if pid is not None and len(results) == rss_after:
+                rss_first.append(rss_mb(pid))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(client) for _ in range(clients)]:
+            future.result()
+    wall = time.perf_counter() - start
+    ok = [r for r in results if r["status"] == 200]
+    ttft = sorted(r["stamps"][0] - r["sent"] for r in ok if r["stamps"])
+    itl = sorted(b - a for r in ok for a, b in zip(r["stamps"], r["stamps"][1:]))
+    tokens = sum(r["tokens"] for r in ok)  # the usage both servers report
+    return {
+        "clients": clients, "requests": len(results), "wall_s": round(wall, 2),
+        "tokens_per_s": round(tokens / wall, 1), "tokens": tokens,
+        "ttft_p50_ms": round(1000 * percentile(ttft, 50), 1), "ttft_p99_ms": round(1000 * percentile(ttft, 99), 1),
+        "itl_p50_ms": round(1000 * percentile(itl, 50), 1), "itl_p99_ms": round(1000 * percentile(itl, 99), 1),
+        "errors": sum(r["status"] not in (200, 429) for r in results), "rejected_429": sum(r["status"] == 429 for r in results),
+        "rss_after_first_mb": round(rss_first[0], 1) if rss_first else None,
+        "rss_end_mb": round(rss_mb(pid), 1) if pid is not None else None,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def decode_step_ms(artifact: Path, batches: list[int], threads: int, steps: int = 24, rounds: int = 3) -> dict:
+    """The profile behind the throughput ratio, in this process: the median time of one engine decode step with
+    `batch` sequences decoding, per batch size (rounds interleaved, so load changes hit every size alike)."""
+    generator = Generator.load(artifact, threads=threads)
+    engines = {b: BatchEngine(generator, max_batch=b) for b in batches}
+    times: dict[int, list[float]] = {b: [] for b in batches}
+    prompt = generator.encode(prompt_text(0, 32))
+    for _ in range(rounds):
+        for batch, engine in engines.items():
+            sequences = [engine.submit(SequenceRequest(prompt, steps + batch + 1, stop_tokens=frozenset()))
+                         for _ in range(batch)]
+            while any(s.fed < len(prompt) for s in sequences):  # prefill every row first
+                engine.step()
+            for _ in range(steps):
+                start = time.perf_counter()
+                engine.step()
+                times[batch].append(time.perf_counter() - start)
+            for seq in sequences:
+                engine.cancel(seq)
+            engine.step()
+    return {b: round(1000 * statistics.median(t), 2) for b, t in times.items()}
+
+
+def run_server(name: str, command: list[str], health: str, base: str, model: str, args, env=None) -> list[dict]:
+    console.print(f"[bold]{name}[/]: {' '.join(command)}")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        wait_ready(health, process)
+        one_request(base, model, prompt_text(0, args.prompt_words), 4)  # warm-up
+        rows = []
+        for clients in args.clients:
+            row = phase(base, model, clients, args.requests, args.max_tokens, args.prompt_words, process.pid,
+                        args.rss_requests)
+            row["server"] = name
+            rows.append(row)
+            console.print(row)
+        return rows
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--gguf", type=Path, help="the same weights as GGUF: also run llama-server on them")
+    parser.add_argument("--clients", default="1,8", help="comma-separated concurrent client counts")
+    parser.add_argument("--requests", type=int, default=48, help="requests per phase")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-words", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rss-requests", type=int, default=100, help="RSS is sampled after this many requests")
+    parser.add_argument("--cache", type=Path, default=llamacpp.DEFAULT_CACHE)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    args.clients = [int(c) for c in args.clients.split(",")]
+    most = max(args.clients)
+    load = [os.getloadavg()[0]]
+
+    port = free_port()
+    ours = [sys.executable, "-c", "from llama4_export.cli.serve import main; main()", str(args.artifact), "--port",
+            str(port), "--threads", str(args.threads), "--max-batch", str(most), "--max-queue", str(4 * most),
+            "--model-name", "bench"]
+    base = f"http://127.0.0.1:{port}"
+    rows = run_server("llama4-serve", ours, f"{base}/health", base, "bench", args)
+    load.append(os.getloadavg()[0])
+    if args.gguf:
+        bin_dir = llamacpp.build(args.cache, llamacpp.source_dir(args.cache))
+        port = free_port()
+        context = most * (4 * args.prompt_words + args.max_tokens + 64)
+        peer = [str(bin_dir / "llama-server"), "-m", str(args.gguf), "-t", str(args.threads), "-np", str(most),
+                "-c", str(context), "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+        env = {**os.environ, "LD_LIBRARY_PATH": str(bin_dir)}
+        base = f"http://127.0.0.1:{port}"
+        rows += run_server(f"llama-server -np {most}", peer, f"{base}/health", base, "bench", args, env)
+        load.append(os.getloadavg()[0])
+
+    table = Table("server", "clients", "requests", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms",
+                  "ITL p99 ms", "errors", "429s")
+    for r in rows:
+        table.add_row(r["server"], str(r["clients"]), str(r["requests"]), f"{r['tokens_per_s']:.1f}",
+                      f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}", f"{r['itl_p50_ms']:.1f}",
+                      f"{r['itl_p99_ms']:.1f}", str(r["errors"]), str(r["rejected_429"]))
+    console.print(table)
+    steps = decode_step_ms(args.artifact, sorted({1, *args.clients}), args.threads)
+    console.print(f"llama4-serve's engine, one decode step (ms) by sequences decoding: {steps}")
+    console.print(f"load average (1 min) at start / between servers / end: {load}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "decode_step_ms": steps, "load_avg_1m": load, "args": {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""`llama4-serve`: an OpenAI-compatible HTTP server over an exported artifact (serving/), continuous batching; with
+--ray, the same app as a Ray Serve deployment of N replicas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import Llama4ExportError
+from ..runtime import Generator
+from ..serving import ServeSettings, load_engine, serve as serve_engine
+from .common import err_console, fail
+
+serve_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                        help="Serve an exported Llama 4 artifact over the OpenAI HTTP API.")
+
+
+@serve_app.command()
+def serve(
+    artifact: Path = typer.Argument(..., help="artifact directory (manifest.json)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="TCP port"),
+    max_batch: int = typer.Option(8, "--max-batch", help="sequences decoded at once (rows of the KV cache)"),
+    max_queue: int = typer.Option(64, "--max-queue", help="requests waiting for a row; beyond it: 429"),
+    request_timeout: float = typer.Option(600.0, "--request-timeout", help="seconds a request may take (0 = none)"),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="the model id clients send (default: DIR's name)"),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice)"),
+    window: Optional[int] = typer.Option(None, help="global-layer KV window W in tokens"),
+    ray: bool = typer.Option(False, "--ray", help="deploy on Ray Serve (pip install .[ray])"),
+    replicas: int = typer.Option(1, "--replicas", help="with --ray: replicas, each with its own engine"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="with --ray: a cluster (auto, HOST:PORT); default: a local instance"),
+    gpus_per_replica: float = typer.Option(0, "--gpus-per-replica", help="with --ray: GPUs Ray reserves per replica"),
+) -> None:
+    """Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics until SIGTERM."""
+    try:
+        settings = ServeSettings(model_name or artifact.resolve().name, request_timeout or None)
+        if ray:
+            if replicas < 1:
+                raise Llama4ExportError(f"--replicas {replicas}: must be >= 1")
+            Generator.load(artifact, threads=1, window=window)  # a bad artifact fails here, not in every replica
+            _serve_on_ray(artifact, settings, host, port, replicas, max_batch, max_queue, threads, window,
+                          gpus_per_replica, ray_address)
+            return
+        with err_console.status(f"loading {artifact}"):
+            engine = load_engine(artifact, max_batch, max_queue, threads, window)
+    except Llama4ExportError as exc:
+        fail(exc)
+    err_console.print(f"serving {settings.model_name} on http://{host}:{port}/v1 (max batch {max_batch})")
+    serve_engine(engine, settings, host, port)
+
+
+def _serve_on_ray(artifact: Path, settings: ServeSettings, host: str, port: int, replicas: int, max_batch: int,
+                  max_queue: int, threads: int | None, window: int | None, gpus: float, address: str | None) -> None:
+    """Ray is imported only here: the single-process server does not need it."""
+    try:
+        from ..serving import ray_serve
+    except ImportError as exc:
+        raise Llama4ExportError(f"--ray needs Ray Serve ({exc}); pip install 'llama4-export[ray]'") from None
+    err_console.print(f"serving {settings.model_name} on http://{host}:{port}/v1 from {replicas} Ray replicas")
+    ray_serve.run(artifact, settings, host, port, replicas, max_batch, max_queue, threads, window, gpus, address)
+
+
+def main() -> None:
+    serve_app()

@@ -1,0 +1,321 @@
+"""Continuous batching: many sequences at once, each at its own position in its own row of one KV cache, admitted
+while others decode and freed the moment they end.
+
+    engine = BatchEngine(Generator.load("out/scout-int4"), max_batch=8)
+    engine.start()                                            # a thread runs step() while there is work
+    seq = engine.submit(SequenceRequest(engine.generator.encode("Hello"), max_new_tokens=32))
+    print(seq.result().text)
+
+One step (step()): requests waiting in the bounded queue take free rows (lowest first; the row is emptied for
+them); the oldest sequence still reading its prompt gets one prefill piece (the pieces Generator feeds: at most the
+backend's max_prefill_tokens, from position 0), so a long prompt is spread over several steps instead of stalling
+everyone's tokens; then one decode call advances every decoding row by one token, each at its own position (the
+others are padding, position −1). Prefill runs one row per call — GroupQueryAttention takes a step of several tokens
+with past tokens for one row only, and the backend cuts it at chunk boundaries — while decode (one token) runs over
+rows 0..the highest decoding row (rows are taken lowest first; an in-place cache's first rows are a view). A sequence that ends (stop token, stop string, max_new_tokens, timeout, cancel) frees its row for the
+next request at once. Every sequence has its own sampler and seed, so its tokens do not depend on what else runs:
+greedy tokens equal the same request run alone through Generator.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import numpy as np
+
+from .backends import KVCacheState
+from .errors import GenerationError
+from .generator import Generator
+from .sampling import Sampler, SamplingParams, StopStrings, TokenLogprobs, token_logprobs
+from .tokenizer import StreamDecoder
+
+FinishReason = Literal["stop", "length", "timeout", "cancelled", "error"]
+
+
+class QueueFull(GenerationError):
+    """The bounded queue of waiting requests is full; try again later."""
+
+
+class EngineClosed(GenerationError):
+    """The engine is shutting down and accepts no new requests."""
+
+
+@dataclass(frozen=True)
+class SequenceRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop_tokens: frozenset[int] | None = None  # None: the generator's eos tokens
+    stop_strings: tuple[str, ...] = ()  # generation ends before the first of these appears in the text
+    logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely tokens'
+    timeout: float | None = None  # seconds from submit() until the sequence ends with finish_reason "timeout"
+
+
+@dataclass(frozen=True)
+class SequenceEvent:
+    token_id: int | None  # None on a last event that carries no token (timeout, cancel, error)
+    text: str | None  # text this token makes final ("" while held back); None without a tokenizer
+    logprobs: TokenLogprobs | None
+    finish_reason: FinishReason | None = None  # set on a sequence's last event
+    error: str | None = None  # with finish_reason "error"
+
+
+@dataclass
+class SequenceResult:
+    token_ids: list[int]
+    text: str | None
+    finish_reason: FinishReason
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request in the engine. Events go to `listener` (called on the engine's thread: keep it short) and are
+    collected here; result() waits for the last one."""
+
+    request: SequenceRequest
+    listener: Callable[[SequenceEvent], None] | None
+    stop_tokens: frozenset[int]
+    sampler: Sampler
+    decoder: StreamDecoder | None
+    stops: StopStrings
+    submitted: float = field(default_factory=time.monotonic)
+    row: int | None = None
+    fed: int = 0  # prompt tokens in the cache
+    pending: int | None = None  # the sampled token the next decode step feeds
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def expired(self, now: float) -> bool:
+        timeout = self.request.timeout
+        return timeout is not None and now >= self.submitted + timeout
+
+    def result(self, timeout: float | None = None) -> SequenceResult:
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"the sequence did not finish within {timeout} s")
+        text = "".join(self.text) if self.decoder is not None else None
+        return SequenceResult(self.token_ids, text, self.finish_reason, self.error)
+
+
+class BatchEngine:
+    def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64):
+        """max_batch: sequences in the cache at once (its rows); max_queue: requests waiting for a row while every
+        row is taken, beyond which submit() raises QueueFull (so at most max_batch + max_queue requests are held)."""
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
+            if value < 1:
+                raise GenerationError(f"{name}={value}: must be >= 1")
+        self.generator, self.backend, self.config = generator, generator.backend, generator.config
+        self.max_batch, self.max_queue = max_batch, max_queue
+        pad = self.config.pad_token_id
+        self._pad = pad if pad is not None and 0 <= pad < self.config.vocab_size else 0  # masked: any id works
+        self.cache = self.backend.make_cache(max_batch, generator.window, generator.sinks)
+        self._views: dict[int, KVCacheState] = {}  # first_rows views of the cache, by row count
+        self._views_of = self.cache.reallocations  # the buffers those views are of
+        self._rows: list[Sequence | None] = [None] * max_batch
+        self._waiting: deque[Sequence] = deque()
+        self._lock = threading.Condition()
+        self._closed = False  # no new requests (draining or stopped)
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    # --- any thread ------------------------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def closed(self) -> bool:
+        """No new requests are accepted (draining or stopped)."""
+        return self._closed
+
+    @property
+    def running(self) -> int:
+        return sum(seq is not None for seq in self._rows)
+
+    def check(self, request: SequenceRequest) -> None:
+        """Raise GenerationError naming what the engine cannot run in `request` (before it is queued)."""
+        self.generator.encode(request.prompt_ids)  # non-empty, ids inside the vocabulary
+        if request.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens={request.max_new_tokens}: must be >= 1")
+        context = self.config.max_position_embeddings
+        if len(request.prompt_ids) + request.max_new_tokens > context:
+            raise GenerationError(
+                f"the prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens ({request.max_new_tokens}) exceeds "
+                f"the model's context of {context} tokens; shorten the prompt or lower max_new_tokens")
+        if request.logprobs is not None and not 0 <= request.logprobs <= self.config.vocab_size:
+            raise GenerationError(f"logprobs={request.logprobs}: must be between 0 and the vocabulary size")
+        if request.timeout is not None and not request.timeout > 0:
+            raise GenerationError(f"timeout={request.timeout}: must be > 0 seconds")
+
+    def submit(self, request: SequenceRequest, listener: Callable[[SequenceEvent], None] | None = None) -> Sequence:
+        """Queue a request; raises GenerationError on bad input, QueueFull, or EngineClosed while shutting down."""
+        self.check(request)
+        tokenizer = self.generator.tokenizer
+        stops = self.generator.eos_token_ids if request.stop_tokens is None else request.stop_tokens
+        seq = Sequence(request, listener, frozenset(stops), Sampler(request.sampling),
+                       StreamDecoder(tokenizer) if tokenizer else None, StopStrings(request.stop_strings))
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the server is shutting down and accepts no new requests")
+            # rows freed since the last step are taken by the waiting requests at the next one: count them as taken
+            if len(self._waiting) + self.running >= self.max_batch + self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting for one of {self.max_batch} rows")
+            self._waiting.append(seq)
+            self._lock.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """End `seq` (finish_reason "cancelled") at the next step, freeing its row."""
+        with self._lock:
+            seq.cancelled = True
+            self._lock.notify()
+
+    def start(self) -> None:
+        """Run step() on a thread of its own while there is work (ONNX Runtime releases the GIL while it computes)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="llama4-batch-engine", daemon=True)
+            self._thread.start()
+
+    def drain(self) -> None:
+        """Accept no new requests; the ones already submitted run to their end."""
+        with self._lock:
+            self._closed = True
+
+    def stop(self) -> None:
+        """Stop the thread and end every sequence still queued or running (finish_reason "cancelled")."""
+        with self._lock:
+            self._closed = self._stopped = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for seq in [*self._waiting, *(s for s in self._rows if s is not None)]:
+            self._finish(seq, "cancelled")
+        self._waiting.clear()
+
+    # --- the engine's thread ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopped and not self._waiting and self.running == 0:
+                    self._lock.wait()
+                if self._stopped:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # a failing step must not take the server down: end what ran, serve the next
+                message = f"{type(exc).__name__}: {exc}"
+                for seq in self._rows:
+                    if seq is not None:
+                        self._finish(seq, "error", error=message)
+
+    def step(self) -> bool:
+        """One iteration: admit, end cancelled/expired sequences, one prefill piece, one decode step. Returns whether
+        any sequence was worked on."""
+        now = time.monotonic()
+        with self._lock:
+            for seq in [s for s in self._waiting if s.cancelled or s.expired(now)]:
+                self._waiting.remove(seq)
+                self._finish(seq, "cancelled" if seq.cancelled else "timeout")
+            for row, occupant in enumerate(self._rows):
+                if occupant is None and self._waiting:
+                    seq = self._waiting.popleft()
+                    seq.row, self._rows[row] = row, seq
+                    self.cache.reset_row(row)
+        for seq in list(self._rows):
+            if seq is not None and (seq.cancelled or seq.expired(now)):
+                self._finish(seq, "cancelled" if seq.cancelled else "timeout")
+        reading = [s for s in self._rows if s is not None and s.fed < len(s.request.prompt_ids)]
+        if reading:
+            self._prefill(min(reading, key=lambda s: s.submitted))
+        decoding = [s for s in self._rows if s is not None and s.pending is not None]
+        if decoding:
+            self._decode(decoding)
+        return bool(reading or decoding)
+
+    def _prefill(self, seq: Sequence) -> None:
+        """Feed seq's next prompt piece in its row alone (the other rows are padding: the backend runs the row by
+        itself); sample the first token after the last piece."""
+        prompt, start = seq.request.prompt_ids, seq.fed
+        n = min(self.backend.max_prefill_tokens, len(prompt) - start)
+        ids = np.full((self.max_batch, n), self._pad, np.int64)
+        positions = np.full((self.max_batch, n), -1, np.int64)
+        ids[seq.row] = prompt[start:start + n]
+        positions[seq.row] = np.arange(start, start + n)
+        wanted = np.zeros((self.max_batch, 1), np.int64)
+        wanted[seq.row, 0] = n - 1
+        logits = self.backend.forward(ids, positions, self.cache, wanted)
+        seq.fed += n
+        if seq.fed == len(prompt):
+            self._sampled(seq, logits[seq.row, 0])
+
+    def _decode(self, decoding: list[Sequence]) -> None:
+        """One token for every decoding row, over rows 0..the highest decoding one (rows are taken lowest first, so
+        with few sequences the idle rows above are not computed)."""
+        cache = self._rows_up_to(max(seq.row for seq in decoding) + 1)
+        ids = np.full((cache.batch, 1), self._pad, np.int64)
+        positions = np.full((cache.batch, 1), -1, np.int64)
+        for seq in decoding:
+            ids[seq.row, 0], positions[seq.row, 0] = seq.pending, self.cache.lengths[seq.row]
+            seq.pending = None
+        logits = self.backend.forward(ids, positions, cache)
+        for seq in decoding:
+            self._sampled(seq, logits[seq.row, 0])
+
+    def _rows_up_to(self, count: int) -> KVCacheState:
+        """The cache's first `count` rows with room for one more token: a view of an in-place cache (kept per count
+        until the buffers grow, so the backend's bindings stay valid), the whole cache otherwise."""
+        if self.cache.layout != "in_place" or count == self.max_batch:
+            return self.cache
+        self.cache.reserve(slice(0, count), 1)
+        if self._views_of != self.cache.reallocations:
+            self._views, self._views_of = {}, self.cache.reallocations
+        if count not in self._views:
+            self._views[count] = self.cache.first_rows(count)
+        return self._views[count]
+
+    def _sampled(self, seq: Sequence, logits: np.ndarray) -> None:
+        """Choose the next token from its logits, emit it, and end the sequence or queue the token for decode."""
+        request = seq.request
+        output = np.asarray(seq.token_ids, np.int64)
+        token = seq.sampler(logits, np.concatenate([np.asarray(request.prompt_ids, np.int64), output]), output)
+        logprobs = None if request.logprobs is None else token_logprobs(logits, token, request.logprobs)
+        seq.token_ids.append(token)
+        stop_token = token in seq.stop_tokens
+        last = stop_token or len(seq.token_ids) == request.max_new_tokens
+        piece = ""
+        if seq.decoder is not None:  # a stop token adds no text; the last token releases what the decoder held back
+            piece = ("" if stop_token else seq.decoder.push(token)) + (seq.decoder.flush() if last else "")
+        text, hit = seq.stops.push(piece)
+        finish: FinishReason | None = "stop" if hit or stop_token else "length" if last else None
+        if finish is not None and not hit:
+            text += seq.stops.flush()
+        self._emit(seq, SequenceEvent(token, text if seq.decoder else None, logprobs, finish))
+        if finish is None:
+            seq.pending = token
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        """End `seq` without a token (cancel, timeout, error): free its row, tell its listener."""
+        self._emit(seq, SequenceEvent(None, seq.stops.flush() if seq.decoder else None, None, reason, error))
+
+    def _emit(self, seq: Sequence, event: SequenceEvent) -> None:
+        if event.text:
+            seq.text.append(event.text)
+        if event.finish_reason is not None:
+            seq.finish_reason, seq.error = event.finish_reason, event.error
+            if seq.row is not None and self._rows[seq.row] is seq:
+                self._rows[seq.row] = None
+        if seq.listener is not None:
+            try:
+                seq.listener(event)
+            except Exception:  # a listener that fails (its client is gone) ends its own sequence only
+                seq.cancelled = True
+        if event.finish_reason is not None:
+            seq.done.set()

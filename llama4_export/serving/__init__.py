@@ -1,0 +1,8 @@
+"""The OpenAI-compatible server over a BatchEngine: protocol.py (request validation and defaults, OpenAI-style
+errors — usable without HTTP), app.py (the FastAPI app, a thin layer over protocol + engine), metrics.py
+(Prometheus), tools.py (tool calls parsed from replies), server.py (load an artifact and run uvicorn)."""
+
+from .app import ServeSettings, create_app
+from .server import load_engine, serve
+
+__all__ = ["ServeSettings", "create_app", "load_engine", "serve"]

@@ -1,0 +1,345 @@
+"""The OpenAI-compatible HTTP app over a BatchEngine (FastAPI): /v1/completions, /v1/chat/completions (non-streaming
+or server-sent events ending with `data: [DONE]`), /v1/models, /health, /metrics.
+
+Every request becomes one sequence of the engine; the engine's thread hands its events to the request's asyncio
+queue. Errors are OpenAI-style bodies: 400 for a bad field (named), 404 for an unknown model, 429 with Retry-After
+when the engine's queue is full, 503 while shutting down, 504 past the per-request timeout. A client that goes away
+cancels its sequence, which frees its row at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import socket
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..runtime.batching import BatchEngine, EngineClosed, QueueFull, Sequence, SequenceEvent
+from ..runtime.errors import GenerationError
+from .metrics import ServerMetrics
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from .tools import may_be_tool_call, parse_tool_calls
+
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model_name: str
+    request_timeout: float | None = 600.0  # seconds from arrival to the last token; None: no limit
+
+
+class _Run:
+    """One request's sequence: the engine's events arrive on an asyncio queue; metrics are recorded as they pass."""
+
+    def __init__(self, engine: BatchEngine, metrics: ServerMetrics, prompt_tokens: int):
+        self.engine, self.metrics, self.prompt_tokens = engine, metrics, prompt_tokens
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[SequenceEvent] = asyncio.Queue()
+        self.arrival = time.monotonic()
+        self.last_token: float | None = None
+        self.sequence: Sequence | None = None
+        self.finished = False
+        self.completion_tokens = 0
+
+    def listener(self, event: SequenceEvent) -> None:  # on the engine's thread
+        if event.token_id is not None:
+            self.completion_tokens += 1
+            self.last_token = self.metrics.token(self.arrival, self.last_token)
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def events(self) -> AsyncIterator[SequenceEvent]:
+        while not self.finished:
+            event = await self.queue.get()
+            self.finished = event.finish_reason is not None
+            yield event
+
+    def cancel(self) -> None:
+        if not self.finished and self.sequence is not None:
+            self.engine.cancel(self.sequence)
+
+
+def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
+    """The app; its lifespan starts the engine's thread and stops it (cancelling what still runs) at shutdown."""
+    metrics = ServerMetrics(engine)
+    generator = engine.generator
+    created = int(time.time())
+    durations = _Durations()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="llama4-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_ServedBy, value=f"{socket.gethostname()}/{os.getpid()}")
+
+    def answer(endpoint: str, error: APIError) -> JSONResponse:
+        metrics.requests.labels(endpoint, str(error.status)).inc()
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return answer(request.url.path, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return answer(request.url.path, APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                                 type=kind))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return answer(request.url.path, APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+
+    def check_model(name: str) -> None:
+        if name != settings.model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{settings.model_name}'",
+                           "model", type="not_found_error", code="model_not_found")
+
+    async def start(body: CompletionRequest | ChatCompletionRequest) -> _Run:
+        request = body.engine_request(generator, settings.request_timeout)
+        prompt_ids = request.prompt_ids
+        run = _Run(engine, metrics, len(prompt_ids))
+        try:
+            run.sequence = engine.submit(request, run.listener)
+        except QueueFull as exc:
+            retry = durations.retry_after(engine)
+            raise APIError(429, f"{exc}; retry in {retry} s", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(retry)}) from None
+        except EngineClosed as exc:
+            raise APIError(503, str(exc), type="server_error", code="shutting_down") from None
+        except GenerationError as exc:
+            raise APIError(400, str(exc)) from None
+        metrics.prompt_tokens.inc(len(prompt_ids))
+        return run
+
+    async def collect(request: Request, run: _Run) -> list[SequenceEvent]:
+        """Every event of a non-streaming request; cancels the sequence when the client goes away."""
+        events: list[SequenceEvent] = []
+        try:
+            while not run.finished:
+                try:
+                    event = await asyncio.wait_for(run.queue.get(), DISCONNECT_POLL_S)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        break
+                    continue
+                run.finished = event.finish_reason is not None
+                events.append(event)
+        finally:
+            run.cancel()
+        _raise_unfinished(events[-1] if events else None, settings)
+        durations.add(time.monotonic() - run.arrival)
+        return events
+
+    # --- routes --------------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        status = 503 if engine.closed else 200
+        return JSONResponse({"status": "shutting down" if engine.closed else "ok", "model": settings.model_name,
+                             "running": engine.running, "queued": engine.queue_depth, "pid": os.getpid()},
+                            status_code=status)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": created,
+                                            "owned_by": "llama4-export", "max_model_len": generator.config.max_position_embeddings}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body: CompletionRequest = parse(CompletionRequest, await request.body())
+        check_model(body.model)
+        run = await start(body)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": settings.model_name}
+        tokens = _TokenText(generator)
+        if body.stream:
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                async for event in run.events():
+                    _raise_unfinished(event, settings)
+                    logprobs = tokens.completion_logprobs([event]) if body.logprobs is not None else None
+                    if event.token_id is not None or event.finish_reason:  # a chunk per token, as llama-server
+                        yield {**head, "choices": [{"index": 0, "text": event.text or "", "logprobs": logprobs,
+                                                    "finish_reason": event.finish_reason}]}
+                if body.include_usage:
+                    yield {**head, "choices": [], "usage": _usage(run)}
+            return _sse(chunks(), run, metrics, "/v1/completions")
+        events = await collect(request, run)
+        metrics.requests.labels("/v1/completions", "200").inc()
+        return JSONResponse({**head, "choices": [{
+            "index": 0, "text": "".join(e.text or "" for e in events),
+            "logprobs": tokens.completion_logprobs(events) if body.logprobs is not None else None,
+            "finish_reason": events[-1].finish_reason}], "usage": _usage(run)})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body: ChatCompletionRequest = parse(ChatCompletionRequest, await request.body())
+        check_model(body.model)
+        run = await start(body)
+        top = body.top
+        tool_names = {t["function"]["name"] for t in body.template_tools() or []}
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": settings.model_name}
+        tokens = _TokenText(generator)
+        if body.stream:
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                def chunk(delta: dict[str, Any], finish: str | None = None, logprobs=None) -> dict[str, Any]:
+                    return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                                                 "finish_reason": finish}]}
+
+                yield chunk({"role": "assistant", "content": ""})
+                held: list[SequenceEvent] = []  # a reply that may be a tool call waits for its end
+                async for event in run.events():
+                    _raise_unfinished(event, settings)
+                    if tool_names and (held or may_be_tool_call(event.text or "")):
+                        held.append(event)
+                        if not may_be_tool_call("".join(e.text or "" for e in held)):
+                            event, held = _merge(held), []
+                        elif event.finish_reason is None:
+                            continue
+                        else:
+                            event, held = _merge(held), []
+                            calls = parse_tool_calls(event.text or "", tool_names)
+                            if calls:
+                                yield chunk({"tool_calls": [{"index": i, **c.openai()} for i, c in enumerate(calls)]})
+                                yield chunk({}, "tool_calls")
+                                break
+                    logprobs = tokens.chat_logprobs([event]) if top is not None else None
+                    if event.text:
+                        yield chunk({"content": event.text}, logprobs=logprobs)
+                    if event.finish_reason:
+                        yield chunk({}, event.finish_reason)
+                if body.include_usage:
+                    yield {**head, "choices": [], "usage": _usage(run)}
+            return _sse(chunks(), run, metrics, "/v1/chat/completions")
+        events = await collect(request, run)
+        metrics.requests.labels("/v1/chat/completions", "200").inc()
+        text = "".join(e.text or "" for e in events)
+        calls = parse_tool_calls(text, tool_names) if tool_names else None
+        message: dict[str, Any] = {"role": "assistant", "content": None if calls else text}
+        if calls:
+            message["tool_calls"] = [c.openai() for c in calls]
+        return JSONResponse({**head, "object": "chat.completion", "choices": [{
+            "index": 0, "message": message, "logprobs": tokens.chat_logprobs(events) if top is not None else None,
+            "finish_reason": "tool_calls" if calls else events[-1].finish_reason}], "usage": _usage(run)})
+
+    return app
+
+
+class _ServedBy:
+    """ASGI middleware: every response says which process answered (X-Served-By: host/pid) — behind a load balancer
+    or Ray Serve's proxy, which replica served the request."""
+
+    def __init__(self, app, value: str):
+        self.app, self.header = app, (b"x-served-by", value.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
+class _Durations:
+    """Recent request durations, for the Retry-After of a 429: about when a row will be free."""
+
+    def __init__(self):
+        self.mean: float | None = None
+
+    def add(self, seconds: float) -> None:
+        self.mean = seconds if self.mean is None else 0.9 * self.mean + 0.1 * seconds
+
+    def retry_after(self, engine: BatchEngine) -> int:
+        mean = self.mean or 1.0
+        return max(1, math.ceil(mean * (engine.queue_depth + 1) / engine.max_batch))
+
+
+class _TokenText:
+    """Token strings for log-probabilities."""
+
+    def __init__(self, generator):
+        self.tokenizer = generator.tokenizer
+
+    def piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else str(token_id)
+
+    def completion_logprobs(self, events: list[SequenceEvent]) -> dict[str, Any]:
+        scored = [e for e in events if e.logprobs is not None]
+        tokens = [self.piece(e.token_id) for e in scored]
+        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return {"tokens": tokens, "token_logprobs": [e.logprobs.logprob for e in scored],
+                "top_logprobs": [{self.piece(t): lp for t, lp in e.logprobs.top} for e in scored],
+                "text_offset": offsets}
+
+    def chat_logprobs(self, events: list[SequenceEvent]) -> dict[str, Any]:
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self.piece(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(e.token_id, e.logprobs.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.logprobs.top]}
+                            for e in events if e.logprobs is not None]}
+
+
+def _merge(events: list[SequenceEvent]) -> SequenceEvent:
+    """Held-back events as one (text joined, the last one's token and finish reason)."""
+    last = events[-1]
+    return SequenceEvent(last.token_id, "".join(e.text or "" for e in events), last.logprobs, last.finish_reason)
+
+
+def _usage(run: _Run) -> dict[str, int]:
+    return {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
+            "total_tokens": run.prompt_tokens + run.completion_tokens}
+
+
+def _raise_unfinished(event: SequenceEvent | None, settings: ServeSettings) -> None:
+    """The API error of a sequence that ended without finishing (timeout, cancel, engine error)."""
+    reason = None if event is None else event.finish_reason
+    if event is None or reason == "cancelled":
+        raise APIError(503, "the request was cancelled (the client went away or the server is shutting down)",
+                       type="server_error", code="cancelled")
+    if reason == "timeout":
+        raise APIError(504, f"the request did not finish within the server's per-request timeout of "
+                            f"{settings.request_timeout:g} s", type="timeout_error", code="request_timeout")
+    if reason == "error":
+        raise APIError(500, f"generation failed: {event.error}", type="server_error")
+
+
+def _sse(chunks: AsyncIterator[dict[str, Any]], run: _Run, metrics: ServerMetrics, endpoint: str) -> StreamingResponse:
+    """Server-sent events in OpenAI's format; an error after the stream started is sent as a last `error` event.
+    A client that goes away cancels the sequence (the generator is closed or cancelled)."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        status = "200"
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+        except APIError as exc:
+            status = str(exc.status)
+            yield f"data: {json.dumps(exc.body())}\n\n".encode()
+        finally:
+            run.cancel()
+            metrics.requests.labels(endpoint, status).inc()
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,73 @@
+"""Prometheus metrics of one server (its own registry, so several apps in one process do not collide): queue depth,
+running sequences, generated tokens and tokens/s, time to first token and per-token latency histograms, requests by
+endpoint and status."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ..runtime.batching import BatchEngine
+
+RATE_WINDOW_S = 10.0  # tokens/s is averaged over this many seconds
+# Buckets: 5 ms .. 60 s for the first token (queueing + prefill), 1 ms .. 5 s between tokens (one decode step).
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 5)
+
+
+class TokenRate:
+    """Tokens per second over the last RATE_WINDOW_S seconds."""
+
+    def __init__(self):
+        self._times: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def add(self, now: float) -> None:
+        with self._lock:
+            self._times.append(now)
+
+    def value(self) -> float:
+        cutoff = time.monotonic() - RATE_WINDOW_S
+        with self._lock:
+            while self._times and self._times[0] < cutoff:
+                self._times.popleft()
+            return len(self._times) / RATE_WINDOW_S
+
+
+class ServerMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, engine: BatchEngine):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        Gauge("llama4_queue_depth", "Requests waiting for a row", registry=r).set_function(lambda: engine.queue_depth)
+        Gauge("llama4_running_sequences", "Sequences holding a row (prefilling or decoding)",
+              registry=r).set_function(lambda: engine.running)
+        Gauge("llama4_max_batch", "Rows of the KV cache (sequences decoded at once)", registry=r).set(engine.max_batch)
+        self.rate = TokenRate()
+        Gauge("llama4_generation_tokens_per_second", f"Generated tokens per second over the last {RATE_WINDOW_S:g} s",
+              registry=r).set_function(self.rate.value)
+        self.tokens = Counter("llama4_generation_tokens", "Generated tokens", registry=r)
+        self.prompt_tokens = Counter("llama4_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.ttft = Histogram("llama4_time_to_first_token_seconds", "From request arrival to its first token",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.token_latency = Histogram("llama4_time_per_output_token_seconds", "Between consecutive tokens of a request",
+                                       buckets=TOKEN_BUCKETS, registry=r)
+        self.requests = Counter("llama4_requests", "Finished HTTP requests", ["endpoint", "status"], registry=r)
+
+    def token(self, arrival: float, previous: float | None) -> float:
+        """Record one generated token of a request that arrived at `arrival` (its previous token at `previous`)."""
+        now = time.monotonic()
+        self.tokens.inc()
+        self.rate.add(now)
+        if previous is None:
+            self.ttft.observe(now - arrival)
+        else:
+            self.token_latency.observe(now - previous)
+        return now
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,265 @@
+"""The OpenAI wire format this server speaks, validated in one place: request bodies (a field that is unknown,
+mistyped, out of range or not implemented gets a 400 naming it), OpenAI-style error bodies, and the engine request
+a body becomes.
+
+Sampling defaults differ from OpenAI's in one way: temperature defaults to 0 (greedy, deterministic) rather than 1.
+max_tokens defaults to 16 for completions (as OpenAI's) and to the rest of the context for chat.
+Extensions beyond OpenAI's fields: top_k, repetition_penalty and ignore_eos (as vLLM and llama-server accept them).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..runtime.batching import SequenceRequest
+from ..runtime.errors import GenerationError
+from ..runtime.generator import Generator
+from ..runtime.sampling import SamplingParams
+
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_STRINGS = 4
+
+
+class APIError(Exception):
+    """An error answered with an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Body(BaseModel):
+    # Unknown fields are refused (never silently ignored); JSON types are taken as they are ("10" is not a number).
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Generation(_Body):
+    """Fields both endpoints share. ONLY: fields accepted with these values alone (others are not implemented)."""
+
+    ONLY: ClassVar[dict[str, tuple]] = {"n": (1,), "logit_bias": (None, {})}
+
+    model: str
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)  # 0 or -1: off
+    repetition_penalty: float = Field(1.0, gt=0)
+    ignore_eos: bool = False  # extension (vLLM, llama-server): generate max_tokens whatever the model says
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # the caller's end-user id: metadata, nothing to do
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if any(not s for s in stops):
+            raise APIError(400, "stop: stop strings must not be empty", "stop")
+        return tuple(stops)
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
+                              repetition_penalty=self.repetition_penalty, seed=self.seed or 0,
+                              frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_Generation):
+    ONLY = {**_Generation.ONLY, "echo": (False,), "suffix": (None,), "best_of": (None, 1)}
+
+    prompt: str | Annotated[list[int], Field(min_length=1)]
+    max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def engine_request(self, generator: Generator, timeout: float | None) -> SequenceRequest:
+        try:
+            prompt_ids = generator.encode(self.prompt)
+        except GenerationError as exc:
+            raise APIError(400, f"prompt: {exc}", "prompt") from None
+        return _sequence_request(self, generator, prompt_ids, "prompt", self.max_tokens, self.logprobs, timeout)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: dict[str, Any]
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDefinition(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ResponseFormat(_Body):
+    type: str
+
+
+class ChatCompletionRequest(_Generation):
+    ONLY = {**_Generation.ONLY, "tool_choice": (None, "auto", "none"), "response_format": (None, ResponseFormat(type="text"))}
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        """The conversation as a chat template takes it: text parts joined, tool-call arguments as objects."""
+        messages = []
+        for i, m in enumerate(self.messages):
+            if isinstance(m.content, list):
+                if any(isinstance(part, ImagePart) for part in m.content):
+                    raise APIError(400, "image content parts are not supported: this artifact's model is text-only",
+                                   f"messages[{i}].content")
+                content = "".join(part.text for part in m.content)
+            else:
+                content = m.content or ""
+            message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+            if m.name is not None:
+                message["name"] = m.name
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            if m.tool_calls:
+                message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": c.function.name, "arguments": _arguments(c.function.arguments, f"messages[{i}].tool_calls[{k}]")}}
+                    for k, c in enumerate(m.tool_calls)]
+            messages.append(message)
+        return messages
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools for the template, or None when there are none or tool_choice is "none"."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def engine_request(self, generator: Generator, timeout: float | None) -> SequenceRequest:
+        """The conversation through the checkpoint's chat template (with the tools, if any)."""
+        tools = self.template_tools()
+        try:
+            prompt_ids = generator.chat_prompt(self.template_messages(), tools)
+        except GenerationError as exc:
+            raise APIError(400, str(exc), "tools" if tools else "messages") from None
+        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return _sequence_request(self, generator, prompt_ids, "messages", limit, self.top, timeout)
+
+    @property
+    def top(self) -> int | None:
+        """Top log-probabilities per token, None when logprobs are off."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def _arguments(text: str, param: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise APIError(400, f"{param}.function.arguments: not valid JSON ({exc})", param) from None
+
+
+def parse(model: type[_Generation], raw: bytes) -> _Generation:
+    """Validate a request body; the first problem becomes a 400 naming its field."""
+    try:
+        body = model.model_validate_json(raw, strict=True)
+    except ValidationError as exc:
+        raise _first_problem(exc) from None
+    for name, allowed in body.ONLY.items():
+        value = getattr(body, name)
+        if value not in allowed:
+            shown = value.model_dump() if isinstance(value, BaseModel) else value
+            raise APIError(400, f"{name}={json.dumps(shown)} is not supported by this server", name,
+                           code="unsupported_parameter")
+    return body
+
+
+def _first_problem(exc: ValidationError) -> APIError:
+    error = exc.errors(include_url=False)[0]
+    if error["type"] == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {error['msg']}")
+    if error["type"] == "model_type" and not error["loc"]:
+        return APIError(400, "the request body must be a JSON object")
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
+    # a union's branch names (str, list[int], function-after[...]) are noise in the field's name
+    param = ".".join(p for p in param.split(".") if not (p.startswith(("str", "list[", "function-", "tagged-union")) or
+                                                        p in ("int", "float", "bool", "text", "image_url")))
+    if error["type"] == "extra_forbidden":
+        return APIError(400, f"{param}: this server does not implement the parameter '{param}'", param,
+                        code="unsupported_parameter")
+    if error["type"] == "missing":
+        return APIError(400, f"{param}: this field is required", param)
+    return APIError(400, f"{param}: {error['msg']}", param)
+
+
+def _sequence_request(body: _Generation, generator: Generator, prompt_ids: list[int], prompt_param: str,
+                      max_tokens: int | None, logprobs: int | None, timeout: float | None) -> SequenceRequest:
+    """The engine's request: max_tokens defaults to the rest of the context; prompt + max_tokens must fit it."""
+    context = generator.config.max_position_embeddings
+    if len(prompt_ids) >= context:
+        raise APIError(400, f"{prompt_param}: {len(prompt_ids)} tokens, the model's context is {context} tokens; "
+                            "shorten it", prompt_param, code="context_length_exceeded")
+    max_new_tokens = context - len(prompt_ids) if max_tokens is None else max_tokens
+    if len(prompt_ids) + max_new_tokens > context:
+        raise APIError(400, f"max_tokens={max_new_tokens}: with the prompt's {len(prompt_ids)} tokens it exceeds the "
+                            f"model's context of {context} tokens; lower it", "max_tokens",
+                       code="context_length_exceeded")
+    try:
+        sampling = body.sampling()
+    except GenerationError as exc:
+        raise APIError(400, str(exc)) from None
+    return SequenceRequest(prompt_ids, max_new_tokens, sampling, frozenset() if body.ignore_eos else None,
+                           body.stop_strings(), logprobs, timeout)

@@ -1,0 +1,33 @@
+"""`llama4-serve`'s Python entry: an artifact behind uvicorn on one process.
+
+uvicorn handles SIGTERM / SIGINT: it stops accepting connections, lets running requests (streams included) finish
+for up to `graceful_s` seconds, then the app's lifespan stops the engine (cancelling what still runs) and the
+process exits 0 (SIGINT: uvicorn's own exit status).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import uvicorn
+
+from ..runtime import Generator
+from ..runtime.batching import BatchEngine
+from .app import ServeSettings, create_app
+
+
+def load_engine(artifact: str | Path, max_batch: int, max_queue: int, threads: int | None = None,
+                window: int | None = None) -> BatchEngine:
+    """The artifact's generator (manifest verified) behind a BatchEngine of max_batch rows."""
+    generator = Generator.load(artifact, threads=threads, window=window)
+    return BatchEngine(generator, max_batch=max_batch, max_queue=max_queue)
+
+
+def serve(engine: BatchEngine, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
+          graceful_s: float = 30.0) -> None:
+    """Serve `engine` until SIGTERM / SIGINT."""
+    # uvicorn raises the signal again once it has shut down; SIGTERM's handler then lets the process end normally
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=graceful_s)

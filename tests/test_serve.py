@@ -1,0 +1,234 @@
+"""llama4-serve over HTTP on 127.0.0.1: the real command line as a subprocess (started once for the module), driven
+with the official `openai` client (completions and chat, non-streaming and streaming) and with raw HTTP (httpx)
+for malformed requests, backpressure, disconnects and SIGTERM. Expected tokens come from Generator running the same
+artifact one request at a time, in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+httpx = pytest.importorskip("httpx", reason="the serve extra is not installed (pip install .[serve])")
+openai = pytest.importorskip("openai", reason="the serve extra is not installed (pip install .[serve])")
+
+from llama4_export import api  # noqa: E402
+from llama4_export.runtime import Generator  # noqa: E402
+
+from .conftest import start_llama4_serve  # noqa: E402
+
+MODEL = "tiny"
+MAX_BATCH, MAX_QUEUE = 2, 2
+PROMPT = "The history of"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / MODEL
+    api.export_model(out, model="scout-tiny", precision="fp32", target="onnxruntime", layers=4, random_weights=True,
+                     show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def generator(artifact):
+    return Generator.load(artifact, threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(artifact):
+    """(base URL, process): `llama4-serve` on a free loopback port, until the module ends (or SIGTERM's test)."""
+    base, process = start_llama4_serve(artifact, "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE),
+                                       "--threads", "1", "--model-name", MODEL)
+    yield base, process
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _alone(generator, prompt, max_tokens):
+    return generator.generate(prompt, max_new_tokens=max_tokens)
+
+
+def test_models_health_and_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{server[0]}/health").json()["status"] == "ok"
+    text = httpx.get(f"{server[0]}/metrics").text
+    for name in ("llama4_queue_depth", "llama4_running_sequences", "llama4_generation_tokens_per_second",
+                 "llama4_time_to_first_token_seconds_bucket", "llama4_time_per_output_token_seconds_bucket"):
+        assert name in text
+
+
+def test_completion_equals_generator(client, generator):
+    expected = _alone(generator, PROMPT, 12)
+    response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12)
+    choice = response.choices[0]
+    assert choice.text == expected.text and choice.finish_reason == expected.stop_reason
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (len(expected.prompt_ids),
+                                                                                 len(expected.token_ids))
+    # token ids as the prompt give the same continuation
+    by_ids = client.completions.create(model=MODEL, prompt=expected.prompt_ids, max_tokens=12)
+    assert by_ids.choices[0].text == expected.text
+
+
+def test_streaming_completion_equals_generator(client, generator):
+    expected = _alone(generator, PROMPT, 20)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.stop_reason
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+
+
+def test_chat_equals_generator_plain_and_streamed(client, generator):
+    expected = _alone(generator, generator.chat_prompt(MESSAGES), 16)
+    response = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16)
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].message.content == expected.text
+    assert response.usage.prompt_tokens == len(expected.prompt_ids)
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, stream=True)
+    streamed = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected.text
+    assert streamed[-1].choices[0].finish_reason == expected.stop_reason
+
+
+def test_concurrent_requests_are_batched_and_each_equals_its_single_run(client, generator):
+    """Five requests of different lengths at once through 2 rows: queued, admitted as rows free, all correct."""
+    prompts = [PROMPT, "A", "Once upon a time in a land far away", "xyz", "The cat sat"]
+    lengths = [30, 8, 17, 25, 11]
+    expected = [_alone(generator, p, n).text for p, n in zip(prompts, lengths)]
+
+    def stream(args):
+        prompt, n = args
+        return "".join(c.choices[0].text for c in client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=n, stream=True))
+
+    with ThreadPoolExecutor(3) as pool:  # 3 in flight: 2 rows + 1 waiting (within --max-queue)
+        assert list(pool.map(stream, zip(prompts, lengths))) == expected
+
+
+def test_sampling_parameters_logprobs_and_stop(client, generator):
+    sampled = dict(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0.9, top_p=0.9, seed=5,
+                   frequency_penalty=0.5, presence_penalty=0.2, extra_body={"top_k": 40, "repetition_penalty": 1.2})
+    first = client.completions.create(**sampled).choices[0].text
+    assert client.completions.create(**sampled).choices[0].text == first  # seeded: reproducible
+    expected = generator.stream(PROMPT, 16, temperature=0.9, top_p=0.9, seed=5, frequency_penalty=0.5,
+                                presence_penalty=0.2, top_k=40, repetition_penalty=1.2)
+    assert first == generator.tokenizer.decode([e.token_id for e in expected if not e.stop])
+
+    greedy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, logprobs=3).choices[0]
+    logprobs = greedy.logprobs
+    assert len(logprobs.token_logprobs) == 6 and all(lp <= 0 for lp in logprobs.token_logprobs)
+    for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
+        # keyed by token text, so tokens decoding alike (partial UTF-8) share an entry; greedy picks the most likely
+        assert 1 <= len(top) <= 3 and max(top.values()) <= chosen + 1e-9
+
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4
+    for c in content:
+        assert len(c.top_logprobs) == 2 and c.logprob == c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+
+    full = _alone(generator, PROMPT, 24).text
+    stop = full[6:9]
+    cut = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, stop=[stop]).choices[0]
+    assert cut.text == full[: full.find(stop)] and cut.finish_reason == "stop"
+
+
+MALFORMED = [
+    ("/v1/completions", b'{"model": "tiny", "prompt": "x",', 400, None),  # not JSON
+    ("/v1/completions", b'[1, 2]', 400, None),  # not an object
+    ("/v1/completions", {"model": MODEL}, 400, "prompt"),  # missing
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "10"}, 400, "max_tokens"),  # wrong type
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),  # not implemented
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "mirostat": 1}, 400, "mirostat"),  # unknown
+    ("/v1/completions", {"model": MODEL, "prompt": [999999]}, 400, "prompt"),  # outside the vocabulary
+    ("/v1/completions", {"model": MODEL, "prompt": "x " * 5000}, 400, "prompt"),  # longer than the context
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 5000}, 400, "max_tokens"),  # beyond it
+    ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400,
+     "messages[0].role"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tools": [
+        {"type": "function", "function": {"name": "f"}}]}, 400, "tools"),  # the template renders no tools
+    ("/v1/nothing", {}, 404, None),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", MALFORMED, ids=[f"{i}" for i in range(len(MALFORMED))])
+def test_malformed_request_gets_an_openai_error_and_the_next_request_succeeds(server, client, path, body, status,
+                                                                              param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{server[0]}{path}", content=content, headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    if param is not None:
+        assert error["param"] == param, error
+    assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].finish_reason
+
+
+def _stream_lines(base, body):
+    return httpx.stream("POST", f"{base}/v1/completions", json={"model": MODEL, "stream": True, **body}, timeout=60)
+
+
+def test_full_queue_answers_429_with_retry_after(server, client):
+    """2 rows + a queue of 2 held by long streams: the next request gets 429 and Retry-After; later ones succeed."""
+    base = server[0]
+    streams = [_stream_lines(base, {"prompt": PROMPT, "max_tokens": 3000}) for _ in range(MAX_BATCH + MAX_QUEUE)]
+    opened = [s.__enter__() for s in streams]
+    try:
+        assert all(r.status_code == 200 for r in opened)
+        refused = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert refused.status_code == 429, refused.text
+        assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        for s in streams:
+            s.__exit__(None, None, None)  # disconnect: the rows are freed at the next step
+    _wait_idle(base)
+    assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].text is not None
+
+
+def _wait_idle(base, seconds=30):
+    deadline = time.monotonic() + seconds
+    while True:
+        health = httpx.get(f"{base}/health").json()
+        if health["running"] == 0 and health["queued"] == 0:
+            return
+        assert time.monotonic() < deadline, health
+        time.sleep(0.1)
+
+
+def test_client_disconnect_frees_its_row(server):
+    base = server[0]
+    with _stream_lines(base, {"prompt": PROMPT, "max_tokens": 3000}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert httpx.get(f"{base}/health").json()["running"] == 1
+    _wait_idle(base)
+
+
+def test_sigterm_finishes_running_streams_and_exits_0(server):
+    """Last in the module: it ends the server."""
+    base, process = server
+    with _stream_lines(base, {"prompt": PROMPT, "max_tokens": 200}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        os.kill(process.pid, signal.SIGTERM)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
+    assert process.wait(timeout=60) == 0
