@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .manager import GraphPass, PassContext
-from .quantize import EMBEDDING, QUANTIZED, SLICE_BYTES, int4_blockwise, row_slices
+from .quantize import EMBEDDING, QUANTIZED, SLICE_BYTES, blockwise_slices
 
 ORT_DOMAIN = "com.microsoft"
 ZERO_POINT = {4: 8, 8: 128}  # the ops' implicit zero points: stored = q + zero point
@@ -130,11 +130,8 @@ def quantize_embedding(model: ir.Model, context: PassContext) -> int:
         vocab, hidden = tuple(table.shape)
         packed = np.empty((vocab, hidden // 2), np.uint8)
         scale = np.empty((vocab, -(-hidden // spec.block_size)), np.float32)
-        start = 0
-        for rows in row_slices(table.const_value, max(1, SLICE_BYTES // (4 * hidden))):  # no whole int8 copy
-            q, scale[start:start + len(rows)] = int4_blockwise(rows, spec.block_size, axis=1)
-            packed[start:start + len(rows)] = _stored(q, 4, hidden)
-            start += len(rows)
+        for rows, q, row_scales in blockwise_slices(table.const_value, spec.block_size, bits=4):  # no whole int8 copy
+            packed[rows], scale[rows] = _stored(q, 4, hidden), row_scales
         inputs = [_initializer(graph, f"{EMBEDDING}.int4_packed", packed), node.inputs[1],
                   _initializer(graph, f"{EMBEDDING}.int4_scale", scale)]
         gather = ir.Node(ORT_DOMAIN, "GatherBlockQuantized", inputs, num_outputs=1, name=f"{EMBEDDING}.gather_quantized",

@@ -168,14 +168,23 @@ def row_slices(tensor: ir.TensorProtocol | np.ndarray, rows: int) -> Iterator[np
             yield np.fromfile(f, dtype=dtype, count=count * k).reshape(count, k)
 
 
-def blockwise_rows(tensor: ir.TensorProtocol | np.ndarray, block: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """A [N, K] weight quantized along K (int4_blockwise, axis 1) slice by slice: (q int8 [N, K], scales [N, K/B])."""
-    n, k = tuple(tensor.shape) if isinstance(tensor, np.ndarray) else tuple(tensor.shape.numpy())
-    q, scale = np.empty((n, k), np.int8), np.empty((n, -(-k // block)), np.float32)
+def blockwise_slices(tensor: ir.TensorProtocol | np.ndarray, block: int, bits: int
+                     ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """A [N, K] weight quantized along K (int4_blockwise, axis 1) one row slice at a time: (rows, q, scales) each."""
+    k = tuple(tensor.shape)[1] if isinstance(tensor, np.ndarray) else int(tensor.shape.numpy()[1])
     start = 0
     for piece in row_slices(tensor, max(1, SLICE_BYTES // (4 * k))):
-        q[start:start + len(piece)], scale[start:start + len(piece)] = int4_blockwise(piece, block, axis=1, bits=bits)
+        q, scale = int4_blockwise(piece, block, axis=1, bits=bits)
+        yield slice(start, start + len(piece)), q, scale
         start += len(piece)
+
+
+def blockwise_rows(tensor: ir.TensorProtocol | np.ndarray, block: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """A [N, K] weight quantized along K slice by slice (blockwise_slices): (q int8 [N, K], scales [N, K/B])."""
+    n, k = tuple(tensor.shape) if isinstance(tensor, np.ndarray) else tuple(tensor.shape.numpy())
+    q, scale = np.empty((n, k), np.int8), np.empty((n, -(-k // block)), np.float32)
+    for rows, q_rows, scale_rows in blockwise_slices(tensor, block, bits):
+        q[rows], scale[rows] = q_rows, scale_rows
     return q, scale
 
 
