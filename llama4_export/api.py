@@ -100,12 +100,14 @@ def export_model(
     partitions: int = 1,
     engines: EngineOptions = EngineOptions(),
     show_progress: bool = True,
+    vision_precision: str | None = None,
 ) -> ExportResult:
     """`llama4-export`: the weight source, the one pipeline (pipeline.export), then the TensorRT engines.
 
     stream: read the source layer by layer (RAM independent of the model's size) instead of loading it first; a model
     whose fp32 weights exceed IN_MEMORY_FRACTION of the free memory always streams. Both give the same bytes.
-    target None: tensorrt when TensorRT is installed here, else onnxruntime."""
+    target None: tensorrt when TensorRT is installed here, else onnxruntime. vision_precision None: the text's float
+    type, or for int4 / fp8 fp32 on onnxruntime and fp16 on tensorrt (pipeline.vision_precision_for, which checks it)."""
     target = target or default_target()
     build = target == "tensorrt" and optimize
     if not build and engines.given():
@@ -115,7 +117,8 @@ def export_model(
     if not stream and source.fp32_bytes() < IN_MEMORY_FRACTION * available_memory():
         source = in_memory(source)
     result = export(Path(out), source, precision, target, quant or QuantOptions(), partitions,
-                    DEFAULT_MAX_PREFILL if max_prefill is None else max_prefill, optimize, trt_plugin, show_progress)
+                    DEFAULT_MAX_PREFILL if max_prefill is None else max_prefill, optimize, trt_plugin, show_progress,
+                    vision_precision)
     if build and partitions == 1:  # engines per part are not built yet (ROADMAP: one engine pair per GPU)
         result.engine_line = maybe_build_engines(out, engines.require_engine, max_batch=engines.max_batch,
                                                  window=engines.window, timing_cache=engines.timing_cache,

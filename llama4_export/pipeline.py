@@ -11,8 +11,8 @@ partitioning, streamed or in memory.
   3. per part    (one part, or `parts` contiguous layer ranges balanced by the memory planner): trace decode +
                  prefill on the meta device, write them with their weights read from the source (export/), then the
                  graph passes for the target with the weights left on disk, quantizing (graph_passes/); a multimodal
-                 checkpoint's vision encoder becomes vision.onnx (own data file, never quantized) and the first
-                 prefill graph fuses its features in (model/io_spec.py);
+                 checkpoint's vision encoder becomes vision.onnx (own data file, its own precision: vision_precision_for)
+                 through the same passes, and the first prefill graph fuses its features in (model/io_spec.py);
   4. finish      tokenizer files, the manifest (sha256 of every file), the accuracy report of the artifact on ONNX
                  Runtime against the source's fp32 model (evaluation/report.py), the manifest again.
 Everything is written into a temp directory beside `out` and renamed into place at the end: an export that fails at
@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 import onnxruntime
@@ -52,7 +52,7 @@ from .graph_passes.artifact_passes import optimize_graphs, optimized_manifest
 from .graph_passes.manager import PassReport
 from .graph_passes.pipeline import TARGETS
 from .graph_passes.quantize import BLOCK_SIZES, QuantSpec
-from .model.config import Llama4Config
+from .model.config import Llama4Config, Llama4VisionConfig
 from .model.io_spec import DEFAULT_MAX_PREFILL
 from .model.summary import parameter_counts, vision_parameter_count, weight_bytes
 from .plan import partition_layers
@@ -65,6 +65,7 @@ PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float
                                       "int4": torch.float32, "fp8": torch.float32}
 QUANTIZED_PRECISIONS = ("int4", "fp8")
 VISION_DATA_FILE = "vision.data"
+VISION_PASSES_FILE = "vision_passes.json"
 # ONNX Runtime's CPU EP has no bf16 kernels (MatMul, Add, Mul: NOT_IMPLEMENTED on 1.32); its CUDA EP and TensorRT have.
 GPU_ONLY_PRECISIONS = ("bf16",)
 DEFAULT_BLOCK_SIZE = 128
@@ -169,8 +170,10 @@ def export(
     optimize: bool = True,
     trt_plugin: bool = True,
     show_progress: bool = True,
+    vision_precision: str | None = None,
 ) -> ExportResult:
-    """Export `source` to the artifact directory `out` (see the module docstring); returns what was written."""
+    """Export `source` to the artifact directory `out` (see the module docstring); returns what was written.
+    vision_precision: the vision tower's (a multimodal source only); None: vision_precision_for's default."""
     out = Path(out)
     config = source.config
     return_large_frees_to_the_os()
@@ -190,8 +193,8 @@ def export(
     report = quant.report and optimize
     if source.checkpoint is not None:
         check_tokenizer_files(source.checkpoint)
-    # The vision graph goes to ONNX Runtime artifacts; TensorRT ones stay text-only (README, "Images").
-    vision = source.vision if target == "onnxruntime" else None
+    vision = source.vision
+    vision_precision = vision_precision_for(precision, target, vision_precision, vision is not None, optimize)
     processor = None if vision is None else ImageProcessorConfig.from_directory(source.checkpoint, vision.config)
     image_token_id = None if vision is None else vision.config.image_token_id
     samples = text = None
@@ -203,7 +206,7 @@ def export(
     if report:
         held_out = evaluation_tokens(source, quant.eval_data)
     check_disk_space(out, required_disk_bytes(config, precision, optimize) +
-                     (0 if vision is None else vision_parameter_count(vision.config) * PRECISIONS[precision].itemsize))
+                     (0 if vision is None else vision_parameter_count(vision.config) * PRECISIONS[vision_precision].itemsize * 2))
     ranges = [range(config.num_hidden_layers)] if parts == 1 else partition_layers(config, parts, precision)
     spec = quant.spec_for(precision, target) if quantized else None
     layout = kv_layout_for(target, quant)
@@ -257,9 +260,9 @@ def export(
             else:
                 manifest = entry
             if vision is not None:
-                with step(f"trace + write the vision encoder ({vision.config.num_hidden_layers} layers, "
-                          f"{str(PRECISIONS[precision]).removeprefix('torch.')})"):
-                    manifest["vision"] = write_vision_graph(vision, processor, PRECISIONS[precision], tmp)
+                with step(f"trace + write the vision encoder ({vision.config.num_hidden_layers} layers, {vision_precision})"):
+                    manifest["vision"] = write_vision_graph(vision, processor, vision_precision, tmp,
+                                                            work if optimize else None, target, trt_plugin, quant.block)
             with step("write tokenizer files"):
                 manifest["tokenizer"] = _tokenizer_files(source, config, tmp)
             manifest.update(_quantization_entries(precision, quant, calibration, spec))
@@ -274,15 +277,57 @@ def export(
     return result
 
 
-def write_vision_graph(vision: VisionWeights, processor: ImageProcessorConfig, dtype: torch.dtype,
-                       directory: Path) -> dict[str, Any]:
+def write_vision_graph(vision: VisionWeights, processor: ImageProcessorConfig, precision: str, directory: Path,
+                       work: Path | None, target: str, trt_plugin: bool = True, block: int = DEFAULT_BLOCK_SIZE,
+                       step: Callable = Steps.silent) -> dict[str, Any]:
     """vision.onnx + its data file in `directory`; returns the manifest's `vision` entry: what the runtime needs to
-    turn images into the prefill's image_features. Quantized exports keep it fp32 (PRECISIONS): 0.87 B parameters
-    beside Scout's 109 B, run once per image, and the graph passes' quantization is written for the text graphs."""
-    write_graphs({"vision": trace_vision(vision.config, dtype)}, directory, weight_content(vision), VISION_DATA_FILE)
-    onnx.checker.check_model(str(directory / VISION_FILE))
-    return {"file": VISION_FILE, "external_data": VISION_DATA_FILE, "dtype": str(dtype).removeprefix("torch."),
-            "config": vision.config.to_dict(), "processor": processor.to_dict()}
+    turn images into the prefill's image_features. work: trace into it and run the graph passes for `target` into
+    `directory` (None: --no-optimize, the traced graph as it is); int4 / fp8 trace fp32 and quantize the encoder
+    layers' linears there (quantize.QuantSpec.bits), the patch embedding, adapter and projector stay fp32."""
+    traced = directory if work is None else work / "vision"
+    traced.mkdir(exist_ok=True)
+    write_graphs({"vision": trace_vision(vision.config, PRECISIONS[precision])}, traced, weight_content(vision),
+                 VISION_DATA_FILE)
+    onnx.checker.check_model(str(traced / VISION_FILE))
+    entry = {"file": VISION_FILE, "external_data": VISION_DATA_FILE, "precision": precision,
+             "dtype": str(PRECISIONS[precision]).removeprefix("torch."), "config": vision.config.to_dict(),
+             "processor": processor.to_dict()}
+    if work is None:
+        return entry
+    spec = QuantSpec(precision, vision_block_size(vision.config, block)) if precision in QUANTIZED_PRECISIONS else None
+    reports, _ = optimize_graphs(traced, {"vision": {"file": VISION_FILE}}, directory, target, step, trt_plugin, spec,
+                                 data_file=VISION_DATA_FILE, passes_file=VISION_PASSES_FILE)
+    shutil.rmtree(traced)
+    if spec is not None:
+        entry["block_size"] = spec.block_size if precision == "int4" else None
+    entry["graph_passes"] = {"target": target, "report": VISION_PASSES_FILE,
+                             "passes": [r.name for r in reports["vision"].records]}
+    return entry
+
+
+def vision_precision_for(precision: str, target: str, vision_precision: str | None, has_vision: bool,
+                         optimize: bool = True) -> str:
+    """The vision tower's precision: `vision_precision` when given (checked as --precision is), else the text's float
+    type, and for int4 / fp8 text fp32 on ONNX Runtime (its CPU EP: the tower runs once per image, is 0.8 % of
+    Scout's weights, and fp16 there is emulated) and fp16 on TensorRT (every GPU TensorRT supports has fp16 kernels)."""
+    if vision_precision is None:
+        if precision not in QUANTIZED_PRECISIONS:
+            return precision
+        return "fp16" if target == "tensorrt" else "fp32"
+    if not has_vision:
+        raise ConfigError(f"--vision-precision {vision_precision}: this model has no vision tower (no vision_config); "
+                          "drop it")
+    check_precision(vision_precision, target, "--vision-precision")
+    if vision_precision in QUANTIZED_PRECISIONS and not optimize:
+        raise ConfigError(f"--vision-precision {vision_precision} quantizes in the graph passes; drop --no-optimize")
+    return vision_precision
+
+
+def vision_block_size(config: Llama4VisionConfig, block: int) -> int:
+    """The int4 block of the vision linears: the largest supported size up to the text's `block` that divides every
+    quantized K (hidden and intermediate size), else the smallest (a last partial block has its own scale)."""
+    return next((b for b in sorted(BLOCK_SIZES, reverse=True) if b <= block and
+                 config.hidden_size % b == 0 and config.intermediate_size % b == 0), min(BLOCK_SIZES))
 
 
 def default_block_size(config: Llama4Config) -> int:
@@ -365,16 +410,16 @@ def check_output(out: Path) -> None:
         raise ArtifactError(f"{out}: directory is not empty and is not a llama4-export artifact; choose another --out or empty it")
 
 
-def check_precision(precision: str, target: str) -> None:
+def check_precision(precision: str, target: str, flag: str = "--precision") -> None:
     """bf16 artifacts for onnxruntime only where this onnxruntime build has the CUDA EP (onnxruntime-gpu)."""
     if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r} is not supported; choose one of: {', '.join(PRECISIONS)}")
+        raise ConfigError(f"{flag} {precision!r} is not supported; choose one of: {', '.join(PRECISIONS)}")
     if target not in TARGETS:
         raise ConfigError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
     if precision in GPU_ONLY_PRECISIONS and target == "onnxruntime" and \
             "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        raise ConfigError(f"--precision {precision} does not run on ONNX Runtime's CPU EP (no {precision} kernels) and this "
-                          "onnxruntime has no CUDA EP: use --precision fp32, fp16, int4 or fp8 here, or --target tensorrt")
+        raise ConfigError(f"{flag} {precision} does not run on ONNX Runtime's CPU EP (no {precision} kernels) and this "
+                          "onnxruntime has no CUDA EP: use {flag} fp32, fp16, int4 or fp8 here, or --target tensorrt")
 
 
 def _parent(out: Path) -> Path:

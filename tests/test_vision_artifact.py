@@ -7,19 +7,25 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
 from llama4_export.artifact import MANIFEST, write_manifest
+from llama4_export.cli.export import export_app
 from llama4_export.cli.run import run_app
+from llama4_export.export.onnx_export import VISION_FILE
 from llama4_export.model import io_spec
-from llama4_export.pipeline import QuantOptions, export
+from llama4_export.pipeline import QuantOptions, export, write_vision_graph
 from llama4_export.runtime import Generator
+from llama4_export.runtime.image_encoder import ImageEncoder
+from llama4_export.runtime.images import ImageProcessorConfig
 from llama4_export.runtime.errors import ImageError
 from llama4_export.weights import CheckpointWeights
 
@@ -96,7 +102,7 @@ def test_int4_export_keeps_the_vision_graph_fp32(tmp_path, artifacts):
     export(out, CheckpointWeights(VISION_FIXTURES / "tiny-a"), "int4", quant=QuantOptions(int4_algo="rtn", report=False),
            show_progress=False)
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["vision"]["dtype"] == "float32"
+    assert (manifest["vision"]["precision"], manifest["vision"]["dtype"]) == ("fp32", "float32")
     assert (out / "vision.onnx").read_bytes() == (artifacts["tiny-a"] / "vision.onnx").read_bytes()
     assert (out / "vision.data").read_bytes() == (artifacts["tiny-a"] / "vision.data").read_bytes()
     case = REFERENCE["prompts"]["tiny-a"]["one"]
@@ -104,10 +110,55 @@ def test_int4_export_keeps_the_vision_graph_fp32(tmp_path, artifacts):
     assert len(result.token_ids) == 16
 
 
+# Per --vision-precision: what its vision.onnx holds, and the stated bound on its features vs transformers' (max abs,
+# worst row cosine; benchmarks/vision_precision.py measures them: BENCHMARKS.md, "Vision precision").
+VISION_PRECISION_CASES = {
+    "fp16": (lambda ops, dtypes: dtypes[ir.DataType.FLOAT16] > 0 and dtypes[ir.DataType.FLOAT] == 2, 5e-3, 0.9999),
+    "int4": (lambda ops, dtypes: ops["com.microsoft.MatMulNBits"] == 12, 0.5, 0.9),
+    "fp8": (lambda ops, dtypes: ops["DequantizeLinear"] == 12 and dtypes[ir.DataType.FLOAT8E4M3FN] == 12, 0.15, 0.99),
+}
+
+
+@pytest.mark.parametrize("precision", sorted(VISION_PRECISION_CASES))
+def test_vision_precision_reaches_the_graph_and_stays_near_the_reference(precision, tmp_path):
+    """tiny-a's vision graph through the one pipeline's vision step at each precision: int4 / fp8 quantize the 12
+    linears of its 2 encoder layers (q, k, v, o, fc1, fc2), fp16 stores every float weight as fp16 (the RoPE tables
+    stay fp32, as in every precision)."""
+    vision = CheckpointWeights(VISION_FIXTURES / "tiny-a").vision
+    processor = ImageProcessorConfig.from_directory(VISION_FIXTURES / "tiny-a", vision.config)
+    (tmp_path / "work").mkdir()
+    entry = write_vision_graph(vision, processor, precision, tmp_path, tmp_path / "work", "onnxruntime")
+    assert entry["precision"] == precision
+    model = ir.load(tmp_path / VISION_FILE)
+    ops = Counter(f"{n.domain}.{n.op_type}".lstrip(".") for n in model.graph.all_nodes())
+    dtypes = Counter(v.const_value.dtype for v in model.graph.initializers.values() if v.const_value.size > 1)
+    reaches_graph, max_abs, min_cosine = VISION_PRECISION_CASES[precision]
+    assert reaches_graph(ops, dtypes), (ops, dtypes)
+    encoder = ImageEncoder(tmp_path / VISION_FILE, vision.config, processor)
+    image = "panorama.jpg"
+    features = encoder.encode(encoder.preprocess([IMAGES / image])).astype(np.float64)
+    expected = load_file(VISION_FIXTURES / "features.safetensors")[f"tiny-a/{image}"].reshape(features.shape)
+    cosine = (features * expected).sum(-1) / (np.linalg.norm(features, axis=-1) * np.linalg.norm(expected, axis=-1))
+    assert np.abs(features - expected).max() <= max_abs and cosine.min() >= min_cosine
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def run(*args) -> tuple[int, str]:
     result = CliRunner().invoke(run_app, [str(a) for a in args])
     return result.exit_code, result.output
+
+
+def test_bad_vision_precision_is_one_line_and_exit_2(tmp_path):
+    cases = [
+        (("--checkpoint", VISION_FIXTURES / "tiny-a", "--vision-precision", "int3"), "--vision-precision 'int3' is not supported"),
+        (("--model", "scout-tiny", "--vision-precision", "fp16"), "--vision-precision fp16: this model has no vision tower"),
+        (("--checkpoint", VISION_FIXTURES / "tiny-a", "--vision-precision", "int4", "--no-optimize"),
+         "--vision-precision int4 quantizes in the graph passes"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(export_app, [str(a) for a in (*args, "--out", tmp_path / "out", "--target", "onnxruntime")])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

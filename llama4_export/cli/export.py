@@ -36,6 +36,11 @@ def export(
         help="fp32 | fp16 | bf16 (weights, activations, KV cache; bf16 for TensorRT / CUDA) | int4 (weight-only, blockwise) | "
              "fp8 (E4M3 W8A8); logits stay fp32",
     ),
+    vision_precision: Optional[str] = typer.Option(
+        None, "--vision-precision",
+        help="fp32 | fp16 | bf16 | int4 | fp8: the vision tower's (multimodal checkpoints); default: --precision's float "
+             "type, and with int4 / fp8 fp32 on onnxruntime, fp16 on tensorrt",
+    ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o",
         help="artifact directory to write; an existing one is replaced atomically if it is empty or a previous artifact",
@@ -109,6 +114,7 @@ def export(
             out, model, checkpoint, seed, precision, target, optimize=not no_optimize, trt_plugin=not trt_fallback,
             quant=quant, max_prefill=max_prefill, stream=stream, random_weights=random_weights, layers=layers,
             partitions=partitions, engines=api.EngineOptions(require_engine, max_batch, window, timing_cache, reproducible),
+            vision_precision=vision_precision,
         )
     except Llama4ExportError as exc:
         fail(exc)

@@ -32,10 +32,11 @@ def optimize_graphs(
     source_dir: Path, graphs: dict[str, dict[str, Any]], out_dir: Path, target: str, step: Callable = Steps.silent,
     trt_plugin: bool = True, quantization: QuantSpec | None = None, verify: bool = False,
     tolerance: float = DEFAULT_TOLERANCE, weights: WeightSource | None = None, data_file: str = DATA_FILE,
+    passes_file: str = PASSES_FILE,
 ) -> tuple[dict[str, PassReport], int]:
     """Optimize the graphs `graphs` (manifest entries) of `source_dir` for `target` into `out_dir` (graphs, data file,
-    passes.json); returns (the pass reports, the graphs' opset). weights: where the routed experts an export deferred
-    come from."""
+    the pass report `passes_file`); returns (the pass reports, the graphs' opset). weights: where the routed experts an
+    export deferred come from."""
     passes_for(target)  # an unknown target fails before any slow step
     scratch = Path(tempfile.mkdtemp(prefix=".spill-", dir=out_dir.parent))
     try:
@@ -49,7 +50,7 @@ def optimize_graphs(
                                                         quantization=quantization)
         with step(f"write optimized graphs and {data_file}"):
             write_graphs(models, out_dir, file_content, data_file)
-            write_json(out_dir / PASSES_FILE, {name: report.to_json() for name, report in reports.items()})
+            write_json(out_dir / passes_file, {name: report.to_json() for name, report in reports.items()})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return reports, max(m.opset_imports.get("", 0) for m in models.values())

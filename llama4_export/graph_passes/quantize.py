@@ -52,7 +52,7 @@ FP8_E4M3_MAX = 448.0
 BLOCK_SIZES = (32, 64, 128)
 PRECISIONS = ("int4", "fp8")
 QUANTIZED = "quantized"
-_LINEAR = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
+_LINEAR = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|layers\.\d+\.mlp\.fc1|layers\.\d+\.mlp\.fc2)\.weight$")
 _EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
 LM_HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
