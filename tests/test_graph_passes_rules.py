@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import warnings
 import weakref
 
@@ -19,7 +20,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from llama4_export.graph_passes import canonicalize, fuse_moe, lower, manager, ops, trt_plugin_spec, weight_layout
+from llama4_export.graph_passes import canonicalize, fuse_moe, fuse_vision, lower, manager, ops, trt_plugin_spec, weight_layout
 from llama4_export.graph_passes.errors import GraphPassError
 from llama4_export.graph_passes.manager import GraphPass, PassContext, op_histogram, run_passes
 from llama4_export.graph_passes.moe_reference import llama4_moe
@@ -333,3 +334,51 @@ def test_ort_moe_probe_rejects_gpt_oss_swiglu_constants(monkeypatch):
         assert op_histogram(model)["com.microsoft::MoE"] == 0
     finally:
         lower.ort_moe_problem.cache_clear()
+
+
+# ------------------------------------------------------------------------------------------ vision fusions
+def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    erf = np.vectorize(math.erf)
+    return 0.5 * x * (1 + erf(x / math.sqrt(2)))
+
+
+def test_vision_fusions_change_op_counts_not_outputs():
+    """An encoder layer's shape in small: residual sum → LayerNorm (the sum read again) → linear with bias → GELU; and a
+    broadcasting Add → LayerNorm (the positional embedding's) and a tanh GELU, which must stay."""
+    rng = np.random.default_rng(0)
+    gamma, beta = rng.standard_normal(8).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    w, bias = rng.standard_normal((8, 16)).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    position = rng.standard_normal((5, 8)).astype(np.float32)
+    model = parse(
+        """<ir_version: 10, opset_import: ["" : 21]>
+        g (float[N, 5, 8] a, float[N, 5, 8] b) => (float[N, 5, 16] y, float[N, 5, 8] total, float[N, 5, 8] pre,
+                                                   float[N, 5, 16] tanh_gelu) {
+            total = Add(a, b)
+            normed = LayerNormalization <axis = -1, epsilon = 1e-5> (total, gamma, beta)
+            projected = MatMul(normed, w)
+            biased = Add(projected, bias)
+            y = Gelu(biased)
+            biased_again = Add(projected, bias)
+            tanh_gelu = Gelu <approximate = "tanh"> (biased_again)
+            positioned = Add(a, position)
+            pre = LayerNormalization <axis = -1, epsilon = 1e-5> (positioned, gamma, beta)
+        }""", gamma=gamma, beta=beta, w=w, bias=bias, position=position)
+    feeds = {"a": rng.standard_normal((3, 5, 8)).astype(np.float32), "b": rng.standard_normal((3, 5, 8)).astype(np.float32)}
+    before = run(model, feeds)
+    context = PassContext("onnxruntime", "gather")
+    assert fuse_vision.fuse_skip_layer_norm(model, context) == 1 and fuse_vision.fuse_bias_gelu(model, context) == 1
+    ops_after = op_histogram(model)
+    assert ops_after["com.microsoft::SkipLayerNormalization"] == 1 and ops_after["LayerNormalization"] == 1
+    assert ops_after["com.microsoft::BiasGelu"] == 1 and ops_after["Gelu"] == 1
+    after = run(model, feeds)
+    total = feeds["a"] + feeds["b"]
+    expected = [_gelu(_layer_norm(total, gamma, beta) @ w + bias), total, _layer_norm(feeds["a"] + position, gamma, beta)]
+    for got, was, want in zip(after, before, expected):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        np.testing.assert_allclose(got, was, atol=1e-5)
+    np.testing.assert_allclose(after[3], before[3], atol=1e-6)

@@ -14,6 +14,7 @@ from .canonicalize import canonicalization_passes, eliminate_common_subexpressio
 from .errors import GraphPassError
 from .fuse_moe import moe_fusion_passes
 from .fuse_transformer import transformer_fusion_passes
+from .fuse_vision import vision_fusion_passes
 from .lower import moe_lowering_pass
 from .lower_linears import ort_linear_passes
 from .weight_layout import weight_layout_pass
@@ -57,8 +58,13 @@ def _sort_initializers(graph: ir.Graph) -> None:
         graph.register_initializer(value)
 
 
-def passes_for(target: str, quantize: bool = False) -> list[GraphPass]:
-    """quantize: add the quantization passes (quantize.py): experts before the MoE lowering, linears after it."""
+def is_vision_graph(model: ir.Model) -> bool:
+    return any(value.name == io_spec.PIXEL_VALUES for value in model.graph.inputs)
+
+
+def passes_for(target: str, quantize: bool = False, vision: bool = False) -> list[GraphPass]:
+    """quantize: add the quantization passes (quantize.py): experts before the MoE lowering, linears after it.
+    vision: add the vision encoder's fusions (fuse_vision.py)."""
     if target not in TARGETS:
         raise GraphPassError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
     quantize_experts, quantize_linears, quantize_kv_cache = quantization_passes() if quantize else ((), (), ())
@@ -66,6 +72,7 @@ def passes_for(target: str, quantize: bool = False) -> list[GraphPass]:
         *canonicalization_passes(),
         *moe_fusion_passes(),
         *transformer_fusion_passes(target),
+        *(vision_fusion_passes(target) if vision else ()),
         *([quantize_experts] if quantize else []),
         moe_lowering_pass(),
         *([quantize_linears, quantize_kv_cache] if quantize else []),
@@ -98,7 +105,7 @@ def optimize(
         model = ir.from_proto(model)
     elif isinstance(model, (str, Path)):
         model = ir.load(model)
-    passes = passes_for(target, quantize=quantization is not None)
+    passes = passes_for(target, quantize=quantization is not None, vision=is_vision_graph(model))
     context = PassContext(target, moe_form_for(model) if moe_form == "auto" else moe_form, use_trt_plugin=trt_plugin,
                           quantization=quantization)
     verifier = Verifier(model, tolerance) if verify else None
