@@ -26,6 +26,8 @@ from llama4_export.pipeline import QuantOptions, export, write_vision_graph
 from llama4_export.runtime import Generator
 from llama4_export.runtime.image_encoder import ImageEncoder
 from llama4_export.runtime.images import ImageProcessorConfig
+from llama4_export.tensorrt.lint import lint_artifact
+from llama4_export.tensorrt.profiles import build_limits, engine_profiles
 from llama4_export.runtime.errors import ImageError
 from llama4_export.weights import CheckpointWeights
 
@@ -143,6 +145,29 @@ def test_vision_precision_reaches_the_graph_and_stays_near_the_reference(precisi
     expected = load_file(VISION_FIXTURES / "features.safetensors")[f"tiny-a/{image}"].reshape(features.shape)
     cosine = (features * expected).sum(-1) / (np.linalg.norm(features, axis=-1) * np.linalg.norm(expected, axis=-1))
     assert np.abs(features - expected).max() <= max_abs and cosine.min() >= min_cosine
+
+
+def test_tensorrt_target_lowers_the_vision_graph(tmp_path):
+    """--target tensorrt on a multimodal checkpoint (int4 text: the vision tower defaults to fp16 there): every graph,
+    vision.onnx included, lints clean; the vision engine gets its own profile over the tile count (1 … one image's
+    budget: 6 tiles + the global one) and the prefill one over its image feature rows; vision.onnx as lowered still
+    matches transformers' features on ONNX Runtime."""
+    out = tmp_path / "trt"
+    export(out, CheckpointWeights(VISION_FIXTURES / "tiny-a"), "int4", "tensorrt",
+           QuantOptions(int4_algo="rtn", report=False), show_progress=False)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert (manifest["vision"]["precision"], manifest["vision"]["graph_passes"]["target"]) == ("fp16", "tensorrt")
+    assert {file: [v.format() for v in found] for file, found in lint_artifact(out).items()} == \
+        {"decode.onnx": [], "prefill.onnx": [], "vision.onnx": []}
+    profiles = engine_profiles(manifest, build_limits(manifest))
+    side = manifest["vision"]["config"]["image_size"]
+    assert profiles["vision"][io_spec.PIXEL_VALUES].to_json() == {
+        "min": [1, 3, side, side], "opt": [7, 3, side, side], "max": [7, 3, side, side]}
+    assert profiles["prefill"][io_spec.IMAGE_FEATURES].to_json()["min"] == [0, manifest["model"]["hidden_size"]]
+    encoder = ImageEncoder.from_artifact(out, manifest)
+    features = encoder.encode(encoder.preprocess([IMAGES / "panorama.jpg"]))
+    expected = load_file(VISION_FIXTURES / "features.safetensors")["tiny-a/panorama.jpg"]
+    assert np.abs(features - expected.reshape(features.shape)).max() <= 5e-3
 
 
 # ------------------------------------------------------------------------------------------------ bad input

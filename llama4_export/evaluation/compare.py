@@ -159,6 +159,9 @@ def compare_artifact(directory: str | Path, batch: int = 2, prefill_tokens: int 
             feeds = graph_feeds(config, rows, tokens, chunk_slots, global_slots, kv_dtype, seed)
             if io_spec.takes_logits_index(config, range(config.num_hidden_layers), graphs[name].get("new_tokens")):
                 feeds[io_spec.LOGITS_INDEX] = np.tile(np.arange(tokens, dtype=np.int64), (rows, 1))  # every token's logits
+            image_features = next((v for v in ir.load(path).graph.inputs if v.name == io_spec.IMAGE_FEATURES), None)
+            if image_features is not None:  # a text step of a multimodal prefill: no image rows
+                feeds[io_spec.IMAGE_FEATURES] = np.zeros((0, config.hidden_size), image_features.dtype.numpy())
         ort_out = run_ort(path, feeds)
         if in_place:
             ort_out = written_slots(config, feeds, ort_out)

@@ -86,7 +86,8 @@ class GraphIO(nn.Module):
             is_image = input_ids == self.image_token_id
             # Placeholders past the features given keep their embeddings, as transformers does without pixel values:
             # a text-only step (zero rows) and a sampled `<|patch|>` fed back through this graph stay plain tokens.
-            is_image = is_image & (torch.cumsum(is_image.reshape(-1), 0).view_as(is_image) <= features.shape[0])
+            # (counted in float32, as merge_image_features counts: TensorRT's CumSum takes float types only)
+            is_image = is_image & (torch.cumsum(is_image.reshape(-1).float(), 0).view_as(is_image) <= features.shape[0])
             input_ids = merge_image_features(self.model.model.embed_tokens(input_ids), is_image, features)
         index = {"chunked": past_chunked, "global": past_global}
         per_layer = [index[io_spec.attention_kind(config, i)] for i in self.layers]

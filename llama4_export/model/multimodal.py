@@ -21,7 +21,9 @@ def merge_image_features(embeddings: Tensor, image_mask: Tensor, image_features:
     if not _tracing() and int(flat.sum()) != image_features.shape[0]:
         raise ValueError(f"{int(flat.sum())} image placeholder tokens but features for {image_features.shape[0]}; "
                          "expand the prompt with the image's tile grid (runtime.images)")
-    row = torch.cumsum(flat.long(), dim=0) * flat  # 1-based feature row of each placeholder, 0 for text tokens
+    # 1-based feature row of each placeholder, 0 for text tokens; counted in float32 (exact below 2^24 tokens a step)
+    # because TensorRT's CumSum takes float types only
+    row = (torch.cumsum(flat.float(), dim=0) * flat).long()
     table = torch.cat([image_features.new_zeros(1, image_features.shape[-1]), image_features]).to(embeddings.dtype)
     return torch.where(image_mask[..., None], table[row].view_as(embeddings), embeddings)
 

@@ -15,6 +15,8 @@
   (standard ops only) are captured.
 - The engines must have been built for this cache: the manifest's `tensorrt.builder.limits` (chunk/global slots, max
   batch, max prefill) become the backend's required_slots and limits.
+- A multimodal artifact's prefill engine takes image_features: the step's rows (the vision graph runs in the
+  Generator's ImageEncoder), zero rows for a text step, bound from a buffer of at least one row (a non-null address).
 
 Written to the TensorRT 10.x Python API documentation; it needs TensorRT, torch with CUDA and a GPU, so CI covers only
 its error paths (no TensorRT here).
@@ -92,6 +94,9 @@ class TrtBackend:
         self.stream = torch.cuda.Stream(device=self.device)
         # see the module docstring
         self.cuda_graphs = cuda_graphs and not has_plugin_nodes(directory / engines["decode"]["graph"])
+        prefill = self.engines.get("prefill")
+        self.takes_image_features = prefill is not None and io_spec.IMAGE_FEATURES in {
+            prefill.get_tensor_name(i) for i in range(prefill.num_io_tensors)}
         self._decode_graph: tuple | None = None  # (cache, batch, CUDAGraph, static inputs, outputs)
 
     def make_cache(self, batch: int, window: int | None, sinks: int) -> SlidingKVCache:
@@ -143,11 +148,19 @@ class TrtBackend:
                      [outputs[io_spec.new_value(i)] for i in range(n)])
         return outputs[io_spec.LOGITS].float().cpu().numpy()
 
+    def _image_features(self, rows: np.ndarray | None) -> Any:
+        hidden = self.config.hidden_size
+        rows = np.zeros((0, hidden), np.float32) if rows is None else rows
+        dtype = self._torch_dtype(self.engines["prefill"].get_tensor_dtype(io_spec.IMAGE_FEATURES))
+        buffer = self.torch.empty((max(len(rows), 1), hidden), dtype=dtype, device=self.device)
+        buffer[:len(rows)].copy_(self.torch.from_numpy(np.ascontiguousarray(rows)))
+        return buffer[:len(rows)]
+
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, cache: SlidingKVCache,
-                logits_index: np.ndarray | None = None) -> np.ndarray:
+                logits_index: np.ndarray | None = None, image_features: np.ndarray | None = None) -> np.ndarray:
         if not isinstance(cache, DeviceSlidingKVCache):
             raise GenerationError("the TensorRT backend needs its GPU cache (Generator creates it via make_cache)")
-        decode = input_ids.shape[1] == 1 and logits_index is None
+        decode = input_ids.shape[1] == 1 and logits_index is None and image_features is None
         if decode and self.cuda_graphs:
             return self._decode_captured(input_ids, positions, cache)
         graph = "decode" if decode else "prefill"
@@ -155,6 +168,8 @@ class TrtBackend:
             logits_index = np.tile(np.arange(input_ids.shape[1], dtype=np.int64), (input_ids.shape[0], 1))
         with self.torch.cuda.stream(self.stream):
             inputs = self._inputs(input_ids, positions, cache, logits_index)
+            if graph == "prefill" and self.takes_image_features:
+                inputs[io_spec.IMAGE_FEATURES] = self._image_features(image_features)
             outputs = self._bind(graph, inputs)
             if not self.contexts[graph].execute_async_v3(self.stream.cuda_stream):
                 raise GenerationError(f"TensorRT failed to run the {graph} engine (see its log)")

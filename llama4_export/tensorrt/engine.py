@@ -2,7 +2,8 @@
 
     manifest = build_engines("out/scout-int4-trt", max_batch=4, max_prefill=512, timing_cache="timing.cache")
 
-Per graph (decode.onnx, prefill.onnx) one engine, engine/<graph>.plan, with one optimization profile (profiles.py).
+Per graph (decode.onnx, prefill.onnx, and vision.onnx when the artifact has one) one engine, engine/<graph>.plan,
+with one optimization profile (profiles.py).
 Steps: verify the artifact's hashes → conformance lint (lint.py; a violation stops the build) → check TensorRT and a
 GPU → register the MoE plugin when a graph holds its node (moe_plugin.py) → Polygraphy NetworkFromOnnxPath
 (strongly_typed=True: TensorRT 11 accepts nothing else, and precision must come from the graph's Cast/Q/DQ) →
@@ -38,7 +39,7 @@ from ..progress import Steps
 from . import moe_plugin
 from .errors import BuildError
 from .lint import lint_artifact
-from .profiles import BuildLimits, build_limits, engine_profiles
+from .profiles import BuildLimits, build_limits, engine_graphs, engine_profiles
 
 ENGINE_DIR = "engine"
 DEFAULT_TIMING_CACHE = f"{ENGINE_DIR}/timing.cache"
@@ -125,7 +126,7 @@ def _build(directory: Path, manifest: dict[str, Any], limits: BuildLimits, cache
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
-    graphs = manifest["graphs"]
+    graphs = engine_graphs(manifest)
     profiles = engine_profiles(manifest, limits)
     settings = {
         "strongly_typed": True, "error_on_timing_cache_miss": reproducible, "version_compatible": version_compatible,
@@ -137,7 +138,7 @@ def _build(directory: Path, manifest: dict[str, Any], limits: BuildLimits, cache
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     engines = {}
     with Steps(show_progress) as step:
-        if any(has_plugin_nodes(directory / graphs[name]["file"]) for name in graphs):
+        if any(has_plugin_nodes(directory / graphs[name]) for name in graphs):
             with step(f"register TensorRT plugin {moe_plugin.PLUGIN_ID}"):
                 moe_plugin.register()
         for name in sorted(graphs):
@@ -152,17 +153,17 @@ def _build(directory: Path, manifest: dict[str, Any], limits: BuildLimits, cache
                 version_compatible=version_compatible or None,
                 exclude_lean_runtime=version_compatible or None,
             )
-            network = NetworkFromOnnxPath(str(directory / graphs[name]["file"]), strongly_typed=True)
+            network = NetworkFromOnnxPath(str(directory / graphs[name]), strongly_typed=True)
             plan = f"{ENGINE_DIR}/{name}.plan"
             with step(f"build {plan} (TensorRT {trt.__version__})"):
                 data = EngineBytesFromNetwork(network, config, save_timing_cache=str(cache_path))()
                 if data is None:
-                    raise BuildError(f"{directory / graphs[name]['file']}: TensorRT could not build an engine "
+                    raise BuildError(f"{directory / graphs[name]}: TensorRT could not build an engine "
                                      "(its log above says why)")
                 tmp = directory / f"{plan}.tmp-{os.getpid()}"
                 tmp.write_bytes(bytes(data))
                 os.replace(tmp, directory / plan)
-            engines[name] = {"file": plan, "graph": graphs[name]["file"],
+            engines[name] = {"file": plan, "graph": graphs[name],
                              "profile": {t: r.to_json() for t, r in profiles[name].items()}}
     return write_engine_manifest(directory, manifest, engines, settings, cache_path, cache_in, trt.__version__, _gpu())
 
@@ -177,7 +178,8 @@ def write_engine_manifest(directory: Path, manifest: dict[str, Any], engines: di
         files[engine["file"]] = sha256_file(directory / engine["file"])
     if inside:
         files[cache_name] = sha256_file(cache_path)
-    inputs = sorted({manifest.get("external_data", "model.data"), *(e["graph"] for e in engines.values())})
+    vision_data = [manifest["vision"]["external_data"]] if manifest.get("vision") else []
+    inputs = sorted({manifest.get("external_data", "model.data"), *vision_data, *(e["graph"] for e in engines.values())})
     manifest = {**manifest, "files": dict(sorted(files.items()))}
     manifest["tensorrt"] = {
         "version": trt_version,

@@ -28,6 +28,7 @@ from ..graph_passes import trt_plugin_spec
 from . import trt_onnx_support as support
 from .errors import BuildError
 from .moe_plugin import plugin_attribute_types
+from .profiles import engine_graphs
 
 DT = ir.DataType
 TYPE_TAGS = {
@@ -311,13 +312,13 @@ def lint_model(model: ir.Model | onnx.ModelProto | str | Path) -> list[Violation
 
 
 def lint_artifact(directory: str | Path) -> dict[str, list[Violation]]:
-    """lint_model for every graph of a tensorrt-lowered artifact; {graph file: violations}."""
+    """lint_model for every graph of a tensorrt-lowered artifact (the vision graph too); {graph file: violations}."""
     directory = Path(directory)
     manifest = read_manifest(directory, verify=False)
     target = manifest.get("target")
     if target != "tensorrt":
         raise BuildError(f"{directory}: lowered for {target!r}, not tensorrt; export with --target tensorrt to lint it")
-    graphs = manifest.get("graphs") or {}
-    if not graphs:
+    if not manifest.get("graphs"):
         raise BuildError(f"{directory}/manifest.json lists no graphs; re-run the export")
-    return {graphs[name]["file"]: lint_model(directory / graphs[name]["file"]) for name in sorted(graphs)}
+    graphs = engine_graphs(manifest)
+    return {graphs[name]: lint_model(directory / graphs[name]) for name in sorted(graphs)}

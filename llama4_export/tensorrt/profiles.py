@@ -1,8 +1,11 @@
-"""TensorRT optimization profiles for the decode and prefill graphs, from the manifest and the build limits.
+"""TensorRT optimization profiles for the decode, prefill and vision graphs, from the manifest and the build limits.
 
-One engine per graph, one profile each (the two graphs are separate ONNX files with their own fixed/dynamic dims):
-  prefill  batch 1…B, new tokens 1…T   (T = --max-prefill, at most the manifest's graphs.prefill.max_new_tokens)
+One engine per graph, one profile each (the graphs are separate ONNX files with their own fixed/dynamic dims):
+  prefill  batch 1…B, new tokens 1…T   (T = --max-prefill, at most the manifest's graphs.prefill.max_new_tokens);
+           with a vision graph also image_features 0…B·T rows (a step may hold no image token, or only image tokens)
   decode   batch 1…B, one new token
+  vision   pixel_values of 1…M tiles, M = one image's tile budget: the processor's max_patches tiles plus the global
+           thumbnail tile when max_patches > 1 (the runtime encodes each image on its own)
 The cache dimensions are not ranges: the runtime always hands the whole preallocated buffers over (SlidingKVCache),
 so chunk slots = attention_chunk_size (the global window when the model has no chunking) and global slots = the
 window W (--window, default runtime.kv_cache.default_window for the KV dtype). An engine therefore serves exactly one
@@ -78,8 +81,10 @@ def build_limits(manifest: dict[str, Any], max_batch: int = 1, max_prefill: int 
     return BuildLimits(max_batch, max_prefill, chunk, window)
 
 
-def graph_profile(config: Llama4Config, limits: BuildLimits, new_tokens: int | None) -> dict[str, ShapeRange]:
-    """Shape ranges of every input of one graph; new_tokens None = dynamic (prefill: 1…max_prefill)."""
+def graph_profile(config: Llama4Config, limits: BuildLimits, new_tokens: int | None,
+                  vision: bool = False) -> dict[str, ShapeRange]:
+    """Shape ranges of every input of one text graph; new_tokens None = dynamic (prefill: 1…max_prefill). vision:
+    the artifact has a vision graph (its prefill takes image_features)."""
     b = limits.max_batch
     t_min, t_max = (1, limits.max_prefill) if new_tokens is None else (new_tokens, new_tokens)
     slots = {"chunked": limits.chunk_slots, "global": limits.global_slots}
@@ -102,11 +107,38 @@ def graph_profile(config: Llama4Config, limits: BuildLimits, new_tokens: int | N
             profile[name] = rng((1, b), (kvh, kvh), (n, n), (d, d))
     if io_spec.takes_logits_index(config, range(config.num_hidden_layers), new_tokens):
         profile[io_spec.LOGITS_INDEX] = rng((1, b), (1, t_max))  # one column per row to every column
+    if io_spec.takes_image_features(range(config.num_hidden_layers), new_tokens, vision):
+        profile[io_spec.IMAGE_FEATURES] = rng((0, b * t_max), (config.hidden_size, config.hidden_size))
     return profile
 
 
+def vision_profile(entry: dict[str, Any]) -> dict[str, ShapeRange]:
+    """The vision graph's one input from the manifest's `vision` entry: 1…tile budget tiles of [C, S, S]."""
+    try:
+        config, processor = entry["config"], entry["processor"]
+        channels, size, max_patches = int(config["num_channels"]), int(config["image_size"]), int(processor["max_patches"])
+    except (KeyError, TypeError, ValueError):
+        raise BuildError("manifest.json: the vision entry lacks num_channels / image_size / max_patches; re-run the "
+                         "export") from None
+    tiles = max_patches + (1 if max_patches > 1 else 0)
+    return {io_spec.PIXEL_VALUES: ShapeRange((1, channels, size, size), (tiles, channels, size, size),
+                                             (tiles, channels, size, size))}
+
+
+def engine_graphs(manifest: dict[str, Any]) -> dict[str, str]:
+    """{graph name: ONNX file} of every graph that gets an engine: the text graphs, and the vision graph if any."""
+    graphs = {name: entry["file"] for name, entry in (manifest.get("graphs") or {}).items()}
+    if manifest.get("vision"):
+        graphs["vision"] = manifest["vision"]["file"]
+    return graphs
+
+
 def engine_profiles(manifest: dict[str, Any], limits: BuildLimits) -> dict[str, dict[str, ShapeRange]]:
-    """{graph name: {input: ShapeRange}} for every graph the manifest lists."""
+    """{graph name: {input: ShapeRange}} for every graph the manifest lists (engine_graphs)."""
     config = manifest_config(manifest)
     graphs = manifest.get("graphs") or {}
-    return {name: graph_profile(config, limits, graphs[name].get("new_tokens")) for name in sorted(graphs)}
+    vision = bool(manifest.get("vision"))
+    profiles = {name: graph_profile(config, limits, graphs[name].get("new_tokens"), vision) for name in sorted(graphs)}
+    if vision:
+        profiles["vision"] = vision_profile(manifest["vision"])
+    return profiles
