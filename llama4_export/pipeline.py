@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnx
 import onnxruntime
@@ -278,8 +278,8 @@ def export(
 
 
 def write_vision_graph(vision: VisionWeights, processor: ImageProcessorConfig, precision: str, directory: Path,
-                       work: Path | None, target: str, trt_plugin: bool = True, block: int = DEFAULT_BLOCK_SIZE,
-                       step: Callable = Steps.silent) -> dict[str, Any]:
+                       work: Path | None, target: str, trt_plugin: bool = True,
+                       block: int = DEFAULT_BLOCK_SIZE) -> dict[str, Any]:
     """vision.onnx + its data file in `directory`; returns the manifest's `vision` entry: what the runtime needs to
     turn images into the prefill's image_features. work: trace into it and run the graph passes for `target` into
     `directory` (None: --no-optimize, the traced graph as it is); int4 / fp8 trace fp32 and quantize the encoder
@@ -295,7 +295,7 @@ def write_vision_graph(vision: VisionWeights, processor: ImageProcessorConfig, p
     if work is None:
         return entry
     spec = QuantSpec(precision, vision_block_size(vision.config, block)) if precision in QUANTIZED_PRECISIONS else None
-    reports, _ = optimize_graphs(traced, {"vision": {"file": VISION_FILE}}, directory, target, step, trt_plugin, spec,
+    reports, _ = optimize_graphs(traced, {"vision": {"file": VISION_FILE}}, directory, target, Steps.silent, trt_plugin, spec,
                                  data_file=VISION_DATA_FILE, passes_file=VISION_PASSES_FILE)
     shutil.rmtree(traced)
     if spec is not None:
@@ -308,8 +308,8 @@ def write_vision_graph(vision: VisionWeights, processor: ImageProcessorConfig, p
 def vision_precision_for(precision: str, target: str, vision_precision: str | None, has_vision: bool,
                          optimize: bool = True) -> str:
     """The vision tower's precision: `vision_precision` when given (checked as --precision is), else the text's float
-    type, and for int4 / fp8 text fp32 on ONNX Runtime (its CPU EP: the tower runs once per image, is 0.8 % of
-    Scout's weights, and fp16 there is emulated) and fp16 on TensorRT (every GPU TensorRT supports has fp16 kernels)."""
+    type, and for int4 / fp8 text fp32 on ONNX Runtime (the tower is 0.8 % of Scout's weights and runs once per image:
+    exact is cheap) and fp16 on TensorRT (the GPU's half-precision kernels; accuracy: BENCHMARKS.md)."""
     if vision_precision is None:
         if precision not in QUANTIZED_PRECISIONS:
             return precision

@@ -22,7 +22,7 @@ from llama4_export.cli.export import export_app
 from llama4_export.cli.run import run_app
 from llama4_export.export.onnx_export import VISION_FILE
 from llama4_export.model import io_spec
-from llama4_export.pipeline import QuantOptions, export, write_vision_graph
+from llama4_export.pipeline import QuantOptions, export, vision_precision_for, write_vision_graph
 from llama4_export.runtime import Generator
 from llama4_export.runtime.image_encoder import ImageEncoder
 from llama4_export.runtime.images import ImageProcessorConfig
@@ -148,13 +148,12 @@ def test_vision_precision_reaches_the_graph_and_stays_near_the_reference(precisi
 
 
 def test_tensorrt_target_lowers_the_vision_graph(tmp_path):
-    """--target tensorrt on a multimodal checkpoint (int4 text: the vision tower defaults to fp16 there): every graph,
-    vision.onnx included, lints clean; the vision engine gets its own profile over the tile count (1 … one image's
+    """--target tensorrt on a multimodal checkpoint (fp16): every graph, vision.onnx included, lints clean; the vision engine gets its own profile over the tile count (1 … one image's
     budget: 6 tiles + the global one) and the prefill one over its image feature rows; vision.onnx as lowered still
     matches transformers' features on ONNX Runtime."""
     out = tmp_path / "trt"
-    export(out, CheckpointWeights(VISION_FIXTURES / "tiny-a"), "int4", "tensorrt",
-           QuantOptions(int4_algo="rtn", report=False), show_progress=False)
+    export(out, CheckpointWeights(VISION_FIXTURES / "tiny-a"), "fp16", "tensorrt", QuantOptions(report=False),
+           show_progress=False)
     manifest = json.loads((out / MANIFEST).read_text())
     assert (manifest["vision"]["precision"], manifest["vision"]["graph_passes"]["target"]) == ("fp16", "tensorrt")
     assert {file: [v.format() for v in found] for file, found in lint_artifact(out).items()} == \
@@ -174,6 +173,14 @@ def test_tensorrt_target_lowers_the_vision_graph(tmp_path):
 def run(*args) -> tuple[int, str]:
     result = CliRunner().invoke(run_app, [str(a) for a in args])
     return result.exit_code, result.output
+
+
+def test_vision_precision_defaults():
+    """The text's float type; under int4 / fp8 text fp32 on onnxruntime, fp16 on tensorrt; a given one wins."""
+    assert [vision_precision_for(p, t, None, True) for p, t in (("fp16", "onnxruntime"), ("bf16", "tensorrt"),
+            ("int4", "onnxruntime"), ("fp8", "onnxruntime"), ("int4", "tensorrt"), ("fp8", "tensorrt"))] == \
+        ["fp16", "bf16", "fp32", "fp32", "fp16", "fp16"]
+    assert vision_precision_for("int4", "tensorrt", "fp8", True) == "fp8"
 
 
 def test_bad_vision_precision_is_one_line_and_exit_2(tmp_path):
