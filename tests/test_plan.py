@@ -20,7 +20,7 @@ from llama4_export.errors import ConfigError
 from llama4_export.weights import from_preset
 from llama4_export.model import get_preset
 from llama4_export.model.config import get_vision_preset
-from llama4_export.plan import partition_layers, plan_memory
+from llama4_export.plan import partition_layers, plan_memory, planned_window
 from llama4_export.runtime import Generator, default_window
 from llama4_export.evaluation.torch_backend import TorchBackend
 
@@ -168,6 +168,7 @@ def test_scout_vision_tower_is_planned_on_the_first_gpu():
                            "encode_workspace_bytes": encode}
     assert plan.weight_bytes == text + 2 * params and plan.window == window < plan_memory(cfg, "int4", H100).window
     assert plan.per_gpu[0].total_bytes == hand_gpu(cfg, range(48), window, text + 2 * params + features, True) <= H100
+    assert planned_window(cfg, "int4", H100, 2, vision=vision) == window  # the runtime's default W on a GPU
     # a short prefill: the image encode is the largest transient set
     short = plan_memory(cfg, "int4", H100, vision=vision, max_prefill=16, window=8192, max_tiles=5).per_gpu[0]
     assert short.workspace_bytes == hand_encode(5)[0]
