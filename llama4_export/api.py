@@ -143,10 +143,17 @@ def inspect_model(model: str | None = None, checkpoint: str | Path | None = None
 
 
 def plan_gpu_memory(model: str | None = None, checkpoint: str | Path | None = None, precision: str = "bf16",
-                    gpu: str | None = None, gpu_memory: str | None = None, **options) -> MemoryPlan:
-    """`llama4-export plan`: the memory plan of the model on `gpu` (or one GPU of `gpu_memory`); options: gpus,
-    max_batch, max_prefill, kv_dtype, window, block_size (plan.plan_memory)."""
-    return plan_memory(model_config(model, checkpoint), precision, gpu_spec(gpu, gpu_memory), **options)
+                    gpu: str | None = None, gpu_memory: str | None = None, text_only: bool = False,
+                    **options) -> MemoryPlan:
+    """`llama4-export plan`: the memory plan of the model on `gpu` (or one GPU of `gpu_memory`), its vision tower
+    included unless `text_only` (or the model has none); options: gpus, max_batch, max_prefill, kv_dtype, window,
+    block_size, max_tiles (plan.plan_memory)."""
+    if checkpoint is not None and model is None:
+        index = check_checkpoint(checkpoint)
+        config, vision = index.config, index.vision
+    else:
+        config, vision = model_config(model, checkpoint), get_vision_preset(model)
+    return plan_memory(config, precision, gpu_spec(gpu, gpu_memory), vision=None if text_only else vision, **options)
 
 
 def stored_pass_reports(directory: str | Path) -> dict[str, Any]:

@@ -26,6 +26,15 @@ Pure arithmetic on the config (no weights, no GPU). Per GPU:
                          dense: B·T·3·intermediate_mlp × act — attention and FFN run one after the other: max of both
                new K/V   the step's new keys/values of every layer on the GPU: layers × 2·B·kv_heads·T·head_dim × kv
                logits    B·T·vocab × 4 (fp32, every prefill token; last GPU only)
+  vision     (a multimodal model: Scout's and Maverick's towers) on the first GPU: the encoder, adapter and projector
+             weights in the graph's float dtype (never quantized: model/summary.py vision_parameter_count), and the
+             encode of `max_tiles` tiles (one Scout image: 16 tiles + the global one), which runs before the prefill:
+               hidden    HIDDEN_COPIES × n·vision_hidden × act            (n = tiles·(patches + 1): patches + class)
+               attention 3 × n·vision_hidden × act (q, k, v) + 2 × tiles·heads·(patches + 1)² × 4 (fp32 scores, per tile)
+               mlp       2 × n·vision_intermediate × act                  (fc1 out, GELU out) — max of attention and mlp
+               features  tiles·tokens_per_tile·text_hidden × act          (the projected features the prefill takes,
+                                                                           counted in the prefill's workspace as well)
+             The GPU's workspace is the larger of the prefill's and the encode's.
   reserve    RUNTIME_RESERVE per GPU: CUDA context (~0.5 GiB on Hopper), cuBLAS / TensorRT / ONNX Runtime
              workspaces and allocator slack; Jetson adds the memory its CPU and OS take from the shared pool.
 
@@ -42,9 +51,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .model.config import Llama4Config
+from .model.config import Llama4Config, Llama4VisionConfig
 from .model.io_spec import DEFAULT_MAX_PREFILL, DEFAULT_SINKS, attention_kind
-from .model.summary import _layer_counts
+from .model.summary import _layer_counts, vision_parameter_count
 
 MIB, GIB = 1 << 20, 1 << 30
 RUNTIME_RESERVE = 2 * GIB
@@ -52,6 +61,7 @@ HIDDEN_COPIES = 4
 SCORE_BUFFERS = 2  # an elementwise op's fp32 input and output are alive together (mask → softmax)
 KV_COPIES = 3  # concatenated keys and values, and the keys transposed for Q·Kᵀ
 DEFAULT_BLOCK_SIZE = 128
+DEFAULT_MAX_TILES = 17  # one image at Scout's and Maverick's max_patches 16, plus its global thumbnail tile
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int4")
 KV_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
@@ -197,18 +207,22 @@ class GpuUse:
     weight_bytes: int
     kv_chunked_bytes: int
     kv_global_bytes: int
-    workspace: dict[str, int]  # hidden, attention, ffn (max of the two counts), new_kv, logits
+    workspace: dict[str, int]  # hidden, attention, ffn (max of the two counts), new_kv, logits, image_features, vision
     reserve_bytes: int
     memory_bytes: int
+    vision_weight_bytes: int = 0  # the vision tower on the first GPU of a multimodal model
 
     @property
     def workspace_bytes(self) -> int:
+        """The larger of one prefill call's transient set and one image encode's (they never run together)."""
         w = self.workspace
-        return w["hidden"] + max(w["attention"], w["ffn"]) + w["new_kv"] + w["logits"]
+        prefill = w["hidden"] + max(w["attention"], w["ffn"]) + w["new_kv"] + w["logits"] + w["image_features"]
+        return max(prefill, w["vision"])
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.kv_chunked_bytes + self.kv_global_bytes + self.workspace_bytes + self.reserve_bytes
+        return (self.weight_bytes + self.vision_weight_bytes + self.kv_chunked_bytes + self.kv_global_bytes
+                + self.workspace_bytes + self.reserve_bytes)
 
     @property
     def free_bytes(self) -> int:
@@ -230,7 +244,7 @@ class MemoryPlan:
     gpus: int
     max_batch: int
     max_prefill: int
-    weight_bytes: int  # all GPUs together
+    weight_bytes: int  # all GPUs together, the vision tower's included
     kv_bytes_per_token: dict[str, Any]  # per layer, and per kind: layers, slots (as in per_gpu), bytes per token (one sequence)
     min_window: int  # the W the model must reach to fit: one attention chunk (at most the context)
     window: int  # the largest global window W that fits on every GPU (0: not even sinks + 1 slots), or the W asked
@@ -238,6 +252,7 @@ class MemoryPlan:
     fits: bool
     missing_bytes: int  # on the fullest GPU, at the W per_gpu shows; 0 when it fits
     per_gpu: list[GpuUse] = field(default_factory=list)  # at W = window when it fits or was asked, else at min_window
+    vision: dict[str, Any] | None = None  # the vision tower's share (first GPU): params, weight_bytes, max_tiles, encode
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -251,8 +266,21 @@ def _check_positive(**values: int) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} {value}: must be at least 1")
 
 
+def vision_encode_bytes(vision: Llama4VisionConfig, tiles: int, act_bytes: int) -> dict[str, int]:
+    """The transient set of one encode of `tiles` tiles (module docstring, "vision"), by part."""
+    per_tile = vision.patches_per_side**2 + 1
+    n, h = tiles * per_tile, vision.hidden_size
+    return {
+        "hidden": HIDDEN_COPIES * n * h * act_bytes,
+        "attention": 3 * n * h * act_bytes + SCORE_BUFFERS * tiles * vision.num_attention_heads * per_tile**2 * 4,
+        "mlp": 2 * n * vision.intermediate_size * act_bytes,
+        "features": tiles * vision.tokens_per_tile * vision.text_hidden_size * act_bytes,
+    }
+
+
 def _gpu_use(config: Llama4Config, index: int, layers: range, n: int, window: int, precision: str, kv_bytes: int,
-             activation_dtype: str, batch: int, tokens: int, gpu: GpuSpec, block_size: int) -> GpuUse:
+             activation_dtype: str, batch: int, tokens: int, gpu: GpuSpec, block_size: int,
+             vision: Llama4VisionConfig | None, max_tiles: int) -> GpuUse:
     act_bytes = KV_DTYPE_BYTES[activation_dtype]
     h, d, kvh, heads = config.hidden_size, config.head_dim, config.num_key_value_heads, config.num_attention_heads
     b, t = batch, tokens
@@ -271,6 +299,7 @@ def _gpu_use(config: Llama4Config, index: int, layers: range, n: int, window: in
     weights = sum(layer_weight_bytes(config, i, precision, block_size, activation_dtype) for i in layers)
     weights += (first if index == 0 else 0) + (last if index == n - 1 else 0)
     count = {kind: sum(a == kind for a, _ in kinds) for kind in slots}
+    encode = vision_encode_bytes(vision, max_tiles, act_bytes) if vision is not None and index == 0 else None
     return GpuUse(
         index=index, layers=(layers.start, layers.stop), weight_bytes=weights,
         kv_chunked_bytes=count["chunked"] * per_layer_token * slots["chunked"],
@@ -281,8 +310,11 @@ def _gpu_use(config: Llama4Config, index: int, layers: range, n: int, window: in
             "ffn": max(ffn[f] for _, f in kinds),
             "new_kv": len(layers) * 2 * b * kvh * t * d * kv_bytes,
             "logits": b * t * config.vocab_size * 4 if index == n - 1 else 0,
+            "image_features": encode["features"] if encode else 0,
+            "vision": encode["hidden"] + max(encode["attention"], encode["mlp"]) + encode["features"] if encode else 0,
         },
         reserve_bytes=gpu.reserve_bytes, memory_bytes=gpu.memory_bytes,
+        vision_weight_bytes=vision_parameter_count(vision) * act_bytes if encode else 0,
     )
 
 
@@ -290,16 +322,18 @@ def plan_memory(
     config: Llama4Config, precision: str, gpu_memory_bytes: int | GpuSpec, gpus: int = 1, max_batch: int = 1,
     max_prefill: int = DEFAULT_MAX_PREFILL, kv_dtype: str = "bf16", activation_dtype: str | None = None,
     window: int | None = None, sinks: int = DEFAULT_SINKS, block_size: int = DEFAULT_BLOCK_SIZE,
+    vision: Llama4VisionConfig | None = None, max_tiles: int = DEFAULT_MAX_TILES,
 ) -> MemoryPlan:
     """Weights, KV cache and workspace per GPU, and the largest global window W that fits (or the `window` given).
 
     gpu_memory_bytes: one GPU's memory (runtime reserve RUNTIME_RESERVE) or a GpuSpec. gpus > 1 splits the layers
-    with partition_layers. activation_dtype: default fp32 for fp32 weights, else 16-bit.
+    with partition_layers. activation_dtype: default fp32 for fp32 weights, else 16-bit. vision: the model's vision
+    tower (None: text only), planned on the first GPU with an encode of `max_tiles` image tiles at a time.
     """
     activation_dtype = activation_dtype_for(precision, activation_dtype)
     if kv_dtype not in KV_DTYPE_BYTES:
         raise ConfigError(f"--kv-dtype {kv_dtype!r} is unknown; choose one of: {', '.join(KV_DTYPE_BYTES)}")
-    _check_positive(gpus=gpus, max_batch=max_batch, max_prefill=max_prefill, block_size=block_size)
+    _check_positive(gpus=gpus, max_batch=max_batch, max_prefill=max_prefill, block_size=block_size, max_tiles=max_tiles)
     gpu = gpu_memory_bytes if isinstance(gpu_memory_bytes, GpuSpec) else \
         GpuSpec(f"{gpu_memory_bytes:,} B GPU", int(gpu_memory_bytes))
     context = config.max_position_embeddings
@@ -310,7 +344,8 @@ def plan_memory(
     kv_bytes = KV_DTYPE_BYTES[kv_dtype]
 
     def uses(w: int) -> list[GpuUse]:
-        return [_gpu_use(config, k, r, gpus, w, precision, kv_bytes, activation_dtype, max_batch, max_prefill, gpu, block_size)
+        return [_gpu_use(config, k, r, gpus, w, precision, kv_bytes, activation_dtype, max_batch, max_prefill, gpu, block_size,
+                         vision, max_tiles)
                 for k, r in enumerate(parts)]
 
     def fits_at(w: int) -> bool:
@@ -346,9 +381,12 @@ def plan_memory(
     return MemoryPlan(
         model=config.name, precision=precision, kv_dtype=kv_dtype, activation_dtype=activation_dtype, gpu=gpu.name,
         gpu_memory_bytes=gpu.memory_bytes,
-        gpus=gpus, max_batch=max_batch, max_prefill=max_prefill, weight_bytes=sum(u.weight_bytes for u in shown),
+        gpus=gpus, max_batch=max_batch, max_prefill=max_prefill, weight_bytes=sum(u.weight_bytes + u.vision_weight_bytes for u in shown),
         kv_bytes_per_token=kv, min_window=min_window, window=best, window_limit=limit, fits=fits,
         missing_bytes=max(missing, 0), per_gpu=shown,
+        vision=None if vision is None else {
+            "params": vision_parameter_count(vision), "weight_bytes": shown[0].vision_weight_bytes, "max_tiles": max_tiles,
+            "tokens_per_tile": vision.tokens_per_tile, "encode_workspace_bytes": shown[0].workspace["vision"]},
     )
 
 
@@ -357,14 +395,16 @@ FLOAT_DTYPES = {4: "fp32", 2: "fp16"}  # the runtime's cache itemsize → dtype 
 
 
 def planned_window(config: Llama4Config, precision: str, gpu_memory_bytes: int, float_itemsize: int,
-                   max_batch: int = 1, max_prefill: int = DEFAULT_MAX_PREFILL, sinks: int = DEFAULT_SINKS) -> int:
+                   max_batch: int = 1, max_prefill: int = DEFAULT_MAX_PREFILL, sinks: int = DEFAULT_SINKS,
+                   vision: Llama4VisionConfig | None = None) -> int:
     """The default global window on a GPU: plan_memory's largest W for an artifact whose graphs compute (and cache
-    K/V) in `float_itemsize`-byte floats. Raises ConfigError when not even sinks + 1 slots fit."""
+    K/V) in `float_itemsize`-byte floats, with its vision graph when it has one. Raises ConfigError when not even
+    sinks + 1 slots fit."""
     dtype = FLOAT_DTYPES.get(float_itemsize)
     if dtype is None:
         raise ConfigError(f"a {float_itemsize}-byte KV cache has no plan; the runtime caches fp32 or fp16")
     plan = plan_memory(config, precision, gpu_memory_bytes, max_batch=max_batch, max_prefill=max_prefill,
-                       kv_dtype=dtype, activation_dtype=dtype, sinks=sinks)
+                       kv_dtype=dtype, activation_dtype=dtype, sinks=sinks, vision=vision)
     if plan.window == 0:
         raise ConfigError(f"{config.name} {precision} does not fit in this GPU's {gpu_memory_bytes / GIB:,.2f} GiB "
                           f"({plan.missing_bytes / GIB:,.2f} GiB missing; see `llama4-export plan`); use more GPUs or a "

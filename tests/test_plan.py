@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -18,7 +19,8 @@ from llama4_export.cli.export import export_app
 from llama4_export.errors import ConfigError
 from llama4_export.weights import from_preset
 from llama4_export.model import get_preset
-from llama4_export.plan import partition_layers, plan_memory
+from llama4_export.model.config import get_vision_preset
+from llama4_export.plan import partition_layers, plan_memory, planned_window
 from llama4_export.runtime import Generator, default_window
 from llama4_export.evaluation.torch_backend import TorchBackend
 
@@ -86,7 +88,7 @@ def test_scout_int4_on_h100_matches_the_hand_computation():
 
 def test_maverick_fp8_on_8_h100_matches_the_hand_computation():
     cfg = get_preset("maverick")
-    result = plan_cli("--model", "maverick", "--precision", "fp8", "--gpu", "h100-80gb", "--gpus", "8", "--json")
+    result = plan_cli("--model", "maverick", "--precision", "fp8", "--gpu", "h100-80gb", "--gpus", "8", "--json", "--text-only")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     ranges = [range(*g["layers"]) for g in plan["per_gpu"]]
@@ -122,8 +124,71 @@ def test_not_fitting_reports_what_is_missing_and_exits_1():
     plan = plan_memory(cfg, "int4", H100)
     assert not plan.fits and plan.window == 0
     assert plan.missing_bytes == hand_gpu(cfg, range(48), 8192, weights, True) - H100  # at W = one chunk
-    result = plan_cli("--model", "maverick", "--precision", "int4", "--gpu", "h100-80gb")
+    result = plan_cli("--model", "maverick", "--precision", "int4", "--gpu", "h100-80gb", "--text-only")
     assert result.exit_code == 1 and "does not fit" in result.stdout and f"{plan.missing_bytes / GIB:,.2f} GiB missing" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------ vision
+def transformers_vision_params(config_json: dict) -> int:
+    """Parameters of transformers' vision model + projector for a Llama4ForConditionalGeneration config (meta device)."""
+    import torch
+    from transformers import Llama4Config
+    from transformers.models.llama4.modeling_llama4 import Llama4MultiModalProjector, Llama4VisionModel
+
+    config = Llama4Config(**config_json)
+    with torch.device("meta"):
+        modules = (Llama4VisionModel(config.vision_config), Llama4MultiModalProjector(config))
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+SCOUT_VISION_JSON = {  # Scout's published config.json, the fields that shape the tower (Maverick's are the same)
+    "vision_config": {"image_size": 336, "patch_size": 14, "hidden_size": 1408, "intermediate_size": 5632,
+                      "num_hidden_layers": 34, "num_attention_heads": 16, "pixel_shuffle_ratio": 0.5,
+                      "projector_input_dim": 4096, "projector_output_dim": 4096, "vision_output_dim": 4096},
+    "text_config": {"hidden_size": 5120},
+}
+
+
+def hand_encode(tiles: int, act: int = 2) -> tuple[int, int]:
+    """(workspace of one Scout-tower encode of `tiles` tiles, the projected features it hands the prefill)."""
+    n, per_tile = tiles * (24 * 24 + 1), 24 * 24 + 1
+    features = tiles * 144 * 5120 * act
+    attention = 3 * n * 1408 * act + 2 * tiles * 16 * per_tile**2 * 4
+    return 4 * n * 1408 * act + max(attention, 2 * n * 5632 * act) + features, features
+
+
+def test_scout_vision_tower_is_planned_on_the_first_gpu():
+    cfg, vision = get_preset("scout"), get_vision_preset("scout")
+    params = transformers_vision_params(SCOUT_VISION_JSON)
+    encode, features = hand_encode(17)
+    text = hand_weights(cfg, range(48), "int4", True, True)
+    window = hand_window(cfg, range(48), H100, text + 2 * params + features, True)
+    plan = plan_memory(cfg, "int4", H100, vision=vision)
+    assert plan.vision == {"params": params, "weight_bytes": 2 * params, "max_tiles": 17, "tokens_per_tile": 144,
+                           "encode_workspace_bytes": encode}
+    assert plan.weight_bytes == text + 2 * params and plan.window == window < plan_memory(cfg, "int4", H100).window
+    assert plan.per_gpu[0].total_bytes == hand_gpu(cfg, range(48), window, text + 2 * params + features, True) <= H100
+    assert planned_window(cfg, "int4", H100, 2, vision=vision) == window  # the runtime's default W on a GPU
+    # a short prefill: the image encode is the largest transient set
+    short = plan_memory(cfg, "int4", H100, vision=vision, max_prefill=16, window=8192, max_tiles=5).per_gpu[0]
+    assert short.workspace_bytes == hand_encode(5)[0]
+    # split over GPUs: the tower sits with the embedding
+    assert [g.vision_weight_bytes for g in plan_memory(cfg, "fp8", H100, gpus=2, vision=vision).per_gpu] == [2 * params, 0]
+
+
+def test_plan_cli_includes_the_vision_tower_of_a_preset_and_of_a_checkpoint():
+    scout = json.loads(plan_cli("--model", "scout", "--precision", "int4", "--gpu", "h100-80gb", "--json").stdout)
+    assert scout["window"] == plan_memory(get_preset("scout"), "int4", H100, vision=get_vision_preset("scout")).window
+    assert json.loads(plan_cli("--model", "scout", "--precision", "int4", "--gpu", "h100-80gb", "--json",
+                               "--text-only").stdout)["vision"] is None
+    fixture = Path(__file__).parent / "fixtures" / "vision" / "tiny-a"
+    result = plan_cli("--checkpoint", str(fixture), "--precision", "fp32", "--gpu-memory", "24GB", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    params = transformers_vision_params(json.loads((fixture / "config.json").read_text()))
+    assert plan["vision"]["params"] == params and plan["per_gpu"][0]["vision_weight_bytes"] == 4 * params
+    table = plan_cli("--checkpoint", str(fixture), "--gpu-memory", "24GB")
+    assert table.exit_code == 0 and "vision tower on GPU 0" in table.stdout
 
 
 # ------------------------------------------------------------------------------------------------ partitions
@@ -197,7 +262,7 @@ def test_bad_input_prints_one_line_and_exits_2(args, message):
 
 def test_gpu_memory_size_and_json_output():
     cfg = get_preset("scout")
-    result = plan_cli("--model", "scout", "--precision", "int4", "--gpu-memory", "80GiB", "--kv-dtype", "fp8", "--json")
+    result = plan_cli("--model", "scout", "--precision", "int4", "--gpu-memory", "80GiB", "--kv-dtype", "fp8", "--json", "--text-only")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     weights = hand_weights(cfg, range(48), "int4", True, True)
@@ -205,5 +270,5 @@ def test_gpu_memory_size_and_json_output():
     assert plan["window"] == hand_window(cfg, range(48), 80 * GIB, weights, True, kv=1)
     g = plan["per_gpu"][0]
     assert g["total_bytes"] == g["weight_bytes"] + g["kv_chunked_bytes"] + g["kv_global_bytes"] + g["workspace_bytes"] + g["reserve_bytes"]
-    table = plan_cli("--model", "scout", "--precision", "int4", "--gpu", "h100-80gb")
+    table = plan_cli("--model", "scout", "--precision", "int4", "--gpu", "h100-80gb", "--text-only")
     assert table.exit_code == 0 and f"W = {hand_window(cfg, range(48), H100, weights, True):,} tokens" in table.stdout

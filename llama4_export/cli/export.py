@@ -230,13 +230,16 @@ def plan(
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="KV cache: bf16 | fp16 | fp32 | fp8"),
     window: Optional[int] = typer.Option(None, "--window", help="check this global window W instead of finding the largest"),
     block_size: int = typer.Option(128, "--block-size", help="int4: values per scale"),
+    max_tiles: int = typer.Option(17, "--max-tiles", help="image tiles encoded at once (default: one Scout image, 16 tiles + the global one)"),
+    text_only: bool = typer.Option(False, "--text-only", help="leave the vision tower out (a text-only deployment, e.g. the tensorrt target)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
 ) -> None:
-    """GPU memory plan: weights, KV cache per layer kind, workspace, the largest global window W; exit 1 if it does not fit."""
+    """GPU memory plan: weights (the vision tower's too), KV cache per layer kind, workspace, the largest global window W;
+    exit 1 if it does not fit."""
     try:
-        result = api.plan_gpu_memory(model, checkpoint, precision, gpu, gpu_memory, gpus=gpus,
+        result = api.plan_gpu_memory(model, checkpoint, precision, gpu, gpu_memory, text_only=text_only, gpus=gpus,
                              max_batch=max_batch, max_prefill=max_prefill, kv_dtype=kv_dtype, window=window,
-                             block_size=block_size)
+                             block_size=block_size, max_tiles=max_tiles)
     except Llama4ExportError as exc:
         fail(exc)
     if as_json:
@@ -263,14 +266,23 @@ def _print_plan(p) -> None:
         t.add_row(kind, str(k["layers"]), f"{k['bytes_per_token']:,}", f"{k['slots']:,}",
                   _gib(k["bytes_per_token"] * k["slots"] * p.max_batch))
     console.print(t)
-    t = Table(title="per GPU (workspace = hidden + max(attention, ffn) + new K/V + logits, one prefill call)")
-    for name in ("GPU", "layers", "weights", "KV chunked", "KV global", "workspace", "reserve", "total", "free"):
+    t = Table(title="per GPU (workspace = hidden + max(attention, ffn) + new K/V + logits, one prefill call"
+                    + ("; or one image encode if larger)" if p.vision else ")"))
+    columns = ("GPU", "layers", "weights", *(("vision",) if p.vision else ()), "KV chunked", "KV global", "workspace",
+               "reserve", "total", "free")
+    for name in columns:
         t.add_column(name, justify="right")
     for g in p.per_gpu:
-        t.add_row(str(g.index), f"{g.layers[0]}–{g.layers[1] - 1}", _gib(g.weight_bytes), _gib(g.kv_chunked_bytes),
+        t.add_row(str(g.index), f"{g.layers[0]}–{g.layers[1] - 1}", _gib(g.weight_bytes),
+                  *((_gib(g.vision_weight_bytes),) if p.vision else ()), _gib(g.kv_chunked_bytes),
                   _gib(g.kv_global_bytes), _gib(g.workspace_bytes), _gib(g.reserve_bytes), _gib(g.total_bytes),
                   _gib(g.free_bytes))
     Console(width=max(console.width, 120)).print(t)
+    if p.vision:
+        v = p.vision
+        console.print(f"vision tower on GPU 0: {v['params'] / 1e9:,.2f} B parameters, {_gib(v['weight_bytes'])} in "
+                      f"{p.activation_dtype}; one encode of {v['max_tiles']} tiles ({v['tokens_per_tile']} tokens each) "
+                      f"needs {_gib(v['encode_workspace_bytes'])} (--text-only leaves it out)", highlight=False)
     bound = {"memory": "the most that fits", "context": "the whole context fits", "requested": "as requested"}[p.window_limit]
     if p.fits:
         console.print(f"[bold green]fits[/]: global window W = {p.window:,} tokens ({bound}); weights {_gib(p.weight_bytes)} in all",
