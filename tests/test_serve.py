@@ -164,6 +164,8 @@ MALFORMED = [
      "messages[0].role"),
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tools": [
         {"type": "function", "function": {"name": "f"}}]}, 400, "tools"),  # the template renders no tools
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}, 400, "messages"),  # text-only
     ("/v1/nothing", {}, 404, None),
 ]
 
