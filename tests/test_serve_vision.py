@@ -20,7 +20,7 @@ from llama4_export.runtime import Generator  # noqa: E402
 from llama4_export.serving.protocol import ChatCompletionRequest, parse  # noqa: E402
 from llama4_export.weights import CheckpointWeights  # noqa: E402
 
-from .conftest import VISION_FIXTURES, start_llama4_serve  # noqa: E402
+from .conftest import VISION_FIXTURES, llama4_serve  # noqa: E402
 
 MODEL = "tiny-vision"
 IMAGES = VISION_FIXTURES / "images"
@@ -54,16 +54,10 @@ def generator(artifact):
 
 
 @pytest.fixture(scope="module")
-def server(artifact):
-    base, process = start_llama4_serve(artifact, "--max-batch", "2", "--threads", "1", "--model-name", MODEL)
-    yield base
-    process.kill()
-    process.wait()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+def served(artifact):
+    """(base URL, openai client) of one llama4-serve on the artifact (2 rows) for the module."""
+    with llama4_serve(artifact, "--max-batch", "2", "--threads", "1", "--model-name", MODEL) as (base, _):
+        yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def ask(client, messages, max_tokens=12, **options):
@@ -94,7 +88,8 @@ def test_image_parts_render_like_transformers(generator):
     assert by_file == ids and (file_features == features).all()
 
 
-def test_chat_with_an_image_equals_generator(client, generator):
+def test_chat_with_an_image_equals_generator(served, generator):
+    client = served[1]
     messages = image_chat("What is in this picture?", "panorama.jpg")
     expected = generator.chat(messages, 12, stop_tokens=[])
     assert len(expected.prompt_ids) > 2 * 32  # three prefill pieces, patch tokens in more than one
@@ -105,7 +100,8 @@ def test_chat_with_an_image_equals_generator(client, generator):
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected.text
 
 
-def test_two_image_requests_batch_and_each_equals_its_single_run(client, generator):
+def test_two_image_requests_batch_and_each_equals_its_single_run(served, generator):
+    client = served[1]
     chats = [image_chat("What is in this picture?", "panorama.jpg"),
              image_chat("Which one is taller?", "tall.webp", "tiny.png")]
     expected = [generator.chat(m, 16, stop_tokens=[]).text for m in chats]
@@ -114,11 +110,13 @@ def test_two_image_requests_batch_and_each_equals_its_single_run(client, generat
     assert answers == expected
 
 
-def test_tools_render_like_transformers_and_the_reply_equals_generator(server, client, generator):
+def test_tools_render_like_transformers_and_the_reply_equals_generator(served, generator):
     """The checkpoint's template renders `tools` and a tool-call history: the request, parsed as the server parses it,
     gives transformers' ids; over HTTP the same length and the reply those ids give; a reply that is no tool call
     stays content, also streamed (held back while it might become one)."""
     from transformers import AutoTokenizer
+
+    client = served[1]
 
     history = [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "Weather in Oslo?"},
                {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
@@ -152,7 +150,8 @@ BAD = [
 
 
 @pytest.mark.parametrize("image_url, message", BAD, ids=[str(i) for i in range(len(BAD))])
-def test_bad_images_get_400_and_the_next_request_succeeds(server, client, image_url, message):
+def test_bad_images_get_400_and_the_next_request_succeeds(served, image_url, message):
+    server, client = served
     parts = [{"type": "image_url", "image_url": image_url}] * (150 if "context" in message else 1)
     body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": [
         *parts, {"type": "text", "text": "What is it?"}]}]}
