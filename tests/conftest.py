@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from contextlib import contextmanager
 import subprocess
 import sys
 import time
@@ -109,3 +110,15 @@ def start_llama4_serve(artifact: Path, *options: str, seconds: float = 240):
             process.kill()
             pytest.fail(f"llama4-serve did not come up: {process.communicate()[0][-3000:]}")
         time.sleep(0.3)
+
+
+@contextmanager
+def llama4_serve(artifact: Path, *options: str):
+    """start_llama4_serve for a `with` block (a module fixture's life); the server is killed at its end if still up."""
+    base, process = start_llama4_serve(artifact, *options)
+    try:
+        yield base, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai", reason="the serve extra is not installed 
 from llama4_export import api  # noqa: E402
 from llama4_export.runtime import Generator  # noqa: E402
 
-from .conftest import start_llama4_serve  # noqa: E402
+from .conftest import llama4_serve  # noqa: E402
 
 MODEL = "tiny"
 MAX_BATCH, MAX_QUEUE = 2, 2
@@ -43,12 +43,9 @@ def generator(artifact):
 @pytest.fixture(scope="module")
 def server(artifact):
     """(base URL, process): `llama4-serve` on a free loopback port, until the module ends (or SIGTERM's test)."""
-    base, process = start_llama4_serve(artifact, "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE),
-                                       "--threads", "1", "--model-name", MODEL)
-    yield base, process
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    with llama4_serve(artifact, "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--threads", "1",
+                      "--model-name", MODEL) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +161,8 @@ MALFORMED = [
      "messages[0].role"),
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tools": [
         {"type": "function", "function": {"name": "f"}}]}, 400, "tools"),  # the template renders no tools
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}, 400, "messages"),  # text-only
     ("/v1/nothing", {}, 404, None),
 ]
 

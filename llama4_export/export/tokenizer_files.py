@@ -19,7 +19,9 @@ from ..artifact import write_json
 from ..errors import CheckpointError, ConfigError
 from ..model.config import Llama4Config
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+# chat_template.jinja: where transformers saves a checkpoint's chat template (it overrides tokenizer_config.json's)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", CHAT_TEMPLATE_FILE)
 BYTE_TOKENS = 256
 BOS, EOT, PAD = "<|begin_of_text|>", "<|eot|>", "<|pad|>"
 # Placed at the first ids after bos/eos/pad: what the chat template and a base model's end of text need.
@@ -48,16 +50,17 @@ def check_tokenizer_files(checkpoint_dir: Path) -> None:
             if name == "tokenizer.json":
                 Tokenizer.from_file(str(path))
                 continue
-            content = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            content = {"chat_template": text} if name == CHAT_TEMPLATE_FILE else json.loads(text)
         except Exception as exc:  # tokenizers raises plain Exception subclasses for a malformed file
             raise CheckpointError(f"{path}: not a valid {name} ({_first_line(exc)}); re-download it from the model's "
                                   "repository, or remove it to export without it") from None
         if not isinstance(content, dict):
             raise CheckpointError(f"{path}: holds a JSON {type(content).__name__}, not an object; re-download it")
-        template = content.get("chat_template") if name == "tokenizer_config.json" else None
+        template = content.get("chat_template") if name in ("tokenizer_config.json", CHAT_TEMPLATE_FILE) else None
         if isinstance(template, str):
             try:
-                ImmutableSandboxedEnvironment().from_string(template)
+                ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).from_string(template)
             except TemplateError as exc:
                 raise CheckpointError(f"{path}: its chat_template does not compile ({_first_line(exc)}); fix or remove "
                                       "it") from None
@@ -138,7 +141,7 @@ def write_byte_level_tokenizer(config: Llama4Config, directory: Path) -> list[st
         "pad_token_id": config.pad_token_id,
         "do_sample": False,
     })
-    return list(TOKENIZER_FILES)
+    return ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -13,7 +13,9 @@ everyone's tokens; then one decode call advances every decoding row by one token
 others are padding, position −1). Prefill runs one row per call — GroupQueryAttention takes a step of several tokens
 with past tokens for one row only, and the backend cuts it at chunk boundaries — while decode (one token) runs over
 rows 0..the highest decoding row (rows are taken lowest first; an in-place cache's first rows are a view). A sequence that ends (stop token, stop string, max_new_tokens, timeout, cancel) frees its row for the
-next request at once. Every sequence has its own sampler and seed, so its tokens do not depend on what else runs:
+next request at once. A request with images (SequenceRequest.image_features, from Generator.chat_inputs) hands each
+prefill piece the feature rows of the `<|patch|>` tokens in it, as Generator's prefill does. Every sequence has its own
+sampler and seed, so its tokens do not depend on what else runs:
 greedy tokens equal the same request run alone through Generator.
 """
 
@@ -53,6 +55,8 @@ class SequenceRequest:
     stop_strings: tuple[str, ...] = ()  # generation ends before the first of these appears in the text
     logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely tokens'
     timeout: float | None = None  # seconds from submit() until the sequence ends with finish_reason "timeout"
+    # the feature rows of the prompt's image placeholder tokens, in order (Generator.chat_inputs); None: text only
+    image_features: np.ndarray | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,8 @@ class BatchEngine:
         self.max_batch, self.max_queue = max_batch, max_queue
         pad = self.config.pad_token_id
         self._pad = pad if pad is not None and 0 <= pad < self.config.vocab_size else 0  # masked: any id works
+        encoder = generator.image_encoder
+        self._image_token = None if encoder is None else encoder.config.image_token_id
         self.cache = self.backend.make_cache(max_batch, generator.window, generator.sinks)
         self._views: dict[int, KVCacheState] = {}  # first_rows views of the cache, by row count
         self._views_of = self.cache.reallocations  # the buffers those views are of
@@ -154,6 +160,12 @@ class BatchEngine:
             raise GenerationError(f"logprobs={request.logprobs}: must be between 0 and the vocabulary size")
         if request.timeout is not None and not request.timeout > 0:
             raise GenerationError(f"timeout={request.timeout}: must be > 0 seconds")
+        if request.image_features is not None:
+            placeholders = request.prompt_ids.count(self._image_token)
+            if request.image_features.shape[0] != placeholders:
+                raise GenerationError(f"the prompt has {placeholders} image placeholder token(s) but "
+                                      f"{request.image_features.shape[0]} image feature row(s); expand it with its "
+                                      "images (Generator.chat_inputs)")
 
     def submit(self, request: SequenceRequest, listener: Callable[[SequenceEvent], None] | None = None) -> Sequence:
         """Queue a request; raises GenerationError on bad input, QueueFull, or EngineClosed while shutting down."""
@@ -242,7 +254,8 @@ class BatchEngine:
 
     def _prefill(self, seq: Sequence) -> None:
         """Feed seq's next prompt piece in its row alone (the other rows are padding: the backend runs the row by
-        itself); sample the first token after the last piece."""
+        itself) with the image features of its placeholders, as Generator's prefill hands them; sample the first
+        token after the last piece."""
         prompt, start = seq.request.prompt_ids, seq.fed
         n = min(self.backend.max_prefill_tokens, len(prompt) - start)
         ids = np.full((self.max_batch, n), self._pad, np.int64)
@@ -251,7 +264,13 @@ class BatchEngine:
         positions[seq.row] = np.arange(start, start + n)
         wanted = np.zeros((self.max_batch, 1), np.int64)
         wanted[seq.row, 0] = n - 1
-        logits = self.backend.forward(ids, positions, self.cache, wanted)
+        features = seq.request.image_features
+        if features is None:
+            logits = self.backend.forward(ids, positions, self.cache, wanted)
+        else:  # the feature rows of this piece's placeholders (a piece may cut an image: count those before it)
+            before = prompt[:start].count(self._image_token)
+            features = features[before: before + prompt[start:start + n].count(self._image_token)]
+            logits = self.backend.forward(ids, positions, self.cache, wanted, image_features=features)
         seq.fed += n
         if seq.fed == len(prompt):
             self._sampled(seq, logits[seq.row, 0])

@@ -5,6 +5,7 @@
     for event in gen.stream("The cat", temperature=0.8):   # token by token
         print(event.text, end="")
     gen.generate("<|image|>Describe it.", images=["cat.png"])  # an artifact exported from a multimodal checkpoint
+    gen.chat([{"role": "user", "content": [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "Describe it."}]}])
 
 Prompts longer than the prefill graph's limit (manifest graphs.prefill.max_new_tokens) are fed in pieces of at most
 that many tokens; one-token steps go to the decode graph. Batches (generate_batch) put every prompt in its own row;
@@ -34,6 +35,7 @@ from ..plan import FLOAT_DTYPES, cuda_memory_bytes, planned_window
 from .backends import Backend, KVCacheState
 from .errors import GenerationError, ImageError
 from .image_encoder import ImageEncoder, ImageInput
+from .images import decode_data_url
 from .ort_backend import OrtBackend
 from .trt_backend import TrtBackend
 from .sampling import Sampler, SamplingParams
@@ -144,16 +146,25 @@ class Generator:
         """The prompt's ids with each `<|image|>` expanded for its image's tile grid, and the images' features."""
         if not images:
             return self.encode(prompt), None
-        if self.image_encoder is None:
-            raise ImageError("this artifact has no vision graph (exported from a text-only checkpoint, or for "
-                             "TensorRT; --backend torch runs text only); export a multimodal checkpoint for "
-                             "onnxruntime to give it images")
+        self._require_vision()
         if isinstance(images, (str, Path)):
             images = [images]
         if not isinstance(prompt, str):
             raise ImageError("images need a text prompt: its <|image|> placeholders say where each image goes")
+        return self._expanded(prompt, images, add_special_tokens=True)
+
+    def _require_vision(self, where: str = "") -> None:
+        if self.image_encoder is None:
+            raise ImageError(f"{where}this artifact has no vision graph (exported from a text-only checkpoint, or for "
+                             "TensorRT; --backend torch runs text only); export a multimodal checkpoint for "
+                             "onnxruntime to give it images")
+
+    def _expanded(self, text: str, images: Sequence[ImageInput], add_special_tokens: bool,
+                  ) -> tuple[list[int], np.ndarray]:
+        """Every image read and tiled, its placeholder expanded, the length checked; then the vision graph."""
         processed = self.image_encoder.preprocess(images)
-        ids = self.encode(self.image_encoder.processor.expand_prompt(prompt, [image.grid for image in processed]))
+        expanded = self.image_encoder.processor.expand_prompt(text, [image.grid for image in processed])
+        ids = self.encode(self.tokenizer.encode(expanded, add_special_tokens) if self.tokenizer else expanded)
         context = self.config.max_position_embeddings
         if len(ids) > context:
             tiles = sum(image.pixel_values.shape[0] for image in processed)
@@ -162,10 +173,42 @@ class Generator:
                              f"{context:,}; give fewer or smaller images")
         return ids, self.image_encoder.encode(processed)
 
-    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def chat_inputs(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    ) -> tuple[list[int], np.ndarray | None]:
+        """A conversation through the chat template, ready for the reply: its token ids, and the feature rows of its
+        images (None without images). A message's content is text or a list of parts: {"type": "text", "text": ...}
+        and images, as {"type": "image", "image": a file or PIL image} or {"type": "image", "url": ...} or OpenAI's
+        {"type": "image_url", "image_url": {"url": ...}} — URLs must be data URLs (nothing is fetched). The template
+        sees each image part as {"type": "image"} and writes its `<|image|>` placeholder there, as Llama4Processor's
+        apply_chat_template has it; the placeholders are then expanded as generate(images=) expands them.
+        tools: OpenAI function definitions, for a template that renders them."""
         if self.tokenizer is None:
             raise GenerationError("chat needs a tokenizer but the artifact has no tokenizer.json")
-        return self.encode(self.tokenizer.chat_prompt(messages, tools))
+        rendered, sources = [], []
+        for i, message in enumerate(messages):
+            content = message.get("content")
+            if isinstance(content, list):
+                parts = []
+                for j, part in enumerate(content):
+                    source = _image_source(part, f"messages[{i}].content[{j}]")
+                    if source is not None:
+                        self._require_vision(f"messages[{i}].content[{j}]: an image, but ")
+                        sources.append(source)
+                    parts.append({"type": "image"} if source is not None else part)
+                message = {**message, "content": parts}
+            rendered.append(message)
+        text = self.tokenizer.render_chat(rendered, tools)
+        if not sources:
+            return self.encode(self.tokenizer.encode(text, add_special_tokens=False)), None
+        images = [decode_data_url(url, where) if url is not None else image for image, url, where in sources]
+        return self._expanded(text, images, add_special_tokens=False)
+
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The token ids of a text-only conversation (chat_inputs for one with images)."""
+        ids, features = self.chat_inputs(messages, tools)
+        if features is not None:
+            raise ImageError("the conversation has images: use chat() or chat_inputs(), which give their features")
+        return ids
 
     # --- generation ----------------------------------------------------------------------------------------
     def generate(
@@ -198,11 +241,23 @@ class Generator:
         prepared = [self._with_images(p, images[k] if images is not None else ()) for k, p in enumerate(prompts)]
         if not prepared:
             raise GenerationError("no prompts given")
-        batch, features = [ids for ids, _ in prepared], [f for _, f in prepared]
         params, stops = self._options(max_new_tokens, dict(
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
             stop_tokens=stop_tokens,
         ))
+        return self._collect(prepared, max_new_tokens, params, stops, stream)
+
+    def chat(self, messages: list[dict[str, Any]], max_new_tokens: int = 64, tools: list[dict[str, Any]] | None = None,
+             stream: Callable[[TokenEvent], None] | None = None, **options) -> GenerationResult:
+        """The reply to a conversation (chat_inputs: text and image parts, tools); options as for stream()."""
+        ids, features = self.chat_inputs(messages, tools)
+        params, stops = self._options(max_new_tokens, options)
+        return self._collect([(ids, features)], max_new_tokens, params, stops, stream)[0]
+
+    def _collect(self, prepared: list[tuple[list[int], np.ndarray | None]], max_new_tokens: int,
+                 params: SamplingParams, stops: frozenset[int], stream: Callable[[TokenEvent], None] | None,
+                 ) -> list[GenerationResult]:
+        batch, features = [ids for ids, _ in prepared], [f for _, f in prepared]
         new: list[list[int]] = [[] for _ in batch]
         stopped = [False] * len(batch)
         for event in self._events(batch, max_new_tokens, params, stops, features):
@@ -364,3 +419,24 @@ def _generation_config_eos(directory: Path) -> list[int]:
     if eos is None:
         return []
     return [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
+
+
+def _image_source(part: Any, where: str) -> tuple[ImageInput | None, str | None, str] | None:
+    """An image content part as (image, data URL, where it is) — exactly one of the first two set; None for a part
+    that is not an image."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+    elif kind == "image":
+        url = part.get("url")
+        if url is None:
+            image = part.get("image", part.get("path"))
+            if image is None:
+                raise ImageError(f"{where}: an image part needs \"image\" (a file or PIL image), \"path\" or \"url\"")
+            return image, None, where
+    else:
+        return None
+    if not isinstance(url, str):
+        raise ImageError(f"{where}: the image part has no URL string; give {{\"url\": \"data:image/png;base64,...\"}}")
+    return None, url, where

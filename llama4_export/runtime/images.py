@@ -34,7 +34,9 @@ then `<|image_end|>`. The model replaces the `<|patch|>` rows with the image fea
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -57,6 +59,7 @@ _BF16 = ml_dtypes.bfloat16
 IMAGE_TOKEN = "<|image|>"
 IMAGE_START, IMAGE_END, PATCH = "<|image_start|>", "<|image_end|>", "<|patch|>"
 TILE_X_SEPARATOR, TILE_Y_SEPARATOR = "<|tile_x_separator|>", "<|tile_y_separator|>"
+DATA_URL = "data:"
 
 
 @dataclass(frozen=True)
@@ -213,16 +216,36 @@ class ImageProcessor:
         return pieces[0] + "".join(self.image_prompt(grid) + piece for grid, piece in zip(grids, pieces[1:]))
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """A decoded image file, turned upright by its EXIF orientation; ImageError naming the file if it cannot be read."""
+def load_image(path: str | Path | io.BytesIO, name: str | None = None) -> Image.Image:
+    """A decoded image (a file, or bytes in memory called `name`), turned upright by its EXIF orientation; ImageError
+    naming it if it cannot be read."""
+    name = name or str(path)
     try:
         with Image.open(path) as opened:
             opened.load()  # decode now: a truncated or corrupt file fails here, not half-way through a batch
             return ImageOps.exif_transpose(opened)
     except FileNotFoundError:
-        raise ImageError(f"{path}: image file not found") from None
+        raise ImageError(f"{name}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"{path}: not a readable image ({exc}); give a PNG, JPEG or WebP file") from None
+        raise ImageError(f"{name}: not a readable image ({exc}); give a PNG, JPEG or WebP image") from None
+
+
+def decode_data_url(url: str, name: str = "image_url") -> Image.Image:
+    """The image of a `data:image/...;base64,...` URL (RFC 2397), as chat messages carry them. Nothing is fetched:
+    any other URL is refused."""
+    if not url.startswith(DATA_URL):
+        shown = url if len(url) <= 40 else url[:40] + "…"
+        raise ImageError(f"{name}: {shown!r} is not a data URL; only data:image/...;base64,... URLs are accepted "
+                         "(the runtime fetches nothing from the network)")
+    header, comma, payload = url[len(DATA_URL):].partition(",")
+    media_type, *parameters = header.split(";")
+    if not comma or "base64" not in parameters or not media_type.startswith("image/"):
+        raise ImageError(f"{name}: a malformed data URL (header {header[:40]!r}); give data:image/<type>;base64,<data>")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except ValueError as exc:
+        raise ImageError(f"{name}: the data URL's base64 payload does not decode ({exc})") from None
+    return load_image(io.BytesIO(data), name)
 
 
 def to_rgb(image: Image.Image, convert: bool = True) -> Image.Image:

@@ -7,16 +7,22 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GenerationError
+from .images import IMAGE_TOKEN
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers saves the template; it takes priority over the config's
 
 
-def llama4_chat_format(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """Llama 4's header format, used when the tokenizer config carries no chat template (or jinja2 is missing)."""
+def llama4_chat_format(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    """Llama 4's header format, used when the tokenizer config carries no chat template (or jinja2 is missing).
+    Content is text or a list of parts: text parts as they are, an image part as its `<|image|>` placeholder."""
     text = "<|begin_of_text|>"
     for m in messages:
-        text += f"<|header_start|>{m['role']}<|header_end|>\n\n{m['content'].strip()}<|eot|>"
+        content = m["content"]
+        if not isinstance(content, str):
+            content = "".join(IMAGE_TOKEN if part.get("type") == "image" else part.get("text", "") for part in content)
+        text += f"<|header_start|>{m['role']}<|header_end|>\n\n{content.strip()}<|eot|>"
     if add_generation_prompt:
         text += "<|header_start|>assistant<|header_end|>\n\n"
     return text
@@ -38,6 +44,8 @@ class Tokenizer:
                 self.config = json.loads(config_path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise GenerationError(f"{config_path}: not valid JSON ({exc}); re-copy it from the checkpoint") from None
+        template_path = directory / CHAT_TEMPLATE_FILE
+        self._template_file = template_path.read_text(encoding="utf-8") if template_path.is_file() else None
 
     @classmethod
     def load(cls, directory: str | Path) -> "Tokenizer | None":
@@ -86,13 +94,21 @@ class Tokenizer:
         def raise_exception(message: str) -> None:
             raise GenerationError(f"{TOKENIZER_CONFIG_FILE}: chat template refused the conversation: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+                   sort_keys: bool = False) -> str:
+            # transformers' filter: keys in the caller's order, nothing HTML-escaped (jinja2's own sorts and escapes)
+            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = tojson
         special = {k: v for k, v in self.config.items() if k.endswith("_token") and isinstance(v, str)}
         extra = {"tools": tools} if tools else {}
         return env.from_string(template).render(messages=messages, add_generation_prompt=True, **extra, **special)
 
     def _chat_template(self) -> str | None:
+        if self._template_file is not None:
+            return self._template_file
         template = self.config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

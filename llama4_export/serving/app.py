@@ -109,7 +109,8 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                            "model", type="not_found_error", code="model_not_found")
 
     async def start(body: CompletionRequest | ChatCompletionRequest) -> _Run:
-        request = body.engine_request(generator, settings.request_timeout)
+        # off the event loop: a chat's images are decoded and run through the vision graph here
+        request = await asyncio.to_thread(body.engine_request, generator, settings.request_timeout)
         prompt_ids = request.prompt_ids
         run = _Run(engine, metrics, len(prompt_ids))
         try:

@@ -9,13 +9,14 @@ Extensions beyond OpenAI's fields: top_k, repetition_penalty and ignore_eos (as 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..runtime.batching import SequenceRequest
-from ..runtime.errors import GenerationError
+from ..runtime.errors import GenerationError, ImageError
 from ..runtime.generator import Generator
 from ..runtime.sampling import SamplingParams
 
@@ -105,9 +106,14 @@ class TextPart(_Body):
     text: str
 
 
+class ImageURL(_Body):
+    url: str  # a data URL (the server fetches nothing)
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; Llama 4 tiles every image the same way
+
+
 class ImagePart(_Body):
     type: Literal["image_url"]
-    image_url: dict[str, Any]
+    image_url: ImageURL
 
 
 class FunctionCall(_Body):
@@ -159,13 +165,13 @@ class ChatCompletionRequest(_Generation):
     response_format: ResponseFormat | None = None
 
     def template_messages(self) -> list[dict[str, Any]]:
-        """The conversation as a chat template takes it: text parts joined, tool-call arguments as objects."""
+        """The conversation as Generator.chat_inputs takes it: the parts of a message with images as they are, other
+        messages' text parts joined, tool-call arguments as objects."""
         messages = []
         for i, m in enumerate(self.messages):
-            if isinstance(m.content, list):
-                if any(isinstance(part, ImagePart) for part in m.content):
-                    raise APIError(400, "image content parts are not supported: this artifact's model is text-only",
-                                   f"messages[{i}].content")
+            if isinstance(m.content, list) and any(isinstance(part, ImagePart) for part in m.content):
+                content: Any = [part.model_dump(exclude_none=True) for part in m.content]
+            elif isinstance(m.content, list):
                 content = "".join(part.text for part in m.content)
             else:
                 content = m.content or ""
@@ -191,11 +197,14 @@ class ChatCompletionRequest(_Generation):
         """The conversation through the checkpoint's chat template (with the tools, if any)."""
         tools = self.template_tools()
         try:
-            prompt_ids = generator.chat_prompt(self.template_messages(), tools)
+            prompt_ids, features = generator.chat_inputs(self.template_messages(), tools)
+        except ImageError as exc:
+            raise APIError(400, str(exc), "messages") from None
         except GenerationError as exc:
             raise APIError(400, str(exc), "tools" if tools else "messages") from None
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return _sequence_request(self, generator, prompt_ids, "messages", limit, self.top, timeout)
+        request = _sequence_request(self, generator, prompt_ids, "messages", limit, self.top, timeout)
+        return request if features is None else dataclasses.replace(request, image_features=features)
 
     @property
     def top(self) -> int | None:

@@ -1,0 +1,163 @@
+"""llama4-serve on a vision artifact (the tiny-a fixture checkpoint, exported once with 32-token prefill pieces so an
+image's patch tokens are cut across pieces and attention chunks): chat messages with image data URLs through the
+official `openai` client, equal to Generator alone with the same images; two image requests batched together; bad
+images as 400s. Tools through the checkpoint's own chat template (Llama 4's, copied to the artifact as
+chat_template.jinja), checked against transformers' apply_chat_template."""
+
+from __future__ import annotations
+
+import base64
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+httpx = pytest.importorskip("httpx", reason="the serve extra is not installed (pip install .[serve])")
+openai = pytest.importorskip("openai", reason="the serve extra is not installed (pip install .[serve])")
+
+from llama4_export.pipeline import QuantOptions, export  # noqa: E402
+from llama4_export.runtime import Generator  # noqa: E402
+from llama4_export.serving.protocol import ChatCompletionRequest, parse  # noqa: E402
+from llama4_export.weights import CheckpointWeights  # noqa: E402
+
+from .conftest import VISION_FIXTURES, llama4_serve  # noqa: E402
+
+MODEL = "tiny-vision"
+IMAGES = VISION_FIXTURES / "images"
+MIME = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def data_url(name: str) -> str:
+    path = IMAGES / name
+    return f"data:{MIME[path.suffix]};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def image_chat(text: str, *images: str) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": data_url(name)}} for name in images]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve-vision") / MODEL
+    export(out, CheckpointWeights(VISION_FIXTURES / "tiny-a"), "fp32", quant=QuantOptions(report=False), max_prefill=32,
+           show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def generator(artifact):
+    return Generator.load(artifact, threads=1)
+
+
+@pytest.fixture(scope="module")
+def served(artifact):
+    """(base URL, openai client) of one llama4-serve on the artifact (2 rows) for the module."""
+    with llama4_serve(artifact, "--max-batch", "2", "--threads", "1", "--model-name", MODEL) as (base, _):
+        yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(client, messages, max_tokens=12, **options):
+    return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
+                                          extra_body={"ignore_eos": True}, **options)
+
+
+def test_image_parts_render_like_transformers(generator):
+    """The template writes `<|image|>` where the image part is (transformers renders an image part so); expanding it
+    gives the ids."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(VISION_FIXTURES / "tiny-a")
+    messages = image_chat("Compare these.", "tall.webp", "tiny.png")
+    text = hf.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                                {"type": "text", "text": "Compare these."}]}],
+                                  tokenize=False, add_generation_prompt=True)
+    assert text.count("<|image|>") == 2
+    processor = generator.image_encoder.processor
+    grids = [processor.preprocess(IMAGES / name).grid for name in ("tall.webp", "tiny.png")]
+    ids, features = generator.chat_inputs(messages)
+    assert ids == hf(processor.expand_prompt(text, grids), add_special_tokens=False)["input_ids"]
+    assert features.shape[0] == ids.count(generator.image_encoder.config.image_token_id)
+    files = [{"role": "user", "content": [{"type": "image", "image": IMAGES / "tall.webp"},  # the Python API's form
+                                          {"type": "image", "path": str(IMAGES / "tiny.png")},
+                                          {"type": "text", "text": "Compare these."}]}]
+    by_file, file_features = generator.chat_inputs(files)
+    assert by_file == ids and (file_features == features).all()
+
+
+def test_chat_with_an_image_equals_generator(served, generator):
+    client = served[1]
+    messages = image_chat("What is in this picture?", "panorama.jpg")
+    expected = generator.chat(messages, 12, stop_tokens=[])
+    assert len(expected.prompt_ids) > 2 * 32  # three prefill pieces, patch tokens in more than one
+    response = ask(client, messages)
+    assert response.choices[0].message.content == expected.text
+    assert response.usage.prompt_tokens == len(expected.prompt_ids)
+    streamed = list(ask(client, messages, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected.text
+
+
+def test_two_image_requests_batch_and_each_equals_its_single_run(served, generator):
+    client = served[1]
+    chats = [image_chat("What is in this picture?", "panorama.jpg"),
+             image_chat("Which one is taller?", "tall.webp", "tiny.png")]
+    expected = [generator.chat(m, 16, stop_tokens=[]).text for m in chats]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda m: ask(client, m, 16).choices[0].message.content, chats))
+    assert answers == expected
+
+
+def test_tools_render_like_transformers_and_the_reply_equals_generator(served, generator):
+    """The checkpoint's template renders `tools` and a tool-call history: the request, parsed as the server parses it,
+    gives transformers' ids; over HTTP the same length and the reply those ids give; a reply that is no tool call
+    stays content, also streamed (held back while it might become one)."""
+    from transformers import AutoTokenizer
+
+    client = served[1]
+
+    history = [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "Weather in Oslo?"},
+               {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                   "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "Snow."}]
+    reference = [*history[:2], {**history[2], "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": {"city": "Oslo"}}}]}, history[3]]  # transformers takes arguments as a dict
+    hf = AutoTokenizer.from_pretrained(VISION_FIXTURES / "tiny-a")
+    text = hf.apply_chat_template(reference, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    assert '"name": "get_weather"' in text and "<|python_start|>" in text
+    hf_ids = hf(text, add_special_tokens=False)["input_ids"]
+    body = json.dumps({"model": MODEL, "messages": history, "tools": TOOLS}).encode()
+    assert parse(ChatCompletionRequest, body).engine_request(generator, None).prompt_ids == hf_ids  # the server's path
+    expected = generator.generate(hf_ids, 12, stop_tokens=[])
+    response = ask(client, history, tools=TOOLS)
+    assert response.usage.prompt_tokens == len(expected.prompt_ids)
+    message = response.choices[0].message
+    assert message.content == expected.text and message.tool_calls is None
+    streamed = list(ask(client, history, tools=TOOLS, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected.text
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+
+BAD = [
+    ({"url": "data:image/png;base64,%%%not-base64%%%"}, "base64 payload does not decode"),
+    ({"url": "data:image/png," + "iVBORw0KGgo="}, "malformed data URL"),
+    ({"url": f"data:image/png;base64,{base64.b64encode(b'not an image at all').decode()}"}, "not a readable image"),
+    ({"url": "https://example.com/cat.png"}, "only data:image/...;base64,... URLs are accepted"),
+    ({"url": data_url("over_budget.png")}, "but the model's context is"),  # 150 images: tiles beyond the context
+]
+
+
+@pytest.mark.parametrize("image_url, message", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_images_get_400_and_the_next_request_succeeds(served, image_url, message):
+    server, client = served
+    parts = [{"type": "image_url", "image_url": image_url}] * (150 if "context" in message else 1)
+    body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": [
+        *parts, {"type": "text", "text": "What is it?"}]}]}
+    response = httpx.post(f"{server}/v1/chat/completions", content=json.dumps(body),
+                          headers={"Content-Type": "application/json"}, timeout=120)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["param"] == "messages", error
+    assert ask(client, image_chat("ok", "tiny.png"), 2).choices[0].finish_reason == "length"
