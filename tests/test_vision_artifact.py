@@ -224,7 +224,7 @@ def test_bad_images_are_one_line_and_exit_2(artifacts, text_only, short_context,
     cases = [
         ((artifacts["tiny-a"], "--prompt", "<|image|>hi", "--image", truncated), "truncated.png: not a readable image"),
         ((artifacts["tiny-a"], "--prompt", "<|image|>hi", "--image", tmp_path / "none.png"), "none.png: image file not found"),
-        ((text_only, "--prompt", "<|image|>hi", "--image", tiny), "this artifact has no vision graph"),
+        ((text_only, "--prompt", "<|image|>hi", "--image", tiny), "images need a vision graph run by the onnxruntime backend"),
         ((artifacts["tiny-a"], "--prompt", "<|image|>hi", "--image", tiny, "--image", tiny),
          "the prompt has 1 <|image|> placeholder(s) but 2 image(s)"),
         ((artifacts["tiny-a"], "--prompt", "no placeholder", "--image", tiny), "the prompt has 0 <|image|> placeholder(s)"),

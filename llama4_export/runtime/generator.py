@@ -155,9 +155,9 @@ class Generator:
 
     def _require_vision(self, where: str = "") -> None:
         if self.image_encoder is None:
-            raise ImageError(f"{where}this artifact has no vision graph (exported from a text-only checkpoint, or for "
-                             "TensorRT; --backend torch runs text only); export a multimodal checkpoint for "
-                             "onnxruntime to give it images")
+            raise ImageError(f"{where}images need a vision graph run by the onnxruntime backend: this artifact has "
+                             "none (exported from a text-only checkpoint) or its backend (tensorrt, torch) runs text "
+                             "only; export a multimodal checkpoint and load it with --backend onnxruntime")
 
     def _expanded(self, text: str, images: Sequence[ImageInput], add_special_tokens: bool,
                   ) -> tuple[list[int], np.ndarray]:
