@@ -382,3 +382,33 @@ def test_vision_fusions_change_op_counts_not_outputs():
         np.testing.assert_allclose(got, want, atol=1e-4)
         np.testing.assert_allclose(got, was, atol=1e-5)
     np.testing.assert_allclose(after[3], before[3], atol=1e-6)
+
+
+def test_vision_attention_fusion_changes_op_counts_not_outputs():
+    """The encoder's attention as traced: q, k, v [B, T, H, d] (q, k after RoPE), scaled scores, softmax, no mask."""
+    rng = np.random.default_rng(1)
+    model = parse(
+        """<ir_version: 10, opset_import: ["" : 21]>
+        g (float[N, 5, 2, 4] q, float[N, 5, 2, 4] k, float[N, 5, 2, 4] v) => (float[N, 5, 2, 4] y) {
+            q_heads = Transpose <perm = [0, 2, 1, 3]> (q)
+            k_transposed = Transpose <perm = [0, 2, 3, 1]> (k)
+            v_heads = Transpose <perm = [0, 2, 1, 3]> (v)
+            scores = MatMul(q_heads, k_transposed)
+            scaled = Mul(scores, scale)
+            weights = Softmax <axis = -1> (scaled)
+            heads = MatMul(weights, v_heads)
+            y = Transpose <perm = [0, 2, 1, 3]> (heads)
+        }""", scale=np.asarray(0.5, np.float32))
+    feeds = {name: rng.standard_normal((3, 5, 2, 4)).astype(np.float32) for name in "qkv"}
+    before = run(model, feeds)[0]
+    assert fuse_vision.fuse_attention(model, PassContext("onnxruntime", "gather")) == 1
+    ops_after = op_histogram(model)
+    assert ops_after["com.microsoft::MultiHeadAttention"] == 1
+    assert not {"Softmax", "MatMul", "Transpose"} & set(ops_after)
+    q, k, v = (feeds[name].transpose(0, 2, 1, 3) for name in "qkv")
+    scores = 0.5 * q @ k.transpose(0, 1, 3, 2)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = ((weights / weights.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3)
+    after = run(model, feeds)[0]
+    np.testing.assert_allclose(after, expected, atol=1e-5)
+    np.testing.assert_allclose(after, before, atol=1e-6)

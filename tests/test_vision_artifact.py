@@ -92,7 +92,7 @@ def test_manifest_and_graph_inputs(artifacts):
     assert inputs["vision"] == [io_spec.PIXEL_VALUES]
     assert vision["graph_passes"]["passes"][-1] == "tidy" and (artifacts["tiny-b"] / vision["graph_passes"]["report"]).is_file()
     vision_ops = {n.op_type for n in onnx.load(artifacts["tiny-b"] / "vision.onnx", load_external_data=False).graph.node}
-    assert {"SkipLayerNormalization", "BiasGelu"} <= vision_ops  # the vision fusions ran (graph_passes/fuse_vision.py)
+    assert {"SkipLayerNormalization", "BiasGelu", "MultiHeadAttention"} <= vision_ops  # the vision fusions ran (graph_passes/fuse_vision.py)
 
 
 def test_text_prompts_run_unchanged_on_a_vision_artifact(generators):

@@ -1,4 +1,4 @@
-"""Vision-encoder fusions (onnxruntime): the residual LayerNorm and the bias GELU of the encoder layers.
+"""Vision-encoder fusions (onnxruntime): the residual LayerNorm, the bias GELU and the attention of the encoder layers.
 
   skip_layer_norm  LayerNormalization(Add(a, b), γ, β) over the last axis, a and b of one shape
                    → com.microsoft.SkipLayerNormalization(a, b, γ, β): outputs (normed, …, a + b), the sum taking the
@@ -8,15 +8,18 @@
 
 The rules match float32 graphs (the contrib ops' CPU kernels are fp32). The traced vision graph already carries ONNX
 LayerNormalization and Gelu (opset 17 / 20), which TensorRT reads as they are: the tensorrt target needs no fusion.
-The vision attention stays standard ops: its 2D RoPE turns q and k between the biased projections and the attention,
-so com.microsoft.MultiHeadAttention's bias input cannot take their biases; a fusion of the rest (MatMul → Softmax →
-MatMul, no mask) into that op is not written yet.
+  attention        Transpose(MatMul(Softmax(MatMul(q, kᵀ) · scale), v)) over heads laid out [B, T, H, d] (q, k after
+                   the 2D RoPE), no mask
+                   → Reshape(com.microsoft.MultiHeadAttention(q, k, v as [B, T, H·d], scale), [B, T, H, d]); the
+                     projections' biases stay Adds before the RoPE, which sits between them and the attention
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
+
+import numpy as np
 
 from ._match import attr, const, dims
 from .canonicalize import CANONICAL
@@ -63,9 +66,36 @@ def bias_gelu(op, x, bias, **_):
     return op.BiasGelu(x, bias, _domain=ORT_DOMAIN, _version=1)
 
 
+def attention_pattern(op, q, k, v, scale):
+    scores = op.MatMul(op.Transpose(q, perm=[0, 2, 1, 3]), op.Transpose(k, perm=[0, 2, 3, 1]))
+    weights = op.Softmax(op.Mul(scores, scale), _outputs=["weights"])
+    return op.Transpose(op.MatMul(weights, op.Transpose(v, perm=[0, 2, 1, 3])), perm=[0, 2, 1, 3])
+
+
+def _check_attention(context, q, k, v, scale, weights, **_) -> bool:
+    """q, k, v [B, T, H, d] of one static H and d, float32; a scalar scale; softmax over the keys."""
+    shapes = [dims(x) for x in (q, k, v)]
+    scale_value = const(scale)
+    return (
+        all(s is not None and len(s) == 4 and s[2:] == shapes[0][2:] and None not in s[2:] for s in shapes)
+        and q.dtype == ir.DataType.FLOAT and scale_value is not None and scale_value.size == 1
+        and attr(weights, "axis", -1) in (-1, 3)
+    )
+
+
+def attention(op, q, k, v, scale, **_):
+    heads, head_dim = dims(q)[2:]
+    flat = op.Constant(value_ints=[0, 0, -1])
+    fused = op.MultiHeadAttention(op.Reshape(q, flat), op.Reshape(k, flat), op.Reshape(v, flat), num_heads=heads,
+                                  scale=float(np.asarray(const(scale)).reshape(-1)[0]), _domain=ORT_DOMAIN,
+                                  _version=1)
+    return op.Reshape(fused, op.Constant(value_ints=[0, 0, heads, head_dim]))
+
+
 SKIP_LAYER_NORM_RULE = pattern.RewriteRule(skip_layer_norm_pattern, skip_layer_norm, _check_skip_layer_norm,
                                            name="skip_layer_norm")
 BIAS_GELU_RULE = pattern.RewriteRule(bias_gelu_pattern, bias_gelu, _check_bias_gelu, name="bias_gelu")
+ATTENTION_RULE = pattern.RewriteRule(attention_pattern, attention, _check_attention, name="vision_attention")
 
 
 def fuse_skip_layer_norm(model: ir.Model, context: PassContext) -> int:
@@ -78,9 +108,15 @@ def fuse_bias_gelu(model: ir.Model, context: PassContext) -> int:
     return pattern.RewriteRuleSet([BIAS_GELU_RULE]).apply_to_model(model)
 
 
+def fuse_attention(model: ir.Model, context: PassContext) -> int:
+    """Transpose → MatMul(q, kᵀ) · scale → Softmax → MatMul(·, v) → Transpose  →  com.microsoft.MultiHeadAttention"""
+    return pattern.RewriteRuleSet([ATTENTION_RULE]).apply_to_model(model)
+
+
 def vision_fusion_passes(target: str) -> list[GraphPass]:
     """The vision graph's fusions for `target` (none for tensorrt: see the module docstring)."""
     if target != "onnxruntime":
         return []
     return [GraphPass("fuse_skip_layer_norm", fuse_skip_layer_norm, requires=(CANONICAL,)),
-            GraphPass("fuse_bias_gelu", fuse_bias_gelu, requires=(CANONICAL,))]
+            GraphPass("fuse_bias_gelu", fuse_bias_gelu, requires=(CANONICAL,)),
+            GraphPass("fuse_vision_attention", fuse_attention, requires=(CANONICAL,))]
