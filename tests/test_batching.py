@@ -1,5 +1,5 @@
 """Continuous batching on ONNX Runtime (in_place KV layout): requests of different lengths arrive at different steps,
-newcomers' prompts are fed in pieces between batched decode steps, finished rows are reused — and every request's
+newcomers' prompts are fed in pieces between batched decode steps (short ones together), finished rows are reused — and every request's
 tokens equal the same request run alone through Generator (the independent reference: one sequence, its own cache)."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from llama4_export.runtime.errors import GenerationError
 from llama4_export.runtime.sampling import SamplingParams
 
 PREFILL = 8  # prefill piece: prompts below take several pieces and cross scout-tiny's 16-token chunks
-# (prompt length, new tokens, engine step it arrives at); 3 rows for 5 requests: the last two wait for freed rows
-ARRIVALS = [(21, 14, 0), (5, 20, 2), (37, 9, 3), (12, 11, 4), (3, 17, 4)]
+# (prompt length, new tokens, engine step it arrives at); 3 rows for 6 requests: the last three wait for freed rows;
+# the two arriving at step 2 fit one piece together (2 × 4 ≤ PREFILL), so they are prefilled in one call
+ARRIVALS = [(21, 14, 0), (4, 20, 2), (3, 12, 2), (37, 9, 3), (12, 11, 4), (3, 17, 4)]
 GREEDY = SamplingParams()
 SAMPLED = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=7,
                          frequency_penalty=0.5, presence_penalty=0.3)
@@ -41,7 +42,7 @@ def test_staggered_requests_equal_single_runs(generator, sampling):
              for p, (_, new, _) in zip(prompts, ARRIVALS)]
 
     engine = BatchEngine(generator, max_batch=3, max_queue=8)
-    sequences, interleaved = [], False
+    sequences, interleaved, together = [], False, False
     step = 0
     while step < 5 or any(not s.done.is_set() for s in sequences):
         for prompt, (_, new, arrival) in zip(prompts, ARRIVALS):
@@ -54,12 +55,14 @@ def test_staggered_requests_equal_single_runs(generator, sampling):
         prefilled = [s for s, fed in zip(sequences, fed_before) if s.fed > fed and s.fed < len(s.request.prompt_ids)]
         decoded = [s for s, n in zip(sequences, decoded_before) if len(s.token_ids) > n and n > 0]
         interleaved |= bool(prefilled and decoded)
+        together |= sum(fed == 0 and s.fed == len(s.request.prompt_ids) for s, fed in zip(sequences, fed_before)) > 1
         step += 1
         assert step < 200
 
     assert [s.result().token_ids for s in sequences] == alone
     assert all(s.finish_reason == "length" for s in sequences)
     assert interleaved  # a newcomer's prompt piece and others' decode ran in one step
+    assert together  # two newcomers' whole prompts in one prefill call
     assert {s.row for s in sequences} == {0, 1, 2} and len(sequences) > engine.max_batch  # freed rows were reused
     assert engine.running == 0 and engine.queue_depth == 0
 

@@ -7,13 +7,15 @@ while others decode and freed the moment they end.
     print(seq.result().text)
 
 One step (step()): requests waiting in the bounded queue take free rows (lowest first; the row is emptied for
-them); the oldest sequence still reading its prompt gets one prefill piece (the pieces Generator feeds: at most the
-backend's max_prefill_tokens, from position 0), so a long prompt is spread over several steps instead of stalling
-everyone's tokens; then one decode call advances every decoding row by one token, each at its own position (the
-others are padding, position −1). Prefill runs one row per call — GroupQueryAttention takes a step of several tokens
-with past tokens for one row only, and the backend cuts it at chunk boundaries — while decode (one token) runs over
-rows 0..the highest decoding row (rows are taken lowest first; an in-place cache's first rows are a view). A sequence that ends (stop token, stop string, max_new_tokens, timeout, cancel) frees its row for the
-next request at once. A request with images (SequenceRequest.image_features, from Generator.chat_inputs) hands each
+them); then prefill: when several newcomers' whole prompts each fit one piece (in place: the chunk and the prefill
+graph's limit) and together one piece's token budget, they run together in one call, in the rows of an empty staging cache whose rows then move into theirs
+(GroupQueryAttention takes a step of several tokens over many rows only when none has past tokens); otherwise the
+oldest sequence still reading its prompt gets one prefill piece in its row alone (the pieces Generator feeds: at most
+the backend's max_prefill_tokens, cut at chunk boundaries), so a long prompt is spread over several steps instead of
+stalling everyone's tokens. Then one decode call advances every decoding row by one token, each at its own position
+(the others are padding, position −1), over rows 0..the highest decoding row (rows are taken lowest first; an in-place
+cache's first rows are a view). A sequence that ends (stop token, stop string, max_new_tokens, timeout, cancel) frees
+its row for the next request at once. A request with images (SequenceRequest.image_features, from Generator.chat_inputs) hands each
 prefill piece the feature rows of the `<|patch|>` tokens in it, as Generator's prefill does. Every sequence has its own
 sampler and seed, so its tokens do not depend on what else runs:
 greedy tokens equal the same request run alone through Generator.
@@ -123,6 +125,12 @@ class BatchEngine:
         encoder = generator.image_encoder
         self._image_token = None if encoder is None else encoder.config.image_token_id
         self.cache = self.backend.make_cache(max_batch, generator.window, generator.sinks)
+        # Newcomers whose prompts fit one piece are prefilled together in this empty cache of the same kind (it grows
+        # only as far as one piece), then their rows move into the main cache: GroupQueryAttention runs a step of
+        # several tokens over many rows only when none has past tokens.
+        self._staging = (self.backend.make_cache(max_batch, generator.window, generator.sinks)
+                         if self.cache.layout == "in_place" else None)
+        self._one_piece = self.backend.max_prefill_tokens if self._staging is None else self._staging.piece_limit(0)
         self._views: dict[int, KVCacheState] = {}  # first_rows views of the cache, by row count
         self._views_of = self.cache.reallocations  # the buffers those views are of
         self._rows: list[Sequence | None] = [None] * max_batch
@@ -245,7 +253,10 @@ class BatchEngine:
             if seq is not None and (seq.cancelled or seq.expired(now)):
                 self._finish(seq, "cancelled" if seq.cancelled else "timeout")
         reading = [s for s in self._rows if s is not None and s.fed < len(s.request.prompt_ids)]
-        if reading:
+        together = self._newcomers_together(reading)
+        if len(together) > 1:
+            self._prefill_together(together)
+        elif reading:
             self._prefill(min(reading, key=lambda s: s.submitted))
         decoding = [s for s in self._rows if s is not None and s.pending is not None]
         if decoding:
@@ -274,6 +285,43 @@ class BatchEngine:
         seq.fed += n
         if seq.fed == len(prompt):
             self._sampled(seq, logits[seq.row, 0])
+
+    def _newcomers_together(self, reading: list[Sequence]) -> list[Sequence]:
+        """The oldest newcomers whose whole prompts fit one piece each and, padded to the longest, one prefill step's
+        token budget together (max_prefill_tokens: what bounds the prefill's activation memory)."""
+        if self._staging is None:
+            return []
+        chosen: list[Sequence] = []
+        longest = 0
+        for seq in sorted(reading, key=lambda s: s.submitted):
+            length = len(seq.request.prompt_ids)
+            if seq.fed == 0 and length <= self._one_piece \
+                    and (len(chosen) + 1) * max(longest, length) <= self.backend.max_prefill_tokens:
+                chosen.append(seq)
+                longest = max(longest, length)
+        return chosen
+
+    def _prefill_together(self, newcomers: list[Sequence]) -> None:
+        """Prefill whole prompts of several newcomers in one step, in rows 0.. of the staging cache, with the image
+        features of their placeholders (row-major); move each row into the sequence's row; sample first tokens."""
+        staging = self._staging
+        staging.reset()
+        longest = max(len(seq.request.prompt_ids) for seq in newcomers)
+        ids = np.full((len(newcomers), longest), self._pad, np.int64)
+        positions = np.full((len(newcomers), longest), -1, np.int64)
+        wanted = np.zeros((len(newcomers), 1), np.int64)
+        features = [seq.request.image_features for seq in newcomers if seq.request.image_features is not None]
+        for j, seq in enumerate(newcomers):
+            prompt = seq.request.prompt_ids
+            ids[j, :len(prompt)], positions[j, :len(prompt)], wanted[j, 0] = prompt, np.arange(len(prompt)), len(prompt) - 1
+        staging.reserve(slice(None), longest)  # before taking a view, which cannot grow the buffers
+        view = staging.first_rows(len(newcomers)) if len(newcomers) < staging.batch else staging
+        logits = self.backend.forward(ids, positions, view, wanted,
+                                      image_features=np.concatenate(features) if features else None)
+        for j, seq in enumerate(newcomers):
+            self.cache.adopt_row(seq.row, staging, j)
+            seq.fed = len(seq.request.prompt_ids)
+            self._sampled(seq, logits[j, 0])
 
     def _decode(self, decoding: list[Sequence]) -> None:
         """One token for every decoding row, over rows 0..the highest decoding one (rows are taken lowest first, so

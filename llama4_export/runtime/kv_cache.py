@@ -293,6 +293,22 @@ class InPlaceKVCache(_Buffers):
             if new_size is not None:
                 self._grow_buffers(kind, new_size)
 
+    def adopt_row(self, row: int, source: "InPlaceKVCache", source_row: int) -> None:
+        """Empty row `row` takes over `source`'s row `source_row` (a prefill run in another cache joins this one): its
+        valid slots are copied as they lie (a slot's place depends only on its position) with its length."""
+        if self.lengths[row]:
+            raise ValueError(f"row {row} holds {self.lengths[row]} tokens; only an empty row can adopt another")
+        for kind in self.policies:
+            count = int(source.filled[kind][source_row])
+            new_size = self._new_size(kind, count)
+            if new_size is not None:
+                self._grow_buffers(kind, new_size)
+            for i in self._layers_of[kind]:
+                self.keys[i][row, :, :count] = source.keys[i][source_row, :, :count]
+                self.values[i][row, :, :count] = source.values[i][source_row, :, :count]
+            self.filled[kind][row] = count
+        self.lengths[row] = source.lengths[source_row]
+
     def advance(self, positions: np.ndarray) -> None:
         """After a step that wrote positions [batch, T] (−1 = padding, after each row's tokens) in place."""
         if positions.shape[0] != self.batch:
