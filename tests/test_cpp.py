@@ -3,7 +3,9 @@
 `make cpp` builds it (the test target does too); llama4-run runs in-process through its Typer app. The artifacts:
 scout-tiny fp32 with a 16-token prefill limit (prompts go in pieces), int4, fp8 with an fp8 KV cache (the positions KV
 layout; the others are in_place), and the trained l4-scoutlike (conftest's export). Prompts cross a chunk boundary
-(scout-tiny's chunk is 16, l4-scoutlike's 64) and generations run past a small global window.
+(scout-tiny's chunk is 16, l4-scoutlike's 64) and generations run past a small global window. Text in and out goes
+through the artifacts' tokenizer graphs (onnxruntime-extensions) in C++ and through `tokenizers` in Python: the
+random-weight scout-tiny generates arbitrary bytes, so its text also checks the replacement of invalid UTF-8.
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ def test_scout_tiny_tokens_match_llama4_run(llama4_cpp, tiny, case):
     expected = python_json(tiny[name], *args)
     got = cpp_json(llama4_cpp, tiny[name], *args)
     assert got["token_ids"] == expected["token_ids"]
-    assert (got["prompt_ids"], got["stop_reason"]) == (expected["prompt_ids"], expected["stop_reason"])
+    assert (got["prompt_ids"], got["stop_reason"], got["text"]) == (
+        expected["prompt_ids"], expected["stop_reason"], expected["text"])
 
 
 SCOUTLIKE_CASES = {
@@ -122,7 +125,29 @@ def test_trained_checkpoint_tokens_match_llama4_run(llama4_cpp, scoutlike_artifa
     expected = python_json(scoutlike_artifact, *args)
     got = cpp_json(llama4_cpp, scoutlike_artifact, *args)
     assert got["token_ids"] == expected["token_ids"]
-    assert (got["prompt_ids"], got["stop_reason"]) == (expected["prompt_ids"], expected["stop_reason"])
+    assert (got["prompt_ids"], got["stop_reason"], got["text"]) == (
+        expected["prompt_ids"], expected["stop_reason"], expected["text"])
+
+
+# ASCII with punctuation and a contraction, runs of spaces/tabs/newlines, digit groups, accents + CJK + emoji with a
+# skin-tone modifier and a flag, and a special token inside text.
+TEXTS = ["The history of Rome, isn't it?", "  a\t\tb \n\n\n   c  ", "pi 3.14159 and 1234567 or 2026-12-04",
+         "café naïve 日本語 😀👍🏽 🇫🇷", "<|begin_of_text|>hello<|end_of_text|> there"]
+
+
+def test_text_prompts_tokenize_as_tokenizers(llama4_cpp, scoutlike_artifact):
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(str(scoutlike_artifact / "tokenizer.json"))
+    for text in TEXTS:
+        got = cpp_json(llama4_cpp, scoutlike_artifact, "--prompt", text, "-n", 0)
+        assert got["prompt_ids"] == reference.encode(text).ids, text
+        assert got["text"] == ""
+
+
+def test_text_in_and_out_match_llama4_run(llama4_cpp, scoutlike_artifact):
+    args = ["--prompt", " ".join(TEXTS), "-n", 24, "--temperature", 0.8, "--seed", 2]
+    assert cpp_json(llama4_cpp, scoutlike_artifact, *args) == python_json(scoutlike_artifact, *args)
 
 
 def test_resident_memory_is_flat_over_a_long_generation(llama4_cpp, tiny):
@@ -222,10 +247,21 @@ def bad_ids(tmp_path, tiny):
     return tiny["fp32"], ["--ids", "1,x"], "expected comma-separated integers"
 
 
+def prompt_without_tokenizer_graphs(tmp_path, tiny):
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    edit_manifest(art, lambda m: m["tokenizer"].update(graphs=None, graphs_skipped="a reason"))
+    return art, ["--prompt", "hello"], "text prompts need the tokenizer: the export wrote no tokenizer graphs: a reason"
+
+
+def prompt_and_ids(tmp_path, tiny):
+    return tiny["fp32"], ["--prompt", "hello", "--ids", "1"], "give exactly one of --prompt TEXT or --ids 1,2,3"
+
+
 @pytest.mark.parametrize("breaker", [missing_dir, broken_manifest, other_format_version, missing_graph,
                                      graph_not_matching_manifest, layout_not_matching_manifest,
                                      kv_heads_not_matching_manifest,
-                                     id_outside_vocabulary, window_without_ring, bad_ids],
+                                     id_outside_vocabulary, window_without_ring, bad_ids,
+                                     prompt_without_tokenizer_graphs, prompt_and_ids],
                          ids=lambda f: f.__name__)
 def test_bad_input_is_one_line_and_exit_2(llama4_cpp, tiny, tmp_path, breaker):
     artifact, args, message = breaker(tmp_path, tiny)
