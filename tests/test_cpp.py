@@ -22,6 +22,8 @@ from typer.testing import CliRunner
 
 from llama4_export import api
 from llama4_export.cli.run import run_app
+from llama4_export.export.tokenizer_files import TOKENIZER_GRAPHS, write_byte_level_tokenizer, write_tokenizer_graphs
+from llama4_export.model.config import get_preset
 from llama4_export.pipeline import QuantOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,6 +181,20 @@ def test_sanitizer_build_runs_clean(llama4_cpp, tiny):
         assert json.loads(sanitized.stdout) == cpp_json(llama4_cpp, tiny[layout], *args)
     refused = run_cpp(SANITIZER_BUILD / "llama4-cpp", tiny["fp32"], "--ids", "1,99999")
     assert refused.returncode == 2 and "Sanitizer" not in refused.stderr, refused.stderr
+
+
+def test_no_tokenizer_graphs_where_they_would_tokenize_differently(tmp_path):
+    """The extensions ignore tokenizer.json's normalizer: with a Lowercase one, the export writes no graphs and says why
+    (llama4rt then refuses text prompts: prompt_without_tokenizer_graphs below)."""
+    write_byte_level_tokenizer(get_preset(PRESET), tmp_path)
+    assert write_tokenizer_graphs(tmp_path)["graphs"] is not None
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**spec, "normalizer": {"type": "Lowercase"}}))
+    for graph in TOKENIZER_GRAPHS.values():
+        (tmp_path / graph).unlink()
+    entry = write_tokenizer_graphs(tmp_path)
+    assert entry["graphs"] is None and "tokenizes" in entry["graphs_skipped"], entry
+    assert not any((tmp_path / graph).exists() for graph in TOKENIZER_GRAPHS.values())
 
 
 # --- bad input: one line on stderr, exit status 2 -------------------------------------------------------------------
