@@ -38,7 +38,7 @@ from .manager import GraphPass, PassContext
 from .fuse_moe import MOE_FUSED
 from .moe_reference import llama4_moe
 from .ort_run import run_onnxruntime
-from .quantize import int4_blockwise, int4_dequantize, leading_slice
+from .quantize import initializer, int4_blockwise, int4_dequantize, leading_slice
 
 MOE_LOWERED = "moe_lowered"
 ORT_DOMAIN = "com.microsoft"
@@ -239,11 +239,7 @@ class _Builder:
         return value
 
     def constant(self, graph: ir.Graph, name: str, array: np.ndarray, full_name: str | None = None) -> ir.Value:
-        name = full_name or f"{self.prefix}.{name}"
-        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
-                         const_value=ir.tensor(array, name=name))
-        graph.register_initializer(value)
-        return value
+        return initializer(graph, full_name or f"{self.prefix}.{name}", array)
 
 
 def _lower_int4_moe(graph: ir.Graph, node: ir.Node) -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .manager import GraphPass, PassContext
-from .quantize import EMBEDDING, QUANTIZED, SLICE_BYTES, blockwise_slices
+from .quantize import EMBEDDING, QUANTIZED, SLICE_BYTES, blockwise_slices, initializer
 
 ORT_DOMAIN = "com.microsoft"
 ZERO_POINT = {4: 8, 8: 128}  # the ops' implicit zero points: stored = q + zero point
@@ -49,13 +49,6 @@ def nbits_weight(q: np.ndarray, scale: np.ndarray, block: int, bits: int) -> tup
     for start in range(0, rows, step):
         packed[start:start + step] = _stored(q[start:start + step], bits, blocks * block)
     return packed.reshape(rows, blocks, -1), np.ascontiguousarray(scale.reshape(-1), np.float32)
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
 
 
 def _take_place(new: ir.Value, old: ir.Value) -> None:
@@ -95,8 +88,8 @@ def lower_quantized_linears(model: ir.Model, context: PassContext) -> int:
         unsqueeze, squeeze = x.producer(), next(iter(output.uses()), (None, 0))[0] if len(output.uses()) == 1 else None
         wrapped = (unsqueeze is not None and unsqueeze.op_type == "Unsqueeze" and squeeze is not None
                    and squeeze.op_type == "Squeeze" and len(x.uses()) == 1)
-        inputs = [unsqueeze.inputs[0] if wrapped else x, _initializer(graph, f"{base}.nbits", packed),
-                  _initializer(graph, f"{base}.nbits_scale", scales)]
+        inputs = [unsqueeze.inputs[0] if wrapped else x, initializer(graph, f"{base}.nbits", packed),
+                  initializer(graph, f"{base}.nbits_scale", scales)]
         matmul = ir.Node(ORT_DOMAIN, "MatMulNBits", inputs, num_outputs=1, name=f"{base}.matmul_nbits",
                          attributes=[ir.AttrInt64("K", int(k)), ir.AttrInt64("N", int(n)), ir.AttrInt64("bits", bits),
                                      ir.AttrInt64("block_size", block), ir.AttrInt64("accuracy_level", ACCURACY_LEVEL)])
@@ -132,8 +125,8 @@ def quantize_embedding(model: ir.Model, context: PassContext) -> int:
         scale = np.empty((vocab, -(-hidden // spec.block_size)), np.float32)
         for rows, q, row_scales in blockwise_slices(table.const_value, spec.block_size, bits=4):  # no whole int8 copy
             packed[rows], scale[rows] = _stored(q, 4, hidden), row_scales
-        inputs = [_initializer(graph, f"{EMBEDDING}.int4_packed", packed), node.inputs[1],
-                  _initializer(graph, f"{EMBEDDING}.int4_scale", scale)]
+        inputs = [initializer(graph, f"{EMBEDDING}.int4_packed", packed), node.inputs[1],
+                  initializer(graph, f"{EMBEDDING}.int4_scale", scale)]
         gather = ir.Node(ORT_DOMAIN, "GatherBlockQuantized", inputs, num_outputs=1, name=f"{EMBEDDING}.gather_quantized",
                          attributes=[ir.AttrInt64("gather_axis", 0), ir.AttrInt64("quantize_axis", 1),
                                      ir.AttrInt64("block_size", spec.block_size), ir.AttrInt64("bits", 4)])

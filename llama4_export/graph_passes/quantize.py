@@ -111,7 +111,9 @@ def fp8_quantize(w: np.ndarray, axes: tuple[int, ...] | None = None) -> tuple[np
 
 
 # ------------------------------------------------------------------------------------------------ graph helpers
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol, dtype: ir.DataType | None = None) -> ir.Value:
+def initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol, dtype: ir.DataType | None = None) -> ir.Value:
+    """A new initializer `name` holding `array` (stored as `dtype` when given); the existing one when `name` is taken,
+    so constants shared by many rewrites (zero points, axes) are stored once."""
     if name in graph.initializers:
         return graph.initializers[name]
     if isinstance(array, ir.TensorProtocol):
@@ -221,19 +223,19 @@ def _dequantized_weight(graph: ir.Graph, name: str, w: np.ndarray | ir.TensorPro
     experts = len(w.shape) == 3
     if spec.precision == "int4" and bits == 8:  # lm_head's default on ONNX Runtime
         q, scale = (a.T for a in blockwise_rows(w, spec.block_size, bits=8))
-        inputs = [_initializer(graph, f"{name}.int8", q, ir.DataType.INT8), _initializer(graph, f"{name}.int8_scale", scale)]
+        inputs = [initializer(graph, f"{name}.int8", q, ir.DataType.INT8), initializer(graph, f"{name}.int8_scale", scale)]
         attributes = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", spec.block_size)]
         shape = tuple(q.shape)
     elif spec.precision == "int4":
         q, scale = _experts_int4(w, spec.block_size) if experts else (a.T for a in blockwise_rows(w, spec.block_size, 4))
-        inputs = [_initializer(graph, f"{name}.int4", q if experts else q.astype(ml_dtypes.int4), ir.DataType.INT4),
-                  _initializer(graph, f"{name}.int4_scale", scale)]
+        inputs = [initializer(graph, f"{name}.int4", q if experts else q.astype(ml_dtypes.int4), ir.DataType.INT4),
+                  initializer(graph, f"{name}.int4_scale", scale)]
         attributes = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", spec.block_size)]
         shape = tuple(q.shape)
     else:
         q, scale = _experts_fp8(w) if experts else fp8_quantize(np.asarray(w).T)
-        inputs = [_initializer(graph, f"{name}.fp8", q, ir.DataType.FLOAT8E4M3FN),
-                  _initializer(graph, f"{name}.fp8_scale", scale if experts else scale.reshape(()))]
+        inputs = [initializer(graph, f"{name}.fp8", q, ir.DataType.FLOAT8E4M3FN),
+                  initializer(graph, f"{name}.fp8_scale", scale if experts else scale.reshape(()))]
         attributes = [ir.AttrInt64("axis", 0)] if experts else []
         shape = tuple(q.shape)
     node = ir.Node("", "DequantizeLinear", inputs, attributes=attributes, num_outputs=1, name=f"{name}.dequantize")
@@ -244,8 +246,8 @@ def _dequantized_weight(graph: ir.Graph, name: str, w: np.ndarray | ir.TensorPro
 
 
 def _fp8_activation(graph: ir.Graph, x: ir.Value, amax: float, name: str, anchor: ir.Node) -> ir.Value:
-    scale = _initializer(graph, f"{name}.input_fp8_scale", np.asarray(max(amax, 1e-12) / FP8_E4M3_MAX, np.float32))
-    zero = _initializer(graph, "fp8_zero_point", np.zeros((), ml_dtypes.float8_e4m3fn), ir.DataType.FLOAT8E4M3FN)
+    scale = initializer(graph, f"{name}.input_fp8_scale", np.asarray(max(amax, 1e-12) / FP8_E4M3_MAX, np.float32))
+    zero = initializer(graph, "fp8_zero_point", np.zeros((), ml_dtypes.float8_e4m3fn), ir.DataType.FLOAT8E4M3FN)
     quant = ir.Node("", "QuantizeLinear", [x, scale, zero], num_outputs=1, name=f"{name}.input_quantize")
     dequant = ir.Node("", "DequantizeLinear", [quant.outputs[0], scale], num_outputs=1, name=f"{name}.input_dequantize")
     quant.outputs[0].name, dequant.outputs[0].name = f"{name}.input_fp8", f"{name}.input_qdq"
@@ -314,7 +316,7 @@ def quantize_linears(model: ir.Model, context: PassContext) -> int:
         else:
             # A 2-D MatMul feeding an Add is turned back into Gemm by ONNX Runtime's MatMulAddFusion, which then keeps
             # the DequantizeLinear at run time instead of fusing MatMulNBits: a leading unit axis prevents that.
-            axis0 = _initializer(graph, "quantize.axis0", np.asarray([0], np.int64))
+            axis0 = initializer(graph, "quantize.axis0", np.asarray([0], np.int64))
             unsqueeze = ir.Node("", "Unsqueeze", [node.inputs[0], axis0], num_outputs=1, name=f"{weight.name}.unsqueeze")
             matmul = ir.Node("", "MatMul", [unsqueeze.outputs[0], dequantized], num_outputs=1, name=f"{weight.name}.matmul")
             squeeze = ir.Node("", "Squeeze", [matmul.outputs[0], axis0], num_outputs=1, name=f"{weight.name}.squeeze")
@@ -341,14 +343,14 @@ def quantize_kv_cache(model: ir.Model, context: PassContext) -> int:
     graph, count = model.graph, 0
     inputs = {value.name: value for value in graph.inputs}
     outputs = {value.name: index for index, value in enumerate(graph.outputs)}
-    zero = _initializer(graph, "fp8_zero_point", np.zeros((), ml_dtypes.float8_e4m3fn), ir.DataType.FLOAT8E4M3FN)
+    zero = initializer(graph, "fp8_zero_point", np.zeros((), ml_dtypes.float8_e4m3fn), ir.DataType.FLOAT8E4M3FN)
     first = next(iter(graph))
     for layer, amaxes in sorted(spec.kv_cache_amax.items()):
         for kind, past, new, amax in (("key", io_spec.past_key(layer), io_spec.new_key(layer), amaxes[0]),
                                       ("value", io_spec.past_value(layer), io_spec.new_value(layer), amaxes[1])):
             cache_in, cache_out = inputs[past], graph.outputs[outputs[new]]
             float_type = cache_in.dtype
-            scale = _initializer(graph, f"kv_cache.{layer}.{kind}_scale",
+            scale = initializer(graph, f"kv_cache.{layer}.{kind}_scale",
                                  np.asarray(max(amax, 1e-12) / FP8_E4M3_MAX, float_type.numpy()))
             uses = list(cache_in.uses())
             dequant = ir.Node("", "DequantizeLinear", [cache_in, scale], num_outputs=1, name=f"{past}.dequantize")

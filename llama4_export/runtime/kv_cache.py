@@ -139,7 +139,7 @@ class _Buffers:
         self.values = [np.zeros_like(k) for k in self.keys]
         self.lengths = np.zeros(batch, np.int64)  # tokens cached so far per row = the next token's position
         self.reallocations = 0  # bumped whenever the buffers are replaced (a backend holding views rebinds)
-        self.view_of: _Buffers | None = None  # the whole cache, for a view of its first rows (first_rows)
+        self.is_view = False  # a view of another cache's first rows (first_rows), which cannot grow the buffers
 
     def slots(self, kind: str) -> int:
         """The slots the sliding policy keeps for `kind` (the chunk, or W)."""
@@ -150,7 +150,7 @@ class _Buffers:
         return sum(a.nbytes for a in self.keys + self.values)
 
     def _grow_buffers(self, kind: str, new_size: int) -> None:
-        if self.view_of is not None:
+        if self.is_view:
             raise GenerationError("a view of a cache's first rows cannot grow the buffers; reserve on the whole cache")
         for i in self._layers_of[kind]:
             for buffers in (self.keys, self.values):
@@ -273,7 +273,7 @@ class InPlaceKVCache(_Buffers):
         through the view advance this cache; reserve room on this cache first (a view cannot grow the buffers) and
         take a new view once `reallocations` changes."""
         view = copy.copy(self)
-        view.batch, view.view_of = count, self
+        view.batch, view.is_view = count, True
         view.keys = [k[:count] for k in self.keys]
         view.values = [v[:count] for v in self.values]
         view.lengths = self.lengths[:count]
