@@ -206,8 +206,12 @@ def write_tokenizer_graphs(directory: Path) -> dict[str, object]:
     except Exception as exc:  # the extensions and ONNX Runtime raise their own types for a tokenizer they cannot take
         return {"graphs": None,
                 "graphs_skipped": f"onnxruntime-extensions cannot take this tokenizer ({_first_line(exc)})"}
-    onnx.save(encode, directory / TOKENIZER_GRAPHS["encode"])
-    onnx.save(decode, directory / TOKENIZER_GRAPHS["decode"])
+    for name, graph in (("encode", encode), ("decode", decode)):
+        # The extensions number their graphs and nodes per process: fixed names keep re-exports byte-identical.
+        graph.graph.name = f"tokenizer_{name}"
+        for node in graph.graph.node:
+            node.name = node.op_type
+        onnx.save(graph, directory / TOKENIZER_GRAPHS[name])
     return {"graphs": {**TOKENIZER_GRAPHS, "nul_byte_tokens": _nul_byte_tokens(reference, spec)}}
 
 
