@@ -45,7 +45,8 @@ from .calib.corpus import CalibrationError
 from .calib.stats import kv_cache_amax
 from .errors import ConfigError
 from .evaluation.report import REPORT_FILE, accuracy_report, evaluation_tokens
-from .export.tokenizer_files import check_tokenizer_files, copy_tokenizer_files, write_byte_level_tokenizer
+from .export.tokenizer_files import (check_tokenizer_files, copy_tokenizer_files, write_byte_level_tokenizer,
+                                     write_tokenizer_graphs)
 from .export.onnx_export import GRAPHS, OPSET, VISION_FILE, trace_graphs, trace_vision
 from .export.writer import DATA_FILE, weight_content, write_graphs
 from .graph_passes.artifact_passes import optimize_graphs, optimized_manifest
@@ -398,8 +399,12 @@ def _quantization_entries(precision: str, quant: QuantOptions, calibration: Cali
 
 def _tokenizer_files(source: WeightSource, config: Llama4Config, directory: Path) -> dict[str, Any]:
     if source.checkpoint is not None:
-        return {"source": "checkpoint", "files": copy_tokenizer_files(source.checkpoint, directory)}
-    return {"source": "byte-level", "files": write_byte_level_tokenizer(config, directory)}
+        entry = {"source": "checkpoint", "files": copy_tokenizer_files(source.checkpoint, directory)}
+    else:
+        entry = {"source": "byte-level", "files": write_byte_level_tokenizer(config, directory)}
+    if "tokenizer.json" in entry["files"]:
+        entry.update(write_tokenizer_graphs(directory))
+    return entry
 
 
 # ------------------------------------------------------------------------------------------------ checks

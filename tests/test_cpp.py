@@ -3,7 +3,9 @@
 `make cpp` builds it (the test target does too); llama4-run runs in-process through its Typer app. The artifacts:
 scout-tiny fp32 with a 16-token prefill limit (prompts go in pieces), int4, fp8 with an fp8 KV cache (the positions KV
 layout; the others are in_place), and the trained l4-scoutlike (conftest's export). Prompts cross a chunk boundary
-(scout-tiny's chunk is 16, l4-scoutlike's 64) and generations run past a small global window.
+(scout-tiny's chunk is 16, l4-scoutlike's 64) and generations run past a small global window. Text in and out goes
+through the artifacts' tokenizer graphs (onnxruntime-extensions) in C++ and through `tokenizers` in Python: the
+random-weight scout-tiny generates arbitrary bytes, so its text also checks the replacement of invalid UTF-8.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typer.testing import CliRunner
 
 from llama4_export import api
 from llama4_export.cli.run import run_app
+from llama4_export.export.tokenizer_files import TOKENIZER_GRAPHS, write_byte_level_tokenizer, write_tokenizer_graphs
+from llama4_export.model.config import get_preset
 from llama4_export.pipeline import QuantOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +106,8 @@ def test_scout_tiny_tokens_match_llama4_run(llama4_cpp, tiny, case):
     expected = python_json(tiny[name], *args)
     got = cpp_json(llama4_cpp, tiny[name], *args)
     assert got["token_ids"] == expected["token_ids"]
-    assert (got["prompt_ids"], got["stop_reason"]) == (expected["prompt_ids"], expected["stop_reason"])
+    assert (got["prompt_ids"], got["stop_reason"], got["text"]) == (
+        expected["prompt_ids"], expected["stop_reason"], expected["text"])
 
 
 SCOUTLIKE_CASES = {
@@ -122,7 +127,29 @@ def test_trained_checkpoint_tokens_match_llama4_run(llama4_cpp, scoutlike_artifa
     expected = python_json(scoutlike_artifact, *args)
     got = cpp_json(llama4_cpp, scoutlike_artifact, *args)
     assert got["token_ids"] == expected["token_ids"]
-    assert (got["prompt_ids"], got["stop_reason"]) == (expected["prompt_ids"], expected["stop_reason"])
+    assert (got["prompt_ids"], got["stop_reason"], got["text"]) == (
+        expected["prompt_ids"], expected["stop_reason"], expected["text"])
+
+
+# ASCII with punctuation and a contraction, runs of spaces/tabs/newlines, digit groups, accents + CJK + emoji with a
+# skin-tone modifier and a flag, and a special token inside text.
+TEXTS = ["The history of Rome, isn't it?", "  a\t\tb \n\n\n   c  ", "pi 3.14159 and 1234567 or 2026-12-04",
+         "café naïve 日本語 😀👍🏽 🇫🇷", "<|begin_of_text|>hello<|end_of_text|> there"]
+
+
+def test_text_prompts_tokenize_as_tokenizers(llama4_cpp, scoutlike_artifact):
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(str(scoutlike_artifact / "tokenizer.json"))
+    for text in TEXTS:
+        got = cpp_json(llama4_cpp, scoutlike_artifact, "--prompt", text, "-n", 0)
+        assert got["prompt_ids"] == reference.encode(text).ids, text
+        assert got["text"] == ""
+
+
+def test_text_in_and_out_match_llama4_run(llama4_cpp, scoutlike_artifact):
+    args = ["--prompt", " ".join(TEXTS), "-n", 24, "--temperature", 0.8, "--seed", 2]
+    assert cpp_json(llama4_cpp, scoutlike_artifact, *args) == python_json(scoutlike_artifact, *args)
 
 
 def test_resident_memory_is_flat_over_a_long_generation(llama4_cpp, tiny):
@@ -154,6 +181,20 @@ def test_sanitizer_build_runs_clean(llama4_cpp, tiny):
         assert json.loads(sanitized.stdout) == cpp_json(llama4_cpp, tiny[layout], *args)
     refused = run_cpp(SANITIZER_BUILD / "llama4-cpp", tiny["fp32"], "--ids", "1,99999")
     assert refused.returncode == 2 and "Sanitizer" not in refused.stderr, refused.stderr
+
+
+def test_no_tokenizer_graphs_where_they_would_tokenize_differently(tmp_path):
+    """The extensions ignore tokenizer.json's normalizer: with a Lowercase one, the export writes no graphs and says why
+    (llama4rt then refuses text prompts: prompt_without_tokenizer_graphs below)."""
+    write_byte_level_tokenizer(get_preset(PRESET), tmp_path)
+    assert write_tokenizer_graphs(tmp_path)["graphs"] is not None
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**spec, "normalizer": {"type": "Lowercase"}}))
+    for graph in TOKENIZER_GRAPHS.values():
+        (tmp_path / graph).unlink()
+    entry = write_tokenizer_graphs(tmp_path)
+    assert entry["graphs"] is None and "tokenizes" in entry["graphs_skipped"], entry
+    assert not any((tmp_path / graph).exists() for graph in TOKENIZER_GRAPHS.values())
 
 
 # --- bad input: one line on stderr, exit status 2 -------------------------------------------------------------------
@@ -222,10 +263,21 @@ def bad_ids(tmp_path, tiny):
     return tiny["fp32"], ["--ids", "1,x"], "expected comma-separated integers"
 
 
+def prompt_without_tokenizer_graphs(tmp_path, tiny):
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    edit_manifest(art, lambda m: m["tokenizer"].update(graphs=None, graphs_skipped="a reason"))
+    return art, ["--prompt", "hello"], "text prompts need the tokenizer: the export wrote no tokenizer graphs: a reason"
+
+
+def prompt_and_ids(tmp_path, tiny):
+    return tiny["fp32"], ["--prompt", "hello", "--ids", "1"], "give exactly one of --prompt TEXT or --ids 1,2,3"
+
+
 @pytest.mark.parametrize("breaker", [missing_dir, broken_manifest, other_format_version, missing_graph,
                                      graph_not_matching_manifest, layout_not_matching_manifest,
                                      kv_heads_not_matching_manifest,
-                                     id_outside_vocabulary, window_without_ring, bad_ids],
+                                     id_outside_vocabulary, window_without_ring, bad_ids,
+                                     prompt_without_tokenizer_graphs, prompt_and_ids],
                          ids=lambda f: f.__name__)
 def test_bad_input_is_one_line_and_exit_2(llama4_cpp, tiny, tmp_path, breaker):
     artifact, args, message = breaker(tmp_path, tiny)

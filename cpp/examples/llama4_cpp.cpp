@@ -1,5 +1,5 @@
 // llama4-cpp: generate from a llama4-export artifact with the C++ runtime; `--json` prints the object
-// `llama4-run --json` prints, with "text": null (token ids in and out: llama4rt has no tokenizer).
+// `llama4-run --json` prints ("text": null where the artifact's tokenizer graphs or the extensions library are missing).
 // Bad input: one line on stderr and exit status 2 (as llama4-run).
 #include <chrono>
 #include <cstdint>
@@ -11,16 +11,19 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "llama4rt.hpp"
 
 namespace {
 
 constexpr const char* kUsage =
-    "usage: llama4-cpp ARTIFACT --ids 1,2,3 [-n N] [--window W] [--sinks S]\n"
+    "usage: llama4-cpp ARTIFACT (--prompt TEXT | --ids 1,2,3) [-n N] [--window W] [--sinks S]\n"
     "                  [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S]\n"
     "                  [--threads N] [--no-stop] [--stream] [--json] [--stats] [--rss-steps 200,2000]\n"
     "Generates a continuation (greedy unless --temperature) with the sliding KV cache, as llama4-run does.\n"
-    "  --json        print {\"prompt_ids\", \"token_ids\", \"text\": null, \"stop_reason\"} as llama4-run --json does\n"
+    "  --prompt      the prompt as text (needs the artifact's tokenizer graphs and onnxruntime-extensions)\n"
+    "  --json        print {\"prompt_ids\", \"token_ids\", \"text\", \"stop_reason\"} as llama4-run --json does\n"
     "  --no-stop     generate exactly N tokens: no stop tokens (as the benchmarks run)\n"
     "  --stream      print each token id as it is chosen\n"
     "  --stats       print prefill and decode tokens/s as one JSON line on stderr (decode: the tokens after the\n"
@@ -88,6 +91,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   std::string artifact;
   std::optional<std::vector<int64_t>> ids;
+  std::optional<std::string> prompt;
   std::vector<int64_t> rss_steps;
   bool as_json = false, stream = false, stats = false;
   llama4rt::OpenOptions open_options;
@@ -102,6 +106,8 @@ int main(int argc, char** argv) {
       if (flag == "-h" || flag == "--help") {
         std::cout << kUsage;
         return 0;
+      } else if (flag == "--prompt") {
+        prompt = value();
       } else if (flag == "--ids") {
         ids = parse_ids(flag, value());
       } else if (flag == "-n" || flag == "--max-new-tokens") {
@@ -113,17 +119,17 @@ int main(int argc, char** argv) {
       } else if (flag == "--threads") {
         open_options.threads = static_cast<int>(parse_int(flag, value()));
       } else if (flag == "--temperature") {
-        options.temperature = parse_float(flag, value());
+        options.sampling.temperature = parse_float(flag, value());
       } else if (flag == "--top-k") {
-        options.top_k = parse_int(flag, value());
+        options.sampling.top_k = parse_int(flag, value());
       } else if (flag == "--top-p") {
-        options.top_p = parse_float(flag, value());
+        options.sampling.top_p = parse_float(flag, value());
       } else if (flag == "--repetition-penalty") {
-        options.repetition_penalty = parse_float(flag, value());
+        options.sampling.repetition_penalty = parse_float(flag, value());
       } else if (flag == "--seed") {
         const int64_t seed = parse_int(flag, value());
         if (seed < 0) throw Usage{"--seed " + std::to_string(seed) + ": must be >= 0"};
-        options.seed = static_cast<uint64_t>(seed);
+        options.sampling.seed = static_cast<uint64_t>(seed);
       } else if (flag == "--no-stop") {
         options.stop_tokens = std::vector<int64_t>{};
       } else if (flag == "--json") {
@@ -143,10 +149,10 @@ int main(int argc, char** argv) {
       }
     }
     if (artifact.empty()) throw Usage{"give the ARTIFACT directory (see --help)"};
-    if (!ids) throw Usage{"give the prompt's token ids: --ids 1,2,3"};
+    if (ids.has_value() == prompt.has_value()) throw Usage{"give exactly one of --prompt TEXT or --ids 1,2,3"};
 
     llama4rt::Model model = llama4rt::Model::open(artifact, open_options);
-    const std::vector<int64_t>& prompt_ids = *ids;
+    const std::vector<int64_t> prompt_ids = ids ? *ids : model.encode(*prompt);
     int64_t step = 0;
     using Clock = std::chrono::steady_clock;
     Clock::time_point first_token, last_token;
@@ -168,12 +174,13 @@ int main(int argc, char** argv) {
     }
     if (as_json) {
       std::cout << "{\"prompt_ids\": [" << join(result.prompt_ids, ", ") << "], \"token_ids\": ["
-                << join(result.token_ids, ", ") << "], \"text\": null, \"stop_reason\": \"" << result.stop_reason << "\"}"
-                << std::endl;
+                << join(result.token_ids, ", ") << "], \"text\": "
+                << (result.text ? nlohmann::json(*result.text).dump(-1, ' ', /*ensure_ascii=*/true) : "null")
+                << ", \"stop_reason\": \"" << result.stop_reason << "\"}" << std::endl;
     } else if (stream) {
       std::cout << std::endl;
     } else {
-      std::cout << join(result.token_ids, ",") << std::endl;
+      std::cout << (result.text ? *result.text : join(result.token_ids, ",")) << std::endl;
     }
     return 0;
   } catch (const Usage& usage) {

@@ -5,8 +5,9 @@
 //   llama4rt::Model model = llama4rt::Model::open("out/scout-int4", {/*window=*/4096, /*sinks=*/4});
 //   llama4rt::GenerateOptions options;
 //   options.max_new_tokens = 32;
-//   llama4rt::Result result = model.generate({1021, 39, 447}, options,
+//   llama4rt::Result result = model.generate(model.encode("The history of"), options,
 //                                            [](int64_t token, bool stop) { /* each new token as it is chosen */ });
+//   // result.text: the new tokens as text (with the artifact's tokenizer graphs, see Model::has_tokenizer)
 //
 // Every failure (bad artifact, a graph that does not match its manifest, bad ids or options, an ONNX Runtime error)
 // throws llama4rt::Error with one line naming the file or value and what to do; nothing aborts the host process.
@@ -37,15 +38,23 @@ struct OpenOptions {
   int64_t sinks = 4;            // tokens S kept forever once a sequence outgrows W
   int threads = 0;              // ONNX Runtime intra-op threads; 0 = its default
   std::optional<int64_t> max_prefill_tokens;  // lower the prefill piece size below the graph's limit
+  // onnxruntime-extensions' custom-op library, which runs the artifact's tokenizer graphs; empty = the one this
+  // llama4rt was built with (CMake ORTX_LIBRARY; `make cpp` provisions it), if any. Without one, ids in and out.
+  std::string extensions_library;
 };
 
-struct GenerateOptions {
-  int64_t max_new_tokens = 64;
+// runtime/sampling.py SamplingParams.
+struct SamplingOptions {
   double temperature = 0.0;  // 0 = greedy
   int64_t top_k = 0;         // 0 = off
   double top_p = 1.0;        // 1 = off
   double repetition_penalty = 1.0;  // 1 = off
   uint64_t seed = 0;
+};
+
+struct GenerateOptions {
+  int64_t max_new_tokens = 64;
+  SamplingOptions sampling;
   std::optional<std::vector<int64_t>> stop_tokens;  // empty = the config's and generation_config.json's eos ids
 };
 
@@ -53,6 +62,7 @@ struct Result {
   std::vector<int64_t> prompt_ids;
   std::vector<int64_t> token_ids;  // the new tokens; a stop token that ended generation is the last one
   std::string stop_reason;         // "stop" or "length"
+  std::optional<std::string> text;  // the new tokens decoded (stop token excluded) when has_tokenizer()
 };
 
 // Called with every new token as it is chosen; `stop` = it is a stop token (it ends the generation).
@@ -65,6 +75,12 @@ class Model {
 
   Result generate(const std::vector<int64_t>& prompt_ids, const GenerateOptions& options = {},
                   const TokenCallback& on_token = {});
+
+  // Text in and out through the artifact's tokenizer graphs, as llama4-run's tokenizer.json: has_tokenizer() says
+  // whether they and the extensions library are there; encode/decode throw Error saying why not otherwise.
+  bool has_tokenizer() const;
+  std::vector<int64_t> encode(const std::string& text);  // <|begin_of_text|> included
+  std::string decode(const std::vector<int64_t>& ids);   // special tokens skipped
 
   int64_t vocab_size() const;
   int64_t window() const;  // the resolved global window W

@@ -188,6 +188,32 @@ std::vector<int64_t> generation_config_eos(const fs::path& directory) {
   return ids;
 }
 
+// export/tokenizer_files.py write_tokenizer_graphs' manifest entry: tokenizer.graphs {encode, decode,
+// nul_byte_tokens}, or null with graphs_skipped saying why.
+void read_tokenizer_graphs(const json& manifest, const fs::path& directory, Artifact& artifact) {
+  const json tokenizer = manifest.value("tokenizer", json::object());
+  const json graphs = tokenizer.is_object() ? tokenizer.value("graphs", json()) : json();
+  if (graphs.is_object() && graphs.value("encode", json()).is_string() && graphs.value("decode", json()).is_string()) {
+    artifact.tokenizer_encode = (directory / graphs["encode"].get<std::string>()).string();
+    artifact.tokenizer_decode = (directory / graphs["decode"].get<std::string>()).string();
+    for (const std::string& path : {artifact.tokenizer_encode, artifact.tokenizer_decode})
+      if (!fs::is_regular_file(path))
+        throw Error(path + ": listed in " + artifact.manifest_path + " but missing; re-run the export");
+    const json nul_byte_tokens = graphs.value("nul_byte_tokens", json::object());
+    for (const auto& [id, hex] : nul_byte_tokens.items()) {
+      std::string bytes;
+      const std::string digits = hex.get<std::string>();
+      for (size_t i = 0; i + 1 < digits.size(); i += 2) bytes += static_cast<char>(std::stoi(digits.substr(i, 2), nullptr, 16));
+      artifact.nul_byte_tokens[std::stoll(id)] = bytes;
+    }
+  } else if (tokenizer.is_object() && tokenizer.value("graphs_skipped", json()).is_string()) {
+    artifact.no_tokenizer_graphs = "the export wrote no tokenizer graphs: " + tokenizer["graphs_skipped"].get<std::string>();
+  } else {
+    artifact.no_tokenizer_graphs = artifact.manifest_path + " lists no tokenizer graphs (no tokenizer.json, or an "
+                                   "export older than them: re-export it)";
+  }
+}
+
 }  // namespace
 
 Artifact read_artifact(const std::string& directory_name) {
@@ -204,8 +230,11 @@ Artifact read_artifact(const std::string& directory_name) {
       artifact.kv_cache_dtype = dtypes["kv_cache"].get<std::string>();
     if (manifest.contains("kv_layout") && manifest["kv_layout"].is_string())
       artifact.kv_layout = manifest["kv_layout"].get<std::string>();
+    read_tokenizer_graphs(manifest, directory, artifact);
   } catch (const json::exception& e) {  // a field of the wrong JSON type
     throw Error(artifact.manifest_path + ": malformed field (" + first_line(e.what()) + "); re-run the export");
+  } catch (const std::logic_error& e) {  // std::stoi/stoll: a nul_byte_tokens entry that is not hex / an id
+    throw Error(artifact.manifest_path + ": malformed tokenizer.graphs.nul_byte_tokens; re-run the export");
   }
   std::set<int64_t> stops(artifact.config.eos_token_ids.begin(), artifact.config.eos_token_ids.end());
   for (int64_t e : generation_config_eos(directory)) stops.insert(e);

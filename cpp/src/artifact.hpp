@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -39,6 +40,10 @@ struct Artifact {
   std::optional<std::string> kv_cache_dtype;  // manifest dtypes.kv_cache, when it says
   std::optional<std::string> kv_layout;       // manifest kv_layout ("in_place" or "positions"), when it says
   std::vector<int64_t> stop_tokens;           // config eos ∪ generation_config.json eos, sorted
+  // The manifest's tokenizer.graphs (paths), or why there are none (text in and out then needs them).
+  std::string tokenizer_encode, tokenizer_decode;
+  std::map<int64_t, std::string> nul_byte_tokens;  // id → bytes of the tokens holding a NUL byte (tokenizer.graphs)
+  std::string no_tokenizer_graphs;
 };
 
 // Throws Error with one line naming the file and what to do.

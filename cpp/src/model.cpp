@@ -13,9 +13,15 @@
 #include "kv_cache.hpp"
 #include "llama4rt.hpp"
 #include "sampler.hpp"
+#include "tokenizer.hpp"
 
 namespace llama4rt {
 namespace {
+
+#ifndef LLAMA4RT_EXTENSIONS_LIBRARY
+#define LLAMA4RT_EXTENSIONS_LIBRARY ""
+#endif
+const std::string kExtensionsLibrary = LLAMA4RT_EXTENSIONS_LIBRARY;
 
 // model/io_spec.py names.
 constexpr const char* kInputIds = "input_ids";
@@ -188,6 +194,8 @@ struct Model::Impl {
   int64_t max_prefill_tokens = 1;
   std::unique_ptr<SlidingKVCache> cache;
   std::unique_ptr<Sampler> sampler;
+  std::unique_ptr<TextCodec> text;  // the tokenizer graphs, when the artifact and this build have them
+  std::string no_text;              // otherwise: why not
 
   // Step buffers, sized once for the largest step: ids, positions, the logits column wanted, and (positions layout)
   // every layer's new K/V [1, kv_heads, T, head_dim].
@@ -319,7 +327,7 @@ void Model::Impl::open(const std::string& directory, const OpenOptions& options)
       throw Error("the graphs expect " + std::to_string(slots) + " " +
                   (kind == AttentionKind::kChunked ? "chunked" : "global") + " cache slots but this config needs " +
                   std::to_string(cache->slots(kind)) + "; re-run the export");
-  sampler = std::make_unique<Sampler>(SamplingParams{}, c.vocab_size);
+  sampler = std::make_unique<Sampler>(SamplingOptions{}, c.vocab_size);
   if (layout == KVLayout::kPositions) {
     new_keys.resize(c.num_hidden_layers);
     new_values.resize(c.num_hidden_layers);
@@ -327,6 +335,16 @@ void Model::Impl::open(const std::string& directory, const OpenOptions& options)
     new_value_ptrs.resize(c.num_hidden_layers);
   }
   reserve_steps(1);
+
+  const std::string& library = options.extensions_library.empty() ? kExtensionsLibrary : options.extensions_library;
+  if (!artifact.no_tokenizer_graphs.empty())
+    no_text = artifact.no_tokenizer_graphs;
+  else if (library.empty())
+    no_text = "this llama4rt was built without onnxruntime-extensions (CMake ORTX_LIBRARY), which runs the tokenizer "
+              "graphs";
+  else
+    text = std::make_unique<TextCodec>(env, artifact.tokenizer_encode, artifact.tokenizer_decode,
+                                       artifact.nul_byte_tokens, library);
 }
 
 void Model::Impl::reserve_steps(int64_t tokens) {
@@ -467,19 +485,20 @@ Result Model::Impl::generate(const std::vector<int64_t>& prompt, const GenerateO
                   ", outside the vocabulary 0.." + std::to_string(c.vocab_size - 1) + "; check the ids");
   if (options.max_new_tokens < 0)
     throw Error("max_new_tokens=" + std::to_string(options.max_new_tokens) + ": must be >= 0");
-  const SamplingParams params{options.temperature, options.top_k, options.top_p, options.repetition_penalty,
-                              options.seed};
-  check_sampling(params);
+  check_sampling(options.sampling);
   const std::vector<int64_t>& stop_list = options.stop_tokens ? *options.stop_tokens : artifact.stop_tokens;
   const std::set<int64_t> stops(stop_list.begin(), stop_list.end());
 
   Result result;
   result.prompt_ids = prompt;
   result.stop_reason = "length";
-  if (options.max_new_tokens == 0) return result;
+  if (options.max_new_tokens == 0) {
+    if (text) result.text = "";
+    return result;
+  }
   result.token_ids.reserve(options.max_new_tokens);
   cache->reset();
-  sampler->start(params);
+  sampler->start(options.sampling);
   for (int64_t id : prompt) sampler->saw(id);
 
   // Generator._prefill: pieces of at most max_prefill_tokens; the last one leaves the prompt's last logits.
@@ -501,6 +520,10 @@ Result Model::Impl::generate(const std::vector<int64_t>& prompt, const GenerateO
     }
     if (static_cast<int64_t>(result.token_ids.size()) == options.max_new_tokens) break;
     decode(token);
+  }
+  if (text) {
+    const bool stopped = result.stop_reason == "stop";
+    result.text = text->decode({result.token_ids.begin(), result.token_ids.end() - (stopped ? 1 : 0)});
   }
   return result;
 }
@@ -540,6 +563,22 @@ Model Model::open(const std::string& artifact_dir, const OpenOptions& options) {
 Result Model::generate(const std::vector<int64_t>& prompt_ids, const GenerateOptions& options,
                        const TokenCallback& on_token) {
   return guarded([&] { return impl_->generate(prompt_ids, options, on_token); });
+}
+
+bool Model::has_tokenizer() const { return impl_->text != nullptr; }
+
+std::vector<int64_t> Model::encode(const std::string& text) {
+  if (!impl_->text) throw Error("text prompts need the tokenizer: " + impl_->no_text + "; give token ids instead");
+  return guarded([&] { return impl_->text->encode(text); });
+}
+
+std::string Model::decode(const std::vector<int64_t>& ids) {
+  if (!impl_->text) throw Error("decoding needs the tokenizer: " + impl_->no_text);
+  for (size_t i = 0; i < ids.size(); ++i)
+    if (ids[i] < 0 || ids[i] >= vocab_size())
+      throw Error("token " + std::to_string(i) + " is id " + std::to_string(ids[i]) + ", outside the vocabulary 0.." +
+                  std::to_string(vocab_size() - 1));
+  return guarded([&] { return impl_->text->decode(ids); });
 }
 
 int64_t Model::vocab_size() const { return impl_->artifact.config.vocab_size; }

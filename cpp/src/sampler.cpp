@@ -119,7 +119,7 @@ double pairwise_sum(const double* a, int64_t n) {
   return pairwise_sum(a, half) + pairwise_sum(a + half, n - half);
 }
 
-void check_sampling(const SamplingParams& p) {
+void check_sampling(const SamplingOptions& p) {
   auto number = [](double x) { std::string s = std::to_string(x); return s.erase(s.find_last_not_of('0') + 1); };
   if (!(p.temperature >= 0)) throw Error("temperature=" + number(p.temperature) + ": must be >= 0 (0 = greedy)");
   if (p.top_k < 0) throw Error("top_k=" + std::to_string(p.top_k) + ": must be >= 0 (0 = off)");
@@ -128,13 +128,13 @@ void check_sampling(const SamplingParams& p) {
     throw Error("repetition_penalty=" + number(p.repetition_penalty) + ": must be > 0 (1 = off)");
 }
 
-Sampler::Sampler(const SamplingParams& params, int64_t vocab_size)
+Sampler::Sampler(const SamplingOptions& params, int64_t vocab_size)
     : params_(params), rng_(params.seed), seen_(vocab_size, 0), scores_(vocab_size), partition_(vocab_size),
       order_(vocab_size), probs_(vocab_size) {
   seen_ids_.reserve(vocab_size);
 }
 
-void Sampler::start(const SamplingParams& params) {
+void Sampler::start(const SamplingOptions& params) {
   params_ = params;
   rng_ = Pcg64(params.seed);
   for (int64_t id : seen_ids_) seen_[id] = 0;

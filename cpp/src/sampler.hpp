@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "llama4rt.hpp"
+
 namespace llama4rt {
 
 // numpy.random.PCG64 (XSL-RR 128/64) seeded as numpy.random.default_rng(seed) seeds it.
@@ -27,27 +29,19 @@ class Pcg64 {
 // numpy.random.SeedSequence(seed).generate_state(words, np.uint32).
 std::vector<uint32_t> seed_sequence_state(uint64_t seed, int words);
 
-struct SamplingParams {
-  double temperature = 0.0;
-  int64_t top_k = 0;
-  double top_p = 1.0;
-  double repetition_penalty = 1.0;
-  uint64_t seed = 0;
-};
-
-// Checks the options as SamplingParams.__post_init__ does (throws Error).
-void check_sampling(const SamplingParams& params);
+// Checks the options as runtime/sampling.py SamplingParams.__post_init__ does (throws Error).
+void check_sampling(const SamplingOptions& params);
 
 class Sampler {
  public:
-  Sampler(const SamplingParams& params, int64_t vocab_size);
+  Sampler(const SamplingOptions& params, int64_t vocab_size);
   // Forget the ids seen so far and re-seed (one Sampler serves every generation of a Model).
-  void start(const SamplingParams& params);
+  void start(const SamplingOptions& params);
   void saw(int64_t token);  // a prompt or generated id, for the repetition penalty
   int64_t operator()(const float* logits);
 
  private:
-  SamplingParams params_;
+  SamplingOptions params_;
   Pcg64 rng_;
   std::vector<uint8_t> seen_;
   std::vector<int64_t> seen_ids_;

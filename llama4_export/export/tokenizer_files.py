@@ -3,6 +3,9 @@
 A preset has random weights and no tokenizer, but the runtime needs one to turn text into ids. The byte-level
 tokenizer maps every UTF-8 byte to the id of the same value (0..255), so any text round-trips, and puts Llama 4's
 special tokens at the config's bos/eos/pad ids, followed by the chat-format markers.
+
+Beside tokenizer.json go the same tokenizer as ONNX graphs of onnxruntime-extensions' ops, for runtimes without
+`tokenizers` (the C++ runtime runs them with the extensions' custom-op library).
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnxruntime
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -24,6 +30,15 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", CHAT_TEMPLATE_FILE)
 BYTE_TOKENS = 256
 BOS, EOT, PAD = "<|begin_of_text|>", "<|eot|>", "<|pad|>"
+# text → ids (HfJsonTokenizer: tokenizer.json's own pipeline, <|begin_of_text|> included); ids → UTF-8 bytes
+# (BpeDecoder, special tokens skipped, as the Python runtime decodes). Invalid UTF-8 comes out as raw bytes, but the
+# output ends at a NUL byte: the manifest lists the tokens holding one ("nul_byte_tokens": id → hex bytes) for the
+# runtime to put in itself.
+TOKENIZER_GRAPHS = {"encode": "tokenizer_encode.onnx", "decode": "tokenizer_decode.onnx"}
+# What the graphs must tokenize as `tokenizers` does before an artifact carries them: words and contractions, runs of
+# whitespace and newlines, digit groups, accents, CJK, emoji with modifiers, punctuation runs, a special token.
+PROBE_TEXTS = ("The history of it, don't we'LL?", "  runs\tof \n\n\n  spaces  ", "digits 1234567 3.14159",
+               "café naïve 日本語 😀👍🏽 🇫🇷", "graphs : iterable --\r\n x", f"{BOS}hello{EOT} world")
 # Placed at the first ids after bos/eos/pad: what the chat template and a base model's end of text need.
 CHAT_TOKENS = ("<|header_start|>", "<|header_end|>", "<|end_of_text|>")
 
@@ -155,3 +170,72 @@ def _bytes_to_unicode() -> dict[int, str]:
             symbols[b] = chr(BYTE_TOKENS + extra)
             extra += 1
     return symbols
+
+
+def write_tokenizer_graphs(directory: Path) -> dict[str, object]:
+    """Write TOKENIZER_GRAPHS beside the directory's tokenizer.json; return the manifest's entry for them:
+    {"graphs": TOKENIZER_GRAPHS}, or {"graphs": None, "graphs_skipped": why} where they cannot stand in for it."""
+    directory = Path(directory)
+    try:
+        from onnxruntime_extensions import gen_processing_models, get_library_path
+    except ImportError:
+        return {"graphs": None, "graphs_skipped": "onnxruntime-extensions is not installed"}
+    text = (directory / "tokenizer.json").read_text(encoding="utf-8")
+    spec = json.loads(text)
+    kinds = ((spec.get("model") or {}).get("type"), (spec.get("decoder") or {}).get("type"))
+    if kinds != ("BPE", "ByteLevel"):
+        return {"graphs": None, "graphs_skipped": f"the tokenizer is {kinds[0]} with a {kinds[1]} decoder; the graphs "
+                                                  "cover byte-level BPE (Llama 4's)"}
+    config = directory / "tokenizer_config.json"
+    config_text = config.read_text(encoding="utf-8") if config.is_file() else "{}"
+    reference = Tokenizer.from_str(text)
+    try:
+        encode, _ = gen_processing_models("HfJsonTokenizer",
+                                          pre_kwargs={"tokenizer_vocab": text, "tokenizer_config": config_text})
+        _, decode = gen_processing_models("BpeDecoder", post_kwargs=_bpe_decoder_attributes(reference, spec))
+        sessions = {}
+        for name, graph in (("encode", encode), ("decode", decode)):
+            options = onnxruntime.SessionOptions()
+            options.register_custom_ops_library(get_library_path())
+            sessions[name] = onnxruntime.InferenceSession(graph.SerializeToString(), options,
+                                                          providers=["CPUExecutionProvider"])
+        for probe in PROBE_TEXTS:
+            expected = reference.encode(probe).ids
+            ids = sessions["encode"].run(None, {encode.graph.input[0].name: np.array([probe])})[0].reshape(-1).tolist()
+            decoded = sessions["decode"].run(None, {decode.graph.input[0].name: np.array([expected], dtype=np.int64)})
+            if ids != expected or decoded[0].reshape(-1)[0] != reference.decode(expected):
+                return {"graphs": None, "graphs_skipped": f"onnxruntime-extensions tokenizes {probe!r} differently "
+                                                          "from tokenizers"}
+    except Exception as exc:  # the extensions and ONNX Runtime raise their own types for a tokenizer they cannot take
+        return {"graphs": None,
+                "graphs_skipped": f"onnxruntime-extensions cannot take this tokenizer ({_first_line(exc)})"}
+    for name, graph in (("encode", encode), ("decode", decode)):
+        # The extensions number their graphs and nodes per process: fixed names keep re-exports byte-identical.
+        graph.graph.name = f"tokenizer_{name}"
+        for node in graph.graph.node:
+            node.name = node.op_type
+        onnx.save(graph, directory / TOKENIZER_GRAPHS[name])
+    return {"graphs": {**TOKENIZER_GRAPHS, "nul_byte_tokens": _nul_byte_tokens(reference, spec)}}
+
+
+def _bpe_decoder_attributes(tokenizer: Tokenizer, spec: dict) -> dict[str, object]:
+    """The BpeDecoder op's attributes: every id's token, the byte-level alphabet, the added and special tokens."""
+    vocab = {i: token for token, i in tokenizer.get_vocab(with_added_tokens=True).items()}
+    added = spec.get("added_tokens", [])
+    return {
+        "id_vocab": "\n".join(vocab.get(i, "") for i in range(max(vocab) + 1)),
+        "byte_decoder": "\n".join(f"{ord(symbol)}\t{byte}" for byte, symbol in _bytes_to_unicode().items()),
+        "added_tokens": "\n".join(f"{a['id']}\t{a['content']}" for a in added),
+        "all_special_ids": "\n".join(str(a["id"]) for a in added if a.get("special")),
+        "skip_special_tokens": 1,
+    }
+
+
+def _nul_byte_tokens(tokenizer: Tokenizer, spec: dict) -> dict[str, str]:
+    """id → hex bytes of every vocabulary token whose bytes hold a NUL (where BpeDecoder's output would end)."""
+    symbols = _bytes_to_unicode()
+    byte_of = {symbol: byte for byte, symbol in symbols.items()}
+    added = {a["id"] for a in spec.get("added_tokens", [])}
+    vocab = sorted(tokenizer.get_vocab(with_added_tokens=False).items(), key=lambda item: item[1])
+    return {str(i): bytes(byte_of[ch] for ch in token).hex() for token, i in vocab
+            if symbols[0] in token and i not in added and all(ch in byte_of for ch in token)}
