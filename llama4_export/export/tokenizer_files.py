@@ -176,10 +176,9 @@ def write_tokenizer_graphs(directory: Path) -> dict[str, object]:
     """Write TOKENIZER_GRAPHS beside the directory's tokenizer.json; return the manifest's entry for them:
     {"graphs": TOKENIZER_GRAPHS}, or {"graphs": None, "graphs_skipped": why} where they cannot stand in for it."""
     directory = Path(directory)
-    try:
-        from onnxruntime_extensions import gen_processing_models, get_library_path
-    except ImportError:
-        return {"graphs": None, "graphs_skipped": "onnxruntime-extensions is not installed"}
+    # imported here, not at the top: the extensions take ~2 s to import and only an export with a tokenizer uses them
+    from onnxruntime_extensions import gen_processing_models, get_library_path
+
     text = (directory / "tokenizer.json").read_text(encoding="utf-8")
     spec = json.loads(text)
     kinds = ((spec.get("model") or {}).get("type"), (spec.get("decoder") or {}).get("type"))
