@@ -302,26 +302,18 @@ class BatchEngine:
         return chosen
 
     def _prefill_together(self, newcomers: list[Sequence]) -> None:
-        """Prefill whole prompts of several newcomers in one step, in rows 0.. of the staging cache, with the image
-        features of their placeholders (row-major); move each row into the sequence's row; sample first tokens."""
+        """Prefill whole prompts of several newcomers in one step (Generator.prefill), in rows 0.. of the staging cache;
+        move each row into the sequence's row; sample first tokens."""
         staging = self._staging
         staging.reset()
-        longest = max(len(seq.request.prompt_ids) for seq in newcomers)
-        ids = np.full((len(newcomers), longest), self._pad, np.int64)
-        positions = np.full((len(newcomers), longest), -1, np.int64)
-        wanted = np.zeros((len(newcomers), 1), np.int64)
-        features = [seq.request.image_features for seq in newcomers if seq.request.image_features is not None]
-        for j, seq in enumerate(newcomers):
-            prompt = seq.request.prompt_ids
-            ids[j, :len(prompt)], positions[j, :len(prompt)], wanted[j, 0] = prompt, np.arange(len(prompt)), len(prompt) - 1
-        staging.reserve(slice(None), longest)  # before taking a view, which cannot grow the buffers
+        staging.reserve(slice(None), max(len(seq.request.prompt_ids) for seq in newcomers))  # a view cannot grow
         view = staging.first_rows(len(newcomers)) if len(newcomers) < staging.batch else staging
-        logits = self.backend.forward(ids, positions, view, wanted,
-                                      image_features=np.concatenate(features) if features else None)
+        logits = self.generator.prefill([seq.request.prompt_ids for seq in newcomers], view, self._pad,
+                                        [seq.request.image_features for seq in newcomers])
         for j, seq in enumerate(newcomers):
             self.cache.adopt_row(seq.row, staging, j)
             seq.fed = len(seq.request.prompt_ids)
-            self._sampled(seq, logits[j, 0])
+            self._sampled(seq, logits[j])
 
     def _decode(self, decoding: list[Sequence]) -> None:
         """One token for every decoding row, over rows 0..the highest decoding one (rows are taken lowest first, so

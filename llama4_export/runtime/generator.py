@@ -305,7 +305,7 @@ class Generator:
         history = [np.concatenate([p, np.zeros(max_new_tokens, np.int64)]).astype(np.int64) for p in prompts]
         decoders = [StreamDecoder(self.tokenizer) if self.tokenizer else None for _ in prompts]
 
-        last_logits = self._prefill(prompts, cache, pad, features or [None] * rows)
+        last_logits = self.prefill(prompts, cache, pad, features or [None] * rows)
         produced = [0] * rows
         active = [True] * rows
         while True:
@@ -329,8 +329,8 @@ class Generator:
                 return
             last_logits = self.backend.forward(ids, positions, cache)[:, -1]
 
-    def _prefill(self, prompts: list[list[int]], cache: KVCacheState, pad: int,
-                 features: list[np.ndarray | None]) -> np.ndarray:
+    def prefill(self, prompts: list[list[int]], cache: KVCacheState, pad: int,
+                features: list[np.ndarray | None]) -> np.ndarray:
         """Feed every prompt in pieces of at most max_prefill_tokens; return each row's last-token logits [B, V]. Each
         piece asks for one column of logits per row — the row's last prompt token when it is in the piece — and
         takes the image feature rows of its placeholder tokens (row by row: model/io_spec.py)."""
