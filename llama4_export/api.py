@@ -25,7 +25,7 @@ from .evaluation.compare import compare_artifact
 from .graph_passes.artifact_passes import PASSES_FILE, optimize_artifact
 from .graph_passes.errors import GraphPassError
 from .graph_passes.pipeline import default_target
-from .model.config import Llama4Config, get_preset, get_vision_preset
+from .model.config import Llama4Config, Llama4VisionConfig, get_preset, get_vision_preset
 from .model.io_spec import DEFAULT_MAX_PREFILL
 from .model.loader import check_checkpoint
 from .model.summary import summarize
@@ -126,20 +126,21 @@ def export_model(
     return result
 
 
-def model_config(model: str | None, checkpoint: str | Path | None) -> Llama4Config:
-    """A preset's config, or a checkpoint's after checking every tensor's name and shape (headers only)."""
+def model_configs(model: str | None, checkpoint: str | Path | None) -> tuple[Llama4Config, Llama4VisionConfig | None]:
+    """A preset's text and vision configs, or a checkpoint's after checking every tensor's name and shape (headers
+    only); the vision config is None for a text-only model."""
     if (model is None) == (checkpoint is None):
         raise ConfigError("give exactly one of --model PRESET or --checkpoint DIR")
-    return check_checkpoint(checkpoint).config if checkpoint is not None else get_preset(model)
+    if checkpoint is not None:
+        index = check_checkpoint(checkpoint)
+        return index.config, index.vision
+    return get_preset(model), get_vision_preset(model)
 
 
 def inspect_model(model: str | None = None, checkpoint: str | Path | None = None) -> dict[str, Any]:
     """`llama4-export inspect`: layers by kind, total/active parameters, weight bytes per precision, KV bytes/token,
     and the vision encoder's parameters and tokens per image tile when the model has one."""
-    if checkpoint is not None and model is None:
-        index = check_checkpoint(checkpoint)
-        return summarize(index.config, index.vision)
-    return summarize(model_config(model, checkpoint), get_vision_preset(model))
+    return summarize(*model_configs(model, checkpoint))
 
 
 def plan_gpu_memory(model: str | None = None, checkpoint: str | Path | None = None, precision: str = "bf16",
@@ -148,11 +149,7 @@ def plan_gpu_memory(model: str | None = None, checkpoint: str | Path | None = No
     """`llama4-export plan`: the memory plan of the model on `gpu` (or one GPU of `gpu_memory`), its vision tower
     included unless `text_only` (or the model has none); options: gpus, max_batch, max_prefill, kv_dtype, window,
     block_size, max_tiles (plan.plan_memory)."""
-    if checkpoint is not None and model is None:
-        index = check_checkpoint(checkpoint)
-        config, vision = index.config, index.vision
-    else:
-        config, vision = model_config(model, checkpoint), get_vision_preset(model)
+    config, vision = model_configs(model, checkpoint)
     return plan_memory(config, precision, gpu_spec(gpu, gpu_memory), vision=None if text_only else vision, **options)
 
 
