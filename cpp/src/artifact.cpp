@@ -124,7 +124,8 @@ bool one_graph_serves_both(const json& graphs) {
   };
   const std::string decode = lowering("decode");
   return decode == lowering("prefill") &&
-         (decode.find("QMoE") != std::string::npos || decode.find("com.microsoft.MoE") != std::string::npos);
+         (decode.find("MatMulNBits per expert") != std::string::npos || decode.find("QMoE") != std::string::npos ||
+          decode.find("com.microsoft.MoE") != std::string::npos);
 }
 
 // runtime/ort_backend.py artifact_parts: each part's graphs, in layer order, and the prefill limit.

@@ -65,12 +65,17 @@ def artifact_parts(directory: Path, manifest: dict[str, Any], config: Llama4Conf
     return parts, max_prefill
 
 
+# What the manifest's moe_lowering says when each token reaches only its expert in any graph (QMoE: artifacts
+# exported before the per-expert If lowering).
+ROUTING_LOWERINGS = ("MatMulNBits per expert", "QMoE", "com.microsoft.MoE")
+
+
 def _one_graph_serves_both(graphs: dict[str, Any]) -> bool:
-    """With the MoE lowered to an ONNX Runtime op that routes each token to its expert (QMoE, MoE) in both graphs, the
-    prefill graph computes a one-token step exactly as the decode graph does: one session then serves both, and the
-    weights ORT prepacks for it are prepacked once."""
+    """With the MoE lowered to a form that routes each token to its expert (per-expert If + MatMulNBits, QMoE, MoE) in
+    both graphs, the prefill graph computes a one-token step exactly as the decode graph does: one session then serves
+    both, and the weights ORT prepacks for it are prepacked once."""
     lowerings = {(graphs.get(name) or {}).get("moe_lowering") for name in ("decode", "prefill")}
-    return len(lowerings) == 1 and any(op in (next(iter(lowerings)) or "") for op in ("QMoE", "com.microsoft.MoE"))
+    return len(lowerings) == 1 and any(form in (next(iter(lowerings)) or "") for form in ROUTING_LOWERINGS)
 
 
 class _Part:
