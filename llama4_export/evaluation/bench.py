@@ -36,7 +36,7 @@ from .torch_backend import torch_generator
 
 # ONNX ops whose expert-weight inputs are stacked [num_experts, ...]: a top-1 token reads one slice of them
 # (the unoptimized graph picks the slice with GatherND instead).
-MOE_OPS = frozenset({"MoE", "QMoE", "Llama4MoE"})  # QMoE: artifacts exported before the If tree
+MOE_OPS = frozenset({"MoE", "QMoE", "Llama4MoE"})
 
 
 class BenchError(Llama4ExportError):
@@ -122,15 +122,12 @@ def peak_rss_mb(pid: int | str = "self", name: str | None = None) -> float | Non
 
 def decode_weight_bytes(graph_path: Path, num_experts: int) -> int:
     """Bytes of the decode graph's initializers one token reads: stacked expert weights count one expert's slice,
-    per-expert weights inside `If` branches (INT4 experts on ONNX Runtime, graph_passes/lower.py: a tree of Ifs, one
-    leaf taken per token, each expert's weights declared in its leaf) one expert's share, a Gather table (the
-    embedding) one row; everything else in full."""
+    per-expert weights inside `If` branches (INT4 experts on ONNX Runtime, graph_passes/lower.py: one branch taken
+    per token) one expert's share, a Gather table (the embedding) one row; everything else in full."""
     model = onnx.load(str(graph_path), load_external_data=False)
     uses: dict[str, list[tuple[str, int]]] = {}
-    tensors: list[tuple[onnx.TensorProto, bool]] = []  # (initializer, declared inside an If branch)
 
     def collect(graph, branch_of: str | None) -> None:
-        tensors.extend((tensor, branch_of == "If") for tensor in graph.initializer)
         for node in graph.node:
             for index, name in enumerate(node.input):
                 uses.setdefault(name, []).append((branch_of or node.op_type, index))
@@ -140,14 +137,14 @@ def decode_weight_bytes(graph_path: Path, num_experts: int) -> int:
 
     collect(model.graph, None)
     total = 0
-    for tensor, in_branch in tensors:
+    for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             size = int({e.key: e.value for e in tensor.external_data}["length"])
         else:
             size = len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
         consumers = uses.get(tensor.name, [])
         dims = list(tensor.dims)
-        if in_branch or (consumers and all(op == "If" for op, _ in consumers)):
+        if consumers and all(op == "If" for op, _ in consumers):
             size /= num_experts
         elif dims and dims[0] == num_experts and consumers and all(
             op in MOE_OPS or (op == "GatherND" and i == 0) for op, i in consumers  # fused MoE, or the traced top-1 gather

@@ -65,7 +65,7 @@ def write_graphs(graphs: dict[str, ir.Model], directory: Path, content: Content 
     keys: dict[Any, tuple] = {}  # identity -> content key
     with open(directory / data_file, "wb") as data:
         for graph_model in graphs.values():
-            for value in (v for g in graph_model.graphs() for v in g.initializers.values()):  # If branches' too
+            for value in graph_model.graph.initializers.values():
                 tensor = value.const_value
                 if tensor is None:
                     continue

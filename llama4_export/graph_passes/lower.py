@@ -211,58 +211,34 @@ class _Builder:
         return initializer(graph, f"{self.prefix}.{name}", array)
 
 
-def _expert_nodes(op: _Builder, graph: ir.Graph, moe: str, e: int, routed_in: ir.Value, onehot: ir.Value,
-                  total: ir.Value, fc1: tuple, fc2: tuple, accuracy_level: int) -> ir.Value:
-    """total + expert e on its tokens (the rows where column e of `onehot` [N, E] is true): gather them, gate/up and
-    down as two MatMulNBits over its own 4-bit weights, scatter-add; the nodes go on op's tape."""
+def _expert_branch(graph: ir.Graph, prefix: str, e: int, routed_in: ir.Value, column: ir.Value, total: ir.Value,
+                   fc1: tuple, fc2: tuple, accuracy_level: int) -> ir.Graph:
+    """The taken branch of expert e: gather its tokens (rows where `column` [N, 1] is true), gate/up and down as two
+    MatMulNBits over its own 4-bit weights, and scatter-add the result into `total`."""
+    (fc1_name, fc1_q, fc1_scale, block1), (fc2_name, fc2_q, fc2_scale, block2) = fc1, fc2
     weights = []
-    for name, q, scale, block in (fc1, fc2):
+    for name, q, scale, block in ((fc1_name, fc1_q, fc1_scale, block1), (fc2_name, fc2_q, fc2_scale, block2)):
         packed, scales = nbits_weight(leading_slice(q, e), scale[e], block, 4)
         weights.append((initializer(graph, f"{name}.e{e}.nbits", packed), initializer(graph, f"{name}.e{e}.nbits_scale", scales),
                         int(q.shape[2]), int(q.shape[1]), block))
-    column = op("chosen", "Gather", [onehot, initializer(graph, f"{moe}.e{e}.index", np.asarray(e, np.int64))], axis=1)
-    rows = op("rows", "Transpose", [op("nonzero", "NonZero", [column])], perm=[1, 0])
-    hidden = op("tokens", "GatherND", [routed_in, rows])
+    op = _Builder(f"{prefix}.e{e}")
+    axis_1 = op.constant(graph, "axis_1", np.asarray([1], np.int64))
+    rows = op("rows", "Transpose", [op("nonzero", "NonZero", [op("chosen", "Squeeze", [column, axis_1])])], perm=[1, 0])
+    hidden = routed_in
     for step, (w, s, k, n, block) in zip(("gate_up", "down"), weights):
         if step == "down":
             gate, up = op.outputs("split", "Split", [hidden], 2, axis=-1, num_outputs=2)
             hidden = op("act", "Mul", [op("silu", "Mul", [gate, op("sigmoid", "Sigmoid", [gate])]), up])
+        else:
+            hidden = op("tokens", "GatherND", [routed_in, rows])
         hidden = op(step, "MatMulNBits", [hidden, w, s], domain=ORT_DOMAIN, K=k, N=n, bits=4, block_size=block,
                     accuracy_level=accuracy_level)
-    return op("sum", "ScatterND", [total, rows, hidden], reduction="add")
-
-
-def _expert_ranges(lo: int, hi: int) -> list[tuple[int, int]]:
-    """The ranges of experts the If tree over [lo, hi) tests, parents before children: halves, recursively."""
-    if hi - lo < 2:
-        return []
-    mid = (lo + hi) // 2
-    return [(lo, mid), *_expert_ranges(lo, mid), (mid, hi), *_expert_ranges(mid, hi)]
-
-
-def _experts_in(op: _Builder, graph: ir.Graph, moe: str, lo: int, hi: int, total: ir.Value,
-                taken: tuple[ir.Value, dict] | None, expert_args: tuple) -> ir.Value:
-    """total + the experts lo..hi−1 on their tokens: one expert's nodes, or per half an If taken only when a token
-    chose an expert in it (that half's nodes in its branch, recursively)."""
-    if hi - lo == 1:
-        return _expert_nodes(op, graph, moe, lo, *expert_args[:2], total, *expert_args[2:])
-    mid = (lo + hi) // 2
-    for a, b in ((lo, mid), (mid, hi)):
-        name = f"e{a}" if b - a == 1 else f"e{a}-{b - 1}"
-        branch = _Builder(f"{moe}.{name}")
-        added = _experts_in(branch, graph, moe, a, b, total, taken, expert_args)
-        skip = _Builder(f"{branch.prefix}.skip")
-        kept = skip("sum", "Identity", [total])
-        index = initializer(graph, f"{moe}.{name}.range", np.asarray(taken[1][(a, b)], np.int64))
-        total = op(f"if_{name}", "If", [op(f"taken_{name}", "Gather", [taken[0], index])],
-                   then_branch=ir.Graph([], [added], nodes=branch.tape.nodes, name=f"{branch.prefix}.taken"),
-                   else_branch=ir.Graph([], [kept], nodes=skip.tape.nodes, name=f"{branch.prefix}.skipped"))
-    return total
+    added = op("sum", "ScatterND", [total, rows, hidden], reduction="add")
+    return ir.Graph([], [added], nodes=op.tape.nodes, name=f"{prefix}.e{e}.taken")
 
 
 def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int) -> bool:
-    """Llama4MoE with INT4 experts → routing, the shared expert, then a binary tree of Ifs over the experts, each taken
-    only when a token chose an expert below it, adding the chosen experts' outputs to the running sum."""
+    """Llama4MoE with INT4 experts → routing, the shared expert, then one If per expert over the running sum."""
     x, router, gate_up, down, shared_gate, shared_up, shared_down = node.inputs
     fc1, fc2 = _int4_parts(gate_up), _int4_parts(down)
     if fc1 is None or fc2 is None or x.dtype != ir.DataType.FLOAT:
@@ -276,25 +252,22 @@ def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int) -> bool
     routed_in = op("routed_in", "Mul", [x, score])
     expert = op("expert", "ArgMax", [logits], axis=-1, keepdims=1)  # [N, 1]; first index on ties, as the reference
     onehot = op("onehot", "Equal", [expert, op.constant(graph, "expert_ids", np.arange(experts, dtype=np.int64))])
-    ranges = _expert_ranges(0, experts)
-    taken = None
-    if ranges:  # which ranges some token chose an expert in: any over tokens, then a 0/1 membership product; each
-        # If reads its flag with a Gather in the graph around it, so only the taken path's flags are read
-        chosen = op("chosen_any", "ReduceMax", [op("onehot_f", "Cast", [onehot], to=ir.DataType.FLOAT),
-                                                op.constant(graph, "axis_0", np.asarray([0], np.int64))], keepdims=1)
-        membership = np.zeros((experts, len(ranges)), np.float32)
-        for t, (a, b) in enumerate(ranges):
-            membership[a:b, t] = 1
-        hits = op("range_hits", "MatMul", [chosen, op.constant(graph, "ranges", membership)])  # [1, T]
-        flags = op("range_taken", "Greater", [op("range_hits_flat", "Reshape", [hits, op.constant(graph, "flat", np.asarray([-1], np.int64))]),
-                                              op.constant(graph, "zero", np.asarray(0, np.float32))])
-        taken = (flags, {r: t for t, r in enumerate(ranges)})
+    counts = op("counts", "ReduceMax", [op("onehot_i32", "Cast", [onehot], to=ir.DataType.INT32),
+                                        op.constant(graph, "axis_0", np.asarray([0], np.int64))], keepdims=0)
+    taken = op.outputs("taken", "Split", [op("taken_any", "Cast", [counts], to=ir.DataType.BOOL)], experts, axis=0,
+                       num_outputs=experts)
+    columns = op.outputs("column", "Split", [onehot], experts, axis=1, num_outputs=experts)
     gate = op("shared.gate", "Gemm", [x, shared_gate], transB=1)
     total = op("shared.down", "Gemm", [
         op("shared.act", "Mul", [op("shared.silu", "Mul", [gate, op("shared.sigmoid", "Sigmoid", [gate])]),
                                  op("shared.up", "Gemm", [x, shared_up], transB=1)]),
         shared_down], transB=1)
-    total = _experts_in(op, graph, prefix, 0, experts, total, taken, (routed_in, onehot, fc1, fc2, accuracy_level))
+    for e in range(experts):
+        skip = _Builder(f"{prefix}.e{e}.skip")
+        kept = skip("sum", "Identity", [total])
+        total = op(f"e{e}.total", "If", [taken[e]],
+                   then_branch=_expert_branch(graph, prefix, e, routed_in, columns[e], total, fc1, fc2, accuracy_level),
+                   else_branch=ir.Graph([], [kept], nodes=skip.tape.nodes, name=f"{prefix}.e{e}.skipped"))
     graph.insert_before(node, op.tape.nodes)
     total.type, total.shape = node.outputs[0].type, node.outputs[0].shape
     node.outputs[0].replace_all_uses_with(total, replace_graph_outputs=True)
@@ -311,20 +284,6 @@ def lower_int4_experts(model: ir.Model, accuracy_level: int = ACCURACY_LEVEL) ->
     if count:
         model.opset_imports.setdefault(ORT_DOMAIN, 1)
     return count
-
-
-def localize_branch_weights(model: ir.Model, context: PassContext) -> int:
-    """an initializer of the main graph read only inside one subgraph (an If branch) → an initializer of that subgraph.
-    ONNX Runtime prepacks a weight for a kernel at most one subgraph level below where the weight is declared; deeper
-    down (the experts' If tree) MatMulNBits would dequantize its weight on every call."""
-    main, moved = model.graph, 0
-    for value in list(main.initializers.values()):
-        graphs = {node.graph for node, _ in value.uses()}
-        if len(graphs) == 1 and None not in graphs and main not in graphs:
-            main.initializers.pop(value.name)
-            next(iter(graphs)).register_initializer(value)
-            moved += 1
-    return moved
 
 
 def lower_moe(model: ir.Model, context: PassContext) -> int:
@@ -350,7 +309,3 @@ def lower_moe(model: ir.Model, context: PassContext) -> int:
 
 def moe_lowering_pass() -> GraphPass:
     return GraphPass("lower_moe", lower_moe, requires=(MOE_FUSED,), produces=(MOE_LOWERED,))
-
-
-def localize_branch_weights_pass() -> GraphPass:
-    return GraphPass("localize_branch_weights", localize_branch_weights)

@@ -15,7 +15,7 @@ from .errors import GraphPassError
 from .fuse_moe import moe_fusion_passes
 from .fuse_transformer import transformer_fusion_passes
 from .fuse_vision import vision_fusion_passes
-from .lower import localize_branch_weights_pass, moe_lowering_pass
+from .lower import moe_lowering_pass
 from .lower_linears import ort_linear_passes
 from .weight_layout import weight_layout_pass
 from .quantize import QuantSpec, quantization_passes
@@ -80,7 +80,6 @@ def passes_for(target: str, quantize: bool = False, vision: bool = False) -> lis
         weight_layout_pass(),
         GraphPass("cse[final]", eliminate_common_subexpressions),
         GraphPass("tidy", tidy),
-        localize_branch_weights_pass(),
     ]
 
 
