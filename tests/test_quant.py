@@ -14,7 +14,8 @@ import torch
 
 from llama4_export.graph_passes import ops
 from llama4_export.graph_passes.canonicalize import eliminate_dead_code
-from llama4_export.graph_passes.lower import INT4_EXPERTS_LOWERING, lower_int4_experts, lower_moe
+from llama4_export.graph_passes.lower import (IF_PER_EXPERT_MAX, INT4_EXPERTS_LOWERING, QMOE_LOWERING, lower_int4_experts,
+                                              lower_moe)
 from llama4_export.graph_passes.manager import PassContext
 from llama4_export.graph_passes.moe_reference import llama4_moe
 from llama4_export.graph_passes.quantize import (QuantSpec, int4_blockwise, int4_dequantize,
@@ -93,8 +94,8 @@ def test_fp8_linear_quantizes_weights_and_inputs(tmp_path):
     assert np.abs(got - x @ w.T).max() / np.abs(x @ w.T).max() < 0.1
 
 
-def _int4_expert_model(rng, block: int):
-    weights = random_moe_weights(rng, experts=4, hidden=64, inter=96, gate_up_scale=0.3, scale=0.3)
+def _int4_expert_model(rng, block: int, experts: int = 4):
+    weights = random_moe_weights(rng, experts=experts, hidden=64, inter=96, gate_up_scale=0.3, scale=0.3)
     model = ops.moe_node_model(weights, None)
     for name in ("gate_up", "down"):  # the names the fused graph gives expert weights
         model.graph.initializers[name].name = f"model.layers.0.feed_forward.experts.{name}_proj"
@@ -104,6 +105,24 @@ def _int4_expert_model(rng, block: int):
         q, scale = int4_blockwise(weights[name], block, axis=1)
         dequantized[name] = int4_dequantize(q, scale, block, axis=1)
     return model, dequantized
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_many_int4_experts_on_onnxruntime_are_one_qmoe_node_and_match_the_reference(tmp_path, tokens):
+    """Beyond IF_PER_EXPERT_MAX experts (Maverick's 128) the INT4 experts become one com.microsoft.QMoE node (4-bit in
+    memory), exact against the numpy reference on the dequantized weights: the layout, the gate/up interleaving, the
+    routing."""
+    rng = np.random.default_rng(3)
+    model, dequantized = _int4_expert_model(rng, 32, experts=IF_PER_EXPERT_MAX + 4)
+    context = PassContext("onnxruntime", "gather", quantization=QuantSpec("int4", 32))
+    lower_moe(model, context)
+    assert context.moe_lowering == QMOE_LOWERING
+    eliminate_dead_code(model, PassContext("onnxruntime", "gather"))
+    x = rng.standard_normal((tokens, 64)).astype(np.float32)
+    got = _session(model, tmp_path / "opt.onnx").run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, llama4_moe(x, **dequantized), rtol=1e-4, atol=1e-4)
+    counts = collections.Counter(n.op_type for n in model.graph.all_nodes())
+    assert counts["QMoE"] == 1 and counts["If"] == 0 and counts["DequantizeLinear"] == 0
 
 
 @pytest.mark.parametrize("tokens", [1, 9])
@@ -120,7 +139,7 @@ def test_int4_experts_on_onnxruntime_are_one_if_per_expert_and_match_the_referen
         lower_moe(model, context)
         assert context.moe_lowering == INT4_EXPERTS_LOWERING
     else:
-        assert lower_int4_experts(model, accuracy_level=accuracy_level) == 1
+        assert lower_int4_experts(model, accuracy_level=accuracy_level)[INT4_EXPERTS_LOWERING] == 1
     eliminate_dead_code(model, PassContext("onnxruntime", "gather"))
     x = rng.standard_normal((tokens, 64)).astype(np.float32)
     got = _session(model, tmp_path / "opt.onnx").run(None, {"x": x})[0]

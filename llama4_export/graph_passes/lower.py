@@ -11,13 +11,16 @@ onnxruntime
   The expert weights are re-laid out into new initializers (`<name>.ort_moe_fc1` / `.ort_moe_fc2`).
   Otherwise the standard-op lowering below.
 onnxruntime, INT4 experts (quantize.quantize_experts' Transpose ∘ DequantizeLinear form)
-  one `If` per expert, taken only when some token chose that expert: its branch gathers those tokens, runs the
-  expert as two com.microsoft.MatMulNBits (the expert's own 4-bit initializers, the linears' accuracy level) and
-  scatter-adds the result into the shared expert's output. Decode reads one expert's 4-bit weights per token, a
-  batch or a prefill runs each chosen expert once on its tokens, and no expert is ever dequantized to fp32.
-  (com.microsoft.QMoE, onnxruntime 1.32, costs 2–3× as much at one token, 4.5× at 8 and 2.5–3.4× at 64, E = 8/16:
-  its CPU kernel dequantizes per token. The weights stay main-graph initializers: ONNX Runtime prepacks those for
-  a kernel one subgraph level down, not deeper, so the Ifs are flat rather than a tree.)
+  up to IF_PER_EXPERT_MAX experts (Scout's 16): one `If` per expert, taken only when some token chose that expert:
+  its branch gathers those tokens, runs the expert as two com.microsoft.MatMulNBits (the expert's own 4-bit
+  initializers in the main graph, the linears' accuracy level) and scatter-adds the result into the shared expert's
+  output. Decode reads one expert's 4-bit weights per token, a batch or a prefill runs each chosen expert once on its
+  tokens, and no expert is ever dequantized to fp32. More experts (Maverick's 128): one com.microsoft.QMoE node, whose
+  CPU kernel (onnxruntime 1.32) dequantizes the chosen expert per token — 2× an If's expert at one token, 4.5× at 8,
+  2.5× at 64 (benchmarks/moe_lowering.py) — but costs the same for any number of experts, where every If costs
+  ≈ 5–7 µs even when not taken. (A tree of Ifs would need each expert's weights declared inside its branch — ONNX
+  Runtime prepacks a weight only one subgraph level below its declaration — and ONNX Runtime 1.32 then keeps a second
+  copy of every expert in memory.)
 standard ops (ONNX Runtime fallback; TensorRT behind --trt-fallback)
   gather — Gather(gate_up, e) / Gather(down, e): each token reads only its expert's weights (decode graphs);
   dense  — every expert on one-hot-scaled inputs (prefill graphs: no per-token weight copies; E× the arithmetic).
@@ -41,10 +44,16 @@ from .fuse_moe import MOE_FUSED
 from .moe_reference import llama4_moe
 from .ort_run import run_onnxruntime
 from .lower_linears import ACCURACY_LEVEL, nbits_weight
-from .quantize import initializer, leading_slice
+from .quantize import initializer, int4_blockwise, int4_dequantize, leading_slice
 
 MOE_LOWERED = "moe_lowered"
 INT4_EXPERTS_LOWERING = "If + MatMulNBits per expert (INT4 experts)"  # the manifest's moe_lowering
+QMOE_LOWERING = "QMoE (INT4 experts)"
+# One If per expert costs ≈ 5–7 µs per call even when not taken (benchmarks/moe_lowering.py): beyond this many experts
+# a decode step pays more for the Ifs than QMoE's dequantizing kernel costs, so many-expert models (Maverick's 128)
+# keep QMoE.
+IF_PER_EXPERT_MAX = 16
+INT4_ZERO_POINT = 8  # QMoE's and MatMulNBits' implicit zero point: nibble = q + 8
 ORT_DOMAIN = "com.microsoft"
 
 
@@ -190,6 +199,46 @@ def _int4_parts(weight: ir.Value) -> tuple[str, ir.TensorProtocol, np.ndarray, i
             dequantize.attributes.get_int("block_size"))
 
 
+def _qmoe_blocks(parts: tuple | None) -> tuple | None:
+    """QMoE takes whole blocks along K: a row shorter than one block (a tiny model) is one block of K values, which
+    quantizes to the same numbers; otherwise K must be a multiple of the block (None: not for QMoE)."""
+    if parts is None:
+        return None
+    name, q, scale, block = parts
+    k = int(q.shape[2])
+    if k % block == 0:
+        return parts
+    return (name, q, scale, k) if k < block and k % 16 == 0 and k & (k - 1) == 0 else None
+
+
+def qmoe_weight(q: ir.TensorProtocol | np.ndarray, scale: np.ndarray, block: int, interleave: bool
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """INT4 experts q [E, N, K] (values in [-7, 7]) and scales [E, N, K/B] → QMoE's weights [E, N, K/2] uint8 (nibble
+    = q + 8, even k in the low nibble) and scales [E, N, K/B]; interleave: gate rows then up rows → g0, u0, g1, u1, …
+    (QMoE's fused SwiGLU layout). One expert read at a time (quantize.leading_slice)."""
+    experts, rows, k = (int(d) for d in q.shape)
+    order = np.arange(rows).reshape(2, rows // 2).T.reshape(-1) if interleave else np.arange(rows)
+    packed = np.empty((experts, rows, k // 2), np.uint8)
+    for e in range(experts):
+        nibbles = (leading_slice(q, e)[order].astype(np.int16) + INT4_ZERO_POINT).astype(np.uint8)
+        packed[e] = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    return packed, np.ascontiguousarray(scale[:, order], np.float32)
+
+
+def _qmoe(op: "_Builder", graph: ir.Graph, routed_in: ir.Value, logits: ir.Value, fc1: tuple, fc2: tuple) -> ir.Value:
+    """com.microsoft.QMoE over INT4 experts: k = 1 and raw logits as router_probs (the one selected expert's softmax
+    weight is exactly 1; the input is pre-scaled by sigmoid(max logit)), interleaved SwiGLU. fc1 / fc2: (name, q, scales,
+    block) as _int4_parts gives them."""
+    (fc1_name, fc1_q, fc1_scale, block), (fc2_name, fc2_q, fc2_scale, _) = fc1, fc2
+    w1, s1 = qmoe_weight(fc1_q, fc1_scale, block, interleave=True)
+    w2, s2 = qmoe_weight(fc2_q, fc2_scale, block, interleave=False)
+    inputs = [routed_in, logits, op.constant(graph, "fc1", w1, f"{fc1_name}.qmoe"),
+              op.constant(graph, "fc1_scale", s1, f"{fc1_name}.qmoe_scale"), None,
+              op.constant(graph, "fc2", w2, f"{fc2_name}.qmoe"), op.constant(graph, "fc2_scale", s2, f"{fc2_name}.qmoe_scale")]
+    return op("routed", "QMoE", inputs, domain=ORT_DOMAIN, k=1, activation_type="swiglu", swiglu_fusion=1,
+              normalize_routing_weights=1, expert_weight_bits=4, block_size=block)
+
+
 class _Builder:
     """ir.tape with named outputs (serialized models need unique value names)."""
 
@@ -207,8 +256,8 @@ class _Builder:
             value.name = f"{self.prefix}.{name}.{i}"
         return list(values)
 
-    def constant(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-        return initializer(graph, f"{self.prefix}.{name}", array)
+    def constant(self, graph: ir.Graph, name: str, array: np.ndarray, full_name: str | None = None) -> ir.Value:
+        return initializer(graph, full_name or f"{self.prefix}.{name}", array)
 
 
 def _expert_branch(graph: ir.Graph, prefix: str, e: int, routed_in: ir.Value, column: ir.Value, total: ir.Value,
@@ -237,53 +286,96 @@ def _expert_branch(graph: ir.Graph, prefix: str, e: int, routed_in: ir.Value, co
     return ir.Graph([], [added], nodes=op.tape.nodes, name=f"{prefix}.e{e}.taken")
 
 
-def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int) -> bool:
-    """Llama4MoE with INT4 experts → routing, the shared expert, then one If per expert over the running sum."""
+def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int) -> str | None:
+    """Llama4MoE with INT4 experts → routing, the shared expert, and the routed experts as one If per expert over the
+    running sum — or, beyond IF_PER_EXPERT_MAX experts, one QMoE node where this onnxruntime's matches the
+    reference. Returns the form used (None: not lowered)."""
     x, router, gate_up, down, shared_gate, shared_up, shared_down = node.inputs
     fc1, fc2 = _int4_parts(gate_up), _int4_parts(down)
     if fc1 is None or fc2 is None or x.dtype != ir.DataType.FLOAT:
-        return False
+        return None
     experts = int(fc1[1].shape[0])
+    qmoe = experts > IF_PER_EXPERT_MAX and ort_qmoe_problem() is None and None not in (_qmoe_blocks(fc1), _qmoe_blocks(fc2))
     prefix = node.name or fc1[0].removesuffix(".experts.gate_up_proj") + ".moe"
     op = _Builder(prefix)
     logits = op("router_logits", "Gemm", [x, router], transB=1)
     axis_last = op.constant(graph, "axis_last", np.asarray([-1], np.int64))
     score = op("router_score", "Sigmoid", [op("router_max", "ReduceMax", [logits, axis_last], keepdims=1)])
     routed_in = op("routed_in", "Mul", [x, score])
-    expert = op("expert", "ArgMax", [logits], axis=-1, keepdims=1)  # [N, 1]; first index on ties, as the reference
-    onehot = op("onehot", "Equal", [expert, op.constant(graph, "expert_ids", np.arange(experts, dtype=np.int64))])
-    counts = op("counts", "ReduceMax", [op("onehot_i32", "Cast", [onehot], to=ir.DataType.INT32),
-                                        op.constant(graph, "axis_0", np.asarray([0], np.int64))], keepdims=0)
-    taken = op.outputs("taken", "Split", [op("taken_any", "Cast", [counts], to=ir.DataType.BOOL)], experts, axis=0,
-                       num_outputs=experts)
-    columns = op.outputs("column", "Split", [onehot], experts, axis=1, num_outputs=experts)
     gate = op("shared.gate", "Gemm", [x, shared_gate], transB=1)
     total = op("shared.down", "Gemm", [
         op("shared.act", "Mul", [op("shared.silu", "Mul", [gate, op("shared.sigmoid", "Sigmoid", [gate])]),
                                  op("shared.up", "Gemm", [x, shared_up], transB=1)]),
         shared_down], transB=1)
-    for e in range(experts):
-        skip = _Builder(f"{prefix}.e{e}.skip")
-        kept = skip("sum", "Identity", [total])
-        total = op(f"e{e}.total", "If", [taken[e]],
-                   then_branch=_expert_branch(graph, prefix, e, routed_in, columns[e], total, fc1, fc2, accuracy_level),
-                   else_branch=ir.Graph([], [kept], nodes=skip.tape.nodes, name=f"{prefix}.e{e}.skipped"))
+    if qmoe:
+        total = op("sum", "Add", [total, _qmoe(op, graph, routed_in, logits, _qmoe_blocks(fc1), _qmoe_blocks(fc2))])
+    else:
+        expert = op("expert", "ArgMax", [logits], axis=-1, keepdims=1)  # [N, 1]; first index on ties, as the reference
+        onehot = op("onehot", "Equal", [expert, op.constant(graph, "expert_ids", np.arange(experts, dtype=np.int64))])
+        counts = op("counts", "ReduceMax", [op("onehot_i32", "Cast", [onehot], to=ir.DataType.INT32),
+                                            op.constant(graph, "axis_0", np.asarray([0], np.int64))], keepdims=0)
+        taken = op.outputs("taken", "Split", [op("taken_any", "Cast", [counts], to=ir.DataType.BOOL)], experts, axis=0,
+                           num_outputs=experts)
+        columns = op.outputs("column", "Split", [onehot], experts, axis=1, num_outputs=experts)
+        for e in range(experts):
+            skip = _Builder(f"{prefix}.e{e}.skip")
+            kept = skip("sum", "Identity", [total])
+            total = op(f"e{e}.total", "If", [taken[e]],
+                       then_branch=_expert_branch(graph, prefix, e, routed_in, columns[e], total, fc1, fc2, accuracy_level),
+                       else_branch=ir.Graph([], [kept], nodes=skip.tape.nodes, name=f"{prefix}.e{e}.skipped"))
     graph.insert_before(node, op.tape.nodes)
     total.type, total.shape = node.outputs[0].type, node.outputs[0].shape
     node.outputs[0].replace_all_uses_with(total, replace_graph_outputs=True)
     graph.remove(node, safe=True)
-    return True
+    return QMOE_LOWERING if qmoe else INT4_EXPERTS_LOWERING
 
 
-def lower_int4_experts(model: ir.Model, accuracy_level: int = ACCURACY_LEVEL) -> int:
+def lower_int4_experts(model: ir.Model, accuracy_level: int = ACCURACY_LEVEL) -> dict[str, int]:
     """Llama4MoE with INT4 experts → per-expert If { GatherND → MatMulNBits → SwiGLU → MatMulNBits → ScatterND(add) }
-    over the shared expert's output (ONNX Runtime). accuracy_level: MatMulNBits' compute, as the other linears'."""
+    over the shared expert's output, or QMoE for many experts (ONNX Runtime). accuracy_level: MatMulNBits' compute,
+    as the other linears'. Returns the count of each form."""
     graph = model.graph
     moe_nodes = [n for n in graph if n.domain == ops.DOMAIN and n.op_type == ops.MOE_OP]
-    count = sum(_lower_int4_moe(graph, n, accuracy_level) for n in moe_nodes)
-    if count:
+    forms = [_lower_int4_moe(graph, n, accuracy_level) for n in moe_nodes]
+    counts = {form: forms.count(form) for form in (INT4_EXPERTS_LOWERING, QMOE_LOWERING)}
+    if any(counts.values()):
         model.opset_imports.setdefault(ORT_DOMAIN, 1)
-    return count
+    return counts
+
+
+@functools.lru_cache(maxsize=None)
+def ort_qmoe_problem() -> str | None:
+    """None when com.microsoft.QMoE, as lowered above, matches moe_reference on this onnxruntime; else why not (older
+    builds have no 4-bit CPU QMoE). Pre-activations reach ±60, so a clamp, α or `up + 1` would show."""
+    rng = np.random.default_rng(0)
+    experts, hidden, inter, tokens, block = 4, 64, 96, 9, 32
+    gate_up = (rng.standard_normal((experts, hidden, 2 * inter)) * 2).astype(np.float32)
+    down = (rng.standard_normal((experts, inter, hidden)) * 0.3).astype(np.float32)
+    router = rng.standard_normal((experts, hidden)).astype(np.float32)
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    parts, dequantized = [], []
+    for name, w in (("fc1", gate_up), ("fc2", down)):
+        q, scale = int4_blockwise(w.transpose(0, 2, 1), block, axis=2)  # [E, N, K], blocks along K
+        parts.append((name, q, scale, block))
+        dequantized.append(int4_dequantize(q, scale, block, axis=2).transpose(0, 2, 1))
+    graph = ir.Graph([ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([tokens, hidden]))], [],
+                     nodes=[], opset_imports={"": 21, ORT_DOMAIN: 1})
+    op = _Builder("probe")
+    logits = op("logits", "Gemm", [graph.inputs[0], op.constant(graph, "router", router)], transB=1)
+    score = op("score", "Sigmoid", [op("max", "ReduceMax", [logits, op.constant(graph, "axis", np.asarray([-1]))], keepdims=1)])
+    out = _qmoe(op, graph, op("routed_in", "Mul", [graph.inputs[0], score]), logits, *parts)
+    graph.extend(op.tape.nodes)
+    out.name, out.type, out.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape([tokens, hidden])
+    graph.outputs.append(out)
+    zeros = {k: np.zeros(s, np.float32) for k, s in (("shared_gate", (1, hidden)), ("shared_up", (1, hidden)),
+                                                    ("shared_down", (hidden, 1)))}
+    try:
+        got = run_onnxruntime(ir.Model(graph, ir_version=10), {"x": x})["y"]
+    except Exception as exc:  # ORT raises its own types; any failure means "not usable here"
+        return f"onnxruntime {ort.__version__} cannot run com.microsoft.QMoE as lowered ({str(exc).splitlines()[0][:160]})"
+    ref = llama4_moe(x, router, *dequantized, **zeros)
+    error = float(np.abs(got - ref).max() / np.abs(ref).max())
+    return None if error <= 1e-5 else f"com.microsoft.QMoE differs from the reference by {error:.2g} × max|out|"
 
 
 def lower_moe(model: ir.Model, context: PassContext) -> int:
@@ -301,7 +393,7 @@ def lower_moe(model: ir.Model, context: PassContext) -> int:
         else:
             context.notes.append(f"MoE: {problem}; {standard} instead")
     if context.target == "onnxruntime":
-        counts[INT4_EXPERTS_LOWERING] = lower_int4_experts(model)
+        counts.update(lower_int4_experts(model))
     counts[standard] = _lower(model, context.moe_form)  # what is left: all of it, or what the ORT op was not checked for
     context.moe_lowering = " + ".join(name for name, count in counts.items() if count) or None
     return sum(counts.values())
