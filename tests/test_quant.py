@@ -94,8 +94,8 @@ def test_fp8_linear_quantizes_weights_and_inputs(tmp_path):
     assert np.abs(got - x @ w.T).max() / np.abs(x @ w.T).max() < 0.1
 
 
-def _int4_expert_model(rng, block: int, experts: int = 4):
-    weights = random_moe_weights(rng, experts=experts, hidden=64, inter=96, gate_up_scale=0.3, scale=0.3)
+def _int4_expert_model(rng, block: int, experts: int = 4, inter: int = 96):
+    weights = random_moe_weights(rng, experts=experts, hidden=64, inter=inter, gate_up_scale=0.3, scale=0.3)
     model = ops.moe_node_model(weights, None)
     for name in ("gate_up", "down"):  # the names the fused graph gives expert weights
         model.graph.initializers[name].name = f"model.layers.0.feed_forward.experts.{name}_proj"
@@ -123,6 +123,19 @@ def test_many_int4_experts_on_onnxruntime_are_one_qmoe_node_and_match_the_refere
     np.testing.assert_allclose(got, llama4_moe(x, **dequantized), rtol=1e-4, atol=1e-4)
     counts = collections.Counter(n.op_type for n in model.graph.all_nodes())
     assert counts["QMoE"] == 1 and counts["If"] == 0 and counts["DequantizeLinear"] == 0
+
+
+def test_many_int4_experts_whose_linears_need_different_blocks_stay_one_if_per_expert(tmp_path):
+    """QMoE takes one block size: with block 128, gate/up (K = 64, shorter than a block) is one block of 64 while down
+    (K = 256) has blocks of 128, so even beyond IF_PER_EXPERT_MAX the experts stay per-expert Ifs, and match."""
+    rng = np.random.default_rng(4)
+    model, dequantized = _int4_expert_model(rng, 128, experts=IF_PER_EXPERT_MAX + 4, inter=256)
+    context = PassContext("onnxruntime", "gather", quantization=QuantSpec("int4", 128))
+    assert lower_int4_experts(model, accuracy_level=0) == {INT4_EXPERTS_LOWERING: 1, QMOE_LOWERING: 0}
+    eliminate_dead_code(model, context)
+    x = rng.standard_normal((9, 64)).astype(np.float32)
+    got = _session(model, tmp_path / "opt.onnx").run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, llama4_moe(x, **dequantized), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("tokens", [1, 9])

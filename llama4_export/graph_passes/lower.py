@@ -15,12 +15,12 @@ onnxruntime, INT4 experts (quantize.quantize_experts' Transpose ∘ DequantizeLi
   its branch gathers those tokens, runs the expert as two com.microsoft.MatMulNBits (the expert's own 4-bit
   initializers in the main graph, the linears' accuracy level) and scatter-adds the result into the shared expert's
   output. Decode reads one expert's 4-bit weights per token, a batch or a prefill runs each chosen expert once on its
-  tokens, and no expert is ever dequantized to fp32. More experts (Maverick's 128): one com.microsoft.QMoE node, whose
-  CPU kernel (onnxruntime 1.32) dequantizes the chosen expert per token — 2× an If's expert at one token, 4.5× at 8,
-  2.5× at 64 (benchmarks/moe_lowering.py) — but costs the same for any number of experts, where every If costs
-  ≈ 5–7 µs even when not taken. (A tree of Ifs would need each expert's weights declared inside its branch — ONNX
-  Runtime prepacks a weight only one subgraph level below its declaration — and ONNX Runtime 1.32 then keeps a second
-  copy of every expert in memory.)
+  tokens, and no expert is ever dequantized to fp32. More experts (Maverick's 128): one com.microsoft.QMoE node,
+  whose CPU kernel (onnxruntime 1.32) dequantizes the chosen expert per token — 1.6–1.8× an If's expert at one
+  token, 4.9× at 8, 2.8× at 64 for 8 experts (benchmarks/moe_lowering.py) — but costs the same for any number of
+  experts, where every If costs ≈ 2.5–5 µs even when not taken. (A tree of Ifs would need each expert's weights
+  declared inside its branch — ONNX Runtime prepacks a weight only one subgraph level below its declaration — and
+  ONNX Runtime 1.32 then keeps a second copy of every expert in memory.)
 standard ops (ONNX Runtime fallback; TensorRT behind --trt-fallback)
   gather — Gather(gate_up, e) / Gather(down, e): each token reads only its expert's weights (decode graphs);
   dense  — every expert on one-hot-scaled inputs (prefill graphs: no per-token weight copies; E× the arithmetic).
@@ -49,9 +49,9 @@ from .quantize import initializer, int4_blockwise, int4_dequantize, leading_slic
 MOE_LOWERED = "moe_lowered"
 INT4_EXPERTS_LOWERING = "If + MatMulNBits per expert (INT4 experts)"  # the manifest's moe_lowering
 QMOE_LOWERING = "QMoE (INT4 experts)"
-# One If per expert costs ≈ 5–7 µs per call even when not taken (benchmarks/moe_lowering.py): beyond this many experts
-# a decode step pays more for the Ifs than QMoE's dequantizing kernel costs, so many-expert models (Maverick's 128)
-# keep QMoE.
+# One If per expert costs ≈ 2.5–5 µs per call even when not taken (benchmarks/moe_lowering.py): beyond this many
+# experts a decode step pays more for the Ifs than QMoE's dequantizing kernel costs, so many-expert models
+# (Maverick's 128) keep QMoE.
 IF_PER_EXPERT_MAX = 16
 INT4_ZERO_POINT = 8  # QMoE's and MatMulNBits' implicit zero point: nibble = q + 8
 ORT_DOMAIN = "com.microsoft"
@@ -264,38 +264,36 @@ def _expert_branch(graph: ir.Graph, prefix: str, e: int, routed_in: ir.Value, co
                    fc1: tuple, fc2: tuple, accuracy_level: int) -> ir.Graph:
     """The taken branch of expert e: gather its tokens (rows where `column` [N, 1] is true), gate/up and down as two
     MatMulNBits over its own 4-bit weights, and scatter-add the result into `total`."""
-    (fc1_name, fc1_q, fc1_scale, block1), (fc2_name, fc2_q, fc2_scale, block2) = fc1, fc2
-    weights = []
-    for name, q, scale, block in ((fc1_name, fc1_q, fc1_scale, block1), (fc2_name, fc2_q, fc2_scale, block2)):
-        packed, scales = nbits_weight(leading_slice(q, e), scale[e], block, 4)
-        weights.append((initializer(graph, f"{name}.e{e}.nbits", packed), initializer(graph, f"{name}.e{e}.nbits_scale", scales),
-                        int(q.shape[2]), int(q.shape[1]), block))
     op = _Builder(f"{prefix}.e{e}")
+
+    def linear(step: str, x: ir.Value, name: str, q, scale: np.ndarray, block: int) -> ir.Value:
+        packed, scales = nbits_weight(leading_slice(q, e), scale[e], block, 4)
+        weight, weight_scales = (initializer(graph, f"{name}.e{e}.nbits", packed),
+                                 initializer(graph, f"{name}.e{e}.nbits_scale", scales))
+        return op(step, "MatMulNBits", [x, weight, weight_scales], domain=ORT_DOMAIN, K=int(q.shape[2]),
+                  N=int(q.shape[1]), bits=4, block_size=block, accuracy_level=accuracy_level)
+
     axis_1 = op.constant(graph, "axis_1", np.asarray([1], np.int64))
     rows = op("rows", "Transpose", [op("nonzero", "NonZero", [op("chosen", "Squeeze", [column, axis_1])])], perm=[1, 0])
-    hidden = routed_in
-    for step, (w, s, k, n, block) in zip(("gate_up", "down"), weights):
-        if step == "down":
-            gate, up = op.outputs("split", "Split", [hidden], 2, axis=-1, num_outputs=2)
-            hidden = op("act", "Mul", [op("silu", "Mul", [gate, op("sigmoid", "Sigmoid", [gate])]), up])
-        else:
-            hidden = op("tokens", "GatherND", [routed_in, rows])
-        hidden = op(step, "MatMulNBits", [hidden, w, s], domain=ORT_DOMAIN, K=k, N=n, bits=4, block_size=block,
-                    accuracy_level=accuracy_level)
-    added = op("sum", "ScatterND", [total, rows, hidden], reduction="add")
+    gate, up = op.outputs("split", "Split", [linear("gate_up", op("tokens", "GatherND", [routed_in, rows]), *fc1)], 2,
+                          axis=-1, num_outputs=2)
+    act = op("act", "Mul", [op("silu", "Mul", [gate, op("sigmoid", "Sigmoid", [gate])]), up])
+    added = op("sum", "ScatterND", [total, rows, linear("down", act, *fc2)], reduction="add")
     return ir.Graph([], [added], nodes=op.tape.nodes, name=f"{prefix}.e{e}.taken")
 
 
-def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int) -> str | None:
+def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int, max_if_experts: int) -> str | None:
     """Llama4MoE with INT4 experts → routing, the shared expert, and the routed experts as one If per expert over the
-    running sum — or, beyond IF_PER_EXPERT_MAX experts, one QMoE node where this onnxruntime's matches the
-    reference. Returns the form used (None: not lowered)."""
+    running sum — or, beyond max_if_experts experts, one QMoE node where this onnxruntime's matches the reference and
+    both linears have QMoE's one block size. Returns the form used (None: not lowered)."""
     x, router, gate_up, down, shared_gate, shared_up, shared_down = node.inputs
     fc1, fc2 = _int4_parts(gate_up), _int4_parts(down)
     if fc1 is None or fc2 is None or x.dtype != ir.DataType.FLOAT:
         return None
     experts = int(fc1[1].shape[0])
-    qmoe = experts > IF_PER_EXPERT_MAX and ort_qmoe_problem() is None and None not in (_qmoe_blocks(fc1), _qmoe_blocks(fc2))
+    qmoe_fc1, qmoe_fc2 = _qmoe_blocks(fc1), _qmoe_blocks(fc2)
+    qmoe = (experts > max_if_experts and qmoe_fc1 is not None and qmoe_fc2 is not None and qmoe_fc1[3] == qmoe_fc2[3]
+            and ort_qmoe_problem() is None)
     prefix = node.name or fc1[0].removesuffix(".experts.gate_up_proj") + ".moe"
     op = _Builder(prefix)
     logits = op("router_logits", "Gemm", [x, router], transB=1)
@@ -308,7 +306,7 @@ def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int) -> str 
                                  op("shared.up", "Gemm", [x, shared_up], transB=1)]),
         shared_down], transB=1)
     if qmoe:
-        total = op("sum", "Add", [total, _qmoe(op, graph, routed_in, logits, _qmoe_blocks(fc1), _qmoe_blocks(fc2))])
+        total = op("sum", "Add", [total, _qmoe(op, graph, routed_in, logits, qmoe_fc1, qmoe_fc2)])
     else:
         expert = op("expert", "ArgMax", [logits], axis=-1, keepdims=1)  # [N, 1]; first index on ties, as the reference
         onehot = op("onehot", "Equal", [expert, op.constant(graph, "expert_ids", np.arange(experts, dtype=np.int64))])
@@ -320,8 +318,8 @@ def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int) -> str 
         for e in range(experts):
             skip = _Builder(f"{prefix}.e{e}.skip")
             kept = skip("sum", "Identity", [total])
-            total = op(f"e{e}.total", "If", [taken[e]],
-                       then_branch=_expert_branch(graph, prefix, e, routed_in, columns[e], total, fc1, fc2, accuracy_level),
+            taken_branch = _expert_branch(graph, prefix, e, routed_in, columns[e], total, fc1, fc2, accuracy_level)
+            total = op(f"e{e}.total", "If", [taken[e]], then_branch=taken_branch,
                        else_branch=ir.Graph([], [kept], nodes=skip.tape.nodes, name=f"{prefix}.e{e}.skipped"))
     graph.insert_before(node, op.tape.nodes)
     total.type, total.shape = node.outputs[0].type, node.outputs[0].shape
@@ -330,13 +328,14 @@ def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int) -> str 
     return QMOE_LOWERING if qmoe else INT4_EXPERTS_LOWERING
 
 
-def lower_int4_experts(model: ir.Model, accuracy_level: int = ACCURACY_LEVEL) -> dict[str, int]:
-    """Llama4MoE with INT4 experts → per-expert If { GatherND → MatMulNBits → SwiGLU → MatMulNBits → ScatterND(add) }
-    over the shared expert's output, or QMoE for many experts (ONNX Runtime). accuracy_level: MatMulNBits' compute,
-    as the other linears'. Returns the count of each form."""
+def lower_int4_experts(model: ir.Model, accuracy_level: int = ACCURACY_LEVEL,
+                       max_if_experts: int = IF_PER_EXPERT_MAX) -> dict[str, int]:
+    """Llama4MoE with INT4 experts → per-expert If { GatherND → MatMulNBits → SwiGLU → MatMulNBits →
+    ScatterND(add) } over the shared expert's output, or QMoE for more than max_if_experts experts (ONNX Runtime). accuracy_level:
+    MatMulNBits' compute, as the other linears'. Returns the count of each form."""
     graph = model.graph
     moe_nodes = [n for n in graph if n.domain == ops.DOMAIN and n.op_type == ops.MOE_OP]
-    forms = [_lower_int4_moe(graph, n, accuracy_level) for n in moe_nodes]
+    forms = [_lower_int4_moe(graph, n, accuracy_level, max_if_experts) for n in moe_nodes]
     counts = {form: forms.count(form) for form in (INT4_EXPERTS_LOWERING, QMOE_LOWERING)}
     if any(counts.values()):
         model.opset_imports.setdefault(ORT_DOMAIN, 1)
