@@ -7,7 +7,9 @@ What is measured (greedy, random prompt ids, no stop tokens, one warm-up run fir
 - decode tokens/s: batch 1, `new_tokens` after a `decode_prompt`-token prompt, counting the tokens after the first
   (whose time is the prefill);
 - time to first token (ms) of that decode run's prompt;
-- peak RSS of this process (VmHWM), so run one artifact per process to compare artifacts;
+- peak RSS (VmHWM) of the process that runs the engine: a fresh interpreter that loads only the runtime (and torch
+  for the torch backend alone), whatever the caller holds — the CLI holds the exporter and torch, ~200 MB that no
+  runtime process (`llama4-run`, `llama4-serve`, an embedding app) loads;
 - the roofline: this machine's memory bandwidth (a large multi-threaded copy) divided by the bytes one decode step
   must read (weights touched by one token: attention, dense/shared MLPs, ONE routed expert per MoE layer, the
   lm_head, one embedding row, plus the valid KV entries) = the bandwidth-bound decode tokens/s.
@@ -16,10 +18,14 @@ Every timed metric is repeated; the median and the spread (min..max) are reporte
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,7 +38,6 @@ import onnx
 from ..artifact import read_manifest
 from ..errors import Llama4ExportError
 from ..runtime import Generator
-from .torch_backend import torch_generator
 
 # ONNX ops whose expert-weight inputs are stacked [num_experts, ...]: a top-1 token reads one slice of them
 # (the unoptimized graph picks the slice with GatherND instead).
@@ -179,15 +184,36 @@ def bench_artifact(
     """Measure one artifact (see the module docstring). bandwidth: a GB/s figure measured elsewhere (None = measure);
     window: the global layers' KV slots (None = the runtime default, the whole context; llama-bench instead sizes its
     context to each test, which --window decode_prompt + new_tokens mirrors); depths: also decode `new_tokens`
-    after each of these context lengths (llama-bench's -d; depth 0 = a one-token prompt)."""
+    after each of these context lengths (llama-bench's -d; depth 0 = a one-token prompt). The engine runs in a
+    fresh interpreter, so the peak RSS is the engine's alone."""
     directory = Path(directory)
     if repeats < 1 or new_tokens < 2 or decode_prompt < 1 or any(p < 1 for p in prompt_lengths) or any(d < 0 for d in depths):
         raise BenchError(
             f"repeats={repeats}, new_tokens={new_tokens}, prompts={list(prompt_lengths)}, decode prompt={decode_prompt}: "
             "need repeats >= 1, new tokens >= 2 and prompts >= 1 token"
         )
+    read_manifest(directory)  # a missing or foreign artifact fails here, in one line, before a process starts
+    settings = {"directory": str(directory), "prompt_lengths": list(prompt_lengths), "decode_prompt": decode_prompt,
+                "new_tokens": new_tokens, "repeats": repeats, "threads": threads, "backend": backend,
+                "bandwidth": bandwidth, "seed": seed, "window": window, "depths": list(depths)}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        done = subprocess.run([sys.executable, "-m", __name__, json.dumps(settings), str(out)], capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines()
+            raise BenchError(lines[-1] if lines else f"the benchmark process of {directory} exited with {done.returncode}")
+        return json.loads(out.read_text())
+
+
+def _measure(directory: str, prompt_lengths: list[int], decode_prompt: int, new_tokens: int, repeats: int,
+             threads: int | None, backend: str, bandwidth: float | None, seed: int, window: int | None,
+             depths: list[int]) -> dict[str, Any]:
+    """bench_artifact's measurement, run in the engine's own process."""
+    directory = Path(directory)
     manifest = read_manifest(directory)
     if backend == "torch":
+        from .torch_backend import torch_generator  # torch only for this backend: no other engine's memory holds it
+
         gen = torch_generator(directory, window)
     else:
         gen = Generator.load(directory, backend=backend, threads=threads, window=window)
@@ -286,3 +312,17 @@ def result_table(results: Sequence[dict[str, Any]], title: str = "benchmark (med
                 f"{r['peak_rss_mb']:,.0f}" if r.get("peak_rss_mb") else "–", fraction]
         table.add_row(*row)
     return table
+
+
+def _main(settings_json: str, out: str) -> None:
+    """The engine's process: `python -m llama4_export.evaluation.bench SETTINGS_JSON OUT_JSON`."""
+    try:
+        result = _measure(**json.loads(settings_json))
+    except Llama4ExportError as exc:
+        print(exc, file=sys.stderr)  # the last line, which bench_artifact raises again
+        sys.exit(1)
+    Path(out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _main(*sys.argv[1:])
