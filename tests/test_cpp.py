@@ -21,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from llama4_export import api
+from llama4_export.artifact import FORMAT_VERSION
 from llama4_export.cli.run import run_app
 from llama4_export.export.tokenizer_files import TOKENIZER_GRAPHS, write_byte_level_tokenizer, write_tokenizer_graphs
 from llama4_export.model.config import get_preset
@@ -224,7 +225,7 @@ def broken_manifest(tmp_path, tiny):
 def other_format_version(tmp_path, tiny):
     art = copy_artifact(tiny["fp32"], tmp_path / "art")
     edit_manifest(art, lambda m: m.update(format_version=1))
-    return art, ["--ids", "1"], "artifact format version 1, but this llama4rt reads version 2"
+    return art, ["--ids", "1"], f"artifact format version 1, but this llama4rt reads version {FORMAT_VERSION}"
 
 
 def missing_graph(tmp_path, tiny):

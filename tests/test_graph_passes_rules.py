@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from llama4_export.graph_passes import canonicalize, fuse_moe, fuse_vision, lower, manager, ops, trt_plugin_spec, weight_layout
+from llama4_export.graph_passes import canonicalize, decode_attention, fuse_moe, fuse_vision, lower, manager, ops, trt_plugin_spec, weight_layout
 from llama4_export.graph_passes.errors import GraphPassError
 from llama4_export.graph_passes.manager import GraphPass, PassContext, op_histogram, run_passes
 from llama4_export.graph_passes.moe_reference import llama4_moe
@@ -412,3 +412,87 @@ def test_vision_attention_fusion_changes_op_counts_not_outputs():
     after = run(model, feeds)[0]
     np.testing.assert_allclose(after, expected, atol=1e-5)
     np.testing.assert_allclose(after, before, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ decode attention
+def _gqa_model(heads: int, kv_heads: int, head_dim: int, slot_dim: str) -> ir.Model:
+    """One in-place GroupQueryAttention over a cache whose slot dimension is `slot_dim` (io_spec's names)."""
+    width, kv_width = heads * head_dim, kv_heads * head_dim
+    return parse(
+        f"""<ir_version: 10, opset_import: ["" : 21, "com.microsoft" : 1]>
+        g (float[batch, new_tokens, {width}] q, float[batch, new_tokens, {kv_width}] k,
+           float[batch, new_tokens, {kv_width}] v, float[batch, {kv_heads}, {slot_dim}, {head_dim}] past_key,
+           float[batch, {kv_heads}, {slot_dim}, {head_dim}] past_value, int32[batch] seqlens_k, int32 total)
+          => (float[batch, new_tokens, {width}] out, float[batch, {kv_heads}, {slot_dim}, {head_dim}] present_key,
+              float[batch, {kv_heads}, {slot_dim}, {head_dim}] present_value) {{
+            out, present_key, present_value = com.microsoft.GroupQueryAttention <num_heads = {heads},
+                kv_num_heads = {kv_heads}, scale = {head_dim ** -0.5}> (q, k, v, past_key, past_value, seqlens_k, total)
+        }}""")
+
+
+def _attend_in_place(model: ir.Model, q, k, v, keys, values, lengths) -> np.ndarray:
+    """One step bound as the runtime binds it: each present output on its past input's memory (keys/values edited)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    binding, out = session.io_binding(), np.empty(q.shape, np.float32)
+    for name, value in (("past_key", keys), ("past_value", values)):
+        buffer = ort.OrtValue.ortvalue_from_numpy(value)
+        binding.bind_ortvalue_input(name, buffer)
+        binding.bind_ortvalue_output(name.replace("past", "present"), buffer)
+    tokens = q.shape[1]
+    for name, value in (("q", q), ("k", k), ("v", v), ("seqlens_k", (lengths + tokens - 1).astype(np.int32)),
+                        ("total", np.asarray(lengths.max() + tokens, np.int32))):
+        binding.bind_cpu_input(name, value)
+    binding.bind_output("out", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+    session.run_with_iobinding(binding)
+    return out
+
+
+def _attention_reference(q, keys, values, lengths, groups: int) -> np.ndarray:
+    """numpy, float64: token t of row b attends to slots 0..lengths[b] + t of its KV head."""
+    batch, tokens, width = q.shape
+    head_dim = keys.shape[-1]
+    heads = width // head_dim
+    out = np.zeros((batch, tokens, heads, head_dim))
+    for b, t, h in np.ndindex(batch, tokens, heads):
+        visible = lengths[b] + t + 1
+        scores = keys[b, h // groups, :visible] @ q[b, t, h * head_dim:(h + 1) * head_dim].astype(np.float64) * head_dim ** -0.5
+        weights = np.exp(scores - scores.max())
+        out[b, t, h] = weights / weights.sum() @ values[b, h // groups, :visible]
+    return out.reshape(batch, tokens, width)
+
+
+@pytest.mark.parametrize("batch, tokens", [(1, 1), (2, 1), (1, 4)])
+def test_group_decode_queries_branches_one_row_decode_and_changes_no_output(batch, tokens):
+    heads, kv_heads, head_dim, capacity = 6, 2, 8, 48
+    rng = np.random.default_rng(batch * 10 + tokens)
+    lengths = np.array([37, 21][:batch])
+    q = rng.standard_normal((batch, tokens, heads * head_dim), dtype=np.float32)
+    k, v = (rng.standard_normal((batch, tokens, kv_heads * head_dim), dtype=np.float32) for _ in range(2))
+    cache = [rng.standard_normal((batch, kv_heads, capacity, head_dim), dtype=np.float32) for _ in range(2)]
+    original, rewritten = _gqa_model(heads, kv_heads, head_dim, "global_slots"), _gqa_model(heads, kv_heads, head_dim, "global_slots")
+    before = op_histogram(rewritten)
+    assert decode_attention.group_decode_queries(rewritten, CONTEXT) == 1
+    after = op_histogram(rewritten)
+    assert after["If"] == before["If"] + 1 and after["com.microsoft::GroupQueryAttention"] == 2  # one per branch
+    assert decode_attention.group_decode_queries(_gqa_model(heads, kv_heads, head_dim, "chunk_slots"), CONTEXT) == 0  # chunked: kept
+    results = {}
+    for name, model in (("original", original), ("rewritten", rewritten)):
+        keys, values = cache[0].copy(), cache[1].copy()
+        results[name] = (_attend_in_place(model, q, k, v, keys, values, lengths), keys, values)
+    out, keys, values = results["rewritten"]
+    expected = _attention_reference(q, keys, values, lengths, heads // kv_heads)
+    assert np.abs(out - expected).max() < 1e-5
+    assert np.abs(results["original"][0] - expected).max() < 1e-5
+    for b in range(batch):  # the step's K/V written in place at the same slots; the slots before untouched
+        valid = slice(0, lengths[b] + tokens)
+        assert np.array_equal(keys[b, :, valid], results["original"][1][b, :, valid])
+        assert np.array_equal(values[b, :, valid], results["original"][2][b, :, valid])
+        assert np.array_equal(keys[b, :, :lengths[b]], cache[0][b, :, :lengths[b]])
+        assert np.array_equal(keys[b, :, lengths[b]:lengths[b] + tokens],
+                              k[b].reshape(tokens, kv_heads, head_dim).transpose(1, 0, 2))
+    # which branch ran: a one-row decode step leaves G − 1 copies of its K in the scratch slots after its own
+    scratch = slice(lengths[0] + tokens, lengths[0] + tokens + heads // kv_heads - 1)
+    one_row_decode = batch == 1 and tokens == 1
+    assert np.array_equal(keys[0, :, scratch], cache[0][0, :, scratch]) != one_row_decode

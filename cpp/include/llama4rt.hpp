@@ -25,7 +25,7 @@
 namespace llama4rt {
 
 // The artifact format version (manifest.json "format_version") this library reads; others are refused.
-constexpr int kFormatVersion = 2;
+constexpr int kFormatVersion = 3;
 
 class Error : public std::runtime_error {
  public:

@@ -83,6 +83,7 @@ ModelConfig parse_config(const json& manifest, const std::string& source) {
   c.hidden_size = need("hidden_size");
   c.num_hidden_layers = need("num_hidden_layers");
   const int64_t heads = need("num_attention_heads");
+  c.num_attention_heads = heads;
   c.num_key_value_heads = optional_int("num_key_value_heads").value_or(heads);
   c.head_dim = optional_int("head_dim").value_or(c.hidden_size / std::max<int64_t>(heads, 1));
   if (c.head_dim == 0) c.head_dim = c.hidden_size / std::max<int64_t>(heads, 1);  // `head_dim or hidden // heads`

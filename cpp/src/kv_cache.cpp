@@ -33,9 +33,10 @@ SlidingKVCache::SlidingKVCache(const ModelConfig& config, KVLayout layout, int64
   Kind& global = kind_[index(AttentionKind::kGlobal)];
   global.slots = window;
   global.sinks = sinks;
+  if (layout == KVLayout::kInPlace) global.scratch = config.num_attention_heads / config.num_key_value_heads - 1;
   for (Kind& kind : kind_) {
     // In place, a step's tokens land behind a full window before they move into the ring (SinkRingSlots.capacity).
-    kind.capacity = kind.slots + (layout == KVLayout::kInPlace && !kind.chunk_policy ? max_step_ : 0);
+    kind.capacity = kind.slots + (layout == KVLayout::kInPlace && !kind.chunk_policy ? max_step_ : 0) + kind.scratch;
     kind.size = grow ? std::min(kind.capacity, kInitialSlots) : kind.capacity;
     if (layout == KVLayout::kPositions) kind.positions.assign(kind.capacity, -1);
   }
@@ -173,7 +174,7 @@ int64_t SlidingKVCache::piece_limit() const {
 }
 
 void SlidingKVCache::reserve(int64_t tokens) {
-  for (Kind& kind : kind_) grow(kind, kind.filled + tokens);
+  for (Kind& kind : kind_) grow(kind, kind.filled + tokens + kind.scratch);
 }
 
 // InPlaceKVCache.advance, ChunkSlots.appended and SinkRingSlots.appended for one row.

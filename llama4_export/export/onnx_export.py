@@ -125,7 +125,7 @@ def _dynamic_shapes(config: Llama4Config, spec: GraphSpec, layers: range, kv_lay
     """Named dynamic dimensions (they keep their names in the ONNX graph). No upper bounds: ONNX keeps none, and the
     prefill limit is the runtime's business (recorded in the manifest)."""
     batch = Dim("batch")
-    slots = {"chunked": Dim("chunk_slots"), "global": Dim("global_slots")}
+    slots = {kind: Dim(name) for kind, name in io_spec.SLOT_DIMS.items()}
     tokens = {0: batch} if spec.new_tokens else {0: batch, 1: Dim("new_tokens", min=1)}
     rest = []
     for layer in layers:

@@ -17,10 +17,11 @@
 The rules match float32 graphs: an fp16 export computes norms and RoPE in fp32 between Casts, and keeps them as
 standard ops (exact, just unfused).
 
-Attention stays standard ops, the exact choice on both targets: chunked attention has no fused op in ONNX Runtime
-(GroupQueryAttention masks only causal / sliding windows, over its own contiguous cache layout), and ONNX Attention
-(opset 23/24) on onnxruntime 1.32 differs from the graph on fully masked rows (padding queries, position -1) — only
-its opset-25 float-mask form matched. The standard ops keep the mask computed from positions (io_spec) intact.
+Attention is not fused here. In-place graphs (ONNX Runtime) get com.microsoft.GroupQueryAttention from the exporter
+itself (model/modeling.py; decode_attention.py regroups its one-row decode form); positions-layout graphs (TensorRT,
+FP8 caches) keep standard ops, the exact choice there: ONNX Attention (opset 23/24) on onnxruntime 1.32 differs from
+the graph on fully masked rows (padding queries, position -1) — only its opset-25 float-mask form matched — and the
+standard ops keep the mask computed from positions (io_spec) intact.
 """
 
 from __future__ import annotations

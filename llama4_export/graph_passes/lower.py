@@ -225,7 +225,7 @@ def qmoe_weight(q: ir.TensorProtocol | np.ndarray, scale: np.ndarray, block: int
     return packed, np.ascontiguousarray(scale[:, order], np.float32)
 
 
-def _qmoe(op: "_Builder", graph: ir.Graph, routed_in: ir.Value, logits: ir.Value, fc1: tuple, fc2: tuple) -> ir.Value:
+def _qmoe(op: "NodeBuilder", graph: ir.Graph, routed_in: ir.Value, logits: ir.Value, fc1: tuple, fc2: tuple) -> ir.Value:
     """com.microsoft.QMoE over INT4 experts: k = 1 and raw logits as router_probs (the one selected expert's softmax
     weight is exactly 1; the input is pre-scaled by sigmoid(max logit)), interleaved SwiGLU. fc1 / fc2: (name, q, scales,
     block) as _int4_parts gives them."""
@@ -239,7 +239,7 @@ def _qmoe(op: "_Builder", graph: ir.Graph, routed_in: ir.Value, logits: ir.Value
               normalize_routing_weights=1, expert_weight_bits=4, block_size=block)
 
 
-class _Builder:
+class NodeBuilder:
     """ir.tape with named outputs (serialized models need unique value names)."""
 
     def __init__(self, prefix: str):
@@ -250,8 +250,9 @@ class _Builder:
         value.name = f"{self.prefix}.{name}"
         return value
 
-    def outputs(self, name: str, op_type: str, inputs, count: int, **attributes) -> list[ir.Value]:
-        values = self.tape.op_multi_out(op_type, inputs, attributes, num_outputs=count, name=f"{self.prefix}.{name}")
+    def outputs(self, name: str, op_type: str, inputs, count: int, domain: str = "", **attributes) -> list[ir.Value]:
+        values = self.tape.op_multi_out(op_type, inputs, attributes, num_outputs=count, domain=domain,
+                                        name=f"{self.prefix}.{name}")
         for i, value in enumerate(values):
             value.name = f"{self.prefix}.{name}.{i}"
         return list(values)
@@ -264,7 +265,7 @@ def _expert_branch(graph: ir.Graph, prefix: str, e: int, routed_in: ir.Value, co
                    fc1: tuple, fc2: tuple, accuracy_level: int) -> ir.Graph:
     """The taken branch of expert e: gather its tokens (rows where `column` [N, 1] is true), gate/up and down as two
     MatMulNBits over its own 4-bit weights, and scatter-add the result into `total`."""
-    op = _Builder(f"{prefix}.e{e}")
+    op = NodeBuilder(f"{prefix}.e{e}")
 
     def linear(step: str, x: ir.Value, name: str, q, scale: np.ndarray, block: int) -> ir.Value:
         packed, scales = nbits_weight(leading_slice(q, e), scale[e], block, 4)
@@ -295,7 +296,7 @@ def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int, max_if_
     qmoe = (experts > max_if_experts and qmoe_fc1 is not None and qmoe_fc2 is not None and qmoe_fc1[3] == qmoe_fc2[3]
             and ort_qmoe_problem() is None)
     prefix = node.name or fc1[0].removesuffix(".experts.gate_up_proj") + ".moe"
-    op = _Builder(prefix)
+    op = NodeBuilder(prefix)
     logits = op("router_logits", "Gemm", [x, router], transB=1)
     axis_last = op.constant(graph, "axis_last", np.asarray([-1], np.int64))
     score = op("router_score", "Sigmoid", [op("router_max", "ReduceMax", [logits, axis_last], keepdims=1)])
@@ -316,7 +317,7 @@ def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int, max_if_
                            num_outputs=experts)
         columns = op.outputs("column", "Split", [onehot], experts, axis=1, num_outputs=experts)
         for e in range(experts):
-            skip = _Builder(f"{prefix}.e{e}.skip")
+            skip = NodeBuilder(f"{prefix}.e{e}.skip")
             kept = skip("sum", "Identity", [total])
             taken_branch = _expert_branch(graph, prefix, e, routed_in, columns[e], total, fc1, fc2, accuracy_level)
             total = op(f"e{e}.total", "If", [taken[e]], then_branch=taken_branch,
@@ -359,7 +360,7 @@ def ort_qmoe_problem() -> str | None:
         dequantized.append(int4_dequantize(q, scale, block, axis=2).transpose(0, 2, 1))
     graph = ir.Graph([ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([tokens, hidden]))], [],
                      nodes=[], opset_imports={"": 21, ORT_DOMAIN: 1})
-    op = _Builder("probe")
+    op = NodeBuilder("probe")
     logits = op("logits", "Gemm", [graph.inputs[0], op.constant(graph, "router", router)], transB=1)
     score = op("score", "Sigmoid", [op("max", "ReduceMax", [logits, op.constant(graph, "axis", np.asarray([-1]))], keepdims=1)])
     out = _qmoe(op, graph, op("routed_in", "Mul", [graph.inputs[0], score]), logits, *parts)

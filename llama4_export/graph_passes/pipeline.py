@@ -11,6 +11,7 @@ import onnx_ir.passes.common as common_passes
 
 from ..model import io_spec
 from .canonicalize import canonicalization_passes, eliminate_common_subexpressions, eliminate_dead_code
+from .decode_attention import decode_attention_pass
 from .errors import GraphPassError
 from .fuse_moe import moe_fusion_passes
 from .fuse_transformer import transformer_fusion_passes
@@ -77,6 +78,7 @@ def passes_for(target: str, quantize: bool = False, vision: bool = False) -> lis
         moe_lowering_pass(),
         *([quantize_linears, quantize_kv_cache] if quantize else []),
         *(ort_linear_passes() if quantize and target == "onnxruntime" else ()),
+        *([decode_attention_pass()] if target == "onnxruntime" else []),
         weight_layout_pass(),
         GraphPass("cse[final]", eliminate_common_subexpressions),
         GraphPass("tidy", tidy),

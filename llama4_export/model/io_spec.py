@@ -18,6 +18,9 @@ outputs
   Every new token of a step attends to all valid past slots and causally to the step's tokens; the runtime keeps the
   slots so that this is the sliding policy (runtime/kv_cache.py), which needs a step's tokens inside one chunk and,
   with past tokens, one row per step when new_tokens > 1 (ONNX Runtime's GroupQueryAttention allows no more).
+  A global-layer buffer keeps decode_scratch_slots (G − 1, G = query heads per KV head) free slots after a step's
+  tokens: a one-row decode step writes scratch copies of its K/V there (graph_passes/decode_attention.py), which the
+  next step overwrites.
 
 positions (TensorRT, and FP8 caches) — the graph never writes the cache: it returns the new tokens' K/V and the
 runtime writes them where its sliding policy says. Slot order is free because the attention mask is computed from
@@ -68,6 +71,7 @@ INPUT_IDS = "input_ids"
 POSITIONS = "positions"
 PAST_POSITIONS = {"chunked": "past_positions_chunked", "global": "past_positions_global"}
 PAST_LENGTHS = {"chunked": "past_lengths_chunked", "global": "past_lengths_global"}
+SLOT_DIMS = {"chunked": "chunk_slots", "global": "global_slots"}  # the cache buffers' symbolic slot dimension
 KV_LAYOUTS = ("in_place", "positions")
 LOGITS = "logits"
 LOGITS_INDEX = "logits_index"
@@ -79,6 +83,11 @@ PIXEL_VALUES = "pixel_values"
 
 def attention_kind(config: Llama4Config, layer: int) -> str:
     return "chunked" if config.uses_rope(layer) else "global"
+
+
+def decode_scratch_slots(config: Llama4Config) -> int:
+    """In-place global-layer slots a step may write after its own tokens (the in_place contract above)."""
+    return config.num_kv_groups - 1
 
 
 def past_key(layer: int) -> str:

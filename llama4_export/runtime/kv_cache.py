@@ -29,7 +29,7 @@ import copy
 
 import numpy as np
 
-from ..model.io_spec import DEFAULT_SINKS, attention_kind
+from ..model.io_spec import DEFAULT_SINKS, attention_kind, decode_scratch_slots
 from ..plan import default_window
 from ..model.config import Llama4Config
 from .errors import GenerationError
@@ -110,8 +110,9 @@ class _Buffers:
     layout: str
 
     def __init__(self, config: Llama4Config, batch: int, window: int | None, sinks: int, dtype, max_step: int,
-                 grow: bool):
-        """max_step: the most tokens an in-place step appends (0: the graphs never write the buffers)."""
+                 grow: bool, scratch: dict[str, int] | None = None):
+        """max_step: the most tokens an in-place step appends (0: the graphs never write the buffers); scratch: per
+        kind, the slots an in-place step may also write after its tokens."""
         dtype = np.dtype(dtype)
         window = default_window(config, dtype.itemsize) if window is None else int(window)
         if sinks < 0:
@@ -130,7 +131,8 @@ class _Buffers:
             "chunked": ChunkSlots(chunk) if chunk else SinkRingSlots(window, sinks),
             "global": SinkRingSlots(window, sinks),
         }
-        self.capacity = {kind: policy.capacity(max_step) for kind, policy in self.policies.items()}
+        self.scratch = {kind: (scratch or {}).get(kind, 0) for kind in self.policies}
+        self.capacity = {kind: policy.capacity(max_step) + self.scratch[kind] for kind, policy in self.policies.items()}
         self.kinds = [attention_kind(config, i) for i in range(config.num_hidden_layers)]
         self._layers_of = {kind: [i for i, k in enumerate(self.kinds) if k == kind] for kind in self.policies}
         kvh, d = config.num_key_value_heads, config.head_dim
@@ -244,7 +246,8 @@ class InPlaceKVCache(_Buffers):
     """in_place layout: per-layer buffers [batch, kv_heads, capacity, head_dim] whose first filled[kind][b] slots are
     row b's valid ones. A step's graph writes its tokens at slots filled.. itself; advance() then applies the
     policy: a chunked row starts over when its chunk is complete, a full global window moves the step's tokens into
-    their ring slots. A step's tokens must stay in one chunk (piece_limit) and number at most max_step."""
+    their ring slots. A step's tokens must stay in one chunk (piece_limit) and number at most max_step; a global-layer
+    buffer keeps io_spec.decode_scratch_slots free slots after them (a decode step's scratch writes)."""
 
     layout = "in_place"
 
@@ -252,7 +255,8 @@ class InPlaceKVCache(_Buffers):
         self, config: Llama4Config, batch: int = 1, window: int | None = None, sinks: int = DEFAULT_SINKS,
         dtype: np.dtype | type = np.float32, max_step: int = 1, grow: bool = True,
     ):
-        super().__init__(config, batch, window, sinks, dtype, max_step, grow)
+        super().__init__(config, batch, window, sinks, dtype, max_step, grow,
+                         scratch={"global": decode_scratch_slots(config)})
         self.max_step = max_step
         self.filled = {kind: np.zeros(batch, np.int64) for kind in self.policies}  # bound as the graphs' past_lengths
 
@@ -289,7 +293,7 @@ class InPlaceKVCache(_Buffers):
         """Room for a step of `tokens` new tokens in `rows` (the others' garbage writes included: rows without new
         tokens still get them written at their filled slots)."""
         for kind, filled in self.filled.items():
-            new_size = self._new_size(kind, int(np.max(filled[rows])) + tokens)
+            new_size = self._new_size(kind, int(np.max(filled[rows])) + tokens + self.scratch[kind])
             if new_size is not None:
                 self._grow_buffers(kind, new_size)
 
