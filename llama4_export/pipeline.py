@@ -247,7 +247,8 @@ def export(
                 entry = _base_manifest(config, source, precision, max_prefill, graph_entries, layout)
                 if optimize:
                     reports, opset = optimize_graphs(traced, graph_entries, part_dir, target, step, trt_plugin, spec,
-                                                     weights=weights if quantized else None)  # the deferred experts
+                                                     weights=weights if quantized else None,  # the deferred experts
+                                                     attention_chunk=config.attention_chunk_size)
                     shutil.rmtree(traced)
                     entry = optimized_manifest(entry, target, reports, opset)
                     result.pass_reports.update({(name if parts == 1 else f"part{k}/{name}"): r for name, r in reports.items()})

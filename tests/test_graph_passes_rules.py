@@ -476,7 +476,10 @@ def test_group_decode_queries_branches_one_row_decode_and_changes_no_output(batc
     assert decode_attention.group_decode_queries(rewritten, CONTEXT) == 1
     after = op_histogram(rewritten)
     assert after["If"] == before["If"] + 1 and after["com.microsoft::GroupQueryAttention"] == 2  # one per branch
-    assert decode_attention.group_decode_queries(_gqa_model(heads, kv_heads, head_dim, "chunk_slots"), CONTEXT) == 0  # chunked: kept
+    # a chunked layer's cache: kept for short chunks (rand200m's 256 slots), rewritten for long ones (Scout's 8,192)
+    for chunk, rewrites in ((256, 0), (decode_attention.GROUPED_CHUNK_MIN, 1)):
+        context = PassContext("onnxruntime", "gather", attention_chunk=chunk)
+        assert decode_attention.group_decode_queries(_gqa_model(heads, kv_heads, head_dim, "chunk_slots"), context) == rewrites
     results = {}
     for name, model in (("original", original), ("rewritten", rewritten)):
         keys, values = cache[0].copy(), cache[1].copy()

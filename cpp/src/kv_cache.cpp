@@ -33,8 +33,8 @@ SlidingKVCache::SlidingKVCache(const ModelConfig& config, KVLayout layout, int64
   Kind& global = kind_[index(AttentionKind::kGlobal)];
   global.slots = window;
   global.sinks = sinks;
-  if (layout == KVLayout::kInPlace) global.scratch = config.num_attention_heads / config.num_key_value_heads - 1;
   for (Kind& kind : kind_) {
+    if (layout == KVLayout::kInPlace) kind.scratch = config.num_attention_heads / config.num_key_value_heads - 1;
     // In place, a step's tokens land behind a full window before they move into the ring (SinkRingSlots.capacity).
     kind.capacity = kind.slots + (layout == KVLayout::kInPlace && !kind.chunk_policy ? max_step_ : 0) + kind.scratch;
     kind.size = grow ? std::min(kind.capacity, kInitialSlots) : kind.capacity;

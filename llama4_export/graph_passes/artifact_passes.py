@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from ..artifact import MANIFEST, atomic_directory, read_manifest, write_json, write_manifest
 from ..export.writer import DATA_FILE, SpillFile, file_content, load_lazily, write_graphs
+from ..model.config import Llama4Config
 from ..progress import Steps
 from ..weights import WeightSource
 from .errors import GraphPassError
@@ -32,11 +33,11 @@ def optimize_graphs(
     source_dir: Path, graphs: dict[str, dict[str, Any]], out_dir: Path, target: str, step: Callable = Steps.silent,
     trt_plugin: bool = True, quantization: QuantSpec | None = None, verify: bool = False,
     tolerance: float = DEFAULT_TOLERANCE, weights: WeightSource | None = None, data_file: str = DATA_FILE,
-    passes_file: str = PASSES_FILE,
+    passes_file: str = PASSES_FILE, attention_chunk: int | None = None,
 ) -> tuple[dict[str, PassReport], int]:
     """Optimize the graphs `graphs` (manifest entries) of `source_dir` for `target` into `out_dir` (graphs, data file,
     the pass report `passes_file`); returns (the pass reports, the graphs' opset). weights: where the routed experts an
-    export deferred come from."""
+    export deferred come from; attention_chunk: the model's (config.attention_chunk_size)."""
     passes_for(target)  # an unknown target fails before any slow step
     scratch = Path(tempfile.mkdtemp(prefix=".spill-", dir=out_dir.parent))
     try:
@@ -47,7 +48,7 @@ def optimize_graphs(
             with step(f"optimize {file} for {target}" + (" (verifying every pass)" if verify else "")):
                 model = load_lazily(source_dir / file, spill, weights)
                 models[name], reports[name] = optimize(model, target, verify, tolerance, trt_plugin=trt_plugin,
-                                                        quantization=quantization)
+                                                        quantization=quantization, attention_chunk=attention_chunk)
         with step(f"write optimized graphs and {data_file}"):
             write_graphs(models, out_dir, file_content, data_file)
             write_json(out_dir / passes_file, {name: report.to_json() for name, report in reports.items()})
@@ -88,9 +89,10 @@ def optimize_artifact(
     if not graphs:
         raise GraphPassError(f"{directory / MANIFEST}: lists no graphs; re-run the export")
     data_file = manifest.get("external_data", DATA_FILE)
+    config = Llama4Config.from_hf_dict(manifest.get("model") or {}, source=str(directory / MANIFEST))
     with Steps(show_progress) as step, atomic_directory(directory) as tmp:
         reports, opset = optimize_graphs(directory, graphs, tmp, target, step, trt_plugin, None, verify, tolerance,
-                                         data_file=data_file)
+                                         data_file=data_file, attention_chunk=config.attention_chunk_size)
         rewritten = {entry["file"] for entry in graphs.values()} | {data_file, MANIFEST, PASSES_FILE}
         for name in sorted(manifest["files"]):
             if name not in rewritten:

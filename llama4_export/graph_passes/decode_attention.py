@@ -1,6 +1,7 @@
-"""A global layer's one-token attention reads each KV head's cache once (onnxruntime, in-place graphs).
+"""A one-token attention reads each KV head's cache once (onnxruntime, in-place graphs).
 
-  GroupQueryAttention(q [B, T, H·D], k, v, past_key, past_value, seqlens_k, total) over a global-layer cache
+  GroupQueryAttention(q [B, T, H·D], k, v, past_key, past_value, seqlens_k, total) over a global-layer cache, or a
+  chunked-layer cache of at least GROUPED_CHUNK_MIN slots
   → If(B·T = 1,
        then: GroupQueryAttention(num_heads = kv_heads) on the G = H / kv_heads query heads of each KV head as G tokens
              [1, G, kv_heads·D], with k and v repeated G times, seqlens_k + G − 1, total + G − 1 and an
@@ -15,9 +16,10 @@ one G-row GEMM's operand, read once.
 Exact: every query head attends to the same slots with the same scale. The G tokens append G copies of the new K/V at
 slots L..L+G−1; token g's causal window reaches L+g, and the bias hides L+1.. from all of them, so each sees the L
 past slots and its own K/V once. The G − 1 copies after slot L are scratch that the next step overwrites: the runtime
-keeps that room behind a global-layer buffer (io_spec.decode_scratch_slots). ONNX Runtime takes several new tokens
-after past ones only in a batch of one row, hence the If: batches and prefill keep the original node. Global layers
-only: chunked layers hold one chunk, where the G reads stay in cache and the rewrite's extra nodes would cost more.
+keeps that room behind every in-place buffer (io_spec.decode_scratch_slots). ONNX Runtime takes several new tokens
+after past ones only in a batch of one row, hence the If: batches and prefill keep the original node. Short chunks
+keep the node too: below a few hundred slots the G reads come from cache and the rewrite's extra nodes (≈ 7–9 µs a
+step) cost more than they save (benchmarks/gqa_depth.py --grouped).
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ from ..model import io_spec
 from .lower import ORT_DOMAIN, NodeBuilder
 from .manager import GraphPass, PassContext
 
+# The shortest attention chunk whose layers are rewritten: a chunked layer attends to half its chunk on average, and
+# the one-row form wins from ≈ 400 slots (rand200m's shapes, 2 threads, cache-warm; more once the cache spills to DRAM).
+GROUPED_CHUNK_MIN = 1024
 
-def _rewritable(node: ir.Node) -> bool:
-    """A plain GroupQueryAttention (no rotary, window, softcap or extra inputs) of G > 1 over a global-layer cache
-    that the graph takes as an input."""
+
+def _rewritable(node: ir.Node, context: PassContext) -> bool:
+    """A plain GroupQueryAttention (no rotary, window, softcap or extra inputs) of G > 1 over a cache the graph takes
+    as an input: a global layer's, or a chunked layer's when the chunk is long."""
     if node.op_type != "GroupQueryAttention" or node.domain != ORT_DOMAIN or len(node.inputs) != 7:
         return False
     if any(node.attributes.get_int(name, default) != default
@@ -41,8 +47,12 @@ def _rewritable(node: ir.Node) -> bool:
         return False
     heads, kv_heads = node.attributes.get_int("num_heads"), node.attributes.get_int("kv_num_heads")
     past_key = node.inputs[3]
-    return (heads > kv_heads and heads % kv_heads == 0 and past_key is not None and past_key.is_graph_input()
-            and past_key.shape is not None and len(past_key.shape) == 4 and str(past_key.shape[2]) == io_spec.SLOT_DIMS["global"])
+    if not (heads > kv_heads and heads % kv_heads == 0 and past_key is not None and past_key.is_graph_input()
+            and past_key.shape is not None and len(past_key.shape) == 4):
+        return False
+    slots = str(past_key.shape[2])
+    long_chunk = (context.attention_chunk or 0) >= GROUPED_CHUNK_MIN
+    return slots == io_spec.SLOT_DIMS["global"] or (slots == io_spec.SLOT_DIMS["chunked"] and long_chunk)
 
 
 def _one_token_branch(graph: ir.Graph, node: ir.Node, prefix: str) -> ir.Graph:
@@ -85,12 +95,12 @@ def _one_token_branch(graph: ir.Graph, node: ir.Node, prefix: str) -> ir.Graph:
 
 
 def group_decode_queries(model: ir.Model, context: PassContext) -> int:
-    """GroupQueryAttention over a global-layer cache → If(one row, one token: the query heads of each KV head as
-    tokens of one attention per KV head, the cache read once; else: the node)"""
+    """GroupQueryAttention over a global (or long-chunk) cache → If(one row, one token: the query heads of each KV
+    head as tokens of one attention per KV head, the cache read once; else: the node)"""
     if context.target != "onnxruntime":
         return 0
     graph, count = model.graph, 0
-    for node in [n for n in graph if _rewritable(n)]:
+    for node in [n for n in graph if _rewritable(n, context)]:
         prefix = node.name or f"group_decode_queries.{count}"
         op = NodeBuilder(prefix)
         q = node.inputs[0]

@@ -29,6 +29,7 @@ class PassContext:
     moe_lowering: str | None = None  # what the MoE became (set by the lowering pass)
     notes: list[str] = field(default_factory=list)  # decisions worth reporting (e.g. why ORT's MoE op was not used)
     quantization: object | None = None  # quantize.QuantSpec when quantizing (the quantize passes read it)
+    attention_chunk: int | None = None  # the model's attention chunk: the slots a chunked layer's cache holds
 
 
 @dataclass(frozen=True)

@@ -93,13 +93,15 @@ def optimize(
     moe_form: str = "auto",
     trt_plugin: bool = True,
     quantization: QuantSpec | None = None,
+    attention_chunk: int | None = None,
 ) -> tuple[ir.Model, PassReport]:
     """Optimize a graph for `target` (default: default_target()). An ir.Model is rewritten in place.
 
     verify: run ONNX Runtime after every pass and raise GraphPassError when an output moves by more than
     `tolerance` × its max magnitude. moe_form: the standard-op MoE lowering when one is used ("auto": gather for
     decode graphs, dense for prefill). trt_plugin=False lowers the MoE to standard ops on the tensorrt target too.
-    quantization: quantize the weights as it says (quantize.py), in the same run."""
+    quantization: quantize the weights as it says (quantize.py), in the same run. attention_chunk: the model's
+    attention chunk (decode_attention.py regroups chunked layers' decode when it is long)."""
     target = target or default_target()
     if moe_form not in MOE_FORMS:
         raise GraphPassError(f"unknown MoE form {moe_form!r}; choose one of: {', '.join(MOE_FORMS)}")
@@ -109,6 +111,6 @@ def optimize(
         model = ir.load(model)
     passes = passes_for(target, quantize=quantization is not None, vision=is_vision_graph(model))
     context = PassContext(target, moe_form_for(model) if moe_form == "auto" else moe_form, use_trt_plugin=trt_plugin,
-                          quantization=quantization)
+                          quantization=quantization, attention_chunk=attention_chunk)
     verifier = Verifier(model, tolerance) if verify else None
     return model, run_passes(model, passes, context, verifier)

@@ -18,9 +18,9 @@ outputs
   Every new token of a step attends to all valid past slots and causally to the step's tokens; the runtime keeps the
   slots so that this is the sliding policy (runtime/kv_cache.py), which needs a step's tokens inside one chunk and,
   with past tokens, one row per step when new_tokens > 1 (ONNX Runtime's GroupQueryAttention allows no more).
-  A global-layer buffer keeps decode_scratch_slots (G − 1, G = query heads per KV head) free slots after a step's
-  tokens: a one-row decode step writes scratch copies of its K/V there (graph_passes/decode_attention.py), which the
-  next step overwrites.
+  Every buffer keeps decode_scratch_slots (G − 1, G = query heads per KV head) free slots after a step's tokens: a
+  one-row decode step may write scratch copies of its K/V there (graph_passes/decode_attention.py), which the next
+  step overwrites.
 
 positions (TensorRT, and FP8 caches) — the graph never writes the cache: it returns the new tokens' K/V and the
 runtime writes them where its sliding policy says. Slot order is free because the attention mask is computed from
@@ -86,7 +86,7 @@ def attention_kind(config: Llama4Config, layer: int) -> str:
 
 
 def decode_scratch_slots(config: Llama4Config) -> int:
-    """In-place global-layer slots a step may write after its own tokens (the in_place contract above)."""
+    """In-place slots a step may write after its own tokens, in every layer's buffer (the in_place contract above)."""
     return config.num_kv_groups - 1
 
 

@@ -246,8 +246,8 @@ class InPlaceKVCache(_Buffers):
     """in_place layout: per-layer buffers [batch, kv_heads, capacity, head_dim] whose first filled[kind][b] slots are
     row b's valid ones. A step's graph writes its tokens at slots filled.. itself; advance() then applies the
     policy: a chunked row starts over when its chunk is complete, a full global window moves the step's tokens into
-    their ring slots. A step's tokens must stay in one chunk (piece_limit) and number at most max_step; a global-layer
-    buffer keeps io_spec.decode_scratch_slots free slots after them (a decode step's scratch writes)."""
+    their ring slots. A step's tokens must stay in one chunk (piece_limit) and number at most max_step; every buffer
+    keeps io_spec.decode_scratch_slots free slots after them (a decode step's scratch writes)."""
 
     layout = "in_place"
 
@@ -256,7 +256,7 @@ class InPlaceKVCache(_Buffers):
         dtype: np.dtype | type = np.float32, max_step: int = 1, grow: bool = True,
     ):
         super().__init__(config, batch, window, sinks, dtype, max_step, grow,
-                         scratch={"global": decode_scratch_slots(config)})
+                         scratch=dict.fromkeys(("chunked", "global"), decode_scratch_slots(config)))
         self.max_step = max_step
         self.filled = {kind: np.zeros(batch, np.int64) for kind in self.policies}  # bound as the graphs' past_lengths
 
