@@ -18,8 +18,8 @@ slots L..L+G−1; token g's causal window reaches L+g, and the bias hides L+1.. 
 past slots and its own K/V once. The G − 1 copies after slot L are scratch that the next step overwrites: the runtime
 keeps that room behind every in-place buffer (io_spec.decode_scratch_slots). ONNX Runtime takes several new tokens
 after past ones only in a batch of one row, hence the If: batches and prefill keep the original node. Short chunks
-keep the node too: below a few hundred slots the G reads come from cache and the rewrite's extra nodes (≈ 7–9 µs a
-step) cost more than they save (benchmarks/gqa_depth.py --grouped).
+keep the node too: below a few hundred slots the G reads come from cache and the rewrite's extra work (≈ 6–10 µs a
+step) costs more than it saves (benchmarks/gqa_depth.py --grouped).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from ..model import io_spec
 from .lower import ORT_DOMAIN, NodeBuilder
 from .manager import GraphPass, PassContext
 
-# The shortest attention chunk whose layers are rewritten: a chunked layer attends to half its chunk on average, and
-# the one-row form wins from ≈ 400 slots (rand200m's shapes, 2 threads, cache-warm; more once the cache spills to DRAM).
+# The shortest attention chunk whose layers are rewritten. The one-row form wins from ≈ 250 past slots (rand200m's
+# shapes, 2 threads, cache-warm; benchmarks/gqa_depth.py --grouped), but its cost also grows with the buffer's length,
+# and a chunked layer's buffer stays a whole chunk long while it attends to half a chunk on average.
 GROUPED_CHUNK_MIN = 1024
 
 
