@@ -49,7 +49,7 @@ def _rewritable(node: ir.Node, context: PassContext) -> bool:
     heads, kv_heads = node.attributes.get_int("num_heads"), node.attributes.get_int("kv_num_heads")
     past_key = node.inputs[3]
     if not (heads > kv_heads and heads % kv_heads == 0 and past_key is not None and past_key.is_graph_input()
-            and past_key.shape is not None and len(past_key.shape) == 4):
+            and past_key.shape is not None and len(past_key.shape) == 4 and isinstance(past_key.shape[3], int)):
         return False
     slots = str(past_key.shape[2])
     long_chunk = (context.attention_chunk or 0) >= GROUPED_CHUNK_MIN
@@ -104,9 +104,9 @@ def group_decode_queries(model: ir.Model, context: PassContext) -> int:
     for node in [n for n in graph if _rewritable(n, context)]:
         prefix = node.name or f"group_decode_queries.{count}"
         op = NodeBuilder(prefix)
-        q = node.inputs[0]
-        one_token = op("one_token", "Equal", [op("q_size", "Size", [q]), op.constant(
-            graph, "one_token_size", np.asarray(node.attributes.get_int("num_heads") * int(node.inputs[3].shape[3]), np.int64))])
+        q_width = node.attributes.get_int("num_heads") * int(node.inputs[3].shape[3])
+        one_token = op("one_token", "Equal", [op("q_size", "Size", [node.inputs[0]]),
+                                              op.constant(graph, "one_token_size", np.asarray(q_width, np.int64))])
         then_branch = _one_token_branch(graph, node, prefix)
         else_op = NodeBuilder(f"{prefix}.any")
         kept = else_op.outputs("attention", node.op_type, list(node.inputs), 3, domain=ORT_DOMAIN,
