@@ -22,7 +22,7 @@ MANIFEST = "manifest.json"
 FORMAT = "llama4-export"
 # The artifact format: the graphs' input/output contract (model/io_spec.py) and the manifest's layout. A runtime reads
 # exactly this version and refuses others; bump it whenever either changes incompatibly.
-FORMAT_VERSION = 3  # 2: prefill graphs take logits_index; 3: in-place global-layer buffers keep decode scratch slots
+FORMAT_VERSION = 3  # 2: prefill graphs take logits_index; 3: in-place buffers keep decode scratch slots
 
 
 class ArtifactError(Llama4ExportError):

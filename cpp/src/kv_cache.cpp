@@ -18,6 +18,7 @@ void SlidingKVCache::FreeDeleter::operator()(uint8_t* p) const { std::free(p); }
 SlidingKVCache::SlidingKVCache(const ModelConfig& config, KVLayout layout, int64_t window, int64_t sinks,
                                size_t itemsize, bool grow, int64_t max_step_tokens)
     : layout_(layout), window_(window), max_step_(std::max<int64_t>(max_step_tokens, 1)),
+      scratch_(layout == KVLayout::kInPlace ? config.num_attention_heads / config.num_key_value_heads - 1 : 0),
       kv_heads_(config.num_key_value_heads), head_dim_(config.head_dim), itemsize_(itemsize) {
   if (sinks < 0)
     throw Error("sinks=" + std::to_string(sinks) + ": the number of sink tokens cannot be negative");
@@ -34,9 +35,8 @@ SlidingKVCache::SlidingKVCache(const ModelConfig& config, KVLayout layout, int64
   global.slots = window;
   global.sinks = sinks;
   for (Kind& kind : kind_) {
-    if (layout == KVLayout::kInPlace) kind.scratch = config.num_attention_heads / config.num_key_value_heads - 1;
     // In place, a step's tokens land behind a full window before they move into the ring (SinkRingSlots.capacity).
-    kind.capacity = kind.slots + (layout == KVLayout::kInPlace && !kind.chunk_policy ? max_step_ : 0) + kind.scratch;
+    kind.capacity = kind.slots + (layout == KVLayout::kInPlace && !kind.chunk_policy ? max_step_ : 0) + scratch_;
     kind.size = grow ? std::min(kind.capacity, kInitialSlots) : kind.capacity;
     if (layout == KVLayout::kPositions) kind.positions.assign(kind.capacity, -1);
   }
@@ -174,7 +174,7 @@ int64_t SlidingKVCache::piece_limit() const {
 }
 
 void SlidingKVCache::reserve(int64_t tokens) {
-  for (Kind& kind : kind_) grow(kind, kind.filled + tokens + kind.scratch);
+  for (Kind& kind : kind_) grow(kind, kind.filled + tokens + scratch_);
 }
 
 // InPlaceKVCache.advance, ChunkSlots.appended and SinkRingSlots.appended for one row.

@@ -64,7 +64,6 @@ class SlidingKVCache {
     int64_t slots = 0;     // the policy's slots: the chunk, or W
     int64_t sinks = 0;     // ring policy only
     bool chunk_policy = false;
-    int64_t scratch = 0;   // in place: slots a decode step may write after its token (io_spec.decode_scratch_slots)
     int64_t capacity = 0;  // slots allocated
     int64_t size = 0;      // slots the graphs see
     std::vector<int64_t> positions;  // positions layout: capacity entries; the first `size` are the graph input
@@ -83,6 +82,7 @@ class SlidingKVCache {
 
   KVLayout layout_;
   int64_t window_, length_ = 0, max_step_;
+  int64_t scratch_;  // in place: slots a decode step may write after its token, in every buffer (decode_scratch_slots)
   int64_t kv_heads_, head_dim_;
   size_t itemsize_;
   uint64_t reallocations_ = 0;

@@ -110,9 +110,9 @@ class _Buffers:
     layout: str
 
     def __init__(self, config: Llama4Config, batch: int, window: int | None, sinks: int, dtype, max_step: int,
-                 grow: bool, scratch: dict[str, int] | None = None):
-        """max_step: the most tokens an in-place step appends (0: the graphs never write the buffers); scratch: per
-        kind, the slots an in-place step may also write after its tokens."""
+                 grow: bool, scratch: int = 0):
+        """max_step: the most tokens an in-place step appends (0: the graphs never write the buffers); scratch: the
+        slots an in-place step may also write after its tokens, in every buffer."""
         dtype = np.dtype(dtype)
         window = default_window(config, dtype.itemsize) if window is None else int(window)
         if sinks < 0:
@@ -131,8 +131,8 @@ class _Buffers:
             "chunked": ChunkSlots(chunk) if chunk else SinkRingSlots(window, sinks),
             "global": SinkRingSlots(window, sinks),
         }
-        self.scratch = {kind: (scratch or {}).get(kind, 0) for kind in self.policies}
-        self.capacity = {kind: policy.capacity(max_step) + self.scratch[kind] for kind, policy in self.policies.items()}
+        self.scratch = scratch
+        self.capacity = {kind: policy.capacity(max_step) + scratch for kind, policy in self.policies.items()}
         self.kinds = [attention_kind(config, i) for i in range(config.num_hidden_layers)]
         self._layers_of = {kind: [i for i, k in enumerate(self.kinds) if k == kind] for kind in self.policies}
         kvh, d = config.num_key_value_heads, config.head_dim
@@ -255,8 +255,7 @@ class InPlaceKVCache(_Buffers):
         self, config: Llama4Config, batch: int = 1, window: int | None = None, sinks: int = DEFAULT_SINKS,
         dtype: np.dtype | type = np.float32, max_step: int = 1, grow: bool = True,
     ):
-        super().__init__(config, batch, window, sinks, dtype, max_step, grow,
-                         scratch=dict.fromkeys(("chunked", "global"), decode_scratch_slots(config)))
+        super().__init__(config, batch, window, sinks, dtype, max_step, grow, scratch=decode_scratch_slots(config))
         self.max_step = max_step
         self.filled = {kind: np.zeros(batch, np.int64) for kind in self.policies}  # bound as the graphs' past_lengths
 
@@ -293,7 +292,7 @@ class InPlaceKVCache(_Buffers):
         """Room for a step of `tokens` new tokens in `rows` (the others' garbage writes included: rows without new
         tokens still get them written at their filled slots)."""
         for kind, filled in self.filled.items():
-            new_size = self._new_size(kind, int(np.max(filled[rows])) + tokens + self.scratch[kind])
+            new_size = self._new_size(kind, int(np.max(filled[rows])) + tokens + self.scratch)
             if new_size is not None:
                 self._grow_buffers(kind, new_size)
 
