@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from llama4_export import api
 from llama4_export.runtime import Generator, OrtBackend
 from llama4_export.evaluation.torch_backend import TorchBackend
 
@@ -50,6 +51,25 @@ def test_ort_greedy_equals_transformers_generate(ort_generator, prompt, hf_token
     assert result.token_ids == hf_tokens
     assert len(hf_tokens) == NEW_TOKENS and result.stop_reason == "length"  # no early eos: all 64 compared
     assert 100 + NEW_TOKENS > 2 * 64
+
+
+@pytest.fixture(scope="module")
+def optimized_artifact(tmp_path_factory, scoutlike_dir):
+    """The same checkpoint through the default graph passes (the other tests here run the traced graphs)."""
+    out = tmp_path_factory.mktemp("optimized") / "scoutlike"
+    api.export_model(out, checkpoint=scoutlike_dir, show_progress=False)
+    return out
+
+
+def test_ort_optimized_graphs_equal_transformers_generate(optimized_artifact, prompt, hf_tokens):
+    """With the global layer's one-row decode regrouped (group_decode_queries): the 100-token prompt leaves its growing
+    buffer 128 slots long, so the decode steps at 125..127 write their scratch copies past the end unless the cache
+    keeps room for them."""
+    passes = json.loads((optimized_artifact / "passes.json").read_text())
+    for graph in ("decode", "prefill"):
+        assert [r["rewrites"] for r in passes[graph]["passes"] if r["pass"] == "group_decode_queries"] == [1]
+    result = Generator.load(optimized_artifact, threads=2).generate(prompt, max_new_tokens=NEW_TOKENS)
+    assert result.token_ids == hf_tokens
 
 
 def test_ort_prompt_fed_in_prefill_pieces(artifact, prompt, hf_tokens):
