@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -21,6 +22,16 @@ from .conftest import start_llama4_serve  # noqa: E402
 MODEL = "tiny"
 
 
+def wait_until_both_replicas_answer(base: str, seconds: float = 60) -> None:
+    """Ray's proxy learns of a replica asynchronously after `serve.run` returns: until it has, it routes everything to
+    the one it knows. Poll /health (its X-Served-By names the replica) until both have answered."""
+    seen, deadline = set(), time.monotonic() + seconds
+    while len(seen) < 2:
+        assert time.monotonic() < deadline, f"only {sorted(seen)} answered /health within {seconds} s"
+        seen.add(httpx.get(f"{base}/health", timeout=10).headers["x-served-by"])
+        time.sleep(0.1)
+
+
 def test_two_ray_replicas_answer_the_openai_client(tmp_path):
     artifact = tmp_path / MODEL
     api.export_model(artifact, model="scout-tiny", precision="fp32", target="onnxruntime", layers=2, random_weights=True,
@@ -29,6 +40,7 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
     base, process = start_llama4_serve(artifact, "--max-batch", "1", "--max-queue", "1", "--threads", "1", "--ray",
                                        "--replicas", "2", seconds=240)
     try:
+        wait_until_both_replicas_answer(base)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
         generator = Generator.load(artifact, threads=1)
         prompts = ["The history of", "A", "Once upon a time", "xyz"] * 2
