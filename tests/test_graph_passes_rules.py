@@ -20,7 +20,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from llama4_export.graph_passes import canonicalize, decode_attention, fuse_moe, fuse_vision, lower, manager, ops, trt_plugin_spec, weight_layout
+from llama4_export.graph_passes import (canonicalize, decode_attention, fuse_moe, fuse_vision, lower, manager, ops,
+                                        sibling_projections, trt_plugin_spec, weight_layout)
+from llama4_export.graph_passes.lower_linears import nbits_weight
 from llama4_export.graph_passes.errors import GraphPassError
 from llama4_export.graph_passes.manager import GraphPass, PassContext, op_histogram, run_passes
 from llama4_export.graph_passes.moe_reference import llama4_moe
@@ -499,3 +501,54 @@ def test_group_decode_queries_branches_one_row_decode_and_changes_no_output(batc
     scratch = slice(lengths[0] + tokens, lengths[0] + tokens + heads // kv_heads - 1)
     one_row_decode = batch == 1 and tokens == 1
     assert np.array_equal(keys[0, :, scratch], cache[0][0, :, scratch]) != one_row_decode
+
+
+# ------------------------------------------------------------------------------------------ sibling projections
+def _nbits_projection(rng, k: int, n: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(packed, scales) of a random 4-bit weight, and the float W [N, K] they stand for (numpy: (q − 0) · scale)."""
+    q = rng.integers(-8, 8, (n, k), dtype=np.int8)
+    scale = rng.uniform(0.01, 0.1, (n, k // block)).astype(np.float32)
+    packed, scales = nbits_weight(q, scale, block, 4)
+    return packed, scales, q.astype(np.float64) * np.repeat(scale, block, axis=1)
+
+
+def test_sibling_projections_become_one_product_and_change_no_output():
+    """q, k, v MatMulNBits of one x fuse (one stays a graph output under its name); an fp32 pair of another input
+    fuses; a lone projection and a sibling with another block size stay."""
+    rng = np.random.default_rng(0)
+    x, h = rng.standard_normal((5, 64), dtype=np.float32), rng.standard_normal((5, 32), dtype=np.float32)
+    shapes = {"q": (64, 48, 32), "k": (64, 16, 32), "v": (64, 16, 32), "o": (64, 8, 16)}  # K, N, block
+    weights = {name: _nbits_projection(rng, *shape) for name, shape in shapes.items()}
+    gate, up, down = (rng.standard_normal(shape, dtype=np.float32) for shape in ((32, 24), (32, 24), (24, 8)))
+    nbits = "\n".join(f"""{name}_y = com.microsoft.MatMulNBits <K = {k}, N = {n}, bits = 4, block_size = {block},
+                      accuracy_level = 0> (x, {name}_w, {name}_s)"""
+                      for name, (k, n, block) in shapes.items())
+    text = f"""<ir_version: 10, opset_import: ["" : 21, "com.microsoft" : 1]>
+        g (float[5, 64] x, float[5, 32] h) => (float[5, 48] q_y, float[5, 40] qkv, float[5, 8] o_y, float[5, 24] ffn,
+                                               float[5, 8] down_y) {{
+            {nbits}
+            qkv = Concat <axis = 1> (q_y, k_y, v_y)
+            gate_y = MatMul(h, gate)
+            up_y = MatMul(h, up)
+            ffn = Mul(gate_y, up_y)
+            down_y = MatMul(ffn, down)
+        }}"""
+    initializers = {f"{name}_{part}": array for name, (w, s, _) in weights.items() for part, array in (("w", w), ("s", s))}
+    original = parse(text, gate=gate, up=up, down=down, **initializers)
+    fused = parse(text, gate=gate, up=up, down=down, **initializers)
+    before = op_histogram(fused)
+    assert sibling_projections.fuse_sibling_projections(fused, CONTEXT) == 5
+    after = op_histogram(fused)
+    assert (before["com.microsoft::MatMulNBits"], after["com.microsoft::MatMulNBits"]) == (4, 2)  # q+k+v, o (block 16)
+    assert (before["MatMul"], after["MatMul"]) == (3, 2) and after["Split"] == before["Split"] + 2
+    stored = set(fused.graph.initializers)
+    assert {"q_w+k_w+v_w", "q_s+k_s+v_s", "gate+up"} <= stored and not {"q_w", "k_w", "v_w", "gate", "up"} & stored
+    assert [v.name for v in fused.graph.outputs] == [v.name for v in original.graph.outputs]
+
+    dense = {name: w for name, (_, _, w) in weights.items()}
+    expected = [x @ dense["q"].T, x @ np.concatenate([dense[n] for n in "qkv"]).T, x @ dense["o"].T,
+                (h @ gate) * (h @ up), ((h @ gate) * (h @ up)) @ down]
+    feeds = {"x": x, "h": h}
+    for got, want, unfused in zip(run(fused, feeds), expected, run(original, feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got, unfused, rtol=1e-5, atol=1e-6)

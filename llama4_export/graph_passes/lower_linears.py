@@ -51,7 +51,7 @@ def nbits_weight(q: np.ndarray, scale: np.ndarray, block: int, bits: int) -> tup
     return packed.reshape(rows, blocks, -1), np.ascontiguousarray(scale.reshape(-1), np.float32)
 
 
-def _take_place(new: ir.Value, old: ir.Value) -> None:
+def take_place(new: ir.Value, old: ir.Value) -> None:
     """`new` gets `old`'s name (it may be a graph output, e.g. logits), type and shape."""
     name = old.name
     old.name = f"{name}.replaced"
@@ -94,7 +94,7 @@ def lower_quantized_linears(model: ir.Model, context: PassContext) -> int:
                          attributes=[ir.AttrInt64("K", int(k)), ir.AttrInt64("N", int(n)), ir.AttrInt64("bits", bits),
                                      ir.AttrInt64("block_size", block), ir.AttrInt64("accuracy_level", ACCURACY_LEVEL)])
         replaced = squeeze.outputs[0] if wrapped else output
-        _take_place(matmul.outputs[0], replaced)
+        take_place(matmul.outputs[0], replaced)
         graph.insert_before(node, matmul)
         replaced.replace_all_uses_with(matmul.outputs[0], replace_graph_outputs=True)
         for dead in ([squeeze, node, unsqueeze] if wrapped else [node]):
@@ -130,7 +130,7 @@ def quantize_embedding(model: ir.Model, context: PassContext) -> int:
         gather = ir.Node(ORT_DOMAIN, "GatherBlockQuantized", inputs, num_outputs=1, name=f"{EMBEDDING}.gather_quantized",
                          attributes=[ir.AttrInt64("gather_axis", 0), ir.AttrInt64("quantize_axis", 1),
                                      ir.AttrInt64("block_size", spec.block_size), ir.AttrInt64("bits", 4)])
-        _take_place(gather.outputs[0], node.outputs[0])
+        take_place(gather.outputs[0], node.outputs[0])
         graph.insert_before(node, gather)
         node.outputs[0].replace_all_uses_with(gather.outputs[0], replace_graph_outputs=True)
         graph.remove(node, safe=True)

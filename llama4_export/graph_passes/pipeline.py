@@ -18,6 +18,7 @@ from .fuse_transformer import transformer_fusion_passes
 from .fuse_vision import vision_fusion_passes
 from .lower import moe_lowering_pass
 from .lower_linears import ort_linear_passes
+from .sibling_projections import sibling_projections_pass
 from .weight_layout import weight_layout_pass
 from .quantize import QuantSpec, quantization_passes
 from .manager import GraphPass, PassContext, PassReport, run_passes
@@ -80,6 +81,7 @@ def passes_for(target: str, quantize: bool = False, vision: bool = False) -> lis
         *(ort_linear_passes() if quantize and target == "onnxruntime" else ()),
         *([decode_attention_pass()] if target == "onnxruntime" else []),
         weight_layout_pass(),
+        *([sibling_projections_pass()] if target == "onnxruntime" else []),
         GraphPass("cse[final]", eliminate_common_subexpressions),
         GraphPass("tidy", tidy),
     ]
