@@ -75,14 +75,14 @@ def prompt_text(i: int, words: int) -> str:
     return f"{i}. " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(words))
 
 
-def HTTP_CLIENT() -> httpx.Client:
+def new_http_client() -> httpx.Client:
     """A fresh connection per request (llama-server drops reused keep-alive connections under load), one client."""
     return httpx.Client(timeout=600, limits=httpx.Limits(max_keepalive_connections=0))
 
 
 def one_request(http: httpx.Client, base: str, model: str, prompt: str, max_tokens: int) -> dict:
     """One streamed completion: send time, chunk arrival times, status. `http` is the client thread's own httpx.Client
-    (HTTP_CLIENT), kept across its requests: a new httpx.Client per request costs ≈ 20 ms of CPU (its TLS context),
+    (new_http_client), kept across its requests: a new httpx.Client per request costs ≈ 20 ms of CPU (its TLS context),
     and 8 clients creating theirs at once added up to 180 ms to the measured time to first token."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
@@ -117,7 +117,7 @@ def phase(base: str, model: str, clients: int, requests: int, max_tokens: int, w
     rss_first: list[float] = []
 
     def client() -> None:
-        with HTTP_CLIENT() as http:
+        with new_http_client() as http:
             for i in counter:
                 results.append(one_request(http, base, model, prompt_text(i, words), max_tokens))
                 if pid is not None and len(results) == rss_after:
@@ -177,7 +177,7 @@ def run_server(name: str, command: list[str], health: str, base: str, model: str
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         wait_ready(health, process)
-        with HTTP_CLIENT() as http:
+        with new_http_client() as http:
             one_request(http, base, model, prompt_text(0, args.prompt_words), 4)  # warm-up
         rows = []
         for n, clients in enumerate(args.clients):  # each phase its own prompts, the same for every server

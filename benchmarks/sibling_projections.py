@@ -12,11 +12,9 @@ of --runs session runs, both forms checked equal first.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
@@ -24,6 +22,8 @@ from llama4_export.graph_passes.lower_linears import ORT_DOMAIN, nbits_weight
 from llama4_export.graph_passes.manager import PassContext
 from llama4_export.graph_passes.quantize import initializer
 from llama4_export.graph_passes.sibling_projections import fuse_sibling_projections
+
+from moe_lowering import median_us, session  # benchmarks/, beside this script
 
 HIDDEN, BLOCK = 768, 128
 GROUPS = {"q, k, v": (768, 256, 256), "gate, up": (2048, 2048), "shared gate, up": (1024, 1024)}
@@ -52,23 +52,6 @@ def group_graph(widths: tuple[int, ...], copies: int, int4: bool, rng: np.random
     return ir.Model(graph, ir_version=10)
 
 
-def session(model: ir.Model, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def median_us(sess: ort.InferenceSession, feed: dict, runs: int) -> float:
-    for _ in range(10):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e6
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, action="append", help="activation rows (tokens × sequences); default 1, 8, 128")
@@ -84,7 +67,7 @@ def main() -> None:
         for group, widths in GROUPS.items():
             separate, fused = (group_graph(widths, args.copies, int4, np.random.default_rng(1)) for _ in range(2))
             fuse_sibling_projections(fused, PassContext("onnxruntime", "gather"))
-            sessions = session(separate, args.threads), session(fused, args.threads)
+            sessions = [session(ir.to_proto(m).SerializeToString(), args.threads) for m in (separate, fused)]
             for rows in args.rows or [1, 8, 128]:
                 feed = {"x": rng.standard_normal((rows, HIDDEN), dtype=np.float32)}
                 for a, b in zip(*(s.run(None, feed) for s in sessions)):

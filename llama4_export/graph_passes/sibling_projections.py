@@ -24,15 +24,12 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
+from ._match import is_weight
 from .lower_linears import ORT_DOMAIN, take_place
 from .manager import GraphPass, PassContext
 from .quantize import initializer
 
 NBITS_ATTRIBUTES = {"K", "N", "bits", "block_size", "accuracy_level"}
-
-
-def _constant(value: ir.Value | None) -> bool:
-    return value is not None and value.is_initializer() and value.const_value is not None
 
 
 def _sibling_key(node: ir.Node) -> tuple | None:
@@ -41,9 +38,9 @@ def _sibling_key(node: ir.Node) -> tuple | None:
     if x is None:
         return None
     if node.op_type == "MatMulNBits" and node.domain == ORT_DOMAIN and len(node.inputs) == 3 \
-            and all(_constant(v) for v in node.inputs[1:]) and set(node.attributes) <= NBITS_ATTRIBUTES:
+            and is_weight(node.inputs[1], 3) and is_weight(node.inputs[2], 1) and set(node.attributes) <= NBITS_ATTRIBUTES:
         return (id(x), "MatMulNBits", *(node.attributes.get_int(a, 0) for a in sorted(NBITS_ATTRIBUTES - {"N"})))
-    if node.op_type == "MatMul" and node.domain == "" and _constant(node.inputs[1]) and len(node.inputs[1].shape) == 2:
+    if node.op_type == "MatMul" and node.domain == "" and is_weight(node.inputs[1], 2):
         return id(x), "MatMul", node.inputs[1].shape[0], node.inputs[1].dtype
     return None
 
