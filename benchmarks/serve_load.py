@@ -3,6 +3,9 @@ llama.cpp's `llama-server -np N` (continuous batching), both on /v1/completions 
 
     python benchmarks/serve_load.py /tmp/bench/r200l-int4 --gguf ~/.cache/llama4-export-bench/gguf/rand200m-long/model-Q4_0.gguf \\
         --clients 1,8 --requests 48 --max-tokens 64 --prompt-words 48 --threads 2 --json serve-load.json
+    python benchmarks/serve_load.py … --shared-prefix-words 100 --prompt-words 16   # a system prompt every request shares
+    python benchmarks/serve_load.py … --serve-arg=--reuse-prefix --serve-arg=0      # llama4-serve without prefix reuse
+    python benchmarks/serve_load.py … --peer-arg=--swa-full   # llama-server keeps chunked layers' K/V: prefixes reusable
 
 Each client sends its requests one after another (a new one as soon as the previous ends) until the phase's request
 count is reached; every request asks for exactly --max-tokens tokens (ignore_eos) after the same kind of prompt.
@@ -39,6 +42,7 @@ from llama4_export.runtime.batching import BatchEngine, SequenceRequest  # noqa:
 
 console = Console(width=160)
 WORDS = "the history of science is a long story of small steps and patient work by many people over centuries".split()
+SYSTEM_WORDS = "keep every answer short clear and kind and explain each step before the next one".split()
 
 
 def free_port() -> int:
@@ -68,11 +72,16 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def prompt_text(i: int, words: int) -> str:
+def prompt_text(i: int, words: int, shared_words: int = 0) -> str:
     """Prompt i: its number, then `words` words. Every prompt of a run differs from its first token on, so no server
     answers from a prompt cache (llama-server reuses a slot's KV for a prompt it has seen: a repeated prompt costs it
-    no prefill)."""
-    return f"{i}. " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(words))
+    no prefill) — unless `shared_words` > 0: then every prompt starts with the same text of that many words (a system
+    prompt), which both servers may take from the KV a finished request left behind."""
+    own = f"{i}. " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(words))
+    if not shared_words:
+        return own
+    return "You answer in the voice of a patient teacher. " + " ".join(
+        SYSTEM_WORDS[k % len(SYSTEM_WORDS)] for k in range(shared_words)) + "\n\n" + own
 
 
 def new_http_client() -> httpx.Client:
@@ -88,7 +97,7 @@ def one_request(http: httpx.Client, base: str, model: str, prompt: str, max_toke
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
     stamps: list[float] = []  # arrival of every chunk with a choice (both servers send one per token)
-    tokens = 0
+    tokens, cached = 0, None
     try:
         with http.stream("POST", f"{base}/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -102,14 +111,16 @@ def one_request(http: httpx.Client, base: str, model: str, prompt: str, max_toke
                     chunk = json.loads(line[6:])
                     if chunk.get("choices"):
                         stamps.append(time.perf_counter())
-                    tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
-        return {"status": 200 if done else "broken", "stamps": stamps, "sent": sent, "tokens": tokens}
+                    usage = chunk.get("usage") or {}
+                    tokens = usage.get("completion_tokens", tokens)
+                    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", cached)
+        return {"status": 200 if done else "broken", "stamps": stamps, "sent": sent, "tokens": tokens, "cached": cached}
     except httpx.HTTPError as exc:
         return {"status": type(exc).__name__, "stamps": stamps, "sent": sent, "tokens": 0}
 
 
 def phase(base: str, model: str, clients: int, requests: int, max_tokens: int, words: int, pid: int | None,
-          rss_after: int, first_prompt: int) -> dict:
+          rss_after: int, first_prompt: int, shared_words: int = 0) -> dict:
     """`requests` streamed completions from `clients` concurrent clients (prompts first_prompt, first_prompt + 1, …);
     latency percentiles and throughput."""
     counter = iter(range(first_prompt, first_prompt + requests))
@@ -119,7 +130,7 @@ def phase(base: str, model: str, clients: int, requests: int, max_tokens: int, w
     def client() -> None:
         with new_http_client() as http:
             for i in counter:
-                results.append(one_request(http, base, model, prompt_text(i, words), max_tokens))
+                results.append(one_request(http, base, model, prompt_text(i, words, shared_words), max_tokens))
                 if pid is not None and len(results) == rss_after:
                     rss_first.append(rss_mb(pid))
 
@@ -132,12 +143,14 @@ def phase(base: str, model: str, clients: int, requests: int, max_tokens: int, w
     ttft = sorted(r["stamps"][0] - r["sent"] for r in ok if r["stamps"])
     itl = sorted(b - a for r in ok for a, b in zip(r["stamps"], r["stamps"][1:]))
     tokens = sum(r["tokens"] for r in ok)  # the usage both servers report
+    cached = [r["cached"] for r in ok if r["cached"] is not None]  # prompt tokens a server says it did not prefill
     return {
         "clients": clients, "requests": len(results), "wall_s": round(wall, 2),
         "tokens_per_s": round(tokens / wall, 1), "tokens": tokens,
         "ttft_p50_ms": round(1000 * percentile(ttft, 50), 1), "ttft_p99_ms": round(1000 * percentile(ttft, 99), 1),
         "itl_p50_ms": round(1000 * percentile(itl, 50), 1), "itl_p99_ms": round(1000 * percentile(itl, 99), 1),
         "errors": sum(r["status"] not in (200, 429) for r in results), "rejected_429": sum(r["status"] == 429 for r in results),
+        "cached_tokens_mean": round(statistics.mean(cached), 1) if cached else None,
         "rss_after_first_mb": round(rss_first[0], 1) if rss_first else None,
         "rss_end_mb": round(rss_mb(pid), 1) if pid is not None else None,
     }
@@ -178,11 +191,11 @@ def run_server(name: str, command: list[str], health: str, base: str, model: str
     try:
         wait_ready(health, process)
         with new_http_client() as http:
-            one_request(http, base, model, prompt_text(0, args.prompt_words), 4)  # warm-up
+            one_request(http, base, model, prompt_text(0, args.prompt_words), 4)  # warm-up (no shared start)
         rows = []
         for n, clients in enumerate(args.clients):  # each phase its own prompts, the same for every server
             row = phase(base, model, clients, args.requests, args.max_tokens, args.prompt_words, process.pid,
-                        args.rss_requests, first_prompt=1 + n * args.requests)
+                        args.rss_requests, first_prompt=1 + n * args.requests, shared_words=args.shared_prefix_words)
             row["server"] = name
             rows.append(row)
             console.print(row)
@@ -200,8 +213,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48, help="requests per phase")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-words", type=int, default=48)
+    parser.add_argument("--shared-prefix-words", type=int, default=0,
+                        help="every prompt starts with the same text of this many words (a system prompt)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rss-requests", type=int, default=100, help="RSS is sampled after this many requests")
+    parser.add_argument("--serve-arg", action="append", default=[], help="an extra llama4-serve argument (repeat)")
+    parser.add_argument("--peer-arg", action="append", default=[], help="an extra llama-server argument (repeat)")
     parser.add_argument("--cache", type=Path, default=llamacpp.DEFAULT_CACHE)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -212,27 +229,28 @@ def main() -> None:
     port = free_port()
     ours = [sys.executable, "-c", "from llama4_export.cli.serve import main; main()", str(args.artifact), "--port",
             str(port), "--threads", str(args.threads), "--max-batch", str(most), "--max-queue", str(4 * most),
-            "--model-name", "bench"]
+            "--model-name", "bench", *args.serve_arg]
     base = f"http://127.0.0.1:{port}"
     rows = run_server("llama4-serve", ours, f"{base}/health", base, "bench", args)
     load.append(os.getloadavg()[0])
     if args.gguf:
         bin_dir = llamacpp.build(args.cache, llamacpp.source_dir(args.cache))
         port = free_port()
-        context = most * (4 * args.prompt_words + args.max_tokens + 64)
+        context = most * (4 * (args.prompt_words + args.shared_prefix_words) + args.max_tokens + 64)
         peer = [str(bin_dir / "llama-server"), "-m", str(args.gguf), "-t", str(args.threads), "-np", str(most),
-                "-c", str(context), "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+                "-c", str(context), "--host", "127.0.0.1", "--port", str(port), "--no-webui", *args.peer_arg]
         env = {**os.environ, "LD_LIBRARY_PATH": str(bin_dir)}
         base = f"http://127.0.0.1:{port}"
         rows += run_server(f"llama-server -np {most}", peer, f"{base}/health", base, "bench", args, env)
         load.append(os.getloadavg()[0])
 
     table = Table("server", "clients", "requests", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms",
-                  "ITL p99 ms", "errors", "429s")
+                  "ITL p99 ms", "errors", "429s", "cached tokens (mean)")
     for r in rows:
         table.add_row(r["server"], str(r["clients"]), str(r["requests"]), f"{r['tokens_per_s']:.1f}",
                       f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}", f"{r['itl_p50_ms']:.1f}",
-                      f"{r['itl_p99_ms']:.1f}", str(r["errors"]), str(r["rejected_429"]))
+                      f"{r['itl_p99_ms']:.1f}", str(r["errors"]), str(r["rejected_429"]),
+                      "n/a" if r["cached_tokens_mean"] is None else f"{r['cached_tokens_mean']:.1f}")
     console.print(table)
     steps = decode_step_ms(args.artifact, sorted({1, *args.clients}), args.threads)
     console.print(f"llama4-serve's engine, one decode step (ms) by sequences decoding: {steps}")

@@ -94,3 +94,64 @@ def test_engine_thread_stop_strings_queue_cancel_and_timeout(generator):
     assert expired.result(timeout=60).finish_reason == "timeout"
     engine.stop()
     assert engine.running == 0
+
+
+def test_requests_take_over_a_freed_rows_prompt_start(generator, monkeypatch):
+    """A shared system prompt, a conversation's next turn and a repeated prompt continue from the K/V a finished
+    sequence left in its row (prefilling only the rest); a shared start that lies before its row's current chunk
+    (scout-tiny: 16 tokens) is taken back to a chunk boundary, or not at all below the first. Every request's tokens
+    equal its run alone."""
+    chunk = generator.config.attention_chunk_size
+    rng = np.random.default_rng(1)
+    system = rng.integers(0, 256, 21).tolist()  # crosses the first chunk boundary
+
+    def tail(n):
+        return rng.integers(0, 256, n).tolist()
+
+    prefilled = []  # prompt tokens the engine's prefill calls feed (decode calls pass no logits index)
+    forward = generator.backend.forward
+
+    def counting(input_ids, positions, cache, logits_index=None, image_features=None):
+        if logits_index is not None:
+            prefilled.append(int((positions >= 0).sum()))
+        return forward(input_ids, positions, cache, logits_index, image_features)
+
+    monkeypatch.setattr(generator.backend, "forward", counting)
+    engine = BatchEngine(generator, max_batch=2, max_queue=4, reuse_prefix_tokens=4)
+
+    def run(*requests):
+        sequences = [engine.submit(SequenceRequest(prompt, new, stop_tokens=frozenset())) for prompt, new in requests]
+        prefilled.clear()
+        while not all(s.done.is_set() for s in sequences):
+            engine.step()
+        fed = sum(prefilled)
+        for seq, (prompt, new) in zip(sequences, requests):
+            assert seq.result().token_ids == [e.token_id for e in generator.stream(prompt, new, stop_tokens=[])]
+        return sequences, fed
+
+    unrelated, first = (tail(10), 3), (system + tail(5), 4)
+    (x, a), _ = run(unrelated, first)
+    assert (x.row, a.row, x.reused, a.reused) == (0, 1, 0, 0)
+
+    second = (system + tail(6), 4)
+    (b,), fed = run(second)
+    assert (b.row, b.reused, fed) == (1, len(system), len(second[0]) - len(system))  # the matching row, not the lowest
+
+    # the next turn: B's prompt, its reply, a new message; the row holds B's prompt and the first 3 reply tokens
+    turn = (second[0] + b.token_ids + tail(3), 3)
+    (d,), fed = run(turn)
+    assert (d.row, d.reused, fed) == (1, len(second[0]) + 3, len(turn[0]) - len(second[0]) - 3)
+
+    # the row now holds 36 tokens: its chunked layers hold only positions 32.. — the system prompt's first 10 are gone
+    held = len(turn[0]) + 2
+    assert held // chunk * chunk > 10
+    (c,), fed = run((system[:10] + tail(8), 3))
+    assert (c.row, c.reused, fed) == (0, 0, 18)
+
+    (e,), fed = run(turn)  # the same prompt again: all but its last token, whose logits are sampled
+    assert (e.row, e.reused, fed) == (1, len(turn[0]) - 1, 1)
+
+    # 20 shared tokens, but the row's chunked layers hold only positions 32..: back to the chunk boundary at 16
+    (f,), fed = run((system[:20] + tail(5), 3))
+    assert (f.row, f.reused, fed) == (1, chunk, 25 - chunk)
+    assert engine.reused_prompt_tokens == b.reused + d.reused + e.reused + f.reused

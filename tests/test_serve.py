@@ -99,6 +99,27 @@ def test_chat_equals_generator_plain_and_streamed(client, generator):
     assert streamed[-1].choices[0].finish_reason == expected.stop_reason
 
 
+def test_a_repeated_prompt_start_is_taken_over_and_reported_as_cached(server, client, generator):
+    """The second request with a long prompt continues from the K/V the first left in its row: usage reports all but
+    the last prompt token as cached (as OpenAI reports its prompt cache), /metrics counts them, the text is unchanged."""
+    chunk = generator.config.attention_chunk_size
+    words = [f"item{i}" for i in range(40)]
+    while len(generator.encode(" ".join(words))) % chunk == 0:  # the prompt's end shares its chunk with the row's end
+        words.append("more")
+    prompt = " ".join(words)
+    length = len(generator.encode(prompt))
+    assert length > 33  # past the server's default reuse threshold of 32 tokens
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1)  # the row then holds the prompt alone
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == length - 1
+    assert again.choices[0].text == _alone(generator, prompt, 12).text
+    metrics = httpx.get(f"{server[0]}/metrics").text
+    reused = next(float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("llama4_prompt_tokens_reused_total "))
+    assert reused >= length - 1
+
+
 def test_concurrent_requests_are_batched_and_each_equals_its_single_run(client, generator):
     """Five requests of different lengths at once through 2 rows: queued, admitted as rows free, all correct."""
     prompts = [PROMPT, "A", "Once upon a time in a land far away", "xyz", "The cat sat"]

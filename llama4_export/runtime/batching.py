@@ -6,19 +6,22 @@ while others decode and freed the moment they end.
     seq = engine.submit(SequenceRequest(engine.generator.encode("Hello"), max_new_tokens=32))
     print(seq.result().text)
 
-One step (step()): requests waiting in the bounded queue take free rows (lowest first; the row is emptied for
-them); then prefill: when several newcomers' whole prompts each fit one piece (in place: the chunk and the prefill
-graph's limit) and together one piece's token budget, they run together in one call, in the rows of an empty staging cache whose rows then move into theirs
-(GroupQueryAttention takes a step of several tokens over many rows only when none has past tokens); otherwise the
-oldest sequence still reading its prompt gets one prefill piece in its row alone (the pieces Generator feeds: at most
-the backend's max_prefill_tokens, cut at chunk boundaries), so a long prompt is spread over several steps instead of
-stalling everyone's tokens. Then one decode call advances every decoding row by one token, each at its own position
-(the others are padding, position −1), over rows 0..the highest decoding row (rows are taken lowest first; an in-place
-cache's first rows are a view). A sequence that ends (stop token, stop string, max_new_tokens, timeout, cancel) frees
-its row for the next request at once. A request with images (SequenceRequest.image_features, from Generator.chat_inputs) hands each
-prefill piece the feature rows of the `<|patch|>` tokens in it, as Generator's prefill does. Every sequence has its own
-sampler and seed, so its tokens do not depend on what else runs:
-greedy tokens equal the same request run alone through Generator.
+One step (step()): requests waiting in the bounded queue take free rows (lowest first; the row is emptied for them —
+unless a free row still holds at least `reuse_prefix_tokens` of the request's first prompt tokens from the sequence
+that used it last, in an in-place cache: the request takes that row over, cut back to those tokens, and prefills only
+the rest (a shared system prompt, a conversation's next turn); images' rows are never reused, since equal placeholder
+ids hide different features); then prefill: when several newcomers' whole prompts each fit one piece (in place: the
+chunk and the prefill graph's limit) and together one piece's token budget, they run together in one call, in the rows
+of an empty staging cache whose rows then move into theirs (GroupQueryAttention takes a step of several tokens over
+many rows only when none has past tokens); otherwise the oldest sequence still reading its prompt gets one prefill
+piece in its row alone (the pieces Generator feeds: at most the backend's max_prefill_tokens, cut at chunk
+boundaries), so a long prompt is spread over several steps instead of stalling everyone's tokens. Then one decode call
+advances every decoding row by one token, each at its own position (the others are padding, position −1), over rows
+0..the highest decoding row (rows are taken lowest first; an in-place cache's first rows are a view). A sequence that
+ends (stop token, stop string, max_new_tokens, timeout, cancel) frees its row for the next request at once. A request
+with images (SequenceRequest.image_features, from Generator.chat_inputs) hands each prefill piece the feature rows of
+the `<|patch|>` tokens in it, as Generator's prefill does. Every sequence has its own sampler and seed, so its tokens
+do not depend on what else runs: greedy tokens equal the same request run alone through Generator.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ from .sampling import Sampler, SamplingParams, StopStrings, TokenLogprobs, token
 from .tokenizer import StreamDecoder
 
 FinishReason = Literal["stop", "length", "timeout", "cancelled", "error"]
+# A request reuses a free row's prompt start only from this many tokens: a row above the lowest free one widens every
+# decode step (rows 0..the highest decoding one run), which a short prefix's saved prefill does not repay.
+DEFAULT_REUSE_PREFIX_TOKENS = 32
+_NOTHING_HELD = np.empty(0, np.int64)
 
 
 class QueueFull(GenerationError):
@@ -92,6 +99,7 @@ class Sequence:
     submitted: float = field(default_factory=time.monotonic)
     row: int | None = None
     fed: int = 0  # prompt tokens in the cache
+    reused: int = 0  # of them, taken over from the row's previous sequence instead of prefilled
     pending: int | None = None  # the sampled token the next decode step feeds
     token_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
@@ -112,12 +120,17 @@ class Sequence:
 
 
 class BatchEngine:
-    def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64,
+                 reuse_prefix_tokens: int = DEFAULT_REUSE_PREFIX_TOKENS):
         """max_batch: sequences in the cache at once (its rows); max_queue: requests waiting for a row while every
-        row is taken, beyond which submit() raises QueueFull (so at most max_batch + max_queue requests are held)."""
+        row is taken, beyond which submit() raises QueueFull (so at most max_batch + max_queue requests are held);
+        reuse_prefix_tokens: the fewest first prompt tokens a request takes over from a free row's previous sequence
+        instead of prefilling them (0: never)."""
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
             if value < 1:
                 raise GenerationError(f"{name}={value}: must be >= 1")
+        if reuse_prefix_tokens < 0:
+            raise GenerationError(f"reuse_prefix_tokens={reuse_prefix_tokens}: must be >= 0 (0 turns reuse off)")
         self.generator, self.backend, self.config = generator, generator.backend, generator.config
         self.max_batch, self.max_queue = max_batch, max_queue
         pad = self.config.pad_token_id
@@ -134,6 +147,10 @@ class BatchEngine:
         self._views: dict[int, KVCacheState] = {}  # first_rows views of the cache, by row count
         self._views_of = self.cache.reallocations  # the buffers those views are of
         self._rows: list[Sequence | None] = [None] * max_batch
+        # per free row: the tokens its cache slots hold from the sequence that ended there (positions 0..)
+        self._held: list[np.ndarray] = [_NOTHING_HELD] * max_batch
+        self.reuse_prefix_tokens = reuse_prefix_tokens if self.cache.layout == "in_place" else 0
+        self.reused_prompt_tokens = 0  # in all, since the engine started
         self._waiting: deque[Sequence] = deque()
         self._lock = threading.Condition()
         self._closed = False  # no new requests (draining or stopped)
@@ -244,11 +261,8 @@ class BatchEngine:
             for seq in [s for s in self._waiting if s.cancelled or s.expired(now)]:
                 self._waiting.remove(seq)
                 self._finish(seq, "cancelled" if seq.cancelled else "timeout")
-            for row, occupant in enumerate(self._rows):
-                if occupant is None and self._waiting:
-                    seq = self._waiting.popleft()
-                    seq.row, self._rows[row] = row, seq
-                    self.cache.reset_row(row)
+            while self._waiting and None in self._rows:
+                self._admit(self._waiting.popleft())
         for seq in list(self._rows):
             if seq is not None and (seq.cancelled or seq.expired(now)):
                 self._finish(seq, "cancelled" if seq.cancelled else "timeout")
@@ -262,6 +276,27 @@ class BatchEngine:
         if decoding:
             self._decode(decoding)
         return bool(reading or decoding)
+
+    def _admit(self, seq: Sequence) -> None:
+        """Give seq a free row: the one whose held tokens share the longest start with its prompt that the row can
+        be cut back to (at least reuse_prefix_tokens; at most all but the last prompt token, whose logits are
+        sampled), cut back to it; else the lowest, emptied."""
+        free = [row for row, occupant in enumerate(self._rows) if occupant is None]
+        row, reused = free[0], 0
+        prompt = np.asarray(seq.request.prompt_ids, np.int64)
+        if self.reuse_prefix_tokens and seq.request.image_features is None:
+            for candidate in free:
+                shared = min(_common_prefix(self._held[candidate], prompt), prompt.size - 1)
+                kept = self.cache.longest_kept_prefix(candidate, shared)
+                if kept >= max(self.reuse_prefix_tokens, reused + 1):
+                    row, reused = candidate, kept
+        seq.row, self._rows[row], self._held[row] = row, seq, _NOTHING_HELD
+        if reused:
+            self.cache.keep_prefix(row, reused)
+            seq.fed = seq.reused = reused
+            self.reused_prompt_tokens += reused
+        else:
+            self.cache.reset_row(row)
 
     def _prefill(self, seq: Sequence) -> None:
         """Feed seq's next prompt piece in its row alone (the other rows are padding: the backend runs the row by
@@ -364,6 +399,14 @@ class BatchEngine:
         """End `seq` without a token (cancel, timeout, error): free its row, tell its listener."""
         self._emit(seq, SequenceEvent(None, seq.stops.flush() if seq.decoder else None, None, reason, error))
 
+    def _tokens_held(self, seq: Sequence) -> np.ndarray:
+        """The tokens seq leaves in its row's slots (its prompt and the generated tokens fed back), for the next
+        request to take over; none after an engine error (the slots may be half-written) or with images."""
+        if not self.reuse_prefix_tokens or seq.finish_reason == "error" or seq.request.image_features is not None:
+            return _NOTHING_HELD
+        fed = np.asarray([*seq.request.prompt_ids, *seq.token_ids], np.int64)
+        return fed[: int(self.cache.lengths[seq.row])]
+
     def _emit(self, seq: Sequence, event: SequenceEvent) -> None:
         if event.text:
             seq.text.append(event.text)
@@ -371,6 +414,7 @@ class BatchEngine:
             seq.finish_reason, seq.error = event.finish_reason, event.error
             if seq.row is not None and self._rows[seq.row] is seq:
                 self._rows[seq.row] = None
+                self._held[seq.row] = self._tokens_held(seq)
         if seq.listener is not None:
             try:
                 seq.listener(event)
@@ -378,3 +422,10 @@ class BatchEngine:
                 seq.cancelled = True
         if event.finish_reason is not None:
             seq.done.set()
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading tokens a and b share."""
+    n = min(a.size, b.size)
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n

@@ -59,6 +59,12 @@ class ChunkSlots:
         end = (first + count) % self.slots
         return _NO_MOVES, _NO_MOVES, end
 
+    def kept(self, length: int, filled: int, tokens: int) -> int | None:
+        """The filled slots of a row of `length` tokens (`filled` of them in slots) cut back to its first `tokens`:
+        the current chunk holds every prefix from its start on, and a prefix that ends at a chunk boundary needs no
+        slot at all; None for the others (their chunk is gone)."""
+        return tokens % self.slots if tokens >= length - filled or tokens % self.slots == 0 else None
+
     def place(self, row: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Empty stale slots of `row` (slot positions, edited in place); return (indices into `new` kept, their slots)."""
         chunk = new[-1] // self.slots
@@ -91,6 +97,11 @@ class SinkRingSlots:
         sources = filled + keep
         moved = sources != slots
         return sources[moved], slots[moved], min(filled + count, self.slots)
+
+    def kept(self, length: int, filled: int, tokens: int) -> int | None:
+        """The filled slots of a row of `length` tokens (`filled` of them in slots) cut back to its first `tokens`:
+        any prefix until the window has wrapped and overwritten its oldest tokens; None after."""
+        return tokens if filled == length else filled if tokens == length else None
 
     def place(self, row: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ring = self.slots - self.sinks
@@ -295,6 +306,30 @@ class InPlaceKVCache(_Buffers):
             new_size = self._new_size(kind, int(np.max(filled[rows])) + tokens + self.scratch)
             if new_size is not None:
                 self._grow_buffers(kind, new_size)
+
+    def longest_kept_prefix(self, row: int, tokens: int) -> int:
+        """The most of row's first `tokens` tokens it can be cut back to (keep_prefix): all of them while its
+        chunked layers are still in the chunk where they end, else back to a chunk boundary; 0 when none."""
+        tokens = min(tokens, int(self.lengths[row]))
+        boundaries = [tokens // policy.slots * policy.slots for policy in self.policies.values()
+                      if isinstance(policy, ChunkSlots)]
+        return next((n for n in [tokens, *boundaries] if n > 0 and self._kept(row, n) is not None), 0)
+
+    def keep_prefix(self, row: int, tokens: int) -> None:
+        """Cut row back to its first `tokens` tokens (a new sequence whose prompt starts with them continues from
+        there): slots fill in position order until a chunk ends or the window wraps, so only the lengths change."""
+        kept = self._kept(row, tokens) if 0 < tokens <= self.lengths[row] else None
+        if kept is None:
+            raise ValueError(f"row {row} no longer holds its first {tokens} of {self.lengths[row]} tokens alone")
+        for kind, filled in kept.items():
+            self.filled[kind][row] = filled
+        self.lengths[row] = tokens
+
+    def _kept(self, row: int, tokens: int) -> dict[str, int] | None:
+        """Each kind's filled slots once row is cut back to its first `tokens` tokens; None if a kind lost them."""
+        length = int(self.lengths[row])
+        kept = {kind: policy.kept(length, int(self.filled[kind][row]), tokens) for kind, policy in self.policies.items()}
+        return None if None in kept.values() else kept
 
     def adopt_row(self, row: int, source: "InPlaceKVCache", source_row: int) -> None:
         """Empty row `row` takes over `source`'s row `source_row` (a prefill run in another cache joins this one): its

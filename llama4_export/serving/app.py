@@ -308,9 +308,12 @@ def _merge(events: list[SequenceEvent]) -> SequenceEvent:
     return SequenceEvent(last.token_id, "".join(e.text or "" for e in events), last.logprobs, last.finish_reason)
 
 
-def _usage(run: _Run) -> dict[str, int]:
+def _usage(run: _Run) -> dict[str, Any]:
+    # cached_tokens: prompt tokens taken over from a row's previous sequence (BatchEngine's prefix reuse), as OpenAI
+    # reports its prompt cache's
     return {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
-            "total_tokens": run.prompt_tokens + run.completion_tokens}
+            "total_tokens": run.prompt_tokens + run.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": run.sequence.reused}}
 
 
 def _raise_unfinished(event: SequenceEvent | None, settings: ServeSettings) -> None:

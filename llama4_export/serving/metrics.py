@@ -1,6 +1,6 @@
 """Prometheus metrics of one server (its own registry, so several apps in one process do not collide): queue depth,
-running sequences, generated tokens and tokens/s, time to first token and per-token latency histograms, requests by
-endpoint and status."""
+running sequences, generated tokens and tokens/s, prompt tokens admitted and reused, time to first token and per-token
+latency histograms, requests by endpoint and status."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from collections import deque
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from ..runtime.batching import BatchEngine
 
@@ -37,6 +38,17 @@ class TokenRate:
             return len(self._times) / RATE_WINDOW_S
 
 
+class _ReusedPromptTokens:
+    """The engine's own count of prompt tokens taken over from rows instead of prefilled, read at each scrape."""
+
+    def __init__(self, engine: BatchEngine):
+        self.engine = engine
+
+    def collect(self):
+        yield CounterMetricFamily("llama4_prompt_tokens_reused", "Prompt tokens taken over from a row's previous "
+                                  "sequence instead of prefilled", value=self.engine.reused_prompt_tokens)
+
+
 class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
@@ -57,6 +69,7 @@ class ServerMetrics:
         self.token_latency = Histogram("llama4_time_per_output_token_seconds", "Between consecutive tokens of a request",
                                        buckets=TOKEN_BUCKETS, registry=r)
         self.requests = Counter("llama4_requests", "Finished HTTP requests", ["endpoint", "status"], registry=r)
+        r.register(_ReusedPromptTokens(engine))
 
     def token(self, arrival: float, previous: float | None) -> float:
         """Record one generated token of a request that arrived at `arrival` (its previous token at `previous`)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import ray
 from ray import serve
 
+from ..runtime.batching import DEFAULT_REUSE_PREFIX_TOKENS
 from .app import ServeSettings, create_app
 from .server import load_engine
 
@@ -24,11 +25,12 @@ DEPLOYMENT = "llama4-serve"
 
 
 def application(artifact: Path, settings: ServeSettings, replicas: int, max_batch: int, max_queue: int,
-                threads: int | None = None, window: int | None = None, gpus_per_replica: float = 0):
+                threads: int | None = None, window: int | None = None, gpus_per_replica: float = 0,
+                reuse_prefix_tokens: int = DEFAULT_REUSE_PREFIX_TOKENS):
     """The bound Ray Serve application: `replicas` copies of the app, each loading the artifact when it starts."""
 
     def build_app():  # runs inside each replica
-        return create_app(load_engine(artifact, max_batch, max_queue, threads, window), settings)
+        return create_app(load_engine(artifact, max_batch, max_queue, threads, window, reuse_prefix_tokens), settings)
 
     deployment = serve.deployment(
         serve.ingress(build_app)(), name=DEPLOYMENT, num_replicas=replicas,
@@ -41,7 +43,7 @@ def application(artifact: Path, settings: ServeSettings, replicas: int, max_batc
 
 def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas: int, max_batch: int, max_queue: int,
         threads: int | None = None, window: int | None = None, gpus_per_replica: float = 0,
-        address: str | None = None) -> None:
+        address: str | None = None, reuse_prefix_tokens: int = DEFAULT_REUSE_PREFIX_TOKENS) -> None:
     """Deploy on Ray (a local instance unless `address`), serve until SIGTERM / SIGINT, then shut the deployment and
     the local Ray instance down."""
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
@@ -50,8 +52,8 @@ def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas:
         signal.signal(signum, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(application(artifact, settings, replicas, max_batch, max_queue, threads, window, gpus_per_replica),
-                  name=DEPLOYMENT, route_prefix="/")
+        serve.run(application(artifact, settings, replicas, max_batch, max_queue, threads, window, gpus_per_replica,
+                              reuse_prefix_tokens), name=DEPLOYMENT, route_prefix="/")
         stop.wait()
     finally:
         serve.shutdown()
