@@ -155,3 +155,34 @@ def test_requests_take_over_a_freed_rows_prompt_start(generator, monkeypatch):
     (f,), fed = run((system[:20] + tail(5), 3))
     assert (f.row, f.reused, fed) == (1, chunk, 25 - chunk)
     assert engine.reused_prompt_tokens == b.reused + d.reused + e.reused + f.reused
+
+
+def test_prefill_budget_bounds_the_prompt_tokens_of_a_step_while_others_decode(generator, monkeypatch):
+    """With prefill_budget=3, no step that starts with rows decoding feeds more than 3 prompt tokens (steps that keep
+    nobody waiting feed whole pieces); the tokens still equal each request run alone."""
+    steps = []  # per engine step: [prompt tokens fed, whether rows were decoding when it began]
+    forward = generator.backend.forward
+
+    def recording(input_ids, positions, cache, logits_index=None, image_features=None):
+        if logits_index is not None:  # prefill calls ask for the logits they need; decode calls for every row's
+            steps[-1][0] += int((positions >= 0).sum())
+        return forward(input_ids, positions, cache, logits_index, image_features)
+
+    monkeypatch.setattr(generator.backend, "forward", recording)
+    prompts = _prompts(generator.config.vocab_size)
+    engine = BatchEngine(generator, max_batch=3, max_queue=8, prefill_budget=3)
+    sequences = []
+    for step in range(400):
+        sequences += [engine.submit(SequenceRequest(p, new, stop_tokens=frozenset()))
+                      for p, (_, new, arrival) in zip(prompts, ARRIVALS) if arrival == step]
+        steps.append([0, any(s.pending is not None for s in sequences)])
+        engine.step()
+        if step > 4 and all(s.done.is_set() for s in sequences):
+            break
+    monkeypatch.undo()
+    assert max(fed for fed, decoding in steps if decoding) == 3
+    assert max(fed for fed, decoding in steps if not decoding) > 3  # nobody waits: a whole piece
+    alone = [generator.generate(p, new, stop_tokens=[]).token_ids for p, (_, new, _) in zip(prompts, ARRIVALS)]
+    assert [s.result().token_ids for s in sequences] == alone
+    with pytest.raises(GenerationError, match="prefill_budget=0"):
+        BatchEngine(generator, prefill_budget=0)

@@ -10,7 +10,7 @@ import typer
 
 from ..errors import Llama4ExportError
 from ..runtime import Generator
-from ..runtime.batching import DEFAULT_REUSE_PREFIX_TOKENS
+from ..runtime.batching import DEFAULT_REUSE_PREFIX_TOKENS, EngineOptions
 from ..serving import ServeSettings, load_engine, serve as serve_engine
 from .common import err_console, fail
 
@@ -28,6 +28,9 @@ def serve(
     reuse_prefix: int = typer.Option(DEFAULT_REUSE_PREFIX_TOKENS, "--reuse-prefix",
                                      help="fewest prompt tokens a request takes over from a free row's last sequence "
                                           "instead of prefilling them (0 = never)"),
+    prefill_budget: Optional[int] = typer.Option(None, "--prefill-budget",
+                                                 help="most prompt tokens a step feeds while others decode (smoother "
+                                                      "streams, less throughput; default: the artifact's prefill limit)"),
     request_timeout: float = typer.Option(600.0, "--request-timeout", help="seconds a request may take (0 = none)"),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="the model id clients send (default: DIR's name)"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice)"),
@@ -40,32 +43,32 @@ def serve(
     """Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics until SIGTERM."""
     try:
         settings = ServeSettings(model_name or artifact.resolve().name, request_timeout or None)
+        options = EngineOptions(max_batch, max_queue, reuse_prefix, prefill_budget)
         if ray:
             if replicas < 1:
                 raise Llama4ExportError(f"--replicas {replicas}: must be >= 1")
             Generator.load(artifact, threads=1, window=window)  # a bad artifact fails here, not in every replica
-            _serve_on_ray(artifact, settings, host, port, replicas, max_batch, max_queue, threads, window,
-                          gpus_per_replica, ray_address, reuse_prefix)
+            _serve_on_ray(artifact, settings, host, port, replicas, options, threads, window, gpus_per_replica,
+                          ray_address)
             return
         with err_console.status(f"loading {artifact}"):
-            engine = load_engine(artifact, max_batch, max_queue, threads, window, reuse_prefix)
+            engine = load_engine(artifact, options, threads, window)
     except Llama4ExportError as exc:
         fail(exc)
     err_console.print(f"serving {settings.model_name} on http://{host}:{port}/v1 (max batch {max_batch})")
     serve_engine(engine, settings, host, port)
 
 
-def _serve_on_ray(artifact: Path, settings: ServeSettings, host: str, port: int, replicas: int, max_batch: int,
-                  max_queue: int, threads: int | None, window: int | None, gpus: float, address: str | None,
-                  reuse_prefix: int) -> None:
+def _serve_on_ray(artifact: Path, settings: ServeSettings, host: str, port: int, replicas: int,
+                  options: EngineOptions, threads: int | None, window: int | None, gpus: float,
+                  address: str | None) -> None:
     """Ray is imported only here: the single-process server does not need it."""
     try:
         from ..serving import ray_serve
     except ImportError as exc:
         raise Llama4ExportError(f"--ray needs Ray Serve ({exc}); pip install 'llama4-export[ray]'") from None
     err_console.print(f"serving {settings.model_name} on http://{host}:{port}/v1 from {replicas} Ray replicas")
-    ray_serve.run(artifact, settings, host, port, replicas, max_batch, max_queue, threads, window, gpus, address,
-                  reuse_prefix)
+    ray_serve.run(artifact, settings, host, port, replicas, options, threads, window, gpus, address)
 
 
 def main() -> None:

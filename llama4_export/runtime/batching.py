@@ -14,14 +14,15 @@ ids hide different features); then prefill: when several newcomers' whole prompt
 chunk and the prefill graph's limit) and together one piece's token budget, they run together in one call, in the rows
 of an empty staging cache whose rows then move into theirs (GroupQueryAttention takes a step of several tokens over
 many rows only when none has past tokens); otherwise the oldest sequence still reading its prompt gets one prefill
-piece in its row alone (the pieces Generator feeds: at most the backend's max_prefill_tokens, cut at chunk
-boundaries), so a long prompt is spread over several steps instead of stalling everyone's tokens. Then one decode call
-advances every decoding row by one token, each at its own position (the others are padding, position −1), over rows
-0..the highest decoding row (rows are taken lowest first; an in-place cache's first rows are a view). A sequence that
-ends (stop token, stop string, max_new_tokens, timeout, cancel) frees its row for the next request at once. A request
-with images (SequenceRequest.image_features, from Generator.chat_inputs) hands each prefill piece the feature rows of
-the `<|patch|>` tokens in it, as Generator's prefill does. Every sequence has its own sampler and seed, so its tokens
-do not depend on what else runs: greedy tokens equal the same request run alone through Generator.
+piece in its row alone (the pieces Generator feeds: at most the backend's max_prefill_tokens, cut at chunk boundaries;
+with a prefill_budget, at most that many while other rows decode), so a long prompt is spread over several steps
+instead of stalling everyone's tokens. Then one decode call advances every decoding row by one token, each at its own
+position (the others are padding, position −1), over rows 0..the highest decoding row (rows are taken lowest first; an
+in-place cache's first rows are a view). A sequence that ends (stop token, stop string, max_new_tokens, timeout,
+cancel) frees its row for the next request at once. A request with images (SequenceRequest.image_features, from
+Generator.chat_inputs) hands each prefill piece the feature rows of the `<|patch|>` tokens in it, as Generator's
+prefill does. Every sequence has its own sampler and seed, so its tokens do not depend on what else runs: greedy
+tokens equal the same request run alone through Generator.
 """
 
 from __future__ import annotations
@@ -119,18 +120,34 @@ class Sequence:
         return SequenceResult(self.token_ids, text, self.finish_reason, self.error)
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How a BatchEngine schedules. max_batch: sequences in the cache at once (its rows); max_queue: requests waiting
+    for a row while every row is taken, beyond which submit() raises QueueFull (so at most max_batch + max_queue
+    requests are held); reuse_prefix_tokens: the fewest first prompt tokens a request takes over from a free row's
+    previous sequence instead of prefilling them (0: never); prefill_budget: the most prompt tokens a step feeds while
+    other rows are decoding (their next token waits for it: a smaller budget smooths their streams, but newcomers join
+    the batch later and throughput drops); None: the backend's max_prefill_tokens."""
+
+    max_batch: int = 8
+    max_queue: int = 64
+    reuse_prefix_tokens: int = DEFAULT_REUSE_PREFIX_TOKENS
+    prefill_budget: int | None = None
+
+    def __post_init__(self):
+        for name, value in (("max_batch", self.max_batch), ("max_queue", self.max_queue),
+                            ("prefill_budget", self.prefill_budget)):
+            if value is not None and value < 1:
+                raise GenerationError(f"{name}={value}: must be >= 1")
+        if self.reuse_prefix_tokens < 0:
+            raise GenerationError(f"reuse_prefix_tokens={self.reuse_prefix_tokens}: must be >= 0 (0 turns reuse off)")
+
+
 class BatchEngine:
     def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64,
-                 reuse_prefix_tokens: int = DEFAULT_REUSE_PREFIX_TOKENS):
-        """max_batch: sequences in the cache at once (its rows); max_queue: requests waiting for a row while every
-        row is taken, beyond which submit() raises QueueFull (so at most max_batch + max_queue requests are held);
-        reuse_prefix_tokens: the fewest first prompt tokens a request takes over from a free row's previous sequence
-        instead of prefilling them (0: never)."""
-        for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
-            if value < 1:
-                raise GenerationError(f"{name}={value}: must be >= 1")
-        if reuse_prefix_tokens < 0:
-            raise GenerationError(f"reuse_prefix_tokens={reuse_prefix_tokens}: must be >= 0 (0 turns reuse off)")
+                 reuse_prefix_tokens: int = DEFAULT_REUSE_PREFIX_TOKENS, prefill_budget: int | None = None):
+        """The arguments: EngineOptions' (validated there)."""
+        EngineOptions(max_batch, max_queue, reuse_prefix_tokens, prefill_budget)
         self.generator, self.backend, self.config = generator, generator.backend, generator.config
         self.max_batch, self.max_queue = max_batch, max_queue
         pad = self.config.pad_token_id
@@ -144,6 +161,7 @@ class BatchEngine:
         self._staging = (self.backend.make_cache(max_batch, generator.window, generator.sinks)
                          if self.cache.layout == "in_place" else None)
         self._one_piece = self.backend.max_prefill_tokens if self._staging is None else self._staging.piece_limit(0)
+        self.prefill_budget = prefill_budget
         self._views: dict[int, KVCacheState] = {}  # first_rows views of the cache, by row count
         self._views_of = self.cache.reallocations  # the buffers those views are of
         self._rows: list[Sequence | None] = [None] * max_batch
@@ -267,11 +285,14 @@ class BatchEngine:
             if seq is not None and (seq.cancelled or seq.expired(now)):
                 self._finish(seq, "cancelled" if seq.cancelled else "timeout")
         reading = [s for s in self._rows if s is not None and s.fed < len(s.request.prompt_ids)]
-        together = self._newcomers_together(reading)
+        budget = self.backend.max_prefill_tokens
+        if self.prefill_budget and any(s is not None and s.pending is not None for s in self._rows):
+            budget = min(budget, self.prefill_budget)
+        together = self._newcomers_together(reading, budget)
         if len(together) > 1:
             self._prefill_together(together)
         elif reading:
-            self._prefill(min(reading, key=lambda s: s.submitted))
+            self._prefill(min(reading, key=lambda s: s.submitted), budget)
         decoding = [s for s in self._rows if s is not None and s.pending is not None]
         if decoding:
             self._decode(decoding)
@@ -298,12 +319,12 @@ class BatchEngine:
         else:
             self.cache.reset_row(row)
 
-    def _prefill(self, seq: Sequence) -> None:
+    def _prefill(self, seq: Sequence, budget: int) -> None:
         """Feed seq's next prompt piece in its row alone (the other rows are padding: the backend runs the row by
         itself) with the image features of its placeholders, as Generator's prefill hands them; sample the first
         token after the last piece."""
         prompt, start = seq.request.prompt_ids, seq.fed
-        n = min(self.backend.max_prefill_tokens, len(prompt) - start)
+        n = min(budget, len(prompt) - start)
         ids = np.full((self.max_batch, n), self._pad, np.int64)
         positions = np.full((self.max_batch, n), -1, np.int64)
         ids[seq.row] = prompt[start:start + n]
@@ -321,9 +342,10 @@ class BatchEngine:
         if seq.fed == len(prompt):
             self._sampled(seq, logits[seq.row, 0])
 
-    def _newcomers_together(self, reading: list[Sequence]) -> list[Sequence]:
-        """The oldest newcomers whose whole prompts fit one piece each and, padded to the longest, one prefill step's
-        token budget together (max_prefill_tokens: what bounds the prefill's activation memory)."""
+    def _newcomers_together(self, reading: list[Sequence], budget: int) -> list[Sequence]:
+        """The oldest newcomers whose whole prompts fit one piece each and, padded to the longest, the step's prompt
+        token budget together (max_prefill_tokens, what bounds the prefill's activation memory; less while others
+        decode with a prefill_budget)."""
         if self._staging is None:
             return []
         chosen: list[Sequence] = []
@@ -331,7 +353,7 @@ class BatchEngine:
         for seq in sorted(reading, key=lambda s: s.submitted):
             length = len(seq.request.prompt_ids)
             if seq.fed == 0 and length <= self._one_piece \
-                    and (len(chosen) + 1) * max(longest, length) <= self.backend.max_prefill_tokens:
+                    and (len(chosen) + 1) * max(longest, length) <= budget:
                 chosen.append(seq)
                 longest = max(longest, length)
         return chosen

@@ -17,33 +17,32 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from ..runtime.batching import DEFAULT_REUSE_PREFIX_TOKENS
+from ..runtime.batching import EngineOptions
 from .app import ServeSettings, create_app
 from .server import load_engine
 
 DEPLOYMENT = "llama4-serve"
 
 
-def application(artifact: Path, settings: ServeSettings, replicas: int, max_batch: int, max_queue: int,
-                threads: int | None = None, window: int | None = None, gpus_per_replica: float = 0,
-                reuse_prefix_tokens: int = DEFAULT_REUSE_PREFIX_TOKENS):
+def application(artifact: Path, settings: ServeSettings, replicas: int, options: EngineOptions,
+                threads: int | None = None, window: int | None = None, gpus_per_replica: float = 0):
     """The bound Ray Serve application: `replicas` copies of the app, each loading the artifact when it starts."""
 
     def build_app():  # runs inside each replica
-        return create_app(load_engine(artifact, max_batch, max_queue, threads, window, reuse_prefix_tokens), settings)
+        return create_app(load_engine(artifact, options, threads, window), settings)
 
     deployment = serve.deployment(
         serve.ingress(build_app)(), name=DEPLOYMENT, num_replicas=replicas,
         # a replica takes its requests into its own queue (429 beyond it), so Ray may send it that many at once
-        max_ongoing_requests=max_batch + max_queue,
+        max_ongoing_requests=options.max_batch + options.max_queue,
         ray_actor_options={"num_cpus": threads or 1, "num_gpus": gpus_per_replica},
     )
     return deployment.bind()
 
 
-def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas: int, max_batch: int, max_queue: int,
+def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas: int, options: EngineOptions,
         threads: int | None = None, window: int | None = None, gpus_per_replica: float = 0,
-        address: str | None = None, reuse_prefix_tokens: int = DEFAULT_REUSE_PREFIX_TOKENS) -> None:
+        address: str | None = None) -> None:
     """Deploy on Ray (a local instance unless `address`), serve until SIGTERM / SIGINT, then shut the deployment and
     the local Ray instance down."""
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
@@ -52,8 +51,8 @@ def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas:
         signal.signal(signum, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(application(artifact, settings, replicas, max_batch, max_queue, threads, window, gpus_per_replica,
-                              reuse_prefix_tokens), name=DEPLOYMENT, route_prefix="/")
+        serve.run(application(artifact, settings, replicas, options, threads, window, gpus_per_replica),
+                  name=DEPLOYMENT, route_prefix="/")
         stop.wait()
     finally:
         serve.shutdown()

@@ -7,21 +7,22 @@ process exits 0 (SIGINT: uvicorn's own exit status).
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from pathlib import Path
 
 import uvicorn
 
 from ..runtime import Generator
-from ..runtime.batching import DEFAULT_REUSE_PREFIX_TOKENS, BatchEngine
+from ..runtime.batching import BatchEngine, EngineOptions
 from .app import ServeSettings, create_app
 
 
-def load_engine(artifact: str | Path, max_batch: int, max_queue: int, threads: int | None = None,
-                window: int | None = None, reuse_prefix_tokens: int = DEFAULT_REUSE_PREFIX_TOKENS) -> BatchEngine:
-    """The artifact's generator (manifest verified) behind a BatchEngine of max_batch rows."""
+def load_engine(artifact: str | Path, options: EngineOptions, threads: int | None = None,
+                window: int | None = None) -> BatchEngine:
+    """The artifact's generator (manifest verified) behind a BatchEngine scheduling by `options`."""
     generator = Generator.load(artifact, threads=threads, window=window)
-    return BatchEngine(generator, max_batch=max_batch, max_queue=max_queue, reuse_prefix_tokens=reuse_prefix_tokens)
+    return BatchEngine(generator, **dataclasses.asdict(options))
 
 
 def serve(engine: BatchEngine, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
