@@ -1,0 +1,182 @@
+"""Where a one-sequence decode step's time goes, and how fast its quantized matmuls read their weights in place.
+
+    python benchmarks/decode_breakdown.py ARTIFACT [--prompt 32] [--tokens 128] [--threads 2] [--repeats 9]
+
+Rows: the artifact's decode graph as exported, then copies with one group of its MatMulNBits replaced — lm_head, the
+routed experts (the nodes inside the experts' Ifs), the other linears, and all of them — by the cheapest op of the
+same output shape, Expand(Slice(x, first column), [N]): a vectorized fill of ≈ 1 µs (ONNX Runtime's Gather would not
+do: ≈ 8 ns per gathered element, 250 µs for lm_head's 32,000 columns). Each row runs in the same runtime (Generator,
+in-place cache, greedy). A group's share of the step is its row's difference from the first; divided into the bytes
+its nodes read per step (packed weights, scales and zero points; of the routed experts only the top-k that run) it
+gives the read rate the kernel reaches inside the graph, to set against the machine's copy bandwidth. Plus the
+Python share of a step (time outside `run_with_iobinding`). Single-part artifacts whose graphs fit in one protobuf
+(each copy embeds its weights). Median of --repeats generations, rows interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from llama4_export.artifact import read_manifest
+from llama4_export.evaluation.bench import machine_info, memory_bandwidth_gb_s
+from llama4_export.runtime import Generator, OrtBackend
+from llama4_export.runtime.generator import manifest_config
+from llama4_export.runtime.ort_backend import artifact_parts
+
+
+def matmul_groups(node: onnx.NodeProto, depth: int) -> str:
+    """The group a MatMulNBits belongs to: the routed experts live in the Ifs' branches (depth > 0)."""
+    if depth > 0:
+        return "routed experts"
+    return "lm_head" if node.name.startswith("lm_head.") else "other linears"
+
+
+def nbits_bytes(node: onnx.NodeProto) -> int:
+    """Bytes a MatMulNBits reads: packed weights, float32 scales and, when present, packed zero points."""
+    size = {a.name: a.i for a in node.attribute}
+    blocks = -(-size["K"] // size["block_size"])
+    zero_points = size["N"] * -(-blocks * size["bits"] // 8) if len(node.input) > 3 and node.input[3] else 0
+    return size["N"] * blocks * (size["block_size"] * size["bits"] // 8 + 4) + zero_points
+
+
+def walk(graph: onnx.GraphProto, depth: int = 0):
+    """(node, depth) of every node, subgraphs included."""
+    for node in graph.node:
+        yield node, depth
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from walk(attribute.g, depth + 1)
+
+
+def without_matmuls(model: onnx.ModelProto, group: str | None) -> int:
+    """Replace the MatMulNBits of `group` (None: all) by Expand(Slice(x, [0:1] of the last axis), [N]): the same
+    output shape [.., N], with no weight read. Returns how many were replaced."""
+    constants: dict[str, onnx.TensorProto] = {}
+
+    def constant(name: str, values: list[int]) -> str:
+        constants.setdefault(name, numpy_helper.from_array(np.asarray(values, np.int64), name))
+        return name
+
+    def rewrite(graph: onnx.GraphProto, depth: int) -> int:
+        count, nodes = 0, []
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    count += rewrite(attribute.g, depth + 1)
+            if node.op_type != "MatMulNBits" or group not in (None, matmul_groups(node, depth)):
+                nodes.append(node)
+                continue
+            columns = {a.name: a.i for a in node.attribute}["N"]
+            first = f"{node.name}.decode_breakdown.first_column"
+            nodes.append(helper.make_node("Slice", [node.input[0], constant("decode_breakdown.zero", [0]),
+                                                    constant("decode_breakdown.one", [1]),
+                                                    constant("decode_breakdown.last_axis", [-1])], [first],
+                                          name=first))
+            nodes.append(helper.make_node("Expand", [first, constant(f"decode_breakdown.columns_{columns}", [columns])],
+                                          [node.output[0]], name=f"{node.name}.decode_breakdown.fill"))
+            count += 1
+        del graph.node[:]
+        graph.node.extend(nodes)
+        return count
+
+    count = rewrite(model.graph, 0)
+    model.graph.initializer.extend(constants.values())
+    return count
+
+
+def step_ms(generator: Generator, prompt: list[int], tokens: int) -> tuple[float, float]:
+    """(ms per decode step, ms of it outside ONNX Runtime's run) over one greedy generation of `tokens` tokens."""
+    inside = [0.0]
+    run = ort.InferenceSession.run_with_iobinding
+
+    def timed(session, *args, **kwargs):
+        start = time.perf_counter()
+        result = run(session, *args, **kwargs)
+        inside[0] += time.perf_counter() - start
+        return result
+
+    ort.InferenceSession.run_with_iobinding = timed
+    try:
+        start = time.perf_counter()
+        generator.generate(prompt, max_new_tokens=1, stop_tokens=[])
+        first, ort_first = time.perf_counter() - start, inside[0]
+        start = time.perf_counter()
+        generator.generate(prompt, max_new_tokens=tokens + 1, stop_tokens=[])
+        whole, ort_whole = time.perf_counter() - start, inside[0] - ort_first
+    finally:
+        ort.InferenceSession.run_with_iobinding = run
+    steps_ms = (whole - first) / tokens * 1e3
+    python_ms = ((whole - first) - (ort_whole - ort_first)) / tokens * 1e3
+    return steps_ms, python_ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
+
+    manifest = read_manifest(args.artifact)
+    config = manifest_config(args.artifact, manifest)
+    parts, max_prefill = artifact_parts(args.artifact, manifest, config)
+    if len(parts) != 1:
+        raise SystemExit(f"{args.artifact}: {len(parts)} parts; break down a single-part artifact")
+    graph = onnx.load(str(parts[0].decode), load_external_data=False).graph
+    read_per_step: dict[str | None, float] = {}
+    for node, depth in walk(graph):
+        if node.op_type == "MatMulNBits":
+            group = matmul_groups(node, depth)
+            share = config.num_experts_per_tok / config.num_local_experts if group == "routed experts" else 1.0
+            for key in (group, None):
+                read_per_step[key] = read_per_step.get(key, 0.0) + nbits_bytes(node) * share
+    groups = sorted(key for key in read_per_step if key is not None) + [None]
+    rows = {"as exported": (parts[0], None)}
+    with tempfile.TemporaryDirectory() as scratch:
+        for group in groups:
+            model = onnx.load(str(parts[0].decode))  # with its weights: the copy must not point back at model.data
+            replaced = without_matmuls(model, group)
+            path = Path(scratch) / f"{len(rows)}.onnx"
+            onnx.save(model, str(path))
+            rows[f"without {group or 'every MatMulNBits'} ({replaced})"] = (dataclasses.replace(parts[0], decode=path),
+                                                                             group or "all")
+        generators = {label: Generator.for_backend(OrtBackend([graphs], config, max_prefill, args.threads), args.artifact)
+                      for label, (graphs, _) in rows.items()}
+        prompt = np.random.default_rng(0).integers(0, config.vocab_size, args.prompt).tolist()
+        times: dict[str, list[tuple[float, float]]] = {label: [] for label in generators}
+        bandwidth = [memory_bandwidth_gb_s(args.threads)]
+        for generator in generators.values():  # warm-up: ORT's first runs allocate and pre-pack
+            generator.generate(prompt, max_new_tokens=8, stop_tokens=[])
+        for _ in range(args.repeats):
+            for label, generator in generators.items():
+                times[label].append(step_ms(generator, prompt, args.tokens))
+        bandwidth.append(memory_bandwidth_gb_s(args.threads))
+    machine = machine_info()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, flags {' '.join(machine['cpu_flags'])}; copy bandwidth "
+          f"{bandwidth[0]:.1f} GB/s before, {bandwidth[1]:.1f} after")
+    print(f"{args.artifact.name}: one-sequence decode step after a {args.prompt}-token prompt, {args.threads} threads, "
+          f"median of {args.repeats} × {args.tokens} tokens")
+    exported = float(np.median([m[0] for m in times["as exported"]]))
+    for label, measured in times.items():
+        step, python = (float(np.median([m[k] for m in measured])) for k in (0, 1))
+        line = f"  {label:38s} {step:6.3f} ms per token (Python outside ONNX Runtime {python:5.3f} ms)"
+        group = rows[label][1]
+        if group is not None:
+            saved, read = exported - step, read_per_step[None if group == "all" else group]
+            line += f"; replaced {saved:6.3f} ms for {read / 1e6:5.1f} MB: {read / max(saved, 1e-9) / 1e6:5.1f} GB/s"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

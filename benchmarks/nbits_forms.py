@@ -1,0 +1,92 @@
+"""One-row MatMulNBits (a decode step's matmul) in each form ONNX Runtime offers, at rand200m's weight shapes.
+
+    python benchmarks/nbits_forms.py [--threads 2] [--hot-mb 8] [--cold-mb 64]
+
+Forms: 4-bit weights in blocks of 128 (the export's default), 64 and 32, with int8 activations (accuracy_level 4)
+and with fp32 activations (level 0); 8-bit weights in blocks of 128 (the default lm_head's form), level 4. Each form
+and shape runs as one graph of distinct weights fed the same [1, 1, K] input: as many copies as make --hot-mb (they
+stay in cache between runs) and as make --cold-mb (as much as the decode step's 65 MB of 4-bit weights; the
+"in the graph" case). Reported: µs per call and the bytes each call reads (packed weights + fp32 scales) per µs,
+median of 7 × 20 runs — to set against the machine's copy bandwidth, printed with the CPU flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from llama4_export.evaluation.bench import machine_info, memory_bandwidth_gb_s
+
+# (K, N) of rand200m's decode matmuls: o_proj, fused q/k/v, an expert's (and the shared expert's) gate/up and down,
+# the dense MLP's fused gate/up and down, lm_head
+SHAPES = ((768, 768), (768, 1280), (768, 2048), (1024, 768), (768, 4096), (2048, 768), (768, 32000))
+FORMS = ((4, 128, 4), (4, 64, 4), (4, 32, 4), (4, 128, 0), (8, 128, 4))  # (bits, block_size, accuracy_level)
+
+
+def read_bytes(k: int, n: int, bits: int, block: int) -> int:
+    blocks = -(-k // block)
+    return n * blocks * (block * bits // 8 + 4)
+
+
+def session(k: int, n: int, bits: int, block: int, accuracy: int, copies: int, threads: int) -> ort.InferenceSession:
+    blocks = -(-k // block)
+    rng = np.random.default_rng(0)
+    nodes, weights = [], []
+    for c in range(copies):
+        weights += [numpy_helper.from_array(rng.integers(0, 256, (n, blocks, block * bits // 8), dtype=np.uint8), f"w{c}"),
+                    numpy_helper.from_array(rng.uniform(0.01, 0.02, n * blocks).astype(np.float32), f"s{c}")]
+        nodes.append(helper.make_node("MatMulNBits", ["x", f"w{c}", f"s{c}"], [f"y{c}"], domain="com.microsoft", K=k,
+                                      N=n, bits=bits, block_size=block, accuracy_level=accuracy))
+    graph = helper.make_graph(nodes, "nbits_forms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, k])],
+                              [helper.make_tensor_value_info(f"y{c}", TensorProto.FLOAT, [1, 1, n]) for c in range(copies)],
+                              weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options)
+
+
+def us_per_call(sess: ort.InferenceSession, k: int, copies: int) -> float:
+    binding = sess.io_binding()
+    binding.bind_cpu_input("x", np.random.default_rng(1).standard_normal((1, 1, k), dtype=np.float32))
+    for c in range(copies):
+        binding.bind_output(f"y{c}")
+    for _ in range(10):  # the first runs pre-pack the weights
+        sess.run_with_iobinding(binding)
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        for _ in range(20):
+            sess.run_with_iobinding(binding)
+        times.append((time.perf_counter() - start) / 20 / copies * 1e6)
+    return float(np.median(times))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hot-mb", type=float, default=8.0)
+    parser.add_argument("--cold-mb", type=float, default=64.0)
+    args = parser.parse_args()
+
+    machine = machine_info()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, flags {' '.join(machine['cpu_flags'])}; copy bandwidth "
+          f"{memory_bandwidth_gb_s(args.threads):.1f} GB/s; {args.threads} threads; µs per call (GB/s read)")
+    print("K × N, working set | " + " | ".join(f"{bits}-bit b{block} a{level}" for bits, block, level in FORMS))
+    for k, n in SHAPES:
+        for label, megabytes in (("hot", args.hot_mb), ("cold", args.cold_mb)):
+            cells = []
+            for bits, block, level in FORMS:
+                size = read_bytes(k, n, bits, block)
+                copies = max(1, round(megabytes * 1e6 / size))
+                us = us_per_call(session(k, n, bits, block, level, copies, args.threads), k, copies)
+                cells.append(f"{us:7.1f} ({size / us / 1e3:5.1f})")
+            print(f"{k} × {n}, {label} | " + " | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
