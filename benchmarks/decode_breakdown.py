@@ -25,12 +25,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
+from op_profile import single_part
 
-from llama4_export.artifact import read_manifest
 from llama4_export.evaluation.bench import machine_info, memory_bandwidth_gb_s
 from llama4_export.runtime import Generator, OrtBackend
-from llama4_export.runtime.generator import manifest_config
-from llama4_export.runtime.ort_backend import artifact_parts
 
 
 def matmul_groups(node: onnx.NodeProto, depth: int) -> str:
@@ -94,7 +92,8 @@ def without_matmuls(model: onnx.ModelProto, group: str | None) -> int:
 
 
 def step_ms(generator: Generator, prompt: list[int], tokens: int) -> tuple[float, float]:
-    """(ms per decode step, ms of it outside ONNX Runtime's run) over one greedy generation of `tokens` tokens."""
+    """(ms per decode step, ms of it outside ONNX Runtime's run) between the first and the last of `tokens` streamed
+    tokens of one greedy generation."""
     inside = [0.0]
     run = ort.InferenceSession.run_with_iobinding
 
@@ -104,19 +103,16 @@ def step_ms(generator: Generator, prompt: list[int], tokens: int) -> tuple[float
         inside[0] += time.perf_counter() - start
         return result
 
+    stamps: list[tuple[float, float]] = []
     ort.InferenceSession.run_with_iobinding = timed
     try:
-        start = time.perf_counter()
-        generator.generate(prompt, max_new_tokens=1, stop_tokens=[])
-        first, ort_first = time.perf_counter() - start, inside[0]
-        start = time.perf_counter()
-        generator.generate(prompt, max_new_tokens=tokens + 1, stop_tokens=[])
-        whole, ort_whole = time.perf_counter() - start, inside[0] - ort_first
+        generator.generate(prompt, max_new_tokens=tokens, stop_tokens=[],
+                           stream=lambda event: stamps.append((time.perf_counter(), inside[0])))
     finally:
         ort.InferenceSession.run_with_iobinding = run
-    steps_ms = (whole - first) / tokens * 1e3
-    python_ms = ((whole - first) - (ort_whole - ort_first)) / tokens * 1e3
-    return steps_ms, python_ms
+    (start, ort_start), (end, ort_end) = stamps[0], stamps[-1]
+    steps = len(stamps) - 1
+    return (end - start) / steps * 1e3, ((end - start) - (ort_end - ort_start)) / steps * 1e3
 
 
 def main() -> None:
@@ -128,12 +124,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
 
-    manifest = read_manifest(args.artifact)
-    config = manifest_config(args.artifact, manifest)
-    parts, max_prefill = artifact_parts(args.artifact, manifest, config)
-    if len(parts) != 1:
-        raise SystemExit(f"{args.artifact}: {len(parts)} parts; break down a single-part artifact")
-    graph = onnx.load(str(parts[0].decode), load_external_data=False).graph
+    config, exported, max_prefill = single_part(args.artifact)
+    graph = onnx.load(str(exported.decode), load_external_data=False).graph
     read_per_step: dict[str | None, float] = {}
     for node, depth in walk(graph):
         if node.op_type == "MatMulNBits":
@@ -142,14 +134,14 @@ def main() -> None:
             for key in (group, None):
                 read_per_step[key] = read_per_step.get(key, 0.0) + nbits_bytes(node) * share
     groups = sorted(key for key in read_per_step if key is not None) + [None]
-    rows = {"as exported": (parts[0], None)}
+    rows = {"as exported": (exported, None)}
     with tempfile.TemporaryDirectory() as scratch:
         for group in groups:
-            model = onnx.load(str(parts[0].decode))  # with its weights: the copy must not point back at model.data
+            model = onnx.load(str(exported.decode))  # with its weights: the copy must not point back at model.data
             replaced = without_matmuls(model, group)
             path = Path(scratch) / f"{len(rows)}.onnx"
             onnx.save(model, str(path))
-            rows[f"without {group or 'every MatMulNBits'} ({replaced})"] = (dataclasses.replace(parts[0], decode=path),
+            rows[f"without {group or 'every MatMulNBits'} ({replaced})"] = (dataclasses.replace(exported, decode=path),
                                                                              group or "all")
         generators = {label: Generator.for_backend(OrtBackend([graphs], config, max_prefill, args.threads), args.artifact)
                       for label, (graphs, _) in rows.items()}
@@ -167,14 +159,15 @@ def main() -> None:
           f"{bandwidth[0]:.1f} GB/s before, {bandwidth[1]:.1f} after")
     print(f"{args.artifact.name}: one-sequence decode step after a {args.prompt}-token prompt, {args.threads} threads, "
           f"median of {args.repeats} × {args.tokens} tokens")
-    exported = float(np.median([m[0] for m in times["as exported"]]))
+    exported_ms = float(np.median([m[0] for m in times["as exported"]]))
     for label, measured in times.items():
         step, python = (float(np.median([m[k] for m in measured])) for k in (0, 1))
         line = f"  {label:38s} {step:6.3f} ms per token (Python outside ONNX Runtime {python:5.3f} ms)"
         group = rows[label][1]
         if group is not None:
-            saved, read = exported - step, read_per_step[None if group == "all" else group]
-            line += f"; replaced {saved:6.3f} ms for {read / 1e6:5.1f} MB: {read / max(saved, 1e-9) / 1e6:5.1f} GB/s"
+            saved, read = exported_ms - step, read_per_step[None if group == "all" else group]
+            rate = f"{read / saved / 1e6:5.1f} GB/s" if saved > 0 else "no saving measured: below the noise"
+            line += f"; replaced {saved:6.3f} ms for {read / 1e6:5.1f} MB: {rate}"
         print(line)
 
 

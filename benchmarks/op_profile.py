@@ -22,9 +22,10 @@ from rich.console import Console
 from rich.table import Table
 
 from llama4_export.artifact import read_manifest
+from llama4_export.model.config import Llama4Config
 from llama4_export.runtime import Generator, OrtBackend
 from llama4_export.runtime.generator import manifest_config
-from llama4_export.runtime.ort_backend import artifact_parts
+from llama4_export.runtime.ort_backend import PartGraphs, artifact_parts
 
 
 def kernel_time_by_run(profile: Path) -> list[Counter]:
@@ -43,6 +44,17 @@ def kernel_time_by_run(profile: Path) -> list[Counter]:
     return per_run
 
 
+def single_part(artifact: Path) -> tuple[Llama4Config, PartGraphs, int]:
+    """(config, graphs, max prefill tokens) of a single-part artifact; a clear exit for any other."""
+    manifest = read_manifest(artifact)
+    config = manifest_config(artifact, manifest)
+    parts, max_prefill = artifact_parts(artifact, manifest, config)
+    if len(parts) != 1:
+        raise SystemExit(f"{artifact}: {len(parts)} parts; this benchmark takes a single-part artifact (export without "
+                         "--partitions)")
+    return config, parts[0], max_prefill
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", type=Path)
@@ -52,11 +64,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    manifest = read_manifest(args.artifact)
-    config = manifest_config(args.artifact, manifest)
-    parts, max_prefill = artifact_parts(args.artifact, manifest, config)
-    if len(parts) != 1:
-        raise SystemExit(f"{args.artifact}: {len(parts)} parts; profile a single-part artifact")
+    config, graphs, max_prefill = single_part(args.artifact)
+    parts = [graphs]
     with tempfile.TemporaryDirectory() as scratch:
         backend = OrtBackend(parts, config, max_prefill, args.threads, profile_prefix=str(Path(scratch) / "ort"))
         generator = Generator.for_backend(backend, args.artifact)
