@@ -92,6 +92,10 @@ class SinkRingSlots:
         slots (the slots SlidingKVCache gives them), the last W − S of them surviving."""
         if filled != min(first, self.slots):
             raise ValueError(f"positions from {first} do not continue a window holding {filled} slots")
+        if count == 1:  # a decode step's token: stays at its slot until the window is full, then takes its ring slot
+            if first < self.slots:
+                return _NO_MOVES, _NO_MOVES, filled + 1
+            return np.array([filled]), np.array([self.sinks + (first - self.sinks) % (self.slots - self.sinks)]), filled
         positions = first + np.arange(count)
         keep, slots = self.place(np.empty(0, np.int64), positions)
         sources = filled + keep
@@ -184,8 +188,10 @@ class _Buffers:
         return min(self.capacity[kind], max(needed, 2 * size))
 
     def _check_continues(self, b: int, new: np.ndarray) -> None:
-        expected = np.arange(self.lengths[b], self.lengths[b] + new.size)
-        if not np.array_equal(new, expected):
+        # a decode step's one token without building arrays: this runs for every row of every step
+        continues = new[0] == self.lengths[b] if new.size == 1 else \
+            np.array_equal(new, np.arange(self.lengths[b], self.lengths[b] + new.size))
+        if not continues:
             raise ValueError(f"row {b}: positions {new.tolist()} do not continue the cached {self.lengths[b]} tokens")
 
 
@@ -351,15 +357,21 @@ class InPlaceKVCache(_Buffers):
         """After a step that wrote positions [batch, T] (−1 = padding, after each row's tokens) in place."""
         if positions.shape[0] != self.batch:
             raise ValueError(f"positions has batch {positions.shape[0]}, the cache holds {self.batch} rows")
+        one_token = positions.shape[1] == 1
         for b in range(self.batch):
-            count = int((positions[b] >= 0).sum())
+            count = int(positions[b, 0] >= 0) if one_token else int((positions[b] >= 0).sum())
             if count == 0:
                 continue
             self._check_continues(b, positions[b, :count])
             first = int(self.lengths[b])
             for kind, policy in self.policies.items():
                 sources, slots, self.filled[kind][b] = policy.appended(int(self.filled[kind][b]), first, count)
-                if sources.size:
+                if sources.size == 1:  # a decode step's token into its ring slot: plain indexing, no gather
+                    source, slot = int(sources[0]), int(slots[0])
+                    for i in self._layers_of[kind]:
+                        self.keys[i][b, :, slot] = self.keys[i][b, :, source]
+                        self.values[i][b, :, slot] = self.values[i][b, :, source]
+                elif sources.size:
                     for i in self._layers_of[kind]:
                         self.keys[i][b][:, slots] = self.keys[i][b][:, sources]
                         self.values[i][b][:, slots] = self.values[i][b][:, sources]

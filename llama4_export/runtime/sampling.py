@@ -41,9 +41,9 @@ class SamplingParams:
 
 def apply_repetition_penalty(logits: np.ndarray, previous_ids: np.ndarray, penalty: float) -> np.ndarray:
     """For every token id already seen: logit / penalty if positive, logit × penalty otherwise (CTRL, as in HF)."""
-    out = logits.astype(np.float32, copy=True)
     if penalty == 1.0 or previous_ids.size == 0:
-        return out
+        return logits.astype(np.float32, copy=False)  # nothing below writes into it: no copy of the vocabulary
+    out = logits.astype(np.float32, copy=True)
     seen = np.unique(previous_ids)
     picked = out[seen]
     out[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
