@@ -7,8 +7,8 @@ routed experts (the nodes inside the experts' Ifs), the other linears, and all o
 same output shape, Expand(Slice(x, first column), [N]): a vectorized fill of ≈ 1 µs (ONNX Runtime's Gather would not
 do: ≈ 8 ns per gathered element, 250 µs for lm_head's 32,000 columns). Each row runs in the same runtime (Generator,
 in-place cache, greedy). A group's share of the step is its row's difference from the first; divided into the bytes
-its nodes read per step (packed weights, scales and zero points; of the routed experts only the top-k that run) it
-gives the read rate the kernel reaches inside the graph, to set against the machine's copy bandwidth. Plus the
+its nodes read per step (their weight, scale and zero-point initializers; of the routed experts only the top-k that
+run) it gives the read rate the kernel reaches inside the graph, to set against the machine's copy bandwidth. Plus the
 Python share of a step (time outside `run_with_iobinding`). Single-part artifacts whose graphs fit in one protobuf
 (each copy embeds its weights). Median of --repeats generations, rows interleaved.
 """
@@ -27,32 +27,26 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 from op_profile import single_part
 
-from llama4_export.evaluation.bench import machine_info, memory_bandwidth_gb_s
+from llama4_export.evaluation.bench import initializer_bytes, machine_info, memory_bandwidth_gb_s
 from llama4_export.runtime import Generator, OrtBackend
 
 
-def matmul_groups(node: onnx.NodeProto, depth: int) -> str:
+def matmul_group(node: onnx.NodeProto, depth: int) -> str:
     """The group a MatMulNBits belongs to: the routed experts live in the Ifs' branches (depth > 0)."""
     if depth > 0:
         return "routed experts"
     return "lm_head" if node.name.startswith("lm_head.") else "other linears"
 
 
-def nbits_bytes(node: onnx.NodeProto) -> int:
-    """Bytes a MatMulNBits reads: packed weights, float32 scales and, when present, packed zero points."""
-    size = {a.name: a.i for a in node.attribute}
-    blocks = -(-size["K"] // size["block_size"])
-    zero_points = size["N"] * -(-blocks * size["bits"] // 8) if len(node.input) > 3 and node.input[3] else 0
-    return size["N"] * blocks * (size["block_size"] * size["bits"] // 8 + 4) + zero_points
-
-
-def walk(graph: onnx.GraphProto, depth: int = 0):
-    """(node, depth) of every node, subgraphs included."""
+def graphs_deepest_first(graph: onnx.GraphProto, depth: int = 0) -> list[tuple[onnx.GraphProto, int]]:
+    """(graph, depth) of `graph` and every subgraph in it, deepest first: a rewrite that rebuilds a graph's node list
+    copies its nodes' subgraphs, so these must be rewritten before it."""
+    found = [(graph, depth)]
     for node in graph.node:
-        yield node, depth
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from walk(attribute.g, depth + 1)
+                found += graphs_deepest_first(attribute.g, depth + 1)
+    return sorted(found, key=lambda item: -item[1])
 
 
 def without_matmuls(model: onnx.ModelProto, group: str | None) -> int:
@@ -64,13 +58,11 @@ def without_matmuls(model: onnx.ModelProto, group: str | None) -> int:
         constants.setdefault(name, numpy_helper.from_array(np.asarray(values, np.int64), name))
         return name
 
-    def rewrite(graph: onnx.GraphProto, depth: int) -> int:
-        count, nodes = 0, []
+    count = 0
+    for graph, depth in graphs_deepest_first(model.graph):
+        nodes = []
         for node in graph.node:
-            for attribute in node.attribute:
-                if attribute.type == onnx.AttributeProto.GRAPH:
-                    count += rewrite(attribute.g, depth + 1)
-            if node.op_type != "MatMulNBits" or group not in (None, matmul_groups(node, depth)):
+            if node.op_type != "MatMulNBits" or group not in (None, matmul_group(node, depth)):
                 nodes.append(node)
                 continue
             columns = {a.name: a.i for a in node.attribute}["N"]
@@ -84,9 +76,6 @@ def without_matmuls(model: onnx.ModelProto, group: str | None) -> int:
             count += 1
         del graph.node[:]
         graph.node.extend(nodes)
-        return count
-
-    count = rewrite(model.graph, 0)
     model.graph.initializer.extend(constants.values())
     return count
 
@@ -126,13 +115,17 @@ def main() -> None:
 
     config, exported, max_prefill = single_part(args.artifact)
     graph = onnx.load(str(exported.decode), load_external_data=False).graph
+    weights = {tensor.name: tensor for tensor in graph.initializer}  # the experts' too: declared at the top
     read_per_step: dict[str | None, float] = {}
-    for node, depth in walk(graph):
-        if node.op_type == "MatMulNBits":
-            group = matmul_groups(node, depth)
+    for subgraph, depth in graphs_deepest_first(graph):
+        for node in subgraph.node:
+            if node.op_type != "MatMulNBits":
+                continue
+            group = matmul_group(node, depth)
             share = config.num_experts_per_tok / config.num_local_experts if group == "routed experts" else 1.0
+            read = sum(initializer_bytes(weights[name]) for name in node.input[1:] if name in weights) * share
             for key in (group, None):
-                read_per_step[key] = read_per_step.get(key, 0.0) + nbits_bytes(node) * share
+                read_per_step[key] = read_per_step.get(key, 0.0) + read
     groups = sorted(key for key in read_per_step if key is not None) + [None]
     rows = {"as exported": (exported, None)}
     with tempfile.TemporaryDirectory() as scratch:

@@ -27,18 +27,24 @@ SHAPES = ((768, 768), (768, 1280), (768, 2048), (1024, 768), (768, 4096), (2048,
 FORMS = ((4, 128, 4), (4, 64, 4), (4, 32, 4), (4, 128, 0), (8, 128, 4))  # (bits, block_size, accuracy_level)
 
 
-def read_bytes(k: int, n: int, bits: int, block: int) -> int:
-    blocks = -(-k // block)
-    return n * blocks * (block * bits // 8 + 4)
-
-
-def session(k: int, n: int, bits: int, block: int, accuracy: int, copies: int, threads: int) -> ort.InferenceSession:
+def session(k: int, n: int, bits: int, block: int, accuracy: int, megabytes: float,
+            threads: int) -> tuple[ort.InferenceSession, int, int]:
+    """A graph of distinct random weights of one form, as many as make `megabytes`: (session, copies, bytes one
+    call reads: its packed weight and fp32 scales)."""
     blocks = -(-k // block)
     rng = np.random.default_rng(0)
+
+    def weight() -> list[np.ndarray]:
+        return [rng.integers(0, 256, (n, blocks, block * bits // 8), dtype=np.uint8),
+                rng.uniform(0.01, 0.02, n * blocks).astype(np.float32)]
+
+    first = weight()
+    size = sum(array.nbytes for array in first)
+    copies = max(1, round(megabytes * 1e6 / size))
     nodes, weights = [], []
     for c in range(copies):
-        weights += [numpy_helper.from_array(rng.integers(0, 256, (n, blocks, block * bits // 8), dtype=np.uint8), f"w{c}"),
-                    numpy_helper.from_array(rng.uniform(0.01, 0.02, n * blocks).astype(np.float32), f"s{c}")]
+        packed, scales = first if c == 0 else weight()
+        weights += [numpy_helper.from_array(packed, f"w{c}"), numpy_helper.from_array(scales, f"s{c}")]
         nodes.append(helper.make_node("MatMulNBits", ["x", f"w{c}", f"s{c}"], [f"y{c}"], domain="com.microsoft", K=k,
                                       N=n, bits=bits, block_size=block, accuracy_level=accuracy))
     graph = helper.make_graph(nodes, "nbits_forms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, k])],
@@ -47,7 +53,7 @@ def session(k: int, n: int, bits: int, block: int, accuracy: int, copies: int, t
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options)
+    return ort.InferenceSession(model.SerializeToString(), options), copies, size
 
 
 def us_per_call(sess: ort.InferenceSession, k: int, copies: int) -> float:
@@ -81,9 +87,8 @@ def main() -> None:
         for label, megabytes in (("hot", args.hot_mb), ("cold", args.cold_mb)):
             cells = []
             for bits, block, level in FORMS:
-                size = read_bytes(k, n, bits, block)
-                copies = max(1, round(megabytes * 1e6 / size))
-                us = us_per_call(session(k, n, bits, block, level, copies, args.threads), k, copies)
+                sess, copies, size = session(k, n, bits, block, level, megabytes, args.threads)
+                us = us_per_call(sess, k, copies)
                 cells.append(f"{us:7.1f} ({size / us / 1e3:5.1f})")
             print(f"{k} × {n}, {label} | " + " | ".join(cells), flush=True)
 

@@ -125,6 +125,13 @@ def peak_rss_mb(pid: int | str = "self", name: str | None = None) -> float | Non
     return peak / (1 << 20) if platform.system() == "Darwin" else peak / 1024
 
 
+def initializer_bytes(tensor: onnx.TensorProto) -> int:
+    """An initializer's stored bytes, whether in the model file or in its external data (not loaded)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return int({e.key: e.value for e in tensor.external_data}["length"])
+    return len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
+
+
 def decode_weight_bytes(graph_path: Path, num_experts: int) -> int:
     """Bytes of the decode graph's initializers one token reads: stacked expert weights count one expert's slice,
     per-expert weights inside `If` branches (INT4 experts on ONNX Runtime, graph_passes/lower.py: one branch taken
@@ -143,10 +150,7 @@ def decode_weight_bytes(graph_path: Path, num_experts: int) -> int:
     collect(model.graph, None)
     total = 0
     for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            size = int({e.key: e.value for e in tensor.external_data}["length"])
-        else:
-            size = len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
+        size = initializer_bytes(tensor)
         consumers = uses.get(tensor.name, [])
         dims = list(tensor.dims)
         if consumers and all(op == "If" for op, _ in consumers):
