@@ -366,13 +366,10 @@ class InPlaceKVCache(_Buffers):
             first = int(self.lengths[b])
             for kind, policy in self.policies.items():
                 sources, slots, self.filled[kind][b] = policy.appended(int(self.filled[kind][b]), first, count)
-                if sources.size == 1:  # a decode step's token into its ring slot: plain indexing, no gather
-                    source, slot = int(sources[0]), int(slots[0])
+                if sources.size:
+                    # a decode step's one token moves by plain indexing, not a gather
+                    to, source = (int(slots[0]), int(sources[0])) if sources.size == 1 else (slots, sources)
                     for i in self._layers_of[kind]:
-                        self.keys[i][b, :, slot] = self.keys[i][b, :, source]
-                        self.values[i][b, :, slot] = self.values[i][b, :, source]
-                elif sources.size:
-                    for i in self._layers_of[kind]:
-                        self.keys[i][b][:, slots] = self.keys[i][b][:, sources]
-                        self.values[i][b][:, slots] = self.values[i][b][:, sources]
+                        self.keys[i][b, :, to] = self.keys[i][b, :, source]
+                        self.values[i][b, :, to] = self.values[i][b, :, source]
             self.lengths[b] += count
