@@ -37,7 +37,6 @@ from .errors import GenerationError, ImageError
 from .image_encoder import ImageEncoder, ImageInput
 from .images import decode_data_url
 from .ort_backend import OrtBackend
-from .trt_backend import TrtBackend
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -103,6 +102,8 @@ class Generator:
         manifest = read_manifest(directory, verify=verify)
         config = manifest_config(directory, manifest)
         if backend == "tensorrt":
+            from .trt_backend import TrtBackend  # its TensorRT plugin spec pulls in onnx_ir: only when asked for
+
             runner: Backend = TrtBackend.from_artifact(directory, manifest, config)
         else:
             runner = OrtBackend.from_artifact(directory, manifest, config, threads, providers)

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -53,7 +52,6 @@ from .errors import ImageError
 PREPROCESSOR_FILE = "preprocessor_config.json"  # Meta's published checkpoints
 PROCESSOR_FILE = "processor_config.json"  # the processor; newer transformers nest the image processor in it
 BILINEAR = 2  # PILImageResampling.BILINEAR: the only resampling Llama 4's processor uses
-_BF16 = ml_dtypes.bfloat16
 # The placeholder a prompt marks each image with: processor_config.json's `image_token`, Llama4Processor's default.
 # The expansion itself is written with these fixed tokens whatever the processor file says, as Llama4Processor does.
 IMAGE_TOKEN = "<|image|>"
@@ -353,7 +351,9 @@ def _resample_axis(pixels: np.ndarray, axis: int, out_size: int) -> np.ndarray:
 
 
 def _bf16_round(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x, np.float32).astype(_BF16).astype(np.float32)
+    import ml_dtypes  # ≈ 0.5 s to import: only when an image is preprocessed, not at every runtime start
+
+    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
 def _three(value: Any, key: str, source: Path) -> tuple[float, float, float]:

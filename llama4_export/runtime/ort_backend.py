@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 
@@ -27,10 +26,22 @@ from .backends import KVCacheState
 from .errors import GenerationError
 from .kv_cache import InPlaceKVCache, SlidingKVCache
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(float8e4m3fn)": ml_dtypes.float8_e4m3fn}
-# ONNX element types of the ml_dtypes arrays ORT's numpy conversion does not know ("Numpy_type 260 can't be converted
-# to MLDataType" on onnxruntime 1.32): they are handed over as raw bytes with their ONNX type.
-_ONNX_ELEMENT_TYPES = {np.dtype(ml_dtypes.float8_e4m3fn): 17}  # TensorProto.FLOAT8E4M3FN
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# ONNX element types, by numpy dtype name, of the ml_dtypes arrays ORT's numpy conversion does not know ("Numpy_type
+# 260 can't be converted to MLDataType" on onnxruntime 1.32): they are handed over as raw bytes with their ONNX type.
+_ONNX_ELEMENT_TYPES = {"float8_e4m3fn": 17}  # TensorProto.FLOAT8E4M3FN
+
+
+def _numpy_type(ort_type: str, what: str) -> np.dtype:
+    """The numpy dtype of `what`'s ORT tensor type. ml_dtypes (≈ 0.5 s to import) is loaded only for an fp8 graph."""
+    if ort_type == "tensor(float8e4m3fn)":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.float8_e4m3fn)
+    if ort_type not in _ORT_TYPES:
+        raise GenerationError(f"{what} type {ort_type} is not supported by the numpy runtime (float32, float16, "
+                              "float8e4m3fn); re-run the export")
+    return np.dtype(_ORT_TYPES[ort_type])
 
 
 @dataclass(frozen=True)
@@ -83,11 +94,12 @@ class _Part:
         self.layers, self.decode, self.prefill = graphs.layers, decode, prefill
         self.layout = io_spec.kv_layout_of({i.name for i in decode.get_inputs()})
         self.outputs = io_spec.output_names(config, graphs.layers, self.layout)
-        self.out_type = np.dtype(_ORT_TYPES[decode.get_outputs()[0].type])
+        output = decode.get_outputs()[0]
+        self.out_type = _numpy_type(output.type, f"{graphs.decode}: output {output.name}")
         # a decode step through the prefill graph asks for its one token's logits
         self.decode_logits_index = io_spec.LOGITS_INDEX in {i.name for i in decode.get_inputs()}
         # the graphs that fuse image features in (the first part's prefill of a vision artifact): their dtype
-        self.image_features = {name: np.dtype(_ORT_TYPES[i.type]) for name, session in (("decode", decode), ("prefill", prefill))
+        self.image_features = {name: _numpy_type(i.type, f"{name} graph: {i.name}") for name, session in (("decode", decode), ("prefill", prefill))
                                if session is not None for i in session.get_inputs() if i.name == io_spec.IMAGE_FEATURES}
 
 
@@ -129,10 +141,7 @@ class OrtBackend:
         self.max_prefill_tokens = max_prefill_tokens if all(p.prefill is not None for p in self.parts) else 1
         inputs = {i.name: i for i in self.decode.get_inputs()}
         key_type = inputs[io_spec.past_key(self.parts[0].layers.start)].type
-        if key_type not in _ORT_TYPES:
-            raise GenerationError(f"{parts[0].decode}: cache type {key_type} is not supported by the numpy runtime "
-                                  "(float32, float16, float8e4m3fn)")
-        self.cache_dtype = np.dtype(_ORT_TYPES[key_type])
+        self.cache_dtype = _numpy_type(key_type, f"{parts[0].decode}: cache")
         self.required_slots = {kind: inputs[name].shape[1] for kind, name in io_spec.PAST_POSITIONS.items()
                                if name in inputs and isinstance(inputs[name].shape[1], int)}
         # decode: (the cache bound, its reallocation count then, per part (IOBinding, part), the logits output)
@@ -275,7 +284,7 @@ class OrtBackend:
                                  np.float32 if last else part.out_type)
             arrays = [first_out] + [a for i in part.layers for a in ((keys[i], values[i]) if keys else ())]
             for name, array in zip(part.outputs, arrays):
-                element_type = _ONNX_ELEMENT_TYPES.get(array.dtype, array.dtype.type)
+                element_type = _ONNX_ELEMENT_TYPES.get(array.dtype.name, array.dtype.type)
                 binding.bind_output(name, "cpu", 0, element_type, list(array.shape), array.ctypes.data)
             if graph == "decode" and part.decode_logits_index:
                 binding.bind_cpu_input(io_spec.LOGITS_INDEX, np.zeros((batch, 1), np.int64))
@@ -319,10 +328,10 @@ def load_session(path: Path, options, providers):
 
 def _ortvalue(array: np.ndarray):
     """An OrtValue over `array`'s memory (no copy on CPU), float8 arrays included."""
-    if array.dtype in _ONNX_ELEMENT_TYPES:
+    if array.dtype.name in _ONNX_ELEMENT_TYPES:
         if not array.flags.c_contiguous:  # ORT reads the bytes in C order (the cache's buffers always are)
             raise GenerationError(f"a {array.dtype} input of shape {list(array.shape)} is not C-contiguous")
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint8), _ONNX_ELEMENT_TYPES[array.dtype])
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint8), _ONNX_ELEMENT_TYPES[array.dtype.name])
     return ort.OrtValue.ortvalue_from_numpy(array)
 
 
