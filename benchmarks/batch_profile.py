@@ -22,7 +22,7 @@ from rich.table import Table
 
 from llama4_export.artifact import read_manifest
 from llama4_export.runtime import Generator, OrtBackend
-from llama4_export.runtime.batching import BatchEngine, SequenceRequest
+from llama4_export.runtime.batching import BatchEngine, EngineOptions, SequenceRequest
 from llama4_export.runtime.generator import manifest_config
 from llama4_export.runtime.ort_backend import artifact_parts
 
@@ -36,7 +36,7 @@ def decode_kernel_ms(artifact: Path, batch: int, max_batch: int, steps: int, thr
     parts, max_prefill = artifact_parts(artifact, manifest, config)
     with tempfile.TemporaryDirectory() as scratch:
         backend = OrtBackend(parts, config, max_prefill, threads, profile_prefix=str(Path(scratch) / "ort"))
-        engine = BatchEngine(Generator.for_backend(backend, artifact), max_batch=max_batch)
+        engine = BatchEngine(Generator.for_backend(backend, artifact), EngineOptions(max_batch=max_batch))
         rng = np.random.default_rng(0)
         for _ in range(2):  # warm-up round, then the profiled one
             sequences = [engine.submit(SequenceRequest(rng.integers(0, config.vocab_size, PROMPT).tolist(), steps + 2,

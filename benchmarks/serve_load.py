@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402  (benchmarks/ is a script folder, not a package)
 
 from llama4_export.runtime import Generator  # noqa: E402
-from llama4_export.runtime.batching import BatchEngine, SequenceRequest  # noqa: E402
+from llama4_export.runtime.batching import BatchEngine, EngineOptions, SequenceRequest  # noqa: E402
 
 console = Console(width=160)
 WORDS = "the history of science is a long story of small steps and patient work by many people over centuries".split()
@@ -166,7 +166,7 @@ def decode_step_ms(artifact: Path, batches: list[int], threads: int, steps: int 
     """The profile behind the throughput ratio, in this process: the median time of one engine decode step with
     `batch` sequences decoding, per batch size (rounds interleaved, so load changes hit every size alike)."""
     generator = Generator.load(artifact, threads=threads)
-    engines = {b: BatchEngine(generator, max_batch=b) for b in batches}
+    engines = {b: BatchEngine(generator, EngineOptions(max_batch=b)) for b in batches}
     times: dict[int, list[float]] = {b: [] for b in batches}
     prompt = generator.encode(prompt_text(0, 32))
     for _ in range(rounds):

@@ -9,7 +9,7 @@ import pytest
 
 from llama4_export import api
 from llama4_export.runtime import Generator
-from llama4_export.runtime.batching import BatchEngine, QueueFull, SequenceRequest
+from llama4_export.runtime.batching import BatchEngine, EngineOptions, QueueFull, SequenceRequest
 from llama4_export.runtime.errors import GenerationError
 from llama4_export.runtime.sampling import SamplingParams
 
@@ -41,7 +41,7 @@ def test_staggered_requests_equal_single_runs(generator, sampling):
     alone = [[e.token_id for e in generator.stream(p, new, stop_tokens=[], **vars(sampling))]
              for p, (_, new, _) in zip(prompts, ARRIVALS)]
 
-    engine = BatchEngine(generator, max_batch=3, max_queue=8)
+    engine = BatchEngine(generator, EngineOptions(max_batch=3, max_queue=8))
     sequences, interleaved, together = [], False, False
     step = 0
     while step < 5 or any(not s.done.is_set() for s in sequences):
@@ -69,7 +69,7 @@ def test_staggered_requests_equal_single_runs(generator, sampling):
 
 def test_engine_thread_stop_strings_queue_cancel_and_timeout(generator):
     prompts = _prompts(generator.config.vocab_size)
-    engine = BatchEngine(generator, max_batch=2, max_queue=1)
+    engine = BatchEngine(generator, EngineOptions(max_batch=2, max_queue=1))
     with pytest.raises(GenerationError, match="max_new_tokens=0"):
         engine.submit(SequenceRequest(prompts[0], 0))
     with pytest.raises(GenerationError, match="outside the vocabulary"):
@@ -117,7 +117,7 @@ def test_requests_take_over_a_freed_rows_prompt_start(generator, monkeypatch):
         return forward(input_ids, positions, cache, logits_index, image_features)
 
     monkeypatch.setattr(generator.backend, "forward", counting)
-    engine = BatchEngine(generator, max_batch=2, max_queue=4, reuse_prefix_tokens=4)
+    engine = BatchEngine(generator, EngineOptions(max_batch=2, max_queue=4, reuse_prefix_tokens=4))
 
     def run(*requests):
         sequences = [engine.submit(SequenceRequest(prompt, new, stop_tokens=frozenset())) for prompt, new in requests]
@@ -170,7 +170,7 @@ def test_prefill_budget_bounds_the_prompt_tokens_of_a_step_while_others_decode(g
 
     monkeypatch.setattr(generator.backend, "forward", recording)
     prompts = _prompts(generator.config.vocab_size)
-    engine = BatchEngine(generator, max_batch=3, max_queue=8, prefill_budget=3)
+    engine = BatchEngine(generator, EngineOptions(max_batch=3, max_queue=8, prefill_budget=3))
     sequences = []
     for step in range(400):
         sequences += [engine.submit(SequenceRequest(p, new, stop_tokens=frozenset()))
@@ -185,4 +185,4 @@ def test_prefill_budget_bounds_the_prompt_tokens_of_a_step_while_others_decode(g
     alone = [generator.generate(p, new, stop_tokens=[]).token_ids for p, (_, new, _) in zip(prompts, ARRIVALS)]
     assert [s.result().token_ids for s in sequences] == alone
     with pytest.raises(GenerationError, match="prefill_budget=0"):
-        BatchEngine(generator, prefill_budget=0)
+        EngineOptions(prefill_budget=0)

@@ -1,7 +1,7 @@
 """Continuous batching: many sequences at once, each at its own position in its own row of one KV cache, admitted
 while others decode and freed the moment they end.
 
-    engine = BatchEngine(Generator.load("out/scout-int4"), max_batch=8)
+    engine = BatchEngine(Generator.load("out/scout-int4"), EngineOptions(max_batch=8))
     engine.start()                                            # a thread runs step() while there is work
     seq = engine.submit(SequenceRequest(engine.generator.encode("Hello"), max_new_tokens=32))
     print(seq.result().text)
@@ -144,12 +144,10 @@ class EngineOptions:
 
 
 class BatchEngine:
-    def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64,
-                 reuse_prefix_tokens: int = DEFAULT_REUSE_PREFIX_TOKENS, prefill_budget: int | None = None):
-        """The arguments: EngineOptions' (validated there)."""
-        EngineOptions(max_batch, max_queue, reuse_prefix_tokens, prefill_budget)
+    def __init__(self, generator: Generator, options: EngineOptions = EngineOptions()):
         self.generator, self.backend, self.config = generator, generator.backend, generator.config
-        self.max_batch, self.max_queue = max_batch, max_queue
+        max_batch = self.max_batch = options.max_batch
+        self.max_queue = options.max_queue
         pad = self.config.pad_token_id
         self._pad = pad if pad is not None and 0 <= pad < self.config.vocab_size else 0  # masked: any id works
         encoder = generator.image_encoder
@@ -161,13 +159,13 @@ class BatchEngine:
         self._staging = (self.backend.make_cache(max_batch, generator.window, generator.sinks)
                          if self.cache.layout == "in_place" else None)
         self._one_piece = self.backend.max_prefill_tokens if self._staging is None else self._staging.piece_limit(0)
-        self.prefill_budget = prefill_budget
+        self.prefill_budget = options.prefill_budget
         self._views: dict[int, KVCacheState] = {}  # first_rows views of the cache, by row count
         self._views_of = self.cache.reallocations  # the buffers those views are of
         self._rows: list[Sequence | None] = [None] * max_batch
         # per free row: the tokens its cache slots hold from the sequence that ended there (positions 0..)
         self._held: list[np.ndarray] = [_NOTHING_HELD] * max_batch
-        self.reuse_prefix_tokens = reuse_prefix_tokens if self.cache.layout == "in_place" else 0
+        self.reuse_prefix_tokens = options.reuse_prefix_tokens if self.cache.layout == "in_place" else 0
         self.reused_prompt_tokens = 0  # in all, since the engine started
         self._waiting: deque[Sequence] = deque()
         self._lock = threading.Condition()

@@ -7,7 +7,6 @@ process exits 0 (SIGINT: uvicorn's own exit status).
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 from pathlib import Path
 
@@ -22,7 +21,7 @@ def load_engine(artifact: str | Path, options: EngineOptions, threads: int | Non
                 window: int | None = None) -> BatchEngine:
     """The artifact's generator (manifest verified) behind a BatchEngine scheduling by `options`."""
     generator = Generator.load(artifact, threads=threads, window=window)
-    return BatchEngine(generator, **dataclasses.asdict(options))
+    return BatchEngine(generator, options)
 
 
 def serve(engine: BatchEngine, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
