@@ -2,7 +2,8 @@
 
     result = bench_artifact("out/scout-fp32", repeats=3)   # JSON-ready dict; print_results(result) prints the table
 
-What is measured (greedy, random prompt ids, no stop tokens, one warm-up run first):
+What is measured (greedy, random prompt ids, no stop tokens; first one warm-up run per prompt length, since ONNX
+Runtime's first run of a shape allocates its buffers — llama.cpp reserves its own when the context is created):
 - prefill tokens/s for each prompt length: prompt tokens / time to the first new token;
 - decode tokens/s: batch 1, `new_tokens` after a `decode_prompt`-token prompt, counting the tokens after the first
   (whose time is the prefill);
@@ -242,7 +243,8 @@ def _measure(directory: str, prompt_lengths: list[int], decode_prompt: int, new_
         gen.generate(ids, max_new_tokens=count, stop_tokens=[], stream=lambda e: stamps.append(time.perf_counter()))
         return [start, *stamps]
 
-    timed(prompt(min(prompt_lengths)), 2)  # warm-up: ORT's first run allocates and pre-packs
+    for n in sorted(set(prompt_lengths)):  # warm-up: ORT's first run of each prompt's piece shapes allocates
+        timed(prompt(n), 2)
     prefill = {n: [] for n in prompt_lengths}
     decode, ttft = [], []
     at_depth: dict[int, list[float]] = {d: [] for d in depths}
