@@ -1,14 +1,16 @@
-"""INT4 routed experts on ONNX Runtime: one If per expert over two MatMulNBits vs one com.microsoft.QMoE node, by
-number of experts and of tokens in the call — the measurement behind graph_passes/lower.py's IF_PER_EXPERT_MAX.
+"""Routed experts on ONNX Runtime: one If per expert vs one fused node, by number of experts and of tokens in the
+call — the measurement behind graph_passes/lower.py's IF_PER_EXPERT_MAX and its float32 lowering.
 
     python benchmarks/moe_lowering.py [--experts 8 16 128] [--tokens 1 8 64] [--hidden 768] [--inter 1024] [--threads 2]
+    python benchmarks/moe_lowering.py --precision fp32 --tokens 1 8 256
 
-One MoE layer's routed experts (the shared expert is one zero row wide, so it costs next to nothing), random INT4 weights (block 128), rand200m's
-expert shape by default. Both forms are graph_passes/lower.py's lowering (lower_int4_experts, max_if_experts forcing the form at every E,
-then dead-code elimination): "If" one If per expert, "QMoE" one QMoE node (k = 1, interleaved SwiGLU), as the
-exporter builds them on either side of IF_PER_EXPERT_MAX. Both are checked against the numpy reference on the dequantized weights first; then
-each call is timed, median of --runs after warm-up. Tokens 1 is a decode step, 8 a batch of 8 decoding sequences,
-64 a prefill piece.
+One MoE layer's routed experts (the shared expert is one zero row wide, so it costs next to nothing), rand200m's expert
+shape by default. int4 (random INT4 weights, block 128): "If" one If per expert over two MatMulNBits vs "fused" one
+com.microsoft.QMoE node (k = 1, interleaved SwiGLU). fp32: "If" one If per expert over two MatMuls vs "fused" one
+com.microsoft.MoE node. Every form is graph_passes/lower.py's lowering (lower_routed_experts with max_if_experts
+forcing the form at every E, or the MoE op's rule; then dead-code elimination), as the exporter builds them on either
+side of IF_PER_EXPERT_MAX. Each is checked against the numpy reference first; then each call is timed, median of
+--runs after warm-up. Tokens 1 is a decode step, 8 a batch of 8 decoding sequences, 64 or 256 a prefill piece.
 """
 
 from __future__ import annotations
@@ -22,12 +24,17 @@ import onnxruntime as ort
 
 from llama4_export.graph_passes import ops
 from llama4_export.graph_passes.canonicalize import eliminate_dead_code
-from llama4_export.graph_passes.lower import INT4_EXPERTS_LOWERING, QMOE_LOWERING, lower_int4_experts
+from llama4_export.graph_passes.lower import (FLOAT_EXPERTS_LOWERING, INT4_EXPERTS_LOWERING, QMOE_LOWERING,
+                                              lower_moe_standard, lower_routed_experts)
 from llama4_export.graph_passes.manager import PassContext
 from llama4_export.graph_passes.moe_reference import llama4_moe
 from llama4_export.graph_passes.quantize import QuantSpec, int4_blockwise, int4_dequantize, quantize_experts
 
 BLOCK = 128
+FUSED_FLOAT = "com.microsoft.MoE"
+# per precision: (the fused node's form, the per-expert If form, the reference check's bound on max|error| / max|out|)
+FORMS = {"int4": (QMOE_LOWERING, INT4_EXPERTS_LOWERING, 3e-2),  # the Ifs' MatMulNBits round activations to int8
+         "fp32": (FUSED_FLOAT, FLOAT_EXPERTS_LOWERING, 1e-5)}
 
 
 def session(model_bytes: bytes, threads: int) -> ort.InferenceSession:
@@ -38,16 +45,21 @@ def session(model_bytes: bytes, threads: int) -> ort.InferenceSession:
 
 
 def lowered(weights: dict, form: str) -> bytes:
-    """The MoE layer through the exporter's INT4 expert passes, in `form` whatever the number of experts."""
+    """The MoE layer through the exporter's expert passes, in `form` whatever the number of experts."""
     model = ops.moe_node_model(weights, None)
     for name in ("gate_up", "down"):  # the names the fused graph gives expert weights
         model.graph.initializers[name].name = f"model.layers.0.feed_forward.experts.{name}_proj"
     context = PassContext("onnxruntime", "gather", quantization=QuantSpec("int4", BLOCK))
-    quantize_experts(model, context)
+    if form in (INT4_EXPERTS_LOWERING, QMOE_LOWERING):
+        quantize_experts(model, context)
     experts = len(weights["router"])
-    if lower_int4_experts(model, max_if_experts=experts if form == INT4_EXPERTS_LOWERING else 0)[form] != 1:
+    if form == FUSED_FLOAT:
+        done = lower_moe_standard(model, "ort_moe") == 1
+    else:
+        done = lower_routed_experts(model, max_if_experts=0 if form == QMOE_LOWERING else experts)[form] == 1
+    if not done:
         raise SystemExit(f"the experts were not lowered to {form} (QMoE: does this onnxruntime's match the reference?)")
-    eliminate_dead_code(model, context)  # the stacked INT4 experts the lowering replaced
+    eliminate_dead_code(model, context)  # the stacked experts the lowering replaced
     return ir.to_proto(model).SerializeToString()
 
 
@@ -71,10 +83,13 @@ def main() -> None:
     parser.add_argument("--inter", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--precision", choices=sorted(FORMS), default="int4")
     args = parser.parse_args()
+    fused_form, if_form, bound = FORMS[args.precision]
     print(f"onnxruntime {ort.__version__}, {args.threads} threads, hidden {args.hidden}, expert width {args.inter}, "
-          f"INT4 block {BLOCK}; µs per call, median of {args.runs}")
-    print(f"{'experts':>7} {'tokens':>6} {'QMoE':>9} {'If':>9} {'QMoE/If':>9}")
+          f"{args.precision} experts{f' (block {BLOCK})' if args.precision == 'int4' else ''}; µs per call, median of {args.runs}")
+    fused = fused_form.split()[0]
+    print(f"{'experts':>7} {'tokens':>6} {fused:>9} {'If':>9} {fused + '/If':>9}")
     for experts in args.experts:
         rng = np.random.default_rng(experts)
         h, i = args.hidden, args.inter
@@ -82,22 +97,22 @@ def main() -> None:
                    "down": rng.standard_normal((experts, i, h)) * 0.05,
                    "shared_gate": np.zeros((1, h)), "shared_up": np.zeros((1, h)), "shared_down": np.zeros((h, 1))}
         weights = {k: v.astype(np.float32) for k, v in weights.items()}
-        dequantized = dict(weights)
-        for name in ("gate_up", "down"):  # [E, K, N] checkpoint layout → blocks along K of [E, N, K]
+        reference_weights = dict(weights)
+        for name in ("gate_up", "down") if args.precision == "int4" else ():  # [E, K, N] → blocks along K of [E, N, K]
             q, scale = int4_blockwise(weights[name].transpose(0, 2, 1), BLOCK, axis=2)
-            dequantized[name] = int4_dequantize(q, scale, BLOCK, axis=2).transpose(0, 2, 1)
-        sessions = {"QMoE": session(lowered(weights, QMOE_LOWERING), args.threads),
-                    "If": session(lowered(weights, INT4_EXPERTS_LOWERING), args.threads)}
+            reference_weights[name] = int4_dequantize(q, scale, BLOCK, axis=2).transpose(0, 2, 1)
+        sessions = {fused: session(lowered(weights, fused_form), args.threads),
+                    "If": session(lowered(weights, if_form), args.threads)}
         check = rng.standard_normal((9, h)).astype(np.float32)
-        reference = llama4_moe(check, **dequantized)
-        for name, sess in sessions.items():  # int8 activations (the Ifs' MatMulNBits) round at the 1e-2 level
+        reference = llama4_moe(check, **reference_weights)
+        for name, sess in sessions.items():
             error = np.abs(sess.run(None, {"x": check})[0] - reference).max() / np.abs(reference).max()
-            if not error < 3e-2:
+            if not error < bound:
                 raise SystemExit(f"{name} differs from the reference by {error:.2g} × max|out| at E={experts}")
         for tokens in args.tokens:
             x = rng.standard_normal((tokens, h)).astype(np.float32)
             us = {name: median_us(sess, {"x": x}, args.runs) for name, sess in sessions.items()}
-            print(f"{experts:>7} {tokens:>6} {us['QMoE']:>9.1f} {us['If']:>9.1f} {us['QMoE'] / us['If']:>8.2f}×")
+            print(f"{experts:>7} {tokens:>6} {us[fused]:>9.1f} {us['If']:>9.1f} {us[fused] / us['If']:>8.2f}×")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from llama4_export.cli.export import export_app
 from llama4_export.export.onnx_export import DECODE, export_graph
 from llama4_export.graph_passes.artifact_passes import optimize_artifact
 from llama4_export.graph_passes.errors import GraphPassError
+from llama4_export.graph_passes.lower import FLOAT_EXPERTS_LOWERING
 from llama4_export.graph_passes.manager import op_histogram
 from llama4_export.graph_passes.pipeline import optimize
 from llama4_export.graph_passes.manager import report_tables
@@ -102,12 +103,13 @@ def test_decode_graph_shrinks_and_keeps_its_outputs(which, target, plugin, reque
 
     model, report = optimize(ir.load(path), target, trt_plugin=plugin)
     print_report(f"{which} decode", report)
-    before, after = sum(report.before.values()), sum(report.after.values())
+    # main-graph nodes: an If's branch runs only when taken (of a layer's per-expert Ifs, one per token)
+    before, after = len(list(original.graph)), len(list(model.graph))
     assert after <= 2 / 3 * before, f"{before} → {after} nodes"
     ops_after = op_histogram(model)
     assert ops_after["ai.llama4export::Llama4MoE"] == 0
     if target == "onnxruntime":
-        assert ops_after["com.microsoft::MoE"] == len(moe_layers)
+        assert report.moe_lowering == FLOAT_EXPERTS_LOWERING and ops_after["com.microsoft::MoE"] == 0
         assert ops_after["com.microsoft::RotaryEmbedding"] > 0 and ops_after["com.microsoft::SkipSimplifiedLayerNormalization"] > 0
     elif plugin:
         assert ops_after["trt.plugins::Llama4MoEPlugin"] == len(moe_layers) and model.opset_imports[""] == 23
@@ -139,17 +141,22 @@ def test_every_rule_fires_as_the_architecture_says_and_moves_no_output(which, re
 
 
 # ----------------------------------------------------------------------------------------------- the artifact
-def test_optimized_prefill_runs_one_moe_op_per_layer_and_keeps_outputs(optimized_scoutlike, scoutlike_artifact, tmp_path):
+def test_optimized_prefill_runs_one_if_per_expert_and_keeps_outputs(optimized_scoutlike, scoutlike_artifact, tmp_path):
     out, manifest, reports = optimized_scoutlike
     optimized = ir.load(out / "prefill.onnx")
-    layers, moe_layers = _config(ir.load(scoutlike_artifact / "prefill.onnx"))
-    ops_after = op_histogram(optimized)
-    assert ops_after["com.microsoft::MoE"] == len(moe_layers) and manifest["graphs"]["prefill"]["moe_lowering"] == "com.microsoft.MoE"
-    # No node computes with every expert's weights any more: the only reader of the [E, ...] expert tensors is MoE.
-    for value in optimized.graph.initializers.values():
-        if "experts" in value.name:
-            assert {u.node.op_type for u in value.uses()} == {"MoE"}, value.name
     original = ir.load(scoutlike_artifact / "prefill.onnx")
+    layers, moe_layers = _config(original)
+    experts = original.graph.initializers[f"model.layers.{moe_layers[0]}.feed_forward.experts.gate_up_proj"].shape[0]
+    ops_after = op_histogram(optimized)
+    assert manifest["graphs"]["prefill"]["moe_lowering"] == FLOAT_EXPERTS_LOWERING
+    expert_ifs = [n for n in optimized.graph if n.op_type == "If"
+                  and {m.op_type for m in n.attributes["then_branch"].value} >= {"GatherND", "MatMul", "ScatterND"}]
+    assert len(expert_ifs) == experts * len(moe_layers) and ops_after["com.microsoft::MoE"] == 0
+    # No node computes with every expert's weights: each expert's own weights are read by one MatMul in its If.
+    expert_weights = [v for v in optimized.graph.initializers.values() if "experts" in v.name]
+    assert len(expert_weights) == 2 * experts * len(moe_layers)
+    for value in expert_weights:
+        assert [(u.node.op_type, u.node.graph is optimized.graph) for u in value.uses()] == [("MatMul", False)], value.name
     feeds = sample_feeds(original, seed=4)
     assert feeds["input_ids"].shape[1] > 1
     assert_outputs_kept(run_graph(optimized, feeds, tmp_path / "optimized"), run_graph(original, feeds, tmp_path / "original"))
@@ -194,7 +201,7 @@ def test_cli_passes_reports_and_refuses_bad_input_in_one_line(optimized_scoutlik
     out, _, _ = optimized_scoutlike
     runner = CliRunner()
     shown = runner.invoke(export_app, ["passes", str(out), "--report"], terminal_width=200)
-    assert shown.exit_code == 0 and "fuse_moe_gather" in shown.output and "com.microsoft::MoE" in shown.output
+    assert shown.exit_code == 0 and "fuse_moe_gather" in shown.output and "If + MatMul per expert" in shown.output
     again = runner.invoke(export_app, ["passes", str(out)])
     assert again.exit_code == 2 and "already optimized" in again.output and len(again.output.strip().splitlines()) == 1
     fresh = tmp_path / "fresh"

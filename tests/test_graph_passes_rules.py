@@ -7,6 +7,7 @@ reference (moe_reference.llama4_moe), and against the unfused graph.
 
 from __future__ import annotations
 
+import collections
 import gc
 import logging
 import math
@@ -288,6 +289,24 @@ def test_each_lowering_matches_the_numpy_reference(moe_weights, lowering):
     np.testing.assert_allclose(out, reference, rtol=0, atol=2e-6 * np.abs(reference).max())
 
 
+@pytest.mark.parametrize("tokens", [1, 11])
+def test_float_experts_on_onnxruntime_are_one_if_per_expert_and_match_the_reference(moe_weights, tokens):
+    """lower_moe on ONNX Runtime, float32 experts: Llama4MoE → one If per expert over two MatMuls (only the chosen
+    experts run, each on its own tokens), the stacked [E, ...] expert tensors no longer read; against numpy."""
+    model = ops.moe_node_model(moe_weights)
+    context = PassContext("onnxruntime", "gather")
+    assert lower.lower_moe(model, context) == 1
+    assert context.moe_lowering == lower.FLOAT_EXPERTS_LOWERING
+    counts = collections.Counter(f"{n.domain}::{n.op_type}" for n in model.graph.all_nodes())
+    experts = len(moe_weights["router"])
+    assert counts[f"{ops.DOMAIN}::{ops.MOE_OP}"] == 0 and counts["com.microsoft::MoE"] == 0
+    assert counts["::If"] == experts and counts["::MatMul"] == 2 * experts
+    assert not model.graph.initializers["gate_up"].uses() and not model.graph.initializers["down"].uses()
+    x = np.random.default_rng(7).standard_normal((tokens, 32)).astype(np.float32)
+    reference = llama4_moe(x, **moe_weights)
+    np.testing.assert_allclose(run(model, {"x": x})[0], reference, rtol=0, atol=2e-6 * np.abs(reference).max())
+
+
 def test_gather_lowering_reads_expert_weights_only_through_the_argmax_index(moe_weights):
     model = ops.moe_node_model(moe_weights)
     lower._lower(model, "gather")
@@ -331,6 +350,7 @@ def test_ort_moe_probe_rejects_gpt_oss_swiglu_constants(monkeypatch):
             "router": np.eye(4, 8), "gate_up": np.ones((4, 8, 6)), "down": np.ones((4, 3, 8)),
             "shared_gate": np.ones((3, 8)), "shared_up": np.ones((3, 8)), "shared_down": np.ones((8, 3))}.items()})
         context = PassContext("onnxruntime", "gather")
+        monkeypatch.setattr(lower, "IF_PER_EXPERT_MAX", 2)  # more float experts than Ifs are built for: the MoE op's case
         lower.lower_moe(model, context)
         assert context.moe_lowering == "standard ops (gather)" and "differs" in context.notes[0]
         assert op_histogram(model)["com.microsoft::MoE"] == 0

@@ -14,8 +14,8 @@ import torch
 
 from llama4_export.graph_passes import ops
 from llama4_export.graph_passes.canonicalize import eliminate_dead_code
-from llama4_export.graph_passes.lower import (IF_PER_EXPERT_MAX, INT4_EXPERTS_LOWERING, QMOE_LOWERING, lower_int4_experts,
-                                              lower_moe)
+from llama4_export.graph_passes.lower import (FLOAT_EXPERTS_LOWERING, IF_PER_EXPERT_MAX, INT4_EXPERTS_LOWERING,
+                                              QMOE_LOWERING, lower_moe, lower_routed_experts)
 from llama4_export.graph_passes.manager import PassContext
 from llama4_export.graph_passes.moe_reference import llama4_moe
 from llama4_export.graph_passes.quantize import (QuantSpec, int4_blockwise, int4_dequantize,
@@ -131,7 +131,8 @@ def test_many_int4_experts_whose_linears_need_different_blocks_stay_one_if_per_e
     rng = np.random.default_rng(4)
     model, dequantized = _int4_expert_model(rng, 128, experts=IF_PER_EXPERT_MAX + 4, inter=256)
     context = PassContext("onnxruntime", "gather", quantization=QuantSpec("int4", 128))
-    assert lower_int4_experts(model, accuracy_level=0) == {INT4_EXPERTS_LOWERING: 1, QMOE_LOWERING: 0}
+    assert lower_routed_experts(model, accuracy_level=0) == {INT4_EXPERTS_LOWERING: 1, FLOAT_EXPERTS_LOWERING: 0,
+                                                              QMOE_LOWERING: 0}
     eliminate_dead_code(model, context)
     x = rng.standard_normal((9, 64)).astype(np.float32)
     got = _session(model, tmp_path / "opt.onnx").run(None, {"x": x})[0]
@@ -152,7 +153,7 @@ def test_int4_experts_on_onnxruntime_are_one_if_per_expert_and_match_the_referen
         lower_moe(model, context)
         assert context.moe_lowering == INT4_EXPERTS_LOWERING
     else:
-        assert lower_int4_experts(model, accuracy_level=accuracy_level)[INT4_EXPERTS_LOWERING] == 1
+        assert lower_routed_experts(model, accuracy_level=accuracy_level)[INT4_EXPERTS_LOWERING] == 1
     eliminate_dead_code(model, PassContext("onnxruntime", "gather"))
     x = rng.standard_normal((tokens, 64)).astype(np.float32)
     got = _session(model, tmp_path / "opt.onnx").run(None, {"x": x})[0]

@@ -1,26 +1,29 @@
 """Lowering of the canonical Llama4MoE node for a target (the canonical op is not executable by itself).
 
-onnxruntime
-  `com.microsoft.MoE` — used only when it matches moe_reference on the installed onnxruntime (`ort_moe_problem`
-  builds a one-node graph with this very lowering and compares). The k=1 mapping (DESIGN.md §5): the MoE op takes
-  x·sigmoid(max logit) as its input and the raw logits as router_probs; with k=1 and normalize_routing_weights=1 the
-  softmax weight of the one selected expert is exactly 1, so the op computes expert_e(x·s) — Llama 4's input
-  scaling — and selects e = argmax(logits). Its CPU kernel (onnxruntime 1.32) accepts only the interleaved fused
-  SwiGLU layout (swiglu_fusion=1: fc1 rows g0,u0,g1,u1,…, [E, 2I, H]) and computes gate·sigmoid(α·gate)·(up + β):
-  α=1, β=0 and no swiglu_limit give silu(gate)·up exactly (gpt-oss uses α=1.702, β=1 and a clamp: we set ours).
-  The expert weights are re-laid out into new initializers (`<name>.ort_moe_fc1` / `.ort_moe_fc2`).
-  Otherwise the standard-op lowering below.
-onnxruntime, INT4 experts (quantize.quantize_experts' Transpose ∘ DequantizeLinear form)
-  up to IF_PER_EXPERT_MAX experts (Scout's 16): one `If` per expert, taken only when some token chose that expert:
-  its branch gathers those tokens, runs the expert as two com.microsoft.MatMulNBits (the expert's own 4-bit
-  initializers in the main graph, the linears' accuracy level) and scatter-adds the result into the shared expert's
-  output. Decode reads one expert's 4-bit weights per token, a batch or a prefill runs each chosen expert once on its
-  tokens, and no expert is ever dequantized to fp32. More experts (Maverick's 128): one com.microsoft.QMoE node,
-  whose CPU kernel (onnxruntime 1.32) dequantizes the chosen expert per token — 1.6–1.8× an If's expert at one
-  token, 4.9× at 8, 2.8× at 64 for 8 experts (benchmarks/moe_lowering.py) — but costs the same for any number of
-  experts, where every If costs ≈ 2.5–5 µs even when not taken. (A tree of Ifs would need each expert's weights
-  declared inside its branch — ONNX Runtime prepacks a weight only one subgraph level below its declaration — and
-  ONNX Runtime 1.32 then keeps a second copy of every expert in memory.)
+onnxruntime, up to IF_PER_EXPERT_MAX experts (Scout's 16), INT4 or float32
+  one `If` per expert, taken only when some token chose that expert: its branch gathers those tokens, runs the expert
+  as two linears over its own weights (initializers of the main graph, which ONNX Runtime prepacks one subgraph level
+  down) and scatter-adds the result into the shared expert's output. INT4 experts (quantize.quantize_experts'
+  Transpose ∘ DequantizeLinear form) run as two com.microsoft.MatMulNBits (the linears' accuracy level): decode reads
+  one expert's 4-bit weights per token and no expert is ever dequantized to fp32. Float32 experts run as two MatMuls
+  over the expert's slice (checkpoint layout [K, N] is MatMul's). A batch or a prefill runs each chosen expert once on
+  its tokens. Against the fused nodes below (benchmarks/moe_lowering.py, rand200m's expert shape, 8 experts, 2
+  threads): QMoE costs 1.6–1.8× the Ifs at one token, 4.9× at 8, 2.8× at 64 — its CPU kernel (onnxruntime 1.32)
+  dequantizes the chosen expert per token; com.microsoft.MoE costs 1.35× at one token, 1.5× at 8, 1.5–2.0× at
+  64–256. Every If costs ≈ 1–5 µs even when not taken, which is why more experts keep the fused nodes. (A tree of Ifs
+  would need each expert's weights declared inside its branch — ONNX Runtime prepacks a weight only one subgraph
+  level below its declaration — and ONNX Runtime 1.32 then keeps a second copy of every expert in memory.)
+onnxruntime, more experts (Maverick's 128)
+  INT4: one com.microsoft.QMoE node (k = 1, interleaved SwiGLU), when this onnxruntime's matches the reference.
+  Float32: `com.microsoft.MoE` — used only when it matches moe_reference on the installed onnxruntime
+  (`ort_moe_problem` builds a one-node graph with this very lowering and compares). The k=1 mapping (DESIGN.md §5):
+  the MoE op takes x·sigmoid(max logit) as its input and the raw logits as router_probs; with k=1 and
+  normalize_routing_weights=1 the softmax weight of the one selected expert is exactly 1, so the op computes
+  expert_e(x·s) — Llama 4's input scaling — and selects e = argmax(logits). Its CPU kernel (onnxruntime 1.32) accepts
+  only the interleaved fused SwiGLU layout (swiglu_fusion=1: fc1 rows g0,u0,g1,u1,…, [E, 2I, H]) and computes
+  gate·sigmoid(α·gate)·(up + β): α=1, β=0 and no swiglu_limit give silu(gate)·up exactly (gpt-oss uses α=1.702, β=1
+  and a clamp: we set ours). The expert weights are re-laid out into new initializers (`<name>.ort_moe_fc1` /
+  `.ort_moe_fc2`). Otherwise the standard-op lowering below.
 standard ops (ONNX Runtime fallback; TensorRT behind --trt-fallback)
   gather — Gather(gate_up, e) / Gather(down, e): each token reads only its expert's weights (decode graphs);
   dense  — every expert on one-hot-scaled inputs (prefill graphs: no per-token weight copies; E× the arithmetic).
@@ -48,6 +51,7 @@ from .quantize import initializer, int4_blockwise, int4_dequantize, leading_slic
 
 MOE_LOWERED = "moe_lowered"
 INT4_EXPERTS_LOWERING = "If + MatMulNBits per expert (INT4 experts)"  # the manifest's moe_lowering
+FLOAT_EXPERTS_LOWERING = "If + MatMul per expert (float32 experts)"
 QMOE_LOWERING = "QMoE (INT4 experts)"
 # One If per expert costs ≈ 2.5–5 µs per call even when not taken (benchmarks/moe_lowering.py): beyond this many
 # experts a decode step pays more for the Ifs than QMoE's dequantizing kernel costs, so many-expert models
@@ -261,38 +265,67 @@ class NodeBuilder:
         return initializer(graph, full_name or f"{self.prefix}.{name}", array)
 
 
-def _expert_branch(graph: ir.Graph, prefix: str, e: int, routed_in: ir.Value, column: ir.Value, total: ir.Value,
-                   fc1: tuple, fc2: tuple, accuracy_level: int) -> ir.Graph:
-    """The taken branch of expert e: gather its tokens (rows where `column` [N, 1] is true), gate/up and down as two
-    MatMulNBits over its own 4-bit weights, and scatter-add the result into `total`."""
-    op = NodeBuilder(f"{prefix}.e{e}")
-
-    def linear(step: str, x: ir.Value, name: str, q, scale: np.ndarray, block: int) -> ir.Value:
+def _nbits_linear(graph: ir.Graph, accuracy_level: int):
+    """Expert e's linear over INT4 experts (name, q [E, N, K], scales, block): MatMulNBits over its own 4-bit weights."""
+    def linear(op: "NodeBuilder", step: str, x: ir.Value, parts: tuple, e: int) -> ir.Value:
+        name, q, scale, block = parts
         packed, scales = nbits_weight(leading_slice(q, e), scale[e], block, 4)
         weight, weight_scales = (initializer(graph, f"{name}.e{e}.nbits", packed),
                                  initializer(graph, f"{name}.e{e}.nbits_scale", scales))
         return op(step, "MatMulNBits", [x, weight, weight_scales], domain=ORT_DOMAIN, K=int(q.shape[2]),
                   N=int(q.shape[1]), bits=4, block_size=block, accuracy_level=accuracy_level)
+    return linear
 
+
+def _float_linear(graph: ir.Graph):
+    """Expert e's linear over float experts (name, w [E, K, N]: checkpoint layout is MatMul's): MatMul over its slice."""
+    def linear(op: "NodeBuilder", step: str, x: ir.Value, parts: tuple, e: int) -> ir.Value:
+        name, w = parts
+        return op(step, "MatMul", [x, initializer(graph, f"{name}.e{e}", np.ascontiguousarray(leading_slice(w, e)))])
+    return linear
+
+
+def _expert_branch(graph: ir.Graph, prefix: str, e: int, routed_in: ir.Value, column: ir.Value, total: ir.Value,
+                   fc1: tuple, fc2: tuple, linear) -> ir.Graph:
+    """The taken branch of expert e: gather its tokens (rows where `column` [N, 1] is true), gate/up and down as
+    `linear` builds them (over initializers of the main graph: ONNX Runtime prepacks them one level down), and
+    scatter-add the result into `total`."""
+    op = NodeBuilder(f"{prefix}.e{e}")
     axis_1 = op.constant(graph, "axis_1", np.asarray([1], np.int64))
     rows = op("rows", "Transpose", [op("nonzero", "NonZero", [op("chosen", "Squeeze", [column, axis_1])])], perm=[1, 0])
-    gate, up = op.outputs("split", "Split", [linear("gate_up", op("tokens", "GatherND", [routed_in, rows]), *fc1)], 2,
-                          axis=-1, num_outputs=2)
+    tokens = op("tokens", "GatherND", [routed_in, rows])
+    gate, up = op.outputs("split", "Split", [linear(op, "gate_up", tokens, fc1, e)], 2, axis=-1, num_outputs=2)
     act = op("act", "Mul", [op("silu", "Mul", [gate, op("sigmoid", "Sigmoid", [gate])]), up])
-    added = op("sum", "ScatterND", [total, rows, linear("down", act, *fc2)], reduction="add")
+    added = op("sum", "ScatterND", [total, rows, linear(op, "down", act, fc2, e)], reduction="add")
     return ir.Graph([], [added], nodes=op.tape.nodes, name=f"{prefix}.e{e}.taken")
 
 
-def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int, max_if_experts: int) -> str | None:
-    """Llama4MoE with INT4 experts → routing, the shared expert, and the routed experts as one If per expert over the
-    running sum — or, beyond max_if_experts experts, one QMoE node where this onnxruntime's matches the reference and
-    both linears have QMoE's one block size. Returns the form used (None: not lowered)."""
-    x, router, gate_up, down, shared_gate, shared_up, shared_down = node.inputs
-    fc1, fc2 = _int4_parts(gate_up), _int4_parts(down)
-    if fc1 is None or fc2 is None or x.dtype != ir.DataType.FLOAT:
+def _float_parts(weight: ir.Value) -> tuple[str, ir.TensorProtocol] | None:
+    """(name, tensor [E, K, N]) of float32 experts stored as one initializer, or None."""
+    tensor = weight.const_value
+    if tensor is None or tensor.dtype != ir.DataType.FLOAT or len(tensor.shape) != 3:
         return None
+    return weight.name, tensor
+
+
+def _lower_experts_per_expert(graph: ir.Graph, node: ir.Node, accuracy_level: int, max_if_experts: int) -> str | None:
+    """Llama4MoE with INT4 or float32 experts → routing, the shared expert, and the routed experts as one If per
+    expert over the running sum — or, beyond max_if_experts INT4 experts, one QMoE node where this onnxruntime's
+    matches the reference and both linears have QMoE's one block size. Returns the form used (None: not lowered; more
+    float experts than max_if_experts are left to com.microsoft.MoE)."""
+    x, router, gate_up, down, shared_gate, shared_up, shared_down = node.inputs
+    if x.dtype != ir.DataType.FLOAT:
+        return None
+    fc1, fc2 = _int4_parts(gate_up), _int4_parts(down)
+    if fc1 is not None and fc2 is not None:
+        form, linear = INT4_EXPERTS_LOWERING, _nbits_linear(graph, accuracy_level)
+    else:
+        fc1, fc2 = _float_parts(gate_up), _float_parts(down)
+        if fc1 is None or fc2 is None or int(fc1[1].shape[0]) > max_if_experts:
+            return None
+        form, linear = FLOAT_EXPERTS_LOWERING, _float_linear(graph)
     experts = int(fc1[1].shape[0])
-    qmoe_fc1, qmoe_fc2 = _qmoe_blocks(fc1), _qmoe_blocks(fc2)
+    qmoe_fc1, qmoe_fc2 = (_qmoe_blocks(fc1), _qmoe_blocks(fc2)) if form == INT4_EXPERTS_LOWERING else (None, None)
     qmoe = (experts > max_if_experts and qmoe_fc1 is not None and qmoe_fc2 is not None and qmoe_fc1[3] == qmoe_fc2[3]
             and ort_qmoe_problem() is None)
     prefix = node.name or fc1[0].removesuffix(".experts.gate_up_proj") + ".moe"
@@ -319,25 +352,25 @@ def _lower_int4_moe(graph: ir.Graph, node: ir.Node, accuracy_level: int, max_if_
         for e in range(experts):
             skip = NodeBuilder(f"{prefix}.e{e}.skip")
             kept = skip("sum", "Identity", [total])
-            taken_branch = _expert_branch(graph, prefix, e, routed_in, columns[e], total, fc1, fc2, accuracy_level)
+            taken_branch = _expert_branch(graph, prefix, e, routed_in, columns[e], total, fc1, fc2, linear)
             total = op(f"e{e}.total", "If", [taken[e]], then_branch=taken_branch,
                        else_branch=ir.Graph([], [kept], nodes=skip.tape.nodes, name=f"{prefix}.e{e}.skipped"))
     graph.insert_before(node, op.tape.nodes)
     total.type, total.shape = node.outputs[0].type, node.outputs[0].shape
     node.outputs[0].replace_all_uses_with(total, replace_graph_outputs=True)
     graph.remove(node, safe=True)
-    return QMOE_LOWERING if qmoe else INT4_EXPERTS_LOWERING
+    return QMOE_LOWERING if qmoe else form
 
 
-def lower_int4_experts(model: ir.Model, accuracy_level: int = ACCURACY_LEVEL,
-                       max_if_experts: int = IF_PER_EXPERT_MAX) -> dict[str, int]:
-    """Llama4MoE with INT4 experts → per-expert If { GatherND → MatMulNBits → SwiGLU → MatMulNBits →
-    ScatterND(add) } over the shared expert's output, or QMoE for more than max_if_experts experts (ONNX Runtime). accuracy_level:
-    MatMulNBits' compute, as the other linears'. Returns the count of each form."""
+def lower_routed_experts(model: ir.Model, accuracy_level: int = ACCURACY_LEVEL,
+                         max_if_experts: int = IF_PER_EXPERT_MAX) -> dict[str, int]:
+    """Llama4MoE with INT4 or float32 experts → per-expert If { GatherND → MatMulNBits | MatMul → SwiGLU → MatMulNBits
+    | MatMul → ScatterND(add) } over the shared expert's output, or QMoE for more than max_if_experts INT4 experts
+    (ONNX Runtime). accuracy_level: MatMulNBits' compute, as the other linears'. Returns the count of each form."""
     graph = model.graph
     moe_nodes = [n for n in graph if n.domain == ops.DOMAIN and n.op_type == ops.MOE_OP]
-    forms = [_lower_int4_moe(graph, n, accuracy_level, max_if_experts) for n in moe_nodes]
-    counts = {form: forms.count(form) for form in (INT4_EXPERTS_LOWERING, QMOE_LOWERING)}
+    forms = [_lower_experts_per_expert(graph, n, accuracy_level, max_if_experts) for n in moe_nodes]
+    counts = {form: forms.count(form) for form in (INT4_EXPERTS_LOWERING, FLOAT_EXPERTS_LOWERING, QMOE_LOWERING)}
     if any(counts.values()):
         model.opset_imports.setdefault(ORT_DOMAIN, 1)
     return counts
@@ -379,7 +412,8 @@ def ort_qmoe_problem() -> str | None:
 
 
 def lower_moe(model: ir.Model, context: PassContext) -> int:
-    """Llama4MoE → com.microsoft.MoE | standard ops (gather/dense) | Llama4MoEPlugin, by target"""
+    """Llama4MoE → If per expert | QMoE | com.microsoft.MoE | standard ops (gather/dense) | Llama4MoEPlugin, by target
+    and expert count"""
     standard = f"standard ops ({context.moe_form})"
     counts: dict[str, int] = {}
     if context.target == "tensorrt" and context.use_trt_plugin:
@@ -387,13 +421,13 @@ def lower_moe(model: ir.Model, context: PassContext) -> int:
     elif context.target == "tensorrt":
         context.notes.append(f"MoE: TensorRT plugin disabled; {standard}")
     else:
+        if context.target == "onnxruntime":
+            counts.update(lower_routed_experts(model, max_if_experts=IF_PER_EXPERT_MAX))
         problem = ort_moe_problem()
-        if problem is None:
+        if problem is None:  # float32 experts beyond IF_PER_EXPERT_MAX
             counts[f"{ORT_DOMAIN}.MoE"] = _lower(model, "ort_moe")
-        else:
+        elif any(n.domain == ops.DOMAIN and n.op_type == ops.MOE_OP for n in model.graph):
             context.notes.append(f"MoE: {problem}; {standard} instead")
-    if context.target == "onnxruntime":
-        counts.update(lower_int4_experts(model))
     counts[standard] = _lower(model, context.moe_form)  # what is left: all of it, or what the ORT op was not checked for
     context.moe_lowering = " + ".join(name for name, count in counts.items() if count) or None
     return sum(counts.values())

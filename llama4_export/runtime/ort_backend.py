@@ -76,15 +76,15 @@ def artifact_parts(directory: Path, manifest: dict[str, Any], config: Llama4Conf
     return parts, max_prefill
 
 
-# What the manifest's moe_lowering says when each token reaches only its expert in any graph (QMoE: artifacts
-# exported before the per-expert If lowering).
-ROUTING_LOWERINGS = ("MatMulNBits per expert", "QMoE", "com.microsoft.MoE")
+# What the manifest's moe_lowering says when each token reaches only its expert in any graph (QMoE, MoE: artifacts
+# exported before the per-expert If lowerings, or with more experts than they are built for).
+ROUTING_LOWERINGS = ("MatMulNBits per expert", "MatMul per expert", "QMoE", "com.microsoft.MoE")
 
 
 def _one_graph_serves_both(graphs: dict[str, Any]) -> bool:
-    """With the MoE lowered to a form that routes each token to its expert (per-expert If + MatMulNBits, QMoE, MoE) in
-    both graphs, the prefill graph computes a one-token step exactly as the decode graph does: one session then serves
-    both, and the weights ORT prepacks for it are prepacked once."""
+    """With the MoE lowered to a form that routes each token to its expert (per-expert If + MatMulNBits or MatMul,
+    QMoE, MoE) in both graphs, the prefill graph computes a one-token step exactly as the decode graph does: one
+    session then serves both, and the weights ORT prepacks for it are prepacked once."""
     lowerings = {(graphs.get(name) or {}).get("moe_lowering") for name in ("decode", "prefill")}
     return len(lowerings) == 1 and any(form in (next(iter(lowerings)) or "") for form in ROUTING_LOWERINGS)
 
@@ -99,7 +99,8 @@ class _Part:
         # a decode step through the prefill graph asks for its one token's logits
         self.decode_logits_index = io_spec.LOGITS_INDEX in {i.name for i in decode.get_inputs()}
         # the graphs that fuse image features in (the first part's prefill of a vision artifact): their dtype
-        self.image_features = {name: _numpy_type(i.type, f"{name} graph: {i.name}") for name, session in (("decode", decode), ("prefill", prefill))
+        self.image_features = {name: _numpy_type(i.type, f"{name} graph: {i.name}")
+                               for name, session in (("decode", decode), ("prefill", prefill))
                                if session is not None for i in session.get_inputs() if i.name == io_spec.IMAGE_FEATURES}
 
 
