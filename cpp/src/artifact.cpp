@@ -125,7 +125,8 @@ bool one_graph_serves_both(const json& graphs) {
   };
   const std::string decode = lowering("decode");
   return decode == lowering("prefill") &&
-         (decode.find("MatMulNBits per expert") != std::string::npos || decode.find("QMoE") != std::string::npos ||
+         (decode.find("MatMulNBits per expert") != std::string::npos ||
+          decode.find("MatMul per expert") != std::string::npos || decode.find("QMoE") != std::string::npos ||
           decode.find("com.microsoft.MoE") != std::string::npos);
 }
 

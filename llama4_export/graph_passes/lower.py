@@ -54,8 +54,8 @@ INT4_EXPERTS_LOWERING = "If + MatMulNBits per expert (INT4 experts)"  # the mani
 FLOAT_EXPERTS_LOWERING = "If + MatMul per expert (float32 experts)"
 QMOE_LOWERING = "QMoE (INT4 experts)"
 # One If per expert costs ≈ 2.5–5 µs per call even when not taken (benchmarks/moe_lowering.py): beyond this many
-# experts a decode step pays more for the Ifs than QMoE's dequantizing kernel costs, so many-expert models
-# (Maverick's 128) keep QMoE.
+# experts a decode step pays more for the Ifs than the fused nodes cost (QMoE's dequantizing kernel, the float MoE op),
+# so many-expert models (Maverick's 128) keep them.
 IF_PER_EXPERT_MAX = 16
 INT4_ZERO_POINT = 8  # QMoE's and MatMulNBits' implicit zero point: nibble = q + 8
 ORT_DOMAIN = "com.microsoft"
