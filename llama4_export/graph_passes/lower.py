@@ -422,7 +422,7 @@ def lower_moe(model: ir.Model, context: PassContext) -> int:
         context.notes.append(f"MoE: TensorRT plugin disabled; {standard}")
     else:
         if context.target == "onnxruntime":
-            counts.update(lower_routed_experts(model, max_if_experts=IF_PER_EXPERT_MAX))
+            counts.update(lower_routed_experts(model))
         problem = ort_moe_problem()
         if problem is None:  # float32 experts beyond IF_PER_EXPERT_MAX
             counts[f"{ORT_DOMAIN}.MoE"] = _lower(model, "ort_moe")
