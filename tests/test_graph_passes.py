@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -206,6 +207,10 @@ def test_optimize_artifact_is_deterministic_and_keeps_one_weights_file(optimized
     assert (out / data).stat().st_size <= (scoutlike_artifact / data).stat().st_size
     report = json.loads((out / "passes.json").read_text())
     assert report["decode"]["nodes_after"] < report["decode"]["nodes_before"]
+    # The totals count If branches; the main graph's count is what a step runs around them, as onnx reads the file.
+    for graph in ("decode", "prefill"):
+        main_nodes = len(onnx.load(out / f"{graph}.onnx", load_external_data=False).graph.node)
+        assert report[graph]["main_graph_nodes_after"] == main_nodes < report[graph]["nodes_after"]
 
 
 def test_cli_passes_reports_and_refuses_bad_input_in_one_line(optimized_scoutlike, scoutlike_artifact, tmp_path):
@@ -213,6 +218,8 @@ def test_cli_passes_reports_and_refuses_bad_input_in_one_line(optimized_scoutlik
     runner = CliRunner()
     shown = runner.invoke(export_app, ["passes", str(out), "--report"], terminal_width=200)
     assert shown.exit_code == 0 and "fuse_moe_gather" in shown.output and "If + MatMul per expert" in shown.output
+    decode = json.loads((out / "passes.json").read_text())["decode"]
+    assert f"main graph {decode['main_graph_nodes_before']} → {decode['main_graph_nodes_after']}" in shown.output
     again = runner.invoke(export_app, ["passes", str(out)])
     assert again.exit_code == 2 and "already optimized" in again.output and len(again.output.strip().splitlines()) == 1
     fresh = tmp_path / "fresh"

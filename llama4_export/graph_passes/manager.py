@@ -92,6 +92,7 @@ class PassReport:
     tolerance: float | None = None  # set when verified
     moe_lowering: str | None = None
     notes: list[str] = field(default_factory=list)
+    main_graph_nodes: tuple[int, int] = (0, 0)  # before, after: what runs every step (an If's branch runs when taken)
 
     @property
     def max_deviation(self) -> float | None:
@@ -107,6 +108,8 @@ class PassReport:
             "ops_after": dict(sorted(self.after.items())),
             "nodes_before": sum(self.before.values()),
             "nodes_after": sum(self.after.values()),
+            "main_graph_nodes_before": self.main_graph_nodes[0],
+            "main_graph_nodes_after": self.main_graph_nodes[1],
             "moe_lowering": self.moe_lowering,
             "notes": self.notes,
         }
@@ -129,7 +132,7 @@ def run_passes(model: ir.Model, passes: list[GraphPass], context: PassContext, v
     # collection costs ~0.4 s in a process holding torch, so small graphs, whose dead tensors don't matter, skip it.
     collect = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None) \
         >= COLLECT_FROM_BYTES
-    start = op_histogram(model)
+    start, main_start = op_histogram(model), len(model.graph)
     for graph_pass in passes:
         missing = [p for p in graph_pass.requires if p not in produced]
         if missing:
@@ -145,13 +148,16 @@ def run_passes(model: ir.Model, passes: list[GraphPass], context: PassContext, v
         produced.update(graph_pass.produces)
     return PassReport(context.target, records, start, op_histogram(model),
                       tolerance=verifier.tolerance if verifier is not None else None,
-                      moe_lowering=context.moe_lowering, notes=list(context.notes))
+                      moe_lowering=context.moe_lowering, notes=list(context.notes),
+                      main_graph_nodes=(main_start, len(model.graph)))
 
 
 def report_tables(graph: str, report: dict, top: int = 12) -> list:
-    """rich Tables for one graph's report (PassReport.to_json form): the passes, then op counts before → after."""
+    """rich renderables for one graph's report (PassReport.to_json form): the passes, the op counts before → after, and
+    the main graph's node count where If branches make the totals differ from what a step runs."""
     from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     verified = report.get("verified_tolerance")
     passes = Table(title=f"{graph}: passes for {report['target']}" + (f" (verified, tolerance {verified:g})" if verified else ""))
@@ -173,4 +179,8 @@ def report_tables(graph: str, report: dict, top: int = 12) -> list:
     if len(ranked) > top:
         rest = ranked[top:]
         ops.add_row(f"({len(rest)} more)", str(sum(before.get(o, 0) for o in rest)), str(sum(after.get(o, 0) for o in rest)))
-    return [passes, ops]
+    shown = [passes, ops]
+    if report.get("main_graph_nodes_after", report["nodes_after"]) != report["nodes_after"]:
+        shown.append(Text(f"{graph}: main graph {report['main_graph_nodes_before']} → {report['main_graph_nodes_after']} "
+                          "nodes; the counts above include the If branches, of which a step runs only those it takes"))
+    return shown
