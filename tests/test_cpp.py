@@ -17,7 +17,10 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+from onnxruntime_extensions import get_library_path
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from llama4_export import api
@@ -182,6 +185,25 @@ def test_sanitizer_build_runs_clean(llama4_cpp, tiny):
         assert json.loads(sanitized.stdout) == cpp_json(llama4_cpp, tiny[layout], *args)
     refused = run_cpp(SANITIZER_BUILD / "llama4-cpp", tiny["fp32"], "--ids", "1,99999")
     assert refused.returncode == 2 and "Sanitizer" not in refused.stderr, refused.stderr
+
+
+def test_tokenizer_graphs_for_a_tokenizer_saved_by_transformers(tmp_path, capfd):
+    """transformers ≥ 5 saves a tokenizer.json-backed tokenizer as class TokenizersBackend; the export still writes the
+    graphs (llama4rt needs them for text prompts), and they encode as transformers does."""
+    (tmp_path / "ours").mkdir()
+    write_byte_level_tokenizer(get_preset(PRESET), tmp_path / "ours")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ours")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
+    capfd.readouterr()
+    assert write_tokenizer_graphs(tmp_path / "saved")["graphs"] is not None
+    assert "Unknown tokenizer" not in capfd.readouterr().err  # ONNX Runtime's error log, once the graphs were refused
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(get_library_path())
+    encode = ort.InferenceSession(str(tmp_path / "saved" / TOKENIZER_GRAPHS["encode"]), options)
+    for text in TEXTS:
+        ids = encode.run(None, {encode.get_inputs()[0].name: np.array([text])})[0].reshape(-1).tolist()
+        assert ids == tokenizer(text)["input_ids"]
 
 
 def test_no_tokenizer_graphs_where_they_would_tokenize_differently(tmp_path):

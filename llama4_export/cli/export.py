@@ -192,9 +192,10 @@ def _print_summary(s: dict) -> None:
         idx = [str(layer["index"]) for layer in s["layers"] if f"{layer['ffn']}/{layer['attention']}" == kind]
         t.add_row(kind, str(count), ", ".join(idx) if len(idx) <= 16 else ", ".join(idx[:16]) + ", …")
     console.print(t)
-    t = Table(title="weight bytes (router, embeddings, norms, lm_head stay bf16)")
+    t = Table(title="weight bytes (router and norms stay bf16; embedding and lm_head too, except in int4 for ONNX "
+                    "Runtime: lm_head 8-bit, embedding 4-bit)")
     for p in s["weight_bytes"]:
-        t.add_column(p, justify="right")
+        t.add_column({"int4": "int4 (TensorRT)", "int4_onnxruntime": "int4 (ONNX Runtime)"}.get(p, p), justify="right")
     t.add_row(*(_gb(v) for v in s["weight_bytes"].values()))
     console.print(t)
     kv = s["kv_bytes_per_token"]

@@ -185,12 +185,10 @@ def write_tokenizer_graphs(directory: Path) -> dict[str, object]:
     if kinds != ("BPE", "ByteLevel"):
         return {"graphs": None, "graphs_skipped": f"the tokenizer is {kinds[0]} with a {kinds[1]} decoder; the graphs "
                                                   "cover byte-level BPE (Llama 4's)"}
-    config = directory / "tokenizer_config.json"
-    config_text = config.read_text(encoding="utf-8") if config.is_file() else "{}"
     reference = Tokenizer.from_str(text)
     try:
-        encode, _ = gen_processing_models("HfJsonTokenizer",
-                                          pre_kwargs={"tokenizer_vocab": text, "tokenizer_config": config_text})
+        encode, _ = gen_processing_models("HfJsonTokenizer", pre_kwargs={
+            "tokenizer_vocab": text, "tokenizer_config": _extensions_tokenizer_config(directory / "tokenizer_config.json")})
         _, decode = gen_processing_models("BpeDecoder", post_kwargs=_bpe_decoder_attributes(reference, spec))
         sessions = {}
         for name, graph in (("encode", encode), ("decode", decode)):
@@ -215,6 +213,16 @@ def write_tokenizer_graphs(directory: Path) -> dict[str, object]:
             node.name = node.op_type
         onnx.save(graph, directory / TOKENIZER_GRAPHS[name])
     return {"graphs": {**TOKENIZER_GRAPHS, "nul_byte_tokens": _nul_byte_tokens(reference, spec)}}
+
+
+def _extensions_tokenizer_config(path: Path) -> str:
+    """tokenizer_config.json as the extensions read it. transformers ≥ 5 saves every tokenizer.json-backed tokenizer as
+    class "TokenizersBackend", a name the extensions predate (ONNX Runtime logs an error and no graphs would be
+    written); it is what earlier versions called PreTrainedTokenizerFast, and the probes below check the result."""
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    return json.dumps(config)
 
 
 def _bpe_decoder_attributes(tokenizer: Tokenizer, spec: dict) -> dict[str, object]:

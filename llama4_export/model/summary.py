@@ -50,13 +50,18 @@ def parameter_counts(config: Llama4Config) -> ParameterCounts:
 
 
 def weight_bytes(config: Llama4Config, block_size: int = 128) -> dict[str, int]:
-    """Bytes of weights per precision. Router, embeddings, norms and lm_head stay bf16 in fp8/int4 (DESIGN.md §5)."""
+    """Bytes of weights per precision. Router, embeddings, norms and lm_head stay bf16 in fp8/int4 (DESIGN.md §5);
+    "int4_onnxruntime" is the int4 default for ONNX Runtime, which also stores lm_head 8-bit and the token embedding
+    4-bit blockwise (pipeline.QuantOptions.spec_for)."""
     p = parameter_counts(config)
     unquantized = (p.total - p.quantizable) * 2
+    int4 = unquantized + p.quantizable // 2 + (p.quantizable // block_size) * _SCALE_BYTES
+    scales = (p.embedding + p.lm_head) // block_size * _SCALE_BYTES
     return {
         "bf16": p.total * 2,
         "fp8": unquantized + p.quantizable + p.quantizable_tensors * _FP8_SCALE_BYTES,
-        "int4": unquantized + p.quantizable // 2 + (p.quantizable // block_size) * _SCALE_BYTES,
+        "int4": int4,
+        "int4_onnxruntime": int4 - (p.embedding + p.lm_head) * 2 + p.lm_head + p.embedding // 2 + scales,
     }
 
 
