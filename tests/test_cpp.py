@@ -30,6 +30,8 @@ from llama4_export.export.tokenizer_files import TOKENIZER_GRAPHS, write_byte_le
 from llama4_export.model.config import get_preset
 from llama4_export.pipeline import QuantOptions
 
+from .conftest import VISION_FIXTURES
+
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "cpp" / "build"
 SANITIZER_BUILD = REPO / "cpp" / "build-sanitize"
@@ -112,6 +114,18 @@ def test_scout_tiny_tokens_match_llama4_run(llama4_cpp, tiny, case):
     assert got["token_ids"] == expected["token_ids"]
     assert (got["prompt_ids"], got["stop_reason"], got["text"]) == (
         expected["prompt_ids"], expected["stop_reason"], expected["text"])
+
+
+def test_multimodal_artifact_runs_its_text_path_as_llama4_run(llama4_cpp, tmp_path):
+    """A multimodal checkpoint's prefill takes image_features; llama4rt binds zero rows (text only), so prompts, image
+    placeholder ids without an image among them, give llama4-run's tokens."""
+    art = tmp_path / "vision"
+    api.export_model(art, checkpoint=VISION_FIXTURES / "tiny-a", show_progress=False, quant=QuantOptions(report=False))
+    assert "image_features" in {i.name for i in ort.InferenceSession(str(art / "prefill.onnx")).get_inputs()}
+    image_token = json.loads((art / "manifest.json").read_text())["vision"]["config"]["image_token_id"]
+    for args in (["--prompt", TEXTS[0], "-n", 12],
+                 ["--ids", f"1,{image_token},{image_token},40,41", "-n", 12, "--temperature", 0.9, "--seed", 4]):
+        assert cpp_json(llama4_cpp, art, *args) == python_json(art, *args)
 
 
 SCOUTLIKE_CASES = {

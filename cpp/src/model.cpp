@@ -30,6 +30,9 @@ constexpr const char* kHiddenIn = "hidden_states";
 constexpr const char* kLogits = "logits";
 constexpr const char* kHiddenOut = "hidden_states_out";
 constexpr const char* kLogitsIndex = "logits_index";
+// A multimodal artifact's prefill takes its image tokens' rows; llama4rt runs text, so it binds none (io_spec.py:
+// placeholders without rows keep their token embeddings, as in OrtBackend).
+constexpr const char* kImageFeatures = "image_features";
 constexpr AttentionKind kKinds[] = {AttentionKind::kChunked, AttentionKind::kGlobal};
 // The per-kind cache index: slot positions [batch, slots] (positions layout) or valid lengths [batch] (in_place).
 const char* cache_index_name(KVLayout layout, AttentionKind kind) {
@@ -131,7 +134,7 @@ void check_graph(const Graph& g, const ModelConfig& c, const PartGraphs& part, K
   for (const std::string& name : expected_in)
     if (!g.inputs.count(name)) throw Error(g.path + ": has no input '" + name + "'" + fix);
   for (const auto& [name, spec] : g.inputs)
-    if (std::find(expected_in.begin(), expected_in.end(), name) == expected_in.end())
+    if (name != kImageFeatures && std::find(expected_in.begin(), expected_in.end(), name) == expected_in.end())
       throw Error(g.path + ": input '" + name + "' is not part of the graph contract for " +
                   std::to_string(part.end_layer - part.first_layer) + " layers" + fix);
   for (const std::string& name : expected_out)
@@ -143,6 +146,16 @@ void check_graph(const Graph& g, const ModelConfig& c, const PartGraphs& part, K
   };
   for (const char* name : {kInputIds, kPositions, kLogitsIndex})
     if (g.inputs.count(name)) expect(name, g.inputs.at(name), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, 2, "int64 [batch, tokens]");
+  if (g.inputs.count(kImageFeatures)) {
+    const TensorSpec& spec = g.inputs.at(kImageFeatures);
+    const bool is_float = spec.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
+                          spec.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ||
+                          spec.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
+    if (!is_float || spec.shape.size() != 2 ||
+        (spec.shape[1] >= 0 && spec.shape[1] != c.hidden_size))
+      throw Error(g.path + ": '" + kImageFeatures + "' is not a float [image tokens, " + std::to_string(c.hidden_size) +
+                  "] input" + fix);
+  }
   for (AttentionKind kind : kKinds) {
     const char* name = cache_index_name(layout, kind);
     if (layout == KVLayout::kInPlace)
@@ -202,6 +215,7 @@ struct Model::Impl {
   int64_t step_capacity = 0;
   std::vector<int64_t> ids, positions;
   int64_t logits_index = 0;
+  float no_image_features[1] = {};  // the memory behind a zero-row image_features tensor
   std::vector<std::vector<uint8_t>> new_keys, new_values;
   std::vector<const uint8_t*> new_key_ptrs, new_value_ptrs;
   // The decode step's bindings over those buffers and the cache, rebuilt only when the cache grows (OrtBackend's
@@ -413,6 +427,9 @@ std::vector<Ort::IoBinding> Model::Impl::bind(bool prefill, int64_t tokens) {
     }
     if (g.takes_logits_index)
       binding.BindInput(kLogitsIndex, make_tensor(cpu, &logits_index, {1, 1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
+    if (g.inputs.count(kImageFeatures))
+      binding.BindInput(kImageFeatures, make_tensor(cpu, no_image_features, {0, c.hidden_size},
+                                                    g.inputs.at(kImageFeatures).type));
     bindings.push_back(std::move(binding));
   }
   return bindings;
