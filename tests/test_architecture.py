@@ -53,6 +53,29 @@ def test_running_an_artifact_imports_neither_torch_nor_the_exporter(scoutlike_ar
     assert json.loads(result.stdout.splitlines()[0])["token_ids"] and "HEAVY []" in result.stdout, result.stdout
 
 
+@pytest.mark.parametrize("args", [["--help"], ["inspect", "--model", "scout", "--json"],
+                                  ["plan", "--model", "scout", "--precision", "int4", "--gpu", "h100-80gb"]])
+def test_export_cli_answers_without_torch_or_onnx(args):
+    """`llama4-export --help`, `inspect --model` and `plan` need only configs: the api imports the jobs that need torch
+    or onnx on first use (≈ 3 s of every start before)."""
+    script = (
+        "import sys\n"
+        "from llama4_export.cli.export import main\n"
+        f"sys.argv = ['llama4-export', *{args!r}]\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "print('HEAVY', sorted(m for m in sys.modules if m in ('torch', 'onnx', 'onnx_ir', 'onnxruntime', 'safetensors')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout, result.stdout
+
+
+def test_every_api_name_resolves():
+    from llama4_export import api
+
+    assert all(callable(getattr(api, name)) for name in api.__all__)
+
+
 def test_an_artifact_of_another_format_version_is_refused_with_one_line(scoutlike_artifact, tmp_path):
     from typer.testing import CliRunner
 

@@ -14,8 +14,6 @@ from rich.table import Table
 from .. import api
 from ..artifact import write_json
 from ..errors import ConfigError, Llama4ExportError
-from ..evaluation.bench import result_table
-from ..graph_passes.manager import report_tables
 from ..tensorrt import trt_onnx_support
 from .common import console, err_console, fail
 
@@ -318,6 +316,8 @@ def passes(
 
 
 def _print_pass_reports(reports: dict[str, dict]) -> None:
+    from ..graph_passes.manager import report_tables  # onnx_ir: imported by the commands that print reports
+
     for name, report in reports.items():
         for table in report_tables(name, report):
             console.print(table)
@@ -339,6 +339,8 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results to this JSON file"),
 ) -> None:
     """Prefill and decode tokens/s, time to first token, peak RSS and decode as a fraction of the memory-bandwidth bound."""
+    from ..evaluation.bench import result_table  # onnx: imported by this command only
+
     try:
         with err_console.status(f"benchmarking {directory}"):
             result = api.bench_artifact(directory, prompt, decode_prompt, new_tokens, repeats, threads, backend, window=window,
