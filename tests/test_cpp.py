@@ -128,6 +128,15 @@ def test_multimodal_artifact_runs_its_text_path_as_llama4_run(llama4_cpp, tmp_pa
         assert cpp_json(llama4_cpp, art, *args) == python_json(art, *args)
 
 
+def test_a_tensorrt_artifact_is_refused_with_what_to_do(llama4_cpp, tmp_path):
+    art = tmp_path / "trt"
+    api.export_model(art, model=PRESET, precision="fp16", target="tensorrt", show_progress=False,
+                     quant=QuantOptions(report=False))
+    done = run_cpp(llama4_cpp, art, "--ids", "1,2,3")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "TensorRT plugin nodes" in done.stderr and "--target onnxruntime" in done.stderr
+
+
 SCOUTLIKE_CASES = {
     # 100 held-out tokens cross the 64-token chunk; W = 96 is outgrown by the prompt, the ring wraps while decoding
     "greedy-window": ["-n", 48, "--window", 96, "--sinks", 4],

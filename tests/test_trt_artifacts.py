@@ -26,6 +26,7 @@ from llama4_export import api
 from llama4_export.pipeline import QuantOptions
 from llama4_export.rebuild import rebuild
 from llama4_export.cli.export import export_app
+from llama4_export.cli.run import run_app
 from llama4_export.graph_passes import trt_plugin_spec
 from llama4_export.model import get_preset
 
@@ -239,6 +240,14 @@ def test_cli_lint_and_compare_on_a_clean_artifact(scout_fp16):
     result = CliRunner().invoke(export_app, ["compare", str(scout_fp16), "--tolerance", "2e-3"])
     assert result.exit_code == 0, result.output
     assert "ORT-only comparison" in result.output and "decode: onnxruntime vs pytorch" in result.output
+
+
+def test_running_a_tensorrt_artifact_on_onnxruntime_says_which_backend(scout_fp16):
+    """Its MoE is a TensorRT plugin node ONNX Runtime lacks: the one line names --backend tensorrt, not a re-export."""
+    result = CliRunner().invoke(run_app, [str(scout_fp16), "--prompt", "The", "-n", "2"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "TensorRT plugin nodes" in result.output and "--backend tensorrt" in result.output
+    assert "re-run the export" not in result.output
 
 
 # --------------------------------------------------------------------------------------------------------- rebuild

@@ -249,7 +249,13 @@ void Model::Impl::open(const std::string& directory, const OpenOptions& options)
     try {
       g.session = std::make_unique<Ort::Session>(env, path.c_str(), session_options);
     } catch (const Ort::Exception& e) {
-      throw Error(path + ": ONNX Runtime cannot load it (" + first_line(e.what()) + "); re-run the export");
+      const std::string reason = first_line(e.what());
+      // ONNX Runtime names an op it lacks by domain: TensorRT plugin nodes (an export for --target tensorrt)
+      const std::string fix = reason.find("trt.plugins:") != std::string::npos
+                                  ? "it holds TensorRT plugin nodes (exported with --target tensorrt); export with "
+                                    "--target onnxruntime for llama4rt"
+                                  : "re-run the export";
+      throw Error(path + ": ONNX Runtime cannot load it (" + reason + "); " + fix);
     }
     g.inputs = tensor_specs(*g.session, true);
     g.outputs = tensor_specs(*g.session, false);

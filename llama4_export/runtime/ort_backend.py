@@ -320,11 +320,18 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return options
 
 
+# The domain of TensorRT plugin nodes (graph_passes/trt_plugin_spec.PLUGIN_DOMAIN), as ONNX Runtime names an op it lacks.
+TRT_PLUGIN_OP = "trt.plugins:"
+
+
 def load_session(path: Path, options, providers):
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types for unreadable models
-        raise GenerationError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]}); re-run the export") from None
+        reason = str(exc).splitlines()[0]
+        fix = ("it holds TensorRT plugin nodes (exported with --target tensorrt): run it with --backend tensorrt on an "
+               "NVIDIA GPU, or export with --target onnxruntime") if TRT_PLUGIN_OP in reason else "re-run the export"
+        raise GenerationError(f"{path}: ONNX Runtime cannot load it ({reason}); {fix}") from None
 
 
 def _ortvalue(array: np.ndarray):
