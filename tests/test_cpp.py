@@ -16,10 +16,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import dataclasses
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 from onnxruntime_extensions import get_library_path
+from PIL import Image
+from safetensors.numpy import load_file
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
@@ -28,6 +32,8 @@ from llama4_export.artifact import FORMAT_VERSION
 from llama4_export.cli.run import run_app
 from llama4_export.export.tokenizer_files import TOKENIZER_GRAPHS, write_byte_level_tokenizer, write_tokenizer_graphs
 from llama4_export.model.config import get_preset
+from llama4_export.model.loader import check_checkpoint
+from llama4_export.runtime.images import ImageProcessor, load_image, to_rgb
 from llama4_export.pipeline import QuantOptions
 
 from .conftest import VISION_FIXTURES
@@ -116,16 +122,102 @@ def test_scout_tiny_tokens_match_llama4_run(llama4_cpp, tiny, case):
         expected["prompt_ids"], expected["stop_reason"], expected["text"])
 
 
-def test_multimodal_artifact_runs_its_text_path_as_llama4_run(llama4_cpp, tmp_path):
-    """A multimodal checkpoint's prefill takes image_features; llama4rt binds zero rows (text only), so prompts, image
-    placeholder ids without an image among them, give llama4-run's tokens."""
-    art = tmp_path / "vision"
+@pytest.fixture(scope="module")
+def vision_artifact(tmp_path_factory) -> Path:
+    """The tiny multimodal checkpoint exported (fp32: llama4rt runs images through float32 graphs)."""
+    art = tmp_path_factory.mktemp("cpp-vision") / "vision"
     api.export_model(art, checkpoint=VISION_FIXTURES / "tiny-a", show_progress=False, quant=QuantOptions(report=False))
+    return art
+
+
+def ppm(image: Path, directory: Path) -> Path:
+    """The image as the Python runtime decodes it (upright, transparency on white), as binary PPM for llama4-cpp."""
+    pixels = np.asarray(to_rgb(load_image(image)), np.uint8)
+    path = directory / f"{image.name}.ppm"
+    path.write_bytes(b"P6\n%d %d\n255\n" % (pixels.shape[1], pixels.shape[0]) + pixels.tobytes())
+    return path
+
+
+def test_multimodal_artifact_runs_its_text_path_as_llama4_run(llama4_cpp, vision_artifact):
+    """A multimodal checkpoint's prefill takes image_features; without images llama4rt binds zero rows, so prompts,
+    image placeholder ids without an image among them, give llama4-run's tokens."""
+    art = vision_artifact
     assert "image_features" in {i.name for i in ort.InferenceSession(str(art / "prefill.onnx")).get_inputs()}
     image_token = json.loads((art / "manifest.json").read_text())["vision"]["config"]["image_token_id"]
     for args in (["--prompt", TEXTS[0], "-n", 12],
                  ["--ids", f"1,{image_token},{image_token},40,41", "-n", 12, "--temperature", 0.9, "--seed", 4]):
         assert cpp_json(llama4_cpp, art, *args) == python_json(art, *args)
+
+
+@pytest.mark.parametrize("key", ["scout", "a", "b"])
+def test_image_tiles_match_transformers_and_the_python_runtime(llama4_cpp, vision_artifact, tmp_path, key):
+    """llama4rt's tiling of every fixture image under both checkpoints' processors and Scout's (336-px tiles, at most
+    16): the grid and the pixels of transformers' Llama4ImageProcessor (fixtures; its acceptance bound) and, bit for
+    bit, the Python runtime's — also on 24 random sizes from 1 × 1 px to 4,000 px wide."""
+    processor = ImageProcessor.from_directory(VISION_FIXTURES / f"tiny-{'b' if key == 'b' else 'a'}",
+                                              check_checkpoint(VISION_FIXTURES / "tiny-a").vision).config
+    if key == "scout":
+        processor = dataclasses.replace(processor, size=336, max_patches=16, tokens_per_tile=144)
+    art = tmp_path / "art"
+    shutil.copytree(vision_artifact, art)
+    edit_manifest(art, lambda m: m["vision"].update(processor=processor.to_dict()))
+    python = ImageProcessor(processor)
+    reference = json.loads((VISION_FIXTURES / "reference.json").read_text())
+    pixels = load_file(VISION_FIXTURES / "pixels.safetensors")
+
+    def tiles(image: Path) -> tuple[list[int], np.ndarray]:
+        done = subprocess.run([str(BUILD / "preprocess-tiles"), str(art), str(ppm(image, tmp_path)),
+                               str(tmp_path / "tiles.f32")], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        rows, cols, _ = map(int, done.stdout.split())
+        return [rows, cols], np.fromfile(tmp_path / "tiles.f32", np.float32)
+
+    stride = reference["scout_stride"] if key == "scout" else 1
+    for name, grid in reference["grids"][key].items():
+        got_grid, got = tiles(VISION_FIXTURES / "images" / name)
+        ours = python.preprocess(VISION_FIXTURES / "images" / name)
+        assert got_grid == grid == list(ours.grid) and np.array_equal(got.reshape(ours.pixel_values.shape),
+                                                                      ours.pixel_values), name
+        if f"{key}/{name}" in pixels:
+            codes, table = pixels[f"{key}/{name}"].astype(np.int64), pixels[f"{key}/table"]
+            expected = table[np.arange(3)[:, None, None], codes]
+            assert np.abs(got.reshape(ours.pixel_values.shape)[..., ::stride, ::stride] - expected).max() <= 2e-2, name
+    rng = np.random.default_rng(7)
+    for height, width in [(1, 1), (4000 // 40, 4000), *rng.integers(1, 1500, (22, 2)).tolist()]:
+        image = tmp_path / f"random-{height}x{width}.png"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(image)
+        got_grid, got = tiles(image)
+        ours = python.preprocess(image)
+        assert got_grid == list(ours.grid) and np.array_equal(got.reshape(ours.pixel_values.shape), ours.pixel_values), \
+            (height, width)
+
+
+def test_images_generate_as_llama4_run(llama4_cpp, vision_artifact, tmp_path):
+    """Prompts with images: llama4-cpp (PPM in, the same pixels) gives llama4-run's prompt ids, tokens and text —
+    one multi-tile image greedy, two images sampled. The checkpoint's chunk is 16 tokens, so each image's placeholder
+    rows reach the graph across several prefill steps."""
+    images = VISION_FIXTURES / "images"
+    cases = [
+        (["--prompt", "<|image|>What is in this picture?", "-n", 16], ["grid_2x3.png"]),
+        (["--prompt", "Compare <|image|> with <|image|>.", "-n", 16, "--temperature", 0.9, "--seed", 3],
+         ["tall.webp", "rgba.png"]),
+    ]
+    for args, names in cases:
+        expected = python_json(vision_artifact, *args, *[a for n in names for a in ("--image", str(images / n))])
+        got = cpp_json(llama4_cpp, vision_artifact, *args, *[a for n in names for a in ("--image", ppm(images / n, tmp_path))])
+        assert got == expected and len(expected["prompt_ids"]) > 40, names
+
+
+def test_image_errors_are_one_line(llama4_cpp, vision_artifact, tiny, tmp_path):
+    picture = ppm(VISION_FIXTURES / "images" / "tiny.png", tmp_path)
+    for artifact, args, message in [
+        (vision_artifact, ["--prompt", "no placeholder", "--image", picture], "0 <|image|> placeholder(s) but 1 image"),
+        (vision_artifact, ["--ids", "1,2", "--image", picture], "--image needs --prompt"),
+        (vision_artifact, ["--prompt", "<|image|>", "--image", tmp_path / "missing.ppm"], "cannot be read"),
+        (tiny["fp32"], ["--prompt", "<|image|>", "--image", picture], "no vision graph"),
+    ]:
+        done = run_cpp(llama4_cpp, artifact, *args)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
 
 
 def test_a_tensorrt_artifact_is_refused_with_what_to_do(llama4_cpp, tmp_path):
@@ -190,9 +282,9 @@ def test_resident_memory_is_flat_over_a_long_generation(llama4_cpp, tiny):
     assert abs(rss[2000] - rss[200]) <= 0.05 * rss[200], rss
 
 
-def test_sanitizer_build_runs_clean(llama4_cpp, tiny):
-    """ASan + UBSan build of the library and example (any report aborts it), on a sampled run past the window and
-    on an error path; the tokens equal the normal build's."""
+def test_sanitizer_build_runs_clean(llama4_cpp, tiny, vision_artifact, tmp_path):
+    """ASan + UBSan build of the library and example (any report aborts it), on a sampled run past the window, a
+    prompt with two images and an error path; the tokens equal the normal build's."""
     root = subprocess.run(["cmake", "-N", "-L", str(BUILD)], capture_output=True, text=True).stdout
     onnxruntime_root = next(line.split("=", 1)[1] for line in root.splitlines() if line.startswith("ONNXRUNTIME_ROOT:"))
     for step in (["cmake", "-S", REPO / "cpp", "-B", SANITIZER_BUILD, "-DLLAMA4RT_SANITIZE=ON",
@@ -206,6 +298,11 @@ def test_sanitizer_build_runs_clean(llama4_cpp, tiny):
         sanitized = run_cpp(SANITIZER_BUILD / "llama4-cpp", tiny[layout], *args, "--json")
         assert sanitized.returncode == 0 and "Sanitizer" not in sanitized.stderr, sanitized.stderr
         assert json.loads(sanitized.stdout) == cpp_json(llama4_cpp, tiny[layout], *args)
+    images = [a for name in ("grid_2x3.png", "tiny.png") for a in ("--image", ppm(VISION_FIXTURES / "images" / name, tmp_path))]
+    args = ["--prompt", "<|image|> and <|image|>", "-n", 8, *images, "--json"]
+    sanitized = run_cpp(SANITIZER_BUILD / "llama4-cpp", vision_artifact, *args)
+    assert sanitized.returncode == 0 and "Sanitizer" not in sanitized.stderr, sanitized.stderr
+    assert json.loads(sanitized.stdout) == json.loads(run_cpp(llama4_cpp, vision_artifact, *args).stdout)
     refused = run_cpp(SANITIZER_BUILD / "llama4-cpp", tiny["fp32"], "--ids", "1,99999")
     assert refused.returncode == 2 and "Sanitizer" not in refused.stderr, refused.stderr
 

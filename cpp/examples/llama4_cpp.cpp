@@ -21,8 +21,11 @@ constexpr const char* kUsage =
     "usage: llama4-cpp ARTIFACT (--prompt TEXT | --ids 1,2,3) [-n N] [--window W] [--sinks S]\n"
     "                  [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S]\n"
     "                  [--threads N] [--no-stop] [--stream] [--json] [--stats] [--rss-steps 200,2000]\n"
+    "                  [--image PICTURE.ppm ...]\n"
     "Generates a continuation (greedy unless --temperature) with the sliding KV cache, as llama4-run does.\n"
     "  --prompt      the prompt as text (needs the artifact's tokenizer graphs and onnxruntime-extensions)\n"
+    "  --image       an image for the prompt's next <|image|> placeholder (repeat in order), as binary PPM (P6,\n"
+    "                8-bit RGB: e.g. `convert photo.jpg photo.ppm`); an artifact of a multimodal checkpoint\n"
     "  --json        print {\"prompt_ids\", \"token_ids\", \"text\", \"stop_reason\"} as llama4-run --json does\n"
     "  --no-stop     generate exactly N tokens: no stop tokens (as the benchmarks run)\n"
     "  --stream      print each token id as it is chosen\n"
@@ -78,6 +81,34 @@ std::string join(const std::vector<int64_t>& ids, const char* separator) {
   return out;
 }
 
+// A binary PPM (P6, maxval 255): the one image format simple enough to read without a library; a host application
+// decodes its images with its own and hands llama4rt the RGB pixels.
+llama4rt::Image read_ppm(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Usage{"--image " + path + ": cannot be read"};
+  auto field = [&]() {
+    std::string token;
+    while (in >> std::ws && in.peek() == '#') std::getline(in, token);  // comments
+    in >> token;
+    return token;
+  };
+  llama4rt::Image image;
+  const std::string magic = field();
+  try {
+    image.width = std::stoll(field());
+    image.height = std::stoll(field());
+    if (magic != "P6" || std::stoll(field()) != 255 || image.width < 1 || image.height < 1) throw std::exception();
+  } catch (const std::exception&) {
+    throw Usage{"--image " + path + ": not a binary 8-bit PPM (P6, maxval 255); convert it, e.g. `convert " + path +
+                " image.ppm`"};
+  }
+  in.get();  // the one whitespace byte before the pixels
+  image.rgb.resize(static_cast<size_t>(image.width * image.height * 3));
+  if (!in.read(reinterpret_cast<char*>(image.rgb.data()), static_cast<std::streamsize>(image.rgb.size())))
+    throw Usage{"--image " + path + ": truncated (fewer pixels than its header says)"};
+  return image;
+}
+
 long resident_kb() {
   std::ifstream status("/proc/self/status");
   for (std::string line; std::getline(status, line);)
@@ -93,6 +124,7 @@ int main(int argc, char** argv) {
   std::optional<std::vector<int64_t>> ids;
   std::optional<std::string> prompt;
   std::vector<int64_t> rss_steps;
+  std::vector<std::string> image_paths;
   bool as_json = false, stream = false, stats = false;
   llama4rt::OpenOptions open_options;
   llama4rt::GenerateOptions options;
@@ -138,6 +170,8 @@ int main(int argc, char** argv) {
         stats = true;
       } else if (flag == "--stream") {
         stream = true;
+      } else if (flag == "--image") {
+        image_paths.push_back(value());
       } else if (flag == "--rss-steps") {
         rss_steps = parse_ids(flag, value());
       } else if (!flag.empty() && flag[0] == '-') {
@@ -151,8 +185,15 @@ int main(int argc, char** argv) {
     if (artifact.empty()) throw Usage{"give the ARTIFACT directory (see --help)"};
     if (ids.has_value() == prompt.has_value()) throw Usage{"give exactly one of --prompt TEXT or --ids 1,2,3"};
 
+    if (!image_paths.empty() && !prompt) throw Usage{"--image needs --prompt TEXT with an <|image|> placeholder per image"};
+    std::vector<llama4rt::Image> images;
+    for (const std::string& path : image_paths) images.push_back(read_ppm(path));
+
     llama4rt::Model model = llama4rt::Model::open(artifact, open_options);
-    const std::vector<int64_t> prompt_ids = ids ? *ids : model.encode(*prompt);
+    const llama4rt::Prompt full_prompt = ids ? llama4rt::Prompt{*ids, {}}
+                                             : images.empty() ? llama4rt::Prompt{model.encode(*prompt), {}}
+                                                              : model.encode(*prompt, images);
+    const std::vector<int64_t>& prompt_ids = full_prompt.ids;
     int64_t step = 0;
     using Clock = std::chrono::steady_clock;
     Clock::time_point first_token, last_token;
@@ -164,7 +205,7 @@ int main(int argc, char** argv) {
       if (stream && !as_json && !stop) std::cout << (step > 1 ? "," : "") << token << std::flush;
     };
     const Clock::time_point start = Clock::now();
-    const llama4rt::Result result = model.generate(prompt_ids, options, on_token);
+    const llama4rt::Result result = model.generate(full_prompt, options, on_token);
     if (stats && step > 0) {
       const double prefill_s = std::chrono::duration<double>(first_token - start).count();
       const double decode_s = std::chrono::duration<double>(last_token - first_token).count();

@@ -8,6 +8,7 @@
 //   llama4rt::Result result = model.generate(model.encode("The history of"), options,
 //                                            [](int64_t token, bool stop) { /* each new token as it is chosen */ });
 //   // result.text: the new tokens as text (with the artifact's tokenizer graphs, see Model::has_tokenizer)
+//   llama4rt::Result described = model.generate(model.encode("<|image|>Describe it.", {image}), options);
 //
 // Every failure (bad artifact, a graph that does not match its manifest, bad ids or options, an ONNX Runtime error)
 // throws llama4rt::Error with one line naming the file or value and what to do; nothing aborts the host process.
@@ -65,6 +66,21 @@ struct Result {
   std::optional<std::string> text;  // the new tokens decoded (stop token excluded) when has_tokenizer()
 };
 
+// An image as 8-bit RGB pixels, row-major [height][width][3]: decoded by the host's image library, turned upright
+// by its EXIF orientation and any transparency composited onto white (what the Python runtime's load_image and
+// to_rgb do before tiling).
+struct Image {
+  int64_t width = 0, height = 0;
+  std::vector<uint8_t> rgb;
+};
+
+// A prompt with its images: the ids with each image's placeholder expanded to its tile grid's tokens, and the vision
+// graph's features of every tile, [rows of the image placeholder tokens, hidden] row-major, in prompt order.
+struct Prompt {
+  std::vector<int64_t> ids;
+  std::vector<float> image_features;
+};
+
 // Called with every new token as it is chosen; `stop` = it is a stop token (it ends the generation).
 using TokenCallback = std::function<void(int64_t token, bool stop)>;
 
@@ -75,6 +91,13 @@ class Model {
 
   Result generate(const std::vector<int64_t>& prompt_ids, const GenerateOptions& options = {},
                   const TokenCallback& on_token = {});
+  Result generate(const Prompt& prompt, const GenerateOptions& options = {}, const TokenCallback& on_token = {});
+
+  // Images (an artifact of a multimodal checkpoint, see has_vision): `text`'s k-th `<|image|>` placeholder marks
+  // images[k]; each image is tiled as the Python runtime tiles it, its placeholder expanded, the text encoded (needs
+  // has_tokenizer) and the tiles run through the vision graph.
+  bool has_vision() const;
+  Prompt encode(const std::string& text, const std::vector<Image>& images);
 
   // Text in and out through the artifact's tokenizer graphs, as llama4-run's tokenizer.json: has_tokenizer() says
   // whether they and the extensions library are there; encode/decode throw Error saying why not otherwise.

@@ -217,6 +217,35 @@ void read_tokenizer_graphs(const json& manifest, const fs::path& directory, Arti
   }
 }
 
+// The manifest's vision entry (export: vision.file, vision.config, vision.processor = ImageProcessorConfig.to_dict).
+void read_vision(const json& manifest, const fs::path& directory, Artifact& artifact) {
+  if (!manifest.contains("vision") || manifest["vision"].is_null()) return;
+  const json& entry = manifest["vision"];
+  const json& processor = entry.at("processor");
+  VisionEntry vision;
+  vision.graph = (directory / entry.at("file").get<std::string>()).string();
+  if (!fs::is_regular_file(vision.graph))
+    throw Error(vision.graph + ": listed in " + artifact.manifest_path + " but missing; re-run the export");
+  vision.image_token_id = entry.at("config").at("image_token_id").get<int64_t>();
+  ProcessorConfig& p = vision.processor;
+  p.size = processor.at("size").get<int64_t>();
+  p.max_patches = processor.at("max_patches").get<int64_t>();
+  p.resize_to_max_canvas = processor.at("resize_to_max_canvas").get<bool>();
+  p.do_rescale = processor.at("do_rescale").get<bool>();
+  p.rescale_factor = processor.at("rescale_factor").get<double>();
+  p.do_normalize = processor.at("do_normalize").get<bool>();
+  for (int c = 0; c < 3; ++c) {
+    p.image_mean[c] = processor.at("image_mean").at(c).get<double>();
+    p.image_std[c] = processor.at("image_std").at(c).get<double>();
+  }
+  p.tokens_per_tile = processor.at("tokens_per_tile").get<int64_t>();
+  p.placeholder = processor.at("placeholder").get<std::string>();
+  if (p.size < 1 || p.max_patches < 1 || p.tokens_per_tile < 1)
+    throw Error(artifact.manifest_path + ": vision.processor has a size, max_patches or tokens_per_tile below 1; "
+                "re-run the export");
+  artifact.vision = vision;
+}
+
 }  // namespace
 
 Artifact read_artifact(const std::string& directory_name) {
@@ -234,6 +263,7 @@ Artifact read_artifact(const std::string& directory_name) {
     if (manifest.contains("kv_layout") && manifest["kv_layout"].is_string())
       artifact.kv_layout = manifest["kv_layout"].get<std::string>();
     read_tokenizer_graphs(manifest, directory, artifact);
+    read_vision(manifest, directory, artifact);
   } catch (const json::exception& e) {  // a field of the wrong JSON type
     throw Error(artifact.manifest_path + ": malformed field (" + first_line(e.what()) + "); re-run the export");
   } catch (const std::logic_error& e) {  // std::stoi/stoll: a nul_byte_tokens entry that is not hex / an id

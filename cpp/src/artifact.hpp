@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "images.hpp"
+
 namespace llama4rt {
 
 enum class AttentionKind { kChunked, kGlobal };
@@ -32,6 +34,13 @@ struct PartGraphs {
   std::string decode, prefill;             // paths; prefill empty when the part has none
 };
 
+// The manifest's vision entry: the vision graph and the processor that tiles images for it.
+struct VisionEntry {
+  std::string graph;       // path of vision.onnx
+  int64_t image_token_id;  // the placeholder token whose rows take image features
+  ProcessorConfig processor;
+};
+
 struct Artifact {
   std::string directory;
   std::string manifest_path;
@@ -45,6 +54,7 @@ struct Artifact {
   std::string tokenizer_encode, tokenizer_decode;
   std::map<int64_t, std::string> nul_byte_tokens;  // id → bytes of the tokens holding a NUL byte (tokenizer.graphs)
   std::string no_tokenizer_graphs;
+  std::optional<VisionEntry> vision;  // an artifact of a multimodal checkpoint
 };
 
 // Throws Error with one line naming the file and what to do.

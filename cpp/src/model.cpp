@@ -10,6 +10,7 @@
 #include <onnxruntime_cxx_api.h>
 
 #include "artifact.hpp"
+#include "images.hpp"
 #include "kv_cache.hpp"
 #include "llama4rt.hpp"
 #include "sampler.hpp"
@@ -216,6 +217,14 @@ struct Model::Impl {
   std::vector<int64_t> ids, positions;
   int64_t logits_index = 0;
   float no_image_features[1] = {};  // the memory behind a zero-row image_features tensor
+  // Images: the vision graph, or why this artifact's images cannot run here; during a prefill step, the feature rows
+  // of its placeholder tokens (Generator.prefill: the rows before the step's first token are the earlier steps').
+  std::unique_ptr<Ort::Session> vision;
+  std::string no_vision;
+  const float* prompt_features = nullptr;
+  std::vector<int64_t> image_rows_before;  // per prompt position: the placeholder tokens before it
+  const float* step_features = nullptr;
+  int64_t step_feature_rows = 0;
   std::vector<std::vector<uint8_t>> new_keys, new_values;
   std::vector<const uint8_t*> new_key_ptrs, new_value_ptrs;
   // The decode step's bindings over those buffers and the cache, rebuilt only when the cache grows (OrtBackend's
@@ -230,7 +239,9 @@ struct Model::Impl {
   void decode(int64_t token);
   void prefill(const int64_t* tokens, int64_t start, int64_t width);
   Graph& graph(Part& p, bool prefill) { return prefill && p.prefill ? *p.prefill : p.decode; }
-  Result generate(const std::vector<int64_t>& prompt, const GenerateOptions& options, const TokenCallback& on_token);
+  void open_vision(const Ort::SessionOptions& session_options);
+  Prompt encode(const std::string& text, const std::vector<Image>& images);
+  Result generate(const Prompt& prompt, const GenerateOptions& options, const TokenCallback& on_token);
 };
 
 void Model::Impl::open(const std::string& directory, const OpenOptions& options) {
@@ -365,6 +376,77 @@ void Model::Impl::open(const std::string& directory, const OpenOptions& options)
   else
     text = std::make_unique<TextCodec>(env, artifact.tokenizer_encode, artifact.tokenizer_decode,
                                        artifact.nul_byte_tokens, library);
+  open_vision(session_options);
+}
+
+// ImageEncoder: vision.onnx in its own session. llama4rt feeds float32 pixels and features; an artifact whose graphs
+// take another type runs text only here (no_vision says why).
+void Model::Impl::open_vision(const Ort::SessionOptions& session_options) {
+  if (!artifact.vision) {
+    no_vision = "this artifact has no vision graph (exported from a text-only checkpoint)";
+    return;
+  }
+  const std::string& path = artifact.vision->graph;
+  try {
+    vision = std::make_unique<Ort::Session>(env, path.c_str(), session_options);
+  } catch (const Ort::Exception& e) {
+    throw Error(path + ": ONNX Runtime cannot load it (" + first_line(e.what()) + "); re-run the export");
+  }
+  const auto in = tensor_specs(*vision, true), out = tensor_specs(*vision, false);
+  const Graph& first = graph(parts[0], true);
+  const bool float_pixels = in.count("pixel_values") && in.at("pixel_values").type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  const bool float_features = out.count(kImageFeatures) &&
+                              out.at(kImageFeatures).type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
+                              first.inputs.count(kImageFeatures) &&
+                              first.inputs.at(kImageFeatures).type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  if (!float_pixels || !float_features) {
+    vision.reset();
+    no_vision = path + " or the prefill graph takes image tensors other than float32 (an fp16 or bf16 export); "
+                "llama4rt runs images through float32 ones (fp32, int4 and fp8 exports): run this artifact's images "
+                "with llama4-run --image";
+  }
+}
+
+// Generator._expanded: every image tiled, its placeholder expanded, the text encoded, the length checked; then the
+// vision graph over all tiles.
+Prompt Model::Impl::encode(const std::string& text_prompt, const std::vector<Image>& images) {
+  if (!vision) throw Error("images need the vision graph: " + no_vision);
+  if (!text) throw Error("images need a text prompt (its placeholders say where each image goes), and text needs the "
+                         "tokenizer: " + no_text);
+  const VisionEntry& entry = *artifact.vision;
+  std::vector<Tiles> tiled;
+  std::vector<std::pair<int64_t, int64_t>> grids;
+  int64_t tiles = 0;
+  for (const Image& image : images) {
+    tiled.push_back(preprocess(image, entry.processor));
+    grids.push_back(tiled.back().grid);
+    tiles += tiled.back().count;
+  }
+  Prompt prompt;
+  prompt.ids = text->encode(expand_prompt(text_prompt, grids, entry.processor));
+  const int64_t context = artifact.config.max_position_embeddings;
+  if (static_cast<int64_t>(prompt.ids.size()) > context)
+    throw Error("the prompt is " + std::to_string(prompt.ids.size()) + " tokens with its images (" +
+                std::to_string(tiles) + " tiles x " + std::to_string(entry.processor.tokens_per_tile) +
+                " tokens) but the model's context is " + std::to_string(context) + "; give fewer or smaller images");
+  if (images.empty()) return prompt;
+  const int64_t size = entry.processor.size;
+  std::vector<float> pixels;
+  pixels.reserve(tiles * 3 * size * size);
+  for (const Tiles& t : tiled) pixels.insert(pixels.end(), t.pixels.begin(), t.pixels.end());
+  const std::vector<int64_t> shape = {tiles, 3, size, size};
+  Ort::Value input = make_tensor(cpu, pixels.data(), shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  const char* input_name = "pixel_values";
+  std::vector<Ort::Value> outputs;
+  try {
+    outputs = vision->Run(run_options, &input_name, &input, 1, &kImageFeatures, 1);
+  } catch (const Ort::Exception& e) {
+    throw Error(entry.graph + ": ONNX Runtime failed to run it (" + first_line(e.what()) + ")");
+  }
+  const auto info = outputs[0].GetTensorTypeAndShapeInfo();
+  const float* features = outputs[0].GetTensorData<float>();
+  prompt.image_features.assign(features, features + info.GetElementCount());
+  return prompt;
 }
 
 void Model::Impl::reserve_steps(int64_t tokens) {
@@ -433,9 +515,11 @@ std::vector<Ort::IoBinding> Model::Impl::bind(bool prefill, int64_t tokens) {
     }
     if (g.takes_logits_index)
       binding.BindInput(kLogitsIndex, make_tensor(cpu, &logits_index, {1, 1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
-    if (g.inputs.count(kImageFeatures))
-      binding.BindInput(kImageFeatures, make_tensor(cpu, no_image_features, {0, c.hidden_size},
+    if (g.inputs.count(kImageFeatures)) {
+      float* rows = step_feature_rows ? const_cast<float*>(step_features) : no_image_features;
+      binding.BindInput(kImageFeatures, make_tensor(cpu, rows, {step_feature_rows, c.hidden_size},
                                                     g.inputs.at(kImageFeatures).type));
+    }
     bindings.push_back(std::move(binding));
   }
   return bindings;
@@ -480,7 +564,13 @@ void Model::Impl::prefill(const int64_t* tokens, int64_t start, int64_t width) {
     }
     logits_index = from + count == width ? count - 1 : 0;
     if (layout == KVLayout::kInPlace) cache->reserve(count);
+    if (prompt_features) {  // the rows of this step's image placeholder tokens
+      const int64_t before = image_rows_before[start + from];
+      step_feature_rows = image_rows_before[start + from + count] - before;
+      step_features = prompt_features + before * artifact.config.hidden_size;
+    }
     std::vector<Ort::IoBinding> bindings = bind(true, count);
+    step_feature_rows = 0;
     run(bindings, true);
     if (layout == KVLayout::kInPlace)
       cache->advance(count);
@@ -498,9 +588,10 @@ void Model::Impl::prefill(const int64_t* tokens, int64_t start, int64_t width) {
   }
 }
 
-Result Model::Impl::generate(const std::vector<int64_t>& prompt, const GenerateOptions& options,
+Result Model::Impl::generate(const Prompt& with_images, const GenerateOptions& options,
                              const TokenCallback& on_token) {
   const ModelConfig& c = artifact.config;
+  const std::vector<int64_t>& prompt = with_images.ids;
   if (prompt.empty()) throw Error("the prompt is empty; give at least one token");
   for (size_t i = 0; i < prompt.size(); ++i)
     if (prompt[i] < 0 || prompt[i] >= c.vocab_size)
@@ -509,6 +600,20 @@ Result Model::Impl::generate(const std::vector<int64_t>& prompt, const GenerateO
   if (options.max_new_tokens < 0)
     throw Error("max_new_tokens=" + std::to_string(options.max_new_tokens) + ": must be >= 0");
   check_sampling(options.sampling);
+  prompt_features = nullptr;
+  if (!with_images.image_features.empty()) {
+    if (!artifact.vision) throw Error("image features given but this artifact has no vision graph; export a "
+                                      "multimodal checkpoint for images");
+    image_rows_before.assign(1, 0);
+    for (int64_t id : prompt)
+      image_rows_before.push_back(image_rows_before.back() + (id == artifact.vision->image_token_id ? 1 : 0));
+    const int64_t rows = image_rows_before.back();
+    if (static_cast<int64_t>(with_images.image_features.size()) != rows * c.hidden_size)
+      throw Error("the prompt has " + std::to_string(rows) + " image placeholder token(s) but " +
+                  std::to_string(with_images.image_features.size() / c.hidden_size) + " image feature row(s) of " +
+                  std::to_string(c.hidden_size) + "; make the prompt with Model::encode(text, images)");
+    prompt_features = with_images.image_features.data();
+  }
   const std::vector<int64_t>& stop_list = options.stop_tokens ? *options.stop_tokens : artifact.stop_tokens;
   const std::set<int64_t> stops(stop_list.begin(), stop_list.end());
 
@@ -529,6 +634,7 @@ Result Model::Impl::generate(const std::vector<int64_t>& prompt, const GenerateO
   reserve_steps(std::min(max_prefill_tokens, length));
   for (int64_t start = 0; start < length; start += max_prefill_tokens)
     prefill(prompt.data() + start, start, std::min(max_prefill_tokens, length - start));
+  prompt_features = nullptr;
   // Generator._events: sample, stop at a stop token or max_new_tokens, otherwise decode the token.
   const float* logits = reinterpret_cast<const float*>(parts.back().out.data());
   while (true) {
@@ -585,7 +691,17 @@ Model Model::open(const std::string& artifact_dir, const OpenOptions& options) {
 
 Result Model::generate(const std::vector<int64_t>& prompt_ids, const GenerateOptions& options,
                        const TokenCallback& on_token) {
-  return guarded([&] { return impl_->generate(prompt_ids, options, on_token); });
+  return guarded([&] { return impl_->generate(Prompt{prompt_ids, {}}, options, on_token); });
+}
+
+Result Model::generate(const Prompt& prompt, const GenerateOptions& options, const TokenCallback& on_token) {
+  return guarded([&] { return impl_->generate(prompt, options, on_token); });
+}
+
+bool Model::has_vision() const { return impl_->vision != nullptr; }
+
+Prompt Model::encode(const std::string& text, const std::vector<Image>& images) {
+  return guarded([&] { return impl_->encode(text, images); });
 }
 
 bool Model::has_tokenizer() const { return impl_->text != nullptr; }
