@@ -28,7 +28,7 @@ constexpr const char* kUsage =
     "                8-bit RGB: e.g. `convert photo.jpg photo.ppm`); an artifact of a multimodal checkpoint\n"
     "  --json        print {\"prompt_ids\", \"token_ids\", \"text\", \"stop_reason\"} as llama4-run --json does\n"
     "  --no-stop     generate exactly N tokens: no stop tokens (as the benchmarks run)\n"
-    "  --stream      print each token id as it is chosen\n"
+    "  --stream      print each token's text as it is chosen (its id without the tokenizer), as llama4-run\n"
     "  --stats       print prefill and decode tokens/s as one JSON line on stderr (decode: the tokens after the\n"
     "                first, over the time since it was chosen)\n"
     "  --rss-steps   after each listed step, print `rss step=N kb=K` (resident memory) on stderr\n";
@@ -194,6 +194,8 @@ int main(int argc, char** argv) {
                                              : images.empty() ? llama4rt::Prompt{model.encode(*prompt), {}}
                                                               : model.encode(*prompt, images);
     const std::vector<int64_t>& prompt_ids = full_prompt.ids;
+    std::optional<llama4rt::TextStream> pieces;
+    if (stream && !as_json && model.has_tokenizer()) pieces.emplace(model);
     int64_t step = 0;
     using Clock = std::chrono::steady_clock;
     Clock::time_point first_token, last_token;
@@ -202,7 +204,12 @@ int main(int argc, char** argv) {
       if (++step == 1) first_token = last_token;
       for (int64_t s : rss_steps)
         if (s == step) std::cerr << "rss step=" << step << " kb=" << resident_kb() << std::endl;
-      if (stream && !as_json && !stop) std::cout << (step > 1 ? "," : "") << token << std::flush;
+      if (stream && !as_json && !stop) {
+        if (pieces)
+          std::cout << pieces->push(token) << std::flush;
+        else
+          std::cout << (step > 1 ? "," : "") << token << std::flush;
+      }
     };
     const Clock::time_point start = Clock::now();
     const llama4rt::Result result = model.generate(full_prompt, options, on_token);

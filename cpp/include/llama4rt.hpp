@@ -120,4 +120,17 @@ class Model {
   std::unique_ptr<Impl> impl_;
 };
 
+// The new tokens as text pieces while they arrive (llama4-run --stream; runtime/tokenizer.py StreamDecoder): push()
+// returns what the tokens so far add to the text, "" while they end inside a UTF-8 character. Needs has_tokenizer().
+class TextStream {
+ public:
+  explicit TextStream(Model& model) : model_(model) {}
+  std::string push(int64_t token);
+
+ private:
+  Model& model_;
+  std::vector<int64_t> ids_;
+  size_t emitted_ = 0;  // bytes of the text already returned
+};
+
 }  // namespace llama4rt

@@ -706,6 +706,18 @@ Prompt Model::encode(const std::string& text, const std::vector<Image>& images) 
 
 bool Model::has_tokenizer() const { return impl_->text != nullptr; }
 
+std::string TextStream::push(int64_t token) {
+  ids_.push_back(token);
+  const std::string text = model_.decode(ids_);
+  static const std::string kReplacement = "\xEF\xBF\xBD";  // U+FFFD: an incomplete character so far
+  if (text.size() >= kReplacement.size() && text.compare(text.size() - kReplacement.size(), kReplacement.size(),
+                                                         kReplacement) == 0)
+    return "";
+  const std::string piece = text.substr(std::min(emitted_, text.size()));
+  emitted_ = text.size();
+  return piece;
+}
+
 std::vector<int64_t> Model::encode(const std::string& text) {
   if (!impl_->text) throw Error("text prompts need the tokenizer: " + impl_->no_text + "; give token ids instead");
   return guarded([&] { return impl_->text->encode(text); });
