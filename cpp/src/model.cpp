@@ -31,8 +31,8 @@ constexpr const char* kHiddenIn = "hidden_states";
 constexpr const char* kLogits = "logits";
 constexpr const char* kHiddenOut = "hidden_states_out";
 constexpr const char* kLogitsIndex = "logits_index";
-// A multimodal artifact's prefill takes its image tokens' rows; llama4rt runs text, so it binds none (io_spec.py:
-// placeholders without rows keep their token embeddings, as in OrtBackend).
+// A multimodal artifact's prefill takes the rows of its step's image placeholder tokens; a step without them binds
+// zero rows (io_spec.py: placeholders without rows keep their token embeddings, as in OrtBackend).
 constexpr const char* kImageFeatures = "image_features";
 constexpr AttentionKind kKinds[] = {AttentionKind::kChunked, AttentionKind::kGlobal};
 // The per-kind cache index: slot positions [batch, slots] (positions layout) or valid lengths [batch] (in_place).
@@ -96,6 +96,21 @@ Ort::Value make_tensor(const Ort::MemoryInfo& cpu, void* data, const std::vector
 }
 
 std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+// A graph's session; Error naming the file and what to do when ONNX Runtime cannot load it.
+std::unique_ptr<Ort::Session> open_session(Ort::Env& env, const std::string& path, const Ort::SessionOptions& options) {
+  try {
+    return std::make_unique<Ort::Session>(env, path.c_str(), options);
+  } catch (const Ort::Exception& e) {
+    const std::string reason = first_line(e.what());
+    // ONNX Runtime names an op it lacks by domain: TensorRT plugin nodes (an export for --target tensorrt)
+    const std::string fix = reason.find("trt.plugins:") != std::string::npos
+                                ? "it holds TensorRT plugin nodes (exported with --target tensorrt); export with "
+                                  "--target onnxruntime for llama4rt"
+                                : "re-run the export";
+    throw Error(path + ": ONNX Runtime cannot load it (" + reason + "); " + fix);
+  }
+}
 
 struct TensorSpec {
   ONNXTensorElementDataType type;
@@ -257,17 +272,7 @@ void Model::Impl::open(const std::string& directory, const OpenOptions& options)
   auto load = [&](const std::string& path, const PartGraphs& part) {
     Graph g;
     g.path = path;
-    try {
-      g.session = std::make_unique<Ort::Session>(env, path.c_str(), session_options);
-    } catch (const Ort::Exception& e) {
-      const std::string reason = first_line(e.what());
-      // ONNX Runtime names an op it lacks by domain: TensorRT plugin nodes (an export for --target tensorrt)
-      const std::string fix = reason.find("trt.plugins:") != std::string::npos
-                                  ? "it holds TensorRT plugin nodes (exported with --target tensorrt); export with "
-                                    "--target onnxruntime for llama4rt"
-                                  : "re-run the export";
-      throw Error(path + ": ONNX Runtime cannot load it (" + reason + "); " + fix);
-    }
+    g.session = open_session(env, path, session_options);
     g.inputs = tensor_specs(*g.session, true);
     g.outputs = tensor_specs(*g.session, false);
     g.takes_logits_index = is_last(c, part) && path == part.prefill;
@@ -387,11 +392,7 @@ void Model::Impl::open_vision(const Ort::SessionOptions& session_options) {
     return;
   }
   const std::string& path = artifact.vision->graph;
-  try {
-    vision = std::make_unique<Ort::Session>(env, path.c_str(), session_options);
-  } catch (const Ort::Exception& e) {
-    throw Error(path + ": ONNX Runtime cannot load it (" + first_line(e.what()) + "); re-run the export");
-  }
+  vision = open_session(env, path, session_options);
   const auto in = tensor_specs(*vision, true), out = tensor_specs(*vision, false);
   const Graph& first = graph(parts[0], true);
   const bool float_pixels = in.count("pixel_values") && in.at("pixel_values").type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
