@@ -74,8 +74,14 @@ def test_engine_thread_stop_strings_queue_cancel_and_timeout(generator):
         engine.submit(SequenceRequest(prompts[0], 0))
     with pytest.raises(GenerationError, match="outside the vocabulary"):
         engine.submit(SequenceRequest([generator.config.vocab_size], 4))
-    # not started: 2 rows + a queue of one hold 3 requests, the 4th is refused
-    held = [engine.submit(SequenceRequest(prompts[0], 12, stop_tokens=frozenset())) for _ in range(3)]
+    # not started: 2 rows + a queue of one hold 3 requests, the 4th is refused; a group is queued all or none
+    with pytest.raises(GenerationError, match="4 sequences at once"):
+        engine.submit_all([(SequenceRequest(prompts[0], 4), None)] * 4)
+    held = engine.submit_all([(SequenceRequest(prompts[0], 12, stop_tokens=frozenset()), None)] * 2)
+    with pytest.raises(QueueFull):
+        engine.submit_all([(SequenceRequest(prompts[1], 4), None)] * 2)
+    assert engine.queue_depth == 2
+    held.append(engine.submit(SequenceRequest(prompts[0], 12, stop_tokens=frozenset())))
     with pytest.raises(QueueFull):
         engine.submit(SequenceRequest(prompts[1], 4))
     for seq in held:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers.generation import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation import (RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor, TopKLogitsWarper,
+                                     TopPLogitsWarper)
 
 from llama4_export.weights import from_preset
 from llama4_export.runtime import GenerationError, Generator, Sampler, SamplingParams
 from llama4_export.evaluation.torch_backend import TorchBackend
-from llama4_export.runtime.sampling import (StopStrings, apply_frequency_presence_penalties, apply_repetition_penalty,
-                                             filter_top_k, filter_top_p, token_logprobs)
+from llama4_export.runtime.sampling import (StopStrings, apply_frequency_presence_penalties, apply_logit_bias,
+                                             apply_repetition_penalty, filter_top_k, filter_top_p, token_logprobs)
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +146,29 @@ def test_token_logprobs_are_the_log_softmax_of_the_raw_logits():
     got = token_logprobs(logits, 1, top=2)
     assert got.logprob == pytest.approx(expected[1])
     assert [t for t, _ in got.top] == [3, 0] and got.top[0][1] == pytest.approx(expected[3])
+
+
+def test_logit_bias_adds_what_transformers_sequence_bias_adds():
+    logits = logits_row()
+    bias = {3: 5.0, 17: -100.0, 40: 0.5}
+    ours = apply_logit_bias(logits, SamplingParams(logit_bias=bias).logit_bias)
+    processor = SequenceBiasLogitsProcessor([[[token], value] for token, value in bias.items()])
+    reference = processor(torch.zeros(1, 1, dtype=torch.long), torch.from_numpy(logits)[None])[0].numpy()
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-6)
+
+
+def test_logit_bias_forces_and_bans_tokens_in_generation(gen):
+    prompt = [1, 2, 3, 4]
+    greedy = gen.generate(prompt, max_new_tokens=6, stop_tokens=[]).token_ids
+    forced = next(t for t in range(10, 20) if t not in greedy)
+    assert [e.token_id for e in gen.stream(prompt, 6, logit_bias={forced: 100}, stop_tokens=[])] == [forced] * 6
+    banned = [e.token_id for e in gen.stream(prompt, 6, logit_bias={greedy[0]: -100}, stop_tokens=[])]
+    assert banned[0] != greedy[0] and greedy[0] not in banned
+
+
+@pytest.mark.parametrize("bias, message", [({5: 100.5}, "outside \\[-100, 100\\]"), ({-1: 1.0}, "negative"),
+                                           ((("7", 1.0), (7, 2.0)), "token 7 is given more than once"),
+                                           ({10**6: 1.0}, "outside the vocabulary of")])
+def test_bad_logit_bias_raises_one_line(gen, bias, message):
+    with pytest.raises(GenerationError, match=f"^logit_bias: .*{message}"):
+        list(gen.stream([1, 2], 2, logit_bias=bias))

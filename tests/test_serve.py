@@ -163,6 +163,55 @@ def test_sampling_parameters_logprobs_and_stop(client, generator):
     assert cut.text == full[: full.find(stop)] and cut.finish_reason == "stop"
 
 
+def _sampled(generator, prompt, max_tokens, **options):
+    """(text, tokens generated) of the Generator's run, alone."""
+    events = list(generator.stream(prompt, max_tokens, **options))
+    return generator.tokenizer.decode([e.token_id for e in events if not e.stop]), len(events)
+
+
+def test_n_choices_sample_with_seed_plus_their_index_plain_and_streamed(client, generator):
+    """n=3 (more than the 2 rows: one choice waits in the queue): choice i is the Generator's run with seed 7 + i."""
+    options = dict(temperature=1.0, top_p=0.95)
+    runs = [_sampled(generator, PROMPT, 10, seed=7 + i, **options) for i in range(3)]
+    expected = [text for text, _ in runs]
+    assert len(set(expected)) > 1  # the choices differ, or this would show nothing
+    response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, n=3, seed=7, **options)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert [c.text for c in response.choices] == expected
+    assert response.usage.prompt_tokens == len(generator.encode(PROMPT))  # the prompt counts once
+    assert response.usage.completion_tokens == sum(count for _, count in runs)
+
+    streamed = {}
+    for chunk in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, n=3, seed=7, stream=True,
+                                           **options):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert streamed == dict(enumerate(expected))
+
+    prompt_ids = generator.chat_prompt(MESSAGES)
+    chat_expected = [_sampled(generator, prompt_ids, 8, seed=i, **options)[0] for i in range(2)]
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, n=2, **options)
+    assert [c.message.content for c in chat.choices] == chat_expected
+    deltas, roles = {}, []
+    for chunk in client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, n=2, stream=True,
+                                                **options):
+        for c in chunk.choices:
+            deltas[c.index] = deltas.get(c.index, "") + (c.delta.content or "")
+            roles += [c.index] if c.delta.role == "assistant" else []
+    assert deltas == dict(enumerate(chat_expected)) and sorted(roles) == [0, 1]
+
+
+def test_logit_bias_forces_and_bans_tokens(client, generator):
+    forced = generator.tokenizer.encode("hello", add_special_tokens=False)[-1]
+    response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, logit_bias={str(forced): 100})
+    assert response.choices[0].text == generator.tokenizer.decode([forced] * 5)
+    greedy = _alone(generator, PROMPT, 6)
+    banned = {str(greedy.token_ids[0]): -100}
+    response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, logit_bias=banned)
+    assert response.choices[0].text == _sampled(generator, PROMPT, 6, logit_bias={greedy.token_ids[0]: -100})[0]
+    assert response.choices[0].text != greedy.text
+
+
 MALFORMED = [
     ("/v1/completions", b'{"model": "tiny", "prompt": "x",', 400, None),  # not JSON
     ("/v1/completions", b'[1, 2]', 400, None),  # not an object
@@ -171,7 +220,12 @@ MALFORMED = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),  # not implemented
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": MAX_BATCH + MAX_QUEUE + 1}, 400, "n"),  # never fits
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"1": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"999999": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 2}, 400, "best_of"),  # not implemented
     ("/v1/completions", {"model": MODEL, "prompt": "x", "mirostat": 1}, 400, "mirostat"),  # unknown
     ("/v1/completions", {"model": MODEL, "prompt": [999999]}, 400, "prompt"),  # outside the vocabulary
     ("/v1/completions", {"model": MODEL, "prompt": "x " * 5000}, 400, "prompt"),  # longer than the context

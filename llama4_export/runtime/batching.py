@@ -197,6 +197,7 @@ class BatchEngine:
             raise GenerationError(
                 f"the prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens ({request.max_new_tokens}) exceeds "
                 f"the model's context of {context} tokens; shorten the prompt or lower max_new_tokens")
+        request.sampling.check_vocabulary(self.config.vocab_size)
         if request.logprobs is not None and not 0 <= request.logprobs <= self.config.vocab_size:
             raise GenerationError(f"logprobs={request.logprobs}: must be between 0 and the vocabulary size")
         if request.timeout is not None and not request.timeout > 0:
@@ -210,20 +211,31 @@ class BatchEngine:
 
     def submit(self, request: SequenceRequest, listener: Callable[[SequenceEvent], None] | None = None) -> Sequence:
         """Queue a request; raises GenerationError on bad input, QueueFull, or EngineClosed while shutting down."""
-        self.check(request)
+        return self.submit_all([(request, listener)])[0]
+
+    def submit_all(self, requests: list[tuple[SequenceRequest, Callable[[SequenceEvent], None] | None]],
+                   ) -> list[Sequence]:
+        """Queue several requests (one request's n choices) all or none: each is checked, and the queue must hold
+        them all."""
         tokenizer = self.generator.tokenizer
-        stops = self.generator.eos_token_ids if request.stop_tokens is None else request.stop_tokens
-        seq = Sequence(request, listener, frozenset(stops), Sampler(request.sampling),
-                       StreamDecoder(tokenizer) if tokenizer else None, StopStrings(request.stop_strings))
+        group = []
+        for request, listener in requests:
+            self.check(request)
+            stops = self.generator.eos_token_ids if request.stop_tokens is None else request.stop_tokens
+            group.append(Sequence(request, listener, frozenset(stops), Sampler(request.sampling),
+                                  StreamDecoder(tokenizer) if tokenizer else None, StopStrings(request.stop_strings)))
+        if len(group) > self.max_batch + self.max_queue:
+            raise GenerationError(f"{len(group)} sequences at once: more than this engine's {self.max_batch} rows + "
+                                  f"{self.max_queue} queue places; ask for fewer")
         with self._lock:
             if self._closed:
                 raise EngineClosed("the server is shutting down and accepts no new requests")
             # rows freed since the last step are taken by the waiting requests at the next one: count them as taken
-            if len(self._waiting) + self.running >= self.max_batch + self.max_queue:
+            if len(self._waiting) + self.running + len(group) > self.max_batch + self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting for one of {self.max_batch} rows")
-            self._waiting.append(seq)
+            self._waiting.extend(group)
             self._lock.notify()
-        return seq
+        return group
 
     def cancel(self, seq: Sequence) -> None:
         """End `seq` (finish_reason "cancelled") at the next step, freeing its row."""

@@ -277,11 +277,13 @@ class Generator:
             raise GenerationError(f"max_new_tokens={max_new_tokens}: must be >= 0")
         stop_tokens = options.pop("stop_tokens", None)
         unknown = sorted(set(options) - {"temperature", "top_k", "top_p", "repetition_penalty", "seed",
-                                         "frequency_penalty", "presence_penalty"})
+                                         "frequency_penalty", "presence_penalty", "logit_bias"})
         if unknown:
             raise GenerationError(f"unknown generation option {unknown[0]!r}")
         stops = frozenset(self.eos_token_ids if stop_tokens is None else (int(t) for t in stop_tokens))
-        return SamplingParams(**options), stops
+        params = SamplingParams(**options)
+        params.check_vocabulary(self.config.vocab_size)
+        return params, stops
 
     def _cache_for(self, batch: int) -> KVCacheState:
         if self._cache is None or self._cache.batch != batch:

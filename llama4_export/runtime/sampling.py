@@ -2,17 +2,20 @@
 log-probabilities a server reports; stop strings.
 
 Order (as transformers applies them): repetition penalty → frequency / presence penalties (OpenAI's, over the
-generated tokens only) → greedy argmax when temperature is 0 → temperature → top-k → top-p → draw from a seeded
+generated tokens only) → logit bias (OpenAI's: added to chosen tokens' logits) → greedy argmax when temperature is 0 → temperature → top-k → top-p → draw from a seeded
 numpy Generator, so the same seed gives the same tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import GenerationError
+
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range, ±100: enough to ban a token or to force it
 
 
 @dataclass(frozen=True)
@@ -24,8 +27,20 @@ class SamplingParams:
     seed: int = 0
     frequency_penalty: float = 0.0  # 0 = off; subtracted once per earlier occurrence in the generated tokens
     presence_penalty: float = 0.0  # 0 = off; subtracted once from every token generated before
+    # (token id, bias) pairs sorted by id; a mapping given here is stored that way (the params stay hashable)
+    logit_bias: tuple[tuple[int, float], ...] | Mapping[int, float] = ()
 
     def __post_init__(self) -> None:
+        pairs = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in pairs)))
+        ids = [token for token, _ in self.logit_bias]
+        if len(set(ids)) != len(ids):
+            raise GenerationError(f"logit_bias: token {max(ids, key=ids.count)} is given more than once; give it once")
+        for token, bias in self.logit_bias:
+            if token < 0:
+                raise GenerationError(f"logit_bias: token id {token} is negative; give ids of the vocabulary")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise GenerationError(f"logit_bias: {bias} for token {token} is outside [-100, 100]")
         if not self.temperature >= 0:
             raise GenerationError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if self.top_k < 0:
@@ -37,6 +52,12 @@ class SamplingParams:
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise GenerationError(f"{name}={getattr(self, name)}: must be in [-2, 2] (0 = off)")
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Raise GenerationError if logit_bias names a token the model does not have."""
+        outside = [token for token, _ in self.logit_bias if token >= vocab_size]
+        if outside:
+            raise GenerationError(f"logit_bias: token {outside[0]} is outside the vocabulary of {vocab_size} tokens")
 
 
 def apply_repetition_penalty(logits: np.ndarray, previous_ids: np.ndarray, penalty: float) -> np.ndarray:
@@ -58,6 +79,16 @@ def apply_frequency_presence_penalties(logits: np.ndarray, output_ids: np.ndarra
     ids, counts = np.unique(output_ids, return_counts=True)
     out = logits.copy()
     out[ids] -= (counts * frequency + presence).astype(out.dtype)
+    return out
+
+
+def apply_logit_bias(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) -> np.ndarray:
+    """logit[j] + bias[j] for every biased token j (OpenAI's logit_bias; −100 all but bans a token, +100 forces it)."""
+    if not bias:
+        return logits
+    out = logits.astype(np.float32, copy=True)
+    ids, values = zip(*bias)
+    out[list(ids)] += np.asarray(values, np.float32)
     return out
 
 
@@ -102,6 +133,7 @@ class Sampler:
         p = self.params
         scores = apply_repetition_penalty(logits, previous_ids, p.repetition_penalty)
         scores = apply_frequency_presence_penalties(scores, output_ids, p.frequency_penalty, p.presence_penalty)
+        scores = apply_logit_bias(scores, p.logit_bias)
         if p.temperature == 0:
             return int(np.argmax(scores))
         scores = filter_top_p(filter_top_k(scores / p.temperature, p.top_k), p.top_p)

@@ -1,10 +1,10 @@
 """The OpenAI-compatible HTTP app over a BatchEngine (FastAPI): /v1/completions, /v1/chat/completions (non-streaming
 or server-sent events ending with `data: [DONE]`), /v1/models, /health, /metrics.
 
-Every request becomes one sequence of the engine; the engine's thread hands its events to the request's asyncio
-queue. Errors are OpenAI-style bodies: 400 for a bad field (named), 404 for an unknown model, 429 with Retry-After
-when the engine's queue is full, 503 while shutting down, 504 past the per-request timeout. A client that goes away
-cancels its sequence, which frees its row at the engine's next step.
+Every request becomes one sequence of the engine per choice (n); the engine's thread hands their events, tagged with
+the choice's index, to the request's asyncio queue. Errors are OpenAI-style bodies: 400 for a bad field (named), 404
+for an unknown model, 429 with Retry-After when the engine's queue is full, 503 while shutting down, 504 past the
+per-request timeout. A client that goes away cancels its sequences, which frees their rows at the engine's next step.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..runtime.batching import BatchEngine, EngineClosed, QueueFull, Sequence, SequenceEvent
 from ..runtime.errors import GenerationError
 from .metrics import ServerMetrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, invalid, parse
 from .tools import may_be_tool_call, parse_tool_calls
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
@@ -40,33 +40,46 @@ class ServeSettings:
 
 
 class _Run:
-    """One request's sequence: the engine's events arrive on an asyncio queue; metrics are recorded as they pass."""
+    """One request's sequences, one per choice: the engine's events arrive on an asyncio queue as (choice, event);
+    metrics are recorded as they pass."""
 
-    def __init__(self, engine: BatchEngine, metrics: ServerMetrics, prompt_tokens: int):
+    def __init__(self, engine: BatchEngine, metrics: ServerMetrics, prompt_tokens: int, choices: int):
         self.engine, self.metrics, self.prompt_tokens = engine, metrics, prompt_tokens
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[SequenceEvent] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, SequenceEvent]] = asyncio.Queue()
         self.arrival = time.monotonic()
-        self.last_token: float | None = None
-        self.sequence: Sequence | None = None
-        self.finished = False
+        self.last_token: list[float | None] = [None] * choices
+        self.sequences: list[Sequence] = []
+        self.open = set(range(choices))  # choices whose last event has not arrived
         self.completion_tokens = 0
 
-    def listener(self, event: SequenceEvent) -> None:  # on the engine's thread
-        if event.token_id is not None:
-            self.completion_tokens += 1
-            self.last_token = self.metrics.token(self.arrival, self.last_token)
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+    def listener(self, choice: int) -> Callable[[SequenceEvent], None]:
+        def on_event(event: SequenceEvent) -> None:  # on the engine's thread
+            if event.token_id is not None:
+                self.completion_tokens += 1
+                self.last_token[choice] = self.metrics.token(self.arrival, self.last_token[choice])
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (choice, event))
+        return on_event
 
-    async def events(self) -> AsyncIterator[SequenceEvent]:
-        while not self.finished:
-            event = await self.queue.get()
-            self.finished = event.finish_reason is not None
-            yield event
+    @property
+    def finished(self) -> bool:
+        return not self.open
 
-    def cancel(self) -> None:
-        if not self.finished and self.sequence is not None:
-            self.engine.cancel(self.sequence)
+    def received(self, choice: int, event: SequenceEvent) -> None:
+        if event.finish_reason is not None:
+            self.open.discard(choice)
+
+    async def events(self) -> AsyncIterator[tuple[int, SequenceEvent]]:
+        while self.open:
+            choice, event = await self.queue.get()
+            self.received(choice, event)
+            yield choice, event
+
+    def cancel(self, choice: int | None = None) -> None:
+        """Cancel one choice's sequence, or every unfinished one."""
+        for i in self.open if choice is None else {choice} & self.open:
+            if i < len(self.sequences):
+                self.engine.cancel(self.sequences[i])
 
 
 def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
@@ -109,12 +122,16 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                            "model", type="not_found_error", code="model_not_found")
 
     async def start(body: CompletionRequest | ChatCompletionRequest) -> _Run:
+        if body.n > engine.max_batch + engine.max_queue:
+            raise APIError(400, f"n={body.n}: more choices than this server's {engine.max_batch} rows + "
+                                f"{engine.max_queue} queue places can hold; ask for at most "
+                                f"{engine.max_batch + engine.max_queue}", "n")
         # off the event loop: a chat's images are decoded and run through the vision graph here
         request = await asyncio.to_thread(body.engine_request, generator, settings.request_timeout)
         prompt_ids = request.prompt_ids
-        run = _Run(engine, metrics, len(prompt_ids))
+        run = _Run(engine, metrics, len(prompt_ids), body.n)
         try:
-            run.sequence = engine.submit(request, run.listener)
+            run.sequences = engine.submit_all([(r, run.listener(i)) for i, r in enumerate(body.choices(request))])
         except QueueFull as exc:
             retry = durations.retry_after(engine)
             raise APIError(429, f"{exc}; retry in {retry} s", type="rate_limit_error", code="queue_full",
@@ -122,26 +139,27 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         except EngineClosed as exc:
             raise APIError(503, str(exc), type="server_error", code="shutting_down") from None
         except GenerationError as exc:
-            raise APIError(400, str(exc)) from None
-        metrics.prompt_tokens.inc(len(prompt_ids))
+            raise invalid(exc) from None
+        metrics.prompt_tokens.inc(len(prompt_ids) * body.n)
         return run
 
-    async def collect(request: Request, run: _Run) -> list[SequenceEvent]:
-        """Every event of a non-streaming request; cancels the sequence when the client goes away."""
-        events: list[SequenceEvent] = []
+    async def collect(request: Request, run: _Run) -> list[list[SequenceEvent]]:
+        """Every event of a non-streaming request, per choice; cancels the sequences when the client goes away."""
+        events: list[list[SequenceEvent]] = [[] for _ in run.last_token]
         try:
             while not run.finished:
                 try:
-                    event = await asyncio.wait_for(run.queue.get(), DISCONNECT_POLL_S)
+                    choice, event = await asyncio.wait_for(run.queue.get(), DISCONNECT_POLL_S)
                 except TimeoutError:
                     if await request.is_disconnected():
                         break
                     continue
-                run.finished = event.finish_reason is not None
-                events.append(event)
+                run.received(choice, event)
+                events[choice].append(event)
         finally:
             run.cancel()
-        _raise_unfinished(events[-1] if events else None, settings)
+        for choice in events:
+            _raise_unfinished(choice[-1] if choice else None, settings)
         durations.add(time.monotonic() - run.arrival)
         return events
 
@@ -172,21 +190,21 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         tokens = _TokenText(generator)
         if body.stream:
             async def chunks() -> AsyncIterator[dict[str, Any]]:
-                async for event in run.events():
+                async for choice, event in run.events():
                     _raise_unfinished(event, settings)
                     logprobs = tokens.completion_logprobs([event]) if body.logprobs is not None else None
                     if event.token_id is not None or event.finish_reason:  # a chunk per token, as llama-server
-                        yield {**head, "choices": [{"index": 0, "text": event.text or "", "logprobs": logprobs,
+                        yield {**head, "choices": [{"index": choice, "text": event.text or "", "logprobs": logprobs,
                                                     "finish_reason": event.finish_reason}]}
                 if body.include_usage:
                     yield {**head, "choices": [], "usage": _usage(run)}
             return _sse(chunks(), run, metrics, "/v1/completions")
-        events = await collect(request, run)
+        choices = await collect(request, run)
         metrics.requests.labels("/v1/completions", "200").inc()
         return JSONResponse({**head, "choices": [{
-            "index": 0, "text": "".join(e.text or "" for e in events),
+            "index": i, "text": "".join(e.text or "" for e in events),
             "logprobs": tokens.completion_logprobs(events) if body.logprobs is not None else None,
-            "finish_reason": events[-1].finish_reason}], "usage": _usage(run)})
+            "finish_reason": events[-1].finish_reason} for i, events in enumerate(choices)], "usage": _usage(run)})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -200,45 +218,57 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         tokens = _TokenText(generator)
         if body.stream:
             async def chunks() -> AsyncIterator[dict[str, Any]]:
-                def chunk(delta: dict[str, Any], finish: str | None = None, logprobs=None) -> dict[str, Any]:
-                    return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                def chunk(choice: int, delta: dict[str, Any], finish: str | None = None, logprobs=None) -> dict[str, Any]:
+                    return {**head, "choices": [{"index": choice, "delta": delta, "logprobs": logprobs,
                                                  "finish_reason": finish}]}
 
-                yield chunk({"role": "assistant", "content": ""})
-                held: list[SequenceEvent] = []  # a reply that may be a tool call waits for its end
-                async for event in run.events():
+                for choice in range(body.n):
+                    yield chunk(choice, {"role": "assistant", "content": ""})
+                held: list[list[SequenceEvent]] = [[] for _ in range(body.n)]  # a possible tool call waits for its end
+                answered: set[int] = set()  # choices that ended with their tool calls
+                async for choice, event in run.events():
+                    if choice in answered:
+                        continue  # its sequence was cancelled once its tool calls were complete
                     _raise_unfinished(event, settings)
-                    if tool_names and (held or may_be_tool_call(event.text or "")):
-                        held.append(event)
-                        if not may_be_tool_call("".join(e.text or "" for e in held)):
-                            event, held = _merge(held), []
+                    if tool_names and (held[choice] or may_be_tool_call(event.text or "")):
+                        held[choice].append(event)
+                        if not may_be_tool_call("".join(e.text or "" for e in held[choice])):
+                            event, held[choice] = _merge(held[choice]), []
                         elif event.finish_reason is None:
                             continue
                         else:
-                            event, held = _merge(held), []
+                            event, held[choice] = _merge(held[choice]), []
                             calls = parse_tool_calls(event.text or "", tool_names)
                             if calls:
-                                yield chunk({"tool_calls": [{"index": i, **c.openai()} for i, c in enumerate(calls)]})
-                                yield chunk({}, "tool_calls")
-                                break
+                                yield chunk(choice, {"tool_calls": [{"index": i, **c.openai()}
+                                                                    for i, c in enumerate(calls)]})
+                                yield chunk(choice, {}, "tool_calls")
+                                answered.add(choice)
+                                run.cancel(choice)
+                                continue
                     logprobs = tokens.chat_logprobs([event]) if top is not None else None
                     if event.text:
-                        yield chunk({"content": event.text}, logprobs=logprobs)
+                        yield chunk(choice, {"content": event.text}, logprobs=logprobs)
                     if event.finish_reason:
-                        yield chunk({}, event.finish_reason)
+                        yield chunk(choice, {}, event.finish_reason)
                 if body.include_usage:
                     yield {**head, "choices": [], "usage": _usage(run)}
             return _sse(chunks(), run, metrics, "/v1/chat/completions")
-        events = await collect(request, run)
+        choices = await collect(request, run)
         metrics.requests.labels("/v1/chat/completions", "200").inc()
-        text = "".join(e.text or "" for e in events)
-        calls = parse_tool_calls(text, tool_names) if tool_names else None
-        message: dict[str, Any] = {"role": "assistant", "content": None if calls else text}
-        if calls:
-            message["tool_calls"] = [c.openai() for c in calls]
-        return JSONResponse({**head, "object": "chat.completion", "choices": [{
-            "index": 0, "message": message, "logprobs": tokens.chat_logprobs(events) if top is not None else None,
-            "finish_reason": "tool_calls" if calls else events[-1].finish_reason}], "usage": _usage(run)})
+
+        def reply(index: int, events: list[SequenceEvent]) -> dict[str, Any]:
+            text = "".join(e.text or "" for e in events)
+            calls = parse_tool_calls(text, tool_names) if tool_names else None
+            message: dict[str, Any] = {"role": "assistant", "content": None if calls else text}
+            if calls:
+                message["tool_calls"] = [c.openai() for c in calls]
+            return {"index": index, "message": message,
+                    "logprobs": tokens.chat_logprobs(events) if top is not None else None,
+                    "finish_reason": "tool_calls" if calls else events[-1].finish_reason}
+
+        return JSONResponse({**head, "object": "chat.completion", "choices": [reply(i, events) for i, events in
+                                                                              enumerate(choices)], "usage": _usage(run)})
 
     return app
 
@@ -311,9 +341,10 @@ def _merge(events: list[SequenceEvent]) -> SequenceEvent:
 def _usage(run: _Run) -> dict[str, Any]:
     # cached_tokens: prompt tokens taken over from a row's previous sequence (BatchEngine's prefix reuse), as OpenAI
     # reports its prompt cache's
+    # (the prompt counts once, as OpenAI counts it for n choices; cached: what every choice's row took over)
     return {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
             "total_tokens": run.prompt_tokens + run.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": run.sequence.reused}}
+            "prompt_tokens_details": {"cached_tokens": min(s.reused for s in run.sequences)}}
 
 
 def _raise_unfinished(event: SequenceEvent | None, settings: ServeSettings) -> None:

@@ -3,7 +3,8 @@ mistyped, out of range or not implemented gets a 400 naming it), OpenAI-style er
 a body becomes.
 
 Sampling defaults differ from OpenAI's in one way: temperature defaults to 0 (greedy, deterministic) rather than 1.
-max_tokens defaults to 16 for completions (as OpenAI's) and to the rest of the context for chat.
+max_tokens defaults to 16 for completions (as OpenAI's) and to the rest of the context for chat. n choices are n
+sequences of the engine; choice i samples with seed + i (seed defaults to 0), so each is reproducible on its own.
 Extensions beyond OpenAI's fields: top_k, repetition_penalty and ignore_eos (as vLLM and llama-server accept them).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,6 +24,7 @@ from ..runtime.sampling import SamplingParams
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 128  # OpenAI's bound on n; the engine's rows + queue places bound it further
 
 
 class APIError(Exception):
@@ -49,7 +52,7 @@ class StreamOptions(_Body):
 class _Generation(_Body):
     """Fields both endpoints share. ONLY: fields accepted with these values alone (others are not implemented)."""
 
-    ONLY: ClassVar[dict[str, tuple]] = {"n": (1,), "logit_bias": (None, {})}
+    ONLY: ClassVar[dict[str, tuple]] = {}
 
     model: str
     temperature: float = Field(0.0, ge=0, le=2)
@@ -63,8 +66,8 @@ class _Generation(_Body):
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    logit_bias: dict[str, float] | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI's) → bias in [-100, 100]
     user: str | None = None  # the caller's end-user id: metadata, nothing to do
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -76,7 +79,23 @@ class _Generation(_Body):
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
                               repetition_penalty=self.repetition_penalty, seed=self.seed or 0,
-                              frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty)
+                              frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                              logit_bias=self._logit_bias())
+
+    def _logit_bias(self) -> dict[int, float]:
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not re.fullmatch(r"[0-9]+", key):
+                raise APIError(400, f"logit_bias: key {key!r} is not a token id; key the biases by token ids",
+                               "logit_bias")
+            bias[int(key)] = value
+        return bias
+
+    def choices(self, request: SequenceRequest) -> list[SequenceRequest]:
+        """The engine requests of the n choices: choice i samples with seed + i."""
+        seed = request.sampling.seed
+        return [dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=seed + i))
+                for i in range(self.n)]
 
     @property
     def include_usage(self) -> bool:
@@ -214,6 +233,12 @@ class ChatCompletionRequest(_Generation):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+def invalid(exc: GenerationError) -> APIError:
+    """A 400 for what the runtime refused; its messages start with the field they are about ("top_p=0: …")."""
+    field = re.match(r"([a-z_]+)[=:]", str(exc))
+    return APIError(400, str(exc), field.group(1) if field else None)
+
+
 def _arguments(text: str, param: str) -> Any:
     try:
         return json.loads(text)
@@ -269,6 +294,6 @@ def _sequence_request(body: _Generation, generator: Generator, prompt_ids: list[
     try:
         sampling = body.sampling()
     except GenerationError as exc:
-        raise APIError(400, str(exc)) from None
+        raise invalid(exc) from None
     return SequenceRequest(prompt_ids, max_new_tokens, sampling, frozenset() if body.ignore_eos else None,
                            body.stop_strings(), logprobs, timeout)
