@@ -56,6 +56,9 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
     """Read manifest.json; with verify, check every listed file exists and matches its sha256."""
     directory = Path(directory)
     path = directory / MANIFEST
+    if directory.exists() and not directory.is_dir():
+        raise ArtifactError(f"{directory}: a file, not an artifact directory; give the directory `llama4-export --out` "
+                            "wrote")
     if not directory.is_dir():
         raise ArtifactError(f"{directory}: artifact directory not found; create one with `llama4-export --out {directory}`")
     try:

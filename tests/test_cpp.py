@@ -370,6 +370,11 @@ def missing_dir(tmp_path, tiny):
     return tmp_path / "nope", ["--ids", "1"], "artifact directory not found"
 
 
+def file_for_dir(tmp_path, tiny):
+    (tmp_path / "model.onnx").write_bytes(b"graph")
+    return tmp_path / "model.onnx", ["--ids", "1"], "a file, not an artifact directory"
+
+
 def broken_manifest(tmp_path, tiny):
     art = copy_artifact(tiny["fp32"], tmp_path / "art")
     (art / "manifest.json").write_text("{ not json")
@@ -428,7 +433,7 @@ def prompt_and_ids(tmp_path, tiny):
     return tiny["fp32"], ["--prompt", "hello", "--ids", "1"], "give exactly one of --prompt TEXT or --ids 1,2,3"
 
 
-@pytest.mark.parametrize("breaker", [missing_dir, broken_manifest, other_format_version, missing_graph,
+@pytest.mark.parametrize("breaker", [missing_dir, file_for_dir, broken_manifest, other_format_version, missing_graph,
                                      graph_not_matching_manifest, layout_not_matching_manifest,
                                      kv_heads_not_matching_manifest,
                                      id_outside_vocabulary, window_without_ring, bad_ids,

@@ -74,6 +74,11 @@ def break_missing_dir(tmp_path, ckpt):
     return [tmp_path / "nope", "--ids", "1"], "artifact directory not found"
 
 
+def break_file_for_dir(tmp_path, ckpt):
+    (tmp_path / "model.onnx").write_bytes(b"graph")
+    return [tmp_path / "model.onnx", "--ids", "1"], "a file, not an artifact directory"
+
+
 def break_hash_mismatch(tmp_path, ckpt):
     art = tmp_path / "art"
     art.mkdir()

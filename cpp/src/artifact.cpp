@@ -36,6 +36,9 @@ json read_json(const fs::path& path, const std::string& what_to_do) {
 
 // A manifest and the checks every manifest passes (artifact.read_manifest without the sha256 verification).
 json read_manifest(const fs::path& directory) {
+  if (fs::exists(directory) && !fs::is_directory(directory))
+    throw Error(directory.string() + ": a file, not an artifact directory; give the directory `llama4-export --out` "
+                "wrote");
   if (!fs::is_directory(directory))
     throw Error(directory.string() + ": artifact directory not found; create one with `llama4-export --out " +
                 directory.string() + "`");

@@ -63,7 +63,7 @@ class _Generation(_Body):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     seed: int | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
@@ -72,6 +72,8 @@ class _Generation(_Body):
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise APIError(400, f"stop: {len(stops)} stop strings; give at most {MAX_STOP_STRINGS}", "stop")
         if any(not s for s in stops):
             raise APIError(400, "stop: stop strings must not be empty", "stop")
         return tuple(stops)
