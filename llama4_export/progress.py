@@ -1,8 +1,11 @@
-"""Named steps of a long job, each with a spinner and its elapsed time (rich, on stderr), or silence."""
+"""Named steps of a long job, each with a spinner and its elapsed time (rich, on stderr), or silence. Where stderr is
+not a terminal (CI logs, a pipe) rich would draw nothing until the job ends, so each step is a line when it starts and
+one when it ends, with its time."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Iterator
 
 from rich.console import Console
@@ -14,9 +17,11 @@ class Steps:
     failed); nothing is printed when show is False."""
 
     def __init__(self, show: bool = True):
+        console = Console(stderr=True)
+        self._lines = console if show and not console.is_terminal else None
         self._progress = Progress(
             SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description}"), TimeElapsedColumn(),
-            console=Console(stderr=True), disable=not show,
+            console=console, disable=not show or self._lines is not None,
         )
 
     def __enter__(self):
@@ -28,6 +33,12 @@ class Steps:
 
     @contextlib.contextmanager
     def step(self, description: str) -> Iterator[None]:
+        if self._lines is not None:
+            self._lines.print(f"▸ {description}", highlight=False, soft_wrap=True)
+            started = time.monotonic()
+            yield
+            self._lines.print(f"✓ {description} ({time.monotonic() - started:.1f} s)", highlight=False, soft_wrap=True)
+            return
         task = self._progress.add_task(description, total=1)
         try:
             yield

@@ -4,6 +4,7 @@ the cache is deterministic and keyed."""
 from __future__ import annotations
 
 import json
+import re
 
 
 import numpy as np
@@ -130,5 +131,10 @@ def test_checkpoint_without_tokenizer_needs_one_for_calibration_but_not_for_rtn_
     assert not (tmp_path / "awq").exists()
     result = CliRunner().invoke(export_app, [*base, "--int4-algo", "rtn", "--out", str(tmp_path / "rtn")])
     assert result.exit_code == 0, result.output
+    # stderr is no terminal here (as in a CI log): every step is a line when it starts and one with its time at its end
+    steps = [line for line in result.stderr.splitlines() if line.startswith(("▸ ", "✓ "))]
+    assert steps[:2] == ["▸ trace decode + prefill (4 layers, weights on the meta device)",
+                         steps[1]] and re.fullmatch(r"✓ trace decode \+ prefill .* \(\d+\.\d s\)", steps[1])
+    assert len(steps) % 2 == 0 and steps[-1].startswith("✓ accuracy report")
     report = json.loads((tmp_path / "rtn" / "report.json").read_text())  # evaluated on random ids: no tokenizer
     assert report["eval_data"] == "random token ids (no tokenizer)" and report["top1_agreement"] > 0.5
