@@ -59,15 +59,13 @@ class ReferenceLogits:
         self.source = source
 
     @torch.no_grad()
-    def __call__(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
-        """Logits [rows, T, V] (or [rows, V] with last_only) of every row of ids [rows, T] from position 0."""
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """Logits [rows, T, V] of every row of ids [rows, T] from position 0."""
         runner = LayerRunner(self.source, ids.shape[1])
         states = embed(self.source, ids)
         for i in range(self.source.config.num_hidden_layers):
             runner.run(i, states).to("meta")
         hidden = torch.cat(runner.final_norm(states))  # [rows, T, H]
-        if last_only:
-            hidden = hidden[:, -1]
         logits = torch.empty(*hidden.shape[:-1], self.source.config.vocab_size)
         first = 0
         for piece in self.source.chunks("lm_head.weight", torch.float32):
@@ -122,16 +120,20 @@ def accuracy_report(artifact: str | Path, source: WeightSource, tokens: np.ndarr
             agree += int((lp_ref.argmax(-1) == lp_q.argmax(-1)).sum())
             count += len(target)
         prompts = ids[:greedy_prompts, : min(32, seq_len // 2)]
-        ref_tokens = prompts.copy()
-        for _ in range(greedy_tokens):  # the prompts side by side: one pass over the weights per new token
-            ref_tokens = np.concatenate([ref_tokens, reference(ref_tokens, last_only=True).argmax(-1)[:, None]], axis=1)
-        lengths = []
-        for prompt, ref_row in zip(prompts, ref_tokens[:, prompts.shape[1]:]):
+        continued = []  # the artifact's greedy continuations, run first
+        for prompt in prompts:
             sequence = list(prompt)
             for _ in range(greedy_tokens):
                 sequence.append(int(artifact_logits(np.asarray(sequence))[-1].argmax()))
-            mine = sequence[len(prompt):]
-            lengths.append(next((i for i, (a, b) in enumerate(zip(ref_row, mine)) if a != b), greedy_tokens))
+            continued.append(sequence)
+        continued = np.asarray(continued)
+        # One reference pass over them (not one per new token: a full-size source is read from disk each pass): while
+        # the two greedy continuations agree, the prefixes are equal, so the first position where the reference's
+        # argmax differs from the artifact's token is where its own greedy continuation would first differ.
+        start = prompts.shape[1]
+        reference_next = reference(continued[:, :-1]).argmax(-1)[:, start - 1:]
+        lengths = [next((i for i, (a, b) in enumerate(zip(ref_row, mine)) if a != b), greedy_tokens)
+                   for ref_row, mine in zip(reference_next, continued[:, start:])]
     ppl_ref, ppl_q = float(np.exp(nll_ref / count)), float(np.exp(nll_q / count))
     return {
         "eval_data": data,
