@@ -236,7 +236,8 @@ def export(
                 what = "" if parts == 1 else f"part {k} (layers {layers.start}–{layers.stop - 1}): "
                 traced = work / f"traced{k}" if optimize else part_dir
                 traced.mkdir(exist_ok=True)
-                with step(f"{what}trace decode + prefill ({len(layers)} layers, weights on the meta device)"):
+                counted = f"{len(layers)} layer" + ("s" if len(layers) != 1 else "")
+                with step(f"{what}trace decode + prefill ({counted}, weights on the meta device)"):
                     graphs = trace_graphs(config, PRECISIONS[precision], layers, layout, image_token_id)
                 with step(f"{what}write graphs with weights from {weights.describe()}"):
                     write_graphs(graphs, traced, weight_content(weights, defer_experts=quantized))
