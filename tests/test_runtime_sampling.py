@@ -162,6 +162,9 @@ def test_logit_bias_forces_and_bans_tokens_in_generation(gen):
     greedy = gen.generate(prompt, max_new_tokens=6, stop_tokens=[]).token_ids
     forced = next(t for t in range(10, 20) if t not in greedy)
     assert [e.token_id for e in gen.stream(prompt, 6, logit_bias={forced: 100}, stop_tokens=[])] == [forced] * 6
+    assert gen.generate(prompt, 6, logit_bias={forced: 100}, stop_tokens=[]).token_ids == [forced] * 6
+    with pytest.raises(GenerationError, match="unknown generation option 'logit_bais'"):
+        gen.generate(prompt, 6, logit_bais={forced: 100})
     banned = [e.token_id for e in gen.stream(prompt, 6, logit_bias={greedy[0]: -100}, stop_tokens=[])]
     assert banned[0] != greedy[0] and greedy[0] not in banned
 

@@ -216,11 +216,14 @@ class Generator:
         self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
         repetition_penalty: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
         stream: Callable[[TokenEvent], None] | None = None, images: Sequence[ImageInput] = (),
+        **penalties,
     ) -> GenerationResult:
         """Continue one prompt; `stream` is called with every new token as it is chosen. images: files (or PIL
-        images) for the prompt's `<|image|>` placeholders, in order."""
+        images) for the prompt's `<|image|>` placeholders, in order. penalties: frequency_penalty, presence_penalty,
+        logit_bias (SamplingParams)."""
         return self.generate_batch(
-            [prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_tokens, stream, [images]
+            [prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_tokens, stream, [images],
+            **penalties,
         )[0]
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 64, images: Sequence[ImageInput] = (),
@@ -234,9 +237,10 @@ class Generator:
         self, prompts: Sequence[Prompt], max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
         stream: Callable[[TokenEvent], None] | None = None, images: Sequence[Sequence[ImageInput]] | None = None,
+        **penalties,
     ) -> list[GenerationResult]:
         """Several prompts of any lengths at once; sampled rows draw from one seeded generator, in row order.
-        images: one sequence of images per prompt (None: text only)."""
+        images: one sequence of images per prompt (None: text only); penalties as for generate()."""
         if images is not None and len(images) != len(prompts):
             raise ImageError(f"{len(prompts)} prompt(s) but {len(images)} image list(s); give one list per prompt")
         prepared = [self._with_images(p, images[k] if images is not None else ()) for k, p in enumerate(prompts)]
@@ -244,7 +248,7 @@ class Generator:
             raise GenerationError("no prompts given")
         params, stops = self._options(max_new_tokens, dict(
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-            stop_tokens=stop_tokens,
+            stop_tokens=stop_tokens, **penalties,
         ))
         return self._collect(prepared, max_new_tokens, params, stops, stream)
 
