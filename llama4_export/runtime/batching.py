@@ -187,6 +187,11 @@ class BatchEngine:
     def running(self) -> int:
         return sum(seq is not None for seq in self._rows)
 
+    @property
+    def capacity(self) -> int:
+        """Sequences the engine holds at once: its rows and its queue places."""
+        return self.max_batch + self.max_queue
+
     def check(self, request: SequenceRequest) -> None:
         """Raise GenerationError naming what the engine cannot run in `request` (before it is queued)."""
         self.generator.encode(request.prompt_ids)  # non-empty, ids inside the vocabulary
@@ -224,14 +229,14 @@ class BatchEngine:
             stops = self.generator.eos_token_ids if request.stop_tokens is None else request.stop_tokens
             group.append(Sequence(request, listener, frozenset(stops), Sampler(request.sampling),
                                   StreamDecoder(tokenizer) if tokenizer else None, StopStrings(request.stop_strings)))
-        if len(group) > self.max_batch + self.max_queue:
+        if len(group) > self.capacity:
             raise GenerationError(f"{len(group)} sequences at once: more than this engine's {self.max_batch} rows + "
                                   f"{self.max_queue} queue places; ask for fewer")
         with self._lock:
             if self._closed:
                 raise EngineClosed("the server is shutting down and accepts no new requests")
             # rows freed since the last step are taken by the waiting requests at the next one: count them as taken
-            if len(self._waiting) + self.running + len(group) > self.max_batch + self.max_queue:
+            if len(self._waiting) + self.running + len(group) > self.capacity:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting for one of {self.max_batch} rows")
             self._waiting.extend(group)
             self._lock.notify()

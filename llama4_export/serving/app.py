@@ -48,6 +48,7 @@ class _Run:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, SequenceEvent]] = asyncio.Queue()
         self.arrival = time.monotonic()
+        self.choices = choices
         self.last_token: list[float | None] = [None] * choices
         self.sequences: list[Sequence] = []
         self.open = set(range(choices))  # choices whose last event has not arrived
@@ -122,10 +123,9 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                            "model", type="not_found_error", code="model_not_found")
 
     async def start(body: CompletionRequest | ChatCompletionRequest) -> _Run:
-        if body.n > engine.max_batch + engine.max_queue:
+        if body.n > engine.capacity:  # before the prompt's encoding (and its images') is spent on it
             raise APIError(400, f"n={body.n}: more choices than this server's {engine.max_batch} rows + "
-                                f"{engine.max_queue} queue places can hold; ask for at most "
-                                f"{engine.max_batch + engine.max_queue}", "n")
+                                f"{engine.max_queue} queue places can hold; ask for at most {engine.capacity}", "n")
         # off the event loop: a chat's images are decoded and run through the vision graph here
         request = await asyncio.to_thread(body.engine_request, generator, settings.request_timeout)
         prompt_ids = request.prompt_ids
@@ -145,7 +145,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
 
     async def collect(request: Request, run: _Run) -> list[list[SequenceEvent]]:
         """Every event of a non-streaming request, per choice; cancels the sequences when the client goes away."""
-        events: list[list[SequenceEvent]] = [[] for _ in run.last_token]
+        events: list[list[SequenceEvent]] = [[] for _ in range(run.choices)]
         try:
             while not run.finished:
                 try:

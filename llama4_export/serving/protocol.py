@@ -52,7 +52,7 @@ class StreamOptions(_Body):
 class _Generation(_Body):
     """Fields both endpoints share. ONLY: fields accepted with these values alone (others are not implemented)."""
 
-    ONLY: ClassVar[dict[str, tuple]] = {}
+    ONLY: ClassVar[dict[str, tuple]] = {}  # each endpoint's own
 
     model: str
     temperature: float = Field(0.0, ge=0, le=2)
@@ -105,7 +105,7 @@ class _Generation(_Body):
 
 
 class CompletionRequest(_Generation):
-    ONLY = {**_Generation.ONLY, "echo": (False,), "suffix": (None,), "best_of": (None, 1)}
+    ONLY = {"echo": (False,), "suffix": (None,), "best_of": (None, 1)}
 
     prompt: str | Annotated[list[int], Field(min_length=1)]
     max_tokens: int = Field(16, ge=1)
@@ -173,7 +173,7 @@ class ResponseFormat(_Body):
 
 
 class ChatCompletionRequest(_Generation):
-    ONLY = {**_Generation.ONLY, "tool_choice": (None, "auto", "none"), "response_format": (None, ResponseFormat(type="text"))}
+    ONLY = {"tool_choice": (None, "auto", "none"), "response_format": (None, ResponseFormat(type="text"))}
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=1)
