@@ -67,3 +67,17 @@ def test_int4_partitions_generate_what_the_unpartitioned_int4_export_does(tmp_pa
     tokens = [Generator.load(tmp_path / name, window=64).generate(prompt, max_new_tokens=16, stop_tokens=[]).token_ids
               for name in ("whole", "parts")]
     assert tokens[0] == tokens[1]
+
+
+def test_fp8_kv_cache_partitions_generate_what_the_unpartitioned_export_does(tmp_path):
+    """Each part's graph quantizes only its own layers' caches (the calibrated scales cover every layer)."""
+    quant = api.QuantOptions(report=False, kv_cache_dtype="fp8", calib_cache=tmp_path / "calib.safetensors")
+    for name, partitions in (("whole", 1), ("parts", 2)):
+        api.export_model(tmp_path / name, precision="fp8", quant=quant, partitions=partitions, **SOURCE)
+    part1 = onnx.load(str(tmp_path / "parts" / "part1" / "decode.onnx"), load_external_data=False).graph
+    float8 = {i.name for i in part1.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT8E4M3FN}
+    assert float8 == {"past_key.2", "past_key.3", "past_value.2", "past_value.3"}
+    prompt = [int(t) for t in np.random.default_rng(3).integers(0, 256, 21)]
+    tokens = [Generator.load(tmp_path / name, window=64).generate(prompt, max_new_tokens=16, stop_tokens=[]).token_ids
+              for name in ("whole", "parts")]
+    assert tokens[0] == tokens[1]

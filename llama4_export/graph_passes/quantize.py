@@ -345,7 +345,9 @@ def quantize_kv_cache(model: ir.Model, context: PassContext) -> int:
     outputs = {value.name: index for index, value in enumerate(graph.outputs)}
     zero = initializer(graph, "fp8_zero_point", np.zeros((), ml_dtypes.float8_e4m3fn), ir.DataType.FLOAT8E4M3FN)
     first = next(iter(graph))
-    for layer, amaxes in sorted(spec.kv_cache_amax.items()):
+    # a partition's graph holds only its own layers' caches; the spec has every layer's scales
+    own = {layer: amaxes for layer, amaxes in spec.kv_cache_amax.items() if io_spec.past_key(layer) in inputs}
+    for layer, amaxes in sorted(own.items()):
         for kind, past, new, amax in (("key", io_spec.past_key(layer), io_spec.new_key(layer), amaxes[0]),
                                       ("value", io_spec.past_value(layer), io_spec.new_value(layer), amaxes[1])):
             cache_in, cache_out = inputs[past], graph.outputs[outputs[new]]
