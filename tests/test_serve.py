@@ -201,6 +201,27 @@ def test_n_choices_sample_with_seed_plus_their_index_plain_and_streamed(client, 
     assert deltas == dict(enumerate(chat_expected)) and sorted(roles) == [0, 1]
 
 
+def test_a_batch_of_prompts_gets_n_choices_each_indexed_prompt_times_n_plus_i(client, generator):
+    """A list of prompts (texts, or token-id lists): prompt k's choice i is index k × n + i and is the Generator's
+    run of that prompt with seed + i (2 prompts × n=2: more than the 2 rows, so two choices wait in the queue)."""
+    options = dict(temperature=1.0, top_p=0.95)
+    prompts = [PROMPT, "Once upon a time"]
+    runs = [_sampled(generator, prompt, 6, seed=3 + i, **options) for prompt in prompts for i in range(2)]
+    response = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, n=2, seed=3, **options)
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    assert [c.text for c in response.choices] == [text for text, _ in runs]
+    assert response.usage.prompt_tokens == sum(len(generator.encode(p)) for p in prompts)  # each prompt once
+    assert response.usage.completion_tokens == sum(count for _, count in runs)
+
+    ids = [generator.encode(p) for p in prompts]
+    greedy = [_alone(generator, p, 5).text for p in ids]
+    streamed = {}
+    for chunk in client.completions.create(model=MODEL, prompt=ids, max_tokens=5, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert streamed == dict(enumerate(greedy))
+
+
 def test_logit_bias_forces_and_bans_tokens(client, generator):
     forced = generator.tokenizer.encode("hello", add_special_tokens=False)[-1]
     response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, logit_bias={str(forced): 100})
@@ -229,6 +250,12 @@ MALFORMED = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 2}, 400, "best_of"),  # not implemented
     ("/v1/completions", {"model": MODEL, "prompt": "x", "mirostat": 1}, 400, "mirostat"),  # unknown
     ("/v1/completions", {"model": MODEL, "prompt": [999999]}, 400, "prompt"),  # outside the vocabulary
+    ("/v1/completions", {"model": MODEL, "prompt": ["x", [999999]]}, 400, "prompt"),  # texts and ids mixed
+    ("/v1/completions", {"model": MODEL, "prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[1], []]}, 400, "prompt"),  # an empty prompt in the batch
+    ("/v1/completions", {"model": MODEL, "prompt": [[1], [999999]]}, 400, "prompt[1]"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["x", "x " * 5000]}, 400, "prompt[1]"),  # beyond the context
+    ("/v1/completions", {"model": MODEL, "prompt": ["x"] * 3, "n": 2}, 400, "prompt"),  # 6 choices never fit
     ("/v1/completions", {"model": MODEL, "prompt": "x " * 5000}, 400, "prompt"),  # longer than the context
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 5000}, 400, "max_tokens"),  # beyond it
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),

@@ -43,8 +43,8 @@ class _Run:
     """One request's sequences, one per choice: the engine's events arrive on an asyncio queue as (choice, event);
     metrics are recorded as they pass."""
 
-    def __init__(self, engine: BatchEngine, metrics: ServerMetrics, prompt_tokens: int, choices: int):
-        self.engine, self.metrics, self.prompt_tokens = engine, metrics, prompt_tokens
+    def __init__(self, engine: BatchEngine, metrics: ServerMetrics, prompt_lengths: list[int], choices: int):
+        self.engine, self.metrics, self.prompt_lengths = engine, metrics, prompt_lengths
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, SequenceEvent]] = asyncio.Queue()
         self.arrival = time.monotonic()
@@ -123,15 +123,17 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                            "model", type="not_found_error", code="model_not_found")
 
     async def start(body: CompletionRequest | ChatCompletionRequest) -> _Run:
-        if body.n > engine.capacity:  # before the prompt's encoding (and its images') is spent on it
-            raise APIError(400, f"n={body.n}: more choices than this server's {engine.max_batch} rows + "
-                                f"{engine.max_queue} queue places can hold; ask for at most {engine.capacity}", "n")
+        choices = body.n * body.prompt_count
+        if choices > engine.capacity:  # before the prompts' encoding (and their images') is spent on them
+            asked = f"n={body.n}" if body.prompt_count == 1 else f"n={body.n} × {body.prompt_count} prompts"
+            raise APIError(400, f"{asked}: more choices than this server's {engine.max_batch} rows + "
+                                f"{engine.max_queue} queue places can hold; ask for at most {engine.capacity}",
+                           "n" if body.prompt_count == 1 else "prompt")
         # off the event loop: a chat's images are decoded and run through the vision graph here
-        request = await asyncio.to_thread(body.engine_request, generator, settings.request_timeout)
-        prompt_ids = request.prompt_ids
-        run = _Run(engine, metrics, len(prompt_ids), body.n)
+        requests = await asyncio.to_thread(body.engine_requests, generator, settings.request_timeout)
+        run = _Run(engine, metrics, [len(r.prompt_ids) for r in requests], choices)
         try:
-            run.sequences = engine.submit_all([(r, run.listener(i)) for i, r in enumerate(body.choices(request))])
+            run.sequences = engine.submit_all([(r, run.listener(i)) for i, r in enumerate(body.choices(requests))])
         except QueueFull as exc:
             retry = durations.retry_after(engine)
             raise APIError(429, f"{exc}; retry in {retry} s", type="rate_limit_error", code="queue_full",
@@ -140,7 +142,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
             raise APIError(503, str(exc), type="server_error", code="shutting_down") from None
         except GenerationError as exc:
             raise invalid(exc) from None
-        metrics.prompt_tokens.inc(len(prompt_ids) * body.n)
+        metrics.prompt_tokens.inc(sum(run.prompt_lengths) * body.n)
         return run
 
     async def collect(request: Request, run: _Run) -> list[list[SequenceEvent]]:
@@ -339,12 +341,14 @@ def _merge(events: list[SequenceEvent]) -> SequenceEvent:
 
 
 def _usage(run: _Run) -> dict[str, Any]:
-    # cached_tokens: prompt tokens taken over from a row's previous sequence (BatchEngine's prefix reuse), as OpenAI
-    # reports its prompt cache's
-    # (the prompt counts once, as OpenAI counts it for n choices; cached: what every choice's row took over)
-    return {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
-            "total_tokens": run.prompt_tokens + run.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": min(s.reused for s in run.sequences)}}
+    # Each prompt counts once, as OpenAI counts it for n choices. cached_tokens: prompt tokens taken over from a row's
+    # previous sequence (BatchEngine's prefix reuse), as OpenAI reports its prompt cache's: per prompt, what every one
+    # of its choices' rows took over.
+    n = len(run.sequences) // len(run.prompt_lengths)
+    cached = sum(min(s.reused for s in run.sequences[k * n:(k + 1) * n]) for k in range(len(run.prompt_lengths)))
+    prompt_tokens = sum(run.prompt_lengths)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": run.completion_tokens,
+            "total_tokens": prompt_tokens + run.completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _raise_unfinished(event: SequenceEvent | None, settings: ServeSettings) -> None:

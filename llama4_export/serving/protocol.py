@@ -4,7 +4,8 @@ a body becomes.
 
 Sampling defaults differ from OpenAI's in one way: temperature defaults to 0 (greedy, deterministic) rather than 1.
 max_tokens defaults to 16 for completions (as OpenAI's) and to the rest of the context for chat. n choices are n
-sequences of the engine; choice i samples with seed + i (seed defaults to 0), so each is reproducible on its own.
+sequences of the engine; choice i samples with seed + i (seed defaults to 0), so each is reproducible on its own. A
+completion's prompt may be a batch (a list of texts or of token-id lists): n choices each, indexed prompt × n + i.
 Extensions beyond OpenAI's fields: top_k, repetition_penalty and ignore_eos (as vLLM and llama-server accept them).
 """
 
@@ -93,11 +94,13 @@ class _Generation(_Body):
             bias[int(key)] = value
         return bias
 
-    def choices(self, request: SequenceRequest) -> list[SequenceRequest]:
-        """The engine requests of the n choices: choice i samples with seed + i."""
-        seed = request.sampling.seed
-        return [dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=seed + i))
-                for i in range(self.n)]
+    prompt_count: ClassVar[int] = 1
+
+    def choices(self, requests: list[SequenceRequest]) -> list[SequenceRequest]:
+        """The engine requests of every prompt's n choices, prompt by prompt (OpenAI's choice index: prompt × n + i);
+        choice i samples with seed + i."""
+        return [dataclasses.replace(r, sampling=dataclasses.replace(r.sampling, seed=r.sampling.seed + i))
+                for r in requests for i in range(self.n)]
 
     @property
     def include_usage(self) -> bool:
@@ -107,19 +110,36 @@ class _Generation(_Body):
 class CompletionRequest(_Generation):
     ONLY = {"echo": (False,), "suffix": (None,), "best_of": (None, 1)}
 
-    prompt: str | Annotated[list[int], Field(min_length=1)]
+    # one prompt (text or token ids), or a batch of them, each answered by its own n choices
+    prompt: (str | Annotated[list[int], Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
+             | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)])
     max_tokens: int = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 
-    def engine_request(self, generator: Generator, timeout: float | None) -> SequenceRequest:
-        try:
-            prompt_ids = generator.encode(self.prompt)
-        except GenerationError as exc:
-            raise APIError(400, f"prompt: {exc}", "prompt") from None
-        return _sequence_request(self, generator, prompt_ids, "prompt", self.max_tokens, self.logprobs, timeout)
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        single = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
+        return [self.prompt] if single else list(self.prompt)
+
+    @property
+    def prompt_count(self) -> int:
+        return len(self.prompts)
+
+    def engine_requests(self, generator: Generator, timeout: float | None) -> list[SequenceRequest]:
+        prompts = self.prompts
+        requests = []
+        for k, prompt in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt[{k}]"
+            try:
+                prompt_ids = generator.encode(prompt)
+            except GenerationError as exc:
+                raise APIError(400, f"{param}: {exc}", param) from None
+            requests.append(_sequence_request(self, generator, prompt_ids, param, self.max_tokens, self.logprobs,
+                                              timeout))
+        return requests
 
 
 class TextPart(_Body):
@@ -227,6 +247,9 @@ class ChatCompletionRequest(_Generation):
         request = _sequence_request(self, generator, prompt_ids, "messages", limit, self.top, timeout)
         return request if features is None else dataclasses.replace(request, image_features=features)
 
+    def engine_requests(self, generator: Generator, timeout: float | None) -> list[SequenceRequest]:
+        return [self.engine_request(generator, timeout)]
+
     @property
     def top(self) -> int | None:
         """Top log-probabilities per token, None when logprobs are off."""
@@ -278,6 +301,9 @@ def _first_problem(exc: ValidationError) -> APIError:
                         code="unsupported_parameter")
     if error["type"] == "missing":
         return APIError(400, f"{param}: this field is required", param)
+    if error["loc"][0] == "prompt":  # the first branch's complaint ("not a valid string") would mislead
+        return APIError(400, "prompt: give a string, a list of token ids, a list of strings or a list of token-id "
+                             "lists (none of them empty)", "prompt")
     return APIError(400, f"{param}: {error['msg']}", param)
 
 
