@@ -81,3 +81,20 @@ def test_fp8_kv_cache_partitions_generate_what_the_unpartitioned_export_does(tmp
     tokens = [Generator.load(tmp_path / name, window=64).generate(prompt, max_new_tokens=16, stop_tokens=[]).token_ids
               for name in ("whole", "parts")]
     assert tokens[0] == tokens[1]
+
+
+def test_bench_counts_the_weights_of_every_part(partitioned, model):
+    """The roofline's bytes per decode step over the parts' graphs; reference: the PyTorch model's parameters at fp32,
+    routed experts divided by their count, the embedding one row (as tests/test_bench.py counts a whole artifact)."""
+    config = model.config
+    expected = 0
+    for name, tensor in model.state_dict().items():
+        numel = tensor.numel()
+        if ".experts." in name:
+            numel //= config.num_local_experts
+        elif "embed_tokens" in name:
+            numel //= config.vocab_size
+        expected += 4 * numel
+    result = api.bench_artifact(partitioned, [8], decode_prompt=8, new_tokens=3, repeats=1, threads=1)
+    measured = result["roofline"]["weight_bytes_per_token"]
+    assert expected <= measured <= expected * 1.05, (measured, expected)

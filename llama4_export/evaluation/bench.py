@@ -39,6 +39,7 @@ import onnx
 from ..artifact import read_manifest
 from ..errors import Llama4ExportError
 from ..runtime import Generator
+from ..runtime.ort_backend import artifact_parts
 
 # ONNX ops whose expert-weight inputs are stacked [num_experts, ...]: a top-1 token reads one slice of them
 # (the unoptimized graph picks the slice with GatherND instead).
@@ -260,8 +261,9 @@ def _measure(directory: str, prompt_lengths: list[int], decode_prompt: int, new_
             at_depth[depth].append((new_tokens - 1) / (rest[-1] - first))
 
     peak_rss = peak_rss_mb()  # before the bandwidth copy, whose buffers are not the engine's
-    graph = directory / manifest["graphs"]["decode"]["file"]
-    weight_bytes = decode_weight_bytes(graph, config.num_local_experts)
+    # every part's graph that runs a decode step (a partitioned artifact lists its graphs in the parts' manifests)
+    parts, _ = artifact_parts(directory, manifest, config)
+    weight_bytes = sum(decode_weight_bytes(part.decode, config.num_local_experts) for part in parts)
     positions = range(decode_prompt, decode_prompt + new_tokens - 1)
     kv = kv_bytes_read(config, positions, np.dtype(gen.backend.cache_dtype).itemsize, gen.window)
     bandwidth = memory_bandwidth_gb_s(threads or os.cpu_count() or 1) if bandwidth is None else bandwidth
