@@ -11,6 +11,7 @@ import torch
 from llama4_export.artifact import read_manifest
 from llama4_export import api
 from llama4_export.pipeline import QuantOptions
+from llama4_export.evaluation.compare import compare_artifact
 from llama4_export.graph_passes.verify import run_onnxruntime
 from llama4_export.weights import RandomWeights, from_preset
 from llama4_export.model.modeling import KVCache
@@ -94,29 +95,7 @@ def test_scales_are_calibrated_kv_amax_over_448(artifact):
     np.testing.assert_allclose([cached[i] for i in range(config.num_hidden_layers)], amax, rtol=1e-6)
 
 
-def _bound_run(model: ir.Model, feeds: dict[str, np.ndarray], tmp_path) -> dict[str, np.ndarray]:
-    """Run through OrtBackend's IOBinding helpers: onnxruntime's numpy conversion does not take float8 arrays."""
-    import onnxruntime as ort
-
-    from llama4_export.runtime.ort_backend import _ortvalue
-
-    path = tmp_path / "model.onnx"
-    ir.save(model, path, external_data="model.data")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    binding = session.io_binding()
-    for name, array in feeds.items():
-        binding.bind_ortvalue_input(name, _ortvalue(array))
-    outputs = {}
-    for value in model.graph.outputs:
-        shape = [d if isinstance(d, int) else 1 for d in value.shape]  # batch 1, one new token
-        outputs[value.name] = np.empty(shape, ml_dtypes.float8_e4m3fn if value.dtype == FP8 else np.float32)
-        element = 17 if value.dtype == FP8 else np.float32  # TensorProto.FLOAT8E4M3FN
-        binding.bind_output(value.name, "cpu", 0, element, list(outputs[value.name].shape), outputs[value.name].ctypes.data)
-    session.run_with_iobinding(binding)
-    return outputs
-
-
-def test_qdq_placement_matches_numpy_and_fp8_cache_stays_close(artifact, tmp_path):
+def test_qdq_placement_matches_numpy_and_fp8_cache_stays_close(artifact):
     """Decode with a 12-token past: (1) the fp8-KV graph fed float8 caches == the graph without the cache Q/DQ fed the
     numpy dequantization q·s, and its new K/V == numpy's saturating E4M3 quantization of that graph's new K/V, on every
     layer; (2) vs the same graph fed the unquantized fp32 caches (the fp8 artifact without fp8 KV) logits stay close."""
@@ -139,7 +118,7 @@ def test_qdq_placement_matches_numpy_and_fp8_cache_stays_close(artifact, tmp_pat
             q = np.clip(x / s, -448, 448).astype(ml_dtypes.float8_e4m3fn)
             fp32_feeds[f"past_{kind}.{i}"], fp8_feeds[f"past_{kind}.{i}"] = x, q
             dequantized_feeds[f"past_{kind}.{i}"] = q.astype(np.float32) * s
-    got = _bound_run(fp8_kv, fp8_feeds, tmp_path)
+    got = run_onnxruntime(fp8_kv, fp8_feeds)  # float8 arrays in and out
     numpy_dequantized = run_onnxruntime(reference, dequantized_feeds)
     np.testing.assert_allclose(got["logits"], numpy_dequantized["logits"], rtol=0, atol=1e-6 * np.abs(got["logits"]).max())
     for i in range(config.num_hidden_layers):
@@ -151,6 +130,12 @@ def test_qdq_placement_matches_numpy_and_fp8_cache_stays_close(artifact, tmp_pat
     relative = float(np.abs(got["logits"] - unquantized).max() / np.abs(unquantized).max())
     print(f"fp8 KV vs fp32 KV decode logits: max|Δ| = {relative:.3g} × max|logit|")
     assert relative < 0.08
+
+
+def test_compare_runs_the_float8_cache_graphs(artifact):
+    """`llama4-export compare` feeds float8 caches (quantized graphs: run on ONNX Runtime, no float reference)."""
+    comparisons, notes = compare_artifact(artifact)
+    assert [(c.graph, c.reference) for c in comparisons] == [("decode", "none"), ("prefill", "none")]
 
 
 def test_generates_on_onnxruntime_with_a_quarter_of_the_cache_memory(artifact):

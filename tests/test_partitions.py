@@ -98,3 +98,13 @@ def test_bench_counts_the_weights_of_every_part(partitioned, model):
     result = api.bench_artifact(partitioned, [8], decode_prompt=8, new_tokens=3, repeats=1, threads=1)
     measured = result["roofline"]["weight_bytes_per_token"]
     assert expected <= measured <= expected * 1.05, (measured, expected)
+
+
+def test_compare_refuses_a_partitioned_artifact_in_one_line(partitioned):
+    from typer.testing import CliRunner
+
+    from llama4_export.cli.export import export_app
+
+    result = CliRunner().invoke(export_app, ["compare", str(partitioned)])
+    assert result.exit_code == 2 and "a partitioned artifact (2 parts)" in result.output
+    assert len(result.output.strip().splitlines()) == 1

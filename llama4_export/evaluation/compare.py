@@ -138,6 +138,9 @@ def compare_artifact(directory: str | Path, batch: int = 2, prefill_tokens: int 
     directory = Path(directory)
     manifest = read_manifest(directory)
     config = manifest_config(manifest)
+    if manifest.get("partitions"):  # its graphs are the parts' (they take hidden states and their layers' caches)
+        raise BuildError(f"{directory}: a partitioned artifact ({len(manifest['partitions'])} parts); compare runs "
+                         "whole-model graphs: export it without --partitions to compare its graphs")
     graphs = manifest.get("graphs") or {}
     engines = (manifest.get("tensorrt") or {}).get("engines") or {}
     problem = tensorrt_problem() if engines else "the artifact has no TensorRT engines (llama4-export build)"

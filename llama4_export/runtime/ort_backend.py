@@ -22,14 +22,12 @@ import onnxruntime as ort
 from ..artifact import MANIFEST, read_manifest
 from ..model import io_spec
 from ..model.config import Llama4Config
+from ..graph_passes.ort_run import RAW_ONNX_ELEMENT_TYPES, ort_value
 from .backends import KVCacheState
 from .errors import GenerationError
 from .kv_cache import InPlaceKVCache, SlidingKVCache
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-# ONNX element types, by numpy dtype name, of the ml_dtypes arrays ORT's numpy conversion does not know ("Numpy_type
-# 260 can't be converted to MLDataType" on onnxruntime 1.32): they are handed over as raw bytes with their ONNX type.
-_ONNX_ELEMENT_TYPES = {"float8_e4m3fn": 17}  # TensorProto.FLOAT8E4M3FN
 
 
 def _numpy_type(ort_type: str, what: str) -> np.dtype:
@@ -285,7 +283,7 @@ class OrtBackend:
                                  np.float32 if last else part.out_type)
             arrays = [first_out] + [a for i in part.layers for a in ((keys[i], values[i]) if keys else ())]
             for name, array in zip(part.outputs, arrays):
-                element_type = _ONNX_ELEMENT_TYPES.get(array.dtype.name, array.dtype.type)
+                element_type = RAW_ONNX_ELEMENT_TYPES.get(array.dtype.name, array.dtype.type)
                 binding.bind_output(name, "cpu", 0, element_type, list(array.shape), array.ctypes.data)
             if graph == "decode" and part.decode_logits_index:
                 binding.bind_cpu_input(io_spec.LOGITS_INDEX, np.zeros((batch, 1), np.int64))
@@ -335,12 +333,10 @@ def load_session(path: Path, options, providers):
 
 
 def _ortvalue(array: np.ndarray):
-    """An OrtValue over `array`'s memory (no copy on CPU), float8 arrays included."""
-    if array.dtype.name in _ONNX_ELEMENT_TYPES:
-        if not array.flags.c_contiguous:  # ORT reads the bytes in C order (the cache's buffers always are)
-            raise GenerationError(f"a {array.dtype} input of shape {list(array.shape)} is not C-contiguous")
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint8), _ONNX_ELEMENT_TYPES[array.dtype.name])
-    return ort.OrtValue.ortvalue_from_numpy(array)
+    try:
+        return ort_value(array)
+    except ValueError as exc:
+        raise GenerationError(str(exc)) from None
 
 
 def default_providers() -> list[str]:
