@@ -112,7 +112,8 @@ def special_token_ids(config: Llama4Config) -> dict[int, str]:
     if low < BYTE_TOKENS or high >= config.vocab_size:
         raise ConfigError(
             f"{config.name}: special token ids {sorted(named)[:3]}… do not fit a byte-level tokenizer (ids {BYTE_TOKENS}.."
-            f"{config.vocab_size - 1} are free); export from a checkpoint that has its own tokenizer.json"
+            f"{config.vocab_size - 1} are free); export from a checkpoint that has its own tokenizer.json (a model in memory: "
+            "ModelWeights(model, checkpoint=DIR) takes DIR's tokenizer files)"
         )
     return {i: named.get(i, f"<|reserved_special_token_{i - BYTE_TOKENS}|>") for i in range(BYTE_TOKENS, high + 1)}
 
