@@ -481,3 +481,32 @@ def test_a_disk_filling_up_during_the_passes_leaves_nothing_behind(small_disk, m
     line = " ".join(result.output.split())
     assert "the disk filled up" in line and "nothing was left behind" in line
     assert list(small_disk.iterdir()) == []
+
+
+def test_an_edited_in_memory_model_exports_with_its_checkpoint_tokenizer(tmp_path, scoutlike_dir):
+    """README's Python API path: load, edit in memory, export with the checkpoint's tokenizer files; the artifact
+    generates what the edited PyTorch model generates. Without a tokenizer source (this checkpoint's special ids do
+    not fit a byte-level one) one line says how to give one, and nothing is left behind."""
+    from tokenizers import Tokenizer
+
+    from llama4_export.errors import ConfigError
+    from llama4_export.evaluation.torch_backend import TorchBackend
+    from llama4_export.pipeline import export
+    from llama4_export.runtime import Generator
+    from llama4_export.weights import ModelWeights
+
+    model = load(scoutlike_dir)
+    ids = Tokenizer.from_file(str(scoutlike_dir / "tokenizer.json")).encode("The old man walked to the").ids
+    before = Generator(TorchBackend(model), window=64).generate(ids, max_new_tokens=12, stop_tokens=[]).token_ids
+    with torch.no_grad():
+        model.lm_head.weight[before[0]] *= -1  # the edit: the greedy first token's logit changes sign
+    edited = Generator(TorchBackend(model), window=64).generate(ids, max_new_tokens=12, stop_tokens=[]).token_ids
+    assert edited != before
+    with pytest.raises(ConfigError, match=r"ModelWeights\(model, checkpoint=DIR\)"):
+        export(tmp_path / "no-tokenizer", ModelWeights(model), show_progress=False)
+    assert list(tmp_path.iterdir()) == []
+    export(tmp_path / "edited", ModelWeights(model, checkpoint=scoutlike_dir), show_progress=False)
+    assert filecmp.cmp(tmp_path / "edited" / "tokenizer.json", scoutlike_dir / "tokenizer.json", shallow=False)
+    artifact = Generator.load(tmp_path / "edited", window=64)
+    assert artifact.encode("The old man walked to the") == ids
+    assert artifact.generate(ids, max_new_tokens=12, stop_tokens=[]).token_ids == edited
