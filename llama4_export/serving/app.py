@@ -43,15 +43,15 @@ class _Run:
     """One request's sequences, one per choice: the engine's events arrive on an asyncio queue as (choice, event);
     metrics are recorded as they pass."""
 
-    def __init__(self, engine: BatchEngine, metrics: ServerMetrics, prompt_lengths: list[int], choices: int):
-        self.engine, self.metrics, self.prompt_lengths = engine, metrics, prompt_lengths
+    def __init__(self, engine: BatchEngine, metrics: ServerMetrics, prompt_lengths: list[int], n: int):
+        self.engine, self.metrics, self.prompt_lengths, self.n = engine, metrics, prompt_lengths, n
+        self.choices = len(prompt_lengths) * n  # prompt k's choice i is choice k × n + i
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, SequenceEvent]] = asyncio.Queue()
         self.arrival = time.monotonic()
-        self.choices = choices
-        self.last_token: list[float | None] = [None] * choices
+        self.last_token: list[float | None] = [None] * self.choices
         self.sequences: list[Sequence] = []
-        self.open = set(range(choices))  # choices whose last event has not arrived
+        self.open = set(range(self.choices))  # choices whose last event has not arrived
         self.completion_tokens = 0
 
     def listener(self, choice: int) -> Callable[[SequenceEvent], None]:
@@ -123,15 +123,14 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                            "model", type="not_found_error", code="model_not_found")
 
     async def start(body: CompletionRequest | ChatCompletionRequest) -> _Run:
-        choices = body.n * body.prompt_count
-        if choices > engine.capacity:  # before the prompts' encoding (and their images') is spent on them
+        if body.n * body.prompt_count > engine.capacity:  # before the prompts' encoding (and their images') is spent on them
             asked = f"n={body.n}" if body.prompt_count == 1 else f"n={body.n} × {body.prompt_count} prompts"
             raise APIError(400, f"{asked}: more choices than this server's {engine.max_batch} rows + "
                                 f"{engine.max_queue} queue places can hold; ask for at most {engine.capacity}",
                            "n" if body.prompt_count == 1 else "prompt")
         # off the event loop: a chat's images are decoded and run through the vision graph here
         requests = await asyncio.to_thread(body.engine_requests, generator, settings.request_timeout)
-        run = _Run(engine, metrics, [len(r.prompt_ids) for r in requests], choices)
+        run = _Run(engine, metrics, [len(r.prompt_ids) for r in requests], body.n)
         try:
             run.sequences = engine.submit_all([(r, run.listener(i)) for i, r in enumerate(body.choices(requests))])
         except QueueFull as exc:
@@ -344,7 +343,7 @@ def _usage(run: _Run) -> dict[str, Any]:
     # Each prompt counts once, as OpenAI counts it for n choices. cached_tokens: prompt tokens taken over from a row's
     # previous sequence (BatchEngine's prefix reuse), as OpenAI reports its prompt cache's: per prompt, what every one
     # of its choices' rows took over.
-    n = len(run.sequences) // len(run.prompt_lengths)
+    n = run.n
     cached = sum(min(s.reused for s in run.sequences[k * n:(k + 1) * n]) for k in range(len(run.prompt_lengths)))
     prompt_tokens = sum(run.prompt_lengths)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": run.completion_tokens,
