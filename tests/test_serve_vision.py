@@ -143,7 +143,8 @@ def test_tools_render_like_transformers_and_the_reply_equals_generator(served, g
 BAD = [
     ({"url": "data:image/png;base64,%%%not-base64%%%"}, "base64 payload does not decode"),
     ({"url": "data:image/png," + "iVBORw0KGgo="}, "malformed data URL"),
-    ({"url": f"data:image/png;base64,{base64.b64encode(b'not an image at all').decode()}"}, "not a readable image"),
+    ({"url": f"data:image/png;base64,{base64.b64encode(b'not an image at all').decode()}"},
+     "not a readable image (no image format recognised)"),  # not Pillow's repr of its file object
     ({"url": "https://example.com/cat.png"}, "only data:image/...;base64,... URLs are accepted"),
     ({"url": data_url("over_budget.png")}, "but the model's context is"),  # 150 images: tiles beyond the context
 ]

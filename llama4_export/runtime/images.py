@@ -224,7 +224,10 @@ def load_image(path: str | Path | io.BytesIO, name: str | None = None) -> Image.
             return ImageOps.exif_transpose(opened)
     except FileNotFoundError:
         raise ImageError(f"{name}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:  # Pillow's message names the file object (an address, for a data URL's bytes)
+        raise ImageError(f"{name}: not a readable image (no image format recognised); give a PNG, JPEG or WebP "
+                         "image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"{name}: not a readable image ({exc}); give a PNG, JPEG or WebP image") from None
 
 
