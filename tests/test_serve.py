@@ -222,6 +222,23 @@ def test_a_batch_of_prompts_gets_n_choices_each_indexed_prompt_times_n_plus_i(cl
     assert streamed == dict(enumerate(greedy))
 
 
+def test_null_optional_fields_mean_not_given(server, generator):
+    """OpenAI's API takes null for an optional field as its default (clients send them): every optional field null
+    gives the defaults' answer (greedy, 16 tokens for a completion)."""
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
+                           "logit_bias", "stream", "stream_options", "user", "logprobs"])
+    completion = httpx.post(f"{server[0]}/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": PROMPT, "max_tokens": None, "best_of": None, "echo": None, "suffix": None, **nulls})
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["choices"][0]["text"] == _alone(generator, PROMPT, 16).text
+    messages = [{**m, "name": None, "tool_calls": None, "tool_call_id": None} for m in MESSAGES]
+    chat = httpx.post(f"{server[0]}/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": messages, "max_tokens": 8, "max_completion_tokens": None, "tools": None,
+        "tool_choice": None, "response_format": None, "top_logprobs": None, "parallel_tool_calls": None, **nulls})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"] == _alone(generator, generator.chat_prompt(MESSAGES), 8).text
+
+
 def test_logit_bias_forces_and_bans_tokens(client, generator):
     forced = generator.tokenizer.encode("hello", add_special_tokens=False)[-1]
     response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, logit_bias={str(forced): 100})
@@ -249,6 +266,8 @@ MALFORMED = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"999999": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 2}, 400, "best_of"),  # not implemented
     ("/v1/completions", {"model": MODEL, "prompt": "x", "mirostat": 1}, 400, "mirostat"),  # unknown
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "mirostat": None}, 400, "mirostat"),  # unknown, even if null
+    ("/v1/completions", {"model": None, "prompt": "x"}, 400, "model"),  # required, not null
     ("/v1/completions", {"model": MODEL, "prompt": [999999]}, 400, "prompt"),  # outside the vocabulary
     ("/v1/completions", {"model": MODEL, "prompt": ["x", [999999]]}, 400, "prompt"),  # texts and ids mixed
     ("/v1/completions", {"model": MODEL, "prompt": []}, 400, "prompt"),

@@ -16,7 +16,7 @@ import json
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..runtime.batching import SequenceRequest
 from ..runtime.errors import GenerationError, ImageError
@@ -44,6 +44,15 @@ class APIError(Exception):
 class _Body(BaseModel):
     # Unknown fields are refused (never silently ignored); JSON types are taken as they are ("10" is not a number).
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_not_given(cls, data: Any) -> Any:
+        # OpenAI's API takes null for an optional field as "not given" (clients send "temperature": null): the default
+        # applies; a required field sent as null is missing; an unknown one is still refused, null or not
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
 
 
 class StreamOptions(_Body):
