@@ -239,6 +239,23 @@ def test_null_optional_fields_mean_not_given(server, generator):
     assert chat.json()["choices"][0]["message"]["content"] == _alone(generator, generator.chat_prompt(MESSAGES), 8).text
 
 
+def test_an_answer_dumped_back_into_the_conversation_is_taken(client, generator):
+    """`messages.append(response.choices[0].message.model_dump())` carries the client's null refusal, audio,
+    function_call and annotations: the next turn is the one with a plain assistant message; a refusal is its text."""
+    first = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6).choices[0].message
+    dumped = first.model_dump()
+    assert {"refusal", "audio", "function_call", "annotations"} <= set(dumped)
+    follow_up = {"role": "user", "content": "Another."}
+    plain = [*MESSAGES, {"role": "assistant", "content": first.content}, follow_up]
+    expected = _alone(generator, generator.chat_prompt(plain), 6).text
+    answer = client.chat.completions.create(model=MODEL, messages=[*MESSAGES, dumped, follow_up], max_tokens=6)
+    assert answer.choices[0].message.content == expected
+    refused = [*MESSAGES, {"role": "assistant", "content": None, "refusal": "I cannot."}, follow_up]
+    as_text = [*MESSAGES, {"role": "assistant", "content": "I cannot."}, follow_up]
+    answer = client.chat.completions.create(model=MODEL, messages=refused, max_tokens=6)
+    assert answer.choices[0].message.content == _alone(generator, generator.chat_prompt(as_text), 6).text
+
+
 def test_logit_bias_forces_and_bans_tokens(client, generator):
     forced = generator.tokenizer.encode("hello", add_special_tokens=False)[-1]
     response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, logit_bias={str(forced): 100})
@@ -268,6 +285,8 @@ MALFORMED = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "mirostat": 1}, 400, "mirostat"),  # unknown
     ("/v1/completions", {"model": MODEL, "prompt": "x", "mirostat": None}, 400, "mirostat"),  # unknown, even if null
     ("/v1/completions", {"model": None, "prompt": "x"}, 400, "model"),  # required, not null
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "assistant", "content": "x", "audio": {"id": "a"}}]},
+     400, "messages[0].audio"),  # no audio
     ("/v1/completions", {"model": MODEL, "prompt": [999999]}, 400, "prompt"),  # outside the vocabulary
     ("/v1/completions", {"model": MODEL, "prompt": ["x", [999999]]}, 400, "prompt"),  # texts and ids mixed
     ("/v1/completions", {"model": MODEL, "prompt": []}, 400, "prompt"),

@@ -183,6 +183,12 @@ class ChatMessage(_Body):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    # An assistant message as this server's answer reads once a client dumps it back into the conversation
+    # (`message.model_dump()`): its refusal is its text; no audio, no legacy function_call, no annotations.
+    refusal: str | None = None
+    audio: None = None
+    function_call: None = None
+    annotations: Annotated[list[Any], Field(max_length=0)] | None = None
 
 
 class FunctionDefinition(_Body):
@@ -224,7 +230,7 @@ class ChatCompletionRequest(_Generation):
             elif isinstance(m.content, list):
                 content = "".join(part.text for part in m.content)
             else:
-                content = m.content or ""
+                content = m.content or m.refusal or ""
             message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
             if m.name is not None:
                 message["name"] = m.name
