@@ -59,6 +59,9 @@ def _alone(generator, prompt, max_tokens):
 
 def test_models_health_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4")
     assert httpx.get(f"{server[0]}/health").json()["status"] == "ok"
     text = httpx.get(f"{server[0]}/metrics").text
     for name in ("llama4_queue_depth", "llama4_running_sequences", "llama4_generation_tokens_per_second",

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP app over a BatchEngine (FastAPI): /v1/completions, /v1/chat/completions (non-streaming
-or server-sent events ending with `data: [DONE]`), /v1/models, /health, /metrics.
+or server-sent events ending with `data: [DONE]`), /v1/models (and /v1/models/{id}), /health, /metrics.
 
 Every request becomes one sequence of the engine per choice (n); the engine's thread hands their events, tagged with
 the choice's index, to the request's asyncio queue. Errors are OpenAI-style bodies: 400 for a bad field (named), 404
@@ -176,10 +176,17 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=metrics.content_type)
 
+    card = {"id": settings.model_name, "object": "model", "created": created, "owned_by": "llama4-export",
+            "max_model_len": generator.config.max_position_embeddings}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": created,
-                                            "owned_by": "llama4-export", "max_model_len": generator.config.max_position_embeddings}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")  # a path: model ids may hold slashes ("meta-llama/Llama-4-Scout-…")
+    async def model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return card
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
