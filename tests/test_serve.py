@@ -364,6 +364,22 @@ def test_client_disconnect_frees_its_row(server):
     _wait_idle(base)
 
 
+def test_an_api_key_guards_the_v1_routes(artifact, generator, monkeypatch):
+    """LLAMA4_SERVE_API_KEY (or --api-key): /v1/ answers only `Authorization: Bearer <key>` (the openai client's
+    api_key), a missing or wrong key gets OpenAI's 401; /health and /metrics stay open for probes and scrapers."""
+    monkeypatch.setenv("LLAMA4_SERVE_API_KEY", "s3cret")
+    with llama4_serve(artifact, "--threads", "1", "--model-name", MODEL) as (base, _):
+        keyed = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0, timeout=60)
+        assert keyed.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4).choices[0].text == \
+            _alone(generator, PROMPT, 4).text
+        wrong = openai.OpenAI(base_url=f"{base}/v1", api_key="guess", max_retries=0, timeout=60)
+        with pytest.raises(openai.AuthenticationError, match="API key"):
+            wrong.models.list()
+        bare = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{base}/health").status_code == 200 and httpx.get(f"{base}/metrics").status_code == 200
+
+
 def test_sigterm_finishes_running_streams_and_exits_0(server):
     """Last in the module: it ends the server."""
     base, process = server

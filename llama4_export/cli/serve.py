@@ -33,6 +33,9 @@ def serve(
                                                       "streams, less throughput; default: the artifact's prefill limit)"),
     request_timeout: float = typer.Option(600.0, "--request-timeout", help="seconds a request may take (0 = none)"),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="the model id clients send (default: DIR's name)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLAMA4_SERVE_API_KEY", show_envvar=True,
+                                          help="require `Authorization: Bearer KEY` on /v1/ (better from the "
+                                               "environment than the command line, which others can list)"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice)"),
     window: Optional[int] = typer.Option(None, help="global-layer KV window W in tokens"),
     ray: bool = typer.Option(False, "--ray", help="deploy on Ray Serve (pip install .[ray])"),
@@ -42,7 +45,7 @@ def serve(
 ) -> None:
     """Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics until SIGTERM."""
     try:
-        settings = ServeSettings(model_name or artifact.resolve().name, request_timeout or None)
+        settings = ServeSettings(model_name or artifact.resolve().name, request_timeout or None, api_key or None)
         options = EngineOptions(max_batch, max_queue, reuse_prefix, prefill_budget)
         if ray:
             if replicas < 1:

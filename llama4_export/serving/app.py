@@ -10,6 +10,7 @@ per-request timeout. A client that goes away cancels its sequences, which frees 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import math
 import os
@@ -37,6 +38,11 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its cli
 class ServeSettings:
     model_name: str
     request_timeout: float | None = 600.0  # seconds from arrival to the last token; None: no limit
+    api_key: str | None = None  # when set, /v1/ requests need `Authorization: Bearer <key>` (health, metrics don't)
+
+    def __repr__(self) -> str:  # never the key, in a log or a traceback
+        return (f"ServeSettings(model_name={self.model_name!r}, request_timeout={self.request_timeout!r}, "
+                f"api_key={'set' if self.api_key else None})")
 
 
 class _Run:
@@ -102,6 +108,18 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
     def answer(endpoint: str, error: APIError) -> JSONResponse:
         metrics.requests.labels(endpoint, str(error.status)).inc()
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    if settings.api_key:
+        expected = f"Bearer {settings.api_key}".encode()
+
+        @app.middleware("http")
+        async def authorize(request: Request, call_next):
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path.startswith("/v1/") and not hmac.compare_digest(given, expected):
+                return answer(request.url.path, APIError(
+                    401, "a missing or wrong API key: send the server's key as `Authorization: Bearer <key>`",
+                    code="invalid_api_key"))
+            return await call_next(request)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
