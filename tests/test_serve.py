@@ -259,6 +259,47 @@ def test_an_answer_dumped_back_into_the_conversation_is_taken(client, generator)
     assert answer.choices[0].message.content == _alone(generator, generator.chat_prompt(as_text), 6).text
 
 
+def test_echo_scores_the_prompt_as_the_pytorch_model_does(client, generator):
+    """echo + logprobs (how evaluation harnesses score text): every prompt token after the first gets its
+    log-probability under the model; reference: log-softmax of the PyTorch model's logits on the same weights. A
+    600-token prompt is fed in two prefill pieces across 16-token chunks; max_tokens=0 scores without generating."""
+    import numpy as np
+    import torch
+
+    from llama4_export.model import get_preset
+    from llama4_export.weights import from_config
+
+    model = from_config(get_preset("scout-tiny", 4), seed=0)
+    long = [int(t) for t in np.random.default_rng(4).integers(3, 500, 600)]
+    short = generator.encode(PROMPT)
+    response = client.completions.create(model=MODEL, prompt=[long, short], max_tokens=0, echo=True, logprobs=1)
+    for ids, choice in zip([long, short], response.choices):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).double()[0]
+        reference = torch.log_softmax(logits, -1)
+        expected = [float(reference[j, ids[j + 1]]) for j in range(len(ids) - 1)]
+        scored = choice.logprobs
+        assert scored.token_logprobs[0] is None and scored.top_logprobs[0] is None
+        np.testing.assert_allclose(scored.token_logprobs[1:], expected, rtol=0, atol=2e-4)
+        np.testing.assert_allclose([max(top.values()) for top in scored.top_logprobs[1:]],
+                                   reference[:-1].max(-1).values.numpy(), rtol=0, atol=2e-4)
+        assert len(scored.tokens) == len(ids) and choice.finish_reason == "length"
+        assert choice.text == generator.tokenizer.decode(ids, skip_special_tokens=False)
+    assert response.usage.prompt_tokens == len(long) + len(short) and response.usage.completion_tokens == 0
+    # again: a row holding the same prompt is not taken over (its positions' logits would be missing)
+    again = client.completions.create(model=MODEL, prompt=long, max_tokens=0, echo=True, logprobs=1).choices[0]
+    assert again.logprobs.token_logprobs == response.choices[0].logprobs.token_logprobs
+
+    # with new tokens: the prompt's text, then the completion; its scores after the prompt's, as without echo
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, logprobs=1).choices[0]
+    echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, logprobs=1, echo=True).choices[0]
+    assert echoed.text == PROMPT + plain.text
+    assert echoed.logprobs.token_logprobs[len(short):] == plain.logprobs.token_logprobs
+    np.testing.assert_allclose(echoed.logprobs.token_logprobs[1:len(short)], [
+        float(torch.log_softmax(model(torch.tensor([short])).double()[0], -1)[j, short[j + 1]])
+        for j in range(len(short) - 1)], rtol=0, atol=2e-4)
+
+
 def test_logit_bias_forces_and_bans_tokens(client, generator):
     forced = generator.tokenizer.encode("hello", add_special_tokens=False)[-1]
     response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, logit_bias={str(forced): 100})
@@ -275,7 +316,8 @@ MALFORMED = [
     ("/v1/completions", b'[1, 2]', 400, None),  # not an object
     ("/v1/completions", {"model": MODEL}, 400, "prompt"),  # missing
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "10"}, 400, "max_tokens"),  # wrong type
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),  # 0: echo only
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True, "stream": True}, 400, "echo"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),  # > 4

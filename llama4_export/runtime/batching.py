@@ -67,6 +67,10 @@ class SequenceRequest:
     timeout: float | None = None  # seconds from submit() until the sequence ends with finish_reason "timeout"
     # the feature rows of the prompt's image placeholder tokens, in order (Generator.chat_inputs); None: text only
     image_features: np.ndarray | None = field(default=None, compare=False)
+    # None: none; k: every prompt token's log-probability after the first (and the k most likely tokens') from the
+    # prefill's logits at every position — the sequence is prefilled alone, from its first token; max_new_tokens may
+    # then be 0 (score the prompt only)
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class Sequence:
     pending: int | None = None  # the sampled token the next decode step feeds
     token_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1.. (with prompt_logprobs)
     finish_reason: FinishReason | None = None
     error: str | None = None
     cancelled: bool = False
@@ -195,16 +200,19 @@ class BatchEngine:
     def check(self, request: SequenceRequest) -> None:
         """Raise GenerationError naming what the engine cannot run in `request` (before it is queued)."""
         self.generator.encode(request.prompt_ids)  # non-empty, ids inside the vocabulary
-        if request.max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens={request.max_new_tokens}: must be >= 1")
+        if request.max_new_tokens < (0 if request.prompt_logprobs is not None else 1):
+            raise GenerationError(f"max_new_tokens={request.max_new_tokens}: must be >= 1 (0 only when scoring the "
+                                  "prompt: prompt_logprobs)")
         context = self.config.max_position_embeddings
         if len(request.prompt_ids) + request.max_new_tokens > context:
             raise GenerationError(
                 f"the prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens ({request.max_new_tokens}) exceeds "
                 f"the model's context of {context} tokens; shorten the prompt or lower max_new_tokens")
         request.sampling.check_vocabulary(self.config.vocab_size)
-        if request.logprobs is not None and not 0 <= request.logprobs <= self.config.vocab_size:
-            raise GenerationError(f"logprobs={request.logprobs}: must be between 0 and the vocabulary size")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(request, name)
+            if k is not None and not 0 <= k <= self.config.vocab_size:
+                raise GenerationError(f"{name}={k}: must be between 0 and the vocabulary size")
         if request.timeout is not None and not request.timeout > 0:
             raise GenerationError(f"timeout={request.timeout}: must be > 0 seconds")
         if request.image_features is not None:
@@ -320,7 +328,7 @@ class BatchEngine:
         free = [row for row, occupant in enumerate(self._rows) if occupant is None]
         row, reused = free[0], 0
         prompt = np.asarray(seq.request.prompt_ids, np.int64)
-        if self.reuse_prefix_tokens and seq.request.image_features is None:
+        if self.reuse_prefix_tokens and seq.request.image_features is None and seq.request.prompt_logprobs is None:
             for candidate in free:
                 shared = min(_common_prefix(self._held[candidate], prompt), prompt.size - 1)
                 kept = self.cache.longest_kept_prefix(candidate, shared)
@@ -344,8 +352,9 @@ class BatchEngine:
         positions = np.full((self.max_batch, n), -1, np.int64)
         ids[seq.row] = prompt[start:start + n]
         positions[seq.row] = np.arange(start, start + n)
-        wanted = np.zeros((self.max_batch, 1), np.int64)
-        wanted[seq.row, 0] = n - 1
+        scoring = seq.request.prompt_logprobs is not None
+        wanted = np.zeros((self.max_batch, n if scoring else 1), np.int64)
+        wanted[seq.row] = np.arange(n) if scoring else n - 1
         features = seq.request.image_features
         if features is None:
             logits = self.backend.forward(ids, positions, self.cache, wanted)
@@ -353,9 +362,15 @@ class BatchEngine:
             before = prompt[:start].count(self._image_token)
             features = features[before: before + prompt[start:start + n].count(self._image_token)]
             logits = self.backend.forward(ids, positions, self.cache, wanted, image_features=features)
+        if scoring:  # position p's logits score prompt token p + 1
+            seq.prompt_logprobs += [token_logprobs(logits[seq.row, j], prompt[start + j + 1], seq.request.prompt_logprobs)
+                                    for j in range(n) if start + j + 1 < len(prompt)]
         seq.fed += n
         if seq.fed == len(prompt):
-            self._sampled(seq, logits[seq.row, 0])
+            if seq.request.max_new_tokens == 0:
+                self._finish(seq, "length")
+            else:
+                self._sampled(seq, logits[seq.row, -1])
 
     def _newcomers_together(self, reading: list[Sequence], budget: int) -> list[Sequence]:
         """The oldest newcomers whose whole prompts fit one piece each and, padded to the longest, the step's prompt
@@ -367,7 +382,7 @@ class BatchEngine:
         longest = 0
         for seq in sorted(reading, key=lambda s: s.submitted):
             length = len(seq.request.prompt_ids)
-            if seq.fed == 0 and length <= self._one_piece \
+            if seq.fed == 0 and length <= self._one_piece and seq.request.prompt_logprobs is None \
                     and (len(chosen) + 1) * max(longest, length) <= budget:
                 chosen.append(seq)
                 longest = max(longest, length)
@@ -433,7 +448,8 @@ class BatchEngine:
             seq.pending = token
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
-        """End `seq` without a token (cancel, timeout, error): free its row, tell its listener."""
+        """End `seq` without a token (cancel, timeout, error, a scored prompt with no new tokens): free its row, tell
+        its listener."""
         self._emit(seq, SequenceEvent(None, seq.stops.flush() if seq.decoder else None, None, reason, error))
 
     def _tokens_held(self, seq: Sequence) -> np.ndarray:

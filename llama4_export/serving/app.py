@@ -227,10 +227,17 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
             return _sse(chunks(), run, metrics, "/v1/completions")
         choices = await collect(request, run)
         metrics.requests.labels("/v1/completions", "200").inc()
-        return JSONResponse({**head, "choices": [{
-            "index": i, "text": "".join(e.text or "" for e in events),
-            "logprobs": tokens.completion_logprobs(events) if body.logprobs is not None else None,
-            "finish_reason": events[-1].finish_reason} for i, events in enumerate(choices)], "usage": _usage(run)})
+
+        def choice(i: int, events: list[SequenceEvent]) -> dict[str, Any]:
+            prompt = i // body.n
+            text = "".join(e.text or "" for e in events)
+            scored = run.sequences[i] if body.echo else None  # its prompt tokens and their log-probabilities
+            return {"index": i, "text": body.echoed(generator, prompt) + text if body.echo else text,
+                    "logprobs": tokens.completion_logprobs(events, scored) if body.logprobs is not None else None,
+                    "finish_reason": events[-1].finish_reason}
+
+        return JSONResponse({**head, "choices": [choice(i, events) for i, events in enumerate(choices)],
+                             "usage": _usage(run)})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -341,12 +348,15 @@ class _TokenText:
     def piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else str(token_id)
 
-    def completion_logprobs(self, events: list[SequenceEvent]) -> dict[str, Any]:
-        scored = [e for e in events if e.logprobs is not None]
-        tokens = [self.piece(e.token_id) for e in scored]
+    def completion_logprobs(self, events: list[SequenceEvent], echoed: Sequence | None = None) -> dict[str, Any]:
+        """OpenAI's logprobs of a completion; with `echoed`, its prompt's tokens first (the first one unscored)."""
+        entries = [] if echoed is None else [(echoed.request.prompt_ids[0], None),
+                                             *((s.token_id, s) for s in echoed.prompt_logprobs)]
+        entries += [(e.token_id, e.logprobs) for e in events if e.logprobs is not None]
+        tokens = [self.piece(t) for t, _ in entries]
         offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-        return {"tokens": tokens, "token_logprobs": [e.logprobs.logprob for e in scored],
-                "top_logprobs": [{self.piece(t): lp for t, lp in e.logprobs.top} for e in scored],
+        return {"tokens": tokens, "token_logprobs": [None if s is None else s.logprob for _, s in entries],
+                "top_logprobs": [None if s is None else {self.piece(t): lp for t, lp in s.top} for _, s in entries],
                 "text_offset": offsets}
 
     def chat_logprobs(self, events: list[SequenceEvent]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ Sampling defaults differ from OpenAI's in one way: temperature defaults to 0 (gr
 max_tokens defaults to 16 for completions (as OpenAI's) and to the rest of the context for chat. n choices are n
 sequences of the engine; choice i samples with seed + i (seed defaults to 0), so each is reproducible on its own. A
 completion's prompt may be a batch (a list of texts or of token-id lists): n choices each, indexed prompt × n + i.
+echo with logprobs scores the prompt (its sequences prefill alone, every position's logits kept).
 Extensions beyond OpenAI's fields: top_k, repetition_penalty and ignore_eos (as vLLM and llama-server accept them).
 """
 
@@ -117,14 +118,14 @@ class _Generation(_Body):
 
 
 class CompletionRequest(_Generation):
-    ONLY = {"echo": (False,), "suffix": (None,), "best_of": (None, 1)}
+    ONLY = {"suffix": (None,), "best_of": (None, 1)}
 
     # one prompt (text or token ids), or a batch of them, each answered by its own n choices
     prompt: (str | Annotated[list[int], Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
              | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)])
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0)  # 0: with echo, score the prompt only
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
+    echo: bool = False  # the prompt before the completion, and with logprobs its tokens' log-probabilities
     suffix: str | None = None
     best_of: int | None = None
 
@@ -138,6 +139,13 @@ class CompletionRequest(_Generation):
         return len(self.prompts)
 
     def engine_requests(self, generator: Generator, timeout: float | None) -> list[SequenceRequest]:
+        if self.echo and self.stream:
+            raise APIError(400, "echo: not supported with stream: true; ask without streaming", "echo",
+                           code="unsupported_parameter")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens=0: only with echo: true (the prompt scored, nothing generated); ask for at "
+                                "least 1 token", "max_tokens")
+        scored = self.logprobs if self.echo else None
         prompts = self.prompts
         requests = []
         for k, prompt in enumerate(prompts):
@@ -146,9 +154,16 @@ class CompletionRequest(_Generation):
                 prompt_ids = generator.encode(prompt)
             except GenerationError as exc:
                 raise APIError(400, f"{param}: {exc}", param) from None
-            requests.append(_sequence_request(self, generator, prompt_ids, param, self.max_tokens, self.logprobs,
-                                              timeout))
+            request = _sequence_request(self, generator, prompt_ids, param, self.max_tokens, self.logprobs, timeout)
+            requests.append(dataclasses.replace(request, prompt_logprobs=scored))
         return requests
+
+    def echoed(self, generator: Generator, k: int) -> str:
+        """Prompt k as echo shows it: the text given, or its token ids decoded (nothing without a tokenizer)."""
+        prompt = self.prompts[k]
+        if isinstance(prompt, str):
+            return prompt
+        return generator.tokenizer.decode(prompt, skip_special_tokens=False) if generator.tokenizer else ""
 
 
 class TextPart(_Body):
