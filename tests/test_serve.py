@@ -298,6 +298,11 @@ def test_echo_scores_the_prompt_as_the_pytorch_model_does(client, generator):
     np.testing.assert_allclose(echoed.logprobs.token_logprobs[1:len(short)], [
         float(torch.log_softmax(model(torch.tensor([short])).double()[0], -1)[j, short[j + 1]])
         for j in range(len(short) - 1)], rtol=0, atol=2e-4)
+    # streamed: the prompt's chunk (with its scores) first, then the tokens' chunks; together the same answer
+    chunks = [c.choices[0] for c in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, logprobs=1,
+                                                               echo=True, stream=True) if c.choices]
+    assert chunks[0].text == PROMPT and "".join(c.text for c in chunks) == echoed.text
+    assert [lp for c in chunks for lp in c.logprobs.token_logprobs] == echoed.logprobs.token_logprobs
 
 
 def test_logit_bias_forces_and_bans_tokens(client, generator):
@@ -317,7 +322,6 @@ MALFORMED = [
     ("/v1/completions", {"model": MODEL}, 400, "prompt"),  # missing
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "10"}, 400, "max_tokens"),  # wrong type
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),  # 0: echo only
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True, "stream": True}, 400, "echo"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),  # > 4

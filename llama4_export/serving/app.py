@@ -216,8 +216,15 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         tokens = _TokenText(generator)
         if body.stream:
             async def chunks() -> AsyncIterator[dict[str, Any]]:
+                echoed: set[int] = set()
                 async for choice, event in run.events():
                     _raise_unfinished(event, settings)
+                    if body.echo and choice not in echoed:  # the prompt first (scored once its prefill is done)
+                        echoed.add(choice)
+                        scores = tokens.completion_logprobs([], run.sequences[choice]) if body.logprobs is not None \
+                            else None
+                        yield {**head, "choices": [{"index": choice, "text": body.echoed(generator, choice // body.n),
+                                                    "logprobs": scores, "finish_reason": None}]}
                     logprobs = tokens.completion_logprobs([event]) if body.logprobs is not None else None
                     if event.token_id is not None or event.finish_reason:  # a chunk per token, as llama-server
                         yield {**head, "choices": [{"index": choice, "text": event.text or "", "logprobs": logprobs,

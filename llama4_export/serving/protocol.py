@@ -139,9 +139,6 @@ class CompletionRequest(_Generation):
         return len(self.prompts)
 
     def engine_requests(self, generator: Generator, timeout: float | None) -> list[SequenceRequest]:
-        if self.echo and self.stream:
-            raise APIError(400, "echo: not supported with stream: true; ask without streaming", "echo",
-                           code="unsupported_parameter")
         if self.max_tokens == 0 and not self.echo:
             raise APIError(400, "max_tokens=0: only with echo: true (the prompt scored, nothing generated); ask for at "
                                 "least 1 token", "max_tokens")
