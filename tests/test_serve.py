@@ -305,6 +305,14 @@ def test_echo_scores_the_prompt_as_the_pytorch_model_does(client, generator):
     assert [lp for c in chunks for lp in c.logprobs.token_logprobs] == echoed.logprobs.token_logprobs
 
 
+def test_a_negative_seed_is_a_seed(client, generator):
+    """OpenAI's seeds are signed 64-bit integers: seed -1 samples reproducibly, choice i with seed − 1 + i, as the
+    Generator does with those seeds (it was a 500: numpy's generator takes non-negative seeds only)."""
+    expected = [_sampled(generator, PROMPT, 6, seed=seed, temperature=1.0)[0] for seed in (-1, 0)]
+    response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, n=2, seed=-1, temperature=1.0)
+    assert [c.text for c in response.choices] == expected
+
+
 def test_logit_bias_forces_and_bans_tokens(client, generator):
     forced = generator.tokenizer.encode("hello", add_special_tokens=False)[-1]
     response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, logit_bias={str(forced): 100})

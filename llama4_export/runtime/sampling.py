@@ -125,7 +125,7 @@ class Sampler:
 
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        self.rng = np.random.default_rng(params.seed % 2**64)  # any integer (OpenAI's are signed 64-bit): one stream each
 
     def __call__(self, logits: np.ndarray, previous_ids: np.ndarray, output_ids: np.ndarray) -> int:
         """previous_ids: prompt + generated tokens (repetition penalty); output_ids: the generated ones alone
