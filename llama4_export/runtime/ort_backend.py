@@ -22,7 +22,7 @@ import onnxruntime as ort
 from ..artifact import MANIFEST, read_manifest
 from ..model import io_spec
 from ..model.config import Llama4Config
-from ..graph_passes.ort_run import RAW_ONNX_ELEMENT_TYPES, ort_value
+from ..ort_values import RAW_ONNX_ELEMENT_TYPES, ort_value
 from .backends import KVCacheState
 from .errors import GenerationError
 from .kv_cache import InPlaceKVCache, SlidingKVCache
