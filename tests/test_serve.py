@@ -284,6 +284,7 @@ def test_echo_scores_the_prompt_as_the_pytorch_model_does(client, generator):
         np.testing.assert_allclose([max(top.values()) for top in scored.top_logprobs[1:]],
                                    reference[:-1].max(-1).values.numpy(), rtol=0, atol=2e-4)
         assert len(scored.tokens) == len(ids) and choice.finish_reason == "length"
+        assert scored.text_offset == [sum(map(len, scored.tokens[:i])) for i in range(len(ids))]  # characters before
         assert choice.text == generator.tokenizer.decode(ids, skip_special_tokens=False)
     assert response.usage.prompt_tokens == len(long) + len(short) and response.usage.completion_tokens == 0
     # again: a row holding the same prompt is not taken over (its positions' logits would be missing)

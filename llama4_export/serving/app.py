@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import json
 import math
 import os
@@ -361,7 +362,7 @@ class _TokenText:
                                              *((s.token_id, s) for s in echoed.prompt_logprobs)]
         entries += [(e.token_id, e.logprobs) for e in events if e.logprobs is not None]
         tokens = [self.piece(t) for t, _ in entries]
-        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        offsets = [0, *itertools.accumulate(len(t) for t in tokens)][:len(tokens)]  # linear: echoed prompts are long
         return {"tokens": tokens, "token_logprobs": [None if s is None else s.logprob for _, s in entries],
                 "top_logprobs": [None if s is None else {self.piece(t): lp for t, lp in s.top} for _, s in entries],
                 "text_offset": offsets}
