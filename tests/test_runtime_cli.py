@@ -126,7 +126,8 @@ def break_no_prompt(tmp_path, ckpt):
 
 
 def break_unknown_backend(tmp_path, ckpt):
-    return [ckpt, "--backend", "tensorflow", "--ids", "1"], "backend 'tensorflow' is unknown"
+    return [ckpt, "--backend", "tensorflow", "--ids", "1"], \
+        "--backend 'tensorflow' is unknown; choose one of: onnxruntime, tensorrt, torch"
 
 
 def break_bad_temperature(tmp_path, ckpt):

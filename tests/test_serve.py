@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -433,6 +435,26 @@ def test_an_api_key_guards_the_v1_routes(artifact, generator, monkeypatch):
         bare = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
         assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(f"{base}/health").status_code == 200 and httpx.get(f"{base}/metrics").status_code == 200
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--port", "70000"], "port 70000: must be in 1..65535"),
+    (["--port", "0"], "port 0: must be in 1..65535"),
+    (["--host", "no-such-host.invalid"], "host 'no-such-host.invalid': "),
+    (["--request-timeout", "-5"], "request_timeout=-5.0: must be a number of seconds > 0"),
+    (["--max-batch", "0"], "max_batch=0: must be >= 1"),
+    (["--threads", "-1"], "threads=-1: must be >= 1"),
+], ids=["port-above-65535", "port-0", "unresolvable-host", "negative-timeout", "no-rows", "negative-threads"])
+def test_bad_flags_get_one_line_and_exit_2_before_anything_listens(artifact, flags, expected):
+    """Checked before the artifact loads (or, for --threads, while it does): uvicorn would bind a wrapped-around port
+    for 70000 and report a bad host only after the load. A server that starts anyway is killed and fails the test."""
+    command = [sys.executable, "-c", "from llama4_export.cli.serve import main; main()", str(artifact), *flags]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"llama4-serve {' '.join(flags)} started serving instead of refusing")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr
 
 
 def test_sigterm_finishes_running_streams_and_exits_0(server):

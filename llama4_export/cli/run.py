@@ -12,6 +12,7 @@ import typer
 
 from ..errors import Llama4ExportError
 from ..runtime import GenerationError, Generator
+from ..runtime.generator import BACKENDS
 from .common import err_console, fail, piece_printer
 
 run_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Run an exported Llama 4 artifact.")
@@ -75,6 +76,8 @@ def run(
 def _generator(directory: Path, backend: str, window: int | None, sinks: int, threads: int | None) -> Generator:
     """An artifact on ONNX Runtime / TensorRT; with --backend torch, the PyTorch reference on a checkpoint or on an
     unquantized artifact's weights (imported only then: it needs torch)."""
+    if backend not in (*BACKENDS, "torch"):
+        raise GenerationError(f"--backend {backend!r} is unknown; choose one of: {', '.join((*BACKENDS, 'torch'))}")
     if backend != "torch":
         return Generator.load(directory, backend=backend, window=window, sinks=sinks, threads=threads)
     from ..evaluation.torch_backend import torch_generator

@@ -11,7 +11,7 @@ import typer
 from ..errors import Llama4ExportError
 from ..runtime import Generator
 from ..runtime.batching import DEFAULT_REUSE_PREFIX_TOKENS, EngineOptions
-from ..serving import ServeSettings, load_engine, serve as serve_engine
+from ..serving import ServeSettings, check_listen_address, load_engine, serve as serve_engine
 from .common import err_console, fail
 
 serve_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -47,6 +47,7 @@ def serve(
     try:
         settings = ServeSettings(model_name or artifact.resolve().name, request_timeout or None, api_key or None)
         options = EngineOptions(max_batch, max_queue, reuse_prefix, prefill_budget)
+        check_listen_address(host, port)
         if ray:
             if replicas < 1:
                 raise Llama4ExportError(f"--replicas {replicas}: must be >= 1")

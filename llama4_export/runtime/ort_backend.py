@@ -308,6 +308,8 @@ class OrtBackend:
 
 def session_options(threads: int | None) -> ort.SessionOptions:
     """Every graph's session: all of ONNX Runtime's graph optimizations, one stream, quiet."""
+    if threads is not None and threads < 0:
+        raise GenerationError(f"threads={threads}: must be >= 1 (or left out / 0 for ONNX Runtime's choice)")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

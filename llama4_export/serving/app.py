@@ -41,6 +41,11 @@ class ServeSettings:
     request_timeout: float | None = 600.0  # seconds from arrival to the last token; None: no limit
     api_key: str | None = None  # when set, /v1/ requests need `Authorization: Bearer <key>` (health, metrics don't)
 
+    def __post_init__(self):
+        if self.request_timeout is not None and not 0 < self.request_timeout < math.inf:
+            raise GenerationError(f"request_timeout={self.request_timeout}: must be a number of seconds > 0 "
+                                  "(or None: no limit)")
+
     def __repr__(self) -> str:  # never the key, in a log or a traceback
         return (f"ServeSettings(model_name={self.model_name!r}, request_timeout={self.request_timeout!r}, "
                 f"api_key={'set' if self.api_key else None})")

@@ -8,12 +8,14 @@ process exits 0 (SIGINT: uvicorn's own exit status).
 from __future__ import annotations
 
 import signal
+import socket
 from pathlib import Path
 
 import uvicorn
 
 from ..runtime import Generator
 from ..runtime.batching import BatchEngine, EngineOptions
+from ..runtime.errors import GenerationError
 from .app import ServeSettings, create_app
 
 
@@ -24,9 +26,22 @@ def load_engine(artifact: str | Path, options: EngineOptions, threads: int | Non
     return BatchEngine(generator, options)
 
 
+def check_listen_address(host: str, port: int) -> None:
+    """Refuse, before anything loads, a port outside 1..65535 and a host name that resolves to nothing (uvicorn
+    would say so only after the artifact is loaded, or bind a port other than the one asked for)."""
+    if not 1 <= port <= 65535:
+        raise GenerationError(f"port {port}: must be in 1..65535")
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise GenerationError(f"host {host!r}: {exc.strerror}; listen on an address of this machine "
+                              "(127.0.0.1, 0.0.0.0, ::)") from None
+
+
 def serve(engine: BatchEngine, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
           graceful_s: float = 30.0) -> None:
     """Serve `engine` until SIGTERM / SIGINT."""
+    check_listen_address(host, port)
     # uvicorn raises the signal again once it has shut down; SIGTERM's handler then lets the process end normally
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning",
