@@ -75,6 +75,11 @@ class EngineOptions:
     timing_cache: Path | None = None
     reproducible: bool = False
 
+    def __post_init__(self):
+        from .tensorrt.profiles import check_engine_options
+
+        check_engine_options(self.max_batch, self.window)
+
     def given(self) -> list[str]:
         flags = {"--require-engine": self.require_engine, "--max-batch": self.max_batch != 1,
                  "--window": self.window is not None, "--timing-cache": self.timing_cache is not None,

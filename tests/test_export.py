@@ -429,6 +429,14 @@ CLI_ERRORS = {
     "--out is a file": (lambda t: ["--model", "scout-tiny", "--out", str(_file(t))], "not a directory"),
     "--out holds other files": (lambda t: ["--model", "scout-tiny", "--out", str(_foreign_dir(t))], "not a llama4-export artifact"),
     "--max-prefill 0": (lambda t: ["--model", "scout-tiny", "--max-prefill", "0", "--out", str(t / "o")], "at least 1"),
+    # engine limits refused before the export runs, not after it is written
+    "--window 0": (lambda t: ["--model", "scout-tiny", "--target", "tensorrt", "--window", "0", "--out", str(t / "o")],
+                   "--window 0: the global KV window needs at least 5 slots"),
+    "--max-batch 0": (lambda t: ["--model", "scout-tiny", "--target", "tensorrt", "--max-batch", "0", "--out",
+                                 str(t / "o")], "--max-batch 0: must be at least 1"),
+    # 0 is not "the default"
+    "--calib-samples 0": (lambda t: ["--model", "scout-tiny", "--precision", "int4", "--calib-samples", "0", "--out",
+                                     str(t / "o")], "--calib-samples 0 /"),
 }
 
 

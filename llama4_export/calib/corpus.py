@@ -132,7 +132,8 @@ def sample_plan(model_params: int, samples: int | None, seq_len: int | None, max
     scale = min(1.0, max(model_params / 1e9, 1 / 16))
     default_samples = max(8, int(DEFAULT_SAMPLES * scale))
     default_len = min(max_seq_len, max(128, int(DEFAULT_SEQ_LEN * scale)))
-    samples, seq_len = samples or default_samples, seq_len or default_len
+    samples = default_samples if samples is None else samples
+    seq_len = default_len if seq_len is None else seq_len
     if samples < 1 or seq_len < 2:
         raise CalibrationError(f"--calib-samples {samples} / --calib-seq-len {seq_len}: need at least 1 sample of 2 tokens")
     return samples, seq_len

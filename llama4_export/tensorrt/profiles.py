@@ -58,6 +58,14 @@ def manifest_config(manifest: dict[str, Any]) -> Llama4Config:
     return Llama4Config.from_hf_dict(raw, source="manifest.json")
 
 
+def check_engine_options(max_batch: int, window: int | None) -> None:
+    """The limits that need no artifact: checked before an export too, not only once it is written."""
+    if max_batch < 1:
+        raise BuildError(f"--max-batch {max_batch}: must be at least 1")
+    if window is not None and window < DEFAULT_SINKS + 1:
+        raise BuildError(f"--window {window}: the global KV window needs at least {DEFAULT_SINKS + 1} slots")
+
+
 def build_limits(manifest: dict[str, Any], max_batch: int = 1, max_prefill: int | None = None,
                  window: int | None = None, gpu_memory_bytes: int | None = None) -> BuildLimits:
     """Check the limits against the artifact; defaults: the exported prefill limit, and the window the memory planner
@@ -65,8 +73,7 @@ def build_limits(manifest: dict[str, Any], max_batch: int = 1, max_prefill: int 
     config = manifest_config(manifest)
     graphs = manifest.get("graphs") or {}
     exported = int((graphs.get("prefill") or {}).get("max_new_tokens", 1))
-    if max_batch < 1:
-        raise BuildError(f"--max-batch {max_batch}: must be at least 1")
+    check_engine_options(max_batch, window)
     max_prefill = exported if max_prefill is None else max_prefill
     if not 1 <= max_prefill <= exported:
         raise BuildError(f"--max-prefill {max_prefill}: must be between 1 and the exported prefill limit {exported} "
@@ -75,8 +82,7 @@ def build_limits(manifest: dict[str, Any], max_batch: int = 1, max_prefill: int 
     if window is None:
         window = default_window(config, itemsize) if gpu_memory_bytes is None else planned_window(
             config, manifest.get("precision", "fp32"), gpu_memory_bytes, itemsize, max_batch, max_prefill)
-    if window < DEFAULT_SINKS + 1:
-        raise BuildError(f"--window {window}: the global KV window needs at least {DEFAULT_SINKS + 1} slots")
+    check_engine_options(max_batch, window)
     chunk = config.attention_chunk_size or window
     return BuildLimits(max_batch, max_prefill, chunk, window)
 
