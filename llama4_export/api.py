@@ -191,6 +191,10 @@ def stored_pass_reports(directory: str | Path) -> dict[str, Any]:
     from .graph_passes.artifact_passes import PASSES_FILE
 
     directory = Path(directory)
-    if "graph_passes" not in read_manifest(directory):
+    manifest = read_manifest(directory)
+    if manifest.get("partitions"):  # each part stores its own graphs' reports: "part0/decode", "part0/prefill", ...
+        return {f"{part['directory']}/{name}": report for part in manifest["partitions"]
+                for name, report in stored_pass_reports(directory / part["directory"]).items()}
+    if "graph_passes" not in manifest:
         raise GraphPassError(f"{directory}: not optimized yet; run `llama4-export passes {directory}`")
     return json.loads((directory / PASSES_FILE).read_text(encoding="utf-8"))

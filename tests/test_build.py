@@ -141,5 +141,5 @@ def test_lint_refuses_an_artifact_lowered_for_onnxruntime(tmp_path):
     write_manifest(tmp_path, {**manifest_for("scout-tiny"), "target": "onnxruntime"})
     result = CliRunner().invoke(export_app, ["lint", str(tmp_path)])
     assert result.exit_code == 2
-    assert f"{tmp_path}: lowered for 'onnxruntime', not tensorrt; export with --target tensorrt to lint it" in \
+    assert f"{tmp_path}: lowered for 'onnxruntime', not tensorrt; export it with --target tensorrt first" in \
         " ".join(result.output.split())

@@ -108,3 +108,26 @@ def test_compare_refuses_a_partitioned_artifact_in_one_line(partitioned):
     result = CliRunner().invoke(export_app, ["compare", str(partitioned)])
     assert result.exit_code == 2 and "a partitioned artifact (2 parts)" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_passes_reports_every_part_and_refuses_to_optimize_a_partitioned_artifact(partitioned):
+    """`passes --report` said "not optimized yet; run passes", and `passes` then said "lists no graphs": the reports
+    live in the parts."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from llama4_export.cli.export import export_app
+
+    reports = api.stored_pass_reports(partitioned)
+    stored = {f"part{k}/{name}": report for k in range(2)
+              for name, report in json.loads((partitioned / f"part{k}" / "passes.json").read_text()).items()}
+    assert reports == stored and sorted(reports) == ["part0/decode", "part0/prefill", "part1/decode", "part1/prefill"]
+    shown = CliRunner().invoke(export_app, ["passes", str(partitioned), "--report"])
+    assert shown.exit_code == 0 and "part1/prefill" in shown.output, shown.output
+
+    before = (partitioned / "manifest.json").read_bytes()
+    result = CliRunner().invoke(export_app, ["passes", str(partitioned)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "a partitioned artifact (2 parts): the export optimizes each part" in result.output
+    assert (partitioned / "manifest.json").read_bytes() == before

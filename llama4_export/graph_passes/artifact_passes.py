@@ -82,6 +82,10 @@ def optimize_artifact(
     """Optimize an unoptimized artifact's graphs in place (atomically); returns (manifest, reports)."""
     directory = Path(directory)
     manifest = read_manifest(directory)  # checks every file's hash before we read any of it
+    if manifest.get("partitions"):
+        raise GraphPassError(f"{directory}: a partitioned artifact ({len(manifest['partitions'])} parts): the export "
+                             "optimizes each part as it writes it (`passes --report` shows them); one made with "
+                             "--no-optimize is optimized by exporting it again without that flag")
     if "graph_passes" in manifest:
         raise GraphPassError(f"{directory}: already optimized for {manifest['graph_passes'].get('target')!r}; "
                              "export again to optimize anew")

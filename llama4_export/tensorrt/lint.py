@@ -317,7 +317,7 @@ def lint_artifact(directory: str | Path) -> dict[str, list[Violation]]:
     manifest = read_manifest(directory, verify=False)
     target = manifest.get("target")
     if target != "tensorrt":
-        raise BuildError(f"{directory}: lowered for {target!r}, not tensorrt; export with --target tensorrt to lint it")
+        raise BuildError(f"{directory}: lowered for {target!r}, not tensorrt; export it with --target tensorrt first")
     if not manifest.get("graphs"):
         raise BuildError(f"{directory}/manifest.json lists no graphs; re-run the export")
     graphs = engine_graphs(manifest)
