@@ -433,11 +433,15 @@ def prompt_and_ids(tmp_path, tiny):
     return tiny["fp32"], ["--prompt", "hello", "--ids", "1"], "give exactly one of --prompt TEXT or --ids 1,2,3"
 
 
+def negative_threads(tmp_path, tiny):
+    return tiny["fp32"], ["--ids", "1", "--threads", "-1"], "threads=-1: must be >= 1"
+
+
 @pytest.mark.parametrize("breaker", [missing_dir, file_for_dir, broken_manifest, other_format_version, missing_graph,
                                      graph_not_matching_manifest, layout_not_matching_manifest,
                                      kv_heads_not_matching_manifest,
                                      id_outside_vocabulary, window_without_ring, bad_ids,
-                                     prompt_without_tokenizer_graphs, prompt_and_ids],
+                                     prompt_without_tokenizer_graphs, prompt_and_ids, negative_threads],
                          ids=lambda f: f.__name__)
 def test_bad_input_is_one_line_and_exit_2(llama4_cpp, tiny, tmp_path, breaker):
     artifact, args, message = breaker(tmp_path, tiny)

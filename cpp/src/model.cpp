@@ -260,6 +260,9 @@ struct Model::Impl {
 };
 
 void Model::Impl::open(const std::string& directory, const OpenOptions& options) {
+  if (options.threads < 0)
+    throw Error("threads=" + std::to_string(options.threads) +
+                ": must be >= 1 (or 0 for ONNX Runtime's choice)");
   artifact = read_artifact(directory);
   const ModelConfig& c = artifact.config;
   // OrtBackend's session options.
