@@ -9,7 +9,7 @@ from transformers.generation import (RepetitionPenaltyLogitsProcessor, SequenceB
                                      TopPLogitsWarper)
 
 from llama4_export.weights import from_preset
-from llama4_export.runtime import GenerationError, Generator, Sampler, SamplingParams
+from llama4_export.runtime import GenerationError, Generator, Sampler, SamplingParams, Tokenizer
 from llama4_export.evaluation.torch_backend import TorchBackend
 from llama4_export.runtime.sampling import (StopStrings, apply_frequency_presence_penalties, apply_logit_bias,
                                              apply_repetition_penalty, filter_top_k, filter_top_p, token_logprobs)
@@ -113,6 +113,12 @@ def test_default_stop_tokens_are_the_config_eos(gen):
         (dict(top_p=0.0), "top_p=0.0"),
         (dict(repetition_penalty=0.0), "repetition_penalty=0.0"),
         (dict(max_new_tokens=-1), "max_new_tokens=-1"),
+        # a wrong type is named, not a TypeError from a comparison inside
+        (dict(max_new_tokens=None), "max_new_tokens=None: expected an integer"),
+        (dict(max_new_tokens=2.5), "max_new_tokens=2.5: expected an integer"),
+        (dict(temperature="0.5"), "temperature='0.5': expected a number"),
+        (dict(seed=None, temperature=0.5), "seed=None: expected an integer"),
+        (dict(top_k=1.5), "top_k=1.5: expected an integer"),
     ],
 )
 def test_bad_sampling_options_raise_one_line(gen, options, message):
@@ -175,3 +181,34 @@ def test_logit_bias_forces_and_bans_tokens_in_generation(gen):
 def test_bad_logit_bias_raises_one_line(gen, bias, message):
     with pytest.raises(GenerationError, match=f"^logit_bias: .*{message}"):
         list(gen.stream([1, 2], 2, logit_bias=bias))
+
+
+@pytest.mark.parametrize("prompt", [[[1, 2, 3]], np.array([[1, 2, 3]]), [1.0, 2.0], None],
+                         ids=["nested-list", "2d-array", "floats", "none"])
+def test_a_prompt_that_is_not_text_or_flat_ids_raises_one_line(gen, prompt):
+    with pytest.raises(GenerationError, match="^the prompt must be text or one flat sequence of integer token ids"):
+        gen.generate(prompt, max_new_tokens=2)
+    assert gen.generate(np.array([1, 2, 3]), max_new_tokens=2).token_ids == gen.generate([1, 2, 3], 2).token_ids
+
+
+@pytest.mark.parametrize("messages, message", [
+    ("hello", "^messages: expected a list"),
+    (["hello"], r"^messages\[0\]: expected \{'role'"),
+    ([{"content": "hi"}], r"^messages\[0\]: expected \{'role'"),
+    ([{"role": "user"}], r"^messages\[0\]: no 'content'"),
+])
+def test_malformed_chat_messages_raise_one_line(tmp_path, messages, message):
+    from llama4_export.export.tokenizer_files import write_byte_level_tokenizer
+
+    model = from_preset("scout-tiny", seed=5)
+    write_byte_level_tokenizer(model.config, tmp_path)
+    chat = Generator(TorchBackend(model), Tokenizer.load(tmp_path), window=128)
+    with pytest.raises(GenerationError, match=message):
+        chat.chat(messages, max_new_tokens=2)
+    # an assistant turn of tool calls alone passes the check; this template cannot render it, and says so in a line
+    calls = [{"role": "user", "content": "Weather?"},
+             {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}]
+    with pytest.raises(GenerationError, match="^the chat template cannot render this conversation: TypeError"):
+        chat.chat(calls, max_new_tokens=2)
+    assert chat.chat_prompt([{"role": "user", "content": "hi"}]) == chat.tokenizer.encode(
+        "<|begin_of_text|><|header_start|>user<|header_end|>\n\nhi<|eot|><|header_start|>assistant<|header_end|>\n\n", add_special_tokens=False)

@@ -21,6 +21,8 @@ every prompt's length, before anything runs.
 from __future__ import annotations
 
 import json
+import numbers
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
@@ -133,7 +135,12 @@ class Generator:
                 raise GenerationError("the prompt is empty; give at least one token")
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = [int(t) for t in prompt]
+            try:
+                ids = [operator.index(t) for t in prompt]
+            except TypeError:
+                raise GenerationError(f"the prompt must be text or one flat sequence of integer token ids, not "
+                                      f"{type(prompt).__name__} {_shown(prompt)}; several prompts go to generate_batch"
+                                      ) from None
         if not ids:
             raise GenerationError("the prompt is empty; give at least one token")
         vocab = self.config.vocab_size
@@ -185,9 +192,16 @@ class Generator:
         tools: OpenAI function definitions, for a template that renders them."""
         if self.tokenizer is None:
             raise GenerationError("chat needs a tokenizer but the artifact has no tokenizer.json")
+        if not isinstance(messages, (list, tuple)):
+            raise GenerationError(f"messages: expected a list of {{'role': ..., 'content': ...}}, not "
+                                  f"{type(messages).__name__}")
         rendered, sources = [], []
         for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise GenerationError(f"messages[{i}]: expected {{'role': ..., 'content': ...}}, not {_shown(message)}")
             content = message.get("content")
+            if content is None and not message.get("tool_calls"):  # an assistant's tool calls may stand alone
+                raise GenerationError(f"messages[{i}]: no 'content'; give text or a list of parts")
             if isinstance(content, list):
                 parts = []
                 for j, part in enumerate(content):
@@ -277,6 +291,8 @@ class Generator:
         return results
 
     def _options(self, max_new_tokens: int, options: dict) -> tuple[SamplingParams, frozenset[int]]:
+        if not isinstance(max_new_tokens, numbers.Integral):
+            raise GenerationError(f"max_new_tokens={max_new_tokens!r}: expected an integer")
         if max_new_tokens < 0:
             raise GenerationError(f"max_new_tokens={max_new_tokens}: must be >= 0")
         stop_tokens = options.pop("stop_tokens", None)
@@ -426,6 +442,12 @@ def _generation_config_eos(directory: Path) -> list[int]:
     if eos is None:
         return []
     return [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A bad value as an error message shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _image_source(part: Any, where: str) -> tuple[ImageInput | None, str | None, str] | None:

@@ -8,6 +8,7 @@ numpy Generator, so the same seed gives the same tokens.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,6 +17,9 @@ import numpy as np
 from .errors import GenerationError
 
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range, ±100: enough to ban a token or to force it
+
+
+REAL_OPTIONS = ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,10 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] | Mapping[int, float] = ()
 
     def __post_init__(self) -> None:
+        for name, kind, expected in (("top_k", numbers.Integral, "an integer"), ("seed", numbers.Integral, "an integer"),
+                                     *((name, numbers.Real, "a number") for name in REAL_OPTIONS)):
+            if not isinstance(getattr(self, name), kind):  # not a TypeError from a comparison further down
+                raise GenerationError(f"{name}={getattr(self, name)!r}: expected {expected}")
         pairs = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
         object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in pairs)))
         ids = [token for token, _ in self.logit_bias]

@@ -19,7 +19,7 @@ def llama4_chat_format(messages: list[dict[str, Any]], add_generation_prompt: bo
     Content is text or a list of parts: text parts as they are, an image part as its `<|image|>` placeholder."""
     text = "<|begin_of_text|>"
     for m in messages:
-        content = m["content"]
+        content = m.get("content") or ""  # None beside an assistant's tool_calls
         if not isinstance(content, str):
             content = "".join(IMAGE_TOKEN if part.get("type") == "image" else part.get("text", "") for part in content)
         text += f"<|header_start|>{m['role']}<|header_end|>\n\n{content.strip()}<|eot|>"
@@ -87,6 +87,7 @@ class Tokenizer:
         if template is None:
             return llama4_chat_format(messages)
         try:
+            from jinja2 import TemplateError
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:
             return llama4_chat_format(messages)
@@ -104,7 +105,12 @@ class Tokenizer:
         env.filters["tojson"] = tojson
         special = {k: v for k, v in self.config.items() if k.endswith("_token") and isinstance(v, str)}
         extra = {"tools": tools} if tools else {}
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True, **extra, **special)
+        try:
+            return env.from_string(template).render(messages=messages, add_generation_prompt=True, **extra, **special)
+        except (TemplateError, TypeError, KeyError, AttributeError) as exc:  # e.g. a None content it adds to a string
+            raise GenerationError(f"the chat template cannot render this conversation: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}; check the messages' roles and "
+                                  "content") from None
 
     def _chat_template(self) -> str | None:
         if self._template_file is not None:
