@@ -452,6 +452,27 @@ def test_cli_bad_input_prints_one_line_and_exits_2(tmp_path, case):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or removed
 
 
+def test_sigterm_mid_export_removes_its_temp_directories(tmp_path):
+    """A cancelled CI job or `kill` sends SIGTERM: the export unwinds as on Ctrl-C (exit 143), and neither its work
+    directory nor its half-written artifact is left beside --out (at Scout's size they hold hundreds of GB)."""
+    import signal
+    import sys
+    import time
+
+    parent = tmp_path / "exports"
+    parent.mkdir()
+    command = [sys.executable, "-c", "from llama4_export.cli.export import main; main()", "--model", "scout-tiny",
+               "--precision", "int4", "--out", str(parent / "o")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".o.tmp-") for p in parent.iterdir()):  # the export is writing
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    assert sorted(p.name for p in parent.iterdir()) == []
+
+
 def test_a_corrupt_tokenizer_file_is_refused_before_the_export(tmp_path, two_layer_checkpoint):
     """Every file the export copies is checked on the way in: a damaged tokenizer.json would otherwise export with exit
     0 and fail only later, in llama4-run."""

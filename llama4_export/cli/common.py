@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -14,6 +15,12 @@ err_console = Console(stderr=True)
 def fail(exc: Exception | str) -> None:
     err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def unwind_on_sigterm() -> None:
+    """SIGTERM (a CI job cancelled, `kill`, a container stopped) unwinds like Ctrl-C instead of killing the process
+    where it stands: the temp directories of an export are removed on the way out, not left beside its --out."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def piece_printer():

@@ -15,7 +15,7 @@ from .. import api
 from ..artifact import write_json
 from ..errors import ConfigError, Llama4ExportError
 from ..tensorrt import trt_onnx_support
-from .common import console, err_console, fail
+from .common import console, err_console, fail, unwind_on_sigterm
 
 export_app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -450,4 +450,5 @@ def rebuild(
 
 
 def main() -> None:
+    unwind_on_sigterm()
     export_app()
