@@ -452,6 +452,41 @@ def test_cli_bad_input_prints_one_line_and_exits_2(tmp_path, case):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or removed
 
 
+def test_an_unchanged_artifact_is_hashed_once_and_a_changed_file_is_still_caught(tmp_path, monkeypatch):
+    """Loads remember verified files by path and stat: the second load hashes nothing; rewriting a file (same size,
+    mtime set back) changes its ctime, so it is hashed again and refused."""
+    import os
+    import time
+
+    from llama4_export import artifact
+    from llama4_export.runtime import Generator
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "tiny"
+    api.export_model(out, model="scout-tiny", layers=2, random_weights=True, target="onnxruntime", show_progress=False)
+    time.sleep(artifact._VerifiedFiles.RACY_S)  # files changed just now are not remembered (racy)
+    hashed = []
+    monkeypatch.setattr(artifact, "sha256_file", lambda path: hashed.append(path.name) or hashlib.sha256(
+        path.read_bytes()).hexdigest())
+    first = Generator.load(out).generate([1, 2, 3], max_new_tokens=4).token_ids
+    listed = json.loads((out / "manifest.json").read_text())["files"]
+    assert sorted(hashed) == sorted(listed)
+    hashed.clear()
+    assert Generator.load(out).generate([1, 2, 3], max_new_tokens=4).token_ids == first and hashed == []
+
+    data = out / "model.data"
+    stat = data.stat()
+    with open(data, "r+b") as f:  # one byte flipped in place: same size, and the mtime is set back below
+        f.seek(stat.st_size // 2)
+        byte = f.read(1)
+        f.seek(stat.st_size // 2)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(artifact.ArtifactError, match="model.data: sha256 does not match"):
+        Generator.load(out)
+    assert hashed == ["model.data"]
+
+
 def test_sigterm_mid_export_removes_its_temp_directories(tmp_path):
     """A cancelled CI job or `kill` sends SIGTERM: the export unwinds as on Ctrl-C (exit 143), and neither its work
     directory nor its half-written artifact is left beside --out (at Scout's size they hold hundreds of GB)."""
