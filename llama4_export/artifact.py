@@ -94,8 +94,8 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
 
 class _VerifiedFiles:
     """Files whose sha256 matched, keyed by path and stat (device, inode, size, mtime, ctime), in
-    $XDG_CACHE_HOME/llama4-export/verified.json: a load of an unchanged artifact skips re-hashing it (Scout int4's
-    58 GB took ≈ 36 s at 1.6 GB/s on every llama4-run, and once per Ray replica). Any write to a file changes its ctime,
+    $XDG_CACHE_HOME/llama4-export/verified.json: a load of an unchanged artifact skips re-hashing it (sha256 runs at
+    ≈ 1.6 GB/s here: Scout int4's ≈ 56 GiB would cost ≈ 40 s on every llama4-run, and once per Ray replica). Any write to a file changes its ctime,
     which no user call can set back. Racy entries are not stored: a file changed within the last RACY_S seconds could
     change again inside the same timestamp tick (git's "racy clean" case). A cache that cannot be read or written
     only means hashing again."""
