@@ -144,13 +144,25 @@ class _VerifiedFiles:
             pass
 
 
+def replaceable_directory(target: str | Path) -> Path:
+    """`target` as an absolute path that atomic_directory may replace (`.` has no name to put a temp directory
+    beside); the current directory, or one that holds it, is refused: renamed away, it would leave the shell that ran
+    the command in a deleted directory."""
+    target = Path(os.path.abspath(target))
+    here = Path.cwd()
+    if target == here or target in here.parents:
+        raise ArtifactError(f"{target}: is the current directory{'' if target == here else ' or holds it'}, and an "
+                            f"artifact directory is replaced as a whole; give a path below it, e.g. {target / 'out'}")
+    return target
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a temp directory beside `target`; on success replace `target` with it, on failure remove it.
 
     Nothing half-written ever sits at `target` looking complete.
     """
-    target = Path(target)
+    target = replaceable_directory(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

@@ -38,7 +38,7 @@ import onnxscript
 import torch
 
 from . import __version__
-from .artifact import MANIFEST, ArtifactError, atomic_directory, write_json, write_manifest
+from .artifact import MANIFEST, ArtifactError, atomic_directory, replaceable_directory, write_json, write_manifest
 from .calib.awq_plans import AwqWeights
 from .calib.calibrate import Calibration, activation_amax, calibrate, calibration_samples, tokenizer_for
 from .calib.corpus import CalibrationError
@@ -175,7 +175,7 @@ def export(
 ) -> ExportResult:
     """Export `source` to the artifact directory `out` (see the module docstring); returns what was written.
     vision_precision: the vision tower's (a multimodal source only); None: vision_precision_for's default."""
-    out = Path(out)
+    out = replaceable_directory(out)
     config = source.config
     return_large_frees_to_the_os()
     check_output(out)

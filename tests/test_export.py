@@ -508,6 +508,19 @@ def test_sigterm_mid_export_removes_its_temp_directories(tmp_path):
     assert sorted(p.name for p in parent.iterdir()) == []
 
 
+@pytest.mark.parametrize("out", [".", ".."])
+def test_out_that_is_or_holds_the_current_directory_is_refused_in_one_line(tmp_path, monkeypatch, out):
+    """`--out .` died in a ValueError ('PosixPath('.') has an empty name') and left `..tmp-*` behind; replacing the
+    current directory would leave the shell in a deleted one."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--out", out])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "is the current directory" in result.output and "give a path below it" in result.output
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["here"]
+
+
 def test_a_corrupt_tokenizer_file_is_refused_before_the_export(tmp_path, two_layer_checkpoint):
     """Every file the export copies is checked on the way in: a damaged tokenizer.json would otherwise export with exit
     0 and fail only later, in llama4-run."""
