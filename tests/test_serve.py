@@ -444,7 +444,10 @@ def test_an_api_key_guards_the_v1_routes(artifact, generator, monkeypatch):
     (["--request-timeout", "-5"], "request_timeout=-5.0: must be a number of seconds > 0"),
     (["--max-batch", "0"], "max_batch=0: must be >= 1"),
     (["--threads", "-1"], "threads=-1: must be >= 1"),
-], ids=["port-above-65535", "port-0", "unresolvable-host", "negative-timeout", "no-rows", "negative-threads"])
+    # Ray would retry an unreachable cluster for minutes, printing warnings, before giving up
+    (["--ray", "--ray-address", "127.0.0.1:1"], "--ray-address 127.0.0.1:1: cannot connect"),
+], ids=["port-above-65535", "port-0", "unresolvable-host", "negative-timeout", "no-rows", "negative-threads",
+        "unreachable-ray-cluster"])
 def test_bad_flags_get_one_line_and_exit_2_before_anything_listens(artifact, flags, expected):
     """Checked before the artifact loads (or, for --threads, while it does): uvicorn would bind a wrapped-around port
     for 70000 and report a bad host only after the load. A server that starts anyway is killed and fails the test."""

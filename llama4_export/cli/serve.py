@@ -11,7 +11,7 @@ import typer
 from ..errors import Llama4ExportError
 from ..runtime import Generator
 from ..runtime.batching import DEFAULT_REUSE_PREFIX_TOKENS, EngineOptions
-from ..serving import ServeSettings, check_listen_address, load_engine, serve as serve_engine
+from ..serving import ServeSettings, check_listen_address, check_ray_address, load_engine, serve as serve_engine
 from .common import err_console, fail
 
 serve_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -51,6 +51,7 @@ def serve(
         if ray:
             if replicas < 1:
                 raise Llama4ExportError(f"--replicas {replicas}: must be >= 1")
+            check_ray_address(ray_address)
             Generator.load(artifact, threads=1, window=window)  # a bad artifact fails here, not in every replica
             _serve_on_ray(artifact, settings, host, port, replicas, options, threads, window, gpus_per_replica,
                           ray_address)

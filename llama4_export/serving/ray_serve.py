@@ -19,7 +19,7 @@ from ray import serve
 
 from ..runtime.batching import EngineOptions
 from .app import ServeSettings, create_app
-from .server import check_listen_address, load_engine
+from .server import check_listen_address, check_ray_address, load_engine
 
 DEPLOYMENT = "llama4-serve"
 
@@ -46,6 +46,7 @@ def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas:
     """Deploy on Ray (a local instance unless `address`), serve until SIGTERM / SIGINT, then shut the deployment and
     the local Ray instance down."""
     check_listen_address(host, port)
+    check_ray_address(address)
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own

@@ -38,6 +38,21 @@ def check_listen_address(host: str, port: int) -> None:
                               "(127.0.0.1, 0.0.0.0, ::)") from None
 
 
+def check_ray_address(address: str | None) -> None:
+    """A cluster address (HOST:PORT or ray://HOST:PORT) must accept a connection: Ray itself retries an unreachable
+    one for minutes, printing warnings, before it gives up. None and "auto" are Ray's to resolve."""
+    if address is None or address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise GenerationError(f"--ray-address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise GenerationError(f"--ray-address {address}: cannot connect ({exc.strerror or exc}); start the cluster "
+                              "(`ray start --head`) or leave --ray-address out for a local instance") from None
+
+
 def serve(engine: BatchEngine, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
           graceful_s: float = 30.0) -> None:
     """Serve `engine` until SIGTERM / SIGINT."""
