@@ -82,9 +82,9 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
             file = directory / name
             if not file.is_file():
                 raise ArtifactError(f"{file}: listed in {MANIFEST} but missing; the artifact is incomplete, re-run the export")
-            if verified.holds(file, expected):
-                continue
             stat = file.stat()  # before hashing: a write during the hash changes it, and the next load hashes again
+            if verified.holds(file, stat, expected):
+                continue
             if sha256_file(file) != expected:
                 raise ArtifactError(f"{file}: sha256 does not match {MANIFEST}; the file was modified or damaged, re-run the export")
             verified.add(file, stat, expected)
@@ -119,8 +119,8 @@ class _VerifiedFiles:
     def _key(stat: os.stat_result, sha256: str) -> list:
         return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, sha256]
 
-    def holds(self, file: Path, sha256: str) -> bool:
-        return self.entries.get(str(file.resolve())) == self._key(file.stat(), sha256)
+    def holds(self, file: Path, stat: os.stat_result, sha256: str) -> bool:
+        return self.entries.get(str(file.resolve())) == self._key(stat, sha256)
 
     def add(self, file: Path, stat: os.stat_result, sha256: str) -> None:
         if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) < self.RACY_S * 1e9:
@@ -134,14 +134,16 @@ class _VerifiedFiles:
         if not self.changed:
             return
         kept = dict(list(self.entries.items())[-self.MAX_ENTRIES:])
+        tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, prefix=".verified-", suffix=".json",
-                                             delete=False, encoding="utf-8") as tmp:
-                json.dump(kept, tmp)
-            os.replace(tmp.name, self.path)  # concurrent loads (Ray replicas): the last complete file wins
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".verified-", suffix=".json")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(kept, f)
+            os.replace(tmp, self.path)  # concurrent loads (Ray replicas): the last complete file wins
         except OSError:
-            pass
+            if tmp is not None:  # a full disk: no half-written temp file left in the cache directory
+                Path(tmp).unlink(missing_ok=True)
 
 
 def replaceable_directory(target: str | Path) -> Path:
