@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import ConfigError
 from ..runtime.batching import BatchEngine, EngineClosed, QueueFull, Sequence, SequenceEvent
 from ..runtime.errors import GenerationError
 from .metrics import ServerMetrics
@@ -43,7 +44,7 @@ class ServeSettings:
 
     def __post_init__(self):
         if self.request_timeout is not None and not 0 < self.request_timeout < math.inf:
-            raise GenerationError(f"request_timeout={self.request_timeout}: must be a number of seconds > 0 "
+            raise ConfigError(f"request_timeout={self.request_timeout}: must be a number of seconds > 0 "
                                   "(or None: no limit)")
 
     def __repr__(self) -> str:  # never the key, in a log or a traceback

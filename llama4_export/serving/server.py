@@ -15,7 +15,7 @@ import uvicorn
 
 from ..runtime import Generator
 from ..runtime.batching import BatchEngine, EngineOptions
-from ..runtime.errors import GenerationError
+from ..errors import ConfigError
 from .app import ServeSettings, create_app
 
 
@@ -30,11 +30,11 @@ def check_listen_address(host: str, port: int) -> None:
     """Refuse, before anything loads, a port outside 1..65535 and a host name that resolves to nothing (uvicorn
     would say so only after the artifact is loaded, or bind a port other than the one asked for)."""
     if not 1 <= port <= 65535:
-        raise GenerationError(f"port {port}: must be in 1..65535")
+        raise ConfigError(f"port {port}: must be in 1..65535")
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise GenerationError(f"host {host!r}: {exc.strerror}; listen on an address of this machine "
+        raise ConfigError(f"host {host!r}: {exc.strerror}; listen on an address of this machine "
                               "(127.0.0.1, 0.0.0.0, ::)") from None
 
 
@@ -45,11 +45,11 @@ def check_ray_address(address: str | None) -> None:
         return
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit():
-        raise GenerationError(f"--ray-address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+        raise ConfigError(f"--ray-address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except OSError as exc:
-        raise GenerationError(f"--ray-address {address}: cannot connect ({exc.strerror or exc}); start the cluster "
+        raise ConfigError(f"--ray-address {address}: cannot connect ({exc.strerror or exc}); start the cluster "
                               "(`ray start --head`) or leave --ray-address out for a local instance") from None
 
 
