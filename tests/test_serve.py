@@ -364,6 +364,14 @@ MALFORMED = [
         {"type": "function", "function": {"name": "f"}}]}, 400, "tools"),  # the template renders no tools
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}, 400, "messages"),  # text-only
+    # the part the client got wrong is named, not the union's first branch ("content: should be a valid string")
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x"}, {"type": "image_url", "image_url": {}}]}]}, 400,
+     "messages[0].content[1].image_url.url"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]}, 400, "messages[0].content[0]"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400,
+     "messages[0].content[0].text"),
     ("/v1/nothing", {}, 404, None),
 ]
 

@@ -162,3 +162,19 @@ def test_bad_images_get_400_and_the_next_request_succeeds(served, image_url, mes
     error = response.json()["error"]
     assert message in error["message"] and error["param"] == "messages", error
     assert ask(client, image_chat("ok", "tiny.png"), 2).choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": data_url("tiny.png")}}]},
+     {"role": "user", "content": "What is it?"}],  # Llama 4's template keeps a system message's first text only
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url("tiny.png")}},
+                                  {"type": "text", "text": "and <|image|>?"}]}],  # a placeholder typed as text
+], ids=["system-image", "typed-placeholder"])
+def test_images_the_chat_template_does_not_place_get_a_400_saying_why(served, messages):
+    server, client = served
+    response = httpx.post(f"{server}/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "messages": messages},
+                          timeout=120)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "the chat template wrote" in error["message"] and error["param"] == "messages", error
+    assert ask(client, image_chat("ok", "tiny.png"), 2).choices[0].finish_reason == "length"

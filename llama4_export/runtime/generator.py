@@ -215,6 +215,12 @@ class Generator:
         text = self.tokenizer.render_chat(rendered, tools)
         if not sources:
             return self.encode(self.tokenizer.encode(text, add_special_tokens=False)), None
+        placeholder = self.image_encoder.processor.config.placeholder
+        if text.count(placeholder) != len(sources):  # said here, where the cause is known, not as a bare count
+            raise ImageError(f"messages: the chat template wrote {text.count(placeholder)} {placeholder} "
+                             f"placeholder(s) for the conversation's {len(sources)} image part(s): templates drop "
+                             f"images from some messages (Llama 4's keeps only a system message's text), and a text "
+                             f"part may not hold {placeholder} itself; put images in user messages")
         images = [decode_data_url(url, where) if url is not None else image for image, url, where in sources]
         return self._expanded(text, images, add_special_tokens=False)
 

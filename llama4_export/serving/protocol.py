@@ -299,7 +299,7 @@ def _arguments(text: str, param: str) -> Any:
 
 
 def parse(model: type[_Generation], raw: bytes) -> _Generation:
-    """Validate a request body; the first problem becomes a 400 naming its field."""
+    """Validate a request body; a problem becomes a 400 naming its field (the most specific one of a union's)."""
     try:
         body = model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
@@ -314,15 +314,15 @@ def parse(model: type[_Generation], raw: bytes) -> _Generation:
 
 
 def _first_problem(exc: ValidationError) -> APIError:
-    error = exc.errors(include_url=False)[0]
+    # A union lists every branch's complaint; the deepest is the one about what the client meant
+    # (a content part without its url, not "content: should be a valid string").
+    errors = exc.errors(include_url=False)
+    error = max(errors, key=lambda e: len(e["loc"]))
     if error["type"] == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {error['msg']}")
     if error["type"] == "model_type" and not error["loc"]:
         return APIError(400, "the request body must be a JSON object")
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
-    # a union's branch names (str, list[int], function-after[...]) are noise in the field's name
-    param = ".".join(p for p in param.split(".") if not (p.startswith(("str", "list[", "function-", "tagged-union")) or
-                                                        p in ("int", "float", "bool", "text", "image_url")))
+    param = _field_name(error["loc"])
     if error["type"] == "extra_forbidden":
         return APIError(400, f"{param}: this server does not implement the parameter '{param}'", param,
                         code="unsupported_parameter")
@@ -331,7 +331,29 @@ def _first_problem(exc: ValidationError) -> APIError:
     if error["loc"][0] == "prompt":  # the first branch's complaint ("not a valid string") would mislead
         return APIError(400, "prompt: give a string, a list of token ids, a list of strings or a list of token-id "
                              "lists (none of them empty)", "prompt")
+    if error["type"] == "union_tag_invalid":
+        return APIError(400, f"{param}: type '{error['ctx']['tag']}' is not supported; a part's type is one of "
+                             f"{error['ctx']['expected_tags']}", param)
+    if error["type"] == "union_tag_not_found":
+        return APIError(400, f"{param}: needs its {error['ctx']['discriminator']} field", param)
+    if param.endswith("].content") and error["type"] in ("string_type", "list_type"):
+        return APIError(400, f"{param}: give a string or a list of content parts", param)
     return APIError(400, f"{param}: {error['msg']}", param)
+
+
+def _field_name(loc: tuple[int | str, ...]) -> str:
+    """messages[0].content[1].image_url.url from pydantic's location, less its union branch names (str, list[int],
+    function-after[...]) and a tagged union's tag, which are noise in the field's name."""
+    names = []
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            names.append(f"[{part}]")
+            continue
+        is_branch = part.startswith(("str", "list[", "function-", "tagged-union")) or part in ("int", "float", "bool")
+        is_tag = i >= 2 and isinstance(loc[i - 1], int) and str(loc[i - 2]).startswith("list[tagged-union")
+        if not (is_branch or is_tag):
+            names.append(f".{part}")
+    return "".join(names).lstrip(".")
 
 
 def _sequence_request(body: _Generation, generator: Generator, prompt_ids: list[int], prompt_param: str,
