@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from llama4_export.runtime import Tokenizer
@@ -61,11 +62,44 @@ def test_stream_pieces_join_to_the_full_decode(scoutlike_dir, text):
     assert all("\ufffd" not in p for p in pieces)
 
 
+@pytest.fixture
+def byte_level_dir(tmp_path):
+    """The presets' byte-level BPE tokenizer (one token per byte plus the special tokens): needs no checkpoint."""
+    from llama4_export.export.tokenizer_files import write_byte_level_tokenizer
+    from llama4_export.model import get_preset
+
+    write_byte_level_tokenizer(get_preset("scout-tiny"), tmp_path)
+    return tmp_path
+
+
+def test_stream_pieces_of_any_tokens_join_to_tokenizers_decode_at_a_constant_cost_per_token(byte_level_dir):
+    """Random ids (bytes that are not UTF-8, special tokens, characters split across tokens) stream to exactly the text
+    tokenizers decodes them to; and each push decodes only the tokens since the last piece and that piece's, not the
+    whole text so far (which made a long stream quadratic)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    reference = HFTokenizer.from_file(str(byte_level_dir / "tokenizer.json"))
+    tok = Tokenizer.load(byte_level_dir)
+    decoded = []
+    decode = tok.decode
+    tok.decode = lambda ids, **kw: decoded.append(len(ids)) or decode(ids, **kw)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ids = rng.integers(0, reference.get_vocab_size(), rng.integers(1, 40)).tolist()
+        decoder = StreamDecoder(tok)
+        assert "".join([decoder.push(t) for t in ids] + [decoder.flush()]) == reference.decode(ids)
+    text = "naïve café — über straße ☃ 東京 🙂 plain ascii, with punctuation. " * 60
+    ids = tok.encode(text, add_special_tokens=False)
+    decoder, decoded[:] = StreamDecoder(tok), []
+    assert "".join(decoder.push(t) for t in ids) == text and len(ids) > 4000
+    assert sum(decoded) < 10 * len(ids), (sum(decoded), len(ids))  # linear: ≈ 4 ids a push here, not len(ids) / 2
+
+
 def test_no_tokenizer_file_means_no_tokenizer(tmp_path):
     assert Tokenizer.load(tmp_path) is None
 
 
-def test_a_long_text_is_tokenized_without_holding_the_gil(tmp_path):
+def test_a_long_text_is_tokenized_without_holding_the_gil(byte_level_dir):
     """A server tokenizes prompts in worker threads: while a long prompt is tokenized, the other threads (the event
     loop, the decode loop) must keep running. tokenizers' encode() holds the GIL throughout; encode_batch() does not."""
     import threading
@@ -73,11 +107,7 @@ def test_a_long_text_is_tokenized_without_holding_the_gil(tmp_path):
 
     from tokenizers import Tokenizer as HFTokenizer
 
-    from llama4_export.export.tokenizer_files import write_byte_level_tokenizer
-    from llama4_export.model import get_preset
-
-    write_byte_level_tokenizer(get_preset("scout-tiny"), tmp_path)
-    tok = Tokenizer.load(tmp_path)
+    tok = Tokenizer.load(byte_level_dir)
     text = "a river flows into the lake, " * 60_000
     ticks, done = [], threading.Event()
 
@@ -93,9 +123,34 @@ def test_a_long_text_is_tokenized_without_holding_the_gil(tmp_path):
     finished = time.monotonic()
     done.set()
     thread.join()
-    assert ids == HFTokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(text).ids  # the same ids
+    assert ids == HFTokenizer.from_file(str(byte_level_dir / "tokenizer.json")).encode(text).ids  # the same ids
     during = [t for t in ticks if started < t < finished]
     # the other thread ran all along (it stops only while the ids become a Python list: ~10 % of the time here;
     # while encode() holds the GIL its gap is the whole call)
     gaps = [b - a for a, b in zip([started, *during], [*during, finished])]
     assert max(gaps) < (finished - started) / 3, (finished - started, max(gaps))
+
+
+def test_streamed_pieces_join_to_the_result_text_when_it_ends_inside_a_character(byte_level_dir):
+    """A random model's bytes often end inside a UTF-8 character: whether generation ends by length or by a stop
+    token, the last event carries what was held back, so the pieces join to GenerationResult.text (an incomplete
+    character as U+FFFD, as tokenizers decodes it)."""
+    from llama4_export.runtime import Generator
+    from llama4_export.evaluation.torch_backend import TorchBackend
+    from llama4_export.weights import from_preset
+
+    gen = Generator(TorchBackend(from_preset("scout-tiny", seed=5)), Tokenizer.load(byte_level_dir), window=128)
+    ended_inside = {"length": 0, "stop": 0}
+    for seed in range(2):
+        options = dict(max_new_tokens=24, temperature=1.0, seed=seed, stop_tokens=[])
+        free = gen.generate([1, 2, 3], **options)
+        for k in range(1, 24):  # stop after k tokens: by length, and by a stop token where one first comes at k
+            cases = [("length", {**options, "max_new_tokens": k})]
+            if free.token_ids[k] not in free.token_ids[:k]:
+                cases.append(("stop", {**options, "stop_tokens": [free.token_ids[k]]}))
+            for reason, case in cases:
+                result = gen.generate([1, 2, 3], **case)
+                pieces = "".join(event.text for event in gen.stream([1, 2, 3], **case))
+                assert result.stop_reason == reason and pieces == result.text, (seed, k, reason)
+                ended_inside[reason] += result.text.endswith("\ufffd")
+    assert min(ended_inside.values()) > 0, ended_inside  # both endings were exercised

@@ -226,7 +226,7 @@ int main(int argc, char** argv) {
                 << (result.text ? nlohmann::json(*result.text).dump(-1, ' ', /*ensure_ascii=*/true) : "null")
                 << ", \"stop_reason\": \"" << result.stop_reason << "\"}" << std::endl;
     } else if (stream) {
-      std::cout << std::endl;
+      std::cout << (pieces ? pieces->flush() : std::string()) << std::endl;
     } else {
       std::cout << (result.text ? *result.text : join(result.token_ids, ",")) << std::endl;
     }

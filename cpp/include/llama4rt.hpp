@@ -121,16 +121,22 @@ class Model {
 };
 
 // The new tokens as text pieces while they arrive (llama4-run --stream; runtime/tokenizer.py StreamDecoder): push()
-// returns what the tokens so far add to the text, "" while they end inside a UTF-8 character. Needs has_tokenizer().
+// returns what the tokens so far add to the text, "" while they end inside a UTF-8 character; flush() at the end
+// returns what is still held back (an incomplete character as U+FFFD, as Result::text has it). Each push decodes the
+// tokens since the last piece plus that piece's, not the whole text: the same cost per token at any length.
+// Needs has_tokenizer().
 class TextStream {
  public:
   explicit TextStream(Model& model) : model_(model) {}
   std::string push(int64_t token);
+  std::string flush();
 
  private:
+  std::string piece(bool final);
   Model& model_;
   std::vector<int64_t> ids_;
-  size_t emitted_ = 0;  // bytes of the text already returned
+  size_t context_ = 0;  // ids_[context_, emitted_): the last piece's tokens, decoded again as left context
+  size_t emitted_ = 0;  // ids_[0, emitted_) have been returned as text
 };
 
 }  // namespace llama4rt

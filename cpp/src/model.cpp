@@ -712,14 +712,24 @@ bool Model::has_tokenizer() const { return impl_->text != nullptr; }
 
 std::string TextStream::push(int64_t token) {
   ids_.push_back(token);
-  const std::string text = model_.decode(ids_);
+  return piece(/*final=*/false);
+}
+
+std::string TextStream::flush() { return piece(/*final=*/true); }
+
+std::string TextStream::piece(bool final) {
+  auto decoded = [&](size_t end) {
+    return end == context_ ? std::string() : model_.decode(std::vector<int64_t>(ids_.begin() + context_, ids_.begin() + end));
+  };
+  const std::string given = decoded(emitted_);
+  const std::string text = decoded(ids_.size());
   static const std::string kReplacement = "\xEF\xBF\xBD";  // U+FFFD: an incomplete character so far
-  if (text.size() >= kReplacement.size() && text.compare(text.size() - kReplacement.size(), kReplacement.size(),
-                                                         kReplacement) == 0)
-    return "";
-  const std::string piece = text.substr(std::min(emitted_, text.size()));
-  emitted_ = text.size();
-  return piece;
+  const bool incomplete = text.size() >= kReplacement.size() &&
+                          text.compare(text.size() - kReplacement.size(), kReplacement.size(), kReplacement) == 0;
+  if (!final && (text.size() <= given.size() || incomplete)) return "";
+  context_ = emitted_;
+  emitted_ = ids_.size();
+  return text.substr(std::min(given.size(), text.size()));
 }
 
 std::vector<int64_t> Model::encode(const std::string& text) {

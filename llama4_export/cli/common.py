@@ -29,10 +29,11 @@ def piece_printer():
 
     def print_piece(event) -> None:
         nonlocal printed
-        if event.stop:
-            return
-        sys.stdout.write(event.text if event.text is not None else f"{',' if printed else ''}{event.token_id}")
+        if event.text is not None:  # a stop token's event has no text of its own but may carry what was held back
+            sys.stdout.write(event.text)
+        elif not event.stop:
+            sys.stdout.write(f"{',' if printed else ''}{event.token_id}")
+            printed += 1
         sys.stdout.flush()
-        printed += 1
 
     return print_piece

@@ -51,8 +51,10 @@ Prompt = str | Sequence[int]
 class TokenEvent:
     row: int  # index of the prompt in the batch (0 for generate/stream)
     token_id: int
-    text: str | None  # the new text this token completes ("" while a UTF-8 character is incomplete); None without a tokenizer
-    stop: bool  # this token is a stop token (it ends the row and adds no text)
+    # the new text this token completes ("" while a UTF-8 character is incomplete; a row's last event, a stop token's
+    # too, also carries what was held back, so the texts join to the result's); None without a tokenizer
+    text: str | None
+    stop: bool  # this token is a stop token (it ends the row and adds no text of its own)
 
 
 @dataclass
@@ -348,9 +350,12 @@ class Generator:
                 history[b][seen] = token
                 produced[b] += 1
                 stop = token in stops
-                text = None if decoders[b] is None else ("" if stop else decoders[b].push(token))
+                last = stop or produced[b] == max_new_tokens
+                # the last piece carries what was held back, so the pieces join to the result's text
+                text = None if decoders[b] is None else (
+                    ("" if stop else decoders[b].push(token)) + (decoders[b].flush() if last else ""))
                 yield TokenEvent(b, token, text, stop)
-                if stop or produced[b] == max_new_tokens:
+                if last:
                     active[b] = False
                 else:
                     ids[b, 0], positions[b, 0] = token, cache.lengths[b]
