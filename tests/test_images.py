@@ -195,3 +195,21 @@ def test_newer_layout_takes_the_processor_section_and_the_ratio_from_it(processo
     config = processors["b"].config
     assert (config.size, config.max_patches, config.resize_to_max_canvas, config.tokens_per_tile) == (56, 4, True, 4)
     assert config.image_std == pytest.approx((0.26862954, 0.26130258, 0.27577711))
+
+
+def test_an_image_past_pillows_pixel_limit_says_so_and_one_below_it_decodes_without_warnings(tmp_path, monkeypatch):
+    """Pillow warns above MAX_IMAGE_PIXELS and refuses above twice it (the limits lowered here to keep the files
+    small): the refusal says the image is too large, not that it is unreadable; below it, no warning reaches stderr."""
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(tmp_path / "warned.png")  # 1,600 pixels: Pillow warns
+    Image.new("RGB", (50, 50), (10, 200, 30)).save(tmp_path / "refused.png")  # 2,500 pixels: Pillow refuses
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(tmp_path / "warned.png").size == (40, 40)
+    with pytest.raises(ImageError) as info:
+        load_image(tmp_path / "refused.png")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'refused.png'}: Image size (2500 pixels) exceeds limit of 2000 pixels")
+    assert "downscale it" in message and "not a readable image" not in message and "\n" not in message

@@ -39,6 +39,7 @@ import dataclasses
 import io
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,15 +220,22 @@ def load_image(path: str | Path | io.BytesIO, name: str | None = None) -> Image.
     naming it if it cannot be read."""
     name = name or str(path)
     try:
-        with Image.open(path) as opened:
-            opened.load()  # decode now: a truncated or corrupt file fails here, not half-way through a batch
-            return ImageOps.exif_transpose(opened)
+        with warnings.catch_warnings():
+            # Pillow warns from half its decompression-bomb limit on; such an image is decoded (the tiles are
+            # resized from it) and a warning would only add stray lines to a one-line tool's output
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()  # decode now: a truncated or corrupt file fails here, not half-way through a batch
+                return ImageOps.exif_transpose(opened)
     except FileNotFoundError:
         raise ImageError(f"{name}: image file not found") from None
     except UnidentifiedImageError:  # Pillow's message names the file object (an address, for a data URL's bytes)
         raise ImageError(f"{name}: not a readable image (no image format recognised); give a PNG, JPEG or WebP "
                          "image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # a valid file, just too many pixels to decode safely
+        raise ImageError(f"{name}: {str(exc).split(',')[0]}, Pillow's guard against decompression bombs; downscale "
+                         "it (the model only sees it resized to a few tiles)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: not a readable image ({exc}); give a PNG, JPEG or WebP image") from None
 
 
