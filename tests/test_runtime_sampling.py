@@ -212,3 +212,32 @@ def test_malformed_chat_messages_raise_one_line(tmp_path, messages, message):
         chat.chat(calls, max_new_tokens=2)
     assert chat.chat_prompt([{"role": "user", "content": "hi"}]) == chat.tokenizer.encode(
         "<|begin_of_text|><|header_start|>user<|header_end|>\n\nhi<|eot|><|header_start|>assistant<|header_end|>\n\n", add_special_tokens=False)
+
+
+def test_threads_sharing_a_generator_each_get_their_own_run_and_a_second_stream_is_refused(gen):
+    """The KV cache is the Generator's: threads that share one (a web app's worker pool) take turns and each gets
+    exactly its single run's tokens; a second stream in the thread of an unfinished one is refused in one line."""
+    import threading
+
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7], [11, 12, 13, 14], [20, 21]]
+    expected = [gen.generate(p, max_new_tokens=16, stop_tokens=[]).token_ids for p in prompts]
+    got, errors = [None] * len(prompts), []
+
+    def run(i):
+        try:
+            got[i] = gen.generate(prompts[i], max_new_tokens=16, stop_tokens=[]).token_ids
+        except Exception as exc:  # noqa: BLE001 — reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and got == expected
+    first, second = gen.stream(prompts[0], max_new_tokens=4, stop_tokens=[]), gen.stream(prompts[1], max_new_tokens=4)
+    assert next(first).token_id == expected[0][0]
+    with pytest.raises(GenerationError, match="already generating in this thread"):
+        next(second)
+    first.close()  # a closed stream frees the cache for the next one
+    assert [e.token_id for e in gen.stream(prompts[1], max_new_tokens=4, stop_tokens=[])] == expected[1][:4]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import numbers
 import operator
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
@@ -81,6 +82,7 @@ class Generator:
         self.eos_token_ids = tuple(self.config.eos_token_id if eos_token_ids is None else eos_token_ids)
         self.window = _window_for(backend, window, precision, sinks, image_encoder and image_encoder.config)
         self._cache: KVCacheState | None = None
+        self._cache_lock, self._cache_user = threading.Lock(), None  # see _events
         # Fail at load, not at the first prompt, on a window the cache cannot hold or a graph it does not fit.
         cache = self._cache_for(1)
         self.window = cache.window  # the resolved W (the default when None was given)
@@ -324,6 +326,22 @@ class Generator:
     def _events(
         self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stops: frozenset[int],
         features: list[np.ndarray | None] | None = None,
+    ) -> Iterator[TokenEvent]:
+        """One generation at a time, as the KV cache is the Generator's: another thread's waits for it; the same
+        thread's second one (beside an unfinished stream()) is refused rather than left to overwrite the first's."""
+        if self._cache_user == threading.get_ident():
+            raise GenerationError("this Generator is already generating in this thread (an unfinished stream()): "
+                                  "finish or close() it first; generate_batch runs several prompts at once")
+        with self._cache_lock:
+            self._cache_user = threading.get_ident()
+            try:
+                yield from self._generation(prompts, max_new_tokens, params, stops, features)
+            finally:
+                self._cache_user = None
+
+    def _generation(
+        self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stops: frozenset[int],
+        features: list[np.ndarray | None] | None,
     ) -> Iterator[TokenEvent]:
         if max_new_tokens == 0:
             return
