@@ -89,6 +89,8 @@ class Model {
   // Reads and checks manifest.json (format version, config, the graphs' inputs/outputs) and loads the graphs.
   static Model open(const std::string& artifact_dir, const OpenOptions& options = {});
 
+  // One generation at a time (the KV cache is the Model's): threads calling generate on one Model take turns; a call
+  // from inside its own token callback throws.
   Result generate(const std::vector<int64_t>& prompt_ids, const GenerateOptions& options = {},
                   const TokenCallback& on_token = {});
   Result generate(const Prompt& prompt, const GenerateOptions& options = {}, const TokenCallback& on_token = {});

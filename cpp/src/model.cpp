@@ -1,9 +1,12 @@
 // Model: the artifact's graphs on ONNX Runtime + the sliding KV cache + the sampler, generating exactly as
 // llama4_export/runtime/generator.py (Generator) over ort_backend.py (OrtBackend) does for one sequence.
 #include <algorithm>
+#include <atomic>
 #include <map>
+#include <mutex>
 #include <set>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -223,6 +226,8 @@ struct Model::Impl {
   int64_t max_prefill_tokens = 1;
   std::unique_ptr<SlidingKVCache> cache;
   std::unique_ptr<Sampler> sampler;
+  std::mutex generating;                         // the cache, sampler and step buffers: one generation at a time
+  std::atomic<std::thread::id> generating_thread;  // whose generation holds it (a callback re-entering would deadlock)
   std::unique_ptr<TextCodec> text;  // the tokenizer graphs, when the artifact and this build have them
   std::string no_text;              // otherwise: why not
 
@@ -594,6 +599,14 @@ void Model::Impl::prefill(const int64_t* tokens, int64_t start, int64_t width) {
 
 Result Model::Impl::generate(const Prompt& with_images, const GenerateOptions& options,
                              const TokenCallback& on_token) {
+  if (generating_thread.load() == std::this_thread::get_id())
+    throw Error("Model::generate was called from its own token callback; a Model runs one generation at a time");
+  std::lock_guard<std::mutex> lock(generating);
+  generating_thread = std::this_thread::get_id();
+  struct Release {
+    std::atomic<std::thread::id>& thread;
+    ~Release() { thread = std::thread::id(); }
+  } release{generating_thread};
   const ModelConfig& c = artifact.config;
   const std::vector<int64_t>& prompt = with_images.ids;
   if (prompt.empty()) throw Error("the prompt is empty; give at least one token");

@@ -1,0 +1,64 @@
+// shared-model: threads sharing one llama4rt::Model, for tests/test_cpp.py.
+//   shared-model ARTIFACT N_NEW IDS [IDS ...]  (IDS: comma-separated prompt ids)
+// Generates every prompt once on its own, then all at once from one thread each on the same Model, then calls
+// generate from inside a token callback; prints one line per prompt, "alone | shared" token ids, and the error line.
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "llama4rt.hpp"
+
+static std::vector<int64_t> parse_ids(const std::string& text) {
+  std::vector<int64_t> ids;
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');) ids.push_back(std::stoll(item));
+  return ids;
+}
+
+static std::string joined(const std::vector<int64_t>& ids) {
+  std::string out;
+  for (int64_t id : ids) out += (out.empty() ? "" : ",") + std::to_string(id);
+  return out;
+}
+
+int main(int argc, char** argv) {
+  if (argc < 4) {
+    std::cerr << "usage: shared-model ARTIFACT N_NEW IDS [IDS ...]" << std::endl;
+    return 2;
+  }
+  try {
+    llama4rt::Model model = llama4rt::Model::open(argv[1]);
+    llama4rt::GenerateOptions options;
+    options.max_new_tokens = std::stoll(argv[2]);
+    options.stop_tokens = std::vector<int64_t>{};
+    std::vector<std::vector<int64_t>> prompts;
+    for (int i = 3; i < argc; ++i) prompts.push_back(parse_ids(argv[i]));
+    std::vector<std::vector<int64_t>> alone, shared(prompts.size());
+    for (const auto& prompt : prompts) alone.push_back(model.generate(prompt, options).token_ids);
+    std::vector<std::string> errors(prompts.size());
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < prompts.size(); ++i)
+      threads.emplace_back([&, i] {
+        try {
+          shared[i] = model.generate(prompts[i], options).token_ids;
+        } catch (const llama4rt::Error& e) {
+          errors[i] = e.what();
+        }
+      });
+    for (std::thread& thread : threads) thread.join();
+    for (size_t i = 0; i < prompts.size(); ++i)
+      std::cout << joined(alone[i]) << " | " << (errors[i].empty() ? joined(shared[i]) : "error: " + errors[i]) << "\n";
+    try {
+      model.generate(prompts[0], options, [&](int64_t, bool) { model.generate(prompts[0], options); });
+      std::cout << "re-entered: no error" << std::endl;
+    } catch (const llama4rt::Error& e) {
+      std::cout << "re-entered: " << e.what() << std::endl;
+    }
+    return 0;
+  } catch (const llama4rt::Error& e) {
+    std::cerr << "error: " << e.what() << std::endl;
+    return 2;
+  }
+}
