@@ -71,6 +71,23 @@ def test_models_health_and_metrics(server, client):
         assert name in text
 
 
+def test_request_metrics_are_labelled_by_route_not_by_the_clients_path(server):
+    """A scanner's paths must not each become a time series of /metrics: requests no route takes count as "other",
+    a route with a parameter under its template."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for i in range(30):
+        httpx.get(f"{server[0]}/scan/{i}")
+        httpx.get(f"{server[0]}/v1/models/missing-{i}")
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server[0]}/metrics").text)}
+    counts = {(s.labels["endpoint"], s.labels["status"]): s.value for s in families["llama4_requests"].samples
+              if s.name == "llama4_requests_total"}
+    assert {endpoint for endpoint, _ in counts} <= {"other", "/health", "/metrics", "/v1/models",
+                                                     "/v1/models/{name:path}", "/v1/completions",
+                                                     "/v1/chat/completions"}, sorted(counts)
+    assert counts[("other", "404")] >= 30 and counts[("/v1/models/{name:path}", "404")] >= 30
+
+
 def test_completion_equals_generator(client, generator):
     expected = _alone(generator, PROMPT, 12)
     response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12)

@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..errors import ConfigError
 from ..runtime.batching import BatchEngine, EngineClosed, QueueFull, Sequence, SequenceEvent
@@ -112,8 +113,15 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
     app = FastAPI(title="llama4-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_ServedBy, value=f"{socket.gethostname()}/{os.getpid()}")
 
-    def answer(endpoint: str, error: APIError) -> JSONResponse:
-        metrics.requests.labels(endpoint, str(error.status)).inc()
+    def route_of(request: Request) -> str:
+        """The metrics label of a request: its route's path template, "other" when no route takes it — a label from
+        the client's own path would add a time series for every path a scanner tries."""
+        route = request.scope.get("route") or next(
+            (r for r in app.routes if r.matches(request.scope)[0] != Match.NONE), None)
+        return getattr(route, "path", "other")
+
+    def answer(request: Request, error: APIError) -> JSONResponse:
+        metrics.requests.labels(route_of(request), str(error.status)).inc()
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     if settings.api_key:
@@ -123,24 +131,24 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         async def authorize(request: Request, call_next):
             given = request.headers.get("authorization", "").encode()
             if request.url.path.startswith("/v1/") and not hmac.compare_digest(given, expected):
-                return answer(request.url.path, APIError(
+                return answer(request, APIError(
                     401, "a missing or wrong API key: send the server's key as `Authorization: Bearer <key>`",
                     code="invalid_api_key"))
             return await call_next(request)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return answer(request.url.path, exc)
+        return answer(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return answer(request.url.path, APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+        return answer(request, APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                                                  type=kind))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return answer(request.url.path, APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+        return answer(request, APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
     def check_model(name: str) -> None:
         if name != settings.model_name:
