@@ -227,7 +227,14 @@ def test_images_generate_as_llama4_run(llama4_cpp, vision_artifact, tmp_path):
 
 def test_image_errors_are_one_line(llama4_cpp, vision_artifact, tiny, tmp_path):
     picture = ppm(VISION_FIXTURES / "images" / "tiny.png", tmp_path)
+    huge = tmp_path / "huge.ppm"  # a corrupt header's 10^10 pixels: refused before 30 GB are allocated (it aborted)
+    huge.write_bytes(b"P6\n100000 100000\n255\n" + bytes(30))
+    short = tmp_path / "short.ppm"
+    short.write_bytes(b"P6\n4 4\n255\n" + bytes(47))
     for artifact, args, message in [
+        (vision_artifact, ["--prompt", "<|image|>", "--image", huge], "truncated (fewer pixels than its header's "
+                                                                      "100000 x 100000)"),
+        (vision_artifact, ["--prompt", "<|image|>", "--image", short], "truncated (fewer pixels than its header's 4 x 4)"),
         (vision_artifact, ["--prompt", "no placeholder", "--image", picture], "0 <|image|> placeholder(s) but 1 image"),
         (vision_artifact, ["--ids", "1,2", "--image", picture], "--image needs --prompt"),
         (vision_artifact, ["--prompt", "<|image|>", "--image", tmp_path / "missing.ppm"], "cannot be read"),

@@ -103,9 +103,17 @@ llama4rt::Image read_ppm(const std::string& path) {
                 " image.ppm`"};
   }
   in.get();  // the one whitespace byte before the pixels
+  // the header's size is checked against the file before anything is allocated (a corrupt one may say 10^10 pixels)
+  const std::streamoff start = in.tellg();
+  in.seekg(0, std::ios::end);
+  const int64_t available = static_cast<int64_t>(in.tellg() - start);
+  in.seekg(start);
+  if (image.width > available / 3 / image.height)
+    throw Usage{"--image " + path + ": truncated (fewer pixels than its header's " + std::to_string(image.width) +
+                " x " + std::to_string(image.height) + ")"};
   image.rgb.resize(static_cast<size_t>(image.width * image.height * 3));
   if (!in.read(reinterpret_cast<char*>(image.rgb.data()), static_cast<std::streamsize>(image.rgb.size())))
-    throw Usage{"--image " + path + ": truncated (fewer pixels than its header says)"};
+    throw Usage{"--image " + path + ": cannot be read"};
   return image;
 }
 
