@@ -485,6 +485,18 @@ def test_bad_flags_get_one_line_and_exit_2_before_anything_listens(artifact, fla
     assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr
 
 
+def test_a_port_in_use_is_refused_in_one_line_before_the_artifact_loads(artifact, server):
+    """The module's server holds its port: a second llama4-serve on it said "serving … on" after loading the artifact,
+    then printed uvicorn's bind error and exited 3. The socket is now bound before the load."""
+    port = server[0].rsplit(":", 1)[1]
+    command = [sys.executable, "-c", "from llama4_export.cli.serve import main; main()", str(artifact), "--port", port]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"127.0.0.1:{port}: cannot listen there (Address already in use)" in lines[0]
+    assert httpx.get(f"{server[0]}/health").json()["status"] == "ok"  # the first server is untouched
+
+
 def test_sigterm_finishes_running_streams_and_exits_0(server):
     """Last in the module: it ends the server."""
     base, process = server

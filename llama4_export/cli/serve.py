@@ -11,7 +11,8 @@ import typer
 from ..errors import Llama4ExportError
 from ..runtime import Generator
 from ..runtime.batching import DEFAULT_REUSE_PREFIX_TOKENS, EngineOptions
-from ..serving import ServeSettings, check_listen_address, check_ray_address, load_engine, serve as serve_engine
+from ..serving import (ServeSettings, check_listen_address, check_ray_address, listen_socket, load_engine,
+                       serve as serve_engine)
 from .common import err_console, fail
 
 serve_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -47,21 +48,22 @@ def serve(
     try:
         settings = ServeSettings(model_name or artifact.resolve().name, request_timeout or None, api_key or None)
         options = EngineOptions(max_batch, max_queue, reuse_prefix, prefill_budget)
-        check_listen_address(host, port)
         if ray:
             if replicas < 1:
                 raise Llama4ExportError(f"--replicas {replicas}: must be >= 1")
+            check_listen_address(host, port)
             check_ray_address(ray_address)
             Generator.load(artifact, threads=1, window=window)  # a bad artifact fails here, not in every replica
             _serve_on_ray(artifact, settings, host, port, replicas, options, threads, window, gpus_per_replica,
                           ray_address)
             return
+        sock = listen_socket(host, port)
         with err_console.status(f"loading {artifact}"):
             engine = load_engine(artifact, options, threads, window)
     except Llama4ExportError as exc:
         fail(exc)
     err_console.print(f"serving {settings.model_name} on http://{host}:{port}/v1 (max batch {max_batch})")
-    serve_engine(engine, settings, host, port)
+    serve_engine(engine, settings, host, port, sock=sock)
 
 
 def _serve_on_ray(artifact: Path, settings: ServeSettings, host: str, port: int, replicas: int,

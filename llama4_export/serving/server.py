@@ -26,16 +26,31 @@ def load_engine(artifact: str | Path, options: EngineOptions, threads: int | Non
     return BatchEngine(generator, options)
 
 
-def check_listen_address(host: str, port: int) -> None:
-    """Refuse, before anything loads, a port outside 1..65535 and a host name that resolves to nothing (uvicorn
-    would say so only after the artifact is loaded, or bind a port other than the one asked for)."""
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything loads, so that a bad address or a port in use is one line at once —
+    not a "serving on" line after minutes of loading and then uvicorn's error (or, for 70000, a wrapped-around port)
+    — and nothing can take the port while the artifact loads. uvicorn listens on it."""
     if not 1 <= port <= 65535:
         raise ConfigError(f"port {port}: must be in 1..65535")
     try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
         raise ConfigError(f"host {host!r}: {exc.strerror}; listen on an address of this machine "
-                              "(127.0.0.1, 0.0.0.0, ::)") from None
+                          "(127.0.0.1, 0.0.0.0, ::)") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait out TIME_WAIT
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"{host}:{port}: cannot listen there ({exc.strerror}); stop what holds the port or choose "
+                          "another --port") from None
+    return sock
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """listen_socket's checks, the socket closed again (Ray Serve's proxy binds the port itself)."""
+    listen_socket(host, port).close()
 
 
 def check_ray_address(address: str | None) -> None:
@@ -54,10 +69,10 @@ def check_ray_address(address: str | None) -> None:
 
 
 def serve(engine: BatchEngine, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
-          graceful_s: float = 30.0) -> None:
-    """Serve `engine` until SIGTERM / SIGINT."""
-    check_listen_address(host, port)
+          graceful_s: float = 30.0, sock: socket.socket | None = None) -> None:
+    """Serve `engine` until SIGTERM / SIGINT, on `sock` (listen_socket's) or a socket bound to host:port now."""
+    sock = sock or listen_socket(host, port)
     # uvicorn raises the signal again once it has shut down; SIGTERM's handler then lets the process end normally
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning",
-                timeout_graceful_shutdown=graceful_s)
+    config = uvicorn.Config(create_app(engine, settings), log_level="warning", timeout_graceful_shutdown=graceful_s)
+    uvicorn.Server(config).run(sockets=[sock])
