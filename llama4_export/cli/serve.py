@@ -11,7 +11,7 @@ import typer
 from ..errors import Llama4ExportError
 from ..runtime import Generator
 from ..runtime.batching import DEFAULT_REUSE_PREFIX_TOKENS, EngineOptions
-from ..serving import (ServeSettings, check_listen_address, check_ray_address, listen_socket, load_engine,
+from ..serving import (ServeSettings, check_listen_address, check_ray_address, host_port, listen_socket, load_engine,
                        serve as serve_engine)
 from .common import err_console, fail
 
@@ -62,7 +62,7 @@ def serve(
             engine = load_engine(artifact, options, threads, window)
     except Llama4ExportError as exc:
         fail(exc)
-    err_console.print(f"serving {settings.model_name} on http://{host}:{port}/v1 (max batch {max_batch})")
+    err_console.print(f"serving {settings.model_name} on http://{host_port(host, port)}/v1 (max batch {max_batch})")
     serve_engine(engine, settings, host, port, sock=sock)
 
 
@@ -74,7 +74,7 @@ def _serve_on_ray(artifact: Path, settings: ServeSettings, host: str, port: int,
         from ..serving import ray_serve
     except ImportError as exc:
         raise Llama4ExportError(f"--ray needs Ray Serve ({exc}); pip install 'llama4-export[ray]'") from None
-    err_console.print(f"serving {settings.model_name} on http://{host}:{port}/v1 from {replicas} Ray replicas")
+    err_console.print(f"serving {settings.model_name} on http://{host_port(host, port)}/v1 from {replicas} Ray replicas")
     ray_serve.run(artifact, settings, host, port, replicas, options, threads, window, gpus, address)
 
 

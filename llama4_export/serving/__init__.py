@@ -3,7 +3,7 @@ errors — usable without HTTP), app.py (the FastAPI app, a thin layer over prot
 (Prometheus), tools.py (tool calls parsed from replies), server.py (load an artifact and run uvicorn)."""
 
 from .app import ServeSettings, create_app
-from .server import check_listen_address, check_ray_address, listen_socket, load_engine, serve
+from .server import check_listen_address, check_ray_address, host_port, listen_socket, load_engine, serve
 
-__all__ = ["ServeSettings", "check_listen_address", "check_ray_address", "create_app", "listen_socket", "load_engine",
-           "serve"]
+__all__ = ["ServeSettings", "check_listen_address", "check_ray_address", "create_app", "host_port", "listen_socket",
+           "load_engine", "serve"]

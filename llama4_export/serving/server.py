@@ -26,6 +26,11 @@ def load_engine(artifact: str | Path, options: EngineOptions, threads: int | Non
     return BatchEngine(generator, options)
 
 
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT as URLs write it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def listen_socket(host: str, port: int) -> socket.socket:
     """The server's socket, bound before anything loads, so that a bad address or a port in use is one line at once —
     not a "serving on" line after minutes of loading and then uvicorn's error (or, for 70000, a wrapped-around port)
@@ -43,7 +48,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"{host}:{port}: cannot listen there ({exc.strerror}); stop what holds the port or choose "
+        raise ConfigError(f"{host_port(host, port)}: cannot listen there ({exc.strerror}); stop what holds the port or choose "
                           "another --port") from None
     return sock
 
