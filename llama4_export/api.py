@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .artifact import read_manifest
-from .errors import ConfigError
+from .errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types
 from .graph_passes.errors import GraphPassError
 from .model.config import Llama4Config, Llama4VisionConfig, get_preset, get_vision_preset
 from .model.io_spec import DEFAULT_MAX_PREFILL
@@ -78,6 +78,12 @@ class EngineOptions:
     def __post_init__(self):
         from .tensorrt.profiles import check_engine_options
 
+        check_types("EngineOptions", {
+            "require_engine": (FLAG, "True or False"), "max_batch": (INTEGER, "an integer"),
+            "window": (INTEGER + NONE, "an integer or None"), "timing_cache": (PATH + NONE, "a file path or None"),
+            "reproducible": (FLAG, "True or False")}, vars(self))
+        if self.timing_cache is not None:
+            object.__setattr__(self, "timing_cache", Path(self.timing_cache))
         check_engine_options(self.max_batch, self.window)
 
     def given(self) -> list[str]:
@@ -139,6 +145,17 @@ def export_model(
     from .tensorrt.engine import maybe_build_engines, require_tensorrt
     from .weights import in_memory
 
+    optional_text = (TEXT + NONE, "a str or None")
+    check_types("export_model", {
+        "out": (PATH, "a directory path"), "model": optional_text, "checkpoint": (PATH + NONE, "a directory path or None"),
+        "seed": (INTEGER, "an integer"), "precision": (TEXT, "a str"), "target": optional_text,
+        "optimize": (FLAG, "True or False"), "trt_plugin": (FLAG, "True or False"),
+        "quant": ((QuantOptions, *NONE), "api.QuantOptions(...) or None"),
+        "max_prefill": (INTEGER + NONE, "an integer or None"), "stream": (FLAG, "True or False"),
+        "random_weights": (FLAG, "True or False"), "layers": (INTEGER + NONE, "an integer or None"),
+        "partitions": (INTEGER, "an integer"), "engines": ((EngineOptions,), "api.EngineOptions(...)"),
+        "show_progress": (FLAG, "True or False"), "vision_precision": optional_text,
+    }, locals())
     target = target or default_target()
     build = target == "tensorrt" and optimize
     if not build and engines.given():

@@ -1,5 +1,11 @@
 """The one exception family users see: every message is a single line naming the file or tensor and the fix."""
 
+from __future__ import annotations
+
+import numbers
+import os
+from typing import Any, Mapping
+
 
 class Llama4ExportError(Exception):
     """Base of every error this package raises on bad input. The CLI prints it as one line and exits 2."""
@@ -11,3 +17,18 @@ class CheckpointError(Llama4ExportError):
 
 class ConfigError(Llama4ExportError):
     """A configuration or preset is unknown or describes something we do not support."""
+
+
+# Kinds of values a Python-API argument may take (check_types); a path may be given as a str.
+PATH, TEXT, NONE = (str, os.PathLike), (str,), (type(None),)
+INTEGER, NUMBER, FLAG = (numbers.Integral,), (numbers.Real,), (bool,)
+
+
+def check_types(owner: str, expected: Mapping[str, tuple[tuple[type, ...], str]], values: Mapping[str, Any]) -> None:
+    """ConfigError naming the first value that is none of its kinds ("export_model(partitions='2'): expected an
+    integer, not str"), rather than a TypeError or AttributeError from deep inside; True is not taken for a number."""
+    for name, (kinds, wanted) in expected.items():
+        value = values[name]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "…"
+            raise ConfigError(f"{owner}({name}={shown}): expected {wanted}, not {type(value).__name__}")

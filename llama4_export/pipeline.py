@@ -43,7 +43,7 @@ from .calib.awq_plans import AwqWeights
 from .calib.calibrate import Calibration, activation_amax, calibrate, calibration_samples, tokenizer_for
 from .calib.corpus import CalibrationError
 from .calib.stats import kv_cache_amax
-from .errors import ConfigError
+from .errors import FLAG, INTEGER, NONE, NUMBER, PATH, TEXT, ConfigError, check_types
 from .evaluation.report import REPORT_FILE, accuracy_report, evaluation_tokens
 from .export.tokenizer_files import (check_tokenizer_files, copy_tokenizer_files, write_byte_level_tokenizer,
                                      write_tokenizer_graphs)
@@ -98,6 +98,18 @@ class QuantOptions:
     float_embeddings: bool = False  # INT4 on ONNX Runtime: keep the token embedding and lm_head in float (spec_for)
     amax_percentile: float | None = None  # FP8 activation scales: this percentile of |x| instead of the max
     kv_cache_dtype: str | None = None  # "fp8": FP8 E4M3 KV cache with calibrated per-layer scales
+
+    def __post_init__(self) -> None:
+        optional_path, optional_integer = (PATH + NONE, "a path or None"), (INTEGER + NONE, "an integer or None")
+        check_types("QuantOptions", {
+            "int4_algo": (TEXT, "a str"), "block_size": optional_integer, "calib_data": optional_path,
+            "calib_samples": optional_integer, "calib_seq_len": optional_integer, "calib_cache": optional_path,
+            "eval_data": optional_path, "report": (FLAG, "True or False"), "quantize_lm_head": (FLAG, "True or False"),
+            "float_embeddings": (FLAG, "True or False"), "amax_percentile": (NUMBER + NONE, "a number or None"),
+            "kv_cache_dtype": (TEXT + NONE, "a str or None")}, vars(self))
+        for name in ("calib_data", "calib_cache", "eval_data"):  # a str path works as the CLI's Path does
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
 
     def check(self, precision: str) -> None:
         """Raise on an option that does not apply to `precision` or is unsupported."""

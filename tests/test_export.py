@@ -452,6 +452,33 @@ def test_cli_bad_input_prints_one_line_and_exits_2(tmp_path, case):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or removed
 
 
+@pytest.mark.parametrize("make, expected", [
+    (lambda: api.export_model("o", model="scout-tiny", partitions="2"), "export_model(partitions='2'): expected an integer"),
+    (lambda: api.export_model("o", model="scout-tiny", seed=1.5), "export_model(seed=1.5): expected an integer, not float"),
+    (lambda: api.export_model("o", model="scout-tiny", quant="awq"), "export_model(quant='awq'): expected api.QuantOptions"),
+    (lambda: api.export_model("o", model="scout-tiny", engines="x"), "export_model(engines='x'): expected api.EngineOptions"),
+    (lambda: api.export_model("o", model="scout-tiny", random_weights="yes"), "expected True or False, not str"),
+    (lambda: api.export_model("o", model="scout-tiny", checkpoint=5), "export_model(checkpoint=5): expected a directory"),
+    (lambda: api.QuantOptions(calib_samples="8"), "QuantOptions(calib_samples='8'): expected an integer or None"),
+    (lambda: api.EngineOptions(max_batch="2"), "EngineOptions(max_batch='2'): expected an integer, not str"),
+], ids=["partitions", "seed", "quant", "engines", "flag", "checkpoint", "quant-field", "engine-field"])
+def test_python_api_arguments_of_a_wrong_type_raise_one_config_error_line(tmp_path, monkeypatch, make, expected):
+    """Not a TypeError from a comparison, an AttributeError or torch's RuntimeError from somewhere inside: the API
+    owns validation, so it names the argument before anything is read or written."""
+    from llama4_export.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        make()
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_str_paths_in_the_options_are_paths():
+    assert api.QuantOptions(calib_data="corpus.txt").calib_data == Path("corpus.txt")
+    assert api.EngineOptions(timing_cache="t.cache").timing_cache == Path("t.cache")
+
+
 def test_an_unchanged_artifact_is_hashed_once_and_a_changed_file_is_still_caught(tmp_path, monkeypatch):
     """Loads remember verified files by path and stat: the second load hashes nothing; rewriting a file (same size,
     mtime set back) changes its ctime, so it is hashed again and refused."""
