@@ -24,11 +24,12 @@ PATH, TEXT, NONE = (str, os.PathLike), (str,), (type(None),)
 INTEGER, NUMBER, FLAG = (numbers.Integral,), (numbers.Real,), (bool,)
 
 
-def check_types(owner: str, expected: Mapping[str, tuple[tuple[type, ...], str]], values: Mapping[str, Any]) -> None:
-    """ConfigError naming the first value that is none of its kinds ("export_model(partitions='2'): expected an
-    integer, not str"), rather than a TypeError or AttributeError from deep inside; True is not taken for a number."""
+def check_types(owner: str, expected: Mapping[str, tuple[tuple[type, ...], str]], values: Mapping[str, Any],
+                error: type[Llama4ExportError] = ConfigError) -> None:
+    """`error` naming the first value that is none of its kinds ("export_model(partitions='2'): expected an integer,
+    not str"), rather than a TypeError or AttributeError from deep inside; True is not taken for a number."""
     for name, (kinds, wanted) in expected.items():
         value = values[name]
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "…"
-            raise ConfigError(f"{owner}({name}={shown}): expected {wanted}, not {type(value).__name__}")
+            raise error(f"{owner}({name}={shown}): expected {wanted}, not {type(value).__name__}")

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import numpy as np
 
 from ..artifact import MANIFEST, read_manifest
-from ..errors import ConfigError
+from ..errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types
 from ..model.config import Llama4Config, Llama4VisionConfig
 from ..model.io_spec import DEFAULT_SINKS
 from ..plan import FLOAT_DTYPES, cuda_memory_bytes, planned_window
@@ -102,6 +102,11 @@ class Generator:
 
         max_prefill_tokens lowers the prefill piece size below the graph's limit (bounds prefill activation memory).
         """
+        optional_integer = (INTEGER + NONE, "an integer or None")
+        check_types("Generator.load", {
+            "directory": (PATH, "an artifact directory"), "backend": (TEXT, "a str"), "window": optional_integer,
+            "sinks": (INTEGER, "an integer"), "threads": optional_integer, "verify": (FLAG, "True or False"),
+            "max_prefill_tokens": optional_integer}, locals(), GenerationError)
         directory = Path(directory)
         if backend not in BACKENDS:
             raise GenerationError(f"backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
