@@ -26,6 +26,7 @@ from llama4_export.cli.export import export_app
 from llama4_export.model import get_preset, io_spec
 from llama4_export.model.modeling import KVCache
 from llama4_export.runtime import Generator
+from llama4_export.runtime.batching import EngineOptions as BatchOptions
 from llama4_export.weights import from_preset, load
 
 from .conftest import make_hf_checkpoint
@@ -465,8 +466,10 @@ def test_cli_bad_input_prints_one_line_and_exits_2(tmp_path, case):
     (lambda: Generator.load(".", window="4096"), "Generator.load(window='4096'): expected an integer or None"),
     (lambda: Generator.load(".", window=2.5), "Generator.load(window=2.5): expected an integer or None, not float"),
     (lambda: Generator.load(".", sinks="4"), "Generator.load(sinks='4'): expected an integer, not str"),
+    (lambda: BatchOptions(prefill_budget=2.5), "EngineOptions(prefill_budget=2.5): expected an integer or None"),
+    (lambda: BatchOptions(max_batch="8"), "EngineOptions(max_batch='8'): expected an integer, not str"),
 ], ids=["partitions", "seed", "quant", "engines", "flag", "checkpoint", "quant-field", "engine-field", "load-window",
-        "load-window-float", "load-sinks"])
+        "load-window-float", "load-sinks", "batch-budget", "batch-rows"])
 def test_python_api_arguments_of_a_wrong_type_raise_one_error_line(tmp_path, monkeypatch, make, expected):
     """Not a TypeError from a comparison, an AttributeError or torch's RuntimeError from somewhere inside (nor a
     window of "4096" or 2.5 taken as 4096 or 2): the API owns validation, so it names the argument before anything

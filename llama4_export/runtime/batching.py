@@ -35,6 +35,7 @@ from typing import Callable, Literal
 
 import numpy as np
 
+from ..errors import INTEGER, NONE, check_types
 from .backends import KVCacheState
 from .errors import GenerationError
 from .generator import Generator
@@ -140,6 +141,10 @@ class EngineOptions:
     prefill_budget: int | None = None
 
     def __post_init__(self):
+        check_types("EngineOptions", {"max_batch": (INTEGER, "an integer"), "max_queue": (INTEGER, "an integer"),
+                                      "reuse_prefix_tokens": (INTEGER, "an integer"),
+                                      "prefill_budget": (INTEGER + NONE, "an integer or None")}, vars(self),
+                    GenerationError)
         for name, value in (("max_batch", self.max_batch), ("max_queue", self.max_queue),
                             ("prefill_budget", self.prefill_budget)):
             if value is not None and value < 1:
