@@ -31,5 +31,10 @@ def check_types(owner: str, expected: Mapping[str, tuple[tuple[type, ...], str]]
     for name, (kinds, wanted) in expected.items():
         value = values[name]
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "…"
-            raise error(f"{owner}({name}={shown}): expected {wanted}, not {type(value).__name__}")
+            raise error(f"{owner}({name}={shown(value)}): expected {wanted}, not {type(value).__name__}")
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A bad value as an error message shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

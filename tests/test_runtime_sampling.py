@@ -241,3 +241,30 @@ def test_threads_sharing_a_generator_each_get_their_own_run_and_a_second_stream_
         next(second)
     first.close()  # a closed stream frees the cache for the next one
     assert [e.token_id for e in gen.stream(prompts[1], max_new_tokens=4, stop_tokens=[])] == expected[1][:4]
+
+
+def test_a_huge_max_new_tokens_allocates_nothing_up_front_and_penalties_see_every_token(gen):
+    """max_new_tokens=10^7 ("until a stop token") allocated the penalty history for 10^7 tokens before the first
+    step (80 MB a row; 10^9 would not fit in memory); the history now grows as tokens come. Past its first size
+    (256 new tokens) the repetition penalty still sees every token so far: 270 greedy tokens equal the reference
+    (full forward, penalty applied by hand)."""
+    import tracemalloc
+
+    free = gen.generate([1, 2, 3], max_new_tokens=8, stop_tokens=[]).token_ids
+    tracemalloc.start()
+    stopped = gen.generate([1, 2, 3], max_new_tokens=10**7, stop_tokens=[free[3]])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert stopped.token_ids == free[:free.index(free[3]) + 1] and peak < 20e6, peak
+
+    whole = Generator(TorchBackend(gen.backend.model), window=512)  # no token slides out: the reference sees all
+    model, prompt, penalty = whole.backend.model, [5, 6, 7, 5, 6], 1.3
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(270):
+            logits = model(torch.tensor([seq]))[0, -1].numpy()
+            for t in set(seq):
+                logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
+            seq.append(int(np.argmax(logits)))
+    ours = whole.generate(prompt, max_new_tokens=270, repetition_penalty=penalty, stop_tokens=[]).token_ids
+    assert ours == seq[len(prompt):]

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import numpy as np
 
 from ..artifact import MANIFEST, read_manifest
-from ..errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types
+from ..errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types, shown
 from ..model.config import Llama4Config, Llama4VisionConfig
 from ..model.io_spec import DEFAULT_SINKS
 from ..plan import FLOAT_DTYPES, cuda_memory_bytes, planned_window
@@ -148,7 +148,7 @@ class Generator:
                 ids = [operator.index(t) for t in prompt]
             except TypeError:
                 raise GenerationError(f"the prompt must be text or one flat sequence of integer token ids, not "
-                                      f"{type(prompt).__name__} {_shown(prompt)}; several prompts go to generate_batch"
+                                      f"{type(prompt).__name__} {shown(prompt)}; several prompts go to generate_batch"
                                       ) from None
         if not ids:
             raise GenerationError("the prompt is empty; give at least one token")
@@ -207,7 +207,7 @@ class Generator:
         rendered, sources = [], []
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise GenerationError(f"messages[{i}]: expected {{'role': ..., 'content': ...}}, not {_shown(message)}")
+                raise GenerationError(f"messages[{i}]: expected {{'role': ..., 'content': ...}}, not {shown(message)}")
             content = message.get("content")
             if content is None and not message.get("tool_calls"):  # an assistant's tool calls may stand alone
                 raise GenerationError(f"messages[{i}]: no 'content'; give text or a list of parts")
@@ -355,8 +355,9 @@ class Generator:
         pad = self.config.pad_token_id
         pad = pad if pad is not None and 0 <= pad < self.config.vocab_size else 0  # any id works: padding is masked
         sampler = Sampler(params)
-        # prompt + new tokens per row, for the repetition penalty
-        history = [np.concatenate([p, np.zeros(max_new_tokens, np.int64)]).astype(np.int64) for p in prompts]
+        # prompt + new tokens per row, for the repetition penalty; doubled as it fills, since max_new_tokens may be far
+        # more than will come (10^8 "until the stop token" allocated 1.6 GB up front)
+        history = [np.concatenate([p, np.zeros(min(max_new_tokens, 256), np.int64)]).astype(np.int64) for p in prompts]
         decoders = [StreamDecoder(self.tokenizer) if self.tokenizer else None for _ in prompts]
 
         last_logits = self.prefill(prompts, cache, pad, features or [None] * rows)
@@ -369,6 +370,8 @@ class Generator:
                 if not active[b]:
                     continue
                 seen = len(prompts[b]) + produced[b]
+                if seen == history[b].size:
+                    history[b] = np.concatenate([history[b], np.zeros(history[b].size, np.int64)])
                 token = sampler(last_logits[b], history[b][:seen], history[b][len(prompts[b]):seen])
                 history[b][seen] = token
                 produced[b] += 1
@@ -476,12 +479,6 @@ def _generation_config_eos(directory: Path) -> list[int]:
     if eos is None:
         return []
     return [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
-
-
-def _shown(value: Any, limit: int = 60) -> str:
-    """A bad value as an error message shows it: its repr, cut short."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _image_source(part: Any, where: str) -> tuple[ImageInput | None, str | None, str] | None:
