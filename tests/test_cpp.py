@@ -274,6 +274,15 @@ def test_trained_checkpoint_tokens_match_llama4_run(llama4_cpp, scoutlike_artifa
         expected["prompt_ids"], expected["stop_reason"], expected["text"])
 
 
+def test_max_new_tokens_may_mean_until_the_stop_token(llama4_cpp, scoutlike_artifact):
+    """-n 10^11: both runtimes generate until the stop token (22 tokens here) — llama4rt reserved room for every
+    allowed token up front and failed with "out of memory", the Python runtime allocated 800 GB of history."""
+    args = ["--prompt", "hello", "-n", 10**11]
+    expected = python_json(scoutlike_artifact, *args)
+    assert expected["stop_reason"] == "stop" and len(expected["token_ids"]) < 100
+    assert cpp_json(llama4_cpp, scoutlike_artifact, *args) == expected
+
+
 # ASCII with punctuation and a contraction, runs of spaces/tabs/newlines, digit groups, accents + CJK + emoji with a
 # skin-tone modifier and a flag, and a special token inside text.
 TEXTS = ["The history of Rome, isn't it?", "  a\t\tb \n\n\n   c  ", "pi 3.14159 and 1234567 or 2026-12-04",

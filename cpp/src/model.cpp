@@ -641,7 +641,8 @@ Result Model::Impl::generate(const Prompt& with_images, const GenerateOptions& o
     if (text) result.text = "";
     return result;
   }
-  result.token_ids.reserve(options.max_new_tokens);
+  // max_new_tokens may mean "until a stop token" (10^11): the ids grow as they come past a first few thousand
+  result.token_ids.reserve(static_cast<size_t>(std::min<int64_t>(options.max_new_tokens, 4096)));
   cache->reset();
   sampler->start(options.sampling);
   for (int64_t id : prompt) sampler->saw(id);
