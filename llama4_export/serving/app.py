@@ -144,7 +144,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return answer(request, APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                                 type=kind))
+                                        type=kind))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
