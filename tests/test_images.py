@@ -19,6 +19,7 @@ from llama4_export.model.loader import check_checkpoint
 from llama4_export.runtime.errors import ImageError
 from llama4_export.runtime.images import (
     ImageProcessor, ImageProcessorConfig, best_grid, fit_without_distortion, load_image, resize, supported_grids,
+    to_rgb,
 )
 from llama4_export.runtime.tokenizer import Tokenizer
 
@@ -213,3 +214,32 @@ def test_an_image_past_pillows_pixel_limit_says_so_and_one_below_it_decodes_with
     message = str(info.value)
     assert message.startswith(f"{tmp_path / 'refused.png'}: Image size (2500 pixels) exceeds limit of 2000 pixels")
     assert "downscale it" in message and "not a readable image" not in message and "\n" not in message
+
+
+def test_an_image_may_be_bytes_a_file_object_a_data_url_or_a_decoded_array(processors, reference_pixels):
+    """Applications hold images in many forms (an upload's bytes, a file object, a chat's data URL, pixels decoded by
+    another library as an RGB uint8 array): each gives the reference processor's pixel values of that image, as its
+    file path does. What is not an image is one ImageError line naming it."""
+    import base64
+    import io
+
+    compared = 0
+    for name in REFERENCE["grids"]["a"]:
+        if f"a/{name}" not in reference_pixels:
+            continue
+        path = IMAGES / name
+        data = path.read_bytes()
+        forms = {"bytes": data, "file object": io.BytesIO(data), "array": np.asarray(to_rgb(load_image(path))),
+                 "data URL": f"data:image/{path.suffix[1:]};base64,{base64.b64encode(data).decode()}"}
+        expected = reference_values(reference_pixels, "a", name)
+        for form, image in forms.items():
+            got = processors["a"].preprocess(image, form).pixel_values
+            assert got.shape == expected.shape and np.abs(got - expected).max() <= 2e-2, (name, form)
+        compared += 1
+    assert compared >= 10
+    for image, message in [(5, "images[0]: int is not an image"), (b"not an image", "images[0]: not a readable image"),
+                           (np.zeros((4, 4), np.uint8), "images[0]: an array of shape (4, 4) and dtype uint8"),
+                           (np.zeros((4, 4, 3), np.float32), "images[0]: an array of shape (4, 4, 3) and dtype float32")]:
+        with pytest.raises(ImageError) as info:
+            processors["a"].preprocess(image, "images[0]")
+        assert str(info.value).startswith(message) and "\n" not in str(info.value)

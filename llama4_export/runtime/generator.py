@@ -194,8 +194,8 @@ class Generator:
                     ) -> tuple[list[int], np.ndarray | None]:
         """A conversation through the chat template, ready for the reply: its token ids, and the feature rows of its
         images (None without images). A message's content is text or a list of parts: {"type": "text", "text": ...}
-        and images, as {"type": "image", "image": a file or PIL image} or {"type": "image", "url": ...} or OpenAI's
-        {"type": "image_url", "image_url": {"url": ...}} — URLs must be data URLs (nothing is fetched). The template
+        and images, as {"type": "image", "image": any form images.open_image takes} or {"type": "image", "url": ...} or
+        OpenAI's {"type": "image_url", "image_url": {"url": ...}} — URLs must be data URLs (nothing is fetched). The template
         sees each image part as {"type": "image"} and writes its `<|image|>` placeholder there, as Llama4Processor's
         apply_chat_template has it; the placeholders are then expanded as generate(images=) expands them.
         tools: OpenAI function definitions, for a template that renders them."""
@@ -493,7 +493,8 @@ def _image_source(part: Any, where: str) -> tuple[ImageInput | None, str | None,
         if url is None:
             image = part.get("image", part.get("path"))
             if image is None:
-                raise ImageError(f"{where}: an image part needs \"image\" (a file or PIL image), \"path\" or \"url\"")
+                raise ImageError(f"{where}: an image part needs \"image\" (a file, its bytes, a PIL image or an RGB "
+                                 "array), \"path\" or \"url\"")
             return image, None, where
     else:
         return None

@@ -22,7 +22,7 @@ from .errors import ImageError
 from .images import ImageProcessor, ImageProcessorConfig, ProcessedImage
 from .ort_backend import default_providers, load_session, session_options
 
-ImageInput = str | Path | Image.Image
+ImageInput = str | Path | bytes | np.ndarray | Image.Image  # images.open_image: also data URLs and file objects
 
 
 class ImageEncoder:
@@ -48,7 +48,7 @@ class ImageEncoder:
         return cls(Path(directory) / entry.get("file", ""), config, processor, threads, providers)
 
     def preprocess(self, images: Sequence[ImageInput]) -> list[ProcessedImage]:
-        return [self.processor.preprocess(image) for image in images]
+        return [self.processor.preprocess(image, f"images[{i}]") for i, image in enumerate(images)]
 
     def encode(self, images: Sequence[ProcessedImage]) -> np.ndarray:
         """The projected features of every tile of `images`, in prompt order."""

@@ -169,9 +169,9 @@ class ImageProcessor:
     def from_directory(cls, directory: str | Path, vision: Llama4VisionConfig) -> "ImageProcessor":
         return cls(ImageProcessorConfig.from_directory(directory, vision))
 
-    def preprocess(self, image: Image.Image | str | Path) -> ProcessedImage:
-        """One image (a path, or a decoded PIL image) as tiles."""
-        rgb = to_rgb(load_image(image) if isinstance(image, (str, Path)) else image, self.config.do_convert_rgb)
+    def preprocess(self, image: Any, name: str = "image") -> ProcessedImage:
+        """One image (any form open_image takes; `name` says which in an error) as tiles."""
+        rgb = to_rgb(open_image(image, name), self.config.do_convert_rgb)
         size = self.config.size
         rows, cols = best_grid((rgb.height, rgb.width), self.canvases, size, self.config.resize_to_max_canvas)
         height, width = fit_without_distortion((rgb.height, rgb.width), (rows * size, cols * size), size,
@@ -213,6 +213,28 @@ class ImageProcessor:
             raise ImageError(f"the prompt has {len(pieces) - 1} {placeholder} placeholder(s) but {len(grids)} image(s) "
                              f"were given; put one {placeholder} where each image goes, in order")
         return pieces[0] + "".join(self.image_prompt(grid) + piece for grid, piece in zip(grids, pieces[1:]))
+
+
+def open_image(image: Any, name: str = "image") -> Image.Image:
+    """An image as a PIL image: a file path, a data URL, a file's encoded bytes (or a binary file object), a PIL
+    image, or an H × W × 3 uint8 RGB array (pixels another library decoded, taken as they are)."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, str) and image.startswith(DATA_URL):
+        return decode_data_url(image, name)
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return load_image(io.BytesIO(bytes(image)), name)
+    if hasattr(image, "read"):
+        return load_image(image, name)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ImageError(f"{name}: an array of shape {image.shape} and dtype {image.dtype}; give height × width × "
+                             "3 uint8 RGB pixels")
+        return Image.fromarray(image, "RGB")
+    raise ImageError(f"{name}: {type(image).__name__} is not an image; give a file path, a data URL, the file's "
+                     "bytes, a PIL image or a height × width × 3 uint8 RGB array")
 
 
 def load_image(path: str | Path | io.BytesIO, name: str | None = None) -> Image.Image:
