@@ -145,3 +145,16 @@ def test_errors_print_one_line_and_exit_2(tmp_path, tiny_checkpoint, breaker):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert "Traceback" not in result.output
+
+
+def test_every_command_line_prints_the_installed_version():
+    """--version on each CLI prints the version pip installed (the package metadata, so __init__'s copy cannot drift
+    from pyproject.toml) and exits 0 without loading anything."""
+    from importlib.metadata import version
+
+    from llama4_export.cli.export import export_app
+    from llama4_export.cli.serve import serve_app
+
+    for name, app in [("llama4-export", export_app), ("llama4-run", run_app), ("llama4-serve", serve_app)]:
+        result = CliRunner().invoke(app, ["--version"])
+        assert result.exit_code == 0 and result.stdout == f"{name} {version('llama4-export')}\n", result.output

@@ -17,6 +17,18 @@ def fail(exc: Exception | str) -> None:
     raise typer.Exit(2)
 
 
+def version_option(program: str):
+    """--version: the package version (the one an artifact's manifest records under tools.llama4_export), then exit."""
+    from .. import __version__
+
+    def show(given: bool) -> None:
+        if given:
+            console.print(f"{program} {__version__}", highlight=False)
+            raise typer.Exit()
+
+    return typer.Option(False, "--version", callback=show, is_eager=True, help="print the version and exit")
+
+
 def unwind_on_sigterm() -> None:
     """SIGTERM (a CI job cancelled, `kill`, a container stopped) unwinds like Ctrl-C instead of killing the process
     where it stands: the temp directories of an export are removed on the way out, not left beside its --out."""

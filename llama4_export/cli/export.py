@@ -15,7 +15,7 @@ from .. import api
 from ..artifact import write_json
 from ..errors import ConfigError, Llama4ExportError
 from ..tensorrt import trt_onnx_support
-from .common import console, err_console, fail, unwind_on_sigterm
+from .common import console, err_console, fail, unwind_on_sigterm, version_option
 
 export_app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -27,6 +27,7 @@ export_app = typer.Typer(
 @export_app.callback(invoke_without_command=True)
 def export(
     ctx: typer.Context,
+    version: bool = version_option("llama4-export"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="preset: scout, maverick, behemoth, scout-tiny, maverick-tiny"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Hugging Face checkpoint directory"),
     precision: str = typer.Option(

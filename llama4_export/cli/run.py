@@ -13,7 +13,7 @@ import typer
 from ..errors import Llama4ExportError
 from ..runtime import GenerationError, Generator
 from ..runtime.generator import BACKENDS
-from .common import err_console, fail, piece_printer
+from .common import err_console, fail, piece_printer, version_option
 
 run_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Run an exported Llama 4 artifact.")
 
@@ -21,6 +21,7 @@ run_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help
 @run_app.command()
 def run(
     directory: Path = typer.Argument(..., help="artifact directory (or, with --backend torch, a HF checkpoint)"),
+    version: bool = version_option("llama4-run"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="text prompt (needs tokenizer.json in DIR)"),
     ids: Optional[str] = typer.Option(None, "--ids", help='prompt as token ids, e.g. "1,2,3"'),
     chat: bool = typer.Option(False, "--chat", help="interactive chat: one user message per stdin line, until EOF"),

@@ -13,7 +13,7 @@ from ..runtime import Generator
 from ..runtime.batching import DEFAULT_REUSE_PREFIX_TOKENS, EngineOptions
 from ..serving import (ServeSettings, check_listen_address, check_ray_address, host_port, listen_socket, load_engine,
                        serve as serve_engine)
-from .common import err_console, fail
+from .common import err_console, fail, version_option
 
 serve_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                         help="Serve an exported Llama 4 artifact over the OpenAI HTTP API.")
@@ -22,6 +22,7 @@ serve_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 @serve_app.command()
 def serve(
     artifact: Path = typer.Argument(..., help="artifact directory (manifest.json)"),
+    version: bool = version_option("llama4-serve"),
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(8000, help="TCP port"),
     max_batch: int = typer.Option(8, "--max-batch", help="sequences decoded at once (rows of the KV cache)"),
