@@ -138,3 +138,42 @@ def test_checkpoint_without_tokenizer_needs_one_for_calibration_but_not_for_rtn_
     assert len(steps) % 2 == 0 and steps[-1].startswith("✓ accuracy report")
     report = json.loads((tmp_path / "rtn" / "report.json").read_text())  # evaluated on random ids: no tokenizer
     assert report["eval_data"] == "random token ids (no tokenizer)" and report["top1_agreement"] > 0.5
+
+
+def test_exports_sharing_a_calibration_cache_at_once_do_not_trip_over_each_other(tmp_path, monkeypatch):
+    """Two exports of the same inputs may calibrate at once into one cache (the default cache is per user). Saving
+    the statistics used one fixed temp name, so two writers wrote one file together and the second rename failed;
+    installing AWQ plans removed the plans another export had just installed (and may be reading)."""
+    import os
+    import subprocess
+    import sys
+
+    from llama4_export.calib import calibrate as calibrate_module
+
+    path = tmp_path / "stats.safetensors"
+    saver = ("import sys, numpy as np\nfrom llama4_export.calib.stats import save_cache\n"
+             "x = np.arange(4_000_000, dtype=np.float32)\nfor _ in range(60): save_cache(sys.argv[1], {'x': x}, 'key', {})")
+    savers = [subprocess.Popen([sys.executable, "-c", saver, str(path)], stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    failures = [stderr for process in savers if (stderr := process.communicate(timeout=300)[1]) and process.returncode]
+    assert failures == [] and np.array_equal(load_cache(path, "key")["x"], np.arange(4_000_000, dtype=np.float32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.safetensors"]  # no temp file left
+
+    source, text = RandomWeights("scout-tiny", seed=0), embedded_corpus("calibration")
+    ids = np.random.default_rng(0).integers(0, source.config.vocab_size, (2, 16))
+    cache = tmp_path / "calib.safetensors"
+    first = calibrate_module.calibrate(source, ids, text, cache, awq_block=32)
+    installed = os.stat(first.awq_plans).st_ino
+    found, calls = calibrate_module.cached_plans, []
+
+    def absent_at_first_look(*args):  # the second export looked before the first had installed its plans
+        calls.append(args)
+        return None if len(calls) == 1 else found(*args)
+
+    monkeypatch.setattr(calibrate_module, "cached_plans", absent_at_first_look)
+    second = calibrate_module.calibrate(source, ids, text, cache, awq_block=32)
+    assert len(calls) == 2 and second.awq_plans == first.awq_plans
+    assert os.stat(second.awq_plans).st_ino == installed  # the installed plans were kept, not removed and replaced
+    assert found(second.awq_plans, source.config.num_hidden_layers, first.key) == first.awq_records
+    assert second.awq_records == first.awq_records
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.awq32", "calib.safetensors", "stats.safetensors"]

@@ -102,8 +102,7 @@ def calibrate(source, ids: np.ndarray, text: corpus_mod.Corpus, cache_path: str 
             fresh = Path(tempfile.mkdtemp(prefix=f".{plans.name}.tmp-", dir=plans.parent))
             try:
                 records, computed = awq_plans(source, ids, awq_block, fresh, key, progress, scratch)
-                shutil.rmtree(plans, ignore_errors=True)
-                os.replace(fresh, plans)
+                _install_plans(fresh, plans, source.config.num_hidden_layers, key)
             finally:
                 shutil.rmtree(fresh, ignore_errors=True)
             stats = computed if stats is None else stats
@@ -112,6 +111,20 @@ def calibrate(source, ids: np.ndarray, text: corpus_mod.Corpus, cache_path: str 
     if not reused:
         save_cache(cache_path, stats, key, settings)
     return Calibration(stats, key, settings, reused, time.perf_counter() - start, cache_path, plans, records)
+
+
+def _install_plans(fresh: Path, plans: Path, layers: int, key: str) -> None:
+    """Move freshly computed plans into place. Exports that share a cache may calibrate the same inputs at once: plans
+    another one installed meanwhile are the same plans and are kept (it may be reading them); only a set made for
+    other inputs is replaced."""
+    try:
+        os.replace(fresh, plans)  # atomic where nothing is there yet
+        return
+    except OSError:  # a non-empty directory is there
+        if cached_plans(plans, layers, key) is not None:
+            return
+    shutil.rmtree(plans, ignore_errors=True)
+    os.replace(fresh, plans)
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -149,11 +151,16 @@ def save_cache(path: Path, stats: dict[str, np.ndarray], key: str, settings: dic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    # One metadata entry: safetensors writes a metadata map in hash order, so two entries would make the bytes vary.
-    save_file({k: np.ascontiguousarray(stats[k]) for k in sorted(stats)}, str(tmp),
-              metadata={METADATA: json.dumps({"key": key, "settings": settings}, sort_keys=True)})
-    tmp.replace(path)
+    # A temp file of its own: exports sharing the cache may save the same statistics at once (one fixed temp name
+    # had them write one file together and the second rename fail)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # created as any file is (umask), unlike mkstemp's
+    try:
+        # One metadata entry: safetensors writes a metadata map in hash order, so two entries would make the bytes vary.
+        save_file({k: np.ascontiguousarray(stats[k]) for k in sorted(stats)}, tmp,
+                  metadata={METADATA: json.dumps({"key": key, "settings": settings}, sort_keys=True)})
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def load_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
