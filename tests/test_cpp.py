@@ -473,11 +473,15 @@ def negative_threads(tmp_path, tiny):
     return tiny["fp32"], ["--ids", "1", "--threads", "-1"], "threads=-1: must be >= 1"
 
 
+def json_and_stream(tmp_path, tiny):  # --stream was ignored
+    return tiny["fp32"], ["--ids", "1", "--json", "--stream"], "--json prints one object at the end: drop --stream"
+
+
 @pytest.mark.parametrize("breaker", [missing_dir, file_for_dir, broken_manifest, other_format_version, missing_graph,
                                      graph_not_matching_manifest, layout_not_matching_manifest,
                                      kv_heads_not_matching_manifest,
                                      id_outside_vocabulary, window_without_ring, bad_ids,
-                                     prompt_without_tokenizer_graphs, prompt_and_ids, negative_threads],
+                                     prompt_without_tokenizer_graphs, prompt_and_ids, negative_threads, json_and_stream],
                          ids=lambda f: f.__name__)
 def test_bad_input_is_one_line_and_exit_2(llama4_cpp, tiny, tmp_path, breaker):
     artifact, args, message = breaker(tmp_path, tiny)

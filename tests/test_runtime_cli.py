@@ -134,6 +134,14 @@ def break_bad_temperature(tmp_path, ckpt):
     return [ckpt, "--backend", "torch", "--ids", "1", "--temperature", "-1"], "temperature=-1.0: must be >= 0"
 
 
+def break_json_with_stream(tmp_path, ckpt):  # --stream was ignored
+    return [ckpt, "--backend", "torch", "--ids", "1", "--json", "--stream"], "--json prints one object at the end"
+
+
+def break_json_with_chat(tmp_path, ckpt):  # --json was ignored
+    return [ckpt, "--backend", "torch", "--chat", "--json"], "drop --chat or --json"
+
+
 BREAKERS = [v for k, v in sorted(globals().items()) if k.startswith("break_")]
 
 

@@ -192,6 +192,7 @@ int main(int argc, char** argv) {
     }
     if (artifact.empty()) throw Usage{"give the ARTIFACT directory (see --help)"};
     if (ids.has_value() == prompt.has_value()) throw Usage{"give exactly one of --prompt TEXT or --ids 1,2,3"};
+    if (as_json && stream) throw Usage{"--json prints one object at the end: drop --stream or --json"};
 
     if (!image_paths.empty() && !prompt) throw Usage{"--image needs --prompt TEXT with an <|image|> placeholder per image"};
     std::vector<llama4rt::Image> images;
@@ -203,7 +204,7 @@ int main(int argc, char** argv) {
                                                               : model.encode(*prompt, images);
     const std::vector<int64_t>& prompt_ids = full_prompt.ids;
     std::optional<llama4rt::TextStream> pieces;
-    if (stream && !as_json && model.has_tokenizer()) pieces.emplace(model);
+    if (stream && model.has_tokenizer()) pieces.emplace(model);
     int64_t step = 0;
     using Clock = std::chrono::steady_clock;
     Clock::time_point first_token, last_token;
@@ -212,7 +213,7 @@ int main(int argc, char** argv) {
       if (++step == 1) first_token = last_token;
       for (int64_t s : rss_steps)
         if (s == step) std::cerr << "rss step=" << step << " kb=" << resident_kb() << std::endl;
-      if (stream && !as_json && !stop) {
+      if (stream && !stop) {
         if (pieces)
           std::cout << pieces->push(token) << std::flush;
         else

@@ -55,13 +55,16 @@ def run(
             raise GenerationError("give exactly one of --prompt TEXT, --ids 1,2,3 or --chat")
         if images and prompt is None:
             raise GenerationError("--image goes with --prompt TEXT (its <|image|> placeholders place the images)")
+        if as_json and (stream or chat):  # one JSON object is printed once the text is complete
+            raise GenerationError(f"--json prints one object at the end: drop {'--stream' if stream else '--chat'} "
+                                  "or --json")
         with err_console.status(f"loading {directory}"):
             generator = _generator(directory, backend, window, sinks, threads)
         if chat:
             _chat_loop(generator, stream, options)
             return
         tokens = _parse_ids(ids) if ids is not None else prompt
-        on_token = piece_printer() if stream and not as_json else None
+        on_token = piece_printer() if stream else None
         result = generator.generate(tokens, stream=on_token, images=images or (), **options)
     except Llama4ExportError as exc:
         fail(exc)
