@@ -196,6 +196,7 @@ def test_a_prompt_that_is_not_text_or_flat_ids_raises_one_line(gen, prompt):
     (["hello"], r"^messages\[0\]: expected \{'role'"),
     ([{"content": "hi"}], r"^messages\[0\]: expected \{'role'"),
     ([{"role": "user"}], r"^messages\[0\]: no 'content'"),
+    ([], "^messages: the conversation is empty"),  # was the template's "list object has no element 0"
 ])
 def test_malformed_chat_messages_raise_one_line(tmp_path, messages, message):
     from llama4_export.export.tokenizer_files import write_byte_level_tokenizer
@@ -205,6 +206,8 @@ def test_malformed_chat_messages_raise_one_line(tmp_path, messages, message):
     chat = Generator(TorchBackend(model), Tokenizer.load(tmp_path), window=128)
     with pytest.raises(GenerationError, match=message):
         chat.chat(messages, max_new_tokens=2)
+    with pytest.raises(GenerationError, match="^tools: expected a list of OpenAI function definitions"):  # was taken
+        chat.chat([{"role": "user", "content": "hi"}], tools="get_weather", max_new_tokens=2)
     # an assistant turn of tool calls alone passes the check; this template cannot render it, and says so in a line
     calls = [{"role": "user", "content": "Weather?"},
              {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}]

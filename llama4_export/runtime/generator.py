@@ -204,6 +204,11 @@ class Generator:
         if not isinstance(messages, (list, tuple)):
             raise GenerationError(f"messages: expected a list of {{'role': ..., 'content': ...}}, not "
                                   f"{type(messages).__name__}")
+        if not messages:
+            raise GenerationError("messages: the conversation is empty; give at least one "
+                                  "{'role': 'user', 'content': ...}")
+        if tools is not None and not (isinstance(tools, (list, tuple)) and all(isinstance(t, dict) for t in tools)):
+            raise GenerationError(f"tools: expected a list of OpenAI function definitions (dicts), not {shown(tools)}")
         rendered, sources = [], []
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
