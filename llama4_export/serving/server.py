@@ -48,8 +48,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"{host_port(host, port)}: cannot listen there ({exc.strerror}); stop what holds the port or choose "
-                          "another --port") from None
+        raise ConfigError(f"{host_port(host, port)}: cannot listen there ({exc.strerror}); stop what holds the port "
+                          "or choose another --port") from None
     return sock
 
 
