@@ -75,18 +75,24 @@ def test_top_k_1_equals_greedy(gen):
     assert gen.generate(prompt, max_new_tokens=20, temperature=1.5, top_k=1, seed=3, stop_tokens=[]).token_ids == greedy
 
 
-def test_repetition_penalty_steers_greedy_as_the_formula_says(gen):
-    """Reference: full forward of the model, penalty applied by hand to every id seen so far, argmax."""
-    model, prompt, penalty = gen.backend.model, [5, 6, 7, 5, 6], 1.8
+def penalized_greedy_reference(model, prompt: list[int], penalty: float, steps: int) -> list[int]:
+    """Full forward of the model at every step, the repetition penalty applied by hand to every id seen so far,
+    argmax: the new tokens."""
     seq = list(prompt)
     with torch.no_grad():
-        for _ in range(15):
+        for _ in range(steps):
             logits = model(torch.tensor([seq]))[0, -1].numpy()
             for t in set(seq):
                 logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
             seq.append(int(np.argmax(logits)))
+    return seq[len(prompt):]
+
+
+def test_repetition_penalty_steers_greedy_as_the_formula_says(gen):
+    prompt, penalty = [5, 6, 7, 5, 6], 1.8
     ours = gen.generate(prompt, max_new_tokens=15, repetition_penalty=penalty, stop_tokens=[]).token_ids
-    assert ours == seq[len(prompt):]
+    assert ours == penalized_greedy_reference(gen.backend.model, prompt, penalty, 15)
+    assert ours != gen.generate(prompt, max_new_tokens=15, stop_tokens=[]).token_ids
     assert ours != gen.generate(prompt, max_new_tokens=15, stop_tokens=[]).token_ids
 
 
@@ -261,13 +267,6 @@ def test_a_huge_max_new_tokens_allocates_nothing_up_front_and_penalties_see_ever
     assert stopped.token_ids == free[:free.index(free[3]) + 1] and peak < 20e6, peak
 
     whole = Generator(TorchBackend(gen.backend.model), window=512)  # no token slides out: the reference sees all
-    model, prompt, penalty = whole.backend.model, [5, 6, 7, 5, 6], 1.3
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(270):
-            logits = model(torch.tensor([seq]))[0, -1].numpy()
-            for t in set(seq):
-                logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
-            seq.append(int(np.argmax(logits)))
+    prompt, penalty = [5, 6, 7, 5, 6], 1.3
     ours = whole.generate(prompt, max_new_tokens=270, repetition_penalty=penalty, stop_tokens=[]).token_ids
-    assert ours == seq[len(prompt):]
+    assert ours == penalized_greedy_reference(whole.backend.model, prompt, penalty, 270)
