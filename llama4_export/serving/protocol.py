@@ -304,6 +304,8 @@ def parse(model: type[_Generation], raw: bytes) -> _Generation:
         body = model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
         raise _first_problem(exc) from None
+    if body.stream_options is not None and not body.stream:  # as OpenAI: the options of a stream that is not one
+        raise APIError(400, "stream_options: only with stream: true; drop it or stream", "stream_options")
     for name, allowed in body.ONLY.items():
         value = getattr(body, name)
         if value not in allowed:
