@@ -135,22 +135,26 @@ def test_streamed_pieces_join_to_the_result_text_when_it_ends_inside_a_character
     """A random model's bytes often end inside a UTF-8 character: whether generation ends by length or by a stop
     token, the last event carries what was held back, so the pieces join to GenerationResult.text (an incomplete
     character as U+FFFD, as tokenizers decodes it)."""
-    from llama4_export.runtime import Generator
+    from tokenizers import Tokenizer as HFTokenizer
+
     from llama4_export.evaluation.torch_backend import TorchBackend
+    from llama4_export.runtime import Generator
     from llama4_export.weights import from_preset
 
+    reference = HFTokenizer.from_file(str(byte_level_dir / "tokenizer.json"))
     gen = Generator(TorchBackend(from_preset("scout-tiny", seed=5)), Tokenizer.load(byte_level_dir), window=128)
     ended_inside = {"length": 0, "stop": 0}
     for seed in range(2):
         options = dict(max_new_tokens=24, temperature=1.0, seed=seed, stop_tokens=[])
         free = gen.generate([1, 2, 3], **options)
+        assert free.text == reference.decode(free.token_ids)
         for k in range(1, 24):  # stop after k tokens: by length, and by a stop token where one first comes at k
-            cases = [("length", {**options, "max_new_tokens": k})]
+            cases = [("length", {**options, "max_new_tokens": k}, free.token_ids[:k])]
             if free.token_ids[k] not in free.token_ids[:k]:
-                cases.append(("stop", {**options, "stop_tokens": [free.token_ids[k]]}))
-            for reason, case in cases:
-                result = gen.generate([1, 2, 3], **case)
-                pieces = "".join(event.text for event in gen.stream([1, 2, 3], **case))
-                assert result.stop_reason == reason and pieces == result.text, (seed, k, reason)
-                ended_inside[reason] += result.text.endswith("\ufffd")
+                cases.append(("stop", {**options, "stop_tokens": [free.token_ids[k]]}, free.token_ids[:k + 1]))
+            for reason, case, tokens in cases:
+                events = list(gen.stream([1, 2, 3], **case))
+                text = reference.decode(free.token_ids[:k])  # the result's text: the stop token is not in it
+                assert [e.token_id for e in events] == tokens and "".join(e.text for e in events) == text, (seed, k)
+                ended_inside[reason] += text.endswith("\ufffd")
     assert min(ended_inside.values()) > 0, ended_inside  # both endings were exercised
