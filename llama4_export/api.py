@@ -133,13 +133,15 @@ def export_model(
     engines: EngineOptions = EngineOptions(),
     show_progress: bool = True,
     vision_precision: str | None = None,
+    text_only: bool = False,
 ) -> ExportResult:
     """`llama4-export`: the weight source, the one pipeline (pipeline.export), then the TensorRT engines.
 
     stream: read the source layer by layer (RAM independent of the model's size) instead of loading it first; a model
     whose fp32 weights exceed IN_MEMORY_FRACTION of the free memory always streams. Both give the same bytes.
     target None: tensorrt when TensorRT is installed here, else onnxruntime. vision_precision None: the text's float
-    type, or for int4 / fp8 fp32 on onnxruntime and fp16 on tensorrt (pipeline.vision_precision_for, which checks it)."""
+    type, or for int4 / fp8 fp32 on onnxruntime and fp16 on tensorrt (pipeline.vision_precision_for, which checks it).
+    text_only: leave a multimodal source's vision tower out (the artifact is then that of a text-only checkpoint)."""
     from .graph_passes.pipeline import default_target
     from .pipeline import QuantOptions, available_memory, export
     from .tensorrt.engine import maybe_build_engines, require_tensorrt
@@ -154,14 +156,18 @@ def export_model(
         "max_prefill": (INTEGER + NONE, "an integer or None"), "stream": (FLAG, "True or False"),
         "random_weights": (FLAG, "True or False"), "layers": (INTEGER + NONE, "an integer or None"),
         "partitions": (INTEGER, "an integer"), "engines": ((EngineOptions,), "api.EngineOptions(...)"),
-        "show_progress": (FLAG, "True or False"), "vision_precision": optional_text,
+        "show_progress": (FLAG, "True or False"), "vision_precision": optional_text, "text_only": (FLAG, "True or False"),
     }, locals())
+    if text_only and vision_precision is not None:
+        raise ConfigError(f"--vision-precision {vision_precision} with --text-only: the vision tower is left out; drop one")
     target = target or default_target()
     build = target == "tensorrt" and optimize
     if not build and engines.given():
         raise ConfigError(f"{', '.join(engines.given())}: engine options apply to --target tensorrt without --no-optimize")
     require_tensorrt(engines.require_engine)
     source = weight_source(model, checkpoint, seed, random_weights, layers)
+    if text_only:
+        source.vision = None  # the pipeline then writes no vision graph and traces the decoder without image inputs
     if not stream and source.fp32_bytes() < IN_MEMORY_FRACTION * available_memory():
         source = in_memory(source)
     result = export(Path(out), source, precision, target, quant or QuantOptions(), partitions,

@@ -104,6 +104,8 @@ def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out:
     directory = Path(artifact_dir)
     original = read_manifest(directory)
     source = _source(original, Path(checkpoint) if checkpoint else None)
+    if "vision" not in original:
+        source.vision = None  # exported --text-only from a multimodal checkpoint (or the model has none)
     notes: list[str] = []
     quant = _quant_options(original, None if calib_data is None else Path(calib_data))
     parts = original.get("partitions") or []

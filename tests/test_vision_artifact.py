@@ -14,7 +14,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+import torch
 from safetensors.numpy import load_file
+from transformers import Llama4ForConditionalGeneration
 from typer.testing import CliRunner
 
 from llama4_export.artifact import MANIFEST, write_manifest
@@ -23,6 +25,7 @@ from llama4_export.cli.run import run_app
 from llama4_export.export.onnx_export import VISION_FILE
 from llama4_export.model import io_spec
 from llama4_export.pipeline import QuantOptions, export, vision_precision_for, write_vision_graph
+from llama4_export.rebuild import rebuild
 from llama4_export.runtime import Generator
 from llama4_export.runtime.image_encoder import ImageEncoder
 from llama4_export.runtime.images import ImageProcessorConfig
@@ -190,6 +193,8 @@ def test_bad_vision_precision_is_one_line_and_exit_2(tmp_path):
         (("--model", "scout-tiny", "--vision-precision", "fp16"), "--vision-precision fp16: this model has no vision tower"),
         (("--checkpoint", VISION_FIXTURES / "tiny-a", "--vision-precision", "int4", "--no-optimize"),
          "--vision-precision int4 quantizes in the graph passes"),
+        (("--checkpoint", VISION_FIXTURES / "tiny-a", "--vision-precision", "fp16", "--text-only"),
+         "--vision-precision fp16 with --text-only: the vision tower is left out"),
     ]
     for args, message in cases:
         result = CliRunner().invoke(export_app, [str(a) for a in (*args, "--out", tmp_path / "out", "--target", "onnxruntime")])
@@ -198,14 +203,29 @@ def test_bad_vision_precision_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def text_only(artifacts, tmp_path_factory) -> Path:
-    """tiny-b's artifact without its vision graph: what a text-only checkpoint's export lists."""
-    out = Path(shutil.copytree(artifacts["tiny-b"], tmp_path_factory.mktemp("text") / "artifact"))
-    manifest = json.loads((out / MANIFEST).read_text())
-    for file in ("vision.onnx", "vision.data"):
-        (out / file).unlink()
-    write_manifest(out, {k: v for k, v in manifest.items() if k not in ("vision", "files")})
+def text_only(tmp_path_factory) -> Path:
+    """tiny-b exported with --text-only through the CLI: the text deployment of a multimodal checkpoint."""
+    out = tmp_path_factory.mktemp("text") / "artifact"
+    result = CliRunner().invoke(export_app, ["--checkpoint", str(VISION_FIXTURES / "tiny-b"), "--text-only",
+                                             "--out", str(out), "--target", "onnxruntime"])
+    assert result.exit_code == 0, result.output
     return out
+
+
+def test_text_only_export_leaves_the_vision_tower_out_generates_as_transformers_and_rebuilds(text_only):
+    manifest = json.loads((text_only / MANIFEST).read_text())
+    assert "vision" not in manifest and not [f for f in manifest["files"] if f.startswith("vision")]
+    prefill = onnx.load(text_only / "prefill.onnx", load_external_data=False)
+    assert io_spec.IMAGE_FEATURES not in [i.name for i in prefill.graph.input]
+    result = Generator.load(text_only).generate("The quick brown fox", max_new_tokens=12, stop_tokens=[])
+    reference = Llama4ForConditionalGeneration.from_pretrained(VISION_FIXTURES / "tiny-b", dtype=torch.float32).eval()
+    ids = list(result.prompt_ids)
+    with torch.no_grad():
+        for _ in range(12):  # greedy, the whole sequence each step (no cache, no stop token)
+            ids.append(int(reference(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert result.token_ids == ids[len(result.prompt_ids):]
+    rebuilt = rebuild(text_only, checkpoint=VISION_FIXTURES / "tiny-b", show_progress=False)
+    assert rebuilt.identical and len(rebuilt.compared) == len(manifest["files"]), rebuilt.differences
 
 
 @pytest.fixture(scope="module")

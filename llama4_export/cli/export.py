@@ -40,6 +40,10 @@ def export(
         help="fp32 | fp16 | bf16 | int4 | fp8: the vision tower's (multimodal checkpoints); default: --precision's float "
              "type, and with int4 / fp8 fp32 on onnxruntime, fp16 on tensorrt",
     ),
+    text_only: bool = typer.Option(
+        False, "--text-only", help="leave a multimodal checkpoint's vision tower out: no vision.onnx, decoder graphs "
+                                   "without image inputs (a text-only deployment)",
+    ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o",
         help="artifact directory to write; an existing one is replaced atomically if it is empty or a previous artifact",
@@ -113,7 +117,7 @@ def export(
             out, model, checkpoint, seed, precision, target, optimize=not no_optimize, trt_plugin=not trt_fallback,
             quant=quant, max_prefill=max_prefill, stream=stream, random_weights=random_weights, layers=layers,
             partitions=partitions, engines=api.EngineOptions(require_engine, max_batch, window, timing_cache, reproducible),
-            vision_precision=vision_precision,
+            vision_precision=vision_precision, text_only=text_only,
         )
     except Llama4ExportError as exc:
         fail(exc)
@@ -231,7 +235,7 @@ def plan(
     window: Optional[int] = typer.Option(None, "--window", help="check this global window W instead of finding the largest"),
     block_size: int = typer.Option(128, "--block-size", help="int4: values per scale"),
     max_tiles: int = typer.Option(17, "--max-tiles", help="image tiles encoded at once (default: one Scout image, 16 tiles + the global one)"),
-    text_only: bool = typer.Option(False, "--text-only", help="leave the vision tower out (a text-only deployment, e.g. the tensorrt target)"),
+    text_only: bool = typer.Option(False, "--text-only", help="leave the vision tower out (a text-only deployment: export --text-only)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
 ) -> None:
     """GPU memory plan: weights (the vision tower's too), KV cache per layer kind, workspace, the largest global window W;
