@@ -11,7 +11,8 @@ Pure arithmetic on the config (no weights, no GPU). Per GPU:
              a 4-byte scale per weight matrix. Quantizable = what graph_passes/quantize.py QuantSpec.wants takes:
              q/k/v/o, dense MLP, shared and routed experts. Router, embeddings, norms and lm_head stay in the graph's
              float dtype: 16-bit (as summary.py counts them), 32-bit in an fp32 graph (int4 scales too). The embedding
-             sits on the first GPU, the final norm and lm_head on the last.
+             sits on the first GPU, the final norm and lm_head on the last. int4 / fp8 are planned as the 16-bit
+             deployment; the pipeline's tensorrt artifacts of them are fp32 graphs today (tensorrt/README.md).
   KV cache   2 (K, V) × kv_heads × head_dim × kv-dtype bytes per token per layer, × max_batch. Chunked (RoPE)
              layers hold attention_chunk_size slots, global (NoPE) layers hold W slots (runtime/kv_cache.py).
   workspace  the peak of one prefill call of max_prefill tokens (the biggest transient set; decode is a 1-token
@@ -27,7 +28,8 @@ Pure arithmetic on the config (no weights, no GPU). Per GPU:
                new K/V   the step's new keys/values of every layer on the GPU: layers × 2·B·kv_heads·T·head_dim × kv
                logits    B·T·vocab × 4 (fp32, every prefill token; last GPU only)
   vision     (a multimodal model: Scout's and Maverick's towers) on the first GPU: the encoder, adapter and projector
-             weights in the graph's float dtype (never quantized: model/summary.py vision_parameter_count), and the
+             weights in the graph's float dtype (export's default tower for a tensorrt deployment; an int4 / fp8
+             `--vision-precision` tower is not planned: model/summary.py vision_parameter_count), and the
              encode of `max_tiles` tiles (one Scout image: 16 tiles + the global one), which runs before the prefill:
                hidden    HIDDEN_COPIES × n·vision_hidden × act            (n = tiles·(patches + 1): patches + class)
                attention 3 × n·vision_hidden × act (q, k, v) + 2 × tiles·heads·(patches + 1)² × 4 (fp32 scores, per tile)
