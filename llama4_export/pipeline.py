@@ -61,7 +61,7 @@ from .progress import Steps
 from .runtime.images import ImageProcessorConfig
 from .weights import VisionWeights, WeightSource
 
-# The dtype the graphs are traced in. Quantized precisions trace fp32 graphs and quantize their weights in the passes.
+# The dtype of each precision's graphs; int4 / fp8 quantize their weights in the passes (graph_dtype: the float type).
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                                       "int4": torch.float32, "fp8": torch.float32}
 QUANTIZED_PRECISIONS = ("int4", "fp8")
@@ -250,14 +250,14 @@ def export(
                 traced.mkdir(exist_ok=True)
                 counted = f"{len(layers)} layer" + ("s" if len(layers) != 1 else "")
                 with step(f"{what}trace decode + prefill ({counted}, weights on the meta device)"):
-                    graphs = trace_graphs(config, PRECISIONS[precision], layers, layout, image_token_id)
+                    graphs = trace_graphs(config, graph_dtype(precision, target), layers, layout, image_token_id)
                 with step(f"{what}write graphs with weights from {weights.describe()}"):
                     write_graphs(graphs, traced, weight_content(weights, defer_experts=quantized))
                     del graphs
                     for graph in GRAPHS:
                         onnx.checker.check_model(str(traced / graph.file))  # the path form checks the external data too
                 graph_entries = graphs_manifest(max_prefill)
-                entry = _base_manifest(config, source, precision, max_prefill, graph_entries, layout)
+                entry = _base_manifest(config, source, precision, target, max_prefill, graph_entries, layout)
                 if optimize:
                     reports, opset = optimize_graphs(traced, graph_entries, part_dir, target, step, trt_plugin, spec,
                                                      weights=weights if quantized else None,  # the deferred experts
@@ -270,7 +270,7 @@ def export(
                                               "tokenizer": {"source": "none", "files": []}})
                     entries.append({"layers": [layers.start, layers.stop], "directory": part_directory(k)})
             if parts > 1:  # the graphs live in the parts
-                manifest = {**_base_manifest(config, source, precision, max_prefill, {}, layout), "partitions": entries,
+                manifest = {**_base_manifest(config, source, precision, target, max_prefill, {}, layout), "partitions": entries,
                             "target": target if optimize else "onnxruntime"}
             else:
                 manifest = entry
@@ -297,15 +297,16 @@ def write_vision_graph(vision: VisionWeights, processor: ImageProcessorConfig, p
                        block: int = DEFAULT_BLOCK_SIZE) -> dict[str, Any]:
     """vision.onnx + its data file in `directory`; returns the manifest's `vision` entry: what the runtime needs to
     turn images into the prefill's image_features. work: trace into it and run the graph passes for `target` into
-    `directory` (None: --no-optimize, the traced graph as it is); int4 / fp8 trace fp32 and quantize the encoder
-    layers' linears there (quantize.QuantSpec.bits), the patch embedding, adapter and projector stay fp32."""
+    `directory` (None: --no-optimize, the traced graph as it is); int4 / fp8 trace graph_dtype's float type and
+    quantize the encoder layers' linears there (quantize.QuantSpec.bits), the patch embedding, adapter and projector
+    stay in that type."""
     traced = directory if work is None else work / "vision"
     traced.mkdir(exist_ok=True)
-    write_graphs({"vision": trace_vision(vision.config, PRECISIONS[precision])}, traced, weight_content(vision),
-                 VISION_DATA_FILE)
+    dtype = graph_dtype(precision, target)
+    write_graphs({"vision": trace_vision(vision.config, dtype)}, traced, weight_content(vision), VISION_DATA_FILE)
     onnx.checker.check_model(str(traced / VISION_FILE))
     entry = {"file": VISION_FILE, "external_data": VISION_DATA_FILE, "precision": precision,
-             "dtype": str(PRECISIONS[precision]).removeprefix("torch."), "config": vision.config.to_dict(),
+             "dtype": str(dtype).removeprefix("torch."), "config": vision.config.to_dict(),
              "processor": processor.to_dict()}
     if work is None:
         return entry
@@ -318,6 +319,15 @@ def write_vision_graph(vision: VisionWeights, processor: ImageProcessorConfig, p
     entry["graph_passes"] = {"target": target, "report": VISION_PASSES_FILE,
                              "passes": [r.name for r in reports["vision"].records]}
     return entry
+
+
+def graph_dtype(precision: str, target: str) -> torch.dtype:
+    """The float type the graphs compute in (activations, unquantized weights, scales, KV cache): the precision's own;
+    int4 / fp8 trace fp32 graphs for ONNX Runtime (its CPU kernels: MatMulNBits, QMoE, fp8 emulation) and fp16 for
+    TensorRT, whose strongly typed networks compute in the graph's types (W4A16 / FP8 with 16-bit activations)."""
+    if precision in QUANTIZED_PRECISIONS and target == "tensorrt":
+        return torch.float16
+    return PRECISIONS[precision]
 
 
 def vision_precision_for(precision: str, target: str, vision_precision: str | None, has_vision: bool,
@@ -370,9 +380,9 @@ def graphs_manifest(max_prefill: int) -> dict[str, dict[str, Any]]:
                         "max_new_tokens": spec.new_tokens or max_prefill} for spec in GRAPHS}
 
 
-def _base_manifest(config: Llama4Config, source: WeightSource, precision: str, max_prefill: int,
+def _base_manifest(config: Llama4Config, source: WeightSource, precision: str, target: str, max_prefill: int,
                    graphs: dict[str, dict[str, Any]], kv_layout: str) -> dict[str, Any]:
-    kv_dtype = str(PRECISIONS[precision]).removeprefix("torch.")  # quantized precisions keep an fp32 cache
+    kv_dtype = str(graph_dtype(precision, target)).removeprefix("torch.")
     return {
         "model": config.to_hf_dict(),
         "source": source.manifest_entry(),

@@ -11,8 +11,8 @@ Pure arithmetic on the config (no weights, no GPU). Per GPU:
              a 4-byte scale per weight matrix. Quantizable = what graph_passes/quantize.py QuantSpec.wants takes:
              q/k/v/o, dense MLP, shared and routed experts. Router, embeddings, norms and lm_head stay in the graph's
              float dtype: 16-bit (as summary.py counts them), 32-bit in an fp32 graph (int4 scales too). The embedding
-             sits on the first GPU, the final norm and lm_head on the last. int4 / fp8 are planned as the 16-bit
-             deployment; the pipeline's tensorrt artifacts of them are fp32 graphs today (tensorrt/README.md).
+             sits on the first GPU, the final norm and lm_head on the last. int4 / fp8 are planned as 16-bit
+             graphs, what the pipeline exports for tensorrt (pipeline.graph_dtype).
   KV cache   2 (K, V) × kv_heads × head_dim × kv-dtype bytes per token per layer, × max_batch. Chunked (RoPE)
              layers hold attention_chunk_size slots, global (NoPE) layers hold W slots (runtime/kv_cache.py).
   workspace  the peak of one prefill call of max_prefill tokens (the biggest transient set; decode is a 1-token

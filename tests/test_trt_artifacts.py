@@ -11,6 +11,7 @@ re-exports scout-tiny fp16 once more.
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import onnx
@@ -98,6 +99,17 @@ def _initializer_types(path) -> set[int]:
     return {i.data_type for i in onnx.load(str(path), load_external_data=False).graph.initializer}
 
 
+def _io_types(path) -> dict[str, int]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)}
+
+
+def _fp32_elements(path) -> int:
+    """Elements of fp32 initializers (an fp16 trace keeps RoPE frequencies and a few scalars fp32)."""
+    initializers = onnx.load(str(path), load_external_data=False).graph.initializer
+    return sum(math.prod(i.dims) for i in initializers if i.data_type == onnx.TensorProto.FLOAT)
+
+
 # ------------------------------------------------------------------------- `llama4-export --target tensorrt`, 6 ways
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("preset", PRESETS)
@@ -112,6 +124,11 @@ def test_cli_tensorrt_export_passes_the_lint_and_says_what_to_install(trt_export
     quantized = {"fp16": onnx.TensorProto.FLOAT16, "int4": onnx.TensorProto.INT4,
                  "fp8": onnx.TensorProto.FLOAT8E4M3FN}[precision]
     assert quantized in _initializer_types(out / "decode.onnx")
+    if precision != "fp16":  # strongly typed: the graph's types are the engine's; int4 / fp8 compute in fp16 as fp16 does
+        fp16 = trt_export(preset, "fp16")[0]
+        for graph in ("decode.onnx", "prefill.onnx"):
+            assert _io_types(out / graph) == _io_types(fp16 / graph), graph  # fp16 KV cache, fp32 logits
+            assert _fp32_elements(out / graph) == _fp32_elements(fp16 / graph), graph  # the fp16 trace's fp32 islands only
     last = output.strip().splitlines()[-1]
     if TRT_MISSING is None:
         assert last.startswith("built engine/decode.plan, engine/prefill.plan with TensorRT"), last

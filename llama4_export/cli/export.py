@@ -33,7 +33,7 @@ def export(
     precision: str = typer.Option(
         "fp32", "--precision", "-p",
         help="fp32 | fp16 | bf16 (weights, activations, KV cache; bf16 for TensorRT / CUDA) | int4 (weight-only, blockwise) | "
-             "fp8 (E4M3 W8A8); logits stay fp32",
+             "fp8 (E4M3 W8A8), computing in fp32 on onnxruntime, fp16 on tensorrt; logits stay fp32",
     ),
     vision_precision: Optional[str] = typer.Option(
         None, "--vision-precision",

@@ -4,7 +4,7 @@ Graph conventions (what the ONNX Runtime and TensorRT stages read):
 
 INT4 (weight-only, symmetric, zero point 0, blocks of `block_size` consecutive k along the input dimension K)
   dense linears   x ─ MatMul ─ y  with the weight  W_int4 [K, N] (INT4 initializer `<weight>.int4`)
-                  → DequantizeLinear(W_int4, scale [ceil(K/B), N] fp32 `<weight>.int4_scale`, axis=0, block_size=B)
+                  → DequantizeLinear(W_int4, scale [ceil(K/B), N] `<weight>.int4_scale`, axis=0, block_size=B)
                   The nn.Linear weight [N, K] is transposed once at quantization; Gemm(transB=1) / Transpose→MatMul
                   become MatMul. ONNX Runtime fuses DQ→MatMul into com.microsoft.MatMulNBits (4-bit in memory);
                   TensorRT reads it as weight-only INT4.
@@ -23,6 +23,8 @@ FP8 E4M3 (W8A8, per-tensor scales, amax / 448)
                   the placement TensorRT's strongly typed mode turns into an FP8 GEMM. a_scale = calibrated amax / 448.
   routed experts  weight-only FP8: DequantizeLinear(W_fp8 [E, K, N], scale [E] (axis 0)) — the MoE kernels'
                   FP8 format (kernels/formats.py) widens weights in registers and keeps activations in 16/32 bit.
+Scales have the graph's float type (the weight's: fp32 for ONNX Runtime, fp16 for TensorRT), as DequantizeLinear
+outputs its scale's type.
 Never quantized unless asked: router, embeddings, norms, lm_head (quantize_lm_head=True makes lm_head like any linear).
 FP8 E4M3 KV cache (QuantSpec.kv_cache_amax; per layer, one scale for K and one for V, s = calibrated amax / 448)
   past_key.L  graph input float8e4m3fn → DequantizeLinear(·, s `kv_cache.L.key_scale`) → what attention read before
@@ -214,39 +216,44 @@ def _experts_fp8(weights: ir.TensorProtocol) -> tuple[np.ndarray, np.ndarray]:
 
 def _dequantized_weight(graph: ir.Graph, name: str, w: np.ndarray | ir.TensorProtocol, spec: QuantSpec, axis: int,
                         anchor: ir.Node, bits: int = 4) -> ir.Value:
-    """DequantizeLinear of `w` quantized per spec, inserted before `anchor`; returns its output (fp32).
+    """DequantizeLinear of `w` quantized per spec, inserted before `anchor`; returns its output (`w`'s float type).
 
     2-D `w` is a dense linear's [N, K] as nn.Linear stores it (an initializer's tensor, read in row slices, or numpy):
     the DequantizeLinear yields its transpose [K, N] (K along `axis`, 0); 3-D `w` (the initializer's tensor, read one
     expert at a time) are stacked experts [E, K, N] in checkpoint layout: INT4 stores them transposed, [E, N, K] with
     `axis` 2 (see the module docstring), FP8 as they are."""
     experts = len(w.shape) == 3
+    # the graph's float type (the weight's): DequantizeLinear outputs its scale's type
+    float_type = ir.DataType.from_numpy(w.dtype) if isinstance(w, np.ndarray) else w.dtype
     if spec.precision == "int4" and bits == 8:  # lm_head's default on ONNX Runtime
         q, scale = (a.T for a in blockwise_rows(w, spec.block_size, bits=8))
-        inputs = [initializer(graph, f"{name}.int8", q, ir.DataType.INT8), initializer(graph, f"{name}.int8_scale", scale)]
+        inputs = [initializer(graph, f"{name}.int8", q, ir.DataType.INT8),
+                  initializer(graph, f"{name}.int8_scale", scale.astype(float_type.numpy()))]
         attributes = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", spec.block_size)]
         shape = tuple(q.shape)
     elif spec.precision == "int4":
         q, scale = _experts_int4(w, spec.block_size) if experts else (a.T for a in blockwise_rows(w, spec.block_size, 4))
         inputs = [initializer(graph, f"{name}.int4", q if experts else q.astype(ml_dtypes.int4), ir.DataType.INT4),
-                  initializer(graph, f"{name}.int4_scale", scale)]
+                  initializer(graph, f"{name}.int4_scale", scale.astype(float_type.numpy()))]
         attributes = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", spec.block_size)]
         shape = tuple(q.shape)
     else:
         q, scale = _experts_fp8(w) if experts else fp8_quantize(np.asarray(w).T)
         inputs = [initializer(graph, f"{name}.fp8", q, ir.DataType.FLOAT8E4M3FN),
-                  initializer(graph, f"{name}.fp8_scale", scale if experts else scale.reshape(()))]
+                  initializer(graph, f"{name}.fp8_scale",
+                              (scale if experts else scale.reshape(())).astype(float_type.numpy()))]
         attributes = [ir.AttrInt64("axis", 0)] if experts else []
         shape = tuple(q.shape)
     node = ir.Node("", "DequantizeLinear", inputs, attributes=attributes, num_outputs=1, name=f"{name}.dequantize")
     node.outputs[0].name = f"{name}.dequantized"
-    node.outputs[0].type, node.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(shape)
+    node.outputs[0].type, node.outputs[0].shape = ir.TensorType(float_type), ir.Shape(shape)
     graph.insert_before(anchor, node)
     return node.outputs[0]
 
 
-def _fp8_activation(graph: ir.Graph, x: ir.Value, amax: float, name: str, anchor: ir.Node) -> ir.Value:
-    scale = initializer(graph, f"{name}.input_fp8_scale", np.asarray(max(amax, 1e-12) / FP8_E4M3_MAX, np.float32))
+def _fp8_activation(graph: ir.Graph, x: ir.Value, amax: float, name: str, anchor: ir.Node,
+                    float_type: ir.DataType) -> ir.Value:
+    scale = initializer(graph, f"{name}.input_fp8_scale", np.asarray(max(amax, 1e-12) / FP8_E4M3_MAX, float_type.numpy()))
     zero = initializer(graph, "fp8_zero_point", np.zeros((), ml_dtypes.float8_e4m3fn), ir.DataType.FLOAT8E4M3FN)
     quant = ir.Node("", "QuantizeLinear", [x, scale, zero], num_outputs=1, name=f"{name}.input_quantize")
     dequant = ir.Node("", "DequantizeLinear", [quant.outputs[0], scale], num_outputs=1, name=f"{name}.input_dequantize")
@@ -330,7 +337,8 @@ def quantize_linears(model: ir.Model, context: PassContext) -> int:
             for consumer in consumers:
                 if consumer.op_type == "MatMul" and amax is not None:
                     slot = 0 if consumer.inputs[1] is dequantized else 1
-                    consumer.replace_input_with(slot, _fp8_activation(graph, consumer.inputs[slot], amax, weight.name, consumer))
+                    consumer.replace_input_with(slot, _fp8_activation(graph, consumer.inputs[slot], amax, weight.name, consumer,
+                                                                      dequantized.dtype))
         count += 1
     return count
 
