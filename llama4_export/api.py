@@ -204,7 +204,7 @@ def plan_gpu_memory(model: str | None = None, checkpoint: str | Path | None = No
                     **options) -> MemoryPlan:
     """`llama4-export plan`: the memory plan of the model on `gpu` (or one GPU of `gpu_memory`), its vision tower
     included unless `text_only` (or the model has none); options: gpus, max_batch, max_prefill, kv_dtype, window,
-    block_size, max_tiles (plan.plan_memory)."""
+    block_size, max_tiles, vision_precision (plan.plan_memory)."""
     config, vision = model_configs(model, checkpoint)
     return plan_memory(config, precision, gpu_spec(gpu, gpu_memory), vision=None if text_only else vision, **options)
 

@@ -52,10 +52,10 @@ from .export.writer import DATA_FILE, weight_content, write_graphs
 from .graph_passes.artifact_passes import optimize_graphs, optimized_manifest
 from .graph_passes.manager import PassReport
 from .graph_passes.pipeline import TARGETS
-from .graph_passes.quantize import BLOCK_SIZES, QuantSpec
-from .model.config import Llama4Config, Llama4VisionConfig
+from .graph_passes.quantize import QuantSpec
+from .model.config import Llama4Config
 from .model.io_spec import DEFAULT_MAX_PREFILL
-from .model.summary import parameter_counts, vision_parameter_count, weight_bytes
+from .model.summary import BLOCK_SIZES, parameter_counts, vision_block_size, vision_parameter_count, weight_bytes
 from .plan import partition_layers
 from .progress import Steps
 from .runtime.images import ImageProcessorConfig
@@ -346,13 +346,6 @@ def vision_precision_for(precision: str, target: str, vision_precision: str | No
     if vision_precision in QUANTIZED_PRECISIONS and not optimize:
         raise ConfigError(f"--vision-precision {vision_precision} quantizes in the graph passes; drop --no-optimize")
     return vision_precision
-
-
-def vision_block_size(config: Llama4VisionConfig, block: int) -> int:
-    """The int4 block of the vision linears: the largest supported size up to the text's `block` that divides every
-    quantized K (hidden and intermediate size), else the smallest (a last partial block has its own scale)."""
-    return next((b for b in sorted(BLOCK_SIZES, reverse=True) if b <= block and
-                 config.hidden_size % b == 0 and config.intermediate_size % b == 0), min(BLOCK_SIZES))
 
 
 def default_block_size(config: Llama4Config) -> int:

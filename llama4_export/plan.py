@@ -28,8 +28,8 @@ Pure arithmetic on the config (no weights, no GPU). Per GPU:
                new K/V   the step's new keys/values of every layer on the GPU: layers × 2·B·kv_heads·T·head_dim × kv
                logits    B·T·vocab × 4 (fp32, every prefill token; last GPU only)
   vision     (a multimodal model: Scout's and Maverick's towers) on the first GPU: the encoder, adapter and projector
-             weights in the graph's float dtype (export's default tower for a tensorrt deployment; an int4 / fp8
-             `--vision-precision` tower is not planned: model/summary.py vision_parameter_count), and the
+             weights (model/summary.py vision_weight_bytes) at `vision_precision` — default: the text graphs' float
+             dtype, export's default tower for tensorrt; int4 / fp8 towers compute in fp16 — and the
              encode of `max_tiles` tiles (one Scout image: 16 tiles + the global one), which runs before the prefill:
                hidden    HIDDEN_COPIES × n·vision_hidden × act            (n = tiles·(patches + 1): patches + class)
                attention 3 × n·vision_hidden × act (q, k, v) + 2 × tiles·heads·(patches + 1)² × 4 (fp32 scores, per tile)
@@ -55,7 +55,7 @@ from typing import Any
 from .errors import ConfigError
 from .model.config import Llama4Config, Llama4VisionConfig
 from .model.io_spec import DEFAULT_MAX_PREFILL, DEFAULT_SINKS, attention_kind
-from .model.summary import _layer_counts, vision_parameter_count
+from .model.summary import _layer_counts, vision_parameter_count, vision_weight_bytes
 
 MIB, GIB = 1 << 20, 1 << 30
 RUNTIME_RESERVE = 2 * GIB
@@ -121,9 +121,9 @@ def gpu_spec(name: str | None = None, memory: str | None = None) -> GpuSpec:
 
 
 # ------------------------------------------------------------------------------------------------ weights
-def _check_precision(precision: str) -> None:
+def _check_precision(precision: str, flag: str = "precision") -> None:
     if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r} is unknown; choose one of: {', '.join(PRECISIONS)}")
+        raise ConfigError(f"{flag} {precision!r} is unknown; choose one of: {', '.join(PRECISIONS)}")
 
 
 def activation_dtype_for(precision: str, activation_dtype: str | None = None) -> str:
@@ -282,8 +282,10 @@ def vision_encode_bytes(vision: Llama4VisionConfig, tiles: int, act_bytes: int) 
 
 def _gpu_use(config: Llama4Config, index: int, layers: range, n: int, window: int, precision: str, kv_bytes: int,
              activation_dtype: str, batch: int, tokens: int, gpu: GpuSpec, block_size: int,
-             vision: Llama4VisionConfig | None, max_tiles: int) -> GpuUse:
+             vision: Llama4VisionConfig | None, max_tiles: int, vision_precision: str | None) -> GpuUse:
     act_bytes = KV_DTYPE_BYTES[activation_dtype]
+    # the vision graph's float type: the text graphs' unless a precision is given (int4 / fp8 towers compute in fp16)
+    vision_act = act_bytes if vision_precision is None else 4 if vision_precision == "fp32" else 2
     h, d, kvh, heads = config.hidden_size, config.head_dim, config.num_key_value_heads, config.num_attention_heads
     b, t = batch, tokens
     per_layer_token = 2 * kvh * d * kv_bytes * b
@@ -301,7 +303,7 @@ def _gpu_use(config: Llama4Config, index: int, layers: range, n: int, window: in
     weights = sum(layer_weight_bytes(config, i, precision, block_size, activation_dtype) for i in layers)
     weights += (first if index == 0 else 0) + (last if index == n - 1 else 0)
     count = {kind: sum(a == kind for a, _ in kinds) for kind in slots}
-    encode = vision_encode_bytes(vision, max_tiles, act_bytes) if vision is not None and index == 0 else None
+    encode = vision_encode_bytes(vision, max_tiles, vision_act) if vision is not None and index == 0 else None
     return GpuUse(
         index=index, layers=(layers.start, layers.stop), weight_bytes=weights,
         kv_chunked_bytes=count["chunked"] * per_layer_token * slots["chunked"],
@@ -316,7 +318,7 @@ def _gpu_use(config: Llama4Config, index: int, layers: range, n: int, window: in
             "vision": encode["hidden"] + max(encode["attention"], encode["mlp"]) + encode["features"] if encode else 0,
         },
         reserve_bytes=gpu.reserve_bytes, memory_bytes=gpu.memory_bytes,
-        vision_weight_bytes=vision_parameter_count(vision) * act_bytes if encode else 0,
+        vision_weight_bytes=vision_weight_bytes(vision, vision_precision or activation_dtype, vision_act, block_size) if encode else 0,
     )
 
 
@@ -324,18 +326,24 @@ def plan_memory(
     config: Llama4Config, precision: str, gpu_memory_bytes: int | GpuSpec, gpus: int = 1, max_batch: int = 1,
     max_prefill: int = DEFAULT_MAX_PREFILL, kv_dtype: str = "bf16", activation_dtype: str | None = None,
     window: int | None = None, sinks: int = DEFAULT_SINKS, block_size: int = DEFAULT_BLOCK_SIZE,
-    vision: Llama4VisionConfig | None = None, max_tiles: int = DEFAULT_MAX_TILES,
+    vision: Llama4VisionConfig | None = None, max_tiles: int = DEFAULT_MAX_TILES, vision_precision: str | None = None,
 ) -> MemoryPlan:
     """Weights, KV cache and workspace per GPU, and the largest global window W that fits (or the `window` given).
 
     gpu_memory_bytes: one GPU's memory (runtime reserve RUNTIME_RESERVE) or a GpuSpec. gpus > 1 splits the layers
     with partition_layers. activation_dtype: default fp32 for fp32 weights, else 16-bit. vision: the model's vision
-    tower (None: text only), planned on the first GPU with an encode of `max_tiles` image tiles at a time.
+    tower (None: text only), planned on the first GPU with an encode of `max_tiles` image tiles at a time;
+    vision_precision: its precision (None: the text graphs' float type).
     """
     activation_dtype = activation_dtype_for(precision, activation_dtype)
     if kv_dtype not in KV_DTYPE_BYTES:
         raise ConfigError(f"--kv-dtype {kv_dtype!r} is unknown; choose one of: {', '.join(KV_DTYPE_BYTES)}")
     _check_positive(gpus=gpus, max_batch=max_batch, max_prefill=max_prefill, block_size=block_size, max_tiles=max_tiles)
+    if vision_precision is not None:
+        if vision is None:
+            raise ConfigError(f"--vision-precision {vision_precision}: no vision tower is planned (a text-only model, "
+                              "or --text-only); drop one")
+        _check_precision(vision_precision, "--vision-precision")
     gpu = gpu_memory_bytes if isinstance(gpu_memory_bytes, GpuSpec) else \
         GpuSpec(f"{gpu_memory_bytes:,} B GPU", int(gpu_memory_bytes))
     context = config.max_position_embeddings
@@ -347,7 +355,7 @@ def plan_memory(
 
     def uses(w: int) -> list[GpuUse]:
         return [_gpu_use(config, k, r, gpus, w, precision, kv_bytes, activation_dtype, max_batch, max_prefill, gpu, block_size,
-                         vision, max_tiles)
+                         vision, max_tiles, vision_precision)
                 for k, r in enumerate(parts)]
 
     def fits_at(w: int) -> bool:
@@ -387,7 +395,8 @@ def plan_memory(
         kv_bytes_per_token=kv, min_window=min_window, window=best, window_limit=limit, fits=fits,
         missing_bytes=max(missing, 0), per_gpu=shown,
         vision=None if vision is None else {
-            "params": vision_parameter_count(vision), "weight_bytes": shown[0].vision_weight_bytes, "max_tiles": max_tiles,
+            "params": vision_parameter_count(vision), "precision": vision_precision or activation_dtype,
+            "weight_bytes": shown[0].vision_weight_bytes, "max_tiles": max_tiles,
             "tokens_per_tile": vision.tokens_per_tile, "encode_workspace_bytes": shown[0].workspace["vision"]},
     )
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 
+import onnx
 import pytest
 from typer.testing import CliRunner
 
@@ -21,6 +23,10 @@ from llama4_export.weights import from_preset
 from llama4_export.model import get_preset
 from llama4_export.model.config import get_vision_preset
 from llama4_export.plan import partition_layers, plan_memory, planned_window
+from llama4_export.export.onnx_export import VISION_FILE
+from llama4_export.pipeline import write_vision_graph
+from llama4_export.runtime.images import ImageProcessorConfig
+from llama4_export.weights import CheckpointWeights
 from llama4_export.runtime import Generator, default_window
 from llama4_export.evaluation.torch_backend import TorchBackend
 
@@ -164,8 +170,8 @@ def test_scout_vision_tower_is_planned_on_the_first_gpu():
     text = hand_weights(cfg, range(48), "int4", True, True)
     window = hand_window(cfg, range(48), H100, text + 2 * params + features, True)
     plan = plan_memory(cfg, "int4", H100, vision=vision)
-    assert plan.vision == {"params": params, "weight_bytes": 2 * params, "max_tiles": 17, "tokens_per_tile": 144,
-                           "encode_workspace_bytes": encode}
+    assert plan.vision == {"params": params, "precision": "fp16", "weight_bytes": 2 * params, "max_tiles": 17,
+                           "tokens_per_tile": 144, "encode_workspace_bytes": encode}
     assert plan.weight_bytes == text + 2 * params and plan.window == window < plan_memory(cfg, "int4", H100).window
     assert plan.per_gpu[0].total_bytes == hand_gpu(cfg, range(48), window, text + 2 * params + features, True) <= H100
     assert planned_window(cfg, "int4", H100, 2, vision=vision) == window  # the runtime's default W on a GPU
@@ -189,6 +195,34 @@ def test_plan_cli_includes_the_vision_tower_of_a_preset_and_of_a_checkpoint():
     assert plan["vision"]["params"] == params and plan["per_gpu"][0]["vision_weight_bytes"] == 4 * params
     table = plan_cli("--checkpoint", str(fixture), "--gpu-memory", "24GB")
     assert table.exit_code == 0 and "vision tower on GPU 0" in table.stdout
+
+
+STORED_BITS = {onnx.TensorProto.FLOAT: 32, onnx.TensorProto.FLOAT16: 16, onnx.TensorProto.INT4: 4,
+               onnx.TensorProto.FLOAT8E4M3FN: 8, onnx.TensorProto.INT64: 64}
+
+
+def test_a_quantized_vision_tower_is_planned_as_the_tensorrt_export_stores_it(tmp_path):
+    """--vision-precision int4 / fp8: the planned tower bytes are the initializer bytes of the vision graph the pipeline
+    writes for tensorrt, less its non-parameter constants (RoPE tables, shapes: what its fp16 graph holds beyond
+    transformers' parameters in fp16)."""
+    fixture = Path(__file__).parent / "fixtures" / "vision" / "tiny-a"
+    source = CheckpointWeights(fixture)
+    processor = ImageProcessorConfig.from_directory(fixture, source.vision.config)
+
+    def stored(precision: str) -> int:
+        out = tmp_path / precision
+        (out / "work").mkdir(parents=True)
+        write_vision_graph(source.vision, processor, precision, out, out / "work", "tensorrt")
+        initializers = onnx.load(out / VISION_FILE, load_external_data=False).graph.initializer
+        return sum(math.prod(t.dims) * STORED_BITS[t.data_type] // 8 for t in initializers)
+
+    written = {precision: stored(precision) for precision in ("int4", "fp8", "fp16")}
+    constants = written["fp16"] - 2 * transformers_vision_params(json.loads((fixture / "config.json").read_text()))
+    for precision, size in written.items():
+        plan = plan_memory(source.config, "fp16", 24 * GIB, vision=source.vision.config, vision_precision=precision)
+        assert (plan.vision["precision"], plan.vision["weight_bytes"]) == (precision, size - constants)
+    result = plan_cli("--model", "scout", "--gpu", "h100-80gb", "--text-only", "--vision-precision", "int4")
+    assert result.exit_code == 2 and "--vision-precision int4: no vision tower is planned" in result.output
 
 
 # ------------------------------------------------------------------------------------------------ partitions

@@ -235,6 +235,7 @@ def plan(
     window: Optional[int] = typer.Option(None, "--window", help="check this global window W instead of finding the largest"),
     block_size: int = typer.Option(128, "--block-size", help="int4: values per scale"),
     max_tiles: int = typer.Option(17, "--max-tiles", help="image tiles encoded at once (default: one Scout image, 16 tiles + the global one)"),
+    vision_precision: Optional[str] = typer.Option(None, "--vision-precision", help="fp32 | fp16 | bf16 | int4 | fp8: the vision tower's, as export's (default: the text graphs' float type)"),
     text_only: bool = typer.Option(False, "--text-only", help="leave the vision tower out (a text-only deployment: export --text-only)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
 ) -> None:
@@ -243,7 +244,7 @@ def plan(
     try:
         result = api.plan_gpu_memory(model, checkpoint, precision, gpu, gpu_memory, text_only=text_only, gpus=gpus,
                              max_batch=max_batch, max_prefill=max_prefill, kv_dtype=kv_dtype, window=window,
-                             block_size=block_size, max_tiles=max_tiles)
+                             block_size=block_size, max_tiles=max_tiles, vision_precision=vision_precision)
     except Llama4ExportError as exc:
         fail(exc)
     if as_json:
@@ -285,7 +286,7 @@ def _print_plan(p) -> None:
     if p.vision:
         v = p.vision
         console.print(f"vision tower on GPU 0: {v['params'] / 1e9:,.2f} B parameters, {_gib(v['weight_bytes'])} in "
-                      f"{p.activation_dtype}; one encode of {v['max_tiles']} tiles ({v['tokens_per_tile']} tokens each) "
+                      f"{v['precision']}; one encode of {v['max_tiles']} tiles ({v['tokens_per_tile']} tokens each) "
                       f"needs {_gib(v['encode_workspace_bytes'])} (--text-only leaves it out)", highlight=False)
     bound = {"memory": "the most that fits", "context": "the whole context fits", "requested": "as requested"}[p.window_limit]
     if p.fits:

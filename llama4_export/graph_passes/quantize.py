@@ -51,7 +51,6 @@ from .manager import GraphPass, PassContext
 INT4_MAX = 7
 INT_MAX = {4: INT4_MAX, 8: 127}
 FP8_E4M3_MAX = 448.0
-BLOCK_SIZES = (32, 64, 128)
 PRECISIONS = ("int4", "fp8")
 QUANTIZED = "quantized"
 _LINEAR = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|layers\.\d+\.mlp\.fc1|layers\.\d+\.mlp\.fc2)\.weight$")

@@ -8,6 +8,7 @@ from typing import Any
 from .config import Llama4Config, Llama4VisionConfig
 
 KV_BYTES = {"bf16": 2, "fp8": 1}
+BLOCK_SIZES = (32, 64, 128)  # INT4 values per scale along K that the kernels and graph_passes/quantize.py take
 _SCALE_BYTES = 2  # fp16/bf16 per-block INT4 scale
 _FP8_SCALE_BYTES = 4  # fp32 per-tensor FP8 scale
 
@@ -87,6 +88,32 @@ def vision_parameter_count(vision: Llama4VisionConfig) -> int:
     adapter = i * vision.projector_input_dim + vision.projector_output_dim**2
     projector = vision.vision_output_dim * vision.text_hidden_size
     return embeddings + 4 * h + vision.num_hidden_layers * layer + adapter + projector
+
+
+def vision_block_size(vision: Llama4VisionConfig, block: int) -> int:
+    """The int4 block of the vision linears: the largest supported size up to the text's `block` that divides every
+    quantized K (hidden and intermediate size), else the smallest (a last partial block has its own scale)."""
+    return next((b for b in sorted(BLOCK_SIZES, reverse=True) if b <= block and
+                 vision.hidden_size % b == 0 and vision.intermediate_size % b == 0), min(BLOCK_SIZES))
+
+
+def vision_weight_bytes(vision: Llama4VisionConfig, precision: str, float_bytes: int, block_size: int = 128) -> int:
+    """The tower's weight bytes: every parameter in the graph's float type (`float_bytes`), or with int4 / fp8 the
+    encoder layers' linears (q, k, v, o, fc1, fc2) quantized — int4: ½ B per weight + one scale per row and block of K
+    (vision_block_size of the text's `block_size`); fp8: 1 B + one scale per matrix — and the rest (patch embedding,
+    norms, biases, adapter, projector) in float."""
+    total = vision_parameter_count(vision)
+    if precision not in ("int4", "fp8"):
+        return total * float_bytes
+    h, i = vision.hidden_size, vision.intermediate_size
+    linears = [(h, h)] * 4 + [(h, i), (i, h)]  # (K, N)
+    quantized = vision.num_hidden_layers * sum(k * n for k, n in linears)
+    if precision == "int4":
+        block = vision_block_size(vision, block_size)
+        stored, scales = quantized // 2, vision.num_hidden_layers * sum(n * -(-k // block) for k, n in linears)
+    else:
+        stored, scales = quantized, vision.num_hidden_layers * len(linears)
+    return (total - quantized + scales) * float_bytes + stored
 
 
 def summarize_vision(vision: Llama4VisionConfig) -> dict[str, Any]:
