@@ -407,15 +407,16 @@ FLOAT_DTYPES = {4: "fp32", 2: "fp16"}  # the runtime's cache itemsize → dtype 
 
 def planned_window(config: Llama4Config, precision: str, gpu_memory_bytes: int, float_itemsize: int,
                    max_batch: int = 1, max_prefill: int = DEFAULT_MAX_PREFILL, sinks: int = DEFAULT_SINKS,
-                   vision: Llama4VisionConfig | None = None) -> int:
+                   vision: Llama4VisionConfig | None = None, vision_precision: str | None = None) -> int:
     """The default global window on a GPU: plan_memory's largest W for an artifact whose graphs compute (and cache
-    K/V) in `float_itemsize`-byte floats, with its vision graph when it has one. Raises ConfigError when not even
-    sinks + 1 slots fit."""
+    K/V) in `float_itemsize`-byte floats, with its vision graph (at `vision_precision`) when it has one. Raises
+    ConfigError when not even sinks + 1 slots fit."""
     dtype = FLOAT_DTYPES.get(float_itemsize)
     if dtype is None:
         raise ConfigError(f"a {float_itemsize}-byte KV cache has no plan; the runtime caches fp32 or fp16")
     plan = plan_memory(config, precision, gpu_memory_bytes, max_batch=max_batch, max_prefill=max_prefill,
-                       kv_dtype=dtype, activation_dtype=dtype, sinks=sinks, vision=vision)
+                       kv_dtype=dtype, activation_dtype=dtype, sinks=sinks, vision=vision,
+                       vision_precision=vision_precision)
     if plan.window == 0:
         raise ConfigError(f"{config.name} {precision} does not fit in this GPU's {gpu_memory_bytes / GIB:,.2f} GiB "
                           f"({plan.missing_bytes / GIB:,.2f} GiB missing; see `llama4-export plan`); use more GPUs or a "

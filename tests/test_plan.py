@@ -175,6 +175,8 @@ def test_scout_vision_tower_is_planned_on_the_first_gpu():
     assert plan.weight_bytes == text + 2 * params and plan.window == window < plan_memory(cfg, "int4", H100).window
     assert plan.per_gpu[0].total_bytes == hand_gpu(cfg, range(48), window, text + 2 * params + features, True) <= H100
     assert planned_window(cfg, "int4", H100, 2, vision=vision) == window  # the runtime's default W on a GPU
+    quantized_tower = plan_memory(cfg, "int4", H100, vision=vision, vision_precision="int4")  # an artifact's int4 tower
+    assert planned_window(cfg, "int4", H100, 2, vision=vision, vision_precision="int4") == quantized_tower.window > window
     # a short prefill: the image encode is the largest transient set
     short = plan_memory(cfg, "int4", H100, vision=vision, max_prefill=16, window=8192, max_tiles=5).per_gpu[0]
     assert short.workspace_bytes == hand_encode(5)[0]

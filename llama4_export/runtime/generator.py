@@ -32,7 +32,7 @@ import numpy as np
 
 from ..artifact import MANIFEST, read_manifest
 from ..errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types, shown
-from ..model.config import Llama4Config, Llama4VisionConfig
+from ..model.config import Llama4Config
 from ..model.io_spec import DEFAULT_SINKS
 from ..plan import FLOAT_DTYPES, cuda_memory_bytes, planned_window
 from .backends import Backend, KVCacheState
@@ -80,7 +80,7 @@ class Generator:
         self.backend, self.tokenizer, self.sinks, self.image_encoder = backend, tokenizer, sinks, image_encoder
         self.config: Llama4Config = backend.config
         self.eos_token_ids = tuple(self.config.eos_token_id if eos_token_ids is None else eos_token_ids)
-        self.window = _window_for(backend, window, precision, sinks, image_encoder and image_encoder.config)
+        self.window = _window_for(backend, window, precision, sinks, image_encoder)
         self._cache: KVCacheState | None = None
         self._cache_lock, self._cache_user = threading.Lock(), None  # see _events
         # Fail at load, not at the first prompt, on a window the cache cannot hold or a graph it does not fit.
@@ -428,7 +428,7 @@ class Generator:
 
 
 def _window_for(backend: Backend, window: int | None, precision: str | None, sinks: int,
-                vision: Llama4VisionConfig | None = None) -> int | None:
+                image_encoder: ImageEncoder | None = None) -> int | None:
     """A graph with a static global-window dimension fixes W; otherwise the caller's W. By default: on a GPU of known
     memory the memory planner's largest W for one sequence (plan.planned_window, what `llama4-export plan` prints
     for this GPU, precision, prefill size, the cache's dtype and the vision graph if any); on the CPU None
@@ -441,7 +441,9 @@ def _window_for(backend: Backend, window: int | None, precision: str | None, sin
         precision = precision or FLOAT_DTYPES.get(backend.cache_dtype.itemsize, "fp32")
         try:
             return planned_window(backend.config, precision, memory, backend.cache_dtype.itemsize,
-                                  max_prefill=backend.max_prefill_tokens, sinks=sinks, vision=vision)
+                                  max_prefill=backend.max_prefill_tokens, sinks=sinks,
+                                  vision=image_encoder and image_encoder.config,
+                                  vision_precision=image_encoder and image_encoder.precision)
         except ConfigError as exc:
             raise GenerationError(f"{exc}; or pass --window W to choose the global KV window yourself") from None
     if required is None or window is None:

@@ -29,8 +29,9 @@ class ImageEncoder:
     """vision.onnx in its own session, with the image processor the manifest records."""
 
     def __init__(self, graph: Path, config: Llama4VisionConfig, processor: ImageProcessorConfig,
-                 threads: int | None = None, providers: list[str] | None = None):
+                 threads: int | None = None, providers: list[str] | None = None, precision: str | None = None):
         self.config, self.processor = config, ImageProcessor(processor)
+        self.precision = precision  # the manifest's vision precision (what the memory planner sizes the tower by)
         self.session = load_session(graph, session_options(threads), providers or default_providers())
 
     @classmethod
@@ -45,7 +46,7 @@ class ImageEncoder:
         except (KeyError, ConfigError) as exc:
             raise ImageError(f"{source}: the vision entry is incomplete ({exc}); re-run the export") from None
         processor = ImageProcessorConfig.from_dict(entry.get("processor"), source)
-        return cls(Path(directory) / entry.get("file", ""), config, processor, threads, providers)
+        return cls(Path(directory) / entry.get("file", ""), config, processor, threads, providers, entry.get("precision"))
 
     def preprocess(self, images: Sequence[ImageInput]) -> list[ProcessedImage]:
         return [self.processor.preprocess(image, f"images[{i}]") for i, image in enumerate(images)]
