@@ -275,6 +275,10 @@ def test_tensorrt_build_window_comes_from_the_planner_for_the_gpu():
     memory = hand_gpu(cfg, range(8), 777, weights, True, tokens=32, batch=2)
     assert build_limits(manifest, max_batch=2, gpu_memory_bytes=memory).global_slots == 777
     assert build_limits(manifest, max_batch=2).global_slots == default_window(cfg, 2)  # no GPU: as before
+    tower = CheckpointWeights(Path(__file__).parent / "fixtures" / "vision" / "tiny-a").vision.config
+    multimodal = {**manifest, "vision": {"config": tower.to_dict(), "precision": "int4"}}
+    planned = plan_memory(cfg, "fp16", memory, max_batch=2, max_prefill=32, vision=tower, vision_precision="int4")
+    assert build_limits(multimodal, max_batch=2, gpu_memory_bytes=memory).global_slots == planned.window < 777
 
 
 # ------------------------------------------------------------------------------------------------ CLI

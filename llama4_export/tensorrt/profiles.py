@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..model import io_spec
-from ..model.config import Llama4Config
+from ..model.config import Llama4Config, Llama4VisionConfig
 from ..model.io_spec import DEFAULT_SINKS
 from ..plan import default_window, planned_window
 from .errors import BuildError
@@ -79,9 +79,13 @@ def build_limits(manifest: dict[str, Any], max_batch: int = 1, max_prefill: int 
         raise BuildError(f"--max-prefill {max_prefill}: must be between 1 and the exported prefill limit {exported} "
                          "(re-export with a larger --max-prefill to go beyond it)")
     itemsize = np.dtype(manifest.get("dtypes", {}).get("kv_cache", "float32")).itemsize
-    if window is None:
-        window = default_window(config, itemsize) if gpu_memory_bytes is None else planned_window(
-            config, manifest.get("precision", "fp32"), gpu_memory_bytes, itemsize, max_batch, max_prefill)
+    if window is None and gpu_memory_bytes is None:
+        window = default_window(config, itemsize)
+    elif window is None:  # the vision engine shares the GPU: its tower and one encode are planned too
+        vision = manifest.get("vision") or {}
+        window = planned_window(config, manifest.get("precision", "fp32"), gpu_memory_bytes, itemsize, max_batch,
+                                max_prefill, vision=Llama4VisionConfig.from_dict(vision["config"], "manifest.json")
+                                if vision else None, vision_precision=vision.get("precision"))
     check_engine_options(max_batch, window)
     chunk = config.attention_chunk_size or window
     return BuildLimits(max_batch, max_prefill, chunk, window)
