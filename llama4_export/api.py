@@ -156,10 +156,12 @@ def export_model(
         "max_prefill": (INTEGER + NONE, "an integer or None"), "stream": (FLAG, "True or False"),
         "random_weights": (FLAG, "True or False"), "layers": (INTEGER + NONE, "an integer or None"),
         "partitions": (INTEGER, "an integer"), "engines": ((EngineOptions,), "api.EngineOptions(...)"),
-        "show_progress": (FLAG, "True or False"), "vision_precision": optional_text, "text_only": (FLAG, "True or False"),
+        "show_progress": (FLAG, "True or False"), "vision_precision": optional_text,
+        "text_only": (FLAG, "True or False"),
     }, locals())
     if text_only and vision_precision is not None:
-        raise ConfigError(f"--vision-precision {vision_precision} with --text-only: the vision tower is left out; drop one")
+        raise ConfigError(f"--vision-precision {vision_precision} with --text-only: the vision tower is left out; "
+                          "drop one")
     target = target or default_target()
     build = target == "tensorrt" and optimize
     if not build and engines.given():

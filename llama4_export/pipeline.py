@@ -270,8 +270,8 @@ def export(
                                               "tokenizer": {"source": "none", "files": []}})
                     entries.append({"layers": [layers.start, layers.stop], "directory": part_directory(k)})
             if parts > 1:  # the graphs live in the parts
-                manifest = {**_base_manifest(config, source, precision, target, max_prefill, {}, layout), "partitions": entries,
-                            "target": target if optimize else "onnxruntime"}
+                manifest = {**_base_manifest(config, source, precision, target, max_prefill, {}, layout),
+                            "partitions": entries, "target": target if optimize else "onnxruntime"}
             else:
                 manifest = entry
             if vision is not None:

@@ -318,7 +318,8 @@ def _gpu_use(config: Llama4Config, index: int, layers: range, n: int, window: in
             "vision": encode["hidden"] + max(encode["attention"], encode["mlp"]) + encode["features"] if encode else 0,
         },
         reserve_bytes=gpu.reserve_bytes, memory_bytes=gpu.memory_bytes,
-        vision_weight_bytes=vision_weight_bytes(vision, vision_precision or activation_dtype, vision_act, block_size) if encode else 0,
+        vision_weight_bytes=(vision_weight_bytes(vision, vision_precision or activation_dtype, vision_act, block_size)
+                             if encode else 0),
     )
 
 

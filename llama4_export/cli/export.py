@@ -235,7 +235,9 @@ def plan(
     window: Optional[int] = typer.Option(None, "--window", help="check this global window W instead of finding the largest"),
     block_size: int = typer.Option(128, "--block-size", help="int4: values per scale"),
     max_tiles: int = typer.Option(17, "--max-tiles", help="image tiles encoded at once (default: one Scout image, 16 tiles + the global one)"),
-    vision_precision: Optional[str] = typer.Option(None, "--vision-precision", help="fp32 | fp16 | bf16 | int4 | fp8: the vision tower's, as export's (default: the text graphs' float type)"),
+    vision_precision: Optional[str] = typer.Option(
+        None, "--vision-precision",
+        help="fp32 | fp16 | bf16 | int4 | fp8: the vision tower's, as export's (default: the text graphs' float type)"),
     text_only: bool = typer.Option(False, "--text-only", help="leave the vision tower out (a text-only deployment: export --text-only)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
 ) -> None:

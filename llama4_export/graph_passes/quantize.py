@@ -252,7 +252,8 @@ def _dequantized_weight(graph: ir.Graph, name: str, w: np.ndarray | ir.TensorPro
 
 def _fp8_activation(graph: ir.Graph, x: ir.Value, amax: float, name: str, anchor: ir.Node,
                     float_type: ir.DataType) -> ir.Value:
-    scale = initializer(graph, f"{name}.input_fp8_scale", np.asarray(max(amax, 1e-12) / FP8_E4M3_MAX, float_type.numpy()))
+    scale = initializer(graph, f"{name}.input_fp8_scale",
+                        np.asarray(max(amax, 1e-12) / FP8_E4M3_MAX, float_type.numpy()))
     zero = initializer(graph, "fp8_zero_point", np.zeros((), ml_dtypes.float8_e4m3fn), ir.DataType.FLOAT8E4M3FN)
     quant = ir.Node("", "QuantizeLinear", [x, scale, zero], num_outputs=1, name=f"{name}.input_quantize")
     dequant = ir.Node("", "DequantizeLinear", [quant.outputs[0], scale], num_outputs=1, name=f"{name}.input_dequantize")
@@ -336,8 +337,8 @@ def quantize_linears(model: ir.Model, context: PassContext) -> int:
             for consumer in consumers:
                 if consumer.op_type == "MatMul" and amax is not None:
                     slot = 0 if consumer.inputs[1] is dequantized else 1
-                    consumer.replace_input_with(slot, _fp8_activation(graph, consumer.inputs[slot], amax, weight.name, consumer,
-                                                                      dequantized.dtype))
+                    qdq = _fp8_activation(graph, consumer.inputs[slot], amax, weight.name, consumer, dequantized.dtype)
+                    consumer.replace_input_with(slot, qdq)
         count += 1
     return count
 

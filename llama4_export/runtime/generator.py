@@ -173,8 +173,9 @@ class Generator:
     def _require_vision(self, where: str = "") -> None:
         if self.image_encoder is None:
             raise ImageError(f"{where}images need a vision graph run by the onnxruntime backend: this artifact has "
-                             "none (a text-only checkpoint, or exported --text-only) or its backend (tensorrt, torch) runs text "
-                             "only; export a multimodal checkpoint and load it with --backend onnxruntime")
+                             "none (a text-only checkpoint, or exported --text-only) or its backend (tensorrt, "
+                             "torch) runs text only; export a multimodal checkpoint without --text-only and load it "
+                             "with --backend onnxruntime")
 
     def _expanded(self, text: str, images: Sequence[ImageInput], add_special_tokens: bool,
                   ) -> tuple[list[int], np.ndarray]:
