@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from llama4_export.tensorrt.profiles import build_limits
+from llama4_export import api
 from llama4_export.cli.export import export_app
 from llama4_export.errors import ConfigError
 from llama4_export.weights import from_preset
@@ -223,6 +224,8 @@ def test_a_quantized_vision_tower_is_planned_as_the_tensorrt_export_stores_it(tm
     for precision, size in written.items():
         plan = plan_memory(source.config, "fp16", 24 * GIB, vision=source.vision.config, vision_precision=precision)
         assert (plan.vision["precision"], plan.vision["weight_bytes"]) == (precision, size - constants)
+    inspected = api.inspect_model(checkpoint=fixture)["vision"]  # 16-bit floats, as the tensorrt graphs
+    assert [inspected[f"weight_bytes_{p}"] for p in ("int4", "fp8")] == [written[p] - constants for p in ("int4", "fp8")]
     result = plan_cli("--model", "scout", "--gpu", "h100-80gb", "--text-only", "--vision-precision", "int4")
     assert result.exit_code == 2 and "--vision-precision int4: no vision tower is planned" in result.output
 

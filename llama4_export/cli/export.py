@@ -214,11 +214,12 @@ def _print_summary(s: dict) -> None:
     if "vision" in s:
         v = s["vision"]
         t = Table(title="vision encoder (with its pixel-shuffle adapter and the projector)")
-        for name in ("parameters", "bf16", "layers × hidden", "tile / patch px", "tokens / tile"):
+        for name in ("parameters", "bf16", "fp8", "int4", "layers × hidden", "tile / patch px", "tokens / tile"):
             t.add_column(name, justify="right")
-        t.add_row(_params(v["params"]), _gb(v["weight_bytes_bf16"]), f"{v['num_hidden_layers']} × {v['hidden_size']}",
+        t.add_row(_params(v["params"]), *(_gb(v[f"weight_bytes_{p}"]) for p in ("bf16", "fp8", "int4")),
+                  f"{v['num_hidden_layers']} × {v['hidden_size']}",
                   f"{v['image_size']} / {v['patch_size']}", str(v["tokens_per_tile"]))
-        console.print(t)
+        Console(width=max(console.width, 100)).print(t)
 
 
 @export_app.command()

@@ -121,6 +121,9 @@ def summarize_vision(vision: Llama4VisionConfig) -> dict[str, Any]:
     return {
         "params": params,
         "weight_bytes_bf16": params * 2,
+        # --vision-precision int4 / fp8 (the rest of the tower 16-bit; int4 at the default block of 128)
+        "weight_bytes_fp8": vision_weight_bytes(vision, "fp8", 2),
+        "weight_bytes_int4": vision_weight_bytes(vision, "int4", 2),
         "num_hidden_layers": vision.num_hidden_layers,
         "hidden_size": vision.hidden_size,
         "image_size": vision.image_size,
