@@ -282,10 +282,10 @@ def vision_encode_bytes(vision: Llama4VisionConfig, tiles: int, act_bytes: int) 
 
 def _gpu_use(config: Llama4Config, index: int, layers: range, n: int, window: int, precision: str, kv_bytes: int,
              activation_dtype: str, batch: int, tokens: int, gpu: GpuSpec, block_size: int,
-             vision: Llama4VisionConfig | None, max_tiles: int, vision_precision: str | None) -> GpuUse:
+             vision: Llama4VisionConfig | None, max_tiles: int, vision_precision: str) -> GpuUse:
     act_bytes = KV_DTYPE_BYTES[activation_dtype]
-    # the vision graph's float type: the text graphs' unless a precision is given (int4 / fp8 towers compute in fp16)
-    vision_act = act_bytes if vision_precision is None else 4 if vision_precision == "fp32" else 2
+    # the vision graph's float type: int4 / fp8 towers compute in fp16 (pipeline.graph_dtype for tensorrt)
+    vision_act = KV_DTYPE_BYTES["fp16" if vision_precision in ("int4", "fp8") else vision_precision]
     h, d, kvh, heads = config.hidden_size, config.head_dim, config.num_key_value_heads, config.num_attention_heads
     b, t = batch, tokens
     per_layer_token = 2 * kvh * d * kv_bytes * b
@@ -318,8 +318,7 @@ def _gpu_use(config: Llama4Config, index: int, layers: range, n: int, window: in
             "vision": encode["hidden"] + max(encode["attention"], encode["mlp"]) + encode["features"] if encode else 0,
         },
         reserve_bytes=gpu.reserve_bytes, memory_bytes=gpu.memory_bytes,
-        vision_weight_bytes=(vision_weight_bytes(vision, vision_precision or activation_dtype, vision_act, block_size)
-                             if encode else 0),
+        vision_weight_bytes=vision_weight_bytes(vision, vision_precision, vision_act, block_size) if encode else 0,
     )
 
 
@@ -345,6 +344,7 @@ def plan_memory(
             raise ConfigError(f"--vision-precision {vision_precision}: no vision tower is planned (a text-only model, "
                               "or --text-only); drop one")
         _check_precision(vision_precision, "--vision-precision")
+    vision_precision = vision_precision or activation_dtype
     gpu = gpu_memory_bytes if isinstance(gpu_memory_bytes, GpuSpec) else \
         GpuSpec(f"{gpu_memory_bytes:,} B GPU", int(gpu_memory_bytes))
     context = config.max_position_embeddings
@@ -396,7 +396,7 @@ def plan_memory(
         kv_bytes_per_token=kv, min_window=min_window, window=best, window_limit=limit, fits=fits,
         missing_bytes=max(missing, 0), per_gpu=shown,
         vision=None if vision is None else {
-            "params": vision_parameter_count(vision), "precision": vision_precision or activation_dtype,
+            "params": vision_parameter_count(vision), "precision": vision_precision,
             "weight_bytes": shown[0].vision_weight_bytes, "max_tiles": max_tiles,
             "tokens_per_tile": vision.tokens_per_tile, "encode_workspace_bytes": shown[0].workspace["vision"]},
     )
