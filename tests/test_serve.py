@@ -25,6 +25,7 @@ from .conftest import llama4_serve  # noqa: E402
 
 MODEL = "tiny"
 MAX_BATCH, MAX_QUEUE = 2, 2
+MAX_REQUEST_BYTES = 1_000_000
 PROMPT = "The history of"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
 
@@ -46,7 +47,7 @@ def generator(artifact):
 def server(artifact):
     """(base URL, process): `llama4-serve` on a free loopback port, until the module ends (or SIGTERM's test)."""
     with llama4_serve(artifact, "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--threads", "1",
-                      "--model-name", MODEL) as running:
+                      "--model-name", MODEL, "--max-request-bytes", str(MAX_REQUEST_BYTES)) as running:
         yield running
 
 
@@ -408,6 +409,38 @@ def test_malformed_request_gets_an_openai_error_and_the_next_request_succeeds(se
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].finish_reason
 
 
+def _completion_body_of(size: int) -> bytes:
+    """A valid completion request of exactly `size` bytes (JSON whitespace before its closing brace)."""
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 2}).encode()
+    return body[:-1] + b" " * (size - len(body)) + b"}"
+
+
+def test_a_body_over_the_size_limit_gets_413_declared_or_chunked_and_one_at_the_limit_is_served(server, client):
+    """Without a limit the server held, parsed and tokenized any body: a 50 MB prompt cost ~30 s of a core and GBs
+    of memory everyone shares before it was refused as longer than the context. A declared length over the limit is
+    refused before the body is read; a chunked body (no length) once it passes the limit."""
+    url, headers = f"{server[0]}/v1/completions", {"Content-Type": "application/json"}
+    at_limit = httpx.post(url, content=_completion_body_of(MAX_REQUEST_BYTES), headers=headers)
+    assert at_limit.status_code == 200 and at_limit.json()["usage"]["completion_tokens"] == 2, at_limit.text
+
+    declared = httpx.post(url, content=_completion_body_of(MAX_REQUEST_BYTES + 1), headers=headers)
+    assert declared.status_code == 413, declared.text
+    error = declared.json()["error"]
+    assert error["code"] == "request_too_large" and error["type"] == "invalid_request_error"
+    assert f"is {MAX_REQUEST_BYTES + 1} bytes, over this server's limit of {MAX_REQUEST_BYTES}" in error["message"]
+    assert "--max-request-bytes" in error["message"]
+
+    big = _completion_body_of(5 * MAX_REQUEST_BYTES)
+    chunked = httpx.post(url, content=(big[i:i + 65536] for i in range(0, len(big), 65536)), headers=headers)
+    assert chunked.request.headers["transfer-encoding"] == "chunked" and chunked.status_code == 413, chunked.text
+    assert f"longer than this server's limit of {MAX_REQUEST_BYTES}" in chunked.json()["error"]["message"]
+
+    with pytest.raises(openai.APIStatusError, match="over this server's limit") as raised:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x" * MAX_REQUEST_BYTES}])
+    assert raised.value.status_code == 413
+    assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].finish_reason
+
+
 def _stream_lines(base, body):
     return httpx.stream("POST", f"{base}/v1/completions", json={"model": MODEL, "stream": True, **body}, timeout=60)
 
@@ -471,10 +504,11 @@ def test_an_api_key_guards_the_v1_routes(artifact, generator, monkeypatch):
     (["--request-timeout", "-5"], "request_timeout=-5.0: must be a number of seconds > 0"),
     (["--max-batch", "0"], "max_batch=0: must be >= 1"),
     (["--threads", "-1"], "threads=-1: must be >= 1"),
+    (["--max-request-bytes", "-1"], "max_request_bytes=-1: must be >= 1 (or None: no limit)"),
     # Ray would retry an unreachable cluster for minutes, printing warnings, before giving up
     (["--ray", "--ray-address", "127.0.0.1:1"], "--ray-address 127.0.0.1:1: cannot connect"),
 ], ids=["port-above-65535", "port-0", "unresolvable-host", "negative-timeout", "no-rows", "negative-threads",
-        "unreachable-ray-cluster"])
+        "negative-body-limit", "unreachable-ray-cluster"])
 def test_bad_flags_get_one_line_and_exit_2_before_anything_listens(artifact, flags, expected):
     """Checked before the artifact loads (or, for --threads, while it does): uvicorn would bind a wrapped-around port
     for 70000 and report a bad host only after the load. A server that starts anyway is killed and fails the test."""

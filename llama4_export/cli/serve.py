@@ -11,8 +11,8 @@ import typer
 from ..errors import Llama4ExportError
 from ..runtime import Generator
 from ..runtime.batching import DEFAULT_REUSE_PREFIX_TOKENS, EngineOptions
-from ..serving import (ServeSettings, check_listen_address, check_ray_address, host_port, listen_socket, load_engine,
-                       serve as serve_engine)
+from ..serving import (DEFAULT_MAX_REQUEST_BYTES, ServeSettings, check_listen_address, check_ray_address, host_port,
+                       listen_socket, load_engine, serve as serve_engine)
 from .common import err_console, fail, version_option
 
 serve_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -34,6 +34,8 @@ def serve(
                                                  help="most prompt tokens a step feeds while others decode (smoother "
                                                       "streams, less throughput; default: the artifact's prefill limit)"),
     request_timeout: float = typer.Option(600.0, "--request-timeout", help="seconds a request may take (0 = none)"),
+    max_request_bytes: int = typer.Option(DEFAULT_MAX_REQUEST_BYTES, "--max-request-bytes",
+                                          help="largest request body; a bigger one gets 413 (0 = no limit)"),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="the model id clients send (default: DIR's name)"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLAMA4_SERVE_API_KEY", show_envvar=True,
                                           help="require `Authorization: Bearer KEY` on /v1/ (better from the "
@@ -47,7 +49,8 @@ def serve(
 ) -> None:
     """Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics until SIGTERM."""
     try:
-        settings = ServeSettings(model_name or artifact.resolve().name, request_timeout or None, api_key or None)
+        settings = ServeSettings(model_name or artifact.resolve().name, request_timeout or None, api_key or None,
+                                 max_request_bytes or None)
         options = EngineOptions(max_batch, max_queue, reuse_prefix, prefill_budget)
         if ray:
             if replicas < 1:

@@ -3,8 +3,8 @@ or server-sent events ending with `data: [DONE]`), /v1/models (and /v1/models/{i
 
 Every request becomes one sequence of the engine per choice (n); the engine's thread hands their events, tagged with
 the choice's index, to the request's asyncio queue. Errors are OpenAI-style bodies: 400 for a bad field (named), 404
-for an unknown model, 429 with Retry-After when the engine's queue is full, 503 while shutting down, 504 past the
-per-request timeout. A client that goes away cancels its sequences, which frees their rows at the engine's next step.
+for an unknown model, 413 for a body over the server's size limit, 429 with Retry-After when the engine's queue is
+full, 503 while shutting down, 504 past the per-request timeout. A client that goes away cancels its sequences, which frees their rows at the engine's next step.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from .metrics import ServerMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, invalid, parse
 from .tools import may_be_tool_call, parse_tool_calls
 
+# OpenAI's API takes up to 50 MB of images in one request; a text prompt that long is already ~10M tokens
+DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
@@ -42,15 +44,19 @@ class ServeSettings:
     model_name: str
     request_timeout: float | None = 600.0  # seconds from arrival to the last token; None: no limit
     api_key: str | None = None  # when set, /v1/ requests need `Authorization: Bearer <key>` (health, metrics don't)
+    # a bigger body gets 413 before it is held whole: parsing and tokenizing one costs memory everyone shares
+    max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES  # None: no limit
 
     def __post_init__(self):
         if self.request_timeout is not None and not 0 < self.request_timeout < math.inf:
             raise ConfigError(f"request_timeout={self.request_timeout}: must be a number of seconds > 0 "
                                   "(or None: no limit)")
+        if self.max_request_bytes is not None and self.max_request_bytes < 1:
+            raise ConfigError(f"max_request_bytes={self.max_request_bytes}: must be >= 1 (or None: no limit)")
 
     def __repr__(self) -> str:  # never the key, in a log or a traceback
         return (f"ServeSettings(model_name={self.model_name!r}, request_timeout={self.request_timeout!r}, "
-                f"api_key={'set' if self.api_key else None})")
+                f"api_key={'set' if self.api_key else None}, max_request_bytes={self.max_request_bytes!r})")
 
 
 class _Run:
@@ -150,6 +156,28 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         return answer(request, APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
+    def too_large(size: int | None) -> APIError:
+        told = f"{size} bytes, over" if size is not None else "longer than"
+        return APIError(413, f"the request body is {told} this server's limit of {settings.max_request_bytes} bytes "
+                             "(llama4-serve --max-request-bytes); send smaller images or a shorter prompt",
+                        code="request_too_large")
+
+    async def read_body(request: Request) -> bytes:
+        """The body, refused (413) once it passes the limit: at once by its Content-Length, else (chunked) as it
+        arrives — never held whole first."""
+        limit = settings.max_request_bytes
+        if limit is None:
+            return await request.body()
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large(int(declared))
+        received = bytearray()
+        async for chunk in request.stream():
+            received += chunk
+            if len(received) > limit:
+                raise too_large(None)
+        return bytes(received)
+
     def check_model(name: str) -> None:
         if name != settings.model_name:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{settings.model_name}'",
@@ -223,7 +251,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body: CompletionRequest = parse(CompletionRequest, await request.body())
+        body: CompletionRequest = parse(CompletionRequest, await read_body(request))
         check_model(body.model)
         run = await start(body)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -263,7 +291,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body: ChatCompletionRequest = parse(ChatCompletionRequest, await request.body())
+        body: ChatCompletionRequest = parse(ChatCompletionRequest, await read_body(request))
         check_model(body.model)
         run = await start(body)
         top = body.top
