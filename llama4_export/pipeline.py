@@ -218,8 +218,9 @@ def export(
             check_awq_memory(config, *samples.shape)
     if report:
         held_out = evaluation_tokens(source, quant.eval_data)
-    check_disk_space(out, required_disk_bytes(config, precision, optimize) +
-                     (0 if vision is None else vision_parameter_count(vision.config) * PRECISIONS[vision_precision].itemsize * 2))
+    check_disk_space(out, required_disk_bytes(config, precision, optimize, target) +
+                     (0 if vision is None else
+                      vision_parameter_count(vision.config) * graph_dtype(vision_precision, target).itemsize * 2))
     ranges = [range(config.num_hidden_layers)] if parts == 1 else partition_layers(config, parts, precision)
     spec = quant.spec_for(precision, target) if quantized else None
     layout = kv_layout_for(target, quant)
@@ -450,23 +451,27 @@ def _parent(out: Path) -> Path:
     return parent
 
 
-def required_disk_bytes(config: Llama4Config, precision: str, optimize: bool) -> int:
-    """Free disk the export needs at its peak: the traced graphs' weights (for int4 / fp8 without the routed experts,
-    which the quantization passes read from the source) plus, while optimizing, the optimized copy beside them (fp32
-    on ONNX Runtime also keeps the MoE op's re-laid-out experts: count the weights twice); AWQ keeps its plans in the
-    calibration cache (a clip limit per block: 4 bytes per 128 weights)."""
+def traced_weight_bytes(config: Llama4Config, precision: str, target: str) -> int:
+    """Bytes of the traced graphs' weights, in the type they are traced in (graph_dtype: fp16 for TensorRT's int4 /
+    fp8); int4 / fp8 leave the routed experts out (defer_experts: the quantization passes read them from the source)."""
     params = parameter_counts(config).total
-    exported = params * PRECISIONS[precision].itemsize
-    if precision in QUANTIZED_PRECISIONS:  # the fp32 intermediate leaves the routed experts out (defer_experts)
-        experts = len(config.moe_layers) * config.num_local_experts * 3 * config.hidden_size * config.intermediate_size
-        exported -= experts * 4
-    plans = params * 4 // DEFAULT_BLOCK_SIZE if precision == "int4" else 0
+    if precision in QUANTIZED_PRECISIONS:
+        params -= len(config.moe_layers) * config.num_local_experts * 3 * config.hidden_size * config.intermediate_size
+    return params * graph_dtype(precision, target).itemsize
+
+
+def required_disk_bytes(config: Llama4Config, precision: str, optimize: bool, target: str) -> int:
+    """Free disk the export needs at its peak: the traced graphs' weights plus, while optimizing, the optimized copy
+    beside them (fp32 on ONNX Runtime also keeps the MoE op's re-laid-out experts: count the weights twice); AWQ keeps
+    its plans in the calibration cache (a clip limit per block: 4 bytes per 128 weights)."""
+    exported = traced_weight_bytes(config, precision, target)
+    plans = parameter_counts(config).total * 4 // DEFAULT_BLOCK_SIZE if precision == "int4" else 0
     if not optimize:
         return exported
     # While the optimized artifact is written: the exported one, the passes' scratch file (the quantized weights;
     # INT4 experts twice: DequantizeLinear form, then the per-expert MatMulNBits form) and the new artifact, whose
     # embedding and lm_head stay in the graphs' float type.
-    unquantized = 2 * config.vocab_size * config.hidden_size * PRECISIONS[precision].itemsize
+    unquantized = 2 * config.vocab_size * config.hidden_size * graph_dtype(precision, target).itemsize
     created = {"int4": 2 * weight_bytes(config)["int4"], "fp8": weight_bytes(config)["fp8"], "fp32": exported}.get(precision, 0)
     written = {"int4": weight_bytes(config)["int4"] + unquantized,
                "fp8": weight_bytes(config)["fp8"] + unquantized}.get(precision, exported)

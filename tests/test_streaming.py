@@ -254,7 +254,7 @@ def test_full_size_preset_without_weights_says_where_they_come_from(tmp_path):
 
 def test_not_enough_disk_is_refused_up_front(tmp_path, monkeypatch):
     config = get_preset("scout")
-    need = pipeline.required_disk_bytes(config, "fp16", optimize=True)
+    need = pipeline.required_disk_bytes(config, "fp16", optimize=True, target="onnxruntime")
     assert need == 2 * 2 * parameter_counts(config).total  # fp16 weights, and the optimized copy beside them
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**9, 10**9))
     with pytest.raises(pipeline.DiskSpaceError, match=r"needs about 4[0-9]{2}\.[0-9] GB free but .* has 1\.0 GB"):
@@ -263,6 +263,26 @@ def test_not_enough_disk_is_refused_up_front(tmp_path, monkeypatch):
     with pytest.raises(pipeline.DiskSpaceError):  # scout-tiny needs a few MB
         api.export_model(tmp_path / "out", model="scout-tiny", show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_the_disk_check_counts_the_traced_weights_in_the_type_they_are_traced_in(tmp_path, monkeypatch, target):
+    """The up-front disk check counts an int4 export's traced graphs as the disk they take (allocated blocks: the
+    deferred experts are holes). TensorRT's are traced in fp16; counted in fp32 they over-stated Scout int4's need by
+    26 GB (232 → 206 GB) and refused exports that fit."""
+    allocated = {}
+    write_graphs = pipeline.write_graphs
+
+    def measured(graphs, directory, *args, **kwargs):
+        write_graphs(graphs, directory, *args, **kwargs)
+        allocated[Path(directory).name] = sum(f.stat().st_blocks * 512 for f in Path(directory).iterdir()
+                                              if f.suffix != ".onnx")
+
+    monkeypatch.setattr(pipeline, "write_graphs", measured)
+    api.export_model(tmp_path / "o", model="scout-tiny", precision="int4", target=target, random_weights=True, layers=2,
+                     quant=pipeline.QuantOptions(int4_algo="rtn", report=False), show_progress=False)
+    counted = pipeline.traced_weight_bytes(get_preset("scout-tiny", layers=2), "int4", target)
+    assert allocated["traced0"] == pytest.approx(counted, rel=0.05)
 
 
 def test_awq_without_the_memory_is_refused_up_front(tmp_path, monkeypatch):
