@@ -282,6 +282,9 @@ def test_tensorrt_build_window_comes_from_the_planner_for_the_gpu():
     multimodal = {**manifest, "vision": {"config": tower.to_dict(), "precision": "int4"}}
     planned = plan_memory(cfg, "fp16", memory, max_batch=2, max_prefill=32, vision=tower, vision_precision="int4")
     assert build_limits(multimodal, max_batch=2, gpu_memory_bytes=memory).global_slots == planned.window < 777
+    for entry in ({"precision": "int4"}, {"config": None, "precision": "int4"}):  # hand-edited: one line, not KeyError
+        with pytest.raises(ConfigError, match=r"^manifest.json: the vision entry has no config object; re-run the export$"):
+            build_limits({**manifest, "vision": entry}, max_batch=2, gpu_memory_bytes=memory)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

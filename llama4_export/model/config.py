@@ -314,6 +314,14 @@ class Llama4VisionConfig:
             raise ConfigError(f"{source}: not a vision config ({exc}); re-run the export") from None
 
     @classmethod
+    def from_manifest(cls, entry: Any, source: str) -> "Llama4VisionConfig":
+        """The tower config of an artifact manifest's `vision` entry."""
+        fields = entry.get("config") if isinstance(entry, dict) else None
+        if not isinstance(fields, dict):
+            raise ConfigError(f"{source}: the vision entry has no config object; re-run the export")
+        return cls.from_dict(fields, source)
+
+    @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "Llama4VisionConfig | None":
         """The vision half of a multimodal `llama4` config (older or newer transformers spellings); None when the config
         has no `vision_config` (a text-only checkpoint)."""

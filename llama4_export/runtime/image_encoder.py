@@ -42,9 +42,9 @@ class ImageEncoder:
             return None
         source = str(Path(directory) / MANIFEST)
         try:
-            config = Llama4VisionConfig.from_dict(entry["config"], source)
-        except (KeyError, ConfigError) as exc:
-            raise ImageError(f"{source}: the vision entry is incomplete ({exc}); re-run the export") from None
+            config = Llama4VisionConfig.from_manifest(entry, source)
+        except ConfigError as exc:
+            raise ImageError(str(exc)) from None
         processor = ImageProcessorConfig.from_dict(entry.get("processor"), source)
         return cls(Path(directory) / entry.get("file", ""), config, processor, threads, providers, entry.get("precision"))
 

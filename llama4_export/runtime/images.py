@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import shown
 from ..model.config import Llama4VisionConfig
 from .errors import ImageError
 
@@ -265,8 +266,7 @@ def decode_data_url(url: str, name: str = "image_url") -> Image.Image:
     """The image of a `data:image/...;base64,...` URL (RFC 2397), as chat messages carry them. Nothing is fetched:
     any other URL is refused."""
     if not url.startswith(DATA_URL):
-        shown = url if len(url) <= 40 else url[:40] + "…"
-        raise ImageError(f"{name}: {shown!r} is not a data URL; only data:image/...;base64,... URLs are accepted "
+        raise ImageError(f"{name}: {shown(url)} is not a data URL; only data:image/...;base64,... URLs are accepted "
                          "(the runtime fetches nothing from the network)")
     header, comma, payload = url[len(DATA_URL):].partition(",")
     media_type, *parameters = header.split(";")

@@ -83,7 +83,7 @@ def build_limits(manifest: dict[str, Any], max_batch: int = 1, max_prefill: int 
         window = default_window(config, itemsize)
     elif window is None:  # the vision engine shares the GPU: its tower and one encode are planned too
         vision = manifest.get("vision") or {}
-        tower = Llama4VisionConfig.from_dict(vision["config"], "manifest.json") if vision else None
+        tower = Llama4VisionConfig.from_manifest(vision, "manifest.json") if vision else None
         window = planned_window(config, manifest.get("precision", "fp32"), gpu_memory_bytes, itemsize, max_batch,
                                 max_prefill, vision=tower, vision_precision=vision.get("precision"))
     check_engine_options(max_batch, window)
