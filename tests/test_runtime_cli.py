@@ -8,17 +8,28 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from llama4_export import api
 from llama4_export.evaluation.torch_backend import torch_generator
 from llama4_export.artifact import write_manifest
 from llama4_export.cli.run import run_app
 from llama4_export.weights import from_preset, load
 from llama4_export.model.save import save_checkpoint
+from llama4_export.runtime import Generator
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A checkpoint without tokenizer.json (prompts must be ids)."""
     return save_checkpoint(from_preset("scout-tiny", seed=2), tmp_path_factory.mktemp("tiny") / "ckpt", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory):
+    """scout-tiny (random weights, its byte-level tokenizer) exported for ONNX Runtime."""
+    out = tmp_path_factory.mktemp("artifact") / "tiny"
+    api.export_model(out, model="scout-tiny", layers=2, random_weights=True, show_progress=False,
+                     quant=api.QuantOptions(report=False))
+    return out
 
 
 def run(*args: str, stdin: str | None = None):
@@ -68,6 +79,26 @@ def test_chat_answers_every_stdin_line_with_the_conversation_so_far(scoutlike_di
                {"role": "user", "content": "What is a river?"}]
     second = gen.generate(gen.chat_prompt(history), max_new_tokens=6).text
     assert result.stdout == f"{first}\n{second}\n"
+
+
+def test_a_prompt_from_a_file_or_stdin_and_the_penalties_generate_as_the_python_api(tmp_path, tiny_artifact):
+    """--prompt-file (a prompt too long for a command line; its editor's final newline is not part of it) and
+    --frequency-penalty / --presence-penalty, which only the Python API and the server had."""
+    text = "The history of\nrivers, in two lines"
+    (tmp_path / "prompt.txt").write_text(text + "\n", encoding="utf-8")
+    generator = Generator.load(tiny_artifact, threads=1)
+    expected = generator.generate(text, max_new_tokens=24)
+    for args, stdin in ((["--prompt-file", tmp_path / "prompt.txt"], None), (["-f", "-"], text + "\r\n")):
+        result = run(tiny_artifact, *args, "-n", "24", "--json", stdin=stdin)
+        assert result.exit_code == 0, result.output
+        out = json.loads(result.stdout)
+        assert (out["prompt_ids"], out["token_ids"]) == (expected.prompt_ids, expected.token_ids)
+    penalised = generator.generate(text, max_new_tokens=24, frequency_penalty=1.5, presence_penalty=0.5)
+    assert penalised.token_ids != expected.token_ids  # this model repeats itself: the penalties change its output
+    result = run(tiny_artifact, "--prompt", text, "-n", "24", "--frequency-penalty", "1.5", "--presence-penalty", "0.5",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["token_ids"] == penalised.token_ids
 
 
 def break_missing_dir(tmp_path, ckpt):
@@ -122,7 +153,7 @@ def break_window_below_sinks(tmp_path, ckpt):
 
 
 def break_no_prompt(tmp_path, ckpt):
-    return [ckpt, "--backend", "torch"], "give exactly one of --prompt TEXT, --ids 1,2,3 or --chat"
+    return [ckpt, "--backend", "torch"], "give exactly one of --prompt TEXT, --prompt-file FILE, --ids 1,2,3 or --chat"
 
 
 def break_unknown_backend(tmp_path, ckpt):
@@ -132,6 +163,23 @@ def break_unknown_backend(tmp_path, ckpt):
 
 def break_bad_temperature(tmp_path, ckpt):
     return [ckpt, "--backend", "torch", "--ids", "1", "--temperature", "-1"], "temperature=-1.0: must be >= 0"
+
+
+def break_prompt_file_missing(tmp_path, ckpt):
+    return [ckpt, "--prompt-file", tmp_path / "nope.txt"], f"--prompt-file {tmp_path / 'nope.txt'}: cannot read it"
+
+
+def break_prompt_file_not_utf8(tmp_path, ckpt):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    return [ckpt, "--prompt-file", tmp_path / "latin1.txt"], "latin1.txt: not UTF-8 text (byte 3: "
+
+
+def break_prompt_and_prompt_file(tmp_path, ckpt):
+    return [ckpt, "--prompt", "x", "-f", "-"], "give exactly one of --prompt TEXT, --prompt-file FILE, --ids"
+
+
+def break_bad_frequency_penalty(tmp_path, ckpt):
+    return [ckpt, "--backend", "torch", "--ids", "1", "--frequency-penalty", "3"], "frequency_penalty=3.0: must be in"
 
 
 def break_json_with_stream(tmp_path, ckpt):  # --stream was ignored

@@ -23,6 +23,9 @@ def run(
     directory: Path = typer.Argument(..., help="artifact directory (or, with --backend torch, a HF checkpoint)"),
     version: bool = version_option("llama4-run"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="text prompt (needs tokenizer.json in DIR)"),
+    prompt_file: Optional[Path] = typer.Option(
+        None, "--prompt-file", "-f", help="the text prompt from a UTF-8 file (- = stdin), less one final newline as "
+                                          "editors end files with; for prompts too long for a command line"),
     ids: Optional[str] = typer.Option(None, "--ids", help='prompt as token ids, e.g. "1,2,3"'),
     chat: bool = typer.Option(False, "--chat", help="interactive chat: one user message per stdin line, until EOF"),
     images: Optional[List[Path]] = typer.Option(
@@ -36,6 +39,10 @@ def run(
     top_k: int = typer.Option(0, "--top-k", help="0 = off"),
     top_p: float = typer.Option(1.0, "--top-p", help="1 = off"),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="1 = off"),
+    frequency_penalty: float = typer.Option(0.0, "--frequency-penalty",
+                                            help="subtracted per earlier occurrence in the output, in [-2, 2]; 0 = off"),
+    presence_penalty: float = typer.Option(0.0, "--presence-penalty",
+                                           help="subtracted once from every token already output, in [-2, 2]; 0 = off"),
     seed: int = typer.Option(0, help="seed of the sampler"),
     stream: bool = typer.Option(False, "--stream", help="print tokens as they are generated"),
     window: Optional[int] = typer.Option(None, help="global-layer KV window W in tokens (default: the context, RAM-capped; on a GPU: `plan`'s W)"),
@@ -48,11 +55,14 @@ def run(
 
     options = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, seed=seed,
+        repetition_penalty=repetition_penalty, seed=seed, frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
     )
     try:
-        if (prompt is not None) + (ids is not None) + chat != 1:
-            raise GenerationError("give exactly one of --prompt TEXT, --ids 1,2,3 or --chat")
+        if (prompt is not None) + (prompt_file is not None) + (ids is not None) + chat != 1:
+            raise GenerationError("give exactly one of --prompt TEXT, --prompt-file FILE, --ids 1,2,3 or --chat")
+        if prompt_file is not None:
+            prompt = _read_prompt(prompt_file)
         if images and prompt is None:
             raise GenerationError("--image goes with --prompt TEXT (its <|image|> placeholders place the images)")
         if as_json and (stream or chat):  # one JSON object is printed once the text is complete
@@ -87,6 +97,18 @@ def _generator(directory: Path, backend: str, window: int | None, sinks: int, th
     from ..evaluation.torch_backend import torch_generator
 
     return torch_generator(directory, window, sinks)
+
+
+def _read_prompt(path: Path) -> str:
+    try:
+        raw = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+        text = raw.decode("utf-8")
+    except OSError as exc:
+        raise GenerationError(f"--prompt-file {path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise GenerationError(f"--prompt-file {path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as "
+                              "UTF-8") from None
+    return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
 
 
 def _parse_ids(text: str) -> list[int]:
