@@ -139,6 +139,24 @@ def test_scout_tiny_tokens_match_llama4_run(llama4_cpp, tiny, case):
         expected["prompt_ids"], expected["stop_reason"], expected["text"])
 
 
+# (artifact, options): OpenAI's penalties over the generated tokens and a logit bias, sampled and greedy
+PENALTY_CASES = {
+    "fp32-sampled": ("fp32", ["--temperature", 0.9, "--seed", 5, "--repetition-penalty", 1.1, "--frequency-penalty",
+                              0.7, "--presence-penalty", 0.4, "--logit-bias", "17=4", "--logit-bias", "3=-100"]),
+    "int4-greedy": ("int4", ["--frequency-penalty", 1.5, "--presence-penalty", -0.5, "--logit-bias", "200=2.5"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PENALTY_CASES))
+def test_frequency_presence_penalties_and_logit_bias_choose_as_llama4_run(llama4_cpp, tiny, case):
+    name, options = PENALTY_CASES[case]
+    args = ["--ids", ids(30, 256, seed=30), "-n", 40]
+    expected = python_json(tiny[name], *args, *options)
+    assert expected["token_ids"] != python_json(tiny[name], *args, *options[:options.index("--frequency-penalty")])[
+        "token_ids"]  # the penalties and the bias change what this model generates
+    assert cpp_json(llama4_cpp, tiny[name], *args, *options)["token_ids"] == expected["token_ids"]
+
+
 @pytest.fixture(scope="module")
 def vision_artifact(tmp_path_factory) -> Path:
     """The tiny multimodal checkpoint exported (fp32: llama4rt runs images through float32 graphs)."""
@@ -473,6 +491,22 @@ def negative_threads(tmp_path, tiny):
     return tiny["fp32"], ["--ids", "1", "--threads", "-1"], "threads=-1: must be >= 1"
 
 
+def penalty_out_of_range(tmp_path, tiny):
+    return tiny["fp32"], ["--ids", "1", "--presence-penalty", "2.5"], "presence_penalty=2.5: must be in [-2, 2]"
+
+
+def bias_outside_vocabulary(tmp_path, tiny):
+    return tiny["fp32"], ["--ids", "1", "--logit-bias", "512=1"], "logit_bias: token 512 is outside the vocabulary of 512"
+
+
+def bias_given_twice(tmp_path, tiny):
+    return tiny["fp32"], ["--ids", "1", "--logit-bias", "5=1", "--logit-bias", "5=-1"], "token 5 is given more than once"
+
+
+def bias_without_value(tmp_path, tiny):
+    return tiny["fp32"], ["--ids", "1", "--logit-bias", "5"], "--logit-bias 5: expected ID=BIAS"
+
+
 def json_and_stream(tmp_path, tiny):  # --stream was ignored
     return tiny["fp32"], ["--ids", "1", "--json", "--stream"], "--json prints one object at the end: drop --stream"
 
@@ -481,7 +515,9 @@ def json_and_stream(tmp_path, tiny):  # --stream was ignored
                                      graph_not_matching_manifest, layout_not_matching_manifest,
                                      kv_heads_not_matching_manifest,
                                      id_outside_vocabulary, window_without_ring, bad_ids,
-                                     prompt_without_tokenizer_graphs, prompt_and_ids, negative_threads, json_and_stream],
+                                     prompt_without_tokenizer_graphs, prompt_and_ids, negative_threads, json_and_stream,
+                                     penalty_out_of_range, bias_outside_vocabulary, bias_given_twice,
+                                     bias_without_value],
                          ids=lambda f: f.__name__)
 def test_bad_input_is_one_line_and_exit_2(llama4_cpp, tiny, tmp_path, breaker):
     artifact, args, message = breaker(tmp_path, tiny)

@@ -83,7 +83,7 @@ def test_chat_answers_every_stdin_line_with_the_conversation_so_far(scoutlike_di
 
 def test_a_prompt_from_a_file_or_stdin_and_the_penalties_generate_as_the_python_api(tmp_path, tiny_artifact):
     """--prompt-file (a prompt too long for a command line; its editor's final newline is not part of it) and
-    --frequency-penalty / --presence-penalty, which only the Python API and the server had."""
+    --frequency-penalty / --presence-penalty / --logit-bias, which only the Python API and the server had."""
     text = "The history of\nrivers, in two lines"
     (tmp_path / "prompt.txt").write_text(text + "\n", encoding="utf-8")
     generator = Generator.load(tiny_artifact, threads=1)
@@ -93,10 +93,11 @@ def test_a_prompt_from_a_file_or_stdin_and_the_penalties_generate_as_the_python_
         assert result.exit_code == 0, result.output
         out = json.loads(result.stdout)
         assert (out["prompt_ids"], out["token_ids"]) == (expected.prompt_ids, expected.token_ids)
-    penalised = generator.generate(text, max_new_tokens=24, frequency_penalty=1.5, presence_penalty=0.5)
+    penalised = generator.generate(text, max_new_tokens=24, frequency_penalty=1.5, presence_penalty=0.5,
+                                   logit_bias={65: 3.0, 66: -100.0})
     assert penalised.token_ids != expected.token_ids  # this model repeats itself: the penalties change its output
     result = run(tiny_artifact, "--prompt", text, "-n", "24", "--frequency-penalty", "1.5", "--presence-penalty", "0.5",
-                 "--json")
+                 "--logit-bias", "65=3", "--logit-bias", "66=-100", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["token_ids"] == penalised.token_ids
 
@@ -180,6 +181,15 @@ def break_prompt_and_prompt_file(tmp_path, ckpt):
 
 def break_bad_frequency_penalty(tmp_path, ckpt):
     return [ckpt, "--backend", "torch", "--ids", "1", "--frequency-penalty", "3"], "frequency_penalty=3.0: must be in"
+
+
+def break_logit_bias_without_value(tmp_path, ckpt):
+    return [ckpt, "--backend", "torch", "--ids", "1", "--logit-bias", "5:1"], "--logit-bias '5:1': expected ID=BIAS"
+
+
+def break_logit_bias_outside_vocabulary(tmp_path, ckpt):
+    return [ckpt, "--backend", "torch", "--ids", "1", "--logit-bias", "512=1"], \
+        "logit_bias: token 512 is outside the vocabulary of 512 tokens"
 
 
 def break_json_with_stream(tmp_path, ckpt):  # --stream was ignored

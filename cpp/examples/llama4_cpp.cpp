@@ -20,6 +20,7 @@ namespace {
 constexpr const char* kUsage =
     "usage: llama4-cpp ARTIFACT (--prompt TEXT | --ids 1,2,3) [-n N] [--window W] [--sinks S]\n"
     "                  [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S]\n"
+    "                  [--frequency-penalty F] [--presence-penalty P] [--logit-bias ID=BIAS ...]\n"
     "                  [--threads N] [--no-stop] [--stream] [--json] [--stats] [--rss-steps 200,2000]\n"
     "                  [--image PICTURE.ppm ...]\n"
     "Generates a continuation (greedy unless --temperature) with the sliding KV cache, as llama4-run does.\n"
@@ -166,6 +167,16 @@ int main(int argc, char** argv) {
         options.sampling.top_p = parse_float(flag, value());
       } else if (flag == "--repetition-penalty") {
         options.sampling.repetition_penalty = parse_float(flag, value());
+      } else if (flag == "--frequency-penalty") {
+        options.sampling.frequency_penalty = parse_float(flag, value());
+      } else if (flag == "--presence-penalty") {
+        options.sampling.presence_penalty = parse_float(flag, value());
+      } else if (flag == "--logit-bias") {
+        const std::string& pair = value();
+        const size_t equals = pair.find('=');
+        if (equals == std::string::npos) throw Usage{flag + " " + pair + ": expected ID=BIAS, e.g. 42=-100"};
+        options.sampling.logit_bias.emplace_back(parse_int(flag, pair.substr(0, equals)),
+                                                 parse_float(flag, pair.substr(equals + 1)));
       } else if (flag == "--seed") {
         const int64_t seed = parse_int(flag, value());
         if (seed < 0) throw Usage{"--seed " + std::to_string(seed) + ": must be >= 0"};

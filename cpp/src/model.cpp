@@ -617,6 +617,10 @@ Result Model::Impl::generate(const Prompt& with_images, const GenerateOptions& o
   if (options.max_new_tokens < 0)
     throw Error("max_new_tokens=" + std::to_string(options.max_new_tokens) + ": must be >= 0");
   check_sampling(options.sampling);
+  for (const auto& [token, bias] : options.sampling.logit_bias)
+    if (token >= c.vocab_size)
+      throw Error("logit_bias: token " + std::to_string(token) + " is outside the vocabulary of " +
+                  std::to_string(c.vocab_size) + " tokens");
   prompt_features = nullptr;
   if (!with_images.image_features.empty()) {
     if (!artifact.vision) throw Error("image features given but this artifact has no vision graph; export a "
@@ -657,7 +661,7 @@ Result Model::Impl::generate(const Prompt& with_images, const GenerateOptions& o
   const float* logits = reinterpret_cast<const float*>(parts.back().out.data());
   while (true) {
     const int64_t token = (*sampler)(logits);
-    sampler->saw(token);
+    sampler->generated(token);
     result.token_ids.push_back(token);
     const bool stop = stops.count(token) > 0;
     if (on_token) on_token(token, stop);

@@ -4,12 +4,16 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <set>
 #include <string>
+#include <utility>
 
 #include "llama4rt.hpp"
 
 namespace llama4rt {
 namespace {
+
+constexpr double kMaxLogitBias = 100.0;  // runtime/sampling.py MAX_LOGIT_BIAS (OpenAI's range)
 
 // SeedSequence's hash constants (numpy/random/bit_generator.pyx).
 constexpr uint32_t kInitA = 0x43b0d7e5, kMultA = 0x931e8875, kInitB = 0x8b51f9dd, kMultB = 0x58f38ded;
@@ -126,11 +130,23 @@ void check_sampling(const SamplingOptions& p) {
   if (!(p.top_p > 0 && p.top_p <= 1)) throw Error("top_p=" + number(p.top_p) + ": must be in (0, 1] (1 = off)");
   if (!(p.repetition_penalty > 0))
     throw Error("repetition_penalty=" + number(p.repetition_penalty) + ": must be > 0 (1 = off)");
+  for (const auto& [name, value] : {std::pair{"frequency_penalty", p.frequency_penalty},
+                                    std::pair{"presence_penalty", p.presence_penalty}})
+    if (!(value >= -2 && value <= 2)) throw Error(std::string(name) + "=" + number(value) + ": must be in [-2, 2] (0 = off)");
+  std::set<int64_t> biased;
+  for (const auto& [token, bias] : p.logit_bias) {
+    if (!biased.insert(token).second)
+      throw Error("logit_bias: token " + std::to_string(token) + " is given more than once; give it once");
+    if (token < 0)
+      throw Error("logit_bias: token id " + std::to_string(token) + " is negative; give ids of the vocabulary");
+    if (!(bias >= -kMaxLogitBias && bias <= kMaxLogitBias))
+      throw Error("logit_bias: " + number(bias) + " for token " + std::to_string(token) + " is outside [-100, 100]");
+  }
 }
 
 Sampler::Sampler(const SamplingOptions& params, int64_t vocab_size)
-    : params_(params), rng_(params.seed), seen_(vocab_size, 0), scores_(vocab_size), partition_(vocab_size),
-      order_(vocab_size), probs_(vocab_size) {
+    : params_(params), rng_(params.seed), seen_(vocab_size, 0), counts_(vocab_size, 0), scores_(vocab_size),
+      partition_(vocab_size), order_(vocab_size), probs_(vocab_size) {
   seen_ids_.reserve(vocab_size);
 }
 
@@ -139,6 +155,13 @@ void Sampler::start(const SamplingOptions& params) {
   rng_ = Pcg64(params.seed);
   for (int64_t id : seen_ids_) seen_[id] = 0;
   seen_ids_.clear();
+  for (int64_t id : output_ids_) counts_[id] = 0;
+  output_ids_.clear();
+}
+
+void Sampler::generated(int64_t token) {
+  saw(token);
+  if (counts_[token]++ == 0) output_ids_.push_back(token);
 }
 
 void Sampler::saw(int64_t token) {
@@ -156,6 +179,11 @@ int64_t Sampler::operator()(const float* logits) {
     const float penalty = static_cast<float>(params_.repetition_penalty);
     for (int64_t id : seen_ids_) scores_[id] = scores_[id] > 0 ? scores_[id] / penalty : scores_[id] * penalty;
   }
+  // apply_frequency_presence_penalties: the penalty in float64, cast to the logits' float32, then subtracted
+  if (params_.frequency_penalty != 0 || params_.presence_penalty != 0)
+    for (int64_t id : output_ids_)
+      scores_[id] -= static_cast<float>(counts_[id] * params_.frequency_penalty + params_.presence_penalty);
+  for (const auto& [token, bias] : params_.logit_bias) scores_[token] += static_cast<float>(bias);  // apply_logit_bias
   if (params_.temperature == 0) return std::max_element(scores_.begin(), scores_.end()) - scores_.begin();
   const float temperature = static_cast<float>(params_.temperature);
   for (float& s : scores_) s /= temperature;

@@ -1,4 +1,5 @@
-// Next-token choice as llama4_export/runtime/sampling.py makes it: repetition penalty → greedy argmax at temperature 0
+// Next-token choice as llama4_export/runtime/sampling.py makes it: repetition penalty → frequency / presence
+// penalties → logit bias → greedy argmax at temperature 0
 // → temperature → top-k → top-p → one draw from numpy's default_rng(seed) (PCG64 seeded through SeedSequence,
 // Generator.choice with p: cumulative sum, one random() double, searchsorted right).
 // The arithmetic is numpy's: float32 logits, float64 softmax with numpy's pairwise summation, sequential cumsum.
@@ -37,7 +38,8 @@ class Sampler {
   Sampler(const SamplingOptions& params, int64_t vocab_size);
   // Forget the ids seen so far and re-seed (one Sampler serves every generation of a Model).
   void start(const SamplingOptions& params);
-  void saw(int64_t token);  // a prompt or generated id, for the repetition penalty
+  void saw(int64_t token);  // a prompt id, for the repetition penalty
+  void generated(int64_t token);  // a generated id: the repetition penalty's, and the frequency / presence penalties'
   int64_t operator()(const float* logits);
 
  private:
@@ -45,6 +47,7 @@ class Sampler {
   Pcg64 rng_;
   std::vector<uint8_t> seen_;
   std::vector<int64_t> seen_ids_;
+  std::vector<int64_t> counts_, output_ids_;  // occurrences of each generated id; the ids generated, each once
   std::vector<float> scores_, partition_;
   std::vector<int64_t> order_;
   std::vector<double> probs_;

@@ -43,6 +43,9 @@ def run(
                                             help="subtracted per earlier occurrence in the output, in [-2, 2]; 0 = off"),
     presence_penalty: float = typer.Option(0.0, "--presence-penalty",
                                            help="subtracted once from every token already output, in [-2, 2]; 0 = off"),
+    logit_bias: Optional[List[str]] = typer.Option(
+        None, "--logit-bias", help="ID=BIAS added to that token's logit, bias in [-100, 100] (repeat for several; "
+                                   "-100 all but bans the token, 100 forces it)"),
     seed: int = typer.Option(0, help="seed of the sampler"),
     stream: bool = typer.Option(False, "--stream", help="print tokens as they are generated"),
     window: Optional[int] = typer.Option(None, help="global-layer KV window W in tokens (default: the context, RAM-capped; on a GPU: `plan`'s W)"),
@@ -59,6 +62,7 @@ def run(
         presence_penalty=presence_penalty,
     )
     try:
+        options["logit_bias"] = [_parse_bias(pair) for pair in logit_bias or ()]
         if (prompt is not None) + (prompt_file is not None) + (ids is not None) + chat != 1:
             raise GenerationError("give exactly one of --prompt TEXT, --prompt-file FILE, --ids 1,2,3 or --chat")
         if prompt_file is not None:
@@ -109,6 +113,16 @@ def _read_prompt(path: Path) -> str:
         raise GenerationError(f"--prompt-file {path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as "
                               "UTF-8") from None
     return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
+
+
+def _parse_bias(pair: str) -> tuple[int, float]:
+    token, equals, bias = pair.partition("=")
+    try:
+        if equals:
+            return int(token), float(bias)
+    except ValueError:
+        pass
+    raise GenerationError(f"--logit-bias {pair!r}: expected ID=BIAS, e.g. 42=-100")
 
 
 def _parse_ids(text: str) -> list[int]:
