@@ -51,7 +51,8 @@ struct SamplingOptions {
   double top_p = 1.0;        // 1 = off
   double repetition_penalty = 1.0;  // 1 = off
   uint64_t seed = 0;
-  // OpenAI's penalties over the generated tokens: logit − count × frequency_penalty − (count > 0) × presence_penalty
+  // OpenAI's penalties over the generated tokens:
+  // logit − count × frequency_penalty − (count > 0) × presence_penalty
   double frequency_penalty = 0.0;  // [-2, 2]; 0 = off
   double presence_penalty = 0.0;   // [-2, 2]; 0 = off
   std::vector<std::pair<int64_t, double>> logit_bias;  // (token id, bias in [-100, 100]) added to its logit

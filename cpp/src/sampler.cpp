@@ -132,7 +132,8 @@ void check_sampling(const SamplingOptions& p) {
     throw Error("repetition_penalty=" + number(p.repetition_penalty) + ": must be > 0 (1 = off)");
   for (const auto& [name, value] : {std::pair{"frequency_penalty", p.frequency_penalty},
                                     std::pair{"presence_penalty", p.presence_penalty}})
-    if (!(value >= -2 && value <= 2)) throw Error(std::string(name) + "=" + number(value) + ": must be in [-2, 2] (0 = off)");
+    if (!(value >= -2 && value <= 2))
+      throw Error(std::string(name) + "=" + number(value) + ": must be in [-2, 2] (0 = off)");
   std::set<int64_t> biased;
   for (const auto& [token, bias] : p.logit_bias) {
     if (!biased.insert(token).second)
