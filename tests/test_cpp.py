@@ -157,6 +157,18 @@ def test_frequency_presence_penalties_and_logit_bias_choose_as_llama4_run(llama4
     assert cpp_json(llama4_cpp, tiny[name], *args, *options)["token_ids"] == expected["token_ids"]
 
 
+def test_a_prompt_file_or_stdin_gives_llama4_run_prompt_file_tokens(llama4_cpp, tiny, tmp_path):
+    """--prompt-file / -f: UTF-8 text less one final newline, as llama4-run reads it (here with multi-byte text and a
+    newline inside)."""
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Café — the history of\nrivers\n", encoding="utf-8")
+    expected = python_json(tiny["fp32"], "--prompt-file", prompt, "-n", 12)
+    assert cpp_json(llama4_cpp, tiny["fp32"], "--prompt-file", prompt, "-n", 12) == expected
+    done = subprocess.run([str(llama4_cpp), str(tiny["fp32"]), "-f", "-", "-n", "12", "--json"], capture_output=True,
+                          text=True, timeout=300, input="Café — the history of\nrivers\r\n")
+    assert done.returncode == 0 and json.loads(done.stdout) == expected, done.stderr
+
+
 @pytest.fixture(scope="module")
 def vision_artifact(tmp_path_factory) -> Path:
     """The tiny multimodal checkpoint exported (fp32: llama4rt runs images through float32 graphs)."""
@@ -484,7 +496,7 @@ def prompt_without_tokenizer_graphs(tmp_path, tiny):
 
 
 def prompt_and_ids(tmp_path, tiny):
-    return tiny["fp32"], ["--prompt", "hello", "--ids", "1"], "give exactly one of --prompt TEXT or --ids 1,2,3"
+    return tiny["fp32"], ["--prompt", "hello", "--ids", "1"], "give exactly one of --prompt TEXT, --prompt-file FILE or --ids 1,2,3"
 
 
 def negative_threads(tmp_path, tiny):
@@ -507,6 +519,15 @@ def bias_without_value(tmp_path, tiny):
     return tiny["fp32"], ["--ids", "1", "--logit-bias", "5"], "--logit-bias 5: expected ID=BIAS"
 
 
+def prompt_file_not_utf8(tmp_path, tiny):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    return tiny["fp32"], ["-f", tmp_path / "latin1.txt"], "the text is not UTF-8 (byte 3 starts no well-formed"
+
+
+def prompt_file_missing(tmp_path, tiny):
+    return tiny["fp32"], ["--prompt-file", tmp_path / "nope.txt"], f"{tmp_path / 'nope.txt'}: cannot read it (No such"
+
+
 def json_and_stream(tmp_path, tiny):  # --stream was ignored
     return tiny["fp32"], ["--ids", "1", "--json", "--stream"], "--json prints one object at the end: drop --stream"
 
@@ -517,7 +538,7 @@ def json_and_stream(tmp_path, tiny):  # --stream was ignored
                                      id_outside_vocabulary, window_without_ring, bad_ids,
                                      prompt_without_tokenizer_graphs, prompt_and_ids, negative_threads, json_and_stream,
                                      penalty_out_of_range, bias_outside_vocabulary, bias_given_twice,
-                                     bias_without_value],
+                                     bias_without_value, prompt_file_not_utf8, prompt_file_missing],
                          ids=lambda f: f.__name__)
 def test_bad_input_is_one_line_and_exit_2(llama4_cpp, tiny, tmp_path, breaker):
     artifact, args, message = breaker(tmp_path, tiny)

@@ -1,9 +1,11 @@
 // llama4-cpp: generate from a llama4-export artifact with the C++ runtime; `--json` prints the object
 // `llama4-run --json` prints ("text": null where the artifact's tokenizer graphs or the extensions library are missing).
 // Bad input: one line on stderr and exit status 2 (as llama4-run).
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <optional>
@@ -18,13 +20,14 @@
 namespace {
 
 constexpr const char* kUsage =
-    "usage: llama4-cpp ARTIFACT (--prompt TEXT | --ids 1,2,3) [-n N] [--window W] [--sinks S]\n"
+    "usage: llama4-cpp ARTIFACT (--prompt TEXT | --prompt-file FILE | --ids 1,2,3) [-n N] [--window W] [--sinks S]\n"
     "                  [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S]\n"
     "                  [--frequency-penalty F] [--presence-penalty P] [--logit-bias ID=BIAS ...]\n"
     "                  [--threads N] [--no-stop] [--stream] [--json] [--stats] [--rss-steps 200,2000]\n"
     "                  [--image PICTURE.ppm ...]\n"
     "Generates a continuation (greedy unless --temperature) with the sliding KV cache, as llama4-run does.\n"
     "  --prompt      the prompt as text (needs the artifact's tokenizer graphs and onnxruntime-extensions)\n"
+    "  --prompt-file, -f  the prompt from a UTF-8 file (- = stdin), less one final newline, as llama4-run\n"
     "  --image       an image for the prompt's next <|image|> placeholder (repeat in order), as binary PPM (P6,\n"
     "                8-bit RGB: e.g. `convert photo.jpg photo.ppm`); an artifact of a multimodal checkpoint\n"
     "  --json        print {\"prompt_ids\", \"token_ids\", \"text\", \"stop_reason\"} as llama4-run --json does\n"
@@ -118,6 +121,24 @@ llama4rt::Image read_ppm(const std::string& path) {
   return image;
 }
 
+// A prompt file's text ("-": stdin) less one final newline, as llama4-run --prompt-file reads it.
+std::string read_prompt(const std::string& flag, const std::string& path) {
+  std::ostringstream text;
+  if (path == "-") {
+    text << std::cin.rdbuf();
+  } else {
+    std::ifstream file(path, std::ios::binary);
+    if (!file || !(text << file.rdbuf()))
+      throw Usage{flag + " " + path + ": cannot read it (" + std::strerror(errno) + ")"};
+  }
+  std::string prompt = text.str();
+  if (prompt.size() >= 2 && prompt.compare(prompt.size() - 2, 2, "\r\n") == 0)
+    prompt.resize(prompt.size() - 2);
+  else if (!prompt.empty() && prompt.back() == '\n')
+    prompt.pop_back();
+  return prompt;
+}
+
 long resident_kb() {
   std::ifstream status("/proc/self/status");
   for (std::string line; std::getline(status, line);)
@@ -148,7 +169,11 @@ int main(int argc, char** argv) {
         std::cout << kUsage;
         return 0;
       } else if (flag == "--prompt") {
+        if (prompt) throw Usage{"give exactly one of --prompt TEXT, --prompt-file FILE or --ids 1,2,3"};
         prompt = value();
+      } else if (flag == "--prompt-file" || flag == "-f") {
+        if (prompt) throw Usage{"give exactly one of --prompt TEXT, --prompt-file FILE or --ids 1,2,3"};
+        prompt = read_prompt(flag, value());
       } else if (flag == "--ids") {
         ids = parse_ids(flag, value());
       } else if (flag == "-n" || flag == "--max-new-tokens") {
@@ -202,7 +227,8 @@ int main(int argc, char** argv) {
       }
     }
     if (artifact.empty()) throw Usage{"give the ARTIFACT directory (see --help)"};
-    if (ids.has_value() == prompt.has_value()) throw Usage{"give exactly one of --prompt TEXT or --ids 1,2,3"};
+    if (ids.has_value() == prompt.has_value())
+      throw Usage{"give exactly one of --prompt TEXT, --prompt-file FILE or --ids 1,2,3"};
     if (as_json && stream) throw Usage{"--json prints one object at the end: drop --stream or --json"};
 
     if (!image_paths.empty() && !prompt) throw Usage{"--image needs --prompt TEXT with an <|image|> placeholder per image"};

@@ -90,6 +90,14 @@ TextCodec::TextCodec(const Ort::Env& env, const std::string& encode_graph, const
 std::vector<int64_t> TextCodec::encode(const std::string& text) {
   if (text.find('\0') != std::string::npos)
     throw Error("the text holds a NUL character, which the tokenizer graph cannot take; remove it or give token ids");
+  for (size_t i = 0; i < text.size();) {  // Python's text is Unicode by construction; bytes from a host may not be
+    bool complete;
+    const size_t n = utf8_prefix(text, i, complete);
+    if (!complete)
+      throw Error("the text is not UTF-8 (byte " + std::to_string(i) + " starts no well-formed character); give "
+                  "UTF-8 text");
+    i += n;
+  }
   const int64_t shape[] = {1};
   Ort::Value input = Ort::Value::CreateTensor(allocator_, shape, 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_STRING);
   input.FillStringTensorElement(text.c_str(), 0);
