@@ -32,6 +32,9 @@ def tiny_artifact(tmp_path_factory):
     return out
 
 
+PROMPT = "The history of"
+
+
 def run(*args: str, stdin: str | None = None):
     return CliRunner().invoke(run_app, [str(a) for a in args], input=stdin)
 
@@ -100,6 +103,31 @@ def test_a_prompt_from_a_file_or_stdin_and_the_penalties_generate_as_the_python_
                  "--logit-bias", "65=3", "--logit-bias", "66=-100", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["token_ids"] == penalised.token_ids
+
+
+def test_stop_strings_cut_the_text_before_the_first_one_and_end_there(tiny_artifact):
+    """`stop` (Generator and llama4-run --stop): the text up to the first stop string of the unstopped run, the tokens
+    up to the one completing it (checked with `tokenizers`' own decode), the streamed pieces joining to it."""
+    from tokenizers import Tokenizer as HfTokenizer
+
+    decode = HfTokenizer.from_file(str(tiny_artifact / "tokenizer.json")).decode
+    generator = Generator.load(tiny_artifact, threads=1)
+    full = generator.generate(PROMPT, max_new_tokens=40)
+    # three characters well inside the text, none of them a replaced byte (random weights write invalid UTF-8)
+    stop = next(full.text[i:i + 3] for i in range(10, len(full.text)) if "\ufffd" not in full.text[i:i + 3])
+    cut = full.text[:full.text.index(stop)]
+    result = generator.generate(PROMPT, max_new_tokens=40, stop=[stop, "never there"])
+    tokens = result.token_ids
+    assert (result.text, result.stop_reason, tokens) == (cut, "stop", full.token_ids[:len(tokens)])
+    assert stop in decode(tokens) and stop not in decode(tokens[:-1])
+    events = list(generator.stream(PROMPT, max_new_tokens=40, stop=stop))
+    assert "".join(e.text for e in events) == cut and [e.stop_string for e in events][-1] is True
+    printed = run(tiny_artifact, "--prompt", PROMPT, "-n", "40", "--stop", "never there", "--stop", stop, "--json")
+    assert printed.exit_code == 0, printed.output
+    assert json.loads(printed.stdout) == {"prompt_ids": result.prompt_ids, "token_ids": tokens, "text": cut,
+                                          "stop_reason": "stop"}
+    streamed = run(tiny_artifact, "--prompt", PROMPT, "-n", "40", "--stop", stop, "--stream")
+    assert streamed.stdout == cut + "\n"
 
 
 def break_missing_dir(tmp_path, ckpt):
@@ -190,6 +218,10 @@ def break_logit_bias_without_value(tmp_path, ckpt):
 def break_logit_bias_outside_vocabulary(tmp_path, ckpt):
     return [ckpt, "--backend", "torch", "--ids", "1", "--logit-bias", "512=1"], \
         "logit_bias: token 512 is outside the vocabulary of 512 tokens"
+
+
+def break_stop_without_tokenizer(tmp_path, ckpt):
+    return [ckpt, "--backend", "torch", "--ids", "1", "--stop", "x"], "stop strings need the artifact's tokenizer"
 
 
 def break_json_with_stream(tmp_path, ckpt):  # --stream was ignored

@@ -47,6 +47,8 @@ def run(
         None, "--logit-bias", help="ID=BIAS added to that token's logit, bias in [-100, 100] (repeat for several; "
                                    "-100 all but bans the token, 100 forces it)"),
     seed: int = typer.Option(0, help="seed of the sampler"),
+    stop: Optional[List[str]] = typer.Option(
+        None, "--stop", help="end where the text first holds this string, cut before it (repeat for several)"),
     stream: bool = typer.Option(False, "--stream", help="print tokens as they are generated"),
     window: Optional[int] = typer.Option(None, help="global-layer KV window W in tokens (default: the context, RAM-capped; on a GPU: `plan`'s W)"),
     sinks: int = typer.Option(4, help="sink tokens S kept forever once the sequence outgrows W"),
@@ -63,6 +65,7 @@ def run(
     )
     try:
         options["logit_bias"] = [_parse_bias(pair) for pair in logit_bias or ()]
+        options["stop"] = stop
         if (prompt is not None) + (prompt_file is not None) + (ids is not None) + chat != 1:
             raise GenerationError("give exactly one of --prompt TEXT, --prompt-file FILE, --ids 1,2,3 or --chat")
         if prompt_file is not None:

@@ -40,7 +40,7 @@ from .errors import GenerationError, ImageError
 from .image_encoder import ImageEncoder, ImageInput
 from .images import decode_data_url
 from .ort_backend import OrtBackend
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, StopStrings
 from .tokenizer import StreamDecoder, Tokenizer
 
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -56,14 +56,24 @@ class TokenEvent:
     # too, also carries what was held back, so the texts join to the result's); None without a tokenizer
     text: str | None
     stop: bool  # this token is a stop token (it ends the row and adds no text of its own)
+    # the text reached one of the `stop` strings: the row ends here, its text cut before the stop string
+    stop_string: bool = False
+
+
+@dataclass(frozen=True)
+class Stops:
+    """What ends a row besides max_new_tokens: one of these token ids, or one of these strings in its text."""
+    tokens: frozenset[int]
+    strings: tuple[str, ...] = ()
 
 
 @dataclass
 class GenerationResult:
     prompt_ids: list[int]
-    token_ids: list[int]  # the new tokens; a stop token that ended generation is the last one
+    # the new tokens; a stop token that ended generation is the last one (for a stop string: the token completing it)
+    token_ids: list[int]
     stop_reason: Literal["stop", "length"]
-    text: str | None = None  # the new tokens decoded (stop token excluded) when a tokenizer exists
+    text: str | None = None  # the new tokens decoded (stop token excluded, cut before a stop string) with a tokenizer
 
 
 class Generator:
@@ -255,7 +265,8 @@ class Generator:
     ) -> GenerationResult:
         """Continue one prompt; `stream` is called with every new token as it is chosen. images: files (or PIL
         images) for the prompt's `<|image|>` placeholders, in order. penalties: frequency_penalty, presence_penalty,
-        logit_bias (SamplingParams)."""
+        logit_bias (SamplingParams), and stop: a string or a list of them that ends the generation where its text
+        first holds one (cut before it, stop_reason "stop"; streamed text that may begin one waits until it cannot)."""
         return self.generate_batch(
             [prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_tokens, stream, [images],
             **penalties,
@@ -295,36 +306,47 @@ class Generator:
         return self._collect([(ids, features)], max_new_tokens, params, stops, stream)[0]
 
     def _collect(self, prepared: list[tuple[list[int], np.ndarray | None]], max_new_tokens: int,
-                 params: SamplingParams, stops: frozenset[int], stream: Callable[[TokenEvent], None] | None,
+                 params: SamplingParams, stops: Stops, stream: Callable[[TokenEvent], None] | None,
                  ) -> list[GenerationResult]:
         batch, features = [ids for ids, _ in prepared], [f for _, f in prepared]
         new: list[list[int]] = [[] for _ in batch]
-        stopped = [False] * len(batch)
+        pieces: list[list[str]] = [[] for _ in batch]
+        stopped, cut = [False] * len(batch), [False] * len(batch)
         for event in self._events(batch, max_new_tokens, params, stops, features):
             new[event.row].append(event.token_id)
-            stopped[event.row] = event.stop
+            pieces[event.row].append(event.text or "")
+            stopped[event.row], cut[event.row] = event.stop, event.stop_string
             if stream is not None:
                 stream(event)
         results = []
-        for ids, tokens, stop in zip(batch, new, stopped):
-            text = self.tokenizer.decode(tokens[:-1] if stop else tokens) if self.tokenizer else None
-            results.append(GenerationResult(ids, tokens, "stop" if stop else "length", text))
+        for row, (ids, tokens) in enumerate(zip(batch, new)):
+            text = None
+            if self.tokenizer is not None:  # cut before a stop string, the pieces are the text; else one decode
+                text = "".join(pieces[row]) if stops.strings else self.tokenizer.decode(tokens[:-1] if stopped[row]
+                                                                                      else tokens)
+            results.append(GenerationResult(ids, tokens, "stop" if stopped[row] or cut[row] else "length", text))
         return results
 
-    def _options(self, max_new_tokens: int, options: dict) -> tuple[SamplingParams, frozenset[int]]:
+    def _options(self, max_new_tokens: int, options: dict) -> tuple[SamplingParams, Stops]:
         if not isinstance(max_new_tokens, numbers.Integral):
             raise GenerationError(f"max_new_tokens={max_new_tokens!r}: expected an integer")
         if max_new_tokens < 0:
             raise GenerationError(f"max_new_tokens={max_new_tokens}: must be >= 0")
         stop_tokens = options.pop("stop_tokens", None)
+        stop = options.pop("stop", None)
+        strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if not all(isinstance(s, str) and s for s in strings):
+            raise GenerationError(f"stop={stop!r}: give a non-empty string or a list of them")
+        if strings and self.tokenizer is None:
+            raise GenerationError("stop strings need the artifact's tokenizer (tokenizer.json); give stop_tokens ids")
         unknown = sorted(set(options) - {"temperature", "top_k", "top_p", "repetition_penalty", "seed",
                                          "frequency_penalty", "presence_penalty", "logit_bias"})
         if unknown:
             raise GenerationError(f"unknown generation option {unknown[0]!r}")
-        stops = frozenset(self.eos_token_ids if stop_tokens is None else (int(t) for t in stop_tokens))
+        tokens = frozenset(self.eos_token_ids if stop_tokens is None else (int(t) for t in stop_tokens))
         params = SamplingParams(**options)
         params.check_vocabulary(self.config.vocab_size)
-        return params, stops
+        return params, Stops(tokens, strings)
 
     def _cache_for(self, batch: int) -> KVCacheState:
         if self._cache is None or self._cache.batch != batch:
@@ -335,7 +357,7 @@ class Generator:
         return self._cache
 
     def _events(
-        self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stops: frozenset[int],
+        self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stops: Stops,
         features: list[np.ndarray | None] | None = None,
     ) -> Iterator[TokenEvent]:
         """One generation at a time, as the KV cache is the Generator's: another thread's waits for it; the same
@@ -351,7 +373,7 @@ class Generator:
                 self._cache_user = None
 
     def _generation(
-        self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stops: frozenset[int],
+        self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stops: Stops,
         features: list[np.ndarray | None] | None,
     ) -> Iterator[TokenEvent]:
         if max_new_tokens == 0:
@@ -365,6 +387,7 @@ class Generator:
         # more than will come (10^8 "until the stop token" allocated 1.6 GB up front)
         history = [np.concatenate([p, np.zeros(min(max_new_tokens, 256), np.int64)]).astype(np.int64) for p in prompts]
         decoders = [StreamDecoder(self.tokenizer) if self.tokenizer else None for _ in prompts]
+        cutters = [StopStrings(stops.strings) if stops.strings else None for _ in prompts]
 
         last_logits = self.prefill(prompts, cache, pad, features or [None] * rows)
         produced = [0] * rows
@@ -381,12 +404,17 @@ class Generator:
                 token = sampler(last_logits[b], history[b][:seen], history[b][len(prompts[b]):seen])
                 history[b][seen] = token
                 produced[b] += 1
-                stop = token in stops
+                stop = token in stops.tokens
                 last = stop or produced[b] == max_new_tokens
                 # the last piece carries what was held back, so the pieces join to the result's text
                 text = None if decoders[b] is None else (
                     ("" if stop else decoders[b].push(token)) + (decoders[b].flush() if last else ""))
-                yield TokenEvent(b, token, text, stop)
+                hit = False
+                if cutters[b] is not None:  # text that may begin a stop string waits until it cannot
+                    text, hit = cutters[b].push(text)
+                    text += "" if hit or not last else cutters[b].flush()
+                    last = last or hit
+                yield TokenEvent(b, token, text, stop, hit)
                 if last:
                     active[b] = False
                 else:
