@@ -82,6 +82,12 @@ def test_chat_answers_every_stdin_line_with_the_conversation_so_far(scoutlike_di
                {"role": "user", "content": "What is a river?"}]
     second = gen.generate(gen.chat_prompt(history), max_new_tokens=6).text
     assert result.stdout == f"{first}\n{second}\n"
+    system = [{"role": "system", "content": "Answer in one word."}]
+    opened = run(scoutlike_dir, "--backend", "torch", "--chat", "--system", system[0]["content"], "-n", "6",
+                 stdin="Hello there\n")
+    assert opened.exit_code == 0, opened.output
+    answer = gen.generate(gen.chat_prompt([*system, {"role": "user", "content": "Hello there"}]), max_new_tokens=6)
+    assert opened.stdout == f"{answer.text}\n" and answer.text != first
 
 
 def test_a_prompt_from_a_file_or_stdin_and_the_penalties_generate_as_the_python_api(tmp_path, tiny_artifact):
@@ -222,6 +228,10 @@ def break_logit_bias_outside_vocabulary(tmp_path, ckpt):
 
 def break_stop_without_tokenizer(tmp_path, ckpt):
     return [ckpt, "--backend", "torch", "--ids", "1", "--stop", "x"], "stop strings need the artifact's tokenizer"
+
+
+def break_system_without_chat(tmp_path, ckpt):
+    return [ckpt, "--backend", "torch", "--ids", "1", "--system", "x"], "--system opens a --chat conversation"
 
 
 def break_json_with_stream(tmp_path, ckpt):  # --stream was ignored

@@ -28,6 +28,8 @@ def run(
                                           "editors end files with; for prompts too long for a command line"),
     ids: Optional[str] = typer.Option(None, "--ids", help='prompt as token ids, e.g. "1,2,3"'),
     chat: bool = typer.Option(False, "--chat", help="interactive chat: one user message per stdin line, until EOF"),
+    system: Optional[str] = typer.Option(None, "--system", help="with --chat: the system message that opens the "
+                                                                 "conversation"),
     images: Optional[List[Path]] = typer.Option(
         None, "--image", help="an image for the next <|image|> placeholder of --prompt (repeat for several, in order; "
                               "PNG/JPEG/WebP). As Llama4Processor: the prompt needs exactly one <|image|> per --image, "
@@ -70,6 +72,8 @@ def run(
             raise GenerationError("give exactly one of --prompt TEXT, --prompt-file FILE, --ids 1,2,3 or --chat")
         if prompt_file is not None:
             prompt = _read_prompt(prompt_file)
+        if system is not None and not chat:
+            raise GenerationError("--system opens a --chat conversation: add --chat, or write it into --prompt")
         if images and prompt is None:
             raise GenerationError("--image goes with --prompt TEXT (its <|image|> placeholders place the images)")
         if as_json and (stream or chat):  # one JSON object is printed once the text is complete
@@ -78,7 +82,7 @@ def run(
         with err_console.status(f"loading {directory}"):
             generator = _generator(directory, backend, window, sinks, threads)
         if chat:
-            _chat_loop(generator, stream, options)
+            _chat_loop(generator, stream, options, system)
             return
         tokens = _parse_ids(ids) if ids is not None else prompt
         on_token = piece_printer() if stream else None
@@ -135,9 +139,9 @@ def _parse_ids(text: str) -> list[int]:
         raise GenerationError(f"--ids {text!r}: expected comma-separated integers, e.g. \"1,2,3\"") from None
 
 
-def _chat_loop(generator, stream: bool, options: dict) -> None:
+def _chat_loop(generator, stream: bool, options: dict, system: str | None) -> None:
     """Each stdin line is a user turn; the whole conversation is re-rendered and re-fed every turn."""
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, str]] = [] if system is None else [{"role": "system", "content": system}]
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
