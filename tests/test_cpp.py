@@ -169,6 +169,21 @@ def test_a_prompt_file_or_stdin_gives_llama4_run_prompt_file_tokens(llama4_cpp, 
     assert done.returncode == 0 and json.loads(done.stdout) == expected, done.stderr
 
 
+def test_stop_strings_end_where_llama4_run_ends(llama4_cpp, tiny):
+    """--stop (GenerateOptions::stop_strings): the same tokens, text cut before the first stop string, and streamed
+    text that never shows it, as llama4-run; the reference text is the unstopped run's."""
+    base = ["--prompt", "The history of", "-n", 40]
+    full = python_json(tiny["fp32"], *base)["text"]
+    # three characters well inside the text, none of them a replaced byte (random weights write invalid UTF-8)
+    stop = next(full[i:i + 3] for i in range(10, len(full)) if "\ufffd" not in full[i:i + 3])
+    args = [*base, "--stop", "never there", "--stop", stop]
+    expected = python_json(tiny["fp32"], *args)
+    assert (expected["text"], expected["stop_reason"]) == (full[:full.index(stop)], "stop")
+    assert cpp_json(llama4_cpp, tiny["fp32"], *args) == expected
+    streamed = run_cpp(llama4_cpp, tiny["fp32"], *args, "--stream")
+    assert streamed.returncode == 0 and streamed.stdout == expected["text"] + "\n", streamed.stderr
+
+
 @pytest.fixture(scope="module")
 def vision_artifact(tmp_path_factory) -> Path:
     """The tiny multimodal checkpoint exported (fp32: llama4rt runs images through float32 graphs)."""
@@ -528,6 +543,16 @@ def prompt_file_missing(tmp_path, tiny):
     return tiny["fp32"], ["--prompt-file", tmp_path / "nope.txt"], f"{tmp_path / 'nope.txt'}: cannot read it (No such"
 
 
+def stop_without_tokenizer_graphs(tmp_path, tiny):
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    edit_manifest(art, lambda m: m["tokenizer"].update(graphs=None, graphs_skipped="a reason"))
+    return art, ["--ids", "1", "--stop", "x"], "stop strings need the tokenizer: the export wrote no tokenizer graphs"
+
+
+def empty_stop_string(tmp_path, tiny):
+    return tiny["fp32"], ["--prompt", "x", "--stop", ""], "a stop string is empty"
+
+
 def json_and_stream(tmp_path, tiny):  # --stream was ignored
     return tiny["fp32"], ["--ids", "1", "--json", "--stream"], "--json prints one object at the end: drop --stream"
 
@@ -538,7 +563,8 @@ def json_and_stream(tmp_path, tiny):  # --stream was ignored
                                      id_outside_vocabulary, window_without_ring, bad_ids,
                                      prompt_without_tokenizer_graphs, prompt_and_ids, negative_threads, json_and_stream,
                                      penalty_out_of_range, bias_outside_vocabulary, bias_given_twice,
-                                     bias_without_value, prompt_file_not_utf8, prompt_file_missing],
+                                     bias_without_value, prompt_file_not_utf8, prompt_file_missing,
+                                     stop_without_tokenizer_graphs, empty_stop_string],
                          ids=lambda f: f.__name__)
 def test_bad_input_is_one_line_and_exit_2(llama4_cpp, tiny, tmp_path, breaker):
     artifact, args, message = breaker(tmp_path, tiny)

@@ -22,7 +22,7 @@ namespace {
 constexpr const char* kUsage =
     "usage: llama4-cpp ARTIFACT (--prompt TEXT | --prompt-file FILE | --ids 1,2,3) [-n N] [--window W] [--sinks S]\n"
     "                  [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S]\n"
-    "                  [--frequency-penalty F] [--presence-penalty P] [--logit-bias ID=BIAS ...]\n"
+    "                  [--frequency-penalty F] [--presence-penalty P] [--logit-bias ID=BIAS ...] [--stop TEXT ...]\n"
     "                  [--threads N] [--no-stop] [--stream] [--json] [--stats] [--rss-steps 200,2000]\n"
     "                  [--image PICTURE.ppm ...]\n"
     "Generates a continuation (greedy unless --temperature) with the sliding KV cache, as llama4-run does.\n"
@@ -31,6 +31,7 @@ constexpr const char* kUsage =
     "  --image       an image for the prompt's next <|image|> placeholder (repeat in order), as binary PPM (P6,\n"
     "                8-bit RGB: e.g. `convert photo.jpg photo.ppm`); an artifact of a multimodal checkpoint\n"
     "  --json        print {\"prompt_ids\", \"token_ids\", \"text\", \"stop_reason\"} as llama4-run --json does\n"
+    "  --stop        end where the text first holds TEXT, cut before it (repeat for several), as llama4-run\n"
     "  --no-stop     generate exactly N tokens: no stop tokens (as the benchmarks run)\n"
     "  --stream      print each token's text as it is chosen (its id without the tokenizer), as llama4-run\n"
     "  --stats       print prefill and decode tokens/s as one JSON line on stderr (decode: the tokens after the\n"
@@ -206,6 +207,8 @@ int main(int argc, char** argv) {
         const int64_t seed = parse_int(flag, value());
         if (seed < 0) throw Usage{"--seed " + std::to_string(seed) + ": must be >= 0"};
         options.sampling.seed = static_cast<uint64_t>(seed);
+      } else if (flag == "--stop") {
+        options.stop_strings.push_back(value());
       } else if (flag == "--no-stop") {
         options.stop_tokens = std::vector<int64_t>{};
       } else if (flag == "--json") {
@@ -241,7 +244,7 @@ int main(int argc, char** argv) {
                                                               : model.encode(*prompt, images);
     const std::vector<int64_t>& prompt_ids = full_prompt.ids;
     std::optional<llama4rt::TextStream> pieces;
-    if (stream && model.has_tokenizer()) pieces.emplace(model);
+    if (stream && model.has_tokenizer()) pieces.emplace(model, options.stop_strings);
     int64_t step = 0;
     using Clock = std::chrono::steady_clock;
     Clock::time_point first_token, last_token;

@@ -21,6 +21,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace llama4rt {
@@ -62,6 +63,9 @@ struct GenerateOptions {
   int64_t max_new_tokens = 64;
   SamplingOptions sampling;
   std::optional<std::vector<int64_t>> stop_tokens;  // empty = the config's and generation_config.json's eos ids
+  // The generation ends where its text first holds one of these (Result::text cut before it, stop_reason "stop"; the
+  // last token is the one completing it), as llama4-run --stop; needs has_tokenizer().
+  std::vector<std::string> stop_strings;
 };
 
 struct Result {
@@ -131,19 +135,26 @@ class Model {
 // returns what the tokens so far add to the text, "" while they end inside a UTF-8 character; flush() at the end
 // returns what is still held back (an incomplete character as U+FFFD, as Result::text has it). Each push decodes the
 // tokens since the last piece plus that piece's, not the whole text: the same cost per token at any length.
-// Needs has_tokenizer().
+// With stop strings (GenerateOptions::stop_strings): text that may begin one is held back until it cannot, and the
+// text ends before the first one (stopped() tells; nothing follows). Needs has_tokenizer().
 class TextStream {
  public:
-  explicit TextStream(Model& model) : model_(model) {}
+  explicit TextStream(Model& model, std::vector<std::string> stop_strings = {})
+      : model_(model), stop_strings_(std::move(stop_strings)) {}
   std::string push(int64_t token);
   std::string flush();
+  bool stopped() const { return stopped_; }
 
  private:
   std::string piece(bool final);
+  std::string cut(const std::string& piece);  // runtime/sampling.py StopStrings.push
   Model& model_;
+  std::vector<std::string> stop_strings_;
   std::vector<int64_t> ids_;
   size_t context_ = 0;  // ids_[context_, emitted_): the last piece's tokens, decoded again as left context
   size_t emitted_ = 0;  // ids_[0, emitted_) have been returned as text
+  std::string held_;    // text that may begin a stop string
+  bool stopped_ = false;
 };
 
 }  // namespace llama4rt

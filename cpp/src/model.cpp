@@ -261,7 +261,7 @@ struct Model::Impl {
   Graph& graph(Part& p, bool prefill) { return prefill && p.prefill ? *p.prefill : p.decode; }
   void open_vision(const Ort::SessionOptions& session_options);
   Prompt encode(const std::string& text, const std::vector<Image>& images);
-  Result generate(const Prompt& prompt, const GenerateOptions& options, const TokenCallback& on_token);
+  Result generate(const Prompt& prompt, const GenerateOptions& options, const TokenCallback& on_token, Model& model);
 };
 
 void Model::Impl::open(const std::string& directory, const OpenOptions& options) {
@@ -598,7 +598,7 @@ void Model::Impl::prefill(const int64_t* tokens, int64_t start, int64_t width) {
 }
 
 Result Model::Impl::generate(const Prompt& with_images, const GenerateOptions& options,
-                             const TokenCallback& on_token) {
+                             const TokenCallback& on_token, Model& model) {
   if (generating_thread.load() == std::this_thread::get_id())
     throw Error("Model::generate was called from its own token callback; a Model runs one generation at a time");
   std::lock_guard<std::mutex> lock(generating);
@@ -617,6 +617,10 @@ Result Model::Impl::generate(const Prompt& with_images, const GenerateOptions& o
   if (options.max_new_tokens < 0)
     throw Error("max_new_tokens=" + std::to_string(options.max_new_tokens) + ": must be >= 0");
   check_sampling(options.sampling);
+  for (const std::string& stop : options.stop_strings)
+    if (stop.empty()) throw Error("stop_strings: a stop string is empty; give non-empty strings");
+  if (!options.stop_strings.empty() && !text)
+    throw Error("stop strings need the tokenizer: " + no_text + "; give stop token ids instead");
   for (const auto& [token, bias] : options.sampling.logit_bias)
     if (token >= c.vocab_size)
       throw Error("logit_bias: token " + std::to_string(token) + " is outside the vocabulary of " +
@@ -647,6 +651,9 @@ Result Model::Impl::generate(const Prompt& with_images, const GenerateOptions& o
   }
   // max_new_tokens may mean "until a stop token" (10^11): the ids grow as they come past a first few thousand
   result.token_ids.reserve(static_cast<size_t>(std::min<int64_t>(options.max_new_tokens, 4096)));
+  std::optional<TextStream> cut_text;  // with stop strings, the text as it arrives, cut before the first
+  std::string kept;
+  if (!options.stop_strings.empty()) cut_text.emplace(model, options.stop_strings);
   cache->reset();
   sampler->start(options.sampling);
   for (int64_t id : prompt) sampler->saw(id);
@@ -664,15 +671,18 @@ Result Model::Impl::generate(const Prompt& with_images, const GenerateOptions& o
     sampler->generated(token);
     result.token_ids.push_back(token);
     const bool stop = stops.count(token) > 0;
+    if (cut_text && !stop) kept += cut_text->push(token);
     if (on_token) on_token(token, stop);
-    if (stop) {
+    if (stop || (cut_text && cut_text->stopped())) {
       result.stop_reason = "stop";
       break;
     }
     if (static_cast<int64_t>(result.token_ids.size()) == options.max_new_tokens) break;
     decode(token);
   }
-  if (text) {
+  if (cut_text) {
+    result.text = kept + cut_text->flush();
+  } else if (text) {
     const bool stopped = result.stop_reason == "stop";
     result.text = text->decode({result.token_ids.begin(), result.token_ids.end() - (stopped ? 1 : 0)});
   }
@@ -713,11 +723,11 @@ Model Model::open(const std::string& artifact_dir, const OpenOptions& options) {
 
 Result Model::generate(const std::vector<int64_t>& prompt_ids, const GenerateOptions& options,
                        const TokenCallback& on_token) {
-  return guarded([&] { return impl_->generate(Prompt{prompt_ids, {}}, options, on_token); });
+  return guarded([&] { return impl_->generate(Prompt{prompt_ids, {}}, options, on_token, *this); });
 }
 
 Result Model::generate(const Prompt& prompt, const GenerateOptions& options, const TokenCallback& on_token) {
-  return guarded([&] { return impl_->generate(prompt, options, on_token); });
+  return guarded([&] { return impl_->generate(prompt, options, on_token, *this); });
 }
 
 bool Model::has_vision() const { return impl_->vision != nullptr; }
@@ -730,10 +740,36 @@ bool Model::has_tokenizer() const { return impl_->text != nullptr; }
 
 std::string TextStream::push(int64_t token) {
   ids_.push_back(token);
-  return piece(/*final=*/false);
+  return cut(piece(/*final=*/false));
 }
 
-std::string TextStream::flush() { return piece(/*final=*/true); }
+std::string TextStream::flush() {
+  std::string text = cut(piece(/*final=*/true));
+  if (!stopped_) text += held_;
+  held_.clear();
+  return text;
+}
+
+std::string TextStream::cut(const std::string& piece) {
+  if (stopped_) return "";
+  if (stop_strings_.empty()) return piece;
+  const std::string text = held_ + piece;
+  size_t first = std::string::npos;
+  for (const std::string& stop : stop_strings_) first = std::min(first, text.find(stop));
+  if (first != std::string::npos) {
+    stopped_ = true;
+    held_.clear();
+    return text.substr(0, first);
+  }
+  // Hold back the longest tail that begins a stop string. Byte-wise is character-wise here: the pieces end on whole
+  // characters and a stop string starts with one.
+  size_t keep = 0;
+  for (const std::string& stop : stop_strings_)
+    for (size_t k = 1; k < stop.size() && k <= text.size(); ++k)
+      if (text.compare(text.size() - k, k, stop, 0, k) == 0) keep = std::max(keep, k);
+  held_ = text.substr(text.size() - keep);
+  return text.substr(0, text.size() - keep);
+}
 
 std::string TextStream::piece(bool final) {
   auto decoded = [&](size_t end) {
