@@ -284,8 +284,8 @@ def _gpu_use(config: Llama4Config, index: int, layers: range, n: int, window: in
              activation_dtype: str, batch: int, tokens: int, gpu: GpuSpec, block_size: int,
              vision: Llama4VisionConfig | None, max_tiles: int, vision_precision: str) -> GpuUse:
     act_bytes = KV_DTYPE_BYTES[activation_dtype]
-    # the vision graph's float type: int4 / fp8 towers compute in fp16 (pipeline.graph_dtype for tensorrt)
-    vision_act = KV_DTYPE_BYTES["fp16" if vision_precision in ("int4", "fp8") else vision_precision]
+    # the vision graph's float type, by the text's rule: int4 / fp8 compute in 16-bit (pipeline.graph_dtype)
+    vision_act = KV_DTYPE_BYTES[activation_dtype_for(vision_precision)]
     h, d, kvh, heads = config.hidden_size, config.head_dim, config.num_key_value_heads, config.num_attention_heads
     b, t = batch, tokens
     per_layer_token = 2 * kvh * d * kv_bytes * b

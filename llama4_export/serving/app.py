@@ -4,7 +4,8 @@ or server-sent events ending with `data: [DONE]`), /v1/models (and /v1/models/{i
 Every request becomes one sequence of the engine per choice (n); the engine's thread hands their events, tagged with
 the choice's index, to the request's asyncio queue. Errors are OpenAI-style bodies: 400 for a bad field (named), 404
 for an unknown model, 413 for a body over the server's size limit, 429 with Retry-After when the engine's queue is
-full, 503 while shutting down, 504 past the per-request timeout. A client that goes away cancels its sequences, which frees their rows at the engine's next step.
+full, 503 while shutting down, 504 past the per-request timeout. A client that goes away cancels its sequences, which
+frees their rows at the engine's next step.
 """
 
 from __future__ import annotations
