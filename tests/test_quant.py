@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -12,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from llama4_export.graph_passes import ops
+from llama4_export.graph_passes import lower, ops
 from llama4_export.graph_passes.canonicalize import eliminate_dead_code
 from llama4_export.graph_passes.lower import (FLOAT_EXPERTS_LOWERING, IF_PER_EXPERT_MAX, INT4_EXPERTS_LOWERING,
                                               QMOE_LOWERING, lower_moe, lower_routed_experts)
@@ -20,6 +21,7 @@ from llama4_export.graph_passes.manager import PassContext
 from llama4_export.graph_passes.moe_reference import llama4_moe
 from llama4_export.graph_passes.quantize import (QuantSpec, int4_blockwise, int4_dequantize,
                                                  quantize_experts, quantize_linears)
+from llama4_export.graph_passes.verify import executable_copy, reference_ops_available
 from llama4_export.kernels.formats import quantize_int4
 
 from .conftest import random_moe_weights
@@ -84,7 +86,6 @@ def test_fp8_linear_quantizes_weights_and_inputs(tmp_path):
     spec = QuantSpec("fp8", activation_amax={"model.layers.0.self_attn.q_proj.weight": amax})
     quantize_linears(model, PassContext("onnxruntime", "gather", quantization=spec))
     got = _session(model, tmp_path / "opt.onnx").run(None, {"x": x})[0]
-    import ml_dtypes
 
     def fp8(a, s):  # independent E4M3 round trip through ml_dtypes
         return (a / s).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * s
@@ -170,6 +171,51 @@ def test_int4_experts_on_onnxruntime_are_one_if_per_expert_and_match_the_referen
     assert all(v.const_value.dtype in (ir.DataType.UINT8, ir.DataType.INT64) or v.name.endswith("_scale")
                or v.name in ("router", "shared_gate", "shared_up", "shared_down") for v in initializers)
     assert all(v.const_value.dtype != ir.DataType.INT4 for v in initializers)
+
+
+@pytest.mark.parametrize("precision", ["int4", "fp8"])
+def test_the_tensorrt_plugin_reads_the_shared_expert_quantized_like_every_linear(precision):
+    """On the tensorrt lowering the shared expert's weights are plugin inputs, not Gemms: quantize_linears gives them
+    Transpose ∘ DequantizeLinear as the routed experts have, and the plugin (run by its numpy reference) matches
+    llama4_moe on the dequantized weights. They stayed 16-bit there: a third of Scout's active weights."""
+    if not reference_ops_available():
+        pytest.skip("onnxruntime-extensions (dev dependency) is needed to run the plugin through its reference")
+    rng = np.random.default_rng(8)
+    weights = random_moe_weights(rng, experts=4, hidden=64, inter=96, gate_up_scale=0.3, scale=0.3)
+    model = ops.moe_node_model(weights, None)
+    names = {"gate_up": "experts.gate_up_proj", "down": "experts.down_proj", "shared_gate": "shared_expert.gate_proj.weight",
+             "shared_up": "shared_expert.up_proj.weight", "shared_down": "shared_expert.down_proj.weight"}
+    for short, name in names.items():  # the names the fused graph gives them
+        model.graph.initializers[short].name = f"model.layers.0.feed_forward.{name}"
+    context = PassContext("tensorrt", "gather", quantization=QuantSpec(precision, 32))
+    assert quantize_experts(model, context) == 2
+    assert lower._lower(model, "trt_plugin") == 1
+    assert quantize_linears(model, context) == 3
+    eliminate_dead_code(model, context)
+    counts = collections.Counter(n.op_type for n in model.graph.all_nodes())
+    assert counts["DequantizeLinear"] == 5 and counts["Transpose"] == 3 + (2 if precision == "int4" else 0)
+    floats = {v.name for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.FLOAT}
+    assert {n for n in floats if not n.endswith("_scale")} == {"router"}
+
+    def fp8(w: np.ndarray) -> np.ndarray:  # E4M3 round trip with the tensor's amax / 448 (ml_dtypes)
+        scale = np.abs(w).max() / 448
+        return (w / scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * scale
+
+    dequantized = dict(weights)
+    for name in names:
+        w = weights[name]
+        if precision == "fp8":
+            dequantized[name] = np.stack([fp8(e) for e in w]) if w.ndim == 3 else fp8(w)
+        else:  # blocks along K: axis 1 of the experts' [E, K, N] and of nn.Linear's [N, K]
+            dequantized[name] = int4_dequantize(*int4_blockwise(w, 32, axis=1), 32, axis=1)
+    runnable, library = executable_copy(model)
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(library)
+    session = ort.InferenceSession(ir.to_proto(runnable).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((9, 64)).astype(np.float32)
+    expected = llama4_moe(x, **dequantized)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert np.abs(llama4_moe(x, **{**dequantized, "shared_gate": weights["shared_gate"]}) - expected).max() > 1e-3
 
 
 def test_same_inputs_give_byte_identical_int4_artifacts_and_the_second_build_reuses_the_calibration(tmp_path):

@@ -15,6 +15,8 @@ INT4 (weight-only, symmetric, zero point 0, blocks of `block_size` consecutive k
                   MatMulNBits initializers (graph_passes/lower.py, one If per expert); the standard-op forms dequantize
                   at run time. The TensorRT plugin node gets the Transpose outputs as its gate_up/down inputs
                   (the plugin may read the DQ inputs for the packed layout).
+  shared expert   a dense linear wherever it is a Gemm (every ONNX Runtime form); the TensorRT plugin node's
+                  shared_gate/up/down inputs [N, K] → Transpose ∘ DequantizeLinear(W_int4 [K, N], axis=0) as above.
   Values: q = clip(round_half_even(w / s), -7, 7), s = amax(block) / 7 (0-blocks: s = 1). The same values as
   kernels/formats.py (nibble = q + 8, low nibble = even k) and ORT MatMulNBits with zero point 8.
 FP8 E4M3 (W8A8, per-tensor scales, amax / 448)
@@ -23,6 +25,7 @@ FP8 E4M3 (W8A8, per-tensor scales, amax / 448)
                   the placement TensorRT's strongly typed mode turns into an FP8 GEMM. a_scale = calibrated amax / 448.
   routed experts  weight-only FP8: DequantizeLinear(W_fp8 [E, K, N], scale [E] (axis 0)) — the MoE kernels'
                   FP8 format (kernels/formats.py) widens weights in registers and keeps activations in 16/32 bit.
+                  The TensorRT plugin's shared expert weights likewise (weight-only, through a Transpose).
 Scales have the graph's float type (the weight's: fp32 for ONNX Runtime, fp16 for TensorRT), as DequantizeLinear
 outputs its scale's type.
 Never quantized unless asked: router, embeddings, norms, lm_head (quantize_lm_head=True makes lm_head like any linear).
@@ -45,7 +48,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..model import io_spec
-from . import ops
+from . import ops, trt_plugin_spec
 from .manager import GraphPass, PassContext
 
 INT4_MAX = 7
@@ -298,7 +301,8 @@ def quantize_experts(model: ir.Model, context: PassContext) -> int:
 
 
 def quantize_linears(model: ir.Model, context: PassContext) -> int:
-    """MatMul/Gemm(transB)/Transpose→MatMul on a quantizable weight → MatMul(x, DequantizeLinear(W [K, N])) (+ FP8 input Q/DQ)"""
+    """MatMul/Gemm(transB)/Transpose→MatMul on a quantizable weight → MatMul(x, DequantizeLinear(W [K, N])) (+ FP8 input Q/DQ);
+    the TensorRT plugin's shared expert weights → Transpose(DequantizeLinear(W [K, N]))"""
     spec: QuantSpec = context.quantization
     graph, count = model.graph, 0
     for node in list(graph):
@@ -340,6 +344,29 @@ def quantize_linears(model: ir.Model, context: PassContext) -> int:
                     qdq = _fp8_activation(graph, consumer.inputs[slot], amax, weight.name, consumer, dequantized.dtype)
                     consumer.replace_input_with(slot, qdq)
         count += 1
+    return count + quantize_plugin_shared_expert(graph, spec)
+
+
+def quantize_plugin_shared_expert(graph: ir.Graph, spec: QuantSpec) -> int:
+    """Llama4MoEPlugin(…, shared_gate, shared_up, shared_down [N, K]) → the same with each weight read through
+    Transpose(DequantizeLinear(W [K, N])): the quantized weights a Gemm of the other lowerings would get."""
+    count = 0
+    for node in list(graph):
+        if (node.domain, node.op_type) != (trt_plugin_spec.PLUGIN_DOMAIN, trt_plugin_spec.PLUGIN_NAME):
+            continue
+        for index in range(4, 7):  # trt_plugin_spec.PLUGIN_INPUTS: shared_gate, shared_up, shared_down
+            weight = node.inputs[index]
+            w = _const_tensor(weight) if spec.bits(weight.name) else None
+            if w is None:
+                continue
+            dequantized = _dequantized_weight(graph, weight.name, w, spec, 0, node)
+            transpose = ir.Node("", "Transpose", [dequantized], attributes=[ir.AttrInt64s("perm", [1, 0])],
+                                num_outputs=1, name=f"{weight.name}.to_nk")
+            transpose.outputs[0].name = f"{weight.name}.dequantized_nk"
+            transpose.outputs[0].type, transpose.outputs[0].shape = weight.type, weight.shape
+            graph.insert_before(node, transpose)
+            node.replace_input_with(index, transpose.outputs[0])
+            count += 1
     return count
 
 
