@@ -52,11 +52,11 @@ from .export.writer import DATA_FILE, weight_content, write_graphs
 from .graph_passes.artifact_passes import optimize_graphs, optimized_manifest
 from .graph_passes.manager import PassReport
 from .graph_passes.pipeline import TARGETS
-from .graph_passes.quantize import QuantSpec
+from .graph_passes.quantize import LM_HEAD, QuantSpec
 from .model.config import Llama4Config
 from .model.io_spec import DEFAULT_MAX_PREFILL
 from .model.summary import BLOCK_SIZES, parameter_counts, vision_block_size, vision_parameter_count, weight_bytes
-from .plan import partition_layers
+from .plan import layer_weight_bytes, partition_layers
 from .progress import Steps
 from .runtime.images import ImageProcessorConfig
 from .weights import VisionWeights, WeightSource
@@ -218,11 +218,11 @@ def export(
             check_awq_memory(config, *samples.shape)
     if report:
         held_out = evaluation_tokens(source, quant.eval_data)
-    check_disk_space(out, required_disk_bytes(config, precision, optimize, target) +
+    spec = quant.spec_for(precision, target) if quantized else None
+    check_disk_space(out, required_disk_bytes(config, precision, optimize, target, spec) +
                      (0 if vision is None else
                       vision_parameter_count(vision.config) * graph_dtype(vision_precision, target).itemsize * 2))
     ranges = [range(config.num_hidden_layers)] if parts == 1 else partition_layers(config, parts, precision)
-    spec = quant.spec_for(precision, target) if quantized else None
     layout = kv_layout_for(target, quant)
 
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=_parent(out)))
@@ -460,21 +460,40 @@ def traced_weight_bytes(config: Llama4Config, precision: str, target: str) -> in
     return params * graph_dtype(precision, target).itemsize
 
 
-def required_disk_bytes(config: Llama4Config, precision: str, optimize: bool, target: str) -> int:
+def artifact_weight_bytes(config: Llama4Config, precision: str, target: str, spec: QuantSpec) -> int:
+    """Bytes of the optimized int4 / fp8 artifact's weights (plan.layer_weight_bytes per layer, unquantized tensors
+    and scales in the graphs' float type) with the embedding and lm_head as `spec` stores them: 4-bit / 8-bit blockwise
+    on ONNX Runtime's int4 default, int4 / fp8 under --quantize-lm-head, else float."""
+    wide = graph_dtype(precision, target)
+    itemsize = wide.itemsize
+    float_name = next(name for name in ("fp32", "fp16", "bf16") if PRECISIONS[name] == wide)
+    layers = sum(layer_weight_bytes(config, layer, precision, spec.block_size, activation_dtype=float_name)
+                 for layer in range(config.num_hidden_layers))
+
+    def stored(count: int, bits: int | None) -> int:
+        if bits is None:
+            return count * itemsize
+        scales = count // spec.block_size * itemsize if precision == "int4" else 4  # fp8: one fp32 scale
+        return count * bits // 8 + scales
+
+    counts = parameter_counts(config)
+    embedding, lm_head = stored(counts.embedding, spec.embedding_bits), stored(counts.lm_head, spec.bits(LM_HEAD))
+    return layers + embedding + lm_head + config.hidden_size * itemsize  # + the final norm
+
+
+def required_disk_bytes(config: Llama4Config, precision: str, optimize: bool, target: str,
+                        spec: QuantSpec | None = None) -> int:
     """Free disk the export needs at its peak: the traced graphs' weights plus, while optimizing, the optimized copy
     beside them (fp32 on ONNX Runtime also keeps the MoE op's re-laid-out experts: count the weights twice); AWQ keeps
-    its plans in the calibration cache (a clip limit per block: 4 bytes per 128 weights)."""
+    its plans in the calibration cache (a clip limit per block: 4 bytes per 128 weights). `spec`: int4 / fp8's."""
     exported = traced_weight_bytes(config, precision, target)
     plans = parameter_counts(config).total * 4 // DEFAULT_BLOCK_SIZE if precision == "int4" else 0
     if not optimize:
         return exported
     # While the optimized artifact is written: the exported one, the passes' scratch file (the quantized weights;
-    # INT4 experts twice: DequantizeLinear form, then the per-expert MatMulNBits form) and the new artifact, whose
-    # embedding and lm_head stay in the graphs' float type.
-    unquantized = 2 * config.vocab_size * config.hidden_size * graph_dtype(precision, target).itemsize
+    # INT4 experts twice: DequantizeLinear form, then the per-expert MatMulNBits form) and the new artifact.
     created = {"int4": 2 * weight_bytes(config)["int4"], "fp8": weight_bytes(config)["fp8"], "fp32": exported}.get(precision, 0)
-    written = {"int4": weight_bytes(config)["int4"] + unquantized,
-               "fp8": weight_bytes(config)["fp8"] + unquantized}.get(precision, exported)
+    written = artifact_weight_bytes(config, precision, target, spec) if spec is not None else exported
     return exported + created + written + plans
 
 

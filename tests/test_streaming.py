@@ -4,12 +4,14 @@ run's; the passes leave weights on disk; one-line errors for checkpoints that do
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import shutil
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 import torch
@@ -283,6 +285,32 @@ def test_the_disk_check_counts_the_traced_weights_in_the_type_they_are_traced_in
                      quant=pipeline.QuantOptions(int4_algo="rtn", report=False), show_progress=False)
     counted = pipeline.traced_weight_bytes(get_preset("scout-tiny", layers=2), "int4", target)
     assert allocated["traced0"] == pytest.approx(counted, rel=0.05)
+
+
+def _initializer_bytes(artifact: Path) -> int:
+    """Bytes of every initializer the artifact's graphs hold (external or inline), each tensor once."""
+    stored = {}
+    for graph in ("prefill.onnx", "decode.onnx"):
+        for tensor in onnx.load(artifact / graph, load_external_data=False).graph.initializer:
+            where = {entry.key: entry.value for entry in tensor.external_data}
+            stored[where.get("offset", tensor.name)] = (int(where["length"]) if "length" in where
+                                                        else onnx.numpy_helper.to_array(tensor).nbytes)
+    return sum(stored.values())
+
+
+@pytest.mark.parametrize("target, options", [("onnxruntime", {}), ("onnxruntime", {"float_embeddings": True}),
+                                             ("tensorrt", {}), ("tensorrt", {"quantize_lm_head": True})])
+def test_the_disk_check_counts_the_artifact_it_writes(tmp_path, target, options):
+    """The written artifact in the disk check is the int4 artifact itself, embedding and lm_head as stored (4 / 8-bit
+    on ONNX Runtime's default): it counted them twice, once in bf16 and once in float, and on TensorRT counted the
+    shared expert 4-bit while it was written 16-bit."""
+    config = get_preset("scout-tiny", layers=2)
+    quant = pipeline.QuantOptions(int4_algo="rtn", report=False, **options)
+    api.export_model(tmp_path / "o", model="scout-tiny", precision="int4", target=target, random_weights=True, layers=2,
+                     quant=quant, show_progress=False)
+    spec = dataclasses.replace(quant, block_size=pipeline.default_block_size(config)).spec_for("int4", target)
+    counted = pipeline.artifact_weight_bytes(config, "int4", target, spec)
+    assert _initializer_bytes(tmp_path / "o") == pytest.approx(counted, rel=0.02)
 
 
 def test_awq_without_the_memory_is_refused_up_front(tmp_path, monkeypatch):
