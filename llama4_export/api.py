@@ -144,7 +144,7 @@ def export_model(
     text_only: leave a multimodal source's vision tower out (the artifact is then that of a text-only checkpoint)."""
     from .graph_passes.pipeline import default_target
     from .pipeline import QuantOptions, available_memory, export
-    from .tensorrt.engine import maybe_build_engines, require_tensorrt
+    from .tensorrt.engine import PARTITIONED_ENGINES, maybe_build_engines, require_tensorrt
     from .weights import in_memory
 
     optional_text = (TEXT + NONE, "a str or None")
@@ -166,6 +166,8 @@ def export_model(
     build = target == "tensorrt" and optimize
     if not build and engines.given():
         raise ConfigError(f"{', '.join(engines.given())}: engine options apply to --target tensorrt without --no-optimize")
+    if partitions > 1 and engines.given():
+        raise ConfigError(f"{', '.join(engines.given())} with --partitions {partitions}: {PARTITIONED_ENGINES}")
     require_tensorrt(engines.require_engine)
     source = weight_source(model, checkpoint, seed, random_weights, layers)
     if text_only:
@@ -175,7 +177,7 @@ def export_model(
     result = export(Path(out), source, precision, target, quant or QuantOptions(), partitions,
                     DEFAULT_MAX_PREFILL if max_prefill is None else max_prefill, optimize, trt_plugin, show_progress,
                     vision_precision)
-    if build and partitions == 1:  # engines per part are not built yet (ROADMAP: one engine pair per GPU)
+    if build:
         result.engine_line = maybe_build_engines(out, engines.require_engine, max_batch=engines.max_batch,
                                                  window=engines.window, timing_cache=engines.timing_cache,
                                                  reproducible=engines.reproducible, show_progress=show_progress)

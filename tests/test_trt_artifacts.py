@@ -267,6 +267,38 @@ def test_running_a_tensorrt_artifact_on_onnxruntime_says_which_backend(scout_fp1
     assert "re-run the export" not in result.output
 
 
+def test_a_partitioned_tensorrt_export_is_linted_part_by_part_and_says_where_engines_come_from(tmp_path):
+    """--partitions N --target tensorrt: each part's graphs pass the lint (a broken one is found under its part), and
+    the export, `build` and `llama4-run --backend tensorrt` say in one line that engines need an unpartitioned export —
+    `lint` and `build` said the manifest "lists no graphs; re-run the export", and the run sent the user to `build`."""
+    out = tmp_path / "parts"
+    args = ["--model", "scout-tiny", "--precision", "fp16", "--target", "tensorrt", "--partitions", "2", "--out", str(out)]
+    result = CliRunner().invoke(export_app, args)
+    assert result.exit_code == 0, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"wrote the TensorRT-ready ONNX artifact {out} in 2 parts;") and "without --partitions" in last
+    graphs = {f"part{k}/{g}" for k in (0, 1) for g in ("decode.onnx", "prefill.onnx")}
+    assert lint_artifact(out) == {name: [] for name in graphs}
+    result = CliRunner().invoke(export_app, ["lint", str(out)])
+    assert result.exit_code == 0 and all(name in result.output for name in graphs), result.output
+
+    for app, command in ((export_app, ["build", str(out)]),
+                         (run_app, [str(out), "--prompt", "The", "-n", "2", "--backend", "tensorrt"])):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+        assert "partitioned artifact" in result.output and "without --partitions" in " ".join(result.output.split())
+    result = CliRunner().invoke(export_app, [*args[:-1], str(tmp_path / "other"), "--max-batch", "2"])
+    assert result.exit_code == 2 and "--max-batch with --partitions 2" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "other").exists()
+
+    model = onnx.load(str(out / "part1" / "decode.onnx"), load_external_data=False)
+    node = next(n for n in model.graph.node if n.op_type == trt_plugin_spec.PLUGIN_NAME)
+    node.attribute.remove(next(a for a in node.attribute if a.name == "activation"))
+    onnx.save(model, str(out / "part1" / "decode.onnx"))
+    found = lint_artifact(out)
+    assert [v.rule for v in found["part1/decode.onnx"]] == ["plugin"] and not found["part0/decode.onnx"]
+
+
 # --------------------------------------------------------------------------------------------------------- rebuild
 def test_rebuild_reproduces_every_file(scout_fp16):
     result = rebuild(scout_fp16, show_progress=False)

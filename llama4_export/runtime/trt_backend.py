@@ -32,7 +32,7 @@ import numpy as np
 from ..model import io_spec
 from ..model.config import Llama4Config
 from ..tensorrt import moe_plugin
-from ..tensorrt.engine import has_plugin_nodes, missing_tensorrt_message
+from ..tensorrt.engine import PARTITIONED_ENGINES, has_plugin_nodes, missing_tensorrt_message
 from .errors import GenerationError
 from .kv_cache import SlidingKVCache
 
@@ -64,6 +64,8 @@ class TrtBackend:
 
     def __init__(self, directory: Path, manifest: dict[str, Any], config: Llama4Config, max_prefill_tokens: int,
                  cuda_graphs: bool = True):
+        if manifest.get("partitions"):
+            raise GenerationError(f"--backend tensorrt: {directory} is a partitioned artifact; {PARTITIONED_ENGINES}")
         problem = missing_tensorrt_message()
         if problem is not None:
             raise GenerationError(f"--backend tensorrt: {problem}")

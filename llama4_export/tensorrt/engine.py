@@ -86,6 +86,12 @@ def has_plugin_nodes(path: Path) -> bool:
     return any(n.op_type == trt_plugin_spec.PLUGIN_NAME for n in model.graph.node)
 
 
+# Engines are built for whole-model graphs; a partitioned artifact's parts (one per GPU) are ONNX only.
+PARTITIONED_ENGINES = ("TensorRT engines are built for unpartitioned artifacts only: export without --partitions to "
+                       "build them (`llama4-export plan` says whether one GPU holds the model), or export with "
+                       "--target onnxruntime to run the parts")
+
+
 def build_engines(
     artifact_dir: str | Path, max_batch: int = 1, max_prefill: int | None = None, window: int | None = None,
     timing_cache: str | Path | None = None, reproducible: bool = False, workspace_gib: float | None = None,
@@ -99,6 +105,9 @@ def build_engines(
     the lean runtime (deploy with the matching lean runtime)."""
     directory = Path(artifact_dir)
     manifest = read_manifest(directory)  # every hash checked before anything is built from the files
+    if manifest.get("partitions"):
+        raise BuildError(f"{directory}: a partitioned artifact ({len(manifest['partitions'])} parts); "
+                         f"{PARTITIONED_ENGINES}")
     # bad limits fail before the slow steps; the default window is planned for this GPU (engines are per device)
     limits = build_limits(manifest, max_batch, max_prefill, window, cuda_memory_bytes() if window is None else None)
     _require_conformance(directory)
@@ -216,6 +225,10 @@ def maybe_build_engines(
     "TensorRT-ready" is a checked claim and bad options fail alike on every machine. Returns the one line to print;
     require_engine=True turns a missing TensorRT/GPU into a BuildError (exit 2)."""
     directory = Path(out)
+    parts = read_manifest(directory).get("partitions")
+    if parts:
+        _require_conformance(directory)
+        return f"wrote the TensorRT-ready ONNX artifact {out} in {len(parts)} parts; {PARTITIONED_ENGINES}"
     options = {"max_batch": max_batch, "max_prefill": max_prefill, "window": window}
     problem = missing_tensorrt_message()
     if problem is None:

@@ -312,12 +312,17 @@ def lint_model(model: ir.Model | onnx.ModelProto | str | Path) -> list[Violation
 
 
 def lint_artifact(directory: str | Path) -> dict[str, list[Violation]]:
-    """lint_model for every graph of a tensorrt-lowered artifact (the vision graph too); {graph file: violations}."""
+    """lint_model for every graph of a tensorrt-lowered artifact (the vision graph too, every part's graphs of a
+    partitioned one); {graph file: violations}."""
     directory = Path(directory)
     manifest = read_manifest(directory, verify=False)
     target = manifest.get("target")
     if target != "tensorrt":
         raise BuildError(f"{directory}: lowered for {target!r}, not tensorrt; export it with --target tensorrt first")
+    parts = manifest.get("partitions") or []
+    if parts:  # each part's manifest lists its own graphs: "part0/decode.onnx", …
+        return {f"{part['directory']}/{file}": found for part in parts
+                for file, found in lint_artifact(directory / part["directory"]).items()}
     if not manifest.get("graphs"):
         raise BuildError(f"{directory}/manifest.json lists no graphs; re-run the export")
     graphs = engine_graphs(manifest)
