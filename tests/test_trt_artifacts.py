@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 from typer.testing import CliRunner
@@ -22,14 +23,15 @@ from llama4_export.artifact import read_manifest, write_manifest
 from llama4_export.tensorrt.engine import build_engines, maybe_build_engines, tensorrt_problem
 from llama4_export.tensorrt.errors import BuildError
 from llama4_export.tensorrt.lint import lint_artifact, lint_model
-from llama4_export.evaluation.compare import compare_artifact
+from llama4_export.tensorrt.profiles import manifest_config
+from llama4_export.evaluation.compare import compare_artifact, deviations, graph_feeds, run_ort
 from llama4_export import api
 from llama4_export.pipeline import QuantOptions
 from llama4_export.rebuild import rebuild
 from llama4_export.cli.export import export_app
 from llama4_export.cli.run import run_app
 from llama4_export.graph_passes import trt_plugin_spec
-from llama4_export.model import get_preset
+from llama4_export.model import get_preset, io_spec
 
 TRT_MISSING = tensorrt_problem()
 PRESETS = ["scout-tiny", "maverick-tiny"]
@@ -297,6 +299,30 @@ def test_a_partitioned_tensorrt_export_is_linted_part_by_part_and_says_where_eng
     onnx.save(model, str(out / "part1" / "decode.onnx"))
     found = lint_artifact(out)
     assert [v.rule for v in found["part1/decode.onnx"]] == ["plugin"] and not found["part0/decode.onnx"]
+
+
+def test_an_int4_trt_fallback_export_passes_the_lint_and_computes_what_the_plugin_does(tmp_path, trt_export):
+    """--trt-fallback with int4 experts: the decode graph's gather form fed a Gather with the dequantized experts,
+    which TensorRT's weight-only INT4 (DequantizeLinear of a constant into a MatMul) does not take, and the export
+    failed its own lint. Decode now uses the dense form there; its outputs equal the plugin artifact's (ONNX Runtime,
+    the plugin served by its numpy reference, W4A16 as TensorRT computes: ORT's int8 activations made them differ by
+    1.2 %) on the same inputs."""
+    plugin, _ = trt_export("scout-tiny", "int4")
+    out = tmp_path / "fallback"
+    result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--precision", "int4", "--target", "tensorrt",
+                                             "--trt-fallback", "--out", str(out), *SMALL_CALIBRATION])
+    assert result.exit_code == 0, result.output
+    _no_violations(out)
+    assert not _plugin_nodes(out / "decode.onnx")
+    manifest = read_manifest(out)
+    config = manifest_config(manifest)
+    for name, entry in manifest["graphs"].items():
+        tokens = entry.get("new_tokens") or 5
+        feeds = graph_feeds(config, 2, tokens, config.attention_chunk_size, config.attention_chunk_size + 6, np.float16)
+        if entry.get("new_tokens") is None:  # prefill: every token's logits
+            feeds[io_spec.LOGITS_INDEX] = np.tile(np.arange(tokens, dtype=np.int64), (2, 1))
+        ours, theirs = run_ort(out / entry["file"], feeds), run_ort(plugin / entry["file"], feeds)
+        assert max(deviations(ours, theirs).values()) <= 2e-3, name
 
 
 # --------------------------------------------------------------------------------------------------------- rebuild

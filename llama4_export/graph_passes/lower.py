@@ -414,7 +414,13 @@ def ort_qmoe_problem() -> str | None:
 def lower_moe(model: ir.Model, context: PassContext) -> int:
     """Llama4MoE → If per expert | QMoE | com.microsoft.MoE | standard ops (gather/dense) | Llama4MoEPlugin, by target
     and expert count"""
-    standard = f"standard ops ({context.moe_form})"
+    form = context.moe_form
+    if context.target == "tensorrt" and not context.use_trt_plugin and form == "gather" and any(
+            n.domain == ops.DOMAIN and n.op_type == ops.MOE_OP and _int4_experts(n.inputs[2]) for n in model.graph):
+        # TensorRT's INT4 is DequantizeLinear of a constant into a MatMul: a Gather of the dequantized experts is not
+        form = "dense"
+        context.notes.append("MoE: INT4 experts on TensorRT are read by MatMul only; the dense form in decode too")
+    standard = f"standard ops ({form})"
     counts: dict[str, int] = {}
     if context.target == "tensorrt" and context.use_trt_plugin:
         counts[trt_plugin_spec.PLUGIN_NAME] = _lower(model, "trt_plugin")
@@ -428,7 +434,7 @@ def lower_moe(model: ir.Model, context: PassContext) -> int:
             counts[f"{ORT_DOMAIN}.MoE"] = _lower(model, "ort_moe")
         elif any(n.domain == ops.DOMAIN and n.op_type == ops.MOE_OP for n in model.graph):
             context.notes.append(f"MoE: {problem}; {standard} instead")
-    counts[standard] = _lower(model, context.moe_form)  # what is left: all of it, or what the ORT op was not checked for
+    counts[standard] = _lower(model, form)  # what is left: all of it, or what the ORT op was not checked for
     context.moe_lowering = " + ".join(name for name, count in counts.items() if count) or None
     return sum(counts.values())
 
