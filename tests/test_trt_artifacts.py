@@ -33,6 +33,8 @@ from llama4_export.cli.run import run_app
 from llama4_export.graph_passes import trt_plugin_spec
 from llama4_export.model import get_preset, io_spec
 
+from .conftest import VISION_FIXTURES
+
 TRT_MISSING = tensorrt_problem()
 PRESETS = ["scout-tiny", "maverick-tiny"]
 PRECISIONS = ["fp16", "int4", "fp8"]
@@ -270,16 +272,18 @@ def test_running_a_tensorrt_artifact_on_onnxruntime_says_which_backend(scout_fp1
 
 
 def test_a_partitioned_tensorrt_export_is_linted_part_by_part_and_says_where_engines_come_from(tmp_path):
-    """--partitions N --target tensorrt: each part's graphs pass the lint (a broken one is found under its part), and
-    the export, `build` and `llama4-run --backend tensorrt` say in one line that engines need an unpartitioned export —
-    `lint` and `build` said the manifest "lists no graphs; re-run the export", and the run sent the user to `build`."""
+    """--partitions N --target tensorrt: each part's graphs and the vision graph pass the lint (a broken one is found
+    under its part), and the export, `build` and `llama4-run --backend tensorrt` say in one line that engines need an
+    unpartitioned export — `lint` and `build` said the manifest "lists no graphs; re-run the export", and the run
+    sent the user to `build`."""
     out = tmp_path / "parts"
-    args = ["--model", "scout-tiny", "--precision", "fp16", "--target", "tensorrt", "--partitions", "2", "--out", str(out)]
+    args = ["--checkpoint", str(VISION_FIXTURES / "tiny-a"), "--precision", "fp16", "--target", "tensorrt",
+            "--partitions", "2", "--out", str(out)]  # multimodal: the vision graph stays whole, beside the parts
     result = CliRunner().invoke(export_app, args)
     assert result.exit_code == 0, result.output
     last = result.output.strip().splitlines()[-1]
     assert last.startswith(f"wrote the TensorRT-ready ONNX artifact {out} in 2 parts;") and "without --partitions" in last
-    graphs = {f"part{k}/{g}" for k in (0, 1) for g in ("decode.onnx", "prefill.onnx")}
+    graphs = {"vision.onnx", *(f"part{k}/{g}" for k in (0, 1) for g in ("decode.onnx", "prefill.onnx"))}
     assert lint_artifact(out) == {name: [] for name in graphs}
     result = CliRunner().invoke(export_app, ["lint", str(out)])
     assert result.exit_code == 0 and all(name in result.output for name in graphs), result.output

@@ -227,6 +227,8 @@ def maybe_build_engines(
     directory = Path(out)
     parts = read_manifest(directory).get("partitions")
     if parts:
+        if require_engine:
+            raise BuildError(f"--require-engine: {PARTITIONED_ENGINES}")
         _require_conformance(directory)
         return f"wrote the TensorRT-ready ONNX artifact {out} in {len(parts)} parts; {PARTITIONED_ENGINES}"
     options = {"max_batch": max_batch, "max_prefill": max_prefill, "window": window}

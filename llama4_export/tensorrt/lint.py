@@ -320,10 +320,11 @@ def lint_artifact(directory: str | Path) -> dict[str, list[Violation]]:
     if target != "tensorrt":
         raise BuildError(f"{directory}: lowered for {target!r}, not tensorrt; export it with --target tensorrt first")
     parts = manifest.get("partitions") or []
-    if parts:  # each part's manifest lists its own graphs: "part0/decode.onnx", …
-        return {f"{part['directory']}/{file}": found for part in parts
-                for file, found in lint_artifact(directory / part["directory"]).items()}
-    if not manifest.get("graphs"):
+    if not manifest.get("graphs") and not parts:
         raise BuildError(f"{directory}/manifest.json lists no graphs; re-run the export")
-    graphs = engine_graphs(manifest)
-    return {graphs[name]: lint_model(directory / graphs[name]) for name in sorted(graphs)}
+    graphs = engine_graphs(manifest)  # a partitioned artifact's: its vision graph, if any
+    found = {graphs[name]: lint_model(directory / graphs[name]) for name in sorted(graphs)}
+    for part in parts:  # each part's manifest lists its own graphs: "part0/decode.onnx", …
+        found.update({f"{part['directory']}/{file}": violations
+                      for file, violations in lint_artifact(directory / part["directory"]).items()})
+    return found
