@@ -266,6 +266,19 @@ def _fp8_activation(graph: ir.Graph, x: ir.Value, amax: float, name: str, anchor
     return dequant.outputs[0]
 
 
+def _feed_transposed(graph: ir.Graph, node: ir.Node, index: int, dequantized: ir.Value, layout: str) -> None:
+    """Input `index` of `node` (a weight in the layout it reads) ← Transpose(dequantized): the last two axes swapped
+    back from the stored layout; named `<weight>.to_<layout>` / `<weight>.dequantized_<layout>`."""
+    weight = node.inputs[index]
+    perm = [*range(len(weight.shape) - 2), len(weight.shape) - 1, len(weight.shape) - 2]
+    transpose = ir.Node("", "Transpose", [dequantized], attributes=[ir.AttrInt64s("perm", perm)], num_outputs=1,
+                        name=f"{weight.name}.to_{layout}")
+    transpose.outputs[0].name = f"{weight.name}.dequantized_{layout}"
+    transpose.outputs[0].type, transpose.outputs[0].shape = weight.type, weight.shape
+    graph.insert_before(node, transpose)
+    node.replace_input_with(index, transpose.outputs[0])
+
+
 def _const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
     if value is None or value.const_value is None or not value.is_initializer():
         return None
@@ -287,13 +300,7 @@ def quantize_experts(model: ir.Model, context: PassContext) -> int:
             w = value.const_value
             if spec.precision == "int4":
                 # K-contiguous [E, N, K]: kernels/formats.py's and MatMulNBits' layout (the ORT lowering slices experts)
-                dequantized = _dequantized_weight(graph, value.name, w, spec, 2, node)
-                transpose = ir.Node("", "Transpose", [dequantized], attributes=[ir.AttrInt64s("perm", [0, 2, 1])],
-                                    num_outputs=1, name=f"{value.name}.to_kn")
-                transpose.outputs[0].name = f"{value.name}.dequantized_kn"
-                transpose.outputs[0].type, transpose.outputs[0].shape = value.type, value.shape
-                graph.insert_before(node, transpose)
-                node.replace_input_with(index, transpose.outputs[0])
+                _feed_transposed(graph, node, index, _dequantized_weight(graph, value.name, w, spec, 2, node), "kn")
             else:
                 node.replace_input_with(index, _dequantized_weight(graph, value.name, w, spec, 1, node))
             count += 1
@@ -359,13 +366,7 @@ def quantize_plugin_shared_expert(graph: ir.Graph, spec: QuantSpec) -> int:
             w = _const_tensor(weight) if spec.bits(weight.name) else None
             if w is None:
                 continue
-            dequantized = _dequantized_weight(graph, weight.name, w, spec, 0, node)
-            transpose = ir.Node("", "Transpose", [dequantized], attributes=[ir.AttrInt64s("perm", [1, 0])],
-                                num_outputs=1, name=f"{weight.name}.to_nk")
-            transpose.outputs[0].name = f"{weight.name}.dequantized_nk"
-            transpose.outputs[0].type, transpose.outputs[0].shape = weight.type, weight.shape
-            graph.insert_before(node, transpose)
-            node.replace_input_with(index, transpose.outputs[0])
+            _feed_transposed(graph, node, index, _dequantized_weight(graph, weight.name, w, spec, 0, node), "nk")
             count += 1
     return count
 
