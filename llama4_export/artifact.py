@@ -8,6 +8,7 @@ keys, no timestamps, and the manifest lists files in sorted order.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -159,6 +160,79 @@ def replaceable_directory(target: str | Path) -> Path:
 
 
 @contextlib.contextmanager
+def held_directory(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new directory in `parent` named `prefix` + random, removed when the block ends (unless it was renamed away),
+    and locked (flock) while the block runs: the kernel drops the lock with its process however that ends, which is how
+    remove_abandoned tells a running job's scratch from one a SIGKILL or the OOM killer left behind."""
+    # Locked under a name no sweep matches, then renamed: a sweep never sees it unlocked.
+    unlocked = Path(tempfile.mkdtemp(prefix=".llama4-new-", dir=parent))
+    fd = os.open(unlocked, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _lock(fd, blocking=True)
+        path = parent / f"{prefix}{unlocked.name.removeprefix('.llama4-new-')}"
+        os.rename(unlocked, path)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+    finally:
+        os.close(fd)
+        shutil.rmtree(unlocked, ignore_errors=True)  # only when the rename failed
+
+
+def _lock(fd: int, blocking: bool) -> bool | None:
+    """flock(fd): True when taken, False when another process holds it, None where the file system has no flock
+    (some network mounts): nothing is then known of the directory's owner."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+
+
+def scratch_patterns(target: Path) -> list[str]:
+    """The names of the scratch directories a job writing `target` makes beside it (held_directory's, and the
+    previous artifact while it is swapped out)."""
+    return [f".{target.name}.tmp-*", f".{target.name}.work-*", f".{target.name}.old-*", ".spill-*", ".report-*"]
+
+
+def remove_abandoned_beside(target: Path) -> str | None:
+    """remove_abandoned on the scratch of jobs that wrote `target`: the line saying what went, or None."""
+    target = Path(os.path.abspath(target))
+    removed = remove_abandoned(target.parent, scratch_patterns(target))
+    if not removed:
+        return None
+    total = sum(size for _, size in removed)
+    shown = f"{total / 1e9:,.1f} GB" if total >= 1e8 else f"{total / 1e6:,.1f} MB"
+    return (f"removed {', '.join(name for name, _ in removed)} ({shown}) from {target.parent}: left by a job killed "
+            "before it cleaned up")
+
+
+def remove_abandoned(parent: Path, patterns: list[str]) -> list[tuple[str, int]]:
+    """Remove the directories in `parent` matching `patterns` that no running process holds: scratch left by a job
+    killed before its cleanup ran (at Scout's size, hundreds of GB the next export's disk check would miss). Returns
+    (name, bytes) of each removed, sorted by name."""
+    removed = []
+    for path in sorted({p for pattern in patterns for p in parent.glob(pattern)}):
+        if path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            if _lock(fd, blocking=False):
+                size = sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append((path.name, size))
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextlib.contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a temp directory beside `target`; on success replace `target` with it, on failure remove it.
 
@@ -166,17 +240,13 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     """
     target = replaceable_directory(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with held_directory(target.parent, f".{target.name}.tmp-") as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
     os.chmod(target, 0o755)  # mkdtemp creates 0700

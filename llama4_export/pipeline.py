@@ -27,7 +27,6 @@ import ctypes.util
 import dataclasses
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,8 @@ import onnxscript
 import torch
 
 from . import __version__
-from .artifact import MANIFEST, ArtifactError, atomic_directory, replaceable_directory, write_json, write_manifest
+from .artifact import (MANIFEST, ArtifactError, atomic_directory, held_directory, remove_abandoned_beside,
+                       replaceable_directory, write_json, write_manifest)
 from .calib.awq_plans import AwqWeights
 from .calib.calibrate import Calibration, activation_amax, calibrate, calibration_samples, tokenizer_for
 from .calib.corpus import CalibrationError
@@ -57,7 +57,7 @@ from .model.config import Llama4Config
 from .model.io_spec import DEFAULT_MAX_PREFILL
 from .model.summary import BLOCK_SIZES, parameter_counts, vision_block_size, vision_parameter_count, weight_bytes
 from .plan import layer_weight_bytes, partition_layers
-from .progress import Steps
+from .progress import Steps, note
 from .runtime.images import ImageProcessorConfig
 from .weights import VisionWeights, WeightSource
 
@@ -219,77 +219,75 @@ def export(
     if report:
         held_out = evaluation_tokens(source, quant.eval_data)
     spec = quant.spec_for(precision, target) if quantized else None
+    note(remove_abandoned_beside(out), show_progress)  # before the disk check: they may be what fills the disk
     check_disk_space(out, required_disk_bytes(config, precision, optimize, target, spec) +
                      (0 if vision is None else
                       vision_parameter_count(vision.config) * graph_dtype(vision_precision, target).itemsize * 2))
     ranges = [range(config.num_hidden_layers)] if parts == 1 else partition_layers(config, parts, precision)
     layout = kv_layout_for(target, quant)
 
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=_parent(out)))
-    try:
-        with Steps(show_progress) as step, atomic_directory(out) as tmp:
-            calibration = None
-            weights = source
-            if samples is not None:
-                what = f"{samples.shape[0]} × {samples.shape[1]} tokens" + (f", AWQ block {quant.block}" if quant.awq(precision) else "")
-                with step(f"calibrate layer by layer on {what}"):
-                    calibration = calibrate(source, samples, text, quant.calib_cache,
-                                            quant.block if quant.awq(precision) else None, scratch=work / "grams")
-                if quant.awq(precision):
-                    weights = AwqWeights(source, calibration.awq_plans)
-                if precision == "fp8":
-                    spec.activation_amax = activation_amax(calibration.stats, sorted(source.shapes), quant.amax_percentile)
-                if quant.kv_cache_dtype == "fp8":
-                    spec.kv_cache_amax = kv_cache_amax(calibration.stats, config.num_hidden_layers)
-            result = ExportResult({}, calibration=calibration)
-            entries = []
-            for k, layers in enumerate(ranges):
-                part_dir = tmp if parts == 1 else tmp / part_directory(k)
-                part_dir.mkdir(exist_ok=True)
-                what = "" if parts == 1 else f"part {k} (layers {layers.start}–{layers.stop - 1}): "
-                traced = work / f"traced{k}" if optimize else part_dir
-                traced.mkdir(exist_ok=True)
-                counted = f"{len(layers)} layer" + ("s" if len(layers) != 1 else "")
-                with step(f"{what}trace decode + prefill ({counted}, weights on the meta device)"):
-                    graphs = trace_graphs(config, graph_dtype(precision, target), layers, layout, image_token_id)
-                with step(f"{what}write graphs with weights from {weights.describe()}"):
-                    write_graphs(graphs, traced, weight_content(weights, defer_experts=quantized))
-                    del graphs
-                    for graph in GRAPHS:
-                        onnx.checker.check_model(str(traced / graph.file))  # the path form checks the external data too
-                graph_entries = graphs_manifest(max_prefill)
-                entry = _base_manifest(config, source, precision, target, max_prefill, graph_entries, layout)
-                if optimize:
-                    reports, opset = optimize_graphs(traced, graph_entries, part_dir, target, step, trt_plugin, spec,
-                                                     weights=weights if quantized else None,  # the deferred experts
-                                                     attention_chunk=config.attention_chunk_size)
-                    shutil.rmtree(traced)
-                    entry = optimized_manifest(entry, target, reports, opset)
-                    result.pass_reports.update({(name if parts == 1 else f"part{k}/{name}"): r for name, r in reports.items()})
-                if parts > 1:
-                    write_manifest(part_dir, {**entry, "layers": [layers.start, layers.stop],
-                                              "tokenizer": {"source": "none", "files": []}})
-                    entries.append({"layers": [layers.start, layers.stop], "directory": part_directory(k)})
-            if parts > 1:  # the graphs live in the parts
-                manifest = {**_base_manifest(config, source, precision, target, max_prefill, {}, layout),
-                            "partitions": entries, "target": target if optimize else "onnxruntime"}
-            else:
-                manifest = entry
-            if vision is not None:
-                with step(f"trace + write the vision encoder ({vision.config.num_hidden_layers} layers, {vision_precision})"):
-                    manifest["vision"] = write_vision_graph(vision, processor, vision_precision, tmp,
-                                                            work if optimize else None, target, trt_plugin, quant.block)
-            with step("write tokenizer files"):
-                manifest["tokenizer"] = _tokenizer_files(source, config, tmp)
-            manifest.update(_quantization_entries(precision, quant, calibration, spec))
-            result.manifest = write_manifest(tmp, manifest)
-            if report:
-                with step("accuracy report (the artifact on ONNX Runtime vs the source's fp32 PyTorch model)"):
-                    result.accuracy_report = accuracy_report(tmp, source, *held_out)
-                write_json(tmp / REPORT_FILE, result.accuracy_report)
-                result.manifest = write_manifest(tmp, {k: v for k, v in result.manifest.items() if k != "files"})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with (held_directory(_parent(out), f".{out.name}.work-") as work, Steps(show_progress) as step,
+          atomic_directory(out) as tmp):
+        calibration = None
+        weights = source
+        if samples is not None:
+            what = f"{samples.shape[0]} × {samples.shape[1]} tokens" + (f", AWQ block {quant.block}" if quant.awq(precision) else "")
+            with step(f"calibrate layer by layer on {what}"):
+                calibration = calibrate(source, samples, text, quant.calib_cache,
+                                        quant.block if quant.awq(precision) else None, scratch=work / "grams")
+            if quant.awq(precision):
+                weights = AwqWeights(source, calibration.awq_plans)
+            if precision == "fp8":
+                spec.activation_amax = activation_amax(calibration.stats, sorted(source.shapes), quant.amax_percentile)
+            if quant.kv_cache_dtype == "fp8":
+                spec.kv_cache_amax = kv_cache_amax(calibration.stats, config.num_hidden_layers)
+        result = ExportResult({}, calibration=calibration)
+        entries = []
+        for k, layers in enumerate(ranges):
+            part_dir = tmp if parts == 1 else tmp / part_directory(k)
+            part_dir.mkdir(exist_ok=True)
+            what = "" if parts == 1 else f"part {k} (layers {layers.start}–{layers.stop - 1}): "
+            traced = work / f"traced{k}" if optimize else part_dir
+            traced.mkdir(exist_ok=True)
+            counted = f"{len(layers)} layer" + ("s" if len(layers) != 1 else "")
+            with step(f"{what}trace decode + prefill ({counted}, weights on the meta device)"):
+                graphs = trace_graphs(config, graph_dtype(precision, target), layers, layout, image_token_id)
+            with step(f"{what}write graphs with weights from {weights.describe()}"):
+                write_graphs(graphs, traced, weight_content(weights, defer_experts=quantized))
+                del graphs
+                for graph in GRAPHS:
+                    onnx.checker.check_model(str(traced / graph.file))  # the path form checks the external data too
+            graph_entries = graphs_manifest(max_prefill)
+            entry = _base_manifest(config, source, precision, target, max_prefill, graph_entries, layout)
+            if optimize:
+                reports, opset = optimize_graphs(traced, graph_entries, part_dir, target, step, trt_plugin, spec,
+                                                 weights=weights if quantized else None,  # the deferred experts
+                                                 attention_chunk=config.attention_chunk_size)
+                shutil.rmtree(traced)
+                entry = optimized_manifest(entry, target, reports, opset)
+                result.pass_reports.update({(name if parts == 1 else f"part{k}/{name}"): r for name, r in reports.items()})
+            if parts > 1:
+                write_manifest(part_dir, {**entry, "layers": [layers.start, layers.stop],
+                                          "tokenizer": {"source": "none", "files": []}})
+                entries.append({"layers": [layers.start, layers.stop], "directory": part_directory(k)})
+        if parts > 1:  # the graphs live in the parts
+            manifest = {**_base_manifest(config, source, precision, target, max_prefill, {}, layout),
+                        "partitions": entries, "target": target if optimize else "onnxruntime"}
+        else:
+            manifest = entry
+        if vision is not None:
+            with step(f"trace + write the vision encoder ({vision.config.num_hidden_layers} layers, {vision_precision})"):
+                manifest["vision"] = write_vision_graph(vision, processor, vision_precision, tmp,
+                                                        work if optimize else None, target, trt_plugin, quant.block)
+        with step("write tokenizer files"):
+            manifest["tokenizer"] = _tokenizer_files(source, config, tmp)
+        manifest.update(_quantization_entries(precision, quant, calibration, spec))
+        result.manifest = write_manifest(tmp, manifest)
+        if report:
+            with step("accuracy report (the artifact on ONNX Runtime vs the source's fp32 PyTorch model)"):
+                result.accuracy_report = accuracy_report(tmp, source, *held_out)
+            write_json(tmp / REPORT_FILE, result.accuracy_report)
+            result.manifest = write_manifest(tmp, {k: v for k, v in result.manifest.items() if k != "files"})
     return result
 
 

@@ -51,3 +51,9 @@ class Steps:
     @contextlib.contextmanager
     def silent(description: str) -> Iterator[None]:
         yield
+
+
+def note(message: str | None, show: bool = True) -> None:
+    """One line on stderr beside the steps; nothing for None or when show is False."""
+    if message is not None and show:
+        Console(stderr=True).print(message, highlight=False, soft_wrap=True)

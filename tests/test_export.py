@@ -544,6 +544,42 @@ def test_sigterm_mid_export_removes_its_temp_directories(tmp_path):
     assert sorted(p.name for p in parent.iterdir()) == []
 
 
+def test_scratch_a_killed_export_left_is_removed_by_the_next_export_and_a_running_ones_is_kept(tmp_path):
+    """SIGKILL (the OOM killer, a CI runner torn down) runs no cleanup: the work directory, the half-written artifact
+    and the passes' spill stay beside --out, hidden, at Scout's size hundreds of GB that the next export's disk check
+    would count against it. The next export to that --out removes them, and only them: a running export's scratch
+    and another artifact's are kept."""
+    import signal
+    import sys
+    import time
+
+    from llama4_export import artifact
+
+    parent = tmp_path / "exports"
+    parent.mkdir()
+    (parent / ".other.tmp-abc").mkdir()  # another --out's, not this export's to judge
+    command = [sys.executable, "-c", "from llama4_export.cli.export import main; main()", "--model", "scout-tiny",
+               "--out", str(parent / "o")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    scratch = (".o.tmp-", ".o.work-", ".spill-")
+    deadline = time.monotonic() + 120
+    while not all(any(p.name.startswith(kind) for p in parent.iterdir()) for kind in scratch):  # optimizing
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
+        time.sleep(0.02)
+    assert artifact.remove_abandoned(parent, artifact.scratch_patterns(parent / "o")) == []  # it is running
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    left = sorted(p.name for p in parent.iterdir() if p.name.startswith(scratch))
+    assert len(left) == 3, left
+
+    result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--layers", "2", "--random-weights", "--target",
+                                             "onnxruntime", "--out", str(parent / "o")])
+    assert result.exit_code == 0, result.output
+    assert f"removed {', '.join(left)} (" in " ".join(result.output.split())
+    assert sorted(p.name for p in parent.iterdir()) == [".other.tmp-abc", "o"]
+    assert Generator.load(parent / "o").generate([1, 2, 3], max_new_tokens=2).token_ids
+
+
 @pytest.mark.parametrize("out", [".", ".."])
 def test_out_that_is_or_holds_the_current_directory_is_refused_in_one_line(tmp_path, monkeypatch, out):
     """`--out .` died in a ValueError ('PosixPath('.') has an empty name') and left `..tmp-*` behind; replacing the

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from ..artifact import held_directory, remove_abandoned
 from ..errors import ConfigError
 from ..export.tokenizer_files import byte_level_tokenizer
 from . import corpus as corpus_mod
@@ -99,12 +99,10 @@ def calibrate(source, ids: np.ndarray, text: corpus_mod.Corpus, cache_path: str 
         if records is None:
             reused = False
             plans.parent.mkdir(parents=True, exist_ok=True)
-            fresh = Path(tempfile.mkdtemp(prefix=f".{plans.name}.tmp-", dir=plans.parent))
-            try:
+            remove_abandoned(plans.parent, [f".{plans.name}.tmp-*"])
+            with held_directory(plans.parent, f".{plans.name}.tmp-") as fresh:
                 records, computed = awq_plans(source, ids, awq_block, fresh, key, progress, scratch)
                 _install_plans(fresh, plans, source.config.num_hidden_layers, key)
-            finally:
-                shutil.rmtree(fresh, ignore_errors=True)
             stats = computed if stats is None else stats
     if stats is None:
         stats = layerwise_statistics(source, ids, progress, for_awq=False)

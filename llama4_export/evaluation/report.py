@@ -12,14 +12,13 @@ the windows are seeded random token ids: the perplexities then mean nothing, the
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import torch
 
-from ..artifact import read_manifest
+from ..artifact import held_directory, read_manifest
 from ..calib.calibrate import tokenizer_for
 from ..calib.corpus import CalibrationError, cut_samples, load_corpus, token_stream
 from ..calib.layerwise import LayerRunner, embed
@@ -105,8 +104,8 @@ def accuracy_report(artifact: str | Path, source: WeightSource, tokens: np.ndarr
                     seq_len: int = 256, greedy_prompts: int = 4, greedy_tokens: int = 16) -> dict:
     """The report dict (see the module docstring) on held-out `tokens` (evaluation_tokens)."""
     seq_len = min(seq_len, len(tokens))
-    with tempfile.TemporaryDirectory(prefix=".report-", dir=Path(artifact).parent) as scratch:
-        artifact_logits = ArtifactLogits(Path(artifact), Path(scratch))
+    with held_directory(Path(artifact).parent, ".report-") as scratch:
+        artifact_logits = ArtifactLogits(Path(artifact), scratch)
         seq_len = min(seq_len, artifact_logits.max_prefill)
         ids = cut_samples(tokens, windows, seq_len, data)[:, :seq_len]
         reference = ReferenceLogits(source)

@@ -11,14 +11,14 @@ Same artifact + same target ⇒ byte-identical files.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from ..artifact import MANIFEST, atomic_directory, read_manifest, write_json, write_manifest
+from ..artifact import (MANIFEST, atomic_directory, held_directory, read_manifest, remove_abandoned_beside, write_json,
+                        write_manifest)
 from ..export.writer import DATA_FILE, SpillFile, file_content, load_lazily, write_graphs
 from ..model.config import Llama4Config
-from ..progress import Steps
+from ..progress import Steps, note
 from ..weights import WeightSource
 from .errors import GraphPassError
 from .manager import PassReport
@@ -39,8 +39,7 @@ def optimize_graphs(
     the pass report `passes_file`); returns (the pass reports, the graphs' opset). weights: where the routed experts an
     export deferred come from; attention_chunk: the model's (config.attention_chunk_size)."""
     passes_for(target)  # an unknown target fails before any slow step
-    scratch = Path(tempfile.mkdtemp(prefix=".spill-", dir=out_dir.parent))
-    try:
+    with held_directory(out_dir.parent, ".spill-") as scratch:
         spill = SpillFile(scratch / "passes.spill")
         models, reports = {}, {}
         for name in sorted(graphs):
@@ -52,8 +51,6 @@ def optimize_graphs(
         with step(f"write optimized graphs and {data_file}"):
             write_graphs(models, out_dir, file_content, data_file)
             write_json(out_dir / passes_file, {name: report.to_json() for name, report in reports.items()})
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return reports, max(m.opset_imports.get("", 0) for m in models.values())
 
 
@@ -94,6 +91,7 @@ def optimize_artifact(
         raise GraphPassError(f"{directory / MANIFEST}: lists no graphs; re-run the export")
     data_file = manifest.get("external_data", DATA_FILE)
     config = Llama4Config.from_hf_dict(manifest.get("model") or {}, source=str(directory / MANIFEST))
+    note(remove_abandoned_beside(directory), show_progress)
     with Steps(show_progress) as step, atomic_directory(directory) as tmp:
         reports, opset = optimize_graphs(directory, graphs, tmp, target, step, trt_plugin, None, verify, tolerance,
                                          data_file=data_file, attention_chunk=config.attention_chunk_size)
