@@ -41,11 +41,11 @@ demo: $(BIN)/.installed
 	$(BIN)/python examples/demo_picture.py out/demo-picture.png
 	$(BIN)/llama4-run $(DEMO_VISION_OUT) --prompt "<|image|>What is in this picture?" --image out/demo-picture.png --max-new-tokens 16 --json
 
-# g++, CMake, nlohmann-json, patchelf and libpython3.11 (onnxruntime-extensions' library needs it) from Debian where
+# g++, CMake, nlohmann-json, OpenSSL (SHA-256), patchelf and libpython3.11 (onnxruntime-extensions' library needs it) from Debian where
 # missing, ONNX Runtime and the extensions library provisioned, then llama4rt and llama4-cpp.
 cpp: $(BIN)/.installed
-	@command -v g++ >/dev/null && command -v cmake >/dev/null && [ -f /usr/include/nlohmann/json.hpp ] && command -v patchelf >/dev/null && ldconfig -p | grep -q libpython3.11.so.1.0 || \
-		{ apt-get update -qq && apt-get install -y -qq g++ cmake nlohmann-json3-dev patchelf libpython3.11 >/dev/null; }
+	@command -v g++ >/dev/null && command -v cmake >/dev/null && [ -f /usr/include/nlohmann/json.hpp ] && [ -f /usr/include/openssl/evp.h ] && command -v patchelf >/dev/null && ldconfig -p | grep -q libpython3.11.so.1.0 || \
+		{ apt-get update -qq && apt-get install -y -qq g++ cmake nlohmann-json3-dev libssl-dev patchelf libpython3.11 >/dev/null; }
 	cmake -S cpp -B $(CPP_BUILD) -DCMAKE_BUILD_TYPE=Release \
 		-DONNXRUNTIME_ROOT="$$(if [ -n '$(ONNXRUNTIME_ROOT)' ]; then echo '$(ONNXRUNTIME_ROOT)'; else cpp/provision_onnxruntime.sh $(BIN)/python; fi)" >/dev/null
 	cmake --build $(CPP_BUILD) -j2

@@ -11,6 +11,7 @@ random-weight scout-tiny generates arbitrary bytes, so its text also checks the 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -431,6 +432,46 @@ def test_no_tokenizer_graphs_where_they_would_tokenize_differently(tmp_path):
     entry = write_tokenizer_graphs(tmp_path)
     assert entry["graphs"] is None and "tokenizes" in entry["graphs_skipped"], entry
     assert not any((tmp_path / graph).exists() for graph in TOKENIZER_GRAPHS.values())
+
+
+def test_artifact_files_are_verified_as_generator_load_does_sharing_its_record(llama4_cpp, tiny, tmp_path,
+                                                                               monkeypatch):
+    """llama4rt ran an artifact whose model.data had a byte flipped; now it checks every listed file's sha256 and
+    refuses a damaged one in Generator.load's line. Both runtimes share the record of files verified unchanged
+    (path + stat in $XDG_CACHE_HOME/llama4-export/verified.json): what one verified, the other does not hash again."""
+    import time
+
+    from llama4_export import artifact
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    time.sleep(artifact._VerifiedFiles.RACY_S)  # files changed just now are not recorded (racy)
+    assert run_cpp(llama4_cpp, art, "--ids", "1,2,3", "-n", "2").returncode == 0
+    hashed = []
+    monkeypatch.setattr(artifact, "sha256_file", lambda path: hashed.append(path.name) or "")
+    manifest = artifact.read_manifest(art)  # every file as llama4rt recorded it: none hashed
+    assert hashed == [] and len(manifest["files"]) > 5
+
+    data = art / "model.data"
+    stat = data.stat()
+    with open(data, "r+b") as f:  # one byte flipped in place: same size, the mtime set back below
+        f.seek(stat.st_size // 2)
+        byte = f.read(1)
+        f.seek(stat.st_size // 2)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    done = run_cpp(llama4_cpp, art, "--ids", "1,2,3", "-n", "2")
+    python = CliRunner().invoke(run_app, [str(art), "--ids", "1,2,3", "-n", "2"])
+    assert done.returncode == 2 and python.exit_code == 2
+    line = f"{data}: sha256 does not match manifest.json; the file was modified or damaged, re-run the export"
+    assert done.stderr == f"error: {line}\n" and line in " ".join(python.output.split())
+
+    # a record the Python runtime writes is read by llama4rt: stat-keyed, so it vouches for the changed file too
+    record = artifact._VerifiedFiles.load()
+    record.entries[str(data.resolve())] = record._key(data.stat(), manifest["files"]["model.data"])
+    record.changed = True
+    record.save()
+    assert run_cpp(llama4_cpp, art, "--ids", "1,2,3", "-n", "2").returncode == 0
 
 
 # --- bad input: one line on stderr, exit status 2 -------------------------------------------------------------------

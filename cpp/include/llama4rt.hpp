@@ -43,6 +43,10 @@ struct OpenOptions {
   // onnxruntime-extensions' custom-op library, which runs the artifact's tokenizer graphs; empty = the one this
   // llama4rt was built with (CMake ORTX_LIBRARY; `make cpp` provisions it), if any. Without one, ids in and out.
   std::string extensions_library;
+  // Check every file manifest.json lists against its sha256 before loading (Generator.load's verify): a damaged or
+  // modified file is refused in one line. A file verified unchanged before, by llama4rt or the Python runtime, is not
+  // hashed again (its path and stat are kept in $XDG_CACHE_HOME/llama4-export/verified.json).
+  bool verify = true;
 };
 
 // runtime/sampling.py SamplingParams.

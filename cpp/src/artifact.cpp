@@ -1,8 +1,16 @@
 #include "artifact.hpp"
 
+#include <openssl/evp.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <set>
 #include <sstream>
 
@@ -34,8 +42,103 @@ json read_json(const fs::path& path, const std::string& what_to_do) {
   }
 }
 
-// A manifest and the checks every manifest passes (artifact.read_manifest without the sha256 verification).
-json read_manifest(const fs::path& directory) {
+std::string sha256_file(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path.string() + ": cannot be read; re-run the export");
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> context(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  if (!context || EVP_DigestInit_ex(context.get(), EVP_sha256(), nullptr) != 1)
+    throw Error("OpenSSL could not start a SHA-256 digest");
+  std::vector<char> block(1 << 20);
+  while (in) {
+    in.read(block.data(), static_cast<std::streamsize>(block.size()));
+    EVP_DigestUpdate(context.get(), block.data(), static_cast<size_t>(in.gcount()));
+  }
+  if (in.bad()) throw Error(path.string() + ": a read failed while hashing it; check the disk, re-run the export");
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  EVP_DigestFinal_ex(context.get(), digest, &length);
+  static const char* const kHex = "0123456789abcdef";
+  std::string text;
+  for (unsigned int i = 0; i < length; ++i) {
+    text += kHex[digest[i] >> 4];
+    text += kHex[digest[i] & 15];
+  }
+  return text;
+}
+
+// artifact._VerifiedFiles, sharing its file ($XDG_CACHE_HOME/llama4-export/verified.json): files whose sha256 matched,
+// keyed by real path and [device, inode, size, mtime ns, ctime ns, sha256], so a load of an unchanged artifact hashes
+// nothing — whichever runtime, Python or C++, verified it first. Entries stay in insertion order (the oldest are
+// dropped past kMaxEntries); a file changed within kRacySeconds is not stored; a cache that cannot be read or
+// written only means hashing again.
+class VerifiedFiles {
+ public:
+  VerifiedFiles() {
+    const char* xdg = std::getenv("XDG_CACHE_HOME");
+    const char* home = std::getenv("HOME");
+    if (xdg && *xdg) path_ = fs::path(xdg) / kFormat / "verified.json";
+    else if (home && *home) path_ = fs::path(home) / ".cache" / kFormat / "verified.json";
+    std::ifstream in(path_);
+    if (path_.empty() || !in) return;
+    try {
+      nlohmann::ordered_json entries = nlohmann::ordered_json::parse(in);
+      if (entries.is_object()) entries_ = std::move(entries);
+    } catch (const nlohmann::ordered_json::exception&) {
+    }
+  }
+
+  bool holds(const fs::path& file, const struct stat& st, const std::string& sha256) const {
+    const auto found = entries_.find(key_path(file));
+    return found != entries_.end() && *found == key(st, sha256);
+  }
+
+  void add(const fs::path& file, const struct stat& st, const std::string& sha256) {
+    const auto now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::system_clock::now().time_since_epoch()).count();
+    if (now - std::max(mtime_ns(st), ctime_ns(st)) < static_cast<int64_t>(kRacySeconds * 1e9)) return;
+    const std::string name = key_path(file);
+    entries_.erase(name);  // re-inserted last: the oldest entries are dropped first
+    entries_[name] = key(st, sha256);
+    changed_ = true;
+  }
+
+  void save() const {
+    if (!changed_ || path_.empty()) return;
+    nlohmann::ordered_json kept = nlohmann::ordered_json::object();
+    const size_t skip = entries_.size() > kMaxEntries ? entries_.size() - kMaxEntries : 0;
+    size_t i = 0;
+    for (const auto& [name, entry] : entries_.items())
+      if (i++ >= skip) kept[name] = entry;
+    std::error_code error;
+    fs::create_directories(path_.parent_path(), error);
+    std::string tmp = (path_.parent_path() / ".verified-XXXXXX.json").string();
+    const int fd = mkstemps(tmp.data(), 5);
+    if (fd < 0) return;
+    const std::string text = kept.dump();
+    const bool written = write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+    // concurrent loads: the last complete file wins; a full disk leaves no half-written temp file
+    if (close(fd) != 0 || !written || std::rename(tmp.c_str(), path_.c_str()) != 0) std::remove(tmp.c_str());
+  }
+
+ private:
+  static constexpr double kRacySeconds = 2.0;
+  static constexpr size_t kMaxEntries = 4096;
+
+  static int64_t mtime_ns(const struct stat& st) { return int64_t{st.st_mtim.tv_sec} * 1000000000 + st.st_mtim.tv_nsec; }
+  static int64_t ctime_ns(const struct stat& st) { return int64_t{st.st_ctim.tv_sec} * 1000000000 + st.st_ctim.tv_nsec; }
+  static std::string key_path(const fs::path& file) { return fs::canonical(file).string(); }
+  static nlohmann::ordered_json key(const struct stat& st, const std::string& sha256) {
+    return {static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino), static_cast<int64_t>(st.st_size),
+            mtime_ns(st), ctime_ns(st), sha256};
+  }
+
+  fs::path path_;
+  nlohmann::ordered_json entries_ = nlohmann::ordered_json::object();
+  bool changed_ = false;
+};
+
+// A manifest and the checks every manifest passes (artifact.read_manifest); with verify, every listed file's sha256.
+json read_manifest(const fs::path& directory, bool verify = false) {
   if (fs::exists(directory) && !fs::is_directory(directory))
     throw Error(directory.string() + ": a file, not an artifact directory; give the directory `llama4-export --out` "
                 "wrote");
@@ -56,11 +159,24 @@ json read_manifest(const fs::path& directory) {
                 (version.is_null() ? std::string("0 (unversioned)") : version.dump()) +
                 ", but this llama4rt reads version " + std::to_string(kFormatVersion) +
                 "; re-export with a matching llama4-export (or use the llama4rt built for that version)");
+  std::optional<VerifiedFiles> verified;
+  if (verify) verified.emplace();
   for (const auto& [name, digest] : manifest["files"].items()) {
-    if (!fs::is_regular_file(directory / name))
-      throw Error((directory / name).string() + ": listed in " + kManifest +
-                  " but missing; the artifact is incomplete, re-run the export");
+    const fs::path file = directory / name;
+    if (!fs::is_regular_file(file))
+      throw Error(file.string() + ": listed in " + kManifest + " but missing; the artifact is incomplete, re-run the export");
+    if (!verify) continue;
+    if (!digest.is_string()) throw Error(path.string() + ": files['" + name + "'] is not a sha256; re-run the export");
+    struct stat st {};
+    if (stat(file.c_str(), &st) != 0) throw Error(file.string() + ": cannot be read; re-run the export");
+    // stat before hashing: a write during the hash changes it, and the next load hashes again
+    if (verified->holds(file, st, digest.get<std::string>())) continue;
+    if (sha256_file(file) != digest.get<std::string>())
+      throw Error(file.string() + ": sha256 does not match " + kManifest +
+                  "; the file was modified or damaged, re-run the export");
+    verified->add(file, st, digest.get<std::string>());
   }
+  if (verified) verified->save();
   return manifest;
 }
 
@@ -251,12 +367,12 @@ void read_vision(const json& manifest, const fs::path& directory, Artifact& arti
 
 }  // namespace
 
-Artifact read_artifact(const std::string& directory_name) {
+Artifact read_artifact(const std::string& directory_name, bool verify) {
   const fs::path directory(directory_name);
   Artifact artifact;
   artifact.directory = directory_name;
   artifact.manifest_path = (directory / kManifest).string();
-  const json manifest = read_manifest(directory);
+  const json manifest = read_manifest(directory, verify);
   try {
     artifact.config = parse_config(manifest, artifact.manifest_path);
     read_parts(manifest, directory, artifact);

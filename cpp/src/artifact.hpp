@@ -57,8 +57,9 @@ struct Artifact {
   std::optional<VisionEntry> vision;  // an artifact of a multimodal checkpoint
 };
 
-// Throws Error with one line naming the file and what to do.
-Artifact read_artifact(const std::string& directory);
+// Throws Error with one line naming the file and what to do. verify: check every file the manifest lists against its
+// sha256 (a file verified unchanged before, by this runtime or the Python one, is not hashed again).
+Artifact read_artifact(const std::string& directory, bool verify = true);
 
 constexpr int64_t kDefaultMaxPrefill = 512;  // model/io_spec.py DEFAULT_MAX_PREFILL
 constexpr int64_t kDefaultSinks = 4;         // model/io_spec.py DEFAULT_SINKS

@@ -268,7 +268,7 @@ void Model::Impl::open(const std::string& directory, const OpenOptions& options)
   if (options.threads < 0)
     throw Error("threads=" + std::to_string(options.threads) +
                 ": must be >= 1 (or 0 for ONNX Runtime's choice)");
-  artifact = read_artifact(directory);
+  artifact = read_artifact(directory, options.verify);
   const ModelConfig& c = artifact.config;
   // OrtBackend's session options.
   Ort::SessionOptions session_options;
