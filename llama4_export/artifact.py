@@ -45,9 +45,10 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file in the directory (except the manifest itself) into manifest['files'] and write it."""
+    """Hash every file in the directory (except the manifest itself; a part's manifest.json is listed) into
+    manifest['files'] and write it."""
     directory = Path(directory)
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p != directory / MANIFEST)
     manifest = {**manifest, "format": FORMAT, "format_version": FORMAT_VERSION,
                 "files": {p.relative_to(directory).as_posix(): sha256_file(p) for p in files}}
     write_json(directory / MANIFEST, manifest)
@@ -199,22 +200,16 @@ def scratch_patterns(target: Path) -> list[str]:
 
 
 def remove_abandoned_beside(target: Path) -> str | None:
-    """remove_abandoned on the scratch of jobs that wrote `target`: the line saying what went, or None."""
+    """remove_abandoned on the scratch of jobs that wrote `target`."""
     target = Path(os.path.abspath(target))
-    removed = remove_abandoned(target.parent, scratch_patterns(target))
-    if not removed:
-        return None
-    total = sum(size for _, size in removed)
-    shown = f"{total / 1e9:,.1f} GB" if total >= 1e8 else f"{total / 1e6:,.1f} MB"
-    return (f"removed {', '.join(name for name, _ in removed)} ({shown}) from {target.parent}: left by a job killed "
-            "before it cleaned up")
+    return remove_abandoned(target.parent, scratch_patterns(target))
 
 
-def remove_abandoned(parent: Path, patterns: list[str]) -> list[tuple[str, int]]:
+def remove_abandoned(parent: Path, patterns: list[str]) -> str | None:
     """Remove the directories in `parent` matching `patterns` that no running process holds: scratch left by a job
     killed before its cleanup ran (at Scout's size, hundreds of GB the next export's disk check would miss). Returns
-    (name, bytes) of each removed, sorted by name."""
-    removed = []
+    the line saying what went, or None."""
+    removed, total = [], 0
     for path in sorted({p for pattern in patterns for p in parent.glob(pattern)}):
         if path.is_symlink() or not path.is_dir():
             continue
@@ -224,12 +219,15 @@ def remove_abandoned(parent: Path, patterns: list[str]) -> list[tuple[str, int]]
             continue
         try:
             if _lock(fd, blocking=False):
-                size = sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+                total += sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file() and not f.is_symlink())
                 shutil.rmtree(path, ignore_errors=True)
-                removed.append((path.name, size))
+                removed.append(path.name)
         finally:
             os.close(fd)
-    return removed
+    if not removed:
+        return None
+    shown = f"{total / 1e9:,.1f} GB" if total >= 1e8 else f"{total / 1e6:,.1f} MB"
+    return f"removed {', '.join(removed)} ({shown}) from {parent}: left by a job killed before it cleaned up"
 
 
 @contextlib.contextmanager

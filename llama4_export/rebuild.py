@@ -12,15 +12,17 @@ difference (missing, extra, or different sha256) is reported.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import read_manifest, sha256_file
+from .artifact import held_directory, read_manifest, remove_abandoned, sha256_file
 from .model.io_spec import DEFAULT_MAX_PREFILL
 from .pipeline import QuantOptions, export
+from .progress import note
 from .tensorrt.engine import ENGINE_DIR, build_engines, missing_tensorrt_message
 from .tensorrt.errors import BuildError
 from .weights import CheckpointWeights, RandomWeights, WeightSource
@@ -112,12 +114,12 @@ def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out:
     first = read_manifest(directory / parts[0]["directory"], verify=False) if parts else original
     max_prefill = int(((first.get("graphs") or {}).get("prefill") or {}).get("max_new_tokens", DEFAULT_MAX_PREFILL))
     optimized = "graph_passes" in first
-    scratch = None
-    if out is None:
-        scratch = Path(tempfile.mkdtemp(prefix="llama4-rebuild-"))
-        out = scratch / "artifact"
-    out = Path(out)
-    try:
+    with contextlib.ExitStack() as stack:
+        if out is None:  # a killed rebuild's scratch (an artifact-sized export) goes before this one's disk check
+            temp = Path(tempfile.gettempdir())
+            note(remove_abandoned(temp, ["llama4-rebuild-*"]), show_progress)
+            out = stack.enter_context(held_directory(temp, "llama4-rebuild-")) / "artifact"
+        out = Path(out)
         rebuilt = export(out, source, original.get("precision", "fp32"), original.get("target", "onnxruntime"), quant,
                          max(1, len(parts)), max_prefill, optimized, _uses_trt_plugin(first),
                          show_progress=show_progress).manifest
@@ -134,9 +136,6 @@ def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out:
         differences = compare_hashes(original["files"], rebuilt["files"], only)
         compared = sorted(set(original["files"]) if only is None else only)
         return RebuildResult(compared, differences, notes)
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _rebuild_engines(directory: Path, out: Path, original: dict[str, Any], show_progress: bool):

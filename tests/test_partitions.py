@@ -43,6 +43,25 @@ def test_parts_hold_their_own_layers_and_chain_hidden_states(partitioned):
     assert not any(name.startswith("model.layers.0.") for name in weights) and "lm_head.weight.T" in weights
 
 
+def test_every_file_of_every_part_is_verified_its_manifest_too(partitioned, tmp_path):
+    """The top-level manifest lists each part's files and, since a part's manifest.json was left out, the part's
+    manifest itself: an edited one (here the graphs it names) is refused at load like any damaged file."""
+    import json
+    import shutil
+
+    from llama4_export.artifact import ArtifactError
+
+    listed = set(json.loads((partitioned / "manifest.json").read_text())["files"])
+    on_disk = {p.relative_to(partitioned).as_posix() for p in partitioned.rglob("*") if p.is_file()}
+    assert listed == on_disk - {"manifest.json"} and {"part0/manifest.json", "part1/manifest.json"} <= listed
+    edited = shutil.copytree(partitioned, tmp_path / "edited")
+    part = json.loads((edited / "part1" / "manifest.json").read_text())
+    part["graphs"]["decode"]["file"] = "prefill.onnx"
+    (edited / "part1" / "manifest.json").write_text(json.dumps(part))
+    with pytest.raises(ArtifactError, match="part1/manifest.json: sha256 does not match manifest.json"):
+        Generator.load(edited)
+
+
 def test_partitioned_greedy_tokens_equal_the_pytorch_model(partitioned, model):
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, 256, 21)]  # crosses the 16-token chunk
     parts = Generator.load(partitioned, window=64)

@@ -330,11 +330,20 @@ def test_an_int4_trt_fallback_export_passes_the_lint_and_computes_what_the_plugi
 
 
 # --------------------------------------------------------------------------------------------------------- rebuild
-def test_rebuild_reproduces_every_file(scout_fp16):
-    result = rebuild(scout_fp16, show_progress=False)
+def test_rebuild_reproduces_every_file(scout_fp16, tmp_path, monkeypatch, capsys):
+    """Into a temp directory, removed after; one a killed rebuild left (no process holds it) goes first."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (tmp_path / "llama4-rebuild-killed" / "artifact").mkdir(parents=True)
+    (tmp_path / "llama4-rebuild-killed" / "artifact" / "model.data").write_bytes(b"\0" * 4096)
+    result = rebuild(scout_fp16)
     assert result.identical, result.differences
     assert set(result.compared) == set(read_manifest(scout_fp16)["files"])
     assert "decode.onnx" in result.compared and "model.data" in result.compared
+    assert sorted(tmp_path.iterdir()) == []
+    assert f"removed llama4-rebuild-killed (0.0 MB) from {tmp_path}: left by a job killed" in " ".join(
+        capsys.readouterr().err.split())
 
 
 def test_rebuild_reports_the_first_difference(scout_fp16):
