@@ -95,6 +95,38 @@ def test_stream_pieces_of_any_tokens_join_to_tokenizers_decode_at_a_constant_cos
     assert sum(decoded) < 10 * len(ids), (sum(decoded), len(ids))  # linear: ≈ 4 ids a push here, not len(ids) / 2
 
 
+def test_token_bytes_join_to_the_texts_utf8_merged_tokens_holding_parts_of_characters(tmp_path):
+    """A byte-level BPE token's bytes (what logprobs report) must be exactly its share of the text's UTF-8, also for a
+    merged token that holds only part of a character; reference: Python's str.encode. The tokenizer is trained here
+    on text whose most frequent byte pairs are parts of characters."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    # hiragana share their first two bytes (E3 81 / E3 82): with few merges those pairs merge before any character
+    corpus = ["".join(chr(0x3041 + (7 * i + j) % 83) for j in range(12)) + " naïve café" for i in range(200)]
+    trained = HFTokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trained.decoder = decoders.ByteLevel()
+    trained.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|begin_of_text|>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trained.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.load(tmp_path)
+    text = "とうきょう 東京 ☃ naïve — 🙂 plain"
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = [tok.token_bytes(i) for i in ids]
+    assert b"".join(pieces) == text.encode()
+    assert any(len(p) > 1 and not _is_utf8(p) for p in pieces)  # a merged token holding part of a character
+    bos = tok.token_to_id("<|begin_of_text|>")
+    assert tok.token_bytes(bos) == b"<|begin_of_text|>" and tok.is_special(bos) and not tok.is_special(ids[0])
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def test_no_tokenizer_file_means_no_tokenizer(tmp_path):
     assert Tokenizer.load(tmp_path) is None
 

@@ -5,6 +5,7 @@ artifact one request at a time, in this process."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -304,7 +305,9 @@ def test_echo_scores_the_prompt_as_the_pytorch_model_does(client, generator):
         np.testing.assert_allclose([max(top.values()) for top in scored.top_logprobs[1:]],
                                    reference[:-1].max(-1).values.numpy(), rtol=0, atol=2e-4)
         assert len(scored.tokens) == len(ids) and choice.finish_reason == "length"
-        assert scored.text_offset == [sum(map(len, scored.tokens[:i])) for i in range(len(ids))]  # characters before
+        assert b"".join(map(_token_bytes, scored.tokens)).decode("utf-8", "replace") == choice.text
+        for token, offset in zip(scored.tokens, scored.text_offset):  # bytes not UTF-8 among them: U+FFFD's
+            assert token.startswith("bytes:") or choice.text[offset:offset + len(token)] == token
         assert choice.text == generator.tokenizer.decode(ids, skip_special_tokens=False)
     assert response.usage.prompt_tokens == len(long) + len(short) and response.usage.completion_tokens == 0
     # again: a row holding the same prompt is not taken over (its positions' logits would be missing)
@@ -324,6 +327,49 @@ def test_echo_scores_the_prompt_as_the_pytorch_model_does(client, generator):
                                                                echo=True, stream=True) if c.choices]
     assert chunks[0].text == PROMPT and "".join(c.text for c in chunks) == echoed.text
     assert [lp for c in chunks for lp in c.logprobs.token_logprobs] == echoed.logprobs.token_logprobs
+
+
+def _token_bytes(token: str) -> bytes:
+    """A logprobs token's bytes: OpenAI writes a token holding part of a character as `bytes:\\xNN…`."""
+    return bytes.fromhex(token.removeprefix("bytes:").replace("\\x", "")) if token.startswith("bytes:") else token.encode()
+
+
+def test_logprobs_give_every_tokens_bytes_and_where_it_starts_in_the_text(client, generator):
+    """Byte-level BPE splits a non-ASCII character over tokens (scout-tiny's tokenizer: a token per byte). A token's
+    bytes must be recoverable from its logprobs entry (joined, they are the text), text_offset must index the text
+    returned (the echoed prompt's <|begin_of_text|> is not in it), and a streamed choice must score every token the
+    plain one does; reference: Python's UTF-8 codec."""
+    prompt = "café — 東京 ok"
+    body = dict(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    scored = client.completions.create(**body).choices[0]
+    assert scored.text == prompt and scored.logprobs.tokens[0] == "<|begin_of_text|>"
+    data = prompt.encode()
+    pieces = [_token_bytes(t) for t in scored.logprobs.tokens[1:]]
+    assert b"".join(pieces) == data and "bytes:\\xe6" in scored.logprobs.tokens  # 東 is 3 tokens
+    starts = [0, *itertools.accumulate(map(len, pieces))][:-1]  # each token's first byte in the text
+    assert scored.logprobs.text_offset == [0, *(len(data[:b].decode("utf-8", "ignore")) for b in starts)]
+    assert not any("\ufffd" in t for top in scored.logprobs.top_logprobs[1:] for t in top)  # alternatives too
+
+    # the same offsets over a stream's chunks, the generated tokens' after the prompt's
+    plain = client.completions.create(**{**body, "max_tokens": 12}).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**{**body, "max_tokens": 12}, stream=True) if c.choices]
+    assert [o for c in chunks for o in c.logprobs.text_offset] == plain.logprobs.text_offset
+    assert plain.logprobs.text_offset[:len(starts) + 1] == scored.logprobs.text_offset
+
+    messages = [{"role": "user", "content": "Écris 東京 en hiragana: とうきょう"}]
+    chat = dict(model=MODEL, messages=messages, max_tokens=24, logprobs=True, top_logprobs=2)
+    reply = client.chat.completions.create(**chat).choices[0]
+    entries = reply.logprobs.content
+    assert len(entries) == 24 and any(len(e.bytes) == 1 and e.bytes[0] >= 0x80 for e in entries)  # partial ones
+    assert all(e.token.encode() == bytes(e.bytes) or e.token.startswith("bytes:") for e in entries)
+    assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8", "replace") == reply.message.content
+    eos = generator.eos_token_ids[0]  # a reply ended by its end token: scored, with no bytes (it adds no text)
+    ended = client.chat.completions.create(**chat, logit_bias={str(eos): 100}).choices[0]
+    assert ended.finish_reason == "stop" and ended.message.content == ""
+    assert [(e.token, e.bytes) for e in ended.logprobs.content] == [(generator.tokenizer.decode([eos], False), None)]
+    streamed = [c.choices[0] for c in client.chat.completions.create(**chat, stream=True) if c.choices]
+    assert [e for c in streamed if c.logprobs for e in c.logprobs.content] == entries
+    assert "".join(c.delta.content or "" for c in streamed) == reply.message.content
 
 
 def test_a_negative_seed_is_a_seed(client, generator):

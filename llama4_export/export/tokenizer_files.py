@@ -22,6 +22,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from ..artifact import write_json
+from ..byte_level import BYTE_SYMBOLS, SYMBOL_BYTES
 from ..errors import CheckpointError, ConfigError
 from ..model.config import Llama4Config
 
@@ -120,8 +121,7 @@ def special_token_ids(config: Llama4Config) -> dict[int, str]:
 
 def byte_level_tokenizer(config: Llama4Config) -> Tokenizer:
     """Byte-level BPE without merges: ids 0..255 are the bytes, so encoding is exact for any UTF-8 text."""
-    byte_symbols = _bytes_to_unicode()
-    tokenizer = Tokenizer(models.BPE(vocab={byte_symbols[b]: b for b in range(BYTE_TOKENS)}, merges=[]))
+    tokenizer = Tokenizer(models.BPE(vocab={BYTE_SYMBOLS[b]: b for b in range(BYTE_TOKENS)}, merges=[]))
     # No prefix space: decode(encode(text)) must give back exactly `text`.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
@@ -158,19 +158,6 @@ def write_byte_level_tokenizer(config: Llama4Config, directory: Path) -> list[st
         "do_sample": False,
     })
     return ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in for every byte (what the ByteLevel pre-tokenizer emits and its decoder undoes)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    symbols, extra = {}, 0
-    for b in range(BYTE_TOKENS):
-        if b in printable:
-            symbols[b] = chr(b)
-        else:
-            symbols[b] = chr(BYTE_TOKENS + extra)
-            extra += 1
-    return symbols
 
 
 def write_tokenizer_graphs(directory: Path) -> dict[str, object]:
@@ -232,7 +219,7 @@ def _bpe_decoder_attributes(tokenizer: Tokenizer, spec: dict) -> dict[str, objec
     added = spec.get("added_tokens", [])
     return {
         "id_vocab": "\n".join(vocab.get(i, "") for i in range(max(vocab) + 1)),
-        "byte_decoder": "\n".join(f"{ord(symbol)}\t{byte}" for byte, symbol in _bytes_to_unicode().items()),
+        "byte_decoder": "\n".join(f"{ord(symbol)}\t{byte}" for byte, symbol in BYTE_SYMBOLS.items()),
         "added_tokens": "\n".join(f"{a['id']}\t{a['content']}" for a in added),
         "all_special_ids": "\n".join(str(a["id"]) for a in added if a.get("special")),
         "skip_special_tokens": 1,
@@ -241,9 +228,7 @@ def _bpe_decoder_attributes(tokenizer: Tokenizer, spec: dict) -> dict[str, objec
 
 def _nul_byte_tokens(tokenizer: Tokenizer, spec: dict) -> dict[str, str]:
     """id → hex bytes of every vocabulary token whose bytes hold a NUL (where BpeDecoder's output would end)."""
-    symbols = _bytes_to_unicode()
-    byte_of = {symbol: byte for byte, symbol in symbols.items()}
     added = {a["id"] for a in spec.get("added_tokens", [])}
     vocab = sorted(tokenizer.get_vocab(with_added_tokens=False).items(), key=lambda item: item[1])
-    return {str(i): bytes(byte_of[ch] for ch in token).hex() for token, i in vocab
-            if symbols[0] in token and i not in added and all(ch in byte_of for ch in token)}
+    return {str(i): bytes(SYMBOL_BYTES[ch] for ch in token).hex() for token, i in vocab
+            if BYTE_SYMBOLS[0] in token and i not in added and all(ch in SYMBOL_BYTES for ch in token)}

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..byte_level import SYMBOL_BYTES
 from .errors import GenerationError
 from .images import IMAGE_TOKEN
 
@@ -46,6 +47,8 @@ class Tokenizer:
                 raise GenerationError(f"{config_path}: not valid JSON ({exc}); re-copy it from the checkpoint") from None
         template_path = directory / CHAT_TEMPLATE_FILE
         self._template_file = template_path.read_text(encoding="utf-8") if template_path.is_file() else None
+        self._added = self._tok.get_added_tokens_decoder()
+        self._byte_level = self._tok.decoder is not None and b"ByteLevel" in self._tok.decoder.__getstate__()
 
     @classmethod
     def load(cls, directory: str | Path) -> "Tokenizer | None":
@@ -68,6 +71,20 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether decode() leaves the token out (skip_special_tokens)."""
+        added = self._added.get(token_id)
+        return added is not None and added.special
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes the token adds to decoded text. A byte-level token may hold part of a character (its text alone
+        is U+FFFD); clients join such tokens' bytes (OpenAI's logprobs `bytes`)."""
+        added = self._added.get(token_id)
+        token = self._tok.id_to_token(token_id)
+        if added is None and token is not None and self._byte_level and all(s in SYMBOL_BYTES for s in token):
+            return bytes(SYMBOL_BYTES[symbol] for symbol in token)
+        return self.decode([token_id], skip_special_tokens=False).encode()  # whole characters, or the text as shown
 
     def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a conversation followed by the assistant header, ready to generate the reply."""

@@ -11,8 +11,8 @@ frees their rows at the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hmac
-import itertools
 import json
 import math
 import os
@@ -265,11 +265,12 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                     _raise_unfinished(event, settings)
                     if body.echo and choice not in echoed:  # the prompt first (scored once its prefill is done)
                         echoed.add(choice)
-                        scores = tokens.completion_logprobs([], run.sequences[choice]) if body.logprobs is not None \
-                            else None
-                        yield {**head, "choices": [{"index": choice, "text": body.echoed(generator, choice // body.n),
-                                                    "logprobs": scores, "finish_reason": None}]}
-                    logprobs = tokens.completion_logprobs([event]) if body.logprobs is not None else None
+                        prompt = body.echoed(generator, choice // body.n)
+                        scores = tokens.completion_logprobs(choice, [], run.sequences[choice], prompt) \
+                            if body.logprobs is not None else None
+                        yield {**head, "choices": [{"index": choice, "text": prompt, "logprobs": scores,
+                                                    "finish_reason": None}]}
+                    logprobs = tokens.completion_logprobs(choice, [event]) if body.logprobs is not None else None
                     if event.token_id is not None or event.finish_reason:  # a chunk per token, as llama-server
                         yield {**head, "choices": [{"index": choice, "text": event.text or "", "logprobs": logprobs,
                                                     "finish_reason": event.finish_reason}]}
@@ -280,12 +281,11 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         metrics.requests.labels("/v1/completions", "200").inc()
 
         def choice(i: int, events: list[SequenceEvent]) -> dict[str, Any]:
-            prompt = i // body.n
-            text = "".join(e.text or "" for e in events)
+            prompt = body.echoed(generator, i // body.n) if body.echo else ""
             scored = run.sequences[i] if body.echo else None  # its prompt tokens and their log-probabilities
-            return {"index": i, "text": body.echoed(generator, prompt) + text if body.echo else text,
-                    "logprobs": tokens.completion_logprobs(events, scored) if body.logprobs is not None else None,
-                    "finish_reason": events[-1].finish_reason}
+            return {"index": i, "text": prompt + "".join(e.text or "" for e in events),
+                    "logprobs": tokens.completion_logprobs(i, events, scored, prompt) if body.logprobs is not None
+                    else None, "finish_reason": events[-1].finish_reason}
 
         return JSONResponse({**head, "choices": [choice(i, events) for i, events in enumerate(choices)],
                              "usage": _usage(run)})
@@ -310,10 +310,22 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                     yield chunk(choice, {"role": "assistant", "content": ""})
                 held: list[list[SequenceEvent]] = [[] for _ in range(body.n)]  # a possible tool call waits for its end
                 answered: set[int] = set()  # choices that ended with their tool calls
+                # scored tokens not sent yet: a token holding part of a character (or of a possible tool call) adds no
+                # text, so its log-probability goes with the next chunk
+                unsent: list[list[SequenceEvent]] = [[] for _ in range(body.n)]
+
+                def scores(choice: int) -> dict[str, Any] | None:
+                    if not unsent[choice]:
+                        return None
+                    logprobs, unsent[choice] = tokens.chat_logprobs(unsent[choice]), []
+                    return logprobs
+
                 async for choice, event in run.events():
                     if choice in answered:
                         continue  # its sequence was cancelled once its tool calls were complete
                     _raise_unfinished(event, settings)
+                    if top is not None and event.logprobs is not None:
+                        unsent[choice].append(event)
                     if tool_names and (held[choice] or may_be_tool_call(event.text or "")):
                         held[choice].append(event)
                         if not may_be_tool_call("".join(e.text or "" for e in held[choice])):
@@ -325,16 +337,16 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                             calls = parse_tool_calls(event.text or "", tool_names)
                             if calls:
                                 yield chunk(choice, {"tool_calls": [{"index": i, **c.openai()}
-                                                                    for i, c in enumerate(calls)]})
+                                                                    for i, c in enumerate(calls)]},
+                                            logprobs=scores(choice))
                                 yield chunk(choice, {}, "tool_calls")
                                 answered.add(choice)
                                 run.cancel(choice)
                                 continue
-                    logprobs = tokens.chat_logprobs([event]) if top is not None else None
                     if event.text:
-                        yield chunk(choice, {"content": event.text}, logprobs=logprobs)
+                        yield chunk(choice, {"content": event.text}, logprobs=scores(choice))
                     if event.finish_reason:
-                        yield chunk(choice, {}, event.finish_reason)
+                        yield chunk(choice, {}, event.finish_reason, logprobs=scores(choice))
                 if body.include_usage:
                     yield {**head, "choices": [], "usage": _usage(run)}
             return _sse(chunks(), run, metrics, "/v1/chat/completions")
@@ -391,32 +403,77 @@ class _Durations:
 
 
 class _TokenText:
-    """Token strings for log-probabilities."""
+    """Tokens as OpenAI's log-probabilities show them, for one request. A token that holds part of a UTF-8 character
+    (byte-level BPE splits most non-Latin characters) is shown as `bytes:\\xNN…`, OpenAI's notation; chat entries
+    carry every token's exact bytes (none for a special token). text_offset counts the characters of the choice's
+    text (the echoed prompt included) before each token, across a stream's chunks; a special token the text leaves
+    out (the <|begin_of_text|> a text prompt's encoding adds, an end token) takes no room."""
 
     def __init__(self, generator):
         self.tokenizer = generator.tokenizer
+        self._characters: dict[int, int] = {}  # choice → characters of its text so far
+        self._utf8: dict[int, codecs.IncrementalDecoder] = {}  # choice → its text's bytes so far, decoded
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.tokenizer.token_bytes(token_id) if self.tokenizer else str(token_id).encode()
 
     def piece(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else str(token_id)
+        data = self.token_bytes(token_id)
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
-    def completion_logprobs(self, events: list[SequenceEvent], echoed: Sequence | None = None) -> dict[str, Any]:
-        """OpenAI's logprobs of a completion; with `echoed`, its prompt's tokens first (the first one unscored)."""
+    def _next_character(self, choice: int) -> int:
+        """Where in the choice's text a whole character would come next (after the bytes of an unfinished one, which
+        it would end as one U+FFFD)."""
+        utf8 = self._utf8.get(choice)
+        return self._characters.get(choice, 0) + (1 if utf8 and utf8.getstate()[0] else 0)
+
+    def _offset(self, choice: int, shown: bytes) -> int:
+        """Characters of the choice's text before the one holding the first of a token's `shown` bytes (which extend
+        the text); bytes that form no character stand as U+FFFD in the text, as Python and the tokenizer decode them."""
+        utf8 = self._utf8.setdefault(choice, codecs.getincrementaldecoder("utf-8")("replace"))
+        before = self._characters.get(choice, 0)
+        if not shown:
+            return before
+        first = utf8.decode(shown[:1])  # what the first byte ends: an invalid held character, and maybe its own
+        held = bool(utf8.getstate()[0])  # the first byte is part of a character still incomplete
+        self._characters[choice] = before + len(first) + len(utf8.decode(shown[1:]))
+        return before + len(first) - (0 if held else 1)
+
+    def completion_logprobs(self, choice: int, events: list[SequenceEvent], echoed: Sequence | None = None,
+                            echoed_text: str = "") -> dict[str, Any]:
+        """OpenAI's logprobs of a completion; with `echoed`, its prompt's tokens first (the first one unscored), laid
+        over `echoed_text` (the prompt as echo shows it)."""
         entries = [] if echoed is None else [(echoed.request.prompt_ids[0], None),
                                              *((s.token_id, s) for s in echoed.prompt_logprobs)]
-        entries += [(e.token_id, e.logprobs) for e in events if e.logprobs is not None]
-        tokens = [self.piece(t) for t, _ in entries]
-        offsets = [0, *itertools.accumulate(len(t) for t in tokens)][:len(tokens)]  # linear: echoed prompts are long
-        return {"tokens": tokens, "token_logprobs": [None if s is None else s.logprob for _, s in entries],
+        offsets = []
+        for token, _ in entries:  # a special token is in the echoed text where the text holds it next
+            data = self.token_bytes(token)
+            hidden = self.tokenizer is None or self.tokenizer.is_special(token) and not echoed_text.startswith(
+                data.decode(), self._next_character(choice))
+            offsets.append(self._offset(choice, b"" if hidden else data))
+        for event in events:
+            if event.logprobs is not None:  # generated text leaves special tokens out
+                entries.append((event.token_id, event.logprobs))
+                special = self.tokenizer is None or self.tokenizer.is_special(event.token_id)
+                offsets.append(self._offset(choice, b"" if special else self.token_bytes(event.token_id)))
+        return {"tokens": [self.piece(t) for t, _ in entries],
+                "token_logprobs": [None if s is None else s.logprob for _, s in entries],
                 "top_logprobs": [None if s is None else {self.piece(t): lp for t, lp in s.top} for _, s in entries],
                 "text_offset": offsets}
 
     def chat_logprobs(self, events: list[SequenceEvent]) -> dict[str, Any]:
         def entry(token_id: int, logprob: float) -> dict[str, Any]:
-            text = self.piece(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            # a special token (the end of turn) adds nothing to the message: no bytes (null), so theirs join to it
+            shown = self.tokenizer is not None and not self.tokenizer.is_special(token_id)
+            return {"token": self.piece(token_id), "logprob": logprob,
+                    "bytes": list(self.token_bytes(token_id)) if shown else None}
 
-        return {"content": [{**entry(e.token_id, e.logprobs.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.logprobs.top]}
-                            for e in events if e.logprobs is not None]}
+        scored = [e for e in events if e.logprobs is not None]
+        return {"content": [{**entry(e.token_id, e.logprobs.logprob),
+                             "top_logprobs": [entry(t, lp) for t, lp in e.logprobs.top]} for e in scored]}
 
 
 def _merge(events: list[SequenceEvent]) -> SequenceEvent:
