@@ -502,8 +502,12 @@ def check_disk_space(out: Path, need: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < need:
-        raise DiskSpaceError(f"{out}: the export needs about {need / 1e9:,.1f} GB free but {probe} has "
-                             f"{free / 1e9:,.1f} GB; free space or choose another --out")
+        raise DiskSpaceError(f"{out}: the export needs about {_size(need)} free but {probe} has {_size(free)}; free "
+                             "space or choose another --out")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"  # a small export's need shows, not "0.0 GB"
 
 
 def awq_memory_bytes(config: Llama4Config, samples: int, seq_len: int) -> int:
