@@ -563,6 +563,14 @@ def penalty_out_of_range(tmp_path, tiny):
     return tiny["fp32"], ["--ids", "1", "--presence-penalty", "2.5"], "presence_penalty=2.5: must be in [-2, 2]"
 
 
+def negative_temperature(tmp_path, tiny):  # the float as Python writes it (it read "-1." before)
+    return tiny["fp32"], ["--ids", "1", "--temperature", "-1"], "temperature=-1.0: must be >= 0 (0 = greedy)"
+
+
+def top_p_too_small(tmp_path, tiny):
+    return tiny["fp32"], ["--ids", "1", "--top-p", "0"], "top_p=0.0: must be in (0, 1]"
+
+
 def bias_outside_vocabulary(tmp_path, tiny):
     return tiny["fp32"], ["--ids", "1", "--logit-bias", "512=1"], "logit_bias: token 512 is outside the vocabulary of 512"
 
@@ -603,7 +611,8 @@ def json_and_stream(tmp_path, tiny):  # --stream was ignored
                                      kv_heads_not_matching_manifest,
                                      id_outside_vocabulary, window_without_ring, bad_ids,
                                      prompt_without_tokenizer_graphs, prompt_and_ids, negative_threads, json_and_stream,
-                                     penalty_out_of_range, bias_outside_vocabulary, bias_given_twice,
+                                     penalty_out_of_range, negative_temperature, top_p_too_small,
+                                     bias_outside_vocabulary, bias_given_twice,
                                      bias_without_value, prompt_file_not_utf8, prompt_file_missing,
                                      stop_without_tokenizer_graphs, empty_stop_string],
                          ids=lambda f: f.__name__)

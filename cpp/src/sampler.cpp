@@ -1,6 +1,7 @@
 #include "sampler.hpp"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -124,7 +125,11 @@ double pairwise_sum(const double* a, int64_t n) {
 }
 
 void check_sampling(const SamplingOptions& p) {
-  auto number = [](double x) { std::string s = std::to_string(x); return s.erase(s.find_last_not_of('0') + 1); };
+  auto number = [](double x) {  // as Python writes a float ("-1.0", "0.1", "1e-07"), so both runtimes' lines match
+    char digits[32];
+    std::string s(digits, std::to_chars(digits, digits + sizeof digits, x).ptr);  // the shortest that reads back
+    return s.find_first_of(".en") == std::string::npos ? s + ".0" : s;  // e, inf, nan: nothing to add
+  };
   if (!(p.temperature >= 0)) throw Error("temperature=" + number(p.temperature) + ": must be >= 0 (0 = greedy)");
   if (p.top_k < 0) throw Error("top_k=" + std::to_string(p.top_k) + ": must be >= 0 (0 = off)");
   if (!(p.top_p > 0 && p.top_p <= 1)) throw Error("top_p=" + number(p.top_p) + ": must be in (0, 1] (1 = off)");
