@@ -331,14 +331,16 @@ def test_echo_scores_the_prompt_as_the_pytorch_model_does(client, generator):
 
 def _token_bytes(token: str) -> bytes:
     """A logprobs token's bytes: OpenAI writes a token holding part of a character as `bytes:\\xNN…`."""
-    return bytes.fromhex(token.removeprefix("bytes:").replace("\\x", "")) if token.startswith("bytes:") else token.encode()
+    if token.startswith("bytes:"):
+        return bytes.fromhex(token.removeprefix("bytes:").replace("\\x", ""))
+    return token.encode()
 
 
 def test_logprobs_give_every_tokens_bytes_and_where_it_starts_in_the_text(client, generator):
     """Byte-level BPE splits a non-ASCII character over tokens (scout-tiny's tokenizer: a token per byte). A token's
     bytes must be recoverable from its logprobs entry (joined, they are the text), text_offset must index the text
-    returned (the echoed prompt's <|begin_of_text|> is not in it), and a streamed choice must score every token the
-    plain one does; reference: Python's UTF-8 codec."""
+    returned after the prompt (echoed or not, as OpenAI's; the echoed prompt's <|begin_of_text|> is not in it), and
+    a streamed choice must score every token the plain one does; reference: Python's UTF-8 codec."""
     prompt = "café — 東京 ok"
     body = dict(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
     scored = client.completions.create(**body).choices[0]
@@ -355,6 +357,13 @@ def test_logprobs_give_every_tokens_bytes_and_where_it_starts_in_the_text(client
     chunks = [c.choices[0] for c in client.completions.create(**{**body, "max_tokens": 12}, stream=True) if c.choices]
     assert [o for c in chunks for o in c.logprobs.text_offset] == plain.logprobs.text_offset
     assert plain.logprobs.text_offset[:len(starts) + 1] == scored.logprobs.text_offset
+    # not echoed, offsets still count the prompt's characters first, as OpenAI's
+    unechoed = {**body, "max_tokens": 12, "echo": False}
+    offsets = client.completions.create(**unechoed).choices[0].logprobs.text_offset
+    assert offsets == plain.logprobs.text_offset[len(starts) + 1:]
+    streamed = client.completions.create(**unechoed, stream=True)
+    assert [o for c in streamed if c.choices and c.choices[0].logprobs
+            for o in c.choices[0].logprobs.text_offset] == offsets
 
     messages = [{"role": "user", "content": "Écris 東京 en hiragana: とうきょう"}]
     chat = dict(model=MODEL, messages=messages, max_tokens=24, logprobs=True, top_logprobs=2)

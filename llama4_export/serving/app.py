@@ -257,7 +257,10 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         run = await start(body)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": settings.model_name}
-        tokens = _TokenText(generator)
+        def prompt_text(choice: int) -> str:
+            return body.echoed(generator, choice // body.n)
+
+        tokens = _TokenText(generator, prompt_text)
         if body.stream:
             async def chunks() -> AsyncIterator[dict[str, Any]]:
                 echoed: set[int] = set()
@@ -265,10 +268,9 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                     _raise_unfinished(event, settings)
                     if body.echo and choice not in echoed:  # the prompt first (scored once its prefill is done)
                         echoed.add(choice)
-                        prompt = body.echoed(generator, choice // body.n)
-                        scores = tokens.completion_logprobs(choice, [], run.sequences[choice], prompt) \
+                        scores = tokens.completion_logprobs(choice, [], run.sequences[choice]) \
                             if body.logprobs is not None else None
-                        yield {**head, "choices": [{"index": choice, "text": prompt, "logprobs": scores,
+                        yield {**head, "choices": [{"index": choice, "text": prompt_text(choice), "logprobs": scores,
                                                     "finish_reason": None}]}
                     logprobs = tokens.completion_logprobs(choice, [event]) if body.logprobs is not None else None
                     if event.token_id is not None or event.finish_reason:  # a chunk per token, as llama-server
@@ -281,11 +283,10 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         metrics.requests.labels("/v1/completions", "200").inc()
 
         def choice(i: int, events: list[SequenceEvent]) -> dict[str, Any]:
-            prompt = body.echoed(generator, i // body.n) if body.echo else ""
             scored = run.sequences[i] if body.echo else None  # its prompt tokens and their log-probabilities
-            return {"index": i, "text": prompt + "".join(e.text or "" for e in events),
-                    "logprobs": tokens.completion_logprobs(i, events, scored, prompt) if body.logprobs is not None
-                    else None, "finish_reason": events[-1].finish_reason}
+            return {"index": i, "text": (prompt_text(i) if body.echo else "") + "".join(e.text or "" for e in events),
+                    "logprobs": tokens.completion_logprobs(i, events, scored) if body.logprobs is not None else None,
+                    "finish_reason": events[-1].finish_reason}
 
         return JSONResponse({**head, "choices": [choice(i, events) for i, events in enumerate(choices)],
                              "usage": _usage(run)})
@@ -405,12 +406,14 @@ class _Durations:
 class _TokenText:
     """Tokens as OpenAI's log-probabilities show them, for one request. A token that holds part of a UTF-8 character
     (byte-level BPE splits most non-Latin characters) is shown as `bytes:\\xNN…`, OpenAI's notation; chat entries
-    carry every token's exact bytes (none for a special token). text_offset counts the characters of the choice's
-    text (the echoed prompt included) before each token, across a stream's chunks; a special token the text leaves
-    out (the <|begin_of_text|> a text prompt's encoding adds, an end token) takes no room."""
+    carry every token's exact bytes (none for a special token). text_offset counts the characters before each token
+    in the prompt (as echo shows it) followed by the choice's text, echoed or not, as OpenAI's does, across a
+    stream's chunks; a special token the text leaves out (the <|begin_of_text|> a text prompt's encoding adds, an
+    end token) takes no room."""
 
-    def __init__(self, generator):
+    def __init__(self, generator, prompt_text: Callable[[int], str] | None = None):
         self.tokenizer = generator.tokenizer
+        self.prompt_text = prompt_text  # choice → its prompt as echo shows it (completions)
         self._characters: dict[int, int] = {}  # choice → characters of its text so far
         self._utf8: dict[int, codecs.IncrementalDecoder] = {}  # choice → its text's bytes so far, decoded
 
@@ -442,16 +445,20 @@ class _TokenText:
         self._characters[choice] = before + len(first) + len(utf8.decode(shown[1:]))
         return before + len(first) - (0 if held else 1)
 
-    def completion_logprobs(self, choice: int, events: list[SequenceEvent], echoed: Sequence | None = None,
-                            echoed_text: str = "") -> dict[str, Any]:
+    def completion_logprobs(self, choice: int, events: list[SequenceEvent], echoed: Sequence | None = None
+                            ) -> dict[str, Any]:
         """OpenAI's logprobs of a completion; with `echoed`, its prompt's tokens first (the first one unscored), laid
-        over `echoed_text` (the prompt as echo shows it)."""
+        over the prompt's text."""
         entries = [] if echoed is None else [(echoed.request.prompt_ids[0], None),
                                              *((s.token_id, s) for s in echoed.prompt_logprobs)]
+        first = choice not in self._characters
+        prompt = self.prompt_text(choice) if self.prompt_text and (first or echoed) else ""
+        if first:  # offsets index the prompt's text, then the choice's: an echoed prompt's tokens are laid over it
+            self._characters[choice] = 0 if echoed else len(prompt)
         offsets = []
-        for token, _ in entries:  # a special token is in the echoed text where the text holds it next
+        for token, _ in entries:  # a special token is in the prompt's text where the text holds it next
             data = self.token_bytes(token)
-            hidden = self.tokenizer is None or self.tokenizer.is_special(token) and not echoed_text.startswith(
+            hidden = self.tokenizer is None or self.tokenizer.is_special(token) and not prompt.startswith(
                 data.decode(), self._next_character(choice))
             offsets.append(self._offset(choice, b"" if hidden else data))
         for event in events:
