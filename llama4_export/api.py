@@ -186,12 +186,15 @@ def export_model(
 
 def model_configs(model: str | None, checkpoint: str | Path | None) -> tuple[Llama4Config, Llama4VisionConfig | None]:
     """A preset's text and vision configs, or a checkpoint's after checking every tensor's name and shape (headers
-    only); the vision config is None for a text-only model."""
+    only) — or from its config.json alone when the directory holds no weights yet (to inspect or plan a model before
+    downloading it); the vision config is None for a text-only model."""
     if (model is None) == (checkpoint is None):
         raise ConfigError("give exactly one of --model PRESET or --checkpoint DIR")
     if checkpoint is not None:
-        from .model.loader import check_checkpoint
+        from .model.loader import check_checkpoint, checkpoint_configs, holds_weights
 
+        if Path(checkpoint).is_dir() and not holds_weights(checkpoint):
+            return checkpoint_configs(checkpoint)
         index = check_checkpoint(checkpoint)
         return index.config, index.vision
     return get_preset(model), get_vision_preset(model)

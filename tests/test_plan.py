@@ -200,6 +200,23 @@ def test_plan_cli_includes_the_vision_tower_of_a_preset_and_of_a_checkpoint():
     assert table.exit_code == 0 and "vision tower on GPU 0" in table.stdout
 
 
+def test_a_checkpoint_is_planned_and_inspected_from_its_config_json_before_its_weights_are_downloaded(tmp_path):
+    """A directory holding config.json alone (what one downloads first) plans and inspects as the whole checkpoint
+    does; once weights are there (even only their index) every tensor is checked as before."""
+    fixture = Path(__file__).parent / "fixtures" / "vision" / "tiny-a"
+    alone = tmp_path / "tiny-a"
+    alone.mkdir()
+    (alone / "config.json").write_bytes((fixture / "config.json").read_bytes())
+    for command, args in (("plan", ["--precision", "int4", "--gpu-memory", "24GB"]), ("inspect", [])):
+        results = [CliRunner().invoke(export_app, [command, "--checkpoint", str(d), *args, "--json"]) for d in (fixture, alone)]
+        assert [r.exit_code for r in results] == [0, 0], results[1].output
+        assert json.loads(results[1].stdout) == json.loads(results[0].stdout)
+    (alone / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-1.safetensors"}}))
+    missing = plan_cli("--checkpoint", str(alone), "--gpu-memory", "24GB")
+    assert missing.exit_code == 2 and "model-1.safetensors: shard listed in model.safetensors.index.json is missing" \
+        in " ".join(missing.output.split())
+
+
 STORED_BITS = {onnx.TensorProto.FLOAT: 32, onnx.TensorProto.FLOAT16: 16, onnx.TensorProto.INT4: 4,
                onnx.TensorProto.FLOAT8E4M3FN: 8, onnx.TensorProto.INT64: 64}
 

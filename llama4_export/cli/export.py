@@ -155,7 +155,9 @@ def _print_report(report: dict) -> None:
 @export_app.command()
 def inspect(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="preset: scout, maverick, behemoth, scout-tiny, maverick-tiny"),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Hugging Face checkpoint directory"),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", "-c",
+        help="Hugging Face checkpoint directory (config.json alone is enough, before the weights are downloaded)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
 ) -> None:
     """Architecture summary: layers by kind, total/active parameters, weight bytes per precision, KV bytes per token."""
@@ -225,7 +227,9 @@ def _print_summary(s: dict) -> None:
 @export_app.command()
 def plan(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="preset: scout, maverick, behemoth, scout-tiny, maverick-tiny"),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Hugging Face checkpoint directory"),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", "-c",
+        help="Hugging Face checkpoint directory (config.json alone is enough, before the weights are downloaded)"),
     precision: str = typer.Option("bf16", "--precision", "-p", help="weights: fp32 | fp16 | bf16 | fp8 | int4"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="h100-80gb | h200-141gb | l40s-48gb | a100-40gb | rtx4090-24gb | jetson-orin-64gb"),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="memory of one GPU instead of --gpu, e.g. 24GB or 80GiB"),
