@@ -585,7 +585,8 @@ def bias_without_value(tmp_path, tiny):
 
 def prompt_file_not_utf8(tmp_path, tiny):
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
-    return tiny["fp32"], ["-f", tmp_path / "latin1.txt"], "the text is not UTF-8 (byte 3 starts no well-formed"
+    return tiny["fp32"], ["-f", tmp_path / "latin1.txt"], \
+        f"-f {tmp_path / 'latin1.txt'}: the text is not UTF-8 (byte 3 starts no well-formed"
 
 
 def prompt_file_missing(tmp_path, tiny):

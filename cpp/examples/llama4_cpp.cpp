@@ -154,6 +154,7 @@ int main(int argc, char** argv) {
   std::string artifact;
   std::optional<std::vector<int64_t>> ids;
   std::optional<std::string> prompt;
+  std::string prompt_file;  // "--prompt-file PATH" when the prompt came from one: a refusal of its text names it
   std::vector<int64_t> rss_steps;
   std::vector<std::string> image_paths;
   bool as_json = false, stream = false, stats = false;
@@ -174,7 +175,9 @@ int main(int argc, char** argv) {
         prompt = value();
       } else if (flag == "--prompt-file" || flag == "-f") {
         if (prompt) throw Usage{"give exactly one of --prompt TEXT, --prompt-file FILE or --ids 1,2,3"};
-        prompt = read_prompt(flag, value());
+        const std::string& path = value();
+        prompt_file = flag + " " + path;
+        prompt = read_prompt(flag, path);
       } else if (flag == "--ids") {
         ids = parse_ids(flag, value());
       } else if (flag == "-n" || flag == "--max-new-tokens") {
@@ -239,9 +242,15 @@ int main(int argc, char** argv) {
     for (const std::string& path : image_paths) images.push_back(read_ppm(path));
 
     llama4rt::Model model = llama4rt::Model::open(artifact, open_options);
-    const llama4rt::Prompt full_prompt = ids ? llama4rt::Prompt{*ids, {}}
-                                             : images.empty() ? llama4rt::Prompt{model.encode(*prompt), {}}
-                                                              : model.encode(*prompt, images);
+    const llama4rt::Prompt full_prompt = [&] {
+      try {
+        return ids ? llama4rt::Prompt{*ids, {}}
+                   : images.empty() ? llama4rt::Prompt{model.encode(*prompt), {}} : model.encode(*prompt, images);
+      } catch (const llama4rt::Error& error) {
+        if (prompt_file.empty()) throw;
+        throw llama4rt::Error(prompt_file + ": " + error.what());
+      }
+    }();
     const std::vector<int64_t>& prompt_ids = full_prompt.ids;
     std::optional<llama4rt::TextStream> pieces;
     if (stream && model.has_tokenizer()) pieces.emplace(model, options.stop_strings);
