@@ -420,6 +420,10 @@ class _TokenText:
     def token_bytes(self, token_id: int) -> bytes:
         return self.tokenizer.token_bytes(token_id) if self.tokenizer else str(token_id).encode()
 
+    def adds_text(self, token_id: int) -> bool:
+        """Whether generated text holds the token (its decoding leaves special tokens out)."""
+        return self.tokenizer is not None and not self.tokenizer.is_special(token_id)
+
     def piece(self, token_id: int) -> str:
         data = self.token_bytes(token_id)
         try:
@@ -458,14 +462,13 @@ class _TokenText:
         offsets = []
         for token, _ in entries:  # a special token is in the prompt's text where the text holds it next
             data = self.token_bytes(token)
-            hidden = self.tokenizer is None or self.tokenizer.is_special(token) and not prompt.startswith(
-                data.decode(), self._next_character(choice))
-            offsets.append(self._offset(choice, b"" if hidden else data))
+            shown = self.adds_text(token) or prompt.startswith(data.decode(), self._next_character(choice))
+            offsets.append(self._offset(choice, data if shown else b""))
         for event in events:
-            if event.logprobs is not None:  # generated text leaves special tokens out
+            if event.logprobs is not None:
                 entries.append((event.token_id, event.logprobs))
-                special = self.tokenizer is None or self.tokenizer.is_special(event.token_id)
-                offsets.append(self._offset(choice, b"" if special else self.token_bytes(event.token_id)))
+                shown = self.adds_text(event.token_id)
+                offsets.append(self._offset(choice, self.token_bytes(event.token_id) if shown else b""))
         return {"tokens": [self.piece(t) for t, _ in entries],
                 "token_logprobs": [None if s is None else s.logprob for _, s in entries],
                 "top_logprobs": [None if s is None else {self.piece(t): lp for t, lp in s.top} for _, s in entries],
@@ -474,9 +477,8 @@ class _TokenText:
     def chat_logprobs(self, events: list[SequenceEvent]) -> dict[str, Any]:
         def entry(token_id: int, logprob: float) -> dict[str, Any]:
             # a special token (the end of turn) adds nothing to the message: no bytes (null), so theirs join to it
-            shown = self.tokenizer is not None and not self.tokenizer.is_special(token_id)
             return {"token": self.piece(token_id), "logprob": logprob,
-                    "bytes": list(self.token_bytes(token_id)) if shown else None}
+                    "bytes": list(self.token_bytes(token_id)) if self.adds_text(token_id) else None}
 
         scored = [e for e in events if e.logprobs is not None]
         return {"content": [{**entry(e.token_id, e.logprobs.logprob),
