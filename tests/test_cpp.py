@@ -115,18 +115,22 @@ TINY_CASES = {
 def test_threads_sharing_a_model_take_turns_and_a_callback_cannot_reenter(llama4_cpp, tiny):
     """A host's threads calling generate on one Model each get their own run's tokens (without the lock they
     overwrote each other's cache: other tokens, silently), equal to llama4-run's; generate from inside its own token
-    callback throws one line instead of deadlocking or corrupting the run."""
+    callback throws one line instead of deadlocking or corrupting the run. A host cancels a generation by throwing
+    from its callback: it catches its own exception type (not a llama4rt::Error holding its message), and the Model's
+    next generation is the one it would have been."""
     prompts = [ids(n, 256, seed=n) for n in (5, 17, 33, 40)]
     done = subprocess.run([str(BUILD / "shared-model"), str(tiny["fp32"]), "24", *prompts], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    *runs, reentered = done.stdout.splitlines()
+    *runs, reentered, cancelled, after_cancel = done.stdout.splitlines()
     for prompt, line in zip(prompts, runs, strict=True):
         alone, shared = line.split(" | ")
         expected = python_json(tiny["fp32"], "--ids", prompt, "-n", 24)["token_ids"]
         assert alone == shared == ",".join(map(str, expected[:24])), (prompt, line)
     assert reentered == "re-entered: Model::generate was called from its own token callback; a Model runs one " \
                         "generation at a time"
+    assert cancelled == "cancelled: caught the host's exception after 3 tokens"
+    assert after_cancel == runs[0].split(" | ")[0]
 
 
 @pytest.mark.parametrize("case", sorted(TINY_CASES))

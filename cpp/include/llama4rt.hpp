@@ -94,7 +94,9 @@ struct Prompt {
   std::vector<float> image_features;
 };
 
-// Called with every new token as it is chosen; `stop` = it is a stop token (it ends the generation).
+// Called with every new token as it is chosen; `stop` = it is a stop token (it ends the generation). To end a
+// generation early (the user cancelled, the client went away), throw from it: generate stops there and rethrows that
+// exception unchanged (not as Error), and the Model is ready for the next call.
 using TokenCallback = std::function<void(int64_t token, bool stop)>;
 
 class Model {

@@ -2,6 +2,7 @@
 // llama4_export/runtime/generator.py (Generator) over ort_backend.py (OrtBackend) does for one sequence.
 #include <algorithm>
 #include <atomic>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <set>
@@ -114,6 +115,11 @@ std::unique_ptr<Ort::Session> open_session(Ort::Env& env, const std::string& pat
     throw Error(path + ": ONNX Runtime cannot load it (" + reason + "); " + fix);
   }
 }
+
+// An exception thrown by the host's token callback, carried unchanged past the Error conversion of `guarded`.
+struct FromCallback {
+  std::exception_ptr error;
+};
 
 struct TensorSpec {
   ONNXTensorElementDataType type;
@@ -672,7 +678,13 @@ Result Model::Impl::generate(const Prompt& with_images, const GenerateOptions& o
     result.token_ids.push_back(token);
     const bool stop = stops.count(token) > 0;
     if (cut_text && !stop) kept += cut_text->push(token);
-    if (on_token) on_token(token, stop);
+    if (on_token) {
+      try {
+        on_token(token, stop);
+      } catch (...) {
+        throw FromCallback{std::current_exception()};
+      }
+    }
     if (stop || (cut_text && cut_text->stopped())) {
       result.stop_reason = "stop";
       break;
@@ -696,6 +708,8 @@ template <typename F>
 auto guarded(F&& body) -> decltype(body()) {
   try {
     return body();
+  } catch (const FromCallback& thrown) {
+    std::rethrow_exception(thrown.error);  // the host's own exception (how it cancels), not turned into an Error
   } catch (const Error&) {
     throw;
   } catch (const Ort::Exception& e) {

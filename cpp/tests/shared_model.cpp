@@ -1,7 +1,10 @@
 // shared-model: threads sharing one llama4rt::Model, for tests/test_cpp.py.
 //   shared-model ARTIFACT N_NEW IDS [IDS ...]  (IDS: comma-separated prompt ids)
 // Generates every prompt once on its own, then all at once from one thread each on the same Model, then calls
-// generate from inside a token callback; prints one line per prompt, "alone | shared" token ids, and the error line.
+// generate from inside a token callback, then cancels a generation by throwing from its callback and generates the
+// first prompt again; prints one line per prompt, "alone | shared" token ids, the error line, what the cancelling
+// caller caught and the ids generated after it.
+#include <exception>
 #include <iostream>
 #include <sstream>
 #include <string>
@@ -22,6 +25,10 @@ static std::string joined(const std::vector<int64_t>& ids) {
   for (int64_t id : ids) out += (out.empty() ? "" : ",") + std::to_string(id);
   return out;
 }
+
+struct Cancelled : std::exception {
+  const char* what() const noexcept override { return "cancelled by the host"; }
+};
 
 int main(int argc, char** argv) {
   if (argc < 4) {
@@ -56,6 +63,18 @@ int main(int argc, char** argv) {
     } catch (const llama4rt::Error& e) {
       std::cout << "re-entered: " << e.what() << std::endl;
     }
+    int64_t seen = 0;
+    try {
+      model.generate(prompts[0], options, [&](int64_t, bool) {
+        if (++seen == 3) throw Cancelled();
+      });
+      std::cout << "cancelled: generate returned" << std::endl;
+    } catch (const Cancelled&) {
+      std::cout << "cancelled: caught the host's exception after " << seen << " tokens" << std::endl;
+    } catch (const llama4rt::Error& e) {
+      std::cout << "cancelled: became llama4rt::Error: " << e.what() << std::endl;
+    }
+    std::cout << joined(model.generate(prompts[0], options).token_ids) << std::endl;
     return 0;
   } catch (const llama4rt::Error& e) {
     std::cerr << "error: " << e.what() << std::endl;
