@@ -2,8 +2,9 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-# Test extras: dev (pytest + pytest-xdist, transformers as the oracle, onnxruntime-extensions), kernels (Triton's
-# CPU interpreter), serve (FastAPI + uvicorn, the openai client the server tests drive it with) and ray (Ray Serve).
+# Test extras: dev (pytest + pytest-xdist, transformers as the oracle), kernels (Triton's CPU interpreter), serve
+# (FastAPI + uvicorn, the openai client the server tests drive it with) and ray (Ray Serve); the export extra (torch,
+# onnx, ...) is in every venv made here: it is what `make demo` runs.
 EXTRAS ?= dev,kernels,serve,ray
 # CPU torch from the pinned release (an unpinned torch pulls gigabytes of CUDA packages).
 TORCH_PIN ?= torch==2.13.0
@@ -24,7 +25,7 @@ ONNXRUNTIME_ROOT ?=
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH_PIN)"
-	$(PIP) -e .
+	$(PIP) -e ".[export]"
 	touch $@
 
 $(BIN)/.installed-$(EXTRAS): $(BIN)/.installed

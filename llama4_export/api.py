@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .artifact import read_manifest
-from .errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types
+from .errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types, needs_exporter
 from .graph_passes.errors import GraphPassError
 from .model.config import Llama4Config, Llama4VisionConfig, get_preset, get_vision_preset
 from .model.io_spec import DEFAULT_MAX_PREFILL
@@ -39,7 +39,12 @@ __all__ = [  # noqa: F822 (the jobs __getattr__ imports on first use)
 
 def __getattr__(name: str):
     """The jobs that need torch or onnx, imported on first use: `llama4-export --help`, `inspect --model` and `plan`
-    start without them (≈ 0.2 s instead of 3)."""
+    start without them (≈ 0.2 s instead of 3), and an install without the export extra runs everything else."""
+    with needs_exporter():
+        return getattr(_job_module(name), name)
+
+
+def _job_module(name: str):
     if name in ("ExportResult", "QuantOptions"):
         from . import pipeline as module
     elif name == "bench_artifact":
@@ -58,7 +63,7 @@ def __getattr__(name: str):
         from .tensorrt import lint as module
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(module, name)
+    return module
 
 
 # In-memory exports (faster: the source is read once) while the fp32 model stays under this share of free memory.
@@ -97,7 +102,8 @@ def weight_source(model: str | None = None, checkpoint: str | Path | None = None
                   random_weights: bool = False, layers: int | None = None) -> WeightSource:
     """Where the weights come from: a checkpoint (checked against --model PRESET's shapes when both are given), a
     preset's seeded random weights (full-size presets only with --random-weights: they are 100+ B parameters)."""
-    from .weights import FULL_SIZE_SOURCES, CheckpointWeights, RandomWeights, full_size_weights_hint
+    with needs_exporter():
+        from .weights import FULL_SIZE_SOURCES, CheckpointWeights, RandomWeights, full_size_weights_hint
     if random_weights:
         if model is None or checkpoint is not None:
             raise ConfigError("--random-weights needs --model PRESET and no --checkpoint")
@@ -142,10 +148,11 @@ def export_model(
     target None: tensorrt when TensorRT is installed here, else onnxruntime. vision_precision None: the text's float
     type, or for int4 / fp8 fp32 on onnxruntime and fp16 on tensorrt (pipeline.vision_precision_for, which checks it).
     text_only: leave a multimodal source's vision tower out (the artifact is then that of a text-only checkpoint)."""
-    from .graph_passes.pipeline import default_target
-    from .pipeline import QuantOptions, available_memory, export
-    from .tensorrt.engine import PARTITIONED_ENGINES, maybe_build_engines, require_tensorrt
-    from .weights import in_memory
+    with needs_exporter():
+        from .graph_passes.pipeline import default_target
+        from .pipeline import QuantOptions, available_memory, export
+        from .tensorrt.engine import PARTITIONED_ENGINES, maybe_build_engines, require_tensorrt
+        from .weights import in_memory
 
     optional_text = (TEXT + NONE, "a str or None")
     check_types("export_model", {
@@ -191,7 +198,8 @@ def model_configs(model: str | None, checkpoint: str | Path | None) -> tuple[Lla
     if (model is None) == (checkpoint is None):
         raise ConfigError("give exactly one of --model PRESET or --checkpoint DIR")
     if checkpoint is not None:
-        from .model.loader import check_checkpoint, checkpoint_configs, holds_weights
+        with needs_exporter():
+            from .model.loader import check_checkpoint, checkpoint_configs, holds_weights
 
         if Path(checkpoint).is_dir() and not holds_weights(checkpoint):
             return checkpoint_configs(checkpoint)
@@ -218,7 +226,8 @@ def plan_gpu_memory(model: str | None = None, checkpoint: str | Path | None = No
 
 def stored_pass_reports(directory: str | Path) -> dict[str, Any]:
     """`llama4-export passes DIR --report`: the pass report an optimized artifact stores."""
-    from .graph_passes.artifact_passes import PASSES_FILE
+    with needs_exporter():
+        from .graph_passes.artifact_passes import PASSES_FILE
 
     directory = Path(directory)
     manifest = read_manifest(directory)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numbers
 import os
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 
 class Llama4ExportError(Exception):
@@ -17,6 +18,29 @@ class CheckpointError(Llama4ExportError):
 
 class ConfigError(Llama4ExportError):
     """A configuration or preset is unknown or describes something we do not support."""
+
+
+# What `pip install 'llama4-export[export]'` adds to the runtime's packages (pyproject.toml, as import names):
+# running an artifact or serving it needs none of them.
+EXPORT_PACKAGES = frozenset({"onnx", "onnx_ir", "onnxruntime_extensions", "onnxscript", "safetensors", "torch"})
+
+
+class ExporterNotInstalled(Llama4ExportError, ModuleNotFoundError):
+    """A job that traces, transforms or reads checkpoints, on an install without the export extra."""
+
+
+@contextmanager
+def needs_exporter() -> Iterator[None]:
+    """Imports of a job that exports: a missing export package is one line saying which extra installs it."""
+    try:
+        yield
+    except ModuleNotFoundError as missing:
+        package = (missing.name or "").partition(".")[0]
+        if package not in EXPORT_PACKAGES:
+            raise
+        raise ExporterNotInstalled(f"{package} is not installed: exporting, graph passes and checkpoints need the "
+                                   "export extra (pip install 'llama4-export[export]'); running and serving an "
+                                   "artifact do not", name=package) from None
 
 
 # Kinds of values a Python-API argument may take (check_types); a path may be given as a str.

@@ -88,14 +88,15 @@ def make_hf_checkpoint(directory: Path, seed: int = 0, dtype: torch.dtype = torc
     return Path(directory)
 
 
-def start_llama4_serve(artifact: Path, *options: str, seconds: float = 240):
-    """(base URL, process): `llama4-serve ARTIFACT OPTIONS` on a free loopback port, once /health answers 200."""
+def start_llama4_serve(artifact: Path, *options: str, seconds: float = 240, prelude: str = ""):
+    """(base URL, process): `llama4-serve ARTIFACT OPTIONS` on a free loopback port, once /health answers 200;
+    `prelude`: Python source the server's interpreter runs first."""
     import httpx  # the serve extra: only the server tests (which skip without it) call this
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-c", "from llama4_export.cli.serve import main; main()", str(artifact), "--port",
+    command = [sys.executable, "-c", f"{prelude}\nfrom llama4_export.cli.serve import main; main()", str(artifact), "--port",
                str(port), *options]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -113,9 +114,9 @@ def start_llama4_serve(artifact: Path, *options: str, seconds: float = 240):
 
 
 @contextmanager
-def llama4_serve(artifact: Path, *options: str):
+def llama4_serve(artifact: Path, *options: str, prelude: str = ""):
     """start_llama4_serve for a `with` block (a module fixture's life); the server is killed at its end if still up."""
-    base, process = start_llama4_serve(artifact, *options)
+    base, process = start_llama4_serve(artifact, *options, prelude=prelude)
     try:
         yield base, process
     finally:

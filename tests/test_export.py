@@ -424,6 +424,9 @@ def _foreign_dir(tmp: Path) -> Path:
 CLI_ERRORS = {
     "unknown preset": (lambda t: ["--model", "llama-99", "--out", str(t / "o")], "unknown preset"),
     "missing checkpoint": (lambda t: ["--checkpoint", str(t / "nope"), "--out", str(t / "o")], "not found"),
+    # the message's brackets are text: rich read "[int4]" as markup and dropped it from the path
+    "missing checkpoint, brackets in its path": (lambda t: ["--checkpoint", str(t / "scout[int4]"), "--out", str(t / "o")],
+                                                 "scout[int4]: checkpoint directory not found"),
     "unsupported precision": (lambda t: ["--model", "scout-tiny", "--precision", "int3", "--out", str(t / "o")], "precision"),
     "checkpoint not of the preset": (lambda t: ["--model", "scout-tiny", "--checkpoint", str(t), "--out", str(t / "o")], "config.json"),
     "no source": (lambda t: ["--out", str(t / "o")], "--model PRESET or --checkpoint DIR"),
@@ -630,6 +633,15 @@ def test_a_disk_filling_up_during_the_passes_leaves_nothing_behind(small_disk, m
     line = " ".join(result.output.split())
     assert "the disk filled up" in line and "nothing was left behind" in line
     assert list(small_disk.iterdir()) == []
+
+
+def test_the_cli_prints_a_path_holding_brackets_as_it_is(tmp_path):
+    """rich read "[int4]" in `--out scout[int4]` as markup: the last line said "wrote …/scout: …"."""
+    out = tmp_path / "scout[int4]"
+    result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--layers", "2", "--random-weights", "--target",
+                                             "onnxruntime", "--no-optimize", "--out", str(out)])
+    # rich wraps long lines anywhere: compare without whitespace (the path has none)
+    assert result.exit_code == 0 and f"wrote{out}:" in "".join(result.output.split()), result.output
 
 
 def test_an_edited_in_memory_model_exports_with_its_checkpoint_tokenizer(tmp_path, scoutlike_dir):

@@ -9,11 +9,12 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .. import api
 from ..artifact import write_json
-from ..errors import ConfigError, Llama4ExportError
+from ..errors import ConfigError, Llama4ExportError, needs_exporter
 from ..tensorrt import trt_onnx_support
 from .common import console, err_console, fail, unwind_on_sigterm, version_option
 
@@ -137,7 +138,7 @@ def export(
         _print_pass_reports({name: r.to_json(measured=True) for name, r in result.pass_reports.items()})
     manifest = result.manifest
     size = sum((out / name).stat().st_size for name in manifest["files"])
-    console.print(f"wrote {out}: {len(manifest['files'])} files, {size / 1e6:,.1f} MB ({manifest['precision']}, {manifest['target']})")
+    console.print(f"wrote {escape(str(out))}: {len(manifest['files'])} files, {size / 1e6:,.1f} MB ({manifest['precision']}, {manifest['target']})")
     if result.engine_line is not None:
         console.print(result.engine_line, markup=False, highlight=False, soft_wrap=True)
 
@@ -180,7 +181,7 @@ def _params(n: int) -> str:
 
 
 def _print_summary(s: dict) -> None:
-    console.print(f"[bold]{s['name']}[/]: {s['num_hidden_layers']} layers, hidden {s['hidden_size']}, "
+    console.print(f"[bold]{escape(s['name'])}[/]: {s['num_hidden_layers']} layers, hidden {s['hidden_size']}, "
                   f"{s['num_experts']} experts (top-1 + shared), chunk {s['attention_chunk_size']}, "
                   f"QK norm {'on' if s['use_qk_norm'] else 'off'}, rope scaling {s['rope_scaling'] or 'none'}")
     t = Table(title="parameters")
@@ -267,7 +268,7 @@ def _gib(n: int) -> str:
 
 
 def _print_plan(p) -> None:
-    console.print(f"[bold]{p.model}[/] {p.precision} weights, {p.kv_dtype} KV cache, batch {p.max_batch}, prefill "
+    console.print(f"[bold]{escape(p.model)}[/] {p.precision} weights, {p.kv_dtype} KV cache, batch {p.max_batch}, prefill "
                   f"{p.max_prefill} tokens on {p.gpus} × {p.gpu} ({_gib(p.gpu_memory_bytes)} each)", highlight=False)
     kv = p.kv_bytes_per_token
     t = Table(title=f"KV cache per token ({kv['per_layer']:,} B per layer)")
@@ -335,7 +336,7 @@ def _print_pass_reports(reports: dict[str, dict]) -> None:
         for table in report_tables(name, report):
             console.print(table)
         for note in report.get("notes", []):
-            console.print(f"note: {note}", highlight=False)
+            console.print(f"note: {note}", markup=False, highlight=False)
 
 
 @export_app.command()
@@ -352,9 +353,9 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results to this JSON file"),
 ) -> None:
     """Prefill and decode tokens/s, time to first token, peak RSS and decode as a fraction of the memory-bandwidth bound."""
-    from ..evaluation.bench import result_table  # onnx: imported by this command only
-
     try:
+        with needs_exporter():
+            from ..evaluation.bench import result_table  # onnx: imported by this command only
         with err_console.status(f"benchmarking {directory}"):
             result = api.bench_artifact(directory, prompt, decode_prompt, new_tokens, repeats, threads, backend, window=window,
                                           depths=depth)

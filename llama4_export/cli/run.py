@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import Llama4ExportError
+from ..errors import Llama4ExportError, needs_exporter
 from ..runtime import GenerationError, Generator
 from ..runtime.generator import BACKENDS
 from .common import err_console, fail, piece_printer, version_option
@@ -105,7 +105,8 @@ def _generator(directory: Path, backend: str, window: int | None, sinks: int, th
         raise GenerationError(f"--backend {backend!r} is unknown; choose one of: {', '.join((*BACKENDS, 'torch'))}")
     if backend != "torch":
         return Generator.load(directory, backend=backend, window=window, sinks=sinks, threads=threads)
-    from ..evaluation.torch_backend import torch_generator
+    with needs_exporter():
+        from ..evaluation.torch_backend import torch_generator
 
     return torch_generator(directory, window, sinks)
 

@@ -66,7 +66,7 @@ def serve(
             engine = load_engine(artifact, options, threads, window)
     except Llama4ExportError as exc:
         fail(exc)
-    err_console.print(f"serving {settings.model_name} on http://{host_port(host, port)}/v1 (max batch {max_batch})")
+    err_console.print(f"serving {settings.model_name} on http://{host_port(host, port)}/v1 (max batch {max_batch})", markup=False)
     serve_engine(engine, settings, host, port, sock=sock)
 
 
@@ -78,7 +78,8 @@ def _serve_on_ray(artifact: Path, settings: ServeSettings, host: str, port: int,
         from ..serving import ray_serve
     except ImportError as exc:
         raise Llama4ExportError(f"--ray needs Ray Serve ({exc}); pip install 'llama4-export[ray]'") from None
-    err_console.print(f"serving {settings.model_name} on http://{host_port(host, port)}/v1 from {replicas} Ray replicas")
+    err_console.print(f"serving {settings.model_name} on http://{host_port(host, port)}/v1 from {replicas} Ray replicas",
+                      markup=False)
     ray_serve.run(artifact, settings, host, port, replicas, options, threads, window, gpus, address)
 
 
