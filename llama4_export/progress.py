@@ -9,6 +9,7 @@ import time
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 
@@ -33,6 +34,7 @@ class Steps:
 
     @contextlib.contextmanager
     def step(self, description: str) -> Iterator[None]:
+        description = escape(description)  # a path's brackets ("checkpoint ckpt[bf16]") are text, not rich markup
         if self._lines is not None:
             self._lines.print(f"▸ {description}", highlight=False, soft_wrap=True)
             started = time.monotonic()
@@ -56,4 +58,4 @@ class Steps:
 def note(message: str | None, show: bool = True) -> None:
     """One line on stderr beside the steps; nothing for None or when show is False."""
     if message is not None and show:
-        Console(stderr=True).print(message, highlight=False, soft_wrap=True)
+        Console(stderr=True).print(message, markup=False, highlight=False, soft_wrap=True)

@@ -635,13 +635,16 @@ def test_a_disk_filling_up_during_the_passes_leaves_nothing_behind(small_disk, m
     assert list(small_disk.iterdir()) == []
 
 
-def test_the_cli_prints_a_path_holding_brackets_as_it_is(tmp_path):
-    """rich read "[int4]" in `--out scout[int4]` as markup: the last line said "wrote …/scout: …"."""
-    out = tmp_path / "scout[int4]"
-    result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--layers", "2", "--random-weights", "--target",
-                                             "onnxruntime", "--no-optimize", "--out", str(out)])
-    # rich wraps long lines anywhere: compare without whitespace (the path has none)
-    assert result.exit_code == 0 and f"wrote{out}:" in "".join(result.output.split()), result.output
+def test_the_cli_prints_paths_holding_brackets_as_they_are(tmp_path, two_layer_checkpoint):
+    """rich read "[bf16]" and "[int4]" in paths as markup: the steps said "weights from checkpoint …/ckpt" and the
+    last line "wrote …/scout: …"."""
+    checkpoint, out = tmp_path / "ckpt[bf16]", tmp_path / "scout[int4]"
+    shutil.copytree(two_layer_checkpoint, checkpoint)
+    result = CliRunner().invoke(export_app, ["--checkpoint", str(checkpoint), "--no-optimize", "--out", str(out)])
+    # rich wraps long lines anywhere: compare without whitespace (the paths have none)
+    printed = "".join(result.output.split())
+    assert result.exit_code == 0 and f"wrote{out}:" in printed, result.output
+    assert f"writegraphswithweightsfromcheckpoint{checkpoint}" in printed, result.output
 
 
 def test_an_edited_in_memory_model_exports_with_its_checkpoint_tokenizer(tmp_path, scoutlike_dir):

@@ -356,7 +356,7 @@ def bench(
     try:
         with needs_exporter():
             from ..evaluation.bench import result_table  # onnx: imported by this command only
-        with err_console.status(f"benchmarking {directory}"):
+        with err_console.status(f"benchmarking {escape(str(directory))}"):
             result = api.bench_artifact(directory, prompt, decode_prompt, new_tokens, repeats, threads, backend, window=window,
                                           depths=depth)
     except Llama4ExportError as exc:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from ..errors import Llama4ExportError, needs_exporter
 from ..runtime import GenerationError, Generator
@@ -79,7 +80,7 @@ def run(
         if as_json and (stream or chat):  # one JSON object is printed once the text is complete
             raise GenerationError(f"--json prints one object at the end: drop {'--stream' if stream else '--chat'} "
                                   "or --json")
-        with err_console.status(f"loading {directory}"):
+        with err_console.status(f"loading {escape(str(directory))}"):
             generator = _generator(directory, backend, window, sinks, threads)
         if chat:
             _chat_loop(generator, stream, options, system)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ..errors import Llama4ExportError
 from ..runtime import Generator
@@ -62,7 +63,7 @@ def serve(
                           ray_address)
             return
         sock = listen_socket(host, port)
-        with err_console.status(f"loading {artifact}"):
+        with err_console.status(f"loading {escape(str(artifact))}"):
             engine = load_engine(artifact, options, threads, window)
     except Llama4ExportError as exc:
         fail(exc)
