@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from .artifact import read_manifest
 from .errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types, needs_exporter
 from .graph_passes.errors import GraphPassError
-from .model.config import Llama4Config, Llama4VisionConfig, get_preset, get_vision_preset
+from .model.config import (Llama4Config, Llama4VisionConfig, checkpoint_configs, get_preset, get_vision_preset,
+                           holds_weights)
 from .model.io_spec import DEFAULT_MAX_PREFILL
 from .model.summary import summarize
 from .plan import MemoryPlan, gpu_spec, plan_memory
@@ -198,11 +199,10 @@ def model_configs(model: str | None, checkpoint: str | Path | None) -> tuple[Lla
     if (model is None) == (checkpoint is None):
         raise ConfigError("give exactly one of --model PRESET or --checkpoint DIR")
     if checkpoint is not None:
-        with needs_exporter():
-            from .model.loader import check_checkpoint, checkpoint_configs, holds_weights
-
         if Path(checkpoint).is_dir() and not holds_weights(checkpoint):
             return checkpoint_configs(checkpoint)
+        with needs_exporter():
+            from .model.loader import check_checkpoint
         index = check_checkpoint(checkpoint)
         return index.config, index.vision
     return get_preset(model), get_vision_preset(model)

@@ -10,6 +10,7 @@ pyproject.toml, fails here as it would in a user's deployment.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -22,7 +23,7 @@ from packaging.utils import canonicalize_name
 
 from llama4_export.errors import EXPORT_PACKAGES
 
-from .conftest import llama4_serve
+from .conftest import VISION_FIXTURES, llama4_serve
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
@@ -104,10 +105,17 @@ def test_the_base_install_runs_an_artifact_and_export_names_the_extra_it_needs(a
     for job in (["inspect", "--model", "scout", "--json"], ["plan", "--model", "scout", "--precision", "int4", "--gpu", "h100-80gb"]):
         answered = run_cli(base, "llama4-export", *job)
         assert answered.returncode == 0, (job, answered.stderr)
+    # a checkpoint's config.json alone (before downloading its weights) is inspected as the whole checkpoint is
+    config_only = tmp_path / "tiny-a"
+    config_only.mkdir()
+    shutil.copy(VISION_FIXTURES / "tiny-a" / "config.json", config_only)
+    alone = run_cli(base, "llama4-export", "inspect", "--checkpoint", str(config_only), "--json")
+    whole = run_cli("import sys\n", "llama4-export", "inspect", "--checkpoint", str(VISION_FIXTURES / "tiny-a"), "--json")
+    assert alone.returncode == 0 and json.loads(alone.stdout) == json.loads(whole.stdout), alone.stderr
 
     out = tmp_path / "never"
     for job in (["--model", "scout-tiny", "--out", str(out)], ["passes", str(artifact), "--report"],
-                ["bench", str(artifact), "--prompt", "8"]):
+                ["bench", str(artifact), "--prompt", "8"], ["inspect", "--checkpoint", str(VISION_FIXTURES / "tiny-a")]):
         refused = run_cli(base, "llama4-export", *job)
         lines = refused.stderr.strip().splitlines()
         assert refused.returncode == 2 and len(lines) == 1, (job, refused.stderr)

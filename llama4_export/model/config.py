@@ -459,3 +459,25 @@ def get_preset(name: str, layers: int | None = None) -> Llama4Config:
         return config
     return config.first_layers(layers, f"preset {name}")
 
+
+# A checkpoint directory's files, as far as reading its configs needs them (no torch: inspect and plan of a checkpoint
+# that is config.json alone run on the base install).
+INDEX_FILE = "model.safetensors.index.json"
+PICKLED_SUFFIXES = (".bin", ".pth", ".pt")  # torch.save's weights: named in the refusal, never loaded
+
+
+def checkpoint_configs(checkpoint_dir: str | Path) -> tuple[Llama4Config, Llama4VisionConfig | None]:
+    """The text and vision configs of a checkpoint directory's config.json (its weights not looked at)."""
+    ckpt = Path(checkpoint_dir)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: checkpoint directory not found; pass a directory holding config.json and *.safetensors")
+    raw = read_config_json(ckpt / "config.json")
+    config = Llama4Config.from_hf_dict(raw, source=str(ckpt / "config.json")).replace(name=ckpt.name)
+    return config, Llama4VisionConfig.from_hf_dict(raw, source=str(ckpt / "config.json"))
+
+
+def holds_weights(checkpoint_dir: str | Path) -> bool:
+    """Whether the directory has any weights (safetensors, their index, or pickled ones, which are refused) — else it
+    is config.json alone."""
+    ckpt = Path(checkpoint_dir)
+    return (ckpt / INDEX_FILE).exists() or any(p.suffix in (".safetensors", *PICKLED_SUFFIXES) for p in ckpt.iterdir())

@@ -11,12 +11,10 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
-from .config import Llama4Config, Llama4VisionConfig, read_config_json
+from .config import INDEX_FILE, PICKLED_SUFFIXES, Llama4Config, Llama4VisionConfig, checkpoint_configs
 from .modeling import Llama4ForCausalLM
 from .vision import Llama4VisionEncoder
 
-INDEX_FILE = "model.safetensors.index.json"
-PICKLED_SUFFIXES = (".bin", ".pth", ".pt")  # torch.save's weights: named in the refusal, never loaded
 SINGLE_FILE = "model.safetensors"
 # Multimodal Llama4ForConditionalGeneration checkpoints keep the text model under this prefix, the vision encoder and
 # projector under Llama4VisionEncoder's own parameter names (vision_model.*, multi_modal_projector.*).
@@ -67,23 +65,6 @@ def check_checkpoint(checkpoint_dir: str | Path) -> CheckpointIndex:
     nbytes = sum(p.stat().st_size for p in set(locations.values()))
     return CheckpointIndex(ckpt, config, {n: found[n] for n in sorted(expected)}, dict(sorted(dtypes.items())), nbytes,
                            vision, vision_files)
-
-
-def checkpoint_configs(checkpoint_dir: str | Path) -> tuple[Llama4Config, Llama4VisionConfig | None]:
-    """The text and vision configs of a checkpoint directory's config.json (its weights not looked at)."""
-    ckpt = Path(checkpoint_dir)
-    if not ckpt.is_dir():
-        raise CheckpointError(f"{ckpt}: checkpoint directory not found; pass a directory holding config.json and *.safetensors")
-    raw = read_config_json(ckpt / "config.json")
-    config = Llama4Config.from_hf_dict(raw, source=str(ckpt / "config.json")).replace(name=ckpt.name)
-    return config, Llama4VisionConfig.from_hf_dict(raw, source=str(ckpt / "config.json"))
-
-
-def holds_weights(checkpoint_dir: str | Path) -> bool:
-    """Whether the directory has any weights (safetensors, their index, or pickled ones, which are refused) — else it
-    is config.json alone."""
-    ckpt = Path(checkpoint_dir)
-    return (ckpt / INDEX_FILE).exists() or any(p.suffix in (".safetensors", *PICKLED_SUFFIXES) for p in ckpt.iterdir())
 
 
 def _check_names(ckpt: Path, found: dict[str, tuple[str, Path]], expected: dict[str, tuple[int, ...]], prefix: str) -> None:
