@@ -30,17 +30,18 @@ class ExporterNotInstalled(Llama4ExportError, ModuleNotFoundError):
 
 
 @contextmanager
-def needs_exporter() -> Iterator[None]:
-    """Imports of a job that exports: a missing export package is one line saying which extra installs it."""
+def needs_exporter(needed_by: str = "exporting, graph passes and checkpoints need {extra}; running and serving an "
+                                    "artifact on ONNX Runtime do not") -> Iterator[None]:
+    """Imports of a job that needs the export extra: a missing package is one line saying which extra installs it."""
     try:
         yield
     except ModuleNotFoundError as missing:
         package = (missing.name or "").partition(".")[0]
         if package not in EXPORT_PACKAGES:
             raise
-        raise ExporterNotInstalled(f"{package} is not installed: exporting, graph passes and checkpoints need the "
-                                   "export extra (pip install 'llama4-export[export]'); running and serving an "
-                                   "artifact do not", name=package) from None
+        extra = "the export extra (pip install 'llama4-export[export]')"
+        raise ExporterNotInstalled(f"{package} is not installed: {needed_by.format(extra=extra)}",
+                                   name=package) from None
 
 
 # Kinds of values a Python-API argument may take (check_types); a path may be given as a str.

@@ -121,8 +121,11 @@ def test_the_base_install_runs_an_artifact_and_export_names_the_extra_it_needs(a
         assert refused.returncode == 2 and len(lines) == 1, (job, refused.stderr)
         assert "is not installed" in lines[0] and "pip install 'llama4-export[export]'" in lines[0], lines[0]
     assert not out.exists()
-    refused = run_cli(base, "llama4-run", str(artifact), "--backend", "torch", *args)
-    assert refused.returncode == 2 and "pip install 'llama4-export[export]'" in refused.stderr, refused.stderr
+    for backend in ("torch", "tensorrt"):  # the TensorRT backend needs TensorRT and onnx (its plugin spec)
+        refused = run_cli(base, "llama4-run", str(artifact), "--backend", backend, *args)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1, (backend, refused.stderr)
+        assert "pip install 'llama4-export[export]'" in lines[0], lines[0]
 
 
 def test_the_base_install_with_the_serve_extra_serves_an_artifact(artifact):

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import numpy as np
 
 from ..artifact import MANIFEST, read_manifest
-from ..errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types, shown
+from ..errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types, needs_exporter, shown
 from ..model.config import Llama4Config
 from ..model.io_spec import DEFAULT_SINKS
 from ..plan import FLOAT_DTYPES, cuda_memory_bytes, planned_window
@@ -123,7 +123,8 @@ class Generator:
         manifest = read_manifest(directory, verify=verify)
         config = manifest_config(directory, manifest)
         if backend == "tensorrt":
-            from .trt_backend import TrtBackend  # its TensorRT plugin spec pulls in onnx_ir: only when asked for
+            with needs_exporter("the TensorRT backend needs {extra}, as well as TensorRT, torch with CUDA and a GPU"):
+                from .trt_backend import TrtBackend  # its TensorRT plugin spec pulls in onnx_ir: only when asked for
 
             runner: Backend = TrtBackend.from_artifact(directory, manifest, config)
         else:
