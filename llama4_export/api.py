@@ -199,8 +199,8 @@ def model_configs(model: str | None, checkpoint: str | Path | None) -> tuple[Lla
     if (model is None) == (checkpoint is None):
         raise ConfigError("give exactly one of --model PRESET or --checkpoint DIR")
     if checkpoint is not None:
-        if Path(checkpoint).is_dir() and not holds_weights(checkpoint):
-            return checkpoint_configs(checkpoint)
+        if not Path(checkpoint).is_dir() or not holds_weights(checkpoint):
+            return checkpoint_configs(checkpoint)  # which refuses a directory that is not there
         with needs_exporter():
             from .model.loader import check_checkpoint
         index = check_checkpoint(checkpoint)

@@ -116,6 +116,8 @@ def test_the_base_install_runs_an_artifact_and_export_names_the_extra_it_needs(a
     alone = run_cli(base, "llama4-export", "inspect", "--checkpoint", str(config_only), "--json")
     whole = run_cli(FULL, "llama4-export", "inspect", "--checkpoint", str(VISION_FIXTURES / "tiny-a"), "--json")
     assert alone.returncode == 0 and json.loads(alone.stdout) == json.loads(whole.stdout), alone.stderr
+    missing = run_cli(base, "llama4-export", "inspect", "--checkpoint", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "nowhere: checkpoint directory not found" in missing.stderr, missing.stderr
 
     out = tmp_path / "never"
     refusals = [("llama4-export", "--model", "scout-tiny", "--out", str(out)),
