@@ -14,7 +14,7 @@ err_console = Console(stderr=True)
 
 
 def fail(exc: Exception | str) -> None:
-    # escaped: a message's own brackets (a path "out[1]", "pip install 'llama4-export[export]'") are text, not markup
+    # escaped: a message's own brackets (a path "out[int4]", "pip install 'llama4-export[export]'") are text, not markup
     err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
