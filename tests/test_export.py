@@ -313,6 +313,21 @@ def test_onnx_checker_passes(tiny_artifact, graph_file):
     onnx.checker.check_model(str(tiny_artifact / graph_file), full_check=True)
 
 
+def test_optimized_int4_graphs_for_onnxruntime_are_valid_onnx(tmp_path):
+    """The graph passes' output for ONNX Runtime too: its RMSNorm was ORT's SimplifiedLayerNormalization, a contrib op
+    ORT registers in the default domain, which onnx.checker refused ("No Op registered for
+    SimplifiedLayerNormalization"); the standard RMSNormalization (opset 23) runs on the same ORT kernel. The
+    com.microsoft ops (MatMulNBits, GroupQueryAttention, ...) are in their own domain, as ONNX allows."""
+    out = tmp_path / "int4"
+    api.export_model(out, model="scout-tiny", precision="int4", target="onnxruntime",
+                     quant=api.QuantOptions(int4_algo="rtn", report=False), show_progress=False)
+    for graph_file in GRAPH_FILES:
+        onnx.checker.check_model(str(out / graph_file), full_check=True)
+        graph = onnx.load(str(out / graph_file), load_external_data=False)
+        ops = {(node.domain, node.op_type) for node in graph.graph.node}
+        assert ("", "RMSNormalization") in ops and ("com.microsoft", "MatMulNBits") in ops, sorted(ops)
+
+
 def test_graph_interface_follows_io_spec(tiny_artifact):
     config = get_preset("scout-tiny")
     for graph_file in GRAPH_FILES:

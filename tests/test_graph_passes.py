@@ -114,6 +114,7 @@ def test_decode_graph_shrinks_and_keeps_its_outputs(which, target, plugin, reque
     if target == "onnxruntime":
         assert report.moe_lowering == FLOAT_EXPERTS_LOWERING and ops_after["com.microsoft::MoE"] == 0
         assert ops_after["com.microsoft::RotaryEmbedding"] > 0 and ops_after["com.microsoft::SkipSimplifiedLayerNormalization"] > 0
+        assert ops_after["RMSNormalization"] > 0 and model.opset_imports[""] == 23
     elif plugin:
         assert ops_after["trt.plugins::Llama4MoEPlugin"] == len(moe_layers) and model.opset_imports[""] == 23
         assert ops_after["RMSNormalization"] > 0 and ops_after["RotaryEmbedding"] > 0

@@ -1,10 +1,11 @@
 """Transformer fusions: RMSNorm, residual + RMSNorm, interleaved RoPE — each straight into the target's op.
 
   rms_norm        Mul(Mul(x, Reciprocal(Sqrt(Add(ReduceMean(Pow(x, 2), last axis), eps)))), w)
-                  → onnxruntime: SimplifiedLayerNormalization(x, w)     tensorrt: RMSNormalization(x, w) (opset 23)
+                  → RMSNormalization(x, w) (opset 23; ONNX Runtime runs it with the kernel of its contrib
+                    SimplifiedLayerNormalization, which is not an ONNX op: onnx.checker refused the graphs holding it)
   unweighted      the same without the weight (Llama 4's QK norm; in fp16 graphs also the fp32 core of every norm,
                   whose weight multiplies after a Cast) → the same op with a unit scale
-  skip_rms_norm   (onnxruntime) SimplifiedLayerNormalization(Add(a, b), w) with the sum used again (the residual)
+  skip_rms_norm   (onnxruntime) RMSNormalization(Add(a, b), w) with the sum used again (the residual)
                   → com.microsoft.SkipSimplifiedLayerNormalization(a, b, w): outputs (normed, …, a + b)
   rope            interleaved pairs of x [B, T, H, D] as [B, T, H, D/2, 2]: (a, b) → (a·cos − b·sin, a·sin + b·cos),
                   stacked back and viewed as the graph needs (model.apply_rope)
@@ -36,7 +37,7 @@ from .canonicalize import CANONICAL
 from .manager import GraphPass, PassContext
 
 ORT_DOMAIN = "com.microsoft"
-FUSED_OPSET = 23  # ONNX RMSNormalization and RotaryEmbedding (the tensorrt target)
+FUSED_OPSET = 23  # ONNX RMSNormalization (both targets) and RotaryEmbedding (the tensorrt target)
 
 
 def _normalized(op, x, eps):
@@ -68,27 +69,22 @@ def _check_norm(context, x, eps, mean_square, weight=None, **_) -> bool:
     return ok
 
 
-def _norm_op(op, x, scale, eps, target: str):
+def _norm_op(op, x, scale, eps):
     epsilon = float(const(eps).reshape(-1)[0])
-    if target == "tensorrt":
-        return op.RMSNormalization(x, scale, axis=-1, epsilon=epsilon, stash_type=1, _version=FUSED_OPSET)
-    # ONNX Runtime registers SimplifiedLayerNormalization (a contrib op) in the default ONNX domain.
-    return op.SimplifiedLayerNormalization(x, scale, axis=-1, epsilon=epsilon, stash_type=1)
+    return op.RMSNormalization(x, scale, axis=-1, epsilon=epsilon, stash_type=1, _version=FUSED_OPSET)
 
 
 def _unit_scale(op, x):
     return op.Constant(value=ir.tensor(np.ones(x.shape[-1], dtype=np.float32)))
 
 
-def _norm_rules(target: str) -> tuple[pattern.RewriteRule, pattern.RewriteRule]:
-    weighted = pattern.RewriteRule(
-        rms_norm_pattern, lambda op, x, eps, weight, **_: _norm_op(op, x, weight, eps, target), _check_norm, name="rms_norm"
-    )
-    weightless = pattern.RewriteRule(
-        weightless_rms_norm_pattern, lambda op, x, eps, **_: _norm_op(op, x, _unit_scale(op, x), eps, target),
-        _check_norm, name="unweighted_rms_norm",
-    )
-    return weighted, weightless
+NORM_RULE = pattern.RewriteRule(
+    rms_norm_pattern, lambda op, x, eps, weight, **_: _norm_op(op, x, weight, eps), _check_norm, name="rms_norm"
+)
+UNWEIGHTED_NORM_RULE = pattern.RewriteRule(
+    weightless_rms_norm_pattern, lambda op, x, eps, **_: _norm_op(op, x, _unit_scale(op, x), eps), _check_norm,
+    name="unweighted_rms_norm",
+)
 
 
 def upgrade_opset(model: ir.Model, context: PassContext) -> int:
@@ -101,7 +97,7 @@ def upgrade_opset(model: ir.Model, context: PassContext) -> int:
 # --- residual + RMSNorm (onnxruntime) ------------------------------------------------------------------------
 def skip_norm_pattern(op, a, b, weight):
     total = op.Add(a, b, _outputs=["total"])
-    return op.SimplifiedLayerNormalization(total, weight, _outputs=["normed"]), total
+    return op.RMSNormalization(total, weight, _outputs=["normed"]), total
 
 
 def _check_skip_norm(context, a, b, normed, **_) -> bool:
@@ -205,32 +201,31 @@ def rope_onnx(op, x, c, s, out_shape, pairs, **_):
 
 
 def transformer_fusion_passes(target: str) -> list[GraphPass]:
-    weighted, weightless = _norm_rules(target)
     rope_rule = pattern.RewriteRule(rope_pattern, rope_onnx if target == "tensorrt" else rope_ort, _check_rope, name="rope")
 
     def fuse_rms_norm(model, context):
-        """Pow → ReduceMean → Add ε → Sqrt → Reciprocal → Mul x → Mul w  →  SimplifiedLayerNormalization | RMSNormalization"""
-        return pattern.RewriteRuleSet([weighted]).apply_to_model(model)
+        """Pow → ReduceMean → Add ε → Sqrt → Reciprocal → Mul x → Mul w  →  RMSNormalization"""
+        return pattern.RewriteRuleSet([NORM_RULE]).apply_to_model(model)
 
     def fuse_unweighted_rms_norm(model, context):
         """the same without the weight (QK norm)  →  the norm op with a unit scale"""
-        return pattern.RewriteRuleSet([weightless]).apply_to_model(model)
+        return pattern.RewriteRuleSet([UNWEIGHTED_NORM_RULE]).apply_to_model(model)
 
     def fuse_skip_rms_norm(model, context):
-        """Add(a, b) → SimplifiedLayerNormalization, sum reused  →  SkipSimplifiedLayerNormalization(a, b)"""
+        """Add(a, b) → RMSNormalization, sum reused  →  SkipSimplifiedLayerNormalization(a, b)"""
         return pattern.RewriteRuleSet([SKIP_NORM_RULE]).apply_to_model(model)
 
     def fuse_rope(model, context):
         """view pairs → (a·cos − b·sin, a·sin + b·cos) → stack → view  →  RotaryEmbedding(interleaved=1)"""
         return pattern.RewriteRuleSet([rope_rule]).apply_to_model(model)
 
-    opset = ("opset_23",) if target == "tensorrt" else ()
-    passes = [GraphPass("upgrade_opset", upgrade_opset, requires=(CANONICAL,), produces=opset)] if opset else []
-    passes += [
-        GraphPass("fuse_rms_norm", fuse_rms_norm, requires=(CANONICAL, *opset), produces=("rms_norm_fused",)),
+    opset = "opset_23"
+    passes = [
+        GraphPass("upgrade_opset", upgrade_opset, requires=(CANONICAL,), produces=(opset,)),
+        GraphPass("fuse_rms_norm", fuse_rms_norm, requires=(CANONICAL, opset), produces=("rms_norm_fused",)),
         GraphPass("fuse_unweighted_rms_norm", fuse_unweighted_rms_norm, requires=("rms_norm_fused",)),
     ]
     if target == "onnxruntime":
         passes.append(GraphPass("fuse_skip_rms_norm", fuse_skip_rms_norm, requires=("rms_norm_fused",)))
-    passes.append(GraphPass("fuse_rope", fuse_rope, requires=(CANONICAL, *opset)))
+    passes.append(GraphPass("fuse_rope", fuse_rope, requires=(CANONICAL, opset)))
     return passes
