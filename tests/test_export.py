@@ -22,6 +22,7 @@ import torch
 from typer.testing import CliRunner
 
 from llama4_export import api
+from llama4_export.artifact import read_manifest
 from llama4_export.cli.export import export_app
 from llama4_export.model import get_preset, io_spec
 from llama4_export.model.modeling import KVCache
@@ -313,16 +314,20 @@ def test_onnx_checker_passes(tiny_artifact, graph_file):
     onnx.checker.check_model(str(tiny_artifact / graph_file), full_check=True)
 
 
-def test_optimized_int4_graphs_for_onnxruntime_are_valid_onnx(tmp_path):
-    """The graph passes' output for ONNX Runtime too: its RMSNorm was ORT's SimplifiedLayerNormalization, a contrib op
-    ORT registers in the default domain, which onnx.checker refused ("No Op registered for
-    SimplifiedLayerNormalization"); the standard RMSNormalization (opset 23) runs on the same ORT kernel. The
-    com.microsoft ops (MatMulNBits, GroupQueryAttention, ...) are in their own domain, as ONNX allows."""
+def test_every_graph_of_an_optimized_int4_artifact_is_valid_onnx(tmp_path):
+    """What the graph passes write for ONNX Runtime, and the tokenizer graphs: RMSNorm was ORT's
+    SimplifiedLayerNormalization, a contrib op ORT registers in the default domain, which onnx.checker refused ("No Op
+    registered for SimplifiedLayerNormalization"; the standard RMSNormalization, opset 23, runs on the same ORT
+    kernel); the extensions' decode graph had no shapes on its input and output ("Field 'shape' of 'type' is
+    required"). The com.microsoft and extensions ops are in their own domains, as ONNX allows."""
     out = tmp_path / "int4"
     api.export_model(out, model="scout-tiny", precision="int4", target="onnxruntime",
                      quant=api.QuantOptions(int4_algo="rtn", report=False), show_progress=False)
-    for graph_file in GRAPH_FILES:
+    graphs = sorted(name for name in read_manifest(out)["files"] if name.endswith(".onnx"))
+    assert graphs == ["decode.onnx", "prefill.onnx", "tokenizer_decode.onnx", "tokenizer_encode.onnx"]
+    for graph_file in graphs:
         onnx.checker.check_model(str(out / graph_file), full_check=True)
+    for graph_file in GRAPH_FILES:
         graph = onnx.load(str(out / graph_file), load_external_data=False)
         ops = {(node.domain, node.op_type) for node in graph.graph.node}
         assert ("", "RMSNormalization") in ops and ("com.microsoft", "MatMulNBits") in ops, sorted(ops)

@@ -178,6 +178,10 @@ def write_tokenizer_graphs(directory: Path) -> dict[str, object]:
         encode, _ = gen_processing_models("HfJsonTokenizer", pre_kwargs={
             "tokenizer_vocab": text, "tokenizer_config": _extensions_tokenizer_config(directory / "tokenizer_config.json")})
         _, decode = gen_processing_models("BpeDecoder", post_kwargs=_bpe_decoder_attributes(reference, spec))
+        # The extensions leave the decode graph's input and output without a shape, which onnx.checker refuses
+        # ("Field 'shape' of 'type' is required"): ids [batch, sequence] → one string per row.
+        _set_dims(decode.graph.input[0], ["batch", "sequence"])
+        _set_dims(decode.graph.output[0], ["batch"])
         sessions = {}
         for name, graph in (("encode", encode), ("decode", decode)):
             options = onnxruntime.SessionOptions()
@@ -201,6 +205,13 @@ def write_tokenizer_graphs(directory: Path) -> dict[str, object]:
             node.name = node.op_type
         onnx.save(graph, directory / TOKENIZER_GRAPHS[name])
     return {"graphs": {**TOKENIZER_GRAPHS, "nul_byte_tokens": _nul_byte_tokens(reference, spec)}}
+
+
+def _set_dims(value: onnx.ValueInfoProto, names: list[str]) -> None:
+    shape = value.type.tensor_type.shape
+    shape.ClearField("dim")
+    for name in names:
+        shape.dim.add().dim_param = name
 
 
 def _extensions_tokenizer_config(path: Path) -> str:
