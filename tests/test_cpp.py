@@ -117,12 +117,12 @@ def test_threads_sharing_a_model_take_turns_and_a_callback_cannot_reenter(llama4
     overwrote each other's cache: other tokens, silently), equal to llama4-run's; generate from inside its own token
     callback throws one line instead of deadlocking or corrupting the run. A host cancels a generation by throwing
     from its callback: it catches its own exception type (not a llama4rt::Error holding its message), and the Model's
-    next generation is the one it would have been."""
+    next generation is the one it would have been; likewise from the prefill's progress callback, mid-prompt."""
     prompts = [ids(n, 256, seed=n) for n in (5, 17, 33, 40)]
     done = subprocess.run([str(BUILD / "shared-model"), str(tiny["fp32"]), "24", *prompts], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    *runs, reentered, cancelled, after_cancel = done.stdout.splitlines()
+    *runs, reentered, cancelled, after_cancel, prefill_progress, after_prefill_cancel = done.stdout.splitlines()
     for prompt, line in zip(prompts, runs, strict=True):
         alone, shared = line.split(" | ")
         expected = python_json(tiny["fp32"], "--ids", prompt, "-n", 24)["token_ids"]
@@ -131,6 +131,9 @@ def test_threads_sharing_a_model_take_turns_and_a_callback_cannot_reenter(llama4
                         "generation at a time"
     assert cancelled == "cancelled: caught the host's exception after 3 tokens"
     assert after_cancel == runs[0].split(" | ")[0]
+    # the 40-token prompt in pieces of 8: progress after each piece; cancelled after the second, before any token
+    assert prefill_progress == "prefill: 8/40 16/40 cancelled"
+    assert after_prefill_cancel == "after it: the same ids"
 
 
 @pytest.mark.parametrize("case", sorted(TINY_CASES))

@@ -70,6 +70,9 @@ struct GenerateOptions {
   // The generation ends where its text first holds one of these (Result::text cut before it, stop_reason "stop"; the
   // last token is the one completing it), as llama4-run --stop; needs has_tokenizer().
   std::vector<std::string> stop_strings;
+  // Called after each prefill piece (OpenOptions::max_prefill_tokens tokens at most) with the prompt tokens run so far
+  // and the prompt's length: a long prompt's progress. Throwing from it cancels, as from the token callback.
+  std::function<void(int64_t done, int64_t total)> on_prefill;
 };
 
 struct Result {
@@ -95,8 +98,9 @@ struct Prompt {
 };
 
 // Called with every new token as it is chosen; `stop` = it is a stop token (it ends the generation). To end a
-// generation early (the user cancelled, the client went away), throw from it: generate stops there and rethrows that
-// exception unchanged (not as Error), and the Model is ready for the next call.
+// generation early (the user cancelled, the client went away), throw from it (or from GenerateOptions::on_prefill,
+// during the prompt): generate stops there and rethrows that exception unchanged (not as Error), and the Model is
+// ready for the next call.
 using TokenCallback = std::function<void(int64_t token, bool stop)>;
 
 class Model {

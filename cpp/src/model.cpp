@@ -121,6 +121,15 @@ struct FromCallback {
   std::exception_ptr error;
 };
 
+template <typename F>
+void host_call(F&& callback) {
+  try {
+    callback();
+  } catch (...) {
+    throw FromCallback{std::current_exception()};
+  }
+}
+
 struct TensorSpec {
   ONNXTensorElementDataType type;
   std::vector<int64_t> shape;  // -1 = dynamic
@@ -667,8 +676,11 @@ Result Model::Impl::generate(const Prompt& with_images, const GenerateOptions& o
   // Generator._prefill: pieces of at most max_prefill_tokens; the last one leaves the prompt's last logits.
   const int64_t length = static_cast<int64_t>(prompt.size());
   reserve_steps(std::min(max_prefill_tokens, length));
-  for (int64_t start = 0; start < length; start += max_prefill_tokens)
-    prefill(prompt.data() + start, start, std::min(max_prefill_tokens, length - start));
+  for (int64_t start = 0; start < length; start += max_prefill_tokens) {
+    const int64_t count = std::min(max_prefill_tokens, length - start);
+    prefill(prompt.data() + start, start, count);
+    if (options.on_prefill) host_call([&] { options.on_prefill(start + count, length); });
+  }
   prompt_features = nullptr;
   // Generator._events: sample, stop at a stop token or max_new_tokens, otherwise decode the token.
   const float* logits = reinterpret_cast<const float*>(parts.back().out.data());
@@ -678,13 +690,7 @@ Result Model::Impl::generate(const Prompt& with_images, const GenerateOptions& o
     result.token_ids.push_back(token);
     const bool stop = stops.count(token) > 0;
     if (cut_text && !stop) kept += cut_text->push(token);
-    if (on_token) {
-      try {
-        on_token(token, stop);
-      } catch (...) {
-        throw FromCallback{std::current_exception()};
-      }
-    }
+    if (on_token) host_call([&] { on_token(token, stop); });
     if (stop || (cut_text && cut_text->stopped())) {
       result.stop_reason = "stop";
       break;

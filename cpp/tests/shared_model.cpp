@@ -2,8 +2,9 @@
 //   shared-model ARTIFACT N_NEW IDS [IDS ...]  (IDS: comma-separated prompt ids)
 // Generates every prompt once on its own, then all at once from one thread each on the same Model, then calls
 // generate from inside a token callback, then cancels a generation by throwing from its callback and generates the
-// first prompt again; prints one line per prompt, "alone | shared" token ids, the error line, what the cancelling
-// caller caught and the ids generated after it.
+// first prompt again, then cancels the last prompt's prefill from its progress callback; prints one line per prompt,
+// "alone | shared" token ids, the error line, what the cancelling caller caught and the ids generated after it, the
+// prefill's progress and whether the next generation is the uncancelled one.
 #include <exception>
 #include <iostream>
 #include <sstream>
@@ -75,6 +76,27 @@ int main(int argc, char** argv) {
       std::cout << "cancelled: became llama4rt::Error: " << e.what() << std::endl;
     }
     std::cout << joined(model.generate(prompts[0], options).token_ids) << std::endl;
+    // the longest prompt in pieces of 8 tokens: its prefill reports each piece, and a throw from it cancels
+    llama4rt::OpenOptions small_pieces;
+    small_pieces.max_prefill_tokens = 8;
+    llama4rt::Model pieced = llama4rt::Model::open(argv[1], small_pieces);
+    const std::vector<int64_t>& longest = prompts.back();
+    const std::vector<int64_t> uncancelled = pieced.generate(longest, options).token_ids;
+    std::string progress = "prefill:";
+    llama4rt::GenerateOptions cancelling = options;
+    cancelling.on_prefill = [&](int64_t done, int64_t total) {
+      progress += " " + std::to_string(done) + "/" + std::to_string(total);
+      if (done == 16) throw Cancelled();
+    };
+    try {
+      pieced.generate(longest, cancelling, [&](int64_t, bool) { progress += " token"; });
+      progress += " not cancelled";
+    } catch (const Cancelled&) {
+      progress += " cancelled";
+    }
+    std::cout << progress << std::endl;
+    std::cout << (pieced.generate(longest, options).token_ids == uncancelled ? "after it: the same ids" : "after it: other ids")
+              << std::endl;
     return 0;
   } catch (const llama4rt::Error& e) {
     std::cerr << "error: " << e.what() << std::endl;
