@@ -10,7 +10,7 @@ from typing import Iterator
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 
 class Steps:
@@ -53,6 +53,36 @@ class Steps:
     @contextlib.contextmanager
     def silent(description: str) -> Iterator[None]:
         yield
+
+
+class PrefillBar:
+    """A bar on a terminal's stderr while a long prompt is fed, as an on_prefill(done, total) callback: it appears
+    after the first piece (a prompt of one piece shows none) and is gone once the prompt is in, before the first token
+    prints. stdout is left alone (tokens stream there), and so is a stderr that is not a terminal (logs, pipes)."""
+
+    def __init__(self) -> None:
+        console = Console(stderr=True)
+        self._progress = Progress(TextColumn("prefill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                  console=console, transient=True, redirect_stdout=False, redirect_stderr=False,
+                                  disable=not console.is_terminal)
+        self._task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._task is None:
+            if done >= total:
+                return
+            self._task = self._progress.add_task("prefill", total=total)
+            self._progress.start()
+        self._progress.update(self._task, completed=done, refresh=True)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        """Take the bar away (the prompt is in, or the generation failed or was interrupted)."""
+        if self._task is not None:
+            self._progress.stop()
+            self._progress.remove_task(self._task)
+            self._task = None
 
 
 def note(message: str | None, show: bool = True) -> None:

@@ -111,6 +111,51 @@ def test_a_prompt_from_a_file_or_stdin_and_the_penalties_generate_as_the_python_
     assert json.loads(result.stdout)["token_ids"] == penalised.token_ids
 
 
+def on_a_terminal(*args) -> tuple[int, str, str]:
+    """llama4-run in a subprocess whose stderr is a pseudo-terminal (so rich draws there); stdout is a pipe."""
+    import os
+    import subprocess
+    import sys
+
+    controller, terminal = os.openpty()
+    command = [sys.executable, "-c", "from llama4_export.cli.run import main; main()", *map(str, args)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=terminal, env={**os.environ, "COLUMNS": "100"})
+    os.close(terminal)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closes with the process
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(controller)
+    printed = process.stdout.read()
+    return process.wait(timeout=60), printed.decode(), drawn.decode(errors="replace")
+
+
+def test_a_long_prompt_shows_a_prefill_bar_on_a_terminal_only_and_pieces_keep_the_tokens(tmp_path, tiny_artifact):
+    """--max-prefill-tokens feeds the prompt in smaller pieces (same tokens); while it is fed a terminal shows a bar
+    counting its tokens, gone before the output; stdout and a stderr that is not a terminal get none of it."""
+    text = "The history of rivers, " * 20
+    (tmp_path / "prompt.txt").write_text(text, encoding="utf-8")
+    expected = Generator.load(tiny_artifact, threads=1).generate(text, max_new_tokens=8)
+    total = len(expected.prompt_ids)
+    assert total > 3 * 64
+    code, printed, drawn = on_a_terminal(tiny_artifact, "-f", tmp_path / "prompt.txt", "-n", "8", "--json",
+                                         "--max-prefill-tokens", "64")
+    assert code == 0, drawn
+    assert json.loads(printed)["token_ids"] == expected.token_ids
+    assert "prefill" in drawn and f"128/{total}" in drawn and f"{total}/{total}" in drawn
+    assert drawn.rstrip().endswith("\x1b[2K")  # the last thing drawn erases the bar's line
+    piped = run(tiny_artifact, "-f", tmp_path / "prompt.txt", "-n", "8", "--json", "--max-prefill-tokens", "64")
+    assert piped.exit_code == 0 and "prefill" not in piped.stderr
+    assert json.loads(piped.stdout)["token_ids"] == expected.token_ids
+    code, printed, drawn = on_a_terminal(tiny_artifact, "--prompt", "Short", "-n", "8", "--max-prefill-tokens", "64")
+    assert code == 0 and "prefill" not in drawn  # one piece: no bar
+
+
 def test_stop_strings_cut_the_text_before_the_first_one_and_end_there(tiny_artifact):
     """`stop` (Generator and llama4-run --stop): the text up to the first stop string of the unstopped run, the tokens
     up to the one completing it (checked with `tokenizers`' own decode), the streamed pieces joining to it."""
@@ -236,6 +281,10 @@ def break_system_without_chat(tmp_path, ckpt):
 
 def break_json_with_stream(tmp_path, ckpt):  # --stream was ignored
     return [ckpt, "--backend", "torch", "--ids", "1", "--json", "--stream"], "--json prints one object at the end"
+
+
+def break_max_prefill_tokens_zero(tmp_path, ckpt):
+    return [ckpt, "--backend", "torch", "--ids", "1", "--max-prefill-tokens", "0"], "max_prefill_tokens=0: must be >= 1"
 
 
 def break_json_with_chat(tmp_path, ckpt):  # --json was ignored

@@ -71,6 +71,38 @@ def test_tiny_greedy_equals_full_forward_across_chunks_and_prefill_pieces(tiny):
     assert result.stop_reason == "length" and result.text is None
 
 
+class Cancelled(Exception):
+    pass
+
+
+def test_prefill_progress_is_reported_per_piece_and_raising_from_it_cancels(tiny):
+    prompt = random_prompt(tiny.config.vocab_size, 20, seed=0)
+    gen = Generator(TorchBackend(tiny, max_prefill_tokens=7), window=64, sinks=4)
+    seen = []
+    result = gen.generate(prompt, max_new_tokens=5, stop_tokens=[], on_prefill=lambda *p: seen.append(p))
+    assert seen == [(7, 20), (14, 20), (20, 20)]
+    assert result.token_ids == full_forward_argmax(tiny, prompt, result.token_ids)
+
+    def cancel_after_first_piece(done, total):
+        seen.append((done, total))
+        raise Cancelled
+
+    seen.clear()
+    with pytest.raises(Cancelled):  # the caller's own exception, unchanged
+        gen.generate(prompt, max_new_tokens=5, stop_tokens=[], on_prefill=cancel_after_first_piece)
+    events = gen.stream(prompt, max_new_tokens=5, stop_tokens=[], on_prefill=cancel_after_first_piece)
+    with pytest.raises(Cancelled):  # a stream feeds its prompt at the first next()
+        next(events)
+    assert seen == [(7, 20), (7, 20)]
+    # the cancelled runs left nothing behind: the next generation (batched: progress of the longest row) is exact
+    seen.clear()
+    short = prompt[:9]
+    rows = gen.generate_batch([short, prompt], max_new_tokens=5, stop_tokens=[], on_prefill=lambda *p: seen.append(p))
+    assert seen == [(7, 20), (14, 20), (20, 20)]
+    assert [r.token_ids for r in rows] == [gen.generate(p, max_new_tokens=5, stop_tokens=[]).token_ids
+                                           for p in (short, prompt)] and rows[1].token_ids == result.token_ids
+
+
 def test_scoutlike_greedy_equals_full_forward(scoutlike, heldout_text, scoutlike_dir):
     gen = torch_generator(scoutlike_dir)  # a plain HF checkpoint dir: tokenizer + eos from it
     prompt = gen.encode(heldout_text[:2000])[:100]

@@ -12,6 +12,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import Llama4ExportError, needs_exporter
+from ..progress import PrefillBar
 from ..runtime import GenerationError, Generator
 from ..runtime.generator import BACKENDS
 from .common import err_console, fail, piece_printer, version_option
@@ -57,6 +58,9 @@ def run(
     sinks: int = typer.Option(4, help="sink tokens S kept forever once the sequence outgrows W"),
     backend: str = typer.Option("onnxruntime", help="onnxruntime | torch | tensorrt"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice)"),
+    max_prefill_tokens: Optional[int] = typer.Option(
+        None, "--max-prefill-tokens", help="the most prompt tokens fed per forward call (default: the artifact's "
+                                           "prefill limit); lower bounds the prefill's activation memory"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (prompt_ids, token_ids, text, stop_reason)"),
 ) -> None:
     """Generate a continuation of a prompt (greedy unless --temperature) with the sliding KV cache."""
@@ -81,13 +85,13 @@ def run(
             raise GenerationError(f"--json prints one object at the end: drop {'--stream' if stream else '--chat'} "
                                   "or --json")
         with err_console.status(f"loading {escape(str(directory))}"):
-            generator = _generator(directory, backend, window, sinks, threads)
+            generator = _generator(directory, backend, window, sinks, threads, max_prefill_tokens)
         if chat:
             _chat_loop(generator, stream, options, system)
             return
         tokens = _parse_ids(ids) if ids is not None else prompt
         on_token = piece_printer() if stream else None
-        result = generator.generate(tokens, stream=on_token, images=images or (), **options)
+        result = _generate(generator, tokens, stream=on_token, images=images or (), **options)
     except Llama4ExportError as exc:
         fail(exc)
     if as_json:
@@ -99,17 +103,28 @@ def run(
         print(result.text if result.text is not None else ",".join(map(str, result.token_ids)))
 
 
-def _generator(directory: Path, backend: str, window: int | None, sinks: int, threads: int | None) -> Generator:
+def _generate(generator: Generator, prompt, **options):
+    """generator.generate with a prefill bar on the terminal while a long prompt is fed."""
+    bar = PrefillBar()
+    try:
+        return generator.generate(prompt, on_prefill=bar, **options)
+    finally:
+        bar.close()
+
+
+def _generator(directory: Path, backend: str, window: int | None, sinks: int, threads: int | None,
+               max_prefill_tokens: int | None) -> Generator:
     """An artifact on ONNX Runtime / TensorRT; with --backend torch, the PyTorch reference on a checkpoint or on an
     unquantized artifact's weights (imported only then: it needs torch)."""
     if backend not in (*BACKENDS, "torch"):
         raise GenerationError(f"--backend {backend!r} is unknown; choose one of: {', '.join((*BACKENDS, 'torch'))}")
     if backend != "torch":
-        return Generator.load(directory, backend=backend, window=window, sinks=sinks, threads=threads)
+        return Generator.load(directory, backend=backend, window=window, sinks=sinks, threads=threads,
+                              max_prefill_tokens=max_prefill_tokens)
     with needs_exporter():
         from ..evaluation.torch_backend import torch_generator
 
-    return torch_generator(directory, window, sinks)
+    return torch_generator(directory, window, sinks, max_prefill_tokens)
 
 
 def _read_prompt(path: Path) -> str:
@@ -154,7 +169,8 @@ def _chat_loop(generator, stream: bool, options: dict, system: str | None) -> No
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.strip()})
-        result = generator.generate(generator.chat_prompt(messages), stream=piece_printer() if stream else None, **options)
+        result = _generate(generator, generator.chat_prompt(messages), stream=piece_printer() if stream else None,
+                           **options)
         if stream:
             print(flush=True)
         else:

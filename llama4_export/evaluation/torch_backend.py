@@ -120,16 +120,18 @@ def onnx_initializers(graph_path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def torch_generator(directory: str | Path, window: int | None = None, sinks: int = DEFAULT_SINKS) -> Generator:
+def torch_generator(directory: str | Path, window: int | None = None, sinks: int = DEFAULT_SINKS,
+                    max_prefill_tokens: int | None = None) -> Generator:
     """`llama4-run DIR --backend torch`: the PyTorch reference on a checkpoint directory, or on the weights of an
     unquantized artifact's decode graph."""
     directory = Path(directory)
     if not (directory / MANIFEST).is_file() and (directory / "config.json").is_file():
-        return Generator.for_backend(TorchBackend.from_checkpoint(directory), directory, window, sinks)
+        return Generator.for_backend(TorchBackend.from_checkpoint(directory), directory, window, sinks,
+                                     max_prefill_tokens=max_prefill_tokens)
     manifest = read_manifest(directory)
     config = manifest_config(directory, manifest)
     parts, max_prefill = artifact_parts(directory, manifest, config)
     if len(parts) != 1:
         raise GenerationError(f"{directory}: a partitioned artifact runs on the onnxruntime backend only (got 'torch')")
     backend = TorchBackend.from_onnx_weights(parts[0].decode, config, max_prefill)
-    return Generator.for_backend(backend, directory, window, sinks, manifest.get("precision"))
+    return Generator.for_backend(backend, directory, window, sinks, manifest.get("precision"), max_prefill_tokens)

@@ -46,6 +46,7 @@ from .tokenizer import StreamDecoder, Tokenizer
 GENERATION_CONFIG_FILE = "generation_config.json"
 BACKENDS = ("onnxruntime", "tensorrt")
 Prompt = str | Sequence[int]
+PrefillProgress = Callable[[int, int], None]  # (prompt positions fed so far, prompt length)
 
 
 @dataclass(frozen=True)
@@ -262,32 +263,37 @@ class Generator:
         self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
         repetition_penalty: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
         stream: Callable[[TokenEvent], None] | None = None, images: Sequence[ImageInput] = (),
-        **penalties,
+        on_prefill: PrefillProgress | None = None, **penalties,
     ) -> GenerationResult:
         """Continue one prompt; `stream` is called with every new token as it is chosen. images: files (or PIL
         images) for the prompt's `<|image|>` placeholders, in order. penalties: frequency_penalty, presence_penalty,
         logit_bias (SamplingParams), and stop: a string or a list of them that ends the generation where its text
-        first holds one (cut before it, stop_reason "stop"; streamed text that may begin one waits until it cannot)."""
+        first holds one (cut before it, stop_reason "stop"; streamed text that may begin one waits until it cannot).
+        on_prefill(done, total) is called after each prefill piece with the prompt tokens fed so far; an exception
+        raised from it (or from `stream`) cancels the generation, reaches the caller unchanged, and leaves the
+        Generator ready for the next one."""
         return self.generate_batch(
             [prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_tokens, stream, [images],
-            **penalties,
+            on_prefill, **penalties,
         )[0]
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 64, images: Sequence[ImageInput] = (),
-               **options) -> Iterator[TokenEvent]:
-        """The same as generate, as an iterator of TokenEvents (bad input raises here, not at the first next())."""
+               on_prefill: PrefillProgress | None = None, **options) -> Iterator[TokenEvent]:
+        """The same as generate, as an iterator of TokenEvents (bad input raises here, not at the first next(); the
+        prompt is fed at the first next(), with on_prefill's calls)."""
         ids, features = self._with_images(prompt, images)
         params, stops = self._options(max_new_tokens, options)
-        return self._events([ids], max_new_tokens, params, stops, [features])
+        return self._events([ids], max_new_tokens, params, stops, [features], on_prefill)
 
     def generate_batch(
         self, prompts: Sequence[Prompt], max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
         stream: Callable[[TokenEvent], None] | None = None, images: Sequence[Sequence[ImageInput]] | None = None,
-        **penalties,
+        on_prefill: PrefillProgress | None = None, **penalties,
     ) -> list[GenerationResult]:
         """Several prompts of any lengths at once; sampled rows draw from one seeded generator, in row order.
-        images: one sequence of images per prompt (None: text only); penalties as for generate()."""
+        images: one sequence of images per prompt (None: text only); on_prefill and penalties as for generate()
+        (on_prefill counts the positions of the longest prompt: the rows are fed side by side)."""
         if images is not None and len(images) != len(prompts):
             raise ImageError(f"{len(prompts)} prompt(s) but {len(images)} image list(s); give one list per prompt")
         prepared = [self._with_images(p, images[k] if images is not None else ()) for k, p in enumerate(prompts)]
@@ -297,23 +303,24 @@ class Generator:
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
             stop_tokens=stop_tokens, **penalties,
         ))
-        return self._collect(prepared, max_new_tokens, params, stops, stream)
+        return self._collect(prepared, max_new_tokens, params, stops, stream, on_prefill)
 
     def chat(self, messages: list[dict[str, Any]], max_new_tokens: int = 64, tools: list[dict[str, Any]] | None = None,
-             stream: Callable[[TokenEvent], None] | None = None, **options) -> GenerationResult:
+             stream: Callable[[TokenEvent], None] | None = None, on_prefill: PrefillProgress | None = None,
+             **options) -> GenerationResult:
         """The reply to a conversation (chat_inputs: text and image parts, tools); options as for stream()."""
         ids, features = self.chat_inputs(messages, tools)
         params, stops = self._options(max_new_tokens, options)
-        return self._collect([(ids, features)], max_new_tokens, params, stops, stream)[0]
+        return self._collect([(ids, features)], max_new_tokens, params, stops, stream, on_prefill)[0]
 
     def _collect(self, prepared: list[tuple[list[int], np.ndarray | None]], max_new_tokens: int,
                  params: SamplingParams, stops: Stops, stream: Callable[[TokenEvent], None] | None,
-                 ) -> list[GenerationResult]:
+                 on_prefill: PrefillProgress | None) -> list[GenerationResult]:
         batch, features = [ids for ids, _ in prepared], [f for _, f in prepared]
         new: list[list[int]] = [[] for _ in batch]
         pieces: list[list[str]] = [[] for _ in batch]
         stopped, cut = [False] * len(batch), [False] * len(batch)
-        for event in self._events(batch, max_new_tokens, params, stops, features):
+        for event in self._events(batch, max_new_tokens, params, stops, features, on_prefill):
             new[event.row].append(event.token_id)
             pieces[event.row].append(event.text or "")
             stopped[event.row], cut[event.row] = event.stop, event.stop_string
@@ -359,7 +366,7 @@ class Generator:
 
     def _events(
         self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stops: Stops,
-        features: list[np.ndarray | None] | None = None,
+        features: list[np.ndarray | None] | None = None, on_prefill: PrefillProgress | None = None,
     ) -> Iterator[TokenEvent]:
         """One generation at a time, as the KV cache is the Generator's: another thread's waits for it; the same
         thread's second one (beside an unfinished stream()) is refused rather than left to overwrite the first's."""
@@ -369,13 +376,13 @@ class Generator:
         with self._cache_lock:
             self._cache_user = threading.get_ident()
             try:
-                yield from self._generation(prompts, max_new_tokens, params, stops, features)
+                yield from self._generation(prompts, max_new_tokens, params, stops, features, on_prefill)
             finally:
                 self._cache_user = None
 
     def _generation(
         self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stops: Stops,
-        features: list[np.ndarray | None] | None,
+        features: list[np.ndarray | None] | None, on_prefill: PrefillProgress | None,
     ) -> Iterator[TokenEvent]:
         if max_new_tokens == 0:
             return
@@ -390,7 +397,7 @@ class Generator:
         decoders = [StreamDecoder(self.tokenizer) if self.tokenizer else None for _ in prompts]
         cutters = [StopStrings(stops.strings) if stops.strings else None for _ in prompts]
 
-        last_logits = self.prefill(prompts, cache, pad, features or [None] * rows)
+        last_logits = self.prefill(prompts, cache, pad, features or [None] * rows, on_prefill)
         produced = [0] * rows
         active = [True] * rows
         while True:
@@ -425,7 +432,7 @@ class Generator:
             last_logits = self.backend.forward(ids, positions, cache)[:, -1]
 
     def prefill(self, prompts: list[list[int]], cache: KVCacheState, pad: int,
-                features: list[np.ndarray | None]) -> np.ndarray:
+                features: list[np.ndarray | None], on_prefill: PrefillProgress | None = None) -> np.ndarray:
         """Feed every prompt in pieces of at most max_prefill_tokens; return each row's last-token logits [B, V]. Each
         piece asks for one column of logits per row — the row's last prompt token when it is in the piece — and
         takes the image feature rows of its placeholder tokens (row by row: model/io_spec.py)."""
@@ -454,6 +461,8 @@ class Generator:
             for b, prompt in enumerate(prompts):
                 if start < len(prompt) <= start + width:
                     last[b] = logits[b, 0]
+            if on_prefill is not None:
+                on_prefill(start + width, longest)
         return last
 
 
