@@ -496,6 +496,21 @@ def test_a_body_over_the_size_limit_gets_413_declared_or_chunked_and_one_at_the_
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].finish_reason
 
 
+def test_a_compressed_body_gets_415_naming_its_encoding(server, client):
+    """A gzip body was parsed as JSON and refused as "not valid JSON", which sent its client looking for a typo."""
+    import gzip
+
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 2}).encode()
+    response = httpx.post(f"{server[0]}/v1/completions", content=gzip.compress(body),
+                          headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert response.status_code == 415, response.text
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_content_encoding" and "Content-Encoding 'gzip'" in error["message"]
+    plain = httpx.post(f"{server[0]}/v1/completions", content=body,
+                       headers={"Content-Type": "application/json", "Content-Encoding": "identity"})
+    assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] == 2, plain.text
+
+
 def _stream_lines(base, body):
     return httpx.stream("POST", f"{base}/v1/completions", json={"model": MODEL, "stream": True, **body}, timeout=60)
 

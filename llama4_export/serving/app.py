@@ -3,9 +3,9 @@ or server-sent events ending with `data: [DONE]`), /v1/models (and /v1/models/{i
 
 Every request becomes one sequence of the engine per choice (n); the engine's thread hands their events, tagged with
 the choice's index, to the request's asyncio queue. Errors are OpenAI-style bodies: 400 for a bad field (named), 404
-for an unknown model, 413 for a body over the server's size limit, 429 with Retry-After when the engine's queue is
-full, 503 while shutting down, 504 past the per-request timeout. A client that goes away cancels its sequences, which
-frees their rows at the engine's next step.
+for an unknown model, 413 for a body over the server's size limit, 415 for a compressed body, 429 with Retry-After
+when the engine's queue is full, 503 while shutting down, 504 past the per-request timeout. A client that goes away
+cancels its sequences, which frees their rows at the engine's next step.
 """
 
 from __future__ import annotations
@@ -165,7 +165,11 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
 
     async def read_body(request: Request) -> bytes:
         """The body, refused (413) once it passes the limit: at once by its Content-Length, else (chunked) as it
-        arrives — never held whole first."""
+        arrives — never held whole first. A compressed body is refused (415) rather than parsed as broken JSON."""
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            raise APIError(415, f"Content-Encoding {encoding!r}: this server reads uncompressed request bodies only; "
+                                "send the body without Content-Encoding", code="unsupported_content_encoding")
         limit = settings.max_request_bytes
         if limit is None:
             return await request.body()
