@@ -109,6 +109,8 @@ TINY_CASES = {
     "int4-short-ring": ("int4", 45, ["-n", 30, "--window", 10, "--sinks", 1]),
     "int4-sampled": ("int4", 20, ["-n", 40, "--window", 30, "--temperature", 1.1, "--seed", 3]),
     "fp8-kv": ("fp8-kv", 35, ["-n", 40, "--window", 24, "--sinks", 4]),
+    # pieces of 5 (7 of them) instead of the graph's 16
+    "int4-small-pieces": ("int4", 33, ["-n", 20, "--window", 40, "--max-prefill-tokens", 5]),
 }
 
 
@@ -606,6 +608,10 @@ def stop_without_tokenizer_graphs(tmp_path, tiny):
     return art, ["--ids", "1", "--stop", "x"], "stop strings need the tokenizer: the export wrote no tokenizer graphs"
 
 
+def max_prefill_tokens_zero(tmp_path, tiny):
+    return tiny["fp32"], ["--ids", "1", "--max-prefill-tokens", "0"], "max_prefill_tokens=0: must be >= 1"
+
+
 def empty_stop_string(tmp_path, tiny):
     return tiny["fp32"], ["--prompt", "x", "--stop", ""], "a stop string is empty"
 
@@ -622,7 +628,7 @@ def json_and_stream(tmp_path, tiny):  # --stream was ignored
                                      penalty_out_of_range, negative_temperature, top_p_too_small,
                                      bias_outside_vocabulary, bias_given_twice,
                                      bias_without_value, prompt_file_not_utf8, prompt_file_missing,
-                                     stop_without_tokenizer_graphs, empty_stop_string],
+                                     stop_without_tokenizer_graphs, empty_stop_string, max_prefill_tokens_zero],
                          ids=lambda f: f.__name__)
 def test_bad_input_is_one_line_and_exit_2(llama4_cpp, tiny, tmp_path, breaker):
     artifact, args, message = breaker(tmp_path, tiny)

@@ -23,8 +23,8 @@ constexpr const char* kUsage =
     "usage: llama4-cpp ARTIFACT (--prompt TEXT | --prompt-file FILE | --ids 1,2,3) [-n N] [--window W] [--sinks S]\n"
     "                  [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S]\n"
     "                  [--frequency-penalty F] [--presence-penalty P] [--logit-bias ID=BIAS ...] [--stop TEXT ...]\n"
-    "                  [--threads N] [--no-stop] [--stream] [--json] [--stats] [--rss-steps 200,2000]\n"
-    "                  [--image PICTURE.ppm ...]\n"
+    "                  [--threads N] [--max-prefill-tokens N] [--no-stop] [--stream] [--json] [--stats]\n"
+    "                  [--rss-steps 200,2000] [--image PICTURE.ppm ...]\n"
     "Generates a continuation (greedy unless --temperature) with the sliding KV cache, as llama4-run does.\n"
     "  --prompt      the prompt as text (needs the artifact's tokenizer graphs and onnxruntime-extensions)\n"
     "  --prompt-file, -f  the prompt from a UTF-8 file (- = stdin), less one final newline, as llama4-run\n"
@@ -32,6 +32,8 @@ constexpr const char* kUsage =
     "                8-bit RGB: e.g. `convert photo.jpg photo.ppm`); an artifact of a multimodal checkpoint\n"
     "  --json        print {\"prompt_ids\", \"token_ids\", \"text\", \"stop_reason\"} as llama4-run --json does\n"
     "  --stop        end where the text first holds TEXT, cut before it (repeat for several), as llama4-run\n"
+    "  --max-prefill-tokens  the most prompt tokens fed per forward call (default: the artifact's prefill limit);\n"
+    "                lower bounds the prefill's activation memory, as llama4-run\n"
     "  --no-stop     generate exactly N tokens: no stop tokens (as the benchmarks run)\n"
     "  --stream      print each token's text as it is chosen (its id without the tokenizer), as llama4-run\n"
     "  --stats       print prefill and decode tokens/s as one JSON line on stderr (decode: the tokens after the\n"
@@ -188,6 +190,8 @@ int main(int argc, char** argv) {
         open_options.sinks = parse_int(flag, value());
       } else if (flag == "--threads") {
         open_options.threads = static_cast<int>(parse_int(flag, value()));
+      } else if (flag == "--max-prefill-tokens") {
+        open_options.max_prefill_tokens = parse_int(flag, value());
       } else if (flag == "--temperature") {
         options.sampling.temperature = parse_float(flag, value());
       } else if (flag == "--top-k") {
