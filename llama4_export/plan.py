@@ -55,7 +55,7 @@ from typing import Any
 from .errors import ConfigError
 from .model.config import Llama4Config, Llama4VisionConfig
 from .model.io_spec import DEFAULT_MAX_PREFILL, DEFAULT_SINKS, attention_kind
-from .model.summary import _layer_counts, vision_parameter_count, vision_weight_bytes
+from .model.summary import BLOCK_SIZES, _layer_counts, vision_parameter_count, vision_weight_bytes
 
 MIB, GIB = 1 << 20, 1 << 30
 RUNTIME_RESERVE = 2 * GIB
@@ -325,7 +325,7 @@ def _gpu_use(config: Llama4Config, index: int, layers: range, n: int, window: in
 def plan_memory(
     config: Llama4Config, precision: str, gpu_memory_bytes: int | GpuSpec, gpus: int = 1, max_batch: int = 1,
     max_prefill: int = DEFAULT_MAX_PREFILL, kv_dtype: str = "bf16", activation_dtype: str | None = None,
-    window: int | None = None, sinks: int = DEFAULT_SINKS, block_size: int = DEFAULT_BLOCK_SIZE,
+    window: int | None = None, sinks: int = DEFAULT_SINKS, block_size: int | None = None,
     vision: Llama4VisionConfig | None = None, max_tiles: int = DEFAULT_MAX_TILES, vision_precision: str | None = None,
 ) -> MemoryPlan:
     """Weights, KV cache and workspace per GPU, and the largest global window W that fits (or the `window` given).
@@ -333,12 +333,21 @@ def plan_memory(
     gpu_memory_bytes: one GPU's memory (runtime reserve RUNTIME_RESERVE) or a GpuSpec. gpus > 1 splits the layers
     with partition_layers. activation_dtype: default fp32 for fp32 weights, else 16-bit. vision: the model's vision
     tower (None: text only), planned on the first GPU with an encode of `max_tiles` image tiles at a time;
-    vision_precision: its precision (None: the text graphs' float type).
+    vision_precision: its precision (None: the text graphs' float type). block_size: int4's values per scale (None:
+    DEFAULT_BLOCK_SIZE; refused as export refuses it, for a size int4 does not have or without int4 weights).
     """
     activation_dtype = activation_dtype_for(precision, activation_dtype)
     if kv_dtype not in KV_DTYPE_BYTES:
         raise ConfigError(f"--kv-dtype {kv_dtype!r} is unknown; choose one of: {', '.join(KV_DTYPE_BYTES)}")
-    _check_positive(gpus=gpus, max_batch=max_batch, max_prefill=max_prefill, block_size=block_size, max_tiles=max_tiles)
+    if block_size is None:
+        block_size = DEFAULT_BLOCK_SIZE
+    elif "int4" not in (precision, vision_precision):
+        raise ConfigError(f"--block-size {block_size} applies to int4 weights only ({precision} uses per-tensor "
+                          "scales); drop it")
+    elif block_size not in BLOCK_SIZES:
+        raise ConfigError(f"--block-size {block_size} is not supported for int4; choose one of: "
+                          f"{', '.join(map(str, BLOCK_SIZES))}")
+    _check_positive(gpus=gpus, max_batch=max_batch, max_prefill=max_prefill, max_tiles=max_tiles)
     if vision_precision is not None:
         if vision is None:
             raise ConfigError(f"--vision-precision {vision_precision}: no vision tower is planned (a text-only model, "

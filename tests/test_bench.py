@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -68,6 +69,18 @@ def test_bench_rejects_prompt_beyond_positions(scoutlike_artifact):
     result = CliRunner().invoke(export_app, ["bench", str(scoutlike_artifact), "--decode-prompt", "5000", "--repeats", "1"])
     assert result.exit_code == 2
     assert "exceed the model's 2048 positions" in result.output
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--json", "/nonexistent-dir/bench.json"], "--json /nonexistent-dir/bench.json: its directory /nonexistent-dir does "
+                                                "not exist"),  # was a traceback after the whole benchmark had run
+    (["--backend", "tflite"], "backend 'tflite' is unknown; choose one of: onnxruntime, tensorrt, torch"),
+])
+def test_bench_refuses_bad_flags_in_one_line_before_measuring(scoutlike_artifact, args, expected):
+    result = CliRunner().invoke(export_app, ["bench", str(scoutlike_artifact), "--repeats", "1", *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
 
 
 def test_spread_reports_median_and_range():

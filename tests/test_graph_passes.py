@@ -228,5 +228,12 @@ def test_cli_passes_reports_and_refuses_bad_input_in_one_line(optimized_scoutlik
     bad = runner.invoke(export_app, ["passes", str(fresh), "--target", "tensorrt-llm"])
     assert bad.exit_code == 2 and "unknown target 'tensorrt-llm'" in bad.output and len(bad.output.strip().splitlines()) == 1
     assert not (fresh / "passes.json").exists()
+    # was "after pass 'fold_constants' output '' moved by 0 × its max magnitude (tolerance -1); the pass is wrong"
+    negative = runner.invoke(export_app, ["passes", str(fresh), "--verify", "--tolerance", "-1"])
+    assert negative.exit_code == 2 and negative.output.strip() == "error: --tolerance -1: must be >= 0 (an output's " \
+        "deviation relative to its max magnitude)", negative.output
+    assert not (fresh / "passes.json").exists()
+    compared = runner.invoke(export_app, ["compare", str(fresh), "--tolerance", "-0.5"])
+    assert compared.exit_code == 2 and "--tolerance -0.5: must be >= 0" in compared.output, compared.output
     with pytest.raises(GraphPassError, match="already optimized"):
         optimize_artifact(out, "tensorrt", show_progress=False)

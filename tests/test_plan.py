@@ -315,6 +315,11 @@ def test_tensorrt_build_window_comes_from_the_planner_for_the_gpu():
     (["--model", "scout", "--gpu", "h100-80gb", "--gpus", "49"], "49 partitions for 48 layers"),
     (["--model", "scout", "--gpu", "h100-80gb", "--max-batch", "0"], "--max-batch 0: must be at least 1"),
     (["--model", "llama5", "--gpu", "h100-80gb"], "unknown preset 'llama5'"),
+    # planned as if int4 had them (a "does not fit" with exit 1) or silently ignored; export refuses both
+    (["--model", "scout", "--precision", "int4", "--gpu", "h100-80gb", "--block-size", "7"],
+     "--block-size 7 is not supported for int4; choose one of: 32, 64, 128"),
+    (["--model", "scout", "--precision", "fp8", "--gpu", "h100-80gb", "--block-size", "64"],
+     "--block-size 64 applies to int4 weights only"),
 ])
 def test_bad_input_prints_one_line_and_exits_2(args, message):
     result = plan_cli(*args)

@@ -315,3 +315,23 @@ def test_every_command_line_prints_the_installed_version():
     for name, app in [("llama4-export", export_app), ("llama4-run", run_app), ("llama4-serve", serve_app)]:
         result = CliRunner().invoke(app, ["--version"])
         assert result.exit_code == 0 and result.stdout == f"{name} {version('llama4-export')}\n", result.output
+
+
+def test_every_help_text_prints_as_written():
+    """typer renders help through rich markup, which ate "[ray]" from "pip install .[ray]": every command's and
+    option's help must render to its own text (a literal bracket written as "\\[")."""
+    import click
+    import typer
+    from rich.text import Text
+
+    from llama4_export.cli.export import export_app
+    from llama4_export.cli.serve import serve_app
+
+    for app in (export_app, run_app, serve_app):
+        command = typer.main.get_command(app)
+        for each in [command, *(command.commands.values() if isinstance(command, click.Group) else ())]:
+            for text in [each.help, *(getattr(p, "help", None) for p in each.params)]:
+                if text:
+                    assert Text.from_markup(text).plain == text.replace("\\[", "["), (each.name, text)
+    shown = CliRunner().invoke(serve_app, ["--help"], env={"COLUMNS": "200"})
+    assert "pip install '.[ray]'" in shown.output, shown.output

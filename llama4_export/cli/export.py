@@ -239,7 +239,7 @@ def plan(
     max_prefill: int = typer.Option(512, "--max-prefill", help="tokens per prefill call (the attention workspace scales with it)"),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="KV cache: bf16 | fp16 | fp32 | fp8"),
     window: Optional[int] = typer.Option(None, "--window", help="check this global window W instead of finding the largest"),
-    block_size: int = typer.Option(128, "--block-size", help="int4: values per scale"),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="int4: 32 | 64 | 128 (default) values per scale"),
     max_tiles: int = typer.Option(17, "--max-tiles", help="image tiles encoded at once (default: one Scout image, 16 tiles + the global one)"),
     vision_precision: Optional[str] = typer.Option(
         None, "--vision-precision",
@@ -354,6 +354,9 @@ def bench(
 ) -> None:
     """Prefill and decode tokens/s, time to first token, peak RSS and decode as a fraction of the memory-bandwidth bound."""
     try:
+        if json_out is not None and not json_out.parent.is_dir():  # found out before the minutes of measuring
+            raise ConfigError(f"--json {json_out}: its directory {json_out.parent} does not exist; create it or write "
+                             "elsewhere")
         with needs_exporter():
             from ..evaluation.bench import result_table  # onnx: imported by this command only
         with err_console.status(f"benchmarking {escape(str(directory))}"):
@@ -369,7 +372,10 @@ def bench(
         f"load {machine.get('load_avg_1m', '?')}", highlight=False,
     )
     if json_out is not None:
-        write_json(json_out, result)
+        try:
+            write_json(json_out, result)
+        except OSError as exc:
+            fail(f"--json {json_out}: cannot write it ({exc.strerror or exc})")
 
 
 # ------------------------------------------------------------------------------ TensorRT: lint, build, compare, rebuild
@@ -422,6 +428,9 @@ def compare(
 ) -> None:
     """ONNX Runtime vs TensorRT on the same inputs (Polygraphy); ORT vs PyTorch when TensorRT or engines are absent."""
     try:
+        if not tolerance >= 0:
+            raise ConfigError(f"--tolerance {tolerance:g}: must be >= 0 (an output's deviation relative to its max "
+                              "magnitude)")
         comparisons, notes = api.compare_artifact(directory)
     except Llama4ExportError as exc:
         fail(exc)

@@ -43,7 +43,7 @@ def serve(
                                                "environment than the command line, which others can list)"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice)"),
     window: Optional[int] = typer.Option(None, help="global-layer KV window W in tokens"),
-    ray: bool = typer.Option(False, "--ray", help="deploy on Ray Serve (pip install .[ray])"),
+    ray: bool = typer.Option(False, "--ray", help="deploy on Ray Serve (pip install '.\\[ray]')"),
     replicas: int = typer.Option(1, "--replicas", help="with --ray: replicas, each with its own engine"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="with --ray: a cluster (auto, HOST:PORT); default: a local instance"),
     gpus_per_replica: float = typer.Option(0, "--gpus-per-replica", help="with --ray: GPUs Ray reserves per replica"),

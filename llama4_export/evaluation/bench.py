@@ -39,6 +39,7 @@ import onnx
 from ..artifact import read_manifest
 from ..errors import Llama4ExportError
 from ..runtime import Generator
+from ..runtime.generator import BACKENDS
 from ..runtime.ort_backend import artifact_parts
 
 # ONNX ops whose expert-weight inputs are stacked [num_experts, ...]: a top-1 token reads one slice of them
@@ -198,6 +199,8 @@ def bench_artifact(
             f"repeats={repeats}, new_tokens={new_tokens}, prompts={list(prompt_lengths)}, decode prompt={decode_prompt}: "
             "need repeats >= 1, new tokens >= 2 and prompts >= 1 token"
         )
+    if backend not in (*BACKENDS, "torch"):
+        raise BenchError(f"backend {backend!r} is unknown; choose one of: {', '.join((*BACKENDS, 'torch'))}")
     # A missing or foreign artifact fails here, in one line, before a process starts; the engine's loader in that
     # process checks the files' hashes, once (a Scout artifact is tens of GB to read).
     read_manifest(directory, verify=False)

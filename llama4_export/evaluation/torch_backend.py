@@ -79,7 +79,8 @@ class GraphWeights(WeightSource):
         if missing:
             raise GenerationError(
                 f"{graph_path}: has no initializer {missing[0]!r}, so the torch backend cannot rebuild the model from it "
-                "(quantized, or the exporter merged equal weights); use --backend onnxruntime or pass the checkpoint directory"
+                "(quantized, optimized by the graph passes, or equal weights merged); run the artifact on onnxruntime, "
+                "or the PyTorch reference on the checkpoint it came from (llama4-run CHECKPOINT --backend torch)"
             )
         for name, shape in self.shapes.items():
             if tuple(self.arrays[name].shape) != shape:

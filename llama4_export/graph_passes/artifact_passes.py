@@ -78,6 +78,9 @@ def optimize_artifact(
 ) -> tuple[dict[str, Any], dict[str, PassReport]]:
     """Optimize an unoptimized artifact's graphs in place (atomically); returns (manifest, reports)."""
     directory = Path(directory)
+    if verify and not tolerance >= 0:  # a negative bound failed the first pass, reported as that pass's bug
+        raise GraphPassError(f"--tolerance {tolerance:g}: must be >= 0 (an output's deviation relative to its max "
+                             "magnitude)")
     manifest = read_manifest(directory)  # checks every file's hash before we read any of it
     if manifest.get("partitions"):
         raise GraphPassError(f"{directory}: a partitioned artifact ({len(manifest['partitions'])} parts): the export "
