@@ -608,6 +608,10 @@ def stop_without_tokenizer_graphs(tmp_path, tiny):
     return art, ["--ids", "1", "--stop", "x"], "stop strings need the tokenizer: the export wrote no tokenizer graphs"
 
 
+def empty_prompt(tmp_path, tiny):  # generated after a lone BOS; llama4-run refuses it
+    return tiny["fp32"], ["--prompt", ""], "the prompt is empty; give at least one token"
+
+
 def max_prefill_tokens_zero(tmp_path, tiny):
     return tiny["fp32"], ["--ids", "1", "--max-prefill-tokens", "0"], "max_prefill_tokens=0: must be >= 1"
 
@@ -628,7 +632,8 @@ def json_and_stream(tmp_path, tiny):  # --stream was ignored
                                      penalty_out_of_range, negative_temperature, top_p_too_small,
                                      bias_outside_vocabulary, bias_given_twice,
                                      bias_without_value, prompt_file_not_utf8, prompt_file_missing,
-                                     stop_without_tokenizer_graphs, empty_stop_string, max_prefill_tokens_zero],
+                                     stop_without_tokenizer_graphs, empty_stop_string, max_prefill_tokens_zero,
+                                     empty_prompt],
                          ids=lambda f: f.__name__)
 def test_bad_input_is_one_line_and_exit_2(llama4_cpp, tiny, tmp_path, breaker):
     artifact, args, message = breaker(tmp_path, tiny)

@@ -433,6 +433,10 @@ MALFORMED = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 5000}, 400, "max_tokens"),  # beyond it
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    # a message without its content was rendered as empty text and answered
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}, {"role": "assistant"},
+                                                           {"role": "user", "content": "y"}]}, 400, "messages[1].content"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400,
      "messages[0].role"),
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tools": [
@@ -577,8 +581,13 @@ def test_an_api_key_guards_the_v1_routes(artifact, generator, monkeypatch):
     (["--max-request-bytes", "-1"], "max_request_bytes=-1: must be >= 1 (or None: no limit)"),
     # Ray would retry an unreachable cluster for minutes, printing warnings, before giving up
     (["--ray", "--ray-address", "127.0.0.1:1"], "--ray-address 127.0.0.1:1: cannot connect"),
+    # served one engine under the directory's name, ignoring them
+    (["--replicas", "2"], "--replicas applies to a Ray Serve deployment: add --ray, or drop it"),
+    (["--gpus-per-replica", "1"], "--gpus-per-replica applies to a Ray Serve deployment"),
+    (["--model-name", " "], "model_name=' ': give the model id clients send (--model-name)"),
 ], ids=["port-above-65535", "port-0", "unresolvable-host", "negative-timeout", "no-rows", "negative-threads",
-        "negative-body-limit", "unreachable-ray-cluster"])
+        "negative-body-limit", "unreachable-ray-cluster", "replicas-without-ray", "gpus-without-ray",
+        "blank-model-name"])
 def test_bad_flags_get_one_line_and_exit_2_before_anything_listens(artifact, flags, expected):
     """Checked before the artifact loads (or, for --threads, while it does): uvicorn would bind a wrapped-around port
     for 70000 and report a bad host only after the load. A server that starts anyway is killed and fails the test."""

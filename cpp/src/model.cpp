@@ -808,6 +808,7 @@ std::string TextStream::piece(bool final) {
 
 std::vector<int64_t> Model::encode(const std::string& text) {
   if (!impl_->text) throw Error("text prompts need the tokenizer: " + impl_->no_text + "; give token ids instead");
+  if (text.empty()) throw Error("the prompt is empty; give at least one token");  // as Generator.encode: no lone BOS
   return guarded([&] { return impl_->text->encode(text); });
 }
 

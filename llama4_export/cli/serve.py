@@ -44,13 +44,20 @@ def serve(
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice)"),
     window: Optional[int] = typer.Option(None, help="global-layer KV window W in tokens"),
     ray: bool = typer.Option(False, "--ray", help="deploy on Ray Serve (pip install '.\\[ray]')"),
-    replicas: int = typer.Option(1, "--replicas", help="with --ray: replicas, each with its own engine"),
+    replicas: Optional[int] = typer.Option(None, "--replicas", help="with --ray: replicas, each with its own engine "
+                                                                     "(default 1)"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="with --ray: a cluster (auto, HOST:PORT); default: a local instance"),
-    gpus_per_replica: float = typer.Option(0, "--gpus-per-replica", help="with --ray: GPUs Ray reserves per replica"),
+    gpus_per_replica: Optional[float] = typer.Option(None, "--gpus-per-replica",
+                                                     help="with --ray: GPUs Ray reserves per replica (default 0)"),
 ) -> None:
     """Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics until SIGTERM."""
     try:
-        settings = ServeSettings(model_name or artifact.resolve().name, request_timeout or None, api_key or None,
+        ray_only = [flag for flag, value in (("--replicas", replicas), ("--ray-address", ray_address),
+                                             ("--gpus-per-replica", gpus_per_replica)) if value is not None]
+        if ray_only and not ray:  # the single-process server would have run one engine and ignored them
+            raise Llama4ExportError(f"{ray_only[0]} applies to a Ray Serve deployment: add --ray, or drop it")
+        replicas = 1 if replicas is None else replicas
+        settings = ServeSettings(artifact.resolve().name if model_name is None else model_name, request_timeout or None, api_key or None,
                                  max_request_bytes or None)
         options = EngineOptions(max_batch, max_queue, reuse_prefix, prefill_budget)
         if ray:
@@ -59,7 +66,7 @@ def serve(
             check_listen_address(host, port)
             check_ray_address(ray_address)
             Generator.load(artifact, threads=1, window=window)  # a bad artifact fails here, not in every replica
-            _serve_on_ray(artifact, settings, host, port, replicas, options, threads, window, gpus_per_replica,
+            _serve_on_ray(artifact, settings, host, port, replicas, options, threads, window, gpus_per_replica or 0,
                           ray_address)
             return
         sock = listen_socket(host, port)

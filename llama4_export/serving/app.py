@@ -49,6 +49,8 @@ class ServeSettings:
     max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES  # None: no limit
 
     def __post_init__(self):
+        if not isinstance(self.model_name, str) or not self.model_name.strip():  # "" was served as the directory's name
+            raise ConfigError(f"model_name={self.model_name!r}: give the model id clients send (--model-name)")
         if self.request_timeout is not None and not 0 < self.request_timeout < math.inf:
             raise ConfigError(f"request_timeout={self.request_timeout}: must be a number of seconds > 0 "
                                   "(or None: no limit)")

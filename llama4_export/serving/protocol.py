@@ -237,6 +237,10 @@ class ChatCompletionRequest(_Generation):
         messages' text parts joined, tool-call arguments as objects."""
         messages = []
         for i, m in enumerate(self.messages):
+            if m.content is None and (m.role != "assistant" or not m.tool_calls and m.refusal is None):
+                needs = "content or tool_calls" if m.role == "assistant" else "content"
+                raise APIError(400, f"messages[{i}].content: a{'n' if m.role == 'assistant' else ''} {m.role} message "
+                                    f"needs its {needs}", f"messages[{i}].content")
             if isinstance(m.content, list) and any(isinstance(part, ImagePart) for part in m.content):
                 content: Any = [part.model_dump(exclude_none=True) for part in m.content]
             elif isinstance(m.content, list):
