@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import held_directory, read_manifest, remove_abandoned, sha256_file
+from .artifact import held_directory, read_manifest, remove_abandoned
 from .model.io_spec import DEFAULT_MAX_PREFILL
 from .pipeline import QuantOptions, export
 from .progress import note
 from .tensorrt.engine import ENGINE_DIR, build_engines, missing_tensorrt_message
 from .tensorrt.errors import BuildError
-from .weights import CheckpointWeights, RandomWeights, WeightSource
+from .weights import recorded_source
 
 
 @dataclass
@@ -60,21 +60,6 @@ def tool_differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[s
     return [f"{tool} {a.get(tool)} originally, {b.get(tool)} now" for tool in sorted(set(a) | set(b)) if a.get(tool) != b.get(tool)]
 
 
-def _source(manifest: dict[str, Any], checkpoint: Path | None) -> WeightSource:
-    source = manifest.get("source") or {}
-    if "preset" in source:
-        return RandomWeights(source["preset"], int(source.get("seed", 0)), source.get("layers"))
-    if checkpoint is None:
-        raise BuildError(f"the artifact was exported from checkpoint {source.get('checkpoint')!r}; pass its directory "
-                         "with --checkpoint to rebuild")
-    for name, expected in sorted((source.get("files") or {}).items()):
-        path = Path(checkpoint) / name
-        if not path.is_file() or sha256_file(path) != expected:
-            raise BuildError(f"{path}: missing or not the file the artifact was exported from (sha256 differs); "
-                             "pass the original checkpoint")
-    return CheckpointWeights(checkpoint)
-
-
 def _uses_trt_plugin(manifest: dict[str, Any]) -> bool:
     """The tensorrt lowering used the plugin unless a graph records the standard-op MoE (--trt-fallback)."""
     return not any("standard ops" in (g.get("moe_lowering") or "") for g in (manifest.get("graphs") or {}).values())
@@ -105,7 +90,7 @@ def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out:
     """Re-run the recorded pipeline into `out` (default: a temp dir, removed after) and compare with the artifact."""
     directory = Path(artifact_dir)
     original = read_manifest(directory)
-    source = _source(original, Path(checkpoint) if checkpoint else None)
+    source = recorded_source(original, Path(checkpoint) if checkpoint else None)
     if "vision" not in original:
         source.vision = None  # exported --text-only from a multimodal checkpoint (or the model has none)
     notes: list[str] = []

@@ -214,6 +214,30 @@ def test_optimize_artifact_is_deterministic_and_keeps_one_weights_file(optimized
         assert report[graph]["main_graph_nodes_after"] == main_nodes < report[graph]["nodes_after"]
 
 
+def test_compare_checks_an_optimized_artifact_against_pytorch_on_its_checkpoint(optimized_scoutlike, scoutlike_dir,
+                                                                               tmp_path):
+    """The passes fuse the experts' weights, so the PyTorch reference cannot be rebuilt from the graphs: compare
+    failed on every default export, advising flags it does not have. It now takes the checkpoint the manifest
+    records (hashes checked) and compares every graph with our PyTorch model on it."""
+    from llama4_export.evaluation.compare import compare_artifact
+
+    out, _, _ = optimized_scoutlike
+    runner = CliRunner()
+    asked = runner.invoke(export_app, ["compare", str(out)])
+    assert asked.exit_code == 2 and "exported from checkpoint" in asked.output and "pass its directory with " \
+        "--checkpoint" in asked.output, asked.output
+    (tmp_path / "config.json").write_bytes((scoutlike_dir / "config.json").read_bytes())  # not the weights
+    wrong = runner.invoke(export_app, ["compare", str(out), "--checkpoint", str(tmp_path)])
+    assert wrong.exit_code == 2 and "missing or not the file the artifact was exported from" in wrong.output
+    shown = runner.invoke(export_app, ["compare", str(out), "-c", str(scoutlike_dir)], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert "decode: onnxruntime vs pytorch" in shown.output and "prefill: onnxruntime vs pytorch" in shown.output
+    comparisons, notes = compare_artifact(out, checkpoint=scoutlike_dir)
+    assert sorted(c.graph for c in comparisons) == ["decode", "prefill"]
+    assert all(c.reference == "pytorch" and 0 < c.worst[1] < 1e-4 for c in comparisons), comparisons
+    assert f"PyTorch reference: checkpoint {scoutlike_dir}" in " ".join(notes)
+
+
 def test_cli_passes_reports_and_refuses_bad_input_in_one_line(optimized_scoutlike, scoutlike_artifact, tmp_path):
     out, _, _ = optimized_scoutlike
     runner = CliRunner()

@@ -111,6 +111,23 @@ def test_a_prompt_from_a_file_or_stdin_and_the_penalties_generate_as_the_python_
     assert json.loads(result.stdout)["token_ids"] == penalised.token_ids
 
 
+def test_compare_checks_an_optimized_preset_artifact_against_its_seeded_weights(tiny_artifact, tiny_checkpoint):
+    """The default export's graphs no longer hold the weights as the model names them; compare rebuilds the preset's
+    seeded random weights the manifest records (a --checkpoint for it is refused, not ignored)."""
+    from llama4_export.cli.export import export_app
+
+    shown = CliRunner().invoke(export_app, ["compare", str(tiny_artifact)], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert "PyTorch reference: preset scout-tiny (random weights, seed 0" in shown.output
+    for graph in ("decode", "prefill"):
+        line = next(line for line in shown.output.splitlines() if line.startswith(f"{graph}: onnxruntime vs pytorch"))
+        assert float(line.split("max deviation ")[1].split(" ")[0]) < 1e-4, line
+    refused = CliRunner().invoke(export_app, ["compare", str(tiny_artifact), "--checkpoint", str(tiny_checkpoint)])
+    assert refused.exit_code == 2 and "exported from the random weights of preset 'scout-tiny'" in refused.output
+    rebuilt = CliRunner().invoke(export_app, ["rebuild", str(tiny_artifact), "--checkpoint", str(tiny_checkpoint)])
+    assert rebuilt.exit_code == 2 and "drop --checkpoint" in rebuilt.output, rebuilt.output  # was ignored
+
+
 def on_a_terminal(*args) -> tuple[int, str, str]:
     """llama4-run in a subprocess whose stderr is a pseudo-terminal (so rich draws there); stdout is a pipe."""
     import os

@@ -72,7 +72,7 @@ def export(
     eval_data: Optional[Path] = typer.Option(
         None, "--eval-data", help="held-out text for the accuracy report (default: the embedded corpus's held-out slice)",
     ),
-    no_report: bool = typer.Option(False, "--no-report", help="int4/fp8: skip the accuracy report"),
+    no_report: bool = typer.Option(False, "--no-report", help="skip the accuracy report (report.json: the exported graphs against the fp32 PyTorch model on held-out text)"),
     quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="int4/fp8: lm_head like every linear (4-bit / fp8)"),
     float_embeddings: bool = typer.Option(
         False, "--float-embeddings", help="int4 on onnxruntime: keep the token embedding and lm_head in float (default: "
@@ -425,13 +425,16 @@ def build(
 def compare(
     directory: Path = typer.Argument(..., help="artifact directory"),
     tolerance: float = typer.Option(1e-2, "--tolerance", help="fail when an output deviates by more than this × its max"),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", "-c", help="the checkpoint the artifact was exported from, for the PyTorch reference of "
+                                         "an optimized artifact exported from a checkpoint (not a preset)"),
 ) -> None:
     """ONNX Runtime vs TensorRT on the same inputs (Polygraphy); ORT vs PyTorch when TensorRT or engines are absent."""
     try:
         if not tolerance >= 0:
             raise ConfigError(f"--tolerance {tolerance:g}: must be >= 0 (an output's deviation relative to its max "
                               "magnitude)")
-        comparisons, notes = api.compare_artifact(directory)
+        comparisons, notes = api.compare_artifact(directory, checkpoint=checkpoint)
     except Llama4ExportError as exc:
         fail(exc)
     for note in notes:

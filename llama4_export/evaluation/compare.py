@@ -3,9 +3,11 @@
 ONNX Runtime runs each graph with the MoE plugin node served by its numpy reference (graph_passes.verify's
 onnxruntime-extensions Python op). With TensorRT, a GPU and built engines (manifest `tensorrt` entry) the same inputs
 go through the engine with Polygraphy's TrtRunner and the two runs are compared with Polygraphy's Comparator.
-Without them it is ORT-only: ONNX Runtime against our PyTorch model rebuilt from the graph's own weights (exact for
-fp32/fp16 graphs; quantized graphs have no float weights to rebuild from, so they are only run), with a note saying
-TensorRT was not compared.
+Without them it is ORT-only: ONNX Runtime against our PyTorch model rebuilt from the graph's own weights — or, where
+the graph passes fused them (an optimized onnxruntime artifact), from the weights the manifest records: the preset's
+seeded random weights, or the checkpoint the caller names, its files' hashes checked — exact for fp32/fp16 graphs;
+quantized graphs have no float weights to compare against, so they are only run; with a note saying TensorRT was not
+compared.
 
 Deviation = max|out − ref| / max|ref| per output (the verification ladder's metric, DESIGN.md §6).
 """
@@ -30,7 +32,9 @@ from ..tensorrt import moe_plugin
 from ..tensorrt.engine import tensorrt_problem
 from ..tensorrt.errors import BuildError
 from ..tensorrt.profiles import manifest_config
-from .torch_backend import TorchBackend
+from ..weights import materialize, recorded_source
+from ..weights.source import WeightSource
+from .torch_backend import MissingGraphWeights, TorchBackend
 
 
 @dataclass
@@ -73,9 +77,33 @@ def run_ort(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return run_onnxruntime(runnable, feeds, library)
 
 
-def run_pytorch(path: Path, config: Llama4Config, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Our PyTorch model with the graph's weights, on the same inputs (the torch runtime backend's model)."""
-    model = TorchBackend.from_onnx_weights(path, config).model
+class ReferenceModels:
+    """Our PyTorch model per graph: from the graph's own weights, else (built once) from the recorded source."""
+
+    def __init__(self, manifest: dict[str, Any], checkpoint: Path | None):
+        self.manifest = manifest
+        # a checkpoint given is checked at once (its hashes), before any graph runs
+        self.source: WeightSource | None = None if checkpoint is None else recorded_source(manifest, checkpoint)
+        self._from_source: torch.nn.Module | None = None
+
+    def for_graph(self, path: Path, config: Llama4Config) -> torch.nn.Module:
+        try:
+            return TorchBackend.from_onnx_weights(path, config).model
+        except MissingGraphWeights:
+            if self._from_source is None:
+                self.source = self.source or recorded_source(self.manifest, None)  # a preset's, or asks for the checkpoint
+                stored = torch.float16 if self.manifest.get("precision") == "fp16" else torch.float32
+                # rounded as the export stored them, computed in fp32 as the graph-weights path does
+                self._from_source = materialize(self.source, stored).float()
+            return self._from_source
+
+    @property
+    def built_from_source(self) -> bool:
+        return self._from_source is not None
+
+
+def run_pytorch(model: torch.nn.Module, config: Llama4Config, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Our PyTorch model on the graph's inputs (the torch runtime backend's model)."""
     kinds = [io_spec.attention_kind(config, i) for i in range(config.num_hidden_layers)]
     dtype = model.lm_head.weight.dtype
     keys = [torch.from_numpy(feeds[io_spec.past_key(i)]).to(dtype) for i in range(config.num_hidden_layers)]
@@ -132,9 +160,11 @@ def _run_tensorrt(directory: Path, engine: dict[str, Any], feeds: dict[str, np.n
     return trt_out
 
 
-def compare_artifact(directory: str | Path, batch: int = 2, prefill_tokens: int = 5, seed: int = 0
-                     ) -> tuple[list[Comparison], list[str]]:
-    """Compare every graph; returns (comparisons, notes)."""
+def compare_artifact(directory: str | Path, batch: int = 2, prefill_tokens: int = 5, seed: int = 0,
+                     checkpoint: str | Path | None = None) -> tuple[list[Comparison], list[str]]:
+    """Compare every graph; returns (comparisons, notes). checkpoint: the directory an artifact exported from a
+    checkpoint came from, for a PyTorch reference where the graphs no longer hold the weights as the checkpoint
+    names them (an optimized fp32 / fp16 artifact without TensorRT engines)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     config = manifest_config(manifest)
@@ -151,6 +181,7 @@ def compare_artifact(directory: str | Path, batch: int = 2, prefill_tokens: int 
     chunk_slots, global_slots = (limits["chunk_slots"], limits["global_slots"]) if limits else (chunk, chunk + 6)
     quantized = manifest.get("precision") not in ("fp32", "fp16")
     in_place = manifest.get("kv_layout") == "in_place"
+    references = ReferenceModels(manifest, Path(checkpoint) if checkpoint is not None else None)
     comparisons = []
     for name in sorted(graphs):
         tokens = graphs[name].get("new_tokens") or prefill_tokens
@@ -175,5 +206,8 @@ def compare_artifact(directory: str | Path, batch: int = 2, prefill_tokens: int 
                          "a PyTorch reference from; ran on ONNX Runtime only")
             comparisons.append(Comparison(name, "none", {}))
         else:
-            comparisons.append(Comparison(name, "pytorch", deviations(ort_out, run_pytorch(path, config, feeds))))
+            model = references.for_graph(path, config)
+            comparisons.append(Comparison(name, "pytorch", deviations(ort_out, run_pytorch(model, config, feeds))))
+    if references.built_from_source:
+        notes.append(f"PyTorch reference: {references.source.describe()} (the graph passes fused the graphs' weights)")
     return comparisons, notes

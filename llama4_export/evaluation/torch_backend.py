@@ -65,6 +65,10 @@ class TorchBackend:
         return logits.float().numpy()
 
 
+class MissingGraphWeights(GenerationError):
+    """A graph without every float weight under its checkpoint name (quantized, optimized, or weights merged)."""
+
+
 class GraphWeights(WeightSource):
     """The initializers of an exported graph that keep their checkpoint names, as a weight source (external data is
     memory-mapped, not read)."""
@@ -77,7 +81,7 @@ class GraphWeights(WeightSource):
                 self.arrays[name] = self.arrays[name + TRANSPOSED_SUFFIX].T
         missing = sorted(set(self.shapes) - set(self.arrays))
         if missing:
-            raise GenerationError(
+            raise MissingGraphWeights(
                 f"{graph_path}: has no initializer {missing[0]!r}, so the torch backend cannot rebuild the model from it "
                 "(quantized, optimized by the graph passes, or equal weights merged); run the artifact on onnxruntime, "
                 "or the PyTorch reference on the checkpoint it came from (llama4-run CHECKPOINT --backend torch)"
