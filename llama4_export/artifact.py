@@ -67,6 +67,10 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if (directory / "config.json").is_file():  # the checkpoint itself, given where its export belongs
+            raise ArtifactError(f"{directory}: a Hugging Face checkpoint (config.json, no {MANIFEST}), not an exported "
+                                f"artifact: export it (llama4-export --checkpoint {directory} --out DIR); llama4-run "
+                                "runs a checkpoint with --backend torch") from None
         raise ArtifactError(f"{path}: missing; this is not a complete llama4-export artifact (re-run the export)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: not valid JSON ({exc}); re-run the export") from None

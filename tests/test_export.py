@@ -462,6 +462,12 @@ CLI_ERRORS = {
     # 0 is not "the default"
     "--calib-samples 0": (lambda t: ["--model", "scout-tiny", "--precision", "int4", "--calib-samples", "0", "--out",
                                      str(t / "o")], "--calib-samples 0 /"),
+    # printed nothing after the export
+    "--passes-report --no-optimize": (lambda t: ["--model", "scout-tiny", "--no-optimize", "--passes-report", "--out",
+                                                 str(t / "o")], "--passes-report prints the graph passes' table"),
+    # ignored: the stored report was printed
+    "passes --report --target": (lambda t: ["passes", str(t), "--report", "--target", "tensorrt"],
+                                 "--report prints the stored report and changes nothing; --target applies to optimizing"),
 }
 
 

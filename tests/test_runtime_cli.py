@@ -202,6 +202,11 @@ def break_missing_dir(tmp_path, ckpt):
     return [tmp_path / "nope", "--ids", "1"], "artifact directory not found"
 
 
+def break_checkpoint_for_artifact(tmp_path, ckpt):  # said "manifest.json: missing ... (re-run the export)"
+    return [ckpt, "--ids", "1"], "a Hugging Face checkpoint (config.json, no manifest.json), not an exported artifact: " \
+                                 "export it (llama4-export --checkpoint"
+
+
 def break_file_for_dir(tmp_path, ckpt):
     (tmp_path / "model.onnx").write_bytes(b"graph")
     return [tmp_path / "model.onnx", "--ids", "1"], "a file, not an artifact directory"

@@ -112,6 +112,8 @@ def export(
     try:
         if out is None:
             raise ConfigError("--out DIR is required: the artifact directory to write")
+        if passes_report and no_optimize:  # nothing would be printed
+            raise ConfigError("--passes-report prints the graph passes' table, and --no-optimize runs none: drop one")
         quant = api.QuantOptions(int4_algo, block_size, calib_data, calib_samples, calib_seq_len, calib_cache, eval_data,
                              not no_report, quantize_lm_head, float_embeddings, calib_percentile, kv_cache_dtype)
         result = api.export_model(
@@ -318,6 +320,11 @@ def passes(
 ) -> None:
     """Optimize an artifact's graphs in place (fuse the MoE routing, RMSNorm, RoPE; lower for the target) and print the report."""
     try:
+        changes = [flag for flag, given in (("--target", target is not None), ("--verify", verify),
+                                            ("--trt-fallback", trt_fallback)) if given]
+        if report_only and changes:  # the stored report is printed as it is: these were ignored
+            raise ConfigError(f"--report prints the stored report and changes nothing; {changes[0]} applies to "
+                              "optimizing: drop one")
         if report_only:
             reports = api.stored_pass_reports(directory)
         else:
