@@ -128,6 +128,15 @@ def test_compare_checks_an_optimized_preset_artifact_against_its_seeded_weights(
     assert rebuilt.exit_code == 2 and "drop --checkpoint" in rebuilt.output, rebuilt.output  # was ignored
 
 
+def test_the_torch_backend_runs_an_optimized_preset_artifact_on_its_recorded_weights(tiny_artifact):
+    """Its graphs' expert weights are fused, so --backend torch failed on every default export; a preset's artifact
+    records its seeded weights, and the PyTorch reference on them chooses the tokens ONNX Runtime does."""
+    args = [tiny_artifact, "--prompt", PROMPT, "-n", "24", "--json"]
+    on_torch, on_ort = run(*args, "--backend", "torch"), run(*args)
+    assert on_torch.exit_code == 0 and on_ort.exit_code == 0, on_torch.output
+    assert json.loads(on_torch.stdout)["token_ids"] == json.loads(on_ort.stdout)["token_ids"]
+
+
 def on_a_terminal(*args) -> tuple[int, str, str]:
     """llama4-run in a subprocess whose stderr is a pseudo-terminal (so rich draws there); stdout is a pipe."""
     import os

@@ -32,9 +32,8 @@ from ..tensorrt import moe_plugin
 from ..tensorrt.engine import tensorrt_problem
 from ..tensorrt.errors import BuildError
 from ..tensorrt.profiles import manifest_config
-from ..weights import materialize, recorded_source
-from ..weights.source import WeightSource
-from .torch_backend import MissingGraphWeights, TorchBackend
+from ..weights import WeightSource, recorded_source
+from .torch_backend import MissingGraphWeights, TorchBackend, as_stored
 
 
 @dataclass
@@ -92,9 +91,7 @@ class ReferenceModels:
         except MissingGraphWeights:
             if self._from_source is None:
                 self.source = self.source or recorded_source(self.manifest, None)  # a preset's, or asks for the checkpoint
-                stored = torch.float16 if self.manifest.get("precision") == "fp16" else torch.float32
-                # rounded as the export stored them, computed in fp32 as the graph-weights path does
-                self._from_source = materialize(self.source, stored).float()
+                self._from_source = as_stored(self.source, self.manifest)
             return self._from_source
 
     @property

@@ -21,7 +21,7 @@ from ..runtime.errors import GenerationError
 from ..runtime.generator import Generator, manifest_config
 from ..runtime.kv_cache import SlidingKVCache
 from ..runtime.ort_backend import artifact_parts
-from ..weights import CheckpointWeights, WeightSource, materialize, slices
+from ..weights import CheckpointWeights, WeightSource, materialize, recorded_source, slices
 
 
 class TorchBackend:
@@ -125,10 +125,17 @@ def onnx_initializers(graph_path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def as_stored(source: WeightSource, manifest: dict[str, Any]) -> Llama4ForCausalLM:
+    """Our model on `source`'s weights rounded as an unquantized artifact stores them (fp16 or fp32), computed in
+    fp32 as the model on a graph's own weights is."""
+    stored = torch.float16 if manifest.get("precision") == "fp16" else torch.float32
+    return materialize(source, stored).float()
+
+
 def torch_generator(directory: str | Path, window: int | None = None, sinks: int = DEFAULT_SINKS,
                     max_prefill_tokens: int | None = None) -> Generator:
     """`llama4-run DIR --backend torch`: the PyTorch reference on a checkpoint directory, or on the weights of an
-    unquantized artifact's decode graph."""
+    unquantized artifact's decode graph (where the graph passes fused them: a preset artifact's recorded weights)."""
     directory = Path(directory)
     if not (directory / MANIFEST).is_file() and (directory / "config.json").is_file():
         return Generator.for_backend(TorchBackend.from_checkpoint(directory), directory, window, sinks,
@@ -138,5 +145,10 @@ def torch_generator(directory: str | Path, window: int | None = None, sinks: int
     parts, max_prefill = artifact_parts(directory, manifest, config)
     if len(parts) != 1:
         raise GenerationError(f"{directory}: a partitioned artifact runs on the onnxruntime backend only (got 'torch')")
-    backend = TorchBackend.from_onnx_weights(parts[0].decode, config, max_prefill)
+    try:
+        backend = TorchBackend.from_onnx_weights(parts[0].decode, config, max_prefill)
+    except MissingGraphWeights:
+        if "preset" not in (manifest.get("source") or {}) or manifest.get("precision") not in ("fp32", "fp16"):
+            raise  # a checkpoint's artifact: its advice is to run the checkpoint itself
+        backend = TorchBackend(as_stored(recorded_source(manifest, None), manifest), max_prefill)
     return Generator.for_backend(backend, directory, window, sinks, manifest.get("precision"), max_prefill_tokens)
