@@ -286,14 +286,20 @@ def test_image_errors_are_one_line(llama4_cpp, vision_artifact, tiny, tmp_path):
     huge.write_bytes(b"P6\n100000 100000\n255\n" + bytes(30))
     short = tmp_path / "short.ppm"
     short.write_bytes(b"P6\n4 4\n255\n" + bytes(47))
+    deep = tmp_path / "deep.ppm"  # 16-bit samples: the advice must write 8-bit ones (convert keeps the depth)
+    deep.write_bytes(b"P6\n1 1\n65535\n" + bytes(6))
     for artifact, args, message in [
+        (vision_artifact, ["--prompt", "<|image|>", "--image", deep], f"convert {deep} -depth 8 image.ppm"),
+        (vision_artifact, ["--prompt", "<|patch|>hi <|image|>", "--image", picture],
+         "the prompt text holds <|patch|> itself"),  # was "expand it with Model::encode(text, images)"
         (vision_artifact, ["--prompt", "<|image|>", "--image", huge], "truncated (fewer pixels than its header's "
                                                                       "100000 x 100000)"),
         (vision_artifact, ["--prompt", "<|image|>", "--image", short], "truncated (fewer pixels than its header's 4 x 4)"),
         (vision_artifact, ["--prompt", "no placeholder", "--image", picture], "0 <|image|> placeholder(s) but 1 image"),
         (vision_artifact, ["--ids", "1,2", "--image", picture], "--image needs --prompt"),
         (vision_artifact, ["--prompt", "<|image|>", "--image", tmp_path / "missing.ppm"], "cannot be read"),
-        (tiny["fp32"], ["--prompt", "<|image|>", "--image", picture], "no vision graph"),
+        (tiny["fp32"], ["--prompt", "<|image|>", "--image", picture],
+         "no vision graph (a text-only checkpoint, or exported --text-only)"),
     ]:
         done = run_cpp(llama4_cpp, artifact, *args)
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr

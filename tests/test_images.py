@@ -18,8 +18,8 @@ from safetensors.numpy import load_file
 from llama4_export.model.loader import check_checkpoint
 from llama4_export.runtime.errors import ImageError
 from llama4_export.runtime.images import (
-    ImageProcessor, ImageProcessorConfig, best_grid, fit_without_distortion, load_image, resize, supported_grids,
-    to_rgb,
+    ImageProcessor, ImageProcessorConfig, best_grid, decode_data_url, fit_without_distortion, load_image, open_image,
+    resize, supported_grids, to_rgb,
 )
 from llama4_export.runtime.tokenizer import Tokenizer
 
@@ -144,6 +144,41 @@ def test_bad_image_files_are_one_clear_error(tmp_path):
         with pytest.raises(ImageError, match=message) as info:
             load_image(path)
         assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_data_urls_are_read_as_rfc_2397_has_them_and_urls_are_named_as_urls():
+    """Media type and "base64" are case-insensitive, and base64 wrapped in lines (as `base64` writes it) decodes: both
+    were "malformed" / "does not decode". A web URL given as a file said "image file not found" with one slash."""
+    import base64
+
+    data = (IMAGES / "one_tile.png").read_bytes()
+    encoded = base64.b64encode(data).decode()
+    expected = np.asarray(load_image(IMAGES / "one_tile.png"))
+    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
+    for url in (f"DATA:IMAGE/PNG;BASE64,{encoded}", f"data:image/png;base64,{wrapped}"):
+        assert np.array_equal(np.asarray(decode_data_url(url.replace("DATA:", "data:"))), expected)
+    for image in ("https://example.com/cat.png", Path("https://example.com/cat.png")):
+        with pytest.raises(ImageError, match="is a URL; images are read from files or data URLs"):
+            open_image(image)
+
+
+def test_an_image_without_pixels_and_image_tokens_in_the_text_are_one_clear_error(processors):
+    """A 0-pixel image divided by zero in the tiling; text writing <|patch|> itself got the runtime's "the step has
+    N image placeholder token(s) but M image feature row(s)"."""
+    for empty in (np.zeros((0, 10, 3), np.uint8), Image.new("RGB", (0, 5))):
+        with pytest.raises(ImageError, match=r"images\[0\]: a \d+ × \d+ image has no pixels"):
+            processors["a"].preprocess(empty, "images[0]")
+    for text in ("<|patch|><|patch|>Describe <|image|>", "<|image_start|><|image|>"):
+        with pytest.raises(ImageError, match="the prompt text holds <\\|(patch|image_start)\\|> itself"):
+            processors["a"].expand_prompt(text, [(1, 1)])
+
+
+def test_a_hand_edited_processor_in_the_manifest_is_one_clear_error(processors):
+    fields = processors["a"].config.to_dict()
+    assert ImageProcessorConfig.from_dict(fields, "manifest.json") == processors["a"].config
+    for key, value in (("max_patches", 0), ("size", "56"), ("tokens_per_tile", 1.5)):
+        with pytest.raises(ImageError, match="manifest.json: size, max_patches and tokens_per_tile must be integers"):
+            ImageProcessorConfig.from_dict({**fields, key: value}, "manifest.json")
 
 
 def test_exif_orientation_is_applied():

@@ -253,6 +253,8 @@ def test_bad_images_are_one_line_and_exit_2(artifacts, text_only, short_context,
         ((artifacts["tiny-a"], "--prompt", "no placeholder", "--image", tiny), "the prompt has 0 <|image|> placeholder(s)"),
         ((artifacts["tiny-a"], "--ids", "1,2", "--image", tiny), "--image goes with --prompt"),
         ((short_context, "--prompt", "<|image|>hi", "--image", panorama), "tiles × 4 tokens) but the model's context is 32"),
+        ((artifacts["tiny-a"], "--prompt", "<|patch|>hi <|image|>", "--image", tiny), "the prompt text holds <|patch|>"),
+        ((artifacts["tiny-a"], "--prompt", "<|image|>hi", "--image", "https://example.com/a.png"), "is a URL"),
     ]
     for args, message in cases:
         code, output = run(*args)

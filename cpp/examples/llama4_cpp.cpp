@@ -107,7 +107,7 @@ llama4rt::Image read_ppm(const std::string& path) {
     if (magic != "P6" || std::stoll(field()) != 255 || image.width < 1 || image.height < 1) throw std::exception();
   } catch (const std::exception&) {
     throw Usage{"--image " + path + ": not a binary 8-bit PPM (P6, maxval 255); convert it, e.g. `convert " + path +
-                " image.ppm`"};
+                " -depth 8 image.ppm`"};
   }
   in.get();  // the one whitespace byte before the pixels
   // the header's size is checked against the file before anything is allocated (a corrupt one may say 10^10 pixels)

@@ -232,6 +232,12 @@ Tiles preprocess(const Image& image, const ProcessorConfig& config) {
 std::string expand_prompt(const std::string& text, const std::vector<std::pair<int64_t, int64_t>>& grids,
                           const ProcessorConfig& config) {
   const std::string& placeholder = config.placeholder;
+  // typed beside images, an image's own tokens would take feature rows none of them gives (runtime/images.py)
+  for (const char* token : {"<|image_start|>", "<|image_end|>", "<|patch|>", "<|tile_x_separator|>",
+                            "<|tile_y_separator|>"})
+    if (text.find(token) != std::string::npos)
+      throw Error(std::string("the prompt text holds ") + token + " itself; only the image processor writes an "
+                  "image's tokens: mark each image with " + placeholder + " alone");
   int64_t found = 0;
   for (size_t at = text.find(placeholder); at != std::string::npos; at = text.find(placeholder, at + placeholder.size()))
     ++found;

@@ -411,7 +411,7 @@ void Model::Impl::open(const std::string& directory, const OpenOptions& options)
 // take another type runs text only here (no_vision says why).
 void Model::Impl::open_vision(const Ort::SessionOptions& session_options) {
   if (!artifact.vision) {
-    no_vision = "this artifact has no vision graph (exported from a text-only checkpoint)";
+    no_vision = "this artifact has no vision graph (a text-only checkpoint, or exported --text-only)";
     return;
   }
   const std::string& path = artifact.vision->graph;

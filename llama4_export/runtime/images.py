@@ -39,6 +39,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ BILINEAR = 2  # PILImageResampling.BILINEAR: the only resampling Llama 4's proce
 IMAGE_TOKEN = "<|image|>"
 IMAGE_START, IMAGE_END, PATCH = "<|image_start|>", "<|image_end|>", "<|patch|>"
 TILE_X_SEPARATOR, TILE_Y_SEPARATOR = "<|tile_x_separator|>", "<|tile_y_separator|>"
+PROCESSOR_TOKENS = (IMAGE_START, IMAGE_END, PATCH, TILE_X_SEPARATOR, TILE_Y_SEPARATOR)
 DATA_URL = "data:"
 
 
@@ -107,9 +109,18 @@ class ImageProcessorConfig:
     @classmethod
     def from_dict(cls, fields: Any, source: str) -> "ImageProcessorConfig":
         try:
-            return cls(**{**fields, "image_mean": tuple(fields["image_mean"]), "image_std": tuple(fields["image_std"])})
+            config = cls(**{**fields, "image_mean": tuple(fields["image_mean"]), "image_std": tuple(fields["image_std"])})
         except (TypeError, KeyError) as exc:
             raise ImageError(f"{source}: not an image processor config ({exc}); re-run the export") from None
+        # the manifest is not hashed: a hand-edited value failed deep in the tiling with a traceback
+        integers = {"size": config.size, "max_patches": config.max_patches, "tokens_per_tile": config.tokens_per_tile}
+        numbers = [config.rescale_factor, *config.image_mean, *config.image_std]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in integers.values()) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) or 0 in config.image_std:
+            raise ImageError(f"{source}: size, max_patches and tokens_per_tile must be integers >= 1 (got "
+                             f"{', '.join(f'{k} {v!r}' for k, v in integers.items())}), the means and stds numbers, "
+                             "the stds nonzero; re-run the export")
+        return config
 
     @classmethod
     def _parse(cls, fields: dict[str, Any], processor: dict[str, Any], vision: Llama4VisionConfig, source: Path
@@ -173,6 +184,8 @@ class ImageProcessor:
     def preprocess(self, image: Any, name: str = "image") -> ProcessedImage:
         """One image (any form open_image takes; `name` says which in an error) as tiles."""
         rgb = to_rgb(open_image(image, name), self.config.do_convert_rgb)
+        if rgb.width == 0 or rgb.height == 0:
+            raise ImageError(f"{name}: a {rgb.width} × {rgb.height} image has no pixels")
         size = self.config.size
         rows, cols = best_grid((rgb.height, rgb.width), self.canvases, size, self.config.resize_to_max_canvas)
         height, width = fit_without_distortion((rgb.height, rgb.width), (rows * size, cols * size), size,
@@ -209,6 +222,12 @@ class ImageProcessor:
     def expand_prompt(self, text: str, grids: list[tuple[int, int]]) -> str:
         """`text` with its k-th `<|image|>` placeholder replaced by the k-th image's placeholder text."""
         placeholder = self.config.placeholder
+        # beside images, typed image tokens would take feature rows none of them gives (without images a typed
+        # <|patch|> keeps its embedding, as in transformers)
+        written = next((token for token in PROCESSOR_TOKENS if token in text), None)
+        if written is not None:
+            raise ImageError(f"the prompt text holds {written} itself; only the image processor writes an image's "
+                             f"tokens: mark each image with {placeholder} alone")
         pieces = text.split(placeholder)
         if len(pieces) - 1 != len(grids):
             raise ImageError(f"the prompt has {len(pieces) - 1} {placeholder} placeholder(s) but {len(grids)} image(s) "
@@ -224,6 +243,9 @@ def open_image(image: Any, name: str = "image") -> Image.Image:
     if isinstance(image, str) and image.startswith(DATA_URL):
         return decode_data_url(image, name)
     if isinstance(image, (str, Path)):
+        if re.match(r"[a-z][a-z0-9+.-]*:/", str(image), re.IGNORECASE):  # a Path keeps one slash of "https://"
+            raise ImageError(f"{name}: {shown(str(image))} is a URL; images are read from files or data URLs (the "
+                             "runtime fetches nothing from the network): download it and give the file")
         return load_image(image)
     if isinstance(image, (bytes, bytearray, memoryview)):
         return load_image(io.BytesIO(bytes(image)), name)
@@ -269,11 +291,17 @@ def decode_data_url(url: str, name: str = "image_url") -> Image.Image:
         raise ImageError(f"{name}: {shown(url)} is not a data URL; only data:image/...;base64,... URLs are accepted "
                          "(the runtime fetches nothing from the network)")
     header, comma, payload = url[len(DATA_URL):].partition(",")
-    media_type, *parameters = header.split(";")
-    if not comma or "base64" not in parameters or not media_type.startswith("image/"):
-        raise ImageError(f"{name}: a malformed data URL (header {header[:40]!r}); give data:image/<type>;base64,<data>")
+    media_type, *parameters = header.lower().split(";")  # RFC 2397: both case-insensitive
+    if not comma:
+        raise ImageError(f"{name}: a malformed data URL (no comma after its header); give "
+                         "data:image/<type>;base64,<data>")
+    if not media_type.startswith("image/"):
+        raise ImageError(f"{name}: the data URL's media type {media_type or '(none)'!r} is not an image type; give "
+                         "data:image/<type>;base64,<data>")
+    if "base64" not in parameters:
+        raise ImageError(f"{name}: the data URL is not base64-encoded; give data:image/<type>;base64,<data>")
     try:
-        data = base64.b64decode(payload, validate=True)
+        data = base64.b64decode("".join(payload.split()), validate=True)  # base64 wrapped in lines, as tools write it
     except ValueError as exc:
         raise ImageError(f"{name}: the data URL's base64 payload does not decode ({exc})") from None
     return load_image(io.BytesIO(data), name)
