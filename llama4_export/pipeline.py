@@ -55,7 +55,7 @@ from .graph_passes.pipeline import TARGETS
 from .graph_passes.quantize import LM_HEAD, QuantSpec
 from .model.config import Llama4Config
 from .model.io_spec import DEFAULT_MAX_PREFILL
-from .model.summary import BLOCK_SIZES, parameter_counts, vision_block_size, vision_parameter_count, weight_bytes
+from .model.summary import BLOCK_SIZES, block_size_problem, parameter_counts, vision_block_size, vision_parameter_count, weight_bytes
 from .plan import layer_weight_bytes, partition_layers
 from .progress import Steps, note
 from .runtime.images import ImageProcessorConfig
@@ -133,9 +133,9 @@ class QuantOptions:
         if precision == "int4":
             if self.amax_percentile is not None:
                 raise CalibrationError("--calib-percentile sets FP8 activation scales; int4 is weight-only: drop it")
-            if self.block not in BLOCK_SIZES:
-                raise CalibrationError(f"--block-size {self.block} is not supported for int4; choose one of: "
-                                       f"{', '.join(map(str, BLOCK_SIZES))}")
+            problem = block_size_problem(self.block)
+            if problem is not None:
+                raise CalibrationError(problem)
             return
         if self.block_size is not None:
             raise CalibrationError(f"--block-size {self.block_size} applies to --precision int4 only ({precision} uses "

@@ -55,7 +55,7 @@ from typing import Any
 from .errors import ConfigError
 from .model.config import Llama4Config, Llama4VisionConfig
 from .model.io_spec import DEFAULT_MAX_PREFILL, DEFAULT_SINKS, attention_kind
-from .model.summary import BLOCK_SIZES, _layer_counts, vision_parameter_count, vision_weight_bytes
+from .model.summary import _layer_counts, block_size_problem, vision_parameter_count, vision_weight_bytes
 
 MIB, GIB = 1 << 20, 1 << 30
 RUNTIME_RESERVE = 2 * GIB
@@ -344,9 +344,8 @@ def plan_memory(
     elif "int4" not in (precision, vision_precision):
         raise ConfigError(f"--block-size {block_size} applies to int4 weights only ({precision} uses per-tensor "
                           "scales); drop it")
-    elif block_size not in BLOCK_SIZES:
-        raise ConfigError(f"--block-size {block_size} is not supported for int4; choose one of: "
-                          f"{', '.join(map(str, BLOCK_SIZES))}")
+    elif (problem := block_size_problem(block_size)) is not None:
+        raise ConfigError(problem)
     _check_positive(gpus=gpus, max_batch=max_batch, max_prefill=max_prefill, max_tiles=max_tiles)
     if vision_precision is not None:
         if vision is None:

@@ -9,6 +9,13 @@ from .config import Llama4Config, Llama4VisionConfig
 
 KV_BYTES = {"bf16": 2, "fp8": 1}
 BLOCK_SIZES = (32, 64, 128)  # INT4 values per scale along K that the kernels and graph_passes/quantize.py take
+
+
+def block_size_problem(block_size: int) -> str | None:
+    """Why `--block-size` cannot be an INT4 block (None when it can): export and plan refuse it alike."""
+    if block_size in BLOCK_SIZES:
+        return None
+    return f"--block-size {block_size} is not supported for int4; choose one of: {', '.join(map(str, BLOCK_SIZES))}"
 _SCALE_BYTES = 2  # fp16/bf16 per-block INT4 scale
 _FP8_SCALE_BYTES = 4  # fp32 per-tensor FP8 scale
 
