@@ -9,7 +9,6 @@ import torch
 from typer.testing import CliRunner
 
 from llama4_export import api
-from llama4_export.evaluation.torch_backend import torch_generator
 from llama4_export.artifact import write_manifest
 from llama4_export.cli.run import run_app
 from llama4_export.weights import from_preset, load
@@ -73,21 +72,32 @@ def test_text_prompt_json_and_stream_agree(scoutlike_dir):
     assert streamed.stdout == plain.stdout == out["text"] + "\n"
 
 
-def test_chat_answers_every_stdin_line_with_the_conversation_so_far(scoutlike_dir):
-    result = run(scoutlike_dir, "--backend", "torch", "--chat", "-n", "6", stdin="Hello there\n\nWhat is a river?\n")
+def test_chat_answers_every_stdin_line_with_the_conversation_so_far(tiny_artifact):
+    """The conversation so far, re-rendered by scout-tiny's chat template every turn."""
+    result = run(tiny_artifact, "--chat", "-n", "6", stdin="Hello there\n\nWhat is a river?\n")
     assert result.exit_code == 0, result.output
-    gen = torch_generator(scoutlike_dir)
+    gen = Generator.load(tiny_artifact, threads=1)
     first = gen.generate(gen.chat_prompt([{"role": "user", "content": "Hello there"}]), max_new_tokens=6).text
     history = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first},
                {"role": "user", "content": "What is a river?"}]
     second = gen.generate(gen.chat_prompt(history), max_new_tokens=6).text
     assert result.stdout == f"{first}\n{second}\n"
     system = [{"role": "system", "content": "Answer in one word."}]
-    opened = run(scoutlike_dir, "--backend", "torch", "--chat", "--system", system[0]["content"], "-n", "6",
-                 stdin="Hello there\n")
+    opened = run(tiny_artifact, "--chat", "--system", system[0]["content"], "-n", "6", stdin="Hello there\n")
     assert opened.exit_code == 0, opened.output
     answer = gen.generate(gen.chat_prompt([*system, {"role": "user", "content": "Hello there"}]), max_new_tokens=6)
     assert opened.stdout == f"{answer.text}\n" and answer.text != first
+
+
+def test_chat_without_a_template_or_the_chat_tokens_is_refused_in_one_line(scoutlike_dir):
+    """l4-scoutlike's tokenizer has no chat template and no <|header_start|>: the built-in format's markers were spelled
+    out in bytes (a 57-token prompt for "Hi" whose turn the model could never end)."""
+    result = run(scoutlike_dir, "--backend", "torch", "--chat", "-n", "6", stdin="Hello there\n")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "error: tokenizer_config.json: no chat template, and the vocabulary lacks Llama 4's chat tokens "
+        "(<|header_start|>, <|header_end|>, <|eot|>); give the prompt as text (a completion), or add the checkpoint's "
+        "chat_template"], result.output
 
 
 def test_a_prompt_from_a_file_or_stdin_and_the_penalties_generate_as_the_python_api(tmp_path, tiny_artifact):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from llama4_export.runtime import Tokenizer
+from llama4_export.runtime.errors import GenerationError
 from llama4_export.runtime.tokenizer import StreamDecoder, llama4_chat_format
 
 MESSAGES = [
@@ -31,11 +32,21 @@ def test_llama4_header_format():
     )
 
 
-def test_without_a_template_the_header_format_is_used(scoutlike_dir):
-    tok = Tokenizer.load(scoutlike_dir)
+def test_without_a_template_the_header_format_is_used(tmp_path, scoutlike_dir):
+    """A vocabulary with Llama 4's chat tokens (the presets' byte-level one, its template left out) takes the header
+    format; one without them (l4-scoutlike, a base model's) is refused rather than spelled out in bytes."""
+    from llama4_export.export.tokenizer_files import byte_level_tokenizer
+    from llama4_export.model.config import get_preset
+
+    byte_level_tokenizer(get_preset("scout-tiny")).save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.load(tmp_path)
     assert tok.render_chat(MESSAGES) == llama4_chat_format(MESSAGES)
     ids = tok.chat_prompt(MESSAGES)
     assert ids[0] == tok.token_to_id("<|begin_of_text|>") and ids.count(ids[0]) == 1  # no second BOS
+    assert ids.count(tok.token_to_id("<|header_start|>")) == len(MESSAGES) + 1
+    with pytest.raises(GenerationError, match=r"^tokenizer_config.json: no chat template, and the vocabulary lacks "
+                                              r"Llama 4's chat tokens \(<\|header_start\|>, <\|header_end\|>, <\|eot\|>\)"):
+        Tokenizer.load(scoutlike_dir).chat_prompt(MESSAGES)
 
 
 def test_template_in_tokenizer_config_renders_like_transformers(tmp_path, scoutlike_dir):

@@ -213,11 +213,11 @@ def test_n_choices_sample_with_seed_plus_their_index_plain_and_streamed(client, 
     assert streamed == dict(enumerate(expected))
 
     prompt_ids = generator.chat_prompt(MESSAGES)
-    chat_expected = [_sampled(generator, prompt_ids, 8, seed=i, **options)[0] for i in range(2)]
-    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, n=2, **options)
+    chat_expected = [_sampled(generator, prompt_ids, 8, seed=3 + i, **options)[0] for i in range(2)]
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, n=2, seed=3, **options)
     assert [c.message.content for c in chat.choices] == chat_expected
     deltas, roles = {}, []
-    for chunk in client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, n=2, stream=True,
+    for chunk in client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, n=2, seed=3, stream=True,
                                                 **options):
         for c in chunk.choices:
             deltas[c.index] = deltas.get(c.index, "") + (c.delta.content or "")
@@ -389,6 +389,14 @@ def test_a_negative_seed_is_a_seed(client, generator):
     assert [c.text for c in response.choices] == expected
 
 
+def test_without_a_seed_each_request_samples_afresh(client, generator):
+    """As OpenAI's: a request without a seed is not seed 0 every time (four identical "random" texts before); a seed
+    still reproduces (test_sampling_parameters_logprobs_and_stop)."""
+    texts = [client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.0).choices[0].text
+             for _ in range(3)]
+    assert len(set(texts)) == 3, texts
+
+
 def test_logit_bias_forces_and_bans_tokens(client, generator):
     forced = generator.tokenizer.encode("hello", add_special_tokens=False)[-1]
     response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, logit_bias={str(forced): 100})
@@ -452,6 +460,16 @@ MALFORMED = [
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400,
      "messages[0].content[0].text"),
     ("/v1/nothing", {}, 404, None),
+    # a field whose name starts with "str" was taken for a union branch's type and left out of param
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": 1}, 400, "stream"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}},
+     400, "stream_options.include_usage"),
+    # named max_tokens, which the client did not send
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_completion_tokens": 5000}, 400,
+     "max_completion_tokens"),
+    # accepted (and overflowed in the sampler): Python's JSON reader and pydantic's take Infinity
+    ("/v1/completions", b'{"model": "tiny", "prompt": "x", "temperature": 1, "repetition_penalty": Infinity}', 400,
+     "repetition_penalty"),
 ]
 
 
@@ -466,6 +484,21 @@ def test_malformed_request_gets_an_openai_error_and_the_next_request_succeeds(se
     if param is not None:
         assert error["param"] == param, error
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].finish_reason
+
+
+def test_a_lone_surrogate_escape_is_named_as_such(server, client):
+    """`"\\ud800"` alone is grammatical JSON but no character; the parser's "unexpected end of hex escape" sent the
+    client looking for a cut-off escape."""
+    body = b'{"model": "tiny", "prompt": "ab\\ud800cd"}'
+    response = httpx.post(f"{server[0]}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert message.startswith("the request body holds a \\uD800-\\uDFFF escape outside a surrogate pair at line 1 "
+                              "column ") and message.endswith(": it is not a character; send the text as UTF-8, or "
+                                                              "the pair's two escapes"), message
+    paired = b'{"model": "tiny", "prompt": "ab\\ud83d\\ude00cd", "max_tokens": 2}'
+    assert httpx.post(f"{server[0]}/v1/completions", content=paired,
+                      headers={"Content-Type": "application/json"}).status_code == 200
 
 
 def _completion_body_of(size: int) -> bytes:
@@ -555,6 +588,26 @@ def test_client_disconnect_frees_its_row(server):
     _wait_idle(base)
 
 
+def _metric(base, name):
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+def test_a_non_streaming_client_that_disconnects_while_tokens_flow_frees_its_row(server):
+    """The disconnect was only checked when no token came for 0.5 s: a client gone while its tokens flowed held its
+    row to the end (here 3,000 tokens, eos ignored)."""
+    base = server[0]
+    _wait_idle(base)
+    before = _metric(base, "llama4_generation_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/completions", timeout=0.5,
+                   json={"model": MODEL, "prompt": PROMPT, "max_tokens": 3000, "ignore_eos": True})
+    _wait_idle(base)
+    assert _metric(base, "llama4_generation_tokens_total") - before < 3000
+
+
 def test_an_api_key_guards_the_v1_routes(artifact, generator, monkeypatch):
     """LLAMA4_SERVE_API_KEY (or --api-key): /v1/ answers only `Authorization: Bearer <key>` (the openai client's
     api_key), a missing or wrong key gets OpenAI's 401; /health and /metrics stay open for probes and scrapers."""
@@ -575,10 +628,13 @@ def test_an_api_key_guards_the_v1_routes(artifact, generator, monkeypatch):
     (["--port", "70000"], "port 70000: must be in 1..65535"),
     (["--port", "0"], "port 0: must be in 1..65535"),
     (["--host", "no-such-host.invalid"], "host 'no-such-host.invalid': "),
-    (["--request-timeout", "-5"], "request_timeout=-5.0: must be a number of seconds > 0"),
+    (["--request-timeout", "-5"], "--request-timeout -5.0: must be >= 0 (0 = no limit)"),
     (["--max-batch", "0"], "max_batch=0: must be >= 1"),
     (["--threads", "-1"], "threads=-1: must be >= 1"),
-    (["--max-request-bytes", "-1"], "max_request_bytes=-1: must be >= 1 (or None: no limit)"),
+    (["--max-request-bytes", "-1"], "--max-request-bytes -1: must be >= 0 (0 = no limit)"),
+    # the engine's message named llama4-run's --sinks, which llama4-serve does not have
+    (["--window", "0"], "window=0 with sinks=4: the global window needs at least sinks + 1 = 5 slots (S sinks plus "
+                        "a ring of at least one recent token); give a window of at least 5"),
     # Ray would retry an unreachable cluster for minutes, printing warnings, before giving up
     (["--ray", "--ray-address", "127.0.0.1:1"], "--ray-address 127.0.0.1:1: cannot connect"),
     # served one engine under the directory's name, ignoring them
@@ -586,7 +642,7 @@ def test_an_api_key_guards_the_v1_routes(artifact, generator, monkeypatch):
     (["--gpus-per-replica", "1"], "--gpus-per-replica applies to a Ray Serve deployment"),
     (["--model-name", " "], "model_name=' ': give the model id clients send (--model-name)"),
 ], ids=["port-above-65535", "port-0", "unresolvable-host", "negative-timeout", "no-rows", "negative-threads",
-        "negative-body-limit", "unreachable-ray-cluster", "replicas-without-ray", "gpus-without-ray",
+        "negative-body-limit", "zero-window", "unreachable-ray-cluster", "replicas-without-ray", "gpus-without-ray",
         "blank-model-name"])
 def test_bad_flags_get_one_line_and_exit_2_before_anything_listens(artifact, flags, expected):
     """Checked before the artifact loads (or, for --threads, while it does): uvicorn would bind a wrapped-around port

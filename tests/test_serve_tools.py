@@ -31,6 +31,9 @@ def test_tool_calls_are_parsed(reply, expected):
 @pytest.mark.parametrize("reply", [
     "It is sunny in Paris.", '[send_email(to="x")]', '[get_weather("Paris")]', "[get_weather(city=open('f'))]",
     '{"name": "get_weather", "parameters": [1]}', "[" * 10000, '[get_weather(city={[1]: 2})]', "{not json",
+    # literals JSON cannot carry: the reply was a 500 (a set, bytes, a complex number) or invalid JSON arguments
+    '[get_weather(city={1, 2})]', '[get_weather(city=b"x")]', "[get_weather(days=1j)]", "[get_weather(days=1e999)]",
+    '{"name": "get_time", "parameters": {"zone": NaN}}',
 ])
 def test_anything_else_is_content(reply):
     assert parse_tool_calls(reply, TOOLS) is None
@@ -38,7 +41,11 @@ def test_anything_else_is_content(reply):
 
 def test_a_reply_is_held_back_only_while_it_may_still_be_a_call():
     assert may_be_tool_call("") and may_be_tool_call("  [get_") and may_be_tool_call("<|python")
-    assert not may_be_tool_call("Sure, ")
+    assert may_be_tool_call('[ {"na') and may_be_tool_call('{\n  "name"') and may_be_tool_call("[get_time (zone=")
+    assert may_be_tool_call('<|python_start|>[get')
+    # a reply opening with "[" or "{" was held back whole although "[[" or a markdown link cannot become a call
+    for text in ("Sure, ", "[[", "[Paris](https://", "{x", "[1, 2]", "<|python_start|>Hello"):
+        assert not may_be_tool_call(text), text
 
 
 # --------------------------------------------------------------------------------------- through the real server
@@ -140,3 +147,11 @@ def test_without_the_tool_offered_the_reply_is_content(served):
             {"type": "function", "function": {"name": "later", "parameters": {"type": "object"}}}]}):
         choice = served.chat.completions.create(model="tools", messages=CHAT, max_tokens=32, **options).choices[0]
         assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == (REPLY, None, "stop")
+
+
+def test_a_reply_that_cannot_become_a_call_streams_as_it_comes(served):
+    """With tools offered, a reply of "[" tokens (forced by logit_bias) came as one chunk at its end."""
+    chunks = list(served.chat.completions.create(model="tools", messages=CHAT, tools=NOW, max_tokens=10, stream=True,
+                                                 logit_bias={str(ord("[")): 100}))
+    contents = [chunk.choices[0].delta.content for chunk in chunks if chunk.choices[0].delta.content]
+    assert "".join(contents) == "[" * 10 and len(contents) >= 9, contents

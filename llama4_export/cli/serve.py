@@ -37,6 +37,8 @@ def serve(
     request_timeout: float = typer.Option(600.0, "--request-timeout", help="seconds a request may take (0 = none)"),
     max_request_bytes: int = typer.Option(DEFAULT_MAX_REQUEST_BYTES, "--max-request-bytes",
                                           help="largest request body; a bigger one gets 413 (0 = no limit)"),
+    seed: int = typer.Option(0, help="seeds the seeds drawn for requests that give none (each such request samples "
+                                     "differently; the server's answers repeat from its start)"),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="the model id clients send (default: DIR's name)"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLAMA4_SERVE_API_KEY", show_envvar=True,
                                           help="require `Authorization: Bearer KEY` on /v1/ (better from the "
@@ -57,8 +59,11 @@ def serve(
         if ray_only and not ray:  # the single-process server would have run one engine and ignored them
             raise Llama4ExportError(f"{ray_only[0]} applies to a Ray Serve deployment: add --ray, or drop it")
         replicas = 1 if replicas is None else replicas
-        settings = ServeSettings(artifact.resolve().name if model_name is None else model_name, request_timeout or None, api_key or None,
-                                 max_request_bytes or None)
+        for flag, value in (("--request-timeout", request_timeout), ("--max-request-bytes", max_request_bytes)):
+            if not value >= 0:  # (nan too) the API's "None: no limit" is 0 here
+                raise Llama4ExportError(f"{flag} {value}: must be >= 0 (0 = no limit)")
+        settings = ServeSettings(artifact.resolve().name if model_name is None else model_name, request_timeout or None,
+                                 api_key or None, max_request_bytes or None, seed)
         options = EngineOptions(max_batch, max_queue, reuse_prefix, prefill_budget)
         if ray:
             if replicas < 1:

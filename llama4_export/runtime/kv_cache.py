@@ -135,7 +135,7 @@ class _Buffers:
         if window < sinks + 1:
             raise GenerationError(
                 f"window={window} with sinks={sinks}: the global window needs at least sinks + 1 = {sinks + 1} slots "
-                "(S sinks plus a ring of at least one recent token); raise --window or lower --sinks"
+                f"(S sinks plus a ring of at least one recent token); give a window of at least {sinks + 1}"
             )
         if batch < 1:
             raise GenerationError(f"batch={batch}: need at least one sequence")

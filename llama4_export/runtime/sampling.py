@@ -8,6 +8,7 @@ numpy Generator, so the same seed gives the same tokens.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ class SamplingParams:
                                      *((name, numbers.Real, "a number") for name in REAL_OPTIONS)):
             if not isinstance(getattr(self, name), kind):  # not a TypeError from a comparison further down
                 raise GenerationError(f"{name}={getattr(self, name)!r}: expected {expected}")
+        for name in REAL_OPTIONS:
+            if not math.isfinite(getattr(self, name)):
+                raise GenerationError(f"{name}={getattr(self, name)}: must be a finite number")
         pairs = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
         object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in pairs)))
         ids = [token for token, _ in self.logit_bias]
@@ -75,7 +79,8 @@ def apply_repetition_penalty(logits: np.ndarray, previous_ids: np.ndarray, penal
     out = logits.astype(np.float32, copy=True)
     seen = np.unique(previous_ids)
     picked = out[seen]
-    out[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+    with np.errstate(over="ignore"):  # a penalty beyond float32's range bans a seen token: its limit, not an error
+        out[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
     return out
 
 

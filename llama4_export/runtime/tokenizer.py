@@ -15,6 +15,9 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers saves the template; it takes priority over the config's
 
 
+CHAT_FORMAT_TOKENS = ("<|begin_of_text|>", "<|header_start|>", "<|header_end|>", "<|eot|>")
+
+
 def llama4_chat_format(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
     """Llama 4's header format, used when the tokenizer config carries no chat template (or jinja2 is missing).
     Content is text or a list of parts: text parts as they are, an image part as its `<|image|>` placeholder."""
@@ -104,12 +107,12 @@ class Tokenizer:
             raise GenerationError(f"{TOKENIZER_CONFIG_FILE}: the chat template does not render tools; use a "
                                   "checkpoint whose template does, or call without tools")
         if template is None:
-            return llama4_chat_format(messages)
+            return self._llama4_chat_format(messages)
         try:
             from jinja2 import TemplateError
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:
-            return llama4_chat_format(messages)
+            return self._llama4_chat_format(messages)
 
         def raise_exception(message: str) -> None:
             raise GenerationError(f"{TOKENIZER_CONFIG_FILE}: chat template refused the conversation: {message}")
@@ -130,6 +133,16 @@ class Tokenizer:
             raise GenerationError(f"the chat template cannot render this conversation: {type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0] if str(exc) else ''}; check the messages' roles and "
                                   "content") from None
+
+    def _llama4_chat_format(self, messages: list[dict[str, Any]]) -> str:
+        # a vocabulary without Llama 4's chat tokens would spell the markers out in bytes: a prompt the model was never
+        # trained on, whose turn it cannot end
+        missing = [token for token in CHAT_FORMAT_TOKENS if self._tok.token_to_id(token) is None]
+        if missing:
+            raise GenerationError(f"{TOKENIZER_CONFIG_FILE}: no chat template, and the vocabulary lacks Llama 4's chat "
+                                  f"tokens ({', '.join(missing)}); give the prompt as text (a completion), or add the "
+                                  "checkpoint's chat_template")
+        return llama4_chat_format(messages)
 
     def _chat_template(self) -> str | None:
         if self._template_file is not None:

@@ -16,6 +16,7 @@ import hmac
 import json
 import math
 import os
+import random
 import socket
 import time
 import uuid
@@ -47,6 +48,9 @@ class ServeSettings:
     api_key: str | None = None  # when set, /v1/ requests need `Authorization: Bearer <key>` (health, metrics don't)
     # a bigger body gets 413 before it is held whole: parsing and tokenizing one costs memory everyone shares
     max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES  # None: no limit
+    # a request without a seed samples with the next draw of a generator seeded by this: repeated requests differ (as
+    # OpenAI's do) and a server's answers are reproducible from its start, given the requests' order
+    seed: int = 0
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name.strip():  # "" was served as the directory's name
@@ -56,10 +60,13 @@ class ServeSettings:
                                   "(or None: no limit)")
         if self.max_request_bytes is not None and self.max_request_bytes < 1:
             raise ConfigError(f"max_request_bytes={self.max_request_bytes}: must be >= 1 (or None: no limit)")
+        if not isinstance(self.seed, int):
+            raise ConfigError(f"seed={self.seed!r}: must be an integer")
 
     def __repr__(self) -> str:  # never the key, in a log or a traceback
         return (f"ServeSettings(model_name={self.model_name!r}, request_timeout={self.request_timeout!r}, "
-                f"api_key={'set' if self.api_key else None}, max_request_bytes={self.max_request_bytes!r})")
+                f"api_key={'set' if self.api_key else None}, max_request_bytes={self.max_request_bytes!r}, "
+                f"seed={self.seed!r})")
 
 
 class _Run:
@@ -112,6 +119,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
     generator = engine.generator
     created = int(time.time())
     durations = _Durations()
+    request_seeds = random.Random(settings.seed)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -196,6 +204,8 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
             raise APIError(400, f"{asked}: more choices than this server's {engine.max_batch} rows + "
                                 f"{engine.max_queue} queue places can hold; ask for at most {engine.capacity}",
                            "n" if body.prompt_count == 1 else "prompt")
+        if body.seed is None:
+            body = body.model_copy(update={"seed": request_seeds.randrange(2**31)})
         # off the event loop: a chat's images are decoded and run through the vision graph here
         requests = await asyncio.to_thread(body.engine_requests, generator, settings.request_timeout)
         run = _Run(engine, metrics, [len(r.prompt_ids) for r in requests], body.n)
@@ -215,16 +225,20 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
     async def collect(request: Request, run: _Run) -> list[list[SequenceEvent]]:
         """Every event of a non-streaming request, per choice; cancels the sequences when the client goes away."""
         events: list[list[SequenceEvent]] = [[] for _ in range(run.choices)]
+        next_check = time.monotonic() + DISCONNECT_POLL_S
         try:
             while not run.finished:
                 try:
                     choice, event = await asyncio.wait_for(run.queue.get(), DISCONNECT_POLL_S)
+                    run.received(choice, event)
+                    events[choice].append(event)
                 except TimeoutError:
+                    pass
+                # by the clock, not only when tokens pause: a client gone while they flow would hold its rows
+                if time.monotonic() >= next_check:
                     if await request.is_disconnected():
                         break
-                    continue
-                run.received(choice, event)
-                events[choice].append(event)
+                    next_check = time.monotonic() + DISCONNECT_POLL_S
         finally:
             run.cancel()
         for choice in events:
@@ -316,6 +330,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                 for choice in range(body.n):
                     yield chunk(choice, {"role": "assistant", "content": ""})
                 held: list[list[SequenceEvent]] = [[] for _ in range(body.n)]  # a possible tool call waits for its end
+                talking: set[int] = set()  # choices whose reply has begun as content: a call is a whole reply
                 answered: set[int] = set()  # choices that ended with their tool calls
                 # scored tokens not sent yet: a token holding part of a character (or of a possible tool call) adds no
                 # text, so its log-probability goes with the next chunk
@@ -333,7 +348,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                     _raise_unfinished(event, settings)
                     if top is not None and event.logprobs is not None:
                         unsent[choice].append(event)
-                    if tool_names and (held[choice] or may_be_tool_call(event.text or "")):
+                    if tool_names and choice not in talking and (held[choice] or may_be_tool_call(event.text or "")):
                         held[choice].append(event)
                         if not may_be_tool_call("".join(e.text or "" for e in held[choice])):
                             event, held[choice] = _merge(held[choice]), []
@@ -351,6 +366,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                                 run.cancel(choice)
                                 continue
                     if event.text:
+                        talking.add(choice)
                         yield chunk(choice, {"content": event.text}, logprobs=scores(choice))
                     if event.finish_reason:
                         yield chunk(choice, {}, event.finish_reason, logprobs=scores(choice))

@@ -4,7 +4,8 @@ a body becomes.
 
 Sampling defaults differ from OpenAI's in one way: temperature defaults to 0 (greedy, deterministic) rather than 1.
 max_tokens defaults to 16 for completions (as OpenAI's) and to the rest of the context for chat. n choices are n
-sequences of the engine; choice i samples with seed + i (seed defaults to 0), so each is reproducible on its own. A
+sequences of the engine; choice i samples with seed + i, so each is reproducible on its own; a request without a seed
+gets one drawn by the server (ServeSettings.seed), so repeated requests sample differently, as OpenAI's do. A
 completion's prompt may be a batch (a list of texts or of token-id lists): n choices each, indexed prompt × n + i.
 echo with logprobs scores the prompt (its sequences prefill alone, every position's logits kept).
 Extensions beyond OpenAI's fields: top_k, repetition_penalty and ignore_eos (as vLLM and llama-server accept them).
@@ -26,6 +27,7 @@ from ..runtime.sampling import SamplingParams
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 4
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 MAX_CHOICES = 128  # OpenAI's bound on n; the engine's rows + queue places bound it further
 
 
@@ -274,8 +276,9 @@ class ChatCompletionRequest(_Generation):
             raise APIError(400, str(exc), "messages") from None
         except GenerationError as exc:
             raise APIError(400, str(exc), "tools" if tools else "messages") from None
-        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        request = _sequence_request(self, generator, prompt_ids, "messages", limit, self.top, timeout)
+        limit_param = "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
+        request = _sequence_request(self, generator, prompt_ids, "messages", getattr(self, limit_param), self.top,
+                                    timeout, limit_param)
         return request if features is None else dataclasses.replace(request, image_features=features)
 
     def engine_requests(self, generator: Generator, timeout: float | None) -> list[SequenceRequest]:
@@ -307,7 +310,7 @@ def parse(model: type[_Generation], raw: bytes) -> _Generation:
     try:
         body = model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
-        raise _first_problem(exc) from None
+        raise _first_problem(exc, raw) from None
     if body.stream_options is not None and not body.stream:  # as OpenAI: the options of a stream that is not one
         raise APIError(400, "stream_options: only with stream: true; drop it or stream", "stream_options")
     for name, allowed in body.ONLY.items():
@@ -319,12 +322,17 @@ def parse(model: type[_Generation], raw: bytes) -> _Generation:
     return body
 
 
-def _first_problem(exc: ValidationError) -> APIError:
+def _first_problem(exc: ValidationError, raw: bytes) -> APIError:
     # A union lists every branch's complaint; the deepest is the one about what the client meant
     # (a content part without its url, not "content: should be a valid string").
     errors = exc.errors(include_url=False)
     error = max(errors, key=lambda e: len(e["loc"]))
     if error["type"] == "json_invalid":
+        if "hex escape" in error["msg"] and _SURROGATE_ESCAPE.search(raw):  # the parser's words suggest a cut-off escape
+            at = error["msg"].find(" at line ")
+            where = error["msg"][at:] if at >= 0 else ""
+            return APIError(400, f"the request body holds a \\uD800-\\uDFFF escape outside a surrogate pair{where}: it is "
+                                 "not a character; send the text as UTF-8, or the pair's two escapes")
         return APIError(400, f"the request body is not valid JSON: {error['msg']}")
     if error["type"] == "model_type" and not error["loc"]:
         return APIError(400, "the request body must be a JSON object")
@@ -355,7 +363,8 @@ def _field_name(loc: tuple[int | str, ...]) -> str:
         if isinstance(part, int):
             names.append(f"[{part}]")
             continue
-        is_branch = part.startswith(("str", "list[", "function-", "tagged-union")) or part in ("int", "float", "bool")
+        # a branch's name is a type ("str", "list[int]", "function-after[...]"); a field's is an identifier
+        is_branch = part in ("str", "int", "float", "bool") or "[" in part or "-" in part
         is_tag = i >= 2 and isinstance(loc[i - 1], int) and str(loc[i - 2]).startswith("list[tagged-union")
         if not (is_branch or is_tag):
             names.append(f".{part}")
@@ -363,16 +372,18 @@ def _field_name(loc: tuple[int | str, ...]) -> str:
 
 
 def _sequence_request(body: _Generation, generator: Generator, prompt_ids: list[int], prompt_param: str,
-                      max_tokens: int | None, logprobs: int | None, timeout: float | None) -> SequenceRequest:
-    """The engine's request: max_tokens defaults to the rest of the context; prompt + max_tokens must fit it."""
+                      max_tokens: int | None, logprobs: int | None, timeout: float | None,
+                      limit_param: str = "max_tokens") -> SequenceRequest:
+    """The engine's request: max_tokens defaults to the rest of the context; prompt + max_tokens must fit it.
+    limit_param: the field the client gave max_tokens in (chat's max_completion_tokens)."""
     context = generator.config.max_position_embeddings
     if len(prompt_ids) >= context:
         raise APIError(400, f"{prompt_param}: {len(prompt_ids)} tokens, the model's context is {context} tokens; "
                             "shorten it", prompt_param, code="context_length_exceeded")
     max_new_tokens = context - len(prompt_ids) if max_tokens is None else max_tokens
     if len(prompt_ids) + max_new_tokens > context:
-        raise APIError(400, f"max_tokens={max_new_tokens}: with the prompt's {len(prompt_ids)} tokens it exceeds the "
-                            f"model's context of {context} tokens; lower it", "max_tokens",
+        raise APIError(400, f"{limit_param}={max_new_tokens}: with the prompt's {len(prompt_ids)} tokens it exceeds "
+                            f"the model's context of {context} tokens; lower it", limit_param,
                        code="context_length_exceeded")
     try:
         sampling = body.sampling()

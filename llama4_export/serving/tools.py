@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +19,15 @@ from typing import Any
 WRAPPERS = (("<|python_start|>", "<|python_end|>"),)
 
 
+# What a reply's start must look like to become a call: `[name(` (Python form), `[{` or `{"` (JSON form); a prefix of
+# one is still undecided
+_CALL_STARTS = re.compile(r"\[\s*(\{.*|[A-Za-z_]\w*\s*(\(.*)?)?|\{\s*(\".*)?", re.DOTALL)
+
+
 @dataclass(frozen=True)
 class ParsedCall:
     name: str
-    arguments: dict[str, Any]
+    arguments: dict[str, Any]  # only values JSON carries (_call)
 
     def openai(self) -> dict[str, Any]:
         return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
@@ -31,7 +37,12 @@ class ParsedCall:
 def may_be_tool_call(text: str) -> bool:
     """Whether a reply that begins with `text` could still turn out to be a tool call (streaming holds it back)."""
     head = text.lstrip()
-    return not head or head[0] in "[{" or any(start.startswith(head[:len(start)]) for start, _ in WRAPPERS)
+    for start, _ in WRAPPERS:
+        if start.startswith(head):
+            return True
+        if head.startswith(start):
+            head = head[len(start):].lstrip()
+    return not head or _CALL_STARTS.fullmatch(head) is not None
 
 
 def parse_tool_calls(text: str, tool_names: set[str]) -> list[ParsedCall] | None:
@@ -65,8 +76,8 @@ def _python_calls(body: str) -> list[ParsedCall] | None:
             return None
         if len(arguments) != len(node.keywords):
             return None
-        calls.append(ParsedCall(node.func.id, arguments))
-    return calls
+        calls.append(_call(node.func.id, arguments))
+    return calls if None not in calls else None
 
 
 def _json_calls(body: str) -> list[ParsedCall] | None:
@@ -87,5 +98,14 @@ def _json_calls(body: str) -> list[ParsedCall] | None:
                 return None
         if not isinstance(arguments, dict):
             return None
-        calls.append(ParsedCall(item["name"], arguments))
-    return calls
+        calls.append(_call(item["name"], arguments))
+    return calls if None not in calls else None
+
+
+def _call(name: str, arguments: dict[str, Any]) -> ParsedCall | None:
+    """None for arguments JSON cannot carry (a set, bytes, a complex number, an infinity or a NaN): not a call."""
+    try:
+        json.dumps(arguments, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    return ParsedCall(name, arguments)
