@@ -110,6 +110,8 @@ def weight_source(model: str | None = None, checkpoint: str | Path | None = None
             raise ConfigError("--random-weights needs --model PRESET and no --checkpoint")
         return RandomWeights(model, seed, layers)
     if checkpoint is not None:
+        if seed != 0:  # the seed draws a preset's random weights; a checkpoint's export was byte-identical to seed 0
+            raise ConfigError(f"--seed {seed} seeds a preset's random weights; a --checkpoint has its own: drop --seed")
         if layers is not None and model is None:
             raise ConfigError("--layers N with --checkpoint needs --model PRESET (the shapes the checkpoint is checked against)")
         return CheckpointWeights(checkpoint, preset=model, layers=layers)

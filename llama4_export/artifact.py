@@ -161,7 +161,24 @@ def replaceable_directory(target: str | Path) -> Path:
     if target == here or target in here.parents:
         raise ArtifactError(f"{target}: is the current directory{'' if target == here else ' or holds it'}, and an "
                             f"artifact directory is replaced as a whole; give a path below it, e.g. {target / 'out'}")
+    if os.path.ismount(target):  # an empty volume: the export ran, then its rename into place failed (EBUSY)
+        raise ArtifactError(f"{target}: is a mount point, and an artifact directory is renamed into place as a whole; "
+                            f"give a path inside it, e.g. {target / 'model'}")
     return target
+
+
+def writable_parent(target: Path) -> Path:
+    """`target`'s parent directory, created if missing; ArtifactError in one line where it cannot be (a file on the
+    way) — before an export's work, not at its end."""
+    parent = Path(os.path.abspath(target)).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next(p for p in (parent, *parent.parents) if p.exists())
+        raise ArtifactError(f"{target}: {blocking} is a file, not a directory; choose another path") from None
+    except OSError as exc:
+        raise ArtifactError(f"{target}: cannot create {parent} ({exc.strerror}); choose a writable location") from None
+    return parent
 
 
 @contextlib.contextmanager
@@ -170,7 +187,11 @@ def held_directory(parent: Path, prefix: str) -> Iterator[Path]:
     and locked (flock) while the block runs: the kernel drops the lock with its process however that ends, which is how
     remove_abandoned tells a running job's scratch from one a SIGKILL or the OOM killer left behind."""
     # Locked under a name no sweep matches, then renamed: a sweep never sees it unlocked.
-    unlocked = Path(tempfile.mkdtemp(prefix=".llama4-new-", dir=parent))
+    try:
+        unlocked = Path(tempfile.mkdtemp(prefix=".llama4-new-", dir=parent))
+    except OSError as exc:  # a read-only file system, no permission
+        raise ArtifactError(f"{parent}: cannot create a directory there ({exc.strerror}); choose a writable "
+                            "location") from None
     fd = os.open(unlocked, os.O_RDONLY | os.O_DIRECTORY)
     try:
         _lock(fd, blocking=True)
@@ -241,8 +262,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     Nothing half-written ever sits at `target` looking complete.
     """
     target = replaceable_directory(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with held_directory(target.parent, f".{target.name}.tmp-") as tmp:
+    with held_directory(writable_parent(target), f".{target.name}.tmp-") as tmp:
         yield tmp
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -38,7 +38,7 @@ import torch
 
 from . import __version__
 from .artifact import (MANIFEST, ArtifactError, atomic_directory, held_directory, remove_abandoned_beside,
-                       replaceable_directory, write_json, write_manifest)
+                       replaceable_directory, writable_parent, write_json, write_manifest)
 from .calib.awq_plans import AwqWeights
 from .calib.calibrate import Calibration, activation_amax, calibrate, calibration_samples, tokenizer_for
 from .calib.corpus import CalibrationError
@@ -112,9 +112,24 @@ class QuantOptions:
                 object.__setattr__(self, name, Path(getattr(self, name)))
 
     def check(self, precision: str) -> None:
-        """Raise on an option that does not apply to `precision` or is unsupported."""
+        """Raise on an option that does not apply to `precision` or is unsupported (one that would be ignored)."""
         if self.int4_algo not in ("rtn", "awq"):
             raise CalibrationError(f"--int4-algo {self.int4_algo!r} is unknown; choose rtn or awq")
+        if self.calib_cache is not None and self.calib_cache.is_dir():  # found after the calibration had run
+            raise CalibrationError(f"--calib-cache {self.calib_cache}: is a directory; give the cache file's path, e.g. "
+                                   f"{self.calib_cache / 'calib.safetensors'}")
+        if self.eval_data is not None and not self.report:
+            raise ConfigError("--eval-data is what the accuracy report evaluates on, and --no-report skips it: drop one")
+        if self.float_embeddings and self.quantize_lm_head:
+            raise ConfigError("--float-embeddings keeps the embedding and lm_head in float, --quantize-lm-head "
+                              "quantizes lm_head: choose one")
+        calibration_flags = [flag for flag, given in (
+            ("--calib-data", self.calib_data), ("--calib-samples", self.calib_samples),
+            ("--calib-seq-len", self.calib_seq_len), ("--calib-cache", self.calib_cache)) if given is not None]
+        if calibration_flags and not self.needs_calibration(precision):
+            raise ConfigError(f"{calibration_flags[0]} applies where the export calibrates (--precision int4 with AWQ, "
+                              f"fp8, or --kv-cache-dtype fp8), not to --precision {precision}"
+                              f"{' --int4-algo rtn' if precision == 'int4' else ''}: drop it")
         if self.kv_cache_dtype not in (None, "fp8"):
             raise CalibrationError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is unknown; choose fp8 (or drop it: the "
                                    "cache then has the activations' float type)")
@@ -226,7 +241,7 @@ def export(
     ranges = [range(config.num_hidden_layers)] if parts == 1 else partition_layers(config, parts, precision)
     layout = kv_layout_for(target, quant)
 
-    with (held_directory(_parent(out), f".{out.name}.work-") as work, Steps(show_progress) as step,
+    with (held_directory(writable_parent(out.resolve()), f".{out.name}.work-") as work, Steps(show_progress) as step,
           atomic_directory(out) as tmp):
         calibration = None
         weights = source
@@ -441,12 +456,6 @@ def check_precision(precision: str, target: str, flag: str = "--precision") -> N
             "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         raise ConfigError(f"{flag} {precision} does not run on ONNX Runtime's CPU EP (no {precision} kernels) and this "
                           "onnxruntime has no CUDA EP: use {flag} fp32, fp16, int4 or fp8 here, or --target tensorrt")
-
-
-def _parent(out: Path) -> Path:
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return parent
 
 
 def traced_weight_bytes(config: Llama4Config, precision: str, target: str) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifact import held_directory, read_manifest, remove_abandoned
+from .calib.corpus import load_corpus
 from .model.io_spec import DEFAULT_MAX_PREFILL
 from .pipeline import QuantOptions, export
 from .progress import note
@@ -72,6 +73,12 @@ def _quant_options(manifest: dict[str, Any], calib_data: Path | None) -> QuantOp
     if calibration and not str(calibration.get("data", "")).startswith("embedded:") and calib_data is None:
         raise BuildError(f"the artifact was calibrated on {calibration.get('data')!r} (sha256 "
                          f"{str(calibration.get('data_sha256'))[:16]}…); pass it again with --calib-data")
+    if calib_data is not None and calibration.get("data_sha256"):  # before a calibration of hours at Scout's size
+        given = load_corpus(calib_data).sha256
+        if given != calibration["data_sha256"]:
+            raise BuildError(f"--calib-data {calib_data}: its text (sha256 {given[:16]}…) is not what the artifact was "
+                             f"calibrated on ({calibration.get('data')!r}, sha256 {calibration['data_sha256'][:16]}…); "
+                             "pass that file")
     precision = quant.get("precision")
     percentile = quant.get("activation_range", "amax")
     return QuantOptions(

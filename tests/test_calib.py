@@ -177,3 +177,53 @@ def test_exports_sharing_a_calibration_cache_at_once_do_not_trip_over_each_other
     assert found(second.awq_plans, source.config.num_hidden_layers, first.key) == first.awq_records
     assert second.awq_records == first.awq_records
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.awq32", "calib.safetensors", "stats.safetensors"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--precision", "fp16", "--calib-data", "{text}"], "--calib-data applies where the export calibrates (--precision "
+                                                        "int4 with AWQ, fp8, or --kv-cache-dtype fp8), not to --precision fp16: drop it"),
+    (["--precision", "int4", "--int4-algo", "rtn", "--calib-samples", "4"],
+     "--calib-samples applies where the export calibrates (--precision int4 with AWQ, fp8, or --kv-cache-dtype fp8), "
+     "not to --precision int4 --int4-algo rtn: drop it"),
+    (["--eval-data", "{text}", "--no-report"], "--eval-data is what the accuracy report evaluates on, and --no-report "
+                                               "skips it: drop one"),
+    (["--precision", "int4", "--float-embeddings", "--quantize-lm-head"],
+     "--float-embeddings keeps the embedding and lm_head in float, --quantize-lm-head quantizes lm_head: choose one"),
+    # found after the whole calibration, as an IsADirectoryError traceback (and a stray "DIR.awq128/" beside it)
+    (["--precision", "int4", "--calib-cache", "{dir}"], "--calib-cache {dir}: is a directory; give the cache file's "
+                                                        "path, e.g. {dir}/calib.safetensors"),
+], ids=["calib-data-fp16", "calib-samples-rtn", "eval-data-no-report", "float-and-quantized-lm-head", "cache-dir"])
+def test_flags_the_export_would_ignore_are_refused_in_one_line(tmp_path, flags, message):
+    """Each was silently ignored (or, for the cache, failed at the end of the calibration) while other inapplicable
+    flags (--int4-algo with fp32) were refused."""
+    from typer.testing import CliRunner
+
+    from llama4_export.cli.export import export_app
+
+    (tmp_path / "text.txt").write_text("Some calibration text.\n")
+    (tmp_path / "dir").mkdir()
+    paths = {"text": str(tmp_path / "text.txt"), "dir": str(tmp_path / "dir")}
+    result = CliRunner().invoke(export_app, ["--model", "scout-tiny", *[f.format(**paths) for f in flags],
+                                             "--out", str(tmp_path / "out")], terminal_width=400)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and lines == [f"error: {message.format(**paths)}"], result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "text.txt"]
+
+
+def test_rebuild_refuses_other_calibration_text_before_calibrating(tmp_path, monkeypatch):
+    """rebuild --calib-data with a file other than the one the artifact was calibrated on calibrated in full (hours
+    at Scout's size) before the hashes differed; the text's sha256 is in the manifest and is checked first."""
+    from llama4_export import api, pipeline
+    from llama4_export.tensorrt.errors import BuildError
+
+    words = " ".join(f"word{i % 97} of the calibration text" for i in range(600))
+    (tmp_path / "calib.txt").write_text(words)
+    (tmp_path / "other.txt").write_text(words.replace("word1 ", "word2 "))
+    out = tmp_path / "awq"
+    api.export_model(out, model="scout-tiny", layers=1, random_weights=True, precision="int4", show_progress=False,
+                     quant=api.QuantOptions(calib_data=tmp_path / "calib.txt", calib_samples=2, calib_seq_len=16,
+                                            calib_cache=tmp_path / "calib.safetensors", report=False))
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: pytest.fail("calibrated before refusing"))
+    with pytest.raises(BuildError, match=r"^--calib-data .*other.txt: its text \(sha256 [0-9a-f]{16}…\) is not what the "
+                                         r"artifact was calibrated on \('.*calib.txt', sha256 [0-9a-f]{16}…\); pass that file"):
+        api.rebuild(out, calib_data=tmp_path / "other.txt", show_progress=False)

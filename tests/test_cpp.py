@@ -108,6 +108,9 @@ TINY_CASES = {
     # a ring of 9 slots: a 16-token prefill step keeps only its last 9 ring tokens
     "int4-short-ring": ("int4", 45, ["-n", 30, "--window", 10, "--sinks", 1]),
     "int4-sampled": ("int4", 20, ["-n", 40, "--window", 30, "--temperature", 1.1, "--seed", 3]),
+    # seeds as Python takes them, modulo 2^64: llama4-cpp refused -1 and anything from 2^63
+    "fp32-seed-2^64-1": ("fp32", 10, ["-n", 24, "--temperature", 1.0, "--seed", 2**64 - 1]),
+    "fp32-seed-minus-2": ("fp32", 10, ["-n", 24, "--temperature", 1.0, "--seed", -2]),
     "fp8-kv": ("fp8-kv", 35, ["-n", 40, "--window", 24, "--sinks", 4]),
     # pieces of 5 (7 of them) instead of the graph's 16
     "int4-small-pieces": ("int4", 33, ["-n", 20, "--window", 40, "--max-prefill-tokens", 5]),
@@ -393,11 +396,15 @@ def test_resident_memory_is_flat_over_a_long_generation(llama4_cpp, tiny):
 
 def test_sanitizer_build_runs_clean(llama4_cpp, tiny, vision_artifact, tmp_path):
     """ASan + UBSan build of the library and example (any report aborts it), on a sampled run past the window, a
-    prompt with two images and an error path; the tokens equal the normal build's."""
+    prompt with two images and an error path; the tokens equal the normal build's. Its onnxruntime-extensions library
+    is a copy the test then removes, as a moved build or a cleared cache would: ids still run (every open failed)."""
     root = subprocess.run(["cmake", "-N", "-L", str(BUILD)], capture_output=True, text=True).stdout
     onnxruntime_root = next(line.split("=", 1)[1] for line in root.splitlines() if line.startswith("ONNXRUNTIME_ROOT:"))
+    extensions = tmp_path / "moved" / "libortextensions.so"
+    extensions.parent.mkdir()
+    shutil.copy(Path(onnxruntime_root) / "lib" / "libortextensions.so", extensions)
     for step in (["cmake", "-S", REPO / "cpp", "-B", SANITIZER_BUILD, "-DLLAMA4RT_SANITIZE=ON",
-                  "-DCMAKE_BUILD_TYPE=Debug", f"-DONNXRUNTIME_ROOT={onnxruntime_root}"],
+                  "-DCMAKE_BUILD_TYPE=Debug", f"-DONNXRUNTIME_ROOT={onnxruntime_root}", f"-DORTX_LIBRARY={extensions}"],
                  ["cmake", "--build", SANITIZER_BUILD, "-j2"]):
         done = subprocess.run(list(map(str, step)), capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -414,6 +421,74 @@ def test_sanitizer_build_runs_clean(llama4_cpp, tiny, vision_artifact, tmp_path)
     assert json.loads(sanitized.stdout) == json.loads(run_cpp(llama4_cpp, vision_artifact, *args).stdout)
     refused = run_cpp(SANITIZER_BUILD / "llama4-cpp", tiny["fp32"], "--ids", "1,99999")
     assert refused.returncode == 2 and "Sanitizer" not in refused.stderr, refused.stderr
+
+    extensions.unlink()
+    args = ["--ids", "1,2,3", "-n", 6, "--json"]
+    ids_only = run_cpp(SANITIZER_BUILD / "llama4-cpp", tiny["fp32"], *args)
+    assert ids_only.returncode == 0, ids_only.stderr
+    assert json.loads(ids_only.stdout)["token_ids"] == json.loads(run_cpp(llama4_cpp, tiny["fp32"], *args).stdout)["token_ids"]
+    text = run_cpp(SANITIZER_BUILD / "llama4-cpp", tiny["fp32"], "--prompt", "hello")
+    assert text.returncode == 2 and text.stderr == (
+        f"error: text prompts need the tokenizer: onnxruntime-extensions, which runs the tokenizer graphs, is no longer "
+        f"at {extensions}, where this llama4rt was built to find it; run `make cpp` again or set "
+        "OpenOptions::extensions_library; give token ids instead\n"), text.stderr
+
+
+APP = """#include <iostream>
+#include "llama4rt.hpp"
+
+int main(int, char** argv) {
+  llama4rt::Model model = llama4rt::Model::open(argv[1]);
+  llama4rt::GenerateOptions options;
+  options.max_new_tokens = 8;
+  for (int64_t token : model.generate(std::vector<int64_t>{1, 2, 3}, options).token_ids) std::cout << token << ",";
+  llama4rt::Model moved = std::move(model);
+  try {
+    model.vocab_size();
+  } catch (const llama4rt::Error& e) {
+    std::cout << "\\n" << e.what() << "\\n";
+  }
+  return moved.vocab_size() > 0 ? 0 : 1;
+}
+"""
+
+
+def test_an_app_finds_the_installed_library_with_find_package(llama4_cpp, tiny, tmp_path):
+    """`cmake --install` installed nothing: an app could only add_subdirectory the sources (and then built our command
+    line and test programs too). Installed, an app finds llama4rt::llama4rt with find_package, builds warning-free
+    and runs the artifact as llama4-run does; a moved-from Model throws Error instead of crashing. add_subdirectory
+    configures the library alone."""
+    prefix, app = tmp_path / "prefix", tmp_path / "app"
+    done = subprocess.run(["cmake", "--install", str(BUILD), "--prefix", str(prefix)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    app.mkdir()
+    (app / "main.cpp").write_text(APP)
+    (app / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.16)\nproject(app LANGUAGES CXX)\nset(CMAKE_CXX_STANDARD 17)\n"
+        "find_package(llama4rt 0.1 REQUIRED)\nadd_executable(app main.cpp)\n"
+        "target_link_libraries(app PRIVATE llama4rt::llama4rt)\ntarget_compile_options(app PRIVATE -Wall -Wextra -Werror)\n")
+    for step in (["cmake", "-S", app, "-B", app / "build", f"-DCMAKE_PREFIX_PATH={prefix}"],
+                 ["cmake", "--build", app / "build"]):
+        done = subprocess.run(list(map(str, step)), capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ran = subprocess.run([str(app / "build" / "app"), str(tiny["fp32"])], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    tokens, message = ran.stdout.splitlines()
+    assert tokens == "".join(f"{t}," for t in python_json(tiny["fp32"], "--ids", "1,2,3", "-n", 8)["token_ids"])
+    assert message == "this Model was moved from; use the Model it was moved to"
+
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    (outer / "CMakeLists.txt").write_text(f"cmake_minimum_required(VERSION 3.16)\nproject(outer LANGUAGES CXX)\n"
+                                          f"add_subdirectory({REPO / 'cpp'} llama4rt)\n")
+    root = subprocess.run(["cmake", "-N", "-L", str(BUILD)], capture_output=True, text=True).stdout
+    onnxruntime_root = next(line.split("=", 1)[1] for line in root.splitlines() if line.startswith("ONNXRUNTIME_ROOT:"))
+    done = subprocess.run(["cmake", "-S", str(outer), "-B", str(outer / "build"), f"-DONNXRUNTIME_ROOT={onnxruntime_root}"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    targets = subprocess.run(["cmake", "--build", str(outer / "build"), "--target", "help"], capture_output=True,
+                             text=True).stdout
+    assert "llama4rt" in targets and "llama4-cpp" not in targets and "shared-model" not in targets, targets
 
 
 def test_tokenizer_graphs_for_a_tokenizer_saved_by_transformers(tmp_path, capfd):
@@ -571,7 +646,32 @@ def prompt_and_ids(tmp_path, tiny):
 
 
 def negative_threads(tmp_path, tiny):
-    return tiny["fp32"], ["--ids", "1", "--threads", "-1"], "threads=-1: must be >= 1"
+    return tiny["fp32"], ["--ids", "1", "--threads", "-1"], "threads=-1: must be in 1..1024"
+
+
+def too_many_threads(tmp_path, tiny):  # narrowed to int unchecked: 2^32 + 1 ran with 1 thread, more was std::bad_alloc
+    return tiny["fp32"], ["--ids", "1", "--threads", "4294967297"], "threads=4294967297: must be in 1..1024"
+
+
+def infinite_temperature(tmp_path, tiny):  # ran, sampling noise; llama4-run refuses it
+    return tiny["fp32"], ["--ids", "1", "--temperature", "inf"], "temperature=inf: must be a finite number"
+
+
+def chunk_size_zero(tmp_path, tiny):  # a division by zero in the cache: SIGFPE killed the host process
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    edit_manifest(art, lambda m: m["model"].update(attention_chunk_size=0))
+    return art, ["--ids", "1"], "attention_chunk_size=0: must be >= 1"
+
+
+def negative_prefill_limit(tmp_path, tiny):  # ONNX Runtime's error named no field; llama4-run ran it
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    edit_manifest(art, lambda m: m["graphs"]["prefill"].update(max_new_tokens=-4))
+    return art, ["--ids", "1,2,3"], "manifest.json: graphs.prefill.max_new_tokens=-4: must be an integer >= 1"
+
+
+def empty_prompt_file(tmp_path, tiny):  # "cannot read it (Success)"
+    (tmp_path / "empty.txt").write_bytes(b"")
+    return tiny["fp32"], ["-f", tmp_path / "empty.txt"], "the prompt is empty; give at least one token"
 
 
 def penalty_out_of_range(tmp_path, tiny):
@@ -634,7 +734,9 @@ def json_and_stream(tmp_path, tiny):  # --stream was ignored
                                      graph_not_matching_manifest, layout_not_matching_manifest,
                                      kv_heads_not_matching_manifest,
                                      id_outside_vocabulary, window_without_ring, bad_ids,
-                                     prompt_without_tokenizer_graphs, prompt_and_ids, negative_threads, json_and_stream,
+                                     prompt_without_tokenizer_graphs, prompt_and_ids, negative_threads, too_many_threads,
+                                     infinite_temperature, chunk_size_zero, negative_prefill_limit, empty_prompt_file,
+                                     json_and_stream,
                                      penalty_out_of_range, negative_temperature, top_p_too_small,
                                      bias_outside_vocabulary, bias_given_twice,
                                      bias_without_value, prompt_file_not_utf8, prompt_file_missing,

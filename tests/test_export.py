@@ -661,6 +661,40 @@ def test_a_disk_filling_up_during_the_passes_leaves_nothing_behind(small_disk, m
     assert list(small_disk.iterdir()) == []
 
 
+def _export_to(out) -> list[str]:
+    result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--layers", "1", "--random-weights", "--no-report",
+                                             "--out", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    return [" ".join(result.output.split())]
+
+
+def test_an_out_that_cannot_hold_the_artifact_is_refused_before_the_export(small_disk, tmp_path):
+    """A mount point (an empty container volume) ran the whole export and then failed renaming it into place (EBUSY
+    traceback); a read-only file system and a file on the way were tracebacks too."""
+    assert _export_to(small_disk) == [f"error: {small_disk}: is a mount point, and an artifact directory is renamed into "
+                                      f"place as a whole; give a path inside it, e.g. {small_disk / 'model'}"]
+    (tmp_path / "afile").write_text("x")
+    assert _export_to(tmp_path / "afile" / "sub") == [
+        f"error: {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a directory; choose another path"]
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    try:
+        assert _export_to(small_disk / "model") == [
+            f"error: {small_disk}: cannot create a directory there (Read-only file system); choose a writable location"]
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    assert list(small_disk.iterdir()) == []
+
+
+def test_a_seed_with_a_checkpoint_is_refused(tmp_path, two_layer_checkpoint):
+    """--seed 5 --checkpoint exported bytes identical to seed 0: the seed draws a preset's random weights only."""
+    result = CliRunner().invoke(export_app, ["--checkpoint", str(two_layer_checkpoint), "--seed", "5", "--out",
+                                             str(tmp_path / "o")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and lines == [
+        "error: --seed 5 seeds a preset's random weights; a --checkpoint has its own: drop --seed"], result.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_cli_prints_paths_holding_brackets_as_they_are(tmp_path, two_layer_checkpoint):
     """rich read "[bf16]" and "[int4]" in paths as markup: the steps said "weights from checkpoint …/ckpt" and the
     last line "wrote …/scout: …"."""

@@ -138,6 +138,22 @@ def test_compare_runs_the_float8_cache_graphs(artifact):
     assert [(c.graph, c.reference) for c in comparisons] == [("decode", "none"), ("prefill", "none")]
 
 
+def test_compare_refuses_a_checkpoint_it_cannot_use_for_quantized_graphs(artifact, tmp_path):
+    """`compare INT4 --checkpoint CKPT` printed "no reference to compare with" and exited 0: the checkpoint was
+    accepted, nothing compared. Quantized graphs have no PyTorch reference: the checkpoint is refused, and a plain
+    compare says the graphs only ran."""
+    from typer.testing import CliRunner
+
+    from llama4_export.cli.export import export_app
+    from llama4_export.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--checkpoint: .*'s graphs are fp8, they compute with quantized "
+                                          r"weights: without TensorRT engines compare only runs them"):
+        compare_artifact(artifact, checkpoint=tmp_path)
+    shown = CliRunner().invoke(export_app, ["compare", str(artifact)], terminal_width=200)
+    assert shown.exit_code == 0 and "decode: ran on ONNX Runtime, not compared (quantized: no reference)" in shown.output
+
+
 def test_generates_on_onnxruntime_with_a_quarter_of_the_cache_memory(artifact):
     generator = Generator.load(artifact, backend="onnxruntime", threads=1)
     assert isinstance(generator.backend, OrtBackend) and generator.backend.cache_dtype == np.dtype(ml_dtypes.float8_e4m3fn)

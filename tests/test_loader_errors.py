@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,9 +104,21 @@ def break_bad_json(ckpt: Path) -> tuple[Path, str]:
     return ckpt, "config.json: not valid JSON"
 
 
+def break_zero_heads(ckpt: Path) -> tuple[Path, str]:  # a ZeroDivisionError traceback (hidden // heads)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "num_attention_heads": 0}))
+    return ckpt, "config.json: num_attention_heads=0: must be >= 1; fix the value or re-save the config"
+
+
+def break_zero_chunk(ckpt: Path) -> tuple[Path, str]:  # exported; llama4rt then divided by it (SIGFPE)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "attention_chunk_size": 0}))
+    return ckpt, "config.json: attention_chunk_size=0: must be >= 1"
+
+
 BREAKERS = [
     break_missing_dir, break_missing_config, break_missing_shard, break_truncated_shard, break_wrong_shape,
-    break_missing_tensor, break_unexpected_tensor, break_pickle_only, break_bad_json,
+    break_missing_tensor, break_unexpected_tensor, break_pickle_only, break_bad_json, break_zero_heads, break_zero_chunk,
 ]
 
 
@@ -140,3 +153,49 @@ def test_unknown_preset_from_the_console_script():
 def test_good_checkpoint_still_loads(good_checkpoint):
     model = load(good_checkpoint)
     assert model.config.num_hidden_layers == 4
+
+
+def test_config_values_of_the_wrong_type_are_named(ckpt):
+    """256.5 and "256" were taken as 256 and true as 1 layer; "abc" and "all" were "malformed field (invalid literal
+    for int() with base 10: 'a')", naming no field; −1 layers said "moe_layers [0..5] names layers outside 0..-2"."""
+    config = json.loads((ckpt / "config.json").read_text())
+    for key, value, message in (
+            ("hidden_size", 256.5, "hidden_size=256.5: must be an integer"),
+            ("hidden_size", "abc", 'hidden_size="abc": must be an integer'),
+            ("num_hidden_layers", True, "num_hidden_layers=true: must be an integer"),
+            ("num_hidden_layers", -1, "num_hidden_layers=-1: must be >= 1"),
+            ("moe_layers", "all", 'moe_layers="all": must be a list of integers')):
+        (ckpt / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(CheckpointError, match=r"^" + re.escape(f"{ckpt / 'config.json'}: {message}; fix the value")):
+            load(ckpt)
+
+
+def test_an_artifact_given_as_a_checkpoint_is_named_as_one(tmp_path, good_checkpoint):
+    """`inspect --checkpoint ARTIFACT` said "config.json not found; a Hugging Face checkpoint directory needs one"."""
+    from llama4_export import api
+
+    artifact = tmp_path / "art"
+    api.export_model(artifact, model="scout-tiny", layers=1, random_weights=True, optimize=False, show_progress=False,
+                     quant=api.QuantOptions(report=False))
+    result = CliRunner().invoke(export_app, ["inspect", "--checkpoint", str(artifact)])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and lines == [f"error: {artifact}: an exported artifact (manifest.json), not a Hugging "
+                                               "Face checkpoint; give the checkpoint it was exported from"], result.stderr
+
+
+def test_a_nan_weight_is_refused_where_the_weights_are_read(ckpt, tmp_path):
+    """One NaN in o_proj exported with exit 0 and the artifact generated token 0 over and over (inspect reads no
+    weights, so this is the loader's and the export's)."""
+    name = "model.layers.1.self_attn.o_proj.weight"
+
+    def poison(tensors):
+        tensors[name] = tensors[name].clone()
+        tensors[name][3, 5] = float("nan")
+    rewrite_shard(shard_of(ckpt, name), poison)
+    message = f"tensor '{name}' holds NaN or infinite values; the shard is damaged (re-download it)"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load(ckpt)
+    result = CliRunner().invoke(export_app, ["--checkpoint", str(ckpt), "--no-report", "--out", str(tmp_path / "o")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "o").exists()

@@ -129,6 +129,23 @@ def test_compare_refuses_a_partitioned_artifact_in_one_line(partitioned):
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_running_one_part_names_the_artifact_to_run(partitioned):
+    """llama4-run PART said "artifact has no tokenizer.json; pass token ids instead (--ids)"; with ids its graphs
+    (which take hidden states) would not have run either."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from llama4_export.cli.run import run_app
+
+    part = partitioned / json.loads((partitioned / "manifest.json").read_text())["partitions"][0]["directory"]
+    result = CliRunner().invoke(run_app, [str(part), "--prompt", "hi"])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: {part}: one part (layers 0..") and lines[0].endswith(
+        f"of a partitioned artifact; run the artifact directory holding it ({partitioned.resolve()})")
+
+
 def test_passes_reports_every_part_and_refuses_to_optimize_a_partitioned_artifact(partitioned):
     """`passes --report` said "not optimized yet; run passes", and `passes` then said "lists no graphs": the reports
     live in the parts."""

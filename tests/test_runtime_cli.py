@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -376,3 +377,30 @@ def test_every_help_text_prints_as_written():
                     assert Text.from_markup(text).plain == text.replace("\\[", "["), (each.name, text)
     shown = CliRunner().invoke(serve_app, ["--help"], env={"COLUMNS": "200"})
     assert "pip install '.[ray]'" in shown.output, shown.output
+
+
+def test_threads_beyond_any_machine_are_refused_in_one_line(tiny_artifact):
+    """--threads 99999999999 was an OverflowError traceback, 1,000,000 grew to 10 GB before anything ran."""
+    for threads in ("99999999999", "1000000"):
+        result = run(tiny_artifact, "--ids", "1", "--threads", threads)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert result.stderr.strip().splitlines() == [f"error: threads={threads}: must be in 1..1024 (or left out / 0 "
+                                                      "for ONNX Runtime's choice)"], result.stderr
+
+
+def test_a_hand_edited_manifest_is_refused_in_one_line(tiny_artifact, tmp_path):
+    """A prefill limit of -4 ran (llama4rt failed in ONNX Runtime naming no field); a chunk size of 0 killed llama4rt
+    with SIGFPE. Both runtimes now refuse them by name (test_cpp.py has llama4rt's side)."""
+    import shutil
+
+    for field, edit in (("graphs.prefill.max_new_tokens=-4: must be an integer >= 1",
+                         lambda m: m["graphs"]["prefill"].update(max_new_tokens=-4)),
+                        ("attention_chunk_size=0: must be >= 1", lambda m: m["model"].update(attention_chunk_size=0))):
+        art = Path(shutil.copytree(tiny_artifact, tmp_path / field.split("=")[0]))
+        manifest = json.loads((art / "manifest.json").read_text())
+        edit(manifest)
+        (art / "manifest.json").write_text(json.dumps(manifest))
+        result = run(art, "--ids", "1,2,3", "-n", "2")
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and field in lines[0], result.stderr

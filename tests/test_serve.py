@@ -630,7 +630,7 @@ def test_an_api_key_guards_the_v1_routes(artifact, generator, monkeypatch):
     (["--host", "no-such-host.invalid"], "host 'no-such-host.invalid': "),
     (["--request-timeout", "-5"], "--request-timeout -5.0: must be >= 0 (0 = no limit)"),
     (["--max-batch", "0"], "max_batch=0: must be >= 1"),
-    (["--threads", "-1"], "threads=-1: must be >= 1"),
+    (["--threads", "-1"], "threads=-1: must be in 1..1024"),
     (["--max-request-bytes", "-1"], "--max-request-bytes -1: must be >= 0 (0 = no limit)"),
     # the engine's message named llama4-run's --sinks, which llama4-serve does not have
     (["--window", "0"], "window=0 with sinks=4: the global window needs at least sinks + 1 = 5 slots (S sinks plus "

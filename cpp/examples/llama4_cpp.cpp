@@ -54,6 +54,18 @@ int64_t parse_int(const std::string& flag, const std::string& text) {
   throw Usage{flag + " " + text + ": expected an integer"};
 }
 
+// llama4-run's --seed: any integer, taken modulo 2^64 (a negative one as its two's complement); here -2^63..2^64-1.
+uint64_t parse_seed(const std::string& text) {
+  try {
+    size_t used = 0;
+    const uint64_t seed = !text.empty() && text[0] == '-' ? static_cast<uint64_t>(std::stoll(text, &used))
+                                                           : std::stoull(text, &used);
+    if (used == text.size()) return seed;
+  } catch (const std::exception&) {
+  }
+  throw Usage{"--seed " + text + ": expected an integer in -2^63..2^64-1"};
+}
+
 double parse_float(const std::string& flag, const std::string& text) {
   try {
     size_t used = 0;
@@ -131,7 +143,8 @@ std::string read_prompt(const std::string& flag, const std::string& path) {
     text << std::cin.rdbuf();
   } else {
     std::ifstream file(path, std::ios::binary);
-    if (!file || !(text << file.rdbuf()))
+    // an empty file sets failbit on `<<` with errno 0: it is the empty prompt (refused as such), not a read error
+    if (!file || (file.peek() != std::ifstream::traits_type::eof() && !(text << file.rdbuf())))
       throw Usage{flag + " " + path + ": cannot read it (" + std::strerror(errno) + ")"};
   }
   std::string prompt = text.str();
@@ -189,7 +202,11 @@ int main(int argc, char** argv) {
       } else if (flag == "--sinks") {
         open_options.sinks = parse_int(flag, value());
       } else if (flag == "--threads") {
-        open_options.threads = static_cast<int>(parse_int(flag, value()));
+        const int64_t threads = parse_int(flag, value());  // not narrowed to int unchecked (2^32 + 1 became 1)
+        if (threads < 0 || threads > llama4rt::kMaxThreads)
+          throw Usage{"threads=" + std::to_string(threads) + ": must be in 1.." + std::to_string(llama4rt::kMaxThreads) +
+                      " (or 0 for ONNX Runtime's choice)"};
+        open_options.threads = static_cast<int>(threads);
       } else if (flag == "--max-prefill-tokens") {
         open_options.max_prefill_tokens = parse_int(flag, value());
       } else if (flag == "--temperature") {
@@ -211,9 +228,7 @@ int main(int argc, char** argv) {
         options.sampling.logit_bias.emplace_back(parse_int(flag, pair.substr(0, equals)),
                                                  parse_float(flag, pair.substr(equals + 1)));
       } else if (flag == "--seed") {
-        const int64_t seed = parse_int(flag, value());
-        if (seed < 0) throw Usage{"--seed " + std::to_string(seed) + ": must be >= 0"};
-        options.sampling.seed = static_cast<uint64_t>(seed);
+        options.sampling.seed = parse_seed(value());
       } else if (flag == "--stop") {
         options.stop_strings.push_back(value());
       } else if (flag == "--no-stop") {

@@ -2,7 +2,9 @@
 // with the same sliding KV cache, prompt feeding and sampler as the Python runtime (llama4_export/runtime/), token
 // for token.
 //
-//   llama4rt::Model model = llama4rt::Model::open("out/scout-int4", {/*window=*/4096, /*sinks=*/4});
+//   llama4rt::OpenOptions open_options;
+//   open_options.window = 4096;
+//   llama4rt::Model model = llama4rt::Model::open("out/scout-int4", open_options);
 //   llama4rt::GenerateOptions options;
 //   options.max_new_tokens = 32;
 //   llama4rt::Result result = model.generate(model.encode("The history of"), options,
@@ -12,7 +14,9 @@
 //
 // Every failure (bad artifact, a graph that does not match its manifest, bad ids or options, an ONNX Runtime error)
 // throws llama4rt::Error with one line naming the file or value and what to do; nothing aborts the host process.
-// A Model runs one generation at a time: its KV cache is allocated once and reused by every call.
+// A Model runs one generation at a time: its KV cache is allocated once and reused by every call. Its other methods
+// (encode, decode, the getters) may be called from any thread, also while another thread generates; a TextStream
+// refers to its Model, which must outlive it. A moved-from Model throws Error from every method.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +33,10 @@ namespace llama4rt {
 // The artifact format version (manifest.json "format_version") this library reads; others are refused.
 constexpr int kFormatVersion = 3;
 
+// The most ONNX Runtime intra-op threads OpenOptions::threads may ask for (each holds a stack; beyond the cores they
+// only contend).
+constexpr int kMaxThreads = 1024;
+
 class Error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
@@ -38,10 +46,11 @@ struct OpenOptions {
   // Global-layer KV window W in tokens; empty = the model's context, capped so those layers' cache stays under 1 GiB.
   std::optional<int64_t> window;
   int64_t sinks = 4;            // tokens S kept forever once a sequence outgrows W
-  int threads = 0;              // ONNX Runtime intra-op threads; 0 = its default
+  int threads = 0;              // ONNX Runtime intra-op threads, 1..kMaxThreads; 0 = its default
   std::optional<int64_t> max_prefill_tokens;  // lower the prefill piece size below the graph's limit
   // onnxruntime-extensions' custom-op library, which runs the artifact's tokenizer graphs; empty = the one this
-  // llama4rt was built with (CMake ORTX_LIBRARY; `make cpp` provisions it), if any. Without one, ids in and out.
+  // llama4rt was built with (CMake ORTX_LIBRARY; `make cpp` provisions it), if any and if it is still there. Without
+  // one, ids in and out (has_tokenizer() false, encode/decode say why); one named here that cannot load is an Error.
   std::string extensions_library;
   // Check every file manifest.json lists against its sha256 before loading (Generator.load's verify): a damaged or
   // modified file is refused in one line. A file verified unchanged before, by llama4rt or the Python runtime, is not
@@ -55,7 +64,7 @@ struct SamplingOptions {
   int64_t top_k = 0;         // 0 = off
   double top_p = 1.0;        // 1 = off
   double repetition_penalty = 1.0;  // 1 = off
-  uint64_t seed = 0;
+  uint64_t seed = 0;  // Python's seed % 2**64: a negative one (OpenAI's are signed) as its two's complement
   // OpenAI's penalties over the generated tokens:
   // logit − count × frequency_penalty − (count > 0) × presence_penalty
   double frequency_penalty = 0.0;  // [-2, 2]; 0 = off
@@ -138,6 +147,7 @@ class Model {
  private:
   struct Impl;
   explicit Model(std::unique_ptr<Impl> impl);
+  Impl& impl() const;  // throws Error once moved from
   std::unique_ptr<Impl> impl_;
 };
 

@@ -197,13 +197,22 @@ ModelConfig parse_config(const json& manifest, const std::string& source) {
     if (!cfg[key].is_number_integer()) throw Error(source + ": field '" + key + "' is not an integer; re-run the export");
     return cfg[key].get<int64_t>();
   };
+  // llama4_export.model.config.SIZE_FIELDS: a 0 divides by zero later (heads, a chunk's positions)
+  for (const char* key : {"num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                          "vocab_size", "attention_chunk_size", "max_position_embeddings", "no_rope_layer_interval"}) {
+    const bool derived_when_0 = std::string(key) == "num_key_value_heads" || std::string(key) == "head_dim";
+    const std::optional<int64_t> value = optional_int(key);
+    if (value && *value < 1 && !(derived_when_0 && *value == 0))
+      throw Error(source + ": " + key + "=" + std::to_string(*value) + ": must be >= 1; re-run the export");
+  }
   ModelConfig c;
   c.vocab_size = need("vocab_size");
   c.hidden_size = need("hidden_size");
   c.num_hidden_layers = need("num_hidden_layers");
   const int64_t heads = need("num_attention_heads");
   c.num_attention_heads = heads;
-  c.num_key_value_heads = optional_int("num_key_value_heads").value_or(heads);
+  const std::optional<int64_t> kv_heads = optional_int("num_key_value_heads");
+  c.num_key_value_heads = kv_heads && *kv_heads ? *kv_heads : heads;  // `num_key_value_heads or heads`
   c.head_dim = optional_int("head_dim").value_or(c.hidden_size / std::max<int64_t>(heads, 1));
   if (c.head_dim == 0) c.head_dim = c.hidden_size / std::max<int64_t>(heads, 1);  // `head_dim or hidden // heads`
   c.attention_chunk_size = optional_int("attention_chunk_size");
@@ -279,8 +288,13 @@ void read_parts(const json& manifest, const fs::path& directory, Artifact& artif
     part.decode = (part_dir / graphs["decode"]["file"].get<std::string>()).string();
     if (graphs.contains("prefill") && graphs["prefill"].is_object() && graphs["prefill"].contains("file")) {
       part.prefill = (part_dir / graphs["prefill"]["file"].get<std::string>()).string();
-      if (graphs["prefill"].contains("max_new_tokens") && graphs["prefill"]["max_new_tokens"].is_number_integer())
-        artifact.max_prefill_tokens = graphs["prefill"]["max_new_tokens"].get<int64_t>();
+      if (graphs["prefill"].contains("max_new_tokens")) {
+        const json& limit = graphs["prefill"]["max_new_tokens"];
+        if (!limit.is_number_integer() || limit.get<int64_t>() < 1)
+          throw Error(part_manifest_path + ": graphs.prefill.max_new_tokens=" + limit.dump() +
+                      ": must be an integer >= 1; re-run the export");
+        artifact.max_prefill_tokens = limit.get<int64_t>();
+      }
       if (one_graph_serves_both(graphs)) part.decode = part.prefill;
     }
     if (part.first_layer != expected_first || part.end_layer <= part.first_layer)

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <exception>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <set>
@@ -280,9 +281,9 @@ struct Model::Impl {
 };
 
 void Model::Impl::open(const std::string& directory, const OpenOptions& options) {
-  if (options.threads < 0)
-    throw Error("threads=" + std::to_string(options.threads) +
-                ": must be >= 1 (or 0 for ONNX Runtime's choice)");
+  if (options.threads < 0 || options.threads > kMaxThreads)
+    throw Error("threads=" + std::to_string(options.threads) + ": must be in 1.." + std::to_string(kMaxThreads) +
+                " (or 0 for ONNX Runtime's choice)");
   artifact = read_artifact(directory, options.verify);
   const ModelConfig& c = artifact.config;
   // OrtBackend's session options.
@@ -401,6 +402,10 @@ void Model::Impl::open(const std::string& directory, const OpenOptions& options)
   else if (library.empty())
     no_text = "this llama4rt was built without onnxruntime-extensions (CMake ORTX_LIBRARY), which runs the tokenizer "
               "graphs";
+  else if (options.extensions_library.empty() && !std::filesystem::exists(library))  // moved, or its cache cleared: ids still run
+    no_text = "onnxruntime-extensions, which runs the tokenizer graphs, is no longer at " + library +
+              ", where this llama4rt was built to find it; run `make cpp` again or set "
+              "OpenOptions::extensions_library";
   else
     text = std::make_unique<TextCodec>(env, artifact.tokenizer_encode, artifact.tokenizer_decode,
                                        artifact.nul_byte_tokens, library);
@@ -729,6 +734,11 @@ auto guarded(F&& body) -> decltype(body()) {
 }  // namespace
 
 Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Model::Impl& Model::impl() const {
+  if (!impl_) throw Error("this Model was moved from; use the Model it was moved to");
+  return *impl_;
+}
 Model::Model(Model&&) noexcept = default;
 Model& Model::operator=(Model&&) noexcept = default;
 Model::~Model() = default;
@@ -743,20 +753,20 @@ Model Model::open(const std::string& artifact_dir, const OpenOptions& options) {
 
 Result Model::generate(const std::vector<int64_t>& prompt_ids, const GenerateOptions& options,
                        const TokenCallback& on_token) {
-  return guarded([&] { return impl_->generate(Prompt{prompt_ids, {}}, options, on_token, *this); });
+  return guarded([&] { return impl().generate(Prompt{prompt_ids, {}}, options, on_token, *this); });
 }
 
 Result Model::generate(const Prompt& prompt, const GenerateOptions& options, const TokenCallback& on_token) {
-  return guarded([&] { return impl_->generate(prompt, options, on_token, *this); });
+  return guarded([&] { return impl().generate(prompt, options, on_token, *this); });
 }
 
-bool Model::has_vision() const { return impl_->vision != nullptr; }
+bool Model::has_vision() const { return impl().vision != nullptr; }
 
 Prompt Model::encode(const std::string& text, const std::vector<Image>& images) {
-  return guarded([&] { return impl_->encode(text, images); });
+  return guarded([&] { return impl().encode(text, images); });
 }
 
-bool Model::has_tokenizer() const { return impl_->text != nullptr; }
+bool Model::has_tokenizer() const { return impl().text != nullptr; }
 
 std::string TextStream::push(int64_t token) {
   ids_.push_back(token);
@@ -807,23 +817,23 @@ std::string TextStream::piece(bool final) {
 }
 
 std::vector<int64_t> Model::encode(const std::string& text) {
-  if (!impl_->text) throw Error("text prompts need the tokenizer: " + impl_->no_text + "; give token ids instead");
+  if (!impl().text) throw Error("text prompts need the tokenizer: " + impl().no_text + "; give token ids instead");
   if (text.empty()) throw Error("the prompt is empty; give at least one token");  // as Generator.encode: no lone BOS
-  return guarded([&] { return impl_->text->encode(text); });
+  return guarded([&] { return impl().text->encode(text); });
 }
 
 std::string Model::decode(const std::vector<int64_t>& ids) {
-  if (!impl_->text) throw Error("decoding needs the tokenizer: " + impl_->no_text);
+  if (!impl().text) throw Error("decoding needs the tokenizer: " + impl().no_text);
   for (size_t i = 0; i < ids.size(); ++i)
     if (ids[i] < 0 || ids[i] >= vocab_size())
       throw Error("token " + std::to_string(i) + " is id " + std::to_string(ids[i]) + ", outside the vocabulary 0.." +
                   std::to_string(vocab_size() - 1));
-  return guarded([&] { return impl_->text->decode(ids); });
+  return guarded([&] { return impl().text->decode(ids); });
 }
 
-int64_t Model::vocab_size() const { return impl_->artifact.config.vocab_size; }
-int64_t Model::window() const { return impl_->cache->window(); }
-int64_t Model::sinks() const { return impl_->cache->sinks(); }
-std::vector<int64_t> Model::stop_tokens() const { return impl_->artifact.stop_tokens; }
+int64_t Model::vocab_size() const { return impl().artifact.config.vocab_size; }
+int64_t Model::window() const { return impl().cache->window(); }
+int64_t Model::sinks() const { return impl().cache->sinks(); }
+std::vector<int64_t> Model::stop_tokens() const { return impl().artifact.stop_tokens; }
 
 }  // namespace llama4rt

@@ -130,6 +130,12 @@ void check_sampling(const SamplingOptions& p) {
     std::string s(digits, std::to_chars(digits, digits + sizeof digits, x).ptr);  // the shortest that reads back
     return s.find_first_of(".en") == std::string::npos ? s + ".0" : s;  // e, inf, nan: nothing to add
   };
+  // SamplingParams' order: every real option finite first (an infinite penalty or temperature ran, as noise or a ban)
+  for (const auto& [name, value] : {std::pair{"temperature", p.temperature}, std::pair{"top_p", p.top_p},
+                                    std::pair{"repetition_penalty", p.repetition_penalty},
+                                    std::pair{"frequency_penalty", p.frequency_penalty},
+                                    std::pair{"presence_penalty", p.presence_penalty}})
+    if (!std::isfinite(value)) throw Error(std::string(name) + "=" + number(value) + ": must be a finite number");
   if (!(p.temperature >= 0)) throw Error("temperature=" + number(p.temperature) + ": must be >= 0 (0 = greedy)");
   if (p.top_k < 0) throw Error("top_k=" + std::to_string(p.top_k) + ": must be >= 0 (0 = off)");
   if (!(p.top_p > 0 && p.top_p <= 1)) throw Error("top_p=" + number(p.top_p) + ": must be in (0, 1] (1 = off)");

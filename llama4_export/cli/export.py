@@ -449,7 +449,8 @@ def compare(
     failed = False
     for c in comparisons:
         if c.reference == "none":
-            console.print(f"{c.graph}: ran on ONNX Runtime (no reference to compare with)", highlight=False, soft_wrap=True)
+            console.print(f"{c.graph}: ran on ONNX Runtime, not compared (quantized: no reference)", highlight=False,
+                          soft_wrap=True)
             continue
         output, value = c.worst
         failed |= not value <= tolerance

@@ -23,6 +23,7 @@ import onnx_ir as ir
 import torch
 
 from ..artifact import read_manifest
+from ..errors import ConfigError
 from ..graph_passes.ort_run import run_onnxruntime
 from ..graph_passes.verify import executable_copy, sample_feeds
 from ..model import io_spec
@@ -177,6 +178,10 @@ def compare_artifact(directory: str | Path, batch: int = 2, prefill_tokens: int 
     limits = (manifest.get("tensorrt") or {}).get("builder", {}).get("limits")
     chunk_slots, global_slots = (limits["chunk_slots"], limits["global_slots"]) if limits else (chunk, chunk + 6)
     quantized = manifest.get("precision") not in ("fp32", "fp16")
+    if checkpoint is not None and quantized and problem is not None:  # it was accepted and nothing was compared
+        raise ConfigError(f"--checkpoint: {directory}'s graphs are {manifest.get('precision')}, they compute with "
+                          "quantized weights: without TensorRT engines compare only runs them, no PyTorch reference is "
+                          "built; their accuracy against the checkpoint is the export's report.json")
     in_place = manifest.get("kv_layout") == "in_place"
     references = ReferenceModels(manifest, Path(checkpoint) if checkpoint is not None else None)
     comparisons = []

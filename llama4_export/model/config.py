@@ -11,6 +11,12 @@ from typing import Any
 from ..errors import CheckpointError, ConfigError
 
 
+SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "vocab_size", "intermediate_size", "intermediate_size_mlp", "num_local_experts", "num_experts_per_tok",
+               "attention_chunk_size", "max_position_embeddings", "no_rope_layer_interval", "interleave_moe_layer_step")
+DERIVED_WHEN_0 = ("num_key_value_heads", "head_dim", "intermediate_size_mlp")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """llama3 frequency scaling (DESIGN.md §3)."""
@@ -148,6 +154,21 @@ class Llama4Config:
                 raise CheckpointError(f"{source}: required field {key!r} is missing; the config is not a complete Llama 4 text config")
             return cfg[key]
 
+        for key in SIZE_FIELDS:  # a 0 divides by zero later (heads, a chunk's positions) or makes an empty model
+            value = cfg.get(key)
+            if value is None or key in DERIVED_WHEN_0 and value == 0 and not isinstance(value, bool):
+                continue  # `head_dim or hidden // heads`, as transformers reads it
+            if not isinstance(value, int) or isinstance(value, bool):  # 256.5 and "256" were taken as 256, true as 1
+                raise CheckpointError(f"{source}: {key}={json.dumps(value)}: must be an integer; fix the value or "
+                                      "re-save the config")
+            if value < 1:
+                raise CheckpointError(f"{source}: {key}={value}: must be >= 1; fix the value or re-save the config")
+        for key in ("moe_layers", "no_rope_layers"):
+            value = cfg.get(key)
+            if value is not None and not (isinstance(value, list) and all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in value)):
+                raise CheckpointError(f"{source}: {key}={json.dumps(value)}: must be a list of integers; fix the value "
+                                      "or re-save the config")
         try:
             n_layers = int(need("num_hidden_layers"))
             hidden = int(need("hidden_size"))
@@ -206,6 +227,9 @@ def read_config_json(path: Path) -> dict[str, Any]:
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if (Path(path).parent / "manifest.json").is_file():
+            raise CheckpointError(f"{Path(path).parent}: an exported artifact (manifest.json), not a Hugging Face "
+                                  "checkpoint; give the checkpoint it was exported from") from None
         raise CheckpointError(f"{path}: config.json not found; a Hugging Face checkpoint directory needs one") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc}); re-save the config") from None

@@ -122,6 +122,10 @@ class Generator:
         if backend not in BACKENDS:
             raise GenerationError(f"backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
         manifest = read_manifest(directory, verify=verify)
+        if "layers" in manifest and not manifest.get("partitions"):  # a part's graphs take hidden states, not ids
+            first, end = manifest["layers"]
+            raise GenerationError(f"{directory}: one part (layers {first}..{end - 1}) of a partitioned artifact; run "
+                                  f"the artifact directory holding it ({directory.resolve().parent})")
         config = manifest_config(directory, manifest)
         if backend == "tensorrt":
             with needs_exporter("the TensorRT backend needs {extra}, as well as TensorRT, torch with CUDA and a GPU"):

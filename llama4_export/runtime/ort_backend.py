@@ -64,7 +64,10 @@ def artifact_parts(directory: Path, manifest: dict[str, Any], config: Llama4Conf
             raise GenerationError(f"{directory / sub / MANIFEST}: lists no decode graph; re-run the export")
         prefill = graphs.get("prefill")
         if prefill:
-            max_prefill = int(prefill.get("max_new_tokens", max_prefill))
+            max_prefill = prefill.get("max_new_tokens", max_prefill)
+            if not isinstance(max_prefill, int) or isinstance(max_prefill, bool) or max_prefill < 1:
+                raise GenerationError(f"{directory / sub / MANIFEST}: graphs.prefill.max_new_tokens={max_prefill!r}: "
+                                      "must be an integer >= 1; re-run the export")
         decode = prefill if prefill and _one_graph_serves_both(graphs) else graphs["decode"]
         parts.append(PartGraphs(layers, directory / sub / decode["file"], directory / sub / prefill["file"] if prefill else None))
     covered = [i for part in parts for i in part.layers]
@@ -306,10 +309,14 @@ class OrtBackend:
             getattr(part, graph).run_with_iobinding(binding)
 
 
+MAX_THREADS = 1024  # llama4rt's kMaxThreads: each thread holds a stack; a million of them exhausted memory
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     """Every graph's session: all of ONNX Runtime's graph optimizations, one stream, quiet."""
-    if threads is not None and threads < 0:
-        raise GenerationError(f"threads={threads}: must be >= 1 (or left out / 0 for ONNX Runtime's choice)")
+    if threads is not None and not 0 <= threads <= MAX_THREADS:
+        raise GenerationError(f"threads={threads}: must be in 1..{MAX_THREADS} (or left out / 0 for ONNX Runtime's "
+                              "choice)")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

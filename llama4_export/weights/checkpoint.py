@@ -60,9 +60,14 @@ class CheckpointWeights(WeightSource):
     def _read(key: str, path: Path, index: tuple) -> torch.Tensor:
         try:
             with safe_open(str(path), framework="pt") as f:
-                return f.get_slice(key)[index]
+                tensor = f.get_slice(key)[index]
         except Exception as exc:  # safetensors raises its own types for corrupt data
             raise CheckpointError(f"{path}: cannot read tensor {key!r} ({exc}); the shard is damaged, re-download it") from None
+        # one NaN exported with exit 0 and generated one token over and over (its logits are all NaN)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor {key!r} holds NaN or infinite values; the shard is damaged "
+                                  "(re-download it) or was saved from a diverged model")
+        return tensor
 
     def describe(self) -> str:
         return f"checkpoint {self.index.directory}"
