@@ -112,7 +112,7 @@ class QuantOptions:
                 object.__setattr__(self, name, Path(getattr(self, name)))
 
     def check(self, precision: str) -> None:
-        """Raise on an option that does not apply to `precision` or is unsupported (one that would be ignored)."""
+        """Raise on an option that does not apply to `precision`, contradicts another, or is unsupported."""
         if self.int4_algo not in ("rtn", "awq"):
             raise CalibrationError(f"--int4-algo {self.int4_algo!r} is unknown; choose rtn or awq")
         if self.calib_cache is not None and self.calib_cache.is_dir():  # found after the calibration had run
@@ -123,13 +123,6 @@ class QuantOptions:
         if self.float_embeddings and self.quantize_lm_head:
             raise ConfigError("--float-embeddings keeps the embedding and lm_head in float, --quantize-lm-head "
                               "quantizes lm_head: choose one")
-        calibration_flags = [flag for flag, given in (
-            ("--calib-data", self.calib_data), ("--calib-samples", self.calib_samples),
-            ("--calib-seq-len", self.calib_seq_len), ("--calib-cache", self.calib_cache)) if given is not None]
-        if calibration_flags and not self.needs_calibration(precision):
-            raise ConfigError(f"{calibration_flags[0]} applies where the export calibrates (--precision int4 with AWQ, "
-                              f"fp8, or --kv-cache-dtype fp8), not to --precision {precision}"
-                              f"{' --int4-algo rtn' if precision == 'int4' else ''}: drop it")
         if self.kv_cache_dtype not in (None, "fp8"):
             raise CalibrationError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is unknown; choose fp8 (or drop it: the "
                                    "cache then has the activations' float type)")
@@ -174,6 +167,16 @@ class QuantOptions:
                          lm_head_bits=8 if lowered and not self.quantize_lm_head else None,
                          embedding_bits=4 if lowered else None)
 
+    def unused_calibration(self, precision: str) -> str | None:
+        """The note for calibration settings given where nothing calibrates: not refused (a script may pass the same
+        settings to every precision), not silently ignored either."""
+        given = [flag for flag, value in (("--calib-data", self.calib_data), ("--calib-samples", self.calib_samples),
+                                          ("--calib-seq-len", self.calib_seq_len)) if value is not None]
+        if not given or self.needs_calibration(precision):
+            return None
+        return (f"{' / '.join(given)}: not used, --precision {precision}{' --int4-algo rtn' if precision == 'int4' else ''} "
+                "calibrates nothing (int4 with AWQ, fp8 and --kv-cache-dtype fp8 do)")
+
     def needs_calibration(self, precision: str) -> bool:
         return precision == "fp8" or self.awq(precision) or (precision in QUANTIZED_PRECISIONS and self.kv_cache_dtype == "fp8")
 
@@ -208,6 +211,7 @@ def export(
     check_output(out)
     check_precision(precision, target)
     quant.check(precision)
+    note(quant.unused_calibration(precision), show_progress)
     if precision == "int4" and quant.block_size is None:
         quant = dataclasses.replace(quant, block_size=default_block_size(config))
     if max_prefill < 1:

@@ -24,6 +24,8 @@ def test_bench_cli_prints_table_and_writes_json(scoutlike_artifact, tmp_path):
     assert result.exit_code == 0, result.output
     assert "benchmark (median" in result.output and "roofline:" in result.output  # the table title, the bound line
     data = json.loads(out.read_text())
+    # the kernels' CPU flags beside every measurement, on the console too (they were in the JSON only)
+    assert f"cores ({' '.join(data['machine']['cpu_flags']) or 'no listed kernel flags'})" in " ".join(result.output.split())
     assert sorted(data["prefill_tok_s"]) == ["24", "8"]
     assert sorted(data["decode_depth_tok_s"]) == ["0", "100"] and data["settings"]["depths"] == [0, 100]
     for stats in [*data["prefill_tok_s"].values(), *data["decode_depth_tok_s"].values(), data["decode_tok_s"], data["ttft_ms"]]:
@@ -75,6 +77,7 @@ def test_bench_rejects_prompt_beyond_positions(scoutlike_artifact):
     (["--json", "/nonexistent-dir/bench.json"], "--json /nonexistent-dir/bench.json: its directory /nonexistent-dir does "
                                                 "not exist"),  # was a traceback after the whole benchmark had run
     (["--backend", "tflite"], "backend 'tflite' is unknown; choose one of: onnxruntime, tensorrt, torch"),
+    (["--depth", "-1"], "depth=-1: must be >= 0"),  # was answered about repeats, new tokens and prompts
 ])
 def test_bench_refuses_bad_flags_in_one_line_before_measuring(scoutlike_artifact, args, expected):
     result = CliRunner().invoke(export_app, ["bench", str(scoutlike_artifact), "--repeats", "1", *args])

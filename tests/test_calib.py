@@ -180,11 +180,6 @@ def test_exports_sharing_a_calibration_cache_at_once_do_not_trip_over_each_other
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--precision", "fp16", "--calib-data", "{text}"], "--calib-data applies where the export calibrates (--precision "
-                                                        "int4 with AWQ, fp8, or --kv-cache-dtype fp8), not to --precision fp16: drop it"),
-    (["--precision", "int4", "--int4-algo", "rtn", "--calib-samples", "4"],
-     "--calib-samples applies where the export calibrates (--precision int4 with AWQ, fp8, or --kv-cache-dtype fp8), "
-     "not to --precision int4 --int4-algo rtn: drop it"),
     (["--eval-data", "{text}", "--no-report"], "--eval-data is what the accuracy report evaluates on, and --no-report "
                                                "skips it: drop one"),
     (["--precision", "int4", "--float-embeddings", "--quantize-lm-head"],
@@ -192,10 +187,10 @@ def test_exports_sharing_a_calibration_cache_at_once_do_not_trip_over_each_other
     # found after the whole calibration, as an IsADirectoryError traceback (and a stray "DIR.awq128/" beside it)
     (["--precision", "int4", "--calib-cache", "{dir}"], "--calib-cache {dir}: is a directory; give the cache file's "
                                                         "path, e.g. {dir}/calib.safetensors"),
-], ids=["calib-data-fp16", "calib-samples-rtn", "eval-data-no-report", "float-and-quantized-lm-head", "cache-dir"])
-def test_flags_the_export_would_ignore_are_refused_in_one_line(tmp_path, flags, message):
-    """Each was silently ignored (or, for the cache, failed at the end of the calibration) while other inapplicable
-    flags (--int4-algo with fp32) were refused."""
+], ids=["eval-data-no-report", "float-and-quantized-lm-head", "cache-dir"])
+def test_contradicting_flags_are_refused_in_one_line(tmp_path, flags, message):
+    """Each was silently ignored, one side of the contradiction winning (or, for the cache, failed at the end of the
+    calibration), while inapplicable flags such as --int4-algo with fp32 were refused."""
     from typer.testing import CliRunner
 
     from llama4_export.cli.export import export_app
@@ -208,6 +203,26 @@ def test_flags_the_export_would_ignore_are_refused_in_one_line(tmp_path, flags, 
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and lines == [f"error: {message.format(**paths)}"], result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "text.txt"]
+
+
+def test_calibration_settings_where_nothing_calibrates_are_noted(tmp_path):
+    """`-p fp16 --calib-data X` / `-p int4 --int4-algo rtn --calib-samples 4` ignored them without a word; a script
+    passing one set of calibration settings to every precision keeps working, and is told."""
+    from typer.testing import CliRunner
+
+    from llama4_export.cli.export import export_app
+
+    (tmp_path / "text.txt").write_text("Some calibration text.\n")
+    for flags, note in (
+            (["--precision", "fp16", "--calib-data", str(tmp_path / "text.txt")],
+             "--calib-data: not used, --precision fp16 calibrates nothing"),
+            (["--precision", "int4", "--int4-algo", "rtn", "--calib-samples", "4", "--calib-seq-len", "8"],
+             "--calib-samples / --calib-seq-len: not used, --precision int4 --int4-algo rtn calibrates nothing")):
+        result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--layers", "1", "--random-weights",
+                                                 "--no-report", *flags, "--out", str(tmp_path / "o")],
+                                    terminal_width=400)
+        assert result.exit_code == 0, result.output
+        assert f"{note} (int4 with AWQ, fp8 and --kv-cache-dtype fp8 do)" in result.stderr.splitlines(), result.stderr
 
 
 def test_rebuild_refuses_other_calibration_text_before_calibrating(tmp_path, monkeypatch):

@@ -404,3 +404,41 @@ def test_a_hand_edited_manifest_is_refused_in_one_line(tiny_artifact, tmp_path):
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and field in lines[0], result.stderr
+
+
+def test_the_python_api_takes_numpy_seeds_and_text_parts_and_refuses_bad_arguments_in_one_line(tiny_artifact):
+    """From a walk through the Python API: seed=np.int64(3) was an OverflowError; chat content as text parts failed in
+    the presets' template ("can only concatenate str (not list)"); generate_batch("hello") ran five prompts; wrong
+    argument types were TypeErrors / ValueErrors from deep inside (a callback's only after the prefill), and some
+    were taken silently (token 1.5 as 1, stop token 99999, True as id 1, bytes as ids); an unknown provider fell back
+    to the CPU behind ONNX Runtime's banner."""
+    import numpy as np
+
+    from llama4_export.runtime.errors import GenerationError
+
+    gen = Generator.load(tiny_artifact, threads=1)
+    for numpy_seed, seed in ((np.int64(3), 3), (np.int64(-1), -1), (np.uint64(2**64 - 1), -1)):
+        assert gen.generate("Hi", 6, temperature=1.0, seed=numpy_seed).token_ids == \
+            gen.generate("Hi", 6, temperature=1.0, seed=seed).token_ids
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": " there"}]}]
+    assert gen.chat_prompt(parts) == gen.chat_prompt([{"role": "user", "content": "Hi there"}])
+    for call, message in (
+            (lambda: gen.generate_batch("hello", 2), "prompts: a str; generate_batch takes a list of prompts"),
+            (lambda: gen.generate("Hi", True), "max_new_tokens=True: expected an integer"),
+            (lambda: gen.generate("Hi", 2, logit_bias={"a": 1}), "logit_bias: key 'a' is not a token id"),
+            (lambda: gen.generate("Hi", 2, logit_bias={1.5: 1}), "logit_bias: key 1.5 is not a token id"),
+            (lambda: gen.generate("Hi", 2, logit_bias=[1, 2]), "logit_bias=[1, 2]: give {token id: bias}"),
+            (lambda: gen.generate("Hi", 2, stop=5), "stop=5: give a non-empty string or a list of them"),
+            (lambda: gen.generate("Hi", 2, stop_tokens=["a"]), "stop_tokens=['a']: give a list of token ids in 0..511"),
+            (lambda: gen.generate("Hi", 2, stop_tokens=[99999]), "stop_tokens=[99999]: give a list of token ids"),
+            (lambda: gen.generate("Hi", 2, on_prefill=5), "on_prefill=5: give a function, or None"),
+            (lambda: gen.generate("Hi", 2, stream=5), "stream=5: give a function, or None"),
+            (lambda: gen.stream("Hi", 2, on_prefill=5), "on_prefill=5: give a function, or None"),
+            (lambda: gen.generate([True, 2], 2), "the prompt must be text or one flat sequence of integer token ids"),
+            (lambda: gen.generate(b"Hello", 2), "the prompt must be text or one flat sequence of integer token ids"),
+            (lambda: Generator.load(tiny_artifact, providers=["NopeExecutionProvider"]),
+             "providers: 'NopeExecutionProvider' is not in this onnxruntime (it has ")):
+        with pytest.raises(GenerationError) as raised:
+            call()
+        assert str(raised.value).startswith(message) and "\n" not in str(raised.value), str(raised.value)
+    assert gen.generate("Hi", 4).token_ids == Generator.load(tiny_artifact, threads=1).generate("Hi", 4).token_ids

@@ -375,8 +375,9 @@ def bench(
     roof, machine = result["roofline"], result["machine"]
     console.print(
         f"roofline: {roof['bandwidth_gb_s']:.1f} GB/s copy bandwidth / {roof['decode_bytes_per_token'] / 1e6:,.1f} MB read "
-        f"per decode step = {roof['bound_tok_s']:,.1f} tok/s bound; {machine['cpu']}, {machine['cores']} cores, "
-        f"load {machine.get('load_avg_1m', '?')}", highlight=False,
+        f"per decode step = {roof['bound_tok_s']:,.1f} tok/s bound; {machine['cpu']}, {machine['cores']} cores "
+        f"({' '.join(machine['cpu_flags']) or 'no listed kernel flags'}), load {machine.get('load_avg_1m', '?')}",
+        highlight=False,
     )
     if json_out is not None:
         try:

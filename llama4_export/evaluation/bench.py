@@ -194,11 +194,10 @@ def bench_artifact(
     after each of these context lengths (llama-bench's -d; depth 0 = a one-token prompt). The engine runs in a
     fresh interpreter, so the peak RSS is the engine's alone."""
     directory = Path(directory)
-    if repeats < 1 or new_tokens < 2 or decode_prompt < 1 or any(p < 1 for p in prompt_lengths) or any(d < 0 for d in depths):
-        raise BenchError(
-            f"repeats={repeats}, new_tokens={new_tokens}, prompts={list(prompt_lengths)}, decode prompt={decode_prompt}: "
-            "need repeats >= 1, new tokens >= 2 and prompts >= 1 token"
-        )
+    for name, value, least in (("repeats", repeats, 1), ("new_tokens", new_tokens, 2), ("decode_prompt", decode_prompt, 1),
+                               *(("prompt length", p, 1) for p in prompt_lengths), *(("depth", d, 0) for d in depths)):
+        if value < least:  # the one named: "--depth -1" was answered about repeats, new tokens and prompts
+            raise BenchError(f"{name}={value}: must be >= {least}")
     if backend not in (*BACKENDS, "torch"):
         raise BenchError(f"backend {backend!r} is unknown; choose one of: {', '.join((*BACKENDS, 'torch'))}")
     # A missing or foreign artifact fails here, in one line, before a process starts; the engine's loader in that

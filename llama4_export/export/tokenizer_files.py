@@ -47,7 +47,13 @@ CHAT_TOKENS = ("<|header_start|>", "<|header_end|>", "<|end_of_text|>")
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
     "{%- for message in messages %}"
-    "{{- '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' + message['content'] + '<|eot|>' }}"
+    "{{- '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' }}"
+    # content as text, or as OpenAI's parts (text, and an image as its placeholder): Generator.chat takes both
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'text' %}{{- part['text'] }}{%- elif part['type'] == 'image' %}{{- '<|image|>' }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|eot|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
     "{{- '<|header_start|>assistant<|header_end|>\\n\\n' }}"

@@ -161,6 +161,8 @@ class Generator:
             ids = self.tokenizer.encode(prompt)
         else:
             try:
+                if isinstance(prompt, (bytes, bytearray)) or any(isinstance(t, (bool, np.bool_)) for t in prompt):
+                    raise TypeError  # bytes ran as ids (b"Hi": 72, 105, no BOS), True as id 1
                 ids = [operator.index(t) for t in prompt]
             except TypeError:
                 raise GenerationError(f"the prompt must be text or one flat sequence of integer token ids, not "
@@ -287,6 +289,7 @@ class Generator:
         prompt is fed at the first next(), with on_prefill's calls)."""
         ids, features = self._with_images(prompt, images)
         params, stops = self._options(max_new_tokens, options)
+        _check_callbacks(on_prefill=on_prefill)
         return self._events([ids], max_new_tokens, params, stops, [features], on_prefill)
 
     def generate_batch(
@@ -298,6 +301,9 @@ class Generator:
         """Several prompts of any lengths at once; sampled rows draw from one seeded generator, in row order.
         images: one sequence of images per prompt (None: text only); on_prefill and penalties as for generate()
         (on_prefill counts the positions of the longest prompt: the rows are fed side by side)."""
+        if isinstance(prompts, (str, bytes)):  # a str was run as one prompt per character
+            raise GenerationError(f"prompts: a {type(prompts).__name__}; generate_batch takes a list of prompts "
+                                  "(generate takes one)")
         if images is not None and len(images) != len(prompts):
             raise ImageError(f"{len(prompts)} prompt(s) but {len(images)} image list(s); give one list per prompt")
         prepared = [self._with_images(p, images[k] if images is not None else ()) for k, p in enumerate(prompts)]
@@ -320,6 +326,7 @@ class Generator:
     def _collect(self, prepared: list[tuple[list[int], np.ndarray | None]], max_new_tokens: int,
                  params: SamplingParams, stops: Stops, stream: Callable[[TokenEvent], None] | None,
                  on_prefill: PrefillProgress | None) -> list[GenerationResult]:
+        _check_callbacks(stream=stream, on_prefill=on_prefill)
         batch, features = [ids for ids, _ in prepared], [f for _, f in prepared]
         new: list[list[int]] = [[] for _ in batch]
         pieces: list[list[str]] = [[] for _ in batch]
@@ -340,12 +347,14 @@ class Generator:
         return results
 
     def _options(self, max_new_tokens: int, options: dict) -> tuple[SamplingParams, Stops]:
-        if not isinstance(max_new_tokens, numbers.Integral):
+        if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool):
             raise GenerationError(f"max_new_tokens={max_new_tokens!r}: expected an integer")
         if max_new_tokens < 0:
             raise GenerationError(f"max_new_tokens={max_new_tokens}: must be >= 0")
         stop_tokens = options.pop("stop_tokens", None)
         stop = options.pop("stop", None)
+        if not (stop is None or isinstance(stop, (str, list, tuple))):
+            raise GenerationError(f"stop={stop!r}: give a non-empty string or a list of them")
         strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if not all(isinstance(s, str) and s for s in strings):
             raise GenerationError(f"stop={stop!r}: give a non-empty string or a list of them")
@@ -355,6 +364,9 @@ class Generator:
                                          "frequency_penalty", "presence_penalty", "logit_bias"})
         if unknown:
             raise GenerationError(f"unknown generation option {unknown[0]!r}")
+        if stop_tokens is not None and not (isinstance(stop_tokens, (list, tuple, set, frozenset)) and all(
+                _is_id(t) and 0 <= t < self.config.vocab_size for t in stop_tokens)):
+            raise GenerationError(f"stop_tokens={stop_tokens!r}: give a list of token ids in 0..{self.config.vocab_size - 1}")
         tokens = frozenset(self.eos_token_ids if stop_tokens is None else (int(t) for t in stop_tokens))
         params = SamplingParams(**options)
         params.check_vocabulary(self.config.vocab_size)
@@ -551,3 +563,14 @@ def _image_source(part: Any, where: str) -> tuple[ImageInput | None, str | None,
     if not isinstance(url, str):
         raise ImageError(f"{where}: the image part has no URL string; give {{\"url\": \"data:image/png;base64,...\"}}")
     return None, url, where
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_callbacks(**callbacks: Any) -> None:
+    """A callback that is not callable failed only once the prompt had been fed (TypeError: not callable)."""
+    for name, callback in callbacks.items():
+        if callback is not None and not callable(callback):
+            raise GenerationError(f"{name}={callback!r}: give a function, or None")

@@ -125,6 +125,11 @@ class OrtBackend:
         if profile_prefix:
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
         base = providers or default_providers()
+        missing = [p for p in base if (p[0] if isinstance(p, tuple) else p) not in ort.get_available_providers()]
+        if missing:  # ONNX Runtime printed a multi-line banner and fell back to the CPU without saying so to the caller
+            raise GenerationError(f"providers: {missing[0]!r} is not in this onnxruntime (it has "
+                                  f"{', '.join(ort.get_available_providers())}); install the build that has it, or "
+                                  "leave providers out")
         self.providers = base
         self.parts: list[_Part] = []
         for k, graphs in enumerate(parts):

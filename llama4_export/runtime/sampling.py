@@ -44,7 +44,15 @@ class SamplingParams:
             if not math.isfinite(getattr(self, name)):
                 raise GenerationError(f"{name}={getattr(self, name)}: must be a finite number")
         pairs = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
-        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in pairs)))
+        try:
+            pairs = [(t, float(b)) for t, b in pairs]
+        except (TypeError, ValueError):
+            raise GenerationError(f"logit_bias={self.logit_bias!r}: give {{token id: bias}}") from None
+        for token, _ in pairs:  # 1.5 was taken as token 1, "a" was a ValueError; "7" is OpenAI's form of 7
+            if not (isinstance(token, numbers.Integral) and not isinstance(token, (bool, np.bool_))
+                    or isinstance(token, str) and token.isascii() and token.isdigit()):
+                raise GenerationError(f"logit_bias: key {token!r} is not a token id; key the biases by token ids")
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), b) for t, b in pairs)))
         ids = [token for token, _ in self.logit_bias]
         if len(set(ids)) != len(ids):
             raise GenerationError(f"logit_bias: token {max(ids, key=ids.count)} is given more than once; give it once")
@@ -138,7 +146,8 @@ class Sampler:
 
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.rng = np.random.default_rng(params.seed % 2**64)  # any integer (OpenAI's are signed 64-bit): one stream each
+        # any integer (OpenAI's are signed 64-bit), numpy's too (np.int64 % 2**64 overflowed): one stream each
+        self.rng = np.random.default_rng(int(params.seed) % 2**64)
 
     def __call__(self, logits: np.ndarray, previous_ids: np.ndarray, output_ids: np.ndarray) -> int:
         """previous_ids: prompt + generated tokens (repetition penalty); output_ids: the generated ones alone
