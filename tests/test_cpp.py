@@ -442,6 +442,8 @@ int main(int, char** argv) {
   llama4rt::GenerateOptions options;
   options.max_new_tokens = 8;
   for (int64_t token : model.generate(std::vector<int64_t>{1, 2, 3}, options).token_ids) std::cout << token << ",";
+  const llama4rt::Model& reader = model;  // text in and out need no mutable Model
+  if (reader.decode(reader.encode("Hi")) != "Hi") return 2;
   llama4rt::Model moved = std::move(model);
   try {
     model.vocab_size();
@@ -456,8 +458,8 @@ int main(int, char** argv) {
 def test_an_app_finds_the_installed_library_with_find_package(llama4_cpp, tiny, tmp_path):
     """`cmake --install` installed nothing: an app could only add_subdirectory the sources (and then built our command
     line and test programs too). Installed, an app finds llama4rt::llama4rt with find_package, builds warning-free
-    and runs the artifact as llama4-run does; a moved-from Model throws Error instead of crashing. add_subdirectory
-    configures the library alone."""
+    and runs the artifact as llama4-run does; encode / decode work on a const Model; a moved-from Model throws Error
+    instead of crashing. add_subdirectory configures the library alone."""
     prefix, app = tmp_path / "prefix", tmp_path / "app"
     done = subprocess.run(["cmake", "--install", str(BUILD), "--prefix", str(prefix)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr

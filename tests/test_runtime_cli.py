@@ -417,6 +417,7 @@ def test_the_python_api_takes_numpy_seeds_and_text_parts_and_refuses_bad_argumen
     from llama4_export.runtime.errors import GenerationError
 
     gen = Generator.load(tiny_artifact, threads=1)
+    assert gen.generate("Hi", 6, stop_tokens=np.array([5, 6])).token_ids == gen.generate("Hi", 6, stop_tokens=[5, 6]).token_ids
     for numpy_seed, seed in ((np.int64(3), 3), (np.int64(-1), -1), (np.uint64(2**64 - 1), -1)):
         assert gen.generate("Hi", 6, temperature=1.0, seed=numpy_seed).token_ids == \
             gen.generate("Hi", 6, temperature=1.0, seed=seed).token_ids
@@ -431,6 +432,7 @@ def test_the_python_api_takes_numpy_seeds_and_text_parts_and_refuses_bad_argumen
             (lambda: gen.generate("Hi", 2, stop=5), "stop=5: give a non-empty string or a list of them"),
             (lambda: gen.generate("Hi", 2, stop_tokens=["a"]), "stop_tokens=['a']: give a list of token ids in 0..511"),
             (lambda: gen.generate("Hi", 2, stop_tokens=[99999]), "stop_tokens=[99999]: give a list of token ids"),
+            (lambda: gen.generate("Hi", 2, stop_tokens=5), "stop_tokens=5: give a list of token ids"),
             (lambda: gen.generate("Hi", 2, on_prefill=5), "on_prefill=5: give a function, or None"),
             (lambda: gen.generate("Hi", 2, stream=5), "stream=5: give a function, or None"),
             (lambda: gen.stream("Hi", 2, on_prefill=5), "on_prefill=5: give a function, or None"),

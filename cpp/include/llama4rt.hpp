@@ -127,13 +127,13 @@ class Model {
   // images[k]; each image is tiled as the Python runtime tiles it, its placeholder expanded, the text encoded (needs
   // has_tokenizer) and the tiles run through the vision graph.
   bool has_vision() const;
-  Prompt encode(const std::string& text, const std::vector<Image>& images);
+  Prompt encode(const std::string& text, const std::vector<Image>& images) const;
 
   // Text in and out through the artifact's tokenizer graphs, as llama4-run's tokenizer.json: has_tokenizer() says
   // whether they and the extensions library are there; encode/decode throw Error saying why not otherwise.
   bool has_tokenizer() const;
-  std::vector<int64_t> encode(const std::string& text);  // <|begin_of_text|> included
-  std::string decode(const std::vector<int64_t>& ids);   // special tokens skipped
+  std::vector<int64_t> encode(const std::string& text) const;  // <|begin_of_text|> included
+  std::string decode(const std::vector<int64_t>& ids) const;   // special tokens skipped
 
   int64_t vocab_size() const;
   int64_t window() const;  // the resolved global window W

@@ -762,7 +762,7 @@ Result Model::generate(const Prompt& prompt, const GenerateOptions& options, con
 
 bool Model::has_vision() const { return impl().vision != nullptr; }
 
-Prompt Model::encode(const std::string& text, const std::vector<Image>& images) {
+Prompt Model::encode(const std::string& text, const std::vector<Image>& images) const {
   return guarded([&] { return impl().encode(text, images); });
 }
 
@@ -816,13 +816,13 @@ std::string TextStream::piece(bool final) {
   return text.substr(std::min(given.size(), text.size()));
 }
 
-std::vector<int64_t> Model::encode(const std::string& text) {
+std::vector<int64_t> Model::encode(const std::string& text) const {
   if (!impl().text) throw Error("text prompts need the tokenizer: " + impl().no_text + "; give token ids instead");
   if (text.empty()) throw Error("the prompt is empty; give at least one token");  // as Generator.encode: no lone BOS
   return guarded([&] { return impl().text->encode(text); });
 }
 
-std::string Model::decode(const std::vector<int64_t>& ids) {
+std::string Model::decode(const std::vector<int64_t>& ids) const {
   if (!impl().text) throw Error("decoding needs the tokenizer: " + impl().no_text);
   for (size_t i = 0; i < ids.size(); ++i)
     if (ids[i] < 0 || ids[i] >= vocab_size())

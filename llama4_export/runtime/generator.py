@@ -26,7 +26,7 @@ import operator
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -364,9 +364,12 @@ class Generator:
                                          "frequency_penalty", "presence_penalty", "logit_bias"})
         if unknown:
             raise GenerationError(f"unknown generation option {unknown[0]!r}")
-        if stop_tokens is not None and not (isinstance(stop_tokens, (list, tuple, set, frozenset)) and all(
-                _is_id(t) and 0 <= t < self.config.vocab_size for t in stop_tokens)):
-            raise GenerationError(f"stop_tokens={stop_tokens!r}: give a list of token ids in 0..{self.config.vocab_size - 1}")
+        if stop_tokens is not None:
+            listed = isinstance(stop_tokens, Iterable) and not isinstance(stop_tokens, (str, bytes))
+            stop_tokens = list(stop_tokens) if listed else stop_tokens  # an iterator is read once
+            if not listed or not all(_is_id(t) and 0 <= t < self.config.vocab_size for t in stop_tokens):
+                raise GenerationError(f"stop_tokens={stop_tokens!r}: give a list of token ids in "
+                                      f"0..{self.config.vocab_size - 1}")
         tokens = frozenset(self.eos_token_ids if stop_tokens is None else (int(t) for t in stop_tokens))
         params = SamplingParams(**options)
         params.check_vocabulary(self.config.vocab_size)
