@@ -49,6 +49,12 @@ PATH, TEXT, NONE = (str, os.PathLike), (str,), (type(None),)
 INTEGER, NUMBER, FLAG = (numbers.Integral,), (numbers.Real,), (bool,)
 
 
+def is_integer(value: Any) -> bool:
+    """An integer, Python's or numpy's; True is not taken for one (check_types' rule, for values it does not see:
+    config fields, manifest fields, token ids)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_types(owner: str, expected: Mapping[str, tuple[tuple[type, ...], str]], values: Mapping[str, Any],
                 error: type[Llama4ExportError] = ConfigError) -> None:
     """`error` naming the first value that is none of its kinds ("export_model(partitions='2'): expected an integer,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, is_integer
 
 
 SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -156,17 +156,16 @@ class Llama4Config:
 
         for key in SIZE_FIELDS:  # a 0 divides by zero later (heads, a chunk's positions) or makes an empty model
             value = cfg.get(key)
-            if value is None or key in DERIVED_WHEN_0 and value == 0 and not isinstance(value, bool):
+            if value is None or key in DERIVED_WHEN_0 and is_integer(value) and value == 0:
                 continue  # `head_dim or hidden // heads`, as transformers reads it
-            if not isinstance(value, int) or isinstance(value, bool):  # 256.5 and "256" were taken as 256, true as 1
+            if not is_integer(value):  # 256.5 and "256" were taken as 256, true as 1
                 raise CheckpointError(f"{source}: {key}={json.dumps(value)}: must be an integer; fix the value or "
                                       "re-save the config")
             if value < 1:
                 raise CheckpointError(f"{source}: {key}={value}: must be >= 1; fix the value or re-save the config")
         for key in ("moe_layers", "no_rope_layers"):
             value = cfg.get(key)
-            if value is not None and not (isinstance(value, list) and all(
-                    isinstance(i, int) and not isinstance(i, bool) for i in value)):
+            if value is not None and not (isinstance(value, list) and all(is_integer(i) for i in value)):
                 raise CheckpointError(f"{source}: {key}={json.dumps(value)}: must be a list of integers; fix the value "
                                       "or re-save the config")
         try:

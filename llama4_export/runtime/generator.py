@@ -21,7 +21,6 @@ every prompt's length, before anything runs.
 from __future__ import annotations
 
 import json
-import numbers
 import operator
 import threading
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 import numpy as np
 
 from ..artifact import MANIFEST, read_manifest
-from ..errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types, needs_exporter, shown
+from ..errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types, is_integer, needs_exporter, shown
 from ..model.config import Llama4Config
 from ..model.io_spec import DEFAULT_SINKS
 from ..plan import FLOAT_DTYPES, cuda_memory_bytes, planned_window
@@ -347,15 +346,14 @@ class Generator:
         return results
 
     def _options(self, max_new_tokens: int, options: dict) -> tuple[SamplingParams, Stops]:
-        if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool):
+        if not is_integer(max_new_tokens):
             raise GenerationError(f"max_new_tokens={max_new_tokens!r}: expected an integer")
         if max_new_tokens < 0:
             raise GenerationError(f"max_new_tokens={max_new_tokens}: must be >= 0")
         stop_tokens = options.pop("stop_tokens", None)
         stop = options.pop("stop", None)
-        if not (stop is None or isinstance(stop, (str, list, tuple))):
-            raise GenerationError(f"stop={stop!r}: give a non-empty string or a list of them")
-        strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        # a value that is neither a string nor a list of them is one bad entry (stop=5 iterated into a TypeError)
+        strings = tuple(stop or ()) if isinstance(stop, (list, tuple, type(None))) else (stop,)
         if not all(isinstance(s, str) and s for s in strings):
             raise GenerationError(f"stop={stop!r}: give a non-empty string or a list of them")
         if strings and self.tokenizer is None:
@@ -367,7 +365,7 @@ class Generator:
         if stop_tokens is not None:
             listed = isinstance(stop_tokens, Iterable) and not isinstance(stop_tokens, (str, bytes))
             stop_tokens = list(stop_tokens) if listed else stop_tokens  # an iterator is read once
-            if not listed or not all(_is_id(t) and 0 <= t < self.config.vocab_size for t in stop_tokens):
+            if not listed or not all(is_integer(t) and 0 <= t < self.config.vocab_size for t in stop_tokens):
                 raise GenerationError(f"stop_tokens={stop_tokens!r}: give a list of token ids in "
                                       f"0..{self.config.vocab_size - 1}")
         tokens = frozenset(self.eos_token_ids if stop_tokens is None else (int(t) for t in stop_tokens))
@@ -566,10 +564,6 @@ def _image_source(part: Any, where: str) -> tuple[ImageInput | None, str | None,
     if not isinstance(url, str):
         raise ImageError(f"{where}: the image part has no URL string; give {{\"url\": \"data:image/png;base64,...\"}}")
     return None, url, where
-
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _check_callbacks(**callbacks: Any) -> None:

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import shown
+from ..errors import is_integer, shown
 from ..model.config import Llama4VisionConfig
 from .errors import ImageError
 
@@ -115,7 +115,7 @@ class ImageProcessorConfig:
         # the manifest is not hashed: a hand-edited value failed deep in the tiling with a traceback
         integers = {"size": config.size, "max_patches": config.max_patches, "tokens_per_tile": config.tokens_per_tile}
         numbers = [config.rescale_factor, *config.image_mean, *config.image_std]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in integers.values()) or not all(
+        if not all(is_integer(v) and v >= 1 for v in integers.values()) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) or 0 in config.image_std:
             raise ImageError(f"{source}: size, max_patches and tokens_per_tile must be integers >= 1 (got "
                              f"{', '.join(f'{k} {v!r}' for k, v in integers.items())}), the means and stds numbers, "

@@ -24,6 +24,7 @@ from ..model import io_spec
 from ..model.config import Llama4Config
 from ..ort_values import RAW_ONNX_ELEMENT_TYPES, ort_value
 from .backends import KVCacheState
+from ..errors import is_integer
 from .errors import GenerationError
 from .kv_cache import InPlaceKVCache, SlidingKVCache
 
@@ -65,7 +66,7 @@ def artifact_parts(directory: Path, manifest: dict[str, Any], config: Llama4Conf
         prefill = graphs.get("prefill")
         if prefill:
             max_prefill = prefill.get("max_new_tokens", max_prefill)
-            if not isinstance(max_prefill, int) or isinstance(max_prefill, bool) or max_prefill < 1:
+            if not is_integer(max_prefill) or max_prefill < 1:
                 raise GenerationError(f"{directory / sub / MANIFEST}: graphs.prefill.max_new_tokens={max_prefill!r}: "
                                       "must be an integer >= 1; re-run the export")
         decode = prefill if prefill and _one_graph_serves_both(graphs) else graphs["decode"]
@@ -125,10 +126,11 @@ class OrtBackend:
         if profile_prefix:
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
         base = providers or default_providers()
-        missing = [p for p in base if (p[0] if isinstance(p, tuple) else p) not in ort.get_available_providers()]
+        available = ort.get_available_providers()
+        missing = [p for p in base if (p[0] if isinstance(p, tuple) else p) not in available]
         if missing:  # ONNX Runtime printed a multi-line banner and fell back to the CPU without saying so to the caller
             raise GenerationError(f"providers: {missing[0]!r} is not in this onnxruntime (it has "
-                                  f"{', '.join(ort.get_available_providers())}); install the build that has it, or "
+                                  f"{', '.join(available)}); install the build that has it, or "
                                   "leave providers out")
         self.providers = base
         self.parts: list[_Part] = []

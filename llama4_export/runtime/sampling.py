@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import is_integer
 from .errors import GenerationError
 
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range, ±100: enough to ban a token or to force it
@@ -49,8 +50,7 @@ class SamplingParams:
         except (TypeError, ValueError):
             raise GenerationError(f"logit_bias={self.logit_bias!r}: give {{token id: bias}}") from None
         for token, _ in pairs:  # 1.5 was taken as token 1, "a" was a ValueError; "7" is OpenAI's form of 7
-            if not (isinstance(token, numbers.Integral) and not isinstance(token, (bool, np.bool_))
-                    or isinstance(token, str) and token.isascii() and token.isdigit()):
+            if not (is_integer(token) or isinstance(token, str) and token.isascii() and token.isdigit()):
                 raise GenerationError(f"logit_bias: key {token!r} is not a token id; key the biases by token ids")
         object.__setattr__(self, "logit_bias", tuple(sorted((int(t), b) for t, b in pairs)))
         ids = [token for token, _ in self.logit_bias]
