@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -181,29 +183,96 @@ def writable_parent(target: Path) -> Path:
     return parent
 
 
+class _Termination:
+    """SIGTERM / SIGINT in the CLIs (exit_on_signals). Raising an exception wherever the main thread stands can land it
+    inside Python code that C++ called (torch's tracing and dispatch, an import torch made), which turns it into a
+    RuntimeError or std::terminate (SIGABRT, no cleanup at all). So the handler removes this process's scratch and
+    exits there and then; inside `uninterrupted()` (an artifact being swapped into place) the exit waits for its end."""
+
+    scratch: set[Path] = set()  # held directories and temp files: what a job killed this way removes
+    depth = 0
+    pending: int | None = None
+
+    @classmethod
+    def handle(cls, signum: int, frame) -> None:
+        if cls.depth:
+            cls.pending = signum
+        else:
+            cls.exit(signum)
+
+    @classmethod
+    def exit(cls, signum: int) -> None:
+        for path in sorted(cls.scratch, reverse=True):  # a directory's own entries before it
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(Exception):
+            if sys.stderr.isatty():
+                sys.stderr.write("\x1b[?25h")  # a progress spinner hid the cursor
+            sys.stderr.write(f"\nstopped by {signal.Signals(signum).name}: this job's temp files were removed\n")
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(128 + signum)
+
+
+def exit_on_signals(*signums: int) -> None:
+    """On these signals, remove the scratch of this process (`removed_if_stopped`) and exit with 128 + the signal."""
+    for signum in signums:
+        signal.signal(signum, _Termination.handle)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """A stop signal that arrives in this block takes effect at its end (two renames that must both happen)."""
+    _Termination.depth += 1
+    try:
+        yield
+    finally:
+        _Termination.depth -= 1
+        if not _Termination.depth and _Termination.pending is not None:
+            _Termination.exit(_Termination.pending)
+
+
+@contextlib.contextmanager
+def removed_if_stopped(path: Path) -> Iterator[Path]:
+    """`path` (scratch) is removed if a stop signal ends the process while this block runs."""
+    _Termination.scratch.add(path)
+    try:
+        yield path
+    finally:
+        _Termination.scratch.discard(path)
+
+
 @contextlib.contextmanager
 def held_directory(parent: Path, prefix: str) -> Iterator[Path]:
-    """A new directory in `parent` named `prefix` + random, removed when the block ends (unless it was renamed away),
-    and locked (flock) while the block runs: the kernel drops the lock with its process however that ends, which is how
-    remove_abandoned tells a running job's scratch from one a SIGKILL or the OOM killer left behind."""
+    """A new directory in `parent` named `prefix` + random, removed when the block ends (unless it was renamed away)
+    or a stop signal ends the process, and locked (flock) while the block runs: the kernel drops the lock with its
+    process however that ends, which is how remove_abandoned tells a running job's scratch from one a SIGKILL or the
+    OOM killer left behind."""
     # Locked under a name no sweep matches, then renamed: a sweep never sees it unlocked.
-    try:
-        unlocked = Path(tempfile.mkdtemp(prefix=".llama4-new-", dir=parent))
-    except OSError as exc:  # a read-only file system, no permission
-        raise ArtifactError(f"{parent}: cannot create a directory there ({exc.strerror}); choose a writable "
-                            "location") from None
-    fd = os.open(unlocked, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        _lock(fd, blocking=True)
-        path = parent / f"{prefix}{unlocked.name.removeprefix('.llama4-new-')}"
-        os.rename(unlocked, path)
+    with contextlib.ExitStack() as registered:
+        with uninterrupted():
+            try:
+                unlocked = Path(tempfile.mkdtemp(prefix=".llama4-new-", dir=parent))
+            except OSError as exc:  # a read-only file system, no permission
+                raise ArtifactError(f"{parent}: cannot create a directory there ({exc.strerror}); choose a writable "
+                                    "location") from None
+            registered.enter_context(removed_if_stopped(unlocked))
+        fd = os.open(unlocked, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            yield path
+            _lock(fd, blocking=True)
+            path = parent / f"{prefix}{unlocked.name.removeprefix('.llama4-new-')}"
+            with uninterrupted():
+                os.rename(unlocked, path)
+                registered.enter_context(removed_if_stopped(path))
+            try:
+                yield path
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
         finally:
-            shutil.rmtree(path, ignore_errors=True)
-    finally:
-        os.close(fd)
-        shutil.rmtree(unlocked, ignore_errors=True)  # only when the rename failed
+            os.close(fd)
+            shutil.rmtree(unlocked, ignore_errors=True)  # only when the rename failed
 
 
 def _lock(fd: int, blocking: bool) -> bool | None:
@@ -264,11 +333,15 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     target = replaceable_directory(target)
     with held_directory(writable_parent(target), f".{target.name}.tmp-") as tmp:
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        with uninterrupted():  # a stop between the renames would leave neither artifact at `target`
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+                os.replace(tmp, target)
+            else:
+                old = None
+                os.replace(tmp, target)
+        if old is not None:
+            with removed_if_stopped(old):
+                shutil.rmtree(old, ignore_errors=True)
     os.chmod(target, 0o755)  # mkdtemp creates 0700

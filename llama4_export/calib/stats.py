@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..artifact import removed_if_stopped
 from .corpus import CalibrationError
 
 CACHE_FORMAT = "llama4-export-calib-4"  # 4: no Gram matrices (AWQ plans are cached beside the statistics)
@@ -155,10 +156,12 @@ def save_cache(path: Path, stats: dict[str, np.ndarray], key: str, settings: dic
     # had them write one file together and the second rename fail)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # created as any file is (umask), unlike mkstemp's
     try:
-        # One metadata entry: safetensors writes a metadata map in hash order, so two entries would make the bytes vary.
-        save_file({k: np.ascontiguousarray(stats[k]) for k in sorted(stats)}, tmp,
-                  metadata={METADATA: json.dumps({"key": key, "settings": settings}, sort_keys=True)})
-        os.replace(tmp, path)
+        with removed_if_stopped(tmp):
+            # One metadata entry: safetensors writes a metadata map in hash order, so two entries would make the bytes
+            # vary.
+            save_file({k: np.ascontiguousarray(stats[k]) for k in sorted(stats)}, tmp,
+                      metadata={METADATA: json.dumps({"key": key, "settings": settings}, sort_keys=True)})
+            os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
 

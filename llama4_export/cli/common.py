@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 
 import typer
@@ -29,12 +28,6 @@ def version_option(program: str):
             raise typer.Exit()
 
     return typer.Option(False, "--version", callback=show, is_eager=True, help="print the version and exit")
-
-
-def unwind_on_sigterm() -> None:
-    """SIGTERM (a CI job cancelled, `kill`, a container stopped) unwinds like Ctrl-C instead of killing the process
-    where it stands: the temp directories of an export are removed on the way out, not left beside its --out."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def piece_printer():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -13,10 +14,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import api
-from ..artifact import write_json
+from ..artifact import exit_on_signals, write_json
 from ..errors import ConfigError, Llama4ExportError, needs_exporter
 from ..tensorrt import trt_onnx_support
-from .common import console, err_console, fail, unwind_on_sigterm, version_option
+from .common import console, err_console, fail, version_option
 
 export_app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -485,5 +486,6 @@ def rebuild(
 
 
 def main() -> None:
-    unwind_on_sigterm()
+    # a cancelled CI job, `kill`, Ctrl-C: the export's temp directories (at Scout's size hundreds of GB) go with it
+    exit_on_signals(signal.SIGTERM, signal.SIGINT)
     export_app()
