@@ -33,14 +33,24 @@ def wait_until_both_replicas_answer(base: str, seconds: float = 60) -> None:
 
 
 def test_two_ray_replicas_answer_the_openai_client(tmp_path):
+    """Both replicas answer, each with Generator's tokens; each replica draws its own seeds for unseeded requests (one
+    shared sequence gave every replica's first "random" answer the same text); SIGTERM lets a running stream finish
+    (it was cut at once) and exits 0."""
     artifact = tmp_path / MODEL
     api.export_model(artifact, model="scout-tiny", precision="fp32", target="onnxruntime", layers=2, random_weights=True,
                      show_progress=False)
-    # one sequence and one waiting request per replica: Ray holds the rest back, so both replicas get work
-    base, process = start_llama4_serve(artifact, "--max-batch", "1", "--max-queue", "1", "--threads", "1", "--ray",
+    # one sequence and three waiting requests per replica: the 8 concurrent prompts below fit, and both get work
+    base, process = start_llama4_serve(artifact, "--max-batch", "1", "--max-queue", "3", "--threads", "1", "--ray",
                                        "--replicas", "2", seconds=240)
     try:
         wait_until_both_replicas_answer(base)
+        first_sampled = {}
+        while len(first_sampled) < 2:
+            raw = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "A", "max_tokens": 16,
+                                                              "temperature": 1.0}, timeout=60)
+            first_sampled.setdefault(raw.headers["x-served-by"], raw.json()["choices"][0]["text"])
+        assert len(set(first_sampled.values())) == 2, first_sampled
+
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
         generator = Generator.load(artifact, threads=1)
         prompts = ["The history of", "A", "Once upon a time", "xyz"] * 2
@@ -54,11 +64,35 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
             texts, served_by = zip(*pool.map(complete, prompts))
         assert list(texts) == expected
         assert len(set(served_by)) == 2, served_by  # answered by both replicas
-    finally:
+
+        stream = client.completions.create(model=MODEL, prompt="A", max_tokens=300, stream=True,
+                                           extra_body={"ignore_eos": True})
+        chunks = [next(iter(stream))]  # the stream is running
         process.send_signal(signal.SIGTERM)
-        try:
-            code = process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        chunks += list(stream)
+        assert len(chunks) == 300 and chunks[-1].choices[0].finish_reason == "length"
+        code = process.wait(timeout=90)
+    finally:
+        if process.poll() is None:
             process.kill()
-            raise
     assert code == 0
+
+
+def test_replicas_this_machine_cannot_place_are_refused_in_one_line(tmp_path):
+    """Ray waits for ever for resources a replica reserves and no node has (and the command ignored Ctrl-C meanwhile):
+    on a local instance they are counted first."""
+    import socket
+    import sys
+
+    artifact = tmp_path / MODEL
+    api.export_model(artifact, model="scout-tiny", precision="fp32", target="onnxruntime", layers=1, random_weights=True,
+                     show_progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-c", "from llama4_export.cli.serve import main; main()", str(artifact),
+                           "--ray", "--replicas", "2", "--threads", "1024", "--port", str(port)],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "error: --replicas 2 reserve 1024 CPU each (--threads), 2048 in all, and this machine has "), done.stderr[-2000:]

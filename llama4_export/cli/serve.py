@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +12,7 @@ from rich.markup import escape
 
 from ..errors import Llama4ExportError
 from ..runtime import Generator
+from ..runtime.ort_backend import session_options
 from ..runtime.batching import DEFAULT_REUSE_PREFIX_TOKENS, EngineOptions
 from ..serving import (DEFAULT_MAX_REQUEST_BYTES, ServeSettings, check_listen_address, check_ray_address, host_port,
                        listen_socket, load_engine, serve as serve_engine)
@@ -43,7 +45,8 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLAMA4_SERVE_API_KEY", show_envvar=True,
                                           help="require `Authorization: Bearer KEY` on /v1/ (better from the "
                                                "environment than the command line, which others can list)"),
-    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice)"),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice); with --ray "
+                                                     "also the CPUs Ray reserves for each replica (default 1)"),
     window: Optional[int] = typer.Option(None, help="global-layer KV window W in tokens"),
     ray: bool = typer.Option(False, "--ray", help="deploy on Ray Serve (pip install '.\\[ray]')"),
     replicas: Optional[int] = typer.Option(None, "--replicas", help="with --ray: replicas, each with its own engine "
@@ -68,9 +71,12 @@ def serve(
         if ray:
             if replicas < 1:
                 raise Llama4ExportError(f"--replicas {replicas}: must be >= 1")
+            if gpus_per_replica is not None and not 0 <= gpus_per_replica < math.inf:
+                raise Llama4ExportError(f"--gpus-per-replica {gpus_per_replica}: must be >= 0 (a fraction shares a GPU)")
             check_listen_address(host, port)
             check_ray_address(ray_address)
-            Generator.load(artifact, threads=1, window=window)  # a bad artifact fails here, not in every replica
+            session_options(threads)  # a bad thread count or artifact fails here, once, not in every replica
+            Generator.load(artifact, threads=1, window=window)
             _serve_on_ray(artifact, settings, host, port, replicas, options, threads, window, gpus_per_replica or 0,
                           ray_address)
             return
@@ -91,9 +97,13 @@ def _serve_on_ray(artifact: Path, settings: ServeSettings, host: str, port: int,
         from ..serving import ray_serve
     except ImportError as exc:
         raise Llama4ExportError(f"--ray needs Ray Serve ({exc}); pip install 'llama4-export[ray]'") from None
-    err_console.print(f"serving {settings.model_name} on http://{host_port(host, port)}/v1 from {replicas} Ray replicas",
-                      markup=False)
-    ray_serve.run(artifact, settings, host, port, replicas, options, threads, window, gpus, address)
+
+    def ready() -> None:
+        err_console.print(f"serving {settings.model_name} on http://{host_port(host, port)}/v1 from {replicas} Ray "
+                          "replicas", markup=False)
+
+    with err_console.status(f"starting Ray and {replicas} replicas of {escape(str(artifact))}"):
+        ray_serve.run(artifact, settings, host, port, replicas, options, threads, window, gpus, address, on_ready=ready)
 
 
 def main() -> None:

@@ -2,39 +2,66 @@
 that loads the artifact and owns its BatchEngine (its KV cache, its sequences); Ray's HTTP proxy routes each request
 to one replica. Imported only with --ray: Ray is an optional extra (pip install .[ray]).
 
-On one machine `ray.init()` starts a local Ray instance; on a cluster, start Ray on every node (`ray start --head` on
-one, `ray start --address HEAD:6379` on the others), make the artifact readable at the same path on every node, and
-run the same command with `--ray-address auto` on a node of the cluster; with `--gpus-per-replica 1` Ray places one
-replica per GPU.
+Without `address` a new local Ray instance is started (never a cluster that happens to run here) and stopped at the
+end. On a cluster, start Ray on every node (`ray start --head` on one, `ray start --address HEAD:6379` on the others),
+make the artifact readable at the same path on every node, and run the same command with `--ray-address auto` on a
+node of the cluster; with `--gpus-per-replica 1` Ray places one replica per GPU. There the application is deployed
+beside the cluster's others and only it is deleted at the end.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import signal
+import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import ray
 from ray import serve
+from ray.serve.config import BackpressureConfig
+from ray.serve.exceptions import RayServeException
+from ray.serve.schema import ApplicationStatus
 
+from ..errors import ConfigError
 from ..runtime.batching import EngineOptions
 from .app import ServeSettings, create_app
-from .server import check_listen_address, check_ray_address, load_engine
+from .server import check_listen_address, check_ray_address, host_port, load_engine
 
 DEPLOYMENT = "llama4-serve"
+GRACEFUL_S = 30.0  # as the single-process server: running requests get this long to finish at shutdown
+
+
+def replica_seed(seed: int, rank: int) -> int:
+    """The seed of replica `rank`'s draws for requests without one: replica 0 draws as the single-process server does,
+    the others their own sequences (one shared sequence repeated its "random" answers across replicas)."""
+    if rank == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}/{rank}".encode()).digest()[:8], "little")
 
 
 def application(artifact: Path, settings: ServeSettings, replicas: int, options: EngineOptions,
                 threads: int | None = None, window: int | None = None, gpus_per_replica: float = 0):
     """The bound Ray Serve application: `replicas` copies of the app, each loading the artifact when it starts."""
+    artifact = Path(artifact).resolve()  # replicas run in the raylet's working directory, not this one
 
     def build_app():  # runs inside each replica
-        return create_app(load_engine(artifact, options, threads, window), settings)
+        rank = serve.get_replica_context().rank.rank
+        replica_settings = dataclasses.replace(settings, seed=replica_seed(settings.seed, rank))
+        return create_app(load_engine(artifact, options, threads, window), replica_settings)
 
     deployment = serve.deployment(
         serve.ingress(build_app)(), name=DEPLOYMENT, num_replicas=replicas,
-        # a replica takes its requests into its own queue (429 beyond it), so Ray may send it that many at once
+        # Ray sends a replica no more than its rows and queue hold; what no replica can take waits in Ray's proxy, at
+        # most --max-queue per replica more (Ray's queue was unbounded, and --max-queue meant nothing), then 429
         max_ongoing_requests=options.max_batch + options.max_queue,
+        max_queued_requests=max(1, replicas * options.max_queue),
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
+        graceful_shutdown_timeout_s=GRACEFUL_S, graceful_shutdown_wait_loop_s=0.5,
         ray_actor_options={"num_cpus": threads or 1, "num_gpus": gpus_per_replica},
     )
     return deployment.bind()
@@ -42,20 +69,104 @@ def application(artifact: Path, settings: ServeSettings, replicas: int, options:
 
 def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas: int, options: EngineOptions,
         threads: int | None = None, window: int | None = None, gpus_per_replica: float = 0,
-        address: str | None = None) -> None:
-    """Deploy on Ray (a local instance unless `address`), serve until SIGTERM / SIGINT, then shut the deployment and
-    the local Ray instance down."""
+        address: str | None = None, on_ready=None) -> None:
+    """Deploy on Ray (a new local instance unless `address`), serve until SIGTERM / SIGINT, then delete the application
+    (its replicas finish running requests, up to GRACEFUL_S) and stop the local instance."""
     check_listen_address(host, port)
     check_ray_address(address)
-    ray.init(address=address, include_dashboard=False, log_to_driver=False)
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
-        signal.signal(signum, lambda *_: stop.set())
+
+    def on_signal(*_):
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):  # a Ctrl-C while Ray starts is taken once it has started
+        signal.signal(signum, on_signal)
+    local = address is None
     try:
+        ray.init(address="local" if local else address, include_dashboard=False, log_to_driver=False)
+    except ConnectionError as exc:
+        raise ConfigError(f"--ray-address {address}: {exc}".splitlines()[0]) from None
+    for signum in (signal.SIGTERM, signal.SIGINT):  # ray.init installs handlers of its own
+        signal.signal(signum, on_signal)
+    name = f"{DEPLOYMENT}-{settings.model_name}"
+    started = deployed = False
+    try:
+        if local:
+            _check_resources(replicas, threads or 1, gpus_per_replica)
         serve.start(http_options={"host": host, "port": port})
-        serve.run(application(artifact, settings, replicas, options, threads, window, gpus_per_replica),
-                  name=DEPLOYMENT, route_prefix="/")
+        started = True
+        try:
+            serve._run(application(artifact, settings, replicas, options, threads, window, gpus_per_replica),
+                       _blocking=False, name=name, route_prefix="/")
+        except (RayServeException, ray.exceptions.RayError) as exc:  # e.g. another application of the cluster is at "/"
+            raise ConfigError(f"Ray Serve refused the deployment: {_last_line(str(exc))}") from None
+        deployed = True
+        if not _wait_until_running(name, local, stop):
+            return
+        _check_reachable(host, port)
+        if on_ready is not None:
+            on_ready()
         stop.wait()
     finally:
-        serve.shutdown()
+        if deployed:
+            serve.delete(name)  # graceful: no new requests, running ones finish (GRACEFUL_S)
+        if local and started:
+            serve.shutdown()
         ray.shutdown()
+
+
+def _check_resources(replicas: int, cpus: int, gpus: float) -> None:
+    """A replica Ray cannot place waits for ever: refuse up front what this machine cannot hold."""
+    have = ray.cluster_resources()
+    for resource, each, flag in (("CPU", cpus, "--threads"), ("GPU", gpus, "--gpus-per-replica")):
+        if each and replicas * each > have.get(resource, 0):
+            raise ConfigError(f"--replicas {replicas} reserve {each:g} {resource} each ({flag}), {replicas * each:g} in "
+                              f"all, and this machine has {have.get(resource, 0):g}; give fewer replicas or a smaller "
+                              f"{flag}")
+
+
+def _wait_until_running(name: str, local: bool, stop: threading.Event) -> bool:
+    """Poll the application until it runs (True) or a signal came (False); ConfigError with Ray's reason when it
+    failed, or — on a local instance — when replicas cannot be scheduled (a cluster's autoscaler may still add nodes,
+    so there its reason is printed once and the wait goes on)."""
+    told = None
+    while not stop.wait(0.5):
+        app = serve.status().applications.get(name)
+        if app is None:
+            continue
+        if app.status == ApplicationStatus.RUNNING:
+            return True
+        messages = [app.message] + [d.message for d in app.deployments.values()]
+        reason = next((_last_line(m) for m in messages if m), "no reason given")
+        if app.status == ApplicationStatus.DEPLOY_FAILED:
+            raise ConfigError(f"Ray Serve could not start the replicas: {reason}")
+        if "to be scheduled" in reason:
+            if local:
+                raise ConfigError(f"Ray cannot place the replicas: {reason}")
+            if reason != told:
+                print(f"waiting for the cluster: {reason}", file=sys.stderr, flush=True)
+                told = reason
+    return False
+
+
+def _check_reachable(host: str, port: int) -> None:
+    """Ray Serve's HTTP options are fixed when Serve first starts on a cluster: another --port is ignored (a warning in
+    Ray's log). Say so instead of announcing an address nothing listens on."""
+    url = f"http://{host_port('127.0.0.1' if host in ('0.0.0.0', '::') else host, port)}/health"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10):
+                return
+        except urllib.error.HTTPError:  # something answers there: the proxy
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"--port {port}: Ray Serve on this cluster listens elsewhere (its host and port are "
+                                  "set when Serve first starts there); give that port, or `serve shutdown` first") from None
+            time.sleep(0.5)
+
+
+def _last_line(message: str) -> str:
+    """The last non-empty line of Ray's message (a replica's traceback ends with its exception)."""
+    return next((line.strip() for line in reversed(message.splitlines()) if line.strip()), message)
