@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import signal
 import sys
 import threading
@@ -85,7 +86,9 @@ def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas:
     try:
         ray.init(address="local" if local else address, include_dashboard=False, log_to_driver=False)
     except ConnectionError as exc:
-        raise ConfigError(f"--ray-address {address}: {exc}".splitlines()[0]) from None
+        found = str(exc).split(". ")[0].rstrip(".")
+        raise ConfigError(f"--ray-address {address}: {found}; start the cluster (`ray start --head`), or leave "
+                          "--ray-address out for a local instance") from None
     for signum in (signal.SIGTERM, signal.SIGINT):  # ray.init installs handlers of its own
         signal.signal(signum, on_signal)
     name = f"{DEPLOYMENT}-{settings.model_name}"
@@ -168,5 +171,7 @@ def _check_reachable(host: str, port: int) -> None:
 
 
 def _last_line(message: str) -> str:
-    """The last non-empty line of Ray's message (a replica's traceback ends with its exception)."""
-    return next((line.strip() for line in reversed(message.splitlines()) if line.strip()), message)
+    """The last non-empty line of Ray's message (a replica's traceback ends with its exception), without the
+    exception's qualified name."""
+    line = next((line.strip() for line in reversed(message.splitlines()) if line.strip()), message)
+    return re.sub(r"^[\w.]+(Exception|Error): ", "", line)
