@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -666,6 +667,52 @@ def test_a_port_in_use_is_refused_in_one_line_before_the_artifact_loads(artifact
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert f"127.0.0.1:{port}: cannot listen there (Address already in use)" in lines[0]
     assert httpx.get(f"{server[0]}/health").json()["status"] == "ok"  # the first server is untouched
+
+
+def test_sigterm_answers_the_queue_503_and_ends_streams_left_at_the_grace_with_their_error(artifact):
+    """uvicorn waited the grace for every connection, then cancelled their tasks: a queued request waited the whole
+    grace for nothing, a stream still running was cut mid-body (no error event, no [DONE]) and the log got a traceback
+    each. Now the queue gets 503 at once and a stream still running near the grace's end ends with its error event."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("from llama4_export.serving import ServeSettings\n"
+            "from llama4_export.serving.server import load_engine, serve\n"
+            "from llama4_export.runtime.batching import EngineOptions\n"
+            f"serve(load_engine({str(artifact)!r}, EngineOptions(max_batch=1, max_queue=1), threads=1), "
+            f"ServeSettings({MODEL!r}), port={port}, graceful_s=4)")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+                time.sleep(0.2)
+        with ThreadPoolExecutor(1) as pool, _stream_lines(
+                base, {"prompt": PROMPT, "max_tokens": 3000, "ignore_eos": True}) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # the row is taken: the next request waits in the queue
+            queued = pool.submit(httpx.post, f"{base}/v1/completions", timeout=60,
+                                 json={"model": MODEL, "prompt": PROMPT, "max_tokens": 5})
+            while httpx.get(f"{base}/health").json()["queued"] < 1:
+                time.sleep(0.05)
+            signalled = time.monotonic()
+            os.kill(process.pid, signal.SIGTERM)
+            answer = queued.result()
+            assert answer.status_code == 503 and time.monotonic() - signalled < 2, answer.text
+            rest = [line for line in lines if line]
+        assert json.loads(rest[-1][len("data: "):])["error"]["code"] == "cancelled", rest[-3:]  # the stream's last
+        assert len(rest) < 3000  # it was cut short, not finished
+        assert process.wait(timeout=60) == 0
+        log = process.communicate()[0]
+        assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def test_sigterm_finishes_running_streams_and_exits_0(server):

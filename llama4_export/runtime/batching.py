@@ -268,9 +268,21 @@ class BatchEngine:
             self._thread.start()
 
     def drain(self) -> None:
-        """Accept no new requests; the ones already submitted run to their end."""
+        """Accept no new requests and end the queued ones (finish_reason "cancelled": a client told at once can go to
+        another server); the running ones go on to their end."""
         with self._lock:
             self._closed = True
+            for seq in self._waiting:
+                seq.cancelled = True
+            self._lock.notify()
+
+    def cancel_running(self) -> None:
+        """End every running sequence at the next step (finish_reason "cancelled")."""
+        with self._lock:
+            for seq in self._rows:
+                if seq is not None:
+                    seq.cancelled = True
+            self._lock.notify()
 
     def stop(self) -> None:
         """Stop the thread and end every sequence still queued or running (finish_reason "cancelled")."""

@@ -1,12 +1,13 @@
 """`llama4-serve`'s Python entry: an artifact behind uvicorn on one process.
 
-uvicorn handles SIGTERM / SIGINT: it stops accepting connections, lets running requests (streams included) finish
-for up to `graceful_s` seconds, then the app's lifespan stops the engine (cancelling what still runs) and the
-process exits 0 (SIGINT: uvicorn's own exit status).
+uvicorn handles SIGTERM / SIGINT: it stops accepting connections; queued requests get 503 at once, running ones
+(streams included) may finish for up to `graceful_s` seconds, and those still running then end with their error (a
+stream's error event); the process exits 0 (SIGINT: uvicorn's own exit status).
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 from pathlib import Path
@@ -80,4 +81,26 @@ def serve(engine: BatchEngine, settings: ServeSettings, host: str = "127.0.0.1",
     # uvicorn raises the signal again once it has shut down; SIGTERM's handler then lets the process end normally
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     config = uvicorn.Config(create_app(engine, settings), log_level="warning", timeout_graceful_shutdown=graceful_s)
-    uvicorn.Server(config).run(sockets=[sock])
+    _DrainingServer(config, engine, graceful_s).run(sockets=[sock])
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's shutdown stops accepting, waits `graceful_s` for open connections, then cancels their tasks: a stream
+    cut mid-body, a traceback each in the log. Here queued requests end at once (503), running ones get the grace, and
+    those still running near its end are cancelled through the engine, so that each ends with its error (a stream's
+    error event) before uvicorn's deadline."""
+
+    CANCEL_AHEAD_S = 3.0  # an engine step and the last events' writes fit in it
+
+    def __init__(self, config: uvicorn.Config, engine: BatchEngine, graceful_s: float):
+        super().__init__(config)
+        self._engine, self._graceful_s = engine, graceful_s
+
+    async def shutdown(self, sockets=None) -> None:
+        self._engine.drain()
+        cancelling = asyncio.get_running_loop().call_later(max(0.0, self._graceful_s - self.CANCEL_AHEAD_S),
+                                                           self._engine.cancel_running)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            cancelling.cancel()
