@@ -210,6 +210,11 @@ def export(
     return_large_frees_to_the_os()
     check_output(out)
     check_precision(precision, target)
+    if target == "onnxruntime" and config.head_dim % 8:  # its kernel refuses to run, at the first token
+        where = "the model" if source.checkpoint is None else Path(source.checkpoint) / "config.json"
+        raise ConfigError(f"{where}: head_dim {config.head_dim} is not a multiple of 8, which ONNX Runtime's "
+                          "GroupQueryAttention (every artifact's attention there) requires; such a model cannot be "
+                          "exported for ONNX Runtime")
     quant.check(precision)
     note(quant.unused_calibration(precision), show_progress)
     if precision == "int4" and quant.block_size is None:
@@ -459,7 +464,7 @@ def check_precision(precision: str, target: str, flag: str = "--precision") -> N
     if precision in GPU_ONLY_PRECISIONS and target == "onnxruntime" and \
             "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         raise ConfigError(f"{flag} {precision} does not run on ONNX Runtime's CPU EP (no {precision} kernels) and this "
-                          "onnxruntime has no CUDA EP: use {flag} fp32, fp16, int4 or fp8 here, or --target tensorrt")
+                          f"onnxruntime has no CUDA EP: use {flag} fp32, fp16, int4 or fp8 here, or --target tensorrt")
 
 
 def traced_weight_bytes(config: Llama4Config, precision: str, target: str) -> int:

@@ -114,7 +114,8 @@ def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out:
         out = Path(out)
         rebuilt = export(out, source, original.get("precision", "fp32"), original.get("target", "onnxruntime"), quant,
                          max(1, len(parts)), max_prefill, optimized, _uses_trt_plugin(first),
-                         show_progress=show_progress).manifest
+                         show_progress=show_progress,
+                         vision_precision=original["vision"].get("precision") if source.vision is not None else None).manifest
         notes += tool_differences(original, rebuilt)
         engine_files = {n for n in original["files"] if n.startswith(f"{ENGINE_DIR}/")}
         if "tensorrt" in original:

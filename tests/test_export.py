@@ -678,6 +678,18 @@ def test_a_corrupt_tokenizer_file_is_refused_before_the_export(tmp_path, two_lay
     assert not (tmp_path / "o").exists()
 
 
+def test_a_head_dim_onnx_runtime_cannot_run_is_refused_before_the_export(tmp_path):
+    """transformers takes head_dim 12; ONNX Runtime's GroupQueryAttention refuses it at the first token. The export
+    ran to its end (or to a traceback in its accuracy report) and every llama4-run failed with ORT's traceback."""
+    checkpoint = make_hf_checkpoint(tmp_path / "ckpt", num_hidden_layers=1, head_dim=12)
+    result = CliRunner().invoke(export_app, ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "config.json: head_dim 12 is not a multiple of 8, which ONNX Runtime's GroupQueryAttention" in \
+        " ".join(result.output.split())
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 5 MB tmpfs: scout-tiny's weights (4.1 MB) fit once, not the pass stage's copy beside them."""

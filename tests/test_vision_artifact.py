@@ -230,6 +230,17 @@ def test_text_only_export_leaves_the_vision_tower_out_generates_as_transformers_
     assert rebuilt.identical and len(rebuilt.compared) == len(manifest["files"]), rebuilt.differences
 
 
+def test_rebuild_keeps_the_vision_precision_of_the_export(tmp_path):
+    """rebuild exported the vision tower at its default precision, whatever the original's --vision-precision: any
+    such artifact was reported "not reproducible"."""
+    out = tmp_path / "artifact"
+    result = CliRunner().invoke(export_app, ["--checkpoint", str(VISION_FIXTURES / "tiny-a"), "--vision-precision",
+                                             "fp16", "--no-report", "--out", str(out), "--target", "onnxruntime"])
+    assert result.exit_code == 0, result.output
+    rebuilt = rebuild(out, checkpoint=VISION_FIXTURES / "tiny-a", show_progress=False)
+    assert rebuilt.identical, rebuilt.differences
+
+
 @pytest.fixture(scope="module")
 def short_context(artifacts, tmp_path_factory) -> Path:
     """tiny-a's artifact with a 32-token context: a panorama (7 tiles of 4 tokens, plus markers) does not fit."""
