@@ -111,6 +111,9 @@ TINY_CASES = {
     # seeds as Python takes them, modulo 2^64: llama4-cpp refused -1 and anything from 2^63
     "fp32-seed-2^64-1": ("fp32", 10, ["-n", 24, "--temperature", 1.0, "--seed", 2**64 - 1]),
     "fp32-seed-minus-2": ("fp32", 10, ["-n", 24, "--temperature", 1.0, "--seed", -2]),
+    # scores / 1e-38 overflowed to inf and the probabilities were NaN (Python: a traceback); 1e308 is inf as a float
+    "fp32-vanishing-temperature": ("fp32", 10, ["-n", 16, "--temperature", 1e-38, "--seed", 1]),
+    "fp32-huge-temperature": ("fp32", 10, ["-n", 16, "--temperature", 1e308, "--seed", 1]),
     "fp8-kv": ("fp8-kv", 35, ["-n", 40, "--window", 24, "--sinks", 4]),
     # pieces of 5 (7 of them) instead of the graph's 16
     "int4-small-pieces": ("int4", 33, ["-n", 20, "--window", 40, "--max-prefill-tokens", 5]),

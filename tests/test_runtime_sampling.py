@@ -61,6 +61,20 @@ def test_draws_follow_the_tempered_top_k_distribution():
     np.testing.assert_allclose(observed[:4], expected, atol=0.015)
 
 
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45, 1e-300])
+def test_a_vanishing_temperature_samples_the_top_token_and_a_huge_one_the_uniform_distribution(temperature, recwarn):
+    """scores / 1e-38 overflowed float32 to inf, and softmax's inf − inf made the probabilities NaN: a traceback
+    ("Probabilities contain NaN"); 1e308 overflowed with a RuntimeWarning."""
+    logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], np.float32)
+    none = np.array([], np.int64)
+    cold = Sampler(SamplingParams(temperature=temperature, seed=1))
+    assert {cold(logits, none, none) for _ in range(200)} == {0}
+    hot = Sampler(SamplingParams(temperature=1e308, seed=1))
+    observed = np.bincount([hot(logits, none, none) for _ in range(6000)], minlength=6) / 6000
+    np.testing.assert_allclose(observed, np.full(6, 1 / 6), atol=0.03)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_seeded_sampling_is_reproducible(gen):
     prompt = [1, 2, 3, 4, 5]
     opts = dict(max_new_tokens=20, temperature=1.0, top_p=0.95, stop_tokens=[])

@@ -198,7 +198,11 @@ int64_t Sampler::operator()(const float* logits) {
   for (const auto& [token, bias] : params_.logit_bias) scores_[token] += static_cast<float>(bias);  // apply_logit_bias
   if (params_.temperature == 0) return std::max_element(scores_.begin(), scores_.end()) - scores_.begin();
   const float temperature = static_cast<float>(params_.temperature);
-  for (float& s : scores_) s /= temperature;
+  if (temperature == 0) return std::max_element(scores_.begin(), scores_.end()) - scores_.begin();  // its limit
+  // shifted first, as Sampler does: the top score stays 0 however small the temperature (s / 1e-38 overflowed to inf,
+  // and the softmax's inf - inf made the probabilities NaN)
+  const float top = *std::max_element(scores_.begin(), scores_.end());
+  for (float& s : scores_) s = (s - top) / temperature;
   const float minus_inf = -std::numeric_limits<float>::infinity();
   if (params_.top_k > 0 && params_.top_k < n) {  // filter_top_k: the k-th largest value and every tie survive
     std::copy(scores_.begin(), scores_.end(), partition_.begin());

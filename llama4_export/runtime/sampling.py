@@ -158,7 +158,15 @@ class Sampler:
         scores = apply_logit_bias(scores, p.logit_bias)
         if p.temperature == 0:
             return int(np.argmax(scores))
-        scores = filter_top_p(filter_top_k(scores / p.temperature, p.top_k), p.top_p)
+        with np.errstate(over="ignore"):
+            temperature = np.float32(p.temperature)  # the scores' type, as llama4rt divides them (1e308: inf)
+        if temperature == 0:  # too small for float32: its limit, greedy
+            return int(np.argmax(scores))
+        # shifted first: the top score stays 0 however small the temperature, the rest go to −inf (scores / 1e-38
+        # overflowed to inf, and softmax's inf − inf made the probabilities NaN)
+        with np.errstate(over="ignore"):
+            tempered = (scores - scores.max()) / temperature
+        scores = filter_top_p(filter_top_k(tempered, p.top_k), p.top_p)
         return int(self.rng.choice(scores.size, p=softmax(scores)))
 
 
