@@ -444,3 +444,25 @@ def test_the_python_api_takes_numpy_seeds_and_text_parts_and_refuses_bad_argumen
             call()
         assert str(raised.value).startswith(message) and "\n" not in str(raised.value), str(raised.value)
     assert gen.generate("Hi", 4).token_ids == Generator.load(tiny_artifact, threads=1).generate("Hi", 4).token_ids
+
+
+def test_a_closed_pipe_ends_the_run_quietly_and_a_full_stdout_is_one_line(tiny_artifact):
+    """`llama4-run … | head -c 10`: a stream's run exited 1 (click's "broken pipe"), a plain one 0, --help 1; now each
+    ends as cat does, by SIGPIPE, silently. A full disk under stdout (/dev/full) was a traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", "from llama4_export.cli.run import main; main()", str(tiny_artifact), "--prompt",
+               PROMPT, "-n", "400", "--stream"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.read(10)
+    process.stdout.close()  # as `head` exits
+    assert process.wait(timeout=120) == -signal.SIGPIPE
+    assert process.stderr.read() == b""
+    for stream in ([], ["--stream"]):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(command[:-3] + ["-n", "3", *stream], stdout=full, stderr=subprocess.PIPE, text=True,
+                                  timeout=120)
+        assert done.returncode == 2 and done.stderr.splitlines() == [
+            "error: stdout: No space left on device; nothing more can be written there"], done.stderr

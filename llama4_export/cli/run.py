@@ -4,6 +4,8 @@ checkpoint through the PyTorch reference. Imports neither torch nor the exporter
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -179,4 +181,14 @@ def _chat_loop(generator, stream: bool, options: dict, system: str | None) -> No
 
 
 def main() -> None:
-    run_app()
+    # a closed pipe (`| head`) ends the run as it ends cat: at once, quietly, status 141 (it was 1 or 0 by the mode)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        run_app()
+    except OSError as exc:
+        if exc.filename is not None:  # not a write to stdout
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again, noisily
+        err_console.print(f"[bold red]error:[/] stdout: {exc.strerror or exc}; nothing more can be written there",
+                          highlight=False)
+        sys.exit(2)
