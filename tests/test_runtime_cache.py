@@ -154,6 +154,13 @@ def test_window_must_exceed_sinks(window, sinks):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("window, sinks, named", [(10**20, 4, "window"), (4, 10**20, "sinks")])
+def test_a_window_or_sink_count_beyond_int64_positions_is_refused(window, sinks, named):
+    """llama4-run --window 99999999999999999999 was an OverflowError from numpy at the first step."""
+    with pytest.raises(GenerationError, match=rf"^{named}={window if named == 'window' else sinks}: at most "):
+        SlidingKVCache(CONFIG, window=window, sinks=sinks)
+
+
 def test_without_chunk_size_rope_layers_slide_like_global_ones():
     config = CONFIG.replace(attention_chunk_size=None)
     cache = SlidingKVCache(config, batch=1, window=9, sinks=2)

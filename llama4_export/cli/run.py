@@ -126,13 +126,13 @@ def _generator(directory: Path, backend: str, window: int | None, sinks: int, th
     with needs_exporter():
         from ..evaluation.torch_backend import torch_generator
 
-    return torch_generator(directory, window, sinks, max_prefill_tokens)
+    return torch_generator(directory, window, sinks, max_prefill_tokens, threads)
 
 
 def _read_prompt(path: Path) -> str:
     try:
         raw = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a BOM (Windows editors write one) was three prompt tokens
     except OSError as exc:
         raise GenerationError(f"--prompt-file {path}: cannot read it ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
@@ -152,8 +152,9 @@ def _parse_bias(pair: str) -> tuple[int, float]:
 
 
 def _parse_ids(text: str) -> list[int]:
+    text = text.replace(" ", "")
     try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
+        return [int(t) for t in text.split(",")] if text else []  # an empty field ("1,,2") is a typo, not nothing
     except ValueError:
         raise GenerationError(f"--ids {text!r}: expected comma-separated integers, e.g. \"1,2,3\"") from None
 

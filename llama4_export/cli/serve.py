@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from ..errors import Llama4ExportError
 from ..runtime import Generator
-from ..runtime.ort_backend import session_options
+from ..runtime.ort_backend import check_threads
 from ..runtime.batching import DEFAULT_REUSE_PREFIX_TOKENS, EngineOptions
 from ..serving import (DEFAULT_MAX_REQUEST_BYTES, ServeSettings, check_listen_address, check_ray_address, host_port,
                        listen_socket, load_engine, serve as serve_engine)
@@ -75,7 +75,7 @@ def serve(
                 raise Llama4ExportError(f"--gpus-per-replica {gpus_per_replica}: must be >= 0 (a fraction shares a GPU)")
             check_listen_address(host, port)
             check_ray_address(ray_address)
-            session_options(threads)  # a bad thread count or artifact fails here, once, not in every replica
+            check_threads(threads)  # a bad thread count or artifact fails here, once, not in every replica
             Generator.load(artifact, threads=1, window=window)
             _serve_on_ray(artifact, settings, host, port, replicas, options, threads, window, gpus_per_replica or 0,
                           ray_address)

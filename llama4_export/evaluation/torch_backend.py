@@ -20,7 +20,7 @@ from ..model.modeling import KVCache, Llama4ForCausalLM
 from ..runtime.errors import GenerationError
 from ..runtime.generator import Generator, manifest_config
 from ..runtime.kv_cache import SlidingKVCache
-from ..runtime.ort_backend import artifact_parts
+from ..runtime.ort_backend import artifact_parts, check_threads
 from ..weights import CheckpointWeights, WeightSource, materialize, recorded_source, slices
 
 
@@ -133,9 +133,13 @@ def as_stored(source: WeightSource, manifest: dict[str, Any]) -> Llama4ForCausal
 
 
 def torch_generator(directory: str | Path, window: int | None = None, sinks: int = DEFAULT_SINKS,
-                    max_prefill_tokens: int | None = None) -> Generator:
+                    max_prefill_tokens: int | None = None, threads: int | None = None) -> Generator:
     """`llama4-run DIR --backend torch`: the PyTorch reference on a checkpoint directory, or on the weights of an
-    unquantized artifact's decode graph (where the graph passes fused them: a preset artifact's recorded weights)."""
+    unquantized artifact's decode graph (where the graph passes fused them: a preset artifact's recorded weights).
+    threads: torch's intra-op threads, as ONNX Runtime's are set (None / 0: torch's choice)."""
+    check_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     directory = Path(directory)
     if not (directory / MANIFEST).is_file() and (directory / "config.json").is_file():
         return Generator.for_backend(TorchBackend.from_checkpoint(directory), directory, window, sinks,

@@ -119,6 +119,9 @@ class SinkRingSlots:
 _NO_MOVES = np.empty(0, np.int64)
 
 
+MAX_WINDOW = 2**62
+
+
 class _Buffers:
     """What both layouts share: the policies, per-layer buffers of a kind-dependent size, per-row lengths."""
 
@@ -132,6 +135,9 @@ class _Buffers:
         window = default_window(config, dtype.itemsize) if window is None else int(window)
         if sinks < 0:
             raise GenerationError(f"sinks={sinks}: the number of sink tokens cannot be negative")
+        for name, value in (("window", window), ("sinks", sinks)):  # positions are int64 (it was an OverflowError)
+            if value > MAX_WINDOW:
+                raise GenerationError(f"{name}={value}: at most {MAX_WINDOW} (2^62) tokens")
         if window < sinks + 1:
             raise GenerationError(
                 f"window={window} with sinks={sinks}: the global window needs at least sinks + 1 = {sinks + 1} slots "

@@ -319,11 +319,15 @@ class OrtBackend:
 MAX_THREADS = 1024  # llama4rt's kMaxThreads: each thread holds a stack; a million of them exhausted memory
 
 
+def check_threads(threads: int | None) -> None:
+    if threads is not None and not 0 <= threads <= MAX_THREADS:
+        raise GenerationError(f"threads={threads}: must be in 1..{MAX_THREADS} (or left out / 0 for the runtime's "
+                              "choice)")
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     """Every graph's session: all of ONNX Runtime's graph optimizations, one stream, quiet."""
-    if threads is not None and not 0 <= threads <= MAX_THREADS:
-        raise GenerationError(f"threads={threads}: must be in 1..{MAX_THREADS} (or left out / 0 for ONNX Runtime's "
-                              "choice)")
+    check_threads(threads)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
