@@ -206,6 +206,12 @@ def other_model_tiles(ckpt: Path) -> str:
     return "the processor makes 112-px tiles of 16 tokens but the model's vision encoder takes 56-px tiles of 4"
 
 
+def other_model_patches(ckpt: Path) -> str:  # the message named preprocessor_config.json alone
+    edit_json(ckpt / "processor_config.json", lambda c: c.update(patch_size=7))
+    return (r"preprocessor_config.json with processor_config.json's patch_size and pixel_shuffle_ratio: the processor "
+            "makes 56-px tiles of 16 tokens")
+
+
 def bicubic(ckpt: Path) -> str:
     edit_json(ckpt / "preprocessor_config.json", lambda c: c.update(resample=3))
     return "resample 3 is not supported"
@@ -216,7 +222,8 @@ def no_processor_files(ckpt: Path) -> str:
     return "no preprocessor_config.json and no image_processor section in processor_config.json"
 
 
-@pytest.mark.parametrize("breaker", [drop_max_patches, other_model_tiles, bicubic, no_processor_files])
+@pytest.mark.parametrize("breaker", [drop_max_patches, other_model_tiles, other_model_patches, bicubic,
+                                     no_processor_files])
 def test_bad_processor_files_are_one_clear_error(tmp_path, breaker):
     ckpt = copy_checkpoint(tmp_path, "a")
     vision = check_checkpoint(ckpt).vision

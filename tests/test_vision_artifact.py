@@ -265,7 +265,10 @@ def test_bad_images_are_one_line_and_exit_2(artifacts, text_only, short_context,
         ((artifacts["tiny-a"], "--ids", "1,2", "--image", tiny), "--image goes with --prompt"),
         ((short_context, "--prompt", "<|image|>hi", "--image", panorama), "tiles × 4 tokens) but the model's context is 32"),
         ((artifacts["tiny-a"], "--prompt", "<|patch|>hi <|image|>", "--image", tiny), "the prompt text holds <|patch|>"),
-        ((artifacts["tiny-a"], "--prompt", "<|image|>hi", "--image", "https://example.com/a.png"), "is a URL"),
+        # the URL as typed: a Path option showed it as 'https:/example.com/a.png'
+        ((artifacts["tiny-a"], "--prompt", "<|image|>hi", "--image", "https://example.com/a.png"),
+         "'https://example.com/a.png' is a URL"),
+        ((artifacts["tiny-a"], "--prompt", "<|image|>hi", "--image", ""), "images[0]: an empty path"),
     ]
     for args, message in cases:
         code, output = run(*args)

@@ -34,7 +34,7 @@ def run(
     chat: bool = typer.Option(False, "--chat", help="interactive chat: one user message per stdin line, until EOF"),
     system: Optional[str] = typer.Option(None, "--system", help="with --chat: the system message that opens the "
                                                                  "conversation"),
-    images: Optional[List[Path]] = typer.Option(
+    images: Optional[List[str]] = typer.Option(  # str: a Path would turn https:// into https:/
         None, "--image", help="an image for the next <|image|> placeholder of --prompt (repeat for several, in order; "
                               "PNG/JPEG/WebP). As Llama4Processor: the prompt needs exactly one <|image|> per --image, "
                               "a prompt without placeholders is refused. Needs an artifact exported from a multimodal "

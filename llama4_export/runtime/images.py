@@ -162,6 +162,10 @@ class ImageProcessorConfig:
         if config.max_patches < 1 or 0 in std:
             raise ImageError(f"{source}: max_patches must be ≥ 1 and image_std nonzero")
         if (config.size, config.tokens_per_tile) != (vision.image_size, vision.tokens_per_tile):
+            # patch_size and pixel_shuffle_ratio are the processor file's, beside preprocessor_config.json's tile size
+            named = [key for key in ("patch_size", "pixel_shuffle_ratio") if key in processor]
+            if named and source.name != PROCESSOR_FILE:
+                source = f"{source} with {PROCESSOR_FILE}'s {' and '.join(named)}"
             raise ImageError(
                 f"{source}: the processor makes {config.size}-px tiles of {config.tokens_per_tile} tokens but the model's "
                 f"vision encoder takes {vision.image_size}-px tiles of {vision.tokens_per_tile}; the processor files "
@@ -243,6 +247,8 @@ def open_image(image: Any, name: str = "image") -> Image.Image:
     if isinstance(image, str) and image.startswith(DATA_URL):
         return decode_data_url(image, name)
     if isinstance(image, (str, Path)):
+        if not str(image):
+            raise ImageError(f"{name}: an empty path; give an image file")
         if re.match(r"[a-z][a-z0-9+.-]*:/", str(image), re.IGNORECASE):  # a Path keeps one slash of "https://"
             raise ImageError(f"{name}: {shown(str(image))} is a URL; images are read from files or data URLs (the "
                              "runtime fetches nothing from the network): download it and give the file")
