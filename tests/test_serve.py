@@ -609,6 +609,21 @@ def test_a_non_streaming_client_that_disconnects_while_tokens_flow_frees_its_row
     assert _metric(base, "llama4_generation_tokens_total") - before < 3000
 
 
+def test_a_body_still_arriving_at_the_request_timeout_gets_408(artifact):
+    """A client that declares 1,000 bytes and sends 10 held its connection (and a task) for ever: --request-timeout
+    counted from the body's end."""
+    with llama4_serve(artifact, "--threads", "1", "--model-name", MODEL, "--request-timeout", "2") as (base, _):
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"model\": ")
+            started = time.monotonic()
+            reply = conn.recv(65536).decode()
+        assert reply.startswith("HTTP/1.1 408 ") and 1.5 < time.monotonic() - started < 10, reply
+        assert json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        assert httpx.get(f"{base}/health").status_code == 200
+
+
 def test_an_api_key_guards_the_v1_routes(artifact, generator, monkeypatch):
     """LLAMA4_SERVE_API_KEY (or --api-key): /v1/ answers only `Authorization: Bearer <key>` (the openai client's
     api_key), a missing or wrong key gets OpenAI's 401; /health and /metrics stay open for probes and scrapers."""
@@ -642,9 +657,13 @@ def test_an_api_key_guards_the_v1_routes(artifact, generator, monkeypatch):
     (["--replicas", "2"], "--replicas applies to a Ray Serve deployment: add --ray, or drop it"),
     (["--gpus-per-replica", "1"], "--gpus-per-replica applies to a Ray Serve deployment"),
     (["--model-name", " "], "model_name=' ': give the model id clients send (--model-name)"),
+    # numpy's MemoryError traceback
+    (["--max-batch", "100000000"], "max_batch=100000000: the KV cache of that many rows does not fit in memory"),
+    (["--ray", "--gpus-per-replica", "-1"], "--gpus-per-replica -1.0: must be >= 0"),  # Ray's ValueError traceback
+    (["--ray", "--threads", "-1"], "threads=-1: must be in 1..1024"),  # checked with 1 thread, then Ray's traceback
 ], ids=["port-above-65535", "port-0", "unresolvable-host", "negative-timeout", "no-rows", "negative-threads",
         "negative-body-limit", "zero-window", "unreachable-ray-cluster", "replicas-without-ray", "gpus-without-ray",
-        "blank-model-name"])
+        "blank-model-name", "rows-beyond-memory", "negative-ray-gpus", "negative-ray-threads"])
 def test_bad_flags_get_one_line_and_exit_2_before_anything_listens(artifact, flags, expected):
     """Checked before the artifact loads (or, for --threads, while it does): uvicorn would bind a wrapped-around port
     for 70000 and report a bad host only after the load. A server that starts anyway is killed and fails the test."""

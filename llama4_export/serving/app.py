@@ -175,11 +175,20 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
 
     async def read_body(request: Request) -> bytes:
         """The body, refused (413) once it passes the limit: at once by its Content-Length, else (chunked) as it
-        arrives — never held whole first. A compressed body is refused (415) rather than parsed as broken JSON."""
+        arrives — never held whole first. A compressed body is refused (415) rather than parsed as broken JSON; one
+        still arriving at the per-request timeout gets 408 (a client trickling bytes held a connection for ever)."""
         encoding = request.headers.get("content-encoding", "").strip().lower()
         if encoding not in ("", "identity"):
             raise APIError(415, f"Content-Encoding {encoding!r}: this server reads uncompressed request bodies only; "
                                 "send the body without Content-Encoding", code="unsupported_content_encoding")
+        try:
+            async with asyncio.timeout(settings.request_timeout):
+                return await limited_body(request)
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within the server's per-request timeout of "
+                                f"{settings.request_timeout:g} s", type="timeout_error", code="request_timeout") from None
+
+    async def limited_body(request: Request) -> bytes:
         limit = settings.max_request_bytes
         if limit is None:
             return await request.body()

@@ -24,7 +24,11 @@ def load_engine(artifact: str | Path, options: EngineOptions, threads: int | Non
                 window: int | None = None) -> BatchEngine:
     """The artifact's generator (manifest verified) behind a BatchEngine scheduling by `options`."""
     generator = Generator.load(artifact, threads=threads, window=window)
-    return BatchEngine(generator, options)
+    try:
+        return BatchEngine(generator, options)
+    except MemoryError as exc:  # the rows' KV cache is allocated here
+        raise ConfigError(f"max_batch={options.max_batch}: the KV cache of that many rows does not fit in memory "
+                          f"({exc}); give a smaller --max-batch (or --window)") from None
 
 
 def host_port(host: str, port: int) -> str:
