@@ -10,7 +10,6 @@ their ratio: which ops batching does not amortize (an MoE's experts: more rows t
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -25,6 +24,9 @@ from llama4_export.runtime import Generator, OrtBackend
 from llama4_export.runtime.batching import BatchEngine, EngineOptions, SequenceRequest
 from llama4_export.runtime.generator import manifest_config
 from llama4_export.runtime.ort_backend import artifact_parts
+
+from common import (  # benchmarks/, beside this script
+    ArgumentParser, existing_dir, positive_int, print_machine, run_script)
 
 PROMPT = 32
 
@@ -55,12 +57,13 @@ def decode_kernel_ms(artifact: Path, batch: int, max_batch: int, steps: int, thr
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifact", type=Path)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=existing_dir)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--steps", type=positive_int, default=20)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()
+    print_machine(args.threads)
     one, many = (decode_kernel_ms(args.artifact, b, args.batch, args.steps, args.threads) for b in (1, args.batch))
     table = Table(title=f"{args.artifact.name}: kernel ms per decode step ({args.threads} threads, ORT profiler on)")
     for column in ("op", "1 sequence", f"{args.batch} sequences", "ratio"):
@@ -73,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -6,32 +6,28 @@
 Both: greedy, no stop tokens, the same random prompt (512 ids), 128 new tokens; decode tokens/s = the tokens after the
 first over the time since the first was chosen (benchmarks/runtime_decode.py's convention; llama4-cpp --stats
 measures it the same way around its own generate call). Every round runs Python then C++, so load hits both alike;
-the ratio of the medians is the number to quote, with the load average and CPU flags printed beside it.
+the ratio of the medians is the number to quote, with the load average and the machine (CPU, flags) beside it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from llama4_export.evaluation.bench import machine_info
 from llama4_export.runtime import Generator
 
+from common import (  # benchmarks/, beside this script
+    ArgumentParser, check_child, existing_dir, positive_int, print_machine, run_script, two_or_more)
+
 REPO = Path(__file__).resolve().parents[1]
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-
-
-def cpu_flags() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    return f"{model}; {os.cpu_count()} CPUs; " + " ".join(f for f in CPU_FLAGS if f in flags)
 
 
 def python_round(gen, prompt: list[int], new_tokens: int) -> float:
@@ -41,23 +37,26 @@ def python_round(gen, prompt: list[int], new_tokens: int) -> float:
 
 
 def cpp_round(binary: Path, artifact: Path, prompt: list[int], new_tokens: int, threads: int, window: int) -> float:
-    done = subprocess.run([str(binary), str(artifact), "--ids", ",".join(map(str, prompt)), "-n", str(new_tokens),
-                           "--no-stop", "--stats", "--threads", str(threads), "--window", str(window)],
-                          capture_output=True, text=True, check=True)
+    done = check_child([str(binary), str(artifact), "--ids", ",".join(map(str, prompt)), "-n", str(new_tokens),
+                        "--no-stop", "--stats", "--threads", str(threads), "--window", str(window)],
+                       f"{binary.name} on {artifact}", stdout=subprocess.DEVNULL)
     return json.loads(done.stderr.strip().splitlines()[-1])["decode_tok_s"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifact", type=Path)
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=existing_dir)
     parser.add_argument("--binary", type=Path, default=REPO / "cpp" / "build" / "llama4-cpp")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--window", type=int, default=640)
-    parser.add_argument("--prompt-tokens", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--window", type=positive_int, default=640)
+    parser.add_argument("--prompt-tokens", type=positive_int, default=512)
+    parser.add_argument("--new-tokens", type=two_or_more, default=128)
+    parser.add_argument("--rounds", type=positive_int, default=5)
     args = parser.parse_args()
+    if not args.binary.is_file():  # the default is checked too, unlike a type= on a default that is not a string
+        parser.error(f"--binary {args.binary} does not exist; build it with `make cpp` or give its path")
 
+    print_machine(args.threads, sys.stderr)  # stdout is the JSON
     gen = Generator.load(args.artifact, threads=args.threads, window=args.window)
     prompt = np.random.default_rng(0).integers(0, gen.config.vocab_size, args.prompt_tokens).tolist()
     load_before = os.getloadavg()
@@ -72,10 +71,10 @@ def main() -> None:
         "python_decode_tok_s": python, "cpp_decode_tok_s": cpp,
         "python_median": statistics.median(python), "cpp_median": statistics.median(cpp),
         "cpp_over_python": statistics.median(cpp) / statistics.median(python),
-        "load_average_1m": [round(load_before[0], 2), round(load_after[0], 2)], "cpu": cpu_flags(),
+        "load_average_1m": [round(load_before[0], 2), round(load_after[0], 2)], "machine": machine_info(),
     }
     print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

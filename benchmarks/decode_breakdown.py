@@ -15,7 +15,6 @@ Python share of a step (time outside `run_with_iobinding`). Single-part artifact
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import tempfile
 import time
@@ -27,8 +26,11 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 from op_profile import single_part
 
-from llama4_export.evaluation.bench import initializer_bytes, machine_info, memory_bandwidth_gb_s
+from llama4_export.evaluation.bench import initializer_bytes, memory_bandwidth_gb_s
 from llama4_export.runtime import Generator, OrtBackend
+
+from common import (  # benchmarks/, beside this script
+    ArgumentParser, BenchmarkError, existing_dir, positive_int, print_machine, run_script, two_or_more)
 
 
 def matmul_group(node: onnx.NodeProto, depth: int) -> str:
@@ -105,12 +107,12 @@ def step_ms(generator: Generator, prompt: list[int], tokens: int) -> tuple[float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifact", type=Path)
-    parser.add_argument("--prompt", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=9)
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=existing_dir)
+    parser.add_argument("--prompt", type=positive_int, default=32)
+    parser.add_argument("--tokens", type=two_or_more, default=128)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=9)
     args = parser.parse_args()
 
     config, exported, max_prefill = single_part(args.artifact)
@@ -126,6 +128,9 @@ def main() -> None:
             read = sum(initializer_bytes(weights[name]) for name in node.input[1:] if name in weights) * share
             for key in (group, None):
                 read_per_step[key] = read_per_step.get(key, 0.0) + read
+    if not read_per_step:
+        raise BenchmarkError(f"{args.artifact}: its decode graph has no MatMulNBits to replace; give a 4-bit artifact "
+                             "(llama4-export --precision int4)")
     groups = sorted(key for key in read_per_step if key is not None) + [None]
     rows = {"as exported": (exported, None)}
     with tempfile.TemporaryDirectory() as scratch:
@@ -140,16 +145,14 @@ def main() -> None:
                       for label, (graphs, _) in rows.items()}
         prompt = np.random.default_rng(0).integers(0, config.vocab_size, args.prompt).tolist()
         times: dict[str, list[tuple[float, float]]] = {label: [] for label in generators}
-        bandwidth = [memory_bandwidth_gb_s(args.threads)]
+        bandwidth = [print_machine(args.threads)]
         for generator in generators.values():  # warm-up: ORT's first runs allocate and pre-pack
             generator.generate(prompt, max_new_tokens=8, stop_tokens=[])
         for _ in range(args.repeats):
             for label, generator in generators.items():
                 times[label].append(step_ms(generator, prompt, args.tokens))
         bandwidth.append(memory_bandwidth_gb_s(args.threads))
-    machine = machine_info()
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, flags {' '.join(machine['cpu_flags'])}; copy bandwidth "
-          f"{bandwidth[0]:.1f} GB/s before, {bandwidth[1]:.1f} after")
+    print(f"copy bandwidth {bandwidth[0]:.1f} GB/s before, {bandwidth[1]:.1f} after")
     print(f"{args.artifact.name}: one-sequence decode step after a {args.prompt}-token prompt, {args.threads} threads, "
           f"median of {args.repeats} × {args.tokens} tokens")
     exported_ms = float(np.median([m[0] for m in times["as exported"]]))
@@ -165,4 +168,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

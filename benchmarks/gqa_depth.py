@@ -21,10 +21,12 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from llama4_export.evaluation.bench import memory_bandwidth_gb_s
 from llama4_export.graph_passes.decode_attention import group_decode_queries
 from llama4_export.graph_passes.manager import PassContext
 from llama4_export.model import io_spec
+
+from common import (  # benchmarks/, beside this script
+    ArgumentParser, non_negative_int, positive_int, print_machine, run_script)
 
 
 def gqa_model(heads: int, kv_heads: int, head_dim: int, dtype: str):
@@ -80,16 +82,22 @@ def median_step_us(session: ort.InferenceSession, feeds: dict, past_k, past_v, r
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depth", type=int, action="append", help="past tokens (repeat); default 0, 512, 4096, 16384")
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=non_negative_int, action="append", help="past tokens (repeat); default 0, 512, 4096, 16384")
+    parser.add_argument("--heads", type=positive_int, default=12)
+    parser.add_argument("--kv-heads", type=positive_int, default=4)
+    parser.add_argument("--head-dim", type=positive_int, default=64)
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--runs", type=positive_int, default=30)
     parser.add_argument("--grouped", action="store_true", help="also time the decode-attention pass's form")
     args = parser.parse_args()
+    # ONNX Runtime's own limits, refused here rather than as its RuntimeError from the session
+    if args.heads % args.kv_heads:
+        parser.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}; each KV head serves a "
+                     "whole group of query heads")
+    if args.head_dim % 8:
+        parser.error(f"--head-dim {args.head_dim}: ONNX Runtime's GroupQueryAttention takes a multiple of 8")
     depths = args.depth or [0, 512, 4096, 16384]
     model = gqa_model(args.heads, args.kv_heads, args.head_dim, args.dtype)
     sessions = {"GroupQueryAttention": session_of(model, args.threads)}
@@ -98,9 +106,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, 1, args.heads * args.head_dim), dtype=np.float32).astype(args.dtype)
     kv = rng.standard_normal((1, 1, args.kv_heads * args.head_dim), dtype=np.float32).astype(args.dtype)
-    bandwidth = memory_bandwidth_gb_s(args.threads)
+    bandwidth = print_machine(args.threads)
     print(f"{args.heads} query heads over {args.kv_heads} KV heads of {args.head_dim}, {args.dtype}, "
-          f"{args.threads} threads; copy bandwidth {bandwidth:.1f} GB/s")
+          f"{args.threads} threads")
     for depth in depths:
         # a buffer just past the depth, as the runtime's growing cache has (the grouped form's G − 1 scratch slots
         # included): the grouped form's cost also grows with the buffer's length
@@ -118,4 +126,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -10,7 +10,6 @@ artifacts' steps interleaved. Prints the op counts of ONNX Runtime's optimized I
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import tempfile
@@ -27,6 +26,8 @@ from llama4_export.model.config import _every, _moe_layers, get_preset
 from llama4_export.weights import from_config
 from llama4_export.model.save import save_checkpoint
 from llama4_export.runtime.generator import Generator
+
+from common import ArgumentParser, positive_int, print_machine, run_script  # benchmarks/, beside this script
 
 
 def config_100m():
@@ -79,11 +80,12 @@ def session_op_counts(graph: Path, threads: int) -> collections.Counter:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/int4_speed"))
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=64)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()
+    print_machine(args.threads)
     config = config_100m()
     checkpoint = args.work_dir / "checkpoint"
     if not (checkpoint / "config.json").is_file():
@@ -112,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -17,6 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests load this file by path
+from common import ArgumentParser, check_child, existing_dir, non_negative_int, positive_int, run_script  # noqa: E402
+
 
 def wide_kv_config():
     from llama4_export.model import get_preset
@@ -53,19 +56,21 @@ def measure(window: int = 64, sinks: int = 4, multiples: tuple[int, ...] = (2, 1
     for m in multiples:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(m * window), "--window", str(window), "--sinks", str(sinks)]
         if artifact:
-            cmd += ["--artifact", artifact]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            cmd += ["--artifact", str(artifact)]
+        out = check_child(cmd, f"the {m * window}-token run", stdout=subprocess.PIPE).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))
     return runs
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--sinks", type=int, default=4)
-    parser.add_argument("--artifact", default=None)
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--window", type=positive_int, default=64)
+    parser.add_argument("--sinks", type=non_negative_int, default=4)
+    parser.add_argument("--artifact", type=existing_dir, default=None)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sinks >= args.window:
+        parser.error(f"--sinks {args.sinks} leaves no room in --window {args.window}; give fewer sinks than the window")
     if args.child is not None:
         print(json.dumps(child(args.child, args.window, args.sinks, args.artifact)))
         return
@@ -78,4 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

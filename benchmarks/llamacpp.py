@@ -42,6 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import (  # benchmarks/, beside this script
+    ArgumentParser, BenchmarkError, check_child, existing_dir, last_error_line, non_negative_int, positive_int,
+    print_machine, run_script, two_or_more)
+
 SDIST_VERSION = "0.3.36"
 CONVERTER_TRANSFORMERS = "transformers==4.57.6"
 DEFAULT_CACHE = Path(os.environ.get("LLAMA4_BENCH_CACHE", Path.home() / ".cache" / "llama4-export-bench"))
@@ -83,8 +87,9 @@ def log(message: str) -> None:
 
 
 def run(cmd: list[str], **kwargs) -> None:
+    """A step of fetching, building or converting: its output goes on as it comes, its failure is its last error line."""
     log(" ".join(map(str, cmd)))
-    subprocess.run(cmd, check=True, **kwargs)
+    check_child(list(map(str, cmd)), Path(str(cmd[0])).name, **kwargs)
 
 
 def source_dir(cache: Path, version: str = SDIST_VERSION) -> Path:
@@ -119,7 +124,7 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     for line in cpuinfo.read_text().splitlines():
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
-    raise SystemExit(f"{cpuinfo} lists no CPU flags; this script builds llama.cpp for x86 Linux only")
+    raise BenchmarkError(f"{cpuinfo} lists no CPU flags; this script builds llama.cpp for x86 Linux only")
 
 
 def ggml_options(flags: set[str]) -> dict[str, str]:
@@ -170,7 +175,7 @@ def staged_checkpoint(checkpoint: Path, work: Path, tokenizer_dir: Path) -> Path
     if (checkpoint / "tokenizer.json").is_file():
         return checkpoint
     if not (tokenizer_dir / "tokenizer.json").is_file():
-        raise SystemExit(f"{checkpoint} has no tokenizer.json and the fallback {tokenizer_dir} has none either; pass --tokenizer DIR")
+        raise BenchmarkError(f"{checkpoint} has no tokenizer.json and the fallback {tokenizer_dir} has none either; pass --tokenizer DIR")
     staged = work / "hf"
     staged.mkdir(parents=True, exist_ok=True)
     for path in checkpoint.iterdir():
@@ -180,6 +185,20 @@ def staged_checkpoint(checkpoint: Path, work: Path, tokenizer_dir: Path) -> Path
         if (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, staged / name)
     return staged
+
+
+# llama-quantize's types (F32 is the converter's own output), checked before anything is fetched or built
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1",
+              "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")
+
+
+def gguf_types(text: str) -> list[str]:
+    """An argparse type: comma-separated GGUF types ("" is none)."""
+    types = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in types if t not in GGUF_TYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown GGUF type {', '.join(unknown)}; choose from {', '.join(GGUF_TYPES)}")
+    return types
 
 
 def convert(checkpoint: Path, cache: Path, types: list[str], tokenizer_dir: Path = FALLBACK_TOKENIZER, jobs: int = 2) -> dict[str, Path]:
@@ -207,7 +226,7 @@ def convert(checkpoint: Path, cache: Path, types: list[str], tokenizer_dir: Path
         path = out_dir / f"model-{kind}.gguf"
         if not path.is_file():
             tmp = path.with_suffix(".gguf.partial")
-            run([str(bin_dir / "llama-quantize"), str(f32), str(tmp), kind], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            run([str(bin_dir / "llama-quantize"), str(f32), str(tmp), kind], stdout=subprocess.DEVNULL)
             tmp.rename(path)
         files[kind] = path
     return {k: files[k] for k in types}
@@ -237,17 +256,18 @@ def llama_bench(bin_dir: Path, gguf: Path, args: list[str]) -> tuple[list[dict],
     """llama-bench's JSON records and its peak RSS in MB (VmHWM, polled while it runs: it only ever grows)."""
     from llama4_export.evaluation.bench import peak_rss_mb
 
-    with tempfile.TemporaryFile("w+") as out:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-o", "json", *args]
         log(" ".join(cmd))
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)  # a file, not a pipe: its log would fill a pipe
         peak = 0.0
         while proc.poll() is None:
             # None before the exec (a forked copy of this big driver) and after the exit
             peak = max(peak, peak_rss_mb(proc.pid, name="llama-bench") or 0.0)
             time.sleep(0.01)
         if proc.returncode:
-            raise SystemExit(f"llama-bench failed ({proc.returncode}) on {gguf}")
+            err.seek(0)
+            raise BenchmarkError(f"llama-bench failed (exit {proc.returncode}) on {gguf}: {last_error_line(err.read())}")
         out.seek(0)
         return json.load(out), peak
 
@@ -270,17 +290,17 @@ def measure(bin_dir: Path, gguf: Path, threads: int, prompts: list[int], decode_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path, nargs="?", help="HF Llama4ForCausalLM checkpoint directory")
-    parser.add_argument("--types", default="F32,Q8_0,Q4_0")
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=existing_dir, nargs="?", help="HF Llama4ForCausalLM checkpoint directory")
+    parser.add_argument("--types", type=gguf_types, default="F32,Q8_0,Q4_0")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--tokenizer", type=Path, default=FALLBACK_TOKENIZER, help="tokenizer.json source when the checkpoint has none")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prompt", type=int, action="append", help="prefill prompt lengths (default 128 and 512)")
-    parser.add_argument("--decode-prompt", type=int, default=512)
-    parser.add_argument("--depth", type=int, action="append", default=[], help="also decode after this many tokens (repeat)")
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--prompt", type=positive_int, action="append", help="prefill prompt lengths (default 128 and 512)")
+    parser.add_argument("--decode-prompt", type=positive_int, default=512)
+    parser.add_argument("--depth", type=non_negative_int, action="append", default=[], help="also decode after this many tokens (repeat)")
+    parser.add_argument("--new-tokens", type=two_or_more, default=128)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--prepare-only", action="store_true", help="fetch, build and convert; measure nothing")
     parser.add_argument("--build-only", action="store_true", help="fetch and build; print the bin directory")
     args = parser.parse_args()
@@ -289,11 +309,14 @@ def main() -> None:
         return
     if args.checkpoint is None:
         parser.error("give a checkpoint directory (or --build-only)")
-    files = convert(args.checkpoint, args.cache, args.types.split(","), args.tokenizer, args.threads)
+    if not args.types:
+        parser.error("--types is empty; give at least one GGUF type")
+    files = convert(args.checkpoint, args.cache, args.types, args.tokenizer, args.threads)
     if args.prepare_only:
         print(json.dumps({k: str(v) for k, v in files.items()}, indent=2))
         return
     bin_dir = build(args.cache, source_dir(args.cache))
+    print_machine(args.threads, sys.stderr)  # stdout is the JSON
     results = {k: measure(bin_dir, v, args.threads, args.prompt or [128, 512], args.decode_prompt, args.new_tokens, args.repeats,
                            args.depth)
                for k, v in files.items()}
@@ -301,4 +324,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -21,7 +21,6 @@ Prints a Markdown table (paste into benchmarks/KERNELS.md with the device line i
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import json
@@ -31,12 +30,11 @@ import shlex
 import sys
 import time
 
+from common import ArgumentParser, new_file, positive_ints, run_script  # benchmarks/, beside this script
+
 MODELS = {"scout": 16, "maverick": 128}  # experts; hidden 5120 and expert width 8192 for both
+FORMATS = ("bf16", "int4", "fp8")
 HIDDEN, INTER = 5120, 8192
-
-
-def parse_ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def random_weights(experts: int, hidden: int, inter: int, weight_format: str, device, seed: int = 0):
@@ -157,17 +155,22 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="scout,maverick")
     parser.add_argument("--formats", default="bf16,int4,fp8")
-    parser.add_argument("--decode", default=None, help="decode token counts (default 1,4,16)")
-    parser.add_argument("--prefill", default=None, help="prefill token counts (default 512,2048; 40 with --smoke)")
+    parser.add_argument("--decode", type=positive_ints, default=None, help="decode token counts (default 1,4,16)")
+    parser.add_argument("--prefill", type=positive_ints, default=None,
+                        help="prefill token counts (default 512,2048; 40 with --smoke)")
     parser.add_argument("--cudagraph", action="store_true",
                         help="time the kernels replayed from a CUDA graph (no launch overhead; L2 not flushed)")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--json", type=new_file, help="also write the rows to this JSON file")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes (hidden 128, width 64) on the CPU interpreter: exercises the script only")
     args = parser.parse_args()
+    for flag, given, known in (("--models", args.models, MODELS), ("--formats", args.formats, FORMATS)):
+        unknown = sorted(set(given.split(",")) - set(known))
+        if unknown:
+            parser.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
 
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before llama4_export.kernels.triton_moe is imported
@@ -181,8 +184,8 @@ def main() -> None:
     else:
         sys.exit("moe_kernels.py: no CUDA GPU here; run it on a GPU machine (or --smoke to check the script on the CPU)")
 
-    decode = parse_ints(args.decode if args.decode is not None else "1,4,16")
-    prefill = parse_ints(args.prefill if args.prefill is not None else ("40" if args.smoke else "512,2048"))
+    decode = [1, 4, 16] if args.decode is None else args.decode
+    prefill = ([40] if args.smoke else [512, 2048]) if args.prefill is None else args.prefill
     measure = timer(device)
     measure_kernel = measure
     if args.cudagraph and device.type == "cuda":  # the kernels never sync with the host, so they can be captured
@@ -213,4 +216,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

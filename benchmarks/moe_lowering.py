@@ -15,7 +15,6 @@ side of IF_PER_EXPERT_MAX. Each is checked against the numpy reference first; th
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -29,6 +28,8 @@ from llama4_export.graph_passes.lower import (FLOAT_EXPERTS_LOWERING, INT4_EXPER
 from llama4_export.graph_passes.manager import PassContext
 from llama4_export.graph_passes.moe_reference import llama4_moe
 from llama4_export.graph_passes.quantize import QuantSpec, int4_blockwise, int4_dequantize, quantize_experts
+
+from common import ArgumentParser, positive_int, print_machine, run_script  # benchmarks/, beside this script
 
 BLOCK = 128
 FUSED_FLOAT = "com.microsoft.MoE"
@@ -76,16 +77,20 @@ def median_us(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], runs: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, nargs="+", default=[8, 16, 128])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--inter", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=200)
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=positive_int, nargs="+", default=[8, 16, 128])
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--hidden", type=positive_int, default=768)
+    parser.add_argument("--inter", type=positive_int, default=1024)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--runs", type=positive_int, default=200)
     parser.add_argument("--precision", choices=sorted(FORMS), default="int4")
     args = parser.parse_args()
+    if args.precision == "int4" and (args.hidden % BLOCK or args.inter % BLOCK):
+        parser.error(f"--hidden {args.hidden} / --inter {args.inter}: int4 experts are quantized in blocks of {BLOCK}; "
+                     f"give multiples of {BLOCK} (or --precision fp32)")
     fused_form, if_form, bound = FORMS[args.precision]
+    print_machine(args.threads)
     print(f"onnxruntime {ort.__version__}, {args.threads} threads, hidden {args.hidden}, expert width {args.inter}, "
           f"{args.precision} experts{f' (block {BLOCK})' if args.precision == 'int4' else ''}; µs per call, median of {args.runs}")
     fused = fused_form.split()[0]
@@ -116,4 +121,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -16,11 +16,12 @@ Timings on a shared machine are noisy; the ratios are what to compare.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 from passes_speed import export_graphs, feeds, optimize_graphs, step_seconds
+
+from common import ArgumentParser, positive_int, print_machine, run_script  # benchmarks/, beside this script
 
 
 def config(experts: int):
@@ -34,17 +35,18 @@ def config(experts: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--slots", type=int, default=64, help="cached tokens per layer")
-    parser.add_argument("--runs", type=int, default=100)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=positive_int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--slots", type=positive_int, default=64, help="cached tokens per layer")
+    parser.add_argument("--runs", type=positive_int, default=100)
     args = parser.parse_args()
 
     from llama4_export.export.onnx_export import DECODE, GraphSpec
     from llama4_export.weights import from_config
     from llama4_export.model import summarize
 
+    print_machine(args.threads)
     dense_decode = GraphSpec("decode_dense", moe_impl="dense", new_tokens=1)
     rows = []
     for experts in args.experts:
@@ -66,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

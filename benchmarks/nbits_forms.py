@@ -12,14 +12,14 @@ median of 7 × 20 runs — to set against the machine's copy bandwidth, printed 
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from llama4_export.evaluation.bench import machine_info, memory_bandwidth_gb_s
+from common import (  # benchmarks/, beside this script
+    ArgumentParser, positive_float, positive_int, print_machine, run_script)
 
 # (K, N) of rand200m's decode matmuls: o_proj, fused q/k/v, an expert's (and the shared expert's) gate/up and down,
 # the dense MLP's fused gate/up and down, lm_head
@@ -73,15 +73,14 @@ def us_per_call(sess: ort.InferenceSession, k: int, copies: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--hot-mb", type=float, default=8.0)
-    parser.add_argument("--cold-mb", type=float, default=64.0)
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--hot-mb", type=positive_float, default=8.0)
+    parser.add_argument("--cold-mb", type=positive_float, default=64.0)
     args = parser.parse_args()
 
-    machine = machine_info()
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, flags {' '.join(machine['cpu_flags'])}; copy bandwidth "
-          f"{memory_bandwidth_gb_s(args.threads):.1f} GB/s; {args.threads} threads; µs per call (GB/s read)")
+    print_machine(args.threads)
+    print(f"{args.threads} threads; µs per call (GB/s read)")
     print("K × N, working set | " + " | ".join(f"{bits}-bit b{block} a{level}" for bits, block, level in FORMS))
     for k, n in SHAPES:
         for label, megabytes in (("hot", args.hot_mb), ("cold", args.cold_mb)):
@@ -94,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -11,7 +11,6 @@ before them prefill pieces (the runtime splits a prompt at chunk boundaries). Re
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from collections import Counter
@@ -26,6 +25,9 @@ from llama4_export.model.config import Llama4Config
 from llama4_export.runtime import Generator, OrtBackend
 from llama4_export.runtime.generator import manifest_config
 from llama4_export.runtime.ort_backend import PartGraphs, artifact_parts
+
+from common import (  # benchmarks/, beside this script
+    ArgumentParser, BenchmarkError, existing_dir, new_file, positive_int, print_machine, run_script, two_or_more)
 
 
 def kernel_time_by_run(profile: Path) -> list[Counter]:
@@ -50,21 +52,22 @@ def single_part(artifact: Path) -> tuple[Llama4Config, PartGraphs, int]:
     config = manifest_config(artifact, manifest)
     parts, max_prefill = artifact_parts(artifact, manifest, config)
     if len(parts) != 1:
-        raise SystemExit(f"{artifact}: {len(parts)} parts; this benchmark takes a single-part artifact (export without "
+        raise BenchmarkError(f"{artifact}: {len(parts)} parts; this benchmark takes a single-part artifact (export without "
                          "--partitions)")
     return config, parts[0], max_prefill
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifact", type=Path)
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path)
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=existing_dir)
+    parser.add_argument("--prompt", type=positive_int, default=512)
+    parser.add_argument("--steps", type=two_or_more, default=64)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--json", type=new_file)
     args = parser.parse_args()
 
     config, graphs, max_prefill = single_part(args.artifact)
+    print_machine(args.threads)
     parts = [graphs]
     with tempfile.TemporaryDirectory() as scratch:
         backend = OrtBackend(parts, config, max_prefill, args.threads, profile_prefix=str(Path(scratch) / "ort"))
@@ -104,4 +107,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from common import ArgumentParser, positive_int, print_machine, run_script  # benchmarks/, beside this script
 
 
 def config_50m():
@@ -88,17 +89,18 @@ def step_seconds(path: Path, inputs: dict[str, np.ndarray], threads: int, runs: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
-    parser.add_argument("--slots", type=int, default=256, help="cached tokens per layer")
-    parser.add_argument("--prefill-tokens", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=50)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--slots", type=positive_int, default=256, help="cached tokens per layer")
+    parser.add_argument("--prefill-tokens", type=positive_int, default=64)
+    parser.add_argument("--runs", type=positive_int, default=50)
     args = parser.parse_args()
 
     from llama4_export.export.onnx_export import GRAPHS
     from llama4_export.weights import from_config
     from llama4_export.model import summarize
 
+    print_machine(args.threads)
     config = config_50m()
     params = summarize(config)["total_params"]
     print(f"{config.name}: {params / 1e6:.1f}M parameters, {config.num_hidden_layers} layers, "
@@ -115,4 +117,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -11,7 +11,6 @@ evaluation: corpus_heldout.txt. Prints one table and writes quant_accuracy.json 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -19,31 +18,41 @@ from pathlib import Path
 from llama4_export import api
 from llama4_export.pipeline import QuantOptions
 
+from common import ArgumentParser, existing_dir, positive_int, run_script  # benchmarks/, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "checkpoints"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=SHARED / "l4-scoutlike")
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=existing_dir, default=SHARED / "l4-scoutlike")
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/quant_accuracy"))
-    parser.add_argument("--calib-samples", type=int, default=32)
-    parser.add_argument("--calib-seq-len", type=int, default=256)
+    parser.add_argument("--calib-samples", type=positive_int, default=32)
+    parser.add_argument("--calib-seq-len", type=positive_int, default=256)
     parser.add_argument("--only", nargs="*", help="run names to run (fp8, int4-rtn-b32, int4-awq-b128, …); default all")
     args = parser.parse_args()
-    corpus = args.checkpoint.parent
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     runs = [("fp8", None, None, False)] + [("int4", algo, block, False) for block in (32, 64, 128) for algo in ("rtn", "awq")]
     runs.append(("int4", "awq", 128, True))
+    named = {(precision if algo is None else f"{precision}-{algo}-b{block}" + ("-float-embeddings" if embed else "")):
+             (precision, algo, block, embed) for precision, algo, block, embed in runs}
+    unknown = sorted(set(args.only or ()) - set(named))
+    if unknown:
+        parser.error(f"--only: unknown run {', '.join(unknown)}; choose from {', '.join(named)}")
+    corpus = args.checkpoint.parent
+    for needed in (args.checkpoint, corpus / "corpus_train.txt", corpus / "corpus_heldout.txt"):
+        if not needed.exists():  # the default checkpoint is not checked by its type, and the corpus sits beside it
+            parser.error(f"{needed} does not exist; --checkpoint takes a checkpoint whose folder holds corpus_train.txt "
+                         "and corpus_heldout.txt")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for precision, algo, block, float_embeddings in runs:
+    for name, (precision, algo, block, float_embeddings) in named.items():
+        if args.only and name not in args.only:
+            continue
         options = QuantOptions(int4_algo=algo or "awq", block_size=block, calib_data=corpus / "corpus_train.txt",
                                calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                                calib_cache=args.out_dir / "calibration.safetensors",
                                eval_data=corpus / "corpus_heldout.txt", float_embeddings=float_embeddings)
-        name = precision if algo is None else f"{precision}-{algo}-b{block}" + ("-float-embeddings" if float_embeddings else "")
-        if args.only and name not in args.only:
-            continue
         start = time.perf_counter()
         report = api.export_model(args.out_dir / name, checkpoint=args.checkpoint, precision=precision, quant=options,
                                   target="onnxruntime", show_progress=False).accuracy_report
@@ -55,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

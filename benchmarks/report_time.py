@@ -9,7 +9,6 @@ The held-out text is 8 × 256 seeded random token ids (the report's defaults), s
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -17,13 +16,16 @@ import numpy as np
 from llama4_export import api
 from llama4_export.evaluation import report
 
+from common import ArgumentParser, existing_dir, print_machine, run_script  # benchmarks/, beside this script
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifact")
-    parser.add_argument("checkpoint")
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=existing_dir)
+    parser.add_argument("checkpoint", type=existing_dir)
     args = parser.parse_args()
     source = api.weight_source(checkpoint=args.checkpoint)
+    print_machine(2)  # the report's time is what is measured: name the machine (bandwidth at 2 threads)
     tokens = np.random.default_rng(0).integers(3, source.config.vocab_size - 3, 8 * 256)
     passes = []
     reference_call = report.ReferenceLogits.__call__
@@ -41,4 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

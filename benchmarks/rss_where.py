@@ -21,6 +21,8 @@ import traceback
 
 from llama4_export.cli.export import main as export_main
 
+from common import fail  # benchmarks/, beside this script
+
 FIELDS = ("VmRSS", "RssAnon", "RssFile")
 STEP_KB = 32 * 1024
 
@@ -79,7 +81,7 @@ class Recorder:
 
 def main() -> None:
     if len(sys.argv) < 3 or sys.argv[2] != "--":
-        raise SystemExit(__doc__.split("\n\n")[1])
+        fail("usage: rss_where.py OUT.txt -- LLAMA4-EXPORT-ARGS (the output file, then -- and the export's own flags)")
     out, args = sys.argv[1], sys.argv[3:]
     recorder = Recorder()
     gc.callbacks.append(recorder.on_collection)

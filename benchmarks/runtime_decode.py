@@ -9,12 +9,14 @@ is the prefill). Best of --repeats runs, since a shared machine only ever adds t
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from common import (  # benchmarks/, beside this script
+    ArgumentParser, existing_dir, positive_int, print_machine, run_script, two_or_more)
 
 
 def measure(artifact: Path, backend: str, threads: int, prompt_tokens: int, new_tokens: int, window: int | None, repeats: int) -> dict:
@@ -36,16 +38,19 @@ def measure(artifact: Path, backend: str, threads: int, prompt_tokens: int, new_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifact", nargs="?", type=Path)
-    parser.add_argument("--checkpoint", type=Path, help="export this checkpoint (fp32) to a temp dir first")
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", nargs="?", type=existing_dir)
+    parser.add_argument("--checkpoint", type=existing_dir, help="export this checkpoint (fp32) to a temp dir first")
     parser.add_argument("--backend", default="onnxruntime")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prompt-tokens", type=int, default=100)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--window", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--prompt-tokens", type=positive_int, default=100)
+    parser.add_argument("--new-tokens", type=two_or_more, default=128)
+    parser.add_argument("--window", type=positive_int, default=None)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()
+    if (args.artifact is None) == (args.checkpoint is None):
+        parser.error("give an artifact directory or --checkpoint DIR (one of them)")
+    print_machine(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         artifact = args.artifact
         if artifact is None:
@@ -59,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -23,7 +23,6 @@ Acceptance (issue 9): peak RSS flat in the number of layers, below the checkpoin
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -42,6 +41,9 @@ from llama4_export.model.config import Llama4VisionConfig, get_vision_preset
 from llama4_export.model.loader import INDEX_FILE, MULTIMODAL_PREFIX
 from llama4_export.model.vision import Llama4VisionEncoder
 from llama4_export.weights import RandomWeights
+
+from common import (  # benchmarks/, beside this script
+    ArgumentParser, BenchmarkError, last_error_line, positive_int, print_machine, run_script)
 
 _SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
@@ -112,8 +114,6 @@ def write_checkpoint(directory: Path, layers: int, preset: str = "scout", seed: 
     prefix = ""
     if vision:
         tower = get_vision_preset(preset)
-        if tower is None:
-            raise SystemExit(f"preset {preset} has no vision tower; --vision needs scout or maverick")
         config, prefix = multimodal_config(config, tower), MULTIMODAL_PREFIX
         sources["model-vision.safetensors"] = RandomVisionTensors(tower, seed)
         shards["model-vision.safetensors"] = sorted(sources["model-vision.safetensors"].shapes)
@@ -169,8 +169,9 @@ def export_once(checkpoint: Path, out: Path, layers: int, precision: str, preset
     start = time.perf_counter()
     run = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    if run.returncode != 0:
-        raise SystemExit(f"export failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    if run.returncode != 0:  # its own last error line: the one before /usr/bin/time's report
+        own = run.stderr.split("Command exited with non-zero status")[0]
+        raise BenchmarkError(f"export failed (exit {run.returncode}): {last_error_line(own)}")
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))
     artifact = sum(p.stat().st_size for p in out.iterdir())
     shutil.rmtree(out)
@@ -179,23 +180,27 @@ def export_once(checkpoint: Path, out: Path, layers: int, precision: str, preset
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[1, 3])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=positive_int, nargs="+", default=[1, 3])
     parser.add_argument("--precision", nargs="+", default=["fp16"], choices=["fp16", "fp32", "int4", "fp8"])
-    parser.add_argument("--calib-samples", type=int, help="fp8: calibration samples (layer-wise calibration runs every "
+    parser.add_argument("--calib-samples", type=positive_int, help="fp8: calibration samples (layer-wise calibration runs every "
                         "sample through every layer: on 2 CPU cores the default plan takes ~10 min per Scout layer)")
-    parser.add_argument("--calib-seq-len", type=int)
+    parser.add_argument("--calib-seq-len", type=positive_int)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--preset", default="scout", help="scout-tiny: a seconds-long check of this script itself")
     parser.add_argument("--int4-algo", default="rtn", choices=["rtn", "awq"],
                         help="int4: rtn (default, as the figures in BENCHMARKS.md) or awq (hours of CPU per Scout layer)")
-    parser.add_argument("--repeats", type=int, default=1, help="exports per row; the median peak RSS is reported")
+    parser.add_argument("--repeats", type=positive_int, default=1, help="exports per row; the median peak RSS is reported")
     parser.add_argument("--report", action="store_true", help="keep the accuracy report (default: --no-report, as measured before)")
     parser.add_argument("--vision", action="store_true", help="a multimodal checkpoint with the preset's full vision tower")
     parser.add_argument("--no-optimize", nargs="*", default=[], choices=["fp16", "fp32", "int4", "fp8"],
                         help="export these precisions with --no-optimize (fp32 at Scout shapes: the optimized copy needs "
                         "3 × the 20 GB artifact of free disk)")
     args = parser.parse_args()
+    # an unknown preset is the package's ConfigError, raised here before any checkpoint is written
+    if args.vision and get_vision_preset(args.preset) is None:
+        parser.error(f"--preset {args.preset} has no vision tower; --vision needs scout or maverick")
+    print_machine(2)  # export seconds are timed: name the machine (bandwidth at the other tables' 2 threads)
     extra = [] if args.report else ["--no-report"]
     if args.calib_samples is not None:
         extra += ["--calib-samples", str(args.calib_samples)]
@@ -217,4 +222,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

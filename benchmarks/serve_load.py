@@ -26,9 +26,11 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import IO
 
 import httpx
 from rich.console import Console
@@ -39,6 +41,10 @@ import llamacpp  # noqa: E402  (benchmarks/ is a script folder, not a package)
 
 from llama4_export.runtime import Generator  # noqa: E402
 from llama4_export.runtime.batching import BatchEngine, EngineOptions, SequenceRequest  # noqa: E402
+
+from common import (  # benchmarks/, beside this script
+    ArgumentParser, BenchmarkError, existing_dir, existing_file, last_error_line, new_file, non_negative_int,
+    positive_int, positive_ints, print_machine, run_script)
 
 console = Console(width=160)
 WORDS = "the history of science is a long story of small steps and patient work by many people over centuries".split()
@@ -51,11 +57,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, seconds: float = 300) -> None:
+def wait_ready(url: str, process: subprocess.Popen, errors: IO[str], seconds: float = 300) -> None:
+    """Until `url` answers 200; a server that exits first is its own last error line (`errors`: its stderr)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"{process.args[0]} exited with {process.returncode} before it was ready")
+            errors.seek(0)
+            raise BenchmarkError(f"{Path(process.args[0]).name} exited with {process.returncode} before it was ready: "
+                                 f"{last_error_line(errors.read())}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
@@ -187,9 +196,10 @@ def decode_step_ms(artifact: Path, batches: list[int], threads: int, steps: int 
 
 def run_server(name: str, command: list[str], health: str, base: str, model: str, args, env=None) -> list[dict]:
     console.print(f"[bold]{name}[/]: {' '.join(command)}")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    errors = tempfile.TemporaryFile("w+")  # a file, not a pipe: a server's log would fill a pipe and stall it
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, env=env)
     try:
-        wait_ready(health, process)
+        wait_ready(health, process, errors)
         with new_http_client() as http:
             one_request(http, base, model, prompt_text(0, args.prompt_words), 4)  # warm-up (no shared start)
         rows = []
@@ -203,26 +213,29 @@ def run_server(name: str, command: list[str], health: str, base: str, model: str
     finally:
         process.terminate()
         process.wait(timeout=60)
+        errors.close()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("artifact", type=Path)
-    parser.add_argument("--gguf", type=Path, help="the same weights as GGUF: also run llama-server on them")
-    parser.add_argument("--clients", default="1,8", help="comma-separated concurrent client counts")
-    parser.add_argument("--requests", type=int, default=48, help="requests per phase")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--prompt-words", type=int, default=48)
-    parser.add_argument("--shared-prefix-words", type=int, default=0,
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact", type=existing_dir)
+    parser.add_argument("--gguf", type=existing_file, help="the same weights as GGUF: also run llama-server on them")
+    parser.add_argument("--clients", type=positive_ints, default="1,8", help="comma-separated concurrent client counts")
+    parser.add_argument("--requests", type=positive_int, default=48, help="requests per phase")
+    parser.add_argument("--max-tokens", type=positive_int, default=64)
+    parser.add_argument("--prompt-words", type=positive_int, default=48)
+    parser.add_argument("--shared-prefix-words", type=non_negative_int, default=0,
                         help="every prompt starts with the same text of this many words (a system prompt)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rss-requests", type=int, default=100, help="RSS is sampled after this many requests")
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--rss-requests", type=positive_int, default=100, help="RSS is sampled after this many requests")
     parser.add_argument("--serve-arg", action="append", default=[], help="an extra llama4-serve argument (repeat)")
     parser.add_argument("--peer-arg", action="append", default=[], help="an extra llama-server argument (repeat)")
     parser.add_argument("--cache", type=Path, default=llamacpp.DEFAULT_CACHE)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=new_file)
     args = parser.parse_args()
-    args.clients = [int(c) for c in args.clients.split(",")]
+    if not args.clients:
+        parser.error("--clients is empty; give comma-separated client counts, as 1,8")
+    print_machine(args.threads)
     most = max(args.clients)
     load = [os.getloadavg()[0]]
 
@@ -261,4 +274,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

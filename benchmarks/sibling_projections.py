@@ -11,8 +11,6 @@ of --runs session runs, both forms checked equal first.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import onnx_ir as ir
 from rich.console import Console
@@ -24,6 +22,8 @@ from llama4_export.graph_passes.quantize import initializer
 from llama4_export.graph_passes.sibling_projections import fuse_sibling_projections
 
 from moe_lowering import median_us, session  # benchmarks/, beside this script
+
+from common import ArgumentParser, positive_int, print_machine, run_script  # benchmarks/, beside this script
 
 HIDDEN, BLOCK = 768, 128
 GROUPS = {"q, k, v": (768, 256, 256), "gate, up": (2048, 2048), "shared gate, up": (1024, 1024)}
@@ -53,12 +53,13 @@ def group_graph(widths: tuple[int, ...], copies: int, int4: bool, rng: np.random
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, action="append", help="activation rows (tokens × sequences); default 1, 8, 128")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--copies", type=int, default=12)
-    parser.add_argument("--runs", type=int, default=200)
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=positive_int, action="append", help="activation rows (tokens × sequences); default 1, 8, 128")
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--copies", type=positive_int, default=12)
+    parser.add_argument("--runs", type=positive_int, default=200)
     args = parser.parse_args()
+    print_machine(args.threads)
     rng = np.random.default_rng(0)
     table = Table(title=f"µs per group of projections, {args.threads} threads, median of {args.runs} runs")
     for column in ("weights", "group", "rows", "separate calls", "one call", "separate / one"):
@@ -79,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

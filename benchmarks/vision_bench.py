@@ -24,7 +24,6 @@ Everything is cached in --workdir (checkpoint, artifact, GGUF files); delete it 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -42,6 +41,9 @@ from PIL import Image
 
 import llamacpp
 from llama4_export.evaluation.bench import machine_info, memory_bandwidth_gb_s
+
+from common import (  # benchmarks/, beside this script
+    ArgumentParser, check_child, non_negative_int, positive_int, print_machine, run_script)
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_CONFIG = REPO.parent / "shared" / "bench" / "rand200m-config.json"
@@ -90,7 +92,7 @@ def export(checkpoint: Path, artifact: Path) -> None:
     command = [str(Path(sys.executable).parent / "llama4-export"), "--checkpoint", str(checkpoint), "--precision", "fp32",
                "--target", "onnxruntime", "--out", str(artifact), "--no-report"]
     log(" ".join(command))
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    check_child(command, f"the export of {checkpoint}", stdout=subprocess.DEVNULL)
 
 
 def write_image(path: Path, seed: int) -> None:
@@ -186,15 +188,19 @@ def stats(values: list[float]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vision-layers", type=int, default=34, help="encoder layers (Scout: 34; fewer for a quick run)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vision-layers", type=positive_int, default=34,
+                        help="encoder layers (Scout: 34; fewer for a quick run)")
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "llama4-vision-bench")
     parser.add_argument("--cache", type=Path, default=llamacpp.DEFAULT_CACHE, help="llama.cpp sources and build")
     parser.add_argument("--no-llamacpp", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     args = parser.parse_args()
+    if not TEXT_CONFIG.is_file():
+        parser.error(f"{TEXT_CONFIG} is missing: the text model's config, expected in the shared folder beside the repo")
+    print_machine(args.threads, sys.stderr)  # stdout is the JSON
 
     from transformers import Llama4ForConditionalGeneration
 
@@ -289,4 +295,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -12,7 +12,6 @@ bf16 runs only where ONNX Runtime has the CUDA EP (its CPU EP has no bf16 kernel
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from safetensors.numpy import load_file
 from llama4_export import api
 from llama4_export.pipeline import QuantOptions
 from llama4_export.runtime import Generator
+
+from common import ArgumentParser, run_script  # benchmarks/, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "vision"
@@ -55,7 +56,7 @@ def measure(artifact: Path, name: str, reference: dict, stored: dict[str, np.nda
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/vision_precision"))
     args = parser.parse_args()
     reference = json.loads((FIXTURES / "reference.json").read_text())
@@ -76,4 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
