@@ -12,7 +12,8 @@ routed expert per MoE layer + lm_head + one embedding row + the valid KV entries
 
 Ours: `llama4-export bench DIR --repeats 1` (the CLI itself). llama.cpp: benchmarks/llamacpp.py (fetches, builds
 and converts into its cache on first use; ~10 min). transformers: Llama4ForCausalLM, attn_implementation="eager",
-float32, model.generate greedy (this script's --worker mode).
+float32, model.generate greedy (this script's --worker mode), at every --depth too (eager attention's memory grows
+with the square of the context: at 16384 tokens, use --no-transformers or fewer depths on a small machine).
 """
 
 from __future__ import annotations
@@ -35,19 +36,27 @@ import llamacpp  # noqa: E402  (benchmarks/ is a script folder, not a package)
 from llama4_export.evaluation.bench import kv_bytes_read, machine_info, memory_bandwidth_gb_s, result_table, spread  # noqa: E402
 from llama4_export.model.config import Llama4Config  # noqa: E402
 
+from common import (  # benchmarks/, beside this script
+    ArgumentParser, check_child, existing_dir, new_file, positive_int, print_machine, run_script, two_or_more)
+
 console = Console(width=160)
 
 
 # ------------------------------------------------------------------------------------------ transformers worker
-def transformers_worker(checkpoint: Path, threads: int, prompts: list[int], decode_prompt: int, new_tokens: int) -> dict:
+def transformers_worker(checkpoint: Path, threads: int, prompts: list[int], decode_prompt: int, new_tokens: int,
+                        depths: list[int]) -> dict:
     """One measurement of transformers eager fp32 (runs in a child process: its peak RSS is its own)."""
     import numpy as np
     import torch
     from transformers import Llama4ForCausalLM
     from transformers.generation.streamers import BaseStreamer
+    from transformers.utils import logging
 
     from llama4_export.evaluation.bench import peak_rss_mb
 
+    # its load report lists every weight the text model leaves out (a multimodal checkpoint's vision tower: 54 lines)
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
     torch.set_num_threads(threads)
     model = Llama4ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
     vocab, experts = model.config.vocab_size, model.config.num_local_experts
@@ -81,6 +90,10 @@ def transformers_worker(checkpoint: Path, threads: int, prompts: list[int], deco
         start, first = timed(n, 1)
         prefill[str(n)] = n / (first - start)
     start, first, *rest = timed(decode_prompt, new_tokens)
+    at_depth = {}
+    for depth in depths:  # as our bench and llama-bench -d: new_tokens after `depth` tokens (0: a one-token prompt)
+        _, first_at, *rest_at = timed(max(depth, 1), new_tokens)
+        at_depth[str(depth)] = (new_tokens - 1) / (rest_at[-1] - first_at)
     weight_bytes = 0
     for name, p in model.named_parameters():
         size = p.numel() * p.element_size()
@@ -90,14 +103,15 @@ def transformers_worker(checkpoint: Path, threads: int, prompts: list[int], deco
             size //= p.shape[0]
         weight_bytes += size
     return {"prefill_tok_s": prefill, "decode_tok_s": (new_tokens - 1) / (rest[-1] - first),
-            "ttft_ms": 1e3 * (first - start), "peak_rss_mb": peak_rss_mb(), "weight_bytes": weight_bytes}
+            "decode_depth_tok_s": at_depth, "ttft_ms": 1e3 * (first - start), "peak_rss_mb": peak_rss_mb(),
+            "weight_bytes": weight_bytes}
 
 
 # ----------------------------------------------------------------------------------------------- orchestration
-def run_json(cmd: list[str]) -> dict:
+def run_json(cmd: list[str], what: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        subprocess.run([*cmd, "--json", str(out)], check=True, stdout=subprocess.DEVNULL)
+        check_child([*cmd, "--json", str(out)], what, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())
 
 
@@ -113,7 +127,7 @@ def ours_once(artifact: Path, args) -> dict:
         cmd += ["--prompt", str(n)]
     for d in args.depth:
         cmd += ["--depth", str(d)]
-    r = run_json(cmd)
+    r = run_json(cmd, f"llama4-export bench {artifact}")
     return {"prefill_tok_s": {n: s["median"] for n, s in r["prefill_tok_s"].items()}, "decode_tok_s": r["decode_tok_s"]["median"],
             "decode_depth_tok_s": {d: s["median"] for d, s in r["decode_depth_tok_s"].items()},
             "ttft_ms": r["ttft_ms"]["median"], "peak_rss_mb": r["peak_rss_mb"],
@@ -125,7 +139,9 @@ def transformers_once(checkpoint: Path, args) -> dict:
            "--decode-prompt", str(args.decode_prompt), "--new-tokens", str(args.new_tokens)]
     for n in args.prompt:
         cmd += ["--prompt", str(n)]
-    return run_json(cmd)
+    for d in args.depth or [-1]:  # -1: none (no --depth at all would be the default four)
+        cmd += ["--depth", str(d)]
+    return run_json(cmd, "the transformers worker")
 
 
 def llamacpp_once(bin_dir: Path, gguf: Path, weight_bytes: int, args) -> dict:
@@ -183,7 +199,7 @@ def targets(results: list[dict], prompts: list[int], depths: list[int], decode_p
     rows = []
     for mine in precisions:
         theirs = peers.get(mine.split("-")[0])
-        if theirs is None:
+        if theirs is None or find(results, ("llama.cpp", theirs)) is None:  # a comparison nobody asked for
             continue
         q = (ours, mine), ("llama.cpp", theirs)
         for n in map(str, prompts):
@@ -193,7 +209,7 @@ def targets(results: list[dict], prompts: list[int], depths: list[int], decode_p
             name = f"decode@{d}" if d in depths else "decode"
             rows.append((f"{mine} decode at depth {d} / llama.cpp {theirs}", ratio(results, *q, name), decode_goal, "x"))
         rows.append((f"{mine} peak RSS / llama.cpp {theirs}", ratio(results, *q, "rss"), 1.2, "max"))
-    if depths and 0 in depths:
+    if 0 in depths and max(depths) > 0:
         deepest = max(depths)
         for r in results:
             if r["engine"] in (ours, "llama.cpp"):
@@ -201,7 +217,9 @@ def targets(results: list[dict], prompts: list[int], depths: list[int], decode_p
                 goal = 0.8 if r["engine"] == ours else None
                 rows.append((f"{r['engine']} {r['precision']} decode at depth {deepest} / at depth 0",
                              ratio(results, key, key, f"decode@{deepest}", "decode@0"), goal, "x"))
-    rows.append(("int4 decode / transformers eager fp32", ratio(results, (ours, "int4"), ("transformers eager", "fp32"), "decode"), None, "x"))
+    if find(results, (ours, "int4")) and find(results, ("transformers eager", "fp32")):
+        rows.append(("int4 decode / transformers eager fp32",
+                     ratio(results, (ours, "int4"), ("transformers eager", "fp32"), "decode"), None, "x"))
     for r in results:
         if r["engine"] == ours:
             rows.append((f"{r['precision']} decode / bandwidth bound", r["roofline"]["fraction_of_bound"], 0.6, "%"))
@@ -219,43 +237,65 @@ def target_line(name: str, value: float | None, goal: float | None, kind: str) -
     return f"  {name}: {shown}  (target {'≤' if kind == 'max' else '≥'} {goal_text}: {'met' if met else 'MISSED'})"
 
 
+def artifact_spec(text: str) -> tuple[str, Path]:
+    """--artifact PRECISION=DIR."""
+    precision, equals, directory = text.partition("=")
+    if not (precision and equals):
+        raise argparse.ArgumentTypeError(f"{text} is not PRECISION=DIR; name the artifact's precision, as fp32={text}")
+    return precision, existing_dir(directory)
+
+
+def depth(text: str) -> int:
+    """--depth: a context length, or -1 for none."""
+    value = int(text) if text.removeprefix("-").isdigit() else None
+    if value is None or value < -1:
+        raise argparse.ArgumentTypeError(f"{text} is not an integer of 0 or more (or -1 for no depths)")
+    return value
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path, help="the HF checkpoint every engine runs (ours: exported from it)")
-    parser.add_argument("--artifact", action="append", default=[], help="PRECISION=DIR of one of our artifacts (repeat)")
-    parser.add_argument("--llamacpp", default="F32,Q8_0,Q4_0", help="GGUF types to measure ('' = skip llama.cpp)")
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=existing_dir, help="the HF checkpoint every engine runs (ours: exported from it)")
+    parser.add_argument("--artifact", type=artifact_spec, action="append", default=[],
+                        help="PRECISION=DIR of one of our artifacts (repeat)")
+    parser.add_argument("--llamacpp", type=llamacpp.gguf_types, default="F32,Q8_0,Q4_0",
+                        help="GGUF types to measure ('' = skip llama.cpp)")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--cache", type=Path, default=llamacpp.DEFAULT_CACHE, help="llama.cpp build/convert cache")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prompt", type=int, action="append", help="prefill prompt lengths (default 128 and 512)")
-    parser.add_argument("--decode-prompt", type=int, default=512)
-    parser.add_argument("--depth", type=int, action="append", help="decode after this many tokens of context too "
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--prompt", type=positive_int, action="append", help="prefill prompt lengths (default 128 and 512)")
+    parser.add_argument("--decode-prompt", type=positive_int, default=512)
+    parser.add_argument("--depth", type=depth, action="append", help="decode after this many tokens of context too "
                         "(repeat; default 0, 512, 4096, 16384 — llama-bench -d; '--depth -1' for none)")
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every engine")
-    parser.add_argument("--json", type=Path, help="write every result here")
+    parser.add_argument("--new-tokens", type=two_or_more, default=128)
+    parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved repetitions of every engine")
+    parser.add_argument("--json", type=new_file, help="write every result here")
     parser.add_argument("--worker", choices=["transformers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.prompt = args.prompt or [128, 512]
     args.depth = [d for d in (args.depth or [0, 512, 4096, 16384]) if d >= 0]
 
     if args.worker == "transformers":
-        result = transformers_worker(args.checkpoint, args.threads, args.prompt, args.decode_prompt, args.new_tokens)
+        result = transformers_worker(args.checkpoint, args.threads, args.prompt, args.decode_prompt, args.new_tokens,
+                                     args.depth)
         args.json.write_text(json.dumps(result))
         return
+    if not (args.checkpoint / "config.json").is_file():
+        parser.error(f"{args.checkpoint} has no config.json; give a Hugging Face checkpoint directory")
+    if not (args.artifact or args.llamacpp or not args.no_transformers):
+        parser.error("nothing to measure: give --artifact PRECISION=DIR, --llamacpp TYPES or leave transformers on")
 
     config = Llama4Config.from_hf_dict(json.loads((args.checkpoint / "config.json").read_text()), source=str(args.checkpoint))
+    print_machine(args.threads)
     positions = range(args.decode_prompt, args.decode_prompt + args.new_tokens - 1)
     engines: list[tuple[str, str, float, object]] = []  # (engine, precision, KV bytes per step, measure-once callable)
-    for spec in args.artifact:
-        precision, _, directory = spec.partition("=")
+    for precision, directory in args.artifact:
         engines.append(("llama4-export (onnxruntime)", precision, kv_bytes_read(config, positions, 4, context(args)),
-                        lambda d=Path(directory): ours_once(d, args)))
+                        lambda d=directory: ours_once(d, args)))
     if args.llamacpp:
-        types = args.llamacpp.split(",")
-        files = llamacpp.convert(args.checkpoint, args.cache, types, jobs=args.threads)
+        files = llamacpp.convert(args.checkpoint, args.cache, args.llamacpp, jobs=args.threads)
         bin_dir = llamacpp.build(args.cache, llamacpp.source_dir(args.cache))
-        for kind in types:
+        for kind in args.llamacpp:
             weights = llamacpp.decode_bytes(files[kind], args.cache, config.num_local_experts)
             engines.append(("llama.cpp", kind, kv_bytes_read(config, positions, 2, None),  # llama.cpp's KV cache is f16
                             lambda g=files[kind], w=weights: llamacpp_once(bin_dir, g, w, args)))
@@ -277,8 +317,7 @@ def main() -> None:
 
     machine = machine_info()
     console.print(result_table(results, title=f"{args.checkpoint.name}: {args.threads} threads, median (min–max) over {args.rounds} interleaved rounds"))
-    console.print(f"machine: {machine['cpu']}, {machine['cores']} cores, flags {' '.join(machine['cpu_flags'])}; "
-                  f"copy bandwidth {bandwidth:.1f} GB/s "
+    console.print(f"copy bandwidth {bandwidth:.1f} GB/s "
                   f"(rounds: {', '.join(f'{b:.1f}' for b in bandwidths)}); 1-min load average during the run: "
                   f"{', '.join(f'{v:.2f}' for v in loads)}", highlight=False)
     target_rows = targets(results, args.prompt, args.depth, args.decode_prompt)
@@ -293,4 +332,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
