@@ -1,9 +1,13 @@
 """`llama4-export bench`: a smoke test of the CLI on the shared l4-scoutlike artifact, and the roofline byte count
-checked against the checkpoint's own tensors. Speed targets live in benchmarks/, never here."""
+checked against the checkpoint's own tensors; the benchmarks/ scripts' refusal of bad arguments. Speed targets live in
+benchmarks/, never here."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +92,22 @@ def test_bench_refuses_bad_flags_in_one_line_before_measuring(scoutlike_artifact
 
 def test_spread_reports_median_and_range():
     assert spread([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "runs": [3.0, 1.0, 2.0, 10.0]}
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("script, args, expected", [
+    ("gqa_depth.py", ["--depth", "-5"], "argument --depth: -5 is not an integer of 0 or more"),  # was a traceback
+    ("gqa_depth.py", ["--heads", "7", "--kv-heads", "4"], "--heads 7 is not a multiple of --kv-heads 4"),
+    ("kv_memory.py", ["--window", "0"], "argument --window: 0 is not an integer of 1 or more"),  # was the child's
+    ("compare_peers.py", ["{tmp}", "--llamacpp", "BOGUS"], "unknown GGUF type BOGUS"),  # was after a llama.cpp build
+    ("report_time.py", ["{tmp}", "{tmp}"], "config.json"),  # the package's CheckpointError, without its traceback
+])
+def test_benchmark_scripts_refuse_bad_input_in_one_line(tmp_path, script, args, expected):
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: ") and expected in lines[0], result.stderr
