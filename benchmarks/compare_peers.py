@@ -12,8 +12,8 @@ routed expert per MoE layer + lm_head + one embedding row + the valid KV entries
 
 Ours: `llama4-export bench DIR --repeats 1` (the CLI itself). llama.cpp: benchmarks/llamacpp.py (fetches, builds
 and converts into its cache on first use; ~10 min). transformers: Llama4ForCausalLM, attn_implementation="eager",
-float32, model.generate greedy (this script's --worker mode), at every --depth too (eager attention's memory grows
-with the square of the context: at 16384 tokens, use --no-transformers or fewer depths on a small machine).
+float32, model.generate greedy (this script's --worker mode), at the --depth values up to 2048 (eager attention's
+memory grows with the square of the context: at 16384 tokens it would need tens of GB; deeper columns show –).
 """
 
 from __future__ import annotations
@@ -134,12 +134,15 @@ def ours_once(artifact: Path, args) -> dict:
             "weight_bytes": r["roofline"]["weight_bytes_per_token"]}
 
 
+TRANSFORMERS_MAX_DEPTH = 2048  # eager attention's scores at 16384 tokens: tens of GB
+
+
 def transformers_once(checkpoint: Path, args) -> dict:
     cmd = [sys.executable, __file__, str(checkpoint), "--worker", "transformers", "--threads", str(args.threads),
            "--decode-prompt", str(args.decode_prompt), "--new-tokens", str(args.new_tokens)]
     for n in args.prompt:
         cmd += ["--prompt", str(n)]
-    for d in args.depth or [-1]:  # -1: none (no --depth at all would be the default four)
+    for d in [d for d in args.depth if d <= TRANSFORMERS_MAX_DEPTH] or [-1]:  # -1: none (not the default four)
         cmd += ["--depth", str(d)]
     return run_json(cmd, "the transformers worker")
 
