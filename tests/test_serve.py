@@ -487,6 +487,14 @@ def test_malformed_request_gets_an_openai_error_and_the_next_request_succeeds(se
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].finish_reason
 
 
+def test_a_nan_sampling_value_is_called_not_finite(server):
+    """NaN fails every bound, so pydantic answered "temperature: Input should be less than or equal to 2"."""
+    body = b'{"model": "tiny", "prompt": "x", "temperature": NaN}'
+    response = httpx.post(f"{server[0]}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "temperature"
+    assert "finite" in response.json()["error"]["message"], response.text
+
+
 def test_a_lone_surrogate_escape_is_named_as_such(server, client):
     """`"\\ud800"` alone is grammatical JSON but no character; the parser's "unexpected end of hex escape" sent the
     client looking for a cut-off escape."""

@@ -46,7 +46,7 @@ class APIError(Exception):
 
 class _Body(BaseModel):
     # Unknown fields are refused (never silently ignored); JSON types are taken as they are ("10" is not a number).
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # NaN: was "less than or equal to 2"
 
     @model_validator(mode="before")
     @classmethod
