@@ -192,3 +192,56 @@ def test_prefill_budget_bounds_the_prompt_tokens_of_a_step_while_others_decode(g
     assert [s.result().token_ids for s in sequences] == alone
     with pytest.raises(GenerationError, match="prefill_budget=0"):
         EngineOptions(prefill_budget=0)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("logprobs", 2.5), ("prompt_logprobs", 1.5),  # failed in the step, ending every running sequence with it
+    ("prompt_ids", "Hello"),  # tokenized by the check, then lost in the step: result() waited for ever
+    ("max_new_tokens", 2.5),  # never equal to a count of tokens: generated past the context
+    ("max_new_tokens", None), ("max_new_tokens", "8"), ("timeout", "1"), ("stop_tokens", 5), ("sampling", None),
+    ("stop_tokens", [10**9]),  # out of the vocabulary: Generator refuses it
+    ("stop_strings", "o@@NEVER@@"),  # split into one-character stops
+    ("stop_strings", (None,)),
+])
+def test_a_request_the_engine_cannot_run_is_refused_at_submit_and_the_running_go_on(generator, field, value):
+    """BatchEngine.check compared values without checking their kinds: what got past it failed in the step (ending
+    every running sequence with "error"), was lost, or ran on; others were TypeErrors, not GenerationError."""
+    engine = BatchEngine(generator, EngineOptions(max_batch=2, max_queue=2))
+    engine.start()
+    try:
+        running = engine.submit(SequenceRequest([5, 6, 7], 12, stop_tokens=frozenset()))
+        fields = {"prompt_ids": [1, 2, 3], "max_new_tokens": 4, field: value}
+        with pytest.raises(GenerationError, match=field):
+            engine.submit(SequenceRequest(**fields))
+        done = running.result(timeout=60)
+        assert done.finish_reason == "length" and len(done.token_ids) == 12
+    finally:
+        engine.stop()
+
+
+def test_a_sequence_failing_at_admission_ends_with_its_error_and_a_listener_may_stop_the_engine(generator,
+                                                                                            monkeypatch):
+    """A sequence whose admission raised was out of the queue and in no row: never finished. stop() called from a
+    listener (the engine's own thread) failed to join itself, and no sequence got its last event."""
+    engine = BatchEngine(generator, EngineOptions(max_batch=2, max_queue=2))
+    admit = engine._admit
+
+    def admit_failing_once(seq):
+        monkeypatch.setattr(engine, "_admit", admit)
+        raise RuntimeError("no row for you")
+
+    monkeypatch.setattr(engine, "_admit", admit_failing_once)
+    engine.start()
+    failed = engine.submit(SequenceRequest([1, 2, 3], 4))
+    assert failed.result(timeout=60).finish_reason == "error" and "no row for you" in failed.result().error
+    first = []
+
+    def stop_on_the_first_token(event):
+        if not first:
+            first.append(event)
+            engine.stop()
+
+    stopping = engine.submit(SequenceRequest([1, 2, 3], 50, stop_tokens=frozenset()), stop_on_the_first_token)
+    other = engine.submit(SequenceRequest([4, 5, 6], 50, stop_tokens=frozenset()))
+    assert stopping.result(timeout=60).finish_reason == "cancelled"
+    assert other.result(timeout=60).finish_reason == "cancelled"

@@ -449,7 +449,10 @@ def test_the_python_api_takes_numpy_seeds_and_text_parts_and_refuses_bad_argumen
             (lambda: gen.generate([True, 2], 2), "the prompt must be text or one flat sequence of integer token ids"),
             (lambda: gen.generate(b"Hello", 2), "the prompt must be text or one flat sequence of integer token ids"),
             (lambda: Generator.load(tiny_artifact, providers=["NopeExecutionProvider"]),
-             "providers: 'NopeExecutionProvider' is not in this onnxruntime (it has ")):
+             "providers: 'NopeExecutionProvider' is not in this onnxruntime (it has "),
+            (lambda: gen.generate_batch(None, 2), "prompts: a NoneType; generate_batch takes a list"),  # a TypeError
+            (lambda: Generator.load(tiny_artifact, providers="CPUExecutionProvider"),  # "'C' is not in …"
+             "providers='CPUExecutionProvider': give a list, e.g. ['CPUExecutionProvider']")):
         with pytest.raises(GenerationError) as raised:
             call()
         assert str(raised.value).startswith(message) and "\n" not in str(raised.value), str(raised.value)

@@ -139,6 +139,8 @@ def test_default_stop_tokens_are_the_config_eos(gen):
         (dict(temperature="0.5"), "temperature='0.5': expected a number"),
         (dict(seed=None, temperature=0.5), "seed=None: expected an integer"),
         (dict(top_k=1.5), "top_k=1.5: expected an integer"),
+        (dict(temperature=True), "temperature=True: expected a number"),  # True was taken for 1
+        (dict(top_k=True), "top_k=True: expected an integer"),
     ],
 )
 def test_bad_sampling_options_raise_one_line(gen, options, message):

@@ -35,7 +35,7 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from ..errors import INTEGER, NONE, check_types
+from ..errors import INTEGER, NONE, NUMBER, check_types, is_integer, shown
 from .backends import KVCacheState
 from .errors import GenerationError
 from .generator import Generator
@@ -203,7 +203,24 @@ class BatchEngine:
         return self.max_batch + self.max_queue
 
     def check(self, request: SequenceRequest) -> None:
-        """Raise GenerationError naming what the engine cannot run in `request` (before it is queued)."""
+        """Raise GenerationError naming what the engine cannot run in `request` (before it is queued): a value of the
+        wrong kind got past here and failed in the engine's step, ending every running sequence with it."""
+        if not isinstance(request, SequenceRequest):
+            raise GenerationError(f"{type(request).__name__}: submit a SequenceRequest")
+        check_types("SequenceRequest", {  # a str prompt was tokenized here, then lost in the step
+            "prompt_ids": ((list, tuple, np.ndarray), "a list of token ids"),
+            "max_new_tokens": (INTEGER, "an integer"), "sampling": ((SamplingParams,), "SamplingParams"),
+            "stop_tokens": ((set, frozenset, list, tuple) + NONE, "token ids, or None for the eos tokens"),
+            "stop_strings": ((list, tuple), "a tuple of strings"),  # a str was split into one-character stops
+            "logprobs": (INTEGER + NONE, "an integer or None"), "prompt_logprobs": (INTEGER + NONE, "an integer or None"),
+            "timeout": (NUMBER + NONE, "seconds or None"), "image_features": ((np.ndarray,) + NONE, "an array or None"),
+        }, vars(request), GenerationError)
+        if request.stop_tokens is not None and not all(
+                is_integer(t) and 0 <= t < self.config.vocab_size for t in request.stop_tokens):
+            raise GenerationError(f"stop_tokens={shown(request.stop_tokens)}: give token ids in "
+                                  f"0..{self.config.vocab_size - 1}")
+        if not all(isinstance(text, str) and text for text in request.stop_strings):
+            raise GenerationError(f"stop_strings={shown(request.stop_strings)}: give non-empty strings")
         self.generator.encode(request.prompt_ids)  # non-empty, ids inside the vocabulary
         if request.max_new_tokens < (0 if request.prompt_logprobs is not None else 1):
             raise GenerationError(f"max_new_tokens={request.max_new_tokens}: must be >= 1 (0 only when scoring the "
@@ -289,8 +306,12 @@ class BatchEngine:
         with self._lock:
             self._closed = self._stopped = True
             self._lock.notify()
-        if self._thread is not None:
+        if self._thread is None:
+            self._cancel_all()
+        elif self._thread is not threading.current_thread():  # a listener may stop it: the loop then ends its step
             self._thread.join()
+
+    def _cancel_all(self) -> None:
         for seq in [*self._waiting, *(s for s in self._rows if s is not None)]:
             self._finish(seq, "cancelled")
         self._waiting.clear()
@@ -302,7 +323,7 @@ class BatchEngine:
                 while not self._stopped and not self._waiting and self.running == 0:
                     self._lock.wait()
                 if self._stopped:
-                    return
+                    break
             try:
                 self.step()
             except Exception as exc:  # a failing step must not take the server down: end what ran, serve the next
@@ -310,6 +331,7 @@ class BatchEngine:
                 for seq in self._rows:
                     if seq is not None:
                         self._finish(seq, "error", error=message)
+        self._cancel_all()
 
     def step(self) -> bool:
         """One iteration: admit, end cancelled/expired sequences, one prefill piece, one decode step. Returns whether
@@ -320,7 +342,11 @@ class BatchEngine:
                 self._waiting.remove(seq)
                 self._finish(seq, "cancelled" if seq.cancelled else "timeout")
             while self._waiting and None in self._rows:
-                self._admit(self._waiting.popleft())
+                seq = self._waiting.popleft()
+                try:
+                    self._admit(seq)
+                except Exception as exc:  # out of the queue and in no row yet: it would never be finished
+                    self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
         for seq in list(self._rows):
             if seq is not None and (seq.cancelled or seq.expired(now)):
                 self._finish(seq, "cancelled" if seq.cancelled else "timeout")

@@ -300,9 +300,10 @@ class Generator:
         """Several prompts of any lengths at once; sampled rows draw from one seeded generator, in row order.
         images: one sequence of images per prompt (None: text only); on_prefill and penalties as for generate()
         (on_prefill counts the positions of the longest prompt: the rows are fed side by side)."""
-        if isinstance(prompts, (str, bytes)):  # a str was run as one prompt per character
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):  # a str ran per character
             raise GenerationError(f"prompts: a {type(prompts).__name__}; generate_batch takes a list of prompts "
                                   "(generate takes one)")
+        prompts = list(prompts)
         if images is not None and len(images) != len(prompts):
             raise ImageError(f"{len(prompts)} prompt(s) but {len(images)} image list(s); give one list per prompt")
         prepared = [self._with_images(p, images[k] if images is not None else ()) for k, p in enumerate(prompts)]

@@ -125,6 +125,8 @@ class OrtBackend:
             options.register_custom_ops_library(custom_op_library)
         if profile_prefix:
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
+        if isinstance(providers, str):  # its letters were taken for providers ("'C' is not in this onnxruntime")
+            raise GenerationError(f"providers={providers!r}: give a list, e.g. [{providers!r}]")
         base = providers or default_providers()
         available = ort.get_available_providers()
         missing = [p for p in base if (p[0] if isinstance(p, tuple) else p) not in available]

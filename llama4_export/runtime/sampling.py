@@ -39,7 +39,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         for name, kind, expected in (("top_k", numbers.Integral, "an integer"), ("seed", numbers.Integral, "an integer"),
                                      *((name, numbers.Real, "a number") for name in REAL_OPTIONS)):
-            if not isinstance(getattr(self, name), kind):  # not a TypeError from a comparison further down
+            value = getattr(self, name)
+            if not isinstance(value, kind) or isinstance(value, bool):  # not a TypeError further down; True no number
                 raise GenerationError(f"{name}={getattr(self, name)!r}: expected {expected}")
         for name in REAL_OPTIONS:
             if not math.isfinite(getattr(self, name)):
