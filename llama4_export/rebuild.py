@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import held_directory, read_manifest, remove_abandoned
+from .artifact import ArtifactError, held_directory, read_manifest, remove_abandoned
 from .calib.corpus import load_corpus
 from .model.io_spec import DEFAULT_MAX_PREFILL
 from .pipeline import QuantOptions, export
@@ -97,6 +97,9 @@ def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out:
     """Re-run the recorded pipeline into `out` (default: a temp dir, removed after) and compare with the artifact."""
     directory = Path(artifact_dir)
     original = read_manifest(directory)
+    if out is not None and Path(out).resolve() == directory.resolve():  # it was replaced, verdict or not
+        raise ArtifactError(f"--out {out}: is the artifact being rebuilt, which the rebuild would replace; give another "
+                            "directory (or leave --out out: a temp one)")
     source = recorded_source(original, Path(checkpoint) if checkpoint else None)
     if "vision" not in original:
         source.vision = None  # exported --text-only from a multimodal checkpoint (or the model has none)

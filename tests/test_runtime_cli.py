@@ -139,6 +139,12 @@ def test_compare_checks_an_optimized_preset_artifact_against_its_seeded_weights(
     assert refused.exit_code == 2 and "exported from the random weights of preset 'scout-tiny'" in refused.output
     rebuilt = CliRunner().invoke(export_app, ["rebuild", str(tiny_artifact), "--checkpoint", str(tiny_checkpoint)])
     assert rebuilt.exit_code == 2 and "drop --checkpoint" in rebuilt.output, rebuilt.output  # was ignored
+    files = {f: f.read_bytes() for f in tiny_artifact.iterdir()}
+    into_itself = CliRunner().invoke(export_app, ["rebuild", str(tiny_artifact), "--out", str(tiny_artifact)])
+    assert into_itself.exit_code == 2 and "is the artifact being rebuilt" in into_itself.output, into_itself.output
+    assert {f: f.read_bytes() for f in tiny_artifact.iterdir()} == files  # it was replaced, verdict or not
+    benched = CliRunner().invoke(export_app, ["bench", str(tiny_artifact), "--json", str(tiny_artifact)])
+    assert benched.exit_code == 2 and "is a directory; give a file path" in benched.output  # after the measuring
 
 
 def test_the_torch_backend_runs_an_optimized_preset_artifact_on_its_recorded_weights(tiny_artifact):

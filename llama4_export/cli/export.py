@@ -362,6 +362,8 @@ def bench(
 ) -> None:
     """Prefill and decode tokens/s, time to first token, peak RSS and decode as a fraction of the memory-bandwidth bound."""
     try:
+        if json_out is not None and json_out.is_dir():  # found out before the minutes of measuring, as below
+            raise ConfigError(f"--json {json_out}: is a directory; give a file path, e.g. {json_out / 'bench.json'}")
         if json_out is not None and not json_out.parent.is_dir():  # found out before the minutes of measuring
             raise ConfigError(f"--json {json_out}: its directory {json_out.parent} does not exist; create it or write "
                              "elsewhere")
