@@ -133,6 +133,11 @@ def test_not_fitting_reports_what_is_missing_and_exits_1():
     assert plan.missing_bytes == hand_gpu(cfg, range(48), 8192, weights, True) - H100  # at W = one chunk
     result = plan_cli("--model", "maverick", "--precision", "int4", "--gpu", "h100-80gb", "--text-only")
     assert result.exit_code == 1 and "does not fit" in result.stdout and f"{plan.missing_bytes / GIB:,.2f} GiB missing" in result.stdout
+    # a requested W that does not fit was called "largest W that fits" too
+    asked = plan_cli("--model", "scout", "--gpu", "h100-80gb", "--window", "100")
+    line = " ".join(asked.stdout.split())
+    assert asked.exit_code == 1 and "missing on the fullest GPU at the requested W = 100 — try" in line, asked.stdout
+    assert "largest W that fits" not in line
 
 
 # ------------------------------------------------------------------------------------------------ vision

@@ -304,9 +304,11 @@ def _print_plan(p) -> None:
         console.print(f"[bold green]fits[/]: global window W = {p.window:,} tokens ({bound}); weights {_gib(p.weight_bytes)} in all",
                       highlight=False)
     else:
-        console.print(f"[bold red]does not fit[/]: {_gib(p.missing_bytes)} missing on the fullest GPU at W = "
-                      f"{max(p.window, p.min_window):,} (one attention chunk); largest W that fits: {p.window:,} — "
-                      "try more --gpus, a lower --precision, a smaller --max-prefill / --max-batch, or a bigger GPU",
+        # a requested W is what the table shows (it "fit" as the largest W before); else the one-chunk minimum
+        at = (f"the requested W = {p.window:,}" if p.window_limit == "requested" else
+              f"W = {p.min_window:,} (one attention chunk); largest W that fits: {p.window:,}")
+        console.print(f"[bold red]does not fit[/]: {_gib(p.missing_bytes)} missing on the fullest GPU at {at} — try "
+                      "more --gpus, a lower --precision, a smaller --max-prefill / --max-batch, or a bigger GPU",
                       highlight=False)
 
 
