@@ -35,10 +35,10 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from ..errors import INTEGER, NONE, NUMBER, check_types, is_integer, shown
+from ..errors import INTEGER, NONE, NUMBER, check_types, shown
 from .backends import KVCacheState
 from .errors import GenerationError
-from .generator import Generator
+from .generator import Generator, check_stop_tokens
 from .sampling import Sampler, SamplingParams, StopStrings, TokenLogprobs, token_logprobs
 from .tokenizer import StreamDecoder
 
@@ -215,10 +215,8 @@ class BatchEngine:
             "logprobs": (INTEGER + NONE, "an integer or None"), "prompt_logprobs": (INTEGER + NONE, "an integer or None"),
             "timeout": (NUMBER + NONE, "seconds or None"), "image_features": ((np.ndarray,) + NONE, "an array or None"),
         }, vars(request), GenerationError)
-        if request.stop_tokens is not None and not all(
-                is_integer(t) and 0 <= t < self.config.vocab_size for t in request.stop_tokens):
-            raise GenerationError(f"stop_tokens={shown(request.stop_tokens)}: give token ids in "
-                                  f"0..{self.config.vocab_size - 1}")
+        if request.stop_tokens is not None:
+            check_stop_tokens(request.stop_tokens, self.config.vocab_size)
         if not all(isinstance(text, str) and text for text in request.stop_strings):
             raise GenerationError(f"stop_strings={shown(request.stop_strings)}: give non-empty strings")
         self.generator.encode(request.prompt_ids)  # non-empty, ids inside the vocabulary

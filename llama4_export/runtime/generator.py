@@ -366,9 +366,10 @@ class Generator:
         if stop_tokens is not None:
             listed = isinstance(stop_tokens, Iterable) and not isinstance(stop_tokens, (str, bytes))
             stop_tokens = list(stop_tokens) if listed else stop_tokens  # an iterator is read once
-            if not listed or not all(is_integer(t) and 0 <= t < self.config.vocab_size for t in stop_tokens):
-                raise GenerationError(f"stop_tokens={stop_tokens!r}: give a list of token ids in "
+            if not listed:
+                raise GenerationError(f"stop_tokens={shown(stop_tokens)}: give a list of token ids in "
                                       f"0..{self.config.vocab_size - 1}")
+            check_stop_tokens(stop_tokens, self.config.vocab_size)
         tokens = frozenset(self.eos_token_ids if stop_tokens is None else (int(t) for t in stop_tokens))
         params = SamplingParams(**options)
         params.check_vocabulary(self.config.vocab_size)
@@ -565,6 +566,12 @@ def _image_source(part: Any, where: str) -> tuple[ImageInput | None, str | None,
     if not isinstance(url, str):
         raise ImageError(f"{where}: the image part has no URL string; give {{\"url\": \"data:image/png;base64,...\"}}")
     return None, url, where
+
+
+def check_stop_tokens(stop_tokens: Iterable, vocab_size: int) -> None:
+    """GenerationError unless every stop token is an id of the vocabulary (Generator's options, BatchEngine's requests)."""
+    if not all(is_integer(t) and 0 <= t < vocab_size for t in stop_tokens):
+        raise GenerationError(f"stop_tokens={shown(stop_tokens)}: give a list of token ids in 0..{vocab_size - 1}")
 
 
 def _check_callbacks(**callbacks: Any) -> None:

@@ -41,7 +41,7 @@ class SamplingParams:
                                      *((name, numbers.Real, "a number") for name in REAL_OPTIONS)):
             value = getattr(self, name)
             if not isinstance(value, kind) or isinstance(value, bool):  # not a TypeError further down; True no number
-                raise GenerationError(f"{name}={getattr(self, name)!r}: expected {expected}")
+                raise GenerationError(f"{name}={value!r}: expected {expected}")
         for name in REAL_OPTIONS:
             if not math.isfinite(getattr(self, name)):
                 raise GenerationError(f"{name}={getattr(self, name)}: must be a finite number")

@@ -77,11 +77,11 @@ def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas:
     check_ray_address(address)
     stop = threading.Event()
 
-    def on_signal(*_):
-        stop.set()
+    def take_signals() -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
 
-    for signum in (signal.SIGTERM, signal.SIGINT):  # a Ctrl-C while Ray starts is taken once it has started
-        signal.signal(signum, on_signal)
+    take_signals()  # a Ctrl-C while Ray starts is taken once it has started
     local = address is None
     try:
         ray.init(address="local" if local else address, include_dashboard=False, log_to_driver=False)
@@ -89,8 +89,7 @@ def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas:
         found = str(exc).split(". ")[0].rstrip(".")
         raise ConfigError(f"--ray-address {address}: {found}; start the cluster (`ray start --head`), or leave "
                           "--ray-address out for a local instance") from None
-    for signum in (signal.SIGTERM, signal.SIGINT):  # ray.init installs handlers of its own
-        signal.signal(signum, on_signal)
+    take_signals()  # ray.init installs handlers of its own
     name = f"{DEPLOYMENT}-{settings.model_name}"
     started = deployed = False
     try:
