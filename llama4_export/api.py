@@ -153,9 +153,10 @@ def export_model(
     text_only: leave a multimodal source's vision tower out (the artifact is then that of a text-only checkpoint)."""
     with needs_exporter():
         from .graph_passes.pipeline import default_target
-        from .pipeline import QuantOptions, available_memory, export
+        from .pipeline import QuantOptions, available_memory, export, pin_cpu_numerics
         from .tensorrt.engine import PARTITIONED_ENGINES, maybe_build_engines, require_tensorrt
         from .weights import in_memory
+    pin_cpu_numerics()  # before the source's first tensor: pipeline.export notes it if torch had run kernels before
 
     optional_text = (TEXT + NONE, "a str or None")
     check_types("export_model", {
@@ -176,6 +177,9 @@ def export_model(
     build = target == "tensorrt" and optimize
     if not build and engines.given():
         raise ConfigError(f"{', '.join(engines.given())}: engine options apply to --target tensorrt without --no-optimize")
+    if not trt_plugin and not build:
+        raise ConfigError("--trt-fallback: picks the MoE lowering of --target tensorrt, which this export does not "
+                          "lower for; drop it, or export with --target tensorrt (without --no-optimize)")
     if partitions > 1 and engines.given():
         raise ConfigError(f"{', '.join(engines.given())} with --partitions {partitions}: {PARTITIONED_ENGINES}")
     require_tensorrt(engines.require_engine)

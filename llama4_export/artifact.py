@@ -85,19 +85,24 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
                             f"but this llama4-export reads version {FORMAT_VERSION}; re-export with this version (or "
                             "run it with the llama4-export that wrote it)")
     if verify:
-        verified = _VerifiedFiles.load()
-        for name, expected in sorted(manifest["files"].items()):
-            file = directory / name
-            if not file.is_file():
-                raise ArtifactError(f"{file}: listed in {MANIFEST} but missing; the artifact is incomplete, re-run the export")
-            stat = file.stat()  # before hashing: a write during the hash changes it, and the next load hashes again
-            if verified.holds(file, stat, expected):
-                continue
-            if sha256_file(file) != expected:
-                raise ArtifactError(f"{file}: sha256 does not match {MANIFEST}; the file was modified or damaged, re-run the export")
-            verified.add(file, stat, expected)
-        verified.save()
+        verify_files(directory, manifest, manifest["files"])
     return manifest
+
+
+def verify_files(directory: Path, manifest: dict, names) -> None:
+    """Each of `names` (paths in `directory`'s manifest) is there and hashes as the manifest says."""
+    verified = _VerifiedFiles.load()
+    for name in sorted(names):
+        file, expected = directory / name, manifest["files"].get(name)
+        if not file.is_file():
+            raise ArtifactError(f"{file}: listed in {MANIFEST} but missing; the artifact is incomplete, re-run the export")
+        stat = file.stat()  # before hashing: a write during the hash changes it, and the next load hashes again
+        if verified.holds(file, stat, expected):
+            continue
+        if sha256_file(file) != expected:
+            raise ArtifactError(f"{file}: sha256 does not match {MANIFEST}; the file was modified or damaged, re-run the export")
+        verified.add(file, stat, expected)
+    verified.save()
 
 
 class _VerifiedFiles:
@@ -157,8 +162,9 @@ class _VerifiedFiles:
 def replaceable_directory(target: str | Path) -> Path:
     """`target` as an absolute path that atomic_directory may replace (`.` has no name to put a temp directory
     beside); the current directory, or one that holds it, is refused: renamed away, it would leave the shell that ran
-    the command in a deleted directory."""
-    target = Path(os.path.abspath(target))
+    the command in a deleted directory. A symlink stands for the directory it points to, which is replaced (the link
+    itself was renamed away, replaced by a plain directory, and the one it pointed to left as it was)."""
+    target = Path(os.path.realpath(target) if os.path.islink(target) else os.path.abspath(target))
     here = Path.cwd()
     if target == here or target in here.parents:
         raise ArtifactError(f"{target}: is the current directory{'' if target == here else ' or holds it'}, and an "

@@ -53,6 +53,7 @@ from .graph_passes.artifact_passes import optimize_graphs, optimized_manifest
 from .graph_passes.manager import PassReport
 from .graph_passes.pipeline import TARGETS
 from .graph_passes.quantize import LM_HEAD, QuantSpec
+from .graph_passes.verify import DEFAULT_TOLERANCE
 from .model.config import Llama4Config
 from .model.io_spec import DEFAULT_MAX_PREFILL
 from .model.summary import BLOCK_SIZES, block_size_problem, parameter_counts, vision_block_size, vision_parameter_count, weight_bytes
@@ -202,12 +203,16 @@ def export(
     trt_plugin: bool = True,
     show_progress: bool = True,
     vision_precision: str | None = None,
+    verify_tolerance: float | None = None,
 ) -> ExportResult:
     """Export `source` to the artifact directory `out` (see the module docstring); returns what was written.
-    vision_precision: the vision tower's (a multimodal source only); None: vision_precision_for's default."""
+    vision_precision: the vision tower's (a multimodal source only); None: vision_precision_for's default.
+    verify_tolerance: check every graph pass on ONNX Runtime to this tolerance (`passes --verify`; what a rebuild of
+    such an artifact replays)."""
     out = replaceable_directory(out)
     config = source.config
     return_large_frees_to_the_os()
+    note(pin_cpu_numerics(), show_progress)
     check_output(out)
     check_precision(precision, target)
     if target == "onnxruntime" and config.head_dim % 8:  # its kernel refuses to run, at the first token
@@ -284,11 +289,13 @@ def export(
             graph_entries = graphs_manifest(max_prefill)
             entry = _base_manifest(config, source, precision, target, max_prefill, graph_entries, layout)
             if optimize:
-                reports, opset = optimize_graphs(traced, graph_entries, part_dir, target, step, trt_plugin, spec,
+                verify = verify_tolerance is not None
+                reports, opset = optimize_graphs(traced, graph_entries, part_dir, target, step, trt_plugin, spec, verify,
+                                                 verify_tolerance if verify else DEFAULT_TOLERANCE,
                                                  weights=weights if quantized else None,  # the deferred experts
                                                  attention_chunk=config.attention_chunk_size)
                 shutil.rmtree(traced)
-                entry = optimized_manifest(entry, target, reports, opset)
+                entry = optimized_manifest(entry, target, reports, opset, verify, verify_tolerance)
                 result.pass_reports.update({(name if parts == 1 else f"part{k}/{name}"): r for name, r in reports.items()})
             if parts > 1:
                 write_manifest(part_dir, {**entry, "layers": [layers.start, layers.stop],
@@ -566,6 +573,28 @@ def return_large_frees_to_the_os() -> None:
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
+
+
+# Read once per process, before torch runs its first kernel. Calibration and the accuracy report compute in fp32 with
+# torch on the CPU, whose bits otherwise depend on the thread count (MKL splits a small GEMM's reduction differently)
+# and on the vector ISA the CPU offers (MKL's code path, ATen's kernels): calibrated weights and report.json would
+# then not rebuild identically on a machine with another core count or another CPU. MKL's strict conditional
+# numerical reproducibility mode on its AVX2 path and ATen at AVX2 give the same bits on every x86-64 CPU with AVX2,
+# at any thread count (and measured no slower here).
+REPRODUCIBLE_CPU_NUMERICS = {"MKL_CBWR": "AVX2,STRICT", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def pin_cpu_numerics() -> str | None:
+    """Set REPRODUCIBLE_CPU_NUMERICS where the environment does not choose otherwise. None when this process's torch
+    computes with them (or as the environment chose); else a note: torch had already run kernels in this process."""
+    for name, value in REPRODUCIBLE_CPU_NUMERICS.items():
+        os.environ.setdefault(name, value)
+    chosen, in_use = os.environ["ATEN_CPU_CAPABILITY"].upper(), torch.backends.cpu.get_cpu_capability()
+    if in_use in (chosen, "DEFAULT"):  # DEFAULT: a CPU without AVX2, where no pin applies
+        return None
+    return (f"note: torch had already run kernels in this process (at {in_use}, not {chosen}), so calibrated weights "
+            "and report.json are reproducible only on machines like this one at this thread count; export in a fresh "
+            "process (as llama4-export does) for bytes any machine rebuilds")
 
 
 def available_memory() -> int:

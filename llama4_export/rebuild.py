@@ -5,7 +5,7 @@ quantization and calibration settings, partitions, the prefill limit), the graph
 MoE lowering), the accuracy report when there was one, and — when the manifest has a
 `tensorrt` entry and TensorRT + a GPU are here — the engine build with the recorded builder settings from the
 recorded timing cache in error-on-miss mode. Everything up to the ONNX must be byte-identical on any machine (the
-exporter and passes are deterministic); engines only given the same timing cache, GPU model and TensorRT version
+exporter and passes are deterministic; calibration at any thread count: pipeline.pin_cpu_numerics); engines only given the same timing cache, GPU model and TensorRT version
 (engine.py says what TensorRT does and does not guarantee). The result is compared file by file: the first
 difference (missing, extra, or different sha256) is reported.
 """
@@ -22,7 +22,7 @@ from typing import Any
 from .artifact import ArtifactError, held_directory, read_manifest, remove_abandoned
 from .calib.corpus import load_corpus
 from .model.io_spec import DEFAULT_MAX_PREFILL
-from .pipeline import QuantOptions, export
+from .pipeline import QuantOptions, export, pin_cpu_numerics
 from .progress import note
 from .tensorrt.engine import ENGINE_DIR, build_engines, missing_tensorrt_message
 from .tensorrt.errors import BuildError
@@ -95,6 +95,7 @@ def _quant_options(manifest: dict[str, Any], calib_data: Path | None) -> QuantOp
 def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out: str | Path | None = None,
             calib_data: str | Path | None = None, show_progress: bool = True) -> RebuildResult:
     """Re-run the recorded pipeline into `out` (default: a temp dir, removed after) and compare with the artifact."""
+    pin_cpu_numerics()  # before the recorded source's first tensor (export notes it if that was too late)
     directory = Path(artifact_dir)
     original = read_manifest(directory)
     if out is not None and Path(out).resolve() == directory.resolve():  # it was replaced, verdict or not
@@ -118,7 +119,8 @@ def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out:
         rebuilt = export(out, source, original.get("precision", "fp32"), original.get("target", "onnxruntime"), quant,
                          max(1, len(parts)), max_prefill, optimized, _uses_trt_plugin(first),
                          show_progress=show_progress,
-                         vision_precision=original["vision"].get("precision") if source.vision is not None else None).manifest
+                         vision_precision=original["vision"].get("precision") if source.vision is not None else None,
+                         verify_tolerance=(first.get("graph_passes") or {}).get("verified_tolerance")).manifest
         notes += tool_differences(original, rebuilt)
         engine_files = {n for n in original["files"] if n.startswith(f"{ENGINE_DIR}/")}
         if "tensorrt" in original:

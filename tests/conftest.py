@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from contextlib import contextmanager
 import subprocess
@@ -12,6 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from llama4_export.pipeline import REPRODUCIBLE_CPU_NUMERICS
+
+# What an export sets in its process (pipeline.pin_cpu_numerics), set before any test runs a torch kernel: exports
+# made in this process give the bytes of the llama4-export processes the tests start.
+for _name, _value in REPRODUCIBLE_CPU_NUMERICS.items():
+    os.environ.setdefault(_name, _value)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CHECKPOINTS = REPO.parent / "shared" / "checkpoints"

@@ -4,7 +4,10 @@ the cache is deterministic and keyed."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 
 import numpy as np
@@ -14,7 +17,7 @@ import torch
 from llama4_export.calib.corpus import CalibrationError, cut_samples, embedded_corpus, load_corpus
 from llama4_export.calib.layerwise import layerwise_statistics
 from llama4_export.calib.stats import cache_key, load_cache, percentile_abs, save_cache
-from llama4_export.pipeline import QuantOptions
+from llama4_export.pipeline import REPRODUCIBLE_CPU_NUMERICS, QuantOptions
 from llama4_export.weights import RandomWeights, from_preset
 
 
@@ -112,6 +115,47 @@ def test_statistics_match_a_direct_computation_and_cache_is_deterministic(tmp_pa
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     assert load_cache(tmp_path / "a.safetensors", key)["layers.0.attn_in.amax"] == small["layers.0.attn_in.amax"]
     assert load_cache(tmp_path / "a.safetensors", cache_key({"preset": "other"}, "x", 2, 16)) is None
+
+
+# One process, two torch thread counts: torch's MKL GEMM splits a small matrix product (a routed expert's few tokens)
+# differently by thread count, which changed calibration statistics and the report's reference in the last bits.
+SAME_BITS_AT_ANY_THREAD_COUNT = """
+import sys
+import numpy as np, torch
+from llama4_export.pipeline import pin_cpu_numerics
+assert pin_cpu_numerics() is None
+from llama4_export.calib.layerwise import layerwise_statistics
+from llama4_export.evaluation.report import ReferenceLogits
+from llama4_export.weights import RandomWeights
+source = RandomWeights("scout-tiny", seed=0)
+ids = np.random.default_rng(0).integers(0, source.config.vocab_size, (4, 128))
+runs = []
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    stats = {name: np.asarray(value) for name, value in layerwise_statistics(source, ids).items()}
+    runs.append({**stats, "reference logits": ReferenceLogits(source)(ids)})
+print(sorted(name for name in runs[0] if not np.array_equal(runs[0][name], runs[1][name])))
+"""
+
+
+def test_calibration_statistics_and_the_reference_are_the_same_bits_at_any_thread_count():
+    env = {k: v for k, v in os.environ.items() if k not in REPRODUCIBLE_CPU_NUMERICS}  # the package's own settings
+    run = subprocess.run([sys.executable, "-c", SAME_BITS_AT_ANY_THREAD_COUNT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]", f"differ between 1 and 2 threads: {run.stdout}"
+
+
+def test_an_export_after_torch_ran_kernels_says_its_bits_are_this_machines():
+    script = ("import torch; capability = torch.backends.cpu.get_cpu_capability(); torch.ones(4) * 2\n"
+              "from llama4_export.pipeline import pin_cpu_numerics; print(capability, '|', pin_cpu_numerics())")
+    env = {k: v for k, v in os.environ.items() if k not in REPRODUCIBLE_CPU_NUMERICS}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    capability, _, message = run.stdout.strip().partition(" | ")
+    if capability in ("AVX2", "DEFAULT"):  # what the pin chooses anyway, or a CPU it does not apply to
+        assert message == "None", run.stdout + run.stderr
+    else:
+        assert f"(at {capability}, not AVX2)" in message and "fresh process" in message, run.stdout + run.stderr
 
 
 def test_checkpoint_without_tokenizer_needs_one_for_calibration_but_not_for_rtn_or_the_report(tmp_path):

@@ -22,7 +22,7 @@ import torch
 from typer.testing import CliRunner
 
 from llama4_export import api
-from llama4_export.artifact import read_manifest
+from llama4_export.artifact import atomic_directory, read_manifest
 from llama4_export.cli.export import export_app
 from llama4_export.model import get_preset, io_spec
 from llama4_export.model.modeling import KVCache
@@ -468,6 +468,14 @@ CLI_ERRORS = {
     # ignored: the stored report was printed
     "passes --report --target": (lambda t: ["passes", str(t), "--report", "--target", "tensorrt"],
                                  "--report prints the stored report and changes nothing; --target applies to optimizing"),
+    # the next three were accepted and ignored
+    "passes --tolerance without --verify": (lambda t: ["passes", str(t), "--tolerance", "5"],
+                                            "--tolerance 5 bounds --verify's check, which is not asked for"),
+    "passes --trt-fallback for onnxruntime": (lambda t: ["passes", str(t), "--target", "onnxruntime", "--trt-fallback"],
+                                              "--trt-fallback: picks the MoE lowering of --target tensorrt, not onnxruntime"),
+    "--trt-fallback for onnxruntime": (lambda t: ["--model", "scout-tiny", "--target", "onnxruntime", "--trt-fallback",
+                                                  "--out", str(t / "o")],
+                                       "--trt-fallback: picks the MoE lowering of --target tensorrt, which this export"),
 }
 
 
@@ -650,6 +658,19 @@ def test_scratch_a_killed_export_left_is_removed_by_the_next_export_and_a_runnin
     assert f"removed {', '.join(left)} (" in " ".join(result.output.split())
     assert sorted(p.name for p in parent.iterdir()) == [".other.tmp-abc", "o"]
     assert Generator.load(parent / "o").generate([1, 2, 3], max_new_tokens=2).token_ids
+
+
+def test_an_artifact_directory_given_as_a_symlink_is_replaced_where_it_points(tmp_path):
+    """`passes LINK` / `--out LINK` replaced the link by a plain directory, left the directory it pointed to as it was
+    and a `.LINK.old-PID` link beside them."""
+    (tmp_path / "disk" / "model").mkdir(parents=True)
+    (tmp_path / "disk" / "model" / "old.txt").write_text("old")
+    (tmp_path / "link").symlink_to(tmp_path / "disk" / "model")
+    with atomic_directory(tmp_path / "link") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert (tmp_path / "link").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["disk", "link"]
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["model"]
+    assert sorted(p.name for p in (tmp_path / "link").iterdir()) == ["new.txt"]
 
 
 @pytest.mark.parametrize("out", [".", ".."])

@@ -36,6 +36,7 @@ from llama4_export.graph_passes.manager import op_histogram
 from llama4_export.graph_passes.pipeline import optimize
 from llama4_export.graph_passes.manager import report_tables
 from llama4_export.graph_passes.verify import executable_copy, reference_ops_available, sample_feeds
+from llama4_export.rebuild import rebuild
 from llama4_export.weights import from_preset
 from llama4_export.runtime import Generator
 
@@ -189,6 +190,15 @@ def test_optimized_artifact_generates_transformers_greedy_tokens(optimized_scout
     assert len(expected) == NEW_TOKENS and result.token_ids == expected
 
 
+def test_an_artifact_optimized_with_verify_rebuilds_identically(optimized_scoutlike, scoutlike_dir):
+    """`passes --verify` records a verified tolerance and verified passes; the rebuild did not replay the verification,
+    so such an artifact was "not reproducible" (passes.json and manifest.json differed)."""
+    out, manifest, _ = optimized_scoutlike
+    assert manifest["graph_passes"]["verified_tolerance"] == TOLERANCE
+    result = rebuild(out, checkpoint=scoutlike_dir, show_progress=False)
+    assert result.identical, result.differences
+
+
 def test_optimize_artifact_is_deterministic_and_keeps_one_weights_file(optimized_scoutlike, scoutlike_artifact, tmp_path):
     out, manifest, _ = optimized_scoutlike
     again = tmp_path / "again"
@@ -251,6 +261,11 @@ def test_cli_passes_reports_and_refuses_bad_input_in_one_line(optimized_scoutlik
     shutil.copytree(scoutlike_artifact, fresh)
     bad = runner.invoke(export_app, ["passes", str(fresh), "--target", "tensorrt-llm"])
     assert bad.exit_code == 2 and "unknown target 'tensorrt-llm'" in bad.output and len(bad.output.strip().splitlines()) == 1
+    assert not (fresh / "passes.json").exists()
+    # was exit 0 and graphs keeping ONNX Runtime's GroupQueryAttention, which the lint and build then refused
+    lowered = runner.invoke(export_app, ["passes", str(fresh), "--target", "tensorrt"])
+    assert lowered.exit_code == 2 and "traced for ONNX Runtime" in lowered.output and "--no-optimize --target " \
+        "tensorrt" in lowered.output and len(lowered.output.strip().splitlines()) == 1, lowered.output
     assert not (fresh / "passes.json").exists()
     # was "after pass 'fold_constants' output '' moved by 0 × its max magnitude (tolerance -1); the pass is wrong"
     negative = runner.invoke(export_app, ["passes", str(fresh), "--verify", "--tolerance", "-1"])

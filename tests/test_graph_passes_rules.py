@@ -158,6 +158,28 @@ def test_remove_no_ops_drops_exactly_the_identities():
     np.testing.assert_array_equal(z, x.astype(np.int64))
 
 
+def test_remove_no_ops_keeps_a_branch_identity_that_outputs_an_outer_value():
+    """An If branch outputting Identity(outer value), as our MoE lowering writes: onnx_ir's IdentityEliminationPass
+    removed it and renamed the outer value, which ONNX Runtime refuses ("Subgraph output ... is an outer scope value")
+    — the second optimize() of an optimized graph. The identity inside the branch's own computation goes."""
+    model = parse(
+        """<ir_version: 10, opset_import: ["" : 21]>
+        g (float[2] x, bool c) => (float[2] y) {
+            s = Add(x, x)
+            y = If (c) <
+                then_branch = t () => (float[2] t_out) { u = Mul(s, s)  w = Identity(u)  t_out = Neg(w) },
+                else_branch = e () => (float[2] e_out) { e_out = Identity(s) }
+            >
+        }""")
+    before = op_histogram(model)
+    assert canonicalize.remove_no_ops(model, CONTEXT) == 1
+    assert before["Identity"] - op_histogram(model)["Identity"] == 1
+    x = np.array([1.5, -2.0], np.float32)
+    for c in (True, False):
+        (y,) = run(model, {"x": x, "c": np.array(c)})
+        np.testing.assert_array_equal(y, -(2 * x) ** 2 if c else 2 * x)
+
+
 def test_reshape_that_changes_the_shape_stays():
     model = parse(
         """<ir_version: 10, opset_import: ["" : 21]>

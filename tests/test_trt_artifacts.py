@@ -253,6 +253,19 @@ def test_hand_broken_plugin_attribute_fails_lint_and_cli(tmp_path, scoutlike_trt
         maybe_build_engines(broken)  # "TensorRT-ready" is checked, with or without TensorRT
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--workspace-gib", "nan"], "--workspace-gib nan: must be a positive number of GiB"),
+    (["--workspace-gib", "-1"], "--workspace-gib -1: must be a positive number of GiB"),
+    (["--reproducible", "--timing-cache", "absent.cache"], "absent.cache: no timing cache to reproduce from"),
+])
+def test_build_options_are_checked_before_tensorrt_is_looked_for(scout_fp16, flags, message):
+    """Bad options fail alike on every machine: they were only checked (or crashed) on one with TensorRT."""
+    result = CliRunner().invoke(export_app, ["build", str(scout_fp16), *flags])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert message in result.output, result.output
+    assert not (scout_fp16 / "engine").exists()
+
+
 def test_cli_lint_and_compare_on_a_clean_artifact(scout_fp16):
     result = CliRunner().invoke(export_app, ["lint", str(scout_fp16)])
     assert result.exit_code == 0, result.output
@@ -261,6 +274,20 @@ def test_cli_lint_and_compare_on_a_clean_artifact(scout_fp16):
     result = CliRunner().invoke(export_app, ["compare", str(scout_fp16), "--tolerance", "2e-3"])
     assert result.exit_code == 0, result.output
     assert "ORT-only comparison" in result.output and "decode: onnxruntime vs pytorch" in result.output
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda graph: graph.unlink(), "decode.onnx: listed in manifest.json but missing"),
+    (lambda graph: graph.write_bytes(b"garbage"), "decode.onnx: sha256 does not match manifest.json"),
+], ids=["missing", "damaged"])
+def test_lint_of_a_missing_or_damaged_graph_is_one_line(tmp_path, scout_fp16, damage, message):
+    """Was a FileNotFoundError / protobuf DecodeError traceback."""
+    broken = tmp_path / "broken"
+    shutil.copytree(scout_fp16, broken)
+    damage(broken / "decode.onnx")
+    result = CliRunner().invoke(export_app, ["lint", str(broken)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert message in result.output, result.output
 
 
 def test_running_a_tensorrt_artifact_on_onnxruntime_says_which_backend(scout_fp16):
@@ -289,6 +316,7 @@ def test_a_partitioned_tensorrt_export_is_linted_part_by_part_and_says_where_eng
     assert result.exit_code == 0 and all(name in result.output for name in graphs), result.output
 
     for app, command in ((export_app, ["build", str(out)]),
+                         (export_app, ["build", str(out / "part1")]),  # was let through to the TensorRT check
                          (run_app, [str(out), "--prompt", "The", "-n", "2", "--backend", "tensorrt"])):
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
@@ -301,6 +329,7 @@ def test_a_partitioned_tensorrt_export_is_linted_part_by_part_and_says_where_eng
     node = next(n for n in model.graph.node if n.op_type == trt_plugin_spec.PLUGIN_NAME)
     node.attribute.remove(next(a for a in node.attribute if a.name == "activation"))
     onnx.save(model, str(out / "part1" / "decode.onnx"))
+    write_manifest(out / "part1", {k: v for k, v in read_manifest(out / "part1", verify=False).items() if k != "files"})
     found = lint_artifact(out)
     assert [v.rule for v in found["part1/decode.onnx"]] == ["plugin"] and not found["part0/decode.onnx"]
 

@@ -317,22 +317,27 @@ def passes(
     directory: Path = typer.Argument(..., help="artifact directory written by `llama4-export --out`"),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="onnxruntime | tensorrt (default: tensorrt if installed, else onnxruntime)"),
     verify: bool = typer.Option(False, "--verify", help="run ONNX Runtime after every pass; fail if an output moves by more than --tolerance × its max"),
-    tolerance: float = typer.Option(1e-4, "--tolerance", help="verify bound, relative to each output's max magnitude"),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="--verify's bound, relative to each output's max magnitude (default 1e-4)"),
     trt_fallback: bool = typer.Option(False, "--trt-fallback", help="tensorrt target: standard-op MoE instead of the plugin node"),
     report_only: bool = typer.Option(False, "--report", help="print the stored pass report of an optimized artifact; change nothing"),
 ) -> None:
     """Optimize an artifact's graphs in place (fuse the MoE routing, RMSNorm, RoPE; lower for the target) and print the report."""
     try:
         changes = [flag for flag, given in (("--target", target is not None), ("--verify", verify),
+                                            ("--tolerance", tolerance is not None),
                                             ("--trt-fallback", trt_fallback)) if given]
         if report_only and changes:  # the stored report is printed as it is: these were ignored
             raise ConfigError(f"--report prints the stored report and changes nothing; {changes[0]} applies to "
                               "optimizing: drop one")
+        if tolerance is not None and not verify:
+            raise ConfigError(f"--tolerance {tolerance:g} bounds --verify's check, which is not asked for; add --verify "
+                              "or drop it")
         if report_only:
             reports = api.stored_pass_reports(directory)
         else:
             _, results = api.optimize_artifact(directory, target or api.default_target(), verify=verify,
-                                               tolerance=tolerance, trt_plugin=not trt_fallback)
+                                               **({} if tolerance is None else {"tolerance": tolerance}),
+                                               trt_plugin=not trt_fallback)
             reports = {name: report.to_json(measured=True) for name, report in results.items()}
     except Llama4ExportError as exc:
         fail(exc)

@@ -8,6 +8,8 @@ artifact does). Reported: perplexity of both and their ratio, mean KL(reference 
 distributions, top-1 agreement, and the greedy-continuation agreement length (tokens generated greedily from a
 prompt until the two first differ, averaged over prompts, capped at `greedy_tokens`). Where no tokenizer can be had,
 the windows are seeded random token ids: the perplexities then mean nothing, the agreement figures still do.
+Every figure is rounded to REPORT_DIGITS significant digits: ONNX Runtime's and numpy's kernels differ in the last
+bits between CPUs with other vector units, and report.json is one of the files a rebuild compares.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..weights import WeightSource
 
 REPORT_FILE = "report.json"
 RANDOM_TOKENS = "random token ids (no tokenizer)"
+REPORT_DIGITS = 6
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -134,16 +137,14 @@ def accuracy_report(artifact: str | Path, source: WeightSource, tokens: np.ndarr
         lengths = [next((i for i, (a, b) in enumerate(zip(ref_row, mine)) if a != b), greedy_tokens)
                    for ref_row, mine in zip(reference_next, continued[:, start:])]
     ppl_ref, ppl_q = float(np.exp(nll_ref / count)), float(np.exp(nll_q / count))
-    return {
-        "eval_data": data,
-        "tokens": count,
-        "windows": int(ids.shape[0]),
-        "seq_len": int(seq_len),
+    figures = {
         "perplexity_reference": ppl_ref,
         "perplexity_quantized": ppl_q,
         "perplexity_ratio": ppl_q / ppl_ref,
         "kl_mean": float(kl / count),
         "top1_agreement": agree / count,
         "greedy_agreement_tokens": float(np.mean(lengths)),
-        "greedy_tokens": greedy_tokens,
     }
+    return {"eval_data": data, "tokens": count, "windows": int(ids.shape[0]), "seq_len": int(seq_len),
+            **{name: float(f"{value:.{REPORT_DIGITS}g}") for name, value in figures.items()},
+            "greedy_tokens": greedy_tokens}

@@ -22,7 +22,7 @@ from ..progress import Steps, note
 from ..weights import WeightSource
 from .errors import GraphPassError
 from .manager import PassReport
-from .pipeline import optimize, passes_for
+from .pipeline import check_target, optimize, passes_for
 from .quantize import QuantSpec
 from .verify import DEFAULT_TOLERANCE
 
@@ -78,6 +78,9 @@ def optimize_artifact(
 ) -> tuple[dict[str, Any], dict[str, PassReport]]:
     """Optimize an unoptimized artifact's graphs in place (atomically); returns (manifest, reports)."""
     directory = Path(directory)
+    check_target(target)  # before the artifact's checks, which would name another problem
+    if not trt_plugin and target != "tensorrt":
+        raise GraphPassError(f"--trt-fallback: picks the MoE lowering of --target tensorrt, not {target}; drop one")
     if verify and not tolerance >= 0:  # a negative bound failed the first pass, reported as that pass's bug
         raise GraphPassError(f"--tolerance {tolerance:g}: must be >= 0 (an output's deviation relative to its max "
                              "magnitude)")
@@ -89,6 +92,10 @@ def optimize_artifact(
     if "graph_passes" in manifest:
         raise GraphPassError(f"{directory}: already optimized for {manifest['graph_passes'].get('target')!r}; "
                              "export again to optimize anew")
+    if target == "tensorrt" and manifest.get("kv_layout") == "in_place":
+        raise GraphPassError(f"{directory}: traced for ONNX Runtime (its GroupQueryAttention updates the KV cache in "
+                             "place; TensorRT has no such op), so it cannot be lowered for tensorrt; export it with "
+                             "--no-optimize --target tensorrt for that, or optimize this one with --target onnxruntime")
     graphs = manifest.get("graphs") or {}
     if not graphs:
         raise GraphPassError(f"{directory / MANIFEST}: lists no graphs; re-run the export")

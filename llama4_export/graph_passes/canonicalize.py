@@ -89,7 +89,30 @@ NO_OP_RULES = [  # name: pattern → replacement
 def remove_no_ops(model: ir.Model, context: PassContext) -> int:
     """Cast to the same type, identity Transpose / Reshape, inverse Transpose pairs, Identity → their input."""
     count = pattern.RewriteRuleSet(NO_OP_RULES).apply_to_model(model)
-    return count + int(common_passes.IdentityEliminationPass()(model).modified)
+    return count + _eliminate_identities(model)
+
+
+def _eliminate_identities(model: ir.Model) -> int:
+    """y = Identity(x) → x, except where y is an output of its graph and x is not a value that graph computes: a
+    graph input, an initializer, another output, or an outer graph's value (an If branch must not output one, which
+    onnx_ir's IdentityEliminationPass made of the branches our MoE lowering writes)."""
+    removed = 0
+    for graph in (model.graph, *model.functions.values()):
+        for node in list(ir.traversal.RecursiveGraphIterator(graph)):
+            if node.op_type != "Identity" or node.domain != "" or len(node.inputs) != 1 or node.inputs[0] is None:
+                continue
+            x, y = node.inputs[0], node.outputs[0]
+            output = y.is_graph_output()
+            if output and (x.is_graph_input() or x.is_initializer() or x.is_graph_output() or x.graph is not node.graph):
+                continue
+            x.shape = x.shape if x.shape is not None else y.shape
+            x.type = x.type if x.type is not None else y.type
+            y.replace_all_uses_with(x, replace_graph_outputs=True)
+            if output:
+                x.name = y.name
+            node.graph.remove(node, safe=True)
+            removed += 1
+    return removed
 
 
 def eliminate_common_subexpressions(model: ir.Model, context: PassContext) -> int:

@@ -64,11 +64,15 @@ def is_vision_graph(model: ir.Model) -> bool:
     return any(value.name == io_spec.PIXEL_VALUES for value in model.graph.inputs)
 
 
+def check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise GraphPassError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+
+
 def passes_for(target: str, quantize: bool = False, vision: bool = False) -> list[GraphPass]:
     """quantize: add the quantization passes (quantize.py): experts before the MoE lowering, linears after it.
     vision: add the vision encoder's fusions (fuse_vision.py)."""
-    if target not in TARGETS:
-        raise GraphPassError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    check_target(target)
     quantize_experts, quantize_linears, quantize_kv_cache = quantization_passes() if quantize else ((), (), ())
     return [
         *canonicalization_passes(),

@@ -28,6 +28,7 @@ TensorRT and a GPU are optional: `maybe_build_engines` returns one line saying w
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -104,19 +105,26 @@ def build_engines(
     workspace_gib: builder workspace memory pool limit. version_compatible: a version-compatible engine that excludes
     the lean runtime (deploy with the matching lean runtime)."""
     directory = Path(artifact_dir)
+    # bad options fail alike on every machine, before the checks that need TensorRT
+    if workspace_gib is not None and not (math.isfinite(workspace_gib) and workspace_gib > 0):
+        raise BuildError(f"--workspace-gib {workspace_gib:g}: must be a positive number of GiB")
     manifest = read_manifest(directory)  # every hash checked before anything is built from the files
     if manifest.get("partitions"):
         raise BuildError(f"{directory}: a partitioned artifact ({len(manifest['partitions'])} parts); "
                          f"{PARTITIONED_ENGINES}")
-    # bad limits fail before the slow steps; the default window is planned for this GPU (engines are per device)
+    if manifest.get("layers"):  # a part's own manifest: its graphs start or end mid-model
+        first, stop = manifest["layers"]
+        raise BuildError(f"{directory}: one part (layers {first}–{stop - 1}) of a partitioned artifact; "
+                         f"{PARTITIONED_ENGINES}")
+    # the default window is planned for this GPU (engines are per device)
     limits = build_limits(manifest, max_batch, max_prefill, window, cuda_memory_bytes() if window is None else None)
+    cache_path = Path(timing_cache) if timing_cache is not None else directory / DEFAULT_TIMING_CACHE
+    if reproducible and not cache_path.is_file():
+        raise BuildError(f"{cache_path}: no timing cache to reproduce from; build once without --reproducible to create it")
     _require_conformance(directory)
     problem = missing_tensorrt_message()
     if problem is not None:
         raise BuildError(problem)
-    cache_path = Path(timing_cache) if timing_cache is not None else directory / DEFAULT_TIMING_CACHE
-    if reproducible and not cache_path.is_file():
-        raise BuildError(f"{cache_path}: no timing cache to reproduce from; build once without --reproducible to create it")
     return _build(directory, manifest, limits, cache_path, reproducible, workspace_gib, version_compatible, show_progress)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..artifact import read_manifest
+from ..artifact import read_manifest, verify_files
 from ..graph_passes import trt_plugin_spec
 from . import trt_onnx_support as support
 from .errors import BuildError
@@ -323,6 +323,7 @@ def lint_artifact(directory: str | Path) -> dict[str, list[Violation]]:
     if not manifest.get("graphs") and not parts:
         raise BuildError(f"{directory}/manifest.json lists no graphs; re-run the export")
     graphs = engine_graphs(manifest)  # a partitioned artifact's: its vision graph, if any
+    verify_files(directory, manifest, graphs.values())  # the graphs only: the weights are not read
     found = {graphs[name]: lint_model(directory / graphs[name]) for name in sorted(graphs)}
     for part in parts:  # each part's manifest lists its own graphs: "part0/decode.onnx", …
         found.update({f"{part['directory']}/{file}": violations
