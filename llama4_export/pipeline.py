@@ -590,7 +590,7 @@ def pin_cpu_numerics() -> str | None:
     for name, value in REPRODUCIBLE_CPU_NUMERICS.items():
         os.environ.setdefault(name, value)
     chosen, in_use = os.environ["ATEN_CPU_CAPABILITY"].upper(), torch.backends.cpu.get_cpu_capability()
-    if in_use in (chosen, "DEFAULT"):  # DEFAULT: a CPU without AVX2, where no pin applies
+    if in_use == chosen or not in_use.startswith("AVX512"):  # the pin, or a CPU it does not apply to (no AVX-512)
         return None
     return (f"note: torch had already run kernels in this process (at {in_use}, not {chosen}), so calibrated weights "
             "and report.json are reproducible only on machines like this one at this thread count; export in a fresh "
