@@ -158,6 +158,26 @@ def test_an_export_after_torch_ran_kernels_says_its_bits_are_this_machines():
         assert f"(at {capability}, not AVX2)" in message and "fresh process" in message, run.stdout + run.stderr
 
 
+def test_a_damaged_file_in_the_default_cache_is_recomputed_and_one_given_is_refused(tmp_path, monkeypatch):
+    """The default cache is ours: a damaged file there (a full disk, a killed writer of an older version) stopped every
+    export of that model with "delete it" until the user found the file. A --calib-cache FILE stays the user's."""
+    from llama4_export.calib import calibrate as calibrate_module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source, text = RandomWeights("scout-tiny", seed=0, layers=2), embedded_corpus("calibration")
+    ids = np.random.default_rng(0).integers(0, source.config.vocab_size, (2, 16))
+    first = calibrate_module.calibrate(source, ids, text, None)
+    assert first.cache_path.is_relative_to(tmp_path / "cache")
+    good = first.cache_path.read_bytes()
+    first.cache_path.write_bytes(b"damaged")
+    again = calibrate_module.calibrate(source, ids, text, None)
+    assert not again.reused and again.cache_path.read_bytes() == good
+    given = tmp_path / "mine.safetensors"
+    given.write_bytes(b"damaged")
+    with pytest.raises(CalibrationError, match="mine.safetensors: not a readable calibration cache"):
+        calibrate_module.calibrate(source, ids, text, given)
+
+
 def test_checkpoint_without_tokenizer_needs_one_for_calibration_but_not_for_rtn_or_the_report(tmp_path):
     """A random transformers checkpoint (vocab 128, bos 1: no room for a byte-level tokenizer) and no tokenizer.json."""
     from typer.testing import CliRunner

@@ -242,6 +242,8 @@ def test_compare_checks_an_optimized_artifact_against_pytorch_on_its_checkpoint(
     shown = runner.invoke(export_app, ["compare", str(out), "-c", str(scoutlike_dir)], terminal_width=200)
     assert shown.exit_code == 0, shown.output
     assert "decode: onnxruntime vs pytorch" in shown.output and "prefill: onnxruntime vs pytorch" in shown.output
+    # it sent the user to `build`, which refuses an onnxruntime artifact
+    assert "lowered for onnxruntime (no TensorRT engines)" in " ".join(shown.output.split()), shown.output
     comparisons, notes = compare_artifact(out, checkpoint=scoutlike_dir)
     assert sorted(c.graph for c in comparisons) == ["decode", "prefill"]
     assert all(c.reference == "pytorch" and 0 < c.worst[1] < 1e-4 for c in comparisons), comparisons
@@ -267,6 +269,8 @@ def test_cli_passes_reports_and_refuses_bad_input_in_one_line(optimized_scoutlik
     assert lowered.exit_code == 2 and "traced for ONNX Runtime" in lowered.output and "--no-optimize --target " \
         "tensorrt" in lowered.output and len(lowered.output.strip().splitlines()) == 1, lowered.output
     assert not (fresh / "passes.json").exists()
+    fallback = runner.invoke(export_app, ["passes", str(fresh), "--trt-fallback"])  # its default target: onnxruntime
+    assert fallback.exit_code == 2 and "this export was traced for onnxruntime" in fallback.output, fallback.output
     # was "after pass 'fold_constants' output '' moved by 0 × its max magnitude (tolerance -1); the pass is wrong"
     negative = runner.invoke(export_app, ["passes", str(fresh), "--verify", "--tolerance", "-1"])
     assert negative.exit_code == 2 and negative.output.strip() == "error: --tolerance -1: must be >= 0 (an output's " \

@@ -86,11 +86,17 @@ def calibrate(source, ids: np.ndarray, text: corpus_mod.Corpus, cache_path: str 
     awq_block, its AWQ plans — computed layer by layer, or reused from the cache at `cache_path` (None:
     default_cache_path) when it holds this very key. scratch: where the routed experts' Gram matrices go meanwhile."""
     key = cache_key(source.manifest_entry(), text.sha256, *ids.shape)
-    cache_path = Path(cache_path) if cache_path is not None else default_cache_path(key)
+    chosen = cache_path is not None
+    cache_path = Path(cache_path) if chosen else default_cache_path(key)
     data = text.source if text.source.startswith("embedded:") else Path(text.source).name
     settings = {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "data": data, "data_sha256": text.sha256}
     start = time.perf_counter()
-    stats = load_cache(cache_path, key)
+    try:
+        stats = load_cache(cache_path, key)
+    except CalibrationError:
+        if chosen:  # the user's file: theirs to delete
+            raise
+        stats = None  # our own cache file, damaged: computed anew and replaced below
     plans, records = None, None
     reused = stats is not None
     if awq_block is not None:

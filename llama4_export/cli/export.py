@@ -315,7 +315,7 @@ def _print_plan(p) -> None:
 @export_app.command()
 def passes(
     directory: Path = typer.Argument(..., help="artifact directory written by `llama4-export --out`"),
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="onnxruntime | tensorrt (default: tensorrt if installed, else onnxruntime)"),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="onnxruntime | tensorrt (default: the one the export traced for: tensorrt after --no-optimize --target tensorrt, else onnxruntime)"),
     verify: bool = typer.Option(False, "--verify", help="run ONNX Runtime after every pass; fail if an output moves by more than --tolerance × its max"),
     tolerance: Optional[float] = typer.Option(None, "--tolerance", help="--verify's bound, relative to each output's max magnitude (default 1e-4)"),
     trt_fallback: bool = typer.Option(False, "--trt-fallback", help="tensorrt target: standard-op MoE instead of the plugin node"),
@@ -335,7 +335,7 @@ def passes(
         if report_only:
             reports = api.stored_pass_reports(directory)
         else:
-            _, results = api.optimize_artifact(directory, target or api.default_target(), verify=verify,
+            _, results = api.optimize_artifact(directory, target, verify=verify,
                                                **({} if tolerance is None else {"tolerance": tolerance}),
                                                trt_plugin=not trt_fallback)
             reports = {name: report.to_json(measured=True) for name, report in results.items()}

@@ -171,7 +171,12 @@ def compare_artifact(directory: str | Path, batch: int = 2, prefill_tokens: int 
                          "whole-model graphs: export it without --partitions to compare its graphs")
     graphs = manifest.get("graphs") or {}
     engines = (manifest.get("tensorrt") or {}).get("engines") or {}
-    problem = tensorrt_problem() if engines else "the artifact has no TensorRT engines (llama4-export build)"
+    if engines:
+        problem = tensorrt_problem()
+    elif manifest.get("target") == "tensorrt":
+        problem = "the artifact has no TensorRT engines yet (llama4-export build)"
+    else:
+        problem = "the artifact is lowered for onnxruntime (no TensorRT engines)"
     notes = [] if problem is None else [f"ORT-only comparison (against PyTorch): {problem}"]
     kv_dtype = np.dtype(manifest.get("dtypes", {}).get("kv_cache", "float32"))
     chunk = config.attention_chunk_size or 8

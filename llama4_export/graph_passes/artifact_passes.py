@@ -73,13 +73,16 @@ def optimized_manifest(manifest: dict[str, Any], target: str, reports: dict[str,
 
 
 def optimize_artifact(
-    directory: str | Path, target: str, verify: bool = False, tolerance: float = DEFAULT_TOLERANCE,
+    directory: str | Path, target: str | None = None, verify: bool = False, tolerance: float = DEFAULT_TOLERANCE,
     trt_plugin: bool = True, show_progress: bool = True,
 ) -> tuple[dict[str, Any], dict[str, PassReport]]:
-    """Optimize an unoptimized artifact's graphs in place (atomically); returns (manifest, reports)."""
+    """Optimize an unoptimized artifact's graphs in place (atomically); returns (manifest, reports). target None: the
+    one its graphs were traced for (`--no-optimize --target tensorrt` traces the positions KV layout, which ONNX
+    Runtime runs too; the default trace, ONNX Runtime's in-place layout, cannot be lowered for tensorrt)."""
     directory = Path(directory)
-    check_target(target)  # before the artifact's checks, which would name another problem
-    if not trt_plugin and target != "tensorrt":
+    if target is not None:
+        check_target(target)  # before the artifact's checks, which would name another problem
+    if not trt_plugin and target not in (None, "tensorrt"):
         raise GraphPassError(f"--trt-fallback: picks the MoE lowering of --target tensorrt, not {target}; drop one")
     if verify and not tolerance >= 0:  # a negative bound failed the first pass, reported as that pass's bug
         raise GraphPassError(f"--tolerance {tolerance:g}: must be >= 0 (an output's deviation relative to its max "
@@ -92,7 +95,14 @@ def optimize_artifact(
     if "graph_passes" in manifest:
         raise GraphPassError(f"{directory}: already optimized for {manifest['graph_passes'].get('target')!r}; "
                              "export again to optimize anew")
-    if target == "tensorrt" and manifest.get("kv_layout") == "in_place":
+    # positions without optimization: --target tensorrt's trace (an FP8 KV cache's needs a quantized precision, which
+    # --no-optimize refuses)
+    traced_for_tensorrt = manifest.get("kv_layout") == "positions"
+    target = target or ("tensorrt" if traced_for_tensorrt else "onnxruntime")
+    if not trt_plugin and target != "tensorrt":
+        raise GraphPassError("--trt-fallback: picks the MoE lowering of --target tensorrt, and this export was traced "
+                             "for onnxruntime; drop it")
+    if target == "tensorrt" and not traced_for_tensorrt:
         raise GraphPassError(f"{directory}: traced for ONNX Runtime (its GroupQueryAttention updates the KV cache in "
                              "place; TensorRT has no such op), so it cannot be lowered for tensorrt; export it with "
                              "--no-optimize --target tensorrt for that, or optimize this one with --target onnxruntime")
