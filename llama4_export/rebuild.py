@@ -13,6 +13,7 @@ difference (missing, extra, or different sha256) is reported.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 
 from .artifact import ArtifactError, held_directory, read_manifest, remove_abandoned
 from .calib.corpus import load_corpus
+from .evaluation.report import REPORT_FILE
 from .model.io_spec import DEFAULT_MAX_PREFILL
 from .pipeline import QuantOptions, export, pin_cpu_numerics
 from .progress import note
@@ -66,7 +68,28 @@ def _uses_trt_plugin(manifest: dict[str, Any]) -> bool:
     return not any("standard ops" in (g.get("moe_lowering") or "") for g in (manifest.get("graphs") or {}).values())
 
 
-def _quant_options(manifest: dict[str, Any], calib_data: Path | None) -> QuantOptions:
+def _held_out_text(directory: Path, manifest: dict[str, Any], eval_data: Path | None) -> Path | None:
+    """The text the accuracy report was made on: None for the embedded corpus, else the file given again — checked
+    against the sha256 the report records before anything is exported."""
+    if REPORT_FILE not in manifest["files"]:
+        if eval_data is not None:
+            raise BuildError(f"--eval-data {eval_data}: the artifact has no {REPORT_FILE} (exported with --no-report); "
+                             "drop it")
+        return None
+    report = json.loads((directory / REPORT_FILE).read_text())
+    recorded, sha256 = str(report.get("eval_data", "")), report.get("eval_data_sha256")
+    if eval_data is None:
+        if sha256 is not None and not recorded.startswith("embedded:"):
+            raise BuildError(f"the accuracy report was made on {recorded!r} (sha256 {sha256[:16]}…); pass it again "
+                             "with --eval-data")
+        return None
+    if sha256 is not None and (given := load_corpus(eval_data, "heldout").sha256) != sha256:
+        raise BuildError(f"--eval-data {eval_data}: its text (sha256 {given[:16]}…) is not what the accuracy report was "
+                         f"made on ({recorded!r}, sha256 {sha256[:16]}…); pass that file")
+    return eval_data
+
+
+def _quant_options(manifest: dict[str, Any], calib_data: Path | None, eval_data: Path | None) -> QuantOptions:
     """The recorded quantization settings; calibration text other than the embedded corpus must be given again."""
     quant = manifest.get("quantization") or {}
     calibration = quant.get("calibration") or {}
@@ -85,7 +108,7 @@ def _quant_options(manifest: dict[str, Any], calib_data: Path | None) -> QuantOp
         int4_algo=quant.get("algorithm", "awq") if precision == "int4" else "awq",
         block_size=quant.get("block_size") if precision == "int4" else None,
         calib_data=calib_data, calib_samples=calibration.get("samples"), calib_seq_len=calibration.get("seq_len"),
-        report="report.json" in manifest["files"], quantize_lm_head=bool(quant.get("quantize_lm_head")),
+        eval_data=eval_data, report=REPORT_FILE in manifest["files"], quantize_lm_head=bool(quant.get("quantize_lm_head")),
         float_embeddings=bool(quant.get("float_embeddings")),
         amax_percentile=float(percentile.split()[1]) if percentile.startswith("percentile") else None,
         kv_cache_dtype="fp8" if "kv_cache" in quant else None,
@@ -93,7 +116,8 @@ def _quant_options(manifest: dict[str, Any], calib_data: Path | None) -> QuantOp
 
 
 def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out: str | Path | None = None,
-            calib_data: str | Path | None = None, show_progress: bool = True) -> RebuildResult:
+            calib_data: str | Path | None = None, show_progress: bool = True,
+            eval_data: str | Path | None = None) -> RebuildResult:
     """Re-run the recorded pipeline into `out` (default: a temp dir, removed after) and compare with the artifact."""
     pin_cpu_numerics()  # before the recorded source's first tensor (export notes it if that was too late)
     directory = Path(artifact_dir)
@@ -105,7 +129,8 @@ def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out:
     if "vision" not in original:
         source.vision = None  # exported --text-only from a multimodal checkpoint (or the model has none)
     notes: list[str] = []
-    quant = _quant_options(original, None if calib_data is None else Path(calib_data))
+    held_out = _held_out_text(directory, original, None if eval_data is None else Path(eval_data))
+    quant = _quant_options(original, None if calib_data is None else Path(calib_data), held_out)
     parts = original.get("partitions") or []
     first = read_manifest(directory / parts[0]["directory"], verify=False) if parts else original
     max_prefill = int(((first.get("graphs") or {}).get("prefill") or {}).get("max_new_tokens", DEFAULT_MAX_PREFILL))

@@ -306,3 +306,29 @@ def test_rebuild_refuses_other_calibration_text_before_calibrating(tmp_path, mon
     with pytest.raises(BuildError, match=r"^--calib-data .*other.txt: its text \(sha256 [0-9a-f]{16}…\) is not what the "
                                          r"artifact was calibrated on \('.*calib.txt', sha256 [0-9a-f]{16}…\); pass that file"):
         api.rebuild(out, calib_data=tmp_path / "other.txt", show_progress=False)
+
+
+def test_an_export_with_its_own_held_out_text_records_its_name_and_rebuilds_with_it(tmp_path):
+    """report.json held the --eval-data path as given (an absolute path in an artifact, so the same file elsewhere made
+    other bytes), and `rebuild` had no --eval-data: it rebuilt the report on the embedded corpus and said "not
+    reproducible". The report now names the file and its text's sha256; the rebuild asks for it and checks it."""
+    from llama4_export import api
+    from llama4_export.tensorrt.errors import BuildError
+
+    words = " ".join(f"held out sentence {i % 89} of the evaluation text." for i in range(700))
+    (tmp_path / "heldout.txt").write_text(words)
+    (tmp_path / "other.txt").write_text(words.replace("sentence 1 ", "sentence 2 "))
+    out = tmp_path / "tiny"
+    api.export_model(out, model="scout-tiny", layers=1, random_weights=True, show_progress=False,
+                     quant=api.QuantOptions(eval_data=tmp_path / "heldout.txt"))
+    report = json.loads((out / "report.json").read_text())
+    assert report["eval_data"] == "heldout.txt" and str(tmp_path) not in (out / "report.json").read_text()
+    assert report["eval_data_sha256"] == load_corpus(tmp_path / "heldout.txt", "heldout").sha256
+    with pytest.raises(BuildError, match=r"^the accuracy report was made on 'heldout.txt' \(sha256 [0-9a-f]{16}…\); "
+                                         r"pass it again with --eval-data$"):
+        api.rebuild(out, show_progress=False)
+    with pytest.raises(BuildError, match=r"^--eval-data .*other.txt: its text \(sha256 [0-9a-f]{16}…\) is not what"):
+        api.rebuild(out, eval_data=tmp_path / "other.txt", show_progress=False)
+    result = api.rebuild(out, eval_data=tmp_path / "heldout.txt", show_progress=False)
+    assert result.identical, result.differences
+

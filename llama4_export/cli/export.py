@@ -478,10 +478,11 @@ def rebuild(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="the checkpoint it was exported from (when not a preset)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="keep the rebuilt artifact here (default: a temp dir)"),
     calib_data: Optional[Path] = typer.Option(None, "--calib-data", help="the calibration text it was exported with (when not the embedded corpus)"),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="the held-out text its accuracy report was made on (when not the embedded corpus)"),
 ) -> None:
     """Re-run the pipeline the manifest records and compare every file hash; print the first difference."""
     try:
-        result = api.rebuild(directory, checkpoint=checkpoint, out=out, calib_data=calib_data)
+        result = api.rebuild(directory, checkpoint=checkpoint, out=out, calib_data=calib_data, eval_data=eval_data)
     except Llama4ExportError as exc:
         fail(exc)
     for note in result.notes:

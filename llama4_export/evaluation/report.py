@@ -41,17 +41,19 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-def evaluation_tokens(source: WeightSource, eval_data: str | Path | None) -> tuple[np.ndarray, str]:
-    """The held-out token stream and what it is: `eval_data` (default: the embedded corpus's held-out slice) through the
-    source's tokenizer — or, when there is no tokenizer and no text was asked for, seeded random ids."""
+def evaluation_tokens(source: WeightSource, eval_data: str | Path | None) -> tuple[np.ndarray, str, str | None]:
+    """The held-out token stream, what it is and its text's sha256: `eval_data` (default: the embedded corpus's
+    held-out slice) through the source's tokenizer — or, when there is no tokenizer and no text was asked for, seeded
+    random ids (no text). A file is named by its name alone, as the calibration text is: no path in an artifact."""
     try:
         tokenizer = tokenizer_for(source, source.config)
     except CalibrationError:
         if eval_data is not None:
             raise
-        return np.random.default_rng(0).integers(0, source.config.vocab_size, 8 * 256), RANDOM_TOKENS
+        return np.random.default_rng(0).integers(0, source.config.vocab_size, 8 * 256), RANDOM_TOKENS, None
     text = load_corpus(eval_data, "heldout")
-    return token_stream(text, tokenizer), text.source
+    name = text.source if text.source.startswith("embedded:") else Path(text.source).name
+    return token_stream(text, tokenizer), name, text.sha256
 
 
 class ReferenceLogits:
@@ -103,9 +105,11 @@ class ArtifactLogits:
         return self.backend.forward(ids[None].astype(np.int64), positions, self.cache)[0]
 
 
-def accuracy_report(artifact: str | Path, source: WeightSource, tokens: np.ndarray, data: str, windows: int = 8,
-                    seq_len: int = 256, greedy_prompts: int = 4, greedy_tokens: int = 16) -> dict:
-    """The report dict (see the module docstring) on held-out `tokens` (evaluation_tokens)."""
+def accuracy_report(artifact: str | Path, source: WeightSource, tokens: np.ndarray, data: str,
+                    data_sha256: str | None = None, windows: int = 8, seq_len: int = 256, greedy_prompts: int = 4,
+                    greedy_tokens: int = 16) -> dict:
+    """The report dict (see the module docstring) on held-out `tokens`, `data` with text of `data_sha256`
+    (evaluation_tokens)."""
     seq_len = min(seq_len, len(tokens))
     with held_directory(Path(artifact).parent, ".report-") as scratch:
         artifact_logits = ArtifactLogits(Path(artifact), scratch)
@@ -145,6 +149,6 @@ def accuracy_report(artifact: str | Path, source: WeightSource, tokens: np.ndarr
         "top1_agreement": agree / count,
         "greedy_agreement_tokens": float(np.mean(lengths)),
     }
-    return {"eval_data": data, "tokens": count, "windows": int(ids.shape[0]), "seq_len": int(seq_len),
+    return {"eval_data": data, **({} if data_sha256 is None else {"eval_data_sha256": data_sha256}), "tokens": count, "windows": int(ids.shape[0]), "seq_len": int(seq_len),
             **{name: float(f"{value:.{REPORT_DIGITS}g}") for name, value in figures.items()},
             "greedy_tokens": greedy_tokens}
