@@ -96,6 +96,9 @@ def _quant_options(manifest: dict[str, Any], calib_data: Path | None, eval_data:
     if calibration and not str(calibration.get("data", "")).startswith("embedded:") and calib_data is None:
         raise BuildError(f"the artifact was calibrated on {calibration.get('data')!r} (sha256 "
                          f"{str(calibration.get('data_sha256'))[:16]}…); pass it again with --calib-data")
+    if calib_data is not None and not calibration:
+        raise BuildError(f"--calib-data {calib_data}: the artifact was not calibrated (its precision "
+                         f"{manifest.get('precision', 'fp32')} reads no calibration text); drop it")
     if calib_data is not None and calibration.get("data_sha256"):  # before a calibration of hours at Scout's size
         given = load_corpus(calib_data).sha256
         if given != calibration["data_sha256"]:

@@ -329,6 +329,8 @@ def test_an_export_with_its_own_held_out_text_records_its_name_and_rebuilds_with
         api.rebuild(out, show_progress=False)
     with pytest.raises(BuildError, match=r"^--eval-data .*other.txt: its text \(sha256 [0-9a-f]{16}…\) is not what"):
         api.rebuild(out, eval_data=tmp_path / "other.txt", show_progress=False)
+    with pytest.raises(BuildError, match=r"^--calib-data .*heldout.txt: the artifact was not calibrated"):
+        api.rebuild(out, calib_data=tmp_path / "heldout.txt", eval_data=tmp_path / "heldout.txt", show_progress=False)
     result = api.rebuild(out, eval_data=tmp_path / "heldout.txt", show_progress=False)
     assert result.identical, result.differences
 
