@@ -267,6 +267,25 @@ def test_threads_sharing_a_generator_each_get_their_own_run_and_a_second_stream_
     first.close()  # a closed stream frees the cache for the next one
     assert [e.token_id for e in gen.stream(prompts[1], max_new_tokens=4, stop_tokens=[])] == expected[1][:4]
 
+    # A stream handed to another thread belongs to it: a generation there beside it waited for itself for ever.
+    handed = gen.stream(prompts[0], max_new_tokens=4, stop_tokens=[])
+    assert next(handed).token_id == expected[0][0]
+    outcome = []
+
+    def continue_it_then_generate():
+        outcome.append(next(handed).token_id)
+        try:
+            gen.generate(prompts[1], max_new_tokens=2)
+        except GenerationError as exc:
+            outcome.append(str(exc))
+
+    worker = threading.Thread(target=continue_it_then_generate, daemon=True)  # a regression must not hang the run
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "deadlocked: the generation waited for the stream its own thread holds"
+    assert outcome[0] == expected[0][1] and "already generating in this thread" in outcome[1], outcome
+    assert [e.token_id for e in handed] == expected[0][2:4]  # back in this thread, it goes on
+
 
 def test_a_huge_max_new_tokens_allocates_nothing_up_front_and_penalties_see_every_token(gen):
     """max_new_tokens=10^7 ("until a stop token") allocated the penalty history for 10^7 tokens before the first

@@ -20,6 +20,7 @@ every prompt's length, before anything runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import operator
 import threading
@@ -387,15 +388,21 @@ class Generator:
         self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stops: Stops,
         features: list[np.ndarray | None] | None = None, on_prefill: PrefillProgress | None = None,
     ) -> Iterator[TokenEvent]:
-        """One generation at a time, as the KV cache is the Generator's: another thread's waits for it; the same
-        thread's second one (beside an unfinished stream()) is refused rather than left to overwrite the first's."""
-        if self._cache_user == threading.get_ident():
+        """One generation at a time, as the KV cache is the Generator's: another thread's waits for it; a second one
+        in the thread iterating an unfinished stream() is refused rather than left to wait for itself. That thread is
+        the one that last resumed the stream (a stream may be handed to another thread), held as the Thread object
+        (a thread id is reused once its thread ends)."""
+        if self._cache_user is threading.current_thread():
             raise GenerationError("this Generator is already generating in this thread (an unfinished stream()): "
                                   "finish or close() it first; generate_batch runs several prompts at once")
         with self._cache_lock:
-            self._cache_user = threading.get_ident()
+            self._cache_user = threading.current_thread()
             try:
-                yield from self._generation(prompts, max_new_tokens, params, stops, features, on_prefill)
+                with contextlib.closing(self._generation(prompts, max_new_tokens, params, stops, features,
+                                                         on_prefill)) as events:
+                    for event in events:
+                        yield event
+                        self._cache_user = threading.current_thread()
             finally:
                 self._cache_user = None
 
