@@ -186,6 +186,16 @@ def test_exif_orientation_is_applied():
     assert load_image(IMAGES / "exif_rotated.jpg").size == (100, 240)
 
 
+def test_a_16_bit_grayscale_png_is_read_at_its_levels_not_clipped_white(tmp_path):
+    """Pillow's convert("RGB") clips 16-bit values to 0..255: a 16-bit gradient PNG became 17 levels, nearly all white."""
+    levels = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(levels).save(tmp_path / "gray16.png")
+    image = load_image(tmp_path / "gray16.png")
+    assert image.mode.startswith("I")
+    expected = np.repeat(np.rint(levels / 257).astype(np.uint8)[..., None], 3, axis=-1)  # numpy: 16 → 8 bits
+    np.testing.assert_array_equal(np.asarray(to_rgb(image)), expected)
+
+
 def copy_checkpoint(tmp_path: Path, key: str) -> Path:
     return Path(shutil.copytree(VISION_FIXTURES / f"tiny-{key}", tmp_path / f"tiny-{key}"))
 

@@ -36,7 +36,7 @@ def run(
                                                                  "conversation"),
     images: Optional[List[str]] = typer.Option(  # str: a Path would turn https:// into https:/
         None, "--image", help="an image for the next <|image|> placeholder of --prompt (repeat for several, in order; "
-                              "PNG/JPEG/WebP). As Llama4Processor: the prompt needs exactly one <|image|> per --image, "
+                              "PNG, JPEG, WebP: any format Pillow reads). As Llama4Processor: the prompt needs exactly one <|image|> per --image, "
                               "a prompt without placeholders is refused. Needs an artifact exported from a multimodal "
                               "checkpoint",
     ),

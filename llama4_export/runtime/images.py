@@ -319,10 +319,24 @@ def to_rgb(image: Image.Image, convert: bool = True) -> Image.Image:
         if image.mode != "RGB":
             raise ImageError(f"a {image.mode} image with do_convert_rgb false: the processor takes RGB images only")
         return image
+    if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit grayscale (a 16-bit PNG)
+        image = eight_bit_gray(image)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
+
+
+def eight_bit_gray(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image as 8-bit ("L"): Pillow's convert("RGB") clips its values to 0..255, which turned a
+    16-bit PNG almost white (the reference processor's conversion does the same). 32-bit "I" images are read as the
+    16-bit range they come from."""
+    levels = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257
+    gray = Image.fromarray(np.rint(levels).astype(np.uint8), "L")
+    gray.info = dict(image.info)  # a transparent level (tRNS) is composited onto white as before
+    if "transparency" in gray.info:
+        gray.info["transparency"] = round(min(max(gray.info["transparency"], 0), 65535) / 257)
+    return gray
 
 
 def supported_grids(max_patches: int) -> list[tuple[int, int]]:
