@@ -114,6 +114,8 @@ TINY_CASES = {
     # scores / 1e-38 overflowed to inf and the probabilities were NaN (Python: a traceback); 1e308 is inf as a float
     "fp32-vanishing-temperature": ("fp32", 10, ["-n", 16, "--temperature", 1e-38, "--seed", 1]),
     "fp32-huge-temperature": ("fp32", 10, ["-n", 16, "--temperature", 1e308, "--seed", 1]),
+    # a subnormal: llama4-cpp said "expected a number" (std::stod's underflow), llama4-run samples (greedily)
+    "fp32-subnormal-temperature": ("fp32", 10, ["-n", 16, "--temperature", "1e-320", "--seed", 1]),
     "fp8-kv": ("fp8-kv", 35, ["-n", 40, "--window", 24, "--sinks", 4]),
     # pieces of 5 (7 of them) instead of the graph's 16
     "int4-small-pieces": ("int4", 33, ["-n", 20, "--window", 40, "--max-prefill-tokens", 5]),
@@ -130,7 +132,8 @@ def test_threads_sharing_a_model_take_turns_and_a_callback_cannot_reenter(llama4
     done = subprocess.run([str(BUILD / "shared-model"), str(tiny["fp32"]), "24", *prompts], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    *runs, reentered, cancelled, after_cancel, prefill_progress, after_prefill_cancel = done.stdout.splitlines()
+    *runs, reentered, cancelled, after_cancel, prefill_progress, after_prefill_cancel, bad_stops = \
+        done.stdout.splitlines()
     for prompt, line in zip(prompts, runs, strict=True):
         alone, shared = line.split(" | ")
         expected = python_json(tiny["fp32"], "--ids", prompt, "-n", 24)["token_ids"]
@@ -142,6 +145,7 @@ def test_threads_sharing_a_model_take_turns_and_a_callback_cannot_reenter(llama4
     # the 40-token prompt in pieces of 8: progress after each piece; cancelled after the second, before any token
     assert prefill_progress == "prefill: 8/40 16/40 cancelled"
     assert after_prefill_cancel == "after it: the same ids"
+    assert bad_stops == "bad stop tokens: stop_tokens=[-1, 1000000]: give a list of token ids in 0..511"  # Generator's
 
 
 @pytest.mark.parametrize("case", sorted(TINY_CASES))
@@ -731,6 +735,30 @@ def empty_stop_string(tmp_path, tiny):
     return tiny["fp32"], ["--prompt", "x", "--stop", ""], "a stop string is empty"
 
 
+def window_past_2_62(tmp_path, tiny):  # an int64 sum of slots wrapped: heap corruption, SIGSEGV
+    return tiny["fp32"], ["--ids", "1", "--window", str(2**62 + 1)], \
+        f"window={2**62 + 1}: at most {2**62} (2^62) tokens"
+
+
+def window_beyond_memory(tmp_path, tiny):  # its byte count wrapped to a small buffer written past its end
+    return tiny["fp32"], ["--ids", "1", "--window", str(2**62)], "out of memory; lower --window"
+
+
+def sinks_past_2_62(tmp_path, tiny):  # sinks + 1 wrapped: "needs at least sinks + 1 = -9223372036854775808 slots"
+    return tiny["fp32"], ["--ids", "1", "--sinks", str(2**63 - 1)], f"sinks={2**63 - 1}: at most {2**62} (2^62)"
+
+
+def prompt_file_is_a_directory(tmp_path, tiny):  # was "the prompt is empty"
+    return tiny["fp32"], ["-f", tmp_path], f"-f {tmp_path}: cannot read it (Is a directory)"
+
+
+def one_part_of_a_partitioned_artifact(tmp_path, tiny):  # was "has no input 'past_key.4' … re-run the export"
+    art = copy_artifact(tiny["fp32"], tmp_path / "parts" / "part1")
+    edit_manifest(art, lambda m: m.update(layers=[4, 8]))
+    return art, ["--ids", "1"], f"one part (layers 4..7) of a partitioned artifact; run the artifact directory " \
+        f"holding it ({tmp_path / 'parts'})"
+
+
 def json_and_stream(tmp_path, tiny):  # --stream was ignored
     return tiny["fp32"], ["--ids", "1", "--json", "--stream"], "--json prints one object at the end: drop --stream"
 
@@ -746,7 +774,8 @@ def json_and_stream(tmp_path, tiny):  # --stream was ignored
                                      bias_outside_vocabulary, bias_given_twice,
                                      bias_without_value, prompt_file_not_utf8, prompt_file_missing,
                                      stop_without_tokenizer_graphs, empty_stop_string, max_prefill_tokens_zero,
-                                     empty_prompt],
+                                     empty_prompt, window_past_2_62, window_beyond_memory, sinks_past_2_62,
+                                     prompt_file_is_a_directory, one_part_of_a_partitioned_artifact],
                          ids=lambda f: f.__name__)
 def test_bad_input_is_one_line_and_exit_2(llama4_cpp, tiny, tmp_path, breaker):
     artifact, args, message = breaker(tmp_path, tiny)

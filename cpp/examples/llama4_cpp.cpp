@@ -1,11 +1,13 @@
 // llama4-cpp: generate from a llama4-export artifact with the C++ runtime; `--json` prints the object
 // `llama4-run --json` prints ("text": null where the artifact's tokenizer graphs or the extensions library are missing).
 // Bad input: one line on stderr and exit status 2 (as llama4-run).
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <optional>
@@ -67,12 +69,11 @@ uint64_t parse_seed(const std::string& text) {
 }
 
 double parse_float(const std::string& flag, const std::string& text) {
-  try {
-    size_t used = 0;
-    const double value = std::stod(text, &used);
-    if (used == text.size()) return value;
-  } catch (const std::exception&) {
-  }
+  // strtod, not stod: stod throws out_of_range on a subnormal (1e-320), which Python's float() reads
+  char* end = nullptr;
+  const double value = std::strtod(text.c_str(), &end);
+  if (!text.empty() && !std::isspace(static_cast<unsigned char>(text[0])) && end == text.c_str() + text.size())
+    return value;
   throw Usage{flag + " " + text + ": expected a number"};
 }
 
@@ -142,6 +143,9 @@ std::string read_prompt(const std::string& flag, const std::string& path) {
   if (path == "-") {
     text << std::cin.rdbuf();
   } else {
+    std::error_code ignored;
+    if (std::filesystem::is_directory(path, ignored))  // opens as an empty stream: it was "the prompt is empty"
+      throw Usage{flag + " " + path + ": cannot read it (" + std::strerror(EISDIR) + ")"};
     std::ifstream file(path, std::ios::binary);
     // an empty file sets failbit on `<<` with errno 0: it is the empty prompt (refused as such), not a read error
     if (!file || (file.peek() != std::ifstream::traits_type::eof() && !(text << file.rdbuf())))

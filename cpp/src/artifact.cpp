@@ -387,6 +387,18 @@ Artifact read_artifact(const std::string& directory_name, bool verify) {
   artifact.directory = directory_name;
   artifact.manifest_path = (directory / kManifest).string();
   const json manifest = read_manifest(directory, verify);
+  const bool partitioned = manifest.contains("partitions") && manifest["partitions"].is_array() &&
+                           !manifest["partitions"].empty();
+  if (manifest.contains("layers") && manifest["layers"].is_array() && manifest["layers"].size() == 2 &&
+      manifest["layers"][0].is_number_integer() && manifest["layers"][1].is_number_integer() && !partitioned) {
+    // a part's graphs take hidden states, not token ids (Generator.load says the same)
+    std::error_code ignored;
+    fs::path part = fs::weakly_canonical(directory, ignored);
+    if (part.filename().empty()) part = part.parent_path();  // "dir/part0/"
+    throw Error(directory_name + ": one part (layers " + std::to_string(manifest["layers"][0].get<int64_t>()) + ".." +
+                std::to_string(manifest["layers"][1].get<int64_t>() - 1) + ") of a partitioned artifact; run the " +
+                "artifact directory holding it (" + part.parent_path().string() + ")");
+  }
   try {
     artifact.config = parse_config(manifest, artifact.manifest_path);
     read_parts(manifest, directory, artifact);

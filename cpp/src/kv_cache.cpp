@@ -11,6 +11,7 @@
 namespace llama4rt {
 namespace {
 constexpr int64_t kInitialSlots = 64;  // runtime/kv_cache.py INITIAL_SLOTS
+constexpr int64_t kMaxWindow = int64_t{1} << 62;  // runtime/kv_cache.py MAX_WINDOW: sums of slots stay in int64
 }
 
 void SlidingKVCache::FreeDeleter::operator()(uint8_t* p) const { std::free(p); }
@@ -22,6 +23,10 @@ SlidingKVCache::SlidingKVCache(const ModelConfig& config, KVLayout layout, int64
       kv_heads_(config.num_key_value_heads), head_dim_(config.head_dim), itemsize_(itemsize) {
   if (sinks < 0)
     throw Error("sinks=" + std::to_string(sinks) + ": the number of sink tokens cannot be negative");
+  for (const auto& [name, value] : {std::pair<const char*, int64_t>{"window", window}, {"sinks", sinks}})
+    if (value > kMaxWindow)
+      throw Error(std::string(name) + "=" + std::to_string(value) + ": at most " + std::to_string(kMaxWindow) +
+                  " (2^62) tokens");
   if (window < sinks + 1)
     throw Error("window=" + std::to_string(window) + " with sinks=" + std::to_string(sinks) +
                 ": the global window needs at least sinks + 1 = " + std::to_string(sinks + 1) +
@@ -38,14 +43,21 @@ SlidingKVCache::SlidingKVCache(const ModelConfig& config, KVLayout layout, int64
     // In place, a step's tokens land behind a full window before they move into the ring (SinkRingSlots.capacity).
     kind.capacity = kind.slots + (layout == KVLayout::kInPlace && !kind.chunk_policy ? max_step_ : 0) + scratch_;
     kind.size = grow ? std::min(kind.capacity, kInitialSlots) : kind.capacity;
-    if (layout == KVLayout::kPositions) kind.positions.assign(kind.capacity, -1);
+    if (layout == KVLayout::kPositions) {
+      if (static_cast<uint64_t>(kind.capacity) > kind.positions.max_size()) throw std::bad_alloc();
+      kind.positions.assign(kind.capacity, -1);
+    }
   }
   for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
     Kind& kind = kind_[index(config.kinds[layer])];
     kind.layers.push_back(layer);
     // calloc: zeroed like Python's np.zeros, and large blocks come straight from mmap, so pages the sequence has not
     // reached yet cost no resident memory.
-    const size_t bytes = static_cast<size_t>(kv_heads_ * kind.capacity * head_dim_) * itemsize_;
+    // A window past the address space is out of memory, not a product that wraps around to a small buffer.
+    size_t bytes = 0;
+    if (__builtin_mul_overflow(static_cast<size_t>(kv_heads_) * static_cast<size_t>(head_dim_) * itemsize_,
+                               static_cast<size_t>(kind.capacity), &bytes))
+      throw std::bad_alloc();
     for (auto* buffers : {&keys_, &values_}) {
       auto* memory = static_cast<uint8_t*>(std::calloc(bytes, 1));
       if (memory == nullptr) throw std::bad_alloc();

@@ -97,6 +97,15 @@ int main(int argc, char** argv) {
     std::cout << progress << std::endl;
     std::cout << (pieced.generate(longest, options).token_ids == uncancelled ? "after it: the same ids" : "after it: other ids")
               << std::endl;
+    // a stop token outside the vocabulary never stops anything: refused, as Generator refuses it
+    llama4rt::GenerateOptions bad_stops = options;
+    bad_stops.stop_tokens = std::vector<int64_t>{-1, 1000000};
+    try {
+      model.generate(prompts[0], bad_stops);
+      std::cout << "bad stop tokens: accepted" << std::endl;
+    } catch (const llama4rt::Error& e) {
+      std::cout << "bad stop tokens: " << e.what() << std::endl;
+    }
     return 0;
   } catch (const llama4rt::Error& e) {
     std::cerr << "error: " << e.what() << std::endl;
