@@ -42,7 +42,7 @@ from .artifact import (MANIFEST, ArtifactError, atomic_directory, held_directory
 from .calib.awq_plans import AwqWeights
 from .calib.calibrate import Calibration, activation_amax, calibrate, calibration_samples, tokenizer_for
 from .calib.corpus import CalibrationError
-from .calib.stats import kv_cache_amax
+from .calib.stats import check_writable, kv_cache_amax
 from .errors import FLAG, INTEGER, NONE, NUMBER, PATH, TEXT, ConfigError, check_types
 from .evaluation.report import REPORT_FILE, accuracy_report, evaluation_tokens
 from .export.tokenizer_files import (check_tokenizer_files, copy_tokenizer_files, write_byte_level_tokenizer,
@@ -119,6 +119,8 @@ class QuantOptions:
         if self.calib_cache is not None and self.calib_cache.is_dir():  # found after the calibration had run
             raise CalibrationError(f"--calib-cache {self.calib_cache}: is a directory; give the cache file's path, e.g. "
                                    f"{self.calib_cache / 'calib.safetensors'}")
+        if self.calib_cache is not None and self.needs_calibration(precision):  # written once it has run (hours)
+            check_writable(self.calib_cache)
         if self.eval_data is not None and not self.report:
             raise ConfigError("--eval-data is what the accuracy report evaluates on, and --no-report skips it: drop one")
         if self.float_embeddings and self.quantize_lm_head:
@@ -139,6 +141,9 @@ class QuantOptions:
                 if given:
                     raise ConfigError(f"{flag} applies to --precision {applies} (got --precision {precision})")
             return
+        if self.float_embeddings and precision != "int4":  # fp8 keeps both in float anyway
+            raise ConfigError("--float-embeddings applies to --precision int4 (fp8 keeps the token embedding and "
+                              "lm_head in float already); drop it")
         if precision == "int4":
             if self.amax_percentile is not None:
                 raise CalibrationError("--calib-percentile sets FP8 activation scales; int4 is weight-only: drop it")
@@ -154,7 +159,7 @@ class QuantOptions:
 
     @property
     def block(self) -> int:
-        return self.block_size or DEFAULT_BLOCK_SIZE
+        return DEFAULT_BLOCK_SIZE if self.block_size is None else self.block_size  # 0 is refused, not the default
 
     def awq(self, precision: str) -> bool:
         return precision == "int4" and self.int4_algo == "awq"
@@ -172,7 +177,8 @@ class QuantOptions:
         """The note for calibration settings given where nothing calibrates: not refused (a script may pass the same
         settings to every precision), not silently ignored either."""
         given = [flag for flag, value in (("--calib-data", self.calib_data), ("--calib-samples", self.calib_samples),
-                                          ("--calib-seq-len", self.calib_seq_len)) if value is not None]
+                                          ("--calib-seq-len", self.calib_seq_len), ("--calib-cache", self.calib_cache))
+                 if value is not None]
         if not given or self.needs_calibration(precision):
             return None
         return (f"{' / '.join(given)}: not used, --precision {precision}{' --int4-algo rtn' if precision == 'int4' else ''} "

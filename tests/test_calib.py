@@ -251,7 +251,16 @@ def test_exports_sharing_a_calibration_cache_at_once_do_not_trip_over_each_other
     # found after the whole calibration, as an IsADirectoryError traceback (and a stray "DIR.awq128/" beside it)
     (["--precision", "int4", "--calib-cache", "{dir}"], "--calib-cache {dir}: is a directory; give the cache file's "
                                                         "path, e.g. {dir}/calib.safetensors"),
-], ids=["eval-data-no-report", "float-and-quantized-lm-head", "cache-dir"])
+    # the next four: a traceback at the end of the export, block 128 silently, and two flags silently ignored
+    (["--eval-data", "{short}"], "--eval-data {short}: 1 token(s), and the report predicts each next token of windows "
+                                 "of the text: give at least 16 tokens of text"),
+    (["--precision", "int4", "--block-size", "0"], "--block-size 0 is not supported for int4; choose one of: 32, 64, 128"),
+    (["--precision", "fp8", "--float-embeddings"], "--float-embeddings applies to --precision int4 (fp8 keeps the token "
+                                                   "embedding and lm_head in float already); drop it"),
+    (["--precision", "fp8", "--calib-cache", "{text}/calib.safetensors"],
+     "--calib-cache {text}/calib.safetensors: cannot write there (File exists: {text}); give a writable path"),
+], ids=["eval-data-no-report", "float-and-quantized-lm-head", "cache-dir", "eval-data-too-short", "block-size-0",
+        "float-embeddings-fp8", "cache-not-writable"])
 def test_contradicting_flags_are_refused_in_one_line(tmp_path, flags, message):
     """Each was silently ignored, one side of the contradiction winning (or, for the cache, failed at the end of the
     calibration), while inapplicable flags such as --int4-algo with fp32 were refused."""
@@ -260,13 +269,14 @@ def test_contradicting_flags_are_refused_in_one_line(tmp_path, flags, message):
     from llama4_export.cli.export import export_app
 
     (tmp_path / "text.txt").write_text("Some calibration text.\n")
+    (tmp_path / "short.txt").write_text("a")
     (tmp_path / "dir").mkdir()
-    paths = {"text": str(tmp_path / "text.txt"), "dir": str(tmp_path / "dir")}
+    paths = {"text": str(tmp_path / "text.txt"), "dir": str(tmp_path / "dir"), "short": str(tmp_path / "short.txt")}
     result = CliRunner().invoke(export_app, ["--model", "scout-tiny", *[f.format(**paths) for f in flags],
                                              "--out", str(tmp_path / "out")], terminal_width=400)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and lines == [f"error: {message.format(**paths)}"], result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "text.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "short.txt", "text.txt"]
 
 
 def test_calibration_settings_where_nothing_calibrates_are_noted(tmp_path):
@@ -280,8 +290,10 @@ def test_calibration_settings_where_nothing_calibrates_are_noted(tmp_path):
     for flags, note in (
             (["--precision", "fp16", "--calib-data", str(tmp_path / "text.txt")],
              "--calib-data: not used, --precision fp16 calibrates nothing"),
-            (["--precision", "int4", "--int4-algo", "rtn", "--calib-samples", "4", "--calib-seq-len", "8"],
-             "--calib-samples / --calib-seq-len: not used, --precision int4 --int4-algo rtn calibrates nothing")):
+            (["--precision", "int4", "--int4-algo", "rtn", "--calib-samples", "4", "--calib-seq-len", "8",
+              "--calib-cache", str(tmp_path / "c.safetensors")],  # the cache was left off the note
+             "--calib-samples / --calib-seq-len / --calib-cache: not used, --precision int4 --int4-algo rtn calibrates "
+             "nothing")):
         result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--layers", "1", "--random-weights",
                                                  "--no-report", *flags, "--out", str(tmp_path / "o")],
                                     terminal_width=400)

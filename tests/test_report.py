@@ -46,3 +46,13 @@ def test_report_equals_transformers_and_the_artifacts_own_greedy_generation(tmp_
     lengths = [next((i for i, (a, b) in enumerate(zip(t, o)) if a != b), NEW_TOKENS) for t, o in zip(theirs, ours)]
     assert min(lengths) < NEW_TOKENS  # int4 on random weights diverges somewhere: the count is exercised
     assert report["greedy_agreement_tokens"] == pytest.approx(np.mean(lengths)), (lengths, theirs, ours)
+
+
+def test_an_artifact_taking_one_token_per_prefill_still_gets_its_report(tmp_path):
+    """--max-prefill 1 capped the report's windows at one token: its greedy prompts were empty and the export ended in
+    an IndexError traceback after writing everything."""
+    result = api.export_model(tmp_path / "one", model="scout-tiny", layers=1, random_weights=True, max_prefill=1,
+                              show_progress=False)
+    report = result.accuracy_report
+    assert report["seq_len"] == 2 and report["tokens"] == report["windows"] > 0
+    assert report["perplexity_ratio"] == pytest.approx(1.0, abs=1e-4)  # fp32: the artifact is the reference

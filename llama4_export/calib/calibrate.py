@@ -113,7 +113,11 @@ def calibrate(source, ids: np.ndarray, text: corpus_mod.Corpus, cache_path: str 
     if stats is None:
         stats = layerwise_statistics(source, ids, progress, for_awq=False)
     if not reused:
-        save_cache(cache_path, stats, key, settings)
+        try:
+            save_cache(cache_path, stats, key, settings)
+        except CalibrationError:
+            if chosen:
+                raise  # the default cache unwritable (a read-only home): the export goes on without it
     return Calibration(stats, key, settings, reused, time.perf_counter() - start, cache_path, plans, records)
 
 

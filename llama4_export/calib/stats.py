@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -151,19 +152,33 @@ def save_cache(path: Path, stats: dict[str, np.ndarray], key: str, settings: dic
     from safetensors.numpy import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # A temp file of its own: exports sharing the cache may save the same statistics at once (one fixed temp name
     # had them write one file together and the second rename fail)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # created as any file is (umask), unlike mkstemp's
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with removed_if_stopped(tmp):
             # One metadata entry: safetensors writes a metadata map in hash order, so two entries would make the bytes
             # vary.
             save_file({k: np.ascontiguousarray(stats[k]) for k in sorted(stats)}, tmp,
                       metadata={METADATA: json.dumps({"key": key, "settings": settings}, sort_keys=True)})
             os.replace(tmp, path)
+    except Exception as exc:  # OSError, or safetensors' own error type wrapping one
+        raise CalibrationError(f"{path}: cannot write the calibration cache there ({exc}); give a writable "
+                               "--calib-cache") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def check_writable(path: Path) -> None:
+    """CalibrationError unless a cache file can be written at `path` (before a calibration of hours, not after)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        where = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+        raise CalibrationError(f"--calib-cache {path}: cannot write there ({where}); give a writable path") from None
 
 
 def load_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:

@@ -68,7 +68,7 @@ def export(
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="calibration sequences (default 128, fewer for tiny models)"),
     calib_seq_len: Optional[int] = typer.Option(None, "--calib-seq-len", help="tokens per calibration sequence (default 512, fewer for tiny models)"),
     calib_cache: Optional[Path] = typer.Option(
-        None, "--calib-cache", help="calibration cache file to reuse/write (default: the previous artifact's, if it matches)",
+        None, "--calib-cache", help="calibration statistics file to reuse when it holds these inputs' (else computed and written there); default: ~/.cache/llama4-export/calib/<key of model, data, samples, seq len>",
     ),
     eval_data: Optional[Path] = typer.Option(
         None, "--eval-data", help="held-out text for the accuracy report (default: the embedded corpus's held-out slice)",

@@ -33,6 +33,7 @@ from ..weights import WeightSource
 REPORT_FILE = "report.json"
 RANDOM_TOKENS = "random token ids (no tokenizer)"
 REPORT_DIGITS = 6
+MIN_EVAL_TOKENS = 16  # fewer say nothing of the model (under 2 there is no next token to predict at all)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -53,7 +54,11 @@ def evaluation_tokens(source: WeightSource, eval_data: str | Path | None) -> tup
         return np.random.default_rng(0).integers(0, source.config.vocab_size, 8 * 256), RANDOM_TOKENS, None
     text = load_corpus(eval_data, "heldout")
     name = text.source if text.source.startswith("embedded:") else Path(text.source).name
-    return token_stream(text, tokenizer), name, text.sha256
+    tokens = token_stream(text, tokenizer)
+    if len(tokens) < MIN_EVAL_TOKENS:  # checked before the export: the report comes at its end
+        raise CalibrationError(f"--eval-data {eval_data}: {len(tokens)} token(s), and the report predicts each next "
+                               f"token of windows of the text: give at least {MIN_EVAL_TOKENS} tokens of text")
+    return tokens, name, text.sha256
 
 
 class ReferenceLogits:
@@ -113,7 +118,7 @@ def accuracy_report(artifact: str | Path, source: WeightSource, tokens: np.ndarr
     seq_len = min(seq_len, len(tokens))
     with held_directory(Path(artifact).parent, ".report-") as scratch:
         artifact_logits = ArtifactLogits(Path(artifact), scratch)
-        seq_len = min(seq_len, artifact_logits.max_prefill)
+        seq_len = max(2, min(seq_len, artifact_logits.max_prefill))  # --max-prefill 1: two-token windows still
         ids = cut_samples(tokens, windows, seq_len, data)[:, :seq_len]
         reference = ReferenceLogits(source)
         nll_ref, nll_q, kl, agree, count = 0.0, 0.0, 0.0, 0, 0

@@ -28,7 +28,9 @@ FP8 E4M3 (W8A8, per-tensor scales, amax / 448)
                   The TensorRT plugin's shared expert weights likewise (weight-only, through a Transpose).
 Scales have the graph's float type (the weight's: fp32 for ONNX Runtime, fp16 for TensorRT), as DequantizeLinear
 outputs its scale's type.
-Never quantized unless asked: router, embeddings, norms, lm_head (quantize_lm_head=True makes lm_head like any linear).
+Never quantized: router, norms. lm_head and the token embedding stay float unless asked (quantize_lm_head=True makes
+lm_head like any linear), except int4 on ONNX Runtime, whose spec stores lm_head 8-bit and the embedding 4-bit
+blockwise (QuantSpec.lm_head_bits / embedding_bits; --float-embeddings keeps both float).
 FP8 E4M3 KV cache (QuantSpec.kv_cache_amax; per layer, one scale for K and one for V, s = calibrated amax / 448)
   past_key.L  graph input float8e4m3fn → DequantizeLinear(·, s `kv_cache.L.key_scale`) → what attention read before
   new_key.L   what the graph returned before → QuantizeLinear(·, s, float8e4m3fn zero point) → graph output float8e4m3fn
