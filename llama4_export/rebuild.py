@@ -5,8 +5,9 @@ quantization and calibration settings, partitions, the prefill limit), the graph
 MoE lowering), the accuracy report when there was one, and — when the manifest has a
 `tensorrt` entry and TensorRT + a GPU are here — the engine build with the recorded builder settings from the
 recorded timing cache in error-on-miss mode. Everything up to the ONNX must be byte-identical on any machine (the
-exporter and passes are deterministic; calibration at any thread count: pipeline.pin_cpu_numerics); engines only given the same timing cache, GPU model and TensorRT version
-(engine.py says what TensorRT does and does not guarantee). The result is compared file by file: the first
+exporter and passes are deterministic; calibration at any thread count: pipeline.pin_cpu_numerics); engines only
+given the same timing cache, GPU model and TensorRT version (engine.py says what TensorRT does and does not
+guarantee). The result is compared file by file: the first
 difference (missing, extra, or different sha256) is reported.
 """
 
