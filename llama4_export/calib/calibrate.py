@@ -88,8 +88,8 @@ def calibrate(source, ids: np.ndarray, text: corpus_mod.Corpus, cache_path: str 
     key = cache_key(source.manifest_entry(), text.sha256, *ids.shape)
     chosen = cache_path is not None
     cache_path = Path(cache_path) if chosen else default_cache_path(key)
-    data = text.source if text.source.startswith("embedded:") else Path(text.source).name
-    settings = {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "data": data, "data_sha256": text.sha256}
+    settings = {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "data": text.recorded_name,
+                "data_sha256": text.sha256}
     start = time.perf_counter()
     try:
         stats = load_cache(cache_path, key)

@@ -45,6 +45,11 @@ class Corpus:
     source: str  # "embedded:calibration", "embedded:heldout" or the path given
 
     @property
+    def recorded_name(self) -> str:
+        """How artifacts name this text: the embedded split, or a file's name alone (no path in an artifact)."""
+        return self.source if self.source.startswith("embedded:") else Path(self.source).name
+
+    @property
     def sha256(self) -> str:
         digest = hashlib.sha256()
         for text in self.texts:

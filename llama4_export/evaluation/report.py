@@ -53,12 +53,11 @@ def evaluation_tokens(source: WeightSource, eval_data: str | Path | None) -> tup
             raise
         return np.random.default_rng(0).integers(0, source.config.vocab_size, 8 * 256), RANDOM_TOKENS, None
     text = load_corpus(eval_data, "heldout")
-    name = text.source if text.source.startswith("embedded:") else Path(text.source).name
     tokens = token_stream(text, tokenizer)
     if len(tokens) < MIN_EVAL_TOKENS:  # checked before the export: the report comes at its end
         raise CalibrationError(f"--eval-data {eval_data}: {len(tokens)} token(s), and the report predicts each next "
                                f"token of windows of the text: give at least {MIN_EVAL_TOKENS} tokens of text")
-    return tokens, name, text.sha256
+    return tokens, text.recorded_name, text.sha256
 
 
 class ReferenceLogits:
