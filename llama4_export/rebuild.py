@@ -69,43 +69,47 @@ def _uses_trt_plugin(manifest: dict[str, Any]) -> bool:
     return not any("standard ops" in (g.get("moe_lowering") or "") for g in (manifest.get("graphs") or {}).values())
 
 
+def _text_given_again(option: str, given: Path | None, recorded: tuple[str, str | None] | None, made_on: str,
+                      not_made: str) -> Path | None:
+    """One rule for a text an artifact was made with (--calib-data, --eval-data). The embedded corpus is found again
+    by itself; a file must be given again, and is checked against the recorded sha256 before anything is exported (a
+    calibration takes hours at Scout's size). recorded: (name, sha256) of the text, None when the artifact has no such
+    step — then a text given for it is refused with `not_made`. made_on: e.g. "the artifact was calibrated"."""
+    if recorded is None:
+        if given is not None:
+            raise BuildError(f"{option} {given}: {not_made}; drop it")
+        return None
+    name, sha256 = recorded
+    if sha256 is None:  # no text behind it (the report's seeded random tokens)
+        return given
+    if given is None:
+        if not name.startswith("embedded:"):
+            raise BuildError(f"{made_on} on {name!r} (sha256 {sha256[:16]}…); pass it again with {option}")
+        return None
+    if (digest := load_corpus(given).sha256) != sha256:
+        raise BuildError(f"{option} {given}: its text (sha256 {digest[:16]}…) is not what {made_on} on ({name!r}, "
+                         f"sha256 {sha256[:16]}…); pass that file")
+    return given
+
+
 def _held_out_text(directory: Path, manifest: dict[str, Any], eval_data: Path | None) -> Path | None:
-    """The text the accuracy report was made on: None for the embedded corpus, else the file given again — checked
-    against the sha256 the report records before anything is exported."""
-    if REPORT_FILE not in manifest["files"]:
-        if eval_data is not None:
-            raise BuildError(f"--eval-data {eval_data}: the artifact has no {REPORT_FILE} (exported with --no-report); "
-                             "drop it")
-        return None
-    report = json.loads((directory / REPORT_FILE).read_text())
-    recorded, sha256 = str(report.get("eval_data", "")), report.get("eval_data_sha256")
-    if eval_data is None:
-        if sha256 is not None and not recorded.startswith("embedded:"):
-            raise BuildError(f"the accuracy report was made on {recorded!r} (sha256 {sha256[:16]}…); pass it again "
-                             "with --eval-data")
-        return None
-    if sha256 is not None and (given := load_corpus(eval_data, "heldout").sha256) != sha256:
-        raise BuildError(f"--eval-data {eval_data}: its text (sha256 {given[:16]}…) is not what the accuracy report was "
-                         f"made on ({recorded!r}, sha256 {sha256[:16]}…); pass that file")
-    return eval_data
+    """The text the accuracy report was made on: None for the embedded corpus, else the file given again."""
+    recorded = None
+    if REPORT_FILE in manifest["files"]:
+        report = json.loads((directory / REPORT_FILE).read_text())
+        recorded = str(report.get("eval_data", "")), report.get("eval_data_sha256")
+    return _text_given_again("--eval-data", eval_data, recorded, "the accuracy report was made",
+                             f"the artifact has no {REPORT_FILE} (exported with --no-report)")
 
 
 def _quant_options(manifest: dict[str, Any], calib_data: Path | None, eval_data: Path | None) -> QuantOptions:
     """The recorded quantization settings; calibration text other than the embedded corpus must be given again."""
     quant = manifest.get("quantization") or {}
     calibration = quant.get("calibration") or {}
-    if calibration and not str(calibration.get("data", "")).startswith("embedded:") and calib_data is None:
-        raise BuildError(f"the artifact was calibrated on {calibration.get('data')!r} (sha256 "
-                         f"{str(calibration.get('data_sha256'))[:16]}…); pass it again with --calib-data")
-    if calib_data is not None and not calibration:
-        raise BuildError(f"--calib-data {calib_data}: the artifact was not calibrated (its precision "
-                         f"{manifest.get('precision', 'fp32')} reads no calibration text); drop it")
-    if calib_data is not None and calibration.get("data_sha256"):  # before a calibration of hours at Scout's size
-        given = load_corpus(calib_data).sha256
-        if given != calibration["data_sha256"]:
-            raise BuildError(f"--calib-data {calib_data}: its text (sha256 {given[:16]}…) is not what the artifact was "
-                             f"calibrated on ({calibration.get('data')!r}, sha256 {calibration['data_sha256'][:16]}…); "
-                             "pass that file")
+    recorded = (str(calibration.get("data", "")), calibration.get("data_sha256")) if calibration else None
+    calib_data = _text_given_again("--calib-data", calib_data, recorded, "the artifact was calibrated",
+                                   f"the artifact was not calibrated (its precision {manifest.get('precision', 'fp32')} "
+                                   "reads no calibration text)")
     precision = quant.get("precision")
     percentile = quant.get("activation_range", "amax")
     return QuantOptions(
