@@ -51,7 +51,7 @@ from .export.onnx_export import GRAPHS, OPSET, VISION_FILE, trace_graphs, trace_
 from .export.writer import DATA_FILE, weight_content, write_graphs
 from .graph_passes.artifact_passes import optimize_graphs, optimized_manifest
 from .graph_passes.manager import PassReport
-from .graph_passes.pipeline import TARGETS
+from .graph_passes.pipeline import check_target
 from .graph_passes.quantize import LM_HEAD, QuantSpec
 from .graph_passes.verify import DEFAULT_TOLERANCE
 from .model.config import Llama4Config
@@ -472,8 +472,7 @@ def check_precision(precision: str, target: str, flag: str = "--precision") -> N
     """bf16 artifacts for onnxruntime only where this onnxruntime build has the CUDA EP (onnxruntime-gpu)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"{flag} {precision!r} is not supported; choose one of: {', '.join(PRECISIONS)}")
-    if target not in TARGETS:
-        raise ConfigError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    check_target(target, ConfigError)
     if precision in GPU_ONLY_PRECISIONS and target == "onnxruntime" and \
             "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         raise ConfigError(f"{flag} {precision} does not run on ONNX Runtime's CPU EP (no {precision} kernels) and this "

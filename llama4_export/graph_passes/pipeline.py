@@ -64,9 +64,10 @@ def is_vision_graph(model: ir.Model) -> bool:
     return any(value.name == io_spec.PIXEL_VALUES for value in model.graph.inputs)
 
 
-def check_target(target: str) -> None:
+def check_target(target: str, error: type[Exception] = GraphPassError) -> None:
+    """error: the exporter's own check raises its ConfigError, the graph passes' their GraphPassError."""
     if target not in TARGETS:
-        raise GraphPassError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+        raise error(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
 
 
 def passes_for(target: str, quantize: bool = False, vision: bool = False) -> list[GraphPass]:
