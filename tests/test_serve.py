@@ -279,6 +279,10 @@ def test_an_answer_dumped_back_into_the_conversation_is_taken(client, generator)
     as_text = [*MESSAGES, {"role": "assistant", "content": "I cannot."}, follow_up]
     answer = client.chat.completions.create(model=MODEL, messages=refused, max_tokens=6)
     assert answer.choices[0].message.content == _alone(generator, generator.chat_prompt(as_text), 6).text
+    refusal_part = [*MESSAGES, {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]},
+                    follow_up]  # OpenAI's content part for it (was a 400 "type 'refusal' is not supported")
+    answer = client.chat.completions.create(model=MODEL, messages=refusal_part, max_tokens=6)
+    assert answer.choices[0].message.content == _alone(generator, generator.chat_prompt(as_text), 6).text
 
 
 def test_echo_scores_the_prompt_as_the_pytorch_model_does(client, generator):
@@ -328,6 +332,18 @@ def test_echo_scores_the_prompt_as_the_pytorch_model_does(client, generator):
                                                                echo=True, stream=True) if c.choices]
     assert chunks[0].text == PROMPT and "".join(c.text for c in chunks) == echoed.text
     assert [lp for c in chunks for lp in c.logprobs.token_logprobs] == echoed.logprobs.token_logprobs
+
+
+def test_echo_with_max_tokens_0_and_no_logprobs_answers_the_prompt(client):
+    """OpenAI's legacy echo: max_tokens 0 echoes the prompt, nothing generated (it was a 400 naming the engine's
+    max_new_tokens and prompt_logprobs, which the API does not have), plain and streamed."""
+    response = client.completions.create(model=MODEL, prompt=[PROMPT, "Once"], max_tokens=0, echo=True, n=2)
+    assert [c.text for c in response.choices] == [PROMPT, PROMPT, "Once", "Once"]
+    assert {(c.finish_reason, c.logprobs) for c in response.choices} == {("length", None)}
+    assert response.usage.completion_tokens == 0
+    chunks = [c.choices[0] for c in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True,
+                                                               stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == PROMPT and chunks[-1].finish_reason == "length"
 
 
 def _token_bytes(token: str) -> bytes:
@@ -388,6 +404,12 @@ def test_a_negative_seed_is_a_seed(client, generator):
     expected = [_sampled(generator, PROMPT, 6, seed=seed, temperature=1.0)[0] for seed in (-1, 0)]
     response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, n=2, seed=-1, temperature=1.0)
     assert [c.text for c in response.choices] == expected
+
+
+def test_top_p_0_keeps_the_most_likely_token_alone(client, generator):
+    """OpenAI takes top_p in [0, 1] (it was a 400 "greater than 0"): 0 keeps the top token, whatever the temperature."""
+    response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.5, top_p=0, seed=3)
+    assert response.choices[0].text == _alone(generator, PROMPT, 8).text
 
 
 def test_without_a_seed_each_request_samples_afresh(client, generator):
@@ -468,6 +490,17 @@ MALFORMED = [
     # named max_tokens, which the client did not send
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_completion_tokens": 5000}, 400,
      "max_completion_tokens"),
+    # OpenAI's seeds are int64: 2**64 sampled as seed 0 did
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 2**64}, 400, "seed"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": -2**63 - 1}, 400, "seed"),
+    # a tool message answers an earlier assistant tool call by its id (both were rendered as an orphan reply)
+    ("/v1/chat/completions", {"model": MODEL, "messages": [*MESSAGES, {"role": "tool", "content": "sunny"}]}, 400,
+     "messages[2].tool_call_id"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [*MESSAGES, {"role": "assistant", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_2", "content": "sunny"}]}, 400, "messages[3].tool_call_id"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "refusal", "refusal": "no"}]}]}, 400, "messages[0].content"),  # an assistant's part only
     # accepted (and overflowed in the sampler): Python's JSON reader and pydantic's take Infinity
     ("/v1/completions", b'{"model": "tiny", "prompt": "x", "temperature": 1, "repetition_penalty": Infinity}', 400,
      "repetition_penalty"),
@@ -588,19 +621,30 @@ def _wait_idle(base, seconds=30):
         time.sleep(0.1)
 
 
+def _requests_total(base, endpoint, status):
+    return _metric(base, f'llama4_requests_total{{endpoint="{endpoint}",status="{status}"}}', missing=0.0)
+
+
 def test_client_disconnect_frees_its_row(server):
+    """... and counts in /metrics as nginx's 499 (client closed request), not as a 200."""
     base = server[0]
+    _wait_idle(base)
+    closed, served = (_requests_total(base, "/v1/completions", s) for s in ("499", "200"))
     with _stream_lines(base, {"prompt": PROMPT, "max_tokens": 3000}) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
         assert httpx.get(f"{base}/health").json()["running"] == 1
     _wait_idle(base)
+    assert _requests_total(base, "/v1/completions", "499") == closed + 1
+    assert _requests_total(base, "/v1/completions", "200") == served
 
 
-def _metric(base, name):
+def _metric(base, name, missing=None):
     for line in httpx.get(f"{base}/metrics").text.splitlines():
         if line.startswith(name + " "):
-            return float(line.split()[1])
+            return float(line.split()[-1])
+    if missing is not None:  # a labelled series appears with its first count
+        return missing
     raise AssertionError(f"{name} is not in /metrics")
 
 
@@ -610,11 +654,32 @@ def test_a_non_streaming_client_that_disconnects_while_tokens_flow_frees_its_row
     base = server[0]
     _wait_idle(base)
     before = _metric(base, "llama4_generation_tokens_total")
+    closed, served = (_requests_total(base, "/v1/completions", s) for s in ("499", "200"))
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{base}/v1/completions", timeout=0.5,
                    json={"model": MODEL, "prompt": PROMPT, "max_tokens": 3000, "ignore_eos": True})
     _wait_idle(base)
     assert _metric(base, "llama4_generation_tokens_total") - before < 3000
+    deadline = time.monotonic() + 5  # the handler notices at its next poll, after the row is freed
+    while _requests_total(base, "/v1/completions", "499") == closed and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _requests_total(base, "/v1/completions", "499") == closed + 1  # was counted as a 200
+    assert _requests_total(base, "/v1/completions", "200") == served
+
+
+def test_metrics_count_prompt_tokens_as_usage_does_and_a_usage_stream_carries_null_usage(server, client):
+    """n choices prefill their prompt n times, but a request's prompt counts once in /metrics, as in its usage (it was
+    n times); a stream asked for its usage has usage: null in every chunk before the last, as OpenAI's."""
+    base = server[0]
+    _wait_idle(base)
+    before = _metric(base, "llama4_prompt_tokens_total")
+    response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, n=2, temperature=1.0, seed=1)
+    assert _metric(base, "llama4_prompt_tokens_total") - before == response.usage.prompt_tokens
+    for path, body in (("/v1/completions", {"prompt": PROMPT}), ("/v1/chat/completions", {"messages": MESSAGES})):
+        with httpx.stream("POST", f"{base}{path}", timeout=60, json={
+                "model": MODEL, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}, **body}) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert all("usage" in c and c["usage"] is None for c in chunks[:-1]) and chunks[-1]["usage"]["total_tokens"]
 
 
 def test_a_body_still_arriving_at_the_request_timeout_gets_408(artifact):

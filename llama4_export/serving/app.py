@@ -228,7 +228,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
             raise APIError(503, str(exc), type="server_error", code="shutting_down") from None
         except GenerationError as exc:
             raise invalid(exc) from None
-        metrics.prompt_tokens.inc(sum(run.prompt_lengths) * body.n)
+        metrics.prompt_tokens.inc(sum(run.prompt_lengths))  # as usage counts them: once, whatever n
         return run
 
     async def collect(request: Request, run: _Run) -> list[list[SequenceEvent]]:
@@ -245,8 +245,8 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                     pass
                 # by the clock, not only when tokens pause: a client gone while they flow would hold its rows
                 if time.monotonic() >= next_check:
-                    if await request.is_disconnected():
-                        break
+                    if await request.is_disconnected():  # nothing to answer: counted as nginx's 499
+                        raise APIError(499, "the client closed the request", code="client_closed_request")
                     next_check = time.monotonic() + DISCONNECT_POLL_S
         finally:
             run.cancel()
@@ -279,13 +279,18 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         check_model(name)
         return card
 
+    def _head(body: CompletionRequest | ChatCompletionRequest, prefix: str, kind: str) -> dict[str, Any]:
+        """The fields every chunk (or the response) of a request starts with; a stream asked for its usage carries
+        usage: null until its last chunk, as OpenAI's does."""
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+                "model": settings.model_name, **({"usage": None} if body.stream and body.include_usage else {})}
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body: CompletionRequest = parse(CompletionRequest, await read_body(request))
         check_model(body.model)
         run = await start(body)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": settings.model_name}
+        head = _head(body, "cmpl", "text_completion")
         def prompt_text(choice: int) -> str:
             return body.echoed(generator, choice // body.n)
 
@@ -327,8 +332,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         run = await start(body)
         top = body.top
         tool_names = {t["function"]["name"] for t in body.template_tools() or []}
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": settings.model_name}
+        head = _head(body, "chatcmpl", "chat.completion.chunk")
         tokens = _TokenText(generator)
         if body.stream:
             async def chunks() -> AsyncIterator[dict[str, Any]]:
@@ -551,11 +555,12 @@ def _sse(chunks: AsyncIterator[dict[str, Any]], run: _Run, metrics: ServerMetric
     A client that goes away cancels the sequence (the generator is closed or cancelled)."""
 
     async def stream() -> AsyncIterator[bytes]:
-        status = "200"
+        status = "499"  # until the stream's end: a client that went away closed it (nginx's "client closed request")
         try:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk)}\n\n".encode()
             yield b"data: [DONE]\n\n"
+            status = "200"
         except APIError as exc:
             status = str(exc.status)
             yield f"data: {json.dumps(exc.body())}\n\n".encode()

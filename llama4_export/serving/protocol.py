@@ -69,13 +69,13 @@ class _Generation(_Body):
 
     model: str
     temperature: float = Field(0.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, ge=0, le=1)  # 0 (OpenAI accepts it): the most likely token alone
     top_k: int = Field(0, ge=-1)  # 0 or -1: off
     repetition_penalty: float = Field(1.0, gt=0)
     ignore_eos: bool = False  # extension (vLLM, llama-server): generate max_tokens whatever the model says
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)  # OpenAI's int64; the sampler's seeds are taken mod 2^64
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -92,7 +92,8 @@ class _Generation(_Body):
         return tuple(stops)
 
     def sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
+        top_k, top_p = (1, 1.0) if self.top_p == 0 else (max(self.top_k, 0), self.top_p)
+        return SamplingParams(temperature=self.temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=self.repetition_penalty, seed=self.seed or 0,
                               frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
                               logit_bias=self._logit_bias())
@@ -144,7 +145,9 @@ class CompletionRequest(_Generation):
         if self.max_tokens == 0 and not self.echo:
             raise APIError(400, "max_tokens=0: only with echo: true (the prompt scored, nothing generated); ask for at "
                                 "least 1 token", "max_tokens")
-        scored = self.logprobs if self.echo else None
+        # max_tokens 0 echoes the prompt alone (as OpenAI's legacy API): the engine then prefills it to score it,
+        # the scores reported only when logprobs asks for them
+        scored = (0 if self.max_tokens == 0 and self.logprobs is None else self.logprobs) if self.echo else None
         prompts = self.prompts
         requests = []
         for k, prompt in enumerate(prompts):
@@ -170,6 +173,11 @@ class TextPart(_Body):
     text: str
 
 
+class RefusalPart(_Body):  # an assistant's refusal, as OpenAI's client sends it back: its text
+    type: Literal["refusal"]
+    refusal: str
+
+
 class ImageURL(_Body):
     url: str  # a data URL (the server fetches nothing)
     detail: Literal["auto", "low", "high"] | None = None  # accepted; Llama 4 tiles every image the same way
@@ -193,7 +201,7 @@ class ToolCall(_Body):
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    content: str | list[Annotated[TextPart | ImagePart | RefusalPart, Field(discriminator="type")]] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -238,7 +246,17 @@ class ChatCompletionRequest(_Generation):
         """The conversation as Generator.chat_inputs takes it: the parts of a message with images as they are, other
         messages' text parts joined, tool-call arguments as objects."""
         messages = []
+        call_ids: set[str] = set()  # of the assistant messages so far: what a tool message may answer
         for i, m in enumerate(self.messages):
+            if m.role == "tool" and m.tool_call_id not in call_ids:
+                answered = "answers no tool call of an earlier assistant message" if m.tool_call_id else "is missing"
+                raise APIError(400, f"messages[{i}].tool_call_id: {answered}; a tool message gives the id of the "
+                                    "assistant's tool call it answers", f"messages[{i}].tool_call_id")
+            call_ids.update(c.id for c in m.tool_calls or ())
+            if isinstance(m.content, list) and m.role != "assistant" and \
+                    any(isinstance(part, RefusalPart) for part in m.content):
+                raise APIError(400, f"messages[{i}].content: a refusal part belongs to an assistant message",
+                               f"messages[{i}].content")
             if m.content is None and (m.role != "assistant" or not m.tool_calls and m.refusal is None):
                 needs = "content or tool_calls" if m.role == "assistant" else "content"
                 raise APIError(400, f"messages[{i}].content: a{'n' if m.role == 'assistant' else ''} {m.role} message "
@@ -246,7 +264,7 @@ class ChatCompletionRequest(_Generation):
             if isinstance(m.content, list) and any(isinstance(part, ImagePart) for part in m.content):
                 content: Any = [part.model_dump(exclude_none=True) for part in m.content]
             elif isinstance(m.content, list):
-                content = "".join(part.text for part in m.content)
+                content = "".join(part.refusal if isinstance(part, RefusalPart) else part.text for part in m.content)
             else:
                 content = m.content or m.refusal or ""
             message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
