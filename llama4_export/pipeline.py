@@ -56,7 +56,7 @@ from .graph_passes.quantize import LM_HEAD, QuantSpec
 from .graph_passes.verify import DEFAULT_TOLERANCE
 from .model.config import Llama4Config
 from .model.io_spec import DEFAULT_MAX_PREFILL
-from .model.summary import BLOCK_SIZES, block_size_problem, parameter_counts, vision_block_size, vision_parameter_count, weight_bytes
+from .model.summary import block_size_problem, default_block_size, parameter_counts, vision_block_size, vision_parameter_count, weight_bytes
 from .plan import layer_weight_bytes, partition_layers
 from .progress import Steps, note
 from .runtime.images import ImageProcessorConfig
@@ -382,15 +382,6 @@ def vision_precision_for(precision: str, target: str, vision_precision: str | No
     if vision_precision in QUANTIZED_PRECISIONS and not optimize:
         raise ConfigError(f"--vision-precision {vision_precision} quantizes in the graph passes; drop --no-optimize")
     return vision_precision
-
-
-def default_block_size(config: Llama4Config) -> int:
-    """INT4's default block: 128 values along K (ModelOpt's and llama.cpp's convention), or the largest smaller supported
-    size that divides every quantized K when 128 does not (a tiny model), so every block is whole — what the fused
-    ONNX Runtime kernels (QMoE) require."""
-    inputs = (config.hidden_size, config.intermediate_size, config.intermediate_size_mlp,
-              config.num_attention_heads * config.head_dim)
-    return next((b for b in sorted(BLOCK_SIZES, reverse=True) if all(k % b == 0 for k in inputs)), DEFAULT_BLOCK_SIZE)
 
 
 def kv_layout_for(target: str, quant: QuantOptions) -> str:

@@ -55,7 +55,8 @@ from typing import Any
 from .errors import ConfigError
 from .model.config import Llama4Config, Llama4VisionConfig
 from .model.io_spec import DEFAULT_MAX_PREFILL, DEFAULT_SINKS, attention_kind
-from .model.summary import _layer_counts, block_size_problem, vision_parameter_count, vision_weight_bytes
+from .model.summary import (_layer_counts, block_size_problem, default_block_size, vision_parameter_count,
+                            vision_weight_bytes)
 
 MIB, GIB = 1 << 20, 1 << 30
 RUNTIME_RESERVE = 2 * GIB
@@ -324,23 +325,33 @@ def _gpu_use(config: Llama4Config, index: int, layers: range, n: int, window: in
 
 def plan_memory(
     config: Llama4Config, precision: str, gpu_memory_bytes: int | GpuSpec, gpus: int = 1, max_batch: int = 1,
-    max_prefill: int = DEFAULT_MAX_PREFILL, kv_dtype: str = "bf16", activation_dtype: str | None = None,
+    max_prefill: int = DEFAULT_MAX_PREFILL, kv_dtype: str | None = None, activation_dtype: str | None = None,
     window: int | None = None, sinks: int = DEFAULT_SINKS, block_size: int | None = None,
-    vision: Llama4VisionConfig | None = None, max_tiles: int = DEFAULT_MAX_TILES, vision_precision: str | None = None,
+    vision: Llama4VisionConfig | None = None, max_tiles: int | None = None, vision_precision: str | None = None,
 ) -> MemoryPlan:
     """Weights, KV cache and workspace per GPU, and the largest global window W that fits (or the `window` given).
 
     gpu_memory_bytes: one GPU's memory (runtime reserve RUNTIME_RESERVE) or a GpuSpec. gpus > 1 splits the layers
-    with partition_layers. activation_dtype: default fp32 for fp32 weights, else 16-bit. vision: the model's vision
-    tower (None: text only), planned on the first GPU with an encode of `max_tiles` image tiles at a time;
-    vision_precision: its precision (None: the text graphs' float type). block_size: int4's values per scale (None:
-    DEFAULT_BLOCK_SIZE; refused as export refuses it, for a size int4 does not have or without int4 weights).
+    with partition_layers. activation_dtype: default fp32 for fp32 weights, else 16-bit. kv_dtype: default the
+    activation dtype (what the graphs cache); fp8 only with quantized weights, as export's --kv-cache-dtype. vision:
+    the model's vision tower (None: text only), planned on the first GPU with an encode of `max_tiles` (default
+    DEFAULT_MAX_TILES) image tiles at a time; vision_precision: its precision (None: the text graphs' float type).
+    block_size: int4's values per scale (None: the export's default_block_size; refused as export refuses it, for a
+    size int4 does not have or without int4 weights).
     """
     activation_dtype = activation_dtype_for(precision, activation_dtype)
+    kv_dtype = kv_dtype or ("bf16" if precision == "bf16" else activation_dtype)
     if kv_dtype not in KV_DTYPE_BYTES:
         raise ConfigError(f"--kv-dtype {kv_dtype!r} is unknown; choose one of: {', '.join(KV_DTYPE_BYTES)}")
+    if kv_dtype == "fp8" and precision not in ("fp8", "int4"):
+        raise ConfigError(f"--kv-dtype fp8: an FP8 KV cache takes calibrated scales, exported with --precision fp8 / "
+                          f"int4 (--kv-cache-dtype fp8), not {precision}; drop it or change --precision")
+    if max_tiles is not None and vision is None:
+        raise ConfigError(f"--max-tiles {max_tiles}: no vision tower is planned (a text-only model, or --text-only); "
+                          "drop one")
+    max_tiles = DEFAULT_MAX_TILES if max_tiles is None else max_tiles
     if block_size is None:
-        block_size = DEFAULT_BLOCK_SIZE
+        block_size = default_block_size(config)
     elif "int4" not in (precision, vision_precision):
         raise ConfigError(f"--block-size {block_size} applies to int4 weights only ({precision} uses per-tensor "
                           "scales); drop it")

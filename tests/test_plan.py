@@ -120,6 +120,20 @@ def test_window_boundary_w_fits_and_w_plus_one_does_not():
     assert plan_memory(cfg, "int4", memory - 1, max_prefill=128).window == 299_999
 
 
+def test_the_kv_cache_is_planned_in_the_graphs_float_type_and_int4_at_the_exports_block():
+    """An fp32 artifact caches K/V in fp32: planned in bf16 by default, its W was 27 % too large; int4's default
+    block is export's (scout-tiny's sizes take 32), not always 128."""
+    cfg = get_preset("scout")
+    fp32 = plan_memory(cfg, "fp32", 500 * GIB)
+    assert fp32.kv_dtype == "fp32" and fp32.kv_bytes_per_token["per_layer"] == 2 * 8 * 128 * 4
+    assert plan_memory(cfg, "bf16", 500 * GIB).kv_dtype == "bf16"
+    tiny = get_preset("scout-tiny")
+    assert plan_memory(tiny, "int4", 24 * GIB).weight_bytes == plan_memory(tiny, "int4", 24 * GIB, block_size=32).weight_bytes
+    assert plan_memory(tiny, "int4", 24 * GIB).weight_bytes != plan_memory(tiny, "int4", 24 * GIB, block_size=128).weight_bytes
+    result = plan_cli("--model", "maverick", "--precision", "int4", "--gpu", "h100-80gb", "--text-only")
+    assert result.exit_code == 1 and "lower --precision" not in result.stdout  # int4 is the lowest
+
+
 def test_whole_context_fits_when_memory_allows():
     plan = plan_memory(get_preset("scout-tiny"), "fp16", 24 * 10**9)
     assert (plan.window, plan.window_limit, plan.fits) == (4096, "context", True)
@@ -325,6 +339,11 @@ def test_tensorrt_build_window_comes_from_the_planner_for_the_gpu():
      "--block-size 7 is not supported for int4; choose one of: 32, 64, 128"),
     (["--model", "scout", "--precision", "fp8", "--gpu", "h100-80gb", "--block-size", "64"],
      "--block-size 64 applies to int4 weights only"),
+    # planned as "fits", where export refuses an FP8 cache without calibrated scales / ignored the tiles
+    (["--model", "scout", "--precision", "fp32", "--gpu", "h100-80gb", "--kv-dtype", "fp8"],
+     "--kv-dtype fp8: an FP8 KV cache takes calibrated scales"),
+    (["--model", "scout", "--gpu", "h100-80gb", "--text-only", "--max-tiles", "5"],
+     "--max-tiles 5: no vision tower is planned"),
 ])
 def test_bad_input_prints_one_line_and_exits_2(args, message):
     result = plan_cli(*args)

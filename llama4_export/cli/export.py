@@ -240,10 +240,11 @@ def plan(
     gpus: int = typer.Option(1, "--gpus", help="GPUs the decoder layers are split over (contiguous ranges, as --partitions)"),
     max_batch: int = typer.Option(1, "--max-batch", help="sequences decoded together (the KV cache and workspace scale with it)"),
     max_prefill: int = typer.Option(512, "--max-prefill", help="tokens per prefill call (the attention workspace scales with it)"),
-    kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="KV cache: bf16 | fp16 | fp32 | fp8"),
+    kv_dtype: Optional[str] = typer.Option(
+        None, "--kv-dtype", help="KV cache: bf16 | fp16 | fp32 | fp8 (default: the graphs' float type, as export caches)"),
     window: Optional[int] = typer.Option(None, "--window", help="check this global window W instead of finding the largest"),
-    block_size: Optional[int] = typer.Option(None, "--block-size", help="int4: 32 | 64 | 128 (default) values per scale"),
-    max_tiles: int = typer.Option(17, "--max-tiles", help="image tiles encoded at once (default: one Scout image, 16 tiles + the global one)"),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="int4: 32 | 64 | 128 values per scale (default: export's, 128 unless the model's sizes need smaller)"),
+    max_tiles: Optional[int] = typer.Option(None, "--max-tiles", help="image tiles encoded at once (default 17: one Scout image, 16 tiles + the global one)"),
     vision_precision: Optional[str] = typer.Option(
         None, "--vision-precision",
         help="fp32 | fp16 | bf16 | int4 | fp8: the vision tower's, as export's (default: the text graphs' float type)"),
@@ -308,7 +309,8 @@ def _print_plan(p) -> None:
         at = (f"the requested W = {p.window:,}" if p.window_limit == "requested" else
               f"W = {p.min_window:,} (one attention chunk); largest W that fits: {p.window:,}")
         console.print(f"[bold red]does not fit[/]: {_gib(p.missing_bytes)} missing on the fullest GPU at {at} — try "
-                      "more --gpus, a lower --precision, a smaller --max-prefill / --max-batch, or a bigger GPU",
+                      f"more --gpus, {'' if p.precision == 'int4' else 'a lower --precision, '}a smaller --max-prefill / "
+                      "--max-batch, or a bigger GPU",
                       highlight=False)
 
 

@@ -57,19 +57,30 @@ def parameter_counts(config: Llama4Config) -> ParameterCounts:
     return ParameterCounts(total, active, quantizable, tensors, embedding, lm_head)
 
 
-def weight_bytes(config: Llama4Config, block_size: int = 128) -> dict[str, int]:
-    """Bytes of weights per precision. Router, embeddings, norms and lm_head stay bf16 in fp8/int4 (DESIGN.md §5);
-    "int4_onnxruntime" is the int4 default for ONNX Runtime, which also stores lm_head 8-bit and the token embedding
-    4-bit blockwise (pipeline.QuantOptions.spec_for)."""
+def default_block_size(config: Llama4Config) -> int:
+    """INT4's default block: 128 values along K (ModelOpt's and llama.cpp's convention), or the largest smaller supported
+    size that divides every quantized K when 128 does not (a tiny model), so every block is whole — what the fused
+    ONNX Runtime kernels (QMoE) require."""
+    inputs = (config.hidden_size, config.intermediate_size, config.intermediate_size_mlp,
+              config.num_attention_heads * config.head_dim)
+    return next((b for b in sorted(BLOCK_SIZES, reverse=True) if all(k % b == 0 for k in inputs)), max(BLOCK_SIZES))
+
+
+def weight_bytes(config: Llama4Config) -> dict[str, int]:
+    """Bytes of weights per precision, int4 at the export's default block. Router, embeddings, norms and lm_head stay
+    bf16 in fp8/int4 (DESIGN.md §5). "int4_onnxruntime" is what the int4 default for ONNX Runtime writes: its graphs
+    compute in fp32 (the unquantized tensors and the block scales fp32), lm_head 8-bit and the token embedding 4-bit
+    blockwise (pipeline.QuantOptions.spec_for)."""
     p = parameter_counts(config)
+    block = default_block_size(config)
     unquantized = (p.total - p.quantizable) * 2
-    int4 = unquantized + p.quantizable // 2 + (p.quantizable // block_size) * _SCALE_BYTES
-    scales = (p.embedding + p.lm_head) // block_size * _SCALE_BYTES
+    kept_fp32 = p.total - p.quantizable - p.embedding - p.lm_head  # norms, routers (and any untied float tensor)
     return {
         "bf16": p.total * 2,
         "fp8": unquantized + p.quantizable + p.quantizable_tensors * _FP8_SCALE_BYTES,
-        "int4": int4,
-        "int4_onnxruntime": int4 - (p.embedding + p.lm_head) * 2 + p.lm_head + p.embedding // 2 + scales,
+        "int4": unquantized + p.quantizable // 2 + p.quantizable // block * _SCALE_BYTES,  # a scale per block of K
+        "int4_onnxruntime": kept_fp32 * 4 + p.quantizable // 2 + p.embedding // 2 + p.lm_head
+        + (p.quantizable + p.embedding + p.lm_head) // block * 4,
     }
 
 
