@@ -63,6 +63,23 @@ def test_template_in_tokenizer_config_renders_like_transformers(tmp_path, scoutl
     assert ours.chat_prompt(MESSAGES) == hf(expected, add_special_tokens=False)["input_ids"]
 
 
+def test_a_template_with_an_added_token_dict_and_strftime_now_renders_like_transformers(tmp_path, scoutlike_dir):
+    """bos_token saved as older transformers save it ({"__type": "AddedToken", "content": ...}) was left out of the
+    render (no BOS); a template calling transformers' strftime_now was refused as "undefined"."""
+    from transformers import AutoTokenizer
+
+    shutil.copy(scoutlike_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    config = json.loads((scoutlike_dir / "tokenizer_config.json").read_text())
+    bos = {"__type": "AddedToken", "content": "<|begin_of_text|>", "lstrip": False, "normalized": False,
+           "rstrip": False, "single_word": False}
+    template = TEMPLATE.replace("{{ bos_token }}", "{{ bos_token }}{{ strftime_now('%Y') | length }}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": bos, "chat_template": template}))
+    expected = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(MESSAGES, tokenize=False,
+                                                                            add_generation_prompt=True)
+    assert expected.startswith("<|begin_of_text|>4<|header_start|>system")
+    assert Tokenizer.load(tmp_path).render_chat(MESSAGES) == expected
+
+
 @pytest.mark.parametrize("text", ["naïve café — über straße ☃ 東京", "plain ascii text, with punctuation."])
 def test_stream_pieces_join_to_the_full_decode(scoutlike_dir, text):
     tok = Tokenizer.load(scoutlike_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,11 @@ class Tokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = raise_exception
         env.filters["tojson"] = tojson
-        special = {k: v for k, v in self.config.items() if k.endswith("_token") and isinstance(v, str)}
+        # transformers' global (Llama 3.x-style templates write today's date): the caller's local time, as there
+        env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+        # a special token as a string, or as older transformers save it: {"__type": "AddedToken", "content": ...}
+        special = {k: text for k, v in self.config.items()
+                   if k.endswith("_token") and isinstance(text := v.get("content") if isinstance(v, dict) else v, str)}
         extra = {"tools": tools} if tools else {}
         try:
             return env.from_string(template).render(messages=messages, add_generation_prompt=True, **extra, **special)
