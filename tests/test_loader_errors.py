@@ -49,6 +49,10 @@ def break_missing_dir(ckpt: Path) -> tuple[Path, str]:
     return ckpt / "nope", "nope: checkpoint directory not found"
 
 
+def break_config_file_given(ckpt: Path) -> tuple[Path, str]:  # was "checkpoint directory not found"
+    return ckpt / "config.json", "config.json: is a file, not a checkpoint directory"
+
+
 def break_missing_config(ckpt: Path) -> tuple[Path, str]:
     (ckpt / "config.json").unlink()
     return ckpt, "config.json: config.json not found"
@@ -116,9 +120,31 @@ def break_zero_chunk(ckpt: Path) -> tuple[Path, str]:  # exported; llama4rt then
     return ckpt, "config.json: attention_chunk_size=0: must be >= 1"
 
 
+def _edit_index(ckpt: Path, edit) -> None:
+    index = json.loads((ckpt / INDEX).read_text())
+    edit(index)
+    (ckpt / INDEX).write_text(json.dumps(index))
+
+
+def break_index_weight_map_null(ckpt: Path) -> tuple[Path, str]:  # an AttributeError traceback
+    _edit_index(ckpt, lambda index: index.__setitem__("weight_map", None))
+    return ckpt, f"{INDEX}: weight_map must be an object of tensor name → shard file name"
+
+
+def break_index_shard_not_a_name(ckpt: Path) -> tuple[Path, str]:  # a TypeError traceback (Path / int)
+    _edit_index(ckpt, lambda index: index["weight_map"].__setitem__("lm_head.weight", 5))
+    return ckpt, f"{INDEX}: weight_map must be an object of tensor name → shard file name"
+
+
+def break_index_shard_outside(ckpt: Path) -> tuple[Path, str]:  # was opened wherever it pointed
+    _edit_index(ckpt, lambda index: index["weight_map"].__setitem__("lm_head.weight", "../elsewhere.safetensors"))
+    return ckpt, f"{INDEX}: shard '../elsewhere.safetensors' is outside the checkpoint directory"
+
+
 BREAKERS = [
-    break_missing_dir, break_missing_config, break_missing_shard, break_truncated_shard, break_wrong_shape,
+    break_missing_dir, break_config_file_given, break_missing_config, break_missing_shard, break_truncated_shard, break_wrong_shape,
     break_missing_tensor, break_unexpected_tensor, break_pickle_only, break_bad_json, break_zero_heads, break_zero_chunk,
+    break_index_weight_map_null, break_index_shard_not_a_name, break_index_shard_outside,
 ]
 
 

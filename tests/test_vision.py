@@ -135,6 +135,12 @@ def test_scout_vision_preset_is_meta_published_size():
     ("patch_size", [14, 7], "is not square"),
     ("image_size", None, "required field 'vision_config.image_size' is missing"),
     ("hidden_act", "relu", "hidden_act 'relu' is not supported"),
+    # a ZeroDivisionError traceback; negative parameter counts printed; a string and a fraction taken as integers
+    ("patch_size", 0, "vision_config.patch_size=0: must be >= 1"),
+    ("num_attention_heads", 0, "vision_config.num_attention_heads=0: must be >= 1"),
+    ("num_hidden_layers", -3, "vision_config.num_hidden_layers=-3: must be >= 1"),
+    ("image_size", "336", 'vision_config.image_size="336": must be an integer'),
+    ("hidden_size", 1408.7, "vision_config.hidden_size=1408.7: must be an integer"),
 ])
 def test_bad_vision_config_is_one_clear_error(tmp_path, field, value, message):
     ckpt = Path(shutil.copytree(VISION_FIXTURES / "tiny-a", tmp_path / "ckpt"))

@@ -361,13 +361,25 @@ class Llama4VisionConfig:
                                       "Llama 4 multimodal config")
             return cfg[key]
 
+        def size(key: str, value: Any = None) -> int:
+            """A size of the tower: an integer >= 1, as the text config's (256.5, "336" and -3 were taken; 0 divided
+            by zero)."""
+            value = need(vision, key, "vision_config.") if value is None else value
+            if not is_integer(value):
+                raise CheckpointError(f"{source}: vision_config.{key}={json.dumps(value)}: must be an integer; fix the "
+                                      "value or re-save the config")
+            if value < 1:
+                raise CheckpointError(f"{source}: vision_config.{key}={value}: must be >= 1; fix the value or re-save "
+                                      "the config")
+            return int(value)
+
         def square(key: str) -> int:
             value = need(vision, key, "vision_config.")
             if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
                 value = value[0]
             if isinstance(value, list):
                 raise CheckpointError(f"{source}: vision_config.{key} {value} is not square; Llama 4 tiles are square")
-            return int(value)
+            return size(key, value)
 
         if vision.get("hidden_act", "gelu") != "gelu":
             raise CheckpointError(f"{source}: vision_config.hidden_act {vision['hidden_act']!r} is not supported (Llama 4 uses 'gelu')")
@@ -381,15 +393,15 @@ class Llama4VisionConfig:
             return cls(
                 image_size=square("image_size"),
                 patch_size=square("patch_size"),
-                num_channels=int(vision.get("num_channels", 3)),
-                hidden_size=int(need(vision, "hidden_size", "vision_config.")),
-                intermediate_size=int(need(vision, "intermediate_size", "vision_config.")),
-                num_hidden_layers=int(need(vision, "num_hidden_layers", "vision_config.")),
-                num_attention_heads=int(need(vision, "num_attention_heads", "vision_config.")),
+                num_channels=size("num_channels", vision.get("num_channels", 3)),
+                hidden_size=size("hidden_size"),
+                intermediate_size=size("intermediate_size"),
+                num_hidden_layers=size("num_hidden_layers"),
+                num_attention_heads=size("num_attention_heads"),
                 pixel_shuffle_ratio=float(need(vision, "pixel_shuffle_ratio", "vision_config.")),
-                projector_input_dim=int(need(vision, "projector_input_dim", "vision_config.")),
-                projector_output_dim=int(need(vision, "projector_output_dim", "vision_config.")),
-                vision_output_dim=int(need(vision, "vision_output_dim", "vision_config.")),
+                projector_input_dim=size("projector_input_dim"),
+                projector_output_dim=size("projector_output_dim"),
+                vision_output_dim=size("vision_output_dim"),
                 rope_theta=float(rope.get("rope_theta", vision.get("rope_theta", 10000.0))),  # transformers' default
                 text_hidden_size=int(need(text, "hidden_size", "text_config.")),
                 image_token_id=int(token),
@@ -493,7 +505,8 @@ def checkpoint_configs(checkpoint_dir: str | Path) -> tuple[Llama4Config, Llama4
     """The text and vision configs of a checkpoint directory's config.json (its weights not looked at)."""
     ckpt = Path(checkpoint_dir)
     if not ckpt.is_dir():
-        raise CheckpointError(f"{ckpt}: checkpoint directory not found; pass a directory holding config.json and *.safetensors")
+        problem = "is a file, not a checkpoint directory" if ckpt.exists() else "checkpoint directory not found"
+        raise CheckpointError(f"{ckpt}: {problem}; pass a directory holding config.json and *.safetensors")
     raw = read_config_json(ckpt / "config.json")
     config = Llama4Config.from_hf_dict(raw, source=str(ckpt / "config.json")).replace(name=ckpt.name)
     return config, Llama4VisionConfig.from_hf_dict(raw, source=str(ckpt / "config.json"))

@@ -114,6 +114,14 @@ def _tensor_locations(ckpt: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index}: not a valid safetensors index ({exc!r}); re-save the checkpoint") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must be an object of tensor name → shard file name (a "
+                                  "string); re-save the checkpoint")
+        # a shard beside the index, never elsewhere: an index is data, and may come from anywhere
+        outside = sorted(s for s in set(weight_map.values()) if Path(s).is_absolute() or ".." in Path(s).parts)
+        if outside:
+            raise CheckpointError(f"{index}: shard {outside[0]!r} is outside the checkpoint directory; an index names "
+                                  "shards by their file names in it")
         shards = sorted(set(weight_map.values()))
         for shard in shards:
             if not (ckpt / shard).is_file():
