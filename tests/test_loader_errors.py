@@ -141,10 +141,30 @@ def break_index_shard_outside(ckpt: Path) -> tuple[Path, str]:  # was opened whe
     return ckpt, f"{INDEX}: shard '../elsewhere.safetensors' is outside the checkpoint directory"
 
 
+def _edit_config(ckpt: Path, **fields) -> Path:
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, **fields}))
+    return ckpt
+
+
+def break_tie_as_a_string(ckpt: Path) -> tuple[Path, str]:  # "false" was taken as tied: lm_head left out
+    return _edit_config(ckpt, tie_word_embeddings="false"), 'tie_word_embeddings="false": must be true or false'
+
+
+def break_moe_layer_twice(ckpt: Path) -> tuple[Path, str]:  # accepted silently
+    return _edit_config(ckpt, moe_layers=[0, 0]), "moe_layers [0, 0] names a layer twice"
+
+
+def break_no_rope_layer_not_a_flag(ckpt: Path) -> tuple[Path, str]:  # accepted silently
+    layers = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
+    return _edit_config(ckpt, no_rope_layers=[2] * layers), "each entry is 1 (RoPE) or 0 (NoPE)"
+
+
 BREAKERS = [
     break_missing_dir, break_config_file_given, break_missing_config, break_missing_shard, break_truncated_shard, break_wrong_shape,
     break_missing_tensor, break_unexpected_tensor, break_pickle_only, break_bad_json, break_zero_heads, break_zero_chunk,
-    break_index_weight_map_null, break_index_shard_not_a_name, break_index_shard_outside,
+    break_index_weight_map_null, break_index_shard_not_a_name, break_index_shard_outside, break_tie_as_a_string,
+    break_moe_layer_twice, break_no_rope_layer_not_a_flag,
 ]
 
 

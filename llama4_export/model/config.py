@@ -63,6 +63,9 @@ class Llama4Config:
             problems.append(f"no_rope_layers has {len(self.no_rope_layers)} entries for {n} layers")
         if any(i < 0 or i >= n for i in self.moe_layers):
             problems.append(f"moe_layers {list(self.moe_layers)} names layers outside 0..{n - 1}")
+        elif len(set(self.moe_layers)) < len(self.moe_layers):
+            problems.append(f"moe_layers {list(self.moe_layers)} names a layer twice")
+
         if self.num_attention_heads % self.num_key_value_heads:
             problems.append("num_attention_heads must be a multiple of num_key_value_heads")
         if self.head_dim % 2:
@@ -163,11 +166,18 @@ class Llama4Config:
                                       "re-save the config")
             if value < 1:
                 raise CheckpointError(f"{source}: {key}={value}: must be >= 1; fix the value or re-save the config")
+        tied = cfg.get("tie_word_embeddings", raw.get("tie_word_embeddings"))
+        if tied is not None and not isinstance(tied, bool):  # "false", a string, was taken as true
+            raise CheckpointError(f"{source}: tie_word_embeddings={json.dumps(tied)}: must be true or false; fix the "
+                                  "value or re-save the config")
         for key in ("moe_layers", "no_rope_layers"):
             value = cfg.get(key)
             if value is not None and not (isinstance(value, list) and all(is_integer(i) for i in value)):
                 raise CheckpointError(f"{source}: {key}={json.dumps(value)}: must be a list of integers; fix the value "
                                       "or re-save the config")
+        if any(flag not in (0, 1) for flag in cfg.get("no_rope_layers") or ()):
+            raise CheckpointError(f"{source}: no_rope_layers={json.dumps(cfg['no_rope_layers'])}: each entry is 1 (RoPE) "
+                                  "or 0 (NoPE); fix the value or re-save the config")
         try:
             n_layers = int(need("num_hidden_layers"))
             hidden = int(need("hidden_size"))
@@ -219,6 +229,8 @@ class Llama4Config:
             )
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{source}: malformed field ({exc}); fix the value or re-save the config") from None
+        except ConfigError as exc:  # the fields' consistency (__post_init__): the file's problem, as the rest here
+            raise CheckpointError(str(exc)) from None
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
