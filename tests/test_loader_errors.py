@@ -226,7 +226,8 @@ def test_an_artifact_given_as_a_checkpoint_is_named_as_one(tmp_path, good_checkp
     result = CliRunner().invoke(export_app, ["inspect", "--checkpoint", str(artifact)])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and lines == [f"error: {artifact}: an exported artifact (manifest.json), not a Hugging "
-                                               "Face checkpoint; give the checkpoint it was exported from"], result.stderr
+                                               "Face checkpoint; give the checkpoint it was exported from (or --model PRESET "
+                                               "for a preset's)"], result.stderr
 
 
 def test_a_nan_weight_is_refused_where_the_weights_are_read(ckpt, tmp_path):

@@ -240,7 +240,8 @@ def read_config_json(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         if (Path(path).parent / "manifest.json").is_file():
             raise CheckpointError(f"{Path(path).parent}: an exported artifact (manifest.json), not a Hugging Face "
-                                  "checkpoint; give the checkpoint it was exported from") from None
+                                  "checkpoint; give the checkpoint it was exported from (or --model PRESET for a "
+                                  "preset's)") from None
         raise CheckpointError(f"{path}: config.json not found; a Hugging Face checkpoint directory needs one") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc}); re-save the config") from None
