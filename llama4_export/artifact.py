@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -87,6 +88,37 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
     if verify:
         verify_files(directory, manifest, manifest["files"])
     return manifest
+
+
+def foreign_entries(directory: Path) -> list[str] | None:
+    """What replacing `directory` by a new artifact would delete beyond an artifact's own files: None when it is not
+    an artifact (no llama4-export manifest, of any format version: an old one is replaced by a re-export), else the
+    sorted names at its top level that its manifest does not list (a user's notes, another program's files)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith(FORMAT) \
+            or not isinstance(manifest.get("files"), dict):
+        return None  # a manifest.json of another program (a web app's): not ours to replace
+    own = {MANIFEST} | {Path(name).parts[0] for name in manifest["files"]}
+    return sorted(entry.name for entry in directory.iterdir() if entry.name not in own)
+
+
+def check_replaceable(directory: Path, flag: str) -> None:
+    """`directory` may be replaced whole by a new artifact: absent, empty, or an artifact holding only its own files."""
+    if directory.exists() and not directory.is_dir():
+        raise ArtifactError(f"{directory}: exists and is not a directory; choose another {flag}")
+    if not directory.is_dir() or not any(directory.iterdir()):
+        return
+    foreign = foreign_entries(directory)
+    if foreign is None:
+        raise ArtifactError(f"{directory}: directory is not empty and is not a llama4-export artifact; choose another "
+                            f"{flag} or empty it")
+    if foreign:
+        raise ArtifactError(f"{directory}: an artifact that also holds {foreign[0]!r}"
+                            f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, not in its {MANIFEST}, "
+                            f"which replacing the artifact would delete; move it out or choose another {flag}")
 
 
 def verify_files(directory: Path, manifest: dict, names) -> None:
@@ -330,6 +362,24 @@ def remove_abandoned(parent: Path, patterns: list[str]) -> str | None:
     return f"removed {', '.join(removed)} ({shown}) from {parent}: left by a job killed before it cleaned up"
 
 
+def _check_sole_writer(target: Path, own: Path) -> None:
+    """Refuse when another running job writes `target` (its temp directory beside it is locked): both would succeed
+    and the last to finish silently replace the other's artifact."""
+    for path in sorted(target.parent.glob(f".{glob.escape(target.name)}.tmp-*")):
+        if path == own or path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            if _lock(fd, blocking=False) is False:
+                raise ArtifactError(f"{target}: another llama4-export job is writing it ({path.name} is locked); wait "
+                                    "for it to finish or choose another directory")
+        finally:
+            os.close(fd)  # drops the lock taken on a temp directory no job holds (swept by the next export)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a temp directory beside `target`; on success replace `target` with it, on failure remove it.
@@ -338,6 +388,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     """
     target = replaceable_directory(target)
     with held_directory(writable_parent(target), f".{target.name}.tmp-") as tmp:
+        _check_sole_writer(target, tmp)
         yield tmp
         with uninterrupted():  # a stop between the renames would leave neither artifact at `target`
             if target.exists():

@@ -37,7 +37,7 @@ import onnxscript
 import torch
 
 from . import __version__
-from .artifact import (MANIFEST, ArtifactError, atomic_directory, held_directory, remove_abandoned_beside,
+from .artifact import (atomic_directory, check_replaceable, held_directory, remove_abandoned_beside,
                        replaceable_directory, writable_parent, write_json, write_manifest)
 from .calib.awq_plans import AwqWeights
 from .calib.calibrate import Calibration, activation_amax, calibrate, calibration_samples, tokenizer_for
@@ -219,7 +219,7 @@ def export(
     config = source.config
     return_large_frees_to_the_os()
     note(pin_cpu_numerics(), show_progress)
-    check_output(out)
+    check_replaceable(out, "--out")
     check_precision(precision, target)
     if target == "onnxruntime" and config.head_dim % 8:  # its kernel refuses to run, at the first token
         where = "the model" if source.checkpoint is None else Path(source.checkpoint) / "config.json"
@@ -452,13 +452,6 @@ def _tokenizer_files(source: WeightSource, config: Llama4Config, directory: Path
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def check_output(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"{out}: exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise ArtifactError(f"{out}: directory is not empty and is not a llama4-export artifact; choose another --out or empty it")
-
-
 def check_precision(precision: str, target: str, flag: str = "--precision") -> None:
     """bf16 artifacts for onnxruntime only where this onnxruntime build has the CUDA EP (onnxruntime-gpu)."""
     if precision not in PRECISIONS:

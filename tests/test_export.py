@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -359,7 +360,9 @@ def test_re_export_replaces_the_artifact_with_identical_bytes_and_fp16_matches(t
     first = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
     assert set(first) == {*GRAPH_FILES, "model.data", "manifest.json", "generation_config.json"}  # no tokenizer to copy
     (out / "model.data").unlink()
-    (out / "stale.txt").write_text("from an older export")
+    (out / "stale.txt").write_text("from an older export")  # a file an older export wrote and listed
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "files": {**manifest["files"], "stale.txt": "0" * 64}}))
     api.export_model(out, **options)
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} == first
     check_against_pytorch(out, load(two_layer_checkpoint), rel=1e-2, kv_dtype=torch.float16)
@@ -441,6 +444,22 @@ def _foreign_dir(tmp: Path) -> Path:
     return tmp / "mine"
 
 
+def _web_app(tmp: Path) -> Path:
+    """Another program's directory with a manifest.json: was taken for an artifact and replaced whole (deleted)."""
+    (tmp / "webapp" / "src").mkdir(parents=True)
+    (tmp / "webapp" / "manifest.json").write_text('{"name": "My PWA"}')
+    (tmp / "webapp" / "src" / "app.js").write_text("code")
+    return tmp / "webapp"
+
+
+def _artifact_with_notes(tmp: Path) -> Path:
+    """An artifact (its manifest lists nothing, as an empty export's would) holding a file of the user's."""
+    (tmp / "art").mkdir()
+    (tmp / "art" / "manifest.json").write_text('{"format": "llama4-export", "format_version": 1, "files": {}}')
+    (tmp / "art" / "NOTES.md").write_text("keep me")
+    return tmp / "art"
+
+
 CLI_ERRORS = {
     "unknown preset": (lambda t: ["--model", "llama-99", "--out", str(t / "o")], "unknown preset"),
     "missing checkpoint": (lambda t: ["--checkpoint", str(t / "nope"), "--out", str(t / "o")], "not found"),
@@ -453,6 +472,11 @@ CLI_ERRORS = {
     "no --out": (lambda t: ["--model", "scout-tiny"], "--out"),
     "--out is a file": (lambda t: ["--model", "scout-tiny", "--out", str(_file(t))], "not a directory"),
     "--out holds other files": (lambda t: ["--model", "scout-tiny", "--out", str(_foreign_dir(t))], "not a llama4-export artifact"),
+    "--out holds another program's manifest.json": (lambda t: ["--model", "scout-tiny", "--out", str(_web_app(t))],
+                                                    "webapp: directory is not empty and is not a llama4-export artifact"),
+    "--out is an artifact holding a user's file": (lambda t: ["--model", "scout-tiny", "--out",
+                                                              str(_artifact_with_notes(t))],
+                                                   "an artifact that also holds 'NOTES.md', not in its manifest.json"),
     "--max-prefill 0": (lambda t: ["--model", "scout-tiny", "--max-prefill", "0", "--out", str(t / "o")], "at least 1"),
     # engine limits refused before the export runs, not after it is written
     "--window 0": (lambda t: ["--model", "scout-tiny", "--target", "tensorrt", "--window", "0", "--out", str(t / "o")],
@@ -489,6 +513,27 @@ def test_cli_bad_input_prints_one_line_and_exits_2(tmp_path, case):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.output
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or removed
+
+
+def test_an_export_into_a_directory_another_job_is_writing_is_refused(tmp_path):
+    """Two exports into one --out both said "wrote" and the last to finish replaced the other's artifact: a job whose
+    temp directory beside --out is locked by a live process (as held_directory locks it) makes the next one refuse."""
+    busy = tmp_path / ".model.tmp-other"
+    busy.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY);"
+                               " fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)", str(busy)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--no-optimize", "--no-report",
+                                                 "--out", str(tmp_path / "model")])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: {tmp_path / 'model'}: another llama4-export job is writing it (.model.tmp-other is locked); wait for it "
+        "to finish or choose another directory"), result.output
+    assert not (tmp_path / "model").exists() and busy.is_dir()
 
 
 @pytest.mark.parametrize("make, expected", [

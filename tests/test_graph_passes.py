@@ -276,6 +276,12 @@ def test_cli_passes_reports_and_refuses_bad_input_in_one_line(optimized_scoutlik
     assert negative.exit_code == 2 and negative.output.strip() == "error: --tolerance -1: must be >= 0 (an output's " \
         "deviation relative to its max magnitude)", negative.output
     assert not (fresh / "passes.json").exists()
+    # a file the user put in the artifact was dropped by the in-place rewrite (it copies the manifest's files)
+    (fresh / "NOTES.md").write_text("keep me")
+    kept = runner.invoke(export_app, ["passes", str(fresh)])
+    assert kept.exit_code == 2 and "also holds 'NOTES.md'" in kept.output and len(kept.output.strip().splitlines()) == 1
+    assert (fresh / "NOTES.md").read_text() == "keep me" and not (fresh / "passes.json").exists()
+    (fresh / "NOTES.md").unlink()
     compared = runner.invoke(export_app, ["compare", str(fresh), "--tolerance", "-0.5"])
     assert compared.exit_code == 2 and "--tolerance -0.5: must be >= 0" in compared.output, compared.output
     with pytest.raises(GraphPassError, match="already optimized"):
