@@ -485,3 +485,27 @@ def test_a_closed_pipe_ends_the_run_quietly_and_a_full_stdout_is_one_line(tiny_a
                                   timeout=120)
         assert done.returncode == 2 and done.stderr.splitlines() == [
             "error: stdout: No space left on device; nothing more can be written there"], done.stderr
+
+
+@pytest.mark.parametrize("flags", [[], ["--stream"], ["--json"]])
+def test_ctrl_c_during_generation_keeps_the_text_so_far_and_exits_130(tiny_artifact, monkeypatch, flags):
+    """Without --stream an interrupted run printed nothing and said nothing (status 130): now the text of the tokens
+    so far (already shown when streamed; not with --json, whose object describes a finished run) and one stderr line.
+    The interrupt is raised by the 6th new token's callback, as Ctrl-C lands between two decode steps."""
+    expected = Generator.load(tiny_artifact, threads=1).generate(PROMPT, max_new_tokens=5, stop_tokens=[])
+    generate = Generator.generate
+
+    def interrupted(self, prompt, stream=None, **options):
+        def on_token(event):
+            if on_token.seen == 5:
+                raise KeyboardInterrupt
+            on_token.seen += 1
+            stream(event)
+        on_token.seen = 0
+        return generate(self, prompt, stream=on_token, **{**options, "stop_tokens": []})
+
+    monkeypatch.setattr(Generator, "generate", interrupted)
+    result = run(tiny_artifact, "--prompt", PROMPT, "-n", 50, "--threads", 1, *flags)
+    assert result.exit_code == 130, result.output
+    assert result.stdout == ("" if flags == ["--json"] else expected.text + "\n")
+    assert result.stderr.strip() == "stopped by SIGINT after 5 new token(s)"

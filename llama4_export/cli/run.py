@@ -72,6 +72,7 @@ def run(
         repetition_penalty=repetition_penalty, seed=seed, frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty,
     )
+    so_far: list = []  # the new tokens' events
     try:
         options["logit_bias"] = [_parse_bias(pair) for pair in logit_bias or ()]
         options["stop"] = stop
@@ -92,10 +93,18 @@ def run(
             _chat_loop(generator, stream, options, system)
             return
         tokens = _parse_ids(ids) if ids is not None else prompt
-        on_token = piece_printer() if stream else None
+        show = piece_printer() if stream else None
+
+        def on_token(event) -> None:
+            so_far.append(event)  # for an interruption: without --stream nothing is printed until the end
+            if show is not None:
+                show(event)
+
         result = _generate(generator, tokens, stream=on_token, images=images or (), **options)
     except Llama4ExportError as exc:
         fail(exc)
+    except KeyboardInterrupt:
+        _interrupted(so_far, stream, as_json)
     if as_json:
         print(json.dumps({"prompt_ids": result.prompt_ids, "token_ids": result.token_ids, "text": result.text,
                           "stop_reason": result.stop_reason}))
@@ -103,6 +112,19 @@ def run(
         print(flush=True)
     else:
         print(result.text if result.text is not None else ",".join(map(str, result.token_ids)))
+
+
+def _interrupted(events: list, streamed: bool, as_json: bool) -> None:
+    """Ctrl-C: the text so far unless it was streamed already (or --json, whose object describes a finished run), one
+    line saying so, and status 130 as a shell gives."""
+    if events and streamed:
+        print(flush=True)  # end the streamed line
+    elif events and not as_json:
+        texts = [e.text for e in events if e.text is not None]
+        print("".join(texts) if texts else ",".join(str(e.token_id) for e in events if e.token_id is not None))
+    err_console.print(f"stopped by SIGINT after {sum(e.token_id is not None for e in events)} new token(s)",
+                      highlight=False)
+    sys.exit(130)
 
 
 def _generate(generator: Generator, prompt, **options):
