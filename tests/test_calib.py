@@ -176,6 +176,13 @@ def test_a_damaged_file_in_the_default_cache_is_recomputed_and_one_given_is_refu
     given.write_bytes(b"damaged")
     with pytest.raises(CalibrationError, match="mine.safetensors: not a readable calibration cache"):
         calibrate_module.calibrate(source, ids, text, given)
+    # the AWQ plans beside our cache file, likewise (a truncated one stopped the export with "delete it")
+    planned = calibrate_module.calibrate(source, ids, text, None, awq_block=32)
+    plan = sorted(planned.awq_plans.iterdir())[1]
+    kept = plan.read_bytes()
+    plan.write_bytes(kept[:len(kept) // 2])
+    replanned = calibrate_module.calibrate(source, ids, text, None, awq_block=32)
+    assert replanned.awq_records == planned.awq_records and plan.read_bytes() == kept
 
 
 def test_checkpoint_without_tokenizer_needs_one_for_calibration_but_not_for_rtn_or_the_report(tmp_path):

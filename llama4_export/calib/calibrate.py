@@ -101,7 +101,12 @@ def calibrate(source, ids: np.ndarray, text: corpus_mod.Corpus, cache_path: str 
     reused = stats is not None
     if awq_block is not None:
         plans = plans_directory(cache_path, awq_block)
-        records = cached_plans(plans, source.config.num_hidden_layers, key) if plans.is_dir() else None
+        try:
+            records = cached_plans(plans, source.config.num_hidden_layers, key) if plans.is_dir() else None
+        except CalibrationError:
+            if chosen:  # beside the user's file: theirs
+                raise
+            records = None  # a damaged plan in our own cache: computed anew and replaced, as the statistics are
         if records is None:
             reused = False
             plans.parent.mkdir(parents=True, exist_ok=True)
@@ -129,8 +134,11 @@ def _install_plans(fresh: Path, plans: Path, layers: int, key: str) -> None:
         os.replace(fresh, plans)  # atomic where nothing is there yet
         return
     except OSError:  # a non-empty directory is there
-        if cached_plans(plans, layers, key) is not None:
-            return
+        try:
+            if cached_plans(plans, layers, key) is not None:
+                return
+        except CalibrationError:
+            pass  # damaged: replaced
     shutil.rmtree(plans, ignore_errors=True)
     os.replace(fresh, plans)
 
