@@ -26,7 +26,7 @@ from llama4_export.runtime.generator import manifest_config
 from llama4_export.runtime.ort_backend import artifact_parts
 
 from common import (  # benchmarks/, beside this script
-    ArgumentParser, existing_dir, positive_int, print_machine, run_script)
+    ArgumentParser, existing_dir, positive_int, print_machine, run_script, summary)
 
 PROMPT = 32
 
@@ -57,11 +57,14 @@ def decode_kernel_ms(artifact: Path, batch: int, max_batch: int, steps: int, thr
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifact", type=existing_dir)
-    parser.add_argument("--batch", type=positive_int, default=8)
-    parser.add_argument("--steps", type=positive_int, default=20)
-    parser.add_argument("--threads", type=positive_int, default=2)
+    parser = ArgumentParser(description=summary(__doc__))
+    parser.add_argument("artifact", type=existing_dir, help="artifact directory (manifest.json) to profile")
+    parser.add_argument("--batch", type=positive_int, default=8, help="N: the sequences decoding at once in the "
+                        "batched step, compared with 1 (default %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="decode steps profiled per batch size (default "
+                        "%(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="ONNX Runtime intra-op threads (default "
+                        "%(default)s)")
     args = parser.parse_args()
     print_machine(args.threads)
     one, many = (decode_kernel_ms(args.artifact, b, args.batch, args.steps, args.threads) for b in (1, args.batch))

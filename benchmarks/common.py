@@ -29,6 +29,11 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def summary(doc: str) -> str:
+    """A script's --help description: its docstring's whole first paragraph (its first line stops mid-sentence)."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, but a bad argument is one line (argparse prints its usage block above it)."""
 
@@ -115,3 +120,10 @@ def print_machine(threads: int, file: TextIO | None = None) -> float:
           f"{bandwidth:.1f} GB/s ({threads} threads); 1-min load {os.getloadavg()[0]:.2f}", file=file or sys.stdout,
           flush=True)
     return bandwidth
+
+
+def machine_json(bandwidth: float, threads: int) -> dict:
+    """The machine line for a script's JSON: machine_info() and the copy bandwidth print_machine measured."""
+    from llama4_export.evaluation.bench import machine_info
+
+    return {**machine_info(), "copy_bandwidth_gb_s": round(bandwidth, 2), "copy_threads": threads}

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -34,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402  (benchmarks/ is a script folder, not a package)
 
 from llama4_export.evaluation.bench import kv_bytes_read, machine_info, memory_bandwidth_gb_s, result_table, spread  # noqa: E402
+from llama4_export.artifact import read_manifest, sha256_file  # noqa: E402
 from llama4_export.model.config import Llama4Config  # noqa: E402
 
 from common import (  # benchmarks/, beside this script
-    ArgumentParser, check_child, existing_dir, new_file, positive_int, print_machine, run_script, two_or_more)
+    ArgumentParser, BenchmarkError, check_child, existing_dir, new_file, positive_int, print_machine, run_script, summary, two_or_more)
 
 console = Console(width=160)
 
@@ -117,7 +119,7 @@ def run_json(cmd: list[str], what: str) -> dict:
 
 def context(args) -> int:
     """The KV window we give our runtime: what llama-bench sizes its context to for its longest decode test."""
-    return max(args.decode_prompt, *args.depth) + args.new_tokens
+    return max([args.decode_prompt, *args.depth]) + args.new_tokens
 
 
 def ours_once(artifact: Path, args) -> dict:
@@ -131,9 +133,16 @@ def ours_once(artifact: Path, args) -> dict:
     return {"prefill_tok_s": {n: s["median"] for n, s in r["prefill_tok_s"].items()}, "decode_tok_s": r["decode_tok_s"]["median"],
             "decode_depth_tok_s": {d: s["median"] for d, s in r["decode_depth_tok_s"].items()},
             "ttft_ms": r["ttft_ms"]["median"], "peak_rss_mb": r["peak_rss_mb"],
-            "weight_bytes": r["roofline"]["weight_bytes_per_token"]}
+            "weight_bytes": r["roofline"]["weight_bytes_per_token"], "kv_bytes": r["roofline"]["kv_bytes_per_token"]}
 
 
+# llama.cpp does not read the chunk size from GGUF: its chunked layers attend within Scout's 8,192-token chunks.
+LLAMACPP_CHUNK = 8192
+
+
+def llamacpp_kv_bytes(config: Llama4Config, positions: range | list[int]) -> float:
+    """The K/V bytes llama.cpp reads per decode step: its f16 cache, its chunked layers in its own chunk size."""
+    return kv_bytes_read(replace(config, attention_chunk_size=LLAMACPP_CHUNK), positions, 2, None)
 TRANSFORMERS_MAX_DEPTH = 2048  # eager attention's scores at 16384 tokens: tens of GB
 
 
@@ -155,8 +164,9 @@ def llamacpp_once(bin_dir: Path, gguf: Path, weight_bytes: int, args) -> dict:
             "ttft_ms": r["ttft_ms"]["median"] if r["ttft_ms"] else None, "peak_rss_mb": r["peak_rss_mb"], "weight_bytes": weight_bytes}
 
 
-def aggregate(engine: str, precision: str, samples: list[dict], bandwidth: float, kv_bytes: float) -> dict:
-    step_bytes = samples[0]["weight_bytes"] + kv_bytes
+def aggregate(engine: str, precision: str, samples: list[dict], bandwidth: float, kv_bytes: float | None) -> dict:
+    """kv_bytes: the KV a decode step reads; None: the engine's own count in its samples (ours, in its cache dtype)."""
+    step_bytes = samples[0]["weight_bytes"] + (samples[0]["kv_bytes"] if kv_bytes is None else kv_bytes)
     decode = spread([s["decode_tok_s"] for s in samples])
     bound = bandwidth * 1e9 / step_bytes
     ttft = [s["ttft_ms"] for s in samples if s["ttft_ms"] is not None]
@@ -248,6 +258,32 @@ def artifact_spec(text: str) -> tuple[str, Path]:
     return precision, existing_dir(directory)
 
 
+def check_artifact(label: str, directory: Path, checkpoint: Path, hashes: dict[str, str]) -> None:
+    """Refuses an --artifact whose manifest contradicts its label's precision or whose export read other files than
+    `checkpoint`'s (the sha256 its manifest recorded; `hashes` keeps the checkpoint's, hashed once per run)."""
+    manifest = read_manifest(directory, verify=False)
+    flag, wanted, precision = f"--artifact {label}={directory}", label.split("-")[0], manifest.get("precision")
+    if precision != wanted:
+        raise BenchmarkError(f"{flag}: the artifact is {precision}, not {wanted}; label it {precision}={directory}")
+    source = manifest.get("source") or {}
+    recorded = source.get("files") if isinstance(source.get("files"), dict) else None
+    if not recorded:
+        raise BenchmarkError(f"{flag}: exported from {json.dumps(source, sort_keys=True)}, not from a checkpoint; "
+                             f"export it from {checkpoint} (llama4-export --checkpoint {checkpoint} --out DIR)")
+    present = {"config.json", "model.safetensors.index.json", *(p.name for p in checkpoint.glob("*.safetensors"))}
+    present = {name for name in present if (checkpoint / name).is_file()}
+    # config.json first: another model fails before any weights are hashed
+    for name in sorted(set(recorded) | present, key=lambda n: (n != "config.json", n)):
+        if name not in hashes and name in present:
+            hashes[name] = sha256_file(checkpoint / name)
+        if hashes.get(name) != recorded.get(name):
+            what = (f"its {name} differs from {checkpoint}'s" if name in recorded and name in present else
+                    f"it read {name}, which {checkpoint} lacks" if name in recorded else
+                    f"it did not read {checkpoint}'s {name}")
+            raise BenchmarkError(f"{flag}: exported from another checkpoint ({source.get('checkpoint')!r}): {what}; "
+                                 "compare it against the checkpoint it was exported from, or re-export it from this one")
+
+
 def depth(text: str) -> int:
     """--depth: a context length, or -1 for none."""
     value = int(text) if text.removeprefix("-").isdigit() else None
@@ -257,7 +293,7 @@ def depth(text: str) -> int:
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=summary(__doc__))
     parser.add_argument("checkpoint", type=existing_dir, help="the HF checkpoint every engine runs (ours: exported from it)")
     parser.add_argument("--artifact", type=artifact_spec, action="append", default=[],
                         help="PRECISION=DIR of one of our artifacts (repeat)")
@@ -289,18 +325,23 @@ def main() -> None:
         parser.error("nothing to measure: give --artifact PRECISION=DIR, --llamacpp TYPES or leave transformers on")
 
     config = Llama4Config.from_hf_dict(json.loads((args.checkpoint / "config.json").read_text()), source=str(args.checkpoint))
+    hashes: dict[str, str] = {}
+    for label, directory in args.artifact:
+        check_artifact(label, directory, args.checkpoint, hashes)
+    if args.llamacpp:
+        llamacpp.announce_build(args.cache, "measure without llama.cpp: --llamacpp ''")
     print_machine(args.threads)
     positions = range(args.decode_prompt, args.decode_prompt + args.new_tokens - 1)
-    engines: list[tuple[str, str, float, object]] = []  # (engine, precision, KV bytes per step, measure-once callable)
+    # (engine, precision, KV bytes per step or None where the engine counts its own, measure-once callable)
+    engines: list[tuple[str, str, float | None, object]] = []
     for precision, directory in args.artifact:
-        engines.append(("llama4-export (onnxruntime)", precision, kv_bytes_read(config, positions, 4, context(args)),
-                        lambda d=directory: ours_once(d, args)))
+        engines.append(("llama4-export (onnxruntime)", precision, None, lambda d=directory: ours_once(d, args)))
     if args.llamacpp:
         files = llamacpp.convert(args.checkpoint, args.cache, args.llamacpp, jobs=args.threads)
         bin_dir = llamacpp.build(args.cache, llamacpp.source_dir(args.cache))
         for kind in args.llamacpp:
             weights = llamacpp.decode_bytes(files[kind], args.cache, config.num_local_experts)
-            engines.append(("llama.cpp", kind, kv_bytes_read(config, positions, 2, None),  # llama.cpp's KV cache is f16
+            engines.append(("llama.cpp", kind, llamacpp_kv_bytes(config, positions),
                             lambda g=files[kind], w=weights: llamacpp_once(bin_dir, g, w, args)))
     if not args.no_transformers:
         engines.append(("transformers eager", "fp32", kv_bytes_read(config, positions, 4, None),

@@ -25,7 +25,7 @@ from llama4_export.evaluation.bench import machine_info
 from llama4_export.runtime import Generator
 
 from common import (  # benchmarks/, beside this script
-    ArgumentParser, check_child, existing_dir, positive_int, print_machine, run_script, two_or_more)
+    ArgumentParser, check_child, existing_dir, positive_int, print_machine, run_script, summary, two_or_more)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,14 +44,21 @@ def cpp_round(binary: Path, artifact: Path, prompt: list[int], new_tokens: int, 
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifact", type=existing_dir)
-    parser.add_argument("--binary", type=Path, default=REPO / "cpp" / "build" / "llama4-cpp")
-    parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--window", type=positive_int, default=640)
-    parser.add_argument("--prompt-tokens", type=positive_int, default=512)
-    parser.add_argument("--new-tokens", type=two_or_more, default=128)
-    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser = ArgumentParser(description=summary(__doc__))
+    parser.add_argument("artifact", type=existing_dir, help="artifact directory (manifest.json) both runtimes load")
+    parser.add_argument("--binary", type=Path, default=REPO / "cpp" / "build" / "llama4-cpp",
+                        help="the llama4-cpp executable (default: cpp/build/llama4-cpp, built by `make cpp`)")
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="threads of both runtimes (default %(default)s)")
+    parser.add_argument("--window", type=positive_int, default=640,
+                        help="global-layer KV window W in tokens, both runtimes (default %(default)s)")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=512,
+                        help="random prompt length in tokens (default %(default)s)")
+    parser.add_argument("--new-tokens", type=two_or_more, default=128,
+                        help="tokens generated per run; decode tok/s counts those after the first (default "
+                             "%(default)s)")
+    parser.add_argument("--rounds", type=positive_int, default=5,
+                        help="interleaved rounds, Python then C++ in each (default %(default)s)")
     args = parser.parse_args()
     if not args.binary.is_file():  # the default is checked too, unlike a type= on a default that is not a string
         parser.error(f"--binary {args.binary} does not exist; build it with `make cpp` or give its path")

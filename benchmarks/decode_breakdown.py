@@ -30,7 +30,7 @@ from llama4_export.evaluation.bench import initializer_bytes, memory_bandwidth_g
 from llama4_export.runtime import Generator, OrtBackend
 
 from common import (  # benchmarks/, beside this script
-    ArgumentParser, BenchmarkError, existing_dir, positive_int, print_machine, run_script, two_or_more)
+    ArgumentParser, BenchmarkError, existing_dir, positive_int, print_machine, run_script, summary, two_or_more)
 
 
 def matmul_group(node: onnx.NodeProto, depth: int) -> str:
@@ -107,12 +107,17 @@ def step_ms(generator: Generator, prompt: list[int], tokens: int) -> tuple[float
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifact", type=existing_dir)
-    parser.add_argument("--prompt", type=positive_int, default=32)
-    parser.add_argument("--tokens", type=two_or_more, default=128)
-    parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--repeats", type=positive_int, default=9)
+    parser = ArgumentParser(description=summary(__doc__))
+    parser.add_argument("artifact", type=existing_dir,
+                        help="a single-part 4-bit artifact directory (MatMulNBits in its decode graph)")
+    parser.add_argument("--prompt", type=positive_int, default=32,
+                        help="prompt length in tokens before the timed decode (default %(default)s)")
+    parser.add_argument("--tokens", type=two_or_more, default=128,
+                        help="tokens decoded per timed run (default %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="ONNX Runtime intra-op threads (default %(default)s)")
+    parser.add_argument("--repeats", type=positive_int, default=9,
+                        help="timed runs per row, interleaved; the median is reported (default %(default)s)")
     args = parser.parse_args()
 
     config, exported, max_prefill = single_part(args.artifact)

@@ -27,7 +27,7 @@ from llama4_export.weights import from_config
 from llama4_export.model.save import save_checkpoint
 from llama4_export.runtime.generator import Generator
 
-from common import ArgumentParser, positive_int, print_machine, run_script  # benchmarks/, beside this script
+from common import ArgumentParser, positive_int, print_machine, run_script, summary  # benchmarks/, beside this script
 
 
 def config_100m():
@@ -80,10 +80,13 @@ def session_op_counts(graph: Path, threads: int) -> collections.Counter:
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/int4_speed"))
-    parser.add_argument("--steps", type=positive_int, default=64)
-    parser.add_argument("--threads", type=positive_int, default=2)
+    parser = ArgumentParser(description=summary(__doc__))
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/int4_speed"),
+                        help="where the random checkpoint and its two artifacts are written (default %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=64,
+                        help="decode steps timed per artifact, interleaved (default %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="ONNX Runtime intra-op threads (default %(default)s)")
     args = parser.parse_args()
     print_machine(args.threads)
     config = config_100m()

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests load this file by path
-from common import ArgumentParser, check_child, existing_dir, non_negative_int, positive_int, run_script  # noqa: E402
+from common import ArgumentParser, check_child, existing_dir, non_negative_int, positive_int, run_script, summary  # noqa: E402
 
 
 def wide_kv_config():
@@ -63,10 +63,16 @@ def measure(window: int = 64, sinks: int = 4, multiples: tuple[int, ...] = (2, 1
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--window", type=positive_int, default=64)
-    parser.add_argument("--sinks", type=non_negative_int, default=4)
-    parser.add_argument("--artifact", type=existing_dir, default=None)
+    parser = ArgumentParser(description=summary(__doc__))
+    parser.add_argument("--window", type=positive_int, default=64,
+                        help="global-layer KV window W in tokens; the runs generate 2×W and 10×W tokens (default "
+                             "%(default)s)")
+    parser.add_argument("--sinks", type=non_negative_int, default=4,
+                        help="attention-sink tokens kept at the window's start, fewer than --window (default "
+                             "%(default)s)")
+    parser.add_argument("--artifact", type=existing_dir, default=None,
+                        help="measure this artifact on ONNX Runtime (default: a wide-KV random model on the torch "
+                             "backend)")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sinks >= args.window:

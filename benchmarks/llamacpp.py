@@ -44,7 +44,7 @@ from pathlib import Path
 
 from common import (  # benchmarks/, beside this script
     ArgumentParser, BenchmarkError, check_child, existing_dir, last_error_line, non_negative_int, positive_int,
-    print_machine, run_script, two_or_more)
+    print_machine, run_script, summary, two_or_more)
 
 SDIST_VERSION = "0.3.36"
 CONVERTER_TRANSFORMERS = "transformers==4.57.6"
@@ -134,23 +134,38 @@ def ggml_options(flags: set[str]) -> dict[str, str]:
     return options
 
 
+def build_dir(cache: Path, options: dict[str, str]) -> Path:
+    """One build directory per set of switches, so a cache shared by machines of different CPUs keeps a build for each."""
+    return cache / f"build-{hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:10]}"
+
+
+def is_built(cache: Path) -> bool:
+    bin_dir = build_dir(cache, ggml_options(cpu_flags())) / "bin"
+    return all((bin_dir / t).is_file() for t in BUILD_TARGETS)
+
+
+def announce_build(cache: Path, skip: str) -> None:
+    """One line before a run fetches and builds llama.cpp (minutes it would otherwise spend silently); `skip` says how
+    to run without it."""
+    if not is_built(cache):
+        log(f"llama.cpp is not built in {cache}: fetching llama-cpp-python {SDIST_VERSION}'s source with pip and "
+            f"building {', '.join(BUILD_TARGETS)} there first (~15 min on 2 cores, once); to skip, {skip}")
+
+
 def build(cache: Path, source: Path, jobs: int = 2) -> Path:
     """CPU-only build of llama-bench, llama-quantize and llama-server (no web UI) for the instruction sets this machine
-    has; returns the bin directory. One build directory per set of switches, so a cache shared by machines of
-    different CPUs keeps a build for each."""
+    has; returns the bin directory."""
     options = ggml_options(cpu_flags())
-    tag = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:10]
-    build_dir = cache / f"build-{tag}"
-    bin_dir = build_dir / "bin"
-    if all((bin_dir / t).is_file() for t in BUILD_TARGETS):
+    bin_dir = build_dir(cache, options) / "bin"
+    if is_built(cache):
         return bin_dir
     log("llama.cpp for this CPU: " + " ".join(k.removeprefix("GGML_") for k, v in options.items() if v == "ON"))
-    run(["cmake", "-S", str(source), "-B", str(build_dir), "-G", "Ninja" if shutil.which("ninja") else "Unix Makefiles",
+    run(["cmake", "-S", str(source), "-B", str(bin_dir.parent), "-G", "Ninja" if shutil.which("ninja") else "Unix Makefiles",
          "-DCMAKE_BUILD_TYPE=Release", *(f"-D{k}={v}" for k, v in sorted(options.items())), "-DLLAMA_CURL=OFF",
          "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
          "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"], stdout=subprocess.DEVNULL)
-    run(["cmake", "--build", str(build_dir), "--target", *BUILD_TARGETS, f"-j{jobs}"], stdout=subprocess.DEVNULL)
-    (build_dir / "ggml-options.json").write_text(json.dumps(options, indent=2, sort_keys=True) + "\n")
+    run(["cmake", "--build", str(bin_dir.parent), "--target", *BUILD_TARGETS, f"-j{jobs}"], stdout=subprocess.DEVNULL)
+    (bin_dir.parent / "ggml-options.json").write_text(json.dumps(options, indent=2, sort_keys=True) + "\n")
     return bin_dir
 
 
@@ -290,7 +305,7 @@ def measure(bin_dir: Path, gguf: Path, threads: int, prompts: list[int], decode_
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=summary(__doc__))
     parser.add_argument("checkpoint", type=existing_dir, nargs="?", help="HF Llama4ForCausalLM checkpoint directory")
     parser.add_argument("--types", type=gguf_types, default="F32,Q8_0,Q4_0")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)

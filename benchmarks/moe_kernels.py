@@ -30,7 +30,7 @@ import shlex
 import sys
 import time
 
-from common import ArgumentParser, new_file, positive_ints, run_script  # benchmarks/, beside this script
+from common import ArgumentParser, new_file, positive_ints, run_script, summary  # benchmarks/, beside this script
 
 MODELS = {"scout": 16, "maverick": 128}  # experts; hidden 5120 and expert width 8192 for both
 FORMATS = ("bf16", "int4", "fp8")
@@ -155,7 +155,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=summary(__doc__))
     parser.add_argument("--models", default="scout,maverick")
     parser.add_argument("--formats", default="bf16,int4,fp8")
     parser.add_argument("--decode", type=positive_ints, default=None, help="decode token counts (default 1,4,16)")

@@ -29,7 +29,7 @@ from llama4_export.graph_passes.manager import PassContext
 from llama4_export.graph_passes.moe_reference import llama4_moe
 from llama4_export.graph_passes.quantize import QuantSpec, int4_blockwise, int4_dequantize, quantize_experts
 
-from common import ArgumentParser, positive_int, print_machine, run_script  # benchmarks/, beside this script
+from common import ArgumentParser, positive_int, print_machine, run_script, summary  # benchmarks/, beside this script
 
 BLOCK = 128
 FUSED_FLOAT = "com.microsoft.MoE"
@@ -77,14 +77,22 @@ def median_us(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], runs: in
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=positive_int, nargs="+", default=[8, 16, 128])
-    parser.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--hidden", type=positive_int, default=768)
-    parser.add_argument("--inter", type=positive_int, default=1024)
-    parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--runs", type=positive_int, default=200)
-    parser.add_argument("--precision", choices=sorted(FORMS), default="int4")
+    parser = ArgumentParser(description=summary(__doc__))
+    parser.add_argument("--experts", type=positive_int, nargs="+", default=[8, 16, 128],
+                        help="routed expert counts E to measure (default %(default)s)")
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 8, 64],
+                        help="tokens per call to measure (default %(default)s)")
+    parser.add_argument("--hidden", type=positive_int, default=768,
+                        help="hidden size, the experts' input width (default %(default)s: rand200m's)")
+    parser.add_argument("--inter", type=positive_int, default=1024,
+                        help="expert width, the intermediate size (default %(default)s: rand200m's)")
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="ONNX Runtime intra-op threads (default %(default)s)")
+    parser.add_argument("--runs", type=positive_int, default=200,
+                        help="timed calls per form and shape; the median is reported (default %(default)s)")
+    parser.add_argument("--precision", choices=sorted(FORMS), default="int4",
+                        help="the experts' weights: int4 (MatMulNBits / QMoE) or fp32 (MatMul / MoE) (default "
+                             "%(default)s)")
     args = parser.parse_args()
     if args.precision == "int4" and (args.hidden % BLOCK or args.inter % BLOCK):
         parser.error(f"--hidden {args.hidden} / --inter {args.inter}: int4 experts are quantized in blocks of {BLOCK}; "

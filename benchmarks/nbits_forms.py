@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from common import (  # benchmarks/, beside this script
-    ArgumentParser, positive_float, positive_int, print_machine, run_script)
+    ArgumentParser, positive_float, positive_int, print_machine, run_script, summary)
 
 # (K, N) of rand200m's decode matmuls: o_proj, fused q/k/v, an expert's (and the shared expert's) gate/up and down,
 # the dense MLP's fused gate/up and down, lm_head
@@ -73,10 +73,15 @@ def us_per_call(sess: ort.InferenceSession, k: int, copies: int) -> float:
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--hot-mb", type=positive_float, default=8.0)
-    parser.add_argument("--cold-mb", type=positive_float, default=64.0)
+    parser = ArgumentParser(description=summary(__doc__))
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="ONNX Runtime intra-op threads (default %(default)s)")
+    parser.add_argument("--hot-mb", type=positive_float, default=8.0,
+                        help="MB (10^6 bytes) of weight copies per graph that stay in cache between runs (default "
+                             "%(default)s)")
+    parser.add_argument("--cold-mb", type=positive_float, default=64.0,
+                        help="MB (10^6 bytes) of weight copies per graph, beyond cache as in a decode step (default "
+                             "%(default)s)")
     args = parser.parse_args()
 
     print_machine(args.threads)

@@ -27,7 +27,7 @@ from llama4_export.runtime.generator import manifest_config
 from llama4_export.runtime.ort_backend import PartGraphs, artifact_parts
 
 from common import (  # benchmarks/, beside this script
-    ArgumentParser, BenchmarkError, existing_dir, new_file, positive_int, print_machine, run_script, two_or_more)
+    ArgumentParser, BenchmarkError, existing_dir, machine_json, new_file, positive_int, print_machine, run_script, summary, two_or_more)
 
 
 def kernel_time_by_run(profile: Path) -> list[Counter]:
@@ -58,16 +58,21 @@ def single_part(artifact: Path) -> tuple[Llama4Config, PartGraphs, int]:
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifact", type=existing_dir)
-    parser.add_argument("--prompt", type=positive_int, default=512)
-    parser.add_argument("--steps", type=two_or_more, default=64)
-    parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--json", type=new_file)
+    parser = ArgumentParser(description=summary(__doc__))
+    parser.add_argument("artifact", type=existing_dir, help="a single-part artifact directory (manifest.json)")
+    parser.add_argument("--prompt", type=positive_int, default=512,
+                        help="prompt length in tokens of the profiled prefill (default %(default)s)")
+    parser.add_argument("--steps", type=two_or_more, default=64,
+                        help="tokens generated after it; the decode steps profiled are all but the first (default "
+                             "%(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="ONNX Runtime intra-op threads (default %(default)s)")
+    parser.add_argument("--json", type=new_file,
+                        help="also write the result (and the machine: CPU, flags, copy bandwidth) to this JSON file")
     args = parser.parse_args()
 
     config, graphs, max_prefill = single_part(args.artifact)
-    print_machine(args.threads)
+    machine = machine_json(print_machine(args.threads), args.threads)
     parts = [graphs]
     with tempfile.TemporaryDirectory() as scratch:
         backend = OrtBackend(parts, config, max_prefill, args.threads, profile_prefix=str(Path(scratch) / "ort"))
@@ -81,7 +86,7 @@ def main() -> None:
     decode, prefill = profiled[-(args.steps - 1):], profiled[:-(args.steps - 1)]
     if len(runs) % 2 or not prefill:
         raise SystemExit(f"the profile holds {len(runs)} runs; expected two generations of prefill + {args.steps - 1} steps")
-    result = {"artifact": str(args.artifact), "prompt": args.prompt, "steps": args.steps, "threads": args.threads,
+    result = {"machine": machine, "artifact": str(args.artifact), "prompt": args.prompt, "steps": args.steps, "threads": args.threads,
               "decode_nodes_per_step": sorted(Counter(r["#nodes"] for r in decode).items()),
               "decode_nodes_per_layer": round(float(np.median([r["#nodes"] for r in decode])) / config.num_hidden_layers, 1)}
     table = Table(title=f"{args.artifact.name}: kernel time per op type ({args.threads} threads)")

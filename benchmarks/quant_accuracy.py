@@ -18,14 +18,14 @@ from pathlib import Path
 from llama4_export import api
 from llama4_export.pipeline import QuantOptions
 
-from common import ArgumentParser, existing_dir, positive_int, run_script  # benchmarks/, beside this script
+from common import ArgumentParser, existing_dir, positive_int, run_script, summary  # benchmarks/, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "checkpoints"
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=summary(__doc__))
     parser.add_argument("--checkpoint", type=existing_dir, default=SHARED / "l4-scoutlike")
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/quant_accuracy"))
     parser.add_argument("--calib-samples", type=positive_int, default=32)

@@ -16,11 +16,11 @@ import numpy as np
 from llama4_export import api
 from llama4_export.evaluation import report
 
-from common import ArgumentParser, existing_dir, print_machine, run_script  # benchmarks/, beside this script
+from common import ArgumentParser, existing_dir, print_machine, run_script, summary  # benchmarks/, beside this script
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=summary(__doc__))
     parser.add_argument("artifact", type=existing_dir)
     parser.add_argument("checkpoint", type=existing_dir)
     args = parser.parse_args()

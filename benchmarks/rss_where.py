@@ -66,7 +66,7 @@ class Recorder:
             self.collections.append((phase, self.now(), memory()["RssAnon"]))
 
     def write(self, path: str) -> None:
-        gb = 1e6  # kB → GB
+        gb = 1e9 / 1024  # /proc's "kB" (KiB) → GB (10^9 bytes)
         with open(path, "w") as f:
             f.write(f"peak VmRSS {self.peak / gb:.3f} GB, peak RssAnon {self.peak_anon / gb:.3f} GB\n\n")
             for t, anon, where in self.timeline:
@@ -80,9 +80,17 @@ class Recorder:
 
 
 def main() -> None:
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__)
+        return
     if len(sys.argv) < 3 or sys.argv[2] != "--":
-        fail("usage: rss_where.py OUT.txt -- LLAMA4-EXPORT-ARGS (the output file, then -- and the export's own flags)")
+        fail("usage: rss_where.py OUT.txt -- LLAMA4-EXPORT-ARGS (the output file, then -- and the export's own flags; "
+             "--help explains)")
     out, args = sys.argv[1], sys.argv[3:]
+    try:  # written at exit, after the whole export: find out now that it cannot be
+        open(out, "a").close()
+    except OSError as exc:
+        fail(f"{out}: cannot write the output file there ({exc.strerror or exc}); give a writable path")
     recorder = Recorder()
     gc.callbacks.append(recorder.on_collection)
     atexit.register(recorder.write, out)

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from llama4_export.runtime.generator import BACKENDS
+
 from common import (  # benchmarks/, beside this script
-    ArgumentParser, existing_dir, positive_int, print_machine, run_script, two_or_more)
+    ArgumentParser, existing_dir, positive_int, print_machine, run_script, summary, two_or_more)
 
 
 def measure(artifact: Path, backend: str, threads: int, prompt_tokens: int, new_tokens: int, window: int | None, repeats: int) -> dict:
@@ -38,10 +40,10 @@ def measure(artifact: Path, backend: str, threads: int, prompt_tokens: int, new_
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=summary(__doc__))
     parser.add_argument("artifact", nargs="?", type=existing_dir)
     parser.add_argument("--checkpoint", type=existing_dir, help="export this checkpoint (fp32) to a temp dir first")
-    parser.add_argument("--backend", default="onnxruntime")
+    parser.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--prompt-tokens", type=positive_int, default=100)
     parser.add_argument("--new-tokens", type=two_or_more, default=128)

@@ -37,13 +37,13 @@ import numpy as np
 import torch
 
 from llama4_export.artifact import write_json
-from llama4_export.model.config import Llama4VisionConfig, get_vision_preset
+from llama4_export.model.config import PRESETS, Llama4VisionConfig, get_vision_preset
 from llama4_export.model.loader import INDEX_FILE, MULTIMODAL_PREFIX
 from llama4_export.model.vision import Llama4VisionEncoder
 from llama4_export.weights import RandomWeights
 
 from common import (  # benchmarks/, beside this script
-    ArgumentParser, BenchmarkError, last_error_line, positive_int, print_machine, run_script)
+    ArgumentParser, BenchmarkError, last_error_line, positive_int, print_machine, run_script, summary)
 
 _SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
@@ -180,14 +180,15 @@ def export_once(checkpoint: Path, out: Path, layers: int, precision: str, preset
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=summary(__doc__))
     parser.add_argument("--layers", type=positive_int, nargs="+", default=[1, 3])
     parser.add_argument("--precision", nargs="+", default=["fp16"], choices=["fp16", "fp32", "int4", "fp8"])
     parser.add_argument("--calib-samples", type=positive_int, help="fp8: calibration samples (layer-wise calibration runs every "
                         "sample through every layer: on 2 CPU cores the default plan takes ~10 min per Scout layer)")
     parser.add_argument("--calib-seq-len", type=positive_int)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
-    parser.add_argument("--preset", default="scout", help="scout-tiny: a seconds-long check of this script itself")
+    parser.add_argument("--preset", default="scout", choices=sorted(PRESETS),
+                        help="scout-tiny: a seconds-long check of this script itself")
     parser.add_argument("--int4-algo", default="rtn", choices=["rtn", "awq"],
                         help="int4: rtn (default, as the figures in BENCHMARKS.md) or awq (hours of CPU per Scout layer)")
     parser.add_argument("--repeats", type=positive_int, default=1, help="exports per row; the median peak RSS is reported")
@@ -197,7 +198,6 @@ def main() -> None:
                         help="export these precisions with --no-optimize (fp32 at Scout shapes: the optimized copy needs "
                         "3 × the 20 GB artifact of free disk)")
     args = parser.parse_args()
-    # an unknown preset is the package's ConfigError, raised here before any checkpoint is written
     if args.vision and get_vision_preset(args.preset) is None:
         parser.error(f"--preset {args.preset} has no vision tower; --vision needs scout or maverick")
     print_machine(2)  # export seconds are timed: name the machine (bandwidth at the other tables' 2 threads)

@@ -12,8 +12,10 @@ count is reached; every request asks for exactly --max-tokens tokens (ignore_eos
 Reported per server and client count: aggregate output tokens/s (tokens / the phase's wall time), time to first token
 p50/p99 (request sent → first streamed token), inter-token latency p50/p99 (between streamed chunks of a request),
 errors (non-200 answers or broken streams; 429s counted apart), and the server's RSS after the first 100 requests and
-at the end (ours; --rss-requests). Servers run one at a time, each in its own process with --threads threads. Last,
-the profile: one decode step of our engine at each client count's batch, in this process.
+at the end (ours; --rss-requests). Each server runs in its own process with --threads threads; both are started
+(and warmed up) first and stay up, and the phases are interleaved: ours at the first client count, llama-server at
+it, ours at the next, ... (the idle server waits on its socket), so a load change hits both alike. Last, the
+profile: one decode step of our engine at each client count's batch, in this process.
 llama-server comes from benchmarks/llamacpp.py's build (`--build-only` prints its bin directory).
 """
 
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -43,7 +46,7 @@ from llama4_export.runtime import Generator  # noqa: E402
 from llama4_export.runtime.batching import BatchEngine, EngineOptions, SequenceRequest  # noqa: E402
 
 from common import (  # benchmarks/, beside this script
-    ArgumentParser, BenchmarkError, existing_dir, existing_file, last_error_line, new_file, non_negative_int,
+    ArgumentParser, BenchmarkError, existing_dir, existing_file, last_error_line, machine_json, new_file, non_negative_int,
     positive_int, positive_ints, print_machine, run_script)
 
 console = Console(width=160)
@@ -75,9 +78,10 @@ def wait_ready(url: str, process: subprocess.Popen, errors: IO[str], seconds: fl
 
 
 def rss_mb(pid: int) -> float:
+    """A process's current RSS in MB (10^6 bytes)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+            return int(line.split()[1]) * 1024 / 1e6  # KiB → MB, as peak_rss_mb
     return float("nan")
 
 
@@ -194,22 +198,17 @@ def decode_step_ms(artifact: Path, batches: list[int], threads: int, steps: int 
     return {b: round(1000 * statistics.median(t), 2) for b, t in times.items()}
 
 
-def run_server(name: str, command: list[str], health: str, base: str, model: str, args, env=None) -> list[dict]:
+@contextmanager
+def running_server(name: str, command: list[str], base: str, model: str, prompt_words: int, env=None):
+    """Starts a server, waits until it answers and warms it up; yields its process, terminates it on leaving."""
     console.print(f"[bold]{name}[/]: {' '.join(command)}")
     errors = tempfile.TemporaryFile("w+")  # a file, not a pipe: a server's log would fill a pipe and stall it
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, env=env)
     try:
-        wait_ready(health, process, errors)
+        wait_ready(f"{base}/health", process, errors)
         with new_http_client() as http:
-            one_request(http, base, model, prompt_text(0, args.prompt_words), 4)  # warm-up (no shared start)
-        rows = []
-        for n, clients in enumerate(args.clients):  # each phase its own prompts, the same for every server
-            row = phase(base, model, clients, args.requests, args.max_tokens, args.prompt_words, process.pid,
-                        args.rss_requests, first_prompt=1 + n * args.requests, shared_words=args.shared_prefix_words)
-            row["server"] = name
-            rows.append(row)
-            console.print(row)
-        return rows
+            one_request(http, base, model, prompt_text(0, prompt_words), 4)  # warm-up (no shared start)
+        yield process
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -235,27 +234,37 @@ def main() -> None:
     args = parser.parse_args()
     if not args.clients:
         parser.error("--clients is empty; give comma-separated client counts, as 1,8")
-    print_machine(args.threads)
+    if args.gguf:
+        llamacpp.announce_build(args.cache, "drop --gguf (llama4-serve alone)")
+    machine = machine_json(print_machine(args.threads), args.threads)
     most = max(args.clients)
-    load = [os.getloadavg()[0]]
 
     port = free_port()
     ours = [sys.executable, "-c", "from llama4_export.cli.serve import main; main()", str(args.artifact), "--port",
             str(port), "--threads", str(args.threads), "--max-batch", str(most), "--max-queue", str(4 * most),
             "--model-name", "bench", *args.serve_arg]
-    base = f"http://127.0.0.1:{port}"
-    rows = run_server("llama4-serve", ours, f"{base}/health", base, "bench", args)
-    load.append(os.getloadavg()[0])
+    servers = [("llama4-serve", ours, f"http://127.0.0.1:{port}", None)]
     if args.gguf:
         bin_dir = llamacpp.build(args.cache, llamacpp.source_dir(args.cache))
         port = free_port()
         context = most * (4 * (args.prompt_words + args.shared_prefix_words) + args.max_tokens + 64)
         peer = [str(bin_dir / "llama-server"), "-m", str(args.gguf), "-t", str(args.threads), "-np", str(most),
                 "-c", str(context), "--host", "127.0.0.1", "--port", str(port), "--no-webui", *args.peer_arg]
-        env = {**os.environ, "LD_LIBRARY_PATH": str(bin_dir)}
-        base = f"http://127.0.0.1:{port}"
-        rows += run_server(f"llama-server -np {most}", peer, f"{base}/health", base, "bench", args, env)
-        load.append(os.getloadavg()[0])
+        servers.append((f"llama-server -np {most}", peer, f"http://127.0.0.1:{port}",
+                        {**os.environ, "LD_LIBRARY_PATH": str(bin_dir)}))
+    rows = []
+    load = [os.getloadavg()[0]]
+    with ExitStack() as stack:
+        running = [(name, base, stack.enter_context(running_server(name, command, base, "bench", args.prompt_words, env)))
+                   for name, command, base, env in servers]
+        for n, clients in enumerate(args.clients):  # each phase its own prompts, the same for every server
+            for name, base, process in running:
+                row = phase(base, "bench", clients, args.requests, args.max_tokens, args.prompt_words, process.pid,
+                            args.rss_requests, first_prompt=1 + n * args.requests, shared_words=args.shared_prefix_words)
+                row["server"] = name
+                rows.append(row)
+                console.print(row)
+            load.append(os.getloadavg()[0])
 
     table = Table("server", "clients", "requests", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms",
                   "ITL p99 ms", "errors", "429s", "cached tokens (mean)")
@@ -267,9 +276,10 @@ def main() -> None:
     console.print(table)
     steps = decode_step_ms(args.artifact, sorted({1, *args.clients}), args.threads)
     console.print(f"llama4-serve's engine, one decode step (ms) by sequences decoding: {steps}")
-    console.print(f"load average (1 min) at start / between servers / end: {load}")
+    console.print(f"load average (1 min) at start / after each client count: {load}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "decode_step_ms": steps, "load_avg_1m": load, "args": {
+        args.json.write_text(json.dumps({"machine": machine, "rows": rows,
+                                         "decode_step_ms": steps, "load_avg_1m": load, "args": {
             k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}, indent=1))
 
 

@@ -23,7 +23,7 @@ from llama4_export.graph_passes.sibling_projections import fuse_sibling_projecti
 
 from moe_lowering import median_us, session  # benchmarks/, beside this script
 
-from common import ArgumentParser, positive_int, print_machine, run_script  # benchmarks/, beside this script
+from common import ArgumentParser, positive_int, print_machine, run_script, summary  # benchmarks/, beside this script
 
 HIDDEN, BLOCK = 768, 128
 GROUPS = {"q, k, v": (768, 256, 256), "gate, up": (2048, 2048), "shared gate, up": (1024, 1024)}
@@ -53,7 +53,7 @@ def group_graph(widths: tuple[int, ...], copies: int, int4: bool, rng: np.random
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=summary(__doc__))
     parser.add_argument("--rows", type=positive_int, action="append", help="activation rows (tokens × sequences); default 1, 8, 128")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--copies", type=positive_int, default=12)

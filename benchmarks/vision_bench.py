@@ -43,7 +43,7 @@ import llamacpp
 from llama4_export.evaluation.bench import machine_info, memory_bandwidth_gb_s
 
 from common import (  # benchmarks/, beside this script
-    ArgumentParser, check_child, non_negative_int, positive_int, print_machine, run_script)
+    ArgumentParser, check_child, non_negative_int, positive_int, print_machine, run_script, summary)
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_CONFIG = REPO.parent / "shared" / "bench" / "rand200m-config.json"
@@ -188,7 +188,7 @@ def stats(values: list[float]) -> dict:
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=summary(__doc__))
     parser.add_argument("--vision-layers", type=positive_int, default=34,
                         help="encoder layers (Scout: 34; fewer for a quick run)")
     parser.add_argument("--repeats", type=positive_int, default=5)

@@ -23,7 +23,7 @@ from llama4_export import api
 from llama4_export.pipeline import QuantOptions
 from llama4_export.runtime import Generator
 
-from common import ArgumentParser, run_script  # benchmarks/, beside this script
+from common import ArgumentParser, run_script, summary  # benchmarks/, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "vision"
@@ -56,7 +56,7 @@ def measure(artifact: Path, name: str, reference: dict, stored: dict[str, np.nda
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=summary(__doc__))
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/vision_precision"))
     args = parser.parse_args()
     reference = json.loads((FIXTURES / "reference.json").read_text())

@@ -75,11 +75,13 @@ def test_bench_rejects_prompt_beyond_positions(scoutlike_artifact):
     result = CliRunner().invoke(export_app, ["bench", str(scoutlike_artifact), "--decode-prompt", "5000", "--repeats", "1"])
     assert result.exit_code == 2
     assert "exceed the model's 2048 positions" in result.output
+    assert "pass a shorter --decode-prompt" in result.output  # the flag that is too long (was "--prompt/--new-tokens")
 
 
 @pytest.mark.parametrize("args, expected", [
     (["--json", "/nonexistent-dir/bench.json"], "--json /nonexistent-dir/bench.json: its directory /nonexistent-dir does "
                                                 "not exist"),  # was a traceback after the whole benchmark had run
+    (["--json", "/proc/bench.json"], "--json /proc/bench.json: cannot write there"),  # was an error after measuring
     (["--backend", "tflite"], "backend 'tflite' is unknown; choose one of: onnxruntime, tensorrt, torch"),
     (["--depth", "-1"], "depth=-1: must be >= 0"),  # was answered about repeats, new tokens and prompts
 ])
@@ -102,7 +104,9 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     ("gqa_depth.py", ["--heads", "7", "--kv-heads", "4"], "--heads 7 is not a multiple of --kv-heads 4"),
     ("kv_memory.py", ["--window", "0"], "argument --window: 0 is not an integer of 1 or more"),  # was the child's
     ("compare_peers.py", ["{tmp}", "--llamacpp", "BOGUS"], "unknown GGUF type BOGUS"),  # was after a llama.cpp build
-    ("report_time.py", ["{tmp}", "{tmp}"], "config.json"),  # the package's CheckpointError, without its traceback
+    ("report_time.py", ["{tmp}", "{tmp}"], "config.json"),
+    ("scout_shapes.py", ["--preset", "nope"], "argument --preset: invalid choice: 'nope'"),  # was after the bandwidth
+    ("runtime_decode.py", ["{tmp}", "--backend", "foo"], "argument --backend: invalid choice: 'foo'"),  # the package's CheckpointError, without its traceback
 ])
 def test_benchmark_scripts_refuse_bad_input_in_one_line(tmp_path, script, args, expected):
     args = [a.format(tmp=tmp_path) for a in args]
@@ -111,3 +115,4 @@ def test_benchmark_scripts_refuse_bad_input_in_one_line(tmp_path, script, args, 
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{script}: ") and expected in lines[0], result.stderr
+    assert "machine:" not in result.stdout  # refused before the machine line's bandwidth copy, the first slow step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import signal
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -356,6 +357,17 @@ def _print_pass_reports(reports: dict[str, dict]) -> None:
             console.print(f"note: {note}", markup=False, highlight=False)
 
 
+def _check_writable(path: Path, flag: str) -> None:
+    """ConfigError unless `path` can be written (probed without creating or truncating it): before measuring, not after."""
+    try:
+        if path.exists():
+            open(path, "r+").close()
+        else:
+            tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.").close()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write there ({exc.strerror or exc}); give a writable path") from None
+
+
 @export_app.command()
 def bench(
     directory: Path = typer.Argument(..., help="artifact directory written by `llama4-export --out`"),
@@ -376,6 +388,8 @@ def bench(
         if json_out is not None and not json_out.parent.is_dir():  # found out before the minutes of measuring
             raise ConfigError(f"--json {json_out}: its directory {json_out.parent} does not exist; create it or write "
                              "elsewhere")
+        if json_out is not None:
+            _check_writable(json_out, "--json")
         with needs_exporter():
             from ..evaluation.bench import result_table  # onnx: imported by this command only
         with err_console.status(f"benchmarking {escape(str(directory))}"):

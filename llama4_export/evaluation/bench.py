@@ -104,7 +104,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def peak_rss_mb(pid: int | str = "self", name: str | None = None) -> float | None:
-    """Peak resident set size (MB) of a process: VmHWM on Linux, else ru_maxrss (this process only).
+    """Peak resident set size of a process in MB (10^6 bytes, as the GB/s and MB elsewhere here): VmHWM on Linux,
+    else ru_maxrss (this process only).
 
     VmHWM belongs to the process's current address space, so unlike ru_maxrss it does not inherit the RSS of the
     parent that forked it (Linux carries ru_maxrss across exec: a child of a big benchmark driver would look big).
@@ -121,11 +122,11 @@ def peak_rss_mb(pid: int | str = "self", name: str | None = None) -> float | Non
         if name is not None and fields.get("Name", "").strip() != name[:15]:  # the kernel keeps 15 characters
             return None
         if "VmHWM" in fields:
-            return int(fields["VmHWM"].split()[0]) / 1024
+            return int(fields["VmHWM"].split()[0]) * 1024 / 1e6  # the kernel's "kB" are KiB
     if pid != "self":
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if platform.system() == "Darwin" else peak / 1024
+    return peak / 1e6 if platform.system() == "Darwin" else peak * 1024 / 1e6  # bytes on macOS, KiB on Linux
 
 
 def initializer_bytes(tensor: onnx.TensorProto) -> int:
@@ -228,11 +229,12 @@ def _measure(directory: str, prompt_lengths: list[int], decode_prompt: int, new_
     else:
         gen = Generator.load(directory, backend=backend, threads=threads, window=window)
     config = gen.config
-    longest = max([*prompt_lengths, decode_prompt, *depths]) + new_tokens
-    if longest > config.max_position_embeddings:
+    lengths = {"--prompt": max(prompt_lengths, default=0), "--decode-prompt": decode_prompt, "--depth": max(depths, default=0)}
+    flag, length = max(lengths.items(), key=lambda item: item[1])  # the one too long, named by its flag
+    if length + new_tokens > config.max_position_embeddings:
         raise BenchError(
-            f"{directory}: prompt + new tokens = {longest} exceed the model's {config.max_position_embeddings} positions; "
-            "pass shorter --prompt/--new-tokens"
+            f"{directory}: {flag} {length} + --new-tokens {new_tokens} = {length + new_tokens} tokens exceed the "
+            f"model's {config.max_position_embeddings} positions; pass a shorter {flag} (or fewer --new-tokens)"
         )
     rng = np.random.default_rng(seed)
     vocab = config.vocab_size
