@@ -207,6 +207,17 @@ def replaceable_directory(target: str | Path) -> Path:
     return target
 
 
+def check_writable(path: Path, flag: str, error: type[Exception] = ArtifactError) -> None:
+    """`error` in one line unless a file can be written at `path` — its directory probed with a temp file, as the
+    writer's temp-and-rename needs it — before the work whose result goes there, not after."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        where = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else exc.strerror or str(exc)
+        raise error(f"{flag} {path}: cannot write there ({where}); give a writable path") from None
+
+
 def writable_parent(target: Path) -> Path:
     """`target`'s parent directory, created if missing; ArtifactError in one line where it cannot be (a file on the
     way) — before an export's work, not at its end."""

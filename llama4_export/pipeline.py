@@ -42,7 +42,7 @@ from .artifact import (atomic_directory, check_replaceable, held_directory, remo
 from .calib.awq_plans import AwqWeights
 from .calib.calibrate import Calibration, activation_amax, calibrate, calibration_samples, tokenizer_for
 from .calib.corpus import CalibrationError
-from .calib.stats import check_writable, kv_cache_amax
+from .calib.stats import check_cache_writable, kv_cache_amax
 from .errors import FLAG, INTEGER, NONE, NUMBER, PATH, TEXT, ConfigError, check_types
 from .evaluation.report import REPORT_FILE, accuracy_report, evaluation_tokens
 from .export.tokenizer_files import (check_tokenizer_files, copy_tokenizer_files, write_byte_level_tokenizer,
@@ -120,7 +120,7 @@ class QuantOptions:
             raise CalibrationError(f"--calib-cache {self.calib_cache}: is a directory; give the cache file's path, e.g. "
                                    f"{self.calib_cache / 'calib.safetensors'}")
         if self.calib_cache is not None and self.needs_calibration(precision):  # written once it has run (hours)
-            check_writable(self.calib_cache)
+            check_cache_writable(self.calib_cache)
         if self.eval_data is not None and not self.report:
             raise ConfigError("--eval-data is what the accuracy report evaluates on, and --no-report skips it: drop one")
         if self.float_embeddings and self.quantize_lm_head:

@@ -29,14 +29,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..artifact import removed_if_stopped
+from ..artifact import check_writable, removed_if_stopped
 from .corpus import CalibrationError
 
 CACHE_FORMAT = "llama4-export-calib-4"  # 4: no Gram matrices (AWQ plans are cached beside the statistics)
@@ -170,15 +169,14 @@ def save_cache(path: Path, stats: dict[str, np.ndarray], key: str, settings: dic
         Path(tmp).unlink(missing_ok=True)
 
 
-def check_writable(path: Path) -> None:
+def check_cache_writable(path: Path) -> None:
     """CalibrationError unless a cache file can be written at `path` (before a calibration of hours, not after)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
-            pass
     except OSError as exc:
         where = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
         raise CalibrationError(f"--calib-cache {path}: cannot write there ({where}); give a writable path") from None
+    check_writable(path, "--calib-cache", CalibrationError)
 
 
 def load_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:

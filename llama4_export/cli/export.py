@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import signal
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import api
-from ..artifact import exit_on_signals, write_json
+from ..artifact import check_writable, exit_on_signals, write_json
 from ..errors import ConfigError, Llama4ExportError, needs_exporter
 from ..tensorrt import trt_onnx_support
 from .common import console, err_console, fail, version_option
@@ -357,17 +356,6 @@ def _print_pass_reports(reports: dict[str, dict]) -> None:
             console.print(f"note: {note}", markup=False, highlight=False)
 
 
-def _check_writable(path: Path, flag: str) -> None:
-    """ConfigError unless `path` can be written (probed without creating or truncating it): before measuring, not after."""
-    try:
-        if path.exists():
-            open(path, "r+").close()
-        else:
-            tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.").close()
-    except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot write there ({exc.strerror or exc}); give a writable path") from None
-
-
 @export_app.command()
 def bench(
     directory: Path = typer.Argument(..., help="artifact directory written by `llama4-export --out`"),
@@ -389,7 +377,7 @@ def bench(
             raise ConfigError(f"--json {json_out}: its directory {json_out.parent} does not exist; create it or write "
                              "elsewhere")
         if json_out is not None:
-            _check_writable(json_out, "--json")
+            check_writable(json_out, "--json", ConfigError)
         with needs_exporter():
             from ..evaluation.bench import result_table  # onnx: imported by this command only
         with err_console.status(f"benchmarking {escape(str(directory))}"):
