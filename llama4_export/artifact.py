@@ -354,41 +354,40 @@ def remove_abandoned(parent: Path, patterns: list[str]) -> str | None:
     the line saying what went, or None."""
     removed, total = [], 0
     for path in sorted({p for pattern in patterns for p in parent.glob(pattern)}):
-        if path.is_symlink() or not path.is_dir():
-            continue
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            continue
-        try:
-            if _lock(fd, blocking=False):
+        with _probed_lock(path) as taken:
+            if taken:
                 total += sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file() and not f.is_symlink())
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path.name)
-        finally:
-            os.close(fd)
     if not removed:
         return None
     shown = f"{total / 1e9:,.1f} GB" if total >= 1e8 else f"{total / 1e6:,.1f} MB"
     return f"removed {', '.join(removed)} ({shown}) from {parent}: left by a job killed before it cleaned up"
 
 
+@contextlib.contextmanager
+def _probed_lock(path: Path) -> Iterator[bool | None]:
+    """flock a scratch directory without waiting, held for the block: True when taken (no job holds it), False when a
+    running job does, None when it is no plain directory or the file system has no flock."""
+    try:
+        fd = None if path.is_symlink() or not path.is_dir() else os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        fd = None
+    try:
+        yield None if fd is None else _lock(fd, blocking=False)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def _check_sole_writer(target: Path, own: Path) -> None:
     """Refuse when another running job writes `target` (its temp directory beside it is locked): both would succeed
     and the last to finish silently replace the other's artifact."""
-    for path in sorted(target.parent.glob(f".{glob.escape(target.name)}.tmp-*")):
-        if path == own or path.is_symlink() or not path.is_dir():
-            continue
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            continue
-        try:
-            if _lock(fd, blocking=False) is False:
+    for path in sorted(set(target.parent.glob(f".{glob.escape(target.name)}.tmp-*")) - {own}):
+        with _probed_lock(path) as taken:
+            if taken is False:
                 raise ArtifactError(f"{target}: another llama4-export job is writing it ({path.name} is locked); wait "
                                     "for it to finish or choose another directory")
-        finally:
-            os.close(fd)  # drops the lock taken on a temp directory no job holds (swept by the next export)
 
 
 @contextlib.contextmanager
