@@ -332,8 +332,8 @@ def plan_memory(
     """Weights, KV cache and workspace per GPU, and the largest global window W that fits (or the `window` given).
 
     gpu_memory_bytes: one GPU's memory (runtime reserve RUNTIME_RESERVE) or a GpuSpec. gpus > 1 splits the layers
-    with partition_layers. activation_dtype: default fp32 for fp32 weights, else 16-bit. kv_dtype: default the
-    activation dtype (what the graphs cache); fp8 only with quantized weights, as export's --kv-cache-dtype. vision:
+    with partition_layers. activation_dtype: default fp32 for fp32 weights, else 16-bit. kv_dtype: default what the
+    graphs cache (bf16 for bf16 weights, else the activation dtype); fp8 only with quantized weights, as export's --kv-cache-dtype. vision:
     the model's vision tower (None: text only), planned on the first GPU with an encode of `max_tiles` (default
     DEFAULT_MAX_TILES) image tiles at a time; vision_precision: its precision (None: the text graphs' float type).
     block_size: int4's values per scale (None: the export's default_block_size; refused as export refuses it, for a

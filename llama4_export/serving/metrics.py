@@ -63,7 +63,8 @@ class ServerMetrics:
         Gauge("llama4_generation_tokens_per_second", f"Generated tokens per second over the last {RATE_WINDOW_S:g} s",
               registry=r).set_function(self.rate.value)
         self.tokens = Counter("llama4_generation_tokens", "Generated tokens", registry=r)
-        self.prompt_tokens = Counter("llama4_prompt_tokens", "Prompt tokens of admitted requests, as their usage counts them (once, whatever n)", registry=r)
+        self.prompt_tokens = Counter("llama4_prompt_tokens", "Prompt tokens of admitted requests, as their usage "
+                                     "counts them (once, whatever n)", registry=r)
         self.ttft = Histogram("llama4_time_to_first_token_seconds", "From request arrival to its first token",
                               buckets=TTFT_BUCKETS, registry=r)
         self.token_latency = Histogram("llama4_time_per_output_token_seconds", "Between consecutive tokens of a request",
