@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .artifact import read_manifest
+from .artifact import MANIFEST, read_manifest
 from .errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types, needs_exporter
 from .graph_passes.errors import GraphPassError
 from .model.config import (Llama4Config, Llama4VisionConfig, checkpoint_configs, get_preset, get_vision_preset,
@@ -198,12 +198,25 @@ def export_model(
     return result
 
 
+def _artifact_manifest(directory: str | Path | None) -> dict[str, Any] | None:
+    """The manifest of an exported artifact given where a checkpoint may be (its files not verified: only its
+    configs and settings are read), or None."""
+    if directory is None or not (Path(directory) / MANIFEST).is_file():
+        return None
+    return read_manifest(directory, verify=False)
+
+
 def model_configs(model: str | None, checkpoint: str | Path | None) -> tuple[Llama4Config, Llama4VisionConfig | None]:
     """A preset's text and vision configs, or a checkpoint's after checking every tensor's name and shape (headers
     only) — or from its config.json alone when the directory holds no weights yet (to inspect or plan a model before
-    downloading it); the vision config is None for a text-only model."""
+    downloading it), or an exported artifact's as its manifest records them; the vision config is None for a
+    text-only model."""
     if (model is None) == (checkpoint is None):
         raise ConfigError("give exactly one of --model PRESET or --checkpoint DIR")
+    if (manifest := _artifact_manifest(checkpoint)) is not None:
+        source, vision = str(Path(checkpoint) / MANIFEST), manifest.get("vision")
+        return (Llama4Config.from_manifest(manifest, source).replace(name=Path(checkpoint).name),
+                None if vision is None else Llama4VisionConfig.from_manifest(vision, source))
     if checkpoint is not None:
         if not Path(checkpoint).is_dir() or not holds_weights(checkpoint):
             return checkpoint_configs(checkpoint)  # which refuses a directory that is not there
@@ -226,6 +239,10 @@ def plan_gpu_memory(model: str | None = None, checkpoint: str | Path | None = No
     """`llama4-export plan`: the memory plan of the model on `gpu` (or one GPU of `gpu_memory`), its vision tower
     included unless `text_only` (or the model has none); options: gpus, max_batch, max_prefill, kv_dtype, window,
     block_size, max_tiles, vision_precision (plan.plan_memory)."""
+    if _artifact_manifest(checkpoint) is not None:  # its weights are stored as its target's passes chose
+        raise ConfigError(f"{checkpoint}: an exported artifact; plan plans a deployment from its checkpoint (or "
+                          "--model PRESET) and a precision, and the runtime sizes an artifact's window on the GPU it "
+                          "runs on by itself")
     config, vision = model_configs(model, checkpoint)
     return plan_memory(config, precision, gpu_spec(gpu, gpu_memory), vision=None if text_only else vision, **options)
 

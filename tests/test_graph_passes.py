@@ -25,12 +25,12 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from llama4_export.artifact import read_manifest
+from llama4_export.model.config import Llama4Config
 from llama4_export.cli.export import export_app
 from llama4_export.export.onnx_export import DECODE, export_graph
 from llama4_export.graph_passes.artifact_passes import optimize_artifact
 from llama4_export.graph_passes.errors import GraphPassError
 from llama4_export.graph_passes.lower import FLOAT_EXPERTS_LOWERING
-from llama4_export.runtime.generator import manifest_config
 from llama4_export.runtime.ort_backend import artifact_parts
 from llama4_export.graph_passes.manager import op_histogram
 from llama4_export.graph_passes.pipeline import optimize
@@ -173,7 +173,7 @@ def test_one_session_serves_both_graphs_of_an_optimized_artifact(optimized_scout
     graph and ONNX Runtime prepacks every weight once (two sessions, each with its packed copies: the rand200m-long
     fp32 artifact's peak RSS was 1,830 MB instead of 1,003)."""
     out, manifest, _ = optimized_scoutlike
-    (part,), _ = artifact_parts(out, manifest, manifest_config(out, manifest))
+    (part,), _ = artifact_parts(out, manifest, Llama4Config.from_manifest(manifest, str(out)))
     assert part.decode == part.prefill
 
 

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from llama4_export import CheckpointError
 from llama4_export.cli.export import export_app
+from llama4_export.model import get_preset
 from llama4_export.weights import load
 
 from .conftest import make_hf_checkpoint
@@ -216,18 +217,28 @@ def test_config_values_of_the_wrong_type_are_named(ckpt):
             load(ckpt)
 
 
-def test_an_artifact_given_as_a_checkpoint_is_named_as_one(tmp_path, good_checkpoint):
-    """`inspect --checkpoint ARTIFACT` said "config.json not found; a Hugging Face checkpoint directory needs one"."""
+def test_an_artifact_is_inspected_by_its_manifest_and_named_where_a_checkpoint_is_needed(tmp_path):
+    """`inspect --checkpoint ARTIFACT` said "config.json not found; a Hugging Face checkpoint directory needs one": it
+    now summarizes the model the manifest records (here one layer of scout-tiny: as the preset cut to one layer);
+    plan and export, which need the checkpoint (or a preset) and a precision, name the artifact as one."""
     from llama4_export import api
+    from llama4_export.model.summary import summarize
 
     artifact = tmp_path / "art"
     api.export_model(artifact, model="scout-tiny", layers=1, random_weights=True, optimize=False, show_progress=False,
                      quant=api.QuantOptions(report=False))
-    result = CliRunner().invoke(export_app, ["inspect", "--checkpoint", str(artifact)])
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.exit_code == 2 and lines == [f"error: {artifact}: an exported artifact (manifest.json), not a Hugging "
-                                               "Face checkpoint; give the checkpoint it was exported from (or --model PRESET "
-                                               "for a preset's)"], result.stderr
+    inspected = CliRunner().invoke(export_app, ["inspect", "--checkpoint", str(artifact), "--json"])
+    assert inspected.exit_code == 0, inspected.output
+    assert json.loads(inspected.stdout) == {**summarize(get_preset("scout-tiny", layers=1)), "name": "art"}
+    planned = CliRunner().invoke(export_app, ["plan", "--checkpoint", str(artifact), "--gpu", "h100-80gb"])
+    assert planned.exit_code == 2 and planned.stderr.strip() == f"error: {artifact}: an exported artifact; plan plans " \
+        "a deployment from its checkpoint (or --model PRESET) and a precision, and the runtime sizes an artifact's " \
+        "window on the GPU it runs on by itself", planned.stderr
+    exported = CliRunner().invoke(export_app, ["--checkpoint", str(artifact), "--out", str(tmp_path / "again")])
+    lines = [line for line in exported.stderr.splitlines() if line.strip()]
+    assert exported.exit_code == 2 and lines == [f"error: {artifact}: an exported artifact (manifest.json), not a "
+                                                 "Hugging Face checkpoint; give the checkpoint it was exported from (or "
+                                                 "--model PRESET for a preset's)"], exported.stderr
 
 
 def test_a_nan_weight_is_refused_where_the_weights_are_read(ckpt, tmp_path):

@@ -23,7 +23,6 @@ from llama4_export.artifact import read_manifest, write_manifest
 from llama4_export.tensorrt.engine import build_engines, maybe_build_engines, tensorrt_problem
 from llama4_export.tensorrt.errors import BuildError
 from llama4_export.tensorrt.lint import lint_artifact, lint_model
-from llama4_export.tensorrt.profiles import manifest_config
 from llama4_export.evaluation.compare import compare_artifact, deviations, graph_feeds, run_ort
 from llama4_export import api
 from llama4_export.pipeline import QuantOptions
@@ -32,6 +31,7 @@ from llama4_export.cli.export import export_app
 from llama4_export.cli.run import run_app
 from llama4_export.graph_passes import trt_plugin_spec
 from llama4_export.model import get_preset, io_spec
+from llama4_export.model.config import Llama4Config
 
 from .conftest import VISION_FIXTURES
 
@@ -348,7 +348,7 @@ def test_an_int4_trt_fallback_export_passes_the_lint_and_computes_what_the_plugi
     _no_violations(out)
     assert not _plugin_nodes(out / "decode.onnx")
     manifest = read_manifest(out)
-    config = manifest_config(manifest)
+    config = Llama4Config.from_manifest(manifest, "manifest.json")
     for name, entry in manifest["graphs"].items():
         tokens = entry.get("new_tokens") or 5
         feeds = graph_feeds(config, 2, tokens, config.attention_chunk_size, config.attention_chunk_size + 6, np.float16)

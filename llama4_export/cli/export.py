@@ -161,7 +161,8 @@ def inspect(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="preset: scout, maverick, behemoth, scout-tiny, maverick-tiny"),
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", "-c",
-        help="Hugging Face checkpoint directory (config.json alone is enough, before the weights are downloaded)"),
+        help="Hugging Face checkpoint directory (config.json alone is enough, before the weights are downloaded), or "
+             "an exported artifact (the model its manifest records)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
 ) -> None:
     """Architecture summary: layers by kind, total/active parameters, weight bytes per precision, KV bytes per token."""

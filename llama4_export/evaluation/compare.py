@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from ..artifact import read_manifest
+from ..artifact import MANIFEST, read_manifest
 from ..errors import ConfigError
 from ..graph_passes.ort_run import run_onnxruntime
 from ..graph_passes.verify import executable_copy, sample_feeds
@@ -32,7 +32,6 @@ from ..model.modeling import InPlaceKV, KVCache
 from ..tensorrt import moe_plugin
 from ..tensorrt.engine import tensorrt_problem
 from ..tensorrt.errors import BuildError
-from ..tensorrt.profiles import manifest_config
 from ..weights import WeightSource, recorded_source
 from .torch_backend import MissingGraphWeights, TorchBackend, as_stored
 
@@ -165,7 +164,7 @@ def compare_artifact(directory: str | Path, batch: int = 2, prefill_tokens: int 
     names them (an optimized fp32 / fp16 artifact without TensorRT engines)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    config = manifest_config(manifest)
+    config = Llama4Config.from_manifest(manifest, str(directory / MANIFEST))
     if manifest.get("partitions"):  # its graphs are the parts' (they take hidden states and their layers' caches)
         raise BuildError(f"{directory}: a partitioned artifact ({len(manifest['partitions'])} parts); compare runs "
                          "whole-model graphs: export it without --partitions to compare its graphs")

@@ -20,12 +20,12 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from ..artifact import held_directory, read_manifest
+from ..artifact import MANIFEST, held_directory, read_manifest
 from ..calib.calibrate import tokenizer_for
 from ..calib.corpus import CalibrationError, cut_samples, load_corpus, token_stream
 from ..calib.layerwise import LayerRunner, embed
 from ..graph_passes.verify import executable_copy
-from ..runtime.generator import manifest_config
+from ..model.config import Llama4Config
 from ..model.io_spec import DEFAULT_SINKS
 from ..runtime.ort_backend import OrtBackend, PartGraphs, artifact_parts
 from ..weights import WeightSource
@@ -87,7 +87,7 @@ class ArtifactLogits:
 
     def __init__(self, artifact: Path, scratch: Path):
         manifest = read_manifest(artifact, verify=False)
-        config = manifest_config(artifact, manifest)
+        config = Llama4Config.from_manifest(manifest, str(artifact / MANIFEST))
         parts, max_prefill = artifact_parts(artifact, manifest, config)
         runnable, library = [], None
         for k, part in enumerate(parts):

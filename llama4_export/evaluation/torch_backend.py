@@ -18,7 +18,7 @@ from ..model.config import Llama4Config
 from ..model.io_spec import DEFAULT_MAX_PREFILL, DEFAULT_SINKS
 from ..model.modeling import KVCache, Llama4ForCausalLM
 from ..runtime.errors import GenerationError
-from ..runtime.generator import Generator, manifest_config
+from ..runtime.generator import Generator
 from ..runtime.kv_cache import SlidingKVCache
 from ..runtime.ort_backend import artifact_parts, check_threads
 from ..weights import CheckpointWeights, WeightSource, materialize, recorded_source, slices
@@ -145,7 +145,7 @@ def torch_generator(directory: str | Path, window: int | None = None, sinks: int
         return Generator.for_backend(TorchBackend.from_checkpoint(directory), directory, window, sinks,
                                      max_prefill_tokens=max_prefill_tokens)
     manifest = read_manifest(directory)
-    config = manifest_config(directory, manifest)
+    config = Llama4Config.from_manifest(manifest, str(directory / MANIFEST))
     parts, max_prefill = artifact_parts(directory, manifest, config)
     if len(parts) != 1:
         raise GenerationError(f"{directory}: a partitioned artifact runs on the onnxruntime backend only (got 'torch')")

@@ -113,7 +113,7 @@ def optimize_artifact(
     if not graphs:
         raise GraphPassError(f"{directory / MANIFEST}: lists no graphs; re-run the export")
     data_file = manifest.get("external_data", DATA_FILE)
-    config = Llama4Config.from_hf_dict(manifest.get("model") or {}, source=str(directory / MANIFEST))
+    config = Llama4Config.from_manifest(manifest, str(directory / MANIFEST))
     note(remove_abandoned_beside(directory), show_progress)
     with Steps(show_progress) as step, atomic_directory(directory) as tmp:
         reports, opset = optimize_graphs(directory, graphs, tmp, target, step, trt_plugin, None, verify, tolerance,

@@ -143,6 +143,14 @@ class Llama4Config:
         }
 
     @classmethod
+    def from_manifest(cls, manifest: Any, source: str) -> "Llama4Config":
+        """The text config an artifact's manifest records (its `model` entry: the source's config.json)."""
+        raw = manifest.get("model") if isinstance(manifest, dict) else None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: has no 'model' config object; re-run the export")
+        return cls.from_hf_dict(raw, source=source)
+
+    @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "Llama4Config":
         """Parse a `llama4_text` or multimodal `llama4` config, from older or newer transformers or Meta's release."""
         cfg = raw.get("text_config", raw) if raw.get("model_type") == "llama4" or "text_config" in raw else raw

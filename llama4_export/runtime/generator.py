@@ -126,7 +126,7 @@ class Generator:
             first, end = manifest["layers"]
             raise GenerationError(f"{directory}: one part (layers {first}..{end - 1}) of a partitioned artifact; run "
                                   f"the artifact directory holding it ({directory.resolve().parent})")
-        config = manifest_config(directory, manifest)
+        config = Llama4Config.from_manifest(manifest, str(directory / MANIFEST))
         if backend == "tensorrt":
             with needs_exporter("the TensorRT backend needs {extra}, as well as TensorRT, torch with CUDA and a GPU"):
                 from .trt_backend import TrtBackend  # its TensorRT plugin spec pulls in onnx_ir: only when asked for
@@ -531,13 +531,6 @@ def _gpu_memory_bytes(backend: Backend) -> int | None:
         options = backend.decode.get_provider_options().get("CUDAExecutionProvider", {})
         return cuda_memory_bytes(int(options.get("device_id", 0)))
     return None
-
-
-def manifest_config(directory: Path, manifest: dict) -> Llama4Config:
-    raw = manifest.get("model")
-    if not isinstance(raw, dict):
-        raise GenerationError(f"{directory / MANIFEST}: has no 'model' config object; re-run the export")
-    return Llama4Config.from_hf_dict(raw, source=str(directory / MANIFEST))
 
 
 def _generation_config_eos(directory: Path) -> list[int]:

@@ -51,13 +51,6 @@ class BuildLimits:
                 "global_slots": self.global_slots}
 
 
-def manifest_config(manifest: dict[str, Any]) -> Llama4Config:
-    raw = manifest.get("model")
-    if not isinstance(raw, dict):
-        raise BuildError("manifest.json has no 'model' config object; re-run the export")
-    return Llama4Config.from_hf_dict(raw, source="manifest.json")
-
-
 def check_engine_options(max_batch: int, window: int | None) -> None:
     """The limits that need no artifact: checked before an export too, not only once it is written."""
     if max_batch < 1:
@@ -70,7 +63,7 @@ def build_limits(manifest: dict[str, Any], max_batch: int = 1, max_prefill: int 
                  window: int | None = None, gpu_memory_bytes: int | None = None) -> BuildLimits:
     """Check the limits against the artifact; defaults: the exported prefill limit, and the window the memory planner
     fits on a GPU of gpu_memory_bytes (plan.planned_window) or, without one, the runtime's CPU default window."""
-    config = manifest_config(manifest)
+    config = Llama4Config.from_manifest(manifest, "manifest.json")
     graphs = manifest.get("graphs") or {}
     exported = int((graphs.get("prefill") or {}).get("max_new_tokens", 1))
     check_engine_options(max_batch, window)
@@ -145,7 +138,7 @@ def engine_graphs(manifest: dict[str, Any]) -> dict[str, str]:
 
 def engine_profiles(manifest: dict[str, Any], limits: BuildLimits) -> dict[str, dict[str, ShapeRange]]:
     """{graph name: {input: ShapeRange}} for every graph the manifest lists (engine_graphs)."""
-    config = manifest_config(manifest)
+    config = Llama4Config.from_manifest(manifest, "manifest.json")
     graphs = manifest.get("graphs") or {}
     vision = bool(manifest.get("vision"))
     profiles = {name: graph_profile(config, limits, graphs[name].get("new_tokens"), vision) for name in sorted(graphs)}
