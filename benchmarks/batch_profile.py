@@ -19,10 +19,10 @@ from op_profile import kernel_time_by_run
 from rich.console import Console
 from rich.table import Table
 
-from llama4_export.artifact import read_manifest
+from llama4_export.artifact import MANIFEST, read_manifest
+from llama4_export.model.config import Llama4Config
 from llama4_export.runtime import Generator, OrtBackend
 from llama4_export.runtime.batching import BatchEngine, EngineOptions, SequenceRequest
-from llama4_export.runtime.generator import manifest_config
 from llama4_export.runtime.ort_backend import artifact_parts
 
 from common import (  # benchmarks/, beside this script
@@ -34,7 +34,7 @@ PROMPT = 32
 def decode_kernel_ms(artifact: Path, batch: int, max_batch: int, steps: int, threads: int) -> Counter:
     """Kernel ms per decode step per op type with `batch` sequences decoding."""
     manifest = read_manifest(artifact)
-    config = manifest_config(artifact, manifest)
+    config = Llama4Config.from_manifest(manifest, str(Path(artifact) / MANIFEST))
     parts, max_prefill = artifact_parts(artifact, manifest, config)
     with tempfile.TemporaryDirectory() as scratch:
         backend = OrtBackend(parts, config, max_prefill, threads, profile_prefix=str(Path(scratch) / "ort"))

@@ -20,10 +20,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from llama4_export.artifact import read_manifest
+from llama4_export.artifact import MANIFEST, read_manifest
 from llama4_export.model.config import Llama4Config
 from llama4_export.runtime import Generator, OrtBackend
-from llama4_export.runtime.generator import manifest_config
 from llama4_export.runtime.ort_backend import PartGraphs, artifact_parts
 
 from common import (  # benchmarks/, beside this script
@@ -49,7 +48,7 @@ def kernel_time_by_run(profile: Path) -> list[Counter]:
 def single_part(artifact: Path) -> tuple[Llama4Config, PartGraphs, int]:
     """(config, graphs, max prefill tokens) of a single-part artifact; a clear exit for any other."""
     manifest = read_manifest(artifact)
-    config = manifest_config(artifact, manifest)
+    config = Llama4Config.from_manifest(manifest, str(Path(artifact) / MANIFEST))
     parts, max_prefill = artifact_parts(artifact, manifest, config)
     if len(parts) != 1:
         raise BenchmarkError(f"{artifact}: {len(parts)} parts; this benchmark takes a single-part artifact (export without "
