@@ -65,7 +65,6 @@ class Llama4Config:
             problems.append(f"moe_layers {list(self.moe_layers)} names layers outside 0..{n - 1}")
         elif len(set(self.moe_layers)) < len(self.moe_layers):
             problems.append(f"moe_layers {list(self.moe_layers)} names a layer twice")
-
         if self.num_attention_heads % self.num_key_value_heads:
             problems.append("num_attention_heads must be a multiple of num_key_value_heads")
         if self.head_dim % 2:
