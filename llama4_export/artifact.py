@@ -77,8 +77,7 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
         raise ArtifactError(f"{path}: missing; this is not a complete llama4-export artifact (re-run the export)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: not valid JSON ({exc}); re-run the export") from None
-    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith(FORMAT) \
-            or not isinstance(manifest.get("files"), dict):
+    if not _is_ours(manifest):
         raise ArtifactError(f"{path}: not a {FORMAT} manifest; re-run the export")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
@@ -90,32 +89,34 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def foreign_entries(directory: Path) -> list[str] | None:
-    """What replacing `directory` by a new artifact would delete beyond an artifact's own files: None when it is not
-    an artifact (no llama4-export manifest, of any format version: an old one is replaced by a re-export), else the
-    sorted names at its top level that its manifest does not list (a user's notes, another program's files)."""
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith(FORMAT) \
-            or not isinstance(manifest.get("files"), dict):
-        return None  # a manifest.json of another program (a web app's): not ours to replace
+def _is_ours(manifest: Any) -> bool:
+    """A llama4-export manifest, of any format version: an object naming our format and listing its files."""
+    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(FORMAT) \
+        and isinstance(manifest.get("files"), dict)
+
+
+def unlisted_entries(directory: Path, manifest: dict[str, Any]) -> list[str]:
+    """The names at `directory`'s top level that its manifest does not list (a user's notes, another program's
+    files): what replacing the directory by a new artifact would delete beyond the artifact's own files."""
     own = {MANIFEST} | {Path(name).parts[0] for name in manifest["files"]}
     return sorted(entry.name for entry in directory.iterdir() if entry.name not in own)
 
 
 def check_replaceable(directory: Path, flag: str) -> None:
-    """`directory` may be replaced whole by a new artifact: absent, empty, or an artifact holding only its own files."""
+    """`directory` may be replaced whole by a new artifact: absent, empty, or an artifact (of any format version: an
+    old one is replaced by a re-export) holding only its own files."""
     if directory.exists() and not directory.is_dir():
         raise ArtifactError(f"{directory}: exists and is not a directory; choose another {flag}")
     if not directory.is_dir() or not any(directory.iterdir()):
         return
-    foreign = foreign_entries(directory)
-    if foreign is None:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        manifest = None
+    if not _is_ours(manifest):  # no manifest, or another program's manifest.json (a web app's): not ours to replace
         raise ArtifactError(f"{directory}: directory is not empty and is not a llama4-export artifact; choose another "
                             f"{flag} or empty it")
-    if foreign:
+    if foreign := unlisted_entries(directory, manifest):
         raise ArtifactError(f"{directory}: an artifact that also holds {foreign[0]!r}"
                             f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, not in its {MANIFEST}, "
                             f"which replacing the artifact would delete; move it out or choose another {flag}")
@@ -207,10 +208,12 @@ def replaceable_directory(target: str | Path) -> Path:
     return target
 
 
-def check_writable(path: Path, flag: str, error: type[Exception] = ArtifactError) -> None:
-    """`error` in one line unless a file can be written at `path` — its directory probed with a temp file, as the
-    writer's temp-and-rename needs it — before the work whose result goes there, not after."""
+def check_writable(path: Path, flag: str, error: type[Exception] = ArtifactError, create_parent: bool = False) -> None:
+    """`error` in one line unless a file can be written at `path` — its directory (created first with create_parent)
+    probed with a temp file, as the writer's temp-and-rename needs it — before the work whose result goes there."""
     try:
+        if create_parent:
+            path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
             pass
     except OSError as exc:

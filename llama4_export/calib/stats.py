@@ -170,13 +170,9 @@ def save_cache(path: Path, stats: dict[str, np.ndarray], key: str, settings: dic
 
 
 def check_cache_writable(path: Path) -> None:
-    """CalibrationError unless a cache file can be written at `path` (before a calibration of hours, not after)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        where = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
-        raise CalibrationError(f"--calib-cache {path}: cannot write there ({where}); give a writable path") from None
-    check_writable(path, "--calib-cache", CalibrationError)
+    """CalibrationError unless a cache file can be written at `path` (before a calibration of hours, not after); its
+    missing directories are created, as save_cache creates them."""
+    check_writable(path, "--calib-cache", CalibrationError, create_parent=True)
 
 
 def load_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:

@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from ..artifact import (MANIFEST, atomic_directory, foreign_entries, held_directory, read_manifest,
-                        remove_abandoned_beside, write_json, write_manifest)
+from ..artifact import (MANIFEST, atomic_directory, held_directory, read_manifest, remove_abandoned_beside,
+                        unlisted_entries, write_json, write_manifest)
 from ..export.writer import DATA_FILE, SpillFile, file_content, load_lazily, write_graphs
 from ..model.config import Llama4Config
 from ..progress import Steps, note
@@ -95,7 +95,7 @@ def optimize_artifact(
     if "graph_passes" in manifest:
         raise GraphPassError(f"{directory}: already optimized for {manifest['graph_passes'].get('target')!r}; "
                              "export again to optimize anew")
-    if foreign := foreign_entries(directory):  # the optimized artifact replaces the directory whole
+    if foreign := unlisted_entries(directory, manifest):  # the optimized artifact replaces the directory whole
         raise GraphPassError(f"{directory}: also holds {foreign[0]!r}, not in its {MANIFEST}, which optimizing it in "
                              "place would delete; move it out first")
     # positions without optimization: --target tensorrt's trace (an FP8 KV cache's needs a quantized precision, which
