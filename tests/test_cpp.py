@@ -298,8 +298,15 @@ def test_image_errors_are_one_line(llama4_cpp, vision_artifact, tiny, tmp_path):
     short.write_bytes(b"P6\n4 4\n255\n" + bytes(47))
     deep = tmp_path / "deep.ppm"  # 16-bit samples: the advice must write 8-bit ones (convert keeps the depth)
     deep.write_bytes(b"P6\n1 1\n65535\n" + bytes(6))
+    no_placeholder = copy_artifact(vision_artifact, tmp_path / "no-placeholder")
+    edit_manifest(no_placeholder, lambda m: m["vision"]["processor"].update(placeholder=""))
     for artifact, args, message in [
-        (vision_artifact, ["--prompt", "<|image|>", "--image", deep], f"convert {deep} -depth 8 image.ppm"),
+        (vision_artifact, ["--prompt", "<|image|>", "--image", deep],
+         f"convert {deep} -auto-orient -background white -alpha remove -alpha off -depth 8 image.ppm"),
+        # a directory opened as an empty stream: "not a binary 8-bit PPM"
+        (vision_artifact, ["--prompt", "<|image|>", "--image", tmp_path], f"{tmp_path}: cannot read it (Is a directory)"),
+        # an empty placeholder was found at every offset: the prompt's expansion never ended
+        (no_placeholder, ["--prompt", "<|image|>", "--image", picture], "an empty placeholder or a zero image_std"),
         (vision_artifact, ["--prompt", "<|patch|>hi <|image|>", "--image", picture],
          "the prompt text holds <|patch|> itself"),  # was "expand it with Model::encode(text, images)"
         (vision_artifact, ["--prompt", "<|image|>", "--image", huge], "truncated (fewer pixels than its header's "
@@ -457,16 +464,25 @@ int main(int, char** argv) {
   } catch (const llama4rt::Error& e) {
     std::cout << "\\n" << e.what() << "\\n";
   }
+  llama4rt::Model vision = llama4rt::Model::open(argv[2]);
+  // no images: the text alone, as Generator.generate(text, images=[]) (it threw "1 placeholder(s) but 0 image(s)")
+  if (vision.encode("<|image|>hi", {}).ids != vision.encode("<|image|>hi")) return 3;
+  try {  // sizes whose product wraps to the buffer's length (it passed the check, then failed allocating)
+    vision.encode("<|image|>", {llama4rt::Image{6148914691236517206, 1, std::vector<uint8_t>(2)}});
+  } catch (const llama4rt::Error& e) {
+    std::cout << e.what() << "\\n";
+  }
   return moved.vocab_size() > 0 ? 0 : 1;
 }
 """
 
 
-def test_an_app_finds_the_installed_library_with_find_package(llama4_cpp, tiny, tmp_path):
+def test_an_app_finds_the_installed_library_with_find_package(llama4_cpp, tiny, vision_artifact, tmp_path):
     """`cmake --install` installed nothing: an app could only add_subdirectory the sources (and then built our command
     line and test programs too). Installed, an app finds llama4rt::llama4rt with find_package, builds warning-free
     and runs the artifact as llama4-run does; encode / decode work on a const Model; a moved-from Model throws Error
-    instead of crashing. add_subdirectory configures the library alone."""
+    instead of crashing; a prompt with no images is its text, an image whose sizes do not match its pixels is refused.
+    add_subdirectory configures the library alone."""
     prefix, app = tmp_path / "prefix", tmp_path / "app"
     done = subprocess.run(["cmake", "--install", str(BUILD), "--prefix", str(prefix)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -480,11 +496,13 @@ def test_an_app_finds_the_installed_library_with_find_package(llama4_cpp, tiny, 
                  ["cmake", "--build", app / "build"]):
         done = subprocess.run(list(map(str, step)), capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    ran = subprocess.run([str(app / "build" / "app"), str(tiny["fp32"])], capture_output=True, text=True, timeout=120)
+    ran = subprocess.run([str(app / "build" / "app"), str(tiny["fp32"]), str(vision_artifact)], capture_output=True,
+                         text=True, timeout=120)
     assert ran.returncode == 0, ran.stderr
-    tokens, message = ran.stdout.splitlines()
+    tokens, message, wrong_size = ran.stdout.splitlines()
     assert tokens == "".join(f"{t}," for t in python_json(tiny["fp32"], "--ids", "1,2,3", "-n", 8)["token_ids"])
     assert message == "this Model was moved from; use the Model it was moved to"
+    assert wrong_size == "an image of 6148914691236517206 x 1 px with 2 bytes; give width x height x 3 bytes of RGB"
 
     outer = tmp_path / "outer"
     outer.mkdir()

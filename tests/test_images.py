@@ -176,7 +176,9 @@ def test_an_image_without_pixels_and_image_tokens_in_the_text_are_one_clear_erro
 def test_a_hand_edited_processor_in_the_manifest_is_one_clear_error(processors):
     fields = processors["a"].config.to_dict()
     assert ImageProcessorConfig.from_dict(fields, "manifest.json") == processors["a"].config
-    for key, value in (("max_patches", 0), ("size", "56"), ("tokens_per_tile", 1.5)):
+    # an empty placeholder split the prompt with "empty separator" (llama4rt looped forever on it)
+    for key, value in (("max_patches", 0), ("size", "56"), ("tokens_per_tile", 1.5), ("placeholder", ""),
+                       ("image_std", (0.5, 0, 0.5))):
         with pytest.raises(ImageError, match="manifest.json: size, max_patches and tokens_per_tile must be integers"):
             ImageProcessorConfig.from_dict({**fields, key: value}, "manifest.json")
 
@@ -232,8 +234,13 @@ def no_processor_files(ckpt: Path) -> str:
     return "no preprocessor_config.json and no image_processor section in processor_config.json"
 
 
+def empty_image_token(ckpt: Path) -> str:  # split every prompt with "empty separator"
+    edit_json(ckpt / "processor_config.json", lambda c: c.update(image_token=""))
+    return "image_token nonempty"
+
+
 @pytest.mark.parametrize("breaker", [drop_max_patches, other_model_tiles, other_model_patches, bicubic,
-                                     no_processor_files])
+                                     no_processor_files, empty_image_token])
 def test_bad_processor_files_are_one_clear_error(tmp_path, breaker):
     ckpt = copy_checkpoint(tmp_path, "a")
     vision = check_checkpoint(ckpt).vision

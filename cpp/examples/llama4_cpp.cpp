@@ -31,7 +31,9 @@ constexpr const char* kUsage =
     "  --prompt      the prompt as text (needs the artifact's tokenizer graphs and onnxruntime-extensions)\n"
     "  --prompt-file, -f  the prompt from a UTF-8 file (- = stdin), less one final newline, as llama4-run\n"
     "  --image       an image for the prompt's next <|image|> placeholder (repeat in order), as binary PPM (P6,\n"
-    "                8-bit RGB: e.g. `convert photo.jpg photo.ppm`); an artifact of a multimodal checkpoint\n"
+    "                8-bit RGB, upright, transparency on white as the Python runtime takes it: e.g. `convert\n"
+    "                photo.jpg -auto-orient -background white -alpha remove -alpha off -depth 8 photo.ppm`); an\n"
+    "                artifact of a multimodal checkpoint\n"
     "  --json        print {\"prompt_ids\", \"token_ids\", \"text\", \"stop_reason\"} as llama4-run --json does\n"
     "  --stop        end where the text first holds TEXT, cut before it (repeat for several), as llama4-run\n"
     "  --max-prefill-tokens  the most prompt tokens fed per forward call (default: the artifact's prefill limit);\n"
@@ -104,6 +106,9 @@ std::string join(const std::vector<int64_t>& ids, const char* separator) {
 // A binary PPM (P6, maxval 255): the one image format simple enough to read without a library; a host application
 // decodes its images with its own and hands llama4rt the RGB pixels.
 llama4rt::Image read_ppm(const std::string& path) {
+  std::error_code ignored;
+  if (std::filesystem::is_directory(path, ignored))  // opens as an empty stream: it was "not a binary 8-bit PPM"
+    throw Usage{"--image " + path + ": cannot read it (" + std::strerror(EISDIR) + ")"};
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Usage{"--image " + path + ": cannot be read"};
   auto field = [&]() {
@@ -120,7 +125,7 @@ llama4rt::Image read_ppm(const std::string& path) {
     if (magic != "P6" || std::stoll(field()) != 255 || image.width < 1 || image.height < 1) throw std::exception();
   } catch (const std::exception&) {
     throw Usage{"--image " + path + ": not a binary 8-bit PPM (P6, maxval 255); convert it, e.g. `convert " + path +
-                " -depth 8 image.ppm`"};
+                " -auto-orient -background white -alpha remove -alpha off -depth 8 image.ppm`"};
   }
   in.get();  // the one whitespace byte before the pixels
   // the header's size is checked against the file before anything is allocated (a corrupt one may say 10^10 pixels)

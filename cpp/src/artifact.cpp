@@ -373,9 +373,10 @@ void read_vision(const json& manifest, const fs::path& directory, Artifact& arti
   }
   p.tokens_per_tile = processor.at("tokens_per_tile").get<int64_t>();
   p.placeholder = processor.at("placeholder").get<std::string>();
-  if (p.size < 1 || p.max_patches < 1 || p.tokens_per_tile < 1)
-    throw Error(artifact.manifest_path + ": vision.processor has a size, max_patches or tokens_per_tile below 1; "
-                "re-run the export");
+  if (p.size < 1 || p.max_patches < 1 || p.tokens_per_tile < 1 || p.placeholder.empty() ||
+      p.image_std[0] == 0 || p.image_std[1] == 0 || p.image_std[2] == 0)
+    throw Error(artifact.manifest_path + ": vision.processor has a size, max_patches or tokens_per_tile below 1, an "
+                "empty placeholder or a zero image_std; re-run the export");
   artifact.vision = vision;
 }
 

@@ -197,8 +197,11 @@ void normalize(const uint8_t* tile_hwc, int64_t row_stride, int64_t size, const 
 }  // namespace
 
 Tiles preprocess(const Image& image, const ProcessorConfig& config) {
-  if (image.width < 1 || image.height < 1 ||
-      image.rgb.size() != static_cast<size_t>(image.width * image.height * 3))
+  // divided rather than multiplied: width x height x 3 of a caller's sizes can wrap to the buffer's length
+  const size_t pixel_count = image.rgb.size() / 3;
+  if (image.width < 1 || image.height < 1 || image.rgb.size() % 3 != 0 ||
+      pixel_count % static_cast<size_t>(image.width) != 0 ||
+      pixel_count / static_cast<size_t>(image.width) != static_cast<size_t>(image.height))
     throw Error("an image of " + std::to_string(image.width) + " x " + std::to_string(image.height) + " px with " +
                 std::to_string(image.rgb.size()) + " bytes; give width x height x 3 bytes of RGB");
   const int64_t size = config.size;

@@ -769,6 +769,11 @@ Result Model::generate(const Prompt& prompt, const GenerateOptions& options, con
 bool Model::has_vision() const { return impl().vision != nullptr; }
 
 Prompt Model::encode(const std::string& text, const std::vector<Image>& images) const {
+  if (images.empty()) {  // text alone, as Generator.generate(text, images=[]): an <|image|> in it is just text
+    Prompt prompt;
+    prompt.ids = encode(text);
+    return prompt;
+  }
   return guarded([&] { return impl().encode(text, images); });
 }
 

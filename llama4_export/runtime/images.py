@@ -116,10 +116,11 @@ class ImageProcessorConfig:
         integers = {"size": config.size, "max_patches": config.max_patches, "tokens_per_tile": config.tokens_per_tile}
         numbers = [config.rescale_factor, *config.image_mean, *config.image_std]
         if not all(is_integer(v) and v >= 1 for v in integers.values()) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) or 0 in config.image_std:
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) or 0 in config.image_std \
+                or not (isinstance(config.placeholder, str) and config.placeholder):
             raise ImageError(f"{source}: size, max_patches and tokens_per_tile must be integers >= 1 (got "
                              f"{', '.join(f'{k} {v!r}' for k, v in integers.items())}), the means and stds numbers, "
-                             "the stds nonzero; re-run the export")
+                             "the stds nonzero, the placeholder a nonempty string; re-run the export")
         return config
 
     @classmethod
@@ -159,8 +160,8 @@ class ImageProcessorConfig:
             )
         except (TypeError, ValueError, ZeroDivisionError) as exc:
             raise ImageError(f"{source}: malformed image processor field ({exc}); re-save the processor") from None
-        if config.max_patches < 1 or 0 in std:
-            raise ImageError(f"{source}: max_patches must be ≥ 1 and image_std nonzero")
+        if config.max_patches < 1 or 0 in std or not config.placeholder:
+            raise ImageError(f"{source}: max_patches must be ≥ 1, image_std nonzero and image_token nonempty")
         if (config.size, config.tokens_per_tile) != (vision.image_size, vision.tokens_per_tile):
             # patch_size and pixel_shuffle_ratio are the processor file's, beside preprocessor_config.json's tile size
             named = [key for key in ("patch_size", "pixel_shuffle_ratio") if key in processor]
