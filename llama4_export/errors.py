@@ -25,6 +25,10 @@ class ConfigError(Llama4ExportError):
 EXPORT_PACKAGES = frozenset({"onnx", "onnx_ir", "onnxruntime_extensions", "onnxscript", "safetensors", "torch"})
 
 
+# What `pip install 'llama4-export[serve]'` adds that the server imports (the openai client and httpx are the tests').
+SERVE_PACKAGES = frozenset({"fastapi", "prometheus_client", "starlette", "uvicorn"})
+
+
 class ExporterNotInstalled(Llama4ExportError, ModuleNotFoundError):
     """A job that traces, transforms or reads checkpoints, on an install without the export extra."""
 

@@ -21,7 +21,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from llama4_export.errors import EXPORT_PACKAGES
+from llama4_export.errors import EXPORT_PACKAGES, SERVE_PACKAGES
 
 from .conftest import VISION_FIXTURES, llama4_serve
 
@@ -77,8 +77,9 @@ FULL = "import sys\n"  # the prelude of a run in this whole environment (the ref
 
 
 def run_cli(prelude: str, program: str, *args: str) -> subprocess.CompletedProcess:
-    module = {"llama4-run": "run", "llama4-export": "export"}[program]
-    script = f"{prelude}sys.argv = {[program, *args]!r}\nfrom llama4_export.cli.{module} import main\nmain()\n"
+    entry = {"llama4-run": "cli.run import main", "llama4-export": "cli.export import main",
+             "llama4-serve": "cli import serve_main as main"}[program]  # pyproject.toml's [project.scripts]
+    script = f"{prelude}sys.argv = {[program, *args]!r}\nfrom llama4_export.{entry}\nmain()\n"
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
 
 
@@ -95,6 +96,9 @@ def test_the_exporters_packages_are_the_export_extra_and_not_the_base_install():
     base = import_names(installed_closure(PROJECT["dependencies"]))
     export = import_names(installed_closure(PROJECT["optional-dependencies"]["export"]))
     assert EXPORT_PACKAGES <= export and not EXPORT_PACKAGES & base, (EXPORT_PACKAGES - export, EXPORT_PACKAGES & base)
+    serve = import_names(installed_closure(PROJECT["optional-dependencies"]["serve"]))
+    assert SERVE_PACKAGES <= serve and not SERVE_PACKAGES & base, (SERVE_PACKAGES - serve, SERVE_PACKAGES & base)
+    assert PROJECT["scripts"]["llama4-serve"] == "llama4_export.cli:serve_main"  # the entry run_cli runs
 
 
 def test_the_base_install_runs_an_artifact_and_export_names_the_extra_it_needs(artifact, tmp_path):
@@ -132,6 +136,11 @@ def test_the_base_install_runs_an_artifact_and_export_names_the_extra_it_needs(a
         assert refused.returncode == 2 and len(lines) == 1, (command, refused.stderr)
         assert "is not installed" in lines[0] and "pip install 'llama4-export[export]'" in lines[0], lines[0]
     assert not out.exists()
+    for args in (["--help"], [str(artifact)]):  # both ended in fastapi's ModuleNotFoundError traceback
+        refused = run_cli(base, "llama4-serve", *args)
+        assert refused.returncode == 2 and refused.stderr == (
+            "error: fastapi is not installed: llama4-serve needs the serve extra (pip install 'llama4-export[serve]')\n"
+        ), refused.stderr
 
 
 def test_the_base_install_with_the_serve_extra_serves_an_artifact(artifact):

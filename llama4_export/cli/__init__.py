@@ -1,2 +1,22 @@
-"""The command lines, thin layers over the Python API: `llama4-export` (export.py, over api.py) and `llama4-run`
-(run.py, over the runtime alone, so running an artifact loads neither torch nor the exporter)."""
+"""The command lines, thin layers over the Python API: `llama4-export` (export.py, over api.py), `llama4-run`
+(run.py, over the runtime, so running an artifact loads neither torch nor the exporter) and `llama4-serve` (serve.py,
+over serving/, entered through serve_main)."""
+
+
+def serve_main() -> None:
+    """`llama4-serve`: the base install runs artifacts, serving them needs the serve extra; without it the server's
+    imports (in serve.py, before its main runs) would end in a ModuleNotFoundError traceback."""
+    import sys
+
+    from ..errors import SERVE_PACKAGES
+
+    try:
+        from .serve import main
+    except ModuleNotFoundError as missing:
+        package = (missing.name or "").partition(".")[0]
+        if package not in SERVE_PACKAGES:
+            raise
+        print(f"error: {package} is not installed: llama4-serve needs the serve extra (pip install "
+              "'llama4-export[serve]')", file=sys.stderr)
+        raise SystemExit(2) from None
+    main()
