@@ -4,6 +4,8 @@ the unpartitioned export."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -167,3 +169,38 @@ def test_passes_reports_every_part_and_refuses_to_optimize_a_partitioned_artifac
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert "a partitioned artifact (2 parts): the export optimizes each part" in result.output
     assert (partitioned / "manifest.json").read_bytes() == before
+
+
+def test_a_bad_partitions_entry_is_refused_in_one_line_naming_it(partitioned, tmp_path):
+    """Entries were used unchecked: overlapping ranges or a part listed twice crashed (RuntimeError, KeyError), a
+    string bound a TypeError, and "../other/part0" or an absolute directory ran another artifact's graphs."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from llama4_export.cli.run import run_app
+    from llama4_export.errors import Llama4ExportError
+
+    edited = shutil.copytree(partitioned, tmp_path / "edited")
+    original = json.loads((partitioned / "manifest.json").read_text())
+    other = str(partitioned / "part0")
+    cases = {  # (partitions[0], partitions[1]) edits -> what the error names
+        "layers [0, 3], [3, 4]": ({"layers": [0, 3]}, {"layers": [3, 4]}, "part0/manifest.json: layers=[0, 2]"),
+        "part1 twice": ({"directory": "part1"}, {}, "partitions[1].directory='part1': a second entry"),
+        "a string layer": ({"layers": [0, "2"]}, {}, "partitions[0].layers=[0, '2']"),
+        "a sibling artifact": ({"directory": "../p2/part0"}, {}, "partitions[0].directory='../p2/part0'"),
+        "an absolute directory": ({"directory": other}, {}, f"partitions[0].directory={other!r}"),
+        "a gap": ({}, {"layers": [3, 4]}, "partitions[1].layers=[3, 4]"),
+        "short of the last layer": ({}, {"layers": [2, 3]}, "the parts end at layer 2, not 3"),
+    }
+    for case, (first, second, named) in cases.items():
+        manifest = json.loads(json.dumps(original))
+        manifest["partitions"][0].update(first)
+        manifest["partitions"][1].update(second)
+        (edited / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(Llama4ExportError, match=re.escape(named)):
+            Generator.load(edited)
+    result = CliRunner().invoke(run_app, [str(edited), "--ids", "1,2"])  # the last case
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "manifest.json: partitions" in lines[0], result.output

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..artifact import MANIFEST, read_manifest
+from ..artifact import MANIFEST, partition_entries, read_manifest
 from ..model import io_spec
 from ..model.config import Llama4Config
 from ..ort_values import RAW_ONNX_ELEMENT_TYPES, ort_value
@@ -55,12 +55,16 @@ class PartGraphs:
 def artifact_parts(directory: Path, manifest: dict[str, Any], config: Llama4Config) -> tuple[list[PartGraphs], int]:
     """The graphs of an artifact's parts, in order, and the prefill limit."""
     directory = Path(directory)
-    listed = [(Path(e["directory"]), range(*e["layers"])) for e in manifest.get("partitions") or []]
+    listed = [(Path(name), layers) for name, layers in partition_entries(directory, manifest, config.num_hidden_layers)]
     if not listed:
         listed = [(Path("."), range(config.num_hidden_layers))]
     parts, max_prefill = [], io_spec.DEFAULT_MAX_PREFILL
     for sub, layers in listed:
-        graphs = (manifest if sub == Path(".") else read_manifest(directory / sub, verify=False)).get("graphs") or {}
+        own = manifest if sub == Path(".") else read_manifest(directory / sub, verify=False)
+        if sub != Path(".") and own.get("layers") != [layers.start, layers.stop]:  # its graphs hold other layers
+            raise GenerationError(f"{directory / sub / MANIFEST}: layers={own.get('layers')!r}, but the artifact's "
+                                  f"{MANIFEST} lists the part as layers [{layers.start}, {layers.stop}]; re-run the export")
+        graphs = own.get("graphs") or {}
         if not graphs.get("decode"):
             raise GenerationError(f"{directory / sub / MANIFEST}: lists no decode graph; re-run the export")
         prefill = graphs.get("prefill")
@@ -71,10 +75,6 @@ def artifact_parts(directory: Path, manifest: dict[str, Any], config: Llama4Conf
                                       "must be an integer >= 1; re-run the export")
         decode = prefill if prefill and _one_graph_serves_both(graphs) else graphs["decode"]
         parts.append(PartGraphs(layers, directory / sub / decode["file"], directory / sub / prefill["file"] if prefill else None))
-    covered = [i for part in parts for i in part.layers]
-    if covered != list(range(config.num_hidden_layers)):
-        raise GenerationError(f"{directory}: the partitions cover layers {covered[:3]}…, not 0..{config.num_hidden_layers - 1} "
-                              "in order; re-run the export")
     return parts, max_prefill
 
 
