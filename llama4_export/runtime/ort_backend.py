@@ -139,9 +139,10 @@ class OrtBackend:
         for k, graphs in enumerate(parts):
             placed = [("CUDAExecutionProvider", {"device_id": k}) if p == "CUDAExecutionProvider" and len(parts) > 1 else p
                       for p in base]
-            decode = load_session(graphs.decode, options, placed)
+            partitioned = len(parts) > 1
+            decode = load_session(graphs.decode, options, placed, partitioned)
             prefill = None if graphs.prefill is None else \
-                decode if graphs.prefill == graphs.decode else load_session(graphs.prefill, options, placed)
+                decode if graphs.prefill == graphs.decode else load_session(graphs.prefill, options, placed, partitioned)
             self.parts.append(_Part(graphs, config, decode, prefill))
         self.decode = self.parts[0].decode  # its provider and options say where the model runs
         layouts = {part.layout for part in self.parts}
@@ -344,13 +345,20 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 TRT_PLUGIN_OP = "trt.plugins:"
 
 
-def load_session(path: Path, options, providers):
+def load_session(path: Path, options, providers, partitioned: bool = False):
+    """partitioned: `path` is a part's graph, which --backend tensorrt refuses (so the advice does not offer it)."""
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types for unreadable models
         reason = str(exc).splitlines()[0]
-        fix = ("it holds TensorRT plugin nodes (exported with --target tensorrt): run it with --backend tensorrt on an "
-               "NVIDIA GPU, or export with --target onnxruntime") if TRT_PLUGIN_OP in reason else "re-run the export"
+        fix = "re-run the export"
+        if TRT_PLUGIN_OP in reason and partitioned:
+            fix = ("it holds TensorRT plugin nodes (exported with --target tensorrt), and TensorRT engines are built "
+                   "for unpartitioned artifacts only: export with --target onnxruntime to run the parts, or without "
+                   "--partitions to build TensorRT engines")
+        elif TRT_PLUGIN_OP in reason:
+            fix = ("it holds TensorRT plugin nodes (exported with --target tensorrt): run it with --backend tensorrt on "
+                   "an NVIDIA GPU, or export with --target onnxruntime")
         raise GenerationError(f"{path}: ONNX Runtime cannot load it ({reason}); {fix}") from None
 
 
