@@ -43,6 +43,13 @@ def test_parts_hold_their_own_layers_and_chain_hidden_states(partitioned):
     assert {i.name for i in second.input if i.name.startswith("past_key")} == {"past_key.2", "past_key.3"}
     weights = {i.name for i in second.initializer}
     assert not any(name.startswith("model.layers.0.") for name in weights) and "lm_head.weight.T" in weights
+    # the top-level manifest said opset 21 (the trace's) and external_data model.data, which only the parts hold
+    import json
+
+    manifest = json.loads((partitioned / "manifest.json").read_text())
+    opsets = {o.version for part in ("part0", "part1") for o in onnx.load(
+        str(partitioned / part / "decode.onnx"), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")}
+    assert manifest["opset"] == max(opsets) and "external_data" not in manifest
 
 
 def test_every_file_of_every_part_is_verified_its_manifest_too(partitioned, tmp_path):
