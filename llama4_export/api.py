@@ -214,6 +214,10 @@ def model_configs(model: str | None, checkpoint: str | Path | None) -> tuple[Lla
     if (model is None) == (checkpoint is None):
         raise ConfigError("give exactly one of --model PRESET or --checkpoint DIR")
     if (manifest := _artifact_manifest(checkpoint)) is not None:
+        if "layers" in manifest and not manifest.get("partitions"):  # its manifest's config is the whole model's
+            first, end = manifest["layers"]
+            raise ConfigError(f"{checkpoint}: one part (layers {first}..{end - 1}) of a partitioned artifact; "
+                              f"inspect the artifact directory holding it ({Path(checkpoint).resolve().parent})")
         source, vision = str(Path(checkpoint) / MANIFEST), manifest.get("vision")
         return (Llama4Config.from_manifest(manifest, source).replace(name=Path(checkpoint).name),
                 None if vision is None else Llama4VisionConfig.from_manifest(vision, source))

@@ -153,6 +153,13 @@ def test_running_one_part_names_the_artifact_to_run(partitioned):
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert lines[0].startswith(f"error: {part}: one part (layers 0..") and lines[0].endswith(
         f"of a partitioned artifact; run the artifact directory holding it ({partitioned.resolve()})")
+    # inspect reported the whole model (every layer and parameter) under the part's name
+    from llama4_export.cli.export import export_app
+
+    result = CliRunner().invoke(export_app, ["inspect", "-c", str(part)])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "one part (layers 0..1) of a partitioned artifact; inspect " \
+        f"the artifact directory holding it ({partitioned.resolve()})" in lines[0], result.output
 
 
 def test_passes_reports_every_part_and_refuses_to_optimize_a_partitioned_artifact(partitioned):
