@@ -182,6 +182,14 @@ def export_model(
                           "lower for; drop it, or export with --target tensorrt (without --no-optimize)")
     if partitions > 1 and engines.given():
         raise ConfigError(f"{', '.join(engines.given())} with --partitions {partitions}: {PARTITIONED_ENGINES}")
+    if build and engines.reproducible:  # build_engines' check, before the export rather than after it
+        if engines.timing_cache is None:  # OUT/engine/timing.cache: OUT is written anew, so it is never there
+            raise ConfigError("--reproducible without --timing-cache: the default cache lies in --out, which this "
+                              "export writes anew, so it holds no tactics; pass --timing-cache FILE of an earlier "
+                              "build, or drop --reproducible")
+        if not engines.timing_cache.is_file():
+            raise ConfigError(f"--timing-cache {engines.timing_cache}: no timing cache to reproduce from (--reproducible); "
+                              "build once without --reproducible to create it")
     require_tensorrt(engines.require_engine)
     source = weight_source(model, checkpoint, seed, random_weights, layers)
     if text_only:

@@ -483,6 +483,13 @@ CLI_ERRORS = {
                    "--window 0: the global KV window needs at least 5 slots"),
     "--max-batch 0": (lambda t: ["--model", "scout-tiny", "--target", "tensorrt", "--max-batch", "0", "--out",
                                  str(t / "o")], "--max-batch 0: must be at least 1"),
+    # accepted, and no timing cache could be there for the build after the export: it failed only then
+    "--reproducible without --timing-cache": (lambda t: ["--model", "scout-tiny", "--target", "tensorrt",
+                                                          "--reproducible", "--out", str(t / "o")],
+                                              "--reproducible without --timing-cache: the default cache lies in --out"),
+    "--reproducible with a missing cache": (lambda t: ["--model", "scout-tiny", "--target", "tensorrt", "--reproducible",
+                                                       "--timing-cache", str(t / "none.cache"), "--out", str(t / "o")],
+                                            "none.cache: no timing cache to reproduce from (--reproducible)"),
     # 0 is not "the default"
     "--calib-samples 0": (lambda t: ["--model", "scout-tiny", "--precision", "int4", "--calib-samples", "0", "--out",
                                      str(t / "o")], "--calib-samples 0 /"),
