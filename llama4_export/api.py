@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .artifact import MANIFEST, read_manifest
+from .artifact import MANIFEST, partition_entries, read_manifest
 from .errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types, needs_exporter
 from .graph_passes.errors import GraphPassError
 from .model.config import (Llama4Config, Llama4VisionConfig, checkpoint_configs, get_preset, get_vision_preset,
@@ -267,8 +267,9 @@ def stored_pass_reports(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     manifest = read_manifest(directory)
     if manifest.get("partitions"):  # each part stores its own graphs' reports: "part0/decode", "part0/prefill", ...
-        return {f"{part['directory']}/{name}": report for part in manifest["partitions"]
-                for name, report in stored_pass_reports(directory / part["directory"]).items()}
+        layers = Llama4Config.from_manifest(manifest, str(directory / MANIFEST)).num_hidden_layers
+        return {f"{part}/{name}": report for part, _ in partition_entries(directory, manifest, layers)
+                for name, report in stored_pass_reports(directory / part).items()}
     if "graph_passes" not in manifest:
         raise GraphPassError(f"{directory}: not optimized yet; run `llama4-export passes {directory}`")
     return json.loads((directory / PASSES_FILE).read_text(encoding="utf-8"))
