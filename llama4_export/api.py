@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .artifact import MANIFEST, read_manifest
+from .artifact import MANIFEST, partition_entries, read_manifest
 from .errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types, needs_exporter
 from .graph_passes.errors import GraphPassError
 from .model.config import (Llama4Config, Llama4VisionConfig, checkpoint_configs, get_preset, get_vision_preset,
@@ -182,6 +182,14 @@ def export_model(
                           "lower for; drop it, or export with --target tensorrt (without --no-optimize)")
     if partitions > 1 and engines.given():
         raise ConfigError(f"{', '.join(engines.given())} with --partitions {partitions}: {PARTITIONED_ENGINES}")
+    if build and engines.reproducible:  # build_engines' check, before the export rather than after it
+        if engines.timing_cache is None:  # OUT/engine/timing.cache: OUT is written anew, so it is never there
+            raise ConfigError("--reproducible without --timing-cache: the default cache lies in --out, which this "
+                              "export writes anew, so it holds no tactics; pass --timing-cache FILE of an earlier "
+                              "build, or drop --reproducible")
+        if not engines.timing_cache.is_file():
+            raise ConfigError(f"--timing-cache {engines.timing_cache}: no timing cache to reproduce from (--reproducible); "
+                              "build once without --reproducible to create it")
     require_tensorrt(engines.require_engine)
     source = weight_source(model, checkpoint, seed, random_weights, layers)
     if text_only:
@@ -214,6 +222,10 @@ def model_configs(model: str | None, checkpoint: str | Path | None) -> tuple[Lla
     if (model is None) == (checkpoint is None):
         raise ConfigError("give exactly one of --model PRESET or --checkpoint DIR")
     if (manifest := _artifact_manifest(checkpoint)) is not None:
+        if "layers" in manifest and not manifest.get("partitions"):  # its manifest's config is the whole model's
+            first, end = manifest["layers"]
+            raise ConfigError(f"{checkpoint}: one part (layers {first}..{end - 1}) of a partitioned artifact; "
+                              f"inspect the artifact directory holding it ({Path(checkpoint).resolve().parent})")
         source, vision = str(Path(checkpoint) / MANIFEST), manifest.get("vision")
         return (Llama4Config.from_manifest(manifest, source).replace(name=Path(checkpoint).name),
                 None if vision is None else Llama4VisionConfig.from_manifest(vision, source))
@@ -255,8 +267,9 @@ def stored_pass_reports(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     manifest = read_manifest(directory)
     if manifest.get("partitions"):  # each part stores its own graphs' reports: "part0/decode", "part0/prefill", ...
-        return {f"{part['directory']}/{name}": report for part in manifest["partitions"]
-                for name, report in stored_pass_reports(directory / part["directory"]).items()}
+        layers = Llama4Config.from_manifest(manifest, str(directory / MANIFEST)).num_hidden_layers
+        return {f"{part}/{name}": report for part, _ in partition_entries(directory, manifest, layers)
+                for name, report in stored_pass_reports(directory / part).items()}
     if "graph_passes" not in manifest:
         raise GraphPassError(f"{directory}: not optimized yet; run `llama4-export passes {directory}`")
     return json.loads((directory / PASSES_FILE).read_text(encoding="utf-8"))

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import Llama4ExportError
+from .errors import Llama4ExportError, is_integer
 
 MANIFEST = "manifest.json"
 FORMAT = "llama4-export"
@@ -87,6 +87,38 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
     if verify:
         verify_files(directory, manifest, manifest["files"])
     return manifest
+
+
+def partition_entries(directory: Path, manifest: dict[str, Any], num_layers: int) -> list[tuple[str, range]]:
+    """A partitioned artifact's parts in order, (directory name, layers); [] for an unpartitioned one. Checked before
+    any part is opened: each a distinct child directory whose manifest.json the artifact lists (a "../other" or absolute
+    one loaded another artifact's graphs), the layer ranges integers, contiguous and covering 0..num_layers-1."""
+    entries = manifest.get("partitions") or []
+    where = f"{Path(directory) / MANIFEST}: partitions"
+    if not isinstance(entries, list):
+        raise ArtifactError(f"{where} is {type(entries).__name__}, not a list of parts; re-run the export")
+    parts: list[tuple[str, range]] = []
+    for k, entry in enumerate(entries):
+        at = f"{where}[{k}]"
+        if not isinstance(entry, dict):
+            raise ArtifactError(f"{at}={entry!r}: not an object with a directory and layers; re-run the export")
+        name, layers = entry.get("directory"), entry.get("layers")
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or \
+                f"{name}/{MANIFEST}" not in manifest["files"]:
+            raise ArtifactError(f"{at}.directory={name!r}: not a part directory of this artifact (a child directory "
+                                f"whose {MANIFEST} the artifact lists); re-run the export")
+        if any(name == other for other, _ in parts):
+            raise ArtifactError(f"{at}.directory={name!r}: a second entry for that part; re-run the export")
+        start = parts[-1][1].stop if parts else 0
+        if not (isinstance(layers, list) and len(layers) == 2 and all(is_integer(x) for x in layers)
+                and layers[0] == start and start < layers[1] <= num_layers):
+            raise ArtifactError(f"{at}.layers={layers!r}: must be [{start}, end] with {start} < end <= {num_layers} "
+                                f"(the parts cover layers 0..{num_layers - 1} in order); re-run the export")
+        parts.append((name, range(*layers)))
+    if parts and parts[-1][1].stop != num_layers:
+        raise ArtifactError(f"{where}: the parts end at layer {parts[-1][1].stop - 1}, not {num_layers - 1} (the "
+                            "model's last); re-run the export")
+    return parts
 
 
 def _is_ours(manifest: Any) -> bool:

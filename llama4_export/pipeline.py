@@ -277,7 +277,7 @@ def export(
             if quant.kv_cache_dtype == "fp8":
                 spec.kv_cache_amax = kv_cache_amax(calibration.stats, config.num_hidden_layers)
         result = ExportResult({}, calibration=calibration)
-        entries = []
+        entries, opsets = [], []
         for k, layers in enumerate(ranges):
             part_dir = tmp if parts == 1 else tmp / part_directory(k)
             part_dir.mkdir(exist_ok=True)
@@ -307,9 +307,11 @@ def export(
                 write_manifest(part_dir, {**entry, "layers": [layers.start, layers.stop],
                                           "tokenizer": {"source": "none", "files": []}})
                 entries.append({"layers": [layers.start, layers.stop], "directory": part_directory(k)})
-        if parts > 1:  # the graphs live in the parts
+                opsets.append(entry["opset"])
+        if parts > 1:  # the graphs live in the parts: their opset (the passes raise it), and no weights file here
             manifest = {**_base_manifest(config, source, precision, target, max_prefill, {}, layout),
-                        "partitions": entries, "target": target if optimize else "onnxruntime"}
+                        "partitions": entries, "target": target if optimize else "onnxruntime", "opset": max(opsets)}
+            del manifest["external_data"]
         else:
             manifest = entry
         if vision is not None:

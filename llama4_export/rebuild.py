@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import ArtifactError, held_directory, read_manifest, remove_abandoned
+from .artifact import MANIFEST, ArtifactError, held_directory, partition_entries, read_manifest, remove_abandoned
 from .calib.corpus import load_corpus
 from .evaluation.report import REPORT_FILE
+from .model.config import Llama4Config
 from .model.io_spec import DEFAULT_MAX_PREFILL
 from .pipeline import QuantOptions, export, pin_cpu_numerics
 from .progress import note
@@ -139,17 +140,23 @@ def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out:
     notes: list[str] = []
     held_out = _held_out_text(directory, original, None if eval_data is None else Path(eval_data))
     quant = _quant_options(original, None if calib_data is None else Path(calib_data), held_out)
-    parts = original.get("partitions") or []
-    first = read_manifest(directory / parts[0]["directory"], verify=False) if parts else original
+    layers = Llama4Config.from_manifest(original, str(directory / MANIFEST)).num_hidden_layers
+    parts = partition_entries(directory, original, layers)
+    first = read_manifest(directory / parts[0][0], verify=False) if parts else original
     max_prefill = int(((first.get("graphs") or {}).get("prefill") or {}).get("max_new_tokens", DEFAULT_MAX_PREFILL))
     optimized = "graph_passes" in first
+    target = original.get("target", "onnxruntime")
+    if not optimized and first.get("kv_layout") == "positions":
+        # --no-optimize --target tensorrt records target onnxruntime (nothing is lowered) but traces TensorRT's KV layout
+        # (as `passes` reads it); an FP8 cache's positions layout needs a quantized precision, which --no-optimize refuses
+        target = "tensorrt"
     with contextlib.ExitStack() as stack:
         if out is None:  # a killed rebuild's scratch (an artifact-sized export) goes before this one's disk check
             temp = Path(tempfile.gettempdir())
             note(remove_abandoned(temp, ["llama4-rebuild-*"]), show_progress)
             out = stack.enter_context(held_directory(temp, "llama4-rebuild-")) / "artifact"
         out = Path(out)
-        rebuilt = export(out, source, original.get("precision", "fp32"), original.get("target", "onnxruntime"), quant,
+        rebuilt = export(out, source, original.get("precision", "fp32"), target, quant,
                          max(1, len(parts)), max_prefill, optimized, _uses_trt_plugin(first),
                          show_progress=show_progress,
                          vision_precision=original["vision"].get("precision") if source.vision is not None else None,

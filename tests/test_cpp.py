@@ -777,6 +777,12 @@ def one_part_of_a_partitioned_artifact(tmp_path, tiny):  # was "has no input 'pa
         f"holding it ({tmp_path / 'parts'})"
 
 
+def partition_outside_the_artifact(tmp_path, tiny):  # ran the graphs of the directory it named ("../other" too)
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    edit_manifest(art, lambda m: m.update(partitions=[{"directory": "../art", "layers": [0, 8]}]))
+    return art, ["--ids", "1"], 'manifest.json: partitions[0].directory="../art": not a part directory of this artifact'
+
+
 def json_and_stream(tmp_path, tiny):  # --stream was ignored
     return tiny["fp32"], ["--ids", "1", "--json", "--stream"], "--json prints one object at the end: drop --stream"
 
@@ -793,7 +799,8 @@ def json_and_stream(tmp_path, tiny):  # --stream was ignored
                                      bias_without_value, prompt_file_not_utf8, prompt_file_missing,
                                      stop_without_tokenizer_graphs, empty_stop_string, max_prefill_tokens_zero,
                                      empty_prompt, window_past_2_62, window_beyond_memory, sinks_past_2_62,
-                                     prompt_file_is_a_directory, one_part_of_a_partitioned_artifact],
+                                     prompt_file_is_a_directory, one_part_of_a_partitioned_artifact,
+                                     partition_outside_the_artifact],
                          ids=lambda f: f.__name__)
 def test_bad_input_is_one_line_and_exit_2(llama4_cpp, tiny, tmp_path, breaker):
     artifact, args, message = breaker(tmp_path, tiny)

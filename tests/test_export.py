@@ -226,11 +226,15 @@ def test_scout_tiny_graphs_match_pytorch(tiny_artifact):
 
 
 def test_positions_layout_graphs_match_pytorch(tmp_path):
-    """The graphs TensorRT gets (the positions KV layout), unoptimized so ONNX Runtime can run them."""
+    """The graphs TensorRT gets (the positions KV layout), unoptimized so ONNX Runtime can run them. They rebuild
+    identically: the manifest says target onnxruntime (nothing is lowered), and the rebuild traced the in-place layout
+    ("not reproducible"); the trace is cached, so the rebuild takes about a second."""
     out = tmp_path / "scout-tiny-positions"
     api.export_model(out, model="scout-tiny", target="tensorrt", optimize=False, show_progress=False)
     assert json.loads((out / "manifest.json").read_text())["kv_layout"] == "positions"
     check_against_pytorch(out, from_preset("scout-tiny", seed=0))
+    rebuilt = api.rebuild(out, show_progress=False)
+    assert rebuilt.differences == [] and "decode.onnx" in rebuilt.compared
 
 
 def test_scoutlike_graphs_match_pytorch(scoutlike_artifact, scoutlike_dir):
@@ -483,6 +487,13 @@ CLI_ERRORS = {
                    "--window 0: the global KV window needs at least 5 slots"),
     "--max-batch 0": (lambda t: ["--model", "scout-tiny", "--target", "tensorrt", "--max-batch", "0", "--out",
                                  str(t / "o")], "--max-batch 0: must be at least 1"),
+    # accepted, and no timing cache could be there for the build after the export: it failed only then
+    "--reproducible without --timing-cache": (lambda t: ["--model", "scout-tiny", "--target", "tensorrt",
+                                                          "--reproducible", "--out", str(t / "o")],
+                                              "--reproducible without --timing-cache: the default cache lies in --out"),
+    "--reproducible with a missing cache": (lambda t: ["--model", "scout-tiny", "--target", "tensorrt", "--reproducible",
+                                                       "--timing-cache", str(t / "none.cache"), "--out", str(t / "o")],
+                                            "none.cache: no timing cache to reproduce from (--reproducible)"),
     # 0 is not "the default"
     "--calib-samples 0": (lambda t: ["--model", "scout-tiny", "--precision", "int4", "--calib-samples", "0", "--out",
                                      str(t / "o")], "--calib-samples 0 /"),

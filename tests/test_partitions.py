@@ -4,6 +4,8 @@ the unpartitioned export."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -41,6 +43,13 @@ def test_parts_hold_their_own_layers_and_chain_hidden_states(partitioned):
     assert {i.name for i in second.input if i.name.startswith("past_key")} == {"past_key.2", "past_key.3"}
     weights = {i.name for i in second.initializer}
     assert not any(name.startswith("model.layers.0.") for name in weights) and "lm_head.weight.T" in weights
+    # the top-level manifest said opset 21 (the trace's) and external_data model.data, which only the parts hold
+    import json
+
+    manifest = json.loads((partitioned / "manifest.json").read_text())
+    opsets = {o.version for part in ("part0", "part1") for o in onnx.load(
+        str(partitioned / part / "decode.onnx"), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")}
+    assert manifest["opset"] == max(opsets) and "external_data" not in manifest
 
 
 def test_every_file_of_every_part_is_verified_its_manifest_too(partitioned, tmp_path):
@@ -144,6 +153,13 @@ def test_running_one_part_names_the_artifact_to_run(partitioned):
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert lines[0].startswith(f"error: {part}: one part (layers 0..") and lines[0].endswith(
         f"of a partitioned artifact; run the artifact directory holding it ({partitioned.resolve()})")
+    # inspect reported the whole model (every layer and parameter) under the part's name
+    from llama4_export.cli.export import export_app
+
+    result = CliRunner().invoke(export_app, ["inspect", "-c", str(part)])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "one part (layers 0..1) of a partitioned artifact; inspect " \
+        f"the artifact directory holding it ({partitioned.resolve()})" in lines[0], result.output
 
 
 def test_passes_reports_every_part_and_refuses_to_optimize_a_partitioned_artifact(partitioned):
@@ -167,3 +183,38 @@ def test_passes_reports_every_part_and_refuses_to_optimize_a_partitioned_artifac
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert "a partitioned artifact (2 parts): the export optimizes each part" in result.output
     assert (partitioned / "manifest.json").read_bytes() == before
+
+
+def test_a_bad_partitions_entry_is_refused_in_one_line_naming_it(partitioned, tmp_path):
+    """Entries were used unchecked: overlapping ranges or a part listed twice crashed (RuntimeError, KeyError), a
+    string bound a TypeError, and "../other/part0" or an absolute directory ran another artifact's graphs."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from llama4_export.cli.run import run_app
+    from llama4_export.errors import Llama4ExportError
+
+    edited = shutil.copytree(partitioned, tmp_path / "edited")
+    original = json.loads((partitioned / "manifest.json").read_text())
+    other = str(partitioned / "part0")
+    cases = {  # (partitions[0], partitions[1]) edits -> what the error names
+        "layers [0, 3], [3, 4]": ({"layers": [0, 3]}, {"layers": [3, 4]}, "part0/manifest.json: layers=[0, 2]"),
+        "part1 twice": ({"directory": "part1"}, {}, "partitions[1].directory='part1': a second entry"),
+        "a string layer": ({"layers": [0, "2"]}, {}, "partitions[0].layers=[0, '2']"),
+        "a sibling artifact": ({"directory": "../p2/part0"}, {}, "partitions[0].directory='../p2/part0'"),
+        "an absolute directory": ({"directory": other}, {}, f"partitions[0].directory={other!r}"),
+        "a gap": ({}, {"layers": [3, 4]}, "partitions[1].layers=[3, 4]"),
+        "short of the last layer": ({}, {"layers": [2, 3]}, "the parts end at layer 2, not 3"),
+    }
+    for case, (first, second, named) in cases.items():
+        manifest = json.loads(json.dumps(original))
+        manifest["partitions"][0].update(first)
+        manifest["partitions"][1].update(second)
+        (edited / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(Llama4ExportError, match=re.escape(named)):
+            Generator.load(edited)
+    result = CliRunner().invoke(run_app, [str(edited), "--ids", "1,2"])  # the last case
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "manifest.json: partitions" in lines[0], result.output

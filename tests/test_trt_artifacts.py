@@ -321,6 +321,12 @@ def test_a_partitioned_tensorrt_export_is_linted_part_by_part_and_says_where_eng
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
         assert "partitioned artifact" in result.output and "without --partitions" in " ".join(result.output.split())
+    # ONNX Runtime lacks the parts' plugin op: the advice was "run it with --backend tensorrt", which refuses parts
+    result = CliRunner().invoke(run_app, [str(out), "--prompt", "The", "-n", "2"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    said = " ".join(result.output.split())
+    assert "TensorRT plugin nodes" in said and "export with --target onnxruntime to run the parts" in said, said
+    assert "--backend tensorrt" not in said
     result = CliRunner().invoke(export_app, [*args[:-1], str(tmp_path / "other"), "--max-batch", "2"])
     assert result.exit_code == 2 and "--max-batch with --partitions 2" in " ".join(result.output.split()), result.output
     assert not (tmp_path / "other").exists()

@@ -261,14 +261,41 @@ bool one_graph_serves_both(const json& graphs) {
 // runtime/ort_backend.py artifact_parts: each part's graphs, in layer order, and the prefill limit.
 void read_parts(const json& manifest, const fs::path& directory, Artifact& artifact) {
   std::vector<std::pair<fs::path, std::pair<int64_t, int64_t>>> listed;
-  if (manifest.contains("partitions") && manifest["partitions"].is_array() && !manifest["partitions"].empty()) {
-    for (const json& entry : manifest["partitions"]) {
-      if (!entry.is_object() || !entry.contains("directory") || !entry.contains("layers") ||
-          !entry["layers"].is_array() || entry["layers"].size() != 2)
-        throw Error(artifact.manifest_path + ": a 'partitions' entry lacks its directory or layer range; re-run the export");
-      listed.push_back({entry["directory"].get<std::string>(),
-                        {entry["layers"][0].get<int64_t>(), entry["layers"][1].get<int64_t>()}});
+  // artifact.partition_entries: each entry checked before any part is opened (a "../other" or absolute directory
+  // loaded another artifact's graphs; a string layer threw nlohmann's type_error)
+  if (manifest.contains("partitions") && !manifest["partitions"].is_null() &&
+      !(manifest["partitions"].is_array() && manifest["partitions"].empty())) {
+    const std::string where = artifact.manifest_path + ": partitions";
+    if (!manifest["partitions"].is_array())
+      throw Error(where + " is " + manifest["partitions"].type_name() + ", not a list of parts; re-run the export");
+    const int64_t layers_total = artifact.config.num_hidden_layers;
+    int64_t start = 0;
+    for (size_t k = 0; k < manifest["partitions"].size(); ++k) {
+      const json& entry = manifest["partitions"][k];
+      const std::string at = where + "[" + std::to_string(k) + "]";
+      if (!entry.is_object())
+        throw Error(at + "=" + entry.dump() + ": not an object with a directory and layers; re-run the export");
+      const json name = entry.value("directory", json());
+      const std::string text = name.is_string() ? name.get<std::string>() : std::string();
+      if (text.empty() || text == "." || text == ".." || text.find('/') != std::string::npos ||
+          !manifest["files"].contains(text + "/" + kManifest))
+        throw Error(at + ".directory=" + name.dump() + ": not a part directory of this artifact (a child directory " +
+                    "whose " + kManifest + " the artifact lists); re-run the export");
+      for (const auto& seen : listed)
+        if (seen.first == text) throw Error(at + ".directory=" + name.dump() + ": a second entry for that part; re-run the export");
+      const json layers = entry.value("layers", json());
+      if (!(layers.is_array() && layers.size() == 2 && layers[0].is_number_integer() &&
+            layers[1].is_number_integer() && layers[0].get<int64_t>() == start && start < layers[1].get<int64_t>() &&
+            layers[1].get<int64_t>() <= layers_total))
+        throw Error(at + ".layers=" + layers.dump() + ": must be [" + std::to_string(start) + ", end] with " +
+                    std::to_string(start) + " < end <= " + std::to_string(layers_total) + " (the parts cover layers 0.." +
+                    std::to_string(layers_total - 1) + " in order); re-run the export");
+      listed.push_back({text, {start, layers[1].get<int64_t>()}});
+      start = layers[1].get<int64_t>();
     }
+    if (start != layers_total)
+      throw Error(where + ": the parts end at layer " + std::to_string(start - 1) + ", not " +
+                  std::to_string(layers_total - 1) + " (the model's last); re-run the export");
   } else {
     listed.push_back({".", {0, artifact.config.num_hidden_layers}});
   }
@@ -278,6 +305,10 @@ void read_parts(const json& manifest, const fs::path& directory, Artifact& artif
     const fs::path part_dir = sub == "." ? directory : directory / sub;
     const json part_manifest = sub == "." ? manifest : read_manifest(part_dir);
     const std::string part_manifest_path = (part_dir / kManifest).string();
+    if (sub != "." && part_manifest.value("layers", json()) != json::array({layers.first, layers.second}))
+      throw Error(part_manifest_path + ": layers=" + part_manifest.value("layers", json()).dump() + ", but the " +
+                  "artifact's " + kManifest + " lists the part as layers [" + std::to_string(layers.first) + ", " +
+                  std::to_string(layers.second) + "]; re-run the export");
     const json graphs = part_manifest.value("graphs", json::object());
     if (!graphs.is_object() || !graphs.contains("decode") || !graphs["decode"].is_object() ||
         !graphs["decode"].contains("file"))

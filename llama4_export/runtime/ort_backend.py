@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..artifact import MANIFEST, read_manifest
+from ..artifact import MANIFEST, partition_entries, read_manifest
 from ..model import io_spec
 from ..model.config import Llama4Config
 from ..ort_values import RAW_ONNX_ELEMENT_TYPES, ort_value
@@ -55,12 +55,16 @@ class PartGraphs:
 def artifact_parts(directory: Path, manifest: dict[str, Any], config: Llama4Config) -> tuple[list[PartGraphs], int]:
     """The graphs of an artifact's parts, in order, and the prefill limit."""
     directory = Path(directory)
-    listed = [(Path(e["directory"]), range(*e["layers"])) for e in manifest.get("partitions") or []]
+    listed = [(Path(name), layers) for name, layers in partition_entries(directory, manifest, config.num_hidden_layers)]
     if not listed:
         listed = [(Path("."), range(config.num_hidden_layers))]
     parts, max_prefill = [], io_spec.DEFAULT_MAX_PREFILL
     for sub, layers in listed:
-        graphs = (manifest if sub == Path(".") else read_manifest(directory / sub, verify=False)).get("graphs") or {}
+        own = manifest if sub == Path(".") else read_manifest(directory / sub, verify=False)
+        if sub != Path(".") and own.get("layers") != [layers.start, layers.stop]:  # its graphs hold other layers
+            raise GenerationError(f"{directory / sub / MANIFEST}: layers={own.get('layers')!r}, but the artifact's "
+                                  f"{MANIFEST} lists the part as layers [{layers.start}, {layers.stop}]; re-run the export")
+        graphs = own.get("graphs") or {}
         if not graphs.get("decode"):
             raise GenerationError(f"{directory / sub / MANIFEST}: lists no decode graph; re-run the export")
         prefill = graphs.get("prefill")
@@ -71,10 +75,6 @@ def artifact_parts(directory: Path, manifest: dict[str, Any], config: Llama4Conf
                                       "must be an integer >= 1; re-run the export")
         decode = prefill if prefill and _one_graph_serves_both(graphs) else graphs["decode"]
         parts.append(PartGraphs(layers, directory / sub / decode["file"], directory / sub / prefill["file"] if prefill else None))
-    covered = [i for part in parts for i in part.layers]
-    if covered != list(range(config.num_hidden_layers)):
-        raise GenerationError(f"{directory}: the partitions cover layers {covered[:3]}…, not 0..{config.num_hidden_layers - 1} "
-                              "in order; re-run the export")
     return parts, max_prefill
 
 
@@ -139,9 +139,10 @@ class OrtBackend:
         for k, graphs in enumerate(parts):
             placed = [("CUDAExecutionProvider", {"device_id": k}) if p == "CUDAExecutionProvider" and len(parts) > 1 else p
                       for p in base]
-            decode = load_session(graphs.decode, options, placed)
+            partitioned = len(parts) > 1
+            decode = load_session(graphs.decode, options, placed, partitioned)
             prefill = None if graphs.prefill is None else \
-                decode if graphs.prefill == graphs.decode else load_session(graphs.prefill, options, placed)
+                decode if graphs.prefill == graphs.decode else load_session(graphs.prefill, options, placed, partitioned)
             self.parts.append(_Part(graphs, config, decode, prefill))
         self.decode = self.parts[0].decode  # its provider and options say where the model runs
         layouts = {part.layout for part in self.parts}
@@ -344,13 +345,20 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 TRT_PLUGIN_OP = "trt.plugins:"
 
 
-def load_session(path: Path, options, providers):
+def load_session(path: Path, options, providers, partitioned: bool = False):
+    """partitioned: `path` is a part's graph, which --backend tensorrt refuses (so the advice does not offer it)."""
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types for unreadable models
         reason = str(exc).splitlines()[0]
-        fix = ("it holds TensorRT plugin nodes (exported with --target tensorrt): run it with --backend tensorrt on an "
-               "NVIDIA GPU, or export with --target onnxruntime") if TRT_PLUGIN_OP in reason else "re-run the export"
+        fix = "re-run the export"
+        if TRT_PLUGIN_OP in reason and partitioned:
+            fix = ("it holds TensorRT plugin nodes (exported with --target tensorrt), and TensorRT engines are built "
+                   "for unpartitioned artifacts only: export with --target onnxruntime to run the parts, or without "
+                   "--partitions to build TensorRT engines")
+        elif TRT_PLUGIN_OP in reason:
+            fix = ("it holds TensorRT plugin nodes (exported with --target tensorrt): run it with --backend tensorrt on "
+                   "an NVIDIA GPU, or export with --target onnxruntime")
         raise GenerationError(f"{path}: ONNX Runtime cannot load it ({reason}); {fix}") from None
 
 

@@ -23,7 +23,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..artifact import read_manifest, verify_files
+from ..artifact import MANIFEST, partition_entries, read_manifest, verify_files
+from ..model.config import Llama4Config
 from ..graph_passes import trt_plugin_spec
 from . import trt_onnx_support as support
 from .errors import BuildError
@@ -325,7 +326,8 @@ def lint_artifact(directory: str | Path) -> dict[str, list[Violation]]:
     graphs = engine_graphs(manifest)  # a partitioned artifact's: its vision graph, if any
     verify_files(directory, manifest, graphs.values())  # the graphs only: the weights are not read
     found = {graphs[name]: lint_model(directory / graphs[name]) for name in sorted(graphs)}
-    for part in parts:  # each part's manifest lists its own graphs: "part0/decode.onnx", …
-        found.update({f"{part['directory']}/{file}": violations
-                      for file, violations in lint_artifact(directory / part["directory"]).items()})
+    if parts:  # each part's manifest lists its own graphs: "part0/decode.onnx", …
+        layers = Llama4Config.from_manifest(manifest, str(directory / MANIFEST)).num_hidden_layers
+        for part, _ in partition_entries(directory, manifest, layers):
+            found.update({f"{part}/{file}": violations for file, violations in lint_artifact(directory / part).items()})
     return found
