@@ -3,6 +3,7 @@ the single-process server; both replicas answer (X-Served-By), each with the tok
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -34,14 +35,17 @@ def wait_until_both_replicas_answer(base: str, seconds: float = 60) -> None:
 
 def test_two_ray_replicas_answer_the_openai_client(tmp_path):
     """Both replicas answer, each with Generator's tokens; each replica draws its own seeds for unseeded requests (one
-    shared sequence gave every replica's first "random" answer the same text); SIGTERM lets a running stream finish
-    (it was cut at once) and exits 0."""
+    shared sequence gave every replica's first "random" answer the same text). SIGTERM to the process group drains
+    the replicas as the single-process server does: a queued request gets 503 at once (it started once a row was
+    free, and a stream queued past the grace was cut), a new one 503 with an OpenAI error (Ray's plain-text 404 once
+    the application was deleted), running streams finish; the command exits 0 (the signal killed Ray's GCS too, and
+    it hung 60 s then exited 1)."""
     artifact = tmp_path / MODEL
     api.export_model(artifact, model="scout-tiny", precision="fp32", target="onnxruntime", layers=2, random_weights=True,
                      show_progress=False)
     # one sequence and three waiting requests per replica: the 8 concurrent prompts below fit, and both get work
     base, process = start_llama4_serve(artifact, "--max-batch", "1", "--max-queue", "3", "--threads", "1", "--ray",
-                                       "--replicas", "2", seconds=240)
+                                       "--replicas", "2", seconds=240, own_group=True)
     try:
         wait_until_both_replicas_answer(base)
         first_sampled = {}
@@ -65,17 +69,35 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
         assert list(texts) == expected
         assert len(set(served_by)) == 2, served_by  # answered by both replicas
 
-        stream = client.completions.create(model=MODEL, prompt="A", max_tokens=300, stream=True,
-                                           extra_body={"ignore_eos": True})
-        chunks = [next(iter(stream))]  # the stream is running
-        process.send_signal(signal.SIGTERM)
-        chunks += list(stream)
-        assert len(chunks) == 300 and chunks[-1].choices[0].finish_reason == "length"
+        # a stream running on each replica, and a request queued behind one of them
+        streams, served = [], set()
+        for _ in range(2):
+            raw = client.completions.with_raw_response.create(model=MODEL, prompt="A", max_tokens=4000, stream=True,
+                                                               extra_body={"ignore_eos": True})
+            served.add(raw.headers["x-served-by"])
+            streams.append(iter(raw.parse()))
+            streams[-1] = [next(streams[-1])], streams[-1]  # its first chunk: the row is taken
+        assert len(served) == 2, served
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(httpx.post, f"{base}/v1/completions", timeout=60,
+                                 json={"model": MODEL, "prompt": "A", "max_tokens": 5})
+            time.sleep(1)  # it reaches a replica (Ray sends a replica up to its rows + queue places)
+            os.killpg(process.pid, signal.SIGTERM)  # the whole group, as systemd / `timeout` do: Ray's processes too
+            signalled = time.monotonic()
+            answer = queued.result()
+        # drained as the single-process server: the queue ends at once, new requests get 503, running ones finish
+        assert answer.status_code == 503 and time.monotonic() - signalled < 10, answer.text
+        late = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "A", "max_tokens": 5}, timeout=60)
+        assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down", late.text
+        for chunks, rest in streams:
+            chunks += list(rest)
+            assert len(chunks) == 4000 and chunks[-1].choices[0].finish_reason == "length"
         code = process.wait(timeout=90)
+        assert time.monotonic() - signalled < 60  # Ray's GCS was killed by the group signal: a 60 s wait, exit 1
     finally:
         if process.poll() is None:
             process.kill()
-    assert code == 0
+    assert code == 0, process.communicate()[0][-3000:]
 
 
 def test_replicas_this_machine_cannot_place_are_refused_in_one_line(tmp_path):
