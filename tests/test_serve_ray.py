@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -100,20 +102,51 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
     assert code == 0, process.communicate()[0][-3000:]
 
 
-def test_replicas_this_machine_cannot_place_are_refused_in_one_line(tmp_path):
-    """Ray waits for ever for resources a replica reserves and no node has (and the command ignored Ctrl-C meanwhile):
-    on a local instance they are counted first."""
-    import socket
-    import sys
-
-    artifact = tmp_path / MODEL
+@pytest.fixture(scope="module")
+def one_layer(tmp_path_factory):
+    artifact = tmp_path_factory.mktemp("ray") / MODEL
     api.export_model(artifact, model="scout-tiny", precision="fp32", target="onnxruntime", layers=1, random_weights=True,
                      show_progress=False)
+    return artifact
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    done = subprocess.run([sys.executable, "-c", "from llama4_export.cli.serve import main; main()", str(artifact),
-                           "--ray", "--replicas", "2", "--threads", "1024", "--port", str(port)],
+        return s.getsockname()[1]
+
+
+def test_a_port_taken_before_rays_proxy_binds_it_is_one_line(one_layer):
+    """The port is checked before Ray starts, and Ray's proxy binds it seconds later: taken in between, it was a
+    traceback (exit 1)."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", "from llama4_export.cli.serve import main; main()",
+                                str(one_layer), "--ray", "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output = []
+        for line in process.stdout:  # Ray has started: the check is behind, Serve's proxy not yet up
+            output.append(line)
+            if "Started a local Ray instance" in line:
+                break
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", port))
+            taken.listen()
+            output += process.stdout.readlines()
+            code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code == 2, "".join(output)[-3000:]
+    assert "Traceback" not in "".join(output), "".join(output)[-3000:]
+    assert output[-1].startswith(f"error: 127.0.0.1:{port}: Ray Serve's proxy could not start ("), output[-1]
+
+
+def test_replicas_this_machine_cannot_place_are_refused_in_one_line(one_layer):
+    """Ray waits for ever for resources a replica reserves and no node has (and the command ignored Ctrl-C meanwhile):
+    on a local instance they are counted first."""
+    done = subprocess.run([sys.executable, "-c", "from llama4_export.cli.serve import main; main()", str(one_layer),
+                           "--ray", "--replicas", "2", "--threads", "1024", "--port", str(free_port())],
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith(

@@ -140,6 +140,10 @@ def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas:
             ray.init(address="local" if local else address, include_dashboard=False, log_to_driver=False)
     except ConnectionError as exc:
         found = str(exc).split(". ")[0].rstrip(".")
+        if address != "auto":  # check_ray_address connected: the cluster runs, and refused this driver
+            raise ConfigError(f"--ray-address {address}: {found}: the cluster refused the connection, most likely by "
+                              "its token authentication; set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, "
+                              "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)") from None
         raise ConfigError(f"--ray-address {address}: {found}; start the cluster (`ray start --head`), or leave "
                           "--ray-address out for a local instance") from None
     take_signals()  # ray.init installs handlers of its own
