@@ -96,9 +96,10 @@ def make_hf_checkpoint(directory: Path, seed: int = 0, dtype: torch.dtype = torc
     return Path(directory)
 
 
-def start_llama4_serve(artifact: Path, *options: str, seconds: float = 240, prelude: str = ""):
+def start_llama4_serve(artifact: Path, *options: str, seconds: float = 240, prelude: str = "", own_group: bool = False):
     """(base URL, process): `llama4-serve ARTIFACT OPTIONS` on a free loopback port, once /health answers 200;
-    `prelude`: Python source the server's interpreter runs first."""
+    `prelude`: Python source the server's interpreter runs first; `own_group`: in a session of its own, so that a test
+    can signal its process group (as systemd or `timeout` do)."""
     import httpx  # the serve extra: only the server tests (which skip without it) call this
 
     with socket.socket() as s:
@@ -106,7 +107,8 @@ def start_llama4_serve(artifact: Path, *options: str, seconds: float = 240, prel
         port = s.getsockname()[1]
     command = [sys.executable, "-c", f"{prelude}\nfrom llama4_export.cli.serve import main; main()", str(artifact), "--port",
                str(port), *options]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=own_group)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + seconds
     while True:

@@ -3,8 +3,11 @@ the single-process server; both replicas answer (X-Served-By), each with the tok
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,14 +37,17 @@ def wait_until_both_replicas_answer(base: str, seconds: float = 60) -> None:
 
 def test_two_ray_replicas_answer_the_openai_client(tmp_path):
     """Both replicas answer, each with Generator's tokens; each replica draws its own seeds for unseeded requests (one
-    shared sequence gave every replica's first "random" answer the same text); SIGTERM lets a running stream finish
-    (it was cut at once) and exits 0."""
+    shared sequence gave every replica's first "random" answer the same text). SIGTERM to the process group drains
+    the replicas as the single-process server does: a queued request gets 503 at once (it started once a row was
+    free, and a stream queued past the grace was cut), a new one 503 with an OpenAI error (Ray's plain-text 404 once
+    the application was deleted), running streams finish; the command exits 0 (the signal killed Ray's GCS too, and
+    it hung 60 s then exited 1)."""
     artifact = tmp_path / MODEL
     api.export_model(artifact, model="scout-tiny", precision="fp32", target="onnxruntime", layers=2, random_weights=True,
                      show_progress=False)
     # one sequence and three waiting requests per replica: the 8 concurrent prompts below fit, and both get work
     base, process = start_llama4_serve(artifact, "--max-batch", "1", "--max-queue", "3", "--threads", "1", "--ray",
-                                       "--replicas", "2", seconds=240)
+                                       "--replicas", "2", seconds=240, own_group=True)
     try:
         wait_until_both_replicas_answer(base)
         first_sampled = {}
@@ -65,34 +71,83 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
         assert list(texts) == expected
         assert len(set(served_by)) == 2, served_by  # answered by both replicas
 
-        stream = client.completions.create(model=MODEL, prompt="A", max_tokens=300, stream=True,
-                                           extra_body={"ignore_eos": True})
-        chunks = [next(iter(stream))]  # the stream is running
-        process.send_signal(signal.SIGTERM)
-        chunks += list(stream)
-        assert len(chunks) == 300 and chunks[-1].choices[0].finish_reason == "length"
+        # a stream running on each replica, and a request queued behind one of them
+        streams, served = [], set()
+        for _ in range(2):
+            raw = client.completions.with_raw_response.create(model=MODEL, prompt="A", max_tokens=4000, stream=True,
+                                                               extra_body={"ignore_eos": True})
+            served.add(raw.headers["x-served-by"])
+            streams.append(iter(raw.parse()))
+            streams[-1] = [next(streams[-1])], streams[-1]  # its first chunk: the row is taken
+        assert len(served) == 2, served
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(httpx.post, f"{base}/v1/completions", timeout=60,
+                                 json={"model": MODEL, "prompt": "A", "max_tokens": 5})
+            time.sleep(1)  # it reaches a replica (Ray sends a replica up to its rows + queue places)
+            os.killpg(process.pid, signal.SIGTERM)  # the whole group, as systemd / `timeout` do: Ray's processes too
+            signalled = time.monotonic()
+            answer = queued.result()
+        # drained as the single-process server: the queue ends at once, new requests get 503, running ones finish
+        assert answer.status_code == 503 and time.monotonic() - signalled < 10, answer.text
+        late = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "A", "max_tokens": 5}, timeout=60)
+        assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down", late.text
+        for chunks, rest in streams:
+            chunks += list(rest)
+            assert len(chunks) == 4000 and chunks[-1].choices[0].finish_reason == "length"
         code = process.wait(timeout=90)
+        assert time.monotonic() - signalled < 60  # Ray's GCS was killed by the group signal: a 60 s wait, exit 1
     finally:
         if process.poll() is None:
             process.kill()
-    assert code == 0
+    assert code == 0, process.communicate()[0][-3000:]
 
 
-def test_replicas_this_machine_cannot_place_are_refused_in_one_line(tmp_path):
-    """Ray waits for ever for resources a replica reserves and no node has (and the command ignored Ctrl-C meanwhile):
-    on a local instance they are counted first."""
-    import socket
-    import sys
-
-    artifact = tmp_path / MODEL
+@pytest.fixture(scope="module")
+def one_layer(tmp_path_factory):
+    artifact = tmp_path_factory.mktemp("ray") / MODEL
     api.export_model(artifact, model="scout-tiny", precision="fp32", target="onnxruntime", layers=1, random_weights=True,
                      show_progress=False)
+    return artifact
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    done = subprocess.run([sys.executable, "-c", "from llama4_export.cli.serve import main; main()", str(artifact),
-                           "--ray", "--replicas", "2", "--threads", "1024", "--port", str(port)],
+        return s.getsockname()[1]
+
+
+def test_a_port_taken_before_rays_proxy_binds_it_is_one_line(one_layer):
+    """The port is checked before Ray starts, and Ray's proxy binds it seconds later: taken in between, it was a
+    traceback (exit 1)."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", "from llama4_export.cli.serve import main; main()",
+                                str(one_layer), "--ray", "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output = []
+        for line in process.stdout:  # Ray has started: the check is behind, Serve's proxy not yet up
+            output.append(line)
+            if "Started a local Ray instance" in line:
+                break
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", port))
+            taken.listen()
+            output += process.stdout.readlines()
+            code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code == 2, "".join(output)[-3000:]
+    assert "Traceback" not in "".join(output), "".join(output)[-3000:]
+    assert output[-1].startswith(f"error: 127.0.0.1:{port}: Ray Serve's proxy could not start ("), output[-1]
+
+
+def test_replicas_this_machine_cannot_place_are_refused_in_one_line(one_layer):
+    """Ray waits for ever for resources a replica reserves and no node has (and the command ignored Ctrl-C meanwhile):
+    on a local instance they are counted first, in whole numbers (:g wrote 1.024e+06)."""
+    done = subprocess.run([sys.executable, "-c", "from llama4_export.cli.serve import main; main()", str(one_layer),
+                           "--ray", "--replicas", "1000", "--threads", "1024", "--port", str(free_port())],
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith(
-        "error: --replicas 2 reserve 1024 CPU each (--threads), 2048 in all, and this machine has "), done.stderr[-2000:]
+        "error: --replicas 1000 reserve 1024 CPU each (--threads), 1024000 in all, and this machine has "), done.stderr[-2000:]

@@ -73,7 +73,7 @@ def serve(
                 raise Llama4ExportError(f"--replicas {replicas}: must be >= 1")
             if gpus_per_replica is not None and not 0 <= gpus_per_replica < math.inf:
                 raise Llama4ExportError(f"--gpus-per-replica {gpus_per_replica}: must be >= 0 (a fraction shares a GPU)")
-            check_listen_address(host, port)
+            check_listen_address(host, port, bind=ray_address is None)
             check_ray_address(ray_address)
             check_threads(threads)  # a bad thread count or artifact fails here, once, not in every replica
             Generator.load(artifact, threads=1, window=window)
@@ -100,7 +100,7 @@ def _serve_on_ray(artifact: Path, settings: ServeSettings, host: str, port: int,
 
     def ready() -> None:
         err_console.print(f"serving {settings.model_name} on http://{host_port(host, port)}/v1 from {replicas} Ray "
-                          "replicas", markup=False)
+                          f"replica{'s' if replicas != 1 else ''}", markup=False)
 
     with err_console.status(f"starting Ray and {replicas} replicas of {escape(str(artifact))}"):
         ray_serve.run(artifact, settings, host, port, replicas, options, threads, window, gpus, address, on_ready=ready)

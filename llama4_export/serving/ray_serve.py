@@ -11,8 +11,11 @@ beside the cluster's others and only it is deleted at the end.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import hashlib
+import math
 import re
 import signal
 import sys
@@ -35,6 +38,49 @@ from .server import check_listen_address, check_ray_address, host_port, load_eng
 
 DEPLOYMENT = "llama4-serve"
 GRACEFUL_S = 30.0  # as the single-process server: running requests get this long to finish at shutdown
+CANCEL_AHEAD_S = 3.0  # as _DrainingServer's: requests still running this long before the end are cancelled (error events)
+
+
+@ray.remote(num_cpus=0)
+class _Drain:
+    """The command's shutdown signal to every replica: a call through Ray Serve reaches one replica, not all."""
+
+    def __init__(self):
+        self._go, self._changed, self._drained = asyncio.Event(), asyncio.Event(), 0
+
+    async def wait(self) -> None:
+        await self._go.wait()
+
+    def start(self) -> None:
+        self._go.set()
+
+    def drained(self) -> None:
+        self._drained += 1
+        self._changed.set()
+
+    async def wait_drained(self, replicas: int) -> None:
+        while self._drained < replicas:
+            self._changed.clear()
+            await self._changed.wait()
+
+
+def _drain_when_told(drain, engine) -> None:
+    """A replica's side of the shutdown, as the single-process server's: queued requests end at once (503 / a stream's
+    error event), new ones get 503, running ones finish, and those still running near the grace's end are cancelled
+    so that each ends with its error rather than cut when Ray kills the replica."""
+    try:
+        ray.get(drain.wait.remote())
+    except ray.exceptions.RayError:
+        return  # the command is gone; the application (on a cluster) serves on
+    engine.drain()
+    deadline = time.monotonic() + GRACEFUL_S - CANCEL_AHEAD_S
+    while engine.running or engine.queue_depth:
+        if time.monotonic() > deadline:
+            engine.cancel_running()
+            deadline = math.inf
+        time.sleep(0.1)
+    with contextlib.suppress(ray.exceptions.RayError):
+        ray.get(drain.drained.remote())
 
 
 def replica_seed(seed: int, rank: int) -> int:
@@ -46,14 +92,19 @@ def replica_seed(seed: int, rank: int) -> int:
 
 
 def application(artifact: Path, settings: ServeSettings, replicas: int, options: EngineOptions,
-                threads: int | None = None, window: int | None = None, gpus_per_replica: float = 0):
-    """The bound Ray Serve application: `replicas` copies of the app, each loading the artifact when it starts."""
+                threads: int | None = None, window: int | None = None, gpus_per_replica: float = 0, drain=None):
+    """The bound Ray Serve application: `replicas` copies of the app, each loading the artifact when it starts;
+    `drain`: a _Drain actor whose start() begins every replica's drain."""
     artifact = Path(artifact).resolve()  # replicas run in the raylet's working directory, not this one
 
     def build_app():  # runs inside each replica
         rank = serve.get_replica_context().rank.rank
         replica_settings = dataclasses.replace(settings, seed=replica_seed(settings.seed, rank))
-        return create_app(load_engine(artifact, options, threads, window), replica_settings)
+        engine = load_engine(artifact, options, threads, window)
+        if drain is not None:
+            threading.Thread(target=_drain_when_told, args=(drain, engine), name="llama4-serve-drain",
+                             daemon=True).start()
+        return create_app(engine, replica_settings)
 
     deployment = serve.deployment(
         serve.ingress(build_app)(), name=DEPLOYMENT, num_replicas=replicas,
@@ -71,9 +122,10 @@ def application(artifact: Path, settings: ServeSettings, replicas: int, options:
 def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas: int, options: EngineOptions,
         threads: int | None = None, window: int | None = None, gpus_per_replica: float = 0,
         address: str | None = None, on_ready=None) -> None:
-    """Deploy on Ray (a new local instance unless `address`), serve until SIGTERM / SIGINT, then delete the application
-    (its replicas finish running requests, up to GRACEFUL_S) and stop the local instance."""
-    check_listen_address(host, port)
+    """Deploy on Ray (a new local instance unless `address`), serve until SIGTERM / SIGINT, then drain the replicas
+    (queued requests end at once, new ones get 503, running ones finish, up to GRACEFUL_S), delete the application and
+    stop the local instance."""
+    check_listen_address(host, port, bind=address is None)  # a cluster's Serve proxy may hold the port already
     check_ray_address(address)
     stop = threading.Event()
 
@@ -84,37 +136,83 @@ def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas:
     take_signals()  # a Ctrl-C while Ray starts is taken once it has started
     local = address is None
     try:
-        ray.init(address="local" if local else address, include_dashboard=False, log_to_driver=False)
+        with _own_session() if local else contextlib.nullcontext():
+            ray.init(address="local" if local else address, include_dashboard=False, log_to_driver=False)
     except ConnectionError as exc:
         found = str(exc).split(". ")[0].rstrip(".")
+        if address != "auto":  # check_ray_address connected: the cluster runs, and refused this driver
+            raise ConfigError(f"--ray-address {address}: {found}: the cluster refused the connection, most likely by "
+                              "its token authentication; set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, "
+                              "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)") from None
         raise ConfigError(f"--ray-address {address}: {found}; start the cluster (`ray start --head`), or leave "
                           "--ray-address out for a local instance") from None
     take_signals()  # ray.init installs handlers of its own
     name = f"{DEPLOYMENT}-{settings.model_name}"
-    started = deployed = False
+    started = deployed = running = False
+    drain = None
     try:
         if local:
             _check_resources(replicas, threads or 1, gpus_per_replica)
-        serve.start(http_options={"host": host, "port": port})
-        started = True
         try:
-            serve._run(application(artifact, settings, replicas, options, threads, window, gpus_per_replica),
+            serve.start(http_options={"host": host, "port": port})
+        except (RayServeException, ray.exceptions.RayError) as exc:  # e.g. the port was taken after the check above
+            raise ConfigError(f"{host_port(host, port)}: Ray Serve's proxy could not start ({_last_line(str(exc))}); "
+                              "stop what holds the port or choose another --port") from None
+        started = True
+        drain = _Drain.remote()
+        try:
+            serve._run(application(artifact, settings, replicas, options, threads, window, gpus_per_replica, drain),
                        _blocking=False, name=name, route_prefix="/")
         except (RayServeException, ray.exceptions.RayError) as exc:  # e.g. another application of the cluster is at "/"
             raise ConfigError(f"Ray Serve refused the deployment: {_last_line(str(exc))}") from None
         deployed = True
         if not _wait_until_running(name, local, stop):
             return
+        running = True
         _check_reachable(host, port)
         if on_ready is not None:
             on_ready()
         stop.wait()
     finally:
+        if running:
+            # the application answers (503) while its replicas drain: deleted, its path was a plain-text 404
+            with contextlib.suppress(ray.exceptions.RayError):
+                drain.start.remote()
+                ray.get(drain.wait_drained.remote(replicas), timeout=GRACEFUL_S)
         if deployed:
-            serve.delete(name)  # graceful: no new requests, running ones finish (GRACEFUL_S)
+            serve.delete(name)  # the replicas are idle by now (or past the grace): Ray stops them at once
         if local and started:
             serve.shutdown()
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _own_session():
+    """Start the local Ray's processes (GCS, raylet, ...) in a session of their own: a signal to this command's process
+    group (systemd's KillMode=control-group, `timeout`, `kill -- -PGID`) killed them at once, and the command then
+    waited 60 s for a GCS that was gone. Now only the command gets it, drains and stops Ray itself. They still die
+    with this process (Ray's kernel fate-sharing); where that is missing, Ray's reaper needs them in the group."""
+    services = ray._private.services
+    popen = getattr(services, "ConsolePopen", None)
+    if popen is None or sys.platform == "win32" or not ray._private.utils.detect_fate_sharing_support():
+        yield
+        return
+
+    class SessionPopen(popen):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = SessionPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
+
+
+def _count(value: float) -> str:
+    """1000000, not :g's 1e+06; a fraction as it is (0.5)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _check_resources(replicas: int, cpus: int, gpus: float) -> None:
@@ -122,9 +220,9 @@ def _check_resources(replicas: int, cpus: int, gpus: float) -> None:
     have = ray.cluster_resources()
     for resource, each, flag in (("CPU", cpus, "--threads"), ("GPU", gpus, "--gpus-per-replica")):
         if each and replicas * each > have.get(resource, 0):
-            raise ConfigError(f"--replicas {replicas} reserve {each:g} {resource} each ({flag}), {replicas * each:g} in "
-                              f"all, and this machine has {have.get(resource, 0):g}; give fewer replicas or a smaller "
-                              f"{flag}")
+            raise ConfigError(f"--replicas {replicas} reserve{'s' if replicas == 1 else ''} {_count(each)} {resource} "
+                              f"each ({flag}), {_count(replicas * each)} in all, and this machine has "
+                              f"{_count(have.get(resource, 0))}; give fewer replicas or a smaller {flag}")
 
 
 def _wait_until_running(name: str, local: bool, stop: threading.Event) -> bool:

@@ -40,13 +40,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
     """The server's socket, bound before anything loads, so that a bad address or a port in use is one line at once —
     not a "serving on" line after minutes of loading and then uvicorn's error (or, for 70000, a wrapped-around port)
     — and nothing can take the port while the artifact loads. uvicorn listens on it."""
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"port {port}: must be in 1..65535")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as exc:
-        raise ConfigError(f"host {host!r}: {exc.strerror}; listen on an address of this machine "
-                          "(127.0.0.1, 0.0.0.0, ::)") from None
+    family, kind, proto, address = _listen_address(host, port)
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait out TIME_WAIT
     try:
@@ -58,9 +52,24 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def check_listen_address(host: str, port: int) -> None:
-    """listen_socket's checks, the socket closed again (Ray Serve's proxy binds the port itself)."""
-    listen_socket(host, port).close()
+def _listen_address(host: str, port: int):
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port {port}: must be in 1..65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"host {host!r}: {exc.strerror}; listen on an address of this machine "
+                          "(127.0.0.1, 0.0.0.0, ::)") from None
+    return family, kind, proto, address
+
+
+def check_listen_address(host: str, port: int, bind: bool = True) -> None:
+    """listen_socket's checks, the socket closed again (Ray Serve's proxy binds the port itself). bind=False: the host
+    and port alone — on a running cluster Serve's proxy may already hold the port, and rightly."""
+    if bind:
+        listen_socket(host, port).close()
+    else:
+        _listen_address(host, port)
 
 
 def check_ray_address(address: str | None) -> None:
