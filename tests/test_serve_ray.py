@@ -35,9 +35,24 @@ def wait_until_both_replicas_answer(base: str, seconds: float = 60) -> None:
         time.sleep(0.1)
 
 
+def closed_requests(base: str, seconds: float = 30) -> float:
+    """The replicas' 499 counts of /v1/completions, summed, once each has answered /metrics with one (a scrape
+    reaches one replica)."""
+    name = 'llama4_requests_total{endpoint="/v1/completions",status="499"} '
+    counts, deadline = {}, time.monotonic() + seconds
+    while len(counts) < 2 or not sum(counts.values()):
+        assert time.monotonic() < deadline, counts
+        scrape = httpx.get(f"{base}/metrics", timeout=10)
+        counts[scrape.headers["x-served-by"]] = sum(float(line.split()[-1]) for line in scrape.text.splitlines()
+                                                    if line.startswith(name))
+        time.sleep(0.1)
+    return sum(counts.values())
+
+
 def test_two_ray_replicas_answer_the_openai_client(tmp_path):
     """Both replicas answer, each with Generator's tokens; each replica draws its own seeds for unseeded requests (one
-    shared sequence gave every replica's first "random" answer the same text). SIGTERM to the process group drains
+    shared sequence gave every replica's first "random" answer the same text); a client gone mid-request is a 499
+    in /metrics. SIGTERM to the process group drains
     the replicas as the single-process server does: a queued request gets 503 at once (it started once a row was
     free, and a stream queued past the grace was cut), a new one 503 with an OpenAI error (Ray's plain-text 404 once
     the application was deleted), running streams finish; the command exits 0 (the signal killed Ray's GCS too, and
@@ -70,6 +85,13 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
             texts, served_by = zip(*pool.map(complete, prompts))
         assert list(texts) == expected
         assert len(set(served_by)) == 2, served_by  # answered by both replicas
+
+        # a non-streamed client gone mid-request counts as 499 on its replica (Ray cancelled the handler before our
+        # count ran: no replica ever showed one)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/completions", timeout=0.25,  # 4,000 tokens take about a second here
+                       json={"model": MODEL, "prompt": "A", "max_tokens": 4000, "ignore_eos": True})
+        assert closed_requests(base) == 1
 
         # a stream running on each replica, and a request queued behind one of them
         streams, served = [], set()

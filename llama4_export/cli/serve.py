@@ -102,7 +102,8 @@ def _serve_on_ray(artifact: Path, settings: ServeSettings, host: str, port: int,
         err_console.print(f"serving {settings.model_name} on http://{host_port(host, port)}/v1 from {replicas} Ray "
                           f"replica{'s' if replicas != 1 else ''}", markup=False)
 
-    with err_console.status(f"starting Ray and {replicas} replicas of {escape(str(artifact))}"):
+    with err_console.status(f"starting Ray and {replicas} replica{'s' if replicas != 1 else ''} of "
+                            f"{escape(str(artifact))}"):
         ray_serve.run(artifact, settings, host, port, replicas, options, threads, window, gpus, address, on_ready=ready)
 
 

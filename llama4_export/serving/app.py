@@ -248,6 +248,9 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                     if await request.is_disconnected():  # nothing to answer: counted as nginx's 499
                         raise APIError(499, "the client closed the request", code="client_closed_request")
                     next_check = time.monotonic() + DISCONNECT_POLL_S
+        except asyncio.CancelledError:  # Ray Serve cancels a replica's handler when its client goes away: a 499 too
+            metrics.requests.labels(route_of(request), "499").inc()
+            raise
         finally:
             run.cancel()
         for choice in events:
