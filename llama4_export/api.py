@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .artifact import MANIFEST, partition_entries, read_manifest
+from .artifact import MANIFEST, part_of_partitioned, partition_entries, read_manifest
 from .errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types, needs_exporter
 from .graph_passes.errors import GraphPassError
 from .model.config import (Llama4Config, Llama4VisionConfig, checkpoint_configs, get_preset, get_vision_preset,
@@ -222,10 +222,8 @@ def model_configs(model: str | None, checkpoint: str | Path | None) -> tuple[Lla
     if (model is None) == (checkpoint is None):
         raise ConfigError("give exactly one of --model PRESET or --checkpoint DIR")
     if (manifest := _artifact_manifest(checkpoint)) is not None:
-        if "layers" in manifest and not manifest.get("partitions"):  # its manifest's config is the whole model's
-            first, end = manifest["layers"]
-            raise ConfigError(f"{checkpoint}: one part (layers {first}..{end - 1}) of a partitioned artifact; "
-                              f"inspect the artifact directory holding it ({Path(checkpoint).resolve().parent})")
+        if (part := part_of_partitioned(checkpoint, manifest)) is not None:
+            raise ConfigError(f"{part}; inspect the artifact directory holding it ({Path(checkpoint).resolve().parent})")
         source, vision = str(Path(checkpoint) / MANIFEST), manifest.get("vision")
         return (Llama4Config.from_manifest(manifest, source).replace(name=Path(checkpoint).name),
                 None if vision is None else Llama4VisionConfig.from_manifest(vision, source))

@@ -121,6 +121,15 @@ def partition_entries(directory: Path, manifest: dict[str, Any], num_layers: int
     return parts
 
 
+def part_of_partitioned(directory: str | Path, manifest: dict[str, Any]) -> str | None:
+    """For a part's own manifest (its graphs take or give hidden states mid-model, and its config is the whole
+    model's), "DIR: one part (layers a..b) of a partitioned artifact" to start a refusal with; None otherwise."""
+    if "layers" not in manifest or manifest.get("partitions"):
+        return None
+    first, end = manifest["layers"]
+    return f"{directory}: one part (layers {first}..{end - 1}) of a partitioned artifact"
+
+
 def _is_ours(manifest: Any) -> bool:
     """A llama4-export manifest, of any format version: an object naming our format and listing its files."""
     return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(FORMAT) \

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
-from ..artifact import MANIFEST, read_manifest
+from ..artifact import MANIFEST, part_of_partitioned, read_manifest
 from ..errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types, is_integer, needs_exporter, shown
 from ..model.config import Llama4Config
 from ..model.io_spec import DEFAULT_SINKS
@@ -122,10 +122,8 @@ class Generator:
         if backend not in BACKENDS:
             raise GenerationError(f"backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
         manifest = read_manifest(directory, verify=verify)
-        if "layers" in manifest and not manifest.get("partitions"):  # a part's graphs take hidden states, not ids
-            first, end = manifest["layers"]
-            raise GenerationError(f"{directory}: one part (layers {first}..{end - 1}) of a partitioned artifact; run "
-                                  f"the artifact directory holding it ({directory.resolve().parent})")
+        if (part := part_of_partitioned(directory, manifest)) is not None:
+            raise GenerationError(f"{part}; run the artifact directory holding it ({directory.resolve().parent})")
         config = Llama4Config.from_manifest(manifest, str(directory / MANIFEST))
         if backend == "tensorrt":
             with needs_exporter("the TensorRT backend needs {extra}, as well as TensorRT, torch with CUDA and a GPU"):

@@ -33,7 +33,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..artifact import MANIFEST, read_manifest, sha256_file, write_json
+from ..artifact import MANIFEST, part_of_partitioned, read_manifest, sha256_file, write_json
 from ..graph_passes import trt_plugin_spec
 from ..plan import cuda_memory_bytes
 from ..progress import Steps
@@ -112,10 +112,8 @@ def build_engines(
     if manifest.get("partitions"):
         raise BuildError(f"{directory}: a partitioned artifact ({len(manifest['partitions'])} parts); "
                          f"{PARTITIONED_ENGINES}")
-    if manifest.get("layers"):  # a part's own manifest: its graphs start or end mid-model
-        first, stop = manifest["layers"]
-        raise BuildError(f"{directory}: one part (layers {first}–{stop - 1}) of a partitioned artifact; "
-                         f"{PARTITIONED_ENGINES}")
+    if (part := part_of_partitioned(directory, manifest)) is not None:
+        raise BuildError(f"{part}; {PARTITIONED_ENGINES}")
     # the default window is planned for this GPU (engines are per device)
     limits = build_limits(manifest, max_batch, max_prefill, window, cuda_memory_bytes() if window is None else None)
     cache_path = Path(timing_cache) if timing_cache is not None else directory / DEFAULT_TIMING_CACHE
