@@ -29,23 +29,29 @@ EXPORT_PACKAGES = frozenset({"onnx", "onnx_ir", "onnxruntime_extensions", "onnxs
 SERVE_PACKAGES = frozenset({"fastapi", "prometheus_client", "starlette", "uvicorn"})
 
 
-class ExporterNotInstalled(Llama4ExportError, ModuleNotFoundError):
-    """A job that traces, transforms or reads checkpoints, on an install without the export extra."""
+class ExtraNotInstalled(Llama4ExportError, ModuleNotFoundError):
+    """A job on an install without the optional extra (export, serve) whose packages it imports."""
 
 
 @contextmanager
-def needs_exporter(needed_by: str = "exporting, graph passes and checkpoints need {extra}; running and serving an "
-                                    "artifact on ONNX Runtime do not") -> Iterator[None]:
-    """Imports of a job that needs the export extra: a missing package is one line saying which extra installs it."""
+def needs_extra(packages: frozenset[str], extra: str, needed_by: str) -> Iterator[None]:
+    """Imports of a job that needs `extra`: a missing one of its packages is one line saying which extra installs it
+    ("{extra}" in needed_by is replaced by the pip command); any other missing module is a bug and propagates."""
     try:
         yield
     except ModuleNotFoundError as missing:
         package = (missing.name or "").partition(".")[0]
-        if package not in EXPORT_PACKAGES:
+        if package not in packages:
             raise
-        extra = "the export extra (pip install 'llama4-export[export]')"
-        raise ExporterNotInstalled(f"{package} is not installed: {needed_by.format(extra=extra)}",
-                                   name=package) from None
+        install = f"the {extra} extra (pip install 'llama4-export[{extra}]')"
+        raise ExtraNotInstalled(f"{package} is not installed: {needed_by.format(extra=install)}",
+                                name=package) from None
+
+
+def needs_exporter(needed_by: str = "exporting, graph passes and checkpoints need {extra}; running and serving an "
+                                    "artifact on ONNX Runtime do not"):
+    """Imports of a job that needs the export extra."""
+    return needs_extra(EXPORT_PACKAGES, "export", needed_by)
 
 
 # Kinds of values a Python-API argument may take (check_types); a path may be given as a str.

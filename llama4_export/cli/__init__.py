@@ -8,15 +8,12 @@ def serve_main() -> None:
     imports (in serve.py, before its main runs) would end in a ModuleNotFoundError traceback."""
     import sys
 
-    from ..errors import SERVE_PACKAGES
+    from ..errors import SERVE_PACKAGES, ExtraNotInstalled, needs_extra
 
     try:
-        from .serve import main
-    except ModuleNotFoundError as missing:
-        package = (missing.name or "").partition(".")[0]
-        if package not in SERVE_PACKAGES:
-            raise
-        print(f"error: {package} is not installed: llama4-serve needs the serve extra (pip install "
-              "'llama4-export[serve]')", file=sys.stderr)
+        with needs_extra(SERVE_PACKAGES, "serve", "llama4-serve needs {extra}"):
+            from .serve import main
+    except ExtraNotInstalled as missing:
+        print(f"error: {missing}", file=sys.stderr)
         raise SystemExit(2) from None
     main()
