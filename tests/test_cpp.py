@@ -324,8 +324,8 @@ def test_image_errors_are_one_line(llama4_cpp, vision_artifact, tiny, tmp_path):
 
 def test_a_tensorrt_artifact_is_refused_with_what_to_do(llama4_cpp, tmp_path):
     art = tmp_path / "trt"
-    api.export_model(art, model=PRESET, precision="fp16", target="tensorrt", show_progress=False,
-                     quant=QuantOptions(report=False))
+    api.export_model(art, model=PRESET, layers=2, random_weights=True, precision="fp16", target="tensorrt",
+                     show_progress=False, quant=QuantOptions(report=False))
     done = run_cpp(llama4_cpp, art, "--ids", "1,2,3")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "TensorRT plugin nodes" in done.stderr and "--target onnxruntime" in done.stderr

@@ -711,7 +711,7 @@ def test_scratch_a_killed_export_left_is_removed_by_the_next_export_and_a_runnin
     parent.mkdir()
     (parent / ".other.tmp-abc").mkdir()  # another --out's, not this export's to judge
     command = [sys.executable, "-c", "from llama4_export.cli.export import main; main()", "--model", "scout-tiny",
-               "--out", str(parent / "o")]
+               "--layers", "2", "--random-weights", "--out", str(parent / "o")]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     scratch = (".o.tmp-", ".o.work-", ".spill-")
     deadline = time.monotonic() + 120
@@ -784,25 +784,28 @@ def test_a_head_dim_onnx_runtime_cannot_run_is_refused_before_the_export(tmp_pat
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 5 MB tmpfs: scout-tiny's weights (4.1 MB) fit once, not the pass stage's copy beside them."""
+def small_disk(tmp_path, request):
+    """A 5 MB tmpfs (parametrize indirectly for another size)."""
+    size = getattr(request, "param", "5m")
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'not root'}); CI runs as root")
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.parametrize("small_disk", ["1600k"], indirect=True)
 def test_a_disk_filling_up_during_the_passes_leaves_nothing_behind(small_disk, monkeypatch):
-    """The free-space check up front is disabled so the export really runs into ENOSPC, in the graph-pass stage: one
-    line, exit 2, and neither the pre-pass artifact (manifest included) nor any temp directory stays."""
+    """The free-space check up front is disabled so the export really runs into ENOSPC, in the graph-pass stage (the
+    weights of scout-tiny's first 2 layers, 1.1 MB, fit once on the 1.6 MB disk, not twice): one line, exit 2, and
+    neither the pre-pass artifact (manifest included) nor any temp directory stays."""
     from llama4_export import pipeline
 
     monkeypatch.setattr(pipeline, "check_disk_space", lambda out, need: None)
-    result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--target", "onnxruntime", "--no-report",
-                                             "--out", str(small_disk / "o")])
+    result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--layers", "2", "--random-weights", "--target",
+                                             "onnxruntime", "--no-report", "--out", str(small_disk / "o")])
     assert result.exit_code == 2, result.output
     line = " ".join(result.output.split())
     assert "the disk filled up" in line and "nothing was left behind" in line
