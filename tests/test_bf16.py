@@ -15,18 +15,20 @@ from llama4_export.tensorrt.lint import lint_artifact
 from llama4_export import api
 from llama4_export.graph_passes.artifact_passes import optimize_artifact
 from llama4_export.graph_passes.verify import run_onnxruntime, widened_bfloat16
-from llama4_export.weights import from_preset
+from llama4_export.model import get_preset
+from llama4_export.weights import from_config
 from llama4_export.model.modeling import KVCache
 from llama4_export.evaluation.torch_backend import onnx_initializers
 
-PRESET = "scout-tiny"
+PRESET, LAYERS = "scout-tiny", 4  # its first 4 layers: 3 chunked, 1 global (NoPE)
 
 
 @pytest.fixture(scope="module")
 def bf16_artifacts(tmp_path_factory):
     """One bf16 export, optimized for tensorrt twice: with the MoE plugin node and with the standard-op fallback."""
     base = tmp_path_factory.mktemp("bf16")
-    api.export_model(base / "traced", model=PRESET, precision="bf16", target="tensorrt", optimize=False, show_progress=False)
+    api.export_model(base / "traced", model=PRESET, layers=LAYERS, random_weights=True, precision="bf16",
+                     target="tensorrt", optimize=False, show_progress=False)
     out = {}
     for name, plugin in (("plugin", True), ("fallback", False)):
         shutil.copytree(base / "traced", base / name)
@@ -40,7 +42,7 @@ def test_weights_are_torch_bf16_rounding_and_io_types(bf16_artifacts):
     decode = bf16_artifacts["plugin"] / "decode.onnx"
     weights = onnx_initializers(decode)
     weights.update({name.removesuffix(".T"): w.T for name, w in weights.items() if name.endswith(".T")})  # MatMul layout
-    model = from_preset(PRESET, dtype=torch.float32)
+    model = from_config(get_preset(PRESET, LAYERS), dtype=torch.float32)
     for name, param in model.named_parameters():
         expected = param.detach().to(torch.bfloat16).view(torch.int16).numpy()
         assert weights[name].dtype.itemsize == 2 and "bfloat16" in str(weights[name].dtype), name
@@ -60,7 +62,7 @@ def test_tensorrt_lint_passes(bf16_artifacts):
 def test_decode_logits_match_pytorch_with_bf16_weights(bf16_artifacts):
     """The graph widened to fp32 (bf16 weights are exact in fp32) on ORT vs our PyTorch model whose weights are rounded
     to bf16 and which computes in fp32: checks the graph and its weights, not bf16 activation rounding."""
-    model = from_preset(PRESET, dtype=torch.float32)
+    model = from_config(get_preset(PRESET, LAYERS), dtype=torch.float32)
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(param.to(torch.bfloat16).float())

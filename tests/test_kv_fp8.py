@@ -13,13 +13,14 @@ from llama4_export import api
 from llama4_export.pipeline import QuantOptions
 from llama4_export.evaluation.compare import compare_artifact
 from llama4_export.graph_passes.verify import run_onnxruntime
-from llama4_export.weights import RandomWeights, from_preset
+from llama4_export.model import get_preset
+from llama4_export.weights import RandomWeights, from_config
 from llama4_export.model.modeling import KVCache
 from llama4_export.runtime.ort_backend import OrtBackend
 from llama4_export.runtime.generator import Generator
 from llama4_export.runtime.kv_cache import SlidingKVCache
 
-PRESET = "scout-tiny"
+PRESET, LAYERS = "scout-tiny", 4  # its first 4 layers: 3 chunked, 1 global (NoPE)
 FP8 = ir.DataType.FLOAT8E4M3FN
 
 
@@ -27,7 +28,8 @@ FP8 = ir.DataType.FLOAT8E4M3FN
 def artifact(tmp_path_factory):
     base = tmp_path_factory.mktemp("kvfp8")
     options = QuantOptions(report=False, kv_cache_dtype="fp8", calib_cache=base / "calib.safetensors")
-    api.export_model(base / "fp8-kv", model=PRESET, precision="fp8", quant=options, target="onnxruntime", show_progress=False)
+    api.export_model(base / "fp8-kv", model=PRESET, layers=LAYERS, random_weights=True, precision="fp8", quant=options,
+                     target="onnxruntime", show_progress=False)
     return base / "fp8-kv"
 
 
@@ -64,7 +66,7 @@ def test_manifest_and_cache_io_are_float8(artifact):
     for graph_file in ("decode.onnx", "prefill.onnx"):
         graph = ir.load(artifact / graph_file).graph
         cache_io = [v for v in [*graph.inputs, *graph.outputs] if v.name.split(".")[0] in ("past_key", "past_value", "new_key", "new_value")]
-        assert len(cache_io) == 4 * 8 and all(v.dtype == FP8 for v in cache_io), graph_file
+        assert len(cache_io) == 4 * LAYERS and all(v.dtype == FP8 for v in cache_io), graph_file
         assert next(v for v in graph.outputs if v.name == "logits").dtype == ir.DataType.FLOAT
 
 
@@ -72,8 +74,8 @@ def test_scales_are_calibrated_kv_amax_over_448(artifact):
     """Independent of the calibration hooks: the K/V our PyTorch model returns on the same calibration samples."""
     from llama4_export.calib.calibrate import calibration_samples, tokenizer_for
 
-    source = RandomWeights(PRESET)
-    model = from_preset(PRESET)
+    source = RandomWeights(PRESET, layers=LAYERS)
+    model = from_config(get_preset(PRESET, LAYERS))
     config = model.config
     samples, _ = calibration_samples(source, config, tokenizer_for(source, config), None, None, None)
     amax = np.zeros((config.num_hidden_layers, 2))
@@ -102,7 +104,7 @@ def test_qdq_placement_matches_numpy_and_fp8_cache_stays_close(artifact):
     fp8_kv = ir.load(artifact / "decode.onnx")
     reference = without_fp8_cache(ir.load(artifact / "decode.onnx"))
     scale_of = scales(fp8_kv)
-    model = from_preset(PRESET)
+    model = from_config(get_preset(PRESET, LAYERS))
     config = model.config
     past_tokens = 12
     prompt = torch.from_numpy(np.random.default_rng(0).integers(3, config.vocab_size, (1, past_tokens)))

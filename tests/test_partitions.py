@@ -99,7 +99,8 @@ def test_int4_partitions_generate_what_the_unpartitioned_int4_export_does(tmp_pa
 
 def test_fp8_kv_cache_partitions_generate_what_the_unpartitioned_export_does(tmp_path):
     """Each part's graph quantizes only its own layers' caches (the calibrated scales cover every layer)."""
-    quant = api.QuantOptions(report=False, kv_cache_dtype="fp8", calib_cache=tmp_path / "calib.safetensors")
+    quant = api.QuantOptions(report=False, kv_cache_dtype="fp8", calib_cache=tmp_path / "calib.safetensors",
+                             calib_samples=4, calib_seq_len=32)
     for name, partitions in (("whole", 1), ("parts", 2)):
         api.export_model(tmp_path / name, precision="fp8", quant=quant, partitions=partitions, **SOURCE)
     part1 = onnx.load(str(tmp_path / "parts" / "part1" / "decode.onnx"), load_external_data=False).graph

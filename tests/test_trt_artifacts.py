@@ -1,12 +1,12 @@
 """TensorRT-lowered artifacts end to end without TensorRT: the export CLI, lint, ORT-with-plugin-reference vs PyTorch,
 rebuild.
 
-Six exports through the real CLI (session-scoped, made on first use; ~25-50 s each): scout-tiny and maverick-tiny at
+Six exports through the real CLI (session-scoped, made on first use; each preset's trace is shared by its three):
+the first 4 layers of scout-tiny and maverick-tiny (chunked and NoPE attention; Maverick's dense and MoE layers) at
 fp16, int4 and fp8 with `--target tensorrt` (int4/fp8 calibrate on 4 × 32 tokens and skip the accuracy report). Every
 one must pass the lint with 0 violations, carry one plugin node per MoE layer in both graphs and end with the line
 saying what to install. The unoptimized l4-scoutlike export shared by the suite (the Scout architecture, trained
-weights) is lowered for tensorrt at fp32, int4 and fp8 through the graph passes on copies (seconds); the rebuild test
-re-exports scout-tiny fp16 once more.
+weights) is exported for tensorrt at fp32, int4 and fp8; the rebuild test re-exports scout-tiny fp16 once more.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from .conftest import VISION_FIXTURES
 TRT_MISSING = tensorrt_problem()
 PRESETS = ["scout-tiny", "maverick-tiny"]
 PRECISIONS = ["fp16", "int4", "fp8"]
+LAYERS = 4
+SOURCE = ["--layers", str(LAYERS), "--random-weights"]  # after --model PRESET
 SMALL_CALIBRATION = ["--calib-samples", "4", "--calib-seq-len", "32", "--no-report"]
 # What the no-TensorRT line must name: NVIDIA's pip index and the exact packages.
 INSTALL = 'pip install --extra-index-url https://pypi.nvidia.com "tensorrt-cu12>=10.15" "polygraphy>=0.49"'
@@ -52,7 +54,7 @@ def trt_export(tmp_path_factory):
     def export(preset: str, precision: str):
         if (preset, precision) not in made:
             out = root / f"{preset}-{precision}"
-            args = ["--model", preset, "--precision", precision, "--target", "tensorrt", "--out", str(out)]
+            args = ["--model", preset, *SOURCE, "--precision", precision, "--target", "tensorrt", "--out", str(out)]
             result = CliRunner().invoke(export_app, args + (SMALL_CALIBRATION if precision != "fp16" else []))
             assert result.exit_code == 0, result.output
             made[preset, precision] = out, result.output
@@ -122,7 +124,7 @@ def test_cli_tensorrt_export_passes_the_lint_and_says_what_to_install(trt_export
     manifest = read_manifest(out)
     assert (manifest["precision"], manifest["target"]) == (precision, "tensorrt")
     _no_violations(out)
-    moe_layers = get_preset(preset).moe_layers
+    moe_layers = get_preset(preset, LAYERS).moe_layers
     for graph in ("decode.onnx", "prefill.onnx"):
         assert len(_plugin_nodes(out / graph)) == len(moe_layers), graph  # the MoE runs in the plugin, fp16 included
     quantized = {"fp16": onnx.TensorProto.FLOAT16, "int4": onnx.TensorProto.INT4,
@@ -348,8 +350,8 @@ def test_an_int4_trt_fallback_export_passes_the_lint_and_computes_what_the_plugi
     1.2 %) on the same inputs."""
     plugin, _ = trt_export("scout-tiny", "int4")
     out = tmp_path / "fallback"
-    result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--precision", "int4", "--target", "tensorrt",
-                                             "--trt-fallback", "--out", str(out), *SMALL_CALIBRATION])
+    result = CliRunner().invoke(export_app, ["--model", "scout-tiny", *SOURCE, "--precision", "int4", "--target",
+                                             "tensorrt", "--trt-fallback", "--out", str(out), *SMALL_CALIBRATION])
     assert result.exit_code == 0, result.output
     _no_violations(out)
     assert not _plugin_nodes(out / "decode.onnx")
