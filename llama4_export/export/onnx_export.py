@@ -265,7 +265,7 @@ def _optimize_keeping_weights(model: ir.Model) -> None:
 
 
 # onnxscript's default rewrite rules less SlicesSplit: that two-output pattern tries every pair of Slice nodes, so its
-# cost grows with the square of the graph (a quarter of a scout-tiny export), and it never matches a Llama 4 graph
+# cost grows with the square of the graph (a fifth of a scout-tiny export), and it never matches a Llama 4 graph
 # (its RoPE rotates interleaved pairs, not halves). tests/test_export.py checks the result equals optimize_ir's.
 _REWRITE_RULES = tuple(rule for rule in rewriter._DEFAULT_REWRITE_RULES if rule is not slice_split_rule)
 
