@@ -36,7 +36,6 @@ from llama4_export.model.config import get_preset
 from llama4_export.model.loader import check_checkpoint
 from llama4_export.runtime.images import ImageProcessor, load_image, to_rgb
 from llama4_export.pipeline import QuantOptions
-from llama4_export.runtime import Generator
 
 from .conftest import VISION_FIXTURES
 
@@ -116,6 +115,8 @@ TINY_CASES = {
     # a subnormal: llama4-cpp said "expected a number" (std::stod's underflow), llama4-run samples (greedily)
     "fp32-subnormal-temperature": ("fp32", 10, ["-n", 16, "--temperature", "1e-320", "--seed", 1]),
     "fp8-kv": ("fp8-kv", 35, ["-n", 40, "--window", 24, "--sinks", 4]),
+    # no stop tokens: the bias makes end-of-text (257) the greedy pick, and both go on to -n
+    "fp32-no-stop": ("fp32", 10, ["-n", 12, "--no-stop", "--logit-bias", "257=100"]),
     # pieces of 5 (7 of them) instead of the graph's 16
     "int4-small-pieces": ("int4", 33, ["-n", 20, "--window", 40, "--max-prefill-tokens", 5]),
 }
@@ -135,9 +136,7 @@ def test_threads_sharing_a_model_take_turns_and_a_callback_cannot_reenter(llama4
         done.stdout.splitlines()
     for prompt, line in zip(prompts, runs, strict=True):
         alone, shared = line.split(" | ")
-        # shared-model generates with no stop tokens (llama4-run has no such option)
-        expected = Generator.load(tiny["fp32"]).generate([int(i) for i in prompt.split(",")], max_new_tokens=24,
-                                                          stop_tokens=[]).token_ids
+        expected = python_json(tiny["fp32"], "--ids", prompt, "-n", 24, "--no-stop")["token_ids"]  # as shared-model
         assert alone == shared == ",".join(map(str, expected)), (prompt, line)
     assert reentered == "re-entered: Model::generate was called from its own token callback; a Model runs one " \
                         "generation at a time"

@@ -55,6 +55,18 @@ def test_ids_prompt_prints_the_greedy_continuation(tiny_checkpoint):
     assert streamed.exit_code == 0 and streamed.stdout == result.stdout
 
 
+def test_no_stop_generates_exactly_n_tokens_past_the_end_of_text_token(tiny_artifact):
+    """--no-stop, as llama4-cpp's: no stop tokens. The logit bias makes end-of-text the greedy pick every step."""
+    eos = json.loads((tiny_artifact / "generation_config.json").read_text())["eos_token_id"]
+    args = [tiny_artifact, "--ids", "5,6,7", "-n", "6", "--logit-bias", f"{eos}=100", "--json"]
+    stopped, kept = json.loads(run(*args).stdout), json.loads(run(*args, "--no-stop").stdout)
+    assert (stopped["token_ids"], stopped["stop_reason"]) == ([eos], "stop")
+    assert (kept["token_ids"], kept["stop_reason"]) == ([eos] * 6, "length")
+    result = run(tiny_artifact, "--chat", "--no-stop", stdin="hi\n")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "--no-stop with --chat" in result.output
+
+
 def test_text_prompt_json_and_stream_agree(scoutlike_dir):
     args = [scoutlike_dir, "--backend", "torch", "--prompt", "The river", "-n", "16"]
     as_json = run(*args, "--json")

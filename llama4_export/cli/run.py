@@ -55,6 +55,8 @@ def run(
     seed: int = typer.Option(0, help="seed of the sampler"),
     stop: Optional[List[str]] = typer.Option(
         None, "--stop", help="end where the text first holds this string, cut before it (repeat for several)"),
+    no_stop: bool = typer.Option(False, "--no-stop", help="generate exactly -n tokens: no stop tokens (as llama4-cpp "
+                                                          "--no-stop and the benchmarks); --stop strings still end it"),
     stream: bool = typer.Option(False, "--stream", help="print tokens as they are generated"),
     window: Optional[int] = typer.Option(None, help="global-layer KV window W in tokens (default: the context, RAM-capped; on a GPU: `plan`'s W)"),
     sinks: int = typer.Option(4, help="sink tokens S kept forever once the sequence outgrows W"),
@@ -76,10 +78,14 @@ def run(
     try:
         options["logit_bias"] = [_parse_bias(pair) for pair in logit_bias or ()]
         options["stop"] = stop
+        if no_stop:
+            options["stop_tokens"] = []
         if (prompt is not None) + (prompt_file is not None) + (ids is not None) + chat != 1:
             raise GenerationError("give exactly one of --prompt TEXT, --prompt-file FILE, --ids 1,2,3 or --chat")
         if prompt_file is not None:
             prompt = _read_prompt(prompt_file)
+        if no_stop and chat:
+            raise GenerationError("--no-stop with --chat: a reply ends at the model's end-of-turn token; drop --no-stop")
         if system is not None and not chat:
             raise GenerationError("--system opens a --chat conversation: add --chat, or write it into --prompt")
         if images and prompt is None:
