@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,21 +61,27 @@ class Corpus:
 @functools.lru_cache(maxsize=None)
 def _stdlib_docstrings() -> tuple[str, ...]:
     docs: dict[str, None] = {}  # ordered set: a docstring shared by aliases counts once
-    for module_name in sorted(_STDLIB_MODULES):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:  # e.g. tkinter absent from a slim Python: the corpus is just shorter
-            continue
-        objects = [module] + [getattr(module, name) for name in sorted(vars(module)) if not name.startswith("_")]
-        for obj in objects:
-            if obj is not module and getattr(obj, "__module__", None) != module_name:
-                continue  # re-exported from elsewhere: counted under its own module, if listed
-            # classes and functions defined in this module (submodule attributes come and go with other imports)
-            own = obj.__doc__ if (obj is module or inspect.isclass(obj) or inspect.isfunction(obj)) else None
-            doc = inspect.cleandoc(own) if isinstance(own, str) else None  # own, not inherited from a base class
-            if doc and len(doc) >= 200:
-                docs[doc] = None
+    with warnings.catch_warnings():  # deprecated names warn when read (typing.io, typing.re): not the user's concern
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for module_name in sorted(_STDLIB_MODULES):
+            _add_docstrings(module_name, docs)
     return tuple(docs)
+
+
+def _add_docstrings(module_name: str, docs: dict[str, None]) -> None:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:  # e.g. tkinter absent from a slim Python: the corpus is just shorter
+        return
+    objects = [module] + [getattr(module, name) for name in sorted(vars(module)) if not name.startswith("_")]
+    for obj in objects:
+        if obj is not module and getattr(obj, "__module__", None) != module_name:
+            continue  # re-exported from elsewhere: counted under its own module, if listed
+        # classes and functions defined in this module (submodule attributes come and go with other imports)
+        own = obj.__doc__ if (obj is module or inspect.isclass(obj) or inspect.isfunction(obj)) else None
+        doc = inspect.cleandoc(own) if isinstance(own, str) else None  # own, not inherited from a base class
+        if doc and len(doc) >= 200:
+            docs[doc] = None
 
 
 def embedded_corpus(split: str) -> Corpus:
