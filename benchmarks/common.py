@@ -115,7 +115,8 @@ def print_machine(threads: int, file: TextIO | None = None) -> float:
     """Prints the machine line (CPU, the kernel-relevant flags, copy bandwidth at `threads`); returns the bandwidth."""
     from llama4_export.evaluation.bench import machine_info, memory_bandwidth_gb_s
 
-    machine, bandwidth = machine_info(), memory_bandwidth_gb_s(threads)
+    # rounded once, as machine_json records it: the printed line and the JSON must show the same figure
+    machine, bandwidth = machine_info(), round(memory_bandwidth_gb_s(threads), 2)
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, flags {' '.join(machine['cpu_flags'])}; copy bandwidth "
           f"{bandwidth:.1f} GB/s ({threads} threads); 1-min load {os.getloadavg()[0]:.2f}", file=file or sys.stdout,
           flush=True)

@@ -130,6 +130,19 @@ def test_op_profile_json_names_the_machine(scoutlike_artifact, tmp_path):
     assert f"{machine['copy_bandwidth_gb_s']:.1f} GB/s" in result.stdout  # the bandwidth the printed line shows
 
 
+def test_the_printed_bandwidth_is_the_one_the_json_records(monkeypatch, capsys):
+    """The machine line printed the measured bandwidth to 0.1 and the JSON kept it rounded to 0.01: 27.9549 GB/s
+    printed 28.0 and was recorded as 27.95 (27.9), so one run's two records disagreed (the test above failed by chance
+    in a CI run)."""
+    import common
+
+    from llama4_export.evaluation import bench
+
+    monkeypatch.setattr(bench, "memory_bandwidth_gb_s", lambda threads: 27.9549)
+    recorded = common.machine_json(common.print_machine(2), 2)["copy_bandwidth_gb_s"]
+    assert f"copy bandwidth {recorded:.1f} GB/s (2 threads)" in capsys.readouterr().out
+
+
 OPTIONS_HELPED = ["batch_profile.py", "cpp_decode.py", "decode_breakdown.py", "op_profile.py", "int4_speed.py",
                   "kv_memory.py", "nbits_forms.py", "moe_lowering.py"]
 
