@@ -124,7 +124,8 @@ def print_machine(threads: int, file: TextIO | None = None) -> float:
 
 
 def machine_json(bandwidth: float, threads: int) -> dict:
-    """The machine line for a script's JSON: machine_info() and the copy bandwidth print_machine measured."""
+    """The machine line for a script's JSON: machine_info() and the copy bandwidth print_machine measured (and
+    rounded: rounding here again could record a figure the printed line does not show)."""
     from llama4_export.evaluation.bench import machine_info
 
-    return {**machine_info(), "copy_bandwidth_gb_s": round(bandwidth, 2), "copy_threads": threads}
+    return {**machine_info(), "copy_bandwidth_gb_s": bandwidth, "copy_threads": threads}
