@@ -197,6 +197,20 @@ def test_unknown_preset_from_the_console_script():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["llama4-export", "--partitions", "1.5"], "Invalid value for '--partitions'"),
+    (["llama4-export", "inspect", "--bogus"], "No such option: --bogus; see llama4-export inspect --help"),
+    (["llama4-run"], "Missing argument 'directory'; see llama4-run --help"),
+    (["llama4-serve", "--port", "http", "."], "Invalid value for '--port'"),
+])
+def test_a_usage_error_from_the_console_scripts_is_one_line_and_exit_2(argv, expected):
+    """Typer printed a usage error as usage lines, a hint and a boxed message; ours are one line like every error."""
+    proc = subprocess.run([str(Path(sys.executable).parent / argv[0]), *argv[1:]], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and expected in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+
+
 def test_good_checkpoint_still_loads(good_checkpoint):
     model = load(good_checkpoint)
     assert model.config.num_hidden_layers == 4

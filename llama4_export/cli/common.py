@@ -12,10 +12,33 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def fail(exc: Exception | str) -> None:
+def print_error(exc: Exception | str) -> None:
     # escaped: a message's own brackets (a path "out[int4]", "pip install 'llama4-export[export]'") are text, not markup
     err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+
+
+def fail(exc: Exception | str) -> None:
+    print_error(exc)
     raise typer.Exit(2)
+
+
+# typer now vendors click (typer._click): its usage errors are of that family, not the installed click's, whichever
+# typer is here
+_CLICK_EXCEPTION = next(base for base in typer.BadParameter.__mro__ if base.__name__ == "ClickException")
+
+
+def run_cli(app: typer.Typer) -> None:
+    """Runs a command line to its exit. A usage error (an unknown option, a value of the wrong type, a missing
+    argument) prints as every error of ours does, one line and exit 2, not as typer's usage lines and boxed message."""
+    try:
+        code = app(standalone_mode=False)  # a command's typer.Exit comes back as its code
+    except _CLICK_EXCEPTION as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help is printed already; click has no public name for it
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        print_error(exc.format_message().rstrip(".") + (f"; see {ctx.command_path} --help" if ctx is not None else ""))
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def version_option(program: str):

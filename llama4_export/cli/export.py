@@ -17,7 +17,7 @@ from .. import api
 from ..artifact import check_writable, exit_on_signals, write_json
 from ..errors import ConfigError, Llama4ExportError, needs_exporter
 from ..tensorrt import trt_onnx_support
-from .common import console, err_console, fail, version_option
+from .common import console, err_console, fail, run_cli, version_option
 
 export_app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -503,4 +503,4 @@ def rebuild(
 def main() -> None:
     # a cancelled CI job, `kill`, Ctrl-C: the export's temp directories (at Scout's size hundreds of GB) go with it
     exit_on_signals(signal.SIGTERM, signal.SIGINT)
-    export_app()
+    run_cli(export_app)

@@ -17,7 +17,7 @@ from ..errors import Llama4ExportError, needs_exporter
 from ..progress import PrefillBar
 from ..runtime import GenerationError, Generator
 from ..runtime.generator import BACKENDS
-from .common import err_console, fail, piece_printer, version_option
+from .common import err_console, fail, piece_printer, run_cli, version_option
 
 run_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Run an exported Llama 4 artifact.")
 
@@ -213,7 +213,7 @@ def main() -> None:
     # a closed pipe (`| head`) ends the run as it ends cat: at once, quietly, status 141 (it was 1 or 0 by the mode)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
-        run_app()
+        run_cli(run_app)
     except OSError as exc:
         if exc.filename is not None:  # not a write to stdout
             raise

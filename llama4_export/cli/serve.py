@@ -16,7 +16,7 @@ from ..runtime.ort_backend import check_threads
 from ..runtime.batching import DEFAULT_REUSE_PREFIX_TOKENS, EngineOptions
 from ..serving import (DEFAULT_MAX_REQUEST_BYTES, ServeSettings, check_listen_address, check_ray_address, host_port,
                        listen_socket, load_engine, serve as serve_engine)
-from .common import err_console, fail, version_option
+from .common import err_console, fail, run_cli, version_option
 
 serve_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                         help="Serve an exported Llama 4 artifact over the OpenAI HTTP API.")
@@ -108,4 +108,4 @@ def _serve_on_ray(artifact: Path, settings: ServeSettings, host: str, port: int,
 
 
 def main() -> None:
-    serve_app()
+    run_cli(serve_app)
