@@ -9,7 +9,7 @@ import pytest
 
 from llama4_export import api
 from llama4_export.runtime import Generator
-from llama4_export.runtime.batching import BatchEngine, EngineOptions, QueueFull, SequenceRequest
+from llama4_export.runtime.batching import BatchEngine, EngineClosed, EngineOptions, QueueFull, SequenceRequest
 from llama4_export.runtime.errors import GenerationError
 from llama4_export.runtime.sampling import SamplingParams
 
@@ -217,6 +217,20 @@ def test_a_request_the_engine_cannot_run_is_refused_at_submit_and_the_running_go
         assert done.finish_reason == "length" and len(done.token_ids) == 12
     finally:
         engine.stop()
+
+
+def test_an_engine_used_as_a_context_runs_its_thread_inside_and_leaves_nothing_running(generator):
+    """An engine dropped without stop() kept its thread waiting for work (and its KV cache) to the process's end."""
+    with BatchEngine(generator, EngineOptions(max_batch=1, max_queue=2)) as engine:
+        done = engine.submit(SequenceRequest([5, 6, 7], 3, stop_tokens=frozenset())).result(timeout=60)
+        assert done.finish_reason == "length" and len(done.token_ids) == 3
+        left_running = engine.submit(SequenceRequest([5, 6, 7], 4_000, stop_tokens=frozenset()))
+        queued = engine.submit(SequenceRequest([1, 2, 3], 4, stop_tokens=frozenset()))
+        thread = engine._thread
+    assert not thread.is_alive()
+    assert [left_running.finish_reason, queued.finish_reason] == ["cancelled", "cancelled"]
+    with pytest.raises(EngineClosed):
+        engine.submit(SequenceRequest([1, 2, 3], 4))
 
 
 def test_a_sequence_failing_at_admission_ends_with_its_error_and_a_listener_may_stop_the_engine(generator,

@@ -1,10 +1,9 @@
 """Continuous batching: many sequences at once, each at its own position in its own row of one KV cache, admitted
 while others decode and freed the moment they end.
 
-    engine = BatchEngine(Generator.load("out/scout-int4"), EngineOptions(max_batch=8))
-    engine.start()                                            # a thread runs step() while there is work
-    seq = engine.submit(SequenceRequest(engine.generator.encode("Hello"), max_new_tokens=32))
-    print(seq.result().text)
+    with BatchEngine(Generator.load("out/scout-int4"), EngineOptions(max_batch=8)) as engine:  # start() .. stop()
+        seq = engine.submit(SequenceRequest(engine.generator.encode("Hello"), max_new_tokens=32))
+        print(seq.result().text)
 
 One step (step()): requests waiting in the bounded queue take free rows (lowest first; the row is emptied for them —
 unless a free row still holds at least `reuse_prefix_tokens` of the request's first prompt tokens from the sequence
@@ -281,6 +280,14 @@ class BatchEngine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="llama4-batch-engine", daemon=True)
             self._thread.start()
+
+    def __enter__(self) -> BatchEngine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        # without stop() a dropped engine's thread (a daemon) went on waiting for work, holding the KV cache
+        self.stop()
 
     def drain(self) -> None:
         """Accept no new requests and end the queued ones (finish_reason "cancelled": a client told at once can go to
