@@ -74,6 +74,17 @@ def test_models_health_and_metrics(server, client):
         assert name in text
 
 
+def test_a_wrong_method_gets_405_with_allow_and_head_answers_every_get_route(server):
+    """A 405 came without the Allow header HTTP requires of it, and HEAD (how monitors probe /health) got 405."""
+    response = httpx.get(f"{server[0]}/v1/completions")
+    assert response.status_code == 405 and response.headers["allow"] == "POST", response.headers
+    assert response.json()["error"]["message"]
+    for path in ("/health", "/metrics", "/v1/models", f"/v1/models/{MODEL}"):
+        head, get = httpx.head(f"{server[0]}{path}"), httpx.get(f"{server[0]}{path}")
+        assert head.status_code == get.status_code == 200 and head.content == b"", (path, head.status_code)
+        assert head.headers["content-type"] == get.headers["content-type"], path
+
+
 def test_request_metrics_are_labelled_by_route_not_by_the_clients_path(server):
     """A scanner's paths must not each become a time series of /metrics: requests no route takes count as "other",
     a route with a parameter under its template."""

@@ -161,7 +161,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return answer(request, APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                        type=kind))
+                                        type=kind, headers=exc.headers))  # a 405's Allow (HTTP requires it)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -259,25 +259,29 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         return events
 
     # --- routes --------------------------------------------------------------------------------------------
-    @app.get("/health")
+    def get(path: str):
+        """A GET route that answers HEAD too, as HTTP asks of every GET resource (monitors probe /health so)."""
+        return app.api_route(path, methods=["GET", "HEAD"])
+
+    @get("/health")
     async def health() -> JSONResponse:
         status = 503 if engine.closed else 200
         return JSONResponse({"status": "shutting down" if engine.closed else "ok", "model": settings.model_name,
                              "running": engine.running, "queued": engine.queue_depth, "pid": os.getpid()},
                             status_code=status)
 
-    @app.get("/metrics")
+    @get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=metrics.content_type)
 
     card = {"id": settings.model_name, "object": "model", "created": created, "owned_by": "llama4-export",
             "max_model_len": generator.config.max_position_embeddings}
 
-    @app.get("/v1/models")
+    @get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [card]}
 
-    @app.get("/v1/models/{name:path}")  # a path: model ids may hold slashes ("meta-llama/Llama-4-Scout-…")
+    @get("/v1/models/{name:path}")  # a path: model ids may hold slashes ("meta-llama/Llama-4-Scout-…")
     async def model(name: str) -> dict[str, Any]:
         check_model(name)
         return card
