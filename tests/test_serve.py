@@ -501,6 +501,9 @@ MALFORMED = [
     # named max_tokens, which the client did not send
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_completion_tokens": 5000}, 400,
      "max_completion_tokens"),
+    # max_tokens was ignored beside max_completion_tokens
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 5, "max_completion_tokens": 3}, 400,
+     "max_tokens"),
     # OpenAI's seeds are int64: 2**64 sampled as seed 0 did
     ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 2**64}, 400, "seed"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": -2**63 - 1}, 400, "seed"),

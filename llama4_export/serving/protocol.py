@@ -294,6 +294,9 @@ class ChatCompletionRequest(_Generation):
             raise APIError(400, str(exc), "messages") from None
         except GenerationError as exc:
             raise APIError(400, str(exc), "tools" if tools else "messages") from None
+        if self.max_tokens is not None and self.max_completion_tokens is not None:  # one would be ignored
+            raise APIError(400, "max_tokens: give max_completion_tokens alone (max_tokens is its deprecated name), "
+                                "not both", "max_tokens")
         limit_param = "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
         request = _sequence_request(self, generator, prompt_ids, "messages", getattr(self, limit_param), self.top,
                                     timeout, limit_param)
