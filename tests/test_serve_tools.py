@@ -39,6 +39,19 @@ def test_anything_else_is_content(reply):
     assert parse_tool_calls(reply, TOOLS) is None
 
 
+def test_parallel_tool_calls_false_answers_the_first_call_alone():
+    """parallel_tool_calls: false was accepted and ignored: a reply of two calls came back as both."""
+    from llama4_export.serving.protocol import ChatCompletionRequest, parse
+
+    tools = [{"type": "function", "function": {"name": name}} for name in sorted(TOOLS)]
+    reply = '[get_weather(city="Oslo"), get_time(zone="CET")]'
+    for parallel, expected in ((None, ["get_weather", "get_time"]), (True, ["get_weather", "get_time"]),
+                               (False, ["get_weather"])):
+        body = parse(ChatCompletionRequest, json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                        "tools": tools, "parallel_tool_calls": parallel}).encode())
+        assert [c.name for c in body.tool_calls(reply)] == expected, parallel
+
+
 def test_a_reply_is_held_back_only_while_it_may_still_be_a_call():
     assert may_be_tool_call("") and may_be_tool_call("  [get_") and may_be_tool_call("<|python")
     assert may_be_tool_call('[ {"na') and may_be_tool_call('{\n  "name"') and may_be_tool_call("[get_time (zone=")

@@ -34,7 +34,7 @@ from ..runtime.batching import BatchEngine, EngineClosed, QueueFull, Sequence, S
 from ..runtime.errors import GenerationError
 from .metrics import ServerMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, invalid, parse
-from .tools import may_be_tool_call, parse_tool_calls
+from .tools import may_be_tool_call
 
 # OpenAI's API takes up to 50 MB of images in one request; a text prompt that long is already ~10M tokens
 DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
@@ -376,7 +376,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                             continue
                         else:
                             event, held[choice] = _merge(held[choice]), []
-                            calls = parse_tool_calls(event.text or "", tool_names)
+                            calls = body.tool_calls(event.text or "")
                             if calls:
                                 yield chunk(choice, {"tool_calls": [{"index": i, **c.openai()}
                                                                     for i, c in enumerate(calls)]},
@@ -398,7 +398,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
 
         def reply(index: int, events: list[SequenceEvent]) -> dict[str, Any]:
             text = "".join(e.text or "" for e in events)
-            calls = parse_tool_calls(text, tool_names) if tool_names else None
+            calls = body.tool_calls(text) if tool_names else None
             message: dict[str, Any] = {"role": "assistant", "content": None if calls else text}
             if calls:
                 message["tool_calls"] = [c.openai() for c in calls]

@@ -24,6 +24,7 @@ from ..runtime.batching import SequenceRequest
 from ..runtime.errors import GenerationError, ImageError
 from ..runtime.generator import Generator
 from ..runtime.sampling import SamplingParams
+from .tools import ParsedCall, parse_tool_calls
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 4
@@ -284,6 +285,12 @@ class ChatCompletionRequest(_Generation):
         if not self.tools or self.tool_choice == "none":
             return None
         return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def tool_calls(self, reply: str) -> list[ParsedCall] | None:
+        """The calls of offered tools a reply consists of, or None (it is content). parallel_tool_calls false keeps the
+        first alone: OpenAI's answer then holds at most one call, and the model may still write several."""
+        calls = parse_tool_calls(reply, {t["function"]["name"] for t in self.template_tools() or []})
+        return calls[:1] if calls and not self.parallel_tool_calls else calls
 
     def engine_request(self, generator: Generator, timeout: float | None) -> SequenceRequest:
         """The conversation through the checkpoint's chat template (with the tools, if any)."""
