@@ -457,6 +457,7 @@ MALFORMED = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"1": 101}}, 400, "logit_bias"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"999999": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 2}, 400, "best_of"),  # not implemented
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 1, "n": 2}, 400, "best_of"),  # OpenAI: >= n
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400,
      "stream_options"),  # without stream: true (was ignored)
     ("/v1/completions", {"model": MODEL, "prompt": "x", "mirostat": 1}, 400, "mirostat"),  # unknown

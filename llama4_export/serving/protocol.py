@@ -143,6 +143,8 @@ class CompletionRequest(_Generation):
         return len(self.prompts)
 
     def engine_requests(self, generator: Generator, timeout: float | None) -> list[SequenceRequest]:
+        if self.best_of is not None and self.best_of < self.n:  # best_of candidates, the n best returned
+            raise APIError(400, f"best_of={self.best_of}: must be at least n={self.n}; leave best_of out", "best_of")
         if self.max_tokens == 0 and not self.echo:
             raise APIError(400, "max_tokens=0: only with echo: true (the prompt scored, nothing generated); ask for at "
                                 "least 1 token", "max_tokens")
