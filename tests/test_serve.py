@@ -502,6 +502,10 @@ MALFORMED = [
     # named max_tokens, which the client did not send
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_completion_tokens": 5000}, 400,
      "max_completion_tokens"),
+    # about tools, so refused without them (as OpenAI's) rather than ignored
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tool_choice": "auto"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "parallel_tool_calls": False}, 400,
+     "parallel_tool_calls"),
     # max_tokens was ignored beside max_completion_tokens
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 5, "max_completion_tokens": 3}, 400,
      "max_tokens"),

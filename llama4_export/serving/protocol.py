@@ -296,6 +296,9 @@ class ChatCompletionRequest(_Generation):
 
     def engine_request(self, generator: Generator, timeout: float | None) -> SequenceRequest:
         """The conversation through the checkpoint's chat template (with the tools, if any)."""
+        for name in ("tool_choice", "parallel_tool_calls"):  # as OpenAI's: about tools, so none without them
+            if name in self.model_fields_set and not self.tools:
+                raise APIError(400, f"{name}: only allowed with tools; give tools or leave {name} out", name)
         tools = self.template_tools()
         try:
             prompt_ids, features = generator.chat_inputs(self.template_messages(), tools)
