@@ -129,6 +129,8 @@ def test_chat_equals_generator_plain_and_streamed(client, generator):
     assert response.choices[0].message.role == "assistant"
     assert response.choices[0].message.content == expected.text
     assert response.usage.prompt_tokens == len(expected.prompt_ids)
+    both = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, max_completion_tokens=16)
+    assert both.choices[0].message.content == expected.text  # the deprecated name beside the new, agreeing
     stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, stream=True)
     streamed = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected.text

@@ -306,9 +306,11 @@ class ChatCompletionRequest(_Generation):
             raise APIError(400, str(exc), "messages") from None
         except GenerationError as exc:
             raise APIError(400, str(exc), "tools" if tools else "messages") from None
-        if self.max_tokens is not None and self.max_completion_tokens is not None:  # one would be ignored
-            raise APIError(400, "max_tokens: give max_completion_tokens alone (max_tokens is its deprecated name), "
-                                "not both", "max_tokens")
+        given_both = self.max_tokens is not None and self.max_completion_tokens is not None
+        if given_both and self.max_tokens != self.max_completion_tokens:  # one would be ignored
+            raise APIError(400, f"max_tokens={self.max_tokens} disagrees with max_completion_tokens="
+                                f"{self.max_completion_tokens}: give max_completion_tokens alone (max_tokens is its "
+                                "deprecated name)", "max_tokens")
         limit_param = "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
         request = _sequence_request(self, generator, prompt_ids, "messages", getattr(self, limit_param), self.top,
                                     timeout, limit_param)
