@@ -745,6 +745,11 @@ def empty_prompt(tmp_path, tiny):  # generated after a lone BOS; llama4-run refu
     return tiny["fp32"], ["--prompt", ""], "the prompt is empty; give at least one token"
 
 
+def stop_string_not_utf8(tmp_path, tiny):  # a byte of U+FFFD cut the text inside one: --json aborted (SIGABRT)
+    return tiny["fp32"], ["--ids", "1,2,3", "-n", "30", "--json", "--stop", "\udcbd"], \
+        "stop_strings: a stop string is not UTF-8; give UTF-8 text"
+
+
 def max_prefill_tokens_zero(tmp_path, tiny):
     return tiny["fp32"], ["--ids", "1", "--max-prefill-tokens", "0"], "max_prefill_tokens=0: must be >= 1"
 
@@ -797,7 +802,8 @@ def json_and_stream(tmp_path, tiny):  # --stream was ignored
                                      penalty_out_of_range, negative_temperature, top_p_too_small,
                                      bias_outside_vocabulary, bias_given_twice,
                                      bias_without_value, prompt_file_not_utf8, prompt_file_missing,
-                                     stop_without_tokenizer_graphs, empty_stop_string, max_prefill_tokens_zero,
+                                     stop_without_tokenizer_graphs, empty_stop_string, stop_string_not_utf8,
+                                     max_prefill_tokens_zero,
                                      empty_prompt, window_past_2_62, window_beyond_memory, sinks_past_2_62,
                                      prompt_file_is_a_directory, one_part_of_a_partitioned_artifact,
                                      partition_outside_the_artifact],

@@ -637,8 +637,11 @@ Result Model::Impl::generate(const Prompt& with_images, const GenerateOptions& o
   if (options.max_new_tokens < 0)
     throw Error("max_new_tokens=" + std::to_string(options.max_new_tokens) + ": must be >= 0");
   check_sampling(options.sampling);
-  for (const std::string& stop : options.stop_strings)
+  for (const std::string& stop : options.stop_strings) {
     if (stop.empty()) throw Error("stop_strings: a stop string is empty; give non-empty strings");
+    // a lone byte of a character matched inside one of the text's and cut the text there, leaving it invalid UTF-8
+    if (valid_utf8(stop) != stop) throw Error("stop_strings: a stop string is not UTF-8; give UTF-8 text");
+  }
   if (!options.stop_strings.empty() && !text)
     throw Error("stop strings need the tokenizer: " + no_text + "; give stop token ids instead");
   for (const auto& [token, bias] : options.sampling.logit_bias)
