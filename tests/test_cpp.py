@@ -177,6 +177,15 @@ def test_frequency_presence_penalties_and_logit_bias_choose_as_llama4_run(llama4
     assert cpp_json(llama4_cpp, tiny[name], *args, *options)["token_ids"] == expected["token_ids"]
 
 
+def test_an_eos_id_outside_the_vocabulary_runs_as_llama4_run(llama4_cpp, tiny, tmp_path):
+    """A config eos id outside the vocabulary (never sampled, so it never stops anything): llama4rt refused every
+    generation with "stop_tokens=[257, 600]: give a list of token ids", ids the caller never gave; llama4-run runs."""
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    edit_manifest(art, lambda m: m["model"].update(eos_token_id=[257, 600]))
+    args = ["--ids", "1,2,3", "-n", 12]
+    assert cpp_json(llama4_cpp, art, *args) == python_json(art, *args)
+
+
 def test_a_prompt_file_or_stdin_gives_llama4_run_prompt_file_tokens(llama4_cpp, tiny, tmp_path):
     """--prompt-file / -f: UTF-8 text less one final newline, as llama4-run reads it (here with multi-byte text and a
     newline inside)."""

@@ -663,12 +663,15 @@ Result Model::Impl::generate(const Prompt& with_images, const GenerateOptions& o
     prompt_features = with_images.image_features.data();
   }
   const std::vector<int64_t>& stop_list = options.stop_tokens ? *options.stop_tokens : artifact.stop_tokens;
-  for (int64_t token : stop_list)  // generator.check_stop_tokens: an id outside the vocabulary never stops anything
-    if (token < 0 || token >= c.vocab_size) {
-      std::string listed;
-      for (int64_t t : stop_list) listed += (listed.empty() ? "" : ", ") + std::to_string(t);
-      throw Error("stop_tokens=[" + listed + "]: give a list of token ids in 0.." + std::to_string(c.vocab_size - 1));
-    }
+  // generator.check_stop_tokens: an id outside the vocabulary never stops anything; only the caller's are checked (as
+  // Generator: the config's eos ids are no option the caller gave, and one outside the vocabulary is harmless)
+  if (options.stop_tokens)
+    for (int64_t token : stop_list)
+      if (token < 0 || token >= c.vocab_size) {
+        std::string listed;
+        for (int64_t t : stop_list) listed += (listed.empty() ? "" : ", ") + std::to_string(t);
+        throw Error("stop_tokens=[" + listed + "]: give a list of token ids in 0.." + std::to_string(c.vocab_size - 1));
+      }
   const std::set<int64_t> stops(stop_list.begin(), stop_list.end());
 
   Result result;
