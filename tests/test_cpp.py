@@ -732,7 +732,15 @@ def bias_given_twice(tmp_path, tiny):
 
 
 def bias_without_value(tmp_path, tiny):
-    return tiny["fp32"], ["--ids", "1", "--logit-bias", "5"], "--logit-bias 5: expected ID=BIAS"
+    return tiny["fp32"], ["--ids", "1", "--logit-bias", "5"], "--logit-bias '5': expected ID=BIAS, e.g. 42=-100"
+
+
+def bias_without_id(tmp_path, tiny):  # "--logit-bias : expected an integer", the pair unnamed
+    return tiny["fp32"], ["--ids", "1", "--logit-bias", "=1"], "--logit-bias '=1': expected ID=BIAS, e.g. 42=-100"
+
+
+def bias_not_a_number(tmp_path, tiny):  # "--logit-bias x: expected a number"
+    return tiny["fp32"], ["--ids", "1", "--logit-bias", "5=x"], "--logit-bias '5=x': expected ID=BIAS, e.g. 42=-100"
 
 
 def prompt_file_not_utf8(tmp_path, tiny):
@@ -811,7 +819,8 @@ def json_and_stream(tmp_path, tiny):  # --stream was ignored
                                      json_and_stream,
                                      penalty_out_of_range, negative_temperature, top_p_too_small,
                                      bias_outside_vocabulary, bias_given_twice,
-                                     bias_without_value, prompt_file_not_utf8, prompt_file_missing,
+                                     bias_without_value, bias_without_id, bias_not_a_number, prompt_file_not_utf8,
+                                     prompt_file_missing,
                                      stop_without_tokenizer_graphs, empty_stop_string, stop_string_not_utf8,
                                      max_prefill_tokens_zero,
                                      empty_prompt, window_past_2_62, window_beyond_memory, sinks_past_2_62,

@@ -233,9 +233,13 @@ int main(int argc, char** argv) {
       } else if (flag == "--logit-bias") {
         const std::string& pair = value();
         const size_t equals = pair.find('=');
-        if (equals == std::string::npos) throw Usage{flag + " " + pair + ": expected ID=BIAS, e.g. 42=-100"};
-        options.sampling.logit_bias.emplace_back(parse_int(flag, pair.substr(0, equals)),
-                                                 parse_float(flag, pair.substr(equals + 1)));
+        try {  // llama4-run's line, naming the whole pair (it was "--logit-bias : expected an integer" for "=1")
+          if (equals == std::string::npos) throw Usage{};
+          options.sampling.logit_bias.emplace_back(parse_int(flag, pair.substr(0, equals)),
+                                                   parse_float(flag, pair.substr(equals + 1)));
+        } catch (const Usage&) {
+          throw Usage{flag + " '" + pair + "': expected ID=BIAS, e.g. 42=-100"};
+        }
       } else if (flag == "--seed") {
         options.sampling.seed = parse_seed(value());
       } else if (flag == "--stop") {
