@@ -84,9 +84,28 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
         raise ArtifactError(f"{path}: artifact format version {version if version is not None else '0 (unversioned)'}, "
                             f"but this llama4-export reads version {FORMAT_VERSION}; re-export with this version (or "
                             "run it with the llama4-export that wrote it)")
+    _check_shape(path, manifest)
     if verify:
         verify_files(directory, manifest, manifest["files"])
     return manifest
+
+
+# the sections readers index into: a hand edit making one a string or a list ended in a traceback wherever it was read
+OBJECT_SECTIONS = ("dtypes", "graph_passes", "graphs", "model", "source", "tokenizer", "tools", "vision")
+
+
+def _check_shape(path: Path, manifest: dict[str, Any]) -> None:
+    """The manifest's sections are objects and a part's `layers` a range [first, end); its values are checked where
+    they are read."""
+    for section in OBJECT_SECTIONS:
+        if manifest.get(section) is not None and not isinstance(manifest[section], dict):
+            raise ArtifactError(f"{path}: {section}={json.dumps(manifest[section])[:80]}: not an object; re-run the "
+                                "export")
+    layers = manifest.get("layers")
+    if layers is not None and not (isinstance(layers, list) and len(layers) == 2 and all(is_integer(x) for x in layers)
+                                   and 0 <= layers[0] < layers[1]):
+        raise ArtifactError(f"{path}: layers={json.dumps(layers)[:80]}: not a part's [first, end) layer range; re-run "
+                            "the export")
 
 
 def partition_entries(directory: Path, manifest: dict[str, Any], num_layers: int) -> list[tuple[str, range]]:

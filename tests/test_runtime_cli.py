@@ -418,13 +418,24 @@ def test_threads_beyond_any_machine_are_refused_in_one_line(tiny_artifact):
 
 def test_a_hand_edited_manifest_is_refused_in_one_line(tiny_artifact, tmp_path):
     """A prefill limit of -4 ran (llama4rt failed in ONNX Runtime naming no field); a chunk size of 0 killed llama4rt
-    with SIGFPE. Both runtimes now refuse them by name (test_cpp.py has llama4rt's side)."""
+    with SIGFPE. Both runtimes now refuse them by name (test_cpp.py has llama4rt's side). A model config the graphs
+    disagree with failed in ONNX Runtime's run, a section of the wrong type where it was read (tracebacks)."""
     import shutil
 
-    for field, edit in (("graphs.prefill.max_new_tokens=-4: must be an integer >= 1",
-                         lambda m: m["graphs"]["prefill"].update(max_new_tokens=-4)),
-                        ("attention_chunk_size=0: must be >= 1", lambda m: m["model"].update(attention_chunk_size=0))):
-        art = Path(shutil.copytree(tiny_artifact, tmp_path / field.split("=")[0]))
+    model = json.loads((tiny_artifact / "manifest.json").read_text())["model"]
+    for k, (field, edit) in enumerate((
+            ("graphs.prefill.max_new_tokens=-4: must be an integer >= 1",
+             lambda m: m["graphs"]["prefill"].update(max_new_tokens=-4)),
+            ("attention_chunk_size=0: must be >= 1", lambda m: m["model"].update(attention_chunk_size=0)),
+            (f"model.vocab_size={model['vocab_size'] - 1}, but the graph's logits has {model['vocab_size']}",
+             lambda m: m["model"].update(vocab_size=model["vocab_size"] - 1)),
+            (f"model.head_dim=8, but the graph's past_key.0 has {model['head_dim']}",
+             lambda m: m["model"].update(head_dim=8)),
+            (f"model.num_key_value_heads=1, but the graph's past_key.0 has {model['num_key_value_heads']}",
+             lambda m: m["model"].update(num_key_value_heads=1)),
+            ('vision="x": not an object', lambda m: m.update(vision="x")),
+            ('layers=["0", "8"]: not a part\'s [first, end) layer range', lambda m: m.update(layers=["0", "8"])))):
+        art = Path(shutil.copytree(tiny_artifact, tmp_path / str(k)))
         manifest = json.loads((art / "manifest.json").read_text())
         edit(manifest)
         (art / "manifest.json").write_text(json.dumps(manifest))
