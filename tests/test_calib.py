@@ -66,6 +66,24 @@ def test_missing_file_and_jsonl_directory(tmp_path):
     assert load_corpus(tmp_path).texts == ("first", "second")  # name order
 
 
+def test_a_directory_is_read_with_its_subdirectories_and_nothing_in_it_is_skipped(tmp_path):
+    """Files in subdirectories were skipped, an upper-case .JSONL was calibrated on as plain text (its JSON syntax
+    too), a broken link was skipped, and a file that cannot be read was a traceback."""
+    (tmp_path / "a.txt").write_text("first", encoding="utf-8")
+    (tmp_path / "shard").mkdir()
+    (tmp_path / "shard" / "b.JSONL").write_text('{"text": "second"}\n', encoding="utf-8")
+    (tmp_path / "notes.md").write_text("not data", encoding="utf-8")
+    assert load_corpus(tmp_path).texts == ("first", "second")
+    assert load_corpus(tmp_path / "shard" / "b.JSONL").texts == ("second",)
+    (tmp_path / "shard" / "c.txt").symlink_to(tmp_path / "gone.txt")
+    with pytest.raises(CalibrationError, match="c.txt: not a regular file"):
+        load_corpus(tmp_path)
+    (tmp_path / "shard" / "c.txt").unlink()
+    (tmp_path / "shard" / "c.txt").symlink_to("/proc/self/mem")  # a file whose read fails (EIO), for root too
+    with pytest.raises(CalibrationError, match="c.txt: cannot read it"):
+        load_corpus(tmp_path)
+
+
 def test_too_few_tokens_says_how_many_are_needed():
     with pytest.raises(CalibrationError, match="30 tokens, fewer than one sample of --calib-seq-len 64; give at least 64"):
         cut_samples(np.arange(30), 4, 64, "small.txt")

@@ -1,9 +1,10 @@
 """Calibration and evaluation text: files given by the user, or an embedded default corpus that works offline.
 
 Accepted inputs (--calib-data / --eval-data): a UTF-8 text file, a JSONL file whose records have a string field
-`text`, or a directory of *.txt / *.jsonl files (read in name order). The embedded default is real English prose:
-the docstrings of a fixed list of the installed Python's standard-library modules, collected in name order (so the
-same Python gives the same text). Every 5th docstring is held out for the accuracy report and never calibrated on.
+`text`, or a directory of *.txt / *.jsonl files, its subdirectories' too (read in path order; suffixes in any case).
+The embedded default is real English prose: the docstrings of a fixed list of the installed Python's standard-library
+modules, collected in name order (so the same Python gives the same text). Every 5th docstring is held out for the
+accuracy report and never calibrated on.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,9 +100,13 @@ def load_corpus(path: str | Path | None, split: str = "calibration") -> Corpus:
         return embedded_corpus(split)
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl") and p.is_file())
+        files = _data_files(path)
         if not files:
             raise CalibrationError(f"{path}: directory holds no .txt or .jsonl files; give a text file, a JSONL file or a directory of them")
+        for f in files:  # a data file skipped would calibrate on less than was given
+            if not f.is_file():
+                raise CalibrationError(f"{f}: not a regular file (a broken or looping symbolic link, a pipe?); remove "
+                                       "it or point it at the text")
     elif path.is_file():
         files = [path]
     else:
@@ -111,12 +117,23 @@ def load_corpus(path: str | Path | None, split: str = "calibration") -> Corpus:
     return Corpus(tuple(texts), str(path))
 
 
+def _data_files(directory: Path) -> list[Path]:
+    """The directory's *.txt / *.jsonl, subdirectories' too (os.walk follows no symbolic link: no loop), by path."""
+    def unreadable(exc: OSError) -> None:
+        raise CalibrationError(f"{exc.filename}: cannot list it ({exc.strerror or exc}); make it readable")
+
+    return sorted(Path(root) / name for root, _, names in os.walk(directory, onerror=unreadable) for name in names
+                  if Path(name).suffix.lower() in (".txt", ".jsonl"))
+
+
 def _read_texts(path: Path) -> list[str]:
     try:
         raw = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CalibrationError(f"{path}: not UTF-8 text (byte {exc.start}); convert it to UTF-8") from None
-    if path.suffix != ".jsonl":
+    except OSError as exc:
+        raise CalibrationError(f"{path}: cannot read it ({exc.strerror or exc}); make it readable") from None
+    if path.suffix.lower() != ".jsonl":
         return [raw]
     texts = []
     for number, line in enumerate(raw.splitlines(), 1):
