@@ -298,8 +298,12 @@ def test_exports_sharing_a_calibration_cache_at_once_do_not_trip_over_each_other
                                                    "embedding and lm_head in float already); drop it"),
     (["--precision", "fp8", "--calib-cache", "{text}/calib.safetensors"],
      "--calib-cache {text}/calib.safetensors: cannot write there (File exists: {text}); give a writable path"),
+    # calibrated on positions past scout-tiny's max_position_embeddings
+    (["--precision", "fp8", "--calib-samples", "1", "--calib-seq-len", "4097"],
+     "--calib-seq-len 4097: longer than the model's context of 4096 tokens (max_position_embeddings); choose at most "
+     "4096"),
 ], ids=["eval-data-no-report", "float-and-quantized-lm-head", "cache-dir", "eval-data-too-short", "block-size-0",
-        "float-embeddings-fp8", "cache-not-writable"])
+        "float-embeddings-fp8", "cache-not-writable", "seq-len-past-context"])
 def test_contradicting_flags_are_refused_in_one_line(tmp_path, flags, message):
     """Each was silently ignored, one side of the contradiction winning (or, for the cache, failed at the end of the
     calibration), while inapplicable flags such as --int4-algo with fp32 were refused."""

@@ -165,6 +165,9 @@ def sample_plan(model_params: int, samples: int | None, seq_len: int | None, max
     seq_len = default_len if seq_len is None else seq_len
     if samples < 1 or seq_len < 2:
         raise CalibrationError(f"--calib-samples {samples} / --calib-seq-len {seq_len}: need at least 1 sample of 2 tokens")
+    if seq_len > max_seq_len:  # positions the model was never trained on: statistics of nothing it will see
+        raise CalibrationError(f"--calib-seq-len {seq_len}: longer than the model's context of {max_seq_len} tokens "
+                               f"(max_position_embeddings); choose at most {max_seq_len}")
     return samples, seq_len
 
 
