@@ -208,6 +208,15 @@ def test_a_damaged_file_in_the_default_cache_is_recomputed_and_one_given_is_refu
     given.write_bytes(b"damaged")
     with pytest.raises(CalibrationError, match="mine.safetensors: not a readable calibration cache"):
         calibrate_module.calibrate(source, ids, text, given)
+    # a safetensors file that is no calibration cache (a checkpoint shard) was taken for another model's cache and
+    # overwritten with the statistics
+    from safetensors.numpy import save_file
+
+    save_file({"model.norm.weight": np.ones(8, np.float32)}, given)
+    weights = given.read_bytes()
+    with pytest.raises(CalibrationError, match="mine.safetensors: a safetensors file but no calibration cache"):
+        calibrate_module.calibrate(source, ids, text, given)
+    assert given.read_bytes() == weights
     # the AWQ plans beside our cache file, likewise (a truncated one stopped the export with "delete it")
     planned = calibrate_module.calibrate(source, ids, text, None, awq_block=32)
     plan = sorted(planned.awq_plans.iterdir())[1]

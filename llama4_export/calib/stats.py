@@ -176,7 +176,8 @@ def check_cache_writable(path: Path) -> None:
 
 
 def load_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
-    """The cached statistics when `path` holds a cache for `key`; None when absent or made for other inputs."""
+    """The cached statistics when `path` holds a cache for `key`; None when absent or made for other inputs (then
+    replaced). CalibrationError when it is damaged or no calibration cache at all (a checkpoint shard, say)."""
     from safetensors import safe_open
     from safetensors.numpy import load_file
 
@@ -185,8 +186,14 @@ def load_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
         return None
     try:
         with safe_open(str(path), "np") as f:
-            if json.loads((f.metadata() or {}).get(METADATA, "{}")).get("key") != key:
-                return None
+            metadata = f.metadata() or {}
+        if METADATA not in metadata:  # someone's other safetensors file: never to be overwritten
+            raise CalibrationError(f"{path}: a safetensors file but no calibration cache (no {METADATA!r} metadata), "
+                                   "which the export would overwrite; give another --calib-cache")
+        if json.loads(metadata[METADATA]).get("key") != key:
+            return None
         return load_file(str(path))
+    except CalibrationError:
+        raise
     except Exception as exc:  # safetensors raises its own error types for a damaged file
         raise CalibrationError(f"{path}: not a readable calibration cache ({exc}); delete it or give another --calib-cache") from None
