@@ -63,7 +63,7 @@ def export(
     int4_algo: str = typer.Option("awq", "--int4-algo", help="int4: rtn | awq (activation-aware scales and clipping, calibrated; streams layer by layer)"),
     block_size: Optional[int] = typer.Option(None, "--block-size", help="int4: 32 | 64 | 128 (default) values per scale along K"),
     calib_data: Optional[Path] = typer.Option(
-        None, "--calib-data", help="calibration text: .txt, .jsonl (field 'text') or a directory of them (default: embedded corpus)",
+        None, "--calib-data", help="calibration text: .txt, .jsonl (field 'text') or a directory of them, read with its subdirectories in path order (default: embedded corpus)",
     ),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="calibration sequences (default 128, fewer for tiny models)"),
     calib_seq_len: Optional[int] = typer.Option(None, "--calib-seq-len", help="tokens per calibration sequence (default 512, fewer for tiny models)"),
