@@ -143,3 +143,15 @@ def test_lint_refuses_an_artifact_lowered_for_onnxruntime(tmp_path):
     assert result.exit_code == 2
     assert f"{tmp_path}: lowered for 'onnxruntime', not tensorrt; export it with --target tensorrt first" in \
         " ".join(result.output.split())
+
+
+def test_an_empty_input_is_bound_at_a_non_null_address():
+    """A text step of a multimodal prefill binds 0 image_features rows: TensorRT needs a non-null address for them."""
+    import torch
+
+    from llama4_export.runtime.trt_backend import tensor_address
+
+    buffer = torch.zeros((2, 8), dtype=torch.float16)  # the backend's buffer holds at least one row
+    assert buffer[:0].data_ptr() == 0  # what torch reports for the empty view
+    assert tensor_address(buffer[:0]) == buffer.data_ptr()
+    assert tensor_address(buffer[1:]) == buffer[1].data_ptr() == buffer.data_ptr() + 8 * buffer.element_size()

@@ -37,6 +37,13 @@ from .errors import GenerationError
 from .kv_cache import SlidingKVCache
 
 
+def tensor_address(tensor) -> int:
+    """The device address TensorRT gets for `tensor`: its storage's address for an empty one too. torch reports
+    data_ptr() 0 for a tensor without elements, and enqueueV3 needs a non-null address for every input (even a 0-row
+    one), per IExecutionContext::setTensorAddress in NvInferRuntime.h (TensorRT 10.x)."""
+    return tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size()
+
+
 class DeviceSlidingKVCache(SlidingKVCache):
     """SlidingKVCache whose K/V buffers are CUDA tensors (positions and lengths stay numpy: the policy runs on the host)."""
 
@@ -118,7 +125,7 @@ class TrtBackend:
         engine, context = self.engines[graph], self.contexts[graph]
         for name, tensor in inputs.items():
             context.set_input_shape(name, tuple(tensor.shape))
-            context.set_tensor_address(name, tensor.data_ptr())
+            context.set_tensor_address(name, tensor_address(tensor))
         outputs = {}
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
