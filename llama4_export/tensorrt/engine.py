@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,7 @@ def _build(directory: Path, manifest: dict[str, Any], limits: BuildLimits, cache
            workspace_gib: float | None, version_compatible: bool, show_progress: bool) -> dict[str, Any]:
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+    from polygraphy.exception import PolygraphyException
 
     graphs = engine_graphs(manifest)
     profiles = engine_profiles(manifest, limits)
@@ -151,35 +153,52 @@ def _build(directory: Path, manifest: dict[str, Any], limits: BuildLimits, cache
     cache_in = sha256_file(cache_path) if cache_path.is_file() else None
     (directory / ENGINE_DIR).mkdir(exist_ok=True)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
+    # Plans and the timing cache (Polygraphy saves it after every engine) are written under temp names and renamed
+    # once every engine is built: a failed build leaves the files the manifest lists (and their hashes) as they were.
+    suffix = f".tmp-{os.getpid()}"
+    work_cache = cache_path.with_name(cache_path.name + suffix)
+    if cache_path.is_file():
+        shutil.copyfile(cache_path, work_cache)
+    staged = {work_cache: cache_path}
     engines = {}
-    with Steps(show_progress) as step:
-        if any(has_plugin_nodes(directory / graphs[name]) for name in graphs):
-            with step(f"register TensorRT plugin {moe_plugin.PLUGIN_ID}"):
-                moe_plugin.register()
-        for name in sorted(graphs):
-            profile = Profile()
-            for tensor, shapes in profiles[name].items():
-                profile.add(tensor, shapes.min, shapes.opt, shapes.max)
-            config = CreateConfig(
-                profiles=[profile],
-                memory_pool_limits=None if workspace_gib is None else {trt.MemoryPoolType.WORKSPACE: settings["workspace_bytes"]},
-                load_timing_cache=str(cache_path) if cache_path.is_file() else None,
-                error_on_timing_cache_miss=reproducible or None,
-                version_compatible=version_compatible or None,
-                exclude_lean_runtime=version_compatible or None,
-            )
-            network = NetworkFromOnnxPath(str(directory / graphs[name]), strongly_typed=True)
-            plan = f"{ENGINE_DIR}/{name}.plan"
-            with step(f"build {plan} (TensorRT {trt.__version__})"):
-                data = EngineBytesFromNetwork(network, config, save_timing_cache=str(cache_path))()
-                if data is None:
-                    raise BuildError(f"{directory / graphs[name]}: TensorRT could not build an engine "
-                                     "(its log above says why)")
-                tmp = directory / f"{plan}.tmp-{os.getpid()}"
-                tmp.write_bytes(bytes(data))
-                os.replace(tmp, directory / plan)
-            engines[name] = {"file": plan, "graph": graphs[name],
-                             "profile": {t: r.to_json() for t, r in profiles[name].items()}}
+    try:
+        with Steps(show_progress) as step:
+            if any(has_plugin_nodes(directory / graphs[name]) for name in graphs):
+                with step(f"register TensorRT plugin {moe_plugin.PLUGIN_ID}"):
+                    moe_plugin.register()
+            for name in sorted(graphs):
+                profile = Profile()
+                for tensor, shapes in profiles[name].items():
+                    profile.add(tensor, shapes.min, shapes.opt, shapes.max)
+                config = CreateConfig(
+                    profiles=[profile],
+                    memory_pool_limits=None if workspace_gib is None else {trt.MemoryPoolType.WORKSPACE: settings["workspace_bytes"]},
+                    load_timing_cache=str(work_cache) if work_cache.is_file() else None,
+                    error_on_timing_cache_miss=reproducible or None,
+                    version_compatible=version_compatible or None,
+                    exclude_lean_runtime=version_compatible or None,
+                )
+                network = NetworkFromOnnxPath(str(directory / graphs[name]), strongly_typed=True)
+                plan = f"{ENGINE_DIR}/{name}.plan"
+                with step(f"build {plan} (TensorRT {trt.__version__})"):
+                    try:
+                        data = EngineBytesFromNetwork(network, config, save_timing_cache=str(work_cache))()
+                    except PolygraphyException as exc:
+                        # Polygraphy reports a parser error or a failed build (build_serialized_network's None) by
+                        # raising (G_LOGGER.critical), not by returning None: polygraphy/backend/trt/loader.py
+                        raise BuildError(f"{directory / graphs[name]}: TensorRT could not build an engine: {exc} "
+                                         "(its log above says why)") from None
+                    tmp = directory / f"{plan}{suffix}"
+                    tmp.write_bytes(bytes(data))
+                    staged[tmp] = directory / plan
+                engines[name] = {"file": plan, "graph": graphs[name],
+                                 "profile": {t: r.to_json() for t, r in profiles[name].items()}}
+        for tmp, final in staged.items():
+            if tmp.exists():  # the timing cache is there once an engine was built or one was given
+                os.replace(tmp, final)
+    finally:
+        for tmp in [*staged, Path(f"{work_cache}.lock")]:  # Polygraphy's LockFile leaves PATH.lock behind
+            tmp.unlink(missing_ok=True)
     return write_engine_manifest(directory, manifest, engines, settings, cache_path, cache_in, trt.__version__, _gpu())
 
 
