@@ -147,10 +147,15 @@ def _run_tensorrt(directory: Path, engine: dict[str, Any], feeds: dict[str, np.n
     """The engine through Polygraphy's TrtRunner on `feeds`; Polygraphy's Comparator against the ORT outputs."""
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
     from polygraphy.comparator import CompareFunc, Comparator, IterationResult, RunResults
+    from polygraphy.exception import PolygraphyException
 
     moe_plugin.register()
-    with TrtRunner(EngineFromBytes((directory / engine["file"]).read_bytes())) as runner:
-        trt_out = {k: np.asarray(v) for k, v in runner.infer(feeds).items()}
+    try:
+        with TrtRunner(EngineFromBytes((directory / engine["file"]).read_bytes())) as runner:
+            trt_out = {k: np.asarray(v) for k, v in runner.infer(feeds).items()}
+    except PolygraphyException as exc:  # how Polygraphy reports a plan it cannot deserialize or run (G_LOGGER.critical)
+        raise BuildError(f"{directory / engine['file']}: TensorRT could not run it: {exc}; rebuild the engines here "
+                         f"with `llama4-export build {directory}`") from None
     results = RunResults([("onnxruntime", [IterationResult(ort_out, runner_name="onnxruntime")]),
                           ("tensorrt", [IterationResult(trt_out, runner_name="tensorrt")])])
     Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(rtol=1e-2, atol=1e-2))
