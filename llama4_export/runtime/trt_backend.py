@@ -94,7 +94,12 @@ class TrtBackend:
             if engine is None:
                 raise GenerationError(f"{directory / entry['file']}: TensorRT {trt.__version__} cannot load it (built with "
                                       f"TensorRT {info.get('version')} on {info.get('gpu', {}).get('name')}); rebuild it here")
-            self.engines[name], self.contexts[name] = engine, engine.create_execution_context()
+            context = engine.create_execution_context()
+            if context is None:  # TensorRT returns None when it cannot allocate the context (device memory)
+                raise GenerationError(f"{directory / entry['file']}: TensorRT could not create an execution context "
+                                      "(out of GPU memory? its log says why); free GPU memory, or rebuild the engines with a "
+                                      "smaller --max-batch or --window")
+            self.engines[name], self.contexts[name] = engine, context
         limits = info["builder"]["limits"]
         self.max_batch = int(limits["max_batch"])
         self.max_prefill_tokens = min(max_prefill_tokens, int(limits["max_prefill"])) if "prefill" in self.engines else 1
@@ -106,7 +111,7 @@ class TrtBackend:
         prefill = self.engines.get("prefill")
         self.takes_image_features = prefill is not None and io_spec.IMAGE_FEATURES in {
             prefill.get_tensor_name(i) for i in range(prefill.num_io_tensors)}
-        self._decode_graph: tuple | None = None  # (cache, batch, CUDAGraph, static inputs, outputs)
+        self._decode_graph: tuple | None = None  # (cache, static inputs, outputs, CUDAGraph)
 
     def make_cache(self, batch: int, window: int | None, sinks: int) -> SlidingKVCache:
         if batch > self.max_batch:
@@ -124,7 +129,9 @@ class TrtBackend:
         """Set every input's shape and address; allocate the outputs; return them by name."""
         engine, context = self.engines[graph], self.contexts[graph]
         for name, tensor in inputs.items():
-            context.set_input_shape(name, tuple(tensor.shape))
+            if not context.set_input_shape(name, tuple(tensor.shape)):  # outside the engine's optimization profile
+                raise GenerationError(f"{graph} engine: input {name} of shape {tuple(tensor.shape)} is outside the "
+                                      "shapes it was built for; rebuild the engines with larger limits")
             context.set_tensor_address(name, tensor_address(tensor))
         outputs = {}
         for i in range(engine.num_io_tensors):
@@ -193,7 +200,8 @@ class TrtBackend:
             with torch.cuda.stream(self.stream):
                 static = self._inputs(input_ids, positions, cache)
                 outputs = self._bind("decode", static)
-                self.contexts["decode"].execute_async_v3(self.stream.cuda_stream)
+                if not self.contexts["decode"].execute_async_v3(self.stream.cuda_stream):
+                    raise GenerationError("TensorRT failed to run the decode engine (see its log)")
             self.stream.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=self.stream):
