@@ -183,6 +183,21 @@ def test_a_hand_edited_processor_in_the_manifest_is_one_clear_error(processors):
             ImageProcessorConfig.from_dict({**fields, key: value}, "manifest.json")
 
 
+def test_a_pil_image_that_cannot_be_decoded_is_one_clear_error(processors, tmp_path):
+    """Image.open() decodes lazily: a truncated file, or one closed before the image was decoded, failed on first
+    use with Pillow's OSError / AssertionError traceback."""
+    truncated = tmp_path / "truncated.jpg"
+    data = (IMAGES / "large.jpg").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    with Image.open(IMAGES / "one_tile.png") as closed:
+        pass
+    for image, message in [(Image.open(truncated), "images[0]: not a readable image (image file is truncated"),
+                           (closed, "images[0]: the PIL image's file was closed before it was decoded")]:
+        with pytest.raises(ImageError) as info:
+            processors["a"].preprocess(image, "images[0]")
+        assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
 def test_exif_orientation_is_applied():
     assert Image.open(IMAGES / "exif_rotated.jpg").size == (240, 100)
     assert load_image(IMAGES / "exif_rotated.jpg").size == (100, 240)

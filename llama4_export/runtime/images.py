@@ -244,6 +244,13 @@ def open_image(image: Any, name: str = "image") -> Image.Image:
     """An image as a PIL image: a file path, a data URL, a file's encoded bytes (or a binary file object), a PIL
     image, or an H × W × 3 uint8 RGB array (pixels another library decoded, taken as they are)."""
     if isinstance(image, Image.Image):
+        try:
+            image.load()  # an Image.open()ed image decodes here: a truncated file is one line, not a traceback
+        except AssertionError:  # Pillow's assert on a file closed before the image was decoded
+            raise ImageError(f"{name}: the PIL image's file was closed before it was decoded; load() it (or give "
+                             "the file) while the file is open") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageError(f"{name}: not a readable image ({exc}); give a PNG, JPEG or WebP image") from None
         return image
     if isinstance(image, str) and image.startswith(DATA_URL):
         return decode_data_url(image, name)
