@@ -84,6 +84,23 @@ def test_greedy_generation_with_images_matches_transformers(name, prompt, genera
     assert result.token_ids == case["generated"]
 
 
+def test_one_image_may_be_given_alone_in_any_form(generators):
+    """images= one image, not in a list, as a path already was: a PIL image failed "not iterable", an array "truth
+    value of an array is ambiguous", bytes were read one image per byte ("int is not an image")."""
+    import io
+
+    from PIL import Image
+
+    case = REFERENCE["prompts"]["tiny-a"]["one"]
+    path, = case_images(case)
+    forms = {"PIL image": Image.open(path), "bytes": path.read_bytes(), "file object": io.BytesIO(path.read_bytes()),
+             "array": np.asarray(Image.open(path).convert("RGB"))}
+    for form, image in forms.items():
+        result = generators["tiny-a"].generate(case["text"], max_new_tokens=len(case["generated"]), stop_tokens=[],
+                                               images=image)
+        assert (result.prompt_ids, result.token_ids) == (case["input_ids"], case["generated"]), form
+
+
 def test_manifest_and_graph_inputs(artifacts):
     manifest = json.loads((artifacts["tiny-b"] / MANIFEST).read_text())
     vision = manifest["vision"]

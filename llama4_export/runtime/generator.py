@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
+from PIL import Image
 
 from ..artifact import MANIFEST, part_of_partitioned, read_manifest
 from ..errors import FLAG, INTEGER, NONE, PATH, TEXT, ConfigError, check_types, is_integer, needs_exporter, shown
@@ -177,11 +178,13 @@ class Generator:
 
     def _with_images(self, prompt: Prompt, images: Sequence[ImageInput]) -> tuple[list[int], np.ndarray | None]:
         """The prompt's ids with each `<|image|>` expanded for its image's tile grid, and the images' features."""
+        # one image, not a list of them (a PIL image or an array failed as a list, bytes were read as one per byte)
+        if isinstance(images, (str, Path, bytes, bytearray, memoryview, np.ndarray, Image.Image)) or \
+                hasattr(images, "read"):
+            images = [images]
         if not images:
             return self.encode(prompt), None
         self._require_vision()
-        if isinstance(images, (str, Path)):
-            images = [images]
         if not isinstance(prompt, str):
             raise ImageError("images need a text prompt: its <|image|> placeholders say where each image goes")
         return self._expanded(prompt, images, add_special_tokens=True)
@@ -269,10 +272,11 @@ class Generator:
         stream: Callable[[TokenEvent], None] | None = None, images: Sequence[ImageInput] = (),
         on_prefill: PrefillProgress | None = None, **penalties,
     ) -> GenerationResult:
-        """Continue one prompt; `stream` is called with every new token as it is chosen. images: files (or PIL
-        images) for the prompt's `<|image|>` placeholders, in order. penalties: frequency_penalty, presence_penalty,
-        logit_bias (SamplingParams), and stop: a string or a list of them that ends the generation where its text
-        first holds one (cut before it, stop_reason "stop"; streamed text that may begin one waits until it cannot).
+        """Continue one prompt; `stream` is called with every new token as it is chosen. images: the images (any
+        form images.open_image takes; one may be given alone) for the prompt's `<|image|>` placeholders, in order.
+        penalties: frequency_penalty, presence_penalty, logit_bias (SamplingParams), and stop: a string or a list of
+        them that ends the generation where its text first holds one (cut before it, stop_reason "stop"; streamed text
+        that may begin one waits until it cannot).
         on_prefill(done, total) is called after each prefill piece with the prompt tokens fed so far; an exception
         raised from it (or from `stream`) cancels the generation, reaches the caller unchanged, and leaves the
         Generator ready for the next one."""
