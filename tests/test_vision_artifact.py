@@ -299,3 +299,7 @@ def test_a_bad_image_stops_a_batch_before_it_runs(generators, tmp_path):
         generators["tiny-a"].generate_batch(["<|image|>a", "<|image|>b"], images=[[IMAGES / "tiny.png"], [broken]])
     with pytest.raises(ImageError, match="images need a text prompt"):
         generators["tiny-a"].generate([1, 2, 3], images=[IMAGES / "tiny.png"])
+    # a chat's image part is named where it is, not as images[k] of an images= the caller never gave
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What?"}, {"type": "image", "image": 5}]}]
+    with pytest.raises(ImageError, match=r"^messages\[0\]\.content\[1\]: int is not an image"):
+        generators["tiny-a"].chat(messages)

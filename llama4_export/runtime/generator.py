@@ -197,9 +197,9 @@ class Generator:
                              "with --backend onnxruntime")
 
     def _expanded(self, text: str, images: Sequence[ImageInput], add_special_tokens: bool,
-                  ) -> tuple[list[int], np.ndarray]:
+                  names: Sequence[str] | None = None) -> tuple[list[int], np.ndarray]:
         """Every image read and tiled, its placeholder expanded, the length checked; then the vision graph."""
-        processed = self.image_encoder.preprocess(images)
+        processed = self.image_encoder.preprocess(images, names)
         expanded = self.image_encoder.processor.expand_prompt(text, [image.grid for image in processed])
         ids = self.encode(self.tokenizer.encode(expanded, add_special_tokens) if self.tokenizer else expanded)
         context = self.config.max_position_embeddings
@@ -256,7 +256,7 @@ class Generator:
                              f"images from some messages (Llama 4's keeps only a system message's text), and a text "
                              f"part may not hold {placeholder} itself; put images in user messages")
         images = [decode_data_url(url, where) if url is not None else image for image, url, where in sources]
-        return self._expanded(text, images, add_special_tokens=False)
+        return self._expanded(text, images, add_special_tokens=False, names=[where for _, _, where in sources])
 
     def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The token ids of a text-only conversation (chat_inputs for one with images)."""

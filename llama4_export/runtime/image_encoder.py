@@ -48,8 +48,10 @@ class ImageEncoder:
         processor = ImageProcessorConfig.from_dict(entry.get("processor"), source)
         return cls(Path(directory) / entry.get("file", ""), config, processor, threads, providers, entry.get("precision"))
 
-    def preprocess(self, images: Sequence[ImageInput]) -> list[ProcessedImage]:
-        return [self.processor.preprocess(image, f"images[{i}]") for i, image in enumerate(images)]
+    def preprocess(self, images: Sequence[ImageInput], names: Sequence[str] | None = None) -> list[ProcessedImage]:
+        """Each image's tiles; an error names it by `names` (where the caller took it from) or as images[k]."""
+        return [self.processor.preprocess(image, names[i] if names else f"images[{i}]")
+                for i, image in enumerate(images)]
 
     def encode(self, images: Sequence[ProcessedImage]) -> np.ndarray:
         """The projected features of every tile of `images`, in prompt order."""
