@@ -21,8 +21,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from llama4_export.graph_passes import (canonicalize, decode_attention, fuse_moe, fuse_vision, lower, manager, ops,
-                                        sibling_projections, trt_plugin_spec, weight_layout)
+from llama4_export.graph_passes import (canonicalize, decode_attention, fuse_moe, fuse_transformer, fuse_vision, lower,
+                                        manager, ops, sibling_projections, trt_plugin_spec, weight_layout)
 from llama4_export.graph_passes.lower_linears import nbits_weight
 from llama4_export.graph_passes.errors import GraphPassError
 from llama4_export.graph_passes.manager import GraphPass, PassContext, op_histogram, run_passes
@@ -378,6 +378,128 @@ def test_ort_moe_probe_rejects_gpt_oss_swiglu_constants(monkeypatch):
         assert op_histogram(model)["com.microsoft::MoE"] == 0
     finally:
         lower.ort_moe_problem.cache_clear()
+
+
+# ------------------------------------------------------------------------------------------ transformer fusions
+def _transformer_pass(name: str, target: str = "onnxruntime"):
+    """The registered pass `name` of fuse_transformer for `target` (the rules are closures over the target)."""
+    return {p.name: p for p in fuse_transformer.transformer_fusion_passes(target)}[name].apply
+
+
+def _rms_norm(x: np.ndarray, eps: float, w: np.ndarray | None = None) -> np.ndarray:
+    normed = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps)
+    return normed if w is None else normed * w
+
+
+def test_rms_norm_fusions_change_op_counts_not_outputs_and_leave_near_misses():
+    """The traced norm (x · 1/√(mean(x²) + ε) · w) and its unweighted form (QK norm) become RMSNormalization with their ε
+    (1e-2 here, so a lost ε shows); ε added after the √, a mean over another axis, x³ and x normalized by z's RMS are
+    other functions and stay."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(8).astype(np.float32)
+
+    def norm(out: str, x: str = "x", square_of: str = "x", power: str = "two", axes: str = "last", eps_after_sqrt=False):
+        if eps_after_sqrt:
+            root = f"{out}_ms_root = Sqrt({out}_ms)\n {out}_root = Add({out}_ms_root, eps)"
+        else:
+            root = f"{out}_sum = Add({out}_ms, eps)\n {out}_root = Sqrt({out}_sum)"
+        return f"""{out}_sq = Pow({square_of}, {power})
+            {out}_ms = ReduceMean <keepdims = 1> ({out}_sq, {axes})
+            {root}
+            {out}_inv = Reciprocal({out}_root)
+            {out} = Mul({x}, {out}_inv)"""
+
+    outputs = ["weighted", "unweighted", "eps_after_sqrt", "other_axis", "cubed", "other_rms"]
+    model = parse(
+        f"""<ir_version: 10, opset_import: ["" : 23]>
+        g (float[2, 8, 8] x, float[2, 8, 8] z) => ({", ".join(f"float[2, 8, 8] {o}" for o in outputs)}) {{
+            {norm("weighted_core")}
+            weighted = Mul(weighted_core, w)
+            {norm("unweighted", x="z", square_of="z")}
+            {norm("eps_after_sqrt", eps_after_sqrt=True)}
+            {norm("other_axis", axes="second")}
+            {norm("cubed", power="three")}
+            {norm("other_rms", square_of="z")}
+        }}""", w=w, eps=np.asarray(1e-2, np.float32), two=np.asarray(2.0, np.float32),
+        three=np.asarray(3.0, np.float32), last=np.asarray([-1]), second=np.asarray([1]))
+    feeds = {name: (rng.standard_normal((2, 8, 8)) * 0.1).astype(np.float32) for name in "xz"}
+    before = run(model, feeds)
+    ops_before = op_histogram(model)
+    assert _transformer_pass("fuse_rms_norm")(model, CONTEXT) == 1
+    assert _transformer_pass("fuse_unweighted_rms_norm")(model, CONTEXT) == 1
+    ops_after = op_histogram(model)
+    assert ops_after["RMSNormalization"] == 2
+    assert {op: ops_before[op] - ops_after[op] for op in ("Pow", "ReduceMean", "Sqrt", "Reciprocal")} == dict.fromkeys(
+        ("Pow", "ReduceMean", "Sqrt", "Reciprocal"), 2)
+    after = run(model, feeds)
+    x, z = feeds["x"], feeds["z"]
+    np.testing.assert_allclose(after[0], _rms_norm(x, 1e-2, w), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(after[1], _rms_norm(z, 1e-2), rtol=1e-5, atol=1e-6)
+    for got, was in zip(after, before):
+        np.testing.assert_allclose(got, was, rtol=1e-5, atol=1e-6)
+
+
+def _rope_model(layout: str) -> tuple[ir.Model, dict]:
+    """apply_rope as traced (x [B, T, H, D] viewed as interleaved pairs), or a near miss of it."""
+    b, t, h, d = 2, 4, 4, 8
+    view, gather_axis, stack_axis, first, second, cos_axis = [b, t, h, d // 2, 2], 4, -1, "zero", "one", "two"
+    imag = "a_sin = Mul(a, s)\n b_cos = Mul(b, c)\n imag = Add(a_sin, b_cos)"
+    if layout == "rotate_half":  # the halves of each head rotate together (GPT-NeoX), not the interleaved pairs
+        view, gather_axis, stack_axis = [b, t, h, 2, d // 2], 3, 3
+    elif layout == "pairs_swapped":
+        first, second = "one", "zero"
+    elif layout == "cos_over_tokens":  # cos/sin broadcast over the tokens axis instead of the heads axis (T = H)
+        cos_axis = "tokens_axis"
+    elif layout == "sin_cos_mixed":  # (a·cos − b·sin, a·cos + b·sin)
+        imag = "a_cos_again = Mul(a, c)\n b_sin_again = Mul(b, s)\n imag = Add(a_cos_again, b_sin_again)"
+    model = parse(
+        f"""<ir_version: 10, opset_import: ["" : 23]>
+        g (float[{b}, {t}, {h}, {d}] x, float[{b}, {t}, {d // 2}] cos, float[{b}, {t}, {d // 2}] sin)
+          => (float[{b}, {t}, {h}, {d}] y) {{
+            pairs = Reshape <allowzero = 1> (x, view)
+            a = Gather <axis = {gather_axis}> (pairs, {first})
+            b = Gather <axis = {gather_axis}> (pairs, {second})
+            c = Unsqueeze(cos, {cos_axis})
+            s = Unsqueeze(sin, {cos_axis})
+            a_cos = Mul(a, c)
+            b_sin = Mul(b, s)
+            real = Sub(a_cos, b_sin)
+            {imag}
+            real_u = Unsqueeze(real, last)
+            imag_u = Unsqueeze(imag, last)
+            stacked = Concat <axis = {stack_axis}> (real_u, imag_u)
+            y = Reshape <allowzero = 1> (stacked, out_shape)
+        }}""", view=np.array(view), out_shape=np.array([b, t, h, d]), zero=np.asarray(0), one=np.asarray(1),
+        two=np.asarray([2]), tokens_axis=np.asarray([1]), last=np.asarray([-1]))
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.standard_normal((b, t, h, d), dtype=np.float32)}
+    angles = rng.uniform(0, 2 * np.pi, (b, t, d // 2))
+    feeds["cos"], feeds["sin"] = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    return model, feeds
+
+
+@pytest.mark.parametrize("target, fused_op", [("onnxruntime", "com.microsoft::RotaryEmbedding"),
+                                               ("tensorrt", "RotaryEmbedding")])
+def test_rope_fusion_changes_op_counts_not_outputs(target, fused_op):
+    model, feeds = _rope_model("interleaved")
+    before = run(model, feeds)[0]
+    assert _transformer_pass("fuse_rope", target)(model, PassContext(target, "gather")) == 1
+    ops_after = op_histogram(model)
+    assert ops_after[fused_op] == 1 and not {"Gather", "Sub", "Concat"} & set(ops_after)
+    x, cos, sin = feeds["x"], feeds["cos"][:, :, None], feeds["sin"][:, :, None]
+    a, b = x[..., 0::2], x[..., 1::2]
+    expected = np.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(x.shape)
+    after = run(model, feeds)[0]
+    np.testing.assert_allclose(after, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["rotate_half", "pairs_swapped", "cos_over_tokens", "sin_cos_mixed"])
+def test_rope_fusion_leaves_other_rotations_alone(layout):
+    model, feeds = _rope_model(layout)
+    before = run(model, feeds)[0]
+    assert _transformer_pass("fuse_rope")(model, CONTEXT) == 0
+    np.testing.assert_array_equal(run(model, feeds)[0], before)
 
 
 # ------------------------------------------------------------------------------------------ vision fusions
