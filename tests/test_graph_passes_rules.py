@@ -439,6 +439,29 @@ def test_rms_norm_fusions_change_op_counts_not_outputs_and_leave_near_misses():
         np.testing.assert_allclose(got, was, rtol=1e-5, atol=1e-6)
 
 
+def test_skip_rms_norm_fusion_keeps_the_norms_epsilon_and_the_residual_sum():
+    """Add(a, b) → RMSNormalization, the sum read again → SkipSimplifiedLayerNormalization(a, b) with both outputs. The
+    norm here has no epsilon attribute (ONNX's default, 1e-5, as an opset-23 graph may write it): the fused op got
+    none either and ran with its own default, 1e-12 — on small activations a different function."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal(8).astype(np.float32)
+    model = parse(
+        """<ir_version: 10, opset_import: ["" : 23]>
+        g (float[N, 5, 8] a, float[N, 5, 8] b) => (float[N, 5, 8] y, float[N, 5, 8] total) {
+            total = Add(a, b)
+            y = RMSNormalization <axis = -1> (total, w)
+        }""", w=w)
+    feeds = {name: (rng.standard_normal((2, 5, 8)) * 1e-3).astype(np.float32) for name in "ab"}
+    before = run(model, feeds)
+    assert _transformer_pass("fuse_skip_rms_norm")(model, CONTEXT) == 1
+    assert dict(op_histogram(model)) == {"com.microsoft::SkipSimplifiedLayerNormalization": 1}
+    total = feeds["a"] + feeds["b"]
+    after = run(model, feeds)
+    np.testing.assert_allclose(after[0], _rms_norm(total, 1e-5, w), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(after[1], total)
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-4, atol=1e-5)
+
+
 def _rope_model(layout: str) -> tuple[ir.Model, dict]:
     """apply_rope as traced (x [B, T, H, D] viewed as interleaved pairs), or a near miss of it."""
     b, t, h, d = 2, 4, 4, 8

@@ -38,6 +38,7 @@ from .manager import GraphPass, PassContext
 
 ORT_DOMAIN = "com.microsoft"
 FUSED_OPSET = 23  # ONNX RMSNormalization (both targets) and RotaryEmbedding (the tensorrt target)
+ONNX_NORM_EPSILON = 1e-5  # RMSNormalization's default epsilon
 
 
 def _normalized(op, x, eps):
@@ -111,8 +112,9 @@ def _check_skip_norm(context, a, b, normed, **_) -> bool:
 
 
 def skip_norm(op, a, b, weight, normed, **_):
-    out = op.SkipSimplifiedLayerNormalization(a, b, weight, epsilon=attr(normed, "epsilon"), _domain=ORT_DOMAIN,
-                                              _version=1, _outputs=4)
+    # ε stated even where the norm leaves it at ONNX's default: the contrib op's own default is 1e-12
+    out = op.SkipSimplifiedLayerNormalization(a, b, weight, epsilon=attr(normed, "epsilon", ONNX_NORM_EPSILON),
+                                              _domain=ORT_DOMAIN, _version=1, _outputs=4)
     return out[0], out[3]
 
 
