@@ -603,6 +603,27 @@ def test_vision_attention_fusion_changes_op_counts_not_outputs():
     np.testing.assert_allclose(after, before, atol=1e-6)
 
 
+@pytest.mark.parametrize("norm", ["RMSNormalization", "LayerNormalization"])
+def test_skip_norm_fusions_leave_a_broadcast_scale_alone(norm):
+    """A norm's scale (and bias) need only broadcast to the normalized axis, the contrib skip norms' gamma and beta must
+    be 1-D of its size: fused with a [1] scale, the graph failed in ONNX Runtime ("Last dimension of gamma and input
+    does not match")."""
+    rng = np.random.default_rng(4)
+    inputs = "total, scale" + (", bias" if norm == "LayerNormalization" else "")
+    model = parse(
+        f"""<ir_version: 10, opset_import: ["" : 23]>
+        g (float[N, 5, 8] a, float[N, 5, 8] b) => (float[N, 5, 8] y, float[N, 5, 8] total) {{
+            total = Add(a, b)
+            y = {norm} <axis = -1, epsilon = 1e-5> ({inputs})
+        }}""", scale=np.asarray([1.5], np.float32), bias=np.asarray([0.5], np.float32))
+    fuse = fuse_vision.fuse_skip_layer_norm if norm == "LayerNormalization" else _transformer_pass("fuse_skip_rms_norm")
+    feeds = {name: rng.standard_normal((2, 5, 8)).astype(np.float32) for name in "ab"}
+    before = run(model, feeds)
+    assert fuse(model, CONTEXT) == 0
+    for got, was in zip(run(model, feeds), before):
+        np.testing.assert_array_equal(got, was)
+
+
 # ------------------------------------------------------------------------------------------ decode attention
 def _gqa_model(heads: int, kv_heads: int, head_dim: int, slot_dim: str) -> ir.Model:
     """One in-place GroupQueryAttention over a cache whose slot dimension is `slot_dim` (io_spec's names)."""

@@ -101,12 +101,14 @@ def skip_norm_pattern(op, a, b, weight):
     return op.RMSNormalization(total, weight, _outputs=["normed"]), total
 
 
-def _check_skip_norm(context, a, b, normed, **_) -> bool:
-    """No broadcasting in the Add (the contrib op wants equal shapes), rank 2 or 3, normalized over the last axis."""
+def _check_skip_norm(context, a, b, weight, normed, **_) -> bool:
+    """No broadcasting in the Add or of the weight (the contrib op wants equal shapes and a 1-D gamma of the last
+    axis' size), rank 2 or 3, normalized over the last axis."""
     a_dims, b_dims = dims(a), dims(b)
     return (
         a.shape is not None and b.shape is not None and list(a.shape) == list(b.shape) and len(a.shape) in (2, 3)
-        and None not in (a_dims[-1], b_dims[-1]) and attr(normed, "axis", -1) in (-1, len(a.shape) - 1)
+        and None not in (a_dims[-1], b_dims[-1]) and dims(weight) == [a_dims[-1]]
+        and attr(normed, "axis", -1) in (-1, len(a.shape) - 1)
         and attr(normed, "stash_type", 1) == 1
     )
 

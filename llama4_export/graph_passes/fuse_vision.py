@@ -33,12 +33,13 @@ def skip_layer_norm_pattern(op, a, b, gamma, beta):
     return op.LayerNormalization(total, gamma, beta, _outputs=["normed"]), total
 
 
-def _check_skip_layer_norm(context, a, b, normed, **_) -> bool:
-    """No broadcasting in the Add (the contrib op wants equal shapes), rank 2 or 3, float32, the last axis."""
+def _check_skip_layer_norm(context, a, b, gamma, beta, normed, **_) -> bool:
+    """No broadcasting in the Add or of γ, β (the contrib op wants equal shapes and 1-D γ, β of the last axis' size),
+    rank 2 or 3, float32, the last axis."""
     a_dims = dims(a)
     return (
         a_dims is not None and b.shape is not None and list(a.shape) == list(b.shape) and len(a_dims) in (2, 3)
-        and a_dims[-1] is not None and a.dtype == ir.DataType.FLOAT
+        and a_dims[-1] is not None and dims(gamma) == dims(beta) == [a_dims[-1]] and a.dtype == ir.DataType.FLOAT
         and attr(normed, "axis", -1) in (-1, len(a_dims) - 1) and attr(normed, "stash_type", 1) == 1
     )
 
