@@ -711,6 +711,25 @@ def test_group_decode_queries_branches_one_row_decode_and_changes_no_output(batc
     assert np.array_equal(keys[0, :, scratch], cache[0][0, :, scratch]) != one_row_decode
 
 
+def test_group_decode_queries_leaves_a_node_whose_attributes_its_branch_would_drop():
+    """The one-token branch's GroupQueryAttention carries num_heads, kv_num_heads and scale: a node with any other
+    setting (here smooth_softmax, an extra 1 in the softmax' denominator) was rewritten all the same, and a one-row
+    decode step then computed a plain softmax."""
+    heads, kv_heads, head_dim, capacity = 6, 2, 8, 48
+    rng = np.random.default_rng(9)
+    models = [_gqa_model(heads, kv_heads, head_dim, "global_slots") for _ in range(2)]
+    for model in models:
+        (node,) = list(model.graph)
+        node.attributes["smooth_softmax"] = ir.AttrInt64("smooth_softmax", 1)
+    assert decode_attention.group_decode_queries(models[1], CONTEXT) == 0
+    lengths = np.array([37])
+    q = rng.standard_normal((1, 1, heads * head_dim), dtype=np.float32)
+    k, v = (rng.standard_normal((1, 1, kv_heads * head_dim), dtype=np.float32) for _ in range(2))
+    cache = [rng.standard_normal((1, kv_heads, capacity, head_dim), dtype=np.float32) for _ in range(2)]
+    original, passed = (_attend_in_place(model, q, k, v, cache[0].copy(), cache[1].copy(), lengths) for model in models)
+    np.testing.assert_array_equal(passed, original)
+
+
 # ------------------------------------------------------------------------------------------ sibling projections
 def _nbits_projection(rng, k: int, n: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(packed, scales) of a random 4-bit weight, and the float W [N, K] they stand for (numpy: (q − 0) · scale)."""

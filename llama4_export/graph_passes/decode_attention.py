@@ -35,16 +35,19 @@ from .manager import GraphPass, PassContext
 # shapes, 2 threads, cache-warm; benchmarks/gqa_depth.py --grouped), but its cost also grows with the buffer's length,
 # and a chunked layer's buffer stays a whole chunk long while it attends to half a chunk on average.
 GROUPED_CHUNK_MIN = 1024
+# What the one-token branch's node is given; any other attribute (smooth_softmax, causal, qk_output, …) would change
+# what it computes, unless at one of these values, which mean "off".
+CARRIED_ATTRIBUTES = {"num_heads", "kv_num_heads", "scale"}
+NEUTRAL_ATTRIBUTES = {"do_rotary": 0, "local_window_size": -1, "softcap": 0.0}
 
 
 def _rewritable(node: ir.Node, context: PassContext) -> bool:
-    """A plain GroupQueryAttention (no rotary, window, softcap or extra inputs) of G > 1 over a cache the graph takes
-    as an input: a global layer's, or a chunked layer's when the chunk is long."""
+    """A plain GroupQueryAttention (no attribute set but the head counts and scale, no extra inputs) of G > 1 over a
+    cache the graph takes as an input: a global layer's, or a chunked layer's when the chunk is long."""
     if node.op_type != "GroupQueryAttention" or node.domain != ORT_DOMAIN or len(node.inputs) != 7:
         return False
-    if any(node.attributes.get_int(name, default) != default
-           for name, default in (("do_rotary", 0), ("local_window_size", -1))) \
-            or node.attributes.get_float("softcap", 0.0) != 0.0:
+    if any(name not in CARRIED_ATTRIBUTES and (name not in NEUTRAL_ATTRIBUTES or attribute.value != NEUTRAL_ATTRIBUTES[name])
+           for name, attribute in node.attributes.items()):
         return False
     heads, kv_heads = node.attributes.get_int("num_heads"), node.attributes.get_int("kv_num_heads")
     past_key = node.inputs[3]
