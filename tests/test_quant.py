@@ -17,6 +17,7 @@ from llama4_export.graph_passes import lower, ops
 from llama4_export.graph_passes.canonicalize import eliminate_dead_code
 from llama4_export.graph_passes.lower import (FLOAT_EXPERTS_LOWERING, IF_PER_EXPERT_MAX, INT4_EXPERTS_LOWERING,
                                               QMOE_LOWERING, lower_moe, lower_routed_experts)
+from llama4_export.graph_passes.lower_linears import lower_quantized_linears
 from llama4_export.graph_passes.manager import PassContext
 from llama4_export.graph_passes.moe_reference import llama4_moe
 from llama4_export.graph_passes.quantize import (QuantSpec, int4_blockwise, int4_dequantize,
@@ -93,6 +94,42 @@ def test_fp8_linear_quantizes_weights_and_inputs(tmp_path):
     expected = fp8(x, amax / 448) @ fp8(w, np.abs(w).max() / 448).T
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert np.abs(got - x @ w.T).max() / np.abs(x @ w.T).max() < 0.1
+
+
+@pytest.mark.parametrize("squeeze", ["axis 0", "every unit axis"])
+def test_lower_quantized_linears_drops_only_the_unit_axis_quantize_linears_added(squeeze):
+    """MatMul(Unsqueeze(x, 0), DequantizeLinear(W int4)) → Squeeze(·, 0) becomes one MatMulNBits on x, against numpy.
+    A Squeeze without axes removes every unit axis, the row axis of a one-row x too: it was dropped all the same, and
+    y came out [1, N] where the graph says [N]."""
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((96, 256)).astype(np.float32)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    model = _linear_model(w, "gemm")
+    assert quantize_linears(model, PassContext("onnxruntime", "gather", quantization=QuantSpec("int4", 64))) == 1
+    (squeeze_node,) = [n for n in model.graph if n.op_type == "Squeeze"]
+    if squeeze == "every unit axis":
+        squeeze_node.resize_inputs(1)
+        model.graph.outputs[0].shape = ir.Shape([96])
+    expected = run_plain(model, {"x": x})
+    assert lower_quantized_linears(model, PassContext("onnxruntime", "gather")) == 1
+    counts = collections.Counter(n.op_type for n in model.graph)
+    assert counts["MatMulNBits"] == 1 and counts["MatMul"] == counts["DequantizeLinear"] == 0
+    assert counts["Squeeze"] == counts["Unsqueeze"] == (0 if squeeze == "axis 0" else 1)
+    got = run_plain(model, {"x": x})
+    q, scale = int4_blockwise(w.T, 64, axis=0)
+    reference = x @ int4_dequantize(q, scale, 64, axis=0)
+    assert got.shape == expected.shape == (reference.shape if squeeze == "axis 0" else (96,))
+    # MatMulNBits' accuracy level 4 quantizes x to int8 per block
+    assert np.abs(got - expected).max() / np.abs(expected).max() < 2e-2
+    assert np.abs(got.reshape(reference.shape) - reference).max() / np.abs(reference).max() < 2e-2
+
+
+def run_plain(model: ir.Model, feeds: dict) -> np.ndarray:
+    """The model's first output on ONNX Runtime CPU, as the graph computes it (no ORT graph rewrites)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
 
 
 def _int4_expert_model(rng, block: int, experts: int = 4, inter: int = 96):

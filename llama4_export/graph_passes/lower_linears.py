@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ._match import const_equals
 from .manager import GraphPass, PassContext
 from .quantize import EMBEDDING, QUANTIZED, SLICE_BYTES, blockwise_slices, initializer
 
@@ -87,7 +88,9 @@ def lower_quantized_linears(model: ir.Model, context: PassContext) -> int:
         x, output = node.inputs[0], node.outputs[0]
         unsqueeze, squeeze = x.producer(), next(iter(output.uses()), (None, 0))[0] if len(output.uses()) == 1 else None
         wrapped = (unsqueeze is not None and unsqueeze.op_type == "Unsqueeze" and squeeze is not None
-                   and squeeze.op_type == "Squeeze" and len(x.uses()) == 1)
+                   and squeeze.op_type == "Squeeze" and len(x.uses()) == 1
+                   and len(squeeze.inputs) == 2 and const_equals(unsqueeze.inputs[1], [0])
+                   and const_equals(squeeze.inputs[1], [0]))  # a Squeeze without axes drops every unit axis
         inputs = [unsqueeze.inputs[0] if wrapped else x, initializer(graph, f"{base}.nbits", packed),
                   initializer(graph, f"{base}.nbits_scale", scales)]
         matmul = ir.Node(ORT_DOMAIN, "MatMulNBits", inputs, num_outputs=1, name=f"{base}.matmul_nbits",
