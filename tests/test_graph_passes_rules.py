@@ -281,12 +281,14 @@ def test_moe_fusion_turns_each_traced_form_into_one_node(traced_moe):
     np.testing.assert_allclose(out, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
 
 
-def test_moe_fusion_leaves_a_different_routing_alone(traced_moe):
-    """Top-1 by the *last* maximum is not Llama 4's routing: the rule must not fire."""
+@pytest.mark.parametrize("attribute, value", [("select_last_index", 1), ("axis", 0)], ids=["last_maximum", "token_axis"])
+def test_moe_fusion_leaves_a_different_routing_alone(traced_moe, attribute, value):
+    """Top-1 by the *last* maximum, or an argmax over the tokens instead of the experts, is not Llama 4's routing: the
+    rule must not fire."""
     form, model, _, _ = traced_moe
     changed = model.clone()
     (argmax,) = [n for n in changed.graph if n.op_type == "ArgMax"]
-    argmax.attributes["select_last_index"] = ir.AttrInt64("select_last_index", 1)
+    argmax.attributes[attribute] = ir.AttrInt64(attribute, value)
     report = _fuse(changed)
     assert op_histogram(changed)[f"{ops.DOMAIN}::{ops.MOE_OP}"] == 0
     assert all(r.rewrites == 0 for r in report.records if r.name.startswith("fuse_moe"))
@@ -601,6 +603,26 @@ def test_vision_attention_fusion_changes_op_counts_not_outputs():
     after = run(model, feeds)[0]
     np.testing.assert_allclose(after, expected, atol=1e-5)
     np.testing.assert_allclose(after, before, atol=1e-6)
+
+
+def test_vision_attention_fusion_leaves_a_softmax_over_the_queries_alone():
+    rng = np.random.default_rng(2)
+    model = parse(
+        """<ir_version: 10, opset_import: ["" : 21]>
+        g (float[N, 5, 2, 4] q, float[N, 5, 2, 4] k, float[N, 5, 2, 4] v) => (float[N, 5, 2, 4] y) {
+            q_heads = Transpose <perm = [0, 2, 1, 3]> (q)
+            k_transposed = Transpose <perm = [0, 2, 3, 1]> (k)
+            v_heads = Transpose <perm = [0, 2, 1, 3]> (v)
+            scores = MatMul(q_heads, k_transposed)
+            scaled = Mul(scores, scale)
+            weights = Softmax <axis = 2> (scaled)
+            heads = MatMul(weights, v_heads)
+            y = Transpose <perm = [0, 2, 1, 3]> (heads)
+        }""", scale=np.asarray(0.5, np.float32))
+    feeds = {name: rng.standard_normal((3, 5, 2, 4)).astype(np.float32) for name in "qkv"}
+    before = run(model, feeds)[0]
+    assert fuse_vision.fuse_attention(model, PassContext("onnxruntime", "gather")) == 0
+    np.testing.assert_array_equal(run(model, feeds)[0], before)
 
 
 @pytest.mark.parametrize("norm", ["RMSNormalization", "LayerNormalization"])
