@@ -575,21 +575,25 @@ def test_vision_fusions_change_op_counts_not_outputs():
     np.testing.assert_allclose(after[3], before[3], atol=1e-6)
 
 
-def test_vision_attention_fusion_changes_op_counts_not_outputs():
+def _vision_attention(softmax_axis: int):
     """The encoder's attention as traced: q, k, v [B, T, H, d] (q, k after RoPE), scaled scores, softmax, no mask."""
-    rng = np.random.default_rng(1)
-    model = parse(
-        """<ir_version: 10, opset_import: ["" : 21]>
-        g (float[N, 5, 2, 4] q, float[N, 5, 2, 4] k, float[N, 5, 2, 4] v) => (float[N, 5, 2, 4] y) {
+    return parse(
+        f"""<ir_version: 10, opset_import: ["" : 21]>
+        g (float[N, 5, 2, 4] q, float[N, 5, 2, 4] k, float[N, 5, 2, 4] v) => (float[N, 5, 2, 4] y) {{
             q_heads = Transpose <perm = [0, 2, 1, 3]> (q)
             k_transposed = Transpose <perm = [0, 2, 3, 1]> (k)
             v_heads = Transpose <perm = [0, 2, 1, 3]> (v)
             scores = MatMul(q_heads, k_transposed)
             scaled = Mul(scores, scale)
-            weights = Softmax <axis = -1> (scaled)
+            weights = Softmax <axis = {softmax_axis}> (scaled)
             heads = MatMul(weights, v_heads)
             y = Transpose <perm = [0, 2, 1, 3]> (heads)
-        }""", scale=np.asarray(0.5, np.float32))
+        }}""", scale=np.asarray(0.5, np.float32))
+
+
+def test_vision_attention_fusion_changes_op_counts_not_outputs():
+    rng = np.random.default_rng(1)
+    model = _vision_attention(softmax_axis=-1)
     feeds = {name: rng.standard_normal((3, 5, 2, 4)).astype(np.float32) for name in "qkv"}
     before = run(model, feeds)[0]
     assert fuse_vision.fuse_attention(model, PassContext("onnxruntime", "gather")) == 1
@@ -607,18 +611,7 @@ def test_vision_attention_fusion_changes_op_counts_not_outputs():
 
 def test_vision_attention_fusion_leaves_a_softmax_over_the_queries_alone():
     rng = np.random.default_rng(2)
-    model = parse(
-        """<ir_version: 10, opset_import: ["" : 21]>
-        g (float[N, 5, 2, 4] q, float[N, 5, 2, 4] k, float[N, 5, 2, 4] v) => (float[N, 5, 2, 4] y) {
-            q_heads = Transpose <perm = [0, 2, 1, 3]> (q)
-            k_transposed = Transpose <perm = [0, 2, 3, 1]> (k)
-            v_heads = Transpose <perm = [0, 2, 1, 3]> (v)
-            scores = MatMul(q_heads, k_transposed)
-            scaled = Mul(scores, scale)
-            weights = Softmax <axis = 2> (scaled)
-            heads = MatMul(weights, v_heads)
-            y = Transpose <perm = [0, 2, 1, 3]> (heads)
-        }""", scale=np.asarray(0.5, np.float32))
+    model = _vision_attention(softmax_axis=2)
     feeds = {name: rng.standard_normal((3, 5, 2, 4)).astype(np.float32) for name in "qkv"}
     before = run(model, feeds)[0]
     assert fuse_vision.fuse_attention(model, PassContext("onnxruntime", "gather")) == 0
