@@ -14,6 +14,7 @@ import math
 import warnings
 import weakref
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -23,10 +24,13 @@ import torch
 
 from llama4_export.graph_passes import (canonicalize, decode_attention, fuse_moe, fuse_transformer, fuse_vision, lower,
                                         manager, ops, sibling_projections, trt_plugin_spec, weight_layout)
-from llama4_export.graph_passes.lower_linears import nbits_weight
+from llama4_export.graph_passes.lower_linears import nbits_weight, quantize_embedding
 from llama4_export.graph_passes.errors import GraphPassError
 from llama4_export.graph_passes.manager import GraphPass, PassContext, op_histogram, run_passes
 from llama4_export.graph_passes.moe_reference import llama4_moe
+from llama4_export.graph_passes.ort_run import run_onnxruntime
+from llama4_export.graph_passes.pipeline import CONSTANT_CSE_LIMIT, tidy
+from llama4_export.graph_passes.quantize import EMBEDDING, QuantSpec, quantize_kv_cache
 from llama4_export.graph_passes.verify import executable_copy, reference_ops_available
 from llama4_export.model import get_preset
 from llama4_export.model.modeling import MoE
@@ -794,3 +798,130 @@ def test_sibling_projections_become_one_product_and_change_no_output():
     for got, want, unfused in zip(run(fused, feeds), expected, run(original, feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(got, unfused, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ quantization and tidy
+def _helper_model(nodes: list, inputs: list, outputs: list, opset_imports=(("", 21),), **initializers) -> ir.Model:
+    """A model from onnx.helper parts (for names with dots, which the text parser refuses), shapes inferred."""
+    graph = onnx.helper.make_graph(nodes, "g", inputs, outputs,
+                                   [onnx.numpy_helper.from_array(v, k) for k, v in initializers.items()])
+    proto = onnx.helper.make_model(graph, ir_version=10,
+                                   opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opset_imports])
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+
+
+def _embedding_model(table: np.ndarray, axis: int = 0, name: str = EMBEDDING) -> ir.Model:
+    ids = onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2, 3])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    return _helper_model([onnx.helper.make_node("Gather", [name, "ids"], ["y"], axis=axis)], [ids], [y],
+                         **{name: table})
+
+
+def test_quantize_embedding_gathers_4bit_blocks_and_changes_outputs_only_by_their_rounding():
+    """Gather(embedding) → GatherBlockQuantized: rows == numpy's blockwise 4-bit rounding (s = amax(block) / 7,
+    q = round(w / s) in [-7, 7]); vs the float table within s / 2. Near misses: another table, a Gather along H."""
+    rng = np.random.default_rng(0)
+    vocab, hidden, block = 10, 64, 16
+    table = rng.standard_normal((vocab, hidden), dtype=np.float32)
+    table[3, :block] = 0  # an all-zero block
+    ids = np.array([[3, 0, 9], [3, 5, 1]], np.int64)
+    context = PassContext("onnxruntime", "gather", quantization=QuantSpec("int4", block_size=block, embedding_bits=4))
+    model = _embedding_model(table)
+    before = op_histogram(model)
+    assert quantize_embedding(model, context) == 1
+    after = op_histogram(model)
+    assert (before["Gather"], after["Gather"], after["com.microsoft::GatherBlockQuantized"]) == (1, 0, 1)
+    assert [v.name for v in model.graph.outputs] == ["y"]
+
+    blocks = table.reshape(vocab, hidden // block, block)
+    scale = np.abs(blocks).max(-1, keepdims=True) / 7
+    scale[scale == 0] = 1
+    dequantized = (np.clip(np.round(blocks / scale), -7, 7) * scale).reshape(vocab, hidden)
+    (got,) = run(model, {"ids": ids})
+    np.testing.assert_allclose(got, dequantized[ids], rtol=1e-6, atol=0)
+    (unquantized,) = run(_embedding_model(table), {"ids": ids})
+    half_step = np.repeat(scale[..., 0], block, axis=-1)[ids] / 2
+    assert np.all(np.abs(got - unquantized) <= half_step * (1 + 1e-6))
+
+    for near_miss in (_embedding_model(table, name="other.weight"), _embedding_model(table, axis=1)):
+        assert quantize_embedding(near_miss, context) == 0 and op_histogram(near_miss)["Gather"] == 1
+
+
+def _kv_cache_model() -> ir.Model:
+    """Layer 0's cache: new = Concat(past, k) along the slots; y = q · newᵀ reads the dequantized past."""
+    f, shape = onnx.TensorProto.FLOAT, [1, 2, 3, 4]
+    inputs = [onnx.helper.make_tensor_value_info(name, f, shape) for name in ("past_key.0", "past_value.0")]
+    inputs += [onnx.helper.make_tensor_value_info(name, f, [1, 2, 1, 4]) for name in ("q", "k", "v")]
+    outputs = [onnx.helper.make_tensor_value_info(name, f, None) for name in ("y", "new_key.0", "new_value.0")]
+    nodes = [onnx.helper.make_node("Concat", ["past_key.0", "k"], ["new_key.0"], axis=2),
+             onnx.helper.make_node("Concat", ["past_value.0", "v"], ["new_value.0"], axis=2),
+             onnx.helper.make_node("Transpose", ["past_key.0"], ["past_key_t"], perm=[0, 1, 3, 2]),
+             onnx.helper.make_node("MatMul", ["q", "past_key_t"], ["y"])]
+    return _helper_model(nodes, inputs, outputs)
+
+
+def test_quantize_kv_cache_stores_the_cache_in_fp8_and_changes_outputs_only_by_its_rounding():
+    """past → float8 input → DequantizeLinear(s); new → QuantizeLinear(s) → float8 output, s = amax / 448: the outputs
+    == numpy's E4M3 rounding (saturating) of the float graph's, y == the float graph fed numpy's dequantized past;
+    vs the float graph fed the float past within E4M3's rounding (3 mantissa bits). Near miss: a layer of the spec
+    whose cache is in another partition's graph."""
+    rng = np.random.default_rng(0)
+    amax = {0: (2.0, 1.5), 1: (9.0, 9.0)}  # layer 1: not in this graph
+    feeds = {name: rng.standard_normal(shape, dtype=np.float32)
+             for name, shape in (("past_key.0", (1, 2, 3, 4)), ("past_value.0", (1, 2, 3, 4)), ("q", (1, 2, 1, 4)),
+                                 ("k", (1, 2, 1, 4)), ("v", (1, 2, 1, 4)))}
+    feeds["k"][0, 0, 0, 0] = 5.0  # beyond amax: saturates to 448·s
+    model = _kv_cache_model()
+    before = op_histogram(model)
+    context = PassContext("onnxruntime", "gather", quantization=QuantSpec("fp8", kv_cache_amax=amax))
+    assert quantize_kv_cache(model, context) == 2
+    after = op_histogram(model)
+    assert (after["DequantizeLinear"] - before["DequantizeLinear"], after["QuantizeLinear"] - before["QuantizeLinear"]) == (2, 2)
+    assert [(v.name, v.dtype) for v in [*model.graph.inputs[:2], *model.graph.outputs]] == [
+        ("past_key.0", ir.DataType.FLOAT8E4M3FN), ("past_value.0", ir.DataType.FLOAT8E4M3FN), ("y", ir.DataType.FLOAT),
+        ("new_key.0", ir.DataType.FLOAT8E4M3FN), ("new_value.0", ir.DataType.FLOAT8E4M3FN)]
+
+    scale = {"key": np.float32(amax[0][0] / 448), "value": np.float32(amax[0][1] / 448)}
+    fp8 = {kind: np.clip(feeds[f"past_{kind}.0"] / scale[kind], -448, 448).astype(ml_dtypes.float8_e4m3fn)
+           for kind in scale}
+    got = run_onnxruntime(model, {**feeds, "past_key.0": fp8["key"], "past_value.0": fp8["value"]})
+    dequantized = {f"past_{kind}.0": fp8[kind].astype(np.float32) * scale[kind] for kind in scale}
+    float_graph = run_onnxruntime(_kv_cache_model(), {**feeds, **dequantized})
+    np.testing.assert_allclose(got["y"], float_graph["y"], rtol=1e-6, atol=1e-7)
+    for kind in scale:
+        expected = np.clip(float_graph[f"new_{kind}.0"] / scale[kind], -448, 448).astype(ml_dtypes.float8_e4m3fn)
+        np.testing.assert_array_equal(got[f"new_{kind}.0"].view(np.uint8), expected.view(np.uint8))
+    unquantized = run_onnxruntime(_kv_cache_model(), feeds)
+    past_error = np.abs(dequantized["past_key.0"] - feeds["past_key.0"]).sum(-1).max()  # Σ over the dot product
+    assert np.abs(got["y"] - unquantized["y"]).max() <= past_error * np.abs(feeds["q"]).max()
+    within_range = np.abs(unquantized["new_value.0"]) <= amax[0][1]
+    value = got["new_value.0"].astype(np.float32) * scale["value"]
+    np.testing.assert_allclose(value[within_range], unquantized["new_value.0"][within_range], rtol=2 ** -4, atol=scale["value"] * 2 ** -9)
+
+
+def test_tidy_merges_duplicate_constants_lifts_them_and_drops_dead_nodes():
+    """Two equal small Constants → one initializer; a dead node → gone; outputs unchanged. Near miss: constants
+    beyond CONSTANT_CSE_LIMIT elements stay two (comparing them would cost more than the copy)."""
+    big = np.arange(CONSTANT_CSE_LIMIT + 1, dtype=np.float32)
+    make = onnx.helper.make_node
+
+    def constant(name: str, array: np.ndarray):
+        return make("Constant", [], [name], value=onnx.numpy_helper.from_array(array))
+
+    nodes = [constant("one", np.array([1.5], np.float32)), constant("one_again", np.array([1.5], np.float32)),
+             make("Add", ["x", "one"], ["a"]), make("Mul", ["a", "one_again"], ["b"]), make("Sigmoid", ["b"], ["dead"]),
+             constant("big1", big), constant("big2", big), make("Add", ["b", "big1"], ["y"]),
+             make("Sub", ["b", "big2"], ["z"])]
+    f = onnx.TensorProto.FLOAT
+    model = _helper_model(nodes, [onnx.helper.make_tensor_value_info("x", f, [2, big.size])],
+                          [onnx.helper.make_tensor_value_info(name, f, None) for name in ("y", "z")])
+    x = np.random.default_rng(0).standard_normal((2, big.size), dtype=np.float32)
+    before = op_histogram(model)
+    assert tidy(model, CONTEXT) == 5
+    after = op_histogram(model)
+    assert (before["Constant"], after["Constant"], before["Sigmoid"], after["Sigmoid"]) == (4, 0, 1, 0)
+    initializers = model.graph.initializers.values()
+    assert sorted(v.const_value.size for v in initializers) == [1, big.size, big.size]
+    y, z = run(model, {"x": x})
+    np.testing.assert_array_equal(y, (x + 1.5) * 1.5 + big)
+    np.testing.assert_array_equal(z, (x + 1.5) * 1.5 - big)
