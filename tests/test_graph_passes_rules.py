@@ -317,6 +317,20 @@ def test_each_lowering_matches_the_numpy_reference(moe_weights, lowering):
     np.testing.assert_allclose(out, reference, rtol=0, atol=2e-6 * np.abs(reference).max())
 
 
+@pytest.mark.parametrize("attribute", [ir.AttrInt64("top_k", 2), ir.AttrString("activation", "gelu")], ids=["top_k", "gelu"])
+def test_lower_moe_refuses_a_node_it_would_lower_as_top1_swiglu(moe_weights, attribute):
+    """Every lowering computes top-1 SwiGLU whatever the node says: another routing or activation is refused with one
+    line naming the node, the graph is left as it was."""
+    model = ops.moe_node_model(moe_weights)
+    node = next(iter(model.graph))
+    node.attributes[attribute.name] = attribute
+    before = op_histogram(model)
+    for target in ("onnxruntime", "tensorrt"):
+        with pytest.raises(GraphPassError, match=f"{attribute.name}={attribute.value!r}.*only top_k=1 and 'swiglu'"):
+            lower.lower_moe(model, PassContext(target, "gather"))
+        assert op_histogram(model) == before
+
+
 @pytest.mark.parametrize("tokens", [1, 11])
 def test_float_experts_on_onnxruntime_are_one_if_per_expert_and_match_the_reference(moe_weights, tokens):
     """lower_moe on ONNX Runtime, float32 experts: Llama4MoE → one If per expert over two MatMuls (only the chosen

@@ -42,6 +42,7 @@ import onnxruntime as ort
 from onnxscript.rewriter import pattern
 
 from . import ops, trt_plugin_spec
+from .errors import GraphPassError
 from .manager import GraphPass, PassContext
 from .fuse_moe import MOE_FUSED
 from .moe_reference import llama4_moe
@@ -411,9 +412,22 @@ def ort_qmoe_problem() -> str | None:
     return None if error <= 1e-5 else f"com.microsoft.QMoE differs from the reference by {error:.2g} × max|out|"
 
 
+def _check_moe_attributes(model: ir.Model) -> None:
+    """Every lowering implements top-1 SwiGLU only (all the fusion writes): another node would be lowered wrong."""
+    for node in model.graph:
+        if node.domain == ops.DOMAIN and node.op_type == ops.MOE_OP:
+            top_k = node.attributes.get_int("top_k", ops.MOE_TOP_K)
+            activation = node.attributes.get_string("activation", ops.MOE_ACTIVATION)
+            if (top_k, activation) != (ops.MOE_TOP_K, ops.MOE_ACTIVATION):
+                raise GraphPassError(
+                    f"{ops.MOE_OP} node {node.name!r}: top_k={top_k}, activation={activation!r}; the MoE lowerings "
+                    f"implement only top_k={ops.MOE_TOP_K} and {ops.MOE_ACTIVATION!r} (Llama 4's routing)")
+
+
 def lower_moe(model: ir.Model, context: PassContext) -> int:
     """Llama4MoE → If per expert | QMoE | com.microsoft.MoE | standard ops (gather/dense) | Llama4MoEPlugin, by target
     and expert count"""
+    _check_moe_attributes(model)
     form = context.moe_form
     if context.target == "tensorrt" and not context.use_trt_plugin and form == "gather" and any(
             n.domain == ops.DOMAIN and n.op_type == ops.MOE_OP and _int4_experts(n.inputs[2]) for n in model.graph):
