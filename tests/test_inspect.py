@@ -8,7 +8,6 @@ import pytest
 from typer.testing import CliRunner
 
 from llama4_export.cli.export import export_app
-from llama4_export.weights import from_preset
 from llama4_export.model import get_preset, parameter_counts
 
 
@@ -48,15 +47,22 @@ def test_maverick_layers_interleave_dense_and_moe():
     assert s["layer_kinds"] == {"dense/chunked": 24, "moe/chunked": 12, "moe/global": 12}
 
 
-@pytest.mark.parametrize("preset", ["scout-tiny", "maverick-tiny"])
-def test_counts_equal_an_instantiated_model(preset):
-    model = from_preset(preset)
-    counts = parameter_counts(get_preset(preset))
+@pytest.mark.parametrize("preset", ["scout", "maverick", "behemoth", "scout-tiny", "maverick-tiny"])
+def test_counts_equal_transformers_model(preset):
+    """transformers' Llama4ForCausalLM (meta device: no memory) is the reference; active = all but the routed experts,
+    plus one routed expert per MoE layer (top-1, as Meta counts Scout's and Maverick's 17B)."""
+    import torch
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    config = get_preset(preset)
+    fields = {k: v for k, v in config.to_hf_dict().items() if k not in ("architectures", "model_type")}
+    with torch.device("meta"):
+        model = Llama4ForCausalLM(Llama4TextConfig(**fields))
+    counts = parameter_counts(config)
     assert counts.total == sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    moe_layers = len(model.config.moe_layers)
-    assert counts.active == counts.total - experts + experts // model.config.num_local_experts
-    assert moe_layers > 0 and counts.total > counts.active
+    assert counts.active == counts.total - experts + experts // config.num_local_experts
+    assert config.moe_layers and counts.total > counts.active
 
 
 def test_checkpoint_summary(scoutlike_dir):
