@@ -37,11 +37,13 @@ def wait_until_both_replicas_answer(base: str, seconds: float = 60) -> None:
 
 def closed_requests(base: str, seconds: float = 30) -> float:
     """The replicas' 499 counts of /v1/completions, summed, once each has answered /metrics with one (a scrape
-    reaches one replica)."""
+    reaches one replica); 0 if none has counted one by then."""
     name = 'llama4_requests_total{endpoint="/v1/completions",status="499"} '
     counts, deadline = {}, time.monotonic() + seconds
     while len(counts) < 2 or not sum(counts.values()):
-        assert time.monotonic() < deadline, counts
+        if time.monotonic() > deadline:
+            assert len(counts) == 2, counts  # both replicas answered /metrics
+            return 0
         scrape = httpx.get(f"{base}/metrics", timeout=10)
         counts[scrape.headers["x-served-by"]] = sum(float(line.split()[-1]) for line in scrape.text.splitlines()
                                                     if line.startswith(name))
@@ -87,11 +89,16 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
         assert len(set(served_by)) == 2, served_by  # answered by both replicas
 
         # a non-streamed client gone mid-request counts as 499 on its replica (Ray cancelled the handler before our
-        # count ran: no replica ever showed one)
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{base}/v1/completions", timeout=0.25,  # 4,000 tokens take about a second here
-                       json={"model": MODEL, "prompt": "A", "max_tokens": 4000, "ignore_eos": True})
-        assert closed_requests(base) == 1
+        # count ran: no replica ever showed one). One gone while Ray's proxy was still routing it never reached a
+        # replica (a loaded CI machine took over 0.25 s once), so the client waits a little longer on a second try.
+        for attempt, patience in enumerate((0.25, 0.6), 1):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{base}/v1/completions", timeout=patience,  # 4,000 tokens take about a second here
+                           json={"model": MODEL, "prompt": "A", "max_tokens": 4000, "ignore_eos": True})
+            closed = closed_requests(base, seconds=15)
+            if closed:
+                break
+        assert 1 <= closed <= attempt
 
         # a stream running on each replica, and a request queued behind one of them
         streams, served = [], set()
