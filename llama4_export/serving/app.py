@@ -338,7 +338,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         check_model(body.model)
         run = await start(body)
         top = body.top
-        tool_names = {t["function"]["name"] for t in body.template_tools() or []}
+        tool_names = body.tool_names()
         head = _head(body, "chatcmpl", "chat.completion.chunk")
         tokens = _TokenText(generator)
         if body.stream:

@@ -288,10 +288,14 @@ class ChatCompletionRequest(_Generation):
             return None
         return [t.model_dump(exclude_none=True) for t in self.tools]
 
+    def tool_names(self) -> set[str]:
+        """The names of the tools the template is given (none with tool_choice "none")."""
+        return {t["function"]["name"] for t in self.template_tools() or []}
+
     def tool_calls(self, reply: str) -> list[ParsedCall] | None:
         """The calls of offered tools a reply consists of, or None (it is content). parallel_tool_calls false keeps the
         first alone: OpenAI's answer then holds at most one call, and the model may still write several."""
-        calls = parse_tool_calls(reply, {t["function"]["name"] for t in self.template_tools() or []})
+        calls = parse_tool_calls(reply, self.tool_names())
         return calls[:1] if calls and not self.parallel_tool_calls else calls
 
     def engine_request(self, generator: Generator, timeout: float | None) -> SequenceRequest:
@@ -299,6 +303,11 @@ class ChatCompletionRequest(_Generation):
         for name in ("tool_choice", "parallel_tool_calls"):  # as OpenAI's: about tools, so none without them
             if name in self.model_fields_set and not self.tools:
                 raise APIError(400, f"{name}: only allowed with tools; give tools or leave {name} out", name)
+        given_both = self.max_tokens is not None and self.max_completion_tokens is not None
+        if given_both and self.max_tokens != self.max_completion_tokens:  # one would be ignored
+            raise APIError(400, f"max_tokens={self.max_tokens} disagrees with max_completion_tokens="
+                                f"{self.max_completion_tokens}: give max_completion_tokens alone (max_tokens is its "
+                                "deprecated name)", "max_tokens")
         tools = self.template_tools()
         try:
             prompt_ids, features = generator.chat_inputs(self.template_messages(), tools)
@@ -306,11 +315,6 @@ class ChatCompletionRequest(_Generation):
             raise APIError(400, str(exc), "messages") from None
         except GenerationError as exc:
             raise APIError(400, str(exc), "tools" if tools else "messages") from None
-        given_both = self.max_tokens is not None and self.max_completion_tokens is not None
-        if given_both and self.max_tokens != self.max_completion_tokens:  # one would be ignored
-            raise APIError(400, f"max_tokens={self.max_tokens} disagrees with max_completion_tokens="
-                                f"{self.max_completion_tokens}: give max_completion_tokens alone (max_tokens is its "
-                                "deprecated name)", "max_tokens")
         limit_param = "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
         request = _sequence_request(self, generator, prompt_ids, "messages", getattr(self, limit_param), self.top,
                                     timeout, limit_param)
