@@ -97,30 +97,31 @@ def _check_graph_matches_config(graph: Path, session, config: Llama4Config, laye
     vocabulary (or hidden size) are checked against the graph's declared shapes when the graph is loaded."""
     declared = {value.name: value.shape for value in [*session.get_inputs(), *session.get_outputs()]}
     caches = {name for name in declared if name.startswith(("past_key.", "past_value."))}
-    last = layers.stop == config.num_hidden_layers
-    out, width = (io_spec.LOGITS, "vocab_size") if last else (io_spec.HIDDEN_OUT, "hidden_size")
+    out = io_spec.output_names(config, layers)[0]  # logits from the last part, hidden states from the others
     layers_here = f"num_hidden_layers={config.num_hidden_layers} (layers {layers.start}..{layers.stop - 1} here)"
     if caches != {name for i in layers for name in (io_spec.past_key(i), io_spec.past_value(i))}:
         mismatch = f"{layers_here}, but the graph takes the caches of {len(caches) // 2} layers"
     elif out not in declared:
         mismatch = f"{layers_here}, but the graph gives no {out!r}"
     else:
-        checks = (("num_key_value_heads", min(caches), 1), ("head_dim", min(caches), 3), (width, out, -1))
-        held = {field: declared[name][axis] for field, name, axis in checks}
-        wrong = [field for field, _, _ in checks if isinstance(held[field], int) and held[field] != getattr(config, field)]
-        if not wrong:
+        width = "vocab_size" if out == io_spec.LOGITS else "hidden_size"
+        for field, name, axis in (("num_key_value_heads", min(caches), 1), ("head_dim", min(caches), 3),
+                                  (width, out, -1)):
+            held = declared[name][axis]
+            if isinstance(held, int) and held != getattr(config, field):
+                mismatch = f"{field}={getattr(config, field)}, but the graph's {name} has {held}"
+                break
+        else:
             return
-        name = next(name for field, name, _ in checks if field == wrong[0])
-        mismatch = f"{wrong[0]}={getattr(config, wrong[0])}, but the graph's {name} has {held[wrong[0]]}"
     raise GenerationError(f"{graph.parent / MANIFEST}: model.{mismatch} ({graph.name}): the manifest does not describe "
                           "its graphs (edited?); re-run the export")
 
 
 class _Part:
     def __init__(self, graphs: PartGraphs, config: Llama4Config, decode, prefill):
-        for graph, session in ((graphs.decode, decode), (graphs.prefill, prefill)):
-            if session is not None:
-                _check_graph_matches_config(graph, session, config, graphs.layers)
+        _check_graph_matches_config(graphs.decode, decode, config, graphs.layers)
+        if prefill is not None and prefill is not decode:  # one session may serve both
+            _check_graph_matches_config(graphs.prefill, prefill, config, graphs.layers)
         self.layers, self.decode, self.prefill = graphs.layers, decode, prefill
         self.layout = io_spec.kv_layout_of({i.name for i in decode.get_inputs()})
         self.outputs = io_spec.output_names(config, graphs.layers, self.layout)
