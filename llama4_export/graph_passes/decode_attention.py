@@ -46,8 +46,8 @@ def _rewritable(node: ir.Node, context: PassContext) -> bool:
     cache the graph takes as an input: a global layer's, or a chunked layer's when the chunk is long."""
     if node.op_type != "GroupQueryAttention" or node.domain != ORT_DOMAIN or len(node.inputs) != 7:
         return False
-    if any(name not in CARRIED_ATTRIBUTES and (name not in NEUTRAL_ATTRIBUTES or attribute.value != NEUTRAL_ATTRIBUTES[name])
-           for name, attribute in node.attributes.items()):
+    if not all(name in CARRIED_ATTRIBUTES or NEUTRAL_ATTRIBUTES.get(name) == attribute.value
+               for name, attribute in node.attributes.items()):
         return False
     heads, kv_heads = node.attributes.get_int("num_heads"), node.attributes.get_int("kv_num_heads")
     past_key = node.inputs[3]
