@@ -738,6 +738,35 @@ def test_an_api_key_guards_the_v1_routes(artifact, generator, monkeypatch):
         assert httpx.get(f"{base}/health").status_code == 200 and httpx.get(f"{base}/metrics").status_code == 200
 
 
+def test_allowed_origins_get_cors_headers_and_preflights_need_no_key(server, artifact, monkeypatch):
+    """A browser page calls the API only when the answer names its origin (CORS): without it a web UI on another port
+    could not use the server at all. --allow-origin lists the origins; a preflight (OPTIONS, no Authorization: browsers
+    never send it there) is answered before the key is asked for, and errors carry the header too, so the page can
+    read them. Other origins get no header; by default there is none (the module's server)."""
+    page, other = "http://localhost:3000", "http://elsewhere.example"
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    default = httpx.options(f"{server[0]}/v1/completions", headers={"Origin": page, **preflight})
+    assert default.status_code == 405 and "access-control-allow-origin" not in default.headers
+    monkeypatch.setenv("LLAMA4_SERVE_API_KEY", "s3cret")
+    with llama4_serve(artifact, "--threads", "1", "--model-name", MODEL, "--allow-origin", "https://app.example",
+                      "--allow-origin", page) as (base, _):
+        allowed = httpx.options(f"{base}/v1/completions", headers={"Origin": page, **preflight})
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == page
+        assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+        refused = httpx.options(f"{base}/v1/completions", headers={"Origin": other, **preflight})
+        assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}
+        keyed = httpx.post(f"{base}/v1/completions", json=body, timeout=60,
+                           headers={"Origin": page, "Authorization": "Bearer s3cret"})
+        assert keyed.status_code == 200 and keyed.headers["access-control-allow-origin"] == page
+        assert "x-served-by" in keyed.headers["access-control-expose-headers"].lower()
+        unkeyed = httpx.post(f"{base}/v1/completions", json=body, headers={"Origin": page})
+        assert unkeyed.status_code == 401 and unkeyed.headers["access-control-allow-origin"] == page
+        foreign = httpx.post(f"{base}/v1/completions", json=body, timeout=60,
+                             headers={"Origin": other, "Authorization": "Bearer s3cret"})
+        assert foreign.status_code == 200 and "access-control-allow-origin" not in foreign.headers
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--port", "70000"], "port 70000: must be in 1..65535"),
     (["--port", "0"], "port 0: must be in 1..65535"),
@@ -759,9 +788,13 @@ def test_an_api_key_guards_the_v1_routes(artifact, generator, monkeypatch):
     (["--max-batch", "100000000"], "max_batch=100000000: the KV cache of that many rows does not fit in memory"),
     (["--ray", "--gpus-per-replica", "-1"], "--gpus-per-replica -1.0: must be >= 0"),  # Ray's ValueError traceback
     (["--ray", "--threads", "-1"], "threads=-1: must be in 1..1024"),  # checked with 1 thread, then Ray's traceback
+    # a trailing slash matches no browser's Origin: every call from the page would fail its CORS check
+    (["--allow-origin", "http://localhost:3000/"], "allowed origin 'http://localhost:3000/': give '*' or "
+                                                    "scheme://host[:port] with no path"),
 ], ids=["port-above-65535", "port-0", "unresolvable-host", "negative-timeout", "no-rows", "negative-threads",
         "negative-body-limit", "zero-window", "unreachable-ray-cluster", "replicas-without-ray", "gpus-without-ray",
-        "blank-model-name", "rows-beyond-memory", "negative-ray-gpus", "negative-ray-threads"])
+        "blank-model-name", "rows-beyond-memory", "negative-ray-gpus", "negative-ray-threads",
+        "origin-with-a-path"])
 def test_bad_flags_get_one_line_and_exit_2_before_anything_listens(artifact, flags, expected):
     """Checked before the artifact loads (or, for --threads, while it does): uvicorn would bind a wrapped-around port
     for 70000 and report a bad host only after the load. A server that starts anyway is killed and fails the test."""

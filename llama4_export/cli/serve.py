@@ -45,6 +45,8 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLAMA4_SERVE_API_KEY", show_envvar=True,
                                           help="require `Authorization: Bearer KEY` on /v1/ (better from the "
                                                "environment than the command line, which others can list)"),
+    allow_origin: Optional[list[str]] = typer.Option(None, "--allow-origin", help="let browser pages from this origin "
+                                                     "call the API (CORS), e.g. http://localhost:3000 or '*'; repeatable"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ORT's choice); with --ray "
                                                      "also the CPUs Ray reserves for each replica (default 1)"),
     window: Optional[int] = typer.Option(None, help="global-layer KV window W in tokens"),
@@ -66,7 +68,8 @@ def serve(
             if not value >= 0:  # (nan too) the API's "None: no limit" is 0 here
                 raise Llama4ExportError(f"{flag} {value}: must be >= 0 (0 = no limit)")
         settings = ServeSettings(artifact.resolve().name if model_name is None else model_name, request_timeout or None,
-                                 api_key or None, max_request_bytes or None, seed)
+                                 api_key or None, max_request_bytes or None, seed,
+                                 tuple(allow_origin or ()))
         options = EngineOptions(max_batch, max_queue, reuse_prefix, prefill_budget)
         if ray:
             if replicas < 1:

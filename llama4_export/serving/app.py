@@ -23,8 +23,10 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -51,6 +53,8 @@ class ServeSettings:
     # a request without a seed samples with the next draw of a generator seeded by this: repeated requests differ (as
     # OpenAI's do) and a server's answers are reproducible from its start, given the requests' order
     seed: int = 0
+    # origins whose browser pages may call the API (CORS); none by default: which sites may is the deployment's call
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name.strip():  # "" was served as the directory's name
@@ -62,11 +66,34 @@ class ServeSettings:
             raise ConfigError(f"max_request_bytes={self.max_request_bytes}: must be >= 1 (or None: no limit)")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed={self.seed!r}: must be an integer")
+        if isinstance(self.allowed_origins, str):  # iterated, a string is its characters
+            raise ConfigError(f"allowed_origins={self.allowed_origins!r}: give a tuple of origins")
+        object.__setattr__(self, "allowed_origins", tuple(self.allowed_origins))
+        for origin in self.allowed_origins:
+            _check_origin(origin)
 
     def __repr__(self) -> str:  # never the key, in a log or a traceback
         return (f"ServeSettings(model_name={self.model_name!r}, request_timeout={self.request_timeout!r}, "
                 f"api_key={'set' if self.api_key else None}, max_request_bytes={self.max_request_bytes!r}, "
-                f"seed={self.seed!r})")
+                f"seed={self.seed!r}, allowed_origins={self.allowed_origins!r})")
+
+
+def _check_origin(origin: str) -> None:
+    """An origin as browsers send it (`Origin: https://app.example:8443`): one given with a path or a trailing slash
+    would silently match no request."""
+    if origin != "*" and not _is_origin(origin):
+        raise ConfigError(f"allowed origin {origin!r}: give '*' or scheme://host[:port] with no path, as a browser "
+                          "sends it in Origin (e.g. http://localhost:3000) (--allow-origin)")
+
+
+def _is_origin(text: str) -> bool:
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 -- raises on a port that is not a number in 0..65535
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return (parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.path and not parts.query
+            and not parts.fragment and parts.username is None)
 
 
 class _Run:
@@ -152,6 +179,10 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                     401, "a missing or wrong API key: send the server's key as `Authorization: Bearer <key>`",
                     code="invalid_api_key"))
             return await call_next(request)
+
+    if settings.allowed_origins:  # added last, so outermost: a preflight is answered before the key is asked for
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_headers=["*"],
+                           allow_methods=["GET", "HEAD", "POST"], expose_headers=["Retry-After", "X-Served-By"])
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
