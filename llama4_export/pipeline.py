@@ -490,8 +490,8 @@ def artifact_weight_bytes(config: Llama4Config, precision: str, target: str, spe
         scales = count // spec.block_size * itemsize if precision == "int4" else 4  # fp8: one fp32 scale
         return count * bits // 8 + scales
 
-    counts = parameter_counts(config)
-    embedding, lm_head = stored(counts.embedding, spec.embedding_bits), stored(counts.lm_head, spec.bits(LM_HEAD))
+    counts = parameter_counts(config)  # a tied lm_head is stored apart from the embedding all the same
+    embedding, lm_head = stored(counts.embedding, spec.embedding_bits), stored(counts.embedding, spec.bits(LM_HEAD))
     return layers + embedding + lm_head + config.hidden_size * itemsize  # + the final norm
 
 

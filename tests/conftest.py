@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -94,6 +95,17 @@ def make_hf_checkpoint(directory: Path, seed: int = 0, dtype: torch.dtype = torc
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
     return Path(directory)
+
+
+def initializer_bytes(artifact: Path) -> int:
+    """Bytes of every initializer the artifact's graphs hold (external or inline), each tensor once."""
+    stored = {}
+    for graph in ("prefill.onnx", "decode.onnx"):
+        for tensor in onnx.load(artifact / graph, load_external_data=False).graph.initializer:
+            where = {entry.key: entry.value for entry in tensor.external_data}
+            stored[where.get("offset", tensor.name)] = (int(where["length"]) if "length" in where
+                                                        else onnx.numpy_helper.to_array(tensor).nbytes)
+    return sum(stored.values())
 
 
 def start_llama4_serve(artifact: Path, *options: str, seconds: float = 240, prelude: str = "", own_group: bool = False):

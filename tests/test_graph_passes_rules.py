@@ -32,7 +32,7 @@ from llama4_export.graph_passes.ort_run import run_onnxruntime
 from llama4_export.graph_passes.pipeline import CONSTANT_CSE_LIMIT, tidy
 from llama4_export.graph_passes.quantize import EMBEDDING, QuantSpec, quantize_kv_cache
 from llama4_export.graph_passes.verify import executable_copy, reference_ops_available
-from llama4_export.model import get_preset
+from llama4_export.model import get_preset, io_spec
 from llama4_export.model.modeling import MoE
 
 from .conftest import random_moe_weights
@@ -824,16 +824,17 @@ def _helper_model(nodes: list, inputs: list, outputs: list, opset_imports=(("", 
     return ir.from_proto(onnx.shape_inference.infer_shapes(proto))
 
 
-def _embedding_model(table: np.ndarray, axis: int = 0, name: str = EMBEDDING) -> ir.Model:
-    ids = onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2, 3])
+def _embedding_model(table: np.ndarray, axis: int = 0, name: str = EMBEDDING, ids: str = io_spec.INPUT_IDS) -> ir.Model:
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
-    return _helper_model([onnx.helper.make_node("Gather", [name, "ids"], ["y"], axis=axis)], [ids], [y],
+    return _helper_model([onnx.helper.make_node("Gather", [name, ids], ["y"], axis=axis)],
+                         [onnx.helper.make_tensor_value_info(ids, onnx.TensorProto.INT64, [2, 3])], [y],
                          **{name: table})
 
 
 def test_quantize_embedding_gathers_4bit_blocks_and_changes_outputs_only_by_their_rounding():
     """Gather(embedding) → GatherBlockQuantized: rows == numpy's blockwise 4-bit rounding (s = amax(block) / 7,
-    q = round(w / s) in [-7, 7]); vs the float table within s / 2. Near misses: another table, a Gather along H."""
+    q = round(w / s) in [-7, 7]); vs the float table within s / 2. The table the input ids index is the embedding
+    whatever its name (a tied checkpoint's is lm_head.weight). Near misses: other ids, a Gather along H."""
     rng = np.random.default_rng(0)
     vocab, hidden, block = 10, 64, 16
     table = rng.standard_normal((vocab, hidden), dtype=np.float32)
@@ -851,13 +852,14 @@ def test_quantize_embedding_gathers_4bit_blocks_and_changes_outputs_only_by_thei
     scale = np.abs(blocks).max(-1, keepdims=True) / 7
     scale[scale == 0] = 1
     dequantized = (np.clip(np.round(blocks / scale), -7, 7) * scale).reshape(vocab, hidden)
-    (got,) = run(model, {"ids": ids})
+    (got,) = run(model, {io_spec.INPUT_IDS: ids})
     np.testing.assert_allclose(got, dequantized[ids], rtol=1e-6, atol=0)
-    (unquantized,) = run(_embedding_model(table), {"ids": ids})
+    (unquantized,) = run(_embedding_model(table), {io_spec.INPUT_IDS: ids})
     half_step = np.repeat(scale[..., 0], block, axis=-1)[ids] / 2
     assert np.all(np.abs(got - unquantized) <= half_step * (1 + 1e-6))
 
-    for near_miss in (_embedding_model(table, name="other.weight"), _embedding_model(table, axis=1)):
+    assert quantize_embedding(_embedding_model(table, name="lm_head.weight"), context) == 1
+    for near_miss in (_embedding_model(table, ids="ids"), _embedding_model(table, axis=1)):
         assert quantize_embedding(near_miss, context) == 0 and op_histogram(near_miss)["Gather"] == 1
 
 

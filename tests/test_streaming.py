@@ -11,7 +11,6 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 import torch
@@ -35,7 +34,7 @@ from llama4_export.model.summary import parameter_counts
 from llama4_export.runtime import Generator
 from llama4_export.weights import CheckpointWeights, RandomWeights, from_preset, load, materialize, source as source_module
 
-from .conftest import make_hf_checkpoint
+from .conftest import initializer_bytes, make_hf_checkpoint
 
 
 def _different_files(a: Path, b: Path, ignore=("manifest.json", "report.json")) -> list[str]:
@@ -288,17 +287,6 @@ def test_the_disk_check_counts_the_traced_weights_in_the_type_they_are_traced_in
     assert allocated["traced0"] == pytest.approx(counted, rel=0.05)
 
 
-def _initializer_bytes(artifact: Path) -> int:
-    """Bytes of every initializer the artifact's graphs hold (external or inline), each tensor once."""
-    stored = {}
-    for graph in ("prefill.onnx", "decode.onnx"):
-        for tensor in onnx.load(artifact / graph, load_external_data=False).graph.initializer:
-            where = {entry.key: entry.value for entry in tensor.external_data}
-            stored[where.get("offset", tensor.name)] = (int(where["length"]) if "length" in where
-                                                        else onnx.numpy_helper.to_array(tensor).nbytes)
-    return sum(stored.values())
-
-
 @pytest.mark.parametrize("target, options", [("onnxruntime", {}), ("onnxruntime", {"float_embeddings": True}),
                                              ("tensorrt", {}), ("tensorrt", {"quantize_lm_head": True})])
 def test_the_disk_check_counts_the_artifact_it_writes(tmp_path, target, options):
@@ -311,10 +299,10 @@ def test_the_disk_check_counts_the_artifact_it_writes(tmp_path, target, options)
                      quant=quant, show_progress=False)
     spec = dataclasses.replace(quant, block_size=pipeline.default_block_size(config)).spec_for("int4", target)
     counted = pipeline.artifact_weight_bytes(config, "int4", target, spec)
-    assert _initializer_bytes(tmp_path / "o") == pytest.approx(counted, rel=0.02)
+    assert initializer_bytes(tmp_path / "o") == pytest.approx(counted, rel=0.02)
     if target == "onnxruntime" and not options:  # `inspect`'s figure for this default (it assumed block 128 and
         # 16-bit scales and norms: 13 % under at scout-tiny's block of 32)
-        assert _initializer_bytes(tmp_path / "o") == pytest.approx(weight_bytes(config)["int4_onnxruntime"], rel=0.02)
+        assert initializer_bytes(tmp_path / "o") == pytest.approx(weight_bytes(config)["int4_onnxruntime"], rel=0.02)
 
 
 def test_awq_without_the_memory_is_refused_up_front(tmp_path, monkeypatch):

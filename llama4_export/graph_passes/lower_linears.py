@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ..model import io_spec
 from ._match import const_equals
 from .manager import GraphPass, PassContext
 from .quantize import EMBEDDING, QUANTIZED, SLICE_BYTES, blockwise_slices, initializer
@@ -114,14 +115,18 @@ def lower_quantized_linears(model: ir.Model, context: PassContext) -> int:
 
 
 def quantize_embedding(model: ir.Model, context: PassContext) -> int:
-    """Gather(embedding fp32 [V, H], ids) → GatherBlockQuantized(4-bit [V, H/2], ids) (QuantSpec.embedding_bits)"""
+    """Gather(embedding fp32 [V, H], ids) → GatherBlockQuantized(4-bit [V, H/2], ids) (QuantSpec.embedding_bits)
+
+    The embedding is the table the input ids index, whatever its name: a tied checkpoint's is traced as lm_head.weight
+    (one tensor, one name), which quantize_linears has already given lm_head's 8-bit copy."""
     spec = context.quantization
     if spec is None or spec.embedding_bits is None:
         return 0
     graph, count = model.graph, 0
     for node in list(graph):
-        table = node.inputs[0] if node.op_type == "Gather" and node.domain == "" and node.inputs else None
-        if table is None or table.name != EMBEDDING or table.const_value is None or node.attributes.get_int("axis", 0) != 0:
+        table = node.inputs[0] if node.op_type == "Gather" and node.domain == "" and len(node.inputs) == 2 else None
+        if table is None or node.inputs[1].name != io_spec.INPUT_IDS or node.inputs[1] not in graph.inputs \
+                or table.const_value is None or node.attributes.get_int("axis", 0) != 0:
             continue
         vocab, hidden = tuple(table.shape)
         packed = np.empty((vocab, hidden // 2), np.uint8)

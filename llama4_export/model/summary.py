@@ -75,12 +75,13 @@ def weight_bytes(config: Llama4Config) -> dict[str, int]:
     block = default_block_size(config)
     unquantized = (p.total - p.quantizable) * 2
     kept_fp32 = p.total - p.quantizable - p.embedding - p.lm_head  # norms, routers (and any untied float tensor)
+    stored_lm_head = p.embedding  # a tied lm_head too: its 8-bit copy beside the 4-bit embedding
     return {
         "bf16": p.total * 2,
         "fp8": unquantized + p.quantizable + p.quantizable_tensors * _FP8_SCALE_BYTES,
         "int4": unquantized + p.quantizable // 2 + p.quantizable // block * _SCALE_BYTES,  # a scale per block of K
-        "int4_onnxruntime": kept_fp32 * 4 + p.quantizable // 2 + p.embedding // 2 + p.lm_head
-        + (p.quantizable + p.embedding + p.lm_head) // block * 4,
+        "int4_onnxruntime": kept_fp32 * 4 + p.quantizable // 2 + p.embedding // 2 + stored_lm_head
+        + (p.quantizable + p.embedding + stored_lm_head) // block * 4,
     }
 
 
