@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from safetensors import safe_open
 from typer.testing import CliRunner
@@ -59,6 +60,29 @@ def test_decode_bytes_count_one_expert_and_one_embedding_row(scoutlike_dir, scou
     measured = decode_weight_bytes(scoutlike_artifact / "decode.onnx", experts)
     # The exported graph adds only small constants (RoPE tables, masks) to the weights.
     assert expected <= measured <= expected * 1.05, (measured, expected)
+
+
+def test_decode_bytes_count_one_row_of_a_4bit_embedding(tmp_path):
+    """The int4 export's embedding (GatherBlockQuantized, made here by its own lowering pass) counted its whole table
+    per decode step — on Scout ~0.5 GB where a token reads one row. Reference: one row of the packed data and scales."""
+    import onnx_ir as ir
+    from llama4_export.graph_passes.lower_linears import quantize_embedding
+    from llama4_export.graph_passes.manager import PassContext
+    from llama4_export.graph_passes.quantize import EMBEDDING, QuantSpec
+
+    vocab, hidden, block = 64, 256, 128
+    table = np.random.default_rng(0).standard_normal((vocab, hidden), dtype=np.float32)
+    ids = onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, 1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Gather", [EMBEDDING, "ids"], ["y"])], "g", [ids], [y],
+                                   [onnx.numpy_helper.from_array(table, EMBEDDING)])
+    model = ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)]))
+    context = PassContext("onnxruntime", "gather", quantization=QuantSpec("int4", block_size=block, embedding_bits=4))
+    assert quantize_embedding(model, context) == 1
+    del model.graph.initializers[EMBEDDING]  # the float table, unused now (the export's cleanup drops it)
+    ir.save(model, tmp_path / "decode.onnx")
+    packed_row, scales_row = hidden // 2, hidden // block * 4  # uint8 nibbles, fp32 scales
+    assert decode_weight_bytes(tmp_path / "decode.onnx", num_experts=4) == packed_row + scales_row
 
 
 def test_kv_bytes_follow_chunk_and_global_layers(scoutlike_dir):

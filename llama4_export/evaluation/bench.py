@@ -45,6 +45,9 @@ from ..runtime.ort_backend import artifact_parts
 # ONNX ops whose expert-weight inputs are stacked [num_experts, ...]: a top-1 token reads one slice of them
 # (the unoptimized graph picks the slice with GatherND instead).
 MOE_OPS = frozenset({"MoE", "QMoE", "Llama4MoE"})
+# (op, input index) of tables a token reads one row of: the embedding's Gather, and its int4 form (packed data and
+# per-row scales of GatherBlockQuantized, graph_passes/lower_linears.py, gathered along axis 0 like the data)
+TABLE_ROWS_GATHERED = frozenset({("Gather", 0), ("GatherBlockQuantized", 0), ("GatherBlockQuantized", 2)})
 
 
 class BenchError(Llama4ExportError):
@@ -139,7 +142,7 @@ def initializer_bytes(tensor: onnx.TensorProto) -> int:
 def decode_weight_bytes(graph_path: Path, num_experts: int) -> int:
     """Bytes of the decode graph's initializers one token reads: stacked expert weights count one expert's slice,
     per-expert weights inside `If` branches (INT4 experts on ONNX Runtime, graph_passes/lower.py: one branch taken
-    per token) one expert's share, a Gather table (the embedding) one row; everything else in full."""
+    per token) one expert's share, a gathered table (the embedding, float or 4-bit) one row; everything else in full."""
     model = onnx.load(str(graph_path), load_external_data=False)
     uses: dict[str, list[tuple[str, int]]] = {}
 
@@ -163,7 +166,7 @@ def decode_weight_bytes(graph_path: Path, num_experts: int) -> int:
             op in MOE_OPS or (op == "GatherND" and i == 0) for op, i in consumers  # fused MoE, or the traced top-1 gather
         ):
             size //= num_experts
-        elif dims and consumers and all(op == "Gather" and i == 0 for op, i in consumers):
+        elif dims and consumers and all((op, i) in TABLE_ROWS_GATHERED for op, i in consumers):
             size //= dims[0]
         total += size
     return int(total)
