@@ -102,6 +102,17 @@ def test_bench_rejects_prompt_beyond_positions(scoutlike_artifact):
     assert "pass a shorter --decode-prompt" in result.output  # the flag that is too long (was "--prompt/--new-tokens")
 
 
+def test_bench_measures_a_prefill_up_to_the_context_whatever_new_tokens_says(scoutlike_artifact):
+    """--new-tokens is what the decode runs generate; a prefill run generates 2 (its warm-up). `--prompt 2000` was
+    refused on a 2048-position model because 2000 + 128 new tokens were counted."""
+    bench = ["bench", str(scoutlike_artifact), "--decode-prompt", "8", "--new-tokens", "64", "--repeats", "1", "--threads", "1"]
+    result = CliRunner().invoke(export_app, [*bench, "--prompt", "2046"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(export_app, [*bench, "--prompt", "2047"])
+    assert result.exit_code == 2 and "--prompt 2047 + 2 generated tokens = 2049 tokens exceed the model's 2048 " \
+        "positions; pass a shorter --prompt" in result.output, result.output
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--json", "/nonexistent-dir/bench.json"], "--json /nonexistent-dir/bench.json: its directory /nonexistent-dir does "
                                                 "not exist"),  # was a traceback after the whole benchmark had run

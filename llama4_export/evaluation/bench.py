@@ -45,6 +45,7 @@ from ..runtime.ort_backend import artifact_parts
 # ONNX ops whose expert-weight inputs are stacked [num_experts, ...]: a top-1 token reads one slice of them
 # (the unoptimized graph picks the slice with GatherND instead).
 MOE_OPS = frozenset({"MoE", "QMoE", "Llama4MoE"})
+PREFILL_RUN_TOKENS = 2  # a prefill measurement's warm-up: the prompt and one decode step
 # (op, input index) of tables a token reads one row of: the embedding's Gather, and its int4 form (packed data and
 # per-row scales of GatherBlockQuantized, graph_passes/lower_linears.py, gathered along axis 0 like the data)
 TABLE_ROWS_GATHERED = frozenset({("Gather", 0), ("GatherBlockQuantized", 0), ("GatherBlockQuantized", 2)})
@@ -232,13 +233,15 @@ def _measure(directory: str, prompt_lengths: list[int], decode_prompt: int, new_
     else:
         gen = Generator.load(directory, backend=backend, threads=threads, window=window)
     config = gen.config
-    lengths = {"--prompt": max(prompt_lengths, default=0), "--decode-prompt": decode_prompt, "--depth": max(depths, default=0)}
-    flag, length = max(lengths.items(), key=lambda item: item[1])  # the one too long, named by its flag
-    if length + new_tokens > config.max_position_embeddings:
-        raise BenchError(
-            f"{directory}: {flag} {length} + --new-tokens {new_tokens} = {length + new_tokens} tokens exceed the "
-            f"model's {config.max_position_embeddings} positions; pass a shorter {flag} (or fewer --new-tokens)"
-        )
+    runs = [("--prompt", max(prompt_lengths, default=0), PREFILL_RUN_TOKENS, ""),  # (flag, prompt, generated, hint)
+            ("--decode-prompt", decode_prompt, new_tokens, " (or fewer --new-tokens)"),
+            ("--depth", max(depths, default=0), new_tokens, " (or fewer --new-tokens)")]
+    for flag, length, generated, hint in runs:
+        if length + generated > config.max_position_embeddings:
+            raise BenchError(
+                f"{directory}: {flag} {length} + {generated} generated tokens = {length + generated} tokens exceed the "
+                f"model's {config.max_position_embeddings} positions; pass a shorter {flag}{hint}"
+            )
     rng = np.random.default_rng(seed)
     vocab = config.vocab_size
 
@@ -252,7 +255,7 @@ def _measure(directory: str, prompt_lengths: list[int], decode_prompt: int, new_
         return [start, *stamps]
 
     for n in sorted(set(prompt_lengths)):  # warm-up: ORT's first run of each prompt's piece shapes allocates
-        timed(prompt(n), 2)
+        timed(prompt(n), PREFILL_RUN_TOKENS)
     prefill = {n: [] for n in prompt_lengths}
     decode, ttft = [], []
     at_depth: dict[int, list[float]] = {d: [] for d in depths}
