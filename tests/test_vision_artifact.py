@@ -303,3 +303,14 @@ def test_a_bad_image_stops_a_batch_before_it_runs(generators, tmp_path):
     messages = [{"role": "user", "content": [{"type": "text", "text": "What?"}, {"type": "image", "image": 5}]}]
     with pytest.raises(ImageError, match=r"^messages\[0\]\.content\[1\]: int is not an image"):
         generators["tiny-a"].chat(messages)
+
+
+def test_compare_says_the_vision_encoder_is_not_compared(artifacts):
+    """compare runs the text graphs against PyTorch; on a multimodal artifact it said nothing of vision.onnx, which
+    read as if the vision tower had been checked too."""
+    name = CHECKPOINTS[0]
+    shown = CliRunner().invoke(export_app, ["compare", str(artifacts[name]), "--checkpoint", str(VISION_FIXTURES / name)],
+                               terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert f"note: {VISION_FILE}: the vision encoder is not compared (compare runs the text graphs)" in shown.output
+    assert "prefill: onnxruntime vs pytorch: max deviation" in shown.output  # the text graphs still are

@@ -219,6 +219,9 @@ def compare_artifact(directory: str | Path, batch: int = 2, prefill_tokens: int 
         else:
             model = references.for_graph(path, config)
             comparisons.append(Comparison(name, "pytorch", deviations(ort_out, run_pytorch(model, config, feeds))))
+    if manifest.get("vision"):  # a user would otherwise take the vision tower for checked too
+        notes.append(f"{manifest['vision'].get('file', 'vision.onnx')}: the vision encoder is not compared (compare runs "
+                     "the text graphs)")
     if references.built_from_source:
         notes.append(f"PyTorch reference: {references.source.describe()} (the graph passes fused the graphs' weights)")
     return comparisons, notes
