@@ -147,8 +147,8 @@ def export(
 
 
 def _print_report(report: dict) -> None:
-    table = Table(title=f"accuracy vs the fp32 model ({report['tokens']} next-token predictions in {report['windows']} windows "
-                              f"of {report['seq_len']} tokens, {report['eval_data']})")
+    table = Table(title=f"accuracy vs the fp32 model: {report['windows']} × {report['seq_len']} tokens of "
+                        f"{report['eval_data']} ({report['tokens']} predictions)")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("perplexity_reference", "perplexity_quantized", "perplexity_ratio", "kl_mean", "top1_agreement",
