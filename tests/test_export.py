@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from llama4_export import api
 from llama4_export.artifact import atomic_directory, read_manifest
 from llama4_export.cli.export import export_app
+from llama4_export.evaluation.torch_backend import torch_generator
 from llama4_export.model import get_preset, io_spec
 from llama4_export.model.summary import default_block_size
 from llama4_export.pipeline import artifact_weight_bytes
@@ -393,6 +394,23 @@ def test_a_tied_checkpoint_at_int4_quantizes_its_embedding_and_lm_head_like_an_u
     assert_close("int4 logits", logits, reference, rel=0.2)
     assert (logits.argmax(-1) == reference.argmax(-1).numpy()).mean() >= 0.75
     assert Generator.load(out).generate(ids[0].tolist(), max_new_tokens=8).token_ids == greedy
+
+
+def test_the_torch_backend_runs_a_tied_checkpoints_unoptimized_artifact(tmp_path):
+    """A tied checkpoint's one tensor is traced as lm_head.weight: `--backend torch` on its --no-optimize artifact
+    said the graph had no initializer 'model.embed_tokens.weight'. Its tokens are transformers' greedy ones."""
+    from transformers import Llama4ForCausalLM as HFLlama4
+
+    checkpoint = make_hf_checkpoint(tmp_path / "tied", seed=4, dtype=torch.float32, num_hidden_layers=2,
+                                    tie_word_embeddings=True)
+    out = tmp_path / "fp32"
+    api.export_model(out, checkpoint=checkpoint, optimize=False, quant=api.QuantOptions(report=False),
+                     show_progress=False)
+    hf = HFLlama4.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        greedy = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert torch_generator(out).generate(ids[0].tolist(), max_new_tokens=8).token_ids == greedy
 
 
 def test_graph_interface_follows_io_spec(tiny_artifact):

@@ -13,6 +13,7 @@ import torch
 from onnx import numpy_helper
 
 from ..artifact import MANIFEST, read_manifest
+from ..graph_passes.quantize import EMBEDDING, LM_HEAD
 from ..graph_passes.weight_layout import TRANSPOSED_SUFFIX
 from ..model.config import Llama4Config
 from ..model.io_spec import DEFAULT_MAX_PREFILL, DEFAULT_SINKS
@@ -79,6 +80,8 @@ class GraphWeights(WeightSource):
         for name in self.shapes:  # a weight the passes stored transposed for its MatMul (graph_passes/weight_layout.py)
             if name not in self.arrays and name + TRANSPOSED_SUFFIX in self.arrays:
                 self.arrays[name] = self.arrays[name + TRANSPOSED_SUFFIX].T
+        if config.tie_word_embeddings and EMBEDDING not in self.arrays and LM_HEAD in self.arrays:
+            self.arrays[EMBEDDING] = self.arrays[LM_HEAD]  # a tied checkpoint's one tensor is traced under lm_head's name
         missing = sorted(set(self.shapes) - set(self.arrays))
         if missing:
             raise MissingGraphWeights(
