@@ -347,6 +347,29 @@ def test_echo_scores_the_prompt_as_the_pytorch_model_does(client, generator):
     assert [lp for c in chunks for lp in c.logprobs.token_logprobs] == echoed.logprobs.token_logprobs
 
 
+def test_echo_scores_a_prompt_that_fills_the_context(client, generator):
+    """Scoring alone (echo, max_tokens 0) needs no room after the prompt: a prompt of exactly the context's tokens is
+    scored as the PyTorch model scores it (it was a 400 "shorten it", which an evaluation harness's full windows hit;
+    OpenAI's legacy API took it); one token more is a 400."""
+    import numpy as np
+    import torch
+
+    from llama4_export.model import get_preset
+    from llama4_export.weights import from_config
+
+    context = generator.config.max_position_embeddings
+    ids = [int(t) for t in np.random.default_rng(5).integers(3, 500, context)]
+    scored = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=1).choices[0]
+    with torch.no_grad():
+        logits = from_config(get_preset("scout-tiny", 4), seed=0)(torch.tensor([ids])).double()[0]
+    expected = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+    np.testing.assert_allclose(scored.logprobs.token_logprobs[1:], expected, rtol=0, atol=2e-4)
+    for body in ({"max_tokens": 0, "echo": True, "logprobs": 1, "prompt": ids + [3]}, {"max_tokens": 1, "prompt": ids}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model=MODEL, **body)
+        assert refused.value.code == "context_length_exceeded" and refused.value.param == "prompt"
+
+
 def test_echo_with_max_tokens_0_and_no_logprobs_answers_the_prompt(client):
     """OpenAI's legacy echo: max_tokens 0 echoes the prompt, nothing generated (it was a 400 naming the engine's
     max_new_tokens and prompt_logprobs, which the API does not have), plain and streamed."""

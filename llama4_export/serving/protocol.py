@@ -416,7 +416,8 @@ def _sequence_request(body: _Generation, generator: Generator, prompt_ids: list[
     """The engine's request: max_tokens defaults to the rest of the context; prompt + max_tokens must fit it.
     limit_param: the field the client gave max_tokens in (chat's max_completion_tokens)."""
     context = generator.config.max_position_embeddings
-    if len(prompt_ids) >= context:
+    # a prompt only scored (echo, max_tokens 0) may fill the context; one to continue needs room for a token
+    if len(prompt_ids) > context or len(prompt_ids) == context and max_tokens != 0:
         raise APIError(400, f"{prompt_param}: {len(prompt_ids)} tokens, the model's context is {context} tokens; "
                             "shorten it", prompt_param, code="context_length_exceeded")
     max_new_tokens = context - len(prompt_ids) if max_tokens is None else max_tokens
