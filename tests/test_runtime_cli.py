@@ -532,3 +532,48 @@ def test_ctrl_c_during_generation_keeps_the_text_so_far_and_exits_130(tiny_artif
     assert result.exit_code == 130, result.output
     assert result.stdout == ("" if flags == ["--json"] else expected.text + "\n")
     assert result.stderr.strip() == "stopped by SIGINT after 5 new token(s)"
+
+
+def test_ctrl_c_during_a_chat_reply_keeps_its_text_and_while_waiting_for_a_line_prints_nothing(tiny_artifact,
+                                                                                                 monkeypatch):
+    """--chat interrupted mid-reply said "stopped by SIGINT after 0 new token(s)" and dropped the reply (streamed: the
+    line was left open). Now as a prompt's run: the reply so far, its token count; a Ctrl-C while the chat waits for
+    the next line (real SIGINT to the process) has no reply to print."""
+    import signal
+    import subprocess
+    import sys
+
+    gen = Generator.load(tiny_artifact, threads=1)
+    conversation = [{"role": "user", "content": PROMPT}]  # its first 5 reply tokens end on a whole character
+    expected = gen.generate(gen.chat_prompt(conversation), max_new_tokens=5, stop_tokens=[])
+    generate = Generator.generate
+
+    def interrupted(self, prompt, stream=None, **options):
+        def on_token(event):
+            if on_token.seen == 5:
+                raise KeyboardInterrupt
+            on_token.seen += 1
+            if stream is not None:
+                stream(event)
+        on_token.seen = 0
+        return generate(self, prompt, stream=on_token, **{**options, "stop_tokens": []})
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Generator, "generate", interrupted)
+        for flags in ([], ["--stream"]):
+            result = run(tiny_artifact, "--chat", "-n", 50, "--threads", 1, *flags, stdin=f"{PROMPT}\nMore\n")
+            assert result.exit_code == 130, result.output
+            assert (result.stdout, result.stderr.strip()) == (expected.text + "\n",
+                                                              "stopped by SIGINT after 5 new token(s)")
+    command = [sys.executable, "-c", "from llama4_export.cli.run import main; main()", str(tiny_artifact), "--chat",
+               "-n", "4", "--threads", "1"]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdin.write(f"{PROMPT}\n".encode())
+    process.stdin.flush()
+    reply = process.stdout.readline()  # printed: the chat now waits for the next line
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    answer = gen.generate(gen.chat_prompt(conversation), max_new_tokens=4).text
+    assert (reply + process.stdout.read()).decode() == answer + "\n"
+    assert process.stderr.read().decode().strip() == "stopped by SIGINT after 0 new token(s)"
+

@@ -96,17 +96,10 @@ def run(
         with err_console.status(f"loading {escape(str(directory))}"):
             generator = _generator(directory, backend, window, sinks, threads, max_prefill_tokens)
         if chat:
-            _chat_loop(generator, stream, options, system)
+            _chat_loop(generator, stream, options, system, so_far)
             return
         tokens = _parse_ids(ids) if ids is not None else prompt
-        show = piece_printer() if stream else None
-
-        def on_token(event) -> None:
-            so_far.append(event)  # for an interruption: without --stream nothing is printed until the end
-            if show is not None:
-                show(event)
-
-        result = _generate(generator, tokens, stream=on_token, images=images or (), **options)
+        result = _generate(generator, tokens, stream=_recorder(so_far, stream), images=images or (), **options)
     except Llama4ExportError as exc:
         fail(exc)
     except KeyboardInterrupt:
@@ -118,6 +111,19 @@ def run(
         print(flush=True)
     else:
         print(result.text if result.text is not None else ",".join(map(str, result.token_ids)))
+
+
+def _recorder(events: list, stream: bool):
+    """Stream callback keeping the new tokens' events for an interruption (without --stream nothing is printed until
+    the end), and printing them with --stream."""
+    show = piece_printer() if stream else None
+
+    def on_token(event) -> None:
+        events.append(event)
+        if show is not None:
+            show(event)
+
+    return on_token
 
 
 def _interrupted(events: list, streamed: bool, as_json: bool) -> None:
@@ -187,8 +193,9 @@ def _parse_ids(text: str) -> list[int]:
         raise GenerationError(f"--ids {text!r}: expected comma-separated integers, e.g. \"1,2,3\"") from None
 
 
-def _chat_loop(generator, stream: bool, options: dict, system: str | None) -> None:
-    """Each stdin line is a user turn; the whole conversation is re-rendered and re-fed every turn."""
+def _chat_loop(generator, stream: bool, options: dict, system: str | None, so_far: list) -> None:
+    """Each stdin line is a user turn; the whole conversation is re-rendered and re-fed every turn. so_far: the
+    current reply's events (Ctrl-C prints them as it does a prompt's)."""
     messages: list[dict[str, str]] = [] if system is None else [{"role": "system", "content": system}]
     interactive = sys.stdin.isatty()
     while True:
@@ -200,12 +207,12 @@ def _chat_loop(generator, stream: bool, options: dict, system: str | None) -> No
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.strip()})
-        result = _generate(generator, generator.chat_prompt(messages), stream=piece_printer() if stream else None,
-                           **options)
+        result = _generate(generator, generator.chat_prompt(messages), stream=_recorder(so_far, stream), **options)
         if stream:
             print(flush=True)
         else:
             print(result.text, flush=True)
+        so_far.clear()  # a Ctrl-C while waiting for the next line has no reply to print
         messages.append({"role": "assistant", "content": result.text})
 
 
