@@ -577,3 +577,21 @@ def test_ctrl_c_during_a_chat_reply_keeps_its_text_and_while_waiting_for_a_line_
     assert (reply + process.stdout.read()).decode() == answer + "\n"
     assert process.stderr.read().decode().strip() == "stopped by SIGINT after 0 new token(s)"
 
+
+def test_text_that_is_not_utf8_is_refused_in_one_line_naming_its_flag_or_stdin_line(tiny_artifact):
+    """Argument bytes that are not UTF-8 reach Python as lone surrogates (--prompt, --system: tokenizers' TypeError
+    traceback; --stop: never matched), and a --chat stdin line not UTF-8 was a UnicodeDecodeError or that TypeError
+    by the locale. A chat file's BOM was three bytes of the first message."""
+    for args, stdin, said in (
+            (["--prompt", "Hi \udcff there"], None, "--prompt: not UTF-8 text (character 3 is an undecodable byte)"),
+            (["--prompt", "Hi", "--stop", "\udcff"], None, "--stop: not UTF-8 text (character 0 is"),
+            (["--chat", "--system", "\udcff"], "Hi\n", "--system: not UTF-8 text (character 0 is"),
+            (["--chat"], b"Hello\n\xff\xfe there\n", "stdin line 2: not UTF-8 text (byte 0: invalid start byte)")):
+        result = run(tiny_artifact, *args, "-n", "4", stdin=stdin)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {said}"), result.stderr
+    gen = Generator.load(tiny_artifact, threads=1)
+    answer = gen.generate(gen.chat_prompt([{"role": "user", "content": "Hello there"}]), max_new_tokens=6).text
+    result = run(tiny_artifact, "--chat", "-n", "6", stdin="\ufeffHello there\r\n".encode())
+    assert result.exit_code == 0 and result.stdout == answer + "\n", result.output

@@ -3,6 +3,7 @@ checkpoint through the PyTorch reference. Imports neither torch nor the exporter
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -84,6 +85,8 @@ def run(
             raise GenerationError("give exactly one of --prompt TEXT, --prompt-file FILE, --ids 1,2,3 or --chat")
         if prompt_file is not None:
             prompt = _read_prompt(prompt_file)
+        for flag, text in (("--prompt", prompt), ("--system", system), *(("--stop", s) for s in stop or ())):
+            _check_utf8(flag, text)
         if no_stop and chat:
             raise GenerationError("--no-stop with --chat: a reply ends at the model's end-of-turn token; drop --no-stop")
         if system is not None and not chat:
@@ -175,6 +178,16 @@ def _read_prompt(path: Path) -> str:
     return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
 
 
+def _check_utf8(flag: str, text: str | None) -> None:
+    """Bytes of an argument that are not UTF-8 reach Python as lone surrogates, which tokenizers refuses with a
+    TypeError (and a stop string holding one could never match)."""
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise GenerationError(f"{flag}: not UTF-8 text (character {exc.start} is an undecodable byte); give UTF-8 "
+                              "text") from None
+
+
 def _parse_bias(pair: str) -> tuple[int, float]:
     token, equals, bias = pair.partition("=")
     try:
@@ -198,12 +211,17 @@ def _chat_loop(generator, stream: bool, options: dict, system: str | None, so_fa
     current reply's events (Ctrl-C prints them as it does a prompt's)."""
     messages: list[dict[str, str]] = [] if system is None else [{"role": "system", "content": system}]
     interactive = sys.stdin.isatty()
-    while True:
+    for number in itertools.count(1):
         if interactive:
             err_console.print("[bold]>[/] ", end="")
-        line = sys.stdin.readline()
-        if not line:  # EOF
+        raw = sys.stdin.buffer.readline()  # bytes: a line not UTF-8 was a traceback (the locale's decoding or tokenizers')
+        if not raw:  # EOF
             return
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM (Windows editors) was 3 prompt tokens
+        except UnicodeDecodeError as exc:
+            raise GenerationError(f"stdin line {number}: not UTF-8 text (byte {exc.start}: {exc.reason}); send UTF-8"
+                                  ) from None
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.strip()})
