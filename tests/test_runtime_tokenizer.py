@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
 
 from llama4_export.runtime import Tokenizer
 from llama4_export.runtime.errors import GenerationError
@@ -104,7 +105,6 @@ def test_stream_pieces_of_any_tokens_join_to_tokenizers_decode_at_a_constant_cos
     """Random ids (bytes that are not UTF-8, special tokens, characters split across tokens) stream to exactly the text
     tokenizers decodes them to; and each push decodes only the tokens since the last piece and that piece's, not the
     whole text so far (which made a long stream quadratic)."""
-    from tokenizers import Tokenizer as HFTokenizer
 
     reference = HFTokenizer.from_file(str(byte_level_dir / "tokenizer.json"))
     tok = Tokenizer.load(byte_level_dir)
@@ -127,7 +127,7 @@ def test_token_bytes_join_to_the_texts_utf8_merged_tokens_holding_parts_of_chara
     """A byte-level BPE token's bytes (what logprobs report) must be exactly its share of the text's UTF-8, also for a
     merged token that holds only part of a character; reference: Python's str.encode. The tokenizer is trained here
     on text whose most frequent byte pairs are parts of characters."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     # hiragana share their first two bytes (E3 81 / E3 82): with few merges those pairs merge before any character
     corpus = ["".join(chr(0x3041 + (7 * i + j) % 83) for j in range(12)) + " naïve café" for i in range(200)]
@@ -165,7 +165,6 @@ def test_a_long_text_is_tokenized_without_holding_the_gil(byte_level_dir):
     import threading
     import time
 
-    from tokenizers import Tokenizer as HFTokenizer
 
     tok = Tokenizer.load(byte_level_dir)
     text = "a river flows into the lake, " * 60_000
@@ -196,7 +195,6 @@ def test_streamed_pieces_join_to_the_result_text_when_it_ends_inside_a_character
     token, the last event carries what was held back, so the pieces join to GenerationResult.text (an incomplete
     character as U+FFFD, as tokenizers decodes it)."""
     import torch
-    from tokenizers import Tokenizer as HFTokenizer
 
     from llama4_export.evaluation.torch_backend import TorchBackend
     from llama4_export.runtime import Generator
@@ -220,3 +218,12 @@ def test_streamed_pieces_join_to_the_result_text_when_it_ends_inside_a_character
                 assert [e.token_id for e in events] == tokens and "".join(e.text for e in events) == text, (seed, k)
                 ended_inside[reason] += text.endswith("\ufffd")
     assert min(ended_inside.values()) > 0, ended_inside  # both endings were exercised
+
+
+def test_a_text_holding_undecodable_bytes_is_one_clear_error(byte_level_dir):
+    """Bytes that are not UTF-8 reach Python as lone surrogates (os.fsdecode of argv, a file read with
+    errors="surrogateescape"); tokenizers refused them with a TypeError that named neither the text nor the cause."""
+    tok = Tokenizer.load(byte_level_dir)
+    assert tok.encode("caf\u00e9") == HFTokenizer.from_file(str(byte_level_dir / "tokenizer.json")).encode("caf\u00e9").ids
+    with pytest.raises(GenerationError, match=r"^the prompt: not UTF-8 text \(character 3 is an undecodable byte\)"):
+        tok.encode("caf" + b"\xe9".decode("utf-8", "surrogateescape"))

@@ -18,6 +18,7 @@ from ..errors import Llama4ExportError, needs_exporter
 from ..progress import PrefillBar
 from ..runtime import GenerationError, Generator
 from ..runtime.generator import BACKENDS
+from ..runtime.tokenizer import check_utf8
 from .common import err_console, fail, piece_printer, run_cli, version_option
 
 run_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Run an exported Llama 4 artifact.")
@@ -86,7 +87,7 @@ def run(
         if prompt_file is not None:
             prompt = _read_prompt(prompt_file)
         for flag, text in (("--prompt", prompt), ("--system", system), *(("--stop", s) for s in stop or ())):
-            _check_utf8(flag, text)
+            check_utf8(flag, text or "")
         if no_stop and chat:
             raise GenerationError("--no-stop with --chat: a reply ends at the model's end-of-turn token; drop --no-stop")
         if system is not None and not chat:
@@ -176,16 +177,6 @@ def _read_prompt(path: Path) -> str:
         raise GenerationError(f"--prompt-file {path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as "
                               "UTF-8") from None
     return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
-
-
-def _check_utf8(flag: str, text: str | None) -> None:
-    """Bytes of an argument that are not UTF-8 reach Python as lone surrogates, which tokenizers refuses with a
-    TypeError (and a stop string holding one could never match)."""
-    try:
-        (text or "").encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise GenerationError(f"{flag}: not UTF-8 text (character {exc.start} is an undecodable byte); give UTF-8 "
-                              "text") from None
 
 
 def _parse_bias(pair: str) -> tuple[int, float]:

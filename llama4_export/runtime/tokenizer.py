@@ -33,6 +33,15 @@ def llama4_chat_format(messages: list[dict[str, Any]], add_generation_prompt: bo
     return text
 
 
+def check_utf8(what: str, text: str) -> None:
+    """A text holding lone surrogates (undecodable bytes) refused in one line naming `what`."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise GenerationError(f"{what}: not UTF-8 text (character {exc.start} is an undecodable byte); give UTF-8 "
+                              "text") from None
+
+
 class Tokenizer:
     def __init__(self, directory: Path):
         from tokenizers import Tokenizer as HFTokenizer
@@ -71,7 +80,12 @@ class Tokenizer:
         """add_special_tokens applies the tokenizer's post-processor (e.g. a leading <|begin_of_text|>)."""
         # encode_batch releases the GIL (encode holds it: a server's other requests and streams stop while a long
         # prompt is tokenized — 27 s for a 20 MB one); same pipeline, same ids
-        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        try:
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        except TypeError:
+            if isinstance(text, str):  # bytes that were not UTF-8 reach Python as lone surrogates (argv, a file read
+                check_utf8("the prompt", text)  # with errors="surrogateescape"): tokenizers' TypeError said nothing
+            raise
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
