@@ -18,7 +18,7 @@ import signal
 import sys
 import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from .errors import Llama4ExportError, is_integer
@@ -101,11 +101,31 @@ def _check_shape(path: Path, manifest: dict[str, Any]) -> None:
         if manifest.get(section) is not None and not isinstance(manifest[section], dict):
             raise ArtifactError(f"{path}: {section}={json.dumps(manifest[section])[:80]}: not an object; re-run the "
                                 "export")
+    for name in manifest["files"]:
+        if not is_artifact_name(name):
+            raise ArtifactError(f"{path}: files[{name!r}]: not a path inside the artifact (relative, of plain names); "
+                                "re-run the export")
     layers = manifest.get("layers")
     if layers is not None and not (isinstance(layers, list) and len(layers) == 2 and all(is_integer(x) for x in layers)
                                    and 0 <= layers[0] < layers[1]):
         raise ArtifactError(f"{path}: layers={json.dumps(layers)[:80]}: not a part's [first, end) layer range; re-run "
                             "the export")
+
+
+def is_artifact_name(name: Any) -> bool:
+    """A name `files` may list: relative, with no "..", "." or empty part and no control character (a "../x" or
+    absolute one was hashed, and a graph field naming it loaded, outside the artifact)."""
+    return isinstance(name, str) and name.isprintable() and PurePosixPath(name).as_posix() == name \
+        and not name.startswith("/") and all(part not in (".", "..") for part in name.split("/"))
+
+
+def listed_file(directory: Path, manifest: dict[str, Any], name: Any, field: str) -> Path:
+    """The file a manifest field names (a graph): one `files` lists, so inside the artifact and verified with it (an
+    unlisted or absolute one was loaded unchecked; a FIFO hung ONNX Runtime)."""
+    if not isinstance(name, str) or name not in manifest["files"]:
+        raise ArtifactError(f"{Path(directory) / MANIFEST}: {field}={name!r}: not a file the artifact lists in `files`; "
+                            "re-run the export")
+    return Path(directory) / name
 
 
 def partition_entries(directory: Path, manifest: dict[str, Any], num_layers: int) -> list[tuple[str, range]]:

@@ -445,6 +445,33 @@ def test_a_hand_edited_manifest_is_refused_in_one_line(tiny_artifact, tmp_path):
         assert len(lines) == 1 and field in lines[0], result.stderr
 
 
+def test_a_manifest_naming_files_outside_the_artifact_is_refused_in_one_line(tiny_artifact, tmp_path):
+    """A `files` name "../x" or absolute was hashed outside the artifact; a graph file `files` does not list (another
+    directory's, absolute) was loaded unverified and ran, a number was a TypeError traceback. Refused by field now."""
+    import hashlib
+    import shutil
+
+    outside = Path(shutil.copytree(tiny_artifact, tmp_path / "outside")) / "prefill.onnx"
+    digest = hashlib.sha256(outside.read_bytes()).hexdigest()
+    for k, (field, edit) in enumerate((
+            ("files['../outside/prefill.onnx']: not a path inside the artifact",
+             lambda m: m["files"].update({"../outside/prefill.onnx": digest})),
+            (f"files[{str(outside)!r}]: not a path inside the artifact", lambda m: m["files"].update({str(outside): digest})),
+            (f"graphs.prefill.file={str(outside)!r}: not a file the artifact lists in `files`",
+             lambda m: m["graphs"]["prefill"].update(file=str(outside))),
+            ("graphs.prefill.file='../outside/prefill.onnx': not a file the artifact lists",
+             lambda m: m["graphs"]["prefill"].update(file="../outside/prefill.onnx")),
+            ("graphs.decode.file=5: not a file the artifact lists", lambda m: m["graphs"]["decode"].update(file=5)))):
+        art = Path(shutil.copytree(tiny_artifact, tmp_path / str(k)))
+        manifest = json.loads((art / "manifest.json").read_text())
+        edit(manifest)
+        (art / "manifest.json").write_text(json.dumps(manifest))
+        result = run(art, "--ids", "1,2,3", "-n", "2")
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and field in lines[0], result.stderr
+
+
 def test_the_python_api_takes_numpy_seeds_and_text_parts_and_refuses_bad_arguments_in_one_line(tiny_artifact):
     """From a walk through the Python API: seed=np.int64(3) was an OverflowError; chat content as text parts failed in
     the presets' template ("can only concatenate str (not list)"); generate_batch("hello") ran five prompts; wrong

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from ..artifact import MANIFEST
+from ..artifact import MANIFEST, listed_file
 from ..model import io_spec
 from ..errors import ConfigError
 from ..model.config import Llama4VisionConfig
@@ -46,7 +46,7 @@ class ImageEncoder:
         except ConfigError as exc:
             raise ImageError(str(exc)) from None
         processor = ImageProcessorConfig.from_dict(entry.get("processor"), source)
-        return cls(Path(directory) / entry.get("file", ""), config, processor, threads, providers, entry.get("precision"))
+        return cls(listed_file(directory, manifest, entry.get("file"), "vision.file"), config, processor, threads, providers, entry.get("precision"))
 
     def preprocess(self, images: Sequence[ImageInput], names: Sequence[str] | None = None) -> list[ProcessedImage]:
         """Each image's tiles; an error names it by `names` (where the caller took it from) or as images[k]."""

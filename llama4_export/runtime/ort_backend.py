@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..artifact import MANIFEST, partition_entries, read_manifest
+from ..artifact import MANIFEST, listed_file, partition_entries, read_manifest
 from ..model import io_spec
 from ..model.config import Llama4Config
 from ..ort_values import RAW_ONNX_ELEMENT_TYPES, ort_value
@@ -67,14 +67,20 @@ def artifact_parts(directory: Path, manifest: dict[str, Any], config: Llama4Conf
         graphs = own.get("graphs") or {}
         if not graphs.get("decode"):
             raise GenerationError(f"{directory / sub / MANIFEST}: lists no decode graph; re-run the export")
+        for name in ("decode", "prefill"):
+            if graphs.get(name) is not None and not isinstance(graphs[name], dict):
+                raise GenerationError(f"{directory / sub / MANIFEST}: graphs.{name}={graphs[name]!r}: not an object "
+                                      "with a file; re-run the export")
         prefill = graphs.get("prefill")
         if prefill:
             max_prefill = prefill.get("max_new_tokens", max_prefill)
             if not is_integer(max_prefill) or max_prefill < 1:
                 raise GenerationError(f"{directory / sub / MANIFEST}: graphs.prefill.max_new_tokens={max_prefill!r}: "
                                       "must be an integer >= 1; re-run the export")
-        decode = prefill if prefill and _one_graph_serves_both(graphs) else graphs["decode"]
-        parts.append(PartGraphs(layers, directory / sub / decode["file"], directory / sub / prefill["file"] if prefill else None))
+        decode_file = listed_file(directory / sub, own, graphs["decode"].get("file"), "graphs.decode.file")
+        prefill_file = listed_file(directory / sub, own, prefill.get("file"), "graphs.prefill.file") if prefill else None
+        parts.append(PartGraphs(layers, prefill_file if prefill and _one_graph_serves_both(graphs) else decode_file,
+                                prefill_file))
     return parts, max_prefill
 
 
