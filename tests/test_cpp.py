@@ -806,6 +806,31 @@ def partition_outside_the_artifact(tmp_path, tiny):  # ran the graphs of the dir
     return art, ["--ids", "1"], 'manifest.json: partitions[0].directory="../art": not a part directory of this artifact'
 
 
+def graph_outside_the_artifact(tmp_path, tiny):  # ran another directory's graph, unverified (a FIFO hung)
+    other = copy_artifact(tiny["fp32"], tmp_path / "other")
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    edit_manifest(art, lambda m: m["graphs"]["prefill"].update(file=str(other / "prefill.onnx")))
+    return art, ["--ids", "1"], f'manifest.json: graphs.prefill.file="{other}/prefill.onnx": not a file the artifact lists'
+
+
+def tokenizer_graph_outside_the_artifact(tmp_path, tiny):  # ran another directory's tokenizer graph, unverified
+    copy_artifact(tiny["fp32"], tmp_path / "other")  # the graph it names exists there
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    edit_manifest(art, lambda m: m["tokenizer"]["graphs"].update(encode="../other/tokenizer_encode.onnx"))
+    return art, ["--prompt", "hi"], \
+        'manifest.json: tokenizer.graphs.encode="../other/tokenizer_encode.onnx": not a file the artifact lists'
+
+
+def file_listed_outside_the_artifact(tmp_path, tiny):  # hashed a file outside the artifact
+    import hashlib
+
+    other = copy_artifact(tiny["fp32"], tmp_path / "other")
+    digest = hashlib.sha256((other / "prefill.onnx").read_bytes()).hexdigest()
+    art = copy_artifact(tiny["fp32"], tmp_path / "art")
+    edit_manifest(art, lambda m: m["files"].update({"../other/prefill.onnx": digest}))
+    return art, ["--ids", "1"], 'manifest.json: files["../other/prefill.onnx"]: not a path inside the artifact'
+
+
 def json_and_stream(tmp_path, tiny):  # --stream was ignored
     return tiny["fp32"], ["--ids", "1", "--json", "--stream"], "--json prints one object at the end: drop --stream"
 
@@ -825,7 +850,8 @@ def json_and_stream(tmp_path, tiny):  # --stream was ignored
                                      max_prefill_tokens_zero,
                                      empty_prompt, window_past_2_62, window_beyond_memory, sinks_past_2_62,
                                      prompt_file_is_a_directory, one_part_of_a_partitioned_artifact,
-                                     partition_outside_the_artifact],
+                                     partition_outside_the_artifact, graph_outside_the_artifact,
+                                     tokenizer_graph_outside_the_artifact, file_listed_outside_the_artifact],
                          ids=lambda f: f.__name__)
 def test_bad_input_is_one_line_and_exit_2(llama4_cpp, tiny, tmp_path, breaker):
     artifact, args, message = breaker(tmp_path, tiny)

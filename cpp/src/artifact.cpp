@@ -137,6 +137,26 @@ class VerifiedFiles {
   bool changed_ = false;
 };
 
+// artifact.is_artifact_name: a name `files` may list is relative, with no "..", "." or empty part and no control
+// character (a "../x" or absolute one was hashed, and a graph field naming it loaded, outside the artifact).
+bool is_artifact_name(const std::string& name) {
+  if (name.empty() || name.front() == '/' || name.back() == '/') return false;
+  if (std::any_of(name.begin(), name.end(), [](unsigned char c) { return c < 0x20 || c == 0x7f; })) return false;
+  std::stringstream parts(name);
+  for (std::string part; std::getline(parts, part, '/');)
+    if (part.empty() || part == "." || part == "..") return false;
+  return true;
+}
+
+// artifact.listed_file: a file a manifest field names (a graph) must be one `files` lists, so inside the artifact and
+// verified with it (an unlisted or absolute one was loaded unchecked; a FIFO hung ONNX Runtime).
+std::string listed_file(const json& manifest, const fs::path& directory, const json& name, const std::string& field) {
+  if (!name.is_string() || !manifest["files"].contains(name.get<std::string>()))
+    throw Error((directory / kManifest).string() + ": " + field + "=" + name.dump() + ": not a file the artifact " +
+                "lists in `files`; re-run the export");
+  return (directory / name.get<std::string>()).string();
+}
+
 // A manifest and the checks every manifest passes (artifact.read_manifest); with verify, every listed file's sha256.
 json read_manifest(const fs::path& directory, bool verify = false) {
   if (fs::exists(directory) && !fs::is_directory(directory))
@@ -162,6 +182,9 @@ json read_manifest(const fs::path& directory, bool verify = false) {
   std::optional<VerifiedFiles> verified;
   if (verify) verified.emplace();
   for (const auto& [name, digest] : manifest["files"].items()) {
+    if (!is_artifact_name(name))
+      throw Error(path.string() + ": files[" + json(name).dump() + "]: not a path inside the artifact (relative, of " +
+                  "plain names); re-run the export");
     const fs::path file = directory / name;
     if (!fs::is_regular_file(file))
       throw Error(file.string() + ": listed in " + kManifest + " but missing; the artifact is incomplete, re-run the export");
@@ -316,9 +339,9 @@ void read_parts(const json& manifest, const fs::path& directory, Artifact& artif
     PartGraphs part;
     part.first_layer = layers.first;
     part.end_layer = layers.second;
-    part.decode = (part_dir / graphs["decode"]["file"].get<std::string>()).string();
+    part.decode = listed_file(part_manifest, part_dir, graphs["decode"]["file"], "graphs.decode.file");
     if (graphs.contains("prefill") && graphs["prefill"].is_object() && graphs["prefill"].contains("file")) {
-      part.prefill = (part_dir / graphs["prefill"]["file"].get<std::string>()).string();
+      part.prefill = listed_file(part_manifest, part_dir, graphs["prefill"]["file"], "graphs.prefill.file");
       if (graphs["prefill"].contains("max_new_tokens")) {
         const json& limit = graphs["prefill"]["max_new_tokens"];
         if (!limit.is_number_integer() || limit.get<int64_t>() < 1)
@@ -361,11 +384,8 @@ void read_tokenizer_graphs(const json& manifest, const fs::path& directory, Arti
   const json tokenizer = manifest.value("tokenizer", json::object());
   const json graphs = tokenizer.is_object() ? tokenizer.value("graphs", json()) : json();
   if (graphs.is_object() && graphs.value("encode", json()).is_string() && graphs.value("decode", json()).is_string()) {
-    artifact.tokenizer_encode = (directory / graphs["encode"].get<std::string>()).string();
-    artifact.tokenizer_decode = (directory / graphs["decode"].get<std::string>()).string();
-    for (const std::string& path : {artifact.tokenizer_encode, artifact.tokenizer_decode})
-      if (!fs::is_regular_file(path))
-        throw Error(path + ": listed in " + artifact.manifest_path + " but missing; re-run the export");
+    artifact.tokenizer_encode = listed_file(manifest, directory, graphs["encode"], "tokenizer.graphs.encode");
+    artifact.tokenizer_decode = listed_file(manifest, directory, graphs["decode"], "tokenizer.graphs.decode");
     const json nul_byte_tokens = graphs.value("nul_byte_tokens", json::object());
     for (const auto& [id, hex] : nul_byte_tokens.items()) {
       std::string bytes;
@@ -387,9 +407,7 @@ void read_vision(const json& manifest, const fs::path& directory, Artifact& arti
   const json& entry = manifest["vision"];
   const json& processor = entry.at("processor");
   VisionEntry vision;
-  vision.graph = (directory / entry.at("file").get<std::string>()).string();
-  if (!fs::is_regular_file(vision.graph))
-    throw Error(vision.graph + ": listed in " + artifact.manifest_path + " but missing; re-run the export");
+  vision.graph = listed_file(manifest, directory, entry.value("file", json()), "vision.file");
   vision.image_token_id = entry.at("config").at("image_token_id").get<int64_t>();
   ProcessorConfig& p = vision.processor;
   p.size = processor.at("size").get<int64_t>();
