@@ -276,6 +276,16 @@ def test_cli_passes_reports_and_refuses_bad_input_in_one_line(optimized_scoutlik
     assert negative.exit_code == 2 and negative.output.strip() == "error: --tolerance -1: must be >= 0 (an output's " \
         "deviation relative to its max magnitude)", negative.output
     assert not (fresh / "passes.json").exists()
+    # a graph the manifest's hashed `files` do not list (here another artifact's) was optimized, or compared, unverified
+    original = (fresh / "manifest.json").read_text()
+    edited = json.loads(original)
+    edited["graphs"]["decode"]["file"] = f"../{scoutlike_artifact.name}/decode.onnx"
+    (fresh / "manifest.json").write_text(json.dumps(edited))
+    for command in (["passes", str(fresh)], ["compare", str(fresh)]):
+        outside = runner.invoke(export_app, command)
+        assert outside.exit_code == 2 and f"graphs.decode.file='../{scoutlike_artifact.name}/decode.onnx': not a file " \
+            "the artifact lists in `files`" in outside.output and len(outside.output.strip().splitlines()) == 1, outside.output
+    (fresh / "manifest.json").write_text(original)
     # a file the user put in the artifact was dropped by the in-place rewrite (it copies the manifest's files)
     (fresh / "NOTES.md").write_text("keep me")
     kept = runner.invoke(export_app, ["passes", str(fresh)])

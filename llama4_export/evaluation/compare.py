@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from ..artifact import MANIFEST, read_manifest
+from ..artifact import MANIFEST, listed_file, read_manifest
 from ..errors import ConfigError
 from ..graph_passes.ort_run import run_onnxruntime
 from ..graph_passes.verify import executable_copy, sample_feeds
@@ -197,7 +197,7 @@ def compare_artifact(directory: str | Path, batch: int = 2, prefill_tokens: int 
     for name in sorted(graphs):
         tokens = graphs[name].get("new_tokens") or prefill_tokens
         rows = min(batch, limits["max_batch"]) if limits else batch
-        path = directory / graphs[name]["file"]
+        path = listed_file(directory, manifest, graphs[name].get("file"), f"graphs.{name}.file")
         if in_place:
             feeds = sample_feeds(ir.load(path), seed)
         else:

@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from ..artifact import (MANIFEST, atomic_directory, held_directory, read_manifest, remove_abandoned_beside,
-                        unlisted_entries, write_json, write_manifest)
+from ..artifact import (MANIFEST, atomic_directory, held_directory, listed_file, read_manifest,
+                        remove_abandoned_beside, unlisted_entries, write_json, write_manifest)
 from ..export.writer import DATA_FILE, SpillFile, file_content, load_lazily, write_graphs
 from ..model.config import Llama4Config
 from ..progress import Steps, note
@@ -112,6 +112,8 @@ def optimize_artifact(
     graphs = manifest.get("graphs") or {}
     if not graphs:
         raise GraphPassError(f"{directory / MANIFEST}: lists no graphs; re-run the export")
+    for name, entry in graphs.items():  # the hashes read_manifest checked cover only the files it lists
+        listed_file(directory, manifest, entry.get("file") if isinstance(entry, dict) else None, f"graphs.{name}.file")
     data_file = manifest.get("external_data", DATA_FILE)
     config = Llama4Config.from_manifest(manifest, str(directory / MANIFEST))
     note(remove_abandoned_beside(directory), show_progress)
