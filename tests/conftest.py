@@ -145,3 +145,11 @@ def llama4_serve(artifact: Path, *options: str, prelude: str = ""):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def run_with_file_size_limit(limit: int, *args: str) -> subprocess.CompletedProcess:
+    """`llama4-export ARGS` under RLIMIT_FSIZE (`ulimit -f`): a write past `limit` bytes fails with EFBIG, as a file
+    past FAT32's 4 GB does (Python ignores SIGXFSZ)."""
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2); "
+            "from llama4_export.cli.export import main; sys.argv[1:] = sys.argv[2:]; main()")
+    return subprocess.run([sys.executable, "-c", code, str(limit), *args], capture_output=True, text=True, timeout=300)

@@ -34,7 +34,7 @@ from llama4_export.runtime import Generator
 from llama4_export.runtime.batching import EngineOptions as BatchOptions
 from llama4_export.weights import CheckpointWeights, from_config, from_preset, load
 
-from .conftest import initializer_bytes, make_hf_checkpoint
+from .conftest import initializer_bytes, make_hf_checkpoint, run_with_file_size_limit
 
 GRAPH_FILES = ("decode.onnx", "prefill.onnx")
 MAX_PREFILL = 64
@@ -869,6 +869,19 @@ def test_a_disk_filling_up_during_the_passes_leaves_nothing_behind(small_disk, m
     line = " ".join(result.output.split())
     assert "the disk filled up" in line and "nothing was left behind" in line
     assert list(small_disk.iterdir()) == []
+
+
+def test_a_file_past_the_file_size_limit_is_one_line_and_leaves_nothing(tmp_path):
+    """Only ENOSPC was caught: a file system's (or ulimit's) file size limit stopped model.data's write with a
+    traceback. Now one line naming --out, exit 2, and no temp directory stays."""
+    out = tmp_path / "o"
+    done = run_with_file_size_limit(100_000, "--model", "scout-tiny", "--layers", "1", "--random-weights",
+                                    "--no-report", "--out", str(out))
+    lines = [line for line in done.stderr.splitlines() if line.startswith(("error", "Traceback"))]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert f"error: {out}: a file outgrew the largest the file system or `ulimit -f` allows" in lines[0]
+    assert "nothing was left behind" in " ".join(done.stderr.split())
+    assert list(tmp_path.iterdir()) == []
 
 
 def _export_to(out) -> list[str]:

@@ -40,6 +40,8 @@ from llama4_export.rebuild import rebuild
 from llama4_export.weights import from_preset
 from llama4_export.runtime import Generator
 
+from .conftest import run_with_file_size_limit
+
 TOLERANCE = 1e-4  # × max |output|, the issue's bound for logits
 NEW_TOKENS = 64
 # (target, TensorRT plugin node?) — each target's lowering
@@ -296,3 +298,17 @@ def test_cli_passes_reports_and_refuses_bad_input_in_one_line(optimized_scoutlik
     assert compared.exit_code == 2 and "--tolerance -0.5: must be >= 0" in compared.output, compared.output
     with pytest.raises(GraphPassError, match="already optimized"):
         optimize_artifact(out, "tensorrt", show_progress=False)
+
+
+def test_passes_past_the_file_size_limit_is_one_line_and_keeps_the_artifact(scoutlike_artifact, tmp_path):
+    """A full disk or a file size limit (EFBIG here, as FAT32 gives past 4 GB) while `passes` writes model.data was a
+    traceback; now one line naming the directory, exit 2, and the unoptimized artifact as it was."""
+    directory = tmp_path / "a"
+    shutil.copytree(scoutlike_artifact, directory)
+    done = run_with_file_size_limit(1_000_000, "passes", str(directory))
+    lines = [line for line in done.stderr.splitlines() if line.startswith(("error", "Traceback"))]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"error: {directory}: a file outgrew the largest the file system or `ulimit -f` allows")
+    assert list(tmp_path.iterdir()) == [directory]
+    assert not filecmp.dircmp(scoutlike_artifact, directory).diff_files
+    assert "graph_passes" not in read_manifest(directory)  # still the traced graphs, every hash matching

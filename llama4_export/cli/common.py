@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import sys
+from pathlib import Path
+from typing import Iterator
 
 import typer
 from rich.console import Console
@@ -20,6 +24,30 @@ def print_error(exc: Exception | str) -> None:
 def fail(exc: Exception | str) -> None:
     print_error(exc)
     raise typer.Exit(2)
+
+
+# Writes the file system refuses for want of room, size or permission: (what happened, what to do)
+FILE_SYSTEM_REFUSALS = {
+    errno.ENOSPC: ("the disk filled up", "free space"),
+    errno.EDQUOT: ("the disk quota ran out", "free space within the quota"),
+    errno.EFBIG: ("a file outgrew the largest the file system or `ulimit -f` allows (FAT32: 4 GB)",
+                  "choose a file system without that limit, or raise `ulimit -f`"),
+    errno.EROFS: ("the file system turned read-only", "choose a writable location"),
+}
+
+
+@contextlib.contextmanager
+def refused_writes(target: Path, hint: str = "") -> Iterator[None]:
+    """Such a refusal in the block is one line naming `target` and exit 2, not a traceback (a write's OSError often
+    names no file). The writers put their output in place by renaming a finished temp, so nothing is left behind."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in FILE_SYSTEM_REFUSALS:
+            raise
+        what, remedy = FILE_SYSTEM_REFUSALS[exc.errno]
+        fail(f"{target}: {what} while writing {exc.filename or 'it'}{hint if exc.errno == errno.ENOSPC else ''}; "
+             f"nothing was left behind: {remedy} and run again")
 
 
 # typer now vendors click (typer._click): its usage errors are of that family, not the installed click's, whichever

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import signal
 from pathlib import Path
@@ -17,7 +16,7 @@ from .. import api
 from ..artifact import check_writable, exit_on_signals, write_json
 from ..errors import ConfigError, Llama4ExportError, needs_exporter
 from ..tensorrt import trt_onnx_support
-from .common import console, err_console, fail, run_cli, version_option
+from .common import console, err_console, fail, refused_writes, run_cli, version_option
 
 export_app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -117,19 +116,16 @@ def export(
             raise ConfigError("--passes-report prints the graph passes' table, and --no-optimize runs none: drop one")
         quant = api.QuantOptions(int4_algo, block_size, calib_data, calib_samples, calib_seq_len, calib_cache, eval_data,
                              not no_report, quantize_lm_head, float_embeddings, calib_percentile, kv_cache_dtype)
-        result = api.export_model(
-            out, model, checkpoint, seed, precision, target, optimize=not no_optimize, trt_plugin=not trt_fallback,
-            quant=quant, max_prefill=max_prefill, stream=stream, random_weights=random_weights, layers=layers,
-            partitions=partitions, engines=api.EngineOptions(require_engine, max_batch, window, timing_cache, reproducible),
-            vision_precision=vision_precision, text_only=text_only,
-        )
+        with refused_writes(out, hint=" (other files grew during the export?)"):  # past the disk check up front
+            result = api.export_model(
+                out, model, checkpoint, seed, precision, target, optimize=not no_optimize, trt_plugin=not trt_fallback,
+                quant=quant, max_prefill=max_prefill, stream=stream, random_weights=random_weights, layers=layers,
+                partitions=partitions, engines=api.EngineOptions(require_engine, max_batch, window, timing_cache,
+                                                                 reproducible),
+                vision_precision=vision_precision, text_only=text_only,
+            )
     except Llama4ExportError as exc:
         fail(exc)
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-        fail(f"{out}: the disk filled up while writing {exc.filename or 'the artifact'} (other files grew during the "
-              "export?); nothing was left behind: free space and run again")
     if result.calibration is not None:
         calibration = result.calibration
         how = "reused from the cache" if calibration.reused else "computed"
@@ -339,9 +335,10 @@ def passes(
         if report_only:
             reports = api.stored_pass_reports(directory)
         else:
-            _, results = api.optimize_artifact(directory, target, verify=verify,
-                                               **({} if tolerance is None else {"tolerance": tolerance}),
-                                               trt_plugin=not trt_fallback)
+            with refused_writes(directory):
+                _, results = api.optimize_artifact(directory, target, verify=verify,
+                                                   **({} if tolerance is None else {"tolerance": tolerance}),
+                                                   trt_plugin=not trt_fallback)
             reports = {name: report.to_json(measured=True) for name, report in results.items()}
     except Llama4ExportError as exc:
         fail(exc)
