@@ -18,6 +18,7 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
@@ -45,6 +46,19 @@ def sha256_file(path: Path) -> str:
 def write_json(path: Path, obj: Any) -> None:
     """Deterministic JSON: sorted keys, fixed indentation, trailing newline."""
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def replace_json(path: Path, obj: Any) -> None:
+    """write_json to a temp file beside `path`, renamed over it: a failed write (a full disk) leaves what was at `path`
+    as it was, not cut short."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # created as any file is (umask), unlike mkstemp's
+    try:
+        with removed_if_stopped(tmp):
+            write_json(tmp, obj)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:

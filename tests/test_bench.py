@@ -127,6 +127,27 @@ def test_bench_refuses_bad_flags_in_one_line_before_measuring(scoutlike_artifact
     assert len(lines) == 1 and expected in lines[0], result.stderr
 
 
+def test_bench_json_cut_short_keeps_the_previous_file(scoutlike_artifact, tmp_path):
+    """--json was written in place: a full disk (here a file size limit, EFBIG) left the file cut short, invalid
+    JSON, and the results it held before gone. The limit is set once the measurement is done (its process writes its
+    own result file)."""
+    out = tmp_path / "bench.json"
+    out.write_text('{"previous": "results"}\n')
+    code = ("import resource, sys\nfrom llama4_export import api\nfrom llama4_export.cli.export import main\n"
+            "measure = api.bench_artifact\n"
+            "def measured_then_limited(*args, **kwargs):\n"
+            "    result = measure(*args, **kwargs)\n"
+            "    resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))\n"
+            "    return result\n"
+            "api.bench_artifact = measured_then_limited\nmain()")
+    done = subprocess.run([sys.executable, "-c", code, "bench", str(scoutlike_artifact), "--prompt", "8",
+                           "--decode-prompt", "8", "--new-tokens", "2", "--repeats", "1", "--threads", "1", "--json",
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip() == f"error: --json {out}: cannot write it (File too large)", \
+        done.stderr
+    assert out.read_text() == '{"previous": "results"}\n' and list(tmp_path.iterdir()) == [out]
+
+
 def test_spread_reports_median_and_range():
     assert spread([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "runs": [3.0, 1.0, 2.0, 10.0]}
 

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import api
-from ..artifact import check_writable, exit_on_signals, write_json
+from ..artifact import check_writable, exit_on_signals, replace_json
 from ..errors import ConfigError, Llama4ExportError, needs_exporter
 from ..tensorrt import trt_onnx_support
 from .common import console, err_console, fail, refused_writes, run_cli, version_option
@@ -394,7 +394,7 @@ def bench(
     )
     if json_out is not None:
         try:
-            write_json(json_out, result)
+            replace_json(json_out, result)
         except OSError as exc:
             fail(f"--json {json_out}: cannot write it ({exc.strerror or exc})")
 
