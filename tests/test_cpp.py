@@ -229,6 +229,17 @@ def ppm(image: Path, directory: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("flags", [[], ["--stream"], ["--json"]])
+def test_a_full_stdout_is_one_line_and_exit_2_as_llama4_run(llama4_cpp, tiny, flags):
+    """Output to a full disk (/dev/full) was lost and the exit 0; llama4-run says so and exits 2 (its
+    test_a_closed_pipe_ends_the_run_quietly_and_a_full_stdout_is_one_line), and now llama4-cpp does the same."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([str(llama4_cpp), str(tiny["fp32"]), "--ids", "1,2,3", "-n", "3", *flags], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        "error: stdout: No space left on device; nothing more can be written there"], done.stderr
+
+
 def test_multimodal_artifact_runs_its_text_path_as_llama4_run(llama4_cpp, vision_artifact):
     """A multimodal checkpoint's prefill takes image_features; without images llama4rt binds zero rows, so prompts,
     image placeholder ids without an image among them, give llama4-run's tokens."""

@@ -21,6 +21,21 @@
 
 namespace {
 
+// The errno of the first write to stdout that failed (a full disk under a redirect); 0 while every write went out.
+// Reported at the end as llama4-run reports it: the output was lost, so the exit is not 0.
+int stdout_errno = 0;
+
+void print(const std::string& text) {
+  std::cout << text << std::flush;
+  if (!std::cout && stdout_errno == 0) stdout_errno = errno != 0 ? errno : EIO;
+}
+
+int exit_status() {
+  if (stdout_errno == 0) return 0;
+  std::cerr << "error: stdout: " << std::strerror(stdout_errno) << "; nothing more can be written there" << std::endl;
+  return 2;
+}
+
 constexpr const char* kUsage =
     "usage: llama4-cpp ARTIFACT (--prompt TEXT | --prompt-file FILE | --ids 1,2,3) [-n N] [--window W] [--sinks S]\n"
     "                  [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S]\n"
@@ -192,8 +207,8 @@ int main(int argc, char** argv) {
         return args[++i];
       };
       if (flag == "-h" || flag == "--help") {
-        std::cout << kUsage;
-        return 0;
+        print(kUsage);
+        return exit_status();
       } else if (flag == "--prompt") {
         if (prompt) throw Usage{"give exactly one of --prompt TEXT, --prompt-file FILE or --ids 1,2,3"};
         prompt = value();
@@ -296,9 +311,9 @@ int main(int argc, char** argv) {
         if (s == step) std::cerr << "rss step=" << step << " kb=" << resident_kb() << std::endl;
       if (stream && !stop) {
         if (pieces)
-          std::cout << pieces->push(token) << std::flush;
+          print(pieces->push(token));
         else
-          std::cout << (step > 1 ? "," : "") << token << std::flush;
+          print((step > 1 ? "," : "") + std::to_string(token));
       }
     };
     const Clock::time_point start = Clock::now();
@@ -311,16 +326,16 @@ int main(int argc, char** argv) {
                 << "}" << std::endl;
     }
     if (as_json) {
-      std::cout << "{\"prompt_ids\": [" << join(result.prompt_ids, ", ") << "], \"token_ids\": ["
-                << join(result.token_ids, ", ") << "], \"text\": "
-                << (result.text ? nlohmann::json(*result.text).dump(-1, ' ', /*ensure_ascii=*/true) : "null")
-                << ", \"stop_reason\": \"" << result.stop_reason << "\"}" << std::endl;
+      print("{\"prompt_ids\": [" + join(result.prompt_ids, ", ") + "], \"token_ids\": [" + join(result.token_ids, ", ") +
+            "], \"text\": " +
+            (result.text ? nlohmann::json(*result.text).dump(-1, ' ', /*ensure_ascii=*/true) : std::string("null")) +
+            ", \"stop_reason\": \"" + result.stop_reason + "\"}\n");
     } else if (stream) {
-      std::cout << (pieces ? pieces->flush() : std::string()) << std::endl;
+      print((pieces ? pieces->flush() : std::string()) + "\n");
     } else {
-      std::cout << (result.text ? *result.text : join(result.token_ids, ",")) << std::endl;
+      print((result.text ? *result.text : join(result.token_ids, ",")) + "\n");
     }
-    return 0;
+    return exit_status();
   } catch (const Usage& usage) {
     std::cerr << "error: " << usage.message << std::endl;
   } catch (const llama4rt::Error& error) {
