@@ -20,7 +20,7 @@ from llama4_export.graph_passes.lower import (FLOAT_EXPERTS_LOWERING, IF_PER_EXP
 from llama4_export.graph_passes.lower_linears import lower_quantized_linears
 from llama4_export.graph_passes.manager import PassContext
 from llama4_export.graph_passes.moe_reference import llama4_moe
-from llama4_export.graph_passes.quantize import (QuantSpec, int4_blockwise, int4_dequantize,
+from llama4_export.graph_passes.quantize import (QuantSpec, fp8_quantize, int4_blockwise, int4_dequantize,
                                                  quantize_experts, quantize_linears)
 from llama4_export.graph_passes.verify import executable_copy, reference_ops_available
 from llama4_export.kernels.formats import quantize_int4
@@ -94,6 +94,17 @@ def test_fp8_linear_quantizes_weights_and_inputs(tmp_path):
     expected = fp8(x, amax / 448) @ fp8(w, np.abs(w).max() / 448).T
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert np.abs(got - x @ w.T).max() / np.abs(x @ w.T).max() < 0.1
+
+
+@pytest.mark.parametrize("amax", [1e-44, 1.57e-42, 1e-39])
+def test_fp8_weights_of_subnormal_magnitude_dequantize_finite(amax):
+    """A weight whose amax / 448 is 0 (scale not replaced: amax isn't 0) or a subnormal rounded down by up to half its
+    value was divided to inf or past 448, which E4M3 (no inf) stores as NaN: the linear then computed NaN."""
+    w = (np.linspace(-1, 1, 64, dtype=np.float32) * np.float32(amax)).reshape(8, 8)
+    q, scale = fp8_quantize(w)
+    deq = q.astype(np.float32).astype(np.float64) * np.float64(scale)  # ml_dtypes' E4M3 decoding
+    assert np.isfinite(deq).all() and scale > 0
+    assert np.all(np.abs(deq - w) <= np.abs(w))  # never worse than 0, never the wrong sign
 
 
 @pytest.mark.parametrize("squeeze", ["axis 0", "every unit axis"])

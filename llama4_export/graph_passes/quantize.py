@@ -112,8 +112,12 @@ def fp8_quantize(w: np.ndarray, axes: tuple[int, ...] | None = None) -> tuple[np
     """E4M3 with scale amax / 448 over `axes` (None: the whole tensor): (float8_e4m3fn array, fp32 scale)."""
     w = np.asarray(w, dtype=np.float32)
     amax = np.abs(w).max(axis=axes, keepdims=axes is not None)
-    scale = np.where(amax == 0, np.float32(1), amax / FP8_E4M3_MAX).astype(np.float32)
-    return (w / scale).astype(ml_dtypes.float8_e4m3fn), scale
+    # amax / 448 of a tensor of subnormals is 0 or a subnormal rounded by up to half its value: w / scale would be
+    # inf or past 448, which E4M3 (no inf) stores as NaN; so a zero scale is 1 and w / scale saturates, as
+    # QuantizeLinear does
+    scale = (amax / FP8_E4M3_MAX).astype(np.float32)
+    scale = np.where(scale == 0, np.float32(1), scale)
+    return np.clip(w / scale, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(ml_dtypes.float8_e4m3fn), scale
 
 
 # ------------------------------------------------------------------------------------------------ graph helpers
