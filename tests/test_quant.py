@@ -107,6 +107,23 @@ def test_fp8_weights_of_subnormal_magnitude_dequantize_finite(amax):
     assert np.all(np.abs(deq - w) <= np.abs(w))  # never worse than 0, never the wrong sign
 
 
+@pytest.mark.parametrize("amax", [0.0, 1e-6])
+def test_fp8_input_scale_of_a_tiny_calibrated_amax_is_not_zero_in_fp16(amax):
+    """An fp16 graph (TensorRT's) stored amax / 448 for an amax under ~1e-5 (0: a linear whose calibration input was
+    all zeros) as a zero scale: QuantizeLinear's 0 / 0 made the linear's output NaN."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((8, 16)).astype(np.float16)
+    x = (rng.uniform(-1, 1, (3, 16)) * amax).astype(np.float16)
+    model = _linear_model(w, "gemm")
+    model.graph.inputs[0].type = model.graph.outputs[0].type = ir.TensorType(ir.DataType.FLOAT16)
+    spec = QuantSpec("fp8", activation_amax={"model.layers.0.self_attn.q_proj.weight": amax})
+    quantize_linears(model, PassContext("tensorrt", "gather", quantization=spec))
+    got = run_plain(model, {"x": x}).astype(np.float64)
+    expected = x.astype(np.float64) @ w.astype(np.float64).T
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=max(0.15 * np.abs(expected).max(), 1e-7))
+
+
 @pytest.mark.parametrize("squeeze", ["axis 0", "every unit axis"])
 def test_lower_quantized_linears_drops_only_the_unit_axis_quantize_linears_added(squeeze):
     """MatMul(Unsqueeze(x, 0), DequantizeLinear(W int4)) → Squeeze(·, 0) becomes one MatMulNBits on x, against numpy.

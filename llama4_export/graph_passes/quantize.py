@@ -120,6 +120,13 @@ def fp8_quantize(w: np.ndarray, axes: tuple[int, ...] | None = None) -> tuple[np
     return np.clip(w / scale, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(ml_dtypes.float8_e4m3fn), scale
 
 
+def fp8_static_scale(amax: float, float_type: ir.DataType) -> np.ndarray:
+    """A QuantizeLinear scale for a calibrated amax: amax / 448 in the graph's float type, never 0 there (fp16 rounds
+    any amax under ~1e-5 to a zero scale, and QuantizeLinear's 0 / 0 is NaN)."""
+    dtype = float_type.numpy()
+    return np.asarray(max(max(amax, 1e-12) / FP8_E4M3_MAX, float(np.finfo(dtype).tiny)), dtype)
+
+
 # ------------------------------------------------------------------------------------------------ graph helpers
 def initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol, dtype: ir.DataType | None = None) -> ir.Value:
     """A new initializer `name` holding `array` (stored as `dtype` when given); the existing one when `name` is taken,
@@ -261,8 +268,7 @@ def _dequantized_weight(graph: ir.Graph, name: str, w: np.ndarray | ir.TensorPro
 
 def _fp8_activation(graph: ir.Graph, x: ir.Value, amax: float, name: str, anchor: ir.Node,
                     float_type: ir.DataType) -> ir.Value:
-    scale = initializer(graph, f"{name}.input_fp8_scale",
-                        np.asarray(max(amax, 1e-12) / FP8_E4M3_MAX, float_type.numpy()))
+    scale = initializer(graph, f"{name}.input_fp8_scale", fp8_static_scale(amax, float_type))
     zero = initializer(graph, "fp8_zero_point", np.zeros((), ml_dtypes.float8_e4m3fn), ir.DataType.FLOAT8E4M3FN)
     quant = ir.Node("", "QuantizeLinear", [x, scale, zero], num_outputs=1, name=f"{name}.input_quantize")
     dequant = ir.Node("", "DequantizeLinear", [quant.outputs[0], scale], num_outputs=1, name=f"{name}.input_dequantize")
@@ -394,8 +400,7 @@ def quantize_kv_cache(model: ir.Model, context: PassContext) -> int:
                                       ("value", io_spec.past_value(layer), io_spec.new_value(layer), amaxes[1])):
             cache_in, cache_out = inputs[past], graph.outputs[outputs[new]]
             float_type = cache_in.dtype
-            scale = initializer(graph, f"kv_cache.{layer}.{kind}_scale",
-                                 np.asarray(max(amax, 1e-12) / FP8_E4M3_MAX, float_type.numpy()))
+            scale = initializer(graph, f"kv_cache.{layer}.{kind}_scale", fp8_static_scale(amax, float_type))
             uses = list(cache_in.uses())
             dequant = ir.Node("", "DequantizeLinear", [cache_in, scale], num_outputs=1, name=f"{past}.dequantize")
             dequant.outputs[0].name = f"{past}.dequantized"
