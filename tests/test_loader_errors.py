@@ -271,3 +271,22 @@ def test_a_nan_weight_is_refused_where_the_weights_are_read(ckpt, tmp_path):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and message in " ".join(result.output.split()), result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_weight_past_float16s_range_is_refused_at_fp16(ckpt, tmp_path):
+    """A finite bf16 weight beyond ±65504 became inf in the fp16 artifact: exit 0, and it generated token 0 over and
+    over (its logits NaN)."""
+    name = "model.layers.1.self_attn.o_proj.weight"
+
+    def enlarge(tensors):
+        tensors[name] = tensors[name].clone()
+        tensors[name][3, 5] = 1e5
+    rewrite_shard(shard_of(ckpt, name), enlarge)
+    assert not torch.isfinite(load_file(shard_of(ckpt, name))[name].to(torch.float16)).all()  # torch's own cast
+    result = CliRunner().invoke(export_app, ["--checkpoint", str(ckpt), "--precision", "fp16", "--no-report",
+                                             "--out", str(tmp_path / "o")])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]  # after the progress lines
+    message = f"tensor '{name}' holds values beyond float16's range (±65504); export it at --precision bf16 or fp32"
+    assert result.exit_code == 2 and len(errors) == 1 and message in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()

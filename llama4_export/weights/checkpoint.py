@@ -16,7 +16,7 @@ from ..errors import CheckpointError
 from ..model.config import Llama4Config, Llama4VisionConfig, get_preset
 from ..model.loader import INDEX_FILE, CheckpointIndex, check_checkpoint
 from ..model.vision import Llama4VisionEncoder, vision_rope_tables
-from .source import WeightSource, slices
+from .source import WeightSource, converted, slices
 
 # Fields that decide tensor shapes and layer kinds: a checkpoint given with --model PRESET must match them.
 SHAPE_FIELDS = (
@@ -48,7 +48,7 @@ class CheckpointWeights(WeightSource):
     def chunks(self, name: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
         key, path = self._location(name)
         for index in slices(self.shapes[name]):
-            yield self._read(key, path, index).to(dtype)
+            yield converted(self._read(key, path, index), dtype, f"{path}: tensor {key!r}")
 
     def lossless_dtype(self, name: str) -> torch.dtype:
         key, path = self._location(name)
@@ -104,7 +104,7 @@ class VisionWeights:
             return
         key, path = self.index.vision_files[name]
         for index in slices(self.shapes[name]):
-            yield CheckpointWeights._read(key, path, index).to(dtype)
+            yield converted(CheckpointWeights._read(key, path, index), dtype, f"{path}: tensor {key!r}")
 
 
 ROPE_TABLES = ("vision_model.rope_cos", "vision_model.rope_sin")  # vision_rope_tables' order

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 
 from ..model.modeling import Llama4ForCausalLM
-from .source import WeightSource, materialize, slices
+from .source import WeightSource, converted, materialize, slices
 
 
 class ModelWeights(WeightSource):
@@ -27,7 +27,7 @@ class ModelWeights(WeightSource):
             name = "model.embed_tokens.weight"
         tensor = self._params[name].detach()
         for index in slices(tuple(tensor.shape)):
-            yield tensor[index].to(dtype)
+            yield converted(tensor[index], dtype, f"{self.describe()}: tensor {name!r}")
 
     def lossless_dtype(self, name: str) -> torch.dtype:
         dtype = self._params[name].dtype

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..model.config import Llama4Config
 from ..model.modeling import Llama4ForCausalLM, rope_inverse_frequencies
 from ..model.summary import parameter_counts
@@ -84,6 +84,16 @@ def slices(shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
 
 def slice_shape(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape)) + shape[len(index):]
+
+
+def converted(piece: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """`piece` in `dtype`, refused where float16 cannot hold it: a finite weight past ±65504 turned inf, and the fp16
+    artifact exported with exit 0 generated one token over and over (its logits all NaN). what: names the tensor."""
+    piece = piece.to(dtype)
+    if dtype == torch.float16 and not torch.isfinite(piece).all():
+        raise CheckpointError(f"{what} holds values beyond float16's range (±65504); export it at --precision bf16 "
+                              "or fp32")
+    return piece
 
 
 def read_tensor(source: WeightSource, name: str, dtype: torch.dtype) -> torch.Tensor:
