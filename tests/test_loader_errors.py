@@ -161,11 +161,26 @@ def break_no_rope_layer_not_a_flag(ckpt: Path) -> tuple[Path, str]:  # accepted 
     return _edit_config(ckpt, no_rope_layers=[2] * layers), "each entry is 1 (RoPE) or 0 (NoPE)"
 
 
+def break_fp8_release(ckpt: Path) -> tuple[Path, str]:  # "unexpected tensor '..._scale'", naming no way out
+    """As Meta's -FP8 releases: fbgemm_fp8 in config.json, float8_e4m3fn experts with per-row float32 `*_scale`s."""
+    name = "model.layers.0.feed_forward.experts.gate_up_proj"
+
+    def quantize(tensors):
+        weight = tensors[name].float()
+        scale = weight.abs().amax(dim=1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max
+        tensors[name], tensors[f"{name}_scale"] = (weight / scale).to(torch.float8_e4m3fn), scale
+    shard = shard_of(ckpt, name)
+    rewrite_shard(shard, quantize)
+    _edit_index(ckpt, lambda index: index["weight_map"].__setitem__(f"{name}_scale", shard.name))
+    _edit_config(ckpt, quantization_config={"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0})
+    return ckpt, ("config.json: quantization_config (quant_method 'fbgemm_fp8'): a pre-quantized checkpoint; export "
+                  "from the unquantized (bf16) release")
+
 BREAKERS = [
     break_missing_dir, break_config_file_given, break_missing_config, break_missing_shard, break_truncated_shard, break_wrong_shape,
     break_missing_tensor, break_unexpected_tensor, break_pickle_only, break_bad_json, break_zero_heads, break_zero_chunk,
     break_index_weight_map_null, break_index_shard_not_a_name, break_index_shard_outside, break_tie_as_a_string,
-    break_moe_layer_twice, break_no_rope_layer_not_a_flag,
+    break_moe_layer_twice, break_no_rope_layer_not_a_flag, break_fp8_release,
 ]
 
 

@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
-from .config import INDEX_FILE, PICKLED_SUFFIXES, Llama4Config, Llama4VisionConfig, checkpoint_configs
+from .config import (INDEX_FILE, PICKLED_SUFFIXES, Llama4Config, Llama4VisionConfig, checkpoint_configs,
+                     read_config_json)
 from .modeling import Llama4ForCausalLM
 from .vision import Llama4VisionEncoder
 
@@ -40,6 +41,7 @@ def check_checkpoint(checkpoint_dir: str | Path) -> CheckpointIndex:
     config.json has a vision_config); raise CheckpointError naming the first problem."""
     ckpt = Path(checkpoint_dir)
     config, vision = checkpoint_configs(ckpt)
+    _refuse_quantized(ckpt / "config.json")
     locations = _tensor_locations(ckpt)
 
     with torch.device("meta"):
@@ -65,6 +67,19 @@ def check_checkpoint(checkpoint_dir: str | Path) -> CheckpointIndex:
     nbytes = sum(p.stat().st_size for p in set(locations.values()))
     return CheckpointIndex(ckpt, config, {n: found[n] for n in sorted(expected)}, dict(sorted(dtypes.items())), nbytes,
                            vision, vision_files)
+
+
+def _refuse_quantized(config_file: Path) -> None:
+    """Meta's -FP8 releases (fbgemm_fp8; compressed-tensors elsewhere) store float8 weights with `*_scale` tensors, which
+    were refused as an "unexpected tensor" naming no way out."""
+    raw = read_config_json(config_file)
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    quant = raw.get("quantization_config", text.get("quantization_config"))
+    if quant is not None:
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise CheckpointError(f"{config_file}: quantization_config (quant_method {method!r}): a pre-quantized "
+                              "checkpoint; export from the unquantized (bf16) release, --precision fp8 or int4 "
+                              "quantizes it here")
 
 
 def _check_names(ckpt: Path, found: dict[str, tuple[str, Path]], expected: dict[str, tuple[int, ...]], prefix: str) -> None:
