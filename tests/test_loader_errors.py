@@ -142,6 +142,14 @@ def break_index_shard_outside(ckpt: Path) -> tuple[Path, str]:  # was opened whe
     return ckpt, f"{INDEX}: shard '../elsewhere.safetensors' is outside the checkpoint directory"
 
 
+def break_tensor_in_two_shards(ckpt: Path) -> tuple[Path, str]:  # "not in this shard", of the shard holding it
+    """A shard from another save holding a tensor the index places elsewhere (transformers loads the last shard's)."""
+    name = "model.embed_tokens.weight"
+    listed, last = shard_of(ckpt, name), shard_of(ckpt, "lm_head.weight")
+    assert listed.name < last.name
+    rewrite_shard(last, lambda t: t.__setitem__(name, torch.zeros_like(load_file(listed)[name])))
+    return ckpt, f"{last.name}: tensor '{name}' is also in {listed.name}; a tensor is in one shard only"
+
 def _edit_config(ckpt: Path, **fields) -> Path:
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, **fields}))
@@ -179,8 +187,8 @@ def break_fp8_release(ckpt: Path) -> tuple[Path, str]:  # "unexpected tensor '..
 BREAKERS = [
     break_missing_dir, break_config_file_given, break_missing_config, break_missing_shard, break_truncated_shard, break_wrong_shape,
     break_missing_tensor, break_unexpected_tensor, break_pickle_only, break_bad_json, break_zero_heads, break_zero_chunk,
-    break_index_weight_map_null, break_index_shard_not_a_name, break_index_shard_outside, break_tie_as_a_string,
-    break_moe_layer_twice, break_no_rope_layer_not_a_flag, break_fp8_release,
+    break_index_weight_map_null, break_index_shard_not_a_name, break_index_shard_outside, break_tensor_in_two_shards,
+    break_tie_as_a_string, break_moe_layer_twice, break_no_rope_layer_not_a_flag, break_fp8_release,
 ]
 
 

@@ -144,7 +144,12 @@ def _tensor_locations(ckpt: Path) -> dict[str, Path]:
         locations: dict[str, Path] = {}
         for shard in shards:
             with _open(ckpt / shard) as f:
-                locations.update({k: ckpt / shard for k in f.keys()})
+                for key in f.keys():
+                    if key in locations:  # which copy is meant? transformers silently takes the last shard's
+                        raise CheckpointError(f"{ckpt / shard}: tensor {key!r} is also in {locations[key].name}; a "
+                                              "tensor is in one shard only (these come from different saves): "
+                                              "re-download the checkpoint")
+                    locations[key] = ckpt / shard
         listed_elsewhere = sorted(k for k, s in weight_map.items() if locations.get(k) != ckpt / s)
         if listed_elsewhere:
             k = listed_elsewhere[0]
