@@ -830,6 +830,21 @@ def test_a_corrupt_tokenizer_file_is_refused_before_the_export(tmp_path, two_lay
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("eos", [[2, "x"], "2", [2, 8.0]])
+def test_a_generation_config_whose_eos_ids_are_not_integers_is_refused_before_the_export(tmp_path, two_layer_checkpoint,
+                                                                                        eos):
+    """Exported with exit 0: llama4-run then failed with a ValueError traceback at "x" (and took "2" and 8.0, which
+    llama4-cpp refuses as not integers)."""
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(two_layer_checkpoint, checkpoint)
+    (checkpoint / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": eos}))
+    result = CliRunner().invoke(export_app, ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert (f"generation_config.json: eos_token_id={json.dumps(eos)}: must be a token id or a list of token ids"
+            in " ".join(result.output.split()))
+    assert not (tmp_path / "o").exists()
+
 def test_a_head_dim_onnx_runtime_cannot_run_is_refused_before_the_export(tmp_path):
     """transformers takes head_dim 12; ONNX Runtime's GroupQueryAttention refuses it at the first token. The export
     ran to its end (or to a traceback in its accuracy report) and every llama4-run failed with ORT's traceback."""

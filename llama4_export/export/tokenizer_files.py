@@ -23,7 +23,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from ..artifact import write_json
 from ..byte_level import BYTE_SYMBOLS, SYMBOL_BYTES
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, is_integer
 from ..model.config import Llama4Config
 
 # chat_template.jinja: where transformers saves a checkpoint's chat template (it overrides tokenizer_config.json's)
@@ -79,6 +79,11 @@ def check_tokenizer_files(checkpoint_dir: Path) -> None:
                                   "repository, or remove it to export without it") from None
         if not isinstance(content, dict):
             raise CheckpointError(f"{path}: holds a JSON {type(content).__name__}, not an object; re-download it")
+        eos = content.get("eos_token_id") if name == "generation_config.json" else None
+        # the runtimes stop on these ids: llama4-run failed with a traceback at "x", llama4-cpp at "2" or 8.0
+        if eos is not None and not all(is_integer(e) for e in (eos if isinstance(eos, list) else [eos])):
+            raise CheckpointError(f"{path}: eos_token_id={json.dumps(eos)}: must be a token id or a list of token ids; "
+                                  "fix the value or re-download it")
         template = content.get("chat_template") if name in ("tokenizer_config.json", CHAT_TEMPLATE_FILE) else None
         if isinstance(template, str):
             try:
