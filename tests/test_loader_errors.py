@@ -241,14 +241,20 @@ def test_good_checkpoint_still_loads(good_checkpoint):
 
 def test_config_values_of_the_wrong_type_are_named(ckpt):
     """256.5 and "256" were taken as 256 and true as 1 layer; "abc" and "all" were "malformed field (invalid literal
-    for int() with base 10: 'a')", naming no field; −1 layers said "moe_layers [0..5] names layers outside 0..-2"."""
+    for int() with base 10: 'a')", naming no field; −1 layers said "moe_layers [0..5] names layers outside 0..-2"; token
+    ids likewise."""
     config = json.loads((ckpt / "config.json").read_text())
     for key, value, message in (
             ("hidden_size", 256.5, "hidden_size=256.5: must be an integer"),
             ("hidden_size", "abc", 'hidden_size="abc": must be an integer'),
             ("num_hidden_layers", True, "num_hidden_layers=true: must be an integer"),
             ("num_hidden_layers", -1, "num_hidden_layers=-1: must be >= 1"),
-            ("moe_layers", "all", 'moe_layers="all": must be a list of integers')):
+            ("moe_layers", "all", 'moe_layers="all": must be a list of integers'),
+            # true and 2.5 were taken as eos ids 1 and 2 (the runtimes then stopped on token 1); "x" named no field
+            ("eos_token_id", True, "eos_token_id=true: must be a token id or a list of token ids"),
+            ("eos_token_id", [2, 2.5], "eos_token_id=[2, 2.5]: must be a token id or a list of token ids"),
+            ("eos_token_id", [2, "x"], 'eos_token_id=[2, "x"]: must be a token id or a list of token ids'),
+            ("bos_token_id", "1", 'bos_token_id="1": must be a token id')):
         (ckpt / "config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(CheckpointError, match=r"^" + re.escape(f"{ckpt / 'config.json'}: {message}; fix the value")):
             load(ckpt)

@@ -182,6 +182,13 @@ class Llama4Config:
             if value is not None and not (isinstance(value, list) and all(is_integer(i) for i in value)):
                 raise CheckpointError(f"{source}: {key}={json.dumps(value)}: must be a list of integers; fix the value "
                                       "or re-save the config")
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # true and 2.5 were taken as ids 1 and 2
+            value = cfg.get(key)
+            ids = value if key == "eos_token_id" and isinstance(value, list) else [value]
+            if value is not None and not all(is_integer(i) for i in ids):
+                listed = " or a list of token ids" if key == "eos_token_id" else ""
+                raise CheckpointError(f"{source}: {key}={json.dumps(value)}: must be a token id{listed}; fix the value "
+                                      "or re-save the config")
         if any(flag not in (0, 1) for flag in cfg.get("no_rope_layers") or ()):
             raise CheckpointError(f"{source}: no_rope_layers={json.dumps(cfg['no_rope_layers'])}: each entry is 1 (RoPE) "
                                   "or 0 (NoPE); fix the value or re-save the config")
