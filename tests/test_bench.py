@@ -69,12 +69,13 @@ def test_decode_bytes_count_one_row_of_a_4bit_embedding(tmp_path):
     from llama4_export.graph_passes.lower_linears import quantize_embedding
     from llama4_export.graph_passes.manager import PassContext
     from llama4_export.graph_passes.quantize import EMBEDDING, QuantSpec
+    from llama4_export.model import io_spec
 
     vocab, hidden, block = 64, 256, 128
     table = np.random.default_rng(0).standard_normal((vocab, hidden), dtype=np.float32)
-    ids = onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, 1])
+    ids = onnx.helper.make_tensor_value_info(io_spec.INPUT_IDS, onnx.TensorProto.INT64, [1, 1])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Gather", [EMBEDDING, "ids"], ["y"])], "g", [ids], [y],
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Gather", [EMBEDDING, io_spec.INPUT_IDS], ["y"])], "g", [ids], [y],
                                    [onnx.numpy_helper.from_array(table, EMBEDDING)])
     model = ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)]))
     context = PassContext("onnxruntime", "gather", quantization=QuantSpec("int4", block_size=block, embedding_bits=4))
