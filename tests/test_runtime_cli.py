@@ -420,7 +420,6 @@ def test_a_hand_edited_manifest_is_refused_in_one_line(tiny_artifact, tmp_path):
     """A prefill limit of -4 ran (llama4rt failed in ONNX Runtime naming no field); a chunk size of 0 killed llama4rt
     with SIGFPE. Both runtimes now refuse them by name (test_cpp.py has llama4rt's side). A model config the graphs
     disagree with failed in ONNX Runtime's run, a section of the wrong type where it was read (tracebacks)."""
-    import shutil
 
     model = json.loads((tiny_artifact / "manifest.json").read_text())["model"]
     for k, (field, edit) in enumerate((
@@ -435,14 +434,7 @@ def test_a_hand_edited_manifest_is_refused_in_one_line(tiny_artifact, tmp_path):
              lambda m: m["model"].update(num_key_value_heads=1)),
             ('vision="x": not an object', lambda m: m.update(vision="x")),
             ('layers=["0", "8"]: not a part\'s [first, end) layer range', lambda m: m.update(layers=["0", "8"])))):
-        art = Path(shutil.copytree(tiny_artifact, tmp_path / str(k)))
-        manifest = json.loads((art / "manifest.json").read_text())
-        edit(manifest)
-        (art / "manifest.json").write_text(json.dumps(manifest))
-        result = run(art, "--ids", "1,2,3", "-n", "2")
-        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and field in lines[0], result.stderr
+        assert_refused_in_one_line(tiny_artifact, tmp_path / str(k), edit, field)
 
 
 def test_a_manifest_naming_files_outside_the_artifact_is_refused_in_one_line(tiny_artifact, tmp_path):
@@ -462,14 +454,21 @@ def test_a_manifest_naming_files_outside_the_artifact_is_refused_in_one_line(tin
             ("graphs.prefill.file='../outside/prefill.onnx': not a file the artifact lists",
              lambda m: m["graphs"]["prefill"].update(file="../outside/prefill.onnx")),
             ("graphs.decode.file=5: not a file the artifact lists", lambda m: m["graphs"]["decode"].update(file=5)))):
-        art = Path(shutil.copytree(tiny_artifact, tmp_path / str(k)))
-        manifest = json.loads((art / "manifest.json").read_text())
-        edit(manifest)
-        (art / "manifest.json").write_text(json.dumps(manifest))
-        result = run(art, "--ids", "1,2,3", "-n", "2")
-        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and field in lines[0], result.stderr
+        assert_refused_in_one_line(tiny_artifact, tmp_path / str(k), edit, field)
+
+
+def assert_refused_in_one_line(artifact: Path, copy: Path, edit, expected: str) -> None:
+    """llama4-run on a copy of `artifact` whose manifest `edit` changed: exit 2, one stderr line holding `expected`."""
+    import shutil
+
+    shutil.copytree(artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = run(copy, "--ids", "1,2,3", "-n", "2")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
 
 
 def test_the_python_api_takes_numpy_seeds_and_text_parts_and_refuses_bad_arguments_in_one_line(tiny_artifact):
@@ -537,24 +536,31 @@ def test_a_closed_pipe_ends_the_run_quietly_and_a_full_stdout_is_one_line(tiny_a
             "error: stdout: No space left on device; nothing more can be written there"], done.stderr
 
 
+def interrupted_after(tokens: int):
+    """Generator.generate as Ctrl-C lands between two decode steps: KeyboardInterrupt from the callback of new token
+    `tokens` + 1 (no stop tokens, so the count is reached)."""
+    generate = Generator.generate
+
+    def interrupted(self, prompt, stream=None, **options):
+        def on_token(event):
+            if on_token.seen == tokens:
+                raise KeyboardInterrupt
+            on_token.seen += 1
+            if stream is not None:
+                stream(event)
+        on_token.seen = 0
+        return generate(self, prompt, stream=on_token, **{**options, "stop_tokens": []})
+
+    return interrupted
+
+
 @pytest.mark.parametrize("flags", [[], ["--stream"], ["--json"]])
 def test_ctrl_c_during_generation_keeps_the_text_so_far_and_exits_130(tiny_artifact, monkeypatch, flags):
     """Without --stream an interrupted run printed nothing and said nothing (status 130): now the text of the tokens
     so far (already shown when streamed; not with --json, whose object describes a finished run) and one stderr line.
     The interrupt is raised by the 6th new token's callback, as Ctrl-C lands between two decode steps."""
     expected = Generator.load(tiny_artifact, threads=1).generate(PROMPT, max_new_tokens=5, stop_tokens=[])
-    generate = Generator.generate
-
-    def interrupted(self, prompt, stream=None, **options):
-        def on_token(event):
-            if on_token.seen == 5:
-                raise KeyboardInterrupt
-            on_token.seen += 1
-            stream(event)
-        on_token.seen = 0
-        return generate(self, prompt, stream=on_token, **{**options, "stop_tokens": []})
-
-    monkeypatch.setattr(Generator, "generate", interrupted)
+    monkeypatch.setattr(Generator, "generate", interrupted_after(5))
     result = run(tiny_artifact, "--prompt", PROMPT, "-n", 50, "--threads", 1, *flags)
     assert result.exit_code == 130, result.output
     assert result.stdout == ("" if flags == ["--json"] else expected.text + "\n")
@@ -573,20 +579,8 @@ def test_ctrl_c_during_a_chat_reply_keeps_its_text_and_while_waiting_for_a_line_
     gen = Generator.load(tiny_artifact, threads=1)
     conversation = [{"role": "user", "content": PROMPT}]  # its first 5 reply tokens end on a whole character
     expected = gen.generate(gen.chat_prompt(conversation), max_new_tokens=5, stop_tokens=[])
-    generate = Generator.generate
-
-    def interrupted(self, prompt, stream=None, **options):
-        def on_token(event):
-            if on_token.seen == 5:
-                raise KeyboardInterrupt
-            on_token.seen += 1
-            if stream is not None:
-                stream(event)
-        on_token.seen = 0
-        return generate(self, prompt, stream=on_token, **{**options, "stop_tokens": []})
-
     with monkeypatch.context() as patch:
-        patch.setattr(Generator, "generate", interrupted)
+        patch.setattr(Generator, "generate", interrupted_after(5))
         for flags in ([], ["--stream"]):
             result = run(tiny_artifact, "--chat", "-n", 50, "--threads", 1, *flags, stdin=f"{PROMPT}\nMore\n")
             assert result.exit_code == 130, result.output

@@ -217,11 +217,11 @@ def _chat_loop(generator, stream: bool, options: dict, system: str | None, so_fa
             continue
         messages.append({"role": "user", "content": line.strip()})
         result = _generate(generator, generator.chat_prompt(messages), stream=_recorder(so_far, stream), **options)
+        so_far.clear()  # the reply is whole: a Ctrl-C from here on (printing it, waiting for a line) has none to print
         if stream:
             print(flush=True)
         else:
             print(result.text, flush=True)
-        so_far.clear()  # a Ctrl-C while waiting for the next line has no reply to print
         messages.append({"role": "assistant", "content": result.text})
 
 
