@@ -726,6 +726,27 @@ def test_metrics_count_prompt_tokens_as_usage_does_and_a_usage_stream_carries_nu
         assert all("usage" in c and c["usage"] is None for c in chunks[:-1]) and chunks[-1]["usage"]["total_tokens"]
 
 
+def test_tokens_per_second_holds_only_its_window_between_scrapes():
+    """Every generated token's time was kept until the next scrape of /metrics: a server nobody scraped grew by
+    ~40 bytes a token for ever. Here 200,000 tokens over 200 s, unscraped, then the rate of the last 10 s."""
+    import tracemalloc
+
+    from llama4_export.serving.metrics import RATE_WINDOW_S, TokenRate
+
+    rate, start = TokenRate(), time.monotonic() - 200
+    tracemalloc.start()
+    try:
+        for i in range(200_000):
+            rate.add(start + i / 1000)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 1_000_000, held  # the window's 10,000 times, not all 200,000 (~8 MB)
+    tokens_per_second = rate.value()
+    late = time.monotonic() - (start + 200)  # the window ends this much after the last token
+    assert 1000 * (1 - late / RATE_WINDOW_S) - 1 <= tokens_per_second <= 1000 + 1
+
+
 def test_a_body_still_arriving_at_the_request_timeout_gets_408(artifact):
     """A client that declares 1,000 bytes and sends 10 held its connection (and a task) for ever: --request-timeout
     counted from the body's end."""

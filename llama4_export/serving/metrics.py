@@ -29,13 +29,16 @@ class TokenRate:
     def add(self, now: float) -> None:
         with self._lock:
             self._times.append(now)
+            self._drop_before(now - RATE_WINDOW_S)  # not only at a scrape: unscraped, every token's time was kept
 
     def value(self) -> float:
-        cutoff = time.monotonic() - RATE_WINDOW_S
         with self._lock:
-            while self._times and self._times[0] < cutoff:
-                self._times.popleft()
+            self._drop_before(time.monotonic() - RATE_WINDOW_S)
             return len(self._times) / RATE_WINDOW_S
+
+    def _drop_before(self, cutoff: float) -> None:
+        while self._times and self._times[0] < cutoff:
+            self._times.popleft()
 
 
 class _ReusedPromptTokens:
