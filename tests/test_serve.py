@@ -102,6 +102,21 @@ def test_request_metrics_are_labelled_by_route_not_by_the_clients_path(server):
     assert counts[("other", "404")] >= 30 and counts[("/v1/models/{name:path}", "404")] >= 30
 
 
+def test_request_metrics_count_the_get_routes_answers_not_only_their_errors(server, client):
+    """GET /v1/models/{id} counted its 404s but none of its 200s (a 100% error ratio on a dashboard): every answer
+    of the GET routes counts, by its status."""
+    base = server[0]
+    routes = ("/health", "/metrics", "/v1/models", "/v1/models/{name:path}")
+    before = {r: _requests_total(base, r, "200") for r in routes}  # this scrape itself counts once /metrics is read
+    client.models.list()
+    client.models.retrieve(MODEL)
+    httpx.head(f"{base}/v1/models/{MODEL}")
+    httpx.get(f"{base}/health")
+    after = {r: _requests_total(base, r, "200") for r in routes}
+    assert {r: after[r] - before[r] for r in routes} == {"/health": 1, "/metrics": 4, "/v1/models": 1,
+                                                         "/v1/models/{name:path}": 2}
+
+
 def test_completion_equals_generator(client, generator):
     expected = _alone(generator, PROMPT, 12)
     response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12)

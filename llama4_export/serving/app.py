@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
 import hmac
 import json
 import math
@@ -291,8 +292,16 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
 
     # --- routes --------------------------------------------------------------------------------------------
     def get(path: str):
-        """A GET route that answers HEAD too, as HTTP asks of every GET resource (monitors probe /health so)."""
-        return app.api_route(path, methods=["GET", "HEAD"])
+        """A GET route that answers HEAD too, as HTTP asks of every GET resource (monitors probe /health so); its
+        answers count in /metrics as the API's do (its errors are counted where they are answered)."""
+        def route(handler):
+            @functools.wraps(handler)  # FastAPI reads the handler's parameters through it
+            async def counted(*args, **kwargs):
+                response = await handler(*args, **kwargs)
+                metrics.requests.labels(path, str(getattr(response, "status_code", 200))).inc()
+                return response
+            return app.api_route(path, methods=["GET", "HEAD"])(counted)
+        return route
 
     @get("/health")
     async def health() -> JSONResponse:
