@@ -785,7 +785,7 @@ def test_an_api_key_guards_the_v1_routes(artifact, generator, monkeypatch):
     """LLAMA4_SERVE_API_KEY (or --api-key): /v1/ answers only `Authorization: Bearer <key>` (the openai client's
     api_key), a missing or wrong key gets OpenAI's 401; /health and /metrics stay open for probes and scrapers."""
     monkeypatch.setenv("LLAMA4_SERVE_API_KEY", "s3cret")
-    with llama4_serve(artifact, "--threads", "1", "--model-name", MODEL) as (base, _):
+    with llama4_serve(artifact, "--threads", "1", "--model-name", MODEL) as (base, serving):
         keyed = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0, timeout=60)
         assert keyed.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4).choices[0].text == \
             _alone(generator, PROMPT, 4).text
@@ -794,6 +794,7 @@ def test_an_api_key_guards_the_v1_routes(artifact, generator, monkeypatch):
             wrong.models.list()
         bare = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
         assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+        assert bare.headers["x-served-by"].endswith(f"/{serving.pid}")  # answered before the routes, still named
         assert httpx.get(f"{base}/health").status_code == 200 and httpx.get(f"{base}/metrics").status_code == 200
 
 
@@ -812,6 +813,7 @@ def test_allowed_origins_get_cors_headers_and_preflights_need_no_key(server, art
         allowed = httpx.options(f"{base}/v1/completions", headers={"Origin": page, **preflight})
         assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == page
         assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+        assert "x-served-by" in allowed.headers
         refused = httpx.options(f"{base}/v1/completions", headers={"Origin": other, **preflight})
         assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
         body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}

@@ -156,7 +156,6 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         engine.stop()
 
     app = FastAPI(title="llama4-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_ServedBy, value=f"{socket.gethostname()}/{os.getpid()}")
 
     def route_of(request: Request) -> str:
         """The metrics label of a request: its route's path template, "other" when no route takes it — a label from
@@ -181,9 +180,11 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                     code="invalid_api_key"))
             return await call_next(request)
 
-    if settings.allowed_origins:  # added last, so outermost: a preflight is answered before the key is asked for
+    if settings.allowed_origins:  # added after, so outside the key check: a preflight needs no key
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_headers=["*"],
                            allow_methods=["GET", "HEAD", "POST"], expose_headers=["Retry-After", "X-Served-By"])
+    # outermost: the key's 401 and a CORS preflight (answered by the middlewares above) say who answered too
+    app.add_middleware(_ServedBy, value=f"{socket.gethostname()}/{os.getpid()}")
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
