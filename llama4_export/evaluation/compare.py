@@ -6,8 +6,8 @@ go through the engine with Polygraphy's TrtRunner and the two runs are compared 
 Without them it is ORT-only: ONNX Runtime against our PyTorch model rebuilt from the graph's own weights — or, where
 the graph passes fused them (an optimized onnxruntime artifact), from the weights the manifest records: the preset's
 seeded random weights, or the checkpoint the caller names, its files' hashes checked — exact for fp32/fp16 graphs;
-quantized graphs have no float weights to compare against, so they are only run; with a note saying TensorRT was not
-compared.
+int4 / fp8 / bf16 graphs have no fp32 / fp16 weights to compare against, so they are only run; with a note saying
+TensorRT was not compared.
 
 Deviation = max|out − ref| / max|ref| per output (the verification ladder's metric, DESIGN.md §6).
 """
@@ -213,8 +213,8 @@ def compare_artifact(directory: str | Path, batch: int = 2, prefill_tokens: int 
         if problem is None and name in engines:
             comparisons.append(Comparison(name, "tensorrt", deviations(_run_tensorrt(directory, engines[name], feeds, ort_out), ort_out)))
         elif quantized:
-            notes.append(f"{graphs[name]['file']}: quantized ({manifest.get('precision')}), no float weights to rebuild "
-                         "a PyTorch reference from; ran on ONNX Runtime only")
+            notes.append(f"{graphs[name]['file']}: {manifest.get('precision')} weights, no fp32 / fp16 ones to rebuild a "
+                         "PyTorch reference from; ran on ONNX Runtime only")
             comparisons.append(Comparison(name, "none", {}))
         else:
             model = references.for_graph(path, config)
