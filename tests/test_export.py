@@ -899,6 +899,23 @@ def test_a_file_past_the_file_size_limit_is_one_line_and_leaves_nothing(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_rebuild_past_the_file_size_limit_is_one_line_naming_its_temp_directory(tmp_path, monkeypatch):
+    """`rebuild` let a refused write (here EFBIG) out as a traceback; now one line naming where it was writing (the
+    temp directory without --out), exit 2, and its scratch is gone."""
+    original = tmp_path / "a"
+    api.export_model(original, model="scout-tiny", layers=1, random_weights=True, quant=api.QuantOptions(report=False),
+                     show_progress=False)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    done = run_with_file_size_limit(100_000, "rebuild", str(original))
+    lines = [line for line in done.stderr.splitlines() if line.startswith(("error", "Traceback"))]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert f"error: {temp}: a file outgrew the largest the file system or `ulimit -f` allows" in lines[0]
+    assert "nothing was left behind" in " ".join(done.stderr.split())
+    assert [path.name for path in temp.iterdir() if "llama4" in path.name] == []  # the scratch (others write here too)
+
+
 def _export_to(out) -> list[str]:
     result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--layers", "1", "--random-weights", "--no-report",
                                              "--out", str(out)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -485,7 +486,11 @@ def rebuild(
 ) -> None:
     """Re-run the pipeline the manifest records and compare every file hash; print the first difference."""
     try:
-        result = api.rebuild(directory, checkpoint=checkpoint, out=out, calib_data=calib_data, eval_data=eval_data)
+        # without --out the rebuilt artifact (as large as the original) goes to a temp directory under TMPDIR
+        target, hint = ((out, "") if out is not None else
+                        (Path(tempfile.gettempdir()), " (the rebuild's temp directory: give --out or set TMPDIR elsewhere)"))
+        with refused_writes(target, hint=hint):
+            result = api.rebuild(directory, checkpoint=checkpoint, out=out, calib_data=calib_data, eval_data=eval_data)
     except Llama4ExportError as exc:
         fail(exc)
     for note in result.notes:
