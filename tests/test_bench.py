@@ -5,6 +5,7 @@ benchmarks/, never here."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,22 @@ def test_bench_json_cut_short_keeps_the_previous_file(scoutlike_artifact, tmp_pa
     assert done.returncode == 2 and done.stderr.strip() == f"error: --json {out}: cannot write it (File too large)", \
         done.stderr
     assert out.read_text() == '{"previous": "results"}\n' and list(tmp_path.iterdir()) == [out]
+
+
+def test_bench_that_cannot_write_its_result_file_names_the_temp_directory(scoutlike_artifact, tmp_path):
+    """The benchmark's process writes its result to a temp file; a full disk there (here a file size limit, EFBIG)
+    was `error: OSError: [Errno 28] No space left on device`, naming neither the place nor what to do."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))\n"
+            "from llama4_export.cli.export import main; main()")
+    done = subprocess.run([sys.executable, "-c", code, "bench", str(scoutlike_artifact), "--prompt", "8",
+                           "--decode-prompt", "8", "--new-tokens", "2", "--repeats", "1", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(temp)})
+    assert done.returncode == 2 and " ".join(done.stderr.split()) == (
+        f"error: {temp}: cannot write the benchmark's result file in this temp directory (File too large); free "
+        "space there or set TMPDIR to a directory with room"), done.stderr
+    assert [path.name for path in temp.iterdir() if path.name.startswith("tmp")] == []  # its own (others write here)
 
 
 def test_spread_reports_median_and_range():

@@ -341,7 +341,12 @@ def _main(settings_json: str, out: str) -> None:
     except Llama4ExportError as exc:
         print(exc, file=sys.stderr)  # the last line, which bench_artifact raises again
         sys.exit(1)
-    Path(out).write_text(json.dumps(result))
+    try:
+        Path(out).write_text(json.dumps(result))
+    except OSError as exc:  # the write names no file: the line names the temp directory and the way around it
+        print(f"{Path(out).parent.parent}: cannot write the benchmark's result file in this temp directory "
+              f"({exc.strerror or exc}); free space there or set TMPDIR to a directory with room", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
