@@ -762,6 +762,21 @@ def test_tokens_per_second_holds_only_its_window_between_scrapes():
     assert 1000 * (1 - late / RATE_WINDOW_S) - 1 <= tokens_per_second <= 1000 + 1
 
 
+def test_time_to_first_token_counts_from_before_the_prompt_is_tokenized(artifact):
+    """The histogram's clock started after the request's prompts were tokenized and its images encoded (seconds for
+    a chat with images): that wait was missing from it. Here the server's tokenizer takes 1.5 s on one prompt."""
+    slow = ("import time\nfrom llama4_export.runtime import Generator\nencode = Generator.encode\n"
+            "def slow_encode(self, prompt):\n"
+            "    time.sleep(1.5 if prompt == 'slow to tokenize' else 0)\n"
+            "    return encode(self, prompt)\n"
+            "Generator.encode = slow_encode")
+    with llama4_serve(artifact, "--threads", "1", "--model-name", MODEL, prelude=slow) as (base, _):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        client.completions.create(model=MODEL, prompt="slow to tokenize", max_tokens=2)
+        assert _metric(base, "llama4_time_to_first_token_seconds_count") == 1
+        assert _metric(base, "llama4_time_to_first_token_seconds_sum") >= 1.5
+
+
 def test_a_body_still_arriving_at_the_request_timeout_gets_408(artifact):
     """A client that declares 1,000 bytes and sends 10 held its connection (and a task) for ever: --request-timeout
     counted from the body's end."""

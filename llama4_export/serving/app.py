@@ -101,12 +101,12 @@ class _Run:
     """One request's sequences, one per choice: the engine's events arrive on an asyncio queue as (choice, event);
     metrics are recorded as they pass."""
 
-    def __init__(self, engine: BatchEngine, metrics: ServerMetrics, prompt_lengths: list[int], n: int):
+    def __init__(self, engine: BatchEngine, metrics: ServerMetrics, prompt_lengths: list[int], n: int, arrival: float):
         self.engine, self.metrics, self.prompt_lengths, self.n = engine, metrics, prompt_lengths, n
         self.choices = len(prompt_lengths) * n  # prompt k's choice i is choice k × n + i
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, SequenceEvent]] = asyncio.Queue()
-        self.arrival = time.monotonic()
+        self.arrival = arrival  # before its prompts were tokenized and its images encoded: part of its wait
         self.last_token: list[float | None] = [None] * self.choices
         self.sequences: list[Sequence] = []
         self.open = set(range(self.choices))  # choices whose last event has not arrived
@@ -241,6 +241,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                            "model", type="not_found_error", code="model_not_found")
 
     async def start(body: CompletionRequest | ChatCompletionRequest) -> _Run:
+        arrival = time.monotonic()
         if body.n * body.prompt_count > engine.capacity:  # before the prompts' encoding (and their images') is spent on them
             asked = f"n={body.n}" if body.prompt_count == 1 else f"n={body.n} × {body.prompt_count} prompts"
             raise APIError(400, f"{asked}: more choices than this server's {engine.max_batch} rows + "
@@ -250,7 +251,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
             body = body.model_copy(update={"seed": request_seeds.randrange(2**31)})
         # off the event loop: a chat's images are decoded and run through the vision graph here
         requests = await asyncio.to_thread(body.engine_requests, generator, settings.request_timeout)
-        run = _Run(engine, metrics, [len(r.prompt_ids) for r in requests], body.n)
+        run = _Run(engine, metrics, [len(r.prompt_ids) for r in requests], body.n, arrival)
         try:
             run.sequences = engine.submit_all([(r, run.listener(i)) for i, r in enumerate(body.choices(requests))])
         except QueueFull as exc:

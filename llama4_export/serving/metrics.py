@@ -68,7 +68,8 @@ class ServerMetrics:
         self.tokens = Counter("llama4_generation_tokens", "Generated tokens", registry=r)
         self.prompt_tokens = Counter("llama4_prompt_tokens", "Prompt tokens of admitted requests, as their usage "
                                      "counts them (once, whatever n)", registry=r)
-        self.ttft = Histogram("llama4_time_to_first_token_seconds", "From request arrival to its first token",
+        self.ttft = Histogram("llama4_time_to_first_token_seconds", "From request arrival to its first token, the "
+                              "tokenizing of its prompts and encoding of its images included",
                               buckets=TTFT_BUCKETS, registry=r)
         self.token_latency = Histogram("llama4_time_per_output_token_seconds", "Between consecutive tokens of a request",
                                        buckets=TOKEN_BUCKETS, registry=r)
