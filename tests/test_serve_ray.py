@@ -90,11 +90,13 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
 
         # a non-streamed client gone mid-request counts as 499 on its replica (Ray cancelled the handler before our
         # count ran: no replica ever showed one). One gone while Ray's proxy was still routing it never reached a
-        # replica (a loaded CI machine took over 0.25 s once), so the client waits a little longer on a second try.
-        for attempt, patience in enumerate((0.25, 0.6), 1):
+        # replica (a loaded CI machine took over 0.25 s once), so the client waits a little longer on a second try;
+        # the request must outlast both: 3 choices of 4,000 tokens take a replica's one row about 3 s (one choice
+        # alone finished within the second try's wait on an idle machine, and a finished request is no 499)
+        for attempt, patience in enumerate((0.25, 0.8), 1):
             with pytest.raises(httpx.ReadTimeout):
-                httpx.post(f"{base}/v1/completions", timeout=patience,  # 4,000 tokens take about a second here
-                           json={"model": MODEL, "prompt": "A", "max_tokens": 4000, "ignore_eos": True})
+                httpx.post(f"{base}/v1/completions", timeout=patience,
+                           json={"model": MODEL, "prompt": "A", "max_tokens": 4000, "n": 3, "ignore_eos": True})
             closed = closed_requests(base, seconds=15)
             if closed:
                 break
