@@ -48,17 +48,26 @@ def write_json(path: Path, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def replace_json(path: Path, obj: Any) -> None:
-    """write_json to a temp file beside `path`, renamed over it: a failed write (a full disk) leaves what was at `path`
-    as it was, not cut short."""
+@contextlib.contextmanager
+def replaced_file(path: Path) -> Iterator[Path]:
+    """A temp path beside `path` for the block to write whole, renamed over `path` when it ends and removed when it
+    fails or a stop signal ends the process: a failed write (a full disk) leaves what was at `path` as it was, not cut
+    short. A temp name of its own per writer (several may replace one file at once), created as any file is (umask),
+    unlike mkstemp's."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # created as any file is (umask), unlike mkstemp's
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with removed_if_stopped(tmp):
-            write_json(tmp, obj)
+            yield tmp
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_json(path: Path, obj: Any) -> None:
+    """write_json through replaced_file: `path` is the old file or the new one, never a part of either."""
+    with replaced_file(path) as tmp:
+        write_json(tmp, obj)
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:

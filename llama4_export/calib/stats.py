@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..artifact import check_writable, removed_if_stopped
+from ..artifact import check_writable, replaced_file
 from .corpus import CalibrationError
 
 CACHE_FORMAT = "llama4-export-calib-4"  # 4: no Gram matrices (AWQ plans are cached beside the statistics)
@@ -151,22 +149,18 @@ def save_cache(path: Path, stats: dict[str, np.ndarray], key: str, settings: dic
     from safetensors.numpy import save_file
 
     path = Path(path)
-    # A temp file of its own: exports sharing the cache may save the same statistics at once (one fixed temp name
-    # had them write one file together and the second rename fail)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # created as any file is (umask), unlike mkstemp's
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with removed_if_stopped(tmp):
+        # a temp file of its own: exports sharing the cache may save the same statistics at once (one fixed temp name
+        # had them write one file together and the second rename fail)
+        with replaced_file(path) as tmp:
             # One metadata entry: safetensors writes a metadata map in hash order, so two entries would make the bytes
             # vary.
             save_file({k: np.ascontiguousarray(stats[k]) for k in sorted(stats)}, tmp,
                       metadata={METADATA: json.dumps({"key": key, "settings": settings}, sort_keys=True)})
-            os.replace(tmp, path)
     except Exception as exc:  # OSError, or safetensors' own error type wrapping one
         raise CalibrationError(f"{path}: cannot write the calibration cache there ({exc}); give a writable "
                                "--calib-cache") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def check_cache_writable(path: Path) -> None:

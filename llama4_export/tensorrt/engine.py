@@ -34,7 +34,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..artifact import MANIFEST, part_of_partitioned, read_manifest, sha256_file, write_json
+from ..artifact import MANIFEST, part_of_partitioned, read_manifest, replace_json, sha256_file
 from ..graph_passes import trt_plugin_spec
 from ..plan import cuda_memory_bytes
 from ..progress import Steps
@@ -225,9 +225,7 @@ def write_engine_manifest(directory: Path, manifest: dict[str, Any], engines: di
         "inputs_sha256": {name: manifest["files"][name] for name in inputs if name in manifest["files"]},
         "outputs_sha256": {e["file"]: files[e["file"]] for e in engines.values()},
     }
-    tmp = directory / f".{MANIFEST}.tmp-{os.getpid()}"
-    write_json(tmp, manifest)
-    os.replace(tmp, directory / MANIFEST)
+    replace_json(directory / MANIFEST, manifest)
     return manifest
 
 
