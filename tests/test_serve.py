@@ -843,6 +843,32 @@ def test_allowed_origins_get_cors_headers_and_preflights_need_no_key(server, art
         assert foreign.status_code == 200 and "access-control-allow-origin" not in foreign.headers
 
 
+def test_an_unexpected_error_gets_an_openai_500_naming_the_replica_that_a_page_can_read(artifact, generator):
+    """A bug's 500 (the catch-all handler's) was sent by Starlette's ServerErrorMiddleware, outside every middleware
+    of the app: without X-Served-By (which replica failed?) and without the CORS header (a browser page could not read
+    the error). Here the server's tokenizer fails on one prompt, as a bug would; the server serves on."""
+    failing = ("from llama4_export.runtime import Generator\nencode = Generator.encode\n"
+               "def failing_encode(self, prompt):\n"
+               "    if prompt == 'fail here':\n"
+               "        raise RuntimeError('a bug')\n"
+               "    return encode(self, prompt)\n"
+               "Generator.encode = failing_encode")
+    page = "http://localhost:3000"
+    with llama4_serve(artifact, "--threads", "1", "--model-name", MODEL, "--allow-origin", page,
+                      prelude=failing) as (base, serving):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60,
+                               default_headers={"Origin": page})
+        with pytest.raises(openai.InternalServerError, match="internal error: RuntimeError: a bug") as failed:
+            client.completions.create(model=MODEL, prompt="fail here", max_tokens=2)
+        reply = failed.value.response
+        assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error"
+        assert reply.headers["x-served-by"].endswith(f"/{serving.pid}")
+        assert reply.headers["access-control-allow-origin"] == page
+        assert _requests_total(base, "/v1/completions", "500") == 1
+        assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4).choices[0].text == \
+            _alone(generator, PROMPT, 4).text
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--port", "70000"], "port 70000: must be in 1..65535"),
     (["--port", "0"], "port 0: must be in 1..65535"),

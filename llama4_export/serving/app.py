@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
 from starlette.routing import Match
 
 from ..errors import ConfigError
@@ -155,7 +156,12 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         yield
         engine.stop()
 
-    app = FastAPI(title="llama4-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # outermost: the key's 401, a CORS preflight and a bug's 500 (answered within) say who answered too
+    outside = [Middleware(_ServedBy, value=f"{socket.gethostname()}/{os.getpid()}")]
+    if settings.allowed_origins:  # outside the key check: a preflight needs no key
+        outside.append(Middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_headers=["*"],
+                                  allow_methods=["GET", "HEAD", "POST"], expose_headers=["Retry-After", "X-Served-By"]))
+    app = _App(outside, title="llama4-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
     def route_of(request: Request) -> str:
         """The metrics label of a request: its route's path template, "other" when no route takes it — a label from
@@ -179,12 +185,6 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                     401, "a missing or wrong API key: send the server's key as `Authorization: Bearer <key>`",
                     code="invalid_api_key"))
             return await call_next(request)
-
-    if settings.allowed_origins:  # added after, so outside the key check: a preflight needs no key
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_headers=["*"],
-                           allow_methods=["GET", "HEAD", "POST"], expose_headers=["Retry-After", "X-Served-By"])
-    # outermost: the key's 401 and a CORS preflight (answered by the middlewares above) say who answered too
-    app.add_middleware(_ServedBy, value=f"{socket.gethostname()}/{os.getpid()}")
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -452,6 +452,21 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
                                                                               enumerate(choices)], "usage": _usage(run)})
 
     return app
+
+
+class _App(FastAPI):
+    """FastAPI with `outside` (outermost first) around its whole stack: Starlette's ServerErrorMiddleware, which sends
+    the catch-all handler's 500, sits outside every add_middleware one, so that 500 lacked their headers."""
+
+    def __init__(self, outside: list[Middleware], **kwargs):
+        super().__init__(**kwargs)
+        self.outside = outside
+
+    def build_middleware_stack(self):
+        app = super().build_middleware_stack()
+        for cls, args, kwargs in reversed(self.outside):
+            app = cls(app, *args, **kwargs)
+        return app
 
 
 class _ServedBy:
