@@ -843,16 +843,22 @@ def test_allowed_origins_get_cors_headers_and_preflights_need_no_key(server, art
         assert foreign.status_code == 200 and "access-control-allow-origin" not in foreign.headers
 
 
-def test_an_unexpected_error_gets_an_openai_500_naming_the_replica_that_a_page_can_read(artifact, generator):
+def test_an_unexpected_error_gets_an_openai_500_naming_the_replica_and_ends_a_stream_with_its_error(artifact,
+                                                                                                    generator):
     """A bug's 500 (the catch-all handler's) was sent by Starlette's ServerErrorMiddleware, outside every middleware
     of the app: without X-Served-By (which replica failed?) and without the CORS header (a browser page could not read
-    the error). Here the server's tokenizer fails on one prompt, as a bug would; the server serves on."""
+    the error). A bug past a stream's headers cut the stream with no error event. Here the server's tokenizer fails on
+    one prompt and its log-probabilities on every call, as a bug would; the server logs both and serves on."""
     failing = ("from llama4_export.runtime import Generator\nencode = Generator.encode\n"
                "def failing_encode(self, prompt):\n"
                "    if prompt == 'fail here':\n"
                "        raise RuntimeError('a bug')\n"
                "    return encode(self, prompt)\n"
-               "Generator.encode = failing_encode")
+               "Generator.encode = failing_encode\n"
+               "from llama4_export.serving import app\n"
+               "def failing_logprobs(*args):\n"
+               "    raise ValueError('a bug in a stream')\n"
+               "app._TokenText.completion_logprobs = failing_logprobs")
     page = "http://localhost:3000"
     with llama4_serve(artifact, "--threads", "1", "--model-name", MODEL, "--allow-origin", page,
                       prelude=failing) as (base, serving):
@@ -864,9 +870,16 @@ def test_an_unexpected_error_gets_an_openai_500_naming_the_replica_that_a_page_c
         assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error"
         assert reply.headers["x-served-by"].endswith(f"/{serving.pid}")
         assert reply.headers["access-control-allow-origin"] == page
-        assert _requests_total(base, "/v1/completions", "500") == 1
+        assert reply.headers["connection"] == "close"  # uvicorn closes it: a client reusing it got "Connection error"
+        with pytest.raises(openai.APIError, match="internal error: ValueError: a bug in a stream"):
+            for _ in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, logprobs=1, stream=True):
+                pass
+        assert _requests_total(base, "/v1/completions", "500") == 2
         assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4).choices[0].text == \
             _alone(generator, PROMPT, 4).text
+        serving.terminate()
+        log = serving.communicate(timeout=60)[0]
+    assert "RuntimeError: a bug" in log and "ValueError: a bug in a stream" in log  # the operator sees both
 
 
 @pytest.mark.parametrize("flags, expected", [

@@ -15,6 +15,7 @@ import codecs
 import functools
 import hmac
 import json
+import logging
 import math
 import os
 import random
@@ -198,7 +199,8 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return answer(request, APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+        # Starlette re-raises after this answer and uvicorn then closes the connection: a client reusing it would fail
+        return answer(request, _internal_error(exc, headers={"Connection": "close"}))
 
     def too_large(size: int | None) -> APIError:
         told = f"{size} bytes, over" if size is not None else "longer than"
@@ -614,6 +616,10 @@ def _raise_unfinished(event: SequenceEvent | None, settings: ServeSettings) -> N
         raise APIError(500, f"generation failed: {event.error}", type="server_error")
 
 
+def _internal_error(exc: Exception, headers: dict[str, str] | None = None) -> APIError:
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error", headers=headers)
+
+
 def _sse(chunks: AsyncIterator[dict[str, Any]], run: _Run, metrics: ServerMetrics, endpoint: str) -> StreamingResponse:
     """Server-sent events in OpenAI's format; an error after the stream started is sent as a last `error` event.
     A client that goes away cancels the sequence (the generator is closed or cancelled)."""
@@ -628,6 +634,10 @@ def _sse(chunks: AsyncIterator[dict[str, Any]], run: _Run, metrics: ServerMetric
         except APIError as exc:
             status = str(exc.status)
             yield f"data: {json.dumps(exc.body())}\n\n".encode()
+        except Exception as exc:  # a bug: past the headers, the client still gets an error event, not a cut stream
+            status = "500"
+            logging.getLogger("uvicorn.error").exception("Exception in a stream of %s", endpoint)
+            yield f"data: {json.dumps(_internal_error(exc).body())}\n\n".encode()
         finally:
             run.cancel()
             metrics.requests.labels(endpoint, status).inc()
