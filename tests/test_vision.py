@@ -177,6 +177,31 @@ def test_vision_weights_load_strictly(tmp_path, edit, message):
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
 
 
+RENAMED_LAYOUT = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                  ("vision_model.", "model.vision_model."), ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+def test_a_checkpoint_in_the_model_language_model_layout_is_named_with_the_renames(tmp_path):
+    """model.language_model.* / model.vision_model.* (as some tools write Llama 4) was refused as "tensor
+    'lm_head.weight' (and 43 more) is missing", naming no layout; the renames the message gives load it."""
+    ckpt = Path(shutil.copytree(VISION_FIXTURES / "tiny-a", tmp_path / "ckpt"))
+
+    def rename(tensors, pairs):
+        for key in list(tensors):
+            old, new = next((old, new) for old, new in pairs if key.startswith(old))
+            tensors[new + key[len(old):]] = tensors.pop(key)
+    rewrite_weights(ckpt, lambda t: rename(t, RENAMED_LAYOUT))
+    result = CliRunner().invoke(export_app, ["inspect", "--checkpoint", str(ckpt)])
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        f"error: {ckpt}: tensor names use the model.language_model.* / model.vision_model.* layout; this loader reads "
+        "Llama4ForConditionalGeneration's (as on the hub): rename model.language_model.* to language_model.model.*, "
+        "lm_head.* to language_model.lm_head.*, model.vision_model.* to vision_model.* and "
+        "model.multi_modal_projector.* to multi_modal_projector.*"), result.stderr
+    rewrite_weights(ckpt, lambda t: rename(t, [(new, old) for old, new in RENAMED_LAYOUT]))
+    reference = Llama4ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).state_dict()
+    assert all(torch.equal(weight, reference[name]) for name, weight in load_vision(ckpt).state_dict().items())
+
+
 def test_text_only_checkpoint_stays_text_only(tmp_path):
     ckpt = make_hf_checkpoint(tmp_path / "text", dtype=torch.float32)
     index = check_checkpoint(ckpt)

@@ -20,6 +20,9 @@ SINGLE_FILE = "model.safetensors"
 # Multimodal Llama4ForConditionalGeneration checkpoints keep the text model under this prefix, the vision encoder and
 # projector under Llama4VisionEncoder's own parameter names (vision_model.*, multi_modal_projector.*).
 MULTIMODAL_PREFIX = "language_model."
+# Some tools write Llama 4 in transformers' newer VLM layout (model.language_model.*, model.vision_model.*); transformers'
+# Llama4ForConditionalGeneration and the hub's checkpoints keep language_model.model.*, vision_model.*
+RENAMED_MULTIMODAL_PREFIX = "model.language_model."
 _STORED_DTYPES = {"F32", "F16", "BF16"}
 
 
@@ -49,6 +52,12 @@ def check_checkpoint(checkpoint_dir: str | Path) -> CheckpointIndex:
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     prefix = MULTIMODAL_PREFIX if any(k.startswith(MULTIMODAL_PREFIX) for k in locations) else ""
+    if not prefix and any(k.startswith(RENAMED_MULTIMODAL_PREFIX) for k in locations):  # was "… (and 43 more) is missing"
+        raise CheckpointError(f"{ckpt}: tensor names use the {RENAMED_MULTIMODAL_PREFIX}* / model.vision_model.* layout; "
+                              "this loader reads Llama4ForConditionalGeneration's (as on the hub): rename "
+                              "model.language_model.* to language_model.model.*, lm_head.* to language_model.lm_head.*, "
+                              "model.vision_model.* to vision_model.* and model.multi_modal_projector.* to "
+                              "multi_modal_projector.*")
     found = {k[len(prefix):]: (k, f) for k, f in locations.items() if k.startswith(prefix)}
     _check_names(ckpt, found, expected, prefix)
     dtypes = _check_shapes(found, expected, {})
