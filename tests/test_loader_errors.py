@@ -184,11 +184,29 @@ def break_fp8_release(ckpt: Path) -> tuple[Path, str]:  # "unexpected tensor '..
     return ckpt, ("config.json: quantization_config (quant_method 'fbgemm_fp8'): a pre-quantized checkpoint; export "
                   "from the unquantized (bf16) release")
 
+def break_fp8_without_quantization_config(ckpt: Path) -> tuple[Path, str]:  # "unexpected tensor '..._scale'"
+    """An -FP8 release whose config.json lost its quantization_config (edited, or swapped for the bf16 release's)."""
+    path, _ = break_fp8_release(ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["quantization_config"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return path, ("tensor 'model.layers.0.feed_forward.experts.gate_up_proj_scale' is an FP8 weight's scale: the "
+                  "checkpoint has FP8 weights but its config.json has no quantization_config; pre-quantized "
+                  "checkpoints are not read: export from the unquantized (bf16) release")
+
+
+def break_fp8_weight_without_scale(ckpt: Path) -> tuple[Path, str]:  # "is stored as F8_E4M3; supported: BF16, F16, F32"
+    name = "model.layers.1.self_attn.k_proj.weight"
+    rewrite_shard(shard_of(ckpt, name), lambda t: t.__setitem__(name, t[name].to(torch.float8_e4m3fn)))
+    return ckpt, (f"tensor '{name}' is stored as F8_E4M3: the checkpoint has FP8 weights but its config.json has no "
+                  "quantization_config")
+
 BREAKERS = [
     break_missing_dir, break_config_file_given, break_missing_config, break_missing_shard, break_truncated_shard, break_wrong_shape,
     break_missing_tensor, break_unexpected_tensor, break_pickle_only, break_bad_json, break_zero_heads, break_zero_chunk,
     break_index_weight_map_null, break_index_shard_not_a_name, break_index_shard_outside, break_tensor_in_two_shards,
     break_tie_as_a_string, break_moe_layer_twice, break_no_rope_layer_not_a_flag, break_fp8_release,
+    break_fp8_without_quantization_config, break_fp8_weight_without_scale,
 ]
 
 

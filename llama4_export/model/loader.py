@@ -97,6 +97,10 @@ def _check_names(ckpt: Path, found: dict[str, tuple[str, Path]], expected: dict[
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{ckpt}: tensor {prefix + missing[0]!r}{more} is missing from the checkpoint; it does not match its config.json")
     unexpected = sorted(set(found) - set(expected))
+    scales = [name for name in unexpected if name.endswith("_scale") and name.removesuffix("_scale") in expected]
+    if scales:  # fbgemm_fp8's gate_up_proj_scale, compressed-tensors' weight_scale
+        key, path = found[scales[0]]
+        raise _fp8_without_quantization_config(path, key, "is an FP8 weight's scale")
     if unexpected:
         key, path = found[unexpected[0]]
         raise CheckpointError(f"{path}: unexpected tensor {key!r}; the checkpoint holds weights its config.json does not describe")
@@ -117,10 +121,20 @@ def _check_shapes(found: dict[str, tuple[str, Path]], expected: dict[str, tuple[
                         f"{path}: tensor {key!r} has shape {list(shape)}, config.json implies {list(expected[name])}; "
                         "the weights and config do not belong together"
                     )
+                if dtype.startswith("F8"):
+                    raise _fp8_without_quantization_config(path, key, f"is stored as {dtype}")
                 if dtype not in _STORED_DTYPES:
                     raise CheckpointError(f"{path}: tensor {key!r} is stored as {dtype}; supported: {', '.join(sorted(_STORED_DTYPES))}")
                 dtypes[dtype] = dtypes.get(dtype, 0) + 1
     return dtypes
+
+
+def _fp8_without_quantization_config(path: Path, key: str, what: str) -> CheckpointError:
+    """float8 weights whose config.json lost its quantization_config (which _refuse_quantized names) were refused as an
+    "unexpected tensor" or a dtype, naming no way out."""
+    return CheckpointError(f"{path}: tensor {key!r} {what}: the checkpoint has FP8 weights but its config.json has no "
+                           "quantization_config; pre-quantized checkpoints are not read: export from the unquantized "
+                           "(bf16) release, --precision fp8 or int4 quantizes it here")
 
 
 def _group_by_file(found: dict[str, tuple[str, Path]], wanted) -> dict[Path, list[str]]:
