@@ -45,8 +45,8 @@ from .calib.corpus import CalibrationError
 from .calib.stats import check_cache_writable, kv_cache_amax
 from .errors import FLAG, INTEGER, NONE, NUMBER, PATH, TEXT, ConfigError, check_types
 from .evaluation.report import REPORT_FILE, accuracy_report, evaluation_tokens
-from .export.tokenizer_files import (check_tokenizer_files, copy_tokenizer_files, write_byte_level_tokenizer,
-                                     write_tokenizer_graphs)
+from .export.tokenizer_files import (check_tokenizer_files, copy_tokenizer_files, missing_tokenizer_note,
+                                     write_byte_level_tokenizer, write_tokenizer_graphs)
 from .export.onnx_export import GRAPHS, OPSET, VISION_FILE, trace_graphs, trace_vision
 from .export.writer import DATA_FILE, weight_content, write_graphs
 from .graph_passes.artifact_passes import optimize_graphs, optimized_manifest
@@ -254,6 +254,8 @@ def export(
     if report:
         held_out = evaluation_tokens(source, quant.eval_data)
     spec = quant.spec_for(precision, target) if quantized else None
+    if source.checkpoint is not None:  # after the refusals above (calibration without a tokenizer is one of them)
+        note(missing_tokenizer_note(source.checkpoint), show_progress)
     note(remove_abandoned_beside(out), show_progress)  # before the disk check: they may be what fills the disk
     check_disk_space(out, required_disk_bytes(config, precision, optimize, target, spec) +
                      (0 if vision is None else

@@ -952,7 +952,8 @@ def test_a_seed_with_a_checkpoint_is_refused(tmp_path, two_layer_checkpoint):
 
 def test_the_cli_prints_paths_holding_brackets_as_they_are(tmp_path, two_layer_checkpoint):
     """rich read "[bf16]" and "[int4]" in paths as markup: the steps said "weights from checkpoint …/ckpt" and the
-    last line "wrote …/scout: …"."""
+    last line "wrote …/scout: …". The checkpoint has no tokenizer.json: that exported without a word, and the
+    artifact was found to take token ids only when `llama4-run --prompt` refused it; a note on stderr says so."""
     checkpoint, out = tmp_path / "ckpt[bf16]", tmp_path / "scout[int4]"
     shutil.copytree(two_layer_checkpoint, checkpoint)
     result = CliRunner().invoke(export_app, ["--checkpoint", str(checkpoint), "--no-optimize", "--out", str(out)])
@@ -960,6 +961,10 @@ def test_the_cli_prints_paths_holding_brackets_as_they_are(tmp_path, two_layer_c
     printed = "".join(result.output.split())
     assert result.exit_code == 0 and f"wrote{out}:" in printed, result.output
     assert f"writegraphswithweightsfromcheckpoint{checkpoint}" in printed, result.output
+    assert f"note: {checkpoint}: no tokenizer.json, so the artifact will have no tokenizer and take token ids only " \
+        "(llama4-run --ids); put the model's tokenizer.json in the checkpoint for one that takes text" in \
+        result.stderr.splitlines(), result.stderr
+    assert not (out / "tokenizer.json").exists() and "tokenizer.json" not in read_manifest(out)["tokenizer"]["files"]
 
 
 def test_an_edited_in_memory_model_exports_with_its_checkpoint_tokenizer(tmp_path, scoutlike_dir):

@@ -93,6 +93,15 @@ def check_tokenizer_files(checkpoint_dir: Path) -> None:
                                       "it") from None
 
 
+def missing_tokenizer_note(checkpoint_dir: Path) -> str | None:
+    """The note for a checkpoint without tokenizer.json: its artifact exported silently and was found to take token
+    ids only when `llama4-run --prompt` refused it."""
+    if (Path(checkpoint_dir) / "tokenizer.json").is_file():
+        return None
+    return (f"note: {checkpoint_dir}: no tokenizer.json, so the artifact will have no tokenizer and take token ids only "
+            "(llama4-run --ids); put the model's tokenizer.json in the checkpoint for one that takes text")
+
+
 def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
