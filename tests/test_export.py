@@ -916,6 +916,24 @@ def test_a_rebuild_past_the_file_size_limit_is_one_line_naming_its_temp_director
     assert [path.name for path in temp.iterdir() if "llama4" in path.name] == []  # the scratch (others write here too)
 
 
+def test_an_out_whose_directory_is_removed_mid_export_is_one_line(tmp_path, monkeypatch):
+    """The parent of --out removed while the export ran (a cleanup job, a second terminal) ended in a
+    FileNotFoundError traceback naming a temp file; now one line naming the directory, exit 2."""
+    from llama4_export import pipeline
+
+    parent = tmp_path / "exports"
+    parent.mkdir()
+    started = pipeline.ExportResult  # made once the export's temp directories are, before anything is written
+
+    def removing_the_directory(*args, **kwargs):
+        shutil.rmtree(parent)
+        return started(*args, **kwargs)
+    monkeypatch.setattr(pipeline, "ExportResult", removing_the_directory)
+    assert _export_to(parent / "o") == [f"error: {parent}: the directory was removed while o was being written in it; "
+                                        "nothing was left behind: recreate it and run again"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def _export_to(out) -> list[str]:
     result = CliRunner().invoke(export_app, ["--model", "scout-tiny", "--layers", "1", "--random-weights", "--no-report",
                                              "--out", str(out)])

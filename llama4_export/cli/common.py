@@ -43,6 +43,9 @@ def refused_writes(target: Path, hint: str = "") -> Iterator[None]:
     try:
         yield
     except OSError as exc:
+        if exc.errno == errno.ENOENT and not target.parent.is_dir():  # removed mid-run, the temp directories with it
+            fail(f"{target.parent}: the directory was removed while {target.name} was being written in it; nothing was "
+                 "left behind: recreate it and run again")
         if exc.errno not in FILE_SYSTEM_REFUSALS:
             raise
         what, remedy = FILE_SYSTEM_REFUSALS[exc.errno]
