@@ -567,36 +567,64 @@ def test_ctrl_c_during_generation_keeps_the_text_so_far_and_exits_130(tiny_artif
     assert result.stderr.strip() == "stopped by SIGINT after 5 new token(s)"
 
 
-def test_ctrl_c_during_a_chat_reply_keeps_its_text_and_while_waiting_for_a_line_prints_nothing(tiny_artifact,
-                                                                                                 monkeypatch):
-    """--chat interrupted mid-reply said "stopped by SIGINT after 0 new token(s)" and dropped the reply (streamed: the
-    line was left open). Now as a prompt's run: the reply so far, its token count; a Ctrl-C while the chat waits for
-    the next line (real SIGINT to the process) has no reply to print."""
+def test_ctrl_c_during_a_chat_reply_stops_only_that_reply_and_at_the_prompt_ends_the_chat(tiny_artifact,
+                                                                                             monkeypatch):
+    """--chat interrupted mid-reply ended the whole chat (130), where llama-cli and ollama stop only the reply. Now
+    the reply so far is printed as a prompt's run prints it, with its token count, kept as the assistant's turn, and
+    the next line is answered; EOF then ends the chat (0). A Ctrl-C while the chat waits for a line (a real SIGINT,
+    at a terminal's "> " prompt, which the stop line followed on the same line) still ends it (130)."""
+    import contextlib
+    import os
+    import pty
+    import re
     import signal
     import subprocess
     import sys
 
     gen = Generator.load(tiny_artifact, threads=1)
-    conversation = [{"role": "user", "content": PROMPT}]  # its first 5 reply tokens end on a whole character
-    expected = gen.generate(gen.chat_prompt(conversation), max_new_tokens=5, stop_tokens=[])
+    conversation = [{"role": "user", "content": PROMPT}]  # each reply's first 5 tokens end on a whole character
+    first = gen.generate(gen.chat_prompt(conversation), max_new_tokens=5, stop_tokens=[]).text
+    conversation += [{"role": "assistant", "content": first}, {"role": "user", "content": "More"}]
+    second = gen.generate(gen.chat_prompt(conversation), max_new_tokens=5, stop_tokens=[]).text
     with monkeypatch.context() as patch:
         patch.setattr(Generator, "generate", interrupted_after(5))
         for flags in ([], ["--stream"]):
             result = run(tiny_artifact, "--chat", "-n", 50, "--threads", 1, *flags, stdin=f"{PROMPT}\nMore\n")
-            assert result.exit_code == 130, result.output
-            assert (result.stdout, result.stderr.strip()) == (expected.text + "\n",
-                                                              "stopped by SIGINT after 5 new token(s)")
+            assert result.exit_code == 0, result.output
+            assert result.stdout == f"{first}\n{second}\n"
+            assert result.stderr.splitlines() == ["stopped by SIGINT after 5 new token(s)"] * 2
     command = [sys.executable, "-c", "from llama4_export.cli.run import main; main()", str(tiny_artifact), "--chat",
-               "-n", "4", "--threads", "1"]
-    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    process.stdin.write(f"{PROMPT}\n".encode())
-    process.stdin.flush()
-    reply = process.stdout.readline()  # printed: the chat now waits for the next line
+               "--threads", "1"]
+    # real SIGINTs mid-reply: replies that go on until stopped (end of turn banned, no length limit in reach)
+    eos = json.loads((tiny_artifact / "generation_config.json").read_text())["eos_token_id"]
+    process = subprocess.Popen(command + ["-n", "1000000", "--logit-bias", f"{eos}=-100", "--stream"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = process.stdout.fileno()
+    for message in (PROMPT, "More"):
+        process.stdin.write(f"{message}\n".encode())
+        process.stdin.flush()
+        assert os.read(out, 1 << 16), process.communicate()  # the reply is streaming
+        process.send_signal(signal.SIGINT)
+        said = process.stderr.readline().decode()
+        assert re.fullmatch(r"stopped by SIGINT after [1-9]\d* new token\(s\)\n", said), said
+        os.set_blocking(out, False)  # the rest of the reply: printed before that line
+        with contextlib.suppress(BlockingIOError):
+            while os.read(out, 1 << 16):
+                pass
+        os.set_blocking(out, True)
+    process.stdin.close()
+    assert process.wait(timeout=60) == 0
+    terminal, stdin = pty.openpty()  # stdin a terminal: the chat prompts "> " on stderr
+    process = subprocess.Popen(command + ["-n", "4"], stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.write(terminal, f"{PROMPT}\n".encode())
+    reply = process.stdout.readline()
+    assert process.stderr.read(4) == b"> > "  # the chat waits for the next line
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=60) == 130
-    answer = gen.generate(gen.chat_prompt(conversation), max_new_tokens=4).text
+    os.close(terminal), os.close(stdin)
+    answer = gen.generate(gen.chat_prompt(conversation[:1]), max_new_tokens=4).text
     assert (reply + process.stdout.read()).decode() == answer + "\n"
-    assert process.stderr.read().decode().strip() == "stopped by SIGINT after 0 new token(s)"
+    assert process.stderr.read().decode() == "\nstopped by SIGINT after 0 new token(s)\n"
 
 
 def test_text_that_is_not_utf8_is_refused_in_one_line_naming_its_flag_or_stdin_line(tiny_artifact):

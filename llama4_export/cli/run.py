@@ -100,7 +100,7 @@ def run(
         with err_console.status(f"loading {escape(str(directory))}"):
             generator = _generator(directory, backend, window, sinks, threads, max_prefill_tokens)
         if chat:
-            _chat_loop(generator, stream, options, system, so_far)
+            _chat_loop(generator, stream, options, system)
             return
         tokens = _parse_ids(ids) if ids is not None else prompt
         result = _generate(generator, tokens, stream=_recorder(so_far, stream), images=images or (), **options)
@@ -117,22 +117,29 @@ def run(
         print(result.text if result.text is not None else ",".join(map(str, result.token_ids)))
 
 
-def _recorder(events: list, stream: bool):
+def _recorder(events: list, stream: bool, after=lambda: None):
     """Stream callback keeping the new tokens' events for an interruption (without --stream nothing is printed until
-    the end), and printing them with --stream."""
+    the end), and printing them with --stream; after() after each."""
     show = piece_printer() if stream else None
 
     def on_token(event) -> None:
         events.append(event)
         if show is not None:
             show(event)
+        after()
 
     return on_token
 
 
 def _interrupted(events: list, streamed: bool, as_json: bool) -> None:
-    """Ctrl-C: the text so far unless it was streamed already (or --json, whose object describes a finished run), one
-    line saying so, and status 130 as a shell gives."""
+    """Ctrl-C: what _stopped says, and status 130 as a shell gives."""
+    _stopped(events, streamed, as_json)
+    sys.exit(130)
+
+
+def _stopped(events: list, streamed: bool, as_json: bool = False) -> None:
+    """A generation stopped by Ctrl-C: the text so far unless it was streamed already (or --json, whose object
+    describes a finished run), and one line saying so."""
     if events and streamed:
         print(flush=True)  # end the streamed line
     elif events and not as_json:
@@ -140,14 +147,19 @@ def _interrupted(events: list, streamed: bool, as_json: bool) -> None:
         print("".join(texts) if texts else ",".join(str(e.token_id) for e in events if e.token_id is not None))
     err_console.print(f"stopped by SIGINT after {sum(e.token_id is not None for e in events)} new token(s)",
                       highlight=False)
-    sys.exit(130)
 
 
-def _generate(generator: Generator, prompt, **options):
-    """generator.generate with a prefill bar on the terminal while a long prompt is fed."""
+def _generate(generator: Generator, prompt, after_piece=lambda: None, **options):
+    """generator.generate with a prefill bar on the terminal while a long prompt is fed; after_piece() after each
+    prefill piece."""
     bar = PrefillBar()
+
+    def on_prefill(done: int, total: int) -> None:
+        bar(done, total)
+        after_piece()
+
     try:
-        return generator.generate(prompt, on_prefill=bar, **options)
+        return generator.generate(prompt, on_prefill=on_prefill, **options)
     finally:
         bar.close()
 
@@ -197,32 +209,72 @@ def _parse_ids(text: str) -> list[int]:
         raise GenerationError(f"--ids {text!r}: expected comma-separated integers, e.g. \"1,2,3\"") from None
 
 
-def _chat_loop(generator, stream: bool, options: dict, system: str | None, so_far: list) -> None:
-    """Each stdin line is a user turn; the whole conversation is re-rendered and re-fed every turn. so_far: the
-    current reply's events (Ctrl-C prints them as it does a prompt's)."""
+class _ChatSigint:
+    """The SIGINT handler of --chat. At the prompt it ends the chat, raising KeyboardInterrupt (130, as a prompt's run
+    ends). Elsewhere it only asks the reply to stop: the stream and prefill callbacks raise it (check), where the
+    Generator expects an exception; raised wherever the main thread stood, it could land in the Generator's cleanup or
+    lock, or amid a print, and leave them broken for the rest of the chat. One that comes after the reply's last check
+    is dropped as the next prompt shows: it was meant for that reply, not the chat."""
+
+    def __init__(self) -> None:
+        self.at_prompt = self.stop_asked = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.at_prompt:
+            raise KeyboardInterrupt
+        self.stop_asked = True
+
+    def check(self) -> None:
+        if self.stop_asked:
+            raise KeyboardInterrupt
+
+
+def _chat_loop(generator, stream: bool, options: dict, system: str | None) -> None:
+    """Each stdin line is a user turn; the whole conversation is re-rendered and re-fed every turn. Ctrl-C during a
+    reply stops it (its text so far printed as a prompt's run prints it, and kept as the turn) and the chat goes on;
+    at the prompt it ends the chat (130), as EOF does (0)."""
     messages: list[dict[str, str]] = [] if system is None else [{"role": "system", "content": system}]
     interactive = sys.stdin.isatty()
-    for number in itertools.count(1):
-        if interactive:
-            err_console.print("[bold]>[/] ", end="")
-        raw = sys.stdin.buffer.readline()  # bytes: a line not UTF-8 was a traceback (the locale's decoding or tokenizers')
-        if not raw:  # EOF
-            return
-        try:
-            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM (Windows editors) was 3 prompt tokens
-        except UnicodeDecodeError as exc:
-            raise GenerationError(f"stdin line {number}: not UTF-8 text (byte {exc.start}: {exc.reason}); send UTF-8"
-                                  ) from None
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line.strip()})
-        result = _generate(generator, generator.chat_prompt(messages), stream=_recorder(so_far, stream), **options)
-        so_far.clear()  # the reply is whole: a Ctrl-C from here on (printing it, waiting for a line) has none to print
-        if stream:
-            print(flush=True)
-        else:
-            print(result.text, flush=True)
-        messages.append({"role": "assistant", "content": result.text})
+    so_far: list = []  # the reply's events
+    sigint = _ChatSigint()
+    previous = signal.signal(signal.SIGINT, sigint)
+    try:
+        for number in itertools.count(1):
+            sigint.stop_asked = False
+            if interactive:
+                err_console.print("[bold]>[/] ", end="")
+            try:
+                sigint.at_prompt = True
+                sigint.check()  # one that came while the prompt was printed
+                raw = sys.stdin.buffer.readline()  # bytes: one not UTF-8 was a traceback (locale, tokenizers)
+            except KeyboardInterrupt:
+                if interactive:
+                    err_console.print()  # the "stopped" line followed the "> " prompt
+                raise
+            sigint.at_prompt = False
+            if not raw:  # EOF
+                return
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM (Windows editors): 3 prompt tokens
+            except UnicodeDecodeError as exc:
+                raise GenerationError(f"stdin line {number}: not UTF-8 text (byte {exc.start}: {exc.reason}); send "
+                                      "UTF-8") from None
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line.strip()})
+            try:
+                reply = _generate(generator, generator.chat_prompt(messages), after_piece=sigint.check,
+                                  stream=_recorder(so_far, stream, after=sigint.check), **options).text
+            except KeyboardInterrupt:
+                _stopped(so_far, stream)
+                reply = "".join(event.text for event in so_far)  # as printed: the conversation goes on from it
+            else:
+                print("" if stream else reply, flush=True)
+            finally:
+                so_far.clear()
+            messages.append({"role": "assistant", "content": reply})
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def main() -> None:
