@@ -572,7 +572,8 @@ def test_ctrl_c_during_a_chat_reply_stops_only_that_reply_and_at_the_prompt_ends
     """--chat interrupted mid-reply ended the whole chat (130), where llama-cli and ollama stop only the reply. Now
     the reply so far is printed as a prompt's run prints it, with its token count, kept as the assistant's turn, and
     the next line is answered; EOF then ends the chat (0). A Ctrl-C while the chat waits for a line (a real SIGINT,
-    at a terminal's "> " prompt, which the stop line followed on the same line) still ends it (130)."""
+    at a terminal's "> " prompt, which the stop line followed on the same line) still ends it (130); Ctrl-D there ends
+    it (0) on a line of its own too."""
     import contextlib
     import os
     import pty
@@ -625,6 +626,11 @@ def test_ctrl_c_during_a_chat_reply_stops_only_that_reply_and_at_the_prompt_ends
     answer = gen.generate(gen.chat_prompt(conversation[:1]), max_new_tokens=4).text
     assert (reply + process.stdout.read()).decode() == answer + "\n"
     assert process.stderr.read().decode() == "\nstopped by SIGINT after 0 new token(s)\n"
+    terminal, stdin = pty.openpty()  # Ctrl-D at the prompt: the shell's prompt followed "> " on its line
+    process = subprocess.Popen(command, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.write(terminal, b"\x04")
+    assert process.wait(timeout=60) == 0 and process.stderr.read() == b"> \n"
+    os.close(terminal), os.close(stdin)
 
 
 def test_text_that_is_not_utf8_is_refused_in_one_line_naming_its_flag_or_stdin_line(tiny_artifact):

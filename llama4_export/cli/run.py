@@ -253,6 +253,8 @@ def _chat_loop(generator, stream: bool, options: dict, system: str | None) -> No
                 raise
             sigint.at_prompt = False
             if not raw:  # EOF
+                if interactive:
+                    err_console.print()  # the shell's prompt followed the "> " prompt
                 return
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM (Windows editors): 3 prompt tokens
