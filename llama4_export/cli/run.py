@@ -33,7 +33,8 @@ def run(
         None, "--prompt-file", "-f", help="the text prompt from a UTF-8 file (- = stdin), less one final newline as "
                                           "editors end files with; for prompts too long for a command line"),
     ids: Optional[str] = typer.Option(None, "--ids", help='prompt as token ids, e.g. "1,2,3"'),
-    chat: bool = typer.Option(False, "--chat", help="interactive chat: one user message per stdin line, until EOF"),
+    chat: bool = typer.Option(False, "--chat", help="interactive chat: one user message per stdin line, "
+                                                          "until EOF; Ctrl-C stops a reply"),
     system: Optional[str] = typer.Option(None, "--system", help="with --chat: the system message that opens the "
                                                                  "conversation"),
     images: Optional[List[str]] = typer.Option(  # str: a Path would turn https:// into https:/
