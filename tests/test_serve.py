@@ -831,6 +831,8 @@ def test_allowed_origins_get_cors_headers_and_preflights_need_no_key(server, art
         assert "x-served-by" in allowed.headers
         refused = httpx.options(f"{base}/v1/completions", headers={"Origin": other, **preflight})
         assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+        assert refused.json()["error"]["code"] == "cors_preflight_refused"  # was plain text: curl users read it
+        assert f"{other!r} is not one of llama4-serve's --allow-origin origins" in refused.json()["error"]["message"]
         body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}
         keyed = httpx.post(f"{base}/v1/completions", json=body, timeout=60,
                            headers={"Origin": page, "Authorization": "Bearer s3cret"})

@@ -160,7 +160,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
     # outermost: the key's 401, a CORS preflight and a bug's 500 (answered within) say who answered too
     outside = [Middleware(_ServedBy, value=f"{socket.gethostname()}/{os.getpid()}")]
     if settings.allowed_origins:  # outside the key check: a preflight needs no key
-        outside.append(Middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_headers=["*"],
+        outside.append(Middleware(_Cors, allow_origins=list(settings.allowed_origins), allow_headers=["*"],
                                   allow_methods=["GET", "HEAD", "POST"], expose_headers=["Retry-After", "X-Served-By"]))
     app = _App(outside, title="llama4-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -469,6 +469,23 @@ class _App(FastAPI):
         for cls, args, kwargs in reversed(self.outside):
             app = cls(app, *args, **kwargs)
         return app
+
+
+class _Cors(CORSMiddleware):
+    """Starlette's CORS, whose refused preflight was a plain-text "Disallowed CORS origin": now OpenAI's error body,
+    naming the origin and the flag that allows it (browsers hide it from the page; curl and the console show it)."""
+
+    def preflight_response(self, request_headers):
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        origin = request_headers["origin"]
+        told = bytes(response.body).decode()
+        if not self.is_allowed_origin(origin=origin):
+            told += f": {origin!r} is not one of llama4-serve's --allow-origin origins; add it to let its pages call the API"
+        error = APIError(400, f"CORS preflight refused: {told}", code="cors_preflight_refused")
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return JSONResponse(error.body(), status_code=400, headers=headers)
 
 
 class _ServedBy:
