@@ -213,6 +213,44 @@ def test_a_long_prompt_shows_a_prefill_bar_on_a_terminal_only_and_pieces_keep_th
     assert code == 0 and "prefill" not in drawn  # one piece: no bar
 
 
+def test_a_prompt_longer_than_the_kv_window_gets_one_note_and_the_python_apis_tokens(tiny_artifact):
+    """A prompt over the global KV window W ran silently on the sliding cache, its middle dropped from attention (where
+    llama4-serve refuses one over the context). Now one note on stderr says so from W + 1 tokens on; stdout and the
+    exit status are as before. In --chat it comes once, at the first turn over W: every later turn is longer still."""
+    window, sinks = 16, 2
+    gen = Generator.load(tiny_artifact, window=window, sinks=sinks, threads=1)
+    for length, sinks_flag in ((window - 1, sinks), (window, sinks), (window + 1, sinks), (window + 9, sinks), (20, 0)):
+        ids = list(range(5, 5 + length))
+        result = run(tiny_artifact, "--ids", ",".join(map(str, ids)), "-n", "4", "--window", window, "--sinks",
+                     sinks_flag, "--threads", 1, "--json")
+        assert result.exit_code == 0, result.output
+        reference = gen if sinks_flag == sinks else Generator.load(tiny_artifact, window=window, sinks=0, threads=1)
+        assert json.loads(result.stdout)["token_ids"] == reference.generate(ids, max_new_tokens=4).token_ids
+        kept = (f"its first {sinks} (--sinks) and last {window - sinks} tokens; the {length - window} token(s) "
+                "between were" if sinks_flag else f"its last {window} tokens; the first {length - window} were")
+        assert result.stderr.splitlines() == ([] if length <= window else [
+            f"note: the prompt is {length} tokens, more than the KV window of {window} (--window): the reply attends "
+            f"to {kept} dropped from attention"]), length
+
+    first_turn = gen.chat_prompt([{"role": "user", "content": "Hello there"}])
+    chat = Generator.load(tiny_artifact, window=len(first_turn), threads=1)  # the first turn fits W exactly
+    conversation, replies = [], []
+    for line in ("Hello there", "What is a river?", "And a lake?"):
+        conversation.append({"role": "user", "content": line})
+        replies.append(chat.generate(chat.chat_prompt(conversation), max_new_tokens=4).text)
+        conversation.append({"role": "assistant", "content": replies[-1]})
+    second_turn = len(chat.chat_prompt(conversation[:3]))
+    result = run(tiny_artifact, "--chat", "-n", "4", "--window", len(first_turn), "--threads", 1,
+                 stdin="Hello there\nWhat is a river?\nAnd a lake?\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "".join(f"{reply}\n" for reply in replies)
+    assert result.stderr.splitlines() == [
+        f"note: the conversation (re-fed whole every turn) is {second_turn} tokens, more than the KV window of "
+        f"{len(first_turn)} (--window): the reply attends to its first 4 (--sinks) and last {len(first_turn) - 4} "
+        f"tokens; the {second_turn - len(first_turn)} token(s) between were dropped from attention; every later turn, "
+        "longer still, drops more (not said again)"]
+
+
 def test_stop_strings_cut_the_text_before_the_first_one_and_end_there(tiny_artifact):
     """`stop` (Generator and llama4-run --stop): the text up to the first stop string of the unstopped run, the tokens
     up to the one completing it (checked with `tokenizers`' own decode), the streamed pieces joining to it."""

@@ -150,19 +150,33 @@ def _stopped(events: list, streamed: bool, as_json: bool = False) -> None:
                       highlight=False)
 
 
-def _generate(generator: Generator, prompt, after_piece=lambda: None, **options):
+def _generate(generator: Generator, prompt, after_piece=lambda: None, on_slid=None, **options):
     """generator.generate with a prefill bar on the terminal while a long prompt is fed; after_piece() after each
-    prefill piece."""
+    prefill piece. A prompt (images expanded) longer than the global KV window W is fed all the same, sliding: once it
+    is in, on_slid(its length) is called (default: a note saying so), as the user would not know otherwise."""
     bar = PrefillBar()
+    on_slid = on_slid or (lambda total: _note_slid(generator, "the prompt", total))
 
     def on_prefill(done: int, total: int) -> None:
-        bar(done, total)
+        bar(done, total)  # gone once the prompt is in, before the note
+        if done >= total > generator.window:
+            on_slid(total)
         after_piece()
 
     try:
         return generator.generate(prompt, on_prefill=on_prefill, **options)
     finally:
         bar.close()
+
+
+def _note_slid(generator: Generator, what: str, tokens: int, later: str = "") -> None:
+    """What the sliding cache kept of a prompt of `tokens` > W tokens: the global layers see its S sinks and its last
+    W − S tokens, the rest no layer can attend to (README: "What changes once a sequence outgrows W")."""
+    window, sinks, dropped = generator.window, generator.sinks, tokens - generator.window
+    kept = (f"its first {sinks} (--sinks) and last {window - sinks} tokens; the {dropped:,} token(s) between were"
+            if sinks else f"its last {window} tokens; the first {dropped:,} were")
+    err_console.print(f"note: {what} is {tokens:,} tokens, more than the KV window of {window:,} (--window): the reply "
+                      f"attends to {kept} dropped from attention{later}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _generator(directory: Path, backend: str, window: int | None, sinks: int, threads: int | None,
@@ -238,6 +252,15 @@ def _chat_loop(generator, stream: bool, options: dict, system: str | None) -> No
     interactive = sys.stdin.isatty()
     so_far: list = []  # the reply's events
     sigint = _ChatSigint()
+    slid = False  # noted once: the conversation only grows, so every later turn slides too
+
+    def on_slid(tokens: int) -> None:
+        nonlocal slid
+        if not slid:
+            _note_slid(generator, "the conversation (re-fed whole every turn)", tokens,
+                       "; every later turn, longer still, drops more (not said again)")
+        slid = True
+
     previous = signal.signal(signal.SIGINT, sigint)
     try:
         for number in itertools.count(1):
@@ -267,7 +290,7 @@ def _chat_loop(generator, stream: bool, options: dict, system: str | None) -> No
             messages.append({"role": "user", "content": line.strip()})
             try:
                 reply = _generate(generator, generator.chat_prompt(messages), after_piece=sigint.check,
-                                  stream=_recorder(so_far, stream, after=sigint.check), **options).text
+                                  on_slid=on_slid, stream=_recorder(so_far, stream, after=sigint.check), **options).text
             except KeyboardInterrupt:
                 _stopped(so_far, stream)
                 reply = "".join(event.text for event in so_far)  # as printed: the conversation goes on from it
