@@ -15,12 +15,17 @@ import onnx
 import pytest
 import torch
 
+from llama4_export.export import onnx_export
 from llama4_export.pipeline import REPRODUCIBLE_CPU_NUMERICS
 
 # What an export sets in its process (pipeline.pin_cpu_numerics), set before any test runs a torch kernel: exports
 # made in this process give the bytes of the llama4-export processes the tests start.
 for _name, _value in REPRODUCIBLE_CPU_NUMERICS.items():
     os.environ.setdefault(_name, _value)
+
+# A test process keeps every trace it makes (the tests' models are tiny: a trace is a few MB): with the exporter's
+# default of the last 4, a module re-traced (~15-50 s each) what a module before it in the same worker had traced.
+onnx_export.TRACE_CACHE_SIZE = 64
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CHECKPOINTS = REPO.parent / "shared" / "checkpoints"
