@@ -57,7 +57,7 @@ def test_ort_greedy_equals_transformers_generate(ort_generator, prompt, hf_token
 def optimized_artifact(tmp_path_factory, scoutlike_dir):
     """The same checkpoint through the default graph passes (the other tests here run the traced graphs)."""
     out = tmp_path_factory.mktemp("optimized") / "scoutlike"
-    api.export_model(out, checkpoint=scoutlike_dir, show_progress=False)
+    api.export_model(out, checkpoint=scoutlike_dir, show_progress=False, quant=api.QuantOptions(report=False))
     return out
 
 

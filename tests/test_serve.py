@@ -36,7 +36,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 def artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("serve") / MODEL
     api.export_model(out, model="scout-tiny", precision="fp32", target="onnxruntime", layers=4, random_weights=True,
-                     show_progress=False)
+                     show_progress=False, quant=api.QuantOptions(report=False))  # served, its report.json is never read
     return out
 
 

@@ -61,7 +61,7 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
     it hung 60 s then exited 1)."""
     artifact = tmp_path / MODEL
     api.export_model(artifact, model="scout-tiny", precision="fp32", target="onnxruntime", layers=2, random_weights=True,
-                     show_progress=False)
+                     show_progress=False, quant=api.QuantOptions(report=False))
     # one sequence and three waiting requests per replica: the 8 concurrent prompts below fit, and both get work
     base, process = start_llama4_serve(artifact, "--max-batch", "1", "--max-queue", "3", "--threads", "1", "--ray",
                                        "--replicas", "2", seconds=240, own_group=True)
@@ -137,7 +137,7 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
 def one_layer(tmp_path_factory):
     artifact = tmp_path_factory.mktemp("ray") / MODEL
     api.export_model(artifact, model="scout-tiny", precision="fp32", target="onnxruntime", layers=1, random_weights=True,
-                     show_progress=False)
+                     show_progress=False, quant=api.QuantOptions(report=False))
     return artifact
 
 
