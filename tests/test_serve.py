@@ -882,6 +882,23 @@ def test_an_unexpected_error_gets_an_openai_500_naming_the_replica_and_ends_a_st
         serving.terminate()
         log = serving.communicate(timeout=60)[0]
     assert "RuntimeError: a bug" in log and "ValueError: a bug in a stream" in log  # the operator sees both
+    assert log.startswith(f"serving {MODEL} on {base}/v1 (max batch 8)\n")  # W is the context: nothing slides
+
+
+def test_a_window_under_the_context_is_said_at_start_and_longer_prompts_slide_as_the_generator_does(artifact):
+    """Prompts between the KV window W and the context are served on the sliding cache (only past the context is a
+    400), and an operator who gave a small --window, or whose W was capped to fit memory, was not told."""
+    windowed = Generator.load(artifact, threads=1, window=64)
+    prompt = " ".join(["the history of"] * 40)
+    assert 64 < len(windowed.encode(prompt)) < windowed.config.max_position_embeddings
+    with llama4_serve(artifact, "--threads", "1", "--model-name", MODEL, "--window", "64") as (base, serving):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6).choices[0].text
+        serving.terminate()
+        said = serving.communicate(timeout=60)[0].splitlines()[0]
+    assert said == (f"serving {MODEL} on {base}/v1 (max batch 8; KV window 64 of the "
+                    f"{windowed.config.max_position_embeddings:,}-token context: longer sequences slide)")
+    assert reply == _alone(windowed, prompt, 6).text
 
 
 @pytest.mark.parametrize("flags, expected", [

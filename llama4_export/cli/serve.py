@@ -79,22 +79,31 @@ def serve(
             check_listen_address(host, port, bind=ray_address is None)
             check_ray_address(ray_address)
             check_threads(threads)  # a bad thread count or artifact fails here, once, not in every replica
-            Generator.load(artifact, threads=1, window=window)
+            sliding = _sliding(Generator.load(artifact, threads=1, window=window))
             _serve_on_ray(artifact, settings, host, port, replicas, options, threads, window, gpus_per_replica or 0,
-                          ray_address)
+                          ray_address, sliding)
             return
         sock = listen_socket(host, port)
         with err_console.status(f"loading {escape(str(artifact))}"):
             engine = load_engine(artifact, options, threads, window)
     except Llama4ExportError as exc:
         fail(exc)
-    err_console.print(f"serving {settings.model_name} on http://{host_port(host, port)}/v1 (max batch {max_batch})", markup=False)
+    err_console.print(f"serving {settings.model_name} on http://{host_port(host, port)}/v1 (max batch {max_batch}"
+                      f"{_sliding(engine.generator)})", markup=False, soft_wrap=True)
     serve_engine(engine, settings, host, port, sock=sock)
+
+
+def _sliding(generator: Generator) -> str:
+    """The part of the "serving" line saying that prompts between the KV window W and the context are accepted and
+    slide (the server refuses only past the context): with W capped to fit memory, or a small --window, the operator
+    was not told."""
+    window, context = generator.window, generator.config.max_position_embeddings
+    return f"; KV window {window:,} of the {context:,}-token context: longer sequences slide" if window < context else ""
 
 
 def _serve_on_ray(artifact: Path, settings: ServeSettings, host: str, port: int, replicas: int,
                   options: EngineOptions, threads: int | None, window: int | None, gpus: float,
-                  address: str | None) -> None:
+                  address: str | None, sliding: str) -> None:
     """Ray is imported only here: the single-process server does not need it."""
     try:
         from ..serving import ray_serve
@@ -103,7 +112,7 @@ def _serve_on_ray(artifact: Path, settings: ServeSettings, host: str, port: int,
 
     def ready() -> None:
         err_console.print(f"serving {settings.model_name} on http://{host_port(host, port)}/v1 from {replicas} Ray "
-                          f"replica{'s' if replicas != 1 else ''}", markup=False)
+                          f"replica{'s' if replicas != 1 else ''}{sliding}", markup=False, soft_wrap=True)
 
     with err_console.status(f"starting Ray and {replicas} replica{'s' if replicas != 1 else ''} of "
                             f"{escape(str(artifact))}"):
