@@ -544,6 +544,7 @@ def test_the_python_api_takes_numpy_seeds_and_text_parts_and_refuses_bad_argumen
             (lambda: Generator.load(tiny_artifact, providers=["NopeExecutionProvider"]),
              "providers: 'NopeExecutionProvider' is not in this onnxruntime (it has "),
             (lambda: gen.generate_batch(None, 2), "prompts: a NoneType; generate_batch takes a list"),  # a TypeError
+            (lambda: gen.generate_batch(["Hi"], 2, images=5), "images=5: give one list of images per prompt"),  # len()'s TypeError
             (lambda: Generator.load(tiny_artifact, providers="CPUExecutionProvider"),  # "'C' is not in …"
              "providers='CPUExecutionProvider': give a list, e.g. ['CPUExecutionProvider']")):
         with pytest.raises(GenerationError) as raised:

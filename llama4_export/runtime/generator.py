@@ -307,6 +307,8 @@ class Generator:
             raise GenerationError(f"prompts: a {type(prompts).__name__}; generate_batch takes a list of prompts "
                                   "(generate takes one)")
         prompts = list(prompts)
+        if images is not None and not isinstance(images, (list, tuple)):  # images=5 was len()'s TypeError
+            raise ImageError(f"images={shown(images)}: give one list of images per prompt, or None")
         if images is not None and len(images) != len(prompts):
             raise ImageError(f"{len(prompts)} prompt(s) but {len(images)} image list(s); give one list per prompt")
         prepared = [self._with_images(p, images[k] if images is not None else ()) for k, p in enumerate(prompts)]
