@@ -219,6 +219,10 @@ def test_a_prompt_that_is_not_text_or_flat_ids_raises_one_line(gen, prompt):
     ([{"content": "hi"}], r"^messages\[0\]: expected \{'role'"),
     ([{"role": "user"}], r"^messages\[0\]: no 'content'"),
     ([], "^messages: the conversation is empty"),  # was the template's "list object has no element 0"
+    # each rendered as an empty user turn
+    ([{"role": "user", "content": {"text": "hi"}}], r"^messages\[0\]\.content: expected text or a list of parts"),
+    ([{"role": "user", "content": ["hi"]}], r"^messages\[0\]\.content\[0\]: expected \{'type': 'text'"),
+    ([{"role": "user", "content": [{"type": "text", "content": "hi"}]}], r"^messages\[0\]\.content\[0\]: expected"),
 ])
 def test_malformed_chat_messages_raise_one_line(tmp_path, messages, message):
     from llama4_export.export.tokenizer_files import write_byte_level_tokenizer

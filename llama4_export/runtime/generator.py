@@ -236,9 +236,15 @@ class Generator:
             content = message.get("content")
             if content is None and not message.get("tool_calls"):  # an assistant's tool calls may stand alone
                 raise GenerationError(f"messages[{i}]: no 'content'; give text or a list of parts")
-            if isinstance(content, list):
+            # the template dropped what it could not read: content {"a": 1}, a part "hi", a text part without text
+            if content is not None and not isinstance(content, (str, list, tuple)):
+                raise GenerationError(f"messages[{i}].content: expected text or a list of parts, not {shown(content)}")
+            if isinstance(content, (list, tuple)):
                 parts = []
                 for j, part in enumerate(content):
+                    if not isinstance(part, dict) or part.get("type") == "text" and not isinstance(part.get("text"), str):
+                        raise GenerationError(f"messages[{i}].content[{j}]: expected {{'type': 'text', 'text': ...}} "
+                                              f"or an image part, not {shown(part)}")
                     source = _image_source(part, f"messages[{i}].content[{j}]")
                     if source is not None:
                         self._require_vision(f"messages[{i}].content[{j}]: an image, but ")
