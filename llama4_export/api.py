@@ -237,9 +237,20 @@ def model_configs(model: str | None, checkpoint: str | Path | None) -> tuple[Lla
     return get_preset(model), get_vision_preset(model)
 
 
+MODEL_KINDS = {"model": (TEXT + NONE, "a preset name or None"), "checkpoint": (PATH + NONE, "a directory path or None")}
+
+# plan_gpu_memory's options (plan.plan_memory's keywords)
+PLAN_OPTION_KINDS = {
+    **{name: (INTEGER, "an integer") for name in ("gpus", "max_batch", "max_prefill", "sinks")},
+    **{name: (INTEGER + NONE, "an integer or None") for name in ("window", "block_size", "max_tiles")},
+    **{name: (TEXT + NONE, "a str or None") for name in ("kv_dtype", "activation_dtype", "vision_precision")},
+}
+
+
 def inspect_model(model: str | None = None, checkpoint: str | Path | None = None) -> dict[str, Any]:
     """`llama4-export inspect`: layers by kind, total/active parameters, weight bytes per precision, KV bytes/token,
     and the vision encoder's parameters and tokens per image tile when the model has one."""
+    check_types("inspect_model", MODEL_KINDS, locals())
     return summarize(*model_configs(model, checkpoint))
 
 
@@ -249,6 +260,13 @@ def plan_gpu_memory(model: str | None = None, checkpoint: str | Path | None = No
     """`llama4-export plan`: the memory plan of the model on `gpu` (or one GPU of `gpu_memory`), its vision tower
     included unless `text_only` (or the model has none); options: gpus, max_batch, max_prefill, kv_dtype, window,
     block_size, max_tiles, vision_precision (plan.plan_memory)."""
+    if unknown := sorted(set(options) - set(PLAN_OPTION_KINDS)):  # was plan_memory()'s TypeError
+        raise ConfigError(f"plan_gpu_memory({unknown[0]}=...): unknown option; choose from: "
+                          f"{', '.join(PLAN_OPTION_KINDS)}")
+    check_types("plan_gpu_memory", {  # a str max_batch or an int gpu_memory was a TypeError / AttributeError inside
+        **MODEL_KINDS, "precision": (TEXT, "a str"), "gpu": (TEXT + NONE, "a GPU name or None"),
+        "gpu_memory": (TEXT + NONE, "a size such as '80GB', or None"), "text_only": (FLAG, "True or False"),
+        **{name: PLAN_OPTION_KINDS[name] for name in options}}, {**locals(), **options})
     if _artifact_manifest(checkpoint) is not None:  # its weights are stored as its target's passes chose
         raise ConfigError(f"{checkpoint}: an exported artifact; plan plans a deployment from its checkpoint (or "
                           "--model PRESET) and a precision, and the runtime sizes an artifact's window on the GPU it "
@@ -262,6 +280,7 @@ def stored_pass_reports(directory: str | Path) -> dict[str, Any]:
     with needs_exporter():
         from .graph_passes.artifact_passes import PASSES_FILE
 
+    check_types("stored_pass_reports", {"directory": (PATH, "an artifact directory")}, locals(), GraphPassError)
     directory = Path(directory)
     manifest = read_manifest(directory)
     if manifest.get("partitions"):  # each part stores its own graphs' reports: "part0/decode", "part0/prefill", ...

@@ -312,3 +312,10 @@ def test_passes_past_the_file_size_limit_is_one_line_and_keeps_the_artifact(scou
     assert list(tmp_path.iterdir()) == [directory]
     assert not filecmp.dircmp(scoutlike_artifact, directory).diff_files
     assert "graph_passes" not in read_manifest(directory)  # still the traced graphs, every hash matching
+
+
+def test_stored_pass_reports_refuses_a_directory_that_is_not_a_path_in_one_line():
+    from llama4_export import api
+
+    with pytest.raises(GraphPassError, match=r"^stored_pass_reports\(directory=None\): expected an artifact directory"):
+        api.stored_pass_reports(None)  # was pathlib's TypeError

@@ -76,3 +76,11 @@ def test_table_output_mentions_every_section():
     assert result.exit_code == 0
     for heading in ("parameters", "layers by kind", "weight bytes", "KV cache per token"):
         assert heading in result.stdout
+
+
+def test_the_python_api_refuses_a_checkpoint_that_is_not_a_path_in_one_line():
+    from llama4_export import api
+    from llama4_export.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^inspect_model\(checkpoint=5\): expected a directory path or None, not int$"):
+        api.inspect_model(checkpoint=5)  # was pathlib's TypeError

@@ -364,3 +364,18 @@ def test_gpu_memory_size_and_json_output():
     assert g["total_bytes"] == g["weight_bytes"] + g["kv_chunked_bytes"] + g["kv_global_bytes"] + g["workspace_bytes"] + g["reserve_bytes"]
     table = plan_cli("--model", "scout", "--precision", "int4", "--gpu", "h100-80gb", "--text-only")
     assert table.exit_code == 0 and f"W = {hand_window(cfg, range(48), H100, weights, True):,} tokens" in table.stdout
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_batch": "2"}, "plan_gpu_memory(max_batch='2'): expected an integer, not str"),  # were TypeErrors from '<'
+    ({"window": "4k"}, "plan_gpu_memory(window='4k'): expected an integer or None, not str"),
+    ({"max_batch": 1.5}, "plan_gpu_memory(max_batch=1.5): expected an integer, not float"),  # was planned as 1.5
+    ({"text_only": "no"}, "plan_gpu_memory(text_only='no'): expected True or False, not str"),  # was taken as True
+    ({"gpu": None, "gpu_memory": 80 * GIB}, "plan_gpu_memory(gpu_memory=85899345920): expected a size such as '80GB'"),
+    ({"max_batchs": 2}, "plan_gpu_memory(max_batchs=...): unknown option; choose from: gpus, max_batch"),
+])
+def test_the_python_api_refuses_a_bad_option_in_one_line(options, message):
+    """api.plan_gpu_memory is what `plan` runs; from Python a wrong type was a TypeError / AttributeError from inside."""
+    with pytest.raises(ConfigError) as raised:
+        api.plan_gpu_memory(**{"model": "scout", "gpu": "h100-80gb", **options})
+    assert str(raised.value).startswith(message), str(raised.value)
