@@ -612,6 +612,34 @@ def test_artifact_files_are_verified_as_generator_load_does_sharing_its_record(l
     assert run_cpp(llama4_cpp, art, "--ids", "1,2,3", "-n", "2").returncode == 0
 
 
+@pytest.mark.parametrize(("length", "window", "sinks"), [(17, 16, 2), (20, 16, 0), (2010, 1000, 5), (16, 16, 2)])
+def test_a_prompt_longer_than_the_window_is_noted_as_llama4_run_notes_it(llama4_cpp, tiny, length, window, sinks):
+    """A prompt longer than --window slid silently in llama4-cpp; now llama4-run's note on stderr, word for word
+    (thousands grouped as it groups them), with the same tokens on stdout; a prompt of exactly W gets none."""
+    args = ["--ids", ids(length, 256, seed=length), "-n", 4, "--window", window, "--sinks", sinks]
+    python = CliRunner().invoke(run_app, [str(tiny["fp32"]), *map(str, args), "--json"])
+    done = run_cpp(llama4_cpp, tiny["fp32"], *args, "--json")
+    assert python.exit_code == 0 and done.returncode == 0, python.output + done.stderr
+    assert json.loads(done.stdout)["token_ids"] == json.loads(python.stdout)["token_ids"]
+    assert done.stderr == python.stderr, done.stderr
+    assert (python.stderr.startswith(f"note: the prompt is {length:,} tokens, more than the KV window of {window:,} ")
+            and python.stderr.count("\n") == 1) if length > window else python.stderr == "", python.stderr
+
+
+def test_a_prompt_slid_by_its_images_is_noted_as_llama4_run_notes_it(llama4_cpp, vision_artifact, tmp_path):
+    """The note counts the prompt with its images expanded (the text alone is within the window), as llama4-run."""
+    image = VISION_FIXTURES / "images" / "grid_2x3.png"
+    args = ["--prompt", "<|image|>What is in this picture?", "-n", 4, "--window", 32, "--sinks", 4]
+    python = CliRunner().invoke(run_app, [str(vision_artifact), *map(str, args), "--image", str(image), "--json"])
+    length = len(json.loads(python.stdout)["prompt_ids"])
+    note = f"note: the prompt is {length:,} tokens, more than the KV window of 32 (--window): the reply attends to " \
+           f"its first 4 (--sinks) and last 28 tokens; the {length - 32:,} token(s) between were dropped from attention\n"
+    assert length > 40 and python.stderr == note, python.stderr
+    done = run_cpp(llama4_cpp, vision_artifact, *args, "--image", ppm(image, tmp_path), "--json")
+    assert done.returncode == 0 and json.loads(done.stdout) == json.loads(python.stdout) and done.stderr == note, \
+        done.stderr
+
+
 # --- bad input: one line on stderr, exit status 2 -------------------------------------------------------------------
 
 def copy_artifact(source: Path, target: Path) -> Path:

@@ -179,6 +179,25 @@ std::string read_prompt(const std::string& flag, const std::string& path) {
   return prompt;
 }
 
+// n >= 0 with a comma every three digits, as Python's f"{n:,}".
+std::string grouped(int64_t n) {
+  std::string digits = std::to_string(n);
+  for (int i = static_cast<int>(digits.size()) - 3; i > 0; i -= 3) digits.insert(i, ",");
+  return digits;
+}
+
+// llama4-run's note on a prompt longer than the window (cli/run.py _note_slid), word for word: what of it the global
+// layers can still attend to once it slid.
+std::string slid_note(int64_t tokens, int64_t window, int64_t sinks) {
+  const std::string dropped = grouped(tokens - window);
+  const std::string kept =
+      sinks ? "its first " + std::to_string(sinks) + " (--sinks) and last " + std::to_string(window - sinks) +
+                  " tokens; the " + dropped + " token(s) between were"
+            : "its last " + std::to_string(window) + " tokens; the first " + dropped + " were";
+  return "note: the prompt is " + grouped(tokens) + " tokens, more than the KV window of " + grouped(window) +
+         " (--window): the reply attends to " + kept + " dropped from attention";
+}
+
 long resident_kb() {
   std::ifstream status("/proc/self/status");
   for (std::string line; std::getline(status, line);)
@@ -315,6 +334,10 @@ int main(int argc, char** argv) {
         else
           print((step > 1 ? "," : "") + std::to_string(token));
       }
+    };
+    options.on_prefill = [&](int64_t done, int64_t total) {
+      if (done >= total && total > model.window())  // the prompt is in (images expanded) and slid: as llama4-run
+        std::cerr << slid_note(total, model.window(), model.sinks()) << std::endl;
     };
     const Clock::time_point start = Clock::now();
     const llama4rt::Result result = model.generate(full_prompt, options, on_token);
