@@ -612,7 +612,7 @@ def test_artifact_files_are_verified_as_generator_load_does_sharing_its_record(l
     assert run_cpp(llama4_cpp, art, "--ids", "1,2,3", "-n", "2").returncode == 0
 
 
-@pytest.mark.parametrize(("length", "window", "sinks"), [(17, 16, 2), (20, 16, 0), (2010, 1000, 5), (16, 16, 2)])
+@pytest.mark.parametrize(("length", "window", "sinks"), [(17, 16, 2), (20, 16, 0), (2210, 1100, 5), (16, 16, 2)])
 def test_a_prompt_longer_than_the_window_is_noted_as_llama4_run_notes_it(llama4_cpp, tiny, length, window, sinks):
     """A prompt longer than --window slid silently in llama4-cpp; now llama4-run's note on stderr, word for word
     (thousands grouped as it groups them), with the same tokens on stdout; a prompt of exactly W gets none."""

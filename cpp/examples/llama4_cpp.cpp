@@ -191,9 +191,9 @@ std::string grouped(int64_t n) {
 std::string slid_note(int64_t tokens, int64_t window, int64_t sinks) {
   const std::string dropped = grouped(tokens - window);
   const std::string kept =
-      sinks ? "its first " + std::to_string(sinks) + " (--sinks) and last " + std::to_string(window - sinks) +
-                  " tokens; the " + dropped + " token(s) between were"
-            : "its last " + std::to_string(window) + " tokens; the first " + dropped + " were";
+      sinks ? "its first " + grouped(sinks) + " (--sinks) and last " + grouped(window - sinks) + " tokens; the " +
+                  dropped + " token(s) between were"
+            : "its last " + grouped(window) + " tokens; the first " + dropped + " were";
   return "note: the prompt is " + grouped(tokens) + " tokens, more than the KV window of " + grouped(window) +
          " (--window): the reply attends to " + kept + " dropped from attention";
 }

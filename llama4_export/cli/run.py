@@ -173,8 +173,8 @@ def _note_slid(generator: Generator, what: str, tokens: int, later: str = "") ->
     """What the sliding cache kept of a prompt of `tokens` > W tokens: the global layers see its S sinks and its last
     W − S tokens, the rest no layer can attend to (README: "What changes once a sequence outgrows W")."""
     window, sinks, dropped = generator.window, generator.sinks, tokens - generator.window
-    kept = (f"its first {sinks} (--sinks) and last {window - sinks} tokens; the {dropped:,} token(s) between were"
-            if sinks else f"its last {window} tokens; the first {dropped:,} were")
+    kept = (f"its first {sinks:,} (--sinks) and last {window - sinks:,} tokens; the {dropped:,} token(s) between were"
+            if sinks else f"its last {window:,} tokens; the first {dropped:,} were")
     err_console.print(f"note: {what} is {tokens:,} tokens, more than the KV window of {window:,} (--window): the reply "
                       f"attends to {kept} dropped from attention{later}", markup=False, highlight=False, soft_wrap=True)
 
