@@ -462,10 +462,12 @@ def test_manifest_lists_every_file_with_its_sha256(tiny_artifact):
     assert set(manifest["tools"]) >= {"llama4_export", "torch", "onnx", "onnxruntime"}
 
 
-def test_checkpoint_manifest_records_file_hashes_and_copies_tokenizer(scoutlike_artifact, scoutlike_dir):
+def test_checkpoint_manifest_records_file_hashes_and_copies_tokenizer(scoutlike_artifact, scoutlike_dir, monkeypatch):
     manifest = json.loads((scoutlike_artifact / "manifest.json").read_text())
     source = manifest["source"]
     assert source["checkpoint"] == "l4-scoutlike"
+    monkeypatch.chdir(scoutlike_dir)  # `--checkpoint .` recorded the name "" (a manifest unlike the absolute path's)
+    assert CheckpointWeights(".").manifest_entry() == source
     weights = sorted(p.name for p in scoutlike_dir.glob("*.safetensors"))
     assert set(source["files"]) == {"config.json", "model.safetensors.index.json", *weights}
     assert source["files"]["config.json"] == hashlib.sha256((scoutlike_dir / "config.json").read_bytes()).hexdigest()

@@ -5,6 +5,7 @@ stay resident). A multimodal checkpoint's vision tensors are read the same way (
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -82,7 +83,8 @@ class CheckpointWeights(WeightSource):
         ckpt = self.index.directory
         index = [ckpt / INDEX_FILE] if (ckpt / INDEX_FILE).is_file() else []
         files = [ckpt / "config.json", *index, *sorted(ckpt.glob("*.safetensors"))]
-        return {"checkpoint": ckpt.name, "files": {f.name: sha256_file(f) for f in files}}
+        # the name of `.` or `..` is that of the directory they stand for (not resolved: a symlink's name is kept)
+        return {"checkpoint": Path(os.path.abspath(ckpt)).name, "files": {f.name: sha256_file(f) for f in files}}
 
 
 class VisionWeights:
