@@ -7,8 +7,7 @@ MoE lowering), the accuracy report when there was one, and — when the manifest
 recorded timing cache in error-on-miss mode. Everything up to the ONNX must be byte-identical on any machine (the
 exporter and passes are deterministic; calibration at any thread count: pipeline.pin_cpu_numerics); engines only
 given the same timing cache, GPU model and TensorRT version (engine.py says what TensorRT does and does not
-guarantee). The result is compared file by file: the first
-difference (missing, extra, or different sha256) is reported.
+guarantee). The result is compared file by file: every difference (missing, extra, or different sha256) is reported.
 """
 
 from __future__ import annotations

@@ -239,6 +239,16 @@ def test_positions_layout_graphs_match_pytorch(tmp_path):
     check_against_pytorch(out, from_config(get_preset("scout-tiny", 4), seed=0))
     rebuilt = api.rebuild(out, show_progress=False)
     assert rebuilt.differences == [] and "decode.onnx" in rebuilt.compared
+    # A recipe that gives other weights: the CLI printed the first differing file only, and no way to look further.
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["source"]["seed"] = 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    differed = CliRunner().invoke(export_app, ["rebuild", str(out)], terminal_width=200)
+    lines = differed.stderr.splitlines()
+    assert differed.exit_code == 1, differed.output
+    assert "rebuild with --out DIR to keep the rebuilt artifact" in lines[-2]
+    original = hashlib.sha256((out / "model.data").read_bytes()).hexdigest()
+    assert lines[-1].startswith(f"  model.data: sha256 {original[:16]}… in the original")
 
 
 def test_the_exporters_optimizer_gives_the_graphs_onnxscripts_optimize_ir_does(monkeypatch):

@@ -484,7 +484,7 @@ def rebuild(
     calib_data: Optional[Path] = typer.Option(None, "--calib-data", help="the calibration text it was exported with (when not the embedded corpus)"),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="the held-out text its accuracy report was made on (when not the embedded corpus)"),
 ) -> None:
-    """Re-run the pipeline the manifest records and compare every file hash; print the first difference."""
+    """Re-run the pipeline the manifest records and compare every file hash; print the files that differ."""
     try:
         # without --out the rebuilt artifact (as large as the original) goes to a temp directory under TMPDIR
         target, hint = ((out, "") if out is not None else
@@ -496,9 +496,13 @@ def rebuild(
     for note in result.notes:
         console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     if result.differences:
-        err_console.print(f"not reproducible: {result.differences[0]} "
-                          f"({len(result.differences)} of {len(result.compared)} files differ)", markup=False,
-                          highlight=False, soft_wrap=True)
+        # every differing file, not the first only: which ones differ (report.json alone, or model.data) says where to look
+        kept = (f"; the rebuilt artifact is in {out}" if out is not None else
+                "; rebuild with --out DIR to keep the rebuilt artifact and compare the files")
+        err_console.print(f"not reproducible: {len(result.differences)} of {len(result.compared)} files differ{kept}",
+                          markup=False, highlight=False, soft_wrap=True)
+        for difference in result.differences:
+            err_console.print(f"  {difference}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"reproducible: {len(result.compared)} files byte-identical", highlight=False, soft_wrap=True)
 
