@@ -20,9 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import MANIFEST, ArtifactError, held_directory, partition_entries, read_manifest, remove_abandoned
+from .artifact import (MANIFEST, ArtifactError, held_directory, partition_entries, read_manifest, remove_abandoned,
+                       sha256_file)
 from .calib.corpus import load_corpus
+from .errors import CheckpointError
 from .evaluation.report import REPORT_FILE
+from .export.tokenizer_files import TOKENIZER_FILES
 from .model.config import Llama4Config
 from .model.io_spec import DEFAULT_MAX_PREFILL
 from .pipeline import QuantOptions, export, pin_cpu_numerics
@@ -92,6 +95,20 @@ def _text_given_again(option: str, given: Path | None, recorded: tuple[str, str 
     return given
 
 
+def _check_tokenizer_files(checkpoint: Path, manifest: dict[str, Any]) -> None:
+    """The tokenizer files the artifact copied from the checkpoint must be there as copied, and no others: they were
+    found different only after a whole export (and calibration, whose text they tokenize)."""
+    copied = (manifest.get("tokenizer") or {}).get("files") or []
+    for name in TOKENIZER_FILES:
+        path = checkpoint / name
+        if name in copied and (not path.is_file() or sha256_file(path) != manifest["files"].get(name)):
+            raise CheckpointError(f"{path}: missing or not the {name} the artifact copied from its checkpoint (sha256 "
+                                  "differs); pass the original checkpoint")
+        if name not in copied and path.is_file():
+            raise CheckpointError(f"{path}: the checkpoint the artifact was exported from had no {name} (the artifact "
+                                  "has none); pass the original checkpoint")
+
+
 def _held_out_text(directory: Path, manifest: dict[str, Any], eval_data: Path | None) -> Path | None:
     """The text the accuracy report was made on: None for the embedded corpus, else the file given again."""
     recorded = None
@@ -134,6 +151,8 @@ def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out:
         raise ArtifactError(f"--out {out}: is the artifact being rebuilt, which the rebuild would replace; give another "
                             "directory (or leave --out out: a temp one)")
     source = recorded_source(original, Path(checkpoint) if checkpoint else None)
+    if checkpoint is not None:  # a checkpoint's artifact (recorded_source refuses one for a preset's)
+        _check_tokenizer_files(Path(checkpoint), original)
     if "vision" not in original:
         source.vision = None  # exported --text-only from a multimodal checkpoint (or the model has none)
     notes: list[str] = []

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 from llama4_export.artifact import read_manifest
 from llama4_export.model.config import Llama4Config
 from llama4_export.cli.export import export_app
+from llama4_export.errors import CheckpointError
 from llama4_export.export.onnx_export import DECODE, export_graph
 from llama4_export.graph_passes.artifact_passes import optimize_artifact
 from llama4_export.graph_passes.errors import GraphPassError
@@ -192,11 +193,20 @@ def test_optimized_artifact_generates_transformers_greedy_tokens(optimized_scout
     assert len(expected) == NEW_TOKENS and result.token_ids == expected
 
 
-def test_an_artifact_optimized_with_verify_rebuilds_identically(optimized_scoutlike, scoutlike_dir):
+def test_an_artifact_optimized_with_verify_rebuilds_identically(optimized_scoutlike, scoutlike_dir, tmp_path):
     """`passes --verify` records a verified tolerance and verified passes; the rebuild did not replay the verification,
     so such an artifact was "not reproducible" (passes.json and manifest.json differed)."""
     out, manifest, _ = optimized_scoutlike
     assert manifest["graph_passes"]["verified_tolerance"] == TOLERANCE
+    # A checkpoint whose tokenizer files changed was found out only after a whole export: now refused before it.
+    changed = shutil.copytree(scoutlike_dir, tmp_path / "changed")
+    (changed / "tokenizer_config.json").write_text((changed / "tokenizer_config.json").read_text().replace("\n", " "))
+    with pytest.raises(CheckpointError, match="tokenizer_config.json: missing or not the tokenizer_config.json"):
+        rebuild(out, checkpoint=changed, show_progress=False)
+    shutil.copyfile(scoutlike_dir / "tokenizer_config.json", changed / "tokenizer_config.json")
+    (changed / "chat_template.jinja").write_text("{{ messages }}")
+    with pytest.raises(CheckpointError, match="chat_template.jinja: the checkpoint the artifact was exported from had"):
+        rebuild(out, checkpoint=changed, show_progress=False)
     result = rebuild(out, checkpoint=scoutlike_dir, show_progress=False)
     assert result.identical, result.differences
 
