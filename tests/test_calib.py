@@ -139,14 +139,14 @@ def test_statistics_match_a_direct_computation_and_cache_is_deterministic(tmp_pa
         assert exact <= percentile_abs(stats, "layers.0.attn_in", q) <= exact * 2 ** (1 / 32) * (1 + 1e-6), q
     assert percentile_abs(stats, "layers.0.attn_in", 100.0) == pytest.approx(float(values.max()), rel=1e-5)
 
-    key = cache_key({"preset": "scout-tiny", "seed": 0}, tokenizer_text.sha256, 2, 16)
+    key = cache_key({"preset": "scout-tiny", "seed": 0}, tokenizer_text.sha256, ids)
     small = layerwise_statistics(RandomWeights("scout-tiny", seed=0), ids, for_awq=False)  # what the cache holds
     save_cache(tmp_path / "a.safetensors", small, key, {"samples": 2})
     save_cache(tmp_path / "b.safetensors", layerwise_statistics(RandomWeights("scout-tiny", seed=0), ids, for_awq=False),
                key, {"samples": 2})
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     assert load_cache(tmp_path / "a.safetensors", key)["layers.0.attn_in.amax"] == small["layers.0.attn_in.amax"]
-    assert load_cache(tmp_path / "a.safetensors", cache_key({"preset": "other"}, "x", 2, 16)) is None
+    assert load_cache(tmp_path / "a.safetensors", cache_key({"preset": "other"}, "x", ids)) is None
 
 
 # One process, two torch thread counts: torch's MKL GEMM splits a small matrix product (a routed expert's few tokens)
@@ -224,6 +224,23 @@ def test_a_damaged_file_in_the_default_cache_is_recomputed_and_one_given_is_refu
     plan.write_bytes(kept[:len(kept) // 2])
     replanned = calibrate_module.calibrate(source, ids, text, None, awq_block=32)
     assert replanned.awq_records == planned.awq_records and plan.read_bytes() == kept
+
+
+def test_the_cache_is_not_reused_for_other_token_ids_of_the_same_text(tmp_path):
+    """The key held the text's hash and the sample shape, not the ids: after a checkpoint's tokenizer.json changed
+    (not among the files its identity hashes), the same text gave other samples and the stale statistics (and AWQ
+    plans) of the old ones were reused."""
+    from llama4_export.calib import calibrate as calibrate_module
+
+    source, text = RandomWeights("scout-tiny", seed=0, layers=1), embedded_corpus("calibration")
+    old, new = (np.random.default_rng(seed).integers(0, source.config.vocab_size, (2, 16)) for seed in (0, 1))
+    cache = tmp_path / "calib.safetensors"
+    calibrate_module.calibrate(source, old, text, cache, awq_block=32)
+    again = calibrate_module.calibrate(source, new, text, cache, awq_block=32)
+    fresh = layerwise_statistics(source, new, for_awq=False)
+    assert not again.reused
+    for name in fresh:
+        np.testing.assert_array_equal(np.asarray(again.stats[name]).reshape(fresh[name].shape), fresh[name], err_msg=name)
 
 
 def test_checkpoint_without_tokenizer_needs_one_for_calibration_but_not_for_rtn_or_the_report(tmp_path):

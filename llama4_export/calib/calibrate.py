@@ -85,7 +85,7 @@ def calibrate(source, ids: np.ndarray, text: corpus_mod.Corpus, cache_path: str 
     """Statistics of the fp32 model `source` on the calibration samples `ids` (from calibration_samples) and, with
     awq_block, its AWQ plans — computed layer by layer, or reused from the cache at `cache_path` (None:
     default_cache_path) when it holds this very key. scratch: where the routed experts' Gram matrices go meanwhile."""
-    key = cache_key(source.manifest_entry(), text.sha256, *ids.shape)
+    key = cache_key(source.manifest_entry(), text.sha256, ids)
     chosen = cache_path is not None
     cache_path = Path(cache_path) if chosen else default_cache_path(key)
     settings = {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "data": text.recorded_name,

@@ -21,7 +21,7 @@ storing activations. Accumulated in float64, stored float32. The routed experts'
 
 Cache file: safetensors, the statistics above by name except the Gram matrices (only AWQ's search reads them, and
 its plans are cached beside this file), one metadata entry holding json {"key": sha256 of (format, model id, data
-hash, samples, seq_len), "settings": ...}. Same inputs ⇒ byte-identical file.
+hash, samples, seq_len, token ids), "settings": ...}. Same inputs ⇒ byte-identical file.
 """
 
 from __future__ import annotations
@@ -43,9 +43,13 @@ HIST_BINS = (HIST_MAX_EXP - HIST_MIN_EXP) * HIST_BINS_PER_OCTAVE
 METADATA = "llama4_export_calibration"
 
 
-def cache_key(model_id: dict, data_sha256: str, samples: int, seq_len: int) -> str:
+def cache_key(model_id: dict, data_sha256: str, ids: np.ndarray) -> str:
+    """Keyed by the token ids themselves, not only the text: the same text under another tokenizer (a checkpoint's
+    tokenizer.json is not among the weight files its identity hashes) gives other samples."""
+    samples, seq_len = ids.shape
+    ids_sha256 = hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
     blob = json.dumps({"format": CACHE_FORMAT, "model": model_id, "data": data_sha256, "samples": samples,
-                       "seq_len": seq_len}, sort_keys=True)
+                       "seq_len": seq_len, "ids": ids_sha256}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
