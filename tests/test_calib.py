@@ -84,6 +84,16 @@ def test_a_directory_is_read_with_its_subdirectories_and_nothing_in_it_is_skippe
         load_corpus(tmp_path)
 
 
+def test_a_byte_order_mark_is_not_calibration_text(tmp_path):
+    """A UTF-8 file saved with a BOM (Notepad, Excel's "CSV UTF-8"): a .jsonl was refused as "not valid JSON
+    (Unexpected UTF-8 BOM)" and a .txt was calibrated on the BOM as text."""
+    records = ['{"text": "first record"}', '{"text": "second record"}']
+    (tmp_path / "data.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(records).encode())
+    (tmp_path / "data.txt").write_bytes(b"\xef\xbb\xbfplain prose")
+    assert load_corpus(tmp_path / "data.jsonl").texts == tuple(json.loads(r)["text"] for r in records)
+    assert load_corpus(tmp_path / "data.txt").texts == ("plain prose",)
+
+
 def test_too_few_tokens_says_how_many_are_needed():
     with pytest.raises(CalibrationError, match="30 tokens, fewer than one sample of --calib-seq-len 64; give at least 64"):
         cut_samples(np.arange(30), 4, 64, "small.txt")

@@ -128,7 +128,8 @@ def _data_files(directory: Path) -> list[Path]:
 
 def _read_texts(path: Path) -> list[str]:
     try:
-        raw = path.read_bytes().decode("utf-8")
+        # a leading byte order mark (Windows editors write one) is no text, and json.loads refuses it
+        raw = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         raise CalibrationError(f"{path}: not UTF-8 text (byte {exc.start}); convert it to UTF-8") from None
     except OSError as exc:
