@@ -703,10 +703,11 @@ def test_an_unchanged_artifact_is_hashed_once_and_a_changed_file_is_still_caught
     assert hashed == ["model.data"]
 
 
-@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_stop_signal_mid_export_removes_its_temp_directories(tmp_path, stop):
-    """A cancelled CI job or `kill` sends SIGTERM, Ctrl-C SIGINT: the export exits 128 + the signal, and neither its
-    work directory nor its half-written artifact is left beside --out (at Scout's size they hold hundreds of GB)."""
+    """A cancelled CI job or `kill` sends SIGTERM, Ctrl-C SIGINT, a closed terminal SIGHUP: the export exits 128 + the
+    signal, and neither its work directory nor its half-written artifact is left beside --out (at Scout's size they
+    hold hundreds of GB; SIGHUP killed it without a word and left them)."""
     import signal
     import sys
     import time

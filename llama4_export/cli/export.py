@@ -508,6 +508,7 @@ def rebuild(
 
 
 def main() -> None:
-    # a cancelled CI job, `kill`, Ctrl-C: the export's temp directories (at Scout's size hundreds of GB) go with it
-    exit_on_signals(signal.SIGTERM, signal.SIGINT)
+    # a cancelled CI job, `kill`, Ctrl-C, a closed terminal (SIGHUP): the export's temp directories (at Scout's size
+    # hundreds of GB) go with it
+    exit_on_signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     run_cli(export_app)
