@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -345,6 +346,8 @@ class _Termination:
     exits there and then; inside `uninterrupted()` (an artifact being swapped into place) the exit waits for its end."""
 
     scratch: set[Path] = set()  # held directories and temp files: what a job killed this way removes
+    children: set[subprocess.Popen] = set()  # processes doing this job's work: a signal to this process alone leaves
+    # them running on, orphaned
     depth = 0
     pending: int | None = None
 
@@ -357,6 +360,10 @@ class _Termination:
 
     @classmethod
     def exit(cls, signum: int) -> None:
+        for child in cls.children:  # before the scratch it may be writing into
+            with contextlib.suppress(OSError):
+                child.kill()
+                child.wait()
         for path in sorted(cls.scratch, reverse=True):  # a directory's own entries before it
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
@@ -397,6 +404,23 @@ def removed_if_stopped(path: Path) -> Iterator[Path]:
         yield path
     finally:
         _Termination.scratch.discard(path)
+
+
+@contextlib.contextmanager
+def child_process(command: list[str], **popen_options: Any) -> Iterator[subprocess.Popen]:
+    """subprocess.Popen(command) doing this job's work, killed if the block fails (a KeyboardInterrupt where no handler
+    is installed) or a stop signal ends this process while it runs: left alone, it would run on, orphaned."""
+    with uninterrupted():  # a stop between the start and the registration would leave it running
+        process = subprocess.Popen(command, **popen_options)
+        _Termination.children.add(process)
+    with process:
+        try:
+            yield process
+        except BaseException:
+            process.kill()
+            raise
+        finally:
+            _Termination.children.discard(process)
 
 
 @contextlib.contextmanager

@@ -190,3 +190,40 @@ def test_benchmark_scripts_refuse_bad_input_in_one_line(tmp_path, script, args, 
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{script}: ") and expected in lines[0], result.stderr
     assert "machine:" not in result.stdout  # refused before the machine line's bandwidth copy, the first slow step
+
+
+def test_bench_stopped_by_sigterm_to_it_alone_ends_its_engine_process(scoutlike_artifact, tmp_path):
+    """`kill PID` or a container's stop sends SIGTERM to the command alone, not its process group: the engine's
+    process it spawned ran on, orphaned, measuring for minutes, and its temp directory stayed in TMPDIR."""
+    import signal
+    import time
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    process = subprocess.Popen([sys.executable, "-c", "from llama4_export.cli.export import main; main()", "bench",
+                                str(scoutlike_artifact), "--repeats", "50"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(temp)})
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    deadline = time.monotonic() + 120
+    while not any(b"llama4_export.evaluation.bench" in _cmdline(pid) for pid in children.read_text().split()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
+        time.sleep(0.02)  # until the engine's process runs
+    engine = children.read_text().split()[0]
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=60)[1]
+    try:
+        assert process.returncode == 143 and stderr.splitlines()[-1] == (
+            "stopped by SIGTERM: this job's temp files were removed"), stderr[-2000:]
+        assert b"llama4_export.evaluation.bench" not in _cmdline(engine)
+        assert [path.name for path in temp.iterdir() if path.name.startswith("tmp")] == []
+    finally:
+        if b"llama4_export.evaluation.bench" in _cmdline(engine):  # only when the test failed: left measuring
+            os.kill(int(engine), signal.SIGKILL)
+
+
+def _cmdline(pid: str) -> bytes:
+    """The command line of process `pid`; b"" once it has ended."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

@@ -36,7 +36,7 @@ import numpy as np
 
 import onnx
 
-from ..artifact import read_manifest
+from ..artifact import child_process, read_manifest, removed_if_stopped
 from ..errors import Llama4ExportError
 from ..runtime import Generator
 from ..runtime.generator import BACKENDS
@@ -211,12 +211,16 @@ def bench_artifact(
     settings = {"directory": str(directory), "prompt_lengths": list(prompt_lengths), "decode_prompt": decode_prompt,
                 "new_tokens": new_tokens, "repeats": repeats, "threads": threads, "backend": backend,
                 "bandwidth": bandwidth, "seed": seed, "window": window, "depths": list(depths)}
-    with tempfile.TemporaryDirectory() as tmp:
+    # a stop signal to this process alone (`kill PID`, a CI runner's SIGTERM) takes the engine's process and the temp
+    # directory with it: they were left measuring on for minutes, orphaned, and behind in TMPDIR
+    with tempfile.TemporaryDirectory() as tmp, removed_if_stopped(Path(tmp)):
         out = Path(tmp) / "result.json"
-        done = subprocess.run([sys.executable, "-m", __name__, json.dumps(settings), str(out)], capture_output=True, text=True)
-        if done.returncode != 0:
-            lines = done.stderr.strip().splitlines()
-            raise BenchError(lines[-1] if lines else f"the benchmark process of {directory} exited with {done.returncode}")
+        with child_process([sys.executable, "-m", __name__, json.dumps(settings), str(out)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) as process:
+            stderr = process.communicate()[1]
+        if process.returncode != 0:
+            lines = stderr.strip().splitlines()
+            raise BenchError(lines[-1] if lines else f"the benchmark process of {directory} exited with {process.returncode}")
         return json.loads(out.read_text())
 
 
