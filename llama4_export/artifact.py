@@ -370,11 +370,14 @@ class _Termination:
             else:
                 path.unlink(missing_ok=True)
         with contextlib.suppress(Exception):
-            if sys.stderr.isatty():
-                sys.stderr.write("\x1b[?25h")  # a progress spinner hid the cursor
-            sys.stderr.write(f"\nstopped by {signal.Signals(signum).name}: this job's temp files were removed\n")
+            # the process's own stderr: a progress display stands in for sys.stderr on a terminal, and printed the
+            # line above its spinner, redrawn last, and dropped the escape that shows the cursor again
+            stderr = sys.__stderr__
+            if stderr.isatty():
+                stderr.write("\x1b[?25h")  # a progress spinner hid the cursor
+            stderr.write(f"\nstopped by {signal.Signals(signum).name}: this job's temp files were removed\n")
             sys.stdout.flush()
-            sys.stderr.flush()
+            stderr.flush()
         os._exit(128 + signum)
 
 

@@ -729,6 +729,40 @@ def test_a_stop_signal_mid_export_removes_its_temp_directories(tmp_path, stop):
     assert sorted(p.name for p in parent.iterdir()) == []
 
 
+def test_a_stop_signal_on_a_terminal_leaves_its_line_last_and_the_cursor_shown(tmp_path):
+    """On a terminal the steps' progress display stands in for sys.stderr: the stop line went above the spinner, which
+    was redrawn after it (the shell's prompt then landed on the spinner's line), or was never printed when the stop
+    came before the display's first refresh, and the escape showing the cursor again was dropped, leaving the
+    terminal without one."""
+    import os
+    import pty
+    import signal
+    import sys
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # the export, on the terminal pty.fork made
+        try:
+            os.execv(sys.executable, [sys.executable, "-c", "from llama4_export.cli.export import main; main()",
+                                      "--model", "scout-tiny", "--no-report", "--out", str(tmp_path / "o")])
+        finally:
+            os._exit(127)  # never this test's process going on twice
+    shown, signalled = b"", False
+    while True:
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # EIO: the export has ended
+            break
+        if not chunk:
+            break
+        shown += chunk
+        if not signalled and b"\x1b[?25l" in shown:  # the progress display is up (it hid the cursor)
+            os.killpg(pid, signal.SIGINT)  # Ctrl-C: the terminal's whole process group
+            signalled = True
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 130, shown[-2000:]
+    assert shown.endswith(b"\x1b[?25h\r\nstopped by SIGINT: this job's temp files were removed\r\n"), shown[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
 _STOPPED_CHILD = """
 import os, signal, sys
 from pathlib import Path
