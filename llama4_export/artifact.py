@@ -533,6 +533,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     with held_directory(writable_parent(target), f".{target.name}.tmp-") as tmp:
         _check_sole_writer(target, tmp)
         yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; before the swap: a stop while the old one is removed ends there
         with uninterrupted():  # a stop between the renames would leave neither artifact at `target`
             if target.exists():
                 old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -544,4 +545,3 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         if old is not None:
             with removed_if_stopped(old):
                 shutil.rmtree(old, ignore_errors=True)
-    os.chmod(target, 0o755)  # mkdtemp creates 0700

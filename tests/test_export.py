@@ -787,6 +787,39 @@ with artifact.held_directory(parent, ".o.work-") as work:
 """
 
 
+_STOPPED_WHILE_THE_OLD_ONE_GOES = """
+import os, shutil, signal, sys
+from pathlib import Path
+from llama4_export import artifact
+
+artifact.exit_on_signals(signal.SIGTERM)
+remove = shutil.rmtree
+def stopped_midway(path, *args, **kwargs):  # a stop while the replaced artifact (hundreds of GB) is being removed
+    if ".old-" in str(path) and shutil.rmtree is stopped_midway:
+        shutil.rmtree = remove  # once: the handler removes it too
+        os.kill(os.getpid(), signal.SIGTERM)
+    remove(path, *args, **kwargs)
+shutil.rmtree = stopped_midway
+target = Path(sys.argv[1])
+with artifact.atomic_directory(target) as tmp:
+    (tmp / "new.txt").write_text("new")
+"""
+
+
+def test_a_stop_while_the_replaced_artifact_is_removed_leaves_the_new_one_readable(tmp_path):
+    """The new artifact is in place once swapped; a stop while the previous one was being removed left it as mkdtemp
+    made it, 0700: unreadable to the other users (a server's account) that read the one it replaced."""
+    import sys
+
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "old.txt").write_text("old")
+    done = subprocess.run([sys.executable, "-c", _STOPPED_WHILE_THE_OLD_ONE_GOES, str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"] and (tmp_path / "o" / "new.txt").read_text() == "new"
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
+
+
 @pytest.mark.parametrize("where", ["in a finalizer", "in an uninterrupted block"])
 def test_a_stop_signal_ends_the_process_wherever_it_lands(tmp_path, where):
     """The handler does not raise into the code it interrupts: an exception landing in Python code that C++ called
