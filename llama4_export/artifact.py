@@ -382,9 +382,11 @@ class _Termination:
 
 
 def exit_on_signals(*signums: int) -> None:
-    """On these signals, remove the scratch of this process (`removed_if_stopped`) and exit with 128 + the signal."""
+    """On these signals, remove the scratch of this process (`removed_if_stopped`) and exit with 128 + the signal —
+    except those this process was started ignoring: `nohup` ignores SIGHUP, a shell script's background job SIGINT."""
     for signum in signums:
-        signal.signal(signum, _Termination.handle)
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _Termination.handle)
 
 
 @contextlib.contextmanager

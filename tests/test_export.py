@@ -703,11 +703,13 @@ def test_an_unchanged_artifact_is_hashed_once_and_a_changed_file_is_still_caught
     assert hashed == ["model.data"]
 
 
-@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT", "SIGHUP"])
-def test_a_stop_signal_mid_export_removes_its_temp_directories(tmp_path, stop):
+@pytest.mark.parametrize("stop, ignored", [("SIGTERM", None), ("SIGINT", None), ("SIGHUP", None),
+                                           ("SIGTERM", "SIGHUP"), ("SIGTERM", "SIGINT")])
+def test_a_stop_signal_mid_export_removes_its_temp_directories(tmp_path, stop, ignored):
     """A cancelled CI job or `kill` sends SIGTERM, Ctrl-C SIGINT, a closed terminal SIGHUP: the export exits 128 + the
     signal, and neither its work directory nor its half-written artifact is left beside --out (at Scout's size they
-    hold hundreds of GB; SIGHUP killed it without a word and left them)."""
+    hold hundreds of GB; SIGHUP killed it without a word and left them). A signal the export was started ignoring
+    (`nohup`'s SIGHUP, a script's background job's SIGINT) stays ignored: the SIGTERM after it is what stops it."""
     import signal
     import sys
     import time
@@ -716,12 +718,17 @@ def test_a_stop_signal_mid_export_removes_its_temp_directories(tmp_path, stop):
     parent.mkdir()
     command = [sys.executable, "-c", "from llama4_export.cli.export import main; main()", "--model", "scout-tiny",
                "--precision", "int4", "--out", str(parent / "o")]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ignore = (lambda: signal.signal(signal.Signals[ignored], signal.SIG_IGN)) if ignored else None
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=ignore)
     deadline = time.monotonic() + 120
     while not any(p.name.startswith(".o.tmp-") for p in parent.iterdir()):  # the export is writing
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
         time.sleep(0.02)
     signum = signal.Signals[stop]
+    if ignored:
+        process.send_signal(signal.Signals[ignored])
+        time.sleep(0.5)  # time to act on it, were it not ignored
     process.send_signal(signum)
     stderr = process.communicate(timeout=120)[1]
     assert process.returncode == 128 + signum, stderr[-3000:]
