@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -689,3 +690,23 @@ def test_text_that_is_not_utf8_is_refused_in_one_line_naming_its_flag_or_stdin_l
     answer = gen.generate(gen.chat_prompt([{"role": "user", "content": "Hello there"}]), max_new_tokens=6).text
     result = run(tiny_artifact, "--chat", "-n", "6", stdin="\ufeffHello there\r\n".encode())
     assert result.exit_code == 0 and result.stdout == answer + "\n", result.output
+
+
+def test_an_artifact_path_that_is_not_utf8_is_refused_in_one_line_and_runs_from_inside(tiny_artifact, tmp_path,
+                                                                                        monkeypatch):
+    """A directory name with a byte that is not UTF-8 (b"lat\\xe9in", as Python's surrogate "\\udce9") failed as
+    "prefill.onnx: ONNX Runtime cannot load it (incompatible constructor arguments); re-run the export": ONNX Runtime
+    and tokenizers take paths as UTF-8 text. It now says so in one line; from inside, `.` runs it."""
+    odd = tmp_path / "lat\udce9in"
+    shutil.copytree(tiny_artifact, odd)
+    result = run(odd, "--prompt", PROMPT, "-n", "4")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    shown = str(odd).encode("utf-8", "backslashreplace").decode()  # as the error line escapes the byte
+    assert result.stderr.strip().splitlines() == [f"error: {shown}: the path is not UTF-8 (it has an undecodable byte), "
+                                                  "which ONNX Runtime cannot open; rename the directory, link it under "
+                                                  "a UTF-8 name, or run it from inside (`.`)"], result.stderr
+    monkeypatch.chdir(odd)
+    result = run(".", "--prompt", PROMPT, "-n", "4", "--json")
+    assert result.exit_code == 0, result.output
+    plain = json.loads(run(tiny_artifact, "--prompt", PROMPT, "-n", "4", "--json").stdout)
+    assert json.loads(result.stdout)["token_ids"] == plain["token_ids"]
