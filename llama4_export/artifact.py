@@ -8,6 +8,7 @@ keys, no timestamps, and the manifest lists files in sorted order.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import glob
 import hashlib
@@ -426,6 +427,20 @@ def child_process(command: list[str], **popen_options: Any) -> Iterator[subproce
             raise
         finally:
             _Termination.children.discard(process)
+
+
+def end_with_parent(parent: int) -> None:
+    """Called first thing in a `child_process` child: the kernel SIGKILLs it when `parent` dies, even by SIGKILL (the
+    OOM killer, a CI runner's hard kill), which no handler of the parent's sees. Linux only; elsewhere nothing.
+    Set here, not in a Popen preexec_fn: that one is not safe in a parent with threads (a server, ORT's pools)."""
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # The signal follows the parent *thread* that started this process: child_process's block waits on it there, so
+    # that thread outlives it. A parent that died before the prctl sent nothing: this process is already reparented.
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 @contextlib.contextmanager

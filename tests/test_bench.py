@@ -221,6 +221,38 @@ def test_bench_stopped_by_sigterm_to_it_alone_ends_its_engine_process(scoutlike_
             os.kill(int(engine), signal.SIGKILL)
 
 
+@pytest.mark.parametrize("measuring", [False, True], ids=["while-it-starts", "while-it-measures"])
+def test_bench_sigkilled_takes_its_engine_process_with_it(scoutlike_artifact, tmp_path, measuring):
+    """The OOM killer or a CI runner's hard kill SIGKILLs the bench: no handler runs, and the engine's process it
+    spawned ran on, orphaned, measuring for a minute here. Killed while the engine starts, before it can ask the kernel
+    to end it with its parent, or once it has loaded the weights and measures."""
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-c", "from llama4_export.cli.export import main; main()", "bench",
+                                str(scoutlike_artifact), "--repeats", "50"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "TMPDIR": str(tmp_path)})
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    deadline = time.monotonic() + 120
+    while not any(b"llama4_export.evaluation.bench" in _cmdline(pid) for pid in children.read_text().split()):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)  # until the engine's process runs
+    engine = children.read_text().split()[0]
+    while measuring and "model.data" not in Path(f"/proc/{engine}/maps").read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)  # until it has mapped the weights: past its start
+    process.kill()
+    process.wait()
+    try:
+        deadline = time.monotonic() + 10
+        while b"llama4_export.evaluation.bench" in _cmdline(engine) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert b"llama4_export.evaluation.bench" not in _cmdline(engine)
+    finally:
+        if b"llama4_export.evaluation.bench" in _cmdline(engine):  # only when the test failed: left measuring
+            os.kill(int(engine), signal.SIGKILL)
+
+
 def _cmdline(pid: str) -> bytes:
     """The command line of process `pid`; b"" once it has ended."""
     try:

@@ -36,7 +36,7 @@ import numpy as np
 
 import onnx
 
-from ..artifact import child_process, read_manifest, removed_if_stopped
+from ..artifact import child_process, end_with_parent, read_manifest, removed_if_stopped
 from ..errors import Llama4ExportError
 from ..runtime import Generator
 from ..runtime.generator import BACKENDS
@@ -215,8 +215,8 @@ def bench_artifact(
     # directory with it: they were left measuring on for minutes, orphaned, and behind in TMPDIR
     with tempfile.TemporaryDirectory() as tmp, removed_if_stopped(Path(tmp)):
         out = Path(tmp) / "result.json"
-        with child_process([sys.executable, "-m", __name__, json.dumps(settings), str(out)], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True) as process:
+        command = [sys.executable, "-m", __name__, json.dumps(settings), str(out), str(os.getpid())]
+        with child_process(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
             stderr = process.communicate()[1]
         if process.returncode != 0:
             lines = stderr.strip().splitlines()
@@ -338,8 +338,9 @@ def result_table(results: Sequence[dict[str, Any]], title: str = "benchmark (med
     return table
 
 
-def _main(settings_json: str, out: str) -> None:
-    """The engine's process: `python -m llama4_export.evaluation.bench SETTINGS_JSON OUT_JSON`."""
+def _main(settings_json: str, out: str, parent: str) -> None:
+    """The engine's process: `python -m llama4_export.evaluation.bench SETTINGS_JSON OUT_JSON PARENT_PID`."""
+    end_with_parent(int(parent))  # a SIGKILLed bench left it measuring on for minutes, orphaned
     try:
         result = _measure(**json.loads(settings_json))
     except Llama4ExportError as exc:
