@@ -42,7 +42,7 @@ from .image_encoder import ImageEncoder, ImageInput
 from .images import decode_data_url
 from .ort_backend import OrtBackend
 from .sampling import Sampler, SamplingParams, StopStrings
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import StreamDecoder, Tokenizer, undecodable_at
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -123,12 +123,11 @@ class Generator:
         if backend not in BACKENDS:
             raise GenerationError(f"backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
         manifest = read_manifest(directory, verify=verify)
-        try:  # ONNX Runtime and tokenizers take paths as UTF-8 text: a name with other bytes failed as a broken file
-            str(directory).encode("utf-8")
-        except UnicodeEncodeError:
+        # ONNX Runtime and tokenizers take paths as UTF-8 text: a name with other bytes failed as a broken file
+        if undecodable_at(str(directory)) is not None:
             raise GenerationError(f"{directory}: the path is not UTF-8 (it has an undecodable byte), which ONNX Runtime "
                                   "cannot open; rename the directory, link it under a UTF-8 name, or run it from "
-                                  "inside (`.`)") from None
+                                  "inside (`.`)")
         if (part := part_of_partitioned(directory, manifest)) is not None:
             raise GenerationError(f"{part}; run the artifact directory holding it ({directory.resolve().parent})")
         config = Llama4Config.from_manifest(manifest, str(directory / MANIFEST))

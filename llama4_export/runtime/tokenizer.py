@@ -33,13 +33,20 @@ def llama4_chat_format(messages: list[dict[str, Any]], add_generation_prompt: bo
     return text
 
 
-def check_utf8(what: str, text: str) -> None:
-    """A text holding lone surrogates (undecodable bytes) refused in one line naming `what`."""
+def undecodable_at(text: str) -> int | None:
+    """The index of the first lone surrogate in `text` (an undecodable byte, as surrogateescape decodes one), or
+    None when it encodes as UTF-8."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise GenerationError(f"{what}: not UTF-8 text (character {exc.start} is an undecodable byte); give UTF-8 "
-                              "text") from None
+        return exc.start
+    return None
+
+
+def check_utf8(what: str, text: str) -> None:
+    """A text holding lone surrogates (undecodable bytes) refused in one line naming `what`."""
+    if (at := undecodable_at(text)) is not None:
+        raise GenerationError(f"{what}: not UTF-8 text (character {at} is an undecodable byte); give UTF-8 text")
 
 
 class Tokenizer:
