@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import (MANIFEST, ArtifactError, held_directory, partition_entries, read_manifest, remove_abandoned,
-                       sha256_file)
+from .artifact import MANIFEST, ArtifactError, held_directory, partition_entries, read_manifest, remove_abandoned
 from .calib.corpus import load_corpus
 from .errors import CheckpointError
 from .evaluation.report import REPORT_FILE
@@ -32,7 +31,7 @@ from .pipeline import QuantOptions, export, pin_cpu_numerics
 from .progress import note
 from .tensorrt.engine import ENGINE_DIR, build_engines, missing_tensorrt_message
 from .tensorrt.errors import BuildError
-from .weights import recorded_source
+from .weights import check_as_recorded, recorded_source
 
 
 @dataclass
@@ -99,11 +98,9 @@ def _check_tokenizer_files(checkpoint: Path, manifest: dict[str, Any]) -> None:
     """The tokenizer files the artifact copied from the checkpoint must be there as copied, and no others: they were
     found different only after a whole export (and calibration, whose text they tokenize)."""
     copied = (manifest.get("tokenizer") or {}).get("files") or []
+    check_as_recorded(checkpoint, {name: manifest["files"].get(name) for name in copied})
     for name in TOKENIZER_FILES:
         path = checkpoint / name
-        if name in copied and (not path.is_file() or sha256_file(path) != manifest["files"].get(name)):
-            raise CheckpointError(f"{path}: missing or not the {name} the artifact copied from its checkpoint (sha256 "
-                                  "differs); pass the original checkpoint")
         if name not in copied and path.is_file():
             raise CheckpointError(f"{path}: the checkpoint the artifact was exported from had no {name} (the artifact "
                                   "has none); pass the original checkpoint")

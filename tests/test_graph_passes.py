@@ -201,7 +201,7 @@ def test_an_artifact_optimized_with_verify_rebuilds_identically(optimized_scoutl
     # A checkpoint whose tokenizer files changed was found out only after a whole export: now refused before it.
     changed = shutil.copytree(scoutlike_dir, tmp_path / "changed")
     (changed / "tokenizer_config.json").write_text((changed / "tokenizer_config.json").read_text().replace("\n", " "))
-    with pytest.raises(CheckpointError, match="tokenizer_config.json: missing or not the tokenizer_config.json"):
+    with pytest.raises(CheckpointError, match="tokenizer_config.json: missing or not the file the artifact was exported from"):
         rebuild(out, checkpoint=changed, show_progress=False)
     shutil.copyfile(scoutlike_dir / "tokenizer_config.json", changed / "tokenizer_config.json")
     (changed / "chat_template.jinja").write_text("{{ messages }}")

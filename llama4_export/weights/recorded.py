@@ -24,9 +24,14 @@ def recorded_source(manifest: dict[str, Any], checkpoint: Path | None) -> Weight
     if checkpoint is None:
         raise CheckpointError(f"the artifact was exported from checkpoint {source.get('checkpoint')!r}; pass its "
                               "directory with --checkpoint")
-    for name, expected in sorted((source.get("files") or {}).items()):
-        path = Path(checkpoint) / name
+    check_as_recorded(Path(checkpoint), source.get("files") or {})
+    return CheckpointWeights(checkpoint)
+
+
+def check_as_recorded(checkpoint: Path, recorded: dict[str, str | None]) -> None:
+    """Each file of `checkpoint` named in `recorded` (name → sha256) must be there and hash as recorded."""
+    for name, expected in sorted(recorded.items()):
+        path = checkpoint / name
         if not path.is_file() or sha256_file(path) != expected:
             raise CheckpointError(f"{path}: missing or not the file the artifact was exported from (sha256 differs); "
                                   "pass the original checkpoint")
-    return CheckpointWeights(checkpoint)
