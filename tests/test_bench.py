@@ -4,6 +4,7 @@ benchmarks/, never here."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -196,29 +197,16 @@ def test_bench_stopped_by_sigterm_to_it_alone_ends_its_engine_process(scoutlike_
     """`kill PID` or a container's stop sends SIGTERM to the command alone, not its process group: the engine's
     process it spawned ran on, orphaned, measuring for minutes, and its temp directory stayed in TMPDIR."""
     import signal
-    import time
 
     temp = tmp_path / "tmp"
     temp.mkdir()
-    process = subprocess.Popen([sys.executable, "-c", "from llama4_export.cli.export import main; main()", "bench",
-                                str(scoutlike_artifact), "--repeats", "50"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(temp)})
-    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
-    deadline = time.monotonic() + 120
-    while not any(b"llama4_export.evaluation.bench" in _cmdline(pid) for pid in children.read_text().split()):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
-        time.sleep(0.02)  # until the engine's process runs
-    engine = children.read_text().split()[0]
-    process.send_signal(signal.SIGTERM)
-    stderr = process.communicate(timeout=60)[1]
-    try:
+    with _bench_and_its_engine(scoutlike_artifact, temp, stderr=subprocess.PIPE) as (process, engine):
+        process.send_signal(signal.SIGTERM)
+        stderr = process.communicate(timeout=60)[1]
         assert process.returncode == 143 and stderr.splitlines()[-1] == (
             "stopped by SIGTERM: this job's temp files were removed"), stderr[-2000:]
-        assert b"llama4_export.evaluation.bench" not in _cmdline(engine)
+        assert ENGINE not in _cmdline(engine)
         assert [path.name for path in temp.iterdir() if path.name.startswith("tmp")] == []
-    finally:
-        if b"llama4_export.evaluation.bench" in _cmdline(engine):  # only when the test failed: left measuring
-            os.kill(int(engine), signal.SIGKILL)
 
 
 @pytest.mark.parametrize("measuring", [False, True], ids=["while-it-starts", "while-it-measures"])
@@ -226,31 +214,48 @@ def test_bench_sigkilled_takes_its_engine_process_with_it(scoutlike_artifact, tm
     """The OOM killer or a CI runner's hard kill SIGKILLs the bench: no handler runs, and the engine's process it
     spawned ran on, orphaned, measuring for a minute here. Killed while the engine starts, before it can ask the kernel
     to end it with its parent, or once it has loaded the weights and measures."""
+    import time
+
+    with _bench_and_its_engine(scoutlike_artifact, tmp_path) as (process, engine):
+        deadline = time.monotonic() + 120
+        while measuring and "model.data" not in Path(f"/proc/{engine}/maps").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)  # until it has mapped the weights: past its start
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 10
+        while ENGINE in _cmdline(engine) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ENGINE not in _cmdline(engine)
+
+
+ENGINE = b"llama4_export.evaluation.bench"  # in the engine process's command line
+
+
+@contextlib.contextmanager
+def _bench_and_its_engine(artifact: Path, temp: Path, stderr=subprocess.DEVNULL):
+    """(the process, its engine's pid) of `llama4-export bench ARTIFACT --repeats 50` (minutes) under TMPDIR=temp,
+    once its engine's process runs; an engine (or bench) still running at the end, a failed test's, is killed."""
     import signal
     import time
 
     process = subprocess.Popen([sys.executable, "-c", "from llama4_export.cli.export import main; main()", "bench",
-                                str(scoutlike_artifact), "--repeats", "50"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env={**os.environ, "TMPDIR": str(tmp_path)})
+                                str(artifact), "--repeats", "50"], stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                               env={**os.environ, "TMPDIR": str(temp)})
     children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
     deadline = time.monotonic() + 120
-    while not any(b"llama4_export.evaluation.bench" in _cmdline(pid) for pid in children.read_text().split()):
-        assert process.poll() is None and time.monotonic() < deadline
+    while not any(ENGINE in _cmdline(pid) for pid in children.read_text().split()):
+        assert process.poll() is None and time.monotonic() < deadline, (process.communicate()[1] or "")[-2000:]
         time.sleep(0.02)  # until the engine's process runs
     engine = children.read_text().split()[0]
-    while measuring and "model.data" not in Path(f"/proc/{engine}/maps").read_text():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)  # until it has mapped the weights: past its start
-    process.kill()
-    process.wait()
     try:
-        deadline = time.monotonic() + 10
-        while b"llama4_export.evaluation.bench" in _cmdline(engine) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert b"llama4_export.evaluation.bench" not in _cmdline(engine)
+        yield process, engine
     finally:
-        if b"llama4_export.evaluation.bench" in _cmdline(engine):  # only when the test failed: left measuring
+        if ENGINE in _cmdline(engine):
             os.kill(int(engine), signal.SIGKILL)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def _cmdline(pid: str) -> bytes:
