@@ -710,3 +710,51 @@ def test_an_artifact_path_that_is_not_utf8_is_refused_in_one_line_and_runs_from_
     assert result.exit_code == 0, result.output
     plain = json.loads(run(tiny_artifact, "--prompt", PROMPT, "-n", "4", "--json").stdout)
     assert json.loads(result.stdout)["token_ids"] == plain["token_ids"]
+
+
+def test_threads_sharing_one_loaded_generator_each_get_their_solo_tokens(tiny_artifact, tmp_path, monkeypatch):
+    """An application's worker pool (Flask's threads, a ThreadPoolExecutor) calling generate, generate_batch, stream
+    and a stream callback on ONE Generator loaded from an artifact (ONNX Runtime, its cache bound to the sessions) at
+    the same time: the calls take turns and each gets exactly the tokens it gets alone. A stream abandoned half-way
+    in another thread (dropped, not closed) holds the Generator only until it is gone; Generator.load called from
+    several threads at once on the same artifact (one fresh hash cache) gives each thread a working Generator."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # every load hashes the files, each writing verified.json
+    start = threading.Barrier(3)
+
+    def load():
+        start.wait()
+        return Generator.load(tiny_artifact, threads=1)
+
+    with ThreadPoolExecutor(3) as pool:
+        loaded = list(pool.map(lambda _: load(), range(3)))
+    gen = loaded[0]
+    prompts, new = [PROMPT, "Hi", "Once upon a time, in a land far away,", "Zebra"], 10
+    solo = {p: Generator.load(tiny_artifact, threads=1).generate(p, new, stop_tokens=[]).token_ids for p in prompts}
+    assert all(g.generate("Hi", new, stop_tokens=[]).token_ids == solo["Hi"] for g in loaded[1:])
+    assert len(set(map(tuple, solo.values()))) == len(prompts)  # distinct: a swapped row would show
+
+    def call(job: int):
+        prompt = prompts[job % len(prompts)]
+        if job % 4 == 0:
+            return gen.generate(prompt, new, stop_tokens=[]).token_ids == solo[prompt]
+        if job % 4 == 1:
+            return [event.token_id for event in gen.stream(prompt, new, stop_tokens=[])] == solo[prompt]
+        if job % 4 == 2:
+            results = gen.generate_batch(prompts, new, stop_tokens=[])
+            return [r.token_ids for r in results] == [solo[p] for p in prompts]
+        streamed = []
+        result = gen.generate(prompt, new, stop_tokens=[], stream=lambda event: streamed.append(event.token_id))
+        return streamed == result.token_ids == solo[prompt]
+
+    def abandon_a_stream():
+        events = gen.stream(prompts[2], new, stop_tokens=[])
+        return [next(events).token_id, next(events).token_id] == solo[prompts[2]][:2]  # then dropped, unfinished
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = [pool.submit(abandon_a_stream) if job % 8 == 5 else pool.submit(call, job) for job in range(32)]
+        done = [outcome.result(timeout=120) for outcome in outcomes]  # a deadlock fails here rather than hanging
+    assert done == [True] * 32
+    assert gen.generate(prompts[3], new, stop_tokens=[]).token_ids == solo[prompts[3]]

@@ -79,7 +79,10 @@ class GenerationResult:
 
 
 class Generator:
-    """One generation at a time: the cache is allocated once per batch size and reused by the next call."""
+    """One generation at a time: the cache is allocated once per batch size and reused by the next call. Threads may
+    share one Generator (a web app's worker pool): their calls take turns — a call waits while another runs, and a
+    stream() holds the Generator from its first next() until it is exhausted, close()d or dropped — and each gets the
+    tokens it gets alone. To run concurrent requests together, batched, use runtime.batching.BatchEngine."""
 
     def __init__(
         self, backend: Backend, tokenizer: Tokenizer | None = None, window: int | None = None,
@@ -299,7 +302,8 @@ class Generator:
     def stream(self, prompt: Prompt, max_new_tokens: int = 64, images: Sequence[ImageInput] = (),
                on_prefill: PrefillProgress | None = None, **options) -> Iterator[TokenEvent]:
         """The same as generate, as an iterator of TokenEvents (bad input raises here, not at the first next(); the
-        prompt is fed at the first next(), with on_prefill's calls)."""
+        prompt is fed at the first next(), with on_prefill's calls). From then until it is exhausted, close()d or
+        dropped it holds the Generator: other threads' calls wait for it, so close() one abandoned half-way."""
         ids, features = self._with_images(prompt, images)
         params, stops = self._options(max_new_tokens, options)
         _check_callbacks(on_prefill=on_prefill)
