@@ -17,7 +17,7 @@ import pytest
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from llama4_export.evaluation.bench import decode_weight_bytes, kv_bytes_read, peak_rss_mb, spread
+from llama4_export.evaluation.bench import SCRATCH_PREFIX, decode_weight_bytes, kv_bytes_read, peak_rss_mb, spread
 from llama4_export.cli.export import export_app
 from llama4_export.model.config import Llama4Config
 
@@ -164,7 +164,21 @@ def test_bench_that_cannot_write_its_result_file_names_the_temp_directory(scoutl
     assert done.returncode == 2 and " ".join(done.stderr.split()) == (
         f"error: {temp}: cannot write the benchmark's result file in this temp directory (File too large); free "
         "space there or set TMPDIR to a directory with room"), done.stderr
-    assert [path.name for path in temp.iterdir() if path.name.startswith("tmp")] == []  # its own (others write here)
+    assert [path.name for path in temp.iterdir() if "llama4" in path.name] == []  # its own (others write here)
+
+
+def test_bench_that_cannot_create_its_scratch_names_the_temp_directory(scoutlike_artifact, tmp_path, monkeypatch):
+    """Its scratch directory refused (here the temp directory was removed after Python chose it; a full disk alike):
+    one line naming the temp directory and TMPDIR, before any process starts."""
+    import tempfile
+
+    gone = tmp_path / "removed"
+    monkeypatch.setattr(tempfile, "tempdir", str(gone))
+    result = CliRunner().invoke(export_app, ["bench", str(scoutlike_artifact), "--repeats", "1"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"{gone}: cannot create a directory there (No such file or directory)" in lines[0] \
+        and "the benchmark's temp directory: set TMPDIR to a writable directory with room" in lines[0], result.stderr
 
 
 def test_spread_reports_median_and_range():
@@ -195,28 +209,34 @@ def test_benchmark_scripts_refuse_bad_input_in_one_line(tmp_path, script, args, 
 
 def test_bench_stopped_by_sigterm_to_it_alone_ends_its_engine_process(scoutlike_artifact, tmp_path):
     """`kill PID` or a container's stop sends SIGTERM to the command alone, not its process group: the engine's
-    process it spawned ran on, orphaned, measuring for minutes, and its temp directory stayed in TMPDIR."""
+    process it spawned ran on, orphaned, measuring for minutes, and its temp directory stayed in TMPDIR. A second
+    bench started beside it (whose start removes the scratch of killed benches) leaves a running one's alone."""
     import signal
 
     temp = tmp_path / "tmp"
     temp.mkdir()
     with _bench_and_its_engine(scoutlike_artifact, temp, stderr=subprocess.PIPE) as (process, engine):
+        (own,) = _scratch(temp)
+        with _bench_and_its_engine(scoutlike_artifact, temp):  # its start's sweep is done once its engine runs
+            assert own in _scratch(temp) and len(_scratch(temp)) == 2
         process.send_signal(signal.SIGTERM)
         stderr = process.communicate(timeout=60)[1]
         assert process.returncode == 143 and stderr.splitlines()[-1] == (
             "stopped by SIGTERM: this job's temp files were removed"), stderr[-2000:]
         assert ENGINE not in _cmdline(engine)
-        assert [path.name for path in temp.iterdir() if path.name.startswith("tmp")] == []
+        assert not own.exists() and not list(temp.glob(".llama4-new-*"))
 
 
 @pytest.mark.parametrize("measuring", [False, True], ids=["while-it-starts", "while-it-measures"])
 def test_bench_sigkilled_takes_its_engine_process_with_it(scoutlike_artifact, tmp_path, measuring):
     """The OOM killer or a CI runner's hard kill SIGKILLs the bench: no handler runs, and the engine's process it
     spawned ran on, orphaned, measuring for a minute here. Killed while the engine starts, before it can ask the kernel
-    to end it with its parent, or once it has loaded the weights and measures."""
+    to end it with its parent, or once it has loaded the weights and measures. Its scratch directory, which no handler
+    could remove, stayed in TMPDIR for good: the next bench removes it, and says so."""
     import time
 
     with _bench_and_its_engine(scoutlike_artifact, tmp_path) as (process, engine):
+        (left,) = _scratch(tmp_path)
         deadline = time.monotonic() + 120
         while measuring and "model.data" not in Path(f"/proc/{engine}/maps").read_text():
             assert time.monotonic() < deadline
@@ -227,6 +247,12 @@ def test_bench_sigkilled_takes_its_engine_process_with_it(scoutlike_artifact, tm
         while ENGINE in _cmdline(engine) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert ENGINE not in _cmdline(engine)
+    assert _scratch(tmp_path) == [left]
+    with _bench_and_its_engine(scoutlike_artifact, tmp_path, stderr=subprocess.PIPE) as (process, _):
+        assert not left.exists() and len(_scratch(tmp_path)) == 1  # its own
+        process.kill()
+        stderr = " ".join(process.communicate(timeout=60)[1].split())
+    assert f"removed {left.name} (0.0 MB) from {tmp_path}: left by a job killed before it cleaned up" in stderr, stderr
 
 
 ENGINE = b"llama4_export.evaluation.bench"  # in the engine process's command line
@@ -256,6 +282,11 @@ def _bench_and_its_engine(artifact: Path, temp: Path, stderr=subprocess.DEVNULL)
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _scratch(temp: Path) -> list[Path]:
+    """The bench scratch directories in the temp directory `temp`."""
+    return sorted(temp.glob(f"{SCRATCH_PREFIX}*"))
 
 
 def _cmdline(pid: str) -> bytes:

@@ -19,6 +19,7 @@ Every timed metric is repeated; the median and the spread (min..max) are reporte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -36,7 +37,7 @@ import numpy as np
 
 import onnx
 
-from ..artifact import child_process, end_with_parent, read_manifest, removed_if_stopped
+from ..artifact import ArtifactError, child_process, end_with_parent, held_directory, read_manifest, remove_abandoned
 from ..errors import Llama4ExportError
 from ..runtime import Generator
 from ..runtime.generator import BACKENDS
@@ -49,6 +50,9 @@ PREFILL_RUN_TOKENS = 2  # a prefill measurement's warm-up: the prompt and one de
 # (op, input index) of tables a token reads one row of: the embedding's Gather, and its int4 form (packed data and
 # per-row scales of GatherBlockQuantized, graph_passes/lower_linears.py, gathered along axis 0 like the data)
 TABLE_ROWS_GATHERED = frozenset({("Gather", 0), ("GatherBlockQuantized", 0), ("GatherBlockQuantized", 2)})
+# a bench's scratch (the engine's result file) in the temp directory: a held_directory, so that the next bench removes
+# one a SIGKILLed bench left (the OOM killer, a CI runner's hard kill: no handler runs) and not a running bench's
+SCRATCH_PREFIX = "llama4-bench-"
 
 
 class BenchError(Llama4ExportError):
@@ -211,10 +215,19 @@ def bench_artifact(
     settings = {"directory": str(directory), "prompt_lengths": list(prompt_lengths), "decode_prompt": decode_prompt,
                 "new_tokens": new_tokens, "repeats": repeats, "threads": threads, "backend": backend,
                 "bandwidth": bandwidth, "seed": seed, "window": window, "depths": list(depths)}
+    from ..progress import note  # here: rich (~3 MB) stays out of the engine's process, whose peak RSS is measured
+
+    temp = Path(tempfile.gettempdir())
+    note(remove_abandoned(temp, [f"{SCRATCH_PREFIX}*"]))  # a SIGKILLed bench's scratch stayed in TMPDIR for good
     # a stop signal to this process alone (`kill PID`, a CI runner's SIGTERM) takes the engine's process and the temp
     # directory with it: they were left measuring on for minutes, orphaned, and behind in TMPDIR
-    with tempfile.TemporaryDirectory() as tmp, removed_if_stopped(Path(tmp)):
-        out = Path(tmp) / "result.json"
+    with contextlib.ExitStack() as stack:
+        try:
+            scratch = stack.enter_context(held_directory(temp, SCRATCH_PREFIX))
+        except ArtifactError as exc:  # mkdir refused (a full disk): the line names the temp directory and TMPDIR
+            raise BenchError(f"{exc} (the benchmark's temp directory: set TMPDIR to a writable directory with room)") \
+                from None
+        out = scratch / "result.json"
         command = [sys.executable, "-m", __name__, json.dumps(settings), str(out), str(os.getpid())]
         with child_process(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
             stderr = process.communicate()[1]
