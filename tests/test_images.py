@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from llama4_export.model.loader import check_checkpoint
-from llama4_export.runtime.errors import ImageError
+from llama4_export.runtime.errors import ImageError, ImageTooLarge
 from llama4_export.runtime.images import (
     ImageProcessor, ImageProcessorConfig, best_grid, decode_data_url, fit_without_distortion, load_image, open_image,
     resize, supported_grids, to_rgb,
@@ -288,6 +288,57 @@ def test_an_image_past_pillows_pixel_limit_says_so_and_one_below_it_decodes_with
     message = str(info.value)
     assert message.startswith(f"{tmp_path / 'refused.png'}: Image size (2500 pixels) exceeds limit of 2000 pixels")
     assert "downscale it" in message and "not a readable image" not in message and "\n" not in message
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 2 × 2 PNG whose header says it is width × height: its pixel data cannot fill that, so only a reader that
+    stops at the header gets anywhere without an error."""
+    import io
+    import struct
+    import zlib
+
+    data = io.BytesIO()
+    Image.new("L", (2, 2), 128).save(data, "PNG")
+    png = bytearray(data.getvalue())
+    header = b"IHDR" + struct.pack(">II", width, height) + png[24:29]  # bit depth, colour type, … kept
+    png[12:29], png[29:33] = header, struct.pack(">I", zlib.crc32(header))
+    return bytes(png)
+
+
+def test_an_image_over_max_pixels_is_refused_from_its_header_before_it_is_decoded(processors, tmp_path):
+    """A PNG of a few hundred KB may say 13000 × 13000 (169 MP, under Pillow's limit): decoding it took GBs. With
+    max_pixels it is refused from the header — a file whose pixel data is not there at all gets the pixel-limit line,
+    not a decoding error — in every form an image comes in; at the limit it decodes, without max_pixels Pillow's
+    limit alone holds."""
+    import base64
+    import io
+    import warnings
+
+    claimed = png_claiming(13000, 13000)
+    (tmp_path / "claimed.png").write_bytes(claimed)
+    url = f"data:image/png;base64,{base64.b64encode(claimed).decode()}"
+    expected = ("the image is 13000 × 13000 = 169,000,000 pixels, over the limit of 50,000,000 (max_image_pixels); "
+                "downscale it (the model only sees it resized to a few tiles) or raise max_image_pixels")
+    with warnings.catch_warnings():  # Pillow warns on opening it (over half its limit)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        opened = Image.open(tmp_path / "claimed.png")  # not decoded: the PIL image a caller may hand over
+    for refuse in (lambda: load_image(tmp_path / "claimed.png", "claimed", 50_000_000),
+                   lambda: decode_data_url(url, "claimed", 50_000_000),
+                   lambda: open_image(claimed, "claimed", 50_000_000),
+                   lambda: open_image(opened, "claimed", 50_000_000),
+                   lambda: processors["a"].preprocess(url, "claimed", 50_000_000)):
+        with pytest.raises(ImageTooLarge) as info:
+            refuse()
+        assert str(info.value) == f"claimed: {expected}"
+        assert (info.value.width, info.value.height, info.value.limit) == (13000, 13000, 50_000_000)
+    with pytest.raises(ImageError, match="^claimed: not a readable image"):  # no limit: Pillow decodes, and fails
+        load_image(io.BytesIO(png_claiming(300, 200)), "claimed")
+    pixels = np.zeros((20, 30, 3), np.uint8)
+    with pytest.raises(ImageTooLarge, match=r"^images\[0\]: the image is 30 × 20 = 600 pixels, over the limit of 599"):
+        processors["a"].preprocess(pixels, "images[0]", 599)
+    assert processors["a"].preprocess(pixels, "images[0]", 600).grid == processors["a"].preprocess(pixels).grid
+    assert load_image(IMAGES / "one_tile.png", max_pixels=336 * 336).size == (336, 336)
+    opened.close()
 
 
 def test_an_image_may_be_bytes_a_file_object_a_data_url_or_a_decoded_array(processors, reference_pixels):

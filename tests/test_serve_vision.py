@@ -7,22 +7,26 @@ chat_template.jinja), checked against transformers' apply_chat_template."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from PIL import Image
 
 httpx = pytest.importorskip("httpx", reason="the serve extra is not installed (pip install .[serve])")
 openai = pytest.importorskip("openai", reason="the serve extra is not installed (pip install .[serve])")
 
 from llama4_export.pipeline import QuantOptions, export  # noqa: E402
 from llama4_export.runtime import Generator  # noqa: E402
+from llama4_export.runtime.errors import GenerationError, ImageTooLarge  # noqa: E402
 from llama4_export.serving.protocol import ChatCompletionRequest, parse  # noqa: E402
 from llama4_export.weights import CheckpointWeights  # noqa: E402
 
 from .conftest import VISION_FIXTURES, llama4_serve  # noqa: E402
 
 MODEL = "tiny-vision"
+MAX_IMAGE_PIXELS = 2_000_000  # the module server's --max-image-pixels: above every fixture image it is sent
 IMAGES = VISION_FIXTURES / "images"
 MIME = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
 TOOLS = [{"type": "function", "function": {
@@ -56,7 +60,8 @@ def generator(artifact):
 @pytest.fixture(scope="module")
 def served(artifact):
     """(base URL, openai client) of one llama4-serve on the artifact (2 rows) for the module."""
-    with llama4_serve(artifact, "--max-batch", "2", "--threads", "1", "--model-name", MODEL) as (base, _):
+    with llama4_serve(artifact, "--max-batch", "2", "--threads", "1", "--model-name", MODEL,
+                      "--max-image-pixels", str(MAX_IMAGE_PIXELS)) as (base, _):
         yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
@@ -183,3 +188,50 @@ def test_images_the_chat_template_does_not_place_get_a_400_saying_why(served, me
     expected = "the prompt text holds <|patch|> itself" if "<|patch|>" in json.dumps(messages) else "the chat template wrote"
     assert expected in error["message"] and error["param"] == "messages", error
     assert ask(client, image_chat("ok", "tiny.png"), 2).choices[0].finish_reason == "length"
+
+
+def png_url(width: int, height: int) -> str:
+    """A grey PNG of these dimensions as a data URL: a few KB even at 12 MP (it compresses to nearly nothing)."""
+    data = io.BytesIO()
+    Image.new("L", (width, height), 128).save(data, "PNG")
+    return f"data:image/png;base64,{base64.b64encode(data.getvalue()).decode()}"
+
+
+def test_an_image_over_max_image_pixels_gets_a_400_naming_it_and_one_at_the_limit_is_answered(served):
+    """A small PNG of huge dimensions (13000 × 13000, a few hundred KB) was decoded whole: GBs and tens of seconds per
+    request, for a model that sees it as a few tiles. --max-image-pixels now refuses it from its header, naming the
+    part, its size, the limit and what to do; an image of exactly the limit is answered, and so is the next request."""
+    client = served[1]
+    phone_photo = [{"role": "user", "content": [
+        {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": png_url(4000, 3000)}}]}]
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, phone_photo, 2)
+    error = info.value.body
+    assert info.value.status_code == 400 and error["param"] == "messages" and error["code"] == "image_too_large", error
+    assert error["message"] == ("messages[0].content[1]: the image is 4000 × 3000 = 12,000,000 pixels, over the limit "
+                                "of 2,000,000 (llama4-serve --max-image-pixels); downscale it (the model only sees it "
+                                "resized to a few tiles) or raise llama4-serve --max-image-pixels")
+    at_limit = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url(2000, 1000)}},
+                                             {"type": "text", "text": "What is it?"}]}]
+    assert ask(client, at_limit, 2).choices[0].finish_reason == "length"
+    assert ask(client, image_chat("ok", "tiny.png"), 2).choices[0].finish_reason == "length"
+
+
+def test_the_python_api_takes_a_pixel_limit_and_keeps_pillows_by_default(artifact, generator):
+    """Generator.load(max_image_pixels=) limits every image it is given, chat_inputs(max_image_pixels=) one call's;
+    without either, Pillow's decompression-bomb limit alone. A bad limit is refused before the artifact loads."""
+    photo = [{"role": "user", "content": [{"type": "image", "url": png_url(2000, 1500)},
+                                          {"type": "text", "text": "What is it?"}]}]
+    assert generator.max_image_pixels is None and generator.chat_inputs(photo)[1] is not None
+    with pytest.raises(ImageTooLarge, match=r"^messages\[0\]\.content\[0\]: the image is 2000 × 1500 = 3,000,000 "
+                                            r"pixels, over the limit of 2,999,999 \(max_image_pixels\); downscale it"):
+        generator.chat_inputs(photo, max_image_pixels=2_999_999)
+    assert generator.chat_inputs(photo, max_image_pixels=3_000_000)[1] is not None
+    for bad in (0, -1):
+        with pytest.raises(GenerationError, match=rf"^max_image_pixels={bad}: must be an integer >= 1"):
+            Generator.load(artifact, threads=1, max_image_pixels=bad)
+    limited = Generator.load(artifact, threads=1, max_image_pixels=1000)
+    with pytest.raises(ImageTooLarge, match=r"^images\[0\]: the image is 40 × 30 = 1,200 pixels, over the limit of "
+                                            r"1,000 \(max_image_pixels\)"):
+        limited.generate("<|image|> What is it?", 2, images=[png_url(40, 30)])
+    assert limited.generate("<|image|> What is it?", 2, images=[IMAGES / "tiny.png"]).token_ids

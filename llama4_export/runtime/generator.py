@@ -87,12 +87,14 @@ class Generator:
     def __init__(
         self, backend: Backend, tokenizer: Tokenizer | None = None, window: int | None = None,
         sinks: int = DEFAULT_SINKS, eos_token_ids: Sequence[int] | None = None, precision: str | None = None,
-        image_encoder: ImageEncoder | None = None,
+        image_encoder: ImageEncoder | None = None, max_image_pixels: int | None = None,
     ):
         """eos_token_ids: the default stop tokens (None = the config's eos_token_id). precision: the artifact's
         weights (manifest), for the memory planner's default window on a GPU (None = the cache's float dtype).
-        image_encoder: the artifact's vision graph (None: text only)."""
+        image_encoder: the artifact's vision graph (None: text only). max_image_pixels: an image of more pixels is
+        refused from its header, before it is decoded (None: Pillow's decompression-bomb limit alone, ~179 MP)."""
         self.backend, self.tokenizer, self.sinks, self.image_encoder = backend, tokenizer, sinks, image_encoder
+        self.max_image_pixels = check_max_image_pixels(max_image_pixels)
         self.config: Llama4Config = backend.config
         self.eos_token_ids = tuple(self.config.eos_token_id if eos_token_ids is None else eos_token_ids)
         self.window = _window_for(backend, window, precision, sinks, image_encoder)
@@ -111,17 +113,19 @@ class Generator:
     def load(
         cls, directory: str | Path, backend: str = "onnxruntime", window: int | None = None, sinks: int = DEFAULT_SINKS,
         threads: int | None = None, providers: list[str] | None = None, verify: bool = True,
-        max_prefill_tokens: int | None = None,
+        max_prefill_tokens: int | None = None, max_image_pixels: int | None = None,
     ) -> "Generator":
         """An exported artifact (manifest.json; hashes verified) on ONNX Runtime or TensorRT.
 
         max_prefill_tokens lowers the prefill piece size below the graph's limit (bounds prefill activation memory).
+        max_image_pixels: refuse larger images before decoding them (None: Pillow's limit alone).
         """
         optional_integer = (INTEGER + NONE, "an integer or None")
         check_types("Generator.load", {
             "directory": (PATH, "an artifact directory"), "backend": (TEXT, "a str"), "window": optional_integer,
             "sinks": (INTEGER, "an integer"), "threads": optional_integer, "verify": (FLAG, "True or False"),
-            "max_prefill_tokens": optional_integer}, locals(), GenerationError)
+            "max_prefill_tokens": optional_integer, "max_image_pixels": optional_integer}, locals(), GenerationError)
+        check_max_image_pixels(max_image_pixels)  # before the graphs load
         directory = Path(directory)
         if backend not in BACKENDS:
             raise GenerationError(f"backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
@@ -142,12 +146,13 @@ class Generator:
         else:
             runner = OrtBackend.from_artifact(directory, manifest, config, threads, providers)
         images = ImageEncoder.from_artifact(directory, manifest, threads, providers) if backend == "onnxruntime" else None
-        return cls.for_backend(runner, directory, window, sinks, manifest.get("precision"), max_prefill_tokens, images)
+        return cls.for_backend(runner, directory, window, sinks, manifest.get("precision"), max_prefill_tokens, images,
+                               max_image_pixels)
 
     @classmethod
     def for_backend(cls, runner: Backend, directory: Path, window: int | None = None, sinks: int = DEFAULT_SINKS,
                     precision: str | None = None, max_prefill_tokens: int | None = None,
-                    image_encoder: ImageEncoder | None = None) -> "Generator":
+                    image_encoder: ImageEncoder | None = None, max_image_pixels: int | None = None) -> "Generator":
         """A generator over `runner` with the tokenizer and stop tokens of `directory` (an artifact or a checkpoint)."""
         if max_prefill_tokens is not None:
             if max_prefill_tokens < 1:
@@ -155,7 +160,7 @@ class Generator:
             runner.max_prefill_tokens = min(runner.max_prefill_tokens, max_prefill_tokens)
         eos = list(runner.config.eos_token_id) + _generation_config_eos(directory)
         return cls(runner, Tokenizer.load(directory), window, sinks, eos_token_ids=sorted(set(eos)), precision=precision,
-                   image_encoder=image_encoder)
+                   image_encoder=image_encoder, max_image_pixels=max_image_pixels)
 
     # --- prompts -------------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -195,7 +200,7 @@ class Generator:
         self._require_vision()
         if not isinstance(prompt, str):
             raise ImageError("images need a text prompt: its <|image|> placeholders say where each image goes")
-        return self._expanded(prompt, images, add_special_tokens=True)
+        return self._expanded(prompt, images, add_special_tokens=True, max_pixels=self.max_image_pixels)
 
     def _require_vision(self, where: str = "") -> None:
         if self.image_encoder is None:
@@ -205,9 +210,9 @@ class Generator:
                              "with --backend onnxruntime")
 
     def _expanded(self, text: str, images: Sequence[ImageInput], add_special_tokens: bool,
-                  names: Sequence[str] | None = None) -> tuple[list[int], np.ndarray]:
+                  names: Sequence[str] | None = None, max_pixels: int | None = None) -> tuple[list[int], np.ndarray]:
         """Every image read and tiled, its placeholder expanded, the length checked; then the vision graph."""
-        processed = self.image_encoder.preprocess(images, names)
+        processed = self.image_encoder.preprocess(images, names, max_pixels)
         expanded = self.image_encoder.processor.expand_prompt(text, [image.grid for image in processed])
         ids = self.encode(self.tokenizer.encode(expanded, add_special_tokens) if self.tokenizer else expanded)
         context = self.config.max_position_embeddings
@@ -219,14 +224,17 @@ class Generator:
         return ids, self.image_encoder.encode(processed)
 
     def chat_inputs(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                    ) -> tuple[list[int], np.ndarray | None]:
+                    max_image_pixels: int | None = None) -> tuple[list[int], np.ndarray | None]:
         """A conversation through the chat template, ready for the reply: its token ids, and the feature rows of its
         images (None without images). A message's content is text or a list of parts: {"type": "text", "text": ...}
         and images, as {"type": "image", "image": any form images.open_image takes} or {"type": "image", "url": ...} or
         OpenAI's {"type": "image_url", "image_url": {"url": ...}} — URLs must be data URLs (nothing is fetched). The template
         sees each image part as {"type": "image"} and writes its `<|image|>` placeholder there, as Llama4Processor's
         apply_chat_template has it; the placeholders are then expanded as generate(images=) expands them.
-        tools: OpenAI function definitions, for a template that renders them."""
+        tools: OpenAI function definitions, for a template that renders them. max_image_pixels: this call's limit on
+        an image's pixels (None: the generator's max_image_pixels); a larger image is refused (ImageTooLarge) from its
+        header, before it is decoded."""
+        limit = self.max_image_pixels if max_image_pixels is None else check_max_image_pixels(max_image_pixels)
         if self.tokenizer is None:
             raise GenerationError("chat needs a tokenizer but the artifact has no tokenizer.json")
         if not isinstance(messages, (list, tuple)):
@@ -269,8 +277,9 @@ class Generator:
                              f"placeholder(s) for the conversation's {len(sources)} image part(s): templates drop "
                              f"images from some messages (Llama 4's keeps only a system message's text), and a text "
                              f"part may not hold {placeholder} itself; put images in user messages")
-        images = [decode_data_url(url, where) if url is not None else image for image, url, where in sources]
-        return self._expanded(text, images, add_special_tokens=False, names=[where for _, _, where in sources])
+        images = [decode_data_url(url, where, limit) if url is not None else image for image, url, where in sources]
+        return self._expanded(text, images, add_special_tokens=False, names=[where for _, _, where in sources],
+                              max_pixels=limit)
 
     def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The token ids of a text-only conversation (chat_inputs for one with images)."""
@@ -585,6 +594,13 @@ def _image_source(part: Any, where: str) -> tuple[ImageInput | None, str | None,
     if not isinstance(url, str):
         raise ImageError(f"{where}: the image part has no URL string; give {{\"url\": \"data:image/png;base64,...\"}}")
     return None, url, where
+
+
+def check_max_image_pixels(value: Any) -> int | None:
+    """A pixel limit: an integer >= 1, or None (Pillow's limit alone)."""
+    if value is not None and not (is_integer(value) and value >= 1):
+        raise GenerationError(f"max_image_pixels={value!r}: must be an integer >= 1 (or None: Pillow's limit alone)")
+    return value
 
 
 def check_stop_tokens(stop_tokens: Iterable, vocab_size: int) -> None:

@@ -48,9 +48,11 @@ class ImageEncoder:
         processor = ImageProcessorConfig.from_dict(entry.get("processor"), source)
         return cls(listed_file(directory, manifest, entry.get("file"), "vision.file"), config, processor, threads, providers, entry.get("precision"))
 
-    def preprocess(self, images: Sequence[ImageInput], names: Sequence[str] | None = None) -> list[ProcessedImage]:
-        """Each image's tiles; an error names it by `names` (where the caller took it from) or as images[k]."""
-        return [self.processor.preprocess(image, names[i] if names else f"images[{i}]")
+    def preprocess(self, images: Sequence[ImageInput], names: Sequence[str] | None = None,
+                   max_pixels: int | None = None) -> list[ProcessedImage]:
+        """Each image's tiles; an error names it by `names` (where the caller took it from) or as images[k].
+        max_pixels: refuse an image of more pixels before decoding it (None: Pillow's limit only)."""
+        return [self.processor.preprocess(image, names[i] if names else f"images[{i}]", max_pixels)
                 for i, image in enumerate(images)]
 
     def encode(self, images: Sequence[ProcessedImage]) -> np.ndarray:

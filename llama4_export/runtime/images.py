@@ -50,7 +50,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import is_integer, shown
 from ..model.config import Llama4VisionConfig
-from .errors import ImageError
+from .errors import ImageError, ImageTooLarge
 
 PREPROCESSOR_FILE = "preprocessor_config.json"  # Meta's published checkpoints
 PROCESSOR_FILE = "processor_config.json"  # the processor; newer transformers nest the image processor in it
@@ -186,9 +186,9 @@ class ImageProcessor:
     def from_directory(cls, directory: str | Path, vision: Llama4VisionConfig) -> "ImageProcessor":
         return cls(ImageProcessorConfig.from_directory(directory, vision))
 
-    def preprocess(self, image: Any, name: str = "image") -> ProcessedImage:
-        """One image (any form open_image takes; `name` says which in an error) as tiles."""
-        rgb = to_rgb(open_image(image, name), self.config.do_convert_rgb)
+    def preprocess(self, image: Any, name: str = "image", max_pixels: int | None = None) -> ProcessedImage:
+        """One image (any form open_image takes; `name` says which in an error; max_pixels as open_image's) as tiles."""
+        rgb = to_rgb(open_image(image, name, max_pixels), self.config.do_convert_rgb)
         if rgb.width == 0 or rgb.height == 0:
             raise ImageError(f"{name}: a {rgb.width} × {rgb.height} image has no pixels")
         size = self.config.size
@@ -240,10 +240,12 @@ class ImageProcessor:
         return pieces[0] + "".join(self.image_prompt(grid) + piece for grid, piece in zip(grids, pieces[1:]))
 
 
-def open_image(image: Any, name: str = "image") -> Image.Image:
+def open_image(image: Any, name: str = "image", max_pixels: int | None = None) -> Image.Image:
     """An image as a PIL image: a file path, a data URL, a file's encoded bytes (or a binary file object), a PIL
-    image, or an H × W × 3 uint8 RGB array (pixels another library decoded, taken as they are)."""
+    image, or an H × W × 3 uint8 RGB array (pixels another library decoded, taken as they are). max_pixels: refuse
+    (ImageTooLarge) an image of more pixels, read from its header before it is decoded (None: Pillow's limit only)."""
     if isinstance(image, Image.Image):
+        check_pixels(image.size, name, max_pixels)  # an Image.open()ed image is not decoded yet
         try:
             image.load()  # an Image.open()ed image decodes here: a truncated file is one line, not a traceback
         except AssertionError:  # Pillow's assert on a file closed before the image was decoded
@@ -253,37 +255,41 @@ def open_image(image: Any, name: str = "image") -> Image.Image:
             raise ImageError(f"{name}: not a readable image ({exc}); give a PNG, JPEG or WebP image") from None
         return image
     if isinstance(image, str) and image.startswith(DATA_URL):
-        return decode_data_url(image, name)
+        return decode_data_url(image, name, max_pixels)
     if isinstance(image, (str, Path)):
         if not str(image):
             raise ImageError(f"{name}: an empty path; give an image file")
         if re.match(r"[a-z][a-z0-9+.-]*:/", str(image), re.IGNORECASE):  # a Path keeps one slash of "https://"
             raise ImageError(f"{name}: {shown(str(image))} is a URL; images are read from files or data URLs (the "
                              "runtime fetches nothing from the network): download it and give the file")
-        return load_image(image)
+        return load_image(image, max_pixels=max_pixels)
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return load_image(io.BytesIO(bytes(image)), name)
+        return load_image(io.BytesIO(bytes(image)), name, max_pixels)
     if hasattr(image, "read"):
-        return load_image(image, name)
+        return load_image(image, name, max_pixels)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ImageError(f"{name}: an array of shape {image.shape} and dtype {image.dtype}; give height × width × "
                              "3 uint8 RGB pixels")
+        check_pixels((image.shape[1], image.shape[0]), name, max_pixels)
         return Image.fromarray(image, "RGB")
     raise ImageError(f"{name}: {type(image).__name__} is not an image; give a file path, a data URL, the file's "
                      "bytes, a PIL image or a height × width × 3 uint8 RGB array")
 
 
-def load_image(path: str | Path | io.BytesIO, name: str | None = None) -> Image.Image:
+def load_image(path: str | Path | io.BytesIO, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
     """A decoded image (a file, or bytes in memory called `name`), turned upright by its EXIF orientation; ImageError
-    naming it if it cannot be read."""
+    naming it if it cannot be read, ImageTooLarge if it has more than max_pixels pixels (None: Pillow's limit only) —
+    said from the header, before a byte of it is decoded: an image just under Pillow's limit (13000 × 13000, a PNG of
+    a few hundred KB) took ~1.8 GB and ~17 s of CPU to decode and resize."""
     name = name or str(path)
     try:
         with warnings.catch_warnings():
             # Pillow warns from half its decompression-bomb limit on; such an image is decoded (the tiles are
             # resized from it) and a warning would only add stray lines to a one-line tool's output
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(path) as opened:  # reads the header alone
+                check_pixels(opened.size, name, max_pixels)
                 opened.load()  # decode now: a truncated or corrupt file fails here, not half-way through a batch
                 return ImageOps.exif_transpose(opened)
     except FileNotFoundError:
@@ -298,9 +304,9 @@ def load_image(path: str | Path | io.BytesIO, name: str | None = None) -> Image.
         raise ImageError(f"{name}: not a readable image ({exc}); give a PNG, JPEG or WebP image") from None
 
 
-def decode_data_url(url: str, name: str = "image_url") -> Image.Image:
+def decode_data_url(url: str, name: str = "image_url", max_pixels: int | None = None) -> Image.Image:
     """The image of a `data:image/...;base64,...` URL (RFC 2397), as chat messages carry them. Nothing is fetched:
-    any other URL is refused."""
+    any other URL is refused. max_pixels as for load_image."""
     if not url.startswith(DATA_URL):
         raise ImageError(f"{name}: {shown(url)} is not a data URL; only data:image/...;base64,... URLs are accepted "
                          "(the runtime fetches nothing from the network)")
@@ -318,7 +324,14 @@ def decode_data_url(url: str, name: str = "image_url") -> Image.Image:
         data = base64.b64decode("".join(payload.split()), validate=True)  # base64 wrapped in lines, as tools write it
     except ValueError as exc:
         raise ImageError(f"{name}: the data URL's base64 payload does not decode ({exc})") from None
-    return load_image(io.BytesIO(data), name)
+    return load_image(io.BytesIO(data), name, max_pixels)
+
+
+def check_pixels(size: tuple[int, int], name: str, max_pixels: int | None) -> None:
+    """ImageTooLarge if a width × height image has more than max_pixels pixels (None: no limit here)."""
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLarge(name, width, height, max_pixels)
 
 
 def to_rgb(image: Image.Image, convert: bool = True) -> Image.Image:

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Match
 
-from ..errors import ConfigError
+from ..errors import ConfigError, is_integer
 from ..runtime.batching import BatchEngine, EngineClosed, QueueFull, Sequence, SequenceEvent
 from ..runtime.errors import GenerationError
 from .metrics import ServerMetrics
@@ -43,6 +43,10 @@ from .tools import may_be_tool_call
 
 # OpenAI's API takes up to 50 MB of images in one request; a text prompt that long is already ~10M tokens
 DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
+# a bigger image is refused from its header: decoding one near Pillow's own limit (179 MP: a 13000 × 13000 PNG of a
+# few hundred KB) took ~1.8 GB and ~17 s of CPU, for tiles the model sees at 336 px. 52 MP passes the largest photos
+# phones take (50-MP sensors' 8160 × 6144 = 50.1 MP, 48-MP iPhones' 8064 × 6048): ~0.7 GB and ~5 s of CPU each.
+DEFAULT_MAX_IMAGE_PIXELS = 52_000_000
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
@@ -58,6 +62,8 @@ class ServeSettings:
     seed: int = 0
     # origins whose browser pages may call the API (CORS); none by default: which sites may is the deployment's call
     allowed_origins: tuple[str, ...] = ()
+    # a chat image of more pixels gets a 400 before it is decoded; None: Pillow's decompression-bomb limit alone
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name.strip():  # "" was served as the directory's name
@@ -67,6 +73,9 @@ class ServeSettings:
                                   "(or None: no limit)")
         if self.max_request_bytes is not None and self.max_request_bytes < 1:
             raise ConfigError(f"max_request_bytes={self.max_request_bytes}: must be >= 1 (or None: no limit)")
+        if self.max_image_pixels is not None and not (is_integer(self.max_image_pixels) and self.max_image_pixels >= 1):
+            raise ConfigError(f"max_image_pixels={self.max_image_pixels!r}: must be an integer >= 1 "
+                              "(--max-image-pixels N), or None for Pillow's limit alone")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed={self.seed!r}: must be an integer")
         if isinstance(self.allowed_origins, str):  # iterated, a string is its characters
@@ -78,7 +87,8 @@ class ServeSettings:
     def __repr__(self) -> str:  # never the key, in a log or a traceback
         return (f"ServeSettings(model_name={self.model_name!r}, request_timeout={self.request_timeout!r}, "
                 f"api_key={'set' if self.api_key else None}, max_request_bytes={self.max_request_bytes!r}, "
-                f"seed={self.seed!r}, allowed_origins={self.allowed_origins!r})")
+                f"seed={self.seed!r}, allowed_origins={self.allowed_origins!r}, "
+                f"max_image_pixels={self.max_image_pixels!r})")
 
 
 def _check_origin(origin: str) -> None:
@@ -252,7 +262,8 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         if body.seed is None:
             body = body.model_copy(update={"seed": request_seeds.randrange(2**31)})
         # off the event loop: a chat's images are decoded and run through the vision graph here
-        requests = await asyncio.to_thread(body.engine_requests, generator, settings.request_timeout)
+        requests = await asyncio.to_thread(body.engine_requests, generator, settings.request_timeout,
+                                           settings.max_image_pixels)
         run = _Run(engine, metrics, [len(r.prompt_ids) for r in requests], body.n, arrival)
         try:
             run.sequences = engine.submit_all([(r, run.listener(i)) for i, r in enumerate(body.choices(requests))])

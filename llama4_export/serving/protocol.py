@@ -21,7 +21,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..runtime.batching import SequenceRequest
-from ..runtime.errors import GenerationError, ImageError
+from ..runtime.errors import GenerationError, ImageError, ImageTooLarge
 from ..runtime.generator import Generator
 from ..runtime.sampling import SamplingParams
 from .tools import ParsedCall, parse_tool_calls
@@ -142,7 +142,9 @@ class CompletionRequest(_Generation):
     def prompt_count(self) -> int:
         return len(self.prompts)
 
-    def engine_requests(self, generator: Generator, timeout: float | None) -> list[SequenceRequest]:
+    def engine_requests(self, generator: Generator, timeout: float | None,
+                        max_image_pixels: int | None = None) -> list[SequenceRequest]:
+        """max_image_pixels: as for ChatCompletionRequest (a completion's prompts have no images)."""
         if self.best_of is not None and self.best_of < self.n:  # best_of candidates, the n best returned
             raise APIError(400, f"best_of={self.best_of}: must be at least n={self.n}; leave best_of out", "best_of")
         if self.max_tokens == 0 and not self.echo:
@@ -298,8 +300,10 @@ class ChatCompletionRequest(_Generation):
         calls = parse_tool_calls(reply, self.tool_names())
         return calls[:1] if calls and not self.parallel_tool_calls else calls
 
-    def engine_request(self, generator: Generator, timeout: float | None) -> SequenceRequest:
-        """The conversation through the checkpoint's chat template (with the tools, if any)."""
+    def engine_request(self, generator: Generator, timeout: float | None,
+                       max_image_pixels: int | None = None) -> SequenceRequest:
+        """The conversation through the checkpoint's chat template (with the tools, if any). max_image_pixels: an image
+        of more pixels is a 400 before it is decoded (None: the generator's limit)."""
         for name in ("tool_choice", "parallel_tool_calls"):  # as OpenAI's: about tools, so none without them
             if name in self.model_fields_set and not self.tools:
                 raise APIError(400, f"{name}: only allowed with tools; give tools or leave {name} out", name)
@@ -310,7 +314,10 @@ class ChatCompletionRequest(_Generation):
                                 "deprecated name)", "max_tokens")
         tools = self.template_tools()
         try:
-            prompt_ids, features = generator.chat_inputs(self.template_messages(), tools)
+            prompt_ids, features = generator.chat_inputs(self.template_messages(), tools, max_image_pixels)
+        except ImageTooLarge as exc:  # the flag that raises it, not the Python parameter
+            raise APIError(400, exc.saying("llama4-serve --max-image-pixels"), "messages",
+                           code="image_too_large") from None
         except ImageError as exc:
             raise APIError(400, str(exc), "messages") from None
         except GenerationError as exc:
@@ -320,8 +327,9 @@ class ChatCompletionRequest(_Generation):
                                     timeout, limit_param)
         return request if features is None else dataclasses.replace(request, image_features=features)
 
-    def engine_requests(self, generator: Generator, timeout: float | None) -> list[SequenceRequest]:
-        return [self.engine_request(generator, timeout)]
+    def engine_requests(self, generator: Generator, timeout: float | None,
+                        max_image_pixels: int | None = None) -> list[SequenceRequest]:
+        return [self.engine_request(generator, timeout, max_image_pixels)]
 
     @property
     def top(self) -> int | None:
