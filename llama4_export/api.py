@@ -7,7 +7,8 @@
 
 Jobs: export_model (any preset / checkpoint / random weights, any precision, target and partitioning, streamed or in
 memory, + TensorRT engines), optimize_artifact (the graph passes on an unoptimized artifact), inspect_model,
-plan_gpu_memory, bench_artifact, lint_artifact, build_engines, compare_artifact, rebuild (rebuild.py). Running an
+plan_gpu_memory, bench_artifact, lint_artifact, build_engines, compare_artifact, rebuild and report_artifact (the
+accuracy report of an artifact as it is; both rebuild.py). Running an
 artifact is the runtime's (runtime.Generator.load); the PyTorch reference backend is evaluation.torch_backend.
 """
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = [  # noqa: F822 (the jobs __getattr__ imports on first use)
     "EngineOptions", "ExportResult", "QuantOptions", "bench_artifact", "build_engines", "compare_artifact",
     "default_target", "export_model", "inspect_model", "lint_artifact", "optimize_artifact", "plan_gpu_memory", "rebuild",
-    "stored_pass_reports", "weight_source",
+    "report_artifact", "stored_pass_reports", "weight_source",
 ]
 
 
@@ -56,7 +57,7 @@ def _job_module(name: str):
         from .graph_passes import artifact_passes as module
     elif name == "default_target":
         from .graph_passes import pipeline as module
-    elif name == "rebuild":
+    elif name in ("rebuild", "report_artifact"):
         from . import rebuild as module
     elif name == "build_engines":
         from .tensorrt import engine as module

@@ -8,6 +8,10 @@ recorded timing cache in error-on-miss mode. Everything up to the ONNX must be b
 exporter and passes are deterministic; calibration at any thread count: pipeline.pin_cpu_numerics); engines only
 given the same timing cache, GPU model and TensorRT version (engine.py says what TensorRT does and does not
 guarantee). The result is compared file by file: every difference (missing, extra, or different sha256) is reported.
+
+`report` (report_artifact) re-runs one step of it on the artifact as it is: the accuracy report against the recorded
+source (found and checked as a rebuild finds it), on the held-out text export defaults to or on any other text; the
+artifact is left as it is (its manifest lists its files: a report.json written there would change it).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import MANIFEST, ArtifactError, held_directory, partition_entries, read_manifest, remove_abandoned
+from .artifact import (MANIFEST, ArtifactError, check_writable, held_directory, part_of_partitioned, partition_entries,
+                       read_manifest, remove_abandoned, replace_json)
 from .calib.corpus import load_corpus
-from .errors import CheckpointError
-from .evaluation.report import REPORT_FILE
+from .errors import NONE, PATH, CheckpointError, ConfigError, check_types
+from .evaluation.report import REPORT_FILE, accuracy_report, evaluation_tokens
 from .export.tokenizer_files import TOKENIZER_FILES
 from .model.config import Llama4Config
 from .model.io_spec import DEFAULT_MAX_PREFILL
@@ -205,3 +210,45 @@ def _rebuild_engines(directory: Path, out: Path, original: dict[str, Any], show_
                          window=limits["global_slots"], timing_cache=out / cache["path"], reproducible=True,
                          workspace_gib=None if workspace is None else workspace / (1 << 30),
                          version_compatible=builder.get("version_compatible", False), show_progress=show_progress)
+
+
+def report_artifact(artifact_dir: str | Path, checkpoint: str | Path | None = None, eval_data: str | Path | None = None,
+                    out: str | Path | None = None) -> dict[str, Any]:
+    """`llama4-export report`: the accuracy report export writes as report.json (evaluation/report.py), of the
+    artifact as it is — one exported with --no-report or by someone else, or on other held-out text — against the
+    source its manifest records (a preset's seeded weights; or the checkpoint, at `checkpoint` when it has moved, its
+    files and tokenizer files checked against the recorded sha256 as a rebuild checks them). eval_data: default the
+    text export reports on (the embedded corpus's held-out slice). The artifact is not written to (nor is anything
+    else beside it); `out`: a file to write the report's JSON to, outside the artifact. Everything given is checked
+    before the report runs."""
+    check_types("report_artifact", {
+        "artifact_dir": (PATH, "an artifact directory"), "checkpoint": (PATH + NONE, "a directory path or None"),
+        "eval_data": (PATH + NONE, "a file path or None"), "out": (PATH + NONE, "a file path or None")}, locals())
+    pin_cpu_numerics()  # the numbers export's report gives (before the source's first tensor)
+    directory = Path(artifact_dir)
+    manifest = read_manifest(directory)
+    if (part := part_of_partitioned(directory, manifest)) is not None:
+        raise ArtifactError(f"{part}; report on the artifact directory holding it ({directory.resolve().parent})")
+    if out is not None:
+        out = Path(out)
+        if out.resolve().is_relative_to(directory.resolve()):
+            raise ConfigError(f"--out {out}: inside the artifact, whose manifest lists its files (a file written there "
+                              "changes the artifact); write the report elsewhere")
+        if out.is_dir():
+            raise ConfigError(f"--out {out}: is a directory; give a file path, e.g. {out / 'report.json'}")
+        if not out.parent.is_dir():
+            raise ConfigError(f"--out {out}: its directory {out.parent} does not exist; create it or write elsewhere")
+        check_writable(out, "--out", ConfigError)
+    source = recorded_source(manifest, None if checkpoint is None else Path(checkpoint))
+    if checkpoint is not None:  # its tokenizer tokenizes the held-out text
+        _check_tokenizer_files(Path(checkpoint), manifest)
+    held_out = evaluation_tokens(source, None if eval_data is None else Path(eval_data))
+    # the runnable copies of graphs lowered for TensorRT or in bf16 go to the temp directory, not beside the artifact
+    # (someone else's, on a read-only share)
+    temp = Path(tempfile.gettempdir())
+    note(remove_abandoned(temp, ["llama4-report-*"]))  # a killed report's scratch
+    with held_directory(temp, "llama4-report-") as scratch:
+        report = accuracy_report(directory, source, *held_out, scratch_in=scratch)
+    if out is not None:
+        replace_json(out, report)
+    return report

@@ -507,6 +507,31 @@ def rebuild(
     console.print(f"reproducible: {len(result.compared)} files byte-identical", highlight=False, soft_wrap=True)
 
 
+@export_app.command()
+def report(
+    directory: Path = typer.Argument(..., help="artifact directory (left as it is: nothing is written into it)"),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", "-c", help="the checkpoint it was exported from (when not a preset), or where it is now; "
+                                         "its files must hash as the manifest records"),
+    eval_data: Optional[Path] = typer.Option(
+        None, "--eval-data", help="held-out text: .txt, .jsonl (field 'text') or a directory of them (default: the "
+                                  "embedded corpus's held-out slice, as export's report)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (report.json's) instead of the table"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the JSON to this file (outside the artifact)"),
+) -> None:
+    """The accuracy report export writes as report.json (perplexity vs the fp32 PyTorch model, KL, top-1 and greedy
+    agreement), of an existing artifact: one exported with --no-report, on your own --eval-data, or built elsewhere."""
+    try:
+        with err_console.status(f"accuracy report of {escape(str(directory))}"):
+            result = api.report_artifact(directory, checkpoint=checkpoint, eval_data=eval_data, out=out)
+    except Llama4ExportError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_report(result)
+
+
 def main() -> None:
     # a cancelled CI job, `kill`, Ctrl-C, a closed terminal (SIGHUP): the export's temp directories (at Scout's size
     # hundreds of GB) go with it

@@ -111,11 +111,11 @@ class ArtifactLogits:
 
 def accuracy_report(artifact: str | Path, source: WeightSource, tokens: np.ndarray, data: str,
                     data_sha256: str | None = None, windows: int = 8, seq_len: int = 256, greedy_prompts: int = 4,
-                    greedy_tokens: int = 16) -> dict:
+                    greedy_tokens: int = 16, scratch_in: Path | None = None) -> dict:
     """The report dict (see the module docstring) on held-out `tokens`, `data` with text of `data_sha256`
-    (evaluation_tokens)."""
+    (evaluation_tokens). scratch_in: where the runnable copies of the graphs go (default: beside the artifact)."""
     seq_len = min(seq_len, len(tokens))
-    with held_directory(Path(artifact).parent, ".report-") as scratch:
+    with held_directory(Path(artifact).parent if scratch_in is None else scratch_in, ".report-") as scratch:
         artifact_logits = ArtifactLogits(Path(artifact), scratch)
         seq_len = max(2, min(seq_len, artifact_logits.max_prefill))  # --max-prefill 1: two-token windows still
         ids = cut_samples(tokens, windows, seq_len, data)[:, :seq_len]
