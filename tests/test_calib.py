@@ -277,6 +277,15 @@ def test_checkpoint_without_tokenizer_needs_one_for_calibration_but_not_for_rtn_
     assert len(steps) % 2 == 0 and steps[-1].startswith("✓ accuracy report")
     report = json.loads((tmp_path / "rtn" / "report.json").read_text())  # evaluated on random ids: no tokenizer
     assert report["eval_data"] == "random token ids (no tokenizer)" and report["top1_agreement"] > 0.5
+    # held-out text asked for: the refusal was calibration's, advising --int4-algo rtn (already given)
+    (tmp_path / "heldout.txt").write_text("some held-out text " * 50)
+    result = CliRunner().invoke(export_app, [*base, "--int4-algo", "rtn", "--eval-data", str(tmp_path / "heldout.txt"),
+                                             "--out", str(tmp_path / "text")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].endswith(f"the accuracy report tokenizes --eval-data {tmp_path / 'heldout.txt'}; add the "
+                             "checkpoint's tokenizer.json, or leave --eval-data out (the report then runs on seeded "
+                             "random token ids)"), lines[0]
 
 
 def test_exports_sharing_a_calibration_cache_at_once_do_not_trip_over_each_other(tmp_path, monkeypatch):

@@ -38,18 +38,20 @@ class Calibration:
         return {"key": self.key, **self.settings}
 
 
-def tokenizer_for(source, config):
+CALIBRATION_TOKENIZES = ("calibration (awq, fp8, an FP8 KV cache) tokenizes text; add the checkpoint's tokenizer.json, "
+                         "or use --precision int4 --int4-algo rtn")
+
+
+def tokenizer_for(source, config, needed_by: str = CALIBRATION_TOKENIZES):
     """The checkpoint's tokenizer.json, or the byte-level tokenizer a preset's artifact gets (also for a checkpoint
-    without one, when its special token ids leave room for it)."""
+    without one, when its special token ids leave room for it). needed_by: what tokenizes text and what to do, for
+    the refusal."""
     if source.checkpoint is not None and (Path(source.checkpoint) / "tokenizer.json").is_file():
         return Tokenizer.from_file(str(Path(source.checkpoint) / "tokenizer.json"))
     try:
         return byte_level_tokenizer(config)
     except ConfigError as exc:
-        raise CalibrationError(
-            f"{source.checkpoint}: no tokenizer.json, and {exc}: calibration (awq, fp8, an FP8 KV cache) tokenizes text; "
-            "add the checkpoint's tokenizer.json, or use --precision int4 --int4-algo rtn"
-        ) from None
+        raise CalibrationError(f"{source.checkpoint}: no tokenizer.json, and {exc}: {needed_by}") from None
 
 
 def calibration_samples(source, config, tokenizer, data: str | Path | None, samples: int | None,

@@ -47,7 +47,9 @@ def evaluation_tokens(source: WeightSource, eval_data: str | Path | None) -> tup
     held-out slice) through the source's tokenizer — or, when there is no tokenizer and no text was asked for, seeded
     random ids (no text). A file is named by its name alone, as the calibration text is: no path in an artifact."""
     try:
-        tokenizer = tokenizer_for(source, source.config)
+        tokenizer = tokenizer_for(source, source.config, f"the accuracy report tokenizes --eval-data {eval_data}; add the "
+                                  "checkpoint's tokenizer.json, or leave --eval-data out (the report then runs on "
+                                  "seeded random token ids)")
     except CalibrationError:
         if eval_data is not None:
             raise
