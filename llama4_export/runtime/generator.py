@@ -422,7 +422,9 @@ class Generator:
         (a thread id is reused once its thread ends)."""
         if self._cache_user is threading.current_thread():
             raise GenerationError("this Generator is already generating in this thread (an unfinished stream()): "
-                                  "finish or close() it first; generate_batch runs several prompts at once")
+                                  "finish or close() it first; generate_batch runs several prompts at once, and concurrent "
+                                  "requests in one thread (an asyncio app's) go to runtime.batching.BatchEngine or "
+                                  "each to a thread of its own")
         with self._cache_lock:
             self._cache_user = threading.current_thread()
             try:
