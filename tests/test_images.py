@@ -4,6 +4,7 @@ the resize against torch's own uint8 antialiased bilinear interpolation."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import shutil
@@ -339,6 +340,27 @@ def test_an_image_over_max_pixels_is_refused_from_its_header_before_it_is_decode
     assert processors["a"].preprocess(pixels, "images[0]", 600).grid == processors["a"].preprocess(pixels).grid
     assert load_image(IMAGES / "one_tile.png", max_pixels=336 * 336).size == (336, 336)
     opened.close()
+
+
+def test_an_image_past_pillows_own_limit_gets_the_pixel_limit_line_too():
+    """Pillow refuses an image of over twice its limit (~358 MP: 20000 × 20000) inside Image.open, before check_pixels
+    saw its header: the biggest images got Pillow's line (a server's 400 without code image_too_large, naming not
+    --max-image-pixels) where a smaller one over the limit got ImageTooLarge. Over the caller's limit, it is that
+    limit's error now; with none given, Pillow's guard still speaks."""
+    claimed = png_claiming(20000, 20000)
+    for refuse in (lambda: open_image(claimed, "claimed", 50_000_000),
+                   lambda: decode_data_url(f"data:image/png;base64,{base64.b64encode(claimed).decode()}", "claimed",
+                                           50_000_000)):
+        with pytest.raises(ImageTooLarge) as info:
+            refuse()
+        assert str(info.value).startswith("claimed: the image is 20000 × 20000 = 400,000,000 pixels, over the limit "
+                                          "of 50,000,000 (max_image_pixels)"), str(info.value)
+    with pytest.raises(ImageError, match="Pillow's guard against decompression bombs") as info:
+        open_image(claimed, "claimed")
+    assert not isinstance(info.value, ImageTooLarge)
+    with pytest.raises(ImageError, match="Pillow's guard against decompression bombs") as info:  # its limit binds
+        open_image(claimed, "claimed", 10**12)
+    assert not isinstance(info.value, ImageTooLarge)
 
 
 def test_an_image_may_be_bytes_a_file_object_a_data_url_or_a_decoded_array(processors, reference_pixels):

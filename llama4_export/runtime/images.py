@@ -298,10 +298,25 @@ def load_image(path: str | Path | io.BytesIO, name: str | None = None, max_pixel
         raise ImageError(f"{name}: not a readable image (no image format recognised); give a PNG, JPEG or WebP "
                          "image") from None
     except Image.DecompressionBombError as exc:  # a valid file, just too many pixels to decode safely
+        size = _bomb_size(exc)  # Image.open refused it before check_pixels saw it (over twice Pillow's limit)
+        if size is not None and max_pixels is not None and size[0] * size[1] > max_pixels:
+            raise ImageTooLarge(name, *size, max_pixels) from None  # over the caller's limit too: that limit's error
         raise ImageError(f"{name}: {str(exc).split(',')[0]}, Pillow's guard against decompression bombs; downscale "
                          "it (the model only sees it resized to a few tiles)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: not a readable image ({exc}); give a PNG, JPEG or WebP image") from None
+
+
+def _bomb_size(exc: BaseException) -> tuple[int, int] | None:
+    """The width × height Pillow's decompression-bomb check refused: the `size` it was called with, in the frame that
+    raised (Pillow's message gives the pixel count alone); None where that frame has none."""
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    size = None if frame is None else frame.tb_frame.f_locals.get("size")
+    if isinstance(size, tuple) and len(size) == 2 and all(is_integer(n) for n in size):
+        return int(size[0]), int(size[1])
+    return None
 
 
 def decode_data_url(url: str, name: str = "image_url", max_pixels: int | None = None) -> Image.Image:
