@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 
 import numpy as np
@@ -142,6 +143,8 @@ def test_report_command_refuses_bad_input_in_one_line(int4_artifact, tmp_path):
     retokenized = tmp_path / "retokenized"
     shutil.copytree(checkpoint, retokenized)
     (retokenized / "tokenizer.json").write_text((checkpoint / "tokenizer.json").read_text().replace('"<unk>"', '"<UNK>"'))
+    fifo = tmp_path / "held-out.fifo"
+    os.mkfifo(fifo)
     before = _snapshot(out)
     cases = {
         ("-c", str(moved)): f"{weights}: missing or not the file the artifact was exported from (sha256 differs)",
@@ -149,6 +152,8 @@ def test_report_command_refuses_bad_input_in_one_line(int4_artifact, tmp_path):
         (): "the artifact was exported from checkpoint 'ckpt'; pass its directory with --checkpoint",
         ("-c", str(checkpoint), "--eval-data", str(tmp_path / "absent.txt")): f"{tmp_path / 'absent.txt'}: no such file",
         ("-c", str(checkpoint), "--out", str(out / "report.json")): f"--out {out / 'report.json'}: inside the artifact",
+        # a pipe (`--eval-data <(zcat held-out.txt.gz)`, /dev/stdin) exists: it was "no such file or directory"
+        ("-c", str(checkpoint), "--eval-data", str(fifo)): f"{fifo}: not a regular file (a pipe or a device); save the",
     }
     for args, expected in cases.items():
         result = CliRunner().invoke(export_app, ["report", str(out), *args])

@@ -109,6 +109,9 @@ def load_corpus(path: str | Path | None, split: str = "calibration") -> Corpus:
                                        "it or point it at the text")
     elif path.is_file():
         files = [path]
+    elif path.exists():  # a pipe (/dev/stdin, a shell's <(...)), a device: was "no such file or directory"
+        raise CalibrationError(f"{path}: not a regular file (a pipe or a device); save the text to a file and give "
+                               "that, or a directory of them")
     else:
         raise CalibrationError(f"{path}: no such file or directory; give a text file, a JSONL file (field 'text') or a directory of them")
     texts = [text for f in files for text in _read_texts(f)]
