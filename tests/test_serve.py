@@ -911,6 +911,7 @@ def test_a_window_under_the_context_is_said_at_start_and_longer_prompts_slide_as
     (["--max-request-bytes", "-1"], "--max-request-bytes -1: must be >= 0 (0 = no limit)"),
     (["--max-image-pixels", "0"], "max_image_pixels=0: must be an integer >= 1 (--max-image-pixels N)"),
     (["--max-image-pixels", "-5"], "max_image_pixels=-5: must be an integer >= 1 (--max-image-pixels N)"),
+    (["--max-images", "0"], "max_images=0: must be an integer >= 1 (--max-images N)"),
     # the engine's message named llama4-run's --sinks, which llama4-serve does not have
     (["--window", "0"], "window=0 with sinks=4: the global window needs at least sinks + 1 = 5 slots (S sinks plus "
                         "a ring of at least one recent token); give a window of at least 5"),
@@ -928,7 +929,7 @@ def test_a_window_under_the_context_is_said_at_start_and_longer_prompts_slide_as
     (["--allow-origin", "http://localhost:3000/"], "allowed origin 'http://localhost:3000/': give '*' or "
                                                     "scheme://host[:port] with no path"),
 ], ids=["port-above-65535", "port-0", "unresolvable-host", "negative-timeout", "no-rows", "negative-threads",
-        "negative-body-limit", "zero-image-pixels", "negative-image-pixels",
+        "negative-body-limit", "zero-image-pixels", "negative-image-pixels", "zero-images",
         "zero-window", "unreachable-ray-cluster", "replicas-without-ray", "gpus-without-ray",
         "blank-model-name", "rows-beyond-memory", "negative-ray-gpus", "negative-ray-threads",
         "origin-with-a-path"])

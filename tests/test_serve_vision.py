@@ -61,7 +61,7 @@ def generator(artifact):
 def served(artifact):
     """(base URL, openai client) of one llama4-serve on the artifact (2 rows) for the module."""
     with llama4_serve(artifact, "--max-batch", "2", "--threads", "1", "--model-name", MODEL,
-                      "--max-image-pixels", str(MAX_IMAGE_PIXELS)) as (base, _):
+                      "--max-image-pixels", str(MAX_IMAGE_PIXELS), "--max-images", "150") as (base, _):
         yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
@@ -215,6 +215,27 @@ def test_an_image_over_max_image_pixels_gets_a_400_naming_it_and_one_at_the_limi
                                              {"type": "text", "text": "What is it?"}]}]
     assert ask(client, at_limit, 2).choices[0].finish_reason == "length"
     assert ask(client, image_chat("ok", "tiny.png"), 2).choices[0].finish_reason == "length"
+
+
+def test_a_request_over_max_images_gets_a_400_before_any_is_decoded(served):
+    """Every image of a request was decoded before the context check: with the per-image cap alone one 400 KB body of
+    six 7200 × 7200 PNGs took 30 s and 0.9 GB. A request with more images than --max-images (150 on this server, for
+    the bad-image test's context overflow) is refused before any is decoded — the last here is not even an image —;
+    fewer across two messages are answered."""
+    client = served[1]
+    parts = [{"type": "image_url", "image_url": {"url": data_url(name)}} for name in ("tiny.png", "tall.webp")]
+    not_an_image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}
+    many = [{"role": "user", "content": [parts[0], {"type": "text", "text": "and"}]},
+            {"role": "assistant", "content": "Go on."},
+            {"role": "user", "content": [*[parts[1]] * 149, not_an_image, {"type": "text", "text": "Compare them."}]}]
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, many, 2)
+    error = info.value.body
+    assert info.value.status_code == 400 and error["param"] == "messages" and error["code"] == "too_many_images", error
+    assert error["message"] == ("messages: 151 images, over this server's limit of 150 per request (llama4-serve "
+                                "--max-images); send fewer, or raise llama4-serve --max-images")
+    many[2]["content"][1:150] = []
+    assert ask(client, many, 2).choices[0].finish_reason == "length"
 
 
 def test_the_python_api_takes_a_pixel_limit_and_keeps_pillows_by_default(artifact, generator):

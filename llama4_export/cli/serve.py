@@ -14,8 +14,8 @@ from ..errors import Llama4ExportError
 from ..runtime import Generator
 from ..runtime.ort_backend import check_threads
 from ..runtime.batching import DEFAULT_REUSE_PREFIX_TOKENS, EngineOptions
-from ..serving import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_REQUEST_BYTES, ServeSettings, check_listen_address,
-                       check_ray_address, host_port, listen_socket, load_engine, serve as serve_engine)
+from ..serving import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, DEFAULT_MAX_REQUEST_BYTES, ServeSettings,
+                       check_listen_address, check_ray_address, host_port, listen_socket, load_engine, serve as serve_engine)
 from .common import err_console, fail, run_cli, version_option
 
 serve_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -42,6 +42,8 @@ def serve(
     max_image_pixels: int = typer.Option(DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels",
                                          help="most pixels (width × height) of a chat image; a bigger one gets 400, "
                                               "read from its header before it is decoded"),
+    max_images: int = typer.Option(DEFAULT_MAX_IMAGES, "--max-images",
+                                   help="most images in one chat request; more get 400 before any is decoded"),
     seed: int = typer.Option(0, help="seeds the seeds drawn for requests that give none (each such request samples "
                                      "differently; the server's answers repeat from its start)"),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="the model id clients send (default: DIR's name)"),
@@ -72,7 +74,7 @@ def serve(
                 raise Llama4ExportError(f"{flag} {value}: must be >= 0 (0 = no limit)")
         settings = ServeSettings(artifact.resolve().name if model_name is None else model_name, request_timeout or None,
                                  api_key or None, max_request_bytes or None, seed,
-                                 tuple(allow_origin or ()), max_image_pixels)
+                                 tuple(allow_origin or ()), max_image_pixels, max_images)
         options = EngineOptions(max_batch, max_queue, reuse_prefix, prefill_budget)
         if ray:
             if replicas < 1:

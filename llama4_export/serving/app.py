@@ -47,6 +47,10 @@ DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
 # few hundred KB) took ~1.8 GB and ~17 s of CPU, for tiles the model sees at 336 px. 52 MP passes the largest photos
 # phones take (50-MP sensors' 8160 × 6144 = 50.1 MP, 48-MP iPhones' 8064 × 6048): ~0.7 GB and ~5 s of CPU each.
 DEFAULT_MAX_IMAGE_PIXELS = 52_000_000
+# images in one chat request: every one is decoded before the context check, so the per-image cap alone let one 400 KB
+# body of six 7200 × 7200 PNGs take 30 s and 0.9 GB (a 64 MB body could carry a thousand). 5 is Meta's guidance for
+# Llama 4 (what NVIDIA's NIM serves by default); each image costs up to 17 tiles of context
+DEFAULT_MAX_IMAGES = 5
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
@@ -64,6 +68,8 @@ class ServeSettings:
     allowed_origins: tuple[str, ...] = ()
     # a chat image of more pixels gets a 400 before it is decoded; None: Pillow's decompression-bomb limit alone
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    # a chat request with more images gets a 400 before any is decoded; None: no limit
+    max_images: int | None = DEFAULT_MAX_IMAGES
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name.strip():  # "" was served as the directory's name
@@ -76,6 +82,9 @@ class ServeSettings:
         if self.max_image_pixels is not None and not (is_integer(self.max_image_pixels) and self.max_image_pixels >= 1):
             raise ConfigError(f"max_image_pixels={self.max_image_pixels!r}: must be an integer >= 1 "
                               "(--max-image-pixels N), or None for Pillow's limit alone")
+        if self.max_images is not None and not (is_integer(self.max_images) and self.max_images >= 1):
+            raise ConfigError(f"max_images={self.max_images!r}: must be an integer >= 1 (--max-images N), or None for "
+                              "no limit")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed={self.seed!r}: must be an integer")
         if isinstance(self.allowed_origins, str):  # iterated, a string is its characters
@@ -88,7 +97,7 @@ class ServeSettings:
         return (f"ServeSettings(model_name={self.model_name!r}, request_timeout={self.request_timeout!r}, "
                 f"api_key={'set' if self.api_key else None}, max_request_bytes={self.max_request_bytes!r}, "
                 f"seed={self.seed!r}, allowed_origins={self.allowed_origins!r}, "
-                f"max_image_pixels={self.max_image_pixels!r})")
+                f"max_image_pixels={self.max_image_pixels!r}, max_images={self.max_images!r})")
 
 
 def _check_origin(origin: str) -> None:
@@ -263,7 +272,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
             body = body.model_copy(update={"seed": request_seeds.randrange(2**31)})
         # off the event loop: a chat's images are decoded and run through the vision graph here
         requests = await asyncio.to_thread(body.engine_requests, generator, settings.request_timeout,
-                                           settings.max_image_pixels)
+                                           settings.max_image_pixels, settings.max_images)
         run = _Run(engine, metrics, [len(r.prompt_ids) for r in requests], body.n, arrival)
         try:
             run.sequences = engine.submit_all([(r, run.listener(i)) for i, r in enumerate(body.choices(requests))])

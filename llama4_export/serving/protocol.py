@@ -142,9 +142,9 @@ class CompletionRequest(_Generation):
     def prompt_count(self) -> int:
         return len(self.prompts)
 
-    def engine_requests(self, generator: Generator, timeout: float | None,
-                        max_image_pixels: int | None = None) -> list[SequenceRequest]:
-        """max_image_pixels: as for ChatCompletionRequest (a completion's prompts have no images)."""
+    def engine_requests(self, generator: Generator, timeout: float | None, max_image_pixels: int | None = None,
+                        max_images: int | None = None) -> list[SequenceRequest]:
+        """max_image_pixels, max_images: as for ChatCompletionRequest (a completion's prompts have no images)."""
         if self.best_of is not None and self.best_of < self.n:  # best_of candidates, the n best returned
             raise APIError(400, f"best_of={self.best_of}: must be at least n={self.n}; leave best_of out", "best_of")
         if self.max_tokens == 0 and not self.echo:
@@ -300,10 +300,11 @@ class ChatCompletionRequest(_Generation):
         calls = parse_tool_calls(reply, self.tool_names())
         return calls[:1] if calls and not self.parallel_tool_calls else calls
 
-    def engine_request(self, generator: Generator, timeout: float | None,
-                       max_image_pixels: int | None = None) -> SequenceRequest:
+    def engine_request(self, generator: Generator, timeout: float | None, max_image_pixels: int | None = None,
+                       max_images: int | None = None) -> SequenceRequest:
         """The conversation through the checkpoint's chat template (with the tools, if any). max_image_pixels: an image
-        of more pixels is a 400 before it is decoded (None: the generator's limit)."""
+        of more pixels is a 400 before it is decoded (None: the generator's limit); max_images: a conversation with
+        more images is a 400 before any is decoded (None: no limit)."""
         for name in ("tool_choice", "parallel_tool_calls"):  # as OpenAI's: about tools, so none without them
             if name in self.model_fields_set and not self.tools:
                 raise APIError(400, f"{name}: only allowed with tools; give tools or leave {name} out", name)
@@ -312,6 +313,12 @@ class ChatCompletionRequest(_Generation):
             raise APIError(400, f"max_tokens={self.max_tokens} disagrees with max_completion_tokens="
                                 f"{self.max_completion_tokens}: give max_completion_tokens alone (max_tokens is its "
                                 "deprecated name)", "max_tokens")
+        images = sum(isinstance(part, ImagePart) for m in self.messages if isinstance(m.content, list)
+                     for part in m.content)
+        if max_images is not None and images > max_images:
+            raise APIError(400, f"messages: {images} images, over this server's limit of {max_images} per request "
+                                "(llama4-serve --max-images); send fewer, or raise llama4-serve --max-images",
+                           "messages", code="too_many_images")
         tools = self.template_tools()
         try:
             prompt_ids, features = generator.chat_inputs(self.template_messages(), tools, max_image_pixels)
@@ -327,9 +334,9 @@ class ChatCompletionRequest(_Generation):
                                     timeout, limit_param)
         return request if features is None else dataclasses.replace(request, image_features=features)
 
-    def engine_requests(self, generator: Generator, timeout: float | None,
-                        max_image_pixels: int | None = None) -> list[SequenceRequest]:
-        return [self.engine_request(generator, timeout, max_image_pixels)]
+    def engine_requests(self, generator: Generator, timeout: float | None, max_image_pixels: int | None = None,
+                        max_images: int | None = None) -> list[SequenceRequest]:
+        return [self.engine_request(generator, timeout, max_image_pixels, max_images)]
 
     @property
     def top(self) -> int | None:
