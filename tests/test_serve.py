@@ -649,6 +649,18 @@ def test_a_compressed_body_gets_415_naming_its_encoding(server, client):
     assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] == 2, plain.text
 
 
+def test_a_body_starting_with_a_byte_order_mark_is_read(server):
+    """A UTF-8 byte-order mark before the JSON (Windows PowerShell 5.1's UTF8 encoding writes one) was refused as "not
+    valid JSON" (Python's json.loads refuses it too); RFC 8259 lets a parser ignore it, as it now is."""
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 2}).encode()
+    response = httpx.post(f"{server[0]}/v1/completions", content=b"\xef\xbb\xbf" + body,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 2, response.text
+    twice = httpx.post(f"{server[0]}/v1/completions", content=b"\xef\xbb\xbf" * 2 + body,
+                       headers={"Content-Type": "application/json"})
+    assert twice.status_code == 400 and "not valid JSON" in twice.json()["error"]["message"], twice.text
+
+
 def _stream_lines(base, body):
     return httpx.stream("POST", f"{base}/v1/completions", json={"model": MODEL, "stream": True, **body}, timeout=60)
 

@@ -13,6 +13,7 @@ Extensions beyond OpenAI's fields: top_k, repetition_penalty and ignore_eos (as 
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import re
@@ -361,6 +362,9 @@ def _arguments(text: str, param: str) -> Any:
 
 def parse(model: type[_Generation], raw: bytes) -> _Generation:
     """Validate a request body; a problem becomes a 400 naming its field (the most specific one of a union's)."""
+    # a UTF-8 byte-order mark (Windows PowerShell 5.1's UTF8 encoding, some editors' saved bodies) was "not valid JSON";
+    # RFC 8259 §8.1 lets a parser ignore it
+    raw = raw.removeprefix(codecs.BOM_UTF8)
     try:
         body = model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
