@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import Llama4ExportError, is_integer
 
@@ -490,6 +490,16 @@ def scratch_patterns(target: Path) -> list[str]:
     """The names of the scratch directories a job writing `target` makes beside it (held_directory's, and the
     previous artifact while it is swapped out)."""
     return [f".{target.name}.tmp-*", f".{target.name}.work-*", f".{target.name}.old-*", ".spill-*", ".report-*"]
+
+
+def held_temp_directory(prefix: str, on_removed: Callable[[str], None]) -> contextlib.AbstractContextManager[Path]:
+    """held_directory in the temp directory (TMPDIR) named `prefix` + random, once the ones of that prefix a killed job
+    left there are removed (remove_abandoned; `on_removed` gets its line): the scratch of jobs with no `--out` to
+    work beside (a rebuild's export, a benchmark's result, a report's graph copies)."""
+    temp = Path(tempfile.gettempdir())
+    if (removed := remove_abandoned(temp, [f"{prefix}*"])) is not None:
+        on_removed(removed)
+    return held_directory(temp, prefix)
 
 
 def remove_abandoned_beside(target: Path) -> str | None:

@@ -19,13 +19,12 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import (MANIFEST, ArtifactError, check_writable, held_directory, part_of_partitioned, partition_entries,
-                       read_manifest, remove_abandoned, replace_json)
+from .artifact import (MANIFEST, ArtifactError, check_writable, held_temp_directory, part_of_partitioned,
+                       partition_entries, read_manifest, replace_json)
 from .calib.corpus import load_corpus
 from .errors import NONE, PATH, CheckpointError, ConfigError, check_types
 from .evaluation.report import REPORT_FILE, accuracy_report, evaluation_tokens
@@ -36,7 +35,7 @@ from .pipeline import QuantOptions, export, pin_cpu_numerics
 from .progress import note
 from .tensorrt.engine import ENGINE_DIR, build_engines, missing_tensorrt_message
 from .tensorrt.errors import BuildError
-from .weights import check_as_recorded, recorded_source
+from .weights import WeightSource, check_as_recorded, recorded_source
 
 
 @dataclass
@@ -99,6 +98,15 @@ def _text_given_again(option: str, given: Path | None, recorded: tuple[str, str 
     return given
 
 
+def _checked_source(manifest: dict[str, Any], checkpoint: Path | None) -> WeightSource:
+    """The weights the manifest records (recorded_source: a preset's, or the checkpoint's files as hashed), and a
+    checkpoint's tokenizer files as the artifact copied them (they tokenize the calibration and held-out text)."""
+    source = recorded_source(manifest, checkpoint)
+    if checkpoint is not None:  # a checkpoint's artifact (recorded_source refuses one for a preset's)
+        _check_tokenizer_files(checkpoint, manifest)
+    return source
+
+
 def _check_tokenizer_files(checkpoint: Path, manifest: dict[str, Any]) -> None:
     """The tokenizer files the artifact copied from the checkpoint must be there as copied, and no others: they were
     found different only after a whole export (and calibration, whose text they tokenize)."""
@@ -152,9 +160,7 @@ def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out:
     if out is not None and Path(out).resolve() == directory.resolve():  # it was replaced, verdict or not
         raise ArtifactError(f"--out {out}: is the artifact being rebuilt, which the rebuild would replace; give another "
                             "directory (or leave --out out: a temp one)")
-    source = recorded_source(original, Path(checkpoint) if checkpoint else None)
-    if checkpoint is not None:  # a checkpoint's artifact (recorded_source refuses one for a preset's)
-        _check_tokenizer_files(Path(checkpoint), original)
+    source = _checked_source(original, Path(checkpoint) if checkpoint else None)
     if "vision" not in original:
         source.vision = None  # exported --text-only from a multimodal checkpoint (or the model has none)
     notes: list[str] = []
@@ -172,9 +178,8 @@ def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out:
         target = "tensorrt"
     with contextlib.ExitStack() as stack:
         if out is None:  # a killed rebuild's scratch (an artifact-sized export) goes before this one's disk check
-            temp = Path(tempfile.gettempdir())
-            note(remove_abandoned(temp, ["llama4-rebuild-*"]), show_progress)
-            out = stack.enter_context(held_directory(temp, "llama4-rebuild-")) / "artifact"
+            out = stack.enter_context(held_temp_directory("llama4-rebuild-",
+                                                          lambda removed: note(removed, show_progress))) / "artifact"
         out = Path(out)
         rebuilt = export(out, source, original.get("precision", "fp32"), target, quant,
                          max(1, len(parts)), max_prefill, optimized, _uses_trt_plugin(first),
@@ -239,15 +244,11 @@ def report_artifact(artifact_dir: str | Path, checkpoint: str | Path | None = No
         if not out.parent.is_dir():
             raise ConfigError(f"--out {out}: its directory {out.parent} does not exist; create it or write elsewhere")
         check_writable(out, "--out", ConfigError)
-    source = recorded_source(manifest, None if checkpoint is None else Path(checkpoint))
-    if checkpoint is not None:  # its tokenizer tokenizes the held-out text
-        _check_tokenizer_files(Path(checkpoint), manifest)
+    source = _checked_source(manifest, None if checkpoint is None else Path(checkpoint))
     held_out = evaluation_tokens(source, None if eval_data is None else Path(eval_data))
     # the runnable copies of graphs lowered for TensorRT or in bf16 go to the temp directory, not beside the artifact
     # (someone else's, on a read-only share)
-    temp = Path(tempfile.gettempdir())
-    note(remove_abandoned(temp, ["llama4-report-*"]))  # a killed report's scratch
-    with held_directory(temp, "llama4-report-") as scratch:
+    with held_temp_directory("llama4-report-", note) as scratch:
         report = accuracy_report(directory, source, *held_out, scratch_in=scratch)
     if out is not None:
         replace_json(out, report)

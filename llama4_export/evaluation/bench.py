@@ -27,7 +27,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ import numpy as np
 
 import onnx
 
-from ..artifact import ArtifactError, child_process, end_with_parent, held_directory, read_manifest, remove_abandoned
+from ..artifact import ArtifactError, child_process, end_with_parent, held_temp_directory, read_manifest
 from ..errors import Llama4ExportError
 from ..runtime import Generator
 from ..runtime.generator import BACKENDS
@@ -217,13 +216,12 @@ def bench_artifact(
                 "bandwidth": bandwidth, "seed": seed, "window": window, "depths": list(depths)}
     from ..progress import note  # here: rich (~3 MB) stays out of the engine's process, whose peak RSS is measured
 
-    temp = Path(tempfile.gettempdir())
-    note(remove_abandoned(temp, [f"{SCRATCH_PREFIX}*"]))  # a SIGKILLed bench's scratch stayed in TMPDIR for good
     # a stop signal to this process alone (`kill PID`, a CI runner's SIGTERM) takes the engine's process and the temp
     # directory with it: they were left measuring on for minutes, orphaned, and behind in TMPDIR
     with contextlib.ExitStack() as stack:
         try:
-            scratch = stack.enter_context(held_directory(temp, SCRATCH_PREFIX))
+            # first removing a SIGKILLed bench's, which stayed in TMPDIR for good
+            scratch = stack.enter_context(held_temp_directory(SCRATCH_PREFIX, note))
         except ArtifactError as exc:  # mkdir refused (a full disk): the line names the temp directory and TMPDIR
             raise BenchError(f"{exc} (the benchmark's temp directory: set TMPDIR to a writable directory with room)") \
                 from None
