@@ -3,6 +3,7 @@ the single-process server; both replicas answer (X-Served-By), each with the tok
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -27,11 +28,12 @@ MODEL = "tiny"
 
 def wait_until_both_replicas_answer(base: str, seconds: float = 60) -> None:
     """Ray's proxy learns of a replica asynchronously after `serve.run` returns: until it has, it routes everything to
-    the one it knows. Poll /health (its X-Served-By names the replica) until both have answered."""
+    the one it knows. Poll /v1/models (its X-Served-By names the replica; /health is an application of its own) until
+    both have answered."""
     seen, deadline = set(), time.monotonic() + seconds
     while len(seen) < 2:
         assert time.monotonic() < deadline, f"only {sorted(seen)} answered /health within {seconds} s"
-        seen.add(httpx.get(f"{base}/health", timeout=10).headers["x-served-by"])
+        seen.add(httpx.get(f"{base}/v1/models", timeout=10).headers["x-served-by"])
         time.sleep(0.1)
 
 
@@ -102,6 +104,32 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
                 break
         assert 1 <= closed <= attempt
 
+        # both replicas full (a row and 3 queued requests each) and Ray's queue too (3 per replica): a completion gets
+        # Ray's 429, and /health still answers for the whole application (it waited or got the 429 with them). A
+        # request takes its row about 1 s (the first may end before the probe on a loaded machine: then again); the
+        # clients give up at 3 s, which cancels those still waiting
+        held = {"model": MODEL, "prompt": "A", "max_tokens": 4000, "ignore_eos": True}
+        for _ in range(3):
+            # one client: creating one (its TLS context) takes ~0.1 s, and 14 made in threads had not all sent in time
+            connections = httpx.Limits(max_connections=14)
+            with ThreadPoolExecutor(14) as pool, httpx.Client(timeout=3, limits=connections) as holder:
+                holding = [pool.submit(holder.post, f"{base}/v1/completions", json=held) for _ in range(14)]
+                time.sleep(0.5)  # they reach the replicas and Ray's queue
+                refused = None
+                with contextlib.suppress(httpx.ReadTimeout):  # the probe was taken: not full any more
+                    refused = httpx.post(f"{base}/v1/completions", json=held, timeout=1)
+                health = httpx.get(f"{base}/health", timeout=10)
+                for request in holding:  # the first ones finish in time, the rest are given up
+                    with contextlib.suppress(httpx.ReadTimeout):
+                        request.result()
+            while (load := httpx.get(f"{base}/health", timeout=10).json())["running"] or load["queued"]:
+                time.sleep(0.2)  # the replicas cancel the abandoned requests (their loads are reported every 0.5 s)
+            if refused is not None and refused.status_code == 429:
+                break
+        assert refused is not None and refused.status_code == 429, refused and refused.text
+        assert health.status_code == 200 and health.json()["status"] == "ok", health.text
+        assert health.json()["replicas"] == 2 and health.json()["model"] == MODEL, health.text
+
         # a stream running on each replica, and a request queued behind one of them
         streams, served = [], set()
         for _ in range(2):
@@ -122,6 +150,8 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
         assert answer.status_code == 503 and time.monotonic() - signalled < 10, answer.text
         late = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "A", "max_tokens": 5}, timeout=60)
         assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down", late.text
+        health = httpx.get(f"{base}/health", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] == "shutting down", health.text
         for chunks, rest in streams:
             chunks += list(rest)
             assert len(chunks) == 4000 and chunks[-1].choices[0].finish_reason == "length"

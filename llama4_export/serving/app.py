@@ -162,6 +162,16 @@ class _Run:
                 self.engine.cancel(self.sequences[i])
 
 
+def bare_app(settings: ServeSettings, **kwargs) -> FastAPI:
+    """A FastAPI app without routes, with what every answer of llama4-serve passes through: X-Served-By and CORS."""
+    # outermost: the key's 401, a CORS preflight and a bug's 500 (answered within) say who answered too
+    outside = [Middleware(_ServedBy, value=f"{socket.gethostname()}/{os.getpid()}")]
+    if settings.allowed_origins:  # outside the key check: a preflight needs no key
+        outside.append(Middleware(_Cors, allow_origins=list(settings.allowed_origins), allow_headers=["*"],
+                                  allow_methods=["GET", "HEAD", "POST"], expose_headers=["Retry-After", "X-Served-By"]))
+    return _App(outside, title="llama4-serve", docs_url=None, redoc_url=None, openapi_url=None, **kwargs)
+
+
 def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
     """The app; its lifespan starts the engine's thread and stops it (cancelling what still runs) at shutdown."""
     metrics = ServerMetrics(engine)
@@ -176,12 +186,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         yield
         engine.stop()
 
-    # outermost: the key's 401, a CORS preflight and a bug's 500 (answered within) say who answered too
-    outside = [Middleware(_ServedBy, value=f"{socket.gethostname()}/{os.getpid()}")]
-    if settings.allowed_origins:  # outside the key check: a preflight needs no key
-        outside.append(Middleware(_Cors, allow_origins=list(settings.allowed_origins), allow_headers=["*"],
-                                  allow_methods=["GET", "HEAD", "POST"], expose_headers=["Retry-After", "X-Served-By"]))
-    app = _App(outside, title="llama4-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = bare_app(settings, lifespan=lifespan)
 
     def route_of(request: Request) -> str:
         """The metrics label of a request: its route's path template, "other" when no route takes it — a label from

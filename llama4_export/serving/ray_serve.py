@@ -7,6 +7,10 @@ end. On a cluster, start Ray on every node (`ray start --head` on one, `ray star
 make the artifact readable at the same path on every node, and run the same command with `--ray-address auto` on a
 node of the cluster; with `--gpus-per-replica 1` Ray places one replica per GPU. There the application is deployed
 beside the cluster's others and only it is deleted at the end.
+
+/health is a second application at its own route prefix (Ray's proxy takes the longest matching prefix): behind the
+first, it waited with the requests or got Ray's 429 when the replicas were full — a load balancer pulled a busy
+service — and it spoke for one replica, saying ok while another failed to restart.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import math
+import os
 import re
 import signal
 import sys
@@ -26,6 +31,7 @@ import urllib.request
 from pathlib import Path
 
 import ray
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import RayServeException
@@ -33,26 +39,38 @@ from ray.serve.schema import ApplicationStatus
 
 from ..errors import ConfigError
 from ..runtime.batching import EngineOptions
-from .app import ServeSettings, create_app
+from .app import ServeSettings, bare_app, create_app
 from .server import check_listen_address, check_ray_address, host_port, load_engine
 
 DEPLOYMENT = "llama4-serve"
+HEALTH = "/health"
+REPORT_S = 0.5  # how often each replica tells its load: /health's running and queued are about this old
 GRACEFUL_S = 30.0  # as the single-process server: running requests get this long to finish at shutdown
 CANCEL_AHEAD_S = 3.0  # as _DrainingServer's: requests still running this long before the end are cancelled (error events)
 
 
 @ray.remote(num_cpus=0)
 class _Drain:
-    """The command's shutdown signal to every replica: a call through Ray Serve reaches one replica, not all."""
+    """The command's shutdown signal to every replica (a call through Ray Serve reaches one replica, not all), and
+    each replica's load as it last reported it, for /health."""
 
     def __init__(self):
-        self._go, self._changed, self._drained = asyncio.Event(), asyncio.Event(), 0
+        self._go, self._changed, self._drained, self._loads = False, asyncio.Event(), 0, {}
 
-    async def wait(self) -> None:
-        await self._go.wait()
+    def report(self, replica: str, running: int, queued: int) -> bool:
+        """A replica's load now; True once the replicas are to drain."""
+        self._loads[replica] = running, queued, time.monotonic()
+        return self._go
+
+    def load(self) -> tuple[bool, int, int]:
+        """Whether the drain began, and the sequences running and queued on the replicas that reported lately (one
+        that stopped leaves its last report behind)."""
+        recent = [(running, queued) for running, queued, at in self._loads.values()
+                  if time.monotonic() - at < 4 * REPORT_S]
+        return self._go, sum(r for r, _ in recent), sum(q for _, q in recent)
 
     def start(self) -> None:
-        self._go.set()
+        self._go = True
 
     def drained(self) -> None:
         self._drained += 1
@@ -64,12 +82,14 @@ class _Drain:
             await self._changed.wait()
 
 
-def _drain_when_told(drain, engine) -> None:
-    """A replica's side of the shutdown, as the single-process server's: queued requests end at once (503 / a stream's
-    error event), new ones get 503, running ones finish, and those still running near the grace's end are cancelled
-    so that each ends with its error rather than cut when Ray kills the replica."""
+def _report_until_drain(drain, engine, replica: str) -> None:
+    """A replica's load, told every REPORT_S, then its side of the shutdown, as the single-process server's: queued
+    requests end at once (503 / a stream's error event), new ones get 503, running ones finish, and those still
+    running near the grace's end are cancelled so that each ends with its error rather than cut when Ray kills the
+    replica."""
     try:
-        ray.get(drain.wait.remote())
+        while not ray.get(drain.report.remote(replica, engine.running, engine.queue_depth)):
+            time.sleep(REPORT_S)
     except ray.exceptions.RayError:
         return  # the command is gone; the application (on a cluster) serves on
     engine.drain()
@@ -78,6 +98,7 @@ def _drain_when_told(drain, engine) -> None:
         if time.monotonic() > deadline:
             engine.cancel_running()
             deadline = math.inf
+        drain.report.remote(replica, engine.running, engine.queue_depth)
         time.sleep(0.1)
     with contextlib.suppress(ray.exceptions.RayError):
         ray.get(drain.drained.remote())
@@ -98,12 +119,13 @@ def application(artifact: Path, settings: ServeSettings, replicas: int, options:
     artifact = Path(artifact).resolve()  # replicas run in the raylet's working directory, not this one
 
     def build_app():  # runs inside each replica
-        rank = serve.get_replica_context().rank.rank
+        context = serve.get_replica_context()
+        rank = context.rank.rank
         replica_settings = dataclasses.replace(settings, seed=replica_seed(settings.seed, rank))
         engine = load_engine(artifact, options, threads, window)
         if drain is not None:
-            threading.Thread(target=_drain_when_told, args=(drain, engine), name="llama4-serve-drain",
-                             daemon=True).start()
+            threading.Thread(target=_report_until_drain, args=(drain, engine, context.replica_id.unique_id),
+                             name="llama4-serve-drain", daemon=True).start()
         return create_app(engine, replica_settings)
 
     deployment = serve.deployment(
@@ -117,6 +139,49 @@ def application(artifact: Path, settings: ServeSettings, replicas: int, options:
         ray_actor_options={"num_cpus": threads or 1, "num_gpus": gpus_per_replica},
     )
     return deployment.bind()
+
+
+def health_application(settings: ServeSettings, name: str, replicas: int, drain):
+    """/health for the whole application `name` (deployed at route prefix HEALTH): 200 and status "ok" while all its
+    replicas run, 503 "shutting down" once the drain began, 503 "unavailable" with Ray's reason otherwise; running and
+    queued summed over the replicas. Its own limits: the replicas' load never holds it up."""
+
+    def build_app():  # runs inside the health replica
+        app = bare_app(settings)
+
+        @app.api_route("", methods=["GET", "HEAD"])  # the proxy hands over /health with root_path /health: path ""
+        async def health() -> JSONResponse:
+            try:
+                draining, running, queued = await drain.load.remote()
+            except ray.exceptions.RayError:  # the command is gone; the application (on a cluster) serves on
+                draining, running, queued = False, None, None
+            problem, up = _unavailable(await asyncio.to_thread(serve.status), name, replicas)  # asks Serve's controller
+            status = "shutting down" if draining else "unavailable" if problem else "ok"
+            body = {"status": status, "model": settings.model_name, "running": running, "queued": queued,
+                    "pid": os.getpid(), "replicas": up}
+            if problem and not draining:
+                body["reason"] = problem
+            return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+        return app
+
+    deployment = serve.deployment(serve.ingress(build_app)(), name=f"{DEPLOYMENT}-health", num_replicas=1,
+                                  max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+    return deployment.bind()
+
+
+def _unavailable(status, name: str, replicas: int) -> tuple[str | None, int]:
+    """Why application `name` cannot take requests as deployed (None when all its replicas run), and how many run."""
+    app = status.applications.get(name)
+    if app is None:
+        return "the application is not deployed", 0
+    deployment = app.deployments.get(DEPLOYMENT)
+    up = deployment.replica_states.get("RUNNING", 0) if deployment else 0
+    if app.status == ApplicationStatus.RUNNING and deployment.status == "HEALTHY" and up >= replicas:
+        return None, up
+    said = next((_last_line(m) for m in (deployment.message if deployment else "", app.message) if m), "")
+    return (f"{up} of {replicas} replicas running; Ray Serve: application {app.status.value}"
+            + (f", deployment {deployment.status.value}" if deployment else "") + (f": {said}" if said else "")), up
 
 
 def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas: int, options: EngineOptions,
@@ -148,7 +213,7 @@ def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas:
                           "--ray-address out for a local instance") from None
     take_signals()  # ray.init installs handlers of its own
     name = f"{DEPLOYMENT}-{settings.model_name}"
-    started = deployed = running = False
+    started = deployed = health_deployed = running = False
     drain = None
     try:
         if local:
@@ -166,7 +231,13 @@ def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas:
         except (RayServeException, ray.exceptions.RayError) as exc:  # e.g. another application of the cluster is at "/"
             raise ConfigError(f"Ray Serve refused the deployment: {_last_line(str(exc))}") from None
         deployed = True
-        if not _wait_until_running(name, local, stop):
+        try:
+            serve._run(health_application(settings, name, replicas, drain), _blocking=False, name=f"{name}-health",
+                       route_prefix=HEALTH)
+        except (RayServeException, ray.exceptions.RayError) as exc:  # e.g. another application is at /health
+            raise ConfigError(f"Ray Serve refused the /health application: {_last_line(str(exc))}") from None
+        health_deployed = True
+        if not _wait_until_running(name, local, stop) or not _wait_until_running(f"{name}-health", local, stop):
             return
         running = True
         _check_reachable(host, port)
@@ -179,6 +250,8 @@ def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas:
             with contextlib.suppress(ray.exceptions.RayError):
                 drain.start.remote()
                 ray.get(drain.wait_drained.remote(replicas), timeout=GRACEFUL_S)
+        if health_deployed:
+            serve.delete(f"{name}-health")
         if deployed:
             serve.delete(name)  # the replicas are idle by now (or past the grace): Ray stops them at once
         if local and started:
