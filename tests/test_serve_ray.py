@@ -131,6 +131,8 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
         assert refused is not None and refused.status_code == 429, refused and refused.text
         assert health.status_code == 200 and health.json()["status"] == "ok", health.text
         assert health.json()["replicas"] == 2 and health.json()["model"] == MODEL, health.text
+        # Ray's router may still count the abandoned requests on one replica and send both streams below to the other
+        wait_until_both_replicas_answer(base)
 
         # a stream running on each replica, and a request queued behind one of them
         streams, served = [], set()

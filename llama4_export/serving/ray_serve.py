@@ -177,7 +177,7 @@ def _unavailable(status, name: str, replicas: int) -> tuple[str | None, int]:
         return "the application is not deployed", 0
     deployment = app.deployments.get(DEPLOYMENT)
     up = deployment.replica_states.get("RUNNING", 0) if deployment else 0
-    if app.status == ApplicationStatus.RUNNING and deployment.status == "HEALTHY" and up >= replicas:
+    if app.status == ApplicationStatus.RUNNING and deployment and deployment.status == "HEALTHY" and up >= replicas:
         return None, up
     said = next((_last_line(m) for m in (deployment.message if deployment else "", app.message) if m), "")
     return (f"{up} of {replicas} replicas running; Ray Serve: application {app.status.value}"
