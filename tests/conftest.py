@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import socket
 from contextlib import contextmanager
@@ -26,6 +28,19 @@ for _name, _value in REPRODUCIBLE_CPU_NUMERICS.items():
 # A test process keeps every trace it makes (the tests' models are tiny: a trace is a few MB): with the exporter's
 # default of the last 4, a module re-traced (~15-50 s each) what a module before it in the same worker had traced.
 onnx_export.TRACE_CACHE_SIZE = 64
+
+
+@pytest.hookimpl(trylast=True)  # after the last fixtures' teardown; inside pytest-xdist's wrapper, before a worker reports its end
+def pytest_sessionfinish(session):
+    """Collect once, then freeze what is left (imports, the traces kept above: millions of objects by a worker's last
+    module). After a worker has reported its end, pytest makes two full collections; on that heap they took 3-9 s, and
+    past 5 s execnet interrupts the worker (CI's stray KeyboardInterrupt / PytestUnraisableExceptionWarning). This
+    collection runs before the report, and reports any finalizer's error as before. Unfrozen at exit, so the
+    interpreter frees them as before."""
+    gc.collect()
+    gc.freeze()
+    atexit.register(gc.unfreeze)
+
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CHECKPOINTS = REPO.parent / "shared" / "checkpoints"
