@@ -79,12 +79,11 @@ class ServeSettings:
                                   "(or None: no limit)")
         if self.max_request_bytes is not None and self.max_request_bytes < 1:
             raise ConfigError(f"max_request_bytes={self.max_request_bytes}: must be >= 1 (or None: no limit)")
-        if self.max_image_pixels is not None and not (is_integer(self.max_image_pixels) and self.max_image_pixels >= 1):
-            raise ConfigError(f"max_image_pixels={self.max_image_pixels!r}: must be an integer >= 1 "
-                              "(--max-image-pixels N), or None for Pillow's limit alone")
-        if self.max_images is not None and not (is_integer(self.max_images) and self.max_images >= 1):
-            raise ConfigError(f"max_images={self.max_images!r}: must be an integer >= 1 (--max-images N), or None for "
-                              "no limit")
+        for name, flag, unlimited in (("max_image_pixels", "--max-image-pixels", "Pillow's limit alone"),
+                                      ("max_images", "--max-images", "no limit")):
+            value = getattr(self, name)
+            if value is not None and not (is_integer(value) and value >= 1):
+                raise ConfigError(f"{name}={value!r}: must be an integer >= 1 ({flag} N), or None for {unlimited}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed={self.seed!r}: must be an integer")
         if isinstance(self.allowed_origins, str):  # iterated, a string is its characters
@@ -170,6 +169,13 @@ def bare_app(settings: ServeSettings, **kwargs) -> FastAPI:
         outside.append(Middleware(_Cors, allow_origins=list(settings.allowed_origins), allow_headers=["*"],
                                   allow_methods=["GET", "HEAD", "POST"], expose_headers=["Retry-After", "X-Served-By"]))
     return _App(outside, title="llama4-serve", docs_url=None, redoc_url=None, openapi_url=None, **kwargs)
+
+
+def health_response(settings: ServeSettings, status: str, running: int | None, queued: int | None,
+                    **more) -> JSONResponse:
+    """/health's answer, 200 for status "ok" and 503 otherwise: the fields every llama4-serve gives, then `more`."""
+    return JSONResponse({"status": status, "model": settings.model_name, "running": running, "queued": queued,
+                         "pid": os.getpid(), **more}, status_code=200 if status == "ok" else 503)
 
 
 def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
@@ -334,10 +340,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
 
     @get("/health")
     async def health() -> JSONResponse:
-        status = 503 if engine.closed else 200
-        return JSONResponse({"status": "shutting down" if engine.closed else "ok", "model": settings.model_name,
-                             "running": engine.running, "queued": engine.queue_depth, "pid": os.getpid()},
-                            status_code=status)
+        return health_response(settings, "shutting down" if engine.closed else "ok", engine.running, engine.queue_depth)
 
     @get("/metrics")
     async def prometheus() -> Response:

@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import hashlib
 import math
-import os
 import re
 import signal
 import sys
@@ -39,7 +38,7 @@ from ray.serve.schema import ApplicationStatus
 
 from ..errors import ConfigError
 from ..runtime.batching import EngineOptions
-from .app import ServeSettings, bare_app, create_app
+from .app import ServeSettings, bare_app, create_app, health_response
 from .server import check_listen_address, check_ray_address, host_port, load_engine
 
 DEPLOYMENT = "llama4-serve"
@@ -157,11 +156,8 @@ def health_application(settings: ServeSettings, name: str, replicas: int, drain)
                 draining, running, queued = False, None, None
             problem, up = _unavailable(await asyncio.to_thread(serve.status), name, replicas)  # asks Serve's controller
             status = "shutting down" if draining else "unavailable" if problem else "ok"
-            body = {"status": status, "model": settings.model_name, "running": running, "queued": queued,
-                    "pid": os.getpid(), "replicas": up}
-            if problem and not draining:
-                body["reason"] = problem
-            return JSONResponse(body, status_code=200 if status == "ok" else 503)
+            reason = {"reason": problem} if problem and not draining else {}
+            return health_response(settings, status, running, queued, replicas=up, **reason)
 
         return app
 
