@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed here (pip install .[ray])")
 httpx = pytest.importorskip("httpx", reason="the serve extra is not installed (pip install .[serve])")
@@ -241,3 +242,31 @@ def test_health_names_what_ray_serve_says_is_wrong():
     assert up == 1 and problem == ("1 of 2 replicas running; Ray Serve: application UNHEALTHY, deployment UNHEALTHY: "
                                    "the artifact is gone"), problem
     assert _unavailable(healthy, "another", 2) == ("the application is not deployed", 0)
+
+
+def test_replicas_metrics_are_one_exposition_labelled_by_replica():
+    """Two registries' families as one /metrics body: prometheus_client's parser reads back each registry's own
+    exposition, every sample with its replica's label, and each family once."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    from llama4_export.serving.metrics import replicas_exposition
+
+    registries = {}
+    for replica, scale in (("0", 1), ("1", 3)):
+        r = registries[replica] = CollectorRegistry()
+        Gauge("llama4_running_sequences", "Sequences holding a row", registry=r).set(scale)
+        requests = Counter("llama4_requests", "Finished HTTP requests", ["endpoint", "status"], registry=r)
+        requests.labels("/v1/completions", "200").inc(2 * scale)
+        requests.labels("/v1/completions", "499" if replica == "1" else "200").inc()  # a label set one replica has
+        Histogram("llama4_time_to_first_token_seconds", "From arrival to first token", buckets=(0.1, 1),
+                  registry=r).observe(0.5 * scale)
+    merged = replicas_exposition((replica, list(r.collect())) for replica, r in registries.items())
+
+    def parsed(text: str, **label) -> dict[str, tuple[str, set]]:
+        return {f.name: (f.type, {(s.name, frozenset({**s.labels, **label}.items()), s.value) for s in f.samples})
+                for f in text_string_to_metric_families(text)}
+
+    got = parsed(merged.decode())
+    alone = [parsed(generate_latest(r).decode(), replica=replica) for replica, r in registries.items()]
+    assert got == {name: (kind, alone[0][name][1] | alone[1][name][1]) for name, (kind, _) in alone[0].items()}
+    assert merged.decode().count("# TYPE llama4_requests_total counter") == 1

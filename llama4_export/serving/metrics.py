@@ -1,15 +1,17 @@
 """Prometheus metrics of one server (its own registry, so several apps in one process do not collide): queue depth,
 running sequences, generated tokens and tokens/s, prompt tokens admitted and reused, time to first token and per-token
-latency histograms, requests by endpoint and status."""
+latency histograms, requests by endpoint and status; and one exposition of several replicas' registries (llama4-serve
+--ray), each sample labelled with its replica."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from ..runtime.batching import BatchEngine
 
@@ -89,3 +91,24 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def replicas_exposition(replicas: Iterable[tuple[str, list[Metric]]]) -> bytes:
+    """One text exposition of several replicas' families (each as its registry's collect() gave them), every sample
+    labelled `replica`: a family's samples stay one group, as the format requires, one replica's after another's."""
+    merged: dict[str, Metric] = {}
+    for replica, families in replicas:
+        for family in families:
+            into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
+            into.samples += [s._replace(labels={**s.labels, "replica": replica}) for s in family.samples]
+    return generate_latest(_Families(merged.values()))
+
+
+class _Families:
+    """Families as a registry: generate_latest reads any object's collect()."""
+
+    def __init__(self, families: Iterable[Metric]):
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
