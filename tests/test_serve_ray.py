@@ -38,27 +38,35 @@ def wait_until_both_replicas_answer(base: str, seconds: float = 60) -> None:
         time.sleep(0.1)
 
 
+def samples(scrape: httpx.Response) -> dict[str, list]:
+    """A /metrics answer read by prometheus_client's own parser: each family's samples, by family name."""
+    assert scrape.status_code == 200, scrape.text
+    return {family.name: family.samples for family in text_string_to_metric_families(scrape.text)}
+
+
+def by_replica(samples: list) -> dict[str, float]:
+    return {sample.labels["replica"]: sample.value for sample in samples}
+
+
 def closed_requests(base: str, seconds: float = 30) -> float:
-    """The replicas' 499 counts of /v1/completions, summed, once each has answered /metrics with one (a scrape
-    reaches one replica); 0 if none has counted one by then."""
-    name = 'llama4_requests_total{endpoint="/v1/completions",status="499"} '
-    counts, deadline = {}, time.monotonic() + seconds
-    while len(counts) < 2 or not sum(counts.values()):
-        if time.monotonic() > deadline:
-            assert len(counts) == 2, counts  # both replicas answered /metrics
-            return 0
-        scrape = httpx.get(f"{base}/metrics", timeout=10)
-        counts[scrape.headers["x-served-by"]] = sum(float(line.split()[-1]) for line in scrape.text.splitlines()
-                                                    if line.startswith(name))
+    """The replicas' 499 counts of /v1/completions, summed from a scrape that holds both replicas; 0 if none has
+    counted one by then."""
+    deadline = time.monotonic() + seconds
+    while True:
+        families = samples(httpx.get(f"{base}/metrics", timeout=10))
+        assert by_replica(families["llama4_running_sequences"]).keys() == {"0", "1"}, families  # one scrape, both
+        closed = sum(s.value for s in families["llama4_requests"] if s.name == "llama4_requests_total"
+                     and s.labels["endpoint"] == "/v1/completions" and s.labels["status"] == "499")
+        if closed or time.monotonic() > deadline:
+            return closed
         time.sleep(0.1)
-    return sum(counts.values())
 
 
 def test_two_ray_replicas_answer_the_openai_client(tmp_path):
     """Both replicas answer, each with Generator's tokens; each replica draws its own seeds for unseeded requests (one
     shared sequence gave every replica's first "random" answer the same text); a client gone mid-request is a 499
-    in /metrics. SIGTERM to the process group drains
-    the replicas as the single-process server does: a queued request gets 503 at once (it started once a row was
+    in /metrics; with the replicas full, /health and /metrics answer for both (they got Ray's 429). SIGTERM to the
+    process group drains the replicas as the single-process server does: a queued request gets 503 at once (it started once a row was
     free, and a stream queued past the grace was cut), a new one 503 with an OpenAI error (Ray's plain-text 404 once
     the application was deleted), running streams finish; the command exits 0 (the signal killed Ray's GCS too, and
     it hung 60 s then exited 1)."""
@@ -106,8 +114,8 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
         assert 1 <= closed <= attempt
 
         # both replicas full (a row and 3 queued requests each) and Ray's queue too (3 per replica): a completion gets
-        # Ray's 429, and /health still answers for the whole application (it waited or got the 429 with them). A
-        # request takes its row about 1 s (the first may end before the probe on a loaded machine: then again); the
+        # Ray's 429, and /health and /metrics still answer for the whole application (they waited or got the 429 with
+        # them; a scrape was one replica's series). A request takes its row about 1 s (the first may end before the probe on a loaded machine: then again); the
         # clients give up at 3 s, which cancels those still waiting
         held = {"model": MODEL, "prompt": "A", "max_tokens": 4000, "ignore_eos": True}
         for _ in range(3):
@@ -120,6 +128,7 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
                 with contextlib.suppress(httpx.ReadTimeout):  # the probe was taken: not full any more
                     refused = httpx.post(f"{base}/v1/completions", json=held, timeout=1)
                 health = httpx.get(f"{base}/health", timeout=10)
+                scrape = httpx.get(f"{base}/metrics", timeout=10)
                 for request in holding:  # the first ones finish in time, the rest are given up
                     with contextlib.suppress(httpx.ReadTimeout):
                         request.result()
@@ -132,6 +141,8 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
         assert refused is not None and refused.status_code == 429, refused and refused.text
         assert health.status_code == 200 and health.json()["status"] == "ok", health.text
         assert health.json()["replicas"] == 2 and health.json()["model"] == MODEL, health.text
+        # each replica's one row busy, as each reported it (their reports are at most 0.5 s old)
+        assert by_replica(samples(scrape)["llama4_running_sequences"]) == {"0": 1, "1": 1}, scrape.text
         # Ray's router may still count the abandoned requests on one replica and send both streams below to the other
         wait_until_both_replicas_answer(base)
 

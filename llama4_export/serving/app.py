@@ -193,6 +193,7 @@ def create_app(engine: BatchEngine, settings: ServeSettings) -> FastAPI:
         engine.stop()
 
     app = bare_app(settings, lifespan=lifespan)
+    app.state.metrics = metrics  # each Ray replica reports its registry to the /metrics application
 
     def route_of(request: Request) -> str:
         """The metrics label of a request: its route's path template, "other" when no route takes it — a label from

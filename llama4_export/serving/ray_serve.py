@@ -10,7 +10,10 @@ beside the cluster's others and only it is deleted at the end.
 
 /health is a second application at its own route prefix (Ray's proxy takes the longest matching prefix): behind the
 first, it waited with the requests or got Ray's 429 when the replicas were full — a load balancer pulled a busy
-service — and it spoke for one replica, saying ok while another failed to restart.
+service — and it spoke for one replica, saying ok while another failed to restart. /metrics is a third (one route
+prefix per application, Ray Serve's rule), for the same reasons: a scrape got the 429 exactly when the service was
+busy, and each scrape was one replica's series, so counters jumped between replicas as if reset. It answers every
+replica's families, as each last reported them, each sample labelled with the replica's rank.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import urllib.request
 from pathlib import Path
 
 import ray
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import RayServeException
@@ -39,11 +43,13 @@ from ray.serve.schema import ApplicationStatus
 from ..errors import ConfigError
 from ..runtime.batching import EngineOptions
 from .app import ServeSettings, bare_app, create_app, health_response
+from .metrics import replicas_exposition
 from .server import check_listen_address, check_ray_address, host_port, load_engine
 
 DEPLOYMENT = "llama4-serve"
 HEALTH = "/health"
-REPORT_S = 0.5  # how often each replica tells its load: /health's running and queued are about this old
+METRICS = "/metrics"
+REPORT_S = 0.5  # how often each replica reports its load and metrics: /health and /metrics are this old
 GRACEFUL_S = 30.0  # as the single-process server: running requests get this long to finish at shutdown
 CANCEL_AHEAD_S = 3.0  # as _DrainingServer's: requests still running this long before the end are cancelled (error events)
 
@@ -51,22 +57,29 @@ CANCEL_AHEAD_S = 3.0  # as _DrainingServer's: requests still running this long b
 @ray.remote(num_cpus=0)
 class _Drain:
     """The command's shutdown signal to every replica (a call through Ray Serve reaches one replica, not all), and
-    each replica's load as it last reported it, for /health."""
+    each replica's load and metric families as it last reported them, for /health and /metrics."""
 
     def __init__(self):
-        self._go, self._changed, self._drained, self._loads = False, asyncio.Event(), 0, {}
+        self._go, self._changed, self._drained, self._reports = False, asyncio.Event(), 0, {}
 
-    def report(self, replica: str, running: int, queued: int) -> bool:
-        """A replica's load now; True once the replicas are to drain."""
-        self._loads[replica] = running, queued, time.monotonic()
+    def report(self, replica: str, running: int, queued: int, families: list) -> bool:
+        """A replica's load and its registry's families now; True once the replicas are to drain."""
+        self._reports[replica] = running, queued, families, time.monotonic()
         return self._go
 
+    def _recent(self) -> dict[str, tuple]:
+        """The reports of the replicas that reported lately (one that stopped leaves its last report behind)."""
+        return {replica: report for replica, report in self._reports.items()
+                if time.monotonic() - report[-1] < 4 * REPORT_S}
+
     def load(self) -> tuple[bool, int, int]:
-        """Whether the drain began, and the sequences running and queued on the replicas that reported lately (one
-        that stopped leaves its last report behind)."""
-        recent = [(running, queued) for running, queued, at in self._loads.values()
-                  if time.monotonic() - at < 4 * REPORT_S]
-        return self._go, sum(r for r, _ in recent), sum(q for _, q in recent)
+        """Whether the drain began, and the sequences running and queued on the replicas that reported lately."""
+        recent = self._recent().values()
+        return self._go, sum(r[0] for r in recent), sum(r[1] for r in recent)
+
+    def families(self) -> list[tuple[str, list]]:
+        """(replica, its families) of the replicas that reported lately, by rank."""
+        return [(replica, report[2]) for replica, report in sorted(self._recent().items(), key=lambda r: int(r[0]))]
 
     def start(self) -> None:
         self._go = True
@@ -81,13 +94,13 @@ class _Drain:
             await self._changed.wait()
 
 
-def _report_until_drain(drain, engine, replica: str) -> None:
-    """A replica's load, told every REPORT_S, then its side of the shutdown, as the single-process server's: queued
-    requests end at once (503 / a stream's error event), new ones get 503, running ones finish, and those still
-    running near the grace's end are cancelled so that each ends with its error rather than cut when Ray kills the
-    replica."""
+def _report_until_drain(drain, engine, registry, replica: str) -> None:
+    """A replica's load and its registry's families (collected, not rendered: the /metrics application labels them),
+    told every REPORT_S, then its side of the shutdown, as the single-process server's: queued requests end at once
+    (503 / a stream's error event), new ones get 503, running ones finish, and those still running near the grace's
+    end are cancelled so that each ends with its error rather than cut when Ray kills the replica."""
     try:
-        while not ray.get(drain.report.remote(replica, engine.running, engine.queue_depth)):
+        while not ray.get(drain.report.remote(replica, engine.running, engine.queue_depth, list(registry.collect()))):
             time.sleep(REPORT_S)
     except ray.exceptions.RayError:
         return  # the command is gone; the application (on a cluster) serves on
@@ -97,7 +110,7 @@ def _report_until_drain(drain, engine, replica: str) -> None:
         if time.monotonic() > deadline:
             engine.cancel_running()
             deadline = math.inf
-        drain.report.remote(replica, engine.running, engine.queue_depth)
+        drain.report.remote(replica, engine.running, engine.queue_depth, list(registry.collect()))
         time.sleep(0.1)
     with contextlib.suppress(ray.exceptions.RayError):
         ray.get(drain.drained.remote())
@@ -122,10 +135,13 @@ def application(artifact: Path, settings: ServeSettings, replicas: int, options:
         rank = context.rank.rank
         replica_settings = dataclasses.replace(settings, seed=replica_seed(settings.seed, rank))
         engine = load_engine(artifact, options, threads, window)
+        app = create_app(engine, replica_settings)
         if drain is not None:
-            threading.Thread(target=_report_until_drain, args=(drain, engine, context.replica_id.unique_id),
+            # by rank, not replica id: Ray gives a replacement the rank of the replica it replaces, so a restart is one
+            # series' counter reset in /metrics (Prometheus' rate() takes it), not a new series per restart
+            threading.Thread(target=_report_until_drain, args=(drain, engine, app.state.metrics.registry, str(rank)),
                              name="llama4-serve-drain", daemon=True).start()
-        return create_app(engine, replica_settings)
+        return app
 
     deployment = serve.deployment(
         serve.ingress(build_app)(), name=DEPLOYMENT, num_replicas=replicas,
@@ -161,7 +177,33 @@ def health_application(settings: ServeSettings, name: str, replicas: int, drain)
 
         return app
 
-    deployment = serve.deployment(serve.ingress(build_app)(), name=f"{DEPLOYMENT}-health", num_replicas=1,
+    return _side_deployment(build_app, "health")
+
+
+def metrics_application(settings: ServeSettings, drain):
+    """/metrics for every replica (deployed at route prefix METRICS): the families of the replicas that reported lately
+    (as /health's load), each sample labelled `replica` with the replica's rank; its own limits, as /health's."""
+
+    def build_app():  # runs inside the metrics replica
+        app = bare_app(settings)
+
+        @app.api_route("", methods=["GET", "HEAD"])
+        async def prometheus() -> Response:
+            try:
+                replicas = await drain.families.remote()
+            except ray.exceptions.RayError:
+                return PlainTextResponse("the replicas' reports are gone: the llama4-serve command that deployed them "
+                                         "stopped\n", status_code=503)
+            return Response(replicas_exposition(replicas), media_type=CONTENT_TYPE_LATEST)
+
+        return app
+
+    return _side_deployment(build_app, "metrics")
+
+
+def _side_deployment(build_app, what: str):
+    """A one-replica deployment beside the replicas', with its own limits and no CPU reserved."""
+    deployment = serve.deployment(serve.ingress(build_app)(), name=f"{DEPLOYMENT}-{what}", num_replicas=1,
                                   max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
     return deployment.bind()
 
@@ -209,8 +251,8 @@ def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas:
                           "--ray-address out for a local instance") from None
     take_signals()  # ray.init installs handlers of its own
     name = f"{DEPLOYMENT}-{settings.model_name}"
-    started = deployed = health_deployed = running = False
-    drain = None
+    started = deployed = running = False
+    drain, sides = None, []
     try:
         if local:
             _check_resources(replicas, threads or 1, gpus_per_replica)
@@ -227,13 +269,14 @@ def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas:
         except (RayServeException, ray.exceptions.RayError) as exc:  # e.g. another application of the cluster is at "/"
             raise ConfigError(f"Ray Serve refused the deployment: {_last_line(str(exc))}") from None
         deployed = True
-        try:
-            serve._run(health_application(settings, name, replicas, drain), _blocking=False, name=f"{name}-health",
-                       route_prefix=HEALTH)
-        except (RayServeException, ray.exceptions.RayError) as exc:  # e.g. another application is at /health
-            raise ConfigError(f"Ray Serve refused the /health application: {_last_line(str(exc))}") from None
-        health_deployed = True
-        if not _wait_until_running(name, local, stop) or not _wait_until_running(f"{name}-health", local, stop):
+        for route, side in ((HEALTH, health_application(settings, name, replicas, drain)),
+                            (METRICS, metrics_application(settings, drain))):
+            try:
+                serve._run(side, _blocking=False, name=f"{name}-{route[1:]}", route_prefix=route)
+            except (RayServeException, ray.exceptions.RayError) as exc:  # e.g. another application is at /health
+                raise ConfigError(f"Ray Serve refused the {route} application: {_last_line(str(exc))}") from None
+            sides.append(f"{name}-{route[1:]}")
+        if not all(_wait_until_running(app, local, stop) for app in (name, *sides)):
             return
         running = True
         _check_reachable(host, port)
@@ -246,8 +289,8 @@ def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas:
             with contextlib.suppress(ray.exceptions.RayError):
                 drain.start.remote()
                 ray.get(drain.wait_drained.remote(replicas), timeout=GRACEFUL_S)
-        if health_deployed:
-            serve.delete(f"{name}-health")
+        for side in sides:
+            serve.delete(side)
         if deployed:
             serve.delete(name)  # the replicas are idle by now (or past the grace): Ray stops them at once
         if local and started:
