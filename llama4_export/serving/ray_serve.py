@@ -289,10 +289,12 @@ def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas:
             with contextlib.suppress(ray.exceptions.RayError):
                 drain.start.remote()
                 ray.get(drain.wait_drained.remote(replicas), timeout=GRACEFUL_S)
-        for side in sides:
-            serve.delete(side)
+        for side in sides:  # deleted beside the main application, not one after another (each took ~2 s)
+            serve.delete(side, _blocking=False)
         if deployed:
             serve.delete(name)  # the replicas are idle by now (or past the grace): Ray stops them at once
+        for side in sides:
+            serve.delete(side)  # returns once it is gone
         if local and started:
             serve.shutdown()
         ray.shutdown()
