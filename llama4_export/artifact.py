@@ -37,6 +37,11 @@ class ArtifactError(Llama4ExportError):
     """An artifact directory is missing files, has a mismatching hash, or was written by something else."""
 
 
+def user_cache_directory() -> Path:
+    """$XDG_CACHE_HOME/llama4-export (~/.cache when unset): where the calibration, trace and verified-file caches live."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / FORMAT
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -259,7 +264,7 @@ class _VerifiedFiles:
 
     @classmethod
     def load(cls) -> "_VerifiedFiles":
-        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / FORMAT / "verified.json"
+        path = user_cache_directory() / "verified.json"
         try:
             entries = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from ..artifact import held_directory, remove_abandoned
+from ..artifact import held_directory, remove_abandoned, user_cache_directory
 from ..errors import ConfigError
 from ..export.tokenizer_files import byte_level_tokenizer
 from . import corpus as corpus_mod
@@ -73,8 +73,7 @@ def _parameters(config) -> int:
 def default_cache_path(key: str) -> Path:
     """$XDG_CACHE_HOME/llama4-export/calib/<key>.safetensors (~/.cache when unset): any rebuild of the same model with
     the same data and settings finds it."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "llama4-export" / "calib" / f"{key}.safetensors"
+    return user_cache_directory() / "calib" / f"{key}.safetensors"
 
 
 def plans_directory(cache_path: Path, block: int) -> Path:
