@@ -47,7 +47,7 @@ from .errors import FLAG, INTEGER, NONE, NUMBER, PATH, TEXT, ConfigError, check_
 from .evaluation.report import REPORT_FILE, accuracy_report, evaluation_tokens
 from .export.tokenizer_files import (check_tokenizer_files, copy_tokenizer_files, missing_tokenizer_note,
                                      write_byte_level_tokenizer, write_tokenizer_graphs)
-from .export.onnx_export import GRAPHS, OPSET, VISION_FILE, trace_graphs, trace_vision
+from .export.onnx_export import GRAPHS, OPSET, VISION_FILE, trace_vision, traced_graphs
 from .export.writer import DATA_FILE, weight_content, write_graphs
 from .graph_passes.artifact_passes import optimize_graphs, optimized_manifest
 from .graph_passes.manager import PassReport
@@ -287,8 +287,9 @@ def export(
             traced = work / f"traced{k}" if optimize else part_dir
             traced.mkdir(exist_ok=True)
             counted = f"{len(layers)} layer" + ("s" if len(layers) != 1 else "")
-            with step(f"{what}trace decode + prefill ({counted}, weights on the meta device)"):
-                graphs = trace_graphs(config, graph_dtype(precision, target), layers, layout, image_token_id)
+            with step(f"{what}trace decode + prefill ({counted}, weights on the meta device)") as outcome:
+                graphs, cached = traced_graphs(config, graph_dtype(precision, target), layers, layout, image_token_id)
+                outcome.note = ", from the trace cache" if cached else ""
             with step(f"{what}write graphs with weights from {weights.describe()}"):
                 write_graphs(graphs, traced, weight_content(weights, defer_experts=quantized))
                 del graphs

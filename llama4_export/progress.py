@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
 from rich.console import Console
@@ -13,9 +14,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 
+@dataclass
+class Outcome:
+    """What a step learns while it runs and adds to its line when it ends (e.g. that its result came from a cache)."""
+
+    note: str = ""
+
+
 class Steps:
-    """`with Steps(show) as step: with step("load"): ...` — a failed step's spinner is removed (its error says what
-    failed); nothing is printed when show is False."""
+    """`with Steps(show) as step: with step("load") as outcome: ...` — a failed step's spinner is removed (its error
+    says what failed); nothing is printed when show is False."""
 
     def __init__(self, show: bool = True):
         console = Console(stderr=True)
@@ -33,26 +41,28 @@ class Steps:
         self._progress.__exit__(*exc)
 
     @contextlib.contextmanager
-    def step(self, description: str) -> Iterator[None]:
+    def step(self, description: str) -> Iterator[Outcome]:
         description = escape(description)  # a path's brackets ("checkpoint ckpt[bf16]") are text, not rich markup
+        outcome = Outcome()
         if self._lines is not None:
             self._lines.print(f"▸ {description}", highlight=False, soft_wrap=True)
             started = time.monotonic()
-            yield
-            self._lines.print(f"✓ {description} ({time.monotonic() - started:.1f} s)", highlight=False, soft_wrap=True)
+            yield outcome
+            self._lines.print(f"✓ {description}{escape(outcome.note)} ({time.monotonic() - started:.1f} s)",
+                              highlight=False, soft_wrap=True)
             return
         task = self._progress.add_task(description, total=1)
         try:
-            yield
+            yield outcome
         except BaseException:
             self._progress.remove_task(task)
             raise
-        self._progress.update(task, completed=1)
+        self._progress.update(task, completed=1, description=description + escape(outcome.note))
 
     @staticmethod
     @contextlib.contextmanager
-    def silent(description: str) -> Iterator[None]:
-        yield
+    def silent(description: str) -> Iterator[Outcome]:
+        yield Outcome()
 
 
 class PrefillBar:

@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import torch
@@ -34,6 +35,7 @@ from ..model.config import Llama4VisionConfig
 from ..model.modeling import InPlaceKV, KVCache, Llama4ForCausalLM, MoE, MoEImpl
 from ..model.multimodal import merge_image_features
 from ..model.vision import Llama4VisionEncoder
+from . import trace_cache
 
 OPSET = 21  # opset 21 has DequantizeLinear with block_size (INT4 weight-only) for the quantization passes
 # Node metadata worth keeping: module scopes let passes find e.g. every MoE block. Stack traces (absolute source
@@ -179,16 +181,33 @@ def trace_graphs(config: Llama4Config, dtype: torch.dtype, layers: range | None 
                  kv_layout: str = "positions", image_token_id: int | None = None) -> dict[str, ir.Model]:
     """decode + prefill of `layers` traced from a meta-device model: graphs with data-less weights (each
     const_value is a meta torch tensor named by its parameter; the writer fills them in from a weight source).
-    image_token_id: the artifact has a vision graph (export_graph).
+    image_token_id: the artifact has a vision graph (export_graph)."""
+    return traced_graphs(config, dtype, layers, kv_layout, image_token_id)[0]
+
+
+def traced_graphs(config: Llama4Config, dtype: torch.dtype, layers: range | None = None,
+                  kv_layout: str = "positions", image_token_id: int | None = None) -> tuple[dict[str, ir.Model], bool]:
+    """trace_graphs, and whether the graphs came from the on-disk trace cache (trace_cache.py).
 
     A trace depends on nothing but its arguments and costs seconds per layer, so the last few are kept in this
-    process and handed out as copies (the writer and the passes edit the graphs they get)."""
+    process, in front of the disk cache, and handed out as copies (the writer and the passes edit the graphs they
+    get)."""
     key = (config, dtype, layers, kv_layout, image_token_id)
+    from_disk = False
     if key not in _TRACES:
         while len(_TRACES) >= TRACE_CACHE_SIZE:
             _TRACES.pop(next(iter(_TRACES)))
-        _TRACES[key] = _trace_graphs(config, dtype, layers, kv_layout, image_token_id)
-    return {name: model.clone() for name, model in _TRACES[key].items()}
+        _TRACES[key], from_disk = trace_cache.cached(trace_arguments(config, dtype, layers, kv_layout, image_token_id),
+                                                     lambda: _trace_graphs(config, dtype, layers, kv_layout, image_token_id))
+    return {name: model.clone() for name, model in _TRACES[key].items()}, from_disk
+
+
+def trace_arguments(config: Llama4Config, dtype: torch.dtype, layers: range | None, kv_layout: str,
+                    image_token_id: int | None) -> dict:
+    """What a decode + prefill trace depends on besides the code: the trace cache's key (trace_cache.entry_key)."""
+    layers = range(config.num_hidden_layers) if layers is None else layers
+    return {"graphs": "decoder", "config": trace_cache.config_fields(config), "dtype": str(dtype),
+            "layers": [layers.start, layers.stop, layers.step], "kv_layout": kv_layout, "image_token_id": image_token_id}
 
 
 # Traces kept per process (each holds graph structure only: ~11 MB per layer at Scout's shapes).
@@ -225,7 +244,12 @@ class VisionIO(nn.Module):
 def trace_vision(config: Llama4VisionConfig, dtype: torch.dtype) -> ir.Model:
     """The vision encoder + projector traced from a meta-device model with a dynamic tile count: data-less weights
     named as in the checkpoint, the RoPE tables (fp32 whatever the weights) included (weights.VisionWeights computes
-    them)."""
+    them). Through the on-disk trace cache."""
+    arguments = {"graphs": "vision", "config": trace_cache.config_fields(config), "dtype": str(dtype)}
+    return trace_cache.cached(arguments, lambda: {"vision": _trace_vision(config, dtype)})[0]["vision"]
+
+
+def _trace_vision(config: Llama4VisionConfig, dtype: torch.dtype) -> ir.Model:
     with torch.device("meta"):
         encoder = Llama4VisionEncoder(config).to(dtype).eval().requires_grad_(False)
         tables = (config.patches_per_side**2 + 1, config.head_dim // 2)
@@ -302,8 +326,16 @@ def _canonicalize(model: ir.Model) -> None:
         kept = {k: v for k, v in node.metadata_props.items() if k in KEPT_NODE_METADATA}
         node.metadata_props.clear()
         node.metadata_props.update(kept)
+        # Float attributes as the ONNX file stores them (float32, e.g. epsilon 1e-05 → 9.999999747e-06): the bytes do
+        # not change, and a trace equals its reload from the trace cache.
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.FLOAT:
+                node.attributes[name] = ir.Attr(name, attr.type, float(np.float32(attr.value)), doc_string=attr.doc_string)
     for value in graph.initializers.values():
         value.metadata_props.clear()
+        # ir.save names every initializer's tensor after its value anyway; named here, a trace equals its reload
+        # from the trace cache (the optimizer's constants have none).
+        value.const_value.name = value.name
     initializers = [graph.initializers.pop(name) for name in list(graph.initializers)]
     for value in sorted(initializers, key=lambda v: v.name):
         graph.register_initializer(value)
