@@ -5,10 +5,12 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import shutil
 import socket
 from contextlib import contextmanager
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +26,13 @@ from llama4_export.pipeline import REPRODUCIBLE_CPU_NUMERICS
 # made in this process give the bytes of the llama4-export processes the tests start.
 for _name, _value in REPRODUCIBLE_CPU_NUMERICS.items():
     os.environ.setdefault(_name, _value)
+
+# The caches under $XDG_CACHE_HOME (calibration, traces, verified files) go to one directory per test session, not
+# the user's home: made by the controlling process before pytest-xdist starts its workers, which inherit it (and the
+# exports they start, so these share their traces). Tests of a cache's behaviour point it at their own tmp_path.
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="llama4-export-tests-cache-")
+    atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 # A test process keeps every trace it makes (the tests' models are tiny: a trace is a few MB): with the exporter's
 # default of the last 4, a module re-traced (~15-50 s each) what a module before it in the same worker had traced.
