@@ -210,11 +210,12 @@ def export(
     show_progress: bool = True,
     vision_precision: str | None = None,
     verify_tolerance: float | None = None,
+    trace_cache: bool = True,
 ) -> ExportResult:
     """Export `source` to the artifact directory `out` (see the module docstring); returns what was written.
     vision_precision: the vision tower's (a multimodal source only); None: vision_precision_for's default.
     verify_tolerance: check every graph pass on ONNX Runtime to this tolerance (`passes --verify`; what a rebuild of
-    such an artifact replays)."""
+    such an artifact replays). trace_cache: False traces anew, reading and writing no trace cache (rebuild)."""
     out = replaceable_directory(out)
     config = source.config
     return_large_frees_to_the_os()
@@ -288,7 +289,8 @@ def export(
             traced.mkdir(exist_ok=True)
             counted = f"{len(layers)} layer" + ("s" if len(layers) != 1 else "")
             with step(f"{what}trace decode + prefill ({counted}, weights on the meta device)") as outcome:
-                graphs, cached = traced_graphs(config, graph_dtype(precision, target), layers, layout, image_token_id)
+                graphs, cached = traced_graphs(config, graph_dtype(precision, target), layers, layout, image_token_id,
+                                               trace_cache)
                 outcome.note = ", from the trace cache" if cached else ""
             with step(f"{what}write graphs with weights from {weights.describe()}"):
                 write_graphs(graphs, traced, weight_content(weights, defer_experts=quantized))
@@ -320,7 +322,8 @@ def export(
         if vision is not None:
             with step(f"trace + write the vision encoder ({vision.config.num_hidden_layers} layers, {vision_precision})"):
                 manifest["vision"] = write_vision_graph(vision, processor, vision_precision, tmp,
-                                                        work if optimize else None, target, trt_plugin, quant.block)
+                                                        work if optimize else None, target, trt_plugin, quant.block,
+                                                        trace_cache)
         with step("write tokenizer files"):
             manifest["tokenizer"] = _tokenizer_files(source, config, tmp)
         manifest.update(_quantization_entries(precision, quant, calibration, spec))
@@ -335,16 +338,16 @@ def export(
 
 def write_vision_graph(vision: VisionWeights, processor: ImageProcessorConfig, precision: str, directory: Path,
                        work: Path | None, target: str, trt_plugin: bool = True,
-                       block: int = DEFAULT_BLOCK_SIZE) -> dict[str, Any]:
+                       block: int = DEFAULT_BLOCK_SIZE, trace_cache: bool = True) -> dict[str, Any]:
     """vision.onnx + its data file in `directory`; returns the manifest's `vision` entry: what the runtime needs to
     turn images into the prefill's image_features. work: trace into it and run the graph passes for `target` into
     `directory` (None: --no-optimize, the traced graph as it is); int4 / fp8 trace graph_dtype's float type and
     quantize the encoder layers' linears there (quantize.QuantSpec.bits), the patch embedding, adapter and projector
-    stay in that type."""
+    stay in that type. trace_cache: as export's."""
     traced = directory if work is None else work / "vision"
     traced.mkdir(exist_ok=True)
     dtype = graph_dtype(precision, target)
-    write_graphs({"vision": trace_vision(vision.config, dtype)}, traced, weight_content(vision), VISION_DATA_FILE)
+    write_graphs({"vision": trace_vision(vision.config, dtype, trace_cache)}, traced, weight_content(vision), VISION_DATA_FILE)
     onnx.checker.check_model(str(traced / VISION_FILE))
     entry = {"file": VISION_FILE, "external_data": VISION_DATA_FILE, "precision": precision,
              "dtype": str(dtype).removeprefix("torch."), "config": vision.config.to_dict(),

@@ -1,13 +1,14 @@
 """`rebuild`: re-run the pipeline an artifact's manifest records and compare every file hash with the original.
 
-What is re-run: the export (source: preset + seed, or the checkpoint — whose files must hash as recorded; precision,
-quantization and calibration settings, partitions, the prefill limit), the graph passes for the recorded target (and
-MoE lowering), the accuracy report when there was one, and — when the manifest has a
-`tensorrt` entry and TensorRT + a GPU are here — the engine build with the recorded builder settings from the
-recorded timing cache in error-on-miss mode. Everything up to the ONNX must be byte-identical on any machine (the
-exporter and passes are deterministic; calibration at any thread count: pipeline.pin_cpu_numerics); engines only
-given the same timing cache, GPU model and TensorRT version (engine.py says what TensorRT does and does not
-guarantee). The result is compared file by file: every difference (missing, extra, or different sha256) is reported.
+What is re-run: the export, its trace included (never read from the trace cache; source: preset + seed, or the
+checkpoint — whose files must hash as recorded; precision, quantization and calibration settings, partitions, the
+prefill limit), the graph passes for the recorded target (and MoE lowering), the accuracy report when there was one,
+and — when the manifest has a `tensorrt` entry and TensorRT + a GPU are here — the engine build with the recorded
+builder settings from the recorded timing cache in error-on-miss mode. Everything up to the ONNX must be
+byte-identical on any machine (the exporter and passes are deterministic; calibration at any thread count:
+pipeline.pin_cpu_numerics); engines only given the same timing cache, GPU model and TensorRT version (engine.py says
+what TensorRT does and does not guarantee). The result is compared file by file: every difference (missing, extra, or
+different sha256) is reported.
 
 `report` (report_artifact) re-runs one step of it on the artifact as it is: the accuracy report against the recorded
 source (found and checked as a rebuild finds it), on the held-out text export defaults to or on any other text; the
@@ -185,7 +186,8 @@ def rebuild(artifact_dir: str | Path, checkpoint: str | Path | None = None, out:
                          max(1, len(parts)), max_prefill, optimized, _uses_trt_plugin(first),
                          show_progress=show_progress,
                          vision_precision=original["vision"].get("precision") if source.vision is not None else None,
-                         verify_tolerance=(first.get("graph_passes") or {}).get("verified_tolerance")).manifest
+                         verify_tolerance=(first.get("graph_passes") or {}).get("verified_tolerance"),
+                         trace_cache=False).manifest  # the trace is re-run and checked too, not read back
         notes += tool_differences(original, rebuilt)
         engine_files = {n for n in original["files"] if n.startswith(f"{ENGINE_DIR}/")}
         if "tensorrt" in original:

@@ -368,13 +368,21 @@ def test_an_int4_trt_fallback_export_passes_the_lint_and_computes_what_the_plugi
 
 # --------------------------------------------------------------------------------------------------------- rebuild
 def test_rebuild_reproduces_every_file(scout_fp16, tmp_path, monkeypatch, capsys):
-    """Into a temp directory, removed after; one a killed rebuild left (no process holds it) goes first."""
+    """Into a temp directory, removed after; one a killed rebuild left (no process holds it) goes first. The graphs
+    are traced anew, not read back from this process's or the disk's trace cache (which the export filled): a rebuild
+    checks the trace too."""
     import tempfile
 
+    from llama4_export.export import onnx_export
+
+    traced = []
+    trace = onnx_export._trace_graphs
+    monkeypatch.setattr(onnx_export, "_trace_graphs", lambda *args: traced.append(args) or trace(*args))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     (tmp_path / "llama4-rebuild-killed" / "artifact").mkdir(parents=True)
     (tmp_path / "llama4-rebuild-killed" / "artifact" / "model.data").write_bytes(b"\0" * 4096)
     result = rebuild(scout_fp16)
+    assert len(traced) == 1 and traced[0][2] == range(LAYERS), traced
     assert result.identical, result.differences
     assert set(result.compared) == set(read_manifest(scout_fp16)["files"])
     assert "decode.onnx" in result.compared and "model.data" in result.compared

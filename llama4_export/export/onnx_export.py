@@ -186,12 +186,15 @@ def trace_graphs(config: Llama4Config, dtype: torch.dtype, layers: range | None 
 
 
 def traced_graphs(config: Llama4Config, dtype: torch.dtype, layers: range | None = None,
-                  kv_layout: str = "positions", image_token_id: int | None = None) -> tuple[dict[str, ir.Model], bool]:
+                  kv_layout: str = "positions", image_token_id: int | None = None,
+                  cached: bool = True) -> tuple[dict[str, ir.Model], bool]:
     """trace_graphs, and whether the graphs came from the on-disk trace cache (trace_cache.py).
 
     A trace depends on nothing but its arguments and costs seconds per layer, so the last few are kept in this
     process, in front of the disk cache, and handed out as copies (the writer and the passes edit the graphs they
-    get)."""
+    get). cached=False: traced anew, neither cache read nor written (a rebuild checks the trace too)."""
+    if not cached:
+        return _trace_graphs(config, dtype, layers, kv_layout, image_token_id), False
     key = (config, dtype, layers, kv_layout, image_token_id)
     from_disk = False
     if key not in _TRACES:
@@ -241,10 +244,12 @@ class VisionIO(nn.Module):
         return features.reshape(-1, features.shape[-1])
 
 
-def trace_vision(config: Llama4VisionConfig, dtype: torch.dtype) -> ir.Model:
+def trace_vision(config: Llama4VisionConfig, dtype: torch.dtype, cached: bool = True) -> ir.Model:
     """The vision encoder + projector traced from a meta-device model with a dynamic tile count: data-less weights
     named as in the checkpoint, the RoPE tables (fp32 whatever the weights) included (weights.VisionWeights computes
-    them). Through the on-disk trace cache."""
+    them). Through the on-disk trace cache unless cached=False."""
+    if not cached:
+        return _trace_vision(config, dtype)
     arguments = {"graphs": "vision", "config": trace_cache.config_fields(config), "dtype": str(dtype)}
     return trace_cache.cached(arguments, lambda: {"vision": _trace_vision(config, dtype)})[0]["vision"]
 
