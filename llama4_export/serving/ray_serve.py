@@ -99,8 +99,12 @@ def _report_until_drain(drain, engine, registry, replica: str) -> None:
     told every REPORT_S, then its side of the shutdown, as the single-process server's: queued requests end at once
     (503 / a stream's error event), new ones get 503, running ones finish, and those still running near the grace's
     end are cancelled so that each ends with its error rather than cut when Ray kills the replica."""
+
+    def report():
+        return drain.report.remote(replica, engine.running, engine.queue_depth, list(registry.collect()))
+
     try:
-        while not ray.get(drain.report.remote(replica, engine.running, engine.queue_depth, list(registry.collect()))):
+        while not ray.get(report()):
             time.sleep(REPORT_S)
     except ray.exceptions.RayError:
         return  # the command is gone; the application (on a cluster) serves on
@@ -110,7 +114,7 @@ def _report_until_drain(drain, engine, registry, replica: str) -> None:
         if time.monotonic() > deadline:
             engine.cancel_running()
             deadline = math.inf
-        drain.report.remote(replica, engine.running, engine.queue_depth, list(registry.collect()))
+        report()
         time.sleep(0.1)
     with contextlib.suppress(ray.exceptions.RayError):
         ray.get(drain.drained.remote())
@@ -161,48 +165,44 @@ def health_application(settings: ServeSettings, name: str, replicas: int, drain)
     replicas run, 503 "shutting down" once the drain began, 503 "unavailable" with Ray's reason otherwise; running and
     queued summed over the replicas. Its own limits: the replicas' load never holds it up."""
 
-    def build_app():  # runs inside the health replica
-        app = bare_app(settings)
+    async def health() -> JSONResponse:
+        try:
+            draining, running, queued = await drain.load.remote()
+        except ray.exceptions.RayError:  # the command is gone; the application (on a cluster) serves on
+            draining, running, queued = False, None, None
+        problem, up = _unavailable(await asyncio.to_thread(serve.status), name, replicas)  # asks Serve's controller
+        status = "shutting down" if draining else "unavailable" if problem else "ok"
+        reason = {"reason": problem} if problem and not draining else {}
+        return health_response(settings, status, running, queued, replicas=up, **reason)
 
-        @app.api_route("", methods=["GET", "HEAD"])  # the proxy hands over /health with root_path /health: path ""
-        async def health() -> JSONResponse:
-            try:
-                draining, running, queued = await drain.load.remote()
-            except ray.exceptions.RayError:  # the command is gone; the application (on a cluster) serves on
-                draining, running, queued = False, None, None
-            problem, up = _unavailable(await asyncio.to_thread(serve.status), name, replicas)  # asks Serve's controller
-            status = "shutting down" if draining else "unavailable" if problem else "ok"
-            reason = {"reason": problem} if problem and not draining else {}
-            return health_response(settings, status, running, queued, replicas=up, **reason)
-
-        return app
-
-    return _side_deployment(build_app, "health")
+    return _side_deployment(settings, "health", health)
 
 
 def metrics_application(settings: ServeSettings, drain):
     """/metrics for every replica (deployed at route prefix METRICS): the families of the replicas that reported lately
     (as /health's load), each sample labelled `replica` with the replica's rank; its own limits, as /health's."""
 
-    def build_app():  # runs inside the metrics replica
+    async def prometheus() -> Response:
+        try:
+            replicas = await drain.families.remote()
+        except ray.exceptions.RayError:
+            return PlainTextResponse("the replicas' reports are gone: the llama4-serve command that deployed them "
+                                     "stopped\n", status_code=503)
+        return Response(replicas_exposition(replicas), media_type=CONTENT_TYPE_LATEST)
+
+    return _side_deployment(settings, "metrics", prometheus)
+
+
+def _side_deployment(settings: ServeSettings, what: str, answer):
+    """A one-replica deployment beside the replicas', with its own limits and no CPU reserved, whose app answers GET /
+    HEAD at its route prefix with `answer`."""
+
+    def build_app():  # runs inside the side replica
         app = bare_app(settings)
-
-        @app.api_route("", methods=["GET", "HEAD"])
-        async def prometheus() -> Response:
-            try:
-                replicas = await drain.families.remote()
-            except ray.exceptions.RayError:
-                return PlainTextResponse("the replicas' reports are gone: the llama4-serve command that deployed them "
-                                         "stopped\n", status_code=503)
-            return Response(replicas_exposition(replicas), media_type=CONTENT_TYPE_LATEST)
-
+        # the proxy hands over e.g. /health with root_path /health: path ""
+        app.api_route("", methods=["GET", "HEAD"])(answer)
         return app
 
-    return _side_deployment(build_app, "metrics")
-
-
-def _side_deployment(build_app, what: str):
-    """A one-replica deployment beside the replicas', with its own limits and no CPU reserved."""
     deployment = serve.deployment(serve.ingress(build_app)(), name=f"{DEPLOYMENT}-{what}", num_replicas=1,
                                   max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
     return deployment.bind()
@@ -271,11 +271,12 @@ def run(artifact: Path, settings: ServeSettings, host: str, port: int, replicas:
         deployed = True
         for route, side in ((HEALTH, health_application(settings, name, replicas, drain)),
                             (METRICS, metrics_application(settings, drain))):
+            side_name = f"{name}-{route[1:]}"
             try:
-                serve._run(side, _blocking=False, name=f"{name}-{route[1:]}", route_prefix=route)
+                serve._run(side, _blocking=False, name=side_name, route_prefix=route)
             except (RayServeException, ray.exceptions.RayError) as exc:  # e.g. another application is at /health
                 raise ConfigError(f"Ray Serve refused the {route} application: {_last_line(str(exc))}") from None
-            sides.append(f"{name}-{route[1:]}")
+            sides.append(side_name)
         if not all(_wait_until_running(app, local, stop) for app in (name, *sides)):
             return
         running = True
