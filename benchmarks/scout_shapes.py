@@ -169,7 +169,8 @@ def export_once(checkpoint: Path, out: Path, layers: int, precision: str, preset
     print("  " + " ".join(command[2:]), flush=True)
     start = time.perf_counter()
     # every repeat traces, as a first export does: a trace loaded from the cache would lower the later repeats' RSS
-    run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "LLAMA4_EXPORT_TRACE_CACHE": "off"})
+    run = subprocess.run(command, capture_output=True, text=True,
+                         env={**os.environ, "LLAMA4_EXPORT_TRACE_CACHE": "off"})
     seconds = time.perf_counter() - start
     if run.returncode != 0:  # its own last error line: the one before /usr/bin/time's report
         own = run.stderr.split("Command exited with non-zero status")[0]

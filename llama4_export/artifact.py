@@ -38,7 +38,8 @@ class ArtifactError(Llama4ExportError):
 
 
 def user_cache_directory() -> Path:
-    """$XDG_CACHE_HOME/llama4-export (~/.cache when unset): where the calibration, trace and verified-file caches live."""
+    """$XDG_CACHE_HOME/llama4-export (~/.cache when unset): where the calibration, trace and verified-file caches
+    live."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / FORMAT
 
 

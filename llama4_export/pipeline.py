@@ -347,7 +347,8 @@ def write_vision_graph(vision: VisionWeights, processor: ImageProcessorConfig, p
     traced = directory if work is None else work / "vision"
     traced.mkdir(exist_ok=True)
     dtype = graph_dtype(precision, target)
-    write_graphs({"vision": trace_vision(vision.config, dtype, trace_cache)}, traced, weight_content(vision), VISION_DATA_FILE)
+    write_graphs({"vision": trace_vision(vision.config, dtype, trace_cache)}, traced, weight_content(vision),
+                 VISION_DATA_FILE)
     onnx.checker.check_model(str(traced / VISION_FILE))
     entry = {"file": VISION_FILE, "external_data": VISION_DATA_FILE, "precision": precision,
              "dtype": str(dtype).removeprefix("torch."), "config": vision.config.to_dict(),

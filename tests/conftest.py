@@ -39,7 +39,8 @@ if "PYTEST_XDIST_WORKER" not in os.environ:
 onnx_export.TRACE_CACHE_SIZE = 64
 
 
-@pytest.hookimpl(trylast=True)  # after the last fixtures' teardown; inside pytest-xdist's wrapper, before a worker reports its end
+# trylast: after the last fixtures' teardown; inside pytest-xdist's wrapper, before a worker reports its end
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session):
     """Collect once, then freeze what is left (imports, the traces kept above: millions of objects by a worker's last
     module). After a worker has reported its end, pytest makes two full collections; on that heap they took 3-9 s, and

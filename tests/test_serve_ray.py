@@ -64,12 +64,12 @@ def closed_requests(base: str, seconds: float = 30) -> float:
 
 def test_two_ray_replicas_answer_the_openai_client(tmp_path):
     """Both replicas answer, each with Generator's tokens; each replica draws its own seeds for unseeded requests (one
-    shared sequence gave every replica's first "random" answer the same text); a client gone mid-request is a 499
-    in /metrics; with the replicas full, /health and /metrics answer for both (they got Ray's 429). SIGTERM to the
-    process group drains the replicas as the single-process server does: a queued request gets 503 at once (it started once a row was
-    free, and a stream queued past the grace was cut), a new one 503 with an OpenAI error (Ray's plain-text 404 once
-    the application was deleted), running streams finish; the command exits 0 (the signal killed Ray's GCS too, and
-    it hung 60 s then exited 1)."""
+    shared sequence gave every replica's first "random" answer the same text); a client gone mid-request is a 499 in
+    /metrics; with the replicas full, /health and /metrics answer for both (they got Ray's 429). SIGTERM to the
+    process group drains the replicas as the single-process server does: a queued request gets 503 at once (it
+    started once a row was free, and a stream queued past the grace was cut), a new one 503 with an OpenAI error
+    (Ray's plain-text 404 once the application was deleted), running streams finish; the command exits 0 (the signal
+    killed Ray's GCS too, and it hung 60 s then exited 1)."""
     artifact = tmp_path / MODEL
     api.export_model(artifact, model="scout-tiny", precision="fp32", target="onnxruntime", layers=2, random_weights=True,
                      show_progress=False, quant=api.QuantOptions(report=False))
@@ -113,10 +113,11 @@ def test_two_ray_replicas_answer_the_openai_client(tmp_path):
                 break
         assert 1 <= closed <= attempt
 
-        # both replicas full (a row and 3 queued requests each) and Ray's queue too (3 per replica): a completion gets
-        # Ray's 429, and /health and /metrics still answer for the whole application (they waited or got the 429 with
-        # them; a scrape was one replica's series). A request takes its row about 1 s (the first may end before the probe on a loaded machine: then again); the
-        # clients give up at 3 s, which cancels those still waiting
+        # both replicas full (a row and 3 queued requests each) and Ray's queue too (3 per replica): a completion
+        # gets Ray's 429, and /health and /metrics still answer for the whole application (they waited or got the
+        # 429 with them; a scrape was one replica's series). A request takes its row about 1 s (the first may end
+        # before the probe on a loaded machine: then again); the clients give up at 3 s, which cancels those still
+        # waiting
         held = {"model": MODEL, "prompt": "A", "max_tokens": 4000, "ignore_eos": True}
         for _ in range(3):
             # one client: creating one (its TLS context) takes ~0.1 s, and 14 made in threads had not all sent in time

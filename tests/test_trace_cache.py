@@ -66,16 +66,20 @@ def test_the_key_tells_traces_apart():
     key = lambda *args: trace_cache.entry_key(onnx_export.trace_arguments(*args))  # noqa: E731
     base = key(config, torch.float32, range(2), "positions", None)
     assert base == key(config.replace(name="renamed"), torch.float32, None, "positions", None)  # same graphs
-    others = [key(config, torch.float16, range(2), "positions", None), key(config, torch.float32, range(1), "positions", None),
-              key(config, torch.float32, range(1, 2), "positions", None), key(config, torch.float32, range(2), "in_place", None),
-              key(config, torch.float32, range(2), "positions", 7), key(config.replace(rms_norm_eps=1e-6), torch.float32, range(2), "positions", None)]
+    others = [key(config, torch.float16, range(2), "positions", None),
+              key(config, torch.float32, range(1), "positions", None),
+              key(config, torch.float32, range(1, 2), "positions", None),
+              key(config, torch.float32, range(2), "in_place", None),
+              key(config, torch.float32, range(2), "positions", 7),
+              key(config.replace(rms_norm_eps=1e-6), torch.float32, range(2), "positions", None)]
     assert len({base, *others}) == 1 + len(others)
 
 
 def _export(out: Path, cache: Path) -> str:
     done = subprocess.run([sys.executable, "-c", "from llama4_export.cli.export import main; main()", "--model",
                            "scout-tiny", "--layers", "1", "--random-weights", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "XDG_CACHE_HOME": str(cache), "LLAMA4_EXPORT_TRACE_CACHE": "on"})
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "XDG_CACHE_HOME": str(cache), "LLAMA4_EXPORT_TRACE_CACHE": "on"})
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr
 

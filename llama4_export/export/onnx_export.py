@@ -200,8 +200,7 @@ def traced_graphs(config: Llama4Config, dtype: torch.dtype, layers: range | None
     if key not in _TRACES:
         while len(_TRACES) >= TRACE_CACHE_SIZE:
             _TRACES.pop(next(iter(_TRACES)))
-        _TRACES[key], from_disk = trace_cache.cached(trace_arguments(config, dtype, layers, kv_layout, image_token_id),
-                                                     lambda: _trace_graphs(config, dtype, layers, kv_layout, image_token_id))
+        _TRACES[key], from_disk = trace_cache.cached(trace_arguments(*key), lambda: _trace_graphs(*key))
     return {name: model.clone() for name, model in _TRACES[key].items()}, from_disk
 
 
@@ -210,7 +209,8 @@ def trace_arguments(config: Llama4Config, dtype: torch.dtype, layers: range | No
     """What a decode + prefill trace depends on besides the code: the trace cache's key (trace_cache.entry_key)."""
     layers = range(config.num_hidden_layers) if layers is None else layers
     return {"graphs": "decoder", "config": trace_cache.config_fields(config), "dtype": str(dtype),
-            "layers": [layers.start, layers.stop, layers.step], "kv_layout": kv_layout, "image_token_id": image_token_id}
+            "layers": [layers.start, layers.stop, layers.step], "kv_layout": kv_layout,
+            "image_token_id": image_token_id}
 
 
 # Traces kept per process (each holds graph structure only: ~11 MB per layer at Scout's shapes).
@@ -335,7 +335,8 @@ def _canonicalize(model: ir.Model) -> None:
         # not change, and a trace equals its reload from the trace cache.
         for name, attr in list(node.attributes.items()):
             if attr.type == ir.AttributeType.FLOAT:
-                node.attributes[name] = ir.Attr(name, attr.type, float(np.float32(attr.value)), doc_string=attr.doc_string)
+                node.attributes[name] = ir.Attr(name, attr.type, float(np.float32(attr.value)),
+                                                doc_string=attr.doc_string)
     for value in graph.initializers.values():
         value.metadata_props.clear()
         # ir.save names every initializer's tensor after its value anyway; named here, a trace equals its reload

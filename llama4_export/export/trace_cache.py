@@ -48,7 +48,8 @@ def directory() -> Path:
 
 
 def config_fields(config: Any) -> dict[str, Any]:
-    """A config dataclass's compared fields (as its == sees them: the display name is left out), nested ones as dicts."""
+    """A config dataclass's compared fields (as its == sees them: the display name is left out), nested ones as
+    dicts."""
     values = dataclasses.asdict(config)
     return {f.name: values[f.name] for f in dataclasses.fields(config) if f.compare}
 
